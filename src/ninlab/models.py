@@ -1,0 +1,280 @@
+"""NiN as data: a configuration, one builder, and a registry of named configurations.
+
+d2l's NiN (http://d2l.ai/chapter_convolutional-modern/nin.html) is a stack of NiN blocks (one
+k x k convolution followed by 1x1 convolutions, each with a ReLU), 3x3 stride-2 max pooling between
+blocks, dropout before the last block, whose channels are the classes, and global average pooling.
+Every variant the chapter's exercises ask about is a different `NiNConfig`, never a different
+builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from torch import nn
+
+from ninlab.errors import NinlabError
+
+__all__ = [
+    "Block",
+    "NiNConfig",
+    "ModelSpecError",
+    "build_nin",
+    "nin_block",
+    "register_config",
+    "get_config",
+    "list_configs",
+    "resolve_model",
+    "parse_variant",
+]
+
+POOL = "M"  # 3x3 max pooling with stride 2, as between d2l's blocks
+DROPOUT = "D"  # dropout with the configuration's probability
+
+
+@dataclass(frozen=True)
+class Block:
+    """One NiN block: a k x k convolution, then `num_1x1` 1x1 convolutions (None: the config's).
+
+    `out_channels=None` makes the block end in the configuration's `num_classes` channels, as d2l's
+    last block does.
+    """
+
+    out_channels: int | None
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    num_1x1: int | None = None
+
+
+Layer = Union[Block, Literal["M", "D"]]
+
+
+@dataclass(frozen=True)
+class NiNConfig:
+    """Everything that distinguishes one NiN from another."""
+
+    layers: tuple[Layer, ...]
+    num_1x1: int = 2
+    num_classes: int = 10
+    in_channels: int = 1
+    global_pool: Literal["avg", "max"] = "avg"
+    batch_norm: bool = False
+    dropout: float = 0.5
+    # d2l initialises every conv and linear weight with Xavier-uniform (d2l.init_cnn).
+    init: Literal["xavier", "kaiming", "default"] = "xavier"
+    description: str = ""
+
+
+def nin_block(
+    in_channels: int,
+    out_channels: int,
+    *,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    num_1x1: int,
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """d2l's `nin_block`: conv k x k, then `num_1x1` pointwise convs, each followed by a ReLU."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for kernel, conv_stride, conv_padding in [(kernel_size, stride, padding)] + [(1, 1, 0)] * num_1x1:
+        # With batch norm the conv bias is redundant (BN subtracts the mean), so it is dropped.
+        layers.append(nn.Conv2d(channels, out_channels, kernel, conv_stride, conv_padding, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU())
+        channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def _init_weights(module: nn.Module, init: str) -> None:
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        return
+    if init == "xavier":
+        nn.init.xavier_uniform_(module.weight)
+    elif init == "kaiming":
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
+    """Build the network a configuration describes (d2l's NiN when called with no argument)."""
+    config = config or get_config("nin-d2l")
+    modules: list[nn.Module] = []
+    channels = config.in_channels
+    for layer in config.layers:
+        if layer == POOL:
+            modules.append(nn.MaxPool2d(3, stride=2))
+        elif layer == DROPOUT:
+            modules.append(nn.Dropout(config.dropout))
+        elif isinstance(layer, Block):
+            out_channels = layer.out_channels if layer.out_channels is not None else config.num_classes
+            modules.append(
+                nin_block(
+                    channels,
+                    out_channels,
+                    kernel_size=layer.kernel_size,
+                    stride=layer.stride,
+                    padding=layer.padding,
+                    num_1x1=config.num_1x1 if layer.num_1x1 is None else layer.num_1x1,
+                    batch_norm=config.batch_norm,
+                )
+            )
+            channels = out_channels
+        else:
+            raise ModelSpecError(f"unknown layer {layer!r} in a NiN configuration; use a Block, 'M' or 'D'")
+    if channels != config.num_classes:
+        # A network whose last block is not the classifier (e.g. the exercise that removes the
+        # final squeeze) needs a linear head after the global pool.
+        modules += [_global_pool(config.global_pool), nn.Flatten(), nn.Linear(channels, config.num_classes)]
+    else:
+        modules += [_global_pool(config.global_pool), nn.Flatten()]
+    net = nn.Sequential(*modules)
+    net.apply(lambda m: _init_weights(m, config.init))
+    return net
+
+
+def _global_pool(kind: str) -> nn.Module:
+    if kind == "avg":
+        return nn.AdaptiveAvgPool2d((1, 1))
+    if kind == "max":
+        return nn.AdaptiveMaxPool2d((1, 1))
+    raise ModelSpecError(f"unknown global pool {kind!r}; use 'avg' or 'max'")
+
+
+class ModelSpecError(NinlabError):
+    """A model name, variant or factory path that cannot be turned into a module."""
+
+
+_REGISTRY: dict[str, NiNConfig] = {}
+
+
+def register_config(name: str, config: NiNConfig) -> NiNConfig:
+    """Add a named configuration; names are unique, so a second registration is an error."""
+    if name in _REGISTRY:
+        raise ModelSpecError(f"a model named {name!r} is already registered")
+    _REGISTRY[name] = config
+    return config
+
+
+def get_config(name: str) -> NiNConfig:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelSpecError(
+            f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))} "
+            "or give a factory as package.module:function"
+        ) from None
+
+
+def list_configs() -> dict[str, NiNConfig]:
+    return dict(_REGISTRY)
+
+
+_D2L_LAYERS: tuple[Layer, ...] = (
+    Block(96, kernel_size=11, stride=4, padding=0),
+    POOL,
+    Block(256, kernel_size=5, stride=1, padding=2),
+    POOL,
+    Block(384, kernel_size=3, stride=1, padding=1),
+    POOL,
+    DROPOUT,
+    Block(None, kernel_size=3, stride=1, padding=1),
+)
+
+register_config("nin-d2l", NiNConfig(_D2L_LAYERS, description="d2l.ai's NiN, exactly as the chapter builds it"))
+register_config(
+    "nin-d2l-1x1",
+    NiNConfig(_D2L_LAYERS, num_1x1=1, description="d2l's NiN with one 1x1 conv per block (exercise 2)"),
+)
+register_config(
+    "nin-d2l-0x1",
+    NiNConfig(_D2L_LAYERS, num_1x1=0, description="d2l's NiN with no 1x1 convs: a plain conv stack"),
+)
+register_config(
+    "nin-d2l-bn",
+    NiNConfig(_D2L_LAYERS, batch_norm=True, description="d2l's NiN with batch norm after every conv"),
+)
+register_config(
+    "nin-d2l-no-squeeze",
+    NiNConfig(
+        _D2L_LAYERS[:-1],
+        description="d2l's NiN without the final 384->classes block: global pool, then a linear head",
+    ),
+)
+
+
+_OVERRIDE_TYPES: dict[str, Callable[[str], object]] = {
+    "num_1x1": int,
+    "num_classes": int,
+    "in_channels": int,
+    "global_pool": str,
+    "batch_norm": lambda text: text.lower() in ("1", "true", "yes", "on"),
+    "dropout": float,
+    "init": str,
+}
+
+
+def parse_variant(spec: str) -> NiNConfig:
+    """`name` or `name:key=value,key=value`, e.g. `nin-d2l:num_1x1=1,batch_norm=true`."""
+    name, _, overrides = spec.partition(":")
+    config = get_config(name)
+    if not overrides:
+        return config
+    changes: dict[str, object] = {}
+    for item in overrides.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _OVERRIDE_TYPES:
+            raise ModelSpecError(
+                f"cannot read variant setting {item!r} in {spec!r}; "
+                f"use key=value with a key among {', '.join(_OVERRIDE_TYPES)}"
+            )
+        try:
+            changes[key] = _OVERRIDE_TYPES[key](value.strip())
+        except ValueError:
+            raise ModelSpecError(f"variant setting {key}={value!r} is not a valid {key}") from None
+    if "global_pool" in changes and changes["global_pool"] not in ("avg", "max"):
+        raise ModelSpecError(f"global_pool must be 'avg' or 'max', not {changes['global_pool']!r}")
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def resolve_model(spec: str) -> nn.Module:
+    """A registry name, a variant (`name:key=value,...`) or a factory path `package.module:function`.
+
+    A factory is called with no arguments and must return an `nn.Module`.
+    """
+    name = spec.partition(":")[0]
+    if name in _REGISTRY:
+        return build_nin(parse_variant(spec))
+    if ":" not in spec:
+        get_config(spec)  # raises the error that lists the registry
+    module_path, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_path)
+    except Exception as error:  # any import failure is the user's path, reported in one line
+        raise ModelSpecError(
+            f"cannot import {module_path!r} for model {spec!r} ({type(error).__name__}: {error}); "
+            "check the module path and that it is on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelSpecError(f"{module_path!r} has no callable {attribute!r}; name a function that returns an nn.Module")
+    try:
+        model = factory()
+    except Exception as error:
+        raise ModelSpecError(
+            f"factory {spec!r} failed when called with no arguments ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"factory {spec!r} returned {type(model).__name__}, not an nn.Module; make it return the model"
+        )
+    return model
