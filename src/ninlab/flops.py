@@ -1,0 +1,106 @@
+"""FLOPs of aten ops, as small pure functions over shapes, in one registry.
+
+Convention: the one `torch.utils.flop_counter.FlopCounterMode` uses. A multiply-accumulate counts
+as 2 FLOPs; only matrix products and convolutions are counted (bias additions, activations, pooling
+and normalisation are not), so totals equal FlopCounterMode's on the same model and input. MACs are
+FLOPs / 2, and are never reported under the name FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from math import prod
+from typing import Any
+
+import torch
+
+__all__ = ["CONVENTION", "FLOP_RULES", "op_flops"]
+
+CONVENTION = (
+    "FLOPs = 2 x multiply-accumulates of convolutions and matrix products, as "
+    "torch.utils.flop_counter.FlopCounterMode counts them; element-wise ops, pooling and biases are 0"
+)
+
+Shape = Sequence[int]
+aten = torch.ops.aten
+
+FlopRule = Callable[..., int]
+FLOP_RULES: dict[Any, FlopRule] = {}
+
+
+def _rule(*packets: Any) -> Callable[[FlopRule], FlopRule]:
+    def register(rule: FlopRule) -> FlopRule:
+        for packet in packets:
+            FLOP_RULES[packet] = rule
+        return rule
+
+    return register
+
+
+def _matmul(a: Shape, b: Shape) -> int:
+    (m, k), n = a[-2:], b[-1]
+    return 2 * prod(a[:-2]) * m * k * n
+
+
+@_rule(aten.mm, aten.bmm)
+def matmul_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+    return _matmul(args[0].shape, args[1].shape)
+
+
+@_rule(aten.addmm, aten.baddbmm)
+def add_matmul_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+    # addmm(bias, a, b): the addition of the bias is not counted.
+    return _matmul(args[1].shape, args[2].shape)
+
+
+def conv_flops(input_shape: Shape, weight_shape: Shape, output_shape: Shape, *, transposed: bool) -> int:
+    """2 x (positions the filter visits) x (filter volume) x (batch) x (output channels).
+
+    The weight is (C_out, C_in / groups, *kernel), so groups are accounted for by the weight's
+    second dimension. A transposed convolution visits input positions, not output ones.
+    """
+    batch = input_shape[0]
+    positions = prod((input_shape if transposed else output_shape)[2:])
+    out_channels, in_channels_per_group, *kernel = weight_shape
+    return 2 * batch * positions * prod(kernel) * out_channels * in_channels_per_group
+
+
+@_rule(aten.convolution, aten._convolution)
+def convolution_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+    x, weight, transposed = args[0], args[1], args[6]
+    return conv_flops(x.shape, weight.shape, outputs[0].shape, transposed=bool(transposed))
+
+
+def _swap_batch_and_channels(shape: Shape) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
+
+
+@_rule(aten.convolution_backward)
+def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+    """The two products of a convolution's backward, each itself a convolution.
+
+    For y = conv(x, w): the input gradient is conv_transpose(dy, w), which visits every position of
+    dy with the whole filter, so it costs what the forward costs; the weight gradient is a
+    convolution of x (batch and channels swapped) with dy as the filter, which again costs the
+    forward's FLOPs for an ordinary convolution. A layer whose input needs no gradient (the first
+    layer) skips the first product: output_mask says which gradients were asked for.
+    """
+    grad_output, x, weight = args[0], args[1], args[2]
+    # (grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask)
+    transposed, output_mask = bool(args[7]), args[10]
+    total = 0
+    if output_mask[0]:
+        total += conv_flops(grad_output.shape, weight.shape, outputs[0].shape, transposed=not transposed)
+    if output_mask[1]:
+        grad_weight = _swap_batch_and_channels(outputs[1].shape)
+        if transposed:
+            total += conv_flops(_swap_batch_and_channels(grad_output.shape), _swap_batch_and_channels(x.shape), grad_weight, transposed=False)
+        else:
+            total += conv_flops(_swap_batch_and_channels(x.shape), _swap_batch_and_channels(grad_output.shape), grad_weight, transposed=False)
+    return total
+
+
+def op_flops(func: torch._ops.OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+    """FLOPs of one call of an aten op; 0 for ops that the convention does not count."""
+    rule = FLOP_RULES.get(func.overloadpacket)
+    return rule(args, outputs) if rule else 0

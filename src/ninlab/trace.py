@@ -1,0 +1,497 @@
+"""The one tracer: run real PyTorch code on fake tensors and record every aten op it dispatches.
+
+Everything ninlab knows about a model (shapes, rounding, FLOPs, what memory lives when) comes from
+one recording of the real ops, made under `FakeTensorMode`: tensors carry shapes, dtypes, strides
+and a device but no data, so a training step of NiN at batch 128 allocates nothing and takes
+milliseconds. The recording keeps, per op, the module that ran it (in backward too: the autograd
+node being executed is mapped back to the module whose forward created it) and the phase of the
+step, and per tensor storage, the op that created it and the op after which it died. Storage lives
+are read from the fake tensors' own lifetimes (a weak reference per storage), so they follow
+autograd's real decisions about what to keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ninlab.flops import op_flops
+from ninlab.optimizers import OptimizerSpec, make_optimizer
+from ninlab.step import GradMode, inference_step, train_step
+
+__all__ = [
+    "TensorMeta",
+    "WindowOp",
+    "OpRecord",
+    "StorageRecord",
+    "ModuleRecord",
+    "Recording",
+    "Recorder",
+    "fake_parameters",
+    "StepSetup",
+    "StepRecording",
+    "record_step",
+]
+
+aten = torch.ops.aten
+
+# Queries of metadata that FakeTensorMode answers without running a kernel; they are not ops.
+_METADATA_OPS = {
+    aten.is_contiguous.default,
+    aten.is_contiguous.memory_format,
+    aten.is_strides_like_format.default,
+    aten.is_non_overlapping_and_dense.default,
+    aten.size.default,
+    aten.sym_size.default,
+    aten.stride.default,
+    aten.sym_stride.default,
+    aten.storage_offset.default,
+    aten.sym_storage_offset.default,
+    aten.numel.default,
+    aten.sym_numel.default,
+    aten.dim.default,
+    torch.ops.prim.layout.default,
+    torch.ops.prim.device.default,
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage_key: int  # which storage it views (see StorageRecord)
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class WindowOp:
+    """The sliding-window parameters of a convolution or pooling op, one entry per spatial axis."""
+
+    kind: str  # "conv", "max_pool" or "avg_pool"
+    input_spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+    output_spatial: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    index: int
+    op: str  # e.g. "aten.convolution.default"
+    phase: str
+    module: str  # qualified name of the innermost module running it; "" for the top level
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+    flops: int
+    window: WindowOp | None
+    autograd_node: str  # in backward: the autograd node being executed, e.g. "ReluBackward0"
+
+
+@dataclass
+class StorageRecord:
+    """One storage's life: created by op `created_at` (-1: before recording), died after op
+    `freed_after` (None: still alive when the recording ended). Views share their storage, so each
+    storage is counted once whatever views of it exist."""
+
+    key: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    created_at: int
+    phase: str
+    module: str
+    freed_after: int | None = None
+    role: str = ""  # set by whoever knows more: "parameter", "input", "gradient", ...
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    name: str
+    type: str
+    depth: int
+    own_parameters: int
+    own_trainable: int
+    own_buffers: int
+    own_parameter_bytes: int
+    output_shapes: tuple[tuple[int, ...], ...]
+    output_bytes: int
+
+
+@dataclass
+class Recording:
+    ops: list[OpRecord] = field(default_factory=list)
+    storages: dict[int, StorageRecord] = field(default_factory=dict)
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)
+    # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
+    events: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+
+
+def _window_of(func: Any, args: tuple[Any, ...], output: Any) -> WindowOp | None:
+    packet = func.overloadpacket
+    if packet is aten.convolution and not args[6]:  # transposed convolutions are not windows
+        x, weight = args[0], args[1]
+        spatial = len(x.shape) - 2
+        return WindowOp(
+            "conv",
+            tuple(x.shape[2:]),
+            tuple(weight.shape[2:]),
+            tuple(args[3]),
+            _expand(args[4], spatial),
+            _expand(args[5], spatial),
+            False,
+            tuple(output.shape[2:]),
+        )
+    if packet in (aten.max_pool1d_with_indices, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices):
+        x, kernel = args[0], args[1]
+        spatial = len(kernel) if len(kernel) > 1 else {aten.max_pool1d_with_indices: 1, aten.max_pool2d_with_indices: 2}.get(packet, 3)
+        kernel = _expand(kernel, spatial)
+        stride = _expand(args[2], spatial) if len(args) > 2 and args[2] else kernel
+        padding = _expand(args[3], spatial) if len(args) > 3 else (0,) * spatial
+        dilation = _expand(args[4], spatial) if len(args) > 4 else (1,) * spatial
+        ceil_mode = bool(args[5]) if len(args) > 5 else False
+        return WindowOp("max_pool", tuple(x.shape[-spatial:]), kernel, stride, padding, dilation, ceil_mode, tuple(output[0].shape[-spatial:]))
+    if packet in (aten.avg_pool2d, aten.avg_pool3d):
+        x = args[0]
+        spatial = 2 if packet is aten.avg_pool2d else 3
+        kernel = _expand(args[1], spatial)
+        stride = _expand(args[2], spatial) if len(args) > 2 and args[2] else kernel
+        padding = _expand(args[3], spatial) if len(args) > 3 else (0,) * spatial
+        ceil_mode = bool(args[4]) if len(args) > 4 else False
+        return WindowOp("avg_pool", tuple(x.shape[-spatial:]), kernel, stride, padding, (1,) * spatial, ceil_mode, tuple(output.shape[-spatial:]))
+    return None
+
+
+def _expand(value: Any, spatial: int) -> tuple[int, ...]:
+    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    return values * spatial if len(values) == 1 and spatial > 1 else values
+
+
+class _ModuleStack:
+    """The innermost module running, in forward (hooks) and in backward (autograd node owners)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {module: name for name, module in model.named_modules()}
+        self.stack: list[str] = []
+        self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
+        self.param_owner: dict[int, str] = {
+            id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
+        }
+        self._handles: list[Any] = []
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self) -> _ModuleStack:
+        def pre_hook(module: nn.Module, _inputs: Any) -> None:
+            if module in self.names:
+                self.stack.append(self.names[module])
+
+        def post_hook(module: nn.Module, _inputs: Any, _output: Any) -> None:
+            if module in self.names and self.stack:
+                self.stack.pop()
+
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(pre_hook),
+            nn.modules.module.register_module_forward_hook(post_hook),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def owner_of_node(self, node: Any) -> str:
+        owner = self.node_owner.get(node)
+        if owner is not None:
+            return owner
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter it accumulates
+        return self.param_owner.get(id(variable), "") if variable is not None else ""
+
+
+class _NodeOwners(TorchFunctionMode):
+    """Remembers which module's forward created each autograd node, so backward ops can be
+    attributed to layers. It sits above autograd, where outputs already carry their grad_fn."""
+
+    def __init__(self, modules: _ModuleStack) -> None:
+        super().__init__()
+        self.modules = modules
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        output = func(*args, **(kwargs or {}))
+        if self.modules.stack:
+            for value in tree_flatten(output)[0]:
+                node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+                if node is not None and node not in self.modules.node_owner:
+                    self.modules.node_owner[node] = self.modules.current()
+        return output
+
+
+class Recorder(TorchDispatchMode):
+    """Records ops and storage lives. Use `recorder.phase(name)` around each part of a step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.recording = Recording()
+        self.modules = _ModuleStack(model)
+        self.current_phase = "setup"
+        self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
+
+    # -- storages -------------------------------------------------------------------------------
+    def track(self, tensor: torch.Tensor, role: str) -> None:
+        """Register a tensor that exists before recording (a parameter, the input batch)."""
+        record = self._note_storage(tensor, created_at=-1, module="")
+        if record is not None and not record.role:
+            record.role = role
+
+    def _note_storage(self, tensor: torch.Tensor, *, created_at: int, module: str) -> StorageRecord | None:
+        storage = _storage_of(tensor)
+        if storage is None:
+            return None
+        alive = self._alive.get(id(storage))
+        if alive is not None:
+            return self.recording.storages[alive[0]]
+        # Storages get serial keys: a Python id can be reused once its storage has died.
+        key = len(self.recording.storages)
+        record = StorageRecord(
+            key=key,
+            nbytes=storage.nbytes(),
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            created_at=created_at,
+            phase=self.current_phase,
+            module=module,
+        )
+        self.recording.storages[key] = record
+        self.recording.events.append(("alloc", key, created_at))
+        self._alive[id(storage)] = (key, weakref.ref(storage, self._on_free(id(storage), record)))
+        return record
+
+    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
+        def freed(_ref: weakref.ref) -> None:
+            record.freed_after = len(self.recording.ops) - 1
+            self.recording.events.append(("free", record.key, record.freed_after))
+            self._alive.pop(storage_id, None)
+
+        return freed
+
+    def storage_key(self, tensor: torch.Tensor) -> int:
+        """The serial key of a live tensor's storage (-1 if it was never seen)."""
+        storage = _storage_of(tensor)
+        alive = self._alive.get(id(storage)) if storage is not None else None
+        return alive[0] if alive is not None else -1
+
+    # -- phases and dispatch ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous, self.current_phase = self.current_phase, name
+        try:
+            yield
+        finally:
+            self.current_phase = previous
+
+    def __enter__(self) -> Recorder:
+        self._module_context = self.modules.__enter__()
+        self._node_owners = _NodeOwners(self.modules)
+        self._node_owners.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._node_owners.__exit__(*exc)
+        self.modules.__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA_OPS:
+            return func(*args, **kwargs)
+        # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
+        # they do for real; recording the parts shows what they allocate (max-pool indices).
+        with self:
+            decomposed = func.decompose(*args, **kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
+        output = func(*args, **kwargs)
+        self._record(func, args, kwargs, output)
+        return output
+
+    def _module_now(self) -> tuple[str, str]:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.modules.current(), ""
+        return self.modules.owner_of_node(node), type(node).__name__
+
+    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        index = len(self.recording.ops)
+        module, node = self._module_now()
+        in_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = tuple(o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor))
+        for tensor in outputs:
+            self._note_storage(tensor, created_at=index, module=module)
+        output_tuple = output if isinstance(output, (tuple, list)) else (output,)
+        self.recording.ops.append(
+            OpRecord(
+                index=index,
+                op=str(func),
+                phase=self.current_phase,
+                module=module,
+                inputs=tuple(self._meta(t) for t in in_tensors),
+                outputs=tuple(self._meta(t) for t in outputs),
+                flops=op_flops(func, args, tuple(output_tuple)),
+                window=_window_of(func, args, output),
+                autograd_node=node,
+            )
+        )
+
+    def _meta(self, tensor: torch.Tensor) -> TensorMeta:
+        return TensorMeta(tuple(tensor.shape), tensor.dtype, self.storage_key(tensor))
+
+
+def fake_parameters(
+    model: nn.Module, fake_mode: FakeTensorMode, *, dtype: torch.dtype | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Fake copies of a model's parameters and buffers (no data is copied or allocated).
+
+    Parameters stay `nn.Parameter`s so optimizers and autograd treat them as leaves. Floating
+    tensors are cast to `dtype` when given, as `model.to(dtype)` would.
+    """
+    fakes: dict[str, torch.Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        with fake_mode:
+            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
+        if isinstance(tensor, nn.Parameter):
+            fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+        fakes[name] = fake
+    return fakes
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What to run: which step, on which (pretended) device, at which precision."""
+
+    input_size: tuple[int, ...]
+    batch_size: int
+    mode: Literal["train", "infer"] = "train"
+    dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
+    autocast_dtype: torch.dtype | None = None
+    device_type: str = "cpu"
+    optimizer: OptimizerSpec | None = None  # train only; None records forward + backward alone
+    grad_mode: GradMode = "no_grad"  # infer only
+
+
+@dataclass
+class StepRecording:
+    recording: Recording
+    setup: StepSetup
+    step_start: int  # index of the recorded step's first op (after any warm-up step)
+    parameter_keys: dict[str, int]  # parameter name -> storage key
+    gradient_keys: dict[str, int]  # parameter name -> storage key of its .grad after the step
+    optimizer_state_keys: tuple[int, ...]
+    input_key: int
+    target_key: int
+
+
+def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
+    """Run one step of `model` on fake tensors and record it.
+
+    With an optimizer, a first step runs (recorded, so its gradients and optimizer state are
+    tracked) and the second is the one analysed: the steady state, when optimizer state exists.
+    The model's own parameters are not touched: fake copies stand in for them.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    device = torch.device(setup.device_type)
+    fakes = fake_parameters(model, fake_mode, dtype=setup.dtype, device=device)
+    recorder = Recorder(model)
+    was_training = model.training
+    model.train(setup.mode == "train")
+    try:
+        with fake_mode:
+            inputs = torch.empty((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
+            # Inference has no targets.
+            targets = torch.zeros((setup.batch_size,), dtype=torch.long, device=device) if setup.mode == "train" else None
+        for name, tensor in fakes.items():
+            recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
+        recorder.track(inputs, "input")
+        if targets is not None:
+            recorder.track(targets, "targets")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, fakes, (x,), tie_weights=True, strict=False)
+
+        parameters = [t for t in fakes.values() if isinstance(t, nn.Parameter)]
+        with fake_mode, recorder:
+            if setup.mode == "infer":
+                step_start = 0
+                inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=recorder.phase, forward=forward)
+                optimizer = None
+            else:
+                optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters)
+                if setup.optimizer is not None:
+                    with recorder.phase("warm-up"):
+                        train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
+                step_start = len(recorder.recording.ops)
+                if setup.optimizer is None:
+                    _forward_backward(forward, inputs, targets, setup.autocast_dtype, recorder.phase)
+                else:
+                    train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=recorder.phase, forward=forward)
+    finally:
+        model.train(was_training)
+    names = {id(t): name for name, t in fakes.items()}
+    state_keys: list[int] = []
+    if optimizer is not None and setup.optimizer is not None:
+        for state in optimizer.state.values():
+            state_keys += [recorder.storage_key(v) for v in state.values() if isinstance(v, torch.Tensor)]
+    return StepRecording(
+        recording=recorder.recording,
+        setup=setup,
+        step_start=step_start,
+        parameter_keys={names[id(p)]: recorder.storage_key(p) for p in parameters},
+        gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in parameters if p.grad is not None},
+        optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
+        input_key=recorder.storage_key(inputs),
+        target_key=recorder.storage_key(targets) if targets is not None else -1,
+    )
+
+
+def _forward_backward(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    phase: Callable[[str], Any],
+) -> None:
+    """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with phase("forward"):
+            logits = forward(inputs)
+        with phase("loss"):
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+    del logits
+    with phase("backward"):
+        loss.backward()
