@@ -33,6 +33,7 @@ __all__ = [
     "TensorMeta",
     "WindowOp",
     "OpRecord",
+    "SavedTensor",
     "StorageRecord",
     "ModuleRecord",
     "Recording",
@@ -136,9 +137,21 @@ class ModuleRecord:
     output_bytes: int
 
 
+@dataclass(frozen=True)
+class SavedTensor:
+    """A tensor autograd keeps for backward: which node keeps it, under which name, for which layer."""
+
+    storage_key: int
+    node: str  # e.g. "ConvolutionBackward0"
+    field: str  # e.g. "input", "result", "indices", "mask"
+    module: str
+
+
 @dataclass
 class Recording:
     ops: list[OpRecord] = field(default_factory=list)
+    # What autograd held when the last backward began, read from the graph's saved variables.
+    saved_for_backward: list[SavedTensor] = field(default_factory=list)
     storages: dict[int, StorageRecord] = field(default_factory=dict)
     modules: dict[str, ModuleRecord] = field(default_factory=dict)
     # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
@@ -244,11 +257,11 @@ class _NodeOwners(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         output = func(*args, **(kwargs or {}))
-        if self.modules.stack:
-            for value in tree_flatten(output)[0]:
-                node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
-                if node is not None and node not in self.modules.node_owner:
-                    self.modules.node_owner[node] = self.modules.current()
+        for value in tree_flatten(output)[0]:
+            node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+            if node is not None and node not in self.modules.node_owner:
+                # "" is code outside any module: the loss.
+                self.modules.node_owner[node] = self.modules.current()
         return output
 
 
@@ -309,11 +322,31 @@ class Recorder(TorchDispatchMode):
     # -- phases and dispatch ----------------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if name == "backward":
+            self._read_saved_tensors()
         previous, self.current_phase = self.current_phase, name
         try:
             yield
         finally:
             self.current_phase = previous
+
+    def _read_saved_tensors(self) -> None:
+        """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
+        saved: list[SavedTensor] = []
+        for node, module in self.modules.node_owner.items():
+            for attribute in dir(node):
+                if not attribute.startswith("_saved_"):
+                    continue
+                try:
+                    value = getattr(node, attribute)
+                except RuntimeError:  # already freed by an earlier backward
+                    continue
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        key = self.storage_key(tensor)
+                        if key >= 0:
+                            saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
+        self.recording.saved_for_backward = saved
 
     def __enter__(self) -> Recorder:
         self._module_context = self.modules.__enter__()
