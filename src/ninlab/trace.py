@@ -333,7 +333,17 @@ class Recorder(TorchDispatchMode):
     def _read_saved_tensors(self) -> None:
         """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
         saved: list[SavedTensor] = []
-        for node, module in self.modules.node_owner.items():
+        owners = self.modules.node_owner
+        # Nodes made inside one composite call (cross_entropy's log-softmax) were never returned
+        # to Python; they belong to whoever owns the node that leads to them.
+        pending = list(owners)
+        while pending:
+            node = pending.pop()
+            for child, _ in node.next_functions:
+                if child is not None and child not in owners and not hasattr(child, "variable"):
+                    owners[child] = owners[node]
+                    pending.append(child)
+        for node, module in owners.items():
             for attribute in dir(node):
                 if not attribute.startswith("_saved_"):
                     continue
