@@ -25,17 +25,19 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ninlab.errors import NinlabError
 from ninlab.flops import op_flops
+from ninlab.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
 from ninlab.optimizers import OptimizerSpec, make_optimizer
 from ninlab.step import GradMode, inference_step, train_step
 
 __all__ = [
     "TensorMeta",
     "WindowOp",
+    "LayerInputTooSmall",
     "OpRecord",
     "SavedTensor",
     "StorageRecord",
-    "ModuleRecord",
     "Recording",
     "Recorder",
     "fake_parameters",
@@ -82,16 +84,23 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class WindowOp:
-    """The sliding-window parameters of a convolution or pooling op, one entry per spatial axis."""
+    """A convolution or pooling op's windows: one `AxisParams` per spatial axis, and the sizes."""
 
     kind: str  # "conv", "max_pool" or "avg_pool"
+    axes: tuple[AxisParams, ...]
     input_spatial: tuple[int, ...]
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    ceil_mode: bool
     output_spatial: tuple[int, ...]
+
+    def windows(self) -> tuple[AxisWindow, ...]:
+        return tuple(params.window(size) for params, size in zip(self.axes, self.input_spatial))
+
+
+class LayerInputTooSmall(NinlabError):
+    """A layer's input is too small for its window; carries the layer and the geometry error."""
+
+    def __init__(self, module: str, op: str, error: EmptyOutputError) -> None:
+        self.module, self.op, self.error = module, op, error
+        super().__init__(f"layer {module or '(top level)'} ({op}): {error}")
 
 
 @dataclass(frozen=True)
@@ -125,19 +134,6 @@ class StorageRecord:
 
 
 @dataclass(frozen=True)
-class ModuleRecord:
-    name: str
-    type: str
-    depth: int
-    own_parameters: int
-    own_trainable: int
-    own_buffers: int
-    own_parameter_bytes: int
-    output_shapes: tuple[tuple[int, ...], ...]
-    output_bytes: int
-
-
-@dataclass(frozen=True)
 class SavedTensor:
     """A tensor autograd keeps for backward: which node keeps it, under which name, for which layer."""
 
@@ -153,7 +149,8 @@ class Recording:
     # What autograd held when the last backward began, read from the graph's saved variables.
     saved_for_backward: list[SavedTensor] = field(default_factory=list)
     storages: dict[int, StorageRecord] = field(default_factory=dict)
-    modules: dict[str, ModuleRecord] = field(default_factory=dict)
+    # Each module's outputs (shape, dtype) at its first forward call, by qualified name.
+    module_outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = field(default_factory=dict)
     # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
     events: list[tuple[str, int, int]] = field(default_factory=list)
 
@@ -165,44 +162,41 @@ def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
-def _window_of(func: Any, args: tuple[Any, ...], output: Any) -> WindowOp | None:
+_POOLS = {
+    aten.max_pool1d_with_indices: ("max_pool", 1),
+    aten.max_pool2d_with_indices: ("max_pool", 2),
+    aten.max_pool3d_with_indices: ("max_pool", 3),
+    aten.avg_pool2d: ("avg_pool", 2),
+    aten.avg_pool3d: ("avg_pool", 3),
+}
+
+
+def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisParams, ...]] | None:
+    """The window of a conv/pool op, read from its aten arguments before it runs."""
     packet = func.overloadpacket
-    if packet is aten.convolution and not args[6]:  # transposed convolutions are not windows
+    if packet is aten.convolution and not args[6]:  # a transposed convolution is not a window
         x, weight = args[0], args[1]
-        spatial = len(x.shape) - 2
-        return WindowOp(
-            "conv",
-            tuple(x.shape[2:]),
-            tuple(weight.shape[2:]),
-            tuple(args[3]),
-            _expand(args[4], spatial),
-            _expand(args[5], spatial),
-            False,
-            tuple(output.shape[2:]),
+        spatial = x.dim() - 2
+        axes = axes_from_torch(
+            ndim=spatial, kind="conv", kernel_size=tuple(weight.shape[2:]), stride=args[3], padding=args[4], dilation=args[5]
         )
-    if packet in (aten.max_pool1d_with_indices, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices):
-        x, kernel = args[0], args[1]
-        spatial = len(kernel) if len(kernel) > 1 else {aten.max_pool1d_with_indices: 1, aten.max_pool2d_with_indices: 2}.get(packet, 3)
-        kernel = _expand(kernel, spatial)
-        stride = _expand(args[2], spatial) if len(args) > 2 and args[2] else kernel
-        padding = _expand(args[3], spatial) if len(args) > 3 else (0,) * spatial
-        dilation = _expand(args[4], spatial) if len(args) > 4 else (1,) * spatial
-        ceil_mode = bool(args[5]) if len(args) > 5 else False
-        return WindowOp("max_pool", tuple(x.shape[-spatial:]), kernel, stride, padding, dilation, ceil_mode, tuple(output[0].shape[-spatial:]))
-    if packet in (aten.avg_pool2d, aten.avg_pool3d):
-        x = args[0]
-        spatial = 2 if packet is aten.avg_pool2d else 3
-        kernel = _expand(args[1], spatial)
-        stride = _expand(args[2], spatial) if len(args) > 2 and args[2] else kernel
-        padding = _expand(args[3], spatial) if len(args) > 3 else (0,) * spatial
-        ceil_mode = bool(args[4]) if len(args) > 4 else False
-        return WindowOp("avg_pool", tuple(x.shape[-spatial:]), kernel, stride, padding, (1,) * spatial, ceil_mode, tuple(output.shape[-spatial:]))
+        return "conv", axes
+    if packet in _POOLS:
+        kind, spatial = _POOLS[packet]
+        # max_pool: (self, kernel, stride, padding, dilation, ceil_mode);
+        # avg_pool: (self, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override).
+        stride = args[2] if len(args) > 2 else None
+        padding = args[3] if len(args) > 3 else 0
+        if kind == "max_pool":
+            dilation = args[4] if len(args) > 4 else 1
+            ceil_mode = bool(args[5]) if len(args) > 5 else False
+        else:
+            dilation, ceil_mode = 1, bool(args[4]) if len(args) > 4 else False
+        axes = axes_from_torch(
+            ndim=spatial, kind="pool", kernel_size=args[1], stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+        )
+        return kind, axes
     return None
-
-
-def _expand(value: Any, spatial: int) -> tuple[int, ...]:
-    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
-    return values * spatial if len(values) == 1 and spatial > 1 else values
 
 
 class _ModuleStack:
@@ -211,6 +205,7 @@ class _ModuleStack:
     def __init__(self, model: nn.Module) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.stack: list[str] = []
+        self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
         self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
         self.param_owner: dict[int, str] = {
             id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
@@ -225,9 +220,12 @@ class _ModuleStack:
             if module in self.names:
                 self.stack.append(self.names[module])
 
-        def post_hook(module: nn.Module, _inputs: Any, _output: Any) -> None:
+        def post_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
             if module in self.names and self.stack:
-                self.stack.pop()
+                name = self.stack.pop()
+                if name not in self.outputs:
+                    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                    self.outputs[name] = tuple((tuple(t.shape), t.dtype) for t in tensors)
 
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(pre_hook),
@@ -265,6 +263,12 @@ class _NodeOwners(TorchFunctionMode):
         return output
 
 
+def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
+    kind, axes = window
+    spatial = len(axes)
+    return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
+
+
 class Recorder(TorchDispatchMode):
     """Records ops and storage lives. Use `recorder.phase(name)` around each part of a step."""
 
@@ -272,6 +276,7 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.recording = Recording()
         self.modules = _ModuleStack(model)
+        self.recording.module_outputs = self.modules.outputs
         self.current_phase = "setup"
         self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
 
@@ -379,8 +384,17 @@ class Recorder(TorchDispatchMode):
             decomposed = func.decompose(*args, **kwargs)
         if decomposed is not NotImplemented:
             return decomposed
+        window = _window_params(func, args)
+        if window is not None:
+            # Check the geometry first, to name the layer and its arithmetic if the input is too small.
+            x = args[0]
+            try:
+                for params, size in zip(window[1], x.shape[x.dim() - len(window[1]):]):
+                    params.window(size)
+            except EmptyOutputError as error:
+                raise LayerInputTooSmall(self._module_now()[0], window[0], error) from None
         output = func(*args, **kwargs)
-        self._record(func, args, kwargs, output)
+        self._record(func, args, kwargs, output, window)
         return output
 
     def _module_now(self) -> tuple[str, str]:
@@ -389,7 +403,9 @@ class Recorder(TorchDispatchMode):
             return self.modules.current(), ""
         return self.modules.owner_of_node(node), type(node).__name__
 
-    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _record(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, window: tuple[str, tuple[AxisParams, ...]] | None
+    ) -> None:
         index = len(self.recording.ops)
         module, node = self._module_now()
         in_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
@@ -406,7 +422,7 @@ class Recorder(TorchDispatchMode):
                 inputs=tuple(self._meta(t) for t in in_tensors),
                 outputs=tuple(self._meta(t) for t in outputs),
                 flops=op_flops(func, args, tuple(output_tuple)),
-                window=_window_of(func, args, output),
+                window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
             )
         )
