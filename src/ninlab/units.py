@@ -1,0 +1,47 @@
+"""Units in one place: bytes as binary multiples (KiB, MiB, GiB), FLOPs as decimal (GFLOP)."""
+
+from __future__ import annotations
+
+import re
+
+from ninlab.errors import NinlabError
+
+__all__ = ["format_bytes", "format_flops", "format_count", "parse_bytes"]
+
+_BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+}
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in _BINARY:
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def format_flops(count: int) -> str:
+    for unit, size in (("TFLOP", 10**12), ("GFLOP", 10**9), ("MFLOP", 10**6), ("kFLOP", 10**3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} FLOP"
+
+
+def format_count(count: int) -> str:
+    return f"{count:,}"
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '500 MB', '1.5G' (bare K/M/G are binary, as in most tools), or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise NinlabError(f"cannot read memory size {text!r}; write a number and a unit, e.g. 8GiB, 500MB or 1.5G")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise NinlabError(f"memory size {text!r} is less than one byte; give a positive size such as 8GiB")
+    return int(value)
