@@ -150,6 +150,12 @@ def summarize(
             f"input {_shape_text(input_size)} is too small: {error}; the smallest input this network "
             f"accepts is {_shape_text(smallest)}"
         ) from None
+    except RuntimeError as error:  # the model itself rejects the input: wrong channels or rank
+        reason = str(error).strip().splitlines()[0]
+        raise NinlabError(
+            f"the model cannot run on a batch of {_shape_text(input_size)} inputs ({reason}); "
+            "give --input as channels x spatial sizes that the model expects, e.g. 1x224x224"
+        ) from None
     chain = _window_chain(step)
     smallest = _smallest_from_chain(model, input_size, chain) if chain is not None else None
     if smallest is None:
@@ -354,17 +360,20 @@ def _accepts(model: nn.Module, input_size: tuple[int, ...]) -> bool:
 def smallest_input_size(model: nn.Module, *, input_size: Sequence[int]) -> tuple[int, ...]:
     """The smallest input the model accepts, axis by axis, found by tracing (any topology).
 
-    Each spatial axis is searched with the others at their sizes in `input_size`; output sizes
-    never shrink as an input grows, so a binary search over traced forwards is exact.
+    First every spatial size doubles until the model accepts the input; then each axis in turn is
+    binary-searched down while the others keep sizes already known to work. Output sizes never
+    shrink as an input grows, so each search is exact.
     """
     size = tuple(int(s) for s in input_size)
+    while not _accepts(model, size):
+        if max(size[1:]) > 1 << 14:
+            raise NinlabError(
+                f"the model accepts no input of {size[0]} channels up to {'x'.join(map(str, size[1:]))}; "
+                "check the channel count and number of spatial axes in --input"
+            )
+        size = (size[0], *(2 * s for s in size[1:]))
     for axis in range(len(size) - 1):
-        high = size[axis + 1]
-        while not _accepts(model, _with_axis(size, axis, high)):
-            if high > 1 << 16:
-                raise NinlabError(f"no input size up to {high} works for this model along axis {axis}; check the model")
-            high *= 2
-        low = 0  # invariant: low fails (or is 0), high works
+        low, high = 0, size[axis + 1]  # low fails (or is 0), high works
         while high - low > 1:
             middle = (low + high) // 2
             if _accepts(model, _with_axis(size, axis, middle)):

@@ -98,9 +98,9 @@ class WindowOp:
 class LayerInputTooSmall(NinlabError):
     """A layer's input is too small for its window; carries the layer and the geometry error."""
 
-    def __init__(self, module: str, op: str, error: EmptyOutputError) -> None:
-        self.module, self.op, self.error = module, op, error
-        super().__init__(f"layer {module or '(top level)'} ({op}): {error}")
+    def __init__(self, module: str, module_type: str, error: EmptyOutputError) -> None:
+        self.module, self.module_type, self.error = module, module_type, error
+        super().__init__(f"layer {module or '(top level)'} ({module_type}): {error}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,7 @@ class _ModuleStack:
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {module: name for name, module in model.named_modules()}
+        self.types = {name: type(module).__name__ for module, name in self.names.items()}
         self.stack: list[str] = []
         self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
         self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
@@ -392,7 +393,8 @@ class Recorder(TorchDispatchMode):
                 for params, size in zip(window[1], x.shape[x.dim() - len(window[1]):]):
                     params.window(size)
             except EmptyOutputError as error:
-                raise LayerInputTooSmall(self._module_now()[0], window[0], error) from None
+                module = self._module_now()[0]
+                raise LayerInputTooSmall(module, self.modules.types.get(module, window[0]), error) from None
         output = func(*args, **kwargs)
         self._record(func, args, kwargs, output, window)
         return output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ninlab.errors import NinlabError
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except NinlabError as error:
         print(f"ninlab: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader (head, less) closed the pipe: not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("ninlab: interrupted", file=sys.stderr)
         return 130
