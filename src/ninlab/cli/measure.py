@@ -1,0 +1,114 @@
+"""`ninlab measure`: run the real training step and inference on this machine and print their
+measured memory peaks (live tensor storage and what the allocator held)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ninlab.cli.options import add_model_options, model_choice
+from ninlab.measure import Measurement, measure
+from ninlab.optimizers import parse_optimizer
+from ninlab.summary import DTYPES
+from ninlab.trace import StepSetup
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("measure", help="measured memory peaks of a real training step and inference")
+    add_model_options(parser)
+    parser.add_argument("--optimizer", default="sgd", help="e.g. sgd, adam, adamw:weight_decay=0.01,implementation=foreach (default: sgd)")
+    parser.add_argument("--amp", choices=("bfloat16", "float16"), help="run forward and loss under autocast to this dtype")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    parser.add_argument("--mode", choices=("train", "infer", "both"), default="both", help="which step to measure (default: both)")
+    parser.add_argument("--grad-mode", choices=("no_grad", "inference_mode"), default="no_grad", help="inference's guard (default: no_grad)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    choice = model_choice(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    modes = ("train", "infer") if args.mode == "both" else (args.mode,)
+    results = [
+        measure(
+            choice.model,
+            StepSetup(
+                input_size=choice.input_size,
+                batch_size=choice.batch_size,
+                mode=mode,
+                dtype=choice.dtype,
+                autocast_dtype=DTYPES[args.amp] if args.amp else None,
+                device_type=args.device,
+                optimizer=parse_optimizer(args.optimizer) if mode == "train" else None,
+                grad_mode=args.grad_mode,
+            ),
+        )
+        for mode in modes
+    ]
+    if args.format == "json":
+        print(json.dumps([_as_json(result) for result in results], indent=2))
+    else:
+        _print_table(choice.name, results)
+    return 0
+
+
+def _step_name(result: Measurement) -> str:
+    setup = result.setup
+    if setup.mode == "train":
+        return f"train ({setup.optimizer.name if setup.optimizer else 'sgd'})"
+    return f"infer ({setup.grad_mode})"
+
+
+def _print_table(model_name: str, results: list[Measurement]) -> None:
+    first = results[0]
+    amp = first.setup.autocast_dtype
+    precision = _dtype_name(first.setup.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
+    print(
+        f"{model_name}, input {'x'.join(map(str, first.setup.input_size))}, batch {first.setup.batch_size}, "
+        f"{precision}, {first.device}, {first.num_threads} threads; second step measured"
+    )
+    print(f"{'step':<24} {'level':<10} {'peak_bytes':>15} {'peak_mib':>10}  at")
+    for result in results:
+        rows = (
+            ("live", result.live_peak_bytes, f"{result.live_peak_op} ({result.live_peak_phase})"),
+            ("allocator", result.allocator_peak_bytes, f"{result.allocator_peak_op} ({result.allocator_peak_phase})" if result.allocator_peak_op else result.allocator_method),
+        )
+        for level, nbytes, where in rows:
+            print(f"{_step_name(result):<24} {level:<10} {nbytes:>15,} {nbytes / 2**20:>10.1f}  {where}")
+    print("live: tensor storage, each storage once; allocator: every block the allocator handed out.")
+    for result in results:
+        base = result.baseline
+        print(
+            f"{_step_name(result)} baseline {base.total_bytes:,} bytes: parameters {base.parameters_bytes:,}, "
+            f"buffers {base.buffers_bytes:,}, gradients {base.gradients_bytes:,}, optimizer state "
+            f"{base.optimizer_state_bytes:,}, input {base.input_bytes:,}, targets {base.targets_bytes:,}"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_json(result: Measurement) -> dict[str, object]:
+    setup = result.setup
+    return {
+        "step": setup.mode,
+        "input_size": list(setup.input_size),
+        "batch_size": setup.batch_size,
+        "dtype": _dtype_name(setup.dtype),
+        "autocast_dtype": _dtype_name(setup.autocast_dtype) if setup.autocast_dtype else None,
+        "optimizer": setup.optimizer.__dict__ if setup.optimizer else None,
+        "grad_mode": setup.grad_mode if setup.mode == "infer" else None,
+        "device": result.device,
+        "num_threads": result.num_threads,
+        "baseline_bytes": {**result.baseline.__dict__, "total_bytes": result.baseline.total_bytes},
+        "live_peak_bytes": result.live_peak_bytes,
+        "live_peak_at": {"op": result.live_peak_op, "phase": result.live_peak_phase},
+        "allocator_peak_bytes": result.allocator_peak_bytes,
+        "allocator_peak_at": {"op": result.allocator_peak_op, "phase": result.allocator_peak_phase},
+        "allocator_method": result.allocator_method,
+    }
