@@ -33,10 +33,14 @@ class OptimizerSpec:
             raise NinlabError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
-def make_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: OptimizerSpec, params: Iterable[torch.nn.Parameter], *, device_type: str | None = None
+) -> torch.optim.Optimizer:
+    """Build the optimizer. `device_type` names the device the parameters stand for, when that
+    differs from where they are (a CUDA step emulated on CPU): "default" then picks as there."""
     params = list(params)
     flags: dict[str, bool] = {}
-    if spec.implementation == "foreach":
+    if spec.implementation == "foreach" or (spec.implementation == "default" and device_type == "cuda"):
         flags = {"foreach": True}
     elif spec.implementation == "for-loop":
         flags = {"foreach": False}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -248,14 +249,23 @@ class _ModuleStack:
 
 class _NodeOwners(TorchFunctionMode):
     """Remembers which module's forward created each autograd node, so backward ops can be
-    attributed to layers. It sits above autograd, where outputs already carry their grad_fn."""
+    attributed to layers. It sits above autograd, where outputs already carry their grad_fn.
 
-    def __init__(self, modules: _ModuleStack) -> None:
+    When a CUDA step is emulated on a CPU-only build, it also makes dropout take CUDA's path: the
+    fused kernel, which keeps a bool mask where the CPU composite keeps a float one.
+    """
+
+    def __init__(self, modules: _ModuleStack, *, emulate_cuda: bool) -> None:
         super().__init__()
         self.modules = modules
+        self.emulate_cuda = emulate_cuda
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        output = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.emulate_cuda and func is F.dropout:
+            output = _cuda_dropout(*args, **kwargs)
+        else:
+            output = func(*args, **kwargs)
         for value in tree_flatten(output)[0]:
             node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
             if node is not None and node not in self.modules.node_owner:
@@ -270,11 +280,19 @@ def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, outp
     return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
 
 
+def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    # CUDA's dropout uses native_dropout when 0 < p < 1 and training (ATen's is_fused_kernel_acceptable).
+    if not training or inplace or not 0 < p < 1:
+        return F.dropout(input, p, training, inplace)
+    return torch.ops.aten.native_dropout(input, p, True)[0]
+
+
 class Recorder(TorchDispatchMode):
     """Records ops and storage lives. Use `recorder.phase(name)` around each part of a step."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, emulate_cuda: bool = False) -> None:
         super().__init__()
+        self.emulate_cuda = emulate_cuda
         self.recording = Recording()
         self.modules = _ModuleStack(model)
         self.recording.module_outputs = self.modules.outputs
@@ -366,7 +384,7 @@ class Recorder(TorchDispatchMode):
 
     def __enter__(self) -> Recorder:
         self._module_context = self.modules.__enter__()
-        self._node_owners = _NodeOwners(self.modules)
+        self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
         self._node_owners.__enter__()
         return super().__enter__()
 
@@ -381,7 +399,8 @@ class Recorder(TorchDispatchMode):
             return func(*args, **kwargs)
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
-        with self:
+        # Torch-function modes sit above autograd and must not see the parts again.
+        with self, torch._C.DisableTorchFunction():
             decomposed = func.decompose(*args, **kwargs)
         if decomposed is not NotImplemented:
             return decomposed
@@ -486,9 +505,12 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
     The model's own parameters are not touched: fake copies stand in for them.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-    device = torch.device(setup.device_type)
+    # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
+    # tensors with CUDA's choices made explicitly (foreach optimizers, fused dropout, autocast).
+    emulate_cuda = setup.device_type == "cuda" and not torch.cuda.is_available()
+    device = torch.device("cpu" if emulate_cuda else setup.device_type)
     fakes = fake_parameters(model, fake_mode, dtype=setup.dtype, device=device)
-    recorder = Recorder(model)
+    recorder = Recorder(model, emulate_cuda=emulate_cuda)
     was_training = model.training
     model.train(setup.mode == "train")
     try:
@@ -512,7 +534,7 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
                 inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=recorder.phase, forward=forward)
                 optimizer = None
             else:
-                optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters)
+                optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters, device_type=setup.device_type)
                 if setup.optimizer is not None:
                     with recorder.phase("warm-up"):
                         train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
