@@ -293,6 +293,7 @@ class Recorder(TorchDispatchMode):
     def __init__(self, model: nn.Module, *, emulate_cuda: bool = False) -> None:
         super().__init__()
         self.emulate_cuda = emulate_cuda
+        self._paused = False
         self.recording = Recording()
         self.modules = _ModuleStack(model)
         self.recording.module_outputs = self.modules.outputs
@@ -358,6 +359,7 @@ class Recorder(TorchDispatchMode):
         """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
         saved: list[SavedTensor] = []
         owners = self.modules.node_owner
+        self._paused = True  # unpacking a saved variable dispatches a detach: not part of the step
         # Nodes made inside one composite call (cross_entropy's log-softmax) were never returned
         # to Python; they belong to whoever owns the node that leads to them.
         pending = list(owners)
@@ -381,6 +383,7 @@ class Recorder(TorchDispatchMode):
                         if key >= 0:
                             saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
         self.recording.saved_for_backward = saved
+        self._paused = False
 
     def __enter__(self) -> Recorder:
         self._module_context = self.modules.__enter__()
@@ -395,7 +398,7 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA_OPS:
+        if func in _METADATA_OPS or self._paused:
             return func(*args, **kwargs)
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
