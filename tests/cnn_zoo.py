@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ZooEntry", "ZOO", "resnet_bn", "mobilenet_relu6", "vgg_big_head", "ceil_pool_net", "grouped_net"]
+__all__ = ["ZOO", "ZooEntry", "ceil_pool_net", "grouped_net", "mobilenet_relu6", "resnet_bn", "vgg_big_head"]
 
 
 class BasicBlock(nn.Module):

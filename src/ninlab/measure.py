@@ -51,6 +51,7 @@ from ninlab.trace import StepSetup
 __all__ = ["Baseline", "Measurement", "measure"]
 
 _STEP_MARK = "ninlab.measured_step"
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _PHASE_MARK = "ninlab.phase."
 
 
@@ -140,10 +141,12 @@ class _LiveStorage(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        with self:
-            decomposed = func.decompose(*args, **kwargs)
-        if decomposed is not NotImplemented:
-            return decomposed
+        # Run a composite op as its C++ kernel would, under this mode so its parts are counted.
+        # Not `func.decompose()`: that prefers Python decompositions (native_batch_norm becomes
+        # _native_batch_norm_legit), which would change the program being measured.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            with self:
+                return func._op_dk(_COMPOSITE, *args, **kwargs)
         output = func(*args, **kwargs)
         # Inputs first: a tensor made before the step and not in the baseline is still memory.
         for tensor in tree_flatten((args, kwargs, output))[0]:
