@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
 )
 
+from ninlab.allocator import cuda_fresh_block_bytes, peak_above_start_bytes
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec, parse_optimizer
 from ninlab.step import GradMode
@@ -55,6 +56,7 @@ __all__ = [
     "SavedRow",
     "ForumRule",
     "DDPBuckets",
+    "AllocatorPeak",
     "MeasuredFallback",
     "MemoryReport",
     "BatchScaling",
@@ -233,6 +235,7 @@ class TimelinePoint:
     phase: str
     module: str
     alive: Breakdown
+    allocator_bytes: int  # what the allocator holds at the op's high point (see `AllocatorPeak`)
 
     @property
     def total_bytes(self) -> int:
@@ -260,7 +263,11 @@ class Timeline:
         return tuple(point.alive.of(category) for point in self.points)
 
     def totals(self) -> tuple[int, ...]:
+        """Live bytes per op."""
         return tuple(point.total_bytes for point in self.points)
+
+    def allocator_totals(self) -> tuple[int, ...]:
+        return tuple(point.allocator_bytes for point in self.points)
 
 
 @dataclass(frozen=True)
@@ -341,13 +348,47 @@ class DDPBuckets:
 
 
 @dataclass(frozen=True)
+class AllocatorPeak:
+    """The second level: what the allocator holds, which is what a user sees and what runs out.
+
+    CPU: the c10 allocator hands out a block for every tensor storage, and inside some kernels
+    blocks that belong to no tensor (oneDNN reorders its inputs, weights and results into blocked
+    layouts; batch norm keeps temporaries); `ninlab.allocator` gives them per op, and an op's
+    high point is what was alive before it plus the most it held at once. CUDA: each storage is
+    the caching allocator's block (`max_memory_allocated` counts blocks, not bytes). `method`
+    states the rules; `unmodelled` lists the ops whose extra blocks are not known.
+    """
+
+    peak_bytes: int
+    step_op: int
+    op: str
+    phase: str
+    module: str
+    live_bytes: int  # tensor storage alive at that op (its outputs included)
+    workspace_bytes: int  # CPU: kernel blocks beyond the live storage at the peak
+    rounding_bytes: int  # CUDA: what block rounding adds to the live storage at the peak
+    method: str
+    unmodelled: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MeasuredFallback:
     """When the model cannot run on fake tensors: real runs at small batches, scaled linearly."""
 
     reason: str  # why tracing failed
-    batch_sizes: tuple[int, ...]
-    live_peaks_bytes: tuple[int, ...]
-    allocator_peaks_bytes: tuple[int, ...]
+    batch_sizes: tuple[int, int]
+    live_peaks_bytes: tuple[int, int]
+    allocator_peaks_bytes: tuple[int, int]
+
+    def live_at(self, batch_size: int) -> int:
+        return _line(self.batch_sizes, self.live_peaks_bytes, batch_size)
+
+    def allocator_at(self, batch_size: int) -> int:
+        return _line(self.batch_sizes, self.allocator_peaks_bytes, batch_size)
+
+
+def _line(xs: tuple[int, int], ys: tuple[int, int], x: int) -> int:
+    return ys[0] + (ys[1] - ys[0]) * (x - xs[0]) // (xs[1] - xs[0])
 
 
 @dataclass(frozen=True)
@@ -366,10 +407,19 @@ class MemoryReport:
     breakdown: Breakdown
     timeline: Timeline | None
     saved: tuple[SavedRow, ...]
+    allocator: AllocatorPeak | None
     forum: ForumRule | None
     ddp: DDPBuckets | None
     fallback: MeasuredFallback | None
     notes: tuple[str, ...]
+
+    @property
+    def allocator_peak_bytes(self) -> int:
+        """The allocator-level peak (for a measured fallback, the measured ones extrapolated)."""
+        if self.allocator is not None:
+            return self.allocator.peak_bytes
+        assert self.fallback is not None
+        return self.fallback.allocator_at(self.setup.batch_size)
 
     @property
     def saved_total_bytes(self) -> int:
@@ -520,15 +570,13 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
     module_types = {qualified: type(module).__name__ for qualified, module in model.named_modules()}
     categories = _categorize(step)
     buckets = _ddp_buckets(step, options.ddp) if options.ddp else None
-    timeline, peak_index = _replay(step, categories, buckets)
-    peak_point = timeline.points[peak_index] if timeline.points else None
-    breakdown = peak_point.alive if peak_point else timeline.start
-    op = step.recording.ops[step.step_start + peak_index] if peak_point else None
-    peak = (
-        PeakOp(peak_index, op.op, op.phase, op.module, module_types.get(op.module, ""), op.autograd_node)
-        if op is not None
-        else None
-    )
+    replay = _replay(step, categories, buckets)
+    timeline = replay.timeline
+    if not timeline.points:
+        raise NinlabError("the model ran no op on its input; there is no step to predict memory for")
+    breakdown = timeline.points[replay.live_peak].alive
+    op = step.recording.ops[step.step_start + replay.live_peak]
+    peak = PeakOp(replay.live_peak, op.op, op.phase, op.module, module_types.get(op.module, ""), op.autograd_node)
     live_peak = breakdown.total_bytes
     notes = []
     if buckets is not None:
@@ -544,6 +592,7 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
         breakdown=breakdown,
         timeline=timeline,
         saved=_saved_rows(step, categories, module_types) if options.mode == "train" else (),
+        allocator=_allocator_peak(step, replay),
         forum=_forum_rule(model, step, live_peak),
         ddp=buckets,
         fallback=None,
@@ -585,19 +634,22 @@ def _categorize(step: StepRecording) -> dict[int, int]:
     return categories
 
 
-def _replay(step: StepRecording, categories: dict[int, int], buckets: DDPBuckets | None) -> tuple[Timeline, int]:
+def _replay(step: StepRecording, categories: dict[int, int], buckets: DDPBuckets | None) -> _Replay:
     """Walk the step's ops, adding each storage's bytes when its op runs and removing them after
-    the op it died after. Returns the timeline and the position of its (first) maximum."""
+    the op it died after, at both levels (see `AllocatorPeak` for the allocator's)."""
     ops = step.recording.ops
     start = step.step_start
     storages = step.recording.storages
+    cuda = step.setup.device_type == "cuda"
     born: dict[int, list[int]] = {}
     died: dict[int, list[int]] = {}
     counts = [0] * len(CATEGORIES)
+    blocks = 0  # CUDA: the same storages as caching-allocator blocks
     gradients = CATEGORIES.index("gradients")
     as_views = buckets is not None and buckets.gradient_as_bucket_view
     if buckets is not None:
         counts[CATEGORIES.index("ddp_buckets")] = buckets.total_bytes
+        blocks += sum(cuda_fresh_block_bytes(nbytes) for nbytes in buckets.bucket_bytes)
     for key, category in categories.items():
         record = storages[key]
         freed_after = record.freed_after
@@ -607,6 +659,7 @@ def _replay(step: StepRecording, categories: dict[int, int], buckets: DDPBuckets
             freed_after = record.created_at  # copied into its bucket as soon as it is ready
         if record.created_at < start:
             counts[category] += record.nbytes
+            blocks += cuda_fresh_block_bytes(record.nbytes) if cuda else 0
         else:
             born.setdefault(record.created_at, []).append(key)
         if freed_after is not None:
@@ -614,23 +667,81 @@ def _replay(step: StepRecording, categories: dict[int, int], buckets: DDPBuckets
     start_breakdown = Breakdown.from_counts(counts)
     points: list[TimelinePoint] = []
     phases: list[PhaseSpan] = []
-    best, best_total = 0, -1
+    live_best = allocator_best = 0
+    live_best_bytes = allocator_best_bytes = -1
     for position, op in enumerate(ops[start:]):
         index = start + position
+        before = sum(counts)
         for key in born.get(index, ()):
-            counts[categories[key]] += storages[key].nbytes
-        alive = Breakdown.from_counts(counts)
+            nbytes = storages[key].nbytes
+            counts[categories[key]] += nbytes
+            blocks += cuda_fresh_block_bytes(nbytes) if cuda else 0
         total = sum(counts)
-        if total > best_total:
-            best, best_total = position, total
-        points.append(TimelinePoint(position, op.op, op.phase, op.module, alive))
+        if cuda:
+            allocator = blocks
+        elif op.cpu_allocations:
+            # The kernel's own blocks come and go inside the op: its high point is what was
+            # alive before it plus the most it held at once.
+            allocator = max(total, before + peak_above_start_bytes(op.cpu_allocations))
+        else:
+            allocator = total
+        if total > live_best_bytes:
+            live_best, live_best_bytes = position, total
+        if allocator > allocator_best_bytes:
+            allocator_best, allocator_best_bytes = position, allocator
+        points.append(TimelinePoint(position, op.op, op.phase, op.module, Breakdown.from_counts(counts), allocator))
         if phases and phases[-1].phase == op.phase:
             phases[-1] = PhaseSpan(op.phase, phases[-1].first_op, position)
         else:
             phases.append(PhaseSpan(op.phase, position, position))
         for key in died.get(index, ()):
-            counts[categories[key]] -= storages[key].nbytes
-    return Timeline(start_breakdown, tuple(points), tuple(phases)), best
+            nbytes = storages[key].nbytes
+            counts[categories[key]] -= nbytes
+            blocks -= cuda_fresh_block_bytes(nbytes) if cuda else 0
+    return _Replay(Timeline(start_breakdown, tuple(points), tuple(phases)), live_best, allocator_best)
+
+
+@dataclass(frozen=True)
+class _Replay:
+    timeline: Timeline
+    live_peak: int  # positions in the timeline
+    allocator_peak: int
+
+
+def _allocator_peak(step: StepRecording, replay: _Replay) -> AllocatorPeak:
+    point = replay.timeline.points[replay.allocator_peak]
+    live = point.total_bytes
+    cuda = step.setup.device_type == "cuda"
+    unmodelled: dict[str, int] = {}
+    if not cuda:
+        for op in step.recording.ops[step.step_start :]:
+            if op.cpu_unmodelled:
+                note = f"{op.op}: {op.cpu_unmodelled}"
+                unmodelled[note] = unmodelled.get(note, 0) + 1
+    return AllocatorPeak(
+        peak_bytes=point.allocator_bytes,
+        step_op=point.step_op,
+        op=point.op,
+        phase=point.phase,
+        module=point.module,
+        live_bytes=live,
+        workspace_bytes=0 if cuda else point.allocator_bytes - live,
+        rounding_bytes=point.allocator_bytes - live if cuda else 0,
+        method=_CUDA_METHOD if cuda else _CPU_METHOD,
+        unmodelled=tuple(f"{note} ({count}x)" for note, count in unmodelled.items()),
+    )
+
+
+_CPU_METHOD = (
+    "CPU allocator: live storage plus the blocks kernels allocate for themselves inside an op "
+    "(oneDNN's blocked copies of inputs, weights and results; batch norm's temporaries), from "
+    "ninlab.allocator's per-op rules"
+)
+_CUDA_METHOD = (
+    "CUDA caching allocator: every storage as the block it occupies (rounded up to 512 bytes; "
+    "a large block that leaves at most 1 MiB of its segment gets the whole segment), as "
+    "max_memory_allocated counts them; cuDNN workspaces and the CUDA context are not included"
+)
 
 
 def _saved_rows(step: StepRecording, categories: dict[int, int], module_types: dict[str, str]) -> tuple[SavedRow, ...]:
@@ -745,26 +856,30 @@ def _measured_report(model: nn.Module, options: _Options, batch_size: int, name:
         )
     sizes = (1, 2)
     measured = [measure(model, options.setup(size)) for size in sizes]
-    live = tuple(m.live_peak_bytes for m in measured)
-    allocator = tuple(m.allocator_peak_bytes for m in measured)
-    per_sample = live[1] - live[0]
-    estimate = live[0] + per_sample * (batch_size - 1)
+    fallback = MeasuredFallback(
+        reason,
+        sizes,
+        (measured[0].live_peak_bytes, measured[1].live_peak_bytes),
+        (measured[0].allocator_peak_bytes, measured[1].allocator_peak_bytes),
+    )
+    per_sample = fallback.live_at(2) - fallback.live_at(1)
     note = (
-        f"the model cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 and "
-        f"extrapolated linearly ({format_bytes(live[0] - per_sample)} fixed + "
+        f"the model cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 on "
+        f"this machine and extrapolated linearly ({format_bytes(fallback.live_at(0))} fixed + "
         f"{format_bytes(per_sample)} per sample): no per-tensor breakdown"
     )
     return MemoryReport(
         model=name,
         setup=options.setup(batch_size),
-        live_peak_bytes=estimate,
+        live_peak_bytes=fallback.live_at(batch_size),
         peak=None,
         breakdown=Breakdown(),
         timeline=None,
         saved=(),
+        allocator=None,
         forum=None,
         ddp=None,
-        fallback=MeasuredFallback(reason, sizes, live, allocator),
+        fallback=fallback,
         notes=(note,),
     )
 

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ninlab.allocator import Step, cpu_steps, unmodelled_reason
 from ninlab.errors import NinlabError
 from ninlab.flops import op_flops
 from ninlab.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
@@ -115,6 +116,10 @@ class OpRecord:
     flops: int
     window: WindowOp | None
     autograd_node: str  # in backward: the autograd node being executed, e.g. "ReluBackward0"
+    # On CPU, every block the kernel allocates and frees, outputs included (`ninlab.allocator`);
+    # None: it allocates only its outputs, or its workspace is not modelled (`cpu_unmodelled` says why).
+    cpu_allocations: tuple[Step, ...] | None = None
+    cpu_unmodelled: str = ""
 
 
 @dataclass
@@ -437,6 +442,8 @@ class Recorder(TorchDispatchMode):
         for tensor in outputs:
             self._note_storage(tensor, created_at=index, module=module)
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
+        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
+        on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
         self.recording.ops.append(
             OpRecord(
                 index=index,
@@ -448,6 +455,8 @@ class Recorder(TorchDispatchMode):
                 flops=op_flops(func, args, tuple(output_tuple)),
                 window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
+                cpu_allocations=cpu_steps(str(func), args) if on_cpu else None,
+                cpu_unmodelled=(unmodelled_reason(str(func), args) or "") if on_cpu else "",
             )
         )
 
