@@ -1,0 +1,281 @@
+"""Fashion-MNIST from disk: find the four IDX files, verify them, read them into uint8 tensors.
+
+The files are looked for in a fixed order (see `default_search_path`); if none of those places has
+them they are downloaded from the official mirror into the first writable one. Every file is
+checked against the SHA-256 of its *decompressed* bytes, because mirrors and distributions
+recompress the .gz files (Debian's differ from Zalando's byte for byte, not in content).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ninlab.errors import NinlabError
+
+__all__ = [
+    "CLASS_NAMES",
+    "MIRROR_URL",
+    "DEBIAN_DIR",
+    "IdxFile",
+    "FILES",
+    "Split",
+    "FashionMNIST",
+    "read_idx",
+    "default_search_path",
+    "find_data_dir",
+    "download_fashion_mnist",
+    "load_fashion_mnist",
+]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+# Zalando's own mirror, as given in https://github.com/zalandoresearch/fashion-mnist#get-the-data
+MIRROR_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# Debian's `dataset-fashion-mnist` package installs the four .gz files here.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    """One of the four files: its name without `.gz`, the SHA-256 of its uncompressed bytes, its shape."""
+
+    name: str
+    sha256: str
+    shape: tuple[int, ...]
+
+
+# Checksums of the decompressed files, computed from Debian's dataset-fashion-mnist
+# 0.0~git20200523.55506a9-1 (`zcat FILE.gz | sha256sum`).
+FILES: dict[str, IdxFile] = {
+    "train_images": IdxFile(
+        "train-images-idx3-ubyte",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        (60000, 28, 28),
+    ),
+    "train_labels": IdxFile(
+        "train-labels-idx1-ubyte",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        (60000,),
+    ),
+    "test_images": IdxFile(
+        "t10k-images-idx3-ubyte",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        (10000, 28, 28),
+    ),
+    "test_labels": IdxFile(
+        "t10k-labels-idx1-ubyte",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        (10000,),
+    ),
+}
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): only unsigned bytes occur in (Fashion-)MNIST.
+_IDX_UBYTE = 0x08
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as one uint8 tensor (N, 28, 28) and labels as int64 (N,), on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def head(self, count: int) -> Split:
+        """The first `count` examples (Fashion-MNIST's order is already shuffled across classes)."""
+        return Split(self.images[:count], self.labels[:count])
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    train: Split
+    test: Split
+    directory: Path
+
+
+def _contents(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz (raises OSError, EOFError, zlib.error)."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    return path.read_bytes()
+
+
+def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -> np.ndarray:
+    """Read an IDX file (gzipped when its name ends in .gz) into a uint8 array of its shape.
+
+    With `expected`, the decompressed bytes must have that SHA-256 and the array that shape.
+    """
+    path = Path(path)
+    try:
+        raw = _contents(path)
+    except (OSError, EOFError, zlib.error) as error:
+        raise NinlabError(
+            f"cannot read {path} ({error}); delete it so that ninlab downloads it again, "
+            "or reinstall the dataset-fashion-mnist package"
+        ) from None
+    if expected is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != expected.sha256:
+            raise NinlabError(
+                f"{path} is corrupt: SHA-256 of its contents is {digest[:12]}..., expected "
+                f"{expected.sha256[:12]}...; delete it so that ninlab downloads a fresh copy (or reinstall dataset-fashion-mnist if it is Debian's)"
+            )
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
+        raise NinlabError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(shape)):
+        raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+    if expected is not None and shape != expected.shape:
+        raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _user_cache_dir() -> Path:
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ninlab" / "fashion-mnist"
+
+
+def default_search_path(data_dir: str | os.PathLike[str] | None = None) -> tuple[Path, ...]:
+    """Where the files are looked for, in order: `data_dir`, `$NINLAB_DATA`, Debian's package,
+    torchvision's layout (`<root>/FashionMNIST/raw` for those roots and `./data`), the user cache."""
+    roots = [Path(p) for p in (data_dir, os.environ.get("NINLAB_DATA")) if p]
+    torchvision_layout = [root / "FashionMNIST" / "raw" for root in [*roots, Path("data")]]
+    return (*roots, DEBIAN_DIR, *torchvision_layout, _user_cache_dir())
+
+
+def _file_in(directory: Path, name: str) -> Path | None:
+    for candidate in (directory / f"{name}.gz", directory / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_data_dir(search_path: Sequence[Path]) -> Path | None:
+    """The first directory in `search_path` that holds all four files (gzipped or not)."""
+    for directory in search_path:
+        if all(_file_in(directory, spec.name) for spec in FILES.values()):
+            return directory
+    return None
+
+
+ProgressHook = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
+
+
+def download_fashion_mnist(
+    directory: Path, *, mirror: str = MIRROR_URL, progress: ProgressHook | None = None, timeout_s: float = 30.0
+) -> None:
+    """Fetch the four .gz files into `directory`, each verified before it is renamed into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for spec in FILES.values():
+        if _file_in(directory, spec.name):
+            continue
+        url = f"{mirror.rstrip('/')}/{spec.name}.gz"
+        target = directory / f"{spec.name}.gz"
+        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{spec.name}.part-", suffix=".gz")
+        try:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+                total = response.length
+                received = 0
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    received += len(chunk)
+                    if progress:
+                        progress(spec.name, received, total)
+            try:
+                digest = hashlib.sha256(_contents(Path(temp_name))).hexdigest()
+            except (OSError, EOFError, zlib.error) as error:
+                raise NinlabError(f"the download of {url} is not a valid gzip file ({error}); try again") from None
+            if digest != spec.sha256:
+                raise NinlabError(f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again")
+            os.replace(temp_name, target)
+        finally:
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+
+
+def _first_writable(directories: Sequence[Path]) -> Path | None:
+    for directory in directories:
+        probe = directory
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.is_dir() and os.access(probe, os.W_OK):
+            return directory
+    return None
+
+
+def load_fashion_mnist(
+    *,
+    search_path: Sequence[Path] | None = None,
+    download: bool = True,
+    mirror: str = MIRROR_URL,
+    progress: ProgressHook | None = None,
+) -> FashionMNIST:
+    """Find (or download), verify and read Fashion-MNIST; raises `NinlabError` with the fix if impossible."""
+    search_path = tuple(search_path) if search_path is not None else default_search_path()
+    directory = find_data_dir(search_path)
+    if directory is None:
+        places = ", ".join(str(p) for p in search_path)
+        hint = (
+            f"put the four IDX files ({', '.join(s.name + '[.gz]' for s in FILES.values())}) in --data-dir "
+            "or $NINLAB_DATA, or install Debian's dataset-fashion-mnist package"
+        )
+        if not download:
+            raise NinlabError(f"Fashion-MNIST not found in {places}; {hint}")
+        # Download into the first place the user named, else the cache (Debian's dir is the package's).
+        targets = [p for p in search_path if p != DEBIAN_DIR and "FashionMNIST" not in p.parts]
+        directory = _first_writable(targets)
+        if directory is None:
+            raise NinlabError(f"Fashion-MNIST not found in {places} and none of them is writable; {hint}")
+        try:
+            download_fashion_mnist(directory, mirror=mirror, progress=progress)
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise NinlabError(
+                f"Fashion-MNIST not found in {places} and the download from {mirror} failed ({reason}); {hint}"
+            ) from None
+    arrays = {
+        key: read_idx(_file_in(directory, spec.name), expected=spec)  # type: ignore[arg-type]
+        for key, spec in FILES.items()
+    }
+
+    def split(prefix: str) -> Split:
+        return Split(
+            torch.from_numpy(arrays[f"{prefix}_images"].copy()),
+            torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64)),
+        )
+
+    return FashionMNIST(train=split("train"), test=split("test"), directory=directory)
