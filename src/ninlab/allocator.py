@@ -185,6 +185,7 @@ def mkldnn_conv_backward_steps(
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
     block: int = 16,
+    threads: int = 2,
 ) -> tuple[Step, ...]:
     """oneDNN convolution backward, contiguous NCHW float32 (`aten.convolution_backward`).
 
@@ -257,8 +258,15 @@ def mkldnn_conv_backward_steps(
         if reorder_input:
             steps.append(Step(blocked_input, "blocked input"))
         steps.append(Step(grad_weight_blocked, "blocked grad_weight"))
+        # A padded bias-gradient buffer, as in the forward; with several threads it is part of
+        # the reduction scratchpad instead (not modelled).
+        padded_bias = output_mask[2] and threads == 1 and groups == 1 and out_channels % block != 0
+        if padded_bias:
+            steps.append(Step(4 * _pad(out_channels, block) + 128, "padded grad_bias"))
         if output_mask[2]:
             steps.append(Step(bias_bytes, "blocked grad_bias"))
+        if padded_bias:
+            steps.append(Step(-(4 * _pad(out_channels, block) + 128), "free padded grad_bias"))
         if reorder_input:
             steps.append(Step(-blocked_input, "free blocked input"))
         steps.append(Step(-blocked_grad_output, "free blocked grad_output"))
@@ -369,6 +377,13 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
     return None
 
 
+_BATCH_NORM_FORWARD = (
+    "aten.native_batch_norm.default",
+    "aten._native_batch_norm_legit.default",
+    "aten._native_batch_norm_legit_no_training.default",
+)
+
+
 def cpu_steps(func_name: str, args: Sequence[Any]) -> tuple[Step, ...] | None:
     """The allocations `func_name` (as a dispatch mode names it, e.g. "aten.convolution.default")
     makes on CPU for these arguments (real or fake tensors), outputs included; None when the op
@@ -395,9 +410,13 @@ def cpu_steps(func_name: str, args: Sequence[Any]) -> tuple[Step, ...] | None:
             strided=any(step > 1 for step in conv.window[0]),
             output_mask=conv.output_mask,
             block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
         )
-    if func_name == "aten.native_batch_norm.default":
-        input, running_mean, training = args[0], args[3], args[5]
+    if func_name in _BATCH_NORM_FORWARD:
+        # A tracer that runs `func.decompose()` sees Python's decomposition of native_batch_norm
+        # (`_native_batch_norm_legit*`) for the same kernel; its arguments line up.
+        input, running_mean = args[0], args[3]
+        training = args[5] if func_name != "aten._native_batch_norm_legit_no_training.default" else False
         if input.dtype != torch.float32:
             return None
         return batch_norm_forward_steps(input_shape=tuple(input.shape), training=training, running_stats=running_mean is not None)
