@@ -68,6 +68,7 @@ __all__ = [
 
 Mode = Literal["train", "infer"]
 Amp = Literal["bf16", "fp16"]
+Level = Literal["live", "allocator"]
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The order is the precedence: a storage that is both a parameter and saved for backward (a conv
@@ -428,9 +429,10 @@ class MemoryReport:
 
 @dataclass(frozen=True)
 class BatchScaling:
-    """Live peak = `fixed_bytes` + `per_sample_bytes` x batch, from exact predictions at
+    """Peak at `level` = `fixed_bytes` + `per_sample_bytes` x batch, from exact predictions at
     `batch_sizes`, and checked by an exact prediction at `check_batch_size`."""
 
+    level: str  # "live" or "allocator"
     batch_sizes: tuple[int, int]
     peaks_bytes: tuple[int, int]
     fixed_bytes: float
@@ -450,9 +452,10 @@ class BatchScaling:
 
 @dataclass(frozen=True)
 class BatchFit:
-    """The largest batch whose predicted live peak fits `budget_bytes`: exact predictions at
+    """The largest batch whose predicted peak at `level` fits `budget_bytes`: exact predictions at
     `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run."""
 
+    level: str  # "live" or "allocator"
     budget_bytes: int
     batch_size: int
     peak_bytes: int
@@ -824,7 +827,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
     """Buckets as DDP's reducer rebuilds them after the first iteration: parameters in the order
-    their gradients became ready, grouped by torch's own `_compute_bucket_assignment_by_size`."""
+    backward accumulated their gradients (its autograd hooks fire then), grouped by torch's own
+    `_compute_bucket_assignment_by_size`."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -835,8 +839,7 @@ def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
     cap = int((25 if spec.bucket_cap_mb is None else spec.bucket_cap_mb) * mib)
     first_cap = dist._DEFAULT_FIRST_BUCKET_BYTES if spec.bucket_cap_mb is None else cap
     storages = step.recording.storages
-    ready = sorted(step.gradient_keys.items(), key=lambda item: storages[item[1]].created_at)
-    params = [storages[step.parameter_keys[name]] for name, _ in ready]
+    params = [storages[step.parameter_keys[name]] for name in step.gradient_order]
     tensors = [torch.empty(record.shape, dtype=record.dtype, device="meta") for record in params]
     groups, _ = dist._compute_bucket_assignment_by_size(tensors, [first_cap, cap], [False] * len(tensors))
     sizes = tuple(sum(params[i].nbytes for i in group) for group in groups)
@@ -900,9 +903,10 @@ def memory_vs_batch(
     device_type: str = "cpu",
     grad_mode: GradMode = "no_grad",
     ddp: bool | DDPSpec = False,
+    level: Level = "live",
 ) -> BatchScaling:
-    """The live peak as fixed + per-sample bytes, from exact predictions at two batch sizes and
-    checked at a third (`linear` says whether the third lands on the line)."""
+    """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
+    exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line)."""
     options = _options(
         input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, amp=amp,
         device_type=device_type, grad_mode=grad_mode, ddp=ddp,
@@ -910,15 +914,23 @@ def memory_vs_batch(
     first, second = (_batch(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
-    peaks = (_peak(model, options, first), _peak(model, options, second))
+    level = _level(level)
+    peaks = (_peak(model, options, first, level), _peak(model, options, second, level))
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
     check = _batch(check_batch_size)
-    return BatchScaling((first, second), peaks, fixed, per_sample, check, _peak(model, options, check))
+    return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, _peak(model, options, check, level))
 
 
-def _peak(model: nn.Module, options: _Options, batch_size: int) -> int:
-    return _predict(model, options, batch_size, "").live_peak_bytes
+def _peak(model: nn.Module, options: _Options, batch_size: int, level: Level) -> int:
+    report = _predict(model, options, batch_size, "")
+    return report.allocator_peak_bytes if level == "allocator" else report.live_peak_bytes
+
+
+def _level(level: str) -> Level:
+    if level not in ("live", "allocator"):
+        raise NinlabError(f"memory level must be 'live' or 'allocator', not {level!r}")
+    return level  # type: ignore[return-value]
 
 
 def fit_batch(
@@ -933,12 +945,15 @@ def fit_batch(
     device_type: str = "cpu",
     grad_mode: GradMode = "no_grad",
     ddp: bool | DDPSpec = False,
+    level: Level = "allocator",
     max_batch_size: int = 1 << 24,
 ) -> BatchFit:
-    """The largest batch whose predicted live peak fits `budget` (bytes, or text such as "8GiB",
+    """The largest batch whose predicted peak fits `budget` (bytes, or text such as "8GiB",
     "500MB", "1.5 GiB"). The answer is found by exact predictions, extrapolation only proposing
     where to look: the result holds the exact peaks at the answer (fits) and the next size (does
-    not)."""
+    not). `level` "allocator" (the default) fits what the allocator holds, which is what runs
+    out; "live" fits tensor storage alone."""
+    level = _level(level)
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes < 1:
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
@@ -950,7 +965,7 @@ def fit_batch(
 
     def peak(batch_size: int) -> int:
         if batch_size not in known:
-            known[batch_size] = _peak(model, options, batch_size)
+            known[batch_size] = _peak(model, options, batch_size, level)
         return known[batch_size]
 
     if peak(1) > budget_bytes:
@@ -987,4 +1002,4 @@ def fit_batch(
             f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}; "
             "raise max_batch_size if you mean it"
         )
-    return BatchFit(budget_bytes, low, peak(low), peak(low + 1), len(known))
+    return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known))

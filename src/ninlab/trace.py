@@ -507,6 +507,7 @@ class StepRecording:
     optimizer_state_keys: tuple[int, ...]
     input_key: int
     target_key: int
+    gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
 
 
 def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
@@ -540,6 +541,8 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
             return torch.func.functional_call(model, fakes, (x,), tie_weights=True, strict=False)
 
         parameters = [t for t in fakes.values() if isinstance(t, nn.Parameter)]
+        names = {id(t): name for name, t in fakes.items()}
+        gradient_order: list[str] = []
         with fake_mode, recorder:
             if setup.mode == "infer":
                 step_start = 0
@@ -551,13 +554,16 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
                     with recorder.phase("warm-up"):
                         train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
                 step_start = len(recorder.recording.ops)
+                # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
+                hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in parameters]
                 if setup.optimizer is None:
                     _forward_backward(forward, inputs, targets, setup.autocast_dtype, recorder.phase)
                 else:
                     train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=recorder.phase, forward=forward)
+                for hook in hooks:
+                    hook.remove()
     finally:
         model.train(was_training)
-    names = {id(t): name for name, t in fakes.items()}
     state_keys: list[int] = []
     if optimizer is not None and setup.optimizer is not None:
         for state in optimizer.state.values():
@@ -571,6 +577,7 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
         optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
         input_key=recorder.storage_key(inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
+        gradient_order=tuple(gradient_order),
     )
 
 
