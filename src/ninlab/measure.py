@@ -230,8 +230,7 @@ def measure(model: nn.Module, setup: StepSetup, *, seed: int = 0) -> Measurement
     targets: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
     if setup.mode == "train":
-        model.train()
-        with torch.no_grad():
+        with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
             num_classes = model.eval()(inputs[:1]).shape[-1]
         model.train()
         targets = torch.randint(0, num_classes, (setup.batch_size,), device=device)
