@@ -54,6 +54,7 @@ __all__ = [
     "PhaseSpan",
     "Timeline",
     "SavedRow",
+    "SavedLayer",
     "ForumRule",
     "DDPBuckets",
     "AllocatorPeak",
@@ -67,9 +68,11 @@ __all__ = [
 ]
 
 Mode = Literal["train", "infer"]
-Amp = Literal["bf16", "fp16"]
+Amp = Literal["bf16", "fp16", "bfloat16", "float16"]
 Level = Literal["live", "allocator"]
-AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
 
 # The order is the precedence: a storage that is both a parameter and saved for backward (a conv
 # keeps its weight) is a parameter; the input batch a first conv keeps is the input batch.
@@ -294,6 +297,25 @@ class SavedRow:
     category: str
     shared_with: str
 
+    @property
+    def label(self) -> str:
+        """The row as `shared_with` names rows: "module node.field" ("(loss)" for the loss)."""
+        return f"{self.module or '(loss)'} {self.node}.{self.field}"
+
+
+@dataclass(frozen=True)
+class SavedLayer:
+    """What one layer keeps for backward: its rows' `counted_bytes` together, and why."""
+
+    module: str
+    module_type: str
+    counted_bytes: int
+    share: float
+    reasons: tuple[str, ...]  # each distinct reason of its rows that count bytes
+    # Rows elsewhere that keep one of the same storages (the next conv keeping a ReLU's output as
+    # its input), as "module node.field": counted here, once.
+    also_kept_by: tuple[str, ...]
+
 
 @dataclass(frozen=True)
 class ForumRule:
@@ -365,6 +387,7 @@ class AllocatorPeak:
     op: str
     phase: str
     module: str
+    module_type: str
     live_bytes: int  # tensor storage alive at that op (its outputs included)
     workspace_bytes: int  # CPU: kernel blocks beyond the live storage at the peak
     rounding_bytes: int  # CUDA: what block rounding adds to the live storage at the peak
@@ -425,6 +448,34 @@ class MemoryReport:
     @property
     def saved_total_bytes(self) -> int:
         return sum(row.counted_bytes for row in self.saved)
+
+    def saved_by_layer(self) -> tuple[SavedLayer, ...]:
+        """`saved` grouped by layer, in forward order; layers that keep nothing new are left out."""
+        layers: dict[str, list[SavedRow]] = {}
+        sharing: dict[str, list[str]] = {}  # counting row -> rows that keep the same storage
+        for row in self.saved:
+            layers.setdefault(row.module, []).append(row)
+            if row.shared_with:
+                sharing.setdefault(row.shared_with, []).append(row.label)
+        total = self.saved_total_bytes
+        grouped = []
+        for module, rows in layers.items():
+            counted = sum(row.counted_bytes for row in rows)
+            if not counted:
+                continue
+            grouped.append(
+                SavedLayer(
+                    module=module,
+                    module_type=rows[0].module_type,
+                    counted_bytes=counted,
+                    share=counted / total if total else 0.0,
+                    reasons=tuple(dict.fromkeys(row.reason for row in rows if row.counted_bytes)),
+                    also_kept_by=tuple(
+                        other for row in rows if row.counted_bytes for other in sharing.get(row.label, ()) if not other.startswith(f"{row.module or '(loss)'} ")
+                    ),
+                )
+            )
+        return tuple(grouped)
 
 
 @dataclass(frozen=True)
@@ -581,12 +632,6 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
     op = step.recording.ops[step.step_start + replay.live_peak]
     peak = PeakOp(replay.live_peak, op.op, op.phase, op.module, module_types.get(op.module, ""), op.autograd_node)
     live_peak = breakdown.total_bytes
-    notes = []
-    if buckets is not None:
-        notes.append(
-            f"DDP: {len(buckets.bucket_bytes)} gradient bucket(s), {format_bytes(buckets.total_bytes)} "
-            f"on every rank{'; gradients are views into them' if buckets.gradient_as_bucket_view else ''}"
-        )
     return MemoryReport(
         model=name,
         setup=setup,
@@ -595,11 +640,11 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
         breakdown=breakdown,
         timeline=timeline,
         saved=_saved_rows(step, categories, module_types) if options.mode == "train" else (),
-        allocator=_allocator_peak(step, replay),
+        allocator=_allocator_peak(step, replay, module_types),
         forum=_forum_rule(model, step, live_peak),
         ddp=buckets,
         fallback=None,
-        notes=tuple(notes),
+        notes=(),
     )
 
 
@@ -711,7 +756,7 @@ class _Replay:
     allocator_peak: int
 
 
-def _allocator_peak(step: StepRecording, replay: _Replay) -> AllocatorPeak:
+def _allocator_peak(step: StepRecording, replay: _Replay, module_types: dict[str, str]) -> AllocatorPeak:
     point = replay.timeline.points[replay.allocator_peak]
     live = point.total_bytes
     cuda = step.setup.device_type == "cuda"
@@ -727,6 +772,7 @@ def _allocator_peak(step: StepRecording, replay: _Replay) -> AllocatorPeak:
         op=point.op,
         phase=point.phase,
         module=point.module,
+        module_type=module_types.get(point.module, ""),
         live_bytes=live,
         workspace_bytes=0 if cuda else point.allocator_bytes - live,
         rounding_bytes=point.allocator_bytes - live if cuda else 0,
@@ -772,7 +818,7 @@ def _saved_rows(step: StepRecording, categories: dict[int, int], module_types: d
         shared_with = ""
         if position != first:
             other = entries[first]
-            shared_with = f"{other.module or '(loss)'} {other.node}.{other.field}"
+            shared_with = f"{other.module or '(loss)'} {other.node}.{other.field}"  # SavedRow.label
         # The loss runs outside every module; the targets are only the loss's.
         in_loss = record.phase == "loss" or record.role == "targets"
         module_type = "loss" if in_loss else module_types.get(entry.module, "")
@@ -970,8 +1016,8 @@ def fit_batch(
 
     if peak(1) > budget_bytes:
         raise NinlabError(
-            f"budget {format_bytes(budget_bytes)} is too small for batch 1, which needs "
-            f"{format_bytes(peak(1))} ({peak(1) - budget_bytes:,} bytes more)"
+            f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch 1, which needs "
+            f"{peak(1):,} bytes ({format_bytes(peak(1))} at the {level} level): {peak(1) - budget_bytes:,} bytes more"
         )
 
     def fits(batch_size: int) -> bool:
