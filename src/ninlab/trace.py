@@ -442,8 +442,9 @@ class Recorder(TorchDispatchMode):
         for tensor in outputs:
             self._note_storage(tensor, created_at=index, module=module)
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
-        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
-        on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
+        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these; nobody analyses the
+        # warm-up step's kernels.
+        on_cpu = not self.emulate_cuda and self.current_phase != "warm-up" and all(t.device.type == "cpu" for t in outputs)
         self.recording.ops.append(
             OpRecord(
                 index=index,
