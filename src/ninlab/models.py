@@ -278,3 +278,36 @@ def resolve_model(spec: str) -> nn.Module:
             f"factory {spec!r} returned {type(model).__name__}, not an nn.Module; make it return the model"
         )
     return model
+
+
+# -- NiN-like networks in the spirit of VGG-11/16/19 (the chapter's last exercise) ----------------
+# VGG's design decisions, kept: 3x3 convolutions with padding 1 only (no 11x11 or 5x5 stem), five
+# stages whose widths double from 64 to 512 with pooling halving the resolution after each, and
+# depth varied by the number of convolutions per stage (VGG-11: 1,1,2,2,2; VGG-16: 2,2,3,3,3;
+# VGG-19: 2,2,4,4,4). NiN's, kept: each stage is one NiN block, its first convolution 3x3 and the
+# others 1x1, and VGG's three fully connected layers become a last block (3x3 conv to the classes,
+# two 1x1 convs) and global average pooling. Each network so has as many weight layers as its
+# VGG namesake. Pooling is NiN's 3x3 stride 2, so the smallest input is 63x63.
+_VGG_WIDTHS = (64, 128, 256, 512, 512)
+_VGG_CONVS = {"nin-vgg11": (1, 1, 2, 2, 2), "nin-vgg16": (2, 2, 3, 3, 3), "nin-vgg19": (2, 2, 4, 4, 4)}
+
+
+def _vgg_like_layers(convs_per_stage: tuple[int, ...]) -> tuple[Layer, ...]:
+    layers: list[Layer] = []
+    for width, convs in zip(_VGG_WIDTHS, convs_per_stage):
+        layers += [Block(width, kernel_size=3, stride=1, padding=1, num_1x1=convs - 1), POOL]
+    return (*layers, DROPOUT, Block(None, kernel_size=3, stride=1, padding=1, num_1x1=2))
+
+
+for _name, _convs in _VGG_CONVS.items():
+    register_config(
+        _name,
+        NiNConfig(
+            _vgg_like_layers(_convs),
+            description=(
+                f"NiN-like {_name.removeprefix('nin-vgg')}-weight-layer network after VGG: five stages "
+                f"(64..512 channels) of a 3x3 conv and {', '.join(str(c - 1) for c in _convs)} 1x1 convs, "
+                "3x3/2 pooling, a NiN head"
+            ),
+        ),
+    )

@@ -12,7 +12,7 @@ import sys
 from ninlab.errors import NinlabError
 
 # Each module defines `register(subparsers)`, which adds its subcommand(s) and sets `func`.
-_COMMAND_MODULES: tuple[str, ...] = ("summary", "measure")
+_COMMAND_MODULES: tuple[str, ...] = ("summary", "measure", "plot", "report")
 
 
 class _Parser(argparse.ArgumentParser):
