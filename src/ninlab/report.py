@@ -202,7 +202,7 @@ _CSS = """
 .ninlab-report ul.explain li { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.8rem; }
 @media print {
   .ninlab-report { max-width: none; padding: 0; font-size: 11pt; }
-  .ninlab-report figure, .ninlab-report table, .ninlab-report .glance div { break-inside: avoid; }
+  .ninlab-report figure, .ninlab-report tr, .ninlab-report .glance div { break-inside: avoid; }
   .ninlab-report h2 { break-after: avoid; }
   .ninlab-report .wide { overflow: visible; }
 }
