@@ -165,6 +165,8 @@ _MEASURED = [
     ("vgg_big_head", 2, "train", "sgd"),
     ("ceil_pool_net", 2, "infer", "sgd"),
     ("grouped_net", 2, "train", "adam"),
+    ("vgg_big_head", 2, "train", "adamw:weight_decay=0.01,implementation=foreach"),
+    ("ceil_pool_net", 2, "train", "adam:implementation=fused"),
 ]
 
 
@@ -279,6 +281,15 @@ def test_a_model_fake_tensors_cannot_run_is_measured_and_scaled_visibly() -> Non
     assert "cannot run on fake tensors" in report.notes[0]
     assert report.timeline is None and report.saved == ()
     assert report.live_peak_bytes == measure(model, report.setup).live_peak_bytes
+    with pytest.raises(NinlabError, match="add one copy of the trainable parameters, 1,256 bytes, per rank"):
+        predict_memory(model, input_size=(3, 16, 16), batch_size=4, ddp=True)
+
+
+def test_allocator_level_is_a_lower_bound_where_kernels_are_not_modelled(nin: nn.Module) -> None:
+    report = predict_memory(nin, input_size=NIN_INPUT, batch_size=2, amp="bf16")
+    assert report.allocator.lower_bound
+    assert any("not float32 NCHW" in note for note in report.allocator.unmodelled)
+    assert not predict_memory(nin, input_size=NIN_INPUT, batch_size=2).allocator.lower_bound
 
 
 def test_cuda_is_predicted_from_a_cpu_machine(nin: nn.Module) -> None:

@@ -394,6 +394,11 @@ class AllocatorPeak:
     method: str
     unmodelled: tuple[str, ...]
 
+    @property
+    def lower_bound(self) -> bool:
+        """True when some op's extra blocks are unknown, so the allocator holds at least this."""
+        return bool(self.unmodelled)
+
 
 @dataclass(frozen=True)
 class MeasuredFallback:
@@ -902,6 +907,16 @@ def _measured_report(model: nn.Module, options: _Options, batch_size: int, name:
         raise NinlabError(
             f"the model cannot run on fake tensors ({reason}), and measuring it instead needs a GPU "
             "this machine lacks; predict for --device-type cpu or run on a machine with CUDA"
+        )
+    if options.ddp is not None:
+        trainable = sum(
+            p.numel() * (options.dtype.itemsize if p.is_floating_point() else p.element_size())
+            for p in model.parameters()
+            if p.requires_grad
+        )
+        raise NinlabError(
+            f"the model cannot run on fake tensors ({reason}), so DDP's buckets cannot be laid out; "
+            f"predict without DDP and add one copy of the trainable parameters, {trainable:,} bytes, per rank"
         )
     sizes = (1, 2)
     measured = [measure(model, options.setup(size)) for size in sizes]

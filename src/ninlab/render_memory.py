@@ -56,7 +56,7 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
         extra = allocator.workspace_bytes or allocator.rounding_bytes
         kind = "kernel workspace" if allocator.workspace_bytes else "block rounding"
         lines.append(
-            f"Allocator peak: {_bytes(allocator.peak_bytes)}, during {_where(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
+            f"Allocator peak: {'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, during {_where(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
             f"{format_bytes(allocator.live_bytes)} of tensors + {format_bytes(extra)} of {kind}"
         )
         lines.append(f"Allocator rules: {allocator.method}")
