@@ -5,6 +5,7 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
+from cnn_zoo import ceil_pool_net
 from ninlab.charts import (
     _ScaledLocator,
     batch_chart,
@@ -94,6 +95,15 @@ def test_geometry_picture_of_a_padded_layer_reaches_into_padding(summary):
     assert chart.height.padding_before == chart.height.padding_after == 2
     assert chart.height.windows[0] == (-2, 2) and chart.height.windows[-1] == (23, 27)
     assert chart.height.unread == ()
+
+
+def test_geometry_picture_defaults_to_a_layer_that_rounds_up():
+    summary = summarize(ceil_pool_net(), input_size=(3, 34, 34), batch_size=1)
+    chart = geometry_chart(summary)
+    assert (chart.layer, chart.layer_type) == ("2", "MaxPool2d")  # 30 -> 15 with ceil_mode (14.5)
+    assert chart.height.textbook_output == 14.5 and chart.height.output_size == 15
+    assert chart.height.windows[-1] == (28, 30)  # one past the last real row: a skipped tap
+    assert "ceil_mode rounds up" in chart.explanation
 
 
 def test_geometry_picture_refuses_a_layer_without_windows(summary):

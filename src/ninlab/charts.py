@@ -107,8 +107,8 @@ def _axis_picture(axis: str, layer: LayerSummary, index: int) -> AxisPicture:
 
 
 def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryChart:
-    """The picture of one conv or pooling layer (by default the first that loses real pixels to
-    rounding, else the first window layer)."""
+    """The picture of one conv or pooling layer (by default the first whose size is rounded,
+    down or up, else the first window layer)."""
     window_layers = [row for row in summary.layers if row.windows]
     if len(summary.input_size) != 3:
         raise NinlabError(
@@ -117,7 +117,8 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
     if not window_layers:
         raise NinlabError(f"{summary.model} has no convolution or pooling layer to draw")
     if layer is None:
-        chosen = next((row for row in window_layers if any(w.unread_real for w in row.windows)), window_layers[0])
+        rounded = (row for row in window_layers if any(w.textbook_output != w.output_size or w.unread_real for w in row.windows))
+        chosen = next(rounded, window_layers[0])
     else:
         chosen = next((row for row in window_layers if row.name == layer), None)
         if chosen is None:
@@ -422,7 +423,7 @@ def _draw_geometry(chart: GeometryChart) -> Figure:
     )
     figure.suptitle(title, fontsize=_TITLE_SIZE)
     handles = [
-        patches.Patch(facecolor="#F2F2F2", edgecolor="#999999", label="padding"),
+        patches.Patch(facecolor="#F2F2F2", edgecolor="#999999", label="padding / past the edge"),
         patches.Patch(facecolor="none", edgecolor="#1F77B4", label="windows of the last output row"),
         patches.Patch(facecolor="none", edgecolor="#2CA02C", label="windows of the last output column"),
         patches.Patch(facecolor="none", edgecolor="#D62728", linewidth=2, label="last window"),
@@ -478,7 +479,7 @@ def _draw_grid(axes: Axes, height: AxisPicture, width: AxisPicture, *, zoomed: b
         axes.set_xlim(x_low, x_high)
         axes.set_ylim(y_high, y_low)
     axes.set_aspect("equal")
-    axes.set_xlabel("input column (pixels; negative or past the edge: padding)")
+    axes.set_xlabel("input column (pixels; grey: padding or past the edge)")
     axes.set_ylabel("input row (pixels)")
 
 
