@@ -121,6 +121,10 @@ def test_forum_rule_beside_ours(nin: nn.Module, nin_sgd) -> None:
     forum = nin_sgd.forum
     assert forum.activations_bytes == 868_746_240  # the post's ACTIVS column, x 128 x 4 bytes
     assert forum.train_bytes == 2 * 868_746_240 + 3 * 7_968_664
+    # Where it goes wrong: backward frees activation gradients as it goes, and it has no room
+    # for the three max pools' int64 indices.
+    assert forum.activation_gradients_at_peak_bytes == 56_623_108
+    assert forum.int64_indices_bytes == 66_453_504 + 37_748_736 + 9_830_400
     momentum = predict_memory(nin, input_size=NIN_INPUT, batch_size=128, optimizer="sgd-momentum")
     assert round(momentum.forum.ratio, 2) == 1.70
     infer = predict_memory(nin, input_size=NIN_INPUT, batch_size=128, mode="infer")

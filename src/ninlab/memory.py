@@ -336,6 +336,11 @@ class ForumRule:
     infer_bytes: int
     rule_bytes: int  # the estimate for this report's mode
     ratio: float  # rule_bytes / the predicted live peak
+    # Where it goes wrong, from our prediction (training; 0 in inference): the rule holds a
+    # gradient for every activation at once, where backward frees them as it goes (what is alive
+    # at the peak), and it has no room for max pooling's int64 indices.
+    activation_gradients_at_peak_bytes: int
+    int64_indices_bytes: int
 
 
 @dataclass(frozen=True)
@@ -636,17 +641,17 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
     breakdown = timeline.points[replay.live_peak].alive
     op = step.recording.ops[step.step_start + replay.live_peak]
     peak = PeakOp(replay.live_peak, op.op, op.phase, op.module, module_types.get(op.module, ""), op.autograd_node)
-    live_peak = breakdown.total_bytes
+    saved = _saved_rows(step, categories, module_types) if options.mode == "train" else ()
     return MemoryReport(
         model=name,
         setup=setup,
-        live_peak_bytes=live_peak,
+        live_peak_bytes=breakdown.total_bytes,
         peak=peak,
         breakdown=breakdown,
         timeline=timeline,
-        saved=_saved_rows(step, categories, module_types) if options.mode == "train" else (),
+        saved=saved,
         allocator=_allocator_peak(step, replay, module_types),
-        forum=_forum_rule(model, step, live_peak),
+        forum=_forum_rule(model, step, breakdown, saved),
         ddp=buckets,
         fallback=None,
         notes=(),
@@ -846,7 +851,7 @@ def _saved_rows(step: StepRecording, categories: dict[int, int], module_types: d
     return tuple(rows)
 
 
-def _forum_rule(model: nn.Module, step: StepRecording, live_peak_bytes: int) -> ForumRule:
+def _forum_rule(model: nn.Module, step: StepRecording, breakdown: Breakdown, saved: Sequence[SavedRow]) -> ForumRule:
     modules = dict(model.named_modules())
     storages = step.recording.storages
     input_record = storages[step.input_key]
@@ -866,7 +871,11 @@ def _forum_rule(model: nn.Module, step: StepRecording, live_peak_bytes: int) -> 
     train = 2 * activations + 3 * parameters
     infer = parameters + pair
     rule = train if step.setup.mode == "train" else infer
-    return ForumRule(activations, parameters, pair, train, infer, rule, rule / live_peak_bytes if live_peak_bytes else 0.0)
+    indices = sum(row.counted_bytes for row in saved if row.dtype == "int64")
+    return ForumRule(
+        activations, parameters, pair, train, infer, rule, rule / breakdown.total_bytes,
+        breakdown.backward_temporaries_bytes, indices,
+    )
 
 
 def _numel(shape: Sequence[int]) -> int:

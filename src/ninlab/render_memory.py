@@ -71,15 +71,17 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
                 f"({format_bytes(forum.parameters_bytes)})"
             )
             why = (
-                f"it counts every layer output twice, where autograd keeps {format_bytes(report.saved_total_bytes)} "
-                "(ReLU outputs, pooling inputs and indices, masks) and frees activation gradients as backward goes"
+                f"it holds a gradient for every activation at once, where backward frees them as it goes "
+                f"({format_bytes(forum.activation_gradients_at_peak_bytes)} alive at our peak), and has no room for "
+                f"max pooling's int64 indices ({format_bytes(forum.int64_indices_bytes)}); autograd keeps "
+                f"{format_bytes(report.saved_total_bytes)} in all"
             )
         else:
             rule = (
                 f"parameters ({format_bytes(forum.parameters_bytes)}) + the two largest consecutive activations "
                 f"({format_bytes(forum.largest_consecutive_pair_bytes)})"
             )
-            why = "it leaves out the input batch and what an op's kernel holds while it runs"
+            why = f"it leaves out the input batch ({format_bytes(report.breakdown.input_bytes)}) and what kernels hold while they run"
         lines.append(f"Forum rule: {rule} = {_bytes(forum.rule_bytes)}, {forum.ratio:.2f}x ours: {why}")
     if scaling is not None:
         check = "on the line" if scaling.linear else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
