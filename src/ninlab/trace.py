@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 # Queries of metadata that FakeTensorMode answers without running a kernel; they are not ops.
 _METADATA_OPS = {
@@ -407,11 +408,12 @@ class Recorder(TorchDispatchMode):
             return func(*args, **kwargs)
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
-        # Torch-function modes sit above autograd and must not see the parts again.
-        with self, torch._C.DisableTorchFunction():
-            decomposed = func.decompose(*args, **kwargs)
-        if decomposed is not NotImplemented:
-            return decomposed
+        # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
+        # the parts are the kernels PyTorch really runs. Torch-function modes sit above autograd
+        # and must not see the parts again.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            with self, torch._C.DisableTorchFunction():
+                return func._op_dk(_COMPOSITE, *args, **kwargs)
         window = _window_params(func, args)
         if window is not None:
             # Check the geometry first, to name the layer and its arithmetic if the input is too small.
