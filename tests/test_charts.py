@@ -224,6 +224,7 @@ def test_save_chart_writes_png_and_svg(summary, tmp_path):
 def test_inline_svg_prefixes_ids(summary):
     svg = chart_svg(flops_chart(summary), id_prefix="flops")
     assert svg.startswith("<svg") and "<metadata>" not in svg
+    assert svg.startswith('<svg id="flops" ') and "#flops *{stroke-linejoin" in svg
     assert 'id="flops-' in svg and 'clip-path="url(#flops-' in svg
     assert "id=\"p" not in svg
 

@@ -809,4 +809,7 @@ def chart_svg(chart: Chart, *, id_prefix: str) -> str:
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)  # RDF boilerplate
     # matplotlib's ids are unique within one file only; prefix them and every reference to them.
     text = re.sub(r'id="([^"]+)"', rf'id="{id_prefix}-\1"', text)
-    return re.sub(r'(href="#|url\(#)([^")]+)', rf"\1{id_prefix}-\2", text)
+    text = re.sub(r'(href="#|url\(#)([^")]+)', rf"\1{id_prefix}-\2", text)
+    # Its style sheet says `*{...}`, which inline would restyle every SVG on the page (a
+    # notebook's too): give the chart the id itself and scope the rule to it.
+    return text.replace("<svg ", f'<svg id="{id_prefix}" ', 1).replace("*{", f"#{id_prefix} *{{")
