@@ -71,8 +71,6 @@ class AxisPicture:
     padding_after: int
     output_size: int
     textbook_output: float
-    stride: int
-    span: int
     windows: tuple[tuple[int, int], ...]  # first and last position of every window, in order
     unread: tuple[int, ...]  # real positions no window reads
 
@@ -99,8 +97,6 @@ def _axis_picture(axis: str, layer: LayerSummary, index: int) -> AxisPicture:
         padding_after=params.padding_after,
         output_size=window.output_size,
         textbook_output=window.textbook_output,
-        stride=params.stride,
-        span=params.span,
         windows=tuple((start, start + params.span - 1) for start in starts),
         unread=window.unread_positions(),
     )
