@@ -32,7 +32,7 @@ from ninlab.memory import predict_memory
 from ninlab.models import build_nin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from cnn_zoo import ZOO  # noqa: E402
+from cnn_zoo import ZOO
 
 NIN_INPUT = (1, 224, 224)
 REPEATS = 5

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -668,9 +669,9 @@ def _categorize(step: StepRecording) -> dict[int, int]:
     # train_step's locals (logits, loss) die when it returns, so what the warm-up step leaves
     # alive besides optimizer state is its parameters' gradients.
     for record in storages.values():
-        if record.phase == "warm-up" and (record.freed_after is None or record.freed_after >= start):
-            if record.key not in state:
-                gradients.add(record.key)
+        survives = record.freed_after is None or record.freed_after >= start
+        if record.phase == "warm-up" and survives and record.key not in state:
+            gradients.add(record.key)
     roles = {"parameter": "parameters", "buffer": "buffers", "input": "input", "targets": "targets"}
     index = {name: i for i, name in enumerate(CATEGORIES)}
     phases = {"forward": "forward_temporaries", "loss": "forward_temporaries", "backward": "backward_temporaries", "optimizer": "optimizer_temporaries"}
@@ -867,7 +868,7 @@ def _forum_rule(model: nn.Module, step: StepRecording, breakdown: Breakdown, sav
     activations = sum(nbytes for nbytes, _ in layers)
     parameters = sum(record.nbytes for record in storages.values() if record.role == "parameter")
     kept = [nbytes for nbytes, dropout in layers if not dropout]
-    pair = max((a + b for a, b in zip(kept, kept[1:])), default=kept[0] if kept else 0)
+    pair = max((a + b for a, b in pairwise(kept)), default=kept[0] if kept else 0)
     train = 2 * activations + 3 * parameters
     infer = parameters + pair
     rule = train if step.setup.mode == "train" else infer

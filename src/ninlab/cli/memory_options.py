@@ -7,7 +7,15 @@ import argparse
 from dataclasses import dataclass
 
 from ninlab.cli.options import ModelChoice
-from ninlab.memory import AMP_DTYPES, BatchFit, BatchScaling, MemoryReport, fit_batch, memory_vs_batch, predict_memory
+from ninlab.memory import (
+    AMP_DTYPES,
+    BatchFit,
+    BatchScaling,
+    MemoryReport,
+    fit_batch,
+    memory_vs_batch,
+    predict_memory,
+)
 
 __all__ = ["MemorySection", "add_memory_options", "memory_section"]
 
