@@ -296,6 +296,13 @@ def test_allocator_level_is_a_lower_bound_where_kernels_are_not_modelled(nin: nn
     assert not predict_memory(nin, input_size=NIN_INPUT, batch_size=2).allocator.lower_bound
 
 
+def test_a_frozen_model_has_no_training_step() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).requires_grad_(False)
+    with pytest.raises(NinlabError, match="no trainable parameters"):
+        predict_memory(model, input_size=(3, 2, 2), batch_size=2)
+    assert predict_memory(model, input_size=(3, 2, 2), batch_size=2, mode="infer").live_peak_bytes == 520 + 96 + 80  # parameters, input, logits
+
+
 def test_cuda_is_predicted_from_a_cpu_machine(nin: nn.Module) -> None:
     report = predict_memory(nin, input_size=NIN_INPUT, batch_size=128, device_type="cuda")
     mask = next(row for row in report.saved if row.module == "6")
@@ -314,6 +321,7 @@ def test_cuda_is_predicted_from_a_cpu_machine(nin: nn.Module) -> None:
         ({"mode": "infer", "ddp": True}, "only in training"),
         ({"batch_size": 0}, "at least 1"),
         ({"device_type": "mps"}, "device type"),
+        ({"input_size": (3, 224, 224)}, "cannot run a train step on a batch of 3x224x224 inputs"),
     ],
 )
 def test_bad_input_is_one_clear_error(nin: nn.Module, options: dict, message: str) -> None:

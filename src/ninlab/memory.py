@@ -628,10 +628,19 @@ def _batch(batch_size: int) -> int:
 
 def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) -> MemoryReport:
     setup = options.setup(batch_size)
+    if options.mode == "train" and not any(p.requires_grad for p in model.parameters()):
+        raise NinlabError("the model has no trainable parameters, so a training step has nothing to update; predict mode='infer'")
     try:
         step = record_step(model, setup)
     except _NOT_TRACEABLE as error:
         return _measured_report(model, options, batch_size, name, error)
+    except RuntimeError as error:  # the model itself rejects the batch: wrong channels, rank or output
+        reason = str(error).strip().splitlines()[0]
+        size = "x".join(map(str, options.input_size))
+        raise NinlabError(
+            f"the model cannot run a {options.mode} step on a batch of {size} inputs ({reason}); give the "
+            "input size it expects, channels first (training also needs (batch, classes) logits for cross-entropy)"
+        ) from None
     module_types = {qualified: type(module).__name__ for qualified, module in model.named_modules()}
     categories = _categorize(step)
     buckets = _ddp_buckets(step, options.ddp) if options.ddp else None
