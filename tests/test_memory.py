@@ -22,6 +22,7 @@ from ninlab.memory import (
     fit_batch,
     memory_vs_batch,
     predict_memory,
+    predict_step,
 )
 from ninlab.models import build_nin
 from ninlab.optimizers import OptimizerSpec, make_optimizer
@@ -182,6 +183,7 @@ def test_prediction_against_a_real_run(name: str, batch_size: int, mode: str, op
     measured = measure(model, report.setup)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.02)
+    assert predict_step(model, report.setup) == report  # the same prediction from the same setup
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ __all__ = [
     "BatchScaling",
     "BatchFit",
     "predict_memory",
+    "predict_step",
     "memory_vs_batch",
     "fit_batch",
 ]
@@ -618,6 +619,26 @@ def predict_memory(
         device_type=device_type, grad_mode=grad_mode, ddp=ddp,
     )
     return _predict(model, options, _batch(batch_size), model_name or type(model).__name__)
+
+
+def predict_step(model: nn.Module, setup: StepSetup, *, model_name: str | None = None) -> MemoryReport:
+    """`predict_memory` for a `StepSetup`, the description `ninlab.measure.measure` takes, so a
+    measurement and its prediction come from one setup."""
+    amp: Amp | None = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(setup.autocast_dtype)  # type: ignore[assignment]
+    if setup.autocast_dtype is not None and amp is None:
+        raise NinlabError(f"autocast to {setup.autocast_dtype} is not predicted; use bfloat16 or float16")
+    return predict_memory(
+        model,
+        input_size=setup.input_size,
+        batch_size=setup.batch_size,
+        mode=setup.mode,
+        optimizer=setup.optimizer or OptimizerSpec(),
+        dtype=setup.dtype,
+        amp=amp,
+        device_type=setup.device_type,
+        grad_mode=setup.grad_mode,
+        model_name=model_name,
+    )
 
 
 def _batch(batch_size: int) -> int:
