@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fashion_mnist_data import fashion_mnist  # noqa: F401  (fixture)
 
 from ninlab.data import (
     DEBIAN_DIR,

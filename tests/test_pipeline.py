@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from fashion_mnist_data import fashion_mnist  # noqa: F401  (fixture)
 from PIL import Image
 
 from ninlab.pipeline import (

@@ -12,7 +12,7 @@ import sys
 from ninlab.errors import NinlabError
 
 # Each module defines `register(subparsers)`, which adds its subcommand(s) and sets `func`.
-_COMMAND_MODULES: tuple[str, ...] = ("summary", "measure", "plot", "report")
+_COMMAND_MODULES: tuple[str, ...] = ("summary", "measure", "train", "plot", "report", "compare")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,5 +1,5 @@
-"""The real Fashion-MNIST for tests: CI installs Debian's dataset-fashion-mnist, so there a missing
-copy is a failure; on a developer's machine the tests that need it are skipped with the reason."""
+"""Shared fixtures. `fashion_mnist` is the real data set: CI installs Debian's dataset-fashion-mnist,
+so there a missing copy fails the tests that need it; elsewhere they are skipped with the reason."""
 
 from __future__ import annotations
 

@@ -1,0 +1,116 @@
+"""Training recipes: one frozen `TrainConfig` per run, and named presets to start from.
+
+A checkpoint stores its `TrainConfig`, so a run can be resumed or reproduced from the file alone.
+The numbers behind the `default` and `cpu` presets are in the README's training section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ninlab.errors import NinlabError
+
+__all__ = ["TrainConfig", "PRESETS", "PRESET_DESCRIPTIONS", "get_preset", "config_from_dict"]
+
+Schedule = Literal["constant", "cosine", "onecycle"]
+Amp = Literal["none", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (with the data and the seed, its exact result)."""
+
+    variant: str = "nin-d2l"  # a registry name or `name:key=value,...` (see ninlab.models.parse_variant)
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 128  # the global batch: split across ranks under torchrun
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: Schedule = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    normalize: bool = False  # standardise inputs with the training set's mean and std
+    amp: Amp = "none"
+    channels_last: bool = True  # a layout, not a change to the arithmetic: 1.7x faster on this CPU
+    compile: bool = False
+    seed: int = 0
+    train_examples: int | None = None  # use only the first N training images (None: all 60,000)
+    test_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch size must be at least 1"),
+            (self.lr > 0, "learning rate must be positive"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs --momentum > 0"),
+            (self.weight_decay >= 0, "weight decay must be non-negative"),
+            (0 <= self.warmup_epochs <= self.epochs, "warm-up must be between 0 and the number of epochs"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (self.schedule in ("constant", "cosine", "onecycle"), "schedule must be constant, cosine or onecycle"),
+            (self.amp in ("none", "bf16"), "amp must be none or bf16"),
+            (self.image_size >= 1, "image size must be positive"),
+            (self.train_examples is None or self.train_examples >= 1, "train examples must be at least 1"),
+            (self.test_examples is None or self.test_examples >= 1, "test examples must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NinlabError(message)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # d2l.ai's chapter: `lr, num_epochs, batch_size = 0.05, 10, 128`, `load_data_fashion_mnist(batch_size,
+    # resize=224)`, plain SGD, Xavier-uniform init (the registry's nin-d2l), no input normalisation.
+    "d2l": TrainConfig(),
+    # The book's architecture with a recipe that learns from the first epoch on every seed tried.
+    "default": TrainConfig(
+        variant="nin-d2l:init=kaiming",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        label_smoothing=0.1,
+        normalize=True,
+    ),
+    # Small enough for a 2-core CPU: >= 88% test accuracy in under 10 minutes of training.
+    "cpu": TrainConfig(
+        variant="nin-d2l-bn",
+        image_size=72,
+        epochs=6,
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        normalize=True,
+        amp="bf16",
+    ),
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "d2l": "the book's recipe exactly: nin-d2l, 224x224, batch 128, SGD lr 0.05, 10 epochs, Xavier init",
+    "default": "the book's NiN at 224x224, Kaiming init, normalised input, momentum, warm-up + cosine",
+    "cpu": "NiN with batch norm at 72x72, bf16, one-cycle: >= 88% test accuracy within 10 minutes on 2 cores",
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise NinlabError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The inverse of `dataclasses.asdict`, refusing keys this version does not know."""
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise NinlabError(f"the saved training configuration has unknown settings {unknown}; upgrade ninlab")
+    return TrainConfig(**values)

@@ -1,0 +1,67 @@
+"""The two pictures of a training run: learning curves (as d2l plots them) and a confusion matrix."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion"]
+
+
+def _save(figure: Any, path: Path) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        figure.savefig(temp_name, dpi=120)
+        os.replace(temp_name, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Train loss, train accuracy and test accuracy against epoch on one axis, like d2l's Animator."""
+    epochs = [row["epoch"] for row in history]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(epochs, [row["train_loss"] for row in history], "-", label="train loss")
+    axis.plot(epochs, [row["train_accuracy"] for row in history], "m--", label="train acc")
+    axis.plot(epochs, [row["test_accuracy"] for row in history], "g-.", label="test acc")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss (cross-entropy) / accuracy (fraction)")
+    axis.set_xlim(0.5, max(epochs) + 0.5)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *, title: str) -> None:
+    """Counts with true class down and predicted class across; the diagonal is the correct ones."""
+    size = len(class_names)
+    figure, axis = plt.subplots(figsize=(7.5, 6.5))
+    image = axis.imshow(confusion, cmap="Blues")
+    figure.colorbar(image, ax=axis, label="test images")
+    peak = max(max(row) for row in confusion) or 1
+    for i in range(size):
+        for j in range(size):
+            value = confusion[i][j]
+            axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                      color="white" if value > peak / 2 else "black")
+    axis.set_xticks(range(size), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(size), class_names)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
