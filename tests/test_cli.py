@@ -77,3 +77,13 @@ def test_console_script_exit_code_and_single_line():
     assert result.stdout == ""
     assert result.stderr.startswith("ninlab: error: input 1x60x60 is too small: layer 5 (MaxPool2d)")
     assert result.stderr.count("\n") == 1
+
+
+def test_measure_prints_prediction_beside_measurement(capsys):
+    code, out, _ = run(capsys, "measure", "--batch", "2", "--format", "json")
+    assert code == 0
+    train, infer = json.loads(out)
+    for step in (train, infer):
+        assert step["predicted_bytes"]["live"] == step["live_peak_bytes"]
+        assert abs(step["predicted_over_measured"]["allocator"] - 1) < 0.02
+    assert train["step"] == "train" and infer["step"] == "infer"

@@ -1,5 +1,6 @@
 """`ninlab measure`: run the real training step and inference on this machine and print their
-measured memory peaks (live tensor storage and what the allocator held)."""
+measured memory peaks (live tensor storage and what the allocator held) beside ninlab's
+predictions for the same step and their ratio."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ninlab.cli.options import add_model_options, model_choice
 from ninlab.measure import Measurement, measure
+from ninlab.memory import MemoryReport, predict_step
 from ninlab.optimizers import parse_optimizer
 from ninlab.summary import DTYPES
 from ninlab.trace import StepSetup
@@ -33,26 +35,25 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     modes = ("train", "infer") if args.mode == "both" else (args.mode,)
-    results = [
-        measure(
-            choice.model,
-            StepSetup(
-                input_size=choice.input_size,
-                batch_size=choice.batch_size,
-                mode=mode,
-                dtype=choice.dtype,
-                autocast_dtype=DTYPES[args.amp] if args.amp else None,
-                device_type=args.device,
-                optimizer=parse_optimizer(args.optimizer) if mode == "train" else None,
-                grad_mode=args.grad_mode,
-            ),
+    setups = [
+        StepSetup(
+            input_size=choice.input_size,
+            batch_size=choice.batch_size,
+            mode=mode,
+            dtype=choice.dtype,
+            autocast_dtype=DTYPES[args.amp] if args.amp else None,
+            device_type=args.device,
+            optimizer=parse_optimizer(args.optimizer) if mode == "train" else None,
+            grad_mode=args.grad_mode,
         )
         for mode in modes
     ]
+    results = [measure(choice.model, setup) for setup in setups]
+    predictions = [predict_step(choice.model, setup, model_name=choice.name) for setup in setups]
     if args.format == "json":
-        print(json.dumps([_as_json(result) for result in results], indent=2))
+        print(json.dumps([_as_json(result, prediction) for result, prediction in zip(results, predictions)], indent=2))
     else:
-        _print_table(choice.name, results)
+        _print_table(choice.name, results, predictions)
     return 0
 
 
@@ -63,7 +64,11 @@ def _step_name(result: Measurement) -> str:
     return f"infer ({setup.grad_mode})"
 
 
-def _print_table(model_name: str, results: list[Measurement]) -> None:
+def _predicted(prediction: MemoryReport) -> dict[str, int]:
+    return {"live": prediction.live_peak_bytes, "allocator": prediction.allocator_peak_bytes}
+
+
+def _print_table(model_name: str, results: list[Measurement], predictions: list[MemoryReport]) -> None:
     first = results[0]
     amp = first.setup.autocast_dtype
     precision = _dtype_name(first.setup.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
@@ -71,15 +76,20 @@ def _print_table(model_name: str, results: list[Measurement]) -> None:
         f"{model_name}, input {'x'.join(map(str, first.setup.input_size))}, batch {first.setup.batch_size}, "
         f"{precision}, {first.device}, {first.num_threads} threads; second step measured"
     )
-    print(f"{'step':<24} {'level':<10} {'peak_bytes':>15} {'peak_mib':>10}  at")
-    for result in results:
+    print(f"{'step':<24} {'level':<10} {'measured_bytes':>15} {'predicted_bytes':>15} {'pred/meas':>9}  measured peak at")
+    for result, prediction in zip(results, predictions):
         rows = (
             ("live", result.live_peak_bytes, f"{result.live_peak_op} ({result.live_peak_phase})"),
             ("allocator", result.allocator_peak_bytes, f"{result.allocator_peak_op} ({result.allocator_peak_phase})" if result.allocator_peak_op else result.allocator_method),
         )
+        predicted = _predicted(prediction)
         for level, nbytes, where in rows:
-            print(f"{_step_name(result):<24} {level:<10} {nbytes:>15,} {nbytes / 2**20:>10.1f}  {where}")
+            ratio = predicted[level] / nbytes if nbytes else float("nan")
+            print(f"{_step_name(result):<24} {level:<10} {nbytes:>15,} {predicted[level]:>15,} {ratio:>9.4f}  {where}")
     print("live: tensor storage, each storage once; allocator: every block the allocator handed out.")
+    for prediction in predictions:
+        for note in prediction.notes:
+            print(f"note: {note}")
     for result in results:
         base = result.baseline
         print(
@@ -93,7 +103,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _as_json(result: Measurement) -> dict[str, object]:
+def _as_json(result: Measurement, prediction: MemoryReport) -> dict[str, object]:
     setup = result.setup
     return {
         "step": setup.mode,
@@ -111,4 +121,6 @@ def _as_json(result: Measurement) -> dict[str, object]:
         "allocator_peak_bytes": result.allocator_peak_bytes,
         "allocator_peak_at": {"op": result.allocator_peak_op, "phase": result.allocator_peak_phase},
         "allocator_method": result.allocator_method,
+        "predicted_bytes": _predicted(prediction),
+        "predicted_over_measured": {level: nbytes / result.peaks()[level] for level, nbytes in _predicted(prediction).items()},
     }
