@@ -85,3 +85,14 @@ def test_the_model_is_left_untouched(nin):
     record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam")))
     assert not nin.training
     assert all(torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters())
+
+
+def test_batch_norm_statistics_stay_float32_under_autocast():
+    from cnn_zoo import resnet_bn
+
+    step = record_step(resnet_bn(), StepSetup((3, 32, 32), 2, autocast_dtype=torch.bfloat16, optimizer=OptimizerSpec("sgd")))
+    norms = [o for o in step_ops(step) if o.op == "aten.native_batch_norm.default"]
+    assert norms and all(o.inputs[0].dtype == torch.bfloat16 for o in norms)
+    assert {(o.outputs[0].dtype, o.outputs[1].dtype, o.outputs[2].dtype) for o in norms} == {
+        (torch.bfloat16, torch.float32, torch.float32)
+    }

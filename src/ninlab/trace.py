@@ -280,6 +280,19 @@ class _NodeOwners(TorchFunctionMode):
         return output
 
 
+def _float32_batch_norm_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """Batch norm's saved mean and inverse std in float32 when reduced-precision input meets
+    float32 weights (autocast), as the real CPU and CUDA kernels keep them; the fake kernel would
+    give them the input's dtype."""
+    if func is not aten.native_batch_norm.default:
+        return output
+    x, weight = args[0], args[1]
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
+        return output
+    result, mean, inverse_std = output
+    return result, mean.to(torch.float32), inverse_std.to(torch.float32)
+
+
 def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
     kind, axes = window
     spatial = len(axes)
@@ -424,7 +437,7 @@ class Recorder(TorchDispatchMode):
             except EmptyOutputError as error:
                 module = self._module_now()[0]
                 raise LayerInputTooSmall(module, self.modules.types.get(module, window[0]), error) from None
-        output = func(*args, **kwargs)
+        output = _float32_batch_norm_statistics(func, args, func(*args, **kwargs))
         self._record(func, args, kwargs, output, window)
         return output
 
