@@ -13,6 +13,7 @@ autograd's real decisions about what to keep.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -542,6 +543,11 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
     recorder = Recorder(model, emulate_cuda=emulate_cuda)
     was_training = model.training
     model.train(setup.mode == "train")
+    # A kernel that rejects its fake inputs raises, and the caller turns that into one clear line;
+    # FakeTensorMode would also log the whole traceback first.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    log_level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with fake_mode:
             inputs = torch.empty((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
@@ -580,6 +586,7 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
                     hook.remove()
     finally:
         model.train(was_training)
+        fake_log.setLevel(log_level)
     state_keys: list[int] = []
     if optimizer is not None and setup.optimizer is not None:
         for state in optimizer.state.values():
