@@ -53,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import torch
@@ -107,13 +108,6 @@ def _pad(channels: int, block: int) -> int:
     return -(-channels // block) * block
 
 
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
-
-
 def conv_backend(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -161,17 +155,17 @@ def mkldnn_conv_forward_steps(
     if padded_bias:
         steps.append(Step(4 * _pad(out_channels, block) + 128, "padded bias"))
     if blocked_input:
-        steps.append(Step(batch * _pad(in_channels, block) * _numel(in_spatial) * itemsize, "blocked input"))
+        steps.append(Step(batch * _pad(in_channels, block) * prod(in_spatial) * itemsize, "blocked input"))
     if groups == 1:
         weight_bytes = _pad(out_channels, block) * (_pad(in_channels, block) if blocked_input else in_channels)
     else:
         weight_bytes = out_channels * in_per_group
-    steps.append(Step(weight_bytes * _numel(kernel) * itemsize, "reordered weights"))
-    blocked_result = batch * _pad(out_channels, block) * _numel(out_spatial) * itemsize
+    steps.append(Step(weight_bytes * prod(kernel) * itemsize, "reordered weights"))
+    blocked_result = batch * _pad(out_channels, block) * prod(out_spatial) * itemsize
     steps.append(Step(blocked_result, "blocked result"))
     steps += [Step(-s.delta_bytes, "free " + s.what) for s in reversed(steps[:-1])]
     # The freed order above is weights, input copy, padded bias: as measured.
-    steps.append(Step(_numel(output_shape) * itemsize, "output", output=0))
+    steps.append(Step(prod(output_shape) * itemsize, "output", output=0))
     steps.append(Step(-blocked_result, "free blocked result"))
     return tuple(steps)
 
@@ -205,16 +199,16 @@ def mkldnn_conv_backward_steps(
     _, in_channels, *in_spatial = input_shape
     _, in_per_group, *kernel = weight_shape
     groups = in_channels // in_per_group
-    kernel_numel = _numel(kernel)
-    blocked_grad_output = batch * _pad(out_channels, block) * _numel(out_spatial) * itemsize
-    blocked_input = batch * _pad(in_channels, block) * _numel(in_spatial) * itemsize
+    kernel_numel = prod(kernel)
+    blocked_grad_output = batch * _pad(out_channels, block) * prod(out_spatial) * itemsize
+    blocked_input = batch * _pad(in_channels, block) * prod(in_spatial) * itemsize
     steps: list[Step] = []
-    input_bytes = _numel(input_shape) * itemsize
+    input_bytes = prod(input_shape) * itemsize
     if output_mask[0] and strided and groups == 1:
         # oneDNN's brgconv_strided: channels-last (acdb) grad_output and grad_input, weights with
         # input channels padded (Bcda16b); PyTorch then allocates the NCHW grad_input and, when
         # the layouts differ (more than one channel), makes it contiguous with a clone.
-        grad_output_nhwc = _numel(grad_output_shape) * itemsize
+        grad_output_nhwc = prod(grad_output_shape) * itemsize
         weight_bytes = out_channels * _pad(in_channels, block) * kernel_numel * itemsize
         steps += [
             Step(grad_output_nhwc, "channels-last grad_output"),
@@ -273,7 +267,7 @@ def mkldnn_conv_backward_steps(
         if output_mask[2]:
             steps.append(Step(bias_bytes, "grad_bias", output=2))
         if output_mask[1]:
-            steps.append(Step(_numel(weight_shape) * itemsize, "grad_weight", output=1))
+            steps.append(Step(prod(weight_shape) * itemsize, "grad_weight", output=1))
         steps.append(Step(-grad_weight_blocked, "free blocked grad_weight"))
         if output_mask[2]:
             steps.append(Step(-bias_bytes, "free blocked grad_bias"))
@@ -288,7 +282,7 @@ def batch_norm_forward_steps(
     training, two for the folded scale and shift in evaluation. Measured for 16 channels:
     training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64]; evaluation [out, 64, 64, -64, -64]."""
     channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
-    steps = [Step(_numel(input_shape) * itemsize, "output", output=0)]
+    steps = [Step(prod(input_shape) * itemsize, "output", output=0)]
     if training:
         steps += [Step(channel_bytes, "saved mean", output=1), Step(channel_bytes, "saved inverse std", output=2)]
         if running_stats:
@@ -312,7 +306,7 @@ def batch_norm_backward_steps(
     memory format, grad_input is allocated first, then again in the contiguous branch, and the
     first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input bytes].
     Otherwise a per-channel sum of grad_output is the only temporary."""
-    input_bytes = _numel(input_shape) * itemsize
+    input_bytes = prod(input_shape) * itemsize
     channel_bytes = input_shape[1] * 4
     steps: list[Step] = []
     if output_mask[0]:

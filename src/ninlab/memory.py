@@ -24,6 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from math import prod
 from typing import Literal
 
 import torch
@@ -893,7 +894,7 @@ def _forum_rule(model: nn.Module, step: StepRecording, breakdown: Breakdown, sav
             continue
         if type(module).__module__ == "torch.nn.modules.activation":
             continue  # the post counts a conv and its ReLU as one layer
-        nbytes = sum(_numel(shape) * dtype.itemsize for shape, dtype in outputs)
+        nbytes = sum(prod(shape) * dtype.itemsize for shape, dtype in outputs)
         layers.append((nbytes, isinstance(module, nn.modules.dropout._DropoutNd)))
     activations = sum(nbytes for nbytes, _ in layers)
     parameters = sum(record.nbytes for record in storages.values() if record.role == "parameter")
@@ -908,12 +909,6 @@ def _forum_rule(model: nn.Module, step: StepRecording, breakdown: Breakdown, sav
         breakdown.backward_temporaries_bytes, indices,
     )
 
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import prod
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
                 type=type(module).__name__,
                 depth=0 if not name else name.count(".") + 1,
                 output_shape=outputs[0][0] if outputs else None,
-                output_bytes=sum(_numel(shape) * dtype.itemsize for shape, dtype in outputs),
+                output_bytes=sum(prod(shape) * dtype.itemsize for shape, dtype in outputs),
                 weights=counts["weights"],
                 biases=counts["biases"],
                 trainable_parameters=counts["trainable"],
@@ -235,12 +236,6 @@ def _parameter_counts(module: nn.Module) -> dict[str, int]:
 def _inside(name: str, ancestor: str) -> bool:
     return not ancestor or name == ancestor or name.startswith(ancestor + ".")
 
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _totals(model: nn.Module, step: StepRecording, layers: Sequence[LayerSummary]) -> SummaryTotals:

@@ -78,13 +78,6 @@ class TensorMeta:
     dtype: torch.dtype
     storage_key: int  # which storage it views (see StorageRecord)
 
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
-
 
 @dataclass(frozen=True)
 class WindowOp:
