@@ -315,7 +315,8 @@ class Recorder(TorchDispatchMode):
 
     # -- storages -------------------------------------------------------------------------------
     def track(self, tensor: torch.Tensor, role: str) -> None:
-        """Register a tensor that exists before recording (a parameter, the input batch)."""
+        """Register a tensor made before or outside recording (a parameter, the input batch, a
+        gradient of the unrecorded first step); `role` "" leaves it to the phase to tell."""
         record = self._note_storage(tensor, created_at=-1, module="")
         if record is not None and not record.role:
             record.role = role
@@ -372,7 +373,6 @@ class Recorder(TorchDispatchMode):
         """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
         saved: list[SavedTensor] = []
         owners = self.modules.node_owner
-        self._paused = True  # unpacking a saved variable dispatches a detach: not part of the step
         # Nodes made inside one composite call (cross_entropy's log-softmax) were never returned
         # to Python; they belong to whoever owns the node that leads to them.
         pending = list(owners)
@@ -382,21 +382,30 @@ class Recorder(TorchDispatchMode):
                 if child is not None and child not in owners and not hasattr(child, "variable"):
                     owners[child] = owners[node]
                     pending.append(child)
-        for node, module in owners.items():
-            for attribute in dir(node):
-                if not attribute.startswith("_saved_"):
-                    continue
-                try:
-                    value = getattr(node, attribute)
-                except RuntimeError:  # already freed by an earlier backward
-                    continue
-                for tensor in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(tensor, torch.Tensor):
-                        key = self.storage_key(tensor)
-                        if key >= 0:
-                            saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
+        with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
+            for node, module in owners.items():
+                for attribute in dir(node):
+                    if not attribute.startswith("_saved_"):
+                        continue
+                    try:
+                        value = getattr(node, attribute)
+                    except RuntimeError:  # already freed by an earlier backward
+                        continue
+                    for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                        if isinstance(tensor, torch.Tensor):
+                            key = self.storage_key(tensor)
+                            if key >= 0:
+                                saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
         self.recording.saved_for_backward = saved
-        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run as usual but are not recorded, and the storages they make are not tracked."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def __enter__(self) -> Recorder:
         self._module_context = self.modules.__enter__()
@@ -451,9 +460,8 @@ class Recorder(TorchDispatchMode):
         for tensor in outputs:
             self._note_storage(tensor, created_at=index, module=module)
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
-        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these; nobody analyses the
-        # warm-up step's kernels.
-        on_cpu = not self.emulate_cuda and self.current_phase != "warm-up" and all(t.device.type == "cpu" for t in outputs)
+        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
+        on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
         self.recording.ops.append(
             OpRecord(
                 index=index,
@@ -566,8 +574,12 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
             else:
                 optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters, device_type=setup.device_type)
                 if setup.optimizer is not None:
-                    with recorder.phase("warm-up"):
+                    # Only what step 1 leaves behind matters (gradients, optimizer state), so it
+                    # runs unrecorded and its survivors are registered, which halves the work.
+                    with recorder.paused():
                         train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
+                    with recorder.phase("warm-up"):
+                        _track_survivors(recorder, parameters, optimizer)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
                 hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in parameters]
@@ -595,6 +607,15 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
     )
+
+
+def _track_survivors(recorder: Recorder, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Register what a first step left: gradients and optimizer state. A function of its own, so
+    no loop variable outlives it holding a gradient that zero_grad must free."""
+    state = [value for per_parameter in optimizer.state.values() for value in per_parameter.values()]
+    for tensor in [p.grad for p in parameters] + state:
+        if isinstance(tensor, torch.Tensor):
+            recorder.track(tensor, "")
 
 
 def _forward_backward(
