@@ -37,7 +37,9 @@ def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnis
     assert evaluation.examples == 300
     assert evaluation.correct == int((predicted == test.labels).sum())
     assert evaluation.confusion[3][5] == int(((test.labels == 3) & (predicted == 5)).sum())
-    assert evaluation.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, test.labels).item(), rel=1e-5)
+    assert evaluation.loss == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, test.labels).item(), rel=1e-5
+    )
     assert [sum(row) for row in evaluation.confusion] == test.labels.bincount(minlength=10).tolist()
     per_class = evaluation.per_class_accuracy
     assert per_class[1] == pytest.approx(evaluation.confusion[1][1] / sum(evaluation.confusion[1]))
@@ -67,12 +69,16 @@ def test_predict_gives_the_class_the_evaluation_gives(run_dir, fashion_mnist, tm
     predictions = predict_images(trained, paths)
     assert [p.class_index for p in predictions] == expected.argmax(1).tolist()
     assert [p.probability for p in predictions] == pytest.approx(expected.max(1).values.tolist(), rel=1e-5)
-    # Any size, colour and polarity: a 3x larger RGB photo-like negative of image 0.
+    # Any size, colour and polarity: a 3x larger RGB negative of image 0 comes back close to image 0.
     photo = Image.fromarray(255 - images[0].numpy()).resize((84, 84), Image.BILINEAR).convert("RGB")
     photo.save(tmp_path / "photo.jpg", quality=95)
-    assert predict_images(trained, [tmp_path / "photo.jpg"], invert=True)[0].class_index == predictions[0].class_index
+    restored = load_image(tmp_path / "photo.jpg", invert=True).float().flatten()
+    assert torch.corrcoef(torch.stack([restored, images[0].float().flatten()]))[0, 1] > 0.97
     assert main(["predict", str(run_dir), str(paths[0])]) == 0
-    assert capsys.readouterr().out.strip() == f"{paths[0]}: {predictions[0].class_name} ({predictions[0].probability:.3f})"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{paths[0]}: {predictions[0].class_name} ({predictions[0].probability:.3f})"
+    )
 
 
 def test_load_image_shrinks_to_28_like_pil(tmp_path):

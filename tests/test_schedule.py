@@ -5,7 +5,9 @@ from ninlab.schedule import learning_rate
 
 
 def test_constant_with_warmup():
-    rates = [learning_rate(s, peak_lr=0.1, total_steps=10, warmup_steps=4, kind="constant") for s in range(10)]
+    rates = [
+        learning_rate(s, peak_lr=0.1, total_steps=10, warmup_steps=4, kind="constant") for s in range(10)
+    ]
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 6)
 
 
@@ -28,7 +30,10 @@ def test_onecycle_matches_pytorchs_onecycle_lr():
         theirs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    ours = [learning_rate(s, peak_lr=0.1, total_steps=total, warmup_steps=0, kind="onecycle") for s in range(total)]
+    ours = [
+        learning_rate(s, peak_lr=0.1, total_steps=total, warmup_steps=0, kind="onecycle")
+        for s in range(total)
+    ]
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
 
 
@@ -43,5 +48,8 @@ def test_onecycle_with_a_given_warmup_is_onecycle_lr_with_that_pct_start():
         theirs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    ours = [learning_rate(s, peak_lr=0.3, total_steps=total, warmup_steps=warmup, kind="onecycle") for s in range(total)]
+    ours = [
+        learning_rate(s, peak_lr=0.3, total_steps=total, warmup_steps=warmup, kind="onecycle")
+        for s in range(total)
+    ]
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)

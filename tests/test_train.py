@@ -21,9 +21,10 @@ import ninlab
 from ninlab.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.cli import main
 from ninlab.errors import NinlabError
+from ninlab.evaluate import Evaluation
 from ninlab.presets import PRESETS, TrainConfig
 from ninlab.progress import RichReporter
-from ninlab.train import METRICS_FIELDS, train
+from ninlab.train import METRICS_FIELDS, _chance_warning, train
 
 # NiN with batch norm and dropout at the smallest input d2l's NiN accepts (67x67), on 384 training
 # images: 12 steps an epoch.
@@ -73,9 +74,16 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
         PRESETS["cpu"], image_size=67, epochs=2, train_examples=2048, test_examples=500, seed=0
     )
     out = io.StringIO()
-    result = train(config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=200)))
-    text = out.getvalue()
-    assert "GFLOP per training step" in text and "held by the allocator" in text and "measured:" in text and "examples/s" in text
+    result = train(
+        config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=200))
+    )
+    text = " ".join(out.getvalue().split())
+    assert (
+        "GFLOP per training step" in text
+        and "held by the allocator" in text
+        and "measured:" in text
+        and "examples/s" in text
+    )
     assert "epoch 2/2: train loss" in text
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert result.history[-1]["test_accuracy"] > 0.4  # chance is 0.1
@@ -90,31 +98,37 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(fashion_mnist, tmp_path):
-    reference = train(SMALL, output_dir=tmp_path / "straight", data=fashion_mnist)
+    config = dataclasses.replace(SMALL, epochs=4)  # three epochs left when the signal is sent
+    reference = train(config, output_dir=tmp_path / "straight", data=fashion_mnist)
     assert not reference.interrupted
 
     run_dir = tmp_path / "interrupted"
     process = subprocess.Popen(
-        [sys.executable, "-c", _CLI, *_cli_args(SMALL, run_dir)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", _CLI, *_cli_args(config, run_dir)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not (run_dir / CHECKPOINT_NAME).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)  # Ctrl-C, somewhere in epoch 2 (or 3)
+    process.send_signal(signal.SIGINT)  # Ctrl-C, somewhere after the first epoch
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     saved = load_checkpoint(run_dir)
-    assert (saved["epoch"], saved["batch"]) < (3, 0), "the signal came after the run had finished"
+    assert (saved["epoch"], saved["batch"]) < (4, 0), "the signal came after the run had finished"
     assert "interrupted in epoch" in stderr and "--resume" in stderr
 
-    resumed = train(SMALL, output_dir=run_dir, data=fashion_mnist, resume=True)
+    resumed = train(config, output_dir=run_dir, data=fashion_mnist, resume=True)
     assert not resumed.interrupted
     ours, theirs = _weights(run_dir), _weights(tmp_path / "straight")
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
-    assert [row["test_accuracy"] for row in resumed.history] == [row["test_accuracy"] for row in reference.history]
+    assert [row["test_accuracy"] for row in resumed.history] == [
+        row["test_accuracy"] for row in reference.history
+    ]
     assert [row["train_loss"] for row in resumed.history] == pytest.approx(
         [row["train_loss"] for row in reference.history], rel=1e-12
     )
@@ -124,7 +138,13 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(fashion_mnist, 
     # No dropout and no batch norm: two processes would draw their own masks and normalise their
     # own halves of the batch (SyncBatchNorm needs GPUs), so only then is the arithmetic the same.
     config = dataclasses.replace(
-        SMALL, variant="nin-d2l:dropout=0", epochs=2, batch_size=64, lr=0.1, momentum=0, warmup_epochs=0,
+        SMALL,
+        variant="nin-d2l:dropout=0",
+        epochs=2,
+        batch_size=64,
+        lr=0.1,
+        momentum=0,
+        warmup_epochs=0,
         schedule="constant",
     )
     threads = torch.get_num_threads()
@@ -136,10 +156,19 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(fashion_mnist, 
     launcher = tmp_path / "ninlab_cli.py"
     launcher.write_text(_CLI + "\n")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-        str(launcher), *_cli_args(config, tmp_path / "two"), "--device", "cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(launcher),
+        *_cli_args(config, tmp_path / "two"),
+        "--device",
+        "cpu",
     ]
-    done = subprocess.run(command, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stderr
     two = load_checkpoint(tmp_path / "two")
@@ -218,7 +247,9 @@ except NinlabError as error:
     print(error)
     sys.exit(2)
 """
-    done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2, done.stderr
     assert "could not write checkpoint" in done.stdout and "previous one is unchanged" in done.stdout
     assert (run_dir / CHECKPOINT_NAME).read_bytes() == before
@@ -226,8 +257,12 @@ except NinlabError as error:
 
 
 def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(fashion_mnist, tmp_path):
-    config = dataclasses.replace(SMALL, variant="nin-d2l", lr=1e6, warmup_epochs=0, schedule="constant", epochs=2)
-    with pytest.raises(NinlabError, match=r"training diverged: the loss became (nan|inf).*lower --lr"):
+    config = dataclasses.replace(
+        SMALL, variant="nin-d2l", lr=1e6, warmup_epochs=0, schedule="constant", epochs=2
+    )
+    with pytest.raises(
+        NinlabError, match=r"training diverged: the loss is no longer finite .* at epoch 1.*lower --lr"
+    ):
         train(config, output_dir=tmp_path, data=fashion_mnist)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
@@ -238,7 +273,9 @@ def test_a_run_stuck_at_chance_says_so_with_the_evidence(fashion_mnist, tmp_path
         PRESETS["d2l"], image_size=67, epochs=1, batch_size=32, lr=5.0, train_examples=256, test_examples=200
     )
     out = io.StringIO()
-    result = train(config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=300)))
+    result = train(
+        config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=300))
+    )
     assert result.history[0]["test_accuracy"] == pytest.approx(0.1, abs=0.05)
     text = " ".join(out.getvalue().split())
     assert "sat at chance level" in text
@@ -253,3 +290,15 @@ def test_checkpoint_round_trip_refuses_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(NinlabError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_the_chance_warning_tells_a_faded_signal_from_dead_relus():
+    uniform = tuple(tuple(100 if j == 0 else 0 for j in range(10)) for _ in range(10))
+    faded = Evaluation(
+        confusion=uniform, loss_sum=1000 * math.log(10), zero_logit_examples=0, abs_logit_sum=120.0
+    )
+    text = _chance_warning(1, 0.1, faded, math.log(10))
+    assert "mean |logit| 0.0120" in text and "Xavier-uniform" in text and "all-zero" not in text
+    dead = dataclasses.replace(faded, zero_logit_examples=1000, abs_logit_sum=0.0)
+    text = _chance_warning(1, 0.1, dead, math.log(10))
+    assert "1000 of 1000 test images give all-zero logits" in text and "--preset default" in text

@@ -40,7 +40,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise NinlabError(f"cannot write in {path.parent} ({error.strerror}); choose another --output-dir") from None
+        raise NinlabError(
+            f"cannot write in {path.parent} ({error.strerror}); choose another --output-dir"
+        ) from None
     try:
         with os.fdopen(handle, "wb") as out:
             torch.save({"format": FORMAT, **state}, out)
@@ -64,7 +66,9 @@ def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise NinlabError(f"no checkpoint at {path}; give a checkpoint file or a run directory from 'ninlab train'")
+        raise NinlabError(
+            f"no checkpoint at {path}; give a checkpoint file or a run directory from 'ninlab train'"
+        )
     return path
 
 
@@ -79,5 +83,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "written by 'ninlab train'"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise NinlabError(f"{path} is not a ninlab checkpoint (format {FORMAT}); use one written by 'ninlab train'")
+        raise NinlabError(
+            f"{path} is not a ninlab checkpoint (format {FORMAT}); use one written by 'ninlab train'"
+        )
     return state

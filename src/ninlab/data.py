@@ -196,7 +196,11 @@ ProgressHook = Callable[[str, int, int | None], None]  # (file name, bytes so fa
 
 
 def download_fashion_mnist(
-    directory: Path, *, mirror: str = MIRROR_URL, progress: ProgressHook | None = None, timeout_s: float = 30.0
+    directory: Path,
+    *,
+    mirror: str = MIRROR_URL,
+    progress: ProgressHook | None = None,
+    timeout_s: float = 30.0,
 ) -> None:
     """Fetch the four .gz files into `directory`, each verified before it is renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -218,9 +222,13 @@ def download_fashion_mnist(
             try:
                 digest = hashlib.sha256(_contents(Path(temp_name))).hexdigest()
             except (OSError, EOFError, zlib.error) as error:
-                raise NinlabError(f"the download of {url} is not a valid gzip file ({error}); try again") from None
+                raise NinlabError(
+                    f"the download of {url} is not a valid gzip file ({error}); try again"
+                ) from None
             if digest != spec.sha256:
-                raise NinlabError(f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again")
+                raise NinlabError(
+                    f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again"
+                )
             os.replace(temp_name, target)
         finally:
             if os.path.exists(temp_name):

@@ -50,7 +50,9 @@ def start(device: str | None = None) -> Context:
         chosen = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise NinlabError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+            raise NinlabError(
+                f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu"
+            )
         torch.cuda.set_device(chosen)
     if world_size == 1:
         return Context(device=chosen)

@@ -46,6 +46,7 @@ class Evaluation:
     loss_sum: float  # cross-entropy summed over examples (no label smoothing)
     # Examples whose logits were all exactly 0: the signature of a NiN whose last ReLU has died.
     zero_logit_examples: int
+    abs_logit_sum: float  # |logit| summed over examples and classes: near 0 when the signal has faded
     class_names: tuple[str, ...] = CLASS_NAMES
 
     @property
@@ -63,6 +64,10 @@ class Evaluation:
     @property
     def loss(self) -> float:
         return self.loss_sum / self.examples
+
+    @property
+    def mean_abs_logit(self) -> float:
+        return self.abs_logit_sum / (self.examples * len(self.confusion))
 
     @property
     def per_class_accuracy(self) -> tuple[float, ...]:
@@ -93,7 +98,8 @@ def evaluate_model(
     shares = torch.arange(len(split), device=split.images.device).tensor_split(context.world_size)
     mine = shares[context.rank]
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=split.images.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=split.images.device)  # loss, zero-logit examples
+    # Loss, zero-logit examples, |logit| sum.
+    sums = torch.zeros(3, dtype=torch.float64, device=split.images.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -107,12 +113,16 @@ def evaluate_model(
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
             sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
             sums[1] += (logits == 0).all(dim=1).sum()
+            sums[2] += logits.abs().sum().double()
     model.train(was_training)
     distributed.all_reduce_sum(confusion, context)
     distributed.all_reduce_sum(sums, context)
     matrix = confusion.view(num_classes, num_classes).tolist()
     return Evaluation(
-        confusion=tuple(tuple(row) for row in matrix), loss_sum=float(sums[0]), zero_logit_examples=int(sums[1])
+        confusion=tuple(tuple(row) for row in matrix),
+        loss_sum=float(sums[0]),
+        zero_logit_examples=int(sums[1]),
+        abs_logit_sum=float(sums[2]),
     )
 
 
@@ -166,7 +176,9 @@ def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.T
         with Image.open(path) as image:
             gray = np.asarray(image.convert("L"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise NinlabError(f"cannot read image {path} ({error}); give a PNG, JPEG or other file PIL can open") from None
+        raise NinlabError(
+            f"cannot read image {path} ({error}); give a PNG, JPEG or other file PIL can open"
+        ) from None
     if invert:
         gray = 255 - gray
     pixels = resize_like_pil(torch.from_numpy(gray.copy()), (SOURCE_SIZE, SOURCE_SIZE))

@@ -91,7 +91,9 @@ class InputTransform:
         return scaled
 
 
-def epoch_permutation(num_examples: int, *, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def epoch_permutation(
+    num_examples: int, *, seed: int, epoch: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The order of one epoch: a function of (seed, epoch) alone, so a resumed run and every rank of
     a distributed run draw the same one without sharing generator state."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -112,7 +112,11 @@ def download_progress(console: Console | None = None) -> Iterator[DownloadHook]:
     """A hook for `ninlab.data.load_fashion_mnist` that shows one bar per downloaded file; it
     draws nothing unless a download actually happens."""
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
         console=console or Console(stderr=True),
     )
     tasks: dict[str, TaskID] = {}

@@ -51,7 +51,6 @@ __all__ = [
     "TrainResult",
     "run_cost",
     "resumed_config",
-    "prepare_output_dir",
     "train",
     "METRICS_FIELDS",
 ]
@@ -73,6 +72,9 @@ METRICS_FIELDS = (
 # Throughput is timed over a few steps once the first ones (oneDNN/cuDNN set-up) are out of the way.
 _SETTLE_STEPS = 5
 _TIMED_STEPS = 5
+# Mean |logit| below which a network at chance is said to have lost its signal (d2l's NiN after an
+# epoch at 96x96, lr 0.05: 0.012).
+_FADED_LOGIT = 0.05
 # Beyond this, a CPU run is told about the CPU preset.
 _LONG_CPU_RUN_S = 30 * 60
 
@@ -166,15 +168,13 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
     return saved
 
 
-def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NinlabError(f"output directory {path} is a file; choose a directory with --output-dir")
+def _make_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise NinlabError(f"cannot create output directory {path} ({error.strerror}); choose another --output-dir") from None
-    return path
+        raise NinlabError(
+            f"cannot create output directory {path} ({error.strerror}); choose another --output-dir"
+        ) from None
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -241,7 +241,11 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 
 
 def _checkpoint_state(
-    config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, progress: _Progress, rng: list[Any]
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: _Progress,
+    rng: list[Any],
 ) -> dict[str, Any]:
     return {
         "config": dataclasses.asdict(config),
@@ -269,7 +273,9 @@ def _restore(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
-        raise NinlabError(f"the checkpoint's weights do not fit its own configuration ({str(error)[:100]})") from None
+        raise NinlabError(
+            f"the checkpoint's weights do not fit its own configuration ({str(error)[:100]})"
+        ) from None
     if len(state["rng"]) != context.world_size:
         raise NinlabError(
             f"the checkpoint was written by {len(state['rng'])} process(es); resume it with the same number "
@@ -298,17 +304,24 @@ def _steps_per_epoch(num_examples: int, config: TrainConfig, world_size: int) ->
 
 
 def _chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float) -> str:
-    dead = evaluation.zero_logit_examples
+    """Why an epoch sat at chance, from what the test set shows: dead final ReLUs or a faded signal."""
     text = (
         f"epoch {epoch} sat at chance level: train accuracy {train_accuracy:.3f}, test accuracy "
         f"{evaluation.accuracy:.3f} (chance is {1 / len(CLASS_NAMES):.3f}), train loss {loss:.3f} "
         f"(ln 10 = {math.log(10):.3f})."
     )
-    if dead:
+    if evaluation.zero_logit_examples:
         text += (
-            f" {dead} of {evaluation.examples} test images give all-zero logits: the ReLU that ends NiN's last "
-            "block is dead for them, so their loss is ln 10 and their gradient is zero. This is how d2l's recipe "
-            "(Xavier init, unnormalised input, plain SGD) fails on some seeds, and such a run rarely recovers."
+            f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero logits: the "
+            "ReLU that ends NiN's last block is dead for them, so their loss is ln 10 and their gradient is zero; "
+            "such a run does not recover."
+        )
+    elif evaluation.mean_abs_logit < _FADED_LOGIT:
+        text += (
+            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal fades through the "
+            "network (Xavier-uniform init alone shrinks it 8x in the first 11x11 conv, whose fan-out is 96 x 121), "
+            "so the gradients are tiny too and the run may take epochs to leave this plateau, or never does: "
+            "d2l's recipe on some seeds."
         )
     return text + " Restart with another --seed, or use --preset default, which learns on every seed tried."
 
@@ -355,9 +368,11 @@ def _train(
             f"{output_dir} already holds a checkpoint; continue it with --resume or choose another --output-dir"
         )
     if context.is_writer:
-        prepare_output_dir(output_dir)
+        _make_output_dir(output_dir)
     if config.batch_size < context.world_size:
-        raise NinlabError(f"batch size {config.batch_size} is smaller than the {context.world_size} processes")
+        raise NinlabError(
+            f"batch size {config.batch_size} is smaller than the {context.world_size} processes"
+        )
     device = context.device
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
@@ -374,7 +389,9 @@ def _train(
     torch.manual_seed(config.seed + context.rank)
     progress = _restore(state, model, optimizer, context) if state is not None else _Progress()
     if context.is_writer:
-        _write_text_atomically(output_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        _write_text_atomically(
+            output_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+        )
 
     net = distributed.wrap(model, context)
     if config.compile:
@@ -405,7 +422,11 @@ def _train(
         say.info(f"resuming after epoch {progress.epoch}, batch {progress.batch} (step {progress.step})")
 
     lr = learning_rate(
-        max(0, progress.step - 1), peak_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps, kind=config.schedule
+        max(0, progress.step - 1),
+        peak_lr=config.lr,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        kind=config.schedule,
     )
     timed: list[float] = []
     steps_this_process = 0
@@ -427,7 +448,11 @@ def _train(
         ):
             step_start = time.perf_counter()
             lr = learning_rate(
-                progress.step, peak_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps, kind=config.schedule
+                progress.step,
+                peak_lr=config.lr,
+                total_steps=total_steps,
+                warmup_steps=warmup_steps,
+                kind=config.schedule,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -436,7 +461,9 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, config.amp):
                 logits = net(inputs)
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=config.label_smoothing)
+            loss_sum = F.cross_entropy(
+                logits.float(), labels, reduction="sum", label_smoothing=config.label_smoothing
+            )
             # DDP averages gradients over ranks; scaling by ranks / global batch makes that average
             # the gradient of the global batch's mean loss, whatever the size of this rank's share.
             (loss_sum * (context.world_size / global_count)).backward()
@@ -451,11 +478,13 @@ def _train(
             window_examples += global_count
 
             # One collective per step: every rank must agree on stopping at the same step.
-            flags = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0, float(stop.requested)], device=device)
+            flags = torch.tensor(
+                [0.0 if torch.isfinite(loss_sum) else 1.0, float(stop.requested)], device=device
+            )
             distributed.all_reduce_sum(flags, context)
             if flags[0] > 0:
                 raise NinlabError(
-                    f"training diverged: the loss became {loss_sum.item()} at epoch {epoch}, step {progress.step} "
+                    f"training diverged: the loss is no longer finite (nan or inf) at epoch {epoch}, step {progress.step} "
                     f"(lr {lr:.4g}); the checkpoint of the last complete epoch is kept; lower --lr, add "
                     "--warmup-epochs 1, or use --preset default (normalised input, Kaiming init)"
                 )
@@ -464,10 +493,15 @@ def _train(
             if _SETTLE_STEPS <= steps_this_process - 1 < _SETTLE_STEPS + _TIMED_STEPS:
                 timed.append(now - step_start)
                 if len(timed) == _TIMED_STEPS:
-                    _report_throughput(say, timed, config, context, progress, total_steps, len(test_split), device)
+                    _report_throughput(
+                        say, timed, config, context, progress, total_steps, len(test_split), device
+                    )
             seen = float(sums[2]) or 1.0
             say.batch_done(
-                progress.batch, float(sums[0]) / seen, float(sums[1]) / seen, window_examples / (now - window_start)
+                progress.batch,
+                float(sums[0]) / seen,
+                float(sums[1]) / seen,
+                window_examples / (now - window_start),
             )
             if flags[1] > 0:
                 interrupted = True
@@ -517,7 +551,13 @@ def _train(
         _save(output_dir, config, model, optimizer, progress, context)
         if context.is_writer:
             _write_metrics(output_dir, progress.history)
-            plot_curves(progress.history, output_dir / "curves.png", title=f"{config.variant}, {output_dir.name}")
+            plot_curves(
+                progress.history,
+                output_dir / "curves.png",
+                epochs=config.epochs,
+                title=f"{config.variant} at {config.image_size}x{config.image_size}, batch {config.batch_size}, "
+                f"lr {config.lr:g} ({output_dir.name})",
+            )
         say.epoch_finished(
             f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, train acc {train_accuracy:.4f}, "
             f"test acc {evaluation.accuracy:.4f}, {row['examples_per_s']:,.0f} ex/s, "
@@ -538,7 +578,9 @@ def _save(
 ) -> None:
     rng = distributed.all_gather_objects(_rng_state(context.device), context)
     if context.is_writer:
-        save_checkpoint(output_dir / CHECKPOINT_NAME, _checkpoint_state(config, model, optimizer, progress, rng))
+        save_checkpoint(
+            output_dir / CHECKPOINT_NAME, _checkpoint_state(config, model, optimizer, progress, rng)
+        )
 
 
 def _report_throughput(
@@ -555,7 +597,9 @@ def _report_throughput(
     examples_per_s = config.batch_size / seconds_per_step
     remaining_steps = total_steps - progress.step
     # Evaluation is a forward pass alone: about a third of a training step's arithmetic per image.
-    remaining_s = remaining_steps * seconds_per_step + (config.epochs - progress.epoch) * test_examples / (3 * examples_per_s)
+    remaining_s = remaining_steps * seconds_per_step + (config.epochs - progress.epoch) * test_examples / (
+        3 * examples_per_s
+    )
     say.info(
         f"measured: {examples_per_s:,.0f} examples/s ({seconds_per_step * 1000:,.0f} ms per step of "
         f"{config.batch_size}); about {format_duration(remaining_s)} to go"

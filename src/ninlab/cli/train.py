@@ -51,25 +51,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train NiN on Fashion-MNIST",
         description=f"Train NiN on Fashion-MNIST. Presets: {presets}. Options override the preset.",
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="starting recipe (default: default)")
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=None, help="starting recipe (default: default)"
+    )
     choices = {"schedule": ("constant", "cosine", "onecycle"), "amp": ("none", "bf16")}
     for flag, field, kind, text in _CONFIG_OPTIONS:
         parser.add_argument(flag, dest=field, type=kind, default=None, choices=choices.get(field), help=text)
     for flag, field, text in _CONFIG_SWITCHES:
-        parser.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction, default=None, help=text)
-    parser.add_argument("--output-dir", type=Path, default=None, help="where checkpoint, metrics and plots go (default: runs/PRESET)")
+        parser.add_argument(
+            f"--{flag}", dest=field, action=argparse.BooleanOptionalAction, default=None, help=text
+        )
     parser.add_argument(
-        "--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where checkpoint, metrics and plots go (default: runs/PRESET)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
         help="continue the run saved in RUN_DIR (or in --output-dir) exactly where it stopped",
     )
     _add_common(parser)
     parser.set_defaults(func=run_train)
 
-    evaluate = subparsers.add_parser("evaluate", help="test accuracy, per class, and a confusion matrix of a checkpoint")
+    evaluate = subparsers.add_parser(
+        "evaluate", help="test accuracy, per class, and a confusion matrix of a checkpoint"
+    )
     evaluate.add_argument("checkpoint", help="checkpoint.pt or a run directory")
-    evaluate.add_argument("--output", type=Path, default=None, help="confusion-matrix PNG (default: beside the checkpoint)")
+    evaluate.add_argument(
+        "--output", type=Path, default=None, help="confusion-matrix PNG (default: beside the checkpoint)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--test-examples", type=int, default=None, help="evaluate on the first N test images only")
+    evaluate.add_argument(
+        "--test-examples", type=int, default=None, help="evaluate on the first N test images only"
+    )
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_common(evaluate)
     evaluate.set_defaults(func=run_evaluate)
@@ -78,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("checkpoint", help="checkpoint.pt or a run directory")
     predict.add_argument("images", nargs="+", help="image files of any size; converted to grayscale")
     predict.add_argument(
-        "--invert", action="store_true",
+        "--invert",
+        action="store_true",
         help="invert gray levels first (Fashion-MNIST shows light garments on black; photos are usually the opposite)",
     )
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -86,9 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None, help="directory with the four Fashion-MNIST IDX files (.gz or not)")
-    parser.add_argument("--no-download", action="store_true", help="never download; fail if the files are not found")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU if any, else CPU)")
+    parser.add_argument(
+        "--data-dir", default=None, help="directory with the four Fashion-MNIST IDX files (.gz or not)"
+    )
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download; fail if the files are not found"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU if any, else CPU)"
+    )
 
 
 def _load_data(args: argparse.Namespace) -> FashionMNIST:
@@ -103,7 +129,9 @@ def run_train(args: argparse.Namespace) -> int:
     given = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
     preset_name = args.preset or "default"
     config = dataclasses.replace(get_preset(preset_name), **given)
-    output_dir = Path(args.resume) if isinstance(args.resume, str) else args.output_dir or Path("runs") / preset_name
+    output_dir = (
+        Path(args.resume) if isinstance(args.resume, str) else args.output_dir or Path("runs") / preset_name
+    )
     if args.resume and args.preset is None:
         # Compare only what was given again: the rest comes from the checkpoint.
         config = dataclasses.replace(config_from_dict(load_checkpoint(output_dir)["config"]), **given)
@@ -130,21 +158,37 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = next(trained.model.parameters()).device
     test = type(test)(test.images.to(device), test.labels.to(device))
     evaluation = evaluate_model(
-        trained.model, test, transform=trained.transform, batch_size=args.batch_size, amp=trained.config.amp,
+        trained.model,
+        test,
+        transform=trained.transform,
+        batch_size=args.batch_size,
+        amp=trained.config.amp,
         channels_last=trained.config.channels_last,
     )
     png = args.output or path.parent / "confusion-matrix.png"
     plot_confusion(
-        evaluation.confusion, CLASS_NAMES, png,
+        evaluation.confusion,
+        CLASS_NAMES,
+        png,
         title=f"{trained.config.variant}, epoch {trained.epoch}: test accuracy {evaluation.accuracy:.4f}",
     )
     if args.json:
-        print(json.dumps({
-            "checkpoint": str(path), "epoch": trained.epoch, "variant": trained.config.variant,
-            "examples": evaluation.examples, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
-            "per_class_accuracy": dict(zip(CLASS_NAMES, evaluation.per_class_accuracy)),
-            "confusion": evaluation.confusion, "confusion_png": str(png),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(path),
+                    "epoch": trained.epoch,
+                    "variant": trained.config.variant,
+                    "examples": evaluation.examples,
+                    "accuracy": evaluation.accuracy,
+                    "loss": evaluation.loss,
+                    "per_class_accuracy": dict(zip(CLASS_NAMES, evaluation.per_class_accuracy)),
+                    "confusion": evaluation.confusion,
+                    "confusion_png": str(png),
+                },
+                indent=2,
+            )
+        )
         return 0
     console = Console()
     table = Table(title=f"{path} (epoch {trained.epoch}, {trained.config.variant})")
