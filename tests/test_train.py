@@ -69,6 +69,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnist, tmp_path):
     config = dataclasses.replace(
         PRESETS["cpu"], image_size=67, epochs=2, train_examples=2048, test_examples=500, seed=0
@@ -97,6 +98,7 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left"
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(fashion_mnist, tmp_path):
     config = dataclasses.replace(SMALL, epochs=4)  # three epochs left when the signal is sent
     reference = train(config, output_dir=tmp_path / "straight", data=fashion_mnist)
@@ -134,6 +136,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(fashion_mnist, t
     )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(fashion_mnist, tmp_path):
     # No dropout and no batch norm: two processes would draw their own masks and normalise their
     # own halves of the batch (SyncBatchNorm needs GPUs), so only then is the arithmetic the same.

@@ -55,9 +55,11 @@ def _pil_bilinear_weights_cpu(in_size: int, out_size: int) -> torch.Tensor:
     return weights
 
 
+@functools.lru_cache(maxsize=64)
 def pil_bilinear_weights(in_size: int, out_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Pillow's integer coefficients (scaled by 2**22) of a 1-D bilinear resize, as a float64
-    (out_size, in_size) matrix; float64 holds every product and sum exactly (all < 2**31)."""
+    (out_size, in_size) matrix; float64 holds every product and sum exactly (all < 2**31).
+    Cached per device, so a training step copies nothing to the GPU."""
     return _pil_bilinear_weights_cpu(in_size, out_size).to(device)
 
 

@@ -367,8 +367,6 @@ def _train(
         raise NinlabError(
             f"{output_dir} already holds a checkpoint; continue it with --resume or choose another --output-dir"
         )
-    if context.is_writer:
-        _make_output_dir(output_dir)
     if config.batch_size < context.world_size:
         raise NinlabError(
             f"batch size {config.batch_size} is smaller than the {context.world_size} processes"
@@ -383,6 +381,8 @@ def _train(
         if state is None and context.is_writer
         else None
     )
+    if context.is_writer:  # only now: a bad variant or input size leaves no directory behind
+        _make_output_dir(output_dir)
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
