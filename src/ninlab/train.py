@@ -313,15 +313,15 @@ def _chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, l
     if evaluation.zero_logit_examples:
         text += (
             f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero logits: the "
-            "ReLU that ends NiN's last block is dead for them, so their loss is ln 10 and their gradient is zero; "
-            "such a run does not recover."
+            "ReLU that ends NiN's last block is dead for them, so their loss is ln 10 and their gradient zero; "
+            "once it is dead for every image the run cannot recover."
         )
     elif evaluation.mean_abs_logit < _FADED_LOGIT:
         text += (
-            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal fades through the "
-            "network (Xavier-uniform init alone shrinks it 8x in the first 11x11 conv, whose fan-out is 96 x 121), "
-            "so the gradients are tiny too and the run may take epochs to leave this plateau, or never does: "
-            "d2l's recipe on some seeds."
+            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal reaching the last "
+            "layer has faded, so the gradients are tiny too and the run may take epochs to leave this plateau, "
+            "or never does. That is d2l's recipe on some seeds: its Xavier-uniform init alone shrinks the "
+            "signal 8x in the first 11x11 conv (fan-out 96 x 121)."
         )
     return text + " Restart with another --seed, or use --preset default, which learns on every seed tried."
 
