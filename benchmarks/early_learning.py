@@ -47,12 +47,14 @@ def main() -> int:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--amp", choices=("none", "bf16"), default=None)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("early_learning-cpu.jsonl"))
     args = parser.parse_args()
     data = load_fashion_mnist()
-    overrides = {k: v for k, v in (("image_size", args.image_size), ("amp", args.amp)) if v is not None}
+    given = (("image_size", args.image_size), ("amp", args.amp), ("lr", args.lr))
+    overrides = {key: value for key, value in given if value is not None}
     config = dataclasses.replace(PRESETS[args.preset], **overrides)
     steps = args.steps or -(-len(data.train) // config.batch_size)
     for seed in args.seeds:

@@ -72,7 +72,9 @@ PRESETS: dict[str, TrainConfig] = {
     # The book's architecture with a recipe that learns from the first epoch on every seed tried.
     "default": TrainConfig(
         variant="nin-d2l:init=kaiming",
-        lr=0.05,
+        # With momentum 0.9 a peak of 0.05 collapsed to chance within the first epoch on one seed of
+        # three at 224x224; 0.01 (VGG's rate, also a plain-conv stack without batch norm) did not.
+        lr=0.01,
         momentum=0.9,
         weight_decay=5e-4,
         schedule="cosine",
@@ -99,7 +101,7 @@ PRESETS: dict[str, TrainConfig] = {
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "d2l": "the book's recipe exactly: nin-d2l, 224x224, batch 128, SGD lr 0.05, 10 epochs, Xavier init",
-    "default": "the book's NiN at 224x224, Kaiming init, normalised input, momentum, warm-up + cosine",
+    "default": "the book's NiN at 224x224: Kaiming init, normalised input, SGD momentum lr 0.01, warm-up + cosine",
     "cpu": "NiN with batch norm at 72x72, bf16, one-cycle, 6 epochs: 92.4% test accuracy in 7 minutes on 2 cores",
 }
 
