@@ -5,11 +5,11 @@ Run by hand (not in CI): `python benchmarks/bench_memory.py [--quick] [--cuda] [
 1. Speed: `predict_memory` for NiN at batch 128 (first call in the process, which pays the
    fake-tensor machinery's warm-up, then the median of several), the process's peak RSS after
    predicting (before anything real is allocated), and one real no_grad forward of the batch.
-2. Accuracy: predicted / measured (`ninlab.measure`, real runs on this CPU) at both levels, live
+2. Accuracy: predicted / measured (`ninlab.analysis.measure`, real runs on this CPU) at both levels, live
    storage and allocator, for NiN at batch 1, 32 and 128 with SGD, SGD+momentum and Adam,
    training and inference, and for the CNNs in tests/cnn_zoo.py. `--quick` drops batch 128.
 3. With `--cuda` (on a machine with a GPU) instead of 2: NiN at batch 128, float32 and bfloat16
-   autocast, against `torch.cuda.max_memory_allocated` (`ninlab.measure`), with the GPU's name.
+   autocast, against `torch.cuda.max_memory_allocated` (`ninlab.analysis.measure`), with the GPU's name.
 
 The machine is shared: compare ratios, not absolute times.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ninlab.measure import measure
-from ninlab.memory import predict_memory
+from ninlab.analysis.measure import measure
+from ninlab.analysis.memory import predict_memory
 from ninlab.models import build_nin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -9,7 +9,7 @@ each uint8 image into a PIL image, resizes it with PIL's bilinear filter (what
 shuffling `DataLoader` with d2l's 4 workers, and train_ch6's step (zero_grad, forward,
 cross-entropy, backward, SGD step, `d2l.accuracy` per batch).
 
-Ours is `ninlab.train.train` itself with the d2l preset (channels-last, the default layout), in
+Ours is `ninlab.training.train.train` itself with the d2l preset (channels-last, the default layout), in
 float32 and with `--amp bf16`. Every pipeline trains two epochs over the same first `steps`
 batches of Fashion-MNIST; the second epoch is timed (the first pays one-off set-up: oneDNN
 kernel choice, first worker start), so each figure is a whole epoch end to end: data, steps,
@@ -36,10 +36,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ninlab.data import FashionMNIST, Split, load_fashion_mnist
+from ninlab.training.data import FashionMNIST, Split, load_fashion_mnist
 from ninlab.models import build_nin
-from ninlab.presets import PRESETS
-from ninlab.train import train
+from ninlab.training.presets import PRESETS
+from ninlab.training.train import train
 
 D2L_WORKERS = 4  # d2l.get_dataloader_workers()
 D2L_LR = 0.05

@@ -17,7 +17,7 @@ import time
 import torch
 
 from ninlab.models import build_nin
-from ninlab.summary import summarize
+from ninlab.analysis.summary import summarize
 
 BATCH = 128
 INPUT = (1, 224, 224)

@@ -4,7 +4,7 @@ Run by hand, e.g.
     python benchmarks/early_learning.py --preset d2l --image-size 96 --amp bf16 --seeds 0 1 2
     python benchmarks/early_learning.py --preset default --amp bf16 --steps 120 --seeds 0 1 2
 
-Each run is `ninlab.train.train` with the preset's whole schedule (so the learning rate is what it
+Each run is `ninlab.training.train.train` with the preset's whole schedule (so the learning rate is what it
 would be in the full run), stopped after `--steps` optimizer steps (default: one epoch) the way
 Ctrl-C stops it, then evaluated on all 10,000 test images: accuracy, test images whose logits are
 all exactly 0 (dead final ReLUs) and the mean |logit| (near 0: the signal has faded). Appends one
@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ninlab.data import load_fashion_mnist
-from ninlab.evaluate import evaluate_model
-from ninlab.pipeline import InputTransform
-from ninlab.presets import PRESETS
-from ninlab.progress import SilentReporter
-from ninlab.train import StopRequest, train
+from ninlab.training.data import load_fashion_mnist
+from ninlab.training.evaluate import evaluate_model
+from ninlab.training.pipeline import InputTransform
+from ninlab.training.presets import PRESETS
+from ninlab.training.progress import SilentReporter
+from ninlab.training.train import StopRequest, train
 
 
 class _StopAfter(SilentReporter):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ninlab.data import FashionMNIST, load_fashion_mnist
+from ninlab.training.data import FashionMNIST, load_fashion_mnist
 from ninlab.errors import NinlabError
 
 

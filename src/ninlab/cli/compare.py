@@ -7,19 +7,19 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ninlab.charts import chart_path, compare_chart, save_chart
+from ninlab.viz.charts import chart_path, compare_chart, save_chart
 from ninlab.cli.options import parse_input_size, positive_int
-from ninlab.compare import (
+from ninlab.viz.compare import (
     TrainPlan,
     compare,
     comparison_json,
     comparison_markdown,
     print_comparison,
 )
-from ninlab.data import default_search_path, load_fashion_mnist
-from ninlab.presets import PRESETS, get_preset
-from ninlab.progress import RichReporter, download_progress
-from ninlab.summary import DTYPES
+from ninlab.training.data import default_search_path, load_fashion_mnist
+from ninlab.training.presets import PRESETS, get_preset
+from ninlab.training.progress import RichReporter, download_progress
+from ninlab.analysis.summary import DTYPES
 
 # Training settings worth shortening for a quick comparison (flag, TrainConfig field, help).
 _TRAIN_OVERRIDES = (

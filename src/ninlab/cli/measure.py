@@ -10,11 +10,11 @@ import json
 import torch
 
 from ninlab.cli.options import add_model_options, model_choice
-from ninlab.measure import Measurement, measure
-from ninlab.memory import MemoryReport, predict_step
+from ninlab.analysis.measure import Measurement, measure
+from ninlab.analysis.memory import MemoryReport, predict_step
 from ninlab.optimizers import parse_optimizer
-from ninlab.summary import DTYPES
-from ninlab.trace import StepSetup
+from ninlab.analysis.summary import DTYPES
+from ninlab.analysis.trace import StepSetup
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from ninlab.cli.options import ModelChoice
-from ninlab.memory import (
+from ninlab.analysis.memory import (
     AMP_DTYPES,
     BatchFit,
     BatchScaling,

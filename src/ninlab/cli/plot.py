@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ninlab.charts import (
+from ninlab.viz.charts import (
     Chart,
     batch_chart,
     chart_path,
@@ -16,9 +16,9 @@ from ninlab.charts import (
     timeline_chart,
 )
 from ninlab.cli.options import ModelChoice, add_model_options, model_choice
-from ninlab.memory import predict_memory
-from ninlab.report import DEFAULT_BUDGET, study_batch
-from ninlab.summary import summarize
+from ninlab.analysis.memory import predict_memory
+from ninlab.viz.report import DEFAULT_BUDGET, study_batch
+from ninlab.analysis.summary import summarize
 
 KINDS = {
     "geometry": "one layer's input grid: the windows of the last output row and column, and the pixels never read",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ninlab.cli.options import add_model_options, model_choice
-from ninlab.report import DEFAULT_BUDGET, build_report, report_path
+from ninlab.viz.report import DEFAULT_BUDGET, build_report, report_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,5 +1,5 @@
 """`ninlab summary`: the per-layer table, with the rounding explained on request, and the memory
-section (`ninlab.memory`) after it."""
+section (`ninlab.analysis.memory`) after it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 
 from ninlab.cli.memory_options import add_memory_options, memory_section
 from ninlab.cli.options import add_model_options, model_choice
-from ninlab.render import print_summary, summary_csv, summary_markdown, summary_to_dict
-from ninlab.render_memory import memory_markdown, memory_to_dict, print_memory
-from ninlab.summary import summarize
+from ninlab.viz.render import print_summary, summary_csv, summary_markdown, summary_to_dict
+from ninlab.viz.render_memory import memory_markdown, memory_to_dict, print_memory
+from ninlab.analysis.summary import summarize
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,13 +11,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ninlab.checkpoint import load_checkpoint, resolve_checkpoint_path
-from ninlab.data import CLASS_NAMES, FashionMNIST, default_search_path, load_fashion_mnist
-from ninlab.evaluate import evaluate_model, load_trained_model, predict_images
-from ninlab.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
-from ninlab.progress import RichReporter, download_progress
-from ninlab.train import StopRequest, train
-from ninlab.training_plots import plot_confusion
+from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
+from ninlab.training.data import CLASS_NAMES, FashionMNIST, default_search_path, load_fashion_mnist
+from ninlab.training.evaluate import evaluate_model, load_trained_model, predict_images
+from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
+from ninlab.training.progress import RichReporter, download_progress
+from ninlab.training.train import StopRequest, train
+from ninlab.training.plots import plot_confusion
 
 # Options that map one to one onto TrainConfig fields (flag, field, type, help).
 _CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (

@@ -1,0 +1,301 @@
+"""Measured memory of one real training step or one real inference on this machine's device.
+
+The step is `ninlab.analysis.step`'s, the one the predictor traces, run for real: a training step is run
+twice and the second is measured (steady state: gradients from step 1 live until `zero_grad`
+frees them, optimizer state exists); inference is run twice too and the second measured.
+
+Two levels are measured, each with a method that shares no code with the predictor:
+
+* live tensor storage: a dispatch mode on the REAL tensors counts each storage an op returns once
+  (views share it) and uncounts it when the storage itself dies (a weak reference on the
+  `untyped_storage()`, whose Python object PyTorch keeps alive as long as the C++ storage), so
+  lifetimes are autograd's and Python's real ones, not a simulation. Composite ops the mode is
+  handed whole (`conv2d`, `max_pool2d` under `torch.inference_mode()`) are run as their parts, so
+  their internal outputs (max pooling's int64 indices) are seen as they are under `no_grad`.
+  Cross-check: the profiler's own tensor identity (allocations whose storage some op takes as
+  input) gives the same training peak; it cannot be the method because it misses storages no op
+  reads, such as max-pool indices without grad.
+* allocator: on CPU, the PyTorch profiler's allocation records (`profile_memory=True`), which the
+  c10 CPU allocator emits for every block it hands out, tensor or not (oneDNN reorder buffers and
+  scratchpads, wrapped scalars); the records are summed in time order over the measured step. On
+  CUDA, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, which includes the
+  caching allocator's 512-byte rounding and cuDNN workspaces.
+
+Both peaks include everything alive during the measured step: parameters, buffers, gradients
+(until `zero_grad(set_to_none=True)` frees them, then the new ones), optimizer state, the input
+batch and targets, and all the step allocates; `baseline` itemises what was alive at its start.
+The logits and the loss stay referenced until the step returns, as in d2l's training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._C._autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ninlab.errors import NinlabError
+from ninlab.optimizers import OptimizerSpec, make_optimizer
+from ninlab.analysis.step import inference_step, train_step
+from ninlab.analysis.trace import StepSetup
+
+__all__ = ["Baseline", "Measurement", "measure"]
+
+_STEP_MARK = "ninlab.measured_step"
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_PHASE_MARK = "ninlab.phase."
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Storage alive when the measured step starts, each storage counted once."""
+
+    parameters_bytes: int
+    buffers_bytes: int
+    gradients_bytes: int  # from the previous step; `zero_grad(set_to_none=True)` frees them
+    optimizer_state_bytes: int
+    input_bytes: int
+    targets_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.parameters_bytes
+            + self.buffers_bytes
+            + self.gradients_bytes
+            + self.optimizer_state_bytes
+            + self.input_bytes
+            + self.targets_bytes
+        )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Measured peaks of one step. `peaks()` gives them keyed by level, the same keys a
+    prediction uses, so a table of measured, predicted and ratio is a zip."""
+
+    setup: StepSetup
+    device: str  # "cpu" or the GPU's name
+    num_threads: int  # intra-op threads (CPU): oneDNN's scratchpads can depend on it
+    baseline: Baseline
+    live_peak_bytes: int
+    live_peak_op: str  # the aten op whose output set the peak
+    live_peak_phase: str  # zero_grad, forward, loss, backward, optimizer
+    allocator_peak_bytes: int
+    allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)
+    allocator_peak_phase: str  # "" on CUDA
+    allocator_method: str  # "cpu profiler allocation records" or "torch.cuda.max_memory_allocated"
+
+    def peaks(self) -> dict[str, int]:
+        return {"live": self.live_peak_bytes, "allocator": self.allocator_peak_bytes}
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Counts live tensor storage over real ops; see the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.peak_op = ""
+        self.peak_phase = ""
+        self.current_phase = "setup"
+        self._alive: dict[int, tuple[int, weakref.ref]] = {}  # StorageImpl address -> (bytes, ref)
+
+    def count(self, tensor: torch.Tensor, op: str) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata  # the C++ StorageImpl: one per storage, however many views
+        if key in self._alive or storage.nbytes() == 0:
+            return
+        nbytes = storage.nbytes()
+        self._alive[key] = (nbytes, weakref.ref(storage, self._freed(key)))
+        self.live_bytes += nbytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_op, self.peak_phase = self.live_bytes, op, self.current_phase
+
+    def _freed(self, key: int) -> Callable[[weakref.ref], None]:
+        def freed(_ref: weakref.ref) -> None:
+            nbytes, _ = self._alive.pop(key)
+            self.live_bytes -= nbytes
+
+        return freed
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        # The profiler sees the same phases, so its peak can be placed too.
+        previous, self.current_phase = self.current_phase, name
+        try:
+            with record_function(_PHASE_MARK + name):
+                yield
+        finally:
+            self.current_phase = previous
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        # Run a composite op as its C++ kernel would, under this mode so its parts are counted.
+        # Not `func.decompose()`: that prefers Python decompositions (native_batch_norm becomes
+        # _native_batch_norm_legit), which would change the program being measured.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            with self:
+                return func._op_dk(_COMPOSITE, *args, **kwargs)
+        output = func(*args, **kwargs)
+        # Inputs first: a tensor made before the step and not in the baseline is still memory.
+        for tensor in tree_flatten((args, kwargs, output))[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self.count(tensor, str(func))
+        return output
+
+
+def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    total = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
+def _baseline(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, inputs: torch.Tensor, targets: torch.Tensor | None
+) -> Baseline:
+    seen: set[int] = set()  # a storage shared by two roles (tied weights) counts once, first role
+    parameters = list(model.parameters())
+    state: list[torch.Tensor] = []
+    if optimizer is not None:
+        for values in optimizer.state.values():
+            state += [v for v in values.values() if isinstance(v, torch.Tensor)]
+    return Baseline(
+        parameters_bytes=_storage_bytes(parameters, seen),
+        buffers_bytes=_storage_bytes(list(model.buffers()), seen),
+        gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
+        optimizer_state_bytes=_storage_bytes(state, seen),
+        input_bytes=_storage_bytes([inputs], seen),
+        targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
+    )
+
+
+def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str]:
+    """Peak of the CPU allocator's level over the marked step, from the profiler's records.
+
+    `start_level_bytes` is what was allocated before profiling began; nothing allocated then is
+    freed while profiling (the model, input and targets outlive it), so level = start + sum of
+    records so far. Returns (peak bytes, innermost op at the peak, phase at the peak).
+    """
+    events = list(prof.profiler.kineto_results.events())
+    marks = [e for e in events if e.name() == _STEP_MARK]
+    if len(marks) != 1:
+        raise NinlabError("the profiler did not record the measured step; is another profiler running?")
+    step_start, step_end = marks[0].start_ns(), marks[0].end_ns()
+    records = sorted(
+        (e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+        key=lambda e: e.start_ns(),
+    )
+    level = peak = start_level_bytes
+    peak_time = step_start
+    for record in records:
+        level += record.nbytes()
+        if step_start <= record.start_ns() <= step_end and level > peak:
+            peak, peak_time = level, record.start_ns()
+    spans = [e for e in events if e.name() != "[memory]" and e.start_ns() <= peak_time <= e.end_ns()]
+    ops = [e for e in spans if e.name().startswith("aten::")]
+    phases = [e for e in spans if e.name().startswith(_PHASE_MARK)]
+    innermost = max(ops, key=lambda e: e.start_ns()).name() if ops else ""
+    phase = max(phases, key=lambda e: e.start_ns()).name()[len(_PHASE_MARK) :] if phases else ""
+    return peak, innermost, phase
+
+
+def measure(model: nn.Module, setup: StepSetup, *, seed: int = 0) -> Measurement:
+    """Run `setup`'s step for real on `setup.device_type` and measure its memory peaks.
+
+    The model is copied (and cast to `setup.dtype`), so the caller's parameters are untouched.
+    """
+    device = torch.device(setup.device_type)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NinlabError("measuring on cuda needs a GPU, and this machine has none; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model).to(device=device, dtype=setup.dtype)
+    inputs = torch.randn((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
+    targets: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    if setup.mode == "train":
+        with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
+            num_classes = model.eval()(inputs[:1]).shape[-1]
+        model.train()
+        targets = torch.randint(0, num_classes, (setup.batch_size,), device=device)
+        optimizer = make_optimizer(setup.optimizer or OptimizerSpec(), model.parameters())
+
+        def step(phase: Callable[[str], Any]) -> None:
+            assert optimizer is not None and targets is not None
+            train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=phase)
+
+    else:
+        model.eval()
+
+        def step(phase: Callable[[str], Any]) -> None:
+            inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=phase)
+
+    live = _LiveStorage()
+    if device.type == "cpu":
+        start_level = _baseline(model, optimizer, inputs, targets).total_bytes
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(live.phase)
+            baseline = _baseline(model, optimizer, inputs, targets)
+            _count_baseline(live, model, optimizer, inputs, targets)
+            with record_function(_STEP_MARK), live:
+                step(live.phase)
+        allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
+        method, device_name = "cpu profiler allocation records", "cpu"
+    else:
+        step(live.phase)
+        torch.cuda.synchronize(device)
+        baseline = _baseline(model, optimizer, inputs, targets)
+        _count_baseline(live, model, optimizer, inputs, targets)
+        torch.cuda.reset_peak_memory_stats(device)
+        with live:
+            step(live.phase)
+        torch.cuda.synchronize(device)
+        allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
+        method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
+    return Measurement(
+        setup=setup,
+        device=device_name,
+        num_threads=torch.get_num_threads(),
+        baseline=baseline,
+        live_peak_bytes=live.peak_bytes,
+        live_peak_op=live.peak_op,
+        live_peak_phase=live.peak_phase,
+        allocator_peak_bytes=allocator_bytes,
+        allocator_peak_op=allocator_op,
+        allocator_peak_phase=allocator_phase,
+        allocator_method=method,
+    )
+
+
+def _count_baseline(
+    live: _LiveStorage,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+) -> None:
+    tensors = [*model.parameters(), *model.buffers(), inputs]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        for values in optimizer.state.values():
+            tensors += [v for v in values.values() if isinstance(v, torch.Tensor)]
+    if targets is not None:
+        tensors.append(targets)
+    for tensor in tensors:
+        live.count(tensor, "baseline")

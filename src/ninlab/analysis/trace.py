@@ -1,0 +1,636 @@
+"""The one tracer: run real PyTorch code on fake tensors and record every aten op it dispatches.
+
+Everything ninlab knows about a model (shapes, rounding, FLOPs, what memory lives when) comes from
+one recording of the real ops, made under `FakeTensorMode`: tensors carry shapes, dtypes, strides
+and a device but no data, so a training step of NiN at batch 128 allocates nothing and takes
+milliseconds. The recording keeps, per op, the module that ran it (in backward too: the autograd
+node being executed is mapped back to the module whose forward created it) and the phase of the
+step, and per tensor storage, the op that created it and the op after which it died. Storage lives
+are read from the fake tensors' own lifetimes (a weak reference per storage), so they follow
+autograd's real decisions about what to keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ninlab.analysis.allocator import Step, cpu_steps, unmodelled_reason
+from ninlab.errors import NinlabError
+from ninlab.analysis.flops import op_flops
+from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
+from ninlab.optimizers import OptimizerSpec, make_optimizer
+from ninlab.analysis.step import GradMode, inference_step, train_step
+
+__all__ = [
+    "TensorMeta",
+    "WindowOp",
+    "LayerInputTooSmall",
+    "OpRecord",
+    "SavedTensor",
+    "StorageRecord",
+    "Recording",
+    "Recorder",
+    "fake_parameters",
+    "StepSetup",
+    "StepRecording",
+    "record_step",
+]
+
+aten = torch.ops.aten
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+# Queries of metadata that FakeTensorMode answers without running a kernel; they are not ops.
+_METADATA_OPS = {
+    aten.is_contiguous.default,
+    aten.is_contiguous.memory_format,
+    aten.is_strides_like_format.default,
+    aten.is_non_overlapping_and_dense.default,
+    aten.size.default,
+    aten.sym_size.default,
+    aten.stride.default,
+    aten.sym_stride.default,
+    aten.storage_offset.default,
+    aten.sym_storage_offset.default,
+    aten.numel.default,
+    aten.sym_numel.default,
+    aten.dim.default,
+    torch.ops.prim.layout.default,
+    torch.ops.prim.device.default,
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage_key: int  # which storage it views (see StorageRecord)
+
+
+@dataclass(frozen=True)
+class WindowOp:
+    """A convolution or pooling op's windows: one `AxisParams` per spatial axis, and the sizes."""
+
+    kind: str  # "conv", "max_pool" or "avg_pool"
+    axes: tuple[AxisParams, ...]
+    input_spatial: tuple[int, ...]
+    output_spatial: tuple[int, ...]
+
+    def windows(self) -> tuple[AxisWindow, ...]:
+        return tuple(params.window(size) for params, size in zip(self.axes, self.input_spatial))
+
+
+class LayerInputTooSmall(NinlabError):
+    """A layer's input is too small for its window; carries the layer and the geometry error."""
+
+    def __init__(self, module: str, module_type: str, error: EmptyOutputError) -> None:
+        self.module, self.module_type, self.error = module, module_type, error
+        super().__init__(f"layer {module or '(top level)'} ({module_type}): {error}")
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    index: int
+    op: str  # e.g. "aten.convolution.default"
+    phase: str
+    module: str  # qualified name of the innermost module running it; "" for the top level
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+    flops: int
+    window: WindowOp | None
+    autograd_node: str  # in backward: the autograd node being executed, e.g. "ReluBackward0"
+    # On CPU, every block the kernel allocates and frees, outputs included (`ninlab.analysis.allocator`);
+    # None: it allocates only its outputs, or its workspace is not modelled (`cpu_unmodelled` says why).
+    cpu_allocations: tuple[Step, ...] | None = None
+    cpu_unmodelled: str = ""
+
+
+@dataclass
+class StorageRecord:
+    """One storage's life: created by op `created_at` (-1: before recording), died after op
+    `freed_after` (None: still alive when the recording ended). Views share their storage, so each
+    storage is counted once whatever views of it exist."""
+
+    key: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    created_at: int
+    phase: str
+    module: str
+    freed_after: int | None = None
+    role: str = ""  # set by whoever knows more: "parameter", "input", "gradient", ...
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """A tensor autograd keeps for backward: which node keeps it, under which name, for which layer."""
+
+    storage_key: int
+    node: str  # e.g. "ConvolutionBackward0"
+    field: str  # e.g. "input", "result", "indices", "mask"
+    module: str
+
+
+@dataclass
+class Recording:
+    ops: list[OpRecord] = field(default_factory=list)
+    # What autograd held when the last backward began, read from the graph's saved variables.
+    saved_for_backward: list[SavedTensor] = field(default_factory=list)
+    storages: dict[int, StorageRecord] = field(default_factory=dict)
+    # Each module's outputs (shape, dtype) at its first forward call, by qualified name.
+    module_outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = field(default_factory=dict)
+    # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
+    events: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+
+
+_POOLS = {
+    aten.max_pool1d_with_indices: ("max_pool", 1),
+    aten.max_pool2d_with_indices: ("max_pool", 2),
+    aten.max_pool3d_with_indices: ("max_pool", 3),
+    aten.avg_pool2d: ("avg_pool", 2),
+    aten.avg_pool3d: ("avg_pool", 3),
+}
+
+
+def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisParams, ...]] | None:
+    """The window of a conv/pool op, read from its aten arguments before it runs."""
+    packet = func.overloadpacket
+    if packet is aten.convolution and not args[6]:  # a transposed convolution is not a window
+        x, weight = args[0], args[1]
+        spatial = x.dim() - 2
+        axes = axes_from_torch(
+            ndim=spatial, kind="conv", kernel_size=tuple(weight.shape[2:]), stride=args[3], padding=args[4], dilation=args[5]
+        )
+        return "conv", axes
+    if packet in _POOLS:
+        kind, spatial = _POOLS[packet]
+        # max_pool: (self, kernel, stride, padding, dilation, ceil_mode);
+        # avg_pool: (self, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override).
+        stride = args[2] if len(args) > 2 else None
+        padding = args[3] if len(args) > 3 else 0
+        if kind == "max_pool":
+            dilation = args[4] if len(args) > 4 else 1
+            ceil_mode = bool(args[5]) if len(args) > 5 else False
+        else:
+            dilation, ceil_mode = 1, bool(args[4]) if len(args) > 4 else False
+        axes = axes_from_torch(
+            ndim=spatial, kind="pool", kernel_size=args[1], stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+        )
+        return kind, axes
+    return None
+
+
+class _ModuleStack:
+    """The innermost module running, in forward (hooks) and in backward (autograd node owners)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {module: name for name, module in model.named_modules()}
+        self.types = {name: type(module).__name__ for module, name in self.names.items()}
+        self.stack: list[str] = []
+        self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
+        self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
+        self.param_owner: dict[int, str] = {
+            id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
+        }
+        self._handles: list[Any] = []
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self) -> _ModuleStack:
+        def pre_hook(module: nn.Module, _inputs: Any) -> None:
+            if module in self.names:
+                self.stack.append(self.names[module])
+
+        def post_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if module in self.names and self.stack:
+                name = self.stack.pop()
+                if name not in self.outputs:
+                    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                    self.outputs[name] = tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(pre_hook),
+            nn.modules.module.register_module_forward_hook(post_hook),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def owner_of_node(self, node: Any) -> str:
+        owner = self.node_owner.get(node)
+        if owner is not None:
+            return owner
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter it accumulates
+        return self.param_owner.get(id(variable), "") if variable is not None else ""
+
+
+class _NodeOwners(TorchFunctionMode):
+    """Remembers which module's forward created each autograd node, so backward ops can be
+    attributed to layers. It sits above autograd, where outputs already carry their grad_fn.
+
+    When a CUDA step is emulated on a CPU-only build, it also makes dropout take CUDA's path: the
+    fused kernel, which keeps a bool mask where the CPU composite keeps a float one.
+    """
+
+    def __init__(self, modules: _ModuleStack, *, emulate_cuda: bool) -> None:
+        super().__init__()
+        self.modules = modules
+        self.emulate_cuda = emulate_cuda
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.emulate_cuda and func is F.dropout:
+            output = _cuda_dropout(*args, **kwargs)
+        else:
+            output = func(*args, **kwargs)
+        for value in tree_flatten(output)[0]:
+            node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+            if node is not None and node not in self.modules.node_owner:
+                # "" is code outside any module: the loss.
+                self.modules.node_owner[node] = self.modules.current()
+        return output
+
+
+def _float32_batch_norm_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """Batch norm's saved mean and inverse std in float32 when reduced-precision input meets
+    float32 weights (autocast), as the real CPU and CUDA kernels keep them; the fake kernel would
+    give them the input's dtype."""
+    if func is not aten.native_batch_norm.default:
+        return output
+    x, weight = args[0], args[1]
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
+        return output
+    result, mean, inverse_std = output
+    return result, mean.to(torch.float32), inverse_std.to(torch.float32)
+
+
+def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
+    kind, axes = window
+    spatial = len(axes)
+    return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
+
+
+def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    # CUDA's dropout uses native_dropout when 0 < p < 1 and training (ATen's is_fused_kernel_acceptable).
+    if not training or inplace or not 0 < p < 1:
+        return F.dropout(input, p, training, inplace)
+    return torch.ops.aten.native_dropout(input, p, True)[0]
+
+
+class Recorder(TorchDispatchMode):
+    """Records ops and storage lives. Use `recorder.phase(name)` around each part of a step."""
+
+    def __init__(self, model: nn.Module, *, emulate_cuda: bool = False) -> None:
+        super().__init__()
+        self.emulate_cuda = emulate_cuda
+        self._paused = False
+        self.recording = Recording()
+        self.modules = _ModuleStack(model)
+        self.recording.module_outputs = self.modules.outputs
+        self.current_phase = "setup"
+        self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
+
+    # -- storages -------------------------------------------------------------------------------
+    def track(self, tensor: torch.Tensor, role: str) -> None:
+        """Register a tensor made before or outside recording (a parameter, the input batch, a
+        gradient of the unrecorded first step); `role` "" leaves it to the phase to tell."""
+        record = self._note_storage(tensor, created_at=-1, module="")
+        if record is not None and not record.role:
+            record.role = role
+
+    def _note_storage(self, tensor: torch.Tensor, *, created_at: int, module: str) -> StorageRecord | None:
+        storage = _storage_of(tensor)
+        if storage is None:
+            return None
+        alive = self._alive.get(id(storage))
+        if alive is not None:
+            return self.recording.storages[alive[0]]
+        # Storages get serial keys: a Python id can be reused once its storage has died.
+        key = len(self.recording.storages)
+        record = StorageRecord(
+            key=key,
+            nbytes=storage.nbytes(),
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            created_at=created_at,
+            phase=self.current_phase,
+            module=module,
+        )
+        self.recording.storages[key] = record
+        self.recording.events.append(("alloc", key, created_at))
+        self._alive[id(storage)] = (key, weakref.ref(storage, self._on_free(id(storage), record)))
+        return record
+
+    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
+        def freed(_ref: weakref.ref) -> None:
+            record.freed_after = len(self.recording.ops) - 1
+            self.recording.events.append(("free", record.key, record.freed_after))
+            self._alive.pop(storage_id, None)
+
+        return freed
+
+    def storage_key(self, tensor: torch.Tensor) -> int:
+        """The serial key of a live tensor's storage (-1 if it was never seen)."""
+        storage = _storage_of(tensor)
+        alive = self._alive.get(id(storage)) if storage is not None else None
+        return alive[0] if alive is not None else -1
+
+    # -- phases and dispatch ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name == "backward":
+            self._read_saved_tensors()
+        previous, self.current_phase = self.current_phase, name
+        try:
+            yield
+        finally:
+            self.current_phase = previous
+
+    def _read_saved_tensors(self) -> None:
+        """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
+        saved: list[SavedTensor] = []
+        owners = self.modules.node_owner
+        # Nodes made inside one composite call (cross_entropy's log-softmax) were never returned
+        # to Python; they belong to whoever owns the node that leads to them.
+        pending = list(owners)
+        while pending:
+            node = pending.pop()
+            for child, _ in node.next_functions:
+                if child is not None and child not in owners and not hasattr(child, "variable"):
+                    owners[child] = owners[node]
+                    pending.append(child)
+        with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
+            for node, module in owners.items():
+                for attribute in dir(node):
+                    if not attribute.startswith("_saved_"):
+                        continue
+                    try:
+                        value = getattr(node, attribute)
+                    except RuntimeError:  # already freed by an earlier backward
+                        continue
+                    for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                        if isinstance(tensor, torch.Tensor):
+                            key = self.storage_key(tensor)
+                            if key >= 0:
+                                saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
+        self.recording.saved_for_backward = saved
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run as usual but are not recorded, and the storages they make are not tracked."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def __enter__(self) -> Recorder:
+        self._module_context = self.modules.__enter__()
+        self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
+        self._node_owners.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._node_owners.__exit__(*exc)
+        self.modules.__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA_OPS or self._paused:
+            return func(*args, **kwargs)
+        # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
+        # they do for real; recording the parts shows what they allocate (max-pool indices).
+        # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
+        # the parts are the kernels PyTorch really runs. Torch-function modes sit above autograd
+        # and must not see the parts again.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            with self, torch._C.DisableTorchFunction():
+                return func._op_dk(_COMPOSITE, *args, **kwargs)
+        window = _window_params(func, args)
+        if window is not None:
+            # Check the geometry first, to name the layer and its arithmetic if the input is too small.
+            x = args[0]
+            try:
+                for params, size in zip(window[1], x.shape[x.dim() - len(window[1]):]):
+                    params.window(size)
+            except EmptyOutputError as error:
+                module = self._module_now()[0]
+                raise LayerInputTooSmall(module, self.modules.types.get(module, window[0]), error) from None
+        output = _float32_batch_norm_statistics(func, args, func(*args, **kwargs))
+        self._record(func, args, kwargs, output, window)
+        return output
+
+    def _module_now(self) -> tuple[str, str]:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.modules.current(), ""
+        return self.modules.owner_of_node(node), type(node).__name__
+
+    def _record(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, window: tuple[str, tuple[AxisParams, ...]] | None
+    ) -> None:
+        index = len(self.recording.ops)
+        module, node = self._module_now()
+        in_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = tuple(o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor))
+        for tensor in outputs:
+            self._note_storage(tensor, created_at=index, module=module)
+        output_tuple = output if isinstance(output, (tuple, list)) else (output,)
+        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
+        on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
+        self.recording.ops.append(
+            OpRecord(
+                index=index,
+                op=str(func),
+                phase=self.current_phase,
+                module=module,
+                inputs=tuple(self._meta(t) for t in in_tensors),
+                outputs=tuple(self._meta(t) for t in outputs),
+                flops=op_flops(func, args, tuple(output_tuple)),
+                window=None if window is None else _window_op(window, args[0], outputs[0]),
+                autograd_node=node,
+                cpu_allocations=cpu_steps(str(func), args) if on_cpu else None,
+                cpu_unmodelled=(unmodelled_reason(str(func), args) or "") if on_cpu else "",
+            )
+        )
+
+    def _meta(self, tensor: torch.Tensor) -> TensorMeta:
+        return TensorMeta(tuple(tensor.shape), tensor.dtype, self.storage_key(tensor))
+
+
+def fake_parameters(
+    model: nn.Module, fake_mode: FakeTensorMode, *, dtype: torch.dtype | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Fake copies of a model's parameters and buffers (no data is copied or allocated).
+
+    Parameters stay `nn.Parameter`s so optimizers and autograd treat them as leaves. Floating
+    tensors are cast to `dtype` when given, as `model.to(dtype)` would.
+    """
+    fakes: dict[str, torch.Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        with fake_mode:
+            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
+        if isinstance(tensor, nn.Parameter):
+            fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+        fakes[name] = fake
+    return fakes
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What to run: which step, on which (pretended) device, at which precision."""
+
+    input_size: tuple[int, ...]
+    batch_size: int
+    mode: Literal["train", "infer"] = "train"
+    dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
+    autocast_dtype: torch.dtype | None = None
+    device_type: str = "cpu"
+    optimizer: OptimizerSpec | None = None  # train only; None records forward + backward alone
+    grad_mode: GradMode = "no_grad"  # infer only
+
+
+@dataclass
+class StepRecording:
+    recording: Recording
+    setup: StepSetup
+    step_start: int  # index of the recorded step's first op (after any warm-up step)
+    parameter_keys: dict[str, int]  # parameter name -> storage key
+    gradient_keys: dict[str, int]  # parameter name -> storage key of its .grad after the step
+    optimizer_state_keys: tuple[int, ...]
+    input_key: int
+    target_key: int
+    gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
+
+
+def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
+    """Run one step of `model` on fake tensors and record it.
+
+    With an optimizer, a first step runs (recorded, so its gradients and optimizer state are
+    tracked) and the second is the one analysed: the steady state, when optimizer state exists.
+    The model's own parameters are not touched: fake copies stand in for them.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
+    # tensors with CUDA's choices made explicitly (foreach optimizers, fused dropout, autocast).
+    emulate_cuda = setup.device_type == "cuda" and not torch.cuda.is_available()
+    device = torch.device("cpu" if emulate_cuda else setup.device_type)
+    fakes = fake_parameters(model, fake_mode, dtype=setup.dtype, device=device)
+    recorder = Recorder(model, emulate_cuda=emulate_cuda)
+    was_training = model.training
+    model.train(setup.mode == "train")
+    # A kernel that rejects its fake inputs raises, and the caller turns that into one clear line;
+    # FakeTensorMode would also log the whole traceback first.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    log_level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with fake_mode:
+            inputs = torch.empty((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
+            # Inference has no targets.
+            targets = torch.zeros((setup.batch_size,), dtype=torch.long, device=device) if setup.mode == "train" else None
+        for name, tensor in fakes.items():
+            recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
+        recorder.track(inputs, "input")
+        if targets is not None:
+            recorder.track(targets, "targets")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, fakes, (x,), tie_weights=True, strict=False)
+
+        parameters = [t for t in fakes.values() if isinstance(t, nn.Parameter)]
+        names = {id(t): name for name, t in fakes.items()}
+        gradient_order: list[str] = []
+        with fake_mode, recorder:
+            if setup.mode == "infer":
+                step_start = 0
+                inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=recorder.phase, forward=forward)
+                optimizer = None
+            else:
+                optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters, device_type=setup.device_type)
+                if setup.optimizer is not None:
+                    # Only what step 1 leaves behind matters (gradients, optimizer state), so it
+                    # runs unrecorded and its survivors are registered, which halves the work.
+                    with recorder.paused():
+                        train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
+                    with recorder.phase("warm-up"):
+                        _track_survivors(recorder, parameters, optimizer)
+                step_start = len(recorder.recording.ops)
+                # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
+                hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in parameters]
+                if setup.optimizer is None:
+                    _forward_backward(forward, inputs, targets, setup.autocast_dtype, recorder.phase)
+                else:
+                    train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=recorder.phase, forward=forward)
+                for hook in hooks:
+                    hook.remove()
+    finally:
+        model.train(was_training)
+        fake_log.setLevel(log_level)
+    state_keys: list[int] = []
+    if optimizer is not None and setup.optimizer is not None:
+        for state in optimizer.state.values():
+            state_keys += [recorder.storage_key(v) for v in state.values() if isinstance(v, torch.Tensor)]
+    return StepRecording(
+        recording=recorder.recording,
+        setup=setup,
+        step_start=step_start,
+        parameter_keys={names[id(p)]: recorder.storage_key(p) for p in parameters},
+        gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in parameters if p.grad is not None},
+        optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
+        input_key=recorder.storage_key(inputs),
+        target_key=recorder.storage_key(targets) if targets is not None else -1,
+        gradient_order=tuple(gradient_order),
+    )
+
+
+def _track_survivors(recorder: Recorder, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Register what a first step left: gradients and optimizer state. A function of its own, so
+    no loop variable outlives it holding a gradient that zero_grad must free."""
+    state = [value for per_parameter in optimizer.state.values() for value in per_parameter.values()]
+    for tensor in [p.grad for p in parameters] + state:
+        if isinstance(tensor, torch.Tensor):
+            recorder.track(tensor, "")
+
+
+def _forward_backward(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    phase: Callable[[str], Any],
+) -> None:
+    """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with phase("forward"):
+            logits = forward(inputs)
+        with phase("loss"):
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+    del logits
+    with phase("backward"):
+        loss.backward()

@@ -1,0 +1,199 @@
+"""Measuring a trained network: test accuracy and confusion matrix, and predictions for image files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torch.nn import functional as F
+
+from ninlab.training import distributed
+from ninlab.training.checkpoint import load_checkpoint
+from ninlab.training.data import CLASS_NAMES, Split
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin, parse_variant
+from ninlab.training.pipeline import InputTransform, resize_like_pil
+from ninlab.training.presets import TrainConfig, config_from_dict
+
+__all__ = [
+    "Evaluation",
+    "Prediction",
+    "TrainedModel",
+    "autocast",
+    "evaluate_model",
+    "load_trained_model",
+    "load_image",
+    "predict_images",
+]
+
+# Fashion-MNIST's images are 28x28; any other picture is first brought to that size.
+SOURCE_SIZE = 28
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Counts over a labelled set; `confusion[i][j]` is how many images of class i were predicted j."""
+
+    confusion: tuple[tuple[int, ...], ...]
+    loss_sum: float  # cross-entropy summed over examples (no label smoothing)
+    # Examples whose logits were all exactly 0: the signature of a NiN whose last ReLU has died.
+    zero_logit_examples: int
+    abs_logit_sum: float  # |logit| summed over examples and classes: near 0 when the signal has faded
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    @property
+    def examples(self) -> int:
+        return sum(sum(row) for row in self.confusion)
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[i][i] for i in range(len(self.confusion)))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.examples
+
+    @property
+    def mean_abs_logit(self) -> float:
+        return self.abs_logit_sum / (self.examples * len(self.confusion))
+
+    @property
+    def per_class_accuracy(self) -> tuple[float, ...]:
+        return tuple(row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion))
+
+
+def autocast(device: torch.device, amp: str) -> ContextManager[Any]:
+    """bf16 autocast when asked for, on whichever device the run uses."""
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate_model(
+    model: nn.Module,
+    split: Split,
+    *,
+    transform: InputTransform,
+    batch_size: int,
+    amp: str = "none",
+    channels_last: bool = False,
+    context: distributed.Context | None = None,
+) -> Evaluation:
+    """Accuracy and confusion of `model` in eval mode over `split` (already on the model's device).
+    Under torchrun each rank takes a contiguous share of the examples and the counts are summed."""
+    context = context or distributed.Context(device=split.images.device)
+    num_classes = len(CLASS_NAMES)
+    shares = torch.arange(len(split), device=split.images.device).tensor_split(context.world_size)
+    mine = shares[context.rank]
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=split.images.device)
+    # Loss, zero-logit examples, |logit| sum.
+    sums = torch.zeros(3, dtype=torch.float64, device=split.images.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for indices in mine.split(batch_size):
+            inputs = transform(split.images[indices])
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            labels = split.labels[indices]
+            with autocast(split.images.device, amp):
+                logits = model(inputs).float()
+            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += (logits == 0).all(dim=1).sum()
+            sums[2] += logits.abs().sum().double()
+    model.train(was_training)
+    distributed.all_reduce_sum(confusion, context)
+    distributed.all_reduce_sum(sums, context)
+    matrix = confusion.view(num_classes, num_classes).tolist()
+    return Evaluation(
+        confusion=tuple(tuple(row) for row in matrix),
+        loss_sum=float(sums[0]),
+        zero_logit_examples=int(sums[1]),
+        abs_logit_sum=float(sums[2]),
+    )
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: nn.Module
+    config: TrainConfig
+    epoch: int
+    path: Path
+
+    @property
+    def transform(self) -> InputTransform:
+        return InputTransform(self.config.image_size, self.config.normalize)
+
+
+def load_trained_model(path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> TrainedModel:
+    """The network of a checkpoint, in eval mode, rebuilt from the variant saved in it."""
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"])
+    model = build_nin(parse_variant(config.variant))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise NinlabError(
+            f"{path}: the saved weights do not fit variant {config.variant!r} "
+            f"({str(error).splitlines()[0][:100]}...); was the checkpoint edited or the registry changed?"
+        ) from None
+    return TrainedModel(model.to(device).eval(), config, int(state["epoch"]), Path(path))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    class_index: int
+    probabilities: tuple[float, ...]
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.class_index]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[self.class_index]
+
+
+def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.Tensor:
+    """An image file of any size and mode as a 28x28 uint8 grayscale tensor, brought to Fashion-MNIST's
+    size with PIL's bilinear filter (`resize_like_pil`, the training resize); then, in training's
+    steps, resized to the network's input and scaled. `invert` turns dark-on-light into light-on-dark."""
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise NinlabError(
+            f"cannot read image {path} ({error}); give a PNG, JPEG or other file PIL can open"
+        ) from None
+    if invert:
+        gray = 255 - gray
+    pixels = resize_like_pil(torch.from_numpy(gray.copy()), (SOURCE_SIZE, SOURCE_SIZE))
+    return pixels.to(torch.uint8)
+
+
+def predict_images(
+    trained: TrainedModel, paths: Sequence[str | os.PathLike[str]], *, invert: bool = False
+) -> list[Prediction]:
+    """Class probabilities for each image, after the same resize and scaling as in training."""
+    device = next(trained.model.parameters()).device
+    images = torch.stack([load_image(path, invert=invert) for path in paths]).to(device)
+    with torch.no_grad(), autocast(device, trained.config.amp):
+        logits = trained.model(trained.transform(images)).float()
+    probabilities = logits.softmax(dim=1).tolist()
+    return [
+        Prediction(Path(path), int(np.argmax(row)), tuple(row)) for path, row in zip(paths, probabilities)
+    ]

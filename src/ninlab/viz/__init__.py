@@ -1,0 +1,2 @@
+"""What people look at: tables, JSON, Markdown and CSV of the results, charts, the HTML report
+and the side-by-side comparison of variants."""

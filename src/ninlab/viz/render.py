@@ -1,0 +1,183 @@
+"""A `Summary` as a terminal table, JSON, Markdown or CSV. Nothing here computes a number."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ninlab.analysis.summary import LayerSummary, Summary
+from ninlab.units import format_bytes, format_count, format_flops
+
+__all__ = ["summary_to_dict", "summary_json", "summary_markdown", "summary_csv", "print_summary", "explanation_lines"]
+
+
+def _layer_dict(layer: LayerSummary) -> dict[str, Any]:
+    return {
+        "name": layer.name,
+        "type": layer.type,
+        "depth": layer.depth,
+        "output_shape": list(layer.output_shape) if layer.output_shape else None,
+        "output_bytes": layer.output_bytes,
+        "parameters": layer.parameters,
+        "weights": layer.weights,
+        "biases": layer.biases,
+        "trainable_parameters": layer.trainable_parameters,
+        "frozen_parameters": layer.frozen_parameters,
+        "buffer_elements": layer.buffer_elements,
+        "forward_flops": layer.forward_flops,
+        "backward_flops": layer.backward_flops,
+        "rounding": layer.rounding,
+        "explanation": layer.explanation,
+        "windows": [
+            {
+                "input_size": w.input_size,
+                "output_size": w.output_size,
+                "textbook_output": w.textbook_output,
+                "trailing_unread_real": w.trailing_unread_real,
+                "trailing_unread_padding": w.trailing_unread_padding,
+                "unread_real": w.unread_real,
+                "overhang": w.overhang,
+            }
+            for w in layer.windows
+        ],
+        "receptive_field": (
+            [{"size": f.size, "jump": f.jump, "start": f.start} for f in layer.receptive_field]
+            if layer.receptive_field
+            else None
+        ),
+        "is_leaf": layer.is_leaf,
+    }
+
+
+def summary_to_dict(summary: Summary) -> dict[str, Any]:
+    """Every number the table shows, under stable names (bytes in bytes, FLOPs in FLOPs)."""
+    totals = summary.totals
+    return {
+        "model": summary.model,
+        "input_size": list(summary.input_size),
+        "batch_size": summary.batch_size,
+        "dtype": summary.dtype,
+        "flop_convention": summary.flop_convention,
+        "layers": [_layer_dict(layer) for layer in summary.layers],
+        "totals": {name: getattr(totals, name) for name in totals.__dataclass_fields__},
+        "smallest_input_size": list(summary.smallest_input_size),
+        "input_reach": [
+            {"axis": r.axis, "input_size": r.input_size, "first": r.first, "last": r.last, "count": r.count, "never_read": r.never_read}
+            for r in summary.input_reach
+        ],
+    }
+
+
+def summary_json(summary: Summary) -> str:
+    return json.dumps(summary_to_dict(summary), indent=2)
+
+
+_COLUMNS = ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Output size")
+
+
+def _cells(layer: LayerSummary) -> tuple[str, ...]:
+    name = layer.name or "(model)"
+    return (
+        "  " * max(layer.depth - 1, 0) + name,
+        layer.type,
+        "x".join(map(str, layer.output_shape)) if layer.output_shape else "",
+        layer.rounding,
+        format_count(layer.parameters),
+        format_flops(layer.forward_flops),
+        format_bytes(layer.output_bytes),
+    )
+
+
+def _header(summary: Summary) -> str:
+    return (
+        f"{summary.model}: batch {summary.batch_size} x {'x'.join(map(str, summary.input_size))}, {summary.dtype}"
+    )
+
+
+def _total_lines(summary: Summary) -> list[str]:
+    t = summary.totals
+    smallest = "x".join(map(str, summary.smallest_input_size))
+    lines = [
+        f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + {format_count(t.biases)} biases; "
+        f"{format_count(t.trainable_parameters)} trainable, {format_count(t.frozen_parameters)} frozen), {format_bytes(t.parameter_bytes)}",
+        f"Buffers: {format_count(t.buffer_elements)} elements, {format_bytes(t.buffer_bytes)}",
+        f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)}, backward {format_flops(t.backward_flops)}, "
+        f"training step {format_flops(t.training_step_flops)} (optimizer update not counted)",
+        f"Sum of layer outputs: {format_bytes(t.layer_output_bytes)}",
+        f"Smallest valid input: {smallest}",
+    ]
+    for reach in summary.input_reach:
+        if reach.never_read:
+            lines.append(
+                f"Input {reach.axis}: positions {reach.first}..{reach.last} can influence the output; "
+                f"the last {reach.never_read} never do (dropped by rounding)"
+            )
+    lines.append(f"Convention: {summary.flop_convention}")
+    return lines
+
+
+def explanation_lines(summary: Summary) -> list[str]:
+    """The arithmetic behind every rounded shape, and each window layer's receptive field."""
+    lines = []
+    for layer in summary.layers:
+        if not layer.windows:
+            continue
+        field = ""
+        if layer.receptive_field:
+            f = layer.receptive_field[0]
+            field = f" [receptive field {f.size}, jump {f.jump}]"
+        lines.append(f"{layer.name} {layer.type}: {layer.explanation}{field}")
+    return lines
+
+
+def wide_console() -> Console:
+    """A terminal's own width; 200 columns when piped, so a saved table is not wrapped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def print_summary(summary: Summary, *, explain: bool = False, console: Console | None = None) -> None:
+    console = console or wide_console()
+    table = Table(title=_header(summary), title_justify="left")
+    for column in _COLUMNS:
+        table.add_column(column, justify="right" if column in ("Params", "Forward FLOPs", "Output size") else "left", no_wrap=column == "Layer")
+    for layer in summary.layers[1:]:
+        table.add_row(*_cells(layer))
+    console.print(table)
+    for line in _total_lines(summary):
+        console.print(line, highlight=False)
+    if explain:
+        console.print()
+        console.print("Why each size is what it is (PyTorch starts windows at the top/left and drops the remainder at the bottom/right; nothing is random):", highlight=False)
+        for line in explanation_lines(summary):
+            console.print("  " + line, highlight=False, markup=False)
+
+
+def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
+    out = [f"**{_header(summary)}**", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for layer in summary.layers[1:]:
+        cells = list(_cells(layer))
+        cells[0] = "&nbsp;" * 2 * max(layer.depth - 1, 0) + (layer.name or "(model)")
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    out += [""] + [f"- {line}" for line in _total_lines(summary)]
+    if explain:
+        out += ["", "Rounding, layer by layer:", ""] + [f"- `{line}`" for line in explanation_lines(summary)]
+    return "\n".join(out) + "\n"
+
+
+def summary_csv(summary: Summary) -> str:
+    """One row per module with exact integers (no units), for spreadsheets."""
+    fields = ["name", "type", "depth", "output_shape", "output_bytes", "parameters", "weights", "biases", "trainable_parameters", "frozen_parameters", "buffer_elements", "forward_flops", "backward_flops", "rounding", "explanation"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for layer in summary.layers:
+        row = _layer_dict(layer)
+        row["output_shape"] = "x".join(map(str, layer.output_shape)) if layer.output_shape else ""
+        writer.writerow({key: row[key] for key in fields})
+    return buffer.getvalue()

@@ -1,0 +1,220 @@
+"""A `MemoryReport` (with its batch line and fit, when asked for) as terminal text, JSON or
+Markdown: the memory section of `ninlab summary`. Nothing here computes a number."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ninlab.analysis.memory import CATEGORIES, CATEGORY_MEANINGS, BatchFit, BatchScaling, MemoryReport
+from ninlab.viz.render import wide_console
+from ninlab.units import format_bytes
+
+__all__ = ["memory_to_dict", "memory_json", "memory_lines", "memory_markdown", "print_memory"]
+
+
+def _dtype(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _step(report: MemoryReport) -> str:
+    setup = report.setup
+    precision = _dtype(setup.dtype) + (f" with {_dtype(setup.autocast_dtype)} autocast" if setup.autocast_dtype else "")
+    if setup.mode == "train":
+        optimizer = setup.optimizer.name if setup.optimizer else "sgd"
+        step = f"training step (the second: optimizer state exists) with {optimizer}"
+    else:
+        step = f"inference ({setup.grad_mode})"
+    return f"{step}, {precision}, {setup.device_type}, batch {setup.batch_size}"
+
+
+def _bytes(count: float) -> str:
+    return f"{format_bytes(int(count))} ({int(count):,} bytes)"
+
+
+def _where(op: str, phase: str, module: str, module_type: str = "", node: str = "") -> str:
+    layer = f"layer {module} ({module_type})" if module else "outside any module"
+    return f"{op.removeprefix('aten.').removesuffix('.default')} in {phase}, {layer}{f', {node}' if node else ''}"
+
+
+def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> list[str]:
+    """The section's prose: peaks at both levels, the forum rule beside ours, batch size, DDP, notes."""
+    lines = [f"Memory of one {_step(report)}:"]
+    if report.peak is not None:
+        peak = report.peak
+        lines.append(
+            f"Live tensor peak: {_bytes(report.live_peak_bytes)}, during "
+            f"{_where(peak.op, peak.phase, peak.module, peak.module_type, peak.autograd_node)}"
+        )
+    else:
+        lines.append(f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see the note)")
+    allocator = report.allocator
+    if allocator is not None:
+        extra = allocator.workspace_bytes or allocator.rounding_bytes
+        kind = "kernel workspace" if allocator.workspace_bytes else "block rounding"
+        lines.append(
+            f"Allocator peak: {'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, during {_where(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
+            f"{format_bytes(allocator.live_bytes)} of tensors + {format_bytes(extra)} of {kind}"
+        )
+        lines.append(f"Allocator rules: {allocator.method}")
+        lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
+    else:
+        lines.append(f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)")
+    forum = report.forum
+    if forum is not None:
+        if report.setup.mode == "train":
+            rule = (
+                f"2 x activations ({format_bytes(forum.activations_bytes)}) + 3 x parameters "
+                f"({format_bytes(forum.parameters_bytes)})"
+            )
+            why = (
+                f"it holds a gradient for every activation at once, where backward frees them as it goes "
+                f"({format_bytes(forum.activation_gradients_at_peak_bytes)} alive at our peak), and has no room for "
+                f"max pooling's int64 indices ({format_bytes(forum.int64_indices_bytes)}); autograd keeps "
+                f"{format_bytes(report.saved_total_bytes)} in all"
+            )
+        else:
+            rule = (
+                f"parameters ({format_bytes(forum.parameters_bytes)}) + the two largest consecutive activations "
+                f"({format_bytes(forum.largest_consecutive_pair_bytes)})"
+            )
+            why = f"it leaves out the input batch ({format_bytes(report.breakdown.input_bytes)}) and what kernels hold while they run"
+        lines.append(f"Forum rule: {rule} = {_bytes(forum.rule_bytes)}, {forum.ratio:.2f}x ours: {why}")
+    if scaling is not None:
+        check = "on the line" if scaling.linear else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
+        lines.append(
+            f"Batch size ({scaling.level} level): {format_bytes(int(scaling.fixed_bytes))} fixed + "
+            f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch {scaling.batch_sizes[0]} and "
+            f"{scaling.batch_sizes[1]}; batch {scaling.check_batch_size} is {check})"
+        )
+    if fit is not None:
+        lines.append(
+            f"Largest batch within {format_bytes(fit.budget_bytes)} ({fit.level} level): {fit.batch_size:,}, peak "
+            f"{_bytes(fit.peak_bytes)}; batch {fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
+            f"({fit.predictions} exact predictions)"
+        )
+    if report.ddp is not None:
+        buckets = report.ddp
+        lines.append(
+            f"DDP gradient buckets: {', '.join(format_bytes(b) for b in buckets.bucket_bytes)} "
+            f"(first bucket at most {format_bytes(buckets.first_bucket_cap_bytes)}, others {format_bytes(buckets.bucket_cap_bytes)}), "
+            f"{'gradients are views into them' if buckets.gradient_as_bucket_view else 'a second copy of the gradients'}"
+        )
+    lines += [f"Note: {note}" for note in report.notes]
+    return lines
+
+
+def _breakdown_rows(report: MemoryReport) -> list[tuple[str, str, str, str]]:
+    total = report.breakdown.total_bytes
+    rows = []
+    for name, nbytes in zip(CATEGORIES, report.breakdown.counts()):
+        if nbytes:
+            rows.append((name.replace("_", " "), f"{nbytes:,}", f"{nbytes / total:.1%}", CATEGORY_MEANINGS[name]))
+    return rows
+
+
+def _saved_rows(report: MemoryReport) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for layer in report.saved_by_layer():
+        why = "; ".join(layer.reasons)
+        if layer.also_kept_by:
+            why += f" (also kept by {', '.join(layer.also_kept_by)}: counted once, here)"
+        rows.append((layer.module or "(loss)", layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
+    return rows
+
+
+_BREAKDOWN_COLUMNS = ("At the live peak", "Bytes", "Share", "What it is")
+_SAVED_COLUMNS = ("Layer", "Type", "Kept for backward", "Share", "Why")
+
+
+def print_memory(
+    report: MemoryReport,
+    *,
+    scaling: BatchScaling | None = None,
+    fit: BatchFit | None = None,
+    console: Console | None = None,
+) -> None:
+    console = console or wide_console()
+    lines = memory_lines(report, scaling=scaling, fit=fit)
+    console.print(lines[0], highlight=False, markup=False)
+    if report.peak is not None:
+        table = Table(title_justify="left")
+        for column in _BREAKDOWN_COLUMNS:
+            table.add_column(column, justify="right" if column in ("Bytes", "Share") else "left")
+        for row in _breakdown_rows(report):
+            table.add_row(*row)
+        console.print(table)
+    if report.saved:
+        table = Table(title=f"Kept for backward: {_bytes(report.saved_total_bytes)}, each storage once", title_justify="left")
+        for column in _SAVED_COLUMNS:
+            table.add_column(column, justify="right" if column in ("Kept for backward", "Share") else "left", no_wrap=column == "Layer")
+        for row in _saved_rows(report):
+            table.add_row(*row)
+        console.print(table)
+    for line in lines[1:]:
+        console.print(line, highlight=False, markup=False)
+
+
+def memory_markdown(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
+    lines = memory_lines(report, scaling=scaling, fit=fit)
+    out = [f"**{lines[0]}**", ""]
+    if report.peak is not None:
+        out += ["| " + " | ".join(_BREAKDOWN_COLUMNS) + " |", "|" + "---|" * len(_BREAKDOWN_COLUMNS)]
+        out += ["| " + " | ".join(row) + " |" for row in _breakdown_rows(report)] + [""]
+    if report.saved:
+        out += [f"Kept for backward: {_bytes(report.saved_total_bytes)}, each storage once", ""]
+        out += ["| " + " | ".join(_SAVED_COLUMNS) + " |", "|" + "---|" * len(_SAVED_COLUMNS)]
+        out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _saved_rows(report)] + [""]
+    out += [f"- {line}" for line in lines[1:]]
+    return "\n".join(out) + "\n"
+
+
+def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> dict[str, Any]:
+    """Every number of the report under stable names (bytes in bytes); the timeline per op."""
+    setup = report.setup
+    data: dict[str, Any] = {
+        "model": report.model,
+        "setup": {
+            "mode": setup.mode,
+            "input_size": list(setup.input_size),
+            "batch_size": setup.batch_size,
+            "dtype": _dtype(setup.dtype),
+            "autocast_dtype": _dtype(setup.autocast_dtype) if setup.autocast_dtype else None,
+            "device_type": setup.device_type,
+            "optimizer": dict(setup.optimizer.__dict__) if setup.optimizer else None,
+            "grad_mode": setup.grad_mode if setup.mode == "infer" else None,
+        },
+        "live_peak_bytes": report.live_peak_bytes,
+        "allocator_peak_bytes": report.allocator_peak_bytes,
+        "peak": dict(report.peak.__dict__) if report.peak else None,
+        "breakdown_bytes": dict(zip(CATEGORIES, report.breakdown.counts())),
+        "category_meanings": dict(CATEGORY_MEANINGS),
+        "allocator": dict(report.allocator.__dict__) if report.allocator else None,
+        "saved_for_backward": [dict(row.__dict__) for row in report.saved],
+        "saved_total_bytes": report.saved_total_bytes,
+        "forum_rule": dict(report.forum.__dict__) if report.forum else None,
+        "ddp": {**report.ddp.__dict__, "total_bytes": report.ddp.total_bytes} if report.ddp else None,
+        "fallback": dict(report.fallback.__dict__) if report.fallback else None,
+        "notes": list(report.notes),
+        "batch_scaling": {**scaling.__dict__, "linear": scaling.linear} if scaling else None,
+        "fit": dict(fit.__dict__) if fit else None,
+        "timeline": None,
+    }
+    if report.timeline is not None:
+        timeline = report.timeline
+        data["timeline"] = {
+            "start_bytes": dict(zip(CATEGORIES, timeline.start.counts())),
+            "phases": [dict(span.__dict__) for span in timeline.phases],
+            "ops": [point.op for point in timeline.points],
+            "modules": [point.module for point in timeline.points],
+            "allocator_bytes": list(timeline.allocator_totals()),
+            "alive_bytes": {name: list(timeline.series(name)) for name in CATEGORIES},
+        }
+    return data
+
+
+def memory_json(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
+    return json.dumps(memory_to_dict(report, scaling=scaling, fit=fit), indent=2)

@@ -1,0 +1,454 @@
+"""One self-contained HTML report of a model: the summary table, the rounding explained, the memory
+of a training step and of inference, and every chart, inline (no network access: the CSS and the
+SVG charts are in the file). It prints on paper and renders in Jupyter (`Report._repr_html_`).
+
+`build_report` computes every result once (`summarize`, `predict_memory`, `fit_batch`,
+`memory_vs_batch`) and the chart data from them (`ninlab.viz.charts`); the HTML shows the same
+objects' numbers in tables beside the pictures.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ninlab.viz.charts import (
+    BatchChart,
+    Chart,
+    FieldChart,
+    FlopsChart,
+    GeometryChart,
+    SavedChart,
+    TimelineChart,
+    batch_chart,
+    chart_svg,
+    field_chart,
+    flops_chart,
+    geometry_chart,
+    saved_chart,
+    timeline_chart,
+)
+from ninlab.errors import NinlabError
+from ninlab.analysis.memory import (
+    CATEGORIES,
+    CATEGORY_MEANINGS,
+    BatchFit,
+    BatchScaling,
+    MemoryReport,
+    fit_batch,
+    memory_vs_batch,
+    predict_memory,
+)
+from ninlab.viz.render import explanation_lines
+from ninlab.analysis.summary import LayerSummary, Summary, summarize
+from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
+
+__all__ = ["DEFAULT_BUDGET", "BatchStudy", "Report", "ReportCharts", "build_report", "report_path", "study_batch"]
+
+DEFAULT_BUDGET = "8GiB"  # a common laptop or consumer GPU's memory
+
+
+# -- batch size against a budget ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchStudy:
+    """The largest batch that fits a budget, and the peak's line measured around it."""
+
+    fit: BatchFit
+    scaling: BatchScaling
+
+
+def study_batch(
+    model: nn.Module,
+    *,
+    budget: int | str,
+    input_size: Sequence[int],
+    mode: str = "train",
+    optimizer: str = "sgd",
+    dtype: torch.dtype = torch.float32,
+) -> BatchStudy:
+    """`fit_batch`, then `memory_vs_batch` at a quarter, half and three quarters of the answer, so
+    the line is measured where the question is; both count what the allocator holds, which is
+    what runs out."""
+    fit = fit_batch(model, budget=budget, input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, level="allocator")  # type: ignore[arg-type]
+    quarter = max(1, fit.batch_size // 4)
+    half = max(quarter + 1, fit.batch_size // 2)
+    three_quarters = max(half + 1, 3 * fit.batch_size // 4)
+    scaling = memory_vs_batch(
+        model, input_size=input_size, batch_sizes=(quarter, half), check_batch_size=three_quarters,
+        mode=mode, optimizer=optimizer, dtype=dtype, level="allocator",  # type: ignore[arg-type]
+    )
+    return BatchStudy(fit, scaling)
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportCharts:
+    """The data of every chart in the report; None where the model has nothing to draw (no
+    conv or pooling layer, or a model fake tensors cannot run, which has no timeline)."""
+
+    geometry: GeometryChart | None
+    field: FieldChart | None
+    flops: FlopsChart
+    train_timeline: TimelineChart | None
+    infer_timeline: TimelineChart | None
+    saved: SavedChart | None
+    batch: BatchChart
+
+
+@dataclass(frozen=True)
+class Report:
+    summary: Summary
+    train: MemoryReport
+    infer: MemoryReport
+    batch: BatchStudy
+    charts: ReportCharts
+    optimizer: str
+
+    def html(self) -> str:
+        """A complete HTML document."""
+        return _document(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the report's body, with its (scoped) style sheet."""
+        return _body(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the HTML document, never leaving a half-written file."""
+        path = report_path(path)
+        # A temporary name beside the target, created with the usual permissions, then renamed.
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_text(self.html(), encoding="utf-8")
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        return path
+
+
+def report_path(path: str | os.PathLike[str]) -> Path:
+    """`path` if the report can be written there, so a command can refuse a bad -o before the work."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise NinlabError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
+    return path
+
+
+def build_report(
+    model: nn.Module,
+    *,
+    input_size: Sequence[int],
+    batch_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+    optimizer: str = "sgd",
+    budget: int | str = DEFAULT_BUDGET,
+    model_name: str | None = None,
+    layer: str | None = None,
+) -> Report:
+    """Summarize `model`, predict its training step's and inference's memory, find the largest
+    batch under `budget`, and build every chart; `layer` picks the layer of the geometry picture."""
+    name = model_name or type(model).__name__
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    summary = summarize(model, input_size=input_size, batch_size=batch_size, dtype=dtype, model_name=name)
+    common = {"input_size": input_size, "batch_size": batch_size, "dtype": dtype, "model_name": name}
+    train = predict_memory(model, mode="train", optimizer=optimizer, **common)  # type: ignore[arg-type]
+    infer = predict_memory(model, mode="infer", **common)  # type: ignore[arg-type]
+    batch = study_batch(model, budget=budget_bytes, input_size=input_size, optimizer=optimizer, dtype=dtype)
+    has_windows = any(row.windows for row in summary.layers)
+    charts = ReportCharts(
+        geometry=geometry_chart(summary, layer=layer) if has_windows and len(summary.input_size) == 3 else None,
+        field=field_chart(summary) if any(row.receptive_field for row in summary.layers) else None,
+        flops=flops_chart(summary),
+        train_timeline=timeline_chart(train) if train.timeline else None,
+        infer_timeline=timeline_chart(infer) if infer.timeline else None,
+        saved=saved_chart(train) if train.timeline else None,
+        batch=batch_chart(batch.scaling, batch.fit, model=name, mode="train"),
+    )
+    return Report(summary, train, infer, batch, charts, optimizer)
+
+
+# -- HTML -----------------------------------------------------------------------------------------
+
+_CSS = """
+.ninlab-report { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+  line-height: 1.45; max-width: 72rem; margin: 0 auto; padding: 1rem 1.5rem; font-size: 15px; }
+.ninlab-report h1 { font-size: 1.6rem; margin: 0.2rem 0; }
+.ninlab-report h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2rem; }
+.ninlab-report h3 { font-size: 1.05rem; margin-bottom: 0.3rem; }
+.ninlab-report .meta, .ninlab-report .note { color: #555; font-size: 0.9rem; }
+.ninlab-report .glance { display: grid; grid-template-columns: repeat(auto-fill, minmax(13rem, 1fr)); gap: 0.6rem; }
+.ninlab-report .glance div { border: 1px solid #ddd; border-radius: 6px; padding: 0.5rem 0.7rem; }
+.ninlab-report .glance b { display: block; font-size: 1.15rem; }
+.ninlab-report .glance span { color: #555; font-size: 0.85rem; }
+.ninlab-report table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+.ninlab-report th, .ninlab-report td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
+.ninlab-report th { background: #f4f4f4; }
+.ninlab-report td:first-child { white-space: nowrap; }
+.ninlab-report td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.ninlab-report .wide { overflow-x: auto; }
+.ninlab-report figure { margin: 1rem 0; }
+.ninlab-report figure svg { max-width: 100%; height: auto; display: block; }
+.ninlab-report figcaption { color: #555; font-size: 0.85rem; }
+.ninlab-report code { font-size: 0.85rem; background: #f6f6f6; padding: 0 0.2rem; }
+.ninlab-report ul.explain li { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.8rem; }
+@media print {
+  .ninlab-report { max-width: none; padding: 0; font-size: 11pt; }
+  .ninlab-report figure, .ninlab-report tr, .ninlab-report .glance div { break-inside: avoid; }
+  .ninlab-report h2 { break-after: avoid; }
+  .ninlab-report .wide { overflow: visible; }
+}
+"""
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _shape(size: Sequence[int]) -> str:
+    return "x".join(map(str, size))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]) -> str:
+    """Cells are already escaped HTML."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="n">{c}</td>' if n else f"<td>{c}</td>" for c, n in zip(row, numeric)) + "</tr>"
+        for row in rows
+    )
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _figure(chart: Chart | None, key: str, caption: str) -> str:
+    if chart is None:
+        return ""
+    return f'<figure id="chart-{key}">{chart_svg(chart, id_prefix=key)}<figcaption>{caption}</figcaption></figure>'
+
+
+def _step_name(report: MemoryReport) -> str:
+    setup = report.setup
+    if setup.mode == "train":
+        return f"training step ({setup.optimizer.name if setup.optimizer else 'sgd'})"
+    return f"inference ({setup.grad_mode})"
+
+
+def _glance(report: Report) -> str:
+    t = report.summary.totals
+    fit = report.batch.fit
+    items = [
+        (format_count(t.parameters), f"parameters ({format_bytes(t.parameter_bytes)})"),
+        (format_flops(t.forward_flops), f"forward FLOPs per batch of {report.summary.batch_size}"),
+        (format_flops(t.training_step_flops), "training-step FLOPs (forward + backward)"),
+        (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {_step_name(report.train)}"),
+        (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {_step_name(report.infer)}"),
+        (_shape(report.summary.smallest_input_size), "smallest valid input"),
+        (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {_step_name(report.train)}"),
+        (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
+    ]
+    return '<div class="glance">' + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items) + "</div>"
+
+
+def _field_text(layer: LayerSummary) -> str:
+    if not layer.receptive_field:
+        return ""
+    sizes = {(f.size, f.jump) for f in layer.receptive_field}
+    if len(sizes) == 1:
+        field = layer.receptive_field[0]
+        return f"{field.size} (jump {field.jump})"
+    return " x ".join(f"{f.size}" for f in layer.receptive_field) + " (jump " + " x ".join(f"{f.jump}" for f in layer.receptive_field) + ")"
+
+
+def _layers_section(report: Report) -> str:
+    summary = report.summary
+    rows = []
+    for layer in summary.layers[1:]:
+        indent = "&nbsp;&nbsp;" * max(layer.depth - 1, 0)
+        rows.append((
+            indent + _e(layer.name),
+            _e(layer.type),
+            _e(_shape(layer.output_shape) if layer.output_shape else ""),
+            _e(layer.rounding),
+            _e(format_count(layer.parameters)),
+            _e(format_flops(layer.forward_flops)),
+            _e(format_flops(layer.backward_flops)),
+            _e(format_bytes(layer.output_bytes)),
+            _e(_field_text(layer)),
+        ))
+    t = summary.totals
+    table = _table(
+        ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Backward FLOPs", "Output size", "Receptive field"),
+        rows,
+        (False, False, False, False, True, True, True, True, True),
+    )
+    totals = (
+        f"<p>Parameters: {_e(format_count(t.parameters))} ({_e(format_count(t.weights))} weights + "
+        f"{_e(format_count(t.biases))} biases; {_e(format_count(t.trainable_parameters))} trainable), "
+        f"{_e(format_bytes(t.parameter_bytes))}. FLOPs per batch: forward {_e(format_flops(t.forward_flops))}, "
+        f"backward {_e(format_flops(t.backward_flops))}, training step {_e(format_flops(t.training_step_flops))} "
+        f"(the optimizer's update is not counted). Sum of layer outputs: {_e(format_bytes(t.layer_output_bytes))}.</p>"
+    )
+    return f"<h2>Layers</h2>{table}{totals}"
+
+
+def _rounding_section(report: Report) -> str:
+    summary = report.summary
+    lines = "".join(f"<li>{_e(line)}</li>" for line in explanation_lines(summary))
+    reach = "".join(
+        f"<li>Input {_e(r.axis)}: positions {r.first}..{r.last} can influence the output; "
+        f"the last {r.never_read} never do (dropped by rounding).</li>"
+        for r in summary.input_reach
+        if r.never_read
+    )
+    geometry = report.charts.geometry
+    picture = _figure(
+        geometry,
+        "geometry",
+        "The input grid of one layer: every window of the last output row (blue) and column (green), "
+        "the last window in bold red, and the real pixels no window reads shaded red. Windows start at "
+        "the top/left, one stride apart; whatever does not fill another stride is left over at the "
+        "bottom/right. Nothing is cropped at random.",
+    )
+    return (
+        "<h2>Rounding, layer by layer</h2>"
+        "<p>PyTorch starts windows at the top/left and drops the remainder at the bottom/right; "
+        "an output exists only while its whole window fits (floor).</p>"
+        f'<ul class="explain">{lines}</ul>'
+        + (f"<ul>{reach}</ul>" if reach else "")
+        + picture
+        + _figure(
+            report.charts.field,
+            "field",
+            "Receptive field of each conv and pooling layer's output (solid, left axis) and its jump, "
+            "the input distance between neighbouring outputs (dotted, right axis).",
+        )
+    )
+
+
+def _flops_section(report: Report) -> str:
+    return "<h2>FLOPs per layer</h2>" + _figure(
+        report.charts.flops,
+        "flops",
+        _e(report.summary.flop_convention) + ". The first layer's backward computes only weight gradients: the input batch needs none.",
+    )
+
+
+def _breakdown_table(report: MemoryReport) -> str:
+    rows = [
+        (_e(name.replace("_", " ")), _e(format_bytes(report.breakdown.of(name))), _e(CATEGORY_MEANINGS[name]))
+        for name in CATEGORIES
+        if report.breakdown.of(name)
+    ]
+    rows.append(("<b>total</b>", f"<b>{_e(format_bytes(report.live_peak_bytes))}</b>", "live tensor storage at its peak"))
+    return _table(("Category", "Alive at the peak", "What it is"), rows, (False, True, False))
+
+
+def _where(module: str, module_type: str) -> str:
+    return f"{module} ({module_type})" if module else "code outside any module (the loss)"
+
+
+def _peak_text(report: MemoryReport) -> str:
+    if report.peak is None or report.allocator is None:
+        return " ".join(_e(note) for note in report.notes)
+    peak, allocator = report.peak, report.allocator
+    text = (
+        f"Live tensor storage peaks at {_e(format_bytes(report.live_peak_bytes))} ({report.live_peak_bytes:,} bytes) "
+        f"during <code>{_e(peak.op)}</code> in {_e(_where(peak.module, peak.module_type))}, {_e(peak.phase)} phase. "
+        f"The allocator holds at most {_e(format_bytes(allocator.peak_bytes))} ({allocator.peak_bytes:,} bytes), "
+        f"during <code>{_e(allocator.op)}</code> in {_e(_where(allocator.module, allocator.module_type))}, {_e(allocator.phase)} phase "
+        f"({_e(format_bytes(allocator.workspace_bytes + allocator.rounding_bytes))} beyond the live tensors then: "
+        f"{_e(allocator.method)})."
+    )
+    if allocator.unmodelled:
+        text += f' <span class="note">Not modelled: {_e("; ".join(allocator.unmodelled))}.</span>'
+    return text
+
+
+def _saved_table(report: MemoryReport) -> str:
+    rows = [
+        (
+            _e(layer.module or "(loss)"),
+            _e(layer.module_type),
+            _e(format_bytes(layer.counted_bytes)),
+            _e(f"{layer.share:.1%}"),
+            "<br>".join(_e(reason) for reason in layer.reasons),
+            _e(", ".join(layer.also_kept_by)),
+        )
+        for layer in report.saved_by_layer()
+    ]
+    return _table(
+        ("Layer", "Type", "Kept for backward", "Share", "Why autograd keeps it", "Also kept by (counted here once)"),
+        rows,
+        (False, False, True, True, False, False),
+    )
+
+
+def _memory_section(report: Report) -> str:
+    train, infer, study = report.train, report.infer, report.batch
+    parts = [
+        "<h2>Memory</h2>",
+        (
+            "<p>Predicted op by op on fake tensors (no memory is allocated to predict it), at two levels: "
+            "live tensor storage, each storage counted once and split by category below, and what the "
+            "allocator holds, which adds the blocks kernels allocate for themselves (and, on CUDA, block "
+            "rounding). Not included: memory cached but free, and the CUDA context.</p>"
+        ),
+    ]
+    for step, key, chart, caption in (
+        (train, "train-timeline", report.charts.train_timeline, "From zero_grad through forward, loss, backward and the optimizer step (the second, steady-state step)."),
+        (infer, "infer-timeline", report.charts.infer_timeline, "Inference: activations die as soon as the next layer has used them."),
+    ):
+        parts.append(f"<h3>{_e(_step_name(step).capitalize())}, batch {step.setup.batch_size}</h3>")
+        parts.append(f"<p>{_peak_text(step)}</p>")
+        parts.append(_breakdown_table(step))
+        if step.forum is not None:
+            parts.append(
+                f'<p class="note">The forum post\'s rule of thumb gives {_e(format_bytes(step.forum.rule_bytes))} '
+                f"({step.forum.ratio:.2f} x the prediction).</p>"
+            )
+        parts.append(_figure(chart, key, caption))
+    if report.charts.saved is not None:
+        parts.append("<h3>What each layer keeps for backward</h3>")
+        parts.append(_figure(report.charts.saved, "saved", "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it."))
+        parts.append(_saved_table(train))
+    fit, scaling = study.fit, study.scaling
+    parts.append("<h3>Batch size</h3>")
+    parts.append(
+        f"<p>Training peak (what the allocator holds) = {_e(format_bytes(round(scaling.fixed_bytes)))} + "
+        f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample (exact at batch {scaling.batch_sizes[0]} and "
+        f"{scaling.batch_sizes[1]}; at batch {scaling.check_batch_size} the line is "
+        f"{'exact' if scaling.linear else 'off: the peak moves to another op'}). The largest batch within "
+        f"{_e(format_bytes(fit.budget_bytes))} is <b>{fit.batch_size:,}</b> ({_e(format_bytes(fit.peak_bytes))}; "
+        f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
+    )
+    parts.append(_figure(report.charts.batch, "batch", "Every point is an exact prediction; the line is fitted through two of them."))
+    return "".join(parts)
+
+
+def _body(report: Report) -> str:
+    summary = report.summary
+    header = (
+        f"<h1>{_e(summary.model)}</h1>"
+        f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, {_e(summary.dtype)}, '
+        f"optimizer {_e(report.optimizer)}. Made by ninlab from one trace of the model on fake tensors.</p>"
+    )
+    return (
+        f'<div class="ninlab-report"><style>{_CSS}</style>{header}{_glance(report)}'
+        f"{_layers_section(report)}{_rounding_section(report)}{_flops_section(report)}{_memory_section(report)}</div>"
+    )
+
+
+def _document(report: Report) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>ninlab report: {_e(report.summary.model)}</title></head>"
+        f"<body>{_body(report)}</body></html>\n"
+    )

@@ -1,0 +1,262 @@
+"""The CPU workspace rules replayed against the profiler's allocation records, one op call at a
+time; the CUDA caching allocator's rounding; and the pitfalls the rules rest on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ninlab.analysis.allocator import (
+    Step,
+    conv_backend,
+    cpu_steps,
+    cuda_fresh_block_bytes,
+    cuda_pool,
+    cuda_round_size,
+    cuda_segment_bytes,
+    mkldnn_conv_forward_steps,
+    onednn_channel_block,
+    peak_above_start_bytes,
+    unmodelled_reason,
+)
+
+aten = torch.ops.aten
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available() or onednn_channel_block() != 16,
+    reason="the rules were measured with oneDNN on an AVX-512 CPU",
+)
+
+
+@pytest.fixture
+def threads() -> Iterator[Callable[[int], None]]:
+    """Set the intra-op thread count for one test (oneDNN's choices depend on it)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def op_allocations(call: Callable[[], tuple[torch.Tensor, ...] | torch.Tensor]) -> list[int]:
+    """Allocations of one op call whose outputs are kept alive until the records are read."""
+    kept: list[object] = []
+
+    def keep() -> object:
+        kept.append(call())
+        return None
+
+    keep()
+    kept.clear()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        keep()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    return [e.nbytes() for e in sorted(records, key=lambda e: e.start_ns())]
+
+
+def deltas(steps: tuple[Step, ...] | None) -> list[int]:
+    assert steps is not None
+    return [step.delta_bytes for step in steps]
+
+
+def without_scratchpads(measured: list[int], predicted: list[int]) -> tuple[list[int], list[int]]:
+    """Split off blocks of sizes the rule does not predict (oneDNN scratchpads, not modelled)."""
+    known = {abs(size) for size in predicted}
+    return [s for s in measured if abs(s) in known], [s for s in measured if abs(s) not in known and s > 0]
+
+
+def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, bias: bool = True):
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size)
+    w = torch.randn(cout, cin // groups, kernel, kernel)
+    b = torch.randn(cout) if bias else None
+    args = (x, w, b, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups)
+    return args, lambda: aten.convolution.default(*args)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 1, "cout": 96, "size": 64, "kernel": 11, "stride": 4},  # NiN's first conv: input read as is
+        {"batch": 2, "cin": 96, "cout": 96, "size": 26, "kernel": 1},  # NiN's 1x1 convs
+        {"batch": 2, "cin": 96, "cout": 256, "size": 26, "kernel": 5, "padding": 2},
+        {"batch": 2, "cin": 384, "cout": 10, "size": 5, "kernel": 3, "padding": 1},  # 10 classes: padded channels and bias
+        {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},  # both channel counts padded
+        {"batch": 2, "cin": 16, "cout": 10, "size": 16, "kernel": 3, "bias": False},
+        {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},  # depthwise
+        {"batch": 2, "cin": 64, "cout": 128, "size": 16, "kernel": 3, "padding": 1, "groups": 4},
+    ],
+)
+def test_conv_forward_allocations_match_the_profiler(shape: dict[str, int], threads: Callable[[int], None]) -> None:
+    threads(2)
+    args, call = conv_forward(**shape)
+    assert conv_backend(*args) == "Mkldnn"
+    assert op_allocations(call) == deltas(cpu_steps("aten.convolution.default", args))
+
+
+def test_nin_1x1_conv_holds_two_extra_activation_blocks() -> None:
+    """Why NiN's inference allocator peak is 45% above its live peak."""
+    steps = mkldnn_conv_forward_steps(input_shape=(128, 96, 54, 54), weight_shape=(96, 96, 1, 1), output_shape=(128, 96, 54, 54), bias=True)
+    activation = 128 * 96 * 54 * 54 * 4
+    assert activation == 143_327_232
+    assert peak_above_start_bytes(steps) == 2 * activation + 96 * 96 * 4  # blocked input, weights, blocked result
+    assert [s.output for s in steps].count(0) == 1
+
+
+def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, mask=(True, True, True)):
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size)
+    w = torch.randn(cout, cin // groups, kernel, kernel)
+    out = aten.convolution.default(x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups)
+    grad = torch.randn_like(out)
+    args = (grad, x, w, [cout], [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups, list(mask))
+    return args, lambda: aten.convolution_backward.default(*args)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 16, "cout": 16, "size": 32, "kernel": 3, "padding": 1},
+        {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},
+        {"batch": 2, "cin": 3, "cout": 16, "size": 32, "kernel": 3, "padding": 1},  # input channels under a block
+        {"batch": 2, "cin": 96, "cout": 10, "size": 8, "kernel": 3, "padding": 1, "mask": (False, True, True)},
+        {"batch": 16, "cin": 96, "cout": 96, "size": 8, "kernel": 1},  # 1x1 stays on oneDNN with batch >= 16
+        {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},
+        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 4, "mask": (True, True, False)},
+    ],
+)
+def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+    threads(1)  # one thread: no scratchpad for reducing weight gradients across threads
+    args, call = conv_backward(**shape)
+    assert op_allocations(call) == deltas(cpu_steps("aten.convolution_backward.default", args))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 16, "cout": 16, "size": 32, "kernel": 3, "stride": 2, "padding": 1},
+        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 1, "stride": 2},  # ResNet's downsampling shortcut
+        {"batch": 2, "cin": 3, "cout": 10, "size": 32, "kernel": 3, "stride": 2, "padding": 1},
+        {"batch": 2, "cin": 16, "cout": 96, "size": 32, "kernel": 7, "stride": 2, "padding": 3},
+    ],
+)
+def test_strided_conv_backward_matches_but_for_scratchpads(shape: dict, threads: Callable[[int], None]) -> None:
+    threads(2)
+    args, call = conv_backward(**shape)
+    predicted = deltas(cpu_steps("aten.convolution_backward.default", args))
+    measured, scratchpads = without_scratchpads(op_allocations(call), predicted)
+    assert measured == predicted
+    assert all(size < 512 * 1024 for size in scratchpads)  # brgemm/reduction scratchpads: small
+
+
+def test_unmodelled_convolutions_say_why() -> None:
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
+    window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
+    bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
+    assert "bf16" in unmodelled_reason("aten.convolution.default", bf16)
+    assert cpu_steps("aten.convolution.default", bf16) is None
+    channels_last = (x.to(memory_format=torch.channels_last), w, None, *window)
+    assert "channels-last" in unmodelled_reason("aten.convolution.default", channels_last)
+
+
+def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[[int], None]) -> None:
+    threads(1)
+    args, call = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
+    assert conv_backend(*args) == "Slow2d"
+    assert cpu_steps("aten.convolution.default", args) is None
+    assert op_allocations(call) == [2 * 96 * 16 * 16 * 4]  # the output, nothing else
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_forward(training: bool) -> None:
+    x = torch.randn(4, 16, 8, 8)
+    args = (x, torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16), training, 0.1, 1e-5)
+    steps = cpu_steps("aten.native_batch_norm.default", args)
+    assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(steps)
+    assert cpu_steps("aten._native_batch_norm_legit.default", args) == steps
+
+
+@pytest.mark.parametrize("expanded_grad", [False, True])
+def test_batch_norm_backward_allocates_grad_input_twice_when_contiguous(expanded_grad: bool) -> None:
+    x = torch.randn(4, 16, 8, 8)
+    weight, mean, invstd = torch.ones(16), x.mean((0, 2, 3)), torch.ones(16)
+    grad = torch.ones(()).expand_as(x) if expanded_grad else torch.randn_like(x)
+    args = (grad, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
+    measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
+    assert measured == deltas(cpu_steps("aten.native_batch_norm_backward.default", args))
+    extra = peak_above_start_bytes(cpu_steps("aten.native_batch_norm_backward.default", args)) - (x.numel() * 4 + 2 * 64)
+    assert extra == (64 if expanded_grad else x.numel() * 4)
+
+
+# --- pitfalls -------------------------------------------------------------------------------
+
+
+class _Seen(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_mode_hands_a_dispatch_mode_undecomposed_composites() -> None:
+    pool, conv, x = torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    with _Seen() as no_grad_seen, torch.no_grad():
+        pool(conv(x))
+    with _Seen() as inference_seen, torch.inference_mode():
+        pool(conv(x))
+    assert "aten.max_pool2d_with_indices.default" in no_grad_seen.ops
+    assert {"aten.conv2d.default", "aten.max_pool2d.default"} <= set(inference_seen.ops)
+
+
+@pytest.mark.parametrize("guard", [torch.no_grad, torch.inference_mode])
+def test_cpu_max_pool_allocates_int64_indices_without_grad(guard: Callable[[], object]) -> None:
+    x = torch.randn(2, 16, 12, 12)
+    output_bytes = 2 * 16 * 6 * 6 * 4
+    with guard():  # type: ignore[attr-defined]
+        measured = op_allocations(lambda: torch.nn.functional.max_pool2d(x, 2))
+    assert measured == [output_bytes, 2 * output_bytes, -2 * output_bytes]  # output, int64 indices freed
+
+
+def test_cpu_dropout_mask_is_float32() -> None:
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    masks: list[torch.dtype] = []
+
+    class Masks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is aten.bernoulli_.float:
+                masks.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Masks():
+        torch.nn.functional.dropout(x, 0.5, training=True)
+    assert masks == [torch.float32]  # CUDA's fused native_dropout keeps a bool mask instead
+
+
+# --- CUDA caching allocator -------------------------------------------------------------------
+
+
+def test_cuda_rounding() -> None:
+    assert cuda_round_size(1) == 512
+    assert cuda_round_size(5120) == 5120  # NiN's logits at batch 128
+    assert cuda_round_size(5121) == 5632
+    assert cuda_pool(1 << 20) == "small" and cuda_pool((1 << 20) + 1) == "large"
+    assert cuda_segment_bytes(4) == 2 << 20
+    assert cuda_segment_bytes(3 << 20) == 20 << 20
+    assert cuda_segment_bytes(25_690_112) == 13 * (2 << 20)  # NiN's input batch: its own segment
+
+
+def test_cuda_fresh_block_is_whole_segment_when_little_is_left() -> None:
+    # NiN's first activation at batch 128 leaves 1,376,256 bytes (> 1 MiB) of its 69 x 2 MiB
+    # segment: the block is split, and counts as the request.
+    assert cuda_segment_bytes(143_327_232) == 144_703_488
+    assert cuda_fresh_block_bytes(143_327_232) == 143_327_232
+    # 11.5 MiB leaves 0.5 MiB of a 12 MiB segment: the whole segment is the block.
+    assert cuda_fresh_block_bytes(12_058_624) == 12_582_912
+    assert cuda_fresh_block_bytes(3 << 20) == 3 << 20  # split off a 20 MiB segment
+    assert cuda_fresh_block_bytes(100) == 512

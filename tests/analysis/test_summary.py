@@ -1,0 +1,153 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from cnn_zoo import ZOO
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin
+from ninlab.analysis.summary import summarize
+
+
+@pytest.fixture(scope="module")
+def nin_summary():
+    return summarize(build_nin(), input_size=(1, 224, 224), batch_size=128, model_name="nin-d2l")
+
+
+def layer(summary, name):
+    return next(row for row in summary.layers if row.name == name)
+
+
+def test_nin_shapes_at_224_match_a_real_forward(nin_summary):
+    model = build_nin()
+    real = {}
+
+    def remember(name):
+        def hook(module, inputs, output):
+            real[name] = tuple(output.shape)
+
+        return hook
+
+    hooks = [m.register_forward_hook(remember(n)) for n, m in model.named_modules() if n]
+    with torch.no_grad():
+        model(torch.zeros(128, 1, 224, 224))
+    for hook in hooks:
+        hook.remove()
+    assert {row.name: row.output_shape for row in nin_summary.layers if row.name} == real
+    assert layer(nin_summary, "0.0").output_shape == (128, 96, 54, 54)
+    assert [layer(nin_summary, n).output_shape[2] for n in ("1", "3", "5")] == [26, 12, 5]
+
+
+def test_nin_rounding_is_explained_with_the_forum_numbers(nin_summary):
+    first = layer(nin_summary, "0.0")
+    assert first.windows[0].textbook_output == 54.25
+    assert first.windows[0].trailing_unread_real == 1
+    assert first.explanation == (
+        "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real pixels are never read"
+    )
+    assert first.rounding == "54.25 -> 54, last 1 real unread"
+    assert layer(nin_summary, "3").rounding == "12.5 -> 12, last 1 real unread"
+    assert layer(nin_summary, "2.0").rounding == ""  # 5x5 with padding 2 keeps 26
+
+
+def test_nin_parameters_weights_and_biases(nin_summary):
+    totals = nin_summary.totals
+    assert totals.parameters == 1_992_166
+    assert totals.biases == 96 * 3 + 256 * 3 + 384 * 3 + 10 * 3
+    assert totals.weights == totals.parameters - totals.biases
+    assert totals.parameter_bytes == 4 * 1_992_166
+    assert layer(nin_summary, "2").parameters == 256 * (5 * 5 * 96 + 1) + 2 * 256 * (256 + 1)
+
+
+def test_nin_flops_per_layer_add_up(nin_summary):
+    leaves = [row for row in nin_summary.layers if row.is_leaf]
+    assert sum(row.forward_flops for row in leaves) == nin_summary.totals.forward_flops == 195_148_122_112
+    assert sum(row.backward_flops for row in leaves) == nin_summary.totals.backward_flops
+    # conv 0.0: 2 x 128 x 54 x 54 positions x 11 x 11 x 1 x 96 channels
+    assert layer(nin_summary, "0.0").forward_flops == 2 * 128 * 54 * 54 * 121 * 96
+    # ...and in backward only the weight gradient: the network input needs none.
+    assert layer(nin_summary, "0.0").backward_flops == layer(nin_summary, "0.0").forward_flops
+
+
+def test_nin_receptive_fields_smallest_input_and_reach(nin_summary):
+    fields = {name: layer(nin_summary, name).receptive_field[0] for name in ("0.0", "1", "2.0", "3", "4.0", "5", "7.0")}
+    assert [(f.size, f.jump) for f in fields.values()] == [(11, 4), (19, 8), (51, 8), (67, 16), (99, 16), (131, 32), (195, 32)]
+    assert nin_summary.smallest_input_size == (1, 67, 67)
+    # Rounding at the first conv and the three pools leaves the last 5 rows and columns unused.
+    assert [(r.first, r.last, r.never_read) for r in nin_summary.input_reach] == [(0, 218, 5), (0, 218, 5)]
+
+
+def test_smallest_input_holds_for_real_torch():
+    model = build_nin().eval()
+    model(torch.zeros(1, 1, 67, 67))
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(1, 1, 66, 67))
+
+
+def test_too_small_input_names_the_first_empty_layer():
+    with pytest.raises(NinlabError) as error:
+        summarize(build_nin(), input_size=(1, 60, 60))
+    assert str(error.value) == (
+        "input 1x60x60 is too small: layer 5 (MaxPool2d): (2 - 3 + 2*0)/2 + 1 = 0.5 < 1, so the output "
+        "would be empty; this layer needs an input of at least 3; the smallest input this network accepts is 1x67x67"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_smallest_input_of_other_cnns_is_exact(name):
+    entry = ZOO[name]
+    model = entry.factory().eval()
+    smallest = summarize(model, input_size=entry.input_size).smallest_input_size
+    with torch.no_grad():
+        model(torch.zeros(1, *smallest))
+        for axis in (1, 2):
+            if smallest[axis] > 1:
+                smaller = list(smallest)
+                smaller[axis] -= 1
+                with pytest.raises(RuntimeError):
+                    model(torch.zeros(1, *smaller))
+
+
+def test_functional_calls_and_residual_adds_are_seen():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+        def forward(self, x):
+            y = torch.nn.functional.conv2d(x, self.weight, padding=1)
+            return (y + torch.relu(y)).mean((2, 3))
+
+    summary = summarize(Functional(), input_size=(3, 16, 16), batch_size=2)
+    assert summary.totals.forward_flops == 2 * 2 * 16 * 16 * 27 * 8
+    assert summary.layers[0].output_shape == (2, 8)
+    assert summary.totals.parameters == 8 * 27
+
+
+def test_bfloat16_halves_parameter_and_output_bytes():
+    summary = summarize(build_nin(), input_size=(1, 224, 224), batch_size=2, dtype=torch.bfloat16)
+    assert summary.totals.parameter_bytes == 2 * 1_992_166
+    assert summary.layers[1].output_bytes == 2 * 2 * 96 * 54 * 54
+    assert summary.dtype == "bfloat16"
+
+
+def test_batch_and_input_errors():
+    with pytest.raises(NinlabError, match="batch size must be at least 1"):
+        summarize(build_nin(), input_size=(1, 224, 224), batch_size=0)
+    with pytest.raises(NinlabError, match="the model cannot run on a batch of 3x224x224 inputs"):
+        summarize(build_nin(), input_size=(3, 224, 224))
+
+
+def test_nin_at_batch_128_allocates_no_activations():
+    """A real forward at batch 128 needs over 1 GB; the analysis must stay far below."""
+    # VmHWM is this process's own high-water mark; ru_maxrss would also count the memory of the
+    # test process it was forked from (Linux carries it across exec).
+    code = (
+        "import re, ninlab; from ninlab.analysis.summary import summarize; "
+        "summarize(ninlab.build_nin(), input_size=(1, 224, 224), batch_size=128); "
+        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024)"
+    )
+    peak_rss = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert peak_rss < 1_000_000_000

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from ninlab.models import build_nin
+from ninlab.optimizers import OptimizerSpec
+from ninlab.analysis.trace import LayerInputTooSmall, StepSetup, record_step
+
+
+@pytest.fixture(scope="module")
+def nin():
+    return build_nin()
+
+
+def step_ops(step):
+    return step.recording.ops[step.step_start :]
+
+
+def test_training_step_phases_and_backward_attribution(nin):
+    step = record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("sgd-momentum")))
+    ops = step_ops(step)
+    assert [p for i, p in enumerate(o.phase for o in ops) if i == 0 or p != ops[i - 1].phase] == [
+        "zero_grad", "forward", "loss", "backward", "optimizer",
+    ]
+    conv_backward = [(o.module, o.autograd_node) for o in ops if o.op == "aten.convolution_backward.default"]
+    assert conv_backward[0] == ("7.4", "ConvolutionBackward0")  # backward runs last layer first
+    assert conv_backward[-1] == ("0.0", "ConvolutionBackward0")
+    assert len(conv_backward) == 12
+    assert step.parameter_keys.keys() == step.gradient_keys.keys()
+    assert len(step.optimizer_state_keys) == 24  # one momentum buffer per parameter tensor
+
+
+def test_saved_for_backward_names_the_reasons(nin):
+    step = record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("sgd")))
+    saved = {(s.module, s.node, s.field) for s in step.recording.saved_for_backward}
+    storages = step.recording.storages
+    assert ("0.0", "ConvolutionBackward0", "input") in saved
+    assert ("0.1", "ReluBackward0", "result") in saved
+    assert ("1", "MaxPool2DWithIndicesBackward0", "result1") in saved  # the int64 indices
+    assert ("", "NllLossBackward0", "target") in saved
+    assert ("", "LogSoftmaxBackward0", "result") in saved
+    indices = next(s for s in step.recording.saved_for_backward if s.module == "1" and s.field == "result1")
+    assert storages[indices.storage_key].dtype == torch.int64
+    assert storages[indices.storage_key].nbytes == 8 * 2 * 96 * 26 * 26
+    # conv 0.2 keeps the ReLU output 0.1 keeps: one storage, counted once.
+    relu = next(s for s in step.recording.saved_for_backward if s.module == "0.1")
+    conv = next(s for s in step.recording.saved_for_backward if s.module == "0.2" and s.field == "input")
+    assert relu.storage_key == conv.storage_key
+
+
+def test_inference_mode_still_sees_max_pool_indices(nin):
+    for grad_mode in ("no_grad", "inference_mode"):
+        step = record_step(nin, StepSetup((1, 224, 224), 4, mode="infer", grad_mode=grad_mode))
+        pools = [o for o in step.recording.ops if o.op == "aten.max_pool2d_with_indices.default"]
+        assert [o.outputs[1].dtype for o in pools] == [torch.int64] * 3
+        assert step.target_key == -1
+
+
+def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
+    cpu = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam"))))
+    cuda = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam"), device_type="cuda")))
+    dropout = lambda ops: [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
+    assert dropout(cuda) == [("aten.native_dropout.default", (torch.float32, torch.bool))]
+    assert ("aten.bernoulli_.float", (torch.float32,)) in dropout(cpu)  # CPU keeps a float mask
+    assert any(o.op.startswith("aten._foreach_") for o in cuda if o.phase == "optimizer")
+    assert not any(o.op.startswith("aten._foreach_") for o in cpu if o.phase == "optimizer")
+
+
+def test_bf16_autocast_runs_convolutions_in_bf16(nin):
+    ops = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, autocast_dtype=torch.bfloat16, optimizer=OptimizerSpec("sgd"))))
+    convs = [o for o in ops if o.op == "aten.convolution.default"]
+    assert {o.outputs[0].dtype for o in convs} == {torch.bfloat16}
+    log_softmax = next(o for o in ops if o.op == "aten._log_softmax.default")
+    assert log_softmax.outputs[0].dtype == torch.float32
+
+
+def test_input_too_small_names_the_layer(nin):
+    with pytest.raises(LayerInputTooSmall) as error:
+        record_step(nin, StepSetup((1, 66, 66), 1, mode="infer"))
+    assert (error.value.module, error.value.module_type, error.value.error.min_input_size) == ("5", "MaxPool2d", 3)
+
+
+def test_the_model_is_left_untouched(nin):
+    before = {name: p.clone() for name, p in nin.named_parameters()}
+    nin.eval()
+    record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam")))
+    assert not nin.training
+    assert all(torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters())
+
+
+def test_batch_norm_statistics_stay_float32_under_autocast():
+    from cnn_zoo import resnet_bn
+
+    step = record_step(resnet_bn(), StepSetup((3, 32, 32), 2, autocast_dtype=torch.bfloat16, optimizer=OptimizerSpec("sgd")))
+    norms = [o for o in step_ops(step) if o.op == "aten.native_batch_norm.default"]
+    assert norms and all(o.inputs[0].dtype == torch.bfloat16 for o in norms)
+    assert {(o.outputs[0].dtype, o.outputs[1].dtype, o.outputs[2].dtype) for o in norms} == {
+        (torch.bfloat16, torch.float32, torch.float32)
+    }

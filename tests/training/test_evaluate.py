@@ -1,0 +1,115 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ninlab.cli import main
+from ninlab.training.data import CLASS_NAMES, Split
+from ninlab.errors import NinlabError
+from ninlab.training.evaluate import evaluate_model, load_image, load_trained_model, predict_images
+from ninlab.training.pipeline import InputTransform
+from ninlab.training.presets import PRESETS
+from ninlab.training.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(fashion_mnist, tmp_path_factory) -> Path:
+    config = dataclasses.replace(
+        PRESETS["cpu"], image_size=67, epochs=1, train_examples=1024, test_examples=300, amp="none"
+    )
+    path = tmp_path_factory.mktemp("eval") / "run"
+    train(config, output_dir=path, data=fashion_mnist)
+    return path
+
+
+def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnist):
+    trained = load_trained_model(run_dir)
+    test = fashion_mnist.test.head(300)
+    evaluation = evaluate_model(trained.model, test, transform=trained.transform, batch_size=64)
+    with torch.no_grad():
+        logits = trained.model(trained.transform(test.images))
+    predicted = logits.argmax(1)
+    assert evaluation.examples == 300
+    assert evaluation.correct == int((predicted == test.labels).sum())
+    assert evaluation.confusion[3][5] == int(((test.labels == 3) & (predicted == 5)).sum())
+    assert evaluation.loss == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, test.labels).item(), rel=1e-5
+    )
+    assert [sum(row) for row in evaluation.confusion] == test.labels.bincount(minlength=10).tolist()
+    per_class = evaluation.per_class_accuracy
+    assert per_class[1] == pytest.approx(evaluation.confusion[1][1] / sum(evaluation.confusion[1]))
+    # The history's last test accuracy is this same measurement.
+    assert load_checkpoint(run_dir)["history"][-1]["test_accuracy"] == evaluation.accuracy
+
+
+def test_evaluate_cli_prints_classes_and_writes_the_confusion_png(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--test-examples", "300", "--no-download", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 300 and list(report["per_class_accuracy"]) == list(CLASS_NAMES)
+    assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", str(run_dir / CHECKPOINT_NAME), "--test-examples", "300", "--no-download"]) == 0
+    table = capsys.readouterr().out
+    assert "Ankle boot" in table and f"{report['accuracy']:.4f}" in table
+
+
+def test_predict_gives_the_class_the_evaluation_gives(run_dir, fashion_mnist, tmp_path, capsys):
+    trained = load_trained_model(run_dir)
+    images = fashion_mnist.test.images[:4]
+    with torch.no_grad():
+        expected = trained.model(trained.transform(images)).softmax(1)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image.numpy()).save(paths[-1])
+    predictions = predict_images(trained, paths)
+    assert [p.class_index for p in predictions] == expected.argmax(1).tolist()
+    assert [p.probability for p in predictions] == pytest.approx(expected.max(1).values.tolist(), rel=1e-5)
+    # Any size, colour and polarity: a 3x larger RGB negative of image 0 comes back close to image 0.
+    photo = Image.fromarray(255 - images[0].numpy()).resize((84, 84), Image.BILINEAR).convert("RGB")
+    photo.save(tmp_path / "photo.jpg", quality=95)
+    restored = load_image(tmp_path / "photo.jpg", invert=True).float().flatten()
+    assert torch.corrcoef(torch.stack([restored, images[0].float().flatten()]))[0, 1] > 0.97
+    assert main(["predict", str(run_dir), str(paths[0])]) == 0
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{paths[0]}: {predictions[0].class_name} ({predictions[0].probability:.3f})"
+    )
+
+
+def test_load_image_shrinks_to_28_like_pil(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    expected = np.asarray(Image.fromarray(pixels).convert("L").resize((28, 28), Image.BILINEAR))
+    assert np.array_equal(load_image(tmp_path / "x.png").numpy(), expected)
+
+
+def test_unreadable_image_is_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["predict", str(run_dir), str(tmp_path / "notes.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read image" in err and "notes.png" in err
+
+
+def test_checkpoint_whose_weights_are_another_variant_is_refused(run_dir, tmp_path):
+    state = load_checkpoint(run_dir)
+    state["config"]["variant"] = "nin-d2l-1x1"  # weights of nin-d2l-bn, labelled as another network
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, state)
+    with pytest.raises(NinlabError, match="do not fit variant 'nin-d2l-1x1'"):
+        load_trained_model(tmp_path)
+
+
+def test_evaluation_on_a_split_needs_no_training_run():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    split = Split(torch.zeros(20, 28, 28, dtype=torch.uint8), torch.arange(20) % 10)
+    evaluation = evaluate_model(model, split, transform=InputTransform(28), batch_size=8)
+    # All-zero logits: argmax is class 0, every example is counted as "dead", the loss is ln 10.
+    assert evaluation.zero_logit_examples == 20 and evaluation.correct == 2
+    assert evaluation.loss == pytest.approx(np.log(10))

@@ -1,0 +1,74 @@
+"""The memory section of `ninlab summary`: the same numbers as `ninlab.analysis.memory`, as a table, JSON and
+Markdown, with the flags that choose the step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ninlab.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(["summary", *argv])
+    except SystemExit as exit:
+        code = int(exit.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_table_gives_the_peak_the_breakdown_the_reasons_and_the_forum_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--optimizer", "sgd-momentum")
+    assert code == 0
+    assert "Live tensor peak: 987.46 MiB (1,035,429,584 bytes), during threshold_backward in backward, layer 4.5 (ReLU)" in out
+    assert "937,033,728" in out  # saved for backward, at the peak
+    assert "max pool keeps the int64 index of each window's maximum" in out
+    assert "also kept by 0.2 ConvolutionBackward0.input: counted once, here" in out
+    assert "1.70x ours" in out
+
+
+def test_json_carries_the_report_and_the_timeline(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--format", "json", "--batch", "128", "--optimizer", "adam")
+    memory = json.loads(out)["memory"]
+    assert code == 0
+    assert memory["live_peak_bytes"] == 1_043_398_344
+    assert memory["setup"]["optimizer"]["name"] == "adam"
+    assert memory["peak"]["module"] == "4.5"
+    timeline = memory["timeline"]
+    totals = [sum(series[i] for series in timeline["alive_bytes"].values()) for i in range(len(timeline["ops"]))]
+    assert max(totals) == memory["live_peak_bytes"]
+    assert max(timeline["allocator_bytes"]) == memory["allocator_peak_bytes"]
+
+
+def test_markdown_inference_with_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--format", "markdown", "--mode", "infer", "--batch", "2", "--fit", "1GiB")
+    assert code == 0
+    assert "**Memory of one inference (no_grad), float32, cpu, batch 2:**" in out
+    assert "- Live tensor peak: 12.25 MiB (12,849,048 bytes)" in out
+    assert "Largest batch within 1.00 GiB (allocator level)" in out
+    assert "parameters (7.60 MiB) + the two largest consecutive activations" in out
+
+
+def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--device-type", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
+    assert code == 0
+    assert "bfloat16 autocast, cuda, batch 8" in out
+    assert "of block rounding" in out
+    assert "DDP gradient buckets: 1.26 MiB, 6.34 MiB" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fit", "10MB"], "is too small for batch 1"),
+        (["--fit", "lots"], "cannot read memory size 'lots'"),
+        (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["--mode", "infer", "--ddp"], "only in training"),
+    ],
+)
+def test_bad_memory_options_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, "--batch", "2", *argv)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1
