@@ -97,7 +97,7 @@ def accuracy(selected: list[Case]) -> list[str]:
     for name, factory, size, batch, mode, optimizer, amp, device in selected:
         model = factory()
         report = predict_memory(model, input_size=size, batch_size=batch, mode=mode, optimizer=optimizer, amp=amp, device_type=device)  # type: ignore[arg-type]
-        measured = measure(model, report.setup)
+        measured = measure(model, report.spec, batch_size=report.batch_size)
         live_ratio = report.live_peak_bytes / measured.live_peak_bytes
         allocator_ratio = report.allocator_peak_bytes / measured.allocator_peak_bytes
         worst = max(worst, abs(allocator_ratio - 1))

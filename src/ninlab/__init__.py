@@ -1,5 +1,52 @@
-"""ninlab: Network in Network (d2l.ai) as software."""
+"""ninlab: Network in Network (d2l.ai) as software.
+
+The front door: d2l's NiN and its variants, the accountant's questions (what does a step cost,
+how large a batch fits) and the trainer, importable from `ninlab` itself. See ARCHITECTURE.md for
+where each lives. The accountant and the trainer load on first use, so `import ninlab` (and every
+`ninlab` command) pays only for what it touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolve_model
 
-__all__ = ["NiNConfig", "build_nin", "get_config", "list_configs", "resolve_model"]
+if TYPE_CHECKING:
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.memory import fit_batch, predict_memory
+    from ninlab.analysis.step import StepSpec
+    from ninlab.analysis.summary import summarize
+    from ninlab.training.train import train
+
+_LAZY = {
+    "StepSpec": "ninlab.analysis.step",
+    "summarize": "ninlab.analysis.summary",
+    "predict_memory": "ninlab.analysis.memory",
+    "fit_batch": "ninlab.analysis.memory",
+    "measure": "ninlab.analysis.measure",
+    "train": "ninlab.training.train",
+}
+
+__all__ = [
+    "NiNConfig",
+    "StepSpec",
+    "build_nin",
+    "fit_batch",
+    "get_config",
+    "list_configs",
+    "measure",
+    "predict_memory",
+    "resolve_model",
+    "summarize",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ninlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value

@@ -15,9 +15,8 @@ from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.analysis.measure import measure
 from ninlab.models import resolve_model
-from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.analysis.step import train_step
-from ninlab.analysis.trace import StepSetup
+from ninlab.optimizers import make_optimizer
+from ninlab.analysis.step import StepSpec, train_step
 
 NIN_PARAMETERS_BYTES = 1_992_166 * 4
 
@@ -36,23 +35,23 @@ def nin() -> torch.nn.Module:
     return resolve_model("nin-d2l")
 
 
-def nin_train(batch_size: int, optimizer: str) -> StepSetup:
-    return StepSetup(input_size=(1, 224, 224), batch_size=batch_size, optimizer=OptimizerSpec(optimizer))
+def nin_train(optimizer: str) -> StepSpec:
+    return StepSpec(input_size=(1, 224, 224), optimizer=optimizer)
 
 
-def nin_infer(batch_size: int, grad_mode: str = "no_grad") -> StepSetup:
-    return StepSetup(input_size=(1, 224, 224), batch_size=batch_size, mode="infer", grad_mode=grad_mode)  # type: ignore[arg-type]
+def nin_infer(grad_mode: str = "no_grad") -> StepSpec:
+    return StepSpec(input_size=(1, 224, 224), mode="infer", grad_mode=grad_mode)  # type: ignore[arg-type]
 
 
 def test_nin_training_step_at_batch_2(nin: torch.nn.Module) -> None:
-    sgd = measure(nin, nin_train(2, "sgd"))
+    sgd = measure(nin, nin_train("sgd"), batch_size=2)
     assert sgd.baseline.parameters_bytes == sgd.baseline.gradients_bytes == NIN_PARAMETERS_BYTES
     assert (sgd.baseline.input_bytes, sgd.baseline.targets_bytes) == (2 * 224 * 224 * 4, 2 * 8)
     assert sgd.live_peak_bytes == 28_430_744
     assert (sgd.live_peak_op, sgd.live_peak_phase) == ("aten.threshold_backward.default", "backward")
     assert sgd.allocator_peak_bytes == 30_824_344
     assert sgd.allocator_peak_phase == "backward"
-    adam = measure(nin, nin_train(2, "adam"))
+    adam = measure(nin, nin_train("adam"), batch_size=2)
     # Adam adds two moments per parameter and a float32 step counter per parameter tensor (24).
     assert adam.baseline.optimizer_state_bytes == 2 * NIN_PARAMETERS_BYTES + 24 * 4
     assert adam.live_peak_bytes - sgd.live_peak_bytes == adam.baseline.optimizer_state_bytes
@@ -60,8 +59,8 @@ def test_nin_training_step_at_batch_2(nin: torch.nn.Module) -> None:
 
 
 def test_nin_inference_at_batch_2_is_the_same_under_both_guards(nin: torch.nn.Module) -> None:
-    no_grad = measure(nin, nin_infer(2))
-    inference_mode = measure(nin, nin_infer(2, "inference_mode"))
+    no_grad = measure(nin, nin_infer(), batch_size=2)
+    inference_mode = measure(nin, nin_infer("inference_mode"), batch_size=2)
     for result in (no_grad, inference_mode):
         # parameters + input + conv1's output + ReLU's output
         assert result.live_peak_bytes == NIN_PARAMETERS_BYTES + 401_408 + 2 * 2 * 96 * 54 * 54 * 4 == 12_849_048
@@ -83,30 +82,30 @@ def test_nin_inference_at_batch_2_is_the_same_under_both_guards(nin: torch.nn.Mo
 )
 def test_zoo_at_batch_4(name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int) -> None:
     entry = ZOO[name]
-    train = measure(entry.factory(), StepSetup(input_size=entry.input_size, batch_size=4, optimizer=OptimizerSpec("sgd-momentum")))
+    train = measure(entry.factory(), StepSpec(input_size=entry.input_size, optimizer="sgd-momentum"), batch_size=4)
     assert (train.live_peak_bytes, train.allocator_peak_bytes) == (train_live, train_allocator)
     for grad_mode in ("no_grad", "inference_mode"):
-        infer = measure(entry.factory(), StepSetup(input_size=entry.input_size, batch_size=4, mode="infer", grad_mode=grad_mode))
+        infer = measure(entry.factory(), StepSpec(input_size=entry.input_size, mode="infer", grad_mode=grad_mode), batch_size=4)
         assert (infer.live_peak_bytes, infer.allocator_peak_bytes) == (infer_live, infer_allocator)
 
 
 def test_vgg_inference_peak_counts_max_pool_indices_under_inference_mode() -> None:
     """inference_mode hands the mode max_pool2d whole; running it as its parts shows the indices."""
     entry = ZOO["vgg_big_head"]
-    result = measure(entry.factory(), StepSetup(input_size=entry.input_size, batch_size=4, mode="infer", grad_mode="inference_mode"))
+    result = measure(entry.factory(), StepSpec(input_size=entry.input_size, mode="infer", grad_mode="inference_mode"), batch_size=4)
     assert result.live_peak_op == "aten.max_pool2d_with_indices.default"
 
 
-def _profiler_tensor_peak(model: torch.nn.Module, setup: StepSetup) -> int:
+def _profiler_tensor_peak(model: torch.nn.Module, spec: StepSpec, batch_size: int) -> int:
     """Live-storage peak from the profiler alone: allocations the profiler itself ties to a
     tensor some op read (its TensorID), summed in time order over the second step."""
     from torch._C._profiler import _EventType
     from torch.profiler import _utils
 
     torch.manual_seed(0)
-    inputs = torch.randn(setup.batch_size, *setup.input_size)
-    targets = torch.randint(0, 10, (setup.batch_size,))
-    optimizer = make_optimizer(setup.optimizer or OptimizerSpec(), model.parameters())
+    inputs = torch.randn(batch_size, *spec.input_size)
+    targets = torch.randint(0, 10, (batch_size,))
+    optimizer = make_optimizer(spec.optimizer, model.parameters())
     level = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), inputs, targets])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         train_step(model, optimizer, inputs, targets)
@@ -124,21 +123,22 @@ def _profiler_tensor_peak(model: torch.nn.Module, setup: StepSetup) -> int:
 
 
 def test_live_level_agrees_with_the_profilers_tensor_identity(nin: torch.nn.Module) -> None:
-    setup = nin_train(2, "sgd")
-    assert _profiler_tensor_peak(resolve_model("nin-d2l"), setup) == measure(nin, setup).live_peak_bytes
+    spec = nin_train("sgd")
+    peak = _profiler_tensor_peak(resolve_model("nin-d2l"), spec, 2)
+    assert peak == measure(nin, spec, batch_size=2).live_peak_bytes
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(nin: torch.nn.Module) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    setup = StepSetup(input_size=(1, 224, 224), batch_size=1, device_type="cuda", optimizer=OptimizerSpec())
+    spec = StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd")
     with pytest.raises(NinlabError, match="needs a GPU"):
-        measure(nin, setup)
+        measure(nin, spec, batch_size=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> None:
-    result = measure(nin, StepSetup(input_size=(1, 224, 224), batch_size=8, device_type="cuda", optimizer=OptimizerSpec()))
+    result = measure(nin, StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd"), batch_size=8)
     assert result.allocator_method == "torch.cuda.max_memory_allocated"
     assert result.live_peak_bytes <= result.allocator_peak_bytes < 2 * result.live_peak_bytes
 
@@ -146,11 +146,11 @@ def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> N
 def test_cli_prints_both_levels(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["measure", "--model", "nin-d2l", "--batch", "2", "--mode", "infer"]) == 0
     out = capsys.readouterr().out
-    assert "12,849,048" in out and "15,125,400" in out and "infer (no_grad)" in out
+    assert "12,849,048" in out and "15,125,400" in out and "inference (no_grad)" in out
 
 
 @pytest.mark.slow
 def test_issue_figures_at_batch_128(nin: torch.nn.Module) -> None:
     """The figures issue 3 gives for NiN, float32, batch 128, second step, on this CPU."""
-    assert measure(nin, nin_train(128, "sgd")).live_peak_bytes == 1_027_460_920
-    assert measure(nin, nin_infer(128)).live_peak_bytes == 320_313_240
+    assert measure(nin, nin_train("sgd"), batch_size=128).live_peak_bytes == 1_027_460_920
+    assert measure(nin, nin_infer(), batch_size=128).live_peak_bytes == 320_313_240

@@ -17,16 +17,14 @@ from ninlab.analysis.measure import measure
 from ninlab.analysis.memory import (
     CATEGORIES,
     Breakdown,
-    DDPSpec,
     describe_categories,
     fit_batch,
     memory_vs_batch,
     predict_memory,
-    predict_step,
 )
 from ninlab.models import build_nin
 from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.analysis.step import train_step
+from ninlab.analysis.step import DDPSpec, StepSpec, train_step
 
 NIN_INPUT = (1, 224, 224)
 
@@ -180,10 +178,11 @@ def test_prediction_against_a_real_run(name: str, batch_size: int, mode: str, op
     factory, size = (build_nin, NIN_INPUT) if name == "nin" else (ZOO[name].factory, ZOO[name].input_size)
     model = factory()
     report = predict_memory(model, input_size=size, batch_size=batch_size, mode=mode, optimizer=optimizer)  # type: ignore[arg-type]
-    measured = measure(model, report.setup)
+    measured = measure(model, report.spec, batch_size=report.batch_size)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.02)
-    assert predict_step(model, report.setup) == report  # the same prediction from the same setup
+    # the same prediction from the same spec
+    assert predict_memory(model, report.spec, batch_size=report.batch_size) == report
 
 
 @pytest.mark.slow
@@ -191,7 +190,7 @@ def test_prediction_against_a_real_run(name: str, batch_size: int, mode: str, op
 def test_nin_training_against_real_runs(nin: nn.Module, batch_size: int, optimizer: str) -> None:
     # benchmarks/bench_memory.py covers every optimizer at batch 1, 32 and 128.
     report = predict_memory(nin, input_size=NIN_INPUT, batch_size=batch_size, optimizer=optimizer)
-    measured = measure(nin, report.setup)
+    measured = measure(nin, report.spec, batch_size=report.batch_size)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.02)
 
@@ -286,7 +285,7 @@ def test_a_model_fake_tensors_cannot_run_is_measured_and_scaled_visibly() -> Non
     assert report.fallback is not None and "DataDependentOutputException" in report.fallback.reason
     assert "cannot run on fake tensors" in report.notes[0]
     assert report.timeline is None and report.saved == ()
-    assert report.live_peak_bytes == measure(model, report.setup).live_peak_bytes
+    assert report.live_peak_bytes == measure(model, report.spec, batch_size=report.batch_size).live_peak_bytes
     with pytest.raises(NinlabError, match="add one copy of the trainable parameters, 1,256 bytes, per rank"):
         predict_memory(model, input_size=(3, 16, 16), batch_size=4, ddp=True)
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ninlab.models import build_nin
-from ninlab.optimizers import OptimizerSpec
-from ninlab.analysis.trace import LayerInputTooSmall, StepSetup, record_step
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.trace import LayerInputTooSmall, record_step
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def step_ops(step):
 
 
 def test_training_step_phases_and_backward_attribution(nin):
-    step = record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("sgd-momentum")))
+    step = record_step(nin, StepSpec((1, 224, 224), optimizer="sgd-momentum"), 2)
     ops = step_ops(step)
     assert [p for i, p in enumerate(o.phase for o in ops) if i == 0 or p != ops[i - 1].phase] == [
         "zero_grad", "forward", "loss", "backward", "optimizer",
@@ -30,7 +30,7 @@ def test_training_step_phases_and_backward_attribution(nin):
 
 
 def test_saved_for_backward_names_the_reasons(nin):
-    step = record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("sgd")))
+    step = record_step(nin, StepSpec((1, 224, 224), optimizer="sgd"), 2)
     saved = {(s.module, s.node, s.field) for s in step.recording.saved_for_backward}
     storages = step.recording.storages
     assert ("0.0", "ConvolutionBackward0", "input") in saved
@@ -49,15 +49,15 @@ def test_saved_for_backward_names_the_reasons(nin):
 
 def test_inference_mode_still_sees_max_pool_indices(nin):
     for grad_mode in ("no_grad", "inference_mode"):
-        step = record_step(nin, StepSetup((1, 224, 224), 4, mode="infer", grad_mode=grad_mode))
+        step = record_step(nin, StepSpec((1, 224, 224), mode="infer", grad_mode=grad_mode), 4)
         pools = [o for o in step.recording.ops if o.op == "aten.max_pool2d_with_indices.default"]
         assert [o.outputs[1].dtype for o in pools] == [torch.int64] * 3
         assert step.target_key == -1
 
 
 def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
-    cpu = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam"))))
-    cuda = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam"), device_type="cuda")))
+    cpu = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2))
+    cuda = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2))
     dropout = lambda ops: [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
     assert dropout(cuda) == [("aten.native_dropout.default", (torch.float32, torch.bool))]
     assert ("aten.bernoulli_.float", (torch.float32,)) in dropout(cpu)  # CPU keeps a float mask
@@ -66,7 +66,7 @@ def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
 
 
 def test_bf16_autocast_runs_convolutions_in_bf16(nin):
-    ops = step_ops(record_step(nin, StepSetup((1, 224, 224), 2, autocast_dtype=torch.bfloat16, optimizer=OptimizerSpec("sgd"))))
+    ops = step_ops(record_step(nin, StepSpec((1, 224, 224), amp="bf16", optimizer="sgd"), 2))
     convs = [o for o in ops if o.op == "aten.convolution.default"]
     assert {o.outputs[0].dtype for o in convs} == {torch.bfloat16}
     log_softmax = next(o for o in ops if o.op == "aten._log_softmax.default")
@@ -75,14 +75,14 @@ def test_bf16_autocast_runs_convolutions_in_bf16(nin):
 
 def test_input_too_small_names_the_layer(nin):
     with pytest.raises(LayerInputTooSmall) as error:
-        record_step(nin, StepSetup((1, 66, 66), 1, mode="infer"))
+        record_step(nin, StepSpec((1, 66, 66), mode="infer"), 1)
     assert (error.value.module, error.value.module_type, error.value.error.min_input_size) == ("5", "MaxPool2d", 3)
 
 
 def test_the_model_is_left_untouched(nin):
     before = {name: p.clone() for name, p in nin.named_parameters()}
     nin.eval()
-    record_step(nin, StepSetup((1, 224, 224), 2, optimizer=OptimizerSpec("adam")))
+    record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2)
     assert not nin.training
     assert all(torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters())
 
@@ -90,7 +90,7 @@ def test_the_model_is_left_untouched(nin):
 def test_batch_norm_statistics_stay_float32_under_autocast():
     from cnn_zoo import resnet_bn
 
-    step = record_step(resnet_bn(), StepSetup((3, 32, 32), 2, autocast_dtype=torch.bfloat16, optimizer=OptimizerSpec("sgd")))
+    step = record_step(resnet_bn(), StepSpec((3, 32, 32), amp="bf16", optimizer="sgd"), 2)
     norms = [o for o in step_ops(step) if o.op == "aten.native_batch_norm.default"]
     assert norms and all(o.inputs[0].dtype == torch.bfloat16 for o in norms)
     assert {(o.outputs[0].dtype, o.outputs[1].dtype, o.outputs[2].dtype) for o in norms} == {

@@ -54,7 +54,7 @@ def test_markdown_inference_with_fit(capsys: pytest.CaptureFixture[str]) -> None
 def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--device-type", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
     assert code == 0
-    assert "bfloat16 autocast, cuda, batch 8" in out
+    assert "bfloat16 autocast, cuda, DDP, batch 8" in out
     assert "of block rounding" in out
     assert "DDP gradient buckets: 1.26 MiB, 6.34 MiB" in out
 

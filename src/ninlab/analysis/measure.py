@@ -44,9 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ninlab.errors import NinlabError
-from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.analysis.step import inference_step, train_step
-from ninlab.analysis.trace import StepSetup
+from ninlab.analysis.step import StepSpec, inference_step, step_spec, train_step, valid_batch_size
+from ninlab.optimizers import make_optimizer
 
 __all__ = ["Baseline", "Measurement", "measure"]
 
@@ -83,7 +82,8 @@ class Measurement:
     """Measured peaks of one step. `peaks()` gives them keyed by level, the same keys a
     prediction uses, so a table of measured, predicted and ratio is a zip."""
 
-    setup: StepSetup
+    spec: StepSpec
+    batch_size: int
     device: str  # "cpu" or the GPU's name
     num_threads: int  # intra-op threads (CPU): oneDNN's scratchpads can depend on it
     baseline: Baseline
@@ -214,37 +214,47 @@ def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str
     return peak, innermost, phase
 
 
-def measure(model: nn.Module, setup: StepSetup, *, seed: int = 0) -> Measurement:
-    """Run `setup`'s step for real on `setup.device_type` and measure its memory peaks.
+def measure(
+    model: nn.Module, spec: StepSpec | None = None, *, batch_size: int, seed: int = 0, **fields: Any
+) -> Measurement:
+    """Run the step `spec` describes (or its fields, as keywords) for real on its device type at
+    `batch_size`, and measure its memory peaks.
 
-    The model is copied (and cast to `setup.dtype`), so the caller's parameters are untouched.
+    The model is copied (and cast to the spec's dtype and memory format), so the caller's
+    parameters are untouched.
     """
-    device = torch.device(setup.device_type)
+    spec = step_spec(spec, **fields)
+    batch_size = valid_batch_size(batch_size)
+    if spec.ddp is not None:
+        raise NinlabError("a measurement runs one process without DDP; measure without ddp")
+    device = torch.device(spec.device_type)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NinlabError("measuring on cuda needs a GPU, and this machine has none; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
     torch.manual_seed(seed)
-    model = copy.deepcopy(model).to(device=device, dtype=setup.dtype)
-    inputs = torch.randn((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
+    model = copy.deepcopy(model).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
+    inputs = torch.randn((batch_size, *spec.input_size), dtype=spec.dtype, device=device)
+    if inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=spec.torch_memory_format)
     targets: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
-    if setup.mode == "train":
+    if spec.mode == "train":
         with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
             num_classes = model.eval()(inputs[:1]).shape[-1]
         model.train()
-        targets = torch.randint(0, num_classes, (setup.batch_size,), device=device)
-        optimizer = make_optimizer(setup.optimizer or OptimizerSpec(), model.parameters())
+        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+        optimizer = make_optimizer(spec.optimizer, model.parameters())
 
         def step(phase: Callable[[str], Any]) -> None:
             assert optimizer is not None and targets is not None
-            train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=phase)
+            train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, phase=phase)
 
     else:
         model.eval()
 
         def step(phase: Callable[[str], Any]) -> None:
-            inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=phase)
+            inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode, phase=phase)
 
     live = _LiveStorage()
     if device.type == "cpu":
@@ -269,7 +279,8 @@ def measure(model: nn.Module, setup: StepSetup, *, seed: int = 0) -> Measurement
         allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
     return Measurement(
-        setup=setup,
+        spec=spec,
+        batch_size=batch_size,
         device=device_name,
         num_threads=torch.get_num_threads(),
         baseline=baseline,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from math import prod
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -38,18 +38,15 @@ from torch._subclasses.fake_tensor import (
 
 from ninlab.analysis.allocator import cuda_fresh_block_bytes, peak_above_start_bytes
 from ninlab.errors import NinlabError
-from ninlab.optimizers import OptimizerSpec, parse_optimizer
-from ninlab.analysis.step import GradMode
-from ninlab.analysis.trace import StepRecording, StepSetup, record_step
+from ninlab.analysis.step import DDPSpec, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.trace import StepRecording, record_step
 from ninlab.units import format_bytes, parse_bytes
 
 __all__ = [
     "CATEGORIES",
     "CATEGORY_MEANINGS",
-    "AMP_DTYPES",
     "describe_categories",
     "saved_reason",
-    "DDPSpec",
     "Breakdown",
     "PeakOp",
     "TimelinePoint",
@@ -65,17 +62,13 @@ __all__ = [
     "BatchScaling",
     "BatchFit",
     "predict_memory",
-    "predict_step",
     "memory_vs_batch",
     "fit_batch",
+    "BatchStudy",
+    "study_batch",
 ]
 
-Mode = Literal["train", "infer"]
-Amp = Literal["bf16", "fp16", "bfloat16", "float16"]
 Level = Literal["live", "allocator"]
-AMP_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
 
 # The order is the precedence: a storage that is both a parameter and saved for backward (a conv
 # keeps its weight) is a parameter; the input batch a first conv keeps is the input batch.
@@ -347,14 +340,6 @@ class ForumRule:
 
 
 @dataclass(frozen=True)
-class DDPSpec:
-    """The DistributedDataParallel settings that change a rank's memory."""
-
-    bucket_cap_mb: float | None = None  # None: DDP's default, 25 MiB, with a 1 MiB first bucket
-    gradient_as_bucket_view: bool = False
-
-
-@dataclass(frozen=True)
 class DDPBuckets:
     """Gradient buckets each DDP rank holds (torch/nn/parallel/distributed.py, reducer.cpp).
 
@@ -438,7 +423,8 @@ class MemoryReport:
     """
 
     model: str
-    setup: StepSetup
+    spec: StepSpec
+    batch_size: int
     live_peak_bytes: int
     peak: PeakOp | None
     breakdown: Breakdown
@@ -456,7 +442,7 @@ class MemoryReport:
         if self.allocator is not None:
             return self.allocator.peak_bytes
         assert self.fallback is not None
-        return self.fallback.allocator_at(self.setup.batch_size)
+        return self.fallback.allocator_at(self.batch_size)
 
     @property
     def saved_total_bytes(self) -> int:
@@ -538,134 +524,42 @@ _NOT_TRACEABLE = (
 )
 
 
-@dataclass(frozen=True)
-class _Options:
-    """Everything about a prediction but the batch size."""
-
-    input_size: tuple[int, ...]
-    mode: Mode
-    optimizer: OptimizerSpec
-    dtype: torch.dtype
-    amp: Amp | None
-    device_type: str
-    grad_mode: GradMode
-    ddp: DDPSpec | None
-
-    def setup(self, batch_size: int) -> StepSetup:
-        return StepSetup(
-            input_size=self.input_size,
-            batch_size=batch_size,
-            mode=self.mode,
-            dtype=self.dtype,
-            autocast_dtype=AMP_DTYPES[self.amp] if self.amp else None,
-            device_type=self.device_type,
-            optimizer=self.optimizer if self.mode == "train" else None,
-            grad_mode=self.grad_mode,
-        )
-
-
-def _options(
-    *,
-    input_size: Sequence[int],
-    mode: str,
-    optimizer: str | OptimizerSpec,
-    dtype: torch.dtype,
-    amp: str | None,
-    device_type: str,
-    grad_mode: str,
-    ddp: bool | DDPSpec,
-) -> _Options:
-    size = tuple(int(s) for s in input_size)
-    if len(size) < 2 or min(size) < 1:
-        raise NinlabError(f"input size must be channels then spatial sizes, all >= 1 (e.g. 1x224x224), got {size}")
-    if mode not in ("train", "infer"):
-        raise NinlabError(f"mode must be 'train' or 'infer', not {mode!r}")
-    if amp is not None and amp not in AMP_DTYPES:
-        raise NinlabError(f"amp must be one of {', '.join(AMP_DTYPES)} (or none), not {amp!r}")
-    if device_type not in ("cpu", "cuda"):
-        raise NinlabError(f"device type must be 'cpu' or 'cuda', not {device_type!r}")
-    if grad_mode not in ("no_grad", "inference_mode"):
-        raise NinlabError(f"grad mode must be 'no_grad' or 'inference_mode', not {grad_mode!r}")
-    if ddp and mode != "train":
-        raise NinlabError("DDP gradient buckets exist only in training; drop --ddp or use --mode train")
-    spec = optimizer if isinstance(optimizer, OptimizerSpec) else parse_optimizer(optimizer)
-    ddp_spec = (DDPSpec() if ddp is True else ddp) or None
-    return _Options(size, mode, spec, dtype, amp, device_type, grad_mode, ddp_spec)  # type: ignore[arg-type]
-
-
 def predict_memory(
     model: nn.Module,
+    spec: StepSpec | None = None,
     *,
-    input_size: Sequence[int],
     batch_size: int,
-    mode: Mode = "train",
-    optimizer: str | OptimizerSpec = "sgd",
-    dtype: torch.dtype = torch.float32,
-    amp: Amp | None = None,
-    device_type: str = "cpu",
-    grad_mode: GradMode = "no_grad",
-    ddp: bool | DDPSpec = False,
     model_name: str | None = None,
+    **fields: Any,
 ) -> MemoryReport:
-    """Predict the memory of one training step (`mode="train"`: the second, steady-state step of
-    zero_grad, forward, cross-entropy, backward and `optimizer.step()`) or one inference.
+    """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
+    steady-state step of zero_grad, forward, cross-entropy, backward and `optimizer.step()`) or
+    one inference, as `spec` describes it.
 
-    `optimizer` is a name ("sgd", "adam", ...) or `name:setting=value,...` (see
-    `ninlab.optimizers.parse_optimizer`) or an `OptimizerSpec`. `dtype` is the parameters' and
-    input's dtype (as `model.to(dtype)`); `amp` runs the step under autocast. `ddp` adds the
-    gradient buckets of DistributedDataParallel (True for its defaults, or a `DDPSpec`).
+    Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
+    optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
     """
-    options = _options(
-        input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, amp=amp,
-        device_type=device_type, grad_mode=grad_mode, ddp=ddp,
-    )
-    return _predict(model, options, _batch(batch_size), model_name or type(model).__name__)
+    spec = step_spec(spec, **fields)
+    return _predict(model, spec, valid_batch_size(batch_size), model_name or type(model).__name__)
 
 
-def predict_step(model: nn.Module, setup: StepSetup, *, model_name: str | None = None) -> MemoryReport:
-    """`predict_memory` for a `StepSetup`, the description `ninlab.analysis.measure.measure` takes, so a
-    measurement and its prediction come from one setup."""
-    amp: Amp | None = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(setup.autocast_dtype)  # type: ignore[assignment]
-    if setup.autocast_dtype is not None and amp is None:
-        raise NinlabError(f"autocast to {setup.autocast_dtype} is not predicted; use bfloat16 or float16")
-    return predict_memory(
-        model,
-        input_size=setup.input_size,
-        batch_size=setup.batch_size,
-        mode=setup.mode,
-        optimizer=setup.optimizer or OptimizerSpec(),
-        dtype=setup.dtype,
-        amp=amp,
-        device_type=setup.device_type,
-        grad_mode=setup.grad_mode,
-        model_name=model_name,
-    )
-
-
-def _batch(batch_size: int) -> int:
-    if batch_size < 1:
-        raise NinlabError(f"batch size must be at least 1, got {batch_size}")
-    return int(batch_size)
-
-
-def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) -> MemoryReport:
-    setup = options.setup(batch_size)
-    if options.mode == "train" and not any(p.requires_grad for p in model.parameters()):
+def _predict(model: nn.Module, spec: StepSpec, batch_size: int, name: str) -> MemoryReport:
+    if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
         raise NinlabError("the model has no trainable parameters, so a training step has nothing to update; predict mode='infer'")
     try:
-        step = record_step(model, setup)
+        step = record_step(model, spec, batch_size)
     except _NOT_TRACEABLE as error:
-        return _measured_report(model, options, batch_size, name, error)
+        return _measured_report(model, spec, batch_size, name, error)
     except RuntimeError as error:  # the model itself rejects the batch: wrong channels, rank or output
         reason = str(error).strip().splitlines()[0]
-        size = "x".join(map(str, options.input_size))
+        size = "x".join(map(str, spec.input_size))
         raise NinlabError(
-            f"the model cannot run a {options.mode} step on a batch of {size} inputs ({reason}); give the "
+            f"the model cannot run a {spec.mode} step on a batch of {size} inputs ({reason}); give the "
             "input size it expects, channels first (training also needs (batch, classes) logits for cross-entropy)"
         ) from None
     module_types = {qualified: type(module).__name__ for qualified, module in model.named_modules()}
     categories = _categorize(step)
-    buckets = _ddp_buckets(step, options.ddp) if options.ddp else None
+    buckets = _ddp_buckets(step, spec.ddp) if spec.ddp else None
     replay = _replay(step, categories, buckets)
     timeline = replay.timeline
     if not timeline.points:
@@ -673,10 +567,11 @@ def _predict(model: nn.Module, options: _Options, batch_size: int, name: str) ->
     breakdown = timeline.points[replay.live_peak].alive
     op = step.recording.ops[step.step_start + replay.live_peak]
     peak = PeakOp(replay.live_peak, op.op, op.phase, op.module, module_types.get(op.module, ""), op.autograd_node)
-    saved = _saved_rows(step, categories, module_types) if options.mode == "train" else ()
+    saved = _saved_rows(step, categories, module_types) if spec.mode == "train" else ()
     return MemoryReport(
         model=name,
-        setup=setup,
+        spec=spec,
+        batch_size=batch_size,
         live_peak_bytes=breakdown.total_bytes,
         peak=peak,
         breakdown=breakdown,
@@ -730,7 +625,7 @@ def _replay(step: StepRecording, categories: dict[int, int], buckets: DDPBuckets
     ops = step.recording.ops
     start = step.step_start
     storages = step.recording.storages
-    cuda = step.setup.device_type == "cuda"
+    cuda = step.spec.device_type == "cuda"
     born: dict[int, list[int]] = {}
     died: dict[int, list[int]] = {}
     counts = [0] * len(CATEGORIES)
@@ -801,7 +696,7 @@ class _Replay:
 def _allocator_peak(step: StepRecording, replay: _Replay, module_types: dict[str, str]) -> AllocatorPeak:
     point = replay.timeline.points[replay.allocator_peak]
     live = point.total_bytes
-    cuda = step.setup.device_type == "cuda"
+    cuda = step.spec.device_type == "cuda"
     unmodelled: dict[str, int] = {}
     if not cuda:
         for op in step.recording.ops[step.step_start :]:
@@ -902,7 +797,7 @@ def _forum_rule(model: nn.Module, step: StepRecording, breakdown: Breakdown, sav
     pair = max((a + b for a, b in pairwise(kept)), default=kept[0] if kept else 0)
     train = 2 * activations + 3 * parameters
     infer = parameters + pair
-    rule = train if step.setup.mode == "train" else infer
+    rule = train if step.spec.mode == "train" else infer
     indices = sum(row.counted_bytes for row in saved if row.dtype == "int64")
     return ForumRule(
         activations, parameters, pair, train, infer, rule, rule / breakdown.total_bytes,
@@ -932,20 +827,20 @@ def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
     return DDPBuckets(sizes, first_cap, cap, spec.gradient_as_bucket_view)
 
 
-def _measured_report(model: nn.Module, options: _Options, batch_size: int, name: str, error: Exception) -> MemoryReport:
+def _measured_report(model: nn.Module, spec: StepSpec, batch_size: int, name: str, error: Exception) -> MemoryReport:
     """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
     shape): measure it for real at batch 1 and 2 on this machine and extrapolate linearly."""
     from ninlab.analysis.measure import measure
 
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if options.device_type == "cuda" and not torch.cuda.is_available():
+    if spec.device_type == "cuda" and not torch.cuda.is_available():
         raise NinlabError(
             f"the model cannot run on fake tensors ({reason}), and measuring it instead needs a GPU "
             "this machine lacks; predict for --device-type cpu or run on a machine with CUDA"
         )
-    if options.ddp is not None:
+    if spec.ddp is not None:
         trainable = sum(
-            p.numel() * (options.dtype.itemsize if p.is_floating_point() else p.element_size())
+            p.numel() * (spec.dtype.itemsize if p.is_floating_point() else p.element_size())
             for p in model.parameters()
             if p.requires_grad
         )
@@ -954,7 +849,7 @@ def _measured_report(model: nn.Module, options: _Options, batch_size: int, name:
             f"predict without DDP and add one copy of the trainable parameters, {trainable:,} bytes, per rank"
         )
     sizes = (1, 2)
-    measured = [measure(model, options.setup(size)) for size in sizes]
+    measured = [measure(model, spec, batch_size=size) for size in sizes]
     fallback = MeasuredFallback(
         reason,
         sizes,
@@ -969,7 +864,8 @@ def _measured_report(model: nn.Module, options: _Options, batch_size: int, name:
     )
     return MemoryReport(
         model=name,
-        setup=options.setup(batch_size),
+        spec=spec,
+        batch_size=batch_size,
         live_peak_bytes=fallback.live_at(batch_size),
         peak=None,
         breakdown=Breakdown(),
@@ -988,38 +884,29 @@ def _measured_report(model: nn.Module, options: _Options, batch_size: int, name:
 
 def memory_vs_batch(
     model: nn.Module,
+    spec: StepSpec | None = None,
     *,
-    input_size: Sequence[int],
     batch_sizes: tuple[int, int] = (64, 128),
     check_batch_size: int = 256,
-    mode: Mode = "train",
-    optimizer: str | OptimizerSpec = "sgd",
-    dtype: torch.dtype = torch.float32,
-    amp: Amp | None = None,
-    device_type: str = "cpu",
-    grad_mode: GradMode = "no_grad",
-    ddp: bool | DDPSpec = False,
     level: Level = "live",
+    **fields: Any,
 ) -> BatchScaling:
     """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line)."""
-    options = _options(
-        input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, amp=amp,
-        device_type=device_type, grad_mode=grad_mode, ddp=ddp,
-    )
-    first, second = (_batch(b) for b in batch_sizes)
+    spec = step_spec(spec, **fields)
+    first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
     level = _level(level)
-    peaks = (_peak(model, options, first, level), _peak(model, options, second, level))
+    peaks = (_peak(model, spec, first, level), _peak(model, spec, second, level))
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
-    check = _batch(check_batch_size)
-    return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, _peak(model, options, check, level))
+    check = valid_batch_size(check_batch_size)
+    return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, _peak(model, spec, check, level))
 
 
-def _peak(model: nn.Module, options: _Options, batch_size: int, level: Level) -> int:
-    report = _predict(model, options, batch_size, "")
+def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> int:
+    report = _predict(model, spec, batch_size, "")
     return report.allocator_peak_bytes if level == "allocator" else report.live_peak_bytes
 
 
@@ -1031,18 +918,12 @@ def _level(level: str) -> Level:
 
 def fit_batch(
     model: nn.Module,
+    spec: StepSpec | None = None,
     *,
     budget: int | str,
-    input_size: Sequence[int],
-    mode: Mode = "train",
-    optimizer: str | OptimizerSpec = "sgd",
-    dtype: torch.dtype = torch.float32,
-    amp: Amp | None = None,
-    device_type: str = "cpu",
-    grad_mode: GradMode = "no_grad",
-    ddp: bool | DDPSpec = False,
     level: Level = "allocator",
     max_batch_size: int = 1 << 24,
+    **fields: Any,
 ) -> BatchFit:
     """The largest batch whose predicted peak fits `budget` (bytes, or text such as "8GiB",
     "500MB", "1.5 GiB"). The answer is found by exact predictions, extrapolation only proposing
@@ -1053,15 +934,12 @@ def fit_batch(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes < 1:
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
-    options = _options(
-        input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, amp=amp,
-        device_type=device_type, grad_mode=grad_mode, ddp=ddp,
-    )
+    spec = step_spec(spec, **fields)
     known: dict[int, int] = {}
 
     def peak(batch_size: int) -> int:
         if batch_size not in known:
-            known[batch_size] = _peak(model, options, batch_size, level)
+            known[batch_size] = _peak(model, spec, batch_size, level)
         return known[batch_size]
 
     if peak(1) > budget_bytes:
@@ -1099,3 +977,29 @@ def fit_batch(
             "raise max_batch_size if you mean it"
         )
     return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known))
+
+
+# -- batch size against a budget ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchStudy:
+    """The largest batch that fits a budget, and the peak's line measured around it."""
+
+    fit: BatchFit
+    scaling: BatchScaling
+
+
+def study_batch(model: nn.Module, spec: StepSpec | None = None, *, budget: int | str, **fields: Any) -> BatchStudy:
+    """`fit_batch`, then `memory_vs_batch` at a quarter, half and three quarters of the answer, so
+    the line is measured where the question is; both count what the allocator holds, which is
+    what runs out."""
+    spec = step_spec(spec, **fields)
+    fit = fit_batch(model, spec, budget=budget, level="allocator")
+    quarter = max(1, fit.batch_size // 4)
+    half = max(quarter + 1, fit.batch_size // 2)
+    three_quarters = max(half + 1, 3 * fit.batch_size // 4)
+    scaling = memory_vs_batch(
+        model, spec, batch_sizes=(quarter, half), check_batch_size=three_quarters, level="allocator"
+    )
+    return BatchStudy(fit, scaling)

@@ -1,30 +1,218 @@
-"""One training step and one inference step, written once.
+"""The step to account for: its description (`StepSpec`) and its code (`train_step`,
+`inference_step`), each written once.
 
 The predictor runs these on fake tensors and the measurer on real ones, so both account for the
-same program: what is alive when is decided by this code, not by two descriptions of it.
+same program: what is alive when is decided by this code, not by two descriptions of it. A
+`StepSpec` is everything about a step but its batch size (batch fitting varies that); it is
+validated when it is built, so every function that takes one can trust it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import ContextManager, Literal
+import dataclasses
+import operator
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GradMode", "train_step", "inference_step", "no_phases"]
+from ninlab.errors import NinlabError
+from ninlab.optimizers import OptimizerSpec, parse_optimizer
 
-Phase = Callable[[str], ContextManager[None]]
+__all__ = [
+    "AMP_DTYPES",
+    "DTYPES",
+    "DDPSpec",
+    "GradMode",
+    "StepSpec",
+    "valid_batch_size",
+    "inference_step",
+    "no_phases",
+    "step_spec",
+    "train_step",
+]
+
+Phase = Callable[[str], AbstractContextManager[None]]
+Mode = Literal["train", "infer"]
 GradMode = Literal["no_grad", "inference_mode"]
+Amp = Literal["bf16", "fp16"]
+DeviceType = Literal["cpu", "cuda"]
+MemoryFormat = Literal["contiguous", "channels_last"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def no_phases(_name: str) -> ContextManager[None]:
+@dataclass(frozen=True)
+class DDPSpec:
+    """The DistributedDataParallel settings that change a rank's memory."""
+
+    bucket_cap_mb: float | None = None  # None: DDP's default, 25 MiB, with a 1 MiB first bucket
+    gradient_as_bucket_view: bool = False
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step: a training step (`mode="train"`: zero_grad, forward, cross-entropy, backward,
+    `optimizer.step()`) or an inference, for one sample size, precision and device.
+
+    Built from plain values (`optimizer="adam:weight_decay=0.01"`, `dtype="bfloat16"`,
+    `amp="bf16"`, `ddp=True`) or typed ones; either way the fields hold the typed, checked form.
+    """
+
+    input_size: tuple[int, ...] = (1, 224, 224)  # one sample, channels first
+    mode: Mode = "train"
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # train only
+    dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
+    amp: Amp | None = None  # forward and loss under autocast to this dtype
+    device_type: DeviceType = "cpu"  # the device to account for, from any machine
+    grad_mode: GradMode = "no_grad"  # infer only: the guard around the forward
+    memory_format: MemoryFormat = "contiguous"  # of the input and 4-d parameters
+    ddp: DDPSpec | None = None  # train only: DistributedDataParallel's gradient buckets
+
+    def __post_init__(self) -> None:
+        def normalise(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        normalise("input_size", _input_size(self.input_size))
+        _choice("mode", self.mode, ("train", "infer"))
+        if isinstance(self.optimizer, str):
+            normalise("optimizer", parse_optimizer(self.optimizer))
+        elif not isinstance(self.optimizer, OptimizerSpec):
+            raise NinlabError(f"optimizer must be a name such as 'adam' or an OptimizerSpec, not {self.optimizer!r}")
+        if isinstance(self.dtype, str):
+            _choice("dtype", self.dtype, tuple(DTYPES))
+            normalise("dtype", DTYPES[self.dtype])
+        elif self.dtype not in DTYPES.values():
+            raise NinlabError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype}")
+        if self.amp is not None:
+            normalise("amp", _AMP_NAMES.get(self.amp, self.amp))
+            _choice("amp", self.amp, tuple(AMP_DTYPES))
+        _choice("device type", self.device_type, ("cpu", "cuda"))
+        _choice("grad mode", self.grad_mode, ("no_grad", "inference_mode"))
+        _choice("memory format", self.memory_format, tuple(_MEMORY_FORMATS))
+        if self.ddp is True:
+            normalise("ddp", DDPSpec())
+        elif self.ddp is False:
+            normalise("ddp", None)
+        if self.ddp is not None and self.mode != "train":
+            raise NinlabError("DDP gradient buckets exist only in training; drop ddp or use mode 'train'")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp] if self.amp else None
+
+    @property
+    def torch_memory_format(self) -> torch.memory_format:
+        return _MEMORY_FORMATS[self.memory_format]
+
+    def replace(self, **changes: Any) -> StepSpec:
+        """A copy with some fields changed, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def inference(self) -> StepSpec:
+        """The inference of this step's model, input and precision."""
+        return self.replace(mode="infer", ddp=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain values (dtypes by name), for JSON."""
+        def name(dtype: torch.dtype | None) -> str | None:
+            return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+        return {
+            "mode": self.mode,
+            "input_size": list(self.input_size),
+            "dtype": name(self.dtype),
+            "autocast_dtype": name(self.autocast_dtype),
+            "device_type": self.device_type,
+            "optimizer": dataclasses.asdict(self.optimizer) if self.mode == "train" else None,
+            "grad_mode": self.grad_mode if self.mode == "infer" else None,
+            "memory_format": self.memory_format,
+            "ddp": dataclasses.asdict(self.ddp) if self.ddp is not None else None,
+        }
+
+    @property
+    def title(self) -> str:
+        """The step in a few words, for a heading: "training step (adam)", "inference (no_grad)"."""
+        if self.mode == "train":
+            return f"training step ({self.optimizer.name})"
+        return f"inference ({self.grad_mode})"
+
+    def describe(self, batch_size: int | None = None) -> str:
+        """The step in words, e.g. "training step (the second: optimizer state exists) with adam,
+        float32 with bfloat16 autocast, cpu, batch 128"."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        precision = dtype + (f" with {str(self.autocast_dtype).removeprefix('torch.')} autocast" if self.amp else "")
+        if self.mode == "train":
+            step = f"training step (the second: optimizer state exists) with {self.optimizer.name}"
+        else:
+            step = self.title
+        words = [step, precision, self.device_type]
+        if self.memory_format != "contiguous":
+            words.append(self.memory_format.replace("_", "-"))
+        if self.ddp is not None:
+            words.append("DDP")
+        if batch_size is not None:
+            words.append(f"batch {batch_size}")
+        return ", ".join(words)
+
+
+def step_spec(spec: StepSpec | None = None, **fields: Any) -> StepSpec:
+    """`spec`, or a `StepSpec` built from `fields`: what every function that takes a step accepts,
+    so `predict_memory(model, spec, ...)` and `predict_memory(model, optimizer="adam", ...)` agree."""
+    if spec is None:
+        return StepSpec(**fields)
+    if fields:
+        raise NinlabError(f"give a StepSpec or its fields ({', '.join(fields)}), not both")
+    if not isinstance(spec, StepSpec):
+        raise NinlabError(f"expected a StepSpec, got {type(spec).__name__}")
+    return spec
+
+
+def valid_batch_size(batch_size: int) -> int:
+    """`batch_size` as an int, or one line saying why it cannot be one."""
+    try:
+        if isinstance(batch_size, bool):
+            raise TypeError
+        value = operator.index(batch_size)
+    except TypeError:
+        raise NinlabError(f"batch size must be a whole number, got {batch_size!r}") from None
+    if value < 1:
+        raise NinlabError(f"batch size must be at least 1, got {value}")
+    return value
+
+
+def _input_size(size: Sequence[int]) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise NinlabError(
+            f"input size must be channels then spatial sizes, all >= 1 (e.g. 1x224x224), got {size!r}"
+        )
+    return sizes
+
+
+def _choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise NinlabError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def no_phases(_name: str) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def _autocast(inputs: torch.Tensor, dtype: torch.dtype | None) -> ContextManager[object]:
+def _autocast(inputs: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(inputs.device.type, dtype=dtype)

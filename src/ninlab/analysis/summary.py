@@ -18,11 +18,11 @@ from torch import nn
 from ninlab.errors import NinlabError
 from ninlab.analysis.flops import CONVENTION
 from ninlab.analysis.geometry import INPUT_FIELD, AxisWindow, GeometryError, ReceptiveField, compose, explain_axes, influencing_positions, merge_fields, smallest_input_for_chain
-from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, StepSetup, record_step
+from ninlab.analysis.step import StepSpec, valid_batch_size
+from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
 
-__all__ = ["DTYPES", "LayerSummary", "SummaryTotals", "InputReach", "Summary", "summarize", "smallest_input_size"]
+__all__ = ["LayerSummary", "SummaryTotals", "InputReach", "Summary", "summarize", "smallest_input_size"]
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,12 @@ def summarize(
     Raises `NinlabError` when the input is too small for the network, naming the first layer
     whose output would be empty, its arithmetic and the smallest valid input.
     """
-    input_size = tuple(int(size) for size in input_size)
-    if batch_size < 1:
-        raise NinlabError(f"batch size must be at least 1, got {batch_size}")
-    if len(input_size) < 2 or min(input_size) < 1:
-        raise NinlabError(f"input size must be channels then spatial sizes, all >= 1 (e.g. 1x224x224), got {input_size}")
-    setup = StepSetup(input_size=input_size, batch_size=batch_size, dtype=dtype)
+    batch_size = valid_batch_size(batch_size)
     trains = any(p.requires_grad for p in model.parameters())
+    spec = StepSpec(input_size=tuple(input_size), mode="train" if trains else "infer", dtype=dtype)
+    input_size = spec.input_size
     try:
-        step = record_step(model, setup if trains else StepSetup(input_size, batch_size, mode="infer", dtype=dtype))
+        step = record_step(model, spec, batch_size, optimizer_step=False)
     except LayerInputTooSmall as error:
         smallest = smallest_input_size(model, input_size=input_size)
         raise NinlabError(
@@ -271,7 +268,7 @@ def _receptive_fields(step: StepRecording) -> dict[int, tuple[ReceptiveField, ..
     Element-wise ops merge their inputs' fields (a residual sum sees what both branches see); an op
     that changes spatial sizes without being a window (adaptive pooling, interpolation) ends them.
     """
-    spatial = len(step.setup.input_size) - 1
+    spatial = len(step.spec.input_size) - 1
     field_of: dict[int, tuple[ReceptiveField, ...]] = {step.input_key: (INPUT_FIELD,) * spatial}
     found: dict[int, tuple[ReceptiveField, ...]] = {}
     for op in _step_ops(step):
@@ -346,7 +343,7 @@ def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
 
 def _accepts(model: nn.Module, input_size: tuple[int, ...]) -> bool:
     try:
-        record_step(model, StepSetup(input_size=input_size, batch_size=1, mode="infer"))
+        record_step(model, StepSpec(input_size=input_size, mode="infer"), 1)
     except (LayerInputTooSmall, RuntimeError):
         return False
     return True

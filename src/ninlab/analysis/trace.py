@@ -17,7 +17,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +31,8 @@ from ninlab.analysis.allocator import Step, cpu_steps, unmodelled_reason
 from ninlab.errors import NinlabError
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
-from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.analysis.step import GradMode, inference_step, train_step
+from ninlab.optimizers import make_optimizer
+from ninlab.analysis.step import StepSpec, inference_step, train_step
 
 __all__ = [
     "TensorMeta",
@@ -44,7 +44,6 @@ __all__ = [
     "Recording",
     "Recorder",
     "fake_parameters",
-    "StepSetup",
     "StepRecording",
     "record_step",
 ]
@@ -483,42 +482,47 @@ class Recorder(TorchDispatchMode):
 
 
 def fake_parameters(
-    model: nn.Module, fake_mode: FakeTensorMode, *, dtype: torch.dtype | None, device: torch.device
+    model: nn.Module,
+    fake_mode: FakeTensorMode,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, torch.Tensor]:
     """Fake copies of a model's parameters and buffers (no data is copied or allocated).
 
     Parameters stay `nn.Parameter`s so optimizers and autograd treat them as leaves. Floating
-    tensors are cast to `dtype` when given, as `model.to(dtype)` would.
+    tensors are cast to `dtype` when given, as `model.to(dtype)` would, and 4-d ones laid out
+    channels-last when asked, as `model.to(memory_format=torch.channels_last)` would.
     """
     fakes: dict[str, torch.Tensor] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         with fake_mode:
             target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-            fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
+            if memory_format == torch.contiguous_format:
+                fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
+            else:
+                fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
         if isinstance(tensor, nn.Parameter):
             fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
         fakes[name] = fake
     return fakes
 
 
-@dataclass(frozen=True)
-class StepSetup:
-    """What to run: which step, on which (pretended) device, at which precision."""
-
-    input_size: tuple[int, ...]
-    batch_size: int
-    mode: Literal["train", "infer"] = "train"
-    dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
-    autocast_dtype: torch.dtype | None = None
-    device_type: str = "cpu"
-    optimizer: OptimizerSpec | None = None  # train only; None records forward + backward alone
-    grad_mode: GradMode = "no_grad"  # infer only
+def _empty(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, memory_format: torch.memory_format
+) -> torch.Tensor:
+    """An empty tensor in `memory_format` where it applies (4-d), else contiguous, as `.to()` does."""
+    if memory_format == torch.channels_last and len(shape) == 4:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @dataclass
 class StepRecording:
     recording: Recording
-    setup: StepSetup
+    spec: StepSpec
+    batch_size: int
     step_start: int  # index of the recorded step's first op (after any warm-up step)
     parameter_keys: dict[str, int]  # parameter name -> storage key
     gradient_keys: dict[str, int]  # parameter name -> storage key of its .grad after the step
@@ -528,22 +532,27 @@ class StepRecording:
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
 
 
-def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
+def record_step(
+    model: nn.Module, spec: StepSpec, batch_size: int, *, optimizer_step: bool = True
+) -> StepRecording:
     """Run one step of `model` on fake tensors and record it.
 
-    With an optimizer, a first step runs (recorded, so its gradients and optimizer state are
-    tracked) and the second is the one analysed: the steady state, when optimizer state exists.
-    The model's own parameters are not touched: fake copies stand in for them.
+    A training step runs twice: the first (unrecorded; its gradients and optimizer state are
+    registered) and the second, analysed: the steady state, when optimizer state exists. Without
+    `optimizer_step`, one forward, loss and backward are recorded and nothing else (what FLOP
+    counts cover). The model's own parameters are not touched: fake copies stand in for them.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
     # tensors with CUDA's choices made explicitly (foreach optimizers, fused dropout, autocast).
-    emulate_cuda = setup.device_type == "cuda" and not torch.cuda.is_available()
-    device = torch.device("cpu" if emulate_cuda else setup.device_type)
-    fakes = fake_parameters(model, fake_mode, dtype=setup.dtype, device=device)
+    emulate_cuda = spec.device_type == "cuda" and not torch.cuda.is_available()
+    device = torch.device("cpu" if emulate_cuda else spec.device_type)
+    memory_format = spec.torch_memory_format
+    fakes = fake_parameters(model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format)
+    trains = spec.mode == "train"
     recorder = Recorder(model, emulate_cuda=emulate_cuda)
     was_training = model.training
-    model.train(setup.mode == "train")
+    model.train(trains)
     # A kernel that rejects its fake inputs raises, and the caller turns that into one clear line;
     # FakeTensorMode would also log the whole traceback first.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -551,9 +560,9 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
     fake_log.setLevel(logging.CRITICAL)
     try:
         with fake_mode:
-            inputs = torch.empty((setup.batch_size, *setup.input_size), dtype=setup.dtype, device=device)
+            inputs = _empty((batch_size, *spec.input_size), spec.dtype, device, memory_format)
             # Inference has no targets.
-            targets = torch.zeros((setup.batch_size,), dtype=torch.long, device=device) if setup.mode == "train" else None
+            targets = torch.zeros((batch_size,), dtype=torch.long, device=device) if trains else None
         for name, tensor in fakes.items():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         recorder.track(inputs, "input")
@@ -567,38 +576,39 @@ def record_step(model: nn.Module, setup: StepSetup) -> StepRecording:
         names = {id(t): name for name, t in fakes.items()}
         gradient_order: list[str] = []
         with fake_mode, recorder:
-            if setup.mode == "infer":
+            if not trains:
                 step_start = 0
-                inference_step(model, inputs, autocast_dtype=setup.autocast_dtype, grad_mode=setup.grad_mode, phase=recorder.phase, forward=forward)
+                inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode, phase=recorder.phase, forward=forward)
                 optimizer = None
             else:
-                optimizer = make_optimizer(setup.optimizer or OptimizerSpec("sgd"), parameters, device_type=setup.device_type)
-                if setup.optimizer is not None:
+                optimizer = make_optimizer(spec.optimizer, parameters, device_type=spec.device_type)
+                if optimizer_step:
                     # Only what step 1 leaves behind matters (gradients, optimizer state), so it
                     # runs unrecorded and its survivors are registered, which halves the work.
                     with recorder.paused():
-                        train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, forward=forward)
+                        train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, forward=forward)
                     with recorder.phase("warm-up"):
                         _track_survivors(recorder, parameters, optimizer)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
                 hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in parameters]
-                if setup.optimizer is None:
-                    _forward_backward(forward, inputs, targets, setup.autocast_dtype, recorder.phase)
+                if optimizer_step:
+                    train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, phase=recorder.phase, forward=forward)
                 else:
-                    train_step(model, optimizer, inputs, targets, autocast_dtype=setup.autocast_dtype, phase=recorder.phase, forward=forward)
+                    _forward_backward(forward, inputs, targets, spec.autocast_dtype, recorder.phase)
                 for hook in hooks:
                     hook.remove()
     finally:
         model.train(was_training)
         fake_log.setLevel(log_level)
     state_keys: list[int] = []
-    if optimizer is not None and setup.optimizer is not None:
+    if optimizer is not None and optimizer_step:
         for state in optimizer.state.values():
             state_keys += [recorder.storage_key(v) for v in state.values() if isinstance(v, torch.Tensor)]
     return StepRecording(
         recording=recorder.recording,
-        setup=setup,
+        spec=spec,
+        batch_size=batch_size,
         step_start=step_start,
         parameter_keys={names[id(p)]: recorder.storage_key(p) for p in parameters},
         gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in parameters if p.grad is not None},

@@ -19,7 +19,7 @@ from ninlab.viz.compare import (
 from ninlab.training.data import default_search_path, load_fashion_mnist
 from ninlab.training.presets import PRESETS, get_preset
 from ninlab.training.progress import RichReporter, download_progress
-from ninlab.analysis.summary import DTYPES
+from ninlab.analysis.step import DTYPES
 
 # Training settings worth shortening for a quick comparison (flag, TrainConfig field, help).
 _TRAIN_OVERRIDES = (

@@ -11,10 +11,8 @@ import torch
 
 from ninlab.cli.options import add_model_options, model_choice
 from ninlab.analysis.measure import Measurement, measure
-from ninlab.analysis.memory import MemoryReport, predict_step
-from ninlab.optimizers import parse_optimizer
-from ninlab.analysis.summary import DTYPES
-from ninlab.analysis.trace import StepSetup
+from ninlab.analysis.memory import MemoryReport, predict_memory
+from ninlab.analysis.step import StepSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,21 +33,21 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     modes = ("train", "infer") if args.mode == "both" else (args.mode,)
-    setups = [
-        StepSetup(
+    specs = [
+        StepSpec(
             input_size=choice.input_size,
-            batch_size=choice.batch_size,
             mode=mode,
             dtype=choice.dtype,
-            autocast_dtype=DTYPES[args.amp] if args.amp else None,
+            amp=args.amp,
             device_type=args.device,
-            optimizer=parse_optimizer(args.optimizer) if mode == "train" else None,
+            optimizer=args.optimizer,
             grad_mode=args.grad_mode,
         )
         for mode in modes
     ]
-    results = [measure(choice.model, setup) for setup in setups]
-    predictions = [predict_step(choice.model, setup, model_name=choice.name) for setup in setups]
+    batch = choice.batch_size
+    results = [measure(choice.model, spec, batch_size=batch) for spec in specs]
+    predictions = [predict_memory(choice.model, spec, batch_size=batch, model_name=choice.name) for spec in specs]
     if args.format == "json":
         print(json.dumps([_as_json(result, prediction) for result, prediction in zip(results, predictions)], indent=2))
     else:
@@ -58,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _step_name(result: Measurement) -> str:
-    setup = result.setup
-    if setup.mode == "train":
-        return f"train ({setup.optimizer.name if setup.optimizer else 'sgd'})"
-    return f"infer ({setup.grad_mode})"
+    return result.spec.title
 
 
 def _predicted(prediction: MemoryReport) -> dict[str, int]:
@@ -70,10 +65,10 @@ def _predicted(prediction: MemoryReport) -> dict[str, int]:
 
 def _print_table(model_name: str, results: list[Measurement], predictions: list[MemoryReport]) -> None:
     first = results[0]
-    amp = first.setup.autocast_dtype
-    precision = _dtype_name(first.setup.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
+    amp = first.spec.autocast_dtype
+    precision = _dtype_name(first.spec.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
     print(
-        f"{model_name}, input {'x'.join(map(str, first.setup.input_size))}, batch {first.setup.batch_size}, "
+        f"{model_name}, input {'x'.join(map(str, first.spec.input_size))}, batch {first.batch_size}, "
         f"{precision}, {first.device}, {first.num_threads} threads; second step measured"
     )
     print(f"{'step':<24} {'level':<10} {'measured_bytes':>15} {'predicted_bytes':>15} {'pred/meas':>9}  measured peak at")
@@ -104,15 +99,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _as_json(result: Measurement, prediction: MemoryReport) -> dict[str, object]:
-    setup = result.setup
     return {
-        "step": setup.mode,
-        "input_size": list(setup.input_size),
-        "batch_size": setup.batch_size,
-        "dtype": _dtype_name(setup.dtype),
-        "autocast_dtype": _dtype_name(setup.autocast_dtype) if setup.autocast_dtype else None,
-        "optimizer": setup.optimizer.__dict__ if setup.optimizer else None,
-        "grad_mode": setup.grad_mode if setup.mode == "infer" else None,
+        "step": result.spec.mode,
+        **result.spec.as_dict(),
+        "batch_size": result.batch_size,
         "device": result.device,
         "num_threads": result.num_threads,
         "baseline_bytes": {**result.baseline.__dict__, "total_bytes": result.baseline.total_bytes},

@@ -7,8 +7,8 @@ import argparse
 from dataclasses import dataclass
 
 from ninlab.cli.options import ModelChoice
+from ninlab.analysis.step import AMP_DTYPES, StepSpec
 from ninlab.analysis.memory import (
-    AMP_DTYPES,
     BatchFit,
     BatchScaling,
     MemoryReport,
@@ -40,21 +40,21 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
 
 def memory_section(args: argparse.Namespace, choice: ModelChoice) -> MemorySection:
     trains = any(p.requires_grad for p in choice.model.parameters())
-    options = {
-        "input_size": choice.input_size,
-        "mode": args.mode or ("train" if trains else "infer"),
-        "optimizer": args.optimizer,
-        "dtype": choice.dtype,
-        "amp": args.amp,
-        "device_type": args.device_type,
-        "grad_mode": args.grad_mode,
-        "ddp": args.ddp,
-    }
-    report = predict_memory(choice.model, batch_size=choice.batch_size, model_name=choice.name, **options)
+    spec = StepSpec(
+        input_size=choice.input_size,
+        mode=args.mode or ("train" if trains else "infer"),
+        optimizer=args.optimizer,
+        dtype=choice.dtype,
+        amp=args.amp,
+        device_type=args.device_type,
+        grad_mode=args.grad_mode,
+        ddp=args.ddp,
+    )
+    report = predict_memory(choice.model, spec, batch_size=choice.batch_size, model_name=choice.name)
     if args.fit is None:
         return MemorySection(report, None, None)
-    fit = fit_batch(choice.model, budget=args.fit, **options)
+    fit = fit_batch(choice.model, spec, budget=args.fit)
     scaling = memory_vs_batch(
-        choice.model, batch_sizes=(fit.batch_size, fit.batch_size + 1), check_batch_size=choice.batch_size, level=fit.level, **options
+        choice.model, spec, batch_sizes=(fit.batch_size, fit.batch_size + 1), check_batch_size=choice.batch_size, level=fit.level
     )
     return MemorySection(report, scaling, fit)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
-from ninlab.analysis.summary import DTYPES
+from ninlab.analysis.step import DTYPES
 
 __all__ = ["ModelChoice", "add_model_options", "model_choice", "parse_input_size", "positive_int"]
 

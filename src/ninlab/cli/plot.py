@@ -17,7 +17,9 @@ from ninlab.viz.charts import (
 )
 from ninlab.cli.options import ModelChoice, add_model_options, model_choice
 from ninlab.analysis.memory import predict_memory
-from ninlab.viz.report import DEFAULT_BUDGET, study_batch
+from ninlab.analysis.memory import study_batch
+from ninlab.analysis.step import StepSpec
+from ninlab.viz.report import DEFAULT_BUDGET
 from ninlab.analysis.summary import summarize
 
 KINDS = {
@@ -53,13 +55,12 @@ def _chart(kind: str, choice: ModelChoice, args: argparse.Namespace) -> Chart:
         if kind == "geometry":
             return geometry_chart(summary, layer=args.layer)
         return field_chart(summary) if kind == "receptive-field" else flops_chart(summary)
+    mode = "train" if kind in ("saved", "batch") else args.mode
+    spec = StepSpec(mode=mode, optimizer=args.optimizer, **common)
     if kind == "batch":
-        study = study_batch(choice.model, budget=args.budget, optimizer=args.optimizer, **common)
+        study = study_batch(choice.model, spec, budget=args.budget)
         return batch_chart(study.scaling, study.fit, model=choice.name, mode="train")
-    mode = "train" if kind == "saved" else args.mode
-    report = predict_memory(
-        choice.model, batch_size=choice.batch_size, mode=mode, optimizer=args.optimizer, model_name=choice.name, **common
-    )
+    report = predict_memory(choice.model, spec, batch_size=choice.batch_size, model_name=choice.name)
     return saved_chart(report) if kind == "saved" else timeline_chart(report)
 
 

@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     report = build_report(
         choice.model,
-        input_size=choice.input_size,
         batch_size=choice.batch_size,
+        input_size=choice.input_size,
         dtype=choice.dtype,
         optimizer=args.optimizer,
         budget=args.budget,

@@ -35,6 +35,7 @@ from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
 from ninlab.errors import NinlabError
 from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
 from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.step import StepSpec
 from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
 from ninlab.training.pipeline import InputTransform, batch_indices, epoch_permutation
@@ -89,21 +90,26 @@ class RunCost:
     peak_allocator_bytes: int  # the same peak as the allocator holds it (what the OS or CUDA sees)
 
 
-def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_size: int) -> RunCost:
-    """INTEGRATION POINT with the accountant (`ninlab.analysis.summary` for FLOPs, `ninlab.analysis.memory` for the
-    peak): the numbers printed before the first step. The rest of the trainer does not depend on
-    how they are computed."""
-    input_size = (1, config.image_size, config.image_size)
-    summary = summarize(model, input_size=input_size, batch_size=config.batch_size)
-    memory = predict_memory(
-        model,
-        input_size=input_size,
-        batch_size=-(-config.batch_size // world_size),
+def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> StepSpec:
+    """The step a rank of this run takes, as the accountant describes it: the run's optimizer,
+    precision, memory format and DDP."""
+    return StepSpec(
+        input_size=(1, config.image_size, config.image_size),
         optimizer=_optimizer_spec(config),
         amp="bf16" if config.amp == "bf16" else None,
         device_type=device_type,
+        memory_format="channels_last" if config.channels_last else "contiguous",
         ddp=world_size > 1,
     )
+
+
+def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_size: int) -> RunCost:
+    """INTEGRATION POINT with the accountant (`ninlab.analysis.summary` for FLOPs,
+    `ninlab.analysis.memory` for the peak): the numbers printed before the first step. The rest of
+    the trainer does not depend on how they are computed."""
+    spec = step_spec_of(config, device_type=device_type, world_size=world_size)
+    summary = summarize(model, input_size=spec.input_size, batch_size=config.batch_size)
+    memory = predict_memory(model, spec, batch_size=-(-config.batch_size // world_size))
     return RunCost(
         training_step_flops=summary.totals.training_step_flops,
         peak_live_bytes=memory.live_peak_bytes,

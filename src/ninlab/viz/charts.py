@@ -223,18 +223,14 @@ def timeline_chart(report: MemoryReport) -> TimelineChart:
             f"{report.model} could not be traced on fake tensors, so its memory has no op-by-op "
             "timeline to draw; see the report's notes for the measured peak"
         )
-    timeline, peak, setup = report.timeline, report.peak, report.setup
+    timeline, peak = report.timeline, report.peak
     categories = tuple(name for name in CATEGORIES if any(timeline.series(name)))
-    if setup.mode == "train":
-        step_name = f"training step ({setup.optimizer.name if setup.optimizer else 'sgd'})"
-    else:
-        step_name = f"inference ({setup.grad_mode})"
     module = peak.module or "outside any module"
     return TimelineChart(
         model=report.model,
-        mode=setup.mode,
-        batch_size=setup.batch_size,
-        step_name=step_name,
+        mode=report.spec.mode,
+        batch_size=report.batch_size,
+        step_name=report.spec.title,
         categories=categories,
         series_bytes=tuple(timeline.series(name) for name in categories),
         total_bytes=timeline.totals(),
@@ -267,7 +263,7 @@ class SavedChart:
 
 
 def saved_chart(report: MemoryReport) -> SavedChart:
-    if report.setup.mode != "train":
+    if report.spec.mode != "train":
         raise NinlabError("only a training step keeps tensors for backward; predict with mode='train'")
     layers = report.saved_by_layer()
     by_reason: dict[str, dict[str, int]] = {}  # reason -> layer -> bytes, in forward order
@@ -277,7 +273,7 @@ def saved_chart(report: MemoryReport) -> SavedChart:
             kept[row.module] = kept.get(row.module, 0) + row.counted_bytes
     return SavedChart(
         model=report.model,
-        batch_size=report.setup.batch_size,
+        batch_size=report.batch_size,
         layers=tuple(layer.module or "(loss)" for layer in layers),
         layer_types=tuple(layer.module_type if layer.module else "" for layer in layers),
         reasons=tuple(by_reason),

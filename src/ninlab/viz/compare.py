@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from ninlab.training.data import FashionMNIST
 from ninlab.errors import NinlabError
 from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.models import get_config, list_configs, resolve_model
 from ninlab.training.presets import TrainConfig
 from ninlab.training.progress import Reporter
@@ -142,16 +142,17 @@ class Comparison:
 
 def compare(
     specs: Sequence[str],
+    step: StepSpec | None = None,
     *,
-    input_size: Sequence[int] = (1, 224, 224),
     batch_size: int = 128,
-    dtype: torch.dtype = torch.float32,
-    optimizer: str = "sgd",
     training: TrainPlan | None = None,
+    **fields: Any,
 ) -> Comparison:
-    """Analyse each spec (a registry name, `name:key=value,...` or `package.module:factory`) at
-    `input_size` and `batch_size`; with `training`, also train each one and add its test accuracy
-    and training time."""
+    """Analyse each model spec (a registry name, `name:key=value,...` or `package.module:factory`)
+    for the training step `step` describes (or its fields, as keywords: `input_size`, `dtype`,
+    `optimizer`, ...) and its inference at `batch_size`; with `training`, also train each one and
+    add its test accuracy and training time."""
+    step = step_spec(step, **fields).replace(mode="train")
     if not specs:
         raise NinlabError(f"name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: {', '.join(sorted(list_configs()))})")
     if len(set(specs)) < len(specs):
@@ -160,26 +161,24 @@ def compare(
         for spec in specs:
             if spec.partition(":")[0] not in list_configs():
                 raise NinlabError(f"--train trains registry models and their variants only; {spec!r} is a factory")
-    input_size = tuple(int(s) for s in input_size)
-    variants = tuple(_analyse(spec, input_size, batch_size, dtype, optimizer) for spec in specs)
+    variants = tuple(_analyse(spec, step, batch_size) for spec in specs)
     if training is not None:
         variants = tuple(dataclasses.replace(v, training=_train(v.spec, training)) for v in variants)
     return Comparison(
-        input_size=input_size,
+        input_size=step.input_size,
         batch_size=batch_size,
-        dtype=str(dtype).removeprefix("torch."),
-        optimizer=optimizer,
+        dtype=str(step.dtype).removeprefix("torch."),
+        optimizer=step.optimizer.name,
         variants=variants,
         preset=training.preset if training else None,
     )
 
 
-def _analyse(spec: str, input_size: tuple[int, ...], batch_size: int, dtype: torch.dtype, optimizer: str) -> VariantResult:
+def _analyse(spec: str, step: StepSpec, batch_size: int) -> VariantResult:
     model = resolve_model(spec)
-    summary = summarize(model, input_size=input_size, batch_size=batch_size, dtype=dtype, model_name=spec)
-    common: dict[str, Any] = {"input_size": input_size, "batch_size": batch_size, "dtype": dtype}
-    train = predict_memory(model, mode="train", optimizer=optimizer, **common)
-    infer = predict_memory(model, mode="infer", **common)
+    summary = summarize(model, input_size=step.input_size, batch_size=batch_size, dtype=step.dtype, model_name=spec)
+    train = predict_memory(model, step, batch_size=batch_size)
+    infer = predict_memory(model, step.inference(), batch_size=batch_size)
     fields = [layer for layer in summary.layers if layer.is_leaf and layer.receptive_field]
     last = fields[-1] if fields else None
     name, _, settings = spec.partition(":")

@@ -20,17 +20,6 @@ def _dtype(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _step(report: MemoryReport) -> str:
-    setup = report.setup
-    precision = _dtype(setup.dtype) + (f" with {_dtype(setup.autocast_dtype)} autocast" if setup.autocast_dtype else "")
-    if setup.mode == "train":
-        optimizer = setup.optimizer.name if setup.optimizer else "sgd"
-        step = f"training step (the second: optimizer state exists) with {optimizer}"
-    else:
-        step = f"inference ({setup.grad_mode})"
-    return f"{step}, {precision}, {setup.device_type}, batch {setup.batch_size}"
-
-
 def _bytes(count: float) -> str:
     return f"{format_bytes(int(count))} ({int(count):,} bytes)"
 
@@ -42,7 +31,7 @@ def _where(op: str, phase: str, module: str, module_type: str = "", node: str = 
 
 def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> list[str]:
     """The section's prose: peaks at both levels, the forum rule beside ours, batch size, DDP, notes."""
-    lines = [f"Memory of one {_step(report)}:"]
+    lines = [f"Memory of one {report.spec.describe(report.batch_size)}:"]
     if report.peak is not None:
         peak = report.peak
         lines.append(
@@ -65,7 +54,7 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
         lines.append(f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)")
     forum = report.forum
     if forum is not None:
-        if report.setup.mode == "train":
+        if report.spec.mode == "train":
             rule = (
                 f"2 x activations ({format_bytes(forum.activations_bytes)}) + 3 x parameters "
                 f"({format_bytes(forum.parameters_bytes)})"
@@ -174,19 +163,9 @@ def memory_markdown(report: MemoryReport, *, scaling: BatchScaling | None = None
 
 def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> dict[str, Any]:
     """Every number of the report under stable names (bytes in bytes); the timeline per op."""
-    setup = report.setup
     data: dict[str, Any] = {
         "model": report.model,
-        "setup": {
-            "mode": setup.mode,
-            "input_size": list(setup.input_size),
-            "batch_size": setup.batch_size,
-            "dtype": _dtype(setup.dtype),
-            "autocast_dtype": _dtype(setup.autocast_dtype) if setup.autocast_dtype else None,
-            "device_type": setup.device_type,
-            "optimizer": dict(setup.optimizer.__dict__) if setup.optimizer else None,
-            "grad_mode": setup.grad_mode if setup.mode == "infer" else None,
-        },
+        "setup": {**report.spec.as_dict(), "batch_size": report.batch_size},
         "live_peak_bytes": report.live_peak_bytes,
         "allocator_peak_bytes": report.allocator_peak_bytes,
         "peak": dict(report.peak.__dict__) if report.peak else None,

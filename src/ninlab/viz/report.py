@@ -13,9 +13,9 @@ import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ninlab.viz.charts import (
@@ -38,54 +38,19 @@ from ninlab.errors import NinlabError
 from ninlab.analysis.memory import (
     CATEGORIES,
     CATEGORY_MEANINGS,
-    BatchFit,
-    BatchScaling,
+    BatchStudy,
     MemoryReport,
-    fit_batch,
-    memory_vs_batch,
     predict_memory,
+    study_batch,
 )
+from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.viz.render import explanation_lines
 from ninlab.analysis.summary import LayerSummary, Summary, summarize
 from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
 
-__all__ = ["DEFAULT_BUDGET", "BatchStudy", "Report", "ReportCharts", "build_report", "report_path", "study_batch"]
+__all__ = ["DEFAULT_BUDGET", "Report", "ReportCharts", "build_report", "report_path"]
 
 DEFAULT_BUDGET = "8GiB"  # a common laptop or consumer GPU's memory
-
-
-# -- batch size against a budget ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchStudy:
-    """The largest batch that fits a budget, and the peak's line measured around it."""
-
-    fit: BatchFit
-    scaling: BatchScaling
-
-
-def study_batch(
-    model: nn.Module,
-    *,
-    budget: int | str,
-    input_size: Sequence[int],
-    mode: str = "train",
-    optimizer: str = "sgd",
-    dtype: torch.dtype = torch.float32,
-) -> BatchStudy:
-    """`fit_batch`, then `memory_vs_batch` at a quarter, half and three quarters of the answer, so
-    the line is measured where the question is; both count what the allocator holds, which is
-    what runs out."""
-    fit = fit_batch(model, budget=budget, input_size=input_size, mode=mode, optimizer=optimizer, dtype=dtype, level="allocator")  # type: ignore[arg-type]
-    quarter = max(1, fit.batch_size // 4)
-    half = max(quarter + 1, fit.batch_size // 2)
-    three_quarters = max(half + 1, 3 * fit.batch_size // 4)
-    scaling = memory_vs_batch(
-        model, input_size=input_size, batch_sizes=(quarter, half), check_batch_size=three_quarters,
-        mode=mode, optimizer=optimizer, dtype=dtype, level="allocator",  # type: ignore[arg-type]
-    )
-    return BatchStudy(fit, scaling)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -112,7 +77,6 @@ class Report:
     infer: MemoryReport
     batch: BatchStudy
     charts: ReportCharts
-    optimizer: str
 
     def html(self) -> str:
         """A complete HTML document."""
@@ -145,24 +109,24 @@ def report_path(path: str | os.PathLike[str]) -> Path:
 
 def build_report(
     model: nn.Module,
+    spec: StepSpec | None = None,
     *,
-    input_size: Sequence[int],
     batch_size: int = 128,
-    dtype: torch.dtype = torch.float32,
-    optimizer: str = "sgd",
     budget: int | str = DEFAULT_BUDGET,
     model_name: str | None = None,
     layer: str | None = None,
+    **fields: Any,
 ) -> Report:
-    """Summarize `model`, predict its training step's and inference's memory, find the largest
-    batch under `budget`, and build every chart; `layer` picks the layer of the geometry picture."""
+    """Summarize `model`, predict the memory of the training step `spec` describes (or its
+    fields, as keywords) and of inference, find the largest training batch under `budget`, and
+    build every chart; `layer` picks the layer of the geometry picture."""
     name = model_name or type(model).__name__
+    spec = step_spec(spec, **fields).replace(mode="train")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    summary = summarize(model, input_size=input_size, batch_size=batch_size, dtype=dtype, model_name=name)
-    common = {"input_size": input_size, "batch_size": batch_size, "dtype": dtype, "model_name": name}
-    train = predict_memory(model, mode="train", optimizer=optimizer, **common)  # type: ignore[arg-type]
-    infer = predict_memory(model, mode="infer", **common)  # type: ignore[arg-type]
-    batch = study_batch(model, budget=budget_bytes, input_size=input_size, optimizer=optimizer, dtype=dtype)
+    summary = summarize(model, input_size=spec.input_size, batch_size=batch_size, dtype=spec.dtype, model_name=name)
+    train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
+    infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
+    batch = study_batch(model, spec, budget=budget_bytes)
     has_windows = any(row.windows for row in summary.layers)
     charts = ReportCharts(
         geometry=geometry_chart(summary, layer=layer) if has_windows and len(summary.input_size) == 3 else None,
@@ -173,7 +137,7 @@ def build_report(
         saved=saved_chart(train) if train.timeline else None,
         batch=batch_chart(batch.scaling, batch.fit, model=name, mode="train"),
     )
-    return Report(summary, train, infer, batch, charts, optimizer)
+    return Report(summary, train, infer, batch, charts)
 
 
 # -- HTML -----------------------------------------------------------------------------------------
@@ -233,13 +197,6 @@ def _figure(chart: Chart | None, key: str, caption: str) -> str:
     return f'<figure id="chart-{key}">{chart_svg(chart, id_prefix=key)}<figcaption>{caption}</figcaption></figure>'
 
 
-def _step_name(report: MemoryReport) -> str:
-    setup = report.setup
-    if setup.mode == "train":
-        return f"training step ({setup.optimizer.name if setup.optimizer else 'sgd'})"
-    return f"inference ({setup.grad_mode})"
-
-
 def _glance(report: Report) -> str:
     t = report.summary.totals
     fit = report.batch.fit
@@ -247,10 +204,10 @@ def _glance(report: Report) -> str:
         (format_count(t.parameters), f"parameters ({format_bytes(t.parameter_bytes)})"),
         (format_flops(t.forward_flops), f"forward FLOPs per batch of {report.summary.batch_size}"),
         (format_flops(t.training_step_flops), "training-step FLOPs (forward + backward)"),
-        (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {_step_name(report.train)}"),
-        (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {_step_name(report.infer)}"),
+        (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {report.train.spec.title}"),
+        (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {report.infer.spec.title}"),
         (_shape(report.summary.smallest_input_size), "smallest valid input"),
-        (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {_step_name(report.train)}"),
+        (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {report.train.spec.title}"),
         (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
     ]
     return '<div class="glance">' + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items) + "</div>"
@@ -405,7 +362,7 @@ def _memory_section(report: Report) -> str:
         (train, "train-timeline", report.charts.train_timeline, "From zero_grad through forward, loss, backward and the optimizer step (the second, steady-state step)."),
         (infer, "infer-timeline", report.charts.infer_timeline, "Inference: activations die as soon as the next layer has used them."),
     ):
-        parts.append(f"<h3>{_e(_step_name(step).capitalize())}, batch {step.setup.batch_size}</h3>")
+        parts.append(f"<h3>{_e(step.spec.title.capitalize())}, batch {step.batch_size}</h3>")
         parts.append(f"<p>{_peak_text(step)}</p>")
         parts.append(_breakdown_table(step))
         if step.forum is not None:
@@ -437,7 +394,7 @@ def _body(report: Report) -> str:
     header = (
         f"<h1>{_e(summary.model)}</h1>"
         f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, {_e(summary.dtype)}, '
-        f"optimizer {_e(report.optimizer)}. Made by ninlab from one trace of the model on fake tensors.</p>"
+        f"optimizer {_e(report.train.spec.optimizer.name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
     )
     return (
         f'<div class="ninlab-report"><style>{_CSS}</style>{header}{_glance(report)}'

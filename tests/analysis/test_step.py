@@ -1,0 +1,100 @@
+"""StepSpec: one description of a step, checked once, taken by prediction and measurement alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ninlab.analysis.measure import measure
+from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.step import DDPSpec, StepSpec, step_spec, valid_batch_size
+from ninlab.errors import NinlabError
+from ninlab.models import resolve_model
+from ninlab.optimizers import OptimizerSpec
+
+
+def test_plain_values_become_typed_ones() -> None:
+    spec = StepSpec(input_size=[1, "28", 28], optimizer="adamw:weight_decay=0.01", dtype="bfloat16", amp="float16", ddp=True)
+    assert spec.input_size == (1, 28, 28)
+    assert spec.optimizer == OptimizerSpec("adamw", weight_decay=0.01)
+    assert (spec.dtype, spec.amp, spec.autocast_dtype) == (torch.bfloat16, "fp16", torch.float16)
+    assert spec.ddp == DDPSpec()
+    assert StepSpec(amp=torch.bfloat16).amp == "bf16"
+    assert StepSpec(ddp=False).ddp is None
+    # Typed and plain spellings describe the same step, so they compare (and hash) equal.
+    assert StepSpec(optimizer="adam", dtype="float32") == StepSpec(optimizer=OptimizerSpec("adam"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"input_size": (224, 224, 0)}, "input size must be channels then spatial sizes"),
+        ({"input_size": (224,)}, "input size must be channels then spatial sizes"),
+        ({"input_size": "1x28x28"}, "input size must be"),
+        ({"mode": "eval"}, "mode must be one of train, infer"),
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+        ({"optimizer": 3}, "optimizer must be a name"),
+        ({"dtype": "float64"}, "dtype must be one of float32, bfloat16, float16"),
+        ({"dtype": torch.int64}, "dtype must be one of"),
+        ({"amp": "fp8"}, "amp must be one of bf16, fp16"),
+        ({"device_type": "mps"}, "device type must be one of cpu, cuda"),
+        ({"grad_mode": "enable_grad"}, "grad mode must be"),
+        ({"memory_format": "nhwc"}, "memory format must be one of contiguous, channels_last"),
+        ({"mode": "infer", "ddp": True}, "only in training"),
+    ],
+)
+def test_a_bad_field_is_one_clear_error_when_built(fields: dict, message: str) -> None:
+    with pytest.raises(NinlabError, match=message):
+        StepSpec(**fields)
+
+
+def test_replace_checks_again_and_inference_drops_ddp() -> None:
+    spec = StepSpec(optimizer="adam", ddp=True)
+    assert spec.inference() == StepSpec(mode="infer", optimizer="adam")
+    with pytest.raises(NinlabError, match="memory format"):
+        spec.replace(memory_format="planar")
+
+
+def test_describe_and_title_say_what_runs() -> None:
+    spec = StepSpec(optimizer="nesterov", amp="bf16", memory_format="channels_last", ddp=True)
+    assert spec.title == "training step (nesterov)"
+    assert spec.describe(128) == (
+        "training step (the second: optimizer state exists) with nesterov, float32 with bfloat16 "
+        "autocast, cpu, channels-last, DDP, batch 128"
+    )
+    assert StepSpec(mode="infer", grad_mode="inference_mode").describe() == "inference (inference_mode), float32, cpu"
+
+
+def test_as_dict_is_plain_json_values() -> None:
+    data = StepSpec(input_size=(3, 32, 32), optimizer="adam", amp="bf16").as_dict()
+    assert data["input_size"] == [3, 32, 32] and data["dtype"] == "float32"
+    assert data["autocast_dtype"] == "bfloat16" and data["optimizer"]["name"] == "adam"
+    assert data["grad_mode"] is None and data["ddp"] is None
+    assert StepSpec(mode="infer").as_dict()["optimizer"] is None
+
+
+def test_step_spec_takes_a_spec_or_its_fields_not_both() -> None:
+    spec = StepSpec(optimizer="adam")
+    assert step_spec(spec) is spec
+    assert step_spec(None, optimizer="adam") == spec
+    with pytest.raises(NinlabError, match="not both"):
+        step_spec(spec, optimizer="sgd")
+    with pytest.raises(NinlabError, match="expected a StepSpec"):
+        step_spec("adam")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "message"), [(0, "at least 1"), (-3, "at least 1"), (2.5, "whole number"), (True, "whole number")])
+def test_batch_size_checks(value: object, message: str) -> None:
+    with pytest.raises(NinlabError, match=message):
+        valid_batch_size(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_channels_last_prediction_equals_measurement(mode: str) -> None:
+    """The layout the trainer runs in: live storage is exact; the allocator level says it is a
+    lower bound (oneDNN's channels-last workspaces are not modelled)."""
+    model = resolve_model("nin-d2l-bn")
+    spec = StepSpec(input_size=(1, 72, 72), mode=mode, optimizer="nesterov", memory_format="channels_last")  # type: ignore[arg-type]
+    report = predict_memory(model, spec, batch_size=4)
+    assert report.live_peak_bytes == measure(model, spec, batch_size=4).live_peak_bytes
+    assert report.allocator is not None and report.allocator.lower_bound

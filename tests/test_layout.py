@@ -1,0 +1,83 @@
+"""The package's map holds: the accountant stands alone, and the front door opens onto each part."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import ninlab
+
+PACKAGE = Path(ninlab.__file__).parent
+PARTS = ("analysis", "training", "viz", "cli")
+# What each part may import from the others (top-level shared modules are open to all).
+ALLOWED = {
+    "analysis": set(),
+    "training": {"analysis"},
+    "viz": {"analysis", "training"},
+    "cli": {"analysis", "training", "viz"},
+}
+
+
+def _imported_parts(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            pieces = name.split(".")
+            if pieces[0] == "ninlab" and len(pieces) > 1 and pieces[1] in PARTS:
+                parts.add(pieces[1])
+    return parts
+
+
+def test_each_part_imports_only_what_the_rule_allows() -> None:
+    broken = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        # Shared modules serve every part; the front door only re-exports, and lazily.
+        if path.name != "__init__.py":
+            broken += [f"{path.name} imports ninlab.{other}" for other in _imported_parts(path)]
+    for part in PARTS:
+        for path in sorted((PACKAGE / part).glob("*.py")):
+            for other in _imported_parts(path) - ALLOWED[part] - {part}:
+                broken.append(f"{path.relative_to(PACKAGE)} imports ninlab.{other}")
+    assert broken == []
+
+
+def test_the_rule_checker_sees_every_import_form(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "import ninlab.viz.charts\nfrom ninlab.training import train\nfrom ninlab import cli\n"
+        "def f():\n    from ninlab.analysis.memory import predict_memory\n"
+    )
+    assert _imported_parts(module) == {"viz", "training", "cli", "analysis"}
+
+
+def test_loading_the_whole_accountant_loads_nothing_else() -> None:
+    """At run time too: no lazy import inside a function reaches the trainer, visuals or CLI."""
+    modules = [f"ninlab.analysis.{path.stem}" for path in sorted((PACKAGE / "analysis").glob("*.py"))]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and m.count('.') >= 2}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['analysis']"
+
+
+def test_the_front_door_names_the_library_api() -> None:
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.memory import fit_batch, predict_memory
+    from ninlab.analysis.step import StepSpec
+    from ninlab.analysis.summary import summarize
+    from ninlab.training.train import train
+
+    expected = {
+        "StepSpec": StepSpec, "summarize": summarize, "predict_memory": predict_memory,
+        "fit_batch": fit_batch, "measure": measure, "train": train,
+    }
+    for name, value in expected.items():
+        assert name in ninlab.__all__ and getattr(ninlab, name) is value
+    assert {"build_nin", "resolve_model"} <= set(ninlab.__all__)
