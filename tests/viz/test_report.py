@@ -11,8 +11,8 @@ from PIL import Image
 
 from ninlab.cli import main
 from ninlab.models import build_nin
-from ninlab.viz.report import build_report
 from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.viz.report import build_report
 
 CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", "saved", "batch")
 
@@ -128,3 +128,16 @@ def test_cli_report(tmp_path, capsys):
     assert path.read_text(encoding="utf-8").count("<svg") == len(CHART_KEYS)
     assert main(["report", "-o", str(tmp_path / "missing" / "r.html")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_report_and_plot_refuse_an_unsupported_suffix_alike(tmp_path, capsys):
+    """`report -o x.txt` once wrote HTML into it; both commands refuse it before any work."""
+    path = tmp_path / "x.txt"
+    assert main(["report", "-o", str(path)]) == 2
+    report_error = capsys.readouterr().err
+    assert main(["plot", "flops", "-o", str(path)]) == 2
+    plot_error = capsys.readouterr().err
+    refusal = f"to {str(path)!r}: unsupported file type; name a"
+    assert f"cannot write the report {refusal} .html or .htm file" in report_error
+    assert f"cannot write the chart {refusal} .png or .svg file" in plot_error
+    assert list(tmp_path.iterdir()) == []

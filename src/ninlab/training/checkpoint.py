@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,37 +26,32 @@ from typing import Any
 import torch
 
 from ninlab.errors import NinlabError
+from ninlab.outputs import atomic_write
 
-__all__ = ["FORMAT", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "resolve_checkpoint_path"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT",
+    "load_checkpoint",
+    "resolve_checkpoint_path",
+    "save_checkpoint",
+]
 
 FORMAT = "ninlab-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`: a
-    failed or interrupted write leaves the previous checkpoint untouched."""
+    """Write `state` durably and atomically (`atomic_write`): a failed or interrupted write leaves
+    the previous checkpoint untouched."""
     try:
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise NinlabError(
-            f"cannot write in {path.parent} ({error.strerror}); choose another --output-dir"
-        ) from None
-    try:
-        with os.fdopen(handle, "wb") as out:
+        with atomic_write(path, durable=True) as out:
             torch.save({"format": FORMAT, **state}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:120]
         raise NinlabError(
             f"could not write checkpoint {path} ({reason}); the previous one is unchanged; "
             "free disk space or choose another --output-dir"
         ) from None
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -24,20 +23,21 @@ import numpy as np
 import torch
 
 from ninlab.errors import NinlabError
+from ninlab.outputs import atomic_write
 
 __all__ = [
     "CLASS_NAMES",
-    "MIRROR_URL",
     "DEBIAN_DIR",
-    "IdxFile",
     "FILES",
-    "Split",
+    "MIRROR_URL",
     "FashionMNIST",
-    "read_idx",
+    "IdxFile",
+    "Split",
     "default_search_path",
-    "find_data_dir",
     "download_fashion_mnist",
+    "find_data_dir",
     "load_fashion_mnist",
+    "read_idx",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -208,10 +208,9 @@ def download_fashion_mnist(
         if _file_in(directory, spec.name):
             continue
         url = f"{mirror.rstrip('/')}/{spec.name}.gz"
-        target = directory / f"{spec.name}.gz"
-        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{spec.name}.part-", suffix=".gz")
-        try:
-            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+        # Written through atomic_write so that only a verified file ever takes the final name.
+        with atomic_write(directory / f"{spec.name}.gz", durable=False) as out:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 total = response.length
                 received = 0
                 while chunk := response.read(1 << 16):
@@ -219,20 +218,23 @@ def download_fashion_mnist(
                     received += len(chunk)
                     if progress:
                         progress(spec.name, received, total)
-            try:
-                digest = hashlib.sha256(_contents(Path(temp_name))).hexdigest()
-            except (OSError, EOFError, zlib.error) as error:
-                raise NinlabError(
-                    f"the download of {url} is not a valid gzip file ({error}); try again"
-                ) from None
-            if digest != spec.sha256:
-                raise NinlabError(
-                    f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again"
-                )
-            os.replace(temp_name, target)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+            out.flush()  # the check reads the temporary file back
+            _verify_download(Path(out.name), spec, url)
+
+
+def _verify_download(path: Path, spec: IdxFile, url: str) -> None:
+    """Refuse a download whose decompressed bytes are not `spec`'s (`path` is the temporary file,
+    whose name does not end in .gz, hence gzip here rather than `_contents`)."""
+    try:
+        digest = hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+    except (OSError, EOFError, zlib.error) as error:
+        raise NinlabError(
+            f"the download of {url} is not a valid gzip file ({error}); try again"
+        ) from None
+    if digest != spec.sha256:
+        raise NinlabError(
+            f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again"
+        )
 
 
 def _first_writable(directories: Sequence[Path]) -> Path | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,21 +10,20 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-__all__ = ["plot_curves", "plot_confusion"]
+from ninlab.outputs import atomic_write
+
+__all__ = ["plot_confusion", "plot_curves"]
 
 
 def _save(figure: Any, path: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
     try:
-        figure.savefig(temp_name, dpi=120)
-        os.replace(temp_name, path)
+        with atomic_write(path, durable=False) as out:
+            # The format by the name's suffix, as savefig does when given a file name.
+            figure.savefig(out, format=path.suffix.removeprefix(".") or None, dpi=120)
     finally:
         plt.close(figure)
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path, *, epochs: int, title: str) -> None:

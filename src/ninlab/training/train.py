@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,21 +28,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.summary import summarize
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin, parse_variant
+from ninlab.optimizers import OptimizerSpec, make_optimizer
+from ninlab.outputs import output_directory, write_text_atomically
 from ninlab.training import distributed
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
-from ninlab.errors import NinlabError
 from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
-from ninlab.analysis.memory import predict_memory
-from ninlab.analysis.step import StepSpec
-from ninlab.models import build_nin, parse_variant
-from ninlab.optimizers import OptimizerSpec, make_optimizer
 from ninlab.training.pipeline import InputTransform, batch_indices, epoch_permutation
+from ninlab.training.plots import plot_curves
 from ninlab.training.presets import PRESETS, TrainConfig, config_from_dict
 from ninlab.training.progress import Reporter, SilentReporter, format_duration
 from ninlab.training.schedule import learning_rate
-from ninlab.analysis.summary import summarize
-from ninlab.training.plots import plot_curves
 from ninlab.units import format_bytes, format_flops
 
 __all__ = [
@@ -175,23 +175,12 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
 
 
 def _make_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise NinlabError(
-            f"cannot create output directory {path} ({error.strerror}); choose another --output-dir"
-        ) from None
+    output_directory(path)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    """Every text file of a run (config, metrics) is needed to follow or reproduce it: durable."""
+    write_text_atomically(path, text, durable=True)
 
 
 def _write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -24,9 +24,10 @@ from matplotlib import patches, ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.memory import CATEGORIES, BatchFit, BatchScaling, MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
+from ninlab.errors import NinlabError
+from ninlab.outputs import atomic_write, output_path
 from ninlab.units import format_bytes, format_count, format_flops
 
 if TYPE_CHECKING:
@@ -754,15 +755,10 @@ def draw(chart: Chart) -> Figure:
     return _DRAWERS[type(chart)](chart)
 
 
-def chart_path(path: str | os.PathLike[str]) -> Path:
-    """`path` if a chart can be written there (a .png or .svg in an existing directory), so a
-    command can refuse a bad -o before computing anything."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise NinlabError(f"cannot write a chart to {path.name!r}; name a .png or .svg file")
-    if not path.parent.is_dir():
-        raise NinlabError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
-    return path
+def chart_path(path: str | os.PathLike[str], *, option: str = "-o") -> Path:
+    """`path` if a chart can be written there (`output_path`: a .png or .svg in a writable
+    directory), so a command can refuse a bad `option` before computing anything."""
+    return output_path(path, suffixes=(".png", ".svg"), what="chart", option=option)
 
 
 def save_chart(chart: Chart, path: str | os.PathLike[str]) -> Path:
@@ -770,14 +766,11 @@ def save_chart(chart: Chart, path: str | os.PathLike[str]) -> Path:
     path = chart_path(path)
     suffix = path.suffix.lower()
     figure = draw(chart)
-    # A temporary name beside the target, created with the usual permissions (umask), then renamed.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
-        figure.savefig(temp, dpi=130, metadata=_METADATA[suffix])
-        os.replace(temp, path)
+        with atomic_write(path, durable=False) as out:
+            figure.savefig(out, format=suffix[1:], dpi=130, metadata=_METADATA[suffix])
     finally:
         plt.close(figure)
-        temp.unlink(missing_ok=True)
     return path
 
 

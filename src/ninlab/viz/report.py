@@ -13,11 +13,23 @@ import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from ninlab.analysis.memory import (
+    CATEGORIES,
+    CATEGORY_MEANINGS,
+    BatchStudy,
+    MemoryReport,
+    predict_memory,
+    study_batch,
+)
+from ninlab.analysis.step import StepSpec, step_spec
+from ninlab.analysis.summary import LayerSummary, Summary, summarize
+from ninlab.outputs import output_path, write_text_atomically
+from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
 from ninlab.viz.charts import (
     BatchChart,
     Chart,
@@ -34,19 +46,7 @@ from ninlab.viz.charts import (
     saved_chart,
     timeline_chart,
 )
-from ninlab.errors import NinlabError
-from ninlab.analysis.memory import (
-    CATEGORIES,
-    CATEGORY_MEANINGS,
-    BatchStudy,
-    MemoryReport,
-    predict_memory,
-    study_batch,
-)
-from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.viz.render import explanation_lines
-from ninlab.analysis.summary import LayerSummary, Summary, summarize
-from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
 
 __all__ = ["DEFAULT_BUDGET", "Report", "ReportCharts", "build_report", "report_path"]
 
@@ -89,22 +89,14 @@ class Report:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the HTML document, never leaving a half-written file."""
         path = report_path(path)
-        # A temporary name beside the target, created with the usual permissions, then renamed.
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temp.write_text(self.html(), encoding="utf-8")
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        write_text_atomically(path, self.html(), durable=False)
         return path
 
 
-def report_path(path: str | os.PathLike[str]) -> Path:
-    """`path` if the report can be written there, so a command can refuse a bad -o before the work."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise NinlabError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
-    return path
+def report_path(path: str | os.PathLike[str], *, option: str = "-o") -> Path:
+    """`path` if the report can be written there (`output_path`: an .html file in a writable
+    directory), so a command can refuse a bad `option` before the work."""
+    return output_path(path, suffixes=(".html", ".htm"), what="report", option=option)
 
 
 def build_report(

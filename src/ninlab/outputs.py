@@ -1,0 +1,140 @@
+"""Output files, one way for all of ninlab: check where a file may go before the work that makes
+it, then write it whole or not at all.
+
+`output_path` refuses a path the caller cannot write with a one-line `NinlabError` naming the path
+and the fix, so a command fails in its first second rather than after minutes of work.
+`atomic_write` writes a temporary file beside the target and renames it into place: a reader sees
+the previous file or the new one, never half of one, and a failure (an exception, Ctrl-C) leaves
+the previous file untouched and no temporary behind.
+
+Shared by the trainer and the visuals, so it imports only `ninlab.errors` and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from ninlab.errors import NinlabError
+
+__all__ = ["atomic_write", "output_directory", "output_path", "write_text_atomically"]
+
+
+def output_path(
+    path: str | os.PathLike[str],
+    *,
+    suffixes: Sequence[str] = (".png", ".svg"),
+    what: str = "chart",
+    option: str = "-o",
+) -> Path:
+    """`path` if the `what` can be written there: a file name ending in one of `suffixes` (any
+    case), not a directory or device, in an existing directory this process may write in.
+    `option` is the command-line option the fix names."""
+    given = os.fspath(path)  # the messages show the path as the user spelled it
+    path = Path(given)
+    name_a_file = f"name a {' or '.join(suffixes)} file"
+    # Path("") is "."; "/" and ".." have no file name either.
+    if path.name in ("", ".."):
+        _refuse(given, what, f"it has no file name; {name_a_file}")
+    if path.is_dir():
+        _refuse(given, what, f"it is a directory; {name_a_file} inside it")
+    if path.exists() and not path.is_file():
+        _refuse(given, what, f"it is not a regular file; choose another {option}")
+    if path.suffix.lower() not in suffixes:
+        _refuse(given, what, f"unsupported file type; {name_a_file}")
+    problem = _directory_problem(path.parent, option=option)
+    if problem:
+        _refuse(given, what, problem)
+    return path
+
+
+def output_directory(path: str | os.PathLike[str], *, option: str = "--output-dir") -> Path:
+    """`path`, created with its parents if missing, if this process may write files in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NinlabError(
+            f"cannot create output directory {path} ({error.strerror}); choose another {option}"
+        ) from None
+    problem = _directory_problem(path, option=option)
+    if problem:
+        raise NinlabError(problem)
+    return path
+
+
+def _directory_problem(directory: Path, *, option: str) -> str | None:
+    """Why files cannot be written in `directory`, with the fix; None if they can."""
+    if not directory.exists():
+        return f"directory {str(directory)!r} does not exist; create it or choose another {option}"
+    if not directory.is_dir():
+        return f"{str(directory)!r} is not a directory; choose another {option}"
+    # Creating a file needs write and search permission on its directory.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (
+            f"directory {str(directory)!r} is not writable (permission denied); "
+            f"choose another {option}"
+        )
+    return None
+
+
+def _refuse(path: str, what: str, reason: str) -> NoReturn:
+    raise NinlabError(f"cannot write the {what} to {path!r}: {reason}")
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], *, durable: bool, text: bool = False
+) -> Iterator[IO[Any]]:
+    """A file handle (UTF-8 text with `text`, else bytes) on a new temporary file beside `path`,
+    renamed over `path` when the block ends without an exception; on any exception, Ctrl-C
+    included, the temporary is removed and `path` keeps its previous content.
+
+    `durable` (for files whose loss loses work: checkpoints, metrics, the run's config) flushes
+    the bytes and then the rename to disk, so a power cut after the block leaves the new file.
+    The final file has the mode a plain `open(path, "w")` gives (0o666 less the umask). The
+    handle's `name` is the temporary's path, so a caller can read back what it wrote before the
+    rename (the data download verifies its checksum this way).
+    """
+    path = Path(path)
+    # The same directory, so the rename is atomic; a random name, so concurrent writers never
+    # share one. Mode "x" creates the file (never reuses one) with open()'s usual permissions,
+    # which tempfile.mkstemp (always 0o600) would not give. newline="": "\n" stays "\n".
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    options = {"mode": "xt", "encoding": "utf-8", "newline": ""} if text else {"mode": "xb"}
+    # Opened before the `try`: a failed open has created nothing to remove.
+    handle = open(temporary, **options)  # noqa: SIM115 (closed by `with handle`, before the rename)
+    try:
+        with handle:
+            yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if durable:
+        _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in `directory` survive a power cut: POSIX keeps a rename in the directory's
+    own data, so that is synced too (Windows cannot open a directory for this; it is skipped)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str, *, durable: bool) -> None:
+    """`text` as the whole content of `path` (UTF-8), written with `atomic_write`."""
+    with atomic_write(path, durable=durable, text=True) as handle:
+        handle.write(text)
