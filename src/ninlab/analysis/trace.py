@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ninlab.analysis.allocator import Step, cpu_steps, unmodelled_reason
+from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
 from ninlab.errors import NinlabError
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
@@ -112,7 +112,7 @@ class OpRecord:
     autograd_node: str  # in backward: the autograd node being executed, e.g. "ReluBackward0"
     # On CPU, every block the kernel allocates and frees, outputs included (`ninlab.analysis.allocator`);
     # None: it allocates only its outputs, or its workspace is not modelled (`cpu_unmodelled` says why).
-    cpu_allocations: tuple[Step, ...] | None = None
+    cpu_allocations: tuple[KernelAllocation, ...] | None = None
     cpu_unmodelled: str = ""
 
 
@@ -472,7 +472,7 @@ class Recorder(TorchDispatchMode):
                 flops=op_flops(func, args, tuple(output_tuple)),
                 window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
-                cpu_allocations=cpu_steps(str(func), args) if on_cpu else None,
+                cpu_allocations=cpu_allocations(str(func), args) if on_cpu else None,
                 cpu_unmodelled=(unmodelled_reason(str(func), args) or "") if on_cpu else "",
             )
         )
