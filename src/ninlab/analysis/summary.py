@@ -30,8 +30,9 @@ class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
-    `backward_flops` are the ops autograd ran for it in backward. `windows` describes the module's
-    convolution or pooling along each spatial axis (the first such op, if it ran several).
+    `backward_flops` are the ops autograd ran for it in backward. `axes` describes the module's
+    convolution or pooling window along each spatial axis, one `AxisWindow` per axis (the first
+    such op, if it ran several).
     """
 
     name: str
@@ -46,7 +47,7 @@ class LayerSummary:
     buffer_elements: int
     forward_flops: int
     backward_flops: int
-    windows: tuple[AxisWindow, ...]
+    axes: tuple[AxisWindow, ...]
     receptive_field: tuple[ReceptiveField, ...] | None
     is_leaf: bool
 
@@ -57,9 +58,9 @@ class LayerSummary:
     @property
     def rounding(self) -> str:
         """Short note: the unrounded size where it was rounded, and real pixels never read."""
-        if not self.windows:
+        if not self.axes:
             return ""
-        window = self.windows[0]
+        window = self.axes[0]
         if window.textbook_output == window.output_size and not window.unread_real:
             return ""
         note = f"{window.textbook_output:g} -> {window.output_size}"
@@ -67,13 +68,13 @@ class LayerSummary:
             note += f", last {window.trailing_unread_real} real unread"
         elif window.trailing_unread_padding:
             note += ", only padding unread"
-        if len({(w.input_size, w.params) for w in self.windows}) > 1:
+        if len({(w.input_size, w.params) for w in self.axes}) > 1:
             note += " (first axis)"
         return note
 
     @property
     def explanation(self) -> str:
-        return explain_axes(self.windows) if self.windows else ""
+        return explain_axes(self.axes) if self.axes else ""
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
                 buffer_elements=sum(b.numel() for b in module.buffers()),
                 forward_flops=sum(forward_flops[n] for n in within),
                 backward_flops=sum(backward_flops[n] for n in within),
-                windows=window_op.window.windows() if window_op and window_op.window else (),
+                axes=window_op.window.windows() if window_op and window_op.window else (),
                 receptive_field=fields.get(window_op.index) if window_op else None,
                 is_leaf=not any(True for _ in module.children()),
             )

@@ -43,7 +43,7 @@ def _layer_dict(layer: LayerSummary) -> dict[str, Any]:
                 "unread_real": w.unread_real,
                 "overhang": w.overhang,
             }
-            for w in layer.windows
+            for w in layer.axes
         ],
         "receptive_field": (
             [{"size": f.size, "jump": f.jump, "start": f.start} for f in layer.receptive_field]
@@ -125,7 +125,7 @@ def explanation_lines(summary: Summary) -> list[str]:
     """The arithmetic behind every rounded shape, and each window layer's receptive field."""
     lines = []
     for layer in summary.layers:
-        if not layer.windows:
+        if not layer.axes:
             continue
         field = ""
         if layer.receptive_field:
