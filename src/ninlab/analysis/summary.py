@@ -15,13 +15,30 @@ from math import prod
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.flops import CONVENTION
-from ninlab.analysis.geometry import INPUT_FIELD, AxisWindow, GeometryError, ReceptiveField, compose, explain_axes, influencing_positions, merge_fields, smallest_input_for_chain
+from ninlab.analysis.geometry import (
+    INPUT_FIELD,
+    AxisWindow,
+    GeometryError,
+    ReceptiveField,
+    compose,
+    explain_axes,
+    influencing_positions,
+    merge_fields,
+    smallest_input_for_chain,
+)
 from ninlab.analysis.step import StepSpec, valid_batch_size
 from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
+from ninlab.errors import NinlabError
 
-__all__ = ["LayerSummary", "SummaryTotals", "InputReach", "Summary", "summarize", "smallest_input_size"]
+__all__ = [
+    "InputReach",
+    "LayerSummary",
+    "Summary",
+    "SummaryTotals",
+    "smallest_input_size",
+    "summarize",
+]
 
 
 
@@ -339,7 +356,7 @@ def _smallest_from_chain(model: nn.Module, input_size: tuple[int, ...], chain: l
 
 
 def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
-    return size[: axis + 1] + (value,) + size[axis + 2 :]
+    return (*size[: axis + 1], value, *size[axis + 2 :])
 
 
 def _accepts(model: nn.Module, input_size: tuple[int, ...]) -> bool:

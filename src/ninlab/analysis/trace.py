@@ -26,33 +26,33 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from typing_extensions import Self
 
 from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
-from ninlab.errors import NinlabError
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
-from ninlab.optimizers import make_optimizer
 from ninlab.analysis.step import StepSpec, inference_step, train_step
+from ninlab.errors import NinlabError
+from ninlab.optimizers import make_optimizer
 
 __all__ = [
-    "TensorMeta",
-    "WindowOp",
     "LayerInputTooSmall",
     "OpRecord",
-    "SavedTensor",
-    "StorageRecord",
-    "StorageLedger",
-    "Recording",
-    "harvest_saved_tensors",
     "Recorder",
-    "fake_parameters",
+    "Recording",
+    "SavedTensor",
     "StepRecording",
+    "StorageLedger",
+    "StorageRecord",
+    "TensorMeta",
+    "WindowOp",
+    "fake_parameters",
+    "harvest_saved_tensors",
     "record_step",
 ]
 
