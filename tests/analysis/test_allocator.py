@@ -11,14 +11,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ninlab.analysis.allocator import (
-    Step,
+    KernelAllocation,
     conv_backend,
-    cpu_steps,
+    cpu_allocations,
     cuda_fresh_block_bytes,
     cuda_pool,
     cuda_round_size,
     cuda_segment_bytes,
-    mkldnn_conv_forward_steps,
+    mkldnn_conv_forward_allocations,
     onednn_channel_block,
     peak_above_start_bytes,
     unmodelled_reason,
@@ -56,9 +56,9 @@ def op_allocations(call: Callable[[], tuple[torch.Tensor, ...] | torch.Tensor]) 
     return [e.nbytes() for e in sorted(records, key=lambda e: e.start_ns())]
 
 
-def deltas(steps: tuple[Step, ...] | None) -> list[int]:
-    assert steps is not None
-    return [step.delta_bytes for step in steps]
+def deltas(allocations: tuple[KernelAllocation, ...] | None) -> list[int]:
+    assert allocations is not None
+    return [allocation.delta_bytes for allocation in allocations]
 
 
 def without_scratchpads(measured: list[int], predicted: list[int]) -> tuple[list[int], list[int]]:
@@ -93,16 +93,22 @@ def test_conv_forward_allocations_match_the_profiler(shape: dict[str, int], thre
     threads(2)
     args, call = conv_forward(**shape)
     assert conv_backend(*args) == "Mkldnn"
-    assert op_allocations(call) == deltas(cpu_steps("aten.convolution.default", args))
+    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution.default", args))
 
 
 def test_nin_1x1_conv_holds_two_extra_activation_blocks() -> None:
     """Why NiN's inference allocator peak is 45% above its live peak."""
-    steps = mkldnn_conv_forward_steps(input_shape=(128, 96, 54, 54), weight_shape=(96, 96, 1, 1), output_shape=(128, 96, 54, 54), bias=True)
+    allocations = mkldnn_conv_forward_allocations(
+        input_shape=(128, 96, 54, 54),
+        weight_shape=(96, 96, 1, 1),
+        output_shape=(128, 96, 54, 54),
+        bias=True,
+    )
     activation = 128 * 96 * 54 * 54 * 4
     assert activation == 143_327_232
-    assert peak_above_start_bytes(steps) == 2 * activation + 96 * 96 * 4  # blocked input, weights, blocked result
-    assert [s.output for s in steps].count(0) == 1
+    # blocked input, weights, blocked result
+    assert peak_above_start_bytes(allocations) == 2 * activation + 96 * 96 * 4
+    assert [s.output for s in allocations].count(0) == 1
 
 
 def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, mask=(True, True, True)):
@@ -130,7 +136,8 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
 def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
     threads(1)  # one thread: no scratchpad for reducing weight gradients across threads
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_steps("aten.convolution_backward.default", args))
+    predicted = cpu_allocations("aten.convolution_backward.default", args)
+    assert op_allocations(call) == deltas(predicted)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +152,7 @@ def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Call
 def test_strided_conv_backward_matches_but_for_scratchpads(shape: dict, threads: Callable[[int], None]) -> None:
     threads(2)
     args, call = conv_backward(**shape)
-    predicted = deltas(cpu_steps("aten.convolution_backward.default", args))
+    predicted = deltas(cpu_allocations("aten.convolution_backward.default", args))
     measured, scratchpads = without_scratchpads(op_allocations(call), predicted)
     assert measured == predicted
     assert all(size < 512 * 1024 for size in scratchpads)  # brgemm/reduction scratchpads: small
@@ -157,7 +164,7 @@ def test_unmodelled_convolutions_say_why() -> None:
     assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
     assert "bf16" in unmodelled_reason("aten.convolution.default", bf16)
-    assert cpu_steps("aten.convolution.default", bf16) is None
+    assert cpu_allocations("aten.convolution.default", bf16) is None
     channels_last = (x.to(memory_format=torch.channels_last), w, None, *window)
     assert "channels-last" in unmodelled_reason("aten.convolution.default", channels_last)
 
@@ -166,7 +173,7 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[
     threads(1)
     args, call = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
     assert conv_backend(*args) == "Slow2d"
-    assert cpu_steps("aten.convolution.default", args) is None
+    assert cpu_allocations("aten.convolution.default", args) is None
     assert op_allocations(call) == [2 * 96 * 16 * 16 * 4]  # the output, nothing else
 
 
@@ -174,9 +181,9 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[
 def test_batch_norm_forward(training: bool) -> None:
     x = torch.randn(4, 16, 8, 8)
     args = (x, torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16), training, 0.1, 1e-5)
-    steps = cpu_steps("aten.native_batch_norm.default", args)
-    assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(steps)
-    assert cpu_steps("aten._native_batch_norm_legit.default", args) == steps
+    allocations = cpu_allocations("aten.native_batch_norm.default", args)
+    assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(allocations)
+    assert cpu_allocations("aten._native_batch_norm_legit.default", args) == allocations
 
 
 @pytest.mark.parametrize("expanded_grad", [False, True])
@@ -186,8 +193,9 @@ def test_batch_norm_backward_allocates_grad_input_twice_when_contiguous(expanded
     grad = torch.ones(()).expand_as(x) if expanded_grad else torch.randn_like(x)
     args = (grad, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
     measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
-    assert measured == deltas(cpu_steps("aten.native_batch_norm_backward.default", args))
-    extra = peak_above_start_bytes(cpu_steps("aten.native_batch_norm_backward.default", args)) - (x.numel() * 4 + 2 * 64)
+    predicted = cpu_allocations("aten.native_batch_norm_backward.default", args)
+    assert measured == deltas(predicted)
+    extra = peak_above_start_bytes(predicted) - (x.numel() * 4 + 2 * 64)
     assert extra == (64 if expanded_grad else x.numel() * 4)
 
 

@@ -42,8 +42,8 @@ def test_nin_shapes_at_224_match_a_real_forward(nin_summary):
 
 def test_nin_rounding_is_explained_with_the_forum_numbers(nin_summary):
     first = layer(nin_summary, "0.0")
-    assert first.windows[0].textbook_output == 54.25
-    assert first.windows[0].trailing_unread_real == 1
+    assert first.axes[0].textbook_output == 54.25
+    assert first.axes[0].trailing_unread_real == 1
     assert first.explanation == (
         "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real pixels are never read"
     )

@@ -4,11 +4,11 @@ the CUDA caching allocator's rounding.
 CPU. A tensor-level trace (a dispatch mode) sees each op's outputs, but inside some kernels the
 c10 CPU allocator hands out blocks that belong to no tensor the trace sees. A rule here gives, for
 one op call, every allocation and free the kernel makes, in order, with the op's own outputs in
-their place; the in-op peak is then `live before the op + peak_above_start_bytes(steps)`.
+their place; the in-op peak is then `live before the op + peak_above_start_bytes(allocations)`.
 All rules were read off the PyTorch profiler's allocation records (`profile_memory=True`) for one
 op at a time on this machine (torch 2.13.0 CPU, oneDNN 3.12, AVX-512 with AMX, 2 threads), with
-`ONEDNN_VERBOSE=1` naming the memory formats behind each block; tests/test_allocator.py replays
-them against the profiler. What they cover:
+`ONEDNN_VERBOSE=1` naming the memory formats behind each block; tests/analysis/test_allocator.py
+replays them against the profiler. What they cover:
 
 * `aten.convolution` and `aten.convolution_backward` on the oneDNN (mkldnn) path, float32,
   contiguous NCHW: oneDNN computes in channel-blocked layouts (`aBcd16b`: channels padded to a
@@ -59,17 +59,17 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Step",
-    "batch_norm_backward_steps",
-    "batch_norm_forward_steps",
+    "KernelAllocation",
+    "batch_norm_backward_allocations",
+    "batch_norm_forward_allocations",
     "conv_backend",
-    "cpu_steps",
+    "cpu_allocations",
     "cuda_fresh_block_bytes",
     "cuda_pool",
     "cuda_round_size",
     "cuda_segment_bytes",
-    "mkldnn_conv_backward_steps",
-    "mkldnn_conv_forward_steps",
+    "mkldnn_conv_backward_allocations",
+    "mkldnn_conv_forward_allocations",
     "onednn_channel_block",
     "peak_above_start_bytes",
     "unmodelled_reason",
@@ -77,8 +77,9 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Step:
-    """One allocation (positive `delta_bytes`) or free (negative) inside an op, in order.
+class KernelAllocation:
+    """One block a kernel allocates (positive `delta_bytes`) or frees (negative) inside one op
+    call; a rule gives them in the order the kernel makes them.
 
     `output` is the index of the op output this allocation becomes (the tensor trace counts it
     already); None marks workspace, which the op frees before it returns.
@@ -89,13 +90,18 @@ class Step:
     output: int | None = None
 
 
-def peak_above_start_bytes(steps: Iterable[Step]) -> int:
+def peak_above_start_bytes(allocations: Iterable[KernelAllocation]) -> int:
     """Most the op holds at once above what was live when it started (outputs included)."""
     level = peak = 0
-    for step in steps:
-        level += step.delta_bytes
+    for allocation in allocations:
+        level += allocation.delta_bytes
         peak = max(peak, level)
     return peak
+
+
+def _frees(allocations: Iterable[KernelAllocation]) -> list[KernelAllocation]:
+    """The frees of `allocations`, in the order given."""
+    return [KernelAllocation(-a.delta_bytes, "free " + a.what) for a in allocations]
 
 
 def onednn_channel_block() -> int:
@@ -122,12 +128,96 @@ def conv_backend(
     """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
     of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
     backend = torch._C._select_conv_backend(
-        input, weight, bias, list(stride), list(padding), list(dilation), transposed, list(output_padding), groups, None
+        input, weight, bias, list(stride), list(padding), list(dilation), transposed,
+        list(output_padding), groups, None,
     )
     return str(backend).rsplit(".", 1)[-1]
 
 
-def mkldnn_conv_forward_steps(
+# --- oneDNN convolution, contiguous NCHW float32 -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ConvSizes:
+    """The bytes of the blocks oneDNN allocates for one convolution, forward or backward: its
+    tensors as they are (NCHW) and in channel-blocked layouts (channels padded to `block`)."""
+
+    batch: int
+    in_channels: int
+    out_channels: int
+    in_per_group: int
+    kernel: int  # elements of one filter's spatial kernel
+    in_positions: int  # spatial positions of the input
+    out_positions: int  # spatial positions of the output
+    itemsize: int
+    block: int
+
+    @staticmethod
+    def of(
+        input_shape: Sequence[int],
+        weight_shape: Sequence[int],
+        output_spatial: Sequence[int],
+        *,
+        itemsize: int,
+        block: int,
+    ) -> _ConvSizes:
+        batch, in_channels, *in_spatial = input_shape
+        out_channels, in_per_group, *kernel = weight_shape
+        return _ConvSizes(
+            batch, in_channels, out_channels, in_per_group, prod(kernel), prod(in_spatial),
+            prod(output_spatial), itemsize, block,
+        )
+
+    @property
+    def groups(self) -> int:
+        return self.in_channels // self.in_per_group
+
+    @property
+    def blocks_input(self) -> bool:
+        """oneDNN reads an input with fewer channels than one block as it is, without a copy."""
+        return self.in_channels >= self.block
+
+    @property
+    def pads_bias(self) -> bool:
+        """A bias (or its gradient) goes through a padded buffer when the output channels do not
+        fill whole blocks (ungrouped convolutions only)."""
+        return self.groups == 1 and self.out_channels % self.block != 0
+
+    @property
+    def padded_bias_bytes(self) -> int:
+        return 4 * _pad(self.out_channels, self.block) + 128  # float32, plus 128 as measured
+
+    @property
+    def input_bytes(self) -> int:
+        return self.batch * self.in_channels * self.in_positions * self.itemsize
+
+    @property
+    def output_bytes(self) -> int:
+        return self.batch * self.out_channels * self.out_positions * self.itemsize
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_channels * self.in_per_group * self.kernel * self.itemsize
+
+    @property
+    def blocked_input_bytes(self) -> int:
+        return self.batch * _pad(self.in_channels, self.block) * self.in_positions * self.itemsize
+
+    @property
+    def blocked_output_bytes(self) -> int:
+        """The output (forward's result, backward's grad_output) in blocked layout."""
+        return self.batch * _pad(self.out_channels, self.block) * self.out_positions * self.itemsize
+
+    def blocked_weight_bytes(self, *, pad_input_channels: bool) -> int:
+        """Weights reordered into oneDNN's layout: both channel counts padded for an ungrouped
+        convolution (input channels only when `pad_input_channels`); grouped weights as they are."""
+        if self.groups > 1:
+            return self.weight_bytes
+        in_channels = _pad(self.in_channels, self.block) if pad_input_channels else self.in_channels
+        return _pad(self.out_channels, self.block) * in_channels * self.kernel * self.itemsize
+
+
+def mkldnn_conv_forward_allocations(
     *,
     input_shape: Sequence[int],
     weight_shape: Sequence[int],
@@ -135,7 +225,7 @@ def mkldnn_conv_forward_steps(
     bias: bool,
     itemsize: int = 4,
     block: int = 16,
-) -> tuple[Step, ...]:
+) -> tuple[KernelAllocation, ...]:
     """oneDNN convolution forward, contiguous NCHW float32 (`aten.convolution`, mkldnn path).
 
     Measured: NiN's 96->96 1x1 conv at batch 2 on 54x54 allocates [input 2,239,488 (blocked
@@ -145,32 +235,28 @@ def mkldnn_conv_forward_steps(
     output channels not a multiple of the block and a bias, a padded bias (4 bytes per padded
     channel, plus 128) comes first.
     """
-    batch, in_channels, *in_spatial = input_shape
-    out_channels, in_per_group, *kernel = weight_shape
-    groups = in_channels // in_per_group
-    out_spatial = output_shape[2:]
-    blocked_input = in_channels >= block
-    steps: list[Step] = []
-    padded_bias = bias and groups == 1 and out_channels % block != 0
-    if padded_bias:
-        steps.append(Step(4 * _pad(out_channels, block) + 128, "padded bias"))
-    if blocked_input:
-        steps.append(Step(batch * _pad(in_channels, block) * prod(in_spatial) * itemsize, "blocked input"))
-    if groups == 1:
-        weight_bytes = _pad(out_channels, block) * (_pad(in_channels, block) if blocked_input else in_channels)
-    else:
-        weight_bytes = out_channels * in_per_group
-    steps.append(Step(weight_bytes * prod(kernel) * itemsize, "reordered weights"))
-    blocked_result = batch * _pad(out_channels, block) * prod(out_spatial) * itemsize
-    steps.append(Step(blocked_result, "blocked result"))
-    steps += [Step(-s.delta_bytes, "free " + s.what) for s in reversed(steps[:-1])]
-    # The freed order above is weights, input copy, padded bias: as measured.
-    steps.append(Step(prod(output_shape) * itemsize, "output", output=0))
-    steps.append(Step(-blocked_result, "free blocked result"))
-    return tuple(steps)
+    sizes = _ConvSizes.of(
+        input_shape, weight_shape, output_shape[2:], itemsize=itemsize, block=block
+    )
+    workspace: list[KernelAllocation] = []
+    if bias and sizes.pads_bias:
+        workspace.append(KernelAllocation(sizes.padded_bias_bytes, "padded bias"))
+    if sizes.blocks_input:
+        workspace.append(KernelAllocation(sizes.blocked_input_bytes, "blocked input"))
+    weights = sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input)
+    workspace.append(KernelAllocation(weights, "reordered weights"))
+    blocked_result = KernelAllocation(sizes.blocked_output_bytes, "blocked result")
+    return (
+        *workspace,
+        blocked_result,
+        # Weights, input copy, padded bias: freed in the reverse order, as measured.
+        *_frees(reversed(workspace)),
+        KernelAllocation(sizes.output_bytes, "output", output=0),
+        *_frees([blocked_result]),
+    )
 
 
-def mkldnn_conv_backward_steps(
+def mkldnn_conv_backward_allocations(
     *,
     grad_output_shape: Sequence[int],
     input_shape: Sequence[int],
@@ -180,147 +266,175 @@ def mkldnn_conv_backward_steps(
     itemsize: int = 4,
     block: int = 16,
     threads: int = 2,
-) -> tuple[Step, ...]:
-    """oneDNN convolution backward, contiguous NCHW float32 (`aten.convolution_backward`).
+) -> tuple[KernelAllocation, ...]:
+    """oneDNN convolution backward, contiguous NCHW float32 (`aten.convolution_backward`): the
+    input gradient (output_mask[0]) by the blocked or, for a strided convolution, the
+    channels-last path, then the weight and bias gradients (output_mask[1:]).
 
-    grad_input (output_mask[0]): blocked grad_output, weights reordered for backward-data (both
-    channel counts padded), blocked grad_input; free the first two; grad_input; free its blocked
-    copy. Weight and bias gradients (output_mask[1:]): blocked grad_output again, blocked input
-    (when it has a block's worth of channels), blocked weight gradient, blocked bias gradient;
-    free grad_output and input copies; bias gradient, weight gradient; free the blocked ones.
     Measured for NiN's 96->96 1x1 conv at batch 2, 54x54: [2,239,488, 36,864, 2,239,488,
     -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, (45,184 scratchpad
     with 2 threads, not modelled), 384, -2,239,488, -2,239,488, 384, 36,864, -36,864, -384].
-    A strided convolution (`strided`, groups 1) computes grad_input differently: see below;
-    measured for 16->16 3x3 stride 2 at batch 2 on 32x32: [32,768, 9,216, 131,072, (94,256
-    brgemm scratchpad, not modelled), -9,216, -32,768, 131,072, 131,072, -131,072, -131,072].
     """
-    batch, out_channels, *out_spatial = grad_output_shape
-    _, in_channels, *in_spatial = input_shape
-    _, in_per_group, *kernel = weight_shape
-    groups = in_channels // in_per_group
-    kernel_numel = prod(kernel)
-    blocked_grad_output = batch * _pad(out_channels, block) * prod(out_spatial) * itemsize
-    blocked_input = batch * _pad(in_channels, block) * prod(in_spatial) * itemsize
-    steps: list[Step] = []
-    input_bytes = prod(input_shape) * itemsize
-    if output_mask[0] and strided and groups == 1:
-        # oneDNN's brgconv_strided: channels-last (acdb) grad_output and grad_input, weights with
-        # input channels padded (Bcda16b); PyTorch then allocates the NCHW grad_input and, when
-        # the layouts differ (more than one channel), makes it contiguous with a clone.
-        grad_output_nhwc = prod(grad_output_shape) * itemsize
-        weight_bytes = out_channels * _pad(in_channels, block) * kernel_numel * itemsize
-        steps += [
-            Step(grad_output_nhwc, "channels-last grad_output"),
-            Step(weight_bytes, "weights for backward-data"),
-            Step(input_bytes, "channels-last grad_input"),
-            Step(-weight_bytes, "free weights for backward-data"),
-            Step(-grad_output_nhwc, "free channels-last grad_output"),
-        ]
-        if in_channels == 1:
-            steps += [Step(input_bytes, "grad_input", output=0), Step(-input_bytes, "free channels-last grad_input")]
+    sizes = _ConvSizes.of(
+        input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block
+    )
+    allocations: list[KernelAllocation] = []
+    if output_mask[0]:
+        if strided and sizes.groups == 1:
+            allocations += _conv_grad_input_strided(sizes)
         else:
-            steps += [
-                Step(input_bytes, "NCHW grad_input"),
-                Step(input_bytes, "grad_input (contiguous clone)", output=0),
-                Step(-input_bytes, "free channels-last grad_input"),
-                Step(-input_bytes, "free NCHW grad_input"),
-            ]
-    elif output_mask[0]:
-        if groups == 1:
-            weight_bytes = _pad(out_channels, block) * _pad(in_channels, block) * kernel_numel * itemsize
-        else:
-            weight_bytes = out_channels * in_per_group * kernel_numel * itemsize
-        steps += [
-            Step(blocked_grad_output, "blocked grad_output"),
-            Step(weight_bytes, "weights for backward-data"),
-            Step(blocked_input, "blocked grad_input"),
-            Step(-weight_bytes, "free weights for backward-data"),
-            Step(-blocked_grad_output, "free blocked grad_output"),
-            Step(input_bytes, "grad_input", output=0),
-            Step(-blocked_input, "free blocked grad_input"),
-        ]
+            allocations += _conv_grad_input_blocked(sizes)
     if output_mask[1] or output_mask[2]:
-        reorder_input = in_channels >= block
-        if groups == 1:
-            grad_weight_blocked = _pad(out_channels, block) * (_pad(in_channels, block) if reorder_input else in_channels)
-        else:
-            grad_weight_blocked = out_channels * in_per_group
-        grad_weight_blocked *= kernel_numel * itemsize
-        bias_bytes = out_channels * itemsize
-        steps.append(Step(blocked_grad_output, "blocked grad_output"))
-        if reorder_input:
-            steps.append(Step(blocked_input, "blocked input"))
-        steps.append(Step(grad_weight_blocked, "blocked grad_weight"))
-        # A padded bias-gradient buffer, as in the forward; with several threads it is part of
-        # the reduction scratchpad instead (not modelled).
-        padded_bias = output_mask[2] and threads == 1 and groups == 1 and out_channels % block != 0
-        if padded_bias:
-            steps.append(Step(4 * _pad(out_channels, block) + 128, "padded grad_bias"))
-        if output_mask[2]:
-            steps.append(Step(bias_bytes, "blocked grad_bias"))
-        if padded_bias:
-            steps.append(Step(-(4 * _pad(out_channels, block) + 128), "free padded grad_bias"))
-        if reorder_input:
-            steps.append(Step(-blocked_input, "free blocked input"))
-        steps.append(Step(-blocked_grad_output, "free blocked grad_output"))
-        if output_mask[2]:
-            steps.append(Step(bias_bytes, "grad_bias", output=2))
-        if output_mask[1]:
-            steps.append(Step(prod(weight_shape) * itemsize, "grad_weight", output=1))
-        steps.append(Step(-grad_weight_blocked, "free blocked grad_weight"))
-        if output_mask[2]:
-            steps.append(Step(-bias_bytes, "free blocked grad_bias"))
-    return tuple(steps)
+        allocations += _conv_grad_weight_and_bias(
+            sizes, grad_weight=output_mask[1], grad_bias=output_mask[2], threads=threads
+        )
+    return tuple(allocations)
 
 
-def batch_norm_forward_steps(
+def _conv_grad_input_blocked(sizes: _ConvSizes) -> list[KernelAllocation]:
+    """grad_input on the blocked path: blocked grad_output, weights reordered for backward-data
+    (both channel counts padded), blocked grad_input; free the first two; grad_input; free its
+    blocked copy."""
+    grad_output = KernelAllocation(sizes.blocked_output_bytes, "blocked grad_output")
+    weights = KernelAllocation(
+        sizes.blocked_weight_bytes(pad_input_channels=True), "weights for backward-data"
+    )
+    blocked_grad_input = KernelAllocation(sizes.blocked_input_bytes, "blocked grad_input")
+    return [
+        grad_output,
+        weights,
+        blocked_grad_input,
+        *_frees([weights, grad_output]),
+        KernelAllocation(sizes.input_bytes, "grad_input", output=0),
+        *_frees([blocked_grad_input]),
+    ]
+
+
+def _conv_grad_input_strided(sizes: _ConvSizes) -> list[KernelAllocation]:
+    """grad_input of a strided, ungrouped convolution: oneDNN's brgconv_strided works on
+    channels-last (acdb) grad_output and grad_input with weights whose input channels are padded
+    (Bcda16b); PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than
+    one channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2
+    on 32x32: [32,768, 9,216, 131,072, (94,256 brgemm scratchpad, not modelled), -9,216,
+    -32,768, 131,072, 131,072, -131,072, -131,072]."""
+    grad_output = KernelAllocation(sizes.output_bytes, "channels-last grad_output")
+    weights = KernelAllocation(
+        sizes.out_channels * _pad(sizes.in_channels, sizes.block) * sizes.kernel * sizes.itemsize,
+        "weights for backward-data",
+    )
+    channels_last = KernelAllocation(sizes.input_bytes, "channels-last grad_input")
+    computed = [grad_output, weights, channels_last, *_frees([weights, grad_output])]
+    if sizes.in_channels == 1:  # one channel: channels-last is NCHW already, no clone
+        grad_input = KernelAllocation(sizes.input_bytes, "grad_input", output=0)
+        return [*computed, grad_input, *_frees([channels_last])]
+    nchw = KernelAllocation(sizes.input_bytes, "NCHW grad_input")
+    return [
+        *computed,
+        nchw,
+        KernelAllocation(sizes.input_bytes, "grad_input (contiguous clone)", output=0),
+        *_frees([channels_last, nchw]),
+    ]
+
+
+def _conv_grad_weight_and_bias(
+    sizes: _ConvSizes, *, grad_weight: bool, grad_bias: bool, threads: int
+) -> list[KernelAllocation]:
+    """Weight and bias gradients: blocked grad_output again, blocked input (when it has a block's
+    worth of channels), blocked weight gradient, blocked bias gradient; free the grad_output and
+    input copies; bias gradient, weight gradient; free the blocked ones."""
+    grad_output = KernelAllocation(sizes.blocked_output_bytes, "blocked grad_output")
+    blocked_input = (
+        [KernelAllocation(sizes.blocked_input_bytes, "blocked input")] if sizes.blocks_input else []
+    )
+    blocked_grad_weight = KernelAllocation(
+        sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input), "blocked grad_weight"
+    )
+    # A padded bias-gradient buffer, as in the forward; with several threads it is part of the
+    # reduction scratchpad instead (not modelled).
+    padded = grad_bias and threads == 1 and sizes.pads_bias
+    padded_bias = [KernelAllocation(sizes.padded_bias_bytes, "padded grad_bias")] if padded else []
+    bias_bytes = sizes.out_channels * sizes.itemsize
+    blocked_grad_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
+    return [
+        grad_output,
+        *blocked_input,
+        blocked_grad_weight,
+        *padded_bias,
+        *blocked_grad_bias,
+        *_frees([*padded_bias, *blocked_input, grad_output]),
+        *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
+        *([KernelAllocation(sizes.weight_bytes, "grad_weight", output=1)] if grad_weight else []),
+        *_frees([blocked_grad_weight, *blocked_grad_bias]),
+    ]
+
+
+# --- batch norm ----------------------------------------------------------------------------------
+
+
+def batch_norm_forward_allocations(
     *, input_shape: Sequence[int], training: bool, running_stats: bool, itemsize: int = 4
-) -> tuple[Step, ...]:
+) -> tuple[KernelAllocation, ...]:
     """CPU `aten.native_batch_norm`: the output, then (training) the saved mean and inverse std,
     and per-channel float32 temporaries: two for the running-stat update per statistic in
     training, two for the folded scale and shift in evaluation. Measured for 16 channels:
-    training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64]; evaluation [out, 64, 64, -64, -64]."""
+    training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64]; evaluation
+    [out, 64, 64, -64, -64]."""
     channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
-    steps = [Step(prod(input_shape) * itemsize, "output", output=0)]
+    allocations = [KernelAllocation(prod(input_shape) * itemsize, "output", output=0)]
     if training:
-        steps += [Step(channel_bytes, "saved mean", output=1), Step(channel_bytes, "saved inverse std", output=2)]
+        allocations += [
+            KernelAllocation(channel_bytes, "saved mean", output=1),
+            KernelAllocation(channel_bytes, "saved inverse std", output=2),
+        ]
         if running_stats:
             for statistic in ("running mean", "running var"):
-                steps += [Step(channel_bytes, f"{statistic} update"), Step(channel_bytes, f"{statistic} update")]
-                steps += [Step(-channel_bytes, f"free {statistic} update")] * 2
+                update = KernelAllocation(channel_bytes, f"{statistic} update")
+                allocations += [update, update, *_frees([update, update])]
     else:
-        steps += [Step(channel_bytes, "folded scale"), Step(channel_bytes, "folded shift")]
-        steps += [Step(-channel_bytes, "free folded scale"), Step(-channel_bytes, "free folded shift")]
-    return tuple(steps)
+        folded = [
+            KernelAllocation(channel_bytes, "folded scale"),
+            KernelAllocation(channel_bytes, "folded shift"),
+        ]
+        allocations += [*folded, *_frees(folded)]
+    return tuple(allocations)
 
 
-def batch_norm_backward_steps(
+def batch_norm_backward_allocations(
     *,
     input_shape: Sequence[int],
     contiguous: bool,
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
-) -> tuple[Step, ...]:
+) -> tuple[KernelAllocation, ...]:
     """CPU `aten.native_batch_norm_backward`. With input and grad_output contiguous in the same
     memory format, grad_input is allocated first, then again in the contiguous branch, and the
     first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input bytes].
     Otherwise a per-channel sum of grad_output is the only temporary."""
     input_bytes = prod(input_shape) * itemsize
     channel_bytes = input_shape[1] * 4
-    steps: list[Step] = []
+    allocations: list[KernelAllocation] = []
     if output_mask[0]:
-        steps.append(Step(input_bytes, "grad_input (discarded)" if contiguous else "grad_input", output=None if contiguous else 0))
+        if contiguous:
+            allocations.append(KernelAllocation(input_bytes, "grad_input (discarded)"))
+        else:
+            allocations.append(KernelAllocation(input_bytes, "grad_input", output=0))
     if output_mask[1]:
-        steps.append(Step(channel_bytes, "grad_weight", output=1))
+        allocations.append(KernelAllocation(channel_bytes, "grad_weight", output=1))
     if output_mask[2]:
-        steps.append(Step(channel_bytes, "grad_bias", output=2))
+        allocations.append(KernelAllocation(channel_bytes, "grad_bias", output=2))
     if contiguous:
         if output_mask[0]:
-            steps += [Step(input_bytes, "grad_input", output=0), Step(-input_bytes, "free discarded grad_input")]
+            allocations += [
+                KernelAllocation(input_bytes, "grad_input", output=0),
+                KernelAllocation(-input_bytes, "free discarded grad_input"),
+            ]
     else:
-        steps += [Step(channel_bytes, "sum of grad_output"), Step(-channel_bytes, "free sum of grad_output")]
-    return tuple(steps)
+        grad_output_sum = KernelAllocation(channel_bytes, "sum of grad_output")
+        allocations += [grad_output_sum, *_frees([grad_output_sum])]
+    return tuple(allocations)
+
+
+# --- which rule an op call follows ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -360,14 +474,25 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
     if backend != "Mkldnn":
         return f"convolution on the {backend} backend"
     if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (conv.input, conv.weight)):
-        return "oneDNN convolution that is not float32 NCHW (channels-last or bf16: other formats and scratchpads)"
+        return (
+            "oneDNN convolution that is not float32 NCHW "
+            "(channels-last or bf16: other formats and scratchpads)"
+        )
     groups, block = conv.window[5], onednn_channel_block()
-    if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and any(step > 1 for step in conv.window[0]):
-        return "strided backward-data with one input channel (oneDNN picks its jit or brgemm kernel by heuristics)"
+    strided = any(step > 1 for step in conv.window[0])
+    if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and strided:
+        return (
+            "strided backward-data with one input channel "
+            "(oneDNN picks its jit or brgemm kernel by heuristics)"
+        )
     out_per_group = conv.weight.shape[0] // groups
     depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
-    if groups > 1 and out_per_group % block != 0 and not (depthwise and conv.weight.shape[0] % block == 0):
-        return "grouped oneDNN convolution whose channels per group are not a multiple of the channel block"
+    whole_blocks = out_per_group % block == 0 or (depthwise and conv.weight.shape[0] % block == 0)
+    if groups > 1 and not whole_blocks:
+        return (
+            "grouped oneDNN convolution whose channels per group are not a multiple of the "
+            "channel block"
+        )
     return None
 
 
@@ -378,7 +503,7 @@ _BATCH_NORM_FORWARD = (
 )
 
 
-def cpu_steps(func_name: str, args: Sequence[Any]) -> tuple[Step, ...] | None:
+def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocation, ...] | None:
     """The allocations `func_name` (as a dispatch mode names it, e.g. "aten.convolution.default")
     makes on CPU for these arguments (real or fake tensors), outputs included; None when the op
     allocates nothing but its outputs, or when `unmodelled_reason` gives a reason."""
@@ -386,56 +511,86 @@ def cpu_steps(func_name: str, args: Sequence[Any]) -> tuple[Step, ...] | None:
         return None
     conv = _ConvCall.parse(func_name, args)
     if conv is not None:
-        if conv.backend != "Mkldnn":
-            return None
-        if conv.grad_output is None:
-            stride, padding, dilation = conv.window[:3]
-            return mkldnn_conv_forward_steps(
-                input_shape=tuple(conv.input.shape),
-                weight_shape=tuple(conv.weight.shape),
-                output_shape=_conv_output_shape(conv.input.shape, conv.weight.shape, stride, padding, dilation),
-                bias=conv.bias is not None,
-                block=onednn_channel_block(),
-            )
-        return mkldnn_conv_backward_steps(
-            grad_output_shape=tuple(conv.grad_output.shape),
+        return _conv_call_allocations(conv)
+    if func_name in _BATCH_NORM_FORWARD:
+        return _batch_norm_forward_call_allocations(func_name, args)
+    if func_name == "aten.native_batch_norm_backward.default":
+        return _batch_norm_backward_call_allocations(args)
+    return None
+
+
+def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | None:
+    if conv.backend != "Mkldnn":
+        return None  # the Slow2d path `unmodelled_reason` lets through: a matrix multiply
+    if conv.grad_output is None:
+        stride, padding, dilation = conv.window[:3]
+        return mkldnn_conv_forward_allocations(
             input_shape=tuple(conv.input.shape),
             weight_shape=tuple(conv.weight.shape),
-            strided=any(step > 1 for step in conv.window[0]),
-            output_mask=conv.output_mask,
+            output_shape=_conv_output_shape(
+                conv.input.shape, conv.weight.shape, stride, padding, dilation
+            ),
+            bias=conv.bias is not None,
             block=onednn_channel_block(),
-            threads=torch.get_num_threads(),
         )
-    if func_name in _BATCH_NORM_FORWARD:
-        # A tracer that runs `func.decompose()` sees Python's decomposition of native_batch_norm
-        # (`_native_batch_norm_legit*`) for the same kernel; its arguments line up.
-        input, running_mean = args[0], args[3]
-        training = args[5] if func_name != "aten._native_batch_norm_legit_no_training.default" else False
-        if input.dtype != torch.float32:
-            return None
-        return batch_norm_forward_steps(input_shape=tuple(input.shape), training=training, running_stats=running_mean is not None)
-    if func_name == "aten.native_batch_norm_backward.default":
-        grad_output, input = args[0], args[1]
-        if input.dtype != torch.float32:
-            return None
-        contiguous = _memory_format(input) == _memory_format(grad_output) is not None
-        return batch_norm_backward_steps(input_shape=tuple(input.shape), contiguous=contiguous, output_mask=tuple(args[9]))
-    return None
+    return mkldnn_conv_backward_allocations(
+        grad_output_shape=tuple(conv.grad_output.shape),
+        input_shape=tuple(conv.input.shape),
+        weight_shape=tuple(conv.weight.shape),
+        strided=any(step > 1 for step in conv.window[0]),
+        output_mask=conv.output_mask,
+        block=onednn_channel_block(),
+        threads=torch.get_num_threads(),
+    )
+
+
+def _batch_norm_forward_call_allocations(
+    func_name: str, args: Sequence[Any]
+) -> tuple[KernelAllocation, ...] | None:
+    # A tracer that runs `func.decompose()` sees Python's decomposition of native_batch_norm
+    # (`_native_batch_norm_legit*`) for the same kernel; its arguments line up.
+    input, running_mean = args[0], args[3]
+    no_training = func_name == "aten._native_batch_norm_legit_no_training.default"
+    training = False if no_training else args[5]
+    if input.dtype != torch.float32:
+        return None
+    return batch_norm_forward_allocations(
+        input_shape=tuple(input.shape), training=training, running_stats=running_mean is not None
+    )
+
+
+def _batch_norm_backward_call_allocations(
+    args: Sequence[Any],
+) -> tuple[KernelAllocation, ...] | None:
+    grad_output, input = args[0], args[1]
+    if input.dtype != torch.float32:
+        return None
+    contiguous = _memory_format(input) == _memory_format(grad_output) is not None
+    return batch_norm_backward_allocations(
+        input_shape=tuple(input.shape), contiguous=contiguous, output_mask=tuple(args[9])
+    )
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
     """As ATen's suggest_memory_format + is_contiguous: the dense layout a tensor is in, or None."""
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not tensor.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format if tensor.is_contiguous() else None
 
 
 def _conv_output_shape(
-    input_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
 ) -> tuple[int, ...]:
     spatial = tuple(
         (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
-        for size, kernel, step, pad, dil in zip(input_shape[2:], weight_shape[2:], stride, padding, dilation)
+        for size, kernel, step, pad, dil in zip(
+            input_shape[2:], weight_shape[2:], stride, padding, dilation
+        )
     )
     return (input_shape[0], weight_shape[0], *spatial)
 
@@ -447,7 +602,8 @@ CUDA_SMALL_BYTES = 1 << 20  # kSmallSize: requests up to 1 MiB come from the sma
 CUDA_SMALL_BUFFER_BYTES = 2 << 20  # kSmallBuffer: the small pool's segments
 CUDA_LARGE_BUFFER_BYTES = 20 << 20  # kLargeBuffer: segment for requests of 1 to 10 MiB
 CUDA_MIN_LARGE_ALLOC_BYTES = 10 << 20  # kMinLargeAlloc
-CUDA_ROUND_LARGE_BYTES = 2 << 20  # kRoundLarge: larger requests get their own segment, rounded to 2 MiB
+# kRoundLarge: larger requests get their own segment, rounded to 2 MiB
+CUDA_ROUND_LARGE_BYTES = 2 << 20
 
 
 def cuda_round_size(nbytes: int) -> int:

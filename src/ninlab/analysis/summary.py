@@ -15,13 +15,30 @@ from math import prod
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.flops import CONVENTION
-from ninlab.analysis.geometry import INPUT_FIELD, AxisWindow, GeometryError, ReceptiveField, compose, explain_axes, influencing_positions, merge_fields, smallest_input_for_chain
+from ninlab.analysis.geometry import (
+    INPUT_FIELD,
+    AxisWindow,
+    GeometryError,
+    ReceptiveField,
+    compose,
+    explain_axes,
+    influencing_positions,
+    merge_fields,
+    smallest_input_for_chain,
+)
 from ninlab.analysis.step import StepSpec, valid_batch_size
 from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
+from ninlab.errors import NinlabError
 
-__all__ = ["LayerSummary", "SummaryTotals", "InputReach", "Summary", "summarize", "smallest_input_size"]
+__all__ = [
+    "InputReach",
+    "LayerSummary",
+    "Summary",
+    "SummaryTotals",
+    "smallest_input_size",
+    "summarize",
+]
 
 
 
@@ -30,8 +47,9 @@ class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
-    `backward_flops` are the ops autograd ran for it in backward. `windows` describes the module's
-    convolution or pooling along each spatial axis (the first such op, if it ran several).
+    `backward_flops` are the ops autograd ran for it in backward. `axes` describes the module's
+    convolution or pooling window along each spatial axis, one `AxisWindow` per axis (the first
+    such op, if it ran several).
     """
 
     name: str
@@ -46,7 +64,7 @@ class LayerSummary:
     buffer_elements: int
     forward_flops: int
     backward_flops: int
-    windows: tuple[AxisWindow, ...]
+    axes: tuple[AxisWindow, ...]
     receptive_field: tuple[ReceptiveField, ...] | None
     is_leaf: bool
 
@@ -57,9 +75,9 @@ class LayerSummary:
     @property
     def rounding(self) -> str:
         """Short note: the unrounded size where it was rounded, and real pixels never read."""
-        if not self.windows:
+        if not self.axes:
             return ""
-        window = self.windows[0]
+        window = self.axes[0]
         if window.textbook_output == window.output_size and not window.unread_real:
             return ""
         note = f"{window.textbook_output:g} -> {window.output_size}"
@@ -67,13 +85,13 @@ class LayerSummary:
             note += f", last {window.trailing_unread_real} real unread"
         elif window.trailing_unread_padding:
             note += ", only padding unread"
-        if len({(w.input_size, w.params) for w in self.windows}) > 1:
+        if len({(w.input_size, w.params) for w in self.axes}) > 1:
             note += " (first axis)"
         return note
 
     @property
     def explanation(self) -> str:
-        return explain_axes(self.windows) if self.windows else ""
+        return explain_axes(self.axes) if self.axes else ""
 
 
 @dataclass(frozen=True)
@@ -212,7 +230,7 @@ def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
                 buffer_elements=sum(b.numel() for b in module.buffers()),
                 forward_flops=sum(forward_flops[n] for n in within),
                 backward_flops=sum(backward_flops[n] for n in within),
-                windows=window_op.window.windows() if window_op and window_op.window else (),
+                axes=window_op.window.windows() if window_op and window_op.window else (),
                 receptive_field=fields.get(window_op.index) if window_op else None,
                 is_leaf=not any(True for _ in module.children()),
             )
@@ -338,7 +356,7 @@ def _smallest_from_chain(model: nn.Module, input_size: tuple[int, ...], chain: l
 
 
 def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
-    return size[: axis + 1] + (value,) + size[axis + 2 :]
+    return (*size[: axis + 1], value, *size[axis + 2 :])
 
 
 def _accepts(model: nn.Module, input_size: tuple[int, ...]) -> bool:

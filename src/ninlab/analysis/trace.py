@@ -8,6 +8,11 @@ node being executed is mapped back to the module whose forward created it) and t
 step, and per tensor storage, the op that created it and the op after which it died. Storage lives
 are read from the fake tensors' own lifetimes (a weak reference per storage), so they follow
 autograd's real decisions about what to keep.
+
+Three pieces share the work: a `StorageLedger` keeps the storages (which exist, their bytes, when
+each is created and freed), `harvest_saved_tensors` reads what autograd keeps for backward, and the
+`Recorder`, a dispatch mode, records each op and hands what it makes to the ledger. `record_step`
+runs a whole step under them.
 """
 
 from __future__ import annotations
@@ -15,36 +20,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from typing_extensions import Self
 
-from ninlab.analysis.allocator import Step, cpu_steps, unmodelled_reason
-from ninlab.errors import NinlabError
+from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
-from ninlab.optimizers import make_optimizer
 from ninlab.analysis.step import StepSpec, inference_step, train_step
+from ninlab.errors import NinlabError
+from ninlab.optimizers import make_optimizer
 
 __all__ = [
-    "TensorMeta",
-    "WindowOp",
     "LayerInputTooSmall",
     "OpRecord",
-    "SavedTensor",
-    "StorageRecord",
-    "Recording",
     "Recorder",
-    "fake_parameters",
+    "Recording",
+    "SavedTensor",
     "StepRecording",
+    "StorageLedger",
+    "StorageRecord",
+    "TensorMeta",
+    "WindowOp",
+    "fake_parameters",
+    "harvest_saved_tensors",
     "record_step",
 ]
 
@@ -110,9 +118,10 @@ class OpRecord:
     flops: int
     window: WindowOp | None
     autograd_node: str  # in backward: the autograd node being executed, e.g. "ReluBackward0"
-    # On CPU, every block the kernel allocates and frees, outputs included (`ninlab.analysis.allocator`);
-    # None: it allocates only its outputs, or its workspace is not modelled (`cpu_unmodelled` says why).
-    cpu_allocations: tuple[Step, ...] | None = None
+    # On CPU, every block the kernel allocates and frees, outputs included
+    # (`ninlab.analysis.allocator`); None: it allocates only its outputs, or its workspace is not
+    # modelled (`cpu_unmodelled` says why).
+    cpu_allocations: tuple[KernelAllocation, ...] | None = None
     cpu_unmodelled: str = ""
 
 
@@ -155,11 +164,115 @@ class Recording:
     events: list[tuple[str, int, int]] = field(default_factory=list)
 
 
+# -- the storage ledger ---------------------------------------------------------------------------
+
+
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
     try:
         return tensor.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
         return None
+
+
+class StorageLedger:
+    """Which tensor storages exist, their bytes, and when each was created and freed.
+
+    It owns the `storages` and `events` a `Recording` shows. Each storage is counted once, however
+    many views share it, under a serial key. Its death is read from the storage's own lifetime (a
+    weak reference), so it follows autograd's real decisions about what to keep; `clock` gives the
+    index of the last op recorded when that happens.
+    """
+
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self.storages: dict[int, StorageRecord] = {}
+        self.events: list[tuple[str, int, int]] = []
+        self._clock = clock
+        self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
+
+    def note(
+        self, tensor: torch.Tensor, *, created_at: int, phase: str, module: str
+    ) -> StorageRecord | None:
+        """The record of `tensor`'s storage, opened now if the storage is new; None for a tensor
+        without a storage."""
+        storage = _storage_of(tensor)
+        if storage is None:
+            return None
+        alive = self._alive.get(id(storage))
+        if alive is not None:
+            return self.storages[alive[0]]
+        # Storages get serial keys: a Python id can be reused once its storage has died.
+        key = len(self.storages)
+        record = StorageRecord(
+            key=key,
+            nbytes=storage.nbytes(),
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            created_at=created_at,
+            phase=phase,
+            module=module,
+        )
+        self.storages[key] = record
+        self.events.append(("alloc", key, created_at))
+        self._alive[id(storage)] = (key, weakref.ref(storage, self._on_free(id(storage), record)))
+        return record
+
+    def track(self, tensor: torch.Tensor, role: str, *, phase: str) -> None:
+        """Register a tensor made before or outside recording (a parameter, the input batch, a
+        gradient of the unrecorded first step); `role` "" leaves it to the phase to tell."""
+        record = self.note(tensor, created_at=-1, phase=phase, module="")
+        if record is not None and not record.role:
+            record.role = role
+
+    def key(self, tensor: torch.Tensor) -> int:
+        """The serial key of a live tensor's storage (-1 if it was never seen)."""
+        storage = _storage_of(tensor)
+        alive = self._alive.get(id(storage)) if storage is not None else None
+        return alive[0] if alive is not None else -1
+
+    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
+        def freed(_ref: weakref.ref) -> None:
+            record.freed_after = self._clock()
+            self.events.append(("free", record.key, record.freed_after))
+            self._alive.pop(storage_id, None)
+
+        return freed
+
+
+# -- what autograd saved for backward -------------------------------------------------------------
+
+
+def harvest_saved_tensors(
+    node_owners: Mapping[Any, str], storage_key: Callable[[torch.Tensor], int]
+) -> list[SavedTensor]:
+    """What each autograd node in `node_owners` (node -> module) keeps for backward, read from its
+    `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key.
+
+    Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs.
+    """
+    saved: list[SavedTensor] = []
+    for node, module in node_owners.items():
+        for field_name, tensor in _saved_by(node):
+            key = storage_key(tensor)
+            if key >= 0:
+                saved.append(SavedTensor(key, type(node).__name__, field_name, module))
+    return saved
+
+
+def _saved_by(node: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(field, tensor) for each tensor an autograd node saved."""
+    for attribute in dir(node):
+        if not attribute.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attribute)
+        except RuntimeError:  # already freed by an earlier backward
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, torch.Tensor):
+                yield attribute.removeprefix("_saved_"), item
+
+
+# -- the op recorder ------------------------------------------------------------------------------
 
 
 _POOLS = {
@@ -216,7 +329,7 @@ class _ModuleStack:
     def current(self) -> str:
         return self.stack[-1] if self.stack else ""
 
-    def __enter__(self) -> _ModuleStack:
+    def __enter__(self) -> Self:
         def pre_hook(module: nn.Module, _inputs: Any) -> None:
             if module in self.names:
                 self.stack.append(self.names[module])
@@ -237,6 +350,20 @@ class _ModuleStack:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+
+    def adopt_inner_nodes(self) -> None:
+        """Give each autograd node made inside one composite call (cross_entropy's log-softmax),
+        never returned to Python, the module of the node that leads to it, so its saved tensors
+        and backward ops are attributed to a layer too."""
+        pending = list(self.node_owner)
+        while pending:
+            node = pending.pop()
+            for child, _ in node.next_functions:
+                # An AccumulateGrad node has a `variable`: it belongs to its parameter's module.
+                adopt = child is not None and not hasattr(child, "variable")
+                if adopt and child not in self.node_owner:
+                    self.node_owner[child] = self.node_owner[node]
+                    pending.append(child)
 
     def owner_of_node(self, node: Any) -> str:
         owner = self.node_owner.get(node)
@@ -300,102 +427,55 @@ def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 
 
 class Recorder(TorchDispatchMode):
-    """Records ops and storage lives. Use `recorder.phase(name)` around each part of a step."""
+    """Records every op a step dispatches, in order, as an `OpRecord`: its phase (set with
+    `recorder.phase(name)` around each part of a step), the module running it, its inputs and
+    outputs, FLOPs, window and CPU allocations.
+
+    The storages ops make go to its `StorageLedger`; as backward begins, what autograd saved is
+    harvested (`harvest_saved_tensors`). `recording` holds all of it.
+    """
 
     def __init__(self, model: nn.Module, *, emulate_cuda: bool = False) -> None:
         super().__init__()
         self.emulate_cuda = emulate_cuda
         self._paused = False
-        self.recording = Recording()
-        self.modules = _ModuleStack(model)
-        self.recording.module_outputs = self.modules.outputs
         self.current_phase = "setup"
-        self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
-
-    # -- storages -------------------------------------------------------------------------------
-    def track(self, tensor: torch.Tensor, role: str) -> None:
-        """Register a tensor made before or outside recording (a parameter, the input batch, a
-        gradient of the unrecorded first step); `role` "" leaves it to the phase to tell."""
-        record = self._note_storage(tensor, created_at=-1, module="")
-        if record is not None and not record.role:
-            record.role = role
-
-    def _note_storage(self, tensor: torch.Tensor, *, created_at: int, module: str) -> StorageRecord | None:
-        storage = _storage_of(tensor)
-        if storage is None:
-            return None
-        alive = self._alive.get(id(storage))
-        if alive is not None:
-            return self.recording.storages[alive[0]]
-        # Storages get serial keys: a Python id can be reused once its storage has died.
-        key = len(self.recording.storages)
-        record = StorageRecord(
-            key=key,
-            nbytes=storage.nbytes(),
-            dtype=tensor.dtype,
-            shape=tuple(tensor.shape),
-            created_at=created_at,
-            phase=self.current_phase,
-            module=module,
+        self.modules = _ModuleStack(model)
+        self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
+        self.recording = Recording(
+            storages=self.ledger.storages,
+            events=self.ledger.events,
+            module_outputs=self.modules.outputs,
         )
-        self.recording.storages[key] = record
-        self.recording.events.append(("alloc", key, created_at))
-        self._alive[id(storage)] = (key, weakref.ref(storage, self._on_free(id(storage), record)))
-        return record
 
-    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
-        def freed(_ref: weakref.ref) -> None:
-            record.freed_after = len(self.recording.ops) - 1
-            self.recording.events.append(("free", record.key, record.freed_after))
-            self._alive.pop(storage_id, None)
-
-        return freed
+    def track(self, tensor: torch.Tensor, role: str) -> None:
+        """Register, in the current phase, a tensor made before or outside recording (see
+        `StorageLedger.track`)."""
+        self.ledger.track(tensor, role, phase=self.current_phase)
 
     def storage_key(self, tensor: torch.Tensor) -> int:
         """The serial key of a live tensor's storage (-1 if it was never seen)."""
-        storage = _storage_of(tensor)
-        alive = self._alive.get(id(storage)) if storage is not None else None
-        return alive[0] if alive is not None else -1
+        return self.ledger.key(tensor)
 
-    # -- phases and dispatch ----------------------------------------------------------------------
+    # -- phases and pauses ------------------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Ops run inside are part `name` of the step. Backward starts by harvesting what
+        autograd saved, while the whole graph is still there."""
         if name == "backward":
-            self._read_saved_tensors()
+            self._harvest_saved_tensors()
         previous, self.current_phase = self.current_phase, name
         try:
             yield
         finally:
             self.current_phase = previous
 
-    def _read_saved_tensors(self) -> None:
-        """Ask every autograd node made in forward what it saved (`_saved_<field>` attributes)."""
-        saved: list[SavedTensor] = []
-        owners = self.modules.node_owner
-        # Nodes made inside one composite call (cross_entropy's log-softmax) were never returned
-        # to Python; they belong to whoever owns the node that leads to them.
-        pending = list(owners)
-        while pending:
-            node = pending.pop()
-            for child, _ in node.next_functions:
-                if child is not None and child not in owners and not hasattr(child, "variable"):
-                    owners[child] = owners[node]
-                    pending.append(child)
+    def _harvest_saved_tensors(self) -> None:
+        self.modules.adopt_inner_nodes()
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
-            for node, module in owners.items():
-                for attribute in dir(node):
-                    if not attribute.startswith("_saved_"):
-                        continue
-                    try:
-                        value = getattr(node, attribute)
-                    except RuntimeError:  # already freed by an earlier backward
-                        continue
-                    for tensor in value if isinstance(value, (tuple, list)) else (value,):
-                        if isinstance(tensor, torch.Tensor):
-                            key = self.storage_key(tensor)
-                            if key >= 0:
-                                saved.append(SavedTensor(key, type(node).__name__, attribute[len("_saved_"):], module))
-        self.recording.saved_for_backward = saved
+            self.recording.saved_for_backward = harvest_saved_tensors(
+                self.modules.node_owner, self.ledger.key
+            )
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -406,13 +486,14 @@ class Recorder(TorchDispatchMode):
         finally:
             self._paused = False
 
-    def __enter__(self) -> Recorder:
-        self._module_context = self.modules.__enter__()
+    # -- dispatch ---------------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        self.modules.__enter__()
         self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
         self._node_owners.__enter__()
         return super().__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         self._node_owners.__exit__(*exc)
         self.modules.__exit__(*exc)
@@ -431,17 +512,23 @@ class Recorder(TorchDispatchMode):
                 return func._op_dk(_COMPOSITE, *args, **kwargs)
         window = _window_params(func, args)
         if window is not None:
-            # Check the geometry first, to name the layer and its arithmetic if the input is too small.
-            x = args[0]
-            try:
-                for params, size in zip(window[1], x.shape[x.dim() - len(window[1]):]):
-                    params.window(size)
-            except EmptyOutputError as error:
-                module = self._module_now()[0]
-                raise LayerInputTooSmall(module, self.modules.types.get(module, window[0]), error) from None
+            self._check_window_fits(window, args[0])
         output = _float32_batch_norm_statistics(func, args, func(*args, **kwargs))
         self._record(func, args, kwargs, output, window)
         return output
+
+    def _check_window_fits(
+        self, window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor
+    ) -> None:
+        """Check the geometry before the op runs, to name the layer and its arithmetic if the
+        input is too small."""
+        kind, axes = window
+        try:
+            for params, size in zip(axes, x.shape[x.dim() - len(axes):]):
+                params.window(size)
+        except EmptyOutputError as error:
+            module = self._module_now()[0]
+            raise LayerInputTooSmall(module, self.modules.types.get(module, kind), error) from None
 
     def _module_now(self) -> tuple[str, str]:
         node = torch._C._current_autograd_node()
@@ -450,14 +537,19 @@ class Recorder(TorchDispatchMode):
         return self.modules.owner_of_node(node), type(node).__name__
 
     def _record(
-        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, window: tuple[str, tuple[AxisParams, ...]] | None
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        window: tuple[str, tuple[AxisParams, ...]] | None,
     ) -> None:
         index = len(self.recording.ops)
         module, node = self._module_now()
         in_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         outputs = tuple(o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor))
         for tensor in outputs:
-            self._note_storage(tensor, created_at=index, module=module)
+            self.ledger.note(tensor, created_at=index, phase=self.current_phase, module=module)
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
         # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
         on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
@@ -472,13 +564,13 @@ class Recorder(TorchDispatchMode):
                 flops=op_flops(func, args, tuple(output_tuple)),
                 window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
-                cpu_allocations=cpu_steps(str(func), args) if on_cpu else None,
+                cpu_allocations=cpu_allocations(str(func), args) if on_cpu else None,
                 cpu_unmodelled=(unmodelled_reason(str(func), args) or "") if on_cpu else "",
             )
         )
 
     def _meta(self, tensor: torch.Tensor) -> TensorMeta:
-        return TensorMeta(tuple(tensor.shape), tensor.dtype, self.storage_key(tensor))
+        return TensorMeta(tuple(tensor.shape), tensor.dtype, self.ledger.key(tensor))
 
 
 def fake_parameters(

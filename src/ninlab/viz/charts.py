@@ -87,7 +87,7 @@ class GeometryChart:
 
 
 def _axis_picture(axis: str, layer: LayerSummary, index: int) -> AxisPicture:
-    window = layer.windows[index]
+    window = layer.axes[index]
     params = window.params
     # Window i starts i strides after the first padded position (see ninlab.analysis.geometry's docstring).
     starts = [i * params.stride - params.padding_before for i in range(window.output_size)]
@@ -106,7 +106,7 @@ def _axis_picture(axis: str, layer: LayerSummary, index: int) -> AxisPicture:
 def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryChart:
     """The picture of one conv or pooling layer (by default the first whose size is rounded,
     down or up, else the first window layer)."""
-    window_layers = [row for row in summary.layers if row.windows]
+    window_layers = [row for row in summary.layers if row.axes]
     if len(summary.input_size) != 3:
         raise NinlabError(
             f"the geometry picture needs two spatial axes (input CxHxW), not {len(summary.input_size) - 1}"
@@ -114,7 +114,7 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
     if not window_layers:
         raise NinlabError(f"{summary.model} has no convolution or pooling layer to draw")
     if layer is None:
-        rounded = (row for row in window_layers if any(w.textbook_output != w.output_size or w.unread_real for w in row.windows))
+        rounded = (row for row in window_layers if any(w.textbook_output != w.output_size or w.unread_real for w in row.axes))
         chosen = next(rounded, window_layers[0])
     else:
         chosen = next((row for row in window_layers if row.name == layer), None)

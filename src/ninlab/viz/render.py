@@ -13,7 +13,14 @@ from rich.table import Table
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.units import format_bytes, format_count, format_flops
 
-__all__ = ["summary_to_dict", "summary_json", "summary_markdown", "summary_csv", "print_summary", "explanation_lines"]
+__all__ = [
+    "explanation_lines",
+    "print_summary",
+    "summary_csv",
+    "summary_json",
+    "summary_markdown",
+    "summary_to_dict",
+]
 
 
 def _layer_dict(layer: LayerSummary) -> dict[str, Any]:
@@ -43,7 +50,7 @@ def _layer_dict(layer: LayerSummary) -> dict[str, Any]:
                 "unread_real": w.unread_real,
                 "overhang": w.overhang,
             }
-            for w in layer.windows
+            for w in layer.axes
         ],
         "receptive_field": (
             [{"size": f.size, "jump": f.jump, "start": f.start} for f in layer.receptive_field]
@@ -103,20 +110,26 @@ def _total_lines(summary: Summary) -> list[str]:
     t = summary.totals
     smallest = "x".join(map(str, summary.smallest_input_size))
     lines = [
-        f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + {format_count(t.biases)} biases; "
-        f"{format_count(t.trainable_parameters)} trainable, {format_count(t.frozen_parameters)} frozen), {format_bytes(t.parameter_bytes)}",
+        (
+            f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + "
+            f"{format_count(t.biases)} biases; {format_count(t.trainable_parameters)} trainable, "
+            f"{format_count(t.frozen_parameters)} frozen), {format_bytes(t.parameter_bytes)}"
+        ),
         f"Buffers: {format_count(t.buffer_elements)} elements, {format_bytes(t.buffer_bytes)}",
-        f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)}, backward {format_flops(t.backward_flops)}, "
-        f"training step {format_flops(t.training_step_flops)} (optimizer update not counted)",
+        (
+            f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)}, "
+            f"backward {format_flops(t.backward_flops)}, "
+            f"training step {format_flops(t.training_step_flops)} (optimizer update not counted)"
+        ),
         f"Sum of layer outputs: {format_bytes(t.layer_output_bytes)}",
         f"Smallest valid input: {smallest}",
     ]
-    for reach in summary.input_reach:
-        if reach.never_read:
-            lines.append(
-                f"Input {reach.axis}: positions {reach.first}..{reach.last} can influence the output; "
-                f"the last {reach.never_read} never do (dropped by rounding)"
-            )
+    lines += [
+        f"Input {reach.axis}: positions {reach.first}..{reach.last} can influence the output; "
+        f"the last {reach.never_read} never do (dropped by rounding)"
+        for reach in summary.input_reach
+        if reach.never_read
+    ]
     lines.append(f"Convention: {summary.flop_convention}")
     return lines
 
@@ -125,7 +138,7 @@ def explanation_lines(summary: Summary) -> list[str]:
     """The arithmetic behind every rounded shape, and each window layer's receptive field."""
     lines = []
     for layer in summary.layers:
-        if not layer.windows:
+        if not layer.axes:
             continue
         field = ""
         if layer.receptive_field:

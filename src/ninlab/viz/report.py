@@ -119,7 +119,7 @@ def build_report(
     train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
     infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
     batch = study_batch(model, spec, budget=budget_bytes)
-    has_windows = any(row.windows for row in summary.layers)
+    has_windows = any(row.axes for row in summary.layers)
     charts = ReportCharts(
         geometry=geometry_chart(summary, layer=layer) if has_windows and len(summary.input_size) == 3 else None,
         field=field_chart(summary) if any(row.receptive_field for row in summary.layers) else None,
