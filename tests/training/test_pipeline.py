@@ -8,6 +8,7 @@ from ninlab.training.pipeline import (
     FASHION_MNIST_STD,
     InputTransform,
     batch_indices,
+    batches_per_epoch,
     epoch_permutation,
     pil_bilinear_weights,
     resize_like_pil,
@@ -81,3 +82,15 @@ def test_ranks_split_every_global_batch_and_keep_the_short_last_one():
     assert len(resumed) == 1 and torch.equal(resumed[0][0], single[2][0])
     # A last batch smaller than the number of ranks is dropped: every rank needs an example.
     assert len(list(batch_indices(permutation[:257], batch_size=128, world_size=2))) == 2
+
+
+@pytest.mark.parametrize(
+    ("num_examples", "batch_size", "world_size"),
+    [(300, 128, 1), (256, 128, 1), (257, 128, 2), (258, 128, 2), (5, 8, 2), (1, 8, 2)],
+)
+def test_batches_per_epoch_counts_what_batch_indices_yields(num_examples, batch_size, world_size):
+    permutation = torch.arange(num_examples)
+    yielded = list(batch_indices(permutation, batch_size=batch_size, world_size=world_size))
+    assert batches_per_epoch(
+        num_examples, batch_size=batch_size, world_size=world_size
+    ) == len(yielded)

@@ -21,10 +21,11 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "InputTransform",
+    "batch_indices",
+    "batches_per_epoch",
+    "epoch_permutation",
     "pil_bilinear_weights",
     "resize_like_pil",
-    "epoch_permutation",
-    "batch_indices",
 ]
 
 # Mean and standard deviation of the 60,000 training images scaled to [0, 1] (tests pin them).
@@ -118,3 +119,9 @@ def batch_indices(
             return
         shard = batch.tensor_split(world_size)[rank]
         yield shard, int(batch.shape[0])
+
+
+def batches_per_epoch(num_examples: int, *, batch_size: int, world_size: int = 1) -> int:
+    """How many batches `batch_indices` yields over a whole epoch of `num_examples`."""
+    full, rest = divmod(num_examples, batch_size)
+    return full + (1 if rest >= world_size else 0)

@@ -1,9 +1,10 @@
 """The training loop: d2l's `train_ch6`, fast, resumable, and safe to interrupt.
 
-Per step: a seeded permutation gives this rank's indices, the uint8 images are gathered, resized
-and scaled on the device (`ninlab.training.pipeline`), then forward, loss, backward and an SGD step. Every
-epoch ends with a test-set evaluation, a metrics row and an atomic checkpoint; Ctrl-C (or SIGTERM)
-finishes the current step, saves, and returns. Under torchrun the same code runs on every rank
+`_train` is the algorithm: prepare the run (fresh, or from the checkpoint), then for each epoch,
+for each batch, one `train_step` (forward, loss, backward, SGD step) on the images a seeded
+permutation picks for this rank, resized and scaled on the device (`ninlab.training.pipeline`); a
+Ctrl-C (or SIGTERM) finishes the current step, saves, and returns; every epoch ends with a test-set
+evaluation, a metrics row and an atomic checkpoint. Under torchrun the same code runs on every rank
 (`ninlab.training.distributed`); rank 0 writes.
 """
 
@@ -39,7 +40,12 @@ from ninlab.training import distributed
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
 from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
-from ninlab.training.pipeline import InputTransform, batch_indices, epoch_permutation
+from ninlab.training.pipeline import (
+    InputTransform,
+    batch_indices,
+    batches_per_epoch,
+    epoch_permutation,
+)
 from ninlab.training.plots import plot_curves
 from ninlab.training.presets import PRESETS, TrainConfig, config_from_dict
 from ninlab.training.progress import Reporter, SilentReporter, format_duration
@@ -47,13 +53,14 @@ from ninlab.training.schedule import learning_rate
 from ninlab.units import format_bytes, format_flops
 
 __all__ = [
+    "METRICS_FIELDS",
     "RunCost",
     "StopRequest",
     "TrainResult",
-    "run_cost",
     "resumed_config",
+    "run_cost",
     "train",
-    "METRICS_FIELDS",
+    "train_step",
 ]
 
 METRICS_FIELDS = (
@@ -174,27 +181,554 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
     return saved
 
 
-def _make_output_dir(path: Path) -> None:
-    output_directory(path)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    """Every text file of a run (config, metrics) is needed to follow or reproduce it: durable."""
-    write_text_atomically(path, text, durable=True)
-
-
 def _write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl and metrics.csv, rewritten whole from the checkpoint's history each epoch, so a
     resumed run never duplicates or loses a row."""
-    _write_text_atomically(output_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    # Every text file of a run (config, metrics) is needed to follow or reproduce it: durable.
+    rows = "".join(json.dumps(row) + "\n" for row in history)
+    write_text_atomically(output_dir / "metrics.jsonl", rows, durable=True)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=METRICS_FIELDS)
     writer.writeheader()
     writer.writerows(history)
-    _write_text_atomically(output_dir / "metrics.csv", table.getvalue())
+    write_text_atomically(output_dir / "metrics.csv", table.getvalue(), durable=True)
 
 
 # -- the loop --------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    *,
+    output_dir: str | os.PathLike[str],
+    data: FashionMNIST,
+    resume: bool = False,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    stop: StopRequest | None = None,
+) -> TrainResult:
+    """Train `config` on `data`, writing checkpoint.pt, metrics.jsonl/.csv, curves.png and
+    config.json to `output_dir`. With `resume`, continue the checkpoint in `output_dir` exactly."""
+    context = distributed.start(device)
+    try:
+        return _train(
+            config, Path(output_dir), data, resume, context, reporter, stop or StopRequest()
+        )
+    finally:
+        distributed.stop(context)
+
+
+def _train(
+    config: TrainConfig,
+    output_dir: Path,
+    data: FashionMNIST,
+    resume: bool,
+    context: distributed.Context,
+    reporter: Reporter | None,
+    stop: StopRequest,
+) -> TrainResult:
+    say: Reporter = (reporter or SilentReporter()) if context.is_writer else SilentReporter()
+    run, progress, cost = _prepare(config, output_dir, data, resume, context)
+    config = run.config  # a resumed run's own
+    _announce(say, run, progress, cost)
+    clock = _StepClock()
+    while progress.epoch < config.epochs:
+        epoch = progress.epoch + 1
+        say.epoch_started(epoch, config.epochs, run.schedule.steps_per_epoch, progress.batch)
+        run.net.train()
+        sums = _EpochSums(progress, context.device)
+        clock.start_epoch()
+        for indices, global_count in _epoch_batches(run, epoch, start_batch=progress.batch):
+            clock.start_step()
+            lr = run.schedule.lr(progress.step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            inputs, labels = _training_batch(run, indices)
+            # DDP averages gradients over ranks; scaling by ranks / global batch makes that average
+            # the gradient of the global batch's mean loss, whatever the size of this rank's share.
+            loss_sum, logits = train_step(
+                run.net,
+                run.optimizer,
+                inputs,
+                labels,
+                amp=config.amp,
+                label_smoothing=config.label_smoothing,
+                loss_scale=context.world_size / global_count,
+            )
+            sums.add(loss_sum, logits, labels)
+            progress.batch += 1
+            progress.step += 1
+            stopping = _should_stop(loss_sum, stop, context, epoch=epoch, step=progress.step, lr=lr)
+            progress.seconds += clock.end_step(global_count)
+            _report_step(say, run, progress, sums, clock)
+            if stopping:
+                _save_interrupted(run, progress, sums, epoch, say)
+                return TrainResult(config, output_dir, tuple(progress.history), True, run.model)
+        _end_epoch(run, progress, sums, epoch, say)
+    return TrainResult(config, output_dir, tuple(progress.history), False, run.model)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    amp: str,
+    label_smoothing: float,
+    loss_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward (under bf16 autocast when `amp` is "bf16"), cross-entropy summed
+    over the batch in float32, backward of that sum times `loss_scale`, then `optimizer.step()`.
+
+    Returns the summed loss and the logits, detached. The learning rate is the optimizer's own.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(inputs.device, amp):
+        logits = model(inputs)
+    loss_sum = F.cross_entropy(
+        logits.float(), targets, reduction="sum", label_smoothing=label_smoothing
+    )
+    (loss_sum * loss_scale).backward()
+    optimizer.step()
+    return loss_sum.detach(), logits.detach()
+
+
+# -- preparing a run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The run's length in steps and the learning rate of each step: a pure function of the step,
+    so a resume needs no scheduler state."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    kind: str
+
+    @classmethod
+    def of(cls, config: TrainConfig, num_examples: int, world_size: int) -> _Schedule:
+        steps_per_epoch = batches_per_epoch(
+            num_examples, batch_size=config.batch_size, world_size=world_size
+        )
+        return cls(
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * config.epochs,
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            peak_lr=config.lr,
+            kind=config.schedule,
+        )
+
+    def lr(self, step: int) -> float:
+        return learning_rate(
+            step,
+            peak_lr=self.peak_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            kind=self.kind,
+        )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a prepared run trains with; none of it changes during the run (see `_Progress`)."""
+
+    config: TrainConfig
+    output_dir: Path
+    context: distributed.Context
+    model: nn.Module  # the bare network: evaluated and saved
+    net: nn.Module  # what the steps call: `model` under DDP and torch.compile when asked for
+    optimizer: torch.optim.Optimizer
+    train_split: Split  # on the device, like test_split
+    test_split: Split
+    transform: InputTransform
+    schedule: _Schedule
+
+
+def _prepare(
+    config: TrainConfig,
+    output_dir: Path,
+    data: FashionMNIST,
+    resume: bool,
+    context: distributed.Context,
+) -> tuple[_Run, _Progress, RunCost | None]:
+    """The run, where it stands, and (for a new run) its cost to print."""
+    config, state = _checked_config(config, output_dir, resume, context)
+    model, optimizer, progress, cost = _build(config, output_dir, state, context)
+    net = distributed.wrap(model, context)
+    if config.compile:
+        net = torch.compile(net)
+    if context.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_split = _on_device(data.train, config.train_examples, context.device)
+    run = _Run(
+        config=config,
+        output_dir=output_dir,
+        context=context,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        train_split=train_split,
+        test_split=_on_device(data.test, config.test_examples, context.device),
+        transform=InputTransform(config.image_size, config.normalize),
+        schedule=_Schedule.of(config, len(train_split), context.world_size),
+    )
+    return run, progress, cost
+
+
+def _checked_config(
+    config: TrainConfig, output_dir: Path, resume: bool, context: distributed.Context
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The configuration to train (a resumed run's saved one) and the checkpoint to resume from."""
+    # Every rank checks the same files, so that all of them stop on the same error.
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NinlabError(
+            f"output directory {output_dir} is a file; choose a directory with --output-dir"
+        )
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        config = resumed_config(config_from_dict(state["config"]), dataclasses.asdict(config))
+    elif checkpoint_path.exists():
+        raise NinlabError(
+            f"{output_dir} already holds a checkpoint; continue it with --resume or choose another "
+            "--output-dir"
+        )
+    if config.batch_size < context.world_size:
+        raise NinlabError(
+            f"batch size {config.batch_size} is smaller than the {context.world_size} processes"
+        )
+    return config, state
+
+
+def _build(
+    config: TrainConfig,
+    output_dir: Path,
+    state: dict[str, Any] | None,
+    context: distributed.Context,
+) -> tuple[nn.Module, torch.optim.Optimizer, _Progress, RunCost | None]:
+    """The network and optimizer on the device, fresh or restored from `state`; creates
+    `output_dir` and writes config.json once the configuration has proved that it builds."""
+    torch.manual_seed(config.seed)
+    model = build_nin(parse_variant(config.variant))
+    cost = (
+        run_cost(model, config, device_type=context.device.type, world_size=context.world_size)
+        if state is None and context.is_writer
+        else None
+    )
+    if context.is_writer:  # only now: a bad variant or input size leaves no directory behind
+        output_directory(output_dir)
+    model = model.to(context.device, memory_format=_memory_format(config))
+    optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
+    # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
+    torch.manual_seed(config.seed + context.rank)
+    progress = _restore(state, model, optimizer, context) if state is not None else _Progress()
+    if context.is_writer:
+        config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+        write_text_atomically(output_dir / "config.json", config_text, durable=True)
+    return model, optimizer, progress, cost
+
+
+def _on_device(split: Split, count: int | None, device: torch.device) -> Split:
+    part = split.head(count) if count else split
+    return Split(part.images.to(device), part.labels.to(device))
+
+
+def _optimizer_spec(config: TrainConfig) -> OptimizerSpec:
+    name = "sgd" if config.momentum == 0 else ("nesterov" if config.nesterov else "sgd-momentum")
+    return OptimizerSpec(
+        name=name, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def _memory_format(config: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
+def _announce(say: Reporter, run: _Run, progress: _Progress, cost: RunCost | None) -> None:
+    config, context, schedule = run.config, run.context, run.schedule
+    say.info(
+        f"training {config.variant} at {config.image_size}x{config.image_size}, batch "
+        f"{config.batch_size}, {config.epochs} epochs of {len(run.train_split):,} images "
+        f"({schedule.steps_per_epoch} steps), on {context.device}"
+        + (f" x {context.world_size} processes" if context.distributed else "")
+        + f"; output in {run.output_dir}"
+    )
+    if cost is not None:
+        step_flops = cost.training_step_flops
+        say.info(
+            f"cost: {format_flops(step_flops)} per training step (forward + backward, 2 FLOPs per "
+            f"multiply-add), {format_flops(step_flops * schedule.total_steps)} in all; predicted "
+            f"peak memory of a step per process: {format_bytes(cost.peak_live_bytes)} of tensors, "
+            f"{format_bytes(cost.peak_allocator_bytes)} held by the allocator"
+        )
+    if progress.epoch or progress.batch:
+        say.info(
+            f"resuming after epoch {progress.epoch}, batch {progress.batch} (step {progress.step})"
+        )
+
+
+# -- a step's surroundings: its batch, its sums, stopping, timing ----------------------------------
+
+
+def _epoch_batches(
+    run: _Run, epoch: int, *, start_batch: int
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """This rank's indices of each batch of `epoch` from `start_batch` on, with the global batch's
+    size."""
+    permutation = epoch_permutation(
+        len(run.train_split), seed=run.config.seed, epoch=epoch, device=run.context.device
+    )
+    return batch_indices(
+        permutation,
+        batch_size=run.config.batch_size,
+        rank=run.context.rank,
+        world_size=run.context.world_size,
+        start_batch=start_batch,
+    )
+
+
+def _training_batch(run: _Run, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images gathered, resized and scaled on the device, in the network's memory format; labels."""
+    images = run.train_split.images[indices]
+    inputs = run.transform(images).contiguous(memory_format=_memory_format(run.config))
+    return inputs, run.train_split.labels[indices]
+
+
+class _EpochSums:
+    """Loss, correct predictions and examples of the epoch so far on this rank, on the device."""
+
+    def __init__(self, progress: _Progress, device: torch.device) -> None:
+        self._sums = torch.tensor(
+            [progress.loss_sum, progress.correct, progress.examples],
+            dtype=torch.float64,
+            device=device,
+        )
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._sums[0] += loss_sum
+        self._sums[1] += (logits.argmax(dim=1) == labels).sum()
+        self._sums[2] += labels.shape[0]
+
+    def means(self) -> tuple[float, float]:
+        """Mean loss and accuracy on this rank (rank 0's are what the progress bar shows)."""
+        seen = float(self._sums[2]) or 1.0
+        return float(self._sums[0]) / seen, float(self._sums[1]) / seen
+
+    def fold_into(self, progress: _Progress, context: distributed.Context) -> None:
+        """Summed over all ranks into `progress`, which the checkpoint saves."""
+        totals = distributed.all_reduce_sum(self._sums.clone(), context)
+        progress.loss_sum, progress.correct, progress.examples = (float(v) for v in totals)
+
+
+def _should_stop(
+    loss_sum: torch.Tensor,
+    stop: StopRequest,
+    context: distributed.Context,
+    *,
+    epoch: int,
+    step: int,
+    lr: float,
+) -> bool:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM); raises when any rank's loss is no
+    longer finite. One collective per step: every rank must agree on stopping at the same step."""
+    flags = torch.tensor(
+        [0.0 if torch.isfinite(loss_sum) else 1.0, float(stop.requested)], device=context.device
+    )
+    distributed.all_reduce_sum(flags, context)
+    if flags[0] > 0:
+        raise NinlabError(
+            f"training diverged: the loss is no longer finite (nan or inf) at epoch {epoch}, step "
+            f"{step} (lr {lr:.4g}); the checkpoint of the last complete epoch is kept; lower --lr, "
+            "add --warmup-epochs 1, or use --preset default (normalised input, Kaiming init)"
+        )
+    return bool(flags[1] > 0)
+
+
+class _StepClock:
+    """Wall-clock time of this process's steps: each step's, the epoch's examples per second so
+    far, and the median of a few steps once the first ones are out of the way."""
+
+    def __init__(self) -> None:
+        self._steps = 0  # by this process: a resumed run times its own first steps too
+        self._timed: list[float] = []
+
+    def start_epoch(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_examples = 0
+
+    def start_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def end_step(self, global_count: int) -> float:
+        """The step's seconds."""
+        self._now = time.perf_counter()
+        seconds = self._now - self._step_start
+        if _SETTLE_STEPS <= self._steps < _SETTLE_STEPS + _TIMED_STEPS:
+            self._timed.append(seconds)
+        self._steps += 1
+        self._epoch_examples += global_count
+        return seconds
+
+    def epoch_examples_per_s(self) -> float:
+        return self._epoch_examples / (self._now - self._epoch_start)
+
+    def just_settled(self) -> float | None:
+        """The median seconds per step, on the step that ends the timed ones; None on all others."""
+        if self._steps != _SETTLE_STEPS + _TIMED_STEPS:
+            return None
+        return sorted(self._timed)[len(self._timed) // 2]
+
+
+def _report_step(
+    say: Reporter, run: _Run, progress: _Progress, sums: _EpochSums, clock: _StepClock
+) -> None:
+    seconds_per_step = clock.just_settled()
+    if seconds_per_step is not None:
+        _report_throughput(say, run, progress, seconds_per_step)
+    say.batch_done(progress.batch, *sums.means(), clock.epoch_examples_per_s())
+
+
+def _report_throughput(
+    say: Reporter, run: _Run, progress: _Progress, seconds_per_step: float
+) -> None:
+    config = run.config
+    examples_per_s = config.batch_size / seconds_per_step
+    remaining_train_s = (run.schedule.total_steps - progress.step) * seconds_per_step
+    # Evaluation is a forward pass alone: about a third of a training step's arithmetic per image.
+    epochs_left = config.epochs - progress.epoch
+    remaining_eval_s = epochs_left * len(run.test_split) / (3 * examples_per_s)
+    remaining_s = remaining_train_s + remaining_eval_s
+    say.info(
+        f"measured: {examples_per_s:,.0f} examples/s ({seconds_per_step * 1000:,.0f} ms per step "
+        f"of {config.batch_size}); about {format_duration(remaining_s)} to go"
+    )
+    cpu = PRESETS["cpu"]
+    if (
+        run.context.device.type == "cpu"
+        and remaining_s > _LONG_CPU_RUN_S
+        and config.image_size > cpu.image_size
+    ):
+        say.warn(
+            f"on this CPU the whole run takes about {format_duration(remaining_s)}. The CPU preset "
+            f"(--preset cpu: {cpu.variant} at {cpu.image_size}x{cpu.image_size}, bf16, "
+            f"{cpu.epochs} epochs) reaches >= 88% test accuracy in under 10 minutes on 2 cores."
+        )
+
+
+# -- the end of an epoch, or of an interrupted one -------------------------------------------------
+
+
+def _end_epoch(run: _Run, progress: _Progress, sums: _EpochSums, epoch: int, say: Reporter) -> None:
+    """Evaluate, add the epoch's row to the history, save the checkpoint, metrics and curves, and
+    report, with a warning when the epoch sat at chance level."""
+    config = run.config
+    sums.fold_into(progress, run.context)
+    row, evaluation = _evaluate_epoch(run, progress, epoch)
+    progress.close_epoch(row)
+    _save(run, progress)
+    if run.context.is_writer:
+        _write_metrics(run.output_dir, progress.history)
+        plot_curves(
+            progress.history,
+            run.output_dir / "curves.png",
+            epochs=config.epochs,
+            title=f"{config.variant} at {config.image_size}x{config.image_size}, batch "
+            f"{config.batch_size}, lr {config.lr:g} ({run.output_dir.name})",
+        )
+    _report_epoch(say, config, row, evaluation)
+
+
+def _evaluate_epoch(
+    run: _Run, progress: _Progress, epoch: int
+) -> tuple[dict[str, Any], Evaluation]:
+    """The test-set evaluation after `epoch` and the epoch's row of METRICS_FIELDS."""
+    eval_start = time.perf_counter()
+    # The bare model, not the DDP wrapper: evaluation needs no collectives inside forward.
+    evaluation = evaluate_model(
+        run.model,
+        run.test_split,
+        transform=run.transform,
+        batch_size=run.config.batch_size,
+        amp=run.config.amp,
+        channels_last=run.config.channels_last,
+        context=run.context,
+    )
+    eval_seconds = time.perf_counter() - eval_start
+    row = {
+        "epoch": epoch,
+        "step": progress.step,
+        "lr": run.schedule.lr(progress.step - 1),  # the last step's
+        "train_loss": progress.loss_sum / progress.examples,
+        "train_accuracy": progress.correct / progress.examples,
+        "test_loss": evaluation.loss,
+        "test_accuracy": evaluation.accuracy,
+        "train_seconds": progress.seconds,
+        "examples_per_s": progress.examples / progress.seconds,
+        "eval_seconds": eval_seconds,
+        "elapsed_seconds": progress.elapsed + (progress.seconds + eval_seconds),
+    }
+    return row, evaluation
+
+
+def _report_epoch(
+    say: Reporter, config: TrainConfig, row: dict[str, Any], evaluation: Evaluation
+) -> None:
+    epoch, train_loss, train_accuracy = row["epoch"], row["train_loss"], row["train_accuracy"]
+    say.epoch_finished(
+        f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, train acc "
+        f"{train_accuracy:.4f}, test acc {evaluation.accuracy:.4f}, "
+        f"{row['examples_per_s']:,.0f} ex/s, "
+        f"{format_duration(row['train_seconds'] + row['eval_seconds'])}"
+    )
+    if train_accuracy < 1.5 / len(CLASS_NAMES) and evaluation.accuracy < 1.5 / len(CLASS_NAMES):
+        say.warn(_chance_warning(epoch, train_accuracy, evaluation, train_loss))
+
+
+def _chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float) -> str:
+    """Why an epoch sat at chance, from what the test set shows: dead final ReLUs or a faded
+    signal."""
+    text = (
+        f"epoch {epoch} sat at chance level: train accuracy {train_accuracy:.3f}, test accuracy "
+        f"{evaluation.accuracy:.3f} (chance is {1 / len(CLASS_NAMES):.3f}), train loss {loss:.3f} "
+        f"(ln 10 = {math.log(10):.3f})."
+    )
+    if evaluation.zero_logit_examples:
+        text += (
+            f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero "
+            "logits: the ReLU that ends NiN's last block is dead for them, so their loss is ln 10 "
+            "and their gradient zero; once it is dead for every image the run cannot recover."
+        )
+    elif evaluation.mean_abs_logit < _FADED_LOGIT:
+        text += (
+            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal "
+            "reaching the last layer has faded, so the gradients are tiny too and the run may take "
+            "epochs to leave this plateau, or never does. That is d2l's recipe on some seeds: its "
+            "Xavier-uniform init alone shrinks the signal 8x in the first 11x11 conv (fan-out 96 x "
+            "121)."
+        )
+    return text + (
+        " Restart with another --seed, or use --preset default, which learns on every seed tried."
+    )
+
+
+def _save_interrupted(
+    run: _Run, progress: _Progress, sums: _EpochSums, epoch: int, say: Reporter
+) -> None:
+    """The checkpoint after Ctrl-C or SIGTERM, with the epoch's partial sums: a resume continues
+    from the next batch."""
+    sums.fold_into(progress, run.context)
+    _save(run, progress)
+    say.epoch_finished(
+        f"interrupted in epoch {epoch} after batch {progress.batch}: checkpoint saved in "
+        f"{run.output_dir}; continue with: ninlab train --resume --output-dir {run.output_dir}"
+    )
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -211,28 +745,20 @@ class _Progress:
     elapsed: float = 0.0  # training and evaluation time of all epochs before this one
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-
-def _on_device(split: Split, count: int | None, device: torch.device) -> Split:
-    part = split.head(count) if count else split
-    return Split(part.images.to(device), part.labels.to(device))
-
-
-def _optimizer_spec(config: TrainConfig) -> OptimizerSpec:
-    name = "sgd" if config.momentum == 0 else ("nesterov" if config.nesterov else "sgd-momentum")
-    return OptimizerSpec(name=name, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    def close_epoch(self, row: dict[str, Any]) -> None:
+        """Record a finished epoch's row; the next epoch's sums start from zero."""
+        self.history.append(row)
+        self.epoch, self.batch, self.elapsed = row["epoch"], 0, row["elapsed_seconds"]
+        self.loss_sum = self.correct = self.examples = self.seconds = 0.0
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _save(run: _Run, progress: _Progress) -> None:
+    rng = distributed.all_gather_objects(_rng_state(run.context.device), run.context)
+    if run.context.is_writer:
+        save_checkpoint(
+            run.output_dir / CHECKPOINT_NAME,
+            _checkpoint_state(run.config, run.model, run.optimizer, progress, rng),
+        )
 
 
 def _checkpoint_state(
@@ -262,7 +788,10 @@ def _checkpoint_state(
 
 
 def _restore(
-    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, context: distributed.Context
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    context: distributed.Context,
 ) -> _Progress:
     try:
         model.load_state_dict(state["model"])
@@ -273,8 +802,8 @@ def _restore(
         ) from None
     if len(state["rng"]) != context.world_size:
         raise NinlabError(
-            f"the checkpoint was written by {len(state['rng'])} process(es); resume it with the same number "
-            f"(torchrun --nproc_per_node={len(state['rng'])}) to continue exactly"
+            f"the checkpoint was written by {len(state['rng'])} process(es); resume it with the "
+            f"same number (torchrun --nproc_per_node={len(state['rng'])}) to continue exactly"
         )
     _set_rng_state(state["rng"][context.rank], context.device)
     running = state["running"]
@@ -293,316 +822,14 @@ def _restore(
     )
 
 
-def _steps_per_epoch(num_examples: int, config: TrainConfig, world_size: int) -> int:
-    full, rest = divmod(num_examples, config.batch_size)
-    return full + (1 if rest >= world_size else 0)
-
-
-def _chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float) -> str:
-    """Why an epoch sat at chance, from what the test set shows: dead final ReLUs or a faded signal."""
-    text = (
-        f"epoch {epoch} sat at chance level: train accuracy {train_accuracy:.3f}, test accuracy "
-        f"{evaluation.accuracy:.3f} (chance is {1 / len(CLASS_NAMES):.3f}), train loss {loss:.3f} "
-        f"(ln 10 = {math.log(10):.3f})."
-    )
-    if evaluation.zero_logit_examples:
-        text += (
-            f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero logits: the "
-            "ReLU that ends NiN's last block is dead for them, so their loss is ln 10 and their gradient zero; "
-            "once it is dead for every image the run cannot recover."
-        )
-    elif evaluation.mean_abs_logit < _FADED_LOGIT:
-        text += (
-            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal reaching the last "
-            "layer has faded, so the gradients are tiny too and the run may take epochs to leave this plateau, "
-            "or never does. That is d2l's recipe on some seeds: its Xavier-uniform init alone shrinks the "
-            "signal 8x in the first 11x11 conv (fan-out 96 x 121)."
-        )
-    return text + " Restart with another --seed, or use --preset default, which learns on every seed tried."
-
-
-def train(
-    config: TrainConfig,
-    *,
-    output_dir: str | os.PathLike[str],
-    data: FashionMNIST,
-    resume: bool = False,
-    device: str | None = None,
-    reporter: Reporter | None = None,
-    stop: StopRequest | None = None,
-) -> TrainResult:
-    """Train `config` on `data`, writing checkpoint.pt, metrics.jsonl/.csv, curves.png and
-    config.json to `output_dir`. With `resume`, continue the checkpoint in `output_dir` exactly."""
-    context = distributed.start(device)
-    try:
-        return _train(config, Path(output_dir), data, resume, context, reporter, stop or StopRequest())
-    finally:
-        distributed.stop(context)
-
-
-def _train(
-    config: TrainConfig,
-    output_dir: Path,
-    data: FashionMNIST,
-    resume: bool,
-    context: distributed.Context,
-    reporter: Reporter | None,
-    stop: StopRequest,
-) -> TrainResult:
-    say: Reporter = (reporter or SilentReporter()) if context.is_writer else SilentReporter()
-    # Every rank checks the same files, so that all of them stop on the same error.
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NinlabError(f"output directory {output_dir} is a file; choose a directory with --output-dir")
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    state = None
-    if resume:
-        state = load_checkpoint(checkpoint_path)
-        config = resumed_config(config_from_dict(state["config"]), dataclasses.asdict(config))
-    elif checkpoint_path.exists():
-        raise NinlabError(
-            f"{output_dir} already holds a checkpoint; continue it with --resume or choose another --output-dir"
-        )
-    if config.batch_size < context.world_size:
-        raise NinlabError(
-            f"batch size {config.batch_size} is smaller than the {context.world_size} processes"
-        )
-    device = context.device
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-
-    torch.manual_seed(config.seed)
-    model = build_nin(parse_variant(config.variant))
-    cost = (
-        run_cost(model, config, device_type=device.type, world_size=context.world_size)
-        if state is None and context.is_writer
-        else None
-    )
-    if context.is_writer:  # only now: a bad variant or input size leaves no directory behind
-        _make_output_dir(output_dir)
-    model = model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
-    # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
-    torch.manual_seed(config.seed + context.rank)
-    progress = _restore(state, model, optimizer, context) if state is not None else _Progress()
-    if context.is_writer:
-        _write_text_atomically(
-            output_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-        )
-
-    net = distributed.wrap(model, context)
-    if config.compile:
-        net = torch.compile(net)
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_split = _on_device(data.train, config.train_examples, device)
-    test_split = _on_device(data.test, config.test_examples, device)
-    transform = InputTransform(config.image_size, config.normalize)
-    steps_per_epoch = _steps_per_epoch(len(train_split), config, context.world_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-
-    say.info(
-        f"training {config.variant} at {config.image_size}x{config.image_size}, batch {config.batch_size}, "
-        f"{config.epochs} epochs of {len(train_split):,} images ({steps_per_epoch} steps), on {device}"
-        + (f" x {context.world_size} processes" if context.distributed else "")
-        + f"; output in {output_dir}"
-    )
-    if cost is not None:
-        say.info(
-            f"cost: {format_flops(cost.training_step_flops)} per training step (forward + backward, 2 FLOPs "
-            f"per multiply-add), {format_flops(cost.training_step_flops * total_steps)} in all; "
-            f"predicted peak memory of a step per process: {format_bytes(cost.peak_live_bytes)} of tensors, "
-            f"{format_bytes(cost.peak_allocator_bytes)} held by the allocator"
-        )
-    if progress.epoch or progress.batch:
-        say.info(f"resuming after epoch {progress.epoch}, batch {progress.batch} (step {progress.step})")
-
-    lr = learning_rate(
-        max(0, progress.step - 1),
-        peak_lr=config.lr,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        kind=config.schedule,
-    )
-    timed: list[float] = []
-    steps_this_process = 0
-    interrupted = False
-    while progress.epoch < config.epochs and not interrupted:
-        epoch = progress.epoch + 1
-        permutation = epoch_permutation(len(train_split), seed=config.seed, epoch=epoch, device=device)
-        say.epoch_started(epoch, config.epochs, steps_per_epoch, progress.batch)
-        net.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, examples (this rank)
-        sums[0], sums[1], sums[2] = progress.loss_sum, progress.correct, progress.examples
-        window_start, window_examples = time.perf_counter(), 0
-        for indices, global_count in batch_indices(
-            permutation,
-            batch_size=config.batch_size,
-            rank=context.rank,
-            world_size=context.world_size,
-            start_batch=progress.batch,
-        ):
-            step_start = time.perf_counter()
-            lr = learning_rate(
-                progress.step,
-                peak_lr=config.lr,
-                total_steps=total_steps,
-                warmup_steps=warmup_steps,
-                kind=config.schedule,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs = transform(train_split.images[indices]).contiguous(memory_format=memory_format)
-            labels = train_split.labels[indices]
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, config.amp):
-                logits = net(inputs)
-            loss_sum = F.cross_entropy(
-                logits.float(), labels, reduction="sum", label_smoothing=config.label_smoothing
-            )
-            # DDP averages gradients over ranks; scaling by ranks / global batch makes that average
-            # the gradient of the global batch's mean loss, whatever the size of this rank's share.
-            (loss_sum * (context.world_size / global_count)).backward()
-            optimizer.step()
-            with torch.no_grad():
-                sums[0] += loss_sum.detach()
-                sums[1] += (logits.argmax(dim=1) == labels).sum()
-                sums[2] += labels.shape[0]
-            progress.batch += 1
-            progress.step += 1
-            steps_this_process += 1
-            window_examples += global_count
-
-            # One collective per step: every rank must agree on stopping at the same step.
-            flags = torch.tensor(
-                [0.0 if torch.isfinite(loss_sum) else 1.0, float(stop.requested)], device=device
-            )
-            distributed.all_reduce_sum(flags, context)
-            if flags[0] > 0:
-                raise NinlabError(
-                    f"training diverged: the loss is no longer finite (nan or inf) at epoch {epoch}, step {progress.step} "
-                    f"(lr {lr:.4g}); the checkpoint of the last complete epoch is kept; lower --lr, add "
-                    "--warmup-epochs 1, or use --preset default (normalised input, Kaiming init)"
-                )
-            now = time.perf_counter()
-            progress.seconds += now - step_start
-            if _SETTLE_STEPS <= steps_this_process - 1 < _SETTLE_STEPS + _TIMED_STEPS:
-                timed.append(now - step_start)
-                if len(timed) == _TIMED_STEPS:
-                    _report_throughput(
-                        say, timed, config, context, progress, total_steps, len(test_split), device
-                    )
-            seen = float(sums[2]) or 1.0
-            say.batch_done(
-                progress.batch,
-                float(sums[0]) / seen,
-                float(sums[1]) / seen,
-                window_examples / (now - window_start),
-            )
-            if flags[1] > 0:
-                interrupted = True
-                break
-
-        epoch_sums = distributed.all_reduce_sum(sums.clone(), context)
-        progress.loss_sum, progress.correct, progress.examples = (float(v) for v in epoch_sums)
-        if interrupted:
-            _save(output_dir, config, model, optimizer, progress, context)
-            say.epoch_finished(
-                f"interrupted in epoch {epoch} after batch {progress.batch}: checkpoint saved in {output_dir}; "
-                f"continue with: ninlab train --resume --output-dir {output_dir}"
-            )
-            break
-
-        eval_start = time.perf_counter()
-        # The bare model, not the DDP wrapper: evaluation needs no collectives inside forward.
-        evaluation = evaluate_model(
-            model,
-            test_split,
-            transform=transform,
-            batch_size=config.batch_size,
-            amp=config.amp,
-            channels_last=config.channels_last,
-            context=context,
-        )
-        eval_seconds = time.perf_counter() - eval_start
-        train_loss = progress.loss_sum / progress.examples
-        train_accuracy = progress.correct / progress.examples
-        progress.elapsed += progress.seconds + eval_seconds
-        row = {
-            "epoch": epoch,
-            "step": progress.step,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": evaluation.loss,
-            "test_accuracy": evaluation.accuracy,
-            "train_seconds": progress.seconds,
-            "examples_per_s": progress.examples / progress.seconds,
-            "eval_seconds": eval_seconds,
-            "elapsed_seconds": progress.elapsed,
-        }
-        progress.history.append(row)
-        progress.epoch, progress.batch = epoch, 0
-        progress.loss_sum = progress.correct = progress.examples = progress.seconds = 0.0
-        _save(output_dir, config, model, optimizer, progress, context)
-        if context.is_writer:
-            _write_metrics(output_dir, progress.history)
-            plot_curves(
-                progress.history,
-                output_dir / "curves.png",
-                epochs=config.epochs,
-                title=f"{config.variant} at {config.image_size}x{config.image_size}, batch {config.batch_size}, "
-                f"lr {config.lr:g} ({output_dir.name})",
-            )
-        say.epoch_finished(
-            f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, train acc {train_accuracy:.4f}, "
-            f"test acc {evaluation.accuracy:.4f}, {row['examples_per_s']:,.0f} ex/s, "
-            f"{format_duration(row['train_seconds'] + eval_seconds)}"
-        )
-        if train_accuracy < 1.5 / len(CLASS_NAMES) and evaluation.accuracy < 1.5 / len(CLASS_NAMES):
-            say.warn(_chance_warning(epoch, train_accuracy, evaluation, train_loss))
-    return TrainResult(config, output_dir, tuple(progress.history), interrupted, model)
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _save(
-    output_dir: Path,
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    progress: _Progress,
-    context: distributed.Context,
-) -> None:
-    rng = distributed.all_gather_objects(_rng_state(context.device), context)
-    if context.is_writer:
-        save_checkpoint(
-            output_dir / CHECKPOINT_NAME, _checkpoint_state(config, model, optimizer, progress, rng)
-        )
-
-
-def _report_throughput(
-    say: Reporter,
-    timed: list[float],
-    config: TrainConfig,
-    context: distributed.Context,
-    progress: _Progress,
-    total_steps: int,
-    test_examples: int,
-    device: torch.device,
-) -> None:
-    seconds_per_step = sorted(timed)[len(timed) // 2]
-    examples_per_s = config.batch_size / seconds_per_step
-    remaining_steps = total_steps - progress.step
-    # Evaluation is a forward pass alone: about a third of a training step's arithmetic per image.
-    remaining_s = remaining_steps * seconds_per_step + (config.epochs - progress.epoch) * test_examples / (
-        3 * examples_per_s
-    )
-    say.info(
-        f"measured: {examples_per_s:,.0f} examples/s ({seconds_per_step * 1000:,.0f} ms per step of "
-        f"{config.batch_size}); about {format_duration(remaining_s)} to go"
-    )
-    cpu = PRESETS["cpu"]
-    if device.type == "cpu" and remaining_s > _LONG_CPU_RUN_S and config.image_size > cpu.image_size:
-        say.warn(
-            f"on this CPU the whole run takes about {format_duration(remaining_s)}. The CPU preset "
-            f"(--preset cpu: {cpu.variant} at {cpu.image_size}x{cpu.image_size}, bf16, {cpu.epochs} epochs) reaches "
-            ">= 88% test accuracy in under 10 minutes on 2 cores."
-        )
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
