@@ -1,7 +1,7 @@
-"""ninlab.analysis.memory: exact live-storage peaks against the issue's measured figures, PyTorch's own
-MemTracker and real runs (`ninlab.analysis.measure`); the allocator level within 2% of the measured CPU
-allocator; breakdown, timeline and saved-tensor explanations; batch scaling and fitting; DDP
-buckets against torch's own DistributedDataParallel; bad input."""
+"""ninlab.analysis.predict: exact live-storage peaks against the issue's measured figures,
+PyTorch's own MemTracker and real runs (`ninlab.analysis.measure`); the allocator level within 2%
+of the measured CPU allocator; breakdown, timeline and saved-tensor explanations; DDP buckets
+against torch's own DistributedDataParallel; bad input."""
 
 from __future__ import annotations
 
@@ -12,19 +12,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.measure import measure
-from ninlab.analysis.memory import (
-    CATEGORIES,
-    Breakdown,
-    describe_categories,
-    fit_batch,
-    memory_vs_batch,
-    predict_memory,
-)
+from ninlab.analysis.memory_report import Breakdown
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import DDPSpec, train_step
+from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.analysis.step import DDPSpec, StepSpec, train_step
 
 NIN_INPUT = (1, 224, 224)
 
@@ -86,13 +80,6 @@ def test_timeline_has_one_point_per_op_and_the_phases_in_order(nin_sgd) -> None:
     assert timeline.points[timeline.phases[1].first_op].alive.gradients_bytes == 0
     assert timeline.series("gradients")[-1] == 7_968_664
     assert max(timeline.allocator_totals()) == nin_sgd.allocator.peak_bytes
-
-
-def test_categories_are_described() -> None:
-    described = dict(describe_categories())
-    assert tuple(described) == CATEGORIES
-    assert [f"{name}_bytes" for name in CATEGORIES] == list(Breakdown.__dataclass_fields__)
-    assert all(described.values())
 
 
 def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
@@ -193,40 +180,6 @@ def test_nin_training_against_real_runs(nin: nn.Module, batch_size: int, optimiz
     measured = measure(nin, report.spec, batch_size=report.batch_size)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.02)
-
-
-# -- batch size ---------------------------------------------------------------------------------
-
-
-def test_memory_is_linear_in_the_batch_where_the_peak_stays_put(nin: nn.Module) -> None:
-    scaling = memory_vs_batch(nin, input_size=NIN_INPUT, batch_sizes=(64, 128), check_batch_size=256)
-    assert (scaling.fixed_bytes, scaling.per_sample_bytes) == (8_107_832, 7_963_696)
-    assert scaling.linear and scaling.check_peak_bytes == 2_046_814_008
-    # At batch 1 and 2 Adam's update is the peak; by batch 3 backward is: not one line.
-    small = memory_vs_batch(nin, input_size=NIN_INPUT, batch_sizes=(1, 2), check_batch_size=3, optimizer="adam")
-    assert not small.linear
-
-
-def test_fit_batch_finds_the_largest_fitting_batch_by_exact_prediction(nin: nn.Module) -> None:
-    fit = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT, level="live")
-    assert fit.batch_size == 133
-    assert fit.peak_bytes <= 1 << 30 < fit.next_peak_bytes
-    assert fit.peak_bytes == predict_memory(nin, input_size=NIN_INPUT, batch_size=133).live_peak_bytes
-    allocator = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT)
-    assert allocator.level == "allocator" and allocator.batch_size < 133
-    assert allocator.peak_bytes <= 1 << 30 < allocator.next_peak_bytes
-
-
-def test_a_budget_too_small_for_batch_1_says_by_how_much(nin: nn.Module) -> None:
-    needed = predict_memory(nin, input_size=NIN_INPUT, batch_size=1).allocator_peak_bytes
-    with pytest.raises(NinlabError, match=f"too small for batch 1.*{needed - 10_000_000:,} bytes more"):
-        fit_batch(nin, budget="10MB", input_size=NIN_INPUT)
-
-
-@pytest.mark.parametrize("budget", ["8 GB/s", "lots", "-1GiB", "0.1B", ""])
-def test_budgets_that_do_not_parse(nin: nn.Module, budget: str) -> None:
-    with pytest.raises(NinlabError):
-        fit_batch(nin, budget=budget, input_size=NIN_INPUT)
 
 
 # -- DDP -----------------------------------------------------------------------------------------
