@@ -20,11 +20,15 @@ def nin() -> nn.Module:
 
 
 def test_memory_is_linear_in_the_batch_where_the_peak_stays_put(nin: nn.Module) -> None:
-    scaling = memory_vs_batch(nin, input_size=NIN_INPUT, batch_sizes=(64, 128), check_batch_size=256)
+    scaling = memory_vs_batch(
+        nin, input_size=NIN_INPUT, batch_sizes=(64, 128), check_batch_size=256
+    )
     assert (scaling.fixed_bytes, scaling.per_sample_bytes) == (8_107_832, 7_963_696)
     assert scaling.linear and scaling.check_peak_bytes == 2_046_814_008
     # At batch 1 and 2 Adam's update is the peak; by batch 3 backward is: not one line.
-    small = memory_vs_batch(nin, input_size=NIN_INPUT, batch_sizes=(1, 2), check_batch_size=3, optimizer="adam")
+    small = memory_vs_batch(
+        nin, input_size=NIN_INPUT, batch_sizes=(1, 2), check_batch_size=3, optimizer="adam"
+    )
     assert not small.linear
 
 
@@ -32,7 +36,9 @@ def test_fit_batch_finds_the_largest_fitting_batch_by_exact_prediction(nin: nn.M
     fit = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT, level="live")
     assert fit.batch_size == 133
     assert fit.peak_bytes <= 1 << 30 < fit.next_peak_bytes
-    assert fit.peak_bytes == predict_memory(nin, input_size=NIN_INPUT, batch_size=133).live_peak_bytes
+    assert fit.peak_bytes == (
+        predict_memory(nin, input_size=NIN_INPUT, batch_size=133).live_peak_bytes
+    )
     allocator = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT)
     assert allocator.level == "allocator" and allocator.batch_size < 133
     assert allocator.peak_bytes <= 1 << 30 < allocator.next_peak_bytes
@@ -40,7 +46,9 @@ def test_fit_batch_finds_the_largest_fitting_batch_by_exact_prediction(nin: nn.M
 
 def test_a_budget_too_small_for_batch_1_says_by_how_much(nin: nn.Module) -> None:
     needed = predict_memory(nin, input_size=NIN_INPUT, batch_size=1).allocator_peak_bytes
-    with pytest.raises(NinlabError, match=f"too small for batch 1.*{needed - 10_000_000:,} bytes more"):
+    with pytest.raises(
+        NinlabError, match=f"too small for batch 1.*{needed - 10_000_000:,} bytes more"
+    ):
         fit_batch(nin, budget="10MB", input_size=NIN_INPUT)
 
 

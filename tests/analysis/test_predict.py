@@ -45,8 +45,12 @@ def nin_sgd(nin: nn.Module):
         ("infer", "sgd", 320_313_240),
     ],
 )
-def test_nin_live_peak_matches_the_measured_figures(nin: nn.Module, mode: str, optimizer: str, expected: int) -> None:
-    report = predict_memory(nin, input_size=NIN_INPUT, batch_size=128, mode=mode, optimizer=optimizer)  # type: ignore[arg-type]
+def test_nin_live_peak_matches_the_measured_figures(
+    nin: nn.Module, mode: str, optimizer: str, expected: int
+) -> None:
+    report = predict_memory(
+        nin, input_size=NIN_INPUT, batch_size=128, mode=mode, optimizer=optimizer
+    )  # type: ignore[arg-type]
     assert report.live_peak_bytes == expected
     assert report.breakdown.total_bytes == expected
     assert max(report.timeline.totals()) == expected
@@ -73,8 +77,12 @@ def test_nin_breakdown_at_the_peak(nin_sgd) -> None:
 
 def test_timeline_has_one_point_per_op_and_the_phases_in_order(nin_sgd) -> None:
     timeline = nin_sgd.timeline
-    assert [span.phase for span in timeline.phases] == ["zero_grad", "forward", "loss", "backward", "optimizer"]
-    assert timeline.phases[0].first_op == 0 and timeline.phases[-1].last_op == len(timeline.points) - 1
+    assert [span.phase for span in timeline.phases] == [
+        "zero_grad", "forward", "loss", "backward", "optimizer"
+    ]
+    assert (
+        timeline.phases[0].first_op == 0 and timeline.phases[-1].last_op == len(timeline.points) - 1
+    )
     # zero_grad frees the previous step's gradients: the step starts with them, then they are gone.
     assert timeline.start.gradients_bytes == 7_968_664
     assert timeline.points[timeline.phases[1].first_op].alive.gradients_bytes == 0
@@ -88,13 +96,18 @@ def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
     conv = rows[("0.2", "ConvolutionBackward0", "input")]
     assert relu.counted_bytes == relu.storage_bytes == 143_327_232  # 128 x 96 x 54 x 54 x 4
     assert conv.counted_bytes == 0 and conv.shared_with == "0.1 ReluBackward0.result"
-    assert relu.reason.startswith("ReLU keeps its output") and conv.reason.startswith("conv keeps its input")
+    assert (
+        relu.reason.startswith("ReLU keeps its output")
+        and conv.reason.startswith("conv keeps its input")
+    )
     indices = rows[("1", "MaxPool2DWithIndicesBackward0", "result1")]
     assert (indices.dtype, indices.counted_bytes) == ("int64", 66_453_504)
     assert "int64 index" in indices.reason
     mask = rows[("6", "MulBackward0", "other")]
     assert mask.dtype == "float32" and mask.reason.startswith("dropout keeps its mask")
-    assert rows[("", "LogSoftmaxBackward0", "result")].reason == "cross-entropy keeps its log-softmax"
+    assert (
+        rows[("", "LogSoftmaxBackward0", "result")].reason == "cross-entropy keeps its log-softmax"
+    )
     assert rows[("", "NllLossBackward0", "target")].category == "targets"
     assert rows[("0.0", "ConvolutionBackward0", "input")].category == "input"
     assert rows[("0.0", "ConvolutionBackward0", "weight")].category == "parameters"
@@ -103,7 +116,8 @@ def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
 
 
 def test_forum_rule_beside_ours(nin: nn.Module, nin_sgd) -> None:
-    # The issue: 1.70x the training figure (with momentum, the post's "3 x parameters"), 0.92x inference.
+    # The issue: 1.70x the training figure (with momentum, the post's "3 x parameters"), 0.92x
+    # inference.
     forum = nin_sgd.forum
     assert forum.activations_bytes == 868_746_240  # the post's ACTIVS column, x 128 x 4 bytes
     assert forum.train_bytes == 2 * 868_746_240 + 3 * 7_968_664
@@ -141,7 +155,9 @@ def _memtracker_peak(factory, input_size: tuple[int, ...], batch_size: int, opti
     [("nin", 128, "sgd"), ("nin", 128, "adam"), *[(name, 8, "sgd-momentum") for name in ZOO]],
 )
 def test_live_peak_equals_memtracker(name: str, batch_size: int, optimizer: str) -> None:
-    factory, size = (build_nin, NIN_INPUT) if name == "nin" else (ZOO[name].factory, ZOO[name].input_size)
+    factory, size = (
+        (build_nin, NIN_INPUT) if name == "nin" else (ZOO[name].factory, ZOO[name].input_size)
+    )
     report = predict_memory(factory(), input_size=size, batch_size=batch_size, optimizer=optimizer)
     assert report.live_peak_bytes == _memtracker_peak(factory, size, batch_size, optimizer)
 
@@ -161,10 +177,16 @@ _MEASURED = [
 
 
 @pytest.mark.parametrize(("name", "batch_size", "mode", "optimizer"), _MEASURED)
-def test_prediction_against_a_real_run(name: str, batch_size: int, mode: str, optimizer: str) -> None:
-    factory, size = (build_nin, NIN_INPUT) if name == "nin" else (ZOO[name].factory, ZOO[name].input_size)
+def test_prediction_against_a_real_run(
+    name: str, batch_size: int, mode: str, optimizer: str
+) -> None:
+    factory, size = (
+        (build_nin, NIN_INPUT) if name == "nin" else (ZOO[name].factory, ZOO[name].input_size)
+    )
     model = factory()
-    report = predict_memory(model, input_size=size, batch_size=batch_size, mode=mode, optimizer=optimizer)  # type: ignore[arg-type]
+    report = predict_memory(
+        model, input_size=size, batch_size=batch_size, mode=mode, optimizer=optimizer
+    )  # type: ignore[arg-type]
     measured = measure(model, report.spec, batch_size=report.batch_size)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.02)
@@ -190,7 +212,9 @@ def test_ddp_buckets_are_a_copy_of_the_gradients(nin: nn.Module, nin_sgd) -> Non
     assert ddp.ddp.bucket_bytes == (1_320_344, 6_648_320)  # a 1 MiB first bucket, then up to 25 MiB
     assert ddp.ddp.total_bytes == 7_968_664
     assert ddp.live_peak_bytes == nin_sgd.live_peak_bytes + 7_968_664
-    views = predict_memory(nin, input_size=NIN_INPUT, batch_size=128, ddp=DDPSpec(gradient_as_bucket_view=True))
+    views = predict_memory(
+        nin, input_size=NIN_INPUT, batch_size=128, ddp=DDPSpec(gradient_as_bucket_view=True)
+    )
     assert views.breakdown.gradients_bytes == 0
     assert views.live_peak_bytes == ddp.live_peak_bytes - 139_160
 
@@ -200,8 +224,12 @@ def test_ddp_buckets_match_torch_distributed_data_parallel(tmp_path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     entry = ZOO["vgg_big_head"]
-    predicted = predict_memory(entry.factory(), input_size=entry.input_size, batch_size=2, ddp=DDPSpec(bucket_cap_mb=4))
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    predicted = predict_memory(
+        entry.factory(), input_size=entry.input_size, batch_size=2, ddp=DDPSpec(bucket_cap_mb=4)
+    )
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
     try:
         model = DistributedDataParallel(entry.factory(), bucket_cap_mb=4)
         opt = make_optimizer(OptimizerSpec("sgd"), model.parameters())
@@ -238,8 +266,12 @@ def test_a_model_fake_tensors_cannot_run_is_measured_and_scaled_visibly() -> Non
     assert report.fallback is not None and "DataDependentOutputException" in report.fallback.reason
     assert "cannot run on fake tensors" in report.notes[0]
     assert report.timeline is None and report.saved == ()
-    assert report.live_peak_bytes == measure(model, report.spec, batch_size=report.batch_size).live_peak_bytes
-    with pytest.raises(NinlabError, match="add one copy of the trainable parameters, 1,256 bytes, per rank"):
+    assert report.live_peak_bytes == (
+        measure(model, report.spec, batch_size=report.batch_size).live_peak_bytes
+    )
+    with pytest.raises(
+        NinlabError, match="add one copy of the trainable parameters, 1,256 bytes, per rank"
+    ):
         predict_memory(model, input_size=(3, 16, 16), batch_size=4, ddp=True)
 
 
@@ -254,7 +286,10 @@ def test_a_frozen_model_has_no_training_step() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10)).requires_grad_(False)
     with pytest.raises(NinlabError, match="no trainable parameters"):
         predict_memory(model, input_size=(3, 2, 2), batch_size=2)
-    assert predict_memory(model, input_size=(3, 2, 2), batch_size=2, mode="infer").live_peak_bytes == 520 + 96 + 80  # parameters, input, logits
+    assert (
+        predict_memory(model, input_size=(3, 2, 2), batch_size=2, mode="infer").live_peak_bytes
+        == 520 + 96 + 80  # parameters, input, logits
+    )
 
 
 def test_cuda_is_predicted_from_a_cpu_machine(nin: nn.Module) -> None:
@@ -263,7 +298,9 @@ def test_cuda_is_predicted_from_a_cpu_machine(nin: nn.Module) -> None:
     assert (mask.node, mask.dtype) == ("NativeDropoutBackward0", "bool")  # CUDA's fused dropout
     # Every block is rounded up to 512 bytes (and large ones may take their segment whole).
     assert report.allocator.rounding_bytes > 0 and report.allocator.workspace_bytes == 0
-    assert report.allocator.peak_bytes == report.allocator.live_bytes + report.allocator.rounding_bytes
+    assert report.allocator.peak_bytes == (
+        report.allocator.live_bytes + report.allocator.rounding_bytes
+    )
 
 
 @pytest.mark.parametrize(
