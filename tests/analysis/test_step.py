@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ninlab.analysis.measure import measure
-from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import DDPSpec, StepSpec, step_spec, valid_batch_size
 from ninlab.errors import NinlabError
 from ninlab.models import resolve_model

@@ -1,0 +1,194 @@
+"""Memory against the batch size: the peak as fixed + per-sample bytes (`memory_vs_batch`), the
+largest batch that fits a budget (`fit_batch`), and both together around the answer
+(`study_batch`).
+
+Every figure is an exact prediction (`ninlab.analysis.predict.predict_memory`) at one batch size.
+A line through two of them only proposes where to look, because the peak can move to another op
+as the batch grows (NiN with Adam: the update at batch 1 and 2, backward from batch 3), and then
+the peak is not one line. The results live here, beside the questions they answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
+from ninlab.errors import NinlabError
+from ninlab.units import format_bytes, parse_bytes
+
+__all__ = [
+    "BatchFit",
+    "BatchScaling",
+    "BatchStudy",
+    "fit_batch",
+    "memory_vs_batch",
+    "study_batch",
+]
+
+Level = Literal["live", "allocator"]
+
+
+@dataclass(frozen=True)
+class BatchScaling:
+    """Peak at `level` = `fixed_bytes` + `per_sample_bytes` x batch, from exact predictions at
+    `batch_sizes`, and checked by an exact prediction at `check_batch_size`."""
+
+    level: str  # "live" or "allocator"
+    batch_sizes: tuple[int, int]
+    peaks_bytes: tuple[int, int]
+    fixed_bytes: float
+    per_sample_bytes: float
+    check_batch_size: int
+    check_peak_bytes: int
+
+    @property
+    def check_predicted_bytes(self) -> float:
+        return self.fixed_bytes + self.per_sample_bytes * self.check_batch_size
+
+    @property
+    def linear(self) -> bool:
+        """True when the check lands on the line: the peak is the same op at all three sizes."""
+        return abs(self.check_predicted_bytes - self.check_peak_bytes) < 0.5
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """The largest batch whose predicted peak at `level` fits `budget_bytes`: exact predictions at
+    `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run."""
+
+    level: str  # "live" or "allocator"
+    budget_bytes: int
+    batch_size: int
+    peak_bytes: int
+    next_peak_bytes: int
+    predictions: int
+
+
+@dataclass(frozen=True)
+class BatchStudy:
+    """The largest batch that fits a budget, and the peak's line measured around it."""
+
+    fit: BatchFit
+    scaling: BatchScaling
+
+
+def memory_vs_batch(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_sizes: tuple[int, int] = (64, 128),
+    check_batch_size: int = 256,
+    level: Level = "live",
+    **fields: Any,
+) -> BatchScaling:
+    """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
+    exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line)."""
+    spec = step_spec(spec, **fields)
+    first, second = (valid_batch_size(b) for b in batch_sizes)
+    if first == second:
+        raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
+    level = _level(level)
+    peaks = (_peak(model, spec, first, level), _peak(model, spec, second, level))
+    per_sample = (peaks[1] - peaks[0]) / (second - first)
+    fixed = peaks[0] - per_sample * first
+    check = valid_batch_size(check_batch_size)
+    check_peak = _peak(model, spec, check, level)
+    return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, check_peak)
+
+
+def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> int:
+    report = predict_memory(model, spec, batch_size=batch_size)
+    return report.allocator_peak_bytes if level == "allocator" else report.live_peak_bytes
+
+
+def _level(level: str) -> Level:
+    if level not in ("live", "allocator"):
+        raise NinlabError(f"memory level must be 'live' or 'allocator', not {level!r}")
+    return level  # type: ignore[return-value]
+
+
+def fit_batch(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    budget: int | str,
+    level: Level = "allocator",
+    max_batch_size: int = 1 << 24,
+    **fields: Any,
+) -> BatchFit:
+    """The largest batch whose predicted peak fits `budget` (bytes, or text such as "8GiB",
+    "500MB", "1.5 GiB"). The answer is found by exact predictions, extrapolation only proposing
+    where to look: the result holds the exact peaks at the answer (fits) and the next size (does
+    not). `level` "allocator" (the default) fits what the allocator holds, which is what runs
+    out; "live" fits tensor storage alone."""
+    level = _level(level)
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    if budget_bytes < 1:
+        raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
+    spec = step_spec(spec, **fields)
+    known: dict[int, int] = {}
+
+    def peak(batch_size: int) -> int:
+        if batch_size not in known:
+            known[batch_size] = _peak(model, spec, batch_size, level)
+        return known[batch_size]
+
+    if peak(1) > budget_bytes:
+        raise NinlabError(
+            f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch "
+            f"1, which needs {peak(1):,} bytes ({format_bytes(peak(1))} at the {level} level): "
+            f"{peak(1) - budget_bytes:,} bytes more"
+        )
+
+    def fits(batch_size: int) -> bool:
+        return peak(batch_size) <= budget_bytes
+
+    # Newton steps on the exact peak: the slope between a batch and the next is the per-sample
+    # cost where the peak is, so once a guess lands in the answer's linear stretch the next is
+    # exact.
+    batch_size = 1
+    for _ in range(4):
+        slope = peak(batch_size + 1) - peak(batch_size)
+        if slope <= 0:
+            break
+        guess = batch_size + (budget_bytes - peak(batch_size)) // slope
+        batch_size = min(max(guess, 1), max_batch_size)
+        if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
+            break
+    # Where the steps did not settle (the peak moved to another op), bisect between the largest
+    # size known to fit and the smallest known not to.
+    low = max(b for b in known if fits(b))
+    high = min((b for b in known if not fits(b)), default=max_batch_size + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    if low == max_batch_size:
+        raise NinlabError(
+            f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}; "
+            "raise max_batch_size if you mean it"
+        )
+    return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known))
+
+
+def study_batch(
+    model: nn.Module, spec: StepSpec | None = None, *, budget: int | str, **fields: Any
+) -> BatchStudy:
+    """`fit_batch`, then `memory_vs_batch` at a quarter, half and three quarters of the answer, so
+    the line is measured where the question is; both count what the allocator holds, which is
+    what runs out."""
+    spec = step_spec(spec, **fields)
+    fit = fit_batch(model, spec, budget=budget, level="allocator")
+    quarter = max(1, fit.batch_size // 4)
+    half = max(quarter + 1, fit.batch_size // 2)
+    three_quarters = max(half + 1, 3 * fit.batch_size // 4)
+    scaling = memory_vs_batch(
+        model, spec, batch_sizes=(quarter, half), check_batch_size=three_quarters, level="allocator"
+    )
+    return BatchStudy(fit, scaling)

@@ -1,0 +1,178 @@
+"""What each tensor storage of a step is for, and why autograd keeps a tensor, in words.
+
+Every storage the memory accountant counts belongs to exactly one category (`CATEGORIES`, with
+what each holds in `CATEGORY_MEANINGS`); `categorize` decides which from a recorded step. A
+tensor autograd saves for backward also gets a reason (`saved_reason`), read from the autograd
+node and field that keep it. Both live here, apart from prediction, so the result types
+(`ninlab.analysis.memory_report`) and the renderers can name categories without running a step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # an annotation only: the result types name categories without the tracer
+    from ninlab.analysis.trace import StepRecording
+
+__all__ = [
+    "CATEGORIES",
+    "CATEGORY_MEANINGS",
+    "categorize",
+    "describe_categories",
+    "saved_reason",
+]
+
+# The order is the precedence: a storage that is both a parameter and saved for backward (a conv
+# keeps its weight) is a parameter; the input batch a first conv keeps is the input batch.
+CATEGORIES: tuple[str, ...] = (
+    "parameters",
+    "buffers",
+    "input",
+    "targets",
+    "gradients",
+    "optimizer_state",
+    "ddp_buckets",
+    "saved_for_backward",
+    "forward_temporaries",
+    "backward_temporaries",
+    "optimizer_temporaries",
+    "other",
+)
+
+CATEGORY_MEANINGS: dict[str, str] = {
+    "parameters": "the model's parameters (weights and biases), at the model's dtype",
+    "buffers": "the model's buffers (batch norm's running mean and variance, its batch counter)",
+    "input": "the input batch",
+    "targets": "the class labels of the batch (int64), training only",
+    "gradients": "parameter gradients: the previous step's until zero_grad(set_to_none=True) "
+    "frees them, then this step's as backward makes them",
+    "optimizer_state": "what the optimizer keeps between steps: momentum buffers, Adam's two "
+    "moments and step counters, ...",
+    "ddp_buckets": "DistributedDataParallel's flat gradient buckets (one copy of every trainable "
+    "parameter's gradient), held for the whole run",
+    "saved_for_backward": "activations autograd keeps for backward (a conv's input, a ReLU's "
+    "output, max-pool indices, dropout masks, the log-softmax), alive from the op that makes "
+    "them until backward has used them",
+    "forward_temporaries": "outputs of forward and loss ops that autograd does not keep (a conv "
+    "output a ReLU replaces, the logits, the loss); in inference, every activation",
+    "backward_temporaries": "backward's own tensors other than parameter gradients: gradients "
+    "with respect to activations, and intermediate results",
+    "optimizer_temporaries": "tensors optimizer.step() makes and frees (Adam's denominator, "
+    "foreach lists)",
+    "other": "anything else (tensors made outside the phases above)",
+}
+
+
+def describe_categories() -> tuple[tuple[str, str], ...]:
+    """(category, what it holds) for every category, in `CATEGORIES` order."""
+    return tuple((name, CATEGORY_MEANINGS[name]) for name in CATEGORIES)
+
+
+_ROLES = {"parameter": "parameters", "buffer": "buffers", "input": "input", "targets": "targets"}
+# A storage with no role that is no gradient, optimizer state or saved tensor is a temporary of
+# the phase that made it.
+_PHASES = {
+    "forward": "forward_temporaries",
+    "loss": "forward_temporaries",
+    "backward": "backward_temporaries",
+    "optimizer": "optimizer_temporaries",
+}
+
+
+def categorize(step: StepRecording) -> dict[int, int]:
+    """Storage key -> index into `CATEGORIES`, for every storage alive at or after the step's
+    start."""
+    storages = step.recording.storages
+    start = step.step_start
+    saved = {s.storage_key for s in step.recording.saved_for_backward}
+    state = set(step.optimizer_state_keys)
+    gradients = set(step.gradient_keys.values())
+    # train_step's locals (logits, loss) die when it returns, so what the warm-up step leaves
+    # alive besides optimizer state is its parameters' gradients.
+    for record in storages.values():
+        survives = record.freed_after is None or record.freed_after >= start
+        if record.phase == "warm-up" and survives and record.key not in state:
+            gradients.add(record.key)
+    index = {name: i for i, name in enumerate(CATEGORIES)}
+    categories: dict[int, int] = {}
+    for key, record in storages.items():
+        if record.freed_after is not None and record.freed_after < start:
+            continue
+        if record.role in _ROLES:
+            name = _ROLES[record.role]
+        elif key in gradients:
+            name = "gradients"
+        elif key in state:
+            name = "optimizer_state"
+        elif key in saved:
+            name = "saved_for_backward"
+        else:
+            name = _PHASES.get(record.phase, "other")
+        categories[key] = index[name]
+    return categories
+
+
+# -- why autograd keeps a tensor --------------------------------------------------------------
+
+# Every max pool keeps the same thing besides its input.
+_MAX_POOL_INDICES = "max pool keeps the int64 index of each window's maximum"
+# (autograd node without its version digit, saved field) -> reason. The node and field names are
+# PyTorch's (`grad_fn._saved_<field>`), so the table reads against derivatives.yaml.
+_REASONS: dict[tuple[str, str], str] = {
+    ("ConvolutionBackward", "input"): "conv keeps its input, to compute the weight gradient",
+    ("ConvolutionBackward", "weight"): "conv keeps its weight, to compute the input gradient",
+    ("ReluBackward", "result"): "ReLU keeps its output: the gradient passes where it is positive",
+    ("HardtanhBackward", "self"): (
+        "ReLU6/hardtanh keeps its input: the gradient passes inside the clamp"
+    ),
+    ("LeakyReluBackward", "self"): "LeakyReLU keeps its input: its sign picks the slope",
+    ("EluBackward", "self"): "ELU keeps its input",
+    ("GeluBackward", "self"): "GELU keeps its input",
+    ("SiluBackward", "self"): "SiLU keeps its input",
+    ("SigmoidBackward", "result"): "sigmoid keeps its output (its derivative is y(1-y))",
+    ("TanhBackward", "result"): "tanh keeps its output (its derivative is 1-y^2)",
+    ("MaxPool1DWithIndicesBackward", "self"): "max pool keeps its input",
+    ("MaxPool2DWithIndicesBackward", "self"): "max pool keeps its input",
+    ("MaxPool3DWithIndicesBackward", "self"): "max pool keeps its input",
+    ("MaxPool1DWithIndicesBackward", "result1"): _MAX_POOL_INDICES,
+    ("MaxPool2DWithIndicesBackward", "result1"): _MAX_POOL_INDICES,
+    ("MaxPool3DWithIndicesBackward", "result1"): _MAX_POOL_INDICES,
+    ("AdaptiveMaxPool2DBackward", "self"): "adaptive max pool keeps its input",
+    ("AdaptiveMaxPool2DBackward", "result1"): (
+        "adaptive max pool keeps the int64 index of each maximum"
+    ),
+    ("AvgPool2DBackward", "self"): "average pool keeps its input (its backward reads the shape)",
+    ("AdaptiveAvgPool2DBackward", "self"): "adaptive average pool keeps its input",
+    ("NativeDropoutBackward", "result1"): (
+        "dropout keeps its mask (bool, the fused kernel CUDA uses)"
+    ),
+    ("LogSoftmaxBackward", "result"): "cross-entropy keeps its log-softmax",
+    ("NllLossBackward", "self"): "cross-entropy keeps its log-softmax",
+    ("NllLossBackward", "target"): "cross-entropy keeps the targets",
+    ("NllLossBackward", "total_weight"): "cross-entropy keeps a scalar total weight",
+    ("AddmmBackward", "mat1"): "linear keeps its input, to compute the weight gradient",
+    ("AddmmBackward", "mat2"): "linear keeps its weight (transposed view), for the input gradient",
+    ("MmBackward", "self"): "matmul keeps its left operand",
+    ("MmBackward", "mat2"): "matmul keeps its right operand",
+    ("NativeBatchNormBackward", "input"): "batch norm keeps its input",
+    ("NativeBatchNormBackward", "weight"): "batch norm keeps its scale",
+    ("NativeBatchNormBackward", "running_mean"): "batch norm keeps its running mean",
+    ("NativeBatchNormBackward", "running_var"): "batch norm keeps its running variance",
+    ("NativeBatchNormBackward", "result1"): "batch norm keeps each channel's batch mean",
+    ("NativeBatchNormBackward", "result2"): "batch norm keeps each channel's inverse std",
+    ("NativeBatchNormBackward", "save_mean"): "batch norm keeps each channel's batch mean",
+    ("NativeBatchNormBackward", "save_invstd"): "batch norm keeps each channel's inverse std",
+}
+
+
+def saved_reason(node: str, field: str, *, module_type: str = "") -> str:
+    """Why autograd node `node` (e.g. "ReluBackward0") keeps its saved `field`, in words.
+
+    Dropout on CPU is a composite (a float mask made by bernoulli_, then input * mask), so its
+    mask is a multiplication's saved `other`: `module_type` tells it apart from other products.
+    """
+    base = re.sub(r"\d+$", "", node)
+    if base == "MulBackward" and module_type.startswith("Dropout"):
+        return "dropout keeps its mask, scaled by 1/(1-p) (float on CPU; a bool on CUDA)"
+    return _REASONS.get((base, field), f"{base} keeps its {field}")

@@ -1,0 +1,343 @@
+"""What a memory prediction returns: frozen dataclasses, each figure saying what it includes.
+
+`ninlab.analysis.predict.predict_memory` fills a `MemoryReport`: the live-storage peak and what is
+alive at it by category (`Breakdown`, the categories from `ninlab.analysis.categories`), the op
+where it is reached (`PeakOp`), the whole step op by op (`Timeline`), what autograd keeps and why
+(`SavedRow`, `SavedLayer`), the allocator's level (`AllocatorPeak`), the forum's rule of thumb
+beside it (`ForumRule`), DDP's buckets (`DDPBuckets`) and, for a model fake tensors cannot run,
+how it was measured instead (`MeasuredFallback`). The types live apart from prediction so that
+renderers and charts can read a report without importing the code that makes one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ninlab.analysis.categories import CATEGORIES
+from ninlab.analysis.step import StepSpec
+from ninlab.errors import NinlabError
+
+__all__ = [
+    "AllocatorPeak",
+    "Breakdown",
+    "DDPBuckets",
+    "ForumRule",
+    "MeasuredFallback",
+    "MemoryReport",
+    "PeakOp",
+    "PhaseSpan",
+    "SavedLayer",
+    "SavedRow",
+    "Timeline",
+    "TimelinePoint",
+]
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Bytes alive per category (see `CATEGORY_MEANINGS`) at one moment; each storage counted
+    once."""
+
+    parameters_bytes: int = 0
+    buffers_bytes: int = 0
+    input_bytes: int = 0
+    targets_bytes: int = 0
+    gradients_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    ddp_buckets_bytes: int = 0
+    saved_for_backward_bytes: int = 0
+    forward_temporaries_bytes: int = 0
+    backward_temporaries_bytes: int = 0
+    optimizer_temporaries_bytes: int = 0
+    other_bytes: int = 0
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int]) -> Breakdown:
+        """From bytes in `CATEGORIES` order."""
+        return cls(*counts)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.counts())
+
+    def counts(self) -> tuple[int, ...]:
+        """Bytes in `CATEGORIES` order."""
+        return tuple(getattr(self, f"{name}_bytes") for name in CATEGORIES)
+
+    def of(self, category: str) -> int:
+        if category not in CATEGORIES:
+            raise NinlabError(
+                f"unknown memory category {category!r}; choose one of {', '.join(CATEGORIES)}"
+            )
+        return int(getattr(self, f"{category}_bytes"))
+
+
+@dataclass(frozen=True)
+class PeakOp:
+    """The op during which the peak is reached: its outputs exist, nothing it leaves dead is
+    freed yet."""
+
+    step_op: int  # position among the analysed step's ops (0 = the step's first op)
+    op: str  # aten op, e.g. "aten.threshold_backward.default"
+    phase: str  # zero_grad, forward, loss, backward or optimizer
+    module: str  # qualified module name ("" = code outside any module: the loss)
+    module_type: str
+    autograd_node: str  # in backward: the node running, e.g. "ReluBackward0"
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    """Bytes alive when op `step_op`'s outputs exist, before what dies after it is freed: the
+    high point at that op. The maximum over the timeline is the peak."""
+
+    step_op: int
+    op: str
+    phase: str
+    module: str
+    alive: Breakdown
+    allocator_bytes: int  # what the allocator holds at the op's high point (see `AllocatorPeak`)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.alive.total_bytes
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    """Ops `first_op`..`last_op` (inclusive, step positions) ran in `phase`."""
+
+    phase: str
+    first_op: int
+    last_op: int
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The step op by op, for plotting as is: `series(category)` gives one value per op."""
+
+    start: Breakdown  # alive before the step's first op
+    points: tuple[TimelinePoint, ...]
+    phases: tuple[PhaseSpan, ...]
+
+    def series(self, category: str) -> tuple[int, ...]:
+        return tuple(point.alive.of(category) for point in self.points)
+
+    def totals(self) -> tuple[int, ...]:
+        """Live bytes per op."""
+        return tuple(point.total_bytes for point in self.points)
+
+    def allocator_totals(self) -> tuple[int, ...]:
+        return tuple(point.allocator_bytes for point in self.points)
+
+
+@dataclass(frozen=True)
+class SavedRow:
+    """One tensor an autograd node keeps for backward.
+
+    `counted_bytes` is the storage's size the first time it appears (a ReLU's output, which the
+    next conv keeps as its input, is counted at the ReLU: `shared_with` names the row that counts
+    it) and 0 when the storage is a parameter, buffer, the input batch or the targets (`category`
+    says where those are counted). `share` is `counted_bytes` over all rows' `counted_bytes`.
+    """
+
+    module: str
+    module_type: str
+    node: str
+    field: str
+    reason: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage_bytes: int
+    counted_bytes: int
+    share: float
+    category: str
+    shared_with: str
+
+    @property
+    def label(self) -> str:
+        """The row as `shared_with` names rows: "module node.field" ("(loss)" for the loss)."""
+        return f"{self.module or '(loss)'} {self.node}.{self.field}"
+
+
+@dataclass(frozen=True)
+class SavedLayer:
+    """What one layer keeps for backward: its rows' `counted_bytes` together, and why."""
+
+    module: str
+    module_type: str
+    counted_bytes: int
+    share: float
+    reasons: tuple[str, ...]  # each distinct reason of its rows that count bytes
+    # Rows elsewhere that keep one of the same storages (the next conv keeping a ReLU's output as
+    # its input), as "module node.field": counted here, once.
+    also_kept_by: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ForumRule:
+    """The d2l forum reader's estimate (seed-forum-post.txt), computed for this model.
+
+    Activations, as in the post: the input plus every layer's output, where a convolution and the
+    activation function after it are one layer (activation modules from
+    `torch.nn.modules.activation` are not counted separately), dropout and flatten included.
+    Parameters: all of them, biases included (the post forgot the biases). Training: 2 x
+    activations + 3 x parameters. Inference: parameters + the largest sum of two consecutive
+    activations, dropout skipped (the post: "we also don't need the Dropout ACTIVS").
+    """
+
+    activations_bytes: int
+    parameters_bytes: int
+    largest_consecutive_pair_bytes: int
+    train_bytes: int
+    infer_bytes: int
+    rule_bytes: int  # the estimate for this report's mode
+    ratio: float  # rule_bytes / the predicted live peak
+    # Where it goes wrong, from our prediction (training; 0 in inference): the rule holds a
+    # gradient for every activation at once, where backward frees them as it goes (what is alive
+    # at the peak), and it has no room for max pooling's int64 indices.
+    activation_gradients_at_peak_bytes: int
+    int64_indices_bytes: int
+
+
+@dataclass(frozen=True)
+class DDPBuckets:
+    """Gradient buckets each DDP rank holds (torch/nn/parallel/distributed.py, reducer.cpp).
+
+    The reducer allocates one flat tensor per bucket, together one copy of every trainable
+    parameter, for the life of the DDP module. After the first iteration it rebuilds them in the
+    order gradients became ready in backward, with a first bucket of at most
+    `first_bucket_cap_bytes` and the rest of at most `bucket_cap_bytes` (a bucket holds whole
+    parameters, so one larger than the cap gets its own). With `gradient_as_bucket_view` each
+    `.grad` becomes a view into its bucket: a gradient backward makes is copied in and freed as
+    soon as it is ready, so gradients cost nothing beyond the buckets; without it, gradients and
+    buckets are two copies.
+    """
+
+    bucket_bytes: tuple[int, ...]
+    first_bucket_cap_bytes: int
+    bucket_cap_bytes: int
+    gradient_as_bucket_view: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bucket_bytes)
+
+
+@dataclass(frozen=True)
+class AllocatorPeak:
+    """The second level: what the allocator holds, which is what a user sees and what runs out.
+
+    CPU: the c10 allocator hands out a block for every tensor storage, and inside some kernels
+    blocks that belong to no tensor (oneDNN reorders its inputs, weights and results into blocked
+    layouts; batch norm keeps temporaries); `ninlab.analysis.allocator` gives them per op, and an
+    op's high point is what was alive before it plus the most it held at once. CUDA: each storage is
+    the caching allocator's block (`max_memory_allocated` counts blocks, not bytes). `method`
+    states the rules; `unmodelled` lists the ops whose extra blocks are not known.
+    """
+
+    peak_bytes: int
+    step_op: int
+    op: str
+    phase: str
+    module: str
+    module_type: str
+    live_bytes: int  # tensor storage alive at that op (its outputs included)
+    workspace_bytes: int  # CPU: kernel blocks beyond the live storage at the peak
+    rounding_bytes: int  # CUDA: what block rounding adds to the live storage at the peak
+    method: str
+    unmodelled: tuple[str, ...]
+
+    @property
+    def lower_bound(self) -> bool:
+        """True when some op's extra blocks are unknown, so the allocator holds at least this."""
+        return bool(self.unmodelled)
+
+
+@dataclass(frozen=True)
+class MeasuredFallback:
+    """When the model cannot run on fake tensors: real runs at small batches, scaled linearly."""
+
+    reason: str  # why tracing failed
+    batch_sizes: tuple[int, int]
+    live_peaks_bytes: tuple[int, int]
+    allocator_peaks_bytes: tuple[int, int]
+
+    def live_at(self, batch_size: int) -> int:
+        return _line(self.batch_sizes, self.live_peaks_bytes, batch_size)
+
+    def allocator_at(self, batch_size: int) -> int:
+        return _line(self.batch_sizes, self.allocator_peaks_bytes, batch_size)
+
+
+def _line(xs: tuple[int, int], ys: tuple[int, int], x: int) -> int:
+    return ys[0] + (ys[1] - ys[0]) * (x - xs[0]) // (xs[1] - xs[0])
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Predicted memory of one step. `live_peak_bytes` is the live-storage peak; `breakdown` is
+    what is alive at it, by category; `timeline` the whole step; `saved` what autograd keeps.
+
+    When the model could not run on fake tensors, `fallback` says so and how the peak was
+    measured and scaled instead; the per-tensor fields are then empty.
+    """
+
+    model: str
+    spec: StepSpec
+    batch_size: int
+    live_peak_bytes: int
+    peak: PeakOp | None
+    breakdown: Breakdown
+    timeline: Timeline | None
+    saved: tuple[SavedRow, ...]
+    allocator: AllocatorPeak | None
+    forum: ForumRule | None
+    ddp: DDPBuckets | None
+    fallback: MeasuredFallback | None
+    notes: tuple[str, ...]
+
+    @property
+    def allocator_peak_bytes(self) -> int:
+        """The allocator-level peak (for a measured fallback, the measured ones extrapolated)."""
+        if self.allocator is not None:
+            return self.allocator.peak_bytes
+        assert self.fallback is not None
+        return self.fallback.allocator_at(self.batch_size)
+
+    @property
+    def saved_total_bytes(self) -> int:
+        return sum(row.counted_bytes for row in self.saved)
+
+    def saved_by_layer(self) -> tuple[SavedLayer, ...]:
+        """`saved` grouped by layer, in forward order; layers that keep nothing new are left out."""
+        layers: dict[str, list[SavedRow]] = {}
+        sharing: dict[str, list[str]] = {}  # counting row -> rows that keep the same storage
+        for row in self.saved:
+            layers.setdefault(row.module, []).append(row)
+            if row.shared_with:
+                sharing.setdefault(row.shared_with, []).append(row.label)
+        total = self.saved_total_bytes
+        grouped = []
+        for module, rows in layers.items():
+            counted = sum(row.counted_bytes for row in rows)
+            if not counted:
+                continue
+            grouped.append(
+                SavedLayer(
+                    module=module,
+                    module_type=rows[0].module_type,
+                    counted_bytes=counted,
+                    share=counted / total if total else 0.0,
+                    reasons=tuple(dict.fromkeys(row.reason for row in rows if row.counted_bytes)),
+                    also_kept_by=tuple(
+                        other
+                        for row in rows
+                        if row.counted_bytes
+                        for other in sharing.get(row.label, ())
+                        if not other.startswith(f"{row.module or '(loss)'} ")
+                    ),
+                )
+            )
+        return tuple(grouped)
+

@@ -1,0 +1,462 @@
+"""How much memory one training step or one inference needs, and why, tensor by tensor.
+
+`predict_memory` runs the real step (`ninlab.analysis.step`) once on fake tensors
+(`ninlab.analysis.trace.record_step`: shapes and dtypes, no data) and replays what it recorded:
+every tensor storage, the op that made it and the op after which it died. Adding and removing
+each storage's bytes op by op gives the live-storage curve of the step; its maximum is the peak.
+Nothing is allocated, so NiN at batch 128 takes milliseconds, and every figure is tied to a
+tensor: which layer made it, and why autograd keeps it.
+
+What is counted (the steady state of training, the second step, when optimizer state exists):
+what is alive when the step starts (parameters, buffers, the input batch and targets, the
+previous step's gradients until `zero_grad(set_to_none=True)` frees them, optimizer state), and
+everything the step allocates while it is alive. Each storage counts once, however many views of
+it exist; its size is its real size in bytes (`untyped_storage().nbytes()`). This is the level
+PyTorch's own `MemTracker` counts, and what `ninlab.analysis.measure` measures on real tensors.
+
+Categories: every storage belongs to exactly one, checked in the order of `CATEGORIES`; see
+`ninlab.analysis.categories`. The result types are in `ninlab.analysis.memory_report`, batch
+sizes (the peak against the batch, the largest batch that fits) in `ninlab.analysis.batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import groupby, pairwise
+from math import prod
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedFakeTensorException,
+    UnsupportedOperatorException,
+)
+
+from ninlab.analysis.allocator import cuda_fresh_block_bytes, peak_above_start_bytes
+from ninlab.analysis.categories import CATEGORIES, categorize, saved_reason
+from ninlab.analysis.memory_report import (
+    AllocatorPeak,
+    Breakdown,
+    DDPBuckets,
+    ForumRule,
+    MeasuredFallback,
+    MemoryReport,
+    PeakOp,
+    PhaseSpan,
+    SavedRow,
+    Timeline,
+    TimelinePoint,
+)
+from ninlab.analysis.step import DDPSpec, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, record_step
+from ninlab.errors import NinlabError
+from ninlab.units import format_bytes
+
+__all__ = ["predict_memory"]
+
+# Ops a model may run that fake tensors cannot answer: data-dependent values and shapes.
+_NOT_TRACEABLE = (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedOperatorException,
+    UnsupportedFakeTensorException,
+)
+
+
+def predict_memory(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int,
+    model_name: str | None = None,
+    **fields: Any,
+) -> MemoryReport:
+    """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
+    steady-state step of zero_grad, forward, cross-entropy, backward and `optimizer.step()`) or
+    one inference, as `spec` describes it.
+
+    Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
+    optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
+    """
+    spec = step_spec(spec, **fields)
+    batch_size = valid_batch_size(batch_size)
+    name = model_name or type(model).__name__
+    if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
+        raise NinlabError(
+            "the model has no trainable parameters, so a training step has nothing to update; "
+            "predict mode='infer'"
+        )
+    try:
+        step = record_step(model, spec, batch_size)
+    except _NOT_TRACEABLE as error:
+        return _measured_report(model, spec, batch_size, name, error)
+    except RuntimeError as error:  # the model rejects the batch: wrong channels, rank or output
+        reason = str(error).strip().splitlines()[0]
+        size = "x".join(map(str, spec.input_size))
+        raise NinlabError(
+            f"the model cannot run a {spec.mode} step on a batch of {size} inputs ({reason}); give "
+            "the input size it expects, channels first (training also needs (batch, classes) "
+            "logits for cross-entropy)"
+        ) from None
+    return _report(model, step, name)
+
+
+def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
+    """Account for a recorded step: each storage's category, the step replayed op by op, and what
+    the peak is made of."""
+    spec = step.spec
+    module_types = {qualified: type(module).__name__ for qualified, module in model.named_modules()}
+    categories = categorize(step)
+    buckets = _ddp_buckets(step, spec.ddp) if spec.ddp else None
+    timeline = _replay(step, categories, buckets)
+    if not timeline.points:
+        raise NinlabError(
+            "the model ran no op on its input; there is no step to predict memory for"
+        )
+    live_peak = _first_max(timeline.totals())
+    breakdown = timeline.points[live_peak].alive
+    op = step.recording.ops[step.step_start + live_peak]
+    module_type = module_types.get(op.module, "")
+    peak = PeakOp(live_peak, op.op, op.phase, op.module, module_type, op.autograd_node)
+    saved = _saved_rows(step, categories, module_types) if spec.mode == "train" else ()
+    return MemoryReport(
+        model=name,
+        spec=spec,
+        batch_size=step.batch_size,
+        live_peak_bytes=breakdown.total_bytes,
+        peak=peak,
+        breakdown=breakdown,
+        timeline=timeline,
+        saved=saved,
+        allocator=_allocator_peak(step, timeline, module_types),
+        forum=_forum_rule(model, step, breakdown, saved),
+        ddp=buckets,
+        fallback=None,
+        notes=(),
+    )
+
+
+# -- the replay: what is alive at every op ----------------------------------------------------
+
+
+def _replay(
+    step: StepRecording, categories: dict[int, int], buckets: DDPBuckets | None
+) -> Timeline:
+    """Walk the step's ops, adding each storage's bytes when its op runs and removing them after
+    the op it died after, at both levels (see `AllocatorPeak` for the allocator's)."""
+    storages = step.recording.storages
+    at_start, born, died = _lifetimes(step, categories, buckets)
+    alive = _Alive(cuda=step.spec.device_type == "cuda")
+    for nbytes in buckets.bucket_bytes if buckets is not None else ():
+        alive.add(CATEGORIES.index("ddp_buckets"), nbytes)
+    for key in at_start:
+        alive.add(categories[key], storages[key].nbytes)
+    start = Breakdown.from_counts(alive.counts)
+    points: list[TimelinePoint] = []
+    for position, op in enumerate(step.recording.ops[step.step_start :]):
+        index = step.step_start + position
+        before = alive.total_bytes
+        for key in born.get(index, ()):
+            alive.add(categories[key], storages[key].nbytes)
+        breakdown = Breakdown.from_counts(alive.counts)
+        allocator = alive.allocator_bytes(op, before)
+        points.append(TimelinePoint(position, op.op, op.phase, op.module, breakdown, allocator))
+        for key in died.get(index, ()):
+            alive.remove(categories[key], storages[key].nbytes)
+    return Timeline(start, tuple(points), _phase_spans(points))
+
+
+def _lifetimes(
+    step: StepRecording, categories: dict[int, int], buckets: DDPBuckets | None
+) -> tuple[list[int], dict[int, list[int]], dict[int, list[int]]]:
+    """The storages alive when the step starts, and by op index those the op makes and those
+    freed after it."""
+    start = step.step_start
+    storages = step.recording.storages
+    gradients = CATEGORIES.index("gradients")
+    as_views = buckets is not None and buckets.gradient_as_bucket_view
+    at_start: list[int] = []
+    born: dict[int, list[int]] = {}
+    died: dict[int, list[int]] = {}
+    for key, category in categories.items():
+        record = storages[key]
+        freed_after = record.freed_after
+        if as_views and category == gradients:
+            if record.created_at < start:
+                continue  # the previous step's gradients were views into the buckets
+            freed_after = record.created_at  # copied into its bucket as soon as it is ready
+        if record.created_at < start:
+            at_start.append(key)
+        else:
+            born.setdefault(record.created_at, []).append(key)
+        if freed_after is not None:
+            died.setdefault(freed_after, []).append(key)
+    return at_start, born, died
+
+
+class _Alive:
+    """Bytes alive per category, and on CUDA the caching allocator's blocks they occupy."""
+
+    def __init__(self, *, cuda: bool) -> None:
+        self.cuda = cuda
+        self.counts = [0] * len(CATEGORIES)
+        self.blocks = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.counts)
+
+    def add(self, category: int, nbytes: int) -> None:
+        self.counts[category] += nbytes
+        if self.cuda:
+            self.blocks += cuda_fresh_block_bytes(nbytes)
+
+    def remove(self, category: int, nbytes: int) -> None:
+        self.counts[category] -= nbytes
+        if self.cuda:
+            self.blocks -= cuda_fresh_block_bytes(nbytes)
+
+    def allocator_bytes(self, op: OpRecord, before: int) -> int:
+        """What the allocator holds at `op`'s high point, its outputs alive; `before` is the live
+        bytes before the op ran."""
+        if self.cuda:
+            return self.blocks
+        if op.cpu_allocations:
+            # The kernel's own blocks come and go inside the op: its high point is what was
+            # alive before it plus the most it held at once.
+            return max(self.total_bytes, before + peak_above_start_bytes(op.cpu_allocations))
+        return self.total_bytes
+
+
+def _phase_spans(points: Sequence[TimelinePoint]) -> tuple[PhaseSpan, ...]:
+    """Each run of consecutive ops in one phase as one span."""
+    spans = []
+    for phase, run in groupby(points, key=lambda point: point.phase):
+        ops = [point.step_op for point in run]
+        spans.append(PhaseSpan(phase, ops[0], ops[-1]))
+    return tuple(spans)
+
+
+def _first_max(values: Sequence[int]) -> int:
+    """The position of the first largest value (0 when there is none): the op where a peak is
+    first reached."""
+    return max(range(len(values)), key=values.__getitem__, default=0)
+
+
+# -- the allocator's level ----------------------------------------------------------------------
+
+
+def _allocator_peak(
+    step: StepRecording, timeline: Timeline, module_types: dict[str, str]
+) -> AllocatorPeak:
+    point = timeline.points[_first_max(timeline.allocator_totals())]
+    live = point.total_bytes
+    cuda = step.spec.device_type == "cuda"
+    unmodelled: dict[str, int] = {}
+    if not cuda:
+        for op in step.recording.ops[step.step_start :]:
+            if op.cpu_unmodelled:
+                note = f"{op.op}: {op.cpu_unmodelled}"
+                unmodelled[note] = unmodelled.get(note, 0) + 1
+    return AllocatorPeak(
+        peak_bytes=point.allocator_bytes,
+        step_op=point.step_op,
+        op=point.op,
+        phase=point.phase,
+        module=point.module,
+        module_type=module_types.get(point.module, ""),
+        live_bytes=live,
+        workspace_bytes=0 if cuda else point.allocator_bytes - live,
+        rounding_bytes=point.allocator_bytes - live if cuda else 0,
+        method=_CUDA_METHOD if cuda else _CPU_METHOD,
+        unmodelled=tuple(f"{note} ({count}x)" for note, count in unmodelled.items()),
+    )
+
+
+_CPU_METHOD = (
+    "CPU allocator: live storage plus the blocks kernels allocate for themselves inside an op "
+    "(oneDNN's blocked copies of inputs, weights and results; batch norm's temporaries), from "
+    "ninlab.analysis.allocator's per-op rules"
+)
+_CUDA_METHOD = (
+    "CUDA caching allocator: every storage as the block it occupies (rounded up to 512 bytes; "
+    "a large block that leaves at most 1 MiB of its segment gets the whole segment), as "
+    "max_memory_allocated counts them; cuDNN workspaces and the CUDA context are not included"
+)
+
+
+# -- what autograd keeps, the forum's rule, DDP's buckets -------------------------------------
+
+
+def _saved_rows(
+    step: StepRecording, categories: dict[int, int], module_types: dict[str, str]
+) -> tuple[SavedRow, ...]:
+    storages = step.recording.storages
+    saved_category = CATEGORIES.index("saved_for_backward")
+    entries = step.recording.saved_for_backward
+    owner = _counting_entries(entries)
+    counted_total = sum(
+        storages[key].nbytes for key in owner if categories.get(key) == saved_category
+    )
+    rows = []
+    for position, entry in enumerate(entries):
+        record = storages[entry.storage_key]
+        category = CATEGORIES[categories.get(entry.storage_key, saved_category)]
+        first = owner[entry.storage_key]
+        counted = record.nbytes if position == first and category == "saved_for_backward" else 0
+        shared_with = ""
+        if position != first:
+            other = entries[first]
+            shared_with = f"{other.module or '(loss)'} {other.node}.{other.field}"  # SavedRow.label
+        # The loss runs outside every module; the targets are only the loss's.
+        in_loss = record.phase == "loss" or record.role == "targets"
+        module_type = "loss" if in_loss else module_types.get(entry.module, "")
+        rows.append(
+            SavedRow(
+                module=entry.module,
+                module_type=module_type,
+                node=entry.node,
+                field=entry.field,
+                reason=saved_reason(entry.node, entry.field, module_type=module_type),
+                shape=record.shape,
+                dtype=str(record.dtype).removeprefix("torch."),
+                storage_bytes=record.nbytes,
+                counted_bytes=counted,
+                share=counted / counted_total if counted_total else 0.0,
+                category=category,
+                shared_with=shared_with,
+            )
+        )
+    return tuple(rows)
+
+
+def _counting_entries(entries: Sequence[SavedTensor]) -> dict[int, int]:
+    """Storage key -> the position of the saved entry that counts it. A storage two nodes keep is
+    counted once: at the node whose own output it is (a ReLU's `result`, which the next conv
+    keeps as its `input`), else at the first in forward order."""
+
+    def rank(position: int) -> tuple[bool, int]:
+        return not entries[position].field.startswith("result"), position
+
+    owner: dict[int, int] = {}
+    for position, entry in enumerate(entries):
+        if entry.storage_key not in owner or rank(position) < rank(owner[entry.storage_key]):
+            owner[entry.storage_key] = position
+    return owner
+
+
+def _forum_rule(
+    model: nn.Module, step: StepRecording, breakdown: Breakdown, saved: Sequence[SavedRow]
+) -> ForumRule:
+    modules = dict(model.named_modules())
+    storages = step.recording.storages
+    input_record = storages[step.input_key]
+    layers: list[tuple[int, bool]] = [(input_record.nbytes, False)]  # (bytes, is dropout)
+    for name, outputs in step.recording.module_outputs.items():
+        module = modules.get(name)
+        if module is None or any(True for _ in module.children()):
+            continue
+        if type(module).__module__ == "torch.nn.modules.activation":
+            continue  # the post counts a conv and its ReLU as one layer
+        nbytes = sum(prod(shape) * dtype.itemsize for shape, dtype in outputs)
+        layers.append((nbytes, isinstance(module, nn.modules.dropout._DropoutNd)))
+    activations = sum(nbytes for nbytes, _ in layers)
+    parameters = sum(record.nbytes for record in storages.values() if record.role == "parameter")
+    kept = [nbytes for nbytes, dropout in layers if not dropout]
+    pair = max((a + b for a, b in pairwise(kept)), default=kept[0] if kept else 0)
+    train = 2 * activations + 3 * parameters
+    infer = parameters + pair
+    rule = train if step.spec.mode == "train" else infer
+    indices = sum(row.counted_bytes for row in saved if row.dtype == "int64")
+    return ForumRule(
+        activations, parameters, pair, train, infer, rule, rule / breakdown.total_bytes,
+        breakdown.backward_temporaries_bytes, indices,
+    )
+
+
+def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
+    """Buckets as DDP's reducer rebuilds them after the first iteration: parameters in the order
+    backward accumulated their gradients (its autograd hooks fire then), grouped by torch's own
+    `_compute_bucket_assignment_by_size`."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise NinlabError(
+            "this PyTorch build has no torch.distributed, so DDP's buckets cannot be laid out; "
+            "drop --ddp"
+        )
+    mib = 1024 * 1024
+    # _BucketCapacityConfig in torch/nn/parallel/distributed.py: the default cap is 25 MiB with a
+    # 1 MiB first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES); a cap the user sets applies to all.
+    cap = int((25 if spec.bucket_cap_mb is None else spec.bucket_cap_mb) * mib)
+    first_cap = dist._DEFAULT_FIRST_BUCKET_BYTES if spec.bucket_cap_mb is None else cap
+    storages = step.recording.storages
+    params = [storages[step.parameter_keys[name]] for name in step.gradient_order]
+    tensors = [torch.empty(record.shape, dtype=record.dtype, device="meta") for record in params]
+    groups, _ = dist._compute_bucket_assignment_by_size(
+        tensors, [first_cap, cap], [False] * len(tensors)
+    )
+    sizes = tuple(sum(params[i].nbytes for i in group) for group in groups)
+    return DDPBuckets(sizes, first_cap, cap, spec.gradient_as_bucket_view)
+
+
+# -- models fake tensors cannot run -------------------------------------------------------------
+
+
+def _measured_report(
+    model: nn.Module, spec: StepSpec, batch_size: int, name: str, error: Exception
+) -> MemoryReport:
+    """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
+    shape): measure it for real at batch 1 and 2 on this machine and extrapolate linearly."""
+    from ninlab.analysis.measure import measure
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = f"{type(error).__name__}: {first_line}"
+    if spec.device_type == "cuda" and not torch.cuda.is_available():
+        raise NinlabError(
+            f"the model cannot run on fake tensors ({reason}), and measuring it instead needs a "
+            "GPU this machine lacks; predict for --device-type cpu or run on a machine with CUDA"
+        )
+    if spec.ddp is not None:
+        trainable = sum(
+            p.numel() * (spec.dtype.itemsize if p.is_floating_point() else p.element_size())
+            for p in model.parameters()
+            if p.requires_grad
+        )
+        raise NinlabError(
+            f"the model cannot run on fake tensors ({reason}), so DDP's buckets cannot be laid "
+            "out; predict without DDP and add one copy of the trainable parameters, "
+            f"{trainable:,} bytes, per rank"
+        )
+    sizes = (1, 2)
+    measured = [measure(model, spec, batch_size=size) for size in sizes]
+    fallback = MeasuredFallback(
+        reason,
+        sizes,
+        (measured[0].live_peak_bytes, measured[1].live_peak_bytes),
+        (measured[0].allocator_peak_bytes, measured[1].allocator_peak_bytes),
+    )
+    per_sample = fallback.live_at(2) - fallback.live_at(1)
+    note = (
+        f"the model cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 on "
+        f"this machine and extrapolated linearly ({format_bytes(fallback.live_at(0))} fixed + "
+        f"{format_bytes(per_sample)} per sample): no per-tensor breakdown"
+    )
+    return MemoryReport(
+        model=name,
+        spec=spec,
+        batch_size=batch_size,
+        live_peak_bytes=fallback.live_at(batch_size),
+        peak=None,
+        breakdown=Breakdown(),
+        timeline=None,
+        saved=(),
+        allocator=None,
+        forum=None,
+        ddp=None,
+        fallback=fallback,
+        notes=(note,),
+    )
