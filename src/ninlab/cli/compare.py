@@ -74,7 +74,7 @@ def _plan(args: argparse.Namespace) -> TrainPlan:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
-        chart_path(args.plot)  # refuse a bad file name before the work
+        chart_path(args.plot, option="--plot")  # refuse a bad file name before the work
     comparison = compare(
         args.specs,
         step_spec(args),
