@@ -216,3 +216,19 @@ def test_help_is_for_users_and_errors_name_the_command(capsys):
     assert code == 2
     assert err.startswith("ninlab: error: argument COMMAND: invalid choice: 'frobnicate'")
     assert err.endswith("(see 'ninlab --help')\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["summary", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["summary", "--device-type", "cuda"], "unrecognized arguments: --device-type cuda"),
+        (["measure", "--ddp"], "unrecognized arguments: --ddp"),
+        (["measure", "--mode", "both"], "argument --mode: invalid choice: 'both'"),
+    ],
+)
+def test_a_usage_error_points_at_the_commands_help(capsys, argv, error):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(f"ninlab: error: {error}") and err.count("\n") == 1
+    assert err.endswith(f" (see 'ninlab {argv[0]} --help')\n")

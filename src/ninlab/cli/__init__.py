@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 
 from ninlab.errors import NinlabError
 
@@ -43,6 +44,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
         self.exit(2, f"ninlab: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Refused by the parser that left them over, so the error names the command, not ninlab.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-"""The command line's vocabulary. Every flag that more than one command takes is a `Flag` here,
-defined once (names, help, choices, range check), and reaches a command through a group:
+"""The command line's vocabulary. Every flag that more than one command takes, and every setting
+of a training recipe, is a `Flag` here, defined once (names, help, choices, range check), and
+reaches a command through a group:
 
 - model options: which model, one sample's size, the batch, the dtype (`model_choice`);
 - step options: the step to account for or run (`step_spec` turns them into a `StepSpec`);
@@ -34,6 +35,7 @@ from ninlab.training.progress import download_progress
 from ninlab.viz.report import DEFAULT_BUDGET
 
 __all__ = [
+    "FLAGS",
     "Flag",
     "ModelChoice",
     "add_chart_options",
