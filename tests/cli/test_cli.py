@@ -23,7 +23,10 @@ def test_summary_table_answers_the_forum_question(capsys):
     assert code == 0
     assert "nin-d2l: batch 128 x 1x224x224, float32" in out
     assert "1,992,166 (1,989,928 weights + 2,238 biases" in out
-    assert "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real pixels are never read" in out
+    assert (
+        "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real "
+        "pixels are never read"
+    ) in out
     assert "Smallest valid input: 1x67x67" in out
     assert "FlopCounterMode" in out
 
@@ -44,13 +47,17 @@ def test_summary_json_carries_exact_numbers(capsys):
 
 
 def test_summary_markdown_and_csv(capsys):
-    _, markdown, _ = run(capsys, "summary", "--format", "markdown", "--model", "nin-d2l-1x1", "--batch", "1")
+    _, markdown, _ = run(
+        capsys, "summary", "--format", "markdown", "--model", "nin-d2l-1x1", "--batch", "1"
+    )
     assert "| Layer | Type | Output shape |" in markdown
     assert "1,769,112" in markdown
     _, text, _ = run(capsys, "summary", "--format", "csv", "--batch", "1")
     rows = list(csv.DictReader(io.StringIO(text)))
     first = next(row for row in rows if row["name"] == "0.0")
-    assert (first["output_shape"], first["parameters"], first["forward_flops"]) == ("1x96x54x54", "11712", str(2 * 54 * 54 * 121 * 96))
+    assert (first["output_shape"], first["parameters"], first["forward_flops"]) == (
+        "1x96x54x54", "11712", str(2 * 54 * 54 * 121 * 96)
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,10 +79,14 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
 
 
 def test_console_script_exit_code_and_single_line():
-    result = subprocess.run(["ninlab", "summary", "--input", "1x60x60"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["ninlab", "summary", "--input", "1x60x60"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.startswith("ninlab: error: input 1x60x60 is too small: layer 5 (MaxPool2d)")
+    assert result.stderr.startswith(
+        "ninlab: error: input 1x60x60 is too small: layer 5 (MaxPool2d)"
+    )
     assert result.stderr.count("\n") == 1
 
 

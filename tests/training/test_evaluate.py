@@ -48,7 +48,7 @@ def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnis
 
 
 def test_evaluate_cli_prints_classes_and_writes_the_confusion_png(run_dir, capsys):
-    assert main(["evaluate", str(run_dir), "--test-examples", "300", "--no-download", "--json"]) == 0
+    assert main(["evaluate", str(run_dir), "--test-examples", "300", "--no-download", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["examples"] == 300 and list(report["per_class_accuracy"]) == list(CLASS_NAMES)
     assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"

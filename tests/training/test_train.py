@@ -58,7 +58,9 @@ def _cli_args(config: TrainConfig, output_dir: Path) -> list[str]:
     for field in dataclasses.fields(TrainConfig):
         value = getattr(config, field.name)
         flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, bool):
+        if value == "none":  # amp: --amp takes a dtype, --no-amp turns autocast off
+            args.append(flag.replace("--", "--no-", 1))
+        elif isinstance(value, bool):
             args.append(flag if value else flag.replace("--", "--no-", 1))
         elif value is not None:
             args += [flag, str(value)]

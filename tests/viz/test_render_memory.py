@@ -52,7 +52,7 @@ def test_markdown_inference_with_fit(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--device-type", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
+    code, out, _ = run(capsys, "--device", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
     assert code == 0
     assert "bfloat16 autocast, cuda, DDP, batch 8" in out
     assert "of block rounding" in out

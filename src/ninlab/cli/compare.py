@@ -7,8 +7,25 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ninlab.cli.options import (
+    EPOCHS,
+    IMAGE_SIZE,
+    OUTPUT_DIR,
+    SEED,
+    TEST_EXAMPLES,
+    TRAIN_EXAMPLES,
+    add_data_options,
+    add_format_option,
+    add_model_options,
+    add_step_options,
+    add_training_options,
+    load_data,
+    step_spec,
+    training_overrides,
+)
+from ninlab.training.presets import PRESETS, get_preset
+from ninlab.training.progress import RichReporter
 from ninlab.viz.charts import chart_path, compare_chart, save_chart
-from ninlab.cli.options import parse_input_size, positive_int
 from ninlab.viz.compare import (
     TrainPlan,
     compare,
@@ -16,56 +33,39 @@ from ninlab.viz.compare import (
     comparison_markdown,
     print_comparison,
 )
-from ninlab.training.data import default_search_path, load_fashion_mnist
-from ninlab.training.presets import PRESETS, get_preset
-from ninlab.training.progress import RichReporter, download_progress
-from ninlab.analysis.step import DTYPES
-
-# Training settings worth shortening for a quick comparison (flag, TrainConfig field, help).
-_TRAIN_OVERRIDES = (
-    ("--epochs", "epochs", "epochs per variant (default: the preset's)"),
-    ("--image-size", "image_size", "training image side (default: the preset's)"),
-    ("--train-examples", "train_examples", "train on the first N training images only"),
-    ("--test-examples", "test_examples", "test on the first N test images only"),
-    ("--seed", "seed", "seed of every variant's run (default: the preset's)"),
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare",
-        help="variants side by side: parameters, FLOPs, memory, smallest input, receptive field (--train: accuracy)",
-        description="Each NAME_OR_SPEC is a registry name (nin-d2l, nin-d2l-1x1, nin-vgg11, ...), a variant "
-        "(nin-d2l:num_1x1=1) or package.module:factory. Differences are against the first.",
+        help="variants side by side: parameters, FLOPs, memory, smallest input, receptive field "
+        "(--train: accuracy)",
+        description="Each NAME_OR_SPEC is a registry name (nin-d2l, nin-d2l-1x1, nin-vgg11, ...), "
+        "a variant (nin-d2l:num_1x1=1) or package.module:factory. Differences are against the "
+        "first. The step options describe the training step of the memory columns; with --train, "
+        "each variant trains on --device (default: a GPU if any).",
     )
     parser.add_argument("specs", nargs="+", metavar="NAME_OR_SPEC")
-    parser.add_argument("--input", default="1x224x224", help="one sample's size, channels first (default: 1x224x224)")
-    parser.add_argument("--batch", type=positive_int, default=128, help="batch size of the analysis (default: 128)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--optimizer", default="sgd", help="the training step's optimizer for the memory columns (default: sgd)")
-    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    add_model_options(parser, model=False)  # the models are the positional arguments
+    add_step_options(parser, mode=None)  # the columns show both steps
+    add_format_option(parser, "table", "markdown", "json")
     parser.add_argument("--plot", metavar="FILE", help="also draw the table as bars (.png or .svg)")
     parser.add_argument(
         "--train", nargs="?", const="cpu", choices=tuple(PRESETS), metavar="PRESET",
-        help="train each variant with a preset (default: cpu) and add test accuracy and training time",
+        help="train each variant with a preset (default: cpu) and add test accuracy and "
+        "training time",
     )
-    for flag, field, text in _TRAIN_OVERRIDES:
-        parser.add_argument(flag, dest=field, type=positive_int, help=text)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"), help="where each variant's run goes (default: runs/compare)")
-    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
-    parser.add_argument("--no-download", action="store_true", help="never download Fashion-MNIST")
-    parser.add_argument("--device", default=None, help="training device: cpu, cuda, ... (default: a GPU if any)")
+    add_training_options(parser, only=(EPOCHS, IMAGE_SIZE, TRAIN_EXAMPLES, TEST_EXAMPLES, SEED))
+    OUTPUT_DIR.add(parser, default=Path("runs/compare"), shown="runs/compare, a run per variant")
+    add_data_options(parser)
     parser.set_defaults(func=run)
 
 
 def _plan(args: argparse.Namespace) -> TrainPlan:
-    overrides = {field: getattr(args, field) for _, field, _ in _TRAIN_OVERRIDES if getattr(args, field) is not None}
-    with download_progress() as hook:
-        data = load_fashion_mnist(search_path=default_search_path(args.data_dir), download=not args.no_download, progress=hook)
     return TrainPlan(
         preset=args.train,
-        config=dataclasses.replace(get_preset(args.train), **overrides),
-        data=data,
+        config=dataclasses.replace(get_preset(args.train), **training_overrides(args)),
+        data=load_data(args),
         output_dir=args.output_dir,
         device=args.device,
         reporter=RichReporter(),
@@ -74,13 +74,11 @@ def _plan(args: argparse.Namespace) -> TrainPlan:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
-        chart_path(args.plot)  # refuse a bad file name before the work
+        chart_path(args.plot, option="--plot")  # refuse a bad file name before the work
     comparison = compare(
         args.specs,
-        input_size=parse_input_size(args.input),
+        step_spec(args),
         batch_size=args.batch,
-        dtype=DTYPES[args.dtype],
-        optimizer=args.optimizer,
         training=_plan(args) if args.train else None,
     )
     if args.format == "json":

@@ -1,19 +1,263 @@
-"""Options shared by every command that analyses a model: which model, input, batch and dtype."""
+"""The command line's vocabulary. Every flag that more than one command takes, and every setting
+of a training recipe, is a `Flag` here, defined once (names, help, choices, range check), and
+reaches a command through a group:
+
+- model options: which model, one sample's size, the batch, the dtype (`model_choice`);
+- step options: the step to account for or run (`step_spec` turns them into a `StepSpec`);
+- training options: a recipe's settings over a preset (`training_overrides`);
+- chart options: the geometry picture's layer and the largest-batch question's budget;
+- data options: where Fashion-MNIST comes from (`load_data`);
+- output options: what a command prints and the file it writes.
+
+A group takes only what differs between commands: a default (evaluate's batch is 256) and which
+of its flags a command has. Checks beyond argparse's (an optimizer's settings, a recipe's
+consistency) are the library's, made where the `StepSpec` or `TrainConfig` is built.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError
+from ninlab.analysis.step import AMP_DTYPES, DTYPES, DeviceType, GradMode, Mode, StepSpec
 from ninlab.models import resolve_model
-from ninlab.analysis.step import DTYPES
+from ninlab.optimizers import OPTIMIZER_NAMES
+from ninlab.training.data import FashionMNIST, default_search_path, load_fashion_mnist
+from ninlab.training.presets import Schedule
+from ninlab.training.progress import download_progress
+from ninlab.viz.report import DEFAULT_BUDGET
 
-__all__ = ["ModelChoice", "add_model_options", "model_choice", "parse_input_size", "positive_int"]
+__all__ = [
+    "FLAGS",
+    "Flag",
+    "ModelChoice",
+    "add_chart_options",
+    "add_data_options",
+    "add_format_option",
+    "add_model_options",
+    "add_output_option",
+    "add_step_options",
+    "add_training_options",
+    "input_size",
+    "load_data",
+    "model_choice",
+    "non_negative_int",
+    "positive_int",
+    "step_spec",
+    "training_overrides",
+]
+
+
+# Value types: a bad value is argparse's one line, "argument --batch: must be at least 1, got 0".
+
+
+def _whole(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """Counts: a batch, epochs, threads, a number of examples."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """Seeds, where 0 is a seed like any other."""
+    return _whole(text, 0)
+
+
+def input_size(text: str) -> tuple[int, ...]:
+    """'1x224x224' (channels first; 1 to 3 spatial sizes) -> (1, 224, 224)."""
+    if not re.fullmatch(r"\d+(x\d+){1,3}", text.strip().lower()):
+        raise argparse.ArgumentTypeError(
+            f"cannot read input size {text!r}; write channels x height x width, e.g. 1x224x224"
+        )
+    sizes = tuple(int(part) for part in text.strip().lower().split("x"))
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"input size {text!r} has a zero; every size must be at least 1, e.g. 1x224x224"
+        )
+    return sizes
+
+
+@dataclass(frozen=True, eq=False)  # each flag is itself: compared and hashed by identity
+class Flag:
+    """One flag of the vocabulary: its names, what it means and what it accepts (argparse's
+    `type`, `choices`, `action`, ...); commands choose only its default."""
+
+    names: tuple[str, ...]
+    dest: str
+    help: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # older spellings, not shown: saved command lines still run
+
+    def add(
+        self,
+        parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+        *,
+        default: Any = None,
+        shown: str | None = None,
+        note: str | None = None,
+        **extra: Any,
+    ) -> None:
+        """Add the flag with `default`, described in the help as `shown` (or the default itself);
+        `note` says what it is for in this command; `extra` is what only a command can say (its
+        --format choices, whether -o is required)."""
+        words = shown if shown is not None else default
+        text = self.help + (f": {note}" if note else "")
+        text += f" (default: {words})" if words is not None else ""
+        options = {**self.options, **extra}
+        parser.add_argument(*self.names, dest=self.dest, default=default, help=text, **options)
+        for alias in self.aliases:
+            parser.add_argument(
+                alias, dest=self.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **options
+            )
+
+
+def _flag(name: str, text: str, **options: Any) -> Flag:
+    """The flag --NAME, stored under NAME with underscores."""
+    return Flag((f"--{name}",), name.replace("-", "_"), text, options)
+
+
+def _switch(name: str, text: str) -> Flag:
+    """A yes/no setting with its --no- form; None when neither is given."""
+    return _flag(name, text, action=argparse.BooleanOptionalAction)
+
+
+def _count(name: str, text: str) -> Flag:
+    return _flag(name, text, type=positive_int, metavar="N")
+
+
+def _number(name: str, text: str) -> Flag:
+    return _flag(name, text, type=float, metavar="X")
+
+
+# Model options.
+MODEL = _flag(
+    "model",
+    "a registry name (nin-d2l), a variant (nin-d2l:num_1x1=1) or package.module:factory",
+    metavar="NAME",
+)
+INPUT = _flag("input", "one sample's size, channels first", type=input_size, metavar="CxHxW")
+BATCH = Flag(
+    ("--batch",), "batch", "batch size", {"type": positive_int, "metavar": "N"},
+    aliases=("--batch-size",),  # the trainer's spelling until the vocabulary was one
+)
+DTYPE = _flag("dtype", "parameter and input dtype", choices=tuple(DTYPES))
+
+# Step options: each is the StepSpec field of the same meaning.
+MODE = _flag("mode", "the step: a training step or an inference", choices=get_args(Mode))
+OPTIMIZER = _flag(
+    "optimizer",
+    f"the training step's optimizer: {', '.join(OPTIMIZER_NAMES)}, with settings such as "
+    "adamw:weight_decay=0.01,implementation=foreach",
+    metavar="NAME[:SETTINGS]",
+)
+AMP = _flag(
+    "amp", "mixed precision: forward and loss under autocast to this dtype",
+    choices=tuple(AMP_DTYPES),
+)
+DEVICE = _flag(
+    "device",
+    "where to run, and the device predictions account for, from any machine",
+    choices=get_args(DeviceType),
+)
+GRAD_MODE = _flag("grad-mode", "inference's guard against autograd", choices=get_args(GradMode))
+DDP = _flag(
+    "ddp", "add DistributedDataParallel's gradient buckets (its defaults)", action="store_true"
+)
+CHANNELS_LAST = _switch(
+    "channels-last",
+    "channels-last memory layout of the input and 4-d weights (faster on CPUs and tensor cores)",
+)
+
+# Training options: TrainConfig's fields, each over the preset's value when given.
+VARIANT = _flag(
+    "variant", "NiN from the registry, optionally with settings, e.g. nin-d2l:num_1x1=1",
+    metavar="NAME",
+)
+IMAGE_SIZE = _count("image-size", "side of the square the images are resized to")
+EPOCHS = _count("epochs", "epochs (the learning-rate schedule spans them all)")
+LR = _number("lr", "peak learning rate")
+MOMENTUM = _number("momentum", "SGD momentum (0: plain SGD, as in d2l)")
+NESTEROV = _switch("nesterov", "Nesterov momentum")
+WEIGHT_DECAY = _number("weight-decay", "L2 weight decay")
+SCHEDULE = _flag("schedule", "learning-rate schedule", choices=get_args(Schedule))
+WARMUP_EPOCHS = _number("warmup-epochs", "linear warm-up in epochs (fractions allowed)")
+LABEL_SMOOTHING = _number("label-smoothing", "label smoothing of the cross-entropy")
+NORMALIZE = _switch("normalize", "standardise inputs with the training set's mean and std")
+NO_AMP = Flag(  # the trainer's "none", so a run can turn off a preset's bf16
+    ("--no-amp",), "amp", "no autocast, whatever the preset says",
+    {"action": "store_const", "const": "none"},
+)
+COMPILE = _switch("compile", "torch.compile the model")
+SEED = _flag(
+    "seed", "seed of initialisation, shuffling and dropout", type=non_negative_int, metavar="N"
+)
+TRAIN_EXAMPLES = _count("train-examples", "train on the first N training images only")
+TEST_EXAMPLES = _count("test-examples", "test on the first N test images only")
+_TRAINING: dict[Flag, str] = {  # each flag's TrainConfig field
+    VARIANT: "variant",
+    IMAGE_SIZE: "image_size",
+    EPOCHS: "epochs",
+    BATCH: "batch_size",
+    LR: "lr",
+    MOMENTUM: "momentum",
+    NESTEROV: "nesterov",
+    WEIGHT_DECAY: "weight_decay",
+    SCHEDULE: "schedule",
+    WARMUP_EPOCHS: "warmup_epochs",
+    LABEL_SMOOTHING: "label_smoothing",
+    NORMALIZE: "normalize",
+    AMP: "amp",
+    NO_AMP: "amp",
+    CHANNELS_LAST: "channels_last",
+    COMPILE: "compile",
+    SEED: "seed",
+    TRAIN_EXAMPLES: "train_examples",
+    TEST_EXAMPLES: "test_examples",
+}
+
+# Chart options.
+LAYER = _flag("layer", "the conv or pooling layer of the geometry picture", metavar="NAME")
+BUDGET = _flag(
+    "budget", "memory budget of the largest training batch, e.g. 8GiB, 500MB", metavar="SIZE"
+)
+
+# Data options.
+DATA_DIR = _flag(
+    "data-dir", "directory with the four Fashion-MNIST IDX files (.gz or not)", metavar="DIR"
+)
+NO_DOWNLOAD = _flag(
+    "no-download", "never download; fail if the files are not found", action="store_true"
+)
+
+# Output options.
+FORMAT = _flag("format", "how to print the results")  # choices: the command's formats
+OUTPUT = Flag(("-o", "--output"), "output", "the file to write", {"type": Path, "metavar": "FILE"})
+OUTPUT_DIR = _flag(
+    "output-dir", "where runs write checkpoint, metrics and plots", type=Path, metavar="DIR"
+)
+
+# Every flag, each once: what the tests hold every command's parser to.
+FLAGS: tuple[Flag, ...] = tuple(
+    dict.fromkeys((
+        MODEL, INPUT, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP, CHANNELS_LAST,
+        *_TRAINING, LAYER, BUDGET, DATA_DIR, NO_DOWNLOAD, FORMAT, OUTPUT, OUTPUT_DIR,
+    ))
+)
 
 
 @dataclass(frozen=True)
@@ -25,34 +269,114 @@ class ModelChoice:
     dtype: torch.dtype
 
 
-def parse_input_size(text: str) -> tuple[int, ...]:
-    """'1x224x224' (channels first; 1 to 3 spatial sizes) -> (1, 224, 224)."""
-    if not re.fullmatch(r"\d+(x\d+){1,3}", text.strip().lower()):
-        raise NinlabError(f"cannot read input size {text!r}; write channels x height x width, e.g. 1x224x224")
-    sizes = tuple(int(part) for part in text.strip().lower().split("x"))
-    if min(sizes) < 1:
-        raise NinlabError(f"input size {text!r} has a zero; every size must be at least 1, e.g. 1x224x224")
-    return sizes
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts such as --batch; rejects 0 and negatives in one line."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_model_options(parser: argparse.ArgumentParser, *, batch: int = 128) -> None:
-    parser.add_argument("--model", default="nin-d2l", help="registry name, variant (nin-d2l:num_1x1=1) or package.module:factory (default: nin-d2l)")
-    parser.add_argument("--input", default="1x224x224", help="one sample's size, channels first (default: 1x224x224)")
-    parser.add_argument("--batch", type=positive_int, default=batch, help=f"batch size (default: {batch})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and input dtype (default: float32)")
+def add_model_options(
+    parser: argparse.ArgumentParser, *, batch: int = 128, model: bool = True
+) -> None:
+    """--model (unless the command names models otherwise), --input, --batch, --dtype."""
+    group = parser.add_argument_group("model options")
+    if model:
+        MODEL.add(group, default="nin-d2l")
+    INPUT.add(group, default="1x224x224")
+    BATCH.add(group, default=batch)
+    DTYPE.add(group, default="float32")
 
 
 def model_choice(args: argparse.Namespace) -> ModelChoice:
-    input_size = parse_input_size(args.input)
-    return ModelChoice(args.model, resolve_model(args.model), input_size, args.batch, DTYPES[args.dtype])
+    return ModelChoice(
+        args.model, resolve_model(args.model), args.input, args.batch, DTYPES[args.dtype]
+    )
+
+
+_STEP_DEFAULTS = StepSpec()
+
+
+def add_step_options(
+    parser: argparse.ArgumentParser, *, mode: str | None = "train", ddp: bool = True
+) -> None:
+    """--mode (`mode`: what the command does without it; None: the command has no --mode),
+    --optimizer, --amp, --device, --grad-mode, --ddp (unless `ddp` is False), --channels-last.
+
+    Defaults are StepSpec's: a flag not given leaves its field to StepSpec."""
+    group = parser.add_argument_group("step options")
+    if mode is not None:
+        MODE.add(group, shown=mode)
+    OPTIMIZER.add(group, shown=_STEP_DEFAULTS.optimizer.name)
+    AMP.add(group, shown="none")
+    DEVICE.add(group, shown=_STEP_DEFAULTS.device_type)
+    GRAD_MODE.add(group, shown=_STEP_DEFAULTS.grad_mode)
+    if ddp:
+        DDP.add(group)
+    CHANNELS_LAST.add(group, shown="no")
+
+
+def step_spec(args: argparse.Namespace, **fields: Any) -> StepSpec:
+    """The `StepSpec` of the model and step options given, for --input and --dtype; `fields` are
+    what the command itself decides (a mode). StepSpec checks every value, once."""
+    given = {
+        "mode": getattr(args, "mode", None),  # a command that predicts both steps has no --mode
+        "optimizer": args.optimizer,
+        "amp": args.amp,
+        "device_type": args.device,
+        "grad_mode": args.grad_mode,
+        "ddp": getattr(args, "ddp", None),  # nor one that runs a single process
+        "memory_format": {True: "channels_last", False: "contiguous"}.get(args.channels_last),
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    return StepSpec(input_size=args.input, dtype=args.dtype, **{**given, **fields})
+
+
+def add_training_options(
+    parser: argparse.ArgumentParser, *, only: Sequence[Flag] | None = None
+) -> None:
+    """The settings of a training recipe, each over the preset's when given (`only`: a few)."""
+    group = parser.add_argument_group("training options (default: the preset's)")
+    flags = [flag for flag in _TRAINING if only is None or flag in only]
+    for flag in flags:
+        flag.add(group)
+    # Remembered for `training_overrides`: compare's --batch and --amp are its step's, not these.
+    parser.set_defaults(training_options=flags)
+
+
+def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given as training options."""
+    given = {_TRAINING[flag]: getattr(args, flag.dest) for flag in args.training_options}
+    return {field: value for field, value in given.items() if value is not None}
+
+
+def add_chart_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("chart options")
+    LAYER.add(group, shown="the first that loses pixels to rounding")
+    BUDGET.add(group, default=DEFAULT_BUDGET)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data options")
+    DATA_DIR.add(group)
+    NO_DOWNLOAD.add(group)
+
+
+def load_data(args: argparse.Namespace) -> FashionMNIST:
+    """Fashion-MNIST as the data options say, with a progress bar if it is downloaded."""
+    with download_progress() as hook:
+        return load_fashion_mnist(
+            search_path=default_search_path(args.data_dir),
+            download=not args.no_download,
+            progress=hook,
+        )
+
+
+def add_format_option(parser: argparse.ArgumentParser, *formats: str) -> None:
+    """--format with the command's formats, the first the default."""
+    FORMAT.add(parser, default=formats[0], choices=formats)
+
+
+def add_output_option(
+    parser: argparse.ArgumentParser,
+    what: str,
+    *,
+    default: str | None = None,
+    shown: str | None = None,
+) -> None:
+    """-o/--output: the file `what` names; required when there is no default to show."""
+    required = default is None and shown is None
+    OUTPUT.add(parser, default=default, shown=shown, note=what, required=required)

@@ -1,20 +1,32 @@
-"""`ninlab report`: one self-contained HTML file with the summary, the rounding, memory and every chart."""
+"""`ninlab report`: one self-contained HTML file with the summary, the rounding, memory and every
+chart."""
 
 from __future__ import annotations
 
 import argparse
 
-from ninlab.cli.options import add_model_options, model_choice
-from ninlab.viz.report import DEFAULT_BUDGET, build_report, report_path
+from ninlab.cli.options import (
+    add_chart_options,
+    add_model_options,
+    add_output_option,
+    add_step_options,
+    model_choice,
+    step_spec,
+)
+from ninlab.viz.report import build_report, report_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="a self-contained HTML report: summary, rounding, memory, all charts")
+    parser = subparsers.add_parser(
+        "report",
+        help="a self-contained HTML report: summary, rounding, memory, all charts",
+        description="The step options describe the training step; the report also shows its "
+        "inference.",
+    )
+    add_output_option(parser, "the HTML report", default="report.html")
     add_model_options(parser)
-    parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default: report.html)")
-    parser.add_argument("--optimizer", default="sgd", help="the training step's optimizer, e.g. sgd, adam (default: sgd)")
-    parser.add_argument("--budget", default=DEFAULT_BUDGET, help=f"memory budget for the largest batch (default: {DEFAULT_BUDGET})")
-    parser.add_argument("--layer", help="the layer of the geometry picture (default: the first that loses pixels to rounding)")
+    add_step_options(parser, mode=None)  # the report shows both steps
+    add_chart_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -23,10 +35,8 @@ def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     report = build_report(
         choice.model,
+        step_spec(args),
         batch_size=choice.batch_size,
-        input_size=choice.input_size,
-        dtype=choice.dtype,
-        optimizer=args.optimizer,
         budget=args.budget,
         model_name=choice.name,
         layer=args.layer,

@@ -6,42 +6,29 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from ninlab.cli.options import (
+    BATCH,
+    DEVICE,
+    OUTPUT_DIR,
+    TEST_EXAMPLES,
+    add_data_options,
+    add_format_option,
+    add_output_option,
+    add_training_options,
+    load_data,
+    training_overrides,
+)
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
-from ninlab.training.data import CLASS_NAMES, FashionMNIST, default_search_path, load_fashion_mnist
+from ninlab.training.data import CLASS_NAMES
 from ninlab.training.evaluate import evaluate_model, load_trained_model, predict_images
-from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
-from ninlab.training.progress import RichReporter, download_progress
-from ninlab.training.train import StopRequest, train
 from ninlab.training.plots import plot_confusion
-
-# Options that map one to one onto TrainConfig fields (flag, field, type, help).
-_CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--variant", "variant", str, "NiN from the registry, optionally with settings, e.g. nin-d2l:num_1x1=1"),
-    ("--image-size", "image_size", int, "side of the square input the images are resized to"),
-    ("--epochs", "epochs", int, "epochs (the schedule spans them all)"),
-    ("--batch-size", "batch_size", int, "global batch size (split across torchrun processes)"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum (0: plain SGD, as in d2l)"),
-    ("--weight-decay", "weight_decay", float, "L2 weight decay"),
-    ("--schedule", "schedule", str, "learning-rate schedule"),
-    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length in epochs (fractions allowed)"),
-    ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
-    ("--amp", "amp", str, "mixed precision (bf16: autocast)"),
-    ("--seed", "seed", int, "seed of initialisation, shuffling and dropout"),
-    ("--train-examples", "train_examples", int, "train on the first N training images only"),
-    ("--test-examples", "test_examples", int, "evaluate on the first N test images only"),
-)
-_CONFIG_SWITCHES: tuple[tuple[str, str, str], ...] = (
-    ("nesterov", "nesterov", "Nesterov momentum"),
-    ("normalize", "normalize", "standardise inputs with the training set's mean and std"),
-    ("channels-last", "channels_last", "channels-last memory layout (faster on CPUs and tensor cores)"),
-    ("compile", "compile", "torch.compile the model"),
-)
+from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
+from ninlab.training.progress import RichReporter
+from ninlab.training.train import StopRequest, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,24 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train NiN on Fashion-MNIST",
-        description=f"Train NiN on Fashion-MNIST. Presets: {presets}. Options override the preset.",
+        description=f"Train NiN on Fashion-MNIST. Presets: {presets}. Training options override "
+        "the preset; --batch is the global batch, split across torchrun processes.",
     )
     parser.add_argument(
         "--preset", choices=tuple(PRESETS), default=None, help="starting recipe (default: default)"
     )
-    choices = {"schedule": ("constant", "cosine", "onecycle"), "amp": ("none", "bf16")}
-    for flag, field, kind, text in _CONFIG_OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, default=None, choices=choices.get(field), help=text)
-    for flag, field, text in _CONFIG_SWITCHES:
-        parser.add_argument(
-            f"--{flag}", dest=field, action=argparse.BooleanOptionalAction, default=None, help=text
-        )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="where checkpoint, metrics and plots go (default: runs/PRESET)",
-    )
+    add_training_options(parser)
+    DEVICE.add(parser, shown="this rank's GPU if any, else cpu")
+    OUTPUT_DIR.add(parser, shown="runs/PRESET")
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -75,67 +53,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run saved in RUN_DIR (or in --output-dir) exactly where it stopped",
     )
-    _add_common(parser)
+    add_data_options(parser)
     parser.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
         "evaluate", help="test accuracy, per class, and a confusion matrix of a checkpoint"
     )
     evaluate.add_argument("checkpoint", help="checkpoint.pt or a run directory")
-    evaluate.add_argument(
-        "--output", type=Path, default=None, help="confusion-matrix PNG (default: beside the checkpoint)"
-    )
-    evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument(
-        "--test-examples", type=int, default=None, help="evaluate on the first N test images only"
-    )
-    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
-    _add_common(evaluate)
+    add_output_option(evaluate, "the confusion-matrix PNG", shown="beside the checkpoint")
+    add_format_option(evaluate, "table", "json")
+    BATCH.add(evaluate, default=256)
+    TEST_EXAMPLES.add(evaluate, shown="all")
+    DEVICE.add(evaluate, default="cpu")
+    add_data_options(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
     predict = subparsers.add_parser("predict", help="class and probability for image files")
     predict.add_argument("checkpoint", help="checkpoint.pt or a run directory")
-    predict.add_argument("images", nargs="+", help="image files of any size; converted to grayscale")
+    predict.add_argument(
+        "images", nargs="+", help="image files of any size; converted to grayscale"
+    )
     predict.add_argument(
         "--invert",
         action="store_true",
-        help="invert gray levels first (Fashion-MNIST shows light garments on black; photos are usually the opposite)",
+        help="invert gray levels first (Fashion-MNIST shows light garments on black; photos are "
+        "usually the opposite)",
     )
-    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    DEVICE.add(predict, default="cpu")
     predict.set_defaults(func=run_predict)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir", default=None, help="directory with the four Fashion-MNIST IDX files (.gz or not)"
-    )
-    parser.add_argument(
-        "--no-download", action="store_true", help="never download; fail if the files are not found"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's GPU if any, else CPU)"
-    )
-
-
-def _load_data(args: argparse.Namespace) -> FashionMNIST:
-    with download_progress() as hook:
-        return load_fashion_mnist(
-            search_path=default_search_path(args.data_dir), download=not args.no_download, progress=hook
-        )
-
-
 def run_train(args: argparse.Namespace) -> int:
-    fields = [field for _, field, _, _ in _CONFIG_OPTIONS] + [field for _, field, _ in _CONFIG_SWITCHES]
-    given = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
+    given = training_overrides(args)
     preset_name = args.preset or "default"
     config = dataclasses.replace(get_preset(preset_name), **given)
     output_dir = (
-        Path(args.resume) if isinstance(args.resume, str) else args.output_dir or Path("runs") / preset_name
+        Path(args.resume)
+        if isinstance(args.resume, str)
+        else args.output_dir or Path("runs") / preset_name
     )
     if args.resume and args.preset is None:
         # Compare only what was given again: the rest comes from the checkpoint.
-        config = dataclasses.replace(config_from_dict(load_checkpoint(output_dir)["config"]), **given)
-    data = _load_data(args)
+        saved = config_from_dict(load_checkpoint(output_dir)["config"])
+        config = dataclasses.replace(saved, **given)
+    data = load_data(args)
     stop = StopRequest()
     with stop.catching_signals():
         result = train(
@@ -152,8 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     path = resolve_checkpoint_path(args.checkpoint)
-    trained = load_trained_model(path, device=args.device or "cpu")
-    data = _load_data(args)
+    trained = load_trained_model(path, device=args.device)
+    data = load_data(args)
     test = data.test.head(args.test_examples) if args.test_examples else data.test
     device = next(trained.model.parameters()).device
     test = type(test)(test.images.to(device), test.labels.to(device))
@@ -161,7 +122,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         trained.model,
         test,
         transform=trained.transform,
-        batch_size=args.batch_size,
+        batch_size=args.batch,
         amp=trained.config.amp,
         channels_last=trained.config.channels_last,
     )
@@ -170,9 +131,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         evaluation.confusion,
         CLASS_NAMES,
         png,
-        title=f"{trained.config.variant}, epoch {trained.epoch}: test accuracy {evaluation.accuracy:.4f}",
+        title=f"{trained.config.variant}, epoch {trained.epoch}: "
+        f"test accuracy {evaluation.accuracy:.4f}",
     )
-    if args.json:
+    if args.format == "json":
         print(
             json.dumps(
                 {
@@ -195,7 +157,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     table.add_column("class")
     table.add_column("test images", justify="right")
     table.add_column("accuracy", justify="right")
-    for name, row, accuracy in zip(CLASS_NAMES, evaluation.confusion, evaluation.per_class_accuracy):
+    rows = zip(CLASS_NAMES, evaluation.confusion, evaluation.per_class_accuracy)
+    for name, row, accuracy in rows:
         table.add_row(name, f"{sum(row):,}", f"{accuracy:.4f}")
     table.add_row("all", f"{evaluation.examples:,}", f"{evaluation.accuracy:.4f}", style="bold")
     console.print(table)
