@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ninlab.analysis.measure import measure
-from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.predict import predict_memory
 from ninlab.models import build_nin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -36,8 +36,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ninlab.training.data import FashionMNIST, Split, load_fashion_mnist
 from ninlab.models import build_nin
+from ninlab.training.data import FashionMNIST, Split, load_fashion_mnist
 from ninlab.training.presets import PRESETS
 from ninlab.training.train import train
 

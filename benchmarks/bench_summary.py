@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from ninlab.models import build_nin
 from ninlab.analysis.summary import summarize
+from ninlab.models import build_nin
 
 BATCH = 128
 INPUT = (1, 224, 224)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from ninlab.training.data import FashionMNIST, load_fashion_mnist
 from ninlab.errors import NinlabError
+from ninlab.training.data import FashionMNIST, load_fashion_mnist
 
 
 @functools.lru_cache(maxsize=1)

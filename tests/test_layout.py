@@ -50,7 +50,7 @@ def test_the_rule_checker_sees_every_import_form(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text(
         "import ninlab.viz.charts\nfrom ninlab.training import train\nfrom ninlab import cli\n"
-        "def f():\n    from ninlab.analysis.memory import predict_memory\n"
+        "def f():\n    from ninlab.analysis.predict import predict_memory\n"
     )
     assert _imported_parts(module) == {"viz", "training", "cli", "analysis"}
 
@@ -68,8 +68,9 @@ def test_loading_the_whole_accountant_loads_nothing_else() -> None:
 
 
 def test_the_front_door_names_the_library_api() -> None:
+    from ninlab.analysis.batch import fit_batch
     from ninlab.analysis.measure import measure
-    from ninlab.analysis.memory import fit_batch, predict_memory
+    from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.step import StepSpec
     from ninlab.analysis.summary import summarize
     from ninlab.training.train import train

@@ -2,7 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from ninlab.models import ModelSpecError, NiNConfig, build_nin, get_config, list_configs, parse_variant, register_config, resolve_model
+from ninlab.models import (
+    ModelSpecError,
+    NiNConfig,
+    build_nin,
+    get_config,
+    list_configs,
+    parse_variant,
+    register_config,
+    resolve_model,
+)
 
 
 def count(model: nn.Module) -> int:

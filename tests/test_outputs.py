@@ -221,7 +221,7 @@ def test_output_directory_refuses_a_file_in_the_way(tmp_path):
 
 def test_output_directory_refuses_one_without_write_permission(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(NinlabError, match="is not writable .*; choose another --output-dir$"):
+    with pytest.raises(NinlabError, match=r"is not writable .*; choose another --output-dir$"):
         output_directory(tmp_path)
 
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolve_model
 
 if TYPE_CHECKING:
+    from ninlab.analysis.batch import fit_batch
     from ninlab.analysis.measure import measure
-    from ninlab.analysis.memory import fit_batch, predict_memory
+    from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.step import StepSpec
     from ninlab.analysis.summary import summarize
     from ninlab.training.train import train
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "StepSpec": "ninlab.analysis.step",
     "summarize": "ninlab.analysis.summary",
-    "predict_memory": "ninlab.analysis.memory",
-    "fit_batch": "ninlab.analysis.memory",
+    "predict_memory": "ninlab.analysis.predict",
+    "fit_batch": "ninlab.analysis.batch",
     "measure": "ninlab.analysis.measure",
     "train": "ninlab.training.train",
 }

@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from torch import nn
 
@@ -21,15 +21,15 @@ from ninlab.errors import NinlabError
 
 __all__ = [
     "Block",
-    "NiNConfig",
     "ModelSpecError",
+    "NiNConfig",
     "build_nin",
-    "nin_block",
-    "register_config",
     "get_config",
     "list_configs",
-    "resolve_model",
+    "nin_block",
     "parse_variant",
+    "register_config",
+    "resolve_model",
 ]
 
 POOL = "M"  # 3x3 max pooling with stride 2, as between d2l's blocks
@@ -51,7 +51,7 @@ class Block:
     num_1x1: int | None = None
 
 
-Layer = Union[Block, Literal["M", "D"]]
+Layer = Block | Literal["M", "D"]
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def resolve_model(spec: str) -> nn.Module:
     module_path, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_path)
-    except Exception as error:  # any import failure is the user's path, reported in one line
+    except Exception as error:  # noqa: BLE001 - any import failure is the user's, in one line
         raise ModelSpecError(
             f"cannot import {module_path!r} for model {spec!r} ({type(error).__name__}: {error}); "
             "check the module path and that it is on PYTHONPATH"
@@ -269,7 +269,7 @@ def resolve_model(spec: str) -> nn.Module:
         raise ModelSpecError(f"{module_path!r} has no callable {attribute!r}; name a function that returns an nn.Module")
     try:
         model = factory()
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
         raise ModelSpecError(
             f"factory {spec!r} failed when called with no arguments ({type(error).__name__}: {error})"
         ) from None

@@ -6,7 +6,7 @@ import re
 
 from ninlab.errors import NinlabError
 
-__all__ = ["format_bytes", "format_flops", "format_count", "parse_bytes"]
+__all__ = ["format_bytes", "format_count", "format_flops", "parse_bytes"]
 
 _BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 _UNITS = {

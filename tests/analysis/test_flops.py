@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from cnn_zoo import ZOO
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnn_zoo import ZOO
 from ninlab.analysis.flops import conv_flops
-from ninlab.models import build_nin, resolve_model
 from ninlab.analysis.summary import summarize
+from ninlab.models import build_nin, resolve_model
 
 
 def counted_by_pytorch(model, input_size, batch_size):

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.geometry import (
     INPUT_FIELD,
     AxisParams,
@@ -31,6 +30,7 @@ from ninlab.analysis.geometry import (
     window_axis,
     windows_for_chain,
 )
+from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
 FAST = settings(max_examples=80, deadline=None)

@@ -11,12 +11,12 @@ import torch
 from cnn_zoo import ZOO
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ninlab.analysis.measure import measure
+from ninlab.analysis.step import StepSpec, train_step
 from ninlab.cli import main
 from ninlab.errors import NinlabError
-from ninlab.analysis.measure import measure
 from ninlab.models import resolve_model
 from ninlab.optimizers import make_optimizer
-from ninlab.analysis.step import StepSpec, train_step
 
 NIN_PARAMETERS_BYTES = 1_992_166 * 4
 

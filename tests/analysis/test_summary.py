@@ -3,12 +3,12 @@ import sys
 
 import pytest
 import torch
+from cnn_zoo import ZOO
 from torch import nn
 
-from cnn_zoo import ZOO
+from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
-from ninlab.analysis.summary import summarize
 
 
 @pytest.fixture(scope="module")

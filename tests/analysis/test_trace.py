@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ninlab.models import build_nin
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import LayerInputTooSmall, record_step
+from ninlab.models import build_nin
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_inference_mode_still_sees_max_pool_indices(nin):
 def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
     cpu = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2))
     cuda = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2))
-    dropout = lambda ops: [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
+    def dropout(ops):
+        return [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
     assert dropout(cuda) == [("aten.native_dropout.default", (torch.float32, torch.bool))]
     assert ("aten.bernoulli_.float", (torch.float32,)) in dropout(cpu)  # CPU keeps a float mask
     assert any(o.op.startswith("aten._foreach_") for o in cuda if o.phase == "optimizer")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.cli import main
-from ninlab.training.data import CLASS_NAMES, Split
 from ninlab.errors import NinlabError
+from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ninlab.training.data import CLASS_NAMES, Split
 from ninlab.training.evaluate import evaluate_model, load_image, load_trained_model, predict_images
 from ninlab.training.pipeline import InputTransform
 from ninlab.training.presets import PRESETS

@@ -3,9 +3,16 @@ data (read back from the matplotlib artists)."""
 
 import matplotlib.pyplot as plt
 import pytest
+from cnn_zoo import ceil_pool_net
 from PIL import Image
 
-from cnn_zoo import ceil_pool_net
+from ninlab.analysis.batch import fit_batch, memory_vs_batch
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.summary import summarize
+from ninlab.cli import main
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin
+from ninlab.units import format_bytes
 from ninlab.viz.charts import (
     _ScaledLocator,
     batch_chart,
@@ -18,12 +25,6 @@ from ninlab.viz.charts import (
     saved_chart,
     timeline_chart,
 )
-from ninlab.cli import main
-from ninlab.errors import NinlabError
-from ninlab.analysis.memory import fit_batch, memory_vs_batch, predict_memory
-from ninlab.models import build_nin
-from ninlab.analysis.summary import summarize
-from ninlab.units import format_bytes
 
 GIB, MIB = 1 << 30, 1 << 20
 
@@ -107,7 +108,7 @@ def test_geometry_picture_defaults_to_a_layer_that_rounds_up():
 
 
 def test_geometry_picture_refuses_a_layer_without_windows(summary):
-    with pytest.raises(NinlabError, match="'0.1' is not a convolution or pooling layer.*choose one of 0.0, 0.2"):
+    with pytest.raises(NinlabError, match=r"'0\.1' is not a convolution or pooling layer.*choose one of 0\.0, 0\.2"):
         geometry_chart(summary, layer="0.1")
 
 
@@ -217,7 +218,7 @@ def test_save_chart_writes_png_and_svg(summary, tmp_path):
     svg = save_chart(field_chart(summary), tmp_path / "field.svg")
     assert svg.read_text().lstrip().startswith("<?xml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["field.svg", "flops.png"]  # no temporary left
-    with pytest.raises(NinlabError, match="name a .png or .svg file"):
+    with pytest.raises(NinlabError, match=r"name a \.png or \.svg file"):
         save_chart(flops_chart(summary), tmp_path / "flops.pdf")
 
 

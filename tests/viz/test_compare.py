@@ -7,15 +7,15 @@ import matplotlib.pyplot as plt
 import pytest
 from torch import nn
 
-from ninlab.viz.charts import compare_chart, draw
-from ninlab.cli import main
-from ninlab.viz.compare import METRICS, TrainPlan, compare, comparison_dict, comparison_markdown
-from ninlab.training.data import default_search_path, load_fashion_mnist
-from ninlab.errors import NinlabError
-from ninlab.analysis.memory import predict_memory
-from ninlab.models import resolve_model
-from ninlab.training.presets import get_preset
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import summarize
+from ninlab.cli import main
+from ninlab.errors import NinlabError
+from ninlab.models import resolve_model
+from ninlab.training.data import default_search_path, load_fashion_mnist
+from ninlab.training.presets import get_preset
+from ninlab.viz.charts import compare_chart, draw
+from ninlab.viz.compare import METRICS, TrainPlan, compare, comparison_dict, comparison_markdown
 
 
 @pytest.fixture(scope="module")

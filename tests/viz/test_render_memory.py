@@ -1,4 +1,4 @@
-"""The memory section of `ninlab summary`: the same numbers as `ninlab.analysis.memory`, as a table, JSON and
+"""The memory section of `ninlab summary`: the same numbers as `ninlab.predict_memory`, as a table, JSON and
 Markdown, with the flags that choose the step."""
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ninlab.errors import NinlabError
 from ninlab.analysis.step import StepSpec, inference_step, step_spec, train_step, valid_batch_size
+from ninlab.errors import NinlabError
 from ninlab.optimizers import make_optimizer
 
 __all__ = ["Baseline", "Measurement", "measure"]

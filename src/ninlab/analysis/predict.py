@@ -418,7 +418,7 @@ def _measured_report(
     if spec.device_type == "cuda" and not torch.cuda.is_available():
         raise NinlabError(
             f"the model cannot run on fake tensors ({reason}), and measuring it instead needs a "
-            "GPU this machine lacks; predict for --device-type cpu or run on a machine with CUDA"
+            "GPU this machine lacks; predict for device cpu (--device cpu) or run on a machine with CUDA"
         )
     if spec.ddp is not None:
         trainable = sum(

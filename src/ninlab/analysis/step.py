@@ -30,11 +30,11 @@ __all__ = [
     "DDPSpec",
     "GradMode",
     "StepSpec",
-    "valid_batch_size",
     "inference_step",
     "no_phases",
     "step_spec",
     "train_step",
+    "valid_batch_size",
 ]
 
 Phase = Callable[[str], AbstractContextManager[None]]

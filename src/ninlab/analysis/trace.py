@@ -655,7 +655,7 @@ def record_step(
             inputs = _empty((batch_size, *spec.input_size), spec.dtype, device, memory_format)
             # Inference has no targets.
             targets = torch.zeros((batch_size,), dtype=torch.long, device=device) if trains else None
-        for name, tensor in fakes.items():
+        for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         recorder.track(inputs, "input")
         if targets is not None:

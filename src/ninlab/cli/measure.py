@@ -10,7 +10,8 @@ import json
 import torch
 
 from ninlab.analysis.measure import Measurement, measure
-from ninlab.analysis.memory import MemoryReport, predict_memory
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_memory
 from ninlab.cli.options import (
     add_format_option,
     add_model_options,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ninlab.analysis.memory import predict_memory, study_batch
+from ninlab.analysis.batch import study_batch
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.summary import summarize
 from ninlab.cli.options import (

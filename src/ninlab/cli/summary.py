@@ -1,5 +1,5 @@
 """`ninlab summary`: the per-layer table, with the rounding explained on request, and the memory
-section (`ninlab.analysis.memory`) after it."""
+section (`ninlab.analysis.predict`) after it."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from ninlab.analysis.memory import (
-    BatchFit,
-    BatchScaling,
-    MemoryReport,
-    fit_batch,
-    memory_vs_batch,
-    predict_memory,
-)
+from ninlab.analysis.batch import BatchFit, BatchScaling, fit_batch, memory_vs_batch
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.summary import summarize
 from ninlab.cli.options import (

@@ -22,6 +22,7 @@ from ninlab.cli.options import (
     load_data,
     training_overrides,
 )
+from ninlab.outputs import output_path
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ninlab.training.data import CLASS_NAMES
 from ninlab.training.evaluate import evaluate_model, load_trained_model, predict_images
@@ -113,6 +114,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     path = resolve_checkpoint_path(args.checkpoint)
+    # A bad picture name is refused before the evaluation, not after it.
+    png = output_path(
+        args.output or path.parent / "confusion-matrix.png",
+        suffixes=(".png", ".svg", ".pdf"),
+        what="confusion matrix",
+    )
     trained = load_trained_model(path, device=args.device)
     data = load_data(args)
     test = data.test.head(args.test_examples) if args.test_examples else data.test
@@ -126,7 +133,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         amp=trained.config.amp,
         channels_last=trained.config.channels_last,
     )
-    png = args.output or path.parent / "confusion-matrix.png"
     plot_confusion(
         evaluation.confusion,
         CLASS_NAMES,

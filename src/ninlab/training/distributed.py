@@ -7,7 +7,7 @@ group is initialised with NCCL on GPUs and gloo on CPUs; alone, everything is a 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,14 +16,14 @@ from torch import nn
 
 from ninlab.errors import NinlabError
 
-__all__ = ["Context", "start", "stop", "all_reduce_sum", "all_gather_objects", "wrap"]
+__all__ = ["Context", "all_gather_objects", "all_reduce_sum", "start", "stop", "wrap"]
 
 
 @dataclass(frozen=True)
 class Context:
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def distributed(self) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,11 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin, parse_variant
 from ninlab.training import distributed
 from ninlab.training.checkpoint import load_checkpoint
 from ninlab.training.data import CLASS_NAMES, Split
-from ninlab.errors import NinlabError
-from ninlab.models import build_nin, parse_variant
 from ninlab.training.pipeline import InputTransform, resize_like_pil
 from ninlab.training.presets import TrainConfig, config_from_dict
 
@@ -29,8 +30,8 @@ __all__ = [
     "TrainedModel",
     "autocast",
     "evaluate_model",
-    "load_trained_model",
     "load_image",
+    "load_trained_model",
     "predict_images",
 ]
 
@@ -74,7 +75,7 @@ class Evaluation:
         return tuple(row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion))
 
 
-def autocast(device: torch.device, amp: str) -> ContextManager[Any]:
+def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:
     """bf16 autocast when asked for, on whichever device the run uses."""
     if amp == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ninlab.errors import NinlabError
 
-__all__ = ["TrainConfig", "PRESETS", "PRESET_DESCRIPTIONS", "get_preset", "config_from_dict"]
+__all__ = ["PRESETS", "PRESET_DESCRIPTIONS", "TrainConfig", "config_from_dict", "get_preset"]
 
 Schedule = Literal["constant", "cosine", "onecycle"]
 Amp = Literal["none", "bf16"]

@@ -23,7 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["Reporter", "RichReporter", "SilentReporter", "format_duration", "download_progress"]
+__all__ = ["Reporter", "RichReporter", "SilentReporter", "download_progress", "format_duration"]
 
 
 def format_duration(seconds: float) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["learning_rate", "ONECYCLE_START_DIVISOR", "ONECYCLE_END_DIVISOR", "ONECYCLE_WARMUP_FRACTION"]
+__all__ = ["ONECYCLE_END_DIVISOR", "ONECYCLE_START_DIVISOR", "ONECYCLE_WARMUP_FRACTION", "learning_rate"]
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults: start at max_lr/25, end at start/1e4, rise for 30%.
 ONECYCLE_START_DIVISOR = 25.0

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
@@ -112,7 +112,7 @@ def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> S
 
 def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_size: int) -> RunCost:
     """INTEGRATION POINT with the accountant (`ninlab.analysis.summary` for FLOPs,
-    `ninlab.analysis.memory` for the peak): the numbers printed before the first step. The rest of
+    `ninlab.analysis.predict` for the peak): the numbers printed before the first step. The rest of
     the trainer does not depend on how they are computed."""
     spec = step_spec_of(config, device_type=device_type, world_size=world_size)
     summary = summarize(model, input_size=spec.input_size, batch_size=config.batch_size)

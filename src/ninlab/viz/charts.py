@@ -24,7 +24,9 @@ from matplotlib import patches, ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ninlab.analysis.memory import CATEGORIES, BatchFit, BatchScaling, MemoryReport
+from ninlab.analysis.batch import BatchFit, BatchScaling
+from ninlab.analysis.categories import CATEGORIES
+from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.errors import NinlabError
 from ninlab.outputs import atomic_write, output_path
@@ -251,7 +253,7 @@ def timeline_chart(report: MemoryReport) -> TimelineChart:
 @dataclass(frozen=True)
 class SavedChart:
     """Bytes each layer keeps for backward, split by why (`SavedRow.reason`); every storage is
-    counted once, at the row `ninlab.analysis.memory` counts it (`counted_bytes`)."""
+    counted once, at the row the prediction counts it (`counted_bytes`)."""
 
     model: str
     batch_size: int
@@ -436,7 +438,7 @@ def _wrap(text: str, width: int) -> str:
             line = word
         else:
             line = f"{line} {word}" if line else word
-    return "\n".join(lines + [line])
+    return "\n".join([*lines, line])
 
 
 def _draw_grid(axes: Axes, height: AxisPicture, width: AxisPicture, *, zoomed: bool) -> None:
@@ -680,7 +682,7 @@ def _draw_batch(chart: BatchChart) -> Figure:
         bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#2CA02C"},
     )
     axes.set_xlim(0, max(chart.batch_sizes) * 1.4)  # room for the note right of the answer
-    axes.set_ylim(0, max(chart.budget_bytes, max(chart.peaks_bytes)) * 1.15)
+    axes.set_ylim(0, max(chart.budget_bytes, *chart.peaks_bytes) * 1.15)
     _byte_axis(axes.yaxis)
     axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_xlabel("batch size (samples)")

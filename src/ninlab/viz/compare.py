@@ -18,17 +18,17 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-from ninlab.training.data import FashionMNIST
-from ninlab.errors import NinlabError
-from ninlab.analysis.memory import predict_memory
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
+from ninlab.analysis.summary import summarize
+from ninlab.errors import NinlabError
 from ninlab.models import get_config, list_configs, resolve_model
+from ninlab.training.data import FashionMNIST
 from ninlab.training.presets import TrainConfig
 from ninlab.training.progress import Reporter
-from ninlab.viz.render import wide_console
-from ninlab.analysis.summary import summarize
 from ninlab.training.train import train
 from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.viz.render import wide_console
 
 __all__ = [
     "METRICS",

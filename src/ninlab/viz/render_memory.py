@@ -9,11 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ninlab.analysis.memory import CATEGORIES, CATEGORY_MEANINGS, BatchFit, BatchScaling, MemoryReport
-from ninlab.viz.render import wide_console
+from ninlab.analysis.batch import BatchFit, BatchScaling
+from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
+from ninlab.analysis.memory_report import MemoryReport
 from ninlab.units import format_bytes
+from ninlab.viz.render import wide_console
 
-__all__ = ["memory_to_dict", "memory_json", "memory_lines", "memory_markdown", "print_memory"]
+__all__ = ["memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory"]
 
 
 def _dtype(dtype: Any) -> str:

@@ -18,14 +18,10 @@ from typing import Any
 
 from torch import nn
 
-from ninlab.analysis.memory import (
-    CATEGORIES,
-    CATEGORY_MEANINGS,
-    BatchStudy,
-    MemoryReport,
-    predict_memory,
-    study_batch,
-)
+from ninlab.analysis.batch import BatchStudy, study_batch
+from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.analysis.summary import LayerSummary, Summary, summarize
 from ninlab.outputs import output_path, write_text_atomically
