@@ -1,15 +1,97 @@
-"""Shared fixtures. `fashion_mnist` is the real data set: CI installs Debian's dataset-fashion-mnist,
-so there a missing copy fails the tests that need it; elsewhere they are skipped with the reason."""
+"""Shared fixtures and markers.
+
+`fashion_mnist` is the real data set: CI installs Debian's dataset-fashion-mnist, so there a
+missing copy fails the tests that need it; elsewhere they are skipped with the reason.
+
+`machine` tests pin golden numbers that hold only on the reference machine below, and are skipped
+on any other; `cuda` tests need a GPU and are skipped without one; `canary` tests only label
+PyTorch behaviour that ninlab relies on (they always run).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import platform
+from pathlib import Path
 
 import pytest
+import torch
 
 from ninlab.errors import NinlabError
 from ninlab.training.data import FashionMNIST, load_fashion_mnist
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What decides the CPU allocator's bytes (oneDNN's blocked copies and scratchpads):
+
+    - torch: the build, which fixes the oneDNN version and ATen's kernels;
+    - cpu_capability: ATen's vector ISA, which oneDNN's follows on a real CPU: "AVX512" blocks
+      float32 channels by 16, "AVX2" by 8 (seen with ATEN_CPU_CAPABILITY=avx2 and
+      ONEDNN_MAX_CPU_ISA=AVX2 here: a grouped net's allocator peak moves from 2,393,280 to
+      2,630,720 bytes), and a bfloat16 convolution runs on oneDNN only with AVX-512;
+    - vendor: oneDNN picks kernels and blocking by the CPU it detects; not checkable on this
+      machine, so an AMD AVX-512 CPU is not assumed to be the reference.
+    AMX is not a field: capping oneDNN below it (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 or
+    AVX512_CORE) changes none of the golden numbers, as float32 convolutions run on the same
+    avx512_core kernels; only bfloat16 ones would differ, and no golden number is bfloat16.
+    """
+
+    torch: str
+    cpu_capability: str
+    vendor: str
+
+    def __str__(self) -> str:
+        return f"{self.vendor} {self.cpu_capability} with torch {self.torch}"
+
+
+# Where the `machine` tests' golden numbers were measured.
+REFERENCE = Machine(torch="2.13.0+cpu", cpu_capability="AVX512", vendor="GenuineIntel")
+
+
+def this_machine() -> Machine:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    vendors = [line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")]
+    return Machine(
+        torch=torch.__version__,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        vendor=vendors[0] if vendors else platform.machine(),
+    )
+
+
+def reference_machine() -> Machine:
+    """REFERENCE, with fields replaced by NINLAB_REFERENCE_MACHINE ("vendor=AuthenticAMD,...") to
+    see the `machine` tests skipped here, or run them on another machine to re-measure."""
+    override = os.environ.get("NINLAB_REFERENCE_MACHINE", "")
+    fields = dict(pair.split("=", 1) for pair in override.split(",") if pair)
+    return dataclasses.replace(REFERENCE, **fields)
+
+
+def machine_mismatch(reference: Machine, here: Machine) -> str | None:
+    """Why `machine` tests are skipped here, or None on the reference machine."""
+    if here == reference:
+        return None
+    return f"golden numbers measured on {reference}; this is {here}"
+
+
+def pytest_report_header() -> str:
+    reason = machine_mismatch(reference_machine(), this_machine())
+    return f"machine tests: {'skipped, ' + reason if reason else 'run (this is the reference)'}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    machine_reason = machine_mismatch(reference_machine(), this_machine())
+    cuda_reason = None if torch.cuda.is_available() else (
+        f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here"
+    )
+    for item in items:
+        if machine_reason and item.get_closest_marker("machine"):
+            item.add_marker(pytest.mark.skip(reason=machine_reason))
+        if cuda_reason and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason=cuda_reason))
 
 
 @functools.lru_cache(maxsize=1)
