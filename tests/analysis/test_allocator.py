@@ -19,17 +19,11 @@ from ninlab.analysis.allocator import (
     cuda_round_size,
     cuda_segment_bytes,
     mkldnn_conv_forward_allocations,
-    onednn_channel_block,
     peak_above_start_bytes,
     unmodelled_reason,
 )
 
 aten = torch.ops.aten
-
-pytestmark = pytest.mark.skipif(
-    not torch.backends.mkldnn.is_available() or onednn_channel_block() != 16,
-    reason="the rules were measured with oneDNN on an AVX-512 CPU",
-)
 
 
 @pytest.fixture
@@ -76,6 +70,7 @@ def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride
     return args, lambda: aten.convolution.default(*args)
 
 
+@pytest.mark.machine
 @pytest.mark.parametrize(
     "shape",
     [
@@ -121,6 +116,7 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
     return args, lambda: aten.convolution_backward.default(*args)
 
 
+@pytest.mark.machine
 @pytest.mark.parametrize(
     "shape",
     [
@@ -140,6 +136,7 @@ def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Call
     assert op_allocations(call) == deltas(predicted)
 
 
+@pytest.mark.machine
 @pytest.mark.parametrize(
     "shape",
     [
@@ -163,13 +160,24 @@ def test_unmodelled_convolutions_say_why() -> None:
     window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
-    assert "bf16" in unmodelled_reason("aten.convolution.default", bf16)
     assert cpu_allocations("aten.convolution.default", bf16) is None
     channels_last = (x.to(memory_format=torch.channels_last), w, None, *window)
     assert "channels-last" in unmodelled_reason("aten.convolution.default", channels_last)
 
 
+@pytest.mark.machine
+def test_unmodelled_bf16_convolution_says_why() -> None:
+    """PyTorch runs a bfloat16 convolution on oneDNN only where oneDNN has AVX-512 (with AVX2
+    it is Slow2d, and the reason says so instead)."""
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
+    window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
+    assert "bf16" in unmodelled_reason("aten.convolution.default", bf16)
+
+
+@pytest.mark.canary
 def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[[int], None]) -> None:
+    """PyTorch runs a 1x1 conv on one thread at batch < 16 as Slow2d, allocating only its output."""
     threads(1)
     args, call = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
     assert conv_backend(*args) == "Slow2d"
@@ -212,7 +220,10 @@ class _Seen(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.canary
 def test_inference_mode_hands_a_dispatch_mode_undecomposed_composites() -> None:
+    """PyTorch decomposes conv2d and max_pool2d before a dispatch mode sees them, except under
+    inference_mode."""
     pool, conv, x = torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
     with _Seen() as no_grad_seen, torch.no_grad():
         pool(conv(x))
@@ -222,8 +233,10 @@ def test_inference_mode_hands_a_dispatch_mode_undecomposed_composites() -> None:
     assert {"aten.conv2d.default", "aten.max_pool2d.default"} <= set(inference_seen.ops)
 
 
+@pytest.mark.canary
 @pytest.mark.parametrize("guard", [torch.no_grad, torch.inference_mode])
 def test_cpu_max_pool_allocates_int64_indices_without_grad(guard: Callable[[], object]) -> None:
+    """PyTorch's CPU max pool allocates (then frees) int64 indices even when no gradient is kept."""
     x = torch.randn(2, 16, 12, 12)
     output_bytes = 2 * 16 * 6 * 6 * 4
     with guard():  # type: ignore[attr-defined]
@@ -231,7 +244,9 @@ def test_cpu_max_pool_allocates_int64_indices_without_grad(guard: Callable[[], o
     assert measured == [output_bytes, 2 * output_bytes, -2 * output_bytes]  # output, int64 indices freed
 
 
+@pytest.mark.canary
 def test_cpu_dropout_mask_is_float32() -> None:
+    """PyTorch's CPU dropout draws its mask with bernoulli_ into a float32 tensor."""
     x = torch.randn(2, 16, 12, 12, requires_grad=True)
     masks: list[torch.dtype] = []
 

@@ -4,6 +4,7 @@ profiler's own tensor identity, a mechanism that shares nothing with a dispatch 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from cnn_zoo import ZOO
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ninlab.analysis.measure import measure
+from ninlab.analysis.measure import Measurement, measure
 from ninlab.analysis.step import StepSpec, train_step
 from ninlab.cli import main
 from ninlab.errors import NinlabError
@@ -43,34 +44,53 @@ def nin_infer(grad_mode: str = "no_grad") -> StepSpec:
     return StepSpec(input_size=(1, 224, 224), mode="infer", grad_mode=grad_mode)  # type: ignore[arg-type]
 
 
-def test_nin_training_step_at_batch_2(nin: torch.nn.Module) -> None:
-    sgd = measure(nin, nin_train("sgd"), batch_size=2)
+@functools.cache
+def measured(name: str, spec: StepSpec, batch_size: int) -> Measurement:
+    """One measurement of a step, shared by a test of the live level and its `machine` twin of the
+    allocator level (both run with the two threads the autouse fixture pins)."""
+    model = resolve_model(name) if name == "nin-d2l" else ZOO[name].factory()
+    return measure(model, spec, batch_size=batch_size)
+
+
+def test_nin_training_step_at_batch_2() -> None:
+    sgd = measured("nin-d2l", nin_train("sgd"), 2)
     assert sgd.baseline.parameters_bytes == sgd.baseline.gradients_bytes == NIN_PARAMETERS_BYTES
     assert (sgd.baseline.input_bytes, sgd.baseline.targets_bytes) == (2 * 224 * 224 * 4, 2 * 8)
     assert sgd.live_peak_bytes == 28_430_744
     assert (sgd.live_peak_op, sgd.live_peak_phase) == ("aten.threshold_backward.default", "backward")
-    assert sgd.allocator_peak_bytes == 30_824_344
-    assert sgd.allocator_peak_phase == "backward"
-    adam = measure(nin, nin_train("adam"), batch_size=2)
+    adam = measured("nin-d2l", nin_train("adam"), 2)
     # Adam adds two moments per parameter and a float32 step counter per parameter tensor (24).
     assert adam.baseline.optimizer_state_bytes == 2 * NIN_PARAMETERS_BYTES + 24 * 4
     assert adam.live_peak_bytes - sgd.live_peak_bytes == adam.baseline.optimizer_state_bytes
+
+
+@pytest.mark.machine
+def test_nin_training_step_at_batch_2_allocator_level() -> None:
+    sgd = measured("nin-d2l", nin_train("sgd"), 2)
+    assert sgd.allocator_peak_bytes == 30_824_344
+    assert sgd.allocator_peak_phase == "backward"
+    adam = measured("nin-d2l", nin_train("adam"), 2)
     assert adam.allocator_peak_bytes - sgd.allocator_peak_bytes == adam.baseline.optimizer_state_bytes
 
 
-def test_nin_inference_at_batch_2_is_the_same_under_both_guards(nin: torch.nn.Module) -> None:
-    no_grad = measure(nin, nin_infer(), batch_size=2)
-    inference_mode = measure(nin, nin_infer("inference_mode"), batch_size=2)
-    for result in (no_grad, inference_mode):
+def test_nin_inference_at_batch_2_is_the_same_under_both_guards() -> None:
+    for grad_mode in ("no_grad", "inference_mode"):
+        result = measured("nin-d2l", nin_infer(grad_mode), 2)
         # parameters + input + conv1's output + ReLU's output
         assert result.live_peak_bytes == NIN_PARAMETERS_BYTES + 401_408 + 2 * 2 * 96 * 54 * 54 * 4 == 12_849_048
         assert result.live_peak_op == "aten.relu.default"
+
+
+@pytest.mark.machine
+def test_nin_inference_at_batch_2_allocator_level_under_both_guards() -> None:
+    for grad_mode in ("no_grad", "inference_mode"):
+        result = measured("nin-d2l", nin_infer(grad_mode), 2)
         # the next 1x1 conv holds a blocked copy of its input and a blocked result as well
         assert result.allocator_peak_bytes == 15_125_400
         assert result.allocator_peak_op == "aten::mkldnn_convolution"
 
 
-@pytest.mark.parametrize(
+ZOO_AT_BATCH_4 = pytest.mark.parametrize(
     ("name", "train_live", "train_allocator", "infer_live", "infer_allocator"),
     [
         ("resnet_bn", 3_532_552, 3_925_768, 1_412_656, 1_421_872),
@@ -80,13 +100,31 @@ def test_nin_inference_at_batch_2_is_the_same_under_both_guards(nin: torch.nn.Mo
         ("grouped_net", 2_089_792, 2_393_280, 1_179_176, 1_459_752),
     ],
 )
+
+
+@ZOO_AT_BATCH_4
 def test_zoo_at_batch_4(name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int) -> None:
     entry = ZOO[name]
-    train = measure(entry.factory(), StepSpec(input_size=entry.input_size, optimizer="sgd-momentum"), batch_size=4)
-    assert (train.live_peak_bytes, train.allocator_peak_bytes) == (train_live, train_allocator)
+    train = measured(name, StepSpec(input_size=entry.input_size, optimizer="sgd-momentum"), 4)
+    assert train.live_peak_bytes == train_live
     for grad_mode in ("no_grad", "inference_mode"):
-        infer = measure(entry.factory(), StepSpec(input_size=entry.input_size, mode="infer", grad_mode=grad_mode), batch_size=4)
-        assert (infer.live_peak_bytes, infer.allocator_peak_bytes) == (infer_live, infer_allocator)
+        spec = StepSpec(input_size=entry.input_size, mode="infer", grad_mode=grad_mode)
+        infer = measured(name, spec, 4)
+        assert infer.live_peak_bytes == infer_live
+
+
+@pytest.mark.machine
+@ZOO_AT_BATCH_4
+def test_zoo_at_batch_4_allocator_level(
+    name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int
+) -> None:
+    entry = ZOO[name]
+    train = measured(name, StepSpec(input_size=entry.input_size, optimizer="sgd-momentum"), 4)
+    assert train.allocator_peak_bytes == train_allocator
+    for grad_mode in ("no_grad", "inference_mode"):
+        spec = StepSpec(input_size=entry.input_size, mode="infer", grad_mode=grad_mode)
+        infer = measured(name, spec, 4)
+        assert infer.allocator_peak_bytes == infer_allocator
 
 
 def test_vgg_inference_peak_counts_max_pool_indices_under_inference_mode() -> None:
@@ -122,7 +160,9 @@ def _profiler_tensor_peak(model: torch.nn.Module, spec: StepSpec, batch_size: in
     return peak
 
 
+@pytest.mark.canary
 def test_live_level_agrees_with_the_profilers_tensor_identity(nin: torch.nn.Module) -> None:
+    """PyTorch's profiler ties each tensor allocation to a TensorID; they sum to the live level."""
     spec = nin_train("sgd")
     peak = _profiler_tensor_peak(resolve_model("nin-d2l"), spec, 2)
     assert peak == measure(nin, spec, batch_size=2).live_peak_bytes
@@ -130,13 +170,13 @@ def test_live_level_agrees_with_the_profilers_tensor_identity(nin: torch.nn.Modu
 
 def test_cuda_without_a_gpu_is_a_clear_error(nin: torch.nn.Module) -> None:
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+        pytest.skip("checks the error ninlab gives without a GPU; this machine has one")
     spec = StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd")
     with pytest.raises(NinlabError, match="needs a GPU"):
         measure(nin, spec, batch_size=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> None:
     result = measure(nin, StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd"), batch_size=8)
     assert result.allocator_method == "torch.cuda.max_memory_allocated"
@@ -146,7 +186,13 @@ def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> N
 def test_cli_prints_both_levels(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["measure", "--model", "nin-d2l", "--batch", "2", "--mode", "infer"]) == 0
     out = capsys.readouterr().out
-    assert "12,849,048" in out and "15,125,400" in out and "inference (no_grad)" in out
+    assert "12,849,048" in out and "allocator" in out and "inference (no_grad)" in out
+
+
+@pytest.mark.machine
+def test_cli_prints_the_allocator_level(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["measure", "--model", "nin-d2l", "--batch", "2", "--mode", "infer"]) == 0
+    assert "15,125,400" in capsys.readouterr().out
 
 
 @pytest.mark.slow

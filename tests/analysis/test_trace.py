@@ -55,7 +55,9 @@ def test_inference_mode_still_sees_max_pool_indices(nin):
         assert step.target_key == -1
 
 
+@pytest.mark.canary
 def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
+    """PyTorch fuses dropout (bool mask) and runs foreach optimizers on CUDA, not on CPU."""
     cpu = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2))
     cuda = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2))
     def dropout(ops):
@@ -66,7 +68,9 @@ def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
     assert not any(o.op.startswith("aten._foreach_") for o in cpu if o.phase == "optimizer")
 
 
+@pytest.mark.canary
 def test_bf16_autocast_runs_convolutions_in_bf16(nin):
+    """PyTorch's CPU autocast runs convolutions in bf16 and log-softmax in float32."""
     ops = step_ops(record_step(nin, StepSpec((1, 224, 224), amp="bf16", optimizer="sgd"), 2))
     convs = [o for o in ops if o.op == "aten.convolution.default"]
     assert {o.outputs[0].dtype for o in convs} == {torch.bfloat16}
@@ -88,7 +92,9 @@ def test_the_model_is_left_untouched(nin):
     assert all(torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters())
 
 
+@pytest.mark.canary
 def test_batch_norm_statistics_stay_float32_under_autocast():
+    """PyTorch's autocast lets batch norm take bf16 input but keeps its statistics float32."""
     from cnn_zoo import resnet_bn
 
     step = record_step(resnet_bn(), StepSpec((3, 32, 32), amp="bf16", optimizer="sgd"), 2)

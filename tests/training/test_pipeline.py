@@ -36,7 +36,9 @@ def test_resize_equals_pil_when_shrinking_odd_shapes():
         assert np.array_equal(ours, _pil(image, out))
 
 
+@pytest.mark.canary
 def test_plain_float_bilinear_differs_from_pil_which_is_why_the_pipeline_emulates_it(fashion_mnist):
+    """PyTorch's bilinear interpolate is not PIL's resize, so the pipeline must emulate PIL."""
     images = fashion_mnist.train.images[:64]
     book = np.stack([_pil(image.numpy(), (96, 96)) for image in images])
     plain = torch.nn.functional.interpolate(images[:, None].float(), size=(96, 96), mode="bilinear")[:, 0]
