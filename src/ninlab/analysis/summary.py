@@ -230,7 +230,7 @@ def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
                 buffer_elements=sum(b.numel() for b in module.buffers()),
                 forward_flops=sum(forward_flops[n] for n in within),
                 backward_flops=sum(backward_flops[n] for n in within),
-                axes=window_op.window.windows() if window_op and window_op.window else (),
+                axes=window_op.window.axis_windows() if window_op and window_op.window else (),
                 receptive_field=fields.get(window_op.index) if window_op else None,
                 is_leaf=not any(True for _ in module.children()),
             )
@@ -398,7 +398,7 @@ def _input_reach(input_size: tuple[int, ...], chain: list[OpRecord]) -> tuple[In
     spatial = len(input_size) - 1
     reach = []
     for axis in range(spatial):
-        windows = [op.window.windows()[axis] for op in chain if op.window]
+        windows = [op.window.axis_windows()[axis] for op in chain if op.window]
         positions = influencing_positions(windows)
         reach.append(
             InputReach(

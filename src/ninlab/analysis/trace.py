@@ -95,7 +95,8 @@ class WindowOp:
     input_spatial: tuple[int, ...]
     output_spatial: tuple[int, ...]
 
-    def windows(self) -> tuple[AxisWindow, ...]:
+    def axis_windows(self) -> tuple[AxisWindow, ...]:
+        """Where the windows fall along each spatial axis: one `AxisWindow` per axis."""
         return tuple(params.window(size) for params, size in zip(self.axes, self.input_spatial))
 
 
