@@ -4,18 +4,7 @@ import json
 import subprocess
 
 import pytest
-
-from ninlab.cli import main
-
-
-def run(capsys, *argv):
-    """Exit code, stdout and stderr of `ninlab ARGV`, argparse's own exits included."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_run import run
 
 
 def test_summary_table_answers_the_forum_question(capsys):

@@ -5,9 +5,10 @@ import argparse
 import dataclasses
 
 import pytest
+from cli_run import run
 
 from ninlab.analysis.step import StepSpec
-from ninlab.cli import build_parser, main
+from ninlab.cli import build_parser
 from ninlab.cli.options import (
     AMP,
     BATCH,
@@ -56,13 +57,6 @@ def commands_with(flag: str) -> list[str]:
     return [name for name, parser in commands().items() if flag in options(parser)]
 
 
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_every_command_is_known_here():

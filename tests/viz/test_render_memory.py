@@ -6,21 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from ninlab.cli import main
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["summary", *argv])
-    except SystemExit as exit:
-        code = int(exit.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_run import run
 
 
 def test_table_gives_the_peak_the_breakdown_the_reasons_and_the_forum_rule(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--optimizer", "sgd-momentum")
+    code, out, _ = run(capsys, "summary", "--optimizer", "sgd-momentum")
     assert code == 0
     assert "Live tensor peak: 987.46 MiB (1,035,429,584 bytes), during threshold_backward in backward, layer 4.5 (ReLU)" in out
     assert "937,033,728" in out  # saved for backward, at the peak
@@ -30,7 +20,7 @@ def test_table_gives_the_peak_the_breakdown_the_reasons_and_the_forum_rule(capsy
 
 
 def test_json_carries_the_report_and_the_timeline(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--format", "json", "--batch", "128", "--optimizer", "adam")
+    code, out, _ = run(capsys, "summary", "--format", "json", "--batch", "128", "--optimizer", "adam")
     memory = json.loads(out)["memory"]
     assert code == 0
     assert memory["live_peak_bytes"] == 1_043_398_344
@@ -43,7 +33,7 @@ def test_json_carries_the_report_and_the_timeline(capsys: pytest.CaptureFixture[
 
 
 def test_markdown_inference_with_fit(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--format", "markdown", "--mode", "infer", "--batch", "2", "--fit", "1GiB")
+    code, out, _ = run(capsys, "summary", "--format", "markdown", "--mode", "infer", "--batch", "2", "--fit", "1GiB")
     assert code == 0
     assert "**Memory of one inference (no_grad), float32, cpu, batch 2:**" in out
     assert "- Live tensor peak: 12.25 MiB (12,849,048 bytes)" in out
@@ -52,7 +42,7 @@ def test_markdown_inference_with_fit(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--device", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
+    code, out, _ = run(capsys, "summary", "--device", "cuda", "--amp", "bf16", "--batch", "8", "--ddp")
     assert code == 0
     assert "bfloat16 autocast, cuda, DDP, batch 8" in out
     assert "of block rounding" in out
@@ -69,6 +59,6 @@ def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_bad_memory_options_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    code, out, err = run(capsys, "--batch", "2", *argv)
+    code, out, err = run(capsys, "summary", "--batch", "2", *argv)
     assert code == 2 and out == ""
     assert message in err and err.count("\n") == 1
