@@ -34,6 +34,7 @@ CATEGORIES: tuple[str, ...] = (
     "optimizer_state",
     "ddp_buckets",
     "saved_for_backward",
+    "recomputed",
     "forward_temporaries",
     "backward_temporaries",
     "optimizer_temporaries",
@@ -54,13 +55,17 @@ CATEGORY_MEANINGS: dict[str, str] = {
     "saved_for_backward": "activations autograd keeps for backward (a conv's input, a ReLU's "
     "output, max-pool indices, dropout masks, the log-softmax), alive from the op that makes "
     "them until backward has used them",
+    "recomputed": "what activation checkpointing recomputes in backward (the checkpointed "
+    "block's forward run again) and the recomputed graph keeps until backward has used it",
     "forward_temporaries": "outputs of forward and loss ops that autograd does not keep (a conv "
     "output a ReLU replaces, the logits, the loss); in inference, every activation",
     "backward_temporaries": "backward's own tensors other than parameter gradients: gradients "
     "with respect to activations, and intermediate results",
     "optimizer_temporaries": "tensors optimizer.step() makes and frees (Adam's denominator, "
     "foreach lists)",
-    "other": "anything else (tensors made outside the phases above)",
+    "other": "anything else: what the step's own code makes outside the model, backward and the "
+    "optimizer (a GradScaler's scale and unscaling), and what a first step leaves alive besides "
+    "gradients and optimizer state",
 }
 
 
@@ -69,13 +74,21 @@ def describe_categories() -> tuple[tuple[str, str], ...]:
     return tuple((name, CATEGORY_MEANINGS[name]) for name in CATEGORIES)
 
 
-_ROLES = {"parameter": "parameters", "buffer": "buffers", "input": "input", "targets": "targets"}
+_ROLES = {
+    "parameter": "parameters",
+    "buffer": "buffers",
+    "input": "input",
+    "targets": "targets",
+    "gradient": "gradients",  # the warm-up step's, alive when the recorded step starts
+    "optimizer_state": "optimizer_state",
+}
 # A storage with no role that is no gradient, optimizer state or saved tensor is a temporary of
 # the phase that made it.
 _PHASES = {
     "forward": "forward_temporaries",
     "loss": "forward_temporaries",
     "backward": "backward_temporaries",
+    "recompute": "recomputed",
     "optimizer": "optimizer_temporaries",
 }
 
@@ -88,12 +101,6 @@ def categorize(step: StepRecording) -> dict[int, int]:
     saved = {s.storage_key for s in step.recording.saved_for_backward}
     state = set(step.optimizer_state_keys)
     gradients = set(step.gradient_keys.values())
-    # train_step's locals (logits, loss) die when it returns, so what the warm-up step leaves
-    # alive besides optimizer state is its parameters' gradients.
-    for record in storages.values():
-        survives = record.freed_after is None or record.freed_after >= start
-        if record.phase == "warm-up" and survives and record.key not in state:
-            gradients.add(record.key)
     index = {name: i for i, name in enumerate(CATEGORIES)}
     categories: dict[int, int] = {}
     for key, record in storages.items():

@@ -29,10 +29,10 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ninlab.analysis.step import StepSpec, inference_step, step_spec, train_step, valid_batch_size
+from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.step import (
+    StepSpec,
+    inference_step,
+    optimizers_in,
+    step_spec,
+    valid_batch_size,
+)
 from ninlab.errors import NinlabError
-from ninlab.optimizers import make_optimizer
 
 __all__ = ["Baseline", "Measurement", "measure"]
 
@@ -64,6 +70,7 @@ class Baseline:
     optimizer_state_bytes: int
     input_bytes: int
     targets_bytes: int
+    other_bytes: int = 0  # anything else the first step left alive (a GradScaler's scale)
 
     @property
     def total_bytes(self) -> int:
@@ -74,6 +81,7 @@ class Baseline:
             + self.optimizer_state_bytes
             + self.input_bytes
             + self.targets_bytes
+            + self.other_bytes
         )
 
 
@@ -102,17 +110,25 @@ class Measurement:
 class _LiveStorage(TorchDispatchMode):
     """Counts live tensor storage over real ops; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, phases: StepPhases | None = None) -> None:
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_op = ""
         self.peak_phase = ""
         self.current_phase = "setup"
+        self._phases = phases
+        self._mark: record_function | None = None
         self._alive: dict[int, tuple[int, weakref.ref]] = {}  # StorageImpl address -> (bytes, ref)
 
+    def survivors(self) -> list[torch.UntypedStorage]:
+        """The storages counted so far that are still alive."""
+        return [storage for _, ref in self._alive.values() if (storage := ref()) is not None]
+
     def count(self, tensor: torch.Tensor, op: str) -> None:
-        storage = tensor.untyped_storage()
+        self.count_storage(tensor.untyped_storage(), op)
+
+    def count_storage(self, storage: torch.UntypedStorage, op: str) -> None:
         key = storage._cdata  # the C++ StorageImpl: one per storage, however many views
         if key in self._alive or storage.nbytes() == 0:
             return
@@ -129,15 +145,23 @@ class _LiveStorage(TorchDispatchMode):
 
         return freed
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        # The profiler sees the same phases, so its peak can be placed too.
-        previous, self.current_phase = self.current_phase, name
-        try:
-            with record_function(_PHASE_MARK + name):
-                yield
-        finally:
-            self.current_phase = previous
+    def _follow_phase(self) -> None:
+        """Take the step's phase now; the profiler gets a mark per phase, so its peak can be
+        placed too."""
+        phase = self._phases.current if self._phases is not None else "setup"
+        if phase == self.current_phase:
+            return
+        self.current_phase = phase
+        if self._mark is not None:
+            self._mark.__exit__(None, None, None)
+        self._mark = record_function(_PHASE_MARK + phase)
+        self._mark.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mark is not None:
+            self._mark.__exit__(None, None, None)
+            self._mark, self.current_phase = None, "setup"
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -147,6 +171,9 @@ class _LiveStorage(TorchDispatchMode):
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
             with self:
                 return func._op_dk(_COMPOSITE, *args, **kwargs)
+        if func.namespace == "profiler":  # an annotation (optimizers mark their step): not work
+            return func(*args, **kwargs)
+        self._follow_phase()
         output = func(*args, **kwargs)
         # Inputs first: a tensor made before the step and not in the baseline is still memory.
         for tensor in tree_flatten((args, kwargs, output))[0]:
@@ -165,23 +192,35 @@ def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
     return total
 
 
+def _state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    return [
+        value
+        for optimizer in optimizers
+        for values in optimizer.state.values()
+        for value in values.values()
+        if isinstance(value, torch.Tensor)
+    ]
+
+
 def _baseline(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, inputs: torch.Tensor, targets: torch.Tensor | None
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    survivors: list[torch.UntypedStorage],
 ) -> Baseline:
     seen: set[int] = set()  # a storage shared by two roles (tied weights) counts once, first role
     parameters = list(model.parameters())
-    state: list[torch.Tensor] = []
-    if optimizer is not None:
-        for values in optimizer.state.values():
-            state += [v for v in values.values() if isinstance(v, torch.Tensor)]
-    return Baseline(
+    counted = Baseline(
         parameters_bytes=_storage_bytes(parameters, seen),
         buffers_bytes=_storage_bytes(list(model.buffers()), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
-        optimizer_state_bytes=_storage_bytes(state, seen),
+        optimizer_state_bytes=_storage_bytes(_state(optimizers), seen),
         input_bytes=_storage_bytes([inputs], seen),
         targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
     )
+    other = sum(storage.nbytes() for storage in survivors if storage._cdata not in seen)
+    return dataclasses.replace(counted, other_bytes=other)
 
 
 def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str]:
@@ -217,8 +256,8 @@ def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str
 def measure(
     model: nn.Module, spec: StepSpec | None = None, *, batch_size: int, seed: int = 0, **fields: Any
 ) -> Measurement:
-    """Run the step `spec` describes (or its fields, as keywords) for real on its device type at
-    `batch_size`, and measure its memory peaks.
+    """Run the step `spec` describes (or its fields, as keywords; `step=fn` runs the user's own
+    step function) for real on its device type at `batch_size`, and measure its memory peaks.
 
     The model is copied (and cast to the spec's dtype and memory format), so the caller's
     parameters are untouched.
@@ -238,46 +277,67 @@ def measure(
     if inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=spec.torch_memory_format)
     targets: torch.Tensor | None = None
-    optimizer: torch.optim.Optimizer | None = None
+    optimizers: list[torch.optim.Optimizer] = []
     if spec.mode == "train":
         with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
             num_classes = model.eval()(inputs[:1]).shape[-1]
         model.train()
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
-        optimizer = make_optimizer(spec.optimizer, model.parameters())
+        optimizer = spec.make_optimizers(model)
+        optimizers = optimizers_in(optimizer)
+        train = spec.step_function()
 
-        def step(phase: Callable[[str], Any]) -> None:
-            assert optimizer is not None and targets is not None
-            train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, phase=phase)
+        def step() -> object:
+            assert targets is not None
+            return train(model, optimizer, inputs, targets)
 
     else:
         model.eval()
 
-        def step(phase: Callable[[str], Any]) -> None:
-            inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode, phase=phase)
+        def step() -> object:
+            # The logits are dropped at once, as the predictor's one inference drops them.
+            inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode)
+            return None
 
-    live = _LiveStorage()
+    phases = StepPhases(model)
+    # The first step runs under a counter of its own: what it leaves alive besides gradients and
+    # optimizer state (a GradScaler's scale; what it returns, held while the next step runs as a
+    # loop's `loss = step(...)` holds it) is alive when the measured step starts.
+    first = _LiveStorage()
+    live = _LiveStorage(phases)
     if device.type == "cpu":
-        start_level = _baseline(model, optimizer, inputs, targets).total_bytes
+        start_level = _baseline(model, optimizers, inputs, targets, []).total_bytes
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step(live.phase)
-            baseline = _baseline(model, optimizer, inputs, targets)
-            _count_baseline(live, model, optimizer, inputs, targets)
-            with record_function(_STEP_MARK), live:
-                step(live.phase)
+            with first:
+                previous = step()
+            survivors = first.survivors()
+            baseline = _baseline(model, optimizers, inputs, targets, survivors)
+            _count_baseline(live, model, optimizers, inputs, targets, survivors)
+            del survivors  # strong references: the step's zero_grad must be able to free gradients
+            with record_function(_STEP_MARK), phases, live:
+                step()
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         method, device_name = "cpu profiler allocation records", "cpu"
     else:
-        step(live.phase)
+        with first:
+            previous = step()
+        survivors = first.survivors()
         torch.cuda.synchronize(device)
-        baseline = _baseline(model, optimizer, inputs, targets)
-        _count_baseline(live, model, optimizer, inputs, targets)
+        baseline = _baseline(model, optimizers, inputs, targets, survivors)
+        _count_baseline(live, model, optimizers, inputs, targets, survivors)
+        del survivors  # strong references: the step's zero_grad must be able to free gradients
         torch.cuda.reset_peak_memory_stats(device)
-        with live:
-            step(live.phase)
+        with phases, live:
+            step()
         torch.cuda.synchronize(device)
         allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
+    del previous
+    if spec.mode == "train" and not phases.backward_calls:
+        raise NinlabError(
+            f"the step {spec.step_name} never calls backward(), so it trains nothing; call "
+            "loss.backward() in it, or measure mode='infer'"
+        )
     return Measurement(
         spec=spec,
         batch_size=batch_size,
@@ -297,16 +357,17 @@ def measure(
 def _count_baseline(
     live: _LiveStorage,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizers: list[torch.optim.Optimizer],
     inputs: torch.Tensor,
     targets: torch.Tensor | None,
+    survivors: list[torch.UntypedStorage],
 ) -> None:
     tensors = [*model.parameters(), *model.buffers(), inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    if optimizer is not None:
-        for values in optimizer.state.values():
-            tensors += [v for v in values.values() if isinstance(v, torch.Tensor)]
+    tensors += _state(optimizers)
     if targets is not None:
         tensors.append(targets)
     for tensor in tensors:
         live.count(tensor, "baseline")
+    for storage in survivors:
+        live.count_storage(storage, "baseline")

@@ -47,6 +47,7 @@ class Breakdown:
     optimizer_state_bytes: int = 0
     ddp_buckets_bytes: int = 0
     saved_for_backward_bytes: int = 0
+    recomputed_bytes: int = 0
     forward_temporaries_bytes: int = 0
     backward_temporaries_bytes: int = 0
     optimizer_temporaries_bytes: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ninlab.errors import NinlabError
-from ninlab.optimizers import OptimizerSpec, parse_optimizer
+from ninlab.optimizers import OptimizerSpec, make_optimizer, parse_optimizer
 
 __all__ = [
     "AMP_DTYPES",
@@ -31,13 +32,18 @@ __all__ = [
     "GradMode",
     "StepSpec",
     "inference_step",
-    "no_phases",
+    "optimizers_in",
     "step_spec",
     "train_step",
     "valid_batch_size",
 ]
 
-Phase = Callable[[str], AbstractContextManager[None]]
+# One training step as the user writes it: `step(model, optimizer, inputs, targets)`, where
+# `optimizer` is what `StepSpec.make_optimizers` built (an optimizer, or what a factory returned).
+StepFunction = Callable[[nn.Module, Any, torch.Tensor, torch.Tensor], object]
+# Builds what a step function receives as its optimizer, from the model: one optimizer, or a tuple
+# (two optimizers, an optimizer and its GradScaler): everything the step keeps across steps.
+OptimizerFactory = Callable[[nn.Module], Any]
 Mode = Literal["train", "infer"]
 GradMode = Literal["no_grad", "inference_mode"]
 Amp = Literal["bf16", "fp16"]
@@ -62,22 +68,26 @@ class DDPSpec:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """One step: a training step (`mode="train"`: zero_grad, forward, cross-entropy, backward,
-    `optimizer.step()`) or an inference, for one sample size, precision and device.
+    """One step: a training step (`mode="train"`: the built-in zero_grad, forward, cross-entropy,
+    backward, `optimizer.step()`, or the user's own `step` function) or an inference, for one
+    sample size, precision and device.
 
     Built from plain values (`optimizer="adam:weight_decay=0.01"`, `dtype="bfloat16"`,
     `amp="bf16"`, `ddp=True`) or typed ones; either way the fields hold the typed, checked form.
+    `optimizer` may also be a factory, `make(model) -> optimizer or tuple`, for two optimizers,
+    parameter groups or a GradScaler; the step receives what it returns.
     """
 
     input_size: tuple[int, ...] = (1, 224, 224)  # one sample, channels first
     mode: Mode = "train"
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # train only
+    optimizer: OptimizerSpec | OptimizerFactory = field(default_factory=OptimizerSpec)  # train only
     dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
     amp: Amp | None = None  # forward and loss under autocast to this dtype
     device_type: DeviceType = "cpu"  # the device to account for, from any machine
     grad_mode: GradMode = "no_grad"  # infer only: the guard around the forward
     memory_format: MemoryFormat = "contiguous"  # of the input and 4-d parameters
     ddp: DDPSpec | None = None  # train only: DistributedDataParallel's gradient buckets
+    step: StepFunction | None = None  # train only: the user's step; None: the built-in `train_step`
 
     def __post_init__(self) -> None:
         def normalise(name: str, value: object) -> None:
@@ -87,8 +97,11 @@ class StepSpec:
         _choice("mode", self.mode, ("train", "infer"))
         if isinstance(self.optimizer, str):
             normalise("optimizer", parse_optimizer(self.optimizer))
-        elif not isinstance(self.optimizer, OptimizerSpec):
-            raise NinlabError(f"optimizer must be a name such as 'adam' or an OptimizerSpec, not {self.optimizer!r}")
+        elif not isinstance(self.optimizer, OptimizerSpec) and not callable(self.optimizer):
+            raise NinlabError(
+                "optimizer must be a name such as 'adam', an OptimizerSpec or a function "
+                f"make(model) -> optimizer, not {self.optimizer!r}"
+            )
         if isinstance(self.dtype, str):
             _choice("dtype", self.dtype, tuple(DTYPES))
             normalise("dtype", DTYPES[self.dtype])
@@ -106,6 +119,16 @@ class StepSpec:
             normalise("ddp", None)
         if self.ddp is not None and self.mode != "train":
             raise NinlabError("DDP gradient buckets exist only in training; drop ddp or use mode 'train'")
+        if self.step is not None:
+            if not callable(self.step):
+                raise NinlabError(f"step must be a function step(model, optimizer, inputs, targets), not {self.step!r}")
+            if self.mode != "train":
+                raise NinlabError("a step function is a training step; drop step or use mode 'train'")
+            if self.amp is not None:
+                raise NinlabError(
+                    "amp sets the built-in step's autocast; a step function runs its own "
+                    "(torch.autocast inside it): drop amp"
+                )
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -114,6 +137,42 @@ class StepSpec:
     @property
     def torch_memory_format(self) -> torch.memory_format:
         return _MEMORY_FORMATS[self.memory_format]
+
+    @property
+    def optimizer_name(self) -> str:
+        """"adam", or the name of the optimizer factory."""
+        if isinstance(self.optimizer, OptimizerSpec):
+            return self.optimizer.name
+        return _callable_name(self.optimizer)
+
+    @property
+    def step_name(self) -> str:
+        """The step function's qualified name, or "built-in"."""
+        return "built-in" if self.step is None else _callable_name(self.step)
+
+    def step_function(self) -> StepFunction:
+        """The training step to run: the user's, or the built-in one with this spec's autocast."""
+        if self.step is not None:
+            return self.step
+        return functools.partial(train_step, autocast_dtype=self.autocast_dtype)
+
+    def make_optimizers(self, model: nn.Module, *, device_type: str | None = None) -> Any:
+        """What the step receives as its optimizer, built over `model`'s parameters as they are
+        now (the predictor swaps in fake ones first): the named optimizer over the trainable
+        parameters, or what the factory returns. `device_type` as for `make_optimizer`."""
+        if isinstance(self.optimizer, OptimizerSpec):
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            return make_optimizer(self.optimizer, trainable, device_type=device_type)
+        try:
+            built = self.optimizer(model)
+        except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
+            raise NinlabError(f"the optimizer factory {self.optimizer_name} failed: {_one_line(error)}") from None
+        if not optimizers_in(built):
+            raise NinlabError(
+                f"the optimizer factory {self.optimizer_name} returned no torch optimizer; return "
+                "one, or a tuple holding them"
+            )
+        return built
 
     def replace(self, **changes: Any) -> StepSpec:
         """A copy with some fields changed, checked again."""
@@ -134,17 +193,25 @@ class StepSpec:
             "dtype": name(self.dtype),
             "autocast_dtype": name(self.autocast_dtype),
             "device_type": self.device_type,
-            "optimizer": dataclasses.asdict(self.optimizer) if self.mode == "train" else None,
+            "optimizer": self._optimizer_dict() if self.mode == "train" else None,
+            "step": self.step_name if self.mode == "train" else None,
             "grad_mode": self.grad_mode if self.mode == "infer" else None,
             "memory_format": self.memory_format,
             "ddp": dataclasses.asdict(self.ddp) if self.ddp is not None else None,
         }
 
+    def _optimizer_dict(self) -> dict[str, Any]:
+        if isinstance(self.optimizer, OptimizerSpec):
+            return dataclasses.asdict(self.optimizer)
+        return {"factory": self.optimizer_name}
+
     @property
     def title(self) -> str:
-        """The step in a few words, for a heading: "training step (adam)", "inference (no_grad)"."""
+        """The step in a few words, for a heading: "training step (adam)", "inference (no_grad)",
+        "my_step (adam)"."""
         if self.mode == "train":
-            return f"training step ({self.optimizer.name})"
+            name = "training step" if self.step is None else self.step_name
+            return f"{name} ({self.optimizer_name})"
         return f"inference ({self.grad_mode})"
 
     def describe(self, batch_size: int | None = None) -> str:
@@ -153,7 +220,8 @@ class StepSpec:
         dtype = str(self.dtype).removeprefix("torch.")
         precision = dtype + (f" with {str(self.autocast_dtype).removeprefix('torch.')} autocast" if self.amp else "")
         if self.mode == "train":
-            step = f"training step (the second: optimizer state exists) with {self.optimizer.name}"
+            name = "training step" if self.step is None else f"step {self.step_name}"
+            step = f"{name} (the second: optimizer state exists) with {self.optimizer_name}"
         else:
             step = self.title
         words = [step, precision, self.device_type]
@@ -191,6 +259,22 @@ def valid_batch_size(batch_size: int) -> int:
     return value
 
 
+def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers in what `StepSpec.make_optimizers` built (one, or a tuple or list)."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return [v for v in values if isinstance(v, torch.optim.Optimizer)]
+
+
+def _callable_name(function: Callable[..., Any]) -> str:
+    inner = getattr(function, "func", function)  # a functools.partial: the function it binds
+    return getattr(inner, "__qualname__", None) or type(inner).__name__
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _input_size(size: Sequence[int]) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in size)
@@ -208,10 +292,6 @@ def _choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise NinlabError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def no_phases(_name: str) -> AbstractContextManager[None]:
-    return contextlib.nullcontext()
-
-
 def _autocast(inputs: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
@@ -225,26 +305,16 @@ def train_step(
     targets: torch.Tensor,
     *,
     autocast_dtype: torch.dtype | None = None,
-    phase: Phase = no_phases,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """zero_grad(set_to_none=True), forward, cross-entropy, backward, optimizer step.
-
-    `forward` replaces `model(inputs)` (the predictor calls the model with fake parameters).
-    """
-    run = forward or model
-    with phase("zero_grad"):
-        optimizer.zero_grad(set_to_none=True)
+    """The built-in training step: zero_grad(set_to_none=True), forward, cross-entropy, backward,
+    optimizer step. A `StepSpec` without `step` runs this one, with its autocast."""
+    optimizer.zero_grad(set_to_none=True)
     with _autocast(inputs, autocast_dtype):
-        with phase("forward"):
-            logits = run(inputs)
-        with phase("loss"):
-            loss = F.cross_entropy(logits, targets)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
     # `logits` stays referenced until the step returns, as `y_hat` does in d2l's training loop.
-    with phase("backward"):
-        loss.backward()
-    with phase("optimizer"):
-        optimizer.step()
+    loss.backward()
+    optimizer.step()
 
 
 def inference_step(
@@ -253,11 +323,8 @@ def inference_step(
     *,
     autocast_dtype: torch.dtype | None = None,
     grad_mode: GradMode = "no_grad",
-    phase: Phase = no_phases,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The model's forward with no autograd graph; returns the logits."""
-    run = forward or model
     guard = torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad()
-    with guard, _autocast(inputs, autocast_dtype), phase("forward"):
-        return run(inputs)
+    with guard, _autocast(inputs, autocast_dtype):
+        return model(inputs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn import functional as F
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -36,9 +37,9 @@ from typing_extensions import Self
 from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
-from ninlab.analysis.step import StepSpec, inference_step, train_step
+from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.step import StepSpec, inference_step, optimizers_in
 from ninlab.errors import NinlabError
-from ninlab.optimizers import make_optimizer
 
 __all__ = [
     "LayerInputTooSmall",
@@ -243,15 +244,22 @@ class StorageLedger:
 
 
 def harvest_saved_tensors(
-    node_owners: Mapping[Any, str], storage_key: Callable[[torch.Tensor], int]
+    node_owners: Mapping[Any, str],
+    storage_key: Callable[[torch.Tensor], int],
+    *,
+    skip: Container[Any] = (),
 ) -> list[SavedTensor]:
     """What each autograd node in `node_owners` (node -> module) keeps for backward, read from its
     `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key.
 
-    Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs.
+    Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs. Nodes in
+    `skip` saved through saved-tensor hooks (activation checkpointing): unpacking theirs would run
+    the recomputation now, so they are not read; they keep no activation anyway.
     """
     saved: list[SavedTensor] = []
     for node, module in node_owners.items():
+        if node in skip:
+            continue
         for field_name, tensor in _saved_by(node):
             key = storage_key(tensor)
             if key >= 0:
@@ -322,6 +330,7 @@ class _ModuleStack:
         self.stack: list[str] = []
         self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
         self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
+        self.hooked: set[Any] = set()  # nodes made under saved-tensor hooks (checkpointing)
         self.param_owner: dict[int, str] = {
             id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
         }
@@ -364,6 +373,8 @@ class _ModuleStack:
                 adopt = child is not None and not hasattr(child, "variable")
                 if adopt and child not in self.node_owner:
                     self.node_owner[child] = self.node_owner[node]
+                    if node in self.hooked:
+                        self.hooked.add(child)
                     pending.append(child)
 
     def owner_of_node(self, node: Any) -> str:
@@ -393,11 +404,14 @@ class _NodeOwners(TorchFunctionMode):
             output = _cuda_dropout(*args, **kwargs)
         else:
             output = func(*args, **kwargs)
+        hooked = torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
         for value in tree_flatten(output)[0]:
             node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
             if node is not None and node not in self.modules.node_owner:
                 # "" is code outside any module: the loss.
                 self.modules.node_owner[node] = self.modules.current()
+                if hooked:
+                    self.modules.hooked.add(node)
         return output
 
 
@@ -428,9 +442,9 @@ def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 
 
 class Recorder(TorchDispatchMode):
-    """Records every op a step dispatches, in order, as an `OpRecord`: its phase (set with
-    `recorder.phase(name)` around each part of a step), the module running it, its inputs and
-    outputs, FLOPs, window and CPU allocations.
+    """Records every op a step dispatches, in order, as an `OpRecord`: its phase (read from the
+    step as it runs, `ninlab.analysis.phases`), the module running it, its inputs and outputs,
+    FLOPs, window and CPU allocations.
 
     The storages ops make go to its `StorageLedger`; as backward begins, what autograd saved is
     harvested (`harvest_saved_tensors`). `recording` holds all of it.
@@ -440,14 +454,23 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.emulate_cuda = emulate_cuda
         self._paused = False
-        self.current_phase = "setup"
+        self._warming_up = False
         self.modules = _ModuleStack(model)
+        self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
         self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
         self.recording = Recording(
             storages=self.ledger.storages,
             events=self.ledger.events,
             module_outputs=self.modules.outputs,
         )
+
+    @property
+    def current_phase(self) -> str:
+        """The phase an op dispatched now belongs to (see `ninlab.analysis.phases`): "setup"
+        before the recorder is entered, "warm-up" during a warm-up step."""
+        if self._warming_up:
+            return "warm-up"
+        return self.phases.current if self._entered else "setup"
 
     def track(self, tensor: torch.Tensor, role: str) -> None:
         """Register, in the current phase, a tensor made before or outside recording (see
@@ -458,25 +481,18 @@ class Recorder(TorchDispatchMode):
         """The serial key of a live tensor's storage (-1 if it was never seen)."""
         return self.ledger.key(tensor)
 
-    # -- phases and pauses ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Ops run inside are part `name` of the step. Backward starts by harvesting what
-        autograd saved, while the whole graph is still there."""
-        if name == "backward":
-            self._harvest_saved_tensors()
-        previous, self.current_phase = self.current_phase, name
-        try:
-            yield
-        finally:
-            self.current_phase = previous
-
+    # -- what autograd saved, pauses, the warm-up -----------------------------------------------
     def _harvest_saved_tensors(self) -> None:
+        """As each backward begins, while its whole graph is still there: what autograd saved,
+        added to what earlier backward calls of the step saw (gradient accumulation runs several)."""
+        if self._paused or self._warming_up:
+            return
         self.modules.adopt_inner_nodes()
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
-            self.recording.saved_for_backward = harvest_saved_tensors(
-                self.modules.node_owner, self.ledger.key
-            )
+            harvested = harvest_saved_tensors(self.modules.node_owner, self.ledger.key, skip=self.modules.hooked)
+        saved = self.recording.saved_for_backward
+        seen = set(saved)
+        saved += [entry for entry in harvested if entry not in seen]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -487,15 +503,32 @@ class Recorder(TorchDispatchMode):
         finally:
             self._paused = False
 
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Ops run but are not recorded; the storages they make are tracked (phase "warm-up"), so
+        whatever a first step leaves alive (gradients, optimizer state, a GradScaler's scale) is
+        alive when the recorded step starts."""
+        self._warming_up = True
+        try:
+            yield
+        finally:
+            self._warming_up = False
+
     # -- dispatch ---------------------------------------------------------------------------------
+    _entered = False
+
     def __enter__(self) -> Self:
         self.modules.__enter__()
         self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
         self._node_owners.__enter__()
+        self.phases.__enter__()
+        self._entered = True
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
+        self._entered = False
+        self.phases.__exit__(*exc)
         self._node_owners.__exit__(*exc)
         self.modules.__exit__(*exc)
 
@@ -503,6 +536,12 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _METADATA_OPS or self._paused:
             return func(*args, **kwargs)
+        if self._warming_up:
+            output = func(*args, **kwargs)
+            for tensor in tree_flatten(output)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            return output
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
@@ -630,10 +669,14 @@ def record_step(
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it.
 
-    A training step runs twice: the first (unrecorded; its gradients and optimizer state are
-    registered) and the second, analysed: the steady state, when optimizer state exists. Without
-    `optimizer_step`, one forward, loss and backward are recorded and nothing else (what FLOP
-    counts cover). The model's own parameters are not touched: fake copies stand in for them.
+    A training step (the built-in one or `spec.step`) runs twice: the first as a warm-up (not
+    recorded; whatever it leaves alive, gradients and optimizer state, is tracked) and the second,
+    analysed: the steady state, when optimizer state exists. Without `optimizer_step`, one forward,
+    cross-entropy and backward are recorded and nothing else (what FLOP counts cover).
+
+    The model's own parameters are not touched: fake copies stand in for them, swapped into the
+    model for the duration of the step (as `torch.func.functional_call` does), so the step calls
+    `model(inputs)` as it would for real, and the optimizer is built over the fakes.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
@@ -661,50 +704,47 @@ def record_step(
         recorder.track(inputs, "input")
         if targets is not None:
             recorder.track(targets, "targets")
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(model, fakes, (x,), tie_weights=True, strict=False)
-
-        parameters = [t for t in fakes.values() if isinstance(t, nn.Parameter)]
+        trainable = [t for t in fakes.values() if isinstance(t, nn.Parameter) and t.requires_grad]
         names = {id(t): name for name, t in fakes.items()}
         gradient_order: list[str] = []
-        with fake_mode, recorder:
+        optimizers: list[torch.optim.Optimizer] = []
+        step_start = 0
+        with fake_mode, _reparametrize_module(model, fakes, tie_weights=True, strict=False), recorder:
             if not trains:
-                step_start = 0
-                inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode, phase=recorder.phase, forward=forward)
-                optimizer = None
+                inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode)
+            elif not optimizer_step:
+                _forward_backward(model, inputs, targets, spec.autocast_dtype)
             else:
-                optimizer = make_optimizer(spec.optimizer, parameters, device_type=spec.device_type)
-                if optimizer_step:
-                    # Only what step 1 leaves behind matters (gradients, optimizer state), so it
-                    # runs unrecorded and its survivors are registered, which halves the work.
-                    with recorder.paused():
-                        train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, forward=forward)
-                    with recorder.phase("warm-up"):
-                        _track_survivors(recorder, parameters, optimizer)
+                optimizer = spec.make_optimizers(model, device_type=spec.device_type)
+                optimizers = optimizers_in(optimizer)
+                step = spec.step_function()
+                with recorder.warming_up():
+                    # Held while the recorded step runs, as a loop's `loss = step(...)` holds it.
+                    previous = step(model, optimizer, inputs, targets)
+                _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
-                hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in parameters]
-                if optimizer_step:
-                    train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, phase=recorder.phase, forward=forward)
-                else:
-                    _forward_backward(forward, inputs, targets, spec.autocast_dtype, recorder.phase)
+                hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in trainable]
+                step(model, optimizer, inputs, targets)
                 for hook in hooks:
                     hook.remove()
+                del previous
     finally:
         model.train(was_training)
         fake_log.setLevel(log_level)
-    state_keys: list[int] = []
-    if optimizer is not None and optimizer_step:
-        for state in optimizer.state.values():
-            state_keys += [recorder.storage_key(v) for v in state.values() if isinstance(v, torch.Tensor)]
+    if trains and optimizer_step and not recorder.phases.backward_calls:
+        raise NinlabError(
+            f"the step {spec.step_name} never calls backward(), so it trains nothing; call "
+            "loss.backward() in it, or predict mode='infer'"
+        )
+    state_keys = [recorder.storage_key(t) for t in _optimizer_state(optimizers)]
     return StepRecording(
         recording=recorder.recording,
         spec=spec,
         batch_size=batch_size,
         step_start=step_start,
-        parameter_keys={names[id(p)]: recorder.storage_key(p) for p in parameters},
-        gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in parameters if p.grad is not None},
+        parameter_keys={name: recorder.storage_key(t) for name, t in fakes.items() if isinstance(t, nn.Parameter)},
+        gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in trainable if p.grad is not None},
         optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
         input_key=recorder.storage_key(inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
@@ -712,28 +752,35 @@ def record_step(
     )
 
 
-def _track_survivors(recorder: Recorder, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Register what a first step left: gradients and optimizer state. A function of its own, so
+def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    return [
+        value
+        for optimizer in optimizers
+        for per_parameter in optimizer.state.values()
+        for value in per_parameter.values()
+        if isinstance(value, torch.Tensor)
+    ]
+
+
+def _name_survivors(
+    recorder: Recorder, parameters: list[nn.Parameter], optimizers: list[torch.optim.Optimizer]
+) -> None:
+    """Give what the warm-up left alive its role: gradients and optimizer state; the rest (a
+    GradScaler's scale, anything the step keeps) stays the warm-up's. A function of its own, so
     no loop variable outlives it holding a gradient that zero_grad must free."""
-    state = [value for per_parameter in optimizer.state.values() for value in per_parameter.values()]
-    for tensor in [p.grad for p in parameters] + state:
-        if isinstance(tensor, torch.Tensor):
-            recorder.track(tensor, "")
+    for tensors, role in (([p.grad for p in parameters if p.grad is not None], "gradient"), (_optimizer_state(optimizers), "optimizer_state")):
+        for tensor in tensors:
+            key = recorder.storage_key(tensor)
+            if key >= 0:
+                recorder.recording.storages[key].role = role
 
 
 def _forward_backward(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    autocast_dtype: torch.dtype | None,
-    phase: Callable[[str], Any],
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast_dtype: torch.dtype | None
 ) -> None:
     """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        with phase("forward"):
-            logits = forward(inputs)
-        with phase("loss"):
-            loss = torch.nn.functional.cross_entropy(logits, targets)
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
     del logits
-    with phase("backward"):
-        loss.backward()
+    loss.backward()

@@ -559,7 +559,7 @@ def _draw_flops(chart: FlopsChart) -> Figure:
 # One colour per memory category, the same in every chart.
 _CATEGORY_COLORS = dict(zip(CATEGORIES, (
     "#8C8C8C", "#B5B5B5", "#937860", "#C8B08F", "#DD8452", "#DA8BC3",
-    "#8172B3", "#4C72B0", "#64B5CD", "#C44E52", "#CCB974", "#55A868",
+    "#8172B3", "#4C72B0", "#1F3A68", "#64B5CD", "#C44E52", "#CCB974", "#55A868",
 )))
 
 
