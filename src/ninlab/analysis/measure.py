@@ -48,6 +48,7 @@ from ninlab.analysis.step import (
     StepSpec,
     inference_step,
     optimizers_in,
+    step_failed,
     step_spec,
     valid_batch_size,
 )
@@ -289,7 +290,14 @@ def measure(
 
         def step() -> object:
             assert targets is not None
-            return train(model, optimizer, inputs, targets)
+            try:
+                return train(model, optimizer, inputs, targets)
+            except NinlabError:
+                raise
+            except Exception as error:
+                if spec.step is None:
+                    raise
+                raise step_failed(spec, error, f"real tensors, batch {batch_size}") from None
 
     else:
         model.eval()

@@ -50,7 +50,7 @@ from ninlab.analysis.memory_report import (
     Timeline,
     TimelinePoint,
 )
-from ninlab.analysis.step import DDPSpec, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
 from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import format_bytes
@@ -93,15 +93,26 @@ def predict_memory(
         step = record_step(model, spec, batch_size)
     except _NOT_TRACEABLE as error:
         return _measured_report(model, spec, batch_size, name, error)
-    except RuntimeError as error:  # the model rejects the batch: wrong channels, rank or output
-        reason = str(error).strip().splitlines()[0]
-        size = "x".join(map(str, spec.input_size))
-        raise NinlabError(
-            f"the model cannot run a {spec.mode} step on a batch of {size} inputs ({reason}); give "
-            "the input size it expects, channels first (training also needs (batch, classes) "
-            "logits for cross-entropy)"
-        ) from None
+    except NinlabError:
+        raise
+    except Exception as error:  # a step function may raise anything: its own error, in one line
+        if spec.step is not None:
+            raise step_failed(spec, error, "fake tensors") from None
+        if isinstance(error, RuntimeError):  # the built-in step: the model rejects the batch
+            raise _rejected_batch(spec, error) from None
+        raise
     return _report(model, step, name)
+
+
+def _rejected_batch(spec: StepSpec, error: RuntimeError) -> NinlabError:
+    """The model rejects the batch: wrong channels, rank or output."""
+    reason = str(error).strip().splitlines()[0]
+    size = "x".join(map(str, spec.input_size))
+    return NinlabError(
+        f"the model cannot run a {spec.mode} step on a batch of {size} inputs ({reason}); give "
+        "the input size it expects, channels first (training also needs (batch, classes) "
+        "logits for cross-entropy)"
+    )
 
 
 def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:

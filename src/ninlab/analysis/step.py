@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import operator
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -32,7 +33,9 @@ __all__ = [
     "GradMode",
     "StepSpec",
     "inference_step",
+    "load_step",
     "optimizers_in",
+    "step_failed",
     "step_spec",
     "train_step",
     "valid_batch_size",
@@ -180,7 +183,7 @@ class StepSpec:
 
     def inference(self) -> StepSpec:
         """The inference of this step's model, input and precision."""
-        return self.replace(mode="infer", ddp=None)
+        return self.replace(mode="infer", ddp=None, step=None)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain values (dtypes by name), for JSON."""
@@ -257,6 +260,34 @@ def valid_batch_size(batch_size: int) -> int:
     if value < 1:
         raise NinlabError(f"batch size must be at least 1, got {value}")
     return value
+
+
+def load_step(path: str) -> StepFunction:
+    """The step function `package.module:function` names, or one line saying what is wrong."""
+    module_path, _, attribute = path.partition(":")
+    if not module_path or not attribute:
+        raise NinlabError(f"name a step as package.module:function, not {path!r}")
+    try:
+        module = importlib.import_module(module_path)
+    except Exception as error:  # noqa: BLE001 - any import failure is the user's, in one line
+        raise NinlabError(
+            f"cannot import {module_path!r} for step {path!r} ({_one_line(error)}); check the "
+            "module path and that it is on PYTHONPATH"
+        ) from None
+    if not hasattr(module, attribute):
+        raise NinlabError(f"{module_path!r} has no {attribute!r}; name a function step(model, optimizer, inputs, targets)")
+    step = getattr(module, attribute)
+    if not callable(step):
+        raise NinlabError(
+            f"{path!r} is a {type(step).__name__}, not a function; name a function "
+            "step(model, optimizer, inputs, targets)"
+        )
+    return step
+
+
+def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
+    """One line for a user's step function that raised: its own error, and where it ran."""
+    return NinlabError(f"the step {spec.step_name} raised on {where}: {_one_line(error)}")
 
 
 def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:

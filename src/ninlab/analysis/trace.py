@@ -455,6 +455,7 @@ class Recorder(TorchDispatchMode):
         self.emulate_cuda = emulate_cuda
         self._paused = False
         self._warming_up = False
+        self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
         self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
@@ -536,6 +537,12 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _METADATA_OPS or self._paused:
             return func(*args, **kwargs)
+        if func is aten._local_scalar_dense.default and self.ledger.key(args[0]) in self._overflow_flags:
+            # A GradScaler asks whether unscaling found an inf or NaN: the steady state has none,
+            # so the optimizer steps. Any other value a step reads needs real data.
+            return 0.0
+        if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
+            self._overflow_flags.add(self.ledger.key(args[1]))
         if self._warming_up:
             output = func(*args, **kwargs)
             for tensor in tree_flatten(output)[0]:

@@ -26,7 +26,15 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from ninlab.analysis.step import AMP_DTYPES, DTYPES, DeviceType, GradMode, Mode, StepSpec
+from ninlab.analysis.step import (
+    AMP_DTYPES,
+    DTYPES,
+    DeviceType,
+    GradMode,
+    Mode,
+    StepSpec,
+    load_step,
+)
 from ninlab.models import resolve_model
 from ninlab.optimizers import OPTIMIZER_NAMES
 from ninlab.training.data import FashionMNIST, default_search_path, load_fashion_mnist
@@ -183,6 +191,13 @@ CHANNELS_LAST = _switch(
     "channels-last memory layout of the input and 4-d weights (faster on CPUs and tensor cores)",
 )
 
+STEP = _flag(
+    "step",
+    "your own training step, a function step(model, optimizer, inputs, targets) named as "
+    "package.module:function; it is run on fake tensors to predict, on real ones to measure",
+    metavar="MODULE:FUNCTION",
+)
+
 # Training options: TrainConfig's fields, each over the preset's value when given.
 VARIANT = _flag(
     "variant", "NiN from the registry, optionally with settings, e.g. nin-d2l:num_1x1=1",
@@ -294,7 +309,8 @@ def add_step_options(
     parser: argparse.ArgumentParser, *, mode: str | None = "train", ddp: bool = True
 ) -> None:
     """--mode (`mode`: what the command does without it; None: the command has no --mode),
-    --optimizer, --amp, --device, --grad-mode, --ddp (unless `ddp` is False), --channels-last.
+    --optimizer, --amp, --device, --grad-mode, --ddp (unless `ddp` is False), --channels-last,
+    --step.
 
     Defaults are StepSpec's: a flag not given leaves its field to StepSpec."""
     group = parser.add_argument_group("step options")
@@ -307,6 +323,7 @@ def add_step_options(
     if ddp:
         DDP.add(group)
     CHANNELS_LAST.add(group, shown="no")
+    STEP.add(group, shown="the built-in step")
 
 
 def step_spec(args: argparse.Namespace, **fields: Any) -> StepSpec:
@@ -320,6 +337,7 @@ def step_spec(args: argparse.Namespace, **fields: Any) -> StepSpec:
         "grad_mode": args.grad_mode,
         "ddp": getattr(args, "ddp", None),  # nor one that runs a single process
         "memory_format": {True: "channels_last", False: "contiguous"}.get(args.channels_last),
+        "step": load_step(args.step) if args.step else None,
     }
     given = {name: value for name, value in given.items() if value is not None}
     return StepSpec(input_size=args.input, dtype=args.dtype, **{**given, **fields})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -98,15 +99,21 @@ class RunCost:
 
 
 def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> StepSpec:
-    """The step a rank of this run takes, as the accountant describes it: the run's optimizer,
-    precision, memory format and DDP."""
+    """The step a rank of this run takes, as the accountant describes it: this module's own
+    `train_step` with the run's loss settings and autocast, its optimizer, memory format and DDP."""
+    step = functools.partial(
+        train_step,
+        amp=config.amp,
+        label_smoothing=config.label_smoothing,
+        loss_scale=world_size / config.batch_size,
+    )
     return StepSpec(
         input_size=(1, config.image_size, config.image_size),
         optimizer=_optimizer_spec(config),
-        amp="bf16" if config.amp == "bf16" else None,
         device_type=device_type,
         memory_format="channels_last" if config.channels_last else "contiguous",
         ddp=world_size > 1,
+        step=step,
     )
 
 
