@@ -229,7 +229,7 @@ def test_step_and_amp_do_not_mix() -> None:
     [
         ("no_such_module_xyz:step", "cannot import 'no_such_module_xyz'"),
         ("math:no_such_step", "'math' has no 'no_such_step'"),
-        ("math:pi", "'math:pi' is a float, not a function"),
+        ("math:pi", "'math:pi' is not a function but a float"),
         ("math", "name a step as package.module:function"),
     ],
 )

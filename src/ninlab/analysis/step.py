@@ -279,7 +279,7 @@ def load_step(path: str) -> StepFunction:
     step = getattr(module, attribute)
     if not callable(step):
         raise NinlabError(
-            f"{path!r} is a {type(step).__name__}, not a function; name a function "
+            f"{path!r} is not a function but a {type(step).__name__}; name a function "
             "step(model, optimizer, inputs, targets)"
         )
     return step
