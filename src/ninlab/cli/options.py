@@ -269,7 +269,7 @@ OUTPUT_DIR = _flag(
 # Every flag, each once: what the tests hold every command's parser to.
 FLAGS: tuple[Flag, ...] = tuple(
     dict.fromkeys((
-        MODEL, INPUT, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP, CHANNELS_LAST,
+        MODEL, INPUT, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP, CHANNELS_LAST, STEP,
         *_TRAINING, LAYER, BUDGET, DATA_DIR, NO_DOWNLOAD, FORMAT, OUTPUT, OUTPUT_DIR,
     ))
 )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ninlab.analysis.batch import BatchFit, BatchScaling, fit_batch, memory_vs_batch
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.planner import BudgetPlan, plan_budget
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.summary import summarize
@@ -22,6 +23,7 @@ from ninlab.cli.options import (
 )
 from ninlab.viz.render import print_summary, summary_csv, summary_markdown, summary_to_dict
 from ninlab.viz.render_memory import memory_markdown, memory_to_dict, print_memory
+from ninlab.viz.render_plan import plan_lines, plan_to_dict
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class MemorySection:
     report: MemoryReport
     scaling: BatchScaling | None  # with --fit: the peak as fixed + per-sample bytes
     fit: BatchFit | None
+    plan: BudgetPlan | None  # with --fit, training: the largest batch under each alternative
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--explain", action="store_true", help="print the arithmetic behind every rounded size"
     )
     parser.add_argument(
-        "--fit", metavar="BUDGET", help="largest batch whose training peak fits, e.g. 8GiB, 500MB"
+        "--fit",
+        metavar="BUDGET",
+        help="largest batch whose peak fits, e.g. 8GiB, 500MB; for training, also under bf16, "
+        "checkpointing, accumulation and other optimizers, with a recommendation",
     )
     parser.set_defaults(func=run)
 
@@ -68,14 +74,20 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         data = summary_to_dict(summary)
         data["memory"] = memory_to_dict(memory.report, scaling=memory.scaling, fit=memory.fit)
+        data["memory"]["plan"] = plan_to_dict(memory.plan) if memory.plan else None
         print(json.dumps(data, indent=2))
     elif args.format == "markdown":
         print(summary_markdown(summary, explain=args.explain))
         print(memory_markdown(memory.report, scaling=memory.scaling, fit=memory.fit), end="")
+        if memory.plan:
+            heading, *options, recommendation = plan_lines(memory.plan)
+            print("\n".join(["", f"**{heading}**", "", *(f"- {line.strip()}" for line in options), "", f"**{recommendation}**"]))
     else:
         print_summary(summary, explain=args.explain)
         print()
         print_memory(memory.report, scaling=memory.scaling, fit=memory.fit)
+        if memory.plan:
+            print("\n".join(plan_lines(memory.plan)))
     return 0
 
 
@@ -84,7 +96,7 @@ def _memory_section(choice: ModelChoice, spec: StepSpec, *, fit: str | None) -> 
         choice.model, spec, batch_size=choice.batch_size, model_name=choice.name
     )
     if fit is None:
-        return MemorySection(report, None, None)
+        return MemorySection(report, None, None, None)
     batch_fit = fit_batch(choice.model, spec, budget=fit)
     scaling = memory_vs_batch(
         choice.model,
@@ -93,4 +105,7 @@ def _memory_section(choice: ModelChoice, spec: StepSpec, *, fit: str | None) -> 
         check_batch_size=choice.batch_size,
         level=batch_fit.level,
     )
-    return MemorySection(report, scaling, batch_fit)
+    plan = None
+    if spec.mode == "train":
+        plan = plan_budget(choice.model, spec, budget=fit, batch_size=choice.batch_size)
+    return MemorySection(report, scaling, batch_fit, plan)

@@ -1,0 +1,246 @@
+"""How to fit a batch into a memory budget: the largest batch of the step as given, and under each
+alternative that changes memory, each an exact prediction, with what it costs in compute.
+
+The alternatives: bf16 autocast; activation checkpointing (`torch.utils.checkpoint`,
+non-reentrant) of each top-level block that has parameters, and of all of them; gradient
+accumulation in k micro-batches that keeps the requested global batch; SGD, SGD with momentum
+and Adam state. Each is a real step (a `StepSpec` with a step function built here), predicted
+like any other (`ninlab.analysis.batch.fit_batch`); its compute is the FLOPs of its recorded ops
+(forward, backward, the recomputation, the update) at the requested batch.
+
+The recommendation is the alternative that fits the requested batch with the least compute; on
+a tie, the one that changes the least: accumulation (the same arithmetic, in parts), then bf16
+(a precision), then checkpointing (recomputes), then another optimizer (another algorithm).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ninlab.analysis.batch import fit_batch
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepFunction, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.trace import record_step
+from ninlab.errors import NinlabError
+from ninlab.optimizers import OptimizerSpec
+from ninlab.units import format_bytes, format_flops, parse_bytes
+
+__all__ = ["BudgetPlan", "PlanOption", "plan_budget"]
+
+_OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
+_PREFERENCE = {"as given": 0, "accumulation": 1, "autocast": 2, "checkpointing": 3, "optimizer": 4}
+
+
+@dataclass(frozen=True)
+class PlanOption:
+    """One way to run the step: the largest batch that fits (`fit`; for accumulation, the global
+    batch asked for, in `micro_batches` parts), and the compute of a step at the requested batch."""
+
+    name: str  # "as given", "bf16 autocast", "checkpoint 0", "accumulate 4 x 32", "adam", ...
+    kind: str  # "as given", "autocast", "checkpointing", "accumulation" or "optimizer"
+    largest_batch: int  # 0: not even batch 1 fits
+    peak_bytes: int  # the allocator's peak at the requested batch
+    fits_requested: bool
+    step_flops: int  # forward, backward, recomputation and update at the requested batch
+    recomputed_flops: int
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget_bytes: int
+    batch_size: int  # the global batch asked for
+    spec: StepSpec
+    options: tuple[PlanOption, ...]  # the step as given first
+    recommendation: str
+
+    @property
+    def recommended(self) -> PlanOption | None:
+        fitting = [option for option in self.options if option.fits_requested]
+        return min(fitting, key=_rank, default=None)
+
+
+def _rank(option: PlanOption) -> tuple[int, int]:
+    return option.step_flops, _PREFERENCE[option.kind]
+
+
+def plan_budget(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    budget: int | str,
+    batch_size: int,
+    **fields: Any,
+) -> BudgetPlan:
+    """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
+    as given and each alternative, and which one to use for `batch_size`."""
+    spec = step_spec(spec, **fields)
+    batch_size = valid_batch_size(batch_size)
+    if spec.mode != "train":
+        raise NinlabError("the budget planner plans a training step; use mode 'train'")
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    alternatives = [("as given", "as given", spec, 1)]
+    alternatives += _autocast(spec)
+    alternatives += _checkpointing(model, spec)
+    alternatives += _accumulation(model, spec, budget_bytes, batch_size)
+    alternatives += _optimizers(spec)
+    options = tuple(
+        _option(model, name, kind, alternative, micro_batches, budget_bytes, batch_size)
+        for name, kind, alternative, micro_batches in alternatives
+    )
+    plan = BudgetPlan(budget_bytes, batch_size, spec, options, "")
+    return BudgetPlan(budget_bytes, batch_size, spec, options, _recommendation(plan))
+
+
+def _option(
+    model: nn.Module, name: str, kind: str, spec: StepSpec, micro_batches: int, budget: int, batch_size: int
+) -> PlanOption:
+    peak = predict_memory(model, spec, batch_size=batch_size).allocator_peak_bytes
+    if kind == "accumulation":
+        largest = batch_size if peak <= budget else 0
+    else:
+        try:
+            largest = fit_batch(model, spec, budget=budget).batch_size
+        except NinlabError:  # not even batch 1 fits
+            largest = 0
+    recording = record_step(model, spec, batch_size)
+    ops = recording.recording.ops[recording.step_start :]
+    flops = sum(op.flops for op in ops)
+    recomputed = sum(op.flops for op in ops if op.phase == "recompute")
+    return PlanOption(name, kind, largest, peak, peak <= budget, flops, recomputed, micro_batches)
+
+
+# -- the alternatives ----------------------------------------------------------------------------
+
+
+def _autocast(spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+    if spec.amp is not None:
+        return []
+    if spec.step is None:
+        return [("bf16 autocast", "autocast", spec.replace(amp="bf16"), 1)]
+    return [("bf16 autocast", "autocast", spec.replace(step=_under_autocast(spec.step)), 1)]
+
+
+def _checkpointing(model: nn.Module, spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+    blocks = tuple(
+        name for name, child in model.named_children() if any(True for _ in child.parameters())
+    )
+    if not blocks:
+        return []
+    step = spec.step_function()
+    alternatives = [
+        (f"checkpoint {name}", "checkpointing", _with_step(spec, _checkpointed((name,), step)), 1) for name in blocks
+    ]
+    if len(blocks) > 1:
+        alternatives.append(("checkpoint all blocks", "checkpointing", _with_step(spec, _checkpointed(blocks, step)), 1))
+    return alternatives
+
+
+def _accumulation(
+    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
+) -> list[tuple[str, str, StepSpec, int]]:
+    """The fewest micro-batches (2, 4, 8, ...) whose step fits the requested batch; accumulation is
+    built from the built-in step, so a step function of the user's gets none."""
+    if spec.step is not None:
+        return []
+    micro_batches = 2
+    while micro_batches <= batch_size:
+        alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
+        if predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes <= budget:
+            break
+        micro_batches *= 2
+    micro_batches = min(micro_batches, batch_size)
+    alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
+    size = -(-batch_size // micro_batches)
+    return [(f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches)]
+
+
+def _optimizers(spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+    if not isinstance(spec.optimizer, OptimizerSpec):
+        return []  # a factory of the user's: its optimizers are its own
+    return [
+        (name, "optimizer", spec.replace(optimizer=OptimizerSpec(name=name, lr=spec.optimizer.lr)), 1)
+        for name in _OPTIMIZERS
+        if name != spec.optimizer.name
+    ]
+
+
+def _with_step(spec: StepSpec, step: StepFunction) -> StepSpec:
+    """`spec` running `step`, its autocast moved into the step (a step function runs its own)."""
+    return spec.replace(step=step, amp=None)
+
+
+# -- the step functions the alternatives run -----------------------------------------------------
+
+
+def _under_autocast(step: StepFunction) -> StepFunction:
+    def autocast_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> object:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
+            return step(model, optimizer, inputs, targets)
+
+    return autocast_step
+
+
+def _checkpointed(blocks: tuple[str, ...], step: StepFunction) -> StepFunction:
+    """`step` with each of `blocks` (top-level children) run under non-reentrant checkpointing:
+    the blocks keep only their input, and their forward runs again in backward."""
+
+    def checkpointing_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> object:
+        modules = [model.get_submodule(name) for name in blocks]
+        for module in modules:
+            # An instance attribute over the class's forward, removed afterwards.
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+        try:
+            return step(model, optimizer, inputs, targets)
+        finally:
+            for module in modules:
+                del module.forward
+
+    return checkpointing_step
+
+
+def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> StepFunction:
+    """The built-in step in `micro_batches` parts: each part's mean loss over `micro_batches`
+    backward, gradients summed, one update."""
+
+    def accumulating_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for part, part_targets in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
+            with torch.autocast(inputs.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                loss = F.cross_entropy(model(part), part_targets) / micro_batches
+            loss.backward()
+        optimizer.step()
+
+    return accumulating_step
+
+
+# -- the recommendation -----------------------------------------------------------------------------
+
+
+def _recommendation(plan: BudgetPlan) -> str:
+    given = plan.options[0]
+    budget = format_bytes(plan.budget_bytes)
+    if given.fits_requested:
+        return (
+            f"batch {plan.batch_size} fits {budget} as given (largest {given.largest_batch}, peak "
+            f"{format_bytes(given.peak_bytes)}); nothing to change"
+        )
+    best = plan.recommended
+    if best is None:
+        return (
+            f"batch {plan.batch_size} fits {budget} under no alternative; the largest batch is "
+            f"{max(option.largest_batch for option in plan.options)}: lower the batch or combine alternatives"
+        )
+    extra = best.step_flops - given.step_flops
+    cost = f"{format_flops(extra)} more compute per step" if extra > 0 else "no extra compute"
+    return (
+        f"use {best.name}: batch {plan.batch_size} fits {budget} (peak {format_bytes(best.peak_bytes)}), "
+        f"{cost}"
+    )
