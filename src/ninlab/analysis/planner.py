@@ -6,7 +6,8 @@ non-reentrant) of each top-level block that has parameters, and of all of them; 
 accumulation in k micro-batches that keeps the requested global batch; SGD, SGD with momentum
 and Adam state. Each is a real step (a `StepSpec` with a step function built here), predicted
 like any other (`ninlab.analysis.batch.fit_batch`); its compute is the FLOPs of its recorded ops
-(forward, backward, the recomputation, the update) at the requested batch.
+at the requested batch, as `ninlab.analysis.flops` counts them (forward, backward and the
+recomputation).
 
 The recommendation is the alternative that fits the requested batch with the least compute; on
 a tie, the one that changes the least: accumulation (the same arithmetic, in parts), then bf16
@@ -45,6 +46,7 @@ class PlanOption:
 
     name: str  # "as given", "bf16 autocast", "checkpoint 0", "accumulate 4 x 32", "adam", ...
     kind: str  # "as given", "autocast", "checkpointing", "accumulation" or "optimizer"
+    spec: StepSpec  # the step to run: predict, measure or train with it
     largest_batch: int  # 0: not even batch 1 fits
     peak_bytes: int  # the allocator's peak at the requested batch
     fits_requested: bool
@@ -114,7 +116,7 @@ def _option(
     ops = recording.recording.ops[recording.step_start :]
     flops = sum(op.flops for op in ops)
     recomputed = sum(op.flops for op in ops if op.phase == "recompute")
-    return PlanOption(name, kind, largest, peak, peak <= budget, flops, recomputed, micro_batches)
+    return PlanOption(name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches)
 
 
 # -- the alternatives ----------------------------------------------------------------------------

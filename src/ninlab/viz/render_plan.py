@@ -14,17 +14,16 @@ __all__ = ["plan_lines", "plan_to_dict"]
 
 def plan_lines(plan: BudgetPlan) -> list[str]:
     """A heading, one line per alternative, and the recommendation."""
-    lines = [
+    heading = (
         f"Fitting batch {plan.batch_size:,} into {format_bytes(plan.budget_bytes)} (allocator level; "
         "each figure an exact prediction):"
-    ]
-    given = plan.options[0]
-    lines += [f"  {_option_line(option, given, plan.batch_size)}" for option in plan.options]
+    )
+    lines = [heading, *(f"  {_option_line(option, plan.batch_size)}" for option in plan.options)]
     lines.append(f"Recommendation: {plan.recommendation}")
     return lines
 
 
-def _option_line(option: PlanOption, given: PlanOption, batch_size: int) -> str:
+def _option_line(option: PlanOption, batch_size: int) -> str:
     fits = "fits" if option.fits_requested else "does not fit"
     if option.kind == "accumulation":
         largest = f"batch {batch_size:,} in {option.micro_batches} micro-batches"
@@ -43,7 +42,11 @@ def plan_to_dict(plan: BudgetPlan) -> dict[str, Any]:
     return {
         "budget_bytes": plan.budget_bytes,
         "batch_size": plan.batch_size,
-        "options": [dataclasses.asdict(option) for option in plan.options],
+        "options": [
+            {**{f.name: getattr(option, f.name) for f in dataclasses.fields(option) if f.name != "spec"},
+             "step": option.spec.as_dict()}
+            for option in plan.options
+        ],
         "recommended": plan.recommended.name if plan.recommended else None,
         "recommendation": plan.recommendation,
     }

@@ -1,0 +1,45 @@
+"""The budget planner: each alternative is a real step (predicted == measured), checkpointing's
+compute is the step's plus what it recomputes, and the recommendation fits the requested batch."""
+
+import torch
+from torch import nn
+
+from ninlab.analysis.measure import measure
+from ninlab.analysis.planner import plan_budget
+from ninlab.analysis.predict import predict_memory
+
+INPUT = (3, 8, 8)
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Linear(16, 10),
+    )
+
+
+def test_a_plan_when_the_batch_does_not_fit_as_given() -> None:
+    batch = 16
+    given = predict_memory(net(), input_size=INPUT, batch_size=batch, optimizer="sgd-momentum")
+    budget = given.allocator_peak_bytes - 1  # one byte short
+    plan = plan_budget(net(), input_size=INPUT, optimizer="sgd-momentum", budget=budget, batch_size=batch)
+    options = {option.name: option for option in plan.options}
+    as_given = options["as given"]
+    assert not as_given.fits_requested and as_given.largest_batch < batch
+    assert set(options) >= {"bf16 autocast", "checkpoint 0", "checkpoint 1", "checkpoint all blocks", "sgd", "adam"}
+    for name in ("checkpoint 0", "checkpoint 1", "checkpoint all blocks"):
+        option = options[name]
+        assert option.recomputed_flops > 0
+        assert option.step_flops == as_given.step_flops + option.recomputed_flops
+    assert options["checkpoint all blocks"].recomputed_flops == (
+        options["checkpoint 0"].recomputed_flops + options["checkpoint 1"].recomputed_flops
+    )
+    best = plan.recommended
+    assert best is not None and best.fits_requested and best.peak_bytes <= budget
+    assert plan.recommendation.startswith(f"use {best.name}: batch {batch} fits")
+    # the recommended step and checkpointing are real steps: measured, they peak as predicted
+    for option in (best, options["checkpoint all blocks"]):
+        predicted = predict_memory(net(), option.spec, batch_size=batch)
+        assert measure(net(), option.spec, batch_size=batch).live_peak_bytes == predicted.live_peak_bytes
