@@ -16,6 +16,7 @@ from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolv
 if TYPE_CHECKING:
     from ninlab.analysis.batch import fit_batch
     from ninlab.analysis.measure import measure
+    from ninlab.analysis.planner import plan_budget
     from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.step import StepSpec
     from ninlab.analysis.summary import summarize
@@ -26,6 +27,7 @@ _LAZY = {
     "summarize": "ninlab.analysis.summary",
     "predict_memory": "ninlab.analysis.predict",
     "fit_batch": "ninlab.analysis.batch",
+    "plan_budget": "ninlab.analysis.planner",
     "measure": "ninlab.analysis.measure",
     "train": "ninlab.training.train",
 }
@@ -38,6 +40,7 @@ __all__ = [
     "get_config",
     "list_configs",
     "measure",
+    "plan_budget",
     "predict_memory",
     "resolve_model",
     "summarize",

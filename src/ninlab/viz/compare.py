@@ -168,7 +168,7 @@ def compare(
         input_size=step.input_size,
         batch_size=batch_size,
         dtype=str(step.dtype).removeprefix("torch."),
-        optimizer=step.optimizer.name,
+        optimizer=step.optimizer_name,
         variants=variants,
         preset=training.preset if training else None,
     )

@@ -382,7 +382,7 @@ def _body(report: Report) -> str:
     header = (
         f"<h1>{_e(summary.model)}</h1>"
         f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, {_e(summary.dtype)}, '
-        f"optimizer {_e(report.train.spec.optimizer.name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
+        f"optimizer {_e(report.train.spec.optimizer_name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
     )
     return (
         f'<div class="ninlab-report"><style>{_CSS}</style>{header}{_glance(report)}'
