@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_step_options(parser, mode=None)  # the report shows both steps
     add_chart_options(parser)
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="also how to fit the batch into --budget: bf16, checkpointing, accumulation, other "
+        "optimizers (many exact predictions: minutes for a large model)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         model_name=choice.name,
         layer=args.layer,
+        plan=args.plan,
     )
     print(f"wrote {report.save(args.output)}")
     return 0

@@ -21,6 +21,7 @@ from torch import nn
 from ninlab.analysis.batch import BatchStudy, study_batch
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.planner import BudgetPlan, plan_budget
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.analysis.summary import LayerSummary, Summary, summarize
@@ -73,6 +74,7 @@ class Report:
     infer: MemoryReport
     batch: BatchStudy
     charts: ReportCharts
+    plan: BudgetPlan | None = None  # how to fit the batch into the budget, when asked for
 
     def html(self) -> str:
         """A complete HTML document."""
@@ -103,11 +105,13 @@ def build_report(
     budget: int | str = DEFAULT_BUDGET,
     model_name: str | None = None,
     layer: str | None = None,
+    plan: bool = False,
     **fields: Any,
 ) -> Report:
     """Summarize `model`, predict the memory of the training step `spec` describes (or its
     fields, as keywords) and of inference, find the largest training batch under `budget`, and
-    build every chart; `layer` picks the layer of the geometry picture."""
+    build every chart; `layer` picks the layer of the geometry picture. With `plan`, also the
+    budget planner's alternatives for `batch_size` (`ninlab.analysis.planner`: many predictions)."""
     name = model_name or type(model).__name__
     spec = step_spec(spec, **fields).replace(mode="train")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
@@ -125,7 +129,8 @@ def build_report(
         saved=saved_chart(train) if train.timeline else None,
         batch=batch_chart(batch.scaling, batch.fit, model=name, mode="train"),
     )
-    return Report(summary, train, infer, batch, charts)
+    budget_plan = plan_budget(model, spec, budget=budget_bytes, batch_size=batch_size) if plan else None
+    return Report(summary, train, infer, batch, charts, budget_plan)
 
 
 # -- HTML -----------------------------------------------------------------------------------------
@@ -374,7 +379,34 @@ def _memory_section(report: Report) -> str:
         f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
     )
     parts.append(_figure(report.charts.batch, "batch", "Every point is an exact prediction; the line is fitted through two of them."))
+    if report.plan is not None:
+        parts.append(_plan_section(report.plan))
     return "".join(parts)
+
+
+def _plan_section(plan: BudgetPlan) -> str:
+    """The planner's alternatives as a table, and its recommendation."""
+    rows = []
+    for option in plan.options:
+        largest = (
+            f"{plan.batch_size:,} in {option.micro_batches} parts" if option.kind == "accumulation" else f"{option.largest_batch:,}"
+        )
+        cells = (
+            option.name,
+            largest,
+            format_bytes(option.peak_bytes),
+            "yes" if option.fits_requested else "no",
+            format_flops(option.step_flops),
+            format_flops(option.recomputed_flops) if option.recomputed_flops else "",
+        )
+        rows.append(tuple(_e(cell) for cell in cells))
+    headers = ("Alternative", "Largest batch", f"Peak at batch {plan.batch_size:,}", "Fits", "FLOPs per step", "Recomputed")
+    return (
+        f"<h3>Fitting batch {plan.batch_size:,} into {_e(format_bytes(plan.budget_bytes))}</h3>"
+        "<p>Each alternative predicted exactly, at the allocator level.</p>"
+        + _table(headers, rows, (False, True, True, False, True, True))
+        + f"<p><b>Recommendation:</b> {_e(plan.recommendation)}</p>"
+    )
 
 
 def _body(report: Report) -> str:

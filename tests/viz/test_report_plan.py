@@ -1,0 +1,22 @@
+"""The budget planner's section of the HTML report: every alternative a row, and the
+recommendation, from a plan built by hand (the report computes nothing)."""
+
+from ninlab.analysis.planner import BudgetPlan, PlanOption
+from ninlab.analysis.step import StepSpec
+from ninlab.viz.report import _plan_section
+
+
+def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> None:
+    spec = StepSpec()
+    options = (
+        PlanOption("as given", "as given", spec, 100, 9 << 30, False, 10**12, 0),
+        PlanOption("checkpoint <all>", "checkpointing", spec, 150, 7 << 30, True, 12 * 10**11, 2 * 10**11),
+        PlanOption("accumulate 2 x 64", "accumulation", spec, 128, 5 << 30, True, 10**12, 0, micro_batches=2),
+    )
+    plan = BudgetPlan(8 << 30, 128, spec, options, "use accumulate 2 x 64: batch 128 fits 8 GiB")
+    assert plan.recommended is options[2]  # fits, and no extra compute
+    html = _plan_section(plan)
+    assert "Fitting batch 128 into 8.00 GiB" in html
+    assert "checkpoint &lt;all&gt;" in html and "128 in 2 parts" in html
+    assert html.count("<tr>") == 1 + len(options)
+    assert "<b>Recommendation:</b> use accumulate 2 x 64" in html
