@@ -30,7 +30,6 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 from __future__ import annotations
 
 import contextlib
-import copy
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +42,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ninlab.analysis.step import StepSpec, inference_step, step_spec, train_step, valid_batch_size
+from ninlab.analysis.lazy import copy_model
+from ninlab.analysis.step import (
+    StepSpec,
+    builtin_targets,
+    example_inputs,
+    inference_step,
+    step_spec,
+    train_step,
+    valid_batch_size,
+)
 from ninlab.errors import NinlabError
 from ninlab.optimizers import make_optimizer
 
@@ -166,7 +174,10 @@ def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
 
 
 def _baseline(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, inputs: torch.Tensor, targets: torch.Tensor | None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | None,
 ) -> Baseline:
     seen: set[int] = set()  # a storage shared by two roles (tied weights) counts once, first role
     parameters = list(model.parameters())
@@ -179,7 +190,7 @@ def _baseline(
         buffers_bytes=_storage_bytes(list(model.buffers()), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
         optimizer_state_bytes=_storage_bytes(state, seen),
-        input_bytes=_storage_bytes([inputs], seen),
+        input_bytes=_storage_bytes(list(inputs), seen),
         targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
     )
 
@@ -233,17 +244,14 @@ def measure(
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
     torch.manual_seed(seed)
-    model = copy.deepcopy(model).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
-    inputs = torch.randn((batch_size, *spec.input_size), dtype=spec.dtype, device=device)
-    if inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=spec.torch_memory_format)
+    model = copy_model(model).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
+    inputs = example_inputs(spec, batch_size, device)
     targets: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
     if spec.mode == "train":
-        with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
-            num_classes = model.eval()(inputs[:1]).shape[-1]
         model.train()
-        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+        with torch.no_grad():  # the loss fits the output (lazy modules get their shapes here)
+            targets = builtin_targets(model(*inputs), device)
         optimizer = make_optimizer(spec.optimizer, model.parameters())
 
         def step(phase: Callable[[str], Any]) -> None:
@@ -252,6 +260,8 @@ def measure(
 
     else:
         model.eval()
+        with torch.no_grad():  # lazy modules get their shapes before the baseline counts them
+            model(*inputs)
 
         def step(phase: Callable[[str], Any]) -> None:
             inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode, phase=phase)
@@ -298,10 +308,10 @@ def _count_baseline(
     live: _LiveStorage,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    inputs: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
     targets: torch.Tensor | None,
 ) -> None:
-    tensors = [*model.parameters(), *model.buffers(), inputs]
+    tensors = [*model.parameters(), *model.buffers(), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         for values in optimizer.state.values():

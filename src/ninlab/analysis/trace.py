@@ -36,7 +36,16 @@ from typing_extensions import Self
 from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
-from ninlab.analysis.step import StepSpec, inference_step, train_step
+from ninlab.analysis.step import (
+    StepSpec,
+    builtin_loss,
+    builtin_loss_words,
+    builtin_targets,
+    example_inputs,
+    inference_step,
+    output_tensors,
+    train_step,
+)
 from ninlab.errors import NinlabError
 from ninlab.optimizers import make_optimizer
 
@@ -339,7 +348,7 @@ class _ModuleStack:
             if module in self.names and self.stack:
                 name = self.stack.pop()
                 if name not in self.outputs:
-                    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                    tensors = output_tensors(output)
                     self.outputs[name] = tuple((tuple(t.shape), t.dtype) for t in tensors)
 
         self._handles = [
@@ -620,9 +629,10 @@ class StepRecording:
     parameter_keys: dict[str, int]  # parameter name -> storage key
     gradient_keys: dict[str, int]  # parameter name -> storage key of its .grad after the step
     optimizer_state_keys: tuple[int, ...]
-    input_key: int
-    target_key: int
+    input_keys: tuple[int, ...]  # one per input of the model
+    target_key: int  # -1: no targets (an inference, or a loss that needs none)
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
+    loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
 
 
 def record_step(
@@ -652,18 +662,19 @@ def record_step(
     log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
+        def forward(*x: torch.Tensor) -> Any:
+            return torch.func.functional_call(model, fakes, x, tie_weights=True, strict=False)
+
         with fake_mode:
-            inputs = _empty((batch_size, *spec.input_size), spec.dtype, device, memory_format)
-            # Inference has no targets.
-            targets = torch.zeros((batch_size,), dtype=torch.long, device=device) if trains else None
+            inputs = example_inputs(spec, batch_size, device)
+            # The loss fits the output, so its targets (if any) follow a forward's output.
+            targets = builtin_targets(_probe(forward, inputs), device) if trains else None
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
-        recorder.track(inputs, "input")
+        for tensor in inputs:
+            recorder.track(tensor, "input")
         if targets is not None:
             recorder.track(targets, "targets")
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(model, fakes, (x,), tie_weights=True, strict=False)
 
         parameters = [t for t in fakes.values() if isinstance(t, nn.Parameter)]
         names = {id(t): name for name, t in fakes.items()}
@@ -706,10 +717,17 @@ def record_step(
         parameter_keys={names[id(p)]: recorder.storage_key(p) for p in parameters},
         gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in parameters if p.grad is not None},
         optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
-        input_key=recorder.storage_key(inputs),
+        input_keys=tuple(recorder.storage_key(tensor) for tensor in inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
+        loss=builtin_loss_words(targets) if trains else "",
     )
+
+
+def _probe(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The model's output on `inputs`, without autograd, to fit the loss to it."""
+    with torch.no_grad():
+        return forward(*inputs)
 
 
 def _track_survivors(recorder: Recorder, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
@@ -722,18 +740,18 @@ def _track_survivors(recorder: Recorder, parameters: list[nn.Parameter], optimiz
 
 
 def _forward_backward(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    forward: Callable[..., Any],
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | None,
     autocast_dtype: torch.dtype | None,
     phase: Callable[[str], Any],
 ) -> None:
     """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
-    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(inputs[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         with phase("forward"):
-            logits = forward(inputs)
+            logits = forward(*inputs)
         with phase("loss"):
-            loss = torch.nn.functional.cross_entropy(logits, targets)
+            loss = builtin_loss(logits, targets)
     del logits
     with phase("backward"):
         loss.backward()

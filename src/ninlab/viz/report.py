@@ -194,7 +194,7 @@ def _glance(report: Report) -> str:
         (format_flops(t.training_step_flops), "training-step FLOPs (forward + backward)"),
         (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {report.train.spec.title}"),
         (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {report.infer.spec.title}"),
-        (_shape(report.summary.smallest_input_size), "smallest valid input"),
+        (_shape(report.summary.smallest_input_size or ()) or "no window", "smallest valid input"),
         (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {report.train.spec.title}"),
         (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
     ]
