@@ -384,6 +384,10 @@ def builtin_loss_words(targets: torch.Tensor | None) -> str:
     return "stand-in sum of outputs — not your loss"
 
 
+def _arguments(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
 def _autocast(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
@@ -393,7 +397,7 @@ def _autocast(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> Abst
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    inputs: Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     targets: torch.Tensor | None,
     *,
     autocast_dtype: torch.dtype | None = None,
@@ -401,11 +405,11 @@ def train_step(
     forward: Callable[..., Any] | None = None,
 ) -> None:
     """zero_grad(set_to_none=True), forward, the built-in loss (`builtin_loss`), backward,
-    optimizer step. The model is called with the inputs as its positional arguments.
+    optimizer step. The model is called with `inputs` (a tensor, or one per argument).
 
     `forward` replaces `model(*inputs)` (the predictor calls the model with fake parameters).
     """
-    run = forward or model
+    run, inputs = forward or model, _arguments(inputs)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     with _autocast(inputs, autocast_dtype):
@@ -422,7 +426,7 @@ def train_step(
 
 def inference_step(
     model: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     autocast_dtype: torch.dtype | None = None,
     grad_mode: GradMode = "no_grad",
@@ -430,7 +434,7 @@ def inference_step(
     forward: Callable[..., Any] | None = None,
 ) -> Any:
     """The model's forward with no autograd graph; returns its output."""
-    run = forward or model
+    run, inputs = forward or model, _arguments(inputs)
     guard = torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad()
     with guard, _autocast(inputs, autocast_dtype), phase("forward"):
         return run(*inputs)
