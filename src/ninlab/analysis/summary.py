@@ -210,7 +210,10 @@ def summarize(
             raise cannot_run(error, model, spec) from None
     chain = _window_chain(forward)
     smallest = None
-    if len(spec.input_sizes) == 1 and _has_windows(forward):
+    # Geometry speaks only where windows slide over the one input's own spatial axes.
+    # A chain over other axes (a 1-d conv over embedded tokens) leaves nothing to say.
+    one_image = len(spec.input_sizes) == 1 and len(spec.input_sizes[0]) >= 2
+    if one_image and _has_windows(forward) and (chain is None or _fits(chain, spec)):
         if chain is not None:
             smallest = _smallest_from_chain(model, forward_spec, chain)
         if smallest is None:
@@ -422,7 +425,7 @@ def _smallest_from_chain(model: nn.Module, spec: StepSpec, chain: list[OpRecord]
 
 
 def _fits(chain: list[OpRecord], spec: StepSpec) -> bool:
-    """Whether the chain's windows slide along the (single) input's own spatial axes."""
+    """Whether there is one input and the chain's windows slide along its own spatial axes."""
     spatial = len(spec.input_sizes[0]) - 1
     return len(spec.input_sizes) == 1 and all(op.window is None or len(op.window.axes) == spatial for op in chain)
 
