@@ -13,6 +13,7 @@ from cli_run import run
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, builtin_loss, builtin_targets, example_inputs
 from ninlab.analysis.summary import summarize
@@ -166,3 +167,18 @@ def test_cli_takes_vectors_several_inputs_and_token_ids(capsys: pytest.CaptureFi
     assert code == 0 and "batch 2 x 10 int64 inputs" in out
     code, _, err = run(capsys, "summary", "--model", "any_models:scripted", "--input", "4")
     assert code == 2 and err.count("\n") == 1 and "scripted module" in err
+
+
+@pytest.mark.parametrize(
+    ("factory", "given"),
+    [
+        (any_models.siamese, {"input_size": ((1, 16, 16), (1, 16, 16))}),
+        (any_models.text_cnn, {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)}),
+        (lambda: any_models.TwoHeads("dataclass"), {"input_size": (3, 8, 8)}),
+        (any_models.lazy_cnn, {"input_size": (1, 8, 8)}),
+    ],
+    ids=["two inputs", "token ids", "dataclass out", "lazy"],
+)
+def test_predicted_training_memory_equals_measured(factory, given):
+    predicted = predict_memory(factory(), batch_size=4, optimizer="adam", **given)
+    assert predicted.live_peak_bytes == measure(factory(), batch_size=4, optimizer="adam", **given).live_peak_bytes

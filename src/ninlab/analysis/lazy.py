@@ -27,26 +27,30 @@ def is_lazy_model(model: nn.Module) -> bool:
 
 def materialized(model: nn.Module, spec: StepSpec) -> nn.Module:
     """`model` itself if nothing in it is lazy; otherwise a copy on the meta device whose lazy
-    modules have inferred their shapes from one forward of `spec`'s inputs (batch 2, so batch
-    norm accepts it in training mode)."""
+    modules have inferred their shapes from one forward of `spec`'s inputs."""
     if not is_lazy_model(model):
         return model
-    meta_model = copy_model(model, to_meta=True)
-    meta_model.train(spec.mode == "train")
-    with torch.no_grad():
-        meta_model(*example_inputs(spec, 2, torch.device("meta")))
-    return meta_model
+    return copy_model(model, spec, to_meta=True)
 
 
-def copy_model(model: nn.Module, *, to_meta: bool = False) -> nn.Module:
-    """A deep copy of `model`, lazy modules included (a plain `copy.deepcopy` refuses to copy an
-    uninitialised parameter): theirs stay uninitialised. `to_meta`: every parameter and buffer
-    becomes a meta tensor of its shape, so the copy holds no data."""
+def copy_model(model: nn.Module, spec: StepSpec, *, to_meta: bool = False) -> nn.Module:
+    """A deep copy of `model` (a plain `copy.deepcopy` refuses to copy an uninitialised
+    parameter) whose lazy modules, if any, have inferred their shapes from one forward of `spec`'s
+    inputs at batch 2 (batch norm accepts two in training mode). `to_meta`: every parameter and
+    buffer becomes a meta tensor of its shape, so the copy holds no data."""
     memo: dict[int, torch.Tensor] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         if to_meta or is_lazy(tensor):
             memo[id(tensor)] = _copy(tensor, torch.device("meta") if to_meta else tensor.device)
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    if is_lazy_model(copied):
+        # In the parameters' own dtype: a step's dtype is applied to the copy afterwards.
+        first = spec if spec.input_dtype is not None else spec.replace(input_dtype=torch.float32)
+        device = torch.device("meta") if to_meta else next(copied.parameters()).device
+        copied.train(spec.mode == "train")
+        with torch.no_grad():
+            copied(*example_inputs(first, 2, device))
+    return copied
 
 
 def _copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -244,7 +244,7 @@ def measure(
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
     torch.manual_seed(seed)
-    model = copy_model(model).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
+    model = copy_model(model, spec).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
     inputs = example_inputs(spec, batch_size, device)
     targets: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -255,7 +255,7 @@ def measure(
         optimizer = make_optimizer(spec.optimizer, model.parameters())
 
         def step(phase: Callable[[str], Any]) -> None:
-            assert optimizer is not None and targets is not None
+            assert optimizer is not None
             train_step(model, optimizer, inputs, targets, autocast_dtype=spec.autocast_dtype, phase=phase)
 
     else:
