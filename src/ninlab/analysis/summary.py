@@ -184,8 +184,11 @@ def summarize(
     """
     batch_size = valid_batch_size(batch_size)
     check_traceable(model)
+    trains = any(p.requires_grad for p in model.parameters())
     if mode is None:
-        mode = "train" if any(p.requires_grad for p in model.parameters()) else "infer"
+        mode = "train" if trains else "infer"
+    elif mode == "train" and not trains:
+        raise NinlabError("the model has no trainable parameters, so it has no training step; use mode 'infer'")
     spec = StepSpec(
         input_size=input_size, input_dtype=input_dtype, input_range=input_range, mode=mode, dtype=dtype
     )

@@ -111,7 +111,10 @@ def build_report(
     name = model_name or type(model).__name__
     spec = step_spec(spec, **fields).replace(mode="train")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    summary = summarize(model, input_size=spec.input_size, batch_size=batch_size, dtype=spec.dtype, model_name=name)
+    summary = summarize(
+        model, input_size=spec.input_size, input_dtype=spec.input_dtype, input_range=spec.input_range,
+        batch_size=batch_size, dtype=spec.dtype, model_name=name,
+    )
     train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
     infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
     batch = study_batch(model, spec, budget=budget_bytes)
