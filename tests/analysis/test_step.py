@@ -28,9 +28,13 @@ def test_plain_values_become_typed_ones() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"input_size": (224, 224, 0)}, "input size must be channels then spatial sizes"),
-        ({"input_size": (224,)}, "input size must be channels then spatial sizes"),
+        ({"input_size": (224, 224, 0)}, "input size must be one sample's sizes, all >= 1"),
+        ({"input_size": ()}, "input size must be one sample's sizes"),
+        ({"input_size": ((1, 28, 28), (0,))}, "input size must be one sample's sizes"),
         ({"input_size": "1x28x28"}, "input size must be"),
+        ({"input_dtype": "complex64"}, "input dtype must be one of"),
+        ({"input_range": (5, 5)}, "input range must have low < high"),
+        ({"input_range": "0:9"}, "input range must be two whole numbers"),
         ({"mode": "eval"}, "mode must be one of train, infer"),
         ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"optimizer": 3}, "optimizer must be a name"),

@@ -138,7 +138,7 @@ def test_bfloat16_halves_parameter_and_output_bytes():
 def test_batch_and_input_errors():
     with pytest.raises(NinlabError, match="batch size must be at least 1"):
         summarize(build_nin(), input_size=(1, 224, 224), batch_size=0)
-    with pytest.raises(NinlabError, match="the model cannot run on a batch of 3x224x224 inputs"):
+    with pytest.raises(NinlabError, match=r"the model cannot run a forward on a batch of 3x224x224 inputs .*expected input.*to have 1 channels"):
         summarize(build_nin(), input_size=(3, 224, 224))
 
 

@@ -29,7 +29,6 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import weakref
 from collections.abc import Callable
@@ -43,9 +42,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.phases import StepPhases
 from ninlab.analysis.step import (
     StepSpec,
+    builtin_targets,
+    example_inputs,
     inference_step,
     optimizers_in,
     step_failed,
@@ -206,7 +208,7 @@ def _state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
 def _baseline(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
-    inputs: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
     targets: torch.Tensor | None,
     survivors: list[torch.UntypedStorage],
 ) -> Baseline:
@@ -217,7 +219,7 @@ def _baseline(
         buffers_bytes=_storage_bytes(list(model.buffers()), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
         optimizer_state_bytes=_storage_bytes(_state(optimizers), seen),
-        input_bytes=_storage_bytes([inputs], seen),
+        input_bytes=_storage_bytes(list(inputs), seen),
         targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
     )
     other = sum(storage.nbytes() for storage in survivors if storage._cdata not in seen)
@@ -273,25 +275,23 @@ def measure(
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
     torch.manual_seed(seed)
-    model = copy.deepcopy(model).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
-    inputs = torch.randn((batch_size, *spec.input_size), dtype=spec.dtype, device=device)
-    if inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=spec.torch_memory_format)
+    model = copy_model(model, spec).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
+    inputs = example_inputs(spec, batch_size, device)
     targets: torch.Tensor | None = None
     optimizers: list[torch.optim.Optimizer] = []
     if spec.mode == "train":
-        with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
-            num_classes = model.eval()(inputs[:1]).shape[-1]
         model.train()
-        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+        with torch.no_grad():  # the loss fits the output (lazy modules get their shapes here)
+            targets = builtin_targets(model(*inputs), device)
         optimizer = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
         train = spec.step_function()
+        # A model of one input gets one tensor, as the user's loop passes it.
+        step_inputs = inputs[0] if len(inputs) == 1 else inputs
 
         def step() -> object:
-            assert targets is not None
             try:
-                return train(model, optimizer, inputs, targets)
+                return train(model, optimizer, step_inputs, targets)
             except NinlabError:
                 raise
             except Exception as error:
@@ -301,6 +301,8 @@ def measure(
 
     else:
         model.eval()
+        with torch.no_grad():  # lazy modules get their shapes before the baseline counts them
+            model(*inputs)
 
         def step() -> object:
             # The logits are dropped at once, as the predictor's one inference drops them.
@@ -366,11 +368,11 @@ def _count_baseline(
     live: _LiveStorage,
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
-    inputs: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
     targets: torch.Tensor | None,
     survivors: list[torch.UntypedStorage],
 ) -> None:
-    tensors = [*model.parameters(), *model.buffers(), inputs]
+    tensors = [*model.parameters(), *model.buffers(), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += _state(optimizers)
     if targets is not None:

@@ -28,15 +28,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    UnsupportedFakeTensorException,
-    UnsupportedOperatorException,
-)
 
 from ninlab.analysis.allocator import cuda_fresh_block_bytes, peak_above_start_bytes
 from ninlab.analysis.categories import CATEGORIES, categorize, saved_reason
+from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
     AllocatorPeak,
     Breakdown,
@@ -50,21 +45,13 @@ from ninlab.analysis.memory_report import (
     Timeline,
     TimelinePoint,
 )
+from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
 from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import format_bytes
 
 __all__ = ["predict_memory"]
-
-# Ops a model may run that fake tensors cannot answer: data-dependent values and shapes.
-_NOT_TRACEABLE = (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    UnsupportedOperatorException,
-    UnsupportedFakeTensorException,
-)
-
 
 def predict_memory(
     model: nn.Module,
@@ -75,8 +62,9 @@ def predict_memory(
     **fields: Any,
 ) -> MemoryReport:
     """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
-    steady-state step of zero_grad, forward, cross-entropy, backward and `optimizer.step()`) or
-    one inference, as `spec` describes it.
+    steady-state step of zero_grad, forward, the built-in loss, backward and `optimizer.step()`)
+    or one inference, as `spec` describes it. Lazy modules get their shapes from the step's input
+    (`ninlab.analysis.lazy`); the model itself is left as it is.
 
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
@@ -89,30 +77,20 @@ def predict_memory(
             "the model has no trainable parameters, so a training step has nothing to update; "
             "predict mode='infer'"
         )
+    check_traceable(model)
     try:
-        step = record_step(model, spec, batch_size)
-    except _NOT_TRACEABLE as error:
+        traced = materialized(model, spec)
+        step = record_step(traced, spec, batch_size)
+    except NOT_TRACEABLE as error:
         return _measured_report(model, spec, batch_size, name, error)
     except NinlabError:
         raise
-    except Exception as error:  # a step function may raise anything: its own error, in one line
+    except Exception as error:  # noqa: BLE001 - whatever the step or model raises, as one line naming why
         if spec.step is not None:
             raise step_failed(spec, error, "fake tensors") from None
-        if isinstance(error, RuntimeError):  # the built-in step: the model rejects the batch
-            raise _rejected_batch(spec, error) from None
-        raise
-    return _report(model, step, name)
+        raise cannot_run(error, model, spec) from None
+    return _report(traced, step, name)
 
-
-def _rejected_batch(spec: StepSpec, error: RuntimeError) -> NinlabError:
-    """The model rejects the batch: wrong channels, rank or output."""
-    reason = str(error).strip().splitlines()[0]
-    size = "x".join(map(str, spec.input_size))
-    return NinlabError(
-        f"the model cannot run a {spec.mode} step on a batch of {size} inputs ({reason}); give "
-        "the input size it expects, channels first (training also needs (batch, classes) "
-        "logits for cross-entropy)"
-    )
 
 
 def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
@@ -146,7 +124,8 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         forum=_forum_rule(model, step, breakdown, saved),
         ddp=buckets,
         fallback=None,
-        notes=(),
+        # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
+        notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
     )
 
 
@@ -364,8 +343,8 @@ def _forum_rule(
 ) -> ForumRule:
     modules = dict(model.named_modules())
     storages = step.recording.storages
-    input_record = storages[step.input_key]
-    layers: list[tuple[int, bool]] = [(input_record.nbytes, False)]  # (bytes, is dropout)
+    inputs = sum(storages[key].nbytes for key in step.input_keys)
+    layers: list[tuple[int, bool]] = [(inputs, False)]  # (bytes, is dropout)
     for name, outputs in step.recording.module_outputs.items():
         module = modules.get(name)
         if module is None or any(True for _ in module.children()):

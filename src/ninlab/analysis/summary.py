@@ -1,8 +1,10 @@
 """`summarize`: per-layer shapes with the rounding explained, parameters, FLOPs, receptive fields.
 
-Everything is read from one recording of the real model's forward and backward on fake tensors
-(see `ninlab.analysis.trace`), so it holds for any `nn.Module`: nested blocks, residual additions and
-functional calls in `forward` are seen as the ops they dispatch.
+Everything is read from recordings of the real model on fake tensors (see `ninlab.analysis.trace`),
+so it holds for any `nn.Module`: nested blocks, residual additions and functional calls in
+`forward` are seen as the ops they dispatch. Shapes, parameters and forward FLOPs come from one
+forward pass, which needs no loss; backward FLOPs from a training step, whose built-in loss fits
+the output (`ninlab.analysis.step.builtin_loss`) and is named in the result.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from ninlab.analysis.geometry import (
     merge_fields,
     smallest_input_for_chain,
 )
-from ninlab.analysis.step import StepSpec, valid_batch_size
+from ninlab.analysis.lazy import materialized
+from ninlab.analysis.refusals import cannot_run, check_traceable
+from ninlab.analysis.step import Mode, StepSpec, valid_batch_size
 from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
 from ninlab.errors import NinlabError
 
@@ -47,7 +51,8 @@ class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
-    `backward_flops` are the ops autograd ran for it in backward. `axes` describes the module's
+    `backward_flops` are the ops autograd ran for it in backward. `output_shapes` holds one shape
+    per tensor the module returned (a tuple's, dict's or dataclass's, in order). `axes` describes the module's
     convolution or pooling window along each spatial axis, one `AxisWindow` per axis (the first
     such op, if it ran several).
     """
@@ -55,7 +60,7 @@ class LayerSummary:
     name: str
     type: str
     depth: int
-    output_shape: tuple[int, ...] | None
+    output_shapes: tuple[tuple[int, ...], ...]  # empty: the module did not run
     output_bytes: int
     weights: int
     biases: int
@@ -71,6 +76,11 @@ class LayerSummary:
     @property
     def parameters(self) -> int:
         return self.trainable_parameters + self.frozen_parameters
+
+    @property
+    def output_shape(self) -> tuple[int, ...] | None:
+        """The first output's shape (the only one, for most layers)."""
+        return self.output_shapes[0] if self.output_shapes else None
 
     @property
     def rounding(self) -> str:
@@ -105,8 +115,8 @@ class SummaryTotals:
     buffer_elements: int
     buffer_bytes: int
     forward_flops: int  # one forward pass of the batch: what inference costs
-    backward_flops: int
-    training_step_flops: int  # forward + backward (the optimizer's update is not counted)
+    backward_flops: int  # 0 without a training step
+    training_step_flops: int  # forward + backward (the optimizer's update is not counted); 0 without one
     layer_output_bytes: int  # sum of every leaf module's output: what the forum post calls activations
 
 
@@ -128,14 +138,23 @@ class InputReach:
 @dataclass(frozen=True)
 class Summary:
     model: str
-    input_size: tuple[int, ...]  # one sample: channels, then spatial sizes
+    input_sizes: tuple[tuple[int, ...], ...]  # one sample of each input (an image: channels first)
+    input_dtype: str
     batch_size: int
     dtype: str
     layers: tuple[LayerSummary, ...]
     totals: SummaryTotals
-    smallest_input_size: tuple[int, ...]  # channels, then the smallest valid size of each spatial axis
+    # Channels, then the smallest valid size of each spatial axis; None where there is nothing to
+    # say: no convolution or pooling window, or several inputs.
+    smallest_input_size: tuple[int, ...] | None
     input_reach: tuple[InputReach, ...]  # empty when the window ops do not form one chain
+    loss: str  # the training step's loss (`builtin_loss_words`); "" when nothing trains
     flop_convention: str = CONVENTION
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The first (for most models the only) input's size."""
+        return self.input_sizes[0]
 
 
 _AXIS_NAMES = {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "width")}
@@ -144,49 +163,88 @@ _AXIS_NAMES = {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "wi
 def summarize(
     model: nn.Module,
     *,
-    input_size: Sequence[int],
+    input_size: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | Sequence[torch.Tensor],
     batch_size: int = 1,
     dtype: torch.dtype = torch.float32,
+    input_dtype: torch.dtype | str | None = None,
+    input_range: tuple[int, int] = (0, 2),
+    mode: Mode | None = None,
     model_name: str | None = None,
 ) -> Summary:
-    """Summarize `model` for a batch of `batch_size` inputs of `input_size` (channels first).
+    """Summarize `model` for a batch of `batch_size` inputs of `input_size`.
+
+    `input_size` is one sample's size of any rank (`(1, 28, 28)`, `(784,)`), one size per input
+    for a model of several, or example tensors (a batch each). `input_dtype` and `input_range`
+    describe integer inputs (token ids). `mode` "train" (the default when any parameter trains)
+    adds a training step's backward FLOPs; "infer" records the forward only.
 
     Raises `NinlabError` when the input is too small for the network, naming the first layer
-    whose output would be empty, its arithmetic and the smallest valid input.
+    whose output would be empty, its arithmetic and the smallest valid input; or when the model
+    cannot run, naming why (`ninlab.analysis.refusals`).
     """
     batch_size = valid_batch_size(batch_size)
+    check_traceable(model)
     trains = any(p.requires_grad for p in model.parameters())
-    spec = StepSpec(input_size=tuple(input_size), mode="train" if trains else "infer", dtype=dtype)
-    input_size = spec.input_size
+    if mode is None:
+        mode = "train" if trains else "infer"
+    elif mode == "train" and not trains:
+        raise NinlabError("the model has no trainable parameters, so it has no training step; use mode 'infer'")
+    spec = StepSpec(
+        input_size=input_size, input_dtype=input_dtype, input_range=input_range, mode=mode, dtype=dtype
+    )
+    forward_spec = spec.inference()
     try:
-        step = record_step(model, spec, batch_size, optimizer_step=False)
+        model = materialized(model, spec)
+        forward = record_step(model, forward_spec, batch_size)
     except LayerInputTooSmall as error:
-        smallest = smallest_input_size(model, input_size=input_size)
+        raise _too_small(model, forward_spec, error) from None
+    except Exception as error:  # noqa: BLE001 - whatever the model raises, as one line naming why
+        raise cannot_run(error, model, forward_spec) from None
+    if not forward.recording.module_outputs.get(""):
         raise NinlabError(
-            f"input {_shape_text(input_size)} is too small: {error}; the smallest input this network "
-            f"accepts is {_shape_text(smallest)}"
-        ) from None
-    except RuntimeError as error:  # the model itself rejects the input: wrong channels or rank
-        reason = str(error).strip().splitlines()[0]
-        raise NinlabError(
-            f"the model cannot run on a batch of {_shape_text(input_size)} inputs ({reason}); "
-            "give --input as channels x spatial sizes that the model expects, e.g. 1x224x224"
-        ) from None
-    chain = _window_chain(step)
-    smallest = _smallest_from_chain(model, input_size, chain) if chain is not None else None
-    if smallest is None:
-        smallest = smallest_input_size(model, input_size=input_size)
-    layers = _layers(model, step)
+            f"{type(model).__name__}.forward returned no tensor; ninlab accounts for models that "
+            "return tensors, or tuples, lists, dicts or dataclasses of them"
+        )
+    training = None
+    if spec.mode == "train":
+        try:
+            training = record_step(model, spec, batch_size, optimizer_step=False)
+        except Exception as error:  # noqa: BLE001 - as above; the forward alone ran
+            raise cannot_run(error, model, spec) from None
+    chain = _window_chain(forward)
+    smallest = None
+    # Geometry speaks only where windows slide over the one input's own spatial axes.
+    # A chain over other axes (a 1-d conv over embedded tokens) leaves nothing to say.
+    one_image = len(spec.input_sizes) == 1 and len(spec.input_sizes[0]) >= 2
+    if one_image and _has_windows(forward) and (chain is None or _fits(chain, spec)):
+        if chain is not None:
+            smallest = _smallest_from_chain(model, forward_spec, chain)
+        if smallest is None:
+            smallest = _smallest_input(model, forward_spec)
+    layers = _layers(model, forward, training)
     return Summary(
         model=model_name or type(model).__name__,
-        input_size=input_size,
+        input_sizes=spec.input_sizes,
+        input_dtype=str(spec.tensor_input_dtype).removeprefix("torch."),
         batch_size=batch_size,
         dtype=str(dtype).removeprefix("torch."),
         layers=layers,
-        totals=_totals(model, step, layers),
+        totals=_totals(model, forward, training, layers),
         smallest_input_size=smallest,
-        input_reach=_input_reach(input_size, chain) if chain else (),
+        input_reach=_input_reach(spec.input_sizes[0], chain) if chain and _fits(chain, spec) else (),
+        loss=training.loss if training is not None else "",
     )
+
+
+def _too_small(model: nn.Module, spec: StepSpec, error: LayerInputTooSmall) -> NinlabError:
+    message = f"input {_shape_text(spec.input_sizes[0])} is too small: {error}"
+    if len(spec.input_sizes) == 1 and len(spec.input_sizes[0]) >= 2:
+        message += f"; the smallest input this network accepts is {_shape_text(_smallest_input(model, spec))}"
+    return NinlabError(message)
+
+
+def _has_windows(step: StepRecording) -> bool:
+    return any(op.window is not None for op in _step_ops(step) if op.phase == "forward")
 
 
 def _shape_text(size: Sequence[int]) -> str:
@@ -197,18 +255,22 @@ def _step_ops(step: StepRecording) -> list[OpRecord]:
     return step.recording.ops[step.step_start :]
 
 
-def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
-    ops = _step_ops(step)
+def _layers(
+    model: nn.Module, step: StepRecording, training: StepRecording | None
+) -> tuple[LayerSummary, ...]:
+    """One row per module: shapes, forward FLOPs and windows from the forward `step`, backward
+    FLOPs from the `training` step (if any)."""
     forward_flops: dict[str, int] = defaultdict(int)
     backward_flops: dict[str, int] = defaultdict(int)
     first_window: dict[str, OpRecord] = {}
-    for op in ops:
-        if op.phase == "backward":
-            backward_flops[op.module] += op.flops
-        elif op.phase == "forward":
+    for op in _step_ops(step):
+        if op.phase == "forward":
             forward_flops[op.module] += op.flops
             if op.window is not None and op.module not in first_window:
                 first_window[op.module] = op
+    for op in _step_ops(training) if training is not None else ():
+        if op.phase == "backward":
+            backward_flops[op.module] += op.flops
     fields = _receptive_fields(step)
     rows = []
     for name, module in model.named_modules():
@@ -221,7 +283,7 @@ def _layers(model: nn.Module, step: StepRecording) -> tuple[LayerSummary, ...]:
                 name=name,
                 type=type(module).__name__,
                 depth=0 if not name else name.count(".") + 1,
-                output_shape=outputs[0][0] if outputs else None,
+                output_shapes=tuple(shape for shape, _ in outputs),
                 output_bytes=sum(prod(shape) * dtype.itemsize for shape, dtype in outputs),
                 weights=counts["weights"],
                 biases=counts["biases"],
@@ -253,11 +315,17 @@ def _inside(name: str, ancestor: str) -> bool:
 
 
 
-def _totals(model: nn.Module, step: StepRecording, layers: Sequence[LayerSummary]) -> SummaryTotals:
+def _totals(
+    model: nn.Module, step: StepRecording, training: StepRecording | None, layers: Sequence[LayerSummary]
+) -> SummaryTotals:
     counts = _parameter_counts(model)
-    ops = _step_ops(step)
-    forward = sum(op.flops for op in ops if op.phase == "forward")
-    backward = sum(op.flops for op in ops if op.phase == "backward")
+    forward = sum(op.flops for op in _step_ops(step) if op.phase == "forward")
+    backward = 0
+    training_step = 0
+    if training is not None:
+        ops = _step_ops(training)
+        backward = sum(op.flops for op in ops if op.phase == "backward")
+        training_step = sum(op.flops for op in ops if op.phase in ("forward", "backward"))
     storages = step.recording.storages
     buffers = list(model.buffers())
     return SummaryTotals(
@@ -272,7 +340,7 @@ def _totals(model: nn.Module, step: StepRecording, layers: Sequence[LayerSummary
         buffer_bytes=sum(s.nbytes for s in storages.values() if s.role == "buffer"),
         forward_flops=forward,
         backward_flops=backward,
-        training_step_flops=forward + backward,
+        training_step_flops=training_step,
         layer_output_bytes=sum(layer.output_bytes for layer in layers if layer.is_leaf),
     )
 
@@ -286,8 +354,9 @@ def _receptive_fields(step: StepRecording) -> dict[int, tuple[ReceptiveField, ..
     Element-wise ops merge their inputs' fields (a residual sum sees what both branches see); an op
     that changes spatial sizes without being a window (adaptive pooling, interpolation) ends them.
     """
-    spatial = len(step.spec.input_size) - 1
-    field_of: dict[int, tuple[ReceptiveField, ...]] = {step.input_key: (INPUT_FIELD,) * spatial}
+    field_of: dict[int, tuple[ReceptiveField, ...]] = {
+        key: (INPUT_FIELD,) * (len(size) - 1) for key, size in zip(step.input_keys, step.spec.input_sizes)
+    }
     found: dict[int, tuple[ReceptiveField, ...]] = {}
     for op in _step_ops(step):
         if op.phase != "forward" or not op.outputs:
@@ -296,6 +365,8 @@ def _receptive_fields(step: StepRecording) -> dict[int, tuple[ReceptiveField, ..
         if not inputs:
             continue
         if op.window is not None:
+            if len(inputs[0]) != len(op.window.axes):  # the input's axes are not this window's
+                continue
             fields = tuple(compose(f, p) for f, p in zip(inputs[0], op.window.axes))
             found[op.index] = fields
         elif _keeps_spatial(op):
@@ -319,7 +390,7 @@ def _keeps_spatial(op: OpRecord) -> bool:
 
 def _window_chain(step: StepRecording) -> list[OpRecord] | None:
     """The window ops that lead from the input to the output, if they form a single chain."""
-    lineage: dict[int, tuple[int, ...] | None] = {step.input_key: ()}
+    lineage: dict[int, tuple[int, ...] | None] = dict.fromkeys(step.input_keys, ())
     last: tuple[int, ...] | None = None
     for op in _step_ops(step):
         if op.phase != "forward":
@@ -340,28 +411,35 @@ def _window_chain(step: StepRecording) -> list[OpRecord] | None:
     return [ops[i] for i in last]
 
 
-def _smallest_from_chain(model: nn.Module, input_size: tuple[int, ...], chain: list[OpRecord]) -> tuple[int, ...] | None:
+def _smallest_from_chain(model: nn.Module, spec: StepSpec, chain: list[OpRecord]) -> tuple[int, ...] | None:
     """Invert the chain per axis; trust it only if a trace at that size works and one below fails."""
-    if not chain:
+    if not chain or not _fits(chain, spec):
         return None
+    input_size = spec.input_sizes[0]
     spatial = len(input_size) - 1
     smallest = tuple(smallest_input_for_chain([op.window.axes[a] for op in chain if op.window]) for a in range(spatial))
     candidate = (input_size[0], *smallest)
-    if not _accepts(model, candidate):
+    if not _accepts(model, spec, candidate):
         return None
     for axis in range(spatial):
-        if smallest[axis] > 1 and _accepts(model, _with_axis(candidate, axis, smallest[axis] - 1)):
+        if smallest[axis] > 1 and _accepts(model, spec, _with_axis(candidate, axis, smallest[axis] - 1)):
             return None
     return candidate
+
+
+def _fits(chain: list[OpRecord], spec: StepSpec) -> bool:
+    """Whether there is one input and the chain's windows slide along its own spatial axes."""
+    spatial = len(spec.input_sizes[0]) - 1
+    return len(spec.input_sizes) == 1 and all(op.window is None or len(op.window.axes) == spatial for op in chain)
 
 
 def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
     return (*size[: axis + 1], value, *size[axis + 2 :])
 
 
-def _accepts(model: nn.Module, input_size: tuple[int, ...]) -> bool:
+def _accepts(model: nn.Module, spec: StepSpec, input_size: tuple[int, ...]) -> bool:
     try:
-        record_step(model, StepSpec(input_size=input_size, mode="infer"), 1)
+        record_step(model, spec.replace(input_size=input_size, mode="infer"), 1)
     except (LayerInputTooSmall, RuntimeError):
         return False
     return True
@@ -374,8 +452,14 @@ def smallest_input_size(model: nn.Module, *, input_size: Sequence[int]) -> tuple
     binary-searched down while the others keep sizes already known to work. Output sizes never
     shrink as an input grows, so each search is exact.
     """
-    size = tuple(int(s) for s in input_size)
-    while not _accepts(model, size):
+    return _smallest_input(model, StepSpec(input_size=input_size, mode="infer"))
+
+
+def _smallest_input(model: nn.Module, spec: StepSpec) -> tuple[int, ...]:
+    size = spec.input_sizes[0]
+    if len(size) < 2:
+        raise NinlabError(f"input {_shape_text(size)} has no spatial axis to search; give channels then spatial sizes")
+    while not _accepts(model, spec, size):
         if max(size[1:]) > 1 << 14:
             raise NinlabError(
                 f"the model accepts no input of {size[0]} channels up to {'x'.join(map(str, size[1:]))}; "
@@ -386,7 +470,7 @@ def smallest_input_size(model: nn.Module, *, input_size: Sequence[int]) -> tuple
         low, high = 0, size[axis + 1]  # low fails (or is 0), high works
         while high - low > 1:
             middle = (low + high) // 2
-            if _accepts(model, _with_axis(size, axis, middle)):
+            if _accepts(model, spec, _with_axis(size, axis, middle)):
                 high = middle
             else:
                 low = middle

@@ -38,7 +38,16 @@ from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodel
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
 from ninlab.analysis.phases import StepPhases
-from ninlab.analysis.step import StepSpec, inference_step, optimizers_in
+from ninlab.analysis.step import (
+    StepSpec,
+    builtin_loss,
+    builtin_loss_words,
+    builtin_targets,
+    example_inputs,
+    inference_step,
+    optimizers_in,
+    output_tensors,
+)
 from ninlab.errors import NinlabError
 
 __all__ = [
@@ -348,7 +357,7 @@ class _ModuleStack:
             if module in self.names and self.stack:
                 name = self.stack.pop()
                 if name not in self.outputs:
-                    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                    tensors = output_tensors(output)
                     self.outputs[name] = tuple((tuple(t.shape), t.dtype) for t in tensors)
 
         self._handles = [
@@ -666,9 +675,10 @@ class StepRecording:
     parameter_keys: dict[str, int]  # parameter name -> storage key
     gradient_keys: dict[str, int]  # parameter name -> storage key of its .grad after the step
     optimizer_state_keys: tuple[int, ...]
-    input_key: int
-    target_key: int
+    input_keys: tuple[int, ...]  # one per input of the model
+    target_key: int  # -1: no targets (an inference, or a loss that needs none)
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
+    loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
 
 
 def record_step(
@@ -702,13 +712,17 @@ def record_step(
     log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
+        def forward(*x: torch.Tensor) -> Any:
+            return torch.func.functional_call(model, fakes, x, tie_weights=True, strict=False)
+
         with fake_mode:
-            inputs = _empty((batch_size, *spec.input_size), spec.dtype, device, memory_format)
-            # Inference has no targets.
-            targets = torch.zeros((batch_size,), dtype=torch.long, device=device) if trains else None
+            inputs = example_inputs(spec, batch_size, device)
+            # The loss fits the output, so its targets (if any) follow a forward's output.
+            targets = builtin_targets(_probe(forward, inputs), device) if trains else None
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
-        recorder.track(inputs, "input")
+        for tensor in inputs:
+            recorder.track(tensor, "input")
         if targets is not None:
             recorder.track(targets, "targets")
         trainable = [t for t in fakes.values() if isinstance(t, nn.Parameter) and t.requires_grad]
@@ -725,14 +739,16 @@ def record_step(
                 optimizer = spec.make_optimizers(model, device_type=spec.device_type)
                 optimizers = optimizers_in(optimizer)
                 step = spec.step_function()
+                # A model of one input gets one tensor, as the user's loop passes it.
+                step_inputs = inputs[0] if len(inputs) == 1 else inputs
                 with recorder.warming_up():
                     # Held while the recorded step runs, as a loop's `loss = step(...)` holds it.
-                    previous = step(model, optimizer, inputs, targets)
+                    previous = step(model, optimizer, step_inputs, targets)
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
                 hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in trainable]
-                step(model, optimizer, inputs, targets)
+                step(model, optimizer, step_inputs, targets)
                 for hook in hooks:
                     hook.remove()
                 del previous
@@ -753,10 +769,17 @@ def record_step(
         parameter_keys={name: recorder.storage_key(t) for name, t in fakes.items() if isinstance(t, nn.Parameter)},
         gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in trainable if p.grad is not None},
         optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
-        input_key=recorder.storage_key(inputs),
+        input_keys=tuple(recorder.storage_key(tensor) for tensor in inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
+        loss=(builtin_loss_words(targets) if spec.step is None else f"the step {spec.step_name}'s own") if trains else "",
     )
+
+
+def _probe(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The model's output on `inputs`, without autograd, to fit the loss to it."""
+    with torch.no_grad():
+        return forward(*inputs)
 
 
 def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
@@ -783,11 +806,14 @@ def _name_survivors(
 
 
 def _forward_backward(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast_dtype: torch.dtype | None
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | None,
+    autocast_dtype: torch.dtype | None,
 ) -> None:
     """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
-    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+    with torch.autocast(inputs[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(*inputs)
+        loss = builtin_loss(logits, targets)
     del logits
     loss.backward()

@@ -29,6 +29,7 @@ from torch import nn
 from ninlab.analysis.step import (
     AMP_DTYPES,
     DTYPES,
+    INPUT_DTYPES,
     DeviceType,
     GradMode,
     Mode,
@@ -53,6 +54,7 @@ __all__ = [
     "add_output_option",
     "add_step_options",
     "add_training_options",
+    "input_range",
     "input_size",
     "load_data",
     "model_choice",
@@ -87,10 +89,10 @@ def non_negative_int(text: str) -> int:
 
 
 def input_size(text: str) -> tuple[int, ...]:
-    """'1x224x224' (channels first; 1 to 3 spatial sizes) -> (1, 224, 224)."""
-    if not re.fullmatch(r"\d+(x\d+){1,3}", text.strip().lower()):
+    """'1x224x224' (an image, channels first) -> (1, 224, 224); '784' (a vector) -> (784,)."""
+    if not re.fullmatch(r"\d+(x\d+)*", text.strip().lower()):
         raise argparse.ArgumentTypeError(
-            f"cannot read input size {text!r}; write channels x height x width, e.g. 1x224x224"
+            f"cannot read input size {text!r}; write one sample's sizes joined by x, e.g. 1x224x224 or 784"
         )
     sizes = tuple(int(part) for part in text.strip().lower().split("x"))
     if min(sizes) < 1:
@@ -98,6 +100,20 @@ def input_size(text: str) -> tuple[int, ...]:
             f"input size {text!r} has a zero; every size must be at least 1, e.g. 1x224x224"
         )
     return sizes
+
+
+def input_range(text: str) -> tuple[int, int]:
+    """'0:1000' -> (0, 1000): integer inputs are drawn from [0, 1000)."""
+    low, colon, high = text.strip().partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        values = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read input range {text!r}; write LOW:HIGH, e.g. 0:1000") from None
+    if values[1] <= values[0]:
+        raise argparse.ArgumentTypeError(f"input range {text!r} is empty; LOW must be below HIGH, e.g. 0:1000")
+    return values
 
 
 @dataclass(frozen=True, eq=False)  # each flag is itself: compared and hashed by identity
@@ -158,7 +174,18 @@ MODEL = _flag(
     "a registry name (nin-d2l), a variant (nin-d2l:num_1x1=1) or package.module:factory",
     metavar="NAME",
 )
-INPUT = _flag("input", "one sample's size, channels first", type=input_size, metavar="CxHxW")
+INPUT = _flag(
+    "input",
+    "one sample's size, any rank (an image channels first: 1x28x28; a vector: 784); once per "
+    "input for a model of several",
+    type=input_size, action="append", metavar="SIZE",
+)
+INPUT_DTYPE = _flag(
+    "input-dtype", "the inputs' dtype (long: token ids for an embedding)", choices=tuple(INPUT_DTYPES)
+)
+INPUT_RANGE = _flag(
+    "input-range", "integer inputs' values, drawn from [LOW, HIGH)", type=input_range, metavar="LOW:HIGH"
+)
 BATCH = Flag(
     ("--batch",), "batch", "batch size", {"type": positive_int, "metavar": "N"},
     aliases=("--batch-size",),  # the trainer's spelling until the vocabulary was one
@@ -269,7 +296,8 @@ OUTPUT_DIR = _flag(
 # Every flag, each once: what the tests hold every command's parser to.
 FLAGS: tuple[Flag, ...] = tuple(
     dict.fromkeys((
-        MODEL, INPUT, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP, CHANNELS_LAST, STEP,
+        MODEL, INPUT, INPUT_DTYPE, INPUT_RANGE, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP,
+        CHANNELS_LAST, STEP,
         *_TRAINING, LAYER, BUDGET, DATA_DIR, NO_DOWNLOAD, FORMAT, OUTPUT, OUTPUT_DIR,
     ))
 )
@@ -279,26 +307,38 @@ FLAGS: tuple[Flag, ...] = tuple(
 class ModelChoice:
     name: str
     model: nn.Module
-    input_size: tuple[int, ...]
+    input_size: tuple[int, ...] | tuple[tuple[int, ...], ...]  # one size, or one per input
     batch_size: int
     dtype: torch.dtype
+
+
+_DEFAULT_INPUT = (1, 224, 224)
 
 
 def add_model_options(
     parser: argparse.ArgumentParser, *, batch: int = 128, model: bool = True
 ) -> None:
-    """--model (unless the command names models otherwise), --input, --batch, --dtype."""
+    """--model (unless the command names models otherwise), --input (repeated for several
+    inputs), --input-dtype, --input-range, --batch, --dtype."""
     group = parser.add_argument_group("model options")
     if model:
         MODEL.add(group, default="nin-d2l")
-    INPUT.add(group, default="1x224x224")
+    INPUT.add(group, shown="x".join(map(str, _DEFAULT_INPUT)))  # appended to: no default list
+    INPUT_DTYPE.add(group, shown="--dtype")
+    INPUT_RANGE.add(group, shown="0:2")
     BATCH.add(group, default=batch)
     DTYPE.add(group, default="float32")
 
 
+def _input_sizes(args: argparse.Namespace) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    """--input as StepSpec takes it: one size, or one per input when given more than once."""
+    sizes = args.input or [_DEFAULT_INPUT]
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
 def model_choice(args: argparse.Namespace) -> ModelChoice:
     return ModelChoice(
-        args.model, resolve_model(args.model), args.input, args.batch, DTYPES[args.dtype]
+        args.model, resolve_model(args.model), _input_sizes(args), args.batch, DTYPES[args.dtype]
     )
 
 
@@ -338,9 +378,11 @@ def step_spec(args: argparse.Namespace, **fields: Any) -> StepSpec:
         "ddp": getattr(args, "ddp", None),  # nor one that runs a single process
         "memory_format": {True: "channels_last", False: "contiguous"}.get(args.channels_last),
         "step": load_step(args.step) if args.step else None,
+        "input_dtype": args.input_dtype,
+        "input_range": args.input_range,
     }
     given = {name: value for name, value in given.items() if value is not None}
-    return StepSpec(input_size=args.input, dtype=args.dtype, **{**given, **fields})
+    return StepSpec(input_size=_input_sizes(args), dtype=args.dtype, **{**given, **fields})
 
 
 def add_training_options(

@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     spec = step_spec(args, mode=args.mode or ("train" if trains else "infer"))
     summary = summarize(
         choice.model,
-        input_size=choice.input_size,
+        input_size=spec.input_size,
         batch_size=choice.batch_size,
         dtype=choice.dtype,
+        input_dtype=spec.input_dtype,
+        input_range=spec.input_range,
+        mode=spec.mode,
         model_name=choice.name,
     )
     if args.format == "csv":  # one row per module: the memory section has no place there

@@ -29,6 +29,7 @@ def _layer_dict(layer: LayerSummary) -> dict[str, Any]:
         "type": layer.type,
         "depth": layer.depth,
         "output_shape": list(layer.output_shape) if layer.output_shape else None,
+        "output_shapes": [list(shape) for shape in layer.output_shapes],
         "output_bytes": layer.output_bytes,
         "parameters": layer.parameters,
         "weights": layer.weights,
@@ -67,12 +68,15 @@ def summary_to_dict(summary: Summary) -> dict[str, Any]:
     return {
         "model": summary.model,
         "input_size": list(summary.input_size),
+        "input_sizes": [list(size) for size in summary.input_sizes],
+        "input_dtype": summary.input_dtype,
         "batch_size": summary.batch_size,
         "dtype": summary.dtype,
+        "loss": summary.loss or None,
         "flop_convention": summary.flop_convention,
         "layers": [_layer_dict(layer) for layer in summary.layers],
         "totals": {name: getattr(totals, name) for name in totals.__dataclass_fields__},
-        "smallest_input_size": list(summary.smallest_input_size),
+        "smallest_input_size": list(summary.smallest_input_size) if summary.smallest_input_size else None,
         "input_reach": [
             {"axis": r.axis, "input_size": r.input_size, "first": r.first, "last": r.last, "count": r.count, "never_read": r.never_read}
             for r in summary.input_reach
@@ -87,12 +91,17 @@ def summary_json(summary: Summary) -> str:
 _COLUMNS = ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Output size")
 
 
+def _shapes(layer: LayerSummary) -> str:
+    """Every output's shape: "2x10" for one, "2x20x16, 1x2x16, 1x2x16" for an LSTM's three."""
+    return ", ".join("x".join(map(str, shape)) for shape in layer.output_shapes)
+
+
 def _cells(layer: LayerSummary) -> tuple[str, ...]:
     name = layer.name or "(model)"
     return (
         "  " * max(layer.depth - 1, 0) + name,
         layer.type,
-        "x".join(map(str, layer.output_shape)) if layer.output_shape else "",
+        _shapes(layer),
         layer.rounding,
         format_count(layer.parameters),
         format_flops(layer.forward_flops),
@@ -100,15 +109,28 @@ def _cells(layer: LayerSummary) -> tuple[str, ...]:
     )
 
 
+def _rows(summary: Summary) -> tuple[LayerSummary, ...]:
+    """The layers under the model; the model itself when it has none (a bare nn.LSTM)."""
+    return summary.layers[1:] or summary.layers
+
+
 def _header(summary: Summary) -> str:
-    return (
-        f"{summary.model}: batch {summary.batch_size} x {'x'.join(map(str, summary.input_size))}, {summary.dtype}"
-    )
+    inputs = " and ".join("x".join(map(str, size)) for size in summary.input_sizes)
+    kind = f" {summary.input_dtype} inputs" if summary.input_dtype != summary.dtype else ""
+    return f"{summary.model}: batch {summary.batch_size} x {inputs}{kind}, {summary.dtype}"
 
 
 def _total_lines(summary: Summary) -> list[str]:
     t = summary.totals
-    smallest = "x".join(map(str, summary.smallest_input_size))
+    if summary.loss:
+        flops = (
+            f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)}, "
+            f"backward {format_flops(t.backward_flops)}, "
+            f"training step {format_flops(t.training_step_flops)} (optimizer update not counted; "
+            f"loss: {summary.loss})"
+        )
+    else:
+        flops = f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)} (no training step)"
     lines = [
         (
             f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + "
@@ -116,14 +138,11 @@ def _total_lines(summary: Summary) -> list[str]:
             f"{format_count(t.frozen_parameters)} frozen), {format_bytes(t.parameter_bytes)}"
         ),
         f"Buffers: {format_count(t.buffer_elements)} elements, {format_bytes(t.buffer_bytes)}",
-        (
-            f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)}, "
-            f"backward {format_flops(t.backward_flops)}, "
-            f"training step {format_flops(t.training_step_flops)} (optimizer update not counted)"
-        ),
+        flops,
         f"Sum of layer outputs: {format_bytes(t.layer_output_bytes)}",
-        f"Smallest valid input: {smallest}",
     ]
+    if summary.smallest_input_size:
+        lines.append(f"Smallest valid input: {'x'.join(map(str, summary.smallest_input_size))}")
     lines += [
         f"Input {reach.axis}: positions {reach.first}..{reach.last} can influence the output; "
         f"the last {reach.never_read} never do (dropped by rounding)"
@@ -159,7 +178,7 @@ def print_summary(summary: Summary, *, explain: bool = False, console: Console |
     table = Table(title=_header(summary), title_justify="left")
     for column in _COLUMNS:
         table.add_column(column, justify="right" if column in ("Params", "Forward FLOPs", "Output size") else "left", no_wrap=column == "Layer")
-    for layer in summary.layers[1:]:
+    for layer in _rows(summary):
         table.add_row(*_cells(layer))
     console.print(table)
     for line in _total_lines(summary):
@@ -173,7 +192,7 @@ def print_summary(summary: Summary, *, explain: bool = False, console: Console |
 
 def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
     out = [f"**{_header(summary)}**", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    for layer in summary.layers[1:]:
+    for layer in _rows(summary):
         cells = list(_cells(layer))
         cells[0] = "&nbsp;" * 2 * max(layer.depth - 1, 0) + (layer.name or "(model)")
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -191,6 +210,6 @@ def summary_csv(summary: Summary) -> str:
     writer.writeheader()
     for layer in summary.layers:
         row = _layer_dict(layer)
-        row["output_shape"] = "x".join(map(str, layer.output_shape)) if layer.output_shape else ""
+        row["output_shape"] = _shapes(layer)
         writer.writerow({key: row[key] for key in fields})
     return buffer.getvalue()

@@ -115,7 +115,10 @@ def build_report(
     name = model_name or type(model).__name__
     spec = step_spec(spec, **fields).replace(mode="train")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    summary = summarize(model, input_size=spec.input_size, batch_size=batch_size, dtype=spec.dtype, model_name=name)
+    summary = summarize(
+        model, input_size=spec.input_size, input_dtype=spec.input_dtype, input_range=spec.input_range,
+        batch_size=batch_size, dtype=spec.dtype, model_name=name,
+    )
     train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
     infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
     batch = study_batch(model, spec, budget=budget_bytes)
@@ -199,7 +202,7 @@ def _glance(report: Report) -> str:
         (format_flops(t.training_step_flops), "training-step FLOPs (forward + backward)"),
         (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {report.train.spec.title}"),
         (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {report.infer.spec.title}"),
-        (_shape(report.summary.smallest_input_size), "smallest valid input"),
+        (_shape(report.summary.smallest_input_size or ()) or "no window", "smallest valid input"),
         (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {report.train.spec.title}"),
         (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
     ]
