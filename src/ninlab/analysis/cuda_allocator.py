@@ -76,7 +76,7 @@ CUDA_ROUND_LARGE_BYTES = 2 * MIB  # kRoundLarge: ... rounded up to a multiple of
 # driver, so it is stated as a range: about 300 to 700 MiB; benchmarks/gpu_check.py measures it.
 CUDA_CONTEXT_BYTES = (300 * MIB, 700 * MIB)
 CUDA_CONTEXT_SOURCE = (
-    "the CUDA context, outside the caching allocator: about 300 MiB with lazy module loading "
+    "outside the caching allocator: about 300 MiB with lazy module loading "
     "(PyTorch's default since 1.13) to 700 MiB loading eagerly (pytorch/pytorch PR #86509 measured "
     "287 and 667 MB with nvidia-smi); it varies with the GPU, driver and the libraries a run loads"
 )
