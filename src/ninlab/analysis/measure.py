@@ -19,7 +19,8 @@ Two levels are measured, each with a method that shares no code with the predict
   c10 CPU allocator emits for every block it hands out, tensor or not (oneDNN reorder buffers and
   scratchpads, wrapped scalars); the records are summed in time order over the measured step. On
   CUDA, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, which includes the
-  caching allocator's 512-byte rounding and cuDNN workspaces.
+  caching allocator's 512-byte rounding and cuDNN workspaces, and `max_memory_reserved()`, the
+  segments the allocator holds from the device (`reserved_peak_bytes`).
 
 Both peaks include everything alive during the measured step: parameters, buffers, gradients
 (until `zero_grad(set_to_none=True)` frees them, then the new ones), optimizer state, the input
@@ -94,6 +95,7 @@ class Measurement:
     allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)
     allocator_peak_phase: str  # "" on CUDA
     allocator_method: str  # "cpu profiler allocation records" or "torch.cuda.max_memory_allocated"
+    reserved_peak_bytes: int | None = None  # CUDA: max_memory_reserved() over the measured step
 
     def peaks(self) -> dict[str, int]:
         return {"live": self.live_peak_bytes, "allocator": self.allocator_peak_bytes}
@@ -242,6 +244,10 @@ def measure(
     if spec.mode == "train":
         with torch.no_grad():  # the class count, from one sample (eval: batch norm accepts one)
             num_classes = model.eval()(inputs[:1]).shape[-1]
+        if device.type == "cuda":
+            # The probe's freed blocks would stay cached in segments a real training loop never
+            # makes; return them so the reserved memory measured is the steps' own.
+            torch.cuda.empty_cache()
         model.train()
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
         optimizer = make_optimizer(spec.optimizer, model.parameters())
@@ -267,6 +273,7 @@ def measure(
                 step(live.phase)
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         method, device_name = "cpu profiler allocation records", "cpu"
+        reserved_bytes = None
     else:
         step(live.phase)
         torch.cuda.synchronize(device)
@@ -277,6 +284,7 @@ def measure(
             step(live.phase)
         torch.cuda.synchronize(device)
         allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
+        reserved_bytes = torch.cuda.max_memory_reserved(device)
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
     return Measurement(
         spec=spec,
@@ -291,6 +299,7 @@ def measure(
         allocator_peak_op=allocator_op,
         allocator_peak_phase=allocator_phase,
         allocator_method=method,
+        reserved_peak_bytes=reserved_bytes,
     )
 
 
