@@ -160,7 +160,9 @@ def _empty_device_cache(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
         # cuBLAS keeps a workspace per handle and stream once a matmul ran: not this case's.
-        torch._C._cuda_clearCublasWorkspaces()
+        clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_cublas_workspaces is not None:
+            clear_cublas_workspaces()
         torch.cuda.reset_peak_memory_stats()
 
 

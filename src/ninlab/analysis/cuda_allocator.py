@@ -246,10 +246,13 @@ def simulate_step(events: StepEvents) -> CudaLevels:
         if key not in events.lazy:
             blocks[key] = allocator.malloc(events.nbytes[key])
     survivors = _run(allocator, events, blocks, warm_up=True)
-    # The storages the first step left (its gradients) are the ones the second step frees.
+    # The storages the first step left (its gradients) are the ones the second step frees; one
+    # the first step did not leave (a step that changes what it keeps) is allocated as it starts.
     for key in events.replaced:
         match = next((k for k in survivors if events.nbytes[k] == events.nbytes[key]), None)
-        if match is not None:
+        if match is None:
+            blocks[key] = allocator.malloc(events.nbytes[key])
+        else:
             survivors.remove(match)
             blocks[key] = blocks.pop(match)
     allocator.reset_peak()
@@ -306,7 +309,7 @@ def step_events(
     storages = step.recording.storages
     first, last = step.step_start, len(step.recording.ops) - 1
     nbytes = {key: storages[key].nbytes for key in at_start}
-    host = set()
+    host: set[int] = set()
     if step.spec.optimizer.implementation != "fused":
         host = {key for key in step.optimizer_state_keys if not storages[key].shape}
     ends = {key: index for index, keys in died.items() for key in keys}
@@ -316,11 +319,12 @@ def step_events(
     persistent = buckets + tuple(
         key for key in sorted(at_start) if key not in host and key not in replaced
     )
+    kept = host | set(persistent)  # never freed by the allocator during the step
     ops = []
     for index in range(first, last + 1):
         made = tuple(sorted(k for k in born.get(index, ()) if k not in host))
         nbytes.update((key, storages[key].nbytes) for key in made)
-        gone = tuple(k for k in died.get(index, ()) if k not in host and k not in persistent)
+        gone = tuple(k for k in died.get(index, ()) if k not in kept)
         ops.append((made, gone))
     lazy = frozenset(step.optimizer_state_keys) - host
     phases = [op.phase for op in step.recording.ops[first:]]
