@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.cuda_allocator import (
     CachingAllocator,
     StepEvents,
@@ -155,6 +156,14 @@ def test_nin_b128_cuda_prediction(nin: nn.Module, fields: dict, allocated: int, 
     assert report.live_peak_bytes <= allocated <= reserved == report.held_peak_bytes
     low, high = report.cuda.process_bytes
     assert low == reserved + 300 * MIB and high == reserved + 700 * MIB
+
+
+def test_fit_on_cuda_fits_the_reserved_level(nin: nn.Module) -> None:
+    step = {"input_size": (1, 224, 224), "mode": "infer", "device_type": "cuda"}
+    fit = fit_batch(nin, budget="64MiB", **step)
+    at_fit = predict_memory(nin, batch_size=fit.batch_size, **step).cuda
+    assert at_fit is not None and fit.peak_bytes == at_fit.max_reserved_bytes <= 64 * MIB
+    assert fit.next_peak_bytes > 64 * MIB
 
 
 def test_cpu_steps_have_no_cuda_levels(nin: nn.Module) -> None:

@@ -232,8 +232,9 @@ class AllocatorPeak:
     CPU: the c10 allocator hands out a block for every tensor storage, and inside some kernels
     blocks that belong to no tensor (oneDNN reorders its inputs, weights and results into blocked
     layouts; batch norm keeps temporaries); `ninlab.analysis.allocator` gives them per op, and an
-    op's high point is what was alive before it plus the most it held at once. CUDA: each storage is
-    the caching allocator's block (`max_memory_allocated` counts blocks, not bytes). `method`
+    op's high point is what was alive before it plus the most it held at once. CUDA: the blocks the
+    caching allocator hands out, simulated (`max_memory_allocated` counts blocks, not bytes; what
+    it reserves is in `MemoryReport.cuda`). `method`
     states the rules; `unmodelled` lists the ops whose extra blocks are not known.
     """
 
@@ -245,7 +246,8 @@ class AllocatorPeak:
     module_type: str
     live_bytes: int  # tensor storage alive at that op (its outputs included)
     workspace_bytes: int  # CPU: kernel blocks beyond the live storage at the peak
-    rounding_bytes: int  # CUDA: what block rounding adds to the live storage at the peak
+    rounding_bytes: int  # CUDA: what blocks add to the live storage at the peak (512-byte
+    # rounding, and blocks handed out whole when too little is left to split off)
     method: str
     unmodelled: tuple[str, ...]
 
