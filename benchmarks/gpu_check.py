@@ -78,8 +78,16 @@ class Sizes:
     concurrent_training: bool  # the runs side by side: only where their times do not matter
 
 
-FULL = Sizes(128, NIN_INPUT, 128, 224, None, None, None, None, True, False)
-DRY = Sizes(2, (1, 67, 67), 2, 67, 1, 16, 16, 8, False, True)  # 67: nin-d2l's smallest valid input
+FULL = Sizes(
+    batch=128, nin_input=NIN_INPUT, zoo_batch=128, image_size=224, epochs=None,
+    train_examples=None, test_examples=None, train_batch=None, measure_all=True,
+    concurrent_training=False,
+)
+DRY = Sizes(
+    batch=2, nin_input=(1, 67, 67), zoo_batch=2, image_size=67,  # 67: nin-d2l's smallest input
+    epochs=1, train_examples=16, test_examples=16, train_batch=8, measure_all=False,
+    concurrent_training=True,
+)
 
 
 @dataclass(frozen=True)
