@@ -139,24 +139,22 @@ def check_memory(case: MemoryCase, device: str, *, measured: bool = True) -> dic
             "max_allocated_bytes": report.cuda.max_allocated_bytes,
             "max_reserved_bytes": report.cuda.max_reserved_bytes,
         }
-        if not measured:
-            row["measured"] = None
-            row["seconds"] = time.perf_counter() - started
-            return row
-        _empty_device_cache(device)
-        measurement = measure(model, spec.replace(device_type=device), batch_size=case.batch_size)
-        row["measured"] = {
-            "device": measurement.device,
-            "live_peak_bytes": measurement.live_peak_bytes,
-            "max_allocated_bytes": measurement.allocator_peak_bytes,
-            "max_reserved_bytes": measurement.reserved_peak_bytes,
-            "method": measurement.allocator_method,
-        }
-        row["ratio_measured_over_predicted"] = {
-            key: value / row["predicted"][key]
-            for key, value in row["measured"].items()
-            if key.endswith("_bytes") and value is not None
-        }
+        row["measured"] = None
+        if measured:
+            _empty_device_cache(device)
+            measurement = measure(model, spec.replace(device_type=device), batch_size=case.batch_size)
+            row["measured"] = {
+                "device": measurement.device,
+                "live_peak_bytes": measurement.live_peak_bytes,
+                "max_allocated_bytes": measurement.allocator_peak_bytes,
+                "max_reserved_bytes": measurement.reserved_peak_bytes,
+                "method": measurement.allocator_method,
+            }
+            row["ratio_measured_over_predicted"] = {
+                key: value / row["predicted"][key]
+                for key, value in row["measured"].items()
+                if key.endswith("_bytes") and value is not None
+            }
     except Exception as error:  # noqa: BLE001 -- one broken case must not cost the GPU's other results
         row["error"] = f"{type(error).__name__}: {error}"
     row["seconds"] = time.perf_counter() - started
