@@ -1,5 +1,5 @@
 """The CPU workspace rules replayed against the profiler's allocation records, one op call at a
-time; the CUDA caching allocator's rounding; and the pitfalls the rules rest on."""
+time, and the pitfalls the rules rest on."""
 
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from ninlab.analysis.allocator import (
     KernelAllocation,
     conv_backend,
     cpu_allocations,
-    cuda_fresh_block_bytes,
-    cuda_pool,
-    cuda_round_size,
-    cuda_segment_bytes,
     mkldnn_conv_forward_allocations,
     peak_above_start_bytes,
     unmodelled_reason,
@@ -259,27 +255,3 @@ def test_cpu_dropout_mask_is_float32() -> None:
     with Masks():
         torch.nn.functional.dropout(x, 0.5, training=True)
     assert masks == [torch.float32]  # CUDA's fused native_dropout keeps a bool mask instead
-
-
-# --- CUDA caching allocator -------------------------------------------------------------------
-
-
-def test_cuda_rounding() -> None:
-    assert cuda_round_size(1) == 512
-    assert cuda_round_size(5120) == 5120  # NiN's logits at batch 128
-    assert cuda_round_size(5121) == 5632
-    assert cuda_pool(1 << 20) == "small" and cuda_pool((1 << 20) + 1) == "large"
-    assert cuda_segment_bytes(4) == 2 << 20
-    assert cuda_segment_bytes(3 << 20) == 20 << 20
-    assert cuda_segment_bytes(25_690_112) == 13 * (2 << 20)  # NiN's input batch: its own segment
-
-
-def test_cuda_fresh_block_is_whole_segment_when_little_is_left() -> None:
-    # NiN's first activation at batch 128 leaves 1,376,256 bytes (> 1 MiB) of its 69 x 2 MiB
-    # segment: the block is split, and counts as the request.
-    assert cuda_segment_bytes(143_327_232) == 144_703_488
-    assert cuda_fresh_block_bytes(143_327_232) == 143_327_232
-    # 11.5 MiB leaves 0.5 MiB of a 12 MiB segment: the whole segment is the block.
-    assert cuda_fresh_block_bytes(12_058_624) == 12_582_912
-    assert cuda_fresh_block_bytes(3 << 20) == 3 << 20  # split off a 20 MiB segment
-    assert cuda_fresh_block_bytes(100) == 512

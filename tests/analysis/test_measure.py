@@ -181,6 +181,8 @@ def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> N
     result = measure(nin, StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd"), batch_size=8)
     assert result.allocator_method == "torch.cuda.max_memory_allocated"
     assert result.live_peak_bytes <= result.allocator_peak_bytes < 2 * result.live_peak_bytes
+    assert result.reserved_peak_bytes is not None
+    assert result.allocator_peak_bytes <= result.reserved_peak_bytes  # max_memory_reserved
 
 
 def test_cli_prints_both_levels(capsys: pytest.CaptureFixture[str]) -> None:

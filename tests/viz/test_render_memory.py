@@ -47,6 +47,23 @@ def test_cuda_ddp_and_amp_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bfloat16 autocast, cuda, DDP, batch 8" in out
     assert "of block rounding" in out
     assert "DDP gradient buckets: 1.26 MiB, 6.34 MiB" in out
+    assert "CUDA: max_memory_allocated 55.17 MiB (57,846,784 bytes), max_memory_reserved 72.00 MiB" in out
+    assert "CUDA context: outside the caching allocator: about 300 MiB" in out
+    assert "cuDNN: cuDNN's workspace is not predicted" in out
+
+
+def test_cuda_json_and_fit_count_reserved_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "summary", "--format", "json", "--device", "cuda", "--mode", "infer", "--fit", "64MiB"
+    )
+    memory = json.loads(out)["memory"]
+    assert code == 0
+    cuda = memory["cuda"]
+    assert cuda["max_allocated_bytes"] == memory["allocator_peak_bytes"] <= cuda["max_reserved_bytes"]
+    reserved = cuda["max_reserved_bytes"]
+    assert cuda["process_bytes"] == [reserved + (300 << 20), reserved + (700 << 20)]
+    fit = memory["fit"]
+    assert fit["peak_bytes"] <= 64 << 20 < fit["next_peak_bytes"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""What the allocator holds beyond live tensor storage: per-op workspace rules for the CPU, and
-the CUDA caching allocator's rounding.
+"""What the CPU allocator holds beyond live tensor storage: per-op workspace rules (CUDA's caching
+allocator is simulated in `ninlab.analysis.cuda_allocator`).
 
 CPU. A tensor-level trace (a dispatch mode) sees each op's outputs, but inside some kernels the
 c10 CPU allocator hands out blocks that belong to no tensor the trace sees. A rule here gives, for
@@ -40,13 +40,6 @@ pooling (its int64 indices are an output: under `no_grad` and, once composite op
 their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
 `bernoulli_`), linear (`addmm`/`mm` copy nothing when their operands come from other ops),
 adaptive average pooling and cross-entropy.
-
-CUDA. `torch.cuda.max_memory_allocated` counts caching-allocator blocks, not tensor bytes: every
-request is rounded up to a multiple of 512 bytes, and a large block that leaves at most 1 MiB
-of its segment unused is handed out whole. The constants and rules are those of
-c10/cuda/CUDACachingAllocator.cpp (kMinBlockSize, kSmallSize, kSmallBuffer, kLargeBuffer,
-kMinLargeAlloc, kRoundLarge; round_size, get_allocation_size, should_split) with the default
-configuration (no `roundup_power2_divisions`, no expandable segments).
 """
 
 from __future__ import annotations
@@ -64,10 +57,6 @@ __all__ = [
     "batch_norm_forward_allocations",
     "conv_backend",
     "cpu_allocations",
-    "cuda_fresh_block_bytes",
-    "cuda_pool",
-    "cuda_round_size",
-    "cuda_segment_bytes",
     "mkldnn_conv_backward_allocations",
     "mkldnn_conv_forward_allocations",
     "onednn_channel_block",
@@ -593,50 +582,3 @@ def _conv_output_shape(
         )
     )
     return (input_shape[0], weight_shape[0], *spatial)
-
-
-# --- CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp, default configuration) ---------
-
-CUDA_MIN_BLOCK_BYTES = 512  # kMinBlockSize: every request is rounded up to a multiple of this
-CUDA_SMALL_BYTES = 1 << 20  # kSmallSize: requests up to 1 MiB come from the small pool
-CUDA_SMALL_BUFFER_BYTES = 2 << 20  # kSmallBuffer: the small pool's segments
-CUDA_LARGE_BUFFER_BYTES = 20 << 20  # kLargeBuffer: segment for requests of 1 to 10 MiB
-CUDA_MIN_LARGE_ALLOC_BYTES = 10 << 20  # kMinLargeAlloc
-# kRoundLarge: larger requests get their own segment, rounded to 2 MiB
-CUDA_ROUND_LARGE_BYTES = 2 << 20
-
-
-def cuda_round_size(nbytes: int) -> int:
-    """round_size(): the block size a request occupies, counted by max_memory_allocated."""
-    return max(CUDA_MIN_BLOCK_BYTES, -(-nbytes // CUDA_MIN_BLOCK_BYTES) * CUDA_MIN_BLOCK_BYTES)
-
-
-def cuda_pool(nbytes: int) -> str:
-    """get_pool(): "small" for rounded requests up to 1 MiB, else "large"."""
-    return "small" if cuda_round_size(nbytes) <= CUDA_SMALL_BYTES else "large"
-
-
-def cuda_segment_bytes(nbytes: int) -> int:
-    """get_allocation_size(): the cudaMalloc'd segment a request needs when no cached block fits."""
-    size = cuda_round_size(nbytes)
-    if size <= CUDA_SMALL_BYTES:
-        return CUDA_SMALL_BUFFER_BYTES
-    if size < CUDA_MIN_LARGE_ALLOC_BYTES:
-        return CUDA_LARGE_BUFFER_BYTES
-    return -(-size // CUDA_ROUND_LARGE_BYTES) * CUDA_ROUND_LARGE_BYTES
-
-
-def cuda_fresh_block_bytes(nbytes: int) -> int:
-    """Bytes `max_memory_allocated` counts for a request served from a new segment.
-
-    should_split(): a block is split off the segment only if the rest is at least 512 bytes
-    (small pool) or more than 1 MiB (large pool); otherwise the request gets the whole segment.
-    A request served from a cached free block follows the same rule against that block's size,
-    which depends on the allocation history; this is the rule for the first allocation.
-    """
-    size = cuda_round_size(nbytes)
-    segment = cuda_segment_bytes(nbytes)
-    remaining = segment - size
-    if cuda_pool(nbytes) == "small":
-        return size if remaining >= CUDA_MIN_BLOCK_BYTES else segment
-    return size if remaining > CUDA_SMALL_BYTES else segment

@@ -6,6 +6,10 @@ Every figure is an exact prediction (`ninlab.analysis.predict.predict_memory`) a
 A line through two of them only proposes where to look, because the peak can move to another op
 as the batch grows (NiN with Adam: the update at batch 1 and 2, backward from batch 3), and then
 the peak is not one line. The results live here, beside the questions they answer.
+
+The allocator level is what the allocator holds from the device, which is what runs out: on CUDA
+the caching allocator's reserved segments (`MemoryReport.held_peak_bytes`), so a CUDA fit is a
+fit of `max_memory_reserved`.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def memory_vs_batch(
 
 def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> int:
     report = predict_memory(model, spec, batch_size=batch_size)
-    return report.allocator_peak_bytes if level == "allocator" else report.live_peak_bytes
+    return report.held_peak_bytes if level == "allocator" else report.live_peak_bytes
 
 
 def _level(level: str) -> Level:
@@ -124,7 +128,8 @@ def fit_batch(
     "500MB", "1.5 GiB"). The answer is found by exact predictions, extrapolation only proposing
     where to look: the result holds the exact peaks at the answer (fits) and the next size (does
     not). `level` "allocator" (the default) fits what the allocator holds, which is what runs
-    out; "live" fits tensor storage alone."""
+    out (on CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage
+    alone."""
     level = _level(level)
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes < 1:

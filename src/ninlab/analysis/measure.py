@@ -19,7 +19,8 @@ Two levels are measured, each with a method that shares no code with the predict
   c10 CPU allocator emits for every block it hands out, tensor or not (oneDNN reorder buffers and
   scratchpads, wrapped scalars); the records are summed in time order over the measured step. On
   CUDA, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, which includes the
-  caching allocator's 512-byte rounding and cuDNN workspaces.
+  caching allocator's 512-byte rounding and cuDNN workspaces, and `max_memory_reserved()`, the
+  segments the allocator holds from the device (`reserved_peak_bytes`).
 
 Both peaks include everything alive during the measured step: parameters, buffers, gradients
 (until `zero_grad(set_to_none=True)` frees them, then the new ones), optimizer state, the input
@@ -105,6 +106,7 @@ class Measurement:
     allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)
     allocator_peak_phase: str  # "" on CUDA
     allocator_method: str  # "cpu profiler allocation records" or "torch.cuda.max_memory_allocated"
+    reserved_peak_bytes: int | None = None  # CUDA: max_memory_reserved() over the measured step
 
     def peaks(self) -> dict[str, int]:
         return {"live": self.live_peak_bytes, "allocator": self.allocator_peak_bytes}
@@ -283,6 +285,7 @@ def measure(
         model.train()
         with torch.no_grad():  # the loss fits the output (lazy modules get their shapes here)
             targets = builtin_targets(model(*inputs), device)
+        _release_probe_blocks(device)
         optimizer = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
         train = spec.step_function()
@@ -303,6 +306,7 @@ def measure(
         model.eval()
         with torch.no_grad():  # lazy modules get their shapes before the baseline counts them
             model(*inputs)
+        _release_probe_blocks(device)
 
         def step() -> object:
             # The logits are dropped at once, as the predictor's one inference drops them.
@@ -328,6 +332,7 @@ def measure(
                 step()
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         method, device_name = "cpu profiler allocation records", "cpu"
+        reserved_bytes = None
     else:
         with first:
             previous = step()
@@ -341,6 +346,7 @@ def measure(
             step()
         torch.cuda.synchronize(device)
         allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
+        reserved_bytes = torch.cuda.max_memory_reserved(device)
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
     del previous
     if spec.mode == "train" and not phases.backward_calls:
@@ -361,7 +367,15 @@ def measure(
         allocator_peak_op=allocator_op,
         allocator_peak_phase=allocator_phase,
         allocator_method=method,
+        reserved_peak_bytes=reserved_bytes,
     )
+
+
+def _release_probe_blocks(device: torch.device) -> None:
+    """The probe's freed blocks would stay cached in CUDA segments a real training loop never
+    makes; return them so the reserved memory measured is the steps' own."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _count_baseline(

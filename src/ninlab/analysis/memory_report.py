@@ -21,6 +21,7 @@ from ninlab.errors import NinlabError
 __all__ = [
     "AllocatorPeak",
     "Breakdown",
+    "CudaMemory",
     "DDPBuckets",
     "ForumRule",
     "MeasuredFallback",
@@ -232,8 +233,9 @@ class AllocatorPeak:
     CPU: the c10 allocator hands out a block for every tensor storage, and inside some kernels
     blocks that belong to no tensor (oneDNN reorders its inputs, weights and results into blocked
     layouts; batch norm keeps temporaries); `ninlab.analysis.allocator` gives them per op, and an
-    op's high point is what was alive before it plus the most it held at once. CUDA: each storage is
-    the caching allocator's block (`max_memory_allocated` counts blocks, not bytes). `method`
+    op's high point is what was alive before it plus the most it held at once. CUDA: the blocks the
+    caching allocator hands out, simulated (`max_memory_allocated` counts blocks, not bytes; what
+    it reserves is in `MemoryReport.cuda`). `method`
     states the rules; `unmodelled` lists the ops whose extra blocks are not known.
     """
 
@@ -245,7 +247,8 @@ class AllocatorPeak:
     module_type: str
     live_bytes: int  # tensor storage alive at that op (its outputs included)
     workspace_bytes: int  # CPU: kernel blocks beyond the live storage at the peak
-    rounding_bytes: int  # CUDA: what block rounding adds to the live storage at the peak
+    rounding_bytes: int  # CUDA: what blocks add to the live storage at the peak (512-byte
+    # rounding, and blocks handed out whole when too little is left to split off)
     method: str
     unmodelled: tuple[str, ...]
 
@@ -253,6 +256,34 @@ class AllocatorPeak:
     def lower_bound(self) -> bool:
         """True when some op's extra blocks are unknown, so the allocator holds at least this."""
         return bool(self.unmodelled)
+
+
+@dataclass(frozen=True)
+class CudaMemory:
+    """A CUDA step through the caching allocator (`ninlab.analysis.cuda_allocator`), as
+    `torch.cuda` reports the steady step after `reset_peak_memory_stats()`, and what the process
+    needs beyond it.
+
+    `max_reserved_bytes` is what the allocator holds from the device (its segments), which is what
+    runs out; `max_allocated_bytes` the blocks handed out at the peak (each request rounded to 512
+    bytes, a block too small to split counted whole). The CUDA context comes on top, stated as a
+    range with its source; `cudnn_workspace` says how cuDNN's workspace is handled.
+    """
+
+    max_allocated_bytes: int
+    max_reserved_bytes: int
+    small_segments: int  # 2 MiB each
+    large_segments: int
+    large_reserved_bytes: int
+    context_bytes: tuple[int, int]  # (low, high)
+    context_source: str
+    cudnn_workspace: str
+
+    @property
+    def process_bytes(self) -> tuple[int, int]:
+        """What the process needs on the device: the reserved peak and the context, low and high."""
+        low, high = self.context_bytes
+        return self.max_reserved_bytes + low, self.max_reserved_bytes + high
 
 
 @dataclass(frozen=True)
@@ -297,6 +328,7 @@ class MemoryReport:
     ddp: DDPBuckets | None
     fallback: MeasuredFallback | None
     notes: tuple[str, ...]
+    cuda: CudaMemory | None = None  # a CUDA step: the caching allocator simulated
 
     @property
     def allocator_peak_bytes(self) -> int:
@@ -305,6 +337,12 @@ class MemoryReport:
             return self.allocator.peak_bytes
         assert self.fallback is not None
         return self.fallback.allocator_at(self.batch_size)
+
+    @property
+    def held_peak_bytes(self) -> int:
+        """What the allocator holds from the device at its peak, which is what runs out: on CUDA
+        the caching allocator's reserved segments, elsewhere the allocator level."""
+        return self.cuda.max_reserved_bytes if self.cuda is not None else self.allocator_peak_bytes
 
     @property
     def saved_total_bytes(self) -> int:

@@ -29,12 +29,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ninlab.analysis.allocator import cuda_fresh_block_bytes, peak_above_start_bytes
+from ninlab.analysis.allocator import peak_above_start_bytes
 from ninlab.analysis.categories import CATEGORIES, categorize, saved_reason
+from ninlab.analysis.cuda_allocator import (
+    CUDA_CONTEXT_BYTES,
+    CUDA_CONTEXT_SOURCE,
+    CUDNN_WORKSPACE_NOTE,
+    CudaLevels,
+    simulate_step,
+    step_events,
+)
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
     AllocatorPeak,
     Breakdown,
+    CudaMemory,
     DDPBuckets,
     ForumRule,
     MeasuredFallback,
@@ -100,7 +109,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
     module_types = {qualified: type(module).__name__ for qualified, module in model.named_modules()}
     categories = categorize(step)
     buckets = _ddp_buckets(step, spec.ddp) if spec.ddp else None
-    timeline = _replay(step, categories, buckets)
+    timeline, cuda = _replay(step, categories, buckets)
     if not timeline.points:
         raise NinlabError(
             "the model ran no op on its input; there is no step to predict memory for"
@@ -126,6 +135,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         fallback=None,
         # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
+        cuda=None if cuda is None else _cuda_memory(cuda),
     )
 
 
@@ -134,12 +144,17 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
 
 def _replay(
     step: StepRecording, categories: dict[int, int], buckets: DDPBuckets | None
-) -> Timeline:
+) -> tuple[Timeline, CudaLevels | None]:
     """Walk the step's ops, adding each storage's bytes when its op runs and removing them after
-    the op it died after, at both levels (see `AllocatorPeak` for the allocator's)."""
+    the op it died after, at both levels (see `AllocatorPeak` for the allocator's). A CUDA step
+    also goes through the caching allocator, whose allocated level is its allocator level."""
     storages = step.recording.storages
     at_start, born, died = _lifetimes(step, categories, buckets)
-    alive = _Alive(cuda=step.spec.device_type == "cuda")
+    cuda = None
+    if step.spec.device_type == "cuda":
+        bucket_bytes = buckets.bucket_bytes if buckets is not None else ()
+        cuda = simulate_step(step_events(step, at_start, born, died, bucket_bytes))
+    alive = _Alive()
     for nbytes in buckets.bucket_bytes if buckets is not None else ():
         alive.add(CATEGORIES.index("ddp_buckets"), nbytes)
     for key in at_start:
@@ -152,11 +167,14 @@ def _replay(
         for key in born.get(index, ()):
             alive.add(categories[key], storages[key].nbytes)
         breakdown = Breakdown.from_counts(alive.counts)
-        allocator = alive.allocator_bytes(op, before)
+        if cuda is None:
+            allocator = alive.allocator_bytes(op, before)
+        else:
+            allocator = cuda.allocated_bytes[position]
         points.append(TimelinePoint(position, op.op, op.phase, op.module, breakdown, allocator))
         for key in died.get(index, ()):
             alive.remove(categories[key], storages[key].nbytes)
-    return Timeline(start, tuple(points), _phase_spans(points))
+    return Timeline(start, tuple(points), _phase_spans(points)), cuda
 
 
 def _lifetimes(
@@ -188,12 +206,10 @@ def _lifetimes(
 
 
 class _Alive:
-    """Bytes alive per category, and on CUDA the caching allocator's blocks they occupy."""
+    """Bytes alive per category."""
 
-    def __init__(self, *, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self) -> None:
         self.counts = [0] * len(CATEGORIES)
-        self.blocks = 0
 
     @property
     def total_bytes(self) -> int:
@@ -201,19 +217,13 @@ class _Alive:
 
     def add(self, category: int, nbytes: int) -> None:
         self.counts[category] += nbytes
-        if self.cuda:
-            self.blocks += cuda_fresh_block_bytes(nbytes)
 
     def remove(self, category: int, nbytes: int) -> None:
         self.counts[category] -= nbytes
-        if self.cuda:
-            self.blocks -= cuda_fresh_block_bytes(nbytes)
 
     def allocator_bytes(self, op: OpRecord, before: int) -> int:
-        """What the allocator holds at `op`'s high point, its outputs alive; `before` is the live
-        bytes before the op ran."""
-        if self.cuda:
-            return self.blocks
+        """What the CPU allocator holds at `op`'s high point, its outputs alive; `before` is the
+        live bytes before the op ran."""
         if op.cpu_allocations:
             # The kernel's own blocks come and go inside the op: its high point is what was
             # alive before it plus the most it held at once.
@@ -272,10 +282,24 @@ _CPU_METHOD = (
     "ninlab.analysis.allocator's per-op rules"
 )
 _CUDA_METHOD = (
-    "CUDA caching allocator: every storage as the block it occupies (rounded up to 512 bytes; "
-    "a large block that leaves at most 1 MiB of its segment gets the whole segment), as "
-    "max_memory_allocated counts them; cuDNN workspaces and the CUDA context are not included"
+    "CUDA caching allocator, simulated (ninlab.analysis.cuda_allocator): the step's allocations "
+    "and frees replayed through its pools, 2 MiB and 20 MiB segments, 512-byte rounding, best-fit "
+    "reuse, splitting and merging, after a warm-up step; the blocks handed out, as "
+    "max_memory_allocated counts them; cuDNN's workspace and the CUDA context are not included"
 )
+
+
+def _cuda_memory(levels: CudaLevels) -> CudaMemory:
+    return CudaMemory(
+        max_allocated_bytes=levels.max_allocated_bytes,
+        max_reserved_bytes=levels.max_reserved_bytes,
+        small_segments=levels.small_segments,
+        large_segments=levels.large_segments,
+        large_reserved_bytes=levels.large_reserved_bytes,
+        context_bytes=CUDA_CONTEXT_BYTES,
+        context_source=CUDA_CONTEXT_SOURCE,
+        cudnn_workspace=CUDNN_WORKSPACE_NOTE,
+    )
 
 
 # -- what autograd keeps, the forum's rule, DDP's buckets -------------------------------------

@@ -95,7 +95,9 @@ _LONG_CPU_RUN_S = 30 * 60
 class RunCost:
     training_step_flops: int  # forward + backward of one global batch (2 FLOPs per multiply-add)
     peak_live_bytes: int  # predicted peak of tensor storage in one rank's training step
-    peak_allocator_bytes: int  # the same peak as the allocator holds it (what the OS or CUDA sees)
+    # The same peak as the allocator holds it, which is what runs out: on CUDA the caching
+    # allocator's reserved segments (max_memory_reserved).
+    peak_allocator_bytes: int
 
 
 def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> StepSpec:
@@ -127,7 +129,7 @@ def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_s
     return RunCost(
         training_step_flops=summary.totals.training_step_flops,
         peak_live_bytes=memory.live_peak_bytes,
-        peak_allocator_bytes=memory.allocator_peak_bytes,
+        peak_allocator_bytes=memory.held_peak_bytes,
     )
 
 

@@ -31,6 +31,11 @@ def _where(op: str, phase: str, module: str, module_type: str = "", node: str = 
     return f"{op.removeprefix('aten.').removesuffix('.default')} in {phase}, {layer}{f', {node}' if node else ''}"
 
 
+def _level(report: MemoryReport, level: str) -> str:
+    """A batch result's level in words: on CUDA the allocator's level is its reserved memory."""
+    return "allocator: CUDA's reserved" if level == "allocator" and report.cuda is not None else level
+
+
 def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> list[str]:
     """The section's prose: peaks at both levels, the forum rule beside ours, batch size, DDP, notes."""
     lines = [f"Memory of one {report.spec.describe(report.batch_size)}:"]
@@ -54,6 +59,17 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
         lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
     else:
         lines.append(f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)")
+    cuda = report.cuda
+    if cuda is not None:
+        low, high = cuda.process_bytes
+        lines.append(
+            f"CUDA: max_memory_allocated {_bytes(cuda.max_allocated_bytes)}, max_memory_reserved "
+            f"{_bytes(cuda.max_reserved_bytes)} ({cuda.small_segments} small segments of 2 MiB, "
+            f"{cuda.large_segments} large ones of {format_bytes(cuda.large_reserved_bytes)} together); "
+            f"with the CUDA context the process needs {format_bytes(low)} to {format_bytes(high)}"
+        )
+        lines.append(f"CUDA context: {cuda.context_source}")
+        lines.append(f"cuDNN: {cuda.cudnn_workspace}")
     forum = report.forum
     if forum is not None:
         if report.spec.mode == "train":
@@ -77,13 +93,13 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
     if scaling is not None:
         check = "on the line" if scaling.linear else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
         lines.append(
-            f"Batch size ({scaling.level} level): {format_bytes(int(scaling.fixed_bytes))} fixed + "
+            f"Batch size ({_level(report, scaling.level)} level): {format_bytes(int(scaling.fixed_bytes))} fixed + "
             f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch {scaling.batch_sizes[0]} and "
             f"{scaling.batch_sizes[1]}; batch {scaling.check_batch_size} is {check})"
         )
     if fit is not None:
         lines.append(
-            f"Largest batch within {format_bytes(fit.budget_bytes)} ({fit.level} level): {fit.batch_size:,}, peak "
+            f"Largest batch within {format_bytes(fit.budget_bytes)} ({_level(report, fit.level)} level): {fit.batch_size:,}, peak "
             f"{_bytes(fit.peak_bytes)}; batch {fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
             f"({fit.predictions} exact predictions)"
         )
@@ -174,6 +190,7 @@ def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None,
         "breakdown_bytes": dict(zip(CATEGORIES, report.breakdown.counts())),
         "category_meanings": dict(CATEGORY_MEANINGS),
         "allocator": dict(report.allocator.__dict__) if report.allocator else None,
+        "cuda": {**report.cuda.__dict__, "process_bytes": report.cuda.process_bytes} if report.cuda else None,
         "saved_for_backward": [dict(row.__dict__) for row in report.saved],
         "saved_total_bytes": report.saved_total_bytes,
         "forum_rule": dict(report.forum.__dict__) if report.forum else None,
