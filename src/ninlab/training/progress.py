@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -125,10 +125,10 @@ def _stats(loss: float, accuracy: float, examples_per_s: float) -> str:
 
 
 class NotebookReporter:
-    """`RichReporter`'s bar in a Jupyter cell, as one output per epoch redrawn in place at most
-    every `interval` seconds and replaced by the epoch's line when the epoch ends. (rich's own live
-    display needs ipywidgets and leaves nothing in a saved notebook; printing every update would
-    fill the cell.) Needs IPython, which every Jupyter kernel has."""
+    """`RichReporter`'s bar in a Jupyter cell: one output per epoch, redrawn in place at most every
+    `interval` seconds, holding the epoch's messages above its bar and, once the epoch ends, its
+    line instead of the bar. (rich's own live display needs ipywidgets and leaves nothing in a
+    saved notebook; printing every update would fill the cell.) Needs IPython, as Jupyter has."""
 
     def __init__(self, *, interval: float = 0.5) -> None:
         from IPython.display import display  # only a notebook's reporter needs IPython
@@ -137,18 +137,20 @@ class NotebookReporter:
         self._interval = interval
         self._progress: Progress | None = None
         self._task = TaskID(0)
+        self._messages: list[Any] = []  # said during the epoch, shown above its bar in order
         self._handle: Any = None
         self._drawn_at = 0.0
 
     def info(self, message: str) -> None:
-        self._display(_rendered(message), raw=True)
+        self._say(message)
 
     def warn(self, message: str) -> None:
-        self._display(_rendered(Panel(message, title="warning", border_style="bold red")), raw=True)
+        self._say(Panel(message, title="warning", border_style="bold red"))
 
     def epoch_started(self, epoch: int, epochs: int, batches: int, done: int) -> None:
         self._progress = _epoch_bar(epoch, epochs, Console(file=io.StringIO()))
         self._task = self._progress.add_task("train", total=batches, completed=done, stats="")
+        self._messages = []
         self._handle = self._display(_rendered(self._progress.get_renderable()), raw=True, display_id=True)
         self._drawn_at = time.monotonic()
 
@@ -157,15 +159,25 @@ class NotebookReporter:
             return
         self._progress.update(self._task, completed=done, stats=_stats(loss, accuracy, examples_per_s))
         if time.monotonic() - self._drawn_at >= self._interval:
-            self._handle.update(_rendered(self._progress.get_renderable()), raw=True)
-            self._drawn_at = time.monotonic()
+            self._redraw(self._progress.get_renderable())
 
     def epoch_finished(self, line: str) -> None:
-        if self._handle is not None:
-            self._handle.update(_rendered(line), raw=True)
-        else:
-            self.info(line)
+        if self._handle is None:
+            self._say(line)
+            return
+        self._redraw(line)
         self._progress = self._handle = None
+
+    def _say(self, message: Any) -> None:
+        if self._progress is None:
+            self._display(_rendered(message), raw=True)
+        else:
+            self._messages.append(message)
+            self._redraw(self._progress.get_renderable())
+
+    def _redraw(self, last: Any) -> None:
+        self._handle.update(_rendered(Group(*self._messages, last)), raw=True)
+        self._drawn_at = time.monotonic()
 
 
 def _rendered(renderable: Any) -> dict[str, str]:
