@@ -40,7 +40,8 @@ def html_table(
     )
     title = f'<caption style="text-align:left;font-weight:bold">{html.escape(caption)}</caption>' if caption else ""
     table = f'<table class="ninlab">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    return f"<div>{table}{html_list(notes)}</div>"
+    # A table wider than the cell (many variants side by side) scrolls instead of spilling over.
+    return f'<div style="overflow-x:auto">{table}{html_list(notes)}</div>'
 
 
 def html_list(lines: Sequence[str]) -> str:
