@@ -9,6 +9,7 @@ where each lives. The accountant and the trainer load on first use, so `import n
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolve_model
@@ -54,3 +55,31 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # the next access is a plain attribute
     return value
+
+
+# The accountant's results, shown under a Jupyter cell, render as the terminal's tables in HTML. They
+# cannot carry `_repr_html_` themselves (the accountant imports nothing from the visuals), so the
+# front door hands IPython the visuals' renderers by class name: nothing loads until one is shown.
+_HTML_RENDERERS = {
+    ("ninlab.analysis.summary", "Summary"): ("ninlab.viz.render", "summary_html"),
+    ("ninlab.analysis.memory_report", "MemoryReport"): ("ninlab.viz.render_memory", "memory_html"),
+}
+
+
+def _renderer(module: str, name: str) -> Any:
+    def render(result: Any) -> str:
+        return getattr(importlib.import_module(module), name)(result)
+
+    return render
+
+
+def _show_results_as_html(shell: Any) -> None:
+    """Make `shell` (an IPython shell) display `Summary` and `MemoryReport` as HTML tables; done
+    on `import ninlab` inside IPython or Jupyter."""
+    formatter = shell.display_formatter.formatters["text/html"]
+    for (module, name), (renderer_module, renderer) in _HTML_RENDERERS.items():
+        formatter.for_type_by_name(module, name, _renderer(renderer_module, renderer))
+
+
+if "IPython" in sys.modules and (_shell := sys.modules["IPython"].get_ipython()) is not None:
+    _show_results_as_html(_shell)

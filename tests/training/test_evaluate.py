@@ -11,7 +11,13 @@ from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, Split
-from ninlab.training.evaluate import evaluate_model, load_image, load_trained_model, predict_images
+from ninlab.training.evaluate import (
+    evaluate,
+    evaluate_model,
+    load_image,
+    load_trained_model,
+    predict_images,
+)
 from ninlab.training.pipeline import InputTransform
 from ninlab.training.presets import PRESETS
 from ninlab.training.train import train
@@ -45,6 +51,13 @@ def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnis
     assert per_class[1] == pytest.approx(evaluation.confusion[1][1] / sum(evaluation.confusion[1]))
     # The history's last test accuracy is this same measurement.
     assert load_checkpoint(run_dir)["history"][-1]["test_accuracy"] == evaluation.accuracy
+
+
+def test_evaluate_sees_the_network_as_it_was_trained(run_dir, fashion_mnist):
+    # Its input size, normalisation, precision and layout: the run's own evaluation, image for image.
+    evaluation = evaluate(load_trained_model(run_dir), fashion_mnist.test.head(300), batch_size=64)
+    assert evaluation.examples == 300
+    assert evaluation.accuracy == load_checkpoint(run_dir)["history"][-1]["test_accuracy"]
 
 
 def test_evaluate_cli_prints_classes_and_writes_the_confusion_png(run_dir, capsys):

@@ -25,7 +25,7 @@ from ninlab.cli.options import (
 from ninlab.outputs import output_path
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ninlab.training.data import CLASS_NAMES
-from ninlab.training.evaluate import evaluate_model, load_trained_model, predict_images
+from ninlab.training.evaluate import evaluate, load_trained_model, predict_images
 from ninlab.training.plots import plot_confusion
 from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
 from ninlab.training.progress import RichReporter
@@ -123,16 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     trained = load_trained_model(path, device=args.device)
     data = load_data(args)
     test = data.test.head(args.test_examples) if args.test_examples else data.test
-    device = next(trained.model.parameters()).device
-    test = type(test)(test.images.to(device), test.labels.to(device))
-    evaluation = evaluate_model(
-        trained.model,
-        test,
-        transform=trained.transform,
-        batch_size=args.batch,
-        amp=trained.config.amp,
-        channels_last=trained.config.channels_last,
-    )
+    evaluation = evaluate(trained, test, batch_size=args.batch)
     plot_confusion(
         evaluation.confusion,
         CLASS_NAMES,

@@ -29,6 +29,7 @@ __all__ = [
     "Prediction",
     "TrainedModel",
     "autocast",
+    "evaluate",
     "evaluate_model",
     "load_image",
     "load_trained_model",
@@ -152,6 +153,20 @@ def load_trained_model(path: str | os.PathLike[str], *, device: torch.device | s
             f"({str(error).splitlines()[0][:100]}...); was the checkpoint edited or the registry changed?"
         ) from None
     return TrainedModel(model.to(device).eval(), config, int(state["epoch"]), Path(path))
+
+
+def evaluate(trained: TrainedModel, split: Split, *, batch_size: int = 256) -> Evaluation:
+    """Accuracy and confusion of a trained network over `split`, seen as it was trained: its input
+    size and normalisation, precision and memory layout, on the network's device."""
+    device = next(trained.model.parameters()).device
+    return evaluate_model(
+        trained.model,
+        Split(split.images.to(device), split.labels.to(device)),
+        transform=trained.transform,
+        batch_size=batch_size,
+        amp=trained.config.amp,
+        channels_last=trained.config.channels_last,
+    )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import matplotlib
 
@@ -48,6 +48,7 @@ __all__ = [
     "TimelineChart",
     "batch_chart",
     "chart_path",
+    "chart_png",
     "chart_svg",
     "compare_chart",
     "draw",
@@ -78,8 +79,15 @@ class AxisPicture:
     unread: tuple[int, ...]  # real positions no window reads
 
 
+class _Picture:
+    """A chart draws itself under a Jupyter cell: `_repr_png_` gives the PNG `save_chart` writes."""
+
+    def _repr_png_(self) -> bytes:
+        return chart_png(self)  # every subclass is one of the Chart dataclasses
+
+
 @dataclass(frozen=True)
-class GeometryChart:
+class GeometryChart(_Picture):
     model: str
     layer: str
     layer_type: str
@@ -139,7 +147,7 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
 
 
 @dataclass(frozen=True)
-class FieldChart:
+class FieldChart(_Picture):
     """Receptive field of every conv and pooling layer's output, in network-input pixels."""
 
     model: str
@@ -168,7 +176,7 @@ def field_chart(summary: Summary) -> FieldChart:
 
 
 @dataclass(frozen=True)
-class FlopsChart:
+class FlopsChart(_Picture):
     """Forward and backward FLOPs of every leaf layer that has any (see `convention`)."""
 
     model: str
@@ -201,7 +209,7 @@ def flops_chart(summary: Summary) -> FlopsChart:
 
 
 @dataclass(frozen=True)
-class TimelineChart:
+class TimelineChart(_Picture):
     """Bytes alive after each op of one step, by category (only categories that hold any bytes)."""
 
     model: str
@@ -251,7 +259,7 @@ def timeline_chart(report: MemoryReport) -> TimelineChart:
 
 
 @dataclass(frozen=True)
-class SavedChart:
+class SavedChart(_Picture):
     """Bytes each layer keeps for backward, split by why (`SavedRow.reason`); every storage is
     counted once, at the row the prediction counts it (`counted_bytes`)."""
 
@@ -287,7 +295,7 @@ def saved_chart(report: MemoryReport) -> SavedChart:
 
 
 @dataclass(frozen=True)
-class BatchChart:
+class BatchChart(_Picture):
     """Predicted peaks at a few batch sizes, the line through them, a budget and the largest
     batch under it; every point is an exact prediction."""
 
@@ -338,7 +346,7 @@ class ComparePanel:
 
 
 @dataclass(frozen=True)
-class CompareChart:
+class CompareChart(_Picture):
     title: str
     variants: tuple[str, ...]
     panels: tuple[ComparePanel, ...]
@@ -770,10 +778,25 @@ def save_chart(chart: Chart, path: str | os.PathLike[str]) -> Path:
     figure = draw(chart)
     try:
         with atomic_write(path, durable=False) as out:
-            figure.savefig(out, format=suffix[1:], dpi=130, metadata=_METADATA[suffix])
+            _save_figure(figure, out, suffix)
     finally:
         plt.close(figure)
     return path
+
+
+def chart_png(chart: Chart) -> bytes:
+    """The chart as the PNG `save_chart` writes (what a notebook shows)."""
+    figure = draw(chart)
+    buffer = io.BytesIO()
+    try:
+        _save_figure(figure, buffer, ".png")
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
+def _save_figure(figure: Figure, out: BinaryIO, suffix: str) -> None:
+    figure.savefig(out, format=suffix[1:], dpi=130, metadata=_METADATA[suffix])
 
 
 # No dates or versions in the files, so the same results give the same bytes.

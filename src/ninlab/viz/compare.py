@@ -28,6 +28,7 @@ from ninlab.training.presets import TrainConfig
 from ninlab.training.progress import Reporter
 from ninlab.training.train import train
 from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.viz.html import html_table
 from ninlab.viz.render import wide_console
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "VariantResult",
     "compare",
     "comparison_dict",
+    "comparison_html",
     "comparison_json",
     "comparison_markdown",
     "print_comparison",
@@ -138,6 +140,10 @@ class Comparison:
         if isinstance(value, tuple):
             return tuple(a - b for a, b in zip(value, first))
         return value - first
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the comparison as the terminal's table."""
+        return comparison_html(self)
 
 
 def compare(
@@ -299,6 +305,13 @@ def comparison_markdown(comparison: Comparison) -> str:
     for metric in comparison.metrics:
         lines.append(f"| {metric.label} | " + " | ".join(_cells(comparison, metric)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def comparison_html(comparison: Comparison) -> str:
+    columns = ("", *(v.spec for v in comparison.variants))
+    rows = [(metric.label, *_cells(comparison, metric)) for metric in comparison.metrics]
+    notes = [f"{v.spec}: {v.description}" for v in comparison.variants if v.description]
+    return html_table(columns, rows, numeric=columns[1:], caption=_title(comparison), notes=notes)
 
 
 def comparison_dict(comparison: Comparison) -> dict[str, Any]:

@@ -12,11 +12,13 @@ from rich.table import Table
 
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.viz.html import html_table
 
 __all__ = [
     "explanation_lines",
     "print_summary",
     "summary_csv",
+    "summary_html",
     "summary_json",
     "summary_markdown",
     "summary_to_dict",
@@ -89,6 +91,7 @@ def summary_json(summary: Summary) -> str:
 
 
 _COLUMNS = ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Output size")
+_NUMERIC = ("Params", "Forward FLOPs", "Output size")
 
 
 def _shapes(layer: LayerSummary) -> str:
@@ -177,7 +180,7 @@ def print_summary(summary: Summary, *, explain: bool = False, console: Console |
     console = console or wide_console()
     table = Table(title=_header(summary), title_justify="left")
     for column in _COLUMNS:
-        table.add_column(column, justify="right" if column in ("Params", "Forward FLOPs", "Output size") else "left", no_wrap=column == "Layer")
+        table.add_column(column, justify="right" if column in _NUMERIC else "left", no_wrap=column == "Layer")
     for layer in _rows(summary):
         table.add_row(*_cells(layer))
     console.print(table)
@@ -200,6 +203,12 @@ def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
     if explain:
         out += ["", "Rounding, layer by layer:", ""] + [f"- `{line}`" for line in explanation_lines(summary)]
     return "\n".join(out) + "\n"
+
+
+def summary_html(summary: Summary) -> str:
+    """The terminal table as HTML, for a notebook (`display(summary)` in Jupyter)."""
+    rows = [_cells(layer) for layer in _rows(summary)]
+    return html_table(_COLUMNS, rows, numeric=_NUMERIC, caption=_header(summary), notes=_total_lines(summary))
 
 
 def summary_csv(summary: Summary) -> str:

@@ -13,9 +13,10 @@ from ninlab.analysis.batch import BatchFit, BatchScaling
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.units import format_bytes
+from ninlab.viz.html import html_list, html_table
 from ninlab.viz.render import wide_console
 
-__all__ = ["memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory"]
+__all__ = ["memory_html", "memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory"]
 
 
 def _dtype(dtype: Any) -> str:
@@ -135,6 +136,11 @@ def _saved_rows(report: MemoryReport) -> list[tuple[str, str, str, str, str]]:
 
 _BREAKDOWN_COLUMNS = ("At the live peak", "Bytes", "Share", "What it is")
 _SAVED_COLUMNS = ("Layer", "Type", "Kept for backward", "Share", "Why")
+_NUMERIC = ("Bytes", "Share", "Kept for backward")
+
+
+def _saved_title(report: MemoryReport) -> str:
+    return f"Kept for backward: {_bytes(report.saved_total_bytes)}, each storage once"
 
 
 def print_memory(
@@ -150,14 +156,14 @@ def print_memory(
     if report.peak is not None:
         table = Table(title_justify="left")
         for column in _BREAKDOWN_COLUMNS:
-            table.add_column(column, justify="right" if column in ("Bytes", "Share") else "left")
+            table.add_column(column, justify="right" if column in _NUMERIC else "left")
         for row in _breakdown_rows(report):
             table.add_row(*row)
         console.print(table)
     if report.saved:
-        table = Table(title=f"Kept for backward: {_bytes(report.saved_total_bytes)}, each storage once", title_justify="left")
+        table = Table(title=_saved_title(report), title_justify="left")
         for column in _SAVED_COLUMNS:
-            table.add_column(column, justify="right" if column in ("Kept for backward", "Share") else "left", no_wrap=column == "Layer")
+            table.add_column(column, justify="right" if column in _NUMERIC else "left", no_wrap=column == "Layer")
         for row in _saved_rows(report):
             table.add_row(*row)
         console.print(table)
@@ -172,11 +178,24 @@ def memory_markdown(report: MemoryReport, *, scaling: BatchScaling | None = None
         out += ["| " + " | ".join(_BREAKDOWN_COLUMNS) + " |", "|" + "---|" * len(_BREAKDOWN_COLUMNS)]
         out += ["| " + " | ".join(row) + " |" for row in _breakdown_rows(report)] + [""]
     if report.saved:
-        out += [f"Kept for backward: {_bytes(report.saved_total_bytes)}, each storage once", ""]
+        out += [_saved_title(report), ""]
         out += ["| " + " | ".join(_SAVED_COLUMNS) + " |", "|" + "---|" * len(_SAVED_COLUMNS)]
         out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _saved_rows(report)] + [""]
     out += [f"- {line}" for line in lines[1:]]
     return "\n".join(out) + "\n"
+
+
+def memory_html(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
+    """The terminal section as HTML, for a notebook (`display(report)` in Jupyter): what is alive at
+    the peak, what each layer keeps for backward, then the peaks, the forum's rule and the batch."""
+    lines = memory_lines(report, scaling=scaling, fit=fit)
+    tables = []
+    if report.peak is not None:
+        tables.append(html_table(_BREAKDOWN_COLUMNS, _breakdown_rows(report), numeric=_NUMERIC, caption=lines[0]))
+    if report.saved:
+        tables.append(html_table(_SAVED_COLUMNS, _saved_rows(report), numeric=_NUMERIC, caption=_saved_title(report)))
+    prose = lines[1:] if tables else lines
+    return "<div>" + "".join(tables) + html_list(prose) + "</div>"
 
 
 def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> dict[str, Any]:
