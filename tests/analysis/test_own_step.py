@@ -213,6 +213,7 @@ def test_a_step_that_raises_gives_its_own_error() -> None:
 def test_a_step_that_reads_data_is_measured_and_scaled_visibly() -> None:
     report = predict_memory(net(), input_size=INPUT, batch_size=BATCH, step=reads_a_value)
     assert report.fallback is not None and report.timeline is None
+    assert report.notes[0].startswith("the step reads_a_value cannot run on fake tensors")
     assert "_local_scalar_dense" in report.notes[0]  # the op that needs real data: .item()
     assert report.fallback.batch_sizes == (1, 2)
     measured = measure(net(), input_size=INPUT, batch_size=1, step=reads_a_value)

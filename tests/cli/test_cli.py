@@ -86,5 +86,5 @@ def test_measure_prints_prediction_beside_measurement(capsys):
     for step in (train, infer):
         assert step["predicted_bytes"]["live"] == step["live_peak_bytes"]
         assert abs(step["predicted_over_measured"]["allocator"] - 1) < 0.02
-    assert train["mode"] == "train" and infer["mode"] == "infer"
-    assert train["step"] == "built-in" and infer["step"] is None
+    assert train["step"] == "train" and infer["step"] == "infer"
+    assert train["step_function"] == "built-in" and infer["step_function"] is None

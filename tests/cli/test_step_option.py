@@ -43,7 +43,7 @@ def test_summary_predicts_the_named_step(capsys, my_steps) -> None:
     code, out, _ = run(capsys, *ARGS, "--step", "my_steps:accumulate", "--format", "json")
     assert code == 0
     memory = json.loads(out)["memory"]
-    assert memory["setup"]["step"] == "accumulate"
+    assert memory["setup"]["step_function"] == "accumulate"
     from my_steps import accumulate
 
     expected = predict_memory(resolve_model("nin-d2l"), input_size=(1, 67, 67), batch_size=4, step=accumulate)

@@ -150,7 +150,7 @@ def _accumulation(
 ) -> list[tuple[str, str, StepSpec, int]]:
     """The fewest micro-batches (2, 4, 8, ...) whose step fits the requested batch; accumulation is
     built from the built-in step, so a step function of the user's gets none."""
-    if spec.step is not None:
+    if spec.step is not None or batch_size < 2:
         return []
     micro_batches = 2
     while micro_batches <= batch_size:

@@ -429,9 +429,10 @@ def _measured_report(
 
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     reason = f"{type(error).__name__}: {first_line}"
+    subject = "the model" if spec.step is None else f"the step {spec.step_name}"
     if spec.device_type == "cuda" and not torch.cuda.is_available():
         raise NinlabError(
-            f"the model cannot run on fake tensors ({reason}), and measuring it instead needs a "
+            f"{subject} cannot run on fake tensors ({reason}), and measuring it instead needs a "
             "GPU this machine lacks; predict for device cpu (--device cpu) or run on a machine with CUDA"
         )
     if spec.ddp is not None:
@@ -441,7 +442,7 @@ def _measured_report(
             if p.requires_grad
         )
         raise NinlabError(
-            f"the model cannot run on fake tensors ({reason}), so DDP's buckets cannot be laid "
+            f"{subject} cannot run on fake tensors ({reason}), so DDP's buckets cannot be laid "
             "out; predict without DDP and add one copy of the trainable parameters, "
             f"{trainable:,} bytes, per rank"
         )
@@ -455,7 +456,7 @@ def _measured_report(
     )
     per_sample = fallback.live_at(2) - fallback.live_at(1)
     note = (
-        f"the model cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 on "
+        f"{subject} cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 on "
         f"this machine and extrapolated linearly ({format_bytes(fallback.live_at(0))} fixed + "
         f"{format_bytes(per_sample)} per sample): no per-tensor breakdown"
     )

@@ -238,7 +238,7 @@ class StepSpec:
             "autocast_dtype": name(self.autocast_dtype),
             "device_type": self.device_type,
             "optimizer": self._optimizer_dict() if self.mode == "train" else None,
-            "step": self.step_name if self.mode == "train" else None,
+            "step_function": self.step_name if self.mode == "train" else None,
             "grad_mode": self.grad_mode if self.mode == "infer" else None,
             "memory_format": self.memory_format,
             "ddp": dataclasses.asdict(self.ddp) if self.ddp is not None else None,

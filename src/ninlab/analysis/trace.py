@@ -166,7 +166,8 @@ class SavedTensor:
 @dataclass
 class Recording:
     ops: list[OpRecord] = field(default_factory=list)
-    # What autograd held when the last backward began, read from the graph's saved variables.
+    # What autograd held as each backward call of the step began, read from the graph's saved
+    # variables (gradient accumulation calls backward once per micro-batch).
     saved_for_backward: list[SavedTensor] = field(default_factory=list)
     storages: dict[int, StorageRecord] = field(default_factory=dict)
     # Each module's outputs (shape, dtype) at its first forward call, by qualified name.
@@ -464,6 +465,7 @@ class Recorder(TorchDispatchMode):
         self.emulate_cuda = emulate_cuda
         self._paused = False
         self._warming_up = False
+        self._entered = False
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
@@ -525,8 +527,6 @@ class Recorder(TorchDispatchMode):
             self._warming_up = False
 
     # -- dispatch ---------------------------------------------------------------------------------
-    _entered = False
-
     def __enter__(self) -> Self:
         self.modules.__enter__()
         self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)

@@ -119,6 +119,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _as_json(result: Measurement, prediction: MemoryReport) -> dict[str, object]:
     predicted = _predicted(prediction)
     return {
+        "step": result.spec.mode,
         **result.spec.as_dict(),
         "batch_size": result.batch_size,
         "device": result.device,
