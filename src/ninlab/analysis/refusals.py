@@ -62,7 +62,7 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         return NinlabError(
             f"the model needs its targets to run in training mode (its forward takes "
             f"{', '.join(targets)}; {reason}), and the built-in step gives it inputs only; "
-            "summarize or predict it with mode 'infer'"
+            "summarize or predict it with mode 'infer' (--mode infer)"
         )
     required = _required_arguments(model)
     if required is not None and required > len(spec.input_sizes):

@@ -70,7 +70,7 @@ def _print_table(
     first = results[0]
     amp = first.spec.autocast_dtype
     precision = _dtype_name(first.spec.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
-    size = "x".join(map(str, first.spec.input_size))
+    size = " and ".join("x".join(map(str, size)) for size in first.spec.input_sizes)
     print(
         f"{model_name}, input {size}, batch {first.batch_size}, "
         f"{precision}, {first.device}, {first.num_threads} threads; second step measured"
