@@ -64,6 +64,7 @@ __all__ = [
     "batch_norm_forward_allocations",
     "conv_backend",
     "cpu_allocations",
+    "cpu_kernel_allocations",
     "cuda_fresh_block_bytes",
     "cuda_pool",
     "cuda_round_size",
@@ -501,6 +502,25 @@ _BATCH_NORM_FORWARD = (
     "aten._native_batch_norm_legit.default",
     "aten._native_batch_norm_legit_no_training.default",
 )
+
+
+_CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
+_RULED = frozenset(
+    (*_CONVOLUTIONS, *_BATCH_NORM_FORWARD, "aten.native_batch_norm_backward.default")
+)
+
+
+def cpu_kernel_allocations(
+    func_name: str, args: Sequence[Any]
+) -> tuple[tuple[KernelAllocation, ...] | None, str]:
+    """`cpu_allocations` and `unmodelled_reason` ("" for None) together, for a tracer that asks
+    of every op: ops no rule names cost one set lookup."""
+    if func_name not in _RULED:
+        return None, ""
+    reason = unmodelled_reason(func_name, args)
+    if reason is not None:
+        return None, reason
+    return cpu_allocations(func_name, args), ""
 
 
 def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocation, ...] | None:
