@@ -109,9 +109,9 @@ def _efficientnet(
 
 
 def mbconv_silu(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Module:
-    """A tiny EfficientNet: SiLU everywhere, 3x3 and 5x5 depthwise convs, squeeze-excitation and
-    stochastic depth."""
-    stages = ((1, 16, 1, 1, 3), (4, 24, 2, 2, 3), (4, 32, 2, 2, 5))
+    """A tiny EfficientNet: SiLU everywhere, 3x3 and 5x5 depthwise convs (120 and 80 channels:
+    not whole blocks of 16), squeeze-excitation and stochastic depth."""
+    stages = ((1, 16, 1, 1, 3), (6, 20, 2, 2, 3), (4, 32, 2, 2, 5))
     return _efficientnet(in_channels=in_channels, num_classes=num_classes, width=width, stages=stages)
 
 

@@ -81,6 +81,9 @@ def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride
         {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},  # both channel counts padded
         {"batch": 2, "cin": 16, "cout": 10, "size": 16, "kernel": 3, "bias": False},
         {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},  # depthwise
+        # depthwise with channels not a multiple of the block: groups padded in every blocked copy
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
+        {"batch": 2, "cin": 72, "cout": 72, "size": 16, "kernel": 5, "stride": 2, "padding": 2, "groups": 72},
         {"batch": 2, "cin": 64, "cout": 128, "size": 16, "kernel": 3, "padding": 1, "groups": 4},
     ],
 )
@@ -126,6 +129,8 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
         {"batch": 2, "cin": 96, "cout": 10, "size": 8, "kernel": 3, "padding": 1, "mask": (False, True, True)},
         {"batch": 16, "cin": 96, "cout": 96, "size": 8, "kernel": 1},  # 1x1 stays on oneDNN with batch >= 16
         {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "padding": 1, "groups": 24},
         {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 4, "mask": (True, True, False)},
     ],
 )

@@ -401,13 +401,24 @@ class _NodeOwners(TorchFunctionMode):
         return output
 
 
-def _float32_batch_norm_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
-    """Batch norm's saved mean and inverse std in float32 when reduced-precision input meets
-    float32 weights (autocast), as the real CPU and CUDA kernels keep them; the fake kernel would
-    give them the input's dtype."""
-    if func is not aten.native_batch_norm.default:
+# Normalisations whose CPU kernels keep their statistics in float32 when reduced-precision input
+# meets float32 weights (autocast), by the position of the weight among their arguments.
+_MIXED_PRECISION_STATISTICS = {
+    aten.native_batch_norm.default: 1,
+    aten.native_layer_norm.default: 2,
+    aten.native_group_norm.default: 1,
+}
+
+
+def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A normalisation's saved mean and inverse std in float32 when reduced-precision input meets
+    float32 weights (autocast), as the real kernels keep them (measured on CPU: batch norm, layer
+    norm, group norm; batch norm on CUDA too); the fake kernel would give them the input's
+    dtype, half their bytes."""
+    weight_at = _MIXED_PRECISION_STATISTICS.get(func)
+    if weight_at is None:
         return output
-    x, weight = args[0], args[1]
+    x, weight = args[0], args[weight_at]
     if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
         return output
     result, mean, inverse_std = output
@@ -530,7 +541,7 @@ class Recorder(TorchDispatchMode):
         if skip_kernel:
             output = args[0]
         else:
-            output = _float32_batch_norm_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+            output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
         self._record(func, traits.name, args, kwargs, output, window)
         return output
 
