@@ -30,7 +30,7 @@ from torch import nn
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import train_step
 from ninlab.models import build_nin
-from ninlab.optimizers import make_optimizer
+from ninlab.optimizers import make_optimizer, parse_optimizer
 from ninlab.outputs import atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -64,7 +64,7 @@ def real_step_seconds(model: nn.Module, input_size: tuple[int, ...]) -> float:
         classes = model.eval()(inputs[:1]).shape[-1]
     model.train()
     targets = torch.randint(0, classes, (BATCH,))
-    optimizer = make_optimizer("adam", model.parameters())
+    optimizer = make_optimizer(parse_optimizer("adam"), model.parameters())
     train_step(model, optimizer, inputs, targets)  # warm-up: optimizer state, oneDNN's kernels
     return statistics.median(clocked(lambda: train_step(model, optimizer, inputs, targets))[0] for _ in range(REPEATS))
 

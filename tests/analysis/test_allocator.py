@@ -166,8 +166,60 @@ def test_unmodelled_convolutions_say_why() -> None:
     assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
     assert cpu_allocations("aten.convolution.default", bf16) is None
-    channels_last = (x.to(memory_format=torch.channels_last), w, None, *window)
-    assert "channels-last" in unmodelled_reason("aten.convolution.default", channels_last)
+    grad = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    channels_last = (grad, x.to(memory_format=torch.channels_last), w, [16], *window, [True, True, True])
+    assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
+
+
+def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):
+    """A channels-last convolution's arguments, forward (as `conv_forward`) and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, kernel, kernel)
+    if weight_channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    window = ([stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], groups)
+    forward = (x, w, torch.randn(cout) if bias else None, *window)
+    grad = torch.randn_like(aten.convolution.default(*forward))
+    backward = (grad, x, w, [cout] if bias else None, *window, [True, True, bias])
+    return forward, backward
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "threads_used"),
+    [
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3}, 2),
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "stride": 2}, 1),  # scratchpad by threads
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "weight_channels_last": False}, 2),  # weight copied
+        ({"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 3, "bias": True}, 2),  # output channels padded
+        ({"batch": 2, "cin": 3, "cout": 32, "size": 16, "kernel": 4, "stride": 4, "bias": True}, 2),  # ConvNeXt's stem
+        ({"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True}, 2),  # depthwise
+    ],
+)
+def test_channels_last_conv_forward_allocations_match_the_profiler(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
+    threads(threads_used)
+    forward, _ = conv_channels_last(**shape)
+    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(cpu_allocations("aten.convolution.default", forward))
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 7, "groups": 32, "bias": True},  # ConvNeXt's 7x7
+        {"batch": 4, "cin": 24, "cout": 24, "size": 16, "kernel": 7, "groups": 24},
+        {"batch": 2, "cin": 40, "cout": 40, "size": 12, "kernel": 7, "stride": 2, "groups": 40, "bias": True},
+        {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 5, "groups": 32},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "groups": 24},
+    ],
+)
+def test_channels_last_depthwise_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+    threads(2)
+    _, backward = conv_channels_last(**shape)
+    measured = op_allocations(lambda: aten.convolution_backward.default(*backward))
+    assert measured == deltas(cpu_allocations("aten.convolution_backward.default", backward))
 
 
 @pytest.mark.machine

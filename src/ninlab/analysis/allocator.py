@@ -70,7 +70,9 @@ __all__ = [
     "cuda_round_size",
     "cuda_segment_bytes",
     "mkldnn_conv_backward_allocations",
+    "mkldnn_conv_channels_last_forward_allocations",
     "mkldnn_conv_forward_allocations",
+    "mkldnn_depthwise_conv_channels_last_backward_allocations",
     "onednn_channel_block",
     "peak_above_start_bytes",
     "unmodelled_reason",
@@ -264,6 +266,111 @@ def mkldnn_conv_forward_allocations(
         KernelAllocation(sizes.output_bytes, "output", output=0),
         *_frees([blocked_result]),
     )
+
+
+def mkldnn_conv_channels_last_forward_allocations(
+    *,
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_shape: Sequence[int],
+    copies_input: bool = False,
+    copies_weight: bool = False,
+    itemsize: int = 4,
+    block: int = 16,
+    threads: int = 2,
+) -> tuple[KernelAllocation, ...]:
+    """oneDNN convolution forward, channels-last float32 (ungrouped or depthwise).
+
+    The input or weight not yet channels-last is first copied into it (ATen's
+    `contiguous(ChannelsLast)`); the output is allocated before oneDNN runs and written in place,
+    with no blocked result. An ungrouped convolution then takes a brgemm scratchpad of
+    4,096 + 4,120 bytes per thread whatever its shape (measured with 1, 2 and 4 threads: 8,216,
+    12,336, 20,576; from 3->32 4x4 on 16x16 to 256->256 3x3 on 28x28) and reorders its weights
+    (output channels padded to the block); a depthwise one only reorders its weights, groups
+    padded to the block.
+    Measured, 32->32 3x3 at batch 2 on 16x16, 2 threads, input channels-last, weight not:
+    [36,864 (weight copy), 65,536 (output), 12,336, 36,864, -36,864, -12,336, -36,864].
+    A bias adds no block here (40 output channels measured).
+    """
+    sizes = _ConvSizes.of(input_shape, weight_shape, output_shape[2:], itemsize=itemsize, block=block)
+    copies = []
+    if copies_input:
+        copies.append(KernelAllocation(sizes.input_bytes, "channels-last copy of the input"))
+    if copies_weight:
+        copies.append(KernelAllocation(sizes.weight_bytes, "channels-last copy of the weight"))
+    workspace = []
+    if sizes.depthwise:
+        weights = sizes.blocked_weight_bytes(pad_input_channels=False)
+    else:
+        workspace.append(KernelAllocation(4096 + 4120 * threads, "brgemm scratchpad"))
+        # Output channels padded to the block, input channels as they are (measured 24->40 3x3:
+        # 48 x 24 x 9 x 4; one 1x1 case, 24->40, padded its input channels too: 1.5 KB more).
+        weights = _pad(sizes.out_channels, block) * sizes.in_channels * sizes.kernel * itemsize
+    workspace.append(KernelAllocation(weights, "reordered weights"))
+    return (
+        *copies,
+        KernelAllocation(sizes.output_bytes, "output", output=0),
+        *workspace,
+        *_frees(reversed(workspace)),
+        *_frees(copies),
+    )
+
+
+_DEPTHWISE_BACKWARD_KERNELS = ((3, 3), (5, 5), (7, 7))
+
+
+def mkldnn_depthwise_conv_channels_last_backward_allocations(
+    *,
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_mask: Sequence[bool] = (True, True, True),
+    itemsize: int = 4,
+    block: int = 16,
+) -> tuple[KernelAllocation, ...]:
+    """oneDNN depthwise convolution backward, channels-last float32, 3x3, 5x5 or 7x7, with a
+    weight gradient.
+
+    grad_input (output_mask[0]) comes first, with the weights reordered for it (groups padded to
+    the block). The weight gradient of a 5x5 or 7x7 kernel takes a scratchpad of 1,024 bytes per
+    weight element (C x k x k x 1,024, whatever the batch, size and thread count: 1,605,632 for
+    32 channels 7x7, 25 times that layer's activation at batch 2 on 16x16: ConvNeXt's training
+    allocator peak), then a bias-reduction buffer (C x 64 + 128) and the blocked weight gradient
+    (unpadded); a 3x3 kernel takes a blocked weight gradient with padded groups and a 1,280-byte
+    scratchpad (C x 4 + 128 more with a bias) and copies its weight gradient once. Measured for
+    24, 32 and 64 channels, batch 2 and 4, 8x8 to 16x16, 1 and 2 threads; e.g. 32 channels 7x7
+    with bias: [65,536, 6,272, -6,272, 1,605,632, 2,176, 128, -2,176, 128, 6,272, 6,272, -6,272,
+    -1,605,632, -128].
+    """
+    channels, kernel_size = weight_shape[0], prod(weight_shape[2:])
+    input_bytes = prod(input_shape) * itemsize
+    padded_weights = _pad(channels, block) * kernel_size * itemsize
+    weight_bytes = channels * kernel_size * itemsize
+    bias_bytes = channels * itemsize
+    grad_bias = bool(output_mask[2])
+    allocations: list[KernelAllocation] = []
+    if output_mask[0]:
+        reordered = KernelAllocation(padded_weights, "weights for backward-data")
+        allocations += [KernelAllocation(input_bytes, "grad_input", output=0), reordered, *_frees([reordered])]
+    blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
+    bias_output = [KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []
+    gradient = KernelAllocation(weight_bytes, "grad_weight", output=1)
+    if kernel_size > 9:
+        scratchpad = KernelAllocation(weight_bytes * 256, "weight-gradient scratchpad")
+        reduction = [KernelAllocation(channels * 64 + 128, "bias reduction")] if grad_bias else []
+        blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
+        allocations += [
+            scratchpad, *reduction, *blocked_bias, *_frees(reduction), *bias_output,
+            blocked, gradient, *_frees([blocked, scratchpad, *blocked_bias]),
+        ]
+    else:
+        blocked = KernelAllocation(padded_weights, "blocked grad_weight")
+        scratchpad = KernelAllocation(1280 + (bias_bytes + 128 if grad_bias else 0), "scratchpad")
+        copy = KernelAllocation(weight_bytes, "grad_weight copy")
+        allocations += [
+            blocked, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
+            gradient, copy, *_frees([copy, blocked, *blocked_bias]),
+        ]
+    return tuple(allocations)
 
 
 def mkldnn_conv_backward_allocations(
@@ -471,6 +578,12 @@ class _ConvCall:
     def backend(self) -> str:
         return conv_backend(self.input, self.weight, self.bias, *self.window)
 
+    @property
+    def channels_last(self) -> bool:
+        """PyTorch's oneDNN path runs in channels-last when the input or the weight is in it
+        (ATen's mkldnn_conv_use_channels_last), making the other channels-last too."""
+        return torch.channels_last in (_memory_format(self.input), _memory_format(self.weight))
+
 
 def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
     """Why an op's CPU workspace is not modelled here, or None when it is (or it needs none)."""
@@ -484,12 +597,22 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         return None  # an unstrided 1x1 convolution as a matrix multiply: no workspace
     if backend != "Mkldnn":
         return f"convolution on the {backend} backend"
-    if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (conv.input, conv.weight)):
-        return (
-            "oneDNN convolution that is not float32 NCHW "
-            "(channels-last or bf16: other formats and scratchpads)"
-        )
+    if not all(t.dtype == torch.float32 for t in (conv.input, conv.weight)):
+        return "bf16 or fp16 oneDNN convolution (other formats and AMX/brgemm scratchpads)"
     groups, block = conv.window[5], onednn_channel_block()
+    if conv.channels_last:
+        depthwise = conv.weight.shape[1] == 1 and conv.weight.shape[0] == groups
+        if groups > 1 and not depthwise:
+            return "grouped channels-last oneDNN convolution"
+        if conv.grad_output is None:
+            return None
+        if not depthwise:
+            return "channels-last oneDNN convolution backward (brgemm scratchpads by shape)"
+        if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
+            return "channels-last depthwise backward of a kernel size or gradients not measured"
+        return None
+    if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
+        return "oneDNN convolution on tensors neither NCHW nor channels-last"
     strided = any(step > 1 for step in conv.window[0])
     if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and strided:
         return (
@@ -552,6 +675,27 @@ def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocati
 def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | None:
     if conv.backend != "Mkldnn":
         return None  # the Slow2d path `unmodelled_reason` lets through: a matrix multiply
+    if conv.grad_output is not None and conv.channels_last:
+        return mkldnn_depthwise_conv_channels_last_backward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_mask=conv.output_mask,
+            block=onednn_channel_block(),
+        )
+    if conv.grad_output is None and conv.channels_last:
+        stride, padding, dilation = conv.window[:3]
+        return mkldnn_conv_channels_last_forward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_shape=_conv_output_shape(
+                conv.input.shape, conv.weight.shape, stride, padding, dilation
+            ),
+            copies_input=_memory_format(conv.input) != torch.channels_last,
+            copies_weight=_memory_format(conv.weight) != torch.channels_last
+            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+            block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
+        )
     if conv.grad_output is None:
         stride, padding, dilation = conv.window[:3]
         return mkldnn_conv_forward_allocations(
