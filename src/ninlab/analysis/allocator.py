@@ -24,8 +24,19 @@ replays them against the profiler. What they cover:
   Not modelled: the backward-weights scratchpad oneDNN asks for when more than one thread
   reduces weight gradients, and the brgemm scratchpad of a strided backward-data (22 to 320 KB
   for the CNNs in the tests; NiN at batch 128 is left 270,424 bytes, 0.02%, under its measured
-  allocator peak); channels-last and bfloat16 convolutions (other formats, AMX brgemm
-  scratchpads): `unmodelled_reason` names them.
+  allocator peak). A depthwise convolution (one channel per group) of any width pads its
+  groups to the block in every blocked copy, weights and bias included.
+* Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
+  input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
+  forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
+  size per thread, reordered weights, and a channels-last copy of an input or weight not yet in
+  it); backward of a 3x3, 5x5 or 7x7 depthwise convolution, whose 5x5 and 7x7 weight gradient
+  takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2).
+  Not modelled: other channels-last backward passes (brgemm scratchpads that vary with the
+  shape), bfloat16 convolutions and bfloat16 matrix multiplies (AMX brgemm scratchpads: a
+  bf16 `mm` of 128x64 by 64x256 takes 42,624 bytes beside its output, of 512x256 by 256x64
+  75,392); `unmodelled_reason` names the convolutions, and the report flags the allocator
+  level as a lower bound wherever one runs.
 * Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a
   batch under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace.
 * `aten.native_batch_norm` (per-channel temporaries) and `aten.native_batch_norm_backward`: with
@@ -587,6 +598,11 @@ class _ConvCall:
 
 def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
     """Why an op's CPU workspace is not modelled here, or None when it is (or it needs none)."""
+    if func_name in _MATRIX_MULTIPLIES:
+        reduced = any(
+            isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args
+        )
+        return "bf16 or fp16 matrix multiply (oneDNN's brgemm scratchpad)" if reduced else None
     conv = _ConvCall.parse(func_name, args)
     if conv is None:
         return None
@@ -638,8 +654,16 @@ _BATCH_NORM_FORWARD = (
 
 
 _CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
+_MATRIX_MULTIPLIES = frozenset(
+    ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default")
+)
 _RULED = frozenset(
-    (*_CONVOLUTIONS, *_BATCH_NORM_FORWARD, "aten.native_batch_norm_backward.default")
+    (
+        *_CONVOLUTIONS,
+        *_MATRIX_MULTIPLIES,
+        *_BATCH_NORM_FORWARD,
+        "aten.native_batch_norm_backward.default",
+    )
 )
 
 

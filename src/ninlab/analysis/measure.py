@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -259,7 +260,11 @@ def measure(
     live = _LiveStorage()
     if device.type == "cpu":
         start_level = _baseline(model, optimizer, inputs, targets).total_bytes
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # The level is the start plus the records, so nothing made before may be freed while
+        # profiling: garbage from earlier work is collected now, and the collector stays off
+        # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
+        gc.collect()
+        with _collector_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step(live.phase)
             baseline = _baseline(model, optimizer, inputs, targets)
             _count_baseline(live, model, optimizer, inputs, targets)
@@ -292,6 +297,17 @@ def measure(
         allocator_peak_phase=allocator_phase,
         allocator_method=method,
     )
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _count_baseline(
