@@ -340,3 +340,27 @@ def test_cuda_fresh_block_is_whole_segment_when_little_is_left() -> None:
     assert cuda_fresh_block_bytes(12_058_624) == 12_582_912
     assert cuda_fresh_block_bytes(3 << 20) == 3 << 20  # split off a 20 MiB segment
     assert cuda_fresh_block_bytes(100) == 512
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("query", "keys", "threads_used"),
+    [
+        ((4, 4, 256, 24), 256, 2),  # blocks of 64 queries
+        ((4, 4, 64, 16), 64, 1),  # blocks of 32 queries, one thread
+        ((2, 2, 800, 32), 600, 2),  # blocks of 256 queries, keys under one block of 512
+    ],
+)
+def test_flash_attention_allocations_match_the_profiler(
+    query: tuple[int, ...], keys: int, threads_used: int, threads: Callable[[int], None]
+) -> None:
+    threads(threads_used)
+    torch.manual_seed(0)
+    batch, heads, _, head_size = query
+    q, k, v = torch.randn(query), torch.randn(batch, heads, keys, head_size), torch.randn(batch, heads, keys, head_size)
+    forward = aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    out, lse = forward(q, k, v)[:2]
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
+    assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_allocations(str(forward), (q, k, v)))
+    assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_allocations(str(backward), backward_args))
