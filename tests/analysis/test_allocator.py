@@ -77,6 +77,9 @@ def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride
         {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},  # both channel counts padded
         {"batch": 2, "cin": 16, "cout": 10, "size": 16, "kernel": 3, "bias": False},
         {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},  # depthwise
+        # depthwise with channels not a multiple of the block: groups padded in every blocked copy
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
+        {"batch": 2, "cin": 72, "cout": 72, "size": 16, "kernel": 5, "stride": 2, "padding": 2, "groups": 72},
         {"batch": 2, "cin": 64, "cout": 128, "size": 16, "kernel": 3, "padding": 1, "groups": 4},
     ],
 )
@@ -122,6 +125,8 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
         {"batch": 2, "cin": 96, "cout": 10, "size": 8, "kernel": 3, "padding": 1, "mask": (False, True, True)},
         {"batch": 16, "cin": 96, "cout": 96, "size": 8, "kernel": 1},  # 1x1 stays on oneDNN with batch >= 16
         {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "padding": 1, "groups": 24},
         {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 4, "mask": (True, True, False)},
     ],
 )
@@ -157,8 +162,60 @@ def test_unmodelled_convolutions_say_why() -> None:
     assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
     assert cpu_allocations("aten.convolution.default", bf16) is None
-    channels_last = (x.to(memory_format=torch.channels_last), w, None, *window)
-    assert "channels-last" in unmodelled_reason("aten.convolution.default", channels_last)
+    grad = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    channels_last = (grad, x.to(memory_format=torch.channels_last), w, [16], *window, [True, True, True])
+    assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
+
+
+def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):
+    """A channels-last convolution's arguments, forward (as `conv_forward`) and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, kernel, kernel)
+    if weight_channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    window = ([stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], groups)
+    forward = (x, w, torch.randn(cout) if bias else None, *window)
+    grad = torch.randn_like(aten.convolution.default(*forward))
+    backward = (grad, x, w, [cout] if bias else None, *window, [True, True, bias])
+    return forward, backward
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "threads_used"),
+    [
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3}, 2),
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "stride": 2}, 1),  # scratchpad by threads
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "weight_channels_last": False}, 2),  # weight copied
+        ({"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 3, "bias": True}, 2),  # output channels padded
+        ({"batch": 2, "cin": 3, "cout": 32, "size": 16, "kernel": 4, "stride": 4, "bias": True}, 2),  # ConvNeXt's stem
+        ({"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True}, 2),  # depthwise
+    ],
+)
+def test_channels_last_conv_forward_allocations_match_the_profiler(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
+    threads(threads_used)
+    forward, _ = conv_channels_last(**shape)
+    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(cpu_allocations("aten.convolution.default", forward))
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 7, "groups": 32, "bias": True},  # ConvNeXt's 7x7
+        {"batch": 4, "cin": 24, "cout": 24, "size": 16, "kernel": 7, "groups": 24},
+        {"batch": 2, "cin": 40, "cout": 40, "size": 12, "kernel": 7, "stride": 2, "groups": 40, "bias": True},
+        {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 5, "groups": 32},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True},
+        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "groups": 24},
+    ],
+)
+def test_channels_last_depthwise_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+    threads(2)
+    _, backward = conv_channels_last(**shape)
+    measured = op_allocations(lambda: aten.convolution_backward.default(*backward))
+    assert measured == deltas(cpu_allocations("aten.convolution_backward.default", backward))
 
 
 @pytest.mark.machine
@@ -255,3 +312,27 @@ def test_cpu_dropout_mask_is_float32() -> None:
     with Masks():
         torch.nn.functional.dropout(x, 0.5, training=True)
     assert masks == [torch.float32]  # CUDA's fused native_dropout keeps a bool mask instead
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("query", "keys", "threads_used"),
+    [
+        ((4, 4, 256, 24), 256, 2),  # blocks of 64 queries
+        ((4, 4, 64, 16), 64, 1),  # blocks of 32 queries, one thread
+        ((2, 2, 800, 32), 600, 2),  # blocks of 256 queries, keys under one block of 512
+    ],
+)
+def test_flash_attention_allocations_match_the_profiler(
+    query: tuple[int, ...], keys: int, threads_used: int, threads: Callable[[int], None]
+) -> None:
+    threads(threads_used)
+    torch.manual_seed(0)
+    batch, heads, _, head_size = query
+    q, k, v = torch.randn(query), torch.randn(batch, heads, keys, head_size), torch.randn(batch, heads, keys, head_size)
+    forward = aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    out, lse = forward(q, k, v)[:2]
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
+    assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_allocations(str(forward), (q, k, v)))
+    assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_allocations(str(backward), backward_args))

@@ -30,9 +30,11 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,7 +323,11 @@ def measure(
     live = _LiveStorage(phases)
     if device.type == "cpu":
         start_level = _baseline(model, optimizers, inputs, targets, []).total_bytes
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # The level is the start plus the records, so nothing made before may be freed while
+        # profiling: garbage from earlier work is collected now, and the collector stays off
+        # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
+        gc.collect()
+        with _collector_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with first:
                 previous = step()
             survivors = first.survivors()
@@ -376,6 +382,15 @@ def _release_probe_blocks(device: torch.device) -> None:
     makes; return them so the reserved memory measured is the steps' own."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _count_baseline(

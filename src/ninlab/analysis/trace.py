@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn import functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from typing_extensions import Self
 
-from ninlab.analysis.allocator import KernelAllocation, cpu_allocations, unmodelled_reason
+from ninlab.analysis.allocator import KernelAllocation, cpu_kernel_allocations
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
 from ninlab.analysis.phases import StepPhases
@@ -69,6 +68,7 @@ __all__ = [
 aten = torch.ops.aten
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
+_PRIM_DEVICE = torch.ops.prim.device.default
 # Queries of metadata that FakeTensorMode answers without running a kernel; they are not ops.
 _METADATA_OPS = {
     aten.is_contiguous.default,
@@ -415,8 +415,8 @@ class _NodeOwners(TorchFunctionMode):
         else:
             output = func(*args, **kwargs)
         hooked = torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
-        for value in tree_flatten(output)[0]:
-            node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+        for value in _tensors((output,)):
+            node = value.grad_fn
             if node is not None and node not in self.modules.node_owner:
                 # "" is code outside any module: the loss.
                 self.modules.node_owner[node] = self.modules.current()
@@ -425,13 +425,24 @@ class _NodeOwners(TorchFunctionMode):
         return output
 
 
-def _float32_batch_norm_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
-    """Batch norm's saved mean and inverse std in float32 when reduced-precision input meets
-    float32 weights (autocast), as the real CPU and CUDA kernels keep them; the fake kernel would
-    give them the input's dtype."""
-    if func is not aten.native_batch_norm.default:
+# Normalisations whose CPU kernels keep their statistics in float32 when reduced-precision input
+# meets float32 weights (autocast), by the position of the weight among their arguments.
+_MIXED_PRECISION_STATISTICS = {
+    aten.native_batch_norm.default: 1,
+    aten.native_layer_norm.default: 2,
+    aten.native_group_norm.default: 1,
+}
+
+
+def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A normalisation's saved mean and inverse std in float32 when reduced-precision input meets
+    float32 weights (autocast), as the real kernels keep them (measured on CPU: batch norm, layer
+    norm, group norm; batch norm on CUDA too); the fake kernel would give them the input's
+    dtype, half their bytes."""
+    weight_at = _MIXED_PRECISION_STATISTICS.get(func)
+    if weight_at is None:
         return output
-    x, weight = args[0], args[1]
+    x, weight = args[0], args[weight_at]
     if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
         return output
     result, mean, inverse_std = output
@@ -469,6 +480,7 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
+        self._fake_outputs = _FakeOutputs()
         self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
         self.recording = Recording(
             storages=self.ledger.storages,
@@ -543,9 +555,21 @@ class Recorder(TorchDispatchMode):
         self.modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
+            # Asked by C++ (the autograd engine) of every fake tensor, thousands of times a
+            # step: answered here as FakeTensor itself answers it, one mode sooner.
+            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
         kwargs = kwargs or {}
-        if func in _METADATA_OPS or self._paused:
+        traits = _traits(func)
+        if traits.metadata:
             return func(*args, **kwargs)
+        # An in-place op's output is its first argument, shape and all: the fake kernel would
+        # only check broadcasting, so it is skipped (a third of a training step's ops are these,
+        # most of them the optimizer's). Not for a tensor holding a real constant (Adam's step
+        # count): the fake kernel computes its new value.
+        skip_kernel = traits.returns_self and getattr(args[0], "constant", None) is None
+        if self._paused:
+            return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
         if func is aten._local_scalar_dense.default and self.ledger.key(args[0]) in self._overflow_flags:
             # A GradScaler asks whether unscaling found an inf or NaN: the steady state has none,
             # so the optimizer steps. Any other value a step reads needs real data.
@@ -553,24 +577,26 @@ class Recorder(TorchDispatchMode):
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
         if self._warming_up:
-            output = func(*args, **kwargs)
-            for tensor in tree_flatten(output)[0]:
-                if isinstance(tensor, torch.Tensor):
-                    self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            output = args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+            for tensor in _tensors((output,)):
+                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
             return output
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
         # the parts are the kernels PyTorch really runs. Torch-function modes sit above autograd
         # and must not see the parts again.
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+        if traits.composite:
             with self, torch._C.DisableTorchFunction():
                 return func._op_dk(_COMPOSITE, *args, **kwargs)
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
-        output = _float32_batch_norm_statistics(func, args, func(*args, **kwargs))
-        self._record(func, args, kwargs, output, window)
+        if skip_kernel:
+            output = args[0]
+        else:
+            output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+        self._record(func, traits.name, args, kwargs, output, window)
         return output
 
     def _check_window_fits(
@@ -595,6 +621,7 @@ class Recorder(TorchDispatchMode):
     def _record(
         self,
         func: Any,
+        name: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: Any,
@@ -602,31 +629,193 @@ class Recorder(TorchDispatchMode):
     ) -> None:
         index = len(self.recording.ops)
         module, node = self._module_now()
-        in_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        outputs = tuple(o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor))
+        in_tensors = _tensors(args) + (_tensors(tuple(kwargs.values())) if kwargs else [])
+        outputs = tuple(_tensors((output,)))
+        note = self.ledger.note
         for tensor in outputs:
-            self.ledger.note(tensor, created_at=index, phase=self.current_phase, module=module)
+            note(tensor, created_at=index, phase=self.current_phase, module=module)
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
         # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
-        on_cpu = not self.emulate_cuda and all(t.device.type == "cpu" for t in outputs)
+        on_cpu = not self.emulate_cuda and all(_device_type(t) == "cpu" for t in outputs)
+        allocations, unmodelled = cpu_kernel_allocations(name, args) if on_cpu else (None, "")
+        meta = self._meta
         self.recording.ops.append(
             OpRecord(
                 index=index,
-                op=str(func),
+                op=name,
                 phase=self.current_phase,
                 module=module,
-                inputs=tuple(self._meta(t) for t in in_tensors),
-                outputs=tuple(self._meta(t) for t in outputs),
+                inputs=tuple(meta(t) for t in in_tensors),
+                outputs=tuple(meta(t) for t in outputs),
                 flops=op_flops(func, args, tuple(output_tuple)),
                 window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
-                cpu_allocations=cpu_allocations(str(func), args) if on_cpu else None,
-                cpu_unmodelled=(unmodelled_reason(str(func), args) or "") if on_cpu else "",
+                cpu_allocations=allocations,
+                cpu_unmodelled=unmodelled,
             )
         )
 
     def _meta(self, tensor: torch.Tensor) -> TensorMeta:
         return TensorMeta(tuple(tensor.shape), tensor.dtype, self.ledger.key(tensor))
+
+
+@dataclass(frozen=True)
+class _OpTraits:
+    """What the recorder needs to know of an aten op before running it, found once per op."""
+
+    name: str  # as OpRecord.op names it
+    metadata: bool  # a query FakeTensorMode answers without a kernel: not an op
+    composite: bool  # CompositeImplicitAutograd: runs as its parts
+    returns_self: bool  # in place on its first argument, which it returns, metadata unchanged
+
+
+_TRAITS: dict[Any, _OpTraits] = {}
+
+
+def _traits(func: Any) -> _OpTraits:
+    traits = _TRAITS.get(func)
+    if traits is None:
+        schema = func._schema
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        returned = schema.returns[0].alias_info if len(schema.returns) == 1 else None
+        in_place = (
+            first is not None
+            and first.is_write
+            and returned is not None
+            and returned.is_write
+            and set(returned.before_set) == set(first.before_set)
+            and torch.Tag.inplace_view not in func.tags
+        )
+        metadata = func in _METADATA_OPS  # prim ops among them have no dispatch table to ask
+        traits = _OpTraits(
+            name=str(func),
+            metadata=metadata,
+            composite=not metadata
+            and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE),
+            returns_self=in_place,
+        )
+        _TRAITS[func] = traits
+    return traits
+
+
+class _FakeOutputs:
+    """Runs an op on fake tensors, remembering what its outputs look like for the arguments'
+    metadata, so that the next call with the same shapes, strides, dtypes and other arguments
+    makes its outputs directly instead of going through `FakeTensorMode` again.
+
+    FakeTensorMode has a cache of its own, but it hashes every argument in depth on every call,
+    which costs more than the meta kernel it saves; a step repeats the same few calls many times
+    (each block of a network, each parameter in the optimizer), and this key is cheap. Only fresh
+    outputs are remembered: not views or outputs aliasing an input, not mutating ops, not outputs
+    or inputs holding real constant values (FakeTensorMode computes those for real), not ops that
+    raise (data-dependent ones).
+    """
+
+    def __init__(self) -> None:
+        # key -> (fake mode, one (shape, stride, dtype, device) or None per output, container)
+        self._known: dict[tuple[Any, ...], Any] = {}
+        self._cacheable: dict[Any, bool] = {}
+
+    def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        key = self._key(func, args, kwargs)
+        if key is None:
+            return func(*args, **kwargs)
+        entry = self._known.get(key)
+        if entry is not None:
+            return _make_fakes(*entry)
+        output = func(*args, **kwargs)
+        entry = _fresh_outputs(output, args, kwargs)
+        if entry is not None:
+            self._known[key] = entry
+        return output
+
+    def _key(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+        cacheable = self._cacheable.get(func)
+        if cacheable is None:
+            schema = func._schema
+            cacheable = not (func.is_view or schema.is_mutable or torch.Tag.nondeterministic_bitwise in func.tags)
+            cacheable = cacheable and torch.Tag.dynamic_output_shape not in func.tags
+            self._cacheable[func] = cacheable
+        if not cacheable:
+            return None
+        parts: list[Any] = [func]
+        for value in (*args, *kwargs.items()) if kwargs else args:
+            part = _key_part(value)
+            if part is None:
+                return None
+            parts.append(part)
+        return tuple(parts)
+
+
+_PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.memory_format, torch.layout, type(None))
+
+
+def _key_part(value: Any) -> Any:
+    """A hashable stand-in for an op argument, or None when the argument cannot be keyed."""
+    if isinstance(value, FakeTensor):
+        if value.constant is not None:
+            return None
+        return (value.shape, value.stride(), value.dtype, value.storage_offset(), value.fake_device)
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_key_part(item) for item in value)
+        return None if None in parts else ("seq", parts)
+    return None
+
+
+def _fresh_outputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What `_make_fakes` needs to make outputs like these again, or None when they are not all
+    fresh fake tensors (or None) without constants."""
+    container = type(output) if isinstance(output, (tuple, list)) else None
+    outputs = tuple(output) if container is not None else (output,)
+    mode = None
+    described: list[tuple[Any, ...] | None] = []
+    for tensor in outputs:
+        if tensor is None:
+            described.append(None)
+            continue
+        if type(tensor) is not FakeTensor or tensor.constant is not None or tensor.requires_grad:
+            return None
+        mode = tensor.fake_mode
+        described.append((tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.fake_device))
+    if mode is None:
+        return None
+    inputs = {id(t.untyped_storage()) for t in _tensors((*args, *kwargs.values()))}
+    if any(t is not None and id(t.untyped_storage()) in inputs for t in outputs):
+        return None
+    return mode, tuple(described), container
+
+
+def _make_fakes(mode: FakeTensorMode, described: tuple[Any, ...], container: type | None) -> Any:
+    made = []
+    for entry in described:
+        if entry is None:
+            made.append(None)
+            continue
+        shape, stride, dtype, device = entry
+        with torch._C._DisableTorchDispatch():
+            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        made.append(FakeTensor(mode, empty, device))
+    return container(made) if container is not None else made[0]
+
+
+def _device_type(tensor: torch.Tensor) -> str:
+    """A tensor's device type; a fake tensor's is read without dispatching `prim.device`."""
+    fake_device = getattr(tensor, "fake_device", None)
+    return (fake_device or tensor.device).type
+
+
+def _tensors(values: tuple[Any, ...] | list[Any]) -> list[torch.Tensor]:
+    """The tensors among `values`, in order, looking into lists and tuples (an aten op's
+    arguments and outputs; a torch function's output, such as an LSTM's (out, (h, c)))."""
+    found: list[torch.Tensor] = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found += _tensors(value)
+    return found
 
 
 def fake_parameters(

@@ -1,0 +1,242 @@
+"""Small networks made of the layer kinds modern vision models add to the CNN zoo (`cnn_zoo.py`):
+SiLU and squeeze-excitation with stochastic depth (EfficientNet's MBConv), 7x7 depthwise convs
+with LayerNorm over channels-last activations (ConvNeXt), and attention (a ViT encoder, with
+`nn.MultiheadAttention` and with `F.scaled_dot_product_attention`). The memory tests check each
+against a real run, at both levels; `deep_mbconv` is a network of about 200 modules for the
+prediction-speed budget.
+
+Every factory is keyword-only with defaults; `LAYER_ZOO` maps a name to its factory and a natural
+input size (C, H, W), as `cnn_zoo.ZOO` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from cnn_zoo import ZooEntry
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["LAYER_ZOO", "attention_net", "convnext_ln", "deep_mbconv", "mbconv_silu"]
+
+
+def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth, mode "row": drop whole samples of a residual branch."""
+    if not training or p == 0.0:
+        return x
+    survival = 1.0 - p
+    noise = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(survival)
+    noise.div_(survival)
+    return x * noise
+
+
+class SqueezeExcitation(nn.Module):
+    """Global average pool, 1x1 reduce + SiLU, 1x1 expand + sigmoid, scale the input."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeezed, 1)
+        self.fc2 = nn.Conv2d(squeezed, channels, 1)
+        self.activation = nn.SiLU()
+        self.scale = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(self.fc2(self.activation(self.fc1(self.pool(x)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand + BN + SiLU, kxk depthwise + BN + SiLU, SE, 1x1 project
+    + BN, stochastic depth on the residual branch."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, *, kernel: int, stride: int, expand: int, drop: float
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop = drop
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.SiLU(inplace=True),
+            SqueezeExcitation(hidden, max(1, in_channels // 4)),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        if self.use_residual:
+            out = stochastic_depth(out, self.drop, self.training) + x
+        return out
+
+
+def _mbconv_stages(width: int, stages: tuple[tuple[int, int, int, int, int], ...]) -> list[nn.Module]:
+    """(expand, out channels, repeats, stride, kernel) per stage, as EfficientNet lists them."""
+    blocks: list[nn.Module] = []
+    channels = width
+    for expand, out_channels, repeats, stride, kernel in stages:
+        for index in range(repeats):
+            blocks.append(
+                MBConv(channels, out_channels, kernel=kernel, stride=stride if index == 0 else 1, expand=expand, drop=0.1)
+            )
+            channels = out_channels
+    return blocks
+
+
+def _efficientnet(
+    *, in_channels: int, num_classes: int, width: int, stages: tuple[tuple[int, int, int, int, int], ...]
+) -> nn.Module:
+    blocks = _mbconv_stages(width, stages)
+    last = stages[-1][1]
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.SiLU(inplace=True),
+        *blocks,
+        nn.Conv2d(last, 4 * last, 1, bias=False),
+        nn.BatchNorm2d(4 * last),
+        nn.SiLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(4 * last, num_classes),
+    )
+
+
+def mbconv_silu(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Module:
+    """A tiny EfficientNet: SiLU everywhere, 3x3 and 5x5 depthwise convs (120 and 80 channels:
+    not whole blocks of 16), squeeze-excitation and stochastic depth."""
+    stages = ((1, 16, 1, 1, 3), (6, 20, 2, 2, 3), (4, 32, 2, 2, 5))
+    return _efficientnet(in_channels=in_channels, num_classes=num_classes, width=width, stages=stages)
+
+
+def deep_mbconv(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Module:
+    """mbconv_silu with 14 blocks: about 200 modules, for the prediction-speed budget."""
+    stages = ((1, 16, 2, 1, 3), (4, 24, 3, 2, 3), (4, 32, 4, 2, 5), (4, 48, 5, 1, 3))
+    return _efficientnet(in_channels=in_channels, num_classes=num_classes, width=width, stages=stages)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor, as ConvNeXt does: permute to channels-last,
+    normalise the last dimension, permute back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """7x7 depthwise conv, LayerNorm on channels-last activations, pointwise MLP (Linear, GELU,
+    Linear), layer scale, residual add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, 4 * channels)
+        self.activation = nn.GELU()
+        self.fc2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dwconv(x).permute(0, 2, 3, 1)
+        out = self.fc2(self.activation(self.fc1(self.norm(out))))
+        return x + (self.gamma * out).permute(0, 3, 1, 2)
+
+
+def convnext_ln(*, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> nn.Module:
+    """A tiny ConvNeXt: 4x4 patchify stem + LayerNorm, two blocks, a LayerNorm'd 2x2 downsample,
+    two blocks at twice the width, pooled LayerNorm head."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 4, 4),
+        LayerNorm2d(width),
+        ConvNeXtBlock(width),
+        ConvNeXtBlock(width),
+        LayerNorm2d(width),
+        nn.Conv2d(width, 2 * width, 2, 2),
+        ConvNeXtBlock(2 * width),
+        ConvNeXtBlock(2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.LayerNorm(2 * width),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+class SdpaAttention(nn.Module):
+    """Multi-head self-attention written with `F.scaled_dot_product_attention` (timm's ViT)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm, attention, residual; LayerNorm, MLP (GELU), residual."""
+
+    def __init__(self, dim: int, heads: int, *, multihead: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.multihead = multihead
+        self.attention: nn.Module = (
+            nn.MultiheadAttention(dim, heads, batch_first=True) if multihead else SdpaAttention(dim, heads)
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.attention(y, y, y, need_weights=False)[0] if self.multihead else self.attention(y)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int, patch: int, tokens: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, dim, patch, patch)
+        self.position = nn.Parameter(torch.zeros(1, tokens, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2) + self.position
+
+
+class MeanTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def attention_net(
+    *, in_channels: int = 3, num_classes: int = 10, dim: int = 64, heads: int = 4, image_size: int = 32
+) -> nn.Module:
+    """A tiny ViT: 4x4 patches, one block with `nn.MultiheadAttention` and one with
+    `F.scaled_dot_product_attention`, mean over tokens, LayerNorm, linear head."""
+    tokens = (image_size // 4) ** 2
+    return nn.Sequential(
+        PatchEmbedding(in_channels, dim, 4, tokens),
+        EncoderBlock(dim, heads, multihead=True),
+        EncoderBlock(dim, heads, multihead=False),
+        MeanTokens(),
+        nn.LayerNorm(dim),
+        nn.Linear(dim, num_classes),
+    )
+
+
+LAYER_ZOO: dict[str, ZooEntry] = {
+    "mbconv_silu": ZooEntry(mbconv_silu, (3, 32, 32)),
+    "convnext_ln": ZooEntry(convnext_ln, (3, 32, 32)),
+    "attention_net": ZooEntry(attention_net, (3, 32, 32)),
+    "deep_mbconv": ZooEntry(deep_mbconv, (3, 32, 32)),
+}
