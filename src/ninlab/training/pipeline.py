@@ -110,12 +110,13 @@ def batch_indices(
 
     A global batch of `batch_size` is cut into `world_size` contiguous shards, so N processes see
     together exactly what one process with the same global batch sees. The last, smaller batch is
-    kept (as d2l's DataLoader keeps it) unless it has fewer examples than ranks.
+    kept (as d2l's DataLoader keeps it) unless a rank's share of it would be a single example:
+    batch norm cannot take a training step on one (its variance is undefined).
     """
     total = permutation.shape[0]
     for start in range(start_batch * batch_size, total, batch_size):
         batch = permutation[start : start + batch_size]
-        if batch.shape[0] < world_size:
+        if batch.shape[0] < min(batch_size, _SMALLEST_LAST_SHARD * world_size):
             return
         shard = batch.tensor_split(world_size)[rank]
         yield shard, int(batch.shape[0])
@@ -124,4 +125,7 @@ def batch_indices(
 def batches_per_epoch(num_examples: int, *, batch_size: int, world_size: int = 1) -> int:
     """How many batches `batch_indices` yields over a whole epoch of `num_examples`."""
     full, rest = divmod(num_examples, batch_size)
-    return full + (1 if rest >= world_size else 0)
+    return full + (1 if rest >= _SMALLEST_LAST_SHARD * world_size else 0)
+
+
+_SMALLEST_LAST_SHARD = 2  # examples per rank in a last, smaller batch
