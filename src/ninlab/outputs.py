@@ -69,6 +69,8 @@ def output_directory(path: str | os.PathLike[str], *, option: str = "--output-di
     if not os.fspath(path):  # Path("") is ".": an empty name would write into the working directory
         raise NinlabError(f"{option} is an empty name; name a directory")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NinlabError(f"{path} is a file, not a directory; choose another {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -167,11 +169,8 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 def disk_error(path: str | os.PathLike[str], error: OSError) -> NinlabError:
     """A failed write of `path` as one line: "disk full" when it is, else the system's reason."""
     reason = "disk full" if error.errno in _DISK_FULL else (error.strerror or str(error))
-    return NinlabError(
-        f"could not write {os.fspath(path)} ({reason}); "
-        + ("free disk space" if error.errno in _DISK_FULL else "check the directory")
-        + " or choose another directory"
-    )
+    fix = "free disk space or choose" if error.errno in _DISK_FULL else "choose"
+    return NinlabError(f"could not write {os.fspath(path)} ({reason}); {fix} another directory")
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:

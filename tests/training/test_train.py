@@ -261,7 +261,10 @@ except NinlabError as error:
         [sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 2, done.stderr
-    assert "could not write checkpoint" in done.stdout and "previous one is unchanged" in done.stdout
+    assert done.stdout == (
+        f"could not write {run_dir / CHECKPOINT_NAME} (File too large); choose another "
+        "directory; the previous one is unchanged\n"
+    )
     assert (run_dir / CHECKPOINT_NAME).read_bytes() == before
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in small_run.iterdir())
 
