@@ -106,17 +106,20 @@ def path_name(text: str) -> Path:
     return Path(text)
 
 
-def runs_on_device(parser: argparse.ArgumentParser) -> None:
-    """Mark a command that runs on --device (train, evaluate, predict, measure), unlike those
-    that predict for any device from any machine: `check_device` then refuses one this machine
-    lacks."""
-    parser.set_defaults(runs_on_device=True)
+def runs_on_device(parser: argparse.ArgumentParser, *, when: str | None = None) -> None:
+    """Mark a command that runs on --device (train, evaluate, predict, measure; compare when its
+    option `when`, --train, is given), unlike those that predict for any device from any
+    machine: `check_device` then refuses one this machine lacks."""
+    parser.set_defaults(runs_on_device=when or True)
 
 
 def check_device(args: argparse.Namespace) -> None:
     """Refuse, in argparse's words, a --device that a command running there cannot use."""
     device = getattr(args, "device", None)
-    if not getattr(args, "runs_on_device", False) or not device:
+    runs = getattr(args, "runs_on_device", False)
+    if isinstance(runs, str):
+        runs = getattr(args, runs, None) is not None
+    if not runs or not device:
         return
     if device.startswith("cuda") and not torch.cuda.is_available():
         why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"

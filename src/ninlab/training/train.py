@@ -416,8 +416,8 @@ def _checked_config(
         config = resumed_config(config_from_dict(state["config"]), dataclasses.asdict(config))
     elif checkpoint_path.exists():
         raise NinlabError(
-            f"{output_dir} already holds a checkpoint; continue it with --resume or choose another "
-            "--output-dir"
+            f"{output_dir} already holds a checkpoint; continue it with 'ninlab train --resume "
+            f"{output_dir}' or choose another --output-dir"
         )
     if config.batch_size < context.world_size:
         raise NinlabError(
