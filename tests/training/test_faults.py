@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 from PIL import Image
 
 import ninlab
@@ -33,7 +34,6 @@ from ninlab.training.preflight import check_compiler, check_fits_data, check_mem
 from ninlab.training.presets import TrainConfig
 from ninlab.training.rundir import LOCK_NAME, owning
 from ninlab.training.train import train
-from tests.cli_run import run
 
 # The cheapest run that trains: d2l's NiN without 1x1 convs at its smallest input, two steps.
 TINY = TrainConfig(
