@@ -10,13 +10,17 @@ reaches a command through a group:
 - output options: what a command prints and the file it writes.
 
 A group takes only what differs between commands: a default (evaluate's batch is 256) and which
-of its flags a command has. Checks beyond argparse's (an optimizer's settings, a recipe's
-consistency) are the library's, made where the `StepSpec` or `TrainConfig` is built.
+of its flags a command has. Every value type refuses what PyTorch would fail on later (a count
+beyond 32 bits, a seed beyond 64, nan, an empty path); `check_device` refuses a --device this
+machine lacks in the commands that run there (`runs_on_device`). Checks beyond argparse's (an
+optimizer's settings, a variant's, a recipe's consistency) are the library's, made where the
+`StepSpec`, `NiNConfig` or `TrainConfig` is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -32,7 +36,7 @@ from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
 from ninlab.optimizers import OPTIMIZER_NAMES
 from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
-from ninlab.training.presets import MAX_SEED, Schedule
+from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
 from ninlab.training.progress import download_progress
 from ninlab.viz.report import DEFAULT_BUDGET
 
@@ -62,10 +66,8 @@ __all__ = [
 
 # Value types: a bad value is argparse's one line, "argument --batch: must be at least 1, got 0".
 
-_MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits: larger counts overflow there
 
-
-def _whole(text: str, minimum: int, maximum: int = _MAX_COUNT) -> int:
+def _whole(text: str, minimum: int, maximum: int = MAX_COUNT) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -94,7 +96,7 @@ def finite_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
@@ -344,10 +346,7 @@ _STEP_DEFAULTS = StepSpec()
 
 
 def add_step_options(
-    parser: argparse.ArgumentParser,
-    *,
-    mode: str | None = "train",
-    ddp: bool = True,
+    parser: argparse.ArgumentParser, *, mode: str | None = "train", ddp: bool = True
 ) -> None:
     """--mode (`mode`: what the command does without it; None: the command has no --mode),
     --optimizer, --amp, --device, --grad-mode, --ddp (unless `ddp` is False), --channels-last.

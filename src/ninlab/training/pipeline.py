@@ -99,7 +99,8 @@ def epoch_permutation(
 ) -> torch.Tensor:
     """The order of one epoch: a function of (seed, epoch) alone, so a resumed run and every rank of
     a distributed run draw the same one without sharing generator state."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # Modulo 2**64, the seeds a generator takes: the same as before for every seed that fitted.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(num_examples, generator=generator).to(device)
 
 

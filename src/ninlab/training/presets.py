@@ -13,7 +13,15 @@ from typing import Any, Literal
 
 from ninlab.errors import NinlabError
 
-__all__ = ["PRESETS", "PRESET_DESCRIPTIONS", "TrainConfig", "config_from_dict", "get_preset"]
+__all__ = [
+    "MAX_COUNT",
+    "MAX_SEED",
+    "PRESETS",
+    "PRESET_DESCRIPTIONS",
+    "TrainConfig",
+    "config_from_dict",
+    "get_preset",
+]
 
 Schedule = Literal["constant", "cosine", "onecycle"]
 Amp = Literal["none", "bf16"]
@@ -52,8 +60,8 @@ class TrainConfig:
         checks = [
             (finite, ("--lr, --momentum, --weight-decay, --warmup-epochs and --label-smoothing "
              "must be finite numbers")),
-            (1 <= self.epochs <= _MAX_COUNT, f"--epochs must be between 1 and {_MAX_COUNT}"),
-            (1 <= self.batch_size <= _MAX_COUNT, f"--batch must be between 1 and {_MAX_COUNT}"),
+            (1 <= self.epochs <= MAX_COUNT, f"--epochs must be between 1 and {MAX_COUNT}"),
+            (1 <= self.batch_size <= MAX_COUNT, f"--batch must be between 1 and {MAX_COUNT}"),
             (self.lr > 0, "--lr (learning rate) must be positive"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0"),
@@ -66,7 +74,7 @@ class TrainConfig:
                 "--schedule must be constant, cosine or onecycle",
             ),
             (self.amp in ("none", "bf16"), "--amp must be none or bf16"),
-            (1 <= self.image_size <= _MAX_COUNT, f"--image-size must be between 1 and {_MAX_COUNT}"),
+            (1 <= self.image_size <= MAX_COUNT, f"--image-size must be between 1 and {MAX_COUNT}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}"),
             (self.train_examples is None or self.train_examples >= 1,
              "--train-examples must be at least 1"),
@@ -80,7 +88,7 @@ class TrainConfig:
 
 # torch.manual_seed takes an unsigned 64-bit seed; a rank adds its number to the run's.
 MAX_SEED = 2**63 - 1
-_MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits
+MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits
 
 
 PRESETS: dict[str, TrainConfig] = {
