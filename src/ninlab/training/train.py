@@ -35,7 +35,7 @@ from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.outputs import output_directory, write_text_atomically
+from ninlab.outputs import write_text_atomically
 from ninlab.training import distributed
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
@@ -434,10 +434,11 @@ def _build(
     *,
     data_bytes: int | None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, _Progress, RunCost | None]:
-    """The network and optimizer on the device, fresh or restored from `state`; creates
-    `output_dir` and writes config.json once the configuration has proved that it builds and
-    fits (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`,
-    the data's bytes on the device, is None: forced)."""
+    """The network and optimizer on the device, fresh or restored from `state`; writes
+    config.json once the configuration has proved that it builds and fits
+    (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`, the
+    data's bytes on the device, is None: forced). A configuration refused here leaves the
+    directory as it was (`owning` removes one it created and nothing was written in)."""
     torch.manual_seed(config.seed)
     model = build_nin(parse_variant(config.variant))
     check_fits_data(model, config, world_size=context.world_size)
@@ -455,8 +456,6 @@ def _build(
             context.device,
             available=available_memory(context.device),
         )
-    if context.is_writer:  # only now: a bad variant or input size leaves no directory behind
-        output_directory(output_dir)
     model = model.to(context.device, memory_format=_memory_format(config))
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
