@@ -2,8 +2,8 @@
 
 The front door: d2l's NiN and its variants, the accountant's questions (what does a step cost,
 how large a batch fits) and the trainer, importable from `ninlab` itself. See ARCHITECTURE.md for
-where each lives. The accountant and the trainer load on first use, so `import ninlab` (and every
-`ninlab` command) pays only for what it touches.
+where each lives. Everything loads on first use, so `import ninlab` (and every `ninlab` command)
+pays only for what it touches, and imports no PyTorch before the command line can catch a Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolve_model
-
 if TYPE_CHECKING:
     from ninlab.analysis.batch import fit_batch
     from ninlab.analysis.measure import measure
@@ -21,9 +19,13 @@ if TYPE_CHECKING:
     from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.step import StepSpec
     from ninlab.analysis.summary import summarize
+    from ninlab.models import NiNConfig, build_nin, get_config, list_configs, resolve_model
     from ninlab.training.train import train
 
 _LAZY = {
+    **dict.fromkeys(
+        ("NiNConfig", "build_nin", "get_config", "list_configs", "resolve_model"), "ninlab.models"
+    ),
     "StepSpec": "ninlab.analysis.step",
     "summarize": "ninlab.analysis.summary",
     "predict_memory": "ninlab.analysis.predict",

@@ -69,6 +69,25 @@ class NiNConfig:
     init: Literal["xavier", "kaiming", "default"] = "xavier"
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # Checked here, for every configuration, rather than by PyTorch mid-build (a dropout of 2)
+        # or never (an init name it would ignore).
+        problems = [
+            (self.num_1x1 >= 0, f"num_1x1 must be 0 or more, got {self.num_1x1}"),
+            (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
+            (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
+            (0 <= self.dropout <= 1, f"dropout must be between 0 and 1, got {self.dropout}"),
+            (self.init in _INITS, f"init must be one of {', '.join(_INITS)}, got {self.init!r}"),
+            (self.global_pool in _POOLS, f"global_pool must be avg or max, got {self.global_pool!r}"),
+        ]
+        for ok, problem in problems:
+            if not ok:
+                raise ModelSpecError(problem)
+
+
+_INITS = ("xavier", "kaiming", "default")
+_POOLS = ("avg", "max")
+
 
 def nin_block(
     in_channels: int,
@@ -211,12 +230,21 @@ register_config(
 )
 
 
+def _yes_no(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+    try:
+        return words[text.lower()]
+    except KeyError:
+        raise ValueError(text) from None
+
+
 _OVERRIDE_TYPES: dict[str, Callable[[str], object]] = {
     "num_1x1": int,
     "num_classes": int,
     "in_channels": int,
     "global_pool": str,
-    "batch_norm": lambda text: text.lower() in ("1", "true", "yes", "on"),
+    "batch_norm": _yes_no,
     "dropout": float,
     "init": str,
 }
@@ -240,10 +268,12 @@ def parse_variant(spec: str) -> NiNConfig:
         try:
             changes[key] = _OVERRIDE_TYPES[key](value.strip())
         except ValueError:
-            raise ModelSpecError(f"variant setting {key}={value!r} is not a valid {key}") from None
-    if "global_pool" in changes and changes["global_pool"] not in ("avg", "max"):
-        raise ModelSpecError(f"global_pool must be 'avg' or 'max', not {changes['global_pool']!r}")
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+            kind = "true or false" if key == "batch_norm" else f"a valid {key}"
+            raise ModelSpecError(f"variant setting {key}={value!r} in {spec!r} is not {kind}") from None
+    try:
+        return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    except ModelSpecError as error:
+        raise ModelSpecError(f"variant {spec!r}: {error}") from None
 
 
 def resolve_model(spec: str) -> nn.Module:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -31,6 +32,24 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
             raise NinlabError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+        # PyTorch would refuse these too, but only when the optimizer is built, in a traceback.
+        numbers = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        for key, value in numbers.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NinlabError(f"optimizer setting {key} must be a finite number, got {value!r}")
+        if self.lr <= 0:
+            raise NinlabError(f"optimizer setting lr must be positive, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise NinlabError(f"optimizer setting momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise NinlabError(
+                f"optimizer setting weight_decay must be non-negative, got {self.weight_decay!r}"
+            )
+        if self.implementation not in get_args(Implementation):
+            raise NinlabError(
+                f"optimizer setting implementation must be one of "
+                f"{', '.join(get_args(Implementation))}, got {self.implementation!r}"
+            )
 
 
 def make_optimizer(
@@ -63,7 +82,15 @@ def make_optimizer(
 
 
 def parse_optimizer(text: str) -> OptimizerSpec:
-    """`adam`, or with settings: `adamw:weight_decay=0.01,implementation=foreach`."""
+    """`adam`, or with settings: `adamw:weight_decay=0.01,implementation=foreach`; an error names
+    the text, which the command line takes as --optimizer."""
+    try:
+        return _parse_optimizer(text)
+    except NinlabError as error:
+        raise NinlabError(f"--optimizer {text!r}: {error}") from None
+
+
+def _parse_optimizer(text: str) -> OptimizerSpec:
     name, _, settings = text.partition(":")
     values: dict[str, object] = {}
     for item in filter(None, settings.split(",")):

@@ -5,7 +5,10 @@ it, then write it whole or not at all.
 and the fix, so a command fails in its first second rather than after minutes of work.
 `atomic_write` writes a temporary file beside the target and renames it into place: a reader sees
 the previous file or the new one, never half of one, and a failure (an exception, Ctrl-C) leaves
-the previous file untouched and no temporary behind.
+the previous file untouched and no temporary behind. A write that fails (a full disk, a lost
+permission) is one `NinlabError` naming the file and saying "disk full" when it is; a process
+killed mid-write leaves its temporary, which `remove_stale_temporaries` clears for the next owner
+of the directory.
 
 Shared by the trainer and the visuals, so it imports only `ninlab.errors` and the standard library.
 """
@@ -13,7 +16,9 @@ Shared by the trainer and the visuals, so it imports only `ninlab.errors` and th
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +26,14 @@ from typing import IO, Any, NoReturn
 
 from ninlab.errors import NinlabError
 
-__all__ = ["atomic_write", "output_directory", "output_path", "write_text_atomically"]
+__all__ = [
+    "atomic_write",
+    "disk_error",
+    "output_directory",
+    "output_path",
+    "remove_stale_temporaries",
+    "write_text_atomically",
+]
 
 
 def output_path(
@@ -54,7 +66,11 @@ def output_path(
 
 def output_directory(path: str | os.PathLike[str], *, option: str = "--output-dir") -> Path:
     """`path`, created with its parents if missing, if this process may write files in it."""
+    if not os.fspath(path):  # Path("") is ".": an empty name would write into the working directory
+        raise NinlabError(f"{option} is an empty name; name a directory")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NinlabError(f"{path} is a file, not a directory; choose another {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -104,22 +120,70 @@ def atomic_write(
     # The same directory, so the rename is atomic; a random name, so concurrent writers never
     # share one. Mode "x" creates the file (never reuses one) with open()'s usual permissions,
     # which tempfile.mkstemp (always 0o600) would not give. newline="": "\n" stays "\n".
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
     options = {"mode": "xt", "encoding": "utf-8", "newline": ""} if text else {"mode": "xb"}
     # Opened before the `try`: a failed open has created nothing to remove.
-    handle = open(temporary, **options)  # noqa: SIM115 (closed by `with handle`, before the rename)
+    try:
+        handle = open(temporary, **options)  # noqa: SIM115 (closed below, before the rename)
+    except OSError as error:
+        raise disk_error(path, error) from None
     try:
         with handle:
-            yield handle
+            try:
+                yield handle
+            except OSError as error:
+                # The block's own writes: a full disk is reported as one; any other OSError is
+                # the caller's to explain (a download's network error is an OSError too).
+                if error.errno in _DISK_FULL:
+                    raise disk_error(path, error) from None
+                raise _CallersError(error) from None
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
+        if durable:
+            _sync_directory(path.parent)
+    except _CallersError as wrapped:
+        temporary.unlink(missing_ok=True)
+        raise wrapped.error from None
+    except OSError as error:  # flushing, closing (the last buffered bytes), the rename
+        temporary.unlink(missing_ok=True)
+        raise disk_error(path, error) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    if durable:
-        _sync_directory(path.parent)
+
+
+class _CallersError(Exception):
+    """Carries an OSError of the caller's block past `atomic_write`'s own OSError handling."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+
+_TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # atomic_write's names, and only those
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_error(path: str | os.PathLike[str], error: OSError) -> NinlabError:
+    """A failed write of `path` as one line: "disk full" when it is, else the system's reason."""
+    reason = "disk full" if error.errno in _DISK_FULL else (error.strerror or str(error))
+    fix = "free disk space or choose" if error.errno in _DISK_FULL else "choose"
+    return NinlabError(f"could not write {os.fspath(path)} ({reason}); {fix} another directory")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove what `atomic_write`s killed mid-write (SIGKILL, a power cut) left in `directory`;
+    call only while owning the directory (no write of another process is under way). Returns
+    the files removed."""
+    stale = [
+        entry for entry in Path(directory).iterdir()
+        if entry.is_file() and _TEMPORARY_NAME.fullmatch(entry.name)
+    ]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def _sync_directory(directory: Path) -> None:

@@ -133,7 +133,9 @@ def test_a_bad_optimizer_is_refused_by_the_step_it_describes(capsys, tmp_path):
     for command in takers:
         code, out, err = run(capsys, command, *positionals[command], "--optimizer", "lion")
         assert code == 2 and out == "", command
-        assert err.startswith("ninlab: error: unknown optimizer 'lion'; choose one of sgd,"), err
+        assert err.startswith(
+            "ninlab: error: --optimizer 'lion': unknown optimizer 'lion'; choose one of sgd,"
+        ), err
         assert err.count("\n") == 1, command
 
 

@@ -62,17 +62,21 @@ def test_uncompressed_and_gzipped_files_read_the_same(fashion_mnist, tmp_path):
     assert read_idx(tmp_path / FILES["test_labels"].name).shape == (10000,)
 
 
-def test_search_order_data_dir_then_env_then_debian_then_torchvision_then_cache(tmp_path, monkeypatch):
+def test_a_named_directory_is_the_only_place_looked_in(tmp_path, monkeypatch):
     monkeypatch.setenv("NINLAB_DATA", str(tmp_path / "env"))
+    assert default_search_path(tmp_path / "mine") == (
+        tmp_path / "mine", tmp_path / "mine" / "FashionMNIST" / "raw"
+    )
+    assert default_search_path() == (tmp_path / "env", tmp_path / "env" / "FashionMNIST" / "raw")
+
+
+def test_search_order_without_a_named_directory_debian_then_torchvision_then_cache(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("NINLAB_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    path = default_search_path(tmp_path / "mine")
-    assert path == (
-        tmp_path / "mine",
-        tmp_path / "env",
+    assert default_search_path() == (
         DEBIAN_DIR,
-        tmp_path / "mine" / "FashionMNIST" / "raw",
-        tmp_path / "env" / "FashionMNIST" / "raw",
         Path("data") / "FashionMNIST" / "raw",
         tmp_path / "cache" / "ninlab" / "fashion-mnist",
     )

@@ -82,13 +82,18 @@ def test_ranks_split_every_global_batch_and_keep_the_short_last_one():
         assert torch.equal(torch.cat([a, b]), whole)
     resumed = list(batch_indices(permutation, batch_size=128, start_batch=2))
     assert len(resumed) == 1 and torch.equal(resumed[0][0], single[2][0])
-    # A last batch smaller than the number of ranks is dropped: every rank needs an example.
+    # A last batch that gives a rank a single example is dropped: batch norm cannot step on one.
     assert len(list(batch_indices(permutation[:257], batch_size=128, world_size=2))) == 2
+    assert len(list(batch_indices(permutation[:259], batch_size=128, world_size=2))) == 2
+    assert len(list(batch_indices(permutation[:260], batch_size=128, world_size=2))) == 3
+    assert [count for _, count in batch_indices(permutation[:129], batch_size=128)] == [128]
+    assert [count for _, count in batch_indices(permutation[:3], batch_size=1)] == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
     ("num_examples", "batch_size", "world_size"),
-    [(300, 128, 1), (256, 128, 1), (257, 128, 2), (258, 128, 2), (5, 8, 2), (1, 8, 2)],
+    [(300, 128, 1), (256, 128, 1), (257, 128, 1), (257, 128, 2), (259, 128, 2), (260, 128, 2),
+     (5, 8, 2), (1, 8, 2), (3, 1, 1)],
 )
 def test_batches_per_epoch_counts_what_batch_indices_yields(num_examples, batch_size, world_size):
     permutation = torch.arange(num_examples)

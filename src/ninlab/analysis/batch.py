@@ -176,8 +176,8 @@ def fit_batch(
             high = middle
     if low == max_batch_size:
         raise NinlabError(
-            f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}; "
-            "raise max_batch_size if you mean it"
+            f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
+            "searched; give a smaller budget"
         )
     return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known))
 

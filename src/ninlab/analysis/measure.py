@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
     StepSpec,
     builtin_targets,
@@ -285,8 +286,8 @@ def measure(
     optimizers: list[torch.optim.Optimizer] = []
     if spec.mode == "train":
         model.train()
-        with torch.no_grad():  # the loss fits the output (lazy modules get their shapes here)
-            targets = builtin_targets(model(*inputs), device)
+        # The loss fits the output (lazy modules get their shapes here).
+        targets = builtin_targets(_probe(model, inputs, spec), device)
         _release_probe_blocks(device)
         optimizer = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
@@ -299,15 +300,14 @@ def measure(
                 return train(model, optimizer, step_inputs, targets)
             except NinlabError:
                 raise
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - the step may raise anything: one line naming it
                 if spec.step is None:
-                    raise
+                    raise cannot_run(error, model, spec) from None
                 raise step_failed(spec, error, f"real tensors, batch {batch_size}") from None
 
     else:
         model.eval()
-        with torch.no_grad():  # lazy modules get their shapes before the baseline counts them
-            model(*inputs)
+        _probe(model, inputs, spec)  # lazy modules get their shapes before the baseline counts them
         _release_probe_blocks(device)
 
         def step() -> object:
@@ -375,6 +375,15 @@ def measure(
         allocator_method=method,
         reserved_peak_bytes=reserved_bytes,
     )
+
+
+def _probe(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: StepSpec) -> Any:
+    """One forward without autograd; a model that rejects the batch says why in one line."""
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as error:  # noqa: BLE001 - whatever the model raises, as one line naming why
+        raise cannot_run(error, model, spec) from None
 
 
 def _release_probe_blocks(device: torch.device) -> None:

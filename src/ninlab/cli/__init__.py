@@ -1,12 +1,14 @@
 """`ninlab`, the command line: a thin layer over the library. Each command lives in its own module
 here and only parses arguments (with the shared vocabulary of `ninlab.cli.options`), calls the
-library and prints; any `NinlabError` becomes one line on stderr and exit code 2."""
+library and prints; any `NinlabError` becomes one line on stderr and exit code 2, and Ctrl-C
+(from start-up to exit) one line and exit code 130."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -71,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C often lands here
+        from ninlab.cli.options import check_device
+
+        check_device(args)
         return int(args.func(args) or 0)
     except NinlabError as error:
         print(f"ninlab: error: {error}", file=sys.stderr)
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ninlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:
+            # The command line's own process, now exiting: a Ctrl-C during the interpreter's
+            # shutdown (its threads, its atexit handlers) would print a traceback for nothing.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

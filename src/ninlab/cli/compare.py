@@ -20,6 +20,7 @@ from ninlab.cli.options import (
     add_step_options,
     add_training_options,
     load_data,
+    runs_on_device,
     step_spec,
     training_overrides,
 )
@@ -58,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_training_options(parser, only=(EPOCHS, IMAGE_SIZE, TRAIN_EXAMPLES, TEST_EXAMPLES, SEED))
     OUTPUT_DIR.add(parser, default=Path("runs/compare"), shown="runs/compare, a run per variant")
     add_data_options(parser)
+    runs_on_device(parser, when="train")
     parser.set_defaults(func=run)
 
 

@@ -18,6 +18,7 @@ from ninlab.cli.options import (
     add_step_options,
     model_choice,
     positive_int,
+    runs_on_device,
     step_spec,
 )
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=positive_int, metavar="N", help="intra-op threads (default: PyTorch's)"
     )
     add_format_option(parser, "table", "json")
+    runs_on_device(parser)
     parser.set_defaults(func=run)
 
 

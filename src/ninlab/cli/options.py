@@ -10,14 +10,19 @@ reaches a command through a group:
 - output options: what a command prints and the file it writes.
 
 A group takes only what differs between commands: a default (evaluate's batch is 256) and which
-of its flags a command has. Checks beyond argparse's (an optimizer's settings, a recipe's
-consistency) are the library's, made where the `StepSpec` or `TrainConfig` is built.
+of its flags a command has. Every value type refuses what PyTorch would fail on later (a count
+beyond 32 bits, a seed beyond 64, nan, an empty path); `check_device` refuses a --device this
+machine lacks in the commands that run there (`runs_on_device`). Checks beyond argparse's (an
+optimizer's settings, a variant's, a recipe's consistency) are the library's, made where the
+`StepSpec`, `NiNConfig` or `TrainConfig` is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +41,11 @@ from ninlab.analysis.step import (
     StepSpec,
     load_step,
 )
+from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
 from ninlab.optimizers import OPTIMIZER_NAMES
-from ninlab.training.data import FashionMNIST, default_search_path, load_fashion_mnist
-from ninlab.training.presets import Schedule
+from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
+from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
 from ninlab.training.progress import download_progress
 from ninlab.viz.report import DEFAULT_BUDGET
 
@@ -54,12 +60,15 @@ __all__ = [
     "add_output_option",
     "add_step_options",
     "add_training_options",
+    "check_device",
     "input_range",
     "input_size",
     "load_data",
     "model_choice",
     "non_negative_int",
+    "path_name",
     "positive_int",
+    "runs_on_device",
     "step_spec",
     "training_overrides",
 ]
@@ -68,13 +77,16 @@ __all__ = [
 # Value types: a bad value is argparse's one line, "argument --batch: must be at least 1, got 0".
 
 
-def _whole(text: str, minimum: int) -> int:
+def _whole(text: str, minimum: int, maximum: int = MAX_COUNT) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {minimum}, got {value}" if value < minimum
+            else f"must be at most {maximum:,}, got {value:,}"
+        )
     return value
 
 
@@ -84,8 +96,49 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """Seeds, where 0 is a seed like any other."""
-    return _whole(text, 0)
+    """Seeds, where 0 is a seed like any other (as large as torch.manual_seed takes)."""
+    return _whole(text, 0, MAX_SEED)
+
+
+def finite_float(text: str) -> float:
+    """Rates and factors: a number, not nan or inf (the recipe checks its range)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def path_name(text: str) -> Path:
+    """A file or directory name; "" is refused (as a Path it would be ".", the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a file or directory")
+    return Path(text)
+
+
+def runs_on_device(parser: argparse.ArgumentParser, *, when: str | None = None) -> None:
+    """Mark a command that runs on --device (train, evaluate, predict, measure; compare when its
+    option `when`, --train, is given), unlike those that predict for any device from any
+    machine: `check_device` then refuses one this machine lacks."""
+    parser.set_defaults(runs_on_device=when or True)
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse, in argparse's words, a --device that a command running there cannot use."""
+    device = getattr(args, "device", None)
+    runs = getattr(args, "runs_on_device", False)
+    if isinstance(runs, str):
+        runs = getattr(args, runs, None) is not None
+    if not runs or not device:
+        return
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise NinlabError(
+            f"argument --device: cannot run on {device}: this PyTorch ({torch.__version__}) "
+            f"{why}; use --device cpu"
+        )
 
 
 def input_size(text: str) -> tuple[int, ...]:
@@ -165,7 +218,7 @@ def _count(name: str, text: str) -> Flag:
 
 
 def _number(name: str, text: str) -> Flag:
-    return _flag(name, text, type=float, metavar="X")
+    return _flag(name, text, type=finite_float, metavar="X")
 
 
 # Model options.
@@ -288,9 +341,11 @@ NO_DOWNLOAD = _flag(
 
 # Output options.
 FORMAT = _flag("format", "how to print the results")  # choices: the command's formats
-OUTPUT = Flag(("-o", "--output"), "output", "the file to write", {"type": Path, "metavar": "FILE"})
+OUTPUT = Flag(
+    ("-o", "--output"), "output", "the file to write", {"type": path_name, "metavar": "FILE"}
+)
 OUTPUT_DIR = _flag(
-    "output-dir", "where runs write checkpoint, metrics and plots", type=Path, metavar="DIR"
+    "output-dir", "where runs write checkpoint, metrics and plots", type=path_name, metavar="DIR"
 )
 
 # Every flag, each once: what the tests hold every command's parser to.
@@ -416,13 +471,16 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_data(args: argparse.Namespace) -> FashionMNIST:
-    """Fashion-MNIST as the data options say, with a progress bar if it is downloaded."""
+    """Fashion-MNIST as the data options say, with a progress bar if it is downloaded; says on
+    stderr where it came from (stdout may be a command's JSON)."""
     with download_progress() as hook:
-        return load_fashion_mnist(
-            search_path=default_search_path(args.data_dir),
+        data = load_fashion_mnist(
+            named=named_data_dir(args.data_dir),
             download=not args.no_download,
             progress=hook,
         )
+    print(f"data: Fashion-MNIST from {data.directory} ({data.source}), verified", file=sys.stderr)
+    return data
 
 
 def add_format_option(parser: argparse.ArgumentParser, *formats: str) -> None:

@@ -20,6 +20,7 @@ from ninlab.cli.options import (
     add_output_option,
     add_training_options,
     load_data,
+    runs_on_device,
     training_overrides,
 )
 from ninlab.outputs import output_path
@@ -54,7 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run saved in RUN_DIR (or in --output-dir) exactly where it stopped",
     )
+    parser.add_argument(
+        "--force-memory",
+        action="store_true",
+        help="start even when the predicted peak memory exceeds the memory available",
+    )
     add_data_options(parser)
+    runs_on_device(parser)
     parser.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
@@ -67,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     TEST_EXAMPLES.add(evaluate, shown="all")
     DEVICE.add(evaluate, default="cpu")
     add_data_options(evaluate)
+    runs_on_device(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
     predict = subparsers.add_parser("predict", help="class and probability for image files")
@@ -81,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usually the opposite)",
     )
     DEVICE.add(predict, default="cpu")
+    runs_on_device(predict)
     predict.set_defaults(func=run_predict)
 
 
@@ -108,6 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
             device=args.device,
             reporter=RichReporter(),
             stop=stop,
+            force_memory=args.force_memory,
         )
     return 130 if result.interrupted else 0
 

@@ -13,10 +13,13 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists (loadable wi
     rng         each rank's torch CPU generator state (and CUDA's on GPU)
     running     the current epoch's partial sums (loss, correct, examples, seconds)
     history     one dict of metrics per completed epoch
+    checksum    SHA-256 of everything above (`_checksum`), verified on every load: torch's zip
+                format has no checksum of its own, so a flipped byte in a tensor would load
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from ninlab.errors import NinlabError
-from ninlab.outputs import atomic_write
+from ninlab.outputs import atomic_write, disk_error
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -36,22 +39,57 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT = "ninlab-checkpoint-1"
+FORMAT = "ninlab-checkpoint-2"  # 2: with a checksum
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` durably and atomically (`atomic_write`): a failed or interrupted write leaves
-    the previous checkpoint untouched."""
+    """Write `state` with its checksum durably and atomically (`atomic_write`): a failed or
+    interrupted write leaves the previous checkpoint, if any, untouched."""
+    contents = {"format": FORMAT, **state}
+    contents["checksum"] = _checksum(contents)
+    previous = "the previous one is unchanged" if path.exists() else "no checkpoint was written"
     try:
         with atomic_write(path, durable=True) as out:
-            torch.save({"format": FORMAT, **state}, out)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:120]
-        raise NinlabError(
-            f"could not write checkpoint {path} ({reason}); the previous one is unchanged; "
-            "free disk space or choose another --output-dir"
-        ) from None
+            torch.save(contents, out)
+    except RuntimeError as error:
+        # torch.save reports whatever stopped the write (a full disk, a second Ctrl-C) as a C++
+        # enforce failure; the Python exception behind it says what happened.
+        cause = error.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        if isinstance(cause, OSError):
+            raise NinlabError(f"{disk_error(path, cause)}; {previous}") from None
+        reason = str(error).strip().splitlines()[0][:120]
+        raise NinlabError(f"could not write checkpoint {path} ({reason}); {previous}") from None
+    except NinlabError as error:  # atomic_write's own: opening, flushing or renaming
+        raise NinlabError(f"{error}; {previous}") from None
+
+
+def _checksum(contents: dict[str, Any]) -> str:
+    """SHA-256 over every value but the checksum itself: tensors by dtype, shape and bytes, the
+    rest by repr, dicts in key order."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}".encode())
+            for key in sorted(value, key=repr):
+                add(key)
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list {len(value)}".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    add({key: value for key, value in contents.items() if key != "checksum"})
+    return digest.hexdigest()
 
 
 def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
@@ -78,6 +116,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise NinlabError(
-            f"{path} is not a ninlab checkpoint (format {FORMAT}); use one written by 'ninlab train'"
+            f"{path} is not a ninlab checkpoint (format {FORMAT}, with a checksum); use one "
+            "written by this version of 'ninlab train'"
+        )
+    if state.get("checksum") != _checksum(state):
+        raise NinlabError(
+            f"{path} is corrupt: its contents do not match the checksum saved with them; use an "
+            "intact copy or train again"
         )
     return state

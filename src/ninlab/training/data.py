@@ -1,7 +1,11 @@
 """Fashion-MNIST from disk: find the four IDX files, verify them, read them into uint8 tensors.
 
-The files are looked for in a fixed order (see `default_search_path`); if none of those places has
-them they are downloaded from the official mirror into the first writable one. Every file is
+A directory the user names (`--data-dir`, else `$NINLAB_DATA`: a `NamedDataDir`) is the only
+place looked in: it is used, or refused in one line (missing, a file, some of the four files
+missing), never replaced by another copy; with none of the files it is where they are downloaded.
+Without one, the files are looked for in a fixed order (see `default_search_path`); if none of
+those places has them they are downloaded from the official mirror into the user cache.
+`FashionMNIST.source` says which place it was. Every file is
 checked against the SHA-256 of its *decompressed* bytes, because mirrors and distributions
 recompress the .gz files (Debian's differ from Zalando's byte for byte, not in content).
 """
@@ -32,11 +36,13 @@ __all__ = [
     "MIRROR_URL",
     "FashionMNIST",
     "IdxFile",
+    "NamedDataDir",
     "Split",
     "default_search_path",
     "download_fashion_mnist",
     "find_data_dir",
     "load_fashion_mnist",
+    "named_data_dir",
     "read_idx",
 ]
 
@@ -117,6 +123,24 @@ class FashionMNIST:
     train: Split
     test: Split
     directory: Path
+    source: str = "found"  # how `directory` was chosen, e.g. "--data-dir", "downloaded"
+
+
+@dataclass(frozen=True)
+class NamedDataDir:
+    """The directory the user named for the data, and how (for the messages)."""
+
+    path: Path
+    option: str  # "--data-dir" or "$NINLAB_DATA"
+
+
+def named_data_dir(data_dir: str | os.PathLike[str] | None = None) -> NamedDataDir | None:
+    """`data_dir` (--data-dir) if given, else $NINLAB_DATA if set, else None."""
+    if data_dir is not None and os.fspath(data_dir):
+        return NamedDataDir(Path(data_dir), "--data-dir")
+    if os.environ.get("NINLAB_DATA"):
+        return NamedDataDir(Path(os.environ["NINLAB_DATA"]), "$NINLAB_DATA")
+    return None
 
 
 def _contents(path: Path) -> bytes:
@@ -170,11 +194,50 @@ def _user_cache_dir() -> Path:
 
 
 def default_search_path(data_dir: str | os.PathLike[str] | None = None) -> tuple[Path, ...]:
-    """Where the files are looked for, in order: `data_dir`, `$NINLAB_DATA`, Debian's package,
-    torchvision's layout (`<root>/FashionMNIST/raw` for those roots and `./data`), the user cache."""
-    roots = [Path(p) for p in (data_dir, os.environ.get("NINLAB_DATA")) if p]
-    torchvision_layout = [root / "FashionMNIST" / "raw" for root in [*roots, Path("data")]]
-    return (*roots, DEBIAN_DIR, *torchvision_layout, _user_cache_dir())
+    """Where the files are looked for, in order. A named directory (`data_dir`, else
+    `$NINLAB_DATA`): itself, then torchvision's layout inside it (`<dir>/FashionMNIST/raw`).
+    Otherwise: Debian's package, torchvision's layout under `./data`, the user cache."""
+    named = named_data_dir(data_dir)
+    if named is not None:
+        return (named.path, _torchvision_layout(named.path))
+    return (DEBIAN_DIR, _torchvision_layout(Path("data")), _user_cache_dir())
+
+
+def _torchvision_layout(root: Path) -> Path:
+    return root / "FashionMNIST" / "raw"
+
+
+def _source(directory: Path, named: NamedDataDir | None) -> str:
+    if named is not None:
+        return named.option
+    if directory == DEBIAN_DIR:
+        return "Debian's dataset-fashion-mnist"
+    if directory == _user_cache_dir():
+        return "the user cache"
+    return "torchvision's layout under ./data"
+
+
+def _check_named(named: NamedDataDir, *, download: bool) -> None:
+    """Refuse a named directory that cannot be the data: missing, not a directory, or holding
+    some but not all of the four files (a copy interrupted, or a file mistyped)."""
+    where = f"{named.option} {named.path}"
+    if not named.path.exists():
+        raise NinlabError(f"{where} does not exist; check the name, or create it to download into")
+    if not named.path.is_dir():
+        raise NinlabError(f"{where} is not a directory; name the directory that holds the files")
+    for directory in (named.path, _torchvision_layout(named.path)):
+        present = [spec.name for spec in FILES.values() if _file_in(directory, spec.name)]
+        if present:
+            missing = [spec.name for spec in FILES.values() if spec.name not in present]
+            raise NinlabError(
+                f"{directory} ({named.option}) holds {len(present)} of the 4 Fashion-MNIST files; "
+                f"missing: {', '.join(name + '[.gz]' for name in missing)}"
+            )
+    if not download:
+        raise NinlabError(
+            f"{where} holds none of the 4 Fashion-MNIST files ({', '.join(_NAMES)}, .gz or not) "
+            "and --no-download is given; put them there or drop --no-download"
+        )
 
 
 def _file_in(directory: Path, name: str) -> Path | None:
@@ -247,16 +310,29 @@ def _first_writable(directories: Sequence[Path]) -> Path | None:
     return None
 
 
+_NAMES = tuple(spec.name for spec in FILES.values())
+
+
 def load_fashion_mnist(
     *,
+    named: NamedDataDir | None = None,
     search_path: Sequence[Path] | None = None,
     download: bool = True,
     mirror: str = MIRROR_URL,
     progress: ProgressHook | None = None,
 ) -> FashionMNIST:
-    """Find (or download), verify and read Fashion-MNIST; raises `NinlabError` with the fix if impossible."""
+    """Find (or download), verify and read Fashion-MNIST; raises `NinlabError` with the fix if
+    impossible. `named`: the directory the user named, the only one used (downloaded into when it
+    holds none of the files); else `search_path` (default: `default_search_path()`)."""
+    if named is None and search_path is None:
+        named = named_data_dir()
+    if named is not None:
+        search_path = (named.path, _torchvision_layout(named.path))
     search_path = tuple(search_path) if search_path is not None else default_search_path()
     directory = find_data_dir(search_path)
+    source = _source(directory, named) if directory is not None else f"downloaded from {mirror}"
+    if directory is None and named is not None:
+        _check_named(named, download=download)
     if directory is None:
         places = ", ".join(str(p) for p in search_path)
         hint = (
@@ -288,4 +364,6 @@ def load_fashion_mnist(
             torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64)),
         )
 
-    return FashionMNIST(train=split("train"), test=split("test"), directory=directory)
+    return FashionMNIST(
+        train=split("train"), test=split("test"), directory=directory, source=source
+    )

@@ -144,7 +144,10 @@ def load_trained_model(path: str | os.PathLike[str], *, device: torch.device | s
     """The network of a checkpoint, in eval mode, rebuilt from the variant saved in it."""
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    model = build_nin(parse_variant(config.variant))
+    try:
+        model = build_nin(parse_variant(config.variant))
+    except NinlabError as error:
+        raise NinlabError(f"{path}: the checkpoint's stored variant is not usable ({error})") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -190,7 +193,7 @@ def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.T
     steps, resized to the network's input and scaled. `invert` turns dark-on-light into light-on-dark."""
     try:
         with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+            gray = _gray_bytes(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise NinlabError(
             f"cannot read image {path} ({error}); give a PNG, JPEG or other file PIL can open"
@@ -199,6 +202,19 @@ def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.T
         gray = 255 - gray
     pixels = resize_like_pil(torch.from_numpy(gray.copy()), (SOURCE_SIZE, SOURCE_SIZE))
     return pixels.to(torch.uint8)
+
+
+# Pillow's modes of 16-bit grayscale (a 16-bit PNG opens as "I;16", or "I" in older versions):
+# its convert("L") clips them at 255, which turns all but the darkest pixels white.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _gray_bytes(image: Image.Image) -> np.ndarray:
+    """The image as 8-bit gray levels: 16-bit gray scaled from 0..65535, anything else by PIL."""
+    if image.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        return np.rint(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
 def predict_images(

@@ -99,7 +99,8 @@ def epoch_permutation(
 ) -> torch.Tensor:
     """The order of one epoch: a function of (seed, epoch) alone, so a resumed run and every rank of
     a distributed run draw the same one without sharing generator state."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # Modulo 2**64, the seeds a generator takes: the same as before for every seed that fitted.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(num_examples, generator=generator).to(device)
 
 
@@ -110,12 +111,13 @@ def batch_indices(
 
     A global batch of `batch_size` is cut into `world_size` contiguous shards, so N processes see
     together exactly what one process with the same global batch sees. The last, smaller batch is
-    kept (as d2l's DataLoader keeps it) unless it has fewer examples than ranks.
+    kept (as d2l's DataLoader keeps it) unless a rank's share of it would be a single example:
+    batch norm cannot take a training step on one (its variance is undefined).
     """
     total = permutation.shape[0]
     for start in range(start_batch * batch_size, total, batch_size):
         batch = permutation[start : start + batch_size]
-        if batch.shape[0] < world_size:
+        if batch.shape[0] < min(batch_size, _SMALLEST_LAST_SHARD * world_size):
             return
         shard = batch.tensor_split(world_size)[rank]
         yield shard, int(batch.shape[0])
@@ -124,4 +126,7 @@ def batch_indices(
 def batches_per_epoch(num_examples: int, *, batch_size: int, world_size: int = 1) -> int:
     """How many batches `batch_indices` yields over a whole epoch of `num_examples`."""
     full, rest = divmod(num_examples, batch_size)
-    return full + (1 if rest >= world_size else 0)
+    return full + (1 if rest >= _SMALLEST_LAST_SHARD * world_size else 0)
+
+
+_SMALLEST_LAST_SHARD = 2  # examples per rank in a last, smaller batch

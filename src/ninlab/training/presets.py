@@ -7,12 +7,21 @@ The numbers behind the `default` and `cpu` presets are in the README's training 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ninlab.errors import NinlabError
 
-__all__ = ["PRESETS", "PRESET_DESCRIPTIONS", "TrainConfig", "config_from_dict", "get_preset"]
+__all__ = [
+    "MAX_COUNT",
+    "MAX_SEED",
+    "PRESETS",
+    "PRESET_DESCRIPTIONS",
+    "TrainConfig",
+    "config_from_dict",
+    "get_preset",
+]
 
 Schedule = Literal["constant", "cosine", "onecycle"]
 Amp = Literal["none", "bf16"]
@@ -42,27 +51,44 @@ class TrainConfig:
     test_examples: int | None = None
 
     def __post_init__(self) -> None:
+        # Each message names the command-line option of the field, which is its name with dashes.
+        finite = all(
+            math.isfinite(value)
+            for value in (self.lr, self.momentum, self.weight_decay, self.warmup_epochs,
+                          self.label_smoothing)
+        )
         checks = [
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.batch_size >= 1, "batch size must be at least 1"),
-            (self.lr > 0, "learning rate must be positive"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs --momentum > 0"),
-            (self.weight_decay >= 0, "weight decay must be non-negative"),
-            (0 <= self.warmup_epochs <= self.epochs, "warm-up must be between 0 and the number of epochs"),
-            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (finite, ("--lr, --momentum, --weight-decay, --warmup-epochs and --label-smoothing "
+             "must be finite numbers")),
+            (1 <= self.epochs <= MAX_COUNT, f"--epochs must be between 1 and {MAX_COUNT}"),
+            (1 <= self.batch_size <= MAX_COUNT, f"--batch must be between 1 and {MAX_COUNT}"),
+            (self.lr > 0, "--lr (learning rate) must be positive"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0"),
+            (self.weight_decay >= 0, "--weight-decay must be non-negative"),
+            (0 <= self.warmup_epochs <= self.epochs,
+             "--warmup-epochs must be between 0 and the number of epochs"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (
                 self.schedule in ("constant", "cosine", "onecycle"),
-                "schedule must be constant, cosine or onecycle",
+                "--schedule must be constant, cosine or onecycle",
             ),
-            (self.amp in ("none", "bf16"), "amp must be none or bf16"),
-            (self.image_size >= 1, "image size must be positive"),
-            (self.train_examples is None or self.train_examples >= 1, "train examples must be at least 1"),
-            (self.test_examples is None or self.test_examples >= 1, "test examples must be at least 1"),
+            (self.amp in ("none", "bf16"), "--amp must be none or bf16"),
+            (1 <= self.image_size <= MAX_COUNT, f"--image-size must be between 1 and {MAX_COUNT}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}"),
+            (self.train_examples is None or self.train_examples >= 1,
+             "--train-examples must be at least 1"),
+            (self.test_examples is None or self.test_examples >= 1,
+             "--test-examples must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise NinlabError(message)
+
+
+# torch.manual_seed takes an unsigned 64-bit seed; a rank adds its number to the run's.
+MAX_SEED = 2**63 - 1
+MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -114,9 +140,16 @@ def get_preset(name: str) -> TrainConfig:
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """The inverse of `dataclasses.asdict`, refusing keys this version does not know."""
+    """The inverse of `dataclasses.asdict` for a checkpoint's stored settings, refusing keys this
+    version does not know and values it does not accept, saying that they are the checkpoint's."""
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise NinlabError(f"the saved training configuration has unknown settings {unknown}; upgrade ninlab")
-    return TrainConfig(**values)
+        raise NinlabError(f"the checkpoint's stored settings have unknown keys {unknown}; upgrade ninlab")
+    try:
+        return TrainConfig(**values)
+    except (NinlabError, TypeError) as error:
+        raise NinlabError(
+            f"the checkpoint's stored settings are invalid ({error}); it was not written by "
+            "'ninlab train' or was edited"
+        ) from None

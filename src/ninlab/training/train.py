@@ -36,7 +36,7 @@ from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.outputs import output_directory, write_text_atomically
+from ninlab.outputs import write_text_atomically
 from ninlab.training import distributed
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
@@ -48,8 +48,15 @@ from ninlab.training.pipeline import (
     epoch_permutation,
 )
 from ninlab.training.plots import plot_curves
+from ninlab.training.preflight import (
+    available_memory,
+    check_compiler,
+    check_fits_data,
+    check_memory,
+)
 from ninlab.training.presets import PRESETS, TrainConfig, config_from_dict
 from ninlab.training.progress import Reporter, SilentReporter, format_duration
+from ninlab.training.rundir import owning
 from ninlab.training.schedule import learning_rate
 from ninlab.units import format_bytes, format_flops
 
@@ -215,14 +222,20 @@ def train(
     device: str | None = None,
     reporter: Reporter | None = None,
     stop: StopRequest | None = None,
+    force_memory: bool = False,
 ) -> TrainResult:
     """Train `config` on `data`, writing checkpoint.pt, metrics.jsonl/.csv, curves.png and
-    config.json to `output_dir`. With `resume`, continue the checkpoint in `output_dir` exactly."""
+    config.json to `output_dir`, which the run owns until it ends (`ninlab.training.rundir`).
+    With `resume`, continue the checkpoint in `output_dir` exactly. A new run whose predicted
+    peak does not fit in the memory available is refused unless `force_memory`."""
     context = distributed.start(device)
     try:
-        return _train(
-            config, Path(output_dir), data, resume, context, reporter, stop or StopRequest()
-        )
+        # Rank 0 owns the directory for all ranks: it alone writes there.
+        with owning(Path(output_dir)) if context.is_writer else contextlib.nullcontext():
+            return _train(
+                config, Path(output_dir), data, resume, context, reporter,
+                stop or StopRequest(), force_memory,
+            )
     finally:
         distributed.stop(context)
 
@@ -235,9 +248,10 @@ def _train(
     context: distributed.Context,
     reporter: Reporter | None,
     stop: StopRequest,
+    force_memory: bool,
 ) -> TrainResult:
     say: Reporter = (reporter or SilentReporter()) if context.is_writer else SilentReporter()
-    run, progress, cost = _prepare(config, output_dir, data, resume, context)
+    run, progress, cost = _prepare(config, output_dir, data, resume, context, force_memory)
     config = run.config  # a resumed run's own
     _announce(say, run, progress, cost)
     clock = _StepClock()
@@ -362,10 +376,18 @@ def _prepare(
     data: FashionMNIST,
     resume: bool,
     context: distributed.Context,
+    force_memory: bool,
 ) -> tuple[_Run, _Progress, RunCost | None]:
     """The run, where it stands, and (for a new run) its cost to print."""
     config, state = _checked_config(config, output_dir, resume, context)
-    model, optimizer, progress, cost = _build(config, output_dir, state, context)
+    # The images a run keeps on its device, beside the step's own peak.
+    data_bytes = sum(
+        split.head(count).images.numel() if count else split.images.numel()
+        for split, count in ((data.train, config.train_examples), (data.test, config.test_examples))
+    )
+    model, optimizer, progress, cost = _build(
+        config, output_dir, state, context, data_bytes=None if force_memory else data_bytes
+    )
     net = distributed.wrap(model, context)
     if config.compile:
         net = torch.compile(net)
@@ -403,8 +425,8 @@ def _checked_config(
         config = resumed_config(config_from_dict(state["config"]), dataclasses.asdict(config))
     elif checkpoint_path.exists():
         raise NinlabError(
-            f"{output_dir} already holds a checkpoint; continue it with --resume or choose another "
-            "--output-dir"
+            f"{output_dir} already holds a checkpoint; continue it with 'ninlab train --resume "
+            f"{output_dir}' or choose another --output-dir"
         )
     if config.batch_size < context.world_size:
         raise NinlabError(
@@ -418,18 +440,31 @@ def _build(
     output_dir: Path,
     state: dict[str, Any] | None,
     context: distributed.Context,
+    *,
+    data_bytes: int | None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, _Progress, RunCost | None]:
-    """The network and optimizer on the device, fresh or restored from `state`; creates
-    `output_dir` and writes config.json once the configuration has proved that it builds."""
+    """The network and optimizer on the device, fresh or restored from `state`; writes
+    config.json once the configuration has proved that it builds and fits
+    (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`, the
+    data's bytes on the device, is None: forced). A configuration refused here leaves the
+    directory as it was (`owning` removes one it created and nothing was written in)."""
     torch.manual_seed(config.seed)
     model = build_nin(parse_variant(config.variant))
+    check_fits_data(model, config, world_size=context.world_size)
+    if config.compile:
+        check_compiler(context.device)
     cost = (
         run_cost(model, config, device_type=context.device.type, world_size=context.world_size)
         if state is None and context.is_writer
         else None
     )
-    if context.is_writer:  # only now: a bad variant or input size leaves no directory behind
-        output_directory(output_dir)
+    if cost is not None and data_bytes is not None:
+        check_memory(
+            cost.peak_allocator_bytes,
+            data_bytes,
+            context.device,
+            available=available_memory(context.device),
+        )
     model = model.to(context.device, memory_format=_memory_format(config))
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.

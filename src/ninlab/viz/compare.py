@@ -210,7 +210,9 @@ def _train(spec: str, plan: TrainPlan) -> Training:
     output_dir = plan.output_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
     result = train(config, output_dir=output_dir, data=plan.data, device=plan.device, reporter=plan.reporter)
     if result.interrupted or not result.history:
-        raise NinlabError(f"training {spec} was interrupted; its checkpoint is in {output_dir} (resume it with ninlab train --resume)")
+        raise NinlabError(
+            f"training {spec} was interrupted; continue it with 'ninlab train --resume {output_dir}'"
+        )
     return Training(
         config=config,
         output_dir=str(output_dir),

@@ -1,0 +1,111 @@
+"""What a run checks before its first step, so that it fails in its first second with one line
+rather than minutes later with a traceback: the network fits the data (classes, channels), batch
+norm gets at least two images a step, the step fits in the memory available, and --compile has a
+compiler to run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ninlab.errors import NinlabError
+from ninlab.models import parse_variant
+from ninlab.training.data import CLASS_NAMES
+from ninlab.training.pipeline import batches_per_epoch
+from ninlab.training.presets import TrainConfig
+from ninlab.units import format_bytes
+
+__all__ = ["available_memory", "check_compiler", "check_fits_data", "check_memory"]
+
+_CHANNELS = 1  # Fashion-MNIST is grayscale
+
+
+def check_fits_data(model: nn.Module, config: TrainConfig, *, world_size: int) -> None:
+    """The variant's classes and channels are Fashion-MNIST's; every step has images to take,
+    two or more on each process when the network has batch norm."""
+    variant = parse_variant(config.variant)
+    if variant.num_classes != len(CLASS_NAMES):
+        raise NinlabError(
+            f"--variant {config.variant} has num_classes={variant.num_classes}, but Fashion-MNIST "
+            f"has {len(CLASS_NAMES)} classes; drop num_classes or set it to {len(CLASS_NAMES)}"
+        )
+    if variant.in_channels != _CHANNELS:
+        raise NinlabError(
+            f"--variant {config.variant} has in_channels={variant.in_channels}, but Fashion-MNIST "
+            f"images have {_CHANNELS} channel; drop in_channels or set it to {_CHANNELS}"
+        )
+    examples = config.train_examples or 60_000
+    if batches_per_epoch(examples, batch_size=config.batch_size, world_size=world_size) == 0:
+        raise NinlabError(
+            f"--train-examples {examples} is too few for one training step on {world_size} "
+            f"process(es); give at least {2 * world_size}"
+        )
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batch_norm and config.batch_size < 2 * world_size:
+        raise NinlabError(
+            f"--batch {config.batch_size} gives each of {world_size} process(es) a single image "
+            f"per step, and batch norm ({config.variant}) needs two or more; use --batch "
+            f"{2 * world_size} or more"
+        )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` now, or None where the system does not say:
+    CUDA's free memory; on the CPU, Linux's MemAvailable (free plus reclaimable caches), else the
+    free physical pages."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(
+    peak_bytes: int, data_bytes: int, device: torch.device, *, available: int | None
+) -> None:
+    """Refuse a run whose predicted step peak and data on the device exceed `available`."""
+    needed = peak_bytes + data_bytes
+    if available is None or needed <= available:
+        return
+    raise NinlabError(
+        f"this run needs about {format_bytes(needed)} on {device} (predicted peak of a training "
+        f"step {format_bytes(peak_bytes)}, data {format_bytes(data_bytes)}) but "
+        f"{format_bytes(available)} is available; lower --batch or --image-size, or pass "
+        "--force-memory to start anyway"
+    )
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile compiles at the first step: a C++ compiler on the CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise NinlabError(
+                "--compile needs Triton on CUDA, which this PyTorch cannot import; install it "
+                "or drop --compile"
+            )
+        return
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except (InvalidCxxCompiler, OSError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else "none found"
+        raise NinlabError(
+            f"--compile needs a working C++ compiler ({reason}); install g++ (or set $CXX) or "
+            "drop --compile"
+        ) from None

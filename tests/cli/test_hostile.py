@@ -1,0 +1,186 @@
+"""Every command, every option, valid and invalid values (hypothesis): a command ends with exit 0,
+or with exit 2 and one line naming the option, value or file at fault; never a traceback.
+
+Each argv is built from the command's own parser, so a new option is exercised without a change
+here; a value strategy is chosen by the option's name, type or choices. Data options always name
+a directory without the data, so no example trains or evaluates for long: those runs are the
+fault tests' (tests/training/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ninlab.cli import build_parser, main
+from ninlab.cli.options import finite_float, input_size, non_negative_int, path_name, positive_int
+from ninlab.models import build_nin, parse_variant
+from ninlab.training.checkpoint import save_checkpoint
+from ninlab.training.presets import TrainConfig
+
+_MODELS = (
+    "nin-d2l-0x1", "nosuch", "nin-d2l:dropout=2", "nin-d2l:batch_norm=maybe",
+    "nin-d2l:num_1x1=-1", "nin-d2l:init=foo", "nin-d2l:num_classes=0", "nin-d2l:num_1x1",
+)
+_BY_DEST: dict[str, tuple[str, ...]] = {
+    "model": _MODELS,
+    "variant": _MODELS,
+    "input": ("1x67x67", "0x67x67", "1x67", "abc", ""),
+    "optimizer": (
+        "sgd", "adamw:weight_decay=0.01", "adam:lr=-1", "sgd:lr=nan", "adam:weight_decay=-1",
+        "foo", "adam:implementation=bad", "sgd:momentum=1.5", "sgd:lr",
+    ),
+    "budget": ("8GiB", "0", "abc", "1e400GiB", "-1GiB"),
+    "fit": ("8GiB", "0", "abc", "1e400GiB"),
+    "layer": ("nosuch",),
+    "plot": ("{tmp}/bars.png", "{tmp}/bars.txt", "", "{tmp}/a-dir", "{tmp}/missing/bars.png"),
+}
+_BY_TYPE: dict[object, tuple[str, ...]] = {
+    positive_int: ("1", "2", "0", "-1", "1.5", "99999999999999999999"),
+    non_negative_int: ("0", "7", "-1", "18446744073709551616"),
+    finite_float: ("0.01", "0", "-1", "nan", "inf", "x"),
+    input_size: ("1x67x67", "0x67x67", "abc"),
+    path_name: (
+        "", "{tmp}/a-dir", "{tmp}/out.txt", "{tmp}/missing/out.png", "{tmp}/out.png",
+        "{tmp}/out.html", "{tmp}/a-file",
+    ),
+}
+# Every value of a data option lacks the data: missing, a file, empty, one file of four.
+_DATA_DIRS = ("{tmp}/empty", "{tmp}/typo", "{tmp}/a-file", "{tmp}/one-of-four")
+_POSITIONALS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("evaluate", "checkpoint"): ("{tmp}/run", "{tmp}/flipped.pt", "{tmp}/a-file", "{tmp}/nothere"),
+    ("predict", "checkpoint"): ("{tmp}/run", "{tmp}/flipped.pt", "{tmp}/nothere"),
+    ("predict", "images"): ("{tmp}/gray16.png", "{tmp}/gray8.png", "{tmp}/a-file", "{tmp}/no.png"),
+    ("compare", "specs"): ("nin-d2l-0x1", "nin-d2l-1x1", "nosuch", "nin-d2l:dropout=2"),
+}
+# Cheap where valid: the smallest input of d2l's NiN, a batch of 2, no real data.
+_BASE: dict[str, tuple[str, ...]] = {
+    "summary": ("--input", "1x67x67", "--batch", "2"),
+    "measure": ("--input", "1x67x67", "--batch", "2", "--model", "nin-d2l-0x1"),
+    "plot": ("--input", "1x67x67", "--batch", "2", "-o", "{tmp}/chart.png"),
+    "report": ("--input", "1x67x67", "--batch", "2", "--budget", "64MiB"),
+    "compare": ("--input", "1x67x67", "--batch", "2"),
+    "train": ("--data-dir", "{tmp}/empty", "--no-download", "--output-dir", "{tmp}/runs/x"),
+    "evaluate": ("--data-dir", "{tmp}/empty", "--no-download"),
+    "predict": (),
+}
+_PLOT_KINDS = ("geometry", "flops", "saved", "foo")  # the cheap kinds, and a wrong one
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    action = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    return dict(action.choices)
+
+
+COMMANDS = _commands()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """The files the values name: a checkpoint, one with a flipped byte, images, bad places."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    config = TrainConfig(variant="nin-d2l-0x1", image_size=67, epochs=1)
+    torch.manual_seed(0)
+    model = build_nin(parse_variant(config.variant))
+    (tmp / "run").mkdir()
+    save_checkpoint(
+        tmp / "run" / "checkpoint.pt",
+        {"config": dataclasses.asdict(config), "model": model.state_dict(), "epoch": 1},
+    )
+    data = bytearray((tmp / "run" / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp / "flipped.pt").write_bytes(bytes(data))
+    gray = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80
+    Image.fromarray(gray).save(tmp / "gray16.png")
+    Image.fromarray((gray // 257).astype(np.uint8)).save(tmp / "gray8.png")
+    for directory in ("empty", "a-dir", "one-of-four"):
+        (tmp / directory).mkdir()
+    (tmp / "one-of-four" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    (tmp / "a-file").write_bytes(b"not a checkpoint")
+    return tmp
+
+
+def _value(action: argparse.Action, command: str) -> st.SearchStrategy[str]:
+    if action.dest == "data_dir":
+        return st.sampled_from(_DATA_DIRS)
+    if action.dest in _BY_DEST:
+        return st.sampled_from(_BY_DEST[action.dest])
+    if action.type in _BY_TYPE:
+        return st.sampled_from(_BY_TYPE[action.type])
+    if action.choices:
+        return st.sampled_from((*map(str, action.choices), "foo"))
+    return st.sampled_from(("x", ""))
+
+
+def _option(action: argparse.Action, command: str) -> st.SearchStrategy[list[str]]:
+    name = action.option_strings[-1]
+    if action.nargs == 0:  # a switch: given, or its --no- form
+        return st.sampled_from([[name], [action.option_strings[0]]])
+    if action.dest == "resume":  # --resume, or --resume RUN_DIR
+        return st.sampled_from([[name], [name, "{tmp}/nothere"]])
+    return _value(action, command).map(lambda value: [name, value])
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from(sorted(COMMANDS)))
+    parser = COMMANDS[command]
+    argv = [command]
+    if command == "plot":
+        argv.append(draw(st.sampled_from(_PLOT_KINDS)))
+    for (owner, dest), values in _POSITIONALS.items():
+        if owner == command:
+            argv += draw(st.lists(st.sampled_from(values), min_size=1, max_size=2, unique=True))
+            if command == "evaluate" or (command == "predict" and dest == "checkpoint"):
+                argv = argv[:2]  # one checkpoint
+    argv += _BASE[command]
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    chosen = draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
+    for action in chosen:
+        argv += draw(_option(action, command))
+    return argv
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse's own exits (--help)
+            code = int(exit.code or 0)
+    return code, err.getvalue()
+
+
+@settings(
+    max_examples=45,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI time is known, a failure reproduces
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(template=command_lines())
+def test_any_command_line_ends_in_exit_0_or_one_line_and_exit_2(files, template, monkeypatch):
+    monkeypatch.delenv("NINLAB_DATA", raising=False)
+    argv = [part.replace("{tmp}", str(files)) for part in template]
+    with contextlib.chdir(files / "a-dir"):  # report's default -o lands here
+        code, err = _run(argv)
+    assert "Traceback" not in err, (argv, err)
+    assert code in (0, 2), (argv, code, err)
+    if code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("ninlab: error:")]
+        assert len(errors) == 1 and err.rstrip().endswith(errors[0].rstrip()), (argv, err)
+        # The line names what is at fault: an option given, one of its values, or a file.
+        named = [part for part in argv[1:] if part] + [os.sep]  # a path names a file
+        assert any(part in errors[0] for part in named), (argv, errors[0])
