@@ -2,7 +2,9 @@
 `inference_step`), each written once.
 
 The predictor runs these on fake tensors and the measurer on real ones, so both account for the
-same program: what is alive when is decided by this code, not by two descriptions of it. A
+same program: what is alive when is decided by this code, not by two descriptions of it. A user's
+own training step (`StepSpec.step`, a function `step(model, optimizer, inputs, targets)`) is run
+the same way; the built-in `train_step` is only the default one. A
 `StepSpec` is everything about a step but its batch size (batch fitting varies that); it is
 validated when it is built, so every function that takes one can trust it.
 """
@@ -31,6 +33,8 @@ __all__ = [
     "DTYPES",
     "DDPSpec",
     "GradMode",
+    "OptimizerFactory",
+    "StepFunction",
     "StepSpec",
     "inference_step",
     "load_step",
