@@ -2,7 +2,9 @@
 built-in loss (`builtin_loss`) and its code (`train_step`, `inference_step`), each written once.
 
 The predictor runs these on fake tensors and the measurer on real ones, so both account for the
-same program: what is alive when is decided by this code, not by two descriptions of it. A
+same program: what is alive when is decided by this code, not by two descriptions of it. A user's
+own training step (`StepSpec.step`, a function `step(model, optimizer, inputs, targets)`) is run
+the same way; the built-in `train_step` is only the default one. A
 `StepSpec` is everything about a step but its batch size (batch fitting varies that); it is
 validated when it is built, so every function that takes one can trust it.
 """
@@ -32,6 +34,8 @@ __all__ = [
     "INPUT_DTYPES",
     "DDPSpec",
     "GradMode",
+    "OptimizerFactory",
+    "StepFunction",
     "StepSpec",
     "builtin_loss",
     "builtin_loss_words",
