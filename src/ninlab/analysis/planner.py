@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepFunction, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import StepFunction, StepSpec, builtin_loss, step_spec, valid_batch_size
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
@@ -212,11 +211,15 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
     """The built-in step in `micro_batches` parts: each part's mean loss over `micro_batches`
     backward, gradients summed, one update."""
 
-    def accumulating_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def accumulating_step(model: nn.Module, optimizer: Any, inputs: Any, targets: torch.Tensor | None) -> None:
+        arguments = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        parts = zip(*(argument.chunk(micro_batches) for argument in arguments))
+        target_parts = [None] * micro_batches if targets is None else targets.chunk(micro_batches)
+        device_type = arguments[0].device.type
         optimizer.zero_grad(set_to_none=True)
-        for part, part_targets in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
-            with torch.autocast(inputs.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                loss = F.cross_entropy(model(part), part_targets) / micro_batches
+        for part, part_targets in zip(parts, target_parts):
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                loss = builtin_loss(model(*part), part_targets) / micro_batches
             loss.backward()
         optimizer.step()
 
