@@ -78,7 +78,7 @@ class NiNConfig:
             (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
             (0 <= self.dropout <= 1, f"dropout must be between 0 and 1, got {self.dropout}"),
             (self.init in _INITS, f"init must be one of {', '.join(_INITS)}, got {self.init!r}"),
-            (self.global_pool in _POOLS, f"global_pool must be avg or max, got {self.global_pool!r}"),
+            (self.global_pool in _POOLS, f"global_pool must be 'avg' or 'max', got {self.global_pool!r}"),
         ]
         for ok, problem in problems:
             if not ok:
@@ -269,7 +269,9 @@ def parse_variant(spec: str) -> NiNConfig:
             changes[key] = _OVERRIDE_TYPES[key](value.strip())
         except ValueError:
             kind = "true or false" if key == "batch_norm" else f"a valid {key}"
-            raise ModelSpecError(f"variant setting {key}={value!r} in {spec!r} is not {kind}") from None
+            raise ModelSpecError(
+                f"variant setting {key}={value!r} is not {kind} (in {spec!r})"
+            ) from None
     try:
         return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
     except ModelSpecError as error:
