@@ -95,10 +95,16 @@ def test_batch_size_checks(value: object, message: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_channels_last_prediction_equals_measurement(mode: str) -> None:
-    """The layout the trainer runs in: live storage is exact; the allocator level says it is a
-    lower bound (oneDNN's channels-last workspaces are not modelled)."""
+    """The layout the trainer runs in: live storage is exact; the allocator level is within 1% in
+    inference (channels-last forward convolutions are modelled) and says it is a lower bound in
+    training (their backward, but for depthwise ones, is not)."""
     model = resolve_model("nin-d2l-bn")
     spec = StepSpec(input_size=(1, 72, 72), mode=mode, optimizer="nesterov", memory_format="channels_last")  # type: ignore[arg-type]
     report = predict_memory(model, spec, batch_size=4)
-    assert report.live_peak_bytes == measure(model, spec, batch_size=4).live_peak_bytes
-    assert report.allocator is not None and report.allocator.lower_bound
+    measured = measure(model, spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator.lower_bound == (mode == "train")
+    if mode == "infer":
+        assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
+    else:
+        assert report.allocator_peak_bytes <= measured.allocator_peak_bytes

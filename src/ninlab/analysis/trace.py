@@ -705,10 +705,10 @@ class _FakeOutputs:
 
     FakeTensorMode has a cache of its own, but it hashes every argument in depth on every call,
     which costs more than the meta kernel it saves; a step repeats the same few calls many times
-    (each block of a network, each parameter in the optimizer), and this key is cheap. Only fresh
-    outputs are remembered: not views or outputs aliasing an input, not mutating ops, not outputs
-    or inputs holding real constant values (FakeTensorMode computes those for real), not ops that
-    raise (data-dependent ones).
+    (each block of a network, each parameter in the optimizer), and this key is cheap. Remembered:
+    fresh outputs, and the one output of a view op, made again on its input's storage; not other
+    outputs aliasing an input, not mutating ops, not outputs or inputs holding real constant
+    values (FakeTensorMode computes those for real), not ops that raise (data-dependent ones).
     """
 
     def __init__(self) -> None:
@@ -722,9 +722,9 @@ class _FakeOutputs:
             return func(*args, **kwargs)
         entry = self._known.get(key)
         if entry is not None:
-            return _make_fakes(*entry)
+            return _make_fakes(*entry) if not func.is_view else _make_view(args[0], *entry)
         output = func(*args, **kwargs)
-        entry = _fresh_outputs(output, args, kwargs)
+        entry = _fresh_outputs(output, args, kwargs) if not func.is_view else _view_output(output, args[0])
         if entry is not None:
             self._known[key] = entry
         return output
@@ -733,7 +733,11 @@ class _FakeOutputs:
         cacheable = self._cacheable.get(func)
         if cacheable is None:
             schema = func._schema
-            cacheable = not (func.is_view or schema.is_mutable or torch.Tag.nondeterministic_bitwise in func.tags)
+            # A view op is remembered only when it returns one tensor viewing its first argument.
+            one_view = len(schema.returns) == 1 and str(schema.returns[0].type) == "Tensor" and bool(
+                schema.arguments and schema.arguments[0].alias_info is not None
+            )
+            cacheable = not ((func.is_view and not one_view) or schema.is_mutable)
             cacheable = cacheable and torch.Tag.dynamic_output_shape not in func.tags
             self._cacheable[func] = cacheable
         if not cacheable:
@@ -804,6 +808,25 @@ def _device_type(tensor: torch.Tensor) -> str:
     """A tensor's device type; a fake tensor's is read without dispatching `prim.device`."""
     fake_device = getattr(tensor, "fake_device", None)
     return (fake_device or tensor.device).type
+
+
+def _view_output(output: Any, base: Any) -> tuple[Any, ...] | None:
+    """What `_make_view` needs to make this view of `base` again, or None."""
+    if type(output) is not FakeTensor or type(base) is not FakeTensor or output.constant is not None:
+        return None
+    if output.untyped_storage() is not base.untyped_storage() or output.requires_grad:
+        return None
+    return tuple(output.shape), output.stride(), output.storage_offset(), output.dtype, output.fake_device
+
+
+def _make_view(
+    base: FakeTensor, shape: tuple[int, ...], stride: tuple[int, ...], offset: int, dtype: torch.dtype, device: torch.device
+) -> FakeTensor:
+    """A fake tensor viewing `base`'s storage, as FakeTensorMode's cache makes one."""
+    with torch._C._DisableTorchDispatch():
+        view = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        view.set_(base.untyped_storage(), offset, shape, stride)
+    return FakeTensor(base.fake_mode, view, device)
 
 
 def _tensors(values: tuple[Any, ...] | list[Any]) -> list[torch.Tensor]:
