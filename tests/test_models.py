@@ -66,7 +66,8 @@ def test_variant_spelled_on_the_command_line():
         ("nin-d2l:global_pool=min", "global_pool must be 'avg' or 'max'"),
         ("no_such_module_xyz:factory", "cannot import 'no_such_module_xyz'"),
         ("torch.nn:Linear", "failed when called with no arguments"),
-        ("math:pi", "has no callable 'pi'"),
+        ("math:pi", "'math:pi' is not a function but a float"),
+        ("math:nope", "'math' has no 'nope'"),
         ("collections:OrderedDict", "returned OrderedDict, not an nn.Module"),
     ],
 )

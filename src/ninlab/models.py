@@ -10,13 +10,13 @@ builder.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
+from ninlab.dotted import import_function
 from ninlab.errors import NinlabError
 
 __all__ = [
@@ -288,17 +288,7 @@ def resolve_model(spec: str) -> nn.Module:
         return build_nin(parse_variant(spec))
     if ":" not in spec:
         get_config(spec)  # raises the error that lists the registry
-    module_path, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_path)
-    except Exception as error:  # noqa: BLE001 - any import failure is the user's, in one line
-        raise ModelSpecError(
-            f"cannot import {module_path!r} for model {spec!r} ({type(error).__name__}: {error}); "
-            "check the module path and that it is on PYTHONPATH"
-        ) from None
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ModelSpecError(f"{module_path!r} has no callable {attribute!r}; name a function that returns an nn.Module")
+    factory = import_function(spec, what="model", expects="a function that returns an nn.Module", error=ModelSpecError)
     try:
         model = factory()
     except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line

@@ -53,6 +53,7 @@ from ninlab.analysis.step import (
     builtin_targets,
     example_inputs,
     inference_step,
+    optimizer_state,
     optimizers_in,
     step_failed,
     step_spec,
@@ -200,16 +201,6 @@ def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
     return total
 
 
-def _state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
-    return [
-        value
-        for optimizer in optimizers
-        for values in optimizer.state.values()
-        for value in values.values()
-        if isinstance(value, torch.Tensor)
-    ]
-
-
 def _baseline(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
@@ -223,7 +214,7 @@ def _baseline(
         parameters_bytes=_storage_bytes(parameters, seen),
         buffers_bytes=_storage_bytes(list(model.buffers()), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
-        optimizer_state_bytes=_storage_bytes(_state(optimizers), seen),
+        optimizer_state_bytes=_storage_bytes(optimizer_state(optimizers), seen),
         input_bytes=_storage_bytes(list(inputs), seen),
         targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
     )
@@ -412,7 +403,7 @@ def _count_baseline(
 ) -> None:
     tensors = [*model.parameters(), *model.buffers(), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += _state(optimizers)
+    tensors += optimizer_state(optimizers)
     if targets is not None:
         tensors.append(targets)
     for tensor in tensors:

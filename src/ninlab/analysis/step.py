@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ninlab.dotted import import_function
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec, make_optimizer, parse_optimizer
 
@@ -43,6 +43,7 @@ __all__ = [
     "example_inputs",
     "inference_step",
     "load_step",
+    "optimizer_state",
     "optimizers_in",
     "output_tensors",
     "step_failed",
@@ -311,30 +312,23 @@ def valid_batch_size(batch_size: int) -> int:
 
 def load_step(path: str) -> StepFunction:
     """The step function `package.module:function` names, or one line saying what is wrong."""
-    module_path, _, attribute = path.partition(":")
-    if not module_path or not attribute:
-        raise NinlabError(f"name a step as package.module:function, not {path!r}")
-    try:
-        module = importlib.import_module(module_path)
-    except Exception as error:  # noqa: BLE001 - any import failure is the user's, in one line
-        raise NinlabError(
-            f"cannot import {module_path!r} for step {path!r} ({_one_line(error)}); check the "
-            "module path and that it is on PYTHONPATH"
-        ) from None
-    if not hasattr(module, attribute):
-        raise NinlabError(f"{module_path!r} has no {attribute!r}; name a function step(model, optimizer, inputs, targets)")
-    step = getattr(module, attribute)
-    if not callable(step):
-        raise NinlabError(
-            f"{path!r} is not a function but a {type(step).__name__}; name a function "
-            "step(model, optimizer, inputs, targets)"
-        )
-    return step
+    return import_function(path, what="step", expects="a function step(model, optimizer, inputs, targets)")
 
 
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran."""
     return NinlabError(f"the step {spec.step_name} raised on {where}: {_one_line(error)}")
+
+
+def optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """Every tensor the optimizers keep per parameter (momentum, Adam's moments and step)."""
+    return [
+        value
+        for optimizer in optimizers
+        for per_parameter in optimizer.state.values()
+        for value in per_parameter.values()
+        if isinstance(value, torch.Tensor)
+    ]
 
 
 def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:

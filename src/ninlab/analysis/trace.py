@@ -44,6 +44,7 @@ from ninlab.analysis.step import (
     builtin_targets,
     example_inputs,
     inference_step,
+    optimizer_state,
     optimizers_in,
     output_tensors,
 )
@@ -972,7 +973,7 @@ def record_step(
             f"the step {spec.step_name} never calls backward(), so it trains nothing; call "
             "loss.backward() in it, or predict mode='infer'"
         )
-    state_keys = [recorder.storage_key(t) for t in _optimizer_state(optimizers)]
+    state_keys = [recorder.storage_key(t) for t in optimizer_state(optimizers)]
     return StepRecording(
         recording=recorder.recording,
         spec=spec,
@@ -994,23 +995,13 @@ def _probe(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any
         return forward(*inputs)
 
 
-def _optimizer_state(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
-    return [
-        value
-        for optimizer in optimizers
-        for per_parameter in optimizer.state.values()
-        for value in per_parameter.values()
-        if isinstance(value, torch.Tensor)
-    ]
-
-
 def _name_survivors(
     recorder: Recorder, parameters: list[nn.Parameter], optimizers: list[torch.optim.Optimizer]
 ) -> None:
     """Give what the warm-up left alive its role: gradients and optimizer state; the rest (a
     GradScaler's scale, anything the step keeps) stays the warm-up's. A function of its own, so
     no loop variable outlives it holding a gradient that zero_grad must free."""
-    for tensors, role in (([p.grad for p in parameters if p.grad is not None], "gradient"), (_optimizer_state(optimizers), "optimizer_state")):
+    for tensors, role in (([p.grad for p in parameters if p.grad is not None], "gradient"), (optimizer_state(optimizers), "optimizer_state")):
         for tensor in tensors:
             key = recorder.storage_key(tensor)
             if key >= 0:
