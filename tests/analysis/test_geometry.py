@@ -550,3 +550,34 @@ def test_nin_smallest_input_is_67(nin: nn.Module, nin_chain: list[tuple[str, Axi
         "an input of at least 3, so the network input must be at least 67"
     )
     assert windows_for_chain(67, chain)[-1].output_size == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kernel=st.integers(1, 9), stride=st.integers(1, 7), dilation=st.integers(1, 4),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)), ceil_mode=st.booleans(),
+    input_size=st.integers(1, 80),
+)
+def test_unread_count_equals_the_positions_no_window_reads(
+    kernel: int, stride: int, dilation: int, padding: tuple[int, int], ceil_mode: bool, input_size: int
+) -> None:
+    before, after = (min(p, kernel // 2) for p in padding)
+    params = AxisParams(
+        kernel, stride=stride, padding_before=before, padding_after=after, dilation=dilation,
+        ceil_mode=ceil_mode, kind="pool" if ceil_mode else "conv",
+    )
+    try:
+        window = params.window(input_size)
+    except EmptyOutputError:
+        return
+    assert window.unread_real == len(window.unread_positions())
+
+
+def test_unread_count_of_a_billion_positions_is_arithmetic() -> None:
+    # NiN's first layer (11, stride 4) over 4e9 + 13 positions: (4e9 + 2)/4 + 1 = 1e9 + 1.5,
+    # rounded down, so the last 2 positions are never read; counted without visiting positions
+    # (enumerating them took minutes).
+    size = 4_000_000_000 + 13
+    window = AxisParams(11, stride=4).window(size)
+    assert window.output_size == 1_000_000_001
+    assert window.unread_real == window.trailing_unread_real == 2

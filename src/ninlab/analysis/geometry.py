@@ -181,7 +181,7 @@ class AxisParams:
             )
         last_tap = -self.padding_before + (output_size - 1) * self.stride + self.span - 1
         padded_end = input_size + self.padding_after - 1
-        read = _read_positions(self, input_size, range(output_size))
+        read = _read_count(self, input_size, output_size)
         return AxisWindow(
             params=self,
             input_size=input_size,
@@ -193,7 +193,7 @@ class AxisParams:
             trailing_unread_real=min(input_size, max(0, input_size - 1 - last_tap)),
             trailing_unread_padding=min(self.padding_after, max(0, padded_end - last_tap)),
             overhang=max(0, last_tap - padded_end),
-            unread_real=input_size - len(read),
+            unread_real=input_size - read,
         )
 
     def min_input_size(self, output_size: int = 1) -> int:
@@ -302,6 +302,35 @@ class AxisWindow:
                 "(ceil_mode; those taps are skipped)"
             )
         return "; ".join(clauses)
+
+
+def _read_count(params: AxisParams, input_size: int, output_size: int) -> int:
+    """How many real positions (0 <= p < input_size) some tap of some window reads.
+
+    Tap j of window i reads `j*dilation - padding_before + i*stride`: for each j, an arithmetic
+    progression of step `stride`. Progressions whose offsets agree modulo the stride run along
+    the same positions, so per residue the positions read are a union of intervals (in units of
+    the stride), counted without visiting positions: as fast for a billion pixels as for ten.
+    """
+    stride = params.stride
+    by_residue: dict[int, list[tuple[int, int]]] = {}
+    for tap in range(params.kernel_size):
+        offset = tap * params.dilation - params.padding_before
+        first = max(0, -(offset // stride))  # the first window whose tap is at or past 0
+        last = min(output_size - 1, (input_size - 1 - offset) // stride)
+        if first > last:
+            continue
+        residue, base = offset % stride, offset // stride
+        by_residue.setdefault(residue, []).append((base + first, base + last))
+    read = 0
+    for intervals in by_residue.values():
+        end = None
+        for low, high in sorted(intervals):
+            start = low if end is None else max(low, end + 1)
+            if start <= high:
+                read += high - start + 1
+                end = high
+    return read
 
 
 def _read_positions(params: AxisParams, input_size: int, outputs: Iterable[int]) -> frozenset[int]:
