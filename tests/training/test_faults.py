@@ -107,6 +107,15 @@ def test_a_refused_configuration_leaves_no_directory_behind(fashion_mnist, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_size_the_network_cannot_take_is_refused_naming_the_option(fashion_mnist, tmp_path):
+    with pytest.raises(NinlabError) as refused:
+        train(dataclasses.replace(TINY, image_size=10), output_dir=tmp_path / "run", data=fashion_mnist)
+    message = str(refused.value)
+    assert message.startswith(f"--image-size 10 is too small for {TINY.variant}: input 1x10x10 is too small")
+    assert message.endswith("use --image-size 67 or more") and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
 # -- a kill during the save, a full disk, a second Ctrl-C --------------------------------------------
 
 

@@ -37,6 +37,7 @@ from ninlab.errors import NinlabError
 
 __all__ = [
     "InputReach",
+    "InputTooSmall",
     "LayerSummary",
     "Summary",
     "SummaryTotals",
@@ -236,11 +237,22 @@ def summarize(
     )
 
 
-def _too_small(model: nn.Module, spec: StepSpec, error: LayerInputTooSmall) -> NinlabError:
+class InputTooSmall(NinlabError):
+    """The input is smaller than some layer's window; `smallest` is the smallest input the network
+    accepts (channels, then each spatial axis), when there is one input with spatial axes."""
+
+    def __init__(self, message: str, smallest: tuple[int, ...] | None) -> None:
+        super().__init__(message)
+        self.smallest = smallest
+
+
+def _too_small(model: nn.Module, spec: StepSpec, error: LayerInputTooSmall) -> InputTooSmall:
     message = f"input {_shape_text(spec.input_sizes[0])} is too small: {error}"
+    smallest = None
     if len(spec.input_sizes) == 1 and len(spec.input_sizes[0]) >= 2:
-        message += f"; the smallest input this network accepts is {_shape_text(_smallest_input(model, spec))}"
-    return NinlabError(message)
+        smallest = _smallest_input(model, spec)
+        message += f"; the smallest input this network accepts is {_shape_text(smallest)}"
+    return InputTooSmall(message, smallest)
 
 
 def _has_windows(step: StepRecording) -> bool:

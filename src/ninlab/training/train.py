@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
-from ninlab.analysis.summary import summarize
+from ninlab.analysis.summary import InputTooSmall, summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
@@ -131,7 +131,11 @@ def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_s
     `ninlab.analysis.predict` for the peak): the numbers printed before the first step. The rest of
     the trainer does not depend on how they are computed."""
     spec = step_spec_of(config, device_type=device_type, world_size=world_size)
-    summary = summarize(model, input_size=spec.input_size, batch_size=config.batch_size)
+    try:
+        summary = summarize(model, input_size=spec.input_size, batch_size=config.batch_size)
+    except InputTooSmall as error:
+        fix = f"; use --image-size {max(error.smallest[1:])} or more" if error.smallest else ""
+        raise NinlabError(f"--image-size {config.image_size} is too small for {config.variant}: {error}{fix}") from None
     memory = predict_memory(model, spec, batch_size=-(-config.batch_size // world_size))
     return RunCost(
         training_step_flops=summary.totals.training_step_flops,
