@@ -19,10 +19,6 @@ from ninlab.viz.render import wide_console
 __all__ = ["memory_html", "memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory"]
 
 
-def _dtype(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _bytes(count: float) -> str:
     return f"{format_bytes(int(count))} ({int(count):,} bytes)"
 
