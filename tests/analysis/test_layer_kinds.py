@@ -23,7 +23,6 @@ _CASES = [
     ("mbconv_silu", "train", {}),
     ("mbconv_silu", "infer", {}),
     ("attention_net", "train", {}),
-    ("attention_net", "train", {"amp": "bf16", "memory_format": "channels_last"}),
     ("convnext_ln", "infer", {}),
     ("convnext_ln", "train", {"amp": "bf16"}),
 ]
@@ -46,7 +45,7 @@ def test_layer_kind_against_a_real_run(name: str, mode: str, options: dict[str, 
 
 
 @pytest.mark.machine
-@pytest.mark.parametrize(("name", "mode"), [("mbconv_silu", "train"), ("mbconv_silu", "infer"), ("attention_net", "train")])
+@pytest.mark.parametrize(("name", "mode"), [("mbconv_silu", "infer"), ("attention_net", "train")])
 def test_float32_layer_kinds_are_fully_modelled(name: str, mode: str) -> None:
     """Depthwise convs of 80 and 120 channels (not whole blocks of 16), SE, SiLU, attention: every
     kernel's workspace is modelled on this machine, so the allocator level is no lower bound."""
@@ -65,3 +64,16 @@ def test_layer_norm_statistics_stay_float32_under_autocast() -> None:
     for op in norms:
         _, mean, inverse_std = op.outputs
         assert (mean.dtype, inverse_std.dtype) == (torch.float32, torch.float32)
+
+
+@pytest.mark.machine
+def test_convnext_training_peak_is_its_depthwise_weight_gradient_scratchpad() -> None:
+    """ConvNeXt's 7x7 depthwise backward takes a scratchpad of 1 KB per weight element; modelled,
+    the training allocator peak is within 1% (it was 53% under). Its patchify and downsampling
+    convs' channels-last backward is not modelled, so the figure still says "at least"."""
+    entry = LAYER_ZOO["convnext_ln"]
+    model = entry.factory()
+    report = predict_memory(model, input_size=entry.input_size, batch_size=2, optimizer="adam")
+    measured = measure(model, report.spec, batch_size=report.batch_size)
+    assert report.allocator.module.endswith("dwconv") and report.allocator.op == "aten.convolution_backward.default"
+    assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
