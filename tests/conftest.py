@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,15 @@ def _load() -> FashionMNIST | str:
         return load_fashion_mnist(download=False)
     except NinlabError as error:
         return str(error)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Pin the intra-op thread count to 2: allocator figures depend on it (oneDNN's choices)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

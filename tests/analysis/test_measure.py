@@ -5,7 +5,6 @@ profiler's own tensor identity, a mechanism that shares nothing with a dispatch 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,13 +21,8 @@ from ninlab.optimizers import make_optimizer
 NIN_PARAMETERS_BYTES = 1_992_166 * 4
 
 
-@pytest.fixture(autouse=True)
-def two_threads() -> Iterator[None]:
-    """Allocator figures depend on the thread count (oneDNN's choices); pin it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+# Allocator figures depend on the thread count (oneDNN's choices): two, as in CI.
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.fixture(scope="module")
