@@ -285,10 +285,10 @@ def test_allocator_level_is_a_lower_bound_where_kernels_are_not_modelled(nin: nn
 
 @pytest.mark.machine
 def test_bf16_convolutions_are_the_unmodelled_kernels(nin: nn.Module) -> None:
-    """The unmodelled kernels are oneDNN's bf16 convolutions, which PyTorch picks only where oneDNN
-    has AVX-512; with AVX2 it runs them as Slow2d, and the note names that instead."""
+    """The unmodelled blocks are the scratchpads of oneDNN's bf16 convolutions, which PyTorch picks
+    only where oneDNN has AVX-512; with AVX2 it runs them as Slow2d, and the note names that instead."""
     report = predict_memory(nin, input_size=NIN_INPUT, batch_size=2, amp="bf16")
-    assert any("bf16 or fp16 oneDNN convolution" in note for note in report.allocator.unmodelled)
+    assert any("bf16 oneDNN convolution: AMX brgemm scratchpad" in note for note in report.allocator.unmodelled)
 
 
 def test_a_frozen_model_has_no_training_step() -> None:

@@ -33,10 +33,13 @@ replays them against the profiler. What they cover:
   it); backward of a 3x3, 5x5 or 7x7 depthwise convolution, whose 5x5 and 7x7 weight gradient
   takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2).
   Not modelled: other channels-last backward passes (brgemm scratchpads that vary with the
-  shape), bfloat16 convolutions and bfloat16 matrix multiplies (AMX brgemm scratchpads: a
-  bf16 `mm` of 128x64 by 64x256 takes 42,624 bytes beside its output, of 512x256 by 256x64
-  75,392); `unmodelled_reason` names the convolutions, and the report flags the allocator
+  shape); `unmodelled_reason` names the convolutions, and the report flags the allocator
   level as a lower bound wherever one runs.
+* bfloat16 convolutions and matrix multiplies (bf16 autocast) follow `ninlab.analysis.onednn_bf16`
+  (`_bf16_rule` dispatches there): exact for depthwise forward passes and for matrix multiplies
+  too small for oneDNN; elsewhere the channels-last copies, dense copies and contiguous clones are
+  counted but oneDNN's AMX brgemm scratchpads and weight padding are not, so those rules give a
+  lower bound (`cpu_kernel_allocations` returns their blocks with the reason).
 * Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a
   batch under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace.
 * `aten.native_batch_norm` (per-channel temporaries) and `aten.native_batch_norm_backward`: with
@@ -591,6 +594,9 @@ class _ConvCall:
 
 def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
     """Why an op's CPU workspace is not modelled here, or None when it is (or it needs none)."""
+    bf16 = _bf16_rule(func_name, args)
+    if bf16 is not None:
+        return bf16[1]
     if func_name in _MATRIX_MULTIPLIES:
         reduced = any(
             isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args
@@ -650,6 +656,7 @@ _CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default"
 _MATRIX_MULTIPLIES = frozenset(
     ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default")
 )
+_BIASED_MATRIX_MULTIPLIES = frozenset(("aten.addmm.default", "aten.baddbmm.default"))
 _FLASH_ATTENTION = (
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
     "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
@@ -672,6 +679,9 @@ def cpu_kernel_allocations(
     of every op: ops no rule names cost one set lookup."""
     if func_name not in _RULED:
         return None, ""
+    bf16 = _bf16_rule(func_name, args)
+    if bf16 is not None:  # a lower bound where the reason is given
+        return bf16[0], bf16[1] or ""
     reason = unmodelled_reason(func_name, args)
     if reason is not None:
         return None, reason
@@ -684,6 +694,9 @@ def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocati
     allocates nothing but its outputs, or when `unmodelled_reason` gives a reason."""
     if unmodelled_reason(func_name, args) is not None:
         return None
+    bf16 = _bf16_rule(func_name, args)
+    if bf16 is not None:
+        return bf16[0]
     conv = _ConvCall.parse(func_name, args)
     if conv is not None:
         return _conv_call_allocations(conv)
@@ -694,6 +707,57 @@ def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocati
     if func_name in _FLASH_ATTENTION:
         return _flash_attention_call_allocations(func_name, args)
     return None
+
+
+def _bf16_rule(
+    func_name: str, args: Sequence[Any]
+) -> tuple[tuple[KernelAllocation, ...] | None, str | None] | None:
+    """For a bfloat16 matrix multiply or oneDNN convolution, `ninlab.analysis.onednn_bf16`'s
+    allocations (None: its outputs only) and why they are a lower bound (None: exact); None for
+    any other op."""
+    from ninlab.analysis import onednn_bf16  # imported here: it builds on KernelAllocation
+
+    if func_name in _MATRIX_MULTIPLIES:
+        first, second = args[1:3] if func_name in _BIASED_MATRIX_MULTIPLIES else args[:2]
+        if not (first.dtype == second.dtype == torch.bfloat16):
+            return None
+        batch = first.shape[0] if first.dim() == 3 else 1
+        rule = onednn_bf16.bf16_matmul_allocations(
+            batch=batch, rows=first.shape[-2], inner=first.shape[-1], columns=second.shape[-1],
+            output_shape=(*first.shape[:-1], second.shape[-1]),
+        )
+        return (None, None) if rule is None else (rule.allocations, rule.unmodelled)
+    conv = _ConvCall.parse(func_name, args)
+    if conv is None or not (conv.input.dtype == conv.weight.dtype == torch.bfloat16):
+        return None
+    if conv.input.dim() != 4 or conv.backend != "Mkldnn":
+        return None
+    groups = conv.window[5]
+    if conv.grad_output is None:
+        stride, padding, dilation = conv.window[:3]
+        rule = onednn_bf16.bf16_conv_forward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_shape=_conv_output_shape(conv.input.shape, conv.weight.shape, stride, padding, dilation),
+            groups=groups,
+            bias=conv.bias is not None,
+            channels_last=conv.channels_last,
+            copies_input=conv.channels_last and _memory_format(conv.input) != torch.channels_last,
+            copies_weight=conv.channels_last and _memory_format(conv.weight) != torch.channels_last
+            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+        )
+    else:
+        rule = onednn_bf16.bf16_conv_backward_allocations(
+            grad_output_shape=tuple(conv.grad_output.shape),
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            groups=groups,
+            channels_last=conv.channels_last,
+            output_mask=conv.output_mask,
+        )
+    if rule is None:
+        return None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)"
+    return rule.allocations, rule.unmodelled
 
 
 def _flash_attention_call_allocations(

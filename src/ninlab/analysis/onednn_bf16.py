@@ -1,0 +1,318 @@
+"""The CPU allocator blocks of oneDNN's bfloat16 kernels (convolutions and matrix multiplies under
+bf16 autocast) beyond their outputs; `ninlab.analysis.allocator` dispatches bf16 ops here.
+
+Read off the PyTorch profiler's allocation records (`profile_memory=True`), one op at a time, on
+this machine (torch 2.13.0 CPU, AVX-512 with AMX, 1 and 2 threads), with `ONEDNN_VERBOSE=1`
+naming each kernel and memory format; tests/analysis/test_onednn_bf16.py replays them.
+
+What a rule gives is exact where `Bf16Allocations.unmodelled` is None, and otherwise a lower bound
+(every block it lists is taken, some are missing or larger). Exact:
+
+* depthwise convolution forward, channels-last (oneDNN's brdgmm_dw: the output written in place,
+  weights with their groups padded to 16) and NCHW (the float32 blocked path at 2 bytes an element:
+  channel-blocked copies of input and result, groups padded to 16, plus a float32 copy of the bias,
+  4 bytes per padded channel and 128, whenever there is a bias);
+* depthwise 3x3 backward-data, either layout;
+* matrix multiplies too small for oneDNN (ATen sends bf16 `mm`/`addmm`/`bmm` to oneDNN only when
+  the product of their sizes exceeds 16^3): no workspace.
+
+A lower bound, with the reason in `unmodelled`:
+
+* ungrouped convolutions (oneDNN's AMX brgconv kernels): bfloat16 runs in channels-last layout even
+  for NCHW tensors, so an NCHW forward copies its input into channels-last (unless it has one
+  channel), computes a channels-last result, copies that into a dense tensor and makes it
+  contiguous (two output-sized blocks at once: NiN's inference peak), and its backward does the
+  same for grad_output and grad_input, then copies grad_output and input again for the weight
+  gradient. Not modelled: the brgemm scratchpads (from 16 KB for a 1x1 to 10 MB for NiN's 11x11
+  first convolution at 224x224), which oneDNN sizes from its blocking heuristics and which do not
+  grow monotonically with the spatial size (96->96 3x3, one thread: 115 KB at 12x12, 336 KB at
+  26x26, 180 KB at 54x54), nor the padding of its reordered weights (output channels to 16, 32 or
+  48, input channels to 16 or 32, picked by shape); the rules count the weights unpadded.
+* depthwise weight gradients: oneDNN's jit_bf16 backward-weights kernel treats each group as 16x16
+  channels (a padded blocked weight gradient of C x 256 x k x k x 2 bytes) and reduces in float32
+  (4 x (C x 256 x k x k + 16 C) bytes, counted), plus transposition buffers that grow with batch and
+  size (not counted: 166 KB of the 1.78 MB block for 32 channels 7x7 at batch 2 on 8x8). The 3x3
+  kernel's scratchpad (1.5 to 3 KB, by thread count) is not counted either.
+* matrix multiplies on oneDNN: the AMX brgemm scratchpad (copied B blocks, a float32 accumulator, a
+  tile buffer per thread; e.g. 128x64 by 64x256 takes 42,624 bytes with 2 threads, 37,888 with
+  one), sized by blocking heuristics; only the output is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+
+from ninlab.analysis.allocator import KernelAllocation
+
+__all__ = [
+    "MKLDNN_MATMUL_MIN_SIZE",
+    "Bf16Allocations",
+    "bf16_conv_backward_allocations",
+    "bf16_conv_forward_allocations",
+    "bf16_matmul_allocations",
+]
+
+_ITEMSIZE = 2  # bfloat16
+_GROUP_BLOCK = 16  # depthwise groups are padded to this many in every blocked copy (AVX-512)
+
+MKLDNN_MATMUL_MIN_SIZE = 16 * 16 * 16
+"""ATen sends a bf16 matrix multiply to oneDNN only when the product of its sizes (m x k x n, times
+the batch for bmm) exceeds this (aten/src/ATen/native/mkldnn/Utils: mkldnn_gemm_min_size)."""
+
+_BRGEMM_SCRATCHPAD = (
+    "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
+)
+
+
+@dataclass(frozen=True)
+class Bf16Allocations:
+    """A bf16 kernel's allocations in order (outputs included), and why they are only a lower
+    bound (None: exact)."""
+
+    allocations: tuple[KernelAllocation, ...]
+    unmodelled: str | None = None
+
+
+def _frees(allocations: Sequence[KernelAllocation]) -> list[KernelAllocation]:
+    return [KernelAllocation(-a.delta_bytes, "free " + a.what) for a in allocations]
+
+
+def _pad(channels: int, block: int) -> int:
+    return -(-channels // block) * block
+
+
+def _bytes(shape: Sequence[int]) -> int:
+    return prod(shape) * _ITEMSIZE
+
+
+def _is_depthwise(weight_shape: Sequence[int], groups: int) -> bool:
+    return groups > 1 and weight_shape[1] == 1 and weight_shape[0] == groups
+
+
+def bf16_conv_forward_allocations(
+    *,
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_shape: Sequence[int],
+    groups: int,
+    bias: bool,
+    channels_last: bool,
+    copies_input: bool = False,
+    copies_weight: bool = False,
+) -> Bf16Allocations | None:
+    """oneDNN bf16 convolution forward, ungrouped or depthwise (None for other grouped ones).
+
+    Measured, 96->96 1x1 at batch 2 on 26x26, 2 threads: NCHW [24,624 (scratchpad), 259,584
+    (channels-last input), 18,432 (weights), 259,584 (channels-last result), -18,432, -259,584,
+    -24,624, 259,584 (dense copy), 259,584 (contiguous output), -259,584, -259,584]; channels-last
+    [259,584 (output), 24,624, 18,432, -18,432, -24,624]. Depthwise 24 channels 7x7, bias, NCHW:
+    [256, 32,768, 3,136, 32,768, -3,136, -32,768, -256, 24,576, -32,768].
+    """
+    input_bytes, output_bytes = _bytes(input_shape), _bytes(output_shape)
+    copies = []
+    if copies_input:
+        copies.append(KernelAllocation(input_bytes, "channels-last copy of the input"))
+    if copies_weight:
+        copies.append(KernelAllocation(_bytes(weight_shape), "channels-last copy of the weight"))
+    if _is_depthwise(weight_shape, groups):
+        return Bf16Allocations(
+            _depthwise_forward(input_shape, weight_shape, output_shape, bias, channels_last, copies)
+        )
+    if groups > 1:
+        return None
+    weights = KernelAllocation(_bytes(weight_shape), "reordered weights (unpadded: a lower bound)")
+    if channels_last:
+        output = KernelAllocation(output_bytes, "output", output=0)
+        allocations = (*copies, output, weights, *_frees([weights]), *_frees(copies))
+        return Bf16Allocations(allocations, _BRGEMM_SCRATCHPAD)
+    # NCHW: oneDNN's bf16 kernels run on channels-last (acdb) copies; one channel is both layouts.
+    workspace = [KernelAllocation(input_bytes, "channels-last input")] if input_shape[1] > 1 else []
+    workspace.append(weights)
+    result = KernelAllocation(output_bytes, "channels-last result")
+    dense = KernelAllocation(output_bytes, "dense copy of the result")
+    allocations = (
+        *workspace,
+        result,
+        *_frees(workspace[::-1]),
+        dense,
+        KernelAllocation(output_bytes, "output (contiguous clone)", output=0),
+        *_frees([dense, result]),
+    )
+    return Bf16Allocations(allocations, _BRGEMM_SCRATCHPAD)
+
+
+def _depthwise_forward(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    output_shape: Sequence[int],
+    bias: bool,
+    channels_last: bool,
+    copies: list[KernelAllocation],
+) -> tuple[KernelAllocation, ...]:
+    channels, kernel = weight_shape[0], prod(weight_shape[2:])
+    padded = _pad(channels, _GROUP_BLOCK)
+    weights = KernelAllocation(padded * kernel * _ITEMSIZE, "reordered weights (groups padded)")
+    if channels_last:
+        output = KernelAllocation(_bytes(output_shape), "output", output=0)
+        return (*copies, output, weights, *_frees([weights]), *_frees(copies))
+    batch, _, *in_spatial = input_shape
+    out_spatial = output_shape[2:]
+    workspace = [KernelAllocation(4 * padded + 128, "float32 bias")] if bias else []
+    workspace += [
+        KernelAllocation(batch * padded * prod(in_spatial) * _ITEMSIZE, "blocked input"),
+        weights,
+    ]
+    result = KernelAllocation(batch * padded * prod(out_spatial) * _ITEMSIZE, "blocked result")
+    return (
+        *workspace,
+        result,
+        *_frees(workspace[::-1]),
+        KernelAllocation(_bytes(output_shape), "output", output=0),
+        *_frees([result]),
+    )
+
+
+def bf16_conv_backward_allocations(
+    *,
+    grad_output_shape: Sequence[int],
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    groups: int,
+    channels_last: bool,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> Bf16Allocations | None:
+    """oneDNN bf16 convolution backward (`aten.convolution_backward`), ungrouped or depthwise
+    (None for other grouped ones): grad_input (output_mask[0]), then the weight and bias gradients.
+
+    Measured, 96->96 1x1 at batch 2 on 26x26, 2 threads, NCHW: [259,584 (channels-last
+    grad_output), 18,432 (weights), 259,584 (channels-last grad_input), 24,752 (scratchpad),
+    -24,752, -18,432, -259,584, 259,584 (dense), 259,584 (grad_input), -259,584, -259,584,
+    259,584 (channels-last grad_output), 259,584 (channels-last input), 18,432 (blocked
+    grad_weight), 679,344 (scratchpad), 192 (blocked grad_bias), -679,344, -259,584, -259,584, 192
+    (grad_bias), 18,432 (grad_weight), -18,432, -192]; channels-last: [259,584 (grad_input),
+    18,432, 24,752, -24,752, -18,432, 18,432, 679,344, 192, -679,344, 192, 18,432 (grad_weight),
+    18,432 (its channels-last copy), -18,432, -18,432, -192].
+    """
+    if _is_depthwise(weight_shape, groups):
+        return _depthwise_backward(grad_output_shape, input_shape, weight_shape, channels_last, output_mask)
+    if groups > 1:
+        return None
+    input_bytes, output_bytes, weight_bytes = _bytes(input_shape), _bytes(grad_output_shape), _bytes(weight_shape)
+    weights = KernelAllocation(weight_bytes, "weights for backward-data (unpadded: a lower bound)")
+    one_channel = input_shape[1] == 1
+    allocations: list[KernelAllocation] = []
+    if output_mask[0]:
+        grad_input = KernelAllocation(input_bytes, "grad_input", output=0)
+        if channels_last:
+            allocations += [grad_input, weights, *_frees([weights])]
+        else:
+            grad_output = KernelAllocation(output_bytes, "channels-last grad_output")
+            computed = KernelAllocation(input_bytes, "channels-last grad_input")
+            allocations += [grad_output, weights, computed, *_frees([weights, grad_output])]
+            if one_channel:  # channels-last is NCHW already: no contiguous clone
+                allocations += [grad_input, *_frees([computed])]
+            else:
+                dense = KernelAllocation(input_bytes, "dense copy of grad_input")
+                allocations += [dense, grad_input, *_frees([dense, computed])]
+    if output_mask[1] or output_mask[2]:
+        copies = []
+        if not channels_last:
+            copies.append(KernelAllocation(output_bytes, "channels-last grad_output"))
+            if not one_channel:
+                copies.append(KernelAllocation(input_bytes, "channels-last input"))
+        blocked = KernelAllocation(weight_bytes, "blocked grad_weight (unpadded: a lower bound)")
+        bias_bytes = weight_shape[0] * _ITEMSIZE
+        blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if output_mask[2] else []
+        gradients = [KernelAllocation(bias_bytes, "grad_bias", output=2)] if output_mask[2] else []
+        if output_mask[1]:
+            gradients.append(KernelAllocation(weight_bytes, "grad_weight", output=1))
+            if channels_last:
+                copy = KernelAllocation(weight_bytes, "channels-last copy of grad_weight")
+                gradients += [copy, *_frees([copy])]
+        allocations += [
+            *copies, blocked, *blocked_bias, *_frees(copies[::-1]), *gradients, *_frees([blocked, *blocked_bias]),
+        ]
+    return Bf16Allocations(tuple(allocations), _BRGEMM_SCRATCHPAD)
+
+
+def _depthwise_backward(
+    grad_output_shape: Sequence[int],
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    channels_last: bool,
+    output_mask: Sequence[bool],
+) -> Bf16Allocations:
+    """Depthwise backward. grad_input: channels-last, the output and weights with their groups
+    padded; NCHW, the float32 blocked path at 2 bytes an element. Measured, 24 channels 3x3 at
+    batch 2 on 8x8: channels-last [6,144, 576, -576, 576, 2,976 (scratchpad), 48, -2,976, 48, 432,
+    432, -432, -576, -48]; NCHW [8,192, 576, 8,192, -576, -8,192, 6,144, -8,192, 8,192, 8,192,
+    576, 1,536 (scratchpad), 48, -1,536, -8,192, -8,192, 48, 432, -576, -48]. 32 channels 7x7,
+    channels-last: [8,192, 3,136, -3,136, 802,816 (16x16 blocked grad_weight per group),
+    1,780,104 (float32 reduction and transposition buffers), 64, -1,780,104, 64, 3,136, 3,136,
+    -3,136, -802,816, -64]."""
+    channels, kernel = weight_shape[0], prod(weight_shape[2:])
+    batch = input_shape[0]
+    padded = _pad(channels, _GROUP_BLOCK)
+    weight_bytes, padded_weight_bytes = channels * kernel * _ITEMSIZE, padded * kernel * _ITEMSIZE
+    allocations: list[KernelAllocation] = []
+    blocked_grad_output = KernelAllocation(
+        batch * padded * prod(grad_output_shape[2:]) * _ITEMSIZE, "blocked grad_output"
+    )
+    blocked_input = KernelAllocation(batch * padded * prod(input_shape[2:]) * _ITEMSIZE, "blocked input")
+    if output_mask[0]:
+        grad_input = KernelAllocation(_bytes(input_shape), "grad_input", output=0)
+        weights = KernelAllocation(padded_weight_bytes, "weights for backward-data (groups padded)")
+        if channels_last:
+            allocations += [grad_input, weights, *_frees([weights])]
+        else:
+            computed = KernelAllocation(blocked_input.delta_bytes, "blocked grad_input")
+            allocations += [
+                blocked_grad_output, weights, computed, *_frees([weights, blocked_grad_output]),
+                grad_input, *_frees([computed]),
+            ]
+    if not (output_mask[1] or output_mask[2]):
+        return Bf16Allocations(tuple(allocations))
+    bias_bytes = channels * _ITEMSIZE
+    grad_bias = bool(output_mask[2])
+    blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
+    bias_output = [KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []
+    gradient = KernelAllocation(weight_bytes, "grad_weight", output=1)
+    if channels_last and kernel > 9:
+        # jit_bf16 backward-weights: each group as 16x16 channels, reduced in float32.
+        blocked_16x16 = KernelAllocation(channels * 256 * kernel * _ITEMSIZE, "16x16 blocked grad_weight")
+        reduction = KernelAllocation(
+            4 * (channels * 256 * kernel + 16 * channels), "float32 reduction (transposition buffers not counted)"
+        )
+        blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
+        allocations += [
+            blocked_16x16, reduction, *blocked_bias, *_frees([reduction]), *bias_output,
+            blocked, gradient, *_frees([blocked, blocked_16x16, *blocked_bias]),
+        ]
+        return Bf16Allocations(tuple(allocations), "bf16 depthwise backward-weights: transposition buffers")
+    blocked = KernelAllocation(padded_weight_bytes, "blocked grad_weight (groups padded)")
+    if channels_last:  # 3x3 and smaller
+        copy = KernelAllocation(weight_bytes, "grad_weight copy")
+        allocations += [
+            blocked, *blocked_bias, *bias_output, gradient, copy, *_frees([copy, blocked, *blocked_bias]),
+        ]
+    else:
+        copies = [blocked_grad_output, blocked_input] if kernel <= 9 else []
+        allocations += [
+            *copies, blocked, *blocked_bias, *_frees(copies[::-1]), *bias_output, gradient,
+            *_frees([blocked, *blocked_bias]),
+        ]
+    return Bf16Allocations(tuple(allocations), "bf16 depthwise backward-weights scratchpad")
+
+
+def bf16_matmul_allocations(
+    *, batch: int, rows: int, inner: int, columns: int, output_shape: Sequence[int]
+) -> Bf16Allocations | None:
+    """A bf16 `mm`/`addmm` (batch 1) or `bmm`/`baddbmm` of (batch, rows, inner) by (batch, inner,
+    columns): None (no workspace) when ATen keeps it off oneDNN, else the output and the unmodelled
+    brgemm scratchpad."""
+    if batch * rows * inner * columns <= MKLDNN_MATMUL_MIN_SIZE:
+        return None
+    output = KernelAllocation(_bytes(output_shape), "output", output=0)
+    return Bf16Allocations((output,), "bf16 matrix multiply: oneDNN's AMX brgemm scratchpad (sized by its blocking heuristics)")

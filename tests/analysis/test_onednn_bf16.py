@@ -1,0 +1,132 @@
+"""The bf16 oneDNN rules replayed against the profiler's allocation records, one op call at a time
+(shapes other than those the rules were read from), and end to end under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from layer_zoo import LAYER_ZOO
+from test_allocator import op_allocations
+
+from ninlab.analysis.allocator import (
+    KernelAllocation,
+    cpu_allocations,
+    cpu_kernel_allocations,
+    peak_above_start_bytes,
+)
+from ninlab.analysis.measure import measure
+from ninlab.analysis.predict import predict_memory
+
+aten = torch.ops.aten
+
+
+def bf16_conv(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = True, channels_last: bool = False):
+    """A bf16 convolution's arguments, forward and backward (as autocast makes them: weights cast
+    in their own layout, channels-last models with channels-last weights)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size).bfloat16()
+    w = torch.randn(cout, cin // groups, kernel, kernel).bfloat16()
+    if channels_last:
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    window = ([stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], groups)
+    forward = (x, w, torch.randn(cout).bfloat16() if bias else None, *window)
+    grad = torch.randn_like(aten.convolution.default(*forward))
+    backward = (grad, x, w, [cout] if bias else None, *window, [True, True, bias])
+    return forward, backward
+
+
+def rule_and_profile(func_name: str, args: tuple) -> tuple[list[int], str, list[int]]:
+    allocations, reason = cpu_kernel_allocations(func_name, args)
+    func = aten.convolution.default if func_name == "aten.convolution.default" else aten.convolution_backward.default
+    predicted = [a.delta_bytes for a in allocations or ()]
+    return predicted, reason, op_allocations(lambda: func(*args))
+
+
+def peak_above_start_bytes_of(deltas: list[int]) -> int:
+    return peak_above_start_bytes(KernelAllocation(delta, "") for delta in deltas)
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"batch": 2, "cin": 40, "cout": 40, "size": 12, "kernel": 5},
+        {"batch": 4, "cin": 48, "cout": 48, "size": 14, "kernel": 3, "stride": 2, "bias": False},
+        {"batch": 2, "cin": 72, "cout": 72, "size": 9, "kernel": 7},
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_threads: None) -> None:
+    forward, _ = bf16_conv(groups=shape["cin"], channels_last=channels_last, **shape)
+    predicted, reason, measured = rule_and_profile("aten.convolution.default", forward)
+    assert reason == ""
+    assert measured == predicted
+    assert cpu_allocations("aten.convolution.default", forward) is not None
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "op"),
+    [
+        ({"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1}, "aten.convolution.default"),
+        ({"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1}, "aten.convolution_backward.default"),
+        ({"batch": 2, "cin": 64, "cout": 96, "size": 10, "kernel": 3}, "aten.convolution.default"),
+        ({"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4}, "aten.convolution.default"),
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 10, "kernel": 3, "groups": 32}, "aten.convolution_backward.default"),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lower_bound_rules_hold_every_block_they_name(shape: dict, op: str, channels_last: bool, two_threads: None) -> None:
+    """Where a rule is a lower bound, the kernel takes every block it names, in that order, and
+    the rest are blocks of sizes it does not know (scratchpads; these shapes' weights are not
+    padded)."""
+    forward, backward = bf16_conv(channels_last=channels_last, **shape)
+    predicted, reason, measured = rule_and_profile(op, forward if op == "aten.convolution.default" else backward)
+    assert reason.startswith("bf16")
+    known = {abs(size) for size in predicted}
+    assert [size for size in measured if abs(size) in known] == predicted
+    assert peak_above_start_bytes_of(predicted) <= peak_above_start_bytes_of(measured)
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "least"),
+    [
+        # NiN's first conv: padded weights (input channels to 16 for backward-data, 32 for the
+        # weight gradient) and a 2 MB scratchpad; the rule counts 3% of the op's peak.
+        ({"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4}, False, 0.03),
+        # The depthwise 7x7 weight gradient's float32 reduction is one block with transposition
+        # buffers the rule leaves out (166 KB of 1.78 MB at 8x8).
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 10, "kernel": 7, "groups": 32}, True, 0.9),
+    ],
+)
+def test_lower_bound_rules_stay_under_the_op_peak(shape: dict, channels_last: bool, least: float, two_threads: None) -> None:
+    _, backward = bf16_conv(channels_last=channels_last, **shape)
+    predicted, reason, measured = rule_and_profile("aten.convolution_backward.default", backward)
+    assert reason.startswith("bf16")
+    peak = peak_above_start_bytes_of(measured)
+    assert least * peak <= peak_above_start_bytes_of(predicted) <= peak
+
+
+@pytest.mark.machine
+def test_small_matrix_multiplies_stay_off_onednn() -> None:
+    """ATen keeps a bf16 matrix multiply of at most 16^3 multiply-adds off oneDNN: no workspace."""
+    a, b = torch.randn(2, 192).bfloat16(), torch.randn(192, 10).bfloat16()
+    assert cpu_kernel_allocations("aten.mm.default", (a, b)) == (None, "")
+    assert op_allocations(lambda: aten.mm.default(a, b)) == [2 * 10 * 2]
+    big = torch.randn(8, 192).bfloat16()
+    assert "scratchpad" in cpu_kernel_allocations("aten.mm.default", (big, b))[1]
+
+
+@pytest.mark.machine
+def test_convnext_bf16_training_peak_is_nearly_modelled() -> None:
+    """ConvNeXt's bf16 7x7 depthwise weight gradient takes a 16x16 blocked gradient per group and a
+    float32 reduction (the 1.78 MB block): modelled, the allocator level is 1.6% under the measured
+    one (it was 72% under); the transposition buffers and brgemm scratchpads are still not, so the
+    figure is still a lower bound."""
+    entry = LAYER_ZOO["convnext_ln"]
+    model = entry.factory()
+    report = predict_memory(model, input_size=entry.input_size, batch_size=2, amp="bf16", optimizer="adam")
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.allocator.lower_bound
+    assert 0.98 * measured.allocator_peak_bytes <= report.allocator_peak_bytes <= measured.allocator_peak_bytes
