@@ -72,7 +72,6 @@ def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_thread
         ({"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1}, "aten.convolution_backward.default"),
         ({"batch": 2, "cin": 64, "cout": 96, "size": 10, "kernel": 3}, "aten.convolution.default"),
         ({"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4}, "aten.convolution.default"),
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 10, "kernel": 3, "groups": 32}, "aten.convolution_backward.default"),
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -89,23 +88,39 @@ def test_lower_bound_rules_hold_every_block_they_name(shape: dict, op: str, chan
 
 
 @pytest.mark.machine
-@pytest.mark.parametrize(
-    ("shape", "channels_last", "least"),
-    [
-        # NiN's first conv: padded weights (input channels to 16 for backward-data, 32 for the
-        # weight gradient) and a 2 MB scratchpad; the rule counts 3% of the op's peak.
-        ({"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4}, False, 0.03),
-        # The depthwise 7x7 weight gradient's float32 reduction is one block with transposition
-        # buffers the rule leaves out (166 KB of 1.78 MB at 8x8).
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 10, "kernel": 7, "groups": 32}, True, 0.9),
-    ],
-)
-def test_lower_bound_rules_stay_under_the_op_peak(shape: dict, channels_last: bool, least: float, two_threads: None) -> None:
-    _, backward = bf16_conv(channels_last=channels_last, **shape)
+def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) -> None:
+    """NiN's 11x11 first conv pads its weights (input channels to 16 for backward-data, 32 for
+    the weight gradient) and takes a 2 MB scratchpad: the rule counts 3% of the op's peak."""
+    _, backward = bf16_conv(batch=2, cin=1, cout=96, size=48, kernel=11, stride=4)
     predicted, reason, measured = rule_and_profile("aten.convolution_backward.default", backward)
     assert reason.startswith("bf16")
     peak = peak_above_start_bytes_of(measured)
-    assert least * peak <= peak_above_start_bytes_of(predicted) <= peak
+    assert 0.03 * peak <= peak_above_start_bytes_of(predicted) <= peak
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "threads_used"),
+    [
+        ({"batch": 3, "cin": 40, "cout": 40, "size": 10, "kernel": 5}, 2),
+        ({"batch": 1, "cin": 24, "cout": 24, "size": 11, "kernel": 7, "bias": False}, 1),
+        ({"batch": 2, "cin": 64, "cout": 64, "size": 7, "kernel": 7}, 2),
+        ({"batch": 2, "cin": 120, "cout": 120, "size": 8, "kernel": 3}, 2),
+        ({"batch": 3, "cin": 48, "cout": 48, "size": 7, "kernel": 3, "bias": False}, 1),
+    ],
+)
+def test_depthwise_weight_gradient_is_exact(shape: dict, threads_used: int) -> None:
+    """The channels-last depthwise weight gradient's scratchpad (5x5 and 7x7: ConvNeXt's training
+    peak; 3x3: per-thread float32 buffers), on shapes its rules were not read from."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_used)
+    try:
+        _, backward = bf16_conv(groups=shape["cin"], channels_last=True, **shape)
+        predicted, reason, measured = rule_and_profile("aten.convolution_backward.default", backward)
+    finally:
+        torch.set_num_threads(before)
+    assert reason == ""
+    assert measured == predicted
 
 
 @pytest.mark.machine
@@ -119,14 +134,15 @@ def test_small_matrix_multiplies_stay_off_onednn() -> None:
 
 
 @pytest.mark.machine
-def test_convnext_bf16_training_peak_is_nearly_modelled() -> None:
-    """ConvNeXt's bf16 7x7 depthwise weight gradient takes a 16x16 blocked gradient per group and a
-    float32 reduction (the 1.78 MB block): modelled, the allocator level is 1.6% under the measured
-    one (it was 72% under); the transposition buffers and brgemm scratchpads are still not, so the
-    figure is still a lower bound."""
+def test_convnext_bf16_training_peak_is_modelled() -> None:
+    """ConvNeXt's bf16 7x7 depthwise weight gradient takes a 16x16 blocked gradient per group and
+    one scratchpad (float32 reduction, transposed input and grad_output: the 1.78 MB block):
+    modelled, the allocator peak is the measured one (it was 72% under). The brgemm scratchpads of
+    its linear layers and strided convs are not, so the figure is still flagged a lower bound."""
     entry = LAYER_ZOO["convnext_ln"]
     model = entry.factory()
     report = predict_memory(model, input_size=entry.input_size, batch_size=2, amp="bf16", optimizer="adam")
     measured = measure(model, report.spec, batch_size=2)
     assert report.allocator.lower_bound
-    assert 0.98 * measured.allocator_peak_bytes <= report.allocator_peak_bytes <= measured.allocator_peak_bytes
+    assert report.allocator.module.endswith("dwconv") and report.allocator.op == "aten.convolution_backward.default"
+    assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)

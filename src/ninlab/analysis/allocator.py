@@ -754,6 +754,7 @@ def _bf16_rule(
             groups=groups,
             channels_last=conv.channels_last,
             output_mask=conv.output_mask,
+            threads=torch.get_num_threads(),
         )
     if rule is None:
         return None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)"

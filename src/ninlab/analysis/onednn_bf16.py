@@ -12,7 +12,11 @@ What a rule gives is exact where `Bf16Allocations.unmodelled` is None, and other
   weights with their groups padded to 16) and NCHW (the float32 blocked path at 2 bytes an element:
   channel-blocked copies of input and result, groups padded to 16, plus a float32 copy of the bias,
   4 bytes per padded channel and 128, whenever there is a bias);
-* depthwise 3x3 backward-data, either layout;
+* depthwise backward, channels-last, 3x3 (a float32 weight-gradient buffer per thread) and, with
+  fewer threads than channels at stride 1, 5x5 and 7x7: oneDNN's jit_bf16 backward-weights kernel
+  treats each group as 16x16 channels (a blocked weight gradient of C x 256 x k x k x 2 bytes) and
+  takes one scratchpad for a float32 reduction of it and transposed copies of one image's input
+  and grad_output (ConvNeXt's 1.78 MB block for 32 channels 7x7 at 8x8, its bf16 training peak);
 * matrix multiplies too small for oneDNN (ATen sends bf16 `mm`/`addmm`/`bmm` to oneDNN only when
   the product of their sizes exceeds 16^3): no workspace.
 
@@ -28,11 +32,8 @@ A lower bound, with the reason in `unmodelled`:
   grow monotonically with the spatial size (96->96 3x3, one thread: 115 KB at 12x12, 336 KB at
   26x26, 180 KB at 54x54), nor the padding of its reordered weights (output channels to 16, 32 or
   48, input channels to 16 or 32, picked by shape); the rules count the weights unpadded.
-* depthwise weight gradients: oneDNN's jit_bf16 backward-weights kernel treats each group as 16x16
-  channels (a padded blocked weight gradient of C x 256 x k x k x 2 bytes) and reduces in float32
-  (4 x (C x 256 x k x k + 16 C) bytes, counted), plus transposition buffers that grow with batch and
-  size (not counted: 166 KB of the 1.78 MB block for 32 channels 7x7 at batch 2 on 8x8). The 3x3
-  kernel's scratchpad (1.5 to 3 KB, by thread count) is not counted either.
+* depthwise backward, NCHW, and channels-last other than the above: their backward-weights
+  scratchpads (which grow with the spatial size and thread count) are not counted.
 * matrix multiplies on oneDNN: the AMX brgemm scratchpad (copied B blocks, a float32 accumulator, a
   tile buffer per thread; e.g. 128x64 by 64x256 takes 42,624 bytes with 2 threads, 37,888 with
   one), sized by blocking heuristics; only the output is counted.
@@ -61,6 +62,7 @@ MKLDNN_MATMUL_MIN_SIZE = 16 * 16 * 16
 """ATen sends a bf16 matrix multiply to oneDNN only when the product of its sizes (m x k x n, times
 the batch for bmm) exceeds this (aten/src/ATen/native/mkldnn/Utils: mkldnn_gemm_min_size)."""
 
+_DEPTHWISE_SCRATCHPAD = "bf16 depthwise backward-weights scratchpad"
 _BRGEMM_SCRATCHPAD = (
     "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
 )
@@ -182,6 +184,7 @@ def bf16_conv_backward_allocations(
     groups: int,
     channels_last: bool,
     output_mask: Sequence[bool] = (True, True, True),
+    threads: int = 2,
 ) -> Bf16Allocations | None:
     """oneDNN bf16 convolution backward (`aten.convolution_backward`), ungrouped or depthwise
     (None for other grouped ones): grad_input (output_mask[0]), then the weight and bias gradients.
@@ -196,7 +199,9 @@ def bf16_conv_backward_allocations(
     18,432 (its channels-last copy), -18,432, -18,432, -192].
     """
     if _is_depthwise(weight_shape, groups):
-        return _depthwise_backward(grad_output_shape, input_shape, weight_shape, channels_last, output_mask)
+        return _depthwise_backward(
+            grad_output_shape, input_shape, weight_shape, channels_last, output_mask, threads
+        )
     if groups > 1:
         return None
     input_bytes, output_bytes, weight_bytes = _bytes(input_shape), _bytes(grad_output_shape), _bytes(weight_shape)
@@ -243,6 +248,7 @@ def _depthwise_backward(
     weight_shape: Sequence[int],
     channels_last: bool,
     output_mask: Sequence[bool],
+    threads: int,
 ) -> Bf16Allocations:
     """Depthwise backward. grad_input: channels-last, the output and weights with their groups
     padded; NCHW, the float32 blocked path at 2 bytes an element. Measured, 24 channels 3x3 at
@@ -282,28 +288,61 @@ def _depthwise_backward(
     if channels_last and kernel > 9:
         # jit_bf16 backward-weights: each group as 16x16 channels, reduced in float32.
         blocked_16x16 = KernelAllocation(channels * 256 * kernel * _ITEMSIZE, "16x16 blocked grad_weight")
-        reduction = KernelAllocation(
-            4 * (channels * 256 * kernel + 16 * channels), "float32 reduction (transposition buffers not counted)"
+        scratchpad = KernelAllocation(
+            _depthwise_weight_gradient_scratchpad_bytes(grad_output_shape, input_shape, weight_shape, grad_bias),
+            "float32 reduction and transposition buffers",
         )
         blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
         allocations += [
-            blocked_16x16, reduction, *blocked_bias, *_frees([reduction]), *bias_output,
+            blocked_16x16, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
             blocked, gradient, *_frees([blocked, blocked_16x16, *blocked_bias]),
         ]
-        return Bf16Allocations(tuple(allocations), "bf16 depthwise backward-weights: transposition buffers")
+        # Measured with one thread per group at most, at stride 1 with the output as wide as
+        # the input; elsewhere oneDNN splits the work (and its buffers) otherwise.
+        same_width = grad_output_shape[3] == input_shape[3]
+        exact = same_width and threads < channels
+        return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
     blocked = KernelAllocation(padded_weight_bytes, "blocked grad_weight (groups padded)")
     if channels_last:  # 3x3 and smaller
+        # A float32 weight-gradient buffer per thread (groups padded), and with a bias a per-thread
+        # float32 bias buffer and one more: measured for 3x3, 16 to 64 channels, 4x4 to 16x16,
+        # 1 and 2 threads (24 channels with bias, 2 threads: 2,976), whatever the size.
+        scratchpad_bytes = 4 * kernel * padded * threads + 128
+        if grad_bias:
+            scratchpad_bytes += 4 * (1 + threads) * channels + 256
+        scratchpad = KernelAllocation(scratchpad_bytes, "scratchpad")
         copy = KernelAllocation(weight_bytes, "grad_weight copy")
         allocations += [
-            blocked, *blocked_bias, *bias_output, gradient, copy, *_frees([copy, blocked, *blocked_bias]),
+            blocked, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
+            gradient, copy, *_frees([copy, blocked, *blocked_bias]),
         ]
+        exact = kernel == 9
+        return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
     else:
         copies = [blocked_grad_output, blocked_input] if kernel <= 9 else []
         allocations += [
             *copies, blocked, *blocked_bias, *_frees(copies[::-1]), *bias_output, gradient,
             *_frees([blocked, *blocked_bias]),
         ]
-    return Bf16Allocations(tuple(allocations), "bf16 depthwise backward-weights scratchpad")
+    return Bf16Allocations(tuple(allocations), _DEPTHWISE_SCRATCHPAD)
+
+
+def _depthwise_weight_gradient_scratchpad_bytes(
+    grad_output_shape: Sequence[int], input_shape: Sequence[int], weight_shape: Sequence[int], grad_bias: bool
+) -> int:
+    """The one scratchpad of oneDNN's jit_bf16 backward-weights kernel for a depthwise 5x5 or 7x7
+    convolution, channels-last, with fewer threads than groups (so one thread does each group,
+    whatever the batch): a float32 reduction buffer of the 16x16-padded weights (and bias), bf16
+    transposed copies of one image's input and grad_output per group, 16 channels each (rows as
+    wide as the output rounded up to even, plus 4 for the input), and 8,584 bytes of guards and
+    alignment (jit_avx512_core_bf16_conv_bwd_weights_kernel_f32::init_scratchpad). Measured for
+    16 to 64 channels, 3x3 to 16x16, square and not, batch 1 to 4, 5x5 and 7x7, 1 and 2 threads:
+    e.g. 32 channels 7x7 on 8x8 with bias, 1,780,104."""
+    channels, kernel = weight_shape[0], prod(weight_shape[2:])
+    reduction = 4 * (channels * 256 * kernel + (16 * channels if grad_bias else 0))
+    width = _pad(grad_output_shape[3], 2)
+    rows = input_shape[2] * (width + 4) + grad_output_shape[2] * width
+    return reduction + _ITEMSIZE * channels * 16 * rows + 8584
 
 
 def bf16_matmul_allocations(
