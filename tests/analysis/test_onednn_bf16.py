@@ -100,22 +100,26 @@ def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) 
 
 @pytest.mark.machine
 @pytest.mark.parametrize(
-    ("shape", "threads_used"),
+    ("shape", "threads_used", "channels_last"),
     [
-        ({"batch": 3, "cin": 40, "cout": 40, "size": 10, "kernel": 5}, 2),
-        ({"batch": 1, "cin": 24, "cout": 24, "size": 11, "kernel": 7, "bias": False}, 1),
-        ({"batch": 2, "cin": 64, "cout": 64, "size": 7, "kernel": 7}, 2),
-        ({"batch": 2, "cin": 120, "cout": 120, "size": 8, "kernel": 3}, 2),
-        ({"batch": 3, "cin": 48, "cout": 48, "size": 7, "kernel": 3, "bias": False}, 1),
+        ({"batch": 3, "cin": 40, "cout": 40, "size": 10, "kernel": 5}, 2, True),
+        ({"batch": 1, "cin": 24, "cout": 24, "size": 11, "kernel": 7, "bias": False}, 1, True),
+        ({"batch": 2, "cin": 64, "cout": 64, "size": 7, "kernel": 7}, 2, True),
+        ({"batch": 2, "cin": 120, "cout": 120, "size": 8, "kernel": 3}, 2, True),
+        ({"batch": 3, "cin": 48, "cout": 48, "size": 7, "kernel": 3, "bias": False}, 1, True),
+        ({"batch": 2, "cin": 120, "cout": 120, "size": 8, "kernel": 5}, 2, False),
+        ({"batch": 3, "cin": 24, "cout": 24, "size": 9, "kernel": 7, "bias": False}, 1, False),
+        ({"batch": 1, "cin": 16, "cout": 16, "size": 7, "kernel": 3, "bias": False}, 2, False),
+        ({"batch": 2, "cin": 40, "cout": 40, "size": 10, "kernel": 3}, 2, False),
     ],
 )
-def test_depthwise_weight_gradient_is_exact(shape: dict, threads_used: int) -> None:
-    """The channels-last depthwise weight gradient's scratchpad (5x5 and 7x7: ConvNeXt's training
-    peak; 3x3: per-thread float32 buffers), on shapes its rules were not read from."""
+def test_depthwise_weight_gradient_is_exact(shape: dict, threads_used: int, channels_last: bool) -> None:
+    """The depthwise weight gradient's scratchpads (channels-last 5x5 and 7x7: ConvNeXt's training
+    peak; NCHW: EfficientNet's), on shapes their rules were not read from."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads_used)
     try:
-        _, backward = bf16_conv(groups=shape["cin"], channels_last=True, **shape)
+        _, backward = bf16_conv(groups=shape["cin"], channels_last=channels_last, **shape)
         predicted, reason, measured = rule_and_profile("aten.convolution_backward.default", backward)
     finally:
         torch.set_num_threads(before)

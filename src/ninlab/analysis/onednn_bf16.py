@@ -15,11 +15,13 @@ every shape tried (40 ops, forward and backward, both layouts). Exact:
   weights with their groups padded to 16) and NCHW (the float32 blocked path at 2 bytes an element:
   channel-blocked copies of input and result, groups padded to 16, plus a float32 copy of the bias,
   4 bytes per padded channel and 128, whenever there is a bias);
-* depthwise backward, channels-last, 3x3 (a float32 weight-gradient buffer per thread) and, with
-  fewer threads than channels at stride 1, 5x5 and 7x7: oneDNN's jit_bf16 backward-weights kernel
-  treats each group as 16x16 channels (a blocked weight gradient of C x 256 x k x k x 2 bytes) and
-  takes one scratchpad for a float32 reduction of it and transposed copies of one image's input
-  and grad_output (ConvNeXt's 1.78 MB block for 32 channels 7x7 at 8x8, its bf16 training peak);
+* depthwise backward at stride 1 ("same" padding), 3x3, 5x5 and 7x7, either layout. Channels-last
+  5x5 and 7x7 (with fewer threads than channels) run oneDNN's jit_bf16 backward-weights kernel,
+  which treats each group as 16x16 channels (a blocked weight gradient of C x 256 x k x k x 2
+  bytes) and takes one scratchpad for a float32 reduction of it and transposed copies of one
+  image's input and grad_output (ConvNeXt's 1.78 MB block for 32 channels 7x7 at 8x8, its bf16
+  training peak); the others take float32 buffers per thread
+  (`_nchw_depthwise_weight_gradient_scratchpad_bytes`);
 * matrix multiplies too small for oneDNN (ATen sends bf16 `mm`/`addmm`/`bmm` to oneDNN only when
   the product of their sizes exceeds 16^3): no workspace.
 
@@ -35,8 +37,8 @@ A lower bound, with the reason in `unmodelled`:
   grow monotonically with the spatial size (96->96 3x3, one thread: 115 KB at 12x12, 336 KB at
   26x26, 180 KB at 54x54), nor the padding of its reordered weights (output channels to 16, 32 or
   48, input channels to 16 or 32, picked by shape); the rules count the weights unpadded.
-* depthwise backward, NCHW, and channels-last other than the above: their backward-weights
-  scratchpads (which grow with the spatial size and thread count) are not counted.
+* strided depthwise backward (backward-data on the channels-last brgemm path, as in float32, and
+  weight-gradient scratchpads measured at stride 1 only) and more than 2 threads.
 * matrix multiplies on oneDNN: the AMX brgemm scratchpad (copied B blocks, a float32 accumulator, a
   tile buffer per thread; e.g. 128x64 by 64x256 takes 42,624 bytes with 2 threads, 37,888 with
   one), sized by blocking heuristics; only the output is counted.
@@ -264,6 +266,9 @@ def _depthwise_backward(
     channels, kernel = weight_shape[0], prod(weight_shape[2:])
     batch = input_shape[0]
     padded = _pad(channels, _GROUP_BLOCK)
+    # A strided backward-data runs another kernel (channels-last brgemm, as in float32), and the
+    # weight-gradient scratchpads were measured at stride 1 ("same" padding) only.
+    unstrided = tuple(grad_output_shape[2:]) == tuple(input_shape[2:])
     weight_bytes, padded_weight_bytes = channels * kernel * _ITEMSIZE, padded * kernel * _ITEMSIZE
     allocations: list[KernelAllocation] = []
     blocked_grad_output = KernelAllocation(
@@ -300,10 +305,9 @@ def _depthwise_backward(
             blocked_16x16, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
             blocked, gradient, *_frees([blocked, blocked_16x16, *blocked_bias]),
         ]
-        # Measured with one thread per group at most, at stride 1 with the output as wide as
-        # the input; elsewhere oneDNN splits the work (and its buffers) otherwise.
-        same_width = grad_output_shape[3] == input_shape[3]
-        exact = same_width and threads < channels
+        # Measured with one thread per group at most, at stride 1 ("same" padding); elsewhere
+        # oneDNN may split the work (and its buffers) otherwise.
+        exact = unstrided and threads < channels
         return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
     blocked = KernelAllocation(padded_weight_bytes, "blocked grad_weight (groups padded)")
     if channels_last:  # 3x3 and smaller
@@ -319,15 +323,56 @@ def _depthwise_backward(
             blocked, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
             gradient, copy, *_frees([copy, blocked, *blocked_bias]),
         ]
-        exact = kernel == 9
+        exact = kernel == 9 and unstrided
         return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
     else:
-        copies = [blocked_grad_output, blocked_input] if kernel <= 9 else []
+        # NCHW: a 3x3 kernel copies grad_output and input into blocked layouts and pads the
+        # groups of its gradient; 5x5 and 7x7 read them as they are.
+        small = kernel <= 9
+        copies = [blocked_grad_output, blocked_input] if small else []
+        if not small:
+            blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
+        scratchpad = KernelAllocation(
+            _nchw_depthwise_weight_gradient_scratchpad_bytes(
+                grad_output_shape, input_shape, weight_shape, grad_bias, threads
+            ),
+            "scratchpad",
+        )
         allocations += [
-            *copies, blocked, *blocked_bias, *_frees(copies[::-1]), *bias_output, gradient,
-            *_frees([blocked, *blocked_bias]),
+            *copies, blocked, scratchpad, *blocked_bias, *_frees([scratchpad, *copies[::-1]]), *bias_output,
+            gradient, *_frees([blocked, *blocked_bias]),
         ]
+        if unstrided and kernel in (9, 25, 49) and threads <= 2:
+            return Bf16Allocations(tuple(allocations))
     return Bf16Allocations(tuple(allocations), _DEPTHWISE_SCRATCHPAD)
+
+
+def _nchw_depthwise_weight_gradient_scratchpad_bytes(
+    grad_output_shape: Sequence[int],
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    grad_bias: bool,
+    threads: int,
+) -> int:
+    """The scratchpad of oneDNN's NCHW (channel-blocked) depthwise backward-weights kernel.
+
+    3x3: a float32 weight-gradient buffer (groups padded to 16) and, with a bias, a float32 bias
+    buffer, per thread that splits the batch (one per thread when the groups make one block of
+    16, else one), plus 128 bytes: 24 channels with bias, 1,536 bytes at any size. 5x5 and 7x7:
+    float32 buffers of 16 bytes per weight element and 8 more per thread, a bf16 copy of one
+    image's k x k neighbourhoods of one channel per thread (H x W x k x k x 2 bytes), 4 bytes per
+    channel and 128 for a bias, and 384: 32 channels 7x7 on 8x8 with bias, 2 threads, 50,816.
+    Measured for 8 to 120 channels, 4x4 to 16x16, batch 1 to 4, 1 and 2 threads."""
+    channels, kernel = weight_shape[0], prod(weight_shape[2:])
+    if kernel <= 9:
+        padded = _pad(channels, _GROUP_BLOCK)
+        blocks = padded // _GROUP_BLOCK
+        buffers = min(threads // min(blocks, threads), input_shape[0])
+        per_buffer = 4 * kernel * padded + ((4 * padded + 128) if grad_bias else 0)
+        return buffers * per_buffer + 128
+    neighbourhoods = threads * prod(input_shape[2:]) * kernel * _ITEMSIZE
+    bias = 4 * channels + 128 if grad_bias else 0
+    return 384 + channels * kernel * (8 + 8 * threads) + neighbourhoods + bias
 
 
 def _depthwise_weight_gradient_scratchpad_bytes(
