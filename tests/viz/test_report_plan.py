@@ -12,6 +12,7 @@ def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> No
         PlanOption("as given", "as given", spec, 100, 9 << 30, False, 10**12, 0),
         PlanOption("checkpoint <all>", "checkpointing", spec, 150, 7 << 30, True, 12 * 10**11, 2 * 10**11),
         PlanOption("accumulate 2 x 64", "accumulation", spec, 128, 5 << 30, True, 10**12, 0, micro_batches=2),
+        PlanOption("bf16 autocast", "autocast", spec, 180, 6 << 30, True, 10**12, 0, lower_bound=True),
     )
     plan = BudgetPlan(8 << 30, 128, spec, options, "use accumulate 2 x 64: batch 128 fits 8 GiB")
     assert plan.recommended is options[2]  # fits, and no extra compute
@@ -19,4 +20,6 @@ def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> No
     assert "Fitting batch 128 into 8.00 GiB" in html
     assert "checkpoint &lt;all&gt;" in html and "128 in 2 parts" in html
     assert html.count("<tr>") == 1 + len(options)
+    # a bf16 kernel's workspace not modelled: the peak is a lower bound, the largest batch an upper one
+    assert "at most 180" in html and "at least 6.00 GiB" in html
     assert "<b>Recommendation:</b> use accumulate 2 x 64" in html

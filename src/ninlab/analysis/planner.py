@@ -52,6 +52,8 @@ class PlanOption:
     step_flops: int  # forward, backward, recomputation and update at the requested batch
     recomputed_flops: int
     micro_batches: int = 1
+    # a kernel's workspace is not modelled: the peak is at least this, the largest batch at most
+    lower_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ def plan_budget(
 def _option(
     model: nn.Module, name: str, kind: str, spec: StepSpec, micro_batches: int, budget: int, batch_size: int
 ) -> PlanOption:
-    peak = predict_memory(model, spec, batch_size=batch_size).allocator_peak_bytes
+    report = predict_memory(model, spec, batch_size=batch_size)
+    peak = report.allocator_peak_bytes
     if kind == "accumulation":
         largest = batch_size if peak <= budget else 0
     else:
@@ -115,7 +118,9 @@ def _option(
     ops = recording.recording.ops[recording.step_start :]
     flops = sum(op.flops for op in ops)
     recomputed = sum(op.flops for op in ops if op.phase == "recompute")
-    return PlanOption(name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches)
+    return PlanOption(
+        name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches, report.allocator.lower_bound
+    )
 
 
 # -- the alternatives ----------------------------------------------------------------------------

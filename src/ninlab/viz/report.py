@@ -391,13 +391,16 @@ def _plan_section(plan: BudgetPlan) -> str:
     """The planner's alternatives as a table, and its recommendation."""
     rows = []
     for option in plan.options:
+        bound = ("at most ", "at least ") if option.lower_bound else ("", "")
         largest = (
-            f"{plan.batch_size:,} in {option.micro_batches} parts" if option.kind == "accumulation" else f"{option.largest_batch:,}"
+            f"{plan.batch_size:,} in {option.micro_batches} parts"
+            if option.kind == "accumulation"
+            else f"{bound[0]}{option.largest_batch:,}"
         )
         cells = (
             option.name,
             largest,
-            format_bytes(option.peak_bytes),
+            bound[1] + format_bytes(option.peak_bytes),
             "yes" if option.fits_requested else "no",
             format_flops(option.step_flops),
             format_flops(option.recomputed_flops) if option.recomputed_flops else "",
@@ -406,7 +409,7 @@ def _plan_section(plan: BudgetPlan) -> str:
     headers = ("Alternative", "Largest batch", f"Peak at batch {plan.batch_size:,}", "Fits", "FLOPs per step", "Recomputed")
     return (
         f"<h3>Fitting batch {plan.batch_size:,} into {_e(format_bytes(plan.budget_bytes))}</h3>"
-        "<p>Each alternative predicted exactly, at the allocator level.</p>"
+        "<p>Each alternative predicted at the allocator level; \"at least\" where a kernel's workspace is not modelled.</p>"
         + _table(headers, rows, (False, True, True, False, True, True))
         + f"<p><b>Recommendation:</b> {_e(plan.recommendation)}</p>"
     )
