@@ -123,13 +123,13 @@ def _breakdown_table(report: MemoryReport) -> TextTable:
 
 def saved_table(report: MemoryReport) -> TextTable:
     """What each layer keeps for backward, the one table every format prints (the HTML report too):
-    each storage counted once, at the layer that made it; code outside any module is the loss."""
+    each storage counted once, at the layer that made it (`SavedLayer.layer` names it)."""
     rows = []
     for layer in report.saved_by_layer():
         why = "; ".join(layer.reasons)
         if layer.also_kept_by:
             why += f" (also kept by {', '.join(layer.also_kept_by)}: counted once, here)"
-        rows.append((layer.module or "(loss)", layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
+        rows.append((layer.layer, layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
     return TextTable(("Layer", "Type", "Kept for backward", "Share", "Why"), frozenset({"Kept for backward", "Share"}), tuple(rows))
 
 
