@@ -105,13 +105,12 @@ def run_train(args: argparse.Namespace) -> int:
         # Compare only what was given again: the rest comes from the checkpoint.
         saved = config_from_dict(load_checkpoint(output_dir)["config"])
         config = dataclasses.replace(saved, **given)
-    data = load_data(args)
     stop = StopRequest()
     with stop.catching_signals():
         result = train(
             config,
             output_dir=output_dir,
-            data=data,
+            data=lambda: load_data(args),
             resume=bool(args.resume),
             device=args.device,
             reporter=RichReporter(),
