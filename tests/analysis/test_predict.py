@@ -11,6 +11,7 @@ from cnn_zoo import ZOO
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.nn import functional as F
 
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import Breakdown
@@ -113,6 +114,38 @@ def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
     assert rows[("0.0", "ConvolutionBackward0", "weight")].category == "parameters"
     assert nin_sgd.saved_total_bytes == 957_083_652
     assert sum(row.share for row in nin_sgd.saved) == pytest.approx(1.0)
+
+
+class _RootOps(nn.Module):
+    """A model whose own forward calls functional ops, as torchvision's do (`torch.flatten(x, 1)`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+def _mse_step(model, optimizer, inputs, targets):
+    optimizer.zero_grad()
+    loss = F.mse_loss(model(inputs), F.one_hot(targets, 10).float())
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def test_the_models_own_ops_are_the_model_and_the_loss_is_the_loss() -> None:
+    # Both have the qualified name "": the root's F.relu output is "(model)", as the summary names
+    # the root, and only what the loss keeps is "(loss)", also when it keeps the model's output.
+    report = predict_memory(_RootOps(), input_size=(1, 8, 8), batch_size=2)
+    layers = [(layer.layer, layer.module_type, layer.counted_bytes) for layer in report.saved_by_layer()]
+    assert layers == [("(model)", "_RootOps", 2 * 4 * 6 * 6 * 4), ("(loss)", "loss", 2 * 10 * 4 + 4)]
+    assert report.saved_by_layer()[0].also_kept_by == ("fc AddmmBackward0.mat1",)
+    mse = predict_memory(_RootOps(), input_size=(1, 8, 8), batch_size=2, step=_mse_step)
+    # MSE keeps the logits (made by fc) and the one-hot targets, each 2 x 10 float32.
+    assert [(layer.layer, layer.counted_bytes) for layer in mse.saved_by_layer()] == [("(model)", 1152), ("(loss)", 160)]
 
 
 def test_forum_rule_beside_ours(nin: nn.Module, nin_sgd) -> None:

@@ -6,7 +6,7 @@ import torch
 from cnn_zoo import ZOO
 from torch import nn
 
-from ninlab.analysis.summary import summarize
+from ninlab.analysis.summary import is_bias, summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
@@ -59,6 +59,17 @@ def test_nin_parameters_weights_and_biases(nin_summary):
     assert totals.weights == totals.parameters - totals.biases
     assert totals.parameter_bytes == 4 * 1_992_166
     assert layer(nin_summary, "2").parameters == 256 * (5 * 5 * 96 + 1) + 2 * 256 * (256 + 1)
+
+
+def test_every_bias_pytorch_names_is_a_bias():
+    attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    assert sorted(name for name, _ in attention.named_parameters() if is_bias(name)) == ["bias_k", "bias_v", "in_proj_bias", "out_proj.bias"]
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    assert sum(is_bias(name) for name, _ in lstm.named_parameters()) == 8  # ih and hh, 2 layers, 2 directions
+    assert not any(is_bias(name) for name in ("weight_ih_l0", "in_proj_weight", "bias_norm.weight", "unbiased", "biases"))
+    # A bidirectional LSTM(3, 4): its 4 gates' weights 2 x 4*4 x (3 + 4), its biases 2 x 2 x 4*4.
+    totals = summarize(nn.LSTM(3, 4, bidirectional=True), input_size=(5, 3), batch_size=2).totals
+    assert (totals.weights, totals.biases) == (224, 64)
 
 
 def test_nin_flops_per_layer_add_up(nin_summary):

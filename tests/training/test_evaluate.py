@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from ninlab.errors import NinlabError
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.data import CLASS_NAMES, Split
 from ninlab.training.evaluate import (
+    ClassResult,
     evaluate,
     evaluate_model,
     load_image,
@@ -47,8 +49,10 @@ def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnis
         torch.nn.functional.cross_entropy(logits, test.labels).item(), rel=1e-5
     )
     assert [sum(row) for row in evaluation.confusion] == test.labels.bincount(minlength=10).tolist()
-    per_class = evaluation.per_class_accuracy
-    assert per_class[1] == pytest.approx(evaluation.confusion[1][1] / sum(evaluation.confusion[1]))
+    trousers = evaluation.per_class[1]
+    assert (trousers.name, trousers.examples) == ("Trouser", int((test.labels == 1).sum()))
+    assert trousers.correct == int(((test.labels == 1) & (predicted == 1)).sum())
+    assert trousers.accuracy == trousers.correct / trousers.examples
     # The history's last test accuracy is this same measurement.
     assert load_checkpoint(run_dir)["history"][-1]["test_accuracy"] == evaluation.accuracy
 
@@ -63,11 +67,15 @@ def test_evaluate_sees_the_network_as_it_was_trained(run_dir, fashion_mnist):
 def test_evaluate_cli_prints_classes_and_writes_the_confusion_png(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--test-examples", "300", "--no-download", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["examples"] == 300 and list(report["per_class_accuracy"]) == list(CLASS_NAMES)
+    assert report["examples"] == 300 and [row["name"] for row in report["per_class"]] == list(CLASS_NAMES)
+    assert sum(row["examples"] for row in report["per_class"]) == 300
+    assert sum(row["correct"] for row in report["per_class"]) == round(report["accuracy"] * 300)
     assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(run_dir / CHECKPOINT_NAME), "--test-examples", "300", "--no-download"]) == 0
     table = capsys.readouterr().out
-    assert "Ankle boot" in table and f"{report['accuracy']:.4f}" in table
+    boots = report["per_class"][-1]
+    assert re.search(rf"Ankle boot +│ +{boots['examples']} │ +{boots['accuracy']:.4f} │", table)
+    assert f"{report['accuracy']:.4f}" in table
 
 
 def test_predict_gives_the_class_the_evaluation_gives(run_dir, fashion_mnist, tmp_path, capsys):
@@ -126,3 +134,14 @@ def test_evaluation_on_a_split_needs_no_training_run():
     # All-zero logits: argmax is class 0, every example is counted as "dead", the loss is ln 10.
     assert evaluation.zero_logit_examples == 20 and evaluation.correct == 2
     assert evaluation.loss == pytest.approx(np.log(10))
+    assert evaluation.per_class[0] == ClassResult("T-shirt/top", 2, 2, 1.0)
+    assert evaluation.per_class[9] == ClassResult("Ankle boot", 2, 0, 0.0)
+
+
+def test_a_class_the_set_lacks_has_no_accuracy():
+    # A few --test-examples may hold no image of a class: its accuracy is None (JSON null), not nan.
+    split = Split(torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([0, 0, 1]))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    evaluation = evaluate_model(model, split, transform=InputTransform(28), batch_size=8)
+    assert [row.examples for row in evaluation.per_class] == [2, 1] + [0] * 8
+    assert evaluation.per_class[5] == ClassResult("Sandal", 0, 0, None)

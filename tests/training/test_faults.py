@@ -97,6 +97,23 @@ def test_a_second_live_run_is_refused_and_a_dead_ones_lock_is_taken_over(
     assert not (run_dir / LOCK_NAME).exists()
 
 
+def test_the_run_directory_is_checked_before_the_data_is_loaded(tmp_path, capsys):
+    # A refused directory costs no loading: the data directory here is empty, and the directory's
+    # own refusal is what the user reads.
+    (tmp_path / "empty").mkdir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / CHECKPOINT_NAME).write_bytes(b"")
+    code, _, err = run(capsys, *_tiny_args(kept, tmp_path / "empty"))
+    assert code == 2 and _one_error_line(err).startswith(f"ninlab: error: {kept} already holds a checkpoint")
+    with owning(tmp_path / "owned"), pytest.raises(NinlabError, match="is in use by another ninlab run"):
+        train(TINY, output_dir=tmp_path / "owned", data=lambda: pytest.fail("the data was loaded"))
+    # A usable directory, then the missing data: refused, and every directory the run made is gone.
+    code, _, err = run(capsys, *_tiny_args(tmp_path / "runs" / "x", tmp_path / "empty"))
+    assert code == 2 and "holds none of the 4 Fashion-MNIST files" in _one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept"]
+
+
 def test_a_refused_configuration_leaves_no_directory_behind(fashion_mnist, tmp_path):
     with pytest.raises(NinlabError, match="num_classes=5, but Fashion-MNIST has 10 classes"):
         train(

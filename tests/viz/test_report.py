@@ -12,6 +12,9 @@ from PIL import Image
 from ninlab.cli import main
 from ninlab.models import build_nin
 from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.viz.html import html_text
+from ninlab.viz.render import layer_table
+from ninlab.viz.render_memory import saved_table
 from ninlab.viz.report import build_report
 
 CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", "saved", "batch")
@@ -20,6 +23,11 @@ CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", 
 @pytest.fixture(scope="module")
 def report():
     return build_report(build_nin(), input_size=(1, 224, 224), batch_size=8, budget="512MiB", model_name="nin-d2l")
+
+
+@pytest.fixture(scope="module")
+def page(report):
+    return report.html()  # drawing the charts takes seconds: once per module
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,7 @@ def test_chart_data_are_the_reports_numbers(report):
     assert dict(zip(charts.batch.batch_sizes, charts.batch.peaks_bytes))[scaling.check_batch_size] == scaling.check_peak_bytes
 
 
-def test_html_shows_the_same_numbers_and_every_chart(report):
-    page = report.html()
+def test_html_shows_the_same_numbers_and_every_chart(report, page):
     summary, train = report.summary, report.train
     for text in (
         format_count(summary.totals.parameters),
@@ -66,22 +73,37 @@ def test_html_shows_the_same_numbers_and_every_chart(report):
     assert len(ids) == len(set(ids))  # seven inline SVGs, no id shared
 
 
-def test_html_needs_no_network(report):
-    page = report.html()
+def test_the_reports_tables_are_the_ones_every_format_prints(report, page):
+    wide, narrow = layer_table(report.summary, wide=True), layer_table(report.summary)
+    # The report adds two columns to the terminal's, in place; the cells are the same.
+    assert wide.columns == ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Backward FLOPs", "Output size", "Receptive field")
+    assert tuple(column for column in wide.columns if column in narrow.columns) == narrow.columns
+    assert wide.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "541.96 MFLOP", "8.54 MiB", "11 (jump 4)")
+    assert narrow.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "8.54 MiB")
+    saved = saved_table(report.train)
+    assert saved.rows[0][:4] == ("0.1", "ReLU", "8,957,952", "15.0%")
+    page_rows = [tuple(re.findall(r"<td[^>]*>(.*?)</td>", row)) for row in re.findall(r"<tr>(.*?)</tr>", page)]
+    for table in (wide, saved):
+        expected = [tuple(html_text(cell) for cell in row) for row in table.rows]
+        start = page_rows.index(expected[0])
+        assert page_rows[start : start + len(expected)] == expected
+
+
+def test_html_needs_no_network(page):
     assert "<script" not in page and "<link" not in page and "@import" not in page
     urls = set(re.findall(r"https?://[^\"') ]+", page))
     assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}  # XML namespaces, never fetched
 
 
-def test_jupyter_renders_the_report_body(report):
+def test_jupyter_renders_the_report_body(report, page):
     fragment = report._repr_html_()
     assert fragment.startswith('<div class="ninlab-report"><style>')
     assert "<html" not in fragment and fragment.count("<svg") == len(CHART_KEYS)
-    assert report.html().startswith("<!DOCTYPE html>")
+    assert page.startswith("<!DOCTYPE html>")
 
 
-def test_save_writes_the_document_atomically(report, saved_html):
-    assert saved_html.read_text(encoding="utf-8") == report.html()
+def test_save_writes_the_document_atomically(page, saved_html):
+    assert saved_html.read_text(encoding="utf-8") == page
     assert [p.name for p in saved_html.parent.iterdir()] == ["report.html"]
 
 

@@ -19,6 +19,7 @@ from ninlab.analysis.step import StepSpec
 from ninlab.errors import NinlabError
 
 __all__ = [
+    "LOSS_TYPE",
     "AllocatorPeak",
     "Breakdown",
     "CudaMemory",
@@ -32,7 +33,20 @@ __all__ = [
     "SavedRow",
     "Timeline",
     "TimelinePoint",
+    "layer_label",
 ]
+
+# The module type of what the loss keeps: it runs outside every module of the model.
+LOSS_TYPE = "loss"
+
+
+def layer_label(module: str, module_type: str) -> str:
+    """A layer as the saved-tensor tables name it: its qualified name; the root module's own code
+    (a `torch.flatten` or `F.relu` in the model's `forward`) "(model)", as the summary names the
+    root; what the loss keeps "(loss)". Both have the qualified name ""."""
+    if module:
+        return module
+    return "(loss)" if module_type == LOSS_TYPE else "(model)"
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,7 @@ class PeakOp:
     step_op: int  # position among the analysed step's ops (0 = the step's first op)
     op: str  # aten op, e.g. "aten.threshold_backward.default"
     phase: str  # zero_grad, forward, loss, backward or optimizer
-    module: str  # qualified module name ("" = code outside any module: the loss)
+    module: str  # qualified module name ("": the root module's own code, or code outside any module)
     module_type: str
     autograd_node: str  # in backward: the node running, e.g. "ReluBackward0"
 
@@ -157,9 +171,13 @@ class SavedRow:
     shared_with: str
 
     @property
+    def layer(self) -> str:
+        return layer_label(self.module, self.module_type)
+
+    @property
     def label(self) -> str:
-        """The row as `shared_with` names rows: "module node.field" ("(loss)" for the loss)."""
-        return f"{self.module or '(loss)'} {self.node}.{self.field}"
+        """The row as `shared_with` names rows: "layer node.field" (the layer as `layer_label`)."""
+        return f"{self.layer} {self.node}.{self.field}"
 
 
 @dataclass(frozen=True)
@@ -172,8 +190,12 @@ class SavedLayer:
     share: float
     reasons: tuple[str, ...]  # each distinct reason of its rows that count bytes
     # Rows elsewhere that keep one of the same storages (the next conv keeping a ReLU's output as
-    # its input), as "module node.field": counted here, once.
+    # its input), as "layer node.field": counted here, once.
     also_kept_by: tuple[str, ...]
+
+    @property
+    def layer(self) -> str:
+        return layer_label(self.module, self.module_type)
 
 
 @dataclass(frozen=True)
@@ -350,21 +372,22 @@ class MemoryReport:
 
     def saved_by_layer(self) -> tuple[SavedLayer, ...]:
         """`saved` grouped by layer, in forward order; layers that keep nothing new are left out."""
+        # By layer label: the root module's own code and the loss share the qualified name "".
         layers: dict[str, list[SavedRow]] = {}
         sharing: dict[str, list[str]] = {}  # counting row -> rows that keep the same storage
         for row in self.saved:
-            layers.setdefault(row.module, []).append(row)
+            layers.setdefault(row.layer, []).append(row)
             if row.shared_with:
                 sharing.setdefault(row.shared_with, []).append(row.label)
         total = self.saved_total_bytes
         grouped = []
-        for module, rows in layers.items():
+        for layer, rows in layers.items():
             counted = sum(row.counted_bytes for row in rows)
             if not counted:
                 continue
             grouped.append(
                 SavedLayer(
-                    module=module,
+                    module=rows[0].module,
                     module_type=rows[0].module_type,
                     counted_bytes=counted,
                     share=counted / total if total else 0.0,
@@ -374,7 +397,7 @@ class MemoryReport:
                         for row in rows
                         if row.counted_bytes
                         for other in sharing.get(row.label, ())
-                        if not other.startswith(f"{row.module or '(loss)'} ")
+                        if not other.startswith(f"{layer} ")
                     ),
                 )
             )

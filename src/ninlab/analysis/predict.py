@@ -41,6 +41,7 @@ from ninlab.analysis.cuda_allocator import (
 )
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
+    LOSS_TYPE,
     AllocatorPeak,
     Breakdown,
     CudaMemory,
@@ -53,6 +54,7 @@ from ninlab.analysis.memory_report import (
     SavedRow,
     Timeline,
     TimelinePoint,
+    layer_label,
 )
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
@@ -315,6 +317,12 @@ def _saved_rows(
     counted_total = sum(
         storages[key].nbytes for key in owner if categories.get(key) == saved_category
     )
+
+    def module_type(entry: SavedTensor) -> str:
+        # The loss runs outside every module; the targets are only the loss's.
+        in_loss = entry.outside_model or storages[entry.storage_key].role == "targets"
+        return LOSS_TYPE if in_loss else module_types.get(entry.module, "")
+
     rows = []
     for position, entry in enumerate(entries):
         record = storages[entry.storage_key]
@@ -324,17 +332,14 @@ def _saved_rows(
         shared_with = ""
         if position != first:
             other = entries[first]
-            shared_with = f"{other.module or '(loss)'} {other.node}.{other.field}"  # SavedRow.label
-        # The loss runs outside every module; the targets are only the loss's.
-        in_loss = record.phase == "loss" or record.role == "targets"
-        module_type = "loss" if in_loss else module_types.get(entry.module, "")
+            shared_with = f"{layer_label(other.module, module_type(other))} {other.node}.{other.field}"  # SavedRow.label
         rows.append(
             SavedRow(
                 module=entry.module,
-                module_type=module_type,
+                module_type=module_type(entry),
                 node=entry.node,
                 field=entry.field,
-                reason=saved_reason(entry.node, entry.field, module_type=module_type),
+                reason=saved_reason(entry.node, entry.field, module_type=module_type(entry)),
                 shape=record.shape,
                 dtype=str(record.dtype).removeprefix("torch."),
                 storage_bytes=record.nbytes,

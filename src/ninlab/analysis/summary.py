@@ -41,6 +41,7 @@ __all__ = [
     "LayerSummary",
     "Summary",
     "SummaryTotals",
+    "is_bias",
     "smallest_input_size",
     "summarize",
 ]
@@ -312,12 +313,20 @@ def _layers(
     return tuple(rows)
 
 
+def is_bias(name: str) -> bool:
+    """Whether the parameter `name` (qualified or not) is a bias: "bias" is one of the words,
+    split at "_", of its own name. PyTorch names every bias so: `bias` (Linear, Conv, LayerNorm,
+    BatchNorm), `bias_ih_l0` and `bias_hh_l0_reverse` (LSTM, GRU, RNN), `in_proj_bias`, `bias_k`
+    and `bias_v` (MultiheadAttention); and no weight (`weight_ih_l0`, `in_proj_weight`)."""
+    return "bias" in name.rpartition(".")[2].split("_")
+
+
 def _parameter_counts(module: nn.Module) -> dict[str, int]:
     """Elements of the module's parameters (children's included, each shared one once), split
-    into weights and biases (the forum post forgot the biases) and trainable and frozen."""
+    into weights and biases (`is_bias`; the forum post forgot the biases) and trainable and frozen."""
     counts = dict.fromkeys(("weights", "biases", "trainable", "frozen"), 0)
     for name, param in module.named_parameters():
-        counts["biases" if name.rpartition(".")[2] == "bias" else "weights"] += param.numel()
+        counts["biases" if is_bias(name) else "weights"] += param.numel()
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
     return counts
 

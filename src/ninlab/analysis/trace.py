@@ -161,7 +161,10 @@ class SavedTensor:
     storage_key: int
     node: str  # e.g. "ConvolutionBackward0"
     field: str  # e.g. "input", "result", "indices", "mask"
-    module: str
+    module: str  # "" for the model's own forward and for code outside the model alike
+    # The node was made while no module of the model ran: the loss (the model's own forward, a
+    # `torch.flatten` in its root `forward`, is module "" too, but inside the model).
+    outside_model: bool = False
 
 
 @dataclass
@@ -259,9 +262,11 @@ def harvest_saved_tensors(
     storage_key: Callable[[torch.Tensor], int],
     *,
     skip: Container[Any] = (),
+    outside_model: Container[Any] = (),
 ) -> list[SavedTensor]:
     """What each autograd node in `node_owners` (node -> module) keeps for backward, read from its
-    `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key.
+    `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key. Nodes
+    in `outside_model` were made while no module of the model ran (the loss).
 
     Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs. Nodes in
     `skip` saved through saved-tensor hooks (activation checkpointing): unpacking theirs would run
@@ -274,7 +279,7 @@ def harvest_saved_tensors(
         for field_name, tensor in _saved_by(node):
             key = storage_key(tensor)
             if key >= 0:
-                saved.append(SavedTensor(key, type(node).__name__, field_name, module))
+                saved.append(SavedTensor(key, type(node).__name__, field_name, module, node in outside_model))
     return saved
 
 
@@ -342,6 +347,7 @@ class _ModuleStack:
         self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
         self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
         self.hooked: set[Any] = set()  # nodes made under saved-tensor hooks (checkpointing)
+        self.outside: set[Any] = set()  # nodes made while no module ran (the loss)
         self.param_owner: dict[int, str] = {
             id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
         }
@@ -386,6 +392,8 @@ class _ModuleStack:
                     self.node_owner[child] = self.node_owner[node]
                     if node in self.hooked:
                         self.hooked.add(child)
+                    if node in self.outside:
+                        self.outside.add(child)
                     pending.append(child)
 
     def owner_of_node(self, node: Any) -> str:
@@ -419,8 +427,10 @@ class _NodeOwners(TorchFunctionMode):
         for value in _tensors((output,)):
             node = value.grad_fn
             if node is not None and node not in self.modules.node_owner:
-                # "" is code outside any module: the loss.
+                # "" is the root module's own forward, or code outside any module: the loss.
                 self.modules.node_owner[node] = self.modules.current()
+                if not self.modules.stack:
+                    self.modules.outside.add(node)
                 if hooked:
                     self.modules.hooked.add(node)
         return output
@@ -514,7 +524,9 @@ class Recorder(TorchDispatchMode):
             return
         self.modules.adopt_inner_nodes()
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
-            harvested = harvest_saved_tensors(self.modules.node_owner, self.ledger.key, skip=self.modules.hooked)
+            harvested = harvest_saved_tensors(
+                self.modules.node_owner, self.ledger.key, skip=self.modules.hooked, outside_model=self.modules.outside
+            )
         saved = self.recording.saved_for_backward
         seen = set(saved)
         saved += [entry for entry in harvested if entry not in seen]

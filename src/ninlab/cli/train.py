@@ -25,7 +25,6 @@ from ninlab.cli.options import (
 )
 from ninlab.outputs import output_path
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
-from ninlab.training.data import CLASS_NAMES
 from ninlab.training.evaluate import evaluate, load_trained_model, predict_images
 from ninlab.training.plots import plot_confusion
 from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
@@ -106,13 +105,12 @@ def run_train(args: argparse.Namespace) -> int:
         # Compare only what was given again: the rest comes from the checkpoint.
         saved = config_from_dict(load_checkpoint(output_dir)["config"])
         config = dataclasses.replace(saved, **given)
-    data = load_data(args)
     stop = StopRequest()
     with stop.catching_signals():
         result = train(
             config,
             output_dir=output_dir,
-            data=data,
+            data=lambda: load_data(args),
             resume=bool(args.resume),
             device=args.device,
             reporter=RichReporter(),
@@ -136,7 +134,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate(trained, test, batch_size=args.batch)
     plot_confusion(
         evaluation.confusion,
-        CLASS_NAMES,
+        evaluation.class_names,
         png,
         title=f"{trained.config.variant}, epoch {trained.epoch}: "
         f"test accuracy {evaluation.accuracy:.4f}",
@@ -151,7 +149,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                     "examples": evaluation.examples,
                     "accuracy": evaluation.accuracy,
                     "loss": evaluation.loss,
-                    "per_class_accuracy": dict(zip(CLASS_NAMES, evaluation.per_class_accuracy)),
+                    "per_class": [dataclasses.asdict(row) for row in evaluation.per_class],
                     "confusion": evaluation.confusion,
                     "confusion_png": str(png),
                 },
@@ -164,9 +162,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     table.add_column("class")
     table.add_column("test images", justify="right")
     table.add_column("accuracy", justify="right")
-    rows = zip(CLASS_NAMES, evaluation.confusion, evaluation.per_class_accuracy)
-    for name, row, accuracy in rows:
-        table.add_row(name, f"{sum(row):,}", f"{accuracy:.4f}")
+    for row in evaluation.per_class:
+        table.add_row(row.name, f"{row.examples:,}", "-" if row.accuracy is None else f"{row.accuracy:.4f}")
     table.add_row("all", f"{evaluation.examples:,}", f"{evaluation.accuracy:.4f}", style="bold")
     console.print(table)
     console.print(f"confusion matrix: {png}", highlight=False)

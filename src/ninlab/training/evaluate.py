@@ -25,6 +25,7 @@ from ninlab.training.pipeline import InputTransform, resize_like_pil
 from ninlab.training.presets import TrainConfig, config_from_dict
 
 __all__ = [
+    "ClassResult",
     "Evaluation",
     "Prediction",
     "TrainedModel",
@@ -38,6 +39,17 @@ __all__ = [
 
 # Fashion-MNIST's images are 28x28; any other picture is first brought to that size.
 SOURCE_SIZE = 28
+
+
+@dataclass(frozen=True)
+class ClassResult:
+    """One class of a labelled set: its images, how many were predicted right, and the ratio (None
+    when the set holds no image of it, as a few `--test-examples` may)."""
+
+    name: str
+    examples: int
+    correct: int
+    accuracy: float | None
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,12 @@ class Evaluation:
         return self.abs_logit_sum / (self.examples * len(self.confusion))
 
     @property
-    def per_class_accuracy(self) -> tuple[float, ...]:
-        return tuple(row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion))
+    def per_class(self) -> tuple[ClassResult, ...]:
+        """A row per class, in the confusion matrix's order."""
+        return tuple(
+            ClassResult(name, sum(row), row[i], row[i] / sum(row) if sum(row) else None)
+            for i, (name, row) in enumerate(zip(self.class_names, self.confusion))
+        )
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:

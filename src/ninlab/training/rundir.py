@@ -5,8 +5,8 @@ exclusive `flock` on it, held until the run ends, with the owner's pid and host 
 for the message a second run gets. The operating system releases a `flock` when its process dies,
 however it dies, so a killed run never holds its directory forever; a second live run is refused
 in one line. Once owned, the temporaries that a killed save left behind are removed (no other
-process writes there). A directory that the run created and left empty (a configuration refused
-before anything was written) is removed again.
+process writes there). Directories that the run created and left empty (a configuration or the
+data refused before anything was written) are removed again, its parents' included.
 
 Where `fcntl` is missing (Windows), the lock file is created exclusively instead and taken over
 when the pid inside it is no longer running on this host.
@@ -37,7 +37,7 @@ LOCK_NAME = ".ninlab.lock"
 def owning(directory: Path, *, option: str = "--output-dir") -> Iterator[Path]:
     """Own `directory` (created if missing) for the block; refuse with a `NinlabError` while
     another live process owns it."""
-    created = not directory.exists()
+    created = _missing(directory)
     output_directory(directory, option=option)
     lock = directory / LOCK_NAME
     descriptor = _take(lock, directory, option)
@@ -46,9 +46,19 @@ def owning(directory: Path, *, option: str = "--output-dir") -> Iterator[Path]:
         yield directory
     finally:
         _release(lock, descriptor)
-        if created:
+        for path in created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something; keep it
-                directory.rmdir()
+                path.rmdir()
+
+
+def _missing(directory: Path) -> list[Path]:
+    """The directory and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
 
 def _owner_text() -> str:

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -221,7 +221,7 @@ def train(
     config: TrainConfig,
     *,
     output_dir: str | os.PathLike[str],
-    data: FashionMNIST,
+    data: FashionMNIST | Callable[[], FashionMNIST],
     resume: bool = False,
     device: str | None = None,
     reporter: Reporter | None = None,
@@ -230,8 +230,10 @@ def train(
 ) -> TrainResult:
     """Train `config` on `data`, writing checkpoint.pt, metrics.jsonl/.csv, curves.png and
     config.json to `output_dir`, which the run owns until it ends (`ninlab.training.rundir`).
-    With `resume`, continue the checkpoint in `output_dir` exactly. A new run whose predicted
-    peak does not fit in the memory available is refused unless `force_memory`."""
+    `data` may be a function that loads it: it is called once the directory is owned and checked,
+    so a refused directory costs no loading. With `resume`, continue the checkpoint in
+    `output_dir` exactly. A new run whose predicted peak does not fit in the memory available is
+    refused unless `force_memory`."""
     context = distributed.start(device)
     try:
         # Rank 0 owns the directory for all ranks: it alone writes there.
@@ -247,7 +249,7 @@ def train(
 def _train(
     config: TrainConfig,
     output_dir: Path,
-    data: FashionMNIST,
+    data: FashionMNIST | Callable[[], FashionMNIST],
     resume: bool,
     context: distributed.Context,
     reporter: Reporter | None,
@@ -377,13 +379,15 @@ class _Run:
 def _prepare(
     config: TrainConfig,
     output_dir: Path,
-    data: FashionMNIST,
+    data: FashionMNIST | Callable[[], FashionMNIST],
     resume: bool,
     context: distributed.Context,
     force_memory: bool,
 ) -> tuple[_Run, _Progress, RunCost | None]:
     """The run, where it stands, and (for a new run) its cost to print."""
     config, state = _checked_config(config, output_dir, resume, context)
+    if callable(data):  # loaded only now: the directory is this run's and may be trained into
+        data = data()
     # The images a run keeps on its device, beside the step's own peak.
     data_bytes = sum(
         split.head(count).images.numel() if count else split.images.numel()

@@ -265,7 +265,7 @@ class SavedChart(_Picture):
 
     model: str
     batch_size: int
-    layers: tuple[str, ...]  # in forward order; "(loss)" for the loss outside any module
+    layers: tuple[str, ...]  # in forward order, as `SavedLayer.layer` names them ("(model)", "(loss)")
     layer_types: tuple[str, ...]
     reasons: tuple[str, ...]
     bytes_by_reason: tuple[tuple[int, ...], ...]  # per reason, one value per layer
@@ -285,7 +285,7 @@ def saved_chart(report: MemoryReport) -> SavedChart:
     return SavedChart(
         model=report.model,
         batch_size=report.batch_size,
-        layers=tuple(layer.module or "(loss)" for layer in layers),
+        layers=tuple(layer.layer for layer in layers),
         layer_types=tuple(layer.module_type if layer.module else "" for layer in layers),
         reasons=tuple(by_reason),
         bytes_by_reason=tuple(tuple(kept.get(layer.module, 0) for layer in layers) for kept in by_reason.values()),

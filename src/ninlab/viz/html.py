@@ -7,18 +7,22 @@ from __future__ import annotations
 import html
 from collections.abc import Collection, Sequence
 
-__all__ = ["html_list", "html_table"]
+__all__ = ["html_list", "html_table", "html_text"]
 
 # Inline styles only: a notebook's own style sheet (Jupyter's classic one centres or right-aligns
 # cells) must not decide which columns line up, and no <style> leaks into the rest of the page.
 _CELL = "padding:0.15rem 0.5rem;text-align:{align};vertical-align:top;white-space:{wrap}"
 
 
-def _cell(tag: str, text: str, *, numeric: bool) -> str:
+def html_text(text: str) -> str:
+    """`text` escaped, its leading indent (a nested layer) kept through HTML's whitespace collapsing."""
     escaped = html.escape(text)
-    # A leading indent (nested layers) survives HTML's whitespace collapsing.
     stripped = escaped.lstrip(" ")
-    escaped = "&nbsp;" * (len(escaped) - len(stripped)) + stripped
+    return "&nbsp;" * (len(escaped) - len(stripped)) + stripped
+
+
+def _cell(tag: str, text: str, *, numeric: bool) -> str:
+    escaped = html_text(text)
     style = _CELL.format(align="right" if numeric else "left", wrap="nowrap" if numeric else "normal")
     return f'<{tag} style="{style}">{escaped}</{tag}>'
 

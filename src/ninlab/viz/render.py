@@ -5,17 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_table
+from ninlab.viz.table import TextTable, markdown_table, rich_table
 
 __all__ = [
     "explanation_lines",
+    "layer_table",
     "print_summary",
     "summary_csv",
     "summary_html",
@@ -90,31 +93,53 @@ def summary_json(summary: Summary) -> str:
     return json.dumps(summary_to_dict(summary), indent=2)
 
 
-_COLUMNS = ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Output size")
-_NUMERIC = ("Params", "Forward FLOPs", "Output size")
-
-
 def _shapes(layer: LayerSummary) -> str:
     """Every output's shape: "2x10" for one, "2x20x16, 1x2x16, 1x2x16" for an LSTM's three."""
     return ", ".join("x".join(map(str, shape)) for shape in layer.output_shapes)
 
 
-def _cells(layer: LayerSummary) -> tuple[str, ...]:
-    name = layer.name or "(model)"
-    return (
-        "  " * max(layer.depth - 1, 0) + name,
-        layer.type,
-        _shapes(layer),
-        layer.rounding,
-        format_count(layer.parameters),
-        format_flops(layer.forward_flops),
-        format_bytes(layer.output_bytes),
+def _field(layer: LayerSummary) -> str:
+    """The receptive field of a window layer's output, "3 (jump 1)", one number per axis when they differ."""
+    if not layer.receptive_field:
+        return ""
+    fields = layer.receptive_field
+    if len({(f.size, f.jump) for f in fields}) == 1:
+        return f"{fields[0].size} (jump {fields[0].jump})"
+    return " x ".join(f"{f.size}" for f in fields) + " (jump " + " x ".join(f"{f.jump}" for f in fields) + ")"
+
+
+@dataclass(frozen=True)
+class _LayerColumn:
+    title: str
+    numeric: bool
+    cell: Callable[[LayerSummary], str]
+    wide: bool = False  # only in the wide table (the HTML report has a page's width)
+
+
+_LAYER_COLUMNS = (
+    _LayerColumn("Layer", False, lambda layer: "  " * max(layer.depth - 1, 0) + (layer.name or "(model)")),
+    _LayerColumn("Type", False, lambda layer: layer.type),
+    _LayerColumn("Output shape", False, _shapes),
+    _LayerColumn("Rounding", False, lambda layer: layer.rounding),
+    _LayerColumn("Params", True, lambda layer: format_count(layer.parameters)),
+    _LayerColumn("Forward FLOPs", True, lambda layer: format_flops(layer.forward_flops)),
+    _LayerColumn("Backward FLOPs", True, lambda layer: format_flops(layer.backward_flops), wide=True),
+    _LayerColumn("Output size", True, lambda layer: format_bytes(layer.output_bytes)),
+    _LayerColumn("Receptive field", True, _field, wide=True),
+)
+
+
+def layer_table(summary: Summary, *, wide: bool = False) -> TextTable:
+    """The summary's per-layer table, the one every format prints: the layers under the model (the
+    model itself when it has none, a bare nn.LSTM), nested ones indented. `wide` adds each layer's
+    backward FLOPs and receptive field."""
+    columns = [column for column in _LAYER_COLUMNS if wide or not column.wide]
+    layers = summary.layers[1:] or summary.layers
+    return TextTable(
+        columns=tuple(column.title for column in columns),
+        numeric=frozenset(column.title for column in columns if column.numeric),
+        rows=tuple(tuple(column.cell(layer) for column in columns) for layer in layers),
     )
-
-
-def _rows(summary: Summary) -> tuple[LayerSummary, ...]:
-    """The layers under the model; the model itself when it has none (a bare nn.LSTM)."""
-    return summary.layers[1:] or summary.layers
 
 
 def _header(summary: Summary) -> str:
@@ -178,12 +203,7 @@ def wide_console() -> Console:
 
 def print_summary(summary: Summary, *, explain: bool = False, console: Console | None = None) -> None:
     console = console or wide_console()
-    table = Table(title=_header(summary), title_justify="left")
-    for column in _COLUMNS:
-        table.add_column(column, justify="right" if column in _NUMERIC else "left", no_wrap=column == "Layer")
-    for layer in _rows(summary):
-        table.add_row(*_cells(layer))
-    console.print(table)
+    console.print(rich_table(layer_table(summary), title=_header(summary)))
     for line in _total_lines(summary):
         console.print(line, highlight=False)
     if explain:
@@ -194,12 +214,8 @@ def print_summary(summary: Summary, *, explain: bool = False, console: Console |
 
 
 def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
-    out = [f"**{_header(summary)}**", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    for layer in _rows(summary):
-        cells = list(_cells(layer))
-        cells[0] = "&nbsp;" * 2 * max(layer.depth - 1, 0) + (layer.name or "(model)")
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    out += [""] + [f"- {line}" for line in _total_lines(summary)]
+    out = [f"**{_header(summary)}**", "", *markdown_table(layer_table(summary)), ""]
+    out += [f"- {line}" for line in _total_lines(summary)]
     if explain:
         out += ["", "Rounding, layer by layer:", ""] + [f"- `{line}`" for line in explanation_lines(summary)]
     return "\n".join(out) + "\n"
@@ -207,8 +223,8 @@ def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
 
 def summary_html(summary: Summary) -> str:
     """The terminal table as HTML, for a notebook (`display(summary)` in Jupyter)."""
-    rows = [_cells(layer) for layer in _rows(summary)]
-    return html_table(_COLUMNS, rows, numeric=_NUMERIC, caption=_header(summary), notes=_total_lines(summary))
+    table = layer_table(summary)
+    return html_table(table.columns, table.rows, numeric=table.numeric, caption=_header(summary), notes=_total_lines(summary))
 
 
 def summary_csv(summary: Summary) -> str:

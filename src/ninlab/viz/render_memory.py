@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from ninlab.analysis.batch import BatchFit, BatchScaling
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
@@ -15,8 +14,9 @@ from ninlab.analysis.memory_report import MemoryReport
 from ninlab.units import format_bytes
 from ninlab.viz.html import html_list, html_table
 from ninlab.viz.render import wide_console
+from ninlab.viz.table import TextTable, markdown_table, rich_table
 
-__all__ = ["memory_html", "memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory"]
+__all__ = ["memory_html", "memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory", "saved_table"]
 
 
 def _bytes(count: float) -> str:
@@ -111,28 +111,26 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
     return lines
 
 
-def _breakdown_rows(report: MemoryReport) -> list[tuple[str, str, str, str]]:
+def _breakdown_table(report: MemoryReport) -> TextTable:
     total = report.breakdown.total_bytes
-    rows = []
-    for name, nbytes in zip(CATEGORIES, report.breakdown.counts()):
-        if nbytes:
-            rows.append((name.replace("_", " "), f"{nbytes:,}", f"{nbytes / total:.1%}", CATEGORY_MEANINGS[name]))
-    return rows
+    rows = tuple(
+        (name.replace("_", " "), f"{nbytes:,}", f"{nbytes / total:.1%}", CATEGORY_MEANINGS[name])
+        for name, nbytes in zip(CATEGORIES, report.breakdown.counts())
+        if nbytes
+    )
+    return TextTable(("At the live peak", "Bytes", "Share", "What it is"), frozenset({"Bytes", "Share"}), rows)
 
 
-def _saved_rows(report: MemoryReport) -> list[tuple[str, str, str, str, str]]:
+def saved_table(report: MemoryReport) -> TextTable:
+    """What each layer keeps for backward, the one table every format prints (the HTML report too):
+    each storage counted once, at the layer that made it (`SavedLayer.layer` names it)."""
     rows = []
     for layer in report.saved_by_layer():
         why = "; ".join(layer.reasons)
         if layer.also_kept_by:
             why += f" (also kept by {', '.join(layer.also_kept_by)}: counted once, here)"
-        rows.append((layer.module or "(loss)", layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
-    return rows
-
-
-_BREAKDOWN_COLUMNS = ("At the live peak", "Bytes", "Share", "What it is")
-_SAVED_COLUMNS = ("Layer", "Type", "Kept for backward", "Share", "Why")
-_NUMERIC = ("Bytes", "Share", "Kept for backward")
+        rows.append((layer.layer, layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
+    return TextTable(("Layer", "Type", "Kept for backward", "Share", "Why"), frozenset({"Kept for backward", "Share"}), tuple(rows))
 
 
 def _saved_title(report: MemoryReport) -> str:
@@ -150,19 +148,9 @@ def print_memory(
     lines = memory_lines(report, scaling=scaling, fit=fit)
     console.print(lines[0], highlight=False, markup=False)
     if report.peak is not None:
-        table = Table(title_justify="left")
-        for column in _BREAKDOWN_COLUMNS:
-            table.add_column(column, justify="right" if column in _NUMERIC else "left")
-        for row in _breakdown_rows(report):
-            table.add_row(*row)
-        console.print(table)
+        console.print(rich_table(_breakdown_table(report)))
     if report.saved:
-        table = Table(title=_saved_title(report), title_justify="left")
-        for column in _SAVED_COLUMNS:
-            table.add_column(column, justify="right" if column in _NUMERIC else "left", no_wrap=column == "Layer")
-        for row in _saved_rows(report):
-            table.add_row(*row)
-        console.print(table)
+        console.print(rich_table(saved_table(report), title=_saved_title(report)))
     for line in lines[1:]:
         console.print(line, highlight=False, markup=False)
 
@@ -171,12 +159,9 @@ def memory_markdown(report: MemoryReport, *, scaling: BatchScaling | None = None
     lines = memory_lines(report, scaling=scaling, fit=fit)
     out = [f"**{lines[0]}**", ""]
     if report.peak is not None:
-        out += ["| " + " | ".join(_BREAKDOWN_COLUMNS) + " |", "|" + "---|" * len(_BREAKDOWN_COLUMNS)]
-        out += ["| " + " | ".join(row) + " |" for row in _breakdown_rows(report)] + [""]
+        out += [*markdown_table(_breakdown_table(report)), ""]
     if report.saved:
-        out += [_saved_title(report), ""]
-        out += ["| " + " | ".join(_SAVED_COLUMNS) + " |", "|" + "---|" * len(_SAVED_COLUMNS)]
-        out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _saved_rows(report)] + [""]
+        out += [_saved_title(report), "", *markdown_table(saved_table(report)), ""]
     out += [f"- {line}" for line in lines[1:]]
     return "\n".join(out) + "\n"
 
@@ -187,9 +172,11 @@ def memory_html(report: MemoryReport, *, scaling: BatchScaling | None = None, fi
     lines = memory_lines(report, scaling=scaling, fit=fit)
     tables = []
     if report.peak is not None:
-        tables.append(html_table(_BREAKDOWN_COLUMNS, _breakdown_rows(report), numeric=_NUMERIC, caption=lines[0]))
+        breakdown = _breakdown_table(report)
+        tables.append(html_table(breakdown.columns, breakdown.rows, numeric=breakdown.numeric, caption=lines[0]))
     if report.saved:
-        tables.append(html_table(_SAVED_COLUMNS, _saved_rows(report), numeric=_NUMERIC, caption=_saved_title(report)))
+        saved = saved_table(report)
+        tables.append(html_table(saved.columns, saved.rows, numeric=saved.numeric, caption=_saved_title(report)))
     prose = lines[1:] if tables else lines
     return "<div>" + "".join(tables) + html_list(prose) + "</div>"
 

@@ -24,7 +24,7 @@ from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.planner import BudgetPlan, plan_budget
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
-from ninlab.analysis.summary import LayerSummary, Summary, summarize
+from ninlab.analysis.summary import Summary, summarize
 from ninlab.outputs import output_path, write_text_atomically
 from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
 from ninlab.viz.charts import (
@@ -43,7 +43,10 @@ from ninlab.viz.charts import (
     saved_chart,
     timeline_chart,
 )
-from ninlab.viz.render import explanation_lines
+from ninlab.viz.html import html_text
+from ninlab.viz.render import explanation_lines, layer_table
+from ninlab.viz.render_memory import saved_table
+from ninlab.viz.table import TextTable
 
 __all__ = ["DEFAULT_BUDGET", "Report", "ReportCharts", "build_report", "report_path"]
 
@@ -187,6 +190,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Seque
     return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _text_table(table: TextTable) -> str:
+    """A table every format prints (the summary's layers, what each layer keeps), with the report's style."""
+    return _table(table.columns, [tuple(html_text(cell) for cell in row) for row in table.rows], table.is_numeric())
+
+
 def _figure(chart: Chart | None, key: str, caption: str) -> str:
     if chart is None:
         return ""
@@ -209,38 +217,10 @@ def _glance(report: Report) -> str:
     return '<div class="glance">' + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items) + "</div>"
 
 
-def _field_text(layer: LayerSummary) -> str:
-    if not layer.receptive_field:
-        return ""
-    sizes = {(f.size, f.jump) for f in layer.receptive_field}
-    if len(sizes) == 1:
-        field = layer.receptive_field[0]
-        return f"{field.size} (jump {field.jump})"
-    return " x ".join(f"{f.size}" for f in layer.receptive_field) + " (jump " + " x ".join(f"{f.jump}" for f in layer.receptive_field) + ")"
-
-
 def _layers_section(report: Report) -> str:
     summary = report.summary
-    rows = []
-    for layer in summary.layers[1:]:
-        indent = "&nbsp;&nbsp;" * max(layer.depth - 1, 0)
-        rows.append((
-            indent + _e(layer.name),
-            _e(layer.type),
-            _e(_shape(layer.output_shape) if layer.output_shape else ""),
-            _e(layer.rounding),
-            _e(format_count(layer.parameters)),
-            _e(format_flops(layer.forward_flops)),
-            _e(format_flops(layer.backward_flops)),
-            _e(format_bytes(layer.output_bytes)),
-            _e(_field_text(layer)),
-        ))
+    table = _text_table(layer_table(summary, wide=True))
     t = summary.totals
-    table = _table(
-        ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Backward FLOPs", "Output size", "Receptive field"),
-        rows,
-        (False, False, False, False, True, True, True, True, True),
-    )
     totals = (
         f"<p>Parameters: {_e(format_count(t.parameters))} ({_e(format_count(t.weights))} weights + "
         f"{_e(format_count(t.biases))} biases; {_e(format_count(t.trainable_parameters))} trainable), "
@@ -324,25 +304,6 @@ def _peak_text(report: MemoryReport) -> str:
     return text
 
 
-def _saved_table(report: MemoryReport) -> str:
-    rows = [
-        (
-            _e(layer.module or "(loss)"),
-            _e(layer.module_type),
-            _e(format_bytes(layer.counted_bytes)),
-            _e(f"{layer.share:.1%}"),
-            "<br>".join(_e(reason) for reason in layer.reasons),
-            _e(", ".join(layer.also_kept_by)),
-        )
-        for layer in report.saved_by_layer()
-    ]
-    return _table(
-        ("Layer", "Type", "Kept for backward", "Share", "Why autograd keeps it", "Also kept by (counted here once)"),
-        rows,
-        (False, False, True, True, False, False),
-    )
-
-
 def _memory_section(report: Report) -> str:
     train, infer, study = report.train, report.infer, report.batch
     parts = [
@@ -370,7 +331,7 @@ def _memory_section(report: Report) -> str:
     if report.charts.saved is not None:
         parts.append("<h3>What each layer keeps for backward</h3>")
         parts.append(_figure(report.charts.saved, "saved", "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it."))
-        parts.append(_saved_table(train))
+        parts.append(_text_table(saved_table(train)))
     fit, scaling = study.fit, study.scaling
     parts.append("<h3>Batch size</h3>")
     parts.append(
