@@ -74,10 +74,12 @@ __all__ = [
     "cpu_kernel_allocations",
     "flash_attention_allocations",
     "mkldnn_conv_backward_allocations",
+    "mkldnn_conv_channels_last_backward_allocations",
     "mkldnn_conv_channels_last_forward_allocations",
     "mkldnn_conv_forward_allocations",
     "mkldnn_depthwise_conv_channels_last_backward_allocations",
     "onednn_channel_block",
+    "onednn_weight_gradient_batch_threads",
     "peak_above_start_bytes",
     "unmodelled_reason",
 ]
@@ -377,6 +379,194 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
     return tuple(allocations)
 
 
+def onednn_weight_gradient_batch_threads(
+    *,
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    input_spatial: Sequence[int],
+    output_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    threads: int,
+) -> int:
+    """How many threads oneDNN's float32 jit backward-weights kernel splits the batch over
+    (`nthr_mb`) for a channels-last, ungrouped 2-d convolution: each beyond the first reduces
+    into a scratchpad. The thread split is oneDNN's own cost model, redone here: `balance()` in
+    src/cpu/x64/jit_avx512_common_conv_kernel.cpp (kh x kw > 1) and in
+    jit_avx512_common_1x1_conv_kernel.cpp (1x1, unstrided), for the channels-last (nxc) layout,
+    channel blocks of 16 (an input with fewer channels is one block). Checked against the
+    profiler for 17 shapes with 2 threads: a scratchpad appears exactly where this says 2."""
+    in_block = in_channels if in_channels < 16 else 16
+    in_blocks, out_blocks = -(-in_channels // in_block), -(-out_channels // 16)
+    positions_in, positions_out = prod(input_spatial), prod(output_spatial)
+    kernel_size = prod(kernel)
+    if kernel_size == 1:
+        # The 1x1 kernel reduces over output positions in blocks of 7 to 16, splitting
+        # batch x position blocks; its cost model has no compute step.
+        reduce_block = _best_divider(positions_out, 7, 16)
+        reduce_work = batch * -(-positions_out // reduce_block)
+
+        def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
+            rows = -(-reduce_work // on_batch)
+            return (
+                rows * -(-in_blocks // on_in) * 16 * reduce_block // stride[0] // stride[1]
+                + rows * -(-out_blocks // on_out) * 16 * reduce_block
+                + 12 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * 256
+            )
+
+        most_on_batch = min(threads, reduce_work)
+        return _batch_split(memory_cost, None, most_on_batch, threads, in_blocks, out_blocks, batch)
+
+    def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
+        images = -(-batch // on_batch)
+        return (
+            images * -(-in_blocks // on_in) * in_block * positions_in // stride[0] // stride[1]
+            + images * -(-out_blocks // on_out) * 16 * positions_out
+            + 8 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * kernel_size * in_block * 16
+        )
+
+    def compute_cost(on_batch: int, on_out: int, on_in: int) -> int:
+        return -(-batch // on_batch) * -(-out_blocks // on_out) * -(-in_blocks // on_in)
+
+    return _batch_split(memory_cost, compute_cost, min(threads, batch), threads, in_blocks, out_blocks, batch)
+
+
+def _batch_split(
+    memory_cost: Any,
+    compute_cost: Any,
+    most_on_batch: int,
+    threads: int,
+    in_blocks: int,
+    out_blocks: int,
+    batch: int,
+) -> int:
+    """oneDNN's `balance()`: the split (batch, output-channel blocks, input-channel blocks) of
+    least memory cost, then (jit kernel) one of lower compute cost within 110% of that memory
+    cost, or 25% less compute; returns the threads on the batch."""
+    splits = [
+        (on_batch, on_out, min(threads // on_batch // on_out, in_blocks))
+        for on_batch in range(1, most_on_batch + 1)
+        for on_out in range(1, min(threads // on_batch, out_blocks) + 1)
+    ]
+    best, best_memory = (1, 1, 1), memory_cost(1, 1, 1)
+    for split in splits:
+        if memory_cost(*split) <= best_memory:
+            best, best_memory = split, memory_cost(*split)
+    if compute_cost is not None:
+        best_compute = compute_cost(*best)
+        for split in splits:
+            compute = compute_cost(*split)
+            if (compute <= best_compute and memory_cost(*split) < 1.1 * best_memory) or (
+                4 * compute <= 3 * best_compute
+            ):
+                best, best_compute = split, compute
+    on_batch = best[0]
+    if threads // 2 < on_batch < threads:
+        on_batch = min(batch, threads)
+    return on_batch
+
+
+def _best_divider(value: int, smallest: int, largest: int) -> int:
+    """oneDNN's utils best_divider(value, min, max, find_max=true): the divider in [min, max]
+    leaving the least remainder, the largest such."""
+    best, best_remainder = largest, value % largest
+    for divider in range(largest, smallest - 1, -1):
+        if value % divider < best_remainder:
+            best, best_remainder = divider, value % divider
+    return best
+
+
+# oneDNN books a barrier and aligns its scratchpad: 8,320 bytes beside the per-thread weight
+# gradients, whatever the shape (measured for 1x1 and 3x3 kernels, 16 to 96 channels).
+_REDUCTION_OVERHEAD_BYTES = 8320
+
+
+def mkldnn_conv_channels_last_backward_allocations(
+    *,
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    grad_output_shape: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    output_mask: Sequence[bool] = (True, True, True),
+    copies: Sequence[str] = (),
+    itemsize: int = 4,
+    block: int = 16,
+    threads: int = 2,
+) -> tuple[KernelAllocation, ...]:
+    """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
+    the cases left out: strided backward-data, strided 1x1 weight gradients, a first layer's or a
+    jit bias gradient reduced across threads).
+
+    `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
+    ATen copies into it first and frees last. grad_input (output_mask[0]) is allocated
+    channels-last and written in place by brg_conv_bwd, with the weights reordered (input
+    channels padded to the block) and a brgemm scratchpad of 4,224 + 4,120 bytes per thread.
+    The weight gradient comes from the jit kernel in oneDNN's blocked layout (both channel
+    counts padded; a first layer's input channels as they are), with a scratchpad holding the
+    per-thread gradients of every batch thread beyond the first (see
+    `onednn_weight_gradient_batch_threads`; weights and padded bias for kh x kw > 1, weights only
+    for 1x1, plus 8,320) and the padded bias when the output channels do not fill blocks; then
+    the blocked bias gradient, the bias gradient, and ATen's dense copy of the weight gradient
+    and its channels-last copy (the output). Measured, 16->16 3x3 at batch 2 on 16x16, 2
+    threads, no bias: [32,768, 9,216, 12,464, -12,464, -9,216, 9,216, 17,600, -17,600, 9,216,
+    9,216, -9,216, -9,216].
+    """
+    sizes = _ConvSizes.of(input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block)
+    copy_bytes = {"grad_output": sizes.output_bytes, "input": sizes.input_bytes, "weight": sizes.weight_bytes}
+    copied = [KernelAllocation(copy_bytes[name], f"channels-last copy of the {name}") for name in copies]
+    allocations: list[KernelAllocation] = list(copied)
+    padded_in = _pad(sizes.in_channels, block)
+    if output_mask[0]:
+        weights = KernelAllocation(
+            sizes.out_channels * padded_in * sizes.kernel * itemsize, "weights for backward-data"
+        )
+        scratchpad = KernelAllocation(4224 + 4120 * threads, "brgemm scratchpad")
+        allocations += [
+            KernelAllocation(sizes.input_bytes, "grad_input", output=0),
+            weights,
+            scratchpad,
+            *_frees([scratchpad, weights]),
+        ]
+    grad_bias = bool(output_mask[2])
+    if output_mask[1] or grad_bias:
+        first_layer = sizes.in_channels < block
+        padded_out = _pad(sizes.out_channels, block)
+        blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
+        on_batch = onednn_weight_gradient_batch_threads(
+            batch=sizes.batch,
+            in_channels=sizes.in_channels,
+            out_channels=sizes.out_channels,
+            input_spatial=input_shape[2:],
+            output_spatial=grad_output_shape[2:],
+            kernel=weight_shape[2:],
+            stride=stride,
+            threads=threads,
+        )
+        scratchpad_bytes = 0
+        if on_batch > 1:
+            per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
+            scratchpad_bytes = per_thread * (on_batch - 1) * itemsize + _REDUCTION_OVERHEAD_BYTES
+        if grad_bias and sizes.out_channels % block != 0:
+            scratchpad_bytes += sizes.padded_bias_bytes
+        scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
+        bias_bytes = sizes.out_channels * itemsize
+        blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
+        blocked = KernelAllocation(blocked_weights * itemsize, "blocked grad_weight")
+        dense = KernelAllocation(sizes.weight_bytes, "dense grad_weight")
+        allocations += [
+            blocked,
+            *scratchpad,
+            *blocked_bias,
+            *_frees(scratchpad),
+            *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
+            dense,
+            KernelAllocation(sizes.weight_bytes, "grad_weight (channels-last copy)", output=1),
+            *_frees([dense, blocked, *blocked_bias]),
+        ]
+    return (*allocations, *_frees(copied))
+
+
 def mkldnn_conv_backward_allocations(
     *,
     grad_output_shape: Sequence[int],
@@ -616,7 +806,7 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         if conv.grad_output is None:
             return None
         if not depthwise:
-            return "channels-last oneDNN convolution backward (brgemm scratchpads by shape)"
+            return _channels_last_backward_reason(conv, block)
         if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
             return "channels-last depthwise backward of a kernel size or gradients not measured"
         return None
@@ -636,6 +826,36 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             "grouped oneDNN convolution whose channels per group are not a multiple of the "
             "channel block"
         )
+    return None
+
+
+def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
+    """Why an ungrouped channels-last backward's blocks are not known, or None when
+    `mkldnn_conv_channels_last_backward_allocations` gives them."""
+    stride, _, dilation = conv.window[:3]
+    kernel = tuple(conv.weight.shape[2:])
+    strided = any(step > 1 for step in stride)
+    in_channels = conv.input.shape[1]
+    if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
+        return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
+    if conv.output_mask[0] and (strided or in_channels < block):
+        return "strided or first-layer channels-last backward-data (brgconv_strided scratchpad by shape)"
+    if not (conv.output_mask[1] or conv.output_mask[2]):
+        return None
+    if strided and kernel == (1, 1):
+        return "strided 1x1 channels-last weight gradient (oneDNN's reduce-to-unit-stride buffers)"
+    on_batch = onednn_weight_gradient_batch_threads(
+        batch=conv.input.shape[0],
+        in_channels=in_channels,
+        out_channels=conv.weight.shape[0],
+        input_spatial=conv.input.shape[2:],
+        output_spatial=conv.grad_output.shape[2:],
+        kernel=kernel,
+        stride=stride,
+        threads=torch.get_num_threads(),
+    )
+    if on_batch > 1 and (in_channels < block or (conv.output_mask[2] and kernel != (1, 1))):
+        return "channels-last weight gradient of a first layer or with a bias, reduced across threads"
     return None
 
 
@@ -754,6 +974,22 @@ def flash_attention_allocations(
 def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | None:
     if conv.backend != "Mkldnn":
         return None  # the Slow2d path `unmodelled_reason` lets through: a matrix multiply
+    if conv.grad_output is not None and conv.channels_last and conv.window[5] == 1:
+        copies = [
+            name
+            for name, tensor in (("grad_output", conv.grad_output), ("input", conv.input), ("weight", conv.weight))
+            if not tensor.is_contiguous(memory_format=torch.channels_last)
+        ]
+        return mkldnn_conv_channels_last_backward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            grad_output_shape=tuple(conv.grad_output.shape),
+            stride=tuple(conv.window[0]),
+            output_mask=conv.output_mask,
+            copies=copies,
+            block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
+        )
     if conv.grad_output is not None and conv.channels_last:
         return mkldnn_depthwise_conv_channels_last_backward_allocations(
             input_shape=tuple(conv.input.shape),
