@@ -530,7 +530,7 @@ def mkldnn_conv_channels_last_backward_allocations(
         ]
     grad_bias = bool(output_mask[2])
     if output_mask[1] or grad_bias:
-        first_layer = sizes.in_channels < block
+        first_layer = sizes.in_channels < block and sizes.kernel > 1  # 1x1: padded all the same
         padded_out = _pad(sizes.out_channels, block)
         blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
         on_batch = onednn_weight_gradient_batch_threads(
@@ -838,8 +838,10 @@ def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
     in_channels = conv.input.shape[1]
     if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
         return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
-    if conv.output_mask[0] and (strided or in_channels < block):
-        return "strided or first-layer channels-last backward-data (brgconv_strided scratchpad by shape)"
+    if conv.output_mask[0] and strided:
+        return "strided channels-last backward-data (brgconv_strided: scratchpads by shape)"
+    if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
+        return "channels-last backward-data of a first layer (fewer input channels than a block)"
     if not (conv.output_mask[1] or conv.output_mask[2]):
         return None
     if strided and kernel == (1, 1):
