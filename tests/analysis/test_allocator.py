@@ -407,3 +407,31 @@ def test_flash_attention_allocations_match_the_profiler(
     backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
     assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_allocations(str(forward), (q, k, v)))
     assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_allocations(str(backward), backward_args))
+
+
+@pytest.mark.machine
+@pytest.mark.parametrize("mask_shape", [(256, 256), (4, 4, 256, 256), (4, 1, 1, 256)])
+def test_flash_attention_allocations_do_not_depend_on_the_mask(mask_shape: tuple[int, ...], threads: Callable[[int], None]) -> None:
+    """An `attn_mask` reaches the CPU flash kernel as a keyword (a bool mask first becomes a
+    float one through `where`, an op the trace sees); the kernel adds it to each score block in
+    place, so its blocks are those of the unmasked call, which the rule gives from query and key."""
+    threads(2)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 4, 256, 24) for _ in range(3))
+    mask = torch.randn(mask_shape)
+    forward = aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    out, lse = forward(q, k, v, attn_mask=mask)[:2]
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
+    assert op_allocations(lambda: forward(q, k, v, attn_mask=mask)) == deltas(cpu_allocations(str(forward), (q, k, v)))
+    measured = op_allocations(lambda: backward(*backward_args, attn_mask=mask))
+    assert measured == deltas(cpu_allocations(str(backward), backward_args))
+
+
+@pytest.mark.parametrize(("shape", "dim", "dtype"), [((4, 4, 64, 64), -1, torch.float32), ((3, 5, 7, 9), 1, torch.float32), ((2, 100, 37), -1, torch.bfloat16)])
+def test_safe_softmax_holds_bool_masks(shape: tuple[int, ...], dim: int, dtype: torch.dtype) -> None:
+    """The softmax of attention's math path (a mask that needs a gradient) allocates bool masks
+    of the -inf scores and rows beside its output."""
+    x = torch.randn(shape, dtype=dtype)
+    args = (x, dim)
+    assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(cpu_allocations("aten._safe_softmax.default", args))
