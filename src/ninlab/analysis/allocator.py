@@ -390,14 +390,16 @@ def onednn_weight_gradient_batch_threads(
     kernel: Sequence[int],
     stride: Sequence[int],
     threads: int,
+    channels_last: bool = True,
 ) -> int:
     """How many threads oneDNN's float32 jit backward-weights kernel splits the batch over
-    (`nthr_mb`) for a channels-last, ungrouped 2-d convolution: each beyond the first reduces
-    into a scratchpad. The thread split is oneDNN's own cost model, redone here: `balance()` in
-    src/cpu/x64/jit_avx512_common_conv_kernel.cpp (kh x kw > 1) and in
-    jit_avx512_common_1x1_conv_kernel.cpp (1x1, unstrided), for the channels-last (nxc) layout,
-    channel blocks of 16 (an input with fewer channels is one block). Checked against the
-    profiler for 17 shapes with 2 threads: a scratchpad appears exactly where this says 2."""
+    (`nthr_mb`) for an ungrouped 2-d convolution: each beyond the first reduces into a
+    scratchpad. The thread split is oneDNN's own cost model, redone here: `balance()` in
+    src/cpu/x64/jit_avx512_common_conv_kernel.cpp (kh x kw > 1; in NCHW with more than 9 output
+    rows it splits batch x rows, its "2d reduction") and in jit_avx512_common_1x1_conv_kernel.cpp
+    (1x1, unstrided), channel blocks of 16 (an input with fewer channels is one block). Checked
+    against the profiler for 27 shapes, NCHW and channels-last, with 2 threads: a scratchpad
+    appears exactly where this says 2."""
     in_block = in_channels if in_channels < 16 else 16
     in_blocks, out_blocks = -(-in_channels // in_block), -(-out_channels // 16)
     positions_in, positions_out = prod(input_spatial), prod(output_spatial)
@@ -419,18 +421,25 @@ def onednn_weight_gradient_batch_threads(
         most_on_batch = min(threads, reduce_work)
         return _batch_split(memory_cost, None, most_on_batch, threads, in_blocks, out_blocks, batch)
 
+    # The 2d reduction splits input and output rows with the batch; each then counts one row.
+    rows_split = not channels_last and output_spatial[0] > 9
+    in_rows, out_rows = (input_spatial[0], output_spatial[0]) if rows_split else (1, 1)
+    row_batches = batch * (max(1, output_spatial[0] // 9) if rows_split else 1)
+
     def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
-        images = -(-batch // on_batch)
         return (
-            images * -(-in_blocks // on_in) * in_block * positions_in // stride[0] // stride[1]
-            + images * -(-out_blocks // on_out) * 16 * positions_out
+            -(-batch * in_rows // on_batch) * -(-in_blocks // on_in) * in_block * (positions_in // in_rows)
+            // stride[0] // stride[1]
+            + -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * 16 * (positions_out // out_rows)
             + 8 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * kernel_size * in_block * 16
         )
 
     def compute_cost(on_batch: int, on_out: int, on_in: int) -> int:
-        return -(-batch // on_batch) * -(-out_blocks // on_out) * -(-in_blocks // on_in)
+        return -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * -(-in_blocks // on_in)
 
-    return _batch_split(memory_cost, compute_cost, min(threads, batch), threads, in_blocks, out_blocks, batch)
+    return _batch_split(
+        memory_cost, compute_cost, min(threads, row_batches), threads, in_blocks, out_blocks, row_batches
+    )
 
 
 def _batch_split(
@@ -444,7 +453,8 @@ def _batch_split(
 ) -> int:
     """oneDNN's `balance()`: the split (batch, output-channel blocks, input-channel blocks) of
     least memory cost, then (jit kernel) one of lower compute cost within 110% of that memory
-    cost, or 25% less compute; returns the threads on the batch."""
+    cost, or 25% less compute; returns the threads on the batch (at most `batch`, the work the
+    batch split shares out, when more than half the threads but not all took it)."""
     splits = [
         (on_batch, on_out, min(threads // on_batch // on_out, in_blocks))
         for on_batch in range(1, most_on_batch + 1)
@@ -483,6 +493,51 @@ def _best_divider(value: int, smallest: int, largest: int) -> int:
 _REDUCTION_OVERHEAD_BYTES = 8320
 
 
+def _weight_gradient_scratchpad_bytes(
+    sizes: _ConvSizes,
+    *,
+    blocked_weights: int,
+    input_shape: Sequence[int],
+    grad_output_shape: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    grad_bias: bool,
+    threads: int,
+    channels_last: bool,
+) -> int:
+    """The scratchpad oneDNN's float32 jit backward-weights kernel books for an ungrouped
+    convolution, NCHW or channels-last (0 for none): when it splits the batch over threads, the
+    per-thread weight gradients (`blocked_weights` elements, plus the padded bias for kh x kw >
+    1) of every thread beyond the first and 8,320 bytes; with several threads, 12,352 more for a
+    bias gradient of one output-channel block, the batch split or not (16->16, 3->16, 96->10
+    3x3, NCHW and channels-last; none with 24 to 96 output channels, nor for a 1x1); and the
+    bias padded to whole blocks (4 bytes per padded channel + 128)."""
+    on_batch = onednn_weight_gradient_batch_threads(
+        batch=sizes.batch,
+        in_channels=sizes.in_channels,
+        out_channels=sizes.out_channels,
+        input_spatial=input_shape[2:],
+        output_spatial=grad_output_shape[2:],
+        kernel=kernel,
+        stride=stride,
+        threads=threads,
+        channels_last=channels_last,
+    )
+    padded_out = _pad(sizes.out_channels, sizes.block)
+    scratchpad = 0
+    if on_batch > 1:
+        per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
+        scratchpad = per_thread * (on_batch - 1) * sizes.itemsize + _REDUCTION_OVERHEAD_BYTES
+    if grad_bias and threads > 1 and sizes.kernel > 1 and padded_out == sizes.block:
+        scratchpad += _ONE_BLOCK_BIAS_REDUCTION_BYTES
+    if grad_bias and sizes.out_channels % sizes.block != 0:
+        scratchpad += sizes.padded_bias_bytes
+    return scratchpad
+
+
+_ONE_BLOCK_BIAS_REDUCTION_BYTES = 12352
+
+
 def mkldnn_conv_channels_last_backward_allocations(
     *,
     input_shape: Sequence[int],
@@ -496,8 +551,7 @@ def mkldnn_conv_channels_last_backward_allocations(
     threads: int = 2,
 ) -> tuple[KernelAllocation, ...]:
     """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
-    the cases left out: strided backward-data, strided 1x1 weight gradients, the bias gradient
-    of one output-channel block reduced across threads).
+    the cases left out: strided backward-data, strided 1x1 weight gradients).
 
     `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
     ATen copies into it first and frees last. grad_input (output_mask[0]) is allocated
@@ -534,22 +588,17 @@ def mkldnn_conv_channels_last_backward_allocations(
         first_layer = sizes.in_channels < block and sizes.kernel > 1  # 1x1: padded all the same
         padded_out = _pad(sizes.out_channels, block)
         blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
-        on_batch = onednn_weight_gradient_batch_threads(
-            batch=sizes.batch,
-            in_channels=sizes.in_channels,
-            out_channels=sizes.out_channels,
-            input_spatial=input_shape[2:],
-            output_spatial=grad_output_shape[2:],
+        scratchpad_bytes = _weight_gradient_scratchpad_bytes(
+            sizes,
+            blocked_weights=blocked_weights,
+            input_shape=input_shape,
+            grad_output_shape=grad_output_shape,
             kernel=weight_shape[2:],
             stride=stride,
+            grad_bias=grad_bias,
             threads=threads,
+            channels_last=True,
         )
-        scratchpad_bytes = 0
-        if on_batch > 1:
-            per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
-            scratchpad_bytes = per_thread * (on_batch - 1) * itemsize + _REDUCTION_OVERHEAD_BYTES
-        if grad_bias and sizes.out_channels % block != 0:
-            scratchpad_bytes += sizes.padded_bias_bytes
         scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
         bias_bytes = sizes.out_channels * itemsize
         blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
@@ -573,7 +622,7 @@ def mkldnn_conv_backward_allocations(
     grad_output_shape: Sequence[int],
     input_shape: Sequence[int],
     weight_shape: Sequence[int],
-    strided: bool = False,
+    stride: Sequence[int] = (1, 1),
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
     block: int = 16,
@@ -583,22 +632,36 @@ def mkldnn_conv_backward_allocations(
     input gradient (output_mask[0]) by the blocked or, for a strided convolution, the
     channels-last path, then the weight and bias gradients (output_mask[1:]).
 
-    Measured for NiN's 96->96 1x1 conv at batch 2, 54x54: [2,239,488, 36,864, 2,239,488,
-    -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, (45,184 scratchpad
-    with 2 threads, not modelled), 384, -2,239,488, -2,239,488, 384, 36,864, -36,864, -384].
+    Measured for NiN's 96->96 1x1 conv at batch 2, 54x54, 2 threads: [2,239,488, 36,864,
+    2,239,488, -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, 45,184
+    (the weight-gradient scratchpad), 384, -45,184, -2,239,488, -2,239,488, 384, 36,864, -36,864,
+    -384].
     """
     sizes = _ConvSizes.of(
         input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block
     )
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
-        if strided and sizes.groups == 1:
+        if any(step > 1 for step in stride) and sizes.groups == 1:
             allocations += _conv_grad_input_strided(sizes)
         else:
             allocations += _conv_grad_input_blocked(sizes)
     if output_mask[1] or output_mask[2]:
+        scratchpad = 0
+        if sizes.groups == 1:
+            scratchpad = _weight_gradient_scratchpad_bytes(
+                sizes,
+                blocked_weights=sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input) // itemsize,
+                input_shape=input_shape,
+                grad_output_shape=grad_output_shape,
+                kernel=weight_shape[2:],
+                stride=stride,
+                grad_bias=bool(output_mask[2]),
+                threads=threads,
+                channels_last=False,
+            )
         allocations += _conv_grad_weight_and_bias(
-            sizes, grad_weight=output_mask[1], grad_bias=output_mask[2], threads=threads
+            sizes, grad_weight=output_mask[1], grad_bias=output_mask[2], scratchpad_bytes=scratchpad
         )
     return tuple(allocations)
 
@@ -649,11 +712,13 @@ def _conv_grad_input_strided(sizes: _ConvSizes) -> list[KernelAllocation]:
 
 
 def _conv_grad_weight_and_bias(
-    sizes: _ConvSizes, *, grad_weight: bool, grad_bias: bool, threads: int
+    sizes: _ConvSizes, *, grad_weight: bool, grad_bias: bool, scratchpad_bytes: int
 ) -> list[KernelAllocation]:
     """Weight and bias gradients: blocked grad_output again, blocked input (when it has a block's
-    worth of channels), blocked weight gradient, blocked bias gradient; free the grad_output and
-    input copies; bias gradient, weight gradient; free the blocked ones."""
+    worth of channels), blocked weight gradient, the scratchpad (`_weight_gradient_scratchpad_bytes`
+    for an ungrouped convolution; a grouped one's, with several threads, is not modelled),
+    blocked bias gradient; free the scratchpad and the
+    grad_output and input copies; bias gradient, weight gradient; free the blocked ones."""
     grad_output = KernelAllocation(sizes.blocked_output_bytes, "blocked grad_output")
     blocked_input = (
         [KernelAllocation(sizes.blocked_input_bytes, "blocked input")] if sizes.blocks_input else []
@@ -661,20 +726,16 @@ def _conv_grad_weight_and_bias(
     blocked_grad_weight = KernelAllocation(
         sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input), "blocked grad_weight"
     )
-    # A padded bias-gradient buffer, as in the forward (not for a depthwise convolution, whose
-    # forward pads its bias); with several threads it is part of the reduction scratchpad
-    # instead (not modelled).
-    padded = grad_bias and threads == 1 and sizes.pads_bias and not sizes.depthwise
-    padded_bias = [KernelAllocation(sizes.padded_bias_bytes, "padded grad_bias")] if padded else []
+    scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
     bias_bytes = sizes.out_channels * sizes.itemsize
     blocked_grad_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
     return [
         grad_output,
         *blocked_input,
         blocked_grad_weight,
-        *padded_bias,
+        *scratchpad,
         *blocked_grad_bias,
-        *_frees([*padded_bias, *blocked_input, grad_output]),
+        *_frees([*scratchpad, *blocked_input, grad_output]),
         *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
         *([KernelAllocation(sizes.weight_bytes, "grad_weight", output=1)] if grad_weight else []),
         *_frees([blocked_grad_weight, *blocked_grad_bias]),
@@ -872,20 +933,6 @@ def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
         return None
     if strided and kernel == (1, 1):
         return "strided 1x1 channels-last weight gradient (oneDNN's reduce-to-unit-stride buffers)"
-    on_batch = onednn_weight_gradient_batch_threads(
-        batch=conv.input.shape[0],
-        in_channels=in_channels,
-        out_channels=conv.weight.shape[0],
-        input_spatial=conv.input.shape[2:],
-        output_spatial=conv.grad_output.shape[2:],
-        kernel=kernel,
-        stride=stride,
-        threads=torch.get_num_threads(),
-    )
-    # Measured: a bias gradient reduced across threads adds 12,352 bytes when the output channels
-    # are one block (16->16 3x3, 3->16 3x3), none with 24 to 48 channels; not pinned down.
-    if on_batch > 1 and conv.output_mask[2] and kernel != (1, 1) and conv.weight.shape[0] <= block:
-        return "channels-last bias gradient of one output-channel block, reduced across threads"
     return None
 
 
@@ -1061,7 +1108,7 @@ def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | No
         grad_output_shape=tuple(conv.grad_output.shape),
         input_shape=tuple(conv.input.shape),
         weight_shape=tuple(conv.weight.shape),
-        strided=any(step > 1 for step in conv.window[0]),
+        stride=tuple(conv.window[0]),
         output_mask=conv.output_mask,
         block=onednn_channel_block(),
         threads=torch.get_num_threads(),
