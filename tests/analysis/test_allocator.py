@@ -172,15 +172,13 @@ def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, 
         {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 1, "stride": 2},  # ResNet's downsampling shortcut
         {"batch": 2, "cin": 3, "cout": 10, "size": 32, "kernel": 3, "stride": 2, "padding": 1},
         {"batch": 2, "cin": 16, "cout": 96, "size": 32, "kernel": 7, "stride": 2, "padding": 3},
+        {"batch": 2, "cin": 64, "cout": 128, "size": 56, "kernel": 3, "stride": 2, "padding": 1},
     ],
 )
-def test_strided_conv_backward_matches_but_for_scratchpads(shape: dict, threads: Callable[[int], None]) -> None:
+def test_strided_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
     threads(2)
     args, call = conv_backward(**shape)
-    predicted = deltas(cpu_allocations("aten.convolution_backward.default", args))
-    measured, scratchpads = without_scratchpads(op_allocations(call), predicted)
-    assert measured == predicted
-    assert all(size < 512 * 1024 for size in scratchpads)  # brgemm/reduction scratchpads: small
+    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution_backward.default", args))
 
 
 def test_unmodelled_convolutions_say_why() -> None:
@@ -190,8 +188,8 @@ def test_unmodelled_convolutions_say_why() -> None:
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
     assert cpu_allocations("aten.convolution.default", bf16) is None
     grad = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
-    strided = ([2, 2], *window[1:])
-    channels_last = (grad, x.to(memory_format=torch.channels_last), w, [16], *strided, [True, True, True])
+    patchify = (torch.randn(16, 16, 2, 2), None, [2, 2], [0, 0], *window[2:])
+    channels_last = (grad, x.to(memory_format=torch.channels_last), *patchify, [True, True, True])
     assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
 
 
@@ -246,13 +244,14 @@ def test_channels_last_depthwise_backward_allocations_match_the_profiler(shape: 
     assert measured == deltas(cpu_allocations("aten.convolution_backward.default", backward))
 
 
-def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, bias: bool = False, mask: tuple[bool, ...] = (True, True, False), contiguous: str = ""):
+def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int | None = None, bias: bool = False, mask: tuple[bool, ...] = (True, True, False), contiguous: str = ""):
     """An ungrouped convolution_backward's arguments with input, weight and grad_output
-    channels-last but the one `contiguous` names (NCHW, as ATen would copy it)."""
+    channels-last but the one `contiguous` names (NCHW, as ATen would copy it); "same" padding
+    unless given."""
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, kernel, kernel).contiguous(memory_format=torch.channels_last)
-    window = ([stride] * 2, [kernel // 2 if stride == 1 else 0] * 2, [1, 1], False, [0, 0], 1)
+    window = ([stride] * 2, [kernel // 2 if padding is None else padding] * 2, [1, 1], False, [0, 0], 1)
     grad = torch.randn_like(aten.convolution.default(x, w, None, *window))
     tensors = {"grad_output": grad, "input": x, "weight": w}
     if contiguous:
@@ -278,8 +277,13 @@ def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kern
         {"batch": 2, "cin": 10, "cout": 10, "size": 5, "kernel": 1},  # NiN's 10-class 1x1: channels under a block
         {"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 1, "bias": True, "mask": (True, True, True)},  # padded bias in the scratchpad
         {"batch": 2, "cin": 3, "cout": 32, "size": 32, "kernel": 3, "mask": (False, True, False)},  # a first layer
-        {"batch": 2, "cin": 3, "cout": 32, "size": 32, "kernel": 4, "stride": 4, "bias": True, "mask": (False, True, True)},  # ConvNeXt's stem
+        {"batch": 2, "cin": 3, "cout": 32, "size": 32, "kernel": 4, "stride": 4, "padding": 0, "bias": True, "mask": (False, True, True)},  # ConvNeXt's stem
         {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "stride": 2, "mask": (False, True, False)},
+        {"batch": 2, "cin": 48, "cout": 80, "size": 28, "kernel": 3, "stride": 2},  # brgconv_strided
+        {"batch": 4, "cin": 112, "cout": 64, "size": 16, "kernel": 3, "stride": 2, "bias": True, "mask": (True, True, True)},
+        {"batch": 2, "cin": 256, "cout": 512, "size": 14, "kernel": 1, "stride": 2, "mask": (True, False, False)},
+        {"batch": 2, "cin": 40, "cout": 80, "size": 28, "kernel": 1, "stride": 2, "bias": True, "mask": (True, True, True)},  # reduce to unit stride
+        {"batch": 2, "cin": 64, "cout": 128, "size": 32, "kernel": 1, "stride": 2, "mask": (False, True, False)},
         {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "contiguous": "weight"},  # weight copied
         {"batch": 4, "cin": 128, "cout": 32, "size": 8, "kernel": 1, "contiguous": "grad_output"},  # grad_output copied
         {"batch": 2, "cin": 16, "cout": 16, "size": 16, "kernel": 3, "bias": True, "mask": (False, True, True)},  # one-block bias
@@ -303,18 +307,19 @@ def test_channels_last_backward_data_scratchpad_grows_with_threads(threads: Call
 
 @pytest.mark.machine
 @pytest.mark.parametrize(
-    ("shape", "reason"),
+    "shape",
     [
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "stride": 2}, "strided channels-last backward-data"),
-        ({"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 1, "stride": 2, "mask": (False, True, False)}, "strided 1x1"),
+        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 2, "stride": 2, "padding": 0},  # patchify
+        {"batch": 2, "cin": 48, "cout": 80, "size": 28, "kernel": 3, "stride": 2, "padding": 0},
+        {"batch": 4, "cin": 112, "cout": 64, "size": 15, "kernel": 3, "stride": 2},  # odd input
     ],
 )
-def test_unmodelled_channels_last_backward_says_why(shape: dict, reason: str, threads: Callable[[int], None]) -> None:
-    """Left out: brgconv_strided's scratchpads vary with the shape (61,488 to 192,560 bytes
-    measured), and a strided 1x1 weight gradient reduces to unit stride in buffers of its own."""
+def test_unmodelled_channels_last_backward_says_why(shape: dict, threads: Callable[[int], None]) -> None:
+    """Left out: brgconv_strided's scratchpad where kernel and stride are equal (patchify), the
+    padding is not "same" or the stride does not divide the input follows no rule found."""
     threads(2)
     args = conv_channels_last_backward(**shape)
-    assert reason in unmodelled_reason("aten.convolution_backward.default", args)
+    assert "not of a measured kind" in unmodelled_reason("aten.convolution_backward.default", args)
 
 
 @pytest.mark.machine

@@ -82,6 +82,8 @@ __all__ = [
     "onednn_weight_gradient_batch_threads",
     "peak_above_start_bytes",
     "safe_softmax_allocations",
+    "strided_backward_data_modelled",
+    "strided_backward_data_scratchpad_bytes",
     "unmodelled_reason",
 ]
 
@@ -524,6 +526,11 @@ def _weight_gradient_scratchpad_bytes(
         channels_last=channels_last,
     )
     padded_out = _pad(sizes.out_channels, sizes.block)
+    if sizes.kernel == 1 and any(step > 1 for step in stride):
+        # A strided 1x1 first copies its input at the output positions, per thread ("reduce to
+        # unit stride"): measured 32->64, 32->128, 64->32 at 16x16 stride 2, NCHW and
+        # channels-last; its batch split was not seen (not modelled).
+        return threads * sizes.in_channels * sizes.out_positions * sizes.itemsize + 128
     scratchpad = 0
     if on_batch > 1:
         per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
@@ -551,7 +558,7 @@ def mkldnn_conv_channels_last_backward_allocations(
     threads: int = 2,
 ) -> tuple[KernelAllocation, ...]:
     """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
-    the cases left out: strided backward-data, strided 1x1 weight gradients).
+    the cases left out: backward-data whose kernel equals its stride).
 
     `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
     ATen copies into it first and frees last. grad_input (output_mask[0]) is allocated
@@ -573,10 +580,19 @@ def mkldnn_conv_channels_last_backward_allocations(
     allocations: list[KernelAllocation] = list(copied)
     padded_in = _pad(sizes.in_channels, block)
     if output_mask[0]:
-        weights = KernelAllocation(
-            sizes.out_channels * padded_in * sizes.kernel * itemsize, "weights for backward-data"
-        )
-        scratchpad = KernelAllocation(4224 + 4120 * threads, "brgemm scratchpad")
+        weight_bytes = sizes.out_channels * padded_in * sizes.kernel * itemsize
+        scratchpad_bytes = 4224 + 4120 * threads
+        if any(step > 1 for step in stride):
+            weight_bytes = _strided_backward_data_weight_bytes(sizes)
+            scratchpad_bytes = strided_backward_data_scratchpad_bytes(
+                out_channels=sizes.out_channels,
+                output_spatial=grad_output_shape[2:],
+                kernel=weight_shape[2:],
+                stride=stride,
+                threads=threads,
+            )
+        weights = KernelAllocation(weight_bytes, "weights for backward-data")
+        scratchpad = KernelAllocation(scratchpad_bytes, "brgemm scratchpad")
         allocations += [
             KernelAllocation(sizes.input_bytes, "grad_input", output=0),
             weights,
@@ -623,6 +639,7 @@ def mkldnn_conv_backward_allocations(
     input_shape: Sequence[int],
     weight_shape: Sequence[int],
     stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
     block: int = 16,
@@ -643,7 +660,19 @@ def mkldnn_conv_backward_allocations(
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
         if any(step > 1 for step in stride) and sizes.groups == 1:
-            allocations += _conv_grad_input_strided(sizes)
+            kernel = weight_shape[2:]
+            scratchpad = (
+                strided_backward_data_scratchpad_bytes(
+                    out_channels=sizes.out_channels,
+                    output_spatial=grad_output_shape[2:],
+                    kernel=kernel,
+                    stride=stride,
+                    threads=threads,
+                )
+                if strided_backward_data_modelled(kernel, stride, padding, input_shape[2:])
+                else 0
+            )
+            allocations += _conv_grad_input_strided(sizes, scratchpad)
         else:
             allocations += _conv_grad_input_blocked(sizes)
     if output_mask[1] or output_mask[2]:
@@ -685,20 +714,57 @@ def _conv_grad_input_blocked(sizes: _ConvSizes) -> list[KernelAllocation]:
     ]
 
 
-def _conv_grad_input_strided(sizes: _ConvSizes) -> list[KernelAllocation]:
+def _strided_backward_data_weight_bytes(sizes: _ConvSizes) -> int:
+    """Weights reordered for brgconv_strided's backward-data: input channels padded to 16 up to
+    16, to a multiple of 32 above (measured 16, 40, 48, 80, 112, 144 -> 16, 64, 64, 96, 128,
+    160; 96 stays 96)."""
+    in_block = sizes.block if sizes.in_channels <= sizes.block else 2 * sizes.block
+    return sizes.out_channels * _pad(sizes.in_channels, in_block) * sizes.kernel * sizes.itemsize
+
+
+def strided_backward_data_modelled(
+    kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], input_spatial: Sequence[int]
+) -> bool:
+    """Whether `strided_backward_data_scratchpad_bytes` knows this strided backward-data: an
+    unpadded 1x1 kernel, or overlapping windows with "same" padding (3x3 padding 1, 5x5 padding
+    2, 7x7 padding 3, stride 2: ResNet's and MobileNet's), over an input the stride divides.
+    Elsewhere the scratchpad follows another rule, not pinned down: kernel equal to stride
+    (patchify convs), 3x3 unpadded (48->80 on 28x28: 192,560 bytes, the rule says 159,792), an
+    odd input (112->64 3x3 on 15x15: 98,352, the rule says 94,256)."""
+    return all(
+        ((size == 1 and pad == 0) or (size > step and pad == (size - 1) // 2)) and extent % step == 0
+        for size, step, pad, extent in zip(kernel, stride, padding, input_spatial)
+    )
+
+
+def strided_backward_data_scratchpad_bytes(
+    *, out_channels: int, output_spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int], threads: int
+) -> int:
+    """The scratchpad of oneDNN's brgconv_strided backward-data (float32, NCHW or channels-last):
+    12,288 bytes, and per thread 8,216 and a copy of grad_output with ceil((k - 1) / stride) more
+    rows and columns, rounded up to 16 KB. Fitted on 13 shapes (3x3 and 1x1 stride 2, 16 to 128
+    output channels, 2 threads, and 1 thread twice), confirmed on 6 it was not fitted on, up to
+    913,456 bytes (64->128 3x3 stride 2 on 56x56)."""
+    rows, columns = (
+        size + -(-(window - 1) // step) for size, window, step in zip(output_spatial, kernel, stride)
+    )
+    copy = -(-(out_channels * rows * columns * 4) // 16384) * 16384
+    return 12288 + threads * (8216 + copy)
+
+
+def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[KernelAllocation]:
     """grad_input of a strided, ungrouped convolution: oneDNN's brgconv_strided works on
     channels-last (acdb) grad_output and grad_input with weights whose input channels are padded
-    (Bcda16b); PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than
-    one channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2
-    on 32x32: [32,768, 9,216, 131,072, (94,256 brgemm scratchpad, not modelled), -9,216,
-    -32,768, 131,072, 131,072, -131,072, -131,072]."""
+    (`_strided_backward_data_weight_bytes`) and a scratchpad (`strided_backward_data_scratchpad_bytes`, 0 where not known);
+    PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than one
+    channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2 on
+    32x32, 2 threads: [32,768, 9,216, 131,072, 94,256, -94,256, -9,216, -32,768, 131,072,
+    131,072, -131,072, -131,072]."""
     grad_output = KernelAllocation(sizes.output_bytes, "channels-last grad_output")
-    weights = KernelAllocation(
-        sizes.out_channels * _pad(sizes.in_channels, sizes.block) * sizes.kernel * sizes.itemsize,
-        "weights for backward-data",
-    )
+    weights = KernelAllocation(_strided_backward_data_weight_bytes(sizes), "weights for backward-data")
     channels_last = KernelAllocation(sizes.input_bytes, "channels-last grad_input")
-    computed = [grad_output, weights, channels_last, *_frees([weights, grad_output])]
+    scratchpad = [KernelAllocation(scratchpad_bytes, "brgemm scratchpad")] if scratchpad_bytes else []
+    computed = [grad_output, weights, channels_last, *scratchpad, *_frees([*scratchpad, weights, grad_output])]
     if sizes.in_channels == 1:  # one channel: channels-last is NCHW already, no clone
         grad_input = KernelAllocation(sizes.input_bytes, "grad_input", output=0)
         return [*computed, grad_input, *_frees([channels_last])]
@@ -905,6 +971,14 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             "strided backward-data with one input channel "
             "(oneDNN picks its jit or brgemm kernel by heuristics)"
         )
+    kernel = tuple(conv.weight.shape[2:])
+    if (
+        conv.output_mask[:1] == (True,)
+        and strided
+        and groups == 1
+        and not strided_backward_data_modelled(kernel, *conv.window[:2], conv.input.shape[2:])
+    ):
+        return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
     out_per_group = conv.weight.shape[0] // groups
     depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
     # A depthwise convolution pads its groups to the block, whatever their number.
@@ -925,14 +999,12 @@ def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
     in_channels = conv.input.shape[1]
     if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
         return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
-    if conv.output_mask[0] and strided:
-        return "strided channels-last backward-data (brgconv_strided: scratchpads by shape)"
+    if conv.output_mask[0] and strided and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:]):
+        return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
     if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
         return "channels-last backward-data of a first layer (fewer input channels than a block)"
     if not (conv.output_mask[1] or conv.output_mask[2]):
         return None
-    if strided and kernel == (1, 1):
-        return "strided 1x1 channels-last weight gradient (oneDNN's reduce-to-unit-stride buffers)"
     return None
 
 
@@ -1109,6 +1181,7 @@ def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | No
         input_shape=tuple(conv.input.shape),
         weight_shape=tuple(conv.weight.shape),
         stride=tuple(conv.window[0]),
+        padding=tuple(conv.window[1]),
         output_mask=conv.output_mask,
         block=onednn_channel_block(),
         threads=torch.get_num_threads(),
