@@ -20,23 +20,30 @@ replays them against the profiler. What they cover:
   weights and grad_input, then again (grad_output, input) for the weight gradient. A strided
   convolution's grad_input comes from oneDNN's brgconv_strided kernel in channels-last layout,
   which PyTorch copies into a new NCHW tensor and clones to make it contiguous: three
-  input-sized blocks at once (ResNet's downsampling convolutions).
-  Not modelled: the backward-weights scratchpad oneDNN asks for when more than one thread
-  reduces weight gradients, and the brgemm scratchpad of a strided backward-data (22 to 320 KB
-  for the CNNs in the tests; NiN at batch 128 is left 270,424 bytes, 0.02%, under its measured
-  allocator peak). A depthwise convolution (one channel per group) of any width pads its
-  groups to the block in every blocked copy, weights and bias included.
+  input-sized blocks at once (ResNet's downsampling convolutions), beside a brgemm scratchpad
+  (`strided_backward_data_scratchpad_bytes`: a per-thread copy of grad_output, known for 1x1
+  and "same"-padded stride-2 convolutions; elsewhere, as where kernel equals stride, the
+  report flags it). When oneDNN's jit kernel splits the weight gradient's batch over threads
+  (`onednn_weight_gradient_batch_threads`, its own cost model redone), it reduces the
+  per-thread gradients in a scratchpad (NiN at batch 128 is now exact; it was 270,424 bytes
+  under). A depthwise convolution (one channel per group) of any width pads its groups to the
+  block in every blocked copy, weights and bias included; a grouped convolution's reduction
+  scratchpad with several threads is not modelled.
 * Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
   input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
   forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
   size per thread, reordered weights, and a channels-last copy of an input or weight not yet in
   it); backward of a 3x3, 5x5 or 7x7 depthwise convolution, whose 5x5 and 7x7 weight gradient
-  takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2).
-  Not modelled: other channels-last backward passes (brgemm scratchpads that vary with the
-  shape), bfloat16 convolutions and bfloat16 matrix multiplies (AMX brgemm scratchpads: a
-  bf16 `mm` of 128x64 by 64x256 takes 42,624 bytes beside its output, of 512x256 by 256x64
-  75,392); `unmodelled_reason` names the convolutions, and the report flags the allocator
-  level as a lower bound wherever one runs.
+  takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2);
+  backward of an ungrouped convolution (`mkldnn_conv_channels_last_backward_allocations`:
+  grad_input in place beside a brgemm scratchpad, then the weight gradient in oneDNN's blocked
+  layout, its reduction scratchpad as in NCHW, and ATen's dense and channels-last copies).
+  Not modelled: grouped (not depthwise) channels-last convolutions, the backward-data of a
+  strided convolution whose scratchpad follows no rule found (kernel equal to stride, as in
+  ConvNeXt's downsampling and patchify convs), bfloat16 convolutions and bfloat16 matrix
+  multiplies (AMX brgemm scratchpads: a bf16 `mm` of 128x64 by 64x256 takes 42,624 bytes
+  beside its output, of 512x256 by 256x64 75,392); `unmodelled_reason` names the
+  convolutions, and the report flags the allocator level as a lower bound wherever one runs.
 * Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a
   batch under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace.
 * `aten.native_batch_norm` (per-channel temporaries) and `aten.native_batch_norm_backward`: with
@@ -45,7 +52,12 @@ replays them against the profiler. What they cover:
   batch_norm_backward_cpu_template), so an input-sized block is held through the op.
 * CPU flash attention (`F.scaled_dot_product_attention`, and `nn.MultiheadAttention` without
   attention weights), float32: per-thread float32 blocks of scores beside the outputs, and in
-  backward a query-sized buffer (`flash_attention_allocations`).
+  backward a query-sized buffer (`flash_attention_allocations`). An `attn_mask` (a keyword of
+  the op; a bool one is first made float by `where`, which the trace sees) is added to each
+  score block in place and changes none of these blocks (measured, so the rule reads only
+  query and key). A mask that needs a gradient (a learned position bias) sends the CPU to the
+  math path, ops the trace sees, whose `_safe_softmax` holds bool masks beside its output
+  (`safe_softmax_allocations`).
 * Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
   to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed within the op.
 
