@@ -505,6 +505,9 @@ def _best_divider(value: int, smallest: int, largest: int) -> int:
 # oneDNN books a barrier and aligns its scratchpad: 8,320 bytes beside the per-thread weight
 # gradients, whatever the shape (measured for 1x1 and 3x3 kernels, 16 to 96 channels).
 _REDUCTION_OVERHEAD_BYTES = 8320
+# What a bias gradient of one output-channel block adds with several threads (see
+# `_weight_gradient_scratchpad_bytes`), not derived from oneDNN's source.
+_ONE_BLOCK_BIAS_REDUCTION_BYTES = 12352
 
 
 def _weight_gradient_scratchpad_bytes(
@@ -526,6 +529,11 @@ def _weight_gradient_scratchpad_bytes(
     bias gradient of one output-channel block, the batch split or not (16->16, 3->16, 96->10
     3x3, NCHW and channels-last; none with 24 to 96 output channels, nor for a 1x1); and the
     bias padded to whole blocks (4 bytes per padded channel + 128)."""
+    if sizes.kernel == 1 and any(step > 1 for step in stride):
+        # A strided 1x1 first copies its input at the output positions, per thread ("reduce to
+        # unit stride"): measured 32->64, 32->128, 64->32 at 16x16 stride 2 and 40->80 with a
+        # bias at 28x28, NCHW and channels-last; a batch split beside it was not seen.
+        return threads * sizes.in_channels * sizes.out_positions * sizes.itemsize + 128
     on_batch = onednn_weight_gradient_batch_threads(
         batch=sizes.batch,
         in_channels=sizes.in_channels,
@@ -538,11 +546,6 @@ def _weight_gradient_scratchpad_bytes(
         channels_last=channels_last,
     )
     padded_out = _pad(sizes.out_channels, sizes.block)
-    if sizes.kernel == 1 and any(step > 1 for step in stride):
-        # A strided 1x1 first copies its input at the output positions, per thread ("reduce to
-        # unit stride"): measured 32->64, 32->128, 64->32 at 16x16 stride 2, NCHW and
-        # channels-last; its batch split was not seen (not modelled).
-        return threads * sizes.in_channels * sizes.out_positions * sizes.itemsize + 128
     scratchpad = 0
     if on_batch > 1:
         per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
@@ -552,9 +555,6 @@ def _weight_gradient_scratchpad_bytes(
     if grad_bias and sizes.out_channels % sizes.block != 0:
         scratchpad += sizes.padded_bias_bytes
     return scratchpad
-
-
-_ONE_BLOCK_BIAS_REDUCTION_BYTES = 12352
 
 
 def mkldnn_conv_channels_last_backward_allocations(
@@ -570,12 +570,13 @@ def mkldnn_conv_channels_last_backward_allocations(
     threads: int = 2,
 ) -> tuple[KernelAllocation, ...]:
     """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
-    the cases left out: backward-data whose kernel equals its stride).
+    the cases left out: a strided backward-data of a kind not measured, such as patchify's).
 
     `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
     ATen copies into it first and frees last. grad_input (output_mask[0]) is allocated
     channels-last and written in place by brg_conv_bwd, with the weights reordered (input
-    channels padded to the block) and a brgemm scratchpad of 4,224 + 4,120 bytes per thread.
+    channels padded to the block) and a brgemm scratchpad of 4,224 + 4,120 bytes per thread
+    (strided: brgconv_strided's, `strided_backward_data_scratchpad_bytes`).
     The weight gradient comes from the jit kernel in oneDNN's blocked layout (both channel
     counts padded; a first layer's input channels as they are), with a scratchpad holding the
     per-thread gradients of every batch thread beyond the first (see
