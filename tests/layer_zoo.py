@@ -1,7 +1,8 @@
 """Small networks made of the layer kinds modern vision models add to the CNN zoo (`cnn_zoo.py`):
 SiLU and squeeze-excitation with stochastic depth (EfficientNet's MBConv), 7x7 depthwise convs
 with LayerNorm over channels-last activations (ConvNeXt), and attention (a ViT encoder, with
-`nn.MultiheadAttention` and with `F.scaled_dot_product_attention`). The memory tests check each
+`nn.MultiheadAttention` and with `F.scaled_dot_product_attention`, also with a learned position
+bias as its mask). The memory tests check each
 against a real run, at both levels; `deep_mbconv` is a network of about 200 modules for the
 prediction-speed budget.
 
@@ -10,6 +11,8 @@ input size (C, H, W), as `cnn_zoo.ZOO` does.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from cnn_zoo import ZooEntry
@@ -168,30 +171,35 @@ def convnext_ln(*, in_channels: int = 3, num_classes: int = 10, width: int = 32)
 
 
 class SdpaAttention(nn.Module):
-    """Multi-head self-attention written with `F.scaled_dot_product_attention` (timm's ViT)."""
+    """Multi-head self-attention written with `F.scaled_dot_product_attention` (timm's ViT); with
+    `bias_tokens`, a learned position bias over that many tokens is its `attn_mask` (Swin's
+    relative position bias), which sends the CPU to the math path."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, *, bias_tokens: int = 0) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.position_bias = nn.Parameter(torch.zeros(heads, bias_tokens, bias_tokens)) if bias_tokens else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=self.position_bias)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class EncoderBlock(nn.Module):
     """Pre-norm transformer block: LayerNorm, attention, residual; LayerNorm, MLP (GELU), residual."""
 
-    def __init__(self, dim: int, heads: int, *, multihead: bool) -> None:
+    def __init__(self, dim: int, heads: int, *, multihead: bool, bias_tokens: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.multihead = multihead
         self.attention: nn.Module = (
-            nn.MultiheadAttention(dim, heads, batch_first=True) if multihead else SdpaAttention(dim, heads)
+            nn.MultiheadAttention(dim, heads, batch_first=True)
+            if multihead
+            else SdpaAttention(dim, heads, bias_tokens=bias_tokens)
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
@@ -219,15 +227,22 @@ class MeanTokens(nn.Module):
 
 
 def attention_net(
-    *, in_channels: int = 3, num_classes: int = 10, dim: int = 64, heads: int = 4, image_size: int = 32
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    dim: int = 64,
+    heads: int = 4,
+    image_size: int = 32,
+    position_bias: bool = False,
 ) -> nn.Module:
     """A tiny ViT: 4x4 patches, one block with `nn.MultiheadAttention` and one with
-    `F.scaled_dot_product_attention`, mean over tokens, LayerNorm, linear head."""
+    `F.scaled_dot_product_attention` (given a learned position bias as its mask when
+    `position_bias`), mean over tokens, LayerNorm, linear head."""
     tokens = (image_size // 4) ** 2
     return nn.Sequential(
         PatchEmbedding(in_channels, dim, 4, tokens),
         EncoderBlock(dim, heads, multihead=True),
-        EncoderBlock(dim, heads, multihead=False),
+        EncoderBlock(dim, heads, multihead=False, bias_tokens=tokens if position_bias else 0),
         MeanTokens(),
         nn.LayerNorm(dim),
         nn.Linear(dim, num_classes),
@@ -238,5 +253,6 @@ LAYER_ZOO: dict[str, ZooEntry] = {
     "mbconv_silu": ZooEntry(mbconv_silu, (3, 32, 32)),
     "convnext_ln": ZooEntry(convnext_ln, (3, 32, 32)),
     "attention_net": ZooEntry(attention_net, (3, 32, 32)),
+    "attention_bias_net": ZooEntry(partial(attention_net, position_bias=True), (3, 32, 32)),
     "deep_mbconv": ZooEntry(deep_mbconv, (3, 32, 32)),
 }

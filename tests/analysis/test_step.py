@@ -95,16 +95,15 @@ def test_batch_size_checks(value: object, message: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_channels_last_prediction_equals_measurement(mode: str) -> None:
-    """The layout the trainer runs in: live storage is exact; the allocator level is within 1% in
-    inference (channels-last forward convolutions are modelled) and says it is a lower bound in
-    training (their backward, but for depthwise ones, is not)."""
+    """The layout the trainer runs in: live storage is exact and the allocator level within 1%,
+    in training too (channels-last convolution backward is modelled: NiN training at batch 2 was
+    17% under before)."""
     model = resolve_model("nin-d2l-bn")
     spec = StepSpec(input_size=(1, 72, 72), mode=mode, optimizer="nesterov", memory_format="channels_last")  # type: ignore[arg-type]
     report = predict_memory(model, spec, batch_size=4)
     measured = measure(model, spec, batch_size=4)
     assert report.live_peak_bytes == measured.live_peak_bytes
-    assert report.allocator.lower_bound == (mode == "train")
-    if mode == "infer":
-        assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
-    else:
+    if report.allocator.lower_bound:  # only off AVX-512, where oneDNN's blocks were not measured
         assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
+    else:
+        assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)

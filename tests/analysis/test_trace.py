@@ -103,3 +103,17 @@ def test_batch_norm_statistics_stay_float32_under_autocast():
     assert {(o.outputs[0].dtype, o.outputs[1].dtype, o.outputs[2].dtype) for o in norms} == {
         (torch.bfloat16, torch.float32, torch.float32)
     }
+
+
+def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
+    """The CPU kernel writes batch norm's grad_input in its channels-last input's layout even when
+    grad_output arrives NCHW (from average pooling); the fake kernel would give it NCHW, and the
+    convolution backward before it would be predicted to copy it (MobileNet: 32 KB over)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    )
+    step = record_step(model, StepSpec(input_size=(16, 8, 8), memory_format="channels_last"), 4)
+    (conv_backward,) = [op for op in step.recording.ops if op.op == "aten.convolution_backward.default"]
+    assert conv_backward.cpu_allocations is not None, conv_backward.cpu_unmodelled
+    assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]

@@ -20,21 +20,28 @@ replays them against the profiler. What they cover:
   weights and grad_input, then again (grad_output, input) for the weight gradient. A strided
   convolution's grad_input comes from oneDNN's brgconv_strided kernel in channels-last layout,
   which PyTorch copies into a new NCHW tensor and clones to make it contiguous: three
-  input-sized blocks at once (ResNet's downsampling convolutions).
-  Not modelled: the backward-weights scratchpad oneDNN asks for when more than one thread
-  reduces weight gradients, and the brgemm scratchpad of a strided backward-data (22 to 320 KB
-  for the CNNs in the tests; NiN at batch 128 is left 270,424 bytes, 0.02%, under its measured
-  allocator peak). A depthwise convolution (one channel per group) of any width pads its
-  groups to the block in every blocked copy, weights and bias included.
+  input-sized blocks at once (ResNet's downsampling convolutions), beside a brgemm scratchpad
+  (`strided_backward_data_scratchpad_bytes`: a per-thread copy of grad_output, known for 1x1
+  and "same"-padded stride-2 convolutions; elsewhere, as where kernel equals stride, the
+  report flags it). When oneDNN's jit kernel splits the weight gradient's batch over threads
+  (`onednn_weight_gradient_batch_threads`, its own cost model redone), it reduces the
+  per-thread gradients in a scratchpad (NiN at batch 128 is now exact; it was 270,424 bytes
+  under). A depthwise convolution (one channel per group) of any width pads its groups to the
+  block in every blocked copy, weights and bias included; a grouped convolution's reduction
+  scratchpad with several threads is not modelled.
 * Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
   input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
   forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
   size per thread, reordered weights, and a channels-last copy of an input or weight not yet in
   it); backward of a 3x3, 5x5 or 7x7 depthwise convolution, whose 5x5 and 7x7 weight gradient
-  takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2).
-  Not modelled: other channels-last backward passes (brgemm scratchpads that vary with the
-  shape); `unmodelled_reason` names the convolutions, and the report flags the allocator
-  level as a lower bound wherever one runs.
+  takes a scratchpad of 1 KB per weight element (25 times ConvNeXt's activation at batch 2);
+  backward of an ungrouped convolution (`mkldnn_conv_channels_last_backward_allocations`:
+  grad_input in place beside a brgemm scratchpad, then the weight gradient in oneDNN's blocked
+  layout, its reduction scratchpad as in NCHW, and ATen's dense and channels-last copies).
+  Not modelled: grouped (not depthwise) channels-last convolutions, the backward-data of a
+  strided convolution whose scratchpad follows no rule found (kernel equal to stride, as in
+  ConvNeXt's downsampling and patchify convs); `unmodelled_reason` names the convolutions, and
+  the report flags the allocator level as a lower bound wherever one runs.
 * bfloat16 convolutions and matrix multiplies (bf16 autocast) follow `ninlab.analysis.onednn_bf16`
   (`_bf16_rule` dispatches there): exact for depthwise forward passes and for matrix multiplies
   too small for oneDNN; elsewhere the channels-last copies, dense copies and contiguous clones are
@@ -48,7 +55,12 @@ replays them against the profiler. What they cover:
   batch_norm_backward_cpu_template), so an input-sized block is held through the op.
 * CPU flash attention (`F.scaled_dot_product_attention`, and `nn.MultiheadAttention` without
   attention weights), float32: per-thread float32 blocks of scores beside the outputs, and in
-  backward a query-sized buffer (`flash_attention_allocations`).
+  backward a query-sized buffer (`flash_attention_allocations`). An `attn_mask` (a keyword of
+  the op; a bool one is first made float by `where`, which the trace sees) is added to each
+  score block in place and changes none of these blocks (measured, so the rule reads only
+  query and key). A mask that needs a gradient (a learned position bias) sends the CPU to the
+  math path, ops the trace sees, whose `_safe_softmax` holds bool masks beside its output
+  (`safe_softmax_allocations`).
 * Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
   to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed within the op.
 
@@ -77,11 +89,16 @@ __all__ = [
     "cpu_kernel_allocations",
     "flash_attention_allocations",
     "mkldnn_conv_backward_allocations",
+    "mkldnn_conv_channels_last_backward_allocations",
     "mkldnn_conv_channels_last_forward_allocations",
     "mkldnn_conv_forward_allocations",
     "mkldnn_depthwise_conv_channels_last_backward_allocations",
     "onednn_channel_block",
+    "onednn_weight_gradient_batch_threads",
     "peak_above_start_bytes",
+    "safe_softmax_allocations",
+    "strided_backward_data_modelled",
+    "strided_backward_data_scratchpad_bytes",
     "unmodelled_reason",
 ]
 
@@ -380,12 +397,265 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
     return tuple(allocations)
 
 
+def onednn_weight_gradient_batch_threads(
+    *,
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    input_spatial: Sequence[int],
+    output_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    threads: int,
+    channels_last: bool = True,
+) -> int:
+    """How many threads oneDNN's float32 jit backward-weights kernel splits the batch over
+    (`nthr_mb`) for an ungrouped 2-d convolution: each beyond the first reduces into a
+    scratchpad. The thread split is oneDNN's own cost model, redone here: `balance()` in
+    src/cpu/x64/jit_avx512_common_conv_kernel.cpp (kh x kw > 1; in NCHW with more than 9 output
+    rows it splits batch x rows, its "2d reduction") and in jit_avx512_common_1x1_conv_kernel.cpp
+    (1x1, unstrided), channel blocks of 16 (an input with fewer channels is one block). Checked
+    against the profiler for 27 shapes, NCHW and channels-last, with 2 threads: a scratchpad
+    appears exactly where this says 2."""
+    in_block = in_channels if in_channels < 16 else 16
+    in_blocks, out_blocks = -(-in_channels // in_block), -(-out_channels // 16)
+    positions_in, positions_out = prod(input_spatial), prod(output_spatial)
+    kernel_size = prod(kernel)
+    if kernel_size == 1:
+        # The 1x1 kernel reduces over output positions in blocks of 7 to 16, splitting
+        # batch x position blocks; its cost model has no compute step.
+        reduce_block = _best_divider(positions_out, 7, 16)
+        reduce_work = batch * -(-positions_out // reduce_block)
+
+        def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
+            rows = -(-reduce_work // on_batch)
+            return (
+                rows * -(-in_blocks // on_in) * 16 * reduce_block // stride[0] // stride[1]
+                + rows * -(-out_blocks // on_out) * 16 * reduce_block
+                + 12 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * 256
+            )
+
+        most_on_batch = min(threads, reduce_work)
+        return _batch_split(memory_cost, None, most_on_batch, threads, in_blocks, out_blocks, batch)
+
+    # The 2d reduction splits input and output rows with the batch; each then counts one row.
+    rows_split = not channels_last and output_spatial[0] > 9
+    in_rows, out_rows = (input_spatial[0], output_spatial[0]) if rows_split else (1, 1)
+    row_batches = batch * (max(1, output_spatial[0] // 9) if rows_split else 1)
+
+    def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
+        return (
+            -(-batch * in_rows // on_batch) * -(-in_blocks // on_in) * in_block * (positions_in // in_rows)
+            // stride[0] // stride[1]
+            + -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * 16 * (positions_out // out_rows)
+            + 8 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * kernel_size * in_block * 16
+        )
+
+    def compute_cost(on_batch: int, on_out: int, on_in: int) -> int:
+        return -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * -(-in_blocks // on_in)
+
+    return _batch_split(
+        memory_cost, compute_cost, min(threads, row_batches), threads, in_blocks, out_blocks, row_batches
+    )
+
+
+def _batch_split(
+    memory_cost: Any,
+    compute_cost: Any,
+    most_on_batch: int,
+    threads: int,
+    in_blocks: int,
+    out_blocks: int,
+    batch: int,
+) -> int:
+    """oneDNN's `balance()`: the split (batch, output-channel blocks, input-channel blocks) of
+    least memory cost, then (jit kernel) one of lower compute cost within 110% of that memory
+    cost, or 25% less compute; returns the threads on the batch (at most `batch`, the work the
+    batch split shares out, when more than half the threads but not all took it)."""
+    splits = [
+        (on_batch, on_out, min(threads // on_batch // on_out, in_blocks))
+        for on_batch in range(1, most_on_batch + 1)
+        for on_out in range(1, min(threads // on_batch, out_blocks) + 1)
+    ]
+    best, best_memory = (1, 1, 1), memory_cost(1, 1, 1)
+    for split in splits:
+        if memory_cost(*split) <= best_memory:
+            best, best_memory = split, memory_cost(*split)
+    if compute_cost is not None:
+        best_compute = compute_cost(*best)
+        for split in splits:
+            compute = compute_cost(*split)
+            if (compute <= best_compute and memory_cost(*split) < 1.1 * best_memory) or (
+                4 * compute <= 3 * best_compute
+            ):
+                best, best_compute = split, compute
+    on_batch = best[0]
+    if threads // 2 < on_batch < threads:
+        on_batch = min(batch, threads)
+    return on_batch
+
+
+def _best_divider(value: int, smallest: int, largest: int) -> int:
+    """oneDNN's utils best_divider(value, min, max, find_max=true): the divider in [min, max]
+    leaving the least remainder, the largest such."""
+    best, best_remainder = largest, value % largest
+    for divider in range(largest, smallest - 1, -1):
+        if value % divider < best_remainder:
+            best, best_remainder = divider, value % divider
+    return best
+
+
+# oneDNN books a barrier and aligns its scratchpad: 8,320 bytes beside the per-thread weight
+# gradients, whatever the shape (measured for 1x1 and 3x3 kernels, 16 to 96 channels).
+_REDUCTION_OVERHEAD_BYTES = 8320
+# What a bias gradient of one output-channel block adds with several threads (see
+# `_weight_gradient_scratchpad_bytes`), not derived from oneDNN's source.
+_ONE_BLOCK_BIAS_REDUCTION_BYTES = 12352
+
+
+def _weight_gradient_scratchpad_bytes(
+    sizes: _ConvSizes,
+    *,
+    blocked_weights: int,
+    input_shape: Sequence[int],
+    grad_output_shape: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    grad_bias: bool,
+    threads: int,
+    channels_last: bool,
+) -> int:
+    """The scratchpad oneDNN's float32 jit backward-weights kernel books for an ungrouped
+    convolution, NCHW or channels-last (0 for none): when it splits the batch over threads, the
+    per-thread weight gradients (`blocked_weights` elements, plus the padded bias for kh x kw >
+    1) of every thread beyond the first and 8,320 bytes; with several threads, 12,352 more for a
+    bias gradient of one output-channel block, the batch split or not (16->16, 3->16, 96->10
+    3x3, NCHW and channels-last; none with 24 to 96 output channels, nor for a 1x1); and the
+    bias padded to whole blocks (4 bytes per padded channel + 128)."""
+    if sizes.kernel == 1 and any(step > 1 for step in stride):
+        # A strided 1x1 first copies its input at the output positions, per thread ("reduce to
+        # unit stride"): measured 32->64, 32->128, 64->32 at 16x16 stride 2 and 40->80 with a
+        # bias at 28x28, NCHW and channels-last; a batch split beside it was not seen.
+        return threads * sizes.in_channels * sizes.out_positions * sizes.itemsize + 128
+    on_batch = onednn_weight_gradient_batch_threads(
+        batch=sizes.batch,
+        in_channels=sizes.in_channels,
+        out_channels=sizes.out_channels,
+        input_spatial=input_shape[2:],
+        output_spatial=grad_output_shape[2:],
+        kernel=kernel,
+        stride=stride,
+        threads=threads,
+        channels_last=channels_last,
+    )
+    padded_out = _pad(sizes.out_channels, sizes.block)
+    scratchpad = 0
+    if on_batch > 1:
+        per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
+        scratchpad = per_thread * (on_batch - 1) * sizes.itemsize + _REDUCTION_OVERHEAD_BYTES
+    if grad_bias and threads > 1 and sizes.kernel > 1 and padded_out == sizes.block:
+        scratchpad += _ONE_BLOCK_BIAS_REDUCTION_BYTES
+    if grad_bias and sizes.out_channels % sizes.block != 0:
+        scratchpad += sizes.padded_bias_bytes
+    return scratchpad
+
+
+def mkldnn_conv_channels_last_backward_allocations(
+    *,
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    grad_output_shape: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    output_mask: Sequence[bool] = (True, True, True),
+    copies: Sequence[str] = (),
+    itemsize: int = 4,
+    block: int = 16,
+    threads: int = 2,
+) -> tuple[KernelAllocation, ...]:
+    """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
+    the cases left out: a strided backward-data of a kind not measured, such as patchify's).
+
+    `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
+    ATen copies into it first and frees last. grad_input (output_mask[0]) is allocated
+    channels-last and written in place by brg_conv_bwd, with the weights reordered (input
+    channels padded to the block) and a brgemm scratchpad of 4,224 + 4,120 bytes per thread
+    (strided: brgconv_strided's, `strided_backward_data_scratchpad_bytes`).
+    The weight gradient comes from the jit kernel in oneDNN's blocked layout (both channel
+    counts padded; a first layer's input channels as they are), with a scratchpad holding the
+    per-thread gradients of every batch thread beyond the first (see
+    `onednn_weight_gradient_batch_threads`; weights and padded bias for kh x kw > 1, weights only
+    for 1x1, plus 8,320) and the padded bias when the output channels do not fill blocks; then
+    the blocked bias gradient, the bias gradient, and ATen's dense copy of the weight gradient
+    and its channels-last copy (the output). Measured, 16->16 3x3 at batch 2 on 16x16, 2
+    threads, no bias: [32,768, 9,216, 12,464, -12,464, -9,216, 9,216, 17,600, -17,600, 9,216,
+    9,216, -9,216, -9,216].
+    """
+    sizes = _ConvSizes.of(input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block)
+    copy_bytes = {"grad_output": sizes.output_bytes, "input": sizes.input_bytes, "weight": sizes.weight_bytes}
+    copied = [KernelAllocation(copy_bytes[name], f"channels-last copy of the {name}") for name in copies]
+    allocations: list[KernelAllocation] = list(copied)
+    padded_in = _pad(sizes.in_channels, block)
+    if output_mask[0]:
+        weight_bytes = sizes.out_channels * padded_in * sizes.kernel * itemsize
+        scratchpad_bytes = 4224 + 4120 * threads
+        if any(step > 1 for step in stride):
+            weight_bytes = _strided_backward_data_weight_bytes(sizes)
+            scratchpad_bytes = strided_backward_data_scratchpad_bytes(
+                out_channels=sizes.out_channels,
+                output_spatial=grad_output_shape[2:],
+                kernel=weight_shape[2:],
+                stride=stride,
+                threads=threads,
+            )
+        weights = KernelAllocation(weight_bytes, "weights for backward-data")
+        scratchpad = KernelAllocation(scratchpad_bytes, "brgemm scratchpad")
+        allocations += [
+            KernelAllocation(sizes.input_bytes, "grad_input", output=0),
+            weights,
+            scratchpad,
+            *_frees([scratchpad, weights]),
+        ]
+    grad_bias = bool(output_mask[2])
+    if output_mask[1] or grad_bias:
+        first_layer = sizes.in_channels < block and sizes.kernel > 1  # 1x1: padded all the same
+        padded_out = _pad(sizes.out_channels, block)
+        blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
+        scratchpad_bytes = _weight_gradient_scratchpad_bytes(
+            sizes,
+            blocked_weights=blocked_weights,
+            input_shape=input_shape,
+            grad_output_shape=grad_output_shape,
+            kernel=weight_shape[2:],
+            stride=stride,
+            grad_bias=grad_bias,
+            threads=threads,
+            channels_last=True,
+        )
+        scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
+        bias_bytes = sizes.out_channels * itemsize
+        blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
+        blocked = KernelAllocation(blocked_weights * itemsize, "blocked grad_weight")
+        dense = KernelAllocation(sizes.weight_bytes, "dense grad_weight")
+        allocations += [
+            blocked,
+            *scratchpad,
+            *blocked_bias,
+            *_frees(scratchpad),
+            *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
+            dense,
+            KernelAllocation(sizes.weight_bytes, "grad_weight (channels-last copy)", output=1),
+            *_frees([dense, blocked, *blocked_bias]),
+        ]
+    return (*allocations, *_frees(copied))
+
+
 def mkldnn_conv_backward_allocations(
     *,
     grad_output_shape: Sequence[int],
     input_shape: Sequence[int],
     weight_shape: Sequence[int],
-    strided: bool = False,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
     block: int = 16,
@@ -395,22 +665,48 @@ def mkldnn_conv_backward_allocations(
     input gradient (output_mask[0]) by the blocked or, for a strided convolution, the
     channels-last path, then the weight and bias gradients (output_mask[1:]).
 
-    Measured for NiN's 96->96 1x1 conv at batch 2, 54x54: [2,239,488, 36,864, 2,239,488,
-    -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, (45,184 scratchpad
-    with 2 threads, not modelled), 384, -2,239,488, -2,239,488, 384, 36,864, -36,864, -384].
+    Measured for NiN's 96->96 1x1 conv at batch 2, 54x54, 2 threads: [2,239,488, 36,864,
+    2,239,488, -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, 45,184
+    (the weight-gradient scratchpad), 384, -45,184, -2,239,488, -2,239,488, 384, 36,864, -36,864,
+    -384].
     """
     sizes = _ConvSizes.of(
         input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block
     )
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
-        if strided and sizes.groups == 1:
-            allocations += _conv_grad_input_strided(sizes)
+        if any(step > 1 for step in stride) and sizes.groups == 1:
+            kernel = weight_shape[2:]
+            scratchpad = (
+                strided_backward_data_scratchpad_bytes(
+                    out_channels=sizes.out_channels,
+                    output_spatial=grad_output_shape[2:],
+                    kernel=kernel,
+                    stride=stride,
+                    threads=threads,
+                )
+                if strided_backward_data_modelled(kernel, stride, padding, input_shape[2:])
+                else 0
+            )
+            allocations += _conv_grad_input_strided(sizes, scratchpad)
         else:
             allocations += _conv_grad_input_blocked(sizes)
     if output_mask[1] or output_mask[2]:
+        scratchpad = 0
+        if sizes.groups == 1:
+            scratchpad = _weight_gradient_scratchpad_bytes(
+                sizes,
+                blocked_weights=sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input) // itemsize,
+                input_shape=input_shape,
+                grad_output_shape=grad_output_shape,
+                kernel=weight_shape[2:],
+                stride=stride,
+                grad_bias=bool(output_mask[2]),
+                threads=threads,
+                channels_last=False,
+            )
         allocations += _conv_grad_weight_and_bias(
-            sizes, grad_weight=output_mask[1], grad_bias=output_mask[2], threads=threads
+            sizes, grad_weight=output_mask[1], grad_bias=output_mask[2], scratchpad_bytes=scratchpad
         )
     return tuple(allocations)
 
@@ -434,20 +730,57 @@ def _conv_grad_input_blocked(sizes: _ConvSizes) -> list[KernelAllocation]:
     ]
 
 
-def _conv_grad_input_strided(sizes: _ConvSizes) -> list[KernelAllocation]:
+def _strided_backward_data_weight_bytes(sizes: _ConvSizes) -> int:
+    """Weights reordered for brgconv_strided's backward-data: input channels padded to 16 up to
+    16, to a multiple of 32 above (measured 16, 40, 48, 80, 112, 144 -> 16, 64, 64, 96, 128,
+    160; 96 stays 96)."""
+    in_block = sizes.block if sizes.in_channels <= sizes.block else 2 * sizes.block
+    return sizes.out_channels * _pad(sizes.in_channels, in_block) * sizes.kernel * sizes.itemsize
+
+
+def strided_backward_data_modelled(
+    kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], input_spatial: Sequence[int]
+) -> bool:
+    """Whether `strided_backward_data_scratchpad_bytes` knows this strided backward-data: an
+    unpadded 1x1 kernel, or overlapping windows with "same" padding (3x3 padding 1, 5x5 padding
+    2, 7x7 padding 3, stride 2: ResNet's and MobileNet's), over an input the stride divides.
+    Elsewhere the scratchpad follows another rule, not pinned down: kernel equal to stride
+    (patchify convs), 3x3 unpadded (48->80 on 28x28: 192,560 bytes, the rule says 159,792), an
+    odd input (112->64 3x3 on 15x15: 98,352, the rule says 94,256)."""
+    return all(
+        ((size == 1 and pad == 0) or (size > step and pad == (size - 1) // 2)) and extent % step == 0
+        for size, step, pad, extent in zip(kernel, stride, padding, input_spatial)
+    )
+
+
+def strided_backward_data_scratchpad_bytes(
+    *, out_channels: int, output_spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int], threads: int
+) -> int:
+    """The scratchpad of oneDNN's brgconv_strided backward-data (float32, NCHW or channels-last):
+    12,288 bytes, and per thread 8,216 and a copy of grad_output with ceil((k - 1) / stride) more
+    rows and columns, rounded up to 16 KB. Fitted on 13 shapes (3x3 and 1x1 stride 2, 16 to 128
+    output channels, 2 threads, and 1 thread twice), confirmed on 6 it was not fitted on, up to
+    913,456 bytes (64->128 3x3 stride 2 on 56x56)."""
+    rows, columns = (
+        size + -(-(window - 1) // step) for size, window, step in zip(output_spatial, kernel, stride)
+    )
+    copy = -(-(out_channels * rows * columns * 4) // 16384) * 16384
+    return 12288 + threads * (8216 + copy)
+
+
+def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[KernelAllocation]:
     """grad_input of a strided, ungrouped convolution: oneDNN's brgconv_strided works on
     channels-last (acdb) grad_output and grad_input with weights whose input channels are padded
-    (Bcda16b); PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than
-    one channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2
-    on 32x32: [32,768, 9,216, 131,072, (94,256 brgemm scratchpad, not modelled), -9,216,
-    -32,768, 131,072, 131,072, -131,072, -131,072]."""
+    (`_strided_backward_data_weight_bytes`) and a scratchpad (`strided_backward_data_scratchpad_bytes`, 0 where not known);
+    PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than one
+    channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2 on
+    32x32, 2 threads: [32,768, 9,216, 131,072, 94,256, -94,256, -9,216, -32,768, 131,072,
+    131,072, -131,072, -131,072]."""
     grad_output = KernelAllocation(sizes.output_bytes, "channels-last grad_output")
-    weights = KernelAllocation(
-        sizes.out_channels * _pad(sizes.in_channels, sizes.block) * sizes.kernel * sizes.itemsize,
-        "weights for backward-data",
-    )
+    weights = KernelAllocation(_strided_backward_data_weight_bytes(sizes), "weights for backward-data")
     channels_last = KernelAllocation(sizes.input_bytes, "channels-last grad_input")
-    computed = [grad_output, weights, channels_last, *_frees([weights, grad_output])]
+    scratchpad = [KernelAllocation(scratchpad_bytes, "brgemm scratchpad")] if scratchpad_bytes else []
+    computed = [grad_output, weights, channels_last, *scratchpad, *_frees([*scratchpad, weights, grad_output])]
     if sizes.in_channels == 1:  # one channel: channels-last is NCHW already, no clone
         grad_input = KernelAllocation(sizes.input_bytes, "grad_input", output=0)
         return [*computed, grad_input, *_frees([channels_last])]
@@ -461,11 +794,13 @@ def _conv_grad_input_strided(sizes: _ConvSizes) -> list[KernelAllocation]:
 
 
 def _conv_grad_weight_and_bias(
-    sizes: _ConvSizes, *, grad_weight: bool, grad_bias: bool, threads: int
+    sizes: _ConvSizes, *, grad_weight: bool, grad_bias: bool, scratchpad_bytes: int
 ) -> list[KernelAllocation]:
     """Weight and bias gradients: blocked grad_output again, blocked input (when it has a block's
-    worth of channels), blocked weight gradient, blocked bias gradient; free the grad_output and
-    input copies; bias gradient, weight gradient; free the blocked ones."""
+    worth of channels), blocked weight gradient, the scratchpad (`_weight_gradient_scratchpad_bytes`
+    for an ungrouped convolution; a grouped one's, with several threads, is not modelled),
+    blocked bias gradient; free the scratchpad and the
+    grad_output and input copies; bias gradient, weight gradient; free the blocked ones."""
     grad_output = KernelAllocation(sizes.blocked_output_bytes, "blocked grad_output")
     blocked_input = (
         [KernelAllocation(sizes.blocked_input_bytes, "blocked input")] if sizes.blocks_input else []
@@ -473,20 +808,16 @@ def _conv_grad_weight_and_bias(
     blocked_grad_weight = KernelAllocation(
         sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input), "blocked grad_weight"
     )
-    # A padded bias-gradient buffer, as in the forward (not for a depthwise convolution, whose
-    # forward pads its bias); with several threads it is part of the reduction scratchpad
-    # instead (not modelled).
-    padded = grad_bias and threads == 1 and sizes.pads_bias and not sizes.depthwise
-    padded_bias = [KernelAllocation(sizes.padded_bias_bytes, "padded grad_bias")] if padded else []
+    scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
     bias_bytes = sizes.out_channels * sizes.itemsize
     blocked_grad_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
     return [
         grad_output,
         *blocked_input,
         blocked_grad_weight,
-        *padded_bias,
+        *scratchpad,
         *blocked_grad_bias,
-        *_frees([*padded_bias, *blocked_input, grad_output]),
+        *_frees([*scratchpad, *blocked_input, grad_output]),
         *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
         *([KernelAllocation(sizes.weight_bytes, "grad_weight", output=1)] if grad_weight else []),
         *_frees([blocked_grad_weight, *blocked_grad_bias]),
@@ -559,6 +890,31 @@ def batch_norm_backward_allocations(
     return tuple(allocations)
 
 
+# --- softmax of attention's math path -------------------------------------------------------------
+
+
+def safe_softmax_allocations(
+    *, shape: Sequence[int], dim: int, itemsize: int = 4
+) -> tuple[KernelAllocation, ...]:
+    """`aten._safe_softmax` (the softmax of `F.scaled_dot_product_attention`'s math path, which
+    the CPU takes when the mask needs a gradient: a learned position bias): the output, then a
+    bool mask of the -inf scores, a bool per row (all -inf?) and a zero scalar of the output's
+    dtype for the `where` that zeroes fully masked rows, all freed. Measured for float32 and
+    bfloat16, 3-d and 4-d, softmax over the last or another dim: (3, 5, 7, 9) over dim 1:
+    [3,780, 945, 189, 4, -4, -189, -945]."""
+    elements = prod(shape)
+    temporaries = [
+        KernelAllocation(elements, "bool mask of -inf scores"),
+        KernelAllocation(elements // shape[dim], "bool mask of fully masked rows"),
+        KernelAllocation(itemsize, "zero scalar"),
+    ]
+    return (
+        KernelAllocation(elements * itemsize, "output", output=0),
+        *temporaries,
+        *_frees(reversed(temporaries)),
+    )
+
+
 # --- which rule an op call follows ---------------------------------------------------------------
 
 
@@ -622,7 +978,7 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         if conv.grad_output is None:
             return None
         if not depthwise:
-            return "channels-last oneDNN convolution backward (brgemm scratchpads by shape)"
+            return _channels_last_backward_reason(conv, block)
         if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
             return "channels-last depthwise backward of a kernel size or gradients not measured"
         return None
@@ -634,6 +990,14 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             "strided backward-data with one input channel "
             "(oneDNN picks its jit or brgemm kernel by heuristics)"
         )
+    kernel = tuple(conv.weight.shape[2:])
+    if (
+        conv.output_mask[:1] == (True,)
+        and strided
+        and groups == 1
+        and not strided_backward_data_modelled(kernel, *conv.window[:2], conv.input.shape[2:])
+    ):
+        return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
     out_per_group = conv.weight.shape[0] // groups
     depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
     # A depthwise convolution pads its groups to the block, whatever their number.
@@ -642,6 +1006,22 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             "grouped oneDNN convolution whose channels per group are not a multiple of the "
             "channel block"
         )
+    return None
+
+
+def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
+    """Why an ungrouped channels-last backward's blocks are not known, or None when
+    `mkldnn_conv_channels_last_backward_allocations` gives them."""
+    stride, _, dilation = conv.window[:3]
+    kernel = tuple(conv.weight.shape[2:])
+    strided = any(step > 1 for step in stride)
+    in_channels = conv.input.shape[1]
+    if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
+        return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
+    if conv.output_mask[0] and strided and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:]):
+        return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
+    if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
+        return "channels-last backward-data of a first layer (fewer input channels than a block)"
     return None
 
 
@@ -668,6 +1048,7 @@ _RULED = frozenset(
         *_MATRIX_MULTIPLIES,
         *_BATCH_NORM_FORWARD,
         "aten.native_batch_norm_backward.default",
+        "aten._safe_softmax.default",
     )
 )
 
@@ -706,6 +1087,10 @@ def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocati
         return _batch_norm_backward_call_allocations(args)
     if func_name in _FLASH_ATTENTION:
         return _flash_attention_call_allocations(func_name, args)
+    if func_name == "aten._safe_softmax.default":
+        x, dim = args[0], args[1]
+        dtype = args[2] if len(args) > 2 and args[2] is not None else x.dtype
+        return safe_softmax_allocations(shape=tuple(x.shape), dim=dim, itemsize=dtype.itemsize)
     return None
 
 
@@ -819,6 +1204,22 @@ def flash_attention_allocations(
 def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | None:
     if conv.backend != "Mkldnn":
         return None  # the Slow2d path `unmodelled_reason` lets through: a matrix multiply
+    if conv.grad_output is not None and conv.channels_last and conv.window[5] == 1:
+        copies = [
+            name
+            for name, tensor in (("grad_output", conv.grad_output), ("input", conv.input), ("weight", conv.weight))
+            if not tensor.is_contiguous(memory_format=torch.channels_last)
+        ]
+        return mkldnn_conv_channels_last_backward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            grad_output_shape=tuple(conv.grad_output.shape),
+            stride=tuple(conv.window[0]),
+            output_mask=conv.output_mask,
+            copies=copies,
+            block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
+        )
     if conv.grad_output is not None and conv.channels_last:
         return mkldnn_depthwise_conv_channels_last_backward_allocations(
             input_shape=tuple(conv.input.shape),
@@ -855,7 +1256,8 @@ def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | No
         grad_output_shape=tuple(conv.grad_output.shape),
         input_shape=tuple(conv.input.shape),
         weight_shape=tuple(conv.weight.shape),
-        strided=any(step > 1 for step in conv.window[0]),
+        stride=tuple(conv.window[0]),
+        padding=tuple(conv.window[1]),
         output_mask=conv.output_mask,
         block=onednn_channel_block(),
         threads=torch.get_num_threads(),

@@ -460,6 +460,20 @@ def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     return result, mean.to(torch.float32), inverse_std.to(torch.float32)
 
 
+def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
+    kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
+    grad_output's, and the convolution backward after it would be predicted to copy its
+    grad_output into channels-last (mbconv, MobileNet: 32 KB over at batch 4)."""
+    if func is not aten.native_batch_norm_backward.default or output[0] is None:
+        return output
+    x, grad_input = args[1], output[0]
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.device.type != "cpu" or not channels_last or grad_input.is_contiguous(memory_format=torch.channels_last):
+        return output
+    return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
+
+
 def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
     kind, axes = window
     spatial = len(axes)
@@ -609,6 +623,7 @@ class Recorder(TorchDispatchMode):
             output = args[0]
         else:
             output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+            output = _cpu_batch_norm_grad_layout(func, args, output)
         self._record(func, traits.name, args, kwargs, output, window)
         return output
 
