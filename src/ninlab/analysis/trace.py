@@ -18,6 +18,7 @@ runs a whole step under them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import weakref
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -61,6 +62,7 @@ __all__ = [
     "StorageRecord",
     "TensorMeta",
     "WindowOp",
+    "collector_off",
     "fake_parameters",
     "harvest_saved_tensors",
     "record_step",
@@ -981,6 +983,20 @@ def _empty(
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Python's cyclic garbage collector off: storages die by reference counts alone, as in a real
+    step (`ninlab.analysis.measure` measures with it off), and a recording pays no full
+    collection of everything the process holds (torch's own objects: a third of a second)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass
 class StepRecording:
     recording: Recording
@@ -996,6 +1012,7 @@ class StepRecording:
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
 
 
+@collector_off()
 def record_step(
     model: nn.Module, spec: StepSpec, batch_size: int, *, optimizer_step: bool = True
 ) -> StepRecording:
@@ -1122,3 +1139,4 @@ def _forward_backward(
         loss = builtin_loss(logits, targets)
     del logits
     loss.backward()
+
