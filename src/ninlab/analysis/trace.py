@@ -282,9 +282,7 @@ def harvest_saved_tensors(
 
 def _saved_by(node: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(field, tensor) for each tensor an autograd node saved."""
-    for attribute in dir(node):
-        if not attribute.startswith("_saved_"):
-            continue
+    for attribute in _saved_fields(node):
         try:
             value = getattr(node, attribute)
         except RuntimeError:  # already freed by an earlier backward
@@ -292,6 +290,20 @@ def _saved_by(node: Any) -> Iterator[tuple[str, torch.Tensor]]:
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, torch.Tensor):
                 yield attribute.removeprefix("_saved_"), item
+
+
+def _saved_fields(node: Any) -> list[str]:
+    """The `_saved_<field>` attributes of a node: those of its class for a C++ node (asked once per
+    class: `dir` is slow), read afresh from a Python function's node, which may have its own."""
+    if hasattr(node, "__dict__"):
+        return [attribute for attribute in dir(node) if attribute.startswith("_saved_")]
+    fields = _SAVED_FIELDS.get(type(node))
+    if fields is None:
+        fields = _SAVED_FIELDS[type(node)] = [attribute for attribute in dir(node) if attribute.startswith("_saved_")]
+    return fields
+
+
+_SAVED_FIELDS: dict[type, list[str]] = {}
 
 
 # -- the op recorder ------------------------------------------------------------------------------
@@ -1028,6 +1040,9 @@ def record_step(
     `model(inputs)` as it would for real, and the optimizer is built over the fakes.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # The recorder remembers op outputs itself (`_FakeOutputs`); FakeTensorMode's own cache only
+    # repeats it, hashing every argument of each call that still reaches it (a new shape).
+    fake_mode.cache_enabled = False
     # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
     # tensors with CUDA's choices made explicitly (foreach optimizers, fused dropout, autocast).
     emulate_cuda = spec.device_type == "cuda" and not torch.cuda.is_available()
