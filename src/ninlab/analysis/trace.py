@@ -764,7 +764,7 @@ class _FakeOutputs:
         self._mode = mode
         # What a factory op without a dtype or device makes depends on the defaults.
         defaults = (torch.get_default_dtype(), torch._C._get_default_device())
-        if len(_KNOWN_OUTPUTS) > _KNOWN_OUTPUTS_LIMIT:
+        if sum(len(known) for known in _KNOWN_OUTPUTS.values()) > _KNOWN_OUTPUTS_LIMIT:
             _KNOWN_OUTPUTS.clear()
         self._known = _KNOWN_OUTPUTS.setdefault(defaults, {})
 
