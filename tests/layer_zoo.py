@@ -2,9 +2,10 @@
 SiLU and squeeze-excitation with stochastic depth (EfficientNet's MBConv), 7x7 depthwise convs
 with LayerNorm over channels-last activations (ConvNeXt), and attention (a ViT encoder, with
 `nn.MultiheadAttention` and with `F.scaled_dot_product_attention`, also with a learned position
-bias as its mask). The memory tests check each
-against a real run, at both levels; `deep_mbconv` is a network of about 200 modules for the
-prediction-speed budget.
+bias as its mask). The memory tests check each against a real run, at both levels. Three networks
+of 200 to 450 modules are there for the prediction-speed budget (`benchmarks/bench_predict_speed.py`):
+`deep_mbconv`, `dense_net` (DenseNet-121's blocks, every layer concatenating all earlier features)
+and `vit_encoder` (12 ViT encoder blocks).
 
 Every factory is keyword-only with defaults; `LAYER_ZOO` maps a name to its factory and a natural
 input size (C, H, W), as `cnn_zoo.ZOO` does.
@@ -19,7 +20,7 @@ from cnn_zoo import ZooEntry
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LAYER_ZOO", "attention_net", "convnext_ln", "deep_mbconv", "mbconv_silu"]
+__all__ = ["LAYER_ZOO", "attention_net", "convnext_ln", "deep_mbconv", "dense_net", "mbconv_silu", "vit_encoder"]
 
 
 def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -249,10 +250,154 @@ def attention_net(
     )
 
 
+class DenseLayer(nn.Module):
+    """torchvision's `_DenseLayer`: the concatenation of every earlier feature map, BN + ReLU +
+    1x1 conv to `bottleneck` channels, BN + ReLU + 3x3 conv to `growth` new channels."""
+
+    def __init__(self, in_channels: int, growth: int, bottleneck: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, bottleneck, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bottleneck)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bottleneck, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        concatenated = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(concatenated))))))
+
+
+class DenseBlock(nn.ModuleDict):
+    """Each layer sees the block's input and every earlier layer's output; the block returns them
+    all, concatenated."""
+
+    def __init__(self, layers: int, in_channels: int, growth: int, bottleneck: int) -> None:
+        super().__init__()
+        for index in range(layers):
+            self[f"denselayer{index + 1}"] = DenseLayer(in_channels + index * growth, growth, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def _transition(in_channels: int, out_channels: int) -> nn.Sequential:
+    """BN + ReLU + 1x1 conv halving the channels, 2x2 average pool."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.AvgPool2d(2, 2),
+    )
+
+
+# DenseNet-121's layers per dense block.
+_DENSENET121_BLOCKS = (6, 12, 24, 16)
+
+
+def dense_net(*, in_channels: int = 3, num_classes: int = 10, growth: int = 12, stem: int = 24) -> nn.Module:
+    """DenseNet-121's structure (torchvision's, retyped): 7x7 stem + BN + ReLU + 3x3 max pool, four
+    dense blocks of 6, 12, 24 and 16 layers with a 4x growth bottleneck, transitions halving the
+    channels, BN + ReLU, global pool, linear. 435 modules; narrower than the real one (growth 12)
+    so a real step at 64x64 stays quick."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    channels = stem
+    for position, count in enumerate(_DENSENET121_BLOCKS):
+        layers.append(DenseBlock(count, channels, growth, 4 * growth))
+        channels += count * growth
+        if position < len(_DENSENET121_BLOCKS) - 1:
+            layers.append(_transition(channels, channels // 2))
+            channels //= 2
+    layers += [
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as a module (timm's DropPath): drops whole samples of a residual branch."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(x, self.p, self.training)
+
+
+class ViTBlock(nn.Module):
+    """timm's ViT block: LayerNorm, SDPA attention (qkv Linear, proj Linear), dropout, drop path,
+    residual; LayerNorm, MLP (Linear, GELU, dropout, Linear, dropout), drop path, residual."""
+
+    def __init__(self, dim: int, heads: int, *, drop: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = SdpaAttention(dim, heads)
+        self.attention_drop = nn.Dropout(drop)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(drop), nn.Linear(4 * dim, dim), nn.Dropout(drop)
+        )
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attention_drop(self.attention(self.norm1(x))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class ClassToken(nn.Module):
+    """Prepends a learned class token; the head reads it back."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class FirstToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def vit_encoder(
+    *, in_channels: int = 3, num_classes: int = 10, dim: int = 96, heads: int = 3, depth: int = 12, image_size: int = 64
+) -> nn.Module:
+    """A ViT-Tiny-like network: 8x8 patches, a class token, dropout, 12 encoder blocks (drop path
+    rising to 0.1, as timm's drop_path_rate does), LayerNorm, a linear head on the class token.
+    188 modules."""
+    tokens = (image_size // 8) ** 2
+    return nn.Sequential(
+        PatchEmbedding(in_channels, dim, 8, tokens),
+        ClassToken(dim),
+        nn.Dropout(0.1),
+        *(ViTBlock(dim, heads, drop=0.1, drop_path=0.1 * index / (depth - 1)) for index in range(depth)),
+        nn.LayerNorm(dim),
+        FirstToken(),
+        nn.Linear(dim, num_classes),
+    )
+
+
 LAYER_ZOO: dict[str, ZooEntry] = {
     "mbconv_silu": ZooEntry(mbconv_silu, (3, 32, 32)),
     "convnext_ln": ZooEntry(convnext_ln, (3, 32, 32)),
     "attention_net": ZooEntry(attention_net, (3, 32, 32)),
     "attention_bias_net": ZooEntry(partial(attention_net, position_bias=True), (3, 32, 32)),
     "deep_mbconv": ZooEntry(deep_mbconv, (3, 32, 32)),
+    "dense_net": ZooEntry(dense_net, (3, 64, 64)),
+    "vit_encoder": ZooEntry(vit_encoder, (3, 64, 64)),
 }

@@ -1,6 +1,11 @@
+import gc
+
 import pytest
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
+from ninlab.analysis import trace
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import LayerInputTooSmall, record_step
 from ninlab.models import build_nin
@@ -117,3 +122,62 @@ def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
     (conv_backward,) = [op for op in step.recording.ops if op.op == "aten.convolution_backward.default"]
     assert conv_backward.cpu_allocations is not None, conv_backward.cpu_unmodelled
     assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]
+
+
+def test_remembered_outputs_change_no_recording():
+    """Op outputs are made from what earlier calls returned, remembered across recordings: a
+    recording at batch 3 after one at batch 2 (the optimizer's ops see the same parameters, the
+    activations new shapes) is the one made with nothing remembered, op by op and storage by storage."""
+    from cnn_zoo import resnet_bn
+
+    model, spec = resnet_bn(), StepSpec((3, 32, 32), optimizer="adam")
+    trace._KNOWN_OUTPUTS.clear()
+    cold = record_step(model, spec, 3)
+    record_step(model, spec, 2)
+    warm = record_step(model, spec, 3)
+    assert warm.recording.ops == cold.recording.ops
+    assert lives(warm) == lives(cold)
+    assert warm.recording.saved_for_backward == cold.recording.saved_for_backward
+    assert warm.optimizer_state_keys == cold.optimizer_state_keys
+
+
+def lives(step):
+    """Each storage's bytes, shape, role, birth and death, a death after the last op read as none:
+    what outlives the step dies when the recording's own objects do, whenever the collector runs."""
+    last = len(step.recording.ops) - 1
+    return {
+        key: (r.nbytes, r.shape, r.role, r.created_at, None if r.freed_after == last else r.freed_after)
+        for key, r in step.recording.storages.items()
+    }
+
+
+def test_adam_step_counts_are_counted_on_their_constants():
+    """Adam keeps each step count in a real scalar, which FakeTensorMode holds as a constant; the
+    recorder makes it (`torch.tensor(0.0)`) and counts it (`step += 1`, `item()`) itself, as
+    FakeTensorMode would: after the warm-up and the recorded step every count is 2, a 4-byte
+    storage of the optimizer state."""
+    from cnn_zoo import resnet_bn
+
+    made: list[torch.optim.Optimizer] = []
+
+    def adam(model: nn.Module) -> torch.optim.Optimizer:
+        made.append(torch.optim.Adam(model.parameters()))
+        return made[-1]
+
+    step = record_step(resnet_bn(), StepSpec((3, 32, 32), optimizer=adam), 2)
+    counts = [state["step"] for state in made[0].state.values()]
+    assert len(counts) == len(step.parameter_keys)
+    assert all(type(count) is FakeTensor and count.constant.item() == 2.0 for count in counts)
+    scalars = [step.recording.storages[key] for key in step.optimizer_state_keys]
+    assert [record.nbytes for record in scalars if record.shape == ()] == [4] * len(counts)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_recording_leaves_the_collector_as_it_was(enabled):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        record_step(model, StepSpec((4,), optimizer="sgd"), 2)
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()

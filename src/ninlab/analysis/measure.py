@@ -30,11 +30,10 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,7 @@ from ninlab.analysis.step import (
     step_spec,
     valid_batch_size,
 )
+from ninlab.analysis.trace import collector_off
 from ninlab.errors import NinlabError
 
 __all__ = ["Baseline", "Measurement", "measure"]
@@ -318,7 +318,7 @@ def measure(
         # profiling: garbage from earlier work is collected now, and the collector stays off
         # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
         gc.collect()
-        with _collector_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with collector_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with first:
                 previous = step()
             survivors = first.survivors()
@@ -382,15 +382,6 @@ def _release_probe_blocks(device: torch.device) -> None:
     makes; return them so the reserved memory measured is the steps' own."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-@contextlib.contextmanager
-def _collector_off() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _count_baseline(

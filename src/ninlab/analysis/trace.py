@@ -18,6 +18,7 @@ runs a whole step under them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import weakref
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import CONSTANT_NUMEL_LIMIT, FakeTensor, FakeTensorMode
 from torch.nn import functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
@@ -61,6 +62,7 @@ __all__ = [
     "StorageRecord",
     "TensorMeta",
     "WindowOp",
+    "collector_off",
     "fake_parameters",
     "harvest_saved_tensors",
     "record_step",
@@ -285,9 +287,7 @@ def harvest_saved_tensors(
 
 def _saved_by(node: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(field, tensor) for each tensor an autograd node saved."""
-    for attribute in dir(node):
-        if not attribute.startswith("_saved_"):
-            continue
+    for attribute in _saved_fields(node):
         try:
             value = getattr(node, attribute)
         except RuntimeError:  # already freed by an earlier backward
@@ -295,6 +295,20 @@ def _saved_by(node: Any) -> Iterator[tuple[str, torch.Tensor]]:
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, torch.Tensor):
                 yield attribute.removeprefix("_saved_"), item
+
+
+def _saved_fields(node: Any) -> list[str]:
+    """The `_saved_<field>` attributes of a node: those of its class for a C++ node (asked once per
+    class: `dir` is slow), read afresh from a Python function's node, which may have its own."""
+    if hasattr(node, "__dict__"):
+        return [attribute for attribute in dir(node) if attribute.startswith("_saved_")]
+    fields = _SAVED_FIELDS.get(type(node))
+    if fields is None:
+        fields = _SAVED_FIELDS[type(node)] = [attribute for attribute in dir(node) if attribute.startswith("_saved_")]
+    return fields
+
+
+_SAVED_FIELDS: dict[type, list[str]] = {}
 
 
 # -- the op recorder ------------------------------------------------------------------------------
@@ -496,7 +510,7 @@ class Recorder(TorchDispatchMode):
     harvested (`harvest_saved_tensors`). `recording` holds all of it.
     """
 
-    def __init__(self, model: nn.Module, *, emulate_cuda: bool = False) -> None:
+    def __init__(self, model: nn.Module, fake_mode: FakeTensorMode, *, emulate_cuda: bool = False) -> None:
         super().__init__()
         self.emulate_cuda = emulate_cuda
         self._paused = False
@@ -505,7 +519,7 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
-        self._fake_outputs = _FakeOutputs()
+        self._fake_outputs = _FakeOutputs(fake_mode)
         self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
         self.recording = Recording(
             storages=self.ledger.storages,
@@ -583,9 +597,7 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
-            # Asked by C++ (the autograd engine) of every fake tensor, thousands of times a
-            # step: answered here as FakeTensor itself answers it, one mode sooner.
-            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
+            return _fake_device(args[0])
         kwargs = kwargs or {}
         traits = _traits(func)
         if traits.metadata:
@@ -687,6 +699,34 @@ class Recorder(TorchDispatchMode):
         return TensorMeta(tuple(tensor.shape), tensor.dtype, self.ledger.key(tensor))
 
 
+def _fake_device(tensor: FakeTensor) -> torch.device:
+    """`prim.device` of a fake tensor: asked by C++ (the autograd engine) of every fake tensor,
+    thousands of times a step, and answered here as FakeTensor itself answers it, one mode sooner."""
+    return torch.device("meta") if tensor.fake_mode.in_kernel_invocation else tensor.fake_device
+
+
+class OffRecord(TorchDispatchMode):
+    """Runs ops on fake tensors the quick way the recorder runs them (in-place ops skip the fake
+    kernel, outputs made from `_FakeOutputs`), recording nothing: for what a step needs made
+    before it is recorded (the fake parameters, the input batch, the probe forward that fits the
+    loss). Entered over `fake_mode`."""
+
+    def __init__(self, fake_mode: FakeTensorMode) -> None:
+        super().__init__()
+        self._fake_outputs = _FakeOutputs(fake_mode)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _PRIM_DEVICE and type(args[0]) is FakeTensor:
+            return _fake_device(args[0])
+        kwargs = kwargs or {}
+        traits = _traits(func)
+        if traits.metadata:
+            return func(*args, **kwargs)
+        if traits.returns_self and getattr(args[0], "constant", None) is None:
+            return args[0]
+        return self._fake_outputs.run(func, args, kwargs)
+
+
 @dataclass(frozen=True)
 class _OpTraits:
     """What the recorder needs to know of an aten op before running it, found once per op."""
@@ -734,49 +774,127 @@ class _FakeOutputs:
     FakeTensorMode has a cache of its own, but it hashes every argument in depth on every call,
     which costs more than the meta kernel it saves; a step repeats the same few calls many times
     (each block of a network, each parameter in the optimizer), and this key is cheap. Remembered:
-    fresh outputs, and the one output of a view op, made again on its input's storage; not other
-    outputs aliasing an input, not mutating ops, not outputs or inputs holding real constant
+    fresh outputs, and one output viewing the first argument (a view op's), made again on its
+    storage; not other outputs aliasing an input, not mutating ops, not outputs or inputs holding real constant
     values (FakeTensorMode computes those for real), not ops that raise (data-dependent ones).
+
+    What is remembered outlives one recording (`_KNOWN_OUTPUTS`): outputs' metadata follows from
+    the arguments' alone, so a second prediction of a model, or one at another batch size (whose
+    optimizer ops see the same parameter shapes), makes most outputs directly.
+
+    Ops on real constants alone (Adam's step count: `step += 1`, `step.item()`) are computed
+    here on the constants, as FakeTensorMode would compute them, without its slow path; so is the
+    count itself made (`torch.tensor(0.0)`).
     """
 
-    def __init__(self) -> None:
-        # key -> (fake mode, one (shape, stride, dtype, device) or None per output, container)
-        self._known: dict[tuple[Any, ...], Any] = {}
-        self._cacheable: dict[Any, bool] = {}
+    def __init__(self, mode: FakeTensorMode) -> None:
+        self._mode = mode
+        # What a factory op without a dtype or device makes depends on the defaults.
+        defaults = (torch.get_default_dtype(), torch._C._get_default_device())
+        if sum(len(known) for known in _KNOWN_OUTPUTS.values()) > _KNOWN_OUTPUTS_LIMIT:
+            _KNOWN_OUTPUTS.clear()
+        self._known = _KNOWN_OUTPUTS.setdefault(defaults, {})
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        key = self._key(func, args, kwargs)
+        key = _key(func, args, kwargs)
         if key is None:
+            if _on_constants(func, args, kwargs):
+                return _run_on_constants(func, args)
+            if func is aten.lift_fresh.default and _small_real_tensor(args[0]):
+                return _fake_constant(self._mode, args[0])
             return func(*args, **kwargs)
         entry = self._known.get(key)
         if entry is not None:
-            return _make_fakes(*entry) if not func.is_view else _make_view(args[0], *entry)
+            views, made = entry
+            return _make_view(args[0], *made) if views else _make_fakes(self._mode, *made)
         output = func(*args, **kwargs)
-        entry = _fresh_outputs(output, args, kwargs) if not func.is_view else _view_output(output, args[0])
-        if entry is not None:
-            self._known[key] = entry
+        fresh = None if func.is_view else _fresh_outputs(output, args, kwargs)
+        if fresh is not None:
+            self._known[key] = (False, fresh)
+        elif args:
+            # A view op, or one whose output views its input all the same (`_unsafe_view`).
+            view = _view_output(output, args[0])
+            if view is not None:
+                self._known[key] = (True, view)
         return output
 
-    def _key(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-        cacheable = self._cacheable.get(func)
-        if cacheable is None:
-            schema = func._schema
-            # A view op is remembered only when it returns one tensor viewing its first argument.
-            one_view = len(schema.returns) == 1 and str(schema.returns[0].type) == "Tensor" and bool(
-                schema.arguments and schema.arguments[0].alias_info is not None
-            )
-            cacheable = not ((func.is_view and not one_view) or schema.is_mutable)
-            cacheable = cacheable and torch.Tag.dynamic_output_shape not in func.tags
-            self._cacheable[func] = cacheable
-        if not cacheable:
+
+def _small_real_tensor(value: Any) -> bool:
+    """A plain CPU tensor FakeTensorMode keeps as a constant when `torch.tensor` makes one."""
+    return (
+        type(value) is torch.Tensor
+        and value.layout == torch.strided
+        and value.device.type == "cpu"
+        and not value.requires_grad
+        and value.numel() <= CONSTANT_NUMEL_LIMIT
+    )
+
+
+def _fake_constant(mode: FakeTensorMode, real: torch.Tensor) -> FakeTensor:
+    """`torch.tensor(0.0)` under `mode` (Adam's step count, one per parameter): a fake tensor
+    holding a copy of the value as its constant, registered with the mode's converter, as
+    FakeTensorMode's `lift_fresh` makes it, without converting through its general machinery."""
+    with torch._C._DisableTorchDispatch():
+        constant = real.clone()
+        empty = torch.empty_strided(tuple(real.shape), real.stride(), dtype=real.dtype, device="meta")
+    fake = FakeTensor(mode, empty, real.device, constant=constant)
+    mode.fake_tensor_converter.set_tensor_memo(constant, fake)
+    mode.fake_tensor_converter.add_constant_storage_mapping(fake)
+    return fake
+
+
+# (default dtype, default device) -> key -> (whether the output views the first argument, what
+# `_make_view` or `_make_fakes` needs; no fake mode: the outputs belong to the recording that
+# makes them). Cleared when it holds more than
+# _KNOWN_OUTPUTS_LIMIT keys in all, so that a long session's memory stays bounded.
+_KNOWN_OUTPUTS: dict[tuple[Any, ...], dict[tuple[Any, ...], Any]] = {}
+_KNOWN_OUTPUTS_LIMIT = 200_000
+_CACHEABLE: dict[Any, bool] = {}
+
+
+def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    cacheable = _CACHEABLE.get(func)
+    if cacheable is None:
+        schema = func._schema
+        # A view op is remembered only when it returns one tensor viewing its first argument.
+        one_view = len(schema.returns) == 1 and str(schema.returns[0].type) == "Tensor" and bool(
+            schema.arguments and schema.arguments[0].alias_info is not None
+        )
+        cacheable = not ((func.is_view and not one_view) or schema.is_mutable)
+        cacheable = cacheable and torch.Tag.dynamic_output_shape not in func.tags
+        _CACHEABLE[func] = cacheable
+    if not cacheable:
+        return None
+    parts: list[Any] = [func]
+    for value in (*args, *kwargs.items()) if kwargs else args:
+        part = _key_part(value)
+        if part is None:
             return None
-        parts: list[Any] = [func]
-        for value in (*args, *kwargs.items()) if kwargs else args:
-            part = _key_part(value)
-            if part is None:
-                return None
-            parts.append(part)
-        return tuple(parts)
+        parts.append(part)
+    return tuple(parts)
+
+
+def _on_constants(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether FakeTensorMode would compute this op on real constants and return either a Python
+    number (`item()`) or its first argument (an in-place op): every tensor argument, at the top
+    level, a fake tensor holding a constant, the op neither random nor changing shapes in place."""
+    if kwargs or not args or not (func is aten._local_scalar_dense.default or _traits(func).returns_self):
+        return False
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return False
+    tensors = [value for value in args if isinstance(value, torch.Tensor)]
+    if any(isinstance(value, (tuple, list)) for value in args) or not tensors:
+        return False
+    return all(type(t) is FakeTensor and t.constant is not None for t in tensors)
+
+
+def _run_on_constants(func: Any, args: tuple[Any, ...]) -> Any:
+    """The op computed on the constants, as FakeTensorMode computes it (without dispatch to any
+    mode); an in-place op's output is its first (fake) argument, whose constant it updated."""
+    constants = [value.constant if isinstance(value, FakeTensor) else value for value in args]
+    with torch._C._DisableTorchDispatch():
+        output = func(*constants)
+    return args[0] if isinstance(output, torch.Tensor) else output
 
 
 _PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.memory_format, torch.layout, type(None))
@@ -801,7 +919,6 @@ def _fresh_outputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     fresh fake tensors (or None) without constants."""
     container = type(output) if isinstance(output, (tuple, list)) else None
     outputs = tuple(output) if container is not None else (output,)
-    mode = None
     described: list[tuple[Any, ...] | None] = []
     for tensor in outputs:
         if tensor is None:
@@ -809,14 +926,13 @@ def _fresh_outputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             continue
         if type(tensor) is not FakeTensor or tensor.constant is not None or tensor.requires_grad:
             return None
-        mode = tensor.fake_mode
         described.append((tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.fake_device))
-    if mode is None:
+    if all(entry is None for entry in described):
         return None
     inputs = {id(t.untyped_storage()) for t in _tensors((*args, *kwargs.values()))}
     if any(t is not None and id(t.untyped_storage()) in inputs for t in outputs):
         return None
-    return mode, tuple(described), container
+    return tuple(described), container
 
 
 def _make_fakes(mode: FakeTensorMode, described: tuple[Any, ...], container: type | None) -> Any:
@@ -884,16 +1000,16 @@ def fake_parameters(
     channels-last when asked, as `model.to(memory_format=torch.channels_last)` would.
     """
     fakes: dict[str, torch.Tensor] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        with fake_mode:
+    with fake_mode, OffRecord(fake_mode):
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             if memory_format == torch.contiguous_format:
                 fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
             else:
                 fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
-        if isinstance(tensor, nn.Parameter):
-            fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
-        fakes[name] = fake
+            if isinstance(tensor, nn.Parameter):
+                fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+            fakes[name] = fake
     return fakes
 
 
@@ -904,6 +1020,20 @@ def _empty(
     if memory_format == torch.channels_last and len(shape) == 4:
         return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Python's cyclic garbage collector off: storages die by reference counts alone, as in a real
+    step (`ninlab.analysis.measure` measures with it off), and a recording pays no full
+    collection of everything the process holds (torch's own objects: a third of a second)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -921,6 +1051,7 @@ class StepRecording:
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
 
 
+@collector_off()
 def record_step(
     model: nn.Module, spec: StepSpec, batch_size: int, *, optimizer_step: bool = True
 ) -> StepRecording:
@@ -936,6 +1067,9 @@ def record_step(
     `model(inputs)` as it would for real, and the optimizer is built over the fakes.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # The recorder remembers op outputs itself (`_FakeOutputs`); FakeTensorMode's own cache only
+    # repeats it, hashing every argument of each call that still reaches it (a new shape).
+    fake_mode.cache_enabled = False
     # Autograd cannot hold fake CUDA tensors in a build without CUDA: such a step runs on fake CPU
     # tensors with CUDA's choices made explicitly (foreach optimizers, fused dropout, autocast).
     emulate_cuda = spec.device_type == "cuda" and not torch.cuda.is_available()
@@ -943,7 +1077,7 @@ def record_step(
     memory_format = spec.torch_memory_format
     fakes = fake_parameters(model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format)
     trains = spec.mode == "train"
-    recorder = Recorder(model, emulate_cuda=emulate_cuda)
+    recorder = Recorder(model, fake_mode, emulate_cuda=emulate_cuda)
     was_training = model.training
     model.train(trains)
     # A kernel that rejects its fake inputs raises, and the caller turns that into one clear line;
@@ -955,7 +1089,7 @@ def record_step(
         def forward(*x: torch.Tensor) -> Any:
             return torch.func.functional_call(model, fakes, x, tie_weights=True, strict=False)
 
-        with fake_mode:
+        with fake_mode, OffRecord(fake_mode):
             inputs = example_inputs(spec, batch_size, device)
             # The loss fits the output, so its targets (if any) follow a forward's output.
             targets = builtin_targets(_probe(forward, inputs), device) if trains else None
@@ -1047,3 +1181,4 @@ def _forward_backward(
         loss = builtin_loss(logits, targets)
     del logits
     loss.backward()
+
