@@ -50,12 +50,12 @@ def residual_net() -> nn.Module:
 
 def test_torchvision_efficientnet_training_step_against_a_real_run() -> None:
     """torchvision's MBConv and FusedMBConv (in-place SiLU, SE, stochastic depth, `result +=
-    input`): the live level was 12% over (2,295,904 bytes) when silu_backward ran as its parts."""
+    input`): the live level was 15% over (1,873,072 bytes) when silu_backward ran as its parts."""
     model = tiny_efficientnet()
     spec = StepSpec(input_size=(3, 32, 32), optimizer="sgd-momentum")
     report = predict_memory(model, spec, batch_size=2)
     measured = measure(model, spec, batch_size=2)
-    assert report.live_peak_bytes == measured.live_peak_bytes == 2_050_144
+    assert report.live_peak_bytes == measured.live_peak_bytes == 1_627_312
     assert (report.peak.op, measured.live_peak_op) == ("aten.silu_backward.default", "aten::silu_backward")
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
@@ -96,10 +96,14 @@ def test_checkpointing_keeps_one_generator_state_until_backward(reentrant: bool)
     state_bytes = torch.get_rng_state().nbytes
     states = [r for r in step.recording.storages.values() if r.nbytes == state_bytes]
     alive_at_start = [r for r in states if r.created_at < step.step_start and (r.freed_after or 0) >= step.step_start]
-    kept = [r for r in states if r.created_at >= step.step_start]
+    backward = next(op.index for op in step.recording.ops[step.step_start :] if op.phase == "backward")
+    kept = [r for r in states if step.step_start <= r.created_at < backward]
     assert not alive_at_start
     assert len(kept) == 1
-    assert step.recording.ops[kept[0].created_at].phase == "forward"
+    # The reentrant form keeps it in its node's ctx, which the recorder holds until the step ends
+    # (each node's module is looked up through it); for real the graph lets go after backward.
+    assert (kept[0].freed_after or len(step.recording.ops)) >= backward
+    assert (kept[0].freed_after is None) == reentrant
 
 
 class _Watching(TorchDispatchMode):

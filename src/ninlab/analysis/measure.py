@@ -13,7 +13,8 @@ Two levels are measured, each with a method that shares no code with the predict
   at every residual add and squeeze-excitation). A block is a tensor storage unless an op a
   dispatch mode would be handed (one with a kernel of its own; composite ops such as `conv2d`, or
   `max_pool2d` under `torch.inference_mode()`, count as their parts, so max pooling's int64
-  indices are storages) allocates and frees it before returning: that is its workspace. The
+  indices are storages) allocates and frees it before returning: that is its workspace (so is a
+  Python number wrapped as a tensor for one op's argument). The
   level starts at the storages alive when the step starts, counted from the tensors themselves.
   On CUDA, a dispatch mode on the real tensors counts each storage an op returns once (views
   share it) and uncounts it when the storage dies (a weak reference on `untyped_storage()`), with
@@ -298,9 +299,8 @@ def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: s
             continue
         if allocated > step_end:
             continue
-        inside = bisect.bisect_right(starts, allocated) - 1
-        if inside >= 0 and freed is not None and allocated <= spans[inside][1] and freed <= spans[inside][1]:
-            continue  # the op's own workspace
+        if freed is not None and _workspace(spans, starts, allocated, freed):
+            continue
         changes.append((allocated, nbytes))
         if freed is not None and freed <= step_end:
             changes.append((freed, -nbytes))
@@ -316,6 +316,17 @@ def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: s
     # The op whose output set the peak: the op a dispatch mode would be handed, not its parts.
     op = spans[inside][2] if inside >= 0 and peak_time <= spans[inside][1] else innermost
     return peak, op, phase
+
+
+def _workspace(spans: list[tuple[int, int, str]], starts: list[int], allocated: int, freed: int) -> bool:
+    """Whether a block is an op's workspace, not a storage: made inside the op and freed before
+    it returns, or made just before it (a Python number wrapped as a tensor for its argument)
+    and freed before the op after it starts."""
+    inside = bisect.bisect_right(starts, allocated) - 1
+    if inside >= 0 and allocated <= spans[inside][1]:
+        return freed <= spans[inside][1]
+    following = inside + 2  # the op after the one the block was made for
+    return inside + 1 < len(spans) and (following == len(spans) or freed < spans[following][0])
 
 
 def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
