@@ -115,7 +115,7 @@ class Measurement:
     num_threads: int  # intra-op threads (CPU): oneDNN's scratchpads can depend on it
     baseline: Baseline
     live_peak_bytes: int
-    live_peak_op: str  # the aten op whose output set the peak
+    live_peak_op: str  # the op whose output set the peak, as the profiler names it ("aten::relu"; on CUDA "aten.relu.default")
     live_peak_phase: str  # zero_grad, forward, loss, backward, optimizer
     allocator_peak_bytes: int
     allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)

@@ -613,8 +613,7 @@ class Recorder(TorchDispatchMode):
         def noted_state() -> torch.Tensor:
             state = take_state()
             if not self._paused:
-                warming_up = self._warming_up
-                created_at = -1 if warming_up else len(self.recording.ops)
+                created_at = -1 if self._warming_up else len(self.recording.ops)
                 self.ledger.note(state, created_at=created_at, phase=self.current_phase, module=self.modules.current())
             return state
 
