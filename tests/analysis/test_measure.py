@@ -51,7 +51,7 @@ def test_nin_training_step_at_batch_2() -> None:
     assert sgd.baseline.parameters_bytes == sgd.baseline.gradients_bytes == NIN_PARAMETERS_BYTES
     assert (sgd.baseline.input_bytes, sgd.baseline.targets_bytes) == (2 * 224 * 224 * 4, 2 * 8)
     assert sgd.live_peak_bytes == 28_430_744
-    assert (sgd.live_peak_op, sgd.live_peak_phase) == ("aten.threshold_backward.default", "backward")
+    assert (sgd.live_peak_op, sgd.live_peak_phase) == ("aten::threshold_backward", "backward")
     adam = measured("nin-d2l", nin_train("adam"), 2)
     # Adam adds two moments per parameter and a float32 step counter per parameter tensor (24).
     assert adam.baseline.optimizer_state_bytes == 2 * NIN_PARAMETERS_BYTES + 24 * 4
@@ -72,7 +72,7 @@ def test_nin_inference_at_batch_2_is_the_same_under_both_guards() -> None:
         result = measured("nin-d2l", nin_infer(grad_mode), 2)
         # parameters + input + conv1's output + ReLU's output
         assert result.live_peak_bytes == NIN_PARAMETERS_BYTES + 401_408 + 2 * 2 * 96 * 54 * 54 * 4 == 12_849_048
-        assert result.live_peak_op == "aten.relu.default"
+        assert result.live_peak_op == "aten::relu"
 
 
 @pytest.mark.machine
@@ -87,7 +87,9 @@ def test_nin_inference_at_batch_2_allocator_level_under_both_guards() -> None:
 ZOO_AT_BATCH_4 = pytest.mark.parametrize(
     ("name", "train_live", "train_allocator", "infer_live", "infer_allocator"),
     [
-        ("resnet_bn", 3_532_552, 3_925_768, 1_412_656, 1_421_872),
+        # Counted under a dispatch mode the ResNet's training peak was 3_532_552: a residual
+        # gradient summed out of place (see `ninlab.analysis.measure`).
+        ("resnet_bn", 3_467_016, 3_925_768, 1_412_656, 1_421_872),
         ("mobilenet_relu6", 2_951_312, 3_115_152, 704_888, 772_728),
         ("vgg_big_head", 26_920_512, 27_027_008, 9_187_752, 9_253_288),
         ("ceil_pool_net", 912_896, 931_456, 560_232, 560_232),
@@ -122,10 +124,10 @@ def test_zoo_at_batch_4_allocator_level(
 
 
 def test_vgg_inference_peak_counts_max_pool_indices_under_inference_mode() -> None:
-    """inference_mode hands the mode max_pool2d whole; running it as its parts shows the indices."""
+    """inference_mode runs max_pool2d whole, as its parts: the indices its part makes count."""
     entry = ZOO["vgg_big_head"]
     result = measure(entry.factory(), StepSpec(input_size=entry.input_size, mode="infer", grad_mode="inference_mode"), batch_size=4)
-    assert result.live_peak_op == "aten.max_pool2d_with_indices.default"
+    assert result.live_peak_op == "aten::max_pool2d_with_indices"
 
 
 def _profiler_tensor_peak(model: torch.nn.Module, spec: StepSpec, batch_size: int) -> int:

@@ -6,15 +6,20 @@ frees them, optimizer state exists); inference is run twice too and the second m
 
 Two levels are measured, each with a method that shares no code with the predictor:
 
-* live tensor storage: a dispatch mode on the REAL tensors counts each storage an op returns once
-  (views share it) and uncounts it when the storage itself dies (a weak reference on the
-  `untyped_storage()`, whose Python object PyTorch keeps alive as long as the C++ storage), so
-  lifetimes are autograd's and Python's real ones, not a simulation. Composite ops the mode is
-  handed whole (`conv2d`, `max_pool2d` under `torch.inference_mode()`) are run as their parts, so
-  their internal outputs (max pooling's int64 indices) are seen as they are under `no_grad`.
-  Cross-check: the profiler's own tensor identity (allocations whose storage some op takes as
-  input) gives the same training peak; it cannot be the method because it misses storages no op
-  reads, such as max-pool indices without grad.
+* live tensor storage: on CPU, read from the profiler's allocation records of a measured step
+  run with no dispatch mode active, because one changes the program: while a dispatch mode is
+  active, PyTorch treats every tensor as a subclass, and autograd's engine sums two gradients of
+  one tensor out of place instead of adding into the one it holds (a gradient-sized tensor more
+  at every residual add and squeeze-excitation). A block is a tensor storage unless an op a
+  dispatch mode would be handed (one with a kernel of its own; composite ops such as `conv2d`, or
+  `max_pool2d` under `torch.inference_mode()`, count as their parts, so max pooling's int64
+  indices are storages) allocates and frees it before returning: that is its workspace (so is a
+  Python number wrapped as a tensor for one op's argument). The
+  level starts at the storages alive when the step starts, counted from the tensors themselves.
+  On CUDA, a dispatch mode on the real tensors counts each storage an op returns once (views
+  share it) and uncounts it when the storage dies (a weak reference on `untyped_storage()`), with
+  the out-of-place sums that brings. The first step is always counted that way: what it leaves
+  alive is the measured step's baseline.
 * allocator: on CPU, the PyTorch profiler's allocation records (`profile_memory=True`), which the
   c10 CPU allocator emits for every block it hands out, tensor or not (oneDNN reorder buffers and
   scratchpads, wrapped scalars); the records are summed in time order over the measured step. On
@@ -30,6 +35,7 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 import weakref
@@ -40,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch._C._autograd import DeviceType
+from torch._C._profiler import _EventType
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -65,6 +73,9 @@ __all__ = ["Baseline", "Measurement", "measure"]
 
 _STEP_MARK = "ninlab.measured_step"
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_CPU = torch._C.DispatchKey.CPU
+_EXPLICIT = torch._C.DispatchKey.CompositeExplicitAutograd
+_EXPLICIT_NON_FUNCTIONAL = torch._C.DispatchKey.CompositeExplicitAutogradNonFunctional
 _PHASE_MARK = "ninlab.phase."
 
 
@@ -104,7 +115,7 @@ class Measurement:
     num_threads: int  # intra-op threads (CPU): oneDNN's scratchpads can depend on it
     baseline: Baseline
     live_peak_bytes: int
-    live_peak_op: str  # the aten op whose output set the peak
+    live_peak_op: str  # the op whose output set the peak, as the profiler names it ("aten::relu"; on CUDA "aten.relu.default")
     live_peak_phase: str  # zero_grad, forward, loss, backward, optimizer
     allocator_peak_bytes: int
     allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)
@@ -127,7 +138,6 @@ class _LiveStorage(TorchDispatchMode):
         self.peak_phase = ""
         self.current_phase = "setup"
         self._phases = phases
-        self._mark: record_function | None = None
         self._alive: dict[int, tuple[int, weakref.ref]] = {}  # StorageImpl address -> (bytes, ref)
 
     def survivors(self) -> list[torch.UntypedStorage]:
@@ -154,41 +164,63 @@ class _LiveStorage(TorchDispatchMode):
 
         return freed
 
-    def _follow_phase(self) -> None:
-        """Take the step's phase now; the profiler gets a mark per phase, so its peak can be
-        placed too."""
-        phase = self._phases.current if self._phases is not None else "setup"
-        if phase == self.current_phase:
-            return
-        self.current_phase = phase
-        if self._mark is not None:
-            self._mark.__exit__(None, None, None)
-        self._mark = record_function(_PHASE_MARK + phase)
-        self._mark.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mark is not None:
-            self._mark.__exit__(None, None, None)
-            self._mark, self.current_phase = None, "setup"
-        super().__exit__(*exc)
-
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         # Run a composite op as its C++ kernel would, under this mode so its parts are counted.
         # Not `func.decompose()`: that prefers Python decompositions (native_batch_norm becomes
         # _native_batch_norm_legit), which would change the program being measured.
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+        if _composite_only(func.name()):
             with self:
                 return func._op_dk(_COMPOSITE, *args, **kwargs)
         if func.namespace == "profiler":  # an annotation (optimizers mark their step): not work
             return func(*args, **kwargs)
-        self._follow_phase()
+        if self._phases is not None:
+            self.current_phase = self._phases.current
         output = func(*args, **kwargs)
         # Inputs first: a tensor made before the step and not in the baseline is still memory.
         for tensor in tree_flatten((args, kwargs, output))[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 self.count(tensor, str(func))
         return output
+
+
+def _composite_only(name: str) -> bool:
+    """Whether op `name` has only its CompositeImplicitAutograd kernel, so that the CPU runs it
+    as its parts; an op with a CPU kernel too (silu_backward) runs that kernel."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    if not has_kernel(name, _COMPOSITE):
+        return False
+    return not any(has_kernel(name, key) for key in (_CPU, _EXPLICIT, _EXPLICIT_NON_FUNCTIONAL))
+
+
+class _PhaseMarks(TorchFunctionMode):
+    """Marks each phase of the step for the profiler (a `record_function` per phase), so a peak
+    found in its records can be placed. A torch-function mode: unlike a dispatch mode, it leaves
+    the program as it is (see `_profiled_live_peak`). Enter it before `phases`, so that a call
+    that starts a phase (backward()) is seen with that phase."""
+
+    def __init__(self, phases: StepPhases) -> None:
+        super().__init__()
+        self._phases = phases
+        self._phase = ""
+        self._mark: record_function | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        phase = self._phases.current
+        if phase != self._phase:
+            self._close()
+            self._phase, self._mark = phase, record_function(_PHASE_MARK + phase)
+            self._mark.__enter__()
+        return func(*args, **(kwargs or {}))
+
+    def _close(self) -> None:
+        if self._mark is not None:
+            self._mark.__exit__(None, None, None)
+            self._mark = None
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        super().__exit__(*exc)
 
 
 def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
@@ -222,6 +254,150 @@ def _baseline(
     return dataclasses.replace(counted, other_bytes=other)
 
 
+def _step_span(events: list[Any]) -> tuple[int, int]:
+    """Start and end (ns) of the measured step, from its mark among the profiler's events."""
+    marks = [e for e in events if e.name() == _STEP_MARK]
+    if len(marks) != 1:
+        raise NinlabError("the profiler did not record the measured step; is another profiler running?")
+    return marks[0].start_ns(), marks[0].end_ns()
+
+
+def _placed(events: list[Any], time_ns: int) -> tuple[str, str]:
+    """The innermost aten op running at `time_ns` and the step's phase then."""
+    spans = [e for e in events if e.name() != "[memory]" and e.start_ns() <= time_ns <= e.end_ns()]
+    ops = [e for e in spans if e.name().startswith("aten::")]
+    phases = [e for e in spans if e.name().startswith(_PHASE_MARK)]
+    innermost = max(ops, key=lambda e: e.start_ns()).name() if ops else ""
+    phase = max(phases, key=lambda e: e.start_ns()).name()[len(_PHASE_MARK) :] if phases else ""
+    return innermost, phase
+
+
+def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: set[int]) -> tuple[int, str, str]:
+    """Peak of live tensor storage over the marked step, read from the profiler's allocation
+    records of a step run under no dispatch mode.
+
+    A dispatch mode changes the program it watches: while one is active every tensor is
+    "subclass-like" to PyTorch (ATen's TensorSubclassLikeUtils.h), and autograd's engine then sums
+    two gradients of one tensor out of place instead of adding into the one it holds. So the
+    measured step runs without one, and tensor storages are told from kernel workspaces by when
+    they are freed: a block allocated inside an op a dispatch mode would be handed (an op with a
+    kernel of its own; a CompositeImplicitAutograd-only op runs as its parts) and freed before
+    that op returns is its workspace; every other block is a tensor storage. The level starts at
+    `baseline_bytes`, the storages alive when the step starts, whose blocks are at
+    `baseline_pointers`. Returns (peak bytes, innermost op at the peak, phase at the peak).
+    """
+    events = list(prof.profiler.kineto_results.events())
+    step_start, step_end = _step_span(events)
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    spans = sorted(_visible_op_spans(tree))
+    starts = [start for start, _, _ in spans]
+    changes: list[tuple[int, int]] = []  # (time, bytes allocated or, negative, freed)
+    for allocated, freed, nbytes, pointer in _blocks(tree):
+        if allocated is None or allocated < step_start:
+            if freed is not None and step_start <= freed <= step_end and pointer in baseline_pointers:
+                changes.append((freed, -nbytes))
+            continue
+        if allocated > step_end:
+            continue
+        if freed is not None and _workspace(spans, starts, allocated, freed):
+            continue
+        changes.append((allocated, nbytes))
+        if freed is not None and freed <= step_end:
+            changes.append((freed, -nbytes))
+    changes.sort(key=lambda change: change[0])
+    level = peak = baseline_bytes
+    peak_time = step_start
+    for time_ns, nbytes in changes:
+        level += nbytes
+        if level > peak:
+            peak, peak_time = level, time_ns
+    innermost, phase = _placed(events, peak_time)
+    inside = bisect.bisect_right(starts, peak_time) - 1
+    # The op whose output set the peak: the op a dispatch mode would be handed, not its parts.
+    op = spans[inside][2] if inside >= 0 and peak_time <= spans[inside][1] else innermost
+    return peak, op, phase
+
+
+def _workspace(spans: list[tuple[int, int, str]], starts: list[int], allocated: int, freed: int) -> bool:
+    """Whether a block is an op's workspace, not a storage: made inside the op and freed before
+    it returns, or made just before it (a Python number wrapped as a tensor for its argument)
+    and freed before the op after it starts."""
+    inside = bisect.bisect_right(starts, allocated) - 1
+    if inside >= 0 and allocated <= spans[inside][1]:
+        return freed <= spans[inside][1]
+    following = inside + 2  # the op after the one the block was made for
+    return inside + 1 < len(spans) and (following == len(spans) or freed < spans[following][0])
+
+
+def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
+    """(start, end, name) of every op a dispatch mode would be handed: the outermost aten ops that
+    have kernels of their own, found below the CompositeImplicitAutograd-only ops that run as
+    their parts and below annotations (autograd's nodes, optimizers' steps, marks)."""
+    spans: list[tuple[int, int, str]] = []
+    pending = list(tree)
+    while pending:
+        event = pending.pop()
+        if event.typed[0] != _EventType.TorchOp:
+            continue
+        if event.name.startswith("aten::") and not _composite_name(event.name):
+            spans.append((event.start_time_ns, event.end_time_ns, event.name))
+        else:
+            pending += event.children
+    return spans
+
+
+def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:
+    """Every block the profiler saw, as (allocated at, freed at, bytes, address); None where
+    that happened outside the profile."""
+    records: list[tuple[int, int, int]] = []
+    pending = list(tree)
+    while pending:
+        event = pending.pop()
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            records.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+        pending += event.children
+    records.sort()
+    open_blocks: dict[int, list[Any]] = {}
+    blocks: list[list[Any]] = []
+    for time_ns, pointer, size in records:
+        if size > 0:
+            block: list[Any] = [time_ns, None, size, pointer]
+            open_blocks[pointer] = block
+            blocks.append(block)
+        elif (block := open_blocks.pop(pointer, None)) is not None:
+            block[1] = time_ns
+        else:
+            blocks.append([None, time_ns, -size, pointer])
+    return [tuple(block) for block in blocks]  # type: ignore[misc]
+
+
+_COMPOSITE_NAMES: dict[str, bool] = {}
+
+
+def _composite_name(profiled: str) -> bool:
+    """Whether the op the profiler names `profiled` ("aten::linear") runs as its parts: every
+    overload of it but `out` ones is CompositeImplicitAutograd-only (the profiler does not say
+    which overload ran)."""
+    known = _COMPOSITE_NAMES.get(profiled)
+    if known is None:
+        packet = getattr(torch.ops.aten, profiled.removeprefix("aten::"), None)
+        names = [] if packet is None else [getattr(packet, o).name() for o in packet.overloads() if "out" not in o]
+        kinds = [kind for kind in map(_composite_kind, names) if kind is not None]
+        known = bool(kinds) and all(kinds)
+        _COMPOSITE_NAMES[profiled] = known
+    return known
+
+
+def _composite_kind(name: str) -> bool | None:
+    """`_composite_only` of an overload; None for one the dispatcher does not have (some exist
+    for TorchScript only, such as to.prim_Device)."""
+    try:
+        return _composite_only(name)
+    except RuntimeError:
+        return None
+
+
 def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str]:
     """Peak of the CPU allocator's level over the marked step, from the profiler's records.
 
@@ -230,10 +406,7 @@ def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str
     records so far. Returns (peak bytes, innermost op at the peak, phase at the peak).
     """
     events = list(prof.profiler.kineto_results.events())
-    marks = [e for e in events if e.name() == _STEP_MARK]
-    if len(marks) != 1:
-        raise NinlabError("the profiler did not record the measured step; is another profiler running?")
-    step_start, step_end = marks[0].start_ns(), marks[0].end_ns()
+    step_start, step_end = _step_span(events)
     records = sorted(
         (e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
         key=lambda e: e.start_ns(),
@@ -244,12 +417,7 @@ def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str
         level += record.nbytes()
         if step_start <= record.start_ns() <= step_end and level > peak:
             peak, peak_time = level, record.start_ns()
-    spans = [e for e in events if e.name() != "[memory]" and e.start_ns() <= peak_time <= e.end_ns()]
-    ops = [e for e in spans if e.name().startswith("aten::")]
-    phases = [e for e in spans if e.name().startswith(_PHASE_MARK)]
-    innermost = max(ops, key=lambda e: e.start_ns()).name() if ops else ""
-    phase = max(phases, key=lambda e: e.start_ns()).name()[len(_PHASE_MARK) :] if phases else ""
-    return peak, innermost, phase
+    return (peak, *_placed(events, peak_time))
 
 
 def measure(
@@ -311,7 +479,6 @@ def measure(
     # optimizer state (a GradScaler's scale; what it returns, held while the next step runs as a
     # loop's `loss = step(...)` holds it) is alive when the measured step starts.
     first = _LiveStorage()
-    live = _LiveStorage(phases)
     if device.type == "cpu":
         start_level = _baseline(model, optimizers, inputs, targets, []).total_bytes
         # The level is the start plus the records, so nothing made before may be freed while
@@ -323,14 +490,19 @@ def measure(
                 previous = step()
             survivors = first.survivors()
             baseline = _baseline(model, optimizers, inputs, targets, survivors)
-            _count_baseline(live, model, optimizers, inputs, targets, survivors)
+            pointers = {t.untyped_storage().data_ptr() for t in _baseline_tensors(model, optimizers, inputs, targets)}
+            pointers |= {storage.data_ptr() for storage in survivors}
             del survivors  # strong references: the step's zero_grad must be able to free gradients
-            with record_function(_STEP_MARK), phases, live:
+            with record_function(_STEP_MARK), _PhaseMarks(phases), phases:
                 step()
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
+        live_bytes, live_op, live_phase = _profiled_live_peak(prof, baseline.total_bytes, pointers)
         method, device_name = "cpu profiler allocation records", "cpu"
         reserved_bytes = None
     else:
+        # On CUDA the live level is still counted by a dispatch mode (the profiler's tree is not
+        # read there): its sums of gradients are out of place.
+        live = _LiveStorage(phases)
         with first:
             previous = step()
         survivors = first.survivors()
@@ -342,6 +514,7 @@ def measure(
         with phases, live:
             step()
         torch.cuda.synchronize(device)
+        live_bytes, live_op, live_phase = live.peak_bytes, live.peak_op, live.peak_phase
         allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
         reserved_bytes = torch.cuda.max_memory_reserved(device)
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
@@ -357,9 +530,9 @@ def measure(
         device=device_name,
         num_threads=torch.get_num_threads(),
         baseline=baseline,
-        live_peak_bytes=live.peak_bytes,
-        live_peak_op=live.peak_op,
-        live_peak_phase=live.peak_phase,
+        live_peak_bytes=live_bytes,
+        live_peak_op=live_op,
+        live_peak_phase=live_phase,
         allocator_peak_bytes=allocator_bytes,
         allocator_peak_op=allocator_op,
         allocator_peak_phase=allocator_phase,
@@ -392,12 +565,22 @@ def _count_baseline(
     targets: torch.Tensor | None,
     survivors: list[torch.UntypedStorage],
 ) -> None:
+    for tensor in _baseline_tensors(model, optimizers, inputs, targets):
+        live.count(tensor, "baseline")
+    for storage in survivors:
+        live.count_storage(storage, "baseline")
+
+
+def _baseline_tensors(
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """The tensors alive when the measured step starts, besides what the first step left."""
     tensors = [*model.parameters(), *model.buffers(), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += optimizer_state(optimizers)
     if targets is not None:
         tensors.append(targets)
-    for tensor in tensors:
-        live.count(tensor, "baseline")
-    for storage in survivors:
-        live.count_storage(storage, "baseline")
+    return tensors

@@ -18,6 +18,7 @@ runs a whole step under them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import weakref
@@ -206,6 +207,10 @@ class StorageLedger:
         self.events: list[tuple[str, int, int]] = []
         self._clock = clock
         self._alive: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (key, weak ref)
+        self._next_key = 0
+        # A sum of two gradients the engine would have made in place if its first term dies
+        # right after: (op index, first term's key, id of the sum's storage, what to call then).
+        self._accumulation: tuple[int, int, int, Callable[[int], None]] | None = None
 
     def note(
         self, tensor: torch.Tensor, *, created_at: int, phase: str, module: str
@@ -219,7 +224,8 @@ class StorageLedger:
         if alive is not None:
             return self.storages[alive[0]]
         # Storages get serial keys: a Python id can be reused once its storage has died.
-        key = len(self.storages)
+        key = self._next_key
+        self._next_key += 1
         record = StorageRecord(
             key=key,
             nbytes=storage.nbytes(),
@@ -247,11 +253,46 @@ class StorageLedger:
         alive = self._alive.get(id(storage)) if storage is not None else None
         return alive[0] if alive is not None else -1
 
+    def accumulating(self, index: int, first: torch.Tensor, total: torch.Tensor, done: Callable[[int], None]) -> None:
+        """Op `index` was the autograd engine summing two gradients of one tensor, `first` the one
+        it held, into the new `total`. Under a dispatch mode (fake tensors are one) the engine
+        always sums out of place; a plain run adds in place into `first` when the engine holds its
+        last reference (torch/csrc/autograd/input_buffer.cpp, `accumulate`), which shows here as
+        `first` dying right after the op. If it does, `total` continues `first`'s storage instead
+        of being a new one, and `done(key of first)` is called."""
+        storage = _storage_of(total)
+        if storage is not None and id(storage) in self._alive:
+            self._accumulation = (index, self.key(first), id(storage), done)
+
+    def _continue_in_place(self, record: StorageRecord) -> bool:
+        """`record`'s storage died: if it was the first term of the sum just made, the sum's
+        storage becomes it (see `accumulating`); True if so."""
+        assert self._accumulation is not None
+        index, first_key, total_id, done = self._accumulation
+        if index != self._clock():
+            self._accumulation = None
+            return False
+        if first_key != record.key:
+            return False
+        self._accumulation = None
+        total_key, total_ref = self._alive[total_id]
+        storage = total_ref()
+        if storage is None:
+            return False
+        del self.storages[total_key]
+        self.events.remove(("alloc", total_key, index))
+        # The sum's own weak reference is dropped with its entry, so only this one fires.
+        self._alive[total_id] = (record.key, weakref.ref(storage, self._on_free(total_id, record)))
+        done(record.key)
+        return True
+
     def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
         def freed(_ref: weakref.ref) -> None:
+            self._alive.pop(storage_id, None)
+            if self._accumulation is not None and self._continue_in_place(record):
+                return
             record.freed_after = self._clock()
             self.events.append(("free", record.key, record.freed_after))
-            self._alive.pop(storage_id, None)
 
         return freed
 
@@ -488,6 +529,24 @@ def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -
     return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
 
 
+def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
+    while a backward node runs without grad mode (not create_graph, not a checkpoint's
+    recomputation), two tensors alike, nothing else; the engine adds in place only into a dense
+    one (`can_accumulate_inplace`)."""
+    if kwargs or len(args) != 2 or torch.is_grad_enabled() or torch._C._current_autograd_node() is None:
+        return False
+    first, second = args
+    return (
+        isinstance(first, FakeTensor)
+        and isinstance(second, FakeTensor)
+        and first.shape == second.shape
+        and first.dtype == second.dtype
+        and first.layout == torch.strided
+        and aten.is_non_overlapping_and_dense.default(first)
+    )
+
+
 def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
     kind, axes = window
     spatial = len(axes)
@@ -578,6 +637,31 @@ class Recorder(TorchDispatchMode):
             yield
         finally:
             self._warming_up = False
+            # The warm-up's autograd nodes are let go, as its graph is for real: a custom
+            # Function's node keeps its ctx, and what the ctx holds (a reentrant checkpoint's
+            # generator state) would outlive the warm-up only here.
+            self.modules.node_owner.clear()
+            self.modules.hooked.clear()
+
+    @contextlib.contextmanager
+    def noting_rng_states(self) -> Iterator[None]:
+        """Note each copy of the CPU generator's state the step takes (activation checkpointing
+        keeps one per checkpoint until backward, 5056 bytes): a real tensor, made by no op, so
+        the recorder would not see it otherwise. Made when the next op runs."""
+        take_state = torch.get_rng_state
+
+        def noted_state() -> torch.Tensor:
+            state = take_state()
+            if not self._paused:
+                created_at = -1 if self._warming_up else len(self.recording.ops)
+                self.ledger.note(state, created_at=created_at, phase=self.current_phase, module=self.modules.current())
+            return state
+
+        torch.get_rng_state = noted_state
+        try:
+            yield
+        finally:
+            torch.get_rng_state = take_state
 
     # -- dispatch ---------------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -637,7 +721,18 @@ class Recorder(TorchDispatchMode):
             output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
             output = _cpu_batch_norm_grad_layout(func, args, output)
         self._record(func, traits.name, args, kwargs, output, window)
+        if func is aten.add.Tensor and _sums_gradients(args, kwargs):
+            self.ledger.accumulating(len(self.recording.ops) - 1, args[0], output, self._added_in_place)
         return output
+
+    def _added_in_place(self, key: int) -> None:
+        """The last op, a sum of gradients, is recorded as the engine runs it without a dispatch
+        mode: added in place into its first term, storage `key` (`StorageLedger.accumulating`)."""
+        op = self.recording.ops[-1]
+        (total,) = op.outputs
+        self.recording.ops[-1] = dataclasses.replace(
+            op, op=str(aten.add_.Tensor), outputs=(dataclasses.replace(total, storage_key=key),)
+        )
 
     def _check_window_fits(
         self, window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor
@@ -758,12 +853,27 @@ def _traits(func: Any) -> _OpTraits:
         traits = _OpTraits(
             name=str(func),
             metadata=metadata,
-            composite=not metadata
-            and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE),
+            composite=not metadata and _runs_as_parts(func.name()),
             returns_self=in_place,
         )
         _TRAITS[func] = traits
     return traits
+
+
+def _runs_as_parts(name: str) -> bool:
+    """Whether the CPU runs op `name` as its CompositeImplicitAutograd parts: it has that kernel
+    and none of its own. A few ops have both (silu_backward, mish_backward,
+    native_channel_shuffle), and the dispatcher prefers the CPU kernel: their parts would be
+    temporaries the real step never makes."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has_kernel(name, _COMPOSITE) and not any(has_kernel(name, key) for key in _OWN_KERNELS)
+
+
+_OWN_KERNELS = (
+    torch._C.DispatchKey.CPU,
+    torch._C.DispatchKey.CompositeExplicitAutograd,
+    torch._C.DispatchKey.CompositeExplicitAutogradNonFunctional,
+)
 
 
 class _FakeOutputs:
@@ -1104,7 +1214,7 @@ def record_step(
         gradient_order: list[str] = []
         optimizers: list[torch.optim.Optimizer] = []
         step_start = 0
-        with fake_mode, _reparametrize_module(model, fakes, tie_weights=True, strict=False), recorder:
+        with fake_mode, _reparametrize_module(model, fakes, tie_weights=True, strict=False), recorder, recorder.noting_rng_states():
             if not trains:
                 inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode)
             elif not optimizer_step:
