@@ -642,6 +642,7 @@ class Recorder(TorchDispatchMode):
             # generator state) would outlive the warm-up only here.
             self.modules.node_owner.clear()
             self.modules.hooked.clear()
+            self.modules.outside.clear()
 
     @contextlib.contextmanager
     def noting_rng_states(self) -> Iterator[None]:
