@@ -25,7 +25,8 @@ Two levels are measured, each with a method that shares no code with the predict
   scratchpads, wrapped scalars); the records are summed in time order over the measured step. On
   CUDA, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, which includes the
   caching allocator's 512-byte rounding and cuDNN workspaces, and `max_memory_reserved()`, the
-  segments the allocator holds from the device (`reserved_peak_bytes`).
+  segments the allocator holds from the device (`reserved_peak_bytes`), over the second of two
+  steps nothing watches (the live level's two steps under a dispatch mode come after them).
 
 Both peaks include everything alive during the measured step: parameters, buffers, gradients
 (until `zero_grad(set_to_none=True)` frees them, then the new ones), optimizer state, the input
@@ -500,8 +501,19 @@ def measure(
         method, device_name = "cpu profiler allocation records", "cpu"
         reserved_bytes = None
     else:
-        # On CUDA the live level is still counted by a dispatch mode (the profiler's tree is not
-        # read there): its sums of gradients are out of place.
+        # The allocator's levels come from steps nothing watches, as a loop runs them (a loop's
+        # `loss = step(...)` holding the last loss): under a dispatch mode autograd would sum
+        # gradients out of place and the caching allocator would cache those blocks too.
+        previous = step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        previous = step()
+        torch.cuda.synchronize(device)
+        allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
+        reserved_bytes = torch.cuda.max_memory_reserved(device)
+        # The live level is counted by a dispatch mode (the profiler's CUDA records are not read),
+        # on two more steps: its sums of gradients are out of place, so a network that uses a
+        # tensor twice (a residual) reads up to one gradient-sized tensor above the real step.
         live = _LiveStorage(phases)
         with first:
             previous = step()
@@ -510,13 +522,10 @@ def measure(
         baseline = _baseline(model, optimizers, inputs, targets, survivors)
         _count_baseline(live, model, optimizers, inputs, targets, survivors)
         del survivors  # strong references: the step's zero_grad must be able to free gradients
-        torch.cuda.reset_peak_memory_stats(device)
         with phases, live:
             step()
         torch.cuda.synchronize(device)
         live_bytes, live_op, live_phase = live.peak_bytes, live.peak_op, live.peak_phase
-        allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
-        reserved_bytes = torch.cuda.max_memory_reserved(device)
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
     del previous
     if spec.mode == "train" and not phases.backward_calls:
