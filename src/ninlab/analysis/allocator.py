@@ -206,8 +206,11 @@ class _ConvSizes:
 
     @property
     def blocks_input(self) -> bool:
-        """oneDNN reads an input with fewer channels than one block as it is, without a copy."""
-        return self.in_channels >= self.block
+        """oneDNN reads an input with fewer channels than one block as it is, without a copy,
+        except in its 1x1 kernel (jit_1x1), which takes only blocked layouts and pads the input
+        and the weights' input channels (measured: a squeeze-excitation's 6->96 on 1x1 to 32x32
+        maps, forward and weight gradient; ONEDNN_VERBOSE shows `aBcd16b` with padding)."""
+        return self.in_channels >= self.block or self.kernel == 1
 
     @property
     def pads_bias(self) -> bool:
@@ -530,7 +533,8 @@ def _weight_gradient_scratchpad_bytes(
     per-thread weight gradients (`blocked_weights` elements, plus the padded bias for kh x kw >
     1) of every thread beyond the first and 8,320 bytes; with several threads, 12,352 more for a
     bias gradient of one output-channel block, the batch split or not (16->16, 3->16, 96->10
-    3x3, NCHW and channels-last; none with 24 to 96 output channels, nor for a 1x1); and the
+    3x3, NCHW and channels-last; 1x1 96->6, 16->4 and 4->16 on 1x1 to 32x32 maps, NCHW; none
+    with 24 to 96 output channels); and the
     bias padded to whole blocks (4 bytes per padded channel + 128)."""
     if sizes.kernel == 1 and any(step > 1 for step in stride):
         # A strided 1x1 first copies its input at the output positions, per thread ("reduce to
@@ -553,7 +557,7 @@ def _weight_gradient_scratchpad_bytes(
     if on_batch > 1:
         per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
         scratchpad = per_thread * (on_batch - 1) * sizes.itemsize + _REDUCTION_OVERHEAD_BYTES
-    if grad_bias and threads > 1 and sizes.kernel > 1 and padded_out == sizes.block:
+    if grad_bias and threads > 1 and padded_out == sizes.block:
         scratchpad += _ONE_BLOCK_BIAS_REDUCTION_BYTES
     if grad_bias and sizes.out_channels % sizes.block != 0:
         scratchpad += sizes.padded_bias_bytes
