@@ -81,6 +81,9 @@ def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride
         {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
         {"batch": 2, "cin": 72, "cout": 72, "size": 16, "kernel": 5, "stride": 2, "padding": 2, "groups": 72},
         {"batch": 2, "cin": 64, "cout": 128, "size": 16, "kernel": 3, "padding": 1, "groups": 4},
+        # a 1x1 kernel pads an input of fewer channels than a block (squeeze-excitation's expand)
+        {"batch": 2, "cin": 6, "cout": 96, "size": 1, "kernel": 1},
+        {"batch": 2, "cin": 3, "cout": 16, "size": 8, "kernel": 1},
     ],
 )
 def test_conv_forward_allocations_match_the_profiler(shape: dict[str, int], threads: Callable[[int], None]) -> None:
@@ -151,6 +154,15 @@ def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Call
         {"batch": 3, "cin": 48, "cout": 8, "size": 30, "kernel": 5, "padding": 2},
         {"batch": 2, "cin": 3, "cout": 16, "size": 32, "kernel": 3, "padding": 1, "mask": (False, True, True)},
         {"batch": 2, "cin": 1, "cout": 96, "size": 224, "kernel": 11, "stride": 4, "mask": (False, True, True)},  # NiN's first
+        # 1x1 kernels on squeeze-excitation's 1x1 maps: a padded input under a block, the
+        # one-block bias extra (fitted on), then not fitted on
+        {"batch": 2, "cin": 6, "cout": 96, "size": 1, "kernel": 1},
+        {"batch": 2, "cin": 96, "cout": 6, "size": 1, "kernel": 1},
+        {"batch": 2, "cin": 4, "cout": 16, "size": 1, "kernel": 1},
+        {"batch": 2, "cin": 12, "cout": 12, "size": 8, "kernel": 1},
+        {"batch": 4, "cin": 8, "cout": 40, "size": 7, "kernel": 1},
+        {"batch": 2, "cin": 24, "cout": 10, "size": 6, "kernel": 1},
+        {"batch": 2, "cin": 96, "cout": 6, "size": 32, "kernel": 1},
     ],
 )
 def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, threads: Callable[[int], None]) -> None:
@@ -188,6 +200,17 @@ def test_unmodelled_convolutions_say_why() -> None:
     patchify = (torch.randn(16, 16, 2, 2), None, [2, 2], [0, 0], *window[2:])
     channels_last = (grad, x.to(memory_format=torch.channels_last), *patchify, [True, True, True])
     assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
+
+
+@pytest.mark.parametrize(("kernel", "modelled"), [(3, True), (5, False), (7, False)])
+def test_depthwise_weight_gradient_over_3x3_is_flagged(kernel: int, modelled: bool) -> None:
+    """ONEDNN_VERBOSE: NCHW depthwise backward-weights runs jit_dw for 1x1 and 3x3 kernels, the
+    gemm kernel (an im2col scratchpad, not modelled) for 5x5 and 7x7, on 4x4 to 16x16 maps."""
+    args, _ = conv_backward(batch=2, cin=32, cout=32, size=4, kernel=kernel, padding=kernel // 2, groups=32)
+    reason = unmodelled_reason("aten.convolution_backward.default", args)
+    assert (reason is None) == modelled
+    data_only = (*args[:10], [True, False, False])
+    assert unmodelled_reason("aten.convolution_backward.default", data_only) is None
 
 
 def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):

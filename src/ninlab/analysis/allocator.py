@@ -13,7 +13,8 @@ replays them against the profiler. What they cover:
 * `aten.convolution` and `aten.convolution_backward` on the oneDNN (mkldnn) path, float32,
   contiguous NCHW: oneDNN computes in channel-blocked layouts (`aBcd16b`: channels padded to a
   multiple of 16 on AVX-512, 8 on AVX2), so a convolution reorders its input into a blocked copy
-  (unless it has fewer channels than one block, which oneDNN reads as it is), reorders the
+  (unless it has fewer channels than one block and a kernel over 1x1, which oneDNN reads as it
+  is; its 1x1 kernel pads even a squeeze-excitation's 4 channels), reorders the
   weights, writes a blocked result and reorders that into the NCHW output. For NiN's 1x1
   convolutions that is two extra activation-sized blocks per conv: why inference's allocator
   peak is 45% above its live peak at batch 128. The backward does the same for grad_output,
@@ -28,7 +29,10 @@ replays them against the profiler. What they cover:
   per-thread gradients in a scratchpad (NiN at batch 128 is now exact; it was 270,424 bytes
   under). A depthwise convolution (one channel per group) of any width pads its groups to the
   block in every blocked copy, weights and bias included; a grouped convolution's reduction
-  scratchpad with several threads is not modelled.
+  scratchpad with several threads is not modelled, nor is a depthwise weight gradient of a
+  kernel over 3x3 (5x5, 7x7: ONEDNN_VERBOSE shows oneDNN's gemm kernel, `x64:gemm:jit`, where
+  3x3 runs `jit_dw`; its im2col scratchpad, 80,256 bytes for 96 channels 5x5 on a 4x4 map,
+  follows no rule found), which the report flags.
 * Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
   input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
   forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
@@ -1004,6 +1008,11 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
     out_per_group = conv.weight.shape[0] // groups
     depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
+    if depthwise and any(conv.output_mask[1:]) and max(kernel) > 3:
+        return (
+            "depthwise backward-weights of a kernel over 3x3 "
+            "(oneDNN's gemm kernel and its im2col scratchpad)"
+        )
     # A depthwise convolution pads its groups to the block, whatever their number.
     if groups > 1 and not depthwise and out_per_group % block != 0:
         return (
