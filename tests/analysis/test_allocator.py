@@ -200,17 +200,31 @@ def test_unmodelled_convolutions_say_why() -> None:
     patchify = (torch.randn(16, 16, 2, 2), None, [2, 2], [0, 0], *window[2:])
     channels_last = (grad, x.to(memory_format=torch.channels_last), *patchify, [True, True, True])
     assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
+    depthwise, _ = conv_backward(batch=2, cin=32, cout=32, size=4, kernel=5, padding=2, groups=32, mask=(False, False, True))
+    assert "depthwise bias gradient" in unmodelled_reason("aten.convolution_backward.default", depthwise)
 
 
-@pytest.mark.parametrize(("kernel", "modelled"), [(3, True), (5, False), (7, False)])
-def test_depthwise_weight_gradient_over_3x3_is_flagged(kernel: int, modelled: bool) -> None:
-    """ONEDNN_VERBOSE: NCHW depthwise backward-weights runs jit_dw for 1x1 and 3x3 kernels, the
-    gemm kernel (an im2col scratchpad, not modelled) for 5x5 and 7x7, on 4x4 to 16x16 maps."""
-    args, _ = conv_backward(batch=2, cin=32, cout=32, size=4, kernel=kernel, padding=kernel // 2, groups=32)
-    reason = unmodelled_reason("aten.convolution_backward.default", args)
-    assert (reason is None) == modelled
-    data_only = (*args[:10], [True, False, False])
-    assert unmodelled_reason("aten.convolution_backward.default", data_only) is None
+@pytest.mark.machine
+@pytest.mark.parametrize(
+    ("shape", "threads_used"),
+    [
+        # fitted on: EfficientNet's 5x5 depthwise convs on 4x4 maps
+        ({"batch": 2, "cin": 96, "cout": 96, "size": 4, "kernel": 5, "padding": 2, "groups": 96}, 2),
+        ({"batch": 2, "cin": 64, "cout": 64, "size": 8, "kernel": 5, "stride": 2, "padding": 2, "groups": 64}, 2),
+        # not fitted on: padded channels, 7x7, one buffer past 256 positions a thread, batch 1, one thread
+        ({"batch": 2, "cin": 24, "cout": 24, "size": 8, "kernel": 5, "padding": 2, "groups": 24}, 2),
+        ({"batch": 2, "cin": 40, "cout": 40, "size": 23, "kernel": 7, "padding": 3, "groups": 40}, 2),
+        ({"batch": 1, "cin": 32, "cout": 32, "size": 8, "kernel": 5, "padding": 2, "groups": 32}, 2),
+        ({"batch": 2, "cin": 32, "cout": 32, "size": 9, "kernel": 5, "stride": 2, "padding": 2, "groups": 32}, 1),
+        ({"batch": 3, "cin": 20, "cout": 20, "size": 12, "kernel": 5, "padding": 2, "groups": 20, "mask": (True, True, False)}, 2),
+    ],
+)
+def test_depthwise_weight_gradient_over_3x3_runs_gemm(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
+    """ONEDNN_VERBOSE: an NCHW depthwise weight gradient runs jit_dw for 1x1 and 3x3 kernels,
+    oneDNN's gemm kernel (per-thread weight-reduction and im2col buffers) for larger ones."""
+    threads(threads_used)
+    args, call = conv_backward(**shape)
+    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution_backward.default", args))
 
 
 def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):

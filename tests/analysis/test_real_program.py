@@ -60,18 +60,16 @@ def test_torchvision_efficientnet_training_step_against_a_real_run() -> None:
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
-def test_efficientnet_on_small_maps_flags_its_depthwise_weight_gradients() -> None:
-    """At 16x16 the 5x5 depthwise convs run on 4x4 maps, where oneDNN's gemm backward-weights
-    kernel (its im2col scratchpad not modelled) sets the allocator peak: the report says "at
-    least" and stays under the real run (it was 5.8% under, unflagged)."""
+def test_torchvision_efficientnet_on_small_maps_against_a_real_run() -> None:
+    """At 16x16 the 5x5 depthwise convs run on 4x4 maps and their weight gradients (oneDNN's gemm
+    kernel, 8 times the weights in scratchpad) set the allocator peak: 5.8% under before."""
     model = tiny_efficientnet()
     spec = StepSpec(input_size=(3, 16, 16), optimizer="sgd-momentum")
     report = predict_memory(model, spec, batch_size=2)
     measured = measure(model, spec, batch_size=2)
     assert report.live_peak_bytes == measured.live_peak_bytes
-    assert report.allocator.lower_bound
-    assert any("depthwise backward-weights" in kernel for kernel in report.allocator.unmodelled)
-    assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
+    assert not report.allocator.lower_bound, report.allocator.unmodelled
+    assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
 def test_silu_backward_runs_its_cpu_kernel() -> None:

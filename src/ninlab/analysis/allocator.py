@@ -29,10 +29,11 @@ replays them against the profiler. What they cover:
   per-thread gradients in a scratchpad (NiN at batch 128 is now exact; it was 270,424 bytes
   under). A depthwise convolution (one channel per group) of any width pads its groups to the
   block in every blocked copy, weights and bias included; a grouped convolution's reduction
-  scratchpad with several threads is not modelled, nor is a depthwise weight gradient of a
-  kernel over 3x3 (5x5, 7x7: ONEDNN_VERBOSE shows oneDNN's gemm kernel, `x64:gemm:jit`, where
-  3x3 runs `jit_dw`; its im2col scratchpad, 80,256 bytes for 96 channels 5x5 on a 4x4 map,
-  follows no rule found), which the report flags.
+  scratchpad with several threads is not modelled. A depthwise weight gradient of a kernel over
+  3x3 (5x5, 7x7; ONEDNN_VERBOSE shows oneDNN's gemm kernel, `x64:gemm:jit`, where 1x1 and 3x3
+  run `jit_dw`) reads NCHW as it is, beside a scratchpad of per-thread weight-reduction and
+  im2col buffers (`depthwise_gemm_weight_gradient_scratchpad_bytes`: 80,256 bytes for 96
+  channels 5x5 on a 4x4 map, 8 times the weights; EfficientNet at 16x16 was 5.8% under).
 * Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
   input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
   forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
@@ -91,6 +92,7 @@ __all__ = [
     "conv_backend",
     "cpu_allocations",
     "cpu_kernel_allocations",
+    "depthwise_gemm_weight_gradient_scratchpad_bytes",
     "flash_attention_allocations",
     "mkldnn_conv_backward_allocations",
     "mkldnn_conv_channels_last_backward_allocations",
@@ -671,7 +673,8 @@ def mkldnn_conv_backward_allocations(
 ) -> tuple[KernelAllocation, ...]:
     """oneDNN convolution backward, contiguous NCHW float32 (`aten.convolution_backward`): the
     input gradient (output_mask[0]) by the blocked or, for a strided convolution, the
-    channels-last path, then the weight and bias gradients (output_mask[1:]).
+    channels-last path, then the weight and bias gradients (output_mask[1:]; a depthwise kernel
+    over 3x3 by oneDNN's gemm kernel, `_depthwise_gemm_grad_weight_and_bias`).
 
     Measured for NiN's 96->96 1x1 conv at batch 2, 54x54, 2 threads: [2,239,488, 36,864,
     2,239,488, -36,864, -2,239,488, 2,239,488, -2,239,488, 2,239,488, 2,239,488, 36,864, 45,184
@@ -699,7 +702,9 @@ def mkldnn_conv_backward_allocations(
             allocations += _conv_grad_input_strided(sizes, scratchpad)
         else:
             allocations += _conv_grad_input_blocked(sizes)
-    if output_mask[1] or output_mask[2]:
+    if output_mask[1] and sizes.depthwise and max(weight_shape[2:]) > 3:
+        allocations += _depthwise_gemm_grad_weight_and_bias(sizes, grad_bias=output_mask[2], threads=threads)
+    elif output_mask[1] or output_mask[2]:
         scratchpad = 0
         if sizes.groups == 1:
             scratchpad = _weight_gradient_scratchpad_bytes(
@@ -798,6 +803,57 @@ def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[K
         nchw,
         KernelAllocation(sizes.input_bytes, "grad_input (contiguous clone)", output=0),
         *_frees([channels_last, nchw]),
+    ]
+
+
+def depthwise_gemm_weight_gradient_scratchpad_bytes(
+    *, batch: int, channels: int, kernel: Sequence[int], output_spatial: Sequence[int], threads: int, itemsize: int = 4
+) -> int:
+    """The scratchpad of oneDNN's gemm backward-weights kernel (`x64:gemm:jit`), which computes an
+    NCHW depthwise weight gradient of a kernel over 3x3 (jit_dw takes 1x1 and 3x3). From its
+    init_conf (src/cpu/gemm_convolution_utils.cpp, blocked bwd_w): with "outer threading"
+    (output positions per thread under 256, and a batch over 1 or more than 2 groups) every
+    thread gets a weight-reduction buffer and an im2col buffer (kernel x output positions
+    floats), else one of each; the reduction buffer books `weights_d.size()`, a byte count, as
+    floats (4 x the weight bytes); each entry adds 128 bytes of alignment. Fitted on 96 and 64
+    channels 5x5 on 4x4 maps, confirmed on 9 shapes it was not fitted on (3x5 to 7x7 kernels,
+    4x4 to 23x23 maps, stride 2, batch 1 to 3, 1 and 2 threads): 135,300 bytes for 40 channels
+    7x7 on 23x23, where one thread takes it."""
+    positions = prod(output_spatial)
+    outer = positions // threads < 256 and (batch != 1 or channels > 2)
+    buffers = threads if outer else 1
+    weight_bytes = channels * prod(kernel) * itemsize
+    return buffers * 4 * weight_bytes + 128 + buffers * prod(kernel) * positions * itemsize + 128
+
+
+def _depthwise_gemm_grad_weight_and_bias(sizes: _ConvSizes, *, grad_bias: bool, threads: int) -> list[KernelAllocation]:
+    """A depthwise weight gradient of a kernel over 3x3 on oneDNN's gemm kernel, which reads
+    input and grad_output as they are (NCHW): a dense weight-gradient buffer, the scratchpad
+    (`depthwise_gemm_weight_gradient_scratchpad_bytes`), a bias-gradient buffer; free the
+    scratchpad; bias and weight gradients; free the buffers. Measured, 96 channels 5x5 at batch
+    2 on 4x4, 2 threads, with a bias: [9,600, 80,256, 384, -80,256, 384, 9,600, -9,600, -384]."""
+    dense = KernelAllocation(sizes.weight_bytes, "dense grad_weight")
+    scratchpad = KernelAllocation(
+        depthwise_gemm_weight_gradient_scratchpad_bytes(
+            batch=sizes.batch,
+            channels=sizes.groups,
+            kernel=(sizes.kernel,),
+            output_spatial=(sizes.out_positions,),
+            threads=threads,
+            itemsize=sizes.itemsize,
+        ),
+        "gemm weight-gradient scratchpad",
+    )
+    bias_bytes = sizes.out_channels * sizes.itemsize
+    bias_buffer = [KernelAllocation(bias_bytes, "grad_bias buffer")] if grad_bias else []
+    return [
+        dense,
+        scratchpad,
+        *bias_buffer,
+        *_frees([scratchpad]),
+        *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
+        KernelAllocation(sizes.weight_bytes, "grad_weight", output=1),
+        *_frees([dense, *bias_buffer]),
     ]
 
 
@@ -1008,11 +1064,8 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
     out_per_group = conv.weight.shape[0] // groups
     depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
-    if depthwise and any(conv.output_mask[1:]) and max(kernel) > 3:
-        return (
-            "depthwise backward-weights of a kernel over 3x3 "
-            "(oneDNN's gemm kernel and its im2col scratchpad)"
-        )
+    if depthwise and conv.output_mask[1:] == (False, True) and max(kernel) > 3:
+        return "depthwise bias gradient without the weight gradient, kernel over 3x3 (not measured)"
     # A depthwise convolution pads its groups to the block, whatever their number.
     if groups > 1 and not depthwise and out_per_group % block != 0:
         return (
