@@ -501,3 +501,29 @@ def test_safe_softmax_holds_bool_masks(shape: tuple[int, ...], dim: int, dtype: 
     x = torch.randn(shape, dtype=dtype)
     args = (x, dim)
     assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(cpu_allocations("aten._safe_softmax.default", args))
+
+
+@pytest.mark.parametrize(
+    ("grad_layout", "spatial"),
+    [
+        (torch.contiguous_format, 7),  # channels-last input, NCHW gradient: indices and grad_input copied
+        (torch.channels_last, 7),  # layouts agree: nothing copied
+        (torch.contiguous_format, 3),  # a 1x1 gradient, contiguous strides: grad_input copied
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_backward_copies_where_the_layouts_disagree(
+    grad_layout: torch.memory_format, spatial: int, dtype: torch.dtype
+) -> None:
+    x = torch.randn(4, 24, spatial, spatial, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    window = ([3, 3], [2, 2], [0, 0], [1, 1], False)
+    _, indices = aten.max_pool2d_with_indices.default(x, *window)
+    grad = torch.randn(indices.shape, dtype=dtype).contiguous(memory_format=grad_layout)
+    args = (grad, x, *window, indices)
+    measured = op_allocations(lambda: aten.max_pool2d_with_indices_backward.default(*args))
+    rule = cpu_allocations("aten.max_pool2d_with_indices_backward.default", args)
+    if rule is None:  # only its output
+        assert measured == [x.numel() * x.element_size()]
+    else:
+        assert measured == deltas(rule)
+        assert len(measured) > 1

@@ -84,6 +84,7 @@ from math import prod
 from typing import Any
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 __all__ = [
     "KernelAllocation",
@@ -892,13 +893,21 @@ def _conv_grad_weight_and_bias(
 
 
 def batch_norm_forward_allocations(
-    *, input_shape: Sequence[int], training: bool, running_stats: bool, itemsize: int = 4
+    *,
+    input_shape: Sequence[int],
+    training: bool,
+    running_stats: bool,
+    itemsize: int = 4,
+    channels_last: bool = False,
+    threads: int = 1,
 ) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm`: the output, then (training) the saved mean and inverse std,
-    and per-channel float32 temporaries: two for the running-stat update per statistic in
-    training, two for the folded scale and shift in evaluation. Measured for 16 channels:
-    training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64]; evaluation
-    [out, 64, 64, -64, -64]."""
+    """CPU `aten.native_batch_norm`, float32 or bfloat16: the output, then (training) the saved
+    mean and inverse std, and per-channel float32 temporaries: two for the running-stat update per
+    statistic in training (a channels-last input adds a per-thread float32 sum buffer inside the
+    first), two for the folded scale and shift in evaluation. Measured for 16 channels, 1 and 2
+    threads: training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64], channels-last with 2
+    threads [out, 64, 64, 64, 64, 128, -128, -64, -64, 64, 64, -64, -64]; evaluation
+    [out, 64, 64, -64, -64], either layout and dtype."""
     channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
     allocations = [KernelAllocation(prod(input_shape) * itemsize, "output", output=0)]
     if training:
@@ -909,7 +918,9 @@ def batch_norm_forward_allocations(
         if running_stats:
             for statistic in ("running mean", "running var"):
                 update = KernelAllocation(channel_bytes, f"{statistic} update")
-                allocations += [update, update, *_frees([update, update])]
+                sums = [KernelAllocation(threads * channel_bytes, "per-thread sums")]
+                inside = [*sums, *_frees(sums)] if channels_last and statistic == "running mean" else []
+                allocations += [update, update, *inside, *_frees([update, update])]
     else:
         folded = [
             KernelAllocation(channel_bytes, "folded scale"),
@@ -925,11 +936,14 @@ def batch_norm_backward_allocations(
     contiguous: bool,
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
+    channels_last: bool = False,
+    threads: int = 1,
 ) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm_backward`. With input and grad_output contiguous in the same
-    memory format, grad_input is allocated first, then again in the contiguous branch, and the
-    first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input bytes].
-    Otherwise a per-channel sum of grad_output is the only temporary."""
+    """CPU `aten.native_batch_norm_backward`, float32. With input and grad_output contiguous in
+    the same memory format, grad_input is allocated first, then again in the contiguous branch,
+    and the first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input
+    bytes], then in channels-last per-thread float32 sums, two per channel (16 channels, 2
+    threads: 256 bytes). Otherwise a per-channel sum of grad_output is the only temporary."""
     input_bytes = prod(input_shape) * itemsize
     channel_bytes = input_shape[1] * 4
     allocations: list[KernelAllocation] = []
@@ -948,6 +962,9 @@ def batch_norm_backward_allocations(
                 KernelAllocation(input_bytes, "grad_input", output=0),
                 KernelAllocation(-input_bytes, "free discarded grad_input"),
             ]
+        if channels_last:
+            sums = KernelAllocation(threads * 2 * channel_bytes, "per-thread sums")
+            allocations += [sums, *_frees([sums])]
     else:
         grad_output_sum = KernelAllocation(channel_bytes, "sum of grad_output")
         allocations += [grad_output_sum, *_frees([grad_output_sum])]
@@ -977,6 +994,37 @@ def safe_softmax_allocations(
         *temporaries,
         *_frees(reversed(temporaries)),
     )
+
+
+# --- max pooling's backward ----------------------------------------------------------------------
+
+
+def max_pool_backward_allocations(
+    grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor
+) -> tuple[KernelAllocation, ...] | None:
+    """`aten.max_pool2d_with_indices_backward` on CPU: grad_input takes the input's layout, but
+    the kernel runs in the layout PyTorch suggests for grad_output and makes each of grad_output,
+    indices and grad_input contiguous in it (aten/src/ATen/native/cpu/MaxPoolKernel.cpp), so where
+    the layouts disagree it works on copies: held through the op, grad_input's copied back. NiN in
+    channels-last under bf16 autocast: a gradient of a 1x1 map arrives NCHW-strided, and its pool
+    copies grad_input (884,736 bytes at batch 128). Measured, 256 channels 7x7 to 3x3 at batch
+    128, channels-last input, NCHW grad_output: [3,211,264 (grad_input), 2,359,296 (indices),
+    3,211,264 (grad_input), -3,211,264, -2,359,296]. None: no copies."""
+    if input.dim() != 4:
+        return None
+    layout = suggest_memory_format(grad_output)
+    copies = [
+        KernelAllocation(tensor.numel() * tensor.dtype.itemsize, f"copy of {name} in the kernel's layout")
+        for name, tensor in (("grad_output", grad_output), ("indices", indices))
+        if not tensor.is_contiguous(memory_format=layout)
+    ]
+    grad_input_bytes = input.numel() * input.dtype.itemsize
+    grad_input = torch.empty(input.shape, device="meta", memory_format=suggest_memory_format(input))
+    if not grad_input.is_contiguous(memory_format=layout):
+        copies.append(KernelAllocation(grad_input_bytes, "copy of grad_input in the kernel's layout"))
+    if not copies:
+        return None
+    return (KernelAllocation(grad_input_bytes, "grad_input", output=0), *copies, *_frees(reversed(copies)))
 
 
 # --- which rule an op call follows ---------------------------------------------------------------
@@ -1009,7 +1057,7 @@ class _ConvCall:
     def channels_last(self) -> bool:
         """PyTorch's oneDNN path runs in channels-last when the input or the weight is in it
         (ATen's mkldnn_conv_use_channels_last), making the other channels-last too."""
-        return torch.channels_last in (_memory_format(self.input), _memory_format(self.weight))
+        return torch.channels_last in (suggest_memory_format(self.input), suggest_memory_format(self.weight))
 
 
 def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
@@ -1022,6 +1070,8 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args
         )
         return "bf16 or fp16 matrix multiply (oneDNN's brgemm scratchpad)" if reduced else None
+    if func_name == "aten.native_batch_norm_backward.default" and args[1].dtype != torch.float32:
+        return "reduced-precision batch norm backward (the float32 temporaries of a mixed-type kernel)"
     conv = _ConvCall.parse(func_name, args)
     if conv is None:
         return None
@@ -1040,7 +1090,9 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
         if groups > 1 and not depthwise:
             return "grouped channels-last oneDNN convolution"
         if conv.grad_output is None:
-            return None
+            if depthwise or _fixed_brgemm_scratchpad(conv.input.shape[1], tuple(conv.weight.shape[2:])):
+                return None
+            return "channels-last forward with one input channel or a kernel over 7x7 (another brgemm scratchpad)"
         if not depthwise:
             return _channels_last_backward_reason(conv, block)
         if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
@@ -1073,6 +1125,14 @@ def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
             "channel block"
         )
     return None
+
+
+def _fixed_brgemm_scratchpad(in_channels: int, kernel: tuple[int, ...]) -> bool:
+    """Whether a channels-last float32 forward takes the brgemm scratchpad of a fixed size per
+    thread (`mkldnn_conv_channels_last_forward_allocations`). Measured on a 24x24 map for 1 to 16
+    input channels, 1x1 to 11x11 kernels, strides 1 to 4: one input channel under a kernel over
+    1x1 (NiN's first layer: 3,137,552 bytes at 72x72) and kernels of 11 take others."""
+    return max(kernel) <= 7 and (in_channels > 1 or max(kernel) == 1)
 
 
 def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
@@ -1115,6 +1175,7 @@ _RULED = frozenset(
         *_BATCH_NORM_FORWARD,
         "aten.native_batch_norm_backward.default",
         "aten._safe_softmax.default",
+        "aten.max_pool2d_with_indices_backward.default",
     )
 )
 
@@ -1153,6 +1214,8 @@ def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocati
         return _batch_norm_backward_call_allocations(args)
     if func_name in _FLASH_ATTENTION:
         return _flash_attention_call_allocations(func_name, args)
+    if func_name == "aten.max_pool2d_with_indices_backward.default":
+        return max_pool_backward_allocations(args[0], args[1], args[7])
     if func_name == "aten._safe_softmax.default":
         x, dim = args[0], args[1]
         dtype = args[2] if len(args) > 2 and args[2] is not None else x.dtype
@@ -1193,7 +1256,7 @@ def _bf16_rule(
             groups=groups,
             bias=conv.bias is not None,
             channels_last=conv.channels_last,
-            copies_input=conv.channels_last and _memory_format(conv.input) != torch.channels_last,
+            copies_input=conv.channels_last and not conv.input.is_contiguous(memory_format=torch.channels_last),
             copies_weight=conv.channels_last and _memory_format(conv.weight) != torch.channels_last
             and not conv.weight.is_contiguous(memory_format=torch.channels_last),
         )
@@ -1301,7 +1364,7 @@ def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | No
             output_shape=_conv_output_shape(
                 conv.input.shape, conv.weight.shape, stride, padding, dilation
             ),
-            copies_input=_memory_format(conv.input) != torch.channels_last,
+            copies_input=not conv.input.is_contiguous(memory_format=torch.channels_last),
             copies_weight=_memory_format(conv.weight) != torch.channels_last
             and not conv.weight.is_contiguous(memory_format=torch.channels_last),
             block=onednn_channel_block(),
@@ -1338,10 +1401,15 @@ def _batch_norm_forward_call_allocations(
     input, running_mean = args[0], args[3]
     no_training = func_name == "aten._native_batch_norm_legit_no_training.default"
     training = False if no_training else args[5]
-    if input.dtype != torch.float32:
+    if input.dtype not in (torch.float32, torch.bfloat16):
         return None
     return batch_norm_forward_allocations(
-        input_shape=tuple(input.shape), training=training, running_stats=running_mean is not None
+        input_shape=tuple(input.shape),
+        training=training,
+        running_stats=running_mean is not None,
+        itemsize=input.dtype.itemsize,
+        channels_last=_memory_format(input) == torch.channels_last,
+        threads=torch.get_num_threads(),
     )
 
 
@@ -1353,7 +1421,11 @@ def _batch_norm_backward_call_allocations(
         return None
     contiguous = _memory_format(input) == _memory_format(grad_output) is not None
     return batch_norm_backward_allocations(
-        input_shape=tuple(input.shape), contiguous=contiguous, output_mask=tuple(args[9])
+        input_shape=tuple(input.shape),
+        contiguous=contiguous,
+        output_mask=tuple(args[9]),
+        channels_last=contiguous and _memory_format(input) == torch.channels_last,
+        threads=torch.get_num_threads(),
     )
 
 

@@ -53,6 +53,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.phases import StepPhases
 from ninlab.analysis.refusals import cannot_run
@@ -350,15 +351,7 @@ def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
 def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:
     """Every block the profiler saw, as (allocated at, freed at, bytes, address); None where
     that happened outside the profile."""
-    records: list[tuple[int, int, int]] = []
-    pending = list(tree)
-    while pending:
-        event = pending.pop()
-        if event.typed[0] == _EventType.Allocation:
-            fields = event.typed[1]
-            records.append((event.start_time_ns, fields.ptr, fields.alloc_size))
-        pending += event.children
-    records.sort()
+    records = allocation_records(tree)
     open_blocks: dict[int, list[Any]] = {}
     blocks: list[list[Any]] = []
     for time_ns, pointer, size in records:

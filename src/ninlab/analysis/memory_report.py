@@ -258,7 +258,8 @@ class AllocatorPeak:
     op's high point is what was alive before it plus the most it held at once. CUDA: the blocks the
     caching allocator hands out, simulated (`max_memory_allocated` counts blocks, not bytes; what
     it reserves is in `MemoryReport.cuda`). `method`
-    states the rules; `unmodelled` lists the ops whose extra blocks are not known.
+    states the rules; `unmodelled` lists the ops whose extra blocks are not known, `measured`
+    those no rule knows, measured one call at a time on this CPU (`ninlab.analysis.kernel_probe`).
     """
 
     peak_bytes: int
@@ -273,6 +274,7 @@ class AllocatorPeak:
     # rounding, and blocks handed out whole when too little is left to split off)
     method: str
     unmodelled: tuple[str, ...]
+    measured: tuple[str, ...] = ()
 
     @property
     def lower_bound(self) -> bool:

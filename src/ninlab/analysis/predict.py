@@ -22,6 +22,7 @@ sizes (the peak against the batch, the largest batch that fits) in `ninlab.analy
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import groupby, pairwise
 from math import prod
 from typing import Any
@@ -39,6 +40,7 @@ from ninlab.analysis.cuda_allocator import (
     simulate_step,
     step_events,
 )
+from ninlab.analysis.kernel_probe import measured_allocations
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
     LOSS_TYPE,
@@ -92,6 +94,7 @@ def predict_memory(
     try:
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
+        _measure_unknown_kernels(step)
     except NOT_TRACEABLE as error:
         return _measured_report(model, spec, batch_size, name, error)
     except NinlabError:
@@ -102,6 +105,21 @@ def predict_memory(
         raise cannot_run(error, model, spec) from None
     return _report(traced, step, name)
 
+
+
+def _measure_unknown_kernels(step: StepRecording) -> None:
+    """Where no rule knows the blocks a CPU kernel allocates for itself, measure that one call on
+    zeros of its sizes (`ninlab.analysis.kernel_probe`), or say why it stays a lower bound."""
+    ops = step.recording.ops
+    for index in range(step.step_start, len(ops)):
+        op = ops[index]
+        if op.cpu_call is None:
+            continue
+        measured = measured_allocations(op.cpu_call)
+        if isinstance(measured, str):
+            ops[index] = replace(op, cpu_unmodelled=f"{op.cpu_unmodelled}; {measured}")
+        else:
+            ops[index] = replace(op, cpu_allocations=measured, cpu_unmodelled="")
 
 
 def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
@@ -258,11 +276,14 @@ def _allocator_peak(
     live = point.total_bytes
     cuda = step.spec.device_type == "cuda"
     unmodelled: dict[str, int] = {}
+    measured: dict[str, int] = {}
     if not cuda:
         for op in step.recording.ops[step.step_start :]:
             if op.cpu_unmodelled:
                 note = f"{op.op}: {op.cpu_unmodelled}"
                 unmodelled[note] = unmodelled.get(note, 0) + 1
+            elif op.cpu_call is not None:
+                measured[op.op] = measured.get(op.op, 0) + 1
     return AllocatorPeak(
         peak_bytes=point.allocator_bytes,
         step_op=point.step_op,
@@ -275,13 +296,15 @@ def _allocator_peak(
         rounding_bytes=point.allocator_bytes - live if cuda else 0,
         method=_CUDA_METHOD if cuda else _CPU_METHOD,
         unmodelled=tuple(f"{note} ({count}x)" for note, count in unmodelled.items()),
+        measured=tuple(f"{op} ({count}x)" for op, count in measured.items()),
     )
 
 
 _CPU_METHOD = (
     "CPU allocator: live storage plus the blocks kernels allocate for themselves inside an op "
     "(oneDNN's blocked copies of inputs, weights and results; batch norm's temporaries), from "
-    "ninlab.analysis.allocator's per-op rules"
+    "ninlab.analysis.allocator's per-op rules, or, for a kernel no rule knows, measured on zeros "
+    "of the call's sizes (ninlab.analysis.kernel_probe)"
 )
 _CUDA_METHOD = (
     "CUDA caching allocator, simulated (ninlab.analysis.cuda_allocator): the step's allocations "

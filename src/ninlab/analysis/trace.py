@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import Self
 
 from ninlab.analysis.allocator import KernelAllocation, cpu_kernel_allocations
+from ninlab.analysis.kernel_probe import KernelCall
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
 from ninlab.analysis.phases import StepPhases
@@ -138,6 +139,9 @@ class OpRecord:
     # modelled (`cpu_unmodelled` says why).
     cpu_allocations: tuple[KernelAllocation, ...] | None = None
     cpu_unmodelled: str = ""
+    # Where `cpu_unmodelled` gives a reason: the call as its kernel sees it, for
+    # `ninlab.analysis.kernel_probe` to measure.
+    cpu_call: KernelCall | None = None
 
 
 @dataclass
@@ -529,6 +533,24 @@ def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -
     return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
 
 
+def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
+    """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
+    them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
+    contiguous in both layouts (a (N, C, 1, 1) map after global pooling), and there the fake
+    kernel keeps a channels-last input's strides where the real one does not; the strides decide
+    which layout a later kernel runs in (NiN's dropout feeds a max-pool backward that copies
+    grad_input when they disagree, 884,736 bytes at batch 128 in bf16)."""
+    if not isinstance(output, FakeTensor) or output.dim() < 3 or 1 not in output.shape[2:]:
+        return output
+    contiguous = torch._prims_common.make_contiguous_strides_for(output.shape)
+    if output.stride() == tuple(contiguous) or not output.is_contiguous():
+        return output
+    operands = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(a.shape == output.shape and a.is_contiguous() for a in operands):
+        return output
+    return torch.empty_like(output, memory_format=torch.contiguous_format)
+
+
 def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
     while a backward node runs without grad mode (not create_graph, not a checkpoint's
@@ -721,6 +743,8 @@ class Recorder(TorchDispatchMode):
         else:
             output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
             output = _cpu_batch_norm_grad_layout(func, args, output)
+            if traits.pointwise:
+                output = _elementwise_layout(args, output)
         self._record(func, traits.name, args, kwargs, output, window)
         if func is aten.add.Tensor and _sums_gradients(args, kwargs):
             self.ledger.accumulating(len(self.recording.ops) - 1, args[0], output, self._added_in_place)
@@ -788,6 +812,7 @@ class Recorder(TorchDispatchMode):
                 autograd_node=node,
                 cpu_allocations=allocations,
                 cpu_unmodelled=unmodelled,
+                cpu_call=KernelCall.of(name, args, outputs) if unmodelled else None,
             )
         )
 
@@ -831,6 +856,7 @@ class _OpTraits:
     metadata: bool  # a query FakeTensorMode answers without a kernel: not an op
     composite: bool  # CompositeImplicitAutograd: runs as its parts
     returns_self: bool  # in place on its first argument, which it returns, metadata unchanged
+    pointwise: bool  # a TensorIterator op, elementwise
 
 
 _TRAITS: dict[Any, _OpTraits] = {}
@@ -856,6 +882,7 @@ def _traits(func: Any) -> _OpTraits:
             metadata=metadata,
             composite=not metadata and _runs_as_parts(func.name()),
             returns_self=in_place,
+            pointwise=torch.Tag.pointwise in func.tags,
         )
         _TRAITS[func] = traits
     return traits

@@ -53,6 +53,8 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
             f"{format_bytes(allocator.live_bytes)} of tensors + {format_bytes(extra)} of {kind}"
         )
         lines.append(f"Allocator rules: {allocator.method}")
+        if allocator.measured:
+            lines.append(f"Measured on this CPU, one call each (no rule gives their blocks): {', '.join(allocator.measured)}")
         lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
     else:
         lines.append(f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)")

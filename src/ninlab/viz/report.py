@@ -299,6 +299,8 @@ def _peak_text(report: MemoryReport) -> str:
         f"({_e(format_bytes(allocator.workspace_bytes + allocator.rounding_bytes))} beyond the live tensors then: "
         f"{_e(allocator.method)})."
     )
+    if allocator.measured:
+        text += f' <span class="note">Measured on this CPU, one call each: {_e(", ".join(allocator.measured))}.</span>'
     if allocator.unmodelled:
         text += f' <span class="note">Not modelled: {_e("; ".join(allocator.unmodelled))}.</span>'
     return text

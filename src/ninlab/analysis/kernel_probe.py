@@ -1,0 +1,178 @@
+"""The CPU allocations of one op call that no rule in `ninlab.analysis.allocator` knows, measured.
+
+oneDNN sizes its brgemm scratchpads (bfloat16 convolutions and matrix multiplies on AMX, and a few
+float32 convolution kinds) and the padding of its reordered weights from blocking heuristics that
+depend on the CPU's instruction set, the thread count and the shape; they do not even grow
+monotonically with the image. A rule read off one CPU would be wrong on the next. So for each such
+call the recording keeps its signature (`KernelCall`: the op and its arguments' sizes, strides and
+dtypes), and `measured_allocations` runs that one op once, on zeros of the same layout, under the
+profiler's allocation records (`profile_memory=True`): every block the kernel allocates and frees,
+in order, on this machine, with its outputs found by address. A call is measured once per process
+and thread count (the same call at the same batch size costs nothing the second time).
+
+That allocates the op's own arguments and outputs, one op at a time (a small part of the step the
+prediction is about), and runs its arithmetic once: about a millisecond for NiN's convolutions at
+72x72. A call whose tensors exceed `PROBE_LIMIT_BYTES` is not run; it stays a lower bound with the
+reason given. Measured against the allocation records of whole steps in
+tests/analysis/test_kernel_probe.py: the allocations of a call in isolation are those it makes
+inside a step (oneDNN keeps no state between calls that changes them; the first call of a kernel
+allocates exactly what later calls do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from ninlab.analysis.allocator import KernelAllocation
+
+__all__ = ["PROBE_LIMIT_BYTES", "KernelCall", "TensorLayout", "allocation_records", "measured_allocations"]
+
+PROBE_LIMIT_BYTES = 1 << 30
+"""A call whose arguments and outputs together take more than this (1 GiB) is not run."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """What a kernel sees of a tensor argument: enough to make a real one that takes its path."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> TensorLayout:
+        return TensorLayout(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the smallest storage that holds it."""
+        if 0 in self.shape:
+            return 0
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride, strict=True))
+        return extent * self.dtype.itemsize
+
+    def zeros(self) -> torch.Tensor:
+        storage = torch.zeros(self.nbytes // self.dtype.itemsize, dtype=self.dtype)
+        return storage.as_strided(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One op call as a kernel sees it: the op ("aten.convolution.default"), its arguments with
+    every tensor as its `TensorLayout` (lists as tuples, so the call can key a cache), and the
+    bytes of its outputs."""
+
+    op: str
+    args: tuple[Any, ...]
+    output_bytes: int
+
+    @staticmethod
+    def of(op: str, args: Sequence[Any], outputs: Sequence[torch.Tensor]) -> KernelCall:
+        """The call of `op` on `args` (fake or real tensors) that returned `outputs`."""
+        return KernelCall(op, _layouts(tuple(args)), sum(_bytes(t) for t in outputs))
+
+    @property
+    def nbytes(self) -> int:
+        """What running it allocates beyond the kernel's own blocks: arguments and outputs."""
+        return self.output_bytes + sum(layout.nbytes for layout in _flat_layouts(self.args))
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
+
+
+def _layouts(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorLayout.of(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_layouts(item) for item in value)
+    return value
+
+
+def _flat_layouts(value: Any) -> list[TensorLayout]:
+    if isinstance(value, TensorLayout):
+        return [value]
+    if isinstance(value, tuple):
+        return [layout for item in value for layout in _flat_layouts(item)]
+    return []
+
+
+def _real(value: Any) -> Any:
+    """The argument a kernel is called with: zeros for a layout, a list for a tuple (aten's
+    list arguments; no aten op this module is asked about takes a tuple of tensors)."""
+    if isinstance(value, TensorLayout):
+        return value.zeros()
+    if isinstance(value, tuple):
+        return [_real(item) for item in value]
+    return value
+
+
+_MEASURED: dict[tuple[KernelCall, int], tuple[KernelAllocation, ...] | str] = {}
+
+
+def measured_allocations(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
+    """Every block `call` allocates and frees on this CPU, in order, its outputs marked
+    (`KernelAllocation.output`); or, where it was not measured, why (a lower bound stays)."""
+    key = (call, torch.get_num_threads())
+    known = _MEASURED.get(key)
+    if known is None:
+        known = _MEASURED[key] = _measure(call)
+    return known
+
+
+def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
+    if call.nbytes > PROBE_LIMIT_BYTES:
+        return f"too large to measure on its own (its tensors take over {PROBE_LIMIT_BYTES >> 20} MiB)"
+    namespace, name, overload = call.op.split(".")
+    func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    args = [_real(arg) for arg in call.args]
+    # Kineto prints two lines to stderr each time a profile starts unless told otherwise before its
+    # first one; a prediction should print nothing (a user's own setting is kept).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    try:
+        # The op as recorded: autocast already chose its dtypes, and no graph is wanted.
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            result = func(*args)
+    except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
+        return f"could not be run on its own ({type(error).__name__})"
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
+    addresses = {
+        t.untyped_storage().data_ptr(): index
+        for index, t in enumerate(outputs)
+        if isinstance(t, torch.Tensor) and _bytes(t) > 0
+    }
+    records = allocation_records(prof.profiler.kineto_results.experimental_event_tree())
+    # An output is the last block allocated at its address (an earlier one there was workspace).
+    last_at = {pointer: position for position, (_, pointer, size) in enumerate(records) if size > 0}
+    allocations = []
+    for position, (_, pointer, size) in enumerate(records):
+        output = addresses.get(pointer) if last_at.get(pointer) == position else None
+        what = "free" if size < 0 else "workspace (measured)" if output is None else "output"
+        allocations.append(KernelAllocation(size, what, output))
+    if sum(a.delta_bytes for a in allocations) != call.output_bytes:
+        return "measured on its own, it kept blocks beyond its outputs"
+    return tuple(allocations)
+
+
+def allocation_records(tree: Sequence[Any]) -> list[tuple[int, int, int]]:
+    """Every allocator record in a finished profile's event tree, in time order: (time in ns,
+    address, bytes, negative for a free)."""
+    records: list[tuple[int, int, int]] = []
+    pending = list(tree)
+    while pending:
+        event = pending.pop()
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            records.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+        pending += event.children
+    records.sort()
+    return records
