@@ -376,12 +376,37 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_forward(training: bool) -> None:
-    x = torch.randn(4, 16, 8, 8)
-    args = (x, torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16), training, 0.1, 1e-5)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_batch_norm_forward(
+    training: bool, layout: torch.memory_format, dtype: torch.dtype, thread_count: int, threads: Callable[[int], None]
+) -> None:
+    """Channels-last training adds a float32 sum per channel and thread (the 24 channels here:
+    192 bytes with 2 threads); bf16 input, bf16 output, float32 statistics."""
+    threads(thread_count)
+    x = torch.randn(4, 24, 5, 5, dtype=dtype).contiguous(memory_format=layout)
+    args = (x, torch.ones(24), torch.zeros(24), torch.zeros(24), torch.ones(24), training, 0.1, 1e-5)
     allocations = cpu_allocations("aten.native_batch_norm.default", args)
     assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(allocations)
     assert cpu_allocations("aten._native_batch_norm_legit.default", args) == allocations
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_channels_last_batch_norm_backward_sums_per_thread(thread_count: int, threads: Callable[[int], None]) -> None:
+    threads(thread_count)
+    x = torch.randn(4, 24, 5, 5).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    args = (grad, x, torch.ones(24), None, None, x.mean((0, 2, 3)), torch.ones(24), True, 1e-5, [True, True, True])
+    measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
+    assert measured == deltas(cpu_allocations("aten.native_batch_norm_backward.default", args))
+    assert measured[-2:] == [thread_count * 2 * 24 * 4, -thread_count * 2 * 24 * 4]
+
+
+def test_reduced_precision_batch_norm_backward_is_left_to_measurement() -> None:
+    x = torch.randn(4, 24, 5, 5).bfloat16()
+    args = (x, x, torch.ones(24), None, None, torch.zeros(24), torch.ones(24), True, 1e-5, [True, True, True])
+    assert "batch norm backward" in unmodelled_reason("aten.native_batch_norm_backward.default", args)
 
 
 @pytest.mark.parametrize("expanded_grad", [False, True])
@@ -527,3 +552,20 @@ def test_max_pool_backward_copies_where_the_layouts_disagree(
     else:
         assert measured == deltas(rule)
         assert len(measured) > 1
+
+
+def test_a_one_channel_input_runs_in_the_layout_its_strides_suggest() -> None:
+    """One channel makes NCHW and channels-last strides both contiguous; ATen picks the layout
+    from the strides (suggest_memory_format), and so does the rule: NCHW strides take the NCHW
+    path, exact, and channels-last strides the channels-last one, whose brgemm scratchpad for one
+    input channel under an 11x11 kernel (3,137,552 bytes on 72x72 here) no rule gives."""
+    window = ([4, 4], [0, 0], [1, 1], False, [0, 0], 1)
+    weight = torch.randn(96, 1, 11, 11)
+    nchw = (torch.randn(2, 1, 72, 72), weight, None, *window)
+    assert op_allocations(lambda: aten.convolution.default(*nchw)) == deltas(cpu_allocations("aten.convolution.default", nchw))
+    channels_last = (torch.empty(2, 1, 72, 72, memory_format=torch.channels_last).normal_(), weight, None, *window)
+    assert "one input channel" in unmodelled_reason("aten.convolution.default", channels_last)
+    three_channels = (torch.randn(2, 3, 72, 72).contiguous(memory_format=torch.channels_last), torch.randn(96, 3, 7, 7), None, *window)
+    assert unmodelled_reason("aten.convolution.default", three_channels) is None
+    eleven = (three_channels[0], torch.randn(96, 3, 11, 11), None, *window)
+    assert "kernel over 7x7" in unmodelled_reason("aten.convolution.default", eleven)

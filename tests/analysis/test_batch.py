@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from ninlab.analysis import kernel_probe
 from ninlab.analysis.batch import fit_batch, memory_vs_batch
 from ninlab.analysis.predict import predict_memory
 from ninlab.errors import NinlabError
@@ -42,6 +43,20 @@ def test_fit_batch_finds_the_largest_fitting_batch_by_exact_prediction(nin: nn.M
     allocator = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT)
     assert allocator.level == "allocator" and allocator.batch_size < 133
     assert allocator.peak_bytes <= 1 << 30 < allocator.next_peak_bytes
+    assert not allocator.lower_bound
+
+
+def test_a_fit_whose_peak_is_a_lower_bound_is_an_upper_bound_on_the_batch(
+    nin: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under bf16 autocast each convolution's oneDNN scratchpad is measured where its call is
+    small enough to run (`ninlab.analysis.kernel_probe`); at the answer it is not, so the peak
+    there is at least the figure, and the batch at most the answer."""
+    monkeypatch.setattr(kernel_probe, "PROBE_LIMIT_BYTES", 64 << 20)
+    fit = fit_batch(nin, budget="1GiB", input_size=NIN_INPUT, amp="bf16")
+    assert fit.lower_bound and fit.batch_size > 133
+    small = fit_batch(nin, budget="40MiB", input_size=(1, 96, 96), amp="bf16")
+    assert not small.lower_bound
 
 
 def test_a_budget_too_small_for_batch_1_says_by_how_much(nin: nn.Module) -> None:

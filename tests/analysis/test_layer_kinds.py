@@ -4,9 +4,9 @@ depthwise convs with LayerNorm over channels-last activations, attention (`nn.Mu
 and `F.scaled_dot_product_attention`, also with a learned position bias as its mask), in float32
 and under bf16 autocast and channels-last.
 
-The live level is exact everywhere. The allocator level is within 1% where every kernel is
-modelled; where one is not (bfloat16 convolutions, ConvNeXt's 2x2 stride-2 downsampling in
-backward), the report says so and its figure is a lower bound of the measured one.
+Both levels are exact: where no rule knows a kernel's blocks (bfloat16 oneDNN convolutions and
+matrix multiplies, ConvNeXt's 2x2 stride-2 downsampling in backward), the call is measured on its
+own (`ninlab.analysis.kernel_probe`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ from ninlab.analysis.trace import record_step
 _CASES = [
     ("mbconv_silu", "train", {}),
     ("mbconv_silu", "infer", {}),
+    ("mbconv_silu", "train", {"amp": "bf16", "memory_format": "channels_last"}),
+    ("mbconv_silu", "infer", {"amp": "bf16", "memory_format": "channels_last"}),
     ("attention_net", "train", {}),
+    ("attention_net", "train", {"amp": "bf16"}),
     ("convnext_ln", "infer", {}),
     ("convnext_ln", "train", {"amp": "bf16"}),
+    ("convnext_ln", "train", {"amp": "bf16", "memory_format": "channels_last"}),
 ]
 
 
@@ -38,11 +42,10 @@ def test_layer_kind_against_a_real_run(name: str, mode: str, options: dict[str, 
     )  # type: ignore[arg-type]
     measured = measure(model, report.spec, batch_size=report.batch_size)
     assert report.live_peak_bytes == measured.live_peak_bytes
-    if report.allocator.lower_bound:
-        assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
-        assert report.allocator.unmodelled
-    else:
-        assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
+    assert not report.allocator.lower_bound, report.allocator.unmodelled
+    # Exact on the reference machine (benchmarks/bench_memory_cpu.md); the float32 rules were
+    # read off its oneDNN kernels, so elsewhere within the issue's 1%.
+    assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
 @pytest.mark.machine

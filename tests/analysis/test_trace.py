@@ -3,7 +3,7 @@ import gc
 import pytest
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ninlab.analysis import trace
 from ninlab.analysis.step import StepSpec
@@ -181,3 +181,23 @@ def test_recording_leaves_the_collector_as_it_was(enabled):
         assert gc.isenabled() == enabled
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("op", [torch.mul, torch.add, torch.maximum])
+def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
+    """On a (N, C, 1, 1) map (after global pooling) channels-last strides are contiguous too, and
+    TensorIterator then writes a contiguous output where the fake kernel keeps the input's strides;
+    a max-pool backward reading the result copies it when the layouts disagree (NiN's dropout)."""
+    real = torch.randn(4, 8, 1, 1).as_strided((4, 8, 1, 1), (8, 1, 8, 8))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        output = op(fake, fake)
+        assert output.stride() == (8, 1, 8, 8)  # the fake kernel's strides
+        corrected = trace._elementwise_layout((fake, fake), output)
+    assert corrected.stride() == op(real, real).stride() == (8, 1, 1, 1)
+    wider = torch.randn(4, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(wider)
+        output = op(fake, fake)
+        assert trace._elementwise_layout((fake, fake), output) is output
+    assert output.stride() == op(wider, wider).stride()

@@ -45,16 +45,25 @@ replays them against the profiler. What they cover:
   layout, its reduction scratchpad as in NCHW, and ATen's dense and channels-last copies).
   Not modelled: grouped (not depthwise) channels-last convolutions, the backward-data of a
   strided convolution whose scratchpad follows no rule found (kernel equal to stride, as in
-  ConvNeXt's downsampling and patchify convs); `unmodelled_reason` names the convolutions, and
-  the report flags the allocator level as a lower bound wherever one runs.
+  ConvNeXt's downsampling and patchify convs), a forward with one input channel under a kernel
+  over 1x1 or a kernel over 7x7 (`_fixed_brgemm_scratchpad`); `unmodelled_reason` names them,
+  and the predictor measures each such call on its own (`ninlab.analysis.kernel_probe`). Which
+  layout a convolution runs in is ATen's choice from the strides (`suggest_memory_format`), so a
+  one-channel input with channels-last strides runs channels-last.
 * bfloat16 convolutions and matrix multiplies (bf16 autocast) follow `ninlab.analysis.onednn_bf16`
   (`_bf16_rule` dispatches there): exact for depthwise forward passes and for matrix multiplies
   too small for oneDNN; elsewhere the channels-last copies, dense copies and contiguous clones are
   counted but oneDNN's AMX brgemm scratchpads and weight padding are not, so those rules give a
-  lower bound (`cpu_kernel_allocations` returns their blocks with the reason).
+  lower bound (`cpu_kernel_allocations` returns their blocks with the reason), which the
+  predictor replaces by the call measured on its own.
+* `aten.max_pool2d_with_indices_backward`: copies of grad_output, indices and grad_input where
+  their layouts disagree with the one PyTorch suggests for grad_output
+  (`max_pool_backward_allocations`).
 * Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a
   batch under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace.
-* `aten.native_batch_norm` (per-channel temporaries) and `aten.native_batch_norm_backward`: with
+* `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16; channels-last adds
+  per-thread sums) and `aten.native_batch_norm_backward` (float32; reduced precision is measured
+  per call): with
   contiguous inputs the CPU kernel allocates grad_input twice (once before it checks contiguity,
   again in the contiguous branch; aten/src/ATen/native/Normalization.cpp,
   batch_norm_backward_cpu_template), so an input-sized block is held through the op.

@@ -62,7 +62,9 @@ class BatchScaling:
 @dataclass(frozen=True)
 class BatchFit:
     """The largest batch whose predicted peak at `level` fits `budget_bytes`: exact predictions at
-    `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run."""
+    `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run.
+    `lower_bound`: the peak at `batch_size` is only a lower bound (a kernel's workspace is
+    unknown there), so the largest batch is at most `batch_size`."""
 
     level: str  # "live" or "allocator"
     budget_bytes: int
@@ -70,6 +72,7 @@ class BatchFit:
     peak_bytes: int
     next_peak_bytes: int
     predictions: int
+    lower_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,20 @@ def memory_vs_batch(
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
     level = _level(level)
-    peaks = (_peak(model, spec, first, level), _peak(model, spec, second, level))
+    peaks = (_peak(model, spec, first, level)[0], _peak(model, spec, second, level)[0])
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
     check = valid_batch_size(check_batch_size)
-    check_peak = _peak(model, spec, check, level)
+    check_peak = _peak(model, spec, check, level)[0]
     return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, check_peak)
 
 
-def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> int:
+def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> tuple[int, bool]:
+    """The peak at `level`, and whether it is only a lower bound."""
     report = predict_memory(model, spec, batch_size=batch_size)
-    return report.held_peak_bytes if level == "allocator" else report.live_peak_bytes
+    if level == "live":
+        return report.live_peak_bytes, False
+    return report.held_peak_bytes, report.allocator is not None and report.allocator.lower_bound
 
 
 def _level(level: str) -> Level:
@@ -135,12 +141,12 @@ def fit_batch(
     if budget_bytes < 1:
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
     spec = step_spec(spec, **fields)
-    known: dict[int, int] = {}
+    known: dict[int, tuple[int, bool]] = {}
 
     def peak(batch_size: int) -> int:
         if batch_size not in known:
             known[batch_size] = _peak(model, spec, batch_size, level)
-        return known[batch_size]
+        return known[batch_size][0]
 
     if peak(1) > budget_bytes:
         raise NinlabError(
@@ -179,7 +185,7 @@ def fit_batch(
             f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
-    return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known))
+    return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known), known[low][1])
 
 
 def study_batch(

@@ -7,7 +7,9 @@ naming each kernel and memory format; tests/analysis/test_onednn_bf16.py replays
 
 What a rule gives is exact where `Bf16Allocations.unmodelled` is None, and otherwise a lower bound:
 on oneDNN's brgemm kernels every block it lists is taken, in order, and the missing ones are
-scratchpads and padding; convolutions on 1x1 images (squeeze-excitation) and with few channels run
+scratchpads and padding. The predictor measures each call of such a kernel on its own
+(`ninlab.analysis.kernel_probe`), so a lower bound here is what a report shows only where that
+call is too large to run; convolutions on 1x1 images (squeeze-excitation) and with few channels run
 other kernels (channel-blocked, no channels-last copies), whose peaks the rules stayed under in
 every shape tried (40 ops, forward and backward, both layouts). Exact:
 

@@ -52,8 +52,10 @@ class PlanOption:
     step_flops: int  # forward, backward, recomputation and update at the requested batch
     recomputed_flops: int
     micro_batches: int = 1
-    # a kernel's workspace is not modelled: the peak is at least this, the largest batch at most
-    lower_bound: bool = False
+    # a kernel's workspace is unknown: at the requested batch the peak is at least `peak_bytes`;
+    # at the largest batch, so that it is at most `largest_batch`
+    peak_lower_bound: bool = False
+    largest_at_most: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,19 +109,23 @@ def _option(
 ) -> PlanOption:
     report = predict_memory(model, spec, batch_size=batch_size)
     peak = report.allocator_peak_bytes
+    at_most = False
     if kind == "accumulation":
         largest = batch_size if peak <= budget else 0
     else:
         try:
-            largest = fit_batch(model, spec, budget=budget).batch_size
+            fit = fit_batch(model, spec, budget=budget)
+            largest, at_most = fit.batch_size, fit.lower_bound
         except NinlabError:  # not even batch 1 fits
-            largest = 0
+            largest, at_most = 0, False
     recording = record_step(model, spec, batch_size)
     ops = recording.recording.ops[recording.step_start :]
     flops = sum(op.flops for op in ops)
     recomputed = sum(op.flops for op in ops if op.phase == "recompute")
     return PlanOption(
-        name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches, report.allocator.lower_bound
+        name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches,
+        peak_lower_bound=report.allocator.lower_bound,
+        largest_at_most=at_most,
     )
 
 

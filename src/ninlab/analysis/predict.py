@@ -40,7 +40,7 @@ from ninlab.analysis.cuda_allocator import (
     simulate_step,
     step_events,
 )
-from ninlab.analysis.kernel_probe import measured_allocations
+from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
     LOSS_TYPE,
@@ -109,13 +109,15 @@ def predict_memory(
 
 def _measure_unknown_kernels(step: StepRecording) -> None:
     """Where no rule knows the blocks a CPU kernel allocates for itself, measure that one call on
-    zeros of its sizes (`ninlab.analysis.kernel_probe`), or say why it stays a lower bound."""
+    zeros of its sizes (`ninlab.analysis.kernel_probe`), or say why it stays a lower bound. All
+    or none: when one call is too large to run, the step's figure is a lower bound whatever the
+    others give, so they are not run either (the batch planner asks at large batch sizes)."""
     ops = step.recording.ops
-    for index in range(step.step_start, len(ops)):
+    unknown = [index for index in range(step.step_start, len(ops)) if ops[index].cpu_call is not None]
+    too_large = too_large_to_measure([ops[index].cpu_call for index in unknown])
+    for index in unknown:
         op = ops[index]
-        if op.cpu_call is None:
-            continue
-        measured = measured_allocations(op.cpu_call)
+        measured = too_large or measured_allocations(op.cpu_call)
         if isinstance(measured, str):
             ops[index] = replace(op, cpu_unmodelled=f"{op.cpu_unmodelled}; {measured}")
         else:

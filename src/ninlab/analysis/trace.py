@@ -36,9 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import Self
 
 from ninlab.analysis.allocator import KernelAllocation, cpu_kernel_allocations
-from ninlab.analysis.kernel_probe import KernelCall
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, AxisWindow, EmptyOutputError, axes_from_torch
+from ninlab.analysis.kernel_probe import KernelCall
 from ninlab.analysis.phases import StepPhases
 from ninlab.analysis.step import (
     StepSpec,

@@ -98,8 +98,9 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
         )
     if fit is not None:
         lines.append(
-            f"Largest batch within {format_bytes(fit.budget_bytes)} ({_level(report, fit.level)} level): {fit.batch_size:,}, peak "
-            f"{_bytes(fit.peak_bytes)}; batch {fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
+            f"Largest batch within {format_bytes(fit.budget_bytes)} ({_level(report, fit.level)} level): "
+            f"{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}, peak "
+            f"{'at least ' if fit.lower_bound else ''}{_bytes(fit.peak_bytes)}; batch {fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
             f"({fit.predictions} exact predictions)"
         )
     if report.ddp is not None:

@@ -16,7 +16,8 @@ def plan_lines(plan: BudgetPlan) -> list[str]:
     """A heading, one line per alternative, and the recommendation."""
     heading = (
         f"Fitting batch {plan.batch_size:,} into {format_bytes(plan.budget_bytes)} (allocator level; "
-        "each figure a prediction at that batch; \"at least\" where a kernel's workspace is not modelled):"
+        "each figure a prediction at that batch; \"at least\" and \"at most\" where a kernel's workspace is "
+        "unknown there):"
     )
     lines = [heading, *(f"  {_option_line(option, plan.batch_size)}" for option in plan.options)]
     lines.append(f"Recommendation: {plan.recommendation}")
@@ -25,7 +26,7 @@ def plan_lines(plan: BudgetPlan) -> list[str]:
 
 def _option_line(option: PlanOption, batch_size: int) -> str:
     fits = "fits" if option.fits_requested else "does not fit"
-    bound = "at most " if option.lower_bound else ""
+    bound = "at most " if option.largest_at_most else ""
     if option.kind == "accumulation":
         largest = f"batch {batch_size:,} in {option.micro_batches} micro-batches"
     else:
@@ -35,7 +36,7 @@ def _option_line(option: PlanOption, batch_size: int) -> str:
         compute += f", {format_flops(option.recomputed_flops)} of it recomputed"
     return (
         f"{option.name}: {largest}; batch {batch_size:,} {fits} "
-        f"({'at least ' if option.lower_bound else ''}{format_bytes(option.peak_bytes)}); {compute} per step"
+        f"({'at least ' if option.peak_lower_bound else ''}{format_bytes(option.peak_bytes)}); {compute} per step"
     )
 
 

@@ -341,7 +341,8 @@ def _memory_section(report: Report) -> str:
         f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample (exact at batch {scaling.batch_sizes[0]} and "
         f"{scaling.batch_sizes[1]}; at batch {scaling.check_batch_size} the line is "
         f"{'exact' if scaling.linear else 'off: the peak moves to another op'}). The largest batch within "
-        f"{_e(format_bytes(fit.budget_bytes))} is <b>{fit.batch_size:,}</b> ({_e(format_bytes(fit.peak_bytes))}; "
+        f"{_e(format_bytes(fit.budget_bytes))} is <b>{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}</b> "
+        f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; "
         f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
     )
     parts.append(_figure(report.charts.batch, "batch", "Every point is an exact prediction; the line is fitted through two of them."))
@@ -354,7 +355,7 @@ def _plan_section(plan: BudgetPlan) -> str:
     """The planner's alternatives as a table, and its recommendation."""
     rows = []
     for option in plan.options:
-        bound = ("at most ", "at least ") if option.lower_bound else ("", "")
+        bound = ("at most " if option.largest_at_most else "", "at least " if option.peak_lower_bound else "")
         largest = (
             f"{plan.batch_size:,} in {option.micro_batches} parts"
             if option.kind == "accumulation"
