@@ -14,10 +14,12 @@ That allocates the op's own arguments and outputs, one op at a time (a small par
 prediction is about), and runs its arithmetic once: 0.8 s for the 24 convolution calls of NiN as
 the `cpu` preset trains it (bf16, channels-last, 72x72, batch 128), the first time. A call whose
 tensors exceed `PROBE_LIMIT_BYTES` is not run, nor, by the predictor, any other call of its step
-(the figure is a lower bound either way); the report gives the reason. Measured against the allocation records of whole steps in
-tests/analysis/test_kernel_probe.py: the allocations of a call in isolation are those it makes
-inside a step (oneDNN keeps no state between calls that changes them; the first call of a kernel
-allocates exactly what later calls do).
+(the figure is a lower bound either way); the report gives the reason.
+
+Why one call alone tells what it does inside a step: oneDNN keeps no state between calls that
+changes its blocks (the first call of a kernel allocates exactly what later ones do), and the
+blocks depend on the arguments' layouts, which the recording gives as the CPU kernels make them.
+tests/analysis/test_kernel_probe.py checks whole steps built of such calls against measurement.
 """
 
 from __future__ import annotations
