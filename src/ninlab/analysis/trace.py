@@ -306,14 +306,23 @@ class StorageLedger:
                 return
 
     def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
+        # The ledger weakly: held strongly, every storage's callback would tie the ledger and its
+        # recording into a cycle that only the cyclic collector frees, a full pass per prediction.
+        ledger = weakref.ref(self)
+
         def freed(_ref: weakref.ref) -> None:
-            self._alive.pop(storage_id, None)
-            if self._accumulation is not None and self._continue_in_place(record):
-                return
-            record.freed_after = self._clock()
-            self.events.append(("free", record.key, record.freed_after))
+            listening = ledger()
+            if listening is not None:
+                listening._freed(storage_id, record)
 
         return freed
+
+    def _freed(self, storage_id: int, record: StorageRecord) -> None:
+        self._alive.pop(storage_id, None)
+        if self._accumulation is not None and self._continue_in_place(record):
+            return
+        record.freed_after = self._clock()
+        self.events.append(("free", record.key, record.freed_after))
 
 
 # -- what autograd saved for backward -------------------------------------------------------------
@@ -614,10 +623,19 @@ class Recorder(TorchDispatchMode):
         self._entered = False
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
-        self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
+        # No reference back to the recorder from what it holds, so that it and its recording die
+        # by reference counts (see `StepRecording.recorder`).
+        harvest = weakref.WeakMethod(self._harvest_saved_tensors)
+
+        def on_backward() -> None:
+            harvest()()  # a recorder is alive while it records
+
+        self.phases = StepPhases(model, on_backward=on_backward)
         self._fake_outputs = _FakeOutputs(fake_mode)
-        self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
+        ops: list[OpRecord] = []
+        self.ledger = StorageLedger(clock=lambda: len(ops) - 1)
         self.recording = Recording(
+            ops=ops,
             storages=self.ledger.storages,
             events=self.ledger.events,
             module_outputs=self.modules.outputs,
@@ -1237,6 +1255,10 @@ class StepRecording:
     target_key: int  # -1: no targets (an inference, or a loss that needs none)
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
+    # The recorder lives as long as its recording: what it holds (the autograd nodes it mapped to
+    # modules, with their saved tensors) dies after the recording is read, not as the step
+    # returns, when its ledger would record those storages freed after the step's last op.
+    recorder: Recorder | None = field(default=None, repr=False, compare=False)
 
 
 @collector_off()
@@ -1324,6 +1346,7 @@ def record_step(
         )
     state_keys = [recorder.storage_key(t) for t in optimizer_state(optimizers)]
     return StepRecording(
+        recorder=recorder,
         recording=recorder.recording,
         spec=spec,
         batch_size=batch_size,
