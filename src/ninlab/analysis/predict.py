@@ -60,7 +60,7 @@ from ninlab.analysis.memory_report import (
 )
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
-from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, record_step
+from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import format_bytes
 
@@ -103,7 +103,10 @@ def predict_memory(
         if spec.step is not None:
             raise step_failed(spec, error, "fake tensors") from None
         raise cannot_run(error, model, spec) from None
-    return _report(traced, step, name)
+    # Tens of thousands of report objects, all freed by reference counts: without the cyclic
+    # collector, as the recording runs, they trigger none of its full passes over the process.
+    with collector_off():
+        return _report(traced, step, name)
 
 
 

@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import CONSTANT_NUMEL_LIMIT, FakeTensor, FakeTensorMode
+from torch._decomp import decomposition_table, meta_table
+from torch._subclasses.fake_tensor import (
+    CONSTANT_NUMEL_LIMIT,
+    FakeTensor,
+    FakeTensorMode,
+    torch_decomp_decompositions,
+)
 from torch.nn import functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
@@ -284,21 +290,39 @@ class StorageLedger:
         if storage is None:
             return False
         del self.storages[total_key]
-        self.events.remove(("alloc", total_key, index))
+        self._drop_latest(("alloc", total_key, index))
         # The sum's own weak reference is dropped with its entry, so only this one fires.
         self._alive[total_id] = (record.key, weakref.ref(storage, self._on_free(total_id, record)))
         done(record.key)
         return True
 
-    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
-        def freed(_ref: weakref.ref) -> None:
-            self._alive.pop(storage_id, None)
-            if self._accumulation is not None and self._continue_in_place(record):
+    def _drop_latest(self, event: tuple[str, int, int]) -> None:
+        """Remove `event`, made by one of the last ops: searched from the end, where it is
+        (`list.remove` from the start, hundreds of times a step over tens of thousands of events,
+        was 5% of DenseNet's prediction)."""
+        for position in range(len(self.events) - 1, -1, -1):
+            if self.events[position] == event:
+                del self.events[position]
                 return
-            record.freed_after = self._clock()
-            self.events.append(("free", record.key, record.freed_after))
+
+    def _on_free(self, storage_id: int, record: StorageRecord) -> Callable[[weakref.ref], None]:
+        # The ledger weakly: held strongly, every storage's callback would tie the ledger and its
+        # recording into a cycle that only the cyclic collector frees, a full pass per prediction.
+        ledger = weakref.ref(self)
+
+        def freed(_ref: weakref.ref) -> None:
+            listening = ledger()
+            if listening is not None:
+                listening._freed(storage_id, record)
 
         return freed
+
+    def _freed(self, storage_id: int, record: StorageRecord) -> None:
+        self._alive.pop(storage_id, None)
+        if self._accumulation is not None and self._continue_in_place(record):
+            return
+        record.freed_after = self._clock()
+        self.events.append(("free", record.key, record.freed_after))
 
 
 # -- what autograd saved for backward -------------------------------------------------------------
@@ -599,10 +623,19 @@ class Recorder(TorchDispatchMode):
         self._entered = False
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
-        self.phases = StepPhases(model, on_backward=self._harvest_saved_tensors)
+        # No reference back to the recorder from what it holds, so that it and its recording die
+        # by reference counts (see `StepRecording.recorder`).
+        harvest = weakref.WeakMethod(self._harvest_saved_tensors)
+
+        def on_backward() -> None:
+            harvest()()  # a recorder is alive while it records
+
+        self.phases = StepPhases(model, on_backward=on_backward)
         self._fake_outputs = _FakeOutputs(fake_mode)
-        self.ledger = StorageLedger(clock=lambda: len(self.recording.ops) - 1)
+        ops: list[OpRecord] = []
+        self.ledger = StorageLedger(clock=lambda: len(ops) - 1)
         self.recording = Recording(
+            ops=ops,
             storages=self.ledger.storages,
             events=self.ledger.events,
             module_outputs=self.modules.outputs,
@@ -791,9 +824,9 @@ class Recorder(TorchDispatchMode):
         module, node = self._module_now()
         in_tensors = _tensors(args) + (_tensors(tuple(kwargs.values())) if kwargs else [])
         outputs = tuple(_tensors((output,)))
+        phase = self.current_phase
         note = self.ledger.note
-        for tensor in outputs:
-            note(tensor, created_at=index, phase=self.current_phase, module=module)
+        output_records = [note(tensor, created_at=index, phase=phase, module=module) for tensor in outputs]
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
         # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
         on_cpu = not self.emulate_cuda and all(_device_type(t) == "cpu" for t in outputs)
@@ -803,10 +836,13 @@ class Recorder(TorchDispatchMode):
             OpRecord(
                 index=index,
                 op=name,
-                phase=self.current_phase,
+                phase=phase,
                 module=module,
                 inputs=tuple(meta(t) for t in in_tensors),
-                outputs=tuple(meta(t) for t in outputs),
+                outputs=tuple(
+                    TensorMeta(tuple(t.shape), t.dtype, -1 if record is None else record.key)
+                    for t, record in zip(outputs, output_records)
+                ),
                 flops=op_flops(func, args, tuple(output_tuple)),
                 window=None if window is None else _window_op(window, args[0], outputs[0]),
                 autograd_node=node,
@@ -830,7 +866,7 @@ class OffRecord(TorchDispatchMode):
     """Runs ops on fake tensors the quick way the recorder runs them (in-place ops skip the fake
     kernel, outputs made from `_FakeOutputs`), recording nothing: for what a step needs made
     before it is recorded (the fake parameters, the input batch, the probe forward that fits the
-    loss). Entered over `fake_mode`."""
+    loss), and for the parts of an op that FakeTensorMode decomposes. Entered over `fake_mode`."""
 
     def __init__(self, fake_mode: FakeTensorMode) -> None:
         super().__init__()
@@ -920,6 +956,10 @@ class _FakeOutputs:
     the arguments' alone, so a second prediction of a model, or one at another batch size (whose
     optimizer ops see the same parameter shapes), makes most outputs directly.
 
+    An op FakeTensorMode runs as a Python decomposition (batch norm, its backward) is decomposed
+    here the same way, each part through this memory: at a new batch size, the parts on
+    per-channel statistics are known already, and only those on the batch are new.
+
     Ops on real constants alone (Adam's step count: `step += 1`, `step.item()`) are computed
     here on the constants, as FakeTensorMode would compute them, without its slow path; so is the
     count itself made (`torch.tensor(0.0)`).
@@ -932,6 +972,9 @@ class _FakeOutputs:
         if sum(len(known) for known in _KNOWN_OUTPUTS.values()) > _KNOWN_OUTPUTS_LIMIT:
             _KNOWN_OUTPUTS.clear()
         self._known = _KNOWN_OUTPUTS.setdefault(defaults, {})
+        # Runs the parts of an op FakeTensorMode decomposes in Python, so that they are
+        # remembered too (made when first needed).
+        self._parts: OffRecord | None = None
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = _key(func, args, kwargs)
@@ -945,7 +988,14 @@ class _FakeOutputs:
         if entry is not None:
             views, made = entry
             return _make_view(args[0], *made) if views else _make_fakes(self._mode, *made)
-        output = func(*args, **kwargs)
+        decomposition = _python_decomposition(self._mode, func)
+        if decomposition is None:
+            output = func(*args, **kwargs)
+        else:
+            if self._parts is None:
+                self._parts = OffRecord(self._mode)
+            with self._parts:
+                output = decomposition(*args, **kwargs)
         fresh = None if func.is_view else _fresh_outputs(output, args, kwargs)
         if fresh is not None:
             self._known[key] = (False, fresh)
@@ -955,6 +1005,24 @@ class _FakeOutputs:
             if view is not None:
                 self._known[key] = (True, view)
         return output
+
+
+def _python_decomposition(mode: FakeTensorMode, func: Any) -> Callable[..., Any] | None:
+    """The Python decomposition FakeTensorMode runs for `func` instead of a meta kernel (batch
+    norm and its backward, `slice`, `threshold_backward`, `_softmax`: its `_dispatch_impl` for
+    an op with neither a Python meta nor a symbolic C++ one), or None. Found once per op."""
+    if func not in _DECOMPOSITIONS:
+        decomposed = (
+            func not in meta_table
+            and not mode.cpp_meta_supports_symint(func)
+            and func in decomposition_table
+            and torch_decomp_decompositions(func)
+        )
+        _DECOMPOSITIONS[func] = decomposition_table[func] if decomposed else None
+    return _DECOMPOSITIONS[func]
+
+
+_DECOMPOSITIONS: dict[Any, Callable[..., Any] | None] = {}
 
 
 def _small_real_tensor(value: Any) -> bool:
@@ -1055,7 +1123,7 @@ def _key_part(value: Any) -> Any:
 def _fresh_outputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """What `_make_fakes` needs to make outputs like these again, or None when they are not all
     fresh fake tensors (or None) without constants."""
-    container = type(output) if isinstance(output, (tuple, list)) else None
+    container = list if isinstance(output, list) else tuple if isinstance(output, tuple) else None
     outputs = tuple(output) if container is not None else (output,)
     described: list[tuple[Any, ...] | None] = []
     for tensor in outputs:
@@ -1187,6 +1255,10 @@ class StepRecording:
     target_key: int  # -1: no targets (an inference, or a loss that needs none)
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
+    # The recorder lives as long as its recording: what it holds (the autograd nodes it mapped to
+    # modules, with their saved tensors) dies after the recording is read, not as the step
+    # returns, when its ledger would record those storages freed after the step's last op.
+    recorder: Recorder | None = field(default=None, repr=False, compare=False)
 
 
 @collector_off()
@@ -1274,6 +1346,7 @@ def record_step(
         )
     state_keys = [recorder.storage_key(t) for t in optimizer_state(optimizers)]
     return StepRecording(
+        recorder=recorder,
         recording=recorder.recording,
         spec=spec,
         batch_size=batch_size,
