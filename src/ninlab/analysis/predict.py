@@ -94,7 +94,6 @@ def predict_memory(
     try:
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
-        _measure_unknown_kernels(step)
     except NOT_TRACEABLE as error:
         return _measured_report(model, spec, batch_size, name, error)
     except NinlabError:
@@ -106,6 +105,7 @@ def predict_memory(
     # Tens of thousands of report objects, all freed by reference counts: without the cyclic
     # collector, as the recording runs, they trigger none of its full passes over the process.
     with collector_off():
+        _measure_unknown_kernels(step)
         return _report(traced, step, name)
 
 
