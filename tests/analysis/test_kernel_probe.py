@@ -108,3 +108,9 @@ def test_layer_kinds_no_rule_knows_are_exact(name: str, options: dict[str, str])
     assert report.allocator.measured
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+def test_a_call_that_cannot_run_on_zeros_says_so() -> None:
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 5, 3, 3)  # 5 input channels for 3: refused
+    call = KernelCall.of("aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), [])
+    assert measured_allocations(call) == "could not be run on its own (RuntimeError)"
