@@ -109,7 +109,6 @@ def predict_memory(
         return _report(traced, step, name)
 
 
-
 def _measure_unknown_kernels(step: StepRecording) -> None:
     """Where no rule knows the blocks a CPU kernel allocates for itself, measure that one call on
     zeros of its sizes (`ninlab.analysis.kernel_probe`), or say why it stays a lower bound. All
