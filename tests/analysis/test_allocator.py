@@ -12,12 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ninlab.analysis.allocator import (
     KernelAllocation,
-    conv_backend,
-    cpu_allocations,
-    mkldnn_conv_forward_allocations,
+    cpu_kernel_allocations,
     peak_above_start_bytes,
-    unmodelled_reason,
 )
+from ninlab.analysis.allocator.conv_call import conv_backend
+from ninlab.analysis.allocator.onednn_float32 import mkldnn_conv_forward_allocations
 
 aten = torch.ops.aten
 
@@ -90,7 +89,7 @@ def test_conv_forward_allocations_match_the_profiler(shape: dict[str, int], thre
     threads(2)
     args, call = conv_forward(**shape)
     assert conv_backend(*args) == "Mkldnn"
-    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution.default", args))
+    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution.default", args).allocations)
 
 
 def test_nin_1x1_conv_holds_two_extra_activation_blocks() -> None:
@@ -136,7 +135,7 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
 def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
     threads(1)  # one thread: no scratchpad for reducing weight gradients across threads
     args, call = conv_backward(**shape)
-    predicted = cpu_allocations("aten.convolution_backward.default", args)
+    predicted = cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
     assert op_allocations(call) == deltas(predicted)
 
 
@@ -171,7 +170,7 @@ def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, 
     `onednn_weight_gradient_batch_threads`."""
     threads(2)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution_backward.default", args))
+    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
 
 
 @pytest.mark.machine
@@ -187,21 +186,21 @@ def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, 
 def test_strided_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
     threads(2)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution_backward.default", args))
+    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
 
 
 def test_unmodelled_convolutions_say_why() -> None:
     x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
     window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    assert unmodelled_reason("aten.convolution.default", (x, w, None, *window)) is None
+    assert cpu_kernel_allocations("aten.convolution.default", (x, w, None, *window)).unmodelled == ""
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
-    assert cpu_allocations("aten.convolution.default", bf16) is None
+    assert cpu_kernel_allocations("aten.convolution.default", bf16).unmodelled  # not exact: a lower bound at most
     grad = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
     patchify = (torch.randn(16, 16, 2, 2), None, [2, 2], [0, 0], *window[2:])
     channels_last = (grad, x.to(memory_format=torch.channels_last), *patchify, [True, True, True])
-    assert "channels-last" in unmodelled_reason("aten.convolution_backward.default", channels_last)
+    assert "channels-last" in cpu_kernel_allocations("aten.convolution_backward.default", channels_last).unmodelled
     depthwise, _ = conv_backward(batch=2, cin=32, cout=32, size=4, kernel=5, padding=2, groups=32, mask=(False, False, True))
-    assert "depthwise bias gradient" in unmodelled_reason("aten.convolution_backward.default", depthwise)
+    assert "depthwise bias gradient" in cpu_kernel_allocations("aten.convolution_backward.default", depthwise).unmodelled
 
 
 @pytest.mark.machine
@@ -224,7 +223,7 @@ def test_depthwise_weight_gradient_over_3x3_runs_gemm(shape: dict, threads_used:
     oneDNN's gemm kernel (per-thread weight-reduction and im2col buffers) for larger ones."""
     threads(threads_used)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_allocations("aten.convolution_backward.default", args))
+    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
 
 
 def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):
@@ -256,7 +255,7 @@ def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, 
 def test_channels_last_conv_forward_allocations_match_the_profiler(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
     threads(threads_used)
     forward, _ = conv_channels_last(**shape)
-    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(cpu_allocations("aten.convolution.default", forward))
+    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(cpu_kernel_allocations("aten.convolution.default", forward).allocations)
 
 
 @pytest.mark.machine
@@ -275,7 +274,7 @@ def test_channels_last_depthwise_backward_allocations_match_the_profiler(shape: 
     threads(2)
     _, backward = conv_channels_last(**shape)
     measured = op_allocations(lambda: aten.convolution_backward.default(*backward))
-    assert measured == deltas(cpu_allocations("aten.convolution_backward.default", backward))
+    assert measured == deltas(cpu_kernel_allocations("aten.convolution_backward.default", backward).allocations)
 
 
 def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int | None = None, bias: bool = False, mask: tuple[bool, ...] = (True, True, False), contiguous: str = ""):
@@ -326,16 +325,16 @@ def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kern
 def test_channels_last_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
     threads(2)
     args = conv_channels_last_backward(**shape)
-    assert unmodelled_reason("aten.convolution_backward.default", args) is None
+    assert cpu_kernel_allocations("aten.convolution_backward.default", args).unmodelled == ""
     measured = op_allocations(lambda: aten.convolution_backward.default(*args))
-    assert measured == deltas(cpu_allocations("aten.convolution_backward.default", args))
+    assert measured == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
 
 
 @pytest.mark.machine
 def test_channels_last_backward_data_scratchpad_grows_with_threads(threads: Callable[[int], None]) -> None:
     threads(1)
     args = conv_channels_last_backward(batch=2, cin=32, cout=32, size=16, kernel=3)
-    assert op_allocations(lambda: aten.convolution_backward.default(*args)) == deltas(cpu_allocations("aten.convolution_backward.default", args))
+    assert op_allocations(lambda: aten.convolution_backward.default(*args)) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
 
 
 @pytest.mark.machine
@@ -352,7 +351,7 @@ def test_unmodelled_channels_last_backward_says_why(shape: dict, threads: Callab
     padding is not "same" or the stride does not divide the input follows no rule found."""
     threads(2)
     args = conv_channels_last_backward(**shape)
-    assert "not of a measured kind" in unmodelled_reason("aten.convolution_backward.default", args)
+    assert "not of a measured kind" in cpu_kernel_allocations("aten.convolution_backward.default", args).unmodelled
 
 
 @pytest.mark.machine
@@ -362,7 +361,7 @@ def test_unmodelled_bf16_convolution_says_why() -> None:
     x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
     window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
-    assert "bf16" in unmodelled_reason("aten.convolution.default", bf16)
+    assert "bf16" in cpu_kernel_allocations("aten.convolution.default", bf16).unmodelled
 
 
 @pytest.mark.canary
@@ -371,7 +370,7 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[
     threads(1)
     args, call = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
     assert conv_backend(*args) == "Slow2d"
-    assert cpu_allocations("aten.convolution.default", args) is None
+    assert cpu_kernel_allocations("aten.convolution.default", args).allocations is None
     assert op_allocations(call) == [2 * 96 * 16 * 16 * 4]  # the output, nothing else
 
 
@@ -387,9 +386,9 @@ def test_batch_norm_forward(
     threads(thread_count)
     x = torch.randn(4, 24, 5, 5, dtype=dtype).contiguous(memory_format=layout)
     args = (x, torch.ones(24), torch.zeros(24), torch.zeros(24), torch.ones(24), training, 0.1, 1e-5)
-    allocations = cpu_allocations("aten.native_batch_norm.default", args)
+    allocations = cpu_kernel_allocations("aten.native_batch_norm.default", args).allocations
     assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(allocations)
-    assert cpu_allocations("aten._native_batch_norm_legit.default", args) == allocations
+    assert cpu_kernel_allocations("aten._native_batch_norm_legit.default", args).allocations == allocations
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
@@ -399,14 +398,14 @@ def test_channels_last_batch_norm_backward_sums_per_thread(thread_count: int, th
     grad = torch.randn_like(x)
     args = (grad, x, torch.ones(24), None, None, x.mean((0, 2, 3)), torch.ones(24), True, 1e-5, [True, True, True])
     measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
-    assert measured == deltas(cpu_allocations("aten.native_batch_norm_backward.default", args))
+    assert measured == deltas(cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).allocations)
     assert measured[-2:] == [thread_count * 2 * 24 * 4, -thread_count * 2 * 24 * 4]
 
 
 def test_reduced_precision_batch_norm_backward_is_left_to_measurement() -> None:
     x = torch.randn(4, 24, 5, 5).bfloat16()
     args = (x, x, torch.ones(24), None, None, torch.zeros(24), torch.ones(24), True, 1e-5, [True, True, True])
-    assert "batch norm backward" in unmodelled_reason("aten.native_batch_norm_backward.default", args)
+    assert "batch norm backward" in cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).unmodelled
 
 
 @pytest.mark.parametrize("expanded_grad", [False, True])
@@ -416,7 +415,7 @@ def test_batch_norm_backward_allocates_grad_input_twice_when_contiguous(expanded
     grad = torch.ones(()).expand_as(x) if expanded_grad else torch.randn_like(x)
     args = (grad, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
     measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
-    predicted = cpu_allocations("aten.native_batch_norm_backward.default", args)
+    predicted = cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).allocations
     assert measured == deltas(predicted)
     extra = peak_above_start_bytes(predicted) - (x.numel() * 4 + 2 * 64)
     assert extra == (64 if expanded_grad else x.numel() * 4)
@@ -496,8 +495,8 @@ def test_flash_attention_allocations_match_the_profiler(
     backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
     out, lse = forward(q, k, v)[:2]
     backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
-    assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_allocations(str(forward), (q, k, v)))
-    assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_allocations(str(backward), backward_args))
+    assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_kernel_allocations(str(forward), (q, k, v)).allocations)
+    assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_kernel_allocations(str(backward), backward_args).allocations)
 
 
 @pytest.mark.machine
@@ -514,9 +513,9 @@ def test_flash_attention_allocations_do_not_depend_on_the_mask(mask_shape: tuple
     backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
     out, lse = forward(q, k, v, attn_mask=mask)[:2]
     backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
-    assert op_allocations(lambda: forward(q, k, v, attn_mask=mask)) == deltas(cpu_allocations(str(forward), (q, k, v)))
+    assert op_allocations(lambda: forward(q, k, v, attn_mask=mask)) == deltas(cpu_kernel_allocations(str(forward), (q, k, v)).allocations)
     measured = op_allocations(lambda: backward(*backward_args, attn_mask=mask))
-    assert measured == deltas(cpu_allocations(str(backward), backward_args))
+    assert measured == deltas(cpu_kernel_allocations(str(backward), backward_args).allocations)
 
 
 @pytest.mark.parametrize(("shape", "dim", "dtype"), [((4, 4, 64, 64), -1, torch.float32), ((3, 5, 7, 9), 1, torch.float32), ((2, 100, 37), -1, torch.bfloat16)])
@@ -525,7 +524,7 @@ def test_safe_softmax_holds_bool_masks(shape: tuple[int, ...], dim: int, dtype: 
     of the -inf scores and rows beside its output."""
     x = torch.randn(shape, dtype=dtype)
     args = (x, dim)
-    assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(cpu_allocations("aten._safe_softmax.default", args))
+    assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(cpu_kernel_allocations("aten._safe_softmax.default", args).allocations)
 
 
 @pytest.mark.parametrize(
@@ -546,7 +545,7 @@ def test_max_pool_backward_copies_where_the_layouts_disagree(
     grad = torch.randn(indices.shape, dtype=dtype).contiguous(memory_format=grad_layout)
     args = (grad, x, *window, indices)
     measured = op_allocations(lambda: aten.max_pool2d_with_indices_backward.default(*args))
-    rule = cpu_allocations("aten.max_pool2d_with_indices_backward.default", args)
+    rule = cpu_kernel_allocations("aten.max_pool2d_with_indices_backward.default", args).allocations
     if rule is None:  # only its output
         assert measured == [x.numel() * x.element_size()]
     else:
@@ -562,10 +561,10 @@ def test_a_one_channel_input_runs_in_the_layout_its_strides_suggest() -> None:
     window = ([4, 4], [0, 0], [1, 1], False, [0, 0], 1)
     weight = torch.randn(96, 1, 11, 11)
     nchw = (torch.randn(2, 1, 72, 72), weight, None, *window)
-    assert op_allocations(lambda: aten.convolution.default(*nchw)) == deltas(cpu_allocations("aten.convolution.default", nchw))
+    assert op_allocations(lambda: aten.convolution.default(*nchw)) == deltas(cpu_kernel_allocations("aten.convolution.default", nchw).allocations)
     channels_last = (torch.empty(2, 1, 72, 72, memory_format=torch.channels_last).normal_(), weight, None, *window)
-    assert "one input channel" in unmodelled_reason("aten.convolution.default", channels_last)
+    assert "one input channel" in cpu_kernel_allocations("aten.convolution.default", channels_last).unmodelled
     three_channels = (torch.randn(2, 3, 72, 72).contiguous(memory_format=torch.channels_last), torch.randn(96, 3, 7, 7), None, *window)
-    assert unmodelled_reason("aten.convolution.default", three_channels) is None
+    assert cpu_kernel_allocations("aten.convolution.default", three_channels).unmodelled == ""
     eleven = (three_channels[0], torch.randn(96, 3, 11, 11), None, *window)
-    assert "kernel over 7x7" in unmodelled_reason("aten.convolution.default", eleven)
+    assert "kernel over 7x7" in cpu_kernel_allocations("aten.convolution.default", eleven).unmodelled

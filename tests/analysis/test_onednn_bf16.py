@@ -10,7 +10,6 @@ from test_allocator import op_allocations
 
 from ninlab.analysis.allocator import (
     KernelAllocation,
-    cpu_allocations,
     cpu_kernel_allocations,
     peak_above_start_bytes,
 )
@@ -61,7 +60,7 @@ def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_thread
     predicted, reason, measured = rule_and_profile("aten.convolution.default", forward)
     assert reason == ""
     assert measured == predicted
-    assert cpu_allocations("aten.convolution.default", forward) is not None
+    assert cpu_kernel_allocations("aten.convolution.default", forward).allocations is not None
 
 
 @pytest.mark.machine

@@ -33,7 +33,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from ninlab.analysis.allocator import KernelAllocation
+from ninlab.analysis.allocator.blocks import KernelAllocation
 from ninlab.units import format_bytes
 
 __all__ = [

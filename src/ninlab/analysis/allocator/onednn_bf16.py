@@ -1,11 +1,12 @@
 """The CPU allocator blocks of oneDNN's bfloat16 kernels (convolutions and matrix multiplies under
-bf16 autocast) beyond their outputs; `ninlab.analysis.allocator` dispatches bf16 ops here.
+bf16 autocast) beyond their outputs: `bf16_conv_blocks` for a convolution call, and
+`bf16_matmul_allocations` for a matrix multiply (`ninlab.analysis.allocator.matmul`).
 
 Read off the PyTorch profiler's allocation records (`profile_memory=True`), one op at a time, on
 this machine (torch 2.13.0 CPU, AVX-512 with AMX, 1 and 2 threads), with `ONEDNN_VERBOSE=1`
 naming each kernel and memory format; tests/analysis/test_onednn_bf16.py replays them.
 
-What a rule gives is exact where `Bf16Allocations.unmodelled` is None, and otherwise a lower bound:
+What a rule gives is exact where its `KernelBlocks.unmodelled` is empty, and otherwise a lower bound:
 on oneDNN's brgemm kernels every block it lists is taken, in order, and the missing ones are
 scratchpads and padding. The predictor measures each call of such a kernel on its own
 (`ninlab.analysis.kernel_probe`), so a lower bound here is what a report shows only where that
@@ -49,15 +50,24 @@ A lower bound, with the reason in `unmodelled`:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from math import prod
 
-from ninlab.analysis.allocator import KernelAllocation
+import torch
+
+from ninlab.analysis.allocator.blocks import (
+    KernelAllocation,
+    conv_output_shape,
+    frees,
+    memory_format,
+    pad,
+)
+from ninlab.analysis.allocator.conv_call import ConvCall
+from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks
 
 __all__ = [
     "MKLDNN_MATMUL_MIN_SIZE",
-    "Bf16Allocations",
     "bf16_conv_backward_allocations",
+    "bf16_conv_blocks",
     "bf16_conv_forward_allocations",
     "bf16_matmul_allocations",
 ]
@@ -73,23 +83,34 @@ _DEPTHWISE_SCRATCHPAD = "bf16 depthwise backward-weights scratchpad"
 _BRGEMM_SCRATCHPAD = (
     "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
 )
+_GROUPED = KernelBlocks(None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)")
 
 
-@dataclass(frozen=True)
-class Bf16Allocations:
-    """A bf16 kernel's allocations in order (outputs included), and why they are only a lower
-    bound (None: exact)."""
-
-    allocations: tuple[KernelAllocation, ...]
-    unmodelled: str | None = None
-
-
-def _frees(allocations: Sequence[KernelAllocation]) -> list[KernelAllocation]:
-    return [KernelAllocation(-a.delta_bytes, "free " + a.what) for a in allocations]
-
-
-def _pad(channels: int, block: int) -> int:
-    return -(-channels // block) * block
+def bf16_conv_blocks(conv: ConvCall) -> KernelBlocks:
+    """The blocks of a bfloat16 convolution call on the oneDNN backend (2-d), or why they are only
+    a lower bound or not known."""
+    if conv.grad_output is None:
+        stride, padding, dilation = conv.window[:3]
+        return bf16_conv_forward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_shape=conv_output_shape(conv.input.shape, conv.weight.shape, stride, padding, dilation),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            channels_last=conv.channels_last,
+            copies_input=conv.channels_last and not conv.input.is_contiguous(memory_format=torch.channels_last),
+            copies_weight=conv.channels_last and memory_format(conv.weight) != torch.channels_last
+            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+        )
+    return bf16_conv_backward_allocations(
+        grad_output_shape=tuple(conv.grad_output.shape),
+        input_shape=tuple(conv.input.shape),
+        weight_shape=tuple(conv.weight.shape),
+        groups=conv.groups,
+        channels_last=conv.channels_last,
+        output_mask=conv.output_mask,
+        threads=torch.get_num_threads(),
+    )
 
 
 def _bytes(shape: Sequence[int]) -> int:
@@ -110,8 +131,8 @@ def bf16_conv_forward_allocations(
     channels_last: bool,
     copies_input: bool = False,
     copies_weight: bool = False,
-) -> Bf16Allocations | None:
-    """oneDNN bf16 convolution forward, ungrouped or depthwise (None for other grouped ones).
+) -> KernelBlocks:
+    """oneDNN bf16 convolution forward, ungrouped or depthwise (other grouped ones: not known).
 
     Measured, 96->96 1x1 at batch 2 on 26x26, 2 threads: NCHW [24,624 (scratchpad), 259,584
     (channels-last input), 18,432 (weights), 259,584 (channels-last result), -18,432, -259,584,
@@ -126,16 +147,16 @@ def bf16_conv_forward_allocations(
     if copies_weight:
         copies.append(KernelAllocation(_bytes(weight_shape), "channels-last copy of the weight"))
     if _is_depthwise(weight_shape, groups):
-        return Bf16Allocations(
+        return KernelBlocks(
             _depthwise_forward(input_shape, weight_shape, output_shape, bias, channels_last, copies)
         )
     if groups > 1:
-        return None
+        return _GROUPED
     weights = KernelAllocation(_bytes(weight_shape), "reordered weights (unpadded: a lower bound)")
     if channels_last:
         output = KernelAllocation(output_bytes, "output", output=0)
-        allocations = (*copies, output, weights, *_frees([weights]), *_frees(copies))
-        return Bf16Allocations(allocations, _BRGEMM_SCRATCHPAD)
+        allocations = (*copies, output, weights, *frees([weights]), *frees(copies))
+        return KernelBlocks(allocations, _BRGEMM_SCRATCHPAD)
     # NCHW: oneDNN's bf16 kernels run on channels-last (acdb) copies; one channel is both layouts.
     workspace = [KernelAllocation(input_bytes, "channels-last input")] if input_shape[1] > 1 else []
     workspace.append(weights)
@@ -144,12 +165,12 @@ def bf16_conv_forward_allocations(
     allocations = (
         *workspace,
         result,
-        *_frees(workspace[::-1]),
+        *frees(workspace[::-1]),
         dense,
         KernelAllocation(output_bytes, "output (contiguous clone)", output=0),
-        *_frees([dense, result]),
+        *frees([dense, result]),
     )
-    return Bf16Allocations(allocations, _BRGEMM_SCRATCHPAD)
+    return KernelBlocks(allocations, _BRGEMM_SCRATCHPAD)
 
 
 def _depthwise_forward(
@@ -161,11 +182,11 @@ def _depthwise_forward(
     copies: list[KernelAllocation],
 ) -> tuple[KernelAllocation, ...]:
     channels, kernel = weight_shape[0], prod(weight_shape[2:])
-    padded = _pad(channels, _GROUP_BLOCK)
+    padded = pad(channels, _GROUP_BLOCK)
     weights = KernelAllocation(padded * kernel * _ITEMSIZE, "reordered weights (groups padded)")
     if channels_last:
         output = KernelAllocation(_bytes(output_shape), "output", output=0)
-        return (*copies, output, weights, *_frees([weights]), *_frees(copies))
+        return (*copies, output, weights, *frees([weights]), *frees(copies))
     batch, _, *in_spatial = input_shape
     out_spatial = output_shape[2:]
     workspace = [KernelAllocation(4 * padded + 128, "float32 bias")] if bias else []
@@ -177,9 +198,9 @@ def _depthwise_forward(
     return (
         *workspace,
         result,
-        *_frees(workspace[::-1]),
+        *frees(workspace[::-1]),
         KernelAllocation(_bytes(output_shape), "output", output=0),
-        *_frees([result]),
+        *frees([result]),
     )
 
 
@@ -192,9 +213,9 @@ def bf16_conv_backward_allocations(
     channels_last: bool,
     output_mask: Sequence[bool] = (True, True, True),
     threads: int = 2,
-) -> Bf16Allocations | None:
+) -> KernelBlocks:
     """oneDNN bf16 convolution backward (`aten.convolution_backward`), ungrouped or depthwise
-    (None for other grouped ones): grad_input (output_mask[0]), then the weight and bias gradients.
+    (other grouped ones: not known): grad_input (output_mask[0]), then the weight and bias gradients.
 
     Measured, 96->96 1x1 at batch 2 on 26x26, 2 threads, NCHW: [259,584 (channels-last
     grad_output), 18,432 (weights), 259,584 (channels-last grad_input), 24,752 (scratchpad),
@@ -210,7 +231,7 @@ def bf16_conv_backward_allocations(
             grad_output_shape, input_shape, weight_shape, channels_last, output_mask, threads
         )
     if groups > 1:
-        return None
+        return _GROUPED
     input_bytes, output_bytes, weight_bytes = _bytes(input_shape), _bytes(grad_output_shape), _bytes(weight_shape)
     weights = KernelAllocation(weight_bytes, "weights for backward-data (unpadded: a lower bound)")
     one_channel = input_shape[1] == 1
@@ -218,16 +239,16 @@ def bf16_conv_backward_allocations(
     if output_mask[0]:
         grad_input = KernelAllocation(input_bytes, "grad_input", output=0)
         if channels_last:
-            allocations += [grad_input, weights, *_frees([weights])]
+            allocations += [grad_input, weights, *frees([weights])]
         else:
             grad_output = KernelAllocation(output_bytes, "channels-last grad_output")
             computed = KernelAllocation(input_bytes, "channels-last grad_input")
-            allocations += [grad_output, weights, computed, *_frees([weights, grad_output])]
+            allocations += [grad_output, weights, computed, *frees([weights, grad_output])]
             if one_channel:  # channels-last is NCHW already: no contiguous clone
-                allocations += [grad_input, *_frees([computed])]
+                allocations += [grad_input, *frees([computed])]
             else:
                 dense = KernelAllocation(input_bytes, "dense copy of grad_input")
-                allocations += [dense, grad_input, *_frees([dense, computed])]
+                allocations += [dense, grad_input, *frees([dense, computed])]
     if output_mask[1] or output_mask[2]:
         copies = []
         if not channels_last:
@@ -242,11 +263,11 @@ def bf16_conv_backward_allocations(
             gradients.append(KernelAllocation(weight_bytes, "grad_weight", output=1))
             if channels_last:
                 copy = KernelAllocation(weight_bytes, "channels-last copy of grad_weight")
-                gradients += [copy, *_frees([copy])]
+                gradients += [copy, *frees([copy])]
         allocations += [
-            *copies, blocked, *blocked_bias, *_frees(copies[::-1]), *gradients, *_frees([blocked, *blocked_bias]),
+            *copies, blocked, *blocked_bias, *frees(copies[::-1]), *gradients, *frees([blocked, *blocked_bias]),
         ]
-    return Bf16Allocations(tuple(allocations), _BRGEMM_SCRATCHPAD)
+    return KernelBlocks(tuple(allocations), _BRGEMM_SCRATCHPAD)
 
 
 def _depthwise_backward(
@@ -256,7 +277,7 @@ def _depthwise_backward(
     channels_last: bool,
     output_mask: Sequence[bool],
     threads: int,
-) -> Bf16Allocations:
+) -> KernelBlocks:
     """Depthwise backward. grad_input: channels-last, the output and weights with their groups
     padded; NCHW, the float32 blocked path at 2 bytes an element. Measured, 24 channels 3x3 at
     batch 2 on 8x8: channels-last [6,144, 576, -576, 576, 2,976 (scratchpad), 48, -2,976, 48, 432,
@@ -267,7 +288,7 @@ def _depthwise_backward(
     -3,136, -802,816, -64]."""
     channels, kernel = weight_shape[0], prod(weight_shape[2:])
     batch = input_shape[0]
-    padded = _pad(channels, _GROUP_BLOCK)
+    padded = pad(channels, _GROUP_BLOCK)
     # A strided backward-data runs another kernel (channels-last brgemm, as in float32), and the
     # weight-gradient scratchpads were measured at stride 1 ("same" padding) only.
     unstrided = tuple(grad_output_shape[2:]) == tuple(input_shape[2:])
@@ -281,15 +302,15 @@ def _depthwise_backward(
         grad_input = KernelAllocation(_bytes(input_shape), "grad_input", output=0)
         weights = KernelAllocation(padded_weight_bytes, "weights for backward-data (groups padded)")
         if channels_last:
-            allocations += [grad_input, weights, *_frees([weights])]
+            allocations += [grad_input, weights, *frees([weights])]
         else:
             computed = KernelAllocation(blocked_input.delta_bytes, "blocked grad_input")
             allocations += [
-                blocked_grad_output, weights, computed, *_frees([weights, blocked_grad_output]),
-                grad_input, *_frees([computed]),
+                blocked_grad_output, weights, computed, *frees([weights, blocked_grad_output]),
+                grad_input, *frees([computed]),
             ]
     if not (output_mask[1] or output_mask[2]):
-        return Bf16Allocations(tuple(allocations))
+        return KernelBlocks(tuple(allocations))
     bias_bytes = channels * _ITEMSIZE
     grad_bias = bool(output_mask[2])
     blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
@@ -304,13 +325,13 @@ def _depthwise_backward(
         )
         blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
         allocations += [
-            blocked_16x16, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
-            blocked, gradient, *_frees([blocked, blocked_16x16, *blocked_bias]),
+            blocked_16x16, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
+            blocked, gradient, *frees([blocked, blocked_16x16, *blocked_bias]),
         ]
         # Measured with one thread per group at most, at stride 1 ("same" padding); elsewhere
         # oneDNN may split the work (and its buffers) otherwise.
         exact = unstrided and threads < channels
-        return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
+        return KernelBlocks(tuple(allocations), "" if exact else _DEPTHWISE_SCRATCHPAD)
     blocked = KernelAllocation(padded_weight_bytes, "blocked grad_weight (groups padded)")
     if channels_last:  # 3x3 and smaller
         # A float32 weight-gradient buffer per thread (groups padded), and with a bias a per-thread
@@ -322,11 +343,11 @@ def _depthwise_backward(
         scratchpad = KernelAllocation(scratchpad_bytes, "scratchpad")
         copy = KernelAllocation(weight_bytes, "grad_weight copy")
         allocations += [
-            blocked, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
-            gradient, copy, *_frees([copy, blocked, *blocked_bias]),
+            blocked, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
+            gradient, copy, *frees([copy, blocked, *blocked_bias]),
         ]
         exact = kernel == 9 and unstrided
-        return Bf16Allocations(tuple(allocations), None if exact else _DEPTHWISE_SCRATCHPAD)
+        return KernelBlocks(tuple(allocations), "" if exact else _DEPTHWISE_SCRATCHPAD)
     else:
         # NCHW: a 3x3 kernel copies grad_output and input into blocked layouts and pads the
         # groups of its gradient; 5x5 and 7x7 read them as they are.
@@ -341,12 +362,12 @@ def _depthwise_backward(
             "scratchpad",
         )
         allocations += [
-            *copies, blocked, scratchpad, *blocked_bias, *_frees([scratchpad, *copies[::-1]]), *bias_output,
-            gradient, *_frees([blocked, *blocked_bias]),
+            *copies, blocked, scratchpad, *blocked_bias, *frees([scratchpad, *copies[::-1]]), *bias_output,
+            gradient, *frees([blocked, *blocked_bias]),
         ]
         if unstrided and kernel in (9, 25, 49) and threads <= 2:
-            return Bf16Allocations(tuple(allocations))
-    return Bf16Allocations(tuple(allocations), _DEPTHWISE_SCRATCHPAD)
+            return KernelBlocks(tuple(allocations))
+    return KernelBlocks(tuple(allocations), _DEPTHWISE_SCRATCHPAD)
 
 
 def _nchw_depthwise_weight_gradient_scratchpad_bytes(
@@ -367,7 +388,7 @@ def _nchw_depthwise_weight_gradient_scratchpad_bytes(
     Measured for 8 to 120 channels, 4x4 to 16x16, batch 1 to 4, 1 and 2 threads."""
     channels, kernel = weight_shape[0], prod(weight_shape[2:])
     if kernel <= 9:
-        padded = _pad(channels, _GROUP_BLOCK)
+        padded = pad(channels, _GROUP_BLOCK)
         blocks = padded // _GROUP_BLOCK
         buffers = min(threads // min(blocks, threads), input_shape[0])
         per_buffer = 4 * kernel * padded + ((4 * padded + 128) if grad_bias else 0)
@@ -390,18 +411,18 @@ def _depthwise_weight_gradient_scratchpad_bytes(
     e.g. 32 channels 7x7 on 8x8 with bias, 1,780,104."""
     channels, kernel = weight_shape[0], prod(weight_shape[2:])
     reduction = 4 * (channels * 256 * kernel + (16 * channels if grad_bias else 0))
-    width = _pad(grad_output_shape[3], 2)
+    width = pad(grad_output_shape[3], 2)
     rows = input_shape[2] * (width + 4) + grad_output_shape[2] * width
     return reduction + _ITEMSIZE * channels * 16 * rows + 8584
 
 
 def bf16_matmul_allocations(
     *, batch: int, rows: int, inner: int, columns: int, output_shape: Sequence[int]
-) -> Bf16Allocations | None:
+) -> KernelBlocks:
     """A bf16 `mm`/`addmm` (batch 1) or `bmm`/`baddbmm` of (batch, rows, inner) by (batch, inner,
-    columns): None (no workspace) when ATen keeps it off oneDNN, else the output and the unmodelled
-    brgemm scratchpad."""
+    columns): its outputs only (no workspace) when ATen keeps it off oneDNN, else the output and
+    the unmodelled brgemm scratchpad."""
     if batch * rows * inner * columns <= MKLDNN_MATMUL_MIN_SIZE:
-        return None
+        return OUTPUTS_ONLY
     output = KernelAllocation(_bytes(output_shape), "output", output=0)
-    return Bf16Allocations((output,), "bf16 matrix multiply: oneDNN's AMX brgemm scratchpad (sized by its blocking heuristics)")
+    return KernelBlocks((output,), "bf16 matrix multiply: oneDNN's AMX brgemm scratchpad (sized by its blocking heuristics)")

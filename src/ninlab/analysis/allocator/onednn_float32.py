@@ -1,17 +1,7 @@
-"""What the CPU allocator holds beyond live tensor storage: per-op workspace rules (CUDA's caching
-allocator is simulated in `ninlab.analysis.cuda_allocator`).
+"""oneDNN's float32 convolutions on CPU (`aten.convolution` and `aten.convolution_backward` on the
+mkldnn path): every block they allocate, or why a kind is not modelled.
 
-CPU. A tensor-level trace (a dispatch mode) sees each op's outputs, but inside some kernels the
-c10 CPU allocator hands out blocks that belong to no tensor the trace sees. A rule here gives, for
-one op call, every allocation and free the kernel makes, in order, with the op's own outputs in
-their place; the in-op peak is then `live before the op + peak_above_start_bytes(allocations)`.
-All rules were read off the PyTorch profiler's allocation records (`profile_memory=True`) for one
-op at a time on this machine (torch 2.13.0 CPU, oneDNN 3.12, AVX-512 with AMX, 2 threads), with
-`ONEDNN_VERBOSE=1` naming the memory formats behind each block; tests/analysis/test_allocator.py
-replays them against the profiler. What they cover:
-
-* `aten.convolution` and `aten.convolution_backward` on the oneDNN (mkldnn) path, float32,
-  contiguous NCHW: oneDNN computes in channel-blocked layouts (`aBcd16b`: channels padded to a
+* Contiguous NCHW: oneDNN computes in channel-blocked layouts (`aBcd16b`: channels padded to a
   multiple of 16 on AVX-512, 8 on AVX2), so a convolution reorders its input into a blocked copy
   (unless it has fewer channels than one block and a kernel over 1x1, which oneDNN reads as it
   is; its 1x1 kernel pads even a squeeze-excitation's 4 channels), reorders the
@@ -34,7 +24,7 @@ replays them against the profiler. What they cover:
   run `jit_dw`) reads NCHW as it is, beside a scratchpad of per-thread weight-reduction and
   im2col buffers (`depthwise_gemm_weight_gradient_scratchpad_bytes`: 80,256 bytes for 96
   channels 5x5 on a 4x4 map, 8 times the weights; EfficientNet at 16x16 was 5.8% under).
-* Channels-last float32 convolutions (`--memory-format channels_last`, and any convolution whose
+* Channels-last (`--memory-format channels_last`, and any convolution whose
   input arrives channels-last, such as ConvNeXt's depthwise convs after a permuted LayerNorm):
   forward, ungrouped or depthwise (the output written in place, a brgemm scratchpad of a fixed
   size per thread, reordered weights, and a channels-last copy of an input or weight not yet in
@@ -46,138 +36,183 @@ replays them against the profiler. What they cover:
   Not modelled: grouped (not depthwise) channels-last convolutions, the backward-data of a
   strided convolution whose scratchpad follows no rule found (kernel equal to stride, as in
   ConvNeXt's downsampling and patchify convs), a forward with one input channel under a kernel
-  over 1x1 or a kernel over 7x7 (`_fixed_brgemm_scratchpad`); `unmodelled_reason` names them,
+  over 1x1 or a kernel over 7x7 (`_fixed_brgemm_scratchpad`); `float32_conv_blocks` names them,
   and the predictor measures each such call on its own (`ninlab.analysis.kernel_probe`). Which
   layout a convolution runs in is ATen's choice from the strides (`suggest_memory_format`), so a
   one-channel input with channels-last strides runs channels-last.
-* bfloat16 convolutions and matrix multiplies (bf16 autocast) follow `ninlab.analysis.onednn_bf16`
-  (`_bf16_rule` dispatches there): exact for depthwise forward passes and for matrix multiplies
-  too small for oneDNN; elsewhere the channels-last copies, dense copies and contiguous clones are
-  counted but oneDNN's AMX brgemm scratchpads and weight padding are not, so those rules give a
-  lower bound (`cpu_kernel_allocations` returns their blocks with the reason), which the
-  predictor replaces by the call measured on its own.
-* `aten.max_pool2d_with_indices_backward`: copies of grad_output, indices and grad_input where
-  their layouts disagree with the one PyTorch suggests for grad_output
-  (`max_pool_backward_allocations`).
-* Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a
-  batch under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace.
-* `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16; channels-last adds
-  per-thread sums) and `aten.native_batch_norm_backward` (float32; reduced precision is measured
-  per call): with
-  contiguous inputs the CPU kernel allocates grad_input twice (once before it checks contiguity,
-  again in the contiguous branch; aten/src/ATen/native/Normalization.cpp,
-  batch_norm_backward_cpu_template), so an input-sized block is held through the op.
-* CPU flash attention (`F.scaled_dot_product_attention`, and `nn.MultiheadAttention` without
-  attention weights), float32: per-thread float32 blocks of scores beside the outputs, and in
-  backward a query-sized buffer (`flash_attention_allocations`). An `attn_mask` (a keyword of
-  the op; a bool one is first made float by `where`, which the trace sees) is added to each
-  score block in place and changes none of these blocks (measured, so the rule reads only
-  query and key). A mask that needs a gradient (a learned position bias) sends the CPU to the
-  math path, ops the trace sees, whose `_safe_softmax` holds bool masks beside its output
-  (`safe_softmax_allocations`).
-* Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
-  to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed within the op.
-
-Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
-pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
-their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
-`bernoulli_`), linear (`addmm`/`mm` copy nothing when their operands come from other ops),
-adaptive average pooling and cross-entropy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
 
 import torch
-from torch._prims_common import suggest_memory_format
+
+from ninlab.analysis.allocator.blocks import (
+    KernelAllocation,
+    conv_output_shape,
+    frees,
+    memory_format,
+    onednn_channel_block,
+    pad,
+)
+from ninlab.analysis.allocator.conv_call import ConvCall
+from ninlab.analysis.allocator.registry import KernelBlocks
 
 __all__ = [
-    "KernelAllocation",
-    "batch_norm_backward_allocations",
-    "batch_norm_forward_allocations",
-    "conv_backend",
-    "cpu_allocations",
-    "cpu_kernel_allocations",
     "depthwise_gemm_weight_gradient_scratchpad_bytes",
-    "flash_attention_allocations",
+    "float32_conv_blocks",
     "mkldnn_conv_backward_allocations",
     "mkldnn_conv_channels_last_backward_allocations",
     "mkldnn_conv_channels_last_forward_allocations",
     "mkldnn_conv_forward_allocations",
     "mkldnn_depthwise_conv_channels_last_backward_allocations",
-    "onednn_channel_block",
     "onednn_weight_gradient_batch_threads",
-    "peak_above_start_bytes",
-    "safe_softmax_allocations",
     "strided_backward_data_modelled",
     "strided_backward_data_scratchpad_bytes",
-    "unmodelled_reason",
 ]
 
-
-@dataclass(frozen=True)
-class KernelAllocation:
-    """One block a kernel allocates (positive `delta_bytes`) or frees (negative) inside one op
-    call; a rule gives them in the order the kernel makes them.
-
-    `output` is the index of the op output this allocation becomes (the tensor trace counts it
-    already); None marks workspace, which the op frees before it returns.
-    """
-
-    delta_bytes: int
-    what: str
-    output: int | None = None
+def float32_conv_blocks(conv: ConvCall) -> KernelBlocks:
+    """The blocks of a float32 convolution call on the oneDNN backend, or why they are not
+    known."""
+    reason = _unmodelled_reason(conv)
+    if reason is not None:
+        return KernelBlocks(None, reason)
+    return KernelBlocks(_call_allocations(conv))
 
 
-def peak_above_start_bytes(allocations: Iterable[KernelAllocation]) -> int:
-    """Most the op holds at once above what was live when it started (outputs included)."""
-    level = peak = 0
-    for allocation in allocations:
-        level += allocation.delta_bytes
-        peak = max(peak, level)
-    return peak
+def _unmodelled_reason(conv: ConvCall) -> str | None:
+    """Why this call's blocks are not known, or None when a rule here gives them."""
+    groups, block = conv.groups, onednn_channel_block()
+    if conv.channels_last:
+        depthwise = conv.weight.shape[1] == 1 and conv.weight.shape[0] == groups
+        if groups > 1 and not depthwise:
+            return "grouped channels-last oneDNN convolution"
+        if conv.grad_output is None:
+            if depthwise or _fixed_brgemm_scratchpad(conv.input.shape[1], tuple(conv.weight.shape[2:])):
+                return None
+            return "channels-last forward with one input channel or a kernel over 7x7 (another brgemm scratchpad)"
+        if not depthwise:
+            return _channels_last_backward_reason(conv, block)
+        if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
+            return "channels-last depthwise backward of a kernel size or gradients not measured"
+        return None
+    if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
+        return "oneDNN convolution on tensors neither NCHW nor channels-last"
+    strided = any(step > 1 for step in conv.window[0])
+    if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and strided:
+        return (
+            "strided backward-data with one input channel "
+            "(oneDNN picks its jit or brgemm kernel by heuristics)"
+        )
+    kernel = tuple(conv.weight.shape[2:])
+    if (
+        conv.output_mask[:1] == (True,)
+        and strided
+        and groups == 1
+        and not strided_backward_data_modelled(kernel, *conv.window[:2], conv.input.shape[2:])
+    ):
+        return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
+    out_per_group = conv.weight.shape[0] // groups
+    depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
+    if depthwise and conv.output_mask[1:] == (False, True) and max(kernel) > 3:
+        return "depthwise bias gradient without the weight gradient, kernel over 3x3 (not measured)"
+    # A depthwise convolution pads its groups to the block, whatever their number.
+    if groups > 1 and not depthwise and out_per_group % block != 0:
+        return (
+            "grouped oneDNN convolution whose channels per group are not a multiple of the "
+            "channel block"
+        )
+    return None
 
 
-def _frees(allocations: Iterable[KernelAllocation]) -> list[KernelAllocation]:
-    """The frees of `allocations`, in the order given."""
-    return [KernelAllocation(-a.delta_bytes, "free " + a.what) for a in allocations]
+def _fixed_brgemm_scratchpad(in_channels: int, kernel: tuple[int, ...]) -> bool:
+    """Whether a channels-last float32 forward takes the brgemm scratchpad of a fixed size per
+    thread (`mkldnn_conv_channels_last_forward_allocations`). Measured on a 24x24 map for 1 to 16
+    input channels, 1x1 to 11x11 kernels, strides 1 to 4: one input channel under a kernel over
+    1x1 (NiN's first layer: 3,137,552 bytes at 72x72) and kernels of 11 take others."""
+    return max(kernel) <= 7 and (in_channels > 1 or max(kernel) == 1)
 
 
-def onednn_channel_block() -> int:
-    """Channels per block in oneDNN's blocked float32 layouts on this CPU: 16 with AVX-512
-    (`aBcd16b`, seen in ONEDNN_VERBOSE here), 8 with AVX2 (`aBcd8b`; not measured here)."""
-    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+def _channels_last_backward_reason(conv: ConvCall, block: int) -> str | None:
+    """Why an ungrouped channels-last backward's blocks are not known, or None when
+    `mkldnn_conv_channels_last_backward_allocations` gives them."""
+    stride, _, dilation = conv.window[:3]
+    kernel = tuple(conv.weight.shape[2:])
+    strided = any(step > 1 for step in stride)
+    in_channels = conv.input.shape[1]
+    if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
+        return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
+    if conv.output_mask[0] and strided and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:]):
+        return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
+    if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
+        return "channels-last backward-data of a first layer (fewer input channels than a block)"
+    return None
 
 
-def _pad(channels: int, block: int) -> int:
-    return -(-channels // block) * block
-
-
-def conv_backend(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    transposed: bool,
-    output_padding: Sequence[int],
-    groups: int,
-) -> str:
-    """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
-    of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
-    backend = torch._C._select_conv_backend(
-        input, weight, bias, list(stride), list(padding), list(dilation), transposed,
-        list(output_padding), groups, None,
+def _call_allocations(conv: ConvCall) -> tuple[KernelAllocation, ...]:
+    """The rule below that this call follows, given its shapes, layouts and thread count."""
+    if conv.grad_output is not None and conv.channels_last and conv.groups == 1:
+        copies = [
+            name
+            for name, tensor in (("grad_output", conv.grad_output), ("input", conv.input), ("weight", conv.weight))
+            if not tensor.is_contiguous(memory_format=torch.channels_last)
+        ]
+        return mkldnn_conv_channels_last_backward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            grad_output_shape=tuple(conv.grad_output.shape),
+            stride=tuple(conv.window[0]),
+            output_mask=conv.output_mask,
+            copies=copies,
+            block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
+        )
+    if conv.grad_output is not None and conv.channels_last:
+        return mkldnn_depthwise_conv_channels_last_backward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_mask=conv.output_mask,
+            block=onednn_channel_block(),
+        )
+    if conv.grad_output is None and conv.channels_last:
+        stride, padding, dilation = conv.window[:3]
+        return mkldnn_conv_channels_last_forward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_shape=conv_output_shape(
+                conv.input.shape, conv.weight.shape, stride, padding, dilation
+            ),
+            copies_input=not conv.input.is_contiguous(memory_format=torch.channels_last),
+            copies_weight=memory_format(conv.weight) != torch.channels_last
+            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+            block=onednn_channel_block(),
+            threads=torch.get_num_threads(),
+        )
+    if conv.grad_output is None:
+        stride, padding, dilation = conv.window[:3]
+        return mkldnn_conv_forward_allocations(
+            input_shape=tuple(conv.input.shape),
+            weight_shape=tuple(conv.weight.shape),
+            output_shape=conv_output_shape(
+                conv.input.shape, conv.weight.shape, stride, padding, dilation
+            ),
+            bias=conv.bias is not None,
+            block=onednn_channel_block(),
+        )
+    return mkldnn_conv_backward_allocations(
+        grad_output_shape=tuple(conv.grad_output.shape),
+        input_shape=tuple(conv.input.shape),
+        weight_shape=tuple(conv.weight.shape),
+        stride=tuple(conv.window[0]),
+        padding=tuple(conv.window[1]),
+        output_mask=conv.output_mask,
+        block=onednn_channel_block(),
+        threads=torch.get_num_threads(),
     )
-    return str(backend).rsplit(".", 1)[-1]
-
-
-# --- oneDNN convolution, contiguous NCHW float32 -------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -236,7 +271,7 @@ class _ConvSizes:
 
     @property
     def padded_bias_bytes(self) -> int:
-        return 4 * _pad(self.out_channels, self.block) + 128  # float32, plus 128 as measured
+        return 4 * pad(self.out_channels, self.block) + 128  # float32, plus 128 as measured
 
     @property
     def input_bytes(self) -> int:
@@ -252,12 +287,12 @@ class _ConvSizes:
 
     @property
     def blocked_input_bytes(self) -> int:
-        return self.batch * _pad(self.in_channels, self.block) * self.in_positions * self.itemsize
+        return self.batch * pad(self.in_channels, self.block) * self.in_positions * self.itemsize
 
     @property
     def blocked_output_bytes(self) -> int:
         """The output (forward's result, backward's grad_output) in blocked layout."""
-        return self.batch * _pad(self.out_channels, self.block) * self.out_positions * self.itemsize
+        return self.batch * pad(self.out_channels, self.block) * self.out_positions * self.itemsize
 
     def blocked_weight_bytes(self, *, pad_input_channels: bool) -> int:
         """Weights reordered into oneDNN's layout: both channel counts padded for an ungrouped
@@ -265,11 +300,11 @@ class _ConvSizes:
         groups padded to the block (measured: 24 channels 3x3, 1,152 bytes = 32 x 9 x 4); other
         grouped weights as they are."""
         if self.depthwise:
-            return _pad(self.groups, self.block) * self.kernel * self.itemsize
+            return pad(self.groups, self.block) * self.kernel * self.itemsize
         if self.groups > 1:
             return self.weight_bytes
-        in_channels = _pad(self.in_channels, self.block) if pad_input_channels else self.in_channels
-        return _pad(self.out_channels, self.block) * in_channels * self.kernel * self.itemsize
+        in_channels = pad(self.in_channels, self.block) if pad_input_channels else self.in_channels
+        return pad(self.out_channels, self.block) * in_channels * self.kernel * self.itemsize
 
 
 def mkldnn_conv_forward_allocations(
@@ -305,9 +340,9 @@ def mkldnn_conv_forward_allocations(
         *workspace,
         blocked_result,
         # Weights, input copy, padded bias: freed in the reverse order, as measured.
-        *_frees(reversed(workspace)),
+        *frees(reversed(workspace)),
         KernelAllocation(sizes.output_bytes, "output", output=0),
-        *_frees([blocked_result]),
+        *frees([blocked_result]),
     )
 
 
@@ -348,14 +383,14 @@ def mkldnn_conv_channels_last_forward_allocations(
         workspace.append(KernelAllocation(4096 + 4120 * threads, "brgemm scratchpad"))
         # Output channels padded to the block, input channels as they are (measured 24->40 3x3:
         # 48 x 24 x 9 x 4; one 1x1 case, 24->40, padded its input channels too: 1.5 KB more).
-        weights = _pad(sizes.out_channels, block) * sizes.in_channels * sizes.kernel * itemsize
+        weights = pad(sizes.out_channels, block) * sizes.in_channels * sizes.kernel * itemsize
     workspace.append(KernelAllocation(weights, "reordered weights"))
     return (
         *copies,
         KernelAllocation(sizes.output_bytes, "output", output=0),
         *workspace,
-        *_frees(reversed(workspace)),
-        *_frees(copies),
+        *frees(reversed(workspace)),
+        *frees(copies),
     )
 
 
@@ -386,14 +421,14 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
     """
     channels, kernel_size = weight_shape[0], prod(weight_shape[2:])
     input_bytes = prod(input_shape) * itemsize
-    padded_weights = _pad(channels, block) * kernel_size * itemsize
+    padded_weights = pad(channels, block) * kernel_size * itemsize
     weight_bytes = channels * kernel_size * itemsize
     bias_bytes = channels * itemsize
     grad_bias = bool(output_mask[2])
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
         reordered = KernelAllocation(padded_weights, "weights for backward-data")
-        allocations += [KernelAllocation(input_bytes, "grad_input", output=0), reordered, *_frees([reordered])]
+        allocations += [KernelAllocation(input_bytes, "grad_input", output=0), reordered, *frees([reordered])]
     blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
     bias_output = [KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []
     gradient = KernelAllocation(weight_bytes, "grad_weight", output=1)
@@ -402,16 +437,16 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
         reduction = [KernelAllocation(channels * 64 + 128, "bias reduction")] if grad_bias else []
         blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
         allocations += [
-            scratchpad, *reduction, *blocked_bias, *_frees(reduction), *bias_output,
-            blocked, gradient, *_frees([blocked, scratchpad, *blocked_bias]),
+            scratchpad, *reduction, *blocked_bias, *frees(reduction), *bias_output,
+            blocked, gradient, *frees([blocked, scratchpad, *blocked_bias]),
         ]
     else:
         blocked = KernelAllocation(padded_weights, "blocked grad_weight")
         scratchpad = KernelAllocation(1280 + (bias_bytes + 128 if grad_bias else 0), "scratchpad")
         copy = KernelAllocation(weight_bytes, "grad_weight copy")
         allocations += [
-            blocked, scratchpad, *blocked_bias, *_frees([scratchpad]), *bias_output,
-            gradient, copy, *_frees([copy, blocked, *blocked_bias]),
+            blocked, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
+            gradient, copy, *frees([copy, blocked, *blocked_bias]),
         ]
     return tuple(allocations)
 
@@ -568,7 +603,7 @@ def _weight_gradient_scratchpad_bytes(
         threads=threads,
         channels_last=channels_last,
     )
-    padded_out = _pad(sizes.out_channels, sizes.block)
+    padded_out = pad(sizes.out_channels, sizes.block)
     scratchpad = 0
     if on_batch > 1:
         per_thread = blocked_weights + (padded_out if sizes.kernel > 1 else 0)
@@ -592,7 +627,7 @@ def mkldnn_conv_channels_last_backward_allocations(
     block: int = 16,
     threads: int = 2,
 ) -> tuple[KernelAllocation, ...]:
-    """oneDNN convolution backward, channels-last float32, ungrouped (`unmodelled_reason` names
+    """oneDNN convolution backward, channels-last float32, ungrouped (`float32_conv_blocks` names
     the cases left out: a strided backward-data of a kind not measured, such as patchify's).
 
     `copies` names the tensors ("grad_output", "input", "weight") not yet channels-last, which
@@ -614,7 +649,7 @@ def mkldnn_conv_channels_last_backward_allocations(
     copy_bytes = {"grad_output": sizes.output_bytes, "input": sizes.input_bytes, "weight": sizes.weight_bytes}
     copied = [KernelAllocation(copy_bytes[name], f"channels-last copy of the {name}") for name in copies]
     allocations: list[KernelAllocation] = list(copied)
-    padded_in = _pad(sizes.in_channels, block)
+    padded_in = pad(sizes.in_channels, block)
     if output_mask[0]:
         weight_bytes = sizes.out_channels * padded_in * sizes.kernel * itemsize
         scratchpad_bytes = 4224 + 4120 * threads
@@ -633,12 +668,12 @@ def mkldnn_conv_channels_last_backward_allocations(
             KernelAllocation(sizes.input_bytes, "grad_input", output=0),
             weights,
             scratchpad,
-            *_frees([scratchpad, weights]),
+            *frees([scratchpad, weights]),
         ]
     grad_bias = bool(output_mask[2])
     if output_mask[1] or grad_bias:
         first_layer = sizes.in_channels < block and sizes.kernel > 1  # 1x1: padded all the same
-        padded_out = _pad(sizes.out_channels, block)
+        padded_out = pad(sizes.out_channels, block)
         blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
         scratchpad_bytes = _weight_gradient_scratchpad_bytes(
             sizes,
@@ -660,13 +695,13 @@ def mkldnn_conv_channels_last_backward_allocations(
             blocked,
             *scratchpad,
             *blocked_bias,
-            *_frees(scratchpad),
+            *frees(scratchpad),
             *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
             dense,
             KernelAllocation(sizes.weight_bytes, "grad_weight (channels-last copy)", output=1),
-            *_frees([dense, blocked, *blocked_bias]),
+            *frees([dense, blocked, *blocked_bias]),
         ]
-    return (*allocations, *_frees(copied))
+    return (*allocations, *frees(copied))
 
 
 def mkldnn_conv_backward_allocations(
@@ -747,9 +782,9 @@ def _conv_grad_input_blocked(sizes: _ConvSizes) -> list[KernelAllocation]:
         grad_output,
         weights,
         blocked_grad_input,
-        *_frees([weights, grad_output]),
+        *frees([weights, grad_output]),
         KernelAllocation(sizes.input_bytes, "grad_input", output=0),
-        *_frees([blocked_grad_input]),
+        *frees([blocked_grad_input]),
     ]
 
 
@@ -758,7 +793,7 @@ def _strided_backward_data_weight_bytes(sizes: _ConvSizes) -> int:
     16, to a multiple of 32 above (measured 16, 40, 48, 80, 112, 144 -> 16, 64, 64, 96, 128,
     160; 96 stays 96)."""
     in_block = sizes.block if sizes.in_channels <= sizes.block else 2 * sizes.block
-    return sizes.out_channels * _pad(sizes.in_channels, in_block) * sizes.kernel * sizes.itemsize
+    return sizes.out_channels * pad(sizes.in_channels, in_block) * sizes.kernel * sizes.itemsize
 
 
 def strided_backward_data_modelled(
@@ -803,16 +838,16 @@ def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[K
     weights = KernelAllocation(_strided_backward_data_weight_bytes(sizes), "weights for backward-data")
     channels_last = KernelAllocation(sizes.input_bytes, "channels-last grad_input")
     scratchpad = [KernelAllocation(scratchpad_bytes, "brgemm scratchpad")] if scratchpad_bytes else []
-    computed = [grad_output, weights, channels_last, *scratchpad, *_frees([*scratchpad, weights, grad_output])]
+    computed = [grad_output, weights, channels_last, *scratchpad, *frees([*scratchpad, weights, grad_output])]
     if sizes.in_channels == 1:  # one channel: channels-last is NCHW already, no clone
         grad_input = KernelAllocation(sizes.input_bytes, "grad_input", output=0)
-        return [*computed, grad_input, *_frees([channels_last])]
+        return [*computed, grad_input, *frees([channels_last])]
     nchw = KernelAllocation(sizes.input_bytes, "NCHW grad_input")
     return [
         *computed,
         nchw,
         KernelAllocation(sizes.input_bytes, "grad_input (contiguous clone)", output=0),
-        *_frees([channels_last, nchw]),
+        *frees([channels_last, nchw]),
     ]
 
 
@@ -860,10 +895,10 @@ def _depthwise_gemm_grad_weight_and_bias(sizes: _ConvSizes, *, grad_bias: bool, 
         dense,
         scratchpad,
         *bias_buffer,
-        *_frees([scratchpad]),
+        *frees([scratchpad]),
         *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
         KernelAllocation(sizes.weight_bytes, "grad_weight", output=1),
-        *_frees([dense, *bias_buffer]),
+        *frees([dense, *bias_buffer]),
     ]
 
 
@@ -891,572 +926,9 @@ def _conv_grad_weight_and_bias(
         blocked_grad_weight,
         *scratchpad,
         *blocked_grad_bias,
-        *_frees([*scratchpad, *blocked_input, grad_output]),
+        *frees([*scratchpad, *blocked_input, grad_output]),
         *([KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []),
         *([KernelAllocation(sizes.weight_bytes, "grad_weight", output=1)] if grad_weight else []),
-        *_frees([blocked_grad_weight, *blocked_grad_bias]),
+        *frees([blocked_grad_weight, *blocked_grad_bias]),
     ]
 
-
-# --- batch norm ----------------------------------------------------------------------------------
-
-
-def batch_norm_forward_allocations(
-    *,
-    input_shape: Sequence[int],
-    training: bool,
-    running_stats: bool,
-    itemsize: int = 4,
-    channels_last: bool = False,
-    threads: int = 1,
-) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm`, float32 or bfloat16: the output, then (training) the saved
-    mean and inverse std, and per-channel float32 temporaries: two for the running-stat update per
-    statistic in training (a channels-last input adds a per-thread float32 sum buffer inside the
-    first), two for the folded scale and shift in evaluation. Measured for 16 channels, 1 and 2
-    threads: training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64], channels-last with 2
-    threads [out, 64, 64, 64, 64, 128, -128, -64, -64, 64, 64, -64, -64]; evaluation
-    [out, 64, 64, -64, -64], either layout and dtype."""
-    channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
-    allocations = [KernelAllocation(prod(input_shape) * itemsize, "output", output=0)]
-    if training:
-        allocations += [
-            KernelAllocation(channel_bytes, "saved mean", output=1),
-            KernelAllocation(channel_bytes, "saved inverse std", output=2),
-        ]
-        if running_stats:
-            for statistic in ("running mean", "running var"):
-                update = KernelAllocation(channel_bytes, f"{statistic} update")
-                sums = [KernelAllocation(threads * channel_bytes, "per-thread sums")]
-                inside = [*sums, *_frees(sums)] if channels_last and statistic == "running mean" else []
-                allocations += [update, update, *inside, *_frees([update, update])]
-    else:
-        folded = [
-            KernelAllocation(channel_bytes, "folded scale"),
-            KernelAllocation(channel_bytes, "folded shift"),
-        ]
-        allocations += [*folded, *_frees(folded)]
-    return tuple(allocations)
-
-
-def batch_norm_backward_allocations(
-    *,
-    input_shape: Sequence[int],
-    contiguous: bool,
-    output_mask: Sequence[bool] = (True, True, True),
-    itemsize: int = 4,
-    channels_last: bool = False,
-    threads: int = 1,
-) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm_backward`, float32. With input and grad_output contiguous in
-    the same memory format, grad_input is allocated first, then again in the contiguous branch,
-    and the first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input
-    bytes], then in channels-last per-thread float32 sums, two per channel (16 channels, 2
-    threads: 256 bytes). Otherwise a per-channel sum of grad_output is the only temporary."""
-    input_bytes = prod(input_shape) * itemsize
-    channel_bytes = input_shape[1] * 4
-    allocations: list[KernelAllocation] = []
-    if output_mask[0]:
-        if contiguous:
-            allocations.append(KernelAllocation(input_bytes, "grad_input (discarded)"))
-        else:
-            allocations.append(KernelAllocation(input_bytes, "grad_input", output=0))
-    if output_mask[1]:
-        allocations.append(KernelAllocation(channel_bytes, "grad_weight", output=1))
-    if output_mask[2]:
-        allocations.append(KernelAllocation(channel_bytes, "grad_bias", output=2))
-    if contiguous:
-        if output_mask[0]:
-            allocations += [
-                KernelAllocation(input_bytes, "grad_input", output=0),
-                KernelAllocation(-input_bytes, "free discarded grad_input"),
-            ]
-        if channels_last:
-            sums = KernelAllocation(threads * 2 * channel_bytes, "per-thread sums")
-            allocations += [sums, *_frees([sums])]
-    else:
-        grad_output_sum = KernelAllocation(channel_bytes, "sum of grad_output")
-        allocations += [grad_output_sum, *_frees([grad_output_sum])]
-    return tuple(allocations)
-
-
-# --- softmax of attention's math path -------------------------------------------------------------
-
-
-def safe_softmax_allocations(
-    *, shape: Sequence[int], dim: int, itemsize: int = 4
-) -> tuple[KernelAllocation, ...]:
-    """`aten._safe_softmax` (the softmax of `F.scaled_dot_product_attention`'s math path, which
-    the CPU takes when the mask needs a gradient: a learned position bias): the output, then a
-    bool mask of the -inf scores, a bool per row (all -inf?) and a zero scalar of the output's
-    dtype for the `where` that zeroes fully masked rows, all freed. Measured for float32 and
-    bfloat16, 3-d and 4-d, softmax over the last or another dim: (3, 5, 7, 9) over dim 1:
-    [3,780, 945, 189, 4, -4, -189, -945]."""
-    elements = prod(shape)
-    temporaries = [
-        KernelAllocation(elements, "bool mask of -inf scores"),
-        KernelAllocation(elements // shape[dim], "bool mask of fully masked rows"),
-        KernelAllocation(itemsize, "zero scalar"),
-    ]
-    return (
-        KernelAllocation(elements * itemsize, "output", output=0),
-        *temporaries,
-        *_frees(reversed(temporaries)),
-    )
-
-
-# --- max pooling's backward ----------------------------------------------------------------------
-
-
-def max_pool_backward_allocations(
-    grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor
-) -> tuple[KernelAllocation, ...] | None:
-    """`aten.max_pool2d_with_indices_backward` on CPU: grad_input takes the input's layout, but
-    the kernel runs in the layout PyTorch suggests for grad_output and makes each of grad_output,
-    indices and grad_input contiguous in it (aten/src/ATen/native/cpu/MaxPoolKernel.cpp), so where
-    the layouts disagree it works on copies: held through the op, grad_input's copied back. NiN in
-    channels-last under bf16 autocast: a gradient of a 1x1 map arrives NCHW-strided, and its pool
-    copies grad_input (884,736 bytes at batch 128). Measured, 256 channels 7x7 to 3x3 at batch
-    128, channels-last input, NCHW grad_output: [3,211,264 (grad_input), 2,359,296 (indices),
-    3,211,264 (grad_input), -3,211,264, -2,359,296]. None: no copies."""
-    if input.dim() != 4:
-        return None
-    layout = suggest_memory_format(grad_output)
-    copies = [
-        KernelAllocation(tensor.numel() * tensor.dtype.itemsize, f"copy of {name} in the kernel's layout")
-        for name, tensor in (("grad_output", grad_output), ("indices", indices))
-        if not tensor.is_contiguous(memory_format=layout)
-    ]
-    grad_input_bytes = input.numel() * input.dtype.itemsize
-    grad_input = torch.empty(input.shape, device="meta", memory_format=suggest_memory_format(input))
-    if not grad_input.is_contiguous(memory_format=layout):
-        copies.append(KernelAllocation(grad_input_bytes, "copy of grad_input in the kernel's layout"))
-    if not copies:
-        return None
-    return (KernelAllocation(grad_input_bytes, "grad_input", output=0), *copies, *_frees(reversed(copies)))
-
-
-# --- which rule an op call follows ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ConvCall:
-    """The arguments of `aten.convolution` or `aten.convolution_backward`, by name."""
-
-    input: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    grad_output: torch.Tensor | None
-    window: tuple[Any, ...]  # stride, padding, dilation, transposed, output_padding, groups
-    output_mask: tuple[bool, ...]
-
-    @staticmethod
-    def parse(func_name: str, args: Sequence[Any]) -> _ConvCall | None:
-        if func_name == "aten.convolution.default":
-            return _ConvCall(args[0], args[1], args[2], None, tuple(args[3:9]), ())
-        if func_name == "aten.convolution_backward.default":
-            return _ConvCall(args[1], args[2], None, args[0], tuple(args[4:10]), tuple(args[10]))
-        return None
-
-    @property
-    def backend(self) -> str:
-        return conv_backend(self.input, self.weight, self.bias, *self.window)
-
-    @property
-    def channels_last(self) -> bool:
-        """PyTorch's oneDNN path runs in channels-last when the input or the weight is in it
-        (ATen's mkldnn_conv_use_channels_last), making the other channels-last too."""
-        return torch.channels_last in (suggest_memory_format(self.input), suggest_memory_format(self.weight))
-
-
-def unmodelled_reason(func_name: str, args: Sequence[Any]) -> str | None:
-    """Why an op's CPU workspace is not modelled here, or None when it is (or it needs none)."""
-    bf16 = _bf16_rule(func_name, args)
-    if bf16 is not None:
-        return bf16[1]
-    if func_name in _MATRIX_MULTIPLIES:
-        reduced = any(
-            isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args
-        )
-        return "bf16 or fp16 matrix multiply (oneDNN's brgemm scratchpad)" if reduced else None
-    if func_name == "aten.native_batch_norm_backward.default" and args[1].dtype != torch.float32:
-        return "reduced-precision batch norm backward (the float32 temporaries of a mixed-type kernel)"
-    conv = _ConvCall.parse(func_name, args)
-    if conv is None:
-        return None
-    if conv.input.dim() != 4:
-        return f"{conv.input.dim() - 2}-d convolution: only 2-d is modelled"
-    backend = conv.backend
-    if backend == "Slow2d" and tuple(conv.weight.shape[2:]) == (1, 1):
-        return None  # an unstrided 1x1 convolution as a matrix multiply: no workspace
-    if backend != "Mkldnn":
-        return f"convolution on the {backend} backend"
-    if not all(t.dtype == torch.float32 for t in (conv.input, conv.weight)):
-        return "bf16 or fp16 oneDNN convolution (other formats and AMX/brgemm scratchpads)"
-    groups, block = conv.window[5], onednn_channel_block()
-    if conv.channels_last:
-        depthwise = conv.weight.shape[1] == 1 and conv.weight.shape[0] == groups
-        if groups > 1 and not depthwise:
-            return "grouped channels-last oneDNN convolution"
-        if conv.grad_output is None:
-            if depthwise or _fixed_brgemm_scratchpad(conv.input.shape[1], tuple(conv.weight.shape[2:])):
-                return None
-            return "channels-last forward with one input channel or a kernel over 7x7 (another brgemm scratchpad)"
-        if not depthwise:
-            return _channels_last_backward_reason(conv, block)
-        if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
-            return "channels-last depthwise backward of a kernel size or gradients not measured"
-        return None
-    if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
-        return "oneDNN convolution on tensors neither NCHW nor channels-last"
-    strided = any(step > 1 for step in conv.window[0])
-    if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and strided:
-        return (
-            "strided backward-data with one input channel "
-            "(oneDNN picks its jit or brgemm kernel by heuristics)"
-        )
-    kernel = tuple(conv.weight.shape[2:])
-    if (
-        conv.output_mask[:1] == (True,)
-        and strided
-        and groups == 1
-        and not strided_backward_data_modelled(kernel, *conv.window[:2], conv.input.shape[2:])
-    ):
-        return "strided backward-data not of a measured kind (brgconv_strided's scratchpad)"
-    out_per_group = conv.weight.shape[0] // groups
-    depthwise = conv.weight.shape[1] == 1 and out_per_group == 1
-    if depthwise and conv.output_mask[1:] == (False, True) and max(kernel) > 3:
-        return "depthwise bias gradient without the weight gradient, kernel over 3x3 (not measured)"
-    # A depthwise convolution pads its groups to the block, whatever their number.
-    if groups > 1 and not depthwise and out_per_group % block != 0:
-        return (
-            "grouped oneDNN convolution whose channels per group are not a multiple of the "
-            "channel block"
-        )
-    return None
-
-
-def _fixed_brgemm_scratchpad(in_channels: int, kernel: tuple[int, ...]) -> bool:
-    """Whether a channels-last float32 forward takes the brgemm scratchpad of a fixed size per
-    thread (`mkldnn_conv_channels_last_forward_allocations`). Measured on a 24x24 map for 1 to 16
-    input channels, 1x1 to 11x11 kernels, strides 1 to 4: one input channel under a kernel over
-    1x1 (NiN's first layer: 3,137,552 bytes at 72x72) and kernels of 11 take others."""
-    return max(kernel) <= 7 and (in_channels > 1 or max(kernel) == 1)
-
-
-def _channels_last_backward_reason(conv: _ConvCall, block: int) -> str | None:
-    """Why an ungrouped channels-last backward's blocks are not known, or None when
-    `mkldnn_conv_channels_last_backward_allocations` gives them."""
-    stride, _, dilation = conv.window[:3]
-    kernel = tuple(conv.weight.shape[2:])
-    strided = any(step > 1 for step in stride)
-    in_channels = conv.input.shape[1]
-    if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
-        return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
-    if conv.output_mask[0] and strided and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:]):
-        return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
-    if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
-        return "channels-last backward-data of a first layer (fewer input channels than a block)"
-    return None
-
-
-_BATCH_NORM_FORWARD = (
-    "aten.native_batch_norm.default",
-    "aten._native_batch_norm_legit.default",
-    "aten._native_batch_norm_legit_no_training.default",
-)
-
-
-_CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
-_MATRIX_MULTIPLIES = frozenset(
-    ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default")
-)
-_BIASED_MATRIX_MULTIPLIES = frozenset(("aten.addmm.default", "aten.baddbmm.default"))
-_FLASH_ATTENTION = (
-    "aten._scaled_dot_product_flash_attention_for_cpu.default",
-    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
-)
-_RULED = frozenset(
-    (
-        *_CONVOLUTIONS,
-        *_FLASH_ATTENTION,
-        *_MATRIX_MULTIPLIES,
-        *_BATCH_NORM_FORWARD,
-        "aten.native_batch_norm_backward.default",
-        "aten._safe_softmax.default",
-        "aten.max_pool2d_with_indices_backward.default",
-    )
-)
-
-
-def cpu_kernel_allocations(
-    func_name: str, args: Sequence[Any]
-) -> tuple[tuple[KernelAllocation, ...] | None, str]:
-    """`cpu_allocations` and `unmodelled_reason` ("" for None) together, for a tracer that asks
-    of every op: ops no rule names cost one set lookup."""
-    if func_name not in _RULED:
-        return None, ""
-    bf16 = _bf16_rule(func_name, args)
-    if bf16 is not None:  # a lower bound where the reason is given
-        return bf16[0], bf16[1] or ""
-    reason = unmodelled_reason(func_name, args)
-    if reason is not None:
-        return None, reason
-    return cpu_allocations(func_name, args), ""
-
-
-def cpu_allocations(func_name: str, args: Sequence[Any]) -> tuple[KernelAllocation, ...] | None:
-    """The allocations `func_name` (as a dispatch mode names it, e.g. "aten.convolution.default")
-    makes on CPU for these arguments (real or fake tensors), outputs included; None when the op
-    allocates nothing but its outputs, or when `unmodelled_reason` gives a reason."""
-    if unmodelled_reason(func_name, args) is not None:
-        return None
-    bf16 = _bf16_rule(func_name, args)
-    if bf16 is not None:
-        return bf16[0]
-    conv = _ConvCall.parse(func_name, args)
-    if conv is not None:
-        return _conv_call_allocations(conv)
-    if func_name in _BATCH_NORM_FORWARD:
-        return _batch_norm_forward_call_allocations(func_name, args)
-    if func_name == "aten.native_batch_norm_backward.default":
-        return _batch_norm_backward_call_allocations(args)
-    if func_name in _FLASH_ATTENTION:
-        return _flash_attention_call_allocations(func_name, args)
-    if func_name == "aten.max_pool2d_with_indices_backward.default":
-        return max_pool_backward_allocations(args[0], args[1], args[7])
-    if func_name == "aten._safe_softmax.default":
-        x, dim = args[0], args[1]
-        dtype = args[2] if len(args) > 2 and args[2] is not None else x.dtype
-        return safe_softmax_allocations(shape=tuple(x.shape), dim=dim, itemsize=dtype.itemsize)
-    return None
-
-
-def _bf16_rule(
-    func_name: str, args: Sequence[Any]
-) -> tuple[tuple[KernelAllocation, ...] | None, str | None] | None:
-    """For a bfloat16 matrix multiply or oneDNN convolution, `ninlab.analysis.onednn_bf16`'s
-    allocations (None: its outputs only) and why they are a lower bound (None: exact); None for
-    any other op."""
-    from ninlab.analysis import onednn_bf16  # imported here: it builds on KernelAllocation
-
-    if func_name in _MATRIX_MULTIPLIES:
-        first, second = args[1:3] if func_name in _BIASED_MATRIX_MULTIPLIES else args[:2]
-        if not (first.dtype == second.dtype == torch.bfloat16):
-            return None
-        batch = first.shape[0] if first.dim() == 3 else 1
-        rule = onednn_bf16.bf16_matmul_allocations(
-            batch=batch, rows=first.shape[-2], inner=first.shape[-1], columns=second.shape[-1],
-            output_shape=(*first.shape[:-1], second.shape[-1]),
-        )
-        return (None, None) if rule is None else (rule.allocations, rule.unmodelled)
-    conv = _ConvCall.parse(func_name, args)
-    if conv is None or not (conv.input.dtype == conv.weight.dtype == torch.bfloat16):
-        return None
-    if conv.input.dim() != 4 or conv.backend != "Mkldnn":
-        return None
-    groups = conv.window[5]
-    if conv.grad_output is None:
-        stride, padding, dilation = conv.window[:3]
-        rule = onednn_bf16.bf16_conv_forward_allocations(
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            output_shape=_conv_output_shape(conv.input.shape, conv.weight.shape, stride, padding, dilation),
-            groups=groups,
-            bias=conv.bias is not None,
-            channels_last=conv.channels_last,
-            copies_input=conv.channels_last and not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=conv.channels_last and _memory_format(conv.weight) != torch.channels_last
-            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
-        )
-    else:
-        rule = onednn_bf16.bf16_conv_backward_allocations(
-            grad_output_shape=tuple(conv.grad_output.shape),
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            groups=groups,
-            channels_last=conv.channels_last,
-            output_mask=conv.output_mask,
-            threads=torch.get_num_threads(),
-        )
-    if rule is None:
-        return None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)"
-    return rule.allocations, rule.unmodelled
-
-
-def _flash_attention_call_allocations(
-    func_name: str, args: Sequence[Any]
-) -> tuple[KernelAllocation, ...] | None:
-    backward = func_name.endswith("backward.default")
-    query, key = (args[1], args[2]) if backward else (args[0], args[1])
-    if query.dtype != torch.float32 or query.dim() != 4:
-        return None
-    return flash_attention_allocations(
-        query_shape=tuple(query.shape),
-        key_shape=tuple(key.shape),
-        backward=backward,
-        threads=torch.get_num_threads(),
-    )
-
-
-def flash_attention_allocations(
-    *, query_shape: Sequence[int], key_shape: Sequence[int], backward: bool, threads: int
-) -> tuple[KernelAllocation, ...]:
-    """CPU flash attention (`F.scaled_dot_product_attention`'s CPU kernel), float32, for query
-    (B, H, L, D) and key (B, H, S, D). Queries are split in blocks of 32, 64 or 256 rows (L under
-    192, under 768, or more) and keys in blocks of up to 512 (ATen's FlashAttentionKernel.cpp);
-    each thread gets float32 buffers for one block pair.
-
-    Forward: the output and the log-sum-exp, then per thread the block's scores, row maxima and
-    sums, and a D-wide accumulator. Backward: the three gradients, a query-sized buffer, per
-    thread the block's scores and their gradient, and one block of row sums. Measured with 1 and
-    2 threads for (4, 4, 256, 24), (2, 4, 256, 24), (4, 4, 64, 16), (4, 8, 197, 64); e.g. the
-    first with 2 threads: forward [393,216, 16,384, 144,384, -144,384], backward [393,216 x 4,
-    262,144, 256, -256, -262,144, -393,216].
-    """
-    batch, heads, queries, head_size = query_shape
-    keys = key_shape[2]
-    query_block = 256 if queries >= 768 else 64 if queries >= 192 else 32
-    query_block = min(query_block, queries)
-    key_block = min(512, keys)
-    query_bytes = prod(query_shape) * 4
-    if not backward:
-        per_thread = query_block * key_block + 2 * query_block + query_block * head_size
-        buffer = KernelAllocation(threads * per_thread * 4, "per-thread blocks")
-        return (
-            KernelAllocation(query_bytes, "output", output=0),
-            KernelAllocation(batch * heads * queries * 4, "log-sum-exp", output=1),
-            buffer,
-            *_frees([buffer]),
-        )
-    gradients = [
-        KernelAllocation(prod(shape) * 4, f"grad_{name}", output=index)
-        for index, (name, shape) in enumerate((("query", query_shape), ("key", key_shape), ("value", key_shape)))
-    ]
-    query_sized = KernelAllocation(query_bytes, "query-sized buffer")
-    blocks = KernelAllocation(threads * 2 * query_block * key_block * 4, "per-thread score blocks")
-    row_sums = KernelAllocation(query_block * 4, "row sums")
-    return (*gradients, query_sized, blocks, row_sums, *_frees([row_sums, blocks, query_sized]))
-
-
-def _conv_call_allocations(conv: _ConvCall) -> tuple[KernelAllocation, ...] | None:
-    if conv.backend != "Mkldnn":
-        return None  # the Slow2d path `unmodelled_reason` lets through: a matrix multiply
-    if conv.grad_output is not None and conv.channels_last and conv.window[5] == 1:
-        copies = [
-            name
-            for name, tensor in (("grad_output", conv.grad_output), ("input", conv.input), ("weight", conv.weight))
-            if not tensor.is_contiguous(memory_format=torch.channels_last)
-        ]
-        return mkldnn_conv_channels_last_backward_allocations(
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            grad_output_shape=tuple(conv.grad_output.shape),
-            stride=tuple(conv.window[0]),
-            output_mask=conv.output_mask,
-            copies=copies,
-            block=onednn_channel_block(),
-            threads=torch.get_num_threads(),
-        )
-    if conv.grad_output is not None and conv.channels_last:
-        return mkldnn_depthwise_conv_channels_last_backward_allocations(
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            output_mask=conv.output_mask,
-            block=onednn_channel_block(),
-        )
-    if conv.grad_output is None and conv.channels_last:
-        stride, padding, dilation = conv.window[:3]
-        return mkldnn_conv_channels_last_forward_allocations(
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            output_shape=_conv_output_shape(
-                conv.input.shape, conv.weight.shape, stride, padding, dilation
-            ),
-            copies_input=not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=_memory_format(conv.weight) != torch.channels_last
-            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
-            block=onednn_channel_block(),
-            threads=torch.get_num_threads(),
-        )
-    if conv.grad_output is None:
-        stride, padding, dilation = conv.window[:3]
-        return mkldnn_conv_forward_allocations(
-            input_shape=tuple(conv.input.shape),
-            weight_shape=tuple(conv.weight.shape),
-            output_shape=_conv_output_shape(
-                conv.input.shape, conv.weight.shape, stride, padding, dilation
-            ),
-            bias=conv.bias is not None,
-            block=onednn_channel_block(),
-        )
-    return mkldnn_conv_backward_allocations(
-        grad_output_shape=tuple(conv.grad_output.shape),
-        input_shape=tuple(conv.input.shape),
-        weight_shape=tuple(conv.weight.shape),
-        stride=tuple(conv.window[0]),
-        padding=tuple(conv.window[1]),
-        output_mask=conv.output_mask,
-        block=onednn_channel_block(),
-        threads=torch.get_num_threads(),
-    )
-
-
-def _batch_norm_forward_call_allocations(
-    func_name: str, args: Sequence[Any]
-) -> tuple[KernelAllocation, ...] | None:
-    # A tracer that runs `func.decompose()` sees Python's decomposition of native_batch_norm
-    # (`_native_batch_norm_legit*`) for the same kernel; its arguments line up.
-    input, running_mean = args[0], args[3]
-    no_training = func_name == "aten._native_batch_norm_legit_no_training.default"
-    training = False if no_training else args[5]
-    if input.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return batch_norm_forward_allocations(
-        input_shape=tuple(input.shape),
-        training=training,
-        running_stats=running_mean is not None,
-        itemsize=input.dtype.itemsize,
-        channels_last=_memory_format(input) == torch.channels_last,
-        threads=torch.get_num_threads(),
-    )
-
-
-def _batch_norm_backward_call_allocations(
-    args: Sequence[Any],
-) -> tuple[KernelAllocation, ...] | None:
-    grad_output, input = args[0], args[1]
-    if input.dtype != torch.float32:
-        return None
-    contiguous = _memory_format(input) == _memory_format(grad_output) is not None
-    return batch_norm_backward_allocations(
-        input_shape=tuple(input.shape),
-        contiguous=contiguous,
-        output_mask=tuple(args[9]),
-        channels_last=contiguous and _memory_format(input) == torch.channels_last,
-        threads=torch.get_num_threads(),
-    )
-
-
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
-    """As ATen's suggest_memory_format + is_contiguous: the dense layout a tensor is in, or None."""
-    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not tensor.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format if tensor.is_contiguous() else None
-
-
-def _conv_output_shape(
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> tuple[int, ...]:
-    spatial = tuple(
-        (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
-        for size, kernel, step, pad, dil in zip(
-            input_shape[2:], weight_shape[2:], stride, padding, dilation
-        )
-    )
-    return (input_shape[0], weight_shape[0], *spatial)

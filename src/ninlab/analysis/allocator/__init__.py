@@ -1,0 +1,53 @@
+"""What the CPU allocator holds beyond live tensor storage: per-op workspace rules (CUDA's caching
+allocator is simulated in `ninlab.analysis.cuda_allocator`).
+
+CPU. A tensor-level trace (a dispatch mode) sees each op's outputs, but inside some kernels the
+c10 CPU allocator hands out blocks that belong to no tensor the trace sees. A rule here gives, for
+one op call, every allocation and free the kernel makes, in order, with the op's own outputs in
+their place; the in-op peak is then `live before the op + peak_above_start_bytes(allocations)`.
+All rules were read off the PyTorch profiler's allocation records (`profile_memory=True`) for one
+op at a time on this machine (torch 2.13.0 CPU, oneDNN 3.12, AVX-512 with AMX, 2 threads), with
+`ONEDNN_VERBOSE=1` naming the memory formats behind each block; tests/analysis/test_allocator.py
+replays them against the profiler.
+
+Each rule registers itself for its ops (`registry.allocation_rule`), and
+`cpu_kernel_allocations(op, args)` is the one way to ask: a `KernelBlocks` of the allocations
+(None: the op allocates only its outputs) and, where they are not known or only a lower bound,
+why. A kernel whose blocks follow no rule found is given a reason, and the predictor measures
+each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel family:
+
+* `convolution`: which kernel runs a convolution call (`conv_call.ConvCall`, parsed once), for
+  * `onednn_float32`: oneDNN's float32 convolutions, NCHW and channels-last, forward and
+    backward, depthwise among them;
+  * `onednn_bf16`: oneDNN's bfloat16 convolutions (bf16 autocast): exact for depthwise forward
+    passes; elsewhere the channels-last copies, dense copies and contiguous clones are counted
+    but oneDNN's AMX brgemm scratchpads and weight padding are not, so those rules give a lower
+    bound with the reason;
+* `matmul`: matrix multiplies (bfloat16 ones by `onednn_bf16`: exact when too small for oneDNN);
+* `batch_norm`: batch norm forward and backward;
+* `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
+* `pooling`: max pooling's backward.
+`blocks` holds what they share (`KernelAllocation`, channel blocks and their padding).
+
+Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
+to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed within the op.
+
+Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
+pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
+their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
+`bernoulli_`), linear (`addmm`/`mm` copy nothing when their operands come from other ops),
+adaptive average pooling and cross-entropy.
+"""
+
+# The rule modules register their rules when imported; nothing else imports them.
+from ninlab.analysis.allocator import (  # noqa: F401
+    attention,
+    batch_norm,
+    convolution,
+    matmul,
+    pooling,
+)
+from ninlab.analysis.allocator.blocks import KernelAllocation, peak_above_start_bytes
+from ninlab.analysis.allocator.registry import KernelBlocks, cpu_kernel_allocations
+
+__all__ = ["KernelAllocation", "KernelBlocks", "cpu_kernel_allocations", "peak_above_start_bytes"]

@@ -1,0 +1,146 @@
+"""CPU batch norm: `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16;
+channels-last adds per-thread sums) and `aten.native_batch_norm_backward` (float32; reduced
+precision is measured per call): with contiguous inputs the CPU kernel allocates grad_input twice
+(once before it checks contiguity, again in the contiguous branch;
+aten/src/ATen/native/Normalization.cpp, batch_norm_backward_cpu_template), so an input-sized block
+is held through the op."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import torch
+
+from ninlab.analysis.allocator.blocks import KernelAllocation, frees, memory_format
+from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
+
+__all__ = ["batch_norm_backward_allocations", "batch_norm_forward_allocations"]
+
+
+@allocation_rule("aten.native_batch_norm.default", "aten._native_batch_norm_legit.default")
+def batch_norm_forward(args: Sequence[Any]) -> KernelBlocks:
+    # A tracer that runs `func.decompose()` sees Python's decomposition of native_batch_norm
+    # (`_native_batch_norm_legit*`) for the same kernel; its arguments line up.
+    return _forward_blocks(args, training=args[5])
+
+
+@allocation_rule("aten._native_batch_norm_legit_no_training.default")
+def batch_norm_forward_no_training(args: Sequence[Any]) -> KernelBlocks:
+    return _forward_blocks(args, training=False)
+
+
+def _forward_blocks(args: Sequence[Any], *, training: bool) -> KernelBlocks:
+    input, running_mean = args[0], args[3]
+    if input.dtype not in (torch.float32, torch.bfloat16):
+        return OUTPUTS_ONLY
+    return KernelBlocks(
+        batch_norm_forward_allocations(
+            input_shape=tuple(input.shape),
+            training=training,
+            running_stats=running_mean is not None,
+            itemsize=input.dtype.itemsize,
+            channels_last=memory_format(input) == torch.channels_last,
+            threads=torch.get_num_threads(),
+        )
+    )
+
+
+@allocation_rule("aten.native_batch_norm_backward.default")
+def batch_norm_backward(args: Sequence[Any]) -> KernelBlocks:
+    grad_output, input = args[0], args[1]
+    if input.dtype != torch.float32:
+        return KernelBlocks(
+            None,
+            "reduced-precision batch norm backward (the float32 temporaries of a mixed-type kernel)",
+        )
+    contiguous = memory_format(input) == memory_format(grad_output) is not None
+    return KernelBlocks(
+        batch_norm_backward_allocations(
+            input_shape=tuple(input.shape),
+            contiguous=contiguous,
+            output_mask=tuple(args[9]),
+            channels_last=contiguous and memory_format(input) == torch.channels_last,
+            threads=torch.get_num_threads(),
+        )
+    )
+
+
+def batch_norm_forward_allocations(
+    *,
+    input_shape: Sequence[int],
+    training: bool,
+    running_stats: bool,
+    itemsize: int = 4,
+    channels_last: bool = False,
+    threads: int = 1,
+) -> tuple[KernelAllocation, ...]:
+    """CPU `aten.native_batch_norm`, float32 or bfloat16: the output, then (training) the saved
+    mean and inverse std, and per-channel float32 temporaries: two for the running-stat update per
+    statistic in training (a channels-last input adds a per-thread float32 sum buffer inside the
+    first), two for the folded scale and shift in evaluation. Measured for 16 channels, 1 and 2
+    threads: training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64], channels-last with 2
+    threads [out, 64, 64, 64, 64, 128, -128, -64, -64, 64, 64, -64, -64]; evaluation
+    [out, 64, 64, -64, -64], either layout and dtype."""
+    channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
+    allocations = [KernelAllocation(prod(input_shape) * itemsize, "output", output=0)]
+    if training:
+        allocations += [
+            KernelAllocation(channel_bytes, "saved mean", output=1),
+            KernelAllocation(channel_bytes, "saved inverse std", output=2),
+        ]
+        if running_stats:
+            for statistic in ("running mean", "running var"):
+                update = KernelAllocation(channel_bytes, f"{statistic} update")
+                sums = [KernelAllocation(threads * channel_bytes, "per-thread sums")]
+                inside = [*sums, *frees(sums)] if channels_last and statistic == "running mean" else []
+                allocations += [update, update, *inside, *frees([update, update])]
+    else:
+        folded = [
+            KernelAllocation(channel_bytes, "folded scale"),
+            KernelAllocation(channel_bytes, "folded shift"),
+        ]
+        allocations += [*folded, *frees(folded)]
+    return tuple(allocations)
+
+
+def batch_norm_backward_allocations(
+    *,
+    input_shape: Sequence[int],
+    contiguous: bool,
+    output_mask: Sequence[bool] = (True, True, True),
+    itemsize: int = 4,
+    channels_last: bool = False,
+    threads: int = 1,
+) -> tuple[KernelAllocation, ...]:
+    """CPU `aten.native_batch_norm_backward`, float32. With input and grad_output contiguous in
+    the same memory format, grad_input is allocated first, then again in the contiguous branch,
+    and the first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input
+    bytes], then in channels-last per-thread float32 sums, two per channel (16 channels, 2
+    threads: 256 bytes). Otherwise a per-channel sum of grad_output is the only temporary."""
+    input_bytes = prod(input_shape) * itemsize
+    channel_bytes = input_shape[1] * 4
+    allocations: list[KernelAllocation] = []
+    if output_mask[0]:
+        if contiguous:
+            allocations.append(KernelAllocation(input_bytes, "grad_input (discarded)"))
+        else:
+            allocations.append(KernelAllocation(input_bytes, "grad_input", output=0))
+    if output_mask[1]:
+        allocations.append(KernelAllocation(channel_bytes, "grad_weight", output=1))
+    if output_mask[2]:
+        allocations.append(KernelAllocation(channel_bytes, "grad_bias", output=2))
+    if contiguous:
+        if output_mask[0]:
+            allocations += [
+                KernelAllocation(input_bytes, "grad_input", output=0),
+                KernelAllocation(-input_bytes, "free discarded grad_input"),
+            ]
+        if channels_last:
+            sums = KernelAllocation(threads * 2 * channel_bytes, "per-thread sums")
+            allocations += [sums, *frees([sums])]
+    else:
+        grad_output_sum = KernelAllocation(channel_bytes, "sum of grad_output")
+        allocations += [grad_output_sum, *frees([grad_output_sum])]
+    return tuple(allocations)

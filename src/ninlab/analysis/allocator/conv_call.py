@@ -1,0 +1,75 @@
+"""A convolution call as its CPU kernel sees it: the arguments of `aten.convolution` or
+`aten.convolution_backward` by name, parsed once per lookup, with the backend PyTorch picks for it
+(asked once) and the layout oneDNN runs it in. The convolution rules of every dtype read it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+__all__ = ["ConvCall", "conv_backend"]
+
+
+def conv_backend(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> str:
+    """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
+    of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
+    backend = torch._C._select_conv_backend(
+        input, weight, bias, list(stride), list(padding), list(dilation), transposed,
+        list(output_padding), groups, None,
+    )
+    return str(backend).rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """The arguments of `aten.convolution` or `aten.convolution_backward`, by name."""
+
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grad_output: torch.Tensor | None  # None: a forward call
+    window: tuple[Any, ...]  # stride, padding, dilation, transposed, output_padding, groups
+    output_mask: tuple[bool, ...]  # the gradients a backward call computes; () in forward
+
+    @staticmethod
+    def forward(args: Sequence[Any]) -> ConvCall:
+        """`aten.convolution(input, weight, bias, *window)`."""
+        return ConvCall(args[0], args[1], args[2], None, tuple(args[3:9]), ())
+
+    @staticmethod
+    def backward(args: Sequence[Any]) -> ConvCall:
+        """`aten.convolution_backward(grad_output, input, weight, bias_sizes, *window,
+        output_mask)`."""
+        return ConvCall(args[1], args[2], None, args[0], tuple(args[4:10]), tuple(args[10]))
+
+    @property
+    def groups(self) -> int:
+        return self.window[5]
+
+    @cached_property
+    def backend(self) -> str:
+        """`conv_backend` of this call, asked of PyTorch once."""
+        return conv_backend(self.input, self.weight, self.bias, *self.window)
+
+    @cached_property
+    def channels_last(self) -> bool:
+        """PyTorch's oneDNN path runs in channels-last when the input or the weight is in it
+        (ATen's mkldnn_conv_use_channels_last), making the other channels-last too."""
+        return torch.channels_last in (
+            suggest_memory_format(self.input), suggest_memory_format(self.weight)
+        )

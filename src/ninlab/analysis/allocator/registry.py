@@ -1,0 +1,68 @@
+"""The allocator rules by op: a rule registers itself for the aten ops it knows with
+`@allocation_rule(...)`, a second rule for the same op is refused, and `cpu_kernel_allocations` is
+the one way to ask for an op call's blocks (one dict lookup for an op no rule names, which is what
+the tracer asks of every op). Imports no rule: the package's `__init__` imports them all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from ninlab.analysis.allocator.blocks import KernelAllocation
+
+__all__ = [
+    "ALLOCATION_RULES",
+    "OUTPUTS_ONLY",
+    "AllocationRule",
+    "KernelBlocks",
+    "allocation_rule",
+    "cpu_kernel_allocations",
+]
+
+
+class KernelBlocks(NamedTuple):
+    """What one op call's CPU kernel allocates: `allocations` in order, outputs included (None:
+    only its outputs), and `unmodelled`, non-empty where the blocks are not known (allocations
+    None) or are only a lower bound (allocations given): why. A NamedTuple so the tracer unpacks
+    it as `allocations, unmodelled`."""
+
+    allocations: tuple[KernelAllocation, ...] | None
+    unmodelled: str = ""
+
+
+OUTPUTS_ONLY = KernelBlocks(None)
+"""An op that allocates nothing but its outputs, as every op without a rule."""
+
+AllocationRule = Callable[[Sequence[Any]], KernelBlocks]
+"""A rule: the op's positional arguments (real or fake tensors) to its blocks."""
+
+_RULES: dict[str, AllocationRule] = {}
+ALLOCATION_RULES: Mapping[str, AllocationRule] = MappingProxyType(_RULES)
+"""Every registered rule, by the op name a dispatch mode gives (`str(func)`), read-only."""
+
+
+def allocation_rule(*op_names: str) -> Callable[[AllocationRule], AllocationRule]:
+    """Register the decorated rule for `op_names` ("aten.convolution.default", ...); an op that
+    has a rule already is refused, naming the op and its rule, and nothing is registered."""
+
+    def register(rule: AllocationRule) -> AllocationRule:
+        for index, name in enumerate(op_names):
+            taken = _RULES.get(name, rule if name in op_names[:index] else None)
+            if taken is not None:
+                raise ValueError(
+                    f"{name} has an allocation rule already: "
+                    f"{taken.__module__}.{taken.__qualname__}"
+                )
+        for name in op_names:
+            _RULES[name] = rule
+        return rule
+
+    return register
+
+
+def cpu_kernel_allocations(func_name: str, args: Sequence[Any]) -> KernelBlocks:
+    """The blocks `func_name` (as a dispatch mode names it, e.g. "aten.convolution.default")
+    allocates on CPU for these arguments (real or fake tensors), by the op's registered rule."""
+    rule = _RULES.get(func_name)
+    return OUTPUTS_ONLY if rule is None else rule(args)
