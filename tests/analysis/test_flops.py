@@ -4,11 +4,13 @@ import pytest
 import torch
 from cnn_zoo import ZOO
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from ninlab.analysis.flops import conv_flops
+from ninlab.analysis.flops import FLOP_RULES, conv_flops, flop_rule, op_flops
 from ninlab.analysis.summary import summarize
 from ninlab.models import build_nin, resolve_model
+
+aten = torch.ops.aten
 
 
 def counted_by_pytorch(model, input_size, batch_size):
@@ -56,3 +58,115 @@ def test_linear_layers_are_counted_through_addmm():
     # The 384 -> 10 block (1,738,000 FLOPs at 5x5) gives way to a 384 -> 10 linear layer.
     nin = summarize(build_nin(), input_size=(1, 224, 224), batch_size=1).totals.forward_flops
     assert forward == nin - 1_738_000 + 2 * 384 * 10
+
+
+# --- the registry, against PyTorch's own -----------------------------------------------------
+
+# What PyTorch's FlopCounterMode counts and ninlab does not, on purpose: attention kernels (the
+# CUDA ones and flex attention; the CPU flash kernel a CPU trace records is counted by neither),
+# float8 scaled matrix multiplies, and the backend convolutions a trace never records (a dispatch
+# mode sees `aten.convolution`, not the kernel it picks). A new PyTorch rule fails the test below
+# until it is ours or named here.
+NOT_COUNTED = {
+    "aten._efficient_attention_backward",
+    "aten._efficient_attention_forward",
+    "aten._flash_attention_backward",
+    "aten._flash_attention_forward",
+    "aten._scaled_dot_product_cudnn_attention",
+    "aten._scaled_dot_product_cudnn_attention_backward",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_efficient_attention_backward",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_flash_attention_backward",
+    "aten._scaled_mm",
+    "aten._slow_conv2d_forward",
+    "aten.convolution_overrideable",
+    "aten.cudnn_convolution",
+    "flex_attention",
+    "flex_attention_backward",
+}
+
+
+def test_every_op_pytorch_counts_is_ours_or_named_as_not_counted() -> None:
+    theirs = {str(packet) for packet in flop_registry}
+    ours = {str(packet) for packet in FLOP_RULES}
+    assert ours <= theirs
+    assert theirs - ours == NOT_COUNTED
+
+
+def _convolution_call(x_shape, w_shape, *, stride=1, padding=0, groups=1, transposed=False):
+    torch.manual_seed(0)
+    dims = len(x_shape) - 2
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    window = ([stride] * dims, [padding] * dims, [1] * dims, transposed, [0] * dims, groups)
+    return x, w, window
+
+
+def _forward(packet):
+    def call(x_shape, w_shape, **window):
+        x, w, (stride, padding, dilation, transposed, output_padding, groups) = _convolution_call(x_shape, w_shape, **window)
+        args = (x, w, None, stride, padding, dilation, transposed, output_padding, groups)
+        if packet is aten._convolution:  # benchmark, deterministic, cudnn_enabled, allow_tf32
+            args = (*args, False, False, True, True)
+        return packet.default, args
+
+    return call
+
+
+def _backward(x_shape, w_shape, mask, **window):
+    x, w, window_args = _convolution_call(x_shape, w_shape, **window)
+    grad = torch.randn_like(aten.convolution.default(x, w, None, *window_args))
+    return aten.convolution_backward.default, (grad, x, w, None, *window_args, mask)
+
+
+# A few real calls of every op both registries count.
+CALLS = {
+    "aten.mm": [lambda: (aten.mm.default, (torch.randn(5, 7), torch.randn(7, 3)))],
+    "aten.bmm": [lambda: (aten.bmm.default, (torch.randn(2, 5, 7), torch.randn(2, 7, 3)))],
+    "aten.addmm": [lambda: (aten.addmm.default, (torch.randn(3), torch.randn(5, 7), torch.randn(7, 3)))],
+    "aten.baddbmm": [
+        lambda: (aten.baddbmm.default, (torch.randn(2, 5, 3), torch.randn(2, 5, 7), torch.randn(2, 7, 3)))
+    ],
+    "aten.convolution": [
+        lambda: _forward(aten.convolution)((2, 3, 17, 17), (8, 3, 3, 3), stride=2, padding=1),
+        lambda: _forward(aten.convolution)((2, 8, 9, 9), (8, 1, 5, 5), padding=2, groups=8),
+        lambda: _forward(aten.convolution)((2, 8, 5, 5), (8, 4, 3, 3), stride=2, transposed=True),
+        lambda: _forward(aten.convolution)((2, 4, 20), (6, 4, 3), stride=2),
+    ],
+    "aten._convolution": [
+        lambda: _forward(aten._convolution)((2, 3, 17, 17), (8, 3, 3, 3), stride=2, padding=1),
+        lambda: _forward(aten._convolution)((2, 8, 5, 5), (8, 4, 3, 3), stride=2, transposed=True),
+    ],
+    "aten.convolution_backward": [
+        lambda: _backward((2, 3, 17, 17), (8, 3, 3, 3), [True, True, True], stride=2, padding=1),
+        lambda: _backward((2, 1, 16, 16), (6, 1, 5, 5), [False, True, False]),
+        lambda: _backward((2, 8, 9, 9), (8, 1, 3, 3), [True, False, True], padding=1, groups=8),
+        lambda: _backward((2, 8, 5, 5), (8, 4, 3, 3), [True, True, False], stride=2, transposed=True),
+    ],
+}
+
+
+def test_every_op_both_registries_count_has_calls_here() -> None:
+    both = {str(packet) for packet in FLOP_RULES} & {str(packet) for packet in flop_registry}
+    assert set(CALLS) == both
+
+
+@pytest.mark.parametrize(
+    "make_call", [pytest.param(call, id=f"{name}-{i}") for name, calls in CALLS.items() for i, call in enumerate(calls)]
+)
+def test_flops_equal_pytorch_registry(make_call) -> None:
+    func, args = make_call()
+    outputs = func(*args)
+    outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    pytorch_rule = flop_registry[func.overloadpacket]
+    pytorch = pytorch_rule(*args, out_val=outputs if len(outputs) > 1 else outputs[0])
+    assert op_flops(func, args, outputs) == pytorch > 0
+
+
+def test_a_second_flop_rule_for_an_op_is_refused() -> None:
+    before = dict(FLOP_RULES)
+    with pytest.raises(ValueError, match=r"aten\.mm has a FLOP rule already: ninlab\.analysis\.flops\.matmul_flops"):
+        flop_rule(aten.relu, aten.mm)(lambda args, outputs: 0)
+    with pytest.raises(ValueError, match=r"aten\.relu has a FLOP rule already"):
+        flop_rule(aten.relu, aten.relu)(lambda args, outputs: 0)
+    assert dict(FLOP_RULES) == before  # nothing registered, relu included

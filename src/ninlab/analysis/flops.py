@@ -8,13 +8,14 @@ FLOPs / 2, and are never reported under the name FLOPs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from math import prod
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
-__all__ = ["CONVENTION", "FLOP_RULES", "op_flops"]
+__all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops"]
 
 CONVENTION = (
     "FLOPs = 2 x multiply-accumulates of convolutions and matrix products, as "
@@ -25,13 +26,24 @@ Shape = Sequence[int]
 aten = torch.ops.aten
 
 FlopRule = Callable[..., int]
-FLOP_RULES: dict[Any, FlopRule] = {}
+_RULES: dict[Any, FlopRule] = {}
+FLOP_RULES: Mapping[Any, FlopRule] = MappingProxyType(_RULES)
+"""Every registered rule, by aten op packet (`aten.mm`), read-only: `flop_rule` adds one."""
 
 
-def _rule(*packets: Any) -> Callable[[FlopRule], FlopRule]:
+def flop_rule(*packets: Any) -> Callable[[FlopRule], FlopRule]:
+    """Register the decorated rule for the aten op packets given (`aten.mm`); a packet that has a
+    rule already is refused, naming it and its rule, and nothing is registered."""
+
     def register(rule: FlopRule) -> FlopRule:
+        for index, packet in enumerate(packets):
+            taken = _RULES.get(packet, rule if packet in packets[:index] else None)
+            if taken is not None:
+                raise ValueError(
+                    f"{packet} has a FLOP rule already: {taken.__module__}.{taken.__qualname__}"
+                )
         for packet in packets:
-            FLOP_RULES[packet] = rule
+            _RULES[packet] = rule
         return rule
 
     return register
@@ -42,12 +54,12 @@ def _matmul(a: Shape, b: Shape) -> int:
     return 2 * prod(a[:-2]) * m * k * n
 
 
-@_rule(aten.mm, aten.bmm)
+@flop_rule(aten.mm, aten.bmm)
 def matmul_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     return _matmul(args[0].shape, args[1].shape)
 
 
-@_rule(aten.addmm, aten.baddbmm)
+@flop_rule(aten.addmm, aten.baddbmm)
 def add_matmul_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     # addmm(bias, a, b): the addition of the bias is not counted.
     return _matmul(args[1].shape, args[2].shape)
@@ -65,7 +77,7 @@ def conv_flops(input_shape: Shape, weight_shape: Shape, output_shape: Shape, *, 
     return 2 * batch * positions * prod(kernel) * out_channels * in_channels_per_group
 
 
-@_rule(aten.convolution, aten._convolution)
+@flop_rule(aten.convolution, aten._convolution)
 def convolution_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     x, weight, transposed = args[0], args[1], args[6]
     return conv_flops(x.shape, weight.shape, outputs[0].shape, transposed=bool(transposed))
@@ -75,7 +87,7 @@ def _swap_batch_and_channels(shape: Shape) -> list[int]:
     return [shape[1], shape[0], *shape[2:]]
 
 
-@_rule(aten.convolution_backward)
+@flop_rule(aten.convolution_backward)
 def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     """The two products of a convolution's backward, each itself a convolution.
 
@@ -102,5 +114,5 @@ def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) 
 
 def op_flops(func: torch._ops.OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     """FLOPs of one call of an aten op; 0 for ops that the convention does not count."""
-    rule = FLOP_RULES.get(func.overloadpacket)
+    rule = _RULES.get(func.overloadpacket)
     return rule(args, outputs) if rule else 0
