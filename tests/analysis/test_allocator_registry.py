@@ -103,7 +103,9 @@ def _bf16_depthwise_conv() -> tuple[tuple[Any, ...], KernelBlocks]:
 def _bf16_matmul(biased: bool) -> Callable[[], tuple[tuple[Any, ...], KernelBlocks]]:
     def call() -> tuple[tuple[Any, ...], KernelBlocks]:
         a, b = torch.randn(8, 192).bfloat16(), torch.randn(192, 10).bfloat16()
-        expected = bf16_matmul_allocations(batch=1, rows=8, inner=192, columns=10, output_shape=(8, 10))
+        expected = bf16_matmul_allocations(
+            batch=1, rows=8, inner=192, columns=10, output_shape=(8, 10)
+        )
         return ((torch.randn(10).bfloat16(), a, b) if biased else (a, b)), expected
 
     return call
@@ -112,7 +114,9 @@ def _bf16_matmul(biased: bool) -> Callable[[], tuple[tuple[Any, ...], KernelBloc
 def _bf16_batched_matmul(biased: bool) -> Callable[[], tuple[tuple[Any, ...], KernelBlocks]]:
     def call() -> tuple[tuple[Any, ...], KernelBlocks]:
         a, b = torch.randn(3, 8, 64).bfloat16(), torch.randn(3, 64, 10).bfloat16()
-        expected = bf16_matmul_allocations(batch=3, rows=8, inner=64, columns=10, output_shape=(3, 8, 10))
+        expected = bf16_matmul_allocations(
+            batch=3, rows=8, inner=64, columns=10, output_shape=(3, 8, 10)
+        )
         return ((torch.randn(3, 8, 10).bfloat16(), a, b) if biased else (a, b)), expected
 
     return call
@@ -126,7 +130,10 @@ def _batch_norm(no_training: bool) -> Callable[[], tuple[tuple[Any, ...], Kernel
         else:
             args = (x, torch.ones(24), torch.zeros(24), *stats, True, 0.1, 1e-5)
         expected = batch_norm_forward_allocations(
-            input_shape=(4, 24, 5, 5), training=not no_training, running_stats=True, threads=_threads()
+            input_shape=(4, 24, 5, 5),
+            training=not no_training,
+            running_stats=True,
+            threads=_threads(),
         )
         return args, KernelBlocks(expected)
 
@@ -135,8 +142,11 @@ def _batch_norm(no_training: bool) -> Callable[[], tuple[tuple[Any, ...], Kernel
 
 def _batch_norm_backward() -> tuple[tuple[Any, ...], KernelBlocks]:
     x = torch.randn(4, 24, 5, 5)
-    args = (torch.randn_like(x), x, torch.ones(24), None, None, torch.zeros(24), torch.ones(24), True, 1e-5, [True, True, True])
-    expected = batch_norm_backward_allocations(input_shape=(4, 24, 5, 5), contiguous=True, threads=_threads())
+    saved = (torch.zeros(24), torch.ones(24))
+    args = (torch.randn_like(x), x, torch.ones(24), None, None, *saved, True, 1e-5, [True] * 3)
+    expected = batch_norm_backward_allocations(
+        input_shape=(4, 24, 5, 5), contiguous=True, threads=_threads()
+    )
     return args, KernelBlocks(expected)
 
 
@@ -145,7 +155,10 @@ def _flash_attention(backward: bool) -> Callable[[], tuple[tuple[Any, ...], Kern
         q, k = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 96, 16)
         args = (q, q, k, k, q, torch.randn(2, 2, 64), 0.0, False) if backward else (q, k, k)
         expected = flash_attention_allocations(
-            query_shape=(2, 2, 64, 16), key_shape=(2, 2, 96, 16), backward=backward, threads=_threads()
+            query_shape=(2, 2, 64, 16),
+            key_shape=(2, 2, 96, 16),
+            backward=backward,
+            threads=_threads(),
         )
         return args, KernelBlocks(expected)
 
@@ -153,7 +166,8 @@ def _flash_attention(backward: bool) -> Callable[[], tuple[tuple[Any, ...], Kern
 
 
 def _safe_softmax() -> tuple[tuple[Any, ...], KernelBlocks]:
-    return (torch.randn(3, 5, 7), -1), KernelBlocks(safe_softmax_allocations(shape=(3, 5, 7), dim=-1))
+    expected = safe_softmax_allocations(shape=(3, 5, 7), dim=-1)
+    return (torch.randn(3, 5, 7), -1), KernelBlocks(expected)
 
 
 def _max_pool_backward() -> tuple[tuple[Any, ...], KernelBlocks]:
@@ -161,7 +175,8 @@ def _max_pool_backward() -> tuple[tuple[Any, ...], KernelBlocks]:
     window = ([3, 3], [2, 2], [0, 0], [1, 1], False)
     _, indices = aten.max_pool2d_with_indices.default(x, *window)
     grad = torch.randn(indices.shape)  # NCHW: the kernel copies indices and grad_input
-    return (grad, x, *window, indices), KernelBlocks(max_pool_backward_allocations(grad, x, indices))
+    expected = max_pool_backward_allocations(grad, x, indices)
+    return (grad, x, *window, indices), KernelBlocks(expected)
 
 
 # One call of every registered op, and what its family's own rule gives for it.
@@ -177,7 +192,9 @@ CALLS: dict[str, Callable[[], tuple[tuple[Any, ...], KernelBlocks]]] = {
     "aten._native_batch_norm_legit_no_training.default": _batch_norm(no_training=True),
     "aten.native_batch_norm_backward.default": _batch_norm_backward,
     "aten._scaled_dot_product_flash_attention_for_cpu.default": _flash_attention(backward=False),
-    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": _flash_attention(backward=True),
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": _flash_attention(
+        backward=True
+    ),
     "aten._safe_softmax.default": _safe_softmax,
     "aten.max_pool2d_with_indices_backward.default": _max_pool_backward,
 }
@@ -197,7 +214,8 @@ def test_importing_the_package_registers_every_rule() -> None:
         "from ninlab.analysis.allocator.registry import ALLOCATION_RULES\n"
         "print(sorted(ALLOCATION_RULES))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run.stdout
     assert out.strip() == str(sorted(CALLS))
 
 
@@ -229,5 +247,6 @@ def test_a_convolution_call_is_parsed_once_and_its_backend_asked_once(
 
     monkeypatch.setattr(conv_call, "conv_backend", counted)
     x, w = torch.randn(16, 96, 8, 8), torch.randn(96, 96, 1, 1)  # a float32 1x1 convolution
-    blocks = cpu_kernel_allocations("aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+    window = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    blocks = cpu_kernel_allocations("aten.convolution.default", (x, w, None, *window))
     assert blocks.allocations is not None and asked == ["Mkldnn"]

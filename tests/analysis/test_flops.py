@@ -104,8 +104,8 @@ def _convolution_call(x_shape, w_shape, *, stride=1, padding=0, groups=1, transp
 
 def _forward(packet):
     def call(x_shape, w_shape, **window):
-        x, w, (stride, padding, dilation, transposed, output_padding, groups) = _convolution_call(x_shape, w_shape, **window)
-        args = (x, w, None, stride, padding, dilation, transposed, output_padding, groups)
+        x, w, window_args = _convolution_call(x_shape, w_shape, **window)
+        args = (x, w, None, *window_args)
         if packet is aten._convolution:  # benchmark, deterministic, cudnn_enabled, allow_tf32
             args = (*args, False, False, True, True)
         return packet.default, args
@@ -123,9 +123,14 @@ def _backward(x_shape, w_shape, mask, **window):
 CALLS = {
     "aten.mm": [lambda: (aten.mm.default, (torch.randn(5, 7), torch.randn(7, 3)))],
     "aten.bmm": [lambda: (aten.bmm.default, (torch.randn(2, 5, 7), torch.randn(2, 7, 3)))],
-    "aten.addmm": [lambda: (aten.addmm.default, (torch.randn(3), torch.randn(5, 7), torch.randn(7, 3)))],
+    "aten.addmm": [
+        lambda: (aten.addmm.default, (torch.randn(3), torch.randn(5, 7), torch.randn(7, 3)))
+    ],
     "aten.baddbmm": [
-        lambda: (aten.baddbmm.default, (torch.randn(2, 5, 3), torch.randn(2, 5, 7), torch.randn(2, 7, 3)))
+        lambda: (
+            aten.baddbmm.default,
+            (torch.randn(2, 5, 3), torch.randn(2, 5, 7), torch.randn(2, 7, 3)),
+        )
     ],
     "aten.convolution": [
         lambda: _forward(aten.convolution)((2, 3, 17, 17), (8, 3, 3, 3), stride=2, padding=1),
@@ -141,7 +146,9 @@ CALLS = {
         lambda: _backward((2, 3, 17, 17), (8, 3, 3, 3), [True, True, True], stride=2, padding=1),
         lambda: _backward((2, 1, 16, 16), (6, 1, 5, 5), [False, True, False]),
         lambda: _backward((2, 8, 9, 9), (8, 1, 3, 3), [True, False, True], padding=1, groups=8),
-        lambda: _backward((2, 8, 5, 5), (8, 4, 3, 3), [True, True, False], stride=2, transposed=True),
+        lambda: _backward(
+            (2, 8, 5, 5), (8, 4, 3, 3), [True, True, False], stride=2, transposed=True
+        ),
     ],
 }
 
@@ -152,7 +159,12 @@ def test_every_op_both_registries_count_has_calls_here() -> None:
 
 
 @pytest.mark.parametrize(
-    "make_call", [pytest.param(call, id=f"{name}-{i}") for name, calls in CALLS.items() for i, call in enumerate(calls)]
+    "make_call",
+    [
+        pytest.param(call, id=f"{name}-{index}")
+        for name, calls in CALLS.items()
+        for index, call in enumerate(calls)
+    ],
 )
 def test_flops_equal_pytorch_registry(make_call) -> None:
     func, args = make_call()
@@ -165,7 +177,8 @@ def test_flops_equal_pytorch_registry(make_call) -> None:
 
 def test_a_second_flop_rule_for_an_op_is_refused() -> None:
     before = dict(FLOP_RULES)
-    with pytest.raises(ValueError, match=r"aten\.mm has a FLOP rule already: ninlab\.analysis\.flops\.matmul_flops"):
+    taken = r"aten\.mm has a FLOP rule already: ninlab\.analysis\.flops\.matmul_flops"
+    with pytest.raises(ValueError, match=taken):
         flop_rule(aten.relu, aten.mm)(lambda args, outputs: 0)
     with pytest.raises(ValueError, match=r"aten\.relu has a FLOP rule already"):
         flop_rule(aten.relu, aten.relu)(lambda args, outputs: 0)

@@ -53,7 +53,8 @@ def batch_norm_backward(args: Sequence[Any]) -> KernelBlocks:
     if input.dtype != torch.float32:
         return KernelBlocks(
             None,
-            "reduced-precision batch norm backward (the float32 temporaries of a mixed-type kernel)",
+            "reduced-precision batch norm backward "
+            "(the float32 temporaries of a mixed-type kernel)",
         )
     contiguous = memory_format(input) == memory_format(grad_output) is not None
     return KernelBlocks(

@@ -6,8 +6,8 @@ Read off the PyTorch profiler's allocation records (`profile_memory=True`), one 
 this machine (torch 2.13.0 CPU, AVX-512 with AMX, 1 and 2 threads), with `ONEDNN_VERBOSE=1`
 naming each kernel and memory format; tests/analysis/test_onednn_bf16.py replays them.
 
-What a rule gives is exact where its `KernelBlocks.unmodelled` is empty, and otherwise a lower bound:
-on oneDNN's brgemm kernels every block it lists is taken, in order, and the missing ones are
+What a rule gives is exact where its `KernelBlocks.unmodelled` is empty, and otherwise a lower
+bound: on oneDNN's brgemm kernels every block it lists is taken, in order, and the missing ones are
 scratchpads and padding. The predictor measures each call of such a kernel on its own
 (`ninlab.analysis.kernel_probe`), so a lower bound here is what a report shows only where that
 call is too large to run; convolutions on 1x1 images (squeeze-excitation) and with few channels run
@@ -91,15 +91,20 @@ def bf16_conv_blocks(conv: ConvCall) -> KernelBlocks:
     a lower bound or not known."""
     if conv.grad_output is None:
         stride, padding, dilation = conv.window[:3]
+        channels_last = conv.channels_last
         return bf16_conv_forward_allocations(
             input_shape=tuple(conv.input.shape),
             weight_shape=tuple(conv.weight.shape),
-            output_shape=conv_output_shape(conv.input.shape, conv.weight.shape, stride, padding, dilation),
+            output_shape=conv_output_shape(
+                conv.input.shape, conv.weight.shape, stride, padding, dilation
+            ),
             groups=conv.groups,
             bias=conv.bias is not None,
-            channels_last=conv.channels_last,
-            copies_input=conv.channels_last and not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=conv.channels_last and memory_format(conv.weight) != torch.channels_last
+            channels_last=channels_last,
+            copies_input=channels_last
+            and not conv.input.is_contiguous(memory_format=torch.channels_last),
+            copies_weight=channels_last
+            and memory_format(conv.weight) != torch.channels_last
             and not conv.weight.is_contiguous(memory_format=torch.channels_last),
         )
     return bf16_conv_backward_allocations(
