@@ -21,10 +21,12 @@ import ninlab
 from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ninlab.training.diagnostics import chance_warning
 from ninlab.training.evaluate import Evaluation
+from ninlab.training.metrics import METRICS_FIELDS
 from ninlab.training.presets import PRESETS, TrainConfig
 from ninlab.training.progress import RichReporter
-from ninlab.training.train import METRICS_FIELDS, _chance_warning, train
+from ninlab.training.train import train
 
 # NiN with batch norm and dropout at the smallest input d2l's NiN accepts (67x67), on 384 training
 # images: 12 steps an epoch.
@@ -313,8 +315,8 @@ def test_the_chance_warning_tells_a_faded_signal_from_dead_relus():
     faded = Evaluation(
         confusion=uniform, loss_sum=1000 * math.log(10), zero_logit_examples=0, abs_logit_sum=120.0
     )
-    text = _chance_warning(1, 0.1, faded, math.log(10))
+    text = chance_warning(1, 0.1, faded, math.log(10))
     assert "mean |logit| 0.0120" in text and "Xavier-uniform" in text and "all-zero" not in text
     dead = dataclasses.replace(faded, zero_logit_examples=1000, abs_logit_sum=0.0)
-    text = _chance_warning(1, 0.1, dead, math.log(10))
+    text = chance_warning(1, 0.1, dead, math.log(10))
     assert "1000 of 1000 test images give all-zero logits" in text and "--preset default" in text
