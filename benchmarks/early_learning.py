@@ -23,10 +23,11 @@ from pathlib import Path
 
 from ninlab.training.data import load_fashion_mnist
 from ninlab.training.evaluate import evaluate_model
+from ninlab.training.interrupt import StopRequest
 from ninlab.training.pipeline import InputTransform
 from ninlab.training.presets import PRESETS
 from ninlab.training.progress import SilentReporter
-from ninlab.training.train import StopRequest, train
+from ninlab.training.train import train
 
 
 class _StopAfter(SilentReporter):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ninlab.training.schedule import learning_rate
+from ninlab.training.presets import TrainConfig
+from ninlab.training.schedule import Schedule, learning_rate
 
 
 def test_constant_with_warmup():
@@ -53,3 +54,15 @@ def test_onecycle_with_a_given_warmup_is_onecycle_lr_with_that_pct_start():
         for s in range(total)
     ]
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+
+
+def test_a_runs_schedule_counts_the_global_batches_and_rounds_the_warmup():
+    config = TrainConfig(batch_size=128, epochs=3, lr=0.2, warmup_epochs=0.5, schedule="cosine")
+    # 1,000 images in global batches of 128: 8 steps an epoch (the last one short), whatever the ranks
+    for world_size in (1, 2):
+        schedule = Schedule.of(config, 1000, world_size)
+        assert (schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps) == (8, 24, 4)
+    assert [schedule.lr(step) for step in range(25)] == [
+        learning_rate(step, peak_lr=0.2, total_steps=24, warmup_steps=4, kind="cosine")
+        for step in range(25)
+    ]

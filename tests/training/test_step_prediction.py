@@ -6,7 +6,7 @@ import torch
 from ninlab.analysis.measure import measure
 from ninlab.models import build_nin, parse_variant
 from ninlab.training.presets import TrainConfig
-from ninlab.training.train import run_cost, step_spec_of, train_step
+from ninlab.training.train import optimize_batch, run_cost, step_spec_of
 
 
 def test_the_printed_prediction_is_the_trainers_own_step_measured() -> None:
@@ -20,6 +20,6 @@ def test_the_printed_prediction_is_the_trainers_own_step_measured() -> None:
     model = build_nin(parse_variant(config.variant))
     cost = run_cost(model, config, device_type="cpu", world_size=1)
     spec = step_spec_of(config, device_type="cpu", world_size=1)
-    assert spec.step.func is train_step  # the function the training loop calls
+    assert spec.step.func is optimize_batch  # the function the training loop calls
     measured = measure(model, spec, batch_size=config.batch_size)
     assert cost.peak_live_bytes == measured.live_peak_bytes

@@ -21,10 +21,10 @@ import ninlab
 from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from ninlab.training.evaluate import Evaluation
+from ninlab.training.metrics import METRICS_FIELDS
 from ninlab.training.presets import PRESETS, TrainConfig
 from ninlab.training.progress import RichReporter
-from ninlab.training.train import METRICS_FIELDS, _chance_warning, train
+from ninlab.training.train import train
 
 # NiN with batch norm and dropout at the smallest input d2l's NiN accepts (67x67), on 384 training
 # images: 12 steps an epoch.
@@ -306,15 +306,3 @@ def test_checkpoint_round_trip_refuses_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(NinlabError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing")
-
-
-def test_the_chance_warning_tells_a_faded_signal_from_dead_relus():
-    uniform = tuple(tuple(100 if j == 0 else 0 for j in range(10)) for _ in range(10))
-    faded = Evaluation(
-        confusion=uniform, loss_sum=1000 * math.log(10), zero_logit_examples=0, abs_logit_sum=120.0
-    )
-    text = _chance_warning(1, 0.1, faded, math.log(10))
-    assert "mean |logit| 0.0120" in text and "Xavier-uniform" in text and "all-zero" not in text
-    dead = dataclasses.replace(faded, zero_logit_examples=1000, abs_logit_sum=0.0)
-    text = _chance_warning(1, 0.1, dead, math.log(10))
-    assert "1000 of 1000 test images give all-zero logits" in text and "--preset default" in text

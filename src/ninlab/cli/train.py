@@ -26,10 +26,11 @@ from ninlab.cli.options import (
 from ninlab.outputs import output_path
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ninlab.training.evaluate import evaluate, load_trained_model, predict_images
+from ninlab.training.interrupt import StopRequest
 from ninlab.training.plots import plot_confusion
 from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
 from ninlab.training.progress import RichReporter
-from ninlab.training.train import StopRequest, train
+from ninlab.training.train import train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

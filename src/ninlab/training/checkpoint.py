@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read back with one-line errors instead of tracebacks.
+"""Checkpoints: what one holds, written atomically, read back with one-line errors instead of
+tracebacks, and restored into a run (`save_run`, `restore_run`).
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists (loadable with
 `torch.load(weights_only=True)`, so opening one never runs code):
@@ -19,24 +20,32 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists (loadable wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ninlab.errors import NinlabError
 from ninlab.outputs import atomic_write, disk_error
+from ninlab.training import distributed
+from ninlab.training.presets import TrainConfig
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
+    "Progress",
     "load_checkpoint",
     "resolve_checkpoint_path",
+    "restore_run",
     "save_checkpoint",
+    "save_run",
 ]
 
 FORMAT = "ninlab-checkpoint-2"  # 2: with a checksum
@@ -125,3 +134,119 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "intact copy or train again"
         )
     return state
+
+
+# -- a run's checkpoint: its position, weights, optimizer and generators ---------------------------
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # completed batches of the current epoch
+    step: int = 0  # completed optimizer steps
+    loss_sum: float = 0.0  # current epoch so far, all ranks
+    correct: float = 0.0
+    examples: float = 0.0
+    seconds: float = 0.0
+    elapsed: float = 0.0  # training and evaluation time of all epochs before this one
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def close_epoch(self, row: dict[str, Any]) -> None:
+        """Record a finished epoch's row; the next epoch's sums start from zero."""
+        self.history.append(row)
+        self.epoch, self.batch, self.elapsed = row["epoch"], 0, row["elapsed_seconds"]
+        self.loss_sum = self.correct = self.examples = self.seconds = 0.0
+
+
+def save_run(
+    output_dir: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: Progress,
+    context: distributed.Context,
+) -> None:
+    """The run's checkpoint in `output_dir`. Every rank calls this: each one's generator state is
+    gathered (a collective), and rank 0 writes."""
+    rng = distributed.all_gather_objects(_rng_state(context.device), context)
+    if context.is_writer:
+        save_checkpoint(
+            output_dir / CHECKPOINT_NAME, _run_state(config, model, optimizer, progress, rng)
+        )
+
+
+def _run_state(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: Progress,
+    rng: list[Any],
+) -> dict[str, Any]:
+    return {
+        "config": dataclasses.asdict(config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "batch": progress.batch,
+        "step": progress.step,
+        "rng": rng,
+        "running": {
+            "loss_sum": progress.loss_sum,
+            "correct": progress.correct,
+            "examples": progress.examples,
+            "seconds": progress.seconds,
+            "elapsed": progress.elapsed,
+        },
+        "history": progress.history,
+    }
+
+
+def restore_run(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    context: distributed.Context,
+) -> Progress:
+    """Load a checkpoint's weights, optimizer and this rank's generators; where the run stands."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise NinlabError(
+            f"the checkpoint's weights do not fit its own configuration ({str(error)[:100]})"
+        ) from None
+    if len(state["rng"]) != context.world_size:
+        raise NinlabError(
+            f"the checkpoint was written by {len(state['rng'])} process(es); resume it with the "
+            f"same number (torchrun --nproc_per_node={len(state['rng'])}) to continue exactly"
+        )
+    _set_rng_state(state["rng"][context.rank], context.device)
+    running = state["running"]
+    # Partial sums were reduced over all ranks before saving; rank 0 carries them on.
+    mine = 1.0 if context.rank == 0 else 0.0
+    return Progress(
+        epoch=int(state["epoch"]),
+        batch=int(state["batch"]),
+        step=int(state["step"]),
+        loss_sum=running["loss_sum"] * mine,
+        correct=running["correct"] * mine,
+        examples=running["examples"] * mine,
+        seconds=running["seconds"],
+        elapsed=running["elapsed"],
+        history=list(state["history"]),
+    )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,10 +1,21 @@
-"""Learning rate as a pure function of the step, so resuming needs no scheduler state."""
+"""Learning rate as a pure function of the step, so resuming needs no scheduler state; a run's
+`Schedule` (its length in steps, and its rate at each)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["ONECYCLE_END_DIVISOR", "ONECYCLE_START_DIVISOR", "ONECYCLE_WARMUP_FRACTION", "learning_rate"]
+from ninlab.training.pipeline import batches_per_epoch
+from ninlab.training.presets import TrainConfig
+
+__all__ = [
+    "ONECYCLE_END_DIVISOR",
+    "ONECYCLE_START_DIVISOR",
+    "ONECYCLE_WARMUP_FRACTION",
+    "Schedule",
+    "learning_rate",
+]
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults: start at max_lr/25, end at start/1e4, rise for 30%.
 ONECYCLE_START_DIVISOR = 25.0
@@ -39,3 +50,37 @@ def learning_rate(step: int, *, peak_lr: float, total_steps: int, warmup_steps: 
 
 def _cosine_between(first: float, last: float, fraction: float) -> float:
     return last + (first - last) / 2.0 * (1.0 + math.cos(math.pi * fraction))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in steps and the learning rate of each step: a pure function of the step,
+    so a resume needs no scheduler state."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    kind: str
+
+    @classmethod
+    def of(cls, config: TrainConfig, num_examples: int, world_size: int) -> Schedule:
+        steps_per_epoch = batches_per_epoch(
+            num_examples, batch_size=config.batch_size, world_size=world_size
+        )
+        return cls(
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * config.epochs,
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            peak_lr=config.lr,
+            kind=config.schedule,
+        )
+
+    def lr(self, step: int) -> float:
+        return learning_rate(
+            step,
+            peak_lr=self.peak_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            kind=self.kind,
+        )

@@ -1,29 +1,25 @@
 """The training loop: d2l's `train_ch6`, fast, resumable, and safe to interrupt.
 
-`_train` is the algorithm: prepare the run (fresh, or from the checkpoint), then for each epoch,
-for each batch, one `train_step` (forward, loss, backward, SGD step) on the images a seeded
-permutation picks for this rank, resized and scaled on the device (`ninlab.training.pipeline`); a
-Ctrl-C (or SIGTERM) finishes the current step, saves, and returns; every epoch ends with a test-set
-evaluation, a metrics row and an atomic checkpoint. Under torchrun the same code runs on every rank
-(`ninlab.training.distributed`); rank 0 writes.
+`_train` is the algorithm: prepare the run (its configuration checked, fresh or from the
+checkpoint), then for each epoch, for each batch, one `optimize_batch` (forward, loss, backward, SGD
+step) on the images a seeded permutation picks for this rank, resized and scaled on the device
+(`ninlab.training.pipeline`); a Ctrl-C (or SIGTERM) finishes the current step, saves, and returns
+(`ninlab.training.interrupt`); every epoch ends with a test-set evaluation, a metrics row
+(`ninlab.training.metrics`) and an atomic checkpoint (`ninlab.training.checkpoint`). Under torchrun
+the same code runs on every rank (`ninlab.training.distributed`); rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
-import io
 import json
-import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -38,15 +34,24 @@ from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
 from ninlab.outputs import write_text_atomically
 from ninlab.training import distributed
-from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from ninlab.training.data import CLASS_NAMES, FashionMNIST, Split
-from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
-from ninlab.training.pipeline import (
-    InputTransform,
-    batch_indices,
-    batches_per_epoch,
-    epoch_permutation,
+from ninlab.training.checkpoint import (
+    CHECKPOINT_NAME,
+    Progress,
+    load_checkpoint,
+    restore_run,
+    save_run,
 )
+from ninlab.training.data import FashionMNIST, Split
+from ninlab.training.diagnostics import (
+    StepClock,
+    chance_warning,
+    report_throughput,
+    sat_at_chance,
+)
+from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
+from ninlab.training.interrupt import StopRequest
+from ninlab.training.metrics import write_metrics
+from ninlab.training.pipeline import InputTransform, batch_indices, epoch_permutation
 from ninlab.training.plots import plot_curves
 from ninlab.training.preflight import (
     available_memory,
@@ -54,45 +59,21 @@ from ninlab.training.preflight import (
     check_fits_data,
     check_memory,
 )
-from ninlab.training.presets import PRESETS, TrainConfig, config_from_dict
+from ninlab.training.presets import TrainConfig, config_from_dict
 from ninlab.training.progress import Reporter, SilentReporter, format_duration
 from ninlab.training.rundir import owning
-from ninlab.training.schedule import learning_rate
+from ninlab.training.schedule import Schedule
 from ninlab.units import format_bytes, format_flops
 
 __all__ = [
-    "METRICS_FIELDS",
     "RunCost",
-    "StopRequest",
     "TrainResult",
+    "optimize_batch",
     "resumed_config",
     "run_cost",
+    "step_spec_of",
     "train",
-    "train_step",
 ]
-
-METRICS_FIELDS = (
-    "epoch",
-    "step",
-    "lr",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "train_seconds",
-    "examples_per_s",
-    "eval_seconds",
-    "elapsed_seconds",
-)
-
-# Throughput is timed over a few steps once the first ones (oneDNN/cuDNN set-up) are out of the way.
-_SETTLE_STEPS = 5
-_TIMED_STEPS = 5
-# Mean |logit| below which a network at chance is said to have lost its signal (d2l's NiN after an
-# epoch at 96x96, lr 0.05: 0.012).
-_FADED_LOGIT = 0.05
-# Beyond this, a CPU run is told about the CPU preset.
-_LONG_CPU_RUN_S = 30 * 60
 
 
 # -- the cost of a run, from the accountant ------------------------------------------------------
@@ -109,9 +90,9 @@ class RunCost:
 
 def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> StepSpec:
     """The step a rank of this run takes, as the accountant describes it: this module's own
-    `train_step` with the run's loss settings and autocast, its optimizer, memory format and DDP."""
+    `optimize_batch` with the run's loss settings and autocast, its optimizer, memory format and DDP."""
     step = functools.partial(
-        train_step,
+        optimize_batch,
         amp=config.amp,
         label_smoothing=config.label_smoothing,
         loss_scale=world_size / config.batch_size,
@@ -144,32 +125,7 @@ def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_s
     )
 
 
-# -- interruption --------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """Set by Ctrl-C or SIGTERM; the loop saves a checkpoint after the current step and returns.
-
-    A second Ctrl-C interrupts at once (the last epoch's checkpoint is still intact)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    @contextlib.contextmanager
-    def catching_signals(self) -> Iterator[StopRequest]:
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-# -- results ---------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -183,38 +139,6 @@ class TrainResult:
     @property
     def checkpoint(self) -> Path:
         return self.output_dir / CHECKPOINT_NAME
-
-
-def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
-    """The saved run's configuration; settings given again must agree with it (an exact resume
-    cannot change the model, the data or the schedule)."""
-    differences = [
-        f"{key}={value!r} (saved: {getattr(saved, key)!r})"
-        for key, value in requested.items()
-        if getattr(saved, key) != value
-    ]
-    if differences:
-        raise NinlabError(
-            f"the checkpoint was trained with other settings: {', '.join(differences)}; "
-            "--resume continues the saved run, so drop those options or start a new run in another --output-dir"
-        )
-    return saved
-
-
-def _write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.jsonl and metrics.csv, rewritten whole from the checkpoint's history each epoch, so a
-    resumed run never duplicates or loses a row."""
-    # Every text file of a run (config, metrics) is needed to follow or reproduce it: durable.
-    rows = "".join(json.dumps(row) + "\n" for row in history)
-    write_text_atomically(output_dir / "metrics.jsonl", rows, durable=True)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=METRICS_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomically(output_dir / "metrics.csv", table.getvalue(), durable=True)
-
-
-# -- the loop --------------------------------------------------------------------------------------
 
 
 def train(
@@ -260,7 +184,7 @@ def _train(
     run, progress, cost = _prepare(config, output_dir, data, resume, context, force_memory)
     config = run.config  # a resumed run's own
     _announce(say, run, progress, cost)
-    clock = _StepClock()
+    clock = StepClock()
     while progress.epoch < config.epochs:
         epoch = progress.epoch + 1
         say.epoch_started(epoch, config.epochs, run.schedule.steps_per_epoch, progress.batch)
@@ -275,7 +199,7 @@ def _train(
             inputs, labels = _training_batch(run, indices)
             # DDP averages gradients over ranks; scaling by ranks / global batch makes that average
             # the gradient of the global batch's mean loss, whatever the size of this rank's share.
-            loss_sum, logits = train_step(
+            loss_sum, logits = optimize_batch(
                 run.net,
                 run.optimizer,
                 inputs,
@@ -297,7 +221,7 @@ def _train(
     return TrainResult(config, output_dir, tuple(progress.history), False, run.model)
 
 
-def train_step(
+def optimize_batch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor,
@@ -323,46 +247,12 @@ def train_step(
     return loss_sum.detach(), logits.detach()
 
 
-# -- preparing a run -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Schedule:
-    """The run's length in steps and the learning rate of each step: a pure function of the step,
-    so a resume needs no scheduler state."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    peak_lr: float
-    kind: str
-
-    @classmethod
-    def of(cls, config: TrainConfig, num_examples: int, world_size: int) -> _Schedule:
-        steps_per_epoch = batches_per_epoch(
-            num_examples, batch_size=config.batch_size, world_size=world_size
-        )
-        return cls(
-            steps_per_epoch=steps_per_epoch,
-            total_steps=steps_per_epoch * config.epochs,
-            warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-            peak_lr=config.lr,
-            kind=config.schedule,
-        )
-
-    def lr(self, step: int) -> float:
-        return learning_rate(
-            step,
-            peak_lr=self.peak_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            kind=self.kind,
-        )
+# -- preparing a run: the configuration checked, the network built or restored ---------------------
 
 
 @dataclass(frozen=True)
 class _Run:
-    """What a prepared run trains with; none of it changes during the run (see `_Progress`)."""
+    """What a prepared run trains with; none of it changes during the run (see `Progress`)."""
 
     config: TrainConfig
     output_dir: Path
@@ -373,7 +263,7 @@ class _Run:
     train_split: Split  # on the device, like test_split
     test_split: Split
     transform: InputTransform
-    schedule: _Schedule
+    schedule: Schedule
 
 
 def _prepare(
@@ -383,7 +273,7 @@ def _prepare(
     resume: bool,
     context: distributed.Context,
     force_memory: bool,
-) -> tuple[_Run, _Progress, RunCost | None]:
+) -> tuple[_Run, Progress, RunCost | None]:
     """The run, where it stands, and (for a new run) its cost to print."""
     config, state = _checked_config(config, output_dir, resume, context)
     if callable(data):  # loaded only now: the directory is this run's and may be trained into
@@ -412,7 +302,7 @@ def _prepare(
         train_split=train_split,
         test_split=_on_device(data.test, config.test_examples, context.device),
         transform=InputTransform(config.image_size, config.normalize),
-        schedule=_Schedule.of(config, len(train_split), context.world_size),
+        schedule=Schedule.of(config, len(train_split), context.world_size),
     )
     return run, progress, cost
 
@@ -443,6 +333,22 @@ def _checked_config(
     return config, state
 
 
+def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
+    """The saved run's configuration; settings given again must agree with it (an exact resume
+    cannot change the model, the data or the schedule)."""
+    differences = [
+        f"{key}={value!r} (saved: {getattr(saved, key)!r})"
+        for key, value in requested.items()
+        if getattr(saved, key) != value
+    ]
+    if differences:
+        raise NinlabError(
+            f"the checkpoint was trained with other settings: {', '.join(differences)}; "
+            "--resume continues the saved run, so drop those options or start a new run in another --output-dir"
+        )
+    return saved
+
+
 def _build(
     config: TrainConfig,
     output_dir: Path,
@@ -450,7 +356,7 @@ def _build(
     context: distributed.Context,
     *,
     data_bytes: int | None,
-) -> tuple[nn.Module, torch.optim.Optimizer, _Progress, RunCost | None]:
+) -> tuple[nn.Module, torch.optim.Optimizer, Progress, RunCost | None]:
     """The network and optimizer on the device, fresh or restored from `state`; writes
     config.json once the configuration has proved that it builds and fits
     (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`, the
@@ -477,7 +383,7 @@ def _build(
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
     torch.manual_seed(config.seed + context.rank)
-    progress = _restore(state, model, optimizer, context) if state is not None else _Progress()
+    progress = restore_run(state, model, optimizer, context) if state is not None else Progress()
     if context.is_writer:
         config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
         write_text_atomically(output_dir / "config.json", config_text, durable=True)
@@ -500,7 +406,7 @@ def _memory_format(config: TrainConfig) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
-def _announce(say: Reporter, run: _Run, progress: _Progress, cost: RunCost | None) -> None:
+def _announce(say: Reporter, run: _Run, progress: Progress, cost: RunCost | None) -> None:
     config, context, schedule = run.config, run.context, run.schedule
     say.info(
         f"training {config.variant} at {config.image_size}x{config.image_size}, batch "
@@ -523,7 +429,7 @@ def _announce(say: Reporter, run: _Run, progress: _Progress, cost: RunCost | Non
         )
 
 
-# -- a step's surroundings: its batch, its sums, stopping, timing ----------------------------------
+# -- a step's surroundings: its batch, its sums, stopping, reporting ------------------------------
 
 
 def _epoch_batches(
@@ -553,7 +459,7 @@ def _training_batch(run: _Run, indices: torch.Tensor) -> tuple[torch.Tensor, tor
 class _EpochSums:
     """Loss, correct predictions and examples of the epoch so far on this rank, on the device."""
 
-    def __init__(self, progress: _Progress, device: torch.device) -> None:
+    def __init__(self, progress: Progress, device: torch.device) -> None:
         self._sums = torch.tensor(
             [progress.loss_sum, progress.correct, progress.examples],
             dtype=torch.float64,
@@ -570,7 +476,7 @@ class _EpochSums:
         seen = float(self._sums[2]) or 1.0
         return float(self._sums[0]) / seen, float(self._sums[1]) / seen
 
-    def fold_into(self, progress: _Progress, context: distributed.Context) -> None:
+    def fold_into(self, progress: Progress, context: distributed.Context) -> None:
         """Summed over all ranks into `progress`, which the checkpoint saves."""
         totals = distributed.all_reduce_sum(self._sums.clone(), context)
         progress.loss_sum, progress.correct, progress.examples = (float(v) for v in totals)
@@ -600,90 +506,36 @@ def _should_stop(
     return bool(flags[1] > 0)
 
 
-class _StepClock:
-    """Wall-clock time of this process's steps: each step's, the epoch's examples per second so
-    far, and the median of a few steps once the first ones are out of the way."""
-
-    def __init__(self) -> None:
-        self._steps = 0  # by this process: a resumed run times its own first steps too
-        self._timed: list[float] = []
-
-    def start_epoch(self) -> None:
-        self._epoch_start = time.perf_counter()
-        self._epoch_examples = 0
-
-    def start_step(self) -> None:
-        self._step_start = time.perf_counter()
-
-    def end_step(self, global_count: int) -> float:
-        """The step's seconds."""
-        self._now = time.perf_counter()
-        seconds = self._now - self._step_start
-        if _SETTLE_STEPS <= self._steps < _SETTLE_STEPS + _TIMED_STEPS:
-            self._timed.append(seconds)
-        self._steps += 1
-        self._epoch_examples += global_count
-        return seconds
-
-    def epoch_examples_per_s(self) -> float:
-        return self._epoch_examples / (self._now - self._epoch_start)
-
-    def just_settled(self) -> float | None:
-        """The median seconds per step, on the step that ends the timed ones; None on all others."""
-        if self._steps != _SETTLE_STEPS + _TIMED_STEPS:
-            return None
-        return sorted(self._timed)[len(self._timed) // 2]
-
-
 def _report_step(
-    say: Reporter, run: _Run, progress: _Progress, sums: _EpochSums, clock: _StepClock
+    say: Reporter, run: _Run, progress: Progress, sums: _EpochSums, clock: StepClock
 ) -> None:
     seconds_per_step = clock.just_settled()
     if seconds_per_step is not None:
-        _report_throughput(say, run, progress, seconds_per_step)
-    say.batch_done(progress.batch, *sums.means(), clock.epoch_examples_per_s())
-
-
-def _report_throughput(
-    say: Reporter, run: _Run, progress: _Progress, seconds_per_step: float
-) -> None:
-    config = run.config
-    examples_per_s = config.batch_size / seconds_per_step
-    remaining_train_s = (run.schedule.total_steps - progress.step) * seconds_per_step
-    # Evaluation is a forward pass alone: about a third of a training step's arithmetic per image.
-    epochs_left = config.epochs - progress.epoch
-    remaining_eval_s = epochs_left * len(run.test_split) / (3 * examples_per_s)
-    remaining_s = remaining_train_s + remaining_eval_s
-    say.info(
-        f"measured: {examples_per_s:,.0f} examples/s ({seconds_per_step * 1000:,.0f} ms per step "
-        f"of {config.batch_size}); about {format_duration(remaining_s)} to go"
-    )
-    cpu = PRESETS["cpu"]
-    if (
-        run.context.device.type == "cpu"
-        and remaining_s > _LONG_CPU_RUN_S
-        and config.image_size > cpu.image_size
-    ):
-        say.warn(
-            f"on this CPU the whole run takes about {format_duration(remaining_s)}. The CPU preset "
-            f"(--preset cpu: {cpu.variant} at {cpu.image_size}x{cpu.image_size}, bf16, "
-            f"{cpu.epochs} epochs) reaches >= 88% test accuracy in under 10 minutes on 2 cores."
+        report_throughput(
+            say,
+            run.config,
+            seconds_per_step,
+            steps_left=run.schedule.total_steps - progress.step,
+            epochs_left=run.config.epochs - progress.epoch,
+            test_examples=len(run.test_split),
+            device_type=run.context.device.type,
         )
+    say.batch_done(progress.batch, *sums.means(), clock.epoch_examples_per_s())
 
 
 # -- the end of an epoch, or of an interrupted one -------------------------------------------------
 
 
-def _end_epoch(run: _Run, progress: _Progress, sums: _EpochSums, epoch: int, say: Reporter) -> None:
+def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say: Reporter) -> None:
     """Evaluate, add the epoch's row to the history, save the checkpoint, metrics and curves, and
     report, with a warning when the epoch sat at chance level."""
     config = run.config
     sums.fold_into(progress, run.context)
     row, evaluation = _evaluate_epoch(run, progress, epoch)
     progress.close_epoch(row)
-    _save(run, progress)
+    save_run(run.output_dir, run.config, run.model, run.optimizer, progress, run.context)
     if run.context.is_writer:
-        _write_metrics(run.output_dir, progress.history)
+        write_metrics(run.output_dir, progress.history)
         plot_curves(
             progress.history,
             run.output_dir / "curves.png",
@@ -695,7 +547,7 @@ def _end_epoch(run: _Run, progress: _Progress, sums: _EpochSums, epoch: int, say
 
 
 def _evaluate_epoch(
-    run: _Run, progress: _Progress, epoch: int
+    run: _Run, progress: Progress, epoch: int
 ) -> tuple[dict[str, Any], Evaluation]:
     """The test-set evaluation after `epoch` and the epoch's row of METRICS_FIELDS."""
     eval_start = time.perf_counter()
@@ -736,152 +588,18 @@ def _report_epoch(
         f"{row['examples_per_s']:,.0f} ex/s, "
         f"{format_duration(row['train_seconds'] + row['eval_seconds'])}"
     )
-    if train_accuracy < 1.5 / len(CLASS_NAMES) and evaluation.accuracy < 1.5 / len(CLASS_NAMES):
-        say.warn(_chance_warning(epoch, train_accuracy, evaluation, train_loss))
-
-
-def _chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float) -> str:
-    """Why an epoch sat at chance, from what the test set shows: dead final ReLUs or a faded
-    signal."""
-    text = (
-        f"epoch {epoch} sat at chance level: train accuracy {train_accuracy:.3f}, test accuracy "
-        f"{evaluation.accuracy:.3f} (chance is {1 / len(CLASS_NAMES):.3f}), train loss {loss:.3f} "
-        f"(ln 10 = {math.log(10):.3f})."
-    )
-    if evaluation.zero_logit_examples:
-        text += (
-            f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero "
-            "logits: the ReLU that ends NiN's last block is dead for them, so their loss is ln 10 "
-            "and their gradient zero; once it is dead for every image the run cannot recover."
-        )
-    elif evaluation.mean_abs_logit < _FADED_LOGIT:
-        text += (
-            f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal "
-            "reaching the last layer has faded, so the gradients are tiny too and the run may take "
-            "epochs to leave this plateau, or never does. That is d2l's recipe on some seeds: its "
-            "Xavier-uniform init alone shrinks the signal 8x in the first 11x11 conv (fan-out 96 x "
-            "121)."
-        )
-    return text + (
-        " Restart with another --seed, or use --preset default, which learns on every seed tried."
-    )
+    if sat_at_chance(train_accuracy, evaluation.accuracy):
+        say.warn(chance_warning(epoch, train_accuracy, evaluation, train_loss))
 
 
 def _save_interrupted(
-    run: _Run, progress: _Progress, sums: _EpochSums, epoch: int, say: Reporter
+    run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say: Reporter
 ) -> None:
     """The checkpoint after Ctrl-C or SIGTERM, with the epoch's partial sums: a resume continues
     from the next batch."""
     sums.fold_into(progress, run.context)
-    _save(run, progress)
+    save_run(run.output_dir, run.config, run.model, run.optimizer, progress, run.context)
     say.epoch_finished(
         f"interrupted in epoch {epoch} after batch {progress.batch}: checkpoint saved in "
         f"{run.output_dir}; continue with: ninlab train --resume --output-dir {run.output_dir}"
     )
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Progress:
-    """Where the run is; saved in every checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    batch: int = 0  # completed batches of the current epoch
-    step: int = 0  # completed optimizer steps
-    loss_sum: float = 0.0  # current epoch so far, all ranks
-    correct: float = 0.0
-    examples: float = 0.0
-    seconds: float = 0.0
-    elapsed: float = 0.0  # training and evaluation time of all epochs before this one
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def close_epoch(self, row: dict[str, Any]) -> None:
-        """Record a finished epoch's row; the next epoch's sums start from zero."""
-        self.history.append(row)
-        self.epoch, self.batch, self.elapsed = row["epoch"], 0, row["elapsed_seconds"]
-        self.loss_sum = self.correct = self.examples = self.seconds = 0.0
-
-
-def _save(run: _Run, progress: _Progress) -> None:
-    rng = distributed.all_gather_objects(_rng_state(run.context.device), run.context)
-    if run.context.is_writer:
-        save_checkpoint(
-            run.output_dir / CHECKPOINT_NAME,
-            _checkpoint_state(run.config, run.model, run.optimizer, progress, rng),
-        )
-
-
-def _checkpoint_state(
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    progress: _Progress,
-    rng: list[Any],
-) -> dict[str, Any]:
-    return {
-        "config": dataclasses.asdict(config),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": progress.epoch,
-        "batch": progress.batch,
-        "step": progress.step,
-        "rng": rng,
-        "running": {
-            "loss_sum": progress.loss_sum,
-            "correct": progress.correct,
-            "examples": progress.examples,
-            "seconds": progress.seconds,
-            "elapsed": progress.elapsed,
-        },
-        "history": progress.history,
-    }
-
-
-def _restore(
-    state: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    context: distributed.Context,
-) -> _Progress:
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise NinlabError(
-            f"the checkpoint's weights do not fit its own configuration ({str(error)[:100]})"
-        ) from None
-    if len(state["rng"]) != context.world_size:
-        raise NinlabError(
-            f"the checkpoint was written by {len(state['rng'])} process(es); resume it with the "
-            f"same number (torchrun --nproc_per_node={len(state['rng'])}) to continue exactly"
-        )
-    _set_rng_state(state["rng"][context.rank], context.device)
-    running = state["running"]
-    # Partial sums were reduced over all ranks before saving; rank 0 carries them on.
-    mine = 1.0 if context.rank == 0 else 0.0
-    return _Progress(
-        epoch=int(state["epoch"]),
-        batch=int(state["batch"]),
-        step=int(state["step"]),
-        loss_sum=running["loss_sum"] * mine,
-        correct=running["correct"] * mine,
-        examples=running["examples"] * mine,
-        seconds=running["seconds"],
-        elapsed=running["elapsed"],
-        history=list(state["history"]),
-    )
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
