@@ -15,7 +15,8 @@ from ninlab.models import resolve_model
 from ninlab.training.data import default_search_path, load_fashion_mnist
 from ninlab.training.presets import get_preset
 from ninlab.viz.charts import compare_chart, draw
-from ninlab.viz.compare import METRICS, TrainPlan, compare, comparison_dict, comparison_markdown
+from ninlab.studies.compare import METRICS, TrainPlan, compare
+from ninlab.viz.compare import comparison_dict, comparison_markdown
 
 
 @pytest.fixture(scope="module")
