@@ -9,9 +9,9 @@ import pytest
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import summarize
 from ninlab.models import build_nin
+from ninlab.studies.compare import compare
 from ninlab.units import format_bytes
 from ninlab.viz.charts import flops_chart
-from ninlab.studies.compare import compare
 from ninlab.viz.compare import comparison_html
 from ninlab.viz.html import html_table
 from ninlab.viz.render import summary_html

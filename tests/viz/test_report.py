@@ -11,11 +11,11 @@ from PIL import Image
 
 from ninlab.cli import main
 from ninlab.models import build_nin
+from ninlab.studies.report import study_model
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_text
 from ninlab.viz.render import layer_table
 from ninlab.viz.render_memory import saved_table
-from ninlab.studies.report import study_model
 from ninlab.viz.report import build_report
 
 CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", "saved", "batch")
