@@ -4,7 +4,7 @@ terminal prints."""
 
 from ninlab.analysis.planner import BudgetPlan, PlanOption
 from ninlab.analysis.step import StepSpec
-from ninlab.viz.render_plan import plan_html
+from ninlab.viz.render_plan import plan_html, plan_lines, plan_table
 
 
 def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> None:
@@ -24,3 +24,7 @@ def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> No
     # a bf16 kernel's workspace not modelled: the peak is a lower bound, the largest batch an upper one
     assert "at most 180" in html and "at least 6.00 GiB" in html
     assert "<b>Recommendation:</b> use accumulate 2 x 64" in html
+
+    # The terminal's lines are the table's rows, in the same words.
+    for line, row in zip(plan_lines(plan)[1:-1], plan_table(plan).rows, strict=True):
+        assert line == f"  {row[0]}: {row[1]}; batch 128 {row[2]} ({row[3]}); {row[4]} per step"
