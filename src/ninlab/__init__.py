@@ -59,12 +59,13 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-# The accountant's results, shown under a Jupyter cell, render as the terminal's tables in HTML. They
-# cannot carry `_repr_html_` themselves (the accountant imports nothing from the visuals), so the
+# The accountant's and the studies' results, shown under a Jupyter cell, render as the terminal's
+# tables in HTML. They cannot carry `_repr_html_` themselves (neither imports the visuals), so the
 # front door hands IPython the visuals' renderers by class name: nothing loads until one is shown.
 _HTML_RENDERERS = {
     ("ninlab.analysis.summary", "Summary"): ("ninlab.viz.render", "summary_html"),
     ("ninlab.analysis.memory_report", "MemoryReport"): ("ninlab.viz.render_memory", "memory_html"),
+    ("ninlab.studies.compare", "Comparison"): ("ninlab.viz.compare", "comparison_html"),
 }
 
 
@@ -76,7 +77,7 @@ def _renderer(module: str, name: str) -> Any:
 
 
 def _show_results_as_html(shell: Any) -> None:
-    """Make `shell` (an IPython shell) display `Summary` and `MemoryReport` as HTML tables; done
+    """Make `shell` (an IPython shell) display `Summary`, `MemoryReport` and `Comparison` as HTML tables; done
     on `import ninlab` inside IPython or Jupyter."""
     formatter = shell.display_formatter.formatters["text/html"]
     for (module, name), (renderer_module, renderer) in _HTML_RENDERERS.items():

@@ -6,7 +6,8 @@ import torch
 from cnn_zoo import ZOO
 from torch import nn
 
-from ninlab.analysis.summary import is_bias, summarize
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.summary import default_mode, is_bias, summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
@@ -164,3 +165,24 @@ def test_nin_at_batch_128_allocates_no_activations():
     )
     peak_rss = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert peak_rss < 1_000_000_000
+
+
+def test_a_step_spec_gives_the_summary_its_fields_give() -> None:
+    model = build_nin()
+    spec = StepSpec(input_size=(1, 96, 96), optimizer="adam", amp="bf16", memory_format="channels_last")
+    given = summarize(model, spec, batch_size=2, model_name="nin-d2l")
+    # The optimizer, autocast and layout change a step's memory, not its layers or FLOPs.
+    assert given == summarize(model, input_size=(1, 96, 96), batch_size=2, model_name="nin-d2l")
+    assert given.totals.backward_flops > 0
+    inference = summarize(model, spec.inference(), batch_size=2)
+    assert inference.totals.backward_flops == 0 and inference.totals.forward_flops == given.totals.forward_flops
+    with pytest.raises(NinlabError, match="give a StepSpec or its fields"):
+        summarize(model, spec, batch_size=2, input_size=(1, 96, 96))
+
+
+def test_the_mode_given_as_fields_defaults_to_what_the_model_can_do() -> None:
+    frozen = build_nin().requires_grad_(False)
+    assert default_mode(frozen) == "infer" and default_mode(build_nin()) == "train"
+    assert summarize(frozen, input_size=(1, 96, 96)).loss == ""
+    with pytest.raises(NinlabError, match="no trainable parameters"):
+        summarize(frozen, StepSpec(input_size=(1, 96, 96)))

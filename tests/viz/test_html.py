@@ -9,12 +9,14 @@ import pytest
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import summarize
 from ninlab.models import build_nin
+from ninlab.studies.compare import compare
 from ninlab.units import format_bytes
 from ninlab.viz.charts import flops_chart
-from ninlab.viz.compare import compare
+from ninlab.viz.compare import comparison_html
 from ninlab.viz.html import html_table
 from ninlab.viz.render import summary_html
 from ninlab.viz.render_memory import memory_html
+from ninlab.viz.table import TextTable
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_the_summary_table_holds_every_layer_and_the_totals(summary):
 
 
 def test_every_text_is_escaped():
-    page = html_table(("a<b",), [("x & <script>",)], caption="<i>c</i>", notes=["1 < 2"])
+    page = html_table(TextTable(("a<b",), frozenset(), (("x & <script>",),)), caption="<i>c</i>", notes=["1 < 2"])
     assert "<script>" not in page and "<i>" not in page
     assert "a&lt;b" in page and "x &amp; &lt;script&gt;" in page and "&lt;i&gt;c&lt;/i&gt;" in page and "1 &lt; 2" in page
     named = summarize(build_nin(), input_size=(1, 96, 96), batch_size=1, model_name="<NiN & co>")
@@ -48,9 +50,9 @@ def test_the_memory_tables_hold_the_peak_its_parts_and_the_forum_rule():
     assert f"{report.forum.ratio:.2f}x ours" in page
 
 
-def test_a_comparison_renders_itself_with_its_differences():
+def test_a_comparison_renders_with_its_differences():
     comparison = compare(["nin-d2l", "nin-d2l:num_1x1=1"], input_size=(1, 224, 224), batch_size=2)
-    page = comparison._repr_html_()
+    page = comparison_html(comparison)
     assert ">1,992,166</td>" in page and ">1,769,112 (-223,054, -11.2%)</td>" in page
     assert "nin-d2l:num_1x1=1: d2l.ai&#x27;s NiN, exactly as the chapter builds it; with num_1x1=1" in page
 
@@ -60,18 +62,25 @@ def test_a_chart_shows_itself_as_png(summary):
 
 
 def test_ipython_shows_the_accountants_results_as_html_once_ninlab_is_imported():
-    # The accountant imports nothing from the visuals; the front door registers their renderers
-    # with the running IPython, by class name. A fresh process, as a kernel is.
+    # The accountant and the studies import nothing from the visuals; the front door registers
+    # their renderers with the running IPython, by class name. A fresh process, as a kernel is.
     code = (
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "shell = InteractiveShell.instance()\n"
         "import ninlab\n"
+        "from ninlab.studies.compare import compare\n"
         "model = ninlab.build_nin()\n"
         "for result in (ninlab.summarize(model, input_size=(1, 96, 96), batch_size=2),\n"
-        "               ninlab.predict_memory(model, input_size=(1, 96, 96), batch_size=2)):\n"
+        "               ninlab.predict_memory(model, input_size=(1, 96, 96), batch_size=2),\n"
+        "               compare(['nin-d2l'], input_size=(1, 96, 96), batch_size=2)):\n"
         "    data, _ = shell.display_formatter.format(result)\n"
         "    html = data['text/html']\n"
-        "    print(sorted(data), 'Parameters: 1,992,166' in html, 'Live tensor peak' in html)\n"
+        "    print(sorted(data), 'Parameters: 1,992,166' in html, 'Live tensor peak' in html,\n"
+        "          '>1,992,166</td>' in html)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['text/html', 'text/plain'] True False", "['text/html', 'text/plain'] False True"]
+    assert out.splitlines() == [
+        "['text/html', 'text/plain'] True False False",
+        "['text/html', 'text/plain'] False True False",
+        "['text/html', 'text/plain'] False False True",
+    ]

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ninlab.cli import main
 from ninlab.models import build_nin
+from ninlab.studies.report import study_model
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_text
 from ninlab.viz.render import layer_table
@@ -22,7 +23,8 @@ CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", 
 
 @pytest.fixture(scope="module")
 def report():
-    return build_report(build_nin(), input_size=(1, 224, 224), batch_size=8, budget="512MiB", model_name="nin-d2l")
+    study = study_model(build_nin(), input_size=(1, 224, 224), batch_size=8, budget="512MiB", model_name="nin-d2l")
+    return build_report(study)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def saved_html(report, tmp_path_factory):
 
 
 def test_chart_data_are_the_reports_numbers(report):
-    charts, summary, train, infer = report.charts, report.summary, report.train, report.infer
+    charts, summary, train, infer = report.charts, report.study.summary, report.study.train, report.study.infer
     assert charts.flops.total_forward_flops == sum(charts.flops.forward_flops) == summary.totals.forward_flops
     assert charts.flops.total_backward_flops == sum(charts.flops.backward_flops) == summary.totals.backward_flops
     assert charts.geometry.layer == "0.0" and charts.geometry.height.unread == (223,)
@@ -45,24 +47,24 @@ def test_chart_data_are_the_reports_numbers(report):
     assert charts.train_timeline.total_bytes == train.timeline.totals()
     assert charts.infer_timeline.peak_bytes == infer.live_peak_bytes
     assert charts.saved.total_bytes == sum(charts.saved.layer_bytes) == train.saved_total_bytes
-    fit = report.batch.fit
+    fit = report.study.batch.fit
     assert (charts.batch.fit_batch_size, charts.batch.fit_peak_bytes, charts.batch.budget_bytes) == (fit.batch_size, fit.peak_bytes, 512 << 20)
     assert fit.peak_bytes <= 512 << 20 < fit.next_peak_bytes
-    scaling = report.batch.scaling
+    scaling = report.study.batch.scaling
     assert scaling.batch_sizes == (fit.batch_size // 4, fit.batch_size // 2)
     assert dict(zip(charts.batch.batch_sizes, charts.batch.peaks_bytes))[scaling.check_batch_size] == scaling.check_peak_bytes
 
 
 def test_html_shows_the_same_numbers_and_every_chart(report, page):
-    summary, train = report.summary, report.train
+    summary, train = report.study.summary, report.study.train
     for text in (
         format_count(summary.totals.parameters),
         format_flops(summary.totals.forward_flops),
         format_bytes(train.live_peak_bytes),
         f"({train.live_peak_bytes:,} bytes)",
-        format_bytes(report.infer.live_peak_bytes),
+        format_bytes(report.study.infer.live_peak_bytes),
         "(224 - 11 + 2*0)/4 + 1 = 54.25 -&gt; 54; the last 1 row and column (bottom/right) of real pixels are never read",
-        f"is <b>{report.batch.fit.batch_size:,}</b>",
+        f"is <b>{report.study.batch.fit.batch_size:,}</b>",
         "1x67x67",
     ):
         assert text in page
@@ -74,13 +76,13 @@ def test_html_shows_the_same_numbers_and_every_chart(report, page):
 
 
 def test_the_reports_tables_are_the_ones_every_format_prints(report, page):
-    wide, narrow = layer_table(report.summary, wide=True), layer_table(report.summary)
+    wide, narrow = layer_table(report.study.summary, wide=True), layer_table(report.study.summary)
     # The report adds two columns to the terminal's, in place; the cells are the same.
     assert wide.columns == ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Backward FLOPs", "Output size", "Receptive field")
     assert tuple(column for column in wide.columns if column in narrow.columns) == narrow.columns
     assert wide.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "541.96 MFLOP", "8.54 MiB", "11 (jump 4)")
     assert narrow.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "8.54 MiB")
-    saved = saved_table(report.train)
+    saved = saved_table(report.study.train)
     assert saved.rows[0][:4] == ("0.1", "ReLU", "8,957,952", "15.0%")
     page_rows = [tuple(re.findall(r"<td[^>]*>(.*?)</td>", row)) for row in re.findall(r"<tr>(.*?)</tr>", page)]
     for table in (wide, saved):

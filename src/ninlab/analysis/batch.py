@@ -1,6 +1,5 @@
-"""Memory against the batch size: the peak as fixed + per-sample bytes (`memory_vs_batch`), the
-largest batch that fits a budget (`fit_batch`), and both together around the answer
-(`study_batch`).
+"""Memory against the batch size: the peak as fixed + per-sample bytes (`memory_vs_batch`) and the
+largest batch that fits a budget (`fit_batch`); `ninlab.studies.memory` asks both together.
 
 Every figure is an exact prediction (`ninlab.analysis.predict.predict_memory`) at one batch size.
 A line through two of them only proposes where to look, because the peak can move to another op
@@ -27,10 +26,8 @@ from ninlab.units import format_bytes, parse_bytes
 __all__ = [
     "BatchFit",
     "BatchScaling",
-    "BatchStudy",
     "fit_batch",
     "memory_vs_batch",
-    "study_batch",
 ]
 
 Level = Literal["live", "allocator"]
@@ -73,14 +70,6 @@ class BatchFit:
     next_peak_bytes: int
     predictions: int
     lower_bound: bool = False
-
-
-@dataclass(frozen=True)
-class BatchStudy:
-    """The largest batch that fits a budget, and the peak's line measured around it."""
-
-    fit: BatchFit
-    scaling: BatchScaling
 
 
 def memory_vs_batch(
@@ -187,19 +176,3 @@ def fit_batch(
         )
     return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known), known[low][1])
 
-
-def study_batch(
-    model: nn.Module, spec: StepSpec | None = None, *, budget: int | str, **fields: Any
-) -> BatchStudy:
-    """`fit_batch`, then `memory_vs_batch` at a quarter, half and three quarters of the answer, so
-    the line is measured where the question is; both count what the allocator holds, which is
-    what runs out."""
-    spec = step_spec(spec, **fields)
-    fit = fit_batch(model, spec, budget=budget, level="allocator")
-    quarter = max(1, fit.batch_size // 4)
-    half = max(quarter + 1, fit.batch_size // 2)
-    three_quarters = max(half + 1, 3 * fit.batch_size // 4)
-    scaling = memory_vs_batch(
-        model, spec, batch_sizes=(quarter, half), check_batch_size=three_quarters, level="allocator"
-    )
-    return BatchStudy(fit, scaling)

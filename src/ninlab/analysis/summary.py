@@ -13,8 +13,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
-import torch
 from torch import nn
 
 from ninlab.analysis.flops import CONVENTION
@@ -31,7 +31,7 @@ from ninlab.analysis.geometry import (
 )
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.refusals import cannot_run, check_traceable
-from ninlab.analysis.step import Mode, StepSpec, valid_batch_size
+from ninlab.analysis.step import Mode, StepSpec, step_spec, valid_batch_size
 from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
 from ninlab.errors import NinlabError
 
@@ -41,6 +41,7 @@ __all__ = [
     "LayerSummary",
     "Summary",
     "SummaryTotals",
+    "default_mode",
     "is_bias",
     "smallest_input_size",
     "summarize",
@@ -164,21 +165,21 @@ _AXIS_NAMES = {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "wi
 
 def summarize(
     model: nn.Module,
+    spec: StepSpec | None = None,
     *,
-    input_size: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | Sequence[torch.Tensor],
     batch_size: int = 1,
-    dtype: torch.dtype = torch.float32,
-    input_dtype: torch.dtype | str | None = None,
-    input_range: tuple[int, int] = (0, 2),
-    mode: Mode | None = None,
     model_name: str | None = None,
+    **fields: Any,
 ) -> Summary:
-    """Summarize `model` for a batch of `batch_size` inputs of `input_size`.
+    """Summarize `model` for a batch of `batch_size` inputs of the step `spec` describes (or its
+    fields, as keywords: `input_size`, `input_dtype`, `input_range`, `dtype`, `mode`).
 
-    `input_size` is one sample's size of any rank (`(1, 28, 28)`, `(784,)`), one size per input
-    for a model of several, or example tensors (a batch each). `input_dtype` and `input_range`
-    describe integer inputs (token ids). `mode` "train" (the default when any parameter trains)
-    adds a training step's backward FLOPs; "infer" records the forward only.
+    The summary reads the step's inputs (one sample's size of any rank, one size per input for a
+    model of several, or example tensors; `input_dtype` and `input_range` for integer inputs such
+    as token ids), its dtype and its mode: "train" adds the built-in training step's backward
+    FLOPs, "infer" records the forward only. Given as fields, the mode defaults to
+    `default_mode(model)`. The optimizer, autocast, device, memory format and a step function
+    change the memory of a step (`predict_memory`), not its layers, and are not read here.
 
     Raises `NinlabError` when the input is too small for the network, naming the first layer
     whose output would be empty, its arithmetic and the smallest valid input; or when the model
@@ -186,13 +187,17 @@ def summarize(
     """
     batch_size = valid_batch_size(batch_size)
     check_traceable(model)
-    trains = any(p.requires_grad for p in model.parameters())
-    if mode is None:
-        mode = "train" if trains else "infer"
-    elif mode == "train" and not trains:
+    if spec is None and fields.get("mode") is None:
+        fields["mode"] = default_mode(model)
+    given = step_spec(spec, **fields)
+    if given.mode == "train" and default_mode(model) == "infer":
         raise NinlabError("the model has no trainable parameters, so it has no training step; use mode 'infer'")
     spec = StepSpec(
-        input_size=input_size, input_dtype=input_dtype, input_range=input_range, mode=mode, dtype=dtype
+        input_size=given.input_size,
+        input_dtype=given.input_dtype,
+        input_range=given.input_range,
+        mode=given.mode,
+        dtype=given.dtype,
     )
     forward_spec = spec.inference()
     try:
@@ -229,7 +234,7 @@ def summarize(
         input_sizes=spec.input_sizes,
         input_dtype=str(spec.tensor_input_dtype).removeprefix("torch."),
         batch_size=batch_size,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(spec.dtype).removeprefix("torch."),
         layers=layers,
         totals=_totals(model, forward, training, layers),
         smallest_input_size=smallest,
@@ -245,6 +250,12 @@ class InputTooSmall(NinlabError):
     def __init__(self, message: str, smallest: tuple[int, ...] | None) -> None:
         super().__init__(message)
         self.smallest = smallest
+
+
+def default_mode(model: nn.Module) -> Mode:
+    """The step a summary shows unless told: a training step when any parameter trains, else an
+    inference."""
+    return "train" if any(p.requires_grad for p in model.parameters()) else "infer"
 
 
 def _too_small(model: nn.Module, spec: StepSpec, error: LayerInputTooSmall) -> InputTooSmall:

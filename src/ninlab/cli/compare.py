@@ -24,16 +24,11 @@ from ninlab.cli.options import (
     step_spec,
     training_overrides,
 )
+from ninlab.studies.compare import TrainPlan, compare
 from ninlab.training.presets import PRESETS, get_preset
 from ninlab.training.progress import RichReporter
 from ninlab.viz.charts import chart_path, compare_chart, save_chart
-from ninlab.viz.compare import (
-    TrainPlan,
-    compare,
-    comparison_json,
-    comparison_markdown,
-    print_comparison,
-)
+from ninlab.viz.compare import comparison_json, comparison_markdown, print_comparison
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,7 +2,8 @@
 of a training recipe, is a `Flag` here, defined once (names, help, choices, range check), and
 reaches a command through a group:
 
-- model options: which model, one sample's size, the batch, the dtype (`model_choice`);
+- model options: which model and the batch (`model_choice`); one sample's size, the inputs'
+  dtype and range and the dtype describe the step, so `step_spec` reads them;
 - step options: the step to account for or run (`step_spec` turns them into a `StepSpec`);
 - training options: a recipe's settings over a preset (`training_overrides`);
 - chart options: the geometry picture's layer and the largest-batch question's budget;
@@ -44,10 +45,10 @@ from ninlab.analysis.step import (
 from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
 from ninlab.optimizers import OPTIMIZER_NAMES
+from ninlab.studies.report import DEFAULT_BUDGET
 from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
 from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
 from ninlab.training.progress import download_progress
-from ninlab.viz.report import DEFAULT_BUDGET
 
 __all__ = [
     "FLAGS",
@@ -360,11 +361,12 @@ FLAGS: tuple[Flag, ...] = tuple(
 
 @dataclass(frozen=True)
 class ModelChoice:
+    """The model options but the step's (--input, --input-dtype, --input-range, --dtype), which
+    `step_spec` reads: the model as named, and the batch."""
+
     name: str
     model: nn.Module
-    input_size: tuple[int, ...] | tuple[tuple[int, ...], ...]  # one size, or one per input
-    batch_size: int
-    dtype: torch.dtype
+    batch: int
 
 
 _DEFAULT_INPUT = (1, 224, 224)
@@ -392,9 +394,7 @@ def _input_sizes(args: argparse.Namespace) -> tuple[int, ...] | tuple[tuple[int,
 
 
 def model_choice(args: argparse.Namespace) -> ModelChoice:
-    return ModelChoice(
-        args.model, resolve_model(args.model), _input_sizes(args), args.batch, DTYPES[args.dtype]
-    )
+    return ModelChoice(args.model, resolve_model(args.model), args.batch)
 
 
 _STEP_DEFAULTS = StepSpec()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ninlab.analysis.batch import study_batch
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
-from ninlab.analysis.summary import summarize
+from ninlab.analysis.summary import default_mode, summarize
 from ninlab.cli.options import (
     ModelChoice,
     add_chart_options,
@@ -17,6 +16,7 @@ from ninlab.cli.options import (
     model_choice,
     step_spec,
 )
+from ninlab.studies.memory import study_batch
 from ninlab.viz.charts import (
     Chart,
     batch_chart,
@@ -60,13 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _chart(kind: str, choice: ModelChoice, spec: StepSpec, layer: str | None, budget: str) -> Chart:
     if kind in ("geometry", "receptive-field", "flops"):
-        summary = summarize(
-            choice.model,
-            input_size=choice.input_size,
-            batch_size=choice.batch_size,
-            dtype=choice.dtype,
-            model_name=choice.name,
-        )
+        # The summary's own step whatever --mode says: backward FLOPs wherever a parameter trains.
+        if default_mode(choice.model) == "train":
+            spec = spec.replace(mode="train")
+        else:
+            spec = spec.inference()
+        summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
         if kind == "geometry":
             return geometry_chart(summary, layer=layer)
         return field_chart(summary) if kind == "receptive-field" else flops_chart(summary)
@@ -75,9 +74,7 @@ def _chart(kind: str, choice: ModelChoice, spec: StepSpec, layer: str | None, bu
     if kind == "batch":
         study = study_batch(choice.model, spec, budget=budget)
         return batch_chart(study.scaling, study.fit, model=choice.name, mode="train")
-    report = predict_memory(
-        choice.model, spec, batch_size=choice.batch_size, model_name=choice.name
-    )
+    report = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
     return saved_chart(report) if kind == "saved" else timeline_chart(report)
 
 

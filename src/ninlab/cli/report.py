@@ -13,6 +13,7 @@ from ninlab.cli.options import (
     model_choice,
     step_spec,
 )
+from ninlab.studies.report import study_model
 from ninlab.viz.report import build_report, report_path
 
 
@@ -39,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     report_path(args.output)  # refuse a bad file name before the work
     choice = model_choice(args)
-    report = build_report(
+    study = study_model(
         choice.model,
         step_spec(args),
-        batch_size=choice.batch_size,
+        batch_size=choice.batch,
         budget=args.budget,
         model_name=choice.name,
-        layer=args.layer,
         plan=args.plan,
     )
+    report = build_report(study, layer=args.layer)
     print(f"wrote {report.save(args.output)}")
     return 0

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
 
 from ninlab.cli.options import (
     BATCH,
@@ -31,6 +27,7 @@ from ninlab.training.plots import plot_confusion
 from ninlab.training.presets import PRESET_DESCRIPTIONS, PRESETS, config_from_dict, get_preset
 from ninlab.training.progress import RichReporter
 from ninlab.training.train import train
+from ninlab.viz.render_evaluation import evaluation_json, print_evaluation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -141,33 +138,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"test accuracy {evaluation.accuracy:.4f}",
     )
     if args.format == "json":
-        print(
-            json.dumps(
-                {
-                    "checkpoint": str(path),
-                    "epoch": trained.epoch,
-                    "variant": trained.config.variant,
-                    "examples": evaluation.examples,
-                    "accuracy": evaluation.accuracy,
-                    "loss": evaluation.loss,
-                    "per_class": [dataclasses.asdict(row) for row in evaluation.per_class],
-                    "confusion": evaluation.confusion,
-                    "confusion_png": str(png),
-                },
-                indent=2,
-            )
-        )
-        return 0
-    console = Console()
-    table = Table(title=f"{path} (epoch {trained.epoch}, {trained.config.variant})")
-    table.add_column("class")
-    table.add_column("test images", justify="right")
-    table.add_column("accuracy", justify="right")
-    for row in evaluation.per_class:
-        table.add_row(row.name, f"{row.examples:,}", "-" if row.accuracy is None else f"{row.accuracy:.4f}")
-    table.add_row("all", f"{evaluation.examples:,}", f"{evaluation.accuracy:.4f}", style="bold")
-    console.print(table)
-    console.print(f"confusion matrix: {png}", highlight=False)
+        print(evaluation_json(trained, evaluation, checkpoint=path, confusion_png=png))
+    else:
+        print_evaluation(trained, evaluation, checkpoint=path, confusion_png=png)
     return 0
 
 

@@ -113,7 +113,7 @@ def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_s
     the trainer does not depend on how they are computed."""
     spec = step_spec_of(config, device_type=device_type, world_size=world_size)
     try:
-        summary = summarize(model, input_size=spec.input_size, batch_size=config.batch_size)
+        summary = summarize(model, spec, batch_size=config.batch_size)
     except InputTooSmall as error:
         fix = f"; use --image-size {max(error.smallest[1:])} or more" if error.smallest else ""
         raise NinlabError(f"--image-size {config.image_size} is too small for {config.variant}: {error}{fix}") from None

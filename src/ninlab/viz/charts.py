@@ -33,7 +33,7 @@ from ninlab.outputs import atomic_write, output_path
 from ninlab.units import format_bytes, format_count, format_flops
 
 if TYPE_CHECKING:
-    from ninlab.viz.compare import Comparison
+    from ninlab.studies.compare import Comparison
 
 __all__ = [
     "AxisPicture",
@@ -341,7 +341,7 @@ def batch_chart(scaling: BatchScaling, fit: BatchFit, *, model: str, mode: str) 
 @dataclass(frozen=True)
 class ComparePanel:
     label: str
-    unit: str  # a `ninlab.viz.compare.Metric` unit
+    unit: str  # a `ninlab.studies.compare.Metric` unit
     values: tuple[float, ...]  # one per variant, in the comparison's order
 
 
@@ -703,7 +703,7 @@ def _draw_batch(chart: BatchChart) -> Figure:
     return figure
 
 
-# Axis name and value label of each comparison unit (see `ninlab.viz.compare.Metric`).
+# Axis name and value label of each comparison unit (see `ninlab.studies.compare.Metric`).
 _UNIT_AXES: dict[str, tuple[str, Callable[[float], str]]] = {
     "count": ("count", lambda value: format_count(round(value))),
     "flops": ("FLOPs per batch", lambda value: format_flops(round(value))),

@@ -1,11 +1,13 @@
-"""A table as HTML for a notebook cell: the cells of a terminal table, escaped, with a caption and
-notes. The renderers of each result (`render`, `render_memory`, `compare`) give it the same cells
-their terminal and Markdown tables print, so a notebook shows the same words and numbers."""
+"""A table as HTML, the one writer of them (a notebook cell, the HTML report): a `TextTable`'s
+cells, escaped, with a caption and notes, so HTML shows the words and numbers the terminal and
+Markdown print."""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+
+from ninlab.viz.table import TextTable
 
 __all__ = ["html_list", "html_table", "html_text"]
 
@@ -27,25 +29,19 @@ def _cell(tag: str, text: str, *, numeric: bool) -> str:
     return f'<{tag} style="{style}">{escaped}</{tag}>'
 
 
-def html_table(
-    columns: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    numeric: Collection[str] = (),
-    caption: str = "",
-    notes: Sequence[str] = (),
-) -> str:
-    """`rows` of plain-text cells under `columns` (those named in `numeric` right-aligned), the
-    `caption` above and `notes` as a list below; every text is escaped here."""
-    right = [column in numeric for column in columns]
-    head = "".join(_cell("th", column, numeric=r) for column, r in zip(columns, right))
+def html_table(table: TextTable, *, caption: str = "", notes: Sequence[str] = ()) -> str:
+    """`table` (its numeric columns right-aligned), the `caption` above and `notes` as a list
+    below; every text is escaped here."""
+    right = table.is_numeric()
+    head = "".join(_cell("th", column, numeric=r) for column, r in zip(table.columns, right))
     body = "".join(
-        "<tr>" + "".join(_cell("td", cell, numeric=r) for cell, r in zip(row, right)) + "</tr>" for row in rows
+        "<tr>" + "".join(_cell("td", cell, numeric=r) for cell, r in zip(row, right)) + "</tr>"
+        for row in table.rows
     )
     title = f'<caption style="text-align:left;font-weight:bold">{html.escape(caption)}</caption>' if caption else ""
     table = f'<table class="ninlab">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
     # A table wider than the cell (many variants side by side) scrolls instead of spilling over.
-    return f'<div style="overflow-x:auto">{table}{html_list(notes)}</div>'
+    return f'<div class="ninlab-table" style="overflow-x:auto">{table}{html_list(notes)}</div>'
 
 
 def html_list(lines: Sequence[str]) -> str:

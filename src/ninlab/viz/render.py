@@ -1,4 +1,5 @@
-"""A `Summary` as a terminal table, JSON, Markdown or CSV. Nothing here computes a number."""
+"""A `Summary` as a terminal table, JSON, Markdown, CSV or HTML; `ninlab summary`'s output, the
+summary with its memory section (`render_memory`) after it. Nothing here computes a number."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 
 from rich.console import Console
 
+from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
+from ninlab.studies.memory import BatchStudy
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_table
-from ninlab.viz.table import TextTable, markdown_table, rich_table
+from ninlab.viz.render_memory import memory_markdown, memory_to_dict, print_memory
+from ninlab.viz.table import TextTable, markdown_table, rich_table, wide_console
 
 __all__ = [
     "explanation_lines",
@@ -89,8 +93,14 @@ def summary_to_dict(summary: Summary) -> dict[str, Any]:
     }
 
 
-def summary_json(summary: Summary) -> str:
-    return json.dumps(summary_to_dict(summary), indent=2)
+def summary_json(
+    summary: Summary, *, memory: MemoryReport | None = None, study: BatchStudy | None = None
+) -> str:
+    """The summary's numbers; with `memory`, its memory section (and `study`'s) under "memory"."""
+    data = summary_to_dict(summary)
+    if memory is not None:
+        data["memory"] = memory_to_dict(memory, study=study)
+    return json.dumps(data, indent=2)
 
 
 def _shapes(layer: LayerSummary) -> str:
@@ -195,13 +205,16 @@ def explanation_lines(summary: Summary) -> list[str]:
     return lines
 
 
-def wide_console() -> Console:
-    """A terminal's own width; 200 columns when piped, so a saved table is not wrapped."""
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
-
-
-def print_summary(summary: Summary, *, explain: bool = False, console: Console | None = None) -> None:
+def print_summary(
+    summary: Summary,
+    *,
+    explain: bool = False,
+    memory: MemoryReport | None = None,
+    study: BatchStudy | None = None,
+    console: Console | None = None,
+) -> None:
+    """The table and totals (`explain`: the rounding's arithmetic); with `memory`, its memory
+    section (and `study`'s) after a blank line."""
     console = console or wide_console()
     console.print(rich_table(layer_table(summary), title=_header(summary)))
     for line in _total_lines(summary):
@@ -211,20 +224,31 @@ def print_summary(summary: Summary, *, explain: bool = False, console: Console |
         console.print("Why each size is what it is (PyTorch starts windows at the top/left and drops the remainder at the bottom/right; nothing is random):", highlight=False)
         for line in explanation_lines(summary):
             console.print("  " + line, highlight=False, markup=False)
+    if memory is not None:
+        console.print()
+        print_memory(memory, study=study, console=console)
 
 
-def summary_markdown(summary: Summary, *, explain: bool = False) -> str:
+def summary_markdown(
+    summary: Summary,
+    *,
+    explain: bool = False,
+    memory: MemoryReport | None = None,
+    study: BatchStudy | None = None,
+) -> str:
     out = [f"**{_header(summary)}**", "", *markdown_table(layer_table(summary)), ""]
     out += [f"- {line}" for line in _total_lines(summary)]
     if explain:
         out += ["", "Rounding, layer by layer:", ""] + [f"- `{line}`" for line in explanation_lines(summary)]
-    return "\n".join(out) + "\n"
+    text = "\n".join(out) + "\n"
+    if memory is not None:
+        text += "\n" + memory_markdown(memory, study=study)
+    return text
 
 
 def summary_html(summary: Summary) -> str:
     """The terminal table as HTML, for a notebook (`display(summary)` in Jupyter)."""
-    table = layer_table(summary)
-    return html_table(table.columns, table.rows, numeric=table.numeric, caption=_header(summary), notes=_total_lines(summary))
+    return html_table(layer_table(summary), caption=_header(summary), notes=_total_lines(summary))
 
 
 def summary_csv(summary: Summary) -> str:

@@ -1,5 +1,6 @@
-"""A `MemoryReport` (with its batch line and fit, when asked for) as terminal text, JSON or
-Markdown: the memory section of `ninlab summary`. Nothing here computes a number."""
+"""A `MemoryReport` (with its batch study, when asked for: the largest batch, the line around it,
+the planner's alternatives) as terminal text, JSON, Markdown or HTML: the memory section of
+`ninlab summary`, and the tables the report shows. Nothing here computes a number."""
 
 from __future__ import annotations
 
@@ -8,15 +9,24 @@ from typing import Any
 
 from rich.console import Console
 
-from ninlab.analysis.batch import BatchFit, BatchScaling
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.studies.memory import BatchStudy
 from ninlab.units import format_bytes
 from ninlab.viz.html import html_list, html_table
-from ninlab.viz.render import wide_console
-from ninlab.viz.table import TextTable, markdown_table, rich_table
+from ninlab.viz.render_plan import plan_html, plan_lines, plan_markdown, plan_to_dict
+from ninlab.viz.table import TextTable, markdown_table, rich_table, wide_console
 
-__all__ = ["memory_html", "memory_json", "memory_lines", "memory_markdown", "memory_to_dict", "print_memory", "saved_table"]
+__all__ = [
+    "breakdown_table",
+    "memory_html",
+    "memory_json",
+    "memory_lines",
+    "memory_markdown",
+    "memory_to_dict",
+    "print_memory",
+    "saved_table",
+]
 
 
 def _bytes(count: float) -> str:
@@ -33,8 +43,9 @@ def _level(report: MemoryReport, level: str) -> str:
     return "allocator: CUDA's reserved" if level == "allocator" and report.cuda is not None else level
 
 
-def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> list[str]:
+def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> list[str]:
     """The section's prose: peaks at both levels, the forum rule beside ours, batch size, DDP, notes."""
+    scaling, fit = (study.scaling, study.fit) if study is not None else (None, None)
     lines = [f"Memory of one {report.spec.describe(report.batch_size)}:"]
     if report.peak is not None:
         peak = report.peak
@@ -114,7 +125,8 @@ def memory_lines(report: MemoryReport, *, scaling: BatchScaling | None = None, f
     return lines
 
 
-def _breakdown_table(report: MemoryReport) -> TextTable:
+def breakdown_table(report: MemoryReport) -> TextTable:
+    """What is alive at the live peak, by category, the one table every format prints."""
     total = report.breakdown.total_bytes
     rows = tuple(
         (name.replace("_", " "), f"{nbytes:,}", f"{nbytes / total:.1%}", CATEGORY_MEANINGS[name])
@@ -141,51 +153,54 @@ def _saved_title(report: MemoryReport) -> str:
 
 
 def print_memory(
-    report: MemoryReport,
-    *,
-    scaling: BatchScaling | None = None,
-    fit: BatchFit | None = None,
-    console: Console | None = None,
+    report: MemoryReport, *, study: BatchStudy | None = None, console: Console | None = None
 ) -> None:
     console = console or wide_console()
-    lines = memory_lines(report, scaling=scaling, fit=fit)
+    lines = memory_lines(report, study=study)
     console.print(lines[0], highlight=False, markup=False)
     if report.peak is not None:
-        console.print(rich_table(_breakdown_table(report)))
+        console.print(rich_table(breakdown_table(report)))
     if report.saved:
         console.print(rich_table(saved_table(report), title=_saved_title(report)))
     for line in lines[1:]:
         console.print(line, highlight=False, markup=False)
+    if study is not None and study.plan is not None:
+        for line in plan_lines(study.plan):  # as they are, however long
+            console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
-def memory_markdown(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
-    lines = memory_lines(report, scaling=scaling, fit=fit)
+def memory_markdown(report: MemoryReport, *, study: BatchStudy | None = None) -> str:
+    lines = memory_lines(report, study=study)
     out = [f"**{lines[0]}**", ""]
     if report.peak is not None:
-        out += [*markdown_table(_breakdown_table(report)), ""]
+        out += [*markdown_table(breakdown_table(report)), ""]
     if report.saved:
         out += [_saved_title(report), "", *markdown_table(saved_table(report)), ""]
     out += [f"- {line}" for line in lines[1:]]
-    return "\n".join(out) + "\n"
+    text = "\n".join(out) + "\n"
+    if study is not None and study.plan is not None:
+        text += "\n" + plan_markdown(study.plan)
+    return text
 
 
-def memory_html(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
+def memory_html(report: MemoryReport, *, study: BatchStudy | None = None) -> str:
     """The terminal section as HTML, for a notebook (`display(report)` in Jupyter): what is alive at
     the peak, what each layer keeps for backward, then the peaks, the forum's rule and the batch."""
-    lines = memory_lines(report, scaling=scaling, fit=fit)
+    lines = memory_lines(report, study=study)
     tables = []
     if report.peak is not None:
-        breakdown = _breakdown_table(report)
-        tables.append(html_table(breakdown.columns, breakdown.rows, numeric=breakdown.numeric, caption=lines[0]))
+        tables.append(html_table(breakdown_table(report), caption=lines[0]))
     if report.saved:
-        saved = saved_table(report)
-        tables.append(html_table(saved.columns, saved.rows, numeric=saved.numeric, caption=_saved_title(report)))
+        tables.append(html_table(saved_table(report), caption=_saved_title(report)))
     prose = lines[1:] if tables else lines
-    return "<div>" + "".join(tables) + html_list(prose) + "</div>"
+    plan = plan_html(study.plan) if study is not None and study.plan is not None else ""
+    return "<div>" + "".join(tables) + html_list(prose) + plan + "</div>"
 
 
-def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> dict[str, Any]:
-    """Every number of the report under stable names (bytes in bytes); the timeline per op."""
+def memory_to_dict(report: MemoryReport, *, study: BatchStudy | None = None) -> dict[str, Any]:
+    """Every number of the report and its study under stable names (bytes in bytes); the
+    timeline per op."""
+    scaling, fit = (study.scaling, study.fit) if study is not None else (None, None)
     data: dict[str, Any] = {
         "model": report.model,
         "setup": {**report.spec.as_dict(), "batch_size": report.batch_size},
@@ -216,8 +231,9 @@ def memory_to_dict(report: MemoryReport, *, scaling: BatchScaling | None = None,
             "allocator_bytes": list(timeline.allocator_totals()),
             "alive_bytes": {name: list(timeline.series(name)) for name in CATEGORIES},
         }
+    data["plan"] = plan_to_dict(study.plan) if study is not None and study.plan else None
     return data
 
 
-def memory_json(report: MemoryReport, *, scaling: BatchScaling | None = None, fit: BatchFit | None = None) -> str:
-    return json.dumps(memory_to_dict(report, scaling=scaling, fit=fit), indent=2)
+def memory_json(report: MemoryReport, *, study: BatchStudy | None = None) -> str:
+    return json.dumps(memory_to_dict(report, study=study), indent=2)

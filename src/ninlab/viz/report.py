@@ -2,9 +2,9 @@
 of a training step and of inference, and every chart, inline (no network access: the CSS and the
 SVG charts are in the file). It prints on paper and renders in Jupyter (`Report._repr_html_`).
 
-`build_report` computes every result once (`summarize`, `predict_memory`, `fit_batch`,
-`memory_vs_batch`) and the chart data from them (`ninlab.viz.charts`); the HTML shows the same
-objects' numbers in tables beside the pictures.
+`build_report` takes the results, computed once (`ninlab.studies.report.study_model`), and makes
+the chart data from them (`ninlab.viz.charts`); the HTML shows the same objects' numbers in the
+tables every format prints, beside the pictures.
 """
 
 from __future__ import annotations
@@ -14,19 +14,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from torch import nn
-
-from ninlab.analysis.batch import BatchStudy, study_batch
-from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
 from ninlab.analysis.memory_report import MemoryReport
-from ninlab.analysis.planner import BudgetPlan, plan_budget
-from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepSpec, step_spec
-from ninlab.analysis.summary import Summary, summarize
 from ninlab.outputs import output_path, write_text_atomically
-from ninlab.units import format_bytes, format_count, format_flops, parse_bytes
+from ninlab.studies.report import ModelStudy
+from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.charts import (
     BatchChart,
     Chart,
@@ -43,14 +35,12 @@ from ninlab.viz.charts import (
     saved_chart,
     timeline_chart,
 )
-from ninlab.viz.html import html_text
+from ninlab.viz.html import html_table
 from ninlab.viz.render import explanation_lines, layer_table
-from ninlab.viz.render_memory import saved_table
-from ninlab.viz.table import TextTable
+from ninlab.viz.render_memory import breakdown_table, saved_table
+from ninlab.viz.render_plan import plan_html
 
-__all__ = ["DEFAULT_BUDGET", "Report", "ReportCharts", "build_report", "report_path"]
-
-DEFAULT_BUDGET = "8GiB"  # a common laptop or consumer GPU's memory
+__all__ = ["Report", "ReportCharts", "build_report", "report_path"]
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -72,12 +62,8 @@ class ReportCharts:
 
 @dataclass(frozen=True)
 class Report:
-    summary: Summary
-    train: MemoryReport
-    infer: MemoryReport
-    batch: BatchStudy
+    study: ModelStudy
     charts: ReportCharts
-    plan: BudgetPlan | None = None  # how to fit the batch into the budget, when asked for
 
     def html(self) -> str:
         """A complete HTML document."""
@@ -100,31 +86,9 @@ def report_path(path: str | os.PathLike[str], *, option: str = "-o") -> Path:
     return output_path(path, suffixes=(".html", ".htm"), what="report", option=option)
 
 
-def build_report(
-    model: nn.Module,
-    spec: StepSpec | None = None,
-    *,
-    batch_size: int = 128,
-    budget: int | str = DEFAULT_BUDGET,
-    model_name: str | None = None,
-    layer: str | None = None,
-    plan: bool = False,
-    **fields: Any,
-) -> Report:
-    """Summarize `model`, predict the memory of the training step `spec` describes (or its
-    fields, as keywords) and of inference, find the largest training batch under `budget`, and
-    build every chart; `layer` picks the layer of the geometry picture. With `plan`, also the
-    budget planner's alternatives for `batch_size` (`ninlab.analysis.planner`: many predictions)."""
-    name = model_name or type(model).__name__
-    spec = step_spec(spec, **fields).replace(mode="train")
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    summary = summarize(
-        model, input_size=spec.input_size, input_dtype=spec.input_dtype, input_range=spec.input_range,
-        batch_size=batch_size, dtype=spec.dtype, model_name=name,
-    )
-    train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
-    infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
-    batch = study_batch(model, spec, budget=budget_bytes)
+def build_report(study: ModelStudy, *, layer: str | None = None) -> Report:
+    """The report of `study`: the data of every chart (`layer` picks the geometry picture's)."""
+    summary, train, infer, batch = study.summary, study.train, study.infer, study.batch
     has_windows = any(row.axes for row in summary.layers)
     charts = ReportCharts(
         geometry=geometry_chart(summary, layer=layer) if has_windows and len(summary.input_size) == 3 else None,
@@ -133,10 +97,9 @@ def build_report(
         train_timeline=timeline_chart(train) if train.timeline else None,
         infer_timeline=timeline_chart(infer) if infer.timeline else None,
         saved=saved_chart(train) if train.timeline else None,
-        batch=batch_chart(batch.scaling, batch.fit, model=name, mode="train"),
+        batch=batch_chart(batch.scaling, batch.fit, model=summary.model, mode="train"),
     )
-    budget_plan = plan_budget(model, spec, budget=budget_bytes, batch_size=batch_size) if plan else None
-    return Report(summary, train, infer, batch, charts, budget_plan)
+    return Report(study, charts)
 
 
 # -- HTML -----------------------------------------------------------------------------------------
@@ -156,8 +119,6 @@ _CSS = """
 .ninlab-report th, .ninlab-report td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
 .ninlab-report th { background: #f4f4f4; }
 .ninlab-report td:first-child { white-space: nowrap; }
-.ninlab-report td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.ninlab-report .wide { overflow-x: auto; }
 .ninlab-report figure { margin: 1rem 0; }
 .ninlab-report figure svg { max-width: 100%; height: auto; display: block; }
 .ninlab-report figcaption { color: #555; font-size: 0.85rem; }
@@ -167,7 +128,7 @@ _CSS = """
   .ninlab-report { max-width: none; padding: 0; font-size: 11pt; }
   .ninlab-report figure, .ninlab-report tr, .ninlab-report .glance div { break-inside: avoid; }
   .ninlab-report h2 { break-after: avoid; }
-  .ninlab-report .wide { overflow: visible; }
+  .ninlab-report .ninlab-table { overflow: visible !important; }
 }
 """
 
@@ -180,21 +141,6 @@ def _shape(size: Sequence[int]) -> str:
     return "x".join(map(str, size))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]) -> str:
-    """Cells are already escaped HTML."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="n">{c}</td>' if n else f"<td>{c}</td>" for c, n in zip(row, numeric)) + "</tr>"
-        for row in rows
-    )
-    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-
-
-def _text_table(table: TextTable) -> str:
-    """A table every format prints (the summary's layers, what each layer keeps), with the report's style."""
-    return _table(table.columns, [tuple(html_text(cell) for cell in row) for row in table.rows], table.is_numeric())
-
-
 def _figure(chart: Chart | None, key: str, caption: str) -> str:
     if chart is None:
         return ""
@@ -202,24 +148,25 @@ def _figure(chart: Chart | None, key: str, caption: str) -> str:
 
 
 def _glance(report: Report) -> str:
-    t = report.summary.totals
-    fit = report.batch.fit
+    summary, train, infer = report.study.summary, report.study.train, report.study.infer
+    t = summary.totals
+    fit = report.study.batch.fit
     items = [
         (format_count(t.parameters), f"parameters ({format_bytes(t.parameter_bytes)})"),
-        (format_flops(t.forward_flops), f"forward FLOPs per batch of {report.summary.batch_size}"),
+        (format_flops(t.forward_flops), f"forward FLOPs per batch of {summary.batch_size}"),
         (format_flops(t.training_step_flops), "training-step FLOPs (forward + backward)"),
-        (format_bytes(report.train.live_peak_bytes), f"peak tensor memory, {report.train.spec.title}"),
-        (format_bytes(report.infer.live_peak_bytes), f"peak tensor memory, {report.infer.spec.title}"),
-        (_shape(report.summary.smallest_input_size or ()) or "no window", "smallest valid input"),
-        (format_bytes(report.train.allocator_peak_bytes), f"allocator peak, {report.train.spec.title}"),
+        (format_bytes(train.live_peak_bytes), f"peak tensor memory, {train.spec.title}"),
+        (format_bytes(infer.live_peak_bytes), f"peak tensor memory, {infer.spec.title}"),
+        (_shape(summary.smallest_input_size or ()) or "no window", "smallest valid input"),
+        (format_bytes(train.allocator_peak_bytes), f"allocator peak, {train.spec.title}"),
         (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
     ]
     return '<div class="glance">' + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items) + "</div>"
 
 
 def _layers_section(report: Report) -> str:
-    summary = report.summary
-    table = _text_table(layer_table(summary, wide=True))
+    summary = report.study.summary
+    table = html_table(layer_table(summary, wide=True))
     t = summary.totals
     totals = (
         f"<p>Parameters: {_e(format_count(t.parameters))} ({_e(format_count(t.weights))} weights + "
@@ -232,7 +179,7 @@ def _layers_section(report: Report) -> str:
 
 
 def _rounding_section(report: Report) -> str:
-    summary = report.summary
+    summary = report.study.summary
     lines = "".join(f"<li>{_e(line)}</li>" for line in explanation_lines(summary))
     reach = "".join(
         f"<li>Input {_e(r.axis)}: positions {r.first}..{r.last} can influence the output; "
@@ -269,18 +216,8 @@ def _flops_section(report: Report) -> str:
     return "<h2>FLOPs per layer</h2>" + _figure(
         report.charts.flops,
         "flops",
-        _e(report.summary.flop_convention) + ". The first layer's backward computes only weight gradients: the input batch needs none.",
+        _e(report.study.summary.flop_convention) + ". The first layer's backward computes only weight gradients: the input batch needs none.",
     )
-
-
-def _breakdown_table(report: MemoryReport) -> str:
-    rows = [
-        (_e(name.replace("_", " ")), _e(format_bytes(report.breakdown.of(name))), _e(CATEGORY_MEANINGS[name]))
-        for name in CATEGORIES
-        if report.breakdown.of(name)
-    ]
-    rows.append(("<b>total</b>", f"<b>{_e(format_bytes(report.live_peak_bytes))}</b>", "live tensor storage at its peak"))
-    return _table(("Category", "Alive at the peak", "What it is"), rows, (False, True, False))
 
 
 def _where(module: str, module_type: str) -> str:
@@ -307,7 +244,7 @@ def _peak_text(report: MemoryReport) -> str:
 
 
 def _memory_section(report: Report) -> str:
-    train, infer, study = report.train, report.infer, report.batch
+    train, infer, study = report.study.train, report.study.infer, report.study.batch
     parts = [
         "<h2>Memory</h2>",
         (
@@ -323,7 +260,7 @@ def _memory_section(report: Report) -> str:
     ):
         parts.append(f"<h3>{_e(step.spec.title.capitalize())}, batch {step.batch_size}</h3>")
         parts.append(f"<p>{_peak_text(step)}</p>")
-        parts.append(_breakdown_table(step))
+        parts.append(html_table(breakdown_table(step)))
         if step.forum is not None:
             parts.append(
                 f'<p class="note">The forum post\'s rule of thumb gives {_e(format_bytes(step.forum.rule_bytes))} '
@@ -333,7 +270,7 @@ def _memory_section(report: Report) -> str:
     if report.charts.saved is not None:
         parts.append("<h3>What each layer keeps for backward</h3>")
         parts.append(_figure(report.charts.saved, "saved", "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it."))
-        parts.append(_text_table(saved_table(train)))
+        parts.append(html_table(saved_table(train)))
     fit, scaling = study.fit, study.scaling
     parts.append("<h3>Batch size</h3>")
     parts.append(
@@ -346,45 +283,17 @@ def _memory_section(report: Report) -> str:
         f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
     )
     parts.append(_figure(report.charts.batch, "batch", "Every point is an exact prediction; the line is fitted through two of them."))
-    if report.plan is not None:
-        parts.append(_plan_section(report.plan))
+    if study.plan is not None:
+        parts.append(plan_html(study.plan))
     return "".join(parts)
 
 
-def _plan_section(plan: BudgetPlan) -> str:
-    """The planner's alternatives as a table, and its recommendation."""
-    rows = []
-    for option in plan.options:
-        bound = ("at most " if option.largest_at_most else "", "at least " if option.peak_lower_bound else "")
-        largest = (
-            f"{plan.batch_size:,} in {option.micro_batches} parts"
-            if option.kind == "accumulation"
-            else f"{bound[0]}{option.largest_batch:,}"
-        )
-        cells = (
-            option.name,
-            largest,
-            bound[1] + format_bytes(option.peak_bytes),
-            "yes" if option.fits_requested else "no",
-            format_flops(option.step_flops),
-            format_flops(option.recomputed_flops) if option.recomputed_flops else "",
-        )
-        rows.append(tuple(_e(cell) for cell in cells))
-    headers = ("Alternative", "Largest batch", f"Peak at batch {plan.batch_size:,}", "Fits", "FLOPs per step", "Recomputed")
-    return (
-        f"<h3>Fitting batch {plan.batch_size:,} into {_e(format_bytes(plan.budget_bytes))}</h3>"
-        "<p>Each alternative predicted at the allocator level; \"at least\" where a kernel's workspace is not modelled.</p>"
-        + _table(headers, rows, (False, True, True, False, True, True))
-        + f"<p><b>Recommendation:</b> {_e(plan.recommendation)}</p>"
-    )
-
-
 def _body(report: Report) -> str:
-    summary = report.summary
+    summary = report.study.summary
     header = (
         f"<h1>{_e(summary.model)}</h1>"
         f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, {_e(summary.dtype)}, '
-        f"optimizer {_e(report.train.spec.optimizer_name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
+        f"optimizer {_e(report.study.train.spec.optimizer_name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
     )
     return (
         f'<div class="ninlab-report"><style>{_CSS}</style>{header}{_glance(report)}'
@@ -396,6 +305,6 @@ def _document(report: Report) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>ninlab report: {_e(report.summary.model)}</title></head>"
+        f"<title>ninlab report: {_e(report.study.summary.model)}</title></head>"
         f"<body>{_body(report)}</body></html>\n"
     )

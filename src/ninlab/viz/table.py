@@ -1,14 +1,16 @@
 """A table as plain-text cells, described once and printed in every format: the terminal (rich),
-Markdown, a notebook's HTML (`html.html_table`) and the HTML report. A table's columns are decided
-where its rows are made (`render.layer_table`, `render_memory.saved_table`), never by a format."""
+Markdown, HTML (`html.html_table`, for a notebook and the report). A table's columns are decided
+where its rows are made (`render.layer_table`, `render_memory.saved_table`,
+`compare.comparison_table`, ...), never by a format."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
-__all__ = ["TextTable", "markdown_table", "rich_table"]
+__all__ = ["TextTable", "markdown_table", "rich_table", "wide_console"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,17 @@ class TextTable:
         return tuple(column in self.numeric for column in self.columns)
 
 
-def rich_table(table: TextTable, *, title: str = "") -> Table:
+def wide_console() -> Console:
+    """A terminal's own width; 200 columns when piped, so a saved table is not wrapped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def rich_table(
+    table: TextTable, *, title: str = "", title_justify: JustifyMethod = "left"
+) -> Table:
     """The table for a terminal; the first column (the layer's name) never wraps."""
-    shown = Table(title=title or None, title_justify="left")
+    shown = Table(title=title or None, title_justify=title_justify)
     for index, (column, numeric) in enumerate(zip(table.columns, table.is_numeric())):
         shown.add_column(column, justify="right" if numeric else "left", no_wrap=index == 0)
     for row in table.rows:
@@ -42,5 +52,6 @@ def markdown_table(table: TextTable) -> list[str]:
         stripped = text.lstrip(" ")
         return "&nbsp;" * (len(text) - len(stripped)) + stripped.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    header = "|" + "".join(f" {column} |" if column else " |" for column in table.columns)
+    lines = [header, "|" + "---|" * len(table.columns)]
     return lines + ["| " + " | ".join(cell(text) for text in row) + " |" for row in table.rows]

@@ -12,10 +12,11 @@ from ninlab.analysis.summary import summarize
 from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
+from ninlab.studies.compare import METRICS, TrainPlan, compare
 from ninlab.training.data import default_search_path, load_fashion_mnist
 from ninlab.training.presets import get_preset
 from ninlab.viz.charts import compare_chart, draw
-from ninlab.viz.compare import METRICS, TrainPlan, compare, comparison_dict, comparison_markdown
+from ninlab.viz.compare import comparison_dict, comparison_markdown
 
 
 @pytest.fixture(scope="module")

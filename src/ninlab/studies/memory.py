@@ -1,0 +1,59 @@
+"""The memory study: the largest batch within a budget (`fit_batch`), the peak's line measured
+beside it (`memory_vs_batch`) and, for a training step asked about at a batch size, how to fit
+that batch (`plan_budget`). One recipe for `ninlab summary --fit`, `ninlab plot batch` and the
+report; where they place the line differs, and the caller says which (`check_batch_size`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ninlab.analysis.batch import BatchFit, BatchScaling, fit_batch, memory_vs_batch
+from ninlab.analysis.planner import BudgetPlan, plan_budget
+from ninlab.analysis.step import StepSpec, step_spec
+
+__all__ = ["BatchStudy", "study_batch"]
+
+
+@dataclass(frozen=True)
+class BatchStudy:
+    """The largest batch that fits a budget, the peak's line measured beside it (both at the
+    allocator level, which is what runs out) and, when asked for, the planner's alternatives."""
+
+    fit: BatchFit
+    scaling: BatchScaling
+    plan: BudgetPlan | None = None
+
+
+def study_batch(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    budget: int | str,
+    check_batch_size: int | None = None,
+    plan_batch_size: int | None = None,
+    **fields: Any,
+) -> BatchStudy:
+    """Fit the batch of the step `spec` describes (or its fields) into `budget`, then measure the
+    peak's line. `check_batch_size` is the batch a question was asked at: the line goes through
+    the answer and the next size, and is checked there (the summary's words); None draws it for a
+    chart, through a quarter and a half of the answer, checked at three quarters, so the points
+    spread over the picture. With `plan_batch_size`, also the budget planner's alternatives for
+    that batch (many exact predictions)."""
+    spec = step_spec(spec, **fields)
+    fit = fit_batch(model, spec, budget=budget, level="allocator")
+    if check_batch_size is None:
+        quarter = max(1, fit.batch_size // 4)
+        half = max(quarter + 1, fit.batch_size // 2)
+        batch_sizes, check_batch_size = (quarter, half), max(half + 1, 3 * fit.batch_size // 4)
+    else:
+        batch_sizes = (fit.batch_size, fit.batch_size + 1)
+    scaling = memory_vs_batch(
+        model, spec, batch_sizes=batch_sizes, check_batch_size=check_batch_size, level=fit.level
+    )
+    plan = None
+    if plan_batch_size is not None:
+        plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size)
+    return BatchStudy(fit, scaling, plan)

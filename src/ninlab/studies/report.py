@@ -1,0 +1,56 @@
+"""What the HTML report shows, each result computed once: the summary, the memory of a training
+step and of its inference, the largest training batch within a budget with the line around it,
+and, when asked for, how to fit the batch (`ninlab.viz.report` draws and writes it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepSpec, step_spec
+from ninlab.analysis.summary import Summary, summarize
+from ninlab.studies.memory import BatchStudy, study_batch
+from ninlab.units import parse_bytes
+
+__all__ = ["DEFAULT_BUDGET", "ModelStudy", "study_model"]
+
+DEFAULT_BUDGET = "8GiB"  # a common laptop or consumer GPU's memory
+
+
+@dataclass(frozen=True)
+class ModelStudy:
+    summary: Summary
+    train: MemoryReport
+    infer: MemoryReport
+    batch: BatchStudy  # with the planner's alternatives for the batch, when asked for
+
+
+def study_model(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int = 128,
+    budget: int | str = DEFAULT_BUDGET,
+    model_name: str | None = None,
+    plan: bool = False,
+    **fields: Any,
+) -> ModelStudy:
+    """Summarize `model`, predict the memory of the training step `spec` describes (or its
+    fields, as keywords) and of its inference, and find the largest training batch under
+    `budget`. With `plan`, also the budget planner's alternatives for `batch_size`
+    (`ninlab.analysis.planner`: many predictions)."""
+    name = model_name or type(model).__name__
+    spec = step_spec(spec, **fields).replace(mode="train")
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    return ModelStudy(
+        summary=summarize(model, spec, batch_size=batch_size, model_name=name),
+        train=predict_memory(model, spec, batch_size=batch_size, model_name=name),
+        infer=predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name),
+        batch=study_batch(
+            model, spec, budget=budget_bytes, plan_batch_size=batch_size if plan else None
+        ),
+    )
