@@ -1,7 +1,7 @@
 """What each tensor storage of a step is for, and why autograd keeps a tensor, in words.
 
-Every storage the memory accountant counts belongs to exactly one category (`CATEGORIES`, with
-what each holds in `CATEGORY_MEANINGS`); `categorize` decides which from a recorded step. A
+Every storage the memory accountant counts belongs to exactly one category (`CATEGORY_TABLE`: its
+name, what it holds and its colour in charts); `categorize` decides which from a recorded step. A
 tensor autograd saves for backward also gets a reason (`saved_reason`), read from the autograd
 node and field that keep it. Both live here, apart from prediction, so the result types
 (`ninlab.analysis.memory_report`) and the renderers can name categories without running a step.
@@ -10,6 +10,7 @@ node and field that keep it. Both live here, apart from prediction, so the resul
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # an annotation only: the result types name categories without the tracer
@@ -17,61 +18,106 @@ if TYPE_CHECKING:  # an annotation only: the result types name categories withou
 
 __all__ = [
     "CATEGORIES",
+    "CATEGORY_COLORS",
     "CATEGORY_MEANINGS",
+    "CATEGORY_TABLE",
+    "Category",
     "categorize",
-    "describe_categories",
     "saved_reason",
 ]
 
+@dataclass(frozen=True)
+class Category:
+    """One kind of memory: its name (`Breakdown`'s field is `{name}_bytes`), what it holds in
+    words, and its colour in every chart."""
+
+    name: str
+    meaning: str
+    color: str
+
+
 # The order is the precedence: a storage that is both a parameter and saved for backward (a conv
 # keeps its weight) is a parameter; the input batch a first conv keeps is the input batch.
-CATEGORIES: tuple[str, ...] = (
-    "parameters",
-    "buffers",
-    "input",
-    "targets",
-    "gradients",
-    "optimizer_state",
-    "ddp_buckets",
-    "saved_for_backward",
-    "recomputed",
-    "forward_temporaries",
-    "backward_temporaries",
-    "optimizer_temporaries",
-    "other",
+CATEGORY_TABLE: tuple[Category, ...] = (
+    Category(
+        "parameters",
+        "the model's parameters (weights and biases), at the model's dtype",
+        "#8C8C8C",
+    ),
+    Category(
+        "buffers",
+        "the model's buffers (batch norm's running mean and variance, its batch counter)",
+        "#B5B5B5",
+    ),
+    Category(
+        "input",
+        'the input batch',
+        "#937860",
+    ),
+    Category(
+        "targets",
+        'the class labels of the batch (int64), training only',
+        "#C8B08F",
+    ),
+    Category(
+        "gradients",
+        "parameter gradients: the previous step's until zero_grad(set_to_none=True) frees them,"
+        " then this step's as backward makes them",
+        "#DD8452",
+    ),
+    Category(
+        "optimizer_state",
+        "what the optimizer keeps between steps: momentum buffers, Adam's two moments and step "
+        'counters, ...',
+        "#DA8BC3",
+    ),
+    Category(
+        "ddp_buckets",
+        "DistributedDataParallel's flat gradient buckets (one copy of every trainable "
+        "parameter's gradient), held for the whole run",
+        "#8172B3",
+    ),
+    Category(
+        "saved_for_backward",
+        "activations autograd keeps for backward (a conv's input, a ReLU's output, max-pool "
+        'indices, dropout masks, the log-softmax), alive from the op that makes them until '
+        'backward has used them',
+        "#4C72B0",
+    ),
+    Category(
+        "recomputed",
+        "what activation checkpointing recomputes in backward (the checkpointed block's forward"
+        ' run again) and the recomputed graph keeps until backward has used it',
+        "#1F3A68",
+    ),
+    Category(
+        "forward_temporaries",
+        'outputs of forward and loss ops that autograd does not keep (a conv output a ReLU '
+        'replaces, the logits, the loss); in inference, every activation',
+        "#64B5CD",
+    ),
+    Category(
+        "backward_temporaries",
+        "backward's own tensors other than parameter gradients: gradients with respect to "
+        'activations, and intermediate results',
+        "#C44E52",
+    ),
+    Category(
+        "optimizer_temporaries",
+        "tensors optimizer.step() makes and frees (Adam's denominator, foreach lists)",
+        "#CCB974",
+    ),
+    Category(
+        "other",
+        "anything else: what the step's own code makes outside the model, backward and the "
+        "optimizer (a GradScaler's scale and unscaling), and what a first step leaves alive "
+        'besides gradients and optimizer state',
+        "#55A868",
+    ),
 )
-
-CATEGORY_MEANINGS: dict[str, str] = {
-    "parameters": "the model's parameters (weights and biases), at the model's dtype",
-    "buffers": "the model's buffers (batch norm's running mean and variance, its batch counter)",
-    "input": "the input batch",
-    "targets": "the class labels of the batch (int64), training only",
-    "gradients": "parameter gradients: the previous step's until zero_grad(set_to_none=True) "
-    "frees them, then this step's as backward makes them",
-    "optimizer_state": "what the optimizer keeps between steps: momentum buffers, Adam's two "
-    "moments and step counters, ...",
-    "ddp_buckets": "DistributedDataParallel's flat gradient buckets (one copy of every trainable "
-    "parameter's gradient), held for the whole run",
-    "saved_for_backward": "activations autograd keeps for backward (a conv's input, a ReLU's "
-    "output, max-pool indices, dropout masks, the log-softmax), alive from the op that makes "
-    "them until backward has used them",
-    "recomputed": "what activation checkpointing recomputes in backward (the checkpointed "
-    "block's forward run again) and the recomputed graph keeps until backward has used it",
-    "forward_temporaries": "outputs of forward and loss ops that autograd does not keep (a conv "
-    "output a ReLU replaces, the logits, the loss); in inference, every activation",
-    "backward_temporaries": "backward's own tensors other than parameter gradients: gradients "
-    "with respect to activations, and intermediate results",
-    "optimizer_temporaries": "tensors optimizer.step() makes and frees (Adam's denominator, "
-    "foreach lists)",
-    "other": "anything else: what the step's own code makes outside the model, backward and the "
-    "optimizer (a GradScaler's scale and unscaling), and what a first step leaves alive besides "
-    "gradients and optimizer state",
-}
-
-
-def describe_categories() -> tuple[tuple[str, str], ...]:
-    """(category, what it holds) for every category, in `CATEGORIES` order."""
-    return tuple((name, CATEGORY_MEANINGS[name]) for name in CATEGORIES)
+CATEGORIES: tuple[str, ...] = tuple(category.name for category in CATEGORY_TABLE)
+CATEGORY_MEANINGS: dict[str, str] = {category.name: category.meaning for category in CATEGORY_TABLE}
+CATEGORY_COLORS: dict[str, str] = {category.name: category.color for category in CATEGORY_TABLE}
 
 
 _ROLES = {

@@ -71,8 +71,8 @@ class Breakdown:
 
     @classmethod
     def from_counts(cls, counts: Sequence[int]) -> Breakdown:
-        """From bytes in `CATEGORIES` order."""
-        return cls(*counts)
+        """From bytes in `CATEGORIES` order, each to its category's field by name."""
+        return cls(**dict(zip(_FIELDS, counts, strict=True)))
 
     @property
     def total_bytes(self) -> int:
@@ -90,8 +90,9 @@ class Breakdown:
         return int(getattr(self, f"{category}_bytes"))
 
 
+_FIELDS = tuple(f"{name}_bytes" for name in CATEGORIES)
 # Read once per op of a timeline (its totals): one getter of all the fields, in order.
-_COUNTS = attrgetter(*(f"{name}_bytes" for name in CATEGORIES))
+_COUNTS = attrgetter(*_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ninlab.analysis.batch import BatchFit, BatchScaling
-from ninlab.analysis.categories import CATEGORIES
+from ninlab.analysis.categories import CATEGORIES, CATEGORY_COLORS
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.errors import NinlabError
@@ -564,13 +564,6 @@ def _draw_flops(chart: FlopsChart) -> Figure:
     return figure
 
 
-# One colour per memory category, the same in every chart.
-_CATEGORY_COLORS = dict(zip(CATEGORIES, (
-    "#8C8C8C", "#B5B5B5", "#937860", "#C8B08F", "#DD8452", "#DA8BC3",
-    "#8172B3", "#4C72B0", "#1F3A68", "#64B5CD", "#C44E52", "#CCB974", "#55A868",
-)))
-
-
 def _words(name: str) -> str:
     return name.replace("_", " ")
 
@@ -582,7 +575,7 @@ def _draw_timeline(chart: TimelineChart) -> Figure:
         positions,
         chart.series_bytes,
         labels=[_words(name) for name in chart.categories],
-        colors=[_CATEGORY_COLORS[name] for name in chart.categories],
+        colors=[CATEGORY_COLORS[name] for name in chart.categories],
         alpha=0.85,
     )
     axes.plot(positions, chart.total_bytes, color="black", linewidth=0.8, label="total alive")
