@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 
 __all__ = ["import_function"]
 
@@ -25,10 +25,9 @@ def import_function(
     try:
         module = importlib.import_module(module_path)
     except Exception as exception:  # noqa: BLE001 - any import failure is the user's, in one line
-        reason = (str(exception).strip().splitlines() or [""])[0]
         raise error(
-            f"cannot import {module_path!r} for {what} {path!r} ({type(exception).__name__}: "
-            f"{reason}); check the module path and that it is on PYTHONPATH"
+            f"cannot import {module_path!r} for {what} {path!r} ({one_line(exception)}); "
+            "check the module path and that it is on PYTHONPATH"
         ) from None
     if not hasattr(module, attribute):
         raise error(f"{module_path!r} has no {attribute!r}; name {expects}")

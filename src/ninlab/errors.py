@@ -1,5 +1,21 @@
-"""The one exception type a user sees: bad input, explained in one line with the fix."""
+"""The one exception type a user sees: bad input, explained in one line with the fix; and
+`one_line`, how any other exception is quoted inside such a line."""
+
+from __future__ import annotations
+
+__all__ = ["NinlabError", "one_line"]
+
+# An exception quoted in a message is cut here: enough for the cause, short enough for one line.
+_QUOTE_LIMIT = 200
 
 
 class NinlabError(Exception):
     """A problem with the user's input or environment. The CLI prints it as one line, exit code 2."""
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as one line to quote in a message: its type and the first line of its text
+    ("RuntimeError: ..."), or its type alone when it has no text; cut to 200 characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+    return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 3] + "..."

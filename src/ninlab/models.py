@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from ninlab.dotted import import_function
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 
 __all__ = [
     "Block",
@@ -293,7 +293,7 @@ def resolve_model(spec: str) -> nn.Module:
         model = factory()
     except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
         raise ModelSpecError(
-            f"factory {spec!r} failed when called with no arguments ({type(error).__name__}: {error})"
+            f"factory {spec!r} failed when called with no arguments ({one_line(error)})"
         ) from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(

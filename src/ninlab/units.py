@@ -1,12 +1,17 @@
-"""Units in one place: bytes as binary multiples (KiB, MiB, GiB), FLOPs as decimal (GFLOP)."""
+"""Units in one place: bytes as binary multiples (KiB, MiB, GiB), FLOPs as decimal (GFLOP), and a
+dtype as its name."""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ninlab.errors import NinlabError
 
-__all__ = ["format_bytes", "format_count", "format_flops", "parse_bytes"]
+if TYPE_CHECKING:  # an annotation only: naming a dtype needs no torch
+    import torch
+
+__all__ = ["dtype_name", "format_bytes", "format_count", "format_flops", "parse_bytes"]
 
 _BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 _UNITS = {
@@ -45,3 +50,8 @@ def parse_bytes(text: str) -> int:
     if value < 1:
         raise NinlabError(f"memory size {text!r} is less than one byte; give a positive size such as 8GiB")
     return int(value)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as a user writes it: "float32", "bfloat16", "int64"."""
+    return str(dtype).removeprefix("torch.")

@@ -61,8 +61,8 @@ from ninlab.analysis.memory_report import (
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
 from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, collector_off, record_step
-from ninlab.errors import NinlabError
-from ninlab.units import format_bytes
+from ninlab.errors import NinlabError, one_line
+from ninlab.units import dtype_name, format_bytes
 
 __all__ = ["predict_memory"]
 
@@ -368,7 +368,7 @@ def _saved_rows(
                 field=entry.field,
                 reason=saved_reason(entry.node, entry.field, module_type=module_type(entry)),
                 shape=record.shape,
-                dtype=str(record.dtype).removeprefix("torch."),
+                dtype=dtype_name(record.dtype),
                 storage_bytes=record.nbytes,
                 counted_bytes=counted,
                 share=counted / counted_total if counted_total else 0.0,
@@ -459,8 +459,7 @@ def _measured_report(
     shape): measure it for real at batch 1 and 2 on this machine and extrapolate linearly."""
     from ninlab.analysis.measure import measure
 
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    reason = f"{type(error).__name__}: {first_line}"
+    reason = one_line(error)
     subject = "the model" if spec.step is None else f"the step {spec.step_name}"
     if spec.device_type == "cuda" and not torch.cuda.is_available():
         raise NinlabError(

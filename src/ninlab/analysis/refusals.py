@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import (
 )
 
 from ninlab.analysis.step import StepSpec
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
+from ninlab.units import dtype_name
 
 __all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable"]
 
@@ -50,7 +51,7 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     """The one line that says why `model` could not run the step `spec` describes."""
     if isinstance(error, NinlabError):
         return error
-    reason = _first_line(error)
+    reason = one_line(error)
     if isinstance(error, NOT_TRACEABLE):
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
@@ -72,16 +73,11 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
-    dtype = "" if spec.input_dtype is None else f" {str(spec.input_dtype).removeprefix('torch.')}"
+    dtype = "" if spec.input_dtype is None else f" {dtype_name(spec.input_dtype)}"
     return NinlabError(
         f"the model cannot run a {step} on a batch of {sizes}{dtype} inputs ({reason}); "
         "give the input sizes and dtype its forward expects"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _parameters(model: nn.Module) -> list[inspect.Parameter]:

@@ -25,8 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ninlab.dotted import import_function
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 from ninlab.optimizers import OptimizerSpec, make_optimizer, parse_optimizer
+from ninlab.units import dtype_name
 
 __all__ = [
     "AMP_DTYPES",
@@ -213,7 +214,7 @@ class StepSpec:
         try:
             built = self.optimizer(model)
         except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
-            raise NinlabError(f"the optimizer factory {self.optimizer_name} failed: {_one_line(error)}") from None
+            raise NinlabError(f"the optimizer factory {self.optimizer_name} failed: {one_line(error)}") from None
         if not optimizers_in(built):
             raise NinlabError(
                 f"the optimizer factory {self.optimizer_name} returned no torch optimizer; return "
@@ -232,7 +233,7 @@ class StepSpec:
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain values (dtypes by name), for JSON."""
         def name(dtype: torch.dtype | None) -> str | None:
-            return str(dtype).removeprefix("torch.") if dtype is not None else None
+            return dtype_name(dtype) if dtype is not None else None
 
         return {
             "mode": self.mode,
@@ -266,8 +267,8 @@ class StepSpec:
     def describe(self, batch_size: int | None = None) -> str:
         """The step in words, e.g. "training step (the second: optimizer state exists) with adam,
         float32 with bfloat16 autocast, cpu, batch 128"."""
-        dtype = str(self.dtype).removeprefix("torch.")
-        precision = dtype + (f" with {str(self.autocast_dtype).removeprefix('torch.')} autocast" if self.amp else "")
+        dtype = dtype_name(self.dtype)
+        precision = dtype + (f" with {dtype_name(self.autocast_dtype)} autocast" if self.amp else "")
         if self.mode == "train":
             name = "training step" if self.step is None else f"step {self.step_name}"
             step = f"{name} (the second: optimizer state exists) with {self.optimizer_name}"
@@ -275,7 +276,7 @@ class StepSpec:
             step = self.title
         words = [step, precision, self.device_type]
         if self.input_dtype is not None and self.input_dtype != self.dtype:
-            words.append(f"{str(self.input_dtype).removeprefix('torch.')} inputs")
+            words.append(f"{dtype_name(self.input_dtype)} inputs")
         if self.memory_format != "contiguous":
             words.append(self.memory_format.replace("_", "-"))
         if self.ddp is not None:
@@ -317,7 +318,7 @@ def load_step(path: str) -> StepFunction:
 
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran."""
-    return NinlabError(f"the step {spec.step_name} raised on {where}: {_one_line(error)}")
+    return NinlabError(f"the step {spec.step_name} raised on {where}: {one_line(error)}")
 
 
 def optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
@@ -340,11 +341,6 @@ def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
 def _callable_name(function: Callable[..., Any]) -> str:
     inner = getattr(function, "func", function)  # a functools.partial: the function it binds
     return getattr(inner, "__qualname__", None) or type(inner).__name__
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _input_sizes(size: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:

@@ -34,6 +34,7 @@ from ninlab.analysis.refusals import cannot_run, check_traceable
 from ninlab.analysis.step import Mode, StepSpec, step_spec, valid_batch_size
 from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
 from ninlab.errors import NinlabError
+from ninlab.units import dtype_name
 
 __all__ = [
     "InputReach",
@@ -232,9 +233,9 @@ def summarize(
     return Summary(
         model=model_name or type(model).__name__,
         input_sizes=spec.input_sizes,
-        input_dtype=str(spec.tensor_input_dtype).removeprefix("torch."),
+        input_dtype=dtype_name(spec.tensor_input_dtype),
         batch_size=batch_size,
-        dtype=str(spec.dtype).removeprefix("torch."),
+        dtype=dtype_name(spec.dtype),
         layers=layers,
         totals=_totals(model, forward, training, layers),
         smallest_input_size=smallest,

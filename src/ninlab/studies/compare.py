@@ -24,6 +24,7 @@ from ninlab.training.data import FashionMNIST
 from ninlab.training.presets import TrainConfig
 from ninlab.training.progress import Reporter
 from ninlab.training.train import train
+from ninlab.units import dtype_name
 
 __all__ = [
     "METRICS",
@@ -159,7 +160,7 @@ def compare(
     return Comparison(
         input_size=step.input_size,
         batch_size=batch_size,
-        dtype=str(step.dtype).removeprefix("torch."),
+        dtype=dtype_name(step.dtype),
         optimizer=step.optimizer_name,
         variants=variants,
         preset=training.preset if training else None,

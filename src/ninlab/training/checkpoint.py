@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 from ninlab.outputs import atomic_write, disk_error
 from ninlab.training import distributed
 from ninlab.training.presets import TrainConfig
@@ -69,8 +69,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             raise cause from None
         if isinstance(cause, OSError):
             raise NinlabError(f"{disk_error(path, cause)}; {previous}") from None
-        reason = str(error).strip().splitlines()[0][:120]
-        raise NinlabError(f"could not write checkpoint {path} ({reason}); {previous}") from None
+        raise NinlabError(f"could not write checkpoint {path} ({one_line(error)}); {previous}") from None
     except NinlabError as error:  # atomic_write's own: opening, flushing or renaming
         raise NinlabError(f"{error}; {previous}") from None
 
@@ -118,9 +117,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise NinlabError(
-            f"{path} is truncated or not a checkpoint ({first_line[:120]}); use an intact checkpoint.pt "
+            f"{path} is truncated or not a checkpoint ({one_line(error)}); use an intact checkpoint.pt "
             "written by 'ninlab train'"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -215,7 +213,7 @@ def restore_run(
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise NinlabError(
-            f"the checkpoint's weights do not fit its own configuration ({str(error)[:100]})"
+            f"the checkpoint's weights do not fit its own configuration ({one_line(error)})"
         ) from None
     if len(state["rng"]) != context.world_size:
         raise NinlabError(

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 from ninlab.models import build_nin, parse_variant
 from ninlab.training import distributed
 from ninlab.training.checkpoint import load_checkpoint
@@ -169,7 +169,7 @@ def load_trained_model(path: str | os.PathLike[str], *, device: torch.device | s
     except RuntimeError as error:
         raise NinlabError(
             f"{path}: the saved weights do not fit variant {config.variant!r} "
-            f"({str(error).splitlines()[0][:100]}...); was the checkpoint edited or the registry changed?"
+            f"({one_line(error)}); was the checkpoint edited or the registry changed?"
         ) from None
     return TrainedModel(model.to(device).eval(), config, int(state["epoch"]), Path(path))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 from ninlab.models import parse_variant
 from ninlab.training.data import CLASS_NAMES
 from ninlab.training.pipeline import batches_per_epoch
@@ -104,8 +104,7 @@ def check_compiler(device: torch.device) -> None:
     try:
         cpp_builder.get_cpp_compiler()
     except (InvalidCxxCompiler, OSError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else "none found"
         raise NinlabError(
-            f"--compile needs a working C++ compiler ({reason}); install g++ (or set $CXX) or "
+            f"--compile needs a working C++ compiler ({one_line(error)}); install g++ (or set $CXX) or "
             "drop --compile"
         ) from None

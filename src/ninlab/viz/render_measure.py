@@ -7,10 +7,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from ninlab.analysis.measure import Measurement
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.units import dtype_name
 from ninlab.viz.table import TextTable
 
 __all__ = ["measurement_json", "measurement_table", "measurement_text"]
@@ -55,10 +54,6 @@ def _fixed_width(table: TextTable, row: Sequence[str]) -> str:
     return " ".join(cells[:-1]) + "  " + cells[-1]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def measurement_text(
     model_name: str, results: Sequence[Measurement], predictions: Sequence[MemoryReport]
 ) -> str:
@@ -66,7 +61,7 @@ def measurement_text(
     and each step's baseline."""
     first = results[0]
     amp = first.spec.autocast_dtype
-    precision = _dtype_name(first.spec.dtype) + (f" + {_dtype_name(amp)} autocast" if amp else "")
+    precision = dtype_name(first.spec.dtype) + (f" + {dtype_name(amp)} autocast" if amp else "")
     size = " and ".join("x".join(map(str, size)) for size in first.spec.input_sizes)
     table = measurement_table(results, predictions)
     setup = (
