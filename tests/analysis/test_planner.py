@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ninlab.analysis.measure import measure
-from ninlab.analysis.planner import plan_budget
+from ninlab.analysis.planner import ALTERNATIVE_KINDS, plan_budget
 from ninlab.analysis.predict import predict_memory
 
 INPUT = (3, 8, 8)
@@ -43,3 +43,14 @@ def test_a_plan_when_the_batch_does_not_fit_as_given() -> None:
     for option in (best, options["checkpoint all blocks"]):
         predicted = predict_memory(net(), option.spec, batch_size=batch)
         assert measure(net(), option.spec, batch_size=batch).live_peak_bytes == predicted.live_peak_bytes
+
+
+def test_every_kind_of_alternative_is_listed_once_and_ranked_apart() -> None:
+    kinds = [kind.kind for kind in ALTERNATIVE_KINDS]
+    assert kinds == ["autocast", "checkpointing", "accumulation", "optimizer"]
+    # the tie-break prefers what changes the least: accumulation, bf16, checkpointing, optimizer
+    preferences = sorted(ALTERNATIVE_KINDS, key=lambda kind: kind.preference)
+    assert [kind.kind for kind in preferences] == ["accumulation", "autocast", "checkpointing", "optimizer"]
+    assert len({kind.preference for kind in ALTERNATIVE_KINDS}) == len(kinds) and min(k.preference for k in ALTERNATIVE_KINDS) > 0
+    plan = plan_budget(net(), input_size=INPUT, optimizer="sgd-momentum", budget="1GiB", batch_size=4)
+    assert [option.kind for option in plan.options] == ["as given", "autocast", "checkpointing", "checkpointing", "checkpointing", "checkpointing", "accumulation", "optimizer", "optimizer"]

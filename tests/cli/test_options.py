@@ -17,7 +17,7 @@ from ninlab.cli.options import (
     FORMAT,
     OPTIMIZER,
     Flag,
-    step_spec,
+    spec_from_args,
     training_overrides,
 )
 from ninlab.training.presets import PRESETS, TrainConfig
@@ -148,7 +148,7 @@ def test_bf16_autocast_is_accepted_wherever_amp_is():
             config = dataclasses.replace(PRESETS["default"], **training_overrides(args))
             assert config.amp == "bf16"
         else:
-            assert step_spec(args).amp == "bf16"
+            assert spec_from_args(args).amp == "bf16"
 
 
 def test_step_options_are_the_step_spec_they_describe():
@@ -157,12 +157,12 @@ def test_step_options_are_the_step_spec_they_describe():
          "--optimizer", "adam", "--amp", "fp16", "--device", "cuda", "--grad-mode",
          "inference_mode", "--channels-last"]
     )
-    assert step_spec(args) == StepSpec(
+    assert spec_from_args(args) == StepSpec(
         input_size=(3, 96, 96), mode="infer", optimizer="adam", dtype="bfloat16", amp="fp16",
         device_type="cuda", grad_mode="inference_mode", memory_format="channels_last",
     )
     # Nothing given: StepSpec's own defaults, for the model options' input and dtype.
-    assert step_spec(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()
+    assert spec_from_args(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()
 
 
 def test_compare_keeps_its_step_and_its_training_apart():
@@ -170,7 +170,7 @@ def test_compare_keeps_its_step_and_its_training_apart():
         ["compare", "nin-d2l", "--batch", "4", "--amp", "fp16", "--epochs", "2", "--seed", "0"]
     )
     assert training_overrides(args) == {"epochs": 2, "seed": 0}
-    assert step_spec(args).amp == "fp16" and args.batch == 4
+    assert spec_from_args(args).amp == "fp16" and args.batch == 4
 
 
 @pytest.mark.parametrize(

@@ -440,7 +440,7 @@ def measure(
     if spec.mode == "train":
         model.train()
         # The loss fits the output (lazy modules get their shapes here).
-        targets = builtin_targets(_probe(model, inputs, spec), device)
+        targets = builtin_targets(_checked_forward(model, inputs, spec), device)
         _release_probe_blocks(device)
         optimizer = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
@@ -460,7 +460,7 @@ def measure(
 
     else:
         model.eval()
-        _probe(model, inputs, spec)  # lazy modules get their shapes before the baseline counts them
+        _checked_forward(model, inputs, spec)  # lazy modules get their shapes before the baseline counts them
         _release_probe_blocks(device)
 
         def step() -> object:
@@ -543,7 +543,7 @@ def measure(
     )
 
 
-def _probe(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: StepSpec) -> Any:
+def _checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: StepSpec) -> Any:
     """One forward without autograd; a model that rejects the batch says why in one line."""
     try:
         with torch.no_grad():

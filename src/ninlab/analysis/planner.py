@@ -17,8 +17,9 @@ a tie, the one that changes the least: accumulation (the same arithmetic, in par
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,10 +33,30 @@ from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
 from ninlab.units import format_bytes, format_flops, parse_bytes
 
-__all__ = ["BudgetPlan", "PlanOption", "plan_budget"]
+__all__ = ["ALTERNATIVE_KINDS", "Alternative", "AlternativeKind", "BudgetPlan", "PlanOption", "plan_budget"]
 
 _OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
-_PREFERENCE = {"as given": 0, "accumulation": 1, "autocast": 2, "checkpointing": 3, "optimizer": 4}
+
+
+class Alternative(NamedTuple):
+    """A step to plan for: its name in the plan, its kind (`ALTERNATIVE_KINDS`), the step itself,
+    and for accumulation the number of micro-batches."""
+
+    name: str
+    kind: str
+    spec: StepSpec
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class AlternativeKind:
+    """A way to change a step's memory: `alternatives(model, spec, budget_bytes, batch_size)`
+    builds its steps (none where it does not apply); on a tie in compute the recommendation
+    takes the kind of the lowest `preference`, the one that changes the least."""
+
+    kind: str
+    preference: int
+    alternatives: Callable[[nn.Module, StepSpec, int, int], list[Alternative]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,7 @@ class PlanOption:
     batch asked for, in `micro_batches` parts), and the compute of a step at the requested batch."""
 
     name: str  # "as given", "bf16 autocast", "checkpoint 0", "accumulate 4 x 32", "adam", ...
-    kind: str  # "as given", "autocast", "checkpointing", "accumulation" or "optimizer"
+    kind: str  # "as given", or an `AlternativeKind`'s kind
     spec: StepSpec  # the step to run: predict, measure or train with it
     largest_batch: int  # 0: not even batch 1 fits
     peak_bytes: int  # the allocator's peak at the requested batch
@@ -91,11 +112,9 @@ def plan_budget(
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    alternatives = [("as given", "as given", spec, 1)]
-    alternatives += _autocast(spec)
-    alternatives += _checkpointing(model, spec)
-    alternatives += _accumulation(model, spec, budget_bytes, batch_size)
-    alternatives += _optimizers(spec)
+    alternatives = [Alternative("as given", "as given", spec)]
+    for kind in ALTERNATIVE_KINDS:
+        alternatives += kind.alternatives(model, spec, budget_bytes, batch_size)
     options = tuple(
         _option(model, name, kind, alternative, micro_batches, budget_bytes, batch_size)
         for name, kind, alternative, micro_batches in alternatives
@@ -132,15 +151,15 @@ def _option(
 # -- the alternatives ----------------------------------------------------------------------------
 
 
-def _autocast(spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+def _bf16_autocast(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
     if spec.amp is not None:
         return []
     if spec.step is None:
-        return [("bf16 autocast", "autocast", spec.replace(amp="bf16"), 1)]
-    return [("bf16 autocast", "autocast", spec.replace(step=_under_autocast(spec.step)), 1)]
+        return [Alternative("bf16 autocast", "autocast", spec.replace(amp="bf16"))]
+    return [Alternative("bf16 autocast", "autocast", spec.replace(step=_under_autocast(spec.step)))]
 
 
-def _checkpointing(model: nn.Module, spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+def _checkpointing(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
     blocks = tuple(
         name for name, child in model.named_children() if any(True for _ in child.parameters())
     )
@@ -148,16 +167,17 @@ def _checkpointing(model: nn.Module, spec: StepSpec) -> list[tuple[str, str, Ste
         return []
     step = spec.step_function()
     alternatives = [
-        (f"checkpoint {name}", "checkpointing", _with_step(spec, _checkpointed((name,), step)), 1) for name in blocks
+        Alternative(f"checkpoint {name}", "checkpointing", _with_step(spec, _checkpointed((name,), step)))
+        for name in blocks
     ]
     if len(blocks) > 1:
-        alternatives.append(("checkpoint all blocks", "checkpointing", _with_step(spec, _checkpointed(blocks, step)), 1))
+        alternatives.append(
+            Alternative("checkpoint all blocks", "checkpointing", _with_step(spec, _checkpointed(blocks, step)))
+        )
     return alternatives
 
 
-def _accumulation(
-    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
-) -> list[tuple[str, str, StepSpec, int]]:
+def _accumulation(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
     """The fewest micro-batches (2, 4, 8, ...) whose step fits the requested batch; accumulation is
     built from the built-in step, so a step function of the user's gets none."""
     if spec.step is not None or batch_size < 2:
@@ -171,17 +191,28 @@ def _accumulation(
     micro_batches = min(micro_batches, batch_size)
     alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
     size = -(-batch_size // micro_batches)
-    return [(f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches)]
+    return [Alternative(f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches)]
 
 
-def _optimizers(spec: StepSpec) -> list[tuple[str, str, StepSpec, int]]:
+def _optimizers(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
     if not isinstance(spec.optimizer, OptimizerSpec):
         return []  # a factory of the user's: its optimizers are its own
     return [
-        (name, "optimizer", spec.replace(optimizer=OptimizerSpec(name=name, lr=spec.optimizer.lr)), 1)
+        Alternative(name, "optimizer", spec.replace(optimizer=OptimizerSpec(name=name, lr=spec.optimizer.lr)))
         for name in _OPTIMIZERS
         if name != spec.optimizer.name
     ]
+
+
+# Every kind of alternative, in the order the plan lists them; a new way to save memory is a
+# function above and a row here.
+ALTERNATIVE_KINDS: tuple[AlternativeKind, ...] = (
+    AlternativeKind("autocast", 2, _bf16_autocast),
+    AlternativeKind("checkpointing", 3, _checkpointing),
+    AlternativeKind("accumulation", 1, _accumulation),
+    AlternativeKind("optimizer", 4, _optimizers),
+)
+_PREFERENCE = {"as given": 0, **{kind.kind: kind.preference for kind in ALTERNATIVE_KINDS}}
 
 
 def _with_step(spec: StepSpec, step: StepFunction) -> StepSpec:

@@ -21,7 +21,7 @@ from ninlab.cli.options import (
     add_training_options,
     load_data,
     runs_on_device,
-    step_spec,
+    spec_from_args,
     training_overrides,
 )
 from ninlab.studies.compare import TrainPlan, compare
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         chart_path(args.plot, option="--plot")  # refuse a bad file name before the work
     comparison = compare(
         args.specs,
-        step_spec(args),
+        spec_from_args(args),
         batch_size=args.batch,
         training=_plan(args) if args.train else None,
     )

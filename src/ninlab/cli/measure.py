@@ -17,7 +17,7 @@ from ninlab.cli.options import (
     model_choice,
     positive_int,
     runs_on_device,
-    step_spec,
+    spec_from_args,
 )
 from ninlab.viz.render_measure import measurement_json, measurement_text
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
-    step = step_spec(args)
+    step = spec_from_args(args)
     specs = [step] if args.mode else [step, step.inference()]
     if args.threads is not None:
         torch.set_num_threads(args.threads)

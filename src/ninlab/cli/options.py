@@ -3,8 +3,8 @@ of a training recipe, is a `Flag` here, defined once (names, help, choices, rang
 reaches a command through a group:
 
 - model options: which model and the batch (`model_choice`); one sample's size, the inputs'
-  dtype and range and the dtype describe the step, so `step_spec` reads them;
-- step options: the step to account for or run (`step_spec` turns them into a `StepSpec`);
+  dtype and range and the dtype describe the step, so `spec_from_args` reads them;
+- step options: the step to account for or run (`spec_from_args` turns them into a `StepSpec`);
 - training options: a recipe's settings over a preset (`training_overrides`);
 - chart options: the geometry picture's layer and the largest-batch question's budget;
 - data options: where Fashion-MNIST comes from (`load_data`);
@@ -70,7 +70,7 @@ __all__ = [
     "path_name",
     "positive_int",
     "runs_on_device",
-    "step_spec",
+    "spec_from_args",
     "training_overrides",
 ]
 
@@ -362,7 +362,7 @@ FLAGS: tuple[Flag, ...] = tuple(
 @dataclass(frozen=True)
 class ModelChoice:
     """The model options but the step's (--input, --input-dtype, --input-range, --dtype), which
-    `step_spec` reads: the model as named, and the batch."""
+    `spec_from_args` reads: the model as named, and the batch."""
 
     name: str
     model: nn.Module
@@ -421,7 +421,7 @@ def add_step_options(
     STEP.add(group, shown="the built-in step")
 
 
-def step_spec(args: argparse.Namespace, **fields: Any) -> StepSpec:
+def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
     """The `StepSpec` of the model and step options given, for --input and --dtype; `fields` are
     what the command itself decides (a mode). StepSpec checks every value, once."""
     given = {

@@ -14,7 +14,7 @@ from ninlab.cli.options import (
     add_output_option,
     add_step_options,
     model_choice,
-    step_spec,
+    spec_from_args,
 )
 from ninlab.studies.memory import study_batch
 from ninlab.viz.charts import (
@@ -81,7 +81,7 @@ def _chart(kind: str, choice: ModelChoice, spec: StepSpec, layer: str | None, bu
 def run(args: argparse.Namespace) -> int:
     chart_path(args.output)  # refuse a bad file name before the work
     choice = model_choice(args)
-    spec = step_spec(args)  # checked for every kind, so a bad step option is never ignored
+    spec = spec_from_args(args)  # checked for every kind, so a bad step option is never ignored
     chart = _chart(args.kind, choice, spec, args.layer, args.budget)
     print(f"wrote {save_chart(chart, args.output)}")
     return 0

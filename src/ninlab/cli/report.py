@@ -11,7 +11,7 @@ from ninlab.cli.options import (
     add_output_option,
     add_step_options,
     model_choice,
-    step_spec,
+    spec_from_args,
 )
 from ninlab.studies.report import study_model
 from ninlab.viz.report import build_report, report_path
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     study = study_model(
         choice.model,
-        step_spec(args),
+        spec_from_args(args),
         batch_size=choice.batch,
         budget=args.budget,
         model_name=choice.name,

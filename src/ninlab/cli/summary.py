@@ -12,7 +12,7 @@ from ninlab.cli.options import (
     add_model_options,
     add_step_options,
     model_choice,
-    step_spec,
+    spec_from_args,
 )
 from ninlab.studies.memory import study_batch
 from ninlab.viz.render import print_summary, summary_csv, summary_json, summary_markdown
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
-    spec = step_spec(args, mode=args.mode or default_mode(choice.model))
+    spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
     summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
     if args.format == "csv":  # one row per module: the memory section has no place there
         print(summary_csv(summary), end="")

@@ -379,7 +379,7 @@ def _build(
             context.device,
             available=available_memory(context.device),
         )
-    model = model.to(context.device, memory_format=_memory_format(config))
+    model = model.to(context.device, memory_format=_config_memory_format(config))
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
     torch.manual_seed(config.seed + context.rank)
@@ -402,7 +402,7 @@ def _optimizer_spec(config: TrainConfig) -> OptimizerSpec:
     )
 
 
-def _memory_format(config: TrainConfig) -> torch.memory_format:
+def _config_memory_format(config: TrainConfig) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
@@ -452,7 +452,7 @@ def _epoch_batches(
 def _training_batch(run: _Run, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images gathered, resized and scaled on the device, in the network's memory format; labels."""
     images = run.train_split.images[indices]
-    inputs = run.transform(images).contiguous(memory_format=_memory_format(run.config))
+    inputs = run.transform(images).contiguous(memory_format=_config_memory_format(run.config))
     return inputs, run.train_split.labels[indices]
 
 

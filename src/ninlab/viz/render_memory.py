@@ -33,7 +33,7 @@ def _bytes(count: float) -> str:
     return f"{format_bytes(int(count))} ({int(count):,} bytes)"
 
 
-def _where(op: str, phase: str, module: str, module_type: str = "", node: str = "") -> str:
+def _op_place(op: str, phase: str, module: str, module_type: str = "", node: str = "") -> str:
     layer = f"layer {module} ({module_type})" if module else "outside any module"
     return f"{op.removeprefix('aten.').removesuffix('.default')} in {phase}, {layer}{f', {node}' if node else ''}"
 
@@ -51,7 +51,7 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         peak = report.peak
         lines.append(
             f"Live tensor peak: {_bytes(report.live_peak_bytes)}, during "
-            f"{_where(peak.op, peak.phase, peak.module, peak.module_type, peak.autograd_node)}"
+            f"{_op_place(peak.op, peak.phase, peak.module, peak.module_type, peak.autograd_node)}"
         )
     else:
         lines.append(f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see the note)")
@@ -60,7 +60,7 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         extra = allocator.workspace_bytes or allocator.rounding_bytes
         kind = "kernel workspace" if allocator.workspace_bytes else "block rounding"
         lines.append(
-            f"Allocator peak: {'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, during {_where(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
+            f"Allocator peak: {'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, during {_op_place(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
             f"{format_bytes(allocator.live_bytes)} of tensors + {format_bytes(extra)} of {kind}"
         )
         lines.append(f"Allocator rules: {allocator.method}")

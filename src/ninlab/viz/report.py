@@ -220,7 +220,7 @@ def _flops_section(report: Report) -> str:
     )
 
 
-def _where(module: str, module_type: str) -> str:
+def _layer_or_loss(module: str, module_type: str) -> str:
     return f"{module} ({module_type})" if module else "code outside any module (the loss)"
 
 
@@ -230,9 +230,9 @@ def _peak_text(report: MemoryReport) -> str:
     peak, allocator = report.peak, report.allocator
     text = (
         f"Live tensor storage peaks at {_e(format_bytes(report.live_peak_bytes))} ({report.live_peak_bytes:,} bytes) "
-        f"during <code>{_e(peak.op)}</code> in {_e(_where(peak.module, peak.module_type))}, {_e(peak.phase)} phase. "
+        f"during <code>{_e(peak.op)}</code> in {_e(_layer_or_loss(peak.module, peak.module_type))}, {_e(peak.phase)} phase. "
         f"The allocator holds at most {_e(format_bytes(allocator.peak_bytes))} ({allocator.peak_bytes:,} bytes), "
-        f"during <code>{_e(allocator.op)}</code> in {_e(_where(allocator.module, allocator.module_type))}, {_e(allocator.phase)} phase "
+        f"during <code>{_e(allocator.op)}</code> in {_e(_layer_or_loss(allocator.module, allocator.module_type))}, {_e(allocator.phase)} phase "
         f"({_e(format_bytes(allocator.workspace_bytes + allocator.rounding_bytes))} beyond the live tensors then: "
         f"{_e(allocator.method)})."
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ninlab.analysis.allocator.blocks import KernelAllocation, frees, memory_format
+from ninlab.analysis.allocator.blocks import KernelAllocation, dense_memory_format, frees
 from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
 
 __all__ = ["batch_norm_backward_allocations", "batch_norm_forward_allocations"]
@@ -41,7 +41,7 @@ def _forward_blocks(args: Sequence[Any], *, training: bool) -> KernelBlocks:
             training=training,
             running_stats=running_mean is not None,
             itemsize=input.dtype.itemsize,
-            channels_last=memory_format(input) == torch.channels_last,
+            channels_last=dense_memory_format(input) == torch.channels_last,
             threads=torch.get_num_threads(),
         )
     )
@@ -56,13 +56,13 @@ def batch_norm_backward(args: Sequence[Any]) -> KernelBlocks:
             "reduced-precision batch norm backward "
             "(the float32 temporaries of a mixed-type kernel)",
         )
-    contiguous = memory_format(input) == memory_format(grad_output) is not None
+    contiguous = dense_memory_format(input) == dense_memory_format(grad_output) is not None
     return KernelBlocks(
         batch_norm_backward_allocations(
             input_shape=tuple(input.shape),
             contiguous=contiguous,
             output_mask=tuple(args[9]),
-            channels_last=contiguous and memory_format(input) == torch.channels_last,
+            channels_last=contiguous and dense_memory_format(input) == torch.channels_last,
             threads=torch.get_num_threads(),
         )
     )

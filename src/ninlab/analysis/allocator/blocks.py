@@ -13,8 +13,8 @@ import torch
 __all__ = [
     "KernelAllocation",
     "conv_output_shape",
+    "dense_memory_format",
     "frees",
-    "memory_format",
     "onednn_channel_block",
     "pad",
     "peak_above_start_bytes",
@@ -60,7 +60,7 @@ def pad(channels: int, block: int) -> int:
     return -(-channels // block) * block
 
 
-def memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
+def dense_memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
     """As ATen's suggest_memory_format + is_contiguous: the dense layout a tensor is in, or None."""
     channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
     if channels_last and not tensor.is_contiguous():

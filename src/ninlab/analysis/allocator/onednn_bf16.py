@@ -57,8 +57,8 @@ import torch
 from ninlab.analysis.allocator.blocks import (
     KernelAllocation,
     conv_output_shape,
+    dense_memory_format,
     frees,
-    memory_format,
     pad,
 )
 from ninlab.analysis.allocator.conv_call import ConvCall
@@ -104,7 +104,7 @@ def bf16_conv_blocks(conv: ConvCall) -> KernelBlocks:
             copies_input=channels_last
             and not conv.input.is_contiguous(memory_format=torch.channels_last),
             copies_weight=channels_last
-            and memory_format(conv.weight) != torch.channels_last
+            and dense_memory_format(conv.weight) != torch.channels_last
             and not conv.weight.is_contiguous(memory_format=torch.channels_last),
         )
     return bf16_conv_backward_allocations(

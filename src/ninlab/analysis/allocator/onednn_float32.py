@@ -54,8 +54,8 @@ import torch
 from ninlab.analysis.allocator.blocks import (
     KernelAllocation,
     conv_output_shape,
+    dense_memory_format,
     frees,
-    memory_format,
     onednn_channel_block,
     pad,
 )
@@ -187,7 +187,7 @@ def _call_allocations(conv: ConvCall) -> tuple[KernelAllocation, ...]:
                 conv.input.shape, conv.weight.shape, stride, padding, dilation
             ),
             copies_input=not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=memory_format(conv.weight) != torch.channels_last
+            copies_weight=dense_memory_format(conv.weight) != torch.channels_last
             and not conv.weight.is_contiguous(memory_format=torch.channels_last),
             block=onednn_channel_block(),
             threads=torch.get_num_threads(),
