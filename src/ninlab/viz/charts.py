@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import matplotlib
 
@@ -34,8 +34,10 @@ from ninlab.units import format_bytes, format_count, format_flops
 
 if TYPE_CHECKING:
     from ninlab.studies.compare import Comparison
+    from ninlab.studies.memory import BatchStudy
 
 __all__ = [
+    "CHART_BUILDERS",
     "AxisPicture",
     "BatchChart",
     "Chart",
@@ -47,6 +49,7 @@ __all__ = [
     "SavedChart",
     "TimelineChart",
     "batch_chart",
+    "chart_of_kind",
     "chart_path",
     "chart_png",
     "chart_svg",
@@ -751,6 +754,23 @@ _DRAWERS: dict[type, Callable[..., Figure]] = {
     BatchChart: _draw_batch,
     CompareChart: _draw_compare,
 }
+
+
+# How each kind of `ninlab plot` (`ninlab.studies.charts.CHART_KINDS`) is drawn from its source.
+CHART_BUILDERS: dict[str, Callable[[Any, str | None, str], Chart]] = {
+    "geometry": lambda summary, layer, model: geometry_chart(summary, layer=layer),
+    "receptive-field": lambda summary, layer, model: field_chart(summary),
+    "flops": lambda summary, layer, model: flops_chart(summary),
+    "timeline": lambda report, layer, model: timeline_chart(report),
+    "saved": lambda report, layer, model: saved_chart(report),
+    "batch": lambda study, layer, model: batch_chart(study.scaling, study.fit, model=model, mode="train"),
+}
+
+
+def chart_of_kind(kind: str, source: Summary | MemoryReport | BatchStudy, *, layer: str | None, model: str) -> Chart:
+    """Chart `kind` drawn from `source`, the result `ninlab.studies.charts.chart_source` gives;
+    `layer` picks the geometry picture's layer, `model` names the model in the batch chart."""
+    return CHART_BUILDERS[kind](source, layer, model)
 
 
 def draw(chart: Chart) -> Figure:
