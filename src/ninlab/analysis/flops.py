@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ninlab.analysis.torch_internals import OpOverload
+
 __all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops"]
 
 CONVENTION = (
@@ -112,7 +114,7 @@ def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) 
     return total
 
 
-def op_flops(func: torch._ops.OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
+def op_flops(func: OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     """FLOPs of one call of an aten op; 0 for ops that the convention does not count."""
     rule = _RULES.get(func.overloadpacket)
     return rule(args, outputs) if rule else 0

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.torch_internals import EventType
 from ninlab.units import format_bytes
 
 __all__ = [
@@ -191,7 +191,7 @@ def allocation_records(tree: Sequence[Any]) -> list[tuple[int, int, int]]:
     pending = list(tree)
     while pending:
         event = pending.pop()
-        if event.typed[0] == _EventType.Allocation:
+        if event.typed[0] == EventType.Allocation:
             fields = event.typed[1]
             records.append((event.start_time_ns, fields.ptr, fields.alloc_size))
         pending += event.children

@@ -46,12 +46,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._C._autograd import DeviceType
-from torch._C._profiler import _EventType
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
@@ -68,16 +64,21 @@ from ninlab.analysis.step import (
     step_spec,
     valid_batch_size,
 )
+from ninlab.analysis.torch_internals import (
+    DeviceType,
+    EventType,
+    TorchDispatchMode,
+    composite_kernel,
+    runs_as_composite_parts,
+    storage_address,
+    tree_flatten,
+)
 from ninlab.analysis.trace import collector_off
 from ninlab.errors import NinlabError
 
 __all__ = ["Baseline", "Measurement", "measure"]
 
 _STEP_MARK = "ninlab.measured_step"
-_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
-_CPU = torch._C.DispatchKey.CPU
-_EXPLICIT = torch._C.DispatchKey.CompositeExplicitAutograd
-_EXPLICIT_NON_FUNCTIONAL = torch._C.DispatchKey.CompositeExplicitAutogradNonFunctional
 _PHASE_MARK = "ninlab.phase."
 
 
@@ -150,7 +151,7 @@ class _LiveStorage(TorchDispatchMode):
         self.count_storage(tensor.untyped_storage(), op)
 
     def count_storage(self, storage: torch.UntypedStorage, op: str) -> None:
-        key = storage._cdata  # the C++ StorageImpl: one per storage, however many views
+        key = storage_address(storage)  # the C++ StorageImpl: one per storage, however many views
         if key in self._alive or storage.nbytes() == 0:
             return
         nbytes = storage.nbytes()
@@ -171,9 +172,9 @@ class _LiveStorage(TorchDispatchMode):
         # Run a composite op as its C++ kernel would, under this mode so its parts are counted.
         # Not `func.decompose()`: that prefers Python decompositions (native_batch_norm becomes
         # _native_batch_norm_legit), which would change the program being measured.
-        if _composite_only(func.name()):
+        if runs_as_composite_parts(func.name()):
             with self:
-                return func._op_dk(_COMPOSITE, *args, **kwargs)
+                return composite_kernel(func)(*args, **kwargs)
         if func.namespace == "profiler":  # an annotation (optimizers mark their step): not work
             return func(*args, **kwargs)
         if self._phases is not None:
@@ -184,15 +185,6 @@ class _LiveStorage(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 self.count(tensor, str(func))
         return output
-
-
-def _composite_only(name: str) -> bool:
-    """Whether op `name` has only its CompositeImplicitAutograd kernel, so that the CPU runs it
-    as its parts; an op with a CPU kernel too (silu_backward) runs that kernel."""
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    if not has_kernel(name, _COMPOSITE):
-        return False
-    return not any(has_kernel(name, key) for key in (_CPU, _EXPLICIT, _EXPLICIT_NON_FUNCTIONAL))
 
 
 class _PhaseMarks(TorchFunctionMode):
@@ -229,8 +221,8 @@ def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
     total = 0
     for tensor in tensors:
         storage = tensor.untyped_storage()
-        if storage._cdata not in seen:
-            seen.add(storage._cdata)
+        if storage_address(storage) not in seen:
+            seen.add(storage_address(storage))
             total += storage.nbytes()
     return total
 
@@ -252,7 +244,7 @@ def _baseline(
         input_bytes=_storage_bytes(list(inputs), seen),
         targets_bytes=_storage_bytes([] if targets is None else [targets], seen),
     )
-    other = sum(storage.nbytes() for storage in survivors if storage._cdata not in seen)
+    other = sum(storage.nbytes() for storage in survivors if storage_address(storage) not in seen)
     return dataclasses.replace(counted, other_bytes=other)
 
 
@@ -339,7 +331,7 @@ def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
     pending = list(tree)
     while pending:
         event = pending.pop()
-        if event.typed[0] != _EventType.TorchOp:
+        if event.typed[0] != EventType.TorchOp:
             continue
         if event.name.startswith("aten::") and not _composite_name(event.name):
             spans.append((event.start_time_ns, event.end_time_ns, event.name))
@@ -384,10 +376,10 @@ def _composite_name(profiled: str) -> bool:
 
 
 def _composite_kind(name: str) -> bool | None:
-    """`_composite_only` of an overload; None for one the dispatcher does not have (some exist
+    """`runs_as_composite_parts` of an overload; None for one the dispatcher does not have (some exist
     for TorchScript only, such as to.prim_Device)."""
     try:
-        return _composite_only(name)
+        return runs_as_composite_parts(name)
     except RuntimeError:
         return None
 

@@ -22,6 +22,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from typing_extensions import Self
 
+from ninlab.analysis.torch_internals import (
+    current_autograd_node,
+    record_function_enter,
+    record_function_exit,
+)
+
 __all__ = ["PHASES", "StepPhases"]
 
 PHASES = ("zero_grad", "forward", "loss", "backward", "recompute", "optimizer", "step")
@@ -29,8 +35,6 @@ _BACKWARD_CALLS = {torch.Tensor.backward, torch.autograd.backward, torch.autogra
 # Every torch optimizer marks its `step()` and `zero_grad()` for the profiler with an annotation
 # ("Optimizer.step#SGD.step"), a GradScaler's step included: the annotation is the phase, its
 # own two ops included.
-_ANNOTATION_START = torch.ops.profiler._record_function_enter_new
-_ANNOTATION_END = torch.ops.profiler._record_function_exit
 _OPTIMIZER_ANNOTATIONS = {"Optimizer.step#": "optimizer", "Optimizer.zero_grad#": "zero_grad"}
 
 
@@ -55,7 +59,7 @@ class StepPhases(TorchFunctionMode):
     def current(self) -> str:
         if self._optimizer_calls:
             return self._optimizer_calls[-1][0]
-        if self._backward_depth or torch._C._current_autograd_node() is not None:
+        if self._backward_depth or current_autograd_node() is not None:
             return "recompute" if self._forward_depth else "backward"
         if self._forward_depth:
             return "forward"
@@ -85,7 +89,7 @@ class StepPhases(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         packet = getattr(func, "overloadpacket", func)
-        if packet is _ANNOTATION_START:
+        if packet is record_function_enter:
             name = str(args[0])
             phase = next((p for prefix, p in _OPTIMIZER_ANNOTATIONS.items() if name.startswith(prefix)), None)
             if phase is not None:
@@ -93,7 +97,7 @@ class StepPhases(TorchFunctionMode):
                 handle = func(*args, **kwargs)
                 self._optimizer_calls[-1] = (phase, handle)
                 return handle
-        if packet is _ANNOTATION_END and self._optimizer_calls and args[0] is self._optimizer_calls[-1][1]:
+        if packet is record_function_exit and self._optimizer_calls and args[0] is self._optimizer_calls[-1][1]:
             try:
                 return func(*args, **kwargs)
             finally:

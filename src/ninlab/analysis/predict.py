@@ -58,9 +58,11 @@ from ninlab.analysis.memory_report import (
     TimelinePoint,
     layer_label,
 )
+from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
-from ninlab.analysis.trace import OpRecord, SavedTensor, StepRecording, collector_off, record_step
+from ninlab.analysis.torch_internals import DropoutBase
+from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name, format_bytes
 
@@ -408,7 +410,7 @@ def _forum_rule(
         if type(module).__module__ == "torch.nn.modules.activation":
             continue  # the post counts a conv and its ReLU as one layer
         nbytes = sum(prod(shape) * dtype.itemsize for shape, dtype in outputs)
-        layers.append((nbytes, isinstance(module, nn.modules.dropout._DropoutNd)))
+        layers.append((nbytes, isinstance(module, DropoutBase)))
     activations = sum(nbytes for nbytes, _ in layers)
     parameters = sum(record.nbytes for record in storages.values() if record.role == "parameter")
     kept = [nbytes for nbytes, dropout in layers if not dropout]
@@ -434,15 +436,20 @@ def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
             "this PyTorch build has no torch.distributed, so DDP's buckets cannot be laid out; "
             "drop --ddp"
         )
+    from ninlab.analysis.torch_internals import (
+        DEFAULT_FIRST_BUCKET_BYTES,
+        compute_bucket_assignment_by_size,
+    )
+
     mib = 1024 * 1024
     # _BucketCapacityConfig in torch/nn/parallel/distributed.py: the default cap is 25 MiB with a
     # 1 MiB first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES); a cap the user sets applies to all.
     cap = int((25 if spec.bucket_cap_mb is None else spec.bucket_cap_mb) * mib)
-    first_cap = dist._DEFAULT_FIRST_BUCKET_BYTES if spec.bucket_cap_mb is None else cap
+    first_cap = DEFAULT_FIRST_BUCKET_BYTES if spec.bucket_cap_mb is None else cap
     storages = step.recording.storages
     params = [storages[step.parameter_keys[name]] for name in step.gradient_order]
     tensors = [torch.empty(record.shape, dtype=record.dtype, device="meta") for record in params]
-    groups, _ = dist._compute_bucket_assignment_by_size(
+    groups, _ = compute_bucket_assignment_by_size(
         tensors, [first_cap, cap], [False] * len(tensors)
     )
     sizes = tuple(sum(params[i].nbytes for i in group) for group in groups)

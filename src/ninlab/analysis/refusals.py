@@ -12,14 +12,14 @@ import inspect
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (
+
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
     UnsupportedFakeTensorException,
     UnsupportedOperatorException,
 )
-
-from ninlab.analysis.step import StepSpec
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 

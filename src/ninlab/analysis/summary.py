@@ -30,9 +30,10 @@ from ninlab.analysis.geometry import (
     smallest_input_for_chain,
 )
 from ninlab.analysis.lazy import materialized
+from ninlab.analysis.recording import LayerInputTooSmall, OpRecord
 from ninlab.analysis.refusals import cannot_run, check_traceable
 from ninlab.analysis.step import Mode, StepSpec, step_spec, valid_batch_size
-from ninlab.analysis.trace import LayerInputTooSmall, OpRecord, StepRecording, record_step
+from ninlab.analysis.trace import StepRecording, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ninlab.analysis.torch_internals import BatchNormBase
 from ninlab.errors import NinlabError, one_line
 from ninlab.models import parse_variant
 from ninlab.training.data import CLASS_NAMES
@@ -43,7 +44,7 @@ def check_fits_data(model: nn.Module, config: TrainConfig, *, world_size: int) -
             f"--train-examples {examples} is too few for one training step on {world_size} "
             f"process(es); give at least {2 * world_size}"
         )
-    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_batch_norm = any(isinstance(m, BatchNormBase) for m in model.modules())
     if has_batch_norm and config.batch_size < 2 * world_size:
         raise NinlabError(
             f"--batch {config.batch_size} gives each of {world_size} process(es) a single image "
@@ -90,7 +91,7 @@ def check_memory(
 def check_compiler(device: torch.device) -> None:
     """torch.compile compiles at the first step: a C++ compiler on the CPU, Triton on CUDA."""
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
+        from ninlab.analysis.torch_internals import has_triton
 
         if not has_triton():
             raise NinlabError(
@@ -98,8 +99,7 @@ def check_compiler(device: torch.device) -> None:
                 "or drop --compile"
             )
         return
-    from torch._inductor import cpp_builder
-    from torch._inductor.exc import InvalidCxxCompiler
+    from ninlab.analysis.torch_internals import InvalidCxxCompiler, cpp_builder
 
     try:
         cpp_builder.get_cpp_compiler()

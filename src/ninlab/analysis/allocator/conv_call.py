@@ -10,7 +10,8 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from torch._prims_common import suggest_memory_format
+
+from ninlab.analysis.torch_internals import select_conv_backend, suggest_memory_format
 
 __all__ = ["ConvCall", "conv_backend"]
 
@@ -28,7 +29,7 @@ def conv_backend(
 ) -> str:
     """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
     of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
-    backend = torch._C._select_conv_backend(
+    backend = select_conv_backend(
         input, weight, bias, list(stride), list(padding), list(dilation), transposed,
         list(output_padding), groups, None,
     )

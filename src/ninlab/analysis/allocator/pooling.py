@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from ninlab.analysis.allocator.blocks import KernelAllocation, frees
 from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
+from ninlab.analysis.torch_internals import suggest_memory_format
 
 __all__ = ["max_pool_backward_allocations"]
 

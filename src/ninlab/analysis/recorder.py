@@ -1,0 +1,533 @@
+"""The recorder: a dispatch mode that records every aten op a step dispatches on fake tensors.
+
+Per op, a `Recorder` keeps the module running it (in backward too: the autograd node being executed
+is mapped back to the module whose forward created it), the phase of the step
+(`ninlab.analysis.phases`), its inputs and outputs, FLOPs, conv/pool window and the blocks its
+CPU kernel allocates; the storages ops make go to its `StorageLedger`, and as each backward
+begins, what autograd saved is harvested. Where being a dispatch mode would change the program,
+it follows the unwatched one, and where a fake kernel's outputs differ from the CPU kernel's
+(dtypes of statistics, layouts), it corrects them after the kernel. Ops run the quick way
+(`ninlab.analysis.fake_fast_path`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from typing_extensions import Self
+
+from ninlab.analysis.allocator import cpu_kernel_allocations
+from ninlab.analysis.fake_fast_path import (
+    PRIM_DEVICE,
+    FakeOutputs,
+    fake_device,
+    op_traits,
+    tensors_in,
+)
+from ninlab.analysis.flops import op_flops
+from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
+from ninlab.analysis.kernel_probe import KernelCall
+from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
+from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, TensorMeta, WindowOp
+from ninlab.analysis.step import output_tensors
+from ninlab.analysis.torch_internals import (
+    DisableTorchFunction,
+    FakeTensor,
+    FakeTensorMode,
+    TorchDispatchMode,
+    current_autograd_node,
+    make_contiguous_strides_for,
+    top_saved_tensors_hooks,
+)
+
+__all__ = ["Recorder"]
+
+aten = torch.ops.aten
+
+_POOLS = {
+    aten.max_pool1d_with_indices: ("max_pool", 1),
+    aten.max_pool2d_with_indices: ("max_pool", 2),
+    aten.max_pool3d_with_indices: ("max_pool", 3),
+    aten.avg_pool2d: ("avg_pool", 2),
+    aten.avg_pool3d: ("avg_pool", 3),
+}
+
+
+def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisParams, ...]] | None:
+    """The window of a conv/pool op, read from its aten arguments before it runs."""
+    packet = func.overloadpacket
+    if packet is aten.convolution and not args[6]:  # a transposed convolution is not a window
+        x, weight = args[0], args[1]
+        spatial = x.dim() - 2
+        axes = axes_from_torch(
+            ndim=spatial, kind="conv", kernel_size=tuple(weight.shape[2:]), stride=args[3], padding=args[4], dilation=args[5]
+        )
+        return "conv", axes
+    if packet in _POOLS:
+        kind, spatial = _POOLS[packet]
+        # max_pool: (self, kernel, stride, padding, dilation, ceil_mode);
+        # avg_pool: (self, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override).
+        stride = args[2] if len(args) > 2 else None
+        padding = args[3] if len(args) > 3 else 0
+        if kind == "max_pool":
+            dilation = args[4] if len(args) > 4 else 1
+            ceil_mode = bool(args[5]) if len(args) > 5 else False
+        else:
+            dilation, ceil_mode = 1, bool(args[4]) if len(args) > 4 else False
+        axes = axes_from_torch(
+            ndim=spatial, kind="pool", kernel_size=args[1], stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+        )
+        return kind, axes
+    return None
+
+
+class _ModuleStack:
+    """The innermost module running, in forward (hooks) and in backward (autograd node owners)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {module: name for name, module in model.named_modules()}
+        self.types = {name: type(module).__name__ for module, name in self.names.items()}
+        self.stack: list[str] = []
+        self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
+        self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
+        self.hooked: set[Any] = set()  # nodes made under saved-tensor hooks (checkpointing)
+        self.outside: set[Any] = set()  # nodes made while no module ran (the loss)
+        self.param_owner: dict[int, str] = {
+            id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
+        }
+        self._handles: list[Any] = []
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self) -> Self:
+        def pre_hook(module: nn.Module, _inputs: Any) -> None:
+            if module in self.names:
+                self.stack.append(self.names[module])
+
+        def post_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if module in self.names and self.stack:
+                name = self.stack.pop()
+                if name not in self.outputs:
+                    tensors = output_tensors(output)
+                    self.outputs[name] = tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(pre_hook),
+            nn.modules.module.register_module_forward_hook(post_hook),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def adopt_inner_nodes(self) -> None:
+        """Give each autograd node made inside one composite call (cross_entropy's log-softmax),
+        never returned to Python, the module of the node that leads to it, so its saved tensors
+        and backward ops are attributed to a layer too."""
+        pending = list(self.node_owner)
+        while pending:
+            node = pending.pop()
+            for child, _ in node.next_functions:
+                # An AccumulateGrad node has a `variable`: it belongs to its parameter's module.
+                adopt = child is not None and not hasattr(child, "variable")
+                if adopt and child not in self.node_owner:
+                    self.node_owner[child] = self.node_owner[node]
+                    if node in self.hooked:
+                        self.hooked.add(child)
+                    if node in self.outside:
+                        self.outside.add(child)
+                    pending.append(child)
+
+    def owner_of_node(self, node: Any) -> str:
+        owner = self.node_owner.get(node)
+        if owner is not None:
+            return owner
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter it accumulates
+        return self.param_owner.get(id(variable), "") if variable is not None else ""
+
+
+class _NodeOwners(TorchFunctionMode):
+    """Remembers which module's forward created each autograd node, so backward ops can be
+    attributed to layers. It sits above autograd, where outputs already carry their grad_fn.
+
+    When a CUDA step is emulated on a CPU-only build, it also makes dropout take CUDA's path: the
+    fused kernel, which keeps a bool mask where the CPU composite keeps a float one.
+    """
+
+    def __init__(self, modules: _ModuleStack, *, emulate_cuda: bool) -> None:
+        super().__init__()
+        self.modules = modules
+        self.emulate_cuda = emulate_cuda
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.emulate_cuda and func is F.dropout:
+            output = _cuda_dropout(*args, **kwargs)
+        else:
+            output = func(*args, **kwargs)
+        hooked = top_saved_tensors_hooks(True) is not None
+        for value in tensors_in((output,)):
+            node = value.grad_fn
+            if node is not None and node not in self.modules.node_owner:
+                # "" is the root module's own forward, or code outside any module: the loss.
+                self.modules.node_owner[node] = self.modules.current()
+                if not self.modules.stack:
+                    self.modules.outside.add(node)
+                if hooked:
+                    self.modules.hooked.add(node)
+        return output
+
+
+# Normalisations whose CPU kernels keep their statistics in float32 when reduced-precision input
+# meets float32 weights (autocast), by the position of the weight among their arguments.
+_MIXED_PRECISION_STATISTICS = {
+    aten.native_batch_norm.default: 1,
+    aten.native_layer_norm.default: 2,
+    aten.native_group_norm.default: 1,
+}
+
+
+def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A normalisation's saved mean and inverse std in float32 when reduced-precision input meets
+    float32 weights (autocast), as the real kernels keep them (measured on CPU: batch norm, layer
+    norm, group norm; batch norm on CUDA too); the fake kernel would give them the input's
+    dtype, half their bytes."""
+    weight_at = _MIXED_PRECISION_STATISTICS.get(func)
+    if weight_at is None:
+        return output
+    x, weight = args[0], args[weight_at]
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
+        return output
+    result, mean, inverse_std = output
+    return result, mean.to(torch.float32), inverse_std.to(torch.float32)
+
+
+def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
+    kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
+    grad_output's, and the convolution backward after it would be predicted to copy its
+    grad_output into channels-last (mbconv, MobileNet: 32 KB over at batch 4)."""
+    if func is not aten.native_batch_norm_backward.default or output[0] is None:
+        return output
+    x, grad_input = args[1], output[0]
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.device.type != "cpu" or not channels_last or grad_input.is_contiguous(memory_format=torch.channels_last):
+        return output
+    return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
+
+
+def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
+    """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
+    them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
+    contiguous in both layouts (a (N, C, 1, 1) map after global pooling), and there the fake
+    kernel keeps a channels-last input's strides where the real one does not; the strides decide
+    which layout a later kernel runs in (NiN's dropout feeds a max-pool backward that copies
+    grad_input when they disagree, 884,736 bytes at batch 128 in bf16)."""
+    if not isinstance(output, FakeTensor) or output.dim() < 3 or 1 not in output.shape[2:]:
+        return output
+    contiguous = make_contiguous_strides_for(output.shape)
+    if output.stride() == tuple(contiguous) or not output.is_contiguous():
+        return output
+    operands = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(a.shape == output.shape and a.is_contiguous() for a in operands):
+        return output
+    return torch.empty_like(output, memory_format=torch.contiguous_format)
+
+
+def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
+    while a backward node runs without grad mode (not create_graph, not a checkpoint's
+    recomputation), two tensors alike, nothing else; the engine adds in place only into a dense
+    one (`can_accumulate_inplace`)."""
+    if kwargs or len(args) != 2 or torch.is_grad_enabled() or current_autograd_node() is None:
+        return False
+    first, second = args
+    return (
+        isinstance(first, FakeTensor)
+        and isinstance(second, FakeTensor)
+        and first.shape == second.shape
+        and first.dtype == second.dtype
+        and first.layout == torch.strided
+        and aten.is_non_overlapping_and_dense.default(first)
+    )
+
+
+def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
+    kind, axes = window
+    spatial = len(axes)
+    return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
+
+
+def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    # CUDA's dropout uses native_dropout when 0 < p < 1 and training (ATen's is_fused_kernel_acceptable).
+    if not training or inplace or not 0 < p < 1:
+        return F.dropout(input, p, training, inplace)
+    return torch.ops.aten.native_dropout(input, p, True)[0]
+
+
+class Recorder(TorchDispatchMode):
+    """Records every op a step dispatches, in order, as an `OpRecord`: its phase (read from the
+    step as it runs, `ninlab.analysis.phases`), the module running it, its inputs and outputs,
+    FLOPs, window and CPU allocations.
+
+    The storages ops make go to its `StorageLedger`; as backward begins, what autograd saved is
+    harvested (`harvest_saved_tensors`). `recording` holds all of it.
+    """
+
+    def __init__(self, model: nn.Module, fake_mode: FakeTensorMode, *, emulate_cuda: bool = False) -> None:
+        super().__init__()
+        self.emulate_cuda = emulate_cuda
+        self._paused = False
+        self._warming_up = False
+        self._entered = False
+        self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
+        self.modules = _ModuleStack(model)
+        # No reference back to the recorder from what it holds, so that it and its recording die
+        # by reference counts (see `StepRecording.recorder`).
+        harvest = weakref.WeakMethod(self._harvest_saved_tensors)
+
+        def on_backward() -> None:
+            harvest()()  # a recorder is alive while it records
+
+        self.phases = StepPhases(model, on_backward=on_backward)
+        self._fake_outputs = FakeOutputs(fake_mode)
+        ops: list[OpRecord] = []
+        self.ledger = StorageLedger(clock=lambda: len(ops) - 1)
+        self.recording = Recording(
+            ops=ops,
+            storages=self.ledger.storages,
+            events=self.ledger.events,
+            module_outputs=self.modules.outputs,
+        )
+
+    @property
+    def current_phase(self) -> str:
+        """The phase an op dispatched now belongs to (see `ninlab.analysis.phases`): "setup"
+        before the recorder is entered, "warm-up" during a warm-up step."""
+        if self._warming_up:
+            return "warm-up"
+        return self.phases.current if self._entered else "setup"
+
+    def track(self, tensor: torch.Tensor, role: str) -> None:
+        """Register, in the current phase, a tensor made before or outside recording (see
+        `StorageLedger.track`)."""
+        self.ledger.track(tensor, role, phase=self.current_phase)
+
+    def storage_key(self, tensor: torch.Tensor) -> int:
+        """The serial key of a live tensor's storage (-1 if it was never seen)."""
+        return self.ledger.key(tensor)
+
+    # -- what autograd saved, pauses, the warm-up -----------------------------------------------
+    def _harvest_saved_tensors(self) -> None:
+        """As each backward begins, while its whole graph is still there: what autograd saved,
+        added to what earlier backward calls of the step saw (gradient accumulation runs several)."""
+        if self._paused or self._warming_up:
+            return
+        self.modules.adopt_inner_nodes()
+        with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
+            harvested = harvest_saved_tensors(
+                self.modules.node_owner, self.ledger.key, skip=self.modules.hooked, outside_model=self.modules.outside
+            )
+        saved = self.recording.saved_for_backward
+        seen = set(saved)
+        saved += [entry for entry in harvested if entry not in seen]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run as usual but are not recorded, and the storages they make are not tracked."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Ops run but are not recorded; the storages they make are tracked (phase "warm-up"), so
+        whatever a first step leaves alive (gradients, optimizer state, a GradScaler's scale) is
+        alive when the recorded step starts."""
+        self._warming_up = True
+        try:
+            yield
+        finally:
+            self._warming_up = False
+            # The warm-up's autograd nodes are let go, as its graph is for real: a custom
+            # Function's node keeps its ctx, and what the ctx holds (a reentrant checkpoint's
+            # generator state) would outlive the warm-up only here.
+            self.modules.node_owner.clear()
+            self.modules.hooked.clear()
+            self.modules.outside.clear()
+
+    @contextlib.contextmanager
+    def noting_rng_states(self) -> Iterator[None]:
+        """Note each copy of the CPU generator's state the step takes (activation checkpointing
+        keeps one per checkpoint until backward, 5056 bytes): a real tensor, made by no op, so
+        the recorder would not see it otherwise. Made when the next op runs."""
+        take_state = torch.get_rng_state
+
+        def noted_state() -> torch.Tensor:
+            state = take_state()
+            if not self._paused:
+                created_at = -1 if self._warming_up else len(self.recording.ops)
+                self.ledger.note(state, created_at=created_at, phase=self.current_phase, module=self.modules.current())
+            return state
+
+        torch.get_rng_state = noted_state
+        try:
+            yield
+        finally:
+            torch.get_rng_state = take_state
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        self.modules.__enter__()
+        self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
+        self._node_owners.__enter__()
+        self.phases.__enter__()
+        self._entered = True
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._entered = False
+        self.phases.__exit__(*exc)
+        self._node_owners.__exit__(*exc)
+        self.modules.__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is PRIM_DEVICE and type(args[0]) is FakeTensor:
+            return fake_device(args[0])
+        kwargs = kwargs or {}
+        traits = op_traits(func)
+        if traits.metadata:
+            return func(*args, **kwargs)
+        # An in-place op's output is its first argument, shape and all: the fake kernel would
+        # only check broadcasting, so it is skipped (a third of a training step's ops are these,
+        # most of them the optimizer's). Not for a tensor holding a real constant (Adam's step
+        # count): the fake kernel computes its new value.
+        skip_kernel = traits.returns_self and getattr(args[0], "constant", None) is None
+        if self._paused:
+            return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+        if func is aten._local_scalar_dense.default and self.ledger.key(args[0]) in self._overflow_flags:
+            # A GradScaler asks whether unscaling found an inf or NaN: the steady state has none,
+            # so the optimizer steps. Any other value a step reads needs real data.
+            return 0.0
+        if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
+            self._overflow_flags.add(self.ledger.key(args[1]))
+        if self._warming_up:
+            output = args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+            for tensor in tensors_in((output,)):
+                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            return output
+        # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
+        # they do for real; recording the parts shows what they allocate (max-pool indices).
+        # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
+        # the parts are the kernels PyTorch really runs. Torch-function modes sit above autograd
+        # and must not see the parts again.
+        if traits.composite_kernel is not None:
+            with self, DisableTorchFunction():
+                return traits.composite_kernel(*args, **kwargs)
+        window = _window_params(func, args)
+        if window is not None:
+            self._check_window_fits(window, args[0])
+        if skip_kernel:
+            output = args[0]
+        else:
+            output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+            output = _cpu_batch_norm_grad_layout(func, args, output)
+            if traits.pointwise:
+                output = _elementwise_layout(args, output)
+        self._record(func, traits.name, args, kwargs, output, window)
+        if func is aten.add.Tensor and _sums_gradients(args, kwargs):
+            self.ledger.accumulating(len(self.recording.ops) - 1, args[0], output, self._added_in_place)
+        return output
+
+    def _added_in_place(self, key: int) -> None:
+        """The last op, a sum of gradients, is recorded as the engine runs it without a dispatch
+        mode: added in place into its first term, storage `key` (`StorageLedger.accumulating`)."""
+        op = self.recording.ops[-1]
+        (total,) = op.outputs
+        self.recording.ops[-1] = dataclasses.replace(
+            op, op=str(aten.add_.Tensor), outputs=(dataclasses.replace(total, storage_key=key),)
+        )
+
+    def _check_window_fits(
+        self, window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor
+    ) -> None:
+        """Check the geometry before the op runs, to name the layer and its arithmetic if the
+        input is too small."""
+        kind, axes = window
+        try:
+            for params, size in zip(axes, x.shape[x.dim() - len(axes):]):
+                params.window(size)
+        except EmptyOutputError as error:
+            module = self._module_now()[0]
+            raise LayerInputTooSmall(module, self.modules.types.get(module, kind), error) from None
+
+    def _module_now(self) -> tuple[str, str]:
+        node = current_autograd_node()
+        if node is None:
+            return self.modules.current(), ""
+        return self.modules.owner_of_node(node), type(node).__name__
+
+    def _record(
+        self,
+        func: Any,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        window: tuple[str, tuple[AxisParams, ...]] | None,
+    ) -> None:
+        index = len(self.recording.ops)
+        module, node = self._module_now()
+        in_tensors = tensors_in(args) + (tensors_in(tuple(kwargs.values())) if kwargs else [])
+        outputs = tuple(tensors_in((output,)))
+        phase = self.current_phase
+        note = self.ledger.note
+        output_records = [note(tensor, created_at=index, phase=phase, module=module) for tensor in outputs]
+        output_tuple = output if isinstance(output, (tuple, list)) else (output,)
+        # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
+        on_cpu = not self.emulate_cuda and all(_device_type(t) == "cpu" for t in outputs)
+        allocations, unmodelled = cpu_kernel_allocations(name, args) if on_cpu else (None, "")
+        meta = self._meta
+        self.recording.ops.append(
+            OpRecord(
+                index=index,
+                op=name,
+                phase=phase,
+                module=module,
+                inputs=tuple(meta(t) for t in in_tensors),
+                outputs=tuple(
+                    TensorMeta(tuple(t.shape), t.dtype, -1 if record is None else record.key)
+                    for t, record in zip(outputs, output_records)
+                ),
+                flops=op_flops(func, args, tuple(output_tuple)),
+                window=None if window is None else _window_op(window, args[0], outputs[0]),
+                autograd_node=node,
+                cpu_allocations=allocations,
+                cpu_unmodelled=unmodelled,
+                cpu_call=KernelCall.of(name, args, outputs) if unmodelled else None,
+            )
+        )
+
+    def _meta(self, tensor: torch.Tensor) -> TensorMeta:
+        return TensorMeta(tuple(tensor.shape), tensor.dtype, self.ledger.key(tensor))
+
+
+def _device_type(tensor: torch.Tensor) -> str:
+    """A tensor's device type; a fake tensor's is read without dispatching `prim.device`."""
+    fake_device = getattr(tensor, "fake_device", None)
+    return (fake_device or tensor.device).type
+

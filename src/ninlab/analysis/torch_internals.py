@@ -1,0 +1,185 @@
+"""Every private PyTorch name ninlab uses, bound here once, with what it is used for.
+
+ninlab reads PyTorch from the inside: fake tensors, the dispatcher, autograd's saved variables, the
+profiler's records. The names for those are private and may change in any release, so each is
+imported or bound here, once, with a note of what ninlab uses it for and the torch versions it was
+checked on; a new release is one file to check. `tests/analysis/test_torch_internals.py` checks
+that every name resolves on the installed torch, and `tests/test_private_torch_names.py` that no
+other module of the package names a private torch name. ATen's own op names (`aten._softmax`)
+are not bound here: they are the vocabulary of the recordings, not an API.
+
+Names bound to module-level constants cost nothing per use: the recorder, on the hot path of every
+prediction, reads them as it read `torch._C...` before. Attributes of the private classes bound
+here are read where they are needed, and the test checks them too: a FakeTensor's `constant`,
+`fake_device` and `fake_mode`, and a FakeTensorMode's `in_kernel_invocation`, `cache_enabled`,
+`cpp_meta_supports_symint` and `fake_tensor_converter` (`set_tensor_memo`,
+`add_constant_storage_mapping`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch._decomp import (
+    decomposition_table,  # Python decompositions FakeTensorMode may run; checked on 2.13.0
+    meta_table,  # the Python meta kernels it prefers to them; checked on 2.13.0
+)
+from torch._ops import OpOverload  # an aten op's type, in FLOP rules; checked on 2.13.0
+from torch._prims_common import (
+    make_contiguous_strides_for,  # an elementwise output's strides; checked on 2.13.0
+    suggest_memory_format,  # the layout a CPU kernel picks (allocator rules); checked on 2.13.0
+)
+from torch._subclasses.fake_tensor import (
+    CONSTANT_NUMEL_LIMIT,  # largest real tensor a fake one keeps as constant; checked on 2.13.0
+    DataDependentOutputException,  # a model needs tensor values (refusals); checked on 2.13.0
+    DynamicOutputShapeException,  # a model needs a data-dependent shape; checked on 2.13.0
+    FakeTensor,  # what a step is recorded on: shapes, no data; checked on 2.13.0
+    FakeTensorMode,  # the mode that makes and runs fake tensors; checked on 2.13.0
+    UnsupportedFakeTensorException,  # fake tensors cannot run the model; checked on 2.13.0
+    UnsupportedOperatorException,  # an op has no fake kernel (refusals); checked on 2.13.0
+    torch_decomp_decompositions,  # whether FakeTensorMode decomposes an op; checked on 2.13.0
+)
+from torch.nn.utils.stateless import (
+    _reparametrize_module,  # fake parameters swapped in for a step; checked on 2.13.0
+)
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,  # the base of the recorder and the measurer; checked on 2.13.0
+)
+from torch.utils._pytree import tree_flatten  # an op's tensors (measurer); checked on 2.13.0
+from torch.utils._triton import has_triton  # torch.compile can run on CUDA; checked on 2.13.0
+
+__all__ = [
+    "CONSTANT_NUMEL_LIMIT",
+    "FAKE_TENSOR_LOGGER",
+    "SAVED_FIELD_PREFIX",
+    "BatchNormBase",
+    "DataDependentOutputException",
+    "DeviceType",
+    "DisableTorchDispatch",
+    "DisableTorchFunction",
+    "DropoutBase",
+    "DynamicOutputShapeException",
+    "EventType",
+    "FakeTensor",
+    "FakeTensorMode",
+    "OpOverload",
+    "TorchDispatchMode",
+    "UnsupportedFakeTensorException",
+    "UnsupportedOperatorException",
+    "composite_kernel",
+    "current_autograd_node",
+    "decomposition_table",
+    "default_device_name",
+    "has_triton",
+    "make_contiguous_strides_for",
+    "meta_table",
+    "op_schema",
+    "record_function_enter",
+    "record_function_exit",
+    "reparametrize_module",
+    "runs_as_composite_parts",
+    "select_conv_backend",
+    "storage_address",
+    "suggest_memory_format",
+    "top_saved_tensors_hooks",
+    "torch_decomp_decompositions",
+    "tree_flatten",
+]
+
+# -- fake tensors and the dispatcher --------------------------------------------------------------
+# Silenced while recording: FakeTensorMode logs a rejected kernel's whole traceback to it.
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"  # checked on 2.13.0
+# The model's parameters swapped for fake ones around a whole step; checked on 2.13.0.
+reparametrize_module = _reparametrize_module
+# Fakes made from metadata, constants computed, without dispatching to a mode; checked on 2.13.0.
+DisableTorchDispatch = torch._C._DisableTorchDispatch
+# Torch-function modes kept from seeing a composite op's parts again; checked on 2.13.0.
+DisableTorchFunction = torch._C.DisableTorchFunction
+# An op's arguments, returns and aliasing: what the fast path may remember; checked on 2.13.0.
+op_schema: Callable[[OpOverload], Any] = operator.attrgetter("_schema")
+# The device ("cpu") of a factory op given none, part of what it makes; checked on 2.13.0.
+default_device_name: Callable[[], str] = torch._C._get_default_device
+# The backend a convolution runs on (oneDNN, slow_conv2d...): its workspace; checked on 2.13.0.
+select_conv_backend = torch._C._select_conv_backend
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_OWN_KERNELS = (
+    torch._C.DispatchKey.CPU,
+    torch._C.DispatchKey.CompositeExplicitAutograd,
+    torch._C.DispatchKey.CompositeExplicitAutogradNonFunctional,
+)
+
+
+def runs_as_composite_parts(name: str) -> bool:
+    """Whether the CPU runs op `name` as its CompositeImplicitAutograd parts: it has that kernel
+    and none of its own. A few ops have both (silu_backward, mish_backward,
+    native_channel_shuffle), and the dispatcher prefers the CPU kernel: their parts would be
+    temporaries the real step never makes. Checked on 2.13.0."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has_kernel(name, _COMPOSITE) and not any(has_kernel(name, key) for key in _OWN_KERNELS)
+
+
+def composite_kernel(func: OpOverload) -> Callable[..., Any]:
+    """Op `func`'s C++ CompositeImplicitAutograd kernel, which runs it as its parts under the
+    modes active; not `func.decompose`, which prefers Python decompositions, whose parts are not
+    the kernels PyTorch really runs. Checked on 2.13.0."""
+    return functools.partial(func._op_dk, _COMPOSITE)
+
+
+# -- autograd ------------------------------------------------------------------------------------
+# The node backward is running (None outside it): an op's phase and layer; checked on 2.13.0.
+current_autograd_node = torch._C._current_autograd_node
+# The innermost saved-tensor hooks (None: none), set by checkpointing; checked on 2.13.0.
+top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+# A node shows what it saved for backward as `_saved_<field>` attributes; checked on 2.13.0.
+SAVED_FIELD_PREFIX = "_saved_"
+
+# -- the profiler --------------------------------------------------------------------------------
+# The kinds of the profiler's events, allocations among them; checked on 2.13.0.
+EventType = torch._C._profiler._EventType
+# The device of a profiler allocation record (the measurer counts the CPU's); checked on 2.13.0.
+DeviceType = torch._C._autograd.DeviceType
+# The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on 2.13.0.
+record_function_enter = torch.ops.profiler._record_function_enter_new
+# The op closing an annotation, where an optimizer's phase ends; checked on 2.13.0.
+record_function_exit = torch.ops.profiler._record_function_exit
+# A storage's C++ StorageImpl, one however many views (measurer); checked on 2.13.0.
+storage_address: Callable[[torch.UntypedStorage], int] = operator.attrgetter("_cdata")
+
+# -- modules -------------------------------------------------------------------------------------
+# Every dropout layer's base (the forum's rule counts their outputs apart); checked on 2.13.0.
+DropoutBase = nn.modules.dropout._DropoutNd
+# Every batch norm layer's base (a batch of one cannot train one); checked on 2.13.0.
+BatchNormBase = nn.modules.batchnorm._BatchNorm
+
+# -- resolved when first asked for ---------------------------------------------------------------
+# torch._inductor takes seconds to import, and only `--compile` needs it; torch.distributed's
+# names are missing from builds without it, and are asked for after `dist.is_available()`.
+_ON_FIRST_USE = {
+    # The C++ compiler torch.compile would use on the CPU; checked on 2.13.0.
+    "cpp_builder": ("torch._inductor.cpp_builder", None),
+    # What `cpp_builder.get_cpp_compiler` raises without a working compiler; checked on 2.13.0.
+    "InvalidCxxCompiler": ("torch._inductor.exc", "InvalidCxxCompiler"),
+    # DDP's first bucket's cap (1 MiB); checked on 2.13.0.
+    "DEFAULT_FIRST_BUCKET_BYTES": ("torch.distributed", "_DEFAULT_FIRST_BUCKET_BYTES"),
+    # DDP's assignment of gradients to buckets; checked on 2.13.0.
+    "compute_bucket_assignment_by_size": (
+        "torch.distributed",
+        "_compute_bucket_assignment_by_size",
+    ),
+}
+__all__ += list(_ON_FIRST_USE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _ON_FIRST_USE[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)

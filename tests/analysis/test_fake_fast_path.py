@@ -1,0 +1,87 @@
+"""The fast path on fake tensors: remembered outputs, constants, and `clear_caches`."""
+
+import torch
+from torch import nn
+
+from ninlab.analysis.fake_fast_path import clear_caches, op_traits
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.torch_internals import FakeTensor, FakeTensorMode
+from ninlab.analysis.trace import record_step
+
+
+def test_remembered_outputs_change_no_recording():
+    """Op outputs are made from what earlier calls returned, remembered across recordings: a
+    recording at batch 3 after one at batch 2 (the optimizer's ops see the same parameters, the
+    activations new shapes) is the one made with nothing remembered, op by op and storage by storage."""
+    from cnn_zoo import resnet_bn
+
+    model, spec = resnet_bn(), StepSpec((3, 32, 32), optimizer="adam")
+    clear_caches()
+    cold = record_step(model, spec, 3)
+    record_step(model, spec, 2)
+    warm = record_step(model, spec, 3)
+    assert warm.recording.ops == cold.recording.ops
+    assert lives(warm) == lives(cold)
+    assert warm.recording.saved_for_backward == cold.recording.saved_for_backward
+    assert warm.optimizer_state_keys == cold.optimizer_state_keys
+
+
+def lives(step):
+    """Each storage's bytes, shape, role, birth and death, a death after the last op read as none:
+    what outlives the step dies when the recording's own objects do, whenever the collector runs."""
+    last = len(step.recording.ops) - 1
+    return {
+        key: (r.nbytes, r.shape, r.role, r.created_at, None if r.freed_after == last else r.freed_after)
+        for key, r in step.recording.storages.items()
+    }
+
+
+def test_adam_step_counts_are_counted_on_their_constants():
+    """Adam keeps each step count in a real scalar, which FakeTensorMode holds as a constant; the
+    recorder makes it (`torch.tensor(0.0)`) and counts it (`step += 1`, `item()`) itself, as
+    FakeTensorMode would: after the warm-up and the recorded step every count is 2, a 4-byte
+    storage of the optimizer state."""
+    from cnn_zoo import resnet_bn
+
+    made: list[torch.optim.Optimizer] = []
+
+    def adam(model: nn.Module) -> torch.optim.Optimizer:
+        made.append(torch.optim.Adam(model.parameters()))
+        return made[-1]
+
+    step = record_step(resnet_bn(), StepSpec((3, 32, 32), optimizer=adam), 2)
+    counts = [state["step"] for state in made[0].state.values()]
+    assert len(counts) == len(step.parameter_keys)
+    assert all(type(count) is FakeTensor and count.constant.item() == 2.0 for count in counts)
+    scalars = [step.recording.storages[key] for key in step.optimizer_state_keys]
+    assert [record.nbytes for record in scalars if record.shape == ()] == [4] * len(counts)
+
+
+def test_clear_caches_forgets_every_output_and_what_each_op_is(monkeypatch):
+    """After `clear_caches` a recording makes its outputs through FakeTensorMode as the first one
+    did, and each op's traits are found again; without it, a repeat makes most outputs itself."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)
+    )
+    spec = StepSpec((3, 8, 8), optimizer="sgd")
+    dispatched = []
+    fake_dispatch = FakeTensorMode.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        dispatched.append(func)
+        return fake_dispatch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(FakeTensorMode, "__torch_dispatch__", counting)
+
+    def fake_kernels_run():
+        dispatched.clear()
+        record_step(model, spec, 2)
+        return len(dispatched)
+
+    clear_caches()
+    cold = fake_kernels_run()
+    warm = fake_kernels_run()
+    relu = op_traits(torch.ops.aten.relu.default)
+    clear_caches()
+    assert op_traits(torch.ops.aten.relu.default) is not relu
+    assert fake_kernels_run() == cold > warm

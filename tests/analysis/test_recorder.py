@@ -1,0 +1,94 @@
+"""The recorder: composite ops as their parts, CUDA's choices, layers named, kernels corrected."""
+
+import pytest
+import torch
+
+from ninlab.analysis import recorder
+from ninlab.analysis.recording import LayerInputTooSmall
+from ninlab.analysis.step import StepSpec
+from ninlab.analysis.torch_internals import FakeTensorMode
+from ninlab.analysis.trace import record_step
+from ninlab.models import build_nin
+
+
+@pytest.fixture(scope="module")
+def nin():
+    return build_nin()
+
+
+def step_ops(step):
+    return step.recording.ops[step.step_start :]
+
+
+def test_inference_mode_still_sees_max_pool_indices(nin):
+    for grad_mode in ("no_grad", "inference_mode"):
+        step = record_step(nin, StepSpec((1, 224, 224), mode="infer", grad_mode=grad_mode), 4)
+        pools = [o for o in step.recording.ops if o.op == "aten.max_pool2d_with_indices.default"]
+        assert [o.outputs[1].dtype for o in pools] == [torch.int64] * 3
+        assert step.target_key == -1
+
+
+@pytest.mark.canary
+def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
+    """PyTorch fuses dropout (bool mask) and runs foreach optimizers on CUDA, not on CPU."""
+    cpu = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2))
+    cuda = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2))
+    def dropout(ops):
+        return [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
+    assert dropout(cuda) == [("aten.native_dropout.default", (torch.float32, torch.bool))]
+    assert ("aten.bernoulli_.float", (torch.float32,)) in dropout(cpu)  # CPU keeps a float mask
+    assert any(o.op.startswith("aten._foreach_") for o in cuda if o.phase == "optimizer")
+    assert not any(o.op.startswith("aten._foreach_") for o in cpu if o.phase == "optimizer")
+
+
+def test_input_too_small_names_the_layer(nin):
+    with pytest.raises(LayerInputTooSmall) as error:
+        record_step(nin, StepSpec((1, 66, 66), mode="infer"), 1)
+    assert (error.value.module, error.value.module_type, error.value.error.min_input_size) == ("5", "MaxPool2d", 3)
+
+
+@pytest.mark.canary
+def test_batch_norm_statistics_stay_float32_under_autocast():
+    """PyTorch's autocast lets batch norm take bf16 input but keeps its statistics float32."""
+    from cnn_zoo import resnet_bn
+
+    step = record_step(resnet_bn(), StepSpec((3, 32, 32), amp="bf16", optimizer="sgd"), 2)
+    norms = [o for o in step_ops(step) if o.op == "aten.native_batch_norm.default"]
+    assert norms and all(o.inputs[0].dtype == torch.bfloat16 for o in norms)
+    assert {(o.outputs[0].dtype, o.outputs[1].dtype, o.outputs[2].dtype) for o in norms} == {
+        (torch.bfloat16, torch.float32, torch.float32)
+    }
+
+
+def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
+    """The CPU kernel writes batch norm's grad_input in its channels-last input's layout even when
+    grad_output arrives NCHW (from average pooling); the fake kernel would give it NCHW, and the
+    convolution backward before it would be predicted to copy it (MobileNet: 32 KB over)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    )
+    step = record_step(model, StepSpec(input_size=(16, 8, 8), memory_format="channels_last"), 4)
+    (conv_backward,) = [op for op in step.recording.ops if op.op == "aten.convolution_backward.default"]
+    assert conv_backward.cpu_allocations is not None, conv_backward.cpu_unmodelled
+    assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]
+
+
+@pytest.mark.parametrize("op", [torch.mul, torch.add, torch.maximum])
+def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
+    """On a (N, C, 1, 1) map (after global pooling) channels-last strides are contiguous too, and
+    TensorIterator then writes a contiguous output where the fake kernel keeps the input's strides;
+    a max-pool backward reading the result copies it when the layouts disagree (NiN's dropout)."""
+    real = torch.randn(4, 8, 1, 1).as_strided((4, 8, 1, 1), (8, 1, 8, 8))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        output = op(fake, fake)
+        assert output.stride() == (8, 1, 8, 8)  # the fake kernel's strides
+        corrected = recorder._elementwise_layout((fake, fake), output)
+    assert corrected.stride() == op(real, real).stride() == (8, 1, 1, 1)
+    wider = torch.randn(4, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(wider)
+        output = op(fake, fake)
+        assert recorder._elementwise_layout((fake, fake), output) is output
+    assert output.stride() == op(wider, wider).stride()
