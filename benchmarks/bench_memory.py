@@ -58,12 +58,17 @@ def speed() -> list[str]:
     model = build_nin()
     lines = []
     for mode, optimizer in (("train", "sgd"), ("train", "adam"), ("infer", "sgd")):
-        def predict() -> object:
-            return predict_memory(model, input_size=NIN_INPUT, batch_size=128, mode=mode, optimizer=optimizer)  # noqa: B023
+
+        def predict(mode: str = mode, optimizer: str = optimizer) -> object:
+            return predict_memory(
+                model, input_size=NIN_INPUT, batch_size=128, mode=mode, optimizer=optimizer
+            )
 
         first = timed(predict)
         median = statistics.median(timed(predict) for _ in range(REPEATS))
-        lines.append(f"predict_memory NiN b128 {mode:5} {optimizer:5}: first call {first:.3f} s, median of {REPEATS} {median:.3f} s")
+        lines.append(
+            f"predict_memory NiN b128 {mode:5} {optimizer:5}: first call {first:.3f} s, median of {REPEATS} {median:.3f} s"
+        )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     lines.append(f"peak RSS after predicting (nothing real allocated yet): {rss / 2**20:.0f} MiB")
     x = torch.randn(128, *NIN_INPUT)
@@ -113,9 +118,31 @@ def cases(quick: bool) -> list[Case]:
         for amp in (None, "bf16"):
             for memory_format in ("contiguous", "channels_last"):
                 for mode in ("train", "infer"):
-                    out.append(Case(name, entry.factory, entry.input_size, 8, mode, "adam", amp, memory_format))
+                    out.append(
+                        Case(
+                            name,
+                            entry.factory,
+                            entry.input_size,
+                            8,
+                            mode,
+                            "adam",
+                            amp,
+                            memory_format,
+                        )
+                    )
     for mode in ("train", "infer"):
-        out.append(Case("nin-d2l-bn (cpu preset)", nin_cpu_preset, (1, 72, 72), 128, mode, "sgd-momentum", "bf16", "channels_last"))
+        out.append(
+            Case(
+                "nin-d2l-bn (cpu preset)",
+                nin_cpu_preset,
+                (1, 72, 72),
+                128,
+                mode,
+                "sgd-momentum",
+                "bf16",
+                "channels_last",
+            )
+        )
     return [case for case in out if not (quick and case.batch == 128)]
 
 
@@ -126,14 +153,24 @@ def accuracy(selected: list[Case]) -> list[str]:
     for case in selected:
         model = case.factory()
         report = predict_memory(
-            model, input_size=case.input_size, batch_size=case.batch, mode=case.mode, optimizer=case.optimizer,
-            amp=case.amp, memory_format=case.memory_format, device_type=case.device,
+            model,
+            input_size=case.input_size,
+            batch_size=case.batch,
+            mode=case.mode,
+            optimizer=case.optimizer,
+            amp=case.amp,
+            memory_format=case.memory_format,
+            device_type=case.device,
         )
         measured = measure(model, report.spec, batch_size=report.batch_size)
         live_ratio = report.live_peak_bytes / measured.live_peak_bytes
         allocator_ratio = report.allocator_peak_bytes / measured.allocator_peak_bytes
         worst = max(worst, abs(allocator_ratio - 1))
-        where = f"{report.allocator.op} ({report.allocator.phase} {report.allocator.module})" if report.allocator else ""
+        where = (
+            f"{report.allocator.op} ({report.allocator.phase} {report.allocator.module})"
+            if report.allocator
+            else ""
+        )
         optimizer = case.optimizer if case.mode == "train" else "-"
         lines.append(
             f"| {case.name} | {case.batch} | {case.mode} | {optimizer} | {case.amp or '-'} | {case.memory_format} | {measured.device} | "
@@ -148,7 +185,11 @@ def accuracy(selected: list[Case]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the batch-128 measurements")
-    parser.add_argument("--cuda", action="store_true", help="compare with max_memory_allocated on this machine's GPU")
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="compare with max_memory_allocated on this machine's GPU",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     title = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"

@@ -56,7 +56,9 @@ class BookFashionMNIST(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = Image.fromarray(self.images[index])  # mode "L", as torchvision's dataset returns it
-        image = image.resize((self.size, self.size), Image.BILINEAR)  # transforms.Resize on a PIL image
+        image = image.resize(
+            (self.size, self.size), Image.BILINEAR
+        )  # transforms.Resize on a PIL image
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # transforms.ToTensor
         return pixels.unsqueeze(0).float().div(255), int(self.labels[index])
 
@@ -119,7 +121,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the three pipelines")
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("bench_pipeline-cpu.json"))
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).with_name("bench_pipeline-cpu.json")
+    )
     args = parser.parse_args()
     data = load_fashion_mnist()
     examples = args.steps * args.batch

@@ -48,11 +48,15 @@ REPEATS = 5
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "bench_predict_speed-cpu.json"
 
 
-def models(quick: bool, only: list[str] | None) -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
+def models(
+    quick: bool, only: list[str] | None
+) -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
     found: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = []
     if not quick:
         found.append(("nin-d2l", build_nin, (1, 224, 224)))
-    found += [(name, entry.factory, entry.input_size) for name, entry in {**ZOO, **LAYER_ZOO}.items()]
+    found += [
+        (name, entry.factory, entry.input_size) for name, entry in {**ZOO, **LAYER_ZOO}.items()
+    ]
     return [entry for entry in found if only is None or entry[0] in only]
 
 
@@ -72,10 +76,14 @@ def real_step_seconds(model: nn.Module, input_size: tuple[int, ...]) -> float:
     targets = torch.randint(0, classes, (BATCH,))
     optimizer = make_optimizer(parse_optimizer("adam"), model.parameters())
     train_step(model, optimizer, inputs, targets)  # warm-up: optimizer state, oneDNN's kernels
-    return min(clocked(lambda: train_step(model, optimizer, inputs, targets))[0] for _ in range(REPEATS))
+    return min(
+        clocked(lambda: train_step(model, optimizer, inputs, targets))[0] for _ in range(REPEATS)
+    )
 
 
-def bench(name: str, factory: Callable[[], nn.Module], input_size: tuple[int, ...]) -> dict[str, object]:
+def bench(
+    name: str, factory: Callable[[], nn.Module], input_size: tuple[int, ...]
+) -> dict[str, object]:
     model = factory()
 
     def predict(batch_size: int = BATCH) -> object:
@@ -104,7 +112,15 @@ def bench(name: str, factory: Callable[[], nn.Module], input_size: tuple[int, ..
 
 def machine() -> dict[str, object]:
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if cpuinfo.exists()
+        else []
+    )
     return {
         "cpu": names[0] if names else platform.processor(),
         "cores": os.cpu_count(),
@@ -122,7 +138,9 @@ def load_average() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--quick", action="store_true", help="skip NiN at 224x224 (its real step is the slow one)")
+    parser.add_argument(
+        "--quick", action="store_true", help="skip NiN at 224x224 (its real step is the slow one)"
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these models")
     args = parser.parse_args()
     info = machine()

@@ -33,7 +33,9 @@ def timed(function) -> float:
 def main() -> None:
     model = build_nin()
     first_analysis = timed(lambda: summarize(model, input_size=INPUT, batch_size=BATCH))
-    analysis = [timed(lambda: summarize(model, input_size=INPUT, batch_size=BATCH)) for _ in range(REPEATS)]
+    analysis = [
+        timed(lambda: summarize(model, input_size=INPUT, batch_size=BATCH)) for _ in range(REPEATS)
+    ]
     rss_after_analysis = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     x = torch.randn(BATCH, *INPUT)
@@ -45,7 +47,9 @@ def main() -> None:
     cli = timed(lambda: subprocess.run(["ninlab", "summary"], check=True, capture_output=True))
 
     analysis_s, forward_s = statistics.median(analysis), statistics.median(forward)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, NiN batch {BATCH} x {'x'.join(map(str, INPUT))} float32")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, NiN batch {BATCH} x {'x'.join(map(str, INPUT))} float32"
+    )
     print(f"summarize(), first call in a process : {first_analysis:.3f} s")
     print(f"summarize(), median of {REPEATS}            : {analysis_s:.3f} s")
     print(f"real forward (no_grad), median of {REPEATS} : {forward_s:.3f} s")

@@ -49,9 +49,13 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--amp", choices=("none", "bf16"), default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: one epoch)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("early_learning-cpu.jsonl"))
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).with_name("early_learning-cpu.jsonl")
+    )
     args = parser.parse_args()
     data = load_fashion_mnist()
     given = (("image_size", args.image_size), ("amp", args.amp), ("lr", args.lr))

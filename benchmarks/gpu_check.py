@@ -79,13 +79,27 @@ class Sizes:
 
 
 FULL = Sizes(
-    batch=128, nin_input=NIN_INPUT, zoo_batch=128, image_size=224, epochs=None,
-    train_examples=None, test_examples=None, train_batch=None, measure_all=True,
+    batch=128,
+    nin_input=NIN_INPUT,
+    zoo_batch=128,
+    image_size=224,
+    epochs=None,
+    train_examples=None,
+    test_examples=None,
+    train_batch=None,
+    measure_all=True,
     concurrent_training=False,
 )
 DRY = Sizes(
-    batch=2, nin_input=(1, 67, 67), zoo_batch=2, image_size=67,  # 67: nin-d2l's smallest input
-    epochs=1, train_examples=16, test_examples=16, train_batch=8, measure_all=False,
+    batch=2,
+    nin_input=(1, 67, 67),
+    zoo_batch=2,
+    image_size=67,  # 67: nin-d2l's smallest input
+    epochs=1,
+    train_examples=16,
+    test_examples=16,
+    train_batch=8,
+    measure_all=False,
     concurrent_training=True,
 )
 
@@ -120,14 +134,17 @@ def measured_in_dry_run(case: MemoryCase) -> bool:
     """The dry run predicts every case but measures two, the CPU being slow: what differs on the
     GPU is the device, not the code."""
     return case.model == "nin-d2l" and (case.mode, case.optimizer, case.amp) in (
-        ("train", "sgd", None), ("infer", "sgd", "bf16"),
+        ("train", "sgd", None),
+        ("infer", "sgd", "bf16"),
     )
 
 
 def check_memory(case: MemoryCase, device: str, *, measured: bool = True) -> dict[str, Any]:
     """One case: the prediction for CUDA beside the measurement on `device` (cuda, or the dry
     run's cpu), with the ratios measured / predicted."""
-    spec = StepSpec(input_size=case.input_size, mode=case.mode, optimizer=case.optimizer, amp=case.amp)
+    spec = StepSpec(
+        input_size=case.input_size, mode=case.mode, optimizer=case.optimizer, amp=case.amp
+    )
     model = build(case.model)
     row: dict[str, Any] = {**case.__dict__}
     started = time.perf_counter()
@@ -142,7 +159,9 @@ def check_memory(case: MemoryCase, device: str, *, measured: bool = True) -> dic
         row["measured"] = None
         if measured:
             _empty_device_cache(device)
-            measurement = measure(model, spec.replace(device_type=device), batch_size=case.batch_size)
+            measurement = measure(
+                model, spec.replace(device_type=device), batch_size=case.batch_size
+            )
             row["measured"] = {
                 "device": measurement.device,
                 "live_peak_bytes": measurement.live_peak_bytes,
@@ -211,14 +230,20 @@ def training_runs(device: str, dry_run: bool) -> list[TrainingRun]:
     return runs
 
 
-def train_command(run: TrainingRun, sizes: Sizes, device: str, output_dir: Path, data_dir: str | None) -> list[str]:
+def train_command(
+    run: TrainingRun, sizes: Sizes, device: str, output_dir: Path, data_dir: str | None
+) -> list[str]:
     """`ninlab train` for `run`, through this script's `ninlab` pass-through (which torchrun can
     start as a script)."""
     launcher = [sys.executable, __file__]
     if run.processes > 1:
         launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={run.processes}", __file__,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={run.processes}",
+            __file__,
         ]
     options = {
         "--preset": run.preset,
@@ -230,7 +255,9 @@ def train_command(run: TrainingRun, sizes: Sizes, device: str, output_dir: Path,
         "--output-dir": output_dir,
         "--data-dir": data_dir,
     }
-    arguments = [str(part) for key, value in options.items() if value is not None for part in (key, value)]
+    arguments = [
+        str(part) for key, value in options.items() if value is not None for part in (key, value)
+    ]
     # Under torchrun each rank takes its own GPU; a single run is told the device.
     device_option = ["--device", device] if run.processes == 1 or device == "cpu" else []
     return [*launcher, "ninlab", "train", *arguments, *device_option, "--no-download"]
@@ -238,12 +265,18 @@ def train_command(run: TrainingRun, sizes: Sizes, device: str, output_dir: Path,
 
 def start_training(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:  # the child keeps its own handle
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def finish_training(
-    process: subprocess.Popen[bytes], command: list[str], output_dir: Path, log_path: Path,
-    started: float, deadline: float,
+    process: subprocess.Popen[bytes],
+    command: list[str],
+    output_dir: Path,
+    log_path: Path,
+    started: float,
+    deadline: float,
 ) -> dict[str, Any]:
     """Wait for a training until `deadline` (then Ctrl-C: the trainer saves its checkpoint), and
     read its metrics."""
@@ -259,9 +292,20 @@ def finish_training(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     metrics = output_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
     epochs = [
-        {key: row[key] for key in ("epoch", "train_seconds", "examples_per_s", "test_accuracy", "elapsed_seconds")}
+        {
+            key: row[key]
+            for key in (
+                "epoch",
+                "train_seconds",
+                "examples_per_s",
+                "test_accuracy",
+                "elapsed_seconds",
+            )
+        }
         for row in rows
     ]
     result: dict[str, Any] = {
@@ -278,8 +322,13 @@ def finish_training(
 
 
 def run_trainings(
-    runs: list[TrainingRun], sizes: Sizes, device: str, work_dir: Path, data_dir: str | None,
-    seconds: float, say: Callable[[str], None],
+    runs: list[TrainingRun],
+    sizes: Sizes,
+    device: str,
+    work_dir: Path,
+    data_dir: str | None,
+    seconds: float,
+    say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Each run in turn with an equal share of what is left of `seconds` (side by side in the
     dry run, whose times mean nothing)."""
@@ -287,11 +336,22 @@ def run_trainings(
     results = []
     pending: list[tuple[TrainingRun, subprocess.Popen[bytes], list[str], float]] = []
 
-    def finish(run: TrainingRun, process: subprocess.Popen[bytes], command: list[str], started: float, deadline: float) -> None:
+    def finish(
+        run: TrainingRun,
+        process: subprocess.Popen[bytes],
+        command: list[str],
+        started: float,
+        deadline: float,
+    ) -> None:
         row: dict[str, Any] = {
-            "name": run.name, "preset": run.preset, "processes": run.processes, "image_size": sizes.image_size,
+            "name": run.name,
+            "preset": run.preset,
+            "processes": run.processes,
+            "image_size": sizes.image_size,
         }
-        row |= finish_training(process, command, work_dir / run.name, work_dir / f"{run.name}.log", started, deadline)
+        row |= finish_training(
+            process, command, work_dir / run.name, work_dir / f"{run.name}.log", started, deadline
+        )
         for epoch in row["epochs"]:
             say(
                 f"  {run.name} epoch {epoch['epoch']}: {epoch['train_seconds']:.1f} s, "
@@ -302,7 +362,10 @@ def run_trainings(
     for position, run in enumerate(runs):
         command = train_command(run, sizes, device, work_dir / run.name, data_dir)
         share = (seconds - (time.perf_counter() - begun)) / (len(runs) - position)
-        say(f"training {run.name} ({run.processes} process(es))" + ("" if sizes.concurrent_training else f", at most {share:.0f} s"))
+        say(
+            f"training {run.name} ({run.processes} process(es))"
+            + ("" if sizes.concurrent_training else f", at most {share:.0f} s")
+        )
         started = time.perf_counter()
         process = start_training(command, work_dir / f"{run.name}.log")
         if sizes.concurrent_training:
@@ -345,7 +408,12 @@ def default_output(device: str) -> Path:
 
 
 def check(
-    *, dry_run: bool, output: Path, budget_seconds: float, data_dir: str | None, work_dir: Path,
+    *,
+    dry_run: bool,
+    output: Path,
+    budget_seconds: float,
+    data_dir: str | None,
+    work_dir: Path,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     device = "cpu" if dry_run else "cuda"
@@ -362,8 +430,12 @@ def check(
         row = check_memory(case, device, measured=sizes.measure_all or measured_in_dry_run(case))
         results["memory"].append(row)
         ratios = row.get("ratio_measured_over_predicted", {})
-        outcome = ", ".join(f"{key} {ratio:.3f}" for key, ratio in ratios.items()) or "predicted only"
-        say(f"memory {case.model} {case.mode} {case.optimizer} amp={case.amp}: {row.get('error', outcome)}")
+        outcome = (
+            ", ".join(f"{key} {ratio:.3f}" for key, ratio in ratios.items()) or "predicted only"
+        )
+        say(
+            f"memory {case.model} {case.mode} {case.optimizer} amp={case.amp}: {row.get('error', outcome)}"
+        )
         _write(output, results)  # a crash later keeps what is done
     results["cuda_context"] = cuda_context(device)
     left = budget_seconds - (time.perf_counter() - started)
@@ -386,24 +458,53 @@ def main(argv: list[str] | None = None) -> int:
 
         return ninlab_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="every step on the CPU at tiny sizes")
-    parser.add_argument("--output", type=Path, help="the JSON to write (default: benchmarks/results/gpu_check-<GPU>.json)")
-    parser.add_argument("--budget-seconds", type=float, default=450, help="the whole check's time; trainings share what is left")
-    parser.add_argument("--data-dir", help="where Fashion-MNIST is (default: where ninlab train finds it)")
-    parser.add_argument("--work-dir", type=Path, help="the training runs' directories (default: a new temporary one)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every step on the CPU at tiny sizes"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="the JSON to write (default: benchmarks/results/gpu_check-<GPU>.json)",
+    )
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=450,
+        help="the whole check's time; trainings share what is left",
+    )
+    parser.add_argument(
+        "--data-dir", help="where Fashion-MNIST is (default: where ninlab train finds it)"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="the training runs' directories (default: a new temporary one)",
+    )
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here; run with --dry-run to check the steps on the CPU", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA GPU here; run with --dry-run to check the steps on the CPU",
+            file=sys.stderr,
+        )
         return 2
     if args.output is None:
         RESULTS.mkdir(exist_ok=True)
-    output = output_path(args.output or default_output(device), suffixes=(".json",), what="results", option="--output")
+    output = output_path(
+        args.output or default_output(device),
+        suffixes=(".json",),
+        what="results",
+        option="--output",
+    )
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     results = check(
-        dry_run=args.dry_run, output=output, budget_seconds=args.budget_seconds, data_dir=args.data_dir,
-        work_dir=work_dir, say=lambda line: print(line, flush=True),
+        dry_run=args.dry_run,
+        output=output,
+        budget_seconds=args.budget_seconds,
+        data_dir=args.data_dir,
+        work_dir=work_dir,
+        say=lambda line: print(line, flush=True),
     )
     failures = [row for row in results["memory"] + results["training"] if "error" in row]
     print(f"wrote {output} ({results['wall_seconds']:.0f} s); {len(failures)} step(s) failed")

@@ -27,7 +27,8 @@ def mlp() -> nn.Module:
 def autoencoder() -> nn.Module:
     """A feature map out, as segmentation nets and autoencoders give."""
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
         nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1),
     )
 
@@ -50,7 +51,9 @@ class TwoHeads(nn.Module):
     def __init__(self, kind: str = "tuple") -> None:
         super().__init__()
         self.kind = kind
-        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.classes = nn.Linear(4, 5)
         self.box = nn.Linear(4, 4)
 
@@ -78,7 +81,9 @@ class Siamese(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tower = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 8))
+        self.tower = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 8)
+        )
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return F.pairwise_distance(self.tower(left), self.tower(right))
@@ -108,7 +113,9 @@ def text_cnn() -> nn.Module:
 
 def fine_tuned() -> nn.Module:
     """A small CNN whose first convolution is frozen, as in any fine-tuning setup."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
     model[0].weight.requires_grad_(False)
     return model
 
@@ -116,25 +123,37 @@ def fine_tuned() -> nn.Module:
 def lazy_cnn() -> nn.Module:
     """d2l's way: every layer lazy, its input size inferred at the first forward."""
     return nn.Sequential(
-        nn.LazyConv2d(4, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.LazyLinear(10),
+        nn.LazyConv2d(4, 3, padding=1),
+        nn.LazyBatchNorm2d(),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.LazyLinear(10),
     )
 
 
 def eager_cnn() -> nn.Module:
     """`lazy_cnn` with its shapes written out, for a 1x8x8 input."""
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
     )
 
 
 def nin_block(out_channels: int, kernel_size: int, strides: int, padding: int) -> nn.Module:
     """d2l's `nin_block`, exactly as the chapter writes it (PyTorch tab)."""
     return nn.Sequential(
-        nn.LazyConv2d(out_channels, kernel_size, strides, padding), nn.ReLU(),
-        nn.LazyConv2d(out_channels, kernel_size=1), nn.ReLU(),
-        nn.LazyConv2d(out_channels, kernel_size=1), nn.ReLU())
+        nn.LazyConv2d(out_channels, kernel_size, strides, padding),
+        nn.ReLU(),
+        nn.LazyConv2d(out_channels, kernel_size=1),
+        nn.ReLU(),
+        nn.LazyConv2d(out_channels, kernel_size=1),
+        nn.ReLU(),
+    )
 
 
 class D2lNiN(nn.Module):
@@ -152,7 +171,8 @@ class D2lNiN(nn.Module):
             nn.Dropout(0.5),
             nin_block(num_classes, kernel_size=3, strides=1, padding=1),
             nn.AdaptiveAvgPool2d((1, 1)),
-            nn.Flatten())
+            nn.Flatten(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "ZooEntry", "ceil_pool_net", "grouped_net", "mobilenet_relu6", "resnet_bn", "vgg_big_head"]
+__all__ = [
+    "ZOO",
+    "ZooEntry",
+    "ceil_pool_net",
+    "grouped_net",
+    "mobilenet_relu6",
+    "resnet_bn",
+    "vgg_big_head",
+]
 
 
 class BasicBlock(nn.Module):
@@ -32,7 +40,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,10 @@ def pytest_report_header() -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     machine_reason = machine_mismatch(reference_machine(), this_machine())
-    cuda_reason = None if torch.cuda.is_available() else (
-        f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here"
+    cuda_reason = (
+        None
+        if torch.cuda.is_available()
+        else (f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here")
     )
     for item in items:
         if machine_reason and item.get_closest_marker("machine"):

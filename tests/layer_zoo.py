@@ -20,7 +20,15 @@ from cnn_zoo import ZooEntry
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LAYER_ZOO", "attention_net", "convnext_ln", "deep_mbconv", "dense_net", "mbconv_silu", "vit_encoder"]
+__all__ = [
+    "LAYER_ZOO",
+    "attention_net",
+    "convnext_ln",
+    "deep_mbconv",
+    "dense_net",
+    "mbconv_silu",
+    "vit_encoder",
+]
 
 
 def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -53,7 +61,14 @@ class MBConv(nn.Module):
     + BN, stochastic depth on the residual branch."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, kernel: int, stride: int, expand: int, drop: float
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel: int,
+        stride: int,
+        expand: int,
+        drop: float,
     ) -> None:
         super().__init__()
         hidden = in_channels * expand
@@ -61,7 +76,11 @@ class MBConv(nn.Module):
         self.drop = drop
         layers: list[nn.Module] = []
         if expand != 1:
-            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU(inplace=True)]
+            layers += [
+                nn.Conv2d(in_channels, hidden, 1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.SiLU(inplace=True),
+            ]
         layers += [
             nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
@@ -79,21 +98,34 @@ class MBConv(nn.Module):
         return out
 
 
-def _mbconv_stages(width: int, stages: tuple[tuple[int, int, int, int, int], ...]) -> list[nn.Module]:
+def _mbconv_stages(
+    width: int, stages: tuple[tuple[int, int, int, int, int], ...]
+) -> list[nn.Module]:
     """(expand, out channels, repeats, stride, kernel) per stage, as EfficientNet lists them."""
     blocks: list[nn.Module] = []
     channels = width
     for expand, out_channels, repeats, stride, kernel in stages:
         for index in range(repeats):
             blocks.append(
-                MBConv(channels, out_channels, kernel=kernel, stride=stride if index == 0 else 1, expand=expand, drop=0.1)
+                MBConv(
+                    channels,
+                    out_channels,
+                    kernel=kernel,
+                    stride=stride if index == 0 else 1,
+                    expand=expand,
+                    drop=0.1,
+                )
             )
             channels = out_channels
     return blocks
 
 
 def _efficientnet(
-    *, in_channels: int, num_classes: int, width: int, stages: tuple[tuple[int, int, int, int, int], ...]
+    *,
+    in_channels: int,
+    num_classes: int,
+    width: int,
+    stages: tuple[tuple[int, int, int, int, int], ...],
 ) -> nn.Module:
     blocks = _mbconv_stages(width, stages)
     last = stages[-1][1]
@@ -116,13 +148,17 @@ def mbconv_silu(*, in_channels: int = 3, num_classes: int = 10, width: int = 16)
     """A tiny EfficientNet: SiLU everywhere, 3x3 and 5x5 depthwise convs (120 and 80 channels:
     not whole blocks of 16), squeeze-excitation and stochastic depth."""
     stages = ((1, 16, 1, 1, 3), (6, 20, 2, 2, 3), (4, 32, 2, 2, 5))
-    return _efficientnet(in_channels=in_channels, num_classes=num_classes, width=width, stages=stages)
+    return _efficientnet(
+        in_channels=in_channels, num_classes=num_classes, width=width, stages=stages
+    )
 
 
 def deep_mbconv(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Module:
     """mbconv_silu with 14 blocks: about 200 modules, for the prediction-speed budget."""
     stages = ((1, 16, 2, 1, 3), (4, 24, 3, 2, 3), (4, 32, 4, 2, 5), (4, 48, 5, 1, 3))
-    return _efficientnet(in_channels=in_channels, num_classes=num_classes, width=width, stages=stages)
+    return _efficientnet(
+        in_channels=in_channels, num_classes=num_classes, width=width, stages=stages
+    )
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -181,11 +217,17 @@ class SdpaAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.position_bias = nn.Parameter(torch.zeros(heads, bias_tokens, bias_tokens)) if bias_tokens else None
+        self.position_bias = (
+            nn.Parameter(torch.zeros(heads, bias_tokens, bias_tokens)) if bias_tokens else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x)
+            .reshape(batch, tokens, 3, self.heads, dim // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=self.position_bias)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -275,7 +317,9 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, layers: int, in_channels: int, growth: int, bottleneck: int) -> None:
         super().__init__()
         for index in range(layers):
-            self[f"denselayer{index + 1}"] = DenseLayer(in_channels + index * growth, growth, bottleneck)
+            self[f"denselayer{index + 1}"] = DenseLayer(
+                in_channels + index * growth, growth, bottleneck
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
@@ -298,7 +342,9 @@ def _transition(in_channels: int, out_channels: int) -> nn.Sequential:
 _DENSENET121_BLOCKS = (6, 12, 24, 16)
 
 
-def dense_net(*, in_channels: int = 3, num_classes: int = 10, growth: int = 12, stem: int = 24) -> nn.Module:
+def dense_net(
+    *, in_channels: int = 3, num_classes: int = 10, growth: int = 12, stem: int = 24
+) -> nn.Module:
     """DenseNet-121's structure (torchvision's, retyped): 7x7 stem + BN + ReLU + 3x3 max pool, four
     dense blocks of 6, 12, 24 and 16 layers with a 4x growth bottleneck, transitions halving the
     channels, BN + ReLU, global pool, linear. 435 modules; narrower than the real one (growth 12)
@@ -349,7 +395,11 @@ class ViTBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(drop), nn.Linear(4 * dim, dim), nn.Dropout(drop)
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Dropout(drop),
+            nn.Linear(4 * dim, dim),
+            nn.Dropout(drop),
         )
         self.drop_path2 = DropPath(drop_path)
 
@@ -375,7 +425,13 @@ class FirstToken(nn.Module):
 
 
 def vit_encoder(
-    *, in_channels: int = 3, num_classes: int = 10, dim: int = 96, heads: int = 3, depth: int = 12, image_size: int = 64
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    dim: int = 96,
+    heads: int = 3,
+    depth: int = 12,
+    image_size: int = 64,
 ) -> nn.Module:
     """A ViT-Tiny-like network: 8x8 patches, a class token, dropout, 12 encoder blocks (drop path
     rising to 0.1, as timm's drop_path_rate does), LayerNorm, a linear head on the class token.
@@ -385,7 +441,10 @@ def vit_encoder(
         PatchEmbedding(in_channels, dim, 8, tokens),
         ClassToken(dim),
         nn.Dropout(0.1),
-        *(ViTBlock(dim, heads, drop=0.1, drop_path=0.1 * index / (depth - 1)) for index in range(depth)),
+        *(
+            ViTBlock(dim, heads, drop=0.1, drop_path=0.1 * index / (depth - 1))
+            for index in range(depth)
+        ),
         nn.LayerNorm(dim),
         FirstToken(),
         nn.Linear(dim, num_classes),

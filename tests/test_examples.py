@@ -29,18 +29,27 @@ def _outputs(notebook, start):
 
 
 def _text(outputs, kind="text/plain"):
-    return "".join(o.text if o.output_type == "stream" else o.get("data", {}).get(kind, "") for o in outputs)
+    return "".join(
+        o.text if o.output_type == "stream" else o.get("data", {}).get(kind, "") for o in outputs
+    )
 
 
 @pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch, fashion_mnist):
     # The kernel imports the ninlab under test, whatever is installed.
     source = str(Path(ninlab.__file__).parent.parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    )
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the training run's directory
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # A cell that raises stops the run with CellExecutionError, which fails the test.
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
 
     summary = _outputs(notebook, "model = ninlab.build_nin()")
     assert "Parameters: 1,992,166 (1,989,928 weights + 2,238 biases" in _text(summary, "text/html")
@@ -48,7 +57,9 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch
     assert "(54.25, 54)" in _text(_outputs(notebook, "first = summary.layers[2]"))
     for start in ("step = ninlab.StepSpec", "infer_memory = "):
         assert "Live tensor peak" in _text(_outputs(notebook, start), "text/html")
-    assert "1,769,112 (-223,054, -11.2%)" in _text(_outputs(notebook, "from ninlab.viz.charts import compare_chart"), "text/html")
+    assert "1,769,112 (-223,054, -11.2%)" in _text(
+        _outputs(notebook, "from ninlab.viz.charts import compare_chart"), "text/html"
+    )
     pictures = [
         "from ninlab.viz.charts import geometry_chart",
         "from ninlab.viz.charts import flops_chart",
@@ -62,5 +73,8 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch
     training = _outputs(notebook, "from ninlab.training.data import")
     # Two epochs: two outputs that ended as the epoch's line, after the run's own messages.
     lines = [o.data["text/plain"] for o in training if o.output_type == "display_data"]
-    assert [line.splitlines()[-1].split(":")[0] for line in lines[-2:]] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.splitlines()[-1].split(":")[0] for line in lines[-2:]] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
     assert "on 500 test images" in _text(_outputs(notebook, "from ninlab.training.evaluate import"))

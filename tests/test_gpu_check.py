@@ -28,8 +28,13 @@ MIB = 1 << 20
 def test_dry_run_runs_every_step_and_writes_the_results(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     command = [
-        sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run",
-        "--output", str(output), "--work-dir", str(tmp_path / "runs"),
+        sys.executable,
+        str(BENCHMARKS / "gpu_check.py"),
+        "--dry-run",
+        "--output",
+        str(output),
+        "--work-dir",
+        str(tmp_path / "runs"),
     ]
     finished = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
@@ -37,11 +42,17 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path: Path) -> None:
     assert results["environment"]["device"] == "cpu"
 
     memory = results["memory"]
-    assert len(memory) == 6 + 2 * len(gpu_check.ZOO)  # NiN: 3 steps x 2 precisions; the CNNs: 2 each
+    assert len(memory) == 6 + 2 * len(
+        gpu_check.ZOO
+    )  # NiN: 3 steps x 2 precisions; the CNNs: 2 each
     assert not [row for row in memory if "error" in row]
     for row in memory:
         predicted = row["predicted"]
-        assert predicted["live_peak_bytes"] <= predicted["max_allocated_bytes"] <= predicted["max_reserved_bytes"]
+        assert (
+            predicted["live_peak_bytes"]
+            <= predicted["max_allocated_bytes"]
+            <= predicted["max_reserved_bytes"]
+        )
     measured = [row for row in memory if row["measured"] is not None]
     assert [(row["mode"], row["amp"]) for row in measured] == [("train", None), ("infer", "bf16")]
     for row in measured:
@@ -56,7 +67,9 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path: Path) -> None:
     for row in training:
         assert row["returncode"] == 0 and not row["stopped_for_time"]
         (epoch,) = row["epochs"]
-        assert epoch["epoch"] == 1 and 0 <= epoch["test_accuracy"] <= 1 and epoch["examples_per_s"] > 0
+        assert (
+            epoch["epoch"] == 1 and 0 <= epoch["test_accuracy"] <= 1 and epoch["examples_per_s"] > 0
+        )
 
 
 def test_gpu_trainings_run_the_presets_in_full_and_ddp_under_torchrun(tmp_path: Path) -> None:
@@ -64,11 +77,24 @@ def test_gpu_trainings_run_the_presets_in_full_and_ddp_under_torchrun(tmp_path: 
         gpu_check.TrainingRun("d2l", "d2l", 1), gpu_check.FULL, "cuda", tmp_path / "d2l", None
     )
     assert single[2:] == [
-        "ninlab", "train", "--preset", "d2l", "--image-size", "224", "--output-dir",
-        str(tmp_path / "d2l"), "--device", "cuda", "--no-download",
+        "ninlab",
+        "train",
+        "--preset",
+        "d2l",
+        "--image-size",
+        "224",
+        "--output-dir",
+        str(tmp_path / "d2l"),
+        "--device",
+        "cuda",
+        "--no-download",
     ]  # the preset's 10 epochs, batch 128 and all the data
     ddp = gpu_check.train_command(
-        gpu_check.TrainingRun("ddp", "default", 8), gpu_check.FULL, "cuda", tmp_path / "ddp", "/data"
+        gpu_check.TrainingRun("ddp", "default", 8),
+        gpu_check.FULL,
+        "cuda",
+        tmp_path / "ddp",
+        "/data",
     )
     assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8"]
     assert "--device" not in ddp  # each rank takes its own GPU

@@ -75,7 +75,9 @@ def _imported_names(path: Path) -> list[tuple[str, str]]:
 
 
 def _is_result_type_or_constant(module: str, name: str) -> bool:
-    value = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
+    value = (
+        getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
+    )
     if isinstance(value, types.ModuleType):
         return False
     # A class, a type alias (`Literal[...]`), or a value such as a table of meanings.
@@ -115,13 +117,17 @@ def test_the_visuals_rule_sees_a_function_and_a_whole_module(tmp_path: Path) -> 
 
 def test_loading_the_whole_accountant_loads_nothing_else() -> None:
     """At run time too: no lazy import inside a function reaches the trainer, visuals or CLI."""
-    modules = [f"ninlab.analysis.{path.stem}" for path in sorted((PACKAGE / "analysis").glob("*.py"))]
+    modules = [
+        f"ninlab.analysis.{path.stem}" for path in sorted((PACKAGE / "analysis").glob("*.py"))
+    ]
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and m.count('.') >= 2}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "['analysis']"
 
 
@@ -134,8 +140,12 @@ def test_the_front_door_names_the_library_api() -> None:
     from ninlab.training.train import train
 
     expected = {
-        "StepSpec": StepSpec, "summarize": summarize, "predict_memory": predict_memory,
-        "fit_batch": fit_batch, "measure": measure, "train": train,
+        "StepSpec": StepSpec,
+        "summarize": summarize,
+        "predict_memory": predict_memory,
+        "fit_batch": fit_batch,
+        "measure": measure,
+        "train": train,
     }
     for name, value in expected.items():
         assert name in ninlab.__all__ and getattr(ninlab, name) is value
@@ -149,5 +159,7 @@ def test_loading_every_study_loads_neither_the_visuals_nor_the_cli() -> None:
         f"for name in {modules!r}: importlib.import_module(name)\n"
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and m.count('.') >= 2}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "['analysis', 'studies', 'training']"

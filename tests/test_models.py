@@ -23,11 +23,23 @@ def test_d2l_nin_has_the_chapter_parameter_count_and_layout():
     assert count(model) == 1_992_166
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs[::3]] == [
-        (96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (10, 3, 1, 1),
+        (96, 11, 4, 0),
+        (256, 5, 1, 2),
+        (384, 3, 1, 1),
+        (10, 3, 1, 1),
     ]
     assert all(c.kernel_size == (1, 1) for i, c in enumerate(convs) if i % 3)
     assert [type(m).__name__ for m in model] == [
-        "Sequential", "MaxPool2d", "Sequential", "MaxPool2d", "Sequential", "MaxPool2d", "Dropout", "Sequential", "AdaptiveAvgPool2d", "Flatten",
+        "Sequential",
+        "MaxPool2d",
+        "Sequential",
+        "MaxPool2d",
+        "Sequential",
+        "MaxPool2d",
+        "Dropout",
+        "Sequential",
+        "AdaptiveAvgPool2d",
+        "Flatten",
     ]
     assert model(torch.zeros(2, 1, 224, 224)).shape == (2, 10)
 
@@ -43,15 +55,28 @@ def test_xavier_uniform_initialisation_bounds_the_weights():
 
 @pytest.mark.parametrize(
     "name, parameters",
-    [("nin-d2l-1x1", 1_769_112), ("nin-d2l-0x1", 1_546_058), ("nin-d2l-bn", 1_994_404), ("nin-d2l-no-squeeze", 1_961_226)],
+    [
+        ("nin-d2l-1x1", 1_769_112),
+        ("nin-d2l-0x1", 1_546_058),
+        ("nin-d2l-bn", 1_994_404),
+        ("nin-d2l-no-squeeze", 1_961_226),
+    ],
 )
 def test_registered_variants(name, parameters):
     assert count(resolve_model(name)) == parameters
 
 
 def test_variant_spelled_on_the_command_line():
-    config = parse_variant("nin-d2l:num_1x1=1,num_classes=5,in_channels=3,global_pool=max,batch_norm=true")
-    assert (config.num_1x1, config.num_classes, config.in_channels, config.global_pool, config.batch_norm) == (1, 5, 3, "max", True)
+    config = parse_variant(
+        "nin-d2l:num_1x1=1,num_classes=5,in_channels=3,global_pool=max,batch_norm=true"
+    )
+    assert (
+        config.num_1x1,
+        config.num_classes,
+        config.in_channels,
+        config.global_pool,
+        config.batch_norm,
+    ) == (1, 5, 3, "max", True)
     model = build_nin(config)
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 5)
     assert isinstance(model[-2], nn.AdaptiveMaxPool2d)

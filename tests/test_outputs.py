@@ -119,7 +119,9 @@ def test_not_durable_never_syncs(tmp_path, monkeypatch):
 
 def test_a_missing_directory_is_one_line_naming_the_file_and_creates_nothing(tmp_path):
     target = tmp_path / "missing" / "a.txt"
-    with pytest.raises(NinlabError, match=rf"could not write {target} \(No such file or directory\)"):
+    with pytest.raises(
+        NinlabError, match=rf"could not write {target} \(No such file or directory\)"
+    ):
         write_text_atomically(target, "x", durable=False)
     assert _names(tmp_path) == []
 

@@ -130,14 +130,16 @@ def run(func, storage, ledger):
 '''
     tree = ast.parse(source)
     found = private_torch_names(tree, _defined_names([tree]) | {"_freed"})
-    assert sorted(line.split(": ", 1)[1] for line in found) == sorted([
-        "import torch._dynamo",
-        "from torch._subclasses.fake_tensor import FakeTensor",
-        "from torch.nn.utils.stateless import _reparametrize_module",
-        "torch._C._current_autograd_node",
-        "torch._C",
-        "nn.modules.dropout._DropoutNd",
-        "'torch._subclasses.fake_tensor'",
-        "func._schema",
-        "storage._cdata",
-    ])
+    assert sorted(line.split(": ", 1)[1] for line in found) == sorted(
+        [
+            "import torch._dynamo",
+            "from torch._subclasses.fake_tensor import FakeTensor",
+            "from torch.nn.utils.stateless import _reparametrize_module",
+            "torch._C._current_autograd_node",
+            "torch._C",
+            "nn.modules.dropout._DropoutNd",
+            "'torch._subclasses.fake_tensor'",
+            "func._schema",
+            "storage._cdata",
+        ]
+    )

@@ -10,7 +10,11 @@ from ninlab.units import dtype_name, format_bytes, format_flops, parse_bytes
 
 
 def test_dtype_name_is_the_name_a_user_writes() -> None:
-    assert [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.int64)] == ["float32", "bfloat16", "int64"]
+    assert [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.int64)] == [
+        "float32",
+        "bfloat16",
+        "int64",
+    ]
 
 
 def test_bytes_and_flops_in_words() -> None:

@@ -17,7 +17,9 @@ from torch import nn
 __all__ = ["tiny_efficientnet"]
 
 
-def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+def stochastic_depth(
+    input: torch.Tensor, p: float, mode: str, training: bool = True
+) -> torch.Tensor:
     if not training or p == 0.0:
         return input
     survival_rate = 1.0 - p
@@ -40,11 +42,24 @@ class StochasticDepth(nn.Module):
 
 class Conv2dNormActivation(nn.Sequential):
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
         activation_layer: type[nn.Module] | None = nn.SiLU,
     ) -> None:
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                (kernel_size - 1) // 2,
+                groups=groups,
+                bias=False,
+            ),
             nn.BatchNorm2d(out_channels),
         ]
         if activation_layer is not None:
@@ -74,16 +89,30 @@ class SqueezeExcitation(nn.Module):
 
 
 class MBConv(nn.Module):
-    def __init__(self, expand_ratio: int, kernel: int, stride: int, input_channels: int, out_channels: int, sd_prob: float) -> None:
+    def __init__(
+        self,
+        expand_ratio: int,
+        kernel: int,
+        stride: int,
+        input_channels: int,
+        out_channels: int,
+        sd_prob: float,
+    ) -> None:
         super().__init__()
         self.use_res_connect = stride == 1 and input_channels == out_channels
         expanded = input_channels * expand_ratio
         layers: list[nn.Module] = []
         if expanded != input_channels:
             layers.append(Conv2dNormActivation(input_channels, expanded, kernel_size=1))
-        layers.append(Conv2dNormActivation(expanded, expanded, kernel_size=kernel, stride=stride, groups=expanded))
+        layers.append(
+            Conv2dNormActivation(
+                expanded, expanded, kernel_size=kernel, stride=stride, groups=expanded
+            )
+        )
         layers.append(SqueezeExcitation(expanded, max(1, input_channels // 4)))
-        layers.append(Conv2dNormActivation(expanded, out_channels, kernel_size=1, activation_layer=None))
+        layers.append(
+            Conv2dNormActivation(expanded, out_channels, kernel_size=1, activation_layer=None)
+        )
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = StochasticDepth(sd_prob, "row")
 
@@ -96,16 +125,32 @@ class MBConv(nn.Module):
 
 
 class FusedMBConv(nn.Module):
-    def __init__(self, expand_ratio: int, kernel: int, stride: int, input_channels: int, out_channels: int, sd_prob: float) -> None:
+    def __init__(
+        self,
+        expand_ratio: int,
+        kernel: int,
+        stride: int,
+        input_channels: int,
+        out_channels: int,
+        sd_prob: float,
+    ) -> None:
         super().__init__()
         self.use_res_connect = stride == 1 and input_channels == out_channels
         expanded = input_channels * expand_ratio
         layers: list[nn.Module] = []
         if expanded != input_channels:
-            layers.append(Conv2dNormActivation(input_channels, expanded, kernel_size=kernel, stride=stride))
-            layers.append(Conv2dNormActivation(expanded, out_channels, kernel_size=1, activation_layer=None))
+            layers.append(
+                Conv2dNormActivation(input_channels, expanded, kernel_size=kernel, stride=stride)
+            )
+            layers.append(
+                Conv2dNormActivation(expanded, out_channels, kernel_size=1, activation_layer=None)
+            )
         else:
-            layers.append(Conv2dNormActivation(input_channels, out_channels, kernel_size=kernel, stride=stride))
+            layers.append(
+                Conv2dNormActivation(
+                    input_channels, out_channels, kernel_size=kernel, stride=stride
+                )
+            )
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = StochasticDepth(sd_prob, "row")
 
@@ -129,7 +174,16 @@ def tiny_efficientnet(*, num_classes: int = 10, stochastic_depth_prob: float = 0
         stage = []
         for index in range(layers):
             sd_prob = stochastic_depth_prob * position / total
-            stage.append(block(expand, kernel, stride if index == 0 else 1, in_channels if index == 0 else out_channels, out_channels, sd_prob))
+            stage.append(
+                block(
+                    expand,
+                    kernel,
+                    stride if index == 0 else 1,
+                    in_channels if index == 0 else out_channels,
+                    out_channels,
+                    sd_prob,
+                )
+            )
             position += 1
         features.append(nn.Sequential(*stage))
     features.append(Conv2dNormActivation(24, 96, kernel_size=1))

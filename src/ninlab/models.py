@@ -78,7 +78,10 @@ class NiNConfig:
             (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
             (0 <= self.dropout <= 1, f"dropout must be between 0 and 1, got {self.dropout}"),
             (self.init in _INITS, f"init must be one of {', '.join(_INITS)}, got {self.init!r}"),
-            (self.global_pool in _POOLS, f"global_pool must be 'avg' or 'max', got {self.global_pool!r}"),
+            (
+                self.global_pool in _POOLS,
+                f"global_pool must be 'avg' or 'max', got {self.global_pool!r}",
+            ),
         ]
         for ok, problem in problems:
             if not ok:
@@ -102,9 +105,15 @@ def nin_block(
     """d2l's `nin_block`: conv k x k, then `num_1x1` pointwise convs, each followed by a ReLU."""
     layers: list[nn.Module] = []
     channels = in_channels
-    for kernel, conv_stride, conv_padding in [(kernel_size, stride, padding)] + [(1, 1, 0)] * num_1x1:
+    for kernel, conv_stride, conv_padding in [(kernel_size, stride, padding)] + [
+        (1, 1, 0)
+    ] * num_1x1:
         # With batch norm the conv bias is redundant (BN subtracts the mean), so it is dropped.
-        layers.append(nn.Conv2d(channels, out_channels, kernel, conv_stride, conv_padding, bias=not batch_norm))
+        layers.append(
+            nn.Conv2d(
+                channels, out_channels, kernel, conv_stride, conv_padding, bias=not batch_norm
+            )
+        )
         if batch_norm:
             layers.append(nn.BatchNorm2d(out_channels))
         layers.append(nn.ReLU())
@@ -134,7 +143,9 @@ def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
         elif layer == DROPOUT:
             modules.append(nn.Dropout(config.dropout))
         elif isinstance(layer, Block):
-            out_channels = layer.out_channels if layer.out_channels is not None else config.num_classes
+            out_channels = (
+                layer.out_channels if layer.out_channels is not None else config.num_classes
+            )
             modules.append(
                 nin_block(
                     channels,
@@ -148,11 +159,17 @@ def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
             )
             channels = out_channels
         else:
-            raise ModelSpecError(f"unknown layer {layer!r} in a NiN configuration; use a Block, 'M' or 'D'")
+            raise ModelSpecError(
+                f"unknown layer {layer!r} in a NiN configuration; use a Block, 'M' or 'D'"
+            )
     if channels != config.num_classes:
         # A network whose last block is not the classifier (e.g. the exercise that removes the
         # final squeeze) needs a linear head after the global pool.
-        modules += [_global_pool(config.global_pool), nn.Flatten(), nn.Linear(channels, config.num_classes)]
+        modules += [
+            _global_pool(config.global_pool),
+            nn.Flatten(),
+            nn.Linear(channels, config.num_classes),
+        ]
     else:
         modules += [_global_pool(config.global_pool), nn.Flatten()]
     net = nn.Sequential(*modules)
@@ -208,18 +225,26 @@ _D2L_LAYERS: tuple[Layer, ...] = (
     Block(None, kernel_size=3, stride=1, padding=1),
 )
 
-register_config("nin-d2l", NiNConfig(_D2L_LAYERS, description="d2l.ai's NiN, exactly as the chapter builds it"))
+register_config(
+    "nin-d2l", NiNConfig(_D2L_LAYERS, description="d2l.ai's NiN, exactly as the chapter builds it")
+)
 register_config(
     "nin-d2l-1x1",
-    NiNConfig(_D2L_LAYERS, num_1x1=1, description="d2l's NiN with one 1x1 conv per block (exercise 2)"),
+    NiNConfig(
+        _D2L_LAYERS, num_1x1=1, description="d2l's NiN with one 1x1 conv per block (exercise 2)"
+    ),
 )
 register_config(
     "nin-d2l-0x1",
-    NiNConfig(_D2L_LAYERS, num_1x1=0, description="d2l's NiN with no 1x1 convs: a plain conv stack"),
+    NiNConfig(
+        _D2L_LAYERS, num_1x1=0, description="d2l's NiN with no 1x1 convs: a plain conv stack"
+    ),
 )
 register_config(
     "nin-d2l-bn",
-    NiNConfig(_D2L_LAYERS, batch_norm=True, description="d2l's NiN with batch norm after every conv"),
+    NiNConfig(
+        _D2L_LAYERS, batch_norm=True, description="d2l's NiN with batch norm after every conv"
+    ),
 )
 register_config(
     "nin-d2l-no-squeeze",
@@ -231,8 +256,16 @@ register_config(
 
 
 def _yes_no(text: str) -> bool:
-    words = {"1": True, "true": True, "yes": True, "on": True,
-             "0": False, "false": False, "no": False, "off": False}
+    words = {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }
     try:
         return words[text.lower()]
     except KeyError:
@@ -288,7 +321,9 @@ def resolve_model(spec: str) -> nn.Module:
         return build_nin(parse_variant(spec))
     if ":" not in spec:
         get_config(spec)  # raises the error that lists the registry
-    factory = import_function(spec, what="model", expects="a function that returns an nn.Module", error=ModelSpecError)
+    factory = import_function(
+        spec, what="model", expects="a function that returns an nn.Module", error=ModelSpecError
+    )
     try:
         model = factory()
     except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
@@ -311,7 +346,11 @@ def resolve_model(spec: str) -> nn.Module:
 # two 1x1 convs) and global average pooling. Each network so has as many weight layers as its
 # VGG namesake. Pooling is NiN's 3x3 stride 2, so the smallest input is 63x63.
 _VGG_WIDTHS = (64, 128, 256, 512, 512)
-_VGG_CONVS = {"nin-vgg11": (1, 1, 2, 2, 2), "nin-vgg16": (2, 2, 3, 3, 3), "nin-vgg19": (2, 2, 4, 4, 4)}
+_VGG_CONVS = {
+    "nin-vgg11": (1, 1, 2, 2, 2),
+    "nin-vgg16": (2, 2, 3, 3, 3),
+    "nin-vgg19": (2, 2, 4, 4, 4),
+}
 
 
 def _vgg_like_layers(convs_per_stage: tuple[int, ...]) -> tuple[Layer, ...]:

@@ -31,7 +31,9 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
-            raise NinlabError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+            raise NinlabError(
+                f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}"
+            )
         # PyTorch would refuse these too, but only when the optimizer is built, in a traceback.
         numbers = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
         for key, value in numbers.items():
@@ -40,7 +42,9 @@ class OptimizerSpec:
         if self.lr <= 0:
             raise NinlabError(f"optimizer setting lr must be positive, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
-            raise NinlabError(f"optimizer setting momentum must be in [0, 1), got {self.momentum!r}")
+            raise NinlabError(
+                f"optimizer setting momentum must be in [0, 1), got {self.momentum!r}"
+            )
         if self.weight_decay < 0:
             raise NinlabError(
                 f"optimizer setting weight_decay must be non-negative, got {self.weight_decay!r}"
@@ -59,19 +63,25 @@ def make_optimizer(
     differs from where they are (a CUDA step emulated on CPU): "default" then picks as there."""
     params = list(params)
     flags: dict[str, bool] = {}
-    if spec.implementation == "foreach" or (spec.implementation == "default" and device_type == "cuda"):
+    if spec.implementation == "foreach" or (
+        spec.implementation == "default" and device_type == "cuda"
+    ):
         flags = {"foreach": True}
     elif spec.implementation == "for-loop":
         flags = {"foreach": False}
     elif spec.implementation == "fused":
         if spec.name in ("rmsprop",):
-            raise NinlabError(f"PyTorch has no fused {spec.name}; use implementation foreach or for-loop")
+            raise NinlabError(
+                f"PyTorch has no fused {spec.name}; use implementation foreach or for-loop"
+            )
         flags = {"fused": True}
     common = {"lr": spec.lr, "weight_decay": spec.weight_decay, **flags}
     if spec.name == "sgd":
         return torch.optim.SGD(params, **common)
     if spec.name in ("sgd-momentum", "nesterov"):
-        return torch.optim.SGD(params, momentum=spec.momentum, nesterov=spec.name == "nesterov", **common)
+        return torch.optim.SGD(
+            params, momentum=spec.momentum, nesterov=spec.name == "nesterov", **common
+        )
     if spec.name == "adam":
         return torch.optim.Adam(params, **common)
     if spec.name == "adamw":

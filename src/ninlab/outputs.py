@@ -178,7 +178,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     call only while owning the directory (no write of another process is under way). Returns
     the files removed."""
     stale = [
-        entry for entry in Path(directory).iterdir()
+        entry
+        for entry in Path(directory).iterdir()
         if entry.is_file() and _TEMPORARY_NAME.fullmatch(entry.name)
     ]
     for entry in stale:

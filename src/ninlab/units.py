@@ -15,10 +15,20 @@ __all__ = ["dtype_name", "format_bytes", "format_count", "format_flops", "parse_
 
 _BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
 }
 
 
@@ -45,10 +55,14 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise NinlabError(f"cannot read memory size {text!r}; write a number and a unit, e.g. 8GiB, 500MB or 1.5G")
+        raise NinlabError(
+            f"cannot read memory size {text!r}; write a number and a unit, e.g. 8GiB, 500MB or 1.5G"
+        )
     value = float(match.group(1)) * _UNITS[unit]
     if value < 1:
-        raise NinlabError(f"memory size {text!r} is less than one byte; give a positive size such as 8GiB")
+        raise NinlabError(
+            f"memory size {text!r} is less than one byte; give a positive size such as 8GiB"
+        )
     return int(value)
 
 

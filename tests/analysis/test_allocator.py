@@ -53,10 +53,22 @@ def deltas(allocations: tuple[KernelAllocation, ...] | None) -> list[int]:
 def without_scratchpads(measured: list[int], predicted: list[int]) -> tuple[list[int], list[int]]:
     """Split off blocks of sizes the rule does not predict (oneDNN scratchpads, not modelled)."""
     known = {abs(size) for size in predicted}
-    return [s for s in measured if abs(s) in known], [s for s in measured if abs(s) not in known and s > 0]
+    return [s for s in measured if abs(s) in known], [
+        s for s in measured if abs(s) not in known and s > 0
+    ]
 
 
-def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, bias: bool = True):
+def conv_forward(
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    bias: bool = True,
+):
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size)
     w = torch.randn(cout, cin // groups, kernel, kernel)
@@ -69,27 +81,62 @@ def conv_forward(batch: int, cin: int, cout: int, size: int, kernel: int, stride
 @pytest.mark.parametrize(
     "shape",
     [
-        {"batch": 2, "cin": 1, "cout": 96, "size": 64, "kernel": 11, "stride": 4},  # NiN's first conv: input read as is
+        {
+            "batch": 2,
+            "cin": 1,
+            "cout": 96,
+            "size": 64,
+            "kernel": 11,
+            "stride": 4,
+        },  # NiN's first conv: input read as is
         {"batch": 2, "cin": 96, "cout": 96, "size": 26, "kernel": 1},  # NiN's 1x1 convs
         {"batch": 2, "cin": 96, "cout": 256, "size": 26, "kernel": 5, "padding": 2},
-        {"batch": 2, "cin": 384, "cout": 10, "size": 5, "kernel": 3, "padding": 1},  # 10 classes: padded channels and bias
+        {
+            "batch": 2,
+            "cin": 384,
+            "cout": 10,
+            "size": 5,
+            "kernel": 3,
+            "padding": 1,
+        },  # 10 classes: padded channels and bias
         {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},  # both channel counts padded
         {"batch": 2, "cin": 16, "cout": 10, "size": 16, "kernel": 3, "bias": False},
-        {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},  # depthwise
+        {
+            "batch": 2,
+            "cin": 64,
+            "cout": 64,
+            "size": 16,
+            "kernel": 3,
+            "padding": 1,
+            "groups": 64,
+        },  # depthwise
         # depthwise with channels not a multiple of the block: groups padded in every blocked copy
         {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
-        {"batch": 2, "cin": 72, "cout": 72, "size": 16, "kernel": 5, "stride": 2, "padding": 2, "groups": 72},
+        {
+            "batch": 2,
+            "cin": 72,
+            "cout": 72,
+            "size": 16,
+            "kernel": 5,
+            "stride": 2,
+            "padding": 2,
+            "groups": 72,
+        },
         {"batch": 2, "cin": 64, "cout": 128, "size": 16, "kernel": 3, "padding": 1, "groups": 4},
         # a 1x1 kernel pads an input of fewer channels than a block (squeeze-excitation's expand)
         {"batch": 2, "cin": 6, "cout": 96, "size": 1, "kernel": 1},
         {"batch": 2, "cin": 3, "cout": 16, "size": 8, "kernel": 1},
     ],
 )
-def test_conv_forward_allocations_match_the_profiler(shape: dict[str, int], threads: Callable[[int], None]) -> None:
+def test_conv_forward_allocations_match_the_profiler(
+    shape: dict[str, int], threads: Callable[[int], None]
+) -> None:
     threads(2)
     args, call = conv_forward(**shape)
     assert conv_backend(*args) == "Mkldnn"
-    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution.default", args).allocations)
+    assert op_allocations(call) == deltas(
+        cpu_kernel_allocations("aten.convolution.default", args).allocations
+    )
 
 
 def test_nin_1x1_conv_holds_two_extra_activation_blocks() -> None:
@@ -107,13 +154,37 @@ def test_nin_1x1_conv_holds_two_extra_activation_blocks() -> None:
     assert [s.output for s in allocations].count(0) == 1
 
 
-def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, mask=(True, True, True)):
+def conv_backward(
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    mask=(True, True, True),
+):
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size)
     w = torch.randn(cout, cin // groups, kernel, kernel)
-    out = aten.convolution.default(x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups)
+    out = aten.convolution.default(
+        x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups
+    )
     grad = torch.randn_like(out)
-    args = (grad, x, w, [cout], [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups, list(mask))
+    args = (
+        grad,
+        x,
+        w,
+        [cout],
+        [stride] * 2,
+        [padding] * 2,
+        [1, 1],
+        False,
+        [0, 0],
+        groups,
+        list(mask),
+    )
     return args, lambda: aten.convolution_backward.default(*args)
 
 
@@ -123,16 +194,57 @@ def conv_backward(batch: int, cin: int, cout: int, size: int, kernel: int, strid
     [
         {"batch": 2, "cin": 16, "cout": 16, "size": 32, "kernel": 3, "padding": 1},
         {"batch": 2, "cin": 17, "cout": 24, "size": 16, "kernel": 3},
-        {"batch": 2, "cin": 3, "cout": 16, "size": 32, "kernel": 3, "padding": 1},  # input channels under a block
-        {"batch": 2, "cin": 96, "cout": 10, "size": 8, "kernel": 3, "padding": 1, "mask": (False, True, True)},
-        {"batch": 16, "cin": 96, "cout": 96, "size": 8, "kernel": 1},  # 1x1 stays on oneDNN with batch >= 16
+        {
+            "batch": 2,
+            "cin": 3,
+            "cout": 16,
+            "size": 32,
+            "kernel": 3,
+            "padding": 1,
+        },  # input channels under a block
+        {
+            "batch": 2,
+            "cin": 96,
+            "cout": 10,
+            "size": 8,
+            "kernel": 3,
+            "padding": 1,
+            "mask": (False, True, True),
+        },
+        {
+            "batch": 16,
+            "cin": 96,
+            "cout": 96,
+            "size": 8,
+            "kernel": 1,
+        },  # 1x1 stays on oneDNN with batch >= 16
         {"batch": 2, "cin": 64, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 64},
         {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "padding": 1, "groups": 24},
-        {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "padding": 1, "groups": 24},
-        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "padding": 1, "groups": 4, "mask": (True, True, False)},
+        {
+            "batch": 2,
+            "cin": 24,
+            "cout": 24,
+            "size": 16,
+            "kernel": 3,
+            "stride": 2,
+            "padding": 1,
+            "groups": 24,
+        },
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 64,
+            "size": 16,
+            "kernel": 3,
+            "padding": 1,
+            "groups": 4,
+            "mask": (True, True, False),
+        },
     ],
 )
-def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+def test_conv_backward_allocations_match_the_profiler(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     threads(1)  # one thread: no scratchpad for reducing weight gradients across threads
     args, call = conv_backward(**shape)
     predicted = cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
@@ -147,12 +259,35 @@ def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Call
         {"batch": 2, "cin": 96, "cout": 96, "size": 54, "kernel": 1},  # NiN's 1x1: split
         {"batch": 16, "cin": 96, "cout": 96, "size": 8, "kernel": 1},  # not split
         {"batch": 2, "cin": 16, "cout": 16, "size": 16, "kernel": 3, "padding": 1},
-        {"batch": 2, "cin": 96, "cout": 10, "size": 8, "kernel": 3, "padding": 1},  # one block, not split
+        {
+            "batch": 2,
+            "cin": 96,
+            "cout": 10,
+            "size": 8,
+            "kernel": 3,
+            "padding": 1,
+        },  # one block, not split
         {"batch": 1, "cin": 32, "cout": 32, "size": 64, "kernel": 3, "padding": 1},  # rows split
         # not fitted on
         {"batch": 3, "cin": 48, "cout": 8, "size": 30, "kernel": 5, "padding": 2},
-        {"batch": 2, "cin": 3, "cout": 16, "size": 32, "kernel": 3, "padding": 1, "mask": (False, True, True)},
-        {"batch": 2, "cin": 1, "cout": 96, "size": 224, "kernel": 11, "stride": 4, "mask": (False, True, True)},  # NiN's first
+        {
+            "batch": 2,
+            "cin": 3,
+            "cout": 16,
+            "size": 32,
+            "kernel": 3,
+            "padding": 1,
+            "mask": (False, True, True),
+        },
+        {
+            "batch": 2,
+            "cin": 1,
+            "cout": 96,
+            "size": 224,
+            "kernel": 11,
+            "stride": 4,
+            "mask": (False, True, True),
+        },  # NiN's first
         # 1x1 kernels on squeeze-excitation's 1x1 maps: a padded input under a block, the
         # one-block bias extra (fitted on), then not fitted on
         {"batch": 2, "cin": 6, "cout": 96, "size": 1, "kernel": 1},
@@ -164,13 +299,17 @@ def test_conv_backward_allocations_match_the_profiler(shape: dict, threads: Call
         {"batch": 2, "cin": 96, "cout": 6, "size": 32, "kernel": 1},
     ],
 )
-def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, threads: Callable[[int], None]) -> None:
+def test_conv_backward_weight_gradient_scratchpad_with_two_threads(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     """With several threads oneDNN may split the batch (or, in NCHW, batch x rows) and reduce the
     per-thread weight gradients in a scratchpad; whether it does is its own cost model, redone in
     `onednn_weight_gradient_batch_threads`."""
     threads(2)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
+    assert op_allocations(call) == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
+    )
 
 
 @pytest.mark.machine
@@ -178,29 +317,52 @@ def test_conv_backward_weight_gradient_scratchpad_with_two_threads(shape: dict, 
     "shape",
     [
         {"batch": 2, "cin": 16, "cout": 16, "size": 32, "kernel": 3, "stride": 2, "padding": 1},
-        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 1, "stride": 2},  # ResNet's downsampling shortcut
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 64,
+            "size": 16,
+            "kernel": 1,
+            "stride": 2,
+        },  # ResNet's downsampling shortcut
         {"batch": 2, "cin": 3, "cout": 10, "size": 32, "kernel": 3, "stride": 2, "padding": 1},
         {"batch": 2, "cin": 16, "cout": 96, "size": 32, "kernel": 7, "stride": 2, "padding": 3},
     ],
 )
-def test_strided_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+def test_strided_conv_backward_allocations_match_the_profiler(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     threads(2)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
+    assert op_allocations(call) == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
+    )
 
 
 def test_unmodelled_convolutions_say_why() -> None:
     x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
     window = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    assert cpu_kernel_allocations("aten.convolution.default", (x, w, None, *window)).unmodelled == ""
+    assert (
+        cpu_kernel_allocations("aten.convolution.default", (x, w, None, *window)).unmodelled == ""
+    )
     bf16 = (x.bfloat16(), w.bfloat16(), None, *window)
-    assert cpu_kernel_allocations("aten.convolution.default", bf16).unmodelled  # not exact: a lower bound at most
+    assert cpu_kernel_allocations(
+        "aten.convolution.default", bf16
+    ).unmodelled  # not exact: a lower bound at most
     grad = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
     patchify = (torch.randn(16, 16, 2, 2), None, [2, 2], [0, 0], *window[2:])
     channels_last = (grad, x.to(memory_format=torch.channels_last), *patchify, [True, True, True])
-    assert "channels-last" in cpu_kernel_allocations("aten.convolution_backward.default", channels_last).unmodelled
-    depthwise, _ = conv_backward(batch=2, cin=32, cout=32, size=4, kernel=5, padding=2, groups=32, mask=(False, False, True))
-    assert "depthwise bias gradient" in cpu_kernel_allocations("aten.convolution_backward.default", depthwise).unmodelled
+    assert (
+        "channels-last"
+        in cpu_kernel_allocations("aten.convolution_backward.default", channels_last).unmodelled
+    )
+    depthwise, _ = conv_backward(
+        batch=2, cin=32, cout=32, size=4, kernel=5, padding=2, groups=32, mask=(False, False, True)
+    )
+    assert (
+        "depthwise bias gradient"
+        in cpu_kernel_allocations("aten.convolution_backward.default", depthwise).unmodelled
+    )
 
 
 @pytest.mark.machine
@@ -208,25 +370,95 @@ def test_unmodelled_convolutions_say_why() -> None:
     ("shape", "threads_used"),
     [
         # fitted on: EfficientNet's 5x5 depthwise convs on 4x4 maps
-        ({"batch": 2, "cin": 96, "cout": 96, "size": 4, "kernel": 5, "padding": 2, "groups": 96}, 2),
-        ({"batch": 2, "cin": 64, "cout": 64, "size": 8, "kernel": 5, "stride": 2, "padding": 2, "groups": 64}, 2),
+        (
+            {"batch": 2, "cin": 96, "cout": 96, "size": 4, "kernel": 5, "padding": 2, "groups": 96},
+            2,
+        ),
+        (
+            {
+                "batch": 2,
+                "cin": 64,
+                "cout": 64,
+                "size": 8,
+                "kernel": 5,
+                "stride": 2,
+                "padding": 2,
+                "groups": 64,
+            },
+            2,
+        ),
         # not fitted on: padded channels, 7x7, one buffer past 256 positions a thread, batch 1, one thread
-        ({"batch": 2, "cin": 24, "cout": 24, "size": 8, "kernel": 5, "padding": 2, "groups": 24}, 2),
-        ({"batch": 2, "cin": 40, "cout": 40, "size": 23, "kernel": 7, "padding": 3, "groups": 40}, 2),
-        ({"batch": 1, "cin": 32, "cout": 32, "size": 8, "kernel": 5, "padding": 2, "groups": 32}, 2),
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 9, "kernel": 5, "stride": 2, "padding": 2, "groups": 32}, 1),
-        ({"batch": 3, "cin": 20, "cout": 20, "size": 12, "kernel": 5, "padding": 2, "groups": 20, "mask": (True, True, False)}, 2),
+        (
+            {"batch": 2, "cin": 24, "cout": 24, "size": 8, "kernel": 5, "padding": 2, "groups": 24},
+            2,
+        ),
+        (
+            {
+                "batch": 2,
+                "cin": 40,
+                "cout": 40,
+                "size": 23,
+                "kernel": 7,
+                "padding": 3,
+                "groups": 40,
+            },
+            2,
+        ),
+        (
+            {"batch": 1, "cin": 32, "cout": 32, "size": 8, "kernel": 5, "padding": 2, "groups": 32},
+            2,
+        ),
+        (
+            {
+                "batch": 2,
+                "cin": 32,
+                "cout": 32,
+                "size": 9,
+                "kernel": 5,
+                "stride": 2,
+                "padding": 2,
+                "groups": 32,
+            },
+            1,
+        ),
+        (
+            {
+                "batch": 3,
+                "cin": 20,
+                "cout": 20,
+                "size": 12,
+                "kernel": 5,
+                "padding": 2,
+                "groups": 20,
+                "mask": (True, True, False),
+            },
+            2,
+        ),
     ],
 )
-def test_depthwise_weight_gradient_over_3x3_runs_gemm(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
+def test_depthwise_weight_gradient_over_3x3_runs_gemm(
+    shape: dict, threads_used: int, threads: Callable[[int], None]
+) -> None:
     """ONEDNN_VERBOSE: an NCHW depthwise weight gradient runs jit_dw for 1x1 and 3x3 kernels,
     oneDNN's gemm kernel (per-thread weight-reduction and im2col buffers) for larger ones."""
     threads(threads_used)
     args, call = conv_backward(**shape)
-    assert op_allocations(call) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
+    assert op_allocations(call) == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
+    )
 
 
-def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False, weight_channels_last: bool = True):
+def conv_channels_last(
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    weight_channels_last: bool = True,
+):
     """A channels-last convolution's arguments, forward (as `conv_forward`) and backward."""
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
@@ -245,51 +477,131 @@ def conv_channels_last(batch: int, cin: int, cout: int, size: int, kernel: int, 
     ("shape", "threads_used"),
     [
         ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3}, 2),
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "stride": 2}, 1),  # scratchpad by threads
-        ({"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "weight_channels_last": False}, 2),  # weight copied
-        ({"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 3, "bias": True}, 2),  # output channels padded
-        ({"batch": 2, "cin": 3, "cout": 32, "size": 16, "kernel": 4, "stride": 4, "bias": True}, 2),  # ConvNeXt's stem
-        ({"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True}, 2),  # depthwise
+        (
+            {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3, "stride": 2},
+            1,
+        ),  # scratchpad by threads
+        (
+            {
+                "batch": 2,
+                "cin": 32,
+                "cout": 32,
+                "size": 16,
+                "kernel": 3,
+                "weight_channels_last": False,
+            },
+            2,
+        ),  # weight copied
+        (
+            {"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 3, "bias": True},
+            2,
+        ),  # output channels padded
+        (
+            {"batch": 2, "cin": 3, "cout": 32, "size": 16, "kernel": 4, "stride": 4, "bias": True},
+            2,
+        ),  # ConvNeXt's stem
+        (
+            {
+                "batch": 2,
+                "cin": 24,
+                "cout": 24,
+                "size": 16,
+                "kernel": 3,
+                "groups": 24,
+                "bias": True,
+            },
+            2,
+        ),  # depthwise
     ],
 )
-def test_channels_last_conv_forward_allocations_match_the_profiler(shape: dict, threads_used: int, threads: Callable[[int], None]) -> None:
+def test_channels_last_conv_forward_allocations_match_the_profiler(
+    shape: dict, threads_used: int, threads: Callable[[int], None]
+) -> None:
     threads(threads_used)
     forward, _ = conv_channels_last(**shape)
-    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(cpu_kernel_allocations("aten.convolution.default", forward).allocations)
+    assert op_allocations(lambda: aten.convolution.default(*forward)) == deltas(
+        cpu_kernel_allocations("aten.convolution.default", forward).allocations
+    )
 
 
 @pytest.mark.machine
 @pytest.mark.parametrize(
     "shape",
     [
-        {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 7, "groups": 32, "bias": True},  # ConvNeXt's 7x7
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 32,
+            "size": 16,
+            "kernel": 7,
+            "groups": 32,
+            "bias": True,
+        },  # ConvNeXt's 7x7
         {"batch": 4, "cin": 24, "cout": 24, "size": 16, "kernel": 7, "groups": 24},
-        {"batch": 2, "cin": 40, "cout": 40, "size": 12, "kernel": 7, "stride": 2, "groups": 40, "bias": True},
+        {
+            "batch": 2,
+            "cin": 40,
+            "cout": 40,
+            "size": 12,
+            "kernel": 7,
+            "stride": 2,
+            "groups": 40,
+            "bias": True,
+        },
         {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 5, "groups": 32},
         {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "groups": 24, "bias": True},
         {"batch": 2, "cin": 24, "cout": 24, "size": 16, "kernel": 3, "stride": 2, "groups": 24},
     ],
 )
-def test_channels_last_depthwise_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+def test_channels_last_depthwise_backward_allocations_match_the_profiler(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     threads(2)
     _, backward = conv_channels_last(**shape)
     measured = op_allocations(lambda: aten.convolution_backward.default(*backward))
-    assert measured == deltas(cpu_kernel_allocations("aten.convolution_backward.default", backward).allocations)
+    assert measured == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", backward).allocations
+    )
 
 
-def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, padding: int | None = None, bias: bool = False, mask: tuple[bool, ...] = (True, True, False), contiguous: str = ""):
+def conv_channels_last_backward(
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int | None = None,
+    bias: bool = False,
+    mask: tuple[bool, ...] = (True, True, False),
+    contiguous: str = "",
+):
     """An ungrouped convolution_backward's arguments with input, weight and grad_output
     channels-last but the one `contiguous` names (NCHW, as ATen would copy it); "same" padding
     unless given."""
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, kernel, kernel).contiguous(memory_format=torch.channels_last)
-    window = ([stride] * 2, [kernel // 2 if padding is None else padding] * 2, [1, 1], False, [0, 0], 1)
+    window = (
+        [stride] * 2,
+        [kernel // 2 if padding is None else padding] * 2,
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+    )
     grad = torch.randn_like(aten.convolution.default(x, w, None, *window))
     tensors = {"grad_output": grad, "input": x, "weight": w}
     if contiguous:
         tensors[contiguous] = tensors[contiguous].contiguous()
-    return (tensors["grad_output"], tensors["input"], tensors["weight"], [cout] if bias else None, *window, list(mask))
+    return (
+        tensors["grad_output"],
+        tensors["input"],
+        tensors["weight"],
+        [cout] if bias else None,
+        *window,
+        list(mask),
+    )
 
 
 @pytest.mark.machine
@@ -300,58 +612,214 @@ def conv_channels_last_backward(batch: int, cin: int, cout: int, size: int, kern
         {"batch": 2, "cin": 16, "cout": 16, "size": 16, "kernel": 3},  # split over the batch
         {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 3},  # split over channel blocks
         {"batch": 2, "cin": 32, "cout": 32, "size": 16, "kernel": 1},  # 1x1 kernel's own split
-        {"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 3, "bias": True, "mask": (True, True, True)},  # padded bias
+        {
+            "batch": 2,
+            "cin": 24,
+            "cout": 40,
+            "size": 16,
+            "kernel": 3,
+            "bias": True,
+            "mask": (True, True, True),
+        },  # padded bias
         # not fitted on
         {"batch": 8, "cin": 64, "cout": 128, "size": 28, "kernel": 3},
-        {"batch": 2, "cin": 48, "cout": 48, "size": 56, "kernel": 3, "bias": True, "mask": (False, True, True)},
-        {"batch": 2, "cin": 16, "cout": 24, "size": 32, "kernel": 3, "bias": True, "mask": (True, True, True)},
+        {
+            "batch": 2,
+            "cin": 48,
+            "cout": 48,
+            "size": 56,
+            "kernel": 3,
+            "bias": True,
+            "mask": (False, True, True),
+        },
+        {
+            "batch": 2,
+            "cin": 16,
+            "cout": 24,
+            "size": 32,
+            "kernel": 3,
+            "bias": True,
+            "mask": (True, True, True),
+        },
         {"batch": 2, "cin": 96, "cout": 96, "size": 54, "kernel": 1},  # NiN's 1x1
-        {"batch": 2, "cin": 10, "cout": 10, "size": 5, "kernel": 1},  # NiN's 10-class 1x1: channels under a block
-        {"batch": 2, "cin": 24, "cout": 40, "size": 16, "kernel": 1, "bias": True, "mask": (True, True, True)},  # padded bias in the scratchpad
-        {"batch": 2, "cin": 3, "cout": 32, "size": 32, "kernel": 3, "mask": (False, True, False)},  # a first layer
-        {"batch": 2, "cin": 3, "cout": 32, "size": 32, "kernel": 4, "stride": 4, "padding": 0, "bias": True, "mask": (False, True, True)},  # ConvNeXt's stem
-        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "stride": 2, "mask": (False, True, False)},
-        {"batch": 2, "cin": 48, "cout": 80, "size": 28, "kernel": 3, "stride": 2},  # brgconv_strided
-        {"batch": 4, "cin": 112, "cout": 64, "size": 16, "kernel": 3, "stride": 2, "bias": True, "mask": (True, True, True)},
-        {"batch": 2, "cin": 256, "cout": 512, "size": 14, "kernel": 1, "stride": 2, "mask": (True, False, False)},
-        {"batch": 2, "cin": 40, "cout": 80, "size": 28, "kernel": 1, "stride": 2, "bias": True, "mask": (True, True, True)},  # reduce to unit stride
-        {"batch": 2, "cin": 64, "cout": 128, "size": 32, "kernel": 1, "stride": 2, "mask": (False, True, False)},
-        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 3, "contiguous": "weight"},  # weight copied
-        {"batch": 4, "cin": 128, "cout": 32, "size": 8, "kernel": 1, "contiguous": "grad_output"},  # grad_output copied
-        {"batch": 2, "cin": 16, "cout": 16, "size": 16, "kernel": 3, "bias": True, "mask": (False, True, True)},  # one-block bias
-        {"batch": 2, "cin": 3, "cout": 16, "size": 32, "kernel": 3, "stride": 2, "bias": True, "mask": (False, True, True)},
+        {
+            "batch": 2,
+            "cin": 10,
+            "cout": 10,
+            "size": 5,
+            "kernel": 1,
+        },  # NiN's 10-class 1x1: channels under a block
+        {
+            "batch": 2,
+            "cin": 24,
+            "cout": 40,
+            "size": 16,
+            "kernel": 1,
+            "bias": True,
+            "mask": (True, True, True),
+        },  # padded bias in the scratchpad
+        {
+            "batch": 2,
+            "cin": 3,
+            "cout": 32,
+            "size": 32,
+            "kernel": 3,
+            "mask": (False, True, False),
+        },  # a first layer
+        {
+            "batch": 2,
+            "cin": 3,
+            "cout": 32,
+            "size": 32,
+            "kernel": 4,
+            "stride": 4,
+            "padding": 0,
+            "bias": True,
+            "mask": (False, True, True),
+        },  # ConvNeXt's stem
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 64,
+            "size": 16,
+            "kernel": 3,
+            "stride": 2,
+            "mask": (False, True, False),
+        },
+        {
+            "batch": 2,
+            "cin": 48,
+            "cout": 80,
+            "size": 28,
+            "kernel": 3,
+            "stride": 2,
+        },  # brgconv_strided
+        {
+            "batch": 4,
+            "cin": 112,
+            "cout": 64,
+            "size": 16,
+            "kernel": 3,
+            "stride": 2,
+            "bias": True,
+            "mask": (True, True, True),
+        },
+        {
+            "batch": 2,
+            "cin": 256,
+            "cout": 512,
+            "size": 14,
+            "kernel": 1,
+            "stride": 2,
+            "mask": (True, False, False),
+        },
+        {
+            "batch": 2,
+            "cin": 40,
+            "cout": 80,
+            "size": 28,
+            "kernel": 1,
+            "stride": 2,
+            "bias": True,
+            "mask": (True, True, True),
+        },  # reduce to unit stride
+        {
+            "batch": 2,
+            "cin": 64,
+            "cout": 128,
+            "size": 32,
+            "kernel": 1,
+            "stride": 2,
+            "mask": (False, True, False),
+        },
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 64,
+            "size": 16,
+            "kernel": 3,
+            "contiguous": "weight",
+        },  # weight copied
+        {
+            "batch": 4,
+            "cin": 128,
+            "cout": 32,
+            "size": 8,
+            "kernel": 1,
+            "contiguous": "grad_output",
+        },  # grad_output copied
+        {
+            "batch": 2,
+            "cin": 16,
+            "cout": 16,
+            "size": 16,
+            "kernel": 3,
+            "bias": True,
+            "mask": (False, True, True),
+        },  # one-block bias
+        {
+            "batch": 2,
+            "cin": 3,
+            "cout": 16,
+            "size": 32,
+            "kernel": 3,
+            "stride": 2,
+            "bias": True,
+            "mask": (False, True, True),
+        },
     ],
 )
-def test_channels_last_conv_backward_allocations_match_the_profiler(shape: dict, threads: Callable[[int], None]) -> None:
+def test_channels_last_conv_backward_allocations_match_the_profiler(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     threads(2)
     args = conv_channels_last_backward(**shape)
     assert cpu_kernel_allocations("aten.convolution_backward.default", args).unmodelled == ""
     measured = op_allocations(lambda: aten.convolution_backward.default(*args))
-    assert measured == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
+    assert measured == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
+    )
 
 
 @pytest.mark.machine
-def test_channels_last_backward_data_scratchpad_grows_with_threads(threads: Callable[[int], None]) -> None:
+def test_channels_last_backward_data_scratchpad_grows_with_threads(
+    threads: Callable[[int], None],
+) -> None:
     threads(1)
     args = conv_channels_last_backward(batch=2, cin=32, cout=32, size=16, kernel=3)
-    assert op_allocations(lambda: aten.convolution_backward.default(*args)) == deltas(cpu_kernel_allocations("aten.convolution_backward.default", args).allocations)
+    assert op_allocations(lambda: aten.convolution_backward.default(*args)) == deltas(
+        cpu_kernel_allocations("aten.convolution_backward.default", args).allocations
+    )
 
 
 @pytest.mark.machine
 @pytest.mark.parametrize(
     "shape",
     [
-        {"batch": 2, "cin": 32, "cout": 64, "size": 16, "kernel": 2, "stride": 2, "padding": 0},  # patchify
+        {
+            "batch": 2,
+            "cin": 32,
+            "cout": 64,
+            "size": 16,
+            "kernel": 2,
+            "stride": 2,
+            "padding": 0,
+        },  # patchify
         {"batch": 2, "cin": 48, "cout": 80, "size": 28, "kernel": 3, "stride": 2, "padding": 0},
         {"batch": 4, "cin": 112, "cout": 64, "size": 15, "kernel": 3, "stride": 2},  # odd input
     ],
 )
-def test_unmodelled_channels_last_backward_says_why(shape: dict, threads: Callable[[int], None]) -> None:
+def test_unmodelled_channels_last_backward_says_why(
+    shape: dict, threads: Callable[[int], None]
+) -> None:
     """Left out: brgconv_strided's scratchpad where kernel and stride are equal (patchify), the
     padding is not "same" or the stride does not divide the input follows no rule found."""
     threads(2)
     args = conv_channels_last_backward(**shape)
-    assert "not of a measured kind" in cpu_kernel_allocations("aten.convolution_backward.default", args).unmodelled
+    assert (
+        "not of a measured kind"
+        in cpu_kernel_allocations("aten.convolution_backward.default", args).unmodelled
+    )
 
 
 @pytest.mark.machine
@@ -365,7 +833,9 @@ def test_unmodelled_bf16_convolution_says_why() -> None:
 
 
 @pytest.mark.canary
-def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[[int], None]) -> None:
+def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(
+    threads: Callable[[int], None],
+) -> None:
     """PyTorch runs a 1x1 conv on one thread at batch < 16 as Slow2d, allocating only its output."""
     threads(1)
     args, call = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
@@ -379,37 +849,84 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(threads: Callable[
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("thread_count", [1, 2])
 def test_batch_norm_forward(
-    training: bool, layout: torch.memory_format, dtype: torch.dtype, thread_count: int, threads: Callable[[int], None]
+    training: bool,
+    layout: torch.memory_format,
+    dtype: torch.dtype,
+    thread_count: int,
+    threads: Callable[[int], None],
 ) -> None:
     """Channels-last training adds a float32 sum per channel and thread (the 24 channels here:
     192 bytes with 2 threads); bf16 input, bf16 output, float32 statistics."""
     threads(thread_count)
     x = torch.randn(4, 24, 5, 5, dtype=dtype).contiguous(memory_format=layout)
-    args = (x, torch.ones(24), torch.zeros(24), torch.zeros(24), torch.ones(24), training, 0.1, 1e-5)
+    args = (
+        x,
+        torch.ones(24),
+        torch.zeros(24),
+        torch.zeros(24),
+        torch.ones(24),
+        training,
+        0.1,
+        1e-5,
+    )
     allocations = cpu_kernel_allocations("aten.native_batch_norm.default", args).allocations
     assert op_allocations(lambda: aten.native_batch_norm.default(*args)) == deltas(allocations)
-    assert cpu_kernel_allocations("aten._native_batch_norm_legit.default", args).allocations == allocations
+    assert (
+        cpu_kernel_allocations("aten._native_batch_norm_legit.default", args).allocations
+        == allocations
+    )
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
-def test_channels_last_batch_norm_backward_sums_per_thread(thread_count: int, threads: Callable[[int], None]) -> None:
+def test_channels_last_batch_norm_backward_sums_per_thread(
+    thread_count: int, threads: Callable[[int], None]
+) -> None:
     threads(thread_count)
     x = torch.randn(4, 24, 5, 5).contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
-    args = (grad, x, torch.ones(24), None, None, x.mean((0, 2, 3)), torch.ones(24), True, 1e-5, [True, True, True])
+    args = (
+        grad,
+        x,
+        torch.ones(24),
+        None,
+        None,
+        x.mean((0, 2, 3)),
+        torch.ones(24),
+        True,
+        1e-5,
+        [True, True, True],
+    )
     measured = op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
-    assert measured == deltas(cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).allocations)
+    assert measured == deltas(
+        cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).allocations
+    )
     assert measured[-2:] == [thread_count * 2 * 24 * 4, -thread_count * 2 * 24 * 4]
 
 
 def test_reduced_precision_batch_norm_backward_is_left_to_measurement() -> None:
     x = torch.randn(4, 24, 5, 5).bfloat16()
-    args = (x, x, torch.ones(24), None, None, torch.zeros(24), torch.ones(24), True, 1e-5, [True, True, True])
-    assert "batch norm backward" in cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).unmodelled
+    args = (
+        x,
+        x,
+        torch.ones(24),
+        None,
+        None,
+        torch.zeros(24),
+        torch.ones(24),
+        True,
+        1e-5,
+        [True, True, True],
+    )
+    assert (
+        "batch norm backward"
+        in cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).unmodelled
+    )
 
 
 @pytest.mark.parametrize("expanded_grad", [False, True])
-def test_batch_norm_backward_allocates_grad_input_twice_when_contiguous(expanded_grad: bool) -> None:
+def test_batch_norm_backward_allocates_grad_input_twice_when_contiguous(
+    expanded_grad: bool,
+) -> None:
     x = torch.randn(4, 16, 8, 8)
     weight, mean, invstd = torch.ones(16), x.mean((0, 2, 3)), torch.ones(16)
     grad = torch.ones(()).expand_as(x) if expanded_grad else torch.randn_like(x)
@@ -455,7 +972,11 @@ def test_cpu_max_pool_allocates_int64_indices_without_grad(guard: Callable[[], o
     output_bytes = 2 * 16 * 6 * 6 * 4
     with guard():  # type: ignore[attr-defined]
         measured = op_allocations(lambda: torch.nn.functional.max_pool2d(x, 2))
-    assert measured == [output_bytes, 2 * output_bytes, -2 * output_bytes]  # output, int64 indices freed
+    assert measured == [
+        output_bytes,
+        2 * output_bytes,
+        -2 * output_bytes,
+    ]  # output, int64 indices freed
 
 
 @pytest.mark.canary
@@ -490,18 +1011,28 @@ def test_flash_attention_allocations_match_the_profiler(
     threads(threads_used)
     torch.manual_seed(0)
     batch, heads, _, head_size = query
-    q, k, v = torch.randn(query), torch.randn(batch, heads, keys, head_size), torch.randn(batch, heads, keys, head_size)
+    q, k, v = (
+        torch.randn(query),
+        torch.randn(batch, heads, keys, head_size),
+        torch.randn(batch, heads, keys, head_size),
+    )
     forward = aten._scaled_dot_product_flash_attention_for_cpu.default
     backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
     out, lse = forward(q, k, v)[:2]
     backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
-    assert op_allocations(lambda: forward(q, k, v)) == deltas(cpu_kernel_allocations(str(forward), (q, k, v)).allocations)
-    assert op_allocations(lambda: backward(*backward_args)) == deltas(cpu_kernel_allocations(str(backward), backward_args).allocations)
+    assert op_allocations(lambda: forward(q, k, v)) == deltas(
+        cpu_kernel_allocations(str(forward), (q, k, v)).allocations
+    )
+    assert op_allocations(lambda: backward(*backward_args)) == deltas(
+        cpu_kernel_allocations(str(backward), backward_args).allocations
+    )
 
 
 @pytest.mark.machine
 @pytest.mark.parametrize("mask_shape", [(256, 256), (4, 4, 256, 256), (4, 1, 1, 256)])
-def test_flash_attention_allocations_do_not_depend_on_the_mask(mask_shape: tuple[int, ...], threads: Callable[[int], None]) -> None:
+def test_flash_attention_allocations_do_not_depend_on_the_mask(
+    mask_shape: tuple[int, ...], threads: Callable[[int], None]
+) -> None:
     """An `attn_mask` reaches the CPU flash kernel as a keyword (a bool mask first becomes a
     float one through `where`, an op the trace sees); the kernel adds it to each score block in
     place, so its blocks are those of the unmasked call, which the rule gives from query and key."""
@@ -513,24 +1044,40 @@ def test_flash_attention_allocations_do_not_depend_on_the_mask(mask_shape: tuple
     backward = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
     out, lse = forward(q, k, v, attn_mask=mask)[:2]
     backward_args = (torch.randn_like(out), q, k, v, out, lse, 0.0, False)
-    assert op_allocations(lambda: forward(q, k, v, attn_mask=mask)) == deltas(cpu_kernel_allocations(str(forward), (q, k, v)).allocations)
+    assert op_allocations(lambda: forward(q, k, v, attn_mask=mask)) == deltas(
+        cpu_kernel_allocations(str(forward), (q, k, v)).allocations
+    )
     measured = op_allocations(lambda: backward(*backward_args, attn_mask=mask))
     assert measured == deltas(cpu_kernel_allocations(str(backward), backward_args).allocations)
 
 
-@pytest.mark.parametrize(("shape", "dim", "dtype"), [((4, 4, 64, 64), -1, torch.float32), ((3, 5, 7, 9), 1, torch.float32), ((2, 100, 37), -1, torch.bfloat16)])
-def test_safe_softmax_holds_bool_masks(shape: tuple[int, ...], dim: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("shape", "dim", "dtype"),
+    [
+        ((4, 4, 64, 64), -1, torch.float32),
+        ((3, 5, 7, 9), 1, torch.float32),
+        ((2, 100, 37), -1, torch.bfloat16),
+    ],
+)
+def test_safe_softmax_holds_bool_masks(
+    shape: tuple[int, ...], dim: int, dtype: torch.dtype
+) -> None:
     """The softmax of attention's math path (a mask that needs a gradient) allocates bool masks
     of the -inf scores and rows beside its output."""
     x = torch.randn(shape, dtype=dtype)
     args = (x, dim)
-    assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(cpu_kernel_allocations("aten._safe_softmax.default", args).allocations)
+    assert op_allocations(lambda: aten._safe_softmax.default(*args)) == deltas(
+        cpu_kernel_allocations("aten._safe_softmax.default", args).allocations
+    )
 
 
 @pytest.mark.parametrize(
     ("grad_layout", "spatial"),
     [
-        (torch.contiguous_format, 7),  # channels-last input, NCHW gradient: indices and grad_input copied
+        (
+            torch.contiguous_format,
+            7,
+        ),  # channels-last input, NCHW gradient: indices and grad_input copied
         (torch.channels_last, 7),  # layouts agree: nothing copied
         (torch.contiguous_format, 3),  # a 1x1 gradient, contiguous strides: grad_input copied
     ],
@@ -539,7 +1086,9 @@ def test_safe_softmax_holds_bool_masks(shape: tuple[int, ...], dim: int, dtype: 
 def test_max_pool_backward_copies_where_the_layouts_disagree(
     grad_layout: torch.memory_format, spatial: int, dtype: torch.dtype
 ) -> None:
-    x = torch.randn(4, 24, spatial, spatial, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 24, spatial, spatial, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
     window = ([3, 3], [2, 2], [0, 0], [1, 1], False)
     _, indices = aten.max_pool2d_with_indices.default(x, *window)
     grad = torch.randn(indices.shape, dtype=dtype).contiguous(memory_format=grad_layout)
@@ -561,10 +1110,27 @@ def test_a_one_channel_input_runs_in_the_layout_its_strides_suggest() -> None:
     window = ([4, 4], [0, 0], [1, 1], False, [0, 0], 1)
     weight = torch.randn(96, 1, 11, 11)
     nchw = (torch.randn(2, 1, 72, 72), weight, None, *window)
-    assert op_allocations(lambda: aten.convolution.default(*nchw)) == deltas(cpu_kernel_allocations("aten.convolution.default", nchw).allocations)
-    channels_last = (torch.empty(2, 1, 72, 72, memory_format=torch.channels_last).normal_(), weight, None, *window)
-    assert "one input channel" in cpu_kernel_allocations("aten.convolution.default", channels_last).unmodelled
-    three_channels = (torch.randn(2, 3, 72, 72).contiguous(memory_format=torch.channels_last), torch.randn(96, 3, 7, 7), None, *window)
+    assert op_allocations(lambda: aten.convolution.default(*nchw)) == deltas(
+        cpu_kernel_allocations("aten.convolution.default", nchw).allocations
+    )
+    channels_last = (
+        torch.empty(2, 1, 72, 72, memory_format=torch.channels_last).normal_(),
+        weight,
+        None,
+        *window,
+    )
+    assert (
+        "one input channel"
+        in cpu_kernel_allocations("aten.convolution.default", channels_last).unmodelled
+    )
+    three_channels = (
+        torch.randn(2, 3, 72, 72).contiguous(memory_format=torch.channels_last),
+        torch.randn(96, 3, 7, 7),
+        None,
+        *window,
+    )
     assert cpu_kernel_allocations("aten.convolution.default", three_channels).unmodelled == ""
     eleven = (three_channels[0], torch.randn(96, 3, 11, 11), None, *window)
-    assert "kernel over 7x7" in cpu_kernel_allocations("aten.convolution.default", eleven).unmodelled
+    assert (
+        "kernel over 7x7" in cpu_kernel_allocations("aten.convolution.default", eleven).unmodelled
+    )

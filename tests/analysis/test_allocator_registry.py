@@ -73,8 +73,11 @@ def _float32_conv() -> tuple[tuple[Any, ...], KernelBlocks]:
     x, w = torch.randn(16, 32, 8, 8), torch.randn(32, 32, 3, 3)
     args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     expected = mkldnn_conv_forward_allocations(
-        input_shape=(16, 32, 8, 8), weight_shape=(32, 32, 3, 3), output_shape=(16, 32, 8, 8),
-        bias=False, block=onednn_channel_block(),
+        input_shape=(16, 32, 8, 8),
+        weight_shape=(32, 32, 3, 3),
+        output_shape=(16, 32, 8, 8),
+        bias=False,
+        block=onednn_channel_block(),
     )
     return args, KernelBlocks(expected)
 
@@ -83,9 +86,14 @@ def _float32_conv_backward() -> tuple[tuple[Any, ...], KernelBlocks]:
     x, w, grad = torch.randn(16, 32, 8, 8), torch.randn(32, 32, 3, 3), torch.randn(16, 32, 8, 8)
     args = (grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
     expected = mkldnn_conv_backward_allocations(
-        grad_output_shape=(16, 32, 8, 8), input_shape=(16, 32, 8, 8), weight_shape=(32, 32, 3, 3),
-        stride=(1, 1), padding=(1, 1), output_mask=(True, True, False),
-        block=onednn_channel_block(), threads=_threads(),
+        grad_output_shape=(16, 32, 8, 8),
+        input_shape=(16, 32, 8, 8),
+        weight_shape=(32, 32, 3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        output_mask=(True, True, False),
+        block=onednn_channel_block(),
+        threads=_threads(),
     )
     return args, KernelBlocks(expected)
 
@@ -94,8 +102,12 @@ def _bf16_depthwise_conv() -> tuple[tuple[Any, ...], KernelBlocks]:
     x, w = torch.randn(2, 24, 8, 8).bfloat16(), torch.randn(24, 1, 3, 3).bfloat16()
     args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 24)
     expected = bf16_conv_forward_allocations(
-        input_shape=(2, 24, 8, 8), weight_shape=(24, 1, 3, 3), output_shape=(2, 24, 8, 8),
-        groups=24, bias=False, channels_last=False,
+        input_shape=(2, 24, 8, 8),
+        weight_shape=(24, 1, 3, 3),
+        output_shape=(2, 24, 8, 8),
+        groups=24,
+        bias=False,
+        channels_last=False,
     )
     return args, expected
 

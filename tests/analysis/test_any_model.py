@@ -37,21 +37,48 @@ def torch_counts(model: nn.Module, spec: StepSpec, batch_size: int) -> tuple[int
     with FlopCounterMode(display=False) as backward:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(p.numel() for p in model.parameters()), forward.get_total_flops(), backward.get_total_flops()
+    return (
+        sum(p.numel() for p in model.parameters()),
+        forward.get_total_flops(),
+        backward.get_total_flops(),
+    )
 
 
 KINDS: dict[str, tuple[Any, dict[str, Any], tuple[tuple[int, ...], ...], str]] = {
     # name: (factory, summarize's input, the model's output shapes at batch 2, the loss)
     "vector in (784)": (any_models.mlp, {"input_size": (784,)}, ((2, 10),), CROSS_ENTROPY),
-    "feature map out": (any_models.autoencoder, {"input_size": (1, 16, 16)}, ((2, 1, 16, 16),), STAND_IN),
+    "feature map out": (
+        any_models.autoencoder,
+        {"input_size": (1, 16, 16)},
+        ((2, 1, 16, 16),),
+        STAND_IN,
+    ),
     **{
-        f"{kind} out": (lambda kind=kind: any_models.TwoHeads(kind), {"input_size": (3, 8, 8)}, ((2, 5), (2, 4)), STAND_IN)
+        f"{kind} out": (
+            lambda kind=kind: any_models.TwoHeads(kind),
+            {"input_size": (3, 8, 8)},
+            ((2, 5), (2, 4)),
+            STAND_IN,
+        )
         for kind in ("tuple", "list", "dict", "namedtuple", "dataclass")
     },
-    "lstm (20x12)": (any_models.lstm, {"input_size": (20, 12)}, ((2, 20, 16), (1, 2, 16), (1, 2, 16)), STAND_IN),
-    "two inputs": (any_models.siamese, {"input_size": ((1, 16, 16), (1, 16, 16))}, ((2,),), STAND_IN),
+    "lstm (20x12)": (
+        any_models.lstm,
+        {"input_size": (20, 12)},
+        ((2, 20, 16), (1, 2, 16), (1, 2, 16)),
+        STAND_IN,
+    ),
+    "two inputs": (
+        any_models.siamese,
+        {"input_size": ((1, 16, 16), (1, 16, 16))},
+        ((2,),),
+        STAND_IN,
+    ),
     "token ids": (
-        any_models.text_cnn, {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)}, ((2, 3),), CROSS_ENTROPY,
+        any_models.text_cnn,
+        {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)},
+        ((2, 3),),
+        CROSS_ENTROPY,
     ),
 }
 
@@ -64,16 +91,24 @@ def test_every_kind_summarises_to_pytorchs_own_counts(kind: str) -> None:
     spec = StepSpec(**given)
     parameters, forward, backward = torch_counts(model, spec, 2)
     totals = summary.totals
-    assert (totals.parameters, totals.forward_flops, totals.backward_flops) == (parameters, forward, backward)
+    assert (totals.parameters, totals.forward_flops, totals.backward_flops) == (
+        parameters,
+        forward,
+        backward,
+    )
     assert summary.layers[0].output_shapes == output_shapes
     assert summary.loss == loss
     assert summary.input_sizes == spec.input_sizes
 
 
-def test_the_table_shows_every_output_and_states_the_stand_in_loss(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_table_shows_every_output_and_states_the_stand_in_loss(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     summary = summarize(any_models.lstm(), input_size=(20, 12), batch_size=2)
     assert summary_csv(summary).splitlines()[1].startswith(',LSTM,0,"2x20x16, 1x2x16, 1x2x16",')
-    code, out, err = run(capsys, "summary", "--model", "any_models:autoencoder", "--input", "1x16x16", "--batch", "2")
+    code, out, err = run(
+        capsys, "summary", "--model", "any_models:autoencoder", "--input", "1x16x16", "--batch", "2"
+    )
     assert (code, err) == (0, "")
     assert f"loss: {STAND_IN}" in out  # in the FLOPs line and again in the memory section
     assert out.count(STAND_IN) == 2
@@ -85,9 +120,14 @@ def test_geometry_speaks_where_there_are_windows_and_only_there() -> None:
     assert not any(layer.axes for layer in mlp.layers)
     text = summarize(any_models.text_cnn(), input_size=(10,), input_dtype="long", mode="infer")
     conv = next(layer for layer in text.layers if layer.name == "conv")
-    assert (conv.axes[0].input_size, conv.axes[0].output_size) == (10, 8)  # a window, on embedded tokens
+    assert (conv.axes[0].input_size, conv.axes[0].output_size) == (
+        10,
+        8,
+    )  # a window, on embedded tokens
     assert text.smallest_input_size is None  # its axis is not an axis of the input
-    assert summarize(any_models.autoencoder(), input_size=(1, 15, 15), mode="infer").smallest_input_size == (1, 1, 1)
+    assert summarize(
+        any_models.autoencoder(), input_size=(1, 15, 15), mode="infer"
+    ).smallest_input_size == (1, 1, 1)
 
 
 def test_frozen_parameters_summarise_in_a_forward():
@@ -102,15 +142,23 @@ def test_frozen_parameters_summarise_in_a_forward():
 def test_frozen_parameters_train():
     model = any_models.fine_tuned()
     summary = summarize(model, input_size=(3, 8, 8), batch_size=2)
-    assert summary.totals.backward_flops == torch_counts(model, StepSpec(input_size=(3, 8, 8)), 2)[2]
+    assert (
+        summary.totals.backward_flops == torch_counts(model, StepSpec(input_size=(3, 8, 8)), 2)[2]
+    )
 
 
 def test_lazy_modules_take_their_shapes_from_the_input_and_stay_lazy():
     lazy, eager = any_models.lazy_cnn(), any_models.eager_cnn()
     summary = summarize(lazy, input_size=(1, 8, 8), batch_size=2)
     parameters, forward, backward = torch_counts(eager, StepSpec(input_size=(1, 8, 8)), 2)
-    assert (summary.totals.parameters, summary.totals.forward_flops, summary.totals.backward_flops) == (
-        parameters, forward, backward,
+    assert (
+        summary.totals.parameters,
+        summary.totals.forward_flops,
+        summary.totals.backward_flops,
+    ) == (
+        parameters,
+        forward,
+        backward,
     )
     lazy_report = predict_memory(lazy, batch_size=4, input_size=(1, 8, 8), optimizer="adam")
     eager_report = predict_memory(eager, batch_size=4, input_size=(1, 8, 8), optimizer="adam")
@@ -129,8 +177,14 @@ def test_example_tensors_give_sizes_dtype_and_range():
     spec = StepSpec(input_size=[torch.zeros(5, 1, 28, 28), torch.zeros(5, 1, 28, 28)])
     assert spec.input_sizes == ((1, 28, 28), (1, 28, 28))
     tokens = StepSpec(input_size=torch.tensor([[3, 7, 9]]))
-    assert (tokens.input_size, tokens.input_dtype, tokens.input_range) == ((3,), torch.int64, (3, 10))
-    summary = summarize(any_models.text_cnn(), input_size=torch.randint(0, 100, (4, 10)), batch_size=3)
+    assert (tokens.input_size, tokens.input_dtype, tokens.input_range) == (
+        (3,),
+        torch.int64,
+        (3, 10),
+    )
+    summary = summarize(
+        any_models.text_cnn(), input_size=torch.randint(0, 100, (4, 10)), batch_size=3
+    )
     assert summary.input_dtype == "int64" and summary.layers[0].output_shapes == ((3, 3),)
 
 
@@ -138,8 +192,16 @@ def test_example_tensors_give_sizes_dtype_and_range():
     ("factory", "size", "cause"),
     [
         (any_models.scripted, (4,), "the model is a scripted module"),
-        (any_models.needs_targets, (8,), "the model needs its targets to run in training mode .*mode 'infer'"),
-        (any_models.branches_on_values, (8,), "forward depends on tensor values .*data-dependent control flow"),
+        (
+            any_models.needs_targets,
+            (8,),
+            "the model needs its targets to run in training mode .*mode 'infer'",
+        ),
+        (
+            any_models.branches_on_values,
+            (8,),
+            "forward depends on tensor values .*data-dependent control flow",
+        ),
         (any_models.returns_number, (8,), "ReturnsNumber.forward returned no tensor"),
         (any_models.siamese, (1, 16, 16), "forward takes 2 inputs and 1 were given"),
     ],
@@ -152,16 +214,47 @@ def test_what_cannot_work_is_one_line_naming_the_cause(factory, size, cause):
 
 
 def test_cli_takes_vectors_several_inputs_and_token_ids(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "summary", "--model", "any_models:mlp", "--input", "784", "--batch", "2", "--format", "csv")
+    code, out, _ = run(
+        capsys,
+        "summary",
+        "--model",
+        "any_models:mlp",
+        "--input",
+        "784",
+        "--batch",
+        "2",
+        "--format",
+        "csv",
+    )
     assert code == 0 and ",Linear,1,2x32," in out
     code, out, _ = run(
-        capsys, "summary", "--model", "any_models:siamese", "--input", "1x16x16", "--input", "1x16x16",
-        "--batch", "2", "--format", "csv",
+        capsys,
+        "summary",
+        "--model",
+        "any_models:siamese",
+        "--input",
+        "1x16x16",
+        "--input",
+        "1x16x16",
+        "--batch",
+        "2",
+        "--format",
+        "csv",
     )
-    assert code == 0 and out.splitlines()[1].startswith(',Siamese,0,2,')
+    assert code == 0 and out.splitlines()[1].startswith(",Siamese,0,2,")
     code, out, _ = run(
-        capsys, "summary", "--model", "any_models:text_cnn", "--input", "10", "--input-dtype", "long",
-        "--input-range", "0:100", "--batch", "2",
+        capsys,
+        "summary",
+        "--model",
+        "any_models:text_cnn",
+        "--input",
+        "10",
+        "--input-dtype",
+        "long",
+        "--input-range",
+        "0:100",
+        "--batch",
+        "2",
     )
     assert code == 0 and "batch 2 x 10 int64 inputs" in out
     code, _, err = run(capsys, "summary", "--model", "any_models:scripted", "--input", "4")
@@ -172,7 +265,10 @@ def test_cli_takes_vectors_several_inputs_and_token_ids(capsys: pytest.CaptureFi
     ("factory", "given"),
     [
         (any_models.siamese, {"input_size": ((1, 16, 16), (1, 16, 16))}),
-        (any_models.text_cnn, {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)}),
+        (
+            any_models.text_cnn,
+            {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)},
+        ),
         (lambda: any_models.TwoHeads("dataclass"), {"input_size": (3, 8, 8)}),
         (any_models.lazy_cnn, {"input_size": (1, 8, 8)}),
     ],
@@ -180,4 +276,7 @@ def test_cli_takes_vectors_several_inputs_and_token_ids(capsys: pytest.CaptureFi
 )
 def test_predicted_training_memory_equals_measured(factory, given):
     predicted = predict_memory(factory(), batch_size=4, optimizer="adam", **given)
-    assert predicted.live_peak_bytes == measure(factory(), batch_size=4, optimizer="adam", **given).live_peak_bytes
+    assert (
+        predicted.live_peak_bytes
+        == measure(factory(), batch_size=4, optimizer="adam", **given).live_peak_bytes
+    )

@@ -71,5 +71,3 @@ def test_a_budget_too_small_for_batch_1_says_by_how_much(nin: nn.Module) -> None
 def test_budgets_that_do_not_parse(nin: nn.Module, budget: str) -> None:
     with pytest.raises(NinlabError):
         fit_batch(nin, budget=budget, input_size=NIN_INPUT)
-
-

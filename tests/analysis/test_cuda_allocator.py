@@ -148,10 +148,17 @@ def nin() -> nn.Module:
         ({"optimizer": "sgd"}, 1_031_660_032, 1_488_977_920),
     ],
 )
-def test_nin_b128_cuda_prediction(nin: nn.Module, fields: dict, allocated: int, reserved: int) -> None:
-    report = predict_memory(nin, input_size=(1, 224, 224), batch_size=128, device_type="cuda", **fields)
+def test_nin_b128_cuda_prediction(
+    nin: nn.Module, fields: dict, allocated: int, reserved: int
+) -> None:
+    report = predict_memory(
+        nin, input_size=(1, 224, 224), batch_size=128, device_type="cuda", **fields
+    )
     assert report.cuda is not None
-    assert (report.cuda.max_allocated_bytes, report.cuda.max_reserved_bytes) == (allocated, reserved)
+    assert (report.cuda.max_allocated_bytes, report.cuda.max_reserved_bytes) == (
+        allocated,
+        reserved,
+    )
     assert report.allocator.peak_bytes == allocated  # the timeline's allocator level is the same
     assert report.live_peak_bytes <= allocated <= reserved == report.held_peak_bytes
     low, high = report.cuda.process_bytes

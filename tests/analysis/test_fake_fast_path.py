@@ -31,7 +31,13 @@ def lives(step):
     what outlives the step dies when the recording's own objects do, whenever the collector runs."""
     last = len(step.recording.ops) - 1
     return {
-        key: (r.nbytes, r.shape, r.role, r.created_at, None if r.freed_after == last else r.freed_after)
+        key: (
+            r.nbytes,
+            r.shape,
+            r.role,
+            r.created_at,
+            None if r.freed_after == last else r.freed_after,
+        )
         for key, r in step.recording.storages.items()
     }
 

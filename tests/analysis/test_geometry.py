@@ -554,17 +554,30 @@ def test_nin_smallest_input_is_67(nin: nn.Module, nin_chain: list[tuple[str, Axi
 
 @settings(max_examples=300, deadline=None)
 @given(
-    kernel=st.integers(1, 9), stride=st.integers(1, 7), dilation=st.integers(1, 4),
-    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)), ceil_mode=st.booleans(),
+    kernel=st.integers(1, 9),
+    stride=st.integers(1, 7),
+    dilation=st.integers(1, 4),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    ceil_mode=st.booleans(),
     input_size=st.integers(1, 80),
 )
 def test_unread_count_equals_the_positions_no_window_reads(
-    kernel: int, stride: int, dilation: int, padding: tuple[int, int], ceil_mode: bool, input_size: int
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: tuple[int, int],
+    ceil_mode: bool,
+    input_size: int,
 ) -> None:
     before, after = (min(p, kernel // 2) for p in padding)
     params = AxisParams(
-        kernel, stride=stride, padding_before=before, padding_after=after, dilation=dilation,
-        ceil_mode=ceil_mode, kind="pool" if ceil_mode else "conv",
+        kernel,
+        stride=stride,
+        padding_before=before,
+        padding_after=after,
+        dilation=dilation,
+        ceil_mode=ceil_mode,
+        kind="pool" if ceil_mode else "conv",
     )
     try:
         window = params.window(input_size)

@@ -32,9 +32,13 @@ def test_a_call_is_measured_as_the_profiler_sees_it_with_its_outputs_marked() ->
     args, outputs = _bf16_conv_backward()
     _, reason = cpu_kernel_allocations("aten.convolution_backward.default", args)
     assert "scratchpad" in reason  # no rule knows this kernel's blocks
-    measured = measured_allocations(KernelCall.of("aten.convolution_backward.default", args, outputs))
+    measured = measured_allocations(
+        KernelCall.of("aten.convolution_backward.default", args, outputs)
+    )
     assert not isinstance(measured, str)
-    assert [a.delta_bytes for a in measured] == op_allocations(lambda: aten.convolution_backward.default(*args))
+    assert [a.delta_bytes for a in measured] == op_allocations(
+        lambda: aten.convolution_backward.default(*args)
+    )
     marked = {a.output: a.delta_bytes for a in measured if a.output is not None}
     assert marked == {index: t.untyped_storage().nbytes() for index, t in enumerate(outputs)}
     assert sum(a.delta_bytes for a in measured) == sum(marked.values())
@@ -45,7 +49,10 @@ def test_a_call_is_measured_once_per_thread_count(monkeypatch: pytest.MonkeyPatc
     call = KernelCall.of("aten.convolution_backward.default", args, outputs)
     first = measured_allocations(call)
     monkeypatch.setattr(kernel_probe, "_measure", lambda call: pytest.fail("measured again"))
-    assert measured_allocations(KernelCall.of("aten.convolution_backward.default", args, outputs)) is first
+    assert (
+        measured_allocations(KernelCall.of("aten.convolution_backward.default", args, outputs))
+        is first
+    )
 
 
 def test_a_layout_keys_strides_and_makes_zeros_of_them() -> None:
@@ -58,17 +65,24 @@ def test_a_layout_keys_strides_and_makes_zeros_of_them() -> None:
     assert real.stride() == (0, 1, 0, 0) and not real.any()
 
 
-def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """All or none: with one call over the limit the figure is a lower bound whatever the others
     give, so none is run (what keeps the batch planner fast at large batch sizes)."""
     model = build_nin()
     small = predict_memory(model, input_size=(1, 96, 96), batch_size=2, amp="bf16")
     assert not small.allocator.lower_bound
-    monkeypatch.setattr(kernel_probe, "PROBE_LIMIT_BYTES", 100_000)  # NiN's last convs fit, the first not
+    monkeypatch.setattr(
+        kernel_probe, "PROBE_LIMIT_BYTES", 100_000
+    )  # NiN's last convs fit, the first not
     monkeypatch.setattr(kernel_probe, "_measure", lambda call: pytest.fail("a call was run"))
     report = predict_memory(model, input_size=(1, 96, 96), batch_size=2, amp="bf16")
     assert report.allocator.lower_bound and report.allocator.measured == ()
-    assert all("not measured: a call of the step takes over 97.66 KiB of tensors" in note for note in report.allocator.unmodelled)
+    assert all(
+        "not measured: a call of the step takes over 97.66 KiB of tensors" in note
+        for note in report.allocator.unmodelled
+    )
     assert report.allocator_peak_bytes < small.allocator_peak_bytes
 
 
@@ -81,8 +95,13 @@ def test_nin_as_the_cpu_preset_trains_it_is_exact(mode: str) -> None:
     inference when only flagged "at least")."""
     model = build_nin(get_config("nin-d2l-bn"))
     report = predict_memory(
-        model, input_size=(1, 72, 72), batch_size=8, mode=mode, optimizer="sgd-momentum",
-        amp="bf16", memory_format="channels_last",
+        model,
+        input_size=(1, 72, 72),
+        batch_size=8,
+        mode=mode,
+        optimizer="sgd-momentum",
+        amp="bf16",
+        memory_format="channels_last",
     )
     measured = measure(model, report.spec, batch_size=8)
     assert not report.allocator.lower_bound, report.allocator.unmodelled
@@ -95,14 +114,19 @@ def test_nin_as_the_cpu_preset_trains_it_is_exact(mode: str) -> None:
 @pytest.mark.parametrize(
     ("name", "options"),
     [
-        ("convnext_ln", {"memory_format": "channels_last"}),  # kernel == stride downsampling backward
+        (
+            "convnext_ln",
+            {"memory_format": "channels_last"},
+        ),  # kernel == stride downsampling backward
         ("attention_net", {"amp": "bf16"}),  # bf16 matrix multiplies on oneDNN
     ],
 )
 def test_layer_kinds_no_rule_knows_are_exact(name: str, options: dict[str, str]) -> None:
     entry = LAYER_ZOO[name]
     model = entry.factory()
-    report = predict_memory(model, input_size=entry.input_size, batch_size=2, optimizer="adam", **options)  # type: ignore[arg-type]
+    report = predict_memory(
+        model, input_size=entry.input_size, batch_size=2, optimizer="adam", **options
+    )  # type: ignore[arg-type]
     measured = measure(model, report.spec, batch_size=2)
     assert not report.allocator.lower_bound, report.allocator.unmodelled
     assert report.allocator.measured
@@ -112,5 +136,7 @@ def test_layer_kinds_no_rule_knows_are_exact(name: str, options: dict[str, str])
 
 def test_a_call_that_cannot_run_on_zeros_says_so() -> None:
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 5, 3, 3)  # 5 input channels for 3: refused
-    call = KernelCall.of("aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), [])
+    call = KernelCall.of(
+        "aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), []
+    )
     assert measured_allocations(call) == "could not be run on its own (RuntimeError)"

@@ -59,14 +59,18 @@ def test_layer_kind_against_a_real_run(name: str, mode: str, options: dict[str, 
         ("mbconv_silu", "train", {}),  # NCHW 5x5 depthwise weight gradients: oneDNN's gemm kernel
     ],
 )
-def test_float32_layer_kinds_are_fully_modelled(name: str, mode: str, options: dict[str, str]) -> None:
+def test_float32_layer_kinds_are_fully_modelled(
+    name: str, mode: str, options: dict[str, str]
+) -> None:
     """Depthwise convs of 80 and 120 channels (not whole blocks of 16), SE, SiLU, attention (with
     a learned position bias too), channels-last training: every kernel's workspace is modelled
     on this machine, so the allocator level is no lower bound (against a real run at batch 2 both
     new cases were exact when the rules were written; the op rules behind them are replayed
     against the profiler in test_allocator.py)."""
     entry = LAYER_ZOO[name]
-    report = predict_memory(entry.factory(), input_size=entry.input_size, batch_size=4, mode=mode, **options)  # type: ignore[arg-type]
+    report = predict_memory(
+        entry.factory(), input_size=entry.input_size, batch_size=4, mode=mode, **options
+    )  # type: ignore[arg-type]
     assert not report.allocator.lower_bound, report.allocator.unmodelled
 
 
@@ -91,5 +95,8 @@ def test_convnext_training_peak_is_its_depthwise_weight_gradient_scratchpad() ->
     model = entry.factory()
     report = predict_memory(model, input_size=entry.input_size, batch_size=2, optimizer="adam")
     measured = measure(model, report.spec, batch_size=report.batch_size)
-    assert report.allocator.module.endswith("dwconv") and report.allocator.op == "aten.convolution_backward.default"
+    assert (
+        report.allocator.module.endswith("dwconv")
+        and report.allocator.op == "aten.convolution_backward.default"
+    )
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)

@@ -64,14 +64,20 @@ def test_nin_training_step_at_batch_2_allocator_level() -> None:
     assert sgd.allocator_peak_bytes == 30_824_344
     assert sgd.allocator_peak_phase == "backward"
     adam = measured("nin-d2l", nin_train("adam"), 2)
-    assert adam.allocator_peak_bytes - sgd.allocator_peak_bytes == adam.baseline.optimizer_state_bytes
+    assert (
+        adam.allocator_peak_bytes - sgd.allocator_peak_bytes == adam.baseline.optimizer_state_bytes
+    )
 
 
 def test_nin_inference_at_batch_2_is_the_same_under_both_guards() -> None:
     for grad_mode in ("no_grad", "inference_mode"):
         result = measured("nin-d2l", nin_infer(grad_mode), 2)
         # parameters + input + conv1's output + ReLU's output
-        assert result.live_peak_bytes == NIN_PARAMETERS_BYTES + 401_408 + 2 * 2 * 96 * 54 * 54 * 4 == 12_849_048
+        assert (
+            result.live_peak_bytes
+            == NIN_PARAMETERS_BYTES + 401_408 + 2 * 2 * 96 * 54 * 54 * 4
+            == 12_849_048
+        )
         assert result.live_peak_op == "aten::relu"
 
 
@@ -99,7 +105,9 @@ ZOO_AT_BATCH_4 = pytest.mark.parametrize(
 
 
 @ZOO_AT_BATCH_4
-def test_zoo_at_batch_4(name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int) -> None:
+def test_zoo_at_batch_4(
+    name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int
+) -> None:
     entry = ZOO[name]
     train = measured(name, StepSpec(input_size=entry.input_size, optimizer="sgd-momentum"), 4)
     assert train.live_peak_bytes == train_live
@@ -126,7 +134,11 @@ def test_zoo_at_batch_4_allocator_level(
 def test_vgg_inference_peak_counts_max_pool_indices_under_inference_mode() -> None:
     """inference_mode runs max_pool2d whole, as its parts: the indices its part makes count."""
     entry = ZOO["vgg_big_head"]
-    result = measure(entry.factory(), StepSpec(input_size=entry.input_size, mode="infer", grad_mode="inference_mode"), batch_size=4)
+    result = measure(
+        entry.factory(),
+        StepSpec(input_size=entry.input_size, mode="infer", grad_mode="inference_mode"),
+        batch_size=4,
+    )
     assert result.live_peak_op == "aten::max_pool2d_with_indices"
 
 
@@ -141,14 +153,18 @@ def _profiler_tensor_peak(model: torch.nn.Module, spec: StepSpec, batch_size: in
     targets = torch.randint(0, 10, (batch_size,))
     optimizer = make_optimizer(spec.optimizer, model.parameters())
     level = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), inputs, targets])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True
+    ) as prof:
         train_step(model, optimizer, inputs, targets)
         with record_function("second"):
             train_step(model, optimizer, inputs, targets)
     events = list(_utils.traverse_dfs(prof.profiler.kineto_results.experimental_event_tree()))
     mark = next(e for e in events if e.name == "second")
     peak = 0
-    for event in sorted((e for e in events if e.typed[0] == _EventType.Allocation), key=lambda e: e.start_time_ns):
+    for event in sorted(
+        (e for e in events if e.typed[0] == _EventType.Allocation), key=lambda e: e.start_time_ns
+    ):
         if event.typed[1].id is not None:
             level += event.typed[1].alloc_size
             if mark.start_time_ns <= event.start_time_ns <= mark.end_time_ns:
@@ -174,7 +190,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(nin: torch.nn.Module) -> None:
 
 @pytest.mark.cuda
 def test_cuda_allocator_level_is_max_memory_allocated(nin: torch.nn.Module) -> None:
-    result = measure(nin, StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd"), batch_size=8)
+    result = measure(
+        nin, StepSpec(input_size=(1, 224, 224), device_type="cuda", optimizer="sgd"), batch_size=8
+    )
     assert result.allocator_method == "torch.cuda.max_memory_allocated"
     assert result.live_peak_bytes <= result.allocator_peak_bytes < 2 * result.live_peak_bytes
     assert result.reserved_peak_bytes is not None

@@ -19,7 +19,17 @@ from ninlab.analysis.predict import predict_memory
 aten = torch.ops.aten
 
 
-def bf16_conv(batch: int, cin: int, cout: int, size: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = True, channels_last: bool = False):
+def bf16_conv(
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = True,
+    channels_last: bool = False,
+):
     """A bf16 convolution's arguments, forward and backward (as autocast makes them: weights cast
     in their own layout, channels-last models with channels-last weights)."""
     torch.manual_seed(0)
@@ -36,7 +46,11 @@ def bf16_conv(batch: int, cin: int, cout: int, size: int, kernel: int, stride: i
 
 def rule_and_profile(func_name: str, args: tuple) -> tuple[list[int], str, list[int]]:
     allocations, reason = cpu_kernel_allocations(func_name, args)
-    func = aten.convolution.default if func_name == "aten.convolution.default" else aten.convolution_backward.default
+    func = (
+        aten.convolution.default
+        if func_name == "aten.convolution.default"
+        else aten.convolution_backward.default
+    )
     predicted = [a.delta_bytes for a in allocations or ()]
     return predicted, reason, op_allocations(lambda: func(*args))
 
@@ -68,18 +82,28 @@ def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_thread
     ("shape", "op"),
     [
         ({"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1}, "aten.convolution.default"),
-        ({"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1}, "aten.convolution_backward.default"),
+        (
+            {"batch": 2, "cin": 96, "cout": 96, "size": 20, "kernel": 1},
+            "aten.convolution_backward.default",
+        ),
         ({"batch": 2, "cin": 64, "cout": 96, "size": 10, "kernel": 3}, "aten.convolution.default"),
-        ({"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4}, "aten.convolution.default"),
+        (
+            {"batch": 2, "cin": 1, "cout": 96, "size": 48, "kernel": 11, "stride": 4},
+            "aten.convolution.default",
+        ),
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lower_bound_rules_hold_every_block_they_name(shape: dict, op: str, channels_last: bool, two_threads: None) -> None:
+def test_lower_bound_rules_hold_every_block_they_name(
+    shape: dict, op: str, channels_last: bool, two_threads: None
+) -> None:
     """Where a rule is a lower bound, the kernel takes every block it names, in that order, and
     the rest are blocks of sizes it does not know (scratchpads; these shapes' weights are not
     padded)."""
     forward, backward = bf16_conv(channels_last=channels_last, **shape)
-    predicted, reason, measured = rule_and_profile(op, forward if op == "aten.convolution.default" else backward)
+    predicted, reason, measured = rule_and_profile(
+        op, forward if op == "aten.convolution.default" else backward
+    )
     assert reason.startswith("bf16")
     known = {abs(size) for size in predicted}
     assert [size for size in measured if abs(size) in known] == predicted
@@ -112,14 +136,18 @@ def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) 
         ({"batch": 2, "cin": 40, "cout": 40, "size": 10, "kernel": 3}, 2, False),
     ],
 )
-def test_depthwise_weight_gradient_is_exact(shape: dict, threads_used: int, channels_last: bool) -> None:
+def test_depthwise_weight_gradient_is_exact(
+    shape: dict, threads_used: int, channels_last: bool
+) -> None:
     """The depthwise weight gradient's scratchpads (channels-last 5x5 and 7x7: ConvNeXt's training
     peak; NCHW: EfficientNet's), on shapes their rules were not read from."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads_used)
     try:
         _, backward = bf16_conv(groups=shape["cin"], channels_last=channels_last, **shape)
-        predicted, reason, measured = rule_and_profile("aten.convolution_backward.default", backward)
+        predicted, reason, measured = rule_and_profile(
+            "aten.convolution_backward.default", backward
+        )
     finally:
         torch.set_num_threads(before)
     assert reason == ""
@@ -145,9 +173,14 @@ def test_convnext_bf16_training_peak_is_modelled() -> None:
     (`ninlab.analysis.kernel_probe`), so nothing is left a lower bound."""
     entry = LAYER_ZOO["convnext_ln"]
     model = entry.factory()
-    report = predict_memory(model, input_size=entry.input_size, batch_size=2, amp="bf16", optimizer="adam")
+    report = predict_memory(
+        model, input_size=entry.input_size, batch_size=2, amp="bf16", optimizer="adam"
+    )
     measured = measure(model, report.spec, batch_size=2)
     assert not report.allocator.lower_bound
     assert "aten.mm.default (16x)" in report.allocator.measured
-    assert report.allocator.module.endswith("dwconv") and report.allocator.op == "aten.convolution_backward.default"
+    assert (
+        report.allocator.module.endswith("dwconv")
+        and report.allocator.op == "aten.convolution_backward.default"
+    )
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes

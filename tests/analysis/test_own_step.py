@@ -57,7 +57,9 @@ def plain(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch
     optimizer.step()
 
 
-def accumulate(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def accumulate(
+    model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
     micro_batches = 3
     optimizer.zero_grad()
     for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
@@ -66,7 +68,9 @@ def accumulate(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: 
     optimizer.step()
 
 
-def loss_expression(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_expression(
+    model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Label-smoothed summed float32 loss with an auxiliary term; gradients zeroed, not freed;
     the loss returned, so it is alive while the next step runs."""
     optimizer.zero_grad(set_to_none=False)
@@ -90,7 +94,9 @@ def checkpointed(reentrant: bool) -> Callable[..., None]:
 
 
 def scaled(dtype: torch.dtype) -> Callable[..., None]:
-    def step(model: nn.Module, optimizer_and_scaler: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def step(
+        model: nn.Module, optimizer_and_scaler: Any, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         optimizer, scaler = optimizer_and_scaler
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
@@ -106,7 +112,9 @@ def with_scaler(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.Grad
     return torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu")
 
 
-def two_optimizers(model: nn.Module, optimizers: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def two_optimizers(
+    model: nn.Module, optimizers: Any, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
     for optimizer in optimizers:
         optimizer.zero_grad()
     F.cross_entropy(model(inputs), targets).backward()
@@ -126,7 +134,10 @@ def head_only(model: nn.Module) -> torch.optim.Optimizer:
 CASES = {
     "accumulation": (net, {"step": accumulate, "optimizer": "sgd-momentum"}),
     "loss expression": (net, {"step": loss_expression, "optimizer": "adam"}),
-    "channels-last": (net, {"step": loss_expression, "optimizer": "sgd", "memory_format": "channels_last"}),
+    "channels-last": (
+        net,
+        {"step": loss_expression, "optimizer": "sgd", "memory_format": "channels_last"},
+    ),
     "frozen block, sgd": (frozen_first_block, {"optimizer": "sgd"}),
     "frozen block, momentum": (frozen_first_block, {"optimizer": "sgd-momentum"}),
     "frozen block, adam": (frozen_first_block, {"optimizer": "adam"}),
@@ -151,8 +162,13 @@ def test_prediction_equals_measurement(case: str) -> None:
     assert predicted.peak.phase == measured.live_peak_phase
     if case.startswith("frozen block"):
         # no gradient and no optimizer state for the frozen conv and batch norm (8*3*9+8+8+8)
-        assert predicted.breakdown.optimizer_state_bytes in (0, measured.baseline.optimizer_state_bytes)
-        assert measured.baseline.gradients_bytes == measured.baseline.parameters_bytes - 4 * (8 * 3 * 9 + 8 + 8 + 8)
+        assert predicted.breakdown.optimizer_state_bytes in (
+            0,
+            measured.baseline.optimizer_state_bytes,
+        )
+        assert measured.baseline.gradients_bytes == measured.baseline.parameters_bytes - 4 * (
+            8 * 3 * 9 + 8 + 8 + 8
+        )
 
 
 def test_checkpointing_shows_the_recomputation_as_its_own_category() -> None:
@@ -177,7 +193,9 @@ def test_the_built_in_step_is_the_default_step_function() -> None:
 # -- steps that cannot be predicted -----------------------------------------------------------------
 
 
-def no_backward(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def no_backward(
+    model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
     F.cross_entropy(model(inputs), targets)
     optimizer.step()
 
@@ -186,7 +204,9 @@ def raises(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torc
     raise ValueError("my step is broken")
 
 
-def reads_a_value(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def reads_a_value(
+    model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
     optimizer.zero_grad()
     loss = F.cross_entropy(model(inputs), targets)
     if loss.item() < 100:  # a branch on data: fake tensors have none
@@ -200,7 +220,10 @@ def test_a_step_that_never_calls_backward_is_one_line() -> None:
 
 
 def test_a_step_that_raises_gives_its_own_error() -> None:
-    with pytest.raises(NinlabError, match=r"^the step raises raised on fake tensors: ValueError: my step is broken$"):
+    with pytest.raises(
+        NinlabError,
+        match=r"^the step raises raised on fake tensors: ValueError: my step is broken$",
+    ):
         predict_memory(net(), input_size=INPUT, batch_size=2, step=raises)
     with pytest.raises(NinlabError, match=r"ValueError: my step is broken$"):
         measure(net(), input_size=INPUT, batch_size=2, step=raises)

@@ -15,7 +15,9 @@ def net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        ),
         nn.Linear(16, 10),
     )
 
@@ -24,11 +26,20 @@ def test_a_plan_when_the_batch_does_not_fit_as_given() -> None:
     batch = 16
     given = predict_memory(net(), input_size=INPUT, batch_size=batch, optimizer="sgd-momentum")
     budget = given.allocator_peak_bytes - 1  # one byte short
-    plan = plan_budget(net(), input_size=INPUT, optimizer="sgd-momentum", budget=budget, batch_size=batch)
+    plan = plan_budget(
+        net(), input_size=INPUT, optimizer="sgd-momentum", budget=budget, batch_size=batch
+    )
     options = {option.name: option for option in plan.options}
     as_given = options["as given"]
     assert not as_given.fits_requested and as_given.largest_batch < batch
-    assert set(options) >= {"bf16 autocast", "checkpoint 0", "checkpoint 1", "checkpoint all blocks", "sgd", "adam"}
+    assert set(options) >= {
+        "bf16 autocast",
+        "checkpoint 0",
+        "checkpoint 1",
+        "checkpoint all blocks",
+        "sgd",
+        "adam",
+    }
     for name in ("checkpoint 0", "checkpoint 1", "checkpoint all blocks"):
         option = options[name]
         assert option.recomputed_flops > 0
@@ -42,7 +53,10 @@ def test_a_plan_when_the_batch_does_not_fit_as_given() -> None:
     # the recommended step and checkpointing are real steps: measured, they peak as predicted
     for option in (best, options["checkpoint all blocks"]):
         predicted = predict_memory(net(), option.spec, batch_size=batch)
-        assert measure(net(), option.spec, batch_size=batch).live_peak_bytes == predicted.live_peak_bytes
+        assert (
+            measure(net(), option.spec, batch_size=batch).live_peak_bytes
+            == predicted.live_peak_bytes
+        )
 
 
 def test_every_kind_of_alternative_is_listed_once_and_ranked_apart() -> None:
@@ -50,7 +64,27 @@ def test_every_kind_of_alternative_is_listed_once_and_ranked_apart() -> None:
     assert kinds == ["autocast", "checkpointing", "accumulation", "optimizer"]
     # the tie-break prefers what changes the least: accumulation, bf16, checkpointing, optimizer
     preferences = sorted(ALTERNATIVE_KINDS, key=lambda kind: kind.preference)
-    assert [kind.kind for kind in preferences] == ["accumulation", "autocast", "checkpointing", "optimizer"]
-    assert len({kind.preference for kind in ALTERNATIVE_KINDS}) == len(kinds) and min(k.preference for k in ALTERNATIVE_KINDS) > 0
-    plan = plan_budget(net(), input_size=INPUT, optimizer="sgd-momentum", budget="1GiB", batch_size=4)
-    assert [option.kind for option in plan.options] == ["as given", "autocast", "checkpointing", "checkpointing", "checkpointing", "checkpointing", "accumulation", "optimizer", "optimizer"]
+    assert [kind.kind for kind in preferences] == [
+        "accumulation",
+        "autocast",
+        "checkpointing",
+        "optimizer",
+    ]
+    assert (
+        len({kind.preference for kind in ALTERNATIVE_KINDS}) == len(kinds)
+        and min(k.preference for k in ALTERNATIVE_KINDS) > 0
+    )
+    plan = plan_budget(
+        net(), input_size=INPUT, optimizer="sgd-momentum", budget="1GiB", batch_size=4
+    )
+    assert [option.kind for option in plan.options] == [
+        "as given",
+        "autocast",
+        "checkpointing",
+        "checkpointing",
+        "checkpointing",
+        "checkpointing",
+        "accumulation",
+        "optimizer",
+        "optimizer",
+    ]

@@ -60,7 +60,11 @@ def test_nin_live_peak_matches_the_measured_figures(
 def test_nin_training_peak_is_a_relu_backward_in_block_3(nin_sgd) -> None:
     peak = nin_sgd.peak
     assert (peak.op, peak.phase, peak.module, peak.module_type, peak.autograd_node) == (
-        "aten.threshold_backward.default", "backward", "4.5", "ReLU", "ReluBackward0"
+        "aten.threshold_backward.default",
+        "backward",
+        "4.5",
+        "ReLU",
+        "ReluBackward0",
     )
 
 
@@ -79,7 +83,11 @@ def test_nin_breakdown_at_the_peak(nin_sgd) -> None:
 def test_timeline_has_one_point_per_op_and_the_phases_in_order(nin_sgd) -> None:
     timeline = nin_sgd.timeline
     assert [span.phase for span in timeline.phases] == [
-        "zero_grad", "forward", "loss", "backward", "optimizer"
+        "zero_grad",
+        "forward",
+        "loss",
+        "backward",
+        "optimizer",
     ]
     assert (
         timeline.phases[0].first_op == 0 and timeline.phases[-1].last_op == len(timeline.points) - 1
@@ -97,9 +105,8 @@ def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
     conv = rows[("0.2", "ConvolutionBackward0", "input")]
     assert relu.counted_bytes == relu.storage_bytes == 143_327_232  # 128 x 96 x 54 x 54 x 4
     assert conv.counted_bytes == 0 and conv.shared_with == "0.1 ReluBackward0.result"
-    assert (
-        relu.reason.startswith("ReLU keeps its output")
-        and conv.reason.startswith("conv keeps its input")
+    assert relu.reason.startswith("ReLU keeps its output") and conv.reason.startswith(
+        "conv keeps its input"
     )
     indices = rows[("1", "MaxPool2DWithIndicesBackward0", "result1")]
     assert (indices.dtype, indices.counted_bytes) == ("int64", 66_453_504)
@@ -140,12 +147,20 @@ def test_the_models_own_ops_are_the_model_and_the_loss_is_the_loss() -> None:
     # Both have the qualified name "": the root's F.relu output is "(model)", as the summary names
     # the root, and only what the loss keeps is "(loss)", also when it keeps the model's output.
     report = predict_memory(_RootOps(), input_size=(1, 8, 8), batch_size=2)
-    layers = [(layer.layer, layer.module_type, layer.counted_bytes) for layer in report.saved_by_layer()]
-    assert layers == [("(model)", "_RootOps", 2 * 4 * 6 * 6 * 4), ("(loss)", "loss", 2 * 10 * 4 + 4)]
+    layers = [
+        (layer.layer, layer.module_type, layer.counted_bytes) for layer in report.saved_by_layer()
+    ]
+    assert layers == [
+        ("(model)", "_RootOps", 2 * 4 * 6 * 6 * 4),
+        ("(loss)", "loss", 2 * 10 * 4 + 4),
+    ]
     assert report.saved_by_layer()[0].also_kept_by == ("fc AddmmBackward0.mat1",)
     mse = predict_memory(_RootOps(), input_size=(1, 8, 8), batch_size=2, step=_mse_step)
     # MSE keeps the logits (made by fc) and the one-hot targets, each 2 x 10 float32.
-    assert [(layer.layer, layer.counted_bytes) for layer in mse.saved_by_layer()] == [("(model)", 1152), ("(loss)", 160)]
+    assert [(layer.layer, layer.counted_bytes) for layer in mse.saved_by_layer()] == [
+        ("(model)", 1152),
+        ("(loss)", 160),
+    ]
 
 
 def test_forum_rule_beside_ours(nin: nn.Module, nin_sgd) -> None:

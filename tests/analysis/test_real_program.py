@@ -45,7 +45,13 @@ class Residual(nn.Module):
 
 def residual_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Residual(), Residual(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        Residual(),
+        Residual(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
 
 
 def test_torchvision_efficientnet_training_step_against_a_real_run() -> None:
@@ -56,7 +62,10 @@ def test_torchvision_efficientnet_training_step_against_a_real_run() -> None:
     report = predict_memory(model, spec, batch_size=2)
     measured = measure(model, spec, batch_size=2)
     assert report.live_peak_bytes == measured.live_peak_bytes == 1_627_312
-    assert (report.peak.op, measured.live_peak_op) == ("aten.silu_backward.default", "aten::silu_backward")
+    assert (report.peak.op, measured.live_peak_op) == (
+        "aten.silu_backward.default",
+        "aten::silu_backward",
+    )
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
@@ -107,8 +116,14 @@ def test_checkpointing_keeps_one_generator_state_until_backward(reentrant: bool)
     step = record_step(residual_net(), spec, 2)
     state_bytes = torch.get_rng_state().nbytes
     states = [r for r in step.recording.storages.values() if r.nbytes == state_bytes]
-    alive_at_start = [r for r in states if r.created_at < step.step_start and (r.freed_after or 0) >= step.step_start]
-    backward = next(op.index for op in step.recording.ops[step.step_start :] if op.phase == "backward")
+    alive_at_start = [
+        r
+        for r in states
+        if r.created_at < step.step_start and (r.freed_after or 0) >= step.step_start
+    ]
+    backward = next(
+        op.index for op in step.recording.ops[step.step_start :] if op.phase == "backward"
+    )
     kept = [r for r in states if step.step_start <= r.created_at < backward]
     assert not alive_at_start
     assert len(kept) == 1
@@ -125,7 +140,9 @@ class _Watching(TorchDispatchMode):
 
 @pytest.mark.canary
 @pytest.mark.parametrize(("watched", "summed_by"), [(False, "aten::add_"), (True, "aten::add")])
-def test_a_dispatch_mode_makes_autograd_sum_gradients_out_of_place(watched: bool, summed_by: str) -> None:
+def test_a_dispatch_mode_makes_autograd_sum_gradients_out_of_place(
+    watched: bool, summed_by: str
+) -> None:
     """What `measure` relies on: under any dispatch mode, every tensor is "subclass-like" to
     autograd's engine, which then sums gradients out of place (torch/csrc/autograd/input_buffer.cpp)."""
     x = torch.randn(2, 4, 8, 8, requires_grad=True)

@@ -32,9 +32,17 @@ def test_inference_mode_still_sees_max_pool_indices(nin):
 def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
     """PyTorch fuses dropout (bool mask) and runs foreach optimizers on CUDA, not on CPU."""
     cpu = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2))
-    cuda = step_ops(record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2))
+    cuda = step_ops(
+        record_step(nin, StepSpec((1, 224, 224), optimizer="adam", device_type="cuda"), 2)
+    )
+
     def dropout(ops):
-        return [(o.op, tuple(t.dtype for t in o.outputs)) for o in ops if o.module == "6" and o.phase == "forward"]
+        return [
+            (o.op, tuple(t.dtype for t in o.outputs))
+            for o in ops
+            if o.module == "6" and o.phase == "forward"
+        ]
+
     assert dropout(cuda) == [("aten.native_dropout.default", (torch.float32, torch.bool))]
     assert ("aten.bernoulli_.float", (torch.float32,)) in dropout(cpu)  # CPU keeps a float mask
     assert any(o.op.startswith("aten._foreach_") for o in cuda if o.phase == "optimizer")
@@ -44,7 +52,11 @@ def test_cuda_step_uses_fused_dropout_and_foreach_optimizers(nin):
 def test_input_too_small_names_the_layer(nin):
     with pytest.raises(LayerInputTooSmall) as error:
         record_step(nin, StepSpec((1, 66, 66), mode="infer"), 1)
-    assert (error.value.module, error.value.module_type, error.value.error.min_input_size) == ("5", "MaxPool2d", 3)
+    assert (error.value.module, error.value.module_type, error.value.error.min_input_size) == (
+        "5",
+        "MaxPool2d",
+        3,
+    )
 
 
 @pytest.mark.canary
@@ -65,11 +77,16 @@ def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
     grad_output arrives NCHW (from average pooling); the fake kernel would give it NCHW, and the
     convolution backward before it would be predicted to copy it (MobileNet: 32 KB over)."""
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(32, 10),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
     )
     step = record_step(model, StepSpec(input_size=(16, 8, 8), memory_format="channels_last"), 4)
-    (conv_backward,) = [op for op in step.recording.ops if op.op == "aten.convolution_backward.default"]
+    (conv_backward,) = [
+        op for op in step.recording.ops if op.op == "aten.convolution_backward.default"
+    ]
     assert conv_backward.cpu_allocations is not None, conv_backward.cpu_unmodelled
     assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]
 

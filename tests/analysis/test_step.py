@@ -14,7 +14,13 @@ from ninlab.optimizers import OptimizerSpec
 
 
 def test_plain_values_become_typed_ones() -> None:
-    spec = StepSpec(input_size=[1, "28", 28], optimizer="adamw:weight_decay=0.01", dtype="bfloat16", amp="float16", ddp=True)
+    spec = StepSpec(
+        input_size=[1, "28", 28],
+        optimizer="adamw:weight_decay=0.01",
+        dtype="bfloat16",
+        amp="float16",
+        ddp=True,
+    )
     assert spec.input_size == (1, 28, 28)
     assert spec.optimizer == OptimizerSpec("adamw", weight_decay=0.01)
     assert (spec.dtype, spec.amp, spec.autocast_dtype) == (torch.bfloat16, "fp16", torch.float16)
@@ -22,7 +28,9 @@ def test_plain_values_become_typed_ones() -> None:
     assert StepSpec(amp=torch.bfloat16).amp == "bf16"
     assert StepSpec(ddp=False).ddp is None
     # Typed and plain spellings describe the same step, so they compare (and hash) equal.
-    assert StepSpec(optimizer="adam", dtype="float32") == StepSpec(optimizer=OptimizerSpec("adam"), dtype=torch.float32)
+    assert StepSpec(optimizer="adam", dtype="float32") == StepSpec(
+        optimizer=OptimizerSpec("adam"), dtype=torch.float32
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,7 +74,10 @@ def test_describe_and_title_say_what_runs() -> None:
         "training step (the second: optimizer state exists) with nesterov, float32 with bfloat16 "
         "autocast, cpu, channels-last, DDP, batch 128"
     )
-    assert StepSpec(mode="infer", grad_mode="inference_mode").describe() == "inference (inference_mode), float32, cpu"
+    assert (
+        StepSpec(mode="infer", grad_mode="inference_mode").describe()
+        == "inference (inference_mode), float32, cpu"
+    )
 
 
 def test_as_dict_is_plain_json_values() -> None:
@@ -87,7 +98,10 @@ def test_step_spec_takes_a_spec_or_its_fields_not_both() -> None:
         step_spec("adam")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("value", "message"), [(0, "at least 1"), (-3, "at least 1"), (2.5, "whole number"), (True, "whole number")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(0, "at least 1"), (-3, "at least 1"), (2.5, "whole number"), (True, "whole number")],
+)
 def test_batch_size_checks(value: object, message: str) -> None:
     with pytest.raises(NinlabError, match=message):
         valid_batch_size(value)  # type: ignore[arg-type]
@@ -99,7 +113,9 @@ def test_channels_last_prediction_equals_measurement(mode: str) -> None:
     in training too (channels-last convolution backward is modelled: NiN training at batch 2 was
     17% under before)."""
     model = resolve_model("nin-d2l-bn")
-    spec = StepSpec(input_size=(1, 72, 72), mode=mode, optimizer="nesterov", memory_format="channels_last")  # type: ignore[arg-type]
+    spec = StepSpec(
+        input_size=(1, 72, 72), mode=mode, optimizer="nesterov", memory_format="channels_last"
+    )  # type: ignore[arg-type]
     report = predict_memory(model, spec, batch_size=4)
     measured = measure(model, spec, batch_size=4)
     assert report.live_peak_bytes == measured.live_peak_bytes

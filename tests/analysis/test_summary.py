@@ -64,10 +64,20 @@ def test_nin_parameters_weights_and_biases(nin_summary):
 
 def test_every_bias_pytorch_names_is_a_bias():
     attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)
-    assert sorted(name for name, _ in attention.named_parameters() if is_bias(name)) == ["bias_k", "bias_v", "in_proj_bias", "out_proj.bias"]
+    assert sorted(name for name, _ in attention.named_parameters() if is_bias(name)) == [
+        "bias_k",
+        "bias_v",
+        "in_proj_bias",
+        "out_proj.bias",
+    ]
     lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
-    assert sum(is_bias(name) for name, _ in lstm.named_parameters()) == 8  # ih and hh, 2 layers, 2 directions
-    assert not any(is_bias(name) for name in ("weight_ih_l0", "in_proj_weight", "bias_norm.weight", "unbiased", "biases"))
+    assert (
+        sum(is_bias(name) for name, _ in lstm.named_parameters()) == 8
+    )  # ih and hh, 2 layers, 2 directions
+    assert not any(
+        is_bias(name)
+        for name in ("weight_ih_l0", "in_proj_weight", "bias_norm.weight", "unbiased", "biases")
+    )
     # A bidirectional LSTM(3, 4): its 4 gates' weights 2 x 4*4 x (3 + 4), its biases 2 x 2 x 4*4.
     totals = summarize(nn.LSTM(3, 4, bidirectional=True), input_size=(5, 3), batch_size=2).totals
     assert (totals.weights, totals.biases) == (224, 64)
@@ -75,7 +85,11 @@ def test_every_bias_pytorch_names_is_a_bias():
 
 def test_nin_flops_per_layer_add_up(nin_summary):
     leaves = [row for row in nin_summary.layers if row.is_leaf]
-    assert sum(row.forward_flops for row in leaves) == nin_summary.totals.forward_flops == 195_148_122_112
+    assert (
+        sum(row.forward_flops for row in leaves)
+        == nin_summary.totals.forward_flops
+        == 195_148_122_112
+    )
     assert sum(row.backward_flops for row in leaves) == nin_summary.totals.backward_flops
     # conv 0.0: 2 x 128 x 54 x 54 positions x 11 x 11 x 1 x 96 channels
     assert layer(nin_summary, "0.0").forward_flops == 2 * 128 * 54 * 54 * 121 * 96
@@ -84,11 +98,25 @@ def test_nin_flops_per_layer_add_up(nin_summary):
 
 
 def test_nin_receptive_fields_smallest_input_and_reach(nin_summary):
-    fields = {name: layer(nin_summary, name).receptive_field[0] for name in ("0.0", "1", "2.0", "3", "4.0", "5", "7.0")}
-    assert [(f.size, f.jump) for f in fields.values()] == [(11, 4), (19, 8), (51, 8), (67, 16), (99, 16), (131, 32), (195, 32)]
+    fields = {
+        name: layer(nin_summary, name).receptive_field[0]
+        for name in ("0.0", "1", "2.0", "3", "4.0", "5", "7.0")
+    }
+    assert [(f.size, f.jump) for f in fields.values()] == [
+        (11, 4),
+        (19, 8),
+        (51, 8),
+        (67, 16),
+        (99, 16),
+        (131, 32),
+        (195, 32),
+    ]
     assert nin_summary.smallest_input_size == (1, 67, 67)
     # Rounding at the first conv and the three pools leaves the last 5 rows and columns unused.
-    assert [(r.first, r.last, r.never_read) for r in nin_summary.input_reach] == [(0, 218, 5), (0, 218, 5)]
+    assert [(r.first, r.last, r.never_read) for r in nin_summary.input_reach] == [
+        (0, 218, 5),
+        (0, 218, 5),
+    ]
 
 
 @pytest.mark.canary
@@ -150,7 +178,10 @@ def test_bfloat16_halves_parameter_and_output_bytes():
 def test_batch_and_input_errors():
     with pytest.raises(NinlabError, match="batch size must be at least 1"):
         summarize(build_nin(), input_size=(1, 224, 224), batch_size=0)
-    with pytest.raises(NinlabError, match=r"the model cannot run a forward on a batch of 3x224x224 inputs .*expected input.*to have 1 channels"):
+    with pytest.raises(
+        NinlabError,
+        match=r"the model cannot run a forward on a batch of 3x224x224 inputs .*expected input.*to have 1 channels",
+    ):
         summarize(build_nin(), input_size=(3, 224, 224))
 
 
@@ -163,19 +194,28 @@ def test_nin_at_batch_128_allocates_no_activations():
         "summarize(ninlab.build_nin(), input_size=(1, 224, 224), batch_size=128); "
         "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024)"
     )
-    peak_rss = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    peak_rss = int(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert peak_rss < 1_000_000_000
 
 
 def test_a_step_spec_gives_the_summary_its_fields_give() -> None:
     model = build_nin()
-    spec = StepSpec(input_size=(1, 96, 96), optimizer="adam", amp="bf16", memory_format="channels_last")
+    spec = StepSpec(
+        input_size=(1, 96, 96), optimizer="adam", amp="bf16", memory_format="channels_last"
+    )
     given = summarize(model, spec, batch_size=2, model_name="nin-d2l")
     # The optimizer, autocast and layout change a step's memory, not its layers or FLOPs.
     assert given == summarize(model, input_size=(1, 96, 96), batch_size=2, model_name="nin-d2l")
     assert given.totals.backward_flops > 0
     inference = summarize(model, spec.inference(), batch_size=2)
-    assert inference.totals.backward_flops == 0 and inference.totals.forward_flops == given.totals.forward_flops
+    assert (
+        inference.totals.backward_flops == 0
+        and inference.totals.forward_flops == given.totals.forward_flops
+    )
     with pytest.raises(NinlabError, match="give a StepSpec or its fields"):
         summarize(model, spec, batch_size=2, input_size=(1, 96, 96))
 

@@ -49,7 +49,8 @@ def test_every_name_says_what_it_is_for_and_where_it_was_checked() -> None:
         else:
             binding = (f"{name},", f"{name} =", f"{name}:", f'"{name}":')
             binds = [
-                i for i, line in enumerate(lines)
+                i
+                for i, line in enumerate(lines)
                 if line.strip().startswith(binding) or f" import {name} " in line
             ]
             noted = any("checked on" in lines[i] or "checked on" in lines[i - 1] for i in binds)

@@ -24,9 +24,15 @@ def test_training_step_phases_and_backward_attribution(nin):
     step = record_step(nin, StepSpec((1, 224, 224), optimizer="sgd-momentum"), 2)
     ops = step_ops(step)
     assert [p for i, p in enumerate(o.phase for o in ops) if i == 0 or p != ops[i - 1].phase] == [
-        "zero_grad", "forward", "loss", "backward", "optimizer",
+        "zero_grad",
+        "forward",
+        "loss",
+        "backward",
+        "optimizer",
     ]
-    conv_backward = [(o.module, o.autograd_node) for o in ops if o.op == "aten.convolution_backward.default"]
+    conv_backward = [
+        (o.module, o.autograd_node) for o in ops if o.op == "aten.convolution_backward.default"
+    ]
     assert conv_backward[0] == ("7.4", "ConvolutionBackward0")  # backward runs last layer first
     assert conv_backward[-1] == ("0.0", "ConvolutionBackward0")
     assert len(conv_backward) == 12
@@ -49,7 +55,9 @@ def test_the_model_is_left_untouched(nin):
     nin.eval()
     record_step(nin, StepSpec((1, 224, 224), optimizer="adam"), 2)
     assert not nin.training
-    assert all(torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters())
+    assert all(
+        torch.equal(before[name], p) and p.grad is None for name, p in nin.named_parameters()
+    )
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -45,7 +45,9 @@ def test_summary_markdown_and_csv(capsys):
     rows = list(csv.DictReader(io.StringIO(text)))
     first = next(row for row in rows if row["name"] == "0.0")
     assert (first["output_shape"], first["parameters"], first["forward_flops"]) == (
-        "1x96x54x54", "11712", str(2 * 54 * 54 * 121 * 96)
+        "1x96x54x54",
+        "11712",
+        str(2 * 54 * 54 * 121 * 96),
     )
 
 

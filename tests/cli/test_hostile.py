@@ -30,16 +30,29 @@ from ninlab.training.checkpoint import save_checkpoint
 from ninlab.training.presets import TrainConfig
 
 _MODELS = (
-    "nin-d2l-0x1", "nosuch", "nin-d2l:dropout=2", "nin-d2l:batch_norm=maybe",
-    "nin-d2l:num_1x1=-1", "nin-d2l:init=foo", "nin-d2l:num_classes=0", "nin-d2l:num_1x1",
+    "nin-d2l-0x1",
+    "nosuch",
+    "nin-d2l:dropout=2",
+    "nin-d2l:batch_norm=maybe",
+    "nin-d2l:num_1x1=-1",
+    "nin-d2l:init=foo",
+    "nin-d2l:num_classes=0",
+    "nin-d2l:num_1x1",
 )
 _BY_DEST: dict[str, tuple[str, ...]] = {
     "model": _MODELS,
     "variant": _MODELS,
     "input": ("1x67x67", "0x67x67", "1x67", "abc", ""),
     "optimizer": (
-        "sgd", "adamw:weight_decay=0.01", "adam:lr=-1", "sgd:lr=nan", "adam:weight_decay=-1",
-        "foo", "adam:implementation=bad", "sgd:momentum=1.5", "sgd:lr",
+        "sgd",
+        "adamw:weight_decay=0.01",
+        "adam:lr=-1",
+        "sgd:lr=nan",
+        "adam:weight_decay=-1",
+        "foo",
+        "adam:implementation=bad",
+        "sgd:momentum=1.5",
+        "sgd:lr",
     ),
     "budget": ("8GiB", "0", "abc", "1e400GiB", "-1GiB"),
     "fit": ("8GiB", "0", "abc", "1e400GiB"),
@@ -52,8 +65,13 @@ _BY_TYPE: dict[object, tuple[str, ...]] = {
     finite_float: ("0.01", "0", "-1", "nan", "inf", "x"),
     input_size: ("1x67x67", "0x67x67", "abc"),
     path_name: (
-        "", "{tmp}/a-dir", "{tmp}/out.txt", "{tmp}/missing/out.png", "{tmp}/out.png",
-        "{tmp}/out.html", "{tmp}/a-file",
+        "",
+        "{tmp}/a-dir",
+        "{tmp}/out.txt",
+        "{tmp}/missing/out.png",
+        "{tmp}/out.png",
+        "{tmp}/out.html",
+        "{tmp}/a-file",
     ),
 }
 # Every value of a data option lacks the data: missing, a file, empty, one file of four.
@@ -79,9 +97,7 @@ _PLOT_KINDS = ("geometry", "flops", "saved", "foo")  # the cheap kinds, and a wr
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    action = next(
-        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    )
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
 
@@ -171,9 +187,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
-def test_any_command_line_ends_in_exit_0_or_one_line_and_exit_2(
-    files, command, data, monkeypatch
-):
+def test_any_command_line_ends_in_exit_0_or_one_line_and_exit_2(files, command, data, monkeypatch):
     monkeypatch.delenv("NINLAB_DATA", raising=False)
     template = data.draw(command_lines(command), label="argv")
     argv = [part.replace("{tmp}", str(files)) for part in template]

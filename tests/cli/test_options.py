@@ -57,8 +57,6 @@ def commands_with(flag: str) -> list[str]:
     return [name for name, parser in commands().items() if flag in options(parser)]
 
 
-
-
 def test_every_command_is_known_here():
     assert set(commands()) == set(POSITIONALS)
 
@@ -153,13 +151,34 @@ def test_bf16_autocast_is_accepted_wherever_amp_is():
 
 def test_step_options_are_the_step_spec_they_describe():
     args = build_parser().parse_args(
-        ["summary", "--input", "3x96x96", "--dtype", "bfloat16", "--mode", "infer",
-         "--optimizer", "adam", "--amp", "fp16", "--device", "cuda", "--grad-mode",
-         "inference_mode", "--channels-last"]
+        [
+            "summary",
+            "--input",
+            "3x96x96",
+            "--dtype",
+            "bfloat16",
+            "--mode",
+            "infer",
+            "--optimizer",
+            "adam",
+            "--amp",
+            "fp16",
+            "--device",
+            "cuda",
+            "--grad-mode",
+            "inference_mode",
+            "--channels-last",
+        ]
     )
     assert spec_from_args(args) == StepSpec(
-        input_size=(3, 96, 96), mode="infer", optimizer="adam", dtype="bfloat16", amp="fp16",
-        device_type="cuda", grad_mode="inference_mode", memory_format="channels_last",
+        input_size=(3, 96, 96),
+        mode="infer",
+        optimizer="adam",
+        dtype="bfloat16",
+        amp="fp16",
+        device_type="cuda",
+        grad_mode="inference_mode",
+        memory_format="channels_last",
     )
     # Nothing given: StepSpec's own defaults, for the model options' input and dtype.
     assert spec_from_args(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()

@@ -10,7 +10,7 @@ from cli_run import run
 from ninlab.analysis.predict import predict_memory
 from ninlab.models import resolve_model
 
-STEPS = '''
+STEPS = """
 from torch.nn import functional as F
 
 
@@ -26,7 +26,7 @@ def broken(model, optimizer, inputs, targets):
 
 
 not_a_function = 3
-'''
+"""
 
 ARGS = ("summary", "--model", "nin-d2l", "--input", "1x67x67", "--batch", "4")
 
@@ -46,14 +46,19 @@ def test_summary_predicts_the_named_step(capsys, my_steps) -> None:
     assert memory["setup"]["step_function"] == "accumulate"
     from my_steps import accumulate
 
-    expected = predict_memory(resolve_model("nin-d2l"), input_size=(1, 67, 67), batch_size=4, step=accumulate)
+    expected = predict_memory(
+        resolve_model("nin-d2l"), input_size=(1, 67, 67), batch_size=4, step=accumulate
+    )
     assert memory["live_peak_bytes"] == expected.live_peak_bytes
 
 
 @pytest.mark.parametrize(
     ("step", "message"),
     [
-        ("my_steps:broken", "the step broken raised on fake tensors: ValueError: my step is broken"),
+        (
+            "my_steps:broken",
+            "the step broken raised on fake tensors: ValueError: my step is broken",
+        ),
         ("my_steps:nope", "'my_steps' has no 'nope'"),
         ("my_steps:not_a_function", "'my_steps:not_a_function' is not a function but a int"),
         ("no_such_steps_module:step", "cannot import 'no_such_steps_module'"),

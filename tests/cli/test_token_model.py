@@ -12,7 +12,7 @@ from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 
-MODULE = '''
+MODULE = """
 import torch
 from torch import nn
 
@@ -20,10 +20,20 @@ from torch import nn
 def classifier():
     torch.manual_seed(0)
     return nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(128, 4))
-'''
+"""
 
-MODEL = ("--model", "token_models:classifier", "--input", "16", "--input-dtype", "long",
-         "--input-range", "0:100", "--batch", "2")
+MODEL = (
+    "--model",
+    "token_models:classifier",
+    "--input",
+    "16",
+    "--input-dtype",
+    "long",
+    "--input-range",
+    "0:100",
+    "--batch",
+    "2",
+)
 SPEC = StepSpec(input_size=(16,), input_dtype="long", input_range=(0, 100))
 PARAMETERS = 100 * 8 + 128 * 4 + 4
 FORWARD_FLOPS = 2 * 2 * 128 * 4  # the linear layer's multiply-adds at batch 2; a lookup has none
@@ -41,7 +51,10 @@ def test_summary_in_every_format(capsys, token_models) -> None:
     code, out, err = run(capsys, "summary", *MODEL, "--format", "json")
     assert (code, err) == (0, "")
     data = json.loads(out)
-    assert (data["totals"]["parameters"], data["totals"]["forward_flops"]) == (PARAMETERS, FORWARD_FLOPS)
+    assert (data["totals"]["parameters"], data["totals"]["forward_flops"]) == (
+        PARAMETERS,
+        FORWARD_FLOPS,
+    )
     assert data["input_dtype"] == "int64"
     memory = predict_memory(token_models(), SPEC, batch_size=2)
     assert data["memory"]["live_peak_bytes"] == memory.live_peak_bytes
@@ -59,7 +72,9 @@ def test_summary_fit(capsys, token_models) -> None:
     assert code == 0
     fit = fit_batch(token_models(), SPEC, budget="1MiB")
     data = json.loads(out)["memory"]
-    assert data["fit"]["batch_size"] == fit.batch_size and data["fit"]["peak_bytes"] == fit.peak_bytes
+    assert (
+        data["fit"]["batch_size"] == fit.batch_size and data["fit"]["peak_bytes"] == fit.peak_bytes
+    )
     assert data["batch_scaling"]["batch_sizes"] == [fit.batch_size, fit.batch_size + 1]
     assert data["plan"]["batch_size"] == 2
 
@@ -68,9 +83,16 @@ def test_measure(capsys, token_models) -> None:
     code, out, _ = run(capsys, "measure", *MODEL, "--format", "json")
     assert code == 0
     train, infer = json.loads(out)
-    assert train["predicted_bytes"]["live"] == predict_memory(token_models(), SPEC, batch_size=2).live_peak_bytes
+    assert (
+        train["predicted_bytes"]["live"]
+        == predict_memory(token_models(), SPEC, batch_size=2).live_peak_bytes
+    )
     assert train["baseline_bytes"]["parameters_bytes"] == PARAMETERS * 4
-    assert train["baseline_bytes"]["input_bytes"] == infer["baseline_bytes"]["input_bytes"] == 2 * 16 * 8
+    assert (
+        train["baseline_bytes"]["input_bytes"]
+        == infer["baseline_bytes"]["input_bytes"]
+        == 2 * 16 * 8
+    )
 
 
 @pytest.mark.parametrize("kind", ["flops", "timeline", "saved", "batch"])

@@ -14,7 +14,12 @@ from ninlab.studies.charts import CHART_KINDS, chart_source
 from ninlab.studies.memory import BatchStudy
 from ninlab.viz.charts import CHART_BUILDERS, chart_of_kind
 
-SOURCE_TYPES = {"summary": Summary, "memory": MemoryReport, "training memory": MemoryReport, "batch study": BatchStudy}
+SOURCE_TYPES = {
+    "summary": Summary,
+    "memory": MemoryReport,
+    "training memory": MemoryReport,
+    "batch study": BatchStudy,
+}
 
 
 def test_every_kind_is_drawn_and_nothing_else() -> None:
@@ -25,7 +30,9 @@ def test_every_kind_is_drawn_and_nothing_else() -> None:
 @pytest.mark.parametrize("kind", CHART_KINDS)
 def test_each_kind_is_drawn_from_its_source(kind: str) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 10)
+    )
     spec = StepSpec(input_size=(1, 8, 8), mode="infer")
     source = chart_source(kind, model, spec, batch_size=2, budget="1MiB", model_name="tiny")
     assert isinstance(source, SOURCE_TYPES[CHART_KINDS[kind].source])

@@ -26,17 +26,26 @@ def test_a_chart_gets_the_line_spread_below_the_answer(nin: nn.Module) -> None:
     assert study.fit == fit and study.plan is None
     quarter, half = fit.batch_size // 4, fit.batch_size // 2
     assert study.scaling == memory_vs_batch(
-        nin, SPEC, batch_sizes=(quarter, half), check_batch_size=3 * fit.batch_size // 4, level="allocator"
+        nin,
+        SPEC,
+        batch_sizes=(quarter, half),
+        check_batch_size=3 * fit.batch_size // 4,
+        level="allocator",
     )
 
 
 def _numbers(plan):
-    options = [(o.name, o.largest_batch, o.peak_bytes, o.fits_requested, o.step_flops) for o in plan.options]
+    options = [
+        (o.name, o.largest_batch, o.peak_bytes, o.fits_requested, o.step_flops)
+        for o in plan.options
+    ]
     return options, plan.recommendation
 
 
 @pytest.mark.slow  # the planner predicts every alternative's largest batch
-def test_a_question_at_a_batch_gets_the_line_through_the_answer_and_the_plan(nin: nn.Module) -> None:
+def test_a_question_at_a_batch_gets_the_line_through_the_answer_and_the_plan(
+    nin: nn.Module,
+) -> None:
     study = study_batch(nin, SPEC, budget=BUDGET, check_batch_size=8, plan_batch_size=8)
     fit = study.fit
     assert study.scaling.batch_sizes == (fit.batch_size, fit.batch_size + 1)

@@ -34,8 +34,15 @@ def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimi
 def _saved(tmp_path) -> tuple[torch.nn.Module, Progress, torch.Tensor]:
     model, optimizer = _model_and_optimizer(0)
     progress = Progress(
-        epoch=1, batch=3, step=15, loss_sum=6.0, correct=5.0, examples=12.0, seconds=2.5,
-        elapsed=9.5, history=[ROW],
+        epoch=1,
+        batch=3,
+        step=15,
+        loss_sum=6.0,
+        correct=5.0,
+        examples=12.0,
+        seconds=2.5,
+        elapsed=9.5,
+        history=[ROW],
     )
     torch.manual_seed(123)
     save_run(tmp_path, CONFIG, model, optimizer, progress, Context())
@@ -47,8 +54,17 @@ def test_a_run_checkpoint_holds_the_documented_keys(tmp_path):
     _saved(tmp_path)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert list(state) == [
-        "format", "config", "model", "optimizer", "epoch", "batch", "step", "rng", "running",
-        "history", "checksum",
+        "format",
+        "config",
+        "model",
+        "optimizer",
+        "epoch",
+        "batch",
+        "step",
+        "rng",
+        "running",
+        "history",
+        "checksum",
     ]
     assert state["format"] == FORMAT and state["config"] == dataclasses.asdict(CONFIG)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 3, 15)

@@ -65,7 +65,8 @@ def test_uncompressed_and_gzipped_files_read_the_same(fashion_mnist, tmp_path):
 def test_a_named_directory_is_the_only_place_looked_in(tmp_path, monkeypatch):
     monkeypatch.setenv("NINLAB_DATA", str(tmp_path / "env"))
     assert default_search_path(tmp_path / "mine") == (
-        tmp_path / "mine", tmp_path / "mine" / "FashionMNIST" / "raw"
+        tmp_path / "mine",
+        tmp_path / "mine" / "FashionMNIST" / "raw",
     )
     assert default_search_path() == (tmp_path / "env", tmp_path / "env" / "FashionMNIST" / "raw")
 
@@ -159,7 +160,9 @@ def test_download_verifies_and_renames_atomically(fashion_mnist, tmp_path, mirro
     target = tmp_path / "cache"
     data = load_fashion_mnist(search_path=[target], mirror=url, progress=lambda *a: seen.append(a))
     assert data.directory == target
-    assert sorted(p.name for p in target.iterdir()) == sorted(f"{s.name}.gz" for s in FILES.values())
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        f"{s.name}.gz" for s in FILES.values()
+    )
     assert torch.equal(data.train.labels, fashion_mnist.train.labels)
     assert {name for name, _, _ in seen} == {s.name for s in FILES.values()}
     last = {name: (received, total) for name, received, total in seen}

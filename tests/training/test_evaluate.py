@@ -65,13 +65,33 @@ def test_evaluate_sees_the_network_as_it_was_trained(run_dir, fashion_mnist):
 
 
 def test_evaluate_cli_prints_classes_and_writes_the_confusion_png(run_dir, capsys):
-    assert main(["evaluate", str(run_dir), "--test-examples", "300", "--no-download", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run_dir),
+                "--test-examples",
+                "300",
+                "--no-download",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
-    assert report["examples"] == 300 and [row["name"] for row in report["per_class"]] == list(CLASS_NAMES)
+    assert report["examples"] == 300 and [row["name"] for row in report["per_class"]] == list(
+        CLASS_NAMES
+    )
     assert sum(row["examples"] for row in report["per_class"]) == 300
     assert sum(row["correct"] for row in report["per_class"]) == round(report["accuracy"] * 300)
     assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
-    assert main(["evaluate", str(run_dir / CHECKPOINT_NAME), "--test-examples", "300", "--no-download"]) == 0
+    assert (
+        main(
+            ["evaluate", str(run_dir / CHECKPOINT_NAME), "--test-examples", "300", "--no-download"]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     boots = report["per_class"][-1]
     assert re.search(rf"Ankle boot +│ +{boots['examples']} │ +{boots['accuracy']:.4f} │", table)
@@ -89,7 +109,9 @@ def test_predict_gives_the_class_the_evaluation_gives(run_dir, fashion_mnist, tm
         Image.fromarray(image.numpy()).save(paths[-1])
     predictions = predict_images(trained, paths)
     assert [p.class_index for p in predictions] == expected.argmax(1).tolist()
-    assert [p.probability for p in predictions] == pytest.approx(expected.max(1).values.tolist(), rel=1e-5)
+    assert [p.probability for p in predictions] == pytest.approx(
+        expected.max(1).values.tolist(), rel=1e-5
+    )
     # Any size, colour and polarity: a 3x larger RGB negative of image 0 comes back close to image 0.
     photo = Image.fromarray(255 - images[0].numpy()).resize((84, 84), Image.BILINEAR).convert("RGB")
     photo.save(tmp_path / "photo.jpg", quality=95)

@@ -38,17 +38,42 @@ from ninlab.training.train import train
 # The cheapest run that trains: d2l's NiN without 1x1 convs at its smallest input, two steps;
 # with the largest seed the command line accepts, which must train too.
 TINY = TrainConfig(
-    variant="nin-d2l-0x1", image_size=67, epochs=1, batch_size=4, train_examples=8,
-    test_examples=4, lr=0.01, seed=MAX_SEED,
+    variant="nin-d2l-0x1",
+    image_size=67,
+    epochs=1,
+    batch_size=4,
+    train_examples=8,
+    test_examples=4,
+    lr=0.01,
+    seed=MAX_SEED,
 )
 _ENV = {**os.environ, "PYTHONPATH": str(Path(ninlab.__file__).parents[1])}
 
 
 def _tiny_args(output_dir: Path, data_dir: Path) -> list[str]:
     return [
-        "train", "--output-dir", str(output_dir), "--data-dir", str(data_dir), "--no-download",
-        "--variant", TINY.variant, "--image-size", "67", "--epochs", "1", "--batch", "4",
-        "--train-examples", "8", "--test-examples", "4", "--lr", "0.01", "--seed", str(MAX_SEED),
+        "train",
+        "--output-dir",
+        str(output_dir),
+        "--data-dir",
+        str(data_dir),
+        "--no-download",
+        "--variant",
+        TINY.variant,
+        "--image-size",
+        "67",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--train-examples",
+        "8",
+        "--test-examples",
+        "4",
+        "--lr",
+        "0.01",
+        "--seed",
+        str(MAX_SEED),
     ]
 
 
@@ -105,8 +130,13 @@ def test_the_run_directory_is_checked_before_the_data_is_loaded(tmp_path, capsys
     kept.mkdir()
     (kept / CHECKPOINT_NAME).write_bytes(b"")
     code, _, err = run(capsys, *_tiny_args(kept, tmp_path / "empty"))
-    assert code == 2 and _one_error_line(err).startswith(f"ninlab: error: {kept} already holds a checkpoint")
-    with owning(tmp_path / "owned"), pytest.raises(NinlabError, match="is in use by another ninlab run"):
+    assert code == 2 and _one_error_line(err).startswith(
+        f"ninlab: error: {kept} already holds a checkpoint"
+    )
+    with (
+        owning(tmp_path / "owned"),
+        pytest.raises(NinlabError, match="is in use by another ninlab run"),
+    ):
         train(TINY, output_dir=tmp_path / "owned", data=lambda: pytest.fail("the data was loaded"))
     # A usable directory, then the missing data: refused, and every directory the run made is gone.
     code, _, err = run(capsys, *_tiny_args(tmp_path / "runs" / "x", tmp_path / "empty"))
@@ -124,11 +154,19 @@ def test_a_refused_configuration_leaves_no_directory_behind(fashion_mnist, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_an_image_size_the_network_cannot_take_is_refused_naming_the_option(fashion_mnist, tmp_path):
+def test_an_image_size_the_network_cannot_take_is_refused_naming_the_option(
+    fashion_mnist, tmp_path
+):
     with pytest.raises(NinlabError) as refused:
-        train(dataclasses.replace(TINY, image_size=10), output_dir=tmp_path / "run", data=fashion_mnist)
+        train(
+            dataclasses.replace(TINY, image_size=10),
+            output_dir=tmp_path / "run",
+            data=fashion_mnist,
+        )
     message = str(refused.value)
-    assert message.startswith(f"--image-size 10 is too small for {TINY.variant}: input 1x10x10 is too small")
+    assert message.startswith(
+        f"--image-size 10 is too small for {TINY.variant}: input 1x10x10 is too small"
+    )
     assert message.endswith("use --image-size 67 or more") and "\n" not in message
     assert not (tmp_path / "run").exists()
 
@@ -351,4 +389,3 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "narrow.png")
     assert Image.open(tmp_path / "wide.png").mode == "I;16"
     assert torch.equal(load_image(tmp_path / "wide.png"), load_image(tmp_path / "narrow.png"))
-

@@ -41,14 +41,18 @@ def test_plain_float_bilinear_differs_from_pil_which_is_why_the_pipeline_emulate
     """PyTorch's bilinear interpolate is not PIL's resize, so the pipeline must emulate PIL."""
     images = fashion_mnist.train.images[:64]
     book = np.stack([_pil(image.numpy(), (96, 96)) for image in images])
-    plain = torch.nn.functional.interpolate(images[:, None].float(), size=(96, 96), mode="bilinear")[:, 0]
+    plain = torch.nn.functional.interpolate(
+        images[:, None].float(), size=(96, 96), mode="bilinear"
+    )[:, 0]
     assert not np.array_equal(plain.round().to(torch.uint8).numpy(), book)
 
 
 def test_weights_are_pils_fixed_point_coefficients():
     weights = pil_bilinear_weights(28, 224)
     # An 8x enlargement: output pixel 4 sits at input 0.5625 -> taps 0.9375 and 0.0625 of 2**22.
-    assert weights[4, 0].item() == round(0.9375 * 2**22) and weights[4, 1].item() == round(0.0625 * 2**22)
+    assert weights[4, 0].item() == round(0.9375 * 2**22) and weights[4, 1].item() == round(
+        0.0625 * 2**22
+    )
     assert torch.equal(pil_bilinear_weights(28, 28), torch.eye(28, dtype=torch.float64) * 2**22)
     assert (weights.sum(dim=1) == 2**22).all()
 
@@ -92,12 +96,21 @@ def test_ranks_split_every_global_batch_and_keep_the_short_last_one():
 
 @pytest.mark.parametrize(
     ("num_examples", "batch_size", "world_size"),
-    [(300, 128, 1), (256, 128, 1), (257, 128, 1), (257, 128, 2), (259, 128, 2), (260, 128, 2),
-     (5, 8, 2), (1, 8, 2), (3, 1, 1)],
+    [
+        (300, 128, 1),
+        (256, 128, 1),
+        (257, 128, 1),
+        (257, 128, 2),
+        (259, 128, 2),
+        (260, 128, 2),
+        (5, 8, 2),
+        (1, 8, 2),
+        (3, 1, 1),
+    ],
 )
 def test_batches_per_epoch_counts_what_batch_indices_yields(num_examples, batch_size, world_size):
     permutation = torch.arange(num_examples)
     yielded = list(batch_indices(permutation, batch_size=batch_size, world_size=world_size))
-    assert batches_per_epoch(
-        num_examples, batch_size=batch_size, world_size=world_size
-    ) == len(yielded)
+    assert batches_per_epoch(num_examples, batch_size=batch_size, world_size=world_size) == len(
+        yielded
+    )

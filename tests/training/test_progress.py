@@ -34,12 +34,22 @@ def test_an_epoch_is_one_output_redrawn_at_most_every_interval_then_its_line():
     reporter.epoch_started(1, 2, batches=500, done=0)
     for done in range(1, 501):
         reporter.batch_done(done, loss=2.0, accuracy=0.5, examples_per_s=100.0)
-    assert notebook.updates == 0 and notebook.outputs[1].startswith("epoch 1/2") and "0/500" in notebook.outputs[1]
+    assert (
+        notebook.updates == 0
+        and notebook.outputs[1].startswith("epoch 1/2")
+        and "0/500" in notebook.outputs[1]
+    )
     reporter.info("measured: 100 examples/s")  # said during the epoch: shown above its bar, at once
     assert notebook.outputs[1].splitlines()[0] == "measured: 100 examples/s"
-    assert "500/500" in notebook.outputs[1] and "loss 2.0000  acc 0.500  100 ex/s" in notebook.outputs[1]
+    assert (
+        "500/500" in notebook.outputs[1]
+        and "loss 2.0000  acc 0.500  100 ex/s" in notebook.outputs[1]
+    )
     reporter.epoch_finished("epoch 1/2: test acc 0.5000")
-    assert notebook.outputs == ["training nin-d2l-bn\n", "measured: 100 examples/s\nepoch 1/2: test acc 0.5000\n"]
+    assert notebook.outputs == [
+        "training nin-d2l-bn\n",
+        "measured: 100 examples/s\nepoch 1/2: test acc 0.5000\n",
+    ]
     reporter.epoch_started(2, 2, batches=500, done=0)
     reporter.epoch_finished("epoch 2/2: test acc 0.6000")
     assert len(notebook.outputs) == 3 and notebook.outputs[2] == "epoch 2/2: test acc 0.6000\n"

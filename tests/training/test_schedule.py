@@ -7,13 +7,17 @@ from ninlab.training.schedule import Schedule, learning_rate
 
 def test_constant_with_warmup():
     rates = [
-        learning_rate(s, peak_lr=0.1, total_steps=10, warmup_steps=4, kind="constant") for s in range(10)
+        learning_rate(s, peak_lr=0.1, total_steps=10, warmup_steps=4, kind="constant")
+        for s in range(10)
     ]
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 6)
 
 
 def test_cosine_after_warmup_reaches_zero_at_the_end():
-    rates = [learning_rate(s, peak_lr=0.2, total_steps=12, warmup_steps=2, kind="cosine") for s in range(13)]
+    rates = [
+        learning_rate(s, peak_lr=0.2, total_steps=12, warmup_steps=2, kind="cosine")
+        for s in range(13)
+    ]
     assert rates[:3] == pytest.approx([0.1, 0.2, 0.2])
     assert rates[7] == pytest.approx(0.1)  # half way through the cosine
     assert rates[12] == pytest.approx(0.0, abs=1e-12)

@@ -13,8 +13,13 @@ def test_the_printed_prediction_is_the_trainers_own_step_measured() -> None:
     # the trainer's choices that move the peak: channels-last, bf16 autocast, a label-smoothed
     # summed float32 loss, momentum
     config = TrainConfig(
-        variant="nin-d2l-bn", image_size=67, batch_size=4, momentum=0.9, label_smoothing=0.1,
-        amp="bf16", channels_last=True,
+        variant="nin-d2l-bn",
+        image_size=67,
+        batch_size=4,
+        momentum=0.9,
+        label_smoothing=0.1,
+        amp="bf16",
+        channels_last=True,
     )
     torch.manual_seed(0)
     model = build_nin(parse_variant(config.variant))

@@ -78,7 +78,10 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
     )
     out = io.StringIO()
     result = train(
-        config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=200))
+        config,
+        output_dir=tmp_path,
+        data=fashion_mnist,
+        reporter=RichReporter(Console(file=out, width=200)),
     )
     text = " ".join(out.getvalue().split())
     assert (
@@ -115,7 +118,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(fashion_mnist, t
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not (run_dir / CHECKPOINT_NAME).exists() and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not (run_dir / CHECKPOINT_NAME).exists()
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)  # Ctrl-C, somewhere after the first epoch
     _, stderr = process.communicate(timeout=120)
@@ -261,7 +268,12 @@ except NinlabError as error:
     sys.exit(2)
 """
     done = subprocess.run(
-        [sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", script],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2, done.stderr
     assert done.stdout == (
@@ -272,12 +284,15 @@ except NinlabError as error:
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in small_run.iterdir())
 
 
-def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(fashion_mnist, tmp_path):
+def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(
+    fashion_mnist, tmp_path
+):
     config = dataclasses.replace(
         SMALL, variant="nin-d2l", lr=1e6, warmup_epochs=0, schedule="constant", epochs=2
     )
     with pytest.raises(
-        NinlabError, match=r"training diverged: the loss is no longer finite .* at epoch 1.*lower --lr"
+        NinlabError,
+        match=r"training diverged: the loss is no longer finite .* at epoch 1.*lower --lr",
     ):
         train(config, output_dir=tmp_path, data=fashion_mnist)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
@@ -286,11 +301,20 @@ def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(fas
 def test_a_run_stuck_at_chance_says_so_with_the_evidence(fashion_mnist, tmp_path):
     # d2l's recipe with a learning rate far too large: the last block's ReLUs die in the first steps.
     config = dataclasses.replace(
-        PRESETS["d2l"], image_size=67, epochs=1, batch_size=32, lr=5.0, train_examples=256, test_examples=200
+        PRESETS["d2l"],
+        image_size=67,
+        epochs=1,
+        batch_size=32,
+        lr=5.0,
+        train_examples=256,
+        test_examples=200,
     )
     out = io.StringIO()
     result = train(
-        config, output_dir=tmp_path, data=fashion_mnist, reporter=RichReporter(Console(file=out, width=300))
+        config,
+        output_dir=tmp_path,
+        data=fashion_mnist,
+        reporter=RichReporter(Console(file=out, width=300)),
     )
     assert result.history[0]["test_accuracy"] == pytest.approx(0.1, abs=0.05)
     text = " ".join(out.getvalue().split())

@@ -41,12 +41,16 @@ def summary(nin):
 
 @pytest.fixture(scope="module")
 def train(nin):
-    return predict_memory(nin, input_size=(1, 224, 224), batch_size=4, mode="train", model_name="nin-d2l")
+    return predict_memory(
+        nin, input_size=(1, 224, 224), batch_size=4, mode="train", model_name="nin-d2l"
+    )
 
 
 @pytest.fixture(scope="module")
 def infer(nin):
-    return predict_memory(nin, input_size=(1, 224, 224), batch_size=4, mode="infer", model_name="nin-d2l")
+    return predict_memory(
+        nin, input_size=(1, 224, 224), batch_size=4, mode="infer", model_name="nin-d2l"
+    )
 
 
 @pytest.fixture
@@ -81,14 +85,29 @@ def test_geometry_picture_shows_the_forum_question(summary, figure_of):
         assert axis.unread == (223,)
     assert chart.explanation == layer(summary, "0.0").explanation
     whole, corner = figure_of(chart).axes
-    shaded = [p for p in whole.patches if p.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=0.01)]
-    assert {(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in shaded} == {(0, 223, 224, 1), (223, 0, 1, 224)}
+    shaded = [
+        p
+        for p in whole.patches
+        if p.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=0.01)
+    ]
+    assert {(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in shaded} == {
+        (0, 223, 224, 1),
+        (223, 0, 1, 224),
+    }
     # 53 windows of the last row, 53 of the last column, and the last window, in bold.
     windows = [p for p in whole.patches if p.get_linewidth() in (0.8, 2.2)]
     assert len(windows) == 107
     last = windows[-1]
-    assert (last.get_x(), last.get_y(), last.get_width(), last.get_height(), last.get_linewidth()) == (212, 212, 11, 11, 2.2)
-    assert corner.get_xlim()[1] == 224 and corner.get_ylim()[0] == 224  # the corner view ends at the edge
+    assert (
+        last.get_x(),
+        last.get_y(),
+        last.get_width(),
+        last.get_height(),
+        last.get_linewidth(),
+    ) == (212, 212, 11, 11, 2.2)
+    assert (
+        corner.get_xlim()[1] == 224 and corner.get_ylim()[0] == 224
+    )  # the corner view ends at the edge
 
 
 def test_geometry_picture_of_a_padded_layer_reaches_into_padding(summary):
@@ -108,7 +127,9 @@ def test_geometry_picture_defaults_to_a_layer_that_rounds_up():
 
 
 def test_geometry_picture_refuses_a_layer_without_windows(summary):
-    with pytest.raises(NinlabError, match=r"'0\.1' is not a convolution or pooling layer.*choose one of 0\.0, 0\.2"):
+    with pytest.raises(
+        NinlabError, match=r"'0\.1' is not a convolution or pooling layer.*choose one of 0\.0, 0\.2"
+    ):
         geometry_chart(summary, layer="0.1")
 
 
@@ -146,7 +167,13 @@ def test_timeline_chart_is_the_memory_timeline(train, figure_of):
     assert chart.total_bytes == train.timeline.totals()
     assert max(chart.total_bytes) == chart.peak_bytes == train.live_peak_bytes
     assert chart.total_bytes[chart.peak_op] == chart.peak_bytes
-    assert [phase for phase, _, _ in chart.phases] == ["zero_grad", "forward", "loss", "backward", "optimizer"]
+    assert [phase for phase, _, _ in chart.phases] == [
+        "zero_grad",
+        "forward",
+        "loss",
+        "backward",
+        "optimizer",
+    ]
     assert chart.peak_label.startswith(train.peak.op.removeprefix("aten.").removesuffix(".default"))
     assert f"in {train.peak.module} ({train.peak.module_type}), backward" in chart.peak_label
     for name, series in zip(chart.categories, chart.series_bytes):
@@ -156,7 +183,11 @@ def test_timeline_chart_is_the_memory_timeline(train, figure_of):
     assert list(total.get_ydata()) == list(train.timeline.totals())
     texts = " ".join(t.get_text() for t in axes.texts)
     assert f"live peak {format_bytes(train.live_peak_bytes)}" in texts and "backward" in texts
-    assert all(label.get_text().endswith(("B", "KiB", "MiB", "GiB")) for label in axes.get_yticklabels() if label.get_text())
+    assert all(
+        label.get_text().endswith(("B", "KiB", "MiB", "GiB"))
+        for label in axes.get_yticklabels()
+        if label.get_text()
+    )
 
 
 def test_inference_timeline_has_one_phase(infer):
@@ -184,18 +215,27 @@ def test_saved_chart_splits_each_layers_bytes_by_reason(train, figure_of):
 
 def test_batch_chart_marks_the_largest_batch_under_the_budget(nin, figure_of):
     fit = fit_batch(nin, budget="256MiB", input_size=(1, 224, 224))
-    scaling = memory_vs_batch(nin, input_size=(1, 224, 224), batch_sizes=(4, 8), check_batch_size=16, level="allocator")
+    scaling = memory_vs_batch(
+        nin, input_size=(1, 224, 224), batch_sizes=(4, 8), check_batch_size=16, level="allocator"
+    )
     chart = batch_chart(scaling, fit, model="nin-d2l", mode="train")
     assert chart.batch_sizes == (4, 8, 16, fit.batch_size, fit.batch_size + 1)
     assert chart.peaks_bytes[-2:] == (fit.peak_bytes, fit.next_peak_bytes)
     assert fit.peak_bytes <= 256 * MIB < fit.next_peak_bytes
     axes = figure_of(chart).axes[0]
     points = next(line for line in axes.get_lines() if line.get_label() == "predicted peak (exact)")
-    assert list(points.get_xdata()) == list(chart.batch_sizes) and list(points.get_ydata()) == list(chart.peaks_bytes)
+    assert list(points.get_xdata()) == list(chart.batch_sizes) and list(points.get_ydata()) == list(
+        chart.peaks_bytes
+    )
     budget = next(line for line in axes.get_lines() if line.get_label() == "budget 256.00 MiB")
     assert list(budget.get_ydata()) == [256 * MIB, 256 * MIB]
-    assert any(line.get_label() == f"largest batch that fits: {fit.batch_size}" for line in axes.get_lines())
-    live = memory_vs_batch(nin, input_size=(1, 224, 224), batch_sizes=(4, 8), check_batch_size=16, level="live")
+    assert any(
+        line.get_label() == f"largest batch that fits: {fit.batch_size}"
+        for line in axes.get_lines()
+    )
+    live = memory_vs_batch(
+        nin, input_size=(1, 224, 224), batch_sizes=(4, 8), check_batch_size=16, level="live"
+    )
     with pytest.raises(NinlabError, match="must count the same memory"):
         batch_chart(live, fit, model="nin-d2l", mode="train")
 
@@ -217,7 +257,10 @@ def test_save_chart_writes_png_and_svg(summary, tmp_path):
         assert image.format == "PNG" and image.width > 800
     svg = save_chart(field_chart(summary), tmp_path / "field.svg")
     assert svg.read_text().lstrip().startswith("<?xml")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["field.svg", "flops.png"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "field.svg",
+        "flops.png",
+    ]  # no temporary left
     with pytest.raises(NinlabError, match=r"name a \.png or \.svg file"):
         save_chart(flops_chart(summary), tmp_path / "flops.pdf")
 
@@ -227,7 +270,7 @@ def test_inline_svg_prefixes_ids(summary):
     assert svg.startswith("<svg") and "<metadata>" not in svg
     assert svg.startswith('<svg id="flops" ') and "#flops *{stroke-linejoin" in svg
     assert 'id="flops-' in svg and 'clip-path="url(#flops-' in svg
-    assert "id=\"p" not in svg
+    assert 'id="p' not in svg
 
 
 def test_cli_plot_writes_each_kind(tmp_path, capsys):
@@ -235,6 +278,22 @@ def test_cli_plot_writes_each_kind(tmp_path, capsys):
         path = tmp_path / f"{kind}.png"
         assert main(["plot", kind, "--batch", "2", "--budget", "512MiB", "-o", str(path)]) == 0
         assert path.stat().st_size > 10_000
-    assert main(["plot", "timeline", "--mode", "infer", "--input", "1x96x96", "--batch", "2", "-o", str(tmp_path / "t.svg")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "timeline",
+                "--mode",
+                "infer",
+                "--input",
+                "1x96x96",
+                "--batch",
+                "2",
+                "-o",
+                str(tmp_path / "t.svg"),
+            ]
+        )
+        == 0
+    )
     assert main(["plot", "flops", "-o", str(tmp_path / "f.txt")]) == 2
     assert "name a .png or .svg file" in capsys.readouterr().err

@@ -26,7 +26,9 @@ def summary():
 
 def test_the_summary_table_holds_every_layer_and_the_totals(summary):
     page = summary_html(summary)
-    assert page.count("<tr>") == len(summary.layers)  # the header and one row per layer but the model
+    assert page.count("<tr>") == len(
+        summary.layers
+    )  # the header and one row per layer but the model
     assert "54.25 -&gt; 54, last 1 real unread" in page
     assert "Parameters: 1,992,166 (1,989,928 weights + 2,238 biases;" in page
     assert "Smallest valid input: 1x67x67" in page
@@ -34,9 +36,16 @@ def test_the_summary_table_holds_every_layer_and_the_totals(summary):
 
 
 def test_every_text_is_escaped():
-    page = html_table(TextTable(("a<b",), frozenset(), (("x & <script>",),)), caption="<i>c</i>", notes=["1 < 2"])
+    page = html_table(
+        TextTable(("a<b",), frozenset(), (("x & <script>",),)), caption="<i>c</i>", notes=["1 < 2"]
+    )
     assert "<script>" not in page and "<i>" not in page
-    assert "a&lt;b" in page and "x &amp; &lt;script&gt;" in page and "&lt;i&gt;c&lt;/i&gt;" in page and "1 &lt; 2" in page
+    assert (
+        "a&lt;b" in page
+        and "x &amp; &lt;script&gt;" in page
+        and "&lt;i&gt;c&lt;/i&gt;" in page
+        and "1 &lt; 2" in page
+    )
     named = summarize(build_nin(), input_size=(1, 96, 96), batch_size=1, model_name="<NiN & co>")
     assert "&lt;NiN &amp; co&gt;: batch 1 x 1x96x96" in summary_html(named)
 
@@ -44,7 +53,10 @@ def test_every_text_is_escaped():
 def test_the_memory_tables_hold_the_peak_its_parts_and_the_forum_rule():
     report = predict_memory(build_nin(), input_size=(1, 224, 224), batch_size=128)
     page = memory_html(report)
-    assert f"Live tensor peak: {format_bytes(report.live_peak_bytes)} ({report.live_peak_bytes:,} bytes)" in page
+    assert (
+        f"Live tensor peak: {format_bytes(report.live_peak_bytes)} ({report.live_peak_bytes:,} bytes)"
+        in page
+    )
     assert f">{report.breakdown.of('saved_for_backward'):,}</td>" in page
     assert f"Kept for backward: {report.saved_total_bytes / 2**20:.2f} MiB" in page
     assert f"{report.forum.ratio:.2f}x ours" in page
@@ -54,7 +66,10 @@ def test_a_comparison_renders_with_its_differences():
     comparison = compare(["nin-d2l", "nin-d2l:num_1x1=1"], input_size=(1, 224, 224), batch_size=2)
     page = comparison_html(comparison)
     assert ">1,992,166</td>" in page and ">1,769,112 (-223,054, -11.2%)</td>" in page
-    assert "nin-d2l:num_1x1=1: d2l.ai&#x27;s NiN, exactly as the chapter builds it; with num_1x1=1" in page
+    assert (
+        "nin-d2l:num_1x1=1: d2l.ai&#x27;s NiN, exactly as the chapter builds it; with num_1x1=1"
+        in page
+    )
 
 
 def test_a_chart_shows_itself_as_png(summary):
@@ -78,7 +93,9 @@ def test_ipython_shows_the_accountants_results_as_html_once_ninlab_is_imported()
         "    print(sorted(data), 'Parameters: 1,992,166' in html, 'Live tensor peak' in html,\n"
         "          '>1,992,166</td>' in html)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.splitlines() == [
         "['text/html', 'text/plain'] True False False",
         "['text/html', 'text/plain'] False True False",

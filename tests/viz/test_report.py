@@ -23,7 +23,9 @@ CHART_KEYS = ("geometry", "field", "flops", "train-timeline", "infer-timeline", 
 
 @pytest.fixture(scope="module")
 def report():
-    study = study_model(build_nin(), input_size=(1, 224, 224), batch_size=8, budget="512MiB", model_name="nin-d2l")
+    study = study_model(
+        build_nin(), input_size=(1, 224, 224), batch_size=8, budget="512MiB", model_name="nin-d2l"
+    )
     return build_report(study)
 
 
@@ -38,21 +40,45 @@ def saved_html(report, tmp_path_factory):
 
 
 def test_chart_data_are_the_reports_numbers(report):
-    charts, summary, train, infer = report.charts, report.study.summary, report.study.train, report.study.infer
-    assert charts.flops.total_forward_flops == sum(charts.flops.forward_flops) == summary.totals.forward_flops
-    assert charts.flops.total_backward_flops == sum(charts.flops.backward_flops) == summary.totals.backward_flops
+    charts, summary, train, infer = (
+        report.charts,
+        report.study.summary,
+        report.study.train,
+        report.study.infer,
+    )
+    assert (
+        charts.flops.total_forward_flops
+        == sum(charts.flops.forward_flops)
+        == summary.totals.forward_flops
+    )
+    assert (
+        charts.flops.total_backward_flops
+        == sum(charts.flops.backward_flops)
+        == summary.totals.backward_flops
+    )
     assert charts.geometry.layer == "0.0" and charts.geometry.height.unread == (223,)
     assert charts.field.sizes[-1] == tuple(f.size for f in summary.layers[-4].receptive_field)
-    assert charts.train_timeline.peak_bytes == max(charts.train_timeline.total_bytes) == train.live_peak_bytes
+    assert (
+        charts.train_timeline.peak_bytes
+        == max(charts.train_timeline.total_bytes)
+        == train.live_peak_bytes
+    )
     assert charts.train_timeline.total_bytes == train.timeline.totals()
     assert charts.infer_timeline.peak_bytes == infer.live_peak_bytes
     assert charts.saved.total_bytes == sum(charts.saved.layer_bytes) == train.saved_total_bytes
     fit = report.study.batch.fit
-    assert (charts.batch.fit_batch_size, charts.batch.fit_peak_bytes, charts.batch.budget_bytes) == (fit.batch_size, fit.peak_bytes, 512 << 20)
+    assert (
+        charts.batch.fit_batch_size,
+        charts.batch.fit_peak_bytes,
+        charts.batch.budget_bytes,
+    ) == (fit.batch_size, fit.peak_bytes, 512 << 20)
     assert fit.peak_bytes <= 512 << 20 < fit.next_peak_bytes
     scaling = report.study.batch.scaling
     assert scaling.batch_sizes == (fit.batch_size // 4, fit.batch_size // 2)
-    assert dict(zip(charts.batch.batch_sizes, charts.batch.peaks_bytes))[scaling.check_batch_size] == scaling.check_peak_bytes
+    assert (
+        dict(zip(charts.batch.batch_sizes, charts.batch.peaks_bytes))[scaling.check_batch_size]
+        == scaling.check_peak_bytes
+    )
 
 
 def test_html_shows_the_same_numbers_and_every_chart(report, page):
@@ -78,13 +104,44 @@ def test_html_shows_the_same_numbers_and_every_chart(report, page):
 def test_the_reports_tables_are_the_ones_every_format_prints(report, page):
     wide, narrow = layer_table(report.study.summary, wide=True), layer_table(report.study.summary)
     # The report adds two columns to the terminal's, in place; the cells are the same.
-    assert wide.columns == ("Layer", "Type", "Output shape", "Rounding", "Params", "Forward FLOPs", "Backward FLOPs", "Output size", "Receptive field")
+    assert wide.columns == (
+        "Layer",
+        "Type",
+        "Output shape",
+        "Rounding",
+        "Params",
+        "Forward FLOPs",
+        "Backward FLOPs",
+        "Output size",
+        "Receptive field",
+    )
     assert tuple(column for column in wide.columns if column in narrow.columns) == narrow.columns
-    assert wide.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "541.96 MFLOP", "8.54 MiB", "11 (jump 4)")
-    assert narrow.rows[1] == ("  0.0", "Conv2d", "8x96x54x54", "54.25 -> 54, last 1 real unread", "11,712", "541.96 MFLOP", "8.54 MiB")
+    assert wide.rows[1] == (
+        "  0.0",
+        "Conv2d",
+        "8x96x54x54",
+        "54.25 -> 54, last 1 real unread",
+        "11,712",
+        "541.96 MFLOP",
+        "541.96 MFLOP",
+        "8.54 MiB",
+        "11 (jump 4)",
+    )
+    assert narrow.rows[1] == (
+        "  0.0",
+        "Conv2d",
+        "8x96x54x54",
+        "54.25 -> 54, last 1 real unread",
+        "11,712",
+        "541.96 MFLOP",
+        "8.54 MiB",
+    )
     saved = saved_table(report.study.train)
     assert saved.rows[0][:4] == ("0.1", "ReLU", "8,957,952", "15.0%")
-    page_rows = [tuple(re.findall(r"<td[^>]*>(.*?)</td>", row)) for row in re.findall(r"<tr>(.*?)</tr>", page)]
+    page_rows = [
+        tuple(re.findall(r"<td[^>]*>(.*?)</td>", row))
+        for row in re.findall(r"<tr>(.*?)</tr>", page)
+    ]
     for table in (wide, saved):
         expected = [tuple(html_text(cell) for cell in row) for row in table.rows]
         start = page_rows.index(expected[0])
@@ -94,7 +151,10 @@ def test_the_reports_tables_are_the_ones_every_format_prints(report, page):
 def test_html_needs_no_network(page):
     assert "<script" not in page and "<link" not in page and "@import" not in page
     urls = set(re.findall(r"https?://[^\"') ]+", page))
-    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}  # XML namespaces, never fetched
+    assert urls <= {
+        "http://www.w3.org/2000/svg",
+        "http://www.w3.org/1999/xlink",
+    }  # XML namespaces, never fetched
 
 
 def test_jupyter_renders_the_report_body(report, page):
@@ -113,16 +173,27 @@ def _chromium():
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed; CI must install it (apt-get install -y chromium)")
+            pytest.fail(
+                "chromium is not installed; CI must install it (apt-get install -y chromium)"
+            )
         pytest.skip("chromium is not installed (apt-get install -y chromium); CI runs this test")
     return found
 
 
 def _headless(chromium, profile, *arguments):
     command = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-        "--enable-logging=stderr", "--v=0", *arguments,
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *arguments,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
@@ -137,7 +208,9 @@ def test_report_renders_in_headless_chromium(saved_html, tmp_path):
         assert re.search(rf'<figure id="chart-{key}"><svg[^>]*viewBox', dom.stdout)
     assert dom.stdout.count("<svg") == len(CHART_KEYS)
     screenshot = tmp_path / "report.png"
-    shot = _headless(chromium, tmp_path / "profile", "--window-size=1280,4000", f"--screenshot={screenshot}", url)
+    shot = _headless(
+        chromium, tmp_path / "profile", "--window-size=1280,4000", f"--screenshot={screenshot}", url
+    )
     assert not [line for line in shot.stderr.splitlines() if "CONSOLE" in line]
     with Image.open(screenshot) as image:
         assert image.size == (1280, 4000)
@@ -147,7 +220,10 @@ def test_report_renders_in_headless_chromium(saved_html, tmp_path):
 
 def test_cli_report(tmp_path, capsys):
     path = tmp_path / "nin.html"
-    assert main(["report", "--input", "1x96x96", "--batch", "2", "--budget", "64MiB", "-o", str(path)]) == 0
+    assert (
+        main(["report", "--input", "1x96x96", "--batch", "2", "--budget", "64MiB", "-o", str(path)])
+        == 0
+    )
     assert f"wrote {path}" in capsys.readouterr().out
     assert path.read_text(encoding="utf-8").count("<svg") == len(CHART_KEYS)
     assert main(["report", "-o", str(tmp_path / "missing" / "r.html")]) == 2

@@ -11,9 +11,32 @@ def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> No
     spec = StepSpec()
     options = (
         PlanOption("as given", "as given", spec, 100, 9 << 30, False, 10**12, 0),
-        PlanOption("checkpoint <all>", "checkpointing", spec, 150, 7 << 30, True, 12 * 10**11, 2 * 10**11),
-        PlanOption("accumulate 2 x 64", "accumulation", spec, 128, 5 << 30, True, 10**12, 0, micro_batches=2),
-        PlanOption("bf16 autocast", "autocast", spec, 180, 6 << 30, True, 10**12, 0, peak_lower_bound=True, largest_at_most=True),
+        PlanOption(
+            "checkpoint <all>", "checkpointing", spec, 150, 7 << 30, True, 12 * 10**11, 2 * 10**11
+        ),
+        PlanOption(
+            "accumulate 2 x 64",
+            "accumulation",
+            spec,
+            128,
+            5 << 30,
+            True,
+            10**12,
+            0,
+            micro_batches=2,
+        ),
+        PlanOption(
+            "bf16 autocast",
+            "autocast",
+            spec,
+            180,
+            6 << 30,
+            True,
+            10**12,
+            0,
+            peak_lower_bound=True,
+            largest_at_most=True,
+        ),
     )
     plan = BudgetPlan(8 << 30, 128, spec, options, "use accumulate 2 x 64: batch 128 fits 8 GiB")
     assert plan.recommended is options[2]  # fits, and no extra compute

@@ -175,4 +175,3 @@ def fit_batch(
             "searched; give a smaller budget"
         )
     return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known), known[low][1])
-

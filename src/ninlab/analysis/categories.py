@@ -26,6 +26,7 @@ __all__ = [
     "saved_reason",
 ]
 
+
 @dataclass(frozen=True)
 class Category:
     """One kind of memory: its name (`Breakdown`'s field is `{name}_bytes`), what it holds in
@@ -51,12 +52,12 @@ CATEGORY_TABLE: tuple[Category, ...] = (
     ),
     Category(
         "input",
-        'the input batch',
+        "the input batch",
         "#937860",
     ),
     Category(
         "targets",
-        'the class labels of the batch (int64), training only',
+        "the class labels of the batch (int64), training only",
         "#C8B08F",
     ),
     Category(
@@ -68,7 +69,7 @@ CATEGORY_TABLE: tuple[Category, ...] = (
     Category(
         "optimizer_state",
         "what the optimizer keeps between steps: momentum buffers, Adam's two moments and step "
-        'counters, ...',
+        "counters, ...",
         "#DA8BC3",
     ),
     Category(
@@ -80,26 +81,26 @@ CATEGORY_TABLE: tuple[Category, ...] = (
     Category(
         "saved_for_backward",
         "activations autograd keeps for backward (a conv's input, a ReLU's output, max-pool "
-        'indices, dropout masks, the log-softmax), alive from the op that makes them until '
-        'backward has used them',
+        "indices, dropout masks, the log-softmax), alive from the op that makes them until "
+        "backward has used them",
         "#4C72B0",
     ),
     Category(
         "recomputed",
         "what activation checkpointing recomputes in backward (the checkpointed block's forward"
-        ' run again) and the recomputed graph keeps until backward has used it',
+        " run again) and the recomputed graph keeps until backward has used it",
         "#1F3A68",
     ),
     Category(
         "forward_temporaries",
-        'outputs of forward and loss ops that autograd does not keep (a conv output a ReLU '
-        'replaces, the logits, the loss); in inference, every activation',
+        "outputs of forward and loss ops that autograd does not keep (a conv output a ReLU "
+        "replaces, the logits, the loss); in inference, every activation",
         "#64B5CD",
     ),
     Category(
         "backward_temporaries",
         "backward's own tensors other than parameter gradients: gradients with respect to "
-        'activations, and intermediate results',
+        "activations, and intermediate results",
         "#C44E52",
     ),
     Category(
@@ -111,7 +112,7 @@ CATEGORY_TABLE: tuple[Category, ...] = (
         "other",
         "anything else: what the step's own code makes outside the model, backward and the "
         "optimizer (a GradScaler's scale and unscaling), and what a first step leaves alive "
-        'besides gradients and optimizer state',
+        "besides gradients and optimizer state",
         "#55A868",
     ),
 )

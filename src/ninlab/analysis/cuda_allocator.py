@@ -269,7 +269,11 @@ def simulate_step(events: StepEvents) -> CudaLevels:
 
 
 def _run(
-    allocator: CachingAllocator, events: StepEvents, blocks: dict[int, Block | None], *, warm_up: bool
+    allocator: CachingAllocator,
+    events: StepEvents,
+    blocks: dict[int, Block | None],
+    *,
+    warm_up: bool,
 ) -> list[int]:
     """Replay the step's ops. The warm-up returns the keys of what it made that outlives it; the
     steady step returns the allocated level at each op."""

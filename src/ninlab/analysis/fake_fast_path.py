@@ -240,7 +240,9 @@ def _fake_constant(mode: FakeTensorMode, real: torch.Tensor) -> FakeTensor:
     FakeTensorMode's `lift_fresh` makes it, without converting through its general machinery."""
     with DisableTorchDispatch():
         constant = real.clone()
-        empty = torch.empty_strided(tuple(real.shape), real.stride(), dtype=real.dtype, device="meta")
+        empty = torch.empty_strided(
+            tuple(real.shape), real.stride(), dtype=real.dtype, device="meta"
+        )
     fake = FakeTensor(mode, empty, real.device, constant=constant)
     mode.fake_tensor_converter.set_tensor_memo(constant, fake)
     mode.fake_tensor_converter.add_constant_storage_mapping(fake)
@@ -269,8 +271,10 @@ def _key(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
     if cacheable is None:
         schema = op_schema(func)
         # A view op is remembered only when it returns one tensor viewing its first argument.
-        one_view = len(schema.returns) == 1 and str(schema.returns[0].type) == "Tensor" and bool(
-            schema.arguments and schema.arguments[0].alias_info is not None
+        one_view = (
+            len(schema.returns) == 1
+            and str(schema.returns[0].type) == "Tensor"
+            and bool(schema.arguments and schema.arguments[0].alias_info is not None)
         )
         cacheable = not ((func.is_view and not one_view) or schema.is_mutable)
         cacheable = cacheable and torch.Tag.dynamic_output_shape not in func.tags
@@ -290,7 +294,11 @@ def _on_constants(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     """Whether FakeTensorMode would compute this op on real constants and return either a Python
     number (`item()`) or its first argument (an in-place op): every tensor argument, at the top
     level, a fake tensor holding a constant, the op neither random nor changing shapes in place."""
-    if kwargs or not args or not (func is aten._local_scalar_dense.default or op_traits(func).returns_self):
+    if (
+        kwargs
+        or not args
+        or not (func is aten._local_scalar_dense.default or op_traits(func).returns_self)
+    ):
         return False
     if torch.Tag.nondeterministic_seeded in func.tags:
         return False
@@ -309,7 +317,17 @@ def _run_on_constants(func: Any, args: tuple[Any, ...]) -> Any:
     return args[0] if isinstance(output, torch.Tensor) else output
 
 
-_PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.memory_format, torch.layout, type(None))
+_PLAIN = (
+    int,
+    float,
+    bool,
+    str,
+    torch.dtype,
+    torch.device,
+    torch.memory_format,
+    torch.layout,
+    type(None),
+)
 
 
 def _key_part(value: Any) -> Any:
@@ -362,15 +380,30 @@ def _make_fakes(mode: FakeTensorMode, described: tuple[Any, ...], container: typ
 
 def _view_output(output: Any, base: Any) -> tuple[Any, ...] | None:
     """What `_make_view` needs to make this view of `base` again, or None."""
-    if type(output) is not FakeTensor or type(base) is not FakeTensor or output.constant is not None:
+    if (
+        type(output) is not FakeTensor
+        or type(base) is not FakeTensor
+        or output.constant is not None
+    ):
         return None
     if output.untyped_storage() is not base.untyped_storage() or output.requires_grad:
         return None
-    return tuple(output.shape), output.stride(), output.storage_offset(), output.dtype, output.fake_device
+    return (
+        tuple(output.shape),
+        output.stride(),
+        output.storage_offset(),
+        output.dtype,
+        output.fake_device,
+    )
 
 
 def _make_view(
-    base: FakeTensor, shape: tuple[int, ...], stride: tuple[int, ...], offset: int, dtype: torch.dtype, device: torch.device
+    base: FakeTensor,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> FakeTensor:
     """A fake tensor viewing `base`'s storage, as FakeTensorMode's cache makes one."""
     with DisableTorchDispatch():
@@ -389,4 +422,3 @@ def tensors_in(values: tuple[Any, ...] | list[Any]) -> list[torch.Tensor]:
         elif isinstance(value, (tuple, list)):
             found += tensors_in(value)
     return found
-

@@ -67,7 +67,9 @@ def add_matmul_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) -> int:
     return _matmul(args[1].shape, args[2].shape)
 
 
-def conv_flops(input_shape: Shape, weight_shape: Shape, output_shape: Shape, *, transposed: bool) -> int:
+def conv_flops(
+    input_shape: Shape, weight_shape: Shape, output_shape: Shape, *, transposed: bool
+) -> int:
     """2 x (positions the filter visits) x (filter volume) x (batch) x (output channels).
 
     The weight is (C_out, C_in / groups, *kernel), so groups are accounted for by the weight's
@@ -104,13 +106,25 @@ def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) 
     transposed, output_mask = bool(args[7]), args[10]
     total = 0
     if output_mask[0]:
-        total += conv_flops(grad_output.shape, weight.shape, outputs[0].shape, transposed=not transposed)
+        total += conv_flops(
+            grad_output.shape, weight.shape, outputs[0].shape, transposed=not transposed
+        )
     if output_mask[1]:
         grad_weight = _swap_batch_and_channels(outputs[1].shape)
         if transposed:
-            total += conv_flops(_swap_batch_and_channels(grad_output.shape), _swap_batch_and_channels(x.shape), grad_weight, transposed=False)
+            total += conv_flops(
+                _swap_batch_and_channels(grad_output.shape),
+                _swap_batch_and_channels(x.shape),
+                grad_weight,
+                transposed=False,
+            )
         else:
-            total += conv_flops(_swap_batch_and_channels(x.shape), _swap_batch_and_channels(grad_output.shape), grad_weight, transposed=False)
+            total += conv_flops(
+                _swap_batch_and_channels(x.shape),
+                _swap_batch_and_channels(grad_output.shape),
+                grad_weight,
+                transposed=False,
+            )
     return total
 
 

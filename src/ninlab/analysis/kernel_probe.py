@@ -69,7 +69,9 @@ class TensorLayout:
         """The bytes of the smallest storage that holds it."""
         if 0 in self.shape:
             return 0
-        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride, strict=True))
+        extent = 1 + sum(
+            (size - 1) * stride for size, stride in zip(self.shape, self.stride, strict=True)
+        )
         return extent * self.dtype.itemsize
 
     def zeros(self) -> torch.Tensor:
@@ -159,9 +161,11 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         # The op as recorded: autocast already chose its dtypes, and no graph is wanted.
-        with torch.no_grad(), torch.autocast("cpu", enabled=False), profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True
-        ) as prof:
+        with (
+            torch.no_grad(),
+            torch.autocast("cpu", enabled=False),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             result = func(*args)
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"

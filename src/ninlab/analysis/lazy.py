@@ -55,8 +55,14 @@ def copy_model(model: nn.Module, spec: StepSpec, *, to_meta: bool = False) -> nn
 
 def _copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(tensor, UninitializedParameter):
-        return UninitializedParameter(requires_grad=tensor.requires_grad, device=device, dtype=tensor.dtype)
+        return UninitializedParameter(
+            requires_grad=tensor.requires_grad, device=device, dtype=tensor.dtype
+        )
     if isinstance(tensor, UninitializedBuffer):
         return UninitializedBuffer(requires_grad=False, device=device, dtype=tensor.dtype)
     meta = tensor.detach().to(device)
-    return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return (
+        nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        if isinstance(tensor, nn.Parameter)
+        else meta
+    )

@@ -88,7 +88,9 @@ class StorageLedger:
         alive = self._alive.get(id(storage)) if storage is not None else None
         return alive[0] if alive is not None else -1
 
-    def accumulating(self, index: int, first: torch.Tensor, total: torch.Tensor, done: Callable[[int], None]) -> None:
+    def accumulating(
+        self, index: int, first: torch.Tensor, total: torch.Tensor, done: Callable[[int], None]
+    ) -> None:
         """Op `index` was the autograd engine summing two gradients of one tensor, `first` the one
         it held, into the new `total`. Under a dispatch mode (fake tensors are one) the engine
         always sums out of place; a plain run adds in place into `first` when the engine holds its
@@ -175,7 +177,9 @@ def harvest_saved_tensors(
         for field_name, tensor in _saved_by(node):
             key = storage_key(tensor)
             if key >= 0:
-                saved.append(SavedTensor(key, type(node).__name__, field_name, module, node in outside_model))
+                saved.append(
+                    SavedTensor(key, type(node).__name__, field_name, module, node in outside_model)
+                )
     return saved
 
 
@@ -198,7 +202,9 @@ def _saved_fields(node: Any) -> list[str]:
         return [attribute for attribute in dir(node) if attribute.startswith(SAVED_FIELD_PREFIX)]
     fields = _SAVED_FIELDS.get(type(node))
     if fields is None:
-        fields = _SAVED_FIELDS[type(node)] = [attribute for attribute in dir(node) if attribute.startswith(SAVED_FIELD_PREFIX)]
+        fields = _SAVED_FIELDS[type(node)] = [
+            attribute for attribute in dir(node) if attribute.startswith(SAVED_FIELD_PREFIX)
+        ]
     return fields
 
 

@@ -252,7 +252,9 @@ def _step_span(events: list[Any]) -> tuple[int, int]:
     """Start and end (ns) of the measured step, from its mark among the profiler's events."""
     marks = [e for e in events if e.name() == _STEP_MARK]
     if len(marks) != 1:
-        raise NinlabError("the profiler did not record the measured step; is another profiler running?")
+        raise NinlabError(
+            "the profiler did not record the measured step; is another profiler running?"
+        )
     return marks[0].start_ns(), marks[0].end_ns()
 
 
@@ -266,7 +268,9 @@ def _placed(events: list[Any], time_ns: int) -> tuple[str, str]:
     return innermost, phase
 
 
-def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: set[int]) -> tuple[int, str, str]:
+def _profiled_live_peak(
+    prof: profile, baseline_bytes: int, baseline_pointers: set[int]
+) -> tuple[int, str, str]:
     """Peak of live tensor storage over the marked step, read from the profiler's allocation
     records of a step run under no dispatch mode.
 
@@ -288,7 +292,11 @@ def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: s
     changes: list[tuple[int, int]] = []  # (time, bytes allocated or, negative, freed)
     for allocated, freed, nbytes, pointer in _blocks(tree):
         if allocated is None or allocated < step_start:
-            if freed is not None and step_start <= freed <= step_end and pointer in baseline_pointers:
+            if (
+                freed is not None
+                and step_start <= freed <= step_end
+                and pointer in baseline_pointers
+            ):
                 changes.append((freed, -nbytes))
             continue
         if allocated > step_end:
@@ -312,7 +320,9 @@ def _profiled_live_peak(prof: profile, baseline_bytes: int, baseline_pointers: s
     return peak, op, phase
 
 
-def _workspace(spans: list[tuple[int, int, str]], starts: list[int], allocated: int, freed: int) -> bool:
+def _workspace(
+    spans: list[tuple[int, int, str]], starts: list[int], allocated: int, freed: int
+) -> bool:
     """Whether a block is an op's workspace, not a storage: made inside the op and freed before
     it returns, or made just before it (a Python number wrapped as a tensor for its argument)
     and freed before the op after it starts."""
@@ -368,7 +378,11 @@ def _composite_name(profiled: str) -> bool:
     known = _COMPOSITE_NAMES.get(profiled)
     if known is None:
         packet = getattr(torch.ops.aten, profiled.removeprefix("aten::"), None)
-        names = [] if packet is None else [getattr(packet, o).name() for o in packet.overloads() if "out" not in o]
+        names = (
+            []
+            if packet is None
+            else [getattr(packet, o).name() for o in packet.overloads() if "out" not in o]
+        )
         kinds = [kind for kind in map(_composite_kind, names) if kind is not None]
         known = bool(kinds) and all(kinds)
         _COMPOSITE_NAMES[profiled] = known
@@ -421,11 +435,15 @@ def measure(
         raise NinlabError("a measurement runs one process without DDP; measure without ddp")
     device = torch.device(spec.device_type)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NinlabError("measuring on cuda needs a GPU, and this machine has none; use --device cpu")
+        raise NinlabError(
+            "measuring on cuda needs a GPU, and this machine has none; use --device cpu"
+        )
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
     torch.manual_seed(seed)
-    model = copy_model(model, spec).to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
+    model = copy_model(model, spec).to(
+        device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format
+    )
     inputs = example_inputs(spec, batch_size, device)
     targets: torch.Tensor | None = None
     optimizers: list[torch.optim.Optimizer] = []
@@ -452,12 +470,16 @@ def measure(
 
     else:
         model.eval()
-        _checked_forward(model, inputs, spec)  # lazy modules get their shapes before the baseline counts them
+        _checked_forward(
+            model, inputs, spec
+        )  # lazy modules get their shapes before the baseline counts them
         _release_probe_blocks(device)
 
         def step() -> object:
             # The logits are dropped at once, as the predictor's one inference drops them.
-            inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode)
+            inference_step(
+                model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode
+            )
             return None
 
     phases = StepPhases(model)
@@ -471,12 +493,18 @@ def measure(
         # profiling: garbage from earlier work is collected now, and the collector stays off
         # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
         gc.collect()
-        with collector_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with (
+            collector_off(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             with first:
                 previous = step()
             survivors = first.survivors()
             baseline = _baseline(model, optimizers, inputs, targets, survivors)
-            pointers = {t.untyped_storage().data_ptr() for t in _baseline_tensors(model, optimizers, inputs, targets)}
+            pointers = {
+                t.untyped_storage().data_ptr()
+                for t in _baseline_tensors(model, optimizers, inputs, targets)
+            }
             pointers |= {storage.data_ptr() for storage in survivors}
             del survivors  # strong references: the step's zero_grad must be able to free gradients
             with record_function(_STEP_MARK), _PhaseMarks(phases), phases:
@@ -494,7 +522,11 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
         previous = step()
         torch.cuda.synchronize(device)
-        allocator_bytes, allocator_op, allocator_phase = torch.cuda.max_memory_allocated(device), "", ""
+        allocator_bytes, allocator_op, allocator_phase = (
+            torch.cuda.max_memory_allocated(device),
+            "",
+            "",
+        )
         reserved_bytes = torch.cuda.max_memory_reserved(device)
         # The live level is counted by a dispatch mode (the profiler's CUDA records are not read),
         # on two more steps: its sums of gradients are out of place, so a network that uses a

@@ -103,7 +103,9 @@ class PeakOp:
     step_op: int  # position among the analysed step's ops (0 = the step's first op)
     op: str  # aten op, e.g. "aten.threshold_backward.default"
     phase: str  # zero_grad, forward, loss, backward or optimizer
-    module: str  # qualified module name ("": the root module's own code, or code outside any module)
+    module: (
+        str  # qualified module name ("": the root module's own code, or code outside any module)
+    )
     module_type: str
     autograd_node: str  # in backward: the node running, e.g. "ReluBackward0"
 
@@ -410,4 +412,3 @@ class MemoryReport:
                 )
             )
         return tuple(grouped)
-

@@ -91,13 +91,19 @@ class StepPhases(TorchFunctionMode):
         packet = getattr(func, "overloadpacket", func)
         if packet is record_function_enter:
             name = str(args[0])
-            phase = next((p for prefix, p in _OPTIMIZER_ANNOTATIONS.items() if name.startswith(prefix)), None)
+            phase = next(
+                (p for prefix, p in _OPTIMIZER_ANNOTATIONS.items() if name.startswith(prefix)), None
+            )
             if phase is not None:
                 self._optimizer_calls.append((phase, None))
                 handle = func(*args, **kwargs)
                 self._optimizer_calls[-1] = (phase, handle)
                 return handle
-        if packet is record_function_exit and self._optimizer_calls and args[0] is self._optimizer_calls[-1][1]:
+        if (
+            packet is record_function_exit
+            and self._optimizer_calls
+            and args[0] is self._optimizer_calls[-1][1]
+        ):
             try:
                 return func(*args, **kwargs)
             finally:

@@ -33,7 +33,14 @@ from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
 from ninlab.units import format_bytes, format_flops, parse_bytes
 
-__all__ = ["ALTERNATIVE_KINDS", "Alternative", "AlternativeKind", "BudgetPlan", "PlanOption", "plan_budget"]
+__all__ = [
+    "ALTERNATIVE_KINDS",
+    "Alternative",
+    "AlternativeKind",
+    "BudgetPlan",
+    "PlanOption",
+    "plan_budget",
+]
 
 _OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
 
@@ -124,7 +131,13 @@ def plan_budget(
 
 
 def _option(
-    model: nn.Module, name: str, kind: str, spec: StepSpec, micro_batches: int, budget: int, batch_size: int
+    model: nn.Module,
+    name: str,
+    kind: str,
+    spec: StepSpec,
+    micro_batches: int,
+    budget: int,
+    batch_size: int,
 ) -> PlanOption:
     report = predict_memory(model, spec, batch_size=batch_size)
     peak = report.allocator_peak_bytes
@@ -142,7 +155,15 @@ def _option(
     flops = sum(op.flops for op in ops)
     recomputed = sum(op.flops for op in ops if op.phase == "recompute")
     return PlanOption(
-        name, kind, spec, largest, peak, peak <= budget, flops, recomputed, micro_batches,
+        name,
+        kind,
+        spec,
+        largest,
+        peak,
+        peak <= budget,
+        flops,
+        recomputed,
+        micro_batches,
         peak_lower_bound=report.allocator.lower_bound,
         largest_at_most=at_most,
     )
@@ -151,7 +172,9 @@ def _option(
 # -- the alternatives ----------------------------------------------------------------------------
 
 
-def _bf16_autocast(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
+def _bf16_autocast(
+    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
+) -> list[Alternative]:
     if spec.amp is not None:
         return []
     if spec.step is None:
@@ -159,7 +182,9 @@ def _bf16_autocast(model: nn.Module, spec: StepSpec, budget: int, batch_size: in
     return [Alternative("bf16 autocast", "autocast", spec.replace(step=_under_autocast(spec.step)))]
 
 
-def _checkpointing(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
+def _checkpointing(
+    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
+) -> list[Alternative]:
     blocks = tuple(
         name for name, child in model.named_children() if any(True for _ in child.parameters())
     )
@@ -167,17 +192,25 @@ def _checkpointing(model: nn.Module, spec: StepSpec, budget: int, batch_size: in
         return []
     step = spec.step_function()
     alternatives = [
-        Alternative(f"checkpoint {name}", "checkpointing", _with_step(spec, _checkpointed((name,), step)))
+        Alternative(
+            f"checkpoint {name}", "checkpointing", _with_step(spec, _checkpointed((name,), step))
+        )
         for name in blocks
     ]
     if len(blocks) > 1:
         alternatives.append(
-            Alternative("checkpoint all blocks", "checkpointing", _with_step(spec, _checkpointed(blocks, step)))
+            Alternative(
+                "checkpoint all blocks",
+                "checkpointing",
+                _with_step(spec, _checkpointed(blocks, step)),
+            )
         )
     return alternatives
 
 
-def _accumulation(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
+def _accumulation(
+    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
+) -> list[Alternative]:
     """The fewest micro-batches (2, 4, 8, ...) whose step fits the requested batch; accumulation is
     built from the built-in step, so a step function of the user's gets none."""
     if spec.step is not None or batch_size < 2:
@@ -191,14 +224,24 @@ def _accumulation(model: nn.Module, spec: StepSpec, budget: int, batch_size: int
     micro_batches = min(micro_batches, batch_size)
     alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
     size = -(-batch_size // micro_batches)
-    return [Alternative(f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches)]
+    return [
+        Alternative(
+            f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches
+        )
+    ]
 
 
-def _optimizers(model: nn.Module, spec: StepSpec, budget: int, batch_size: int) -> list[Alternative]:
+def _optimizers(
+    model: nn.Module, spec: StepSpec, budget: int, batch_size: int
+) -> list[Alternative]:
     if not isinstance(spec.optimizer, OptimizerSpec):
         return []  # a factory of the user's: its optimizers are its own
     return [
-        Alternative(name, "optimizer", spec.replace(optimizer=OptimizerSpec(name=name, lr=spec.optimizer.lr)))
+        Alternative(
+            name,
+            "optimizer",
+            spec.replace(optimizer=OptimizerSpec(name=name, lr=spec.optimizer.lr)),
+        )
         for name in _OPTIMIZERS
         if name != spec.optimizer.name
     ]
@@ -224,7 +267,9 @@ def _with_step(spec: StepSpec, step: StepFunction) -> StepSpec:
 
 
 def _under_autocast(step: StepFunction) -> StepFunction:
-    def autocast_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> object:
+    def autocast_step(
+        model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> object:
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
             return step(model, optimizer, inputs, targets)
 
@@ -235,7 +280,9 @@ def _checkpointed(blocks: tuple[str, ...], step: StepFunction) -> StepFunction:
     """`step` with each of `blocks` (top-level children) run under non-reentrant checkpointing:
     the blocks keep only their input, and their forward runs again in backward."""
 
-    def checkpointing_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor) -> object:
+    def checkpointing_step(
+        model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> object:
         modules = [model.get_submodule(name) for name in blocks]
         for module in modules:
             # An instance attribute over the class's forward, removed afterwards.
@@ -253,14 +300,20 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
     """The built-in step in `micro_batches` parts: each part's mean loss over `micro_batches`
     backward, gradients summed, one update."""
 
-    def accumulating_step(model: nn.Module, optimizer: Any, inputs: Any, targets: torch.Tensor | None) -> None:
+    def accumulating_step(
+        model: nn.Module, optimizer: Any, inputs: Any, targets: torch.Tensor | None
+    ) -> None:
         arguments = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         parts = zip(*(argument.chunk(micro_batches) for argument in arguments))
         target_parts = [None] * micro_batches if targets is None else targets.chunk(micro_batches)
         device_type = arguments[0].device.type
         optimizer.zero_grad(set_to_none=True)
         for part, part_targets in zip(parts, target_parts):
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device_type,
+                dtype=autocast_dtype or torch.bfloat16,
+                enabled=autocast_dtype is not None,
+            ):
                 loss = builtin_loss(model(*part), part_targets) / micro_batches
             loss.backward()
         optimizer.step()

@@ -68,6 +68,7 @@ from ninlab.units import dtype_name, format_bytes
 
 __all__ = ["predict_memory"]
 
+
 def predict_memory(
     model: nn.Module,
     spec: StepSpec | None = None,
@@ -117,7 +118,9 @@ def _measure_unknown_kernels(step: StepRecording) -> None:
     or none: when one call is too large to run, the step's figure is a lower bound whatever the
     others give, so they are not run either (the batch planner asks at large batch sizes)."""
     ops = step.recording.ops
-    unknown = [index for index in range(step.step_start, len(ops)) if ops[index].cpu_call is not None]
+    unknown = [
+        index for index in range(step.step_start, len(ops)) if ops[index].cpu_call is not None
+    ]
     too_large = too_large_to_measure([ops[index].cpu_call for index in unknown])
     for index in unknown:
         op = ops[index]
@@ -420,8 +423,15 @@ def _forum_rule(
     rule = train if step.spec.mode == "train" else infer
     indices = sum(row.counted_bytes for row in saved if row.dtype == "int64")
     return ForumRule(
-        activations, parameters, pair, train, infer, rule, rule / breakdown.total_bytes,
-        breakdown.backward_temporaries_bytes, indices,
+        activations,
+        parameters,
+        pair,
+        train,
+        infer,
+        rule,
+        rule / breakdown.total_bytes,
+        breakdown.backward_temporaries_bytes,
+        indices,
     )
 
 
@@ -449,9 +459,7 @@ def _ddp_buckets(step: StepRecording, spec: DDPSpec) -> DDPBuckets:
     storages = step.recording.storages
     params = [storages[step.parameter_keys[name]] for name in step.gradient_order]
     tensors = [torch.empty(record.shape, dtype=record.dtype, device="meta") for record in params]
-    groups, _ = compute_bucket_assignment_by_size(
-        tensors, [first_cap, cap], [False] * len(tensors)
-    )
+    groups, _ = compute_bucket_assignment_by_size(tensors, [first_cap, cap], [False] * len(tensors))
     sizes = tuple(sum(params[i].nbytes for i in group) for group in groups)
     return DDPBuckets(sizes, first_cap, cap, spec.gradient_as_bucket_view)
 

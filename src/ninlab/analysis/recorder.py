@@ -69,7 +69,12 @@ def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisPar
         x, weight = args[0], args[1]
         spatial = x.dim() - 2
         axes = axes_from_torch(
-            ndim=spatial, kind="conv", kernel_size=tuple(weight.shape[2:]), stride=args[3], padding=args[4], dilation=args[5]
+            ndim=spatial,
+            kind="conv",
+            kernel_size=tuple(weight.shape[2:]),
+            stride=args[3],
+            padding=args[4],
+            dilation=args[5],
         )
         return "conv", axes
     if packet in _POOLS:
@@ -84,7 +89,13 @@ def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisPar
         else:
             dilation, ceil_mode = 1, bool(args[4]) if len(args) > 4 else False
         axes = axes_from_torch(
-            ndim=spatial, kind="pool", kernel_size=args[1], stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+            ndim=spatial,
+            kind="pool",
+            kernel_size=args[1],
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            ceil_mode=ceil_mode,
         )
         return kind, axes
     return None
@@ -207,7 +218,11 @@ def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     if weight_at is None:
         return output
     x, weight = args[0], args[weight_at]
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight is None or weight.dtype != torch.float32:
+    if (
+        x.dtype not in (torch.bfloat16, torch.float16)
+        or weight is None
+        or weight.dtype != torch.float32
+    ):
         return output
     result, mean, inverse_std = output
     return result, mean.to(torch.float32), inverse_std.to(torch.float32)
@@ -221,8 +236,16 @@ def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -
     if func is not aten.native_batch_norm_backward.default or output[0] is None:
         return output
     x, grad_input = args[1], output[0]
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if x.device.type != "cpu" or not channels_last or grad_input.is_contiguous(memory_format=torch.channels_last):
+    channels_last = (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
+    if (
+        x.device.type != "cpu"
+        or not channels_last
+        or grad_input.is_contiguous(memory_format=torch.channels_last)
+    ):
         return output
     return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
 
@@ -263,13 +286,17 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     )
 
 
-def _window_op(window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor) -> WindowOp:
+def _window_op(
+    window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor
+) -> WindowOp:
     kind, axes = window
     spatial = len(axes)
     return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
 
 
-def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+def _cuda_dropout(
+    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> torch.Tensor:
     # CUDA's dropout uses native_dropout when 0 < p < 1 and training (ATen's is_fused_kernel_acceptable).
     if not training or inplace or not 0 < p < 1:
         return F.dropout(input, p, training, inplace)
@@ -285,7 +312,9 @@ class Recorder(TorchDispatchMode):
     harvested (`harvest_saved_tensors`). `recording` holds all of it.
     """
 
-    def __init__(self, model: nn.Module, fake_mode: FakeTensorMode, *, emulate_cuda: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, fake_mode: FakeTensorMode, *, emulate_cuda: bool = False
+    ) -> None:
         super().__init__()
         self.emulate_cuda = emulate_cuda
         self._paused = False
@@ -337,7 +366,10 @@ class Recorder(TorchDispatchMode):
         self.modules.adopt_inner_nodes()
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                self.modules.node_owner, self.ledger.key, skip=self.modules.hooked, outside_model=self.modules.outside
+                self.modules.node_owner,
+                self.ledger.key,
+                skip=self.modules.hooked,
+                outside_model=self.modules.outside,
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
@@ -380,7 +412,12 @@ class Recorder(TorchDispatchMode):
             state = take_state()
             if not self._paused:
                 created_at = -1 if self._warming_up else len(self.recording.ops)
-                self.ledger.note(state, created_at=created_at, phase=self.current_phase, module=self.modules.current())
+                self.ledger.note(
+                    state,
+                    created_at=created_at,
+                    phase=self.current_phase,
+                    module=self.modules.current(),
+                )
             return state
 
         torch.get_rng_state = noted_state
@@ -419,7 +456,10 @@ class Recorder(TorchDispatchMode):
         skip_kernel = traits.returns_self and getattr(args[0], "constant", None) is None
         if self._paused:
             return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
-        if func is aten._local_scalar_dense.default and self.ledger.key(args[0]) in self._overflow_flags:
+        if (
+            func is aten._local_scalar_dense.default
+            and self.ledger.key(args[0]) in self._overflow_flags
+        ):
             # A GradScaler asks whether unscaling found an inf or NaN: the steady state has none,
             # so the optimizer steps. Any other value a step reads needs real data.
             return 0.0
@@ -450,7 +490,9 @@ class Recorder(TorchDispatchMode):
                 output = _elementwise_layout(args, output)
         self._record(func, traits.name, args, kwargs, output, window)
         if func is aten.add.Tensor and _sums_gradients(args, kwargs):
-            self.ledger.accumulating(len(self.recording.ops) - 1, args[0], output, self._added_in_place)
+            self.ledger.accumulating(
+                len(self.recording.ops) - 1, args[0], output, self._added_in_place
+            )
         return output
 
     def _added_in_place(self, key: int) -> None:
@@ -469,7 +511,7 @@ class Recorder(TorchDispatchMode):
         input is too small."""
         kind, axes = window
         try:
-            for params, size in zip(axes, x.shape[x.dim() - len(axes):]):
+            for params, size in zip(axes, x.shape[x.dim() - len(axes) :]):
                 params.window(size)
         except EmptyOutputError as error:
             module = self._module_now()[0]
@@ -496,7 +538,9 @@ class Recorder(TorchDispatchMode):
         outputs = tuple(tensors_in((output,)))
         phase = self.current_phase
         note = self.ledger.note
-        output_records = [note(tensor, created_at=index, phase=phase, module=module) for tensor in outputs]
+        output_records = [
+            note(tensor, created_at=index, phase=phase, module=module) for tensor in outputs
+        ]
         output_tuple = output if isinstance(output, (tuple, list)) else (output,)
         # A CUDA step emulated on CPU tensors runs CUDA's kernels, not these.
         on_cpu = not self.emulate_cuda and all(_device_type(t) == "cpu" for t in outputs)
@@ -530,4 +574,3 @@ def _device_type(tensor: torch.Tensor) -> str:
     """A tensor's device type; a fake tensor's is read without dispatching `prim.device`."""
     fake_device = getattr(tensor, "fake_device", None)
     return (fake_device or tensor.device).type
-

@@ -118,6 +118,8 @@ class Recording:
     saved_for_backward: list[SavedTensor] = field(default_factory=list)
     storages: dict[int, StorageRecord] = field(default_factory=dict)
     # Each module's outputs (shape, dtype) at its first forward call, by qualified name.
-    module_outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = field(default_factory=dict)
+    module_outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = field(
+        default_factory=dict
+    )
     # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
     events: list[tuple[str, int, int]] = field(default_factory=list)

@@ -66,12 +66,18 @@ DeviceType = Literal["cpu", "cuda"]
 MemoryFormat = Literal["contiguous", "channels_last"]
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs that are not the step's floating dtype: token ids for an embedding, masks.
 INPUT_DTYPES: dict[str, torch.dtype] = {
-    **DTYPES, "long": torch.int64, "int64": torch.int64, "int": torch.int32, "int32": torch.int32,
+    **DTYPES,
+    "long": torch.int64,
+    "int64": torch.int64,
+    "int": torch.int32,
+    "int32": torch.int32,
     "bool": torch.bool,
 }
 _AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -131,7 +137,9 @@ class StepSpec:
             _choice("input dtype", self.input_dtype, tuple(INPUT_DTYPES))
             normalise("input_dtype", INPUT_DTYPES[self.input_dtype])
         elif self.input_dtype is not None and self.input_dtype not in INPUT_DTYPES.values():
-            raise NinlabError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, not {self.input_dtype}")
+            raise NinlabError(
+                f"input dtype must be one of {', '.join(INPUT_DTYPES)}, not {self.input_dtype}"
+            )
         normalise("input_range", _input_range(self.input_range))
         _choice("mode", self.mode, ("train", "infer"))
         if isinstance(self.optimizer, str):
@@ -157,12 +165,18 @@ class StepSpec:
         elif self.ddp is False:
             normalise("ddp", None)
         if self.ddp is not None and self.mode != "train":
-            raise NinlabError("DDP gradient buckets exist only in training; drop ddp or use mode 'train'")
+            raise NinlabError(
+                "DDP gradient buckets exist only in training; drop ddp or use mode 'train'"
+            )
         if self.step is not None:
             if not callable(self.step):
-                raise NinlabError(f"step must be a function step(model, optimizer, inputs, targets), not {self.step!r}")
+                raise NinlabError(
+                    f"step must be a function step(model, optimizer, inputs, targets), not {self.step!r}"
+                )
             if self.mode != "train":
-                raise NinlabError("a step function is a training step; drop step or use mode 'train'")
+                raise NinlabError(
+                    "a step function is a training step; drop step or use mode 'train'"
+                )
             if self.amp is not None:
                 raise NinlabError(
                     "amp sets the built-in step's autocast; a step function runs its own "
@@ -188,7 +202,7 @@ class StepSpec:
 
     @property
     def optimizer_name(self) -> str:
-        """"adam", or the name of the optimizer factory."""
+        """ "adam", or the name of the optimizer factory."""
         if isinstance(self.optimizer, OptimizerSpec):
             return self.optimizer.name
         return _callable_name(self.optimizer)
@@ -214,7 +228,9 @@ class StepSpec:
         try:
             built = self.optimizer(model)
         except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
-            raise NinlabError(f"the optimizer factory {self.optimizer_name} failed: {one_line(error)}") from None
+            raise NinlabError(
+                f"the optimizer factory {self.optimizer_name} failed: {one_line(error)}"
+            ) from None
         if not optimizers_in(built):
             raise NinlabError(
                 f"the optimizer factory {self.optimizer_name} returned no torch optimizer; return "
@@ -232,12 +248,15 @@ class StepSpec:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain values (dtypes by name), for JSON."""
+
         def name(dtype: torch.dtype | None) -> str | None:
             return dtype_name(dtype) if dtype is not None else None
 
         return {
             "mode": self.mode,
-            "input_size": [list(size) for size in self.input_sizes] if len(self.input_sizes) > 1 else list(self.input_size),
+            "input_size": [list(size) for size in self.input_sizes]
+            if len(self.input_sizes) > 1
+            else list(self.input_size),
             "input_dtype": name(self.tensor_input_dtype),
             "input_range": list(self.input_range) if _is_integer(self.tensor_input_dtype) else None,
             "dtype": name(self.dtype),
@@ -268,7 +287,9 @@ class StepSpec:
         """The step in words, e.g. "training step (the second: optimizer state exists) with adam,
         float32 with bfloat16 autocast, cpu, batch 128"."""
         dtype = dtype_name(self.dtype)
-        precision = dtype + (f" with {dtype_name(self.autocast_dtype)} autocast" if self.amp else "")
+        precision = dtype + (
+            f" with {dtype_name(self.autocast_dtype)} autocast" if self.amp else ""
+        )
         if self.mode == "train":
             name = "training step" if self.step is None else f"step {self.step_name}"
             step = f"{name} (the second: optimizer state exists) with {self.optimizer_name}"
@@ -313,7 +334,9 @@ def valid_batch_size(batch_size: int) -> int:
 
 def load_step(path: str) -> StepFunction:
     """The step function `package.module:function` names, or one line saying what is wrong."""
-    return import_function(path, what="step", expects="a function step(model, optimizer, inputs, targets)")
+    return import_function(
+        path, what="step", expects="a function step(model, optimizer, inputs, targets)"
+    )
 
 
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
@@ -345,7 +368,11 @@ def _callable_name(function: Callable[..., Any]) -> str:
 
 def _input_sizes(size: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
     """One size (a tuple of ints), or several (a tuple of them), each of rank 1 or more."""
-    several = isinstance(size, (tuple, list)) and bool(size) and all(isinstance(s, (tuple, list)) for s in size)
+    several = (
+        isinstance(size, (tuple, list))
+        and bool(size)
+        and all(isinstance(s, (tuple, list)) for s in size)
+    )
     sizes = tuple(_one_size(s, size) for s in size) if several else (_one_size(size, size),)
     return sizes if several else sizes[0]
 
@@ -369,9 +396,13 @@ def _input_range(value: Any) -> tuple[int, int]:
     try:
         low, high = (operator.index(v) for v in value)
     except (TypeError, ValueError):
-        raise NinlabError(f"input range must be two whole numbers, low and high, got {value!r}") from None
+        raise NinlabError(
+            f"input range must be two whole numbers, low and high, got {value!r}"
+        ) from None
     if high <= low:
-        raise NinlabError(f"input range must have low < high (values are drawn from [low, high)), got {low}:{high}")
+        raise NinlabError(
+            f"input range must have low < high (values are drawn from [low, high)), got {low}:{high}"
+        )
     return low, high
 
 
@@ -404,7 +435,11 @@ def _examples(value: torch.Tensor | Sequence[torch.Tensor]) -> _Examples:
         raise NinlabError(f"example inputs must share one dtype, got {', '.join(map(str, dtypes))}")
     dtype = dtypes.pop()
     input_range = (0, 2)
-    if _is_integer(dtype) and dtype != torch.bool and all(t.numel() and t.device.type != "meta" for t in tensors):
+    if (
+        _is_integer(dtype)
+        and dtype != torch.bool
+        and all(t.numel() and t.device.type != "meta" for t in tensors)
+    ):
         input_range = (min(int(t.min()) for t in tensors), max(int(t.max()) for t in tensors) + 1)
     sizes = tuple(tuple(t.shape[1:]) for t in tensors)
     return _Examples(sizes if len(sizes) > 1 else sizes[0], dtype, input_range)
@@ -415,7 +450,9 @@ def _choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise NinlabError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def example_inputs(spec: StepSpec, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    spec: StepSpec, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """One batch per input, as the step receives it: floating inputs random in the step's dtype
     (channels-last where asked and 4-d), integer ones drawn from `input_range`. Under a
     `FakeTensorMode` they are fake, with the same shapes, dtypes and strides."""
@@ -493,7 +530,9 @@ def _arguments(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Ten
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _autocast(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> AbstractContextManager[object]:
+def _autocast(
+    inputs: Sequence[torch.Tensor], dtype: torch.dtype | None
+) -> AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(inputs[0].device.type, dtype=dtype)

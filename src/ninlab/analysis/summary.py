@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
@@ -121,8 +120,12 @@ class SummaryTotals:
     buffer_bytes: int
     forward_flops: int  # one forward pass of the batch: what inference costs
     backward_flops: int  # 0 without a training step
-    training_step_flops: int  # forward + backward (the optimizer's update is not counted); 0 without one
-    layer_output_bytes: int  # sum of every leaf module's output: what the forum post calls activations
+    training_step_flops: (
+        int  # forward + backward (the optimizer's update is not counted); 0 without one
+    )
+    layer_output_bytes: (
+        int  # sum of every leaf module's output: what the forum post calls activations
+    )
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,9 @@ def summarize(
         fields["mode"] = default_mode(model)
     given = step_spec(spec, **fields)
     if given.mode == "train" and default_mode(model) == "infer":
-        raise NinlabError("the model has no trainable parameters, so it has no training step; use mode 'infer'")
+        raise NinlabError(
+            "the model has no trainable parameters, so it has no training step; use mode 'infer'"
+        )
     spec = StepSpec(
         input_size=given.input_size,
         input_dtype=given.input_dtype,
@@ -240,7 +245,9 @@ def summarize(
         layers=layers,
         totals=_totals(model, forward, training, layers),
         smallest_input_size=smallest,
-        input_reach=_input_reach(spec.input_sizes[0], chain) if chain and _fits(chain, spec) else (),
+        input_reach=_input_reach(spec.input_sizes[0], chain)
+        if chain and _fits(chain, spec)
+        else (),
         loss=training.loss if training is not None else "",
     )
 
@@ -348,9 +355,11 @@ def _inside(name: str, ancestor: str) -> bool:
     return not ancestor or name == ancestor or name.startswith(ancestor + ".")
 
 
-
 def _totals(
-    model: nn.Module, step: StepRecording, training: StepRecording | None, layers: Sequence[LayerSummary]
+    model: nn.Module,
+    step: StepRecording,
+    training: StepRecording | None,
+    layers: Sequence[LayerSummary],
 ) -> SummaryTotals:
     counts = _parameter_counts(model)
     forward = sum(op.flops for op in _step_ops(step) if op.phase == "forward")
@@ -389,7 +398,8 @@ def _receptive_fields(step: StepRecording) -> dict[int, tuple[ReceptiveField, ..
     that changes spatial sizes without being a window (adaptive pooling, interpolation) ends them.
     """
     field_of: dict[int, tuple[ReceptiveField, ...]] = {
-        key: (INPUT_FIELD,) * (len(size) - 1) for key, size in zip(step.input_keys, step.spec.input_sizes)
+        key: (INPUT_FIELD,) * (len(size) - 1)
+        for key, size in zip(step.input_keys, step.spec.input_sizes)
     }
     found: dict[int, tuple[ReceptiveField, ...]] = {}
     for op in _step_ops(step):
@@ -445,18 +455,25 @@ def _window_chain(step: StepRecording) -> list[OpRecord] | None:
     return [ops[i] for i in last]
 
 
-def _smallest_from_chain(model: nn.Module, spec: StepSpec, chain: list[OpRecord]) -> tuple[int, ...] | None:
+def _smallest_from_chain(
+    model: nn.Module, spec: StepSpec, chain: list[OpRecord]
+) -> tuple[int, ...] | None:
     """Invert the chain per axis; trust it only if a trace at that size works and one below fails."""
     if not chain or not _fits(chain, spec):
         return None
     input_size = spec.input_sizes[0]
     spatial = len(input_size) - 1
-    smallest = tuple(smallest_input_for_chain([op.window.axes[a] for op in chain if op.window]) for a in range(spatial))
+    smallest = tuple(
+        smallest_input_for_chain([op.window.axes[a] for op in chain if op.window])
+        for a in range(spatial)
+    )
     candidate = (input_size[0], *smallest)
     if not _accepts(model, spec, candidate):
         return None
     for axis in range(spatial):
-        if smallest[axis] > 1 and _accepts(model, spec, _with_axis(candidate, axis, smallest[axis] - 1)):
+        if smallest[axis] > 1 and _accepts(
+            model, spec, _with_axis(candidate, axis, smallest[axis] - 1)
+        ):
             return None
     return candidate
 
@@ -464,7 +481,9 @@ def _smallest_from_chain(model: nn.Module, spec: StepSpec, chain: list[OpRecord]
 def _fits(chain: list[OpRecord], spec: StepSpec) -> bool:
     """Whether there is one input and the chain's windows slide along its own spatial axes."""
     spatial = len(spec.input_sizes[0]) - 1
-    return len(spec.input_sizes) == 1 and all(op.window is None or len(op.window.axes) == spatial for op in chain)
+    return len(spec.input_sizes) == 1 and all(
+        op.window is None or len(op.window.axes) == spatial for op in chain
+    )
 
 
 def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
@@ -492,7 +511,9 @@ def smallest_input_size(model: nn.Module, *, input_size: Sequence[int]) -> tuple
 def _smallest_input(model: nn.Module, spec: StepSpec) -> tuple[int, ...]:
     size = spec.input_sizes[0]
     if len(size) < 2:
-        raise NinlabError(f"input {_shape_text(size)} has no spatial axis to search; give channels then spatial sizes")
+        raise NinlabError(
+            f"input {_shape_text(size)} has no spatial axis to search; give channels then spatial sizes"
+        )
     while not _accepts(model, spec, size):
         if max(size[1:]) > 1 << 14:
             raise NinlabError(

@@ -58,9 +58,13 @@ def fake_parameters(
     fakes: dict[str, torch.Tensor] = {}
     with fake_mode, OffRecord(fake_mode):
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            target_dtype = (
+                dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            )
             if memory_format == torch.contiguous_format:
-                fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device)
+                fake = torch.empty_strided(
+                    tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device
+                )
             else:
                 fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
             if isinstance(tensor, nn.Parameter):
@@ -70,7 +74,10 @@ def fake_parameters(
 
 
 def _empty(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, memory_format: torch.memory_format
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_format: torch.memory_format,
 ) -> torch.Tensor:
     """An empty tensor in `memory_format` where it applies (4-d), else contiguous, as `.to()` does."""
     if memory_format == torch.channels_last and len(shape) == 4:
@@ -135,7 +142,9 @@ def record_step(
     emulate_cuda = spec.device_type == "cuda" and not torch.cuda.is_available()
     device = torch.device("cpu" if emulate_cuda else spec.device_type)
     memory_format = spec.torch_memory_format
-    fakes = fake_parameters(model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format)
+    fakes = fake_parameters(
+        model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format
+    )
     trains = spec.mode == "train"
     recorder = Recorder(model, fake_mode, emulate_cuda=emulate_cuda)
     was_training = model.training
@@ -146,13 +155,16 @@ def record_step(
     log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
+
         def forward(*x: torch.Tensor) -> Any:
             return torch.func.functional_call(model, fakes, x, tie_weights=True, strict=False)
 
         with fake_mode, OffRecord(fake_mode):
             inputs = example_inputs(spec, batch_size, device)
             # The loss fits the output, so its targets (if any) follow a forward's output.
-            targets = builtin_targets(_output_without_grad(forward, inputs), device) if trains else None
+            targets = (
+                builtin_targets(_output_without_grad(forward, inputs), device) if trains else None
+            )
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in inputs:
@@ -164,9 +176,16 @@ def record_step(
         gradient_order: list[str] = []
         optimizers: list[torch.optim.Optimizer] = []
         step_start = 0
-        with fake_mode, reparametrize_module(model, fakes, tie_weights=True, strict=False), recorder, recorder.noting_rng_states():
+        with (
+            fake_mode,
+            reparametrize_module(model, fakes, tie_weights=True, strict=False),
+            recorder,
+            recorder.noting_rng_states(),
+        ):
             if not trains:
-                inference_step(model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode)
+                inference_step(
+                    model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode
+                )
             elif not optimizer_step:
                 _forward_backward(model, inputs, targets, spec.autocast_dtype)
             else:
@@ -181,7 +200,12 @@ def record_step(
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
-                hooks = [p.register_post_accumulate_grad_hook(lambda p: gradient_order.append(names[id(p)])) for p in trainable]
+                hooks = [
+                    p.register_post_accumulate_grad_hook(
+                        lambda p: gradient_order.append(names[id(p)])
+                    )
+                    for p in trainable
+                ]
                 step(model, optimizer, step_inputs, targets)
                 for hook in hooks:
                     hook.remove()
@@ -201,13 +225,23 @@ def record_step(
         spec=spec,
         batch_size=batch_size,
         step_start=step_start,
-        parameter_keys={name: recorder.storage_key(t) for name, t in fakes.items() if isinstance(t, nn.Parameter)},
-        gradient_keys={names[id(p)]: recorder.storage_key(p.grad) for p in trainable if p.grad is not None},
+        parameter_keys={
+            name: recorder.storage_key(t)
+            for name, t in fakes.items()
+            if isinstance(t, nn.Parameter)
+        },
+        gradient_keys={
+            names[id(p)]: recorder.storage_key(p.grad) for p in trainable if p.grad is not None
+        },
         optimizer_state_keys=tuple(k for k in state_keys if k >= 0),
         input_keys=tuple(recorder.storage_key(tensor) for tensor in inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
-        loss=(builtin_loss_words(targets) if spec.step is None else f"the step {spec.step_name}'s own") if trains else "",
+        loss=(
+            builtin_loss_words(targets) if spec.step is None else f"the step {spec.step_name}'s own"
+        )
+        if trains
+        else "",
     )
 
 
@@ -223,7 +257,10 @@ def _name_survivors(
     """Give what the warm-up left alive its role: gradients and optimizer state; the rest (a
     GradScaler's scale, anything the step keeps) stays the warm-up's. A function of its own, so
     no loop variable outlives it holding a gradient that zero_grad must free."""
-    for tensors, role in (([p.grad for p in parameters if p.grad is not None], "gradient"), (optimizer_state(optimizers), "optimizer_state")):
+    for tensors, role in (
+        ([p.grad for p in parameters if p.grad is not None], "gradient"),
+        (optimizer_state(optimizers), "optimizer_state"),
+    ):
         for tensor in tensors:
             key = recorder.storage_key(tensor)
             if key >= 0:
@@ -237,9 +274,10 @@ def _forward_backward(
     autocast_dtype: torch.dtype | None,
 ) -> None:
     """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
-    with torch.autocast(inputs[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        inputs[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+    ):
         logits = model(*inputs)
         loss = builtin_loss(logits, targets)
     del logits
     loss.backward()
-

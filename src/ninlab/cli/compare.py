@@ -47,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_format_option(parser, "table", "markdown", "json")
     parser.add_argument("--plot", metavar="FILE", help="also draw the table as bars (.png or .svg)")
     parser.add_argument(
-        "--train", nargs="?", const="cpu", choices=tuple(PRESETS), metavar="PRESET",
+        "--train",
+        nargs="?",
+        const="cpu",
+        choices=tuple(PRESETS),
+        metavar="PRESET",
         help="train each variant with a preset (default: cpu) and add test accuracy and "
         "training time",
     )

@@ -85,7 +85,8 @@ def _whole(text: str, minimum: int, maximum: int = MAX_COUNT) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not minimum <= value <= maximum:
         raise argparse.ArgumentTypeError(
-            f"must be at least {minimum}, got {value}" if value < minimum
+            f"must be at least {minimum}, got {value}"
+            if value < minimum
             else f"must be at most {maximum:,}, got {value:,}"
         )
     return value
@@ -164,9 +165,13 @@ def input_range(text: str) -> tuple[int, int]:
             raise ValueError
         values = int(low), int(high)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read input range {text!r}; write LOW:HIGH, e.g. 0:1000") from None
+        raise argparse.ArgumentTypeError(
+            f"cannot read input range {text!r}; write LOW:HIGH, e.g. 0:1000"
+        ) from None
     if values[1] <= values[0]:
-        raise argparse.ArgumentTypeError(f"input range {text!r} is empty; LOW must be below HIGH, e.g. 0:1000")
+        raise argparse.ArgumentTypeError(
+            f"input range {text!r} is empty; LOW must be below HIGH, e.g. 0:1000"
+        )
     return values
 
 
@@ -232,16 +237,26 @@ INPUT = _flag(
     "input",
     "one sample's size, any rank (an image channels first: 1x28x28; a vector: 784); once per "
     "input for a model of several",
-    type=input_size, action="append", metavar="SIZE",
+    type=input_size,
+    action="append",
+    metavar="SIZE",
 )
 INPUT_DTYPE = _flag(
-    "input-dtype", "the inputs' dtype (long: token ids for an embedding)", choices=tuple(INPUT_DTYPES)
+    "input-dtype",
+    "the inputs' dtype (long: token ids for an embedding)",
+    choices=tuple(INPUT_DTYPES),
 )
 INPUT_RANGE = _flag(
-    "input-range", "integer inputs' values, drawn from [LOW, HIGH)", type=input_range, metavar="LOW:HIGH"
+    "input-range",
+    "integer inputs' values, drawn from [LOW, HIGH)",
+    type=input_range,
+    metavar="LOW:HIGH",
 )
 BATCH = Flag(
-    ("--batch",), "batch", "batch size", {"type": positive_int, "metavar": "N"},
+    ("--batch",),
+    "batch",
+    "batch size",
+    {"type": positive_int, "metavar": "N"},
     aliases=("--batch-size",),  # the trainer's spelling until the vocabulary was one
 )
 DTYPE = _flag("dtype", "parameter and input dtype", choices=tuple(DTYPES))
@@ -255,7 +270,8 @@ OPTIMIZER = _flag(
     metavar="NAME[:SETTINGS]",
 )
 AMP = _flag(
-    "amp", "mixed precision: forward and loss under autocast to this dtype",
+    "amp",
+    "mixed precision: forward and loss under autocast to this dtype",
     choices=tuple(AMP_DTYPES),
 )
 DEVICE = _flag(
@@ -281,7 +297,8 @@ STEP = _flag(
 
 # Training options: TrainConfig's fields, each over the preset's value when given.
 VARIANT = _flag(
-    "variant", "NiN from the registry, optionally with settings, e.g. nin-d2l:num_1x1=1",
+    "variant",
+    "NiN from the registry, optionally with settings, e.g. nin-d2l:num_1x1=1",
     metavar="NAME",
 )
 IMAGE_SIZE = _count("image-size", "side of the square the images are resized to")
@@ -295,7 +312,9 @@ WARMUP_EPOCHS = _number("warmup-epochs", "linear warm-up in epochs (fractions al
 LABEL_SMOOTHING = _number("label-smoothing", "label smoothing of the cross-entropy")
 NORMALIZE = _switch("normalize", "standardise inputs with the training set's mean and std")
 NO_AMP = Flag(  # the trainer's "none", so a run can turn off a preset's bf16
-    ("--no-amp",), "amp", "no autocast, whatever the preset says",
+    ("--no-amp",),
+    "amp",
+    "no autocast, whatever the preset says",
     {"action": "store_const", "const": "none"},
 )
 COMPILE = _switch("compile", "torch.compile the model")
@@ -351,11 +370,32 @@ OUTPUT_DIR = _flag(
 
 # Every flag, each once: what the tests hold every command's parser to.
 FLAGS: tuple[Flag, ...] = tuple(
-    dict.fromkeys((
-        MODEL, INPUT, INPUT_DTYPE, INPUT_RANGE, BATCH, DTYPE, MODE, OPTIMIZER, AMP, DEVICE, GRAD_MODE, DDP,
-        CHANNELS_LAST, STEP,
-        *_TRAINING, LAYER, BUDGET, DATA_DIR, NO_DOWNLOAD, FORMAT, OUTPUT, OUTPUT_DIR,
-    ))
+    dict.fromkeys(
+        (
+            MODEL,
+            INPUT,
+            INPUT_DTYPE,
+            INPUT_RANGE,
+            BATCH,
+            DTYPE,
+            MODE,
+            OPTIMIZER,
+            AMP,
+            DEVICE,
+            GRAD_MODE,
+            DDP,
+            CHANNELS_LAST,
+            STEP,
+            *_TRAINING,
+            LAYER,
+            BUDGET,
+            DATA_DIR,
+            NO_DOWNLOAD,
+            FORMAT,
+            OUTPUT,
+            OUTPUT_DIR,
+        )
+    )
 )
 
 

@@ -37,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     spec = spec_from_args(args)  # checked for every kind, so a bad step option is never ignored
     source = chart_source(
-        args.kind, choice.model, spec, batch_size=choice.batch, budget=args.budget, model_name=choice.name
+        args.kind,
+        choice.model,
+        spec,
+        batch_size=choice.batch,
+        budget=args.budget,
+        model_name=choice.name,
     )
     chart = chart_of_kind(args.kind, source, layer=args.layer, model=choice.name)
     print(f"wrote {save_chart(chart, args.output)}")

@@ -34,7 +34,9 @@ CHART_KINDS: dict[str, ChartKind] = {
         "never read",
         "summary",
     ),
-    "receptive-field": ChartKind("receptive field and jump of every conv and pooling layer", "summary"),
+    "receptive-field": ChartKind(
+        "receptive field and jump of every conv and pooling layer", "summary"
+    ),
     "flops": ChartKind("forward and backward FLOPs per layer", "summary"),
     "timeline": ChartKind(
         "memory alive after each op of a training step (or --mode infer), by category, peak marked",
@@ -49,7 +51,13 @@ CHART_KINDS: dict[str, ChartKind] = {
 
 
 def chart_source(
-    kind: str, model: nn.Module, spec: StepSpec, *, batch_size: int, budget: int | str, model_name: str
+    kind: str,
+    model: nn.Module,
+    spec: StepSpec,
+    *,
+    batch_size: int,
+    budget: int | str,
+    model_name: str,
 ) -> Summary | MemoryReport | BatchStudy:
     """The result chart `kind` is drawn from, for `model` and the step `spec` describes."""
     source = CHART_KINDS[kind].source

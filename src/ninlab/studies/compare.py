@@ -147,16 +147,22 @@ def compare(
     add its test accuracy and training time."""
     step = step_spec(step, **fields).replace(mode="train")
     if not specs:
-        raise NinlabError(f"name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: {', '.join(sorted(list_configs()))})")
+        raise NinlabError(
+            f"name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: {', '.join(sorted(list_configs()))})"
+        )
     if len(set(specs)) < len(specs):
         raise NinlabError(f"a model is named twice in {' '.join(specs)}; name each once")
     if training is not None:
         for spec in specs:
             if spec.partition(":")[0] not in list_configs():
-                raise NinlabError(f"--train trains registry models and their variants only; {spec!r} is a factory")
+                raise NinlabError(
+                    f"--train trains registry models and their variants only; {spec!r} is a factory"
+                )
     variants = tuple(_analyse(spec, step, batch_size) for spec in specs)
     if training is not None:
-        variants = tuple(dataclasses.replace(v, training=_train(v.spec, training)) for v in variants)
+        variants = tuple(
+            dataclasses.replace(v, training=_train(v.spec, training)) for v in variants
+        )
     return Comparison(
         input_size=step.input_size,
         batch_size=batch_size,
@@ -195,7 +201,9 @@ def _analyse(spec: str, step: StepSpec, batch_size: int) -> VariantResult:
 def _train(spec: str, plan: TrainPlan) -> Training:
     config = dataclasses.replace(plan.config, variant=spec)
     output_dir = plan.output_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-    result = train(config, output_dir=output_dir, data=plan.data, device=plan.device, reporter=plan.reporter)
+    result = train(
+        config, output_dir=output_dir, data=plan.data, device=plan.device, reporter=plan.reporter
+    )
     if result.interrupted or not result.history:
         raise NinlabError(
             f"training {spec} was interrupted; continue it with 'ninlab train --resume {output_dir}'"

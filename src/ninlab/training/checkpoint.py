@@ -69,7 +69,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             raise cause from None
         if isinstance(cause, OSError):
             raise NinlabError(f"{disk_error(path, cause)}; {previous}") from None
-        raise NinlabError(f"could not write checkpoint {path} ({one_line(error)}); {previous}") from None
+        raise NinlabError(
+            f"could not write checkpoint {path} ({one_line(error)}); {previous}"
+        ) from None
     except NinlabError as error:  # atomic_write's own: opening, flushing or renaming
         raise NinlabError(f"{error}; {previous}") from None
 
@@ -116,7 +118,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = resolve_checkpoint_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+    ) as error:
         raise NinlabError(
             f"{path} is truncated or not a checkpoint ({one_line(error)}); use an intact checkpoint.pt "
             "written by 'ninlab train'"

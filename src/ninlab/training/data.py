@@ -345,7 +345,9 @@ def load_fashion_mnist(
         targets = [p for p in search_path if p != DEBIAN_DIR and "FashionMNIST" not in p.parts]
         directory = _first_writable(targets)
         if directory is None:
-            raise NinlabError(f"Fashion-MNIST not found in {places} and none of them is writable; {hint}")
+            raise NinlabError(
+                f"Fashion-MNIST not found in {places} and none of them is writable; {hint}"
+            )
         try:
             download_fashion_mnist(directory, mirror=mirror, progress=progress)
         except (urllib.error.URLError, OSError) as error:

@@ -83,7 +83,11 @@ def report_throughput(
         f"of {config.batch_size}); about {format_duration(remaining_s)} to go"
     )
     cpu = PRESETS["cpu"]
-    if device_type == "cpu" and remaining_s > _LONG_CPU_RUN_S and config.image_size > cpu.image_size:
+    if (
+        device_type == "cpu"
+        and remaining_s > _LONG_CPU_RUN_S
+        and config.image_size > cpu.image_size
+    ):
         say.warn(
             f"on this CPU the whole run takes about {format_duration(remaining_s)}. The CPU preset "
             f"(--preset cpu: {cpu.variant} at {cpu.image_size}x{cpu.image_size}, bf16, "

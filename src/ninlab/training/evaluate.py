@@ -60,7 +60,9 @@ class Evaluation:
     loss_sum: float  # cross-entropy summed over examples (no label smoothing)
     # Examples whose logits were all exactly 0: the signature of a NiN whose last ReLU has died.
     zero_logit_examples: int
-    abs_logit_sum: float  # |logit| summed over examples and classes: near 0 when the signal has faded
+    abs_logit_sum: (
+        float  # |logit| summed over examples and classes: near 0 when the signal has faded
+    )
     class_names: tuple[str, ...] = CLASS_NAMES
 
     @property
@@ -115,7 +117,9 @@ def evaluate_model(
     num_classes = len(CLASS_NAMES)
     shares = torch.arange(len(split), device=split.images.device).tensor_split(context.world_size)
     mine = shares[context.rank]
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=split.images.device)
+    confusion = torch.zeros(
+        num_classes * num_classes, dtype=torch.int64, device=split.images.device
+    )
     # Loss, zero-logit examples, |logit| sum.
     sums = torch.zeros(3, dtype=torch.float64, device=split.images.device)
     was_training = model.training
@@ -128,7 +132,9 @@ def evaluate_model(
             labels = split.labels[indices]
             with autocast(split.images.device, amp):
                 logits = model(inputs).float()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+            confusion += torch.bincount(
+                labels * num_classes + logits.argmax(1), minlength=num_classes**2
+            )
             sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
             sums[1] += (logits == 0).all(dim=1).sum()
             sums[2] += logits.abs().sum().double()
@@ -156,14 +162,18 @@ class TrainedModel:
         return InputTransform(self.config.image_size, self.config.normalize)
 
 
-def load_trained_model(path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> TrainedModel:
+def load_trained_model(
+    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+) -> TrainedModel:
     """The network of a checkpoint, in eval mode, rebuilt from the variant saved in it."""
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
     try:
         model = build_nin(parse_variant(config.variant))
     except NinlabError as error:
-        raise NinlabError(f"{path}: the checkpoint's stored variant is not usable ({error})") from None
+        raise NinlabError(
+            f"{path}: the checkpoint's stored variant is not usable ({error})"
+        ) from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -243,5 +253,6 @@ def predict_images(
         logits = trained.model(trained.transform(images)).float()
     probabilities = logits.softmax(dim=1).tolist()
     return [
-        Prediction(Path(path), int(np.argmax(row)), tuple(row)) for path, row in zip(paths, probabilities)
+        Prediction(Path(path), int(np.argmax(row)), tuple(row))
+        for path, row in zip(paths, probabilities)
     ]

@@ -24,7 +24,9 @@ class StopRequest:
 
     @contextlib.contextmanager
     def catching_signals(self) -> Iterator[StopRequest]:
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             yield self
         finally:

@@ -57,7 +57,9 @@ def _pil_bilinear_weights_cpu(in_size: int, out_size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def pil_bilinear_weights(in_size: int, out_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def pil_bilinear_weights(
+    in_size: int, out_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Pillow's integer coefficients (scaled by 2**22) of a 1-D bilinear resize, as a float64
     (out_size, in_size) matrix; float64 holds every product and sum exactly (all < 2**31).
     Cached per device, so a training step copies nothing to the GPU."""
@@ -74,7 +76,9 @@ def resize_like_pil(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     height, width = size
     horizontal = pil_bilinear_weights(images.shape[-1], width, images.device)
     vertical = pil_bilinear_weights(images.shape[-2], height, images.device)
-    rows = _fixed_point_round(images.to(torch.float64) @ horizontal.T)  # Pillow's 8-bit intermediate
+    rows = _fixed_point_round(
+        images.to(torch.float64) @ horizontal.T
+    )  # Pillow's 8-bit intermediate
     return _fixed_point_round(vertical @ rows)
 
 
@@ -105,7 +109,12 @@ def epoch_permutation(
 
 
 def batch_indices(
-    permutation: torch.Tensor, *, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    permutation: torch.Tensor,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, int]]:
     """Yield (this rank's indices, global batch size) for each global batch from `start_batch` on.
 

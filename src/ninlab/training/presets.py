@@ -31,7 +31,9 @@ Amp = Literal["none", "bf16"]
 class TrainConfig:
     """Everything that determines a training run (with the data and the seed, its exact result)."""
 
-    variant: str = "nin-d2l"  # a registry name or `name:key=value,...` (see ninlab.models.parse_variant)
+    variant: str = (
+        "nin-d2l"  # a registry name or `name:key=value,...` (see ninlab.models.parse_variant)
+    )
     image_size: int = 224
     epochs: int = 10
     batch_size: int = 128  # the global batch: split across ranks under torchrun
@@ -54,20 +56,32 @@ class TrainConfig:
         # Each message names the command-line option of the field, which is its name with dashes.
         finite = all(
             math.isfinite(value)
-            for value in (self.lr, self.momentum, self.weight_decay, self.warmup_epochs,
-                          self.label_smoothing)
+            for value in (
+                self.lr,
+                self.momentum,
+                self.weight_decay,
+                self.warmup_epochs,
+                self.label_smoothing,
+            )
         )
         checks = [
-            (finite, ("--lr, --momentum, --weight-decay, --warmup-epochs and --label-smoothing "
-             "must be finite numbers")),
+            (
+                finite,
+                (
+                    "--lr, --momentum, --weight-decay, --warmup-epochs and --label-smoothing "
+                    "must be finite numbers"
+                ),
+            ),
             (1 <= self.epochs <= MAX_COUNT, f"--epochs must be between 1 and {MAX_COUNT}"),
             (1 <= self.batch_size <= MAX_COUNT, f"--batch must be between 1 and {MAX_COUNT}"),
             (self.lr > 0, "--lr (learning rate) must be positive"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0"),
             (self.weight_decay >= 0, "--weight-decay must be non-negative"),
-            (0 <= self.warmup_epochs <= self.epochs,
-             "--warmup-epochs must be between 0 and the number of epochs"),
+            (
+                0 <= self.warmup_epochs <= self.epochs,
+                "--warmup-epochs must be between 0 and the number of epochs",
+            ),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (
                 self.schedule in ("constant", "cosine", "onecycle"),
@@ -76,10 +90,14 @@ class TrainConfig:
             (self.amp in ("none", "bf16"), "--amp must be none or bf16"),
             (1 <= self.image_size <= MAX_COUNT, f"--image-size must be between 1 and {MAX_COUNT}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}"),
-            (self.train_examples is None or self.train_examples >= 1,
-             "--train-examples must be at least 1"),
-            (self.test_examples is None or self.test_examples >= 1,
-             "--test-examples must be at least 1"),
+            (
+                self.train_examples is None or self.train_examples >= 1,
+                "--train-examples must be at least 1",
+            ),
+            (
+                self.test_examples is None or self.test_examples >= 1,
+                "--test-examples must be at least 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,7 +163,9 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise NinlabError(f"the checkpoint's stored settings have unknown keys {unknown}; upgrade ninlab")
+        raise NinlabError(
+            f"the checkpoint's stored settings have unknown keys {unknown}; upgrade ninlab"
+        )
     try:
         return TrainConfig(**values)
     except (NinlabError, TypeError) as error:

@@ -55,7 +55,9 @@ class Reporter(Protocol):
 
     def epoch_started(self, epoch: int, epochs: int, batches: int, done: int) -> None: ...
 
-    def batch_done(self, done: int, loss: float, accuracy: float, examples_per_s: float) -> None: ...
+    def batch_done(
+        self, done: int, loss: float, accuracy: float, examples_per_s: float
+    ) -> None: ...
 
     def epoch_finished(self, line: str) -> None: ...
 
@@ -89,7 +91,9 @@ class RichReporter:
         self.console.print(message, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(Panel(message, title="warning", border_style="bold red"), style="bold red")
+        self.console.print(
+            Panel(message, title="warning", border_style="bold red"), style="bold red"
+        )
 
     def epoch_started(self, epoch: int, epochs: int, batches: int, done: int) -> None:
         self._progress = _epoch_bar(epoch, epochs, self.console)
@@ -98,7 +102,9 @@ class RichReporter:
 
     def batch_done(self, done: int, loss: float, accuracy: float, examples_per_s: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, stats=_stats(loss, accuracy, examples_per_s))
+            self._progress.update(
+                self._task, completed=done, stats=_stats(loss, accuracy, examples_per_s)
+            )
 
     def epoch_finished(self, line: str) -> None:
         if self._progress is not None:
@@ -151,13 +157,17 @@ class NotebookReporter:
         self._progress = _epoch_bar(epoch, epochs, Console(file=io.StringIO()))
         self._task = self._progress.add_task("train", total=batches, completed=done, stats="")
         self._messages = []
-        self._handle = self._display(_rendered(self._progress.get_renderable()), raw=True, display_id=True)
+        self._handle = self._display(
+            _rendered(self._progress.get_renderable()), raw=True, display_id=True
+        )
         self._drawn_at = time.monotonic()
 
     def batch_done(self, done: int, loss: float, accuracy: float, examples_per_s: float) -> None:
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=done, stats=_stats(loss, accuracy, examples_per_s))
+        self._progress.update(
+            self._task, completed=done, stats=_stats(loss, accuracy, examples_per_s)
+        )
         if time.monotonic() - self._drawn_at >= self._interval:
             self._redraw(self._progress.get_renderable())
 
@@ -182,9 +192,16 @@ class NotebookReporter:
 
 def _rendered(renderable: Any) -> dict[str, str]:
     """A rich renderable as a notebook output: HTML (colours kept) and plain text."""
-    console = Console(file=io.StringIO(), record=True, width=110, color_system="truecolor", force_jupyter=False, highlight=False)
+    console = Console(
+        file=io.StringIO(),
+        record=True,
+        width=110,
+        color_system="truecolor",
+        force_jupyter=False,
+        highlight=False,
+    )
     console.print(renderable)
-    page = "<pre style=\"line-height:1.25;font-family:monospace;margin:0\">{code}</pre>"
+    page = '<pre style="line-height:1.25;font-family:monospace;margin:0">{code}</pre>'
     return {
         "text/html": console.export_html(inline_styles=True, code_format=page, clear=False),
         "text/plain": console.export_text(),

@@ -23,7 +23,9 @@ ONECYCLE_END_DIVISOR = 25.0 * 1e4
 ONECYCLE_WARMUP_FRACTION = 0.3
 
 
-def learning_rate(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, kind: str) -> float:
+def learning_rate(
+    step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, kind: str
+) -> float:
     """The rate for optimizer step `step` (0-based).
 
     constant: linear warm-up from 0, then `peak_lr`. cosine: linear warm-up from 0, then half a cosine

@@ -107,7 +107,9 @@ def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> S
     )
 
 
-def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_size: int) -> RunCost:
+def run_cost(
+    model: nn.Module, config: TrainConfig, *, device_type: str, world_size: int
+) -> RunCost:
     """INTEGRATION POINT with the accountant (`ninlab.analysis.summary` for FLOPs,
     `ninlab.analysis.predict` for the peak): the numbers printed before the first step. The rest of
     the trainer does not depend on how they are computed."""
@@ -116,7 +118,9 @@ def run_cost(model: nn.Module, config: TrainConfig, *, device_type: str, world_s
         summary = summarize(model, spec, batch_size=config.batch_size)
     except InputTooSmall as error:
         fix = f"; use --image-size {max(error.smallest[1:])} or more" if error.smallest else ""
-        raise NinlabError(f"--image-size {config.image_size} is too small for {config.variant}: {error}{fix}") from None
+        raise NinlabError(
+            f"--image-size {config.image_size} is too small for {config.variant}: {error}{fix}"
+        ) from None
     memory = predict_memory(model, spec, batch_size=-(-config.batch_size // world_size))
     return RunCost(
         training_step_flops=summary.totals.training_step_flops,
@@ -163,8 +167,14 @@ def train(
         # Rank 0 owns the directory for all ranks: it alone writes there.
         with owning(Path(output_dir)) if context.is_writer else contextlib.nullcontext():
             return _train(
-                config, Path(output_dir), data, resume, context, reporter,
-                stop or StopRequest(), force_memory,
+                config,
+                Path(output_dir),
+                data,
+                resume,
+                context,
+                reporter,
+                stop or StopRequest(),
+                force_memory,
             )
     finally:
         distributed.stop(context)
@@ -546,9 +556,7 @@ def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say:
     _report_epoch(say, config, row, evaluation)
 
 
-def _evaluate_epoch(
-    run: _Run, progress: Progress, epoch: int
-) -> tuple[dict[str, Any], Evaluation]:
+def _evaluate_epoch(run: _Run, progress: Progress, epoch: int) -> tuple[dict[str, Any], Evaluation]:
     """The test-set evaluation after `epoch` and the epoch's row of METRICS_FIELDS."""
     eval_start = time.perf_counter()
     # The bare model, not the DDP wrapper: evaluation needs no collectives inside forward.

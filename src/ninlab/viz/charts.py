@@ -127,7 +127,11 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
     if not window_layers:
         raise NinlabError(f"{summary.model} has no convolution or pooling layer to draw")
     if layer is None:
-        rounded = (row for row in window_layers if any(w.textbook_output != w.output_size or w.unread_real for w in row.axes))
+        rounded = (
+            row
+            for row in window_layers
+            if any(w.textbook_output != w.output_size or w.unread_real for w in row.axes)
+        )
         chosen = next(rounded, window_layers[0])
     else:
         chosen = next((row for row in window_layers if row.name == layer), None)
@@ -164,7 +168,9 @@ class FieldChart(_Picture):
 def field_chart(summary: Summary) -> FieldChart:
     rows = [row for row in summary.layers if row.is_leaf and row.receptive_field]
     if not rows:
-        raise NinlabError(f"{summary.model} has no convolution or pooling layer with a receptive field to draw")
+        raise NinlabError(
+            f"{summary.model} has no convolution or pooling layer with a receptive field to draw"
+        )
     return FieldChart(
         model=summary.model,
         input_size=summary.input_size[1:],
@@ -194,7 +200,9 @@ class FlopsChart(_Picture):
 
 
 def flops_chart(summary: Summary) -> FlopsChart:
-    rows = [row for row in summary.layers if row.is_leaf and (row.forward_flops or row.backward_flops)]
+    rows = [
+        row for row in summary.layers if row.is_leaf and (row.forward_flops or row.backward_flops)
+    ]
     return FlopsChart(
         model=summary.model,
         batch_size=summary.batch_size,
@@ -226,7 +234,9 @@ class TimelineChart(_Picture):
     phases: tuple[tuple[str, int, int], ...]  # (phase, first op, last op)
     peak_op: int
     peak_bytes: int  # the live-storage peak
-    peak_label: str  # the op and the layer running it, e.g. "threshold_backward in 4.5 (ReLU), backward"
+    peak_label: (
+        str  # the op and the layer running it, e.g. "threshold_backward in 4.5 (ReLU), backward"
+    )
     allocator_peak_op: int
     allocator_peak_bytes: int
 
@@ -268,7 +278,9 @@ class SavedChart(_Picture):
 
     model: str
     batch_size: int
-    layers: tuple[str, ...]  # in forward order, as `SavedLayer.layer` names them ("(model)", "(loss)")
+    layers: tuple[
+        str, ...
+    ]  # in forward order, as `SavedLayer.layer` names them ("(model)", "(loss)")
     layer_types: tuple[str, ...]
     reasons: tuple[str, ...]
     bytes_by_reason: tuple[tuple[int, ...], ...]  # per reason, one value per layer
@@ -278,7 +290,9 @@ class SavedChart(_Picture):
 
 def saved_chart(report: MemoryReport) -> SavedChart:
     if report.spec.mode != "train":
-        raise NinlabError("only a training step keeps tensors for backward; predict with mode='train'")
+        raise NinlabError(
+            "only a training step keeps tensors for backward; predict with mode='train'"
+        )
     layers = report.saved_by_layer()
     by_reason: dict[str, dict[str, int]] = {}  # reason -> layer -> bytes, in forward order
     for row in report.saved:
@@ -291,7 +305,9 @@ def saved_chart(report: MemoryReport) -> SavedChart:
         layers=tuple(layer.layer for layer in layers),
         layer_types=tuple(layer.module_type if layer.module else "" for layer in layers),
         reasons=tuple(by_reason),
-        bytes_by_reason=tuple(tuple(kept.get(layer.module, 0) for layer in layers) for kept in by_reason.values()),
+        bytes_by_reason=tuple(
+            tuple(kept.get(layer.module, 0) for layer in layers) for kept in by_reason.values()
+        ),
         layer_bytes=tuple(layer.counted_bytes for layer in layers),
         total_bytes=report.saved_total_bytes,
     )
@@ -317,7 +333,9 @@ class BatchChart(_Picture):
 
 def batch_chart(scaling: BatchScaling, fit: BatchFit, *, model: str, mode: str) -> BatchChart:
     if scaling.level != fit.level:
-        raise NinlabError(f"the line ({scaling.level} level) and the fit ({fit.level} level) must count the same memory")
+        raise NinlabError(
+            f"the line ({scaling.level} level) and the fit ({fit.level} level) must count the same memory"
+        )
     points = dict(zip(scaling.batch_sizes, scaling.peaks_bytes))
     points[scaling.check_batch_size] = scaling.check_peak_bytes
     points[fit.batch_size] = fit.peak_bytes
@@ -363,14 +381,18 @@ def compare_chart(comparison: Comparison) -> CompareChart:
         if metric.unit == "size":
             values, label = [value[1] for value in values], f"{metric.label}, height"
         elif metric.unit == "pixels":
-            values, label = [value[0] if value else 0 for value in values], f"{metric.label}, height"
+            values, label = (
+                [value[0] if value else 0 for value in values],
+                f"{metric.label}, height",
+            )
         else:
             label = metric.label
         panels.append(ComparePanel(label, metric.unit, tuple(values)))
     return CompareChart(
         title=(
             f"Variants at batch {comparison.batch_size} x {'x'.join(map(str, comparison.input_size))}, "
-            f"{comparison.dtype}" + (f"; trained with preset {comparison.preset}" if comparison.preset else "")
+            f"{comparison.dtype}"
+            + (f"; trained with preset {comparison.preset}" if comparison.preset else "")
         ),
         variants=tuple(variant.spec for variant in comparison.variants),
         panels=tuple(panels),
@@ -401,7 +423,9 @@ class _ScaledLocator(ticker.Locator):
         unit = next((size for size in self.unit_sizes if largest >= size), 1)
         # Below three units the steps are fractions of the unit: with binary units only quarters
         # and halves (256 MiB, 512 MiB) are round numbers in the unit below.
-        steps = [2.5, 5, 10] if self.binary and largest < 3 * unit and unit > 1 else [1, 2, 2.5, 5, 10]
+        steps = (
+            [2.5, 5, 10] if self.binary and largest < 3 * unit and unit > 1 else [1, 2, 2.5, 5, 10]
+        )
         locator = ticker.MaxNLocator(nbins=6, steps=steps)
         return [value * unit for value in locator.tick_values(vmin / unit, vmax / unit)]
 
@@ -417,7 +441,9 @@ def _flop_axis(axis: matplotlib.axis.Axis) -> None:
 
 
 def _draw_geometry(chart: GeometryChart) -> Figure:
-    figure, (whole, corner) = plt.subplots(1, 2, figsize=(11, 5.6), gridspec_kw={"width_ratios": [1, 1]})
+    figure, (whole, corner) = plt.subplots(
+        1, 2, figsize=(11, 5.6), gridspec_kw={"width_ratios": [1, 1]}
+    )
     height, width = chart.height, chart.width
     for axes, zoomed in ((whole, False), (corner, True)):
         _draw_grid(axes, height, width, zoomed=zoomed)
@@ -430,8 +456,12 @@ def _draw_geometry(chart: GeometryChart) -> Figure:
     figure.suptitle(title, fontsize=_TITLE_SIZE)
     handles = [
         patches.Patch(facecolor="#F2F2F2", edgecolor="#999999", label="padding / past the edge"),
-        patches.Patch(facecolor="none", edgecolor="#1F77B4", label="windows of the last output row"),
-        patches.Patch(facecolor="none", edgecolor="#2CA02C", label="windows of the last output column"),
+        patches.Patch(
+            facecolor="none", edgecolor="#1F77B4", label="windows of the last output row"
+        ),
+        patches.Patch(
+            facecolor="none", edgecolor="#2CA02C", label="windows of the last output column"
+        ),
         patches.Patch(facecolor="none", edgecolor="#D62728", linewidth=2, label="last window"),
         patches.Patch(facecolor="#D62728", alpha=0.35, label="real pixels never read"),
     ]
@@ -455,14 +485,41 @@ def _wrap(text: str, width: int) -> str:
 def _draw_grid(axes: Axes, height: AxisPicture, width: AxisPicture, *, zoomed: bool) -> None:
     """x is the width axis (columns), y the height axis (rows), row 0 at the top as in an image."""
     # Padded extent, widened to include a ceil-mode window that runs past the padded edge.
-    x_low, x_high = -width.padding_before, max(width.input_size + width.padding_after, width.windows[-1][1] + 1)
-    y_low, y_high = -height.padding_before, max(height.input_size + height.padding_after, height.windows[-1][1] + 1)
-    axes.add_patch(patches.Rectangle((x_low, y_low), x_high - x_low, y_high - y_low, facecolor="#F2F2F2", edgecolor="#999999"))
-    axes.add_patch(patches.Rectangle((0, 0), width.input_size, height.input_size, facecolor="white", edgecolor="black", linewidth=1.2))
+    x_low, x_high = (
+        -width.padding_before,
+        max(width.input_size + width.padding_after, width.windows[-1][1] + 1),
+    )
+    y_low, y_high = (
+        -height.padding_before,
+        max(height.input_size + height.padding_after, height.windows[-1][1] + 1),
+    )
+    axes.add_patch(
+        patches.Rectangle(
+            (x_low, y_low), x_high - x_low, y_high - y_low, facecolor="#F2F2F2", edgecolor="#999999"
+        )
+    )
+    axes.add_patch(
+        patches.Rectangle(
+            (0, 0),
+            width.input_size,
+            height.input_size,
+            facecolor="white",
+            edgecolor="black",
+            linewidth=1.2,
+        )
+    )
     for row in height.unread:
-        axes.add_patch(patches.Rectangle((0, row), width.input_size, 1, facecolor="#D62728", alpha=0.35, linewidth=0))
+        axes.add_patch(
+            patches.Rectangle(
+                (0, row), width.input_size, 1, facecolor="#D62728", alpha=0.35, linewidth=0
+            )
+        )
     for column in width.unread:
-        axes.add_patch(patches.Rectangle((column, 0), 1, height.input_size, facecolor="#D62728", alpha=0.35, linewidth=0))
+        axes.add_patch(
+            patches.Rectangle(
+                (column, 0), 1, height.input_size, facecolor="#D62728", alpha=0.35, linewidth=0
+            )
+        )
     last_row, last_column = height.windows[-1], width.windows[-1]
     for index, columns in enumerate(width.windows[:-1]):
         axes.add_patch(_window(columns, last_row, "#1F77B4", index))
@@ -496,7 +553,9 @@ def _pixel_grid(axes: Axes, x_low: int, x_high: int, y_low: int, y_high: int) ->
     axes.tick_params(which="minor", length=0)
 
 
-def _window(columns: tuple[int, int], rows: tuple[int, int], color: str, index: int, *, last: bool = False) -> patches.Rectangle:
+def _window(
+    columns: tuple[int, int], rows: tuple[int, int], color: str, index: int, *, last: bool = False
+) -> patches.Rectangle:
     """A translucent box, so overlapping windows show darker; neighbours are inset by different
     amounts so that edges falling on the same pixel border stay apart. The last window is bold."""
     inset = 0.0 if last else (0.08, 0.2, 0.32)[index % 3]
@@ -513,21 +572,45 @@ def _window(columns: tuple[int, int], rows: tuple[int, int], color: str, index: 
 def _draw_field(chart: FieldChart) -> Figure:
     figure, axes = plt.subplots(figsize=(max(7.0, 0.35 * len(chart.layers) + 3), 4.8))
     positions = range(len(chart.layers))
-    axis_names = ("height", "width") if len(chart.input_size) == 2 else tuple(f"axis {i}" for i in range(len(chart.input_size)))
+    axis_names = (
+        ("height", "width")
+        if len(chart.input_size) == 2
+        else tuple(f"axis {i}" for i in range(len(chart.input_size)))
+    )
     same = all(len(set(size)) == 1 for size in chart.sizes) and len(set(chart.input_size)) == 1
     shown = [0] if same else range(len(chart.input_size))
     for axis in shown:
         label = "field size" if same else f"field size ({axis_names[axis]})"
-        axes.plot(positions, [size[axis] for size in chart.sizes], "o-", color=_FORWARD_COLOR, label=label)
-        axes.axhline(chart.input_size[axis], color="#555555", linestyle="--", linewidth=1, label=f"input {axis_names[axis] if not same else 'size'} ({chart.input_size[axis]} px)")
+        axes.plot(
+            positions, [size[axis] for size in chart.sizes], "o-", color=_FORWARD_COLOR, label=label
+        )
+        axes.axhline(
+            chart.input_size[axis],
+            color="#555555",
+            linestyle="--",
+            linewidth=1,
+            label=f"input {axis_names[axis] if not same else 'size'} ({chart.input_size[axis]} px)",
+        )
     jumps = axes.twinx()
     for axis in shown:
-        jumps.step(positions, [jump[axis] for jump in chart.jumps], where="mid", color=_BACKWARD_COLOR, linestyle=":", label="jump" if same else f"jump ({axis_names[axis]})")
+        jumps.step(
+            positions,
+            [jump[axis] for jump in chart.jumps],
+            where="mid",
+            color=_BACKWARD_COLOR,
+            linestyle=":",
+            label="jump" if same else f"jump ({axis_names[axis]})",
+        )
     jumps.set_ylabel("jump: input pixels between neighbouring outputs", color=_BACKWARD_COLOR)
     jumps.set_ylim(bottom=0)
     axes.set_ylim(bottom=0)
     axes.set_xticks(list(positions))
-    axes.set_xticklabels([f"{name} {kind}" for name, kind in zip(chart.layers, chart.layer_types)], rotation=60, ha="right", fontsize=8)
+    axes.set_xticklabels(
+        [f"{name} {kind}" for name, kind in zip(chart.layers, chart.layer_types)],
+        rotation=60,
+        ha="right",
+        fontsize=8,
+    )
     axes.set_xlabel("layer (conv and pooling, in forward order)")
     axes.set_ylabel("receptive field (input pixels)")
     axes.grid(True, axis="y", alpha=0.3)
@@ -544,14 +627,32 @@ def _draw_flops(chart: FlopsChart) -> Figure:
     figure, axes = plt.subplots(figsize=(8.5, max(3.0, 0.32 * count + 1.8)))
     positions = list(range(count))
     bar = 0.4
-    axes.barh([p - bar / 2 for p in positions], chart.forward_flops, height=bar, color=_FORWARD_COLOR, label="forward")
-    axes.barh([p + bar / 2 for p in positions], chart.backward_flops, height=bar, color=_BACKWARD_COLOR, label="backward")
+    axes.barh(
+        [p - bar / 2 for p in positions],
+        chart.forward_flops,
+        height=bar,
+        color=_FORWARD_COLOR,
+        label="forward",
+    )
+    axes.barh(
+        [p + bar / 2 for p in positions],
+        chart.backward_flops,
+        height=bar,
+        color=_BACKWARD_COLOR,
+        label="backward",
+    )
     for position, forward, backward in zip(positions, chart.forward_flops, chart.backward_flops):
-        axes.text(forward, position - bar / 2, f" {format_flops(forward)}", va="center", fontsize=6.5)
-        axes.text(backward, position + bar / 2, f" {format_flops(backward)}", va="center", fontsize=6.5)
+        axes.text(
+            forward, position - bar / 2, f" {format_flops(forward)}", va="center", fontsize=6.5
+        )
+        axes.text(
+            backward, position + bar / 2, f" {format_flops(backward)}", va="center", fontsize=6.5
+        )
     axes.set_xlim(0, max(chart.forward_flops + chart.backward_flops, default=1) * 1.2)
     axes.set_yticks(positions)
-    axes.set_yticklabels([f"{name} {kind}" for name, kind in zip(chart.layers, chart.layer_types)], fontsize=8)
+    axes.set_yticklabels(
+        [f"{name} {kind}" for name, kind in zip(chart.layers, chart.layer_types)], fontsize=8
+    )
     axes.invert_yaxis()  # first layer on top, as in the summary table
     _flop_axis(axes.xaxis)
     axes.set_xlabel(f"FLOPs per batch of {chart.batch_size} (2 per multiply-accumulate)")
@@ -582,12 +683,25 @@ def _draw_timeline(chart: TimelineChart) -> Figure:
         alpha=0.85,
     )
     axes.plot(positions, chart.total_bytes, color="black", linewidth=0.8, label="total alive")
-    axes.plot(positions, chart.allocator_bytes, color="black", linestyle=":", linewidth=1, label="allocator holds\n(kernel workspace too)")
-    axes.plot([chart.allocator_peak_op], [chart.allocator_peak_bytes], "v", color="#555555", markersize=7)
+    axes.plot(
+        positions,
+        chart.allocator_bytes,
+        color="black",
+        linestyle=":",
+        linewidth=1,
+        label="allocator holds\n(kernel workspace too)",
+    )
+    axes.plot(
+        [chart.allocator_peak_op], [chart.allocator_peak_bytes], "v", color="#555555", markersize=7
+    )
     axes.annotate(
         f"allocator {format_bytes(chart.allocator_peak_bytes)}",
         xy=(chart.allocator_peak_op, chart.allocator_peak_bytes),
-        xytext=(0, 8), textcoords="offset points", ha="center", fontsize=7, color="#333333",
+        xytext=(0, 8),
+        textcoords="offset points",
+        ha="center",
+        fontsize=7,
+        color="#333333",
     )
     above = matplotlib.transforms.blended_transform_factory(axes.transData, axes.transAxes)
     for phase, first, last in chart.phases:
@@ -595,8 +709,15 @@ def _draw_timeline(chart: TimelineChart) -> Figure:
             axes.axvline(first - 0.5, color="#333333", linestyle="--", linewidth=0.8)
         narrow = last - first < 0.06 * len(positions)
         axes.text(
-            (first + last) / 2, 1.01, _words(phase), transform=above, ha="center" if not narrow else "left",
-            va="bottom", fontsize=8, rotation=60 if narrow else 0, rotation_mode="anchor",
+            (first + last) / 2,
+            1.01,
+            _words(phase),
+            transform=above,
+            ha="center" if not narrow else "left",
+            va="bottom",
+            fontsize=8,
+            rotation=60 if narrow else 0,
+            rotation_mode="anchor",
         )
     axes.plot([chart.peak_op], [chart.peak_bytes], "v", color="#D62728", markersize=9)
     right_half = chart.peak_op > len(positions) / 2
@@ -642,13 +763,23 @@ def _draw_saved(chart: SavedChart) -> Figure:
     left = [0] * count
     palette = plt.get_cmap("tab10")
     for index, (reason, values) in enumerate(zip(chart.reasons, chart.bytes_by_reason)):
-        axes.barh(positions, values, left=left, height=0.7, color=palette(index % 10), label=_short_reason(reason))
+        axes.barh(
+            positions,
+            values,
+            left=left,
+            height=0.7,
+            color=palette(index % 10),
+            label=_short_reason(reason),
+        )
         left = [a + b for a, b in zip(left, values)]  # where the next segment of each bar starts
     for position, nbytes in zip(positions, chart.layer_bytes):
         axes.text(nbytes, position, f" {format_bytes(nbytes)}", va="center", fontsize=7)
     axes.set_xlim(0, max(chart.layer_bytes) * 1.18)
     axes.set_yticks(positions)
-    axes.set_yticklabels([f"{name} {kind}".strip() for name, kind in zip(chart.layers, chart.layer_types)], fontsize=8)
+    axes.set_yticklabels(
+        [f"{name} {kind}".strip() for name, kind in zip(chart.layers, chart.layer_types)],
+        fontsize=8,
+    )
     axes.invert_yaxis()
     _byte_axis(axes.xaxis)
     axes.set_xlabel(f"bytes kept for backward, batch {chart.batch_size}")
@@ -667,13 +798,35 @@ def _draw_saved(chart: SavedChart) -> Figure:
 def _draw_batch(chart: BatchChart) -> Figure:
     figure, axes = plt.subplots(figsize=(9, 5))
     axes.axline(
-        (0, chart.fixed_bytes), slope=chart.per_sample_bytes, color=_FORWARD_COLOR, linewidth=1,
+        (0, chart.fixed_bytes),
+        slope=chart.per_sample_bytes,
+        color=_FORWARD_COLOR,
+        linewidth=1,
         label=f"{format_bytes(round(chart.fixed_bytes))} + {format_bytes(round(chart.per_sample_bytes))} per sample",
     )
-    axes.plot(chart.batch_sizes, chart.peaks_bytes, "o", color=_FORWARD_COLOR, label="predicted peak (exact)")
-    axes.axhline(chart.budget_bytes, color="#D62728", linestyle="--", linewidth=1.2, label=f"budget {format_bytes(chart.budget_bytes)}")
+    axes.plot(
+        chart.batch_sizes,
+        chart.peaks_bytes,
+        "o",
+        color=_FORWARD_COLOR,
+        label="predicted peak (exact)",
+    )
+    axes.axhline(
+        chart.budget_bytes,
+        color="#D62728",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"budget {format_bytes(chart.budget_bytes)}",
+    )
     axes.axvline(chart.fit_batch_size, color="#2CA02C", linestyle=":", linewidth=1.2)
-    axes.plot([chart.fit_batch_size], [chart.fit_peak_bytes], "*", color="#2CA02C", markersize=14, label=f"largest batch that fits: {chart.fit_batch_size}")
+    axes.plot(
+        [chart.fit_batch_size],
+        [chart.fit_peak_bytes],
+        "*",
+        color="#2CA02C",
+        markersize=14,
+        label=f"largest batch that fits: {chart.fit_batch_size}",
+    )
     axes.annotate(
         f"batch {chart.fit_batch_size}: {format_bytes(chart.fit_peak_bytes)}\n"
         f"batch {chart.fit_batch_size + 1}: {format_bytes(chart.next_peak_bytes)} (over)",
@@ -690,11 +843,15 @@ def _draw_batch(chart: BatchChart) -> Figure:
     _byte_axis(axes.yaxis)
     axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_xlabel("batch size (samples)")
-    axes.set_ylabel(f"predicted peak memory, {'training step' if chart.mode == 'train' else 'inference'}")
+    axes.set_ylabel(
+        f"predicted peak memory, {'training step' if chart.mode == 'train' else 'inference'}"
+    )
     axes.grid(True, alpha=0.3)
     axes.legend(loc="upper left", fontsize=8)
     counted = "what the allocator holds" if chart.level == "allocator" else "live tensor storage"
-    axes.set_title(f"{chart.model}: peak memory against batch size ({counted})", fontsize=_TITLE_SIZE)
+    axes.set_title(
+        f"{chart.model}: peak memory against batch size ({counted})", fontsize=_TITLE_SIZE
+    )
     figure.tight_layout()
     return figure
 
@@ -714,7 +871,9 @@ _UNIT_AXES: dict[str, tuple[str, Callable[[float], str]]] = {
 def _draw_compare(chart: CompareChart) -> Figure:
     columns = min(3, len(chart.panels))
     rows = -(-len(chart.panels) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows + 0.4), squeeze=False)
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.3 * rows + 0.4), squeeze=False
+    )
     colors = [plt.get_cmap("tab10")(index % 10) for index in range(len(chart.variants))]
     positions = list(range(len(chart.variants)))
     for axes, panel in zip(grid.flat, chart.panels):
@@ -731,19 +890,23 @@ def _draw_compare(chart: CompareChart) -> Figure:
         elif panel.unit == "flops":
             _flop_axis(axes.yaxis)
         else:
-            axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _, label=label: label(value)))
+            axes.yaxis.set_major_formatter(
+                ticker.FuncFormatter(lambda value, _, label=label: label(value))
+            )
         axes.set_ylabel(name, fontsize=8)
         axes.set_xlabel("variant", fontsize=8)
         axes.tick_params(axis="y", labelsize=7)
         axes.grid(True, axis="y", alpha=0.3)
-    for axes in list(grid.flat)[len(chart.panels):]:
+    for axes in list(grid.flat)[len(chart.panels) :]:
         axes.set_visible(False)
     figure.suptitle(chart.title, fontsize=_TITLE_SIZE)
     figure.tight_layout()
     return figure
 
 
-Chart = GeometryChart | FieldChart | FlopsChart | TimelineChart | SavedChart | BatchChart | CompareChart
+Chart = (
+    GeometryChart | FieldChart | FlopsChart | TimelineChart | SavedChart | BatchChart | CompareChart
+)
 
 _DRAWERS: dict[type, Callable[..., Figure]] = {
     GeometryChart: _draw_geometry,
@@ -763,11 +926,15 @@ CHART_BUILDERS: dict[str, Callable[[Any, str | None, str], Chart]] = {
     "flops": lambda summary, layer, model: flops_chart(summary),
     "timeline": lambda report, layer, model: timeline_chart(report),
     "saved": lambda report, layer, model: saved_chart(report),
-    "batch": lambda study, layer, model: batch_chart(study.scaling, study.fit, model=model, mode="train"),
+    "batch": lambda study, layer, model: batch_chart(
+        study.scaling, study.fit, model=model, mode="train"
+    ),
 }
 
 
-def chart_of_kind(kind: str, source: Summary | MemoryReport | BatchStudy, *, layer: str | None, model: str) -> Chart:
+def chart_of_kind(
+    kind: str, source: Summary | MemoryReport | BatchStudy, *, layer: str | None, model: str
+) -> Chart:
     """Chart `kind` drawn from `source`, the result `ninlab.studies.charts.chart_source` gives;
     `layer` picks the geometry picture's layer, `model` names the model in the batch chart."""
     return CHART_BUILDERS[kind](source, layer, model)

@@ -68,7 +68,9 @@ def _cells(comparison: Comparison, metric: Metric) -> list[str]:
     for index, variant in enumerate(comparison.variants):
         text = _format(metric.unit, variant.value(metric))
         if index:
-            difference = _format_difference(metric.unit, comparison.difference(metric, variant), first)
+            difference = _format_difference(
+                metric.unit, comparison.difference(metric, variant), first
+            )
             text += f" ({difference})" if difference else ""
         cells.append(text)
     return cells
@@ -127,13 +129,22 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
     """Exact numbers (bytes in bytes, FLOPs in FLOPs) and each difference from the first variant."""
     variants = []
     for variant in comparison.variants:
-        row: dict[str, Any] = {"spec": variant.spec, "description": variant.description, "last_field_layer": variant.last_field_layer}
+        row: dict[str, Any] = {
+            "spec": variant.spec,
+            "description": variant.description,
+            "last_field_layer": variant.last_field_layer,
+        }
         for metric in comparison.metrics:
             value, difference = variant.value(metric), comparison.difference(metric, variant)
             row[metric.key] = list(value) if isinstance(value, tuple) else value
-            row[f"{metric.key}_difference"] = list(difference) if isinstance(difference, tuple) else difference
+            row[f"{metric.key}_difference"] = (
+                list(difference) if isinstance(difference, tuple) else difference
+            )
         if variant.training:
-            row["training"] = {"config": dataclasses.asdict(variant.training.config), "output_dir": variant.training.output_dir}
+            row["training"] = {
+                "config": dataclasses.asdict(variant.training.config),
+                "output_dir": variant.training.output_dir,
+            }
         variants.append(row)
     return {
         "input_size": list(comparison.input_size),

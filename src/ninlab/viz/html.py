@@ -25,7 +25,9 @@ def html_text(text: str) -> str:
 
 def _cell(tag: str, text: str, *, numeric: bool) -> str:
     escaped = html_text(text)
-    style = _CELL.format(align="right" if numeric else "left", wrap="nowrap" if numeric else "normal")
+    style = _CELL.format(
+        align="right" if numeric else "left", wrap="nowrap" if numeric else "normal"
+    )
     return f'<{tag} style="{style}">{escaped}</{tag}>'
 
 
@@ -38,8 +40,14 @@ def html_table(table: TextTable, *, caption: str = "", notes: Sequence[str] = ()
         "<tr>" + "".join(_cell("td", cell, numeric=r) for cell, r in zip(row, right)) + "</tr>"
         for row in table.rows
     )
-    title = f'<caption style="text-align:left;font-weight:bold">{html.escape(caption)}</caption>' if caption else ""
-    table = f'<table class="ninlab">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    title = (
+        f'<caption style="text-align:left;font-weight:bold">{html.escape(caption)}</caption>'
+        if caption
+        else ""
+    )
+    table = (
+        f'<table class="ninlab">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
     # A table wider than the cell (many variants side by side) scrolls instead of spilling over.
     return f'<div class="ninlab-table" style="overflow-x:auto">{table}{html_list(notes)}</div>'
 

@@ -85,9 +85,18 @@ def summary_to_dict(summary: Summary) -> dict[str, Any]:
         "flop_convention": summary.flop_convention,
         "layers": [_layer_dict(layer) for layer in summary.layers],
         "totals": {name: getattr(totals, name) for name in totals.__dataclass_fields__},
-        "smallest_input_size": list(summary.smallest_input_size) if summary.smallest_input_size else None,
+        "smallest_input_size": list(summary.smallest_input_size)
+        if summary.smallest_input_size
+        else None,
         "input_reach": [
-            {"axis": r.axis, "input_size": r.input_size, "first": r.first, "last": r.last, "count": r.count, "never_read": r.never_read}
+            {
+                "axis": r.axis,
+                "input_size": r.input_size,
+                "first": r.first,
+                "last": r.last,
+                "count": r.count,
+                "never_read": r.never_read,
+            }
             for r in summary.input_reach
         ],
     }
@@ -115,7 +124,12 @@ def _field(layer: LayerSummary) -> str:
     fields = layer.receptive_field
     if len({(f.size, f.jump) for f in fields}) == 1:
         return f"{fields[0].size} (jump {fields[0].jump})"
-    return " x ".join(f"{f.size}" for f in fields) + " (jump " + " x ".join(f"{f.jump}" for f in fields) + ")"
+    return (
+        " x ".join(f"{f.size}" for f in fields)
+        + " (jump "
+        + " x ".join(f"{f.jump}" for f in fields)
+        + ")"
+    )
 
 
 @dataclass(frozen=True)
@@ -127,13 +141,17 @@ class _LayerColumn:
 
 
 _LAYER_COLUMNS = (
-    _LayerColumn("Layer", False, lambda layer: "  " * max(layer.depth - 1, 0) + (layer.name or "(model)")),
+    _LayerColumn(
+        "Layer", False, lambda layer: "  " * max(layer.depth - 1, 0) + (layer.name or "(model)")
+    ),
     _LayerColumn("Type", False, lambda layer: layer.type),
     _LayerColumn("Output shape", False, _shapes),
     _LayerColumn("Rounding", False, lambda layer: layer.rounding),
     _LayerColumn("Params", True, lambda layer: format_count(layer.parameters)),
     _LayerColumn("Forward FLOPs", True, lambda layer: format_flops(layer.forward_flops)),
-    _LayerColumn("Backward FLOPs", True, lambda layer: format_flops(layer.backward_flops), wide=True),
+    _LayerColumn(
+        "Backward FLOPs", True, lambda layer: format_flops(layer.backward_flops), wide=True
+    ),
     _LayerColumn("Output size", True, lambda layer: format_bytes(layer.output_bytes)),
     _LayerColumn("Receptive field", True, _field, wide=True),
 )
@@ -221,7 +239,10 @@ def print_summary(
         console.print(line, highlight=False)
     if explain:
         console.print()
-        console.print("Why each size is what it is (PyTorch starts windows at the top/left and drops the remainder at the bottom/right; nothing is random):", highlight=False)
+        console.print(
+            "Why each size is what it is (PyTorch starts windows at the top/left and drops the remainder at the bottom/right; nothing is random):",
+            highlight=False,
+        )
         for line in explanation_lines(summary):
             console.print("  " + line, highlight=False, markup=False)
     if memory is not None:
@@ -239,7 +260,9 @@ def summary_markdown(
     out = [f"**{_header(summary)}**", "", *markdown_table(layer_table(summary)), ""]
     out += [f"- {line}" for line in _total_lines(summary)]
     if explain:
-        out += ["", "Rounding, layer by layer:", ""] + [f"- `{line}`" for line in explanation_lines(summary)]
+        out += ["", "Rounding, layer by layer:", ""] + [
+            f"- `{line}`" for line in explanation_lines(summary)
+        ]
     text = "\n".join(out) + "\n"
     if memory is not None:
         text += "\n" + memory_markdown(memory, study=study)
@@ -253,7 +276,23 @@ def summary_html(summary: Summary) -> str:
 
 def summary_csv(summary: Summary) -> str:
     """One row per module with exact integers (no units), for spreadsheets."""
-    fields = ["name", "type", "depth", "output_shape", "output_bytes", "parameters", "weights", "biases", "trainable_parameters", "frozen_parameters", "buffer_elements", "forward_flops", "backward_flops", "rounding", "explanation"]
+    fields = [
+        "name",
+        "type",
+        "depth",
+        "output_shape",
+        "output_bytes",
+        "parameters",
+        "weights",
+        "biases",
+        "trainable_parameters",
+        "frozen_parameters",
+        "buffer_elements",
+        "forward_flops",
+        "backward_flops",
+        "rounding",
+        "explanation",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

@@ -22,7 +22,9 @@ def evaluation_table(evaluation: Evaluation) -> TextTable:
         for row in evaluation.per_class
     ]
     rows.append(("all", f"{evaluation.examples:,}", f"{evaluation.accuracy:.4f}"))
-    return TextTable(("class", "test images", "accuracy"), frozenset({"test images", "accuracy"}), tuple(rows))
+    return TextTable(
+        ("class", "test images", "accuracy"), frozenset({"test images", "accuracy"}), tuple(rows)
+    )
 
 
 def print_evaluation(

@@ -41,9 +41,23 @@ def measurement_table(
         for level, nbytes, where in levels:
             ratio = predicted[level] / nbytes if nbytes else float("nan")
             rows.append(
-                (result.spec.title, level, f"{nbytes:,}", f"{predicted[level]:,}", f"{ratio:.4f}", where)
+                (
+                    result.spec.title,
+                    level,
+                    f"{nbytes:,}",
+                    f"{predicted[level]:,}",
+                    f"{ratio:.4f}",
+                    where,
+                )
             )
-    columns = ("step", "level", "measured_bytes", "predicted_bytes", "pred/meas", "measured peak at")
+    columns = (
+        "step",
+        "level",
+        "measured_bytes",
+        "predicted_bytes",
+        "pred/meas",
+        "measured peak at",
+    )
     return TextTable(columns, frozenset(columns[2:5]), tuple(rows))
 
 

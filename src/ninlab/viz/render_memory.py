@@ -40,7 +40,9 @@ def _op_place(op: str, phase: str, module: str, module_type: str = "", node: str
 
 def _level(report: MemoryReport, level: str) -> str:
     """A batch result's level in words: on CUDA the allocator's level is its reserved memory."""
-    return "allocator: CUDA's reserved" if level == "allocator" and report.cuda is not None else level
+    return (
+        "allocator: CUDA's reserved" if level == "allocator" and report.cuda is not None else level
+    )
 
 
 def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> list[str]:
@@ -54,7 +56,9 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
             f"{_op_place(peak.op, peak.phase, peak.module, peak.module_type, peak.autograd_node)}"
         )
     else:
-        lines.append(f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see the note)")
+        lines.append(
+            f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see the note)"
+        )
     allocator = report.allocator
     if allocator is not None:
         extra = allocator.workspace_bytes or allocator.rounding_bytes
@@ -65,10 +69,14 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         )
         lines.append(f"Allocator rules: {allocator.method}")
         if allocator.measured:
-            lines.append(f"Measured on this CPU, one call each (no rule gives their blocks): {', '.join(allocator.measured)}")
+            lines.append(
+                f"Measured on this CPU, one call each (no rule gives their blocks): {', '.join(allocator.measured)}"
+            )
         lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
     else:
-        lines.append(f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)")
+        lines.append(
+            f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)"
+        )
     cuda = report.cuda
     if cuda is not None:
         low, high = cuda.process_bytes
@@ -99,9 +107,15 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
                 f"({format_bytes(forum.largest_consecutive_pair_bytes)})"
             )
             why = f"it leaves out the input batch ({format_bytes(report.breakdown.input_bytes)}) and what kernels hold while they run"
-        lines.append(f"Forum rule: {rule} = {_bytes(forum.rule_bytes)}, {forum.ratio:.2f}x ours: {why}")
+        lines.append(
+            f"Forum rule: {rule} = {_bytes(forum.rule_bytes)}, {forum.ratio:.2f}x ours: {why}"
+        )
     if scaling is not None:
-        check = "on the line" if scaling.linear else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
+        check = (
+            "on the line"
+            if scaling.linear
+            else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
+        )
         lines.append(
             f"Batch size ({_level(report, scaling.level)} level): {format_bytes(int(scaling.fixed_bytes))} fixed + "
             f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch {scaling.batch_sizes[0]} and "
@@ -133,7 +147,9 @@ def breakdown_table(report: MemoryReport) -> TextTable:
         for name, nbytes in zip(CATEGORIES, report.breakdown.counts())
         if nbytes
     )
-    return TextTable(("At the live peak", "Bytes", "Share", "What it is"), frozenset({"Bytes", "Share"}), rows)
+    return TextTable(
+        ("At the live peak", "Bytes", "Share", "What it is"), frozenset({"Bytes", "Share"}), rows
+    )
 
 
 def saved_table(report: MemoryReport) -> TextTable:
@@ -144,8 +160,14 @@ def saved_table(report: MemoryReport) -> TextTable:
         why = "; ".join(layer.reasons)
         if layer.also_kept_by:
             why += f" (also kept by {', '.join(layer.also_kept_by)}: counted once, here)"
-        rows.append((layer.layer, layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why))
-    return TextTable(("Layer", "Type", "Kept for backward", "Share", "Why"), frozenset({"Kept for backward", "Share"}), tuple(rows))
+        rows.append(
+            (layer.layer, layer.module_type, f"{layer.counted_bytes:,}", f"{layer.share:.1%}", why)
+        )
+    return TextTable(
+        ("Layer", "Type", "Kept for backward", "Share", "Why"),
+        frozenset({"Kept for backward", "Share"}),
+        tuple(rows),
+    )
 
 
 def _saved_title(report: MemoryReport) -> str:
@@ -210,11 +232,15 @@ def memory_to_dict(report: MemoryReport, *, study: BatchStudy | None = None) -> 
         "breakdown_bytes": dict(zip(CATEGORIES, report.breakdown.counts())),
         "category_meanings": dict(CATEGORY_MEANINGS),
         "allocator": dict(report.allocator.__dict__) if report.allocator else None,
-        "cuda": {**report.cuda.__dict__, "process_bytes": report.cuda.process_bytes} if report.cuda else None,
+        "cuda": {**report.cuda.__dict__, "process_bytes": report.cuda.process_bytes}
+        if report.cuda
+        else None,
         "saved_for_backward": [dict(row.__dict__) for row in report.saved],
         "saved_total_bytes": report.saved_total_bytes,
         "forum_rule": dict(report.forum.__dict__) if report.forum else None,
-        "ddp": {**report.ddp.__dict__, "total_bytes": report.ddp.total_bytes} if report.ddp else None,
+        "ddp": {**report.ddp.__dict__, "total_bytes": report.ddp.total_bytes}
+        if report.ddp
+        else None,
         "fallback": dict(report.fallback.__dict__) if report.fallback else None,
         "notes": list(report.notes),
         "batch_scaling": {**scaling.__dict__, "linear": scaling.linear} if scaling else None,

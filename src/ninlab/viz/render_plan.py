@@ -24,7 +24,13 @@ def plan_table(plan: BudgetPlan) -> TextTable:
     line each)."""
     batch = f"{plan.batch_size:,}"
     return TextTable(
-        columns=("Alternative", "Batch", f"Batch {batch}", f"Peak at batch {batch}", "FLOPs per step"),
+        columns=(
+            "Alternative",
+            "Batch",
+            f"Batch {batch}",
+            f"Peak at batch {batch}",
+            "FLOPs per step",
+        ),
         numeric=frozenset({f"Peak at batch {batch}"}),
         rows=tuple(_option_cells(option, plan.batch_size) for option in plan.options),
     )
@@ -34,7 +40,9 @@ def _option_cells(option: PlanOption, batch_size: int) -> tuple[str, ...]:
     if option.kind == "accumulation":
         largest = f"batch {batch_size:,} in {option.micro_batches} micro-batches"
     else:
-        largest = f"largest batch {'at most ' if option.largest_at_most else ''}{option.largest_batch:,}"
+        largest = (
+            f"largest batch {'at most ' if option.largest_at_most else ''}{option.largest_batch:,}"
+        )
     compute = format_flops(option.step_flops)
     if option.recomputed_flops:
         compute += f", {format_flops(option.recomputed_flops)} of it recomputed"
@@ -50,7 +58,7 @@ def _option_cells(option: PlanOption, batch_size: int) -> tuple[str, ...]:
 def _heading(plan: BudgetPlan) -> str:
     return (
         f"Fitting batch {plan.batch_size:,} into {format_bytes(plan.budget_bytes)} (allocator level; "
-        "each figure a prediction at that batch; \"at least\" and \"at most\" where a kernel's workspace is "
+        'each figure a prediction at that batch; "at least" and "at most" where a kernel\'s workspace is '
         "unknown there):"
     )
 
@@ -59,7 +67,9 @@ def plan_lines(plan: BudgetPlan) -> list[str]:
     """A heading, one line per alternative (`plan_table`'s row), and the recommendation."""
     lines = [_heading(plan)]
     for name, largest, fits, peak, compute in plan_table(plan).rows:
-        lines.append(f"  {name}: {largest}; batch {plan.batch_size:,} {fits} ({peak}); {compute} per step")
+        lines.append(
+            f"  {name}: {largest}; batch {plan.batch_size:,} {fits} ({peak}); {compute} per step"
+        )
     lines.append(f"{_RECOMMENDATION}: {plan.recommendation}")
     return lines
 
@@ -67,7 +77,13 @@ def plan_lines(plan: BudgetPlan) -> list[str]:
 def plan_markdown(plan: BudgetPlan) -> str:
     """The heading and the recommendation in bold, the alternatives as a list."""
     heading, *options, recommendation = plan_lines(plan)
-    lines = [f"**{heading}**", "", *(f"- {line.strip()}" for line in options), "", f"**{recommendation}**"]
+    lines = [
+        f"**{heading}**",
+        "",
+        *(f"- {line.strip()}" for line in options),
+        "",
+        f"**{recommendation}**",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -84,8 +100,14 @@ def plan_to_dict(plan: BudgetPlan) -> dict[str, Any]:
         "budget_bytes": plan.budget_bytes,
         "batch_size": plan.batch_size,
         "options": [
-            {**{f.name: getattr(option, f.name) for f in dataclasses.fields(option) if f.name != "spec"},
-             "step": option.spec.as_dict()}
+            {
+                **{
+                    f.name: getattr(option, f.name)
+                    for f in dataclasses.fields(option)
+                    if f.name != "spec"
+                },
+                "step": option.spec.as_dict(),
+            }
             for option in plan.options
         ],
         "recommended": plan.recommended.name if plan.recommended else None,

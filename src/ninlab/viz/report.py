@@ -91,7 +91,9 @@ def build_report(study: ModelStudy, *, layer: str | None = None) -> Report:
     summary, train, infer, batch = study.summary, study.train, study.infer, study.batch
     has_windows = any(row.axes for row in summary.layers)
     charts = ReportCharts(
-        geometry=geometry_chart(summary, layer=layer) if has_windows and len(summary.input_size) == 3 else None,
+        geometry=geometry_chart(summary, layer=layer)
+        if has_windows and len(summary.input_size) == 3
+        else None,
         field=field_chart(summary) if any(row.receptive_field for row in summary.layers) else None,
         flops=flops_chart(summary),
         train_timeline=timeline_chart(train) if train.timeline else None,
@@ -159,9 +161,16 @@ def _glance(report: Report) -> str:
         (format_bytes(infer.live_peak_bytes), f"peak tensor memory, {infer.spec.title}"),
         (_shape(summary.smallest_input_size or ()) or "no window", "smallest valid input"),
         (format_bytes(train.allocator_peak_bytes), f"allocator peak, {train.spec.title}"),
-        (format_count(fit.batch_size), f"largest training batch within {format_bytes(fit.budget_bytes)}"),
+        (
+            format_count(fit.batch_size),
+            f"largest training batch within {format_bytes(fit.budget_bytes)}",
+        ),
     ]
-    return '<div class="glance">' + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items) + "</div>"
+    return (
+        '<div class="glance">'
+        + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items)
+        + "</div>"
+    )
 
 
 def _layers_section(report: Report) -> str:
@@ -216,7 +225,8 @@ def _flops_section(report: Report) -> str:
     return "<h2>FLOPs per layer</h2>" + _figure(
         report.charts.flops,
         "flops",
-        _e(report.study.summary.flop_convention) + ". The first layer's backward computes only weight gradients: the input batch needs none.",
+        _e(report.study.summary.flop_convention)
+        + ". The first layer's backward computes only weight gradients: the input batch needs none.",
     )
 
 
@@ -255,8 +265,18 @@ def _memory_section(report: Report) -> str:
         ),
     ]
     for step, key, chart, caption in (
-        (train, "train-timeline", report.charts.train_timeline, "From zero_grad through forward, loss, backward and the optimizer step (the second, steady-state step)."),
-        (infer, "infer-timeline", report.charts.infer_timeline, "Inference: activations die as soon as the next layer has used them."),
+        (
+            train,
+            "train-timeline",
+            report.charts.train_timeline,
+            "From zero_grad through forward, loss, backward and the optimizer step (the second, steady-state step).",
+        ),
+        (
+            infer,
+            "infer-timeline",
+            report.charts.infer_timeline,
+            "Inference: activations die as soon as the next layer has used them.",
+        ),
     ):
         parts.append(f"<h3>{_e(step.spec.title.capitalize())}, batch {step.batch_size}</h3>")
         parts.append(f"<p>{_peak_text(step)}</p>")
@@ -269,7 +289,13 @@ def _memory_section(report: Report) -> str:
         parts.append(_figure(chart, key, caption))
     if report.charts.saved is not None:
         parts.append("<h3>What each layer keeps for backward</h3>")
-        parts.append(_figure(report.charts.saved, "saved", "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it."))
+        parts.append(
+            _figure(
+                report.charts.saved,
+                "saved",
+                "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it.",
+            )
+        )
         parts.append(html_table(saved_table(train)))
     fit, scaling = study.fit, study.scaling
     parts.append("<h3>Batch size</h3>")
@@ -282,7 +308,13 @@ def _memory_section(report: Report) -> str:
         f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; "
         f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
     )
-    parts.append(_figure(report.charts.batch, "batch", "Every point is an exact prediction; the line is fitted through two of them."))
+    parts.append(
+        _figure(
+            report.charts.batch,
+            "batch",
+            "Every point is an exact prediction; the line is fitted through two of them.",
+        )
+    )
     if study.plan is not None:
         parts.append(plan_html(study.plan))
     return "".join(parts)

@@ -77,7 +77,9 @@ def flash_attention_allocations(
         )
     gradients = [
         KernelAllocation(prod(shape) * 4, f"grad_{name}", output=index)
-        for index, (name, shape) in enumerate((("query", query_shape), ("key", key_shape), ("value", key_shape)))
+        for index, (name, shape) in enumerate(
+            (("query", query_shape), ("key", key_shape), ("value", key_shape))
+        )
     ]
     query_sized = KernelAllocation(query_bytes, "query-sized buffer")
     blocks = KernelAllocation(threads * 2 * query_block * key_block * 4, "per-thread score blocks")

@@ -95,7 +95,9 @@ def batch_norm_forward_allocations(
             for statistic in ("running mean", "running var"):
                 update = KernelAllocation(channel_bytes, f"{statistic} update")
                 sums = [KernelAllocation(threads * channel_bytes, "per-thread sums")]
-                inside = [*sums, *frees(sums)] if channels_last and statistic == "running mean" else []
+                inside = (
+                    [*sums, *frees(sums)] if channels_last and statistic == "running mean" else []
+                )
                 allocations += [update, update, *inside, *frees([update, update])]
     else:
         folded = [

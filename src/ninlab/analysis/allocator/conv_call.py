@@ -30,8 +30,16 @@ def conv_backend(
     """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
     of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
     backend = select_conv_backend(
-        input, weight, bias, list(stride), list(padding), list(dilation), transposed,
-        list(output_padding), groups, None,
+        input,
+        weight,
+        bias,
+        list(stride),
+        list(padding),
+        list(dilation),
+        transposed,
+        list(output_padding),
+        groups,
+        None,
     )
     return str(backend).rsplit(".", 1)[-1]
 
@@ -72,5 +80,6 @@ class ConvCall:
         """PyTorch's oneDNN path runs in channels-last when the input or the weight is in it
         (ATen's mkldnn_conv_use_channels_last), making the other channels-last too."""
         return torch.channels_last in (
-            suggest_memory_format(self.input), suggest_memory_format(self.weight)
+            suggest_memory_format(self.input),
+            suggest_memory_format(self.weight),
         )

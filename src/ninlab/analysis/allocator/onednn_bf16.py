@@ -80,9 +80,7 @@ MKLDNN_MATMUL_MIN_SIZE = 16 * 16 * 16
 the batch for bmm) exceeds this (aten/src/ATen/native/mkldnn/Utils: mkldnn_gemm_min_size)."""
 
 _DEPTHWISE_SCRATCHPAD = "bf16 depthwise backward-weights scratchpad"
-_BRGEMM_SCRATCHPAD = (
-    "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
-)
+_BRGEMM_SCRATCHPAD = "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
 _GROUPED = KernelBlocks(None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)")
 
 
@@ -237,7 +235,11 @@ def bf16_conv_backward_allocations(
         )
     if groups > 1:
         return _GROUPED
-    input_bytes, output_bytes, weight_bytes = _bytes(input_shape), _bytes(grad_output_shape), _bytes(weight_shape)
+    input_bytes, output_bytes, weight_bytes = (
+        _bytes(input_shape),
+        _bytes(grad_output_shape),
+        _bytes(weight_shape),
+    )
     weights = KernelAllocation(weight_bytes, "weights for backward-data (unpadded: a lower bound)")
     one_channel = input_shape[1] == 1
     allocations: list[KernelAllocation] = []
@@ -270,7 +272,12 @@ def bf16_conv_backward_allocations(
                 copy = KernelAllocation(weight_bytes, "channels-last copy of grad_weight")
                 gradients += [copy, *frees([copy])]
         allocations += [
-            *copies, blocked, *blocked_bias, *frees(copies[::-1]), *gradients, *frees([blocked, *blocked_bias]),
+            *copies,
+            blocked,
+            *blocked_bias,
+            *frees(copies[::-1]),
+            *gradients,
+            *frees([blocked, *blocked_bias]),
         ]
     return KernelBlocks(tuple(allocations), _BRGEMM_SCRATCHPAD)
 
@@ -302,7 +309,9 @@ def _depthwise_backward(
     blocked_grad_output = KernelAllocation(
         batch * padded * prod(grad_output_shape[2:]) * _ITEMSIZE, "blocked grad_output"
     )
-    blocked_input = KernelAllocation(batch * padded * prod(input_shape[2:]) * _ITEMSIZE, "blocked input")
+    blocked_input = KernelAllocation(
+        batch * padded * prod(input_shape[2:]) * _ITEMSIZE, "blocked input"
+    )
     if output_mask[0]:
         grad_input = KernelAllocation(_bytes(input_shape), "grad_input", output=0)
         weights = KernelAllocation(padded_weight_bytes, "weights for backward-data (groups padded)")
@@ -311,8 +320,12 @@ def _depthwise_backward(
         else:
             computed = KernelAllocation(blocked_input.delta_bytes, "blocked grad_input")
             allocations += [
-                blocked_grad_output, weights, computed, *frees([weights, blocked_grad_output]),
-                grad_input, *frees([computed]),
+                blocked_grad_output,
+                weights,
+                computed,
+                *frees([weights, blocked_grad_output]),
+                grad_input,
+                *frees([computed]),
             ]
     if not (output_mask[1] or output_mask[2]):
         return KernelBlocks(tuple(allocations))
@@ -323,15 +336,25 @@ def _depthwise_backward(
     gradient = KernelAllocation(weight_bytes, "grad_weight", output=1)
     if channels_last and kernel > 9:
         # jit_bf16 backward-weights: each group as 16x16 channels, reduced in float32.
-        blocked_16x16 = KernelAllocation(channels * 256 * kernel * _ITEMSIZE, "16x16 blocked grad_weight")
+        blocked_16x16 = KernelAllocation(
+            channels * 256 * kernel * _ITEMSIZE, "16x16 blocked grad_weight"
+        )
         scratchpad = KernelAllocation(
-            _depthwise_weight_gradient_scratchpad_bytes(grad_output_shape, input_shape, weight_shape, grad_bias),
+            _depthwise_weight_gradient_scratchpad_bytes(
+                grad_output_shape, input_shape, weight_shape, grad_bias
+            ),
             "float32 reduction and transposition buffers",
         )
         blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
         allocations += [
-            blocked_16x16, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
-            blocked, gradient, *frees([blocked, blocked_16x16, *blocked_bias]),
+            blocked_16x16,
+            scratchpad,
+            *blocked_bias,
+            *frees([scratchpad]),
+            *bias_output,
+            blocked,
+            gradient,
+            *frees([blocked, blocked_16x16, *blocked_bias]),
         ]
         # Measured with one thread per group at most, at stride 1 ("same" padding); elsewhere
         # oneDNN may split the work (and its buffers) otherwise.
@@ -348,8 +371,14 @@ def _depthwise_backward(
         scratchpad = KernelAllocation(scratchpad_bytes, "scratchpad")
         copy = KernelAllocation(weight_bytes, "grad_weight copy")
         allocations += [
-            blocked, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
-            gradient, copy, *frees([copy, blocked, *blocked_bias]),
+            blocked,
+            scratchpad,
+            *blocked_bias,
+            *frees([scratchpad]),
+            *bias_output,
+            gradient,
+            copy,
+            *frees([copy, blocked, *blocked_bias]),
         ]
         exact = kernel == 9 and unstrided
         return KernelBlocks(tuple(allocations), "" if exact else _DEPTHWISE_SCRATCHPAD)
@@ -367,8 +396,14 @@ def _depthwise_backward(
             "scratchpad",
         )
         allocations += [
-            *copies, blocked, scratchpad, *blocked_bias, *frees([scratchpad, *copies[::-1]]), *bias_output,
-            gradient, *frees([blocked, *blocked_bias]),
+            *copies,
+            blocked,
+            scratchpad,
+            *blocked_bias,
+            *frees([scratchpad, *copies[::-1]]),
+            *bias_output,
+            gradient,
+            *frees([blocked, *blocked_bias]),
         ]
         if unstrided and kernel in (9, 25, 49) and threads <= 2:
             return KernelBlocks(tuple(allocations))
@@ -404,7 +439,10 @@ def _nchw_depthwise_weight_gradient_scratchpad_bytes(
 
 
 def _depthwise_weight_gradient_scratchpad_bytes(
-    grad_output_shape: Sequence[int], input_shape: Sequence[int], weight_shape: Sequence[int], grad_bias: bool
+    grad_output_shape: Sequence[int],
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    grad_bias: bool,
 ) -> int:
     """The one scratchpad of oneDNN's jit_bf16 backward-weights kernel for a depthwise 5x5 or 7x7
     convolution, channels-last, with fewer threads than groups (so one thread does each group,
@@ -430,4 +468,7 @@ def bf16_matmul_allocations(
     if batch * rows * inner * columns <= MKLDNN_MATMUL_MIN_SIZE:
         return OUTPUTS_ONLY
     output = KernelAllocation(_bytes(output_shape), "output", output=0)
-    return KernelBlocks((output,), "bf16 matrix multiply: oneDNN's AMX brgemm scratchpad (sized by its blocking heuristics)")
+    return KernelBlocks(
+        (output,),
+        "bf16 matrix multiply: oneDNN's AMX brgemm scratchpad (sized by its blocking heuristics)",
+    )

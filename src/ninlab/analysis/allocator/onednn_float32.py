@@ -75,6 +75,7 @@ __all__ = [
     "strided_backward_data_scratchpad_bytes",
 ]
 
+
 def float32_conv_blocks(conv: ConvCall) -> KernelBlocks:
     """The blocks of a float32 convolution call on the oneDNN backend, or why they are not
     known."""
@@ -92,12 +93,17 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         if groups > 1 and not depthwise:
             return "grouped channels-last oneDNN convolution"
         if conv.grad_output is None:
-            if depthwise or _fixed_brgemm_scratchpad(conv.input.shape[1], tuple(conv.weight.shape[2:])):
+            if depthwise or _fixed_brgemm_scratchpad(
+                conv.input.shape[1], tuple(conv.weight.shape[2:])
+            ):
                 return None
             return "channels-last forward with one input channel or a kernel over 7x7 (another brgemm scratchpad)"
         if not depthwise:
             return _channels_last_backward_reason(conv, block)
-        if tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS or not conv.output_mask[1]:
+        if (
+            tuple(conv.weight.shape[2:]) not in _DEPTHWISE_BACKWARD_KERNELS
+            or not conv.output_mask[1]
+        ):
             return "channels-last depthwise backward of a kernel size or gradients not measured"
         return None
     if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
@@ -146,7 +152,11 @@ def _channels_last_backward_reason(conv: ConvCall, block: int) -> str | None:
     in_channels = conv.input.shape[1]
     if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
         return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
-    if conv.output_mask[0] and strided and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:]):
+    if (
+        conv.output_mask[0]
+        and strided
+        and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:])
+    ):
         return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
     if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
         return "channels-last backward-data of a first layer (fewer input channels than a block)"
@@ -158,7 +168,11 @@ def _call_allocations(conv: ConvCall) -> tuple[KernelAllocation, ...]:
     if conv.grad_output is not None and conv.channels_last and conv.groups == 1:
         copies = [
             name
-            for name, tensor in (("grad_output", conv.grad_output), ("input", conv.input), ("weight", conv.weight))
+            for name, tensor in (
+                ("grad_output", conv.grad_output),
+                ("input", conv.input),
+                ("weight", conv.weight),
+            )
             if not tensor.is_contiguous(memory_format=torch.channels_last)
         ]
         return mkldnn_conv_channels_last_backward_allocations(
@@ -242,8 +256,15 @@ class _ConvSizes:
         batch, in_channels, *in_spatial = input_shape
         out_channels, in_per_group, *kernel = weight_shape
         return _ConvSizes(
-            batch, in_channels, out_channels, in_per_group, prod(kernel), prod(in_spatial),
-            prod(output_spatial), itemsize, block,
+            batch,
+            in_channels,
+            out_channels,
+            in_per_group,
+            prod(kernel),
+            prod(in_spatial),
+            prod(output_spatial),
+            itemsize,
+            block,
         )
 
     @property
@@ -370,7 +391,9 @@ def mkldnn_conv_channels_last_forward_allocations(
     [36,864 (weight copy), 65,536 (output), 12,336, 36,864, -36,864, -12,336, -36,864].
     A bias adds no block here (40 output channels measured).
     """
-    sizes = _ConvSizes.of(input_shape, weight_shape, output_shape[2:], itemsize=itemsize, block=block)
+    sizes = _ConvSizes.of(
+        input_shape, weight_shape, output_shape[2:], itemsize=itemsize, block=block
+    )
     copies = []
     if copies_input:
         copies.append(KernelAllocation(sizes.input_bytes, "channels-last copy of the input"))
@@ -428,7 +451,11 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
         reordered = KernelAllocation(padded_weights, "weights for backward-data")
-        allocations += [KernelAllocation(input_bytes, "grad_input", output=0), reordered, *frees([reordered])]
+        allocations += [
+            KernelAllocation(input_bytes, "grad_input", output=0),
+            reordered,
+            *frees([reordered]),
+        ]
     blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
     bias_output = [KernelAllocation(bias_bytes, "grad_bias", output=2)] if grad_bias else []
     gradient = KernelAllocation(weight_bytes, "grad_weight", output=1)
@@ -437,16 +464,28 @@ def mkldnn_depthwise_conv_channels_last_backward_allocations(
         reduction = [KernelAllocation(channels * 64 + 128, "bias reduction")] if grad_bias else []
         blocked = KernelAllocation(weight_bytes, "blocked grad_weight")
         allocations += [
-            scratchpad, *reduction, *blocked_bias, *frees(reduction), *bias_output,
-            blocked, gradient, *frees([blocked, scratchpad, *blocked_bias]),
+            scratchpad,
+            *reduction,
+            *blocked_bias,
+            *frees(reduction),
+            *bias_output,
+            blocked,
+            gradient,
+            *frees([blocked, scratchpad, *blocked_bias]),
         ]
     else:
         blocked = KernelAllocation(padded_weights, "blocked grad_weight")
         scratchpad = KernelAllocation(1280 + (bias_bytes + 128 if grad_bias else 0), "scratchpad")
         copy = KernelAllocation(weight_bytes, "grad_weight copy")
         allocations += [
-            blocked, scratchpad, *blocked_bias, *frees([scratchpad]), *bias_output,
-            gradient, copy, *frees([copy, blocked, *blocked_bias]),
+            blocked,
+            scratchpad,
+            *blocked_bias,
+            *frees([scratchpad]),
+            *bias_output,
+            gradient,
+            copy,
+            *frees([copy, blocked, *blocked_bias]),
         ]
     return tuple(allocations)
 
@@ -499,9 +538,16 @@ def onednn_weight_gradient_batch_threads(
 
     def memory_cost(on_batch: int, on_out: int, on_in: int) -> int:
         return (
-            -(-batch * in_rows // on_batch) * -(-in_blocks // on_in) * in_block * (positions_in // in_rows)
-            // stride[0] // stride[1]
-            + -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * 16 * (positions_out // out_rows)
+            -(-batch * in_rows // on_batch)
+            * -(-in_blocks // on_in)
+            * in_block
+            * (positions_in // in_rows)
+            // stride[0]
+            // stride[1]
+            + -(-batch * out_rows // on_batch)
+            * -(-out_blocks // on_out)
+            * 16
+            * (positions_out // out_rows)
             + 8 * -(-out_blocks // on_out) * -(-in_blocks // on_in) * kernel_size * in_block * 16
         )
 
@@ -509,7 +555,13 @@ def onednn_weight_gradient_batch_threads(
         return -(-batch * out_rows // on_batch) * -(-out_blocks // on_out) * -(-in_blocks // on_in)
 
     return _batch_split(
-        memory_cost, compute_cost, min(threads, row_batches), threads, in_blocks, out_blocks, row_batches
+        memory_cost,
+        compute_cost,
+        min(threads, row_batches),
+        threads,
+        in_blocks,
+        out_blocks,
+        row_batches,
     )
 
 
@@ -645,9 +697,17 @@ def mkldnn_conv_channels_last_backward_allocations(
     threads, no bias: [32,768, 9,216, 12,464, -12,464, -9,216, 9,216, 17,600, -17,600, 9,216,
     9,216, -9,216, -9,216].
     """
-    sizes = _ConvSizes.of(input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block)
-    copy_bytes = {"grad_output": sizes.output_bytes, "input": sizes.input_bytes, "weight": sizes.weight_bytes}
-    copied = [KernelAllocation(copy_bytes[name], f"channels-last copy of the {name}") for name in copies]
+    sizes = _ConvSizes.of(
+        input_shape, weight_shape, grad_output_shape[2:], itemsize=itemsize, block=block
+    )
+    copy_bytes = {
+        "grad_output": sizes.output_bytes,
+        "input": sizes.input_bytes,
+        "weight": sizes.weight_bytes,
+    }
+    copied = [
+        KernelAllocation(copy_bytes[name], f"channels-last copy of the {name}") for name in copies
+    ]
     allocations: list[KernelAllocation] = list(copied)
     padded_in = pad(sizes.in_channels, block)
     if output_mask[0]:
@@ -674,7 +734,9 @@ def mkldnn_conv_channels_last_backward_allocations(
     if output_mask[1] or grad_bias:
         first_layer = sizes.in_channels < block and sizes.kernel > 1  # 1x1: padded all the same
         padded_out = pad(sizes.out_channels, block)
-        blocked_weights = padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
+        blocked_weights = (
+            padded_out * (sizes.in_channels if first_layer else padded_in) * sizes.kernel
+        )
         scratchpad_bytes = _weight_gradient_scratchpad_bytes(
             sizes,
             blocked_weights=blocked_weights,
@@ -686,7 +748,11 @@ def mkldnn_conv_channels_last_backward_allocations(
             threads=threads,
             channels_last=True,
         )
-        scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
+        scratchpad = (
+            [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")]
+            if scratchpad_bytes
+            else []
+        )
         bias_bytes = sizes.out_channels * itemsize
         blocked_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
         blocked = KernelAllocation(blocked_weights * itemsize, "blocked grad_weight")
@@ -748,13 +814,16 @@ def mkldnn_conv_backward_allocations(
         else:
             allocations += _conv_grad_input_blocked(sizes)
     if output_mask[1] and sizes.depthwise and max(weight_shape[2:]) > 3:
-        allocations += _depthwise_gemm_grad_weight_and_bias(sizes, grad_bias=output_mask[2], threads=threads)
+        allocations += _depthwise_gemm_grad_weight_and_bias(
+            sizes, grad_bias=output_mask[2], threads=threads
+        )
     elif output_mask[1] or output_mask[2]:
         scratchpad = 0
         if sizes.groups == 1:
             scratchpad = _weight_gradient_scratchpad_bytes(
                 sizes,
-                blocked_weights=sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input) // itemsize,
+                blocked_weights=sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input)
+                // itemsize,
                 input_shape=input_shape,
                 grad_output_shape=grad_output_shape,
                 kernel=weight_shape[2:],
@@ -797,7 +866,10 @@ def _strided_backward_data_weight_bytes(sizes: _ConvSizes) -> int:
 
 
 def strided_backward_data_modelled(
-    kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], input_spatial: Sequence[int]
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    input_spatial: Sequence[int],
 ) -> bool:
     """Whether `strided_backward_data_scratchpad_bytes` knows this strided backward-data: an
     unpadded 1x1 kernel, or overlapping windows with "same" padding (3x3 padding 1, 5x5 padding
@@ -806,13 +878,19 @@ def strided_backward_data_modelled(
     (patchify convs), 3x3 unpadded (48->80 on 28x28: 192,560 bytes, the rule says 159,792), an
     odd input (112->64 3x3 on 15x15: 98,352, the rule says 94,256)."""
     return all(
-        ((size == 1 and pad == 0) or (size > step and pad == (size - 1) // 2)) and extent % step == 0
+        ((size == 1 and pad == 0) or (size > step and pad == (size - 1) // 2))
+        and extent % step == 0
         for size, step, pad, extent in zip(kernel, stride, padding, input_spatial)
     )
 
 
 def strided_backward_data_scratchpad_bytes(
-    *, out_channels: int, output_spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int], threads: int
+    *,
+    out_channels: int,
+    output_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    threads: int,
 ) -> int:
     """The scratchpad of oneDNN's brgconv_strided backward-data (float32, NCHW or channels-last):
     12,288 bytes, and per thread 8,216 and a copy of grad_output with ceil((k - 1) / stride) more
@@ -820,7 +898,8 @@ def strided_backward_data_scratchpad_bytes(
     output channels, 2 threads, and 1 thread twice), confirmed on 6 it was not fitted on, up to
     913,456 bytes (64->128 3x3 stride 2 on 56x56)."""
     rows, columns = (
-        size + -(-(window - 1) // step) for size, window, step in zip(output_spatial, kernel, stride)
+        size + -(-(window - 1) // step)
+        for size, window, step in zip(output_spatial, kernel, stride)
     )
     copy = -(-(out_channels * rows * columns * 4) // 16384) * 16384
     return 12288 + threads * (8216 + copy)
@@ -835,10 +914,20 @@ def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[K
     32x32, 2 threads: [32,768, 9,216, 131,072, 94,256, -94,256, -9,216, -32,768, 131,072,
     131,072, -131,072, -131,072]."""
     grad_output = KernelAllocation(sizes.output_bytes, "channels-last grad_output")
-    weights = KernelAllocation(_strided_backward_data_weight_bytes(sizes), "weights for backward-data")
+    weights = KernelAllocation(
+        _strided_backward_data_weight_bytes(sizes), "weights for backward-data"
+    )
     channels_last = KernelAllocation(sizes.input_bytes, "channels-last grad_input")
-    scratchpad = [KernelAllocation(scratchpad_bytes, "brgemm scratchpad")] if scratchpad_bytes else []
-    computed = [grad_output, weights, channels_last, *scratchpad, *frees([*scratchpad, weights, grad_output])]
+    scratchpad = (
+        [KernelAllocation(scratchpad_bytes, "brgemm scratchpad")] if scratchpad_bytes else []
+    )
+    computed = [
+        grad_output,
+        weights,
+        channels_last,
+        *scratchpad,
+        *frees([*scratchpad, weights, grad_output]),
+    ]
     if sizes.in_channels == 1:  # one channel: channels-last is NCHW already, no clone
         grad_input = KernelAllocation(sizes.input_bytes, "grad_input", output=0)
         return [*computed, grad_input, *frees([channels_last])]
@@ -852,7 +941,13 @@ def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[K
 
 
 def depthwise_gemm_weight_gradient_scratchpad_bytes(
-    *, batch: int, channels: int, kernel: Sequence[int], output_spatial: Sequence[int], threads: int, itemsize: int = 4
+    *,
+    batch: int,
+    channels: int,
+    kernel: Sequence[int],
+    output_spatial: Sequence[int],
+    threads: int,
+    itemsize: int = 4,
 ) -> int:
     """The scratchpad of oneDNN's gemm backward-weights kernel (`x64:gemm:jit`), which computes an
     NCHW depthwise weight gradient of a kernel over 3x3 (jit_dw takes 1x1 and 3x3). From its
@@ -871,7 +966,9 @@ def depthwise_gemm_weight_gradient_scratchpad_bytes(
     return buffers * 4 * weight_bytes + 128 + buffers * prod(kernel) * positions * itemsize + 128
 
 
-def _depthwise_gemm_grad_weight_and_bias(sizes: _ConvSizes, *, grad_bias: bool, threads: int) -> list[KernelAllocation]:
+def _depthwise_gemm_grad_weight_and_bias(
+    sizes: _ConvSizes, *, grad_bias: bool, threads: int
+) -> list[KernelAllocation]:
     """A depthwise weight gradient of a kernel over 3x3 on oneDNN's gemm kernel, which reads
     input and grad_output as they are (NCHW): a dense weight-gradient buffer, the scratchpad
     (`depthwise_gemm_weight_gradient_scratchpad_bytes`), a bias-gradient buffer; free the
@@ -917,7 +1014,11 @@ def _conv_grad_weight_and_bias(
     blocked_grad_weight = KernelAllocation(
         sizes.blocked_weight_bytes(pad_input_channels=sizes.blocks_input), "blocked grad_weight"
     )
-    scratchpad = [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")] if scratchpad_bytes else []
+    scratchpad = (
+        [KernelAllocation(scratchpad_bytes, "weight-gradient scratchpad")]
+        if scratchpad_bytes
+        else []
+    )
     bias_bytes = sizes.out_channels * sizes.itemsize
     blocked_grad_bias = [KernelAllocation(bias_bytes, "blocked grad_bias")] if grad_bias else []
     return [
@@ -931,4 +1032,3 @@ def _conv_grad_weight_and_bias(
         *([KernelAllocation(sizes.weight_bytes, "grad_weight", output=1)] if grad_weight else []),
         *frees([blocked_grad_weight, *blocked_grad_bias]),
     ]
-

@@ -37,14 +37,22 @@ def max_pool_backward_allocations(
         return None
     layout = suggest_memory_format(grad_output)
     copies = [
-        KernelAllocation(tensor.numel() * tensor.dtype.itemsize, f"copy of {name} in the kernel's layout")
+        KernelAllocation(
+            tensor.numel() * tensor.dtype.itemsize, f"copy of {name} in the kernel's layout"
+        )
         for name, tensor in (("grad_output", grad_output), ("indices", indices))
         if not tensor.is_contiguous(memory_format=layout)
     ]
     grad_input_bytes = input.numel() * input.dtype.itemsize
     grad_input = torch.empty(input.shape, device="meta", memory_format=suggest_memory_format(input))
     if not grad_input.is_contiguous(memory_format=layout):
-        copies.append(KernelAllocation(grad_input_bytes, "copy of grad_input in the kernel's layout"))
+        copies.append(
+            KernelAllocation(grad_input_bytes, "copy of grad_input in the kernel's layout")
+        )
     if not copies:
         return None
-    return (KernelAllocation(grad_input_bytes, "grad_input", output=0), *copies, *frees(reversed(copies)))
+    return (
+        KernelAllocation(grad_input_bytes, "grad_input", output=0),
+        *copies,
+        *frees(reversed(copies)),
+    )
