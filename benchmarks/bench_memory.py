@@ -16,7 +16,8 @@ Run by hand (not in CI): `python benchmarks/bench_memory.py [--quick] [--cuda] [
      channels-last, SGD+momentum), training and inference.
    `--quick` drops the batch-128 rows.
 3. With `--cuda` (on a machine with a GPU) instead of 2: NiN at batch 128, float32 and bfloat16
-   autocast, against `torch.cuda.max_memory_allocated` (`ninlab.analysis.measure`), with the GPU's name.
+   autocast, against `torch.cuda.max_memory_allocated` (`ninlab.analysis.measure`), with the
+   GPU's name.
 
 The machine is shared: compare ratios, not absolute times.
 """
@@ -67,7 +68,8 @@ def speed() -> list[str]:
         first = timed(predict)
         median = statistics.median(timed(predict) for _ in range(REPEATS))
         lines.append(
-            f"predict_memory NiN b128 {mode:5} {optimizer:5}: first call {first:.3f} s, median of {REPEATS} {median:.3f} s"
+            f"predict_memory NiN b128 {mode:5} {optimizer:5}: first call {first:.3f} s, median of "
+            f"{REPEATS} {median:.3f} s"
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     lines.append(f"peak RSS after predicting (nothing real allocated yet): {rss / 2**20:.0f} MiB")
@@ -147,7 +149,10 @@ def cases(quick: bool) -> list[Case]:
 
 
 def accuracy(selected: list[Case]) -> list[str]:
-    header = "| model | batch | mode | optimizer | amp | format | device | live predicted | live measured | ratio | allocator predicted | allocator measured | ratio | allocator peak op |"
+    header = (
+        "| model | batch | mode | optimizer | amp | format | device | live predicted | live "
+        "measured | ratio | allocator predicted | allocator measured | ratio | allocator peak op |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     worst = 0.0
     for case in selected:
@@ -173,8 +178,9 @@ def accuracy(selected: list[Case]) -> list[str]:
         )
         optimizer = case.optimizer if case.mode == "train" else "-"
         lines.append(
-            f"| {case.name} | {case.batch} | {case.mode} | {optimizer} | {case.amp or '-'} | {case.memory_format} | {measured.device} | "
-            f"{report.live_peak_bytes:,} | {measured.live_peak_bytes:,} | {live_ratio:.4f} | {report.allocator_peak_bytes:,} | "
+            f"| {case.name} | {case.batch} | {case.mode} | {optimizer} | {case.amp or '-'} | "
+            f"{case.memory_format} | {measured.device} | {report.live_peak_bytes:,} | "
+            f"{measured.live_peak_bytes:,} | {live_ratio:.4f} | {report.allocator_peak_bytes:,} | "
             f"{measured.allocator_peak_bytes:,} | {allocator_ratio:.4f} | {where} |"
         )
         print(lines[-1], flush=True)
@@ -192,7 +198,10 @@ def main() -> int:
     )
     parser.add_argument("--markdown", type=Path, help="also write the results to this file")
     args = parser.parse_args()
-    title = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    title = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
     print(title, flush=True)
     lines = speed()
     print("\n".join(lines), flush=True)

@@ -9,9 +9,9 @@ each uint8 image into a PIL image, resizes it with PIL's bilinear filter (what
 shuffling `DataLoader` with d2l's 4 workers, and train_ch6's step (zero_grad, forward,
 cross-entropy, backward, SGD step, `d2l.accuracy` per batch).
 
-Ours is `ninlab.training.train.train` itself with the d2l preset (channels-last, the default layout), in
-float32 and with `--amp bf16`. Every pipeline trains two epochs over the same first `steps`
-batches of Fashion-MNIST; the second epoch is timed (the first pays one-off set-up: oneDNN
+Ours is `ninlab.training.train.train` itself with the d2l preset (channels-last, the default
+layout), in float32 and with `--amp bf16`. Every pipeline trains two epochs over the same first
+`steps` batches of Fashion-MNIST; the second epoch is timed (the first pays one-off set-up: oneDNN
 kernel choice, first worker start), so each figure is a whole epoch end to end: data, steps,
 metrics, and for the book the worker start-up it pays every epoch. The machine is shared: the
 three pipelines run in turn, `--repeats` times, each keeps its fastest timed epoch (the least
@@ -148,9 +148,10 @@ def main() -> int:
     best = {name: min(seconds) for name, seconds in timings.items()}
     book = best["book (DataLoader + PIL, float32)"]
     print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"NiN at {args.size}x{args.size}, batch {args.batch}, {args.steps} steps per epoch, epoch 2 timed, "
-        f"best of {args.repeats}; load average {load_before:.1f} before, {load_after:.1f} after"
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; NiN at {args.size}x{args.size}, batch {args.batch}, "
+        f"{args.steps} steps per epoch, epoch 2 timed, best of {args.repeats}; load average "
+        f"{load_before:.1f} before, {load_after:.1f} after"
     )
     rows = []
     for name, seconds in best.items():

@@ -153,10 +153,10 @@ def main() -> None:
     print(header)
     for row in rows:
         print(
-            f"{row['model']:16} {row['modules']:>7} {row['ops']:>5} {row['first_prediction_s']:>8.3f} "
-            f"{row['prediction_wall_s']:>7.3f} {row['prediction_cpu_s']:>6.3f} "
-            f"{row['other_batch_prediction_cpu_s']:>14.3f} {row['real_step_s']:>7.3f} "
-            f"{row['prediction_over_real_step']:>6.2f}"
+            f"{row['model']:16} {row['modules']:>7} {row['ops']:>5} "
+            f"{row['first_prediction_s']:>8.3f} {row['prediction_wall_s']:>7.3f} "
+            f"{row['prediction_cpu_s']:>6.3f} {row['other_batch_prediction_cpu_s']:>14.3f} "
+            f"{row['real_step_s']:>7.3f} {row['prediction_over_real_step']:>6.2f}"
         )
     result = {
         "what": (

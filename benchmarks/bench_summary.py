@@ -48,7 +48,8 @@ def main() -> None:
 
     analysis_s, forward_s = statistics.median(analysis), statistics.median(forward)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, NiN batch {BATCH} x {'x'.join(map(str, INPUT))} float32"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, NiN batch {BATCH} x "
+        f"{'x'.join(map(str, INPUT))} float32"
     )
     print(f"summarize(), first call in a process : {first_analysis:.3f} s")
     print(f"summarize(), median of {REPEATS}            : {analysis_s:.3f} s")

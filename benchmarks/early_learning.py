@@ -4,11 +4,11 @@ Run by hand, e.g.
     python benchmarks/early_learning.py --preset d2l --image-size 96 --amp bf16 --seeds 0 1 2
     python benchmarks/early_learning.py --preset default --amp bf16 --steps 120 --seeds 0 1 2
 
-Each run is `ninlab.training.train.train` with the preset's whole schedule (so the learning rate is what it
-would be in the full run), stopped after `--steps` optimizer steps (default: one epoch) the way
-Ctrl-C stops it, then evaluated on all 10,000 test images: accuracy, test images whose logits are
-all exactly 0 (dead final ReLUs) and the mean |logit| (near 0: the signal has faded). Appends one
-JSON line per run to `--output`.
+Each run is `ninlab.training.train.train` with the preset's whole schedule (so the learning rate is
+what it would be in the full run), stopped after `--steps` optimizer steps (default: one epoch) the
+way Ctrl-C stops it, then evaluated on all 10,000 test images: accuracy, test images whose logits
+are all exactly 0 (dead final ReLUs) and the mean |logit| (near 0: the signal has faded). Appends
+one JSON line per run to `--output`.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def main() -> int:
             "seconds": time.perf_counter() - start,
         }
         print(
-            f"{args.preset} seed {seed}, {steps} steps at {run.image_size}x{run.image_size}: test accuracy "
-            f"{evaluation.accuracy:.4f}, train loss {reporter.loss:.4f}, all-zero logits "
+            f"{args.preset} seed {seed}, {steps} steps at {run.image_size}x{run.image_size}: test "
+            f"accuracy {evaluation.accuracy:.4f}, train loss {reporter.loss:.4f}, all-zero logits "
             f"{evaluation.zero_logit_examples}, mean |logit| {evaluation.mean_abs_logit:.4f}"
         )
         with args.output.open("a") as out:

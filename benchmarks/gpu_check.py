@@ -434,7 +434,8 @@ def check(
             ", ".join(f"{key} {ratio:.3f}" for key, ratio in ratios.items()) or "predicted only"
         )
         say(
-            f"memory {case.model} {case.mode} {case.optimizer} amp={case.amp}: {row.get('error', outcome)}"
+            f"memory {case.model} {case.mode} {case.optimizer} amp={case.amp}: "
+            f"{row.get('error', outcome)}"
         )
         _write(output, results)  # a crash later keeps what is done
     results["cuda_context"] = cuda_context(device)

@@ -4,7 +4,8 @@ pooling, grouped convs). They are small on purpose so a real forward and backwar
 takes well under a second at the sizes in `ZOO`.
 
 Every factory is keyword-only with defaults, so `ninlab.models.resolve_model("cnn_zoo:resnet_bn")`
-works when tests/ is on the path. `ZOO` maps a name to its factory and a natural input size (C, H, W).
+works when tests/ is on the path. `ZOO` maps a name to its factory and a natural input size
+(C, H, W).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class InvertedResidual(nn.Module):
 
 
 def mobilenet_relu6(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> nn.Module:
-    """A tiny MobileNetV2: stride-2 stem, inverted residuals (depthwise + ReLU6), dropout, linear."""
+    """A tiny MobileNetV2: stride-2 stem, inverted residuals (depthwise + ReLU6),
+    dropout, linear."""
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, 2, 1, bias=False),
         nn.BatchNorm2d(width),

@@ -3,9 +3,9 @@ SiLU and squeeze-excitation with stochastic depth (EfficientNet's MBConv), 7x7 d
 with LayerNorm over channels-last activations (ConvNeXt), and attention (a ViT encoder, with
 `nn.MultiheadAttention` and with `F.scaled_dot_product_attention`, also with a learned position
 bias as its mask). The memory tests check each against a real run, at both levels. Three networks
-of 200 to 450 modules are there for the prediction-speed budget (`benchmarks/bench_predict_speed.py`):
-`deep_mbconv`, `dense_net` (DenseNet-121's blocks, every layer concatenating all earlier features)
-and `vit_encoder` (12 ViT encoder blocks).
+of 200 to 450 modules are there for the prediction-speed budget
+(`benchmarks/bench_predict_speed.py`): `deep_mbconv`, `dense_net` (DenseNet-121's blocks, every
+layer concatenating all earlier features) and `vit_encoder` (12 ViT encoder blocks).
 
 Every factory is keyword-only with defaults; `LAYER_ZOO` maps a name to its factory and a natural
 input size (C, H, W), as `cnn_zoo.ZOO` does.
@@ -233,7 +233,8 @@ class SdpaAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: LayerNorm, attention, residual; LayerNorm, MLP (GELU), residual."""
+    """Pre-norm transformer block: LayerNorm, attention, residual; LayerNorm, MLP
+    (GELU), residual."""
 
     def __init__(self, dim: int, heads: int, *, multihead: bool, bias_tokens: int = 0) -> None:
         super().__init__()

@@ -123,7 +123,8 @@ def test_loading_the_whole_accountant_loads_nothing_else() -> None:
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
-        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and m.count('.') >= 2}))"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and "
+        "m.count('.') >= 2}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -157,7 +158,8 @@ def test_loading_every_study_loads_neither_the_visuals_nor_the_cli() -> None:
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
-        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and m.count('.') >= 2}))"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('ninlab.') and "
+        "m.count('.') >= 2}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

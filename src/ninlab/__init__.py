@@ -77,8 +77,8 @@ def _renderer(module: str, name: str) -> Any:
 
 
 def _show_results_as_html(shell: Any) -> None:
-    """Make `shell` (an IPython shell) display `Summary`, `MemoryReport` and `Comparison` as HTML tables; done
-    on `import ninlab` inside IPython or Jupyter."""
+    """Make `shell` (an IPython shell) display `Summary`, `MemoryReport` and `Comparison` as HTML
+    tables; done on `import ninlab` inside IPython or Jupyter."""
     formatter = shell.display_formatter.formatters["text/html"]
     for (module, name), (renderer_module, renderer) in _HTML_RENDERERS.items():
         formatter.for_type_by_name(module, name, _renderer(renderer_module, renderer))

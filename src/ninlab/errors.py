@@ -10,7 +10,8 @@ _QUOTE_LIMIT = 200
 
 
 class NinlabError(Exception):
-    """A problem with the user's input or environment. The CLI prints it as one line, exit code 2."""
+    """A problem with the user's input or environment. The CLI prints it as one line, exit
+    code 2."""
 
 
 def one_line(error: BaseException) -> str:

@@ -250,7 +250,9 @@ register_config(
     "nin-d2l-no-squeeze",
     NiNConfig(
         _D2L_LAYERS[:-1],
-        description="d2l's NiN without the final 384->classes block: global pool, then a linear head",
+        description=(
+            "d2l's NiN without the final 384->classes block: global pool, then a linear head"
+        ),
     ),
 )
 
@@ -312,7 +314,8 @@ def parse_variant(spec: str) -> NiNConfig:
 
 
 def resolve_model(spec: str) -> nn.Module:
-    """A registry name, a variant (`name:key=value,...`) or a factory path `package.module:function`.
+    """A registry name, a variant (`name:key=value,...`) or a factory
+    path `package.module:function`.
 
     A factory is called with no arguments and must return an `nn.Module`.
     """
@@ -332,7 +335,8 @@ def resolve_model(spec: str) -> nn.Module:
         ) from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(
-            f"factory {spec!r} returned {type(model).__name__}, not an nn.Module; make it return the model"
+            f"factory {spec!r} returned {type(model).__name__}, not an nn.Module; make it return "
+            "the model"
         )
     return model
 
@@ -366,9 +370,9 @@ for _name, _convs in _VGG_CONVS.items():
         NiNConfig(
             _vgg_like_layers(_convs),
             description=(
-                f"NiN-like {_name.removeprefix('nin-vgg')}-weight-layer network after VGG: five stages "
-                f"(64..512 channels) of a 3x3 conv and {', '.join(str(c - 1) for c in _convs)} 1x1 convs, "
-                "3x3/2 pooling, a NiN head"
+                f"NiN-like {_name.removeprefix('nin-vgg')}-weight-layer network after VGG: five "
+                "stages (64..512 channels) of a 3x3 conv and "
+                f"{', '.join(str(c - 1) for c in _convs)} 1x1 convs, 3x3/2 pooling, a NiN head"
             ),
         ),
     )

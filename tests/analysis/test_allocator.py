@@ -387,7 +387,8 @@ def test_unmodelled_convolutions_say_why() -> None:
             },
             2,
         ),
-        # not fitted on: padded channels, 7x7, one buffer past 256 positions a thread, batch 1, one thread
+        # not fitted on: padded channels, 7x7, one buffer past 256 positions a thread, batch 1,
+        # one thread
         (
             {"batch": 2, "cin": 24, "cout": 24, "size": 8, "kernel": 5, "padding": 2, "groups": 24},
             2,

@@ -12,7 +12,8 @@ from ninlab.analysis.trace import record_step
 def test_remembered_outputs_change_no_recording():
     """Op outputs are made from what earlier calls returned, remembered across recordings: a
     recording at batch 3 after one at batch 2 (the optimizer's ops see the same parameters, the
-    activations new shapes) is the one made with nothing remembered, op by op and storage by storage."""
+    activations new shapes) is the one made with nothing remembered, op by op and storage
+    by storage."""
     from cnn_zoo import resnet_bn
 
     model, spec = resnet_bn(), StepSpec((3, 32, 32), optimizer="adam")

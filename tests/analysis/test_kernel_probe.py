@@ -1,6 +1,7 @@
 """Kernels no rule knows, measured one call at a time (`ninlab.analysis.kernel_probe`): the
 blocks of the call alone are the blocks it makes inside a real step, so a step of such kernels is
-predicted exactly at the allocator level, and a call too large to run stays a visible lower bound."""
+predicted exactly at the allocator level, and a call too large to run stays a visible
+lower bound."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(
     assert report.allocator_peak_bytes < small.allocator_peak_bytes
 
 
-@pytest.mark.machine  # batch norm's per-thread sums and max pooling's copies: rules read off this CPU
+# batch norm's per-thread sums and max pooling's copies: rules read off this CPU
+@pytest.mark.machine
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_nin_as_the_cpu_preset_trains_it_is_exact(mode: str) -> None:
     """NiN with batch norm at 72x72, bf16 autocast, channels-last (the `cpu` preset): every

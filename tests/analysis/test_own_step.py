@@ -190,7 +190,7 @@ def test_the_built_in_step_is_the_default_step_function() -> None:
     assert built_in.live_peak_bytes - explicit.live_peak_bytes in (0, BATCH * 10 * 4)
 
 
-# -- steps that cannot be predicted -----------------------------------------------------------------
+# -- steps that cannot be predicted ----------------------------------------------------------------
 
 
 def no_backward(

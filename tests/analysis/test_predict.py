@@ -124,7 +124,8 @@ def test_saved_tensors_explained_and_each_storage_counted_once(nin_sgd) -> None:
 
 
 class _RootOps(nn.Module):
-    """A model whose own forward calls functional ops, as torchvision's do (`torch.flatten(x, 1)`)."""
+    """A model whose own forward calls functional ops, as torchvision's do
+    (`torch.flatten(x, 1)`)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -144,7 +144,8 @@ def test_a_dispatch_mode_makes_autograd_sum_gradients_out_of_place(
     watched: bool, summed_by: str
 ) -> None:
     """What `measure` relies on: under any dispatch mode, every tensor is "subclass-like" to
-    autograd's engine, which then sums gradients out of place (torch/csrc/autograd/input_buffer.cpp)."""
+    autograd's engine, which then sums gradients out of place
+    (torch/csrc/autograd/input_buffer.cpp)."""
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     y = nn.Conv2d(4, 4, 3, padding=1)(x) * x  # both factors' gradients reach x
     loss = y.sum()

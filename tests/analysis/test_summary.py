@@ -46,7 +46,8 @@ def test_nin_rounding_is_explained_with_the_forum_numbers(nin_summary):
     assert first.axes[0].textbook_output == 54.25
     assert first.axes[0].trailing_unread_real == 1
     assert first.explanation == (
-        "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real pixels are never read"
+        "(224 - 11 + 2*0)/4 + 1 = 54.25 -> 54; the last 1 row and column (bottom/right) of real "
+        "pixels are never read"
     )
     assert first.rounding == "54.25 -> 54, last 1 real unread"
     assert layer(nin_summary, "3").rounding == "12.5 -> 12, last 1 real unread"
@@ -132,8 +133,9 @@ def test_too_small_input_names_the_first_empty_layer():
     with pytest.raises(NinlabError) as error:
         summarize(build_nin(), input_size=(1, 60, 60))
     assert str(error.value) == (
-        "input 1x60x60 is too small: layer 5 (MaxPool2d): (2 - 3 + 2*0)/2 + 1 = 0.5 < 1, so the output "
-        "would be empty; this layer needs an input of at least 3; the smallest input this network accepts is 1x67x67"
+        "input 1x60x60 is too small: layer 5 (MaxPool2d): (2 - 3 + 2*0)/2 + 1 = 0.5 < 1, so the "
+        "output would be empty; this layer needs an input of at least 3; the smallest input this "
+        "network accepts is 1x67x67"
     )
 
 
@@ -180,7 +182,10 @@ def test_batch_and_input_errors():
         summarize(build_nin(), input_size=(1, 224, 224), batch_size=0)
     with pytest.raises(
         NinlabError,
-        match=r"the model cannot run a forward on a batch of 3x224x224 inputs .*expected input.*to have 1 channels",
+        match=(
+            r"the model cannot run a forward on a batch of 3x224x224 inputs .*expected input.*to "
+            r"have 1 channels"
+        ),
     ):
         summarize(build_nin(), input_size=(3, 224, 224))
 
@@ -192,7 +197,8 @@ def test_nin_at_batch_128_allocates_no_activations():
     code = (
         "import re, ninlab; from ninlab.analysis.summary import summarize; "
         "summarize(ninlab.build_nin(), input_size=(1, 224, 224), batch_size=128); "
-        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024)"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) "
+        "* 1024)"
     )
     peak_rss = int(
         subprocess.run(

@@ -1,5 +1,6 @@
 """A model whose input is token ids (an embedding first) in every command that takes a model: the
-step options (--input-dtype long, --input-range) reach every question, so none draws float inputs."""
+step options (--input-dtype long, --input-range) reach every question, so none draws
+float inputs."""
 
 import importlib
 import json

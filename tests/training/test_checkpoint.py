@@ -1,5 +1,5 @@
-"""A run's checkpoint: the keys it holds (the format the docstring lists, unchanged across versions),
-and restoring it: weights, optimizer, this rank's generators and where the run stood."""
+"""A run's checkpoint: the keys it holds (the format the docstring lists, unchanged across
+versions), and restoring it: weights, optimizer, this rank's generators and where the run stood."""
 
 import dataclasses
 

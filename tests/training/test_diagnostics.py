@@ -1,4 +1,5 @@
-"""What a run says about itself: its measured speed and time to go, and why an epoch sat at chance."""
+"""What a run says about itself: its measured speed and time to go, and why an epoch sat
+at chance."""
 
 import dataclasses
 import math

@@ -58,7 +58,8 @@ def test_evaluation_counts_agree_with_a_plain_forward_pass(run_dir, fashion_mnis
 
 
 def test_evaluate_sees_the_network_as_it_was_trained(run_dir, fashion_mnist):
-    # Its input size, normalisation, precision and layout: the run's own evaluation, image for image.
+    # Its input size, normalisation, precision and layout: the run's own evaluation, image
+    # for image.
     evaluation = evaluate(load_trained_model(run_dir), fashion_mnist.test.head(300), batch_size=64)
     assert evaluation.examples == 300
     assert evaluation.accuracy == load_checkpoint(run_dir)["history"][-1]["test_accuracy"]
@@ -112,7 +113,8 @@ def test_predict_gives_the_class_the_evaluation_gives(run_dir, fashion_mnist, tm
     assert [p.probability for p in predictions] == pytest.approx(
         expected.max(1).values.tolist(), rel=1e-5
     )
-    # Any size, colour and polarity: a 3x larger RGB negative of image 0 comes back close to image 0.
+    # Any size, colour and polarity: a 3x larger RGB negative of image 0 comes back close to
+    # image 0.
     photo = Image.fromarray(255 - images[0].numpy()).resize((84, 84), Image.BILINEAR).convert("RGB")
     photo.save(tmp_path / "photo.jpg", quality=95)
     restored = load_image(tmp_path / "photo.jpg", invert=True).float().flatten()

@@ -171,7 +171,7 @@ def test_an_image_size_the_network_cannot_take_is_refused_naming_the_option(
     assert not (tmp_path / "run").exists()
 
 
-# -- a kill during the save, a full disk, a second Ctrl-C --------------------------------------------
+# -- a kill during the save, a full disk, a second Ctrl-C ------------------------------------------
 
 
 def _small_state() -> dict:
@@ -349,7 +349,7 @@ def test_compile_without_a_compiler_is_refused(monkeypatch):
         check_compiler(torch.device("cpu"))
 
 
-# -- the data: a named directory is used or refused, and every run says which -----------------------
+# -- the data: a named directory is used or refused, and every run says which ----------------------
 
 
 def test_a_named_data_directory_without_the_data_is_refused(tmp_path):
@@ -380,7 +380,7 @@ def test_every_run_says_where_its_data_came_from(fashion_mnist, monkeypatch, cap
     )
 
 
-# -- silently wrong: a 16-bit image --------------------------------------------------------------------
+# -- silently wrong: a 16-bit image ----------------------------------------------------------------
 
 
 def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):

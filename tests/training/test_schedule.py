@@ -62,7 +62,8 @@ def test_onecycle_with_a_given_warmup_is_onecycle_lr_with_that_pct_start():
 
 def test_a_runs_schedule_counts_the_global_batches_and_rounds_the_warmup():
     config = TrainConfig(batch_size=128, epochs=3, lr=0.2, warmup_epochs=0.5, schedule="cosine")
-    # 1,000 images in global batches of 128: 8 steps an epoch (the last one short), whatever the ranks
+    # 1,000 images in global batches of 128: 8 steps an epoch (the last one short), whatever
+    # the ranks
     for world_size in (1, 2):
         schedule = Schedule.of(config, 1000, world_size)
         assert (schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps) == (8, 24, 4)

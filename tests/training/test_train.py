@@ -299,7 +299,8 @@ def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(
 
 
 def test_a_run_stuck_at_chance_says_so_with_the_evidence(fashion_mnist, tmp_path):
-    # d2l's recipe with a learning rate far too large: the last block's ReLUs die in the first steps.
+    # d2l's recipe with a learning rate far too large: the last block's ReLUs die in the
+    # first steps.
     config = dataclasses.replace(
         PRESETS["d2l"],
         image_size=67,

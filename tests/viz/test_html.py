@@ -54,9 +54,9 @@ def test_the_memory_tables_hold_the_peak_its_parts_and_the_forum_rule():
     report = predict_memory(build_nin(), input_size=(1, 224, 224), batch_size=128)
     page = memory_html(report)
     assert (
-        f"Live tensor peak: {format_bytes(report.live_peak_bytes)} ({report.live_peak_bytes:,} bytes)"
-        in page
-    )
+        f"Live tensor peak: {format_bytes(report.live_peak_bytes)} ({report.live_peak_bytes:,} "
+        "bytes)"
+    ) in page
     assert f">{report.breakdown.of('saved_for_backward'):,}</td>" in page
     assert f"Kept for backward: {report.saved_total_bytes / 2**20:.2f} MiB" in page
     assert f"{report.forum.ratio:.2f}x ours" in page

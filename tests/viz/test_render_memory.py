@@ -1,5 +1,5 @@
-"""The memory section of `ninlab summary`: the same numbers as `ninlab.predict_memory`, as a table, JSON and
-Markdown, with the flags that choose the step."""
+"""The memory section of `ninlab summary`: the same numbers as `ninlab.predict_memory`, as a table,
+JSON and Markdown, with the flags that choose the step."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def test_table_gives_the_peak_the_breakdown_the_reasons_and_the_forum_rule(
     code, out, _ = run(capsys, "summary", "--optimizer", "sgd-momentum")
     assert code == 0
     assert (
-        "Live tensor peak: 987.46 MiB (1,035,429,584 bytes), during threshold_backward in backward, layer 4.5 (ReLU)"
-        in out
-    )
+        "Live tensor peak: 987.46 MiB (1,035,429,584 bytes), during threshold_backward in "
+        "backward, layer 4.5 (ReLU)"
+    ) in out
     assert "937,033,728" in out  # saved for backward, at the peak
     assert "max pool keeps the int64 index of each window's maximum" in out
     assert "also kept by 0.2 ConvolutionBackward0.input: counted once, here" in out

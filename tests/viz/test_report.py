@@ -89,7 +89,10 @@ def test_html_shows_the_same_numbers_and_every_chart(report, page):
         format_bytes(train.live_peak_bytes),
         f"({train.live_peak_bytes:,} bytes)",
         format_bytes(report.study.infer.live_peak_bytes),
-        "(224 - 11 + 2*0)/4 + 1 = 54.25 -&gt; 54; the last 1 row and column (bottom/right) of real pixels are never read",
+        (
+            "(224 - 11 + 2*0)/4 + 1 = 54.25 -&gt; 54; the last 1 row and column (bottom/right) "
+            "of real pixels are never read"
+        ),
         f"is <b>{report.study.batch.fit.batch_size:,}</b>",
         "1x67x67",
     ):

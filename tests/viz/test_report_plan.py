@@ -44,7 +44,8 @@ def test_the_plan_section_shows_every_alternative_and_the_recommendation() -> No
     assert "Fitting batch 128 into 8.00 GiB" in html
     assert "checkpoint &lt;all&gt;" in html and "batch 128 in 2 micro-batches" in html
     assert html.count("<tr>") == 1 + len(options)
-    # a bf16 kernel's workspace not modelled: the peak is a lower bound, the largest batch an upper one
+    # a bf16 kernel's workspace not modelled: the peak is a lower bound, the largest batch an
+    # upper one
     assert "at most 180" in html and "at least 6.00 GiB" in html
     assert "<b>Recommendation:</b> use accumulate 2 x 64" in html
 

@@ -70,7 +70,8 @@ _METADATA_OPS = {
 
 def fake_device(tensor: FakeTensor) -> torch.device:
     """`prim.device` of a fake tensor: asked by C++ (the autograd engine) of every fake tensor,
-    thousands of times a step, and answered here as FakeTensor itself answers it, one mode sooner."""
+    thousands of times a step, and answered here as FakeTensor itself answers it, one
+    mode sooner."""
     return torch.device("meta") if tensor.fake_mode.in_kernel_invocation else tensor.fake_device
 
 
@@ -147,8 +148,9 @@ class FakeOutputs:
     which costs more than the meta kernel it saves; a step repeats the same few calls many times
     (each block of a network, each parameter in the optimizer), and this key is cheap. Remembered:
     fresh outputs, and one output viewing the first argument (a view op's), made again on its
-    storage; not other outputs aliasing an input, not mutating ops, not outputs or inputs holding real constant
-    values (FakeTensorMode computes those for real), not ops that raise (data-dependent ones).
+    storage; not other outputs aliasing an input, not mutating ops, not outputs or inputs holding
+    real constant values (FakeTensorMode computes those for real), not ops that raise
+    (data-dependent ones).
 
     What is remembered outlives one recording (`_KNOWN_OUTPUTS`): outputs' metadata follows from
     the arguments' alone, so a second prediction of a model, or one at another batch size (whose

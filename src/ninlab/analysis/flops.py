@@ -21,7 +21,8 @@ __all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops"]
 
 CONVENTION = (
     "FLOPs = 2 x multiply-accumulates of convolutions and matrix products, as "
-    "torch.utils.flop_counter.FlopCounterMode counts them; element-wise ops, pooling and biases are 0"
+    "torch.utils.flop_counter.FlopCounterMode counts them; element-wise ops, pooling and biases "
+    "are 0"
 )
 
 Shape = Sequence[int]
@@ -102,7 +103,8 @@ def convolution_backward_flops(args: tuple[Any, ...], outputs: tuple[Any, ...]) 
     layer) skips the first product: output_mask says which gradients were asked for.
     """
     grad_output, x, weight = args[0], args[1], args[2]
-    # (grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask)
+    # (grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+    # output_padding, groups, output_mask)
     transposed, output_mask = bool(args[7]), args[10]
     total = 0
     if output_mask[0]:

@@ -146,7 +146,10 @@ def measured_allocations(call: KernelCall) -> tuple[KernelAllocation, ...] | str
 def too_large_to_measure(calls: Sequence[KernelCall]) -> str:
     """Why these calls are not measured ("" when every one is small enough to run)."""
     if any(call.nbytes > PROBE_LIMIT_BYTES for call in calls):
-        return f"not measured: a call of the step takes over {format_bytes(PROBE_LIMIT_BYTES)} of tensors"
+        return (
+            f"not measured: a call of the step takes over {format_bytes(PROBE_LIMIT_BYTES)} of "
+            "tensors"
+        )
     return ""
 
 

@@ -1,7 +1,7 @@
 """Measured memory of one real training step or one real inference on this machine's device.
 
-The step is `ninlab.analysis.step`'s, the one the predictor traces, run for real: a training step is run
-twice and the second is measured (steady state: gradients from step 1 live until `zero_grad`
+The step is `ninlab.analysis.step`'s, the one the predictor traces, run for real: a training step is
+run twice and the second is measured (steady state: gradients from step 1 live until `zero_grad`
 frees them, optimizer state exists); inference is run twice too and the second measured.
 
 Two levels are measured, each with a method that shares no code with the predictor:
@@ -118,7 +118,9 @@ class Measurement:
     num_threads: int  # intra-op threads (CPU): oneDNN's scratchpads can depend on it
     baseline: Baseline
     live_peak_bytes: int
-    live_peak_op: str  # the op whose output set the peak, as the profiler names it ("aten::relu"; on CUDA "aten.relu.default")
+    # the op whose output set the peak, as the profiler names it ("aten::relu"; on CUDA
+    # "aten.relu.default")
+    live_peak_op: str
     live_peak_phase: str  # zero_grad, forward, loss, backward, optimizer
     allocator_peak_bytes: int
     allocator_peak_op: str  # innermost profiler op holding the peak ("" on CUDA: not attributed)
@@ -390,8 +392,8 @@ def _composite_name(profiled: str) -> bool:
 
 
 def _composite_kind(name: str) -> bool | None:
-    """`runs_as_composite_parts` of an overload; None for one the dispatcher does not have (some exist
-    for TorchScript only, such as to.prim_Device)."""
+    """`runs_as_composite_parts` of an overload; None for one the dispatcher does not have (some
+    exist for TorchScript only, such as to.prim_Device)."""
     try:
         return runs_as_composite_parts(name)
     except RuntimeError:

@@ -321,7 +321,7 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
     return accumulating_step
 
 
-# -- the recommendation -----------------------------------------------------------------------------
+# -- the recommendation ----------------------------------------------------------------------------
 
 
 def _recommendation(plan: BudgetPlan) -> str:
@@ -336,11 +336,12 @@ def _recommendation(plan: BudgetPlan) -> str:
     if best is None:
         return (
             f"batch {plan.batch_size} fits {budget} under no alternative; the largest batch is "
-            f"{max(option.largest_batch for option in plan.options)}: lower the batch or combine alternatives"
+            f"{max(option.largest_batch for option in plan.options)}: lower the batch or combine "
+            "alternatives"
         )
     extra = best.step_flops - given.step_flops
     cost = f"{format_flops(extra)} more compute per step" if extra > 0 else "no extra compute"
     return (
-        f"use {best.name}: batch {plan.batch_size} fits {budget} (peak {format_bytes(best.peak_bytes)}), "
-        f"{cost}"
+        f"use {best.name}: batch {plan.batch_size} fits {budget} (peak "
+        f"{format_bytes(best.peak_bytes)}), {cost}"
     )

@@ -364,7 +364,10 @@ def _saved_rows(
         shared_with = ""
         if position != first:
             other = entries[first]
-            shared_with = f"{layer_label(other.module, module_type(other))} {other.node}.{other.field}"  # SavedRow.label
+            # SavedRow.label
+            shared_with = (
+                f"{layer_label(other.module, module_type(other))} {other.node}.{other.field}"
+            )
         rows.append(
             SavedRow(
                 module=entry.module,
@@ -479,7 +482,8 @@ def _measured_report(
     if spec.device_type == "cuda" and not torch.cuda.is_available():
         raise NinlabError(
             f"{subject} cannot run on fake tensors ({reason}), and measuring it instead needs a "
-            "GPU this machine lacks; predict for device cpu (--device cpu) or run on a machine with CUDA"
+            "GPU this machine lacks; predict for device cpu (--device cpu) or run on a machine "
+            "with CUDA"
         )
     if spec.ddp is not None:
         trainable = sum(

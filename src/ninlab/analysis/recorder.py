@@ -297,7 +297,8 @@ def _window_op(
 def _cuda_dropout(
     input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
 ) -> torch.Tensor:
-    # CUDA's dropout uses native_dropout when 0 < p < 1 and training (ATen's is_fused_kernel_acceptable).
+    # CUDA's dropout uses native_dropout when 0 < p < 1 and training
+    # (ATen's is_fused_kernel_acceptable).
     if not training or inplace or not 0 < p < 1:
         return F.dropout(input, p, training, inplace)
     return torch.ops.aten.native_dropout(input, p, True)[0]
@@ -360,7 +361,8 @@ class Recorder(TorchDispatchMode):
     # -- what autograd saved, pauses, the warm-up -----------------------------------------------
     def _harvest_saved_tensors(self) -> None:
         """As each backward begins, while its whole graph is still there: what autograd saved,
-        added to what earlier backward calls of the step saw (gradient accumulation runs several)."""
+        added to what earlier backward calls of the step saw (gradient accumulation
+        runs several)."""
         if self._paused or self._warming_up:
             return
         self.modules.adopt_inner_nodes()

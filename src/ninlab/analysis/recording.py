@@ -99,7 +99,8 @@ class StorageRecord:
 
 @dataclass(frozen=True)
 class SavedTensor:
-    """A tensor autograd keeps for backward: which node keeps it, under which name, for which layer."""
+    """A tensor autograd keeps for backward: which node keeps it, under which name, for
+    which layer."""
 
     storage_key: int
     node: str  # e.g. "ConvolutionBackward0"

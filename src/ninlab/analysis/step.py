@@ -171,7 +171,8 @@ class StepSpec:
         if self.step is not None:
             if not callable(self.step):
                 raise NinlabError(
-                    f"step must be a function step(model, optimizer, inputs, targets), not {self.step!r}"
+                    "step must be a function step(model, optimizer, inputs, targets), not "
+                    f"{self.step!r}"
                 )
             if self.mode != "train":
                 raise NinlabError(
@@ -309,7 +310,8 @@ class StepSpec:
 
 def step_spec(spec: StepSpec | None = None, **fields: Any) -> StepSpec:
     """`spec`, or a `StepSpec` built from `fields`: what every function that takes a step accepts,
-    so `predict_memory(model, spec, ...)` and `predict_memory(model, optimizer="adam", ...)` agree."""
+    so `predict_memory(model, spec, ...)` and `predict_memory(model, optimizer="adam",
+    ...)` agree."""
     if spec is None:
         return StepSpec(**fields)
     if fields:
@@ -401,7 +403,8 @@ def _input_range(value: Any) -> tuple[int, int]:
         ) from None
     if high <= low:
         raise NinlabError(
-            f"input range must have low < high (values are drawn from [low, high)), got {low}:{high}"
+            "input range must have low < high (values are drawn from [low, high)), got "
+            f"{low}:{high}"
         )
     return low, high
 

@@ -56,9 +56,9 @@ class LayerSummary:
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
     `backward_flops` are the ops autograd ran for it in backward. `output_shapes` holds one shape
-    per tensor the module returned (a tuple's, dict's or dataclass's, in order). `axes` describes the module's
-    convolution or pooling window along each spatial axis, one `AxisWindow` per axis (the first
-    such op, if it ran several).
+    per tensor the module returned (a tuple's, dict's or dataclass's, in order). `axes` describes
+    the module's convolution or pooling window along each spatial axis, one `AxisWindow` per axis
+    (the first such op, if it ran several).
     """
 
     name: str
@@ -343,7 +343,8 @@ def is_bias(name: str) -> bool:
 
 def _parameter_counts(module: nn.Module) -> dict[str, int]:
     """Elements of the module's parameters (children's included, each shared one once), split
-    into weights and biases (`is_bias`; the forum post forgot the biases) and trainable and frozen."""
+    into weights and biases (`is_bias`; the forum post forgot the biases) and trainable
+    and frozen."""
     counts = dict.fromkeys(("weights", "biases", "trainable", "frozen"), 0)
     for name, param in module.named_parameters():
         counts["biases" if is_bias(name) else "weights"] += param.numel()
@@ -388,7 +389,7 @@ def _totals(
     )
 
 
-# -- receptive fields and the chain of windows ------------------------------------------------------
+# -- receptive fields and the chain of windows -----------------------------------------------------
 
 
 def _receptive_fields(step: StepRecording) -> dict[int, tuple[ReceptiveField, ...]]:
@@ -458,7 +459,8 @@ def _window_chain(step: StepRecording) -> list[OpRecord] | None:
 def _smallest_from_chain(
     model: nn.Module, spec: StepSpec, chain: list[OpRecord]
 ) -> tuple[int, ...] | None:
-    """Invert the chain per axis; trust it only if a trace at that size works and one below fails."""
+    """Invert the chain per axis; trust it only if a trace at that size works and one
+    below fails."""
     if not chain or not _fits(chain, spec):
         return None
     input_size = spec.input_sizes[0]
@@ -512,13 +514,15 @@ def _smallest_input(model: nn.Module, spec: StepSpec) -> tuple[int, ...]:
     size = spec.input_sizes[0]
     if len(size) < 2:
         raise NinlabError(
-            f"input {_shape_text(size)} has no spatial axis to search; give channels then spatial sizes"
+            f"input {_shape_text(size)} has no spatial axis to search; give channels then spatial "
+            "sizes"
         )
     while not _accepts(model, spec, size):
         if max(size[1:]) > 1 << 14:
             raise NinlabError(
-                f"the model accepts no input of {size[0]} channels up to {'x'.join(map(str, size[1:]))}; "
-                "check the channel count and number of spatial axes in --input"
+                f"the model accepts no input of {size[0]} channels up to "
+                f"{'x'.join(map(str, size[1:]))}; check the channel count and number of spatial "
+                "axes in --input"
             )
         size = (size[0], *(2 * s for s in size[1:]))
     for axis in range(len(size) - 1):

@@ -79,7 +79,8 @@ def _empty(
     device: torch.device,
     memory_format: torch.memory_format,
 ) -> torch.Tensor:
-    """An empty tensor in `memory_format` where it applies (4-d), else contiguous, as `.to()` does."""
+    """An empty tensor in `memory_format` where it applies (4-d), else contiguous, as
+    `.to()` does."""
     if memory_format == torch.channels_last and len(shape) == 4:
         return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -199,7 +200,8 @@ def record_step(
                     previous = step(model, optimizer, step_inputs, targets)
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
-                # The order in which backward finishes each parameter's gradient (DDP's buckets follow it).
+                # The order in which backward finishes each parameter's gradient (DDP's buckets
+                # follow it).
                 hooks = [
                     p.register_post_accumulate_grad_hook(
                         lambda p: gradient_order.append(names[id(p)])

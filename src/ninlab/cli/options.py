@@ -114,7 +114,8 @@ def finite_float(text: str) -> float:
 
 
 def path_name(text: str) -> Path:
-    """A file or directory name; "" is refused (as a Path it would be ".", the working directory)."""
+    """A file or directory name; "" is refused (as a Path it would be ".", the
+    working directory)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; name a file or directory")
     return Path(text)
@@ -147,7 +148,8 @@ def input_size(text: str) -> tuple[int, ...]:
     """'1x224x224' (an image, channels first) -> (1, 224, 224); '784' (a vector) -> (784,)."""
     if not re.fullmatch(r"\d+(x\d+)*", text.strip().lower()):
         raise argparse.ArgumentTypeError(
-            f"cannot read input size {text!r}; write one sample's sizes joined by x, e.g. 1x224x224 or 784"
+            f"cannot read input size {text!r}; write one sample's sizes joined by x, e.g. "
+            "1x224x224 or 784"
         )
     sizes = tuple(int(part) for part in text.strip().lower().split("x"))
     if min(sizes) < 1:

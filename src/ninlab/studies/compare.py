@@ -124,7 +124,8 @@ class Comparison:
         return METRICS + (TRAINING_METRICS if self.preset else ())
 
     def difference(self, metric: Metric, variant: VariantResult) -> Any:
-        """`variant`'s value minus the first column's (per axis for sizes); None if either is missing."""
+        """`variant`'s value minus the first column's (per axis for sizes); None if either
+        is missing."""
         value, first = variant.value(metric), self.variants[0].value(metric)
         if value is None or first is None:
             return None
@@ -148,7 +149,8 @@ def compare(
     step = step_spec(step, **fields).replace(mode="train")
     if not specs:
         raise NinlabError(
-            f"name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: {', '.join(sorted(list_configs()))})"
+            "name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: "
+            f"{', '.join(sorted(list_configs()))})"
         )
     if len(set(specs)) < len(specs):
         raise NinlabError(f"a model is named twice in {' '.join(specs)}; name each once")
@@ -206,7 +208,8 @@ def _train(spec: str, plan: TrainPlan) -> Training:
     )
     if result.interrupted or not result.history:
         raise NinlabError(
-            f"training {spec} was interrupted; continue it with 'ninlab train --resume {output_dir}'"
+            f"training {spec} was interrupted; continue it with 'ninlab train --resume "
+            f"{output_dir}'"
         )
     return Training(
         config=config,

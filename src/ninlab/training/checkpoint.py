@@ -109,7 +109,8 @@ def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise NinlabError(
-            f"no checkpoint at {path}; give a checkpoint file or a run directory from 'ninlab train'"
+            f"no checkpoint at {path}; give a checkpoint file or a run directory from 'ninlab "
+            "train'"
         )
     return path
 
@@ -127,8 +128,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         OSError,
     ) as error:
         raise NinlabError(
-            f"{path} is truncated or not a checkpoint ({one_line(error)}); use an intact checkpoint.pt "
-            "written by 'ninlab train'"
+            f"{path} is truncated or not a checkpoint ({one_line(error)}); use an intact "
+            "checkpoint.pt written by 'ninlab train'"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise NinlabError(

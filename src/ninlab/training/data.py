@@ -67,7 +67,8 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class IdxFile:
-    """One of the four files: its name without `.gz`, the SHA-256 of its uncompressed bytes, its shape."""
+    """One of the four files: its name without `.gz`, the SHA-256 of its uncompressed bytes,
+    its shape."""
 
     name: str
     sha256: str
@@ -144,7 +145,8 @@ def named_data_dir(data_dir: str | os.PathLike[str] | None = None) -> NamedDataD
 
 
 def _contents(path: Path) -> bytes:
-    """The file's bytes, decompressed when its name ends in .gz (raises OSError, EOFError, zlib.error)."""
+    """The file's bytes, decompressed when its name ends in .gz (raises OSError,
+    EOFError, zlib.error)."""
     if path.suffix == ".gz":
         with gzip.open(path, "rb") as handle:
             return handle.read()
@@ -169,7 +171,8 @@ def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -
         if digest != expected.sha256:
             raise NinlabError(
                 f"{path} is corrupt: SHA-256 of its contents is {digest[:12]}..., expected "
-                f"{expected.sha256[:12]}...; delete it so that ninlab downloads a fresh copy (or reinstall dataset-fashion-mnist if it is Debian's)"
+                f"{expected.sha256[:12]}...; delete it so that ninlab downloads a fresh copy (or "
+                "reinstall dataset-fashion-mnist if it is Debian's)"
             )
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
         raise NinlabError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
@@ -336,12 +339,13 @@ def load_fashion_mnist(
     if directory is None:
         places = ", ".join(str(p) for p in search_path)
         hint = (
-            f"put the four IDX files ({', '.join(s.name + '[.gz]' for s in FILES.values())}) in --data-dir "
-            "or $NINLAB_DATA, or install Debian's dataset-fashion-mnist package"
+            f"put the four IDX files ({', '.join(s.name + '[.gz]' for s in FILES.values())}) in "
+            "--data-dir or $NINLAB_DATA, or install Debian's dataset-fashion-mnist package"
         )
         if not download:
             raise NinlabError(f"Fashion-MNIST not found in {places}; {hint}")
-        # Download into the first place the user named, else the cache (Debian's dir is the package's).
+        # Download into the first place the user named, else the cache (Debian's dir is
+        # the package's).
         targets = [p for p in search_path if p != DEBIAN_DIR and "FashionMNIST" not in p.parts]
         directory = _first_writable(targets)
         if directory is None:
@@ -353,7 +357,8 @@ def load_fashion_mnist(
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise NinlabError(
-                f"Fashion-MNIST not found in {places} and the download from {mirror} failed ({reason}); {hint}"
+                f"Fashion-MNIST not found in {places} and the download from {mirror} failed "
+                f"({reason}); {hint}"
             ) from None
     arrays = {
         key: read_idx(_file_in(directory, spec.name), expected=spec)  # type: ignore[arg-type]

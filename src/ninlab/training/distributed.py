@@ -42,7 +42,8 @@ def _default_device(local_rank: int) -> torch.device:
 
 
 def start(device: str | None = None) -> Context:
-    """Join the process group when launched by torchrun; pick the device (this rank's GPU, else CPU)."""
+    """Join the process group when launched by torchrun; pick the device (this rank's GPU,
+    else CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = torch.device(device) if device else _default_device(local_rank)
@@ -82,7 +83,8 @@ def all_gather_objects(value: Any, context: Context) -> list[Any]:
 
 
 def wrap(model: nn.Module, context: Context) -> nn.Module:
-    """DistributedDataParallel across ranks (gradients averaged in backward); the model itself alone."""
+    """DistributedDataParallel across ranks (gradients averaged in backward); the model
+    itself alone."""
     if not context.distributed:
         return model
     device_ids = [context.device.index] if context.device.type == "cuda" else None

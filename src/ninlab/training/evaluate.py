@@ -1,4 +1,5 @@
-"""Measuring a trained network: test accuracy and confusion matrix, and predictions for image files."""
+"""Measuring a trained network: test accuracy and confusion matrix, and predictions for
+image files."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class ClassResult:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Counts over a labelled set; `confusion[i][j]` is how many images of class i were predicted j."""
+    """Counts over a labelled set; `confusion[i][j]` is how many images of class i were
+    predicted j."""
 
     confusion: tuple[tuple[int, ...], ...]
     loss_sum: float  # cross-entropy summed over examples (no label smoothing)
@@ -214,9 +216,10 @@ class Prediction:
 
 
 def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.Tensor:
-    """An image file of any size and mode as a 28x28 uint8 grayscale tensor, brought to Fashion-MNIST's
-    size with PIL's bilinear filter (`resize_like_pil`, the training resize); then, in training's
-    steps, resized to the network's input and scaled. `invert` turns dark-on-light into light-on-dark."""
+    """An image file of any size and mode as a 28x28 uint8 grayscale tensor, brought to
+    Fashion-MNIST's size with PIL's bilinear filter (`resize_like_pil`, the training resize); then,
+    in training's steps, resized to the network's input and scaled. `invert` turns dark-on-light
+    into light-on-dark."""
     try:
         with Image.open(path) as image:
             gray = _gray_bytes(image)

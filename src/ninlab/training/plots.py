@@ -1,4 +1,5 @@
-"""The two pictures of a training run: learning curves (as d2l plots them) and a confusion matrix."""
+"""The two pictures of a training run: learning curves (as d2l plots them) and a
+confusion matrix."""
 
 from __future__ import annotations
 

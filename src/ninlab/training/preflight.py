@@ -105,6 +105,6 @@ def check_compiler(device: torch.device) -> None:
         cpp_builder.get_cpp_compiler()
     except (InvalidCxxCompiler, OSError, RuntimeError) as error:
         raise NinlabError(
-            f"--compile needs a working C++ compiler ({one_line(error)}); install g++ (or set $CXX) or "
-            "drop --compile"
+            f"--compile needs a working C++ compiler ({one_line(error)}); install g++ (or set "
+            "$CXX) or drop --compile"
         ) from None

@@ -110,8 +110,9 @@ MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # d2l.ai's chapter: `lr, num_epochs, batch_size = 0.05, 10, 128`, `load_data_fashion_mnist(batch_size,
-    # resize=224)`, plain SGD, Xavier-uniform init (the registry's nin-d2l), no input normalisation.
+    # d2l.ai's chapter: `lr, num_epochs, batch_size = 0.05, 10, 128`,
+    # `load_data_fashion_mnist(batch_size, resize=224)`, plain SGD, Xavier-uniform init (the
+    # registry's nin-d2l), no input normalisation.
     "d2l": TrainConfig(),
     # The book's architecture with a recipe that learns from the first epoch on every seed tried.
     "default": TrainConfig(
@@ -144,9 +145,18 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "d2l": "the book's recipe exactly: nin-d2l, 224x224, batch 128, SGD lr 0.05, 10 epochs, Xavier init",
-    "default": "the book's NiN at 224x224: Kaiming init, normalised input, SGD momentum lr 0.01, warm-up + cosine",
-    "cpu": "NiN with batch norm at 72x72, bf16, one-cycle, 6 epochs: 92.4% test accuracy in 7 minutes on 2 cores",
+    "d2l": (
+        "the book's recipe exactly: nin-d2l, 224x224, batch 128, SGD lr 0.05, 10 epochs, Xavier "
+        "init"
+    ),
+    "default": (
+        "the book's NiN at 224x224: Kaiming init, normalised input, SGD momentum lr 0.01, warm-up "
+        "+ cosine"
+    ),
+    "cpu": (
+        "NiN with batch norm at 72x72, bf16, one-cycle, 6 epochs: 92.4% test accuracy in 7 "
+        "minutes on 2 cores"
+    ),
 }
 
 

@@ -210,8 +210,8 @@ def _rendered(renderable: Any) -> dict[str, str]:
 
 @contextlib.contextmanager
 def download_progress(console: Console | None = None) -> Iterator[DownloadHook]:
-    """A hook for `ninlab.training.data.load_fashion_mnist` that shows one bar per downloaded file; it
-    draws nothing unless a download actually happens."""
+    """A hook for `ninlab.training.data.load_fashion_mnist` that shows one bar per downloaded file;
+    it draws nothing unless a download actually happens."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

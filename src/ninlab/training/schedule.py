@@ -17,7 +17,8 @@ __all__ = [
     "learning_rate",
 ]
 
-# torch.optim.lr_scheduler.OneCycleLR's defaults: start at max_lr/25, end at start/1e4, rise for 30%.
+# torch.optim.lr_scheduler.OneCycleLR's defaults: start at max_lr/25, end at start/1e4, rise
+# for 30%.
 ONECYCLE_START_DIVISOR = 25.0
 ONECYCLE_END_DIVISOR = 25.0 * 1e4
 ONECYCLE_WARMUP_FRACTION = 0.3
@@ -28,10 +29,11 @@ def learning_rate(
 ) -> float:
     """The rate for optimizer step `step` (0-based).
 
-    constant: linear warm-up from 0, then `peak_lr`. cosine: linear warm-up from 0, then half a cosine
-    down to 0 at `total_steps`. onecycle: exactly `OneCycleLR(max_lr=peak_lr, total_steps=...,
-    pct_start=warmup/total)`'s learning rate (its momentum cycling aside): cosine rise from peak/25
-    over the warm-up (30% of the run when none is given), cosine fall to peak/250000 at the last step.
+    constant: linear warm-up from 0, then `peak_lr`. cosine: linear warm-up from 0, then half a
+    cosine down to 0 at `total_steps`. onecycle: exactly `OneCycleLR(max_lr=peak_lr,
+    total_steps=..., pct_start=warmup/total)`'s learning rate (its momentum cycling aside): cosine
+    rise from peak/25 over the warm-up (30% of the run when none is given), cosine fall to
+    peak/250000 at the last step.
     """
     if kind == "onecycle":
         rise_steps = warmup_steps or ONECYCLE_WARMUP_FRACTION * total_steps

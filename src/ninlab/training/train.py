@@ -90,7 +90,8 @@ class RunCost:
 
 def step_spec_of(config: TrainConfig, *, device_type: str, world_size: int) -> StepSpec:
     """The step a rank of this run takes, as the accountant describes it: this module's own
-    `optimize_batch` with the run's loss settings and autocast, its optimizer, memory format and DDP."""
+    `optimize_batch` with the run's loss settings and autocast, its optimizer, memory format
+    and DDP."""
     step = functools.partial(
         optimize_batch,
         amp=config.amp,
@@ -353,8 +354,9 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
     ]
     if differences:
         raise NinlabError(
-            f"the checkpoint was trained with other settings: {', '.join(differences)}; "
-            "--resume continues the saved run, so drop those options or start a new run in another --output-dir"
+            f"the checkpoint was trained with other settings: {', '.join(differences)}; --resume "
+            "continues the saved run, so drop those options or start a new run in another "
+            "--output-dir"
         )
     return saved
 

@@ -69,8 +69,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AxisPicture:
-    """One spatial axis of a layer's input, in the coordinates of `ninlab.analysis.geometry` (real input
-    at 0..input_size-1, padding before it negative)."""
+    """One spatial axis of a layer's input, in the coordinates of `ninlab.analysis.geometry` (real
+    input at 0..input_size-1, padding before it negative)."""
 
     axis: str  # "height" or "width"
     input_size: int
@@ -102,7 +102,8 @@ class GeometryChart(_Picture):
 def _axis_picture(axis: str, layer: LayerSummary, index: int) -> AxisPicture:
     window = layer.axes[index]
     params = window.params
-    # Window i starts i strides after the first padded position (see ninlab.analysis.geometry's docstring).
+    # Window i starts i strides after the first padded position (see
+    # ninlab.analysis.geometry's docstring).
     starts = [i * params.stride - params.padding_before for i in range(window.output_size)]
     return AxisPicture(
         axis=axis,
@@ -122,7 +123,8 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
     window_layers = [row for row in summary.layers if row.axes]
     if len(summary.input_size) != 3:
         raise NinlabError(
-            f"the geometry picture needs two spatial axes (input CxHxW), not {len(summary.input_size) - 1}"
+            "the geometry picture needs two spatial axes (input CxHxW), not "
+            f"{len(summary.input_size) - 1}"
         )
     if not window_layers:
         raise NinlabError(f"{summary.model} has no convolution or pooling layer to draw")
@@ -150,7 +152,7 @@ def geometry_chart(summary: Summary, *, layer: str | None = None) -> GeometryCha
     )
 
 
-# -- receptive field growth -------------------------------------------------------------------------
+# -- receptive field growth ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def field_chart(summary: Summary) -> FieldChart:
     )
 
 
-# -- FLOPs per layer --------------------------------------------------------------------------------
+# -- FLOPs per layer -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def flops_chart(summary: Summary) -> FlopsChart:
     )
 
 
-# -- memory: the step op by op, what each layer keeps for backward, batch size against a budget -----
+# -- memory: the step op by op, what each layer keeps for backward, batch size against a budget ----
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,8 @@ class BatchChart(_Picture):
 def batch_chart(scaling: BatchScaling, fit: BatchFit, *, model: str, mode: str) -> BatchChart:
     if scaling.level != fit.level:
         raise NinlabError(
-            f"the line ({scaling.level} level) and the fit ({fit.level} level) must count the same memory"
+            f"the line ({scaling.level} level) and the fit ({fit.level} level) must count the "
+            "same memory"
         )
     points = dict(zip(scaling.batch_sizes, scaling.peaks_bytes))
     points[scaling.check_batch_size] = scaling.check_peak_bytes
@@ -356,7 +359,7 @@ def batch_chart(scaling: BatchScaling, fit: BatchFit, *, model: str, mode: str) 
     )
 
 
-# -- variants side by side --------------------------------------------------------------------------
+# -- variants side by side -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -390,8 +393,8 @@ def compare_chart(comparison: Comparison) -> CompareChart:
         panels.append(ComparePanel(label, metric.unit, tuple(values)))
     return CompareChart(
         title=(
-            f"Variants at batch {comparison.batch_size} x {'x'.join(map(str, comparison.input_size))}, "
-            f"{comparison.dtype}"
+            f"Variants at batch {comparison.batch_size} x "
+            f"{'x'.join(map(str, comparison.input_size))}, {comparison.dtype}"
             + (f"; trained with preset {comparison.preset}" if comparison.preset else "")
         ),
         variants=tuple(variant.spec for variant in comparison.variants),
@@ -399,7 +402,7 @@ def compare_chart(comparison: Comparison) -> CompareChart:
     )
 
 
-# -- drawing ------------------------------------------------------------------------------------------
+# -- drawing ---------------------------------------------------------------------------------------
 
 _TITLE_SIZE = 10
 _FORWARD_COLOR = "#4C72B0"
@@ -450,8 +453,9 @@ def _draw_geometry(chart: GeometryChart) -> Figure:
     whole.set_title("whole input", fontsize=9)
     corner.set_title("bottom-right corner, one square per pixel", fontsize=9)
     title = (
-        f"{chart.model}, layer {chart.layer} ({chart.layer_type}): input {height.input_size}x{width.input_size} "
-        f"-> output {height.output_size}x{width.output_size}"
+        f"{chart.model}, layer {chart.layer} ({chart.layer_type}): input "
+        f"{height.input_size}x{width.input_size} -> output "
+        f"{height.output_size}x{width.output_size}"
     )
     figure.suptitle(title, fontsize=_TITLE_SIZE)
     handles = [
@@ -787,8 +791,8 @@ def _draw_saved(chart: SavedChart) -> Figure:
     axes.grid(True, axis="x", alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     axes.set_title(
-        f"{chart.model}: what each layer keeps for backward (total {format_bytes(chart.total_bytes)}; "
-        "a tensor two layers keep counts once)",
+        f"{chart.model}: what each layer keeps for backward (total "
+        f"{format_bytes(chart.total_bytes)}; a tensor two layers keep counts once)",
         fontsize=_TITLE_SIZE,
     )
     figure.tight_layout()
@@ -802,7 +806,10 @@ def _draw_batch(chart: BatchChart) -> Figure:
         slope=chart.per_sample_bytes,
         color=_FORWARD_COLOR,
         linewidth=1,
-        label=f"{format_bytes(round(chart.fixed_bytes))} + {format_bytes(round(chart.per_sample_bytes))} per sample",
+        label=(
+            f"{format_bytes(round(chart.fixed_bytes))} + "
+            f"{format_bytes(round(chart.per_sample_bytes))} per sample"
+        ),
     )
     axes.plot(
         chart.batch_sizes,

@@ -78,16 +78,18 @@ def _cells(comparison: Comparison, metric: Metric) -> list[str]:
 
 def _title(comparison: Comparison) -> str:
     title = (
-        f"Batch {comparison.batch_size} x {'x'.join(map(str, comparison.input_size))}, {comparison.dtype}, "
-        f"optimizer {comparison.optimizer}; differences from the first column in brackets"
+        f"Batch {comparison.batch_size} x {'x'.join(map(str, comparison.input_size))}, "
+        f"{comparison.dtype}, optimizer {comparison.optimizer}; differences from the first column "
+        "in brackets"
     )
     if comparison.preset:
         trained = comparison.variants[0].training
         config = trained.config if trained else None
         if config is not None:
             title += (
-                f". Trained with preset {comparison.preset}: {config.image_size}x{config.image_size}, "
-                f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}, batch {config.batch_size}"
+                f". Trained with preset {comparison.preset}: "
+                f"{config.image_size}x{config.image_size}, {config.epochs} "
+                f"epoch{'s' if config.epochs != 1 else ''}, batch {config.batch_size}"
             )
     return title
 

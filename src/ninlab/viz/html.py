@@ -17,7 +17,8 @@ _CELL = "padding:0.15rem 0.5rem;text-align:{align};vertical-align:top;white-spac
 
 
 def html_text(text: str) -> str:
-    """`text` escaped, its leading indent (a nested layer) kept through HTML's whitespace collapsing."""
+    """`text` escaped, its leading indent (a nested layer) kept through HTML's
+    whitespace collapsing."""
     escaped = html.escape(text)
     stripped = escaped.lstrip(" ")
     return "&nbsp;" * (len(escaped) - len(stripped)) + stripped

@@ -118,7 +118,8 @@ def _shapes(layer: LayerSummary) -> str:
 
 
 def _field(layer: LayerSummary) -> str:
-    """The receptive field of a window layer's output, "3 (jump 1)", one number per axis when they differ."""
+    """The receptive field of a window layer's output, "3 (jump 1)", one number per axis when
+    they differ."""
     if not layer.receptive_field:
         return ""
     fields = layer.receptive_field
@@ -186,7 +187,10 @@ def _total_lines(summary: Summary) -> list[str]:
             f"loss: {summary.loss})"
         )
     else:
-        flops = f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)} (no training step)"
+        flops = (
+            f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)} (no training "
+            "step)"
+        )
     lines = [
         (
             f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + "
@@ -240,7 +244,8 @@ def print_summary(
     if explain:
         console.print()
         console.print(
-            "Why each size is what it is (PyTorch starts windows at the top/left and drops the remainder at the bottom/right; nothing is random):",
+            "Why each size is what it is (PyTorch starts windows at the top/left and drops the "
+            "remainder at the bottom/right; nothing is random):",
             highlight=False,
         )
         for line in explanation_lines(summary):

@@ -35,7 +35,10 @@ def _bytes(count: float) -> str:
 
 def _op_place(op: str, phase: str, module: str, module_type: str = "", node: str = "") -> str:
     layer = f"layer {module} ({module_type})" if module else "outside any module"
-    return f"{op.removeprefix('aten.').removesuffix('.default')} in {phase}, {layer}{f', {node}' if node else ''}"
+    return (
+        f"{op.removeprefix('aten.').removesuffix('.default')} in {phase}, "
+        f"{layer}{f', {node}' if node else ''}"
+    )
 
 
 def _level(report: MemoryReport, level: str) -> str:
@@ -46,7 +49,8 @@ def _level(report: MemoryReport, level: str) -> str:
 
 
 def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> list[str]:
-    """The section's prose: peaks at both levels, the forum rule beside ours, batch size, DDP, notes."""
+    """The section's prose: peaks at both levels, the forum rule beside ours, batch size,
+    DDP, notes."""
     scaling, fit = (study.scaling, study.fit) if study is not None else (None, None)
     lines = [f"Memory of one {report.spec.describe(report.batch_size)}:"]
     if report.peak is not None:
@@ -57,20 +61,25 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         )
     else:
         lines.append(
-            f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see the note)"
+            f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see "
+            "the note)"
         )
     allocator = report.allocator
     if allocator is not None:
         extra = allocator.workspace_bytes or allocator.rounding_bytes
         kind = "kernel workspace" if allocator.workspace_bytes else "block rounding"
         lines.append(
-            f"Allocator peak: {'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, during {_op_place(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
+            "Allocator peak: "
+            f"{'at least ' if allocator.lower_bound else ''}{_bytes(allocator.peak_bytes)}, "
+            "during "
+            f"{_op_place(allocator.op, allocator.phase, allocator.module, allocator.module_type)}: "
             f"{format_bytes(allocator.live_bytes)} of tensors + {format_bytes(extra)} of {kind}"
         )
         lines.append(f"Allocator rules: {allocator.method}")
         if allocator.measured:
             lines.append(
-                f"Measured on this CPU, one call each (no rule gives their blocks): {', '.join(allocator.measured)}"
+                "Measured on this CPU, one call each (no rule gives their blocks): "
+                f"{', '.join(allocator.measured)}"
             )
         lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
     else:
@@ -83,8 +92,9 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         lines.append(
             f"CUDA: max_memory_allocated {_bytes(cuda.max_allocated_bytes)}, max_memory_reserved "
             f"{_bytes(cuda.max_reserved_bytes)} ({cuda.small_segments} small segments of 2 MiB, "
-            f"{cuda.large_segments} large ones of {format_bytes(cuda.large_reserved_bytes)} together); "
-            f"with the CUDA context the process needs {format_bytes(low)} to {format_bytes(high)}"
+            f"{cuda.large_segments} large ones of {format_bytes(cuda.large_reserved_bytes)} "
+            f"together); with the CUDA context the process needs {format_bytes(low)} to "
+            f"{format_bytes(high)}"
         )
         lines.append(f"CUDA context: {cuda.context_source}")
         lines.append(f"cuDNN: {cuda.cudnn_workspace}")
@@ -96,17 +106,21 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
                 f"({format_bytes(forum.parameters_bytes)})"
             )
             why = (
-                f"it holds a gradient for every activation at once, where backward frees them as it goes "
-                f"({format_bytes(forum.activation_gradients_at_peak_bytes)} alive at our peak), and has no room for "
-                f"max pooling's int64 indices ({format_bytes(forum.int64_indices_bytes)}); autograd keeps "
+                "it holds a gradient for every activation at once, where backward frees them as "
+                f"it goes ({format_bytes(forum.activation_gradients_at_peak_bytes)} alive at our "
+                "peak), and has no room for max pooling's int64 indices "
+                f"({format_bytes(forum.int64_indices_bytes)}); autograd keeps "
                 f"{format_bytes(report.saved_total_bytes)} in all"
             )
         else:
             rule = (
-                f"parameters ({format_bytes(forum.parameters_bytes)}) + the two largest consecutive activations "
-                f"({format_bytes(forum.largest_consecutive_pair_bytes)})"
+                f"parameters ({format_bytes(forum.parameters_bytes)}) + the two largest "
+                f"consecutive activations ({format_bytes(forum.largest_consecutive_pair_bytes)})"
             )
-            why = f"it leaves out the input batch ({format_bytes(report.breakdown.input_bytes)}) and what kernels hold while they run"
+            why = (
+                f"it leaves out the input batch ({format_bytes(report.breakdown.input_bytes)}) "
+                "and what kernels hold while they run"
+            )
         lines.append(
             f"Forum rule: {rule} = {_bytes(forum.rule_bytes)}, {forum.ratio:.2f}x ours: {why}"
         )
@@ -114,26 +128,38 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         check = (
             "on the line"
             if scaling.linear
-            else f"off the line by {format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} (the peak moves to another op)"
+            else (
+                "off the line by "
+                f"{format_bytes(int(scaling.check_peak_bytes - scaling.check_predicted_bytes))} "
+                "(the peak moves to another op)"
+            )
         )
         lines.append(
-            f"Batch size ({_level(report, scaling.level)} level): {format_bytes(int(scaling.fixed_bytes))} fixed + "
-            f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch {scaling.batch_sizes[0]} and "
-            f"{scaling.batch_sizes[1]}; batch {scaling.check_batch_size} is {check})"
+            f"Batch size ({_level(report, scaling.level)} level): "
+            f"{format_bytes(int(scaling.fixed_bytes))} fixed + "
+            f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch "
+            f"{scaling.batch_sizes[0]} and {scaling.batch_sizes[1]}; batch "
+            f"{scaling.check_batch_size} is {check})"
         )
     if fit is not None:
         lines.append(
-            f"Largest batch within {format_bytes(fit.budget_bytes)} ({_level(report, fit.level)} level): "
-            f"{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}, peak "
-            f"{'at least ' if fit.lower_bound else ''}{_bytes(fit.peak_bytes)}; batch {fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
+            f"Largest batch within {format_bytes(fit.budget_bytes)} ({_level(report, fit.level)} "
+            f"level): {'at most ' if fit.lower_bound else ''}{fit.batch_size:,}, peak "
+            f"{'at least ' if fit.lower_bound else ''}{_bytes(fit.peak_bytes)}; batch "
+            f"{fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
             f"({fit.predictions} exact predictions)"
         )
     if report.ddp is not None:
         buckets = report.ddp
+        gradients = (
+            "gradients are views into them"
+            if buckets.gradient_as_bucket_view
+            else "a second copy of the gradients"
+        )
         lines.append(
             f"DDP gradient buckets: {', '.join(format_bytes(b) for b in buckets.bucket_bytes)} "
-            f"(first bucket at most {format_bytes(buckets.first_bucket_cap_bytes)}, others {format_bytes(buckets.bucket_cap_bytes)}), "
-            f"{'gradients are views into them' if buckets.gradient_as_bucket_view else 'a second copy of the gradients'}"
+            f"(first bucket at most {format_bytes(buckets.first_bucket_cap_bytes)}, others "
+            f"{format_bytes(buckets.bucket_cap_bytes)}), {gradients}"
         )
     lines += [f"Note: {note}" for note in report.notes]
     return lines

@@ -57,9 +57,9 @@ def _option_cells(option: PlanOption, batch_size: int) -> tuple[str, ...]:
 
 def _heading(plan: BudgetPlan) -> str:
     return (
-        f"Fitting batch {plan.batch_size:,} into {format_bytes(plan.budget_bytes)} (allocator level; "
-        'each figure a prediction at that batch; "at least" and "at most" where a kernel\'s workspace is '
-        "unknown there):"
+        f"Fitting batch {plan.batch_size:,} into {format_bytes(plan.budget_bytes)} (allocator "
+        'level; each figure a prediction at that batch; "at least" and "at most" where a '
+        "kernel's workspace is unknown there):"
     )
 
 

@@ -106,26 +106,31 @@ def build_report(study: ModelStudy, *, layer: str | None = None) -> Report:
 
 # -- HTML -----------------------------------------------------------------------------------------
 
+# A backslash ending a line continues the rule on the next one: the CSS has no line break there.
 _CSS = """
 .ninlab-report { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
   line-height: 1.45; max-width: 72rem; margin: 0 auto; padding: 1rem 1.5rem; font-size: 15px; }
 .ninlab-report h1 { font-size: 1.6rem; margin: 0.2rem 0; }
-.ninlab-report h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2rem; }
+.ninlab-report h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; \
+margin-top: 2rem; }
 .ninlab-report h3 { font-size: 1.05rem; margin-bottom: 0.3rem; }
 .ninlab-report .meta, .ninlab-report .note { color: #555; font-size: 0.9rem; }
-.ninlab-report .glance { display: grid; grid-template-columns: repeat(auto-fill, minmax(13rem, 1fr)); gap: 0.6rem; }
+.ninlab-report .glance { display: grid; \
+grid-template-columns: repeat(auto-fill, minmax(13rem, 1fr)); gap: 0.6rem; }
 .ninlab-report .glance div { border: 1px solid #ddd; border-radius: 6px; padding: 0.5rem 0.7rem; }
 .ninlab-report .glance b { display: block; font-size: 1.15rem; }
 .ninlab-report .glance span { color: #555; font-size: 0.85rem; }
 .ninlab-report table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
-.ninlab-report th, .ninlab-report td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
+.ninlab-report th, .ninlab-report td { border-bottom: 1px solid #e3e3e3; padding: 0.2rem 0.5rem; \
+text-align: left; vertical-align: top; }
 .ninlab-report th { background: #f4f4f4; }
 .ninlab-report td:first-child { white-space: nowrap; }
 .ninlab-report figure { margin: 1rem 0; }
 .ninlab-report figure svg { max-width: 100%; height: auto; display: block; }
 .ninlab-report figcaption { color: #555; font-size: 0.85rem; }
 .ninlab-report code { font-size: 0.85rem; background: #f6f6f6; padding: 0 0.2rem; }
-.ninlab-report ul.explain li { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.8rem; }
+.ninlab-report ul.explain li { font-family: ui-monospace, Menlo, Consolas, monospace; \
+font-size: 0.8rem; }
 @media print {
   .ninlab-report { max-width: none; padding: 0; font-size: 11pt; }
   .ninlab-report figure, .ninlab-report tr, .ninlab-report .glance div { break-inside: avoid; }
@@ -146,7 +151,10 @@ def _shape(size: Sequence[int]) -> str:
 def _figure(chart: Chart | None, key: str, caption: str) -> str:
     if chart is None:
         return ""
-    return f'<figure id="chart-{key}">{chart_svg(chart, id_prefix=key)}<figcaption>{caption}</figcaption></figure>'
+    return (
+        f'<figure id="chart-{key}">{chart_svg(chart, id_prefix=key)}'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def _glance(report: Report) -> str:
@@ -178,11 +186,12 @@ def _layers_section(report: Report) -> str:
     table = html_table(layer_table(summary, wide=True))
     t = summary.totals
     totals = (
-        f"<p>Parameters: {_e(format_count(t.parameters))} ({_e(format_count(t.weights))} weights + "
-        f"{_e(format_count(t.biases))} biases; {_e(format_count(t.trainable_parameters))} trainable), "
-        f"{_e(format_bytes(t.parameter_bytes))}. FLOPs per batch: forward {_e(format_flops(t.forward_flops))}, "
-        f"backward {_e(format_flops(t.backward_flops))}, training step {_e(format_flops(t.training_step_flops))} "
-        f"(the optimizer's update is not counted). Sum of layer outputs: {_e(format_bytes(t.layer_output_bytes))}.</p>"
+        f"<p>Parameters: {_e(format_count(t.parameters))} ({_e(format_count(t.weights))} weights "
+        f"+ {_e(format_count(t.biases))} biases; {_e(format_count(t.trainable_parameters))} "
+        f"trainable), {_e(format_bytes(t.parameter_bytes))}. FLOPs per batch: forward "
+        f"{_e(format_flops(t.forward_flops))}, backward {_e(format_flops(t.backward_flops))}, "
+        f"training step {_e(format_flops(t.training_step_flops))} (the optimizer's update is not "
+        f"counted). Sum of layer outputs: {_e(format_bytes(t.layer_output_bytes))}.</p>"
     )
     return f"<h2>Layers</h2>{table}{totals}"
 
@@ -200,10 +209,10 @@ def _rounding_section(report: Report) -> str:
     picture = _figure(
         geometry,
         "geometry",
-        "The input grid of one layer: every window of the last output row (blue) and column (green), "
-        "the last window in bold red, and the real pixels no window reads shaded red. Windows start at "
-        "the top/left, one stride apart; whatever does not fill another stride is left over at the "
-        "bottom/right. Nothing is cropped at random.",
+        "The input grid of one layer: every window of the last output row (blue) and column "
+        "(green), the last window in bold red, and the real pixels no window reads shaded red. "
+        "Windows start at the top/left, one stride apart; whatever does not fill another stride "
+        "is left over at the bottom/right. Nothing is cropped at random.",
     )
     return (
         "<h2>Rounding, layer by layer</h2>"
@@ -215,8 +224,8 @@ def _rounding_section(report: Report) -> str:
         + _figure(
             report.charts.field,
             "field",
-            "Receptive field of each conv and pooling layer's output (solid, left axis) and its jump, "
-            "the input distance between neighbouring outputs (dotted, right axis).",
+            "Receptive field of each conv and pooling layer's output (solid, left axis) and its "
+            "jump, the input distance between neighbouring outputs (dotted, right axis).",
         )
     )
 
@@ -226,7 +235,10 @@ def _flops_section(report: Report) -> str:
         report.charts.flops,
         "flops",
         _e(report.study.summary.flop_convention)
-        + ". The first layer's backward computes only weight gradients: the input batch needs none.",
+        + (
+            ". The first layer's backward computes only weight gradients: the input batch "
+            "needs none."
+        ),
     )
 
 
@@ -239,15 +251,20 @@ def _peak_text(report: MemoryReport) -> str:
         return " ".join(_e(note) for note in report.notes)
     peak, allocator = report.peak, report.allocator
     text = (
-        f"Live tensor storage peaks at {_e(format_bytes(report.live_peak_bytes))} ({report.live_peak_bytes:,} bytes) "
-        f"during <code>{_e(peak.op)}</code> in {_e(_layer_or_loss(peak.module, peak.module_type))}, {_e(peak.phase)} phase. "
-        f"The allocator holds at most {_e(format_bytes(allocator.peak_bytes))} ({allocator.peak_bytes:,} bytes), "
-        f"during <code>{_e(allocator.op)}</code> in {_e(_layer_or_loss(allocator.module, allocator.module_type))}, {_e(allocator.phase)} phase "
-        f"({_e(format_bytes(allocator.workspace_bytes + allocator.rounding_bytes))} beyond the live tensors then: "
-        f"{_e(allocator.method)})."
+        f"Live tensor storage peaks at {_e(format_bytes(report.live_peak_bytes))} "
+        f"({report.live_peak_bytes:,} bytes) during <code>{_e(peak.op)}</code> in "
+        f"{_e(_layer_or_loss(peak.module, peak.module_type))}, {_e(peak.phase)} phase. The "
+        f"allocator holds at most {_e(format_bytes(allocator.peak_bytes))} "
+        f"({allocator.peak_bytes:,} bytes), during <code>{_e(allocator.op)}</code> in "
+        f"{_e(_layer_or_loss(allocator.module, allocator.module_type))}, {_e(allocator.phase)} "
+        f"phase ({_e(format_bytes(allocator.workspace_bytes + allocator.rounding_bytes))} beyond "
+        f"the live tensors then: {_e(allocator.method)})."
     )
     if allocator.measured:
-        text += f' <span class="note">Measured on this CPU, one call each: {_e(", ".join(allocator.measured))}.</span>'
+        text += (
+            ' <span class="note">Measured on this CPU, one call each: '
+            f"{_e(', '.join(allocator.measured))}.</span>"
+        )
     if allocator.unmodelled:
         text += f' <span class="note">Not modelled: {_e("; ".join(allocator.unmodelled))}.</span>'
     return text
@@ -258,10 +275,11 @@ def _memory_section(report: Report) -> str:
     parts = [
         "<h2>Memory</h2>",
         (
-            "<p>Predicted op by op on fake tensors (no memory is allocated to predict it), at two levels: "
-            "live tensor storage, each storage counted once and split by category below, and what the "
-            "allocator holds, which adds the blocks kernels allocate for themselves (and, on CUDA, block "
-            "rounding). Not included: memory cached but free, and the CUDA context.</p>"
+            "<p>Predicted op by op on fake tensors (no memory is allocated to predict it), at two "
+            "levels: live tensor storage, each storage counted once and split by category below, "
+            "and what the allocator holds, which adds the blocks kernels allocate for themselves "
+            "(and, on CUDA, block rounding). Not included: memory cached but free, and the CUDA "
+            "context.</p>"
         ),
     ]
     for step, key, chart, caption in (
@@ -269,7 +287,10 @@ def _memory_section(report: Report) -> str:
             train,
             "train-timeline",
             report.charts.train_timeline,
-            "From zero_grad through forward, loss, backward and the optimizer step (the second, steady-state step).",
+            (
+                "From zero_grad through forward, loss, backward and the optimizer step (the "
+                "second, steady-state step)."
+            ),
         ),
         (
             infer,
@@ -283,8 +304,9 @@ def _memory_section(report: Report) -> str:
         parts.append(html_table(breakdown_table(step)))
         if step.forum is not None:
             parts.append(
-                f'<p class="note">The forum post\'s rule of thumb gives {_e(format_bytes(step.forum.rule_bytes))} '
-                f"({step.forum.ratio:.2f} x the prediction).</p>"
+                '<p class="note">The forum post\'s rule of thumb gives '
+                f"{_e(format_bytes(step.forum.rule_bytes))} ({step.forum.ratio:.2f} x the "
+                "prediction).</p>"
             )
         parts.append(_figure(chart, key, caption))
     if report.charts.saved is not None:
@@ -293,20 +315,24 @@ def _memory_section(report: Report) -> str:
             _figure(
                 report.charts.saved,
                 "saved",
-                "A tensor two layers keep (a ReLU's output is the next conv's input) is counted once, at the layer that made it.",
+                "A tensor two layers keep (a ReLU's output is the next conv's input) is counted "
+                "once, at the layer that made it.",
             )
         )
         parts.append(html_table(saved_table(train)))
     fit, scaling = study.fit, study.scaling
     parts.append("<h3>Batch size</h3>")
     parts.append(
-        f"<p>Training peak (what the allocator holds) = {_e(format_bytes(round(scaling.fixed_bytes)))} + "
-        f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample (exact at batch {scaling.batch_sizes[0]} and "
-        f"{scaling.batch_sizes[1]}; at batch {scaling.check_batch_size} the line is "
-        f"{'exact' if scaling.linear else 'off: the peak moves to another op'}). The largest batch within "
-        f"{_e(format_bytes(fit.budget_bytes))} is <b>{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}</b> "
-        f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; "
-        f"batch {fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
+        "<p>Training peak (what the allocator holds) = "
+        f"{_e(format_bytes(round(scaling.fixed_bytes)))} + "
+        f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample (exact at batch "
+        f"{scaling.batch_sizes[0]} and {scaling.batch_sizes[1]}; at batch "
+        f"{scaling.check_batch_size} the line is "
+        f"{'exact' if scaling.linear else 'off: the peak moves to another op'}). The largest "
+        f"batch within {_e(format_bytes(fit.budget_bytes))} is "
+        f"<b>{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}</b> "
+        f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; batch "
+        f"{fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
     )
     parts.append(
         _figure(
@@ -324,12 +350,14 @@ def _body(report: Report) -> str:
     summary = report.study.summary
     header = (
         f"<h1>{_e(summary.model)}</h1>"
-        f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, {_e(summary.dtype)}, '
-        f"optimizer {_e(report.study.train.spec.optimizer_name)}. Made by ninlab from one trace of the model on fake tensors.</p>"
+        f'<p class="meta">Batch {summary.batch_size} x {_e(_shape(summary.input_size))}, '
+        f"{_e(summary.dtype)}, optimizer {_e(report.study.train.spec.optimizer_name)}. Made by "
+        "ninlab from one trace of the model on fake tensors.</p>"
     )
     return (
         f'<div class="ninlab-report"><style>{_CSS}</style>{header}{_glance(report)}'
-        f"{_layers_section(report)}{_rounding_section(report)}{_flops_section(report)}{_memory_section(report)}</div>"
+        f"{_layers_section(report)}{_rounding_section(report)}{_flops_section(report)}"
+        f"{_memory_section(report)}</div>"
     )
 
 

@@ -46,7 +46,8 @@ def rich_table(
 
 
 def markdown_table(table: TextTable) -> list[str]:
-    """The table's Markdown lines: a leading indent becomes non-breaking spaces, a "|" is escaped."""
+    """The table's Markdown lines: a leading indent becomes non-breaking spaces, a "|"
+    is escaped."""
 
     def cell(text: str) -> str:
         stripped = text.lstrip(" ")

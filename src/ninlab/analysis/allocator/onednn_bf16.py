@@ -80,7 +80,10 @@ MKLDNN_MATMUL_MIN_SIZE = 16 * 16 * 16
 the batch for bmm) exceeds this (aten/src/ATen/native/mkldnn/Utils: mkldnn_gemm_min_size)."""
 
 _DEPTHWISE_SCRATCHPAD = "bf16 depthwise backward-weights scratchpad"
-_BRGEMM_SCRATCHPAD = "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's blocking heuristics)"
+_BRGEMM_SCRATCHPAD = (
+    "bf16 oneDNN convolution: AMX brgemm scratchpad and weight padding (sized by oneDNN's "
+    "blocking heuristics)"
+)
 _GROUPED = KernelBlocks(None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)")
 
 
@@ -218,7 +221,8 @@ def bf16_conv_backward_allocations(
     threads: int = 2,
 ) -> KernelBlocks:
     """oneDNN bf16 convolution backward (`aten.convolution_backward`), ungrouped or depthwise
-    (other grouped ones: not known): grad_input (output_mask[0]), then the weight and bias gradients.
+    (other grouped ones: not known): grad_input (output_mask[0]), then the weight and
+    bias gradients.
 
     Measured, 96->96 1x1 at batch 2 on 26x26, 2 threads, NCHW: [259,584 (channels-last
     grad_output), 18,432 (weights), 259,584 (channels-last grad_input), 24,752 (scratchpad),

@@ -97,7 +97,10 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
                 conv.input.shape[1], tuple(conv.weight.shape[2:])
             ):
                 return None
-            return "channels-last forward with one input channel or a kernel over 7x7 (another brgemm scratchpad)"
+            return (
+                "channels-last forward with one input channel or a kernel over 7x7 (another "
+                "brgemm scratchpad)"
+            )
         if not depthwise:
             return _channels_last_backward_reason(conv, block)
         if (
@@ -151,13 +154,19 @@ def _channels_last_backward_reason(conv: ConvCall, block: int) -> str | None:
     strided = any(step > 1 for step in stride)
     in_channels = conv.input.shape[1]
     if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
-        return "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, undilated, kw <= 14)"
+        return (
+            "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, "
+            "undilated, kw <= 14)"
+        )
     if (
         conv.output_mask[0]
         and strided
         and not strided_backward_data_modelled(kernel, stride, conv.window[1], conv.input.shape[2:])
     ):
-        return "strided channels-last backward-data not of a measured kind (brgconv_strided's scratchpad)"
+        return (
+            "strided channels-last backward-data not of a measured kind (brgconv_strided's "
+            "scratchpad)"
+        )
     if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
         return "channels-last backward-data of a first layer (fewer input channels than a block)"
     return None
@@ -908,11 +917,11 @@ def strided_backward_data_scratchpad_bytes(
 def _conv_grad_input_strided(sizes: _ConvSizes, scratchpad_bytes: int) -> list[KernelAllocation]:
     """grad_input of a strided, ungrouped convolution: oneDNN's brgconv_strided works on
     channels-last (acdb) grad_output and grad_input with weights whose input channels are padded
-    (`_strided_backward_data_weight_bytes`) and a scratchpad (`strided_backward_data_scratchpad_bytes`, 0 where not known);
-    PyTorch then allocates the NCHW grad_input and, when the layouts differ (more than one
-    channel), makes it contiguous with a clone. Measured for 16->16 3x3 stride 2 at batch 2 on
-    32x32, 2 threads: [32,768, 9,216, 131,072, 94,256, -94,256, -9,216, -32,768, 131,072,
-    131,072, -131,072, -131,072]."""
+    (`_strided_backward_data_weight_bytes`) and a scratchpad
+    (`strided_backward_data_scratchpad_bytes`, 0 where not known); PyTorch then allocates the NCHW
+    grad_input and, when the layouts differ (more than one channel), makes it contiguous with a
+    clone. Measured for 16->16 3x3 stride 2 at batch 2 on 32x32, 2 threads: [32,768, 9,216, 131,072,
+    94,256, -94,256, -9,216, -32,768, 131,072, 131,072, -131,072, -131,072]."""
     grad_output = KernelAllocation(sizes.output_bytes, "channels-last grad_output")
     weights = KernelAllocation(
         _strided_backward_data_weight_bytes(sizes), "weights for backward-data"
