@@ -58,7 +58,7 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch
     for start in ("step = ninlab.StepSpec", "infer_memory = "):
         assert "Live tensor peak" in _text(_outputs(notebook, start), "text/html")
     assert "1,769,112 (-223,054, -11.2%)" in _text(
-        _outputs(notebook, "from ninlab.viz.charts import compare_chart"), "text/html"
+        _outputs(notebook, "from ninlab.studies.compare import compare"), "text/html"
     )
     pictures = [
         "from ninlab.viz.charts import geometry_chart",

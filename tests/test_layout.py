@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 import types
@@ -47,7 +48,7 @@ def test_each_part_imports_only_what_the_rule_allows() -> None:
         if path.name != "__init__.py":
             broken += [f"{path.name} imports ninlab.{other}" for other in _imported_parts(path)]
     for part in PARTS:
-        for path in sorted((PACKAGE / part).glob("*.py")):
+        for path in sorted((PACKAGE / part).rglob("*.py")):
             for other in _imported_parts(path) - ALLOWED[part] - {part}:
                 broken.append(f"{path.relative_to(PACKAGE)} imports ninlab.{other}")
     assert broken == []
@@ -89,7 +90,7 @@ def test_the_visuals_render_results_and_call_nothing_that_computes() -> None:
     category's meaning), never a function: whatever it shows was computed before it."""
     broken = [
         f"{path.name} imports {module}{f'.{name}' if name else ''}"
-        for path in sorted((PACKAGE / "viz").glob("*.py"))
+        for path in sorted((PACKAGE / "viz").rglob("*.py"))
         for module, name in _imported_names(path)
         if module.split(".")[1] in COMPUTING and not _is_result_type_or_constant(module, name)
     ]
@@ -117,9 +118,7 @@ def test_the_visuals_rule_sees_a_function_and_a_whole_module(tmp_path: Path) -> 
 
 def test_loading_the_whole_accountant_loads_nothing_else() -> None:
     """At run time too: no lazy import inside a function reaches the trainer, visuals or CLI."""
-    modules = [
-        f"ninlab.analysis.{path.stem}" for path in sorted((PACKAGE / "analysis").glob("*.py"))
-    ]
+    modules = list(_modules(PACKAGE / "analysis"))
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
@@ -154,7 +153,7 @@ def test_the_front_door_names_the_library_api() -> None:
 
 
 def test_loading_every_study_loads_neither_the_visuals_nor_the_cli() -> None:
-    modules = [f"ninlab.studies.{path.stem}" for path in sorted((PACKAGE / "studies").glob("*.py"))]
+    modules = list(_modules(PACKAGE / "studies"))
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
@@ -165,3 +164,96 @@ def test_loading_every_study_loads_neither_the_visuals_nor_the_cli() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "['analysis', 'studies', 'training']"
+
+
+def _modules(folder: Path) -> dict[str, Path]:
+    """Every module under `folder` of the package, subpackages included: its dotted name, its
+    file."""
+    modules = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The ninlab modules `path` imports when it runs: at the top or inside a function (a lazy
+    import closes a circle too), not under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for node in ast.walk(block)
+    }
+    imported = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in imported if name.startswith("ninlab.")}
+
+
+def _import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(module: str) -> None:
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in order:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], order[other])
+        if low[module] == order[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in graph:
+        if module not in order:
+            visit(module)
+    return circles
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    modules = _modules(PACKAGE)
+    graph = {name: _runtime_imports(path) & set(modules) - {name} for name, path in modules.items()}
+    assert _import_circles(graph) == []
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _import_circles(graph) == [["a", "b", "c"]]
+
+
+def test_every_file_the_architecture_note_names_exists() -> None:
+    """ARCHITECTURE.md stays true: each `name.py` (or `folder/`) it names in backticks is a file
+    of the package, its tests or its benchmarks."""
+    note = (PACKAGE.parent.parent / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", note))
+    repository = PACKAGE.parent.parent
+    folders = ("src", "tests", "benchmarks", "examples")
+    everything = [*folders] + [
+        path.relative_to(repository).as_posix()
+        for folder in folders
+        for path in (repository / folder).rglob("*")
+    ]
+    missing = [
+        name
+        for name in sorted(named)
+        if not any(
+            path == name.rstrip("/") or path.endswith("/" + name.rstrip("/")) for path in everything
+        )
+    ]
+    assert missing == []
