@@ -10,7 +10,7 @@ from ninlab.errors import NinlabError
 from ninlab.training.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
-    Progress,
+    RunProgress,
     load_checkpoint,
     restore_run,
     save_run,
@@ -31,9 +31,9 @@ def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimi
     return model, optimizer
 
 
-def _saved(tmp_path) -> tuple[torch.nn.Module, Progress, torch.Tensor]:
+def _saved(tmp_path) -> tuple[torch.nn.Module, RunProgress, torch.Tensor]:
     model, optimizer = _model_and_optimizer(0)
-    progress = Progress(
+    progress = RunProgress(
         epoch=1,
         batch=3,
         step=15,

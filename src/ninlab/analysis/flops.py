@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ninlab.analysis.rule_registry import rule_decorator
 from ninlab.analysis.torch_internals import OpOverload
 
 __all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops"]
@@ -34,22 +35,9 @@ FLOP_RULES: Mapping[Any, FlopRule] = MappingProxyType(_RULES)
 """Every registered rule, by aten op packet (`aten.mm`), read-only: `flop_rule` adds one."""
 
 
-def flop_rule(*packets: Any) -> Callable[[FlopRule], FlopRule]:
-    """Register the decorated rule for the aten op packets given (`aten.mm`); a packet that has a
-    rule already is refused, naming it and its rule, and nothing is registered."""
-
-    def register(rule: FlopRule) -> FlopRule:
-        for index, packet in enumerate(packets):
-            taken = _RULES.get(packet, rule if packet in packets[:index] else None)
-            if taken is not None:
-                raise ValueError(
-                    f"{packet} has a FLOP rule already: {taken.__module__}.{taken.__qualname__}"
-                )
-        for packet in packets:
-            _RULES[packet] = rule
-        return rule
-
-    return register
+flop_rule = rule_decorator(_RULES, "a FLOP rule")
+"""`@flop_rule(aten.mm, ...)` registers the decorated rule for the aten op packets given; a
+packet that has a rule already is refused, naming it and its rule, and nothing is registered."""
 
 
 def _matmul(a: Shape, b: Shape) -> int:

@@ -40,7 +40,7 @@ from ninlab.training.presets import TrainConfig
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
-    "Progress",
+    "RunProgress",
     "load_checkpoint",
     "resolve_checkpoint_path",
     "restore_run",
@@ -148,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """Where the run is; saved in every checkpoint."""
 
     epoch: int = 0  # completed epochs
@@ -173,7 +173,7 @@ def save_run(
     config: TrainConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    progress: Progress,
+    progress: RunProgress,
     context: distributed.Context,
 ) -> None:
     """The run's checkpoint in `output_dir`. Every rank calls this: each one's generator state is
@@ -189,7 +189,7 @@ def _run_state(
     config: TrainConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    progress: Progress,
+    progress: RunProgress,
     rng: list[Any],
 ) -> dict[str, Any]:
     return {
@@ -216,7 +216,7 @@ def restore_run(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     context: distributed.Context,
-) -> Progress:
+) -> RunProgress:
     """Load a checkpoint's weights, optimizer and this rank's generators; where the run stands."""
     try:
         model.load_state_dict(state["model"])
@@ -234,7 +234,7 @@ def restore_run(
     running = state["running"]
     # Partial sums were reduced over all ranks before saving; rank 0 carries them on.
     mine = 1.0 if context.rank == 0 else 0.0
-    return Progress(
+    return RunProgress(
         epoch=int(state["epoch"]),
         batch=int(state["batch"]),
         step=int(state["step"]),

@@ -36,7 +36,7 @@ from ninlab.outputs import write_text_atomically
 from ninlab.training import distributed
 from ninlab.training.checkpoint import (
     CHECKPOINT_NAME,
-    Progress,
+    RunProgress,
     load_checkpoint,
     restore_run,
     save_run,
@@ -263,7 +263,7 @@ def optimize_batch(
 
 @dataclass(frozen=True)
 class _Run:
-    """What a prepared run trains with; none of it changes during the run (see `Progress`)."""
+    """What a prepared run trains with; none of it changes during the run (see `RunProgress`)."""
 
     config: TrainConfig
     output_dir: Path
@@ -284,7 +284,7 @@ def _prepare(
     resume: bool,
     context: distributed.Context,
     force_memory: bool,
-) -> tuple[_Run, Progress, RunCost | None]:
+) -> tuple[_Run, RunProgress, RunCost | None]:
     """The run, where it stands, and (for a new run) its cost to print."""
     config, state = _checked_config(config, output_dir, resume, context)
     if callable(data):  # loaded only now: the directory is this run's and may be trained into
@@ -368,7 +368,7 @@ def _build(
     context: distributed.Context,
     *,
     data_bytes: int | None,
-) -> tuple[nn.Module, torch.optim.Optimizer, Progress, RunCost | None]:
+) -> tuple[nn.Module, torch.optim.Optimizer, RunProgress, RunCost | None]:
     """The network and optimizer on the device, fresh or restored from `state`; writes
     config.json once the configuration has proved that it builds and fits
     (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`, the
@@ -395,7 +395,7 @@ def _build(
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
     torch.manual_seed(config.seed + context.rank)
-    progress = restore_run(state, model, optimizer, context) if state is not None else Progress()
+    progress = restore_run(state, model, optimizer, context) if state is not None else RunProgress()
     if context.is_writer:
         config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
         write_text_atomically(output_dir / "config.json", config_text, durable=True)
@@ -418,7 +418,7 @@ def _config_memory_format(config: TrainConfig) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
-def _announce(say: Reporter, run: _Run, progress: Progress, cost: RunCost | None) -> None:
+def _announce(say: Reporter, run: _Run, progress: RunProgress, cost: RunCost | None) -> None:
     config, context, schedule = run.config, run.context, run.schedule
     say.info(
         f"training {config.variant} at {config.image_size}x{config.image_size}, batch "
@@ -471,7 +471,7 @@ def _training_batch(run: _Run, indices: torch.Tensor) -> tuple[torch.Tensor, tor
 class _EpochSums:
     """Loss, correct predictions and examples of the epoch so far on this rank, on the device."""
 
-    def __init__(self, progress: Progress, device: torch.device) -> None:
+    def __init__(self, progress: RunProgress, device: torch.device) -> None:
         self._sums = torch.tensor(
             [progress.loss_sum, progress.correct, progress.examples],
             dtype=torch.float64,
@@ -488,7 +488,7 @@ class _EpochSums:
         seen = float(self._sums[2]) or 1.0
         return float(self._sums[0]) / seen, float(self._sums[1]) / seen
 
-    def fold_into(self, progress: Progress, context: distributed.Context) -> None:
+    def fold_into(self, progress: RunProgress, context: distributed.Context) -> None:
         """Summed over all ranks into `progress`, which the checkpoint saves."""
         totals = distributed.all_reduce_sum(self._sums.clone(), context)
         progress.loss_sum, progress.correct, progress.examples = (float(v) for v in totals)
@@ -519,7 +519,7 @@ def _should_stop(
 
 
 def _report_step(
-    say: Reporter, run: _Run, progress: Progress, sums: _EpochSums, clock: StepClock
+    say: Reporter, run: _Run, progress: RunProgress, sums: _EpochSums, clock: StepClock
 ) -> None:
     seconds_per_step = clock.just_settled()
     if seconds_per_step is not None:
@@ -538,7 +538,9 @@ def _report_step(
 # -- the end of an epoch, or of an interrupted one -------------------------------------------------
 
 
-def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say: Reporter) -> None:
+def _end_epoch(
+    run: _Run, progress: RunProgress, sums: _EpochSums, epoch: int, say: Reporter
+) -> None:
     """Evaluate, add the epoch's row to the history, save the checkpoint, metrics and curves, and
     report, with a warning when the epoch sat at chance level."""
     config = run.config
@@ -558,7 +560,9 @@ def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say:
     _report_epoch(say, config, row, evaluation)
 
 
-def _evaluate_epoch(run: _Run, progress: Progress, epoch: int) -> tuple[dict[str, Any], Evaluation]:
+def _evaluate_epoch(
+    run: _Run, progress: RunProgress, epoch: int
+) -> tuple[dict[str, Any], Evaluation]:
     """The test-set evaluation after `epoch` and the epoch's row of METRICS_FIELDS."""
     eval_start = time.perf_counter()
     # The bare model, not the DDP wrapper: evaluation needs no collectives inside forward.
@@ -603,7 +607,7 @@ def _report_epoch(
 
 
 def _save_interrupted(
-    run: _Run, progress: Progress, sums: _EpochSums, epoch: int, say: Reporter
+    run: _Run, progress: RunProgress, sums: _EpochSums, epoch: int, say: Reporter
 ) -> None:
     """The checkpoint after Ctrl-C or SIGTERM, with the epoch's partial sums: a resume continues
     from the next batch."""

@@ -13,7 +13,7 @@ from ninlab.units import format_bytes, format_flops
 from ninlab.viz.html import html_table
 from ninlab.viz.table import TextTable
 
-__all__ = ["plan_html", "plan_lines", "plan_markdown", "plan_to_dict"]
+__all__ = ["plan_html", "plan_lines", "plan_markdown", "plan_table", "plan_to_dict"]
 
 
 _RECOMMENDATION = "Recommendation"

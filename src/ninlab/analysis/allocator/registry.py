@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.rule_registry import rule_decorator
 
 __all__ = [
     "ALLOCATION_RULES",
@@ -42,23 +43,10 @@ ALLOCATION_RULES: Mapping[str, AllocationRule] = MappingProxyType(_RULES)
 """Every registered rule, by the op name a dispatch mode gives (`str(func)`), read-only."""
 
 
-def allocation_rule(*op_names: str) -> Callable[[AllocationRule], AllocationRule]:
-    """Register the decorated rule for `op_names` ("aten.convolution.default", ...); an op that
-    has a rule already is refused, naming the op and its rule, and nothing is registered."""
-
-    def register(rule: AllocationRule) -> AllocationRule:
-        for index, name in enumerate(op_names):
-            taken = _RULES.get(name, rule if name in op_names[:index] else None)
-            if taken is not None:
-                raise ValueError(
-                    f"{name} has an allocation rule already: "
-                    f"{taken.__module__}.{taken.__qualname__}"
-                )
-        for name in op_names:
-            _RULES[name] = rule
-        return rule
-
-    return register
+allocation_rule = rule_decorator(_RULES, "an allocation rule")
+"""`@allocation_rule("aten.convolution.default", ...)` registers the decorated rule for the op
+names given; an op that has a rule already is refused, naming the op and its rule, and nothing is
+registered."""
 
 
 def cpu_kernel_allocations(func_name: str, args: Sequence[Any]) -> KernelBlocks:
