@@ -115,10 +115,12 @@ def test_the_table_shows_every_output_and_states_the_stand_in_loss(
 
 
 def test_geometry_speaks_where_there_are_windows_and_only_there() -> None:
-    mlp = summarize(any_models.mlp(), input_size=(784,))
+    mlp = summarize(any_models.mlp(), input_size=(784,), batch_size=1)
     assert mlp.smallest_input_size is None and mlp.input_reach == ()
     assert not any(layer.axes for layer in mlp.layers)
-    text = summarize(any_models.text_cnn(), input_size=(10,), input_dtype="long", mode="infer")
+    text = summarize(
+        any_models.text_cnn(), input_size=(10,), input_dtype="long", mode="infer", batch_size=1
+    )
     conv = next(layer for layer in text.layers if layer.name == "conv")
     assert (conv.axes[0].input_size, conv.axes[0].output_size) == (
         10,
@@ -126,7 +128,7 @@ def test_geometry_speaks_where_there_are_windows_and_only_there() -> None:
     )  # a window, on embedded tokens
     assert text.smallest_input_size is None  # its axis is not an axis of the input
     assert summarize(
-        any_models.autoencoder(), input_size=(1, 15, 15), mode="infer"
+        any_models.autoencoder(), input_size=(1, 15, 15), mode="infer", batch_size=1
     ).smallest_input_size == (1, 1, 1)
 
 
@@ -168,7 +170,7 @@ def test_lazy_modules_take_their_shapes_from_the_input_and_stay_lazy():
 
 
 def test_d2l_nin_written_lazily_summarises_as_the_eager_one():
-    summary = summarize(any_models.d2l_nin(), input_size=(1, 224, 224), mode="infer")
+    summary = summarize(any_models.d2l_nin(), input_size=(1, 224, 224), mode="infer", batch_size=1)
     assert summary.totals.parameters == 1_992_166
     assert summary.smallest_input_size == (1, 67, 67)
 

@@ -131,7 +131,7 @@ def test_smallest_input_holds_for_real_torch():
 
 def test_too_small_input_names_the_first_empty_layer():
     with pytest.raises(NinlabError) as error:
-        summarize(build_nin(), input_size=(1, 60, 60))
+        summarize(build_nin(), input_size=(1, 60, 60), batch_size=1)
     assert str(error.value) == (
         "input 1x60x60 is too small: layer 5 (MaxPool2d): (2 - 3 + 2*0)/2 + 1 = 0.5 < 1, so the "
         "output would be empty; this layer needs an input of at least 3; the smallest input this "
@@ -143,7 +143,7 @@ def test_too_small_input_names_the_first_empty_layer():
 def test_smallest_input_of_other_cnns_is_exact(name):
     entry = ZOO[name]
     model = entry.factory().eval()
-    smallest = summarize(model, input_size=entry.input_size).smallest_input_size
+    smallest = summarize(model, input_size=entry.input_size, batch_size=1).smallest_input_size
     with torch.no_grad():
         model(torch.zeros(1, *smallest))
         for axis in (1, 2):
@@ -187,7 +187,7 @@ def test_batch_and_input_errors():
             r"have 1 channels"
         ),
     ):
-        summarize(build_nin(), input_size=(3, 224, 224))
+        summarize(build_nin(), input_size=(3, 224, 224), batch_size=1)
 
 
 def test_nin_at_batch_128_allocates_no_activations():
@@ -229,6 +229,6 @@ def test_a_step_spec_gives_the_summary_its_fields_give() -> None:
 def test_the_mode_given_as_fields_defaults_to_what_the_model_can_do() -> None:
     frozen = build_nin().requires_grad_(False)
     assert default_mode(frozen) == "infer" and default_mode(build_nin()) == "train"
-    assert summarize(frozen, input_size=(1, 96, 96)).loss == ""
+    assert summarize(frozen, input_size=(1, 96, 96), batch_size=1).loss == ""
     with pytest.raises(NinlabError, match="no trainable parameters"):
-        summarize(frozen, StepSpec(input_size=(1, 96, 96)))
+        summarize(frozen, StepSpec(input_size=(1, 96, 96)), batch_size=1)

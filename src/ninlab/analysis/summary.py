@@ -172,7 +172,7 @@ def summarize(
     model: nn.Module,
     spec: StepSpec | None = None,
     *,
-    batch_size: int = 1,
+    batch_size: int,
     model_name: str | None = None,
     **fields: Any,
 ) -> Summary:
