@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ninlab.analysis.allocator.blocks import conv_output_shape, dense_memory_format
 from ninlab.analysis.torch_internals import select_conv_backend, suggest_memory_format
 
 __all__ = ["ConvCall", "conv_backend"]
@@ -82,4 +83,23 @@ class ConvCall:
         return torch.channels_last in (
             suggest_memory_format(self.input),
             suggest_memory_format(self.weight),
+        )
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """A forward call's output shape, from its window."""
+        stride, padding, dilation = self.window[:3]
+        return conv_output_shape(self.input.shape, self.weight.shape, stride, padding, dilation)
+
+    @property
+    def copies_input(self) -> bool:
+        """Whether a channels-last kernel first copies the input into channels-last."""
+        return not self.input.is_contiguous(memory_format=torch.channels_last)
+
+    @property
+    def copies_weight(self) -> bool:
+        """Whether a channels-last kernel first copies the weight into channels-last (a weight
+        of no dense layout, or whose strides read as NCHW)."""
+        return dense_memory_format(self.weight) != torch.channels_last and not (
+            self.weight.is_contiguous(memory_format=torch.channels_last)
         )

@@ -56,8 +56,6 @@ import torch
 
 from ninlab.analysis.allocator.blocks import (
     KernelAllocation,
-    conv_output_shape,
-    dense_memory_format,
     frees,
     pad,
 )
@@ -91,22 +89,16 @@ def bf16_conv_blocks(conv: ConvCall) -> KernelBlocks:
     """The blocks of a bfloat16 convolution call on the oneDNN backend (2-d), or why they are only
     a lower bound or not known."""
     if conv.grad_output is None:
-        stride, padding, dilation = conv.window[:3]
         channels_last = conv.channels_last
         return bf16_conv_forward_allocations(
             input_shape=tuple(conv.input.shape),
             weight_shape=tuple(conv.weight.shape),
-            output_shape=conv_output_shape(
-                conv.input.shape, conv.weight.shape, stride, padding, dilation
-            ),
+            output_shape=conv.output_shape,
             groups=conv.groups,
             bias=conv.bias is not None,
             channels_last=channels_last,
-            copies_input=channels_last
-            and not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=channels_last
-            and dense_memory_format(conv.weight) != torch.channels_last
-            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+            copies_input=channels_last and conv.copies_input,
+            copies_weight=channels_last and conv.copies_weight,
         )
     return bf16_conv_backward_allocations(
         grad_output_shape=tuple(conv.grad_output.shape),

@@ -53,8 +53,6 @@ import torch
 
 from ninlab.analysis.allocator.blocks import (
     KernelAllocation,
-    conv_output_shape,
-    dense_memory_format,
     frees,
     onednn_channel_block,
     pad,
@@ -202,27 +200,20 @@ def _call_allocations(conv: ConvCall) -> tuple[KernelAllocation, ...]:
             block=onednn_channel_block(),
         )
     if conv.grad_output is None and conv.channels_last:
-        stride, padding, dilation = conv.window[:3]
         return mkldnn_conv_channels_last_forward_allocations(
             input_shape=tuple(conv.input.shape),
             weight_shape=tuple(conv.weight.shape),
-            output_shape=conv_output_shape(
-                conv.input.shape, conv.weight.shape, stride, padding, dilation
-            ),
-            copies_input=not conv.input.is_contiguous(memory_format=torch.channels_last),
-            copies_weight=dense_memory_format(conv.weight) != torch.channels_last
-            and not conv.weight.is_contiguous(memory_format=torch.channels_last),
+            output_shape=conv.output_shape,
+            copies_input=conv.copies_input,
+            copies_weight=conv.copies_weight,
             block=onednn_channel_block(),
             threads=torch.get_num_threads(),
         )
     if conv.grad_output is None:
-        stride, padding, dilation = conv.window[:3]
         return mkldnn_conv_forward_allocations(
             input_shape=tuple(conv.input.shape),
             weight_shape=tuple(conv.weight.shape),
-            output_shape=conv_output_shape(
-                conv.input.shape, conv.weight.shape, stride, padding, dilation
-            ),
+            output_shape=conv.output_shape,
             bias=conv.bias is not None,
             block=onednn_channel_block(),
         )
