@@ -1,9 +1,10 @@
-"""The one exception type a user sees: bad input, explained in one line with the fix; and
+"""The one exception type a user sees: bad input, explained in one line with the fix; its
+warning, for a result that is shown but suspect (the CLI prints it as one line too); and
 `one_line`, how any other exception is quoted inside such a line."""
 
 from __future__ import annotations
 
-__all__ = ["NinlabError", "one_line"]
+__all__ = ["NinlabError", "NinlabWarning", "one_line"]
 
 # An exception quoted in a message is cut here: enough for the cause, short enough for one line.
 _QUOTE_LIMIT = 200
@@ -12,6 +13,11 @@ _QUOTE_LIMIT = 200
 class NinlabError(Exception):
     """A problem with the user's input or environment. The CLI prints it as one line, exit
     code 2."""
+
+
+class NinlabWarning(UserWarning):
+    """A result ninlab shows although something in it is suspect (weights or a loss that are not
+    finite numbers); the CLI prints it as one line, "ninlab: warning: ..."."""
 
 
 def one_line(error: BaseException) -> str:

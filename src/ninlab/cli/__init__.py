@@ -1,7 +1,11 @@
 """`ninlab`, the command line: a thin layer over the library. Each command lives in its own module
 here and only parses arguments (with the shared vocabulary of `ninlab.cli.options`), calls the
-library and prints; any `NinlabError` becomes one line on stderr and exit code 2, and Ctrl-C
-(from start-up to exit) one line and exit code 130."""
+library and prints; any `NinlabError` becomes one line on stderr and exit code 2, a warning one
+line "ninlab: warning: ...", Ctrl-C (from start-up to exit) one line and exit code 130, and a
+closed pipe (the reader, `head` or `less`, gone) a quiet exit with code 1, as Python's own
+advice on SIGPIPE has it (https://docs.python.org/3/library/signal.html#note-on-sigpipe) and as
+rich, which draws the tables, already does. `ninlab train` is the exception: a closed console
+never stops a run (`ninlab.training.console`)."""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, NinlabWarning
+from ninlab.training.interrupt import held_interrupts
 
 # Each module defines `register(subparsers)`, which adds its command(s) and sets `func`.
 _COMMAND_MODULES: tuple[str, ...] = ("summary", "measure", "train", "plot", "report", "compare")
@@ -74,25 +80,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C often lands here
-        from ninlab.cli.options import check_device
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_for_ninlab(warnings.showwarning)
+            with held_interrupts():  # start-up imports torch: a Ctrl-C there waits for its end
+                args = build_parser().parse_args(argv)
+                from ninlab.cli.options import check_device
 
-        check_device(args)
-        return int(args.func(args) or 0)
+                check_device(args)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return code
     except NinlabError as error:
-        print(f"ninlab: error: {error}", file=sys.stderr)
+        _say(f"ninlab: error: {error}")
         return 2
-    except BrokenPipeError:  # the reader (head, less) closed the pipe: not an error of ours
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until the process exits
-        return 0
+    except BrokenPipeError:
+        # What is still buffered for the closed pipe goes nowhere, so that the interpreter's
+        # final flush does not fail again (Python's advice, as above); stderr too, which may be
+        # the closed one (`2>&1 | head`).
+        _silence(sys.stdout)
+        _silence(sys.stderr)
+        return BROKEN_PIPE_EXIT
     except KeyboardInterrupt:
-        print("ninlab: interrupted", file=sys.stderr)
+        _say("ninlab: interrupted")
         return 130
     finally:
         if argv is None:
             # The command line's own process, now exiting: a Ctrl-C during the interpreter's
             # shutdown (its threads, its atexit handlers) would print a traceback for nothing.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# The exit code of a command whose reader went away: Python's and rich's.
+BROKEN_PIPE_EXIT = 1
+
+
+def _say(line: str) -> None:
+    """`line` on stderr, unless stderr is closed too: then there is no one left to tell."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        _silence(sys.stderr)
+
+
+def _silence(stream: object) -> None:
+    """Point `stream`'s file descriptor at /dev/null (a stream without one, as under pytest's
+    capture, is left alone)."""
+    try:
+        descriptor = stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _one_line_for_ninlab(show: Callable[..., None]) -> Callable[..., None]:
+    """`warnings.showwarning` that shows a `NinlabWarning` as one line, "ninlab: warning: ...",
+    without the file and line of the code that warned; other warnings as `show` does."""
+
+    def show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
+        if issubclass(category, NinlabWarning):
+            _say(f"ninlab: warning: {message}")
+        else:
+            show(message, category, *args)
+
+    return show_warning
 
 
 if __name__ == "__main__":

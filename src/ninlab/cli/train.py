@@ -19,8 +19,10 @@ from ninlab.cli.options import (
     runs_on_device,
     training_overrides,
 )
+from ninlab.errors import NinlabError
 from ninlab.outputs import output_path
 from ninlab.training.checkpoint import load_checkpoint, resolve_checkpoint_path
+from ninlab.training.console import outliving_console
 from ninlab.training.evaluate import evaluate, load_trained_model, predict_images
 from ninlab.training.interrupt import StopRequest
 from ninlab.training.plots import plot_confusion
@@ -94,17 +96,13 @@ def run_train(args: argparse.Namespace) -> int:
     given = training_overrides(args)
     preset_name = args.preset or "default"
     config = dataclasses.replace(get_preset(preset_name), **given)
-    output_dir = (
-        Path(args.resume)
-        if isinstance(args.resume, str)
-        else args.output_dir or Path("runs") / preset_name
-    )
+    output_dir = _run_directory(args, preset_name)
     if args.resume and args.preset is None:
         # Compare only what was given again: the rest comes from the checkpoint.
         saved = config_from_dict(load_checkpoint(output_dir)["config"])
         config = dataclasses.replace(saved, **given)
     stop = StopRequest()
-    with stop.catching_signals():
+    with stop.catching_signals(), outliving_console(output_dir):
         result = train(
             config,
             output_dir=output_dir,
@@ -116,6 +114,25 @@ def run_train(args: argparse.Namespace) -> int:
             force_memory=args.force_memory,
         )
     return 130 if result.interrupted else 0
+
+
+def _run_directory(args: argparse.Namespace, preset_name: str) -> Path:
+    """The run's directory: --resume's, else --output-dir, else runs/PRESET. --resume DIR with
+    another --output-dir is refused: a resumed run continues in its own directory."""
+    if not isinstance(args.resume, str):
+        return args.output_dir or Path("runs") / preset_name
+    if not args.resume:  # an unset shell variable: Path("") would be the working directory
+        raise NinlabError(
+            "--resume '' names no directory; give the run directory (--resume runs/default), or "
+            "--resume alone to continue the run in --output-dir"
+        )
+    resumed = Path(args.resume)
+    if args.output_dir is not None and Path(args.output_dir).resolve() != resumed.resolve():
+        raise NinlabError(
+            f"--resume {args.resume} and --output-dir {args.output_dir} name two directories; a "
+            "resumed run continues in its own directory: give only --resume"
+        )
+    return resumed
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
