@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import sys
 import urllib.error
@@ -22,6 +23,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ __all__ = [
     "CLASS_NAMES",
     "DEBIAN_DIR",
     "FILES",
+    "MAX_IDX_BYTES",
     "MIRROR_URL",
     "FashionMNIST",
     "IdxFile",
@@ -144,46 +147,94 @@ def named_data_dir(data_dir: str | os.PathLike[str] | None = None) -> NamedDataD
     return None
 
 
-def _contents(path: Path) -> bytes:
-    """The file's bytes, decompressed when its name ends in .gz (raises OSError,
-    EOFError, zlib.error)."""
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    return path.read_bytes()
+# An IDX file is 4 bytes of magic (0, 0, type, number of dimensions), each dimension as a big-endian
+# uint32, then the values. Fashion-MNIST's largest holds 47,040,016 bytes; a header announcing more
+# than this is refused before anything is allocated or decompressed (a gzip bomb, a sparse file).
+MAX_IDX_BYTES = 1 << 30
+_CHUNK_BYTES = 1 << 20
 
 
 def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -> np.ndarray:
     """Read an IDX file (gzipped when its name ends in .gz) into a uint8 array of its shape.
 
     With `expected`, the decompressed bytes must have that SHA-256 and the array that shape.
+    The header is checked first, and no more bytes are read (or decompressed) than it announces.
     """
     path = Path(path)
+    return _read_idx(path, gzipped=path.suffix == ".gz", expected=expected)
+
+
+def _read_idx(path: Path, *, gzipped: bool, expected: IdxFile | None) -> np.ndarray:
     try:
-        raw = _contents(path)
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as stream:
+            header, values = _idx_bytes(path, stream, gzipped=gzipped, expected=expected)
     except (OSError, EOFError, zlib.error) as error:
         raise NinlabError(
             f"cannot read {path} ({error}); delete it so that ninlab downloads it again, "
             "or reinstall the dataset-fashion-mnist package"
         ) from None
     if expected is not None:
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = _sha256(header, values)
         if digest != expected.sha256:
             raise NinlabError(
-                f"{path} is corrupt: SHA-256 of its contents is {digest[:12]}..., expected "
-                f"{expected.sha256[:12]}...; delete it so that ninlab downloads a fresh copy (or "
-                "reinstall dataset-fashion-mnist if it is Debian's)"
+                f"{path} is corrupt: SHA-256 of its contents is {digest[:12]}..., "
+                f"expected {expected.sha256[:12]}...; delete it so that ninlab downloads a fresh "
+                "copy (or reinstall dataset-fashion-mnist if it is Debian's)"
             )
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
+    return np.frombuffer(values, dtype=np.uint8).reshape(_shape(header))
+
+
+def _sha256(header: bytes, values: bytearray) -> str:
+    digest = hashlib.sha256(header)
+    digest.update(values)
+    return digest.hexdigest()
+
+
+def _shape(header: bytes) -> tuple[int, ...]:
+    return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(header[3]))
+
+
+def _idx_bytes(
+    path: Path, stream: BinaryIO, *, gzipped: bool, expected: IdxFile | None
+) -> tuple[bytes, bytearray]:
+    """The header and the values of an open IDX file, read no further than the header says."""
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != _IDX_UBYTE:
         raise NinlabError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header + int(np.prod(shape)):
-        raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+    header = magic + stream.read(4 * magic[3])
+    if len(header) < 4 + 4 * magic[3]:
+        raise NinlabError(f"{path} is truncated: its header ends early")
+    shape = _shape(header)
     if expected is not None and shape != expected.shape:
         raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    size = math.prod(shape)
+    if size > MAX_IDX_BYTES:
+        raise NinlabError(
+            f"{path} announces shape {shape} ({size:,} bytes), more than the "
+            f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file"
+        )
+    if not gzipped:  # the file's size is known before reading it
+        on_disk = os.fstat(stream.fileno()).st_size
+        if on_disk < len(header) + size:
+            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+        if on_disk > len(header) + size:
+            raise NinlabError(
+                f"{path} is longer than its header announces (shape {shape}); it is not an "
+                "IDX file, or another file was appended"
+            )
+    values = bytearray(size)
+    view, done = memoryview(values), 0
+    while done < size:
+        count = stream.readinto(view[done : done + _CHUNK_BYTES])  # type: ignore[attr-defined]
+        if not count:
+            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+        done += count
+    if stream.read(1):
+        raise NinlabError(
+            f"{path} decompresses to more than its header announces (shape {shape}); it is not "
+            "an IDX file, or another file was appended"
+        )
+    return header, values
 
 
 def _user_cache_dir() -> Path:
@@ -290,13 +341,20 @@ def download_fashion_mnist(
 
 def _verify_download(path: Path, spec: IdxFile, url: str) -> None:
     """Refuse a download whose decompressed bytes are not `spec`'s (`path` is the temporary file,
-    whose name does not end in .gz, hence gzip here rather than `_contents`)."""
+    whose name does not end in .gz), decompressing no more than its header announces."""
     try:
-        digest = hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+        with gzip.open(path, "rb") as stream:
+            header, values = _idx_bytes(path, stream, gzipped=True, expected=spec)
     except (OSError, EOFError, zlib.error) as error:
         raise NinlabError(
             f"the download of {url} is not a valid gzip file ({error}); try again"
         ) from None
+    except NinlabError:
+        raise NinlabError(
+            f"the download of {url} has the wrong contents (not an IDX file of shape "
+            f"{spec.shape}); try again"
+        ) from None
+    digest = _sha256(header, values)
     if digest != spec.sha256:
         raise NinlabError(
             f"the download of {url} has the wrong contents (SHA-256 {digest[:12]}...); try again"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 
@@ -216,16 +216,21 @@ class Prediction:
 
 
 def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.Tensor:
-    """An image file of any size and mode as a 28x28 uint8 grayscale tensor, brought to
-    Fashion-MNIST's size with PIL's bilinear filter (`resize_like_pil`, the training resize); then,
-    in training's steps, resized to the network's input and scaled. `invert` turns dark-on-light
-    into light-on-dark."""
+    """An image file of any size and mode as a 28x28 uint8 grayscale tensor, upright as its EXIF
+    orientation says (a phone's photo), its gray levels read as its mode says (`_gray_bytes`),
+    brought to Fashion-MNIST's size with PIL's bilinear filter (`resize_like_pil`, the training
+    resize); then, in training's steps, resized to the network's input and scaled. `invert` turns
+    dark-on-light into light-on-dark."""
     try:
         with Image.open(path) as image:
-            gray = _gray_bytes(image)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+            gray = _gray_bytes(ImageOps.exif_transpose(image), path)
+    except (OSError, UnidentifiedImageError, ValueError, EOFError) as error:
         raise NinlabError(
             f"cannot read image {path} ({error}); give a PNG, JPEG or other file PIL can open"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise NinlabError(
+            f"image {path} is too large to read safely ({error}); give a smaller image"
         ) from None
     if invert:
         gray = 255 - gray
@@ -233,17 +238,31 @@ def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.T
     return pixels.to(torch.uint8)
 
 
-# Pillow's modes of 16-bit grayscale (a 16-bit PNG opens as "I;16", or "I" in older versions):
-# its convert("L") clips them at 255, which turns all but the darkest pixels white.
-_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The full scales (the white) a gray level may have: 8, 16 and 32 bits, and for a float image
+# first 0..1, what torchvision's ToTensor gives.
+_INTEGER_SCALES = (255.0, 65535.0, 4294967295.0)
+_FLOAT_SCALES = (1.0, *_INTEGER_SCALES)
 
 
-def _gray_bytes(image: Image.Image) -> np.ndarray:
-    """The image as 8-bit gray levels: 16-bit gray scaled from 0..65535, anything else by PIL."""
-    if image.mode in _WIDE_GRAY_MODES:
-        wide = np.asarray(image, dtype=np.float64)
-        return np.rint(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
+def _gray_bytes(image: Image.Image, path: str | os.PathLike[str]) -> np.ndarray:
+    """The image as 8-bit gray levels. Pillow's convert("L") clips wider modes at 255 (all but the
+    darkest pixels turn white), so those are scaled from their full scale instead: 16-bit gray
+    ("I;16...", a 16-bit PNG) from 0..65535; 32-bit integers ("I") and floats ("F"), whose type
+    says nothing of their range, from the smallest of their usual scales that holds the brightest
+    pixel (a mode-"I" image of 8-bit values is read as 8-bit). Every other mode by Pillow."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    wide = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(wide).all() or (wide.size and wide.min() < 0):
+        raise NinlabError(
+            f"image {path} (mode {image.mode}) holds negative or non-finite values; ninlab reads "
+            "gray levels from 0 (black) up"
+        )
+    brightest = float(wide.max()) if wide.size else 0.0
+    scales = (65535.0,) if image.mode.startswith("I;16") else _INTEGER_SCALES
+    scales = _FLOAT_SCALES if image.mode == "F" else scales
+    scale = next((s for s in scales if s >= brightest), scales[-1])
+    return np.rint(np.clip(wide, 0, scale) * (255 / scale)).astype(np.uint8)
 
 
 def predict_images(
