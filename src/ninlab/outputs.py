@@ -10,6 +10,10 @@ permission) is one `NinlabError` naming the file and saying "disk full" when it 
 killed mid-write leaves its temporary, which `remove_stale_temporaries` clears for the next owner
 of the directory.
 
+`json_text` is every JSON text ninlab writes or prints: strict JSON (RFC 8259 has no NaN or
+Infinity, which Python's json module writes by default and other readers refuse), a value that is
+not a finite number written as null with a `NinlabWarning` naming it.
+
 Shared by the trainer and the visuals, so it imports only `ninlab.errors` and the standard library.
 """
 
@@ -17,18 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, NinlabWarning
 
 __all__ = [
     "atomic_write",
     "disk_error",
+    "json_text",
     "output_directory",
     "output_path",
     "remove_stale_temporaries",
@@ -203,3 +211,42 @@ def write_text_atomically(path: str | os.PathLike[str], text: str, *, durable: b
     """`text` as the whole content of `path` (UTF-8), written with `atomic_write`."""
     with atomic_write(path, durable=durable, text=True) as handle:
         handle.write(text)
+
+
+def json_text(data: Any, *, indent: int | None = None, what: str = "the JSON") -> str:
+    """`data` as strict JSON text, as `json.dumps(data, indent=indent)` writes it but for the
+    floats that are not finite numbers (nan, inf): null instead, and a `NinlabWarning` that names
+    where they were in `what`."""
+    non_finite: list[str] = []
+    finite = _finite_or_null(data, "", non_finite)
+    if non_finite:
+        unnamed = len(non_finite) - _NAMED_AT_MOST
+        shown = ", ".join(non_finite[:_NAMED_AT_MOST]) + (
+            f" and {unnamed} more" if unnamed > 0 else ""
+        )
+        warnings.warn(
+            NinlabWarning(
+                f"{what} has values that are not finite numbers (nan or inf), written as null: "
+                f"{shown}"
+            ),
+            stacklevel=2,
+        )
+    return json.dumps(finite, indent=indent, allow_nan=False)
+
+
+_NAMED_AT_MOST = 5  # of the values json_text writes as null, named in its warning
+
+
+def _finite_or_null(value: Any, where: str, non_finite: list[str]) -> Any:
+    """`value` with every non-finite float replaced by None, its place added to `non_finite`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite.append(where or "the value")
+        return None
+    if isinstance(value, dict):
+        return {
+            key: _finite_or_null(item, f"{where}.{key}" if where else str(key), non_finite)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item, f"{where}[{i}]", non_finite) for i, item in enumerate(value)]
+    return value

@@ -69,8 +69,23 @@ def test_the_chance_warning_tells_a_faded_signal_from_dead_relus():
     faded = Evaluation(
         confusion=uniform, loss_sum=1000 * math.log(10), zero_logit_examples=0, abs_logit_sum=120.0
     )
-    text = chance_warning(1, 0.1, faded, math.log(10))
+    text = chance_warning(1, 0.1, faded, math.log(10), PRESETS["d2l"])
     assert "mean |logit| 0.0120" in text and "Xavier-uniform" in text and "all-zero" not in text
     dead = dataclasses.replace(faded, zero_logit_examples=1000, abs_logit_sum=0.0)
-    text = chance_warning(1, 0.1, dead, math.log(10))
+    text = chance_warning(1, 0.1, dead, math.log(10), PRESETS["d2l"])
     assert "1000 of 1000 test images give all-zero logits" in text and "--preset default" in text
+
+
+def test_the_chance_warning_advises_what_the_run_does_not_already_use():
+    uniform = tuple(tuple(100 if j == 0 else 0 for j in range(10)) for _ in range(10))
+    faded = Evaluation(
+        confusion=uniform, loss_sum=1000 * math.log(10), zero_logit_examples=0, abs_logit_sum=120.0
+    )
+    text = chance_warning(1, 0.1, faded, math.log(10), PRESETS["default"])
+    # The default preset already has Kaiming init and normalised input: neither is blamed or
+    # advised; its learning rate is what is left to lower.
+    assert "Xavier" not in text and "--preset default" not in text
+    assert text.endswith("Restart with another --seed, or a lower --lr (this run's is 0.01).")
+    no_warmup = dataclasses.replace(PRESETS["default"], warmup_epochs=0.0)
+    text = chance_warning(1, 0.1, faded, math.log(10), no_warmup)
+    assert text.endswith("a lower --lr (this run's is 0.01), or add --warmup-epochs 1.")

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, NinlabWarning, one_line
 from ninlab.outputs import atomic_write, disk_error
 from ninlab.training import distributed
 from ninlab.training.presets import TrainConfig
@@ -46,6 +47,7 @@ __all__ = [
     "restore_run",
     "save_checkpoint",
     "save_run",
+    "warn_if_not_finite",
 ]
 
 FORMAT = "ninlab-checkpoint-2"  # 2: with a checksum
@@ -211,6 +213,27 @@ def _run_state(
     }
 
 
+def warn_if_not_finite(weights: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """A `NinlabWarning` when floating-point tensors of `weights` (a state_dict) hold nan or inf:
+    whatever such a network predicts is meaningless (a run that diverged, a file edited)."""
+    bad = {
+        name: int((~torch.isfinite(tensor)).sum())
+        for name, tensor in weights.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+    }
+    bad = {name: count for name, count in bad.items() if count}
+    if bad:
+        named = ", ".join(f"{name} ({count:,})" for name, count in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        warnings.warn(
+            NinlabWarning(
+                f"{path}: weights that are not finite numbers (nan or inf) in {named}{more}; "
+                "what this network predicts is meaningless"
+            ),
+            stacklevel=2,
+        )
+
+
 def restore_run(
     state: dict[str, Any],
     model: nn.Module,
@@ -218,6 +241,7 @@ def restore_run(
     context: distributed.Context,
 ) -> RunProgress:
     """Load a checkpoint's weights, optimizer and this rank's generators; where the run stands."""
+    warn_if_not_finite(state["model"], "the checkpoint")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

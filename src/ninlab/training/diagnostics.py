@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+from ninlab.models import parse_variant
 from ninlab.training.data import CLASS_NAMES
 from ninlab.training.evaluate import Evaluation
 from ninlab.training.presets import PRESETS, TrainConfig
@@ -103,14 +104,18 @@ def sat_at_chance(train_accuracy: float, test_accuracy: float) -> bool:
     return train_accuracy < 1.5 / len(CLASS_NAMES) and test_accuracy < 1.5 / len(CLASS_NAMES)
 
 
-def chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float) -> str:
-    """Why an epoch sat at chance, from what the test set shows: dead final ReLUs or a faded
-    signal."""
+def chance_warning(
+    epoch: int, train_accuracy: float, evaluation: Evaluation, loss: float, config: TrainConfig
+) -> str:
+    """Why an epoch sat at chance, from what the test set shows (dead final ReLUs or a faded
+    signal), and what to change, given the run's own `config` (never the recipe it already
+    uses)."""
     text = (
         f"epoch {epoch} sat at chance level: train accuracy {train_accuracy:.3f}, test accuracy "
         f"{evaluation.accuracy:.3f} (chance is {1 / len(CLASS_NAMES):.3f}), train loss {loss:.3f} "
         f"(ln 10 = {math.log(10):.3f})."
     )
+    init = parse_variant(config.variant).init
     if evaluation.zero_logit_examples:
         text += (
             f" {evaluation.zero_logit_examples} of {evaluation.examples} test images give all-zero "
@@ -121,10 +126,22 @@ def chance_warning(epoch: int, train_accuracy: float, evaluation: Evaluation, lo
         text += (
             f" The logits are tiny (mean |logit| {evaluation.mean_abs_logit:.4f}): the signal "
             "reaching the last layer has faded, so the gradients are tiny too and the run may take "
-            "epochs to leave this plateau, or never does. That is d2l's recipe on some seeds: its "
-            "Xavier-uniform init alone shrinks the signal 8x in the first 11x11 conv (fan-out 96 x "
-            "121)."
+            "epochs to leave this plateau, or never does."
         )
+        if init == "xavier":
+            text += (
+                " That is d2l's recipe on some seeds: its Xavier-uniform init alone shrinks the "
+                "signal 8x in the first 11x11 conv (fan-out 96 x 121)."
+            )
+    default = PRESETS["default"]
+    if init != parse_variant(default.variant).init or config.normalize != default.normalize:
+        return text + (
+            " Restart with another --seed, or use --preset default (Kaiming init, normalised "
+            "input), which learns on every seed tried."
+        )
+    # The run has the default preset's init and input already: its step size is what is left.
     return text + (
-        " Restart with another --seed, or use --preset default, which learns on every seed tried."
+        f" Restart with another --seed, or a lower --lr (this run's is {config.lr:g})"
+        + (", or add --warmup-epochs 1" if config.warmup_epochs == 0 else "")
+        + "."
     )

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ninlab.errors import NinlabError, one_line
 from ninlab.models import build_nin, parse_variant
 from ninlab.training import distributed
-from ninlab.training.checkpoint import load_checkpoint
+from ninlab.training.checkpoint import load_checkpoint, warn_if_not_finite
 from ninlab.training.data import CLASS_NAMES, Split
 from ninlab.training.pipeline import InputTransform, resize_like_pil
 from ninlab.training.presets import TrainConfig, config_from_dict
@@ -170,6 +170,7 @@ def load_trained_model(
     """The network of a checkpoint, in eval mode, rebuilt from the variant saved in it."""
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
+    warn_if_not_finite(state["model"], path)
     try:
         model = build_nin(parse_variant(config.variant))
     except NinlabError as error:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from ninlab.outputs import write_text_atomically
+from ninlab.outputs import json_text, write_text_atomically
 
 __all__ = ["METRICS_FIELDS", "write_metrics"]
 
@@ -31,7 +30,9 @@ def write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl and metrics.csv, rewritten whole from the checkpoint's history each epoch, so a
     resumed run never duplicates or loses a row."""
     # Every text file of a run (config, metrics) is needed to follow or reproduce it: durable.
-    rows = "".join(json.dumps(row) + "\n" for row in history)
+    rows = "".join(
+        json_text(row, what=f"metrics.jsonl's epoch {row['epoch']}") + "\n" for row in history
+    )
     write_text_atomically(output_dir / "metrics.jsonl", rows, durable=True)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=METRICS_FIELDS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +32,7 @@ from ninlab.analysis.summary import InputTooSmall, summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin, parse_variant
 from ninlab.optimizers import OptimizerSpec, make_optimizer
-from ninlab.outputs import write_text_atomically
+from ninlab.outputs import json_text, write_text_atomically
 from ninlab.training import distributed
 from ninlab.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -397,7 +397,7 @@ def _build(
     torch.manual_seed(config.seed + context.rank)
     progress = restore_run(state, model, optimizer, context) if state is not None else RunProgress()
     if context.is_writer:
-        config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+        config_text = json_text(dataclasses.asdict(config), indent=2) + "\n"
         write_text_atomically(output_dir / "config.json", config_text, durable=True)
     return model, optimizer, progress, cost
 
@@ -602,8 +602,13 @@ def _report_epoch(
         f"{row['examples_per_s']:,.0f} ex/s, "
         f"{format_duration(row['train_seconds'] + row['eval_seconds'])}"
     )
+    if not math.isfinite(evaluation.loss):
+        say.warn(
+            f"epoch {epoch}: the test loss is not a finite number ({evaluation.loss}): the "
+            "network's outputs overflow on some test images; metrics.jsonl holds null for it"
+        )
     if sat_at_chance(train_accuracy, evaluation.accuracy):
-        say.warn(chance_warning(epoch, train_accuracy, evaluation, train_loss))
+        say.warn(chance_warning(epoch, train_accuracy, evaluation, train_loss, config))
 
 
 def _save_interrupted(

@@ -4,11 +4,11 @@ table of every metric, each variant against the first. Nothing here computes a n
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from rich.console import Console
 
+from ninlab.outputs import json_text
 from ninlab.studies.compare import Comparison, Metric, Unit
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_table
@@ -159,4 +159,4 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
 
 
 def comparison_json(comparison: Comparison) -> str:
-    return json.dumps(comparison_dict(comparison), indent=2)
+    return json_text(comparison_dict(comparison), indent=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from rich.console import Console
 
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
+from ninlab.outputs import json_text
 from ninlab.studies.memory import BatchStudy
 from ninlab.units import format_bytes, format_count, format_flops
 from ninlab.viz.html import html_table
@@ -109,7 +109,7 @@ def summary_json(
     data = summary_to_dict(summary)
     if memory is not None:
         data["memory"] = memory_to_dict(memory, study=study)
-    return json.dumps(data, indent=2)
+    return json_text(data, indent=2)
 
 
 def _shapes(layer: LayerSummary) -> str:

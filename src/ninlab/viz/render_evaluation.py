@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from rich.console import Console
 
+from ninlab.outputs import json_text
 from ninlab.training.evaluate import Evaluation, TrainedModel
 from ninlab.viz.table import TextTable, rich_table
 
@@ -50,7 +50,7 @@ def evaluation_json(
     checkpoint: str | os.PathLike[str],
     confusion_png: str | os.PathLike[str],
 ) -> str:
-    return json.dumps(
+    return json_text(
         {
             "checkpoint": str(checkpoint),
             "epoch": trained.epoch,
@@ -63,4 +63,5 @@ def evaluation_json(
             "confusion_png": str(confusion_png),
         },
         indent=2,
+        what="the evaluation",
     )

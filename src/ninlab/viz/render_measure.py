@@ -3,12 +3,12 @@ text or JSON: `ninlab measure`'s output. Nothing here computes a number but the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from ninlab.analysis.measure import Measurement
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.outputs import json_text
 from ninlab.units import dtype_name
 from ninlab.viz.table import TextTable
 
@@ -124,4 +124,4 @@ def _as_dict(result: Measurement, prediction: MemoryReport) -> dict[str, Any]:
 def measurement_json(results: Sequence[Measurement], predictions: Sequence[MemoryReport]) -> str:
     """Every number of each measurement and its prediction, exact."""
     pairs = zip(results, predictions)
-    return json.dumps([_as_dict(result, prediction) for result, prediction in pairs], indent=2)
+    return json_text([_as_dict(result, prediction) for result, prediction in pairs], indent=2)

@@ -4,13 +4,13 @@ the planner's alternatives) as terminal text, JSON, Markdown or HTML: the memory
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.console import Console
 
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
 from ninlab.analysis.memory_report import MemoryReport
+from ninlab.outputs import json_text
 from ninlab.studies.memory import BatchStudy
 from ninlab.units import format_bytes
 from ninlab.viz.html import html_list, html_table
@@ -288,4 +288,4 @@ def memory_to_dict(report: MemoryReport, *, study: BatchStudy | None = None) -> 
 
 
 def memory_json(report: MemoryReport, *, study: BatchStudy | None = None) -> str:
-    return json.dumps(memory_to_dict(report, study=study), indent=2)
+    return json_text(memory_to_dict(report, study=study), indent=2)
