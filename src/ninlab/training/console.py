@@ -112,4 +112,4 @@ def outliving_console(run_dir: Path) -> Iterator[None]:
 def _ending(surviving: dict[str, _SurvivingStream], line: str) -> None:
     """The error line the command line is about to print, kept in the log when stderr is lost."""
     if surviving["stderr"].lost:
-        _append(surviving["stderr"]._log, line)
+        _append(surviving["stderr"].log, line)
