@@ -81,7 +81,7 @@ class ConvCall:
         weights."""
         if self.input.dim() != 4:
             return f"{self.input.dim() - 2}-d convolution: only 2-d is modelled"
-        stride, padding, dilation, transposed, output_padding = self.window[:5]
+        dilation, transposed, output_padding = self.window[2:5]
         if transposed or any(output_padding):
             return "transposed convolution: no rule is modelled"
         if any(d != 1 for d in dilation):

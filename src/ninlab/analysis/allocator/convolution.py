@@ -3,10 +3,10 @@ parse the call once, then hand it to the rules of the kernel that runs it.
 
 Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a batch
 under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace. On the
-oneDNN (mkldnn) path, 2-d, untransposed, undilated float32 calls (`ConvCall.outside_the_rules`
-names the others, which the predictor measures) follow `ninlab.analysis.allocator.onednn_float32` and
-bfloat16 ones `ninlab.analysis.allocator.onednn_bf16`; any other call gets the reason its blocks
-are not known.
+oneDNN (mkldnn) path, 2-d, untransposed, undilated float32 calls follow
+`ninlab.analysis.allocator.onednn_float32` and bfloat16 ones
+`ninlab.analysis.allocator.onednn_bf16`; any other call (`ConvCall.outside_the_rules` names
+them) gets the reason its blocks are not known, and the predictor measures it.
 """
 
 from __future__ import annotations
