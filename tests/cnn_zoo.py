@@ -178,7 +178,7 @@ def grouped_net(*, in_channels: int = 3, num_classes: int = 10, groups: int = 4)
 @dataclass(frozen=True)
 class ZooEntry:
     factory: Callable[[], nn.Module]
-    input_size: tuple[int, int, int]  # (C, H, W) that the factory's defaults expect
+    input_size: tuple[int, ...]  # (C, H, W) that the factory's defaults expect; (T, F), (C, L)
 
 
 ZOO: dict[str, ZooEntry] = {

@@ -461,3 +461,78 @@ LAYER_ZOO: dict[str, ZooEntry] = {
     "dense_net": ZooEntry(dense_net, (3, 64, 64)),
     "vit_encoder": ZooEntry(vit_encoder, (3, 64, 64)),
 }
+
+
+class SequenceClassifier(nn.Module):
+    """An LSTM or GRU over (N, T, F) sequences, batch first, its last step to a linear head."""
+
+    def __init__(
+        self, cell: str, *, layers: int = 1, bidirectional: bool = False, hidden: int = 64
+    ) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, cell)(
+            32, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=True
+        )
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _conv_net(*layers: nn.Module) -> nn.Module:
+    """Convolutions, a global average pool and a linear head over their last channels."""
+    last = [layer for layer in layers if hasattr(layer, "out_channels")][-1]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+    dims = len(last.kernel_size)
+    return nn.Sequential(*layers, pool[dims](1), nn.Flatten(), nn.Linear(last.out_channels, 10))
+
+
+def aspp_net() -> nn.Module:
+    """DeepLab's ASPP branch: a 3x3 convolution of dilation 12 on a 10x10 map (oneDNN runs
+    another kernel than for an undilated one), beside one of dilation 2."""
+    return _conv_net(
+        nn.Conv2d(3, 96, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(96, 64, 3, padding=12, dilation=12),
+        nn.ReLU(),
+        nn.Conv2d(64, 32, 3, padding=2, dilation=2),
+    )
+
+
+def conv_variants_net() -> nn.Module:
+    """Transposed (with output padding), grouped, reflect-padded and odd-strided convolutions."""
+    return _conv_net(
+        nn.Conv2d(3, 32, 5, stride=3, padding=2, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.ConvTranspose2d(32, 32, 3, stride=2, padding=1, output_padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=(1, 2), padding=1, groups=4),
+    )
+
+
+def patchify_net() -> nn.Module:
+    """A ViT's patch embedding: a 16x16 convolution of stride 16 (wider than oneDNN's jit
+    kernels take), then a 1x1."""
+    return _conv_net(nn.Conv2d(3, 64, 16, stride=16), nn.GELU(), nn.Conv2d(64, 32, 1))
+
+
+LAYER_ZOO.update(
+    {
+        "lstm": ZooEntry(partial(SequenceClassifier, "LSTM"), (20, 32)),
+        "bilstm_2layer": ZooEntry(
+            partial(SequenceClassifier, "LSTM", layers=2, bidirectional=True), (12, 32)
+        ),
+        "gru": ZooEntry(partial(SequenceClassifier, "GRU"), (20, 32)),
+        "conv1d_net": ZooEntry(
+            lambda: _conv_net(nn.Conv1d(8, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 32, 3, 2)),
+            (8, 64),
+        ),
+        "conv3d_net": ZooEntry(
+            lambda: _conv_net(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, 2)),
+            (3, 8, 16, 16),
+        ),
+        "aspp_net": ZooEntry(aspp_net, (3, 20, 20)),
+        "conv_variants_net": ZooEntry(conv_variants_net, (3, 19, 17)),
+        "patchify_net": ZooEntry(patchify_net, (3, 64, 64)),
+    }
+)

@@ -82,17 +82,25 @@ class TensorLayout:
 @dataclass(frozen=True)
 class KernelCall:
     """One op call as a kernel sees it: the op ("aten.convolution.default"), its arguments with
-    every tensor as its `TensorLayout` (lists as tuples, so the call can key a cache), and the
-    bytes of its outputs."""
+    every tensor as its `TensorLayout` (lists as tuples, so the call can key a cache), the
+    bytes of its outputs, and whether grad mode was on (oneDNN's LSTM layer returns the
+    workspace for its backward only then)."""
 
     op: str
     args: tuple[Any, ...]
     output_bytes: int
+    grad_enabled: bool = False
 
     @staticmethod
     def of(op: str, args: Sequence[Any], outputs: Sequence[torch.Tensor]) -> KernelCall:
-        """The call of `op` on `args` (fake or real tensors) that returned `outputs`."""
-        return KernelCall(op, _layouts(tuple(args)), sum(_bytes(t) for t in outputs))
+        """The call of `op` on `args` (fake or real tensors) that returned `outputs`, in the
+        grad mode of now."""
+        return KernelCall(
+            op,
+            _layouts(tuple(args)),
+            sum(_bytes(t) for t in outputs),
+            torch.is_grad_enabled(),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -163,9 +171,10 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     # first one; a prediction should print nothing (a user's own setting is kept).
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
-        # The op as recorded: autocast already chose its dtypes, and no graph is wanted.
+        # The op as recorded: autocast already chose its dtypes, and no argument asks for a
+        # graph (zeros need no gradient), but grad mode is the kernel's to read.
         with (
-            torch.no_grad(),
+            torch.set_grad_enabled(call.grad_enabled),
             torch.autocast("cpu", enabled=False),
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):

@@ -26,7 +26,8 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
 * `matmul`: matrix multiplies (bfloat16 ones by `onednn_bf16`: exact when too small for oneDNN);
 * `batch_norm`: batch norm forward and backward;
 * `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
-* `pooling`: max pooling's backward.
+* `pooling`: max pooling's backward;
+* `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured).
 `blocks` holds what they share (`KernelAllocation`, channel blocks and their padding).
 
 Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
@@ -46,6 +47,7 @@ from ninlab.analysis.allocator import (  # noqa: F401
     convolution,
     matmul,
     pooling,
+    rnn,
 )
 from ninlab.analysis.allocator.blocks import KernelAllocation, peak_above_start_bytes
 from ninlab.analysis.allocator.registry import KernelBlocks, cpu_kernel_allocations

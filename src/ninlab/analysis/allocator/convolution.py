@@ -3,9 +3,10 @@ parse the call once, then hand it to the rules of the kernel that runs it.
 
 Which backend runs a convolution is PyTorch's choice (`conv_backend`): with one thread and a batch
 under 16, 1x1 convolutions take the `Slow2d` path, a matrix multiply with no workspace. On the
-oneDNN (mkldnn) path, 2-d float32 calls follow `ninlab.analysis.allocator.onednn_float32` and
-bfloat16 ones `ninlab.analysis.allocator.onednn_bf16`; any other call gets the reason its blocks
-are not known.
+oneDNN (mkldnn) path, 2-d, untransposed, undilated float32 calls follow
+`ninlab.analysis.allocator.onednn_float32` and bfloat16 ones
+`ninlab.analysis.allocator.onednn_bf16`; any other call (`ConvCall.outside_the_rules` names
+them) gets the reason its blocks are not known, and the predictor measures it.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def convolution_backward(args: Sequence[Any]) -> KernelBlocks:
 
 
 def _blocks(conv: ConvCall) -> KernelBlocks:
-    if conv.input.dim() != 4:
-        return KernelBlocks(None, f"{conv.input.dim() - 2}-d convolution: only 2-d is modelled")
+    if (outside := conv.outside_the_rules) is not None:
+        return KernelBlocks(None, outside)
     backend = conv.backend
     if backend == "Slow2d" and tuple(conv.weight.shape[2:]) == (1, 1):
         return OUTPUTS_ONLY  # an unstrided 1x1 convolution as a matrix multiply: no workspace

@@ -109,6 +109,11 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         return None
     if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
         return "oneDNN convolution on tensors neither NCHW nor channels-last"
+    if max(conv.weight.shape[2:]) > _JIT_KERNEL_MAX:
+        return (
+            f"NCHW oneDNN convolution of a kernel over {_JIT_KERNEL_MAX} (oneDNN's gemm kernel "
+            "and its im2col scratchpad)"
+        )
     strided = any(step > 1 for step in conv.window[0])
     if conv.output_mask[:1] == (True,) and conv.input.shape[1] == 1 and strided:
         return (
@@ -136,6 +141,13 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
     return None
 
 
+# The widest kernel the NCHW rules were measured for: from 15 on, oneDNN's jit kernels give way
+# to its gemm kernel (a 3->192 16x16 stride-16 patch embedding's weight gradient, ViT's, takes
+# 5,407,744 bytes at 64x64 where the jit rule gives 1,181,184; a 16->32 20x20 stride-2 forward
+# 2,885,376 for 978,048).
+_JIT_KERNEL_MAX = 14
+
+
 def _fixed_brgemm_scratchpad(in_channels: int, kernel: tuple[int, ...]) -> bool:
     """Whether a channels-last float32 forward takes the brgemm scratchpad of a fixed size per
     thread (`mkldnn_conv_channels_last_forward_allocations`). Measured on a 24x24 map for 1 to 16
@@ -147,14 +159,14 @@ def _fixed_brgemm_scratchpad(in_channels: int, kernel: tuple[int, ...]) -> bool:
 def _channels_last_backward_reason(conv: ConvCall, block: int) -> str | None:
     """Why an ungrouped channels-last backward's blocks are not known, or None when
     `mkldnn_conv_channels_last_backward_allocations` gives them."""
-    stride, _, dilation = conv.window[:3]
+    stride = conv.window[0]
     kernel = tuple(conv.weight.shape[2:])
     strided = any(step > 1 for step in stride)
     in_channels = conv.input.shape[1]
-    if block != 16 or any(d != 1 for d in dilation) or kernel[1] > 14:
+    if block != 16 or kernel[1] > 14:
         return (
             "channels-last oneDNN convolution backward outside the measured kernels (AVX-512, "
-            "undilated, kw <= 14)"
+            "kw <= 14)"
         )
     if (
         conv.output_mask[0]
