@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from ninlab.analysis.step import StepSpec
+from ninlab.analysis.step import StepSpec, input_dtype_words
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -23,7 +23,6 @@ from ninlab.analysis.torch_internals import (
 )
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
-from ninlab.units import dtype_name
 
 __all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable"]
 
@@ -106,7 +105,7 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
-    dtype = "" if spec.input_dtype is None else f" {dtype_name(spec.input_dtype)}"
+    dtype = "" if spec.input_dtype is None else f" {input_dtype_words(spec.input_dtypes)}"
     return NinlabError(
         f"the model cannot run a {step} on a batch of {sizes}{dtype} inputs ({reason}); "
         "give the input sizes and dtype its forward expects"

@@ -261,9 +261,9 @@ class StepSpec:
     @property
     def input_ranges(self) -> tuple[tuple[int, int], ...]:
         """Each integer input's value range, [low, high)."""
-        if isinstance(self.input_range[0], tuple):
-            return tuple(r or _DEFAULT_RANGE for r in self.input_range)  # type: ignore[misc]
-        return (self.input_range,) * len(self.input_sizes)  # type: ignore[return-value]
+        if isinstance(self.input_range[0], int):
+            return (self.input_range,) * len(self.input_sizes)  # type: ignore[return-value]
+        return tuple(r or _DEFAULT_RANGE for r in self.input_range)  # type: ignore[misc]
 
     def for_model(self, model: nn.Module) -> StepSpec:
         """This step with its dtype filled in from `model` where it was left to the model (None):
@@ -496,17 +496,24 @@ def _input_sizes(size: Any) -> InputSizes:
         and bool(size)
         and all(isinstance(s, (tuple, list)) for s in size)
     )
-    sizes = tuple(_one_size(s, size) for s in size) if several else (_one_size(size, size),)
+    # Among several inputs, one may be a value per sample (a class label: size ()).
+    sizes = (
+        tuple(_one_size(s, size, scalar=True) for s in size)
+        if several
+        else (_one_size(size, size),)
+    )
     return sizes if several else sizes[0]
 
 
-def _one_size(size: Any, given: Any) -> tuple[int, ...]:
+def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]:
     try:
         if isinstance(size, (str, bytes)):
             raise TypeError
         sizes = tuple(int(s) for s in size)
     except (TypeError, ValueError):
-        sizes = ()
+        sizes = None
+    if sizes == () and scalar:
+        return sizes
     if not sizes or min(sizes) < 1:
         raise NinlabError(
             "input size must be one sample's sizes, all >= 1 (e.g. 1x28x28 for an image, 784 for "
