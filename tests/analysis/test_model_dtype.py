@@ -9,6 +9,7 @@ from torch import nn
 
 from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import StepSpec, model_dtype, step_spec
 from ninlab.analysis.summary import summarize
 
@@ -74,3 +75,15 @@ def test_a_mixed_model_takes_the_dtype_most_of_its_elements_have() -> None:
     assert model_dtype(nn.ReLU()) == torch.float32  # nothing floating: float32
     assert StepSpec().for_model(model).dtype == torch.float16
     assert StepSpec(dtype="float32").for_model(model).dtype == torch.float32
+
+
+def test_a_kernel_this_pytorch_lacks_for_the_dtype_is_named() -> None:
+    """Every kernel of these models exists for float16 on CPU in the torch tested here; where one
+    does not, PyTorch's error names it, and so does the one line."""
+    error = RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+    spec = StepSpec(input_size=(8,)).for_model(nn.Linear(8, 4).half())
+    message = str(cannot_run(error, nn.Linear(8, 4).half(), spec))
+    assert message.startswith("this PyTorch has no cpu kernel addmm_impl_cpu_ for Half tensors")
+    assert message.endswith(
+        "run the model in another dtype (dtype='float32' or 'bfloat16', --dtype)"
+    )
