@@ -184,9 +184,8 @@ def test_example_tensors_give_sizes_dtype_and_range():
         torch.int64,
         (3, 10),
     )
-    summary = summarize(
-        any_models.text_cnn(), input_size=torch.randint(0, 100, (4, 10)), batch_size=3
-    )
+    # The examples' batch is the batch: 3 samples of 10 token ids.
+    summary = summarize(any_models.text_cnn(), input_size=torch.randint(0, 100, (3, 10)))
     assert summary.input_dtype == "int64" and summary.layers[0].output_shapes == ((3, 3),)
 
 

@@ -46,7 +46,7 @@ def test_plain_values_become_typed_ones() -> None:
         ({"mode": "eval"}, "mode must be one of train, infer"),
         ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"optimizer": 3}, "optimizer must be a name"),
-        ({"dtype": "float64"}, "dtype must be one of float32, bfloat16, float16"),
+        ({"dtype": "float8"}, "dtype must be one of float32, bfloat16, float16, float64"),
         ({"dtype": torch.int64}, "dtype must be one of"),
         ({"amp": "fp8"}, "amp must be one of bf16, fp16"),
         ({"device_type": "mps"}, "device type must be one of cpu, cuda"),
@@ -68,20 +68,24 @@ def test_replace_checks_again_and_inference_drops_ddp() -> None:
 
 
 def test_describe_and_title_say_what_runs() -> None:
-    spec = StepSpec(optimizer="nesterov", amp="bf16", memory_format="channels_last", ddp=True)
+    spec = StepSpec(
+        optimizer="nesterov", amp="bf16", memory_format="channels_last", ddp=True, dtype="float32"
+    )
     assert spec.title == "training step (nesterov)"
     assert spec.describe(128) == (
         "training step (the second: optimizer state exists) with nesterov, float32 with bfloat16 "
         "autocast, cpu, channels-last, DDP, batch 128"
     )
     assert (
-        StepSpec(mode="infer", grad_mode="inference_mode").describe()
+        StepSpec(mode="infer", grad_mode="inference_mode", dtype="float32").describe()
         == "inference (inference_mode), float32, cpu"
     )
+    # Left to the model, the dtype is the model's until the model is known.
+    assert StepSpec(mode="infer").describe() == "inference (no_grad), the model's dtype, cpu"
 
 
 def test_as_dict_is_plain_json_values() -> None:
-    data = StepSpec(input_size=(3, 32, 32), optimizer="adam", amp="bf16").as_dict()
+    data = StepSpec(input_size=(3, 32, 32), optimizer="adam", amp="bf16", dtype="float32").as_dict()
     assert data["input_size"] == [3, 32, 32] and data["dtype"] == "float32"
     assert data["autocast_dtype"] == "bfloat16" and data["optimizer"]["name"] == "adam"
     assert data["grad_mode"] is None and data["ddp"] is None

@@ -126,3 +126,65 @@ def test_compare(capsys, token_models) -> None:
     assert (variant["parameters"], variant["forward_flops"]) == (PARAMETERS, FORWARD_FLOPS)
     memory = predict_memory(token_models(), SPEC, batch_size=2)
     assert variant["train_peak_bytes"] == memory.live_peak_bytes
+
+
+KEYWORD_MODULE = """
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(100, 8), nn.Linear(8, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.head(self.embed(input_ids) * attention_mask[..., None])}
+
+
+def tagger():
+    torch.manual_seed(0)
+    return Tagger()
+"""
+
+
+def test_inputs_by_name_each_with_its_own_dtype_and_range(capsys, tmp_path, monkeypatch) -> None:
+    """--input NAME=SIZE:DTYPE:LOW:HIGH: a model called with keywords, token ids and a float
+    mask, the loss the cross-entropy of its output's logits."""
+    (tmp_path / "keyword_models.py").write_text(KEYWORD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    given = (
+        "--model",
+        "keyword_models:tagger",
+        "--input",
+        "input_ids=16:int64:0:100",
+        "--input",
+        "attention_mask=16:float32",
+        "--batch",
+        "2",
+    )
+    code, out, err = run(capsys, "summary", *given, "--format", "json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert data["input_dtype"] == "int64 and float32"
+    setup = data["memory"]["setup"]
+    assert setup["input_names"] == ["input_ids", "attention_mask"]
+    assert setup["input_dtype"] == ["int64", "float32"]
+    assert setup["input_range"] == [[0, 100], None]  # a float input has no range
+    spec = StepSpec(
+        input_size={"input_ids": (16,), "attention_mask": (16,)},
+        input_dtype=("int64", "float32"),
+        input_range=((0, 100), None),
+    )
+    model = importlib.import_module("keyword_models").tagger()
+    assert (
+        data["memory"]["live_peak_bytes"]
+        == predict_memory(model, spec, batch_size=2).live_peak_bytes
+    )
+    sys.modules.pop("keyword_models", None)
+    code, _, err = run(capsys, "summary", *given[:4], "--input", "16", "--batch", "2")
+    assert code == 2 and "name every input (NAME=SIZE) or none" in err
+    code, _, err = run(capsys, "summary", "--input", "16:int8")
+    assert code == 2 and "input dtype 'int8' in '16:int8' is not one of" in err
+    code, _, err = run(capsys, "summary", "--input", "16:int64:5")
+    assert code == 2 and "write [NAME=]SIZE[:DTYPE[:LOW:HIGH]]" in err

@@ -83,7 +83,7 @@ def memory_vs_batch(
 ) -> BatchScaling:
     """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line)."""
-    spec = step_spec(spec, **fields)
+    spec = step_spec(spec, model=model, **fields)
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
@@ -129,7 +129,7 @@ def fit_batch(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes < 1:
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
-    spec = step_spec(spec, **fields)
+    spec = step_spec(spec, model=model, **fields)
     known: dict[int, tuple[int, bool]] = {}
 
     def peak(batch_size: int) -> int:

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from ninlab.analysis.step import StepSpec, example_inputs
+from ninlab.analysis.step import (
+    StepSpec,
+    call_model,
+    example_inputs,
+    model_dtype,
+    step_arguments,
+)
 
 __all__ = ["copy_model", "is_lazy_model", "materialized"]
 
@@ -45,11 +51,11 @@ def copy_model(model: nn.Module, spec: StepSpec, *, to_meta: bool = False) -> nn
     copied = copy.deepcopy(model, memo)
     if is_lazy_model(copied):
         # In the parameters' own dtype: a step's dtype is applied to the copy afterwards.
-        first = spec if spec.input_dtype is not None else spec.replace(input_dtype=torch.float32)
+        first = spec.replace(dtype=model_dtype(copied))
         device = torch.device("meta") if to_meta else next(copied.parameters()).device
         copied.train(spec.mode == "train")
         with torch.no_grad():
-            copied(*example_inputs(first, 2, device))
+            call_model(copied, step_arguments(first, example_inputs(first, 2, device)))
     return copied
 
 

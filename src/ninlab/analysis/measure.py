@@ -54,15 +54,18 @@ from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.phases import StepPhases
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
+    StepInputs,
     StepSpec,
+    batch_size_of,
     builtin_targets,
+    call_model,
     example_inputs,
     inference_step,
     optimizer_state,
     optimizers_in,
+    step_arguments,
     step_failed,
     step_spec,
-    valid_batch_size,
 )
 from ninlab.analysis.torch_internals import (
     DeviceType,
@@ -423,16 +426,22 @@ def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str
 
 
 def measure(
-    model: nn.Module, spec: StepSpec | None = None, *, batch_size: int, seed: int = 0, **fields: Any
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    **fields: Any,
 ) -> Measurement:
     """Run the step `spec` describes (or its fields, as keywords; `step=fn` runs the user's own
-    step function) for real on its device type at `batch_size`, and measure its memory peaks.
+    step function) for real on its device type at `batch_size` (None: the example inputs'
+    batch), and measure its memory peaks.
 
-    The model is copied (and cast to the spec's dtype and memory format), so the caller's
-    parameters are untouched.
+    The model is copied (and cast to the spec's dtype, by default its own, and memory format),
+    so the caller's parameters are untouched.
     """
-    spec = step_spec(spec, **fields)
-    batch_size = valid_batch_size(batch_size)
+    spec = step_spec(spec, model=model, **fields)
+    batch_size = batch_size_of(spec, batch_size)
     if spec.ddp is not None:
         raise NinlabError("a measurement runs one process without DDP; measure without ddp")
     device = torch.device(spec.device_type)
@@ -447,18 +456,17 @@ def measure(
         device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format
     )
     inputs = example_inputs(spec, batch_size, device)
+    step_inputs = step_arguments(spec, inputs)
     targets: torch.Tensor | None = None
     optimizers: list[torch.optim.Optimizer] = []
     if spec.mode == "train":
         model.train()
         # The loss fits the output (lazy modules get their shapes here).
-        targets = builtin_targets(_checked_forward(model, inputs, spec), device)
+        targets = builtin_targets(_checked_forward(model, step_inputs, spec), device)
         _release_probe_blocks(device)
         optimizer = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
         train = spec.step_function()
-        # A model of one input gets one tensor, as the user's loop passes it.
-        step_inputs = inputs[0] if len(inputs) == 1 else inputs
 
         def step() -> object:
             try:
@@ -472,15 +480,14 @@ def measure(
 
     else:
         model.eval()
-        _checked_forward(
-            model, inputs, spec
-        )  # lazy modules get their shapes before the baseline counts them
+        # Lazy modules get their shapes before the baseline counts them.
+        _checked_forward(model, step_inputs, spec)
         _release_probe_blocks(device)
 
         def step() -> object:
             # The logits are dropped at once, as the predictor's one inference drops them.
             inference_step(
-                model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode
+                model, step_inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode
             )
             return None
 
@@ -569,11 +576,11 @@ def measure(
     )
 
 
-def _checked_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: StepSpec) -> Any:
+def _checked_forward(model: nn.Module, inputs: StepInputs, spec: StepSpec) -> Any:
     """One forward without autograd; a model that rejects the batch says why in one line."""
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return call_model(model, inputs)
     except Exception as error:  # noqa: BLE001 - whatever the model raises, as one line naming why
         raise cannot_run(error, model, spec) from None
 

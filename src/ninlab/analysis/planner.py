@@ -27,7 +27,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepFunction, StepSpec, builtin_loss, step_spec, valid_batch_size
+from ninlab.analysis.step import (
+    StepFunction,
+    StepSpec,
+    builtin_loss,
+    call_model,
+    model_arguments,
+    step_spec,
+    valid_batch_size,
+)
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
@@ -114,7 +122,7 @@ def plan_budget(
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
     as given and each alternative, and which one to use for `batch_size`."""
-    spec = step_spec(spec, **fields)
+    spec = step_spec(spec, model=model, **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")
@@ -303,7 +311,8 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
     def accumulating_step(
         model: nn.Module, optimizer: Any, inputs: Any, targets: torch.Tensor | None
     ) -> None:
-        arguments = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        args, keywords = model_arguments(inputs)
+        arguments = (*args, *keywords.values())
         parts = zip(*(argument.chunk(micro_batches) for argument in arguments))
         target_parts = [None] * micro_batches if targets is None else targets.chunk(micro_batches)
         device_type = arguments[0].device.type
@@ -314,7 +323,8 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
                 dtype=autocast_dtype or torch.bfloat16,
                 enabled=autocast_dtype is not None,
             ):
-                loss = builtin_loss(model(*part), part_targets) / micro_batches
+                part_inputs = dict(zip(keywords, part)) if keywords else part
+                loss = builtin_loss(call_model(model, part_inputs), part_targets) / micro_batches
             loss.backward()
         optimizer.step()
 

@@ -60,7 +60,7 @@ from ninlab.analysis.memory_report import (
 )
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
-from ninlab.analysis.step import DDPSpec, StepSpec, step_failed, step_spec, valid_batch_size
+from ninlab.analysis.step import DDPSpec, StepSpec, batch_size_of, step_failed, step_spec
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
@@ -73,7 +73,7 @@ def predict_memory(
     model: nn.Module,
     spec: StepSpec | None = None,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     model_name: str | None = None,
     **fields: Any,
 ) -> MemoryReport:
@@ -85,8 +85,8 @@ def predict_memory(
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
     """
-    spec = step_spec(spec, **fields)
-    batch_size = valid_batch_size(batch_size)
+    spec = step_spec(spec, model=model, **fields)
+    batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
     if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
         raise NinlabError(

@@ -9,19 +9,20 @@ of these it was and what to do, never the model's raw exception and never an unr
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from torch import nn
 
-from ninlab.analysis.step import StepSpec
+from ninlab.analysis.step import StepSpec, input_dtype_words
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
     UnsupportedFakeTensorException,
     UnsupportedOperatorException,
 )
+from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
-from ninlab.units import dtype_name
 
 __all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable"]
 
@@ -52,6 +53,20 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     if isinstance(error, NinlabError):
         return error
     reason = one_line(error)
+    sparse = _sparse_modules(model)
+    if sparse and spec.mode == "train":
+        return NinlabError(
+            f"the model's {', '.join(sparse)} {'has' if len(sparse) == 1 else 'have'} sparse=True: "
+            "its gradients are sparse tensors, which a trace on fake tensors cannot account for "
+            f"({reason}); predict it with sparse=False (dense gradients), or with mode 'infer'"
+        )
+    missing_kernel = _MISSING_KERNEL.search(reason)
+    if missing_kernel:
+        op, dtype = missing_kernel.groups()
+        return NinlabError(
+            f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
+            "run the model in another dtype (dtype='float32' or 'bfloat16', --dtype)"
+        )
     if isinstance(error, NOT_TRACEABLE):
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
@@ -65,6 +80,23 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"{', '.join(targets)}; {reason}), and the built-in step gives it inputs only; "
             "summarize or predict it with mode 'infer' (--mode infer)"
         )
+    keywords = _required_keywords(model, spec)
+    if keywords:
+        names = [p.name for p in _parameters(model)][: len(spec.input_sizes)] + keywords
+        return NinlabError(
+            f"the model's forward requires the keyword argument{'s' * (len(keywords) > 1)} "
+            f"{', '.join(keywords)}; give every input by name, as input_size="
+            f"{{{', '.join(f'{name!r}: (...)' for name in names)}}} "
+            f"({' '.join(f'--input {name}=SIZE' for name in names)})"
+        )
+    if _batch_inside(model, spec):
+        batch, *sample = spec.input_sizes[0]
+        return NinlabError(
+            f"input size {'x'.join(map(str, spec.input_sizes[0]))} starts with the batch "
+            "(torchinfo's convention), but ninlab's input size is one sample: give "
+            f"input_size={tuple(sample)} and batch_size={batch} "
+            f"(--input {'x'.join(map(str, sample))} --batch {batch})"
+        )
     required = _required_arguments(model)
     if required is not None and required > len(spec.input_sizes):
         return NinlabError(
@@ -73,11 +105,54 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
-    dtype = "" if spec.input_dtype is None else f" {dtype_name(spec.input_dtype)}"
+    dtype = "" if spec.input_dtype is None else f" {input_dtype_words(spec.input_dtypes)}"
     return NinlabError(
         f"the model cannot run a {step} on a batch of {sizes}{dtype} inputs ({reason}); "
         "give the input sizes and dtype its forward expects"
     )
+
+
+# A CPU or CUDA kernel PyTorch lacks for a dtype: '"addmm_impl_cpu_" not implemented for 'Half''.
+_MISSING_KERNEL = re.compile(r"\"(\w+)\" not implemented for '(\w+)'")
+
+
+def _sparse_modules(model: nn.Module) -> list[str]:
+    """The embeddings whose gradients are sparse (`sparse=True`), by name."""
+    return [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+    ]
+
+
+def _required_keywords(model: nn.Module, spec: StepSpec) -> list[str]:
+    """The forward's keyword-only arguments without a default that the inputs do not name."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        and p.default is inspect.Parameter.empty
+        and p.name not in spec.input_names
+    ]
+
+
+def _batch_inside(model: nn.Module, spec: StepSpec) -> bool:
+    """Whether the one input's size holds the batch first (torchinfo's `input_size=(128, 1, 224,
+    224)`): the model rejected it, and runs a forward at that size without its first axis."""
+    if len(spec.input_sizes) != 1 or len(spec.input_sizes[0]) < 2:
+        return False
+    sample = spec.input_sizes[0][1:]
+    probe = spec.replace(input_size=sample, mode="infer", step=None, ddp=None)
+    try:
+        outputs = record_step(model, probe, 2).recording.module_outputs.get("", ())
+    except Exception:  # noqa: BLE001 - whatever the model raises, the guess is wrong
+        return False
+    # The batch of 2 must come out as a batch: not read as an unbatched input's channels.
+    return bool(outputs) and outputs[0][0][:1] == (2,)
 
 
 def _parameters(model: nn.Module) -> list[inspect.Parameter]:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parameter import is_lazy
 
 from ninlab.dotted import import_function
 from ninlab.errors import NinlabError, one_line
@@ -35,27 +36,40 @@ __all__ = [
     "INPUT_DTYPES",
     "DDPSpec",
     "GradMode",
+    "LossKind",
     "OptimizerFactory",
     "StepFunction",
+    "StepInputs",
     "StepSpec",
+    "batch_size_of",
     "builtin_loss",
+    "builtin_loss_kind",
     "builtin_loss_words",
     "builtin_targets",
+    "call_model",
     "example_inputs",
     "inference_step",
+    "input_dtype_words",
     "load_step",
+    "model_arguments",
+    "model_dtype",
     "optimizer_state",
     "optimizers_in",
     "output_tensors",
+    "step_arguments",
     "step_failed",
     "step_spec",
     "train_step",
     "valid_batch_size",
 ]
 
+# What a step receives as its inputs and calls the model with: one tensor (`model(x)`), one per
+# positional argument (`model(*inputs)`), or one per keyword (`model(**inputs)`: named inputs,
+# as Hugging Face models take `input_ids=`, `attention_mask=`, `labels=`).
+StepInputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 # One training step as the user writes it: `step(model, optimizer, inputs, targets)`, where
 # `optimizer` is what `StepSpec.make_optimizers` built (an optimizer, or what a factory returned).
-StepFunction = Callable[[nn.Module, Any, torch.Tensor, torch.Tensor], object]
+StepFunction = Callable[[nn.Module, Any, StepInputs, torch.Tensor | None], object]
 # Builds what a step function receives as its optimizer, from the model: one optimizer, or a tuple
 # (two optimizers, an optimizer and its GradScaler): everything the step keeps across steps.
 OptimizerFactory = Callable[[nn.Module], Any]
@@ -69,6 +83,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "float64": torch.float64,
 }
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs that are not the step's floating dtype: token ids for an embedding, masks.
@@ -80,6 +95,9 @@ INPUT_DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
     "bool": torch.bool,
 }
+_DEFAULT_RANGE = (0, 2)
+# One sample's size; or several, one per input.
+InputSizes = tuple[int, ...] | tuple[tuple[int, ...], ...]
 _AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -104,18 +122,29 @@ class StepSpec:
     parameter groups or a GradScaler; the step receives what it returns.
 
     `input_size` is one sample of the model's input, of any rank (`(784,)`, `(1, 28, 28)`), or for
-    a model of several inputs one size per input (`((1, 28, 28), (1, 28, 28))`); example tensors
-    (a batch each, batch first) give their sizes, dtype and value range instead.
+    a model of several inputs one size per input (`((1, 28, 28), (1, 28, 28))`), or a dict of
+    them by name for a model called with keywords (`{"input_ids": (16,), "attention_mask":
+    (16,)}`: `model(input_ids=..., attention_mask=...)`). Example tensors in any of these forms (a
+    batch each, batch first) give their sizes, dtypes, integer value ranges and their batch
+    (`example_batch`) instead. The batch is never part of `input_size`: torchinfo's
+    `(128, 1, 224, 224)` is `input_size=(1, 224, 224)` at batch size 128.
     """
 
-    input_size: tuple[int, ...] | tuple[tuple[int, ...], ...] = (1, 224, 224)
-    # The inputs' dtype: None is `dtype`; an integer one ("long": token ids) draws its values
-    # from `input_range`, [low, high).
-    input_dtype: torch.dtype | None = None
-    input_range: tuple[int, int] = (0, 2)
+    input_size: InputSizes | Mapping[str, Sequence[int]] = (1, 224, 224)
+    # Keyword names of the inputs, one per input (from a dict `input_size`); empty: positional.
+    input_names: tuple[str, ...] = ()
+    # The inputs' dtypes: None is `dtype`; one dtype for every input, or one per input (a tuple,
+    # or a dict by name; None in it: `dtype`). An integer input ("long": token ids, indices)
+    # draws its values from its `input_range`, [low, high): the default (0, 2) indexes any
+    # embedding or node list of two or more rows.
+    input_dtype: torch.dtype | tuple[torch.dtype | None, ...] | None = None
+    input_range: tuple[int, int] | tuple[tuple[int, int], ...] = (0, 2)
+    example_batch: int | None = None  # the batch of example tensors given as `input_size`
     mode: Mode = "train"
     optimizer: OptimizerSpec | OptimizerFactory = field(default_factory=OptimizerSpec)  # train only
-    dtype: torch.dtype = torch.float32  # of parameters and input, as model.to(dtype) makes them
+    # Of parameters, buffers and floating inputs, as model.to(dtype) makes them. None: the
+    # model's own (`model_dtype`), filled in by `for_model` where the model is known.
+    dtype: torch.dtype | None = None
     amp: Amp | None = None  # forward and loss under autocast to this dtype
     device_type: DeviceType = "cpu"  # the device to account for, from any machine
     grad_mode: GradMode = "no_grad"  # infer only: the guard around the forward
@@ -130,17 +159,26 @@ class StepSpec:
         if _are_tensors(self.input_size):
             examples = _examples(self.input_size)
             normalise("input_size", examples.input_size)
+            normalise("input_names", examples.input_names)
             normalise("input_dtype", examples.input_dtype)
             normalise("input_range", examples.input_range)
+            normalise("example_batch", examples.batch)
+        if isinstance(self.input_size, Mapping):
+            names = tuple(self.input_size)
+            if self.input_names and tuple(self.input_names) != names:
+                raise NinlabError(
+                    f"input names {', '.join(self.input_names)} differ from the input sizes' "
+                    f"names {', '.join(names)}; give the sizes by name only"
+                )
+            sizes = tuple(self.input_size.values())
+            normalise("input_names", names)
+            normalise("input_size", sizes if len(sizes) > 1 else sizes[0])
         normalise("input_size", _input_sizes(self.input_size))
-        if isinstance(self.input_dtype, str):
-            _choice("input dtype", self.input_dtype, tuple(INPUT_DTYPES))
-            normalise("input_dtype", INPUT_DTYPES[self.input_dtype])
-        elif self.input_dtype is not None and self.input_dtype not in INPUT_DTYPES.values():
-            raise NinlabError(
-                f"input dtype must be one of {', '.join(INPUT_DTYPES)}, not {self.input_dtype}"
-            )
-        normalise("input_range", _input_range(self.input_range))
+        normalise("input_names", _input_names(self.input_names, len(self.input_sizes)))
+        normalise("input_dtype", self._per_input("input dtype", self.input_dtype, _input_dtype))
+        normalise("input_range", self._per_input("input range", self.input_range, _input_range))
+        if self.example_batch is not None:
+            normalise("example_batch", valid_batch_size(self.example_batch))
         _choice("mode", self.mode, ("train", "infer"))
         if isinstance(self.optimizer, str):
             normalise("optimizer", parse_optimizer(self.optimizer))
@@ -152,7 +190,7 @@ class StepSpec:
         if isinstance(self.dtype, str):
             _choice("dtype", self.dtype, tuple(DTYPES))
             normalise("dtype", DTYPES[self.dtype])
-        elif self.dtype not in DTYPES.values():
+        elif self.dtype is not None and self.dtype not in DTYPES.values():
             raise NinlabError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype}")
         if self.amp is not None:
             normalise("amp", _AMP_NAMES.get(self.amp, self.amp))
@@ -184,14 +222,53 @@ class StepSpec:
                     "(torch.autocast inside it): drop amp"
                 )
 
+    def _per_input(self, name: str, value: Any, one: Callable[[Any], Any]) -> Any:
+        """`value` checked by `one`: one value for every input, or one per input (a tuple or
+        list of them, or a dict by input name; None in it, or a name left out: the default)."""
+        if isinstance(value, Mapping):
+            unknown = [key for key in value if key not in self.input_names]
+            if unknown:
+                where = (
+                    f"the inputs are {', '.join(self.input_names)}"
+                    if self.input_names
+                    else "the inputs have no names; give input_size as a dict by name"
+                )
+                raise NinlabError(f"{name} given for {', '.join(map(str, unknown))}, but {where}")
+            value = [value.get(key) for key in self.input_names]
+        if not _one_per_input(value):
+            return one(value)
+        if len(value) != len(self.input_sizes):
+            raise NinlabError(
+                f"{name} given for {len(value)} inputs, but there are {len(self.input_sizes)}; "
+                "give one per input, or one for all"
+            )
+        return tuple(None if v is None else one(v) for v in value)
+
     @property
     def input_sizes(self) -> tuple[tuple[int, ...], ...]:
         """One sample's size per input, however many inputs there are."""
         return self.input_size if isinstance(self.input_size[0], tuple) else (self.input_size,)  # type: ignore[return-value]
 
     @property
-    def tensor_input_dtype(self) -> torch.dtype:
-        return self.input_dtype or self.dtype
+    def input_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Each input's dtype: its own, or the step's (float32 before `for_model` fills it)."""
+        step = self.dtype or torch.float32
+        given = self.input_dtype
+        if not isinstance(given, tuple):
+            given = (given,) * len(self.input_sizes)
+        return tuple(dtype or step for dtype in given)
+
+    @property
+    def input_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Each integer input's value range, [low, high)."""
+        if isinstance(self.input_range[0], int):
+            return (self.input_range,) * len(self.input_sizes)  # type: ignore[return-value]
+        return tuple(r or _DEFAULT_RANGE for r in self.input_range)  # type: ignore[misc]
+
+    def for_model(self, model: nn.Module) -> StepSpec:
+        """This step with its dtype filled in from `model` where it was left to the model (None):
+        the dtype of the model's floating parameters and buffers (`model_dtype`)."""
+        return self if self.dtype is not None else self.replace(dtype=model_dtype(model))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -253,13 +330,20 @@ class StepSpec:
         def name(dtype: torch.dtype | None) -> str | None:
             return dtype_name(dtype) if dtype is not None else None
 
+        integer = [_is_integer(dtype) for dtype in self.input_dtypes]
+        dtypes = [name(dtype) for dtype in self.input_dtypes]
+        ranges = [list(r) if i else None for r, i in zip(self.input_ranges, integer)]
+        several = len(self.input_sizes) > 1
         return {
             "mode": self.mode,
             "input_size": [list(size) for size in self.input_sizes]
-            if len(self.input_sizes) > 1
+            if several
             else list(self.input_size),
-            "input_dtype": name(self.tensor_input_dtype),
-            "input_range": list(self.input_range) if _is_integer(self.tensor_input_dtype) else None,
+            "input_names": list(self.input_names) or None,
+            "input_dtype": dtypes if len(set(dtypes)) > 1 else dtypes[0],
+            "input_range": (ranges if len(set(map(str, ranges))) > 1 else ranges[0])
+            if any(integer)
+            else None,
             "dtype": name(self.dtype),
             "autocast_dtype": name(self.autocast_dtype),
             "device_type": self.device_type,
@@ -287,7 +371,7 @@ class StepSpec:
     def describe(self, batch_size: int | None = None) -> str:
         """The step in words, e.g. "training step (the second: optimizer state exists) with adam,
         float32 with bfloat16 autocast, cpu, batch 128"."""
-        dtype = dtype_name(self.dtype)
+        dtype = "the model's dtype" if self.dtype is None else dtype_name(self.dtype)
         precision = dtype + (
             f" with {dtype_name(self.autocast_dtype)} autocast" if self.amp else ""
         )
@@ -297,8 +381,10 @@ class StepSpec:
         else:
             step = self.title
         words = [step, precision, self.device_type]
-        if self.input_dtype is not None and self.input_dtype != self.dtype:
-            words.append(f"{dtype_name(self.input_dtype)} inputs")
+        if self.input_names:
+            words.append(f"inputs by name ({', '.join(self.input_names)})")
+        if any(dtype != (self.dtype or torch.float32) for dtype in self.input_dtypes):
+            words.append(f"{input_dtype_words(self.input_dtypes)} inputs")
         if self.memory_format != "contiguous":
             words.append(self.memory_format.replace("_", "-"))
         if self.ddp is not None:
@@ -308,17 +394,19 @@ class StepSpec:
         return ", ".join(words)
 
 
-def step_spec(spec: StepSpec | None = None, **fields: Any) -> StepSpec:
+def step_spec(
+    spec: StepSpec | None = None, *, model: nn.Module | None = None, **fields: Any
+) -> StepSpec:
     """`spec`, or a `StepSpec` built from `fields`: what every function that takes a step accepts,
     so `predict_memory(model, spec, ...)` and `predict_memory(model, optimizer="adam",
-    ...)` agree."""
+    ...)` agree. Given the `model`, a dtype left to it is filled in (`StepSpec.for_model`)."""
     if spec is None:
-        return StepSpec(**fields)
-    if fields:
+        spec = StepSpec(**fields)
+    elif fields:
         raise NinlabError(f"give a StepSpec or its fields ({', '.join(fields)}), not both")
-    if not isinstance(spec, StepSpec):
+    elif not isinstance(spec, StepSpec):
         raise NinlabError(f"expected a StepSpec, got {type(spec).__name__}")
-    return spec
+    return spec if model is None else spec.for_model(model)
 
 
 def valid_batch_size(batch_size: int) -> int:
@@ -334,6 +422,25 @@ def valid_batch_size(batch_size: int) -> int:
     return value
 
 
+def batch_size_of(spec: StepSpec, batch_size: int | None) -> int:
+    """The batch to account for: `batch_size`, or that of the example tensors the inputs were
+    given as; both given, they must agree."""
+    if batch_size is None:
+        if spec.example_batch is None:
+            raise NinlabError(
+                "give batch_size (--batch), or example tensors as the input, whose first size is "
+                "their batch"
+            )
+        return spec.example_batch
+    batch_size = valid_batch_size(batch_size)
+    if spec.example_batch is not None and batch_size != spec.example_batch:
+        raise NinlabError(
+            f"batch size {batch_size} differs from the example inputs' batch, "
+            f"{spec.example_batch}; drop batch_size, or give examples of batch {batch_size}"
+        )
+    return batch_size
+
+
 def load_step(path: str) -> StepFunction:
     """The step function `package.module:function` names, or one line saying what is wrong."""
     return import_function(
@@ -342,8 +449,22 @@ def load_step(path: str) -> StepFunction:
 
 
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
-    """One line for a user's step function that raised: its own error, and where it ran."""
-    return NinlabError(f"the step {spec.step_name} raised on {where}: {one_line(error)}")
+    """One line for a user's step function that raised: its own error, and where it ran. A step
+    that used the targets it was handed as a tensor where they were None (the model's output is
+    not logits, so no labels fit it) is told to make its own."""
+    reason = one_line(error)
+    if "NoneType" in reason:
+        reason += (
+            "; the step was given targets=None: ninlab makes class labels only for logits ((N, C), "
+            "or an output's .logits), so for this model's output the step must make its own "
+            "targets (e.g. torch.zeros_like(output), or from its inputs)"
+        )
+    return NinlabError(f"the step {spec.step_name} raised on {where}: {reason}")
+
+
+def input_dtype_words(dtypes: Sequence[torch.dtype]) -> str:
+    """Inputs' dtypes in words: "int64", or "float32 and int64" for inputs of several."""
+    return " and ".join(dict.fromkeys(dtype_name(dtype) for dtype in dtypes))
 
 
 def optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
@@ -368,30 +489,72 @@ def _callable_name(function: Callable[..., Any]) -> str:
     return getattr(inner, "__qualname__", None) or type(inner).__name__
 
 
-def _input_sizes(size: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+def _input_sizes(size: Any) -> InputSizes:
     """One size (a tuple of ints), or several (a tuple of them), each of rank 1 or more."""
     several = (
         isinstance(size, (tuple, list))
         and bool(size)
         and all(isinstance(s, (tuple, list)) for s in size)
     )
-    sizes = tuple(_one_size(s, size) for s in size) if several else (_one_size(size, size),)
+    # Among several inputs, one may be a value per sample (a class label: size ()).
+    sizes = (
+        tuple(_one_size(s, size, scalar=True) for s in size)
+        if several
+        else (_one_size(size, size),)
+    )
     return sizes if several else sizes[0]
 
 
-def _one_size(size: Any, given: Any) -> tuple[int, ...]:
+def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]:
     try:
         if isinstance(size, (str, bytes)):
             raise TypeError
         sizes = tuple(int(s) for s in size)
     except (TypeError, ValueError):
-        sizes = ()
+        sizes = None
+    if sizes == () and scalar:
+        return sizes
     if not sizes or min(sizes) < 1:
         raise NinlabError(
             "input size must be one sample's sizes, all >= 1 (e.g. 1x28x28 for an image, 784 for "
             f"a vector), or a list of such sizes for a model of several inputs; got {given!r}"
         )
     return sizes
+
+
+def _input_names(names: Any, count: int) -> tuple[str, ...]:
+    """Keyword names, one per input, each an identifier used once; or none."""
+    names = tuple(names)
+    if not names:
+        return ()
+    bad = [name for name in names if not isinstance(name, str) or not name.isidentifier()]
+    if bad:
+        raise NinlabError(
+            f"an input name must be a keyword argument of the model's forward, not {bad[0]!r}"
+        )
+    if len(names) != count or len(set(names)) != count:
+        raise NinlabError(
+            f"input names must name each of the {count} inputs once, got {', '.join(names)}"
+        )
+    return names
+
+
+def _one_per_input(value: Any) -> bool:
+    """Whether a dtype or range is given per input (a sequence of them), not one for all (a
+    dtype, its name, or a (low, high) pair of whole numbers)."""
+    return isinstance(value, (tuple, list)) and not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
+def _input_dtype(value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in INPUT_DTYPES:
+        return INPUT_DTYPES[value]
+    if isinstance(value, torch.dtype) and value in INPUT_DTYPES.values():
+        return value
+    raise NinlabError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, not {value!r}")
 
 
 def _input_range(value: Any) -> tuple[int, int]:
@@ -414,38 +577,78 @@ def _is_integer(dtype: torch.dtype) -> bool:
 
 
 def _are_tensors(value: Any) -> bool:
-    items = value if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(value, Mapping):
+        items = tuple(value.values())
+    else:
+        items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     return bool(items) and all(isinstance(item, torch.Tensor) for item in items)
 
 
 @dataclass(frozen=True)
 class _Examples:
-    input_size: tuple[int, ...] | tuple[tuple[int, ...], ...]
-    input_dtype: torch.dtype
-    input_range: tuple[int, int]
+    input_size: InputSizes
+    input_names: tuple[str, ...]
+    input_dtype: torch.dtype | tuple[torch.dtype, ...]
+    input_range: tuple[int, int] | tuple[tuple[int, int], ...]
+    batch: int
 
 
-def _examples(value: torch.Tensor | Sequence[torch.Tensor]) -> _Examples:
-    """Example inputs (a batch each, batch first) as sizes, one dtype and a value range."""
-    tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+def _examples(
+    value: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+) -> _Examples:
+    """Example inputs (a batch each, batch first) as sizes, names, dtypes, value ranges (an
+    integer input's, from its values) and their batch."""
+    names: tuple[str, ...] = ()
+    if isinstance(value, Mapping):
+        names, tensors = tuple(value), tuple(value.values())
+    else:
+        tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
     if any(t.dim() < 2 for t in tensors):
         raise NinlabError(
             "an example input holds a batch, batch first: give a tensor of rank 2 or more "
-            f"(got shapes {', '.join(str(tuple(t.shape)) for t in tensors)})"
+            f"(got shapes {shapes})"
         )
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise NinlabError(f"example inputs must share one dtype, got {', '.join(map(str, dtypes))}")
-    dtype = dtypes.pop()
-    input_range = (0, 2)
-    if (
-        _is_integer(dtype)
-        and dtype != torch.bool
-        and all(t.numel() and t.device.type != "meta" for t in tensors)
-    ):
-        input_range = (min(int(t.min()) for t in tensors), max(int(t.max()) for t in tensors) + 1)
+    batches = {t.shape[0] for t in tensors}
+    if len(batches) > 1:
+        raise NinlabError(
+            f"example inputs must share their batch (the first size), got shapes {shapes}"
+        )
+    dtypes = tuple(t.dtype for t in tensors)
+    ranges = tuple(_value_range(t) for t in tensors)
     sizes = tuple(tuple(t.shape[1:]) for t in tensors)
-    return _Examples(sizes if len(sizes) > 1 else sizes[0], dtype, input_range)
+    return _Examples(
+        input_size=sizes if len(sizes) > 1 else sizes[0],
+        input_names=names,
+        input_dtype=dtypes[0] if len(set(dtypes)) == 1 else dtypes,
+        input_range=ranges[0] if len(set(ranges)) == 1 else ranges,
+        batch=batches.pop(),
+    )
+
+
+def _value_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The [low, high) an integer example's values span, so the values drawn for it stay valid
+    indices; the default for any other."""
+    countable = _is_integer(tensor.dtype) and tensor.dtype != torch.bool
+    if countable and tensor.numel() and tensor.device.type != "meta":
+        return int(tensor.min()), int(tensor.max()) + 1
+    return _DEFAULT_RANGE
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its floating parameters and buffers; for a model
+    of several, the one most of their elements have (the others are cast to it, as
+    model.to(dtype) would); float32 for a model with none."""
+    elements: dict[torch.dtype, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype.is_floating_point:
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + _elements(tensor)
+    return max(elements, key=elements.__getitem__) if elements else torch.float32
+
+
+def _elements(tensor: torch.Tensor) -> int:
+    # A lazy module's parameter has no shape yet: it counts as one element of its dtype.
+    return 1 if is_lazy(tensor) else tensor.numel()
 
 
 def _choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -456,12 +659,12 @@ def _choice(name: str, value: object, choices: Sequence[str]) -> None:
 def example_inputs(
     spec: StepSpec, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """One batch per input, as the step receives it: floating inputs random in the step's dtype
-    (channels-last where asked and 4-d), integer ones drawn from `input_range`. Under a
-    `FakeTensorMode` they are fake, with the same shapes, dtypes and strides."""
-    dtype = spec.tensor_input_dtype
+    """One batch per input, in order: floating inputs random in their dtype (channels-last where
+    asked and 4-d), integer ones drawn from their `input_range`, bool ones False. Under a
+    `FakeTensorMode` they are fake, with the same shapes, dtypes and strides. `step_arguments`
+    gives them the form the step receives."""
     inputs = []
-    for size in spec.input_sizes:
+    for size, dtype, (low, high) in zip(spec.input_sizes, spec.input_dtypes, spec.input_ranges):
         shape = (batch_size, *size)
         if dtype.is_floating_point:
             tensor = torch.randn(shape, dtype=dtype, device=device)
@@ -470,9 +673,30 @@ def example_inputs(
         elif dtype == torch.bool:
             tensor = torch.zeros(shape, dtype=dtype, device=device)
         else:
-            tensor = torch.randint(*spec.input_range, shape, dtype=dtype, device=device)
+            tensor = torch.randint(low, high, shape, dtype=dtype, device=device)
         inputs.append(tensor)
     return tuple(inputs)
+
+
+def step_arguments(spec: StepSpec, inputs: Sequence[torch.Tensor]) -> StepInputs:
+    """The inputs as the step receives them, as a user's loop passes them: a model of one
+    positional input gets one tensor, of several a tuple, of named inputs a dict by name."""
+    if spec.input_names:
+        return dict(zip(spec.input_names, inputs))
+    return inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+
+def model_arguments(inputs: StepInputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """The positional and keyword arguments a model is called with for `inputs`."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)), {}
+
+
+def call_model(model: nn.Module, inputs: StepInputs) -> Any:
+    """`model(x)`, `model(*inputs)` or `model(**inputs)`, as `inputs` is one, several or named."""
+    args, kwargs = model_arguments(inputs)
+    return model(*args, **kwargs)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -491,71 +715,135 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for item in items for tensor in output_tensors(item)]
 
 
-def _logits(output: Any) -> bool:
-    return isinstance(output, torch.Tensor) and output.dim() == 2 and output.is_floating_point()
+def _output_field(output: Any, name: str) -> torch.Tensor | None:
+    """The tensor an output carries as `name`, a key or an attribute (a Hugging Face ModelOutput
+    has both), or None."""
+    if isinstance(output, torch.Tensor):
+        return None
+    value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_logits(tensor: Any, rank: int | None = None) -> bool:
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and (tensor.dim() == rank if rank is not None else tensor.dim() >= 2)
+    )
+
+
+LossKind = Literal["output_loss", "cross_entropy", "output_logits", "stand_in"]
+
+
+def builtin_loss_kind(output: Any) -> LossKind:
+    """Which loss the built-in step takes for `output`: the loss it carries (`.loss`, as a
+    Hugging Face model given its labels returns it), cross-entropy of (N, C) logits or of the
+    `.logits` it carries (over their last axis) when it holds no other floating tensor, or a
+    stand-in."""
+    loss = _output_field(output, "loss")
+    if loss is not None and loss.is_floating_point() and loss.dim() == 0:
+        return "output_loss"
+    if _is_logits(output, rank=2):
+        return "cross_entropy"
+    logits = _output_field(output, "logits")
+    # Only where the output holds no other floating tensor: a head beside the logits (a
+    # detector's boxes) would get no gradient from their cross-entropy, so it takes the stand-in.
+    others = [t for t in output_tensors(output) if t is not logits and t.is_floating_point()]
+    if _is_logits(logits) and not others:
+        return "output_logits"
+    return "stand_in"
 
 
 def builtin_targets(output: Any, device: torch.device) -> torch.Tensor | None:
-    """What the built-in loss compares the output with: class labels (zeros, one per sample) for
-    (N, C) logits; None for any other output, whose loss needs none."""
-    if not _logits(output):
-        return None
-    return torch.zeros((output.shape[0],), dtype=torch.long, device=device)
+    """What the built-in loss compares the output with: class labels (zeros) for logits, one per
+    sample ((N, C) logits) or per position (a `.logits` of (N, ..., C)); None for any other
+    output, whose loss needs none."""
+    kind = builtin_loss_kind(output)
+    if kind == "cross_entropy":
+        return torch.zeros((output.shape[0],), dtype=torch.long, device=device)
+    if kind == "output_logits":
+        logits = _output_field(output, "logits")
+        return torch.zeros(tuple(logits.shape[:-1]), dtype=torch.long, device=device)  # type: ignore[union-attr]
+    return None
 
 
 def builtin_loss(output: Any, targets: torch.Tensor | None) -> torch.Tensor:
-    """The built-in step's loss, fitted to the output: cross-entropy of (N, C) logits against
-    class labels; for anything else a stand-in, the sum of every floating output (a tuple's,
+    """The built-in step's loss, fitted to the output (`builtin_loss_kind`): the loss the output
+    carries; cross-entropy of (N, C) logits, or of the output's `.logits` over their last axis,
+    against `targets`; for anything else a stand-in, the sum of every floating output (a tuple's,
     dict's or dataclass's leaves included), so backward reaches every layer the output depends on.
-    It is not the user's loss, and is reported as such (`builtin_loss_words`)."""
-    if targets is not None:
-        return F.cross_entropy(output, targets)
-    floating = [t for t in output_tensors(output) if t.is_floating_point() and t.requires_grad]
+    The stand-in is not the user's loss, and is reported as such (`builtin_loss_words`)."""
+    kind = builtin_loss_kind(output)
+    if kind == "output_loss":
+        return _trainable(_output_field(output, "loss"))  # type: ignore[arg-type]
+    if targets is not None and kind == "cross_entropy":
+        return F.cross_entropy(_trainable(output), targets)
+    if targets is not None and kind == "output_logits":
+        logits = _trainable(_output_field(output, "logits"))  # type: ignore[arg-type]
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+    floating = [t for t in output_tensors(output) if _trains(t)]
     if not floating:
-        raise NinlabError(
-            "the model's output has no floating tensor that depends on its parameters, so a "
-            "training step has nothing to backpropagate; use mode 'infer'"
-        )
+        raise _nothing_to_train()
     loss = floating[0].sum()
     for tensor in floating[1:]:
         loss = loss + tensor.sum()
     return loss
 
 
-def builtin_loss_words(targets: torch.Tensor | None) -> str:
-    """What `builtin_loss` computed, for every output that shows a training step's numbers."""
-    if targets is not None:
-        return "cross-entropy against class labels"
-    return "stand-in sum of outputs — not your loss"
+def _trains(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.requires_grad
 
 
-def _arguments(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+def _trainable(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.requires_grad:
+        raise _nothing_to_train()
+    return tensor
 
 
-def _autocast(
-    inputs: Sequence[torch.Tensor], dtype: torch.dtype | None
-) -> AbstractContextManager[object]:
+def _nothing_to_train() -> NinlabError:
+    return NinlabError(
+        "the model's output does not depend on any trainable parameter (its forward returns its "
+        "input unchanged, or only frozen or detached tensors), so a training step has nothing to "
+        "backpropagate; use mode 'infer'"
+    )
+
+
+def builtin_loss_words(output: Any) -> str:
+    """What `builtin_loss` computes for `output`, for every output that shows a training step's
+    numbers."""
+    return {
+        "output_loss": "the model's own loss (its output's loss)",
+        "cross_entropy": "cross-entropy against class labels",
+        "output_logits": "cross-entropy of the output's logits against class labels",
+        "stand_in": "stand-in sum of outputs — not your loss",
+    }[builtin_loss_kind(output)]
+
+
+def _first_tensor(inputs: StepInputs) -> torch.Tensor:
+    args, kwargs = model_arguments(inputs)
+    return (*args, *kwargs.values())[0]
+
+
+def _autocast(inputs: StepInputs, dtype: torch.dtype | None) -> AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(inputs[0].device.type, dtype=dtype)
+    return torch.autocast(_first_tensor(inputs).device.type, dtype=dtype)
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: StepInputs,
     targets: torch.Tensor | None,
     *,
     autocast_dtype: torch.dtype | None = None,
 ) -> None:
     """The built-in training step: zero_grad(set_to_none=True), forward, the built-in loss
     (`builtin_loss`), backward, optimizer step. A `StepSpec` without `step` runs this one, with
-    its autocast. The model is called with `inputs` (a tensor, or one per argument)."""
-    inputs = _arguments(inputs)
+    its autocast. The model is called with `inputs` (`call_model`)."""
     optimizer.zero_grad(set_to_none=True)
     with _autocast(inputs, autocast_dtype):
-        logits = model(*inputs)
+        logits = call_model(model, inputs)
         loss = builtin_loss(logits, targets)
     # `logits` stays referenced until the step returns, as `y_hat` does in d2l's training loop.
     loss.backward()
@@ -564,13 +852,12 @@ def train_step(
 
 def inference_step(
     model: nn.Module,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: StepInputs,
     *,
     autocast_dtype: torch.dtype | None = None,
     grad_mode: GradMode = "no_grad",
 ) -> Any:
     """The model's forward with no autograd graph; returns its output."""
-    inputs = _arguments(inputs)
     guard = torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad()
     with guard, _autocast(inputs, autocast_dtype):
-        return model(*inputs)
+        return call_model(model, inputs)

@@ -32,7 +32,13 @@ from ninlab.analysis.geometry import (
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.recording import LayerInputTooSmall, OpRecord
 from ninlab.analysis.refusals import cannot_run, check_traceable
-from ninlab.analysis.step import Mode, StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import (
+    Mode,
+    StepSpec,
+    batch_size_of,
+    input_dtype_words,
+    step_spec,
+)
 from ninlab.analysis.trace import StepRecording, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
@@ -147,7 +153,7 @@ class InputReach:
 class Summary:
     model: str
     input_sizes: tuple[tuple[int, ...], ...]  # one sample of each input (an image: channels first)
-    input_dtype: str
+    input_dtype: str  # "int64", or for inputs of several dtypes "float32 and int64"
     batch_size: int
     dtype: str
     layers: tuple[LayerSummary, ...]
@@ -172,35 +178,39 @@ def summarize(
     model: nn.Module,
     spec: StepSpec | None = None,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     model_name: str | None = None,
     **fields: Any,
 ) -> Summary:
     """Summarize `model` for a batch of `batch_size` inputs of the step `spec` describes (or its
-    fields, as keywords: `input_size`, `input_dtype`, `input_range`, `dtype`, `mode`).
+    fields, as keywords: `input_size`, `input_names`, `input_dtype`, `input_range`, `dtype`,
+    `mode`).
 
     The summary reads the step's inputs (one sample's size of any rank, one size per input for a
-    model of several, or example tensors; `input_dtype` and `input_range` for integer inputs such
-    as token ids), its dtype and its mode: "train" adds the built-in training step's backward
-    FLOPs, "infer" records the forward only. Given as fields, the mode defaults to
-    `default_mode(model)`. The optimizer, autocast, device, memory format and a step function
-    change the memory of a step (`predict_memory`), not its layers, and are not read here.
+    model of several, a dict of sizes by name for a model called with keywords, or example
+    tensors, which also give the batch; `input_dtype` and `input_range`, one or one per input,
+    for integer inputs such as token ids), its dtype (by default the model's own) and its mode:
+    "train" adds the built-in training step's backward FLOPs, "infer" records the forward only.
+    Given as fields, the mode defaults to `default_mode(model)`. The optimizer, autocast, device,
+    memory format and a step function change the memory of a step (`predict_memory`), not its
+    layers, and are not read here.
 
     Raises `NinlabError` when the input is too small for the network, naming the first layer
     whose output would be empty, its arithmetic and the smallest valid input; or when the model
     cannot run, naming why (`ninlab.analysis.refusals`).
     """
-    batch_size = valid_batch_size(batch_size)
     check_traceable(model)
     if spec is None and fields.get("mode") is None:
         fields["mode"] = default_mode(model)
-    given = step_spec(spec, **fields)
+    given = step_spec(spec, model=model, **fields)
+    batch_size = batch_size_of(given, batch_size)
     if given.mode == "train" and default_mode(model) == "infer":
         raise NinlabError(
             "the model has no trainable parameters, so it has no training step; use mode 'infer'"
         )
     spec = StepSpec(
         input_size=given.input_size,
+        input_names=given.input_names,
         input_dtype=given.input_dtype,
         input_range=given.input_range,
         mode=given.mode,
@@ -239,7 +249,7 @@ def summarize(
     return Summary(
         model=model_name or type(model).__name__,
         input_sizes=spec.input_sizes,
-        input_dtype=dtype_name(spec.tensor_input_dtype),
+        input_dtype=input_dtype_words(spec.input_dtypes),
         batch_size=batch_size,
         dtype=dtype_name(spec.dtype),
         layers=layers,
@@ -507,7 +517,7 @@ def smallest_input_size(model: nn.Module, *, input_size: Sequence[int]) -> tuple
     binary-searched down while the others keep sizes already known to work. Output sizes never
     shrink as an input grows, so each search is exact.
     """
-    return _smallest_input(model, StepSpec(input_size=input_size, mode="infer"))
+    return _smallest_input(model, StepSpec(input_size=input_size, mode="infer").for_model(model))
 
 
 def _smallest_input(model: nn.Module, spec: StepSpec) -> tuple[int, ...]:

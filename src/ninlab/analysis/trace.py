@@ -26,14 +26,18 @@ from ninlab.analysis.fake_fast_path import OffRecord
 from ninlab.analysis.recorder import Recorder
 from ninlab.analysis.recording import Recording
 from ninlab.analysis.step import (
+    StepInputs,
     StepSpec,
     builtin_loss,
     builtin_loss_words,
     builtin_targets,
+    call_model,
     example_inputs,
     inference_step,
+    model_arguments,
     optimizer_state,
     optimizers_in,
+    step_arguments,
 )
 from ninlab.analysis.torch_internals import FAKE_TENSOR_LOGGER, FakeTensorMode, reparametrize_module
 from ninlab.errors import NinlabError
@@ -134,6 +138,7 @@ def record_step(
     model for the duration of the step (as `torch.func.functional_call` does), so the step calls
     `model(inputs)` as it would for real, and the optimizer is built over the fakes.
     """
+    spec = spec.for_model(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # The recorder remembers op outputs itself (`FakeOutputs`); FakeTensorMode's own cache only
     # repeats it, hashing every argument of each call that still reaches it (a new shape).
@@ -158,14 +163,18 @@ def record_step(
     try:
 
         def forward(*x: torch.Tensor) -> Any:
-            return torch.func.functional_call(model, fakes, x, tie_weights=True, strict=False)
+            args, kwargs = model_arguments(step_arguments(spec, x))
+            return torch.func.functional_call(
+                model, fakes, args, kwargs, tie_weights=True, strict=False
+            )
 
         with fake_mode, OffRecord(fake_mode):
             inputs = example_inputs(spec, batch_size, device)
             # The loss fits the output, so its targets (if any) follow a forward's output.
-            targets = (
-                builtin_targets(_output_without_grad(forward, inputs), device) if trains else None
-            )
+            output = _output_without_grad(forward, inputs) if trains else None
+            targets = builtin_targets(output, device) if trains else None
+            loss_words = builtin_loss_words(output) if trains else ""
+            del output
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in inputs:
@@ -177,6 +186,7 @@ def record_step(
         gradient_order: list[str] = []
         optimizers: list[torch.optim.Optimizer] = []
         step_start = 0
+        step_inputs = step_arguments(spec, inputs)
         with (
             fake_mode,
             reparametrize_module(model, fakes, tie_weights=True, strict=False),
@@ -185,16 +195,17 @@ def record_step(
         ):
             if not trains:
                 inference_step(
-                    model, inputs, autocast_dtype=spec.autocast_dtype, grad_mode=spec.grad_mode
+                    model,
+                    step_inputs,
+                    autocast_dtype=spec.autocast_dtype,
+                    grad_mode=spec.grad_mode,
                 )
             elif not optimizer_step:
-                _forward_backward(model, inputs, targets, spec.autocast_dtype)
+                _forward_backward(model, step_inputs, targets, spec.autocast_dtype, device)
             else:
                 optimizer = spec.make_optimizers(model, device_type=spec.device_type)
                 optimizers = optimizers_in(optimizer)
                 step = spec.step_function()
-                # A model of one input gets one tensor, as the user's loop passes it.
-                step_inputs = inputs[0] if len(inputs) == 1 else inputs
                 with recorder.warming_up():
                     # Held while the recorded step runs, as a loop's `loss = step(...)` holds it.
                     previous = step(model, optimizer, step_inputs, targets)
@@ -239,9 +250,7 @@ def record_step(
         input_keys=tuple(recorder.storage_key(tensor) for tensor in inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
-        loss=(
-            builtin_loss_words(targets) if spec.step is None else f"the step {spec.step_name}'s own"
-        )
+        loss=(loss_words if spec.step is None else f"the step {spec.step_name}'s own")
         if trains
         else "",
     )
@@ -271,15 +280,14 @@ def _name_survivors(
 
 def _forward_backward(
     model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: StepInputs,
     targets: torch.Tensor | None,
     autocast_dtype: torch.dtype | None,
+    device: torch.device,
 ) -> None:
     """Forward, loss and backward without an optimizer: what FLOP counts of a step cover."""
-    with torch.autocast(
-        inputs[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-    ):
-        logits = model(*inputs)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = call_model(model, inputs)
         loss = builtin_loss(logits, targets)
     del logits
     loss.backward()

@@ -53,6 +53,7 @@ from ninlab.training.progress import download_progress
 __all__ = [
     "FLAGS",
     "Flag",
+    "InputArg",
     "ModelChoice",
     "add_chart_options",
     "add_data_options",
@@ -62,6 +63,7 @@ __all__ = [
     "add_step_options",
     "add_training_options",
     "check_device",
+    "input_arg",
     "input_range",
     "input_size",
     "load_data",
@@ -159,6 +161,41 @@ def input_size(text: str) -> tuple[int, ...]:
     return sizes
 
 
+@dataclass(frozen=True)
+class InputArg:
+    """One --input: a sample's size, and where given its keyword name, dtype and value range."""
+
+    size: tuple[int, ...]
+    name: str | None = None
+    dtype: str | None = None
+    range: tuple[int, int] | None = None
+
+
+def input_arg(text: str) -> InputArg:
+    """'[NAME=]SIZE[:DTYPE[:LOW:HIGH]]': 'input_ids=16:int64:0:50257' -> the input called with
+    the keyword input_ids, 16 token ids drawn from [0, 50257); '3x32x32' -> a positional image."""
+    name, equals, rest = text.strip().rpartition("=")
+    size, *kind = rest.split(":")
+    if equals and not name.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"input name {name!r} is not a keyword argument name; write NAME=SIZE, e.g. "
+            "input_ids=16:int64"
+        )
+    if len(kind) not in (0, 1, 3):
+        raise argparse.ArgumentTypeError(
+            f"cannot read input {text!r}; write [NAME=]SIZE[:DTYPE[:LOW:HIGH]], e.g. 3x32x32, "
+            "2x100:int64 or input_ids=16:int64:0:50257"
+        )
+    dtype = kind[0] if kind else None
+    if dtype is not None and dtype not in INPUT_DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"input dtype {dtype!r} in {text!r} is not one of {', '.join(INPUT_DTYPES)}"
+        )
+    values = input_range(":".join(kind[1:])) if len(kind) == 3 else None
+    # An empty SIZE among several inputs: one value per sample (a class label, labels=:int64).
+    return InputArg(input_size(size) if size else (), name if equals else None, dtype, values)
+
+
 def input_range(text: str) -> tuple[int, int]:
     """'0:1000' -> (0, 1000): integer inputs are drawn from [0, 1000)."""
     low, colon, high = text.strip().partition(":")
@@ -237,20 +274,22 @@ MODEL = _flag(
 )
 INPUT = _flag(
     "input",
-    "one sample's size, any rank (an image channels first: 1x28x28; a vector: 784); once per "
-    "input for a model of several",
-    type=input_size,
+    "one sample's size, any rank, without the batch (an image channels first: 1x28x28; a "
+    "vector: 784); once per input for a model of several; NAME= passes it as the keyword NAME "
+    "(input_ids=16), :DTYPE gives its own dtype and :LOW:HIGH an integer input's values "
+    "(2x100:int64:0:50); an empty SIZE is one value per sample (labels=:int64)",
+    type=input_arg,
     action="append",
-    metavar="SIZE",
+    metavar="[NAME=]SIZE[:DTYPE[:LOW:HIGH]]",
 )
 INPUT_DTYPE = _flag(
     "input-dtype",
-    "the inputs' dtype (long: token ids for an embedding)",
+    "the dtype of inputs that do not give their own (long: token ids for an embedding)",
     choices=tuple(INPUT_DTYPES),
 )
 INPUT_RANGE = _flag(
     "input-range",
-    "integer inputs' values, drawn from [LOW, HIGH)",
+    "integer inputs' values, drawn from [LOW, HIGH), where an input does not give its own",
     type=input_range,
     metavar="LOW:HIGH",
 )
@@ -261,7 +300,9 @@ BATCH = Flag(
     {"type": positive_int, "metavar": "N"},
     aliases=("--batch-size",),  # the trainer's spelling until the vocabulary was one
 )
-DTYPE = _flag("dtype", "parameter and input dtype", choices=tuple(DTYPES))
+DTYPE = _flag(
+    "dtype", "parameter and input dtype, as model.to(dtype) makes them", choices=tuple(DTYPES)
+)
 
 # Step options: each is the StepSpec field of the same meaning.
 MODE = _flag("mode", "the step: a training step or an inference", choices=get_args(Mode))
@@ -426,13 +467,29 @@ def add_model_options(
     INPUT_DTYPE.add(group, shown="--dtype")
     INPUT_RANGE.add(group, shown="0:2")
     BATCH.add(group, default=batch)
-    DTYPE.add(group, default="float32")
+    DTYPE.add(group, shown="the model's own")
 
 
-def _input_sizes(args: argparse.Namespace) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
-    """--input as StepSpec takes it: one size, or one per input when given more than once."""
-    sizes = args.input or [_DEFAULT_INPUT]
-    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """--input, --input-dtype and --input-range as StepSpec's fields: one size, or one per input
+    when given more than once (by name where they are named), and each input's dtype and range,
+    its own or the flags' (None where neither says: StepSpec's default)."""
+    given: list[InputArg] = args.input or [InputArg(_DEFAULT_INPUT)]
+    names = [arg.name for arg in given]
+    if any(names) and not all(names):
+        raise NinlabError(
+            "argument --input: name every input (NAME=SIZE) or none, got "
+            f"{', '.join(name or 'an unnamed one' for name in names)}"
+        )
+    sizes = [arg.size for arg in given]
+    dtypes = [arg.dtype or args.input_dtype for arg in given]
+    ranges = [arg.range or args.input_range for arg in given]
+    return {
+        "input_size": sizes[0] if len(sizes) == 1 else tuple(sizes),
+        "input_names": tuple(names) if all(names) else (),
+        "input_dtype": dtypes[0] if len(set(dtypes)) == 1 else tuple(dtypes),
+        "input_range": ranges[0] if len(set(ranges)) == 1 else tuple(ranges),
+    }
 
 
 def model_choice(args: argparse.Namespace) -> ModelChoice:
@@ -475,11 +532,10 @@ def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
         "ddp": getattr(args, "ddp", None),  # nor one that runs a single process
         "memory_format": {True: "channels_last", False: "contiguous"}.get(args.channels_last),
         "step": load_step(args.step) if args.step else None,
-        "input_dtype": args.input_dtype,
-        "input_range": args.input_range,
+        **_inputs(args),
     }
     given = {name: value for name, value in given.items() if value is not None}
-    return StepSpec(input_size=_input_sizes(args), dtype=args.dtype, **{**given, **fields})
+    return StepSpec(dtype=args.dtype, **{**given, **fields})
 
 
 def add_training_options(

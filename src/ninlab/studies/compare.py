@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepSpec, step_spec
+from ninlab.analysis.step import StepSpec, model_dtype, step_spec
 from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
 from ninlab.models import get_config, list_configs, resolve_model
@@ -168,7 +168,8 @@ def compare(
     return Comparison(
         input_size=step.input_size,
         batch_size=batch_size,
-        dtype=dtype_name(step.dtype),
+        # A dtype left to the models is the first one's (the others' are in their summaries).
+        dtype=dtype_name(step.dtype or model_dtype(resolve_model(specs[0]))),
         optimizer=step.optimizer_name,
         variants=variants,
         preset=training.preset if training else None,

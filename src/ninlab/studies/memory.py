@@ -42,7 +42,7 @@ def study_batch(
     chart, through a quarter and a half of the answer, checked at three quarters, so the points
     spread over the picture. With `plan_batch_size`, also the budget planner's alternatives for
     that batch (many exact predictions)."""
-    spec = step_spec(spec, **fields)
+    spec = step_spec(spec, model=model, **fields)
     fit = fit_batch(model, spec, budget=budget, level="allocator")
     if check_batch_size is None:
         quarter = max(1, fit.batch_size // 4)

@@ -44,7 +44,7 @@ def study_model(
     `budget`. With `plan`, also the budget planner's alternatives for `batch_size`
     (`ninlab.analysis.planner`: many predictions)."""
     name = model_name or type(model).__name__
-    spec = step_spec(spec, **fields).replace(mode="train")
+    spec = step_spec(spec, model=model, **fields).replace(mode="train")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     return ModelStudy(
         summary=summarize(model, spec, batch_size=batch_size, model_name=name),
