@@ -46,12 +46,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
-from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
     StepSpec,
@@ -178,7 +177,9 @@ class _LiveStorage(TorchDispatchMode):
             with self:
                 return composite_kernel(func)(*args, **kwargs)
         if func.namespace == "profiler":  # an annotation (optimizers mark their step): not work
-            return func(*args, **kwargs)
+            if self._phases is None:
+                return func(*args, **kwargs)
+            return self._phases.annotation(func, args, lambda: func(*args, **kwargs))
         if self._phases is not None:
             self.current_phase = self._phases.current
         output = func(*args, **kwargs)
@@ -189,34 +190,26 @@ class _LiveStorage(TorchDispatchMode):
         return output
 
 
-class _PhaseMarks(TorchFunctionMode):
+class _PhaseMarks:
     """Marks each phase of the step for the profiler (a `record_function` per phase), so a peak
-    found in its records can be placed. A torch-function mode: unlike a dispatch mode, it leaves
-    the program as it is (see `_profiled_live_peak`). Enter it before `phases`, so that a call
-    that starts a phase (backward()) is seen with that phase."""
+    found in its records can be placed: `StepPhases` calls `mark` whenever the phase may have
+    changed. The optimizers' own annotations are in the records already (`_placed` reads them).
+    Nothing here changes the program (see `_profiled_live_peak`)."""
 
-    def __init__(self, phases: StepPhases) -> None:
-        super().__init__()
-        self._phases = phases
+    def __init__(self) -> None:
         self._phase = ""
         self._mark: record_function | None = None
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        phase = self._phases.current
+    def mark(self, phase: str) -> None:
         if phase != self._phase:
-            self._close()
+            self.close()
             self._phase, self._mark = phase, record_function(_PHASE_MARK + phase)
             self._mark.__enter__()
-        return func(*args, **(kwargs or {}))
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._mark is not None:
             self._mark.__exit__(None, None, None)
-            self._mark = None
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-        super().__exit__(*exc)
+            self._mark, self._phase = None, ""
 
 
 def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
@@ -264,10 +257,18 @@ def _placed(events: list[Any], time_ns: int) -> tuple[str, str]:
     """The innermost aten op running at `time_ns` and the step's phase then."""
     spans = [e for e in events if e.name() != "[memory]" and e.start_ns() <= time_ns <= e.end_ns()]
     ops = [e for e in spans if e.name().startswith("aten::")]
-    phases = [e for e in spans if e.name().startswith(_PHASE_MARK)]
+    # The innermost phase mark or optimizer annotation (an optimizer's step is its own phase).
+    phases = [(e.start_ns(), phase) for e in spans if (phase := _phase_of(e.name())) is not None]
     innermost = max(ops, key=lambda e: e.start_ns()).name() if ops else ""
-    phase = max(phases, key=lambda e: e.start_ns()).name()[len(_PHASE_MARK) :] if phases else ""
+    phase = max(phases)[1] if phases else ""
     return innermost, phase
+
+
+def _phase_of(name: str) -> str | None:
+    """The phase a profiler event marks: one of ours, an optimizer's annotation, or none."""
+    if name.startswith(_PHASE_MARK):
+        return name[len(_PHASE_MARK) :]
+    return annotation_phase(name)
 
 
 def _profiled_live_peak(
@@ -484,7 +485,8 @@ def measure(
             )
             return None
 
-    phases = StepPhases(model)
+    marks = _PhaseMarks()
+    phases = StepPhases(model, on_change=marks.mark)
     # The first step runs under a counter of its own: what it leaves alive besides gradients and
     # optimizer state (a GradScaler's scale; what it returns, held while the next step runs as a
     # loop's `loss = step(...)` holds it) is alive when the measured step starts.
@@ -509,8 +511,12 @@ def measure(
             }
             pointers |= {storage.data_ptr() for storage in survivors}
             del survivors  # strong references: the step's zero_grad must be able to free gradients
-            with record_function(_STEP_MARK), _PhaseMarks(phases), phases:
-                step()
+            with record_function(_STEP_MARK):
+                try:
+                    with phases:
+                        step()
+                finally:
+                    marks.close()
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         live_bytes, live_op, live_phase = _profiled_live_peak(prof, baseline.total_bytes, pointers)
         method, device_name = "cpu profiler allocation records", "cpu"
@@ -541,8 +547,11 @@ def measure(
         baseline = _baseline(model, optimizers, inputs, targets, survivors)
         _count_baseline(live, model, optimizers, inputs, targets, survivors)
         del survivors  # strong references: the step's zero_grad must be able to free gradients
-        with phases, live:
-            step()
+        try:
+            with phases, live:
+                step()
+        finally:
+            marks.close()
         torch.cuda.synchronize(device)
         live_bytes, live_op, live_phase = live.peak_bytes, live.peak_op, live.peak_phase
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
