@@ -50,6 +50,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
+from ninlab.analysis.model_state import attribute_tensors, model_kept
 from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
@@ -233,7 +234,7 @@ def _baseline(
     parameters = list(model.parameters())
     counted = Baseline(
         parameters_bytes=_storage_bytes(parameters, seen),
-        buffers_bytes=_storage_bytes(list(model.buffers()), seen),
+        buffers_bytes=_storage_bytes(_buffers(model), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
         optimizer_state_bytes=_storage_bytes(optimizer_state(optimizers), seen),
         input_bytes=_storage_bytes(list(inputs), seen),
@@ -429,9 +430,16 @@ def measure(
     """Run the step `spec` describes (or its fields, as keywords; `step=fn` runs the user's own
     step function) for real on its device type at `batch_size`, and measure its memory peaks.
 
-    The model is copied (and cast to the spec's dtype and memory format), so the caller's
-    parameters are untouched.
+    The model is copied (and cast to the spec's dtype and memory format), and kept
+    (`model_kept`), so the caller's model is left exactly as it was.
     """
+    with model_kept(model):
+        return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)
+
+
+def _measure(
+    model: nn.Module, spec: StepSpec | None, *, batch_size: int, seed: int, **fields: Any
+) -> Measurement:
     spec = step_spec(spec, **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.ddp is not None:
@@ -493,6 +501,14 @@ def measure(
     first = _LiveStorage()
     if device.type == "cpu":
         start_level = _baseline(model, optimizers, inputs, targets, []).total_bytes
+        # A tensor a forward caches in an attribute is replaced by the steps, and the profiler
+        # does not see a block made before it freed: only those still held count from the start.
+        held_before = _attribute_storages(model)
+        start_level -= sum(held_before.values())
+        counted_before = {
+            t.untyped_storage().data_ptr()
+            for t in _baseline_tensors(model, optimizers, inputs, targets)
+        }
         # The level is the start plus the records, so nothing made before may be freed while
         # profiling: garbage from earlier work is collected now, and the collector stays off
         # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
@@ -510,6 +526,7 @@ def measure(
                 for t in _baseline_tensors(model, optimizers, inputs, targets)
             }
             pointers |= {storage.data_ptr() for storage in survivors}
+            survivor_blocks = {storage.data_ptr(): storage.nbytes() for storage in survivors}
             del survivors  # strong references: the step's zero_grad must be able to free gradients
             with record_function(_STEP_MARK):
                 try:
@@ -517,6 +534,20 @@ def measure(
                         step()
                 finally:
                     marks.close()
+        start_level += sum(
+            nbytes
+            for pointer, nbytes in _attribute_storages(model).items()
+            if held_before.get(pointer) == nbytes
+        )
+        # What the step uses from outside the model and was made before profiling (a frozen
+        # teacher in its closure) is held all along, as the live level counts it.
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+        made = {pointer for allocated, _, _, pointer in _blocks(tree) if allocated is not None}
+        start_level += sum(
+            nbytes
+            for pointer, nbytes in survivor_blocks.items()
+            if pointer not in made and pointer not in counted_before
+        )
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         live_bytes, live_op, live_phase = _profiled_live_peak(prof, baseline.total_bytes, pointers)
         method, device_name = "cpu profiler allocation records", "cpu"
@@ -608,6 +639,24 @@ def _count_baseline(
         live.count_storage(storage, "baseline")
 
 
+def _buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The model's buffers and the tensors its modules hold as plain attributes (the tracer
+    counts them as buffers too)."""
+    return [*model.buffers(), *(found.tensor for found in attribute_tensors(model))]
+
+
+def _attribute_storages(model: nn.Module) -> dict[int, int]:
+    """Address -> bytes of each storage held by a plain tensor attribute (and no parameter or
+    buffer) of the model."""
+    registered = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = (found.tensor.untyped_storage() for found in attribute_tensors(model))
+    return {
+        storage.data_ptr(): storage.nbytes()
+        for storage in storages
+        if storage.data_ptr() not in registered
+    }
+
+
 def _baseline_tensors(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
@@ -615,7 +664,7 @@ def _baseline_tensors(
     targets: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """The tensors alive when the measured step starts, besides what the first step left."""
-    tensors = [*model.parameters(), *model.buffers(), *inputs]
+    tensors = [*model.parameters(), *_buffers(model), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += optimizer_state(optimizers)
     if targets is not None:
