@@ -289,10 +289,22 @@ def _fake_attributes(module: nn.Module, fake_mode: FakeTensorMode) -> list[torch
     caller puts the real ones back (`model_kept`)."""
     found = attribute_tensors(module)
     with fake_mode, OffRecord(fake_mode):
-        fakes = [fake_mode.from_tensor(attribute.tensor) for attribute in found]
+        fakes = [_fake_view(attribute.tensor) for attribute in found]
     for attribute, fake in zip(found, fakes):
         attribute.replace(fake)
     return fakes
+
+
+def _fake_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A fake copy of `tensor` over a storage of the real one's size (a view, such as
+    `hann_window`'s, keeps a larger storage alive than its elements: 36 bytes for 8 floats)."""
+    storage = torch.empty(
+        tensor.untyped_storage().nbytes() // tensor.element_size(),
+        dtype=tensor.dtype,
+        device=tensor.device,
+    )
+    view = storage.as_strided(tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+    return view.requires_grad_(tensor.requires_grad)
 
 
 def _output_without_grad(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:
