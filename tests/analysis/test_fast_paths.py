@@ -117,3 +117,25 @@ def test_attention_inference_is_predicted_as_measured(
     measured = measure(model, batch_size=4, **fields)
     assert predicted.live_peak_bytes == measured.live_peak_bytes
     assert predicted.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+def test_an_encoder_packing_its_padding_mask_is_measured_not_traced() -> None:
+    """With a padding mask, `nn.TransformerEncoder`'s fast path packs the kept tokens into a
+    nested tensor, whose size depends on the mask's values: the trace cannot follow it, and the
+    prediction says it comes from measured steps instead of printing the unfused program's."""
+
+    class PaddedEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, -3:] = True
+            return self.encoder(x, src_key_padding_mask=mask)
+
+    model = PaddedEncoder().eval()
+    predicted = predict_memory(model, batch_size=4, input_size=(10, 32), mode="infer")
+    assert predicted.fallback is not None
+    assert "nested" in str(predicted.fallback) or "data" in str(predicted.fallback)

@@ -42,6 +42,7 @@ from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, T
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DisableTorchFunction,
+    DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
     TorchDispatchMode,
@@ -294,6 +295,9 @@ def _window_op(
 _CPU_DROPOUT = F.dropout
 
 
+_NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
+
+
 def _cuda_dropout(
     cpu_dropout: Callable[..., torch.Tensor],
     input: torch.Tensor,
@@ -452,6 +456,12 @@ class Recorder(TorchDispatchMode):
         return self._dispatch(func, args, kwargs)
 
     def _dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if func is _NESTED_FROM_MASK:
+            # `nn.TransformerEncoder`'s fast path packs the tokens its padding mask keeps into a
+            # nested tensor: a size that depends on the mask's values, which fake tensors do not
+            # have (and cannot hold a nested tensor). PyTorch takes that path unwatched, so the
+            # trace cannot follow the step: as for any shape that depends on data.
+            raise DynamicOutputShapeException(func)
         traits = op_traits(func)
         if traits.metadata:
             return func(*args, **kwargs)
