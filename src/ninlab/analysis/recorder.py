@@ -170,8 +170,9 @@ class _ModuleStack:
             handle.remove()
 
     def graph(self, roots: Sequence[torch.Tensor]) -> tuple[dict[Any, str], set[Any], set[Any]]:
-        """The autograd graph behind `roots` (parameters' AccumulateGrad nodes aside): each
-        node's module, the nodes made under saved-tensor hooks, those made outside the model."""
+        """The autograd graph behind `roots` (parameters' AccumulateGrad nodes aside), in the
+        order its nodes were made: each node's module, the nodes made under saved-tensor hooks,
+        those made outside the model."""
         owners: dict[Any, str] = {}
         hooked: set[Any] = set()
         outside: set[Any] = set()
@@ -188,7 +189,9 @@ class _ModuleStack:
             if outside_model:
                 outside.add(node)
             pending += [child for child, _ in node.next_functions]
-        return owners, hooked, outside
+        # In the order the nodes were made, as the step made them.
+        made = sorted(owners, key=node_sequence_nr)
+        return {node: owners[node] for node in made}, hooked, outside
 
     def owner_of_node(self, node: Any) -> str:
         variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter it accumulates
