@@ -60,6 +60,33 @@ def annotation_phase(name: str) -> str | None:
     )
 
 
+# The backward entry points as they were before the first phases was entered, and the phases
+# entered now (all of them see each backward call; the entry points are wrapped while there is
+# one, whatever order they leave in).
+_UNWRAPPED: dict[str, Callable[..., Any]] = {}
+_ACTIVE: list[StepPhases] = []
+
+
+def _backward_call(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` (torch.autograd.backward or grad), run as it is, counted as backward by every
+    phases entered."""
+
+    def backward_call(*args: Any, **kwargs: Any) -> Any:
+        # backward(tensors, ...) or grad(outputs, ...)
+        roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
+        roots = (roots,) if isinstance(roots, torch.Tensor) else tuple(roots or ())
+        watching = list(_ACTIVE)
+        for phases in watching:
+            phases._backward_began(roots)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for phases in watching:
+                phases._backward_ended()
+
+    return backward_call
+
+
 class StepPhases:
     """The phase of an op dispatched now (`current`), for a step run inside `with phases:`.
 
@@ -85,7 +112,6 @@ class StepPhases:
         self._after_forward = False  # the model's forward ran since the last backward
         self.backward_calls = 0  # outermost backward calls so far
         self._handles: list[Any] = []
-        self._unwrapped: dict[str, Callable[..., Any]] = {}
 
     @property
     def current(self) -> str:
@@ -118,40 +144,34 @@ class StepPhases:
             nn.modules.module.register_module_forward_pre_hook(module_entered),
             nn.modules.module.register_module_forward_hook(module_left, always_call=True),
         ]
-        self._unwrapped = {name: getattr(torch.autograd, name) for name in ("backward", "grad")}
-        torch.autograd.backward = self._backward_call(self._unwrapped["backward"])
-        torch.autograd.grad = self._backward_call(self._unwrapped["grad"])
+        if not _ACTIVE:
+            _UNWRAPPED.update(backward=torch.autograd.backward, grad=torch.autograd.grad)
+            torch.autograd.backward = _backward_call(_UNWRAPPED["backward"])
+            torch.autograd.grad = _backward_call(_UNWRAPPED["grad"])
+        _ACTIVE.append(self)
         self._changed()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, function in self._unwrapped.items():
-            setattr(torch.autograd, name, function)
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            torch.autograd.backward = _UNWRAPPED["backward"]
+            torch.autograd.grad = _UNWRAPPED["grad"]
         for handle in self._handles:
             handle.remove()
 
-    def _backward_call(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        """`function` (torch.autograd.backward or grad), run as it is, counted as backward."""
+    def _backward_began(self, roots: tuple[torch.Tensor, ...]) -> None:
+        if not self._backward_depth:
+            self.backward_calls += 1
+            if self._on_backward is not None:
+                self._on_backward(roots)
+        self._backward_depth += 1
+        self._changed()
 
-        def backward_call(*args: Any, **kwargs: Any) -> Any:
-            if not self._backward_depth:
-                self.backward_calls += 1
-                if self._on_backward is not None:
-                    # backward(tensors, ...) or grad(outputs, ...)
-                    roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
-                    self._on_backward(
-                        (roots,) if isinstance(roots, torch.Tensor) else tuple(roots or ())
-                    )
-            self._backward_depth += 1
-            self._changed()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self._backward_depth -= 1
-                self._after_forward = False
-                self._changed()
-
-        return backward_call
+    def _backward_ended(self) -> None:
+        self._backward_depth -= 1
+        self._after_forward = False
+        self._changed()
 
     def annotation(self, func: Any, args: tuple[Any, ...], run: Callable[[], Any]) -> Any:
         """Run `run`, the dispatch of op `func` (one of `ANNOTATION_OPS`) on `args`, following
