@@ -46,12 +46,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
-from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.model_state import attribute_tensors, model_kept
+from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
     StepInputs,
@@ -181,7 +181,9 @@ class _LiveStorage(TorchDispatchMode):
             with self:
                 return composite_kernel(func)(*args, **kwargs)
         if func.namespace == "profiler":  # an annotation (optimizers mark their step): not work
-            return func(*args, **kwargs)
+            if self._phases is None:
+                return func(*args, **kwargs)
+            return self._phases.annotation(func, args, lambda: func(*args, **kwargs))
         if self._phases is not None:
             self.current_phase = self._phases.current
         output = func(*args, **kwargs)
@@ -192,34 +194,26 @@ class _LiveStorage(TorchDispatchMode):
         return output
 
 
-class _PhaseMarks(TorchFunctionMode):
+class _PhaseMarks:
     """Marks each phase of the step for the profiler (a `record_function` per phase), so a peak
-    found in its records can be placed. A torch-function mode: unlike a dispatch mode, it leaves
-    the program as it is (see `_profiled_live_peak`). Enter it before `phases`, so that a call
-    that starts a phase (backward()) is seen with that phase."""
+    found in its records can be placed: `StepPhases` calls `mark` whenever the phase may have
+    changed. The optimizers' own annotations are in the records already (`_placed` reads them).
+    Nothing here changes the program (see `_profiled_live_peak`)."""
 
-    def __init__(self, phases: StepPhases) -> None:
-        super().__init__()
-        self._phases = phases
+    def __init__(self) -> None:
         self._phase = ""
         self._mark: record_function | None = None
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        phase = self._phases.current
+    def mark(self, phase: str) -> None:
         if phase != self._phase:
-            self._close()
+            self.close()
             self._phase, self._mark = phase, record_function(_PHASE_MARK + phase)
             self._mark.__enter__()
-        return func(*args, **(kwargs or {}))
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._mark is not None:
             self._mark.__exit__(None, None, None)
-            self._mark = None
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-        super().__exit__(*exc)
+            self._mark, self._phase = None, ""
 
 
 def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
@@ -243,7 +237,7 @@ def _baseline(
     parameters = list(model.parameters())
     counted = Baseline(
         parameters_bytes=_storage_bytes(parameters, seen),
-        buffers_bytes=_storage_bytes(list(model.buffers()), seen),
+        buffers_bytes=_storage_bytes(_buffers(model), seen),
         gradients_bytes=_storage_bytes([p.grad for p in parameters if p.grad is not None], seen),
         optimizer_state_bytes=_storage_bytes(optimizer_state(optimizers), seen),
         input_bytes=_storage_bytes(list(inputs), seen),
@@ -267,10 +261,18 @@ def _placed(events: list[Any], time_ns: int) -> tuple[str, str]:
     """The innermost aten op running at `time_ns` and the step's phase then."""
     spans = [e for e in events if e.name() != "[memory]" and e.start_ns() <= time_ns <= e.end_ns()]
     ops = [e for e in spans if e.name().startswith("aten::")]
-    phases = [e for e in spans if e.name().startswith(_PHASE_MARK)]
+    # The innermost phase mark or optimizer annotation (an optimizer's step is its own phase).
+    phases = [(e.start_ns(), phase) for e in spans if (phase := _phase_of(e.name())) is not None]
     innermost = max(ops, key=lambda e: e.start_ns()).name() if ops else ""
-    phase = max(phases, key=lambda e: e.start_ns()).name()[len(_PHASE_MARK) :] if phases else ""
+    phase = max(phases)[1] if phases else ""
     return innermost, phase
+
+
+def _phase_of(name: str) -> str | None:
+    """The phase a profiler event marks: one of ours, an optimizer's annotation, or none."""
+    if name.startswith(_PHASE_MARK):
+        return name[len(_PHASE_MARK) :]
+    return annotation_phase(name)
 
 
 def _profiled_live_peak(
@@ -438,8 +440,15 @@ def measure(
     batch), and measure its memory peaks.
 
     The model is copied (and cast to the spec's dtype, by default its own, and memory format),
-    so the caller's parameters are untouched.
+    and kept (`model_kept`), so the caller's model is left exactly as it was.
     """
+    with model_kept(model):
+        return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)
+
+
+def _measure(
+    model: nn.Module, spec: StepSpec | None, *, batch_size: int | None, seed: int, **fields: Any
+) -> Measurement:
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
     if spec.ddp is not None:
@@ -491,13 +500,22 @@ def measure(
             )
             return None
 
-    phases = StepPhases(model)
+    marks = _PhaseMarks()
+    phases = StepPhases(model, on_change=marks.mark)
     # The first step runs under a counter of its own: what it leaves alive besides gradients and
     # optimizer state (a GradScaler's scale; what it returns, held while the next step runs as a
     # loop's `loss = step(...)` holds it) is alive when the measured step starts.
     first = _LiveStorage()
     if device.type == "cpu":
         start_level = _baseline(model, optimizers, inputs, targets, []).total_bytes
+        # A tensor a forward caches in an attribute is replaced by the steps, and the profiler
+        # does not see a block made before it freed: only those still held count from the start.
+        held_before = _attribute_storages(model)
+        start_level -= sum(held_before.values())
+        counted_before = {
+            t.untyped_storage().data_ptr()
+            for t in _baseline_tensors(model, optimizers, inputs, targets)
+        }
         # The level is the start plus the records, so nothing made before may be freed while
         # profiling: garbage from earlier work is collected now, and the collector stays off
         # (a collection in the step freed a caller's cyclic garbage: 8% less, measured).
@@ -515,9 +533,28 @@ def measure(
                 for t in _baseline_tensors(model, optimizers, inputs, targets)
             }
             pointers |= {storage.data_ptr() for storage in survivors}
+            survivor_blocks = {storage.data_ptr(): storage.nbytes() for storage in survivors}
             del survivors  # strong references: the step's zero_grad must be able to free gradients
-            with record_function(_STEP_MARK), _PhaseMarks(phases), phases:
-                step()
+            with record_function(_STEP_MARK):
+                try:
+                    with phases:
+                        step()
+                finally:
+                    marks.close()
+        start_level += sum(
+            nbytes
+            for pointer, nbytes in _attribute_storages(model).items()
+            if held_before.get(pointer) == nbytes
+        )
+        # What the step uses from outside the model and was made before profiling (a frozen
+        # teacher in its closure) is held all along, as the live level counts it.
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+        made = {pointer for allocated, _, _, pointer in _blocks(tree) if allocated is not None}
+        start_level += sum(
+            nbytes
+            for pointer, nbytes in survivor_blocks.items()
+            if pointer not in made and pointer not in counted_before
+        )
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         live_bytes, live_op, live_phase = _profiled_live_peak(prof, baseline.total_bytes, pointers)
         method, device_name = "cpu profiler allocation records", "cpu"
@@ -548,8 +585,11 @@ def measure(
         baseline = _baseline(model, optimizers, inputs, targets, survivors)
         _count_baseline(live, model, optimizers, inputs, targets, survivors)
         del survivors  # strong references: the step's zero_grad must be able to free gradients
-        with phases, live:
-            step()
+        try:
+            with phases, live:
+                step()
+        finally:
+            marks.close()
         torch.cuda.synchronize(device)
         live_bytes, live_op, live_phase = live.peak_bytes, live.peak_op, live.peak_phase
         method, device_name = "torch.cuda.max_memory_allocated", torch.cuda.get_device_name(device)
@@ -606,6 +646,24 @@ def _count_baseline(
         live.count_storage(storage, "baseline")
 
 
+def _buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The model's buffers and the tensors its modules hold as plain attributes (the tracer
+    counts them as buffers too)."""
+    return [*model.buffers(), *(found.tensor for found in attribute_tensors(model))]
+
+
+def _attribute_storages(model: nn.Module) -> dict[int, int]:
+    """Address -> bytes of each storage held by a plain tensor attribute (and no parameter or
+    buffer) of the model."""
+    registered = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = (found.tensor.untyped_storage() for found in attribute_tensors(model))
+    return {
+        storage.data_ptr(): storage.nbytes()
+        for storage in storages
+        if storage.data_ptr() not in registered
+    }
+
+
 def _baseline_tensors(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
@@ -613,7 +671,7 @@ def _baseline_tensors(
     targets: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """The tensors alive when the measured step starts, besides what the first step left."""
-    tensors = [*model.parameters(), *model.buffers(), *inputs]
+    tensors = [*model.parameters(), *_buffers(model), *inputs]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += optimizer_state(optimizers)
     if targets is not None:

@@ -12,16 +12,17 @@ it follows the unwatched one, and where a fake kernel's outputs differ from the 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from typing_extensions import Self
 
 from ninlab.analysis.allocator import cpu_kernel_allocations
@@ -37,16 +38,19 @@ from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
 from ninlab.analysis.kernel_probe import KernelCall
 from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
-from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.phases import ANNOTATION_OPS, StepPhases
 from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, TensorMeta, WindowOp
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DisableTorchFunction,
+    DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
     TorchDispatchMode,
+    autograd_sequence_nr,
     current_autograd_node,
     make_contiguous_strides_for,
+    node_sequence_nr,
     suggest_memory_format,
     top_saved_tensors_hooks,
 )
@@ -104,16 +108,24 @@ def _window_params(func: Any, args: tuple[Any, ...]) -> tuple[str, tuple[AxisPar
 
 
 class _ModuleStack:
-    """The innermost module running, in forward (hooks) and in backward (autograd node owners)."""
+    """The innermost module running, in forward (hooks) and in backward (the module whose forward
+    made the autograd node being executed).
+
+    Which module made a node is read without watching Python calls (a torch-function mode would
+    turn off PyTorch's fast paths, see `ninlab.analysis.phases`): autograd numbers its nodes as
+    it makes them, before their op reaches the recorder, so the context in which the first op
+    after node n was dispatched (`note_context`) is the one node n was made in."""
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {module: name for name, module in model.named_modules()}
         self.types = {name: type(module).__name__ for module, name in self.names.items()}
         self.stack: list[str] = []
         self.outputs: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
-        self.node_owner: dict[Any, str] = {}  # autograd node -> module whose forward created it
-        self.hooked: set[Any] = set()  # nodes made under saved-tensor hooks (checkpointing)
-        self.outside: set[Any] = set()  # nodes made while no module ran (the loss)
+        # At each new node number seen by the recorder: (module, made under saved-tensor hooks
+        # (checkpointing), made while no module ran (the loss)); "" is the root module's own
+        # forward, or code outside any module.
+        self._numbers: list[int] = []
+        self._contexts: list[tuple[str, bool, bool]] = []
         self.param_owner: dict[int, str] = {
             id(param): name.rpartition(".")[0] for name, param in model.named_parameters()
         }
@@ -121,6 +133,21 @@ class _ModuleStack:
 
     def current(self) -> str:
         return self.stack[-1] if self.stack else ""
+
+    def note_context(self) -> None:
+        """Called as each op is dispatched: the context the nodes made since the last call were
+        made in."""
+        number = autograd_sequence_nr()
+        if not self._numbers or number != self._numbers[-1]:
+            self._numbers.append(number)
+            hooked = top_saved_tensors_hooks(True) is not None
+            self._contexts.append((self.current(), hooked, not self.stack))
+
+    def context_of(self, node: Any) -> tuple[str, bool, bool] | None:
+        """(module, hooked, outside the model) of the node, None if the recorder never saw it
+        made."""
+        at = bisect.bisect_left(self._numbers, node_sequence_nr(node) + 1)
+        return self._contexts[at] if at < len(self._contexts) else None
 
     def __enter__(self) -> Self:
         def pre_hook(module: nn.Module, _inputs: Any) -> None:
@@ -144,62 +171,36 @@ class _ModuleStack:
         for handle in self._handles:
             handle.remove()
 
-    def adopt_inner_nodes(self) -> None:
-        """Give each autograd node made inside one composite call (cross_entropy's log-softmax),
-        never returned to Python, the module of the node that leads to it, so its saved tensors
-        and backward ops are attributed to a layer too."""
-        pending = list(self.node_owner)
+    def graph(self, roots: Sequence[torch.Tensor]) -> tuple[dict[Any, str], set[Any], set[Any]]:
+        """The autograd graph behind `roots` (parameters' AccumulateGrad nodes aside), in the
+        order its nodes were made: each node's module, the nodes made under saved-tensor hooks,
+        those made outside the model."""
+        owners: dict[Any, str] = {}
+        hooked: set[Any] = set()
+        outside: set[Any] = set()
+        pending = [t.grad_fn for t in roots if isinstance(t, torch.Tensor)]
         while pending:
             node = pending.pop()
-            for child, _ in node.next_functions:
-                # An AccumulateGrad node has a `variable`: it belongs to its parameter's module.
-                adopt = child is not None and not hasattr(child, "variable")
-                if adopt and child not in self.node_owner:
-                    self.node_owner[child] = self.node_owner[node]
-                    if node in self.hooked:
-                        self.hooked.add(child)
-                    if node in self.outside:
-                        self.outside.add(child)
-                    pending.append(child)
+            # An AccumulateGrad node has a `variable`: it saves nothing.
+            if node is None or node in owners or hasattr(node, "variable"):
+                continue
+            module, under_hooks, outside_model = self.context_of(node) or ("", False, False)
+            owners[node] = module
+            if under_hooks:
+                hooked.add(node)
+            if outside_model:
+                outside.add(node)
+            pending += [child for child, _ in node.next_functions]
+        # In the order the nodes were made, as the step made them.
+        made = sorted(owners, key=node_sequence_nr)
+        return {node: owners[node] for node in made}, hooked, outside
 
     def owner_of_node(self, node: Any) -> str:
-        owner = self.node_owner.get(node)
-        if owner is not None:
-            return owner
         variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter it accumulates
-        return self.param_owner.get(id(variable), "") if variable is not None else ""
-
-
-class _NodeOwners(TorchFunctionMode):
-    """Remembers which module's forward created each autograd node, so backward ops can be
-    attributed to layers. It sits above autograd, where outputs already carry their grad_fn.
-
-    When a CUDA step is emulated on a CPU-only build, it also makes dropout take CUDA's path: the
-    fused kernel, which keeps a bool mask where the CPU composite keeps a float one.
-    """
-
-    def __init__(self, modules: _ModuleStack, *, emulate_cuda: bool) -> None:
-        super().__init__()
-        self.modules = modules
-        self.emulate_cuda = emulate_cuda
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if self.emulate_cuda and func is F.dropout:
-            output = _cuda_dropout(*args, **kwargs)
-        else:
-            output = func(*args, **kwargs)
-        hooked = top_saved_tensors_hooks(True) is not None
-        for value in tensors_in((output,)):
-            node = value.grad_fn
-            if node is not None and node not in self.modules.node_owner:
-                # "" is the root module's own forward, or code outside any module: the loss.
-                self.modules.node_owner[node] = self.modules.current()
-                if not self.modules.stack:
-                    self.modules.outside.add(node)
-                if hooked:
-                    self.modules.hooked.add(node)
-        return output
+        if variable is not None:
+            return self.param_owner.get(id(variable), "")
+        context = self.context_of(node)
+        return "" if context is None else context[0]
 
 
 # Normalisations whose CPU kernels keep their statistics in float32 when reduced-precision input
@@ -351,13 +352,23 @@ def _window_op(
     return WindowOp(kind, axes, tuple(x.shape[-spatial:]), tuple(output.shape[-spatial:]))
 
 
+_CPU_DROPOUT = F.dropout
+
+
+_NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
+
+
 def _cuda_dropout(
-    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+    cpu_dropout: Callable[..., torch.Tensor],
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
 ) -> torch.Tensor:
     # CUDA's dropout uses native_dropout when 0 < p < 1 and training
     # (ATen's is_fused_kernel_acceptable).
     if not training or inplace or not 0 < p < 1:
-        return F.dropout(input, p, training, inplace)
+        return cpu_dropout(input, p, training, inplace)
     return torch.ops.aten.native_dropout(input, p, True)[0]
 
 
@@ -384,8 +395,8 @@ class Recorder(TorchDispatchMode):
         # by reference counts (see `StepRecording.recorder`).
         harvest = weakref.WeakMethod(self._harvest_saved_tensors)
 
-        def on_backward() -> None:
-            harvest()()  # a recorder is alive while it records
+        def on_backward(roots: Sequence[torch.Tensor]) -> None:
+            harvest()(roots)  # a recorder is alive while it records
 
         self.phases = StepPhases(model, on_backward=on_backward)
         self._fake_outputs = FakeOutputs(fake_mode)
@@ -416,19 +427,16 @@ class Recorder(TorchDispatchMode):
         return self.ledger.key(tensor)
 
     # -- what autograd saved, pauses, the warm-up -----------------------------------------------
-    def _harvest_saved_tensors(self) -> None:
-        """As each backward begins, while its whole graph is still there: what autograd saved,
-        added to what earlier backward calls of the step saw (gradient accumulation
-        runs several)."""
+    def _harvest_saved_tensors(self, roots: Sequence[torch.Tensor]) -> None:
+        """As each backward begins, while its whole graph (behind `roots`) is still there: what
+        autograd saved, added to what earlier backward calls of the step saw (gradient
+        accumulation runs several)."""
         if self._paused or self._warming_up:
             return
-        self.modules.adopt_inner_nodes()
+        owners, hooked, outside = self.modules.graph(roots)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                self.modules.node_owner,
-                self.ledger.key,
-                skip=self.modules.hooked,
-                outside_model=self.modules.outside,
+                owners, self.ledger.key, skip=hooked, outside_model=outside
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
@@ -453,12 +461,6 @@ class Recorder(TorchDispatchMode):
             yield
         finally:
             self._warming_up = False
-            # The warm-up's autograd nodes are let go, as its graph is for real: a custom
-            # Function's node keeps its ctx, and what the ctx holds (a reentrant checkpoint's
-            # generator state) would outlive the warm-up only here.
-            self.modules.node_owner.clear()
-            self.modules.hooked.clear()
-            self.modules.outside.clear()
 
     @contextlib.contextmanager
     def noting_rng_states(self) -> Iterator[None]:
@@ -488,23 +490,38 @@ class Recorder(TorchDispatchMode):
     # -- dispatch ---------------------------------------------------------------------------------
     def __enter__(self) -> Self:
         self.modules.__enter__()
-        self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
-        self._node_owners.__enter__()
         self.phases.__enter__()
+        if self.emulate_cuda:
+            # CUDA's dropout is the fused kernel, which keeps a bool mask where the CPU composite
+            # keeps a float one (`nn.Dropout` calls `F.dropout` through the module).
+            F.dropout = functools.partial(_cuda_dropout, _CPU_DROPOUT)
         self._entered = True
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         self._entered = False
+        F.dropout = _CPU_DROPOUT
         self.phases.__exit__(*exc)
-        self._node_owners.__exit__(*exc)
         self.modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is PRIM_DEVICE and type(args[0]) is FakeTensor:
             return fake_device(args[0])
         kwargs = kwargs or {}
+        if not self._paused:
+            self.modules.note_context()
+        if func in ANNOTATION_OPS:
+            return self.phases.annotation(func, args, lambda: self._dispatch(func, args, kwargs))
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if func is _NESTED_FROM_MASK:
+            # `nn.TransformerEncoder`'s fast path packs the tokens its padding mask keeps into a
+            # nested tensor: a size that depends on the mask's values, which fake tensors do not
+            # have (and cannot hold a nested tensor). PyTorch takes that path unwatched, so the
+            # trace cannot follow the step: as for any shape that depends on data.
+            raise DynamicOutputShapeException(func)
         traits = op_traits(func)
         if traits.metadata:
             return func(*args, **kwargs)

@@ -72,6 +72,7 @@ __all__ = [
     "TorchDispatchMode",
     "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
+    "autograd_sequence_nr",
     "composite_kernel",
     "current_autograd_node",
     "decomposition_table",
@@ -79,6 +80,7 @@ __all__ = [
     "has_triton",
     "make_contiguous_strides_for",
     "meta_table",
+    "node_sequence_nr",
     "op_schema",
     "record_function_enter",
     "record_function_exit",
@@ -135,6 +137,10 @@ def composite_kernel(func: OpOverload) -> Callable[..., Any]:
 # -- autograd ------------------------------------------------------------------------------------
 # The node backward is running (None outside it): an op's phase and layer; checked on 2.13.0.
 current_autograd_node = torch._C._current_autograd_node
+# How many autograd nodes this thread has made (which module made a node); checked on 2.13.0.
+autograd_sequence_nr: Callable[[], int] = torch._C._autograd._get_sequence_nr
+# A node's own number, given as it is made, before its op is dispatched; checked on 2.13.0.
+node_sequence_nr: Callable[[Any], int] = operator.methodcaller("_sequence_nr")
 # The innermost saved-tensor hooks (None: none), set by checkpointing; checked on 2.13.0.
 top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 # A node shows what it saved for backward as `_saved_<field>` attributes; checked on 2.13.0.

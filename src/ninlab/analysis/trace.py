@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ninlab.analysis.fake_fast_path import OffRecord
+from ninlab.analysis.model_state import attribute_tensors, captured_modules, model_kept
 from ninlab.analysis.recorder import Recorder
 from ninlab.analysis.recording import Recording
 from ninlab.analysis.step import (
@@ -127,6 +128,23 @@ class StepRecording:
 def record_step(
     model: nn.Module, spec: StepSpec, batch_size: int, *, optimizer_step: bool = True
 ) -> StepRecording:
+    """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
+    is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
+    captured = captured_modules(spec.step, model) if spec.step is not None else []
+    with contextlib.ExitStack() as kept:
+        for module in [model, *captured]:
+            kept.enter_context(model_kept(module))
+        return _record_step(model, spec, batch_size, captured, optimizer_step=optimizer_step)
+
+
+def _record_step(
+    model: nn.Module,
+    spec: StepSpec,
+    batch_size: int,
+    captured: list[nn.Module],
+    *,
+    optimizer_step: bool,
+) -> StepRecording:
     """Run one step of `model` on fake tensors and record it.
 
     A training step (the built-in one or `spec.step`) runs twice: the first as a warm-up (not
@@ -136,7 +154,11 @@ def record_step(
 
     The model's own parameters are not touched: fake copies stand in for them, swapped into the
     model for the duration of the step (as `torch.func.functional_call` does), so the step calls
-    `model(inputs)` as it would for real, and the optimizer is built over the fakes.
+    `model(inputs)` as it would for real, and the optimizer is built over the fakes. Tensors its
+    modules hold as plain attributes are swapped for fake copies too, and count as buffers.
+    So are the tensors of the modules the step reaches from outside the model (`captured`: a
+    frozen teacher in its closure), in their own dtype; they count as what the step keeps, as
+    they do when the optimizer factory builds such a module.
     """
     spec = spec.for_model(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
@@ -151,6 +173,12 @@ def record_step(
     fakes = fake_parameters(
         model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format
     )
+    attribute_fakes = _fake_attributes(model, fake_mode)
+    captured_fakes = [
+        fake_parameters(module, fake_mode, dtype=None, device=device) for module in captured
+    ]
+    captured_tensors = [t for fake in captured_fakes for t in fake.values()]
+    captured_tensors += [t for module in captured for t in _fake_attributes(module, fake_mode)]
     trains = spec.mode == "train"
     recorder = Recorder(model, fake_mode, emulate_cuda=emulate_cuda)
     was_training = model.training
@@ -177,6 +205,10 @@ def record_step(
             del output
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
+        for tensor in attribute_fakes:
+            recorder.track(tensor, "buffer")
+        for tensor in captured_tensors:
+            recorder.track(tensor, "captured")
         for tensor in inputs:
             recorder.track(tensor, "input")
         if targets is not None:
@@ -190,9 +222,14 @@ def record_step(
         with (
             fake_mode,
             reparametrize_module(model, fakes, tie_weights=True, strict=False),
+            contextlib.ExitStack() as swapped,
             recorder,
             recorder.noting_rng_states(),
         ):
+            for module, module_fakes in zip(captured, captured_fakes):
+                swapped.enter_context(
+                    reparametrize_module(module, module_fakes, tie_weights=True, strict=False)
+                )
             if not trains:
                 inference_step(
                     model,
@@ -254,6 +291,29 @@ def record_step(
         if trains
         else "",
     )
+
+
+def _fake_attributes(module: nn.Module, fake_mode: FakeTensorMode) -> list[torch.Tensor]:
+    """Swap fake copies in for the tensors `module` holds as plain attributes; returns them. The
+    caller puts the real ones back (`model_kept`)."""
+    found = attribute_tensors(module)
+    with fake_mode, OffRecord(fake_mode):
+        fakes = [_fake_view(attribute.tensor) for attribute in found]
+    for attribute, fake in zip(found, fakes):
+        attribute.replace(fake)
+    return fakes
+
+
+def _fake_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A fake copy of `tensor` over a storage of the real one's size (a view, such as
+    `hann_window`'s, keeps a larger storage alive than its elements: 36 bytes for 8 floats)."""
+    storage = torch.empty(
+        tensor.untyped_storage().nbytes() // tensor.element_size(),
+        dtype=tensor.dtype,
+        device=tensor.device,
+    )
+    view = storage.as_strided(tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+    return view.requires_grad_(tensor.requires_grad)
 
 
 def _output_without_grad(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:

@@ -1,0 +1,237 @@
+"""After any ninlab call, succeeded or refused, the user's model is exactly as before: every
+module's attributes by identity (parameters, buffers, submodules, hooks, train/eval, plain tensor
+attributes and the lists and dicts holding them), each tensor's values, requires_grad, device,
+dtype and grad, and a real forward gives the same output. Over a corpus of odd models
+(tests/odd_models.py) and the kinds users bring (tests/any_models.py, tests/layer_zoo.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import any_models
+import layer_zoo
+import odd_models
+import pytest
+import torch
+from torch import nn
+
+from ninlab.analysis.batch import fit_batch
+from ninlab.analysis.measure import measure
+from ninlab.analysis.model_state import model_kept
+from ninlab.analysis.planner import plan_budget
+from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.summary import summarize
+from ninlab.errors import NinlabError
+
+
+def _fingerprint(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (
+            "tensor",
+            id(value),
+            type(value).__name__,
+            value.requires_grad,
+            value.device,
+            value.dtype,
+            tuple(value.shape),
+            value.detach().clone(),
+            None if value.grad is None else id(value.grad),
+        )
+    if isinstance(value, dict):
+        return ("dict", id(value), {k: _fingerprint(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple, set)):
+        items = sorted(value, key=id) if isinstance(value, set) else value
+        return (type(value).__name__, id(value), [_fingerprint(v) for v in items])
+    return ("value", id(value), value if isinstance(value, (bool, int, float, str)) else None)
+
+
+def _state(model: nn.Module) -> list[Any]:
+    """Everything a call could change, module by module (both registrations of a shared one)."""
+    return [
+        (name, id(module), {key: _fingerprint(v) for key, v in vars(module).items()})
+        for name, module in model.named_modules(remove_duplicate=False)
+    ]
+
+
+def _same(before: Any, after: Any) -> bool:
+    if isinstance(before, torch.Tensor):
+        return (
+            isinstance(after, torch.Tensor)
+            and type(after) is type(before)
+            and before.shape == after.shape
+            and torch.equal(before, after)
+        )
+    if isinstance(before, dict):
+        return (
+            isinstance(after, dict)
+            and before.keys() == after.keys()
+            and all(_same(before[k], after[k]) for k in before)
+        )
+    if isinstance(before, (list, tuple)):
+        return (
+            isinstance(after, (list, tuple))
+            and len(before) == len(after)
+            and all(_same(b, a) for b, a in zip(before, after))
+        )
+    return bool(before == after)
+
+
+# name: (model factory, StepSpec fields, the input of a real forward)
+CORPUS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[], Any]]] = {
+    "shared layer": (odd_models.shared_layer, {"input_size": (8,)}, lambda: torch.randn(2, 8)),
+    "caches in forward": (
+        odd_models.caches_in_forward,
+        {"input_size": (8,)},
+        lambda: torch.randn(2, 8),
+    ),
+    "plain tensor attributes": (
+        odd_models.plain_tensor_attributes,
+        {"input_size": (8,)},
+        lambda: torch.randn(2, 8),
+    ),
+    "hooked, frozen, eval": (odd_models.hooked, {"input_size": (8,)}, lambda: torch.randn(2, 8)),
+    "step registers": (
+        lambda: nn.Linear(8, 4),
+        {"input_size": (8,), "step": odd_models.registering_step},
+        lambda: torch.randn(2, 8),
+    ),
+    "teacher in the step": (
+        lambda: nn.Linear(8, 8),
+        {"input_size": (8,), "step": odd_models.distillation_step},
+        lambda: torch.randn(2, 8),
+    ),
+    "mlp": (any_models.mlp, {"input_size": (784,)}, lambda: torch.randn(2, 784)),
+    "lstm": (any_models.lstm, {"input_size": (20, 12)}, lambda: torch.randn(2, 20, 12)),
+    "token ids": (
+        any_models.text_cnn,
+        {"input_size": (10,), "input_dtype": "long", "input_range": (0, 100)},
+        lambda: torch.randint(0, 100, (2, 10)),
+    ),
+    "lazy": (any_models.lazy_cnn, {"input_size": (1, 16, 16)}, lambda: torch.randn(2, 1, 16, 16)),
+    "needs targets (refused)": (
+        any_models.needs_targets,
+        {"input_size": (8,)},
+        None,
+    ),
+    "branches on values": (
+        any_models.branches_on_values,
+        {"input_size": (8,)},
+        lambda: torch.randn(2, 8),
+    ),
+    "wrong input (refused)": (odd_models.shared_layer, {"input_size": (5,)}, None),
+    "mbconv": (
+        lambda: layer_zoo.mbconv_silu(width=8),
+        {"input_size": (3, 16, 16)},
+        lambda: torch.randn(2, 3, 16, 16),
+    ),
+}
+
+CALLS: dict[str, Callable[..., Any]] = {
+    "summarize": lambda model, fields: summarize(model, batch_size=2, **fields),
+    "predict_memory": lambda model, fields: predict_memory(model, batch_size=2, **fields),
+    "predict_memory infer": lambda model, fields: predict_memory(
+        model, batch_size=2, **{**fields, "mode": "infer", "step": None}
+    ),
+    "measure": lambda model, fields: measure(model, batch_size=2, **fields),
+    "fit_batch": lambda model, fields: fit_batch(model, budget="4MiB", max_batch_size=64, **fields),
+    "plan_budget": lambda model, fields: plan_budget(model, budget="4MiB", batch_size=2, **fields),
+}
+
+
+# The planner asks record_step at each alternative itself, without predict_memory's measured
+# fallback: a model that branches on values escapes it as PyTorch's own exception (the errors
+# rule), found here; drop the pair when the planner is fixed.
+_KNOWN_TRACEBACKS = {("branches on values", "plan_budget")}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("kind", CORPUS)
+def test_a_call_leaves_the_model_exactly_as_it_was(kind: str, call: str) -> None:
+    if (kind, call) in _KNOWN_TRACEBACKS:
+        pytest.xfail("plan_budget lets a data-dependent model's exception escape")
+    factory, fields, example = CORPUS[kind]
+    torch.manual_seed(0)
+    model = factory()
+    probe = example() if example is not None else None
+    if probe is not None and not isinstance(model, torch.jit.ScriptModule):
+        with torch.no_grad():
+            model(probe)  # a lazy model gets its shapes, a caching one fills its cache
+    training = [m.training for m in model.modules()]
+    torch.manual_seed(1)  # the same dropout masks in both real forwards
+    with torch.no_grad():
+        expected = model(probe) if probe is not None else None
+    before = _state(model)
+    with contextlib.suppress(NinlabError):  # refused: the model must be untouched all the same
+        CALLS[call](model, fields)
+    after = _state(model)
+    assert [m.training for m in model.modules()] == training
+    assert len(after) == len(before)
+    for (name, module_id, attributes), (name_after, id_after, attributes_after) in zip(
+        before, after
+    ):
+        assert (name, module_id) == (name_after, id_after)
+        assert attributes.keys() == attributes_after.keys(), name
+        for key in attributes:
+            assert _same(attributes[key], attributes_after[key]), f"{name}.{key}"
+    if probe is not None:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            assert _same(expected, model(probe))
+
+
+def test_model_kept_puts_back_what_the_body_did_even_when_it_raises() -> None:
+    model = odd_models.plain_tensor_attributes()
+    scale, weight = model.scale, model.linear.weight
+    hooks = len(model._forward_hooks)
+    with pytest.raises(RuntimeError), model_kept(model):
+        model.scale = torch.zeros(8)
+        model.anchors.append(torch.ones(1))
+        model.register_buffer("extra", torch.zeros(1))
+        model.linear.weight = nn.Parameter(torch.zeros(8, 8))
+        model.register_forward_hook(lambda *_: None)
+        model.linear.weight.requires_grad_(False)
+        model.eval()
+        raise RuntimeError("the step failed")
+    assert model.scale is scale and model.linear.weight is weight
+    assert weight.requires_grad and model.training
+    assert len(model.anchors) == 2 and "extra" not in model._buffers
+    assert len(model._forward_hooks) == hooks
+
+
+def test_a_teacher_in_the_step_is_predicted_as_when_the_factory_builds_it() -> None:
+    """The frozen teacher's parameters count as memory the step keeps, in the prediction as in
+    the measurement, whether the step names it or the optimizer factory builds it."""
+    closure = {"input_size": (8,), "step": odd_models.distillation_step}
+    factory = {
+        "input_size": (8,),
+        "step": odd_models.factory_distillation_step,
+        "optimizer": odd_models.teacher_factory,
+    }
+    peaks = []
+    for fields in (closure, factory):
+        predicted = predict_memory(nn.Linear(8, 8), batch_size=4, **fields)
+        measured = measure(nn.Linear(8, 8), batch_size=4, **fields)
+        assert predicted.live_peak_bytes == measured.live_peak_bytes
+        assert predicted.allocator_peak_bytes == measured.allocator_peak_bytes
+        peaks.append(predicted.live_peak_bytes)
+    assert peaks[0] == peaks[1]
+    teacher_bytes = sum(p.numel() * 4 for p in odd_models.TEACHER.parameters())
+    assert peaks[0] > teacher_bytes
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [odd_models.plain_tensor_attributes, odd_models.caches_in_forward],
+    ids=["plain tensor attributes", "caches in forward"],
+)
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_attribute_tensors_are_predicted_as_measured(
+    factory: Callable[[], nn.Module], mode: str
+) -> None:
+    model = factory()
+    predicted = predict_memory(model, batch_size=4, input_size=(8,), mode=mode)
+    measured = measure(model, batch_size=4, input_size=(8,), mode=mode)
+    assert predicted.live_peak_bytes == measured.live_peak_bytes
+    assert predicted.allocator_peak_bytes == measured.allocator_peak_bytes

@@ -1,0 +1,126 @@
+"""Models (and steps) that write to themselves or hold tensors outside their parameters and
+buffers: what a ninlab call must leave exactly as it found (tests/analysis/test_model_kept.py).
+Small on purpose; every factory takes no argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def shared_layer() -> nn.Module:
+    """One module registered under two names: the swap of fakes puts it back under one only."""
+    layer = nn.Linear(8, 8)
+    return nn.Sequential(layer, nn.ReLU(), layer)
+
+
+class CachesInForward(nn.Module):
+    """A forward that keeps a tensor in an attribute (the rotary/positional cache pattern), in a
+    dict of them, and in a list it appends to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.cache: torch.Tensor | None = None
+        self.tables: dict[str, torch.Tensor] = {}
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = torch.ones_like(x)
+        self.tables["cos"] = torch.cos(x[0])
+        self.history.append(x.detach())
+        return self.linear(x) + self.cache
+
+
+def caches_in_forward() -> nn.Module:
+    return CachesInForward()
+
+
+class PlainTensorAttributes(nn.Module):
+    """Tensors held as plain attributes, not buffers: a scale, an STFT-like window, anchors in a
+    list, as torchvision's detection models and audio front ends keep them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.scale = torch.full((8,), 0.5)
+        self.window = torch.hann_window(8)
+        self.anchors = [torch.ones(8), torch.zeros(8)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale + self.window + self.anchors[0]
+
+
+def plain_tensor_attributes() -> nn.Module:
+    return PlainTensorAttributes()
+
+
+class Hooked(nn.Module):
+    """A model with its own forward hook and a frozen layer, in eval mode by default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 4)
+        self.seen = 0
+        self.head.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.seen += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.frozen(x)))
+
+
+def hooked() -> nn.Module:
+    return Hooked().eval()
+
+
+def registering_step(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """A step that registers a buffer and a parameter on the model it is given."""
+    model.register_buffer("steps_seen", torch.zeros(1))
+    model.register_parameter("bias_shift", nn.Parameter(torch.zeros(1), requires_grad=False))
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+TEACHER = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)).eval().requires_grad_(False)
+
+
+def distillation_step(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """Knowledge distillation from a frozen teacher that is no part of the model: a global the
+    step names (a closure's cell is found the same way)."""
+    with torch.no_grad():
+        soft = TEACHER(x)
+    optimizer.zero_grad()
+    output = model(x)
+    loss = F.cross_entropy(output, y) + F.mse_loss(output, soft)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def teacher_factory(model: nn.Module) -> Any:
+    """The same teacher built by the optimizer factory, beside the optimizer."""
+    teacher = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8))
+    return torch.optim.SGD(model.parameters(), lr=0.1), teacher.eval().requires_grad_(False)
+
+
+def factory_distillation_step(
+    model: nn.Module, optimizers: Any, x: torch.Tensor, y: torch.Tensor
+) -> Any:
+    optimizer, teacher = optimizers
+    with torch.no_grad():
+        soft = teacher(x)
+    optimizer.zero_grad()
+    output = model(x)
+    loss = F.cross_entropy(output, y) + F.mse_loss(output, soft)
+    loss.backward()
+    optimizer.step()
+    return loss
