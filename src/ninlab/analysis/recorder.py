@@ -320,7 +320,7 @@ class Recorder(TorchDispatchMode):
         self.emulate_cuda = emulate_cuda
         self._paused = False
         self._warming_up = False
-        self._entered = False
+        self._entered = 0  # how many `with` blocks of this recorder are open
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         # No reference back to the recorder from what it holds, so that it and its recording die
@@ -430,19 +430,25 @@ class Recorder(TorchDispatchMode):
 
     # -- dispatch ---------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        self.modules.__enter__()
-        self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
-        self._node_owners.__enter__()
-        self.phases.__enter__()
-        self._entered = True
+        # Entered again inside `__torch_dispatch__` (a composite op's parts run under it), only
+        # the dispatch mode is pushed back: the step's hooks and modes are already in place, and
+        # leaving the inner `with` must not remove them. Torch 2.8 (and 2.10) runs the profiler's
+        # annotations (every optimizer step's) as composite parts.
+        if not self._entered:
+            self.modules.__enter__()
+            self._node_owners = _NodeOwners(self.modules, emulate_cuda=self.emulate_cuda)
+            self._node_owners.__enter__()
+            self.phases.__enter__()
+        self._entered += 1
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        self._entered = False
-        self.phases.__exit__(*exc)
-        self._node_owners.__exit__(*exc)
-        self.modules.__exit__(*exc)
+        self._entered -= 1
+        if not self._entered:
+            self.phases.__exit__(*exc)
+            self._node_owners.__exit__(*exc)
+            self.modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is PRIM_DEVICE and type(args[0]) is FakeTensor:
