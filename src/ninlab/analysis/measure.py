@@ -69,6 +69,7 @@ from ninlab.analysis.torch_internals import (
     EventType,
     TorchDispatchMode,
     composite_kernel,
+    require_supported_torch,
     runs_as_composite_parts,
     storage_address,
     tree_flatten,
@@ -431,6 +432,7 @@ def measure(
     The model is copied (and cast to the spec's dtype and memory format), so the caller's
     parameters are untouched.
     """
+    require_supported_torch()
     spec = step_spec(spec, **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.ddp is not None:

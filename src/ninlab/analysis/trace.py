@@ -35,7 +35,12 @@ from ninlab.analysis.step import (
     optimizer_state,
     optimizers_in,
 )
-from ninlab.analysis.torch_internals import FAKE_TENSOR_LOGGER, FakeTensorMode, reparametrize_module
+from ninlab.analysis.torch_internals import (
+    FAKE_TENSOR_LOGGER,
+    FakeTensorMode,
+    reparametrize_module,
+    require_supported_torch,
+)
 from ninlab.errors import NinlabError
 
 __all__ = ["StepRecording", "collector_off", "fake_parameters", "record_step"]
@@ -134,6 +139,7 @@ def record_step(
     model for the duration of the step (as `torch.func.functional_call` does), so the step calls
     `model(inputs)` as it would for real, and the optimizer is built over the fakes.
     """
+    require_supported_torch()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # The recorder remembers op outputs itself (`FakeOutputs`); FakeTensorMode's own cache only
     # repeats it, hashing every argument of each call that still reaches it (a new shape).
