@@ -3,9 +3,13 @@
 `fashion_mnist` is the real data set: CI installs Debian's dataset-fashion-mnist, so there a
 missing copy fails the tests that need it; elsewhere they are skipped with the reason.
 
-`machine` tests pin golden numbers that hold only on the reference machine below, and are skipped
-on any other; `cuda` tests need a GPU and are skipped without one; `canary` tests only label
-PyTorch behaviour that ninlab relies on (they always run).
+`machine` tests pin golden numbers measured on the reference CPU below, and are skipped on any
+other CPU; `torch_build` tests pin numbers measured with the reference torch build, and are
+skipped under any other torch (CI runs the rest under the oldest and newest supported releases
+too: .ci/torch_matrix). `avx512` tests replay the CPU kernel rules, read off oneDNN's AVX-512
+kernels, against the profiler on the running CPU, and are skipped on a CPU without AVX-512. `cuda`
+tests need a GPU and are skipped without one; `canary` tests only label PyTorch behaviour that
+ninlab relies on (they always run).
 """
 
 from __future__ import annotations
@@ -72,29 +76,54 @@ def reference_machine() -> Machine:
 
 
 def machine_mismatch(reference: Machine, here: Machine) -> str | None:
-    """Why `machine` tests are skipped here, or None on the reference machine."""
-    if here == reference:
+    """Why `machine` tests are skipped here (another CPU), or None on the reference CPU."""
+    if (here.vendor, here.cpu_capability) == (reference.vendor, reference.cpu_capability):
         return None
-    return f"golden numbers measured on {reference}; this is {here}"
+    return (
+        f"golden numbers measured on {reference.vendor} {reference.cpu_capability}; "
+        f"this is {here.vendor} {here.cpu_capability}"
+    )
+
+
+def torch_mismatch(reference: Machine, here: Machine) -> str | None:
+    """Why `torch_build` tests are skipped here (another torch), or None under the reference."""
+    if here.torch == reference.torch:
+        return None
+    return f"golden numbers measured with torch {reference.torch}; this is torch {here.torch}"
+
+
+def avx512_missing(here: Machine) -> str | None:
+    """Why `avx512` tests are skipped here, or None on a CPU with AVX-512."""
+    if here.cpu_capability.startswith("AVX512"):
+        return None
+    return (
+        "the CPU kernel rules were read off oneDNN's AVX-512 kernels; "
+        f"this CPU is {here.vendor} {here.cpu_capability}"
+    )
 
 
 def pytest_report_header() -> str:
-    reason = machine_mismatch(reference_machine(), this_machine())
-    return f"machine tests: {'skipped, ' + reason if reason else 'run (this is the reference)'}"
+    reference, here = reference_machine(), this_machine()
+    reasons = [machine_mismatch(reference, here), torch_mismatch(reference, here)]
+    reasons = [reason for reason in reasons if reason]
+    return f"golden tests: {'skipped, ' + '; '.join(reasons) if reasons else 'run (reference)'}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    machine_reason = machine_mismatch(reference_machine(), this_machine())
-    cuda_reason = (
-        None
+    reference, here = reference_machine(), this_machine()
+    reasons = {
+        "machine": machine_mismatch(reference, here),
+        "torch_build": torch_mismatch(reference, here),
+        "avx512": avx512_missing(here),
+        "cuda": None
         if torch.cuda.is_available()
-        else (f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here")
-    )
+        else f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here",
+    }
     for item in items:
-        if machine_reason and item.get_closest_marker("machine"):
-            item.add_marker(pytest.mark.skip(reason=machine_reason))
-        if cuda_reason and item.get_closest_marker("cuda"):
-            item.add_marker(pytest.mark.skip(reason=cuda_reason))
+        for marker, reason in reasons.items():
+            if reason and item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break
 
 
 @functools.lru_cache(maxsize=1)

@@ -77,7 +77,7 @@ def conv_forward(
     return args, lambda: aten.convolution.default(*args)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -188,7 +188,7 @@ def conv_backward(
     return args, lambda: aten.convolution_backward.default(*args)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -251,7 +251,7 @@ def test_conv_backward_allocations_match_the_profiler(
     assert op_allocations(call) == deltas(predicted)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -312,7 +312,7 @@ def test_conv_backward_weight_gradient_scratchpad_with_two_threads(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -365,7 +365,7 @@ def test_unmodelled_convolutions_say_why() -> None:
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("shape", "threads_used"),
     [
@@ -473,7 +473,7 @@ def conv_channels_last(
     return forward, backward
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("shape", "threads_used"),
     [
@@ -525,7 +525,7 @@ def test_channels_last_conv_forward_allocations_match_the_profiler(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -605,7 +605,7 @@ def conv_channels_last_backward(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -782,7 +782,7 @@ def test_channels_last_conv_backward_allocations_match_the_profiler(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_channels_last_backward_data_scratchpad_grows_with_threads(
     threads: Callable[[int], None],
 ) -> None:
@@ -793,7 +793,7 @@ def test_channels_last_backward_data_scratchpad_grows_with_threads(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -823,7 +823,7 @@ def test_unmodelled_channels_last_backward_says_why(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_unmodelled_bf16_convolution_says_why() -> None:
     """PyTorch runs a bfloat16 convolution on oneDNN only where oneDNN has AVX-512 (with AVX2
     it is Slow2d, and the reason says so instead)."""
@@ -997,7 +997,7 @@ def test_cpu_dropout_mask_is_float32() -> None:
     assert masks == [torch.float32]  # CUDA's fused native_dropout keeps a bool mask instead
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("query", "keys", "threads_used"),
     [
@@ -1029,7 +1029,7 @@ def test_flash_attention_allocations_match_the_profiler(
     )
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize("mask_shape", [(256, 256), (4, 4, 256, 256), (4, 1, 1, 256)])
 def test_flash_attention_allocations_do_not_depend_on_the_mask(
     mask_shape: tuple[int, ...], threads: Callable[[int], None]

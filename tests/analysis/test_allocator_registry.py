@@ -291,7 +291,7 @@ def test_the_lookup_reaches_each_family_rule(name: str, two_threads: None) -> No
     assert blocks == expected
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_the_lookup_reaches_the_bf16_convolution_rule(two_threads: None) -> None:
     """A bfloat16 convolution runs on oneDNN only with AVX-512 (elsewhere Slow2d, a reason)."""
     args, expected = _bf16_depthwise_conv()

@@ -141,6 +141,10 @@ def nin() -> nn.Module:
     return build_nin()
 
 
+# A CUDA prediction no GPU here can check, emulated with the installed torch's CUDA choices: the
+# same under 2.13.0 and 2.14.1; under 2.8.0 the training step predicts 7,970,816 bytes more
+# allocated (1,039,630,848; one more NiN-parameters' worth of blocks, not yet explained).
+@pytest.mark.torch_build
 @pytest.mark.parametrize(
     ("fields", "allocated", "reserved"),
     [

@@ -88,7 +88,7 @@ def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(
 
 
 # batch norm's per-thread sums and max pooling's copies: rules read off this CPU
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_nin_as_the_cpu_preset_trains_it_is_exact(mode: str) -> None:
     """NiN with batch norm at 72x72, bf16 autocast, channels-last (the `cpu` preset): every
@@ -112,7 +112,7 @@ def test_nin_as_the_cpu_preset_trains_it_is_exact(mode: str) -> None:
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
 
 
-@pytest.mark.machine  # the float32 rules around the measured calls were read off this CPU
+@pytest.mark.avx512  # the float32 rules around the measured calls: AVX-512
 @pytest.mark.parametrize(
     ("name", "options"),
     [

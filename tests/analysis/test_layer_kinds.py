@@ -48,7 +48,7 @@ def test_layer_kind_against_a_real_run(name: str, mode: str, options: dict[str, 
     assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("name", "mode", "options"),
     [
@@ -86,7 +86,7 @@ def test_layer_norm_statistics_stay_float32_under_autocast() -> None:
         assert (mean.dtype, inverse_std.dtype) == (torch.float32, torch.float32)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_convnext_training_peak_is_its_depthwise_weight_gradient_scratchpad() -> None:
     """ConvNeXt's 7x7 depthwise backward takes a scratchpad of 1 KB per weight element; modelled,
     the training allocator peak is within 1% (it was 53% under). Its 2x2 stride-2 downsampling

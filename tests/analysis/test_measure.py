@@ -59,6 +59,7 @@ def test_nin_training_step_at_batch_2() -> None:
 
 
 @pytest.mark.machine
+@pytest.mark.torch_build
 def test_nin_training_step_at_batch_2_allocator_level() -> None:
     sgd = measured("nin-d2l", nin_train("sgd"), 2)
     assert sgd.allocator_peak_bytes == 30_824_344
@@ -82,6 +83,7 @@ def test_nin_inference_at_batch_2_is_the_same_under_both_guards() -> None:
 
 
 @pytest.mark.machine
+@pytest.mark.torch_build
 def test_nin_inference_at_batch_2_allocator_level_under_both_guards() -> None:
     for grad_mode in ("no_grad", "inference_mode"):
         result = measured("nin-d2l", nin_infer(grad_mode), 2)
@@ -118,6 +120,7 @@ def test_zoo_at_batch_4(
 
 
 @pytest.mark.machine
+@pytest.mark.torch_build
 @ZOO_AT_BATCH_4
 def test_zoo_at_batch_4_allocator_level(
     name: str, train_live: int, train_allocator: int, infer_live: int, infer_allocator: int
@@ -206,6 +209,7 @@ def test_cli_prints_both_levels(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.machine
+@pytest.mark.torch_build
 def test_cli_prints_the_allocator_level(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["measure", "--model", "nin-d2l", "--batch", "2", "--mode", "infer"]) == 0
     assert "15,125,400" in capsys.readouterr().out

@@ -59,7 +59,7 @@ def peak_above_start_bytes_of(deltas: list[int]) -> int:
     return peak_above_start_bytes(KernelAllocation(delta, "") for delta in deltas)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     "shape",
     [
@@ -77,7 +77,7 @@ def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_thread
     assert cpu_kernel_allocations("aten.convolution.default", forward).allocations is not None
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("shape", "op"),
     [
@@ -110,7 +110,7 @@ def test_lower_bound_rules_hold_every_block_they_name(
     assert peak_above_start_bytes_of(predicted) <= peak_above_start_bytes_of(measured)
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) -> None:
     """NiN's 11x11 first conv pads its weights (input channels to 16 for backward-data, 32 for
     the weight gradient) and takes a 2 MB scratchpad: the rule counts 3% of the op's peak."""
@@ -121,7 +121,7 @@ def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) 
     assert 0.03 * peak <= peak_above_start_bytes_of(predicted) <= peak
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 @pytest.mark.parametrize(
     ("shape", "threads_used", "channels_last"),
     [
@@ -154,7 +154,7 @@ def test_depthwise_weight_gradient_is_exact(
     assert measured == predicted
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_small_matrix_multiplies_stay_off_onednn() -> None:
     """ATen keeps a bf16 matrix multiply of at most 16^3 multiply-adds off oneDNN: no workspace."""
     a, b = torch.randn(2, 192).bfloat16(), torch.randn(192, 10).bfloat16()
@@ -164,7 +164,7 @@ def test_small_matrix_multiplies_stay_off_onednn() -> None:
     assert "scratchpad" in cpu_kernel_allocations("aten.mm.default", (big, b))[1]
 
 
-@pytest.mark.machine
+@pytest.mark.avx512
 def test_convnext_bf16_training_peak_is_modelled() -> None:
     """ConvNeXt's bf16 7x7 depthwise weight gradient takes a 16x16 blocked gradient per group and
     one scratchpad (float32 reduction, transposed input and grad_output: the 1.78 MB block):

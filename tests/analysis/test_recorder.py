@@ -109,3 +109,19 @@ def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
         output = op(fake, fake)
         assert recorder._elementwise_layout((fake, fake), output) is output
     assert output.stride() == op(wider, wider).stride()
+
+
+def test_a_composite_op_run_inside_the_recorder_keeps_the_step_phases(nin):
+    """A composite op's parts run under the recorder entered again (torch 2.8 to 2.10 run the
+    optimizers' profiler annotations so); leaving that inner `with` must leave the step's phases
+    in place: it once labelled every later op "setup" (the forum line then read 0 B of
+    activation gradients at the peak)."""
+    rec = recorder.Recorder(nin, FakeTensorMode())
+    with rec:
+        with rec:
+            pass
+        assert rec.current_phase == "step"
+    assert rec.current_phase == "setup"
+    phases = {op.phase for op in step_ops(record_step(nin, StepSpec((1, 224, 224)), 2))}
+    assert phases >= {"forward", "loss", "backward", "optimizer"}
+    assert "setup" not in phases

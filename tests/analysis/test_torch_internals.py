@@ -5,8 +5,10 @@ import inspect
 
 import pytest
 import torch
+from cli_run import run
 
 from ninlab.analysis import torch_internals
+from ninlab.analysis.measure import measure
 from ninlab.analysis.torch_internals import (
     FakeTensorMode,
     composite_kernel,
@@ -14,6 +16,8 @@ from ninlab.analysis.torch_internals import (
     runs_as_composite_parts,
     storage_address,
 )
+from ninlab.errors import NinlabError
+from ninlab.models import build_nin
 
 aten = torch.ops.aten
 
@@ -34,7 +38,8 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
 def test_every_name_says_what_it_is_for_and_where_it_was_checked() -> None:
     """The line that binds each name, or the comment line above it, or its docstring, says which
-    torch versions it was checked on."""
+    torch versions it was checked on; the range itself and its check are no private name."""
+    the_range = ("OLDEST_TORCH", "TESTED_TORCH", "require_supported_torch")
     source = inspect.getsource(torch_internals)
     lines = source.splitlines()
     functions = {
@@ -43,7 +48,7 @@ def test_every_name_says_what_it_is_for_and_where_it_was_checked() -> None:
         if isinstance(node, ast.FunctionDef)
     }
     unchecked = []
-    for name in torch_internals.__all__:
+    for name in set(torch_internals.__all__) - set(the_range):
         if name in functions:
             noted = "hecked on" in functions[name]
         else:
@@ -90,3 +95,41 @@ def test_a_storage_has_one_address_however_many_views() -> None:
     x = torch.zeros(4, 4)
     assert storage_address(x.untyped_storage()) == storage_address(x[1:].t().untyped_storage())
     assert storage_address(x.untyped_storage()) != storage_address(x.clone().untyped_storage())
+
+
+def test_this_torch_has_every_name_and_is_in_the_range() -> None:
+    assert torch_internals._MISSING == []
+    torch_internals.require_supported_torch()
+
+
+@pytest.mark.parametrize("version", ["2.6.0", "2.7.1+cu126", "3.0.0"])
+def test_a_torch_outside_the_range_is_refused_in_one_line_at_the_first_call(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], version: str
+) -> None:
+    """Not the model's fault: torch 2.6 once failed inside the forward, and the message blamed
+    the input sizes."""
+    monkeypatch.setattr(torch, "__version__", version)
+    code, out, err = run(capsys, "summary")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"ninlab: error: ninlab needs torch >= 2.8, < 3 (found {version}; tested on 2.8.0, "
+        "2.13.0 and 2.14.1); pip install 'torch>=2.8,<3'\n"
+    )
+    with pytest.raises(NinlabError, match=r"^ninlab needs torch >= 2\.8"):
+        measure(build_nin(), input_size=(1, 224, 224), batch_size=1)
+
+
+def test_a_torch_without_a_private_name_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "torch._C._autograd._top_saved_tensors_default_hooks"
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    monkeypatch.setattr(torch_internals, "_MISSING", [])
+    assert torch_internals._private(name) is None
+    assert [name] == torch_internals._MISSING
+    code, out, err = run(capsys, "summary")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"ninlab: error: this torch ({torch.__version__}) lacks {name}, which ninlab uses to "
+        "trace the step; supported: torch >= 2.8, < 3, tested on 2.8.0, 2.13.0 and 2.14.1\n"
+    )

@@ -72,6 +72,7 @@ from ninlab.analysis.torch_internals import (
     EventType,
     TorchDispatchMode,
     composite_kernel,
+    require_supported_torch,
     runs_as_composite_parts,
     storage_address,
     tree_flatten,
@@ -449,6 +450,7 @@ def measure(
 def _measure(
     model: nn.Module, spec: StepSpec | None, *, batch_size: int | None, seed: int, **fields: Any
 ) -> Measurement:
+    require_supported_torch()
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
     if spec.ddp is not None:

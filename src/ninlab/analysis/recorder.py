@@ -388,7 +388,7 @@ class Recorder(TorchDispatchMode):
         self.emulate_cuda = emulate_cuda
         self._paused = False
         self._warming_up = False
-        self._entered = False
+        self._entered = 0  # how many `with` blocks of this recorder are open
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         self.modules = _ModuleStack(model)
         # No reference back to the recorder from what it holds, so that it and its recording die
@@ -489,21 +489,27 @@ class Recorder(TorchDispatchMode):
 
     # -- dispatch ---------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        self.modules.__enter__()
-        self.phases.__enter__()
-        if self.emulate_cuda:
-            # CUDA's dropout is the fused kernel, which keeps a bool mask where the CPU composite
-            # keeps a float one (`nn.Dropout` calls `F.dropout` through the module).
-            F.dropout = functools.partial(_cuda_dropout, _CPU_DROPOUT)
-        self._entered = True
+        # Entered again inside `__torch_dispatch__` (a composite op's parts run under it), only
+        # the dispatch mode is pushed back: the step's hooks are already in place, and leaving
+        # the inner `with` must not remove them. Torch 2.8 (and 2.10) runs the profiler's
+        # annotations (every optimizer step's) as composite parts.
+        if not self._entered:
+            self.modules.__enter__()
+            self.phases.__enter__()
+            if self.emulate_cuda:
+                # CUDA's dropout is the fused kernel, which keeps a bool mask where the CPU
+                # composite keeps a float one (`nn.Dropout` calls `F.dropout` through the module).
+                F.dropout = functools.partial(_cuda_dropout, _CPU_DROPOUT)
+        self._entered += 1
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        self._entered = False
-        F.dropout = _CPU_DROPOUT
-        self.phases.__exit__(*exc)
-        self.modules.__exit__(*exc)
+        self._entered -= 1
+        if not self._entered:
+            F.dropout = _CPU_DROPOUT
+            self.phases.__exit__(*exc)
+            self.modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is PRIM_DEVICE and type(args[0]) is FakeTensor:

@@ -3,7 +3,9 @@
 ninlab reads PyTorch from the inside: fake tensors, the dispatcher, autograd's saved variables, the
 profiler's records. The names for those are private and may change in any release, so each is
 imported or bound here, once, with a note of what ninlab uses it for and the torch versions it was
-checked on; a new release is one file to check. `tests/analysis/test_torch_internals.py` checks
+checked on ("all": every release in `TESTED_TORCH`, which CI runs the accountant's tests under); a
+new release is one file to check. `require_supported_torch` refuses, in one line, a torch outside
+the range or one that lacks a name bound here. `tests/analysis/test_torch_internals.py` checks
 that every name resolves on the installed torch, and `tests/test_private_torch_names.py` that no
 other module of the package names a private torch name. ATen's own op names (`aten._softmax`)
 are not bound here: they are the vocabulary of the recordings, not an API.
@@ -27,37 +29,42 @@ from typing import Any
 import torch
 from torch import nn
 from torch._decomp import (
-    decomposition_table,  # Python decompositions FakeTensorMode may run; checked on 2.13.0
-    meta_table,  # the Python meta kernels it prefers to them; checked on 2.13.0
+    decomposition_table,  # Python decompositions FakeTensorMode may run; checked on all
+    meta_table,  # the Python meta kernels it prefers to them; checked on all
 )
-from torch._ops import OpOverload  # an aten op's type, in FLOP rules; checked on 2.13.0
+from torch._ops import OpOverload  # an aten op's type, in FLOP rules; checked on all
 from torch._prims_common import (
-    make_contiguous_strides_for,  # an elementwise output's strides; checked on 2.13.0
-    suggest_memory_format,  # the layout a CPU kernel picks (allocator rules); checked on 2.13.0
+    make_contiguous_strides_for,  # an elementwise output's strides; checked on all
+    suggest_memory_format,  # the layout a CPU kernel picks (allocator rules); checked on all
 )
 from torch._subclasses.fake_tensor import (
-    CONSTANT_NUMEL_LIMIT,  # largest real tensor a fake one keeps as constant; checked on 2.13.0
-    DataDependentOutputException,  # a model needs tensor values (refusals); checked on 2.13.0
-    DynamicOutputShapeException,  # a model needs a data-dependent shape; checked on 2.13.0
-    FakeTensor,  # what a step is recorded on: shapes, no data; checked on 2.13.0
-    FakeTensorMode,  # the mode that makes and runs fake tensors; checked on 2.13.0
-    UnsupportedFakeTensorException,  # fake tensors cannot run the model; checked on 2.13.0
-    UnsupportedOperatorException,  # an op has no fake kernel (refusals); checked on 2.13.0
-    torch_decomp_decompositions,  # whether FakeTensorMode decomposes an op; checked on 2.13.0
+    CONSTANT_NUMEL_LIMIT,  # largest real tensor a fake one keeps as constant; checked on all
+    DataDependentOutputException,  # a model needs tensor values (refusals); checked on all
+    DynamicOutputShapeException,  # a model needs a data-dependent shape; checked on all
+    FakeTensor,  # what a step is recorded on: shapes, no data; checked on all
+    FakeTensorMode,  # the mode that makes and runs fake tensors; checked on all
+    UnsupportedFakeTensorException,  # fake tensors cannot run the model; checked on all
+    UnsupportedOperatorException,  # an op has no fake kernel (refusals); checked on all
+    torch_decomp_decompositions,  # whether FakeTensorMode decomposes an op; checked on all
 )
 from torch.nn.utils.stateless import (
-    _reparametrize_module,  # fake parameters swapped in for a step; checked on 2.13.0
+    _reparametrize_module,  # fake parameters swapped in for a step; checked on all
 )
+from torch.torch_version import TorchVersion
 from torch.utils._python_dispatch import (
-    TorchDispatchMode,  # the base of the recorder and the measurer; checked on 2.13.0
+    TorchDispatchMode,  # the base of the recorder and the measurer; checked on all
 )
-from torch.utils._pytree import tree_flatten  # an op's tensors (measurer); checked on 2.13.0
-from torch.utils._triton import has_triton  # torch.compile can run on CUDA; checked on 2.13.0
+from torch.utils._pytree import tree_flatten  # an op's tensors (measurer); checked on all
+from torch.utils._triton import has_triton  # torch.compile can run on CUDA; checked on all
+
+from ninlab.errors import NinlabError
 
 __all__ = [
     "CONSTANT_NUMEL_LIMIT",
     "FAKE_TENSOR_LOGGER",
+    "OLDEST_TORCH",
     "SAVED_FIELD_PREFIX",
+    "TESTED_TORCH",
     "BatchNormBase",
     "DataDependentOutputException",
     "DeviceType",
@@ -85,6 +92,7 @@ __all__ = [
     "record_function_enter",
     "record_function_exit",
     "reparametrize_module",
+    "require_supported_torch",
     "runs_as_composite_parts",
     "select_conv_backend",
     "storage_address",
@@ -94,21 +102,61 @@ __all__ = [
     "tree_flatten",
 ]
 
+# -- which torch ------------------------------------------------------------------------------
+# The oldest release ninlab supports: 2.6 and 2.7 lack the saved-tensor hooks' getter
+# (`_top_saved_tensors_default_hooks`, first in 2.8), and nothing public tells whether a checkpoint
+# is packing what autograd saves.
+OLDEST_TORCH = "2.8"
+# The releases CI runs the accountant's tests under (.ci/torch_matrix); 2.13.0 is the reference.
+TESTED_TORCH = ("2.8.0", "2.13.0", "2.14.1")
+_MISSING: list[str] = []  # private names this torch lacks, dotted, in binding order
+
+
+def _private(path: str) -> Any:
+    """The private torch attribute at dotted `path` ("torch._C._foo"), or None, noted as missing,
+    when this torch lacks it: importing ninlab still works, and its first call says what is
+    missing (`require_supported_torch`) instead of failing inside the user's model."""
+    owner_path, name = path.rsplit(".", 1)
+    owner = functools.reduce(getattr, owner_path.split(".")[1:], torch)
+    value = getattr(owner, name, None)
+    if value is None:
+        _MISSING.append(path)
+    return value
+
+
+def require_supported_torch() -> None:
+    """Raise one line when the installed torch is outside the supported range, or lacks a private
+    name bound here; called before a step is traced or measured, so that neither failure surfaces
+    inside the user's model as a complaint about its input."""
+    found = TorchVersion(torch.__version__)
+    tested = f"tested on {', '.join(TESTED_TORCH[:-1])} and {TESTED_TORCH[-1]}"
+    if found < OLDEST_TORCH or found >= "3":
+        raise NinlabError(
+            f"ninlab needs torch >= {OLDEST_TORCH}, < 3 (found {found}; {tested}); "
+            f"pip install 'torch>={OLDEST_TORCH},<3'"
+        )
+    if _MISSING:
+        raise NinlabError(
+            f"this torch ({found}) lacks {_MISSING[0]}, which ninlab uses to trace the step; "
+            f"supported: torch >= {OLDEST_TORCH}, < 3, {tested}"
+        )
+
+
 # -- fake tensors and the dispatcher --------------------------------------------------------------
 # Silenced while recording: FakeTensorMode logs a rejected kernel's whole traceback to it.
-FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"  # checked on 2.13.0
-# The model's parameters swapped for fake ones around a whole step; checked on 2.13.0.
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"  # checked on all
+# The model's parameters swapped for fake ones around a whole step; checked on all.
 reparametrize_module = _reparametrize_module
-# Fakes made from metadata, constants computed, without dispatching to a mode; checked on 2.13.0.
-DisableTorchDispatch = torch._C._DisableTorchDispatch
-# Torch-function modes kept from seeing a composite op's parts again; checked on 2.13.0.
-DisableTorchFunction = torch._C.DisableTorchFunction
-# An op's arguments, returns and aliasing: what the fast path may remember; checked on 2.13.0.
+# Fakes made from metadata, constants computed, without dispatching to a mode; checked on all.
+DisableTorchDispatch = _private("torch._C._DisableTorchDispatch")
+# Torch-function modes kept from seeing a composite op's parts again; checked on all.
+DisableTorchFunction = _private("torch._C.DisableTorchFunction")
+# An op's arguments, returns and aliasing: what the fast path may remember; checked on all.
 op_schema: Callable[[OpOverload], Any] = operator.attrgetter("_schema")
-# The device ("cpu") of a factory op given none, part of what it makes; checked on 2.13.0.
-default_device_name: Callable[[], str] = torch._C._get_default_device
-# The backend a convolution runs on (oneDNN, slow_conv2d...): its workspace; checked on 2.13.0.
-select_conv_backend = torch._C._select_conv_backend
+# The device ("cpu") of a factory op given none, part of what it makes; checked on all.
+default_device_name: Callable[[], str] = _private("torch._C._get_default_device")
+# The backend a convolution runs on (oneDNN, slow_conv2d...): its workspace; checked on all.
+select_conv_backend = _private("torch._C._select_conv_backend")
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _OWN_KERNELS = (
@@ -122,7 +170,7 @@ def runs_as_composite_parts(name: str) -> bool:
     """Whether the CPU runs op `name` as its CompositeImplicitAutograd parts: it has that kernel
     and none of its own. A few ops have both (silu_backward, mish_backward,
     native_channel_shuffle), and the dispatcher prefers the CPU kernel: their parts would be
-    temporaries the real step never makes. Checked on 2.13.0."""
+    temporaries the real step never makes. Checked on all."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     return has_kernel(name, _COMPOSITE) and not any(has_kernel(name, key) for key in _OWN_KERNELS)
 
@@ -130,51 +178,53 @@ def runs_as_composite_parts(name: str) -> bool:
 def composite_kernel(func: OpOverload) -> Callable[..., Any]:
     """Op `func`'s C++ CompositeImplicitAutograd kernel, which runs it as its parts under the
     modes active; not `func.decompose`, which prefers Python decompositions, whose parts are not
-    the kernels PyTorch really runs. Checked on 2.13.0."""
+    the kernels PyTorch really runs. Checked on all."""
     return functools.partial(func._op_dk, _COMPOSITE)
 
 
 # -- autograd ------------------------------------------------------------------------------------
-# The node backward is running (None outside it): an op's phase and layer; checked on 2.13.0.
-current_autograd_node = torch._C._current_autograd_node
-# How many autograd nodes this thread has made (which module made a node); checked on 2.13.0.
-autograd_sequence_nr: Callable[[], int] = torch._C._autograd._get_sequence_nr
-# A node's own number, given as it is made, before its op is dispatched; checked on 2.13.0.
+# The node backward is running (None outside it): an op's phase and layer; checked on all.
+current_autograd_node = _private("torch._C._current_autograd_node")
+# How many autograd nodes this thread has made (which module made a node); checked on 2.13.0
+# and 2.14.1.
+autograd_sequence_nr: Callable[[], int] = _private("torch._C._autograd._get_sequence_nr")
+# A node's own number, given as it is made, before its op is dispatched; checked on 2.13.0 and
+# 2.14.1.
 node_sequence_nr: Callable[[Any], int] = operator.methodcaller("_sequence_nr")
-# The innermost saved-tensor hooks (None: none), set by checkpointing; checked on 2.13.0.
-top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
-# A node shows what it saved for backward as `_saved_<field>` attributes; checked on 2.13.0.
+# The innermost saved-tensor hooks (None: none), set by checkpointing; checked on all.
+top_saved_tensors_hooks = _private("torch._C._autograd._top_saved_tensors_default_hooks")
+# A node shows what it saved for backward as `_saved_<field>` attributes; checked on all.
 SAVED_FIELD_PREFIX = "_saved_"
 
 # -- the profiler --------------------------------------------------------------------------------
-# The kinds of the profiler's events, allocations among them; checked on 2.13.0.
-EventType = torch._C._profiler._EventType
-# The device of a profiler allocation record (the measurer counts the CPU's); checked on 2.13.0.
-DeviceType = torch._C._autograd.DeviceType
-# The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on 2.13.0.
+# The kinds of the profiler's events, allocations among them; checked on all.
+EventType = _private("torch._C._profiler._EventType")
+# The device of a profiler allocation record (the measurer counts the CPU's); checked on all.
+DeviceType = _private("torch._C._autograd.DeviceType")
+# The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on all.
 record_function_enter = torch.ops.profiler._record_function_enter_new
-# The op closing an annotation, where an optimizer's phase ends; checked on 2.13.0.
+# The op closing an annotation, where an optimizer's phase ends; checked on all.
 record_function_exit = torch.ops.profiler._record_function_exit
-# A storage's C++ StorageImpl, one however many views (measurer); checked on 2.13.0.
+# A storage's C++ StorageImpl, one however many views (measurer); checked on all.
 storage_address: Callable[[torch.UntypedStorage], int] = operator.attrgetter("_cdata")
 
 # -- modules -------------------------------------------------------------------------------------
-# Every dropout layer's base (the forum's rule counts their outputs apart); checked on 2.13.0.
+# Every dropout layer's base (the forum's rule counts their outputs apart); checked on all.
 DropoutBase = nn.modules.dropout._DropoutNd
-# Every batch norm layer's base (a batch of one cannot train one); checked on 2.13.0.
+# Every batch norm layer's base (a batch of one cannot train one); checked on all.
 BatchNormBase = nn.modules.batchnorm._BatchNorm
 
 # -- resolved when first asked for ---------------------------------------------------------------
 # torch._inductor takes seconds to import, and only `--compile` needs it; torch.distributed's
 # names are missing from builds without it, and are asked for after `dist.is_available()`.
 _ON_FIRST_USE = {
-    # The C++ compiler torch.compile would use on the CPU; checked on 2.13.0.
+    # The C++ compiler torch.compile would use on the CPU; checked on all.
     "cpp_builder": ("torch._inductor.cpp_builder", None),
-    # What `cpp_builder.get_cpp_compiler` raises without a working compiler; checked on 2.13.0.
+    # What `cpp_builder.get_cpp_compiler` raises without a working compiler; checked on all.
     "InvalidCxxCompiler": ("torch._inductor.exc", "InvalidCxxCompiler"),
-    # DDP's first bucket's cap (1 MiB); checked on 2.13.0.
+    # DDP's first bucket's cap (1 MiB); checked on all.
     "DEFAULT_FIRST_BUCKET_BYTES": ("torch.distributed", "_DEFAULT_FIRST_BUCKET_BYTES"),
-    # DDP's assignment of gradients to buckets; checked on 2.13.0.
+    # DDP's assignment of gradients to buckets; checked on all.
     "compute_bucket_assignment_by_size": (
         "torch.distributed",
         "_compute_bucket_assignment_by_size",

@@ -40,7 +40,12 @@ from ninlab.analysis.step import (
     optimizers_in,
     step_arguments,
 )
-from ninlab.analysis.torch_internals import FAKE_TENSOR_LOGGER, FakeTensorMode, reparametrize_module
+from ninlab.analysis.torch_internals import (
+    FAKE_TENSOR_LOGGER,
+    FakeTensorMode,
+    reparametrize_module,
+    require_supported_torch,
+)
 from ninlab.errors import NinlabError
 
 __all__ = ["StepRecording", "collector_off", "fake_parameters", "record_step"]
@@ -160,6 +165,7 @@ def _record_step(
     frozen teacher in its closure), in their own dtype; they count as what the step keeps, as
     they do when the optimizer factory builds such a module.
     """
+    require_supported_torch()
     spec = spec.for_model(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # The recorder remembers op outputs itself (`FakeOutputs`); FakeTensorMode's own cache only
