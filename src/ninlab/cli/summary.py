@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest batch whose peak fits, e.g. 8GiB, 500MB; for training, also under bf16, "
         "checkpointing, accumulation and other optimizers, with a recommendation",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run the step for real at a small batch on this machine and compare it with "
+        "the prediction there: 'verified', or by how much and at which op it is off",
+    )
     parser.set_defaults(func=run)
 
 
@@ -47,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "csv":  # one row per module: the memory section has no place there
         print(summary_csv(summary), end="")
         return 0
-    memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+    memory = predict_memory(
+        choice.model, spec, batch_size=choice.batch, model_name=choice.name, verify=args.verify
+    )
     study = None
     if args.fit is not None:
         study = study_batch(
