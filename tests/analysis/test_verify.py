@@ -70,9 +70,9 @@ def test_a_fallback_line_goes_through_the_batches_in_the_target_phase() -> None:
     assert peak == 1_600 + (2_400 - 1_600) * (64 - 8) // 8 == 7_200
     assert trust.kind == "estimate" and trust.batch_sizes == (8, 16)
     assert trust.phase == "backward"
-    # The same line at batch 4, measured 1,000: 800 + 0 = 800, 20% low.
-    assert trust.error_range == (-0.2, -0.2)
-    assert "error -20.0% to -20.0%" in trust.words()
+    # The same line at batch 4, where 1,000 was measured: 1,600 - 4 x 100 = 1,200, 20% high.
+    assert trust.error_range == (0.2, 0.2)
+    assert "error +20.0% to +20.0%" in trust.words()
     assert fallback.at("live", 8) == (1_600, Trust("measured", batch_sizes=(8,)))
     # Between 2 and 4 the reference is batch 4's phase: backward, the nearest two there.
     assert fallback.at("allocator", 3)[1].batch_sizes == (4, 8)
