@@ -5,6 +5,9 @@ written as Markdown (every case not exact listed, and why) and as JSON (one outc
     PYTHONPATH=src /work/venvs/t2141/bin/python benchmarks/corpus_tally.py \
         --output benchmarks/corpus_tally-cpu.md
 
+Each outcome is appended to the JSON-lines file beside the Markdown as it comes, so shards run
+side by side (`--family`, `--only`, each with its own `--output`) can be joined afterwards:
+`--join a.jsonl b.jsonl --output benchmarks/corpus_tally-cpu.md` writes the tally of them all.
 Cases whose package (torchvision, timm, transformers) is missing are counted as skipped.
 """
 
@@ -30,10 +33,22 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True, help="the Markdown file to write")
     parser.add_argument("--only", nargs="*", default=(), help="case names to run (default all)")
     parser.add_argument("--family", nargs="*", default=(), help="families to run (default all)")
+    parser.add_argument(
+        "--join", nargs="*", type=Path, default=(), help="JSON-lines files to tally"
+    )
     args = parser.parse_args()
+    if args.join:
+        lines = [line for path in args.join for line in path.read_text().splitlines() if line]
+        # A case run by two shards counts once, as the later file has it.
+        latest = {(o.case, o.setup): o for o in (Outcome(**json.loads(line)) for line in lines)}
+        joined = list(latest.values())
+        args.output.write_text(_markdown(joined, [], None))
+        return 0
     outcomes: list[Outcome] = []
     skipped: list[str] = []
     started = time.perf_counter()
+    results = args.output.with_suffix(".jsonl")
+    results.write_text("")
     for case in CASES:
         if (args.only and case.name not in args.only) or (
             args.family and case.family not in args.family
@@ -46,6 +61,8 @@ def main() -> int:
             began = time.perf_counter()
             outcome = check(case, setup)
             outcomes.append(outcome)
+            with results.open("a") as file:
+                file.write(json.dumps(outcome.__dict__) + "\n")
             print(
                 f"{time.perf_counter() - began:6.1f}s {outcome.kind:8} {case.family}: "
                 f"{case.name} {setup}: {outcome.detail[:160]}",
@@ -53,19 +70,17 @@ def main() -> int:
             )
     elapsed = time.perf_counter() - started
     args.output.write_text(_markdown(outcomes, skipped, elapsed))
-    args.output.with_suffix(".jsonl").write_text(
-        "".join(json.dumps(outcome.__dict__) + "\n" for outcome in outcomes)
-    )
     return 0
 
 
-def _markdown(outcomes: list[Outcome], skipped: list[str], elapsed: float) -> str:
+def _markdown(outcomes: list[Outcome], skipped: list[str], elapsed: float | None) -> str:
     families = list(dict.fromkeys(outcome.family for outcome in outcomes))
     counts = Counter((outcome.family, outcome.kind) for outcome in outcomes)
     provenance = (
         f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
         f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}; "
-        f"{len(outcomes)} runs in {elapsed:.0f} s (`benchmarks/corpus_tally.py`)."
+        f"{len(outcomes)} runs"
+        f"{'' if elapsed is None else f' in {elapsed:.0f} s'} (`benchmarks/corpus_tally.py`)."
     )
     meaning = (
         "exact: both levels labelled exact and right (live equal, allocator within 1%); flagged: "
