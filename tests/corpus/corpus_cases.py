@@ -564,7 +564,11 @@ def check(case: Case, setup: str) -> Outcome:
         return outcome("wrong", f"the model was left changed: {changed}")
     live_ratio = report.live_peak_bytes / measured.live_peak_bytes
     allocator_ratio = report.allocator_peak_bytes / measured.allocator_peak_bytes
-    ratios = f"live {live_ratio:.4f}, allocator {allocator_ratio:.4f}"
+    ratios = (
+        f"live {live_ratio:.4f}, allocator {allocator_ratio:.4f}; predicted "
+        f"{report.live_peak_bytes:,} / {report.allocator_peak_bytes:,}, measured "
+        f"{measured.live_peak_bytes:,} / {measured.allocator_peak_bytes:,} bytes"
+    )
     live, allocator = report.live_trust, report.allocator_trust
     problems = []
     if live.kind in ("exact", "measured") and report.live_peak_bytes != measured.live_peak_bytes:

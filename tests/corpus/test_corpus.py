@@ -38,6 +38,10 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
     ("t5", "sgd"): "T5 training: allocator 0.978 (attention kernel blocks, 20.4)",
     ("t5", "adam"): "T5 training: allocator 0.985 (attention kernel blocks, 20.4)",
     ("vit", "sgd"): "HF ViT training: allocator 1.013 (attention kernel blocks, 20.4)",
+    **{
+        ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
+        for setup in ("sgd", "adam", "bf16")
+    },
     ("vit_tiny_patch16_224", "sgd"): "timm ViT training: allocator 0.915 (attention, 20.4)",
     ("pvt_v2_b0", "sgd"): "timm PVT-v2 training: allocator 0.908 (layer norm backward, 20.4)",
 }
