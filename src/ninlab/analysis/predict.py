@@ -136,7 +136,7 @@ def _predicted(
     return replace(report, notes=(*report.notes, *varies))
 
 
-# -- a step that is not the same every time ---------------------------------------------------
+# -- a step that may not be the same every time -----------------------------------------------
 
 
 def _python_random_states() -> tuple[object, ...]:
@@ -151,38 +151,19 @@ def _python_random_states() -> tuple[object, ...]:
 
 
 def _varies(step: StepRecording, drew: bool) -> tuple[str, ...]:
-    """Notes, where the step may not be the same every time: it drew from Python's (or NumPy's)
-    random numbers, or its warm-up ran other ops in forward and the loss than the recorded step
-    (a random branch, a cache filled on the first call). Either way the prediction is of one
-    draw, the recorded step, and says so."""
+    """A note, where the step drew from Python's (or NumPy's) random numbers. On fake tensors a
+    step can branch only on Python values (a branch on a tensor's value needs `.item()`, which
+    is measured instead), so a draw is how a traced step can differ from step to step; the
+    prediction is of one draw, the recorded step, and says so."""
+    if not drew:
+        return ()
     subject = "the model" if step.spec.step is None else f"the step {step.spec.step_name}"
-    notes = []
-    if drew:
-        notes.append(
-            f"{subject} draws from Python's random numbers (random or numpy.random): if it "
-            "branches on them, its memory differs from step to step, and this prediction is of "
-            "one draw; seed them, or predict each branch"
-        )
-    if step.step_start:
-        ops = step.recording.ops
-
-        def compared(part: Sequence[OpRecord]) -> list[str]:
-            return [op.op for op in part if op.phase in ("forward", "loss")]
-
-        warm_up, recorded = compared(ops[: step.step_start]), compared(ops[step.step_start :])
-        if warm_up != recorded:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(warm_up, recorded, strict=False)) if a != b),
-                min(len(warm_up), len(recorded)),
-            )
-            notes.append(
-                f"{subject} ran other ops in the recorded step than in its warm-up "
-                f"({len(recorded)} forward and loss ops against {len(warm_up)}, first different at "
-                f"op {at}): it is "
-                "not the same every time (a random branch, a cache filled on the first call), and "
-                "this prediction is of the recorded step"
-            )
-    return tuple(notes)
+    note = (
+        f"{subject} draws from Python's random numbers (random or numpy.random): if it branches "
+        "on them, its memory differs from step to step, and this prediction is of one draw; "
+        "seed them, or predict each branch"
+    )
+    return (note,)
 
 
 def _measure_unknown_kernels(step: StepRecording) -> None:
