@@ -542,7 +542,8 @@ class MemoryReport:
     fallback: MeasuredFallback | None
     notes: tuple[str, ...]
     cuda: CudaMemory | None = None  # a CUDA step: the caching allocator simulated
-    # The step run for real at a small batch beside the prediction there (`verify=True`).
+    # The step run for real at a small batch beside the prediction there
+    # (`ninlab.analysis.verify.verified`).
     verification: Verification | None = None
 
     @property

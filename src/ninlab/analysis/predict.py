@@ -82,7 +82,6 @@ def predict_memory(
     *,
     batch_size: int,
     model_name: str | None = None,
-    verify: bool = False,
     **fields: Any,
 ) -> MemoryReport:
     """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
@@ -93,20 +92,9 @@ def predict_memory(
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
 
-    `verify`: also run the step for real at a small batch on this machine and compare it with the
-    prediction there (`ninlab.analysis.verify`); the report's `verification` says how it went.
+    To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
     """
-    report = _predicted(model, step_spec(spec, **fields), batch_size, model_name)
-    if not verify:
-        return report
-    from ninlab.analysis.verify import verify as verify_report
-
-    return replace(report, verification=verify_report(model, report.spec, batch_size=batch_size))
-
-
-def _predicted(
-    model: nn.Module, spec: StepSpec, batch_size: int, model_name: str | None
-) -> MemoryReport:
+    spec = step_spec(spec, **fields)
     batch_size = valid_batch_size(batch_size)
     name = model_name or type(model).__name__
     if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):

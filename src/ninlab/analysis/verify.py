@@ -4,22 +4,24 @@
 which shares no counting code with the predictor) and sets it beside the prediction at that
 batch, at both levels: the live peak must be equal, the allocator's within
 `ALLOCATOR_TOLERANCE` (or above a prediction that is a lower bound). The answer, a
-`Verification`, says "verified" or by how much and at which op each level is off. A small batch
+`Verification`, says "verified" or by how much and at which op each level is off; `verified`
+hands a report back with it (`ninlab summary --verify`). A small batch
 keeps it to seconds on small models; the input is the one the step describes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
 
 from ninlab.analysis.measure import measure
-from ninlab.analysis.memory_report import Verification
+from ninlab.analysis.memory_report import MemoryReport, Verification
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
 
-__all__ = ["VERIFY_BATCH_SIZE", "verify"]
+__all__ = ["VERIFY_BATCH_SIZE", "verified", "verify"]
 
 # The batch a verification runs at (or the one asked for, when smaller): large enough that a
 # per-sample term shows, small enough to run in seconds.
@@ -52,6 +54,12 @@ def verify(
         predicted_allocator_place=allocator_place,
         measured_allocator_place=_place(measured.allocator_peak_op, measured.allocator_peak_phase),
     )
+
+
+def verified(model: nn.Module, report: MemoryReport) -> MemoryReport:
+    """`report` with its `verification`: its step run for real at a small batch (`verify`)."""
+    check = verify(model, report.spec, batch_size=report.batch_size)
+    return dataclasses.replace(report, verification=check)
 
 
 def _place(op: str, phase: str) -> str:

@@ -7,6 +7,7 @@ import argparse
 
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import default_mode, summarize
+from ninlab.analysis.verify import verified
 from ninlab.cli.options import (
     add_format_option,
     add_model_options,
@@ -53,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "csv":  # one row per module: the memory section has no place there
         print(summary_csv(summary), end="")
         return 0
-    memory = predict_memory(
-        choice.model, spec, batch_size=choice.batch, model_name=choice.name, verify=args.verify
-    )
+    memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+    if args.verify:
+        memory = verified(choice.model, memory)
     study = None
     if args.fit is not None:
         study = study_batch(
