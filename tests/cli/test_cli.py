@@ -90,3 +90,11 @@ def test_measure_prints_prediction_beside_measurement(capsys):
         assert abs(step["predicted_over_measured"]["allocator"] - 1) < 0.02
     assert train["step"] == "train" and infer["step"] == "infer"
     assert train["step_function"] == "built-in" and infer["step_function"] is None
+
+
+def test_summary_verify_runs_the_step_and_says_verified(capsys):
+    argv = ("summary", "--model", "nin-d2l-1x1", "--input", "1x67x67", "--batch", "8")
+    code, out, _ = run(capsys, *argv, "--verify")
+    assert code == 0
+    assert "Verification: verified at batch 2 on this machine" in out
+    assert "What these figures are: live peak exact, allocator peak" in out

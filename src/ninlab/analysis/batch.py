@@ -9,6 +9,11 @@ the peak is not one line. The results live here, beside the questions they answe
 The allocator level is what the allocator holds from the device, which is what runs out: on CUDA
 the caching allocator's reserved segments (`MemoryReport.held_peak_bytes`), so a CUDA fit is a
 fit of `max_memory_reserved`.
+
+A step fake tensors cannot run (`.item()`, `nonzero` routing) is measured for real instead
+(`MeasuredFallback`): once, on its ladder of batch sizes, and every other batch is read from that
+one measurement, so that a fit costs a few real runs, not one per batch it tries; its figures are
+then estimates, and the answer's `trust` says so.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.memory_report import EXACT, MeasuredFallback, Trust
+from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
 from ninlab.errors import NinlabError
 from ninlab.units import format_bytes, parse_bytes
@@ -35,8 +41,9 @@ Level = Literal["live", "allocator"]
 
 @dataclass(frozen=True)
 class BatchScaling:
-    """Peak at `level` = `fixed_bytes` + `per_sample_bytes` x batch, from exact predictions at
-    `batch_sizes`, and checked by an exact prediction at `check_batch_size`."""
+    """Peak at `level` = `fixed_bytes` + `per_sample_bytes` x batch, from predictions at
+    `batch_sizes`, and checked by a prediction at `check_batch_size`; `trust`: what the peaks are
+    (exact, or, for a step fake tensors cannot run, measured or estimated)."""
 
     level: str  # "live" or "allocator"
     batch_sizes: tuple[int, int]
@@ -45,6 +52,7 @@ class BatchScaling:
     per_sample_bytes: float
     check_batch_size: int
     check_peak_bytes: int
+    trust: Trust = EXACT
 
     @property
     def check_predicted_bytes(self) -> float:
@@ -61,7 +69,8 @@ class BatchFit:
     """The largest batch whose predicted peak at `level` fits `budget_bytes`: exact predictions at
     `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run.
     `lower_bound`: the peak at `batch_size` is only a lower bound (a kernel's workspace is
-    unknown there), so the largest batch is at most `batch_size`."""
+    unknown there), so the largest batch is at most `batch_size`. `trust`: what the peak at
+    `batch_size` is (`Trust`: exact, at least, or an estimate from real runs)."""
 
     level: str  # "live" or "allocator"
     budget_bytes: int
@@ -70,6 +79,10 @@ class BatchFit:
     next_peak_bytes: int
     predictions: int
     lower_bound: bool = False
+    trust: Trust = EXACT
+    # A step fake tensors cannot run: the real runs the peaks were read from, for a later question
+    # at other batches (`memory_vs_batch(fallback=...)`) to read without running them again.
+    fallback: MeasuredFallback | None = None
 
 
 def memory_vs_batch(
@@ -79,29 +92,73 @@ def memory_vs_batch(
     batch_sizes: tuple[int, int] = (64, 128),
     check_batch_size: int = 256,
     level: Level = "live",
+    fallback: MeasuredFallback | None = None,
     **fields: Any,
 ) -> BatchScaling:
     """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
-    exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line)."""
+    exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line).
+    `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`)."""
     spec = step_spec(spec, model=model, **fields)
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
-    level = _level(level)
-    peaks = (_peak(model, spec, first, level)[0], _peak(model, spec, second, level)[0])
+    peak = _Peaks(model, spec, _level(level), fallback)
+    peaks = (peak(first), peak(second))
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
     check = valid_batch_size(check_batch_size)
-    check_peak = _peak(model, spec, check, level)[0]
-    return BatchScaling(level, (first, second), peaks, fixed, per_sample, check, check_peak)
+    check_peak = peak(check)
+    trusts = [peak.trust(b) for b in (first, second, check)]
+    trust = next((t for t in trusts if not t.exact), EXACT)
+    return BatchScaling(
+        peak.level, (first, second), peaks, fixed, per_sample, check, check_peak, trust
+    )
 
 
-def _peak(model: nn.Module, spec: StepSpec, batch_size: int, level: Level) -> tuple[int, bool]:
-    """The peak at `level`, and whether it is only a lower bound."""
-    report = predict_memory(model, spec, batch_size=batch_size)
-    if level == "live":
-        return report.live_peak_bytes, False
-    return report.held_peak_bytes, report.allocator is not None and report.allocator.lower_bound
+class _Peaks:
+    """The peak at one level by batch size, each asked once: an exact prediction, or for a step
+    fake tensors cannot run, read from one `MeasuredFallback` over the whole ladder."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: StepSpec,
+        level: Level,
+        fallback: MeasuredFallback | None = None,
+    ) -> None:
+        self.model, self.spec, self.level = model, spec, level
+        self.known: dict[int, tuple[int, Trust]] = {}
+        self.fallback = fallback
+
+    def __call__(self, batch_size: int) -> int:
+        return self._at(batch_size)[0]
+
+    def trust(self, batch_size: int) -> Trust:
+        return self._at(batch_size)[1]
+
+    @property
+    def predictions(self) -> int:
+        return len(self.known)
+
+    def _at(self, batch_size: int) -> tuple[int, Trust]:
+        if batch_size not in self.known:
+            if self.fallback is None:
+                report = predict_memory(self.model, self.spec, batch_size=batch_size)
+                if report.fallback is None:
+                    peak = (
+                        report.live_peak_bytes if self.level == "live" else report.held_peak_bytes
+                    )
+                    trust = report.live_trust if self.level == "live" else report.allocator_trust
+                    self.known[batch_size] = peak, trust
+                    return self.known[batch_size]
+                if len(report.fallback.batch_sizes) < len(FALLBACK_LADDER):
+                    # Measured at this batch alone: measure the ladder once for all the others.
+                    beyond = FALLBACK_LADDER[-1] + 1
+                    report = predict_memory(self.model, self.spec, batch_size=beyond)
+                self.fallback = report.fallback
+            assert self.fallback is not None
+            self.known[batch_size] = self.fallback.at(self.level, batch_size)
+        return self.known[batch_size]
 
 
 def _level(level: str) -> Level:
@@ -122,20 +179,16 @@ def fit_batch(
     """The largest batch whose predicted peak fits `budget` (bytes, or text such as "8GiB",
     "500MB", "1.5 GiB"). The answer is found by exact predictions, extrapolation only proposing
     where to look: the result holds the exact peaks at the answer (fits) and the next size (does
-    not). `level` "allocator" (the default) fits what the allocator holds, which is what runs
-    out (on CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage
-    alone."""
+    not); for a step fake tensors cannot run, estimates from real runs (`trust` says which).
+    `level` "allocator" (the default) fits what the allocator holds, which is what runs out (on
+    CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage alone."""
     level = _level(level)
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes < 1:
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
     spec = step_spec(spec, model=model, **fields)
-    known: dict[int, tuple[int, bool]] = {}
-
-    def peak(batch_size: int) -> int:
-        if batch_size not in known:
-            known[batch_size] = _peak(model, spec, batch_size, level)
-        return known[batch_size][0]
+    peak = _Peaks(model, spec, level)
+    known = peak.known
 
     if peak(1) > budget_bytes:
         raise NinlabError(
@@ -174,4 +227,15 @@ def fit_batch(
             f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
-    return BatchFit(level, budget_bytes, low, peak(low), peak(low + 1), len(known), known[low][1])
+    trust = peak.trust(low)
+    return BatchFit(
+        level,
+        budget_bytes,
+        low,
+        peak(low),
+        peak(low + 1),
+        peak.predictions,
+        trust.kind == "at least",
+        trust,
+        peak.fallback,
+    )

@@ -20,7 +20,10 @@ from ninlab.analysis.step import StepSpec
 from ninlab.errors import NinlabError
 
 __all__ = [
+    "ALLOCATOR_TOLERANCE",
+    "EXACT",
     "LOSS_TYPE",
+    "TRUST_KINDS",
     "AllocatorPeak",
     "Breakdown",
     "CudaMemory",
@@ -34,6 +37,8 @@ __all__ = [
     "SavedRow",
     "Timeline",
     "TimelinePoint",
+    "Trust",
+    "Verification",
     "layer_label",
 ]
 
@@ -318,24 +323,200 @@ class CudaMemory:
         return self.max_reserved_bytes + low, self.max_reserved_bytes + high
 
 
+# What a figure is, from the most to the least certain (`Trust.kind`).
+TRUST_KINDS = ("exact", "measured", "at least", "estimate")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What one memory figure is, said with it wherever it is shown.
+
+    "exact": predicted op by op from the recorded step; "measured": run for real at this batch on
+    this machine (a step fake tensors cannot run); "at least": a lower bound, `reasons` says which
+    kernels' blocks are unknown; "estimate": a line through the peaks measured at `batch_sizes`
+    (where the peak is in `phase`), which misses the other batches measured in that phase by
+    `error_range` (relative, low and high; None where no other batch was measured in it).
+    """
+
+    kind: str
+    reasons: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
+    phase: str = ""
+    error_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRUST_KINDS:
+            raise NinlabError(f"unknown trust kind {self.kind!r}; one of {', '.join(TRUST_KINDS)}")
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "exact"
+
+    def words(self) -> str:
+        """The kind in words, with what it rests on: "exact", "at least (...)", "estimate, ..."."""
+        if self.kind == "exact":
+            return "exact"
+        if self.kind == "measured":
+            return f"measured at batch {self.batch_sizes[0]} on this machine"
+        if self.kind == "at least":
+            return f"at least: {'; '.join(self.reasons)}"
+        batches = " and ".join(str(b) for b in self.batch_sizes)
+        where = f"where the peak is in {self.phase}" if self.phase else ""
+        if self.error_range is None:
+            error = "error range unknown (no other batch measured in that phase)"
+        else:
+            low, high = self.error_range
+            error = f"error {low:+.1%} to {high:+.1%} at the other batches measured in that phase"
+        line = f"estimate, a line through batches {batches} measured on this machine {where}"
+        return "; ".join([line.strip(), error, *self.reasons])
+
+
+EXACT = Trust("exact")
+
+
 @dataclass(frozen=True)
 class MeasuredFallback:
-    """When the model cannot run on fake tensors: real runs at small batches, scaled linearly."""
+    """When the step cannot run on fake tensors: real runs at `batch_sizes` on this machine, and
+    the peak's phase at each (the measurer's), at both levels. A batch measured is its
+    measurement; any other is an estimate from a line through the two measured batches nearest it
+    whose peak is in the same phase as at the measured batch just above it (the largest one,
+    beyond them all), because a line through batches where the peak is elsewhere (the optimizer's
+    state at batch 1, backward at 64) misses by a fifth and more."""
 
     reason: str  # why tracing failed
-    batch_sizes: tuple[int, int]
-    live_peaks_bytes: tuple[int, int]
-    allocator_peaks_bytes: tuple[int, int]
+    batch_sizes: tuple[int, ...]
+    live_peaks_bytes: tuple[int, ...]
+    live_phases: tuple[str, ...]
+    allocator_peaks_bytes: tuple[int, ...]
+    allocator_phases: tuple[str, ...]
 
     def live_at(self, batch_size: int) -> int:
-        return _line(self.batch_sizes, self.live_peaks_bytes, batch_size)
+        return self.at("live", batch_size)[0]
 
     def allocator_at(self, batch_size: int) -> int:
-        return _line(self.batch_sizes, self.allocator_peaks_bytes, batch_size)
+        return self.at("allocator", batch_size)[0]
+
+    def at(self, level: str, batch_size: int) -> tuple[int, Trust]:
+        """The peak at `level` ("live" or "allocator") at `batch_size`, and what it is."""
+        peaks, phases = (
+            (self.live_peaks_bytes, self.live_phases)
+            if level == "live"
+            else (self.allocator_peaks_bytes, self.allocator_phases)
+        )
+        sizes = self.batch_sizes
+        if batch_size in sizes:
+            return peaks[sizes.index(batch_size)], Trust("measured", batch_sizes=(batch_size,))
+        if len(sizes) < 2:
+            raise NinlabError(
+                f"a step measured at batch {sizes[0]} alone cannot be scaled to batch "
+                f"{batch_size}; measure it at that batch"
+            )
+        above = [i for i, size in enumerate(sizes) if size > batch_size]
+        reference = above[0] if above else len(sizes) - 1
+        phase = phases[reference]
+        same = sorted(
+            (i for i in range(len(sizes)) if phases[i] == phase),
+            key=lambda i: abs(sizes[i] - batch_size),
+        )
+        reasons: tuple[str, ...] = ()
+        if len(same) < 2:
+            other = reference - 1 if reference else reference + 1
+            same = [reference, other]
+            reasons = (
+                (
+                    f"the peak is in {phases[other]} at batch {sizes[other]} and in {phase} at "
+                    f"batch {sizes[reference]}: the line crosses phases"
+                ),
+            )
+        first, second = sorted(same[:2])
+        points = (sizes[first], sizes[second]), (peaks[first], peaks[second])
+        misses = [(_line(*points, sizes[i]) - peaks[i]) / peaks[i] for i in same[2:] if peaks[i]]
+        trust = Trust(
+            "estimate",
+            reasons,
+            points[0],
+            phase,
+            (min(misses), max(misses)) if misses else None,
+        )
+        return _line(*points, batch_size), trust
 
 
 def _line(xs: tuple[int, int], ys: tuple[int, int], x: int) -> int:
     return ys[0] + (ys[1] - ys[0]) * (x - xs[0]) // (xs[1] - xs[0])
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The step run for real at `batch_size` on this machine (`ninlab.analysis.verify`) beside
+    the prediction at that batch, at both levels. `verified`: the live peak is equal and the
+    allocator's within `ALLOCATOR_TOLERANCE` (or, where the prediction is a lower bound, below
+    the measurement); otherwise `words` says by how much and at which op."""
+
+    batch_size: int
+    predicted_live_bytes: int
+    measured_live_bytes: int
+    predicted_allocator_bytes: int
+    measured_allocator_bytes: int
+    allocator_lower_bound: bool
+    predicted_live_place: str  # "op in phase"
+    measured_live_place: str
+    predicted_allocator_place: str
+    measured_allocator_place: str
+
+    @property
+    def live_ok(self) -> bool:
+        return self.predicted_live_bytes == self.measured_live_bytes
+
+    @property
+    def allocator_ok(self) -> bool:
+        predicted, measured = self.predicted_allocator_bytes, self.measured_allocator_bytes
+        if self.allocator_lower_bound and predicted <= measured:
+            return True
+        return abs(predicted - measured) <= ALLOCATOR_TOLERANCE * measured
+
+    @property
+    def verified(self) -> bool:
+        return self.live_ok and self.allocator_ok
+
+    def words(self) -> str:
+        if self.verified:
+            return (
+                f"verified at batch {self.batch_size} on this machine: live peak "
+                f"{self.measured_live_bytes:,} bytes predicted and measured, allocator peak "
+                f"{self.predicted_allocator_bytes:,} predicted, {self.measured_allocator_bytes:,} "
+                "measured"
+            )
+        offs = []
+        for level, ok, predicted, measured, place, measured_place in (
+            (
+                "live",
+                self.live_ok,
+                self.predicted_live_bytes,
+                self.measured_live_bytes,
+                self.predicted_live_place,
+                self.measured_live_place,
+            ),
+            (
+                "allocator",
+                self.allocator_ok,
+                self.predicted_allocator_bytes,
+                self.measured_allocator_bytes,
+                self.predicted_allocator_place,
+                self.measured_allocator_place,
+            ),
+        ):
+            if not ok:
+                offs.append(
+                    f"{level} off by {predicted - measured:+,} bytes "
+                    f"({predicted / measured - 1:+.2%}: predicted {predicted:,} at {place}, "
+                    f"measured {measured:,} at {measured_place})"
+                )
+        return f"NOT verified at batch {self.batch_size} on this machine: " + "; ".join(offs)
+
+
+# How far the allocator level may be from the measurement and still be verified: the corpus's
+# bar, since oneDNN's scratchpads move by a few blocks between runs.
+ALLOCATOR_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -361,14 +542,37 @@ class MemoryReport:
     fallback: MeasuredFallback | None
     notes: tuple[str, ...]
     cuda: CudaMemory | None = None  # a CUDA step: the caching allocator simulated
+    # The step run for real at a small batch beside the prediction there
+    # (`ninlab.analysis.verify.verified`).
+    verification: Verification | None = None
 
     @property
     def allocator_peak_bytes(self) -> int:
-        """The allocator-level peak (for a measured fallback, the measured ones extrapolated)."""
+        """The allocator-level peak (for a measured fallback, measured or estimated from
+        measurements: `allocator_trust` says which)."""
         if self.allocator is not None:
             return self.allocator.peak_bytes
         assert self.fallback is not None
         return self.fallback.allocator_at(self.batch_size)
+
+    @property
+    def live_trust(self) -> Trust:
+        """What `live_peak_bytes` is: exact, or measured or estimated for a step fake tensors
+        cannot run."""
+        if self.fallback is not None:
+            return self.fallback.at("live", self.batch_size)[1]
+        return EXACT
+
+    @property
+    def allocator_trust(self) -> Trust:
+        """What `allocator_peak_bytes` (and `held_peak_bytes`) is: exact; at least, where some
+        kernel's blocks are unknown (`AllocatorPeak.unmodelled`: the reasons); or measured or
+        estimated for a step fake tensors cannot run."""
+        if self.fallback is not None:
+            return self.fallback.at("allocator", self.batch_size)[1]
+        if self.allocator is not None and self.allocator.lower_bound:
+            return Trust("at least", self.allocator.unmodelled)
+        return EXACT
 
     @property
     def held_peak_bytes(self) -> int:

@@ -148,6 +148,12 @@ def _option(
     batch_size: int,
 ) -> PlanOption:
     report = predict_memory(model, spec, batch_size=batch_size)
+    if report.fallback is not None:
+        raise NinlabError(
+            f"the budget planner traces each alternative on fake tensors, and the step cannot run "
+            f"on them ({report.fallback.reason}); fit its batch alone (fit_batch, an estimate "
+            "from real runs)"
+        )
     peak = report.allocator_peak_bytes
     at_most = False
     if kind == "accumulation":

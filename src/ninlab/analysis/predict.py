@@ -21,6 +21,8 @@ sizes (the peak against the batch, the largest batch that fits) in `ninlab.analy
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from itertools import groupby, pairwise
@@ -64,9 +66,14 @@ from ninlab.analysis.step import DDPSpec, StepSpec, batch_size_of, step_failed, 
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
-from ninlab.units import dtype_name, format_bytes
+from ninlab.units import dtype_name
 
-__all__ = ["predict_memory"]
+__all__ = ["FALLBACK_LADDER", "predict_memory"]
+
+# Where a step fake tensors cannot run is measured to estimate a larger batch: each a real run,
+# a few seconds on a small model, whatever the batch. Batch 1 is left out: its peak is the most
+# often elsewhere (in the update, where the parameters' state dominates).
+FALLBACK_LADDER = (2, 4, 8, 16)
 
 
 def predict_memory(
@@ -84,6 +91,8 @@ def predict_memory(
 
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
+
+    To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
     """
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
@@ -94,6 +103,7 @@ def predict_memory(
             "predict mode='infer'"
         )
     check_traceable(model)
+    draws = _python_random_states()
     try:
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
@@ -107,9 +117,41 @@ def predict_memory(
         raise cannot_run(error, model, spec) from None
     # Tens of thousands of report objects, all freed by reference counts: without the cyclic
     # collector, as the recording runs, they trigger none of its full passes over the process.
+    varies = _varies(step, draws != _python_random_states())
     with collector_off():
         _measure_unknown_kernels(step)
-        return _report(traced, step, name)
+        report = _report(traced, step, name)
+    return replace(report, notes=(*report.notes, *varies))
+
+
+# -- a step that may not be the same every time -----------------------------------------------
+
+
+def _python_random_states() -> tuple[object, ...]:
+    """Python's and NumPy's global random states (NumPy's only where the process imported it):
+    a step that draws from them may branch on the draw, which fake tensors cannot see."""
+    states: list[object] = [random.getstate()]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state = numpy.random.get_state()
+        states.append((state[1].tobytes(), *state[2:]))
+    return tuple(states)
+
+
+def _varies(step: StepRecording, drew: bool) -> tuple[str, ...]:
+    """A note, where the step drew from Python's (or NumPy's) random numbers. On fake tensors a
+    step can branch only on Python values (a branch on a tensor's value needs `.item()`, which
+    is measured instead), so a draw is how a traced step can differ from step to step; the
+    prediction is of one draw, the recorded step, and says so."""
+    if not drew:
+        return ()
+    subject = "the model" if step.spec.step is None else f"the step {step.spec.step_name}"
+    note = (
+        f"{subject} draws from Python's random numbers (random or numpy.random): if it branches "
+        "on them, its memory differs from step to step, and this prediction is of one draw; "
+        "seed them, or predict each branch"
+    )
+    return (note,)
 
 
 def _measure_unknown_kernels(step: StepRecording) -> None:
@@ -474,7 +516,8 @@ def _measured_report(
     model: nn.Module, spec: StepSpec, batch_size: int, name: str, error: Exception
 ) -> MemoryReport:
     """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
-    shape): measure it for real at batch 1 and 2 on this machine and extrapolate linearly."""
+    shape): measure it for real on this machine, at the batch asked for when it is at most
+    `FALLBACK_LADDER`'s top, else on that ladder, and estimate (`MeasuredFallback.at`)."""
     from ninlab.analysis.measure import measure
 
     reason = one_line(error)
@@ -496,19 +539,21 @@ def _measured_report(
             "out; predict without DDP and add one copy of the trainable parameters, "
             f"{trainable:,} bytes, per rank"
         )
-    sizes = (1, 2)
+    # The batch asked for when it is small; else a geometric ladder, so that the peak's phase is
+    # seen where it settles and the estimate's line goes through batches in that phase.
+    sizes = (batch_size,) if batch_size <= FALLBACK_LADDER[-1] else FALLBACK_LADDER
     measured = [measure(model, spec, batch_size=size) for size in sizes]
     fallback = MeasuredFallback(
         reason,
         sizes,
-        (measured[0].live_peak_bytes, measured[1].live_peak_bytes),
-        (measured[0].allocator_peak_bytes, measured[1].allocator_peak_bytes),
+        tuple(m.live_peak_bytes for m in measured),
+        tuple(m.live_peak_phase for m in measured),
+        tuple(m.allocator_peak_bytes for m in measured),
+        tuple(m.allocator_peak_phase for m in measured),
     )
-    per_sample = fallback.live_at(2) - fallback.live_at(1)
     note = (
-        f"{subject} cannot run on fake tensors ({reason}); measured for real at batch 1 and 2 on "
-        f"this machine and extrapolated linearly ({format_bytes(fallback.live_at(0))} fixed + "
-        f"{format_bytes(per_sample)} per sample): no per-tensor breakdown"
+        f"{subject} cannot run on fake tensors ({reason}); run for real on this machine at "
+        f"batch {', '.join(map(str, sizes))} instead: no per-tensor breakdown"
     )
     return MemoryReport(
         model=name,

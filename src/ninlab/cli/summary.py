@@ -7,6 +7,7 @@ import argparse
 
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import default_mode, summarize
+from ninlab.analysis.verify import verified
 from ninlab.cli.options import (
     add_format_option,
     add_model_options,
@@ -37,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest batch whose peak fits, e.g. 8GiB, 500MB; for training, also under bf16, "
         "checkpointing, accumulation and other optimizers, with a recommendation",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run the step for real at a small batch on this machine and compare it with "
+        "the prediction there: 'verified', or by how much and at which op it is off",
+    )
     parser.set_defaults(func=run)
 
 
@@ -48,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(summary_csv(summary), end="")
         return 0
     memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+    if args.verify:
+        memory = verified(choice.model, memory)
     study = None
     if args.fit is not None:
         study = study_batch(

@@ -25,6 +25,7 @@ class BatchStudy:
     fit: BatchFit
     scaling: BatchScaling
     plan: BudgetPlan | None = None
+    notes: tuple[str, ...] = ()  # what the study left out, and why
 
 
 def study_batch(
@@ -51,9 +52,22 @@ def study_batch(
     else:
         batch_sizes = (fit.batch_size, fit.batch_size + 1)
     scaling = memory_vs_batch(
-        model, spec, batch_sizes=batch_sizes, check_batch_size=check_batch_size, level=fit.level
+        model,
+        spec,
+        batch_sizes=batch_sizes,
+        check_batch_size=check_batch_size,
+        level=fit.level,
+        fallback=fit.fallback,
     )
-    plan = None
-    if plan_batch_size is not None:
+    plan, notes = None, ()
+    if plan_batch_size is not None and fit.trust.kind in ("measured", "estimate"):
+        # The planner traces each alternative, which a step fake tensors cannot run refuses.
+        notes = (
+            (
+                "no budget plan: its alternatives are traced on fake tensors, and this step "
+                "cannot run on them"
+            ),
+        )
+    elif plan_batch_size is not None:
         plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size)
-    return BatchStudy(fit, scaling, plan)
+    return BatchStudy(fit, scaling, plan, notes)

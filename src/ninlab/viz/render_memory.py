@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from ninlab.analysis.categories import CATEGORIES, CATEGORY_MEANINGS
-from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.memory_report import MemoryReport, Trust
 from ninlab.outputs import json_text
 from ninlab.studies.memory import BatchStudy
 from ninlab.units import format_bytes
@@ -61,8 +61,7 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         )
     else:
         lines.append(
-            f"Live tensor peak: {_bytes(report.live_peak_bytes)} (measured and extrapolated, see "
-            "the note)"
+            f"Live tensor peak: {_bytes(report.live_peak_bytes)} ({report.live_trust.words()})"
         )
     allocator = report.allocator
     if allocator is not None:
@@ -84,8 +83,13 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         lines += [f"Not modelled (extra blocks unknown): {note}" for note in allocator.unmodelled]
     else:
         lines.append(
-            f"Allocator peak: {_bytes(report.allocator_peak_bytes)} (measured and extrapolated)"
+            f"Allocator peak: {_bytes(report.allocator_peak_bytes)} "
+            f"({report.allocator_trust.words()})"
         )
+    lines.append(
+        f"What these figures are: live peak {report.live_trust.kind}, allocator peak "
+        f"{report.allocator_trust.kind}"
+    )
     cuda = report.cuda
     if cuda is not None:
         low, high = cuda.process_bytes
@@ -137,9 +141,9 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         lines.append(
             f"Batch size ({_level(report, scaling.level)} level): "
             f"{format_bytes(int(scaling.fixed_bytes))} fixed + "
-            f"{format_bytes(int(scaling.per_sample_bytes))} per sample (exact at batch "
-            f"{scaling.batch_sizes[0]} and {scaling.batch_sizes[1]}; batch "
-            f"{scaling.check_batch_size} is {check})"
+            f"{format_bytes(int(scaling.per_sample_bytes))} per sample "
+            f"({_through(scaling.trust)} batch {scaling.batch_sizes[0]} and "
+            f"{scaling.batch_sizes[1]}; batch {scaling.check_batch_size} is {check})"
         )
     if fit is not None:
         lines.append(
@@ -147,7 +151,8 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
             f"level): {'at most ' if fit.lower_bound else ''}{fit.batch_size:,}, peak "
             f"{'at least ' if fit.lower_bound else ''}{_bytes(fit.peak_bytes)}; batch "
             f"{fit.batch_size + 1:,} would need {format_bytes(fit.next_peak_bytes)} "
-            f"({fit.predictions} exact predictions)"
+            f"({fit.predictions} {'exact predictions' if fit.trust.exact else 'predictions'}"
+            f"{'' if fit.trust.exact else f'; the peak is {fit.trust.words()}'})"
         )
     if report.ddp is not None:
         buckets = report.ddp
@@ -161,8 +166,20 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
             f"(first bucket at most {format_bytes(buckets.first_bucket_cap_bytes)}, others "
             f"{format_bytes(buckets.bucket_cap_bytes)}), {gradients}"
         )
+    if report.verification is not None:
+        lines.append(f"Verification: {report.verification.words()}")
     lines += [f"Note: {note}" for note in report.notes]
+    lines += [f"Note: {note}" for note in (study.notes if study is not None else ())]
     return lines
+
+
+def _through(trust: Trust) -> str:
+    """How the batch line's points were found."""
+    return "exact at" if trust.exact else f"{trust.kind} at"
+
+
+def _trust_dict(trust: Trust) -> dict[str, Any]:
+    return {**trust.__dict__, "words": trust.words()}
 
 
 def breakdown_table(report: MemoryReport) -> TextTable:
@@ -268,9 +285,31 @@ def memory_to_dict(report: MemoryReport, *, study: BatchStudy | None = None) -> 
         if report.ddp
         else None,
         "fallback": dict(report.fallback.__dict__) if report.fallback else None,
+        "live_trust": _trust_dict(report.live_trust),
+        "allocator_trust": _trust_dict(report.allocator_trust),
+        "verification": {
+            **report.verification.__dict__,
+            "verified": report.verification.verified,
+            "words": report.verification.words(),
+        }
+        if report.verification
+        else None,
         "notes": list(report.notes),
-        "batch_scaling": {**scaling.__dict__, "linear": scaling.linear} if scaling else None,
-        "fit": dict(fit.__dict__) if fit else None,
+        "batch_scaling": {
+            **scaling.__dict__,
+            "linear": scaling.linear,
+            "trust": _trust_dict(scaling.trust),
+        }
+        if scaling
+        else None,
+        "fit": {
+            **fit.__dict__,
+            "trust": _trust_dict(fit.trust),
+            "fallback": dict(fit.fallback.__dict__) if fit.fallback else None,
+        }
+        if fit
+        else None,
+        "study_notes": list(study.notes) if study is not None else [],
         "timeline": None,
     }
     if report.timeline is not None:

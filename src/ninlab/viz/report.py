@@ -248,7 +248,12 @@ def _layer_or_loss(module: str, module_type: str) -> str:
 
 def _peak_text(report: MemoryReport) -> str:
     if report.peak is None or report.allocator is None:
-        return " ".join(_e(note) for note in report.notes)
+        figures = (
+            f"Live tensor peak {report.live_peak_bytes:,} bytes ({report.live_trust.words()}); "
+            f"allocator peak {report.allocator_peak_bytes:,} bytes "
+            f"({report.allocator_trust.words()})."
+        )
+        return " ".join(_e(text) for text in (figures, *report.notes))
     peak, allocator = report.peak, report.allocator
     text = (
         f"Live tensor storage peaks at {_e(format_bytes(report.live_peak_bytes))} "
@@ -325,14 +330,15 @@ def _memory_section(report: Report) -> str:
     parts.append(
         "<p>Training peak (what the allocator holds) = "
         f"{_e(format_bytes(round(scaling.fixed_bytes)))} + "
-        f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample (exact at batch "
-        f"{scaling.batch_sizes[0]} and {scaling.batch_sizes[1]}; at batch "
+        f"{_e(format_bytes(round(scaling.per_sample_bytes)))} per sample ({scaling.trust.kind} "
+        f"at batch {scaling.batch_sizes[0]} and {scaling.batch_sizes[1]}; at batch "
         f"{scaling.check_batch_size} the line is "
         f"{'exact' if scaling.linear else 'off: the peak moves to another op'}). The largest "
         f"batch within {_e(format_bytes(fit.budget_bytes))} is "
         f"<b>{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}</b> "
         f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; batch "
-        f"{fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))}).</p>"
+        f"{fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))})"
+        f"{'' if fit.trust.exact else f'; the peak is {_e(fit.trust.words())}'}.</p>"
     )
     parts.append(
         _figure(

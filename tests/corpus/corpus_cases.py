@@ -1,0 +1,585 @@
+"""The models users bring, at small sizes, and what ninlab makes of each: the corpus.
+
+A `Case` is a model family member built small (torchvision, timm, Hugging Face transformers from
+tiny configs, no download; and a zoo of layers written here), its input, and the setups it runs
+under (`SETUPS`: float32 SGD and Adam, bf16 autocast, channels-last, inference). `check` predicts
+one case under one setup, runs the same step for real with `ninlab.measure` on this machine, and
+sorts the outcome into one of `OUTCOMES`:
+
+- exact: both levels say "exact", the live peak equals the measured one and the allocator's is
+  within `ALLOCATOR_TOLERANCE` of it;
+- flagged: a level says what it is instead ("at least" and at most the measurement; "measured" or
+  "estimate" for a step fake tensors cannot run), and holds;
+- refused: one `NinlabError` line (from the prediction or the measurement);
+- wrong: anything else: a figure labelled exact that is off, a lower bound above the measurement,
+  a traceback, or the user's model left changed.
+
+`tests/corpus/test_corpus.py` runs every case; `benchmarks/corpus_tally.py` tallies them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ninlab.analysis.measure import measure
+from ninlab.analysis.memory_report import ALLOCATOR_TOLERANCE
+from ninlab.analysis.predict import predict_memory
+from ninlab.errors import NinlabError
+
+OUTCOMES = ("exact", "flagged", "refused", "wrong")
+BATCH_SIZE = 2
+SETUPS: dict[str, dict[str, Any]] = {
+    "sgd": {"optimizer": "sgd"},
+    "adam": {"optimizer": "adam"},
+    "bf16": {"optimizer": "sgd", "amp": "bf16"},
+    "channels-last": {"optimizer": "sgd", "memory_format": "channels_last"},
+    "infer": {"mode": "infer"},
+}
+# Channels-last applies to 4-d inputs (images); the others to every case.
+IMAGE_SETUPS = tuple(SETUPS)
+OTHER_SETUPS = ("sgd", "adam", "bf16", "infer")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str  # "layer zoo", "torchvision", "timm", "transformers"
+    build: Callable[[], nn.Module]
+    input_size: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    setups: tuple[str, ...] = OTHER_SETUPS
+    input_dtype: torch.dtype | None = None
+    input_range: tuple[int, int] = (0, 2)
+    step: Callable[..., Any] | None = None
+    needs: str = ""  # the package it needs beyond torch ("" none)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: str
+    family: str
+    setup: str
+    kind: str  # one of OUTCOMES
+    detail: str  # why (the ratios, the refusal, the error)
+
+
+def available(case: Case) -> bool:
+    return not case.needs or importlib.util.find_spec(case.needs) is not None
+
+
+# -- the layer zoo --------------------------------------------------------------------------------
+
+
+class _Recurrent(nn.Module):
+    """A sequence classifier: a recurrent layer, its last step, a linear head."""
+
+    def __init__(self, kind: type[nn.RNNBase], **options: Any) -> None:
+        super().__init__()
+        self.rnn = kind(16, 24, batch_first=True, **options)
+        width = 24 * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class _Packed(nn.Module):
+    """An LSTM over packed sequences of lengths 12, 11, ... (a padded batch, as users pack it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(16, 24, batch_first=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.arange(x.shape[1], x.shape[1] - x.shape[0], -1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        _, (hidden, _) = self.rnn(packed)
+        return self.head(hidden[-1])
+
+
+class _Attention(nn.Module):
+    """Self-attention over a sequence, optionally with a key padding mask (the last 3 keys)."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.masked = masked
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if self.masked:
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, -3:] = True
+        out, _ = self.attention(x, x, x, key_padding_mask=mask, need_weights=False)
+        return self.head(out.mean(1))
+
+
+class _Encoder(nn.Module):
+    """A two-layer Transformer encoder, optionally with a source key padding mask."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.masked = masked
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if self.masked:
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, -3:] = True
+        return self.head(self.encoder(x, src_key_padding_mask=mask).mean(1))
+
+
+class _Embedding(nn.Module):
+    def __init__(self, bag: bool, sparse: bool = False) -> None:
+        super().__init__()
+        self.bag = bag
+        self.embedding: nn.Module = (
+            nn.EmbeddingBag(100, 16, mode="mean", sparse=sparse)
+            if bag
+            else nn.Embedding(100, 16, sparse=sparse)
+        )
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        embedded = self.embedding(ids)
+        return self.head(embedded if self.bag else embedded.mean(1))
+
+
+class _Conv(nn.Module):
+    """One convolution of any kind, then a pooled linear head."""
+
+    def __init__(self, conv: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.conv = conv
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        return self.head(y.flatten(2).mean(2))
+
+
+class _TopOneRouting(nn.Module):
+    """A mixture of two experts with top-1 routing by `nonzero`: a shape that depends on data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 2)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.gate(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]))
+        return self.head(out)
+
+
+def item_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """A step that reads a value (`.item()`), as a loss logger does."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(inputs), targets)
+    if loss.item() > 1e9:
+        loss = loss * 0.5
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _linear_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+LAYER_ZOO = (
+    Case("lstm", "layer zoo", lambda: _Recurrent(nn.LSTM), (12, 16)),
+    Case("gru", "layer zoo", lambda: _Recurrent(nn.GRU), (12, 16)),
+    Case(
+        "lstm-bidirectional-2",
+        "layer zoo",
+        lambda: _Recurrent(nn.LSTM, bidirectional=True, num_layers=2),
+        (12, 16),
+    ),
+    Case("lstm-packed", "layer zoo", _Packed, (12, 16)),
+    Case("mha", "layer zoo", lambda: _Attention(False), (10, 32)),
+    Case("mha-key-padding-mask", "layer zoo", lambda: _Attention(True), (10, 32)),
+    Case("transformer-encoder", "layer zoo", lambda: _Encoder(False), (10, 32)),
+    Case("transformer-encoder-mask", "layer zoo", lambda: _Encoder(True), (10, 32)),
+    Case(
+        "embedding",
+        "layer zoo",
+        lambda: _Embedding(False),
+        (12,),
+        input_dtype=torch.long,
+        input_range=(0, 100),
+    ),
+    Case(
+        "embedding-bag-sparse",
+        "layer zoo",
+        lambda: _Embedding(True, sparse=True),
+        (12,),
+        setups=("sgd", "infer"),
+        input_dtype=torch.long,
+        input_range=(0, 100),
+    ),
+    Case("conv1d", "layer zoo", lambda: _Conv(nn.Conv1d(4, 8, 3), 8), (4, 32)),
+    Case(
+        "conv2d-dilated",
+        "layer zoo",
+        lambda: _Conv(nn.Conv2d(8, 16, 3, dilation=2), 16),
+        (8, 20, 20),
+        setups=IMAGE_SETUPS,
+    ),
+    Case(
+        "conv2d-transposed",
+        "layer zoo",
+        lambda: _Conv(nn.ConvTranspose2d(8, 16, 4, stride=2), 16),
+        (8, 10, 10),
+        setups=IMAGE_SETUPS,
+    ),
+    Case(
+        "conv2d-grouped",
+        "layer zoo",
+        lambda: _Conv(nn.Conv2d(8, 16, 3, groups=4), 16),
+        (8, 16, 16),
+        setups=IMAGE_SETUPS,
+    ),
+    Case("conv3d", "layer zoo", lambda: _Conv(nn.Conv3d(3, 8, 3), 8), (3, 6, 12, 12)),
+    Case("top1-routing-nonzero", "layer zoo", _TopOneRouting, (16,)),
+    Case("step-with-item", "layer zoo", _linear_net, (16,), setups=("sgd",), step=item_step),
+)
+
+
+# -- torchvision, timm, transformers --------------------------------------------------------------
+
+
+def _torchvision(name: str, **options: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **options)
+
+    return build
+
+
+def _torchvision_class(name: str, **options: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(**options)
+
+    return build
+
+
+TORCHVISION = tuple(
+    Case(name, "torchvision", build, size, setups=setups, needs="torchvision")
+    for name, build, size, setups in (
+        ("resnet18", _torchvision("resnet18", num_classes=10), (3, 32, 32), ("sgd", "infer")),
+        (
+            "mobilenet_v3_small",
+            _torchvision("mobilenet_v3_small", num_classes=10),
+            (3, 32, 32),
+            IMAGE_SETUPS,
+        ),
+        (
+            "efficientnet_b0",
+            _torchvision("efficientnet_b0", num_classes=10),
+            (3, 32, 32),
+            ("sgd", "bf16"),
+        ),
+        (
+            "squeezenet1_1",
+            _torchvision("squeezenet1_1", num_classes=10),
+            (3, 64, 64),
+            ("sgd", "channels-last"),
+        ),
+        (
+            "shufflenet_v2_x0_5",
+            _torchvision("shufflenet_v2_x0_5", num_classes=10),
+            (3, 32, 32),
+            ("adam", "infer"),
+        ),
+        ("regnet_x_400mf", _torchvision("regnet_x_400mf", num_classes=10), (3, 32, 32), ("sgd",)),
+        ("mnasnet0_5", _torchvision("mnasnet0_5", num_classes=10), (3, 32, 32), ("bf16",)),
+        ("densenet121", _torchvision("densenet121", num_classes=10), (3, 32, 32), ("infer",)),
+        (
+            "vit-tiny",
+            _torchvision_class(
+                "VisionTransformer",
+                image_size=32,
+                patch_size=8,
+                num_layers=2,
+                num_heads=2,
+                hidden_dim=32,
+                mlp_dim=64,
+                num_classes=10,
+            ),
+            (3, 32, 32),
+            IMAGE_SETUPS,
+        ),
+        (
+            "swin-tiny",
+            _torchvision_class(
+                "SwinTransformer",
+                patch_size=[4, 4],
+                embed_dim=16,
+                depths=[1, 1],
+                num_heads=[1, 2],
+                window_size=[4, 4],
+                num_classes=10,
+            ),
+            (3, 32, 32),
+            OTHER_SETUPS,
+        ),
+        (
+            "lraspp_mobilenet_v3_large",
+            _torchvision("lraspp_mobilenet_v3_large", num_classes=3, weights_backbone=None),
+            (3, 64, 64),
+            ("sgd", "infer"),
+        ),
+        (
+            "deeplabv3_mobilenet_v3_large",
+            _torchvision(
+                "deeplabv3_mobilenet_v3_large", num_classes=3, weights_backbone=None, aux_loss=False
+            ),
+            (3, 64, 64),
+            ("sgd", "infer"),
+        ),
+        ("r3d_18", _torchvision("r3d_18", num_classes=5), (3, 4, 32, 32), ("infer",)),
+        (
+            "fasterrcnn_mobilenet_v3_large_320_fpn",
+            _torchvision(
+                "fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, weights_backbone=None
+            ),
+            (3, 64, 64),
+            ("sgd", "infer"),
+        ),
+    )
+)
+
+
+def _timm(name: str, **options: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **options)
+
+    return build
+
+
+TIMM = tuple(
+    Case(name, "timm", _timm(name, **options), size, setups=setups, needs="timm")
+    for name, options, size, setups in (
+        ("resnet10t", {}, (3, 32, 32), ("sgd", "channels-last")),
+        ("mobilenetv3_small_050", {}, (3, 32, 32), IMAGE_SETUPS),
+        ("convnext_atto", {}, (3, 32, 32), ("sgd", "infer")),
+        ("vit_tiny_patch16_224", {"img_size": 32}, (3, 32, 32), ("sgd", "infer")),
+        ("pvt_v2_b0", {}, (3, 32, 32), ("sgd",)),
+        ("regnetx_002", {}, (3, 32, 32), ("adam",)),
+    )
+)
+
+
+class _Seq2Seq(nn.Module):
+    """An encoder-decoder language model as a user trains it: the ids in, shifted by the model
+    for the decoder."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, decoder_input_ids=ids).logits
+
+
+def _transformers(kind: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers as hf
+
+        torch.manual_seed(0)
+        small = {"vocab_size": 100}
+        if kind == "gpt2":
+            return hf.GPT2LMHeadModel(
+                hf.GPT2Config(
+                    n_layer=2, n_embd=32, n_head=2, n_positions=32, use_cache=False, **small
+                )
+            )
+        if kind == "bert":
+            return hf.BertForSequenceClassification(
+                hf.BertConfig(
+                    num_hidden_layers=2,
+                    hidden_size=32,
+                    num_attention_heads=2,
+                    intermediate_size=64,
+                    max_position_embeddings=32,
+                    num_labels=5,
+                    **small,
+                )
+            )
+        if kind == "llama":
+            return hf.LlamaForCausalLM(
+                hf.LlamaConfig(
+                    num_hidden_layers=2,
+                    hidden_size=32,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    intermediate_size=64,
+                    max_position_embeddings=32,
+                    use_cache=False,
+                    **small,
+                )
+            )
+        if kind == "t5":
+            return _Seq2Seq(
+                hf.T5ForConditionalGeneration(
+                    hf.T5Config(
+                        num_layers=1,
+                        num_decoder_layers=1,
+                        d_model=32,
+                        d_ff=64,
+                        num_heads=2,
+                        d_kv=16,
+                        use_cache=False,
+                        **small,
+                    )
+                )
+            )
+        return hf.ViTForImageClassification(
+            hf.ViTConfig(
+                image_size=32,
+                patch_size=8,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=5,
+            )
+        )
+
+    return build
+
+
+TRANSFORMERS = (
+    *(
+        Case(
+            kind,
+            "transformers",
+            _transformers(kind),
+            (16,),
+            input_dtype=torch.long,
+            input_range=(0, 100),
+            needs="transformers",
+        )
+        for kind in ("gpt2", "bert", "llama", "t5")
+    ),
+    Case("vit", "transformers", _transformers("vit"), (3, 32, 32), needs="transformers"),
+)
+
+CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *TRANSFORMERS)
+
+
+# -- one case under one setup ---------------------------------------------------------------------
+
+
+def spec_fields(case: Case, setup: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"input_size": case.input_size, **SETUPS[setup], **case.extra}
+    if case.input_dtype is not None:
+        fields.update(input_dtype=case.input_dtype, input_range=case.input_range)
+    if case.step is not None:
+        fields["step"] = case.step
+    return fields
+
+
+def _state(model: nn.Module) -> tuple[Any, ...]:
+    """What a call must leave as it was: every tensor of the state dict, which need grad, the
+    mode, and the forward hooks."""
+    tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    flags = tuple((name, p.requires_grad) for name, p in model.named_parameters())
+    modes = tuple(module.training for module in model.modules())
+    return tensors, flags, modes
+
+
+def _changed(model: nn.Module, before: tuple[Any, ...]) -> str:
+    tensors, flags, modes = _state(model)
+    old_tensors, old_flags, old_modes = before
+    if tensors.keys() != old_tensors.keys():
+        return "its state dict's keys changed"
+    for name, tensor in tensors.items():
+        old = old_tensors[name]
+        if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
+            return f"{name} is now a {type(tensor).__name__}"
+        if tensor.shape != old.shape or tensor.dtype != old.dtype or not torch.equal(tensor, old):
+            return f"{name} changed"
+    if flags != old_flags:
+        return "requires_grad changed"
+    if modes != old_modes:
+        return "train/eval modes changed"
+    return ""
+
+
+def check(case: Case, setup: str) -> Outcome:
+    """Predict `case` under `setup` at `BATCH_SIZE`, measure the same step, and sort the outcome."""
+
+    def outcome(kind: str, detail: str) -> Outcome:
+        return Outcome(case.name, case.family, setup, kind, detail)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    model = case.build()
+    before = _state(model)
+    fields = spec_fields(case, setup)
+    try:
+        report = predict_memory(model, batch_size=BATCH_SIZE, **fields)
+        changed = _changed(model, before)
+        if changed:
+            return outcome("wrong", f"the model was left changed by the prediction: {changed}")
+        measured = measure(model, report.spec, batch_size=BATCH_SIZE)
+    except NinlabError as error:
+        changed = _changed(model, before)
+        if changed:
+            return outcome("wrong", f"refused, and left the model changed: {changed}")
+        return outcome("refused", str(error))
+    except Exception as error:  # noqa: BLE001 - a traceback is the finding
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        return outcome(
+            "wrong", f"traceback: {type(error).__name__}: {error} ({frame.filename}:{frame.lineno})"
+        )
+    changed = _changed(model, before)
+    if changed:
+        return outcome("wrong", f"the model was left changed: {changed}")
+    live_ratio = report.live_peak_bytes / measured.live_peak_bytes
+    allocator_ratio = report.allocator_peak_bytes / measured.allocator_peak_bytes
+    ratios = (
+        f"live {live_ratio:.4f}, allocator {allocator_ratio:.4f}; predicted "
+        f"{report.live_peak_bytes:,} / {report.allocator_peak_bytes:,}, measured "
+        f"{measured.live_peak_bytes:,} / {measured.allocator_peak_bytes:,} bytes"
+    )
+    live, allocator = report.live_trust, report.allocator_trust
+    problems = []
+    if live.kind in ("exact", "measured") and report.live_peak_bytes != measured.live_peak_bytes:
+        problems.append(f"live peak labelled {live.kind} is off")
+    within = abs(allocator_ratio - 1) <= ALLOCATOR_TOLERANCE
+    if allocator.kind in ("exact", "measured") and not within:
+        problems.append(f"allocator peak labelled {allocator.kind} is off by more than 1%")
+    if allocator.kind == "at least" and allocator_ratio > 1 + ALLOCATOR_TOLERANCE:
+        problems.append("allocator lower bound is above the measurement")
+    if problems:
+        return outcome("wrong", f"{'; '.join(problems)} ({ratios})")
+    if live.exact and allocator.exact:
+        return outcome("exact", ratios)
+    return outcome("flagged", f"{ratios}; live {live.kind}, allocator {allocator.kind}")

@@ -1,0 +1,67 @@
+"""The corpus in CI: every case of `corpus_cases.py` under each of its setups, predicted
+against `ninlab.measure` on this machine. A case fails when a figure is off what it is labelled
+(a live peak labelled exact that is not equal, an allocator peak labelled exact off by more than
+1%, a lower bound above the measurement), on a traceback, and when the user's model is left
+changed;
+"flagged" and "refused" (one line) pass.
+
+Cases of torchvision, timm and transformers skip, with the reason, where the package is not
+installed (CI runs them in a torch 2.14.1 environment that has them). A case wrong today is
+marked `xfail(strict=True)` with its cause (`KNOWN_WRONG`): the fix that makes it right makes
+it XPASS, which fails, and the marker is then removed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from corpus_cases import CASES, Case, available, check
+
+# (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
+_RNN = "CPU RNN: oneDNN's mkldnn_rnn_layer workspace saved for backward is not counted (20.3)"
+_GRU = "CPU GRU: what the fused kernel saves for backward is not counted (20.3)"
+_DILATED = "float32 NCHW oneDNN convolution rules ignore dilation (20.4)"
+KNOWN_WRONG: dict[tuple[str, str], str] = {
+    **{("lstm", setup): _RNN for setup in ("sgd", "adam", "bf16", "infer")},
+    **{("lstm-bidirectional-2", setup): _RNN for setup in ("sgd", "adam", "bf16", "infer")},
+    **{("gru", setup): _GRU for setup in ("sgd", "adam", "bf16", "infer")},
+    ("embedding-bag-sparse", "infer"): "EmbeddingBag's int64 offsets/bag buffers off (0.9989 live)",
+    ("conv2d-dilated", "sgd"): _DILATED,
+    ("conv2d-dilated", "adam"): _DILATED,
+    **{
+        ("gpt2", setup): "tied-weight causal LM: live off by 0.01-0.25% (20.2, function modes)"
+        for setup in ("sgd", "adam", "bf16", "infer")
+    },
+    **{
+        ("llama", setup): "Llama-style LM: live 0.4-1.5% high (rotary cache / attention, 20.2/20.4)"
+        for setup in ("sgd", "adam", "bf16", "infer")
+    },
+    ("t5", "sgd"): "T5 training: allocator 0.978 (attention kernel blocks, 20.4)",
+    ("t5", "adam"): "T5 training: allocator 0.985 (attention kernel blocks, 20.4)",
+    ("vit", "sgd"): "HF ViT training: allocator 1.013 (attention kernel blocks, 20.4)",
+    **{
+        ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
+        for setup in ("sgd", "adam", "bf16")
+    },
+    ("deeplabv3_mobilenet_v3_large", "sgd"): f"{_DILATED}: allocator 0.60",
+    ("deeplabv3_mobilenet_v3_large", "infer"): f"{_DILATED}: allocator 1.14",
+    ("vit_tiny_patch16_224", "sgd"): "timm ViT training: allocator 0.915 (attention, 20.4)",
+    ("pvt_v2_b0", "sgd"): "timm PVT-v2 training: allocator 0.908 (layer norm backward, 20.4)",
+}
+
+
+def _param(case: Case, setup: str) -> object:
+    marks = [pytest.mark.slow]
+    if not available(case):
+        marks.append(pytest.mark.skip(reason=f"{case.needs} is not installed"))
+    cause = KNOWN_WRONG.get((case.name, setup))
+    if cause is not None:
+        marks.append(pytest.mark.xfail(strict=True, reason=cause))
+    return pytest.param(case, setup, marks=marks, id=f"{case.family}-{case.name}-{setup}")
+
+
+@pytest.mark.parametrize(
+    ("case", "setup"), [_param(case, setup) for case in CASES for setup in case.setups]
+)
+def test_the_corpus_is_exact_or_says_what_it_is(case: Case, setup: str) -> None:
+    outcome = check(case, setup)
+    assert outcome.kind != "wrong", outcome.detail
