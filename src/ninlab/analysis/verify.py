@@ -33,7 +33,7 @@ def verify(
 ) -> Verification:
     """Run the step `spec` describes for real at `batch_size` or `VERIFY_BATCH_SIZE`, whichever is
     smaller, and compare both peaks with the prediction at that batch."""
-    spec = step_spec(spec, **fields)
+    spec = step_spec(spec, model=model, **fields)
     small = min(valid_batch_size(batch_size), VERIFY_BATCH_SIZE)
     predicted = predict_memory(model, spec, batch_size=small)
     measured = measure(model, spec, batch_size=small)
