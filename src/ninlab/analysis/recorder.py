@@ -31,6 +31,7 @@ from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import (
     PRIM_DEVICE,
     FakeOutputs,
+    OpTraits,
     fake_device,
     op_traits,
     tensors_in,
@@ -310,6 +311,33 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     return output
 
 
+# Losses whose CPU kernels compute the elementwise loss into their output and then resize it to
+# the reduced 0-d value (`resize_({})` keeps the storage), by the position of their reduction.
+_LOSSES_REDUCED_IN_THEIR_OUTPUT = {
+    aten.mse_loss.default: 2,
+    aten.smooth_l1_loss.default: 2,
+    aten.soft_margin_loss.default: 2,
+    aten.binary_cross_entropy.default: 3,
+}
+
+
+def _cpu_reduced_loss_storage(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A reduced loss on the storage the CPU kernel leaves it on: the elementwise loss's, though
+    the value is 0-d (measured on 2.13 and 2.14.1: `F.mse_loss` of a (2, 4, 8, 8) output has a
+    2,048-byte storage; the fake kernel's has 4). The loss a training loop holds while the next
+    step runs holds all of it (a Conv2d regressed on zeros: 5,448 bytes predicted, 6,596
+    measured)."""
+    reduction_at = _LOSSES_REDUCED_IN_THEIR_OUTPUT.get(func)
+    if reduction_at is None or _device_type(output) != "cpu" or output.dim() != 0:
+        return output
+    reduction = args[reduction_at] if len(args) > reduction_at else 1  # mean
+    if reduction == 0:  # none: not reduced
+        return output
+    operands = [a for a in args[:reduction_at] if isinstance(a, torch.Tensor)]
+    elements = torch.broadcast_shapes(*(tuple(a.shape) for a in operands)).numel()
+    return output.new_empty((elements,)).resize_(())
+
+
 def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
     """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
     them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
@@ -349,6 +377,13 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     )
 
 
+# The in-place twin of each op the unwatched program may run in place where the recorder sees
+# it out of place.
+_IN_PLACE = {
+    aten.add.Tensor: aten.add_.Tensor,
+    aten.scatter_add.default: aten.scatter_add_.default,
+}
+
 # The matrix products `at::linear` makes its output with when it cannot fold the bias into one
 # `addmm` (an input of 3 or more dimensions that is not contiguous: a GRU's transposed sequence).
 _LINEAR_PRODUCTS = frozenset({aten.mm.default, aten.bmm.default})
@@ -377,6 +412,21 @@ def _adds_linear_bias(
         and bias.dim() == 1
         and bias.shape[0] == total.shape[-1]
         and product == (_dispatching_call_site(), key(total))
+    )
+
+
+def _scatters_a_gathers_gradient(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a `scatter_add` is the backward of `gather` scattering the gradient into the zeros
+    it just made: unwatched it scatters in place (`scatter_add_`), on a tensor subclass out of
+    place (FunctionsManual.cpp, `gather_backward`), an input-sized tensor more (a graph net's
+    message passing)."""
+    node = current_autograd_node()
+    return (
+        node is not None
+        and type(node).__name__ == "GatherBackward0"
+        and not kwargs
+        and len(args) == 4
+        and args[2].shape == args[3].shape
     )
 
 
@@ -600,7 +650,9 @@ class Recorder(TorchDispatchMode):
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
         if self._warming_up:
-            output = args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
+            # holds) is the CPU kernel's.
+            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
             for tensor in tensors_in((output,)):
                 self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
             return output
@@ -615,36 +667,48 @@ class Recorder(TorchDispatchMode):
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
-        if skip_kernel:
-            output = args[0]
-        else:
-            output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
-            output = _cpu_batch_norm_grad_layout(func, args, output)
-            output = _cpu_lstm_outputs(func, args, output)
-            output = _cpu_grad_input_layout(func, args, output)
-            if traits.pointwise:
-                output = _elementwise_layout(args, output)
+        output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
         if func in _LINEAR_PRODUCTS:
             self._product = (_dispatching_call_site(), self.ledger.key(output))
-        elif func is aten.add.Tensor and (
-            _sums_gradients(args, kwargs)
-            or _adds_linear_bias(args, kwargs, self._product, self.ledger.key)
-        ):
-            # What the unwatched program adds in place (see both): recorded so.
+        elif (
+            func is aten.add.Tensor
+            and (
+                _sums_gradients(args, kwargs)
+                or _adds_linear_bias(args, kwargs, self._product, self.ledger.key)
+            )
+        ) or (func is aten.scatter_add.default and _scatters_a_gathers_gradient(args, kwargs)):
+            # What the unwatched program makes in place (see each): recorded so.
             self.ledger.accumulating(
-                len(self.recording.ops) - 1, args[0], output, self._added_in_place
+                len(self.recording.ops) - 1,
+                args[0],
+                output,
+                functools.partial(self._made_in_place, _IN_PLACE[func]),
             )
         return output
 
-    def _added_in_place(self, key: int) -> None:
-        """The last op, an `add` the unwatched program makes in place (a sum of gradients, a
-        linear's bias), is recorded so: added into its first term, storage `key`
-        (`StorageLedger.accumulating`)."""
+    def _cpu_outputs(
+        self, func: Any, traits: OpTraits, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
+        output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+        output = _cpu_batch_norm_grad_layout(func, args, output)
+        output = _cpu_lstm_outputs(func, args, output)
+        output = _cpu_grad_input_layout(func, args, output)
+        if not self.emulate_cuda:
+            output = _cpu_reduced_loss_storage(func, args, output)
+        if traits.pointwise:
+            output = _elementwise_layout(args, output)
+        return output
+
+    def _made_in_place(self, in_place: Any, key: int) -> None:
+        """The last op, one the unwatched program makes in place (a sum of gradients, a linear's
+        bias, gather's gradient), is recorded so: as `in_place` into its first argument, storage
+        `key` (`StorageLedger.accumulating`)."""
         op = self.recording.ops[-1]
         (total,) = op.outputs
         self.recording.ops[-1] = dataclasses.replace(
-            op, op=str(aten.add_.Tensor), outputs=(dataclasses.replace(total, storage_key=key),)
+            op, op=str(in_place), outputs=(dataclasses.replace(total, storage_key=key),)
         )
 
     def _check_window_fits(
