@@ -91,12 +91,13 @@ class StorageLedger:
     def accumulating(
         self, index: int, first: torch.Tensor, total: torch.Tensor, done: Callable[[int], None]
     ) -> None:
-        """Op `index` was the autograd engine summing two gradients of one tensor, `first` the one
-        it held, into the new `total`. Under a dispatch mode (fake tensors are one) the engine
-        always sums out of place; a plain run adds in place into `first` when the engine holds its
-        last reference (torch/csrc/autograd/input_buffer.cpp, `accumulate`), which shows here as
-        `first` dying right after the op. If it does, `total` continues `first`'s storage instead
-        of being a new one, and `done(key of first)` is called."""
+        """Op `index` was an add that a plain run makes in place into `first` and a run under a
+        dispatch mode (fake tensors are one) makes out of place, into the new `total`: the
+        autograd engine summing two gradients of one tensor, when it holds `first`'s last
+        reference (torch/csrc/autograd/input_buffer.cpp, `accumulate`), or `at::linear` adding its
+        bias (the recorder tells which). Either shows here as `first` dying right after the op. If
+        it does, `total` continues `first`'s storage instead of being a new one, and
+        `done(key of first)` is called."""
         storage = _storage_of(total)
         if storage is not None and id(storage) in self._alive:
             self._accumulation = (index, self.key(first), id(storage), done)

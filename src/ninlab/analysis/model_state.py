@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +29,13 @@ from torch import nn
 
 __all__ = [
     "AttributeTensor",
+    "Captured",
     "ModelState",
     "attribute_tensors",
     "captured_modules",
+    "captured_tensors",
     "model_kept",
+    "swapped_in",
 ]
 
 # What every module keeps in its `__dict__` for itself: not the owner's attributes.
@@ -65,7 +68,11 @@ class AttributeTensor:
 
 def attribute_tensors(model: nn.Module) -> list[AttributeTensor]:
     """Every tensor the model's modules hold as plain attributes, directly or one list, tuple
-    or dict deep; not parameters, buffers or module internals."""
+    or dict deep; not parameters, buffers or module internals. A parameter or buffer held again
+    as an attribute (an RNN's `_flat_weights`, which its `__setattr__` keeps in step with the
+    parameters it lists) is the parameter: a fake copy of it would be counted twice (a GRU's
+    weights, 12 KB over in a 26 KB prediction)."""
+    registered = {id(tensor) for tensor in (*model.parameters(), *model.buffers())}
     found: list[AttributeTensor] = []
     for module in model.modules():
         for key, value in vars(module).items():
@@ -85,7 +92,7 @@ def attribute_tensors(model: nn.Module) -> list[AttributeTensor]:
                     for name, item in value.items()
                     if isinstance(item, torch.Tensor)
                 ]
-    return found
+    return [attribute for attribute in found if id(attribute.tensor) not in registered]
 
 
 def _contents(value: Any) -> Any:
@@ -165,7 +172,8 @@ def captured_modules(step: Any, model: nn.Module) -> list[nn.Module]:
     callable object): their tensors are real, so the tracer must swap fakes in for them too."""
     own = {id(module) for module in model.modules()}
     found: dict[int, nn.Module] = {}
-    for value in _reachable(step):
+    for place in _reachable(step):
+        value = place.value
         if isinstance(value, nn.Module) and id(value) not in own and id(value) not in found:
             found[id(value)] = value
     # A captured module inside another captured one is swapped with it.
@@ -173,25 +181,96 @@ def captured_modules(step: Any, model: nn.Module) -> list[nn.Module]:
     return [module for key, module in found.items() if key not in inner]
 
 
-def _reachable(step: Any) -> list[Any]:
+@dataclass(frozen=True)
+class Captured:
+    """A value a step function reaches by `name` from outside the model, and how to put another
+    in its place."""
+
+    name: str
+    value: Any
+    put: Callable[[Any], None]
+
+
+def captured_tensors(step: Any, model: nn.Module) -> list[Captured]:
+    """The plain tensors a step function reaches from outside the model, where
+    `captured_modules` finds modules (class weights in its closure, a global scale): real
+    tensors, which the tracer swaps fakes in for (`swapped_in`)."""
+    own = {id(t) for t in (*model.parameters(), *model.buffers())}
+    return [
+        place
+        for place in _reachable(step)
+        if isinstance(place.value, torch.Tensor) and id(place.value) not in own
+    ]
+
+
+@contextlib.contextmanager
+def swapped_in(places: list[Captured], values: list[Any]) -> Iterator[None]:
+    """`values` in `places` for the body, the originals put back after, whatever it raised."""
+    try:
+        for place, value in zip(places, values):
+            place.put(value)
+        yield
+    finally:
+        for place in places:
+            place.put(place.value)
+
+
+def _reachable(step: Any) -> list[Captured]:
     """What a step function can reach by name: its closure, the globals it names, a partial's
     arguments, a bound method's or callable object's attributes; one level deep."""
-    values: list[Any] = []
+    places: list[Captured] = []
     if isinstance(step, functools.partial):
-        values += [step.func, *step.args, *step.keywords.values()]
+        partial = step
+        places += [Captured("the partial's function", partial.func, lambda _: None)]
+        places += [
+            Captured(f"the partial's argument {index}", value, _partial_setter(partial, index))
+            for index, value in enumerate(partial.args)
+        ]
+        places += [
+            Captured(name, value, functools.partial(partial.keywords.__setitem__, name))
+            for name, value in partial.keywords.items()
+        ]
         step = step.func
     if inspect.ismethod(step):
-        values += list(vars(step.__self__).values()) if hasattr(step.__self__, "__dict__") else []
+        owner = step.__self__
+        places += _attributes(owner) if hasattr(owner, "__dict__") else []
         step = step.__func__
     elif not inspect.isfunction(step):  # a callable object: what it holds
-        return values + (list(vars(step).values()) if hasattr(step, "__dict__") else [])
+        return places + (_attributes(step) if hasattr(step, "__dict__") else [])
     code = getattr(step, "__code__", None)
     if code is None:
-        return values
-    values += [cell.cell_contents for cell in step.__closure__ or () if _filled(cell)]
+        return places
+    for name, cell in zip(code.co_freevars, step.__closure__ or ()):
+        if _filled(cell):
+            places.append(
+                Captured(
+                    name, cell.cell_contents, functools.partial(setattr, cell, "cell_contents")
+                )
+            )
     names = getattr(step, "__globals__", {})
-    values += [names[name] for name in code.co_names if name in names]
-    return values
+    places += [
+        Captured(name, names[name], functools.partial(names.__setitem__, name))
+        for name in code.co_names
+        if name in names
+    ]
+    return places
+
+
+def _attributes(owner: Any) -> list[Captured]:
+    state = vars(owner)
+    return [
+        Captured(name, value, functools.partial(state.__setitem__, name))
+        for name, value in state.items()
+    ]
+
+
+def _partial_setter(partial: functools.partial, index: int) -> Callable[[Any], None]:
+    def put(value: Any) -> None:
+        args = list(partial.args)
+        args[index] = value
+        partial.__setstate__((partial.func, tuple(args), partial.keywords, vars(partial) or None))
+
+    return put
 
 
 def _filled(cell: Any) -> bool:

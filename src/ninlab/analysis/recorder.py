@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import (
     PRIM_DEVICE,
     FakeOutputs,
+    OpTraits,
     fake_device,
     op_traits,
     tensors_in,
@@ -53,6 +55,7 @@ from ninlab.analysis.torch_internals import (
     node_sequence_nr,
     suggest_memory_format,
     top_saved_tensors_hooks,
+    view_base,
 )
 
 __all__ = ["Recorder"]
@@ -308,6 +311,33 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     return output
 
 
+# Losses whose CPU kernels compute the elementwise loss into their output and then resize it to
+# the reduced 0-d value (`resize_({})` keeps the storage), by the position of their reduction.
+_LOSSES_REDUCED_IN_THEIR_OUTPUT = {
+    aten.mse_loss.default: 2,
+    aten.smooth_l1_loss.default: 2,
+    aten.soft_margin_loss.default: 2,
+    aten.binary_cross_entropy.default: 3,
+}
+
+
+def _cpu_reduced_loss_storage(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A reduced loss on the storage the CPU kernel leaves it on: the elementwise loss's, though
+    the value is 0-d (measured on 2.13 and 2.14.1: `F.mse_loss` of a (2, 4, 8, 8) output has a
+    2,048-byte storage; the fake kernel's has 4). The loss a training loop holds while the next
+    step runs holds all of it (a Conv2d regressed on zeros: 5,448 bytes predicted, 6,596
+    measured)."""
+    reduction_at = _LOSSES_REDUCED_IN_THEIR_OUTPUT.get(func)
+    if reduction_at is None or _device_type(output) != "cpu" or output.dim() != 0:
+        return output
+    reduction = args[reduction_at] if len(args) > reduction_at else 1  # mean
+    if reduction == 0:  # none: not reduced
+        return output
+    operands = [a for a in args[:reduction_at] if isinstance(a, torch.Tensor)]
+    elements = torch.broadcast_shapes(*(tuple(a.shape) for a in operands)).numel()
+    return output.new_empty((elements,)).resize_(())
+
+
 def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
     """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
     them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
@@ -330,7 +360,9 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
     while a backward node runs without grad mode (not create_graph, not a checkpoint's
     recomputation), two tensors alike, nothing else; the engine adds in place only into a dense
-    one (`can_accumulate_inplace`)."""
+    one whose storage it holds alone (`can_accumulate_inplace`): not a view, whose base holds the
+    storage too (a weight's gradient `mm(...).t()`, a bias's `sum(...).view(...)`: a GRU's first
+    sum of each weight's gradients over its time steps is out of place, 7 KB)."""
     if kwargs or len(args) != 2 or torch.is_grad_enabled() or current_autograd_node() is None:
         return False
     first, second = args
@@ -341,7 +373,75 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         and first.dtype == second.dtype
         and first.layout == torch.strided
         and aten.is_non_overlapping_and_dense.default(first)
+        and view_base(first) is None
     )
+
+
+# The in-place twin of each op the unwatched program may run in place where the recorder sees
+# it out of place.
+_IN_PLACE = {
+    aten.add.Tensor: aten.add_.Tensor,
+    aten.scatter_add.default: aten.scatter_add_.default,
+}
+
+# The matrix products `at::linear` makes its output with when it cannot fold the bias into one
+# `addmm` (an input of 3 or more dimensions that is not contiguous: a GRU's transposed sequence).
+_LINEAR_PRODUCTS = frozenset({aten.mm.default, aten.bmm.default})
+
+
+def _adds_linear_bias(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    product: tuple[tuple[int, ...], int] | None,
+    key: Callable[[torch.Tensor], int],
+) -> bool:
+    """Whether an `add` is `at::linear` adding its bias to the product it just made: the
+    product's storage, made by the same Python call (`product`: its call site and storage key),
+    plus a 1-d tensor along its last dimension. Unwatched, `at::linear` adds the bias in place
+    (`output.add_(bias)`); on a tensor subclass (a fake tensor) it adds out of place (ATen's
+    Linear.cpp, for composite compliance), a product-sized tensor more: a GRU's input
+    projection, 6,912 bytes over a 26 KB inference. A user's own `x @ w.t() + b` is two Python
+    calls, and adds out of place for real too."""
+    if kwargs or len(args) != 2 or product is None:
+        return False
+    total, bias = args
+    return (
+        isinstance(total, FakeTensor)
+        and isinstance(bias, torch.Tensor)
+        and total.dim() >= 3
+        and bias.dim() == 1
+        and bias.shape[0] == total.shape[-1]
+        and product == (_dispatching_call_site(), key(total))
+    )
+
+
+def _scatters_a_gathers_gradient(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a `scatter_add` is the backward of `gather` scattering the gradient into the zeros
+    it just made: unwatched it scatters in place (`scatter_add_`), on a tensor subclass out of
+    place (FunctionsManual.cpp, `gather_backward`), an input-sized tensor more (a graph net's
+    message passing)."""
+    node = current_autograd_node()
+    return (
+        node is not None
+        and type(node).__name__ == "GatherBackward0"
+        and not kwargs
+        and len(args) == 4
+        and args[2].shape == args[3].shape
+    )
+
+
+def _dispatching_call_site() -> tuple[int, ...]:
+    """Where, in Python, the op being dispatched was called from: the frame above the recorder's
+    `__torch_dispatch__` (and the wrappers PyTorch puts around it), and its instruction. Two ops
+    one C++ function runs share it; two Python calls on one line do not."""
+    entry = Recorder.__dict__["__torch_dispatch__"].__code__
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not entry:
+        frame = frame.f_back
+    caller = frame.f_back if frame is not None else None
+    if caller is None:
+        return ()
+    return (id(caller), id(caller.f_code), caller.f_lasti)
 
 
 def _window_op(
@@ -390,6 +490,8 @@ class Recorder(TorchDispatchMode):
         self._warming_up = False
         self._entered = 0  # how many `with` blocks of this recorder are open
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
+        # The last matrix product `at::linear` may add its bias to: (call site, storage key).
+        self._product: tuple[tuple[int, ...], int] | None = None
         self.modules = _ModuleStack(model)
         # No reference back to the recorder from what it holds, so that it and its recording die
         # by reference counts (see `StepRecording.recorder`).
@@ -548,7 +650,9 @@ class Recorder(TorchDispatchMode):
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
         if self._warming_up:
-            output = args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
+            # holds) is the CPU kernel's.
+            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
             for tensor in tensors_in((output,)):
                 self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
             return output
@@ -563,29 +667,48 @@ class Recorder(TorchDispatchMode):
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
-        if skip_kernel:
-            output = args[0]
-        else:
-            output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
-            output = _cpu_batch_norm_grad_layout(func, args, output)
-            output = _cpu_lstm_outputs(func, args, output)
-            output = _cpu_grad_input_layout(func, args, output)
-            if traits.pointwise:
-                output = _elementwise_layout(args, output)
+        output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
-        if func is aten.add.Tensor and _sums_gradients(args, kwargs):
+        if func in _LINEAR_PRODUCTS:
+            self._product = (_dispatching_call_site(), self.ledger.key(output))
+        elif (
+            func is aten.add.Tensor
+            and (
+                _sums_gradients(args, kwargs)
+                or _adds_linear_bias(args, kwargs, self._product, self.ledger.key)
+            )
+        ) or (func is aten.scatter_add.default and _scatters_a_gathers_gradient(args, kwargs)):
+            # What the unwatched program makes in place (see each): recorded so.
             self.ledger.accumulating(
-                len(self.recording.ops) - 1, args[0], output, self._added_in_place
+                len(self.recording.ops) - 1,
+                args[0],
+                output,
+                functools.partial(self._made_in_place, _IN_PLACE[func]),
             )
         return output
 
-    def _added_in_place(self, key: int) -> None:
-        """The last op, a sum of gradients, is recorded as the engine runs it without a dispatch
-        mode: added in place into its first term, storage `key` (`StorageLedger.accumulating`)."""
+    def _cpu_outputs(
+        self, func: Any, traits: OpTraits, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
+        output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+        output = _cpu_batch_norm_grad_layout(func, args, output)
+        output = _cpu_lstm_outputs(func, args, output)
+        output = _cpu_grad_input_layout(func, args, output)
+        if not self.emulate_cuda:
+            output = _cpu_reduced_loss_storage(func, args, output)
+        if traits.pointwise:
+            output = _elementwise_layout(args, output)
+        return output
+
+    def _made_in_place(self, in_place: Any, key: int) -> None:
+        """The last op, one the unwatched program makes in place (a sum of gradients, a linear's
+        bias, gather's gradient), is recorded so: as `in_place` into its first argument, storage
+        `key` (`StorageLedger.accumulating`)."""
         op = self.recording.ops[-1]
         (total,) = op.outputs
         self.recording.ops[-1] = dataclasses.replace(
-            op, op=str(aten.add_.Tensor), outputs=(dataclasses.replace(total, storage_key=key),)
+            op, op=str(in_place), outputs=(dataclasses.replace(total, storage_key=key),)
         )
 
     def _check_window_fits(

@@ -100,6 +100,7 @@ __all__ = [
     "top_saved_tensors_hooks",
     "torch_decomp_decompositions",
     "tree_flatten",
+    "view_base",
 ]
 
 # -- which torch ------------------------------------------------------------------------------
@@ -189,6 +190,9 @@ current_autograd_node = _private("torch._C._current_autograd_node")
 autograd_sequence_nr: Callable[[], int] = _private("torch._C._autograd._get_sequence_nr")
 # A node's own number, given as it is made, before its op is dispatched; checked on all.
 node_sequence_nr: Callable[[Any], int] = operator.methodcaller("_sequence_nr")
+# The tensor a view was made from, which autograd keeps alive with it (None: not a view): the
+# engine adds into a gradient only where it holds its storage alone; checked on 2.13.0 and 2.14.1.
+view_base: Callable[[torch.Tensor], torch.Tensor | None] = operator.attrgetter("_base")
 # The innermost saved-tensor hooks (None: none), set by checkpointing; checked on all.
 top_saved_tensors_hooks = _private("torch._C._autograd._top_saved_tensors_default_hooks")
 # A node shows what it saved for backward as `_saved_<field>` attributes; checked on all.

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from ninlab.analysis.fake_fast_path import OffRecord
-from ninlab.analysis.model_state import attribute_tensors, captured_modules, model_kept
+from ninlab.analysis.model_state import (
+    Captured,
+    attribute_tensors,
+    captured_modules,
+    captured_tensors,
+    model_kept,
+    swapped_in,
+)
 from ninlab.analysis.recorder import Recorder
 from ninlab.analysis.recording import Recording
 from ninlab.analysis.step import (
@@ -136,10 +143,13 @@ def record_step(
     """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
     is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
     captured = captured_modules(spec.step, model) if spec.step is not None else []
+    tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     with contextlib.ExitStack() as kept:
         for module in [model, *captured]:
             kept.enter_context(model_kept(module))
-        return _record_step(model, spec, batch_size, captured, optimizer_step=optimizer_step)
+        return _record_step(
+            model, spec, batch_size, captured, tensors, optimizer_step=optimizer_step
+        )
 
 
 def _record_step(
@@ -147,6 +157,7 @@ def _record_step(
     spec: StepSpec,
     batch_size: int,
     captured: list[nn.Module],
+    captured_places: list[Captured],
     *,
     optimizer_step: bool,
 ) -> StepRecording:
@@ -163,7 +174,8 @@ def _record_step(
     modules hold as plain attributes are swapped for fake copies too, and count as buffers.
     So are the tensors of the modules the step reaches from outside the model (`captured`: a
     frozen teacher in its closure), in their own dtype; they count as what the step keeps, as
-    they do when the optimizer factory builds such a module.
+    they do when the optimizer factory builds such a module; and so are the plain tensors it
+    reaches (`captured_places`: class weights in its closure).
     """
     require_supported_torch()
     spec = spec.for_model(model)
@@ -183,8 +195,11 @@ def _record_step(
     captured_fakes = [
         fake_parameters(module, fake_mode, dtype=None, device=device) for module in captured
     ]
-    captured_tensors = [t for fake in captured_fakes for t in fake.values()]
+    captured_tensors: list[torch.Tensor] = [t for fake in captured_fakes for t in fake.values()]
     captured_tensors += [t for module in captured for t in _fake_attributes(module, fake_mode)]
+    with fake_mode, OffRecord(fake_mode):
+        captured_values = [_fake_view(place.value) for place in captured_places]
+    captured_tensors += captured_values
     trains = spec.mode == "train"
     recorder = Recorder(model, fake_mode, emulate_cuda=emulate_cuda)
     was_training = model.training
@@ -236,6 +251,7 @@ def _record_step(
                 swapped.enter_context(
                     reparametrize_module(module, module_fakes, tie_weights=True, strict=False)
                 )
+            swapped.enter_context(swapped_in(captured_places, captured_values))
             if not trains:
                 inference_step(
                     model,
