@@ -253,3 +253,27 @@ def test_a_tensor_in_the_step_is_predicted_and_left_in_place() -> None:
     measured = measure(model, report.spec, batch_size=4)
     assert report.live_peak_bytes == measured.live_peak_bytes == 6_504
     assert step.__closure__[0].cell_contents is class_weights  # type: ignore[index]
+
+
+class _TiedList(nn.Module):
+    """Holds its own weight again in a plain list, as an LSTM's `_flat_weights` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.weights = [self.linear.weight]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.weights[0].t() + self.linear.bias)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_parameter_held_again_in_an_attribute_is_counted_once(mode: str) -> None:
+    """The list's weight is the parameter's fake during the step, not a buffer of its own (a
+    one-layer LSTM's `_flat_weights` counted its 100,352 bytes of weights twice)."""
+    model = _TiedList()
+    report = predict_memory(model, input_size=(16,), batch_size=4, mode=mode)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+    assert model.weights[0] is model.linear.weight

@@ -31,6 +31,7 @@ __all__ = [
     "AttributeTensor",
     "Captured",
     "ModelState",
+    "attribute_aliases",
     "attribute_tensors",
     "captured_modules",
     "captured_tensors",
@@ -70,9 +71,24 @@ def attribute_tensors(model: nn.Module) -> list[AttributeTensor]:
     """Every tensor the model's modules hold as plain attributes, directly or one list, tuple
     or dict deep; not parameters, buffers or module internals. A parameter or buffer held again
     as an attribute (an RNN's `_flat_weights`, which its `__setattr__` keeps in step with the
-    parameters it lists) is the parameter: a fake copy of it would be counted twice (a GRU's
-    weights, 12 KB over in a 26 KB prediction)."""
-    registered = {id(tensor) for tensor in (*model.parameters(), *model.buffers())}
+    parameters it lists) is the parameter, not one of these (`attribute_aliases`): a fake copy of
+    it would be counted twice (a GRU's weights, 12 KB over in a 26 KB prediction)."""
+    registered = _registered(model)
+    return [found for found in _attribute_slots(model) if id(found.tensor) not in registered]
+
+
+def attribute_aliases(model: nn.Module) -> list[AttributeTensor]:
+    """The plain attributes that hold one of the model's own parameters or buffers again; during
+    a fake step each must hold that tensor's fake, or the real one reaches a fake kernel."""
+    registered = _registered(model)
+    return [found for found in _attribute_slots(model) if id(found.tensor) in registered]
+
+
+def _registered(model: nn.Module) -> set[int]:
+    return {id(tensor) for tensor in (*model.parameters(), *model.buffers())}
+
+
+def _attribute_slots(model: nn.Module) -> list[AttributeTensor]:
     found: list[AttributeTensor] = []
     for module in model.modules():
         for key, value in vars(module).items():
@@ -92,7 +108,7 @@ def attribute_tensors(model: nn.Module) -> list[AttributeTensor]:
                     for name, item in value.items()
                     if isinstance(item, torch.Tensor)
                 ]
-    return [attribute for attribute in found if id(attribute.tensor) not in registered]
+    return found
 
 
 def _contents(value: Any) -> Any:

@@ -25,6 +25,7 @@ from torch import nn
 from ninlab.analysis.fake_fast_path import OffRecord
 from ninlab.analysis.model_state import (
     Captured,
+    attribute_aliases,
     attribute_tensors,
     captured_modules,
     captured_tensors,
@@ -191,12 +192,16 @@ def _record_step(
     fakes = fake_parameters(
         model, fake_mode, dtype=spec.dtype, device=device, memory_format=memory_format
     )
-    attribute_fakes = _fake_attributes(model, fake_mode)
+    attribute_fakes = _fake_attributes(model, fake_mode, fakes)
     captured_fakes = [
         fake_parameters(module, fake_mode, dtype=None, device=device) for module in captured
     ]
     captured_tensors: list[torch.Tensor] = [t for fake in captured_fakes for t in fake.values()]
-    captured_tensors += [t for module in captured for t in _fake_attributes(module, fake_mode)]
+    captured_tensors += [
+        t
+        for module, fake in zip(captured, captured_fakes)
+        for t in _fake_attributes(module, fake_mode, fake)
+    ]
     with fake_mode, OffRecord(fake_mode):
         captured_values = [_fake_view(place.value) for place in captured_places]
     captured_tensors += captured_values
@@ -315,10 +320,21 @@ def _record_step(
     )
 
 
-def _fake_attributes(module: nn.Module, fake_mode: FakeTensorMode) -> list[torch.Tensor]:
-    """Swap fake copies in for the tensors `module` holds as plain attributes; returns them. The
-    caller puts the real ones back (`model_kept`)."""
-    found = attribute_tensors(module)
+def _fake_attributes(
+    module: nn.Module, fake_mode: FakeTensorMode, parameter_fakes: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Swap fake copies in for the tensors `module` holds as plain attributes; returns them. An
+    attribute that holds one of the module's own parameters or buffers again gets that tensor's
+    fake (`parameter_fakes`, by name), which is counted once, as the parameter. The caller puts
+    the real ones back (`model_kept`)."""
+    by_identity = {
+        id(tensor): parameter_fakes[name]
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        if name in parameter_fakes
+    }
+    found = attribute_tensors(module)  # before the aliases hold fakes, which it would count
+    for alias in attribute_aliases(module):
+        alias.replace(by_identity[id(alias.tensor)])
     with fake_mode, OffRecord(fake_mode):
         fakes = [_fake_view(attribute.tensor) for attribute in found]
     for attribute, fake in zip(found, fakes):
