@@ -25,6 +25,7 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
     bound with the reason;
 * `matmul`: matrix multiplies (bfloat16 ones by `onednn_bf16`: exact when too small for oneDNN);
 * `batch_norm`: batch norm forward and backward;
+* `embedding`: embedding backward;
 * `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
 * `pooling`: max pooling's backward;
 * `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured).
@@ -45,6 +46,7 @@ from ninlab.analysis.allocator import (  # noqa: F401
     attention,
     batch_norm,
     convolution,
+    embedding,
     matmul,
     pooling,
     rnn,
