@@ -158,3 +158,44 @@ def test_batch_norm_forward_in_another_dtype_is_measured(dtype: torch.dtype) -> 
     blocks, measured = _peaks("aten.native_batch_norm.default", args)
     assert blocks.allocations is None and "float32 or bfloat16" in blocks.unmodelled
     assert measured > x.nbytes  # beyond its output: the kernel's own temporaries
+
+
+def _channels_last(*shape: int) -> torch.Tensor:
+    return torch.randn(shape).contiguous(memory_format=torch.channels_last)
+
+
+def _conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, **window: Any
+) -> tuple[Any, int]:
+    stride, padding, groups = window["stride"], window["padding"], window.get("groups", 1)
+    undilated = [[1, 1], False, [0, 0], groups, [True, True, True]]
+    return _peaks(
+        "aten.convolution_backward.default",
+        [grad, x, weight, [weight.shape[0]], stride, padding, *undilated],
+    )
+
+
+def test_float32_convolutions_outside_the_measured_kinds_are_measured() -> None:
+    """PVT-v2's kinds (training 0.908 before): a depthwise backward on a map smaller than its
+    kernel, a channels-last patch embedding to one pixel, an NCHW backward whose gradient
+    arrives channels-last. On the next larger map, or with an NCHW gradient, the rule holds."""
+    for size, ruled in ((2, False), (3, True)):
+        x, weight = _channels_last(2, 256, size, size), torch.randn(256, 1, 3, 3)
+        blocks, measured = _conv_backward(x, x, weight, stride=[1, 1], padding=[1, 1], groups=256)
+        assert (blocks.allocations is not None) is ruled
+        if ruled:
+            assert peak_above_start_bytes(blocks.allocations) == measured
+    for size, ruled in ((4, False), (8, True)):
+        args = [_channels_last(2, 64, size, size), torch.randn(64, 64, 4, 4), torch.randn(64)]
+        blocks, measured = _peaks(
+            "aten.convolution.default", [*args, [4, 4], [0, 0], [1, 1], False, [0, 0], 1]
+        )
+        assert (blocks.allocations is not None) is ruled
+        if ruled:
+            assert peak_above_start_bytes(blocks.allocations) == measured
+    x, weight = torch.randn(2, 64, 8, 8), torch.randn(64, 64, 3, 3)
+    for grad, ruled in ((_channels_last(2, 64, 8, 8), False), (torch.randn(2, 64, 8, 8), True)):
+        blocks, measured = _conv_backward(grad, x, weight, stride=[1, 1], padding=[1, 1])
+        assert (blocks.allocations is not None) is ruled
+        if ruled:
+            assert peak_above_start_bytes(blocks.allocations) == measured
