@@ -37,8 +37,9 @@ to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed w
 Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
 pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
 their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
-`bernoulli_`), linear (`addmm`/`mm` copy nothing when their operands come from other ops),
-adaptive average pooling and cross-entropy.
+`bernoulli_`), adaptive average pooling and cross-entropy. Linear layers have a rule that finds
+nothing to add (`matmul`: float32 `addmm`/`mm` copy no matrix BLAS reads as it is) and sends the
+rest to the probe.
 """
 
 # The rule modules register their rules when imported; nothing else imports them.

@@ -36,7 +36,9 @@ mkldnn path): every block they allocate, or why a kind is not modelled.
   Not modelled: grouped (not depthwise) channels-last convolutions, the backward-data of a
   strided convolution whose scratchpad follows no rule found (kernel equal to stride, as in
   ConvNeXt's downsampling and patchify convs), a forward with one input channel under a kernel
-  over 1x1 or a kernel over 7x7 (`_fixed_brgemm_scratchpad`); `float32_conv_blocks` names them,
+  over 1x1 or a kernel over 7x7 (`_fixed_brgemm_scratchpad`) or to a single output pixel, a
+  depthwise backward on a map smaller than its kernel, and an NCHW backward whose gradient
+  arrives channels-last (PVT-v2's); `float32_conv_blocks` names them,
   and the predictor measures each such call on its own (`ninlab.analysis.kernel_probe`). Which
   layout a convolution runs in is ATen's choice from the strides (`suggest_memory_format`), so a
   one-channel input with channels-last strides runs channels-last.
