@@ -243,6 +243,12 @@ CALLS: dict[str, Callable[[], tuple[tuple[Any, ...], KernelBlocks]]] = {
         backward=True
     ),
     "aten._safe_softmax.default": _safe_softmax,
+    "aten.embedding_dense_backward.default": lambda: (
+        (torch.randn(5, 4, 8).transpose(0, 1), torch.randint(0, 10, (4, 5)), 10, -1, False),
+        KernelBlocks(
+            None, "embedding backward of a non-contiguous gradient or indices (the kernel's copies)"
+        ),
+    ),
     "aten.max_pool2d_with_indices_backward.default": _max_pool_backward,
     "aten.mkldnn_rnn_layer.default": _lstm_layer(backward=False),
     "aten.mkldnn_rnn_layer_backward.default": _lstm_layer(backward=True),

@@ -12,6 +12,7 @@ from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import StepSpec, model_dtype, step_spec
 from ninlab.analysis.summary import summarize
+from ninlab.errors import NinlabError
 
 
 def cnn() -> nn.Module:
@@ -87,3 +88,23 @@ def test_a_kernel_this_pytorch_lacks_for_the_dtype_is_named() -> None:
     assert message.endswith(
         "run the model in another dtype (dtype='float32' or 'bfloat16', --dtype)"
     )
+
+
+class _SumsIntoFloat32(nn.Module):
+    """Adds a linear layer's output into a float32 buffer for the rows it picks by value (so the
+    step is measured, for real): under bf16 autocast the two differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = (x[:, 0] > 0).nonzero().squeeze(-1)
+        return torch.zeros_like(x).index_add(0, rows, self.linear(x[rows]))
+
+
+def test_a_dtype_error_of_the_model_under_autocast_is_named_as_such() -> None:
+    """The model's own mismatch under autocast, not the input's: the line says so (it used to
+    ask for "the input sizes and dtype its forward expects")."""
+    with pytest.raises(NinlabError, match=r"^the model fails under bf16 autocast with a dtype "):
+        predict_memory(_SumsIntoFloat32(), input_size=(8,), batch_size=4, amp="bf16")

@@ -30,17 +30,12 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
         ("llama", setup): "Llama-style LM: live 0.4-1.5% high (rotary cache / attention, 20.2/20.4)"
         for setup in ("sgd", "adam", "bf16", "infer")
     },
-    ("t5", "sgd"): "T5 training: allocator 0.978 (attention kernel blocks, 20.4)",
-    ("t5", "adam"): "T5 training: allocator 0.985 (attention kernel blocks, 20.4)",
-    ("vit", "sgd"): "HF ViT training: allocator 1.013 (attention kernel blocks, 20.4)",
     **{
         ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
         for setup in ("sgd", "adam", "bf16")
     },
     ("deeplabv3_mobilenet_v3_large", "sgd"): f"{_DILATED}: allocator 0.60",
     ("deeplabv3_mobilenet_v3_large", "infer"): f"{_DILATED}: allocator 1.14",
-    ("vit_tiny_patch16_224", "sgd"): "timm ViT training: allocator 0.915 (attention, 20.4)",
-    ("pvt_v2_b0", "sgd"): "timm PVT-v2 training: allocator 0.908 (layer norm backward, 20.4)",
 }
 
 

@@ -25,7 +25,7 @@ tests/analysis/test_kernel_probe.py checks whole steps built of such calls again
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,22 +90,30 @@ class KernelCall:
     args: tuple[Any, ...]
     output_bytes: int
     grad_enabled: bool = False
+    kwargs: tuple[tuple[str, Any], ...] = ()
 
     @staticmethod
-    def of(op: str, args: Sequence[Any], outputs: Sequence[torch.Tensor]) -> KernelCall:
-        """The call of `op` on `args` (fake or real tensors) that returned `outputs`, in the
-        grad mode of now."""
+    def of(
+        op: str,
+        args: Sequence[Any],
+        outputs: Sequence[torch.Tensor],
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> KernelCall:
+        """The call of `op` on `args` and keyword-only `kwargs` (fake or real tensors; a flash
+        attention's mask) that returned `outputs`, in the grad mode of now."""
         return KernelCall(
             op,
             _layouts(tuple(args)),
             sum(_bytes(t) for t in outputs),
             torch.is_grad_enabled(),
+            tuple((name, _layouts(value)) for name, value in (kwargs or {}).items()),
         )
 
     @property
     def nbytes(self) -> int:
         """What running it allocates beyond the kernel's own blocks: arguments and outputs."""
-        return self.output_bytes + sum(layout.nbytes for layout in _flat_layouts(self.args))
+        arguments = (*self.args, *(value for _, value in self.kwargs))
+        return self.output_bytes + sum(layout.nbytes for layout in _flat_layouts(arguments))
 
 
 def _bytes(tensor: torch.Tensor) -> int:
@@ -167,6 +175,7 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     namespace, name, overload = call.op.split(".")
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
+    kwargs = {name: _real(value) for name, value in call.kwargs}
     # Kineto prints two lines to stderr each time a profile starts unless told otherwise before its
     # first one; a prediction should print nothing (a user's own setting is kept).
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
@@ -178,7 +187,7 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
             torch.autocast("cpu", enabled=False),
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
-            result = func(*args)
+            result = func(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"
     outputs = result if isinstance(result, (tuple, list)) else (result,)

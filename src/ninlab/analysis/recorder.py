@@ -769,7 +769,7 @@ class Recorder(TorchDispatchMode):
                 autograd_node=node,
                 cpu_allocations=allocations,
                 cpu_unmodelled=unmodelled,
-                cpu_call=KernelCall.of(name, args, outputs) if unmodelled else None,
+                cpu_call=KernelCall.of(name, args, outputs, kwargs) if unmodelled else None,
             )
         )
 

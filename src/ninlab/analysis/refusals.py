@@ -67,6 +67,12 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
             "run the model in another dtype (dtype='float32' or 'bfloat16', --dtype)"
         )
+    if spec.amp is not None and _DTYPE_MISMATCH.search(reason):
+        return NinlabError(
+            f"the model fails under {spec.amp} autocast with a dtype error of its own ({reason}): "
+            "an op autocast casts meets one it leaves in float32, and the real step fails the "
+            "same way; cast inside the model so the two agree, or predict it without amp"
+        )
     if isinstance(error, NOT_TRACEABLE):
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
@@ -114,6 +120,8 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
 
 # A CPU or CUDA kernel PyTorch lacks for a dtype: '"addmm_impl_cpu_" not implemented for 'Half''.
 _MISSING_KERNEL = re.compile(r"\"(\w+)\" not implemented for '(\w+)'")
+# Two tensors of an op in different dtypes, as ATen words it.
+_DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
 
 
 def _sparse_modules(model: nn.Module) -> list[str]:

@@ -25,6 +25,7 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
     bound with the reason;
 * `matmul`: matrix multiplies (bfloat16 ones by `onednn_bf16`: exact when too small for oneDNN);
 * `batch_norm`: batch norm forward and backward;
+* `embedding`: embedding backward;
 * `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
 * `pooling`: max pooling's backward;
 * `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured).
@@ -36,8 +37,9 @@ to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed w
 Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
 pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
 their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
-`bernoulli_`), linear (`addmm`/`mm` copy nothing when their operands come from other ops),
-adaptive average pooling and cross-entropy.
+`bernoulli_`), adaptive average pooling and cross-entropy. Linear layers have a rule that finds
+nothing to add (`matmul`: float32 `addmm`/`mm` copy no matrix BLAS reads as it is) and sends the
+rest to the probe.
 """
 
 # The rule modules register their rules when imported; nothing else imports them.
@@ -45,6 +47,7 @@ from ninlab.analysis.allocator import (  # noqa: F401
     attention,
     batch_norm,
     convolution,
+    embedding,
     matmul,
     pooling,
     rnn,

@@ -1,10 +1,13 @@
 """CPU attention. Flash attention (`F.scaled_dot_product_attention`, and `nn.MultiheadAttention`
 without attention weights), float32: per-thread float32 blocks of scores beside the outputs, and in
-backward a query-sized buffer (`flash_attention_allocations`). An `attn_mask` (a keyword of the op;
+backward a copy of the output's gradient unless it is (B, L, H, D)
+(`flash_attention_allocations`). An `attn_mask` (a keyword of the op;
 a bool one is first made float by `where`, which the trace sees) is added to each score block in
 place and changes none of these blocks (measured, so the rule reads only query and key). A mask
 that needs a gradient (a learned position bias) sends the CPU to the math path, ops the trace
-sees, whose `_safe_softmax` holds bool masks beside its output (`safe_softmax_allocations`)."""
+sees, whose `_safe_softmax` holds bool masks beside its output (`safe_softmax_allocations`).
+Causal or not, the blocks are the same (measured); any other flash attention call (bfloat16,
+dropout) is measured by the kernel probe, its keyword arguments with it."""
 
 from __future__ import annotations
 
@@ -15,38 +18,73 @@ from typing import Any
 import torch
 
 from ninlab.analysis.allocator.blocks import KernelAllocation, frees
-from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
+from ninlab.analysis.allocator.registry import KernelBlocks, allocation_rule
 
 __all__ = ["flash_attention_allocations", "safe_softmax_allocations"]
 
 
 @allocation_rule("aten._scaled_dot_product_flash_attention_for_cpu.default")
 def flash_attention(args: Sequence[Any]) -> KernelBlocks:
-    return _flash_attention_blocks(query=args[0], key=args[1], backward=False)
+    return _flash_attention_blocks(args[0], args[1], args[2], _dropout(args, 3), backward=False)
 
 
 @allocation_rule("aten._scaled_dot_product_flash_attention_for_cpu_backward.default")
 def flash_attention_backward(args: Sequence[Any]) -> KernelBlocks:
-    return _flash_attention_blocks(query=args[1], key=args[2], backward=True)
+    return _flash_attention_blocks(
+        args[1], args[2], args[3], _dropout(args, 6), backward=True, grad_output=args[0]
+    )
+
+
+def _dropout(args: Sequence[Any], position: int) -> float:
+    return args[position] if len(args) > position else 0.0
 
 
 def _flash_attention_blocks(
-    *, query: torch.Tensor, key: torch.Tensor, backward: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    *,
+    backward: bool,
+    grad_output: torch.Tensor | None = None,
 ) -> KernelBlocks:
-    if query.dtype != torch.float32 or query.dim() != 4:
-        return OUTPUTS_ONLY
+    """The rule's blocks where it covers the call: float32, 4-d, key and value of one shape
+    (the kernel refuses value head sizes other than the query's), no dropout. Otherwise the
+    call is measured (`kernel_probe`): a bfloat16 kernel keeps float32 copies and per-thread
+    buffers of other sizes, and dropout draws a mask."""
+    covered = (
+        query.dtype == key.dtype == value.dtype == torch.float32
+        and query.dim() == 4
+        and key.shape == value.shape
+        and query.shape[:2] == key.shape[:2]
+        and query.shape[-1] == key.shape[-1]
+        and dropout == 0.0
+    )
+    if not covered:
+        return KernelBlocks(
+            None,
+            "flash attention other than float32 without dropout (buffers of no rule here)",
+        )
     return KernelBlocks(
         flash_attention_allocations(
             query_shape=tuple(query.shape),
             key_shape=tuple(key.shape),
             backward=backward,
             threads=torch.get_num_threads(),
+            # The kernel reads the gradient as (B, L, H, D), copying one laid out otherwise.
+            grad_output_copied=grad_output is not None
+            and not grad_output.transpose(1, 2).is_contiguous(),
         )
     )
 
 
 def flash_attention_allocations(
-    *, query_shape: Sequence[int], key_shape: Sequence[int], backward: bool, threads: int
+    *,
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    backward: bool,
+    threads: int,
+    grad_output_copied: bool = True,
 ) -> tuple[KernelAllocation, ...]:
     """CPU flash attention (`F.scaled_dot_product_attention`'s CPU kernel), float32, for query
     (B, H, L, D) and key (B, H, S, D). Queries are split in blocks of 32, 64 or 256 rows (L under
@@ -54,8 +92,10 @@ def flash_attention_allocations(
     each thread gets float32 buffers for one block pair.
 
     Forward: the output and the log-sum-exp, then per thread the block's scores, row maxima and
-    sums, and a D-wide accumulator. Backward: the three gradients, a query-sized buffer, per
-    thread the block's scores and their gradient, and one block of row sums. Measured with 1 and
+    sums, and a D-wide accumulator. Backward: the three gradients, a copy of the output's gradient
+    where it is not laid out as (B, L, H, D) (`grad_output_copied`; `nn.MultiheadAttention` and
+    most transformers give it so, a (B, H, L, D)-contiguous one is copied), per thread the
+    block's scores and their gradient, and one block of row sums. Measured with 1 and
     2 threads for (4, 4, 256, 24), (2, 4, 256, 24), (4, 4, 64, 16), (4, 8, 197, 64); e.g. the
     first with 2 threads: forward [393,216, 16,384, 144,384, -144,384], backward [393,216 x 4,
     262,144, 256, -256, -262,144, -393,216].
@@ -81,10 +121,10 @@ def flash_attention_allocations(
             (("query", query_shape), ("key", key_shape), ("value", key_shape))
         )
     ]
-    query_sized = KernelAllocation(query_bytes, "query-sized buffer")
+    copies = [KernelAllocation(query_bytes, "copy of grad_output")] if grad_output_copied else []
     blocks = KernelAllocation(threads * 2 * query_block * key_block * 4, "per-thread score blocks")
     row_sums = KernelAllocation(query_block * 4, "row sums")
-    return (*gradients, query_sized, blocks, row_sums, *frees([row_sums, blocks, query_sized]))
+    return (*gradients, *copies, blocks, row_sums, *frees([row_sums, blocks, *copies]))
 
 
 @allocation_rule("aten._safe_softmax.default")

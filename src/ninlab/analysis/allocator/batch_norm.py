@@ -1,9 +1,9 @@
 """CPU batch norm: `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16;
-channels-last adds per-thread sums) and `aten.native_batch_norm_backward` (float32; reduced
-precision is measured per call): with contiguous inputs the CPU kernel allocates grad_input twice
-(once before it checks contiguity, again in the contiguous branch;
-aten/src/ATen/native/Normalization.cpp, batch_norm_backward_cpu_template), so an input-sized block
-is held through the op."""
+channels-last adds per-thread sums; other dtypes are measured per call) and
+`aten.native_batch_norm_backward` (float32; reduced precision is measured per call): with
+contiguous inputs the CPU kernel allocates grad_input twice (once before it checks contiguity,
+again in the contiguous branch; aten/src/ATen/native/Normalization.cpp,
+batch_norm_backward_cpu_template), so an input-sized block is held through the op."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ninlab.analysis.allocator.blocks import KernelAllocation, dense_memory_format, frees
-from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
+from ninlab.analysis.allocator.registry import KernelBlocks, allocation_rule
 
 __all__ = ["batch_norm_backward_allocations", "batch_norm_forward_allocations"]
 
@@ -34,7 +34,9 @@ def batch_norm_forward_no_training(args: Sequence[Any]) -> KernelBlocks:
 def _forward_blocks(args: Sequence[Any], *, training: bool) -> KernelBlocks:
     input, running_mean = args[0], args[3]
     if input.dtype not in (torch.float32, torch.bfloat16):
-        return OUTPUTS_ONLY
+        return KernelBlocks(
+            None, "batch norm forward other than float32 or bfloat16 (measured per call)"
+        )
     return KernelBlocks(
         batch_norm_forward_allocations(
             input_shape=tuple(input.shape),
