@@ -81,6 +81,7 @@ _POSITIONALS: dict[tuple[str, str], tuple[str, ...]] = {
     ("predict", "checkpoint"): ("{tmp}/run", "{tmp}/flipped.pt", "{tmp}/nothere"),
     ("predict", "images"): ("{tmp}/gray16.png", "{tmp}/gray8.png", "{tmp}/a-file", "{tmp}/no.png"),
     ("compare", "specs"): ("nin-d2l-0x1", "nin-d2l-1x1", "nosuch", "nin-d2l:dropout=2"),
+    ("cache", "action"): ("path", "clear", "frobnicate"),  # the session's folder (conftest)
 }
 # Cheap where valid: the smallest input of d2l's NiN, a batch of 2, no real data.
 _BASE: dict[str, tuple[str, ...]] = {
@@ -92,6 +93,7 @@ _BASE: dict[str, tuple[str, ...]] = {
     "train": ("--data-dir", "{tmp}/empty", "--no-download", "--output-dir", "{tmp}/runs/x"),
     "evaluate": ("--data-dir", "{tmp}/empty", "--no-download"),
     "predict": (),
+    "cache": (),
 }
 _PLOT_KINDS = ("geometry", "flops", "saved", "foo")  # the cheap kinds, and a wrong one
 
@@ -163,7 +165,11 @@ def command_lines(draw: st.DrawFn, command: str) -> list[str]:
                 argv = argv[:2]  # one checkpoint
     argv += _BASE[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    chosen = draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
+    chosen = (
+        draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
+        if options  # `cache` has none
+        else []
+    )
     for action in chosen:
         argv += draw(_option(action, command))
     return argv

@@ -10,6 +10,7 @@ import torch
 
 from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepSpec
 from ninlab.cli.options import (
     add_format_option,
     add_model_options,
@@ -19,6 +20,7 @@ from ninlab.cli.options import (
     runs_on_device,
     spec_from_args,
 )
+from ninlab.cli.progress_line import progress_line
 from ninlab.viz.render_measure import measurement_json, measurement_text
 
 
@@ -44,13 +46,22 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     batch = choice.batch
-    results = [measure(choice.model, spec, batch_size=batch) for spec in specs]
-    predictions = [
-        predict_memory(choice.model, spec, batch_size=batch, model_name=choice.name)
-        for spec in specs
-    ]
+    with progress_line(f"measuring {choice.name}", quiet=args.format == "json") as stage:
+        results = []
+        for spec in specs:
+            stage(f"measuring a real {_step_name(spec)} of {choice.name} at batch {batch}")
+            results.append(measure(choice.model, spec, batch_size=batch))
+        stage(f"predicting the memory of {choice.name}")
+        predictions = [
+            predict_memory(choice.model, spec, batch_size=batch, model_name=choice.name)
+            for spec in specs
+        ]
     if args.format == "json":
         print(measurement_json(results, predictions))
     else:
         print(measurement_text(choice.name, results, predictions), end="")
     return 0
+
+
+def _step_name(spec: StepSpec) -> str:
+    return "training step" if spec.mode == "train" else "inference"

@@ -15,6 +15,7 @@ from ninlab.cli.options import (
     model_choice,
     spec_from_args,
 )
+from ninlab.cli.progress_line import progress_line
 from ninlab.studies.memory import study_batch
 from ninlab.viz.render import print_summary, summary_csv, summary_json, summary_markdown
 
@@ -50,22 +51,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
-    summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
-    if args.format == "csv":  # one row per module: the memory section has no place there
-        print(summary_csv(summary), end="")
-        return 0
-    memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
-    if args.verify:
-        memory = verified(choice.model, memory)
-    study = None
-    if args.fit is not None:
-        study = study_batch(
-            choice.model,
-            spec,
-            budget=args.fit,
-            check_batch_size=choice.batch,
-            plan_batch_size=choice.batch if spec.mode == "train" else None,
-        )
+    quiet = args.format in ("json", "csv")
+    with progress_line(f"summarizing {choice.name}", quiet=quiet) as stage:
+        summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+        if args.format == "csv":  # one row per module: the memory section has no place there
+            print(summary_csv(summary), end="")
+            return 0
+        stage(f"predicting the memory of {choice.name} at batch {choice.batch}")
+        memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+        if args.verify:
+            stage(f"verifying the prediction by running {choice.name}'s step for real")
+            memory = verified(choice.model, memory)
+        study = None
+        if args.fit is not None:
+            stage(f"finding the largest batch of {choice.name} that fits {args.fit}")
+            study = study_batch(
+                choice.model,
+                spec,
+                budget=args.fit,
+                check_batch_size=choice.batch,
+                plan_batch_size=choice.batch if spec.mode == "train" else None,
+            )
     if args.format == "json":
         print(summary_json(summary, memory=memory, study=study))
     elif args.format == "markdown":
