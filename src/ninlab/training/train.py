@@ -410,7 +410,9 @@ def _on_device(split: Split, count: int | None, device: torch.device) -> Split:
 def _optimizer_spec(config: TrainConfig) -> OptimizerSpec:
     name = "sgd" if config.momentum == 0 else ("nesterov" if config.nesterov else "sgd-momentum")
     return OptimizerSpec(
-        name=name, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        name=name,
+        lr=config.lr,
+        settings={"momentum": config.momentum, "weight_decay": config.weight_decay},
     )
 
 
