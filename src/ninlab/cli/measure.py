@@ -9,8 +9,10 @@ import argparse
 import torch
 
 from ninlab.analysis.measure import measure
+from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import predict_memory
 from ninlab.cli.options import (
+    ModelChoice,
     add_format_option,
     add_model_options,
     add_step_options,
@@ -19,6 +21,9 @@ from ninlab.cli.options import (
     runs_on_device,
     spec_from_args,
 )
+from ninlab.errors import NinlabError
+from ninlab.training.preflight import available_memory
+from ninlab.units import format_bytes
 from ninlab.viz.render_measure import measurement_json, measurement_text
 
 
@@ -44,13 +49,32 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     batch = choice.batch
-    results = [measure(choice.model, spec, batch_size=batch) for spec in specs]
+    # Predicted first, on a model without weights, so a step that would not fit is refused
+    # before its weights exist.
     predictions = [
         predict_memory(choice.model, spec, batch_size=batch, model_name=choice.name)
         for spec in specs
     ]
+    _check_fits(choice, predictions, torch.device(step.device_type))
+    model = choice.with_weights()
+    results = [measure(model, spec, batch_size=batch) for spec in specs]
     if args.format == "json":
         print(measurement_json(results, predictions))
     else:
         print(measurement_text(choice.name, results, predictions), end="")
     return 0
+
+
+def _check_fits(choice: ModelChoice, predictions: list[MemoryReport], device: torch.device) -> None:
+    """Refuse a measurement whose model (its weights and the copy measured) and predicted peak
+    exceed the memory available on `device`."""
+    weights = sum(p.numel() * p.element_size() for p in choice.model.parameters())
+    needed = weights + max(prediction.allocator_peak_bytes for prediction in predictions)
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise NinlabError(
+            f"measuring {choice.name} at batch {choice.batch} needs about {format_bytes(needed)} "
+            f"on {device} (its weights and the predicted peak) but {format_bytes(available)} is "
+            "available; measure a smaller model or --batch, or ask for the prediction alone with "
+            "ninlab summary"
+        )

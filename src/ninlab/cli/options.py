@@ -404,11 +404,17 @@ FLAGS: tuple[Flag, ...] = tuple(
 @dataclass(frozen=True)
 class ModelChoice:
     """The model options but the step's (--input, --input-dtype, --input-range, --dtype), which
-    `spec_from_args` reads: the model as named, and the batch."""
+    `spec_from_args` reads: the model as named, and the batch. A registry model is built on the
+    meta device (the accountant needs no weights); `with_weights` builds it for real."""
 
     name: str
     model: nn.Module
     batch: int
+
+    def with_weights(self) -> nn.Module:
+        """The model with real weights, for a command that runs it."""
+        on_meta = any(tensor.is_meta for tensor in self.model.parameters())
+        return resolve_model(self.name) if on_meta else self.model
 
 
 _DEFAULT_INPUT = (1, 224, 224)
@@ -436,7 +442,7 @@ def _input_sizes(args: argparse.Namespace) -> tuple[int, ...] | tuple[tuple[int,
 
 
 def model_choice(args: argparse.Namespace) -> ModelChoice:
-    return ModelChoice(args.model, resolve_model(args.model), args.batch)
+    return ModelChoice(args.model, resolve_model(args.model, weights=False), args.batch)
 
 
 _STEP_DEFAULTS = StepSpec()
