@@ -50,6 +50,9 @@ def format_count(count: int) -> str:
     return f"{count:,}"
 
 
+_MAX_BYTES = 2**63  # what a signed 64-bit byte count holds
+
+
 def parse_bytes(text: str) -> int:
     """'8GiB', '500 MB', '1.5G' (bare K/M/G are binary, as in most tools), or a plain byte count."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
@@ -59,6 +62,10 @@ def parse_bytes(text: str) -> int:
             f"cannot read memory size {text!r}; write a number and a unit, e.g. 8GiB, 500MB or 1.5G"
         )
     value = float(match.group(1)) * _UNITS[unit]
+    if value >= _MAX_BYTES:  # 400 digits would be an infinite float
+        raise NinlabError(
+            f"memory size {text!r} is beyond any machine (over 8 EiB); give a size such as 8GiB"
+        )
     if value < 1:
         raise NinlabError(
             f"memory size {text!r} is less than one byte; give a positive size such as 8GiB"

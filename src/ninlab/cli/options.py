@@ -49,6 +49,7 @@ from ninlab.studies.report import DEFAULT_BUDGET
 from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
 from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
 from ninlab.training.progress import download_progress
+from ninlab.units import parse_bytes
 
 __all__ = [
     "FLAGS",
@@ -65,6 +66,7 @@ __all__ = [
     "input_range",
     "input_size",
     "load_data",
+    "memory_size",
     "model_choice",
     "non_negative_int",
     "path_name",
@@ -111,6 +113,16 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def memory_size(text: str) -> str:
+    """A memory budget, '8GiB' or '500MB', checked now (whatever else the command is asked)
+    and passed on as written."""
+    try:
+        parse_bytes(text)
+    except NinlabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def path_name(text: str) -> Path:
@@ -350,7 +362,10 @@ _TRAINING: dict[Flag, str] = {  # each flag's TrainConfig field
 # Chart options.
 LAYER = _flag("layer", "the conv or pooling layer of the geometry picture", metavar="NAME")
 BUDGET = _flag(
-    "budget", "memory budget of the largest training batch, e.g. 8GiB, 500MB", metavar="SIZE"
+    "budget",
+    "memory budget of the largest training batch, e.g. 8GiB, 500MB",
+    type=memory_size,
+    metavar="SIZE",
 )
 
 # Data options.
@@ -485,7 +500,18 @@ def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
         "input_range": args.input_range,
     }
     given = {name: value for name, value in given.items() if value is not None}
-    return StepSpec(input_size=_input_sizes(args), dtype=args.dtype, **{**given, **fields})
+    spec = StepSpec(input_size=_input_sizes(args), dtype=args.dtype, **{**given, **fields})
+    # An option the step never reads is refused rather than ignored.
+    if args.input_range is not None and spec.tensor_input_dtype.is_floating_point:
+        raise NinlabError(
+            "--input-range draws integer inputs (token ids); add --input-dtype long or drop it"
+        )
+    if spec.mode == "infer" and args.optimizer is not None:
+        raise NinlabError(
+            "--optimizer belongs to a training step, and this is an inference; drop it or "
+            "use --mode train"
+        )
+    return spec
 
 
 def add_training_options(

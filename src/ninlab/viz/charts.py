@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import matplotlib
+from ninlab.agg import matplotlib  # Agg, and $MPLBACKEND checked, before pyplot
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
+# isort: split
 import matplotlib.pyplot as plt
 from matplotlib import patches, ticker
 from matplotlib.axes import Axes
