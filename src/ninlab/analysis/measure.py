@@ -52,6 +52,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.phases import StepPhases
+from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
     StepSpec,
@@ -497,7 +498,7 @@ def measure(
         gc.collect()
         with (
             collector_off(),
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             with first:
                 previous = step()
