@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -553,7 +554,10 @@ def load_data(args: argparse.Namespace) -> FashionMNIST:
             download=not args.no_download,
             progress=hook,
         )
-    print(f"data: Fashion-MNIST from {data.directory} ({data.source}), verified", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(
+            f"data: Fashion-MNIST from {data.directory} ({data.source}), verified", file=sys.stderr
+        )
     return data
 
 

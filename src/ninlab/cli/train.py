@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from rich.console import Console
+
 from ninlab.cli.options import (
     BATCH,
     DEVICE,
@@ -111,7 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
             data=lambda: load_data(args),
             resume=bool(args.resume),
             device=args.device,
-            reporter=RichReporter(),
+            # Results on stdout, progress and warnings on stderr (soft wrap: a file keeps lines).
+            reporter=RichReporter(results=Console(soft_wrap=True)),
             stop=stop,
             force_memory=args.force_memory,
         )
