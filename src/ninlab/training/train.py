@@ -557,7 +557,7 @@ def _end_epoch(
             run.output_dir / "curves.png",
             epochs=config.epochs,
             title=f"{config.variant} at {config.image_size}x{config.image_size}, batch "
-            f"{config.batch_size}, lr {config.lr:g} ({run.output_dir.name})",
+            f"{config.batch_size}, lr {config.lr:g}",  # no directory: a notebook's is temporary
         )
     _report_epoch(say, config, row, evaluation)
 
