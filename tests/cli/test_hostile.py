@@ -46,7 +46,8 @@ _MODELS = (
 _BY_DEST: dict[str, tuple[str, ...]] = {
     "model": _MODELS,
     "variant": _MODELS,
-    "input": ("1x67x67", "0x67x67", "1x67", "abc", ""),
+    "input": ("1x67x67", "0x67x67", "1x67", "abc", "", "1x99999999999999999999x67"),
+    "input_range": ("0:2", "0:99999999999999999999", "3:1", "x"),
     "optimizer": (
         "sgd",
         "adamw:weight_decay=0.01",

@@ -169,6 +169,10 @@ def input_size(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"input size {text!r} has a zero; every size must be at least 1, e.g. 1x224x224"
         )
+    if max(sizes) > MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"input size {text!r} has a size above {MAX_COUNT:,}, more than PyTorch takes"
+        )
     return sizes
 
 
@@ -186,6 +190,10 @@ def input_range(text: str) -> tuple[int, int]:
     if values[1] <= values[0]:
         raise argparse.ArgumentTypeError(
             f"input range {text!r} is empty; LOW must be below HIGH, e.g. 0:1000"
+        )
+    if values[0] < -MAX_SEED - 1 or values[1] > MAX_SEED:  # int64, where token ids are drawn
+        raise argparse.ArgumentTypeError(
+            f"input range {text!r} is beyond int64; give values of at most {MAX_SEED:,}"
         )
     return values
 
