@@ -752,10 +752,11 @@ def _draw_timeline(chart: TimelineChart) -> Figure:
     axes.annotate(
         f"live peak {format_bytes(chart.peak_bytes)}\n{chart.peak_label}",
         xy=(chart.peak_op, chart.peak_bytes),
-        # In the empty band above the curve, beside the peak on the side with room: a short
-        # arrow, never one across the chart.
-        xytext=(-24 if right_half else 24, 22),
-        textcoords="offset points",
+        # In the empty band at the top (the axis ends at 1.25 x the highest peak, above the
+        # allocator's label), just beside the peak on the side with room: a short arrow, never
+        # one across the chart.
+        xytext=(chart.peak_op + (-0.03 if right_half else 0.03) * len(positions), 0.92),
+        textcoords=above,
         ha="right" if right_half else "left",
         va="center",
         fontsize=8,
