@@ -17,6 +17,7 @@ from ninlab.cli.options import (
     FORMAT,
     OPTIMIZER,
     Flag,
+    refuse_unread_optimizer,
     spec_from_args,
     training_overrides,
 )
@@ -183,7 +184,7 @@ def test_step_options_are_the_step_spec_they_describe():
     # An option the step would never read is refused, not dropped.
     infer = build_parser().parse_args(["summary", "--mode", "infer", "--optimizer", "adam"])
     with pytest.raises(NinlabError, match="--optimizer belongs to a training step"):
-        spec_from_args(infer)
+        refuse_unread_optimizer(infer, spec_from_args(infer))
     # Nothing given: StepSpec's own defaults, for the model options' input and dtype.
     assert spec_from_args(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()
 

@@ -18,6 +18,7 @@ from ninlab.cli.options import (
     add_step_options,
     model_choice,
     positive_int,
+    refuse_unread_optimizer,
     runs_on_device,
     spec_from_args,
 )
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     step = spec_from_args(args)
+    refuse_unread_optimizer(args, step)
     specs = [step] if args.mode else [step, step.inference()]
     if args.threads is not None:
         torch.set_num_threads(args.threads)

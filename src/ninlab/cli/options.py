@@ -72,6 +72,7 @@ __all__ = [
     "non_negative_int",
     "path_name",
     "positive_int",
+    "refuse_unread_optimizer",
     "runs_on_device",
     "spec_from_args",
     "training_overrides",
@@ -515,12 +516,17 @@ def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
         raise NinlabError(
             "--input-range draws integer inputs (token ids); add --input-dtype long or drop it"
         )
+    return spec
+
+
+def refuse_unread_optimizer(args: argparse.Namespace, spec: StepSpec) -> None:
+    """In a command whose step is `spec` alone (summary, measure): --optimizer with an inference
+    would be read by nothing."""
     if spec.mode == "infer" and args.optimizer is not None:
         raise NinlabError(
             "--optimizer belongs to a training step, and this is an inference; drop it or "
             "use --mode train"
         )
-    return spec
 
 
 def add_training_options(

@@ -13,6 +13,7 @@ from ninlab.cli.options import (
     add_step_options,
     memory_size,
     model_choice,
+    refuse_unread_optimizer,
     spec_from_args,
 )
 from ninlab.errors import NinlabError
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         )
     choice = model_choice(args)
     spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
+    refuse_unread_optimizer(args, spec)
     summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
     if args.format == "csv":  # one row per module: the memory section has no place there
         print(summary_csv(summary), end="")
