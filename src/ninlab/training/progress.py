@@ -80,20 +80,15 @@ class SilentReporter:
 
 
 class RichReporter:
-    """A rich progress bar: epoch, batches, loss, accuracy, examples/s and the epoch's ETA.
+    """A rich progress bar: epoch, batches, loss, accuracy, examples/s and the epoch's ETA."""
 
-    The bar and warnings go to `console` (stderr); what the run is and each epoch's line to
-    `results` (the command line's stdout, so `ninlab train > log.txt` keeps them; by default
-    `console` too)."""
-
-    def __init__(self, console: Console | None = None, *, results: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self.results = results or self.console
         self._progress: Progress | None = None
         self._task = 0
 
     def info(self, message: str) -> None:
-        self.results.print(message, highlight=False)
+        self.console.print(message, highlight=False)
 
     def warn(self, message: str) -> None:
         self.console.print(
@@ -115,7 +110,7 @@ class RichReporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.results.print(line, highlight=False)
+        self.console.print(line, highlight=False)
 
 
 def _epoch_bar(epoch: int, epochs: int, console: Console) -> Progress:
