@@ -26,16 +26,16 @@ tests/analysis/test_kernel_probe.py checks whole steps built of such calls again
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 from ninlab.analysis import kernel_cache
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.torch_internals import EventType
 from ninlab.units import format_bytes
 
@@ -183,16 +183,13 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     namespace, name, overload = call.op.split(".")
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
-    # Kineto prints two lines to stderr each time a profile starts unless told otherwise before its
-    # first one; a prediction should print nothing (a user's own setting is kept).
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         # The op as recorded: autocast already chose its dtypes, and no argument asks for a
         # graph (zeros need no gradient), but grad mode is the kernel's to read.
         with (
             torch.set_grad_enabled(call.grad_enabled),
             torch.autocast("cpu", enabled=False),
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             result = func(*args)
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros

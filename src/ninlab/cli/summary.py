@@ -12,10 +12,13 @@ from ninlab.cli.options import (
     add_format_option,
     add_model_options,
     add_step_options,
+    memory_size,
     model_choice,
+    refuse_unread_optimizer,
     spec_from_args,
 )
 from ninlab.cli.progress_line import progress_line
+from ninlab.errors import NinlabError
 from ninlab.studies.memory import study_batch
 from ninlab.viz.render import print_summary, summary_csv, summary_json, summary_markdown
 
@@ -35,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--fit",
+        type=memory_size,
         metavar="BUDGET",
         help="largest batch whose peak fits, e.g. 8GiB, 500MB; for training, also under bf16, "
         "checkpointing, accumulation and other optimizers, with a recommendation",
@@ -49,8 +53,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # What a format has no place for is refused, not dropped: CSV is one row per module, and
+    # JSON holds the numbers, not the arithmetic in words.
+    if args.format == "csv" and args.fit is not None:
+        raise NinlabError(
+            "--fit has no place in --format csv; use --format table, markdown or json"
+        )
+    if args.format in ("csv", "json") and args.explain:
+        raise NinlabError(
+            f"--explain has no place in --format {args.format}; use --format table or markdown"
+        )
     choice = model_choice(args)
     spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
+    refuse_unread_optimizer(args, spec)
     quiet = args.format in ("json", "csv")
     with progress_line(f"summarizing {choice.name}", quiet=quiet) as stage:
         summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
