@@ -151,3 +151,16 @@ def fashion_mnist() -> FashionMNIST:
             pytest.fail(f"CI must have the real data (apt install dataset-fashion-mnist): {data}")
         pytest.skip(f"real Fashion-MNIST not found: {data}")
     return data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The kernel probe's disk cache (`ninlab.analysis.kernel_cache`) goes to a folder of this
+    session, never the user's own, for the library and the command line's child processes alike."""
+    before = os.environ.get("NINLAB_CACHE_DIR")
+    os.environ["NINLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("ninlab-cache"))
+    yield
+    if before is None:
+        del os.environ["NINLAB_CACHE_DIR"]
+    else:
+        os.environ["NINLAB_CACHE_DIR"] = before

@@ -94,6 +94,10 @@ def test_variant_spelled_on_the_command_line():
         ("math:pi", "'math:pi' is not a function but a float"),
         ("math:nope", "'math' has no 'nope'"),
         ("collections:OrderedDict", "returned OrderedDict, not an nn.Module"),
+        ("nin-d2l:num_1x1=5000", "num_1x1 must be 0 to 64, got 5000"),
+        ("nin-d2l:num_classes=1000001", "num_classes must be 1 to 1,000,000, got 1,000,001"),
+        ("nin-d2l:in_channels=10000000", "in_channels must be 1 to 1,000,000"),
+        ("nin-d2l:dropout=nan", "dropout must be between 0 and 1, got nan"),
     ],
 )
 def test_bad_model_specs_say_what_is_wrong(spec, message):
@@ -110,3 +114,19 @@ def test_registry_refuses_duplicates():
     with pytest.raises(ModelSpecError, match="already registered"):
         register_config("nin-d2l", NiNConfig(get_config("nin-d2l").layers))
     assert "nin-d2l" in list_configs()
+
+
+def test_a_registry_model_without_weights_is_the_same_network_on_the_meta_device():
+    # A million classes: 4 TB of weights in the last block's 1x1 convolutions, none allocated.
+    spec = "nin-d2l:num_classes=1000000"
+    meta = resolve_model(spec, weights=False)
+    assert all(p.is_meta for p in meta.parameters())
+
+    def last_block(classes: int) -> int:  # 3x3 conv from 384 channels, two 1x1 convs, biases
+        return 384 * 9 * classes + classes + 2 * (classes * classes + classes)
+
+    expected = 1_992_166 - last_block(10) + last_block(1_000_000)
+    assert sum(p.numel() for p in meta.parameters()) == expected == 2_003_460_957_376
+    small = "nin-d2l-bn"
+    shapes = [p.shape for p in resolve_model(small).parameters()]
+    assert [p.shape for p in resolve_model(small, weights=False).parameters()] == shapes

@@ -1,9 +1,17 @@
-"""Functions named `package.module:function` on the command line: a model factory, a step."""
+"""Functions named `package.module:function` on the command line: a model factory, a step.
+
+The module is looked for where Python looks, and in the current directory, as `python -m` would
+(so `mysteps:accumulate` finds ./mysteps.py without PYTHONPATH=.); a file may be named by its
+path instead, `path/to/steps.py:accumulate`."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from ninlab.errors import NinlabError, one_line
@@ -23,11 +31,11 @@ def import_function(
     if not module_path or not attribute:
         raise error(f"name a {what} as package.module:function, not {path!r}")
     try:
-        module = importlib.import_module(module_path)
+        module = _module(module_path)
     except Exception as exception:  # noqa: BLE001 - any import failure is the user's, in one line
         raise error(
             f"cannot import {module_path!r} for {what} {path!r} ({one_line(exception)}); "
-            "check the module path and that it is on PYTHONPATH"
+            "name a module in the current directory or on PYTHONPATH, or a file as path/to/file.py"
         ) from None
     if not hasattr(module, attribute):
         raise error(f"{module_path!r} has no {attribute!r}; name {expects}")
@@ -35,3 +43,19 @@ def import_function(
     if not callable(function):
         raise error(f"{path!r} is not a function but a {type(function).__name__}; name {expects}")
     return function
+
+
+def _module(name: str) -> ModuleType:
+    """The module `name` names: a dotted module, found on sys.path or in the current directory
+    (searched last, so it never hides an installed package), or a file `path/to/file.py`."""
+    if name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+        if spec is None or spec.loader is None or not os.path.isfile(name):
+            raise FileNotFoundError(f"no file {name}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+    return importlib.import_module(name)

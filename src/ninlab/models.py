@@ -9,17 +9,22 @@ builder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from ninlab.dotted import import_function
 from ninlab.errors import NinlabError, one_line
 
 __all__ = [
+    "MAX_CHANNELS",
+    "MAX_NUM_1X1",
     "Block",
     "ModelSpecError",
     "NiNConfig",
@@ -73,10 +78,22 @@ class NiNConfig:
         # Checked here, for every configuration, rather than by PyTorch mid-build (a dropout of 2)
         # or never (an init name it would ignore).
         problems = [
-            (self.num_1x1 >= 0, f"num_1x1 must be 0 or more, got {self.num_1x1}"),
-            (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
-            (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
-            (0 <= self.dropout <= 1, f"dropout must be between 0 and 1, got {self.dropout}"),
+            (
+                0 <= self.num_1x1 <= MAX_NUM_1X1,
+                f"num_1x1 must be 0 to {MAX_NUM_1X1}, got {self.num_1x1}",
+            ),
+            (
+                1 <= self.num_classes <= MAX_CHANNELS,
+                f"num_classes must be 1 to {MAX_CHANNELS:,}, got {self.num_classes:,}",
+            ),
+            (
+                1 <= self.in_channels <= MAX_CHANNELS,
+                f"in_channels must be 1 to {MAX_CHANNELS:,}, got {self.in_channels:,}",
+            ),
+            (
+                math.isfinite(self.dropout) and 0 <= self.dropout <= 1,
+                f"dropout must be between 0 and 1, got {self.dropout}",
+            ),
             (self.init in _INITS, f"init must be one of {', '.join(_INITS)}, got {self.init!r}"),
             (
                 self.global_pool in _POOLS,
@@ -88,6 +105,12 @@ class NiNConfig:
                 raise ModelSpecError(problem)
 
 
+# Bounds of a variant's settings, so a typo (num_1x1=5000) is one line rather than minutes of
+# work: 64 1x1 convolutions per block is 16 times the deepest NiN of the chapter's exercises,
+# and a million channels (a classifier of a million classes) is 13.8 GB of weights in one
+# convolution of d2l's NiN, which the accountant describes without building.
+MAX_NUM_1X1 = 64
+MAX_CHANNELS = 1_000_000
 _INITS = ("xavier", "kaiming", "default")
 _POOLS = ("avg", "max")
 
@@ -313,15 +336,19 @@ def parse_variant(spec: str) -> NiNConfig:
         raise ModelSpecError(f"variant {spec!r}: {error}") from None
 
 
-def resolve_model(spec: str) -> nn.Module:
+def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
     """A registry name, a variant (`name:key=value,...`) or a factory
     path `package.module:function`.
 
-    A factory is called with no arguments and must return an `nn.Module`.
+    A factory is called with no arguments and must return an `nn.Module`. `weights=False`
+    builds a registry model on the meta device: its shapes without its memory, all the
+    accountant needs (a factory is called as it is, since it may need its weights).
     """
     name = spec.partition(":")[0]
     if name in _REGISTRY:
-        return build_nin(parse_variant(spec))
+        config = parse_variant(spec)
+        with contextlib.nullcontext() if weights else torch.device("meta"):
+            return build_nin(config)
     if ":" not in spec:
         get_config(spec)  # raises the error that lists the registry
     factory = import_function(

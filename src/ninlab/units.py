@@ -11,9 +11,19 @@ from ninlab.errors import NinlabError
 if TYPE_CHECKING:  # an annotation only: naming a dtype needs no torch
     import torch
 
-__all__ = ["dtype_name", "format_bytes", "format_count", "format_flops", "parse_bytes"]
+__all__ = [
+    "BYTE_UNITS",
+    "FLOP_UNITS",
+    "dtype_name",
+    "format_bytes",
+    "format_count",
+    "format_flops",
+    "parse_bytes",
+]
 
-_BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+# Each unit and its size, largest first; below the last, bytes are "B" and FLOPs "FLOP".
+BYTE_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+FLOP_UNITS = (("TFLOP", 10**12), ("GFLOP", 10**9), ("MFLOP", 10**6), ("kFLOP", 10**3))
 _UNITS = {
     "": 1,
     "b": 1,
@@ -33,14 +43,14 @@ _UNITS = {
 
 
 def format_bytes(count: int) -> str:
-    for unit, size in _BINARY:
+    for unit, size in BYTE_UNITS:
         if abs(count) >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} B"
 
 
 def format_flops(count: int) -> str:
-    for unit, size in (("TFLOP", 10**12), ("GFLOP", 10**9), ("MFLOP", 10**6), ("kFLOP", 10**3)):
+    for unit, size in FLOP_UNITS:
         if abs(count) >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} FLOP"
@@ -48,6 +58,9 @@ def format_flops(count: int) -> str:
 
 def format_count(count: int) -> str:
     return f"{count:,}"
+
+
+_MAX_BYTES = 2**63  # what a signed 64-bit byte count holds
 
 
 def parse_bytes(text: str) -> int:
@@ -59,6 +72,10 @@ def parse_bytes(text: str) -> int:
             f"cannot read memory size {text!r}; write a number and a unit, e.g. 8GiB, 500MB or 1.5G"
         )
     value = float(match.group(1)) * _UNITS[unit]
+    if value >= _MAX_BYTES:  # 400 digits would be an infinite float
+        raise NinlabError(
+            f"memory size {text!r} is beyond any machine (over 8 EiB); give a size such as 8GiB"
+        )
     if value < 1:
         raise NinlabError(
             f"memory size {text!r} is less than one byte; give a positive size such as 8GiB"

@@ -22,7 +22,7 @@ def test_plain_values_become_typed_ones() -> None:
         ddp=True,
     )
     assert spec.input_size == (1, 28, 28)
-    assert spec.optimizer == OptimizerSpec("adamw", weight_decay=0.01)
+    assert spec.optimizer == OptimizerSpec("adamw", settings={"weight_decay": 0.01})
     assert (spec.dtype, spec.amp, spec.autocast_dtype) == (torch.bfloat16, "fp16", torch.float16)
     assert spec.ddp == DDPSpec()
     assert StepSpec(amp=torch.bfloat16).amp == "bf16"

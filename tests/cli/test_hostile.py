@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +40,14 @@ _MODELS = (
     "nin-d2l:init=foo",
     "nin-d2l:num_classes=0",
     "nin-d2l:num_1x1",
+    "nin-d2l:num_1x1=5000",  # bounded: one line, not minutes of work
+    "nin-d2l:num_classes=1000000",  # 8 TB of weights: the accountant builds none
 )
 _BY_DEST: dict[str, tuple[str, ...]] = {
     "model": _MODELS,
     "variant": _MODELS,
-    "input": ("1x67x67", "0x67x67", "1x67", "abc", ""),
+    "input": ("1x67x67", "0x67x67", "1x67", "abc", "", "1x99999999999999999999x67"),
+    "input_range": ("0:2", "0:99999999999999999999", "3:1", "x"),
     "optimizer": (
         "sgd",
         "adamw:weight_decay=0.01",
@@ -53,9 +58,14 @@ _BY_DEST: dict[str, tuple[str, ...]] = {
         "adam:implementation=bad",
         "sgd:momentum=1.5",
         "sgd:lr",
+        "sgd:momentum=0.5",
+        "adam:momentum=0.5",  # Adam has no momentum: refused, never ignored
+        "adam:amsgrad=true,betas=(0.8,0.99)",
+        "sgd:nesterov=true",
+        "adam:betas=(2,0.9)",
     ),
-    "budget": ("8GiB", "0", "abc", "1e400GiB", "-1GiB"),
-    "fit": ("8GiB", "0", "abc", "1e400GiB"),
+    "budget": ("8GiB", "0", "abc", "1e400GiB", "-1GiB", "8XB", "9" * 400),
+    "fit": ("8GiB", "0", "abc", "1e400GiB", "8XB", "9" * 400),
     "layer": ("nosuch",),
     "plot": ("{tmp}/bars.png", "{tmp}/bars.txt", "", "{tmp}/a-dir", "{tmp}/missing/bars.png"),
 }
@@ -81,6 +91,7 @@ _POSITIONALS: dict[tuple[str, str], tuple[str, ...]] = {
     ("predict", "checkpoint"): ("{tmp}/run", "{tmp}/flipped.pt", "{tmp}/nothere"),
     ("predict", "images"): ("{tmp}/gray16.png", "{tmp}/gray8.png", "{tmp}/a-file", "{tmp}/no.png"),
     ("compare", "specs"): ("nin-d2l-0x1", "nin-d2l-1x1", "nosuch", "nin-d2l:dropout=2"),
+    ("cache", "action"): ("path", "clear", "frobnicate"),  # the session's folder (conftest)
 }
 # Cheap where valid: the smallest input of d2l's NiN, a batch of 2, no real data.
 _BASE: dict[str, tuple[str, ...]] = {
@@ -92,6 +103,7 @@ _BASE: dict[str, tuple[str, ...]] = {
     "train": ("--data-dir", "{tmp}/empty", "--no-download", "--output-dir", "{tmp}/runs/x"),
     "evaluate": ("--data-dir", "{tmp}/empty", "--no-download"),
     "predict": (),
+    "cache": (),
 }
 _PLOT_KINDS = ("geometry", "flops", "saved", "foo")  # the cheap kinds, and a wrong one
 
@@ -163,7 +175,11 @@ def command_lines(draw: st.DrawFn, command: str) -> list[str]:
                 argv = argv[:2]  # one checkpoint
     argv += _BASE[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    chosen = draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
+    chosen = (
+        draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
+        if options  # `cache` has none
+        else []
+    )
     for action in chosen:
         argv += draw(_option(action, command))
     return argv
@@ -201,3 +217,30 @@ def test_any_command_line_ends_in_exit_0_or_one_line_and_exit_2(files, command, 
         # The line names what is at fault: an option given, one of its values, or a file.
         named = [part for part in argv[1:] if part] + [os.sep]  # a path names a file
         assert any(part in errors[0] for part in named), (argv, errors[0])
+
+
+def _script(*argv: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    """`ninlab ARGV` in a fresh process, as the console script runs it."""
+    code = "import sys; from ninlab.cli import main; sys.exit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **environment},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_an_environment_matplotlib_cannot_read_is_one_line(tmp_path):
+    done = _script("plot", "geometry", "-o", str(tmp_path / "g.png"), MPLBACKEND="nonsense")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("ninlab: error: MPLBACKEND='nonsense' is not a backend")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_an_option_a_format_has_no_place_for_is_refused_not_ignored():
+    code, err = _run(["summary", "--format", "csv", "--fit", "8GiB", *_BASE["summary"]])
+    assert code == 2 and "--fit has no place in --format csv" in err
+    code, err = _run(["summary", "--format", "csv", "--fit", "8XB", *_BASE["summary"]])
+    assert code == 2 and "argument --fit: cannot read memory size '8XB'" in err

@@ -17,9 +17,11 @@ from ninlab.cli.options import (
     FORMAT,
     OPTIMIZER,
     Flag,
+    refuse_unread_optimizer,
     spec_from_args,
     training_overrides,
 )
+from ninlab.errors import NinlabError
 from ninlab.training.presets import PRESETS, TrainConfig
 
 # What each command needs before any option (its positionals, plot's required file).
@@ -32,6 +34,7 @@ POSITIONALS = {
     "plot": ["flops", "-o", "chart.png"],
     "report": [],
     "compare": ["nin-d2l"],
+    "cache": ["path"],
 }
 
 
@@ -159,8 +162,6 @@ def test_step_options_are_the_step_spec_they_describe():
             "bfloat16",
             "--mode",
             "infer",
-            "--optimizer",
-            "adam",
             "--amp",
             "fp16",
             "--device",
@@ -173,13 +174,18 @@ def test_step_options_are_the_step_spec_they_describe():
     assert spec_from_args(args) == StepSpec(
         input_size=(3, 96, 96),
         mode="infer",
-        optimizer="adam",
         dtype="bfloat16",
         amp="fp16",
         device_type="cuda",
         grad_mode="inference_mode",
         memory_format="channels_last",
     )
+    train = build_parser().parse_args(["summary", "--mode", "train", "--optimizer", "adam"])
+    assert spec_from_args(train).optimizer == StepSpec(optimizer="adam").optimizer
+    # An option the step would never read is refused, not dropped.
+    infer = build_parser().parse_args(["summary", "--mode", "infer", "--optimizer", "adam"])
+    with pytest.raises(NinlabError, match="--optimizer belongs to a training step"):
+        refuse_unread_optimizer(infer, spec_from_args(infer))
     # Nothing given: StepSpec's own defaults, for the model options' input and dtype.
     assert spec_from_args(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()
 
@@ -216,7 +222,8 @@ def test_a_saved_recipe_as_flags_gives_the_same_recipe(config):
 def test_trainer_and_accountant_share_the_batch_and_device_spellings():
     for command in ("summary", "measure", "plot", "report", "compare", "train", "evaluate"):
         assert {*BATCH.names, *BATCH.aliases} <= set(options(commands()[command])), command
-    assert set(commands_with(DEVICE.names[0])) == set(POSITIONALS)
+    # Every command that runs a model; `cache` only shows or removes a folder.
+    assert set(commands_with(DEVICE.names[0])) == set(POSITIONALS) - {"cache"}
     assert commands_with("--device-type") == []
 
 

@@ -69,3 +69,16 @@ def test_a_bad_step_is_one_line_and_exit_code_2(capsys, my_steps, step: str, mes
     assert code == 2
     assert out == ""
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["mysteps_in_cwd:accumulate", "mysteps_in_cwd.py:accumulate"])
+def test_a_step_in_the_current_directory_needs_no_pythonpath(tmp_path, monkeypatch, name):
+    # As the `ninlab` script runs: sys.path holds its own directory, not the current one.
+    (tmp_path / "mysteps_in_cwd.py").write_text(STEPS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mysteps_in_cwd", raising=False)
+    from ninlab.dotted import import_function
+
+    step = import_function(name, what="step", expects="a step")
+    assert step.__name__ == "accumulate"

@@ -12,9 +12,10 @@ from ninlab.analysis.summary import summarize
 from ninlab.cli import main
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
-from ninlab.units import format_bytes
+from ninlab.units import BYTE_UNITS, format_bytes
 from ninlab.viz.charts import (
     _ScaledLocator,
+    _UnitFormatter,
     batch_chart,
     chart_svg,
     draw,
@@ -249,6 +250,22 @@ def test_byte_ticks_are_round_binary_numbers():
     assert all(tick % (256 * MIB) == 0 for tick in ticks)
     assert [format_bytes(round(t)) for t in ticks[:3]] == ["0 B", "256.00 MiB", "512.00 MiB"]
     assert all(tick % GIB == 0 for tick in locator.tick_values(0, 9.1 * GIB))
+
+
+def test_an_axis_labels_every_tick_in_one_unit():
+    # The issue: "768.00 MiB" next to "1.00 GiB" on one axis.
+    formatter = _UnitFormatter(BYTE_UNITS, "B")
+    ticks = [0, 256 * MIB, 512 * MIB, 768 * MIB, GIB, 1280 * MIB]
+    assert formatter.format_ticks(ticks) == [
+        "0 B",
+        "0.25 GiB",
+        "0.50 GiB",
+        "0.75 GiB",
+        "1.00 GiB",
+        "1.25 GiB",
+    ]
+    assert formatter.format_ticks([0, 2 * GIB, 4 * GIB]) == ["0 B", "2 GiB", "4 GiB"]
+    assert formatter.format_ticks([100, 200]) == ["100 B", "200 B"]
 
 
 def test_save_chart_writes_png_and_svg(summary, tmp_path):

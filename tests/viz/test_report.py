@@ -244,3 +244,13 @@ def test_cli_report_and_plot_refuse_an_unsupported_suffix_alike(tmp_path, capsys
     assert f"cannot write the report {refusal} .html or .htm file" in report_error
     assert f"cannot write the chart {refusal} .png or .svg file" in plot_error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_over_the_budget_shows_why_where_rounding_would_hide_it():
+    from ninlab.viz.report import _over
+
+    budget = 8 << 30
+    assert _over(budget + 1_000, budget) == (
+        "8.00 GiB: 8,589,935,592 bytes, over the budget's 8,589,934,592"
+    )
+    assert _over(9 << 30, budget) == "9.00 GiB"

@@ -7,8 +7,10 @@ monotonically with the image. A rule read off one CPU would be wrong on the next
 call the recording keeps its signature (`KernelCall`: the op and its arguments' sizes, strides and
 dtypes), and `measured_allocations` runs that one op once, on zeros of the same layout, under the
 profiler's allocation records (`profile_memory=True`): every block the kernel allocates and frees,
-in order, on this machine, with its outputs found by address. A call is measured once per process
-and thread count (the same call at the same batch size costs nothing the second time).
+in order, on this machine, with its outputs found by address. A call is measured once per machine
+and thread count: kept in this process (the same call at the same batch size costs nothing the
+second time) and on disk for the next processes (`ninlab.analysis.kernel_cache`, keyed by the CPU,
+its instruction set, the thread count and torch's build; `ninlab cache clear` empties it).
 
 That allocates the op's own arguments and outputs, one op at a time (a small part of the step the
 prediction is about), and runs its arithmetic once: 0.8 s for the 24 convolution calls of NiN as
@@ -24,15 +26,16 @@ tests/analysis/test_kernel_probe.py checks whole steps built of such calls again
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
+from ninlab.analysis import kernel_cache
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.torch_internals import EventType
 from ninlab.units import format_bytes
 
@@ -155,8 +158,21 @@ def measured_allocations(call: KernelCall) -> tuple[KernelAllocation, ...] | str
     key = (call, torch.get_num_threads())
     known = _MEASURED.get(key)
     if known is None:
-        known = _MEASURED[key] = _measure(call)
+        known = _MEASURED[key] = _stored_or_measured(call)
     return known
+
+
+def _stored_or_measured(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
+    """What an earlier process measured on this machine (`ninlab.analysis.kernel_cache`), else
+    measured now and kept for the next one."""
+    signature = repr(call)
+    stored = kernel_cache.load(signature, call.output_bytes)
+    if stored is not None:
+        return stored
+    measured = _measure(call)
+    if not isinstance(measured, str):
+        kernel_cache.store(signature, measured)
+    return measured
 
 
 def too_large_to_measure(calls: Sequence[KernelCall]) -> str:
@@ -176,16 +192,13 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
     kwargs = {name: _real(value) for name, value in call.kwargs}
-    # Kineto prints two lines to stderr each time a profile starts unless told otherwise before its
-    # first one; a prediction should print nothing (a user's own setting is kept).
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         # The op as recorded: autocast already chose its dtypes, and no argument asks for a
         # graph (zeros need no gradient), but grad mode is the kernel's to read.
         with (
             torch.set_grad_enabled(call.grad_enabled),
             torch.autocast("cpu", enabled=False),
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             result = func(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros

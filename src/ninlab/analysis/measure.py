@@ -52,6 +52,7 @@ from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.model_state import attribute_tensors, model_kept
 from ninlab.analysis.phases import StepPhases, annotation_phase
+from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.refusals import cannot_run
 from ninlab.analysis.step import (
     StepInputs,
@@ -524,7 +525,7 @@ def _measure(
         gc.collect()
         with (
             collector_off(),
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             with first:
                 previous = step()

@@ -280,9 +280,10 @@ class StepSpec:
 
     @property
     def optimizer_name(self) -> str:
-        """ "adam", or the name of the optimizer factory."""
+        """ "adam", "sgd:momentum=0.5" (the settings given), or the name of the optimizer
+        factory."""
         if isinstance(self.optimizer, OptimizerSpec):
-            return self.optimizer.name
+            return self.optimizer.label
         return _callable_name(self.optimizer)
 
     @property
@@ -356,7 +357,7 @@ class StepSpec:
 
     def _optimizer_dict(self) -> dict[str, Any]:
         if isinstance(self.optimizer, OptimizerSpec):
-            return dataclasses.asdict(self.optimizer)
+            return self.optimizer.used()
         return {"factory": self.optimizer_name}
 
     @property

@@ -21,7 +21,15 @@ from ninlab.errors import NinlabError, NinlabWarning
 from ninlab.training.interrupt import held_interrupts
 
 # Each module defines `register(subparsers)`, which adds its command(s) and sets `func`.
-_COMMAND_MODULES: tuple[str, ...] = ("summary", "measure", "train", "plot", "report", "compare")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "summary",
+    "measure",
+    "train",
+    "plot",
+    "report",
+    "compare",
+    "cache",
+)
 
 _DESCRIPTION = """\
 The d2l.ai chapter on Network in Network as software. For any PyTorch CNN, ninlab shows how each

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ from ninlab.studies.report import DEFAULT_BUDGET
 from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
 from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
 from ninlab.training.progress import download_progress
+from ninlab.units import parse_bytes
 
 __all__ = [
     "FLAGS",
@@ -67,10 +69,12 @@ __all__ = [
     "input_range",
     "input_size",
     "load_data",
+    "memory_size",
     "model_choice",
     "non_negative_int",
     "path_name",
     "positive_int",
+    "refuse_unread_optimizer",
     "runs_on_device",
     "spec_from_args",
     "training_overrides",
@@ -115,6 +119,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def memory_size(text: str) -> str:
+    """A memory budget, '8GiB' or '500MB', checked now (whatever else the command is asked)
+    and passed on as written."""
+    try:
+        parse_bytes(text)
+    except NinlabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def path_name(text: str) -> Path:
     """A file or directory name; "" is refused (as a Path it would be ".", the
     working directory)."""
@@ -157,6 +171,10 @@ def input_size(text: str) -> tuple[int, ...]:
     if min(sizes) < 1:
         raise argparse.ArgumentTypeError(
             f"input size {text!r} has a zero; every size must be at least 1, e.g. 1x224x224"
+        )
+    if max(sizes) > MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"input size {text!r} has a size above {MAX_COUNT:,}, more than PyTorch takes"
         )
     return sizes
 
@@ -210,6 +228,10 @@ def input_range(text: str) -> tuple[int, int]:
     if values[1] <= values[0]:
         raise argparse.ArgumentTypeError(
             f"input range {text!r} is empty; LOW must be below HIGH, e.g. 0:1000"
+        )
+    if values[0] < -MAX_SEED - 1 or values[1] > MAX_SEED:  # int64, where token ids are drawn
+        raise argparse.ArgumentTypeError(
+            f"input range {text!r} is beyond int64; give values of at most {MAX_SEED:,}"
         )
     return values
 
@@ -391,7 +413,10 @@ _TRAINING: dict[Flag, str] = {  # each flag's TrainConfig field
 # Chart options.
 LAYER = _flag("layer", "the conv or pooling layer of the geometry picture", metavar="NAME")
 BUDGET = _flag(
-    "budget", "memory budget of the largest training batch, e.g. 8GiB, 500MB", metavar="SIZE"
+    "budget",
+    "memory budget of the largest training batch, e.g. 8GiB, 500MB",
+    type=memory_size,
+    metavar="SIZE",
 )
 
 # Data options.
@@ -445,11 +470,17 @@ FLAGS: tuple[Flag, ...] = tuple(
 @dataclass(frozen=True)
 class ModelChoice:
     """The model options but the step's (--input, --input-dtype, --input-range, --dtype), which
-    `spec_from_args` reads: the model as named, and the batch."""
+    `spec_from_args` reads: the model as named, and the batch. A registry model is built on the
+    meta device (the accountant needs no weights); `with_weights` builds it for real."""
 
     name: str
     model: nn.Module
     batch: int
+
+    def with_weights(self) -> nn.Module:
+        """The model with real weights, for a command that runs it."""
+        on_meta = any(tensor.is_meta for tensor in self.model.parameters())
+        return resolve_model(self.name) if on_meta else self.model
 
 
 _DEFAULT_INPUT = (1, 224, 224)
@@ -493,7 +524,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_choice(args: argparse.Namespace) -> ModelChoice:
-    return ModelChoice(args.model, resolve_model(args.model), args.batch)
+    return ModelChoice(args.model, resolve_model(args.model, weights=False), args.batch)
 
 
 _STEP_DEFAULTS = StepSpec()
@@ -535,7 +566,23 @@ def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
         **_inputs(args),
     }
     given = {name: value for name, value in given.items() if value is not None}
-    return StepSpec(dtype=args.dtype, **{**given, **fields})
+    spec = StepSpec(dtype=args.dtype, **{**given, **fields})
+    # An option the step never reads is refused rather than ignored.
+    if args.input_range is not None and all(dtype.is_floating_point for dtype in spec.input_dtypes):
+        raise NinlabError(
+            "--input-range draws integer inputs (token ids); add --input-dtype long or drop it"
+        )
+    return spec
+
+
+def refuse_unread_optimizer(args: argparse.Namespace, spec: StepSpec) -> None:
+    """In a command whose step is `spec` alone (summary, measure): --optimizer with an inference
+    would be read by nothing."""
+    if spec.mode == "infer" and args.optimizer is not None:
+        raise NinlabError(
+            "--optimizer belongs to a training step, and this is an inference; drop it or "
+            "use --mode train"
+        )
 
 
 def add_training_options(
@@ -577,7 +624,10 @@ def load_data(args: argparse.Namespace) -> FashionMNIST:
             download=not args.no_download,
             progress=hook,
         )
-    print(f"data: Fashion-MNIST from {data.directory} ({data.source}), verified", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(
+            f"data: Fashion-MNIST from {data.directory} ({data.source}), verified", file=sys.stderr
+        )
     return data
 
 

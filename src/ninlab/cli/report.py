@@ -13,6 +13,7 @@ from ninlab.cli.options import (
     model_choice,
     spec_from_args,
 )
+from ninlab.cli.progress_line import progress_line
 from ninlab.studies.report import study_model
 from ninlab.viz.report import build_report, report_path
 
@@ -40,14 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     report_path(args.output)  # refuse a bad file name before the work
     choice = model_choice(args)
-    study = study_model(
-        choice.model,
-        spec_from_args(args),
-        batch_size=choice.batch,
-        budget=args.budget,
-        model_name=choice.name,
-        plan=args.plan,
-    )
-    report = build_report(study, layer=args.layer)
+    with progress_line(f"studying {choice.name} for the report"):
+        study = study_model(
+            choice.model,
+            spec_from_args(args),
+            batch_size=choice.batch,
+            budget=args.budget,
+            model_name=choice.name,
+            plan=args.plan,
+        )
+        report = build_report(study, layer=args.layer)
     print(f"wrote {report.save(args.output)}")
     return 0

@@ -12,9 +12,13 @@ from ninlab.cli.options import (
     add_format_option,
     add_model_options,
     add_step_options,
+    memory_size,
     model_choice,
+    refuse_unread_optimizer,
     spec_from_args,
 )
+from ninlab.cli.progress_line import progress_line
+from ninlab.errors import NinlabError
 from ninlab.studies.memory import study_batch
 from ninlab.viz.render import print_summary, summary_csv, summary_json, summary_markdown
 
@@ -34,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--fit",
+        type=memory_size,
         metavar="BUDGET",
         help="largest batch whose peak fits, e.g. 8GiB, 500MB; for training, also under bf16, "
         "checkpointing, accumulation and other optimizers, with a recommendation",
@@ -48,24 +53,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # What a format has no place for is refused, not dropped: CSV is one row per module, and
+    # JSON holds the numbers, not the arithmetic in words.
+    if args.format == "csv" and args.fit is not None:
+        raise NinlabError(
+            "--fit has no place in --format csv; use --format table, markdown or json"
+        )
+    if args.format in ("csv", "json") and args.explain:
+        raise NinlabError(
+            f"--explain has no place in --format {args.format}; use --format table or markdown"
+        )
     choice = model_choice(args)
     spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
-    summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
-    if args.format == "csv":  # one row per module: the memory section has no place there
-        print(summary_csv(summary), end="")
-        return 0
-    memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
-    if args.verify:
-        memory = verified(choice.model, memory)
-    study = None
-    if args.fit is not None:
-        study = study_batch(
-            choice.model,
-            spec,
-            budget=args.fit,
-            check_batch_size=choice.batch,
-            plan_batch_size=choice.batch if spec.mode == "train" else None,
-        )
+    refuse_unread_optimizer(args, spec)
+    quiet = args.format in ("json", "csv")
+    with progress_line(f"summarizing {choice.name}", quiet=quiet) as stage:
+        summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+        if args.format == "csv":  # one row per module: the memory section has no place there
+            print(summary_csv(summary), end="")
+            return 0
+        stage(f"predicting the memory of {choice.name} at batch {choice.batch}")
+        memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
+        if args.verify:
+            stage(f"verifying the prediction by running {choice.name}'s step for real")
+            memory = verified(choice.model, memory)
+        study = None
+        if args.fit is not None:
+            stage(f"finding the largest batch of {choice.name} that fits {args.fit}")
+            study = study_batch(
+                choice.model,
+                spec,
+                budget=args.fit,
+                check_batch_size=choice.batch,
+                plan_batch_size=choice.batch if spec.mode == "train" else None,
+            )
     if args.format == "json":
         print(summary_json(summary, memory=memory, study=study))
     elif args.format == "markdown":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ninlab.cli.options import (
@@ -112,6 +113,15 @@ def run_train(args: argparse.Namespace) -> int:
             reporter=RichReporter(),
             stop=stop,
             force_memory=args.force_memory,
+        )
+    # The run's progress is on stderr as it happens; its result, the command's output, on
+    # stdout (so `ninlab train > log.txt` keeps it).
+    last = result.history[-1] if result.history else None
+    if last is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's
+        print(
+            f"{'interrupted' if result.interrupted else 'trained'} {result.config.variant}, "
+            f"after epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test accuracy "
+            f"{last['test_accuracy']:.4f}; checkpoint {result.checkpoint}"
         )
     return 130 if result.interrupted else 0
 

@@ -177,7 +177,7 @@ def compare(
 
 
 def _analyse(spec: str, step: StepSpec, batch_size: int) -> VariantResult:
-    model = resolve_model(spec)
+    model = resolve_model(spec, weights=False)  # the accountant needs no weights
     summary = summarize(model, step, batch_size=batch_size, model_name=spec)
     train = predict_memory(model, step, batch_size=batch_size)
     infer = predict_memory(model, step.inference(), batch_size=batch_size)

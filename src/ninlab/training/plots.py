@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from ninlab.agg import matplotlib  # noqa: F401 - Agg, and $MPLBACKEND checked, before pyplot
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
+# isort: split
 import matplotlib.pyplot as plt
 
 from ninlab.outputs import atomic_write

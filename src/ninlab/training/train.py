@@ -410,7 +410,9 @@ def _on_device(split: Split, count: int | None, device: torch.device) -> Split:
 def _optimizer_spec(config: TrainConfig) -> OptimizerSpec:
     name = "sgd" if config.momentum == 0 else ("nesterov" if config.nesterov else "sgd-momentum")
     return OptimizerSpec(
-        name=name, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        name=name,
+        lr=config.lr,
+        settings={"momentum": config.momentum, "weight_decay": config.weight_decay},
     )
 
 
@@ -555,7 +557,7 @@ def _end_epoch(
             run.output_dir / "curves.png",
             epochs=config.epochs,
             title=f"{config.variant} at {config.image_size}x{config.image_size}, batch "
-            f"{config.batch_size}, lr {config.lr:g} ({run.output_dir.name})",
+            f"{config.batch_size}, lr {config.lr:g}",  # no directory: a notebook's is temporary
         )
     _report_epoch(say, config, row, evaluation)
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import matplotlib
+from ninlab.agg import matplotlib  # Agg, and $MPLBACKEND checked, before pyplot
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
+# isort: split
 import matplotlib.pyplot as plt
 from matplotlib import patches, ticker
 from matplotlib.axes import Axes
@@ -30,7 +29,7 @@ from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.summary import LayerSummary, Summary
 from ninlab.errors import NinlabError
 from ninlab.outputs import atomic_write, output_path
-from ninlab.units import format_bytes, format_count, format_flops
+from ninlab.units import BYTE_UNITS, FLOP_UNITS, format_bytes, format_count, format_flops
 
 if TYPE_CHECKING:
     from ninlab.studies.compare import Comparison
@@ -433,14 +432,39 @@ class _ScaledLocator(ticker.Locator):
         return [value * unit for value in locator.tick_values(vmin / unit, vmax / unit)]
 
 
+class _UnitFormatter(ticker.Formatter):
+    """Every tick of an axis in one unit, its largest tick's ("768 MiB" beside "1,024 MiB", never
+    beside "1.00 GiB"), with as few decimals as the ticks need; zero is "0 B" or "0 FLOP"."""
+
+    def __init__(self, units: Sequence[tuple[str, int]], base: str) -> None:
+        self.units, self.base = units, base
+        self.unit, self.size, self.decimals = base, 1, 0
+
+    def set_locs(self, locs: Sequence[float]) -> None:
+        super().set_locs(locs)
+        largest = max((abs(value) for value in locs), default=0)
+        self.unit, self.size = next(
+            ((unit, size) for unit, size in self.units if largest >= size), (self.base, 1)
+        )
+        scaled = [value / self.size for value in locs]
+        self.decimals = next(
+            (d for d in (0, 1, 2) if all(abs(round(v, d) - v) < 1e-6 for v in scaled)), 2
+        )
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        if value == 0:
+            return f"0 {self.base}"
+        return f"{value / self.size:,.{self.decimals}f} {self.unit}"
+
+
 def _byte_axis(axis: matplotlib.axis.Axis) -> None:
-    axis.set_major_locator(_ScaledLocator((1 << 30, 1 << 20, 1 << 10), binary=True))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: format_bytes(round(value))))
+    axis.set_major_locator(_ScaledLocator([size for _, size in BYTE_UNITS], binary=True))
+    axis.set_major_formatter(_UnitFormatter(BYTE_UNITS, "B"))
 
 
 def _flop_axis(axis: matplotlib.axis.Axis) -> None:
-    axis.set_major_locator(_ScaledLocator((10**12, 10**9, 10**6, 10**3), binary=False))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: format_flops(round(value))))
+    axis.set_major_locator(_ScaledLocator([size for _, size in FLOP_UNITS], binary=False))
+    axis.set_major_formatter(_UnitFormatter(FLOP_UNITS, "FLOP"))
 
 
 def _draw_geometry(chart: GeometryChart) -> Figure:
@@ -728,10 +752,12 @@ def _draw_timeline(chart: TimelineChart) -> Figure:
     axes.annotate(
         f"live peak {format_bytes(chart.peak_bytes)}\n{chart.peak_label}",
         xy=(chart.peak_op, chart.peak_bytes),
-        # In the empty band above the curve, on the side away from the peak.
-        xytext=(0.3 if right_half else 0.7, 0.9),
-        textcoords="axes fraction",
-        ha="center",
+        # In the empty band at the top (the axis ends at 1.25 x the highest peak, above the
+        # allocator's label), just beside the peak on the side with room: a short arrow, never
+        # one across the chart.
+        xytext=(chart.peak_op + (-0.03 if right_half else 0.03) * len(positions), 0.92),
+        textcoords=above,
+        ha="right" if right_half else "left",
         va="center",
         fontsize=8,
         arrowprops={"arrowstyle": "->", "color": "#D62728"},

@@ -337,7 +337,7 @@ def _memory_section(report: Report) -> str:
         f"batch within {_e(format_bytes(fit.budget_bytes))} is "
         f"<b>{'at most ' if fit.lower_bound else ''}{fit.batch_size:,}</b> "
         f"({'at least ' if fit.lower_bound else ''}{_e(format_bytes(fit.peak_bytes))}; batch "
-        f"{fit.batch_size + 1:,} needs {_e(format_bytes(fit.next_peak_bytes))})"
+        f"{fit.batch_size + 1:,} needs {_e(_over(fit.next_peak_bytes, fit.budget_bytes))})"
         f"{'' if fit.trust.exact else f'; the peak is {_e(fit.trust.words())}'}.</p>"
     )
     parts.append(
@@ -374,3 +374,11 @@ def _document(report: Report) -> str:
         f"<title>ninlab report: {_e(report.study.summary.model)}</title></head>"
         f"<body>{_body(report)}</body></html>\n"
     )
+
+
+def _over(needed: int, budget: int) -> str:
+    """`needed` in words, in bytes as well where rounding would show it equal to `budget`
+    ("8.00 GiB" against an 8.00 GiB budget), so the reason it does not fit is visible."""
+    if format_bytes(needed) != format_bytes(budget):
+        return format_bytes(needed)
+    return f"{format_bytes(needed)}: {needed:,} bytes, over the budget's {budget:,}"
