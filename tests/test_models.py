@@ -82,23 +82,10 @@ def test_variant_spelled_on_the_command_line():
     assert isinstance(model[-2], nn.AdaptiveMaxPool2d)
 
 
-def test_without_the_last_relu_class_scores_can_be_negative():
-    torch.manual_seed(0)
-    model = resolve_model("nin-d2l-bn:last_relu=false").eval()
-    kept = resolve_model("nin-d2l-bn").eval()
-    # Only the last block's final ReLU goes: the same parameters, one module fewer.
-    assert count(model) == count(kept) == 1_994_404
-    assert len(list(model.modules())) == len(list(kept.modules())) - 1
-    assert isinstance(model[-3][-1], nn.BatchNorm2d) and isinstance(kept[-3][-1], nn.ReLU)
-    with torch.no_grad():
-        assert (model(torch.randn(8, 1, 67, 67)) < 0).any()
-
-
 @pytest.mark.parametrize(
     "spec, message",
     [
         ("nin-nope", "unknown model 'nin-nope'"),
-        ("nin-d2l:last_relu=maybe", "last_relu='maybe' is not true or false"),
         ("nin-d2l:depth=3", "cannot read variant setting 'depth=3'"),
         ("nin-d2l:num_1x1=two", "num_1x1='two' is not a valid num_1x1"),
         ("nin-d2l:global_pool=min", "global_pool must be 'avg' or 'max'"),

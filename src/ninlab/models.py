@@ -65,9 +65,6 @@ class NiNConfig:
     global_pool: Literal["avg", "max"] = "avg"
     batch_norm: bool = False
     dropout: float = 0.5
-    # d2l's last block ends in a ReLU before the global pool, so no class score is ever negative
-    # and a class whose ReLU dies is never predicted; False drops that one ReLU.
-    last_relu: bool = True
     # d2l initialises every conv and linear weight with Xavier-uniform (d2l.init_cnn).
     init: Literal["xavier", "kaiming", "default"] = "xavier"
     description: str = ""
@@ -149,18 +146,17 @@ def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
             out_channels = (
                 layer.out_channels if layer.out_channels is not None else config.num_classes
             )
-            block = nin_block(
-                channels,
-                out_channels,
-                kernel_size=layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                num_1x1=config.num_1x1 if layer.num_1x1 is None else layer.num_1x1,
-                batch_norm=config.batch_norm,
+            modules.append(
+                nin_block(
+                    channels,
+                    out_channels,
+                    kernel_size=layer.kernel_size,
+                    stride=layer.stride,
+                    padding=layer.padding,
+                    num_1x1=config.num_1x1 if layer.num_1x1 is None else layer.num_1x1,
+                    batch_norm=config.batch_norm,
+                )
             )
-            if layer.out_channels is None and not config.last_relu:
-                del block[-1]
-            modules.append(block)
             channels = out_channels
         else:
             raise ModelSpecError(
@@ -285,7 +281,6 @@ _OVERRIDE_TYPES: dict[str, Callable[[str], object]] = {
     "global_pool": str,
     "batch_norm": _yes_no,
     "dropout": float,
-    "last_relu": _yes_no,
     "init": str,
 }
 
@@ -308,7 +303,7 @@ def parse_variant(spec: str) -> NiNConfig:
         try:
             changes[key] = _OVERRIDE_TYPES[key](value.strip())
         except ValueError:
-            kind = "true or false" if _OVERRIDE_TYPES[key] is _yes_no else f"a valid {key}"
+            kind = "true or false" if key == "batch_norm" else f"a valid {key}"
             raise ModelSpecError(
                 f"variant setting {key}={value!r} is not {kind} (in {spec!r})"
             ) from None
