@@ -158,7 +158,7 @@ PRESETS: dict[str, TrainConfig] = {
     # The `cpu` recipe without the dropout before the last block (a regulariser a 6-epoch run does
     # not need: +0.75 points on the proxy of benchmarks/recipe-cpu.md), at 67x67, the smallest
     # input nin-d2l takes: every map after the first block has the size it has at 72, and a step
-    # takes 11% less time.
+    # takes 7% less time. Seed 0: 92.77% after 6 epochs.
     "cpu-no-dropout": TrainConfig(
         variant="nin-d2l-bn:dropout=0",
         image_size=67,
@@ -188,8 +188,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
         "minutes on 2 cores"
     ),
     "cpu-no-dropout": (
-        "the cpu recipe without dropout, at 67x67: 11% less time per step (its accuracy: "
-        "benchmarks/recipe-cpu.md)"
+        "the cpu recipe without dropout, at 67x67: 92.8% test accuracy (seed 0) in 0.93x cpu's time"
     ),
 }
 
