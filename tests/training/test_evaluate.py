@@ -162,6 +162,24 @@ def test_evaluation_on_a_split_needs_no_training_run():
     assert evaluation.per_class[9] == ClassResult("Ankle boot", 2, 0, 0.0)
 
 
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror(fashion_mnist):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    split = Split(fashion_mnist.test.images[:40], fashion_mnist.test.labels[:40])
+    evaluation = evaluate_model(
+        model, split, transform=InputTransform(28), batch_size=16, flip_tta=True
+    )
+    inputs = InputTransform(28)(split.images)
+    with torch.no_grad():
+        logits = (model(inputs) + model(inputs.flip(-1))) / 2
+    assert evaluation.correct == int((logits.argmax(1) == split.labels).sum())
+    assert evaluation.loss_sum == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, split.labels, reduction="sum")), rel=1e-6
+    )
+    plain = evaluate_model(model, split, transform=InputTransform(28), batch_size=16)
+    assert plain.loss_sum != pytest.approx(evaluation.loss_sum)  # the mirror images count
+
+
 def test_a_class_the_set_lacks_has_no_accuracy():
     # A few --test-examples may hold no image of a class: its accuracy is None (JSON null), not nan.
     split = Split(torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([0, 0, 1]))

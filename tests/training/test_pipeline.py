@@ -6,6 +6,7 @@ from PIL import Image
 from ninlab.training.pipeline import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    Augmentation,
     InputTransform,
     batch_indices,
     batches_per_epoch,
@@ -66,6 +67,50 @@ def test_transform_scales_like_to_tensor_then_normalises(fashion_mnist):
     assert normalised.shape == (32, 1, 72, 72)
     expected = (InputTransform(72)(images) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     torch.testing.assert_close(normalised, expected)
+
+
+def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`image` moved down by dy and right by dx pixels, zeros coming in (an independent oracle:
+    slicing, not the gather `Augmentation` uses)."""
+    out = torch.zeros_like(image)
+    height, width = image.shape
+    out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+        max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
+def test_augmentation_mirrors_and_shifts_each_image_within_its_range(fashion_mnist):
+    images = fashion_mnist.train.images[:256]
+    augmented = Augmentation(flip=True, translate=2)(images, seed=0, step=5)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    seen = set()
+    for image, result in zip(images, augmented):
+        matches = [
+            (flip, dy, dx)
+            for flip in (False, True)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(result, _shifted(image.flip(-1) if flip else image, dy, dx))
+        ]
+        assert matches, "each image is a shifted copy of itself or of its mirror image"
+        seen.update(matches)
+    # 256 images draw every one of the 2 x 5 x 5 choices (each has probability 1/50).
+    assert {flip for flip, _, _ in seen} == {False, True}
+    assert {(dy, dx) for _, dy, dx in seen} == {(y, x) for y in range(-2, 3) for x in range(-2, 3)}
+
+
+def test_augmentation_depends_on_seed_and_step_only_and_none_is_the_identity(fashion_mnist):
+    images = fashion_mnist.train.images[:64]
+    augment = Augmentation(flip=True, translate=3)
+    first = augment(images, seed=1, step=7)
+    assert torch.equal(first, augment(images, seed=1, step=7))  # a resumed run draws the same
+    assert not torch.equal(first, augment(images, seed=1, step=8))
+    assert not torch.equal(first, augment(images, seed=2, step=7))
+    assert Augmentation()(images, seed=1, step=7) is images
+    flipped = Augmentation(flip=True)(images, seed=0, step=0)
+    mirrored = sum(torch.equal(a, b.flip(-1)) for a, b in zip(flipped, images))
+    assert 16 < mirrored < 48  # about half of the 64
 
 
 def test_epoch_permutation_depends_on_seed_and_epoch_only():

@@ -105,7 +105,8 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(fashion_mnist, tmp_path):
-    config = dataclasses.replace(SMALL, epochs=4)  # three epochs left when the signal is sent
+    # three epochs left when the signal is sent; augmented, so a resume must draw the same images
+    config = dataclasses.replace(SMALL, epochs=4, flip=True, translate=2, flip_tta=True)
     reference = train(config, output_dir=tmp_path / "straight", data=fashion_mnist)
     assert not reference.interrupted
 
@@ -331,3 +332,9 @@ def test_checkpoint_round_trip_refuses_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(NinlabError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_a_shift_as_large_as_the_image_is_refused():
+    with pytest.raises(NinlabError, match=r"^--translate must be between 0 and 27 pixels"):
+        TrainConfig(translate=28)
+    assert TrainConfig(translate=27, flip=True).translate == 27

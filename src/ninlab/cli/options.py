@@ -375,6 +375,14 @@ WEIGHT_DECAY = _number("weight-decay", "L2 weight decay")
 SCHEDULE = _flag("schedule", "learning-rate schedule", choices=get_args(Schedule))
 WARMUP_EPOCHS = _number("warmup-epochs", "linear warm-up in epochs (fractions allowed)")
 LABEL_SMOOTHING = _number("label-smoothing", "label smoothing of the cross-entropy")
+FLIP = _switch("flip", "augment: mirror each training image left-right with probability 1/2")
+TRANSLATE = _flag(
+    "translate",
+    "augment: shift each 28x28 training image by up to N pixels each way (0: none)",
+    type=non_negative_int,
+    metavar="N",
+)
+FLIP_TTA = _switch("flip-tta", "evaluate on the mean of each test image's and its mirror's logits")
 NORMALIZE = _switch("normalize", "standardise inputs with the training set's mean and std")
 NO_AMP = Flag(  # the trainer's "none", so a run can turn off a preset's bf16
     ("--no-amp",),
@@ -400,6 +408,9 @@ _TRAINING: dict[Flag, str] = {  # each flag's TrainConfig field
     SCHEDULE: "schedule",
     WARMUP_EPOCHS: "warmup_epochs",
     LABEL_SMOOTHING: "label_smoothing",
+    FLIP: "flip",
+    TRANSLATE: "translate",
+    FLIP_TTA: "flip_tta",
     NORMALIZE: "normalize",
     AMP: "amp",
     NO_AMP: "amp",

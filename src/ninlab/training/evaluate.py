@@ -111,10 +111,13 @@ def evaluate_model(
     batch_size: int,
     amp: str = "none",
     channels_last: bool = False,
+    flip_tta: bool = False,
     context: distributed.Context | None = None,
 ) -> Evaluation:
     """Accuracy and confusion of `model` in eval mode over `split` (already on the model's device).
-    Under torchrun each rank takes a contiguous share of the examples and the counts are summed."""
+    With `flip_tta`, the logits are the mean of the image's and its mirror image's (test-time
+    augmentation, twice the forward cost). Under torchrun each rank takes a contiguous share of the
+    examples and the counts are summed."""
     context = context or distributed.Context(device=split.images.device)
     num_classes = len(CLASS_NAMES)
     shares = torch.arange(len(split), device=split.images.device).tensor_split(context.world_size)
@@ -134,6 +137,8 @@ def evaluate_model(
             labels = split.labels[indices]
             with autocast(split.images.device, amp):
                 logits = model(inputs).float()
+                if flip_tta:
+                    logits = (logits + model(inputs.flip(-1)).float()) / 2
             confusion += torch.bincount(
                 labels * num_classes + logits.argmax(1), minlength=num_classes**2
             )
@@ -189,7 +194,8 @@ def load_trained_model(
 
 def evaluate(trained: TrainedModel, split: Split, *, batch_size: int = 256) -> Evaluation:
     """Accuracy and confusion of a trained network over `split`, seen as it was trained: its input
-    size and normalisation, precision and memory layout, on the network's device."""
+    size and normalisation, precision, memory layout and test-time flips, on the network's
+    device."""
     device = next(trained.model.parameters()).device
     return evaluate_model(
         trained.model,
@@ -198,6 +204,7 @@ def evaluate(trained: TrainedModel, split: Split, *, batch_size: int = 256) -> E
         batch_size=batch_size,
         amp=trained.config.amp,
         channels_last=trained.config.channels_last,
+        flip_tta=trained.config.flip_tta,
     )
 
 

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "Augmentation",
     "InputTransform",
     "batch_indices",
     "batches_per_epoch",
@@ -96,6 +98,44 @@ class InputTransform:
         if self.normalize:
             scaled = scaled.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
         return scaled
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random horizontal flips and shifts of uint8 images (N, H, W), made before the resize, so the
+    network still sees pixels Pillow could give it. A shift moves the image by up to `translate`
+    pixels each way in both directions, filling with 0, Fashion-MNIST's black background.
+
+    The draws are a function of (seed, step) alone, so a resumed run augments as the uninterrupted
+    one did."""
+
+    flip: bool = False
+    translate: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0
+
+    def __call__(self, images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
+        if not self.active:
+            return images
+        count, height, width = images.shape
+        # Seeded like `epoch_permutation`; a different multiplier keeps the two streams apart.
+        generator = torch.Generator().manual_seed((seed * 1_000_033 + step) % 2**64)
+        span = 2 * self.translate + 1
+        # Each image's top-left corner in the padded image: translate is no shift.
+        top = torch.randint(span, (count, 1, 1), generator=generator)
+        left = torch.randint(span, (count, 1, 1), generator=generator)
+        flipped = torch.rand(count, 1, 1, generator=generator) < 0.5 if self.flip else None
+        rows = top + torch.arange(height).view(1, height, 1)
+        columns = torch.arange(width).view(1, 1, width)
+        if flipped is not None:
+            columns = torch.where(flipped, width - 1 - columns, columns)
+        columns = left + columns
+        padded = F.pad(images, (self.translate,) * 4)
+        batch = torch.arange(count).view(count, 1, 1)
+        device = images.device
+        return padded[batch.to(device), rows.to(device), columns.to(device)]
 
 
 def epoch_permutation(

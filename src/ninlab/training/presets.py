@@ -44,6 +44,11 @@ class TrainConfig:
     schedule: Schedule = "constant"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    # Augmentation of the 28x28 training images before the resize (`pipeline.Augmentation`):
+    # random horizontal flips, random shifts of up to `translate` pixels each way.
+    flip: bool = False
+    translate: int = 0
+    flip_tta: bool = False  # evaluate on the mean logits of each test image and its mirror image
     normalize: bool = False  # standardise inputs with the training set's mean and std
     amp: Amp = "none"
     channels_last: bool = True  # a layout, not a change to the arithmetic: 1.7x faster on this CPU
@@ -88,6 +93,13 @@ class TrainConfig:
                 "--schedule must be constant, cosine or onecycle",
             ),
             (self.amp in ("none", "bf16"), "--amp must be none or bf16"),
+            (
+                0 <= self.translate < SOURCE_SIDE,
+                (
+                    f"--translate must be between 0 and {SOURCE_SIDE - 1} pixels (the images "
+                    f"are {SOURCE_SIDE}x{SOURCE_SIDE})"
+                ),
+            ),
             (1 <= self.image_size <= MAX_COUNT, f"--image-size must be between 1 and {MAX_COUNT}"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}"),
             (
@@ -104,6 +116,7 @@ class TrainConfig:
                 raise NinlabError(message)
 
 
+SOURCE_SIDE = 28  # Fashion-MNIST's images, which augmentation shifts before the resize
 # torch.manual_seed takes an unsigned 64-bit seed; a rank adds its number to the run's.
 MAX_SEED = 2**63 - 1
 MAX_COUNT = 2**31 - 1  # PyTorch's sizes and indices in 32 bits
@@ -142,6 +155,23 @@ PRESETS: dict[str, TrainConfig] = {
         normalize=True,
         amp="bf16",
     ),
+    # The `cpu` recipe without the dropout before the last block (a regulariser a 6-epoch run does
+    # not need: +0.75 points on the proxy of benchmarks/recipe-cpu.md), at 67x67, the smallest
+    # input nin-d2l takes: every map after the first block has the size it has at 72, and a step
+    # takes 7% less time. Seed 0: 92.77% after 6 epochs.
+    "cpu-no-dropout": TrainConfig(
+        variant="nin-d2l-bn:dropout=0",
+        image_size=67,
+        epochs=6,
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        normalize=True,
+        amp="bf16",
+    ),
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
@@ -156,6 +186,9 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "cpu": (
         "NiN with batch norm at 72x72, bf16, one-cycle, 6 epochs: 92.4% test accuracy in 7 "
         "minutes on 2 cores"
+    ),
+    "cpu-no-dropout": (
+        "the cpu recipe without dropout, at 67x67: 92.8% test accuracy (seed 0) in 0.93x cpu's time"
     ),
 }
 

@@ -51,7 +51,12 @@ from ninlab.training.diagnostics import (
 from ninlab.training.evaluate import Evaluation, autocast, evaluate_model
 from ninlab.training.interrupt import StopRequest
 from ninlab.training.metrics import write_metrics
-from ninlab.training.pipeline import InputTransform, batch_indices, epoch_permutation
+from ninlab.training.pipeline import (
+    Augmentation,
+    InputTransform,
+    batch_indices,
+    epoch_permutation,
+)
 from ninlab.training.plots import plot_curves
 from ninlab.training.preflight import (
     available_memory,
@@ -207,7 +212,7 @@ def _train(
             lr = run.schedule.lr(progress.step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            inputs, labels = _training_batch(run, indices)
+            inputs, labels = _training_batch(run, indices, step=progress.step)
             # DDP averages gradients over ranks; scaling by ranks / global batch makes that average
             # the gradient of the global batch's mean loss, whatever the size of this rank's share.
             loss_sum, logits = optimize_batch(
@@ -274,6 +279,7 @@ class _Run:
     train_split: Split  # on the device, like test_split
     test_split: Split
     transform: InputTransform
+    augmentation: Augmentation  # of training batches only, before `transform`
     schedule: Schedule
 
 
@@ -313,6 +319,7 @@ def _prepare(
         train_split=train_split,
         test_split=_on_device(data.test, config.test_examples, context.device),
         transform=InputTransform(config.image_size, config.normalize),
+        augmentation=Augmentation(flip=config.flip, translate=config.translate),
         schedule=Schedule.of(config, len(train_split), context.world_size),
     )
     return run, progress, cost
@@ -463,9 +470,12 @@ def _epoch_batches(
     )
 
 
-def _training_batch(run: _Run, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images gathered, resized and scaled on the device, in the network's memory format; labels."""
-    images = run.train_split.images[indices]
+def _training_batch(
+    run: _Run, indices: torch.Tensor, *, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images gathered, augmented (the draws of optimizer step `step`), resized and scaled on the
+    device, in the network's memory format; labels."""
+    images = run.augmentation(run.train_split.images[indices], seed=run.config.seed, step=step)
     inputs = run.transform(images).contiguous(memory_format=_config_memory_format(run.config))
     return inputs, run.train_split.labels[indices]
 
@@ -575,6 +585,7 @@ def _evaluate_epoch(
         batch_size=run.config.batch_size,
         amp=run.config.amp,
         channels_last=run.config.channels_last,
+        flip_tta=run.config.flip_tta,
         context=run.context,
     )
     eval_seconds = time.perf_counter() - eval_start
