@@ -65,25 +65,32 @@ class AttributeTensor:
 
 def attribute_tensors(model: nn.Module) -> list[AttributeTensor]:
     """Every tensor the model's modules hold as plain attributes, directly or one list, tuple
-    or dict deep; not parameters, buffers or module internals."""
+    or dict deep; not parameters, buffers or module internals, nor an attribute that holds one of
+    the model's parameters or buffers itself (`nn.LSTM`'s `_flat_weights` lists its weights: they
+    are the parameters, not more memory, and a fake copy of them counted the weights twice)."""
+    registered = {id(tensor) for tensor in [*model.parameters(), *model.buffers()]}
+
+    def plain(item: Any) -> bool:
+        return isinstance(item, torch.Tensor) and id(item) not in registered
+
     found: list[AttributeTensor] = []
     for module in model.modules():
         for key, value in vars(module).items():
             if key in _MODULE_OWN:
                 continue
-            if isinstance(value, torch.Tensor):
+            if plain(value):
                 found.append(AttributeTensor(module, key, None, value))
             elif isinstance(value, (list, tuple)):
                 found += [
                     AttributeTensor(module, key, index, item)
                     for index, item in enumerate(value)
-                    if isinstance(item, torch.Tensor)
+                    if plain(item)
                 ]
             elif isinstance(value, dict):
                 found += [
                     AttributeTensor(module, key, name, item)
                     for name, item in value.items()
-                    if isinstance(item, torch.Tensor)
+                    if plain(item)
                 ]
     return found
 
