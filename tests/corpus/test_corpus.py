@@ -17,16 +17,11 @@ import pytest
 from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
-_RNN = "CPU RNN: oneDNN's mkldnn_rnn_layer workspace saved for backward is not counted (20.3)"
 _GRU = "CPU GRU: what the fused kernel saves for backward is not counted (20.3)"
 _DILATED = "float32 NCHW oneDNN convolution rules ignore dilation (20.4)"
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    **{("lstm", setup): _RNN for setup in ("sgd", "adam", "bf16", "infer")},
-    **{("lstm-bidirectional-2", setup): _RNN for setup in ("sgd", "adam", "bf16", "infer")},
     **{("gru", setup): _GRU for setup in ("sgd", "adam", "bf16", "infer")},
     ("embedding-bag-sparse", "infer"): "EmbeddingBag's int64 offsets/bag buffers off (0.9989 live)",
-    ("conv2d-dilated", "sgd"): _DILATED,
-    ("conv2d-dilated", "adam"): _DILATED,
     **{
         ("gpt2", setup): "tied-weight causal LM: live off by 0.01-0.25% (20.2, function modes)"
         for setup in ("sgd", "adam", "bf16", "infer")
