@@ -18,7 +18,6 @@ from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
 _GRU = "CPU GRU: what the fused kernel saves for backward is not counted (20.3)"
-_DILATED = "float32 NCHW oneDNN convolution rules ignore dilation (20.4)"
 KNOWN_WRONG: dict[tuple[str, str], str] = {
     **{("gru", setup): _GRU for setup in ("sgd", "adam", "bf16", "infer")},
     ("embedding-bag-sparse", "infer"): "EmbeddingBag's int64 offsets/bag buffers off (0.9989 live)",
@@ -37,9 +36,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
         ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
         for setup in ("sgd", "adam", "bf16")
     },
-    ("deeplabv3_mobilenet_v3_large", "sgd"): f"{_DILATED}: allocator 0.60",
-    ("deeplabv3_mobilenet_v3_large", "infer"): f"{_DILATED}: allocator 1.14",
-    ("vit_tiny_patch16_224", "sgd"): "timm ViT training: allocator 0.915 (attention, 20.4)",
     ("pvt_v2_b0", "sgd"): "timm PVT-v2 training: allocator 0.908 (layer norm backward, 20.4)",
 }
 
