@@ -185,11 +185,9 @@ def composite_kernel(func: OpOverload) -> Callable[..., Any]:
 # -- autograd ------------------------------------------------------------------------------------
 # The node backward is running (None outside it): an op's phase and layer; checked on all.
 current_autograd_node = _private("torch._C._current_autograd_node")
-# How many autograd nodes this thread has made (which module made a node); checked on 2.13.0
-# and 2.14.1.
+# How many autograd nodes this thread has made (which module made a node); checked on all.
 autograd_sequence_nr: Callable[[], int] = _private("torch._C._autograd._get_sequence_nr")
-# A node's own number, given as it is made, before its op is dispatched; checked on 2.13.0 and
-# 2.14.1.
+# A node's own number, given as it is made, before its op is dispatched; checked on all.
 node_sequence_nr: Callable[[Any], int] = operator.methodcaller("_sequence_nr")
 # The innermost saved-tensor hooks (None: none), set by checkpointing; checked on all.
 top_saved_tensors_hooks = _private("torch._C._autograd._top_saved_tensors_default_hooks")
