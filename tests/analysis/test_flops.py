@@ -91,7 +91,15 @@ def test_every_op_pytorch_counts_is_ours_or_named_as_not_counted() -> None:
     theirs = {str(packet) for packet in flop_registry}
     ours = {str(packet) for packet in FLOP_RULES}
     assert ours <= theirs
-    assert theirs - ours == NOT_COUNTED
+    assert theirs - ours <= NOT_COUNTED
+
+
+@pytest.mark.torch_build
+def test_every_op_named_as_not_counted_is_counted_by_pytorch() -> None:
+    # No stale name. Under the reference build only: an older torch counts fewer ops (2.8 has no
+    # rule for flex attention, `_slow_conv2d_forward` and the backend convolutions).
+    theirs = {str(packet) for packet in flop_registry}
+    assert theirs >= NOT_COUNTED
 
 
 def _convolution_call(x_shape, w_shape, *, stride=1, padding=0, groups=1, transposed=False):

@@ -277,3 +277,26 @@ def test_a_parameter_held_again_in_an_attribute_is_counted_once(mode: str) -> No
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
     assert model.weights[0] is model.linear.weight
+
+
+class _LastStep(nn.Module):
+    """An LSTM classifier: `nn.LSTM` lists its weights in `_flat_weights`, a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(16, 24, batch_first=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_an_attribute_holding_parameters_is_not_counted_again(mode: str) -> None:
+    # A fake copy of `_flat_weights` counted the LSTM's 16,128 bytes of weights twice.
+    torch.manual_seed(0)
+    model = _LastStep()
+    predicted = predict_memory(model, batch_size=2, input_size=(12, 16), mode=mode)
+    measured = measure(model, predicted.spec, batch_size=2)
+    assert predicted.live_peak_bytes == measured.live_peak_bytes
+    assert predicted.allocator_peak_bytes == measured.allocator_peak_bytes

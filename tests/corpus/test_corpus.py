@@ -17,11 +17,8 @@ import pytest
 from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
-_DILATED = "float32 NCHW oneDNN convolution rules ignore dilation (20.4)"
 KNOWN_WRONG: dict[tuple[str, str], str] = {
     ("embedding-bag-sparse", "infer"): "EmbeddingBag's int64 offsets/bag buffers off (0.9989 live)",
-    ("conv2d-dilated", "sgd"): _DILATED,
-    ("conv2d-dilated", "adam"): _DILATED,
     **{
         ("gpt2", setup): "tied-weight causal LM: live off by 0.01-0.25% (20.2, function modes)"
         for setup in ("sgd", "adam", "bf16", "infer")
@@ -34,8 +31,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
         ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
         for setup in ("sgd", "adam", "bf16")
     },
-    ("deeplabv3_mobilenet_v3_large", "sgd"): f"{_DILATED}: allocator 0.60",
-    ("deeplabv3_mobilenet_v3_large", "infer"): f"{_DILATED}: allocator 1.14",
 }
 
 
