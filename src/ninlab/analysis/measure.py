@@ -514,7 +514,7 @@ def _measure(
         # A tensor a forward caches in an attribute is replaced by the steps, and the profiler
         # does not see a block made before it freed: only those still held count from the start.
         held_before = _attribute_storages(model)
-        start_level -= sum(held_before.values())
+        start_level -= sum(nbytes for nbytes, _ in held_before.values())
         counted_before = {
             t.untyped_storage().data_ptr()
             for t in _baseline_tensors(model, optimizers, inputs, targets)
@@ -544,10 +544,14 @@ def _measure(
                         step()
                 finally:
                     marks.close()
+        # The same tensor, not only the same address: a new cache of the old one's size often
+        # takes the block the old one freed (which the records show), and counted from the
+        # start as well it was counted twice (128 bytes over in 960, one run in a few).
+        held_now = _attribute_storages(model)
         start_level += sum(
             nbytes
-            for pointer, nbytes in _attribute_storages(model).items()
-            if held_before.get(pointer) == nbytes
+            for pointer, (nbytes, tensors) in held_before.items()
+            if pointer in held_now and _still_held(tensors, held_now[pointer][1])
         )
         # What the step uses from outside the model and was made before profiling (a frozen
         # teacher in its closure) is held all along, as the live level counts it.
@@ -655,16 +659,30 @@ def _buffers(model: nn.Module) -> list[torch.Tensor]:
     return [*model.buffers(), *(found.tensor for found in attribute_tensors(model))]
 
 
-def _attribute_storages(model: nn.Module) -> dict[int, int]:
+def _attribute_storages(
+    model: nn.Module,
+) -> dict[int, tuple[int, list[weakref.ReferenceType[torch.Tensor]]]]:
     """Address -> bytes of each storage held by a plain tensor attribute (and no parameter or
-    buffer) of the model."""
+    buffer) of the model, and weak references to the tensors that hold it (strong ones would
+    keep a replaced cache alive through the step)."""
     registered = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = (found.tensor.untyped_storage() for found in attribute_tensors(model))
-    return {
-        storage.data_ptr(): storage.nbytes()
-        for storage in storages
-        if storage.data_ptr() not in registered
-    }
+    storages: dict[int, tuple[int, list[weakref.ReferenceType[torch.Tensor]]]] = {}
+    for attribute in attribute_tensors(model):
+        storage = attribute.tensor.untyped_storage()
+        if storage.data_ptr() not in registered:
+            entry = storages.setdefault(storage.data_ptr(), (storage.nbytes(), []))
+            entry[1].append(weakref.ref(attribute.tensor))
+    return storages
+
+
+def _still_held(
+    before: list[weakref.ReferenceType[torch.Tensor]],
+    now: list[weakref.ReferenceType[torch.Tensor]],
+) -> bool:
+    """Whether a tensor that held a storage before the step still holds it (the same tensor, not
+    a new one given the freed block)."""
+    held = {id(ref()) for ref in now}
+    return any(ref() is not None and id(ref()) in held for ref in before)
 
 
 def _baseline_tensors(

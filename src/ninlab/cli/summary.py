@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
         if args.verify:
             stage(f"verifying the prediction by running {choice.name}'s step for real")
-            memory = verified(choice.model, memory)
+            memory = verified(choice.with_weights(), memory)
         study = None
         if args.fit is not None:
             stage(f"finding the largest batch of {choice.name} that fits {args.fit}")

@@ -114,15 +114,16 @@ def run_train(args: argparse.Namespace) -> int:
             stop=stop,
             force_memory=args.force_memory,
         )
-    # The run's progress is on stderr as it happens; its result, the command's output, on
-    # stdout (so `ninlab train > log.txt` keeps it).
-    last = result.history[-1] if result.history else None
-    if last is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's
-        print(
-            f"{'interrupted' if result.interrupted else 'trained'} {result.config.variant}, "
-            f"after epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test accuracy "
-            f"{last['test_accuracy']:.4f}; checkpoint {result.checkpoint}"
-        )
+        # The run's progress is on stderr as it happens; its result, the command's output, on
+        # stdout (so `ninlab train > log.txt` keeps it), inside the guard: a reader gone by now
+        # finds it in the run's console.log.
+        last = result.history[-1] if result.history else None
+        if last is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's
+            print(
+                f"{'interrupted' if result.interrupted else 'trained'} {result.config.variant}, "
+                f"after epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test "
+                f"accuracy {last['test_accuracy']:.4f}; checkpoint {result.checkpoint}"
+            )
     return 130 if result.interrupted else 0
 
 

@@ -37,7 +37,11 @@ class _SurvivingStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not self.lost:
             try:
-                return self._stream.write(text)
+                written = self._stream.write(text)
+                # At once, so that a reader gone is seen inside the guard and what follows is
+                # logged (a block-buffered pipe would show it only at the interpreter's exit).
+                self._stream.flush()
+                return written
             except OSError as error:
                 self._lose(error)
         _append(self.log, text)
