@@ -65,8 +65,8 @@ def test_the_lstm_workspace_is_the_kernels(
         batch=batch,
         input_size=features,
         hidden_size=hidden,
-        itemsize=dtype.itemsize,
-        cell_itemsize=dtype.itemsize,
+        dtype=dtype,
+        cell_dtype=dtype,
     )
 
 

@@ -302,8 +302,8 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
             batch=x.shape[1],
             input_size=x.shape[2],
             hidden_size=args[10],
-            itemsize=x.dtype.itemsize,
-            cell_itemsize=cx.dtype.itemsize,
+            dtype=x.dtype,
+            cell_dtype=cx.dtype,
         )
         return (*output[:3], output[3].new_empty((workspace,)))
     if func is aten.mkldnn_rnn_layer_backward.default and output[4] is output[3]:
