@@ -121,7 +121,9 @@ def test_grad_input_takes_the_cpu_kernels_layout(op, grad_layout: str, input_lay
     with mode:
         try:
             fake = _cpu_grad_input_layout(op, fake_args, op(*fake_args))
-        except ValueError:  # group norm's fake kernel refuses a transposed gradient
+        except (ValueError, RuntimeError):
+            # Group norm's fake kernel refuses a transposed gradient (a RuntimeError from its
+            # `view` under torch 2.8)
             pytest.skip("the fake kernel refuses these strides")
     first = lambda out: out[0] if isinstance(out, (tuple, list)) else out  # noqa: E731
     assert first(fake).stride() == first(real).stride()
