@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity
 
 from ninlab.analysis import kernel_cache
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.torch_internals import EventType
 from ninlab.units import format_bytes
@@ -188,6 +189,10 @@ def too_large_to_measure(calls: Sequence[KernelCall]) -> str:
 def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     if too_large := too_large_to_measure([call]):
         return too_large
+    if call.op == "aten.mkldnn_rnn_layer_backward.default" and not _lstm_workspace_is_the_kernels(
+        call.args
+    ):
+        return "not run: its LSTM workspace is not the size this torch's forward gives"
     namespace, name, overload = call.op.split(".")
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
@@ -220,6 +225,22 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     if sum(a.delta_bytes for a in allocations) != call.output_bytes:
         return "measured on its own, it kept blocks beyond its outputs"
     return tuple(allocations)
+
+
+def _lstm_workspace_is_the_kernels(args: tuple[Any, ...]) -> bool:
+    """Whether the workspace an LSTM layer's backward is given is the size its forward returns on
+    this torch: oneDNN reads the whole of it, and a smaller one kills the process."""
+    x, cx, workspace = args[0], args[6], args[-1]
+    return workspace.shape == (
+        lstm_workspace_bytes(
+            sequence=x.shape[0],
+            batch=x.shape[1],
+            input_size=x.shape[2],
+            hidden_size=args[15],
+            dtype=x.dtype,
+            cell_dtype=cx.dtype,
+        ),
+    )
 
 
 def allocation_records(tree: Sequence[Any]) -> list[tuple[int, int, int]]:

@@ -302,8 +302,8 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
             batch=x.shape[1],
             input_size=x.shape[2],
             hidden_size=args[10],
-            itemsize=x.dtype.itemsize,
-            cell_itemsize=cx.dtype.itemsize,
+            dtype=x.dtype,
+            cell_dtype=cx.dtype,
         )
         return (*output[:3], output[3].new_empty((workspace,)))
     if func is aten.mkldnn_rnn_layer_backward.default and output[4] is output[3]:
@@ -660,8 +660,10 @@ class Recorder(TorchDispatchMode):
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
         # the parts are the kernels PyTorch really runs. Torch-function modes sit above autograd
-        # and must not see the parts again.
-        if traits.composite_kernel is not None:
+        # and must not see the parts again. Not the profiler's annotations, composite under torch
+        # 2.8 with no parts: they are recorded as themselves, the ops of their phase (an
+        # optimizer's zero_grad has no other).
+        if traits.composite_kernel is not None and func not in ANNOTATION_OPS:
             with self, DisableTorchFunction():
                 return traits.composite_kernel(*args, **kwargs)
         window = _window_params(func, args)
