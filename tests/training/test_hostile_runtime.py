@@ -358,3 +358,23 @@ def test_nan_weights_warn_and_evaluate_writes_strict_json(fashion_mnist, tmp_pat
         ),
     ]
     assert "Traceback" not in err
+
+
+def test_nan_weights_give_no_prediction_but_one_line(tmp_path, capsys):
+    """A class picked from nan scores was printed as "T-shirt/top (nan)"."""
+    model = build_nin(parse_variant(_TINY.variant))
+    weights = model.state_dict()
+    last = [name for name, tensor in weights.items() if tensor.is_floating_point()][-1]
+    weights[last].fill_(math.nan)
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {"config": dataclasses.asdict(_TINY), "model": weights, "epoch": 1})
+    image = tmp_path / "shirt.png"
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(image)
+    code, out, err = run(capsys, "predict", str(path), str(image))
+    assert code == 2
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        f"ninlab: error: the network's scores for {image} are not finite numbers (nan or inf), so "
+        "it has no prediction: its weights are not finite (see the warning above) or overflow on "
+        "this image; predict with another checkpoint"
+    )

@@ -281,6 +281,15 @@ def predict_images(
     images = torch.stack([load_image(path, invert=invert) for path in paths]).to(device)
     with torch.no_grad(), autocast(device, trained.config.amp):
         logits = trained.model(trained.transform(images)).float()
+    finite = torch.isfinite(logits).all(dim=1).tolist()
+    if not all(finite):
+        # A class picked from nan scores is index 0, printed as "T-shirt/top (nan)": no answer.
+        first = paths[finite.index(False)]
+        raise NinlabError(
+            f"the network's scores for {first} are not finite numbers (nan or inf), so it has no "
+            "prediction: its weights are not finite (see the warning above) or overflow on this "
+            "image; predict with another checkpoint"
+        )
     probabilities = logits.softmax(dim=1).tolist()
     return [
         Prediction(Path(path), int(np.argmax(row)), tuple(row))
