@@ -18,7 +18,6 @@ from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    ("embedding-bag-sparse", "infer"): "EmbeddingBag's int64 offsets/bag buffers off (0.9989 live)",
     **{
         ("gpt2", setup): "tied-weight causal LM: live off by 0.01-0.25% (20.2, function modes)"
         for setup in ("sgd", "adam", "bf16", "infer")
