@@ -254,10 +254,24 @@ CALLS: dict[str, Callable[[], tuple[tuple[Any, ...], KernelBlocks]]] = {
     "aten.mkldnn_rnn_layer_backward.default": _lstm_layer(backward=True),
 }
 
+
 # Rules that know no blocks and send each call to the kernel probe: their call and its reason.
-PROBED_CALLS: dict[str, Callable[[], tuple[Any, ...]]] = {
-    "aten._native_multi_head_attention.default": lambda: (torch.zeros(2, 5, 16),),
-    "aten._transformer_encoder_layer_fwd.default": lambda: (torch.zeros(2, 5, 16),),
+def _bag() -> tuple[Any, ...]:
+    return (torch.randn(10, 4), torch.randint(0, 10, (6,)), torch.tensor([0, 3]))
+
+
+# Rules that always send their op to the kernel probe: a call, and what the reason names.
+PROBED_CALLS: dict[str, tuple[Callable[[], tuple[Any, ...]], str]] = {
+    "aten._native_multi_head_attention.default": (
+        lambda: (torch.zeros(2, 5, 16),),
+        "fast attention path",
+    ),
+    "aten._transformer_encoder_layer_fwd.default": (
+        lambda: (torch.zeros(2, 5, 16),),
+        "fast attention path",
+    ),
+    "aten._embedding_bag.default": (_bag, "embedding bag"),
+    "aten._embedding_bag_forward_only.default": (_bag, "embedding bag"),
 }
 
 
@@ -270,9 +284,10 @@ def test_every_registered_rule_has_a_call_here() -> None:
 
 @pytest.mark.parametrize("name", sorted(PROBED_CALLS))
 def test_a_probed_rule_gives_a_reason(name: str) -> None:
-    blocks = cpu_kernel_allocations(name, PROBED_CALLS[name]())
+    call, reason = PROBED_CALLS[name]
+    blocks = cpu_kernel_allocations(name, call())
     assert blocks.allocations is None
-    assert "fast attention path" in blocks.unmodelled
+    assert reason in blocks.unmodelled
 
 
 def test_importing_the_package_registers_every_rule() -> None:
