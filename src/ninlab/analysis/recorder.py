@@ -568,11 +568,26 @@ class Recorder(TorchDispatchMode):
         owners, hooked, outside = self.modules.graph(roots)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                owners, self.ledger.key, skip=hooked, outside_model=outside
+                owners, self._saved_key, skip=hooked, outside_model=outside
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
         saved += [entry for entry in harvested if entry not in seen]
+
+    def _saved_key(self, tensor: torch.Tensor) -> int:
+        """The storage key of a tensor autograd saved. A Python number an op took as a tensor
+        (`0.5 * x`: the factor a product's backward needs) is made by no op: seen first here, an
+        8-byte storage alive until its node is freed, counted from backward's start."""
+        key = self.ledger.key(tensor)
+        if key < 0 and tensor.dim() == 0:
+            record = self.ledger.note(
+                tensor,
+                created_at=len(self.recording.ops),
+                phase=self.current_phase,
+                module=self.modules.current(),
+            )
+            key = -1 if record is None else record.key
+        return key
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
