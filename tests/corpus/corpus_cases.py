@@ -490,7 +490,177 @@ TRANSFORMERS = (
     Case("vit", "transformers", _transformers("vit"), (3, 32, 32), needs="transformers"),
 )
 
-CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *TRANSFORMERS)
+# -- more Hugging Face families, from tiny configs, called by keyword as users call them ----------
+
+
+def _hugging_face(kind: str) -> Callable[[], nn.Module]:
+    """A tiny model of a transformers family, built from its config (no download)."""
+
+    def build() -> nn.Module:
+        import transformers as hf
+
+        torch.manual_seed(0)
+        width = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+        layers = {"num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 32}
+        models = {
+            "bert-masked": (
+                hf.BertForSequenceClassification,
+                hf.BertConfig,
+                {**layers, **width, "num_labels": 5},
+            ),
+            "bart": (
+                hf.BartForConditionalGeneration,
+                hf.BartConfig,
+                {
+                    "d_model": 32,
+                    "encoder_layers": 1,
+                    "decoder_layers": 1,
+                    "encoder_attention_heads": 2,
+                    "decoder_attention_heads": 2,
+                    "encoder_ffn_dim": 64,
+                    "decoder_ffn_dim": 64,
+                    "vocab_size": 100,
+                    "max_position_embeddings": 32,
+                    "use_cache": False,
+                },
+            ),
+            "opt": (
+                hf.OPTForCausalLM,
+                hf.OPTConfig,
+                {
+                    **layers,
+                    "hidden_size": 32,
+                    "num_attention_heads": 2,
+                    "ffn_dim": 64,
+                    "word_embed_proj_dim": 32,
+                    "use_cache": False,
+                },
+            ),
+            "gpt-neox": (
+                hf.GPTNeoXForCausalLM,
+                hf.GPTNeoXConfig,
+                {**layers, **width, "use_cache": False},
+            ),
+            "mistral": (
+                hf.MistralForCausalLM,
+                hf.MistralConfig,
+                {
+                    **layers,
+                    **width,
+                    "num_key_value_heads": 1,
+                    "sliding_window": 8,
+                    "use_cache": False,
+                },
+            ),
+            "qwen2": (
+                hf.Qwen2ForCausalLM,
+                hf.Qwen2Config,
+                {**layers, **width, "num_key_value_heads": 1, "use_cache": False},
+            ),
+            "roberta": (
+                hf.RobertaForSequenceClassification,
+                hf.RobertaConfig,
+                {**layers, **width, "num_labels": 5, "max_position_embeddings": 40},
+            ),
+            "distilbert": (
+                hf.DistilBertForSequenceClassification,
+                hf.DistilBertConfig,
+                {
+                    "n_layers": 2,
+                    "dim": 32,
+                    "n_heads": 2,
+                    "hidden_dim": 64,
+                    "vocab_size": 100,
+                    "max_position_embeddings": 32,
+                    "num_labels": 5,
+                },
+            ),
+        }
+        model_class, config_class, fields = models[kind]
+        return model_class(config_class(**fields))
+
+    return build
+
+
+_TOKENS = (0, 100)
+_ALL_ONES = (1, 2)  # an attention mask without padding
+
+
+def _lm(kind: str, *, mask: tuple[int, int] = _ALL_ONES) -> Case:
+    """A causal LM called with input_ids, attention_mask and labels (its own loss)."""
+    return Case(
+        kind,
+        "transformers",
+        _hugging_face(kind),
+        {"input_ids": (16,), "attention_mask": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        input_dtype=torch.long,
+        input_range=(  # type: ignore[arg-type] # one range per input
+            _TOKENS,
+            mask,
+            _TOKENS,
+        ),
+        needs="transformers",
+    )
+
+
+HUGGING_FACE = (
+    Case(
+        "bert-masked",
+        "transformers",
+        _hugging_face("bert-masked"),
+        {"input_ids": (16,), "attention_mask": (16,), "labels": ()},  # type: ignore[arg-type]
+        input_dtype=torch.long,
+        input_range=(  # type: ignore[arg-type] # one range per input
+            _TOKENS,
+            (0, 2),
+            (0, 5),
+        ),
+        needs="transformers",
+    ),
+    Case(
+        "roberta",
+        "transformers",
+        _hugging_face("roberta"),
+        {"input_ids": (16,), "attention_mask": (16,)},  # type: ignore[arg-type]
+        input_dtype=torch.long,
+        input_range=(  # type: ignore[arg-type] # one range per input
+            (2, 100),
+            _ALL_ONES,
+        ),
+        needs="transformers",
+    ),
+    Case(
+        "distilbert",
+        "transformers",
+        _hugging_face("distilbert"),
+        {"input_ids": (16,), "attention_mask": (16,)},  # type: ignore[arg-type]
+        input_dtype=torch.long,
+        input_range=(  # type: ignore[arg-type] # one range per input
+            _TOKENS,
+            (0, 2),
+        ),
+        needs="transformers",
+    ),
+    Case(
+        "bart",
+        "transformers",
+        _hugging_face("bart"),
+        {"input_ids": (16,), "attention_mask": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        input_dtype=torch.long,
+        input_range=(  # type: ignore[arg-type] # one range per input
+            _TOKENS,
+            _ALL_ONES,
+            _TOKENS,
+        ),
+        needs="transformers",
+    ),
+    _lm("opt"),
+    _lm("gpt-neox"),
+    _lm("mistral"),
+    _lm("qwen2", mask=(0, 2)),
+)
+
+CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *TRANSFORMERS, *HUGGING_FACE)
 
 
 # -- one case under one setup ---------------------------------------------------------------------

@@ -335,7 +335,8 @@ class Trust:
     this machine (a step fake tensors cannot run); "at least": a lower bound, `reasons` says which
     kernels' blocks are unknown; "estimate": a line through the peaks measured at `batch_sizes`
     (where the peak is in `phase`), which misses the other batches measured in that phase by
-    `error_range` (relative, low and high; None where no other batch was measured in it).
+    `error_range` (relative, low and high; None where no other batch was measured in it), or,
+    with no batches, a prediction whose program may differ from the real run's (`reasons`).
     """
 
     kind: str
@@ -360,6 +361,8 @@ class Trust:
             return f"measured at batch {self.batch_sizes[0]} on this machine"
         if self.kind == "at least":
             return f"at least: {'; '.join(self.reasons)}"
+        if not self.batch_sizes:  # not measured: an estimate for the reasons given
+            return f"estimate: {'; '.join(self.reasons)}"
         batches = " and ".join(str(b) for b in self.batch_sizes)
         where = f"where the peak is in {self.phase}" if self.phase else ""
         if self.error_range is None:
@@ -545,6 +548,9 @@ class MemoryReport:
     # The step run for real at a small batch beside the prediction there
     # (`ninlab.analysis.verify.verified`).
     verification: Verification | None = None
+    # Why the recorded program may not be the one that runs: a library's decision by context the
+    # trace could not take as the real run does (`ninlab.analysis.hugging_face.unreproduced`).
+    unreproduced: tuple[str, ...] = ()
 
     @property
     def allocator_peak_bytes(self) -> int:
@@ -561,6 +567,8 @@ class MemoryReport:
         cannot run."""
         if self.fallback is not None:
             return self.fallback.at("live", self.batch_size)[1]
+        if self.unreproduced:
+            return Trust("estimate", self.unreproduced)
         return EXACT
 
     @property
@@ -570,6 +578,8 @@ class MemoryReport:
         estimated for a step fake tensors cannot run."""
         if self.fallback is not None:
             return self.fallback.at("allocator", self.batch_size)[1]
+        if self.unreproduced:
+            return Trust("estimate", self.unreproduced)
         if self.allocator is not None and self.allocator.lower_bound:
             return Trust("at least", self.allocator.unmodelled)
         return EXACT

@@ -42,6 +42,7 @@ from ninlab.analysis.cuda_allocator import (
     simulate_step,
     step_events,
 )
+from ninlab.analysis.hugging_face import unreproduced
 from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.memory_report import (
@@ -207,6 +208,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
+        unreproduced=unreproduced(model),
     )
 
 

@@ -38,12 +38,15 @@ from ninlab.analysis.fake_fast_path import (
 )
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
+from ninlab.analysis.hugging_face import tracing_answered
 from ninlab.analysis.kernel_probe import KernelCall
+from ninlab.analysis.known_values import KnownValues
 from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
 from ninlab.analysis.phases import ANNOTATION_OPS, StepPhases
 from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, TensorMeta, WindowOp
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
+    DataDependentOutputException,
     DisableTorchFunction,
     DynamicOutputShapeException,
     FakeTensor,
@@ -523,6 +526,11 @@ class Recorder(TorchDispatchMode):
             harvest()(roots)  # a recorder is alive while it records
 
         self.phases = StepPhases(model, on_backward=on_backward)
+        # The values of the fake tensors whose values are known, so that a check on them takes
+        # the real run's branch (`known_values.py`); transformers' `is_tracing` is answered from
+        # them while the step runs (`hugging_face.py`).
+        self.known = KnownValues()
+        self._decisions = contextlib.ExitStack()
         self._fake_outputs = FakeOutputs(fake_mode)
         ops: list[OpRecord] = []
         self.ledger = StorageLedger(clock=lambda: len(ops) - 1)
@@ -560,11 +568,26 @@ class Recorder(TorchDispatchMode):
         owners, hooked, outside = self.modules.graph(roots)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                owners, self.ledger.key, skip=hooked, outside_model=outside
+                owners, self._saved_key, skip=hooked, outside_model=outside
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
         saved += [entry for entry in harvested if entry not in seen]
+
+    def _saved_key(self, tensor: torch.Tensor) -> int:
+        """The storage key of a tensor autograd saved. A Python number an op took as a tensor
+        (`0.5 * x`: the factor a product's backward needs) is made by no op: seen first here, an
+        8-byte storage alive until its node is freed, counted from backward's start."""
+        key = self.ledger.key(tensor)
+        if key < 0 and tensor.dim() == 0:
+            record = self.ledger.note(
+                tensor,
+                created_at=len(self.recording.ops),
+                phase=self.current_phase,
+                module=self.modules.current(),
+            )
+            key = -1 if record is None else record.key
+        return key
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -620,6 +643,7 @@ class Recorder(TorchDispatchMode):
         if not self._entered:
             self.modules.__enter__()
             self.phases.__enter__()
+            self._decisions.enter_context(tracing_answered(self.known))
             if self.emulate_cuda:
                 # CUDA's dropout is the fused kernel, which keeps a bool mask where the CPU
                 # composite keeps a float one (`nn.Dropout` calls `F.dropout` through the module).
@@ -632,6 +656,7 @@ class Recorder(TorchDispatchMode):
         self._entered -= 1
         if not self._entered:
             F.dropout = _CPU_DROPOUT
+            self._decisions.close()
             self.phases.__exit__(*exc)
             self.modules.__exit__(*exc)
 
@@ -643,7 +668,16 @@ class Recorder(TorchDispatchMode):
             self.modules.note_context()
         if func in ANNOTATION_OPS:
             return self.phases.annotation(func, args, lambda: self._dispatch(func, args, kwargs))
-        return self._dispatch(func, args, kwargs)
+        try:
+            output = self._dispatch(func, args, kwargs)
+        except DataDependentOutputException:
+            # A read of values (`item()`, `bool()`): answered where they are known.
+            answer = self.known.answer(func, args, kwargs)
+            if answer is None:
+                raise
+            return answer
+        self.known.follow(func, args, kwargs, output)
+        return output
 
     def _dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if func is _NESTED_FROM_MASK:

@@ -47,6 +47,7 @@ __all__ = [
     "builtin_loss_words",
     "builtin_targets",
     "call_model",
+    "determined_input",
     "example_inputs",
     "inference_step",
     "input_dtype_words",
@@ -661,22 +662,39 @@ def example_inputs(
     spec: StepSpec, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
     """One batch per input, in order: floating inputs random in their dtype (channels-last where
-    asked and 4-d), integer ones drawn from their `input_range`, bool ones False. Under a
+    asked and 4-d), integer ones drawn from their `input_range` (set where it holds one value),
+    bool ones False. Under a
     `FakeTensorMode` they are fake, with the same shapes, dtypes and strides. `step_arguments`
     gives them the form the step receives."""
     inputs = []
     for size, dtype, (low, high) in zip(spec.input_sizes, spec.input_dtypes, spec.input_ranges):
         shape = (batch_size, *size)
-        if dtype.is_floating_point:
+        tensor = determined_input(shape, dtype, (low, high), device)
+        if tensor is None and dtype.is_floating_point:
             tensor = torch.randn(shape, dtype=dtype, device=device)
             if tensor.dim() == 4:
                 tensor = tensor.contiguous(memory_format=spec.torch_memory_format)
-        elif dtype == torch.bool:
-            tensor = torch.zeros(shape, dtype=dtype, device=device)
-        else:
+        elif tensor is None:
             tensor = torch.randint(low, high, shape, dtype=dtype, device=device)
         inputs.append(tensor)
     return tuple(inputs)
+
+
+def determined_input(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    value_range: tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor | None:
+    """An input batch whose every value its dtype and range set: bool ones False, integer ones
+    of a range holding one value (an all-ones attention mask: `input_range=(1, 2)`); None for
+    any other, drawn at random. The recorder knows these values (`KnownValues`)."""
+    low, high = value_range
+    if dtype == torch.bool:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if not dtype.is_floating_point and high - low == 1:
+        return torch.full(shape, low, dtype=dtype, device=device)
+    return None
 
 
 def step_arguments(spec: StepSpec, inputs: Sequence[torch.Tensor]) -> StepInputs:

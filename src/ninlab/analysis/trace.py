@@ -41,6 +41,7 @@ from ninlab.analysis.step import (
     builtin_loss_words,
     builtin_targets,
     call_model,
+    determined_input,
     example_inputs,
     inference_step,
     model_arguments,
@@ -235,8 +236,11 @@ def _record_step(
             recorder.track(tensor, "buffer")
         for tensor in captured_tensors:
             recorder.track(tensor, "captured")
-        for tensor in inputs:
+        for tensor, dtype, value_range in zip(inputs, spec.input_dtypes, spec.input_ranges):
             recorder.track(tensor, "input")
+            value = determined_input(tuple(tensor.shape), dtype, value_range, torch.device("cpu"))
+            if value is not None:
+                recorder.known.note(tensor, value)
         if targets is not None:
             recorder.track(targets, "targets")
         trainable = [t for t in fakes.values() if isinstance(t, nn.Parameter) and t.requires_grad]

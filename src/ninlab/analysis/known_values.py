@@ -1,0 +1,151 @@
+"""The real values of the fake tensors whose values ninlab knows, so that a step's checks on them
+are answered as the real run answers them.
+
+A step is recorded on fake tensors, which have shapes and no data; a model that reads a value
+(`if (mask == 1).all():`) cannot be followed. But some values are known without data: those of
+the inputs ninlab makes whose every value is set (an all-ones attention mask, a bool mask:
+`step.determined_input`), of factory ops (`arange`, `zeros`, `full`), and of any deterministic
+op whose tensor arguments all have known values (position ids, `arange(n) + offset`, and the
+mask computed from them). `KnownValues` computes those ops again on real CPU tensors beside the
+fake ones (below `SIZE_LIMIT` elements, so a large tensor costs nothing), and answers a read of
+one (`item()`, `bool()`) with the real value: the branch the real run takes. A tensor written in
+place by an op it does not follow loses its value, with every view of its storage.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ninlab.analysis.torch_internals import (
+    DisableTorchDispatch,
+    FakeTensor,
+    op_schema,
+    storage_address,
+    tree_flatten,
+)
+
+# The most elements an op's outputs may have for its values to be computed: an attention mask of
+# a batch of 64 sequences of 4,096 tokens, which costs a millisecond.
+SIZE_LIMIT = 1 << 18
+_CPU = torch.device("cpu")
+
+
+@functools.cache
+def _writes(func: Any) -> tuple[tuple[int, str], ...]:
+    """The positions and names of the arguments `func` writes in place (an in-place op's self,
+    `out=`)."""
+    return tuple(
+        (i, argument.name)
+        for i, argument in enumerate(op_schema(func).arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The fake tensors `func` writes in place in this call."""
+    written = []
+    for i, name in _writes(func):
+        argument = args[i] if i < len(args) else kwargs.get(name)
+        flat, _ = tree_flatten(argument)
+        written += [t for t in flat if isinstance(t, FakeTensor)]
+    return written
+
+
+@functools.cache
+def _follows(func: Any) -> bool:
+    """Whether an op's outputs are set by its arguments' values: not random, not uninitialised
+    (`empty`), not a resize or a change of storage."""
+    name = func.name()
+    return (
+        torch.Tag.nondeterministic_seeded not in func.tags
+        and "empty" not in name
+        and not name.startswith(("aten::resize", "aten::set_"))
+    )
+
+
+def _on_cpu(value: Any) -> Any:
+    """An argument as the op takes it on real CPU tensors (an emulated CUDA step's device)."""
+    return _CPU if isinstance(value, torch.device) else value
+
+
+class KnownValues:
+    """The real values of the fake tensors whose values are known, kept as each op runs."""
+
+    def __init__(self) -> None:
+        self._values: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def note(self, fake: torch.Tensor, value: torch.Tensor) -> None:
+        """`fake`'s values are `value`'s (a real CPU tensor of its shape)."""
+        self._values[fake] = value
+
+    def value(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The real values of `tensor` (a fake tensor, or a real one), or None if unknown."""
+        if not isinstance(tensor, FakeTensor):
+            return tensor if type(tensor) in (torch.Tensor, torch.nn.Parameter) else None
+        value = self._values.get(tensor)
+        if value is None:
+            return tensor.constant  # FakeTensorMode's own: a real scalar made into a tensor
+        return value
+
+    def answer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The real result of an op that reads values (`item()`, `equal`), where its tensors'
+        values are all known; None otherwise."""
+        real = self._run(func, args, kwargs)
+        return None if real is None or isinstance(real, torch.Tensor) else real
+
+    def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """After `func` made `output` (fake): note its outputs' values where its arguments' are
+        known, or forget the values of what it wrote in place."""
+        outputs, _ = tree_flatten(output)
+        fakes = [t for t in outputs if isinstance(t, FakeTensor)]
+        writes = _writes(func)
+        if not fakes and not writes:
+            return
+        followed = sum(t.numel() for t in fakes) <= SIZE_LIMIT and _follows(func)
+        real = self._run(func, args, kwargs) if followed else None
+        if real is None:
+            if writes:
+                self._forget(
+                    {storage_address(t.untyped_storage()) for t in _written(func, args, kwargs)}
+                )
+            return
+        reals, _ = tree_flatten(real)
+        if len(reals) != len(outputs):
+            return
+        for fake, value in zip(outputs, reals):
+            if (
+                isinstance(fake, FakeTensor)
+                and isinstance(value, torch.Tensor)
+                and value.shape == fake.shape
+                and value.dtype == fake.dtype
+            ):
+                self._values[fake] = value
+
+    def _forget(self, storages: set[int]) -> None:
+        """Forget the values of every known tensor on one of `storages` (live, by address)."""
+        for fake in [f for f in self._values if storage_address(f.untyped_storage()) in storages]:
+            del self._values[fake]
+
+    def _run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """`func` on the real values of its arguments, or None where one is unknown or the op
+        fails on them."""
+        flat, spec = tree_flatten((args, kwargs))
+        reals = []
+        for item in flat:
+            if not isinstance(item, torch.Tensor):
+                reals.append(_on_cpu(item))
+                continue
+            real = self.value(item)
+            if real is None:
+                return None
+            reals.append(real)
+        real_args, real_kwargs = spec.unflatten(reals)
+        try:
+            with DisableTorchDispatch(), torch.no_grad():
+                return func(*real_args, **real_kwargs)
+        except Exception:  # noqa: BLE001 - an op the real tensors refuse: its values are unknown
+            return None
