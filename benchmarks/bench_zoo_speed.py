@@ -6,7 +6,7 @@ torchinfo on the path:
 
     PYTHONPATH=src:/path/to/torchinfo python benchmarks/bench_zoo_speed.py [--quick]
         [--only NAME ...] [--batch 8] [--no-reference] [--fit 2GiB] [--output PATH]
-        [--predictions PATH]
+        [--predictions PATH] [--no-nin]
 
 Each model runs in a fresh process: its first prediction there is cold (it pays the fake-tensor
 machinery's warm-up), and each step kind's first prediction pays what that kind needs once per
@@ -19,6 +19,10 @@ warm-up step); with `--fit`, `fit_batch` into that budget for SGD momentum in fl
 bf16 autocast, after the predictions (the batch planner's cost). Times are wall seconds and this
 process's CPU seconds (the machine may be shared: CPU time is what the work itself cost); the load
 average is recorded at start and end.
+
+Before the models, in a fresh process of its own: d2l's NiN at batch 128 on 1x224x224, its whole
+analysis (`summarize`, the training step's memory and an inference's) cold and warm, beside
+torchinfo's summary of it (the issue's "50x" target), as ratios of CPU and of wall seconds.
 
 `--predictions PATH` writes every prediction's JSON (`ninlab summary`'s memory figures), to compare
 two versions byte for byte: a speed change must move no number.
@@ -67,6 +71,7 @@ CORPUS: list[tuple[str, str, str, tuple[int, ...]]] = [
     ("efficientformer_l1", "timm", "efficientformer_l1", (3, 224, 224)),
 ]
 FITS = ("sgd", "bf16")  # the step kinds whose fit_batch --fit times
+NIN = "nin"  # the child that times NiN against torchinfo
 QUICK = ["resnet50", "efficientnet_b0", "vit_b_16", "densenet121", "swin_t", "deit_tiny"]
 
 SGD = "sgd:momentum=0.9"
@@ -139,6 +144,45 @@ def child(name: str, batch: int, reference: bool, fit_budget: str | None) -> dic
     return row
 
 
+def nin_child() -> dict[str, Any]:
+    """NiN's whole analysis (summary, training memory, inference memory) against torchinfo's
+    summary of it, in this (fresh) process: cold, then the least of `REPEATS` more."""
+    from torchinfo import summary
+
+    from ninlab.analysis.predict import predict_memory
+    from ninlab.analysis.summary import summarize
+    from ninlab.models import build_nin
+
+    model = build_nin()
+    size, batch = (1, 224, 224), 128
+
+    def analysis() -> None:
+        summarize(model, input_size=size, batch_size=batch)
+        predict_memory(model, input_size=size, batch_size=batch)
+        predict_memory(model, input_size=size, batch_size=batch, mode="infer")
+
+    cold = clocked(analysis)[:2]
+    warm = min(clocked(analysis)[:2] for _ in range(REPEATS))
+    reference = min(
+        clocked(lambda: summary(model, input_size=(batch, *size), verbose=0))[:2]
+        for _ in range(REPEATS)
+    )
+    return {
+        "model": "nin-d2l, batch 128, 1x224x224",
+        "analysis_cold": {"wall_s": round(cold[0], 3), "cpu_s": round(cold[1], 3)},
+        "analysis_warm": {"wall_s": round(warm[0], 3), "cpu_s": round(warm[1], 3)},
+        "torchinfo": {"wall_s": round(reference[0], 3), "cpu_s": round(reference[1], 3)},
+        "torchinfo_over_warm": {
+            "cpu": round(reference[1] / warm[1], 1),
+            "wall": round(reference[0] / warm[0], 1),
+        },
+        "torchinfo_over_cold": {
+            "cpu": round(reference[1] / cold[1], 1),
+            "wall": round(reference[0] / cold[0], 1),
+        },
+    }
+
+
 def fit_seconds(
     model: Any, input_size: tuple[int, ...], budget: str, fields: dict[str, Any]
 ) -> dict[str, Any]:
@@ -202,6 +246,8 @@ def machine() -> dict[str, Any]:
 
 def run_child(name: str, batch: int, reference: bool, fit_budget: str | None) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", name, "--batch", str(batch)]
+    if name == NIN:
+        command = [sys.executable, __file__, "--child", NIN]
     if fit_budget:
         command += ["--fit", fit_budget]
     if not reference:
@@ -261,14 +307,21 @@ def main() -> None:
     parser.add_argument(
         "--fit", metavar="BUDGET", help=f"also time fit_batch into BUDGET ({', '.join(FITS)})"
     )
+    parser.add_argument("--no-nin", action="store_true", help="skip NiN against torchinfo")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == NIN:
+        print(json.dumps(nin_child()))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.batch, not args.no_reference, args.fit)))
         return
     names = [entry[0] for entry in CORPUS]
     names = args.only or (QUICK if args.quick else names)
     info = machine()
+    nin = None if args.no_nin else run_child(NIN, args.batch, True, None)
+    if nin is not None:
+        print(f"NiN: {json.dumps(nin)}", flush=True)
     rows = []
     for name in names:
         rows.append(run_child(name, args.batch, not args.no_reference, args.fit))
@@ -283,6 +336,7 @@ def main() -> None:
             "torchinfo's summary and one real SGD-momentum step at the same batch"
         ),
         "machine": info,
+        "nin_against_torchinfo": nin,
         "results": rows,
     }
     from ninlab.outputs import atomic_write

@@ -7,8 +7,9 @@ import pytest
 from torch import nn
 
 from ninlab.analysis import kernel_probe
-from ninlab.analysis.batch import fit_batch, memory_vs_batch
+from ninlab.analysis.batch import _largest_within, _Peaks, fit_batch, memory_vs_batch
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import step_spec
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
@@ -71,3 +72,35 @@ def test_a_budget_too_small_for_batch_1_says_by_how_much(nin: nn.Module) -> None
 def test_budgets_that_do_not_parse(nin: nn.Module, budget: str) -> None:
     with pytest.raises(NinlabError):
         fit_batch(nin, budget=budget, input_size=NIN_INPUT)
+
+
+@pytest.mark.parametrize(
+    ("fields", "budget"),
+    [
+        ({"amp": "bf16"}, 28 << 20),  # bf16 convolutions: each probed, the bound below the peak
+        ({"optimizer": "sgd:momentum=0.9"}, 40 << 20),  # every kernel has a rule: bound = peak
+    ],
+)
+def test_the_search_on_lower_bounds_answers_what_the_exact_search_answers(
+    nin: nn.Module, fields: dict[str, object], budget: int
+) -> None:
+    """`fit_batch` narrows its range on predictions that probe no kernel; the search on exact
+    predictions alone (the slow one) must give the same answer and peaks, both where the
+    candidate fits and where a probed kernel's blocks push it over (a budget between the two)."""
+    spec = step_spec(model=nin, input_size=(1, 96, 96), **fields)
+    exact = _Peaks(nin, spec, "allocator")
+    bound = _Peaks(nin, spec, "allocator")
+    budgets = [budget]
+    assert bound.bound(16) <= exact(16)
+    if bound.bound(16) < exact(16):
+        budgets.append(bound.bound(16))  # batch 16 fits by its bound, not exactly
+    assert len(budgets) == 2 if "amp" in fields else len(budgets) == 1
+    for each in budgets:
+        fit = fit_batch(nin, spec, budget=each)
+        slow = _largest_within(exact, exact.known, each, 1 << 24)
+        assert (fit.batch_size, fit.peak_bytes, fit.next_peak_bytes) == (
+            slow,
+            exact(slow),
+            exact(slow + 1),
+        )
+        assert fit.trust == exact.trust(slow)

@@ -18,12 +18,13 @@ then estimates, and the answer's `trust` says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from torch import nn
 
-from ninlab.analysis.memory_report import EXACT, MeasuredFallback, Trust
+from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
 from ninlab.errors import NinlabError
@@ -67,7 +68,8 @@ class BatchScaling:
 @dataclass(frozen=True)
 class BatchFit:
     """The largest batch whose predicted peak at `level` fits `budget_bytes`: exact predictions at
-    `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the traces run.
+    `batch_size` (fits) and `batch_size + 1` (does not); `predictions` counts the exact
+    predictions run (lower bounds, which narrow the search, are not counted).
     `lower_bound`: the peak at `batch_size` is only a lower bound (a kernel's workspace is
     unknown there), so the largest batch is at most `batch_size`. `trust`: what the peak at
     `batch_size` is (`Trust`: exact, at least, or an estimate from real runs)."""
@@ -117,7 +119,10 @@ def memory_vs_batch(
 
 class _Peaks:
     """The peak at one level by batch size, each asked once: an exact prediction, or for a step
-    fake tensors cannot run, read from one `MeasuredFallback` over the whole ladder."""
+    fake tensors cannot run, read from one `MeasuredFallback` over the whole ladder. `bound`
+    gives a lower bound for less: the prediction without the kernel probe, which at a large
+    batch costs as much as a real step (where that prediction has nothing to probe, it is the
+    exact one, and is kept as such)."""
 
     def __init__(
         self,
@@ -128,6 +133,7 @@ class _Peaks:
     ) -> None:
         self.model, self.spec, self.level = model, spec, level
         self.known: dict[int, tuple[int, Trust]] = {}
+        self.bounds: dict[int, int] = {}
         self.fallback = fallback
 
     def __call__(self, batch_size: int) -> int:
@@ -138,27 +144,53 @@ class _Peaks:
 
     @property
     def predictions(self) -> int:
+        """The exact predictions made (the bounds that were not exact are not counted)."""
         return len(self.known)
+
+    def bound(self, batch_size: int) -> int:
+        """At most the peak at `batch_size`: exact where known, else a prediction that runs no
+        kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`."""
+        if batch_size not in self.bounds:
+            if batch_size in self.known or self.fallback is not None:
+                self.bounds[batch_size] = self(batch_size)
+            else:
+                report = self._predict(batch_size, probe_kernels=False)
+                if report.fallback is not None or self._trust(report).exact:
+                    self.bounds[batch_size] = self._keep(batch_size, report)[0]
+                else:
+                    self.bounds[batch_size] = self._peak(report)
+        return self.bounds[batch_size]
 
     def _at(self, batch_size: int) -> tuple[int, Trust]:
         if batch_size not in self.known:
             if self.fallback is None:
-                report = predict_memory(self.model, self.spec, batch_size=batch_size)
-                if report.fallback is None:
-                    peak = (
-                        report.live_peak_bytes if self.level == "live" else report.held_peak_bytes
-                    )
-                    trust = report.live_trust if self.level == "live" else report.allocator_trust
-                    self.known[batch_size] = peak, trust
-                    return self.known[batch_size]
-                if len(report.fallback.batch_sizes) < len(FALLBACK_LADDER):
-                    # Measured at this batch alone: measure the ladder once for all the others.
-                    beyond = FALLBACK_LADDER[-1] + 1
-                    report = predict_memory(self.model, self.spec, batch_size=beyond)
-                self.fallback = report.fallback
-            assert self.fallback is not None
+                return self._keep(batch_size, self._predict(batch_size, probe_kernels=True))
             self.known[batch_size] = self.fallback.at(self.level, batch_size)
         return self.known[batch_size]
+
+    def _predict(self, batch_size: int, *, probe_kernels: bool) -> MemoryReport:
+        return predict_memory(
+            self.model, self.spec, batch_size=batch_size, probe_kernels=probe_kernels
+        )
+
+    def _keep(self, batch_size: int, report: MemoryReport) -> tuple[int, Trust]:
+        if report.fallback is None:
+            self.known[batch_size] = self._peak(report), self._trust(report)
+            return self.known[batch_size]
+        if len(report.fallback.batch_sizes) < len(FALLBACK_LADDER):
+            # Measured at this batch alone: measure the ladder once for all the others.
+            beyond = FALLBACK_LADDER[-1] + 1
+            report = self._predict(beyond, probe_kernels=True)
+        self.fallback = report.fallback
+        assert self.fallback is not None
+        self.known[batch_size] = self.fallback.at(self.level, batch_size)
+        return self.known[batch_size]
+
+    def _peak(self, report: MemoryReport) -> int:
+        return report.live_peak_bytes if self.level == "live" else report.held_peak_bytes
+
+    def _trust(self, report: MemoryReport) -> Trust:
+        return report.live_trust if self.level == "live" else report.allocator_trust
 
 
 def _level(level: str) -> Level:
@@ -188,40 +220,14 @@ def fit_batch(
         raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
     spec = step_spec(spec, model=model, **fields)
     peak = _Peaks(model, spec, level)
-    known = peak.known
-
-    if peak(1) > budget_bytes:
-        raise NinlabError(
-            f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch "
-            f"1, which needs {peak(1):,} bytes ({format_bytes(peak(1))} at the {level} level): "
-            f"{peak(1) - budget_bytes:,} bytes more"
-        )
-
-    def fits(batch_size: int) -> bool:
-        return peak(batch_size) <= budget_bytes
-
-    # Newton steps on the exact peak: the slope between a batch and the next is the per-sample
-    # cost where the peak is, so once a guess lands in the answer's linear stretch the next is
-    # exact.
-    batch_size = 1
-    for _ in range(4):
-        slope = peak(batch_size + 1) - peak(batch_size)
-        if slope <= 0:
-            break
-        guess = batch_size + (budget_bytes - peak(batch_size)) // slope
-        batch_size = min(max(guess, 1), max_batch_size)
-        if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
-            break
-    # Where the steps did not settle (the peak moved to another op), bisect between the largest
-    # size known to fit and the smallest known not to.
-    low = max(b for b in known if fits(b))
-    high = min((b for b in known if not fits(b)), default=max_batch_size + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
+    if peak.bound(1) > budget_bytes:
+        _too_small(peak, budget_bytes)
+    # The search runs on lower bounds, predictions that probe no kernel: the largest batch whose
+    # bound fits is at least the answer, and the next one's exact peak, at least its bound, is
+    # over the budget. Exact predictions then check that candidate, and go below it only where a
+    # probed kernel's blocks make the peak (`_exact_below`).
+    candidate = _largest_within(peak.bound, peak.bounds, budget_bytes, max_batch_size)
+    low = _exact_below(peak, candidate, budget_bytes)
     if low == max_batch_size:
         raise NinlabError(
             f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
@@ -239,3 +245,70 @@ def fit_batch(
         trust,
         peak.fallback,
     )
+
+
+def _too_small(peak: _Peaks, budget_bytes: int) -> NoReturn:
+    raise NinlabError(
+        f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch "
+        f"1, which needs {peak(1):,} bytes ({format_bytes(peak(1))} at the {peak.level} level): "
+        f"{peak(1) - budget_bytes:,} bytes more"
+    )
+
+
+def _largest_within(
+    peak: Callable[[int], int], tried: Collection[int], budget_bytes: int, max_batch_size: int
+) -> int:
+    """The largest batch whose `peak` fits the budget, batch 1 fitting; `tried`: the batch sizes
+    `peak` has been asked at (a live view, growing as the search asks)."""
+
+    def fits(batch_size: int) -> bool:
+        return peak(batch_size) <= budget_bytes
+
+    # Newton steps on the peak: the slope between a batch and the next is the per-sample cost
+    # where the peak is, so once a guess lands in the answer's linear stretch the next is exact.
+    batch_size = 1
+    for _ in range(4):
+        slope = peak(batch_size + 1) - peak(batch_size)
+        if slope <= 0:
+            break
+        guess = batch_size + (budget_bytes - peak(batch_size)) // slope
+        batch_size = min(max(guess, 1), max_batch_size)
+        if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
+            break
+    # Where the steps did not settle (the peak moved to another op), bisect between the largest
+    # size known to fit and the smallest known not to.
+    low = max(b for b in tried if fits(b))
+    high = min((b for b in tried if not fits(b)), default=max_batch_size + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _exact_below(peak: _Peaks, candidate: int, budget_bytes: int) -> int:
+    """The largest batch up to `candidate` whose exact peak fits, `candidate + 1` known not to
+    (its lower bound does not): the candidate itself, unless a probed kernel's blocks make the
+    peak there; then one step down by the excess over the bounds' per-sample slope, and a
+    bisection where that does not settle."""
+    low, high = 0, candidate + 1
+    batch_size = candidate
+    for _ in range(2):
+        if peak(batch_size) <= budget_bytes:
+            low = batch_size
+            break
+        high = batch_size
+        per_sample = max(peak.bound(candidate + 1) - peak.bound(candidate), 1)
+        excess = peak(batch_size) - budget_bytes
+        batch_size = max(batch_size - -(-excess // per_sample), 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if peak(middle) <= budget_bytes:
+            low = middle
+        else:
+            high = middle
+    if low == 0:
+        _too_small(peak, budget_bytes)
+    return low

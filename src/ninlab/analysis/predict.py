@@ -83,6 +83,7 @@ def predict_memory(
     *,
     batch_size: int | None = None,
     model_name: str | None = None,
+    probe_kernels: bool = True,
     **fields: Any,
 ) -> MemoryReport:
     """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
@@ -94,6 +95,11 @@ def predict_memory(
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
 
     To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
+
+    `probe_kernels=False` runs no CPU kernel that no rule knows (`ninlab.analysis.kernel_probe`):
+    their blocks stay unknown, so the allocator figure is a lower bound (`allocator_trust` "at
+    least") of the one they give, every other figure the same; the batch search narrows its
+    range with it, since a probe at a large batch costs as much as a real step.
     """
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
@@ -120,7 +126,8 @@ def predict_memory(
     # collector, as the recording runs, they trigger none of its full passes over the process.
     varies = _varies(step, draws != _python_random_states())
     with collector_off():
-        _measure_unknown_kernels(step)
+        if probe_kernels:
+            _measure_unknown_kernels(step)
         report = _report(traced, step, name)
     return replace(report, notes=(*report.notes, *varies))
 
