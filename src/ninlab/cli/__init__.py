@@ -58,17 +58,48 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # No abbreviations: `report --mode infer` would be read as `--model infer`, and a new
+        # option would change what an old command line means.
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
         self.exit(2, f"ninlab: error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
+        if args is not None:  # the command line itself (argparse passes a subcommand its share)
+            self._refuse_conflicts(list(args))
         # Refused by the parser that left them over, so the error names the command, not ninlab.
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
+
+    def _refuse_conflicts(self, args: list[str]) -> None:
+        """An option given twice with two values (`--batch 2 --batch 3`, `--flip --no-flip`)
+        would silently keep the last; refused. An option that adds (--input) may repeat."""
+        given: dict[str, tuple[str, str | None]] = {}
+        for index, arg in enumerate(args):
+            if arg == "--":
+                return
+            name, equals, inline = arg.partition("=")
+            action = self._option_string_actions.get(name)
+            if action is None or isinstance(action, argparse._AppendAction) or action.nargs:
+                continue  # not an option of this command (a subcommand's), or one that adds
+            if equals:
+                value: str | None = inline
+            elif action.nargs == 0:
+                value = None
+            else:
+                value = args[index + 1] if index + 1 < len(args) else None
+            said = f"{name} {value}" if value is not None else name
+            # A switch's spelling is its value (--flip, --no-flip); a value's spelling is not.
+            meaning = name if action.nargs == 0 else value
+            earlier = given.setdefault(action.dest, (meaning, said))
+            if earlier[0] != meaning:
+                self.error(f"{earlier[1]} and {said} conflict; give one")
 
 
 def build_parser() -> argparse.ArgumentParser:
