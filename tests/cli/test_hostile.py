@@ -312,3 +312,25 @@ def test_plot_batch_of_an_inference_fits_the_inference(tmp_path):
     argv = ["plot", "batch", "--mode", "infer", "--budget", "64MiB", "--model", "nin-d2l-0x1"]
     code, err = _run([*argv, "--input", "1x67x67", "-o", str(tmp_path / "batch.png")])
     assert code == 0, err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("form", ["table", "json"])
+def test_an_output_stream_that_is_full_is_one_line(form):
+    # Once an OSError traceback and exit 1 (`ninlab summary > /dev/full`).
+    code = "import sys; from ninlab.cli import main; sys.exit(main())"
+    argv = ["summary", *_BASE["summary"], "--model", "nin-d2l-0x1", "--format", form]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "ninlab: error: cannot write the output (No space left on device); free space, or send "
+        "it elsewhere (> FILE on another disk)\n"
+    )

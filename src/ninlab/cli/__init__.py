@@ -10,6 +10,7 @@ never stops a run (`ninlab.training.console`)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -142,12 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("ninlab: interrupted")
         return 130
+    except OSError as error:
+        if error.errno not in _STREAM_FULL:
+            raise
+        # Every file ninlab writes says so itself (a NinlabError); what is left is the output
+        # stream, which cannot take the result (stdout to /dev/full, a full disk behind `>`).
+        _silence(sys.stdout)
+        _say(
+            f"ninlab: error: cannot write the output ({error.strerror}); free space, or send it "
+            "elsewhere (> FILE on another disk)"
+        )
+        return 2
     finally:
         if argv is None:
             # The command line's own process, now exiting: a Ctrl-C during the interpreter's
             # shutdown (its threads, its atexit handlers) would print a traceback for nothing.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+
+# Errors of a stream that cannot take what is written: no space, over quota, too large, I/O.
+_STREAM_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 # The exit code of a command whose reader went away: Python's and rich's.
 BROKEN_PIPE_EXIT = 1
