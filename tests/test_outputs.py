@@ -242,3 +242,15 @@ def test_outputs_imports_only_the_standard_library_and_errors():
             imported.add(node.module)
     outside = {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names}
     assert outside == {"ninlab.errors"}
+
+
+def test_a_symbolic_link_that_leads_nowhere_is_named_as_such(tmp_path):
+    # A loop and a missing target were "does not exist" or "cannot create ... (File exists)".
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in ("loop", "dangling"):
+        with pytest.raises(NinlabError, match="symbolic link that leads nowhere.*--output-dir"):
+            output_directory(tmp_path / link)
+        with pytest.raises(NinlabError, match="symbolic link that leads nowhere.*-o$"):
+            output_path(tmp_path / link / "x.png")
+    assert not (tmp_path / "nowhere").exists()

@@ -77,6 +77,8 @@ def output_directory(path: str | os.PathLike[str], *, option: str = "--output-di
     if not os.fspath(path):  # Path("") is ".": an empty name would write into the working directory
         raise NinlabError(f"{option} is an empty name; name a directory")
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise NinlabError(_dangling(path, option))
     if path.exists() and not path.is_dir():
         raise NinlabError(f"{path} is a file, not a directory; choose another {option}")
     try:
@@ -93,6 +95,8 @@ def output_directory(path: str | os.PathLike[str], *, option: str = "--output-di
 
 def _directory_problem(directory: Path, *, option: str) -> str | None:
     """Why files cannot be written in `directory`, with the fix; None if they can."""
+    if directory.is_symlink() and not directory.exists():
+        return _dangling(directory, option)
     if not directory.exists():
         return f"directory {str(directory)!r} does not exist; create it or choose another {option}"
     if not directory.is_dir():
@@ -104,6 +108,13 @@ def _directory_problem(directory: Path, *, option: str) -> str | None:
             f"choose another {option}"
         )
     return None
+
+
+def _dangling(link: Path, option: str) -> str:
+    return (
+        f"{str(link)!r} is a symbolic link that leads nowhere (a loop or a missing target); "
+        f"fix the link or choose another {option}"
+    )
 
 
 def _refuse(path: str, what: str, reason: str) -> NoReturn:

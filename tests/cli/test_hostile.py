@@ -25,9 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ninlab.analysis.step import StepSpec
 from ninlab.cli import build_parser, main
 from ninlab.cli.options import finite_float, input_size, non_negative_int, path_name, positive_int
 from ninlab.models import build_nin, parse_variant
+from ninlab.studies.charts import chart_source
 from ninlab.training.checkpoint import save_checkpoint
 from ninlab.training.presets import TrainConfig
 
@@ -173,15 +175,23 @@ def command_lines(draw: st.DrawFn, command: str) -> list[str]:
             argv += draw(st.lists(st.sampled_from(values), min_size=1, max_size=2, unique=True))
             if command == "evaluate" or (command == "predict" and dest == "checkpoint"):
                 argv = argv[:2]  # one checkpoint
-    argv += _BASE[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     chosen = (
         draw(st.lists(st.sampled_from(options), max_size=3, unique_by=lambda a: a.dest))
         if options  # `cache` has none
         else []
     )
+    # A drawn option replaces the base's: given twice with two values, it would be refused.
+    base = list(_BASE[command])
+    for action in chosen:
+        for flag in action.option_strings:
+            if flag in base and not isinstance(action, argparse._AppendAction):
+                del base[base.index(flag) : base.index(flag) + 2]
+    argv += base
     for action in chosen:
         argv += draw(_option(action, command))
+        if draw(st.integers(0, 5)) == 0:  # now and then, the same option again
+            argv += draw(_option(action, command))
     return argv
 
 
@@ -244,3 +254,83 @@ def test_an_option_a_format_has_no_place_for_is_refused_not_ignored():
     assert code == 2 and "--fit has no place in --format csv" in err
     code, err = _run(["summary", "--format", "csv", "--fit", "8XB", *_BASE["summary"]])
     assert code == 2 and "argument --fit: cannot read memory size '8XB'" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["plot", "saved", "--mode", "infer"], "chart 'saved' is of a training step only"),
+        (["plot", "flops", "--optimizer", "adam"], "--optimizer is not read by chart 'flops'"),
+        (["plot", "geometry", "--amp", "bf16"], "--amp is not read by chart 'geometry'"),
+        (["plot", "flops", "--budget", "1GiB"], "--budget is not read by chart 'flops'"),
+        (["plot", "timeline", "--layer", "0.0"], "--layer is not read by chart 'timeline'"),
+        (["plot", "timeline", "--mode", "infer", "--optimizer", "sgd"], "--optimizer belongs to"),
+        # No abbreviations: --mode was once read as --model, "unknown model 'infer'".
+        (["report", "--mode", "infer"], "unrecognized arguments: --mode infer"),
+        (["summary", "--inp", "1x67x67"], "unrecognized arguments: --inp"),
+    ],
+)
+def test_an_option_a_chart_does_not_read_is_refused(tmp_path, argv, error):
+    code, err = _run([*argv, "-o", str(tmp_path / "x.png"), "--input", "1x67x67", "--batch", "2"])
+    assert code == 2 and error in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["summary", "--batch", "2", "--batch", "3"], "--batch 2 and --batch 3 conflict"),
+        (["summary", "--format", "json", "--format=csv"], "--format json and --format csv"),
+        (["summary", "--channels-last", "--no-channels-last"], "--channels-last and --no-"),
+        (["train", "--amp", "bf16", "--no-amp"], "--amp bf16 and --no-amp conflict"),
+        (["plot", "flops", "-o", "a.png", "--output", "b.png"], "-o a.png and --output b.png"),
+    ],
+)
+def test_an_option_given_twice_with_two_values_is_refused(argv, error):
+    code, err = _run(argv)
+    assert code == 2 and error in err and len(err.splitlines()) == 1, err
+
+
+def test_an_option_given_twice_alike_or_one_that_adds_is_taken():
+    parser = build_parser()
+    assert parser.parse_args(["summary", "--batch", "2", "--batch=2"]).batch == 2
+    assert len(parser.parse_args(["summary", "--input", "8", "--input", "4"]).input) == 2
+
+
+def test_plot_batch_of_an_inference_fits_the_inference(tmp_path):
+    """--mode infer reaches the batch chart: it fits the inference, a larger batch than the
+    training step's in the same budget (once it was the training step's, whatever --mode said)."""
+    model = build_nin(parse_variant("nin-d2l-0x1"))
+    spec = StepSpec(input_size=(1, 67, 67))
+    train, infer = (
+        chart_source(
+            "batch", model, spec.replace(mode=mode), batch_size=2, budget="64MiB", model_name="m"
+        )
+        for mode in ("train", "infer")
+    )
+    assert (train.mode, infer.mode) == ("train", "infer")
+    assert infer.fit.batch_size > train.fit.batch_size
+    argv = ["plot", "batch", "--mode", "infer", "--budget", "64MiB", "--model", "nin-d2l-0x1"]
+    code, err = _run([*argv, "--input", "1x67x67", "-o", str(tmp_path / "batch.png")])
+    assert code == 0, err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("form", ["table", "json"])
+def test_an_output_stream_that_is_full_is_one_line(form):
+    # Once an OSError traceback and exit 1 (`ninlab summary > /dev/full`).
+    code = "import sys; from ninlab.cli import main; sys.exit(main())"
+    argv = ["summary", *_BASE["summary"], "--model", "nin-d2l-0x1", "--format", form]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "ninlab: error: cannot write the output (No space left on device); free space, or send "
+        "it elsewhere (> FILE on another disk)\n"
+    )

@@ -138,7 +138,14 @@ def test_cli_compare_table_and_plot(tmp_path, capsys):
     path = tmp_path / "bars.png"
     assert main(["compare", "nin-d2l", "nin-d2l-1x1", "--batch", "2", "--plot", str(path)]) == 0
     captured = capsys.readouterr()
-    assert "1,769,112 (-223,054, -11.2%)" in captured.out and f"wrote {path}" in captured.err
+    assert f"wrote {path}" in captured.err
+    # The difference under its value, right-aligned with it (a table half as wide).
+    lines = captured.out.splitlines()
+    row = next(index for index, line in enumerate(lines) if "1,769,112" in line)
+    value, difference = lines[row], lines[row + 1]
+    assert difference.index("(-223,054, -11.2%)") + len("(-223,054, -11.2%)") == value.index(
+        "1,769,112"
+    ) + len("1,769,112")
     assert path.stat().st_size > 20_000
     assert main(["compare", "nin-d2l", "--batch", "2", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["variants"][0]["parameters"] == 1_992_166

@@ -20,6 +20,7 @@ from rich.console import Console
 import ninlab
 from ninlab.cli import main
 from ninlab.errors import NinlabError
+from ninlab.training import train as train_module
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.metrics import METRICS_FIELDS
 from ninlab.training.presets import PRESETS, TrainConfig
@@ -72,7 +73,18 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnist, tmp_path):
+def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(
+    fashion_mnist, tmp_path, monkeypatch
+):
+    titles = []  # the curves' titles: a notebook's run directory is temporary, and never shown
+    plot_curves = train_module.plot_curves
+    monkeypatch.setattr(
+        train_module,
+        "plot_curves",
+        lambda *args, title, **kwargs: (
+            titles.append(title) or plot_curves(*args, title=title, **kwargs)
+        ),
+    )
     config = dataclasses.replace(
         PRESETS["cpu"], image_size=67, epochs=2, train_examples=2048, test_examples=500, seed=0
     )
@@ -97,6 +109,7 @@ def test_cpu_preset_recipe_learns_on_a_subset_and_writes_every_file(fashion_mnis
     assert rows == list(result.history) and set(rows[0]) == set(METRICS_FIELDS)
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == ",".join(METRICS_FIELDS)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(titles) == 2 and not [title for title in titles if tmp_path.name in title], titles
     assert json.loads((tmp_path / "config.json").read_text()) == dataclasses.asdict(config)
     saved = load_checkpoint(tmp_path)
     assert saved["epoch"] == 2 and saved["batch"] == 0 and saved["step"] == 2 * 2048 // 128

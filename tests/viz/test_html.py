@@ -3,6 +3,7 @@ charts as PNG."""
 
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 
@@ -65,11 +66,55 @@ def test_the_memory_tables_hold_the_peak_its_parts_and_the_forum_rule():
 def test_a_comparison_renders_with_its_differences():
     comparison = compare(["nin-d2l", "nin-d2l:num_1x1=1"], input_size=(1, 224, 224), batch_size=2)
     page = comparison_html(comparison)
-    assert ">1,992,166</td>" in page and ">1,769,112 (-223,054, -11.2%)</td>" in page
+    assert ">1,992,166</td>" in page
+    assert '>1,769,112<br><small style="white-space:normal">(-223,054, -11.2%)</small></td>' in page
     assert (
         "nin-d2l:num_1x1=1: d2l.ai&#x27;s NiN, exactly as the chapter builds it; with num_1x1=1"
         in page
     )
+
+
+class _Widths(HTMLParser):
+    """The narrowest each column of an HTML table can be, in characters: a cell's text that may
+    not wrap (white-space:nowrap) whole, else its longest word."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.columns: dict[int, int] = {}
+        self.column, self.nowrap = -1, [False]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        style = dict(attrs).get("style") or ""
+        if tag == "tr":
+            self.column = -1
+        if tag in ("td", "th"):
+            self.column += 1
+        if tag in ("td", "th", "small"):
+            self.nowrap.append("white-space:nowrap" in style)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th", "small"):
+            self.nowrap.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self.column < 0 or len(self.nowrap) < 2:
+            return  # the caption, the notes
+        width = len(data) if self.nowrap[-1] else max(map(len, data.split()), default=0)
+        self.columns[self.column] = max(self.columns.get(self.column, 0), width)
+
+
+def test_the_notebooks_five_variants_fit_a_page():
+    # The notebook's comparison; its differences once made every column 35 characters wide, the
+    # table 157 characters at the least, wider than a notebook's page.
+    comparison = compare(
+        ["nin-d2l", "nin-d2l:num_1x1=1", "nin-d2l-no-squeeze", "nin-vgg11", "nin-vgg16"],
+        input_size=(1, 224, 224),
+        batch_size=128,
+    )
+    widths = _Widths()
+    widths.feed(comparison_html(comparison).split("</table>")[0])
+    assert len(widths.columns) == 6
+    assert sum(widths.columns.values()) + 2 * len(widths.columns) <= 100, widths.columns  # padding
 
 
 def test_a_chart_shows_itself_as_png(summary):

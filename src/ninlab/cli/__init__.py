@@ -10,6 +10,7 @@ never stops a run (`ninlab.training.console`)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -58,17 +59,48 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # No abbreviations: `report --mode infer` would be read as `--model infer`, and a new
+        # option would change what an old command line means.
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
         self.exit(2, f"ninlab: error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
+        if args is not None:  # the command line itself (argparse passes a subcommand its share)
+            self._refuse_conflicts(list(args))
         # Refused by the parser that left them over, so the error names the command, not ninlab.
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
+
+    def _refuse_conflicts(self, args: list[str]) -> None:
+        """An option given twice with two values (`--batch 2 --batch 3`, `--flip --no-flip`)
+        would silently keep the last; refused. An option that adds (--input) may repeat."""
+        given: dict[str, tuple[str, str | None]] = {}
+        for index, arg in enumerate(args):
+            if arg == "--":
+                return
+            name, equals, inline = arg.partition("=")
+            action = self._option_string_actions.get(name)
+            if action is None or isinstance(action, argparse._AppendAction) or action.nargs:
+                continue  # not an option of this command (a subcommand's), or one that adds
+            if equals:
+                value: str | None = inline
+            elif action.nargs == 0:
+                value = None
+            else:
+                value = args[index + 1] if index + 1 < len(args) else None
+            said = f"{name} {value}" if value is not None else name
+            # A switch's spelling is its value (--flip, --no-flip); a value's spelling is not.
+            meaning = name if action.nargs == 0 else value
+            earlier = given.setdefault(action.dest, (meaning, said))
+            if earlier[0] != meaning:
+                self.error(f"{earlier[1]} and {said} conflict; give one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("ninlab: interrupted")
         return 130
+    except OSError as error:
+        if error.errno not in _STREAM_FULL:
+            raise
+        # Every file ninlab writes says so itself (a NinlabError); what is left is the output
+        # stream, which cannot take the result (stdout to /dev/full, a full disk behind `>`).
+        _silence(sys.stdout)
+        _say(
+            f"ninlab: error: cannot write the output ({error.strerror}); free space, or send it "
+            "elsewhere (> FILE on another disk)"
+        )
+        return 2
     finally:
         if argv is None:
             # The command line's own process, now exiting: a Ctrl-C during the interpreter's
             # shutdown (its threads, its atexit handlers) would print a traceback for nothing.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+
+# Errors of a stream that cannot take what is written: no space, over quota, too large, I/O.
+_STREAM_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 # The exit code of a command whose reader went away: Python's and rich's.
 BROKEN_PIPE_EXIT = 1

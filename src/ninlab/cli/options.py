@@ -615,9 +615,10 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_chart_options(parser: argparse.ArgumentParser) -> None:
+    """--layer and --budget, None when not given (a chart that does not read one refuses it)."""
     group = parser.add_argument_group("chart options")
     LAYER.add(group, shown="the first that loses pixels to rounding")
-    BUDGET.add(group, default=DEFAULT_BUDGET)
+    BUDGET.add(group, shown=DEFAULT_BUDGET)
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:

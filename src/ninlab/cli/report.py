@@ -14,7 +14,7 @@ from ninlab.cli.options import (
     spec_from_args,
 )
 from ninlab.cli.progress_line import progress_line
-from ninlab.studies.report import study_model
+from ninlab.studies.report import DEFAULT_BUDGET, study_model
 from ninlab.viz.report import build_report, report_path
 
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             choice.model,
             spec_from_args(args),
             batch_size=choice.batch,
-            budget=args.budget,
+            budget=DEFAULT_BUDGET if args.budget is None else args.budget,
             model_name=choice.name,
             plan=args.plan,
         )

@@ -12,7 +12,7 @@ from torch import nn
 
 from ninlab.analysis.batch import BatchFit, BatchScaling, fit_batch, memory_vs_batch
 from ninlab.analysis.planner import BudgetPlan, plan_budget
-from ninlab.analysis.step import StepSpec, step_spec
+from ninlab.analysis.step import Mode, StepSpec, step_spec
 
 __all__ = ["BatchStudy", "study_batch"]
 
@@ -24,6 +24,7 @@ class BatchStudy:
 
     fit: BatchFit
     scaling: BatchScaling
+    mode: Mode  # of the step fitted: a training step or an inference
     plan: BudgetPlan | None = None
     notes: tuple[str, ...] = ()  # what the study left out, and why
 
@@ -70,4 +71,4 @@ def study_batch(
         )
     elif plan_batch_size is not None:
         plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size)
-    return BatchStudy(fit, scaling, plan, notes)
+    return BatchStudy(fit, scaling, spec.mode, plan, notes)

@@ -187,9 +187,11 @@ def field_chart(summary: Summary) -> FieldChart:
 
 @dataclass(frozen=True)
 class FlopsChart(_Picture):
-    """Forward and backward FLOPs of every leaf layer that has any (see `convention`)."""
+    """Forward and backward FLOPs of every leaf layer that has any (see `convention`); an
+    inference's summary has no backward, and its chart shows none."""
 
     model: str
+    mode: str  # "train" or "infer"
     batch_size: int
     layers: tuple[str, ...]
     layer_types: tuple[str, ...]
@@ -206,6 +208,7 @@ def flops_chart(summary: Summary) -> FlopsChart:
     ]
     return FlopsChart(
         model=summary.model,
+        mode="train" if summary.loss else "infer",  # a summary names its loss where it trains
         batch_size=summary.batch_size,
         layers=tuple(row.name for row in rows),
         layer_types=tuple(row.type for row in rows),
@@ -654,29 +657,17 @@ def _draw_flops(chart: FlopsChart) -> Figure:
     count = len(chart.layers)
     figure, axes = plt.subplots(figsize=(8.5, max(3.0, 0.32 * count + 1.8)))
     positions = list(range(count))
-    bar = 0.4
-    axes.barh(
-        [p - bar / 2 for p in positions],
-        chart.forward_flops,
-        height=bar,
-        color=_FORWARD_COLOR,
-        label="forward",
-    )
-    axes.barh(
-        [p + bar / 2 for p in positions],
-        chart.backward_flops,
-        height=bar,
-        color=_BACKWARD_COLOR,
-        label="backward",
-    )
-    for position, forward, backward in zip(positions, chart.forward_flops, chart.backward_flops):
-        axes.text(
-            forward, position - bar / 2, f" {format_flops(forward)}", va="center", fontsize=6.5
-        )
-        axes.text(
-            backward, position + bar / 2, f" {format_flops(backward)}", va="center", fontsize=6.5
-        )
-    axes.set_xlim(0, max(chart.forward_flops + chart.backward_flops, default=1) * 1.2)
+    series = [("forward", chart.forward_flops, _FORWARD_COLOR)]
+    if chart.mode == "train":
+        series.append(("backward", chart.backward_flops, _BACKWARD_COLOR))
+    bar = 0.8 / len(series)
+    for index, (label, flops, color) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * bar
+        places = [position + offset for position in positions]
+        axes.barh(places, flops, height=bar, color=color, label=label)
+        for place, value in zip(places, flops):
+            axes.text(value, place, f" {format_flops(value)}", va="center", fontsize=6.5)
+    axes.set_xlim(0, max((max(flops, default=0) for _, flops, _ in series), default=0) * 1.2 or 1)
     axes.set_yticks(positions)
     axes.set_yticklabels(
         [f"{name} {kind}" for name, kind in zip(chart.layers, chart.layer_types)], fontsize=8
@@ -687,11 +678,12 @@ def _draw_flops(chart: FlopsChart) -> Figure:
     axes.set_ylabel("layer")
     axes.grid(True, axis="x", alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
-    axes.set_title(
-        f"{chart.model}: FLOPs per layer (total forward {format_flops(chart.total_forward_flops)}, "
-        f"backward {format_flops(chart.total_backward_flops)})",
-        fontsize=_TITLE_SIZE,
+    totals = f"total forward {format_flops(chart.total_forward_flops)}, " + (
+        f"backward {format_flops(chart.total_backward_flops)}"
+        if chart.mode == "train"
+        else "an inference: no backward"
     )
+    axes.set_title(f"{chart.model}: FLOPs per layer ({totals})", fontsize=_TITLE_SIZE)
     figure.tight_layout()
     return figure
 
@@ -960,7 +952,7 @@ CHART_BUILDERS: dict[str, Callable[[Any, str | None, str], Chart]] = {
     "timeline": lambda report, layer, model: timeline_chart(report),
     "saved": lambda report, layer, model: saved_chart(report),
     "batch": lambda study, layer, model: batch_chart(
-        study.scaling, study.fit, model=model, mode="train"
+        study.scaling, study.fit, model=model, mode=study.mode
     ),
 }
 

@@ -71,7 +71,7 @@ def _cells(comparison: Comparison, metric: Metric) -> list[str]:
             difference = _format_difference(
                 metric.unit, comparison.difference(metric, variant), first
             )
-            text += f" ({difference})" if difference else ""
+            text += f"\n({difference})" if difference else ""  # a note under the value
         cells.append(text)
     return cells
 

@@ -25,7 +25,12 @@ def html_text(text: str) -> str:
 
 
 def _cell(tag: str, text: str, *, numeric: bool) -> str:
-    escaped = html_text(text)
+    # A note under the value (`TextTable`) is smaller and may wrap, so a column is as wide as
+    # its values, not as its notes: five variants' differences fit a notebook's page.
+    value, *notes = text.splitlines() or [""]
+    escaped = html_text(value) + "".join(
+        f'<br><small style="white-space:normal">{html.escape(note)}</small>' for note in notes
+    )
     style = _CELL.format(
         align="right" if numeric else "left", wrap="nowrap" if numeric else "normal"
     )

@@ -99,7 +99,7 @@ def build_report(study: ModelStudy, *, layer: str | None = None) -> Report:
         train_timeline=timeline_chart(train) if train.timeline else None,
         infer_timeline=timeline_chart(infer) if infer.timeline else None,
         saved=saved_chart(train) if train.timeline else None,
-        batch=batch_chart(batch.scaling, batch.fit, model=summary.model, mode="train"),
+        batch=batch_chart(batch.scaling, batch.fit, model=summary.model, mode=batch.mode),
     )
     return Report(study, charts)
 

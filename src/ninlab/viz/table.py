@@ -16,7 +16,9 @@ __all__ = ["TextTable", "markdown_table", "rich_table", "wide_console"]
 @dataclass(frozen=True)
 class TextTable:
     """`rows` of plain-text cells under `columns`; those named in `numeric` are right-aligned. A
-    cell's leading spaces are an indent (a nested layer), kept by every format."""
+    cell's leading spaces are an indent (a nested layer), kept by every format; its lines after
+    the first are a note under its value (a comparison's difference), which HTML may wrap and
+    Markdown, a line per row, puts after it."""
 
     columns: tuple[str, ...]
     numeric: frozenset[str]
@@ -51,7 +53,8 @@ def markdown_table(table: TextTable) -> list[str]:
 
     def cell(text: str) -> str:
         stripped = text.lstrip(" ")
-        return "&nbsp;" * (len(text) - len(stripped)) + stripped.replace("|", "\\|")
+        line = " ".join(stripped.splitlines())
+        return "&nbsp;" * (len(text) - len(stripped)) + line.replace("|", "\\|")
 
     header = "|" + "".join(f" {column} |" if column else " |" for column in table.columns)
     lines = [header, "|" + "---|" * len(table.columns)]
