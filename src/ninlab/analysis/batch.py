@@ -27,11 +27,12 @@ from ninlab.analysis.memory_report import EXACT, MeasuredFallback, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
 from ninlab.errors import NinlabError
-from ninlab.units import format_bytes, parse_bytes
+from ninlab.units import budget_bytes, format_bytes
 
 __all__ = [
     "BatchFit",
     "BatchScaling",
+    "BudgetTooSmall",
     "fit_batch",
     "memory_vs_batch",
 ]
@@ -161,6 +162,24 @@ class _Peaks:
         return self.known[batch_size]
 
 
+class BudgetTooSmall(NinlabError):
+    """Not even the smallest batch fits the budget."""
+
+
+def _smallest_batch(peak: _Peaks) -> int:
+    """1, or 2 for a step that cannot run on one sample (batch norm over a vector in training:
+    "Expected more than 1 value per channel"); batch 1's error where neither runs."""
+    try:
+        peak(1)
+    except NinlabError as error:
+        try:
+            peak(2)
+        except NinlabError:
+            raise error from None
+        return 2
+    return 1
+
+
 def _level(level: str) -> Level:
     if level not in ("live", "allocator"):
         raise NinlabError(f"memory level must be 'live' or 'allocator', not {level!r}")
@@ -183,39 +202,46 @@ def fit_batch(
     `level` "allocator" (the default) fits what the allocator holds, which is what runs out (on
     CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage alone."""
     level = _level(level)
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    if budget_bytes < 1:
-        raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
+    budget = budget_bytes(budget)
+    max_batch_size = valid_batch_size(max_batch_size)
     spec = step_spec(spec, model=model, **fields)
     peak = _Peaks(model, spec, level)
     known = peak.known
-
-    if peak(1) > budget_bytes:
+    smallest = _smallest_batch(peak)
+    if smallest > max_batch_size:
         raise NinlabError(
-            f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch "
-            f"1, which needs {peak(1):,} bytes ({format_bytes(peak(1))} at the {level} level): "
-            f"{peak(1) - budget_bytes:,} bytes more"
+            f"the step cannot run at batch 1, so the largest batch searched, max_batch_size="
+            f"{max_batch_size}, must be at least {smallest}"
+        )
+
+    if peak(smallest) > budget:
+        raise BudgetTooSmall(
+            f"budget {budget:,} bytes ({format_bytes(budget)}) is too small for batch "
+            f"{smallest}, which needs {peak(smallest):,} bytes ({format_bytes(peak(smallest))} at "
+            f"the {level} level): {peak(smallest) - budget:,} bytes more"
         )
 
     def fits(batch_size: int) -> bool:
-        return peak(batch_size) <= budget_bytes
+        return peak(batch_size) <= budget
 
     # Newton steps on the exact peak: the slope between a batch and the next is the per-sample
     # cost where the peak is, so once a guess lands in the answer's linear stretch the next is
     # exact.
-    batch_size = 1
+    batch_size = smallest
     for _ in range(4):
         slope = peak(batch_size + 1) - peak(batch_size)
         if slope <= 0:
             break
-        guess = batch_size + (budget_bytes - peak(batch_size)) // slope
-        batch_size = min(max(guess, 1), max_batch_size)
+        guess = batch_size + (budget - peak(batch_size)) // slope
+        batch_size = min(max(guess, smallest), max_batch_size)
         if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
             break
     # Where the steps did not settle (the peak moved to another op), bisect between the largest
-    # size known to fit and the smallest known not to.
-    low = max(b for b in known if fits(b))
-    high = min((b for b in known if not fits(b)), default=max_batch_size + 1)
+    # size known to fit and the smallest known not to (up to the largest searched: the first
+    # slope may have asked one beyond it).
+    searched = [b for b in known if b <= max_batch_size]
+    low = max(b for b in searched if fits(b))
+    high = min((b for b in searched if not fits(b)), default=max_batch_size + 1)
     while high - low > 1:
         middle = (low + high) // 2
         if fits(middle):
@@ -224,13 +250,13 @@ def fit_batch(
             high = middle
     if low == max_batch_size:
         raise NinlabError(
-            f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
+            f"budget {format_bytes(budget)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
     trust = peak.trust(low)
     return BatchFit(
         level,
-        budget_bytes,
+        budget,
         low,
         peak(low),
         peak(low + 1),

@@ -62,7 +62,14 @@ from ninlab.analysis.memory_report import (
 )
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
-from ninlab.analysis.step import DDPSpec, StepSpec, batch_size_of, step_failed, step_spec
+from ninlab.analysis.step import (
+    DDPSpec,
+    StepSpec,
+    batch_size_of,
+    check_trains,
+    step_failed,
+    step_spec,
+)
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
@@ -97,11 +104,7 @@ def predict_memory(
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
-    if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
-        raise NinlabError(
-            "the model has no trainable parameters, so a training step has nothing to update; "
-            "predict mode='infer'"
-        )
+    check_trains(model, spec)
     check_traceable(model)
     draws = _python_random_states()
     try:

@@ -276,12 +276,13 @@ def _record_step(
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets
-                # follow it).
+                # follow it), of those still trainable (the warm-up may have frozen some).
                 hooks = [
                     p.register_post_accumulate_grad_hook(
                         lambda p: gradient_order.append(names[id(p)])
                     )
                     for p in trainable
+                    if p.requires_grad
                 ]
                 step(model, optimizer, step_inputs, targets)
                 for hook in hooks:
