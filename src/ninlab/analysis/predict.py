@@ -186,7 +186,9 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
     timeline, cuda = _replay(step, categories, buckets)
     if not timeline.points:
         raise NinlabError(
-            "the model ran no op on its input; there is no step to predict memory for"
+            "the model ran no op on its input (its forward returns it unchanged, or the step runs "
+            "it in another thread, which ninlab cannot follow: run it in the calling thread); "
+            "there is no step to predict memory for"
         )
     live_peak = _first_max(timeline.totals())
     breakdown = timeline.points[live_peak].alive

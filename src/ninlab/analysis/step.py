@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -213,6 +214,11 @@ class StepSpec:
                 raise NinlabError(
                     "step must be a function step(model, optimizer, inputs, targets), not "
                     f"{self.step!r}"
+                )
+            if _not_run_by_a_call(self.step):
+                raise NinlabError(
+                    f"the step {_callable_name(self.step)} is a generator or async function: "
+                    "calling it runs none of its body; write it as a plain function"
                 )
             if self.mode != "train":
                 raise NinlabError(
@@ -545,6 +551,19 @@ def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
     return [v for v in values if isinstance(v, torch.optim.Optimizer)]
 
 
+def _not_run_by_a_call(function: Callable[..., Any]) -> bool:
+    """Whether calling `function` returns a generator or coroutine without running its body."""
+    inner = getattr(function, "func", function)
+    return any(
+        check(inner)
+        for check in (
+            inspect.isgeneratorfunction,
+            inspect.iscoroutinefunction,
+            inspect.isasyncgenfunction,
+        )
+    )
+
+
 def _callable_name(function: Callable[..., Any]) -> str:
     inner = getattr(function, "func", function)  # a functools.partial: the function it binds
     return getattr(inner, "__qualname__", None) or type(inner).__name__
@@ -570,9 +589,7 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
     try:
         if isinstance(size, (str, bytes)):
             raise TypeError
-        sizes = tuple(operator.index(s) for s in size if not isinstance(s, bool))
-        if len(sizes) != len(size):
-            raise TypeError  # True is no size
+        sizes = tuple(_whole(s) for s in size)
     except (TypeError, ValueError):
         sizes = None
     if sizes == () and scalar:
@@ -584,6 +601,13 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
             f"inputs; got {_words(given)}"
         )
     return sizes
+
+
+def _whole(value: Any) -> int:
+    """A size as an int: 28, "28" or 28.0, never True or 28.5 (which int() would cut to 28)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(value)
+    return int(value)
 
 
 def _words(value: Any) -> str:

@@ -224,6 +224,14 @@ def summarize(
         raise _too_small(model, forward_spec, error) from None
     except Exception as error:  # noqa: BLE001 - whatever the model raises, as one line naming why
         raise cannot_run(error, model, forward_spec) from None
+    if (
+        not forward.recording.module_outputs.get("")
+        and type(model).__call__ is not nn.Module.__call__
+    ):
+        raise NinlabError(
+            f"{type(model).__name__} overrides __call__, so calling it bypasses nn.Module's call "
+            "and its hooks, which show the summary the model's output; put that code in forward"
+        )
     if not forward.recording.module_outputs.get(""):
         raise NinlabError(
             f"{type(model).__name__}.forward returned no tensor; ninlab accounts for models that "

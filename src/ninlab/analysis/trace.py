@@ -47,6 +47,7 @@ from ninlab.analysis.step import (
     optimizer_state,
     optimizers_in,
     step_arguments,
+    valid_model,
 )
 from ninlab.analysis.torch_internals import (
     FAKE_TENSOR_LOGGER,
@@ -143,6 +144,7 @@ def record_step(
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
     is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
+    valid_model(model)
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     with contextlib.ExitStack() as kept:
