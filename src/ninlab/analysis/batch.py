@@ -25,7 +25,7 @@ from torch import nn
 
 from ninlab.analysis.memory_report import EXACT, MeasuredFallback, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
-from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError
 from ninlab.units import budget_bytes, format_bytes
 
@@ -204,7 +204,7 @@ def fit_batch(
     level = _level(level)
     budget = budget_bytes(budget)
     max_batch_size = valid_batch_size(max_batch_size)
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     peak = _Peaks(model, spec, level)
     known = peak.known
     smallest = _smallest_batch(peak)

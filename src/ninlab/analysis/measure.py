@@ -68,6 +68,7 @@ from ninlab.analysis.step import (
     step_arguments,
     step_failed,
     step_spec,
+    valid_model,
 )
 from ninlab.analysis.torch_internals import (
     DeviceType,
@@ -445,6 +446,7 @@ def measure(
     The model is copied (and cast to the spec's dtype, by default its own, and memory format),
     and kept (`model_kept`), so the caller's model is left exactly as it was.
     """
+    valid_model(model)
     with model_kept(model):
         try:
             return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)

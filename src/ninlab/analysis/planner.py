@@ -36,6 +36,7 @@ from ninlab.analysis.step import (
     model_arguments,
     step_spec,
     valid_batch_size,
+    valid_model,
 )
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
@@ -126,7 +127,7 @@ def plan_budget(
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
     as given and each alternative, and which one to use for `batch_size`."""
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")

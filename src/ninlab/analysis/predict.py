@@ -69,6 +69,7 @@ from ninlab.analysis.step import (
     check_trains,
     step_failed,
     step_spec,
+    valid_model,
 )
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
@@ -101,7 +102,7 @@ def predict_memory(
 
     To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
     """
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
     check_trains(model, spec)

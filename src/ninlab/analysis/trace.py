@@ -41,6 +41,7 @@ from ninlab.analysis.step import (
     builtin_loss_words,
     builtin_targets,
     call_model,
+    check_trains,
     example_inputs,
     inference_step,
     model_arguments,
@@ -145,6 +146,7 @@ def record_step(
     """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
     is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
     valid_model(model)
+    check_trains(model, spec)
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     with contextlib.ExitStack() as kept:
