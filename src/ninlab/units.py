@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # an annotation only: naming a dtype needs no torch
 __all__ = [
     "BYTE_UNITS",
     "FLOP_UNITS",
+    "budget_bytes",
     "dtype_name",
     "format_bytes",
     "format_count",
@@ -81,6 +82,26 @@ def parse_bytes(text: str) -> int:
             f"memory size {text!r} is less than one byte; give a positive size such as 8GiB"
         )
     return int(value)
+
+
+def budget_bytes(budget: object) -> int:
+    """A memory budget as a byte count: text as `parse_bytes` reads it, or a whole number of bytes
+    from 1 to 8 EiB; anything else (NaN, a fraction, True, None) is one line naming it."""
+    if isinstance(budget, str):
+        return parse_bytes(budget)
+    if isinstance(budget, float) and budget.is_integer():
+        budget = int(budget)
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        raise NinlabError(
+            f"memory budget must be a whole number of bytes or a size such as '8GiB', not "
+            f"{budget!r}"
+        )
+    if not 1 <= budget < _MAX_BYTES:
+        raise NinlabError(
+            f"memory budget must be from 1 byte to 8 EiB, got {budget:,} bytes; give a size such "
+            "as '8GiB'"
+        )
+    return budget
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,8 +1,9 @@
 """After any ninlab call, succeeded or refused, the user's model is exactly as before: every
 module's attributes by identity (parameters, buffers, submodules, hooks, train/eval, plain tensor
 attributes and the lists and dicts holding them), each tensor's values, requires_grad, device,
-dtype and grad, and a real forward gives the same output. Over a corpus of odd models
-(tests/odd_models.py) and the kinds users bring (tests/any_models.py, tests/layer_zoo.py)."""
+dtype and grad (tests/model_invariants.py), and a real forward gives the same output. Over a
+corpus of odd models (tests/odd_models.py) and the kinds users bring (tests/any_models.py,
+tests/layer_zoo.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import layer_zoo
 import odd_models
 import pytest
 import torch
+from model_invariants import assert_kept, model_state, same
 from torch import nn
 
 from ninlab.analysis.batch import fit_batch
@@ -24,59 +26,6 @@ from ninlab.analysis.planner import plan_budget
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
-
-
-def _fingerprint(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (
-            "tensor",
-            id(value),
-            type(value).__name__,
-            value.requires_grad,
-            value.device,
-            value.dtype,
-            tuple(value.shape),
-            value.detach().clone(),
-            None if value.grad is None else id(value.grad),
-        )
-    if isinstance(value, dict):
-        return ("dict", id(value), {k: _fingerprint(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple, set)):
-        items = sorted(value, key=id) if isinstance(value, set) else value
-        return (type(value).__name__, id(value), [_fingerprint(v) for v in items])
-    return ("value", id(value), value if isinstance(value, (bool, int, float, str)) else None)
-
-
-def _state(model: nn.Module) -> list[Any]:
-    """Everything a call could change, module by module (both registrations of a shared one)."""
-    return [
-        (name, id(module), {key: _fingerprint(v) for key, v in vars(module).items()})
-        for name, module in model.named_modules(remove_duplicate=False)
-    ]
-
-
-def _same(before: Any, after: Any) -> bool:
-    if isinstance(before, torch.Tensor):
-        return (
-            isinstance(after, torch.Tensor)
-            and type(after) is type(before)
-            and before.shape == after.shape
-            and torch.equal(before, after)
-        )
-    if isinstance(before, dict):
-        return (
-            isinstance(after, dict)
-            and before.keys() == after.keys()
-            and all(_same(before[k], after[k]) for k in before)
-        )
-    if isinstance(before, (list, tuple)):
-        return (
-            isinstance(after, (list, tuple))
-            and len(before) == len(after)
-            and all(_same(b, a) for b, a in zip(before, after))
-        )
-    return bool(before == after)
-
 
 # name: (model factory, StepSpec fields, the input of a real forward)
 CORPUS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[], Any]]] = {
@@ -150,27 +99,17 @@ def test_a_call_leaves_the_model_exactly_as_it_was(kind: str, call: str) -> None
     if probe is not None and not isinstance(model, torch.jit.ScriptModule):
         with torch.no_grad():
             model(probe)  # a lazy model gets its shapes, a caching one fills its cache
-    training = [m.training for m in model.modules()]
     torch.manual_seed(1)  # the same dropout masks in both real forwards
     with torch.no_grad():
         expected = model(probe) if probe is not None else None
-    before = _state(model)
+    before = model_state(model)
     with contextlib.suppress(NinlabError):  # refused: the model must be untouched all the same
         CALLS[call](model, fields)
-    after = _state(model)
-    assert [m.training for m in model.modules()] == training
-    assert len(after) == len(before)
-    for (name, module_id, attributes), (name_after, id_after, attributes_after) in zip(
-        before, after
-    ):
-        assert (name, module_id) == (name_after, id_after)
-        assert attributes.keys() == attributes_after.keys(), name
-        for key in attributes:
-            assert _same(attributes[key], attributes_after[key]), f"{name}.{key}"
+    assert_kept(before, model_state(model))
     if probe is not None:
         torch.manual_seed(1)
         with torch.no_grad():
-            assert _same(expected, model(probe))
+            assert same(expected, model(probe))
 
 
 def test_model_kept_puts_back_what_the_body_did_even_when_it_raises() -> None:

@@ -26,13 +26,14 @@ from torch import nn
 
 from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
-from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError
-from ninlab.units import format_bytes, parse_bytes
+from ninlab.units import budget_bytes, format_bytes
 
 __all__ = [
     "BatchFit",
     "BatchScaling",
+    "BudgetTooSmall",
     "fit_batch",
     "memory_vs_batch",
 ]
@@ -193,6 +194,24 @@ class _Peaks:
         return report.live_trust if self.level == "live" else report.allocator_trust
 
 
+class BudgetTooSmall(NinlabError):
+    """Not even the smallest batch fits the budget."""
+
+
+def _smallest_batch(peak: _Peaks) -> int:
+    """1, or 2 for a step that cannot run on one sample (batch norm over a vector in training:
+    "Expected more than 1 value per channel"); batch 1's error where neither runs."""
+    try:
+        peak.bound(1)
+    except NinlabError as error:
+        try:
+            peak.bound(2)
+        except NinlabError:
+            raise error from None
+        return 2
+    return 1
+
+
 def _level(level: str) -> Level:
     if level not in ("live", "allocator"):
         raise NinlabError(f"memory level must be 'live' or 'allocator', not {level!r}")
@@ -215,28 +234,33 @@ def fit_batch(
     `level` "allocator" (the default) fits what the allocator holds, which is what runs out (on
     CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage alone."""
     level = _level(level)
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    if budget_bytes < 1:
-        raise NinlabError(f"memory budget must be positive, got {budget_bytes} bytes")
-    spec = step_spec(spec, model=model, **fields)
+    budget = budget_bytes(budget)
+    max_batch_size = valid_batch_size(max_batch_size)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     peak = _Peaks(model, spec, level)
-    if peak.bound(1) > budget_bytes:
-        _too_small(peak, budget_bytes)
+    smallest = _smallest_batch(peak)
+    if smallest > max_batch_size:
+        raise NinlabError(
+            f"the step cannot run at batch 1, so the largest batch searched, max_batch_size="
+            f"{max_batch_size}, must be at least {smallest}"
+        )
+    if peak.bound(smallest) > budget:
+        _too_small(peak, budget, smallest)
     # The search runs on lower bounds, predictions that probe no kernel: the largest batch whose
     # bound fits is at least the answer, and the next one's exact peak, at least its bound, is
     # over the budget. Exact predictions then check that candidate, and go below it only where a
     # probed kernel's blocks make the peak (`_exact_below`).
-    candidate = _largest_within(peak.bound, peak.bounds, budget_bytes, max_batch_size)
-    low = _exact_below(peak, candidate, budget_bytes)
+    candidate = _largest_within(peak.bound, peak.bounds, budget, smallest, max_batch_size)
+    low = _exact_below(peak, candidate, budget, smallest)
     if low == max_batch_size:
         raise NinlabError(
-            f"budget {format_bytes(budget_bytes)} fits even batch {max_batch_size:,}, the largest "
+            f"budget {format_bytes(budget)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
     trust = peak.trust(low)
     return BatchFit(
         level,
-        budget_bytes,
+        budget,
         low,
         peak(low),
         peak(low + 1),
@@ -247,38 +271,46 @@ def fit_batch(
     )
 
 
-def _too_small(peak: _Peaks, budget_bytes: int) -> NoReturn:
-    raise NinlabError(
-        f"budget {budget_bytes:,} bytes ({format_bytes(budget_bytes)}) is too small for batch "
-        f"1, which needs {peak(1):,} bytes ({format_bytes(peak(1))} at the {peak.level} level): "
-        f"{peak(1) - budget_bytes:,} bytes more"
+def _too_small(peak: _Peaks, budget: int, smallest: int) -> NoReturn:
+    needed = peak(smallest)
+    raise BudgetTooSmall(
+        f"budget {budget:,} bytes ({format_bytes(budget)}) is too small for batch {smallest}, "
+        f"which needs {needed:,} bytes ({format_bytes(needed)} at the {peak.level} level): "
+        f"{needed - budget:,} bytes more"
     )
 
 
 def _largest_within(
-    peak: Callable[[int], int], tried: Collection[int], budget_bytes: int, max_batch_size: int
+    peak: Callable[[int], int],
+    tried: Collection[int],
+    budget: int,
+    smallest: int,
+    max_batch_size: int,
 ) -> int:
-    """The largest batch whose `peak` fits the budget, batch 1 fitting; `tried`: the batch sizes
-    `peak` has been asked at (a live view, growing as the search asks)."""
+    """The largest batch up to `max_batch_size` whose `peak` fits the budget, batch `smallest`
+    fitting; `tried`: the batch sizes `peak` has been asked at (a live view, growing as the
+    search asks)."""
 
     def fits(batch_size: int) -> bool:
-        return peak(batch_size) <= budget_bytes
+        return peak(batch_size) <= budget
 
     # Newton steps on the peak: the slope between a batch and the next is the per-sample cost
     # where the peak is, so once a guess lands in the answer's linear stretch the next is exact.
-    batch_size = 1
+    batch_size = smallest
     for _ in range(4):
         slope = peak(batch_size + 1) - peak(batch_size)
         if slope <= 0:
             break
-        guess = batch_size + (budget_bytes - peak(batch_size)) // slope
-        batch_size = min(max(guess, 1), max_batch_size)
+        guess = batch_size + (budget - peak(batch_size)) // slope
+        batch_size = min(max(guess, smallest), max_batch_size)
         if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
             break
     # Where the steps did not settle (the peak moved to another op), bisect between the largest
-    # size known to fit and the smallest known not to.
-    low = max(b for b in tried if fits(b))
-    high = min((b for b in tried if not fits(b)), default=max_batch_size + 1)
+    # size known to fit and the smallest known not to (up to the largest searched: the first
+    # slope may have asked one beyond it).
+    searched = [b for b in tried if b <= max_batch_size]
+    low = max(b for b in searched if fits(b))
+    high = min((b for b in searched if not fits(b)), default=max_batch_size + 1)
     while high - low > 1:
         middle = (low + high) // 2
         if fits(middle):
@@ -288,27 +320,27 @@ def _largest_within(
     return low
 
 
-def _exact_below(peak: _Peaks, candidate: int, budget_bytes: int) -> int:
-    """The largest batch up to `candidate` whose exact peak fits, `candidate + 1` known not to
-    (its lower bound does not): the candidate itself, unless a probed kernel's blocks make the
-    peak there; then one step down by the excess over the bounds' per-sample slope, and a
-    bisection where that does not settle."""
-    low, high = 0, candidate + 1
+def _exact_below(peak: _Peaks, candidate: int, budget: int, smallest: int) -> int:
+    """The largest batch from `smallest` up to `candidate` whose exact peak fits, `candidate + 1`
+    known not to (its lower bound does not): the candidate itself, unless a probed kernel's
+    blocks make the peak there; then one step down by the excess over the bounds' per-sample
+    slope, and a bisection where that does not settle."""
+    low, high = smallest - 1, candidate + 1
     batch_size = candidate
     for _ in range(2):
-        if peak(batch_size) <= budget_bytes:
+        if peak(batch_size) <= budget:
             low = batch_size
             break
         high = batch_size
         per_sample = max(peak.bound(candidate + 1) - peak.bound(candidate), 1)
-        excess = peak(batch_size) - budget_bytes
-        batch_size = max(batch_size - -(-excess // per_sample), 1)
+        excess = peak(batch_size) - budget
+        batch_size = max(batch_size - -(-excess // per_sample), smallest)
     while high - low > 1:
         middle = (low + high) // 2
-        if peak(middle) <= budget_bytes:
+        if peak(middle) <= budget:
             low = middle
         else:
             high = middle
-    if low == 0:
-        _too_small(peak, budget_bytes)
+    if low < smallest:
+        _too_small(peak, budget, smallest)
     return low

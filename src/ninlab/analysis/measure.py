@@ -53,13 +53,14 @@ from ninlab.analysis.lazy import copy_model
 from ninlab.analysis.model_state import attribute_tensors, model_kept
 from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.quiet_profiler import quiet_profile
-from ninlab.analysis.refusals import cannot_run
+from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory
 from ninlab.analysis.step import (
     StepInputs,
     StepSpec,
     batch_size_of,
     builtin_targets,
     call_model,
+    check_trains,
     example_inputs,
     inference_step,
     optimizer_state,
@@ -67,6 +68,7 @@ from ninlab.analysis.step import (
     step_arguments,
     step_failed,
     step_spec,
+    valid_model,
 )
 from ninlab.analysis.torch_internals import (
     DeviceType,
@@ -79,7 +81,7 @@ from ninlab.analysis.torch_internals import (
     tree_flatten,
 )
 from ninlab.analysis.trace import collector_off
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, one_line
 
 __all__ = ["Baseline", "Measurement", "measure"]
 
@@ -444,8 +446,19 @@ def measure(
     The model is copied (and cast to the spec's dtype, by default its own, and memory format),
     and kept (`model_kept`), so the caller's model is left exactly as it was.
     """
+    valid_model(model)
     with model_kept(model):
-        return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)
+        try:
+            return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)
+        except NinlabError:
+            raise
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+            raise NinlabError(
+                f"measuring this step ran out of memory on this machine ({one_line(error)}); "
+                "measure a smaller batch, or predict this one (predict_memory)"
+            ) from None
 
 
 def _measure(
@@ -454,6 +467,14 @@ def _measure(
     require_supported_torch()
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
+    check_traceable(model)
+    check_trains(model, spec)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise NinlabError(
+            "the model's weights are on the meta device (shapes, no values), and a measurement "
+            "runs it: give it real weights (model.to_empty(device='cpu') and initialise them, or "
+            "resolve_model(name)), or predict it (predict_memory), which needs none"
+        )
     if spec.ddp is not None:
         raise NinlabError("a measurement runs one process without DDP; measure without ddp")
     device = torch.device(spec.device_type)
@@ -463,10 +484,24 @@ def _measure(
         )
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
-    torch.manual_seed(seed)
-    model = copy_model(model, spec).to(
-        device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format
-    )
+    try:
+        if isinstance(seed, bool):
+            raise TypeError("a seed is a whole number")
+        torch.manual_seed(seed)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise NinlabError(
+            f"seed must be a whole number PyTorch takes (0 to 2**64 - 1), got {seed!r} "
+            f"({one_line(error)})"
+        ) from None
+    try:
+        model = copy_model(model, spec)
+    except Exception as error:  # noqa: BLE001 - whatever deepcopy meets in the user's model
+        raise NinlabError(
+            f"the model cannot be copied ({one_line(error)}), and a measurement runs a copy so "
+            "that yours is left as it was; keep only leaf tensors on it (a weight computed from a "
+            "parameter is computed in forward, as torch.nn.utils.parametrize does)"
+        ) from None
+    model = model.to(device=device, dtype=spec.dtype, memory_format=spec.torch_memory_format)
     inputs = example_inputs(spec, batch_size, device)
     step_inputs = step_arguments(spec, inputs)
     targets: torch.Tensor | None = None

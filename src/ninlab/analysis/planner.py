@@ -16,6 +16,7 @@ a tie, the one that changes the least: accumulation (the same arithmetic, in par
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ninlab.analysis.batch import fit_batch
+from ninlab.analysis.batch import BudgetTooSmall, fit_batch
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import (
     StepFunction,
@@ -35,11 +36,12 @@ from ninlab.analysis.step import (
     model_arguments,
     step_spec,
     valid_batch_size,
+    valid_model,
 )
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
-from ninlab.units import format_bytes, format_flops, parse_bytes
+from ninlab.units import budget_bytes, format_bytes, format_flops
 
 __all__ = [
     "ALTERNATIVE_KINDS",
@@ -51,6 +53,9 @@ __all__ = [
 ]
 
 _OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
+# The most micro-batches accumulation tries: each is a forward and backward in the one recorded
+# step, so a batch of a billion would otherwise be traced in a billion parts.
+_MOST_MICRO_BATCHES = 1024
 
 
 class Alternative(NamedTuple):
@@ -122,20 +127,23 @@ def plan_budget(
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
     as given and each alternative, and which one to use for `batch_size`."""
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    alternatives = [Alternative("as given", "as given", spec)]
+    budget = budget_bytes(budget)
+    # The step as given first: a model that cannot run says so in its own words, not in those of
+    # an alternative's step built here.
+    options = [_option(model, "as given", "as given", spec, 1, budget, batch_size)]
     for kind in ALTERNATIVE_KINDS:
-        alternatives += kind.alternatives(model, spec, budget_bytes, batch_size)
-    options = tuple(
-        _option(model, name, kind, alternative, micro_batches, budget_bytes, batch_size)
-        for name, kind, alternative, micro_batches in alternatives
-    )
-    plan = BudgetPlan(budget_bytes, batch_size, spec, options, "")
-    return BudgetPlan(budget_bytes, batch_size, spec, options, _recommendation(plan))
+        options += [
+            _option(model, name, kind, alternative, micro_batches, budget, batch_size)
+            for name, kind, alternative, micro_batches in kind.alternatives(
+                model, spec, budget, batch_size
+            )
+        ]
+    plan = BudgetPlan(budget, batch_size, spec, tuple(options), "")
+    return dataclasses.replace(plan, recommendation=_recommendation(plan))
 
 
 def _option(
@@ -162,7 +170,7 @@ def _option(
         try:
             fit = fit_batch(model, spec, budget=budget)
             largest, at_most = fit.batch_size, fit.lower_bound
-        except NinlabError:  # not even batch 1 fits
+        except BudgetTooSmall:
             largest, at_most = 0, False
     recording = record_step(model, spec, batch_size)
     ops = recording.recording.ops[recording.step_start :]
@@ -230,12 +238,12 @@ def _accumulation(
     if spec.step is not None or batch_size < 2:
         return []
     micro_batches = 2
-    while micro_batches <= batch_size:
+    while micro_batches <= min(batch_size, _MOST_MICRO_BATCHES):
         alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
         if predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes <= budget:
             break
         micro_batches *= 2
-    micro_batches = min(micro_batches, batch_size)
+    micro_batches = min(micro_batches, batch_size, _MOST_MICRO_BATCHES)
     alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
     size = -(-batch_size // micro_batches)
     return [

@@ -63,7 +63,15 @@ from ninlab.analysis.memory_report import (
 )
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
-from ninlab.analysis.step import DDPSpec, StepSpec, batch_size_of, step_failed, step_spec
+from ninlab.analysis.step import (
+    DDPSpec,
+    StepSpec,
+    batch_size_of,
+    check_trains,
+    step_failed,
+    step_spec,
+    valid_model,
+)
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
@@ -101,14 +109,10 @@ def predict_memory(
     least") of the one they give, every other figure the same; the batch search narrows its
     range with it, since a probe at a large batch costs as much as a real step.
     """
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
-    if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
-        raise NinlabError(
-            "the model has no trainable parameters, so a training step has nothing to update; "
-            "predict mode='infer'"
-        )
+    check_trains(model, spec)
     check_traceable(model)
     draws = _python_random_states()
     try:
@@ -191,7 +195,9 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
     timeline, cuda = _replay(step, categories, buckets)
     if not timeline.points:
         raise NinlabError(
-            "the model ran no op on its input; there is no step to predict memory for"
+            "the model ran no op on its input (its forward returns it unchanged, or the step runs "
+            "it in another thread, which ninlab cannot follow: run it in the calling thread); "
+            "there is no step to predict memory for"
         )
     live_peak = _first_max(timeline.totals())
     breakdown = timeline.points[live_peak].alive

@@ -482,6 +482,30 @@ _CPU_DROPOUT = F.dropout
 
 _NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
 
+# Ops whose real kernels refuse two operands of different dtypes ("mat1 and mat2 must have the
+# same dtype"), where the fake kernels promote them: a float64 batch into a float32 layer, or an
+# int8 weight, would be predicted for a step that fails. The operands' positions.
+_SAME_DTYPE_OPERANDS = {
+    aten.mm.default: (0, 1),
+    aten.bmm.default: (0, 1),
+    aten.mv.default: (0, 1),
+    aten.dot.default: (0, 1),
+    aten.addmm.default: (1, 2),
+    aten.baddbmm.default: (1, 2),
+    aten.addmv.default: (1, 2),
+    aten.convolution.default: (0, 1),
+}
+
+
+def _check_same_dtype(func: Any, args: Any) -> None:
+    """Raise as the real kernel would where `func`'s operands differ in dtype."""
+    first, second = (args[i] for i in _SAME_DTYPE_OPERANDS[func])
+    if first.dtype != second.dtype:
+        raise RuntimeError(
+            f"{func.__name__}: expected both operands to have the same dtype, but got "
+            f"{first.dtype} and {second.dtype} (the real kernel refuses them)"
+        )
+
 
 def _cuda_dropout(
     cpu_dropout: Callable[..., torch.Tensor],
@@ -689,6 +713,8 @@ class Recorder(TorchDispatchMode):
         traits = op_traits(func)
         if traits.metadata:
             return func(*args, **kwargs)
+        if func in _SAME_DTYPE_OPERANDS:
+            _check_same_dtype(func, args)
         # An in-place op's output is its first argument, shape and all: the fake kernel would
         # only check broadcasting, so it is skipped (a third of a training step's ops are these,
         # most of them the optimizer's). Not for a tensor holding a real constant (Adam's step

@@ -24,7 +24,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
 
-__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable"]
+__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable", "out_of_memory"]
 
 # What a model raises on fake tensors when its forward needs tensor values: `if x.sum() > 0`,
 # `.item()`, `nonzero()` (a shape that depends on data), or an op fake tensors do not implement.
@@ -46,6 +46,12 @@ def check_traceable(model: nn.Module) -> None:
             "interpreter, which fake tensors and module hooks cannot follow; give the Python "
             "nn.Module it was scripted from"
         )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise NinlabError(
+            f"the model is wrapped in {type(model).__name__}, which runs a copy of the model per "
+            "device or process: give the model it wraps (model.module), whose step is each "
+            "copy's (ddp=True adds DistributedDataParallel's gradient buckets)"
+        )
 
 
 def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabError:
@@ -53,6 +59,10 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     if isinstance(error, NinlabError):
         return error
     reason = one_line(error)
+    if out_of_memory(error):
+        return NinlabError(
+            f"the step ran out of memory on this machine ({reason}); use a smaller batch"
+        )
     sparse = _sparse_modules(model)
     if sparse and spec.mode == "train":
         return NinlabError(
@@ -115,6 +125,13 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     return NinlabError(
         f"the model cannot run a {step} on a batch of {sizes}{dtype} inputs ({reason}); "
         "give the input sizes and dtype its forward expects"
+    )
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: the machine's memory, not the model."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -47,6 +48,7 @@ __all__ = [
     "builtin_loss_words",
     "builtin_targets",
     "call_model",
+    "check_trains",
     "determined_input",
     "example_inputs",
     "inference_step",
@@ -62,6 +64,7 @@ __all__ = [
     "step_spec",
     "train_step",
     "valid_batch_size",
+    "valid_model",
 ]
 
 # What a step receives as its inputs and calls the model with: one tensor (`model(x)`), one per
@@ -212,6 +215,11 @@ class StepSpec:
                 raise NinlabError(
                     "step must be a function step(model, optimizer, inputs, targets), not "
                     f"{self.step!r}"
+                )
+            if _not_run_by_a_call(self.step):
+                raise NinlabError(
+                    f"the step {_callable_name(self.step)} is a generator or async function: "
+                    "calling it runs none of its body; write it as a plain function"
                 )
             if self.mode != "train":
                 raise NinlabError(
@@ -402,13 +410,69 @@ def step_spec(
     """`spec`, or a `StepSpec` built from `fields`: what every function that takes a step accepts,
     so `predict_memory(model, spec, ...)` and `predict_memory(model, optimizer="adam",
     ...)` agree. Given the `model`, a dtype left to it is filled in (`StepSpec.for_model`)."""
+    if model is not None:
+        valid_model(model)
     if spec is None:
+        unknown = [name for name in fields if name not in _FIELDS]
+        if unknown:
+            raise NinlabError(
+                f"unknown step field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                f"a step is described by {', '.join(_FIELDS)}"
+            )
         spec = StepSpec(**fields)
     elif fields:
         raise NinlabError(f"give a StepSpec or its fields ({', '.join(fields)}), not both")
     elif not isinstance(spec, StepSpec):
         raise NinlabError(f"expected a StepSpec, got {type(spec).__name__}")
     return spec if model is None else spec.for_model(model)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(StepSpec))
+
+
+def valid_model(model: Any) -> nn.Module:
+    """`model` if it is a module instance ninlab can account for, or one line saying what it is
+    and what to give instead (a class, a registry name, a plain function)."""
+    if isinstance(model, nn.Module):
+        complex_tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_complex()]
+        if complex_tensors:
+            raise NinlabError(
+                f"the model holds {dtype_name(complex_tensors[0].dtype)} parameters or buffers; "
+                f"ninlab accounts for real dtypes ({', '.join(DTYPES)}) only, and casting would "
+                "drop their imaginary parts: keep real and imaginary parts as two real tensors"
+            )
+        return model
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise NinlabError(
+            f"model is the class {model.__name__}, not a model: build one first, "
+            f"{model.__name__}(...)"
+        )
+    if isinstance(model, str):
+        raise NinlabError(
+            f"model is the text {model!r}, not a model: build it first, "
+            f"ninlab.resolve_model({model!r})"
+        )
+    if callable(model):
+        raise NinlabError(
+            f"model must be an nn.Module, not the function {_callable_name(model)}: a plain "
+            "function has no parameters or modules to account for; wrap it in an nn.Module whose "
+            "forward calls it"
+        )
+    raise NinlabError(f"model must be an nn.Module, not {type(model).__name__}")
+
+
+def check_trains(model: nn.Module, spec: StepSpec) -> None:
+    """Refuse a training step of a model with nothing to train, before any work."""
+    if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
+        raise NinlabError(
+            "the model has no trainable parameters, so a training step has nothing to update; "
+            "use mode 'infer'"
+        )
+
+
+# The largest batch: beyond it, a batch's element counts near what a tensor can index
+# (2**63), and no machine holds it.
+_MOST_BATCH = 1 << 40
 
 
 def valid_batch_size(batch_size: int) -> int:
@@ -421,6 +485,8 @@ def valid_batch_size(batch_size: int) -> int:
         raise NinlabError(f"batch size must be a whole number, got {batch_size!r}") from None
     if value < 1:
         raise NinlabError(f"batch size must be at least 1, got {value}")
+    if value > _MOST_BATCH:
+        raise NinlabError(f"batch size must be at most 2**40 ({_MOST_BATCH:,}), got {value:,}")
     return value
 
 
@@ -486,6 +552,19 @@ def optimizers_in(value: Any) -> list[torch.optim.Optimizer]:
     return [v for v in values if isinstance(v, torch.optim.Optimizer)]
 
 
+def _not_run_by_a_call(function: Callable[..., Any]) -> bool:
+    """Whether calling `function` returns a generator or coroutine without running its body."""
+    inner = getattr(function, "func", function)
+    return any(
+        check(inner)
+        for check in (
+            inspect.isgeneratorfunction,
+            inspect.iscoroutinefunction,
+            inspect.isasyncgenfunction,
+        )
+    )
+
+
 def _callable_name(function: Callable[..., Any]) -> str:
     inner = getattr(function, "func", function)  # a functools.partial: the function it binds
     return getattr(inner, "__qualname__", None) or type(inner).__name__
@@ -511,7 +590,7 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
     try:
         if isinstance(size, (str, bytes)):
             raise TypeError
-        sizes = tuple(int(s) for s in size)
+        sizes = tuple(_whole(s) for s in size)
     except (TypeError, ValueError):
         sizes = None
     if sizes == () and scalar:
@@ -519,9 +598,26 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
     if not sizes or min(sizes) < 1:
         raise NinlabError(
             "input size must be one sample's sizes, all >= 1 (e.g. 1x28x28 for an image, 784 for "
-            f"a vector), or a list of such sizes for a model of several inputs; got {given!r}"
+            "a vector), example tensors, or a list of such sizes or tensors for a model of several "
+            f"inputs; got {_words(given)}"
         )
     return sizes
+
+
+def _whole(value: Any) -> int:
+    """A size as an int: 28, "28" or 28.0, never True or 28.5 (which int() would cut to 28)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(value)
+    return int(value)
+
+
+def _words(value: Any) -> str:
+    """A value as one short line: a tensor by its shape and dtype, never its numbers."""
+    if isinstance(value, torch.Tensor):
+        return f"a {dtype_name(value.dtype)} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"({', '.join(_words(item) for item in value)})"
+    return repr(value)
 
 
 def _input_names(names: Any, count: int) -> tuple[str, ...]:
@@ -605,6 +701,17 @@ def _examples(
         names, tensors = tuple(value), tuple(value.values())
     else:
         tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    odd = [t for t in tensors if t.layout != torch.strided or t.is_nested or t.is_quantized]
+    if odd:
+        raise NinlabError(
+            f"example inputs must be dense tensors, got a {_layout_words(odd[0])} one; ninlab "
+            "accounts for dense inputs: give its dense form (x.to_dense()) or its input_size"
+        )
+    if any(t.requires_grad for t in tensors):
+        raise NinlabError(
+            "an example input requires grad, but the step's inputs never do (a batch from a data "
+            "loader does not): give x.detach()"
+        )
     shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
     if any(t.dim() < 2 for t in tensors):
         raise NinlabError(
@@ -626,6 +733,14 @@ def _examples(
         input_range=ranges[0] if len(set(ranges)) == 1 else ranges,
         batch=batches.pop(),
     )
+
+
+def _layout_words(tensor: torch.Tensor) -> str:
+    if tensor.is_nested:
+        return "nested"
+    if tensor.is_quantized:
+        return "quantized"
+    return str(tensor.layout).removeprefix("torch.")
 
 
 def _value_range(tensor: torch.Tensor) -> tuple[int, int]:

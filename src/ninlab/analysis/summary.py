@@ -36,8 +36,10 @@ from ninlab.analysis.step import (
     Mode,
     StepSpec,
     batch_size_of,
+    check_trains,
     input_dtype_words,
     step_spec,
+    valid_model,
 )
 from ninlab.analysis.trace import StepRecording, record_step
 from ninlab.errors import NinlabError
@@ -199,15 +201,13 @@ def summarize(
     whose output would be empty, its arithmetic and the smallest valid input; or when the model
     cannot run, naming why (`ninlab.analysis.refusals`).
     """
+    valid_model(model)
     check_traceable(model)
     if spec is None and fields.get("mode") is None:
         fields["mode"] = default_mode(model)
     given = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(given, batch_size)
-    if given.mode == "train" and default_mode(model) == "infer":
-        raise NinlabError(
-            "the model has no trainable parameters, so it has no training step; use mode 'infer'"
-        )
+    check_trains(model, given)
     spec = StepSpec(
         input_size=given.input_size,
         input_names=given.input_names,
@@ -224,6 +224,14 @@ def summarize(
         raise _too_small(model, forward_spec, error) from None
     except Exception as error:  # noqa: BLE001 - whatever the model raises, as one line naming why
         raise cannot_run(error, model, forward_spec) from None
+    if (
+        not forward.recording.module_outputs.get("")
+        and type(model).__call__ is not nn.Module.__call__
+    ):
+        raise NinlabError(
+            f"{type(model).__name__} overrides __call__, so calling it bypasses nn.Module's call "
+            "and its hooks, which show the summary the model's output; put that code in forward"
+        )
     if not forward.recording.module_outputs.get(""):
         raise NinlabError(
             f"{type(model).__name__}.forward returned no tensor; ninlab accounts for models that "

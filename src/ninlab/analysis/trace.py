@@ -41,6 +41,7 @@ from ninlab.analysis.step import (
     builtin_loss_words,
     builtin_targets,
     call_model,
+    check_trains,
     determined_input,
     example_inputs,
     inference_step,
@@ -48,6 +49,7 @@ from ninlab.analysis.step import (
     optimizer_state,
     optimizers_in,
     step_arguments,
+    valid_model,
 )
 from ninlab.analysis.torch_internals import (
     FAKE_TENSOR_LOGGER,
@@ -144,6 +146,8 @@ def record_step(
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
     is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
+    valid_model(model)
+    check_trains(model, spec)
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     with contextlib.ExitStack() as kept:
@@ -280,12 +284,13 @@ def _record_step(
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets
-                # follow it).
+                # follow it), of those still trainable (the warm-up may have frozen some).
                 hooks = [
                     p.register_post_accumulate_grad_hook(
                         lambda p: gradient_order.append(names[id(p)])
                     )
                     for p in trainable
+                    if p.requires_grad
                 ]
                 step(model, optimizer, step_inputs, targets)
                 for hook in hooks:

@@ -19,7 +19,7 @@ from torch import nn
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import MemoryReport, Verification
 from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size
+from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 
 __all__ = ["VERIFY_BATCH_SIZE", "verified", "verify"]
 
@@ -33,7 +33,7 @@ def verify(
 ) -> Verification:
     """Run the step `spec` describes for real at `batch_size` or `VERIFY_BATCH_SIZE`, whichever is
     smaller, and compare both peaks with the prediction at that batch."""
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields)
     small = min(valid_batch_size(batch_size), VERIFY_BATCH_SIZE)
     predicted = predict_memory(model, spec, batch_size=small)
     measured = measure(model, spec, batch_size=small)

@@ -14,7 +14,7 @@ from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.analysis.summary import Summary, summarize
 from ninlab.studies.memory import BatchStudy, study_batch
-from ninlab.units import parse_bytes
+from ninlab.units import budget_bytes
 
 __all__ = ["DEFAULT_BUDGET", "ModelStudy", "study_model"]
 
@@ -45,12 +45,10 @@ def study_model(
     (`ninlab.analysis.planner`: many predictions)."""
     name = model_name or type(model).__name__
     spec = step_spec(spec, model=model, **fields).replace(mode="train")
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    budget = budget_bytes(budget)
     return ModelStudy(
         summary=summarize(model, spec, batch_size=batch_size, model_name=name),
         train=predict_memory(model, spec, batch_size=batch_size, model_name=name),
         infer=predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name),
-        batch=study_batch(
-            model, spec, budget=budget_bytes, plan_batch_size=batch_size if plan else None
-        ),
+        batch=study_batch(model, spec, budget=budget, plan_batch_size=batch_size if plan else None),
     )
