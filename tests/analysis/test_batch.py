@@ -97,7 +97,7 @@ def test_the_search_on_lower_bounds_answers_what_the_exact_search_answers(
     assert len(budgets) == 2 if "amp" in fields else len(budgets) == 1
     for each in budgets:
         fit = fit_batch(nin, spec, budget=each)
-        slow = _largest_within(exact, exact.known, each, 1 << 24)
+        slow = _largest_within(exact, exact.known, each, 1, 1 << 24)
         assert (fit.batch_size, fit.peak_bytes, fit.next_peak_bytes) == (
             slow,
             exact(slow),
