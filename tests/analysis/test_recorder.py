@@ -125,3 +125,27 @@ def test_a_composite_op_run_inside_the_recorder_keeps_the_step_phases(nin):
     phases = {op.phase for op in step_ops(record_step(nin, StepSpec((1, 224, 224)), 2))}
     assert phases >= {"forward", "loss", "backward", "optimizer"}
     assert "setup" not in phases
+
+
+@pytest.mark.parametrize(
+    ("columns", "output_size", "kernel", "stride"),
+    [((2, 72, 256), (16, 16), 3, 1), ((2, 16, 16), (8, 8), 2, 2), ((72, 256), (16, 16), 3, 1)],
+)
+def test_a_fold_keeps_the_storage_the_cpu_kernel_leaves_it_on(
+    columns, output_size, kernel, stride
+) -> None:
+    """`col2im` makes its output like its columns and shrinks it (`resize_` keeps the storage): a
+    fold of (2, 72, 256) columns keeps 147,456 bytes for 16,384 bytes of values; where the
+    columns are no larger than the output (no overlap), the output's own size."""
+    real_columns = torch.randn(*columns)
+    padding = 1 if kernel == 3 else 0
+    args = (output_size, [kernel] * 2, [1, 1], [padding] * 2, [stride] * 2)
+    real = torch.ops.aten.col2im.default(real_columns, *args)
+    with FakeTensorMode() as mode:
+        fake_columns = mode.from_tensor(real_columns)
+        fake = torch.ops.aten.col2im.default(fake_columns, *args)
+        corrected = recorder._cpu_output_resized_from_input(
+            torch.ops.aten.col2im.default, (fake_columns, *args), fake
+        )
+        assert corrected.shape == real.shape and corrected.stride() == real.stride()
+        assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
