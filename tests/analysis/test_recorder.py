@@ -149,3 +149,22 @@ def test_a_fold_keeps_the_storage_the_cpu_kernel_leaves_it_on(
         )
         assert corrected.shape == real.shape and corrected.stride() == real.stride()
         assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
+
+
+def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
+    """Under autocast a GroupNorm takes bf16 input with float32 statistics; the CPU kernel's
+    grad_input is bf16 (its input's dtype), where the fake kernel promotes it to float32."""
+    aten = torch.ops.aten
+    x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)
+    weight = torch.randn(8)
+    _, mean, rstd = aten.native_group_norm.default(x, weight, None, 2, 8, 36, 2, 1e-5)
+    args = (torch.ones_like(x), x, mean, rstd, weight, 2, 8, 36, 2, [True, True, False])
+    real = aten.native_group_norm_backward.default(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = aten.native_group_norm_backward.default(*fake_args)
+        corrected = recorder._group_norm_grad_input_dtype(
+            aten.native_group_norm_backward.default, fake_args, fake
+        )
+    assert [t.dtype for t in corrected[:2]] == [t.dtype for t in real[:2]]
+    assert corrected[0].dtype == torch.bfloat16

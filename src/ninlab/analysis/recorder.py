@@ -234,6 +234,19 @@ def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     return result, mean.to(torch.float32), inverse_std.to(torch.float32)
 
 
+def _group_norm_grad_input_dtype(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """Group norm backward's grad_input in its input's dtype, as the kernels make it
+    (`empty_like(X)`); given reduced-precision input with float32 statistics (autocast), the fake
+    kernel promotes it to float32, twice its bytes (measured on 2.13 and 2.14.1: a GroupNorm
+    after a bf16 convolution, the training step's live peak 1.18 of the real one)."""
+    if func is not aten.native_group_norm_backward.default or output[0] is None:
+        return output
+    x = args[1]
+    if output[0].dtype == x.dtype:
+        return output
+    return (output[0].to(x.dtype), *output[1:])
+
+
 def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
     kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
@@ -734,6 +747,7 @@ class Recorder(TorchDispatchMode):
     ) -> Any:
         """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
         output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+        output = _group_norm_grad_input_dtype(func, args, output)
         output = _cpu_batch_norm_grad_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
         output = _cpu_grad_input_layout(func, args, output)
