@@ -9,7 +9,8 @@ and a step whose peak falls inside one was printed as exact while up to 35% unde
   bytes beside its 50,176-byte output; inference was 0.81); the FFT kernels plan into
   workspaces (a `torch.fft.irfft2` of a 2x8x16x9 spectrum: 55,296 bytes; 0.74); `nn.Bilinear`'s
   `_trilinear` multiplies through temporaries; `F.unfold`'s `im2col` makes its output like its
-  input and then grows it (an input-sized block freed inside the op);
+  input and then grows it (an input-sized block freed inside the op); an embedding bag's backward
+  sorts and selects its indices into temporaries (per-sample weights: 0.90);
 * where a tensor argument is in another layout than the contiguous one the kernel reads (a
   channels-last map, a transposed or broadcast gradient): layer and group norm forward and
   backward, and the pooling backwards of `nn.AdaptiveMaxPool2d`, `nn.AvgPool2d/3d` and
@@ -55,6 +56,11 @@ ALWAYS_PROBED: dict[str, tuple[str, ...]] = {
     ),
     "bilinear product (the kernel's temporaries)": ("aten._trilinear.default",),
     "unfold (an input-sized block the kernel grows into its output)": ("aten.im2col.default",),
+    "embedding bag backward (the kernel's index temporaries)": (
+        "aten._embedding_bag_backward.default",
+        "aten._embedding_bag_dense_backward.default",
+        "aten._embedding_bag_per_sample_weights_backward.default",
+    ),
 }
 
 # The ops measured where a tensor argument is not contiguous, by what they are.
