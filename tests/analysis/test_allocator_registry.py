@@ -31,6 +31,7 @@ from ninlab.analysis.allocator.onednn_float32 import (
     mkldnn_conv_forward_allocations,
 )
 from ninlab.analysis.allocator.pooling import max_pool_backward_allocations
+from ninlab.analysis.allocator.probed import ALWAYS_PROBED, PROBED_IN_ANOTHER_LAYOUT
 from ninlab.analysis.allocator.registry import (
     ALLOCATION_RULES,
     OUTPUTS_ONLY,
@@ -272,7 +273,29 @@ PROBED_CALLS: dict[str, tuple[Callable[[], tuple[Any, ...]], str]] = {
     ),
     "aten._embedding_bag.default": (_bag, "embedding bag"),
     "aten._embedding_bag_forward_only.default": (_bag, "embedding bag"),
+    **{
+        op: (lambda: (torch.zeros(2, 3, 4, 4),), reason)
+        for reason, ops in ALWAYS_PROBED.items()
+        for op in ops
+    },
+    # Given a channels-last map; contiguous, they allocate only their outputs (below).
+    **{
+        op: (lambda: (_channels_last_map(),), "not contiguous")
+        for ops in PROBED_IN_ANOTHER_LAYOUT.values()
+        for op in ops
+    },
 }
+
+
+def _channels_last_map() -> torch.Tensor:
+    return torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(op for ops in PROBED_IN_ANOTHER_LAYOUT.values() for op in ops)
+)
+def test_a_layout_probed_rule_keeps_contiguous_calls_as_outputs_only(name: str) -> None:
+    assert cpu_kernel_allocations(name, (torch.zeros(2, 3, 4, 4),)) == OUTPUTS_ONLY
 
 
 def test_every_registered_rule_has_a_call_here() -> None:

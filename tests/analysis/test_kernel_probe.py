@@ -142,3 +142,19 @@ def test_a_call_that_cannot_run_on_zeros_says_so() -> None:
         "aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), []
     )
     assert measured_allocations(call) == "could not be run on its own (RuntimeError)"
+
+
+def test_a_call_whose_blocks_depend_on_its_values_is_not_run_on_zeros() -> None:
+    """An EmbeddingBag's backward in max mode keeps the indices that won, all of them on zeros:
+    the step stays a lower bound, saying why, where the probe would give another figure."""
+    bag = torch.nn.EmbeddingBag(50, 16, mode="max")
+    ids = torch.randint(0, 50, (2, 12))
+    report = predict_memory(
+        bag, input_size=(12,), input_dtype=torch.long, input_range=(0, 50), batch_size=2
+    )
+    assert report.allocator.lower_bound
+    assert any("depend on the values" in note for note in report.allocator.unmodelled)
+    measured = measure(bag, report.spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
+    assert bag(ids).shape == (2, 16)  # the model is the user's still

@@ -125,3 +125,46 @@ def test_a_composite_op_run_inside_the_recorder_keeps_the_step_phases(nin):
     phases = {op.phase for op in step_ops(record_step(nin, StepSpec((1, 224, 224)), 2))}
     assert phases >= {"forward", "loss", "backward", "optimizer"}
     assert "setup" not in phases
+
+
+@pytest.mark.parametrize(
+    ("columns", "output_size", "kernel", "stride"),
+    [((2, 72, 256), (16, 16), 3, 1), ((2, 16, 16), (8, 8), 2, 2), ((72, 256), (16, 16), 3, 1)],
+)
+def test_a_fold_keeps_the_storage_the_cpu_kernel_leaves_it_on(
+    columns, output_size, kernel, stride
+) -> None:
+    """`col2im` makes its output like its columns and shrinks it (`resize_` keeps the storage): a
+    fold of (2, 72, 256) columns keeps 147,456 bytes for 16,384 bytes of values; where the
+    columns are no larger than the output (no overlap), the output's own size."""
+    real_columns = torch.randn(*columns)
+    padding = 1 if kernel == 3 else 0
+    args = (output_size, [kernel] * 2, [1, 1], [padding] * 2, [stride] * 2)
+    real = torch.ops.aten.col2im.default(real_columns, *args)
+    with FakeTensorMode() as mode:
+        fake_columns = mode.from_tensor(real_columns)
+        fake = torch.ops.aten.col2im.default(fake_columns, *args)
+        corrected = recorder._cpu_output_resized_from_input(
+            torch.ops.aten.col2im.default, (fake_columns, *args), fake
+        )
+        assert corrected.shape == real.shape and corrected.stride() == real.stride()
+        assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
+
+
+def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
+    """Under autocast a GroupNorm takes bf16 input with float32 statistics; the CPU kernel's
+    grad_input is bf16 (its input's dtype), where the fake kernel promotes it to float32."""
+    aten = torch.ops.aten
+    x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)
+    weight = torch.randn(8)
+    _, mean, rstd = aten.native_group_norm.default(x, weight, None, 2, 8, 36, 2, 1e-5)
+    args = (torch.ones_like(x), x, mean, rstd, weight, 2, 8, 36, 2, [True, True, False])
+    real = aten.native_group_norm_backward.default(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = aten.native_group_norm_backward.default(*fake_args)
+        corrected = recorder._group_norm_grad_input_dtype(
+            aten.native_group_norm_backward.default, fake_args, fake
+        )
+    assert [t.dtype for t in corrected[:2]] == [t.dtype for t in real[:2]]
+    assert corrected[0].dtype == torch.bfloat16

@@ -206,6 +206,237 @@ def _linear_net() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
 
 
+# Kinds beyond the first zoo (issue 20: layers, steps and inputs nobody had tried), each built
+# small: an image body then a pooled head, a sequence body then a mean over time.
+
+
+class _Pooled(nn.Module):
+    """Any image body, ReLU, a global mean and a linear head."""
+
+    def __init__(self, body: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.body(x)).flatten(2).mean(2))
+
+
+class _Lambda(nn.Module):
+    """A functional op with no module of its own (`F.interpolate`, `F.fold`) after a 1x1
+    convolution that gives it a gradient."""
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.function = function
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(self.conv(x))
+
+
+def _interpolate(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=1.5, mode="bilinear")
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    return F.fold(F.unfold(x, 3, padding=1), x.shape[-2:], 3, padding=1)
+
+
+class _Spectral(nn.Module):
+    """A global filter in the frequency domain (`torch.fft.rfft2`, a learned complex weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(8, 16, 9, 2) * 0.1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        spectrum = torch.fft.rfft2(y, norm="ortho") * torch.view_as_complex(self.weight)
+        z = torch.fft.irfft2(spectrum, s=y.shape[-2:], norm="ortho")
+        return self.head(z.flatten(2).mean(2))
+
+
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(16, 16, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.bilinear(x, x * 2)))
+
+
+class _Unpool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.unpool(*self.pool(self.conv(x)))
+        return self.head(y.flatten(2).mean(2))
+
+
+class _Decoder(nn.Module):
+    """A two-layer Transformer decoder over its own input, with a causal mask and a memory mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(steps, device=x.device)
+        memory_mask = torch.zeros(steps, steps, dtype=torch.bool, device=x.device)
+        memory_mask[:, -2:] = True
+        out = self.decoder(x, x, tgt_mask=causal, memory_mask=memory_mask, tgt_is_causal=True)
+        return self.head(out.mean(1))
+
+
+class _AttentionWeights(nn.Module):
+    """Attention returning its per-head weights, with keys and values of their own widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys, self.values = nn.Linear(32, 16), nn.Linear(32, 24)
+        self.attention = nn.MultiheadAttention(32, 4, kdim=16, vdim=24, batch_first=True)
+        self.head = nn.Linear(32 + 4 * 10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, weights = self.attention(
+            x, self.keys(x), self.values(x), need_weights=True, average_attn_weights=False
+        )
+        return self.head(torch.cat([out.mean(1), weights.mean(2).flatten(1)], 1))
+
+
+class _Checkpointed(nn.Module):
+    """Two residual MLP blocks, each recomputed in backward (`torch.utils.checkpoint`)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(2)
+        )
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+class _CellLoop(nn.Module):
+    """An LSTM cell stepped over time in a Python loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(16, 24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = cell = x.new_zeros(x.shape[0], 24)
+        for step in range(x.shape[1]):
+            hidden, cell = self.cell(x[:, step], (hidden, cell))
+        return self.head(hidden)
+
+
+class _Sequence(nn.Module):
+    """Any sequence body returning (output, state), a mean over time and a linear head."""
+
+    def __init__(self, body: nn.Module, width: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)[0].mean(1))
+
+
+def clipped_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """A step that clips the gradients' norm (foreach), as most training loops do."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    optimizer.step()
+    return loss
+
+
+def accumulated_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """Gradient accumulation over two micro-batches."""
+    optimizer.zero_grad()
+    for micro_inputs, micro_targets in zip(inputs.chunk(2), targets.chunk(2), strict=True):
+        (F.cross_entropy(model(micro_inputs), micro_targets) / 2).backward()
+    optimizer.step()
+
+
+def two_optimizers(model: nn.Module) -> tuple[torch.optim.Optimizer, ...]:
+    first, *rest = model.parameters()
+    return torch.optim.SGD([first], lr=0.1, momentum=0.9), torch.optim.Adam(rest, lr=1e-3)
+
+
+def two_optimizers_step(
+    model: nn.Module, optimizers: Any, inputs: torch.Tensor, targets: Any
+) -> Any:
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return loss
+
+
+def ctc_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """A CTC loss over per-step log-probabilities (a speech recogniser's step)."""
+    optimizer.zero_grad()
+    log_probs = model(inputs).log_softmax(-1).transpose(0, 1)
+    batch, steps = inputs.shape[:2]
+    labels = torch.ones(batch, 4, dtype=torch.long)
+    loss = F.ctc_loss(
+        log_probs,
+        labels,
+        torch.full((batch,), steps, dtype=torch.long),
+        torch.full((batch,), 4, dtype=torch.long),
+    )
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+class _PerStep(nn.Module):
+    """A GRU's per-step class scores (N, T, C): what a CTC loss reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(16, 24, batch_first=True)
+        self.out = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0])
+
+
+class _MaxNormEmbedding(nn.Embedding):
+    """An embedding renormalised in place to a maximal norm, returning (output, None)."""
+
+    def __init__(self) -> None:
+        super().__init__(50, 16, max_norm=1.0, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return super().forward(ids), None
+
+
+_IMAGE = (3, 16, 16)
+
+
 LAYER_ZOO = (
     Case("lstm", "layer zoo", lambda: _Recurrent(nn.LSTM), (12, 16)),
     Case("gru", "layer zoo", lambda: _Recurrent(nn.GRU), (12, 16)),
@@ -262,6 +493,95 @@ LAYER_ZOO = (
     Case("conv3d", "layer zoo", lambda: _Conv(nn.Conv3d(3, 8, 3), 8), (3, 6, 12, 12)),
     Case("top1-routing-nonzero", "layer zoo", _TopOneRouting, (16,)),
     Case("step-with-item", "layer zoo", _linear_net, (16,), setups=("sgd",), step=item_step),
+    # -- layers, steps and inputs beyond the first zoo (issue 20) --
+    Case(
+        "conv-reflect-padding",
+        "layer zoo",
+        lambda: _Pooled(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), 8),
+        _IMAGE,
+        setups=("sgd", "channels-last"),
+    ),
+    Case(
+        "conv3d-transposed-output-padding",
+        "layer zoo",
+        lambda: _Pooled(nn.ConvTranspose3d(3, 4, 3, stride=2, output_padding=1), 4),
+        (3, 4, 6, 6),
+        setups=("sgd",),
+    ),
+    Case(
+        "pixel-unshuffle-conv",
+        "layer zoo",
+        lambda: _Pooled(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3)), 8),
+        _IMAGE,
+        setups=("sgd", "infer"),
+    ),
+    Case(
+        "upsample-bilinear",
+        "layer zoo",
+        lambda: _Pooled(
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.Upsample(scale_factor=2, mode="bilinear")), 8
+        ),
+        _IMAGE,
+        setups=("sgd", "infer"),
+    ),
+    Case(
+        "interpolate-by-1.5",
+        "layer zoo",
+        lambda: _Pooled(_Lambda(_interpolate), 8),
+        _IMAGE,
+        setups=("sgd", "infer"),
+    ),
+    Case("fold-unfold", "layer zoo", lambda: _Pooled(_Lambda(_fold), 8), _IMAGE, ("sgd", "infer")),
+    Case("fft-global-filter", "layer zoo", _Spectral, _IMAGE, setups=("sgd", "infer")),
+    Case("bilinear", "layer zoo", _Bilinear, (16,), setups=("sgd", "bf16")),
+    Case(
+        "groupnorm",
+        "layer zoo",
+        lambda: _Pooled(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)), 8),
+        _IMAGE,
+        setups=("bf16", "channels-last"),
+    ),
+    Case(
+        "local-response-norm",
+        "layer zoo",
+        lambda: _Pooled(nn.Sequential(nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(3)), 8),
+        _IMAGE,
+        setups=("sgd",),
+    ),
+    Case("max-unpool", "layer zoo", _Unpool, _IMAGE, setups=("sgd", "bf16")),
+    Case("transformer-decoder-causal", "layer zoo", _Decoder, (8, 32), setups=("sgd", "infer")),
+    Case("mha-head-weights-kdim-vdim", "layer zoo", _AttentionWeights, (10, 32), ("sgd", "infer")),
+    Case("checkpoint", "layer zoo", lambda: _Checkpointed(False), (16,), setups=("sgd",)),
+    Case("checkpoint-reentrant", "layer zoo", lambda: _Checkpointed(True), (16,), ("sgd",)),
+    Case("lstm-cell-loop", "layer zoo", _CellLoop, (6, 16), setups=("sgd",)),
+    Case(
+        "rnn-relu-2-dropout",
+        "layer zoo",
+        lambda: _Sequence(nn.RNN(16, 24, 2, "relu", dropout=0.2, batch_first=True), 24),
+        (10, 16),
+        setups=("sgd",),
+    ),
+    Case(
+        "embedding-max-norm",
+        "layer zoo",
+        lambda: _Sequence(_MaxNormEmbedding(), 16),
+        (12,),
+        setups=("sgd",),
+        input_dtype=torch.long,
+        input_range=(0, 50),
+    ),
+    Case("step-clip-grad-norm", "layer zoo", _linear_net, (16,), ("adam",), step=clipped_step),
+    Case("step-accumulate", "layer zoo", _linear_net, (16,), ("sgd",), step=accumulated_step),
+    Case(
+        "step-two-optimizers",
+        "layer zoo",
+        _linear_net,
+        (16,),
+        setups=("sgd",),
+        step=two_optimizers_step,
+        extra={"optimizer": two_optimizers},
+    ),
+    Case("step-ctc-loss", "layer zoo", _PerStep, (10, 16), setups=("sgd",), step=ctc_step),
 )
 
 

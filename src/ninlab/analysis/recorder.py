@@ -237,6 +237,19 @@ def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     return result, mean.to(torch.float32), inverse_std.to(torch.float32)
 
 
+def _group_norm_grad_input_dtype(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """Group norm backward's grad_input in its input's dtype, as the kernels make it
+    (`empty_like(X)`); given reduced-precision input with float32 statistics (autocast), the fake
+    kernel promotes it to float32, twice its bytes (measured on 2.13 and 2.14.1: a GroupNorm
+    after a bf16 convolution, the training step's live peak 1.18 of the real one)."""
+    if func is not aten.native_group_norm_backward.default or output[0] is None:
+        return output
+    x = args[1]
+    if output[0].dtype == x.dtype:
+        return output
+    return (output[0].to(x.dtype), *output[1:])
+
+
 def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
     kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
@@ -361,6 +374,24 @@ def _cpu_reduced_loss_storage(func: Any, args: tuple[Any, ...], output: Any) -> 
     operands = [a for a in args[:reduction_at] if isinstance(a, torch.Tensor)]
     elements = torch.broadcast_shapes(*(tuple(a.shape) for a in operands)).numel()
     return output.new_empty((elements,)).resize_(())
+
+
+# Ops whose CPU kernels make their output like their first argument (`empty_like`) and then
+# resize it to the output's shape: where the output is smaller, `resize_` keeps the storage.
+_OUTPUTS_RESIZED_FROM_THEIR_INPUT = frozenset({aten.col2im.default})
+
+
+def _cpu_output_resized_from_input(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """The output on the storage the CPU kernel leaves it on, its input's where that is larger
+    (measured on 2.13 and 2.14.1: `F.fold` of (2, 72, 256) columns to a (2, 8, 16, 16) map,
+    and the backward of `F.unfold`, keep a 147,456-byte storage for 16,384 bytes of values; the
+    fake kernel's has 16,384, and a fold's live peak was 0.59 of the real one)."""
+    if func not in _OUTPUTS_RESIZED_FROM_THEIR_INPUT or _device_type(output) != "cpu":
+        return output
+    elements = args[0].numel()
+    if elements <= output.numel() or not output.is_contiguous():
+        return output
+    return output.new_empty((elements,)).resize_(output.shape)
 
 
 def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
@@ -776,12 +807,14 @@ class Recorder(TorchDispatchMode):
     ) -> Any:
         """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
         output = _float32_statistics(func, args, self._fake_outputs.run(func, args, kwargs))
+        output = _group_norm_grad_input_dtype(func, args, output)
         output = _cpu_batch_norm_grad_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
         output = _cpu_grad_input_layout(func, args, output)
         if not self.emulate_cuda:
             output = _cpu_reduced_loss_storage(func, args, output)
             output = _cpu_embedding_bag_storages(func, args, output)
+            output = _cpu_output_resized_from_input(func, args, output)
         if traits.pointwise:
             output = _elementwise_layout(args, output)
         return output

@@ -28,7 +28,9 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
 * `embedding`: embedding backward;
 * `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
 * `pooling`: max pooling's backward;
-* `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured).
+* `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured);
+* `probed`: kernels with temporaries no rule follows (upsampling, FFT, `_trilinear`, `im2col`;
+  norms and pooling backwards given a tensor not contiguous), each call measured.
 `blocks` holds what they share (`KernelAllocation`, channel blocks and their padding).
 
 Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
@@ -50,6 +52,7 @@ from ninlab.analysis.allocator import (  # noqa: F401
     embedding,
     matmul,
     pooling,
+    probed,
     rnn,
 )
 from ninlab.analysis.allocator.blocks import KernelAllocation, peak_above_start_bytes

@@ -1,0 +1,98 @@
+"""Kernels whose CPU code allocates temporaries that follow no rule here: each call measured.
+
+Found by running the kernel probe over every call of the corpus and the layer zoo
+(torch 2.14.1, 2 threads): these kernels hold blocks beyond their outputs that no rule gives,
+and a step whose peak falls inside one was printed as exact while up to 35% under.
+
+* always: the upsampling kernels (nearest, bilinear, bicubic, trilinear; forward and backward)
+  copy their input and output into the layout they work in (an upsampled 2x8x14x14 map: 62,720
+  bytes beside its 50,176-byte output; inference was 0.81); the FFT kernels plan into
+  workspaces (a `torch.fft.irfft2` of a 2x8x16x9 spectrum: 55,296 bytes; 0.74); `nn.Bilinear`'s
+  `_trilinear` multiplies through temporaries; `F.unfold`'s `im2col` makes its output like its
+  input and then grows it (an input-sized block freed inside the op); an embedding bag's backward
+  sorts and selects its indices into temporaries (per-sample weights: 0.90);
+* where a tensor argument is in another layout than the contiguous one the kernel reads (a
+  channels-last map, a transposed or broadcast gradient): layer and group norm forward and
+  backward, and the pooling backwards of `nn.AdaptiveMaxPool2d`, `nn.AvgPool2d/3d` and
+  `nn.AdaptiveAvgPool2d` make a contiguous copy first (a channels-last group norm backward:
+  12,672 bytes over its outputs). Given contiguous tensors they allocate only their outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
+
+__all__ = ["ALWAYS_PROBED", "PROBED_IN_ANOTHER_LAYOUT"]
+
+_UPSAMPLING = tuple(
+    f"aten.{name}.default"
+    for kind in (
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d",
+        "_upsample_nearest_exact3d",
+        "upsample_linear1d",
+        "upsample_bilinear2d",
+        "upsample_bicubic2d",
+        "upsample_trilinear3d",
+        "_upsample_bilinear2d_aa",
+        "_upsample_bicubic2d_aa",
+    )
+    for name in (kind, f"{kind}_backward")
+)
+
+# The ops whose every call is measured, by the reason.
+ALWAYS_PROBED: dict[str, tuple[str, ...]] = {
+    "upsampling (the kernel's copies in its own layout)": _UPSAMPLING,
+    "FFT (the plan's workspaces)": tuple(
+        f"aten.{name}.default" for name in ("_fft_r2c", "_fft_c2r", "_fft_c2c")
+    ),
+    "bilinear product (the kernel's temporaries)": ("aten._trilinear.default",),
+    "unfold (an input-sized block the kernel grows into its output)": ("aten.im2col.default",),
+    "embedding bag backward (the kernel's index temporaries)": (
+        "aten._embedding_bag_backward.default",
+        "aten._embedding_bag_dense_backward.default",
+        "aten._embedding_bag_per_sample_weights_backward.default",
+    ),
+}
+
+# The ops measured where a tensor argument is not contiguous, by what they are.
+PROBED_IN_ANOTHER_LAYOUT: dict[str, tuple[str, ...]] = {
+    "layer norm": ("aten.native_layer_norm.default", "aten.native_layer_norm_backward.default"),
+    "group norm": ("aten.native_group_norm.default", "aten.native_group_norm_backward.default"),
+    "pooling backward": (
+        "aten.adaptive_max_pool2d_backward.default",
+        "aten._adaptive_avg_pool2d_backward.default",
+        "aten.avg_pool2d_backward.default",
+        "aten.avg_pool3d_backward.default",
+    ),
+}
+
+
+def _measured(reason: str) -> Any:
+    def rule(args: Sequence[Any]) -> KernelBlocks:
+        return KernelBlocks(None, reason)
+
+    return rule
+
+
+def _measured_in_another_layout(what: str) -> Any:
+    def rule(args: Sequence[Any]) -> KernelBlocks:
+        if all(a.is_contiguous() for a in args if isinstance(a, torch.Tensor)):
+            return OUTPUTS_ONLY
+        return KernelBlocks(None, f"{what} of a tensor not contiguous (the kernel's copy)")
+
+    return rule
+
+
+for _reason, _ops in ALWAYS_PROBED.items():
+    allocation_rule(*_ops)(_measured(_reason))
+for _what, _ops in PROBED_IN_ANOTHER_LAYOUT.items():
+    allocation_rule(*_ops)(_measured_in_another_layout(_what))
