@@ -162,6 +162,7 @@ def harvest_saved_tensors(
     *,
     skip: Container[Any] = (),
     outside_model: Container[Any] = (),
+    unseen: Callable[[Any, torch.Tensor], int] | None = None,
 ) -> list[SavedTensor]:
     """What each autograd node in `node_owners` (node -> module) keeps for backward, read from its
     `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key. Nodes
@@ -169,7 +170,8 @@ def harvest_saved_tensors(
 
     Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs. Nodes in
     `skip` saved through saved-tensor hooks (activation checkpointing): unpacking theirs would run
-    the recomputation now, so they are not read; they keep no activation anyway.
+    the recomputation now, so they are not read; they keep no activation anyway. A saved tensor
+    whose storage has no key is handed to `unseen(node, tensor)`, which may give it one.
     """
     saved: list[SavedTensor] = []
     for node, module in node_owners.items():
@@ -177,6 +179,8 @@ def harvest_saved_tensors(
             continue
         for field_name, tensor in _saved_by(node):
             key = storage_key(tensor)
+            if key < 0 and unseen is not None:
+                key = unseen(node, tensor)
             if key >= 0:
                 saved.append(
                     SavedTensor(key, type(node).__name__, field_name, module, node in outside_model)

@@ -61,6 +61,7 @@ from ninlab.analysis.torch_internals import (
 __all__ = ["Recorder"]
 
 aten = torch.ops.aten
+_NUMBERS = (float, int, bool, complex)
 
 _POOLS = {
     aten.max_pool1d_with_indices: ("max_pool", 1),
@@ -514,6 +515,9 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # Ops given a Python number for a Tensor argument: the autograd sequence number just past
+        # the node each made -> the op's index (see `_saved_number`).
+        self._wrapped_numbers: dict[int, int] = {}
         self.modules = _ModuleStack(model)
         # No reference back to the recorder from what it holds, so that it and its recording die
         # by reference counts (see `StepRecording.recorder`).
@@ -560,11 +564,41 @@ class Recorder(TorchDispatchMode):
         owners, hooked, outside = self.modules.graph(roots)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                owners, self.ledger.key, skip=hooked, outside_model=outside
+                owners,
+                self.ledger.key,
+                skip=hooked,
+                outside_model=outside,
+                unseen=self._saved_number,
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
         saved += [entry for entry in harvested if entry not in seen]
+
+    def _saved_number(self, node: Any, tensor: torch.Tensor) -> int:
+        """The key of a Python number autograd saved for backward (`x * 0.5` keeps 0.5 for the
+        gradient of x), -1 for any other saved tensor never seen. The Python binding wraps the
+        number, for real, in a CPU tensor of its own (8 bytes for a float) before the op, made by
+        no op; the number reaches a dispatch mode as itself, so only the saved tensor shows it.
+        It is counted from the op that was given it to its death."""
+        made_at = self._wrapped_numbers.get(node_sequence_nr(node) + 1)
+        if made_at is None or type(tensor) is FakeTensor:
+            return -1
+        op = self.recording.ops[made_at]
+        record = self.ledger.note(tensor, created_at=made_at, phase=op.phase, module=op.module)
+        return -1 if record is None else record.key
+
+    def _counts_wrapped_numbers(self, traits: OpTraits, args: tuple[Any, ...]) -> bool:
+        """Whether the op was given a Python number for a Tensor argument, in a CPU step (the
+        wrapped number is a CPU tensor: on a GPU it is not on the device)."""
+        numbers = any(
+            type(args[position]) in _NUMBERS
+            for position in traits.tensor_arguments
+            if position < len(args)
+        )
+        if not numbers or self.emulate_cuda:
+            return False
+        tensor = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
+        return tensor is not None and _device_type(tensor) == "cpu"
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -693,6 +727,8 @@ class Recorder(TorchDispatchMode):
             self._check_window_fits(window, args[0])
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
+        if self._counts_wrapped_numbers(traits, args):
+            self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
         if func in _LINEAR_PRODUCTS:
             self._product = (_dispatching_call_site(), self.ledger.key(output))
         elif (
