@@ -44,6 +44,7 @@ from ninlab.analysis.cuda_allocator import (
 )
 from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
 from ninlab.analysis.lazy import materialized
+from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import (
     LOSS_TYPE,
     AllocatorPeak,
@@ -65,6 +66,7 @@ from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import DDPSpec, StepSpec, batch_size_of, step_failed, step_spec
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
+from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 
@@ -82,6 +84,7 @@ def predict_memory(
     *,
     batch_size: int | None = None,
     model_name: str | None = None,
+    verify: bool = False,
     **fields: Any,
 ) -> MemoryReport:
     """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
@@ -92,11 +95,22 @@ def predict_memory(
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
 
-    To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
+    `verify=True` also runs the step for real at a small batch on this machine and sets it beside
+    the prediction at that batch (`ninlab.analysis.verify`): the report's `verification`; its
+    figures stay those of `batch_size`. The model then needs its real weights (not meta).
     """
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
+    report = _predicted(model, spec, batch_size, name)
+    if verify:
+        small = verify_batch_size(batch_size)
+        at_small = report if small == batch_size else _predicted(model, spec, small, name)
+        report = replace(report, verification=verification(model, at_small))
+    return report
+
+
+def _predicted(model: nn.Module, spec: StepSpec, batch_size: int, name: str) -> MemoryReport:
     if spec.mode == "train" and not any(p.requires_grad for p in model.parameters()):
         raise NinlabError(
             "the model has no trainable parameters, so a training step has nothing to update; "
@@ -518,8 +532,6 @@ def _measured_report(
     """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
     shape): measure it for real on this machine, at the batch asked for when it is at most
     `FALLBACK_LADDER`'s top, else on that ladder, and estimate (`MeasuredFallback.at`)."""
-    from ninlab.analysis.measure import measure
-
     reason = one_line(error)
     subject = "the model" if spec.step is None else f"the step {spec.step_name}"
     if spec.device_type == "cuda" and not torch.cuda.is_available():
