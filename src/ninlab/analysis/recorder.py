@@ -53,15 +53,29 @@ from ninlab.analysis.torch_internals import (
     current_autograd_node,
     make_contiguous_strides_for,
     node_sequence_nr,
+    op_schema,
     suggest_memory_format,
     top_saved_tensors_hooks,
     view_base,
 )
+from ninlab.errors import NinlabError
+from ninlab.units import dtype_name
 
 __all__ = ["Recorder"]
 
 aten = torch.ops.aten
 _NUMBERS = (float, int, bool, complex)
+
+# Ops whose CPU kernels refuse a source of another dtype than `self`'s where their fake kernels
+# accept it (checked on torch 2.8 and 2.14): the argument that must match. Under bf16 autocast a
+# lower-precision result index_add'ed into a float32 tensor would otherwise be predicted for a
+# step that fails. (scatter, scatter_add, scatter_reduce and masked_scatter's fake kernels refuse
+# it themselves.)
+_SOURCE_OF_SELFS_DTYPE = {
+    **dict.fromkeys((aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_), "source"),
+    **dict.fromkeys((aten.index_reduce, aten.index_reduce_, aten.put, aten.put_), "source"),
+    **dict.fromkeys((aten.index_put, aten.index_put_), "values"),
+}
 
 _POOLS = {
     aten.max_pool1d_with_indices: ("max_pool", 1),
@@ -359,6 +373,22 @@ def _cpu_reduced_loss_storage(func: Any, args: tuple[Any, ...], output: Any) -> 
     operands = [a for a in args[:reduction_at] if isinstance(a, torch.Tensor)]
     elements = torch.broadcast_shapes(*(tuple(a.shape) for a in operands)).numel()
     return output.new_empty((elements,)).resize_(())
+
+
+def _check_source_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse, as the CPU kernel does, a source of another dtype than `self`'s (see
+    `_SOURCE_OF_SELFS_DTYPE`), in one line naming the op and the dtypes."""
+    name = _SOURCE_OF_SELFS_DTYPE[func.overloadpacket]
+    position = next(i for i, a in enumerate(op_schema(func).arguments) if a.name == name)
+    source = args[position] if position < len(args) else kwargs.get(name)
+    target = args[0]
+    if isinstance(source, torch.Tensor) and source.dtype != target.dtype:
+        into, given = dtype_name(target.dtype), dtype_name(source.dtype)
+        raise NinlabError(
+            f"{func.overloadpacket.__name__}: its {name} is {given} and the tensor it writes "
+            f"into {into}, which the CPU kernel refuses (the real step fails); cast the {name} "
+            f"to {into} (under autocast, the result of a lower-precision op is {given})"
+        )
 
 
 def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
@@ -689,6 +719,8 @@ class Recorder(TorchDispatchMode):
         traits = op_traits(func)
         if traits.metadata:
             return func(*args, **kwargs)
+        if func.overloadpacket in _SOURCE_OF_SELFS_DTYPE:
+            _check_source_dtype(func, args, kwargs)
         # An in-place op's output is its first argument, shape and all: the fake kernel would
         # only check broadcasting, so it is skipped (a third of a training step's ops are these,
         # most of them the optimizer's). Not for a tensor holding a real constant (Adam's step
