@@ -82,6 +82,14 @@ class StorageLedger:
         if record is not None and not record.role:
             record.role = role
 
+    def let_go(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s storage is dead to the step from now, though something outside it still
+        holds it (see `trace._let_go_of_replaced`)."""
+        storage = _storage_of(tensor)
+        alive = self._alive.get(id(storage)) if storage is not None else None
+        if alive is not None:
+            self._freed(id(storage), self.storages[alive[0]])
+
     def key(self, tensor: torch.Tensor) -> int:
         """The serial key of a live tensor's storage (-1 if it was never seen)."""
         storage = _storage_of(tensor)
@@ -146,7 +154,10 @@ class StorageLedger:
         return freed
 
     def _freed(self, storage_id: int, record: StorageRecord) -> None:
-        self._alive.pop(storage_id, None)
+        alive = self._alive.get(storage_id)
+        if alive is None or alive[0] != record.key:
+            return  # let go of before (`let_go`): its weak reference fires later
+        del self._alive[storage_id]
         if self._accumulation is not None and self._continue_in_place(record):
             return
         record.freed_after = self._clock()

@@ -737,13 +737,6 @@ class Recorder(TorchDispatchMode):
             return 0.0
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
-        if self._warming_up:
-            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
-            # holds) is the CPU kernel's.
-            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
-            for tensor in tensors_in((output,)):
-                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
-            return output
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
@@ -754,9 +747,17 @@ class Recorder(TorchDispatchMode):
         if traits.composite_kernel is not None and func not in ANNOTATION_OPS:
             with self, DisableTorchFunction():
                 return traits.composite_kernel(*args, **kwargs)
+        # The warm-up runs the same program, so an input too small names its layer there too.
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
+        if self._warming_up:
+            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
+            # holds) is the CPU kernel's.
+            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
+            for tensor in tensors_in((output,)):
+                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            return output
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
         if self._counts_wrapped_numbers(traits, args):
