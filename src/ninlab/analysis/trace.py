@@ -167,8 +167,9 @@ def _record_step(
 
     A training step (the built-in one or `spec.step`) runs twice: the first as a warm-up (not
     recorded; whatever it leaves alive, gradients and optimizer state, is tracked) and the second,
-    analysed: the steady state, when optimizer state exists. So does an inference. Without `optimizer_step`, one forward,
-    cross-entropy and backward are recorded and nothing else (what FLOP counts cover).
+    analysed: the steady state, when optimizer state exists. So does an inference. Without
+    `optimizer_step`, one forward, cross-entropy and backward are recorded and nothing else (what
+    FLOP counts cover).
 
     The model's own parameters are not touched: fake copies stand in for them, swapped into the
     model for the duration of the step (as `torch.func.functional_call` does), so the step calls
