@@ -23,7 +23,6 @@ from torch.nn import functional as F
 from ninlab import fit_batch, measure, plan_budget, predict_memory, summarize
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import record_step
-from ninlab.analysis.verify import verify
 from ninlab.errors import NinlabError
 
 
@@ -153,7 +152,7 @@ CALLS: dict[str, Callable[[nn.Module], Any]] = {
         model, batch_size=2, input_size=(8,), mode="infer"
     ),
     "measure": lambda model: measure(model, batch_size=2, input_size=(8,)),
-    "verify": lambda model: verify(model, batch_size=2, input_size=(8,)),
+    "verify": lambda model: predict_memory(model, batch_size=2, input_size=(8,), verify=True),
     "fit_batch": lambda model: fit_batch(
         model, budget="64KiB", input_size=(8,), max_batch_size=4096
     ),

@@ -194,6 +194,38 @@ def test_a_tensor_in_the_step_is_predicted_and_left_in_place() -> None:
     assert step.__closure__[0].cell_contents is class_weights  # type: ignore[index]
 
 
+def _weighted_by_containers(weights: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    def step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad()
+        scale, (shift,) = weights["pair"]
+        logits = model(inputs) * scale + shift
+        loss = nn.functional.cross_entropy(logits, targets, weight=weights["class"][0])
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def test_tensors_in_a_closures_lists_tuples_and_dicts_are_predicted_and_left_in_place() -> None:
+    """The step's tensors sit inside a dict of a tuple (holding a list) and a list: each is found,
+    swapped for a fake and put back, the very tuple included; a list holding itself ends."""
+    class_weights, scale, shift = torch.rand(5), torch.rand(5), torch.rand(5)
+    looped: list[Any] = [class_weights]
+    looped.append(looped)
+    pair = (scale, [shift])
+    weights = {"pair": pair, "class": looped}
+    step = _weighted_by_containers(weights)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+    fields = {"input_size": (16,), "optimizer": "sgd", "step": step}
+    report = predict_memory(model, batch_size=4, **fields)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert weights["pair"] is pair and pair[0] is scale and pair[1][0] is shift
+    assert weights["class"] is looped and looped[0] is class_weights and looped[1] is looped
+
+
 class _TiedList(nn.Module):
     """Holds its own weight again in a plain list, as an LSTM's `_flat_weights` does."""
 

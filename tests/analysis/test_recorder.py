@@ -168,3 +168,47 @@ def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
         )
     assert [t.dtype for t in corrected[:2]] == [t.dtype for t in real[:2]]
     assert corrected[0].dtype == torch.bfloat16
+
+
+class _WritesIndexed(torch.nn.Module):
+    """A linear layer's output written by index into a float32 tensor (top-k routing, graph
+    message passing): under bf16 autocast the output is bfloat16."""
+
+    def __init__(self, write) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.write = write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)
+        out = self.write(torch.zeros(x.shape[0] + 2, 3, device=x.device), rows, self.linear(x))
+        return out[: x.shape[0]]
+
+
+def _set_rows(out, rows, y):
+    out[rows] = y
+    return out
+
+
+SOURCE_DTYPE_WRITES = {
+    "index_add": lambda out, rows, y: out.index_add(0, rows, y),
+    "index_put_": _set_rows,
+    "index_put": lambda out, rows, y: out.index_put((rows,), y, accumulate=True),
+    "index_reduce": lambda out, rows, y: out.index_reduce(0, rows, y, "amax"),
+    "put": lambda out, rows, y: out.put(rows, y[:, 0]),
+}
+
+
+@pytest.mark.parametrize("op", SOURCE_DTYPE_WRITES)
+def test_a_source_dtype_the_cpu_kernel_refuses_is_refused_in_one_line(op) -> None:
+    from ninlab.analysis.predict import predict_memory
+    from ninlab.errors import NinlabError
+
+    model = _WritesIndexed(SOURCE_DTYPE_WRITES[op])
+    with pytest.raises(RuntimeError), torch.autocast("cpu", torch.bfloat16):  # the real step
+        model(torch.randn(2, 3))
+    name = "values" if op.startswith("index_put") else "source"
+    with pytest.raises(NinlabError, match=f"^{op}: its {name} is bfloat16 and the tensor it "):
+        predict_memory(model, input_size=(3,), batch_size=2, amp="bf16", optimizer="sgd")
+    # In float32 the same model is predicted.
+    assert predict_memory(model, input_size=(3,), batch_size=2, optimizer="sgd").live_peak_bytes

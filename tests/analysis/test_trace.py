@@ -69,3 +69,54 @@ def test_recording_leaves_the_collector_as_it_was(enabled):
         assert gc.isenabled() == enabled
     finally:
         gc.enable()
+
+
+class _CachesInEval(nn.Module):
+    """Caches a tensor in a dict attribute on its first call in eval mode, as LeViT caches its
+    attention biases: every later inference finds it there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.linear(x)
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.linear.weight.detach() * 2
+        return x @ self.cache[key]
+
+
+class _ReplacesAPlaceholder(nn.Module):
+    """Holds a placeholder tensor in a list that each forward replaces, as RAFT's correlation
+    block holds `[torch.tensor(0)]` until its first pyramid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.pyramid = [torch.tensor(0)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.pyramid = [self.linear(x)]
+        return self.pyramid[0].relu()
+
+
+@pytest.mark.parametrize(
+    ("model", "mode"),
+    [(_CachesInEval, "infer"), (_ReplacesAPlaceholder, "infer"), (_ReplacesAPlaceholder, "train")],
+)
+def test_what_a_first_call_leaves_in_the_model_is_the_steady_states(model, mode):
+    """The recorded step is the second, for inference too, as measured: a cache the first made
+    is there (LeViT inference was 2,280 B short), a placeholder it replaced is gone (RAFT 8 B
+    over), and the user's model is left as it was."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    net = model()
+    before = dict(vars(net))
+    report = predict_memory(net, input_size=(16,), batch_size=4, mode=mode)
+    assert vars(net) == before
+    measured = measure(net, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes

@@ -15,7 +15,7 @@ from torch import nn
 from ninlab import fit_batch, measure, predict_memory
 from ninlab.analysis.memory_report import MeasuredFallback, Trust, Verification
 from ninlab.analysis.predict import FALLBACK_LADDER
-from ninlab.analysis.verify import VERIFY_BATCH_SIZE, verified, verify
+from ninlab.analysis.verify import VERIFY_BATCH_SIZE
 from ninlab.errors import NinlabError
 
 INPUT = (16,)
@@ -125,15 +125,53 @@ def test_a_step_that_draws_random_numbers_is_said_to() -> None:
 
 def test_verify_runs_the_step_for_real_and_agrees() -> None:
     model = net()
-    check = verify(model, input_size=INPUT, batch_size=64)
+    report = predict_memory(model, input_size=INPUT, batch_size=64, verify=True)
+    check = report.verification
+    assert check is not None
     assert check.batch_size == VERIFY_BATCH_SIZE
     assert check.verified, check.words()
     measured = measure(model, input_size=INPUT, batch_size=VERIFY_BATCH_SIZE)
     assert check.measured_live_bytes == measured.live_peak_bytes == check.predicted_live_bytes
     assert check.words().startswith("verified at batch 2 on this machine")
-    report = verified(model, predict_memory(model, input_size=INPUT, batch_size=64))
-    assert report.verification is not None and report.verification.verified
     assert report.batch_size == 64  # the figures stay those of the batch asked for
+    plain = predict_memory(net(), input_size=INPUT, batch_size=64)
+    assert report.live_peak_bytes == plain.live_peak_bytes and plain.verification is None
+
+
+class _RealOnlyScratch(nn.Module):
+    """A model that runs another program for real than on fake tensors (as transformers builds
+    a causal mask only when tracing): a scratch tensor of 4,000 floats kept to the end of the
+    forward, made only when its input is a plain tensor. The prediction cannot see it; verifying
+    must."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scratch = torch.zeros(4_000) if type(x) is torch.Tensor else None
+        out = self.linear(x)
+        return out if scratch is None else out + scratch[0]
+
+
+def test_verify_says_by_how_much_and_where_a_prediction_is_off() -> None:
+    model = _RealOnlyScratch()
+    report = predict_memory(model, input_size=INPUT, batch_size=8, mode="infer", verify=True)
+    check = report.verification
+    assert check is not None and not check.verified
+    # The scratch, alive beside the last add's output (and not at the prediction's peak).
+    assert check.measured_live_bytes - check.predicted_live_bytes == 16_040
+    assert check.words().startswith(
+        "NOT verified at batch 2 on this machine: live off by -16,040 bytes"
+    )
+    assert "measured 16,548 at add in forward" in check.words()
+
+
+def test_verify_refuses_a_model_without_weights_in_one_line() -> None:
+    with torch.device("meta"):
+        model = net()
+    with pytest.raises(NinlabError, match="weights are on the meta device"):
+        predict_memory(model, input_size=INPUT, batch_size=4, verify=True)
 
 
 def test_a_verification_that_fails_says_by_how_much_and_where() -> None:

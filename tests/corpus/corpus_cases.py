@@ -715,6 +715,156 @@ TIMM = tuple(
 )
 
 
+# -- families beyond the first corpus: video, detection, optical flow, timm's other families ------
+# Each built at its smallest (few channels, one block a stage) on a small input.
+
+
+def _timm_class(module: str, name: str, **options: Any) -> Callable[[], nn.Module]:
+    """A timm architecture built from its class with a tiny configuration (timm's registered
+    variants are all too large for a corpus that runs in CI)."""
+
+    def build() -> nn.Module:
+        import importlib
+
+        return getattr(importlib.import_module(f"timm.models.{module}"), name)(
+            num_classes=10, **options
+        )
+
+    return build
+
+
+def _mlp_mixer(kind: str) -> Callable[[], nn.Module]:
+    """An all-MLP network (MLP-Mixer, gMLP's spatial gating, ResMLP's affine blocks) at two
+    blocks over 16 patches: timm's registered variants fix their sizes."""
+
+    def build() -> nn.Module:
+        from timm.layers import GatedMlp
+        from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock
+
+        blocks = {
+            "mixer": {},
+            "gmlp": {"block_layer": SpatialGatingBlock, "mlp_layer": GatedMlp, "mlp_ratio": 6},
+            "resmlp": {"block_layer": ResBlock, "norm_layer": Affine, "mlp_ratio": 4},
+        }[kind]
+        return MlpMixer(
+            num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32, **blocks
+        )
+
+    return build
+
+
+def _nfnet() -> nn.Module:
+    """A normalizer-free network (weight-standardised convolutions, no batch norm)."""
+    from timm.models.nfnet import NfCfg, NormFreeNet
+
+    return NormFreeNet(NfCfg(depths=(1, 1, 1, 1), channels=(16, 32, 48, 64)), num_classes=10)
+
+
+class _OpticalFlow(nn.Module):
+    """RAFT as a user calls it: two frames in, the last of two flow estimates out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.raft = torchvision.models.optical_flow.raft_small(weights=None)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.raft(first, second, num_flow_updates=2)[-1]
+
+
+WIDER = (
+    *(
+        Case(name, "torchvision", build, size, setups=setups, needs="torchvision")
+        for name, build, size, setups in (
+            ("mc3_18", _torchvision("mc3_18", num_classes=5), (3, 4, 32, 32), ("sgd", "bf16")),
+            ("r2plus1d_18", _torchvision("r2plus1d_18", num_classes=5), (3, 4, 32, 32), ("infer",)),
+            ("s3d", _torchvision("s3d", num_classes=5), (3, 4, 32, 32), ("infer",)),
+            (
+                "ssdlite320_mobilenet_v3_large",
+                _torchvision("ssdlite320_mobilenet_v3_large", num_classes=3, weights_backbone=None),
+                (3, 64, 64),
+                ("sgd", "infer"),
+            ),
+            ("raft_small", _OpticalFlow, ((3, 128, 128), (3, 128, 128)), ("sgd", "infer")),
+        )
+    ),
+    *(
+        Case(name, "timm", build, size, setups=setups, needs="timm")
+        for name, build, size, setups in (
+            ("mobilevit_xxs", _timm("mobilevit_xxs"), (3, 64, 64), ("sgd", "bf16", "infer")),
+            (
+                "levit-tiny",
+                _timm_class(
+                    "levit",
+                    "Levit",
+                    img_size=64,
+                    embed_dim=(32, 48, 64),
+                    key_dim=8,
+                    depth=(1, 1, 1),
+                    num_heads=(1, 2, 2),
+                ),
+                (3, 64, 64),
+                ("sgd", "infer"),
+            ),
+            (
+                "efficientformer-tiny",
+                _timm_class(
+                    "efficientformer",
+                    "EfficientFormer",
+                    depths=(1, 1, 1, 1),
+                    embed_dims=(16, 24, 32, 48),
+                    num_vit=1,
+                ),
+                (3, 224, 224),  # its attention's bias is laid out for a 7x7 map
+                ("sgd", "channels-last"),
+            ),
+            (
+                "poolformer-tiny",
+                _timm_class("metaformer", "MetaFormer", depths=(1, 1, 1, 1), dims=(16, 24, 32, 48)),
+                (3, 64, 64),
+                ("adam", "infer"),
+            ),
+            (
+                "convmixer-tiny",
+                _timm_class("convmixer", "ConvMixer", dim=32, depth=2, kernel_size=5, patch_size=4),
+                (3, 32, 32),
+                ("sgd", "bf16", "channels-last"),
+            ),
+            *(
+                (f"{kind}-tiny", _mlp_mixer(kind), (3, 32, 32), ("sgd", "infer"))
+                for kind in ("mixer", "gmlp", "resmlp")
+            ),
+            ("nfnet-tiny", _nfnet, (3, 32, 32), ("sgd", "bf16")),
+            ("cs3darknet_focus_s", _timm("cs3darknet_focus_s"), (3, 32, 32), ("sgd",)),
+            ("dla46_c", _timm("dla46_c"), (3, 32, 32), ("sgd", "channels-last")),
+            ("ghostnet_050", _timm("ghostnet_050"), (3, 32, 32), ("adam", "infer")),
+            (
+                "xcit-tiny",
+                _timm("xcit_nano_12_p16_224", img_size=32, patch_size=8, depth=2),
+                (3, 32, 32),
+                ("sgd", "infer"),
+            ),
+            (
+                "coat-lite-tiny",
+                _timm_class(
+                    "coat",
+                    "CoaT",
+                    img_size=32,
+                    patch_size=4,
+                    embed_dims=(16, 32, 48, 64),
+                    serial_depths=(1, 1, 1, 1),
+                    num_heads=8,  # its convolutional position encoding splits 8 heads 2/3/3
+                ),
+                (3, 32, 32),
+                ("sgd", "infer"),
+            ),
+            ("maxvit_pico", _timm("maxvit_pico_rw_256", img_size=64), (3, 64, 64), ("sgd",)),
+        )
+    ),
+)
+
+
 class _Seq2Seq(nn.Module):
     """An encoder-decoder language model as a user trains it: the ids in, shifted by the model
     for the decoder."""
@@ -980,7 +1130,7 @@ HUGGING_FACE = (
     _lm("qwen2", mask=(0, 2)),
 )
 
-CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *TRANSFORMERS, *HUGGING_FACE)
+CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *WIDER, *TRANSFORMERS, *HUGGING_FACE)
 
 
 # -- one case under one setup ---------------------------------------------------------------------

@@ -18,19 +18,6 @@ from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    **{
-        ("swin-tiny", setup): "Swin training: live off by 1e-5 (20.2/20.4)"
-        for setup in ("sgd", "adam", "bf16")
-    },
-    **{
-        (name, "sgd"): (
-            "live 8 bytes short in backward: autograd saves the Python number of `t.mul(0.0001)` "
-            "(LRN's alpha; MHA's scaling with need_weights) as an 8-byte float64 tensor "
-            "(MulBackward0's other), which a dispatch mode is handed as a number, so the ledger "
-            "never sees its storage"
-        )
-        for name in ("local-response-norm", "mha-head-weights-kdim-vdim")
-    },
     ("max-unpool", "bf16"): (
         "live 1.039 at max_unpool2d in forward under bf16 autocast (its float32 cast of the "
         "pooled values), cause not found"

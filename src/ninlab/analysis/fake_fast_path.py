@@ -107,9 +107,13 @@ class OpTraits:
     composite_kernel: Callable[..., Any] | None
     returns_self: bool  # in place on its first argument, which it returns, metadata unchanged
     pointwise: bool  # a TensorIterator op, elementwise
+    # Positions of its Tensor arguments: a Python number given for one is wrapped, for real, in a
+    # CPU tensor made by no op (see `Recorder`)
+    tensor_arguments: tuple[int, ...]
 
 
 _TRAITS: dict[Any, OpTraits] = {}
+_TENSOR_TYPE = torch.TensorType.get()
 
 
 def op_traits(func: Any) -> OpTraits:
@@ -134,6 +138,11 @@ def op_traits(func: Any) -> OpTraits:
             composite_kernel=composite_kernel(func) if composite else None,
             returns_self=in_place,
             pointwise=torch.Tag.pointwise in func.tags,
+            tensor_arguments=tuple(
+                position
+                for position, argument in enumerate(schema.arguments)
+                if not argument.kwarg_only and argument.type == _TENSOR_TYPE
+            ),
         )
         _TRAITS[func] = traits
     return traits

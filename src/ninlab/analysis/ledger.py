@@ -82,6 +82,14 @@ class StorageLedger:
         if record is not None and not record.role:
             record.role = role
 
+    def let_go(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s storage is dead to the step from now, though something outside it still
+        holds it (see `trace._let_go_of_replaced`)."""
+        storage = _storage_of(tensor)
+        alive = self._alive.get(id(storage)) if storage is not None else None
+        if alive is not None:
+            self._freed(id(storage), self.storages[alive[0]])
+
     def key(self, tensor: torch.Tensor) -> int:
         """The serial key of a live tensor's storage (-1 if it was never seen)."""
         storage = _storage_of(tensor)
@@ -146,7 +154,10 @@ class StorageLedger:
         return freed
 
     def _freed(self, storage_id: int, record: StorageRecord) -> None:
-        self._alive.pop(storage_id, None)
+        alive = self._alive.get(storage_id)
+        if alive is None or alive[0] != record.key:
+            return  # let go of before (`let_go`): its weak reference fires later
+        del self._alive[storage_id]
         if self._accumulation is not None and self._continue_in_place(record):
             return
         record.freed_after = self._clock()
@@ -162,6 +173,7 @@ def harvest_saved_tensors(
     *,
     skip: Container[Any] = (),
     outside_model: Container[Any] = (),
+    unseen: Callable[[Any, torch.Tensor], int] | None = None,
 ) -> list[SavedTensor]:
     """What each autograd node in `node_owners` (node -> module) keeps for backward, read from its
     `_saved_<field>` attributes: one `SavedTensor` per saved tensor whose storage has a key. Nodes
@@ -169,7 +181,8 @@ def harvest_saved_tensors(
 
     Unpacking a saved variable dispatches a detach, so a recorder pauses while this runs. Nodes in
     `skip` saved through saved-tensor hooks (activation checkpointing): unpacking theirs would run
-    the recomputation now, so they are not read; they keep no activation anyway.
+    the recomputation now, so they are not read; they keep no activation anyway. A saved tensor
+    whose storage has no key is handed to `unseen(node, tensor)`, which may give it one.
     """
     saved: list[SavedTensor] = []
     for node, module in node_owners.items():
@@ -177,6 +190,8 @@ def harvest_saved_tensors(
             continue
         for field_name, tensor in _saved_by(node):
             key = storage_key(tensor)
+            if key < 0 and unseen is not None:
+                key = unseen(node, tensor)
             if key >= 0:
                 saved.append(
                     SavedTensor(key, type(node).__name__, field_name, module, node in outside_model)

@@ -231,9 +231,77 @@ def swapped_in(places: list[Captured], values: list[Any]) -> Iterator[None]:
             place.put(place.value)
 
 
+# How far into captured lists, tuples and dicts the walk goes: depth (a list of dicts of tuples of
+# tensors) and items in all (a captured dataset is not walked whole).
+_CONTAINER_DEPTH = 4
+_CONTAINER_ITEMS = 10_000
+
+
 def _reachable(step: Any) -> list[Captured]:
+    """What a step function can reach by name (`_named`), and what the lists, tuples and dicts
+    among those hold, walked to `_CONTAINER_DEPTH` and at most `_CONTAINER_ITEMS` items, each
+    container once (a list holding itself ends)."""
+    places: list[Captured] = []
+    walked: set[int] = set()
+    budget = _CONTAINER_ITEMS
+
+    def walk(place: Captured, depth: int) -> None:
+        nonlocal budget
+        places.append(place)
+        value = place.value
+        if not isinstance(value, (list, tuple, dict)) or depth == _CONTAINER_DEPTH:
+            return
+        if id(value) in walked:
+            return
+        walked.add(id(value))
+        for item in _items(place):
+            if budget == 0:
+                return
+            budget -= 1
+            walk(item, depth + 1)
+
+    for place in _named(step):
+        walk(place, 0)
+    return places
+
+
+def _items(place: Captured) -> list[Captured]:
+    """The items of the list, tuple or dict in `place`, each with its own way to be replaced: a
+    list's or dict's in place; a tuple's by a new tuple put in the tuple's place, and the very
+    tuple put back once every item is its own again."""
+    container = place.value
+    if isinstance(container, dict):
+        return [
+            Captured(f"{place.name}[{key!r}]", value, functools.partial(container.__setitem__, key))
+            for key, value in container.items()
+        ]
+    if isinstance(container, list):
+        return [
+            Captured(
+                f"{place.name}[{index}]", value, functools.partial(container.__setitem__, index)
+            )
+            for index, value in enumerate(container)
+        ]
+    items = list(container)
+    remake = getattr(type(container), "_make", tuple)  # a named tuple stays one
+
+    def putter(index: int) -> Callable[[Any], None]:
+        def put(value: Any) -> None:
+            items[index] = value
+            same = all(now is was for now, was in zip(items, container))
+            place.put(container if same else remake(items))
+
+        return put
+
+    return [
+        Captured(f"{place.name}[{index}]", value, putter(index))
+        for index, value in enumerate(container)
+    ]
+
+
+def _named(step: Any) -> list[Captured]:
     """What a step function can reach by name: its closure, the globals it names, a partial's
-    arguments, a bound method's or callable object's attributes; one level deep."""
+    arguments, a bound method's or callable object's attributes."""
     places: list[Captured] = []
     if isinstance(step, functools.partial):
         partial = step

@@ -45,6 +45,7 @@ from ninlab.analysis.cuda_allocator import (
 from ninlab.analysis.hugging_face import unreproduced
 from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
 from ninlab.analysis.lazy import materialized
+from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import (
     LOSS_TYPE,
     AllocatorPeak,
@@ -74,6 +75,7 @@ from ninlab.analysis.step import (
 )
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
+from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 
@@ -92,6 +94,7 @@ def predict_memory(
     batch_size: int | None = None,
     model_name: str | None = None,
     probe_kernels: bool = True,
+    verify: bool = False,
     **fields: Any,
 ) -> MemoryReport:
     """Predict the memory of one step of `model` at `batch_size`: a training step (the second,
@@ -102,16 +105,31 @@ def predict_memory(
     Instead of a `StepSpec`, its fields may be given as keywords (`input_size=(1, 224, 224),
     optimizer="adam", amp="bf16"`); see `ninlab.analysis.step.StepSpec`.
 
-    To check it against a real run on this machine, `ninlab.analysis.verify.verified`.
-
     `probe_kernels=False` runs no CPU kernel that no rule knows (`ninlab.analysis.kernel_probe`):
     their blocks stay unknown, so the allocator figure is a lower bound (`allocator_trust` "at
     least") of the one they give, every other figure the same; the batch search narrows its
     range with it, since a probe at a large batch costs as much as a real step.
+
+    `verify=True` also runs the step for real at a small batch on this machine and sets it beside
+    the prediction at that batch (`ninlab.analysis.verify`): the report's `verification`; its
+    figures stay those of `batch_size`. The model then needs its real weights (not meta).
     """
     spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
+    report = _predicted(model, spec, batch_size, name, probe_kernels)
+    if verify:
+        small = verify_batch_size(batch_size)
+        at_small = (
+            report if small == batch_size else _predicted(model, spec, small, name, probe_kernels)
+        )
+        report = replace(report, verification=verification(model, at_small))
+    return report
+
+
+def _predicted(
+    model: nn.Module, spec: StepSpec, batch_size: int, name: str, probe_kernels: bool
+) -> MemoryReport:
     check_trains(model, spec)
     check_traceable(model)
     draws = _python_random_states()
@@ -533,8 +551,6 @@ def _measured_report(
     """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
     shape): measure it for real on this machine, at the batch asked for when it is at most
     `FALLBACK_LADDER`'s top, else on that ladder, and estimate (`MeasuredFallback.at`)."""
-    from ninlab.analysis.measure import measure
-
     reason = one_line(error)
     subject = "the model" if spec.step is None else f"the step {spec.step_name}"
     if spec.device_type == "cuda" and not torch.cuda.is_available():

@@ -56,14 +56,29 @@ from ninlab.analysis.torch_internals import (
     current_autograd_node,
     make_contiguous_strides_for,
     node_sequence_nr,
+    op_schema,
     suggest_memory_format,
     top_saved_tensors_hooks,
     view_base,
 )
+from ninlab.errors import NinlabError
+from ninlab.units import dtype_name
 
 __all__ = ["Recorder"]
 
 aten = torch.ops.aten
+_NUMBERS = (float, int, bool, complex)
+
+# Ops whose CPU kernels refuse a source of another dtype than `self`'s where their fake kernels
+# accept it (checked on torch 2.8 and 2.14): the argument that must match. Under bf16 autocast a
+# lower-precision result index_add'ed into a float32 tensor would otherwise be predicted for a
+# step that fails. (scatter, scatter_add, scatter_reduce and masked_scatter's fake kernels refuse
+# it themselves.)
+_SOURCE_OF_SELFS_DTYPE = {
+    **dict.fromkeys((aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_), "source"),
+    **dict.fromkeys((aten.index_reduce, aten.index_reduce_, aten.put, aten.put_), "source"),
+    **dict.fromkeys((aten.index_put, aten.index_put_), "values"),
+}
 
 _POOLS = {
     aten.max_pool1d_with_indices: ("max_pool", 1),
@@ -394,6 +409,22 @@ def _cpu_output_resized_from_input(func: Any, args: tuple[Any, ...], output: Any
     return output.new_empty((elements,)).resize_(output.shape)
 
 
+def _check_source_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse, as the CPU kernel does, a source of another dtype than `self`'s (see
+    `_SOURCE_OF_SELFS_DTYPE`), in one line naming the op and the dtypes."""
+    name = _SOURCE_OF_SELFS_DTYPE[func.overloadpacket]
+    position = next(i for i, a in enumerate(op_schema(func).arguments) if a.name == name)
+    source = args[position] if position < len(args) else kwargs.get(name)
+    target = args[0]
+    if isinstance(source, torch.Tensor) and source.dtype != target.dtype:
+        into, given = dtype_name(target.dtype), dtype_name(source.dtype)
+        raise NinlabError(
+            f"{func.overloadpacket.__name__}: its {name} is {given} and the tensor it writes "
+            f"into {into}, which the CPU kernel refuses (the real step fails); cast the {name} "
+            f"to {into} (under autocast, the result of a lower-precision op is {given})"
+        )
+
+
 def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
     """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
     them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
@@ -572,6 +603,9 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # Ops given a Python number for a Tensor argument: the autograd sequence number just past
+        # the node each made -> the op's index (see `_saved_number`).
+        self._wrapped_numbers: dict[int, int] = {}
         self.modules = _ModuleStack(model)
         # No reference back to the recorder from what it holds, so that it and its recording die
         # by reference counts (see `StepRecording.recorder`).
@@ -623,26 +657,41 @@ class Recorder(TorchDispatchMode):
         owners, hooked, outside = self.modules.graph(roots)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
-                owners, self._saved_key, skip=hooked, outside_model=outside
+                owners,
+                self.ledger.key,
+                skip=hooked,
+                outside_model=outside,
+                unseen=self._saved_number,
             )
         saved = self.recording.saved_for_backward
         seen = set(saved)
         saved += [entry for entry in harvested if entry not in seen]
 
-    def _saved_key(self, tensor: torch.Tensor) -> int:
-        """The storage key of a tensor autograd saved. A Python number an op took as a tensor
-        (`0.5 * x`: the factor a product's backward needs) is made by no op: seen first here, an
-        8-byte storage alive until its node is freed, counted from backward's start."""
-        key = self.ledger.key(tensor)
-        if key < 0 and tensor.dim() == 0:
-            record = self.ledger.note(
-                tensor,
-                created_at=len(self.recording.ops),
-                phase=self.current_phase,
-                module=self.modules.current(),
-            )
-            key = -1 if record is None else record.key
-        return key
+    def _saved_number(self, node: Any, tensor: torch.Tensor) -> int:
+        """The key of a Python number autograd saved for backward (`x * 0.5` keeps 0.5 for the
+        gradient of x), -1 for any other saved tensor never seen. The Python binding wraps the
+        number, for real, in a CPU tensor of its own (8 bytes for a float) before the op, made by
+        no op; the number reaches a dispatch mode as itself, so only the saved tensor shows it.
+        It is counted from the op that was given it to its death."""
+        made_at = self._wrapped_numbers.get(node_sequence_nr(node) + 1)
+        if made_at is None or type(tensor) is FakeTensor:
+            return -1
+        op = self.recording.ops[made_at]
+        record = self.ledger.note(tensor, created_at=made_at, phase=op.phase, module=op.module)
+        return -1 if record is None else record.key
+
+    def _counts_wrapped_numbers(self, traits: OpTraits, args: tuple[Any, ...]) -> bool:
+        """Whether the op was given a Python number for a Tensor argument, in a CPU step (the
+        wrapped number is a CPU tensor: on a GPU it is not on the device)."""
+        numbers = any(
+            type(args[position]) in _NUMBERS
+            for position in traits.tensor_arguments
+            if position < len(args)
+        )
+        if not numbers or self.emulate_cuda:
+            return False
+        tensor = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
+        return tensor is not None and _device_type(tensor) == "cpu"
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -746,6 +795,8 @@ class Recorder(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in _SAME_DTYPE_OPERANDS:
             _check_same_dtype(func, args)
+        if func.overloadpacket in _SOURCE_OF_SELFS_DTYPE:
+            _check_source_dtype(func, args, kwargs)
         # An in-place op's output is its first argument, shape and all: the fake kernel would
         # only check broadcasting, so it is skipped (a third of a training step's ops are these,
         # most of them the optimizer's). Not for a tensor holding a real constant (Adam's step
@@ -762,13 +813,6 @@ class Recorder(TorchDispatchMode):
             return 0.0
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
-        if self._warming_up:
-            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
-            # holds) is the CPU kernel's.
-            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
-            for tensor in tensors_in((output,)):
-                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
-            return output
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
@@ -779,11 +823,21 @@ class Recorder(TorchDispatchMode):
         if traits.composite_kernel is not None and func not in ANNOTATION_OPS:
             with self, DisableTorchFunction():
                 return traits.composite_kernel(*args, **kwargs)
+        # The warm-up runs the same program, so an input too small names its layer there too.
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
+        if self._warming_up:
+            # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
+            # holds) is the CPU kernel's.
+            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
+            for tensor in tensors_in((output,)):
+                self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            return output
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
+        if self._counts_wrapped_numbers(traits, args):
+            self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
         if func in _LINEAR_PRODUCTS:
             self._product = (_dispatching_call_site(), self.ledger.key(output))
         elif (

@@ -13,6 +13,7 @@ which storages are the parameters, gradients, optimizer state, inputs and target
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -171,8 +172,9 @@ def _record_step(
 
     A training step (the built-in one or `spec.step`) runs twice: the first as a warm-up (not
     recorded; whatever it leaves alive, gradients and optimizer state, is tracked) and the second,
-    analysed: the steady state, when optimizer state exists. Without `optimizer_step`, one forward,
-    cross-entropy and backward are recorded and nothing else (what FLOP counts cover).
+    analysed: the steady state, when optimizer state exists. So does an inference. Without
+    `optimizer_step`, one forward, cross-entropy and backward are recorded and nothing else (what
+    FLOP counts cover).
 
     The model's own parameters are not touched: fake copies stand in for them, swapped into the
     model for the duration of the step (as `torch.func.functional_call` does), so the step calls
@@ -266,12 +268,19 @@ def _record_step(
                 )
             swapped.enter_context(swapped_in(captured_places, captured_values))
             if not trains:
-                inference_step(
+                infer = functools.partial(
+                    inference_step,
                     model,
                     step_inputs,
                     autocast_dtype=spec.autocast_dtype,
                     grad_mode=spec.grad_mode,
                 )
+                # The steady state, as for training: what a first call leaves in the model (a
+                # cache a forward keeps in an attribute, LeViT's attention biases) is there.
+                with recorder.warming_up():
+                    infer()
+                _let_go_of_replaced(recorder, model, attribute_fakes)
+                infer()
             elif not optimizer_step:
                 _forward_backward(model, step_inputs, targets, spec.autocast_dtype, device)
             else:
@@ -281,6 +290,7 @@ def _record_step(
                 with recorder.warming_up():
                     # Held while the recorded step runs, as a loop's `loss = step(...)` holds it.
                     previous = step(model, optimizer, step_inputs, targets)
+                _let_go_of_replaced(recorder, model, attribute_fakes)
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets
@@ -327,6 +337,18 @@ def _record_step(
         if trains
         else "",
     )
+
+
+def _let_go_of_replaced(
+    recorder: Recorder, model: nn.Module, attribute_fakes: list[torch.Tensor]
+) -> None:
+    """After the warm-up: an attribute's tensor the model no longer holds (a cache the step
+    replaced, RAFT's placeholder pyramid) is dead when the recorded step starts, as it is for
+    real, though `model_kept` still holds the container it was in, to put the real one back."""
+    held = {id(found.tensor.untyped_storage()) for found in attribute_tensors(model)}
+    for fake in attribute_fakes:
+        if id(fake.untyped_storage()) not in held:
+            recorder.ledger.let_go(fake)
 
 
 def _fake_attributes(

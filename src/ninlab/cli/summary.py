@@ -7,7 +7,6 @@ import argparse
 
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import default_mode, summarize
-from ninlab.analysis.verify import verified
 from ninlab.cli.options import (
     add_format_option,
     add_model_options,
@@ -72,11 +71,16 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "csv":  # one row per module: the memory section has no place there
             print(summary_csv(summary), end="")
             return 0
-        stage(f"predicting the memory of {choice.name} at batch {choice.batch}")
-        memory = predict_memory(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
-        if args.verify:
-            stage(f"verifying the prediction by running {choice.name}'s step for real")
-            memory = verified(choice.with_weights(), memory)
+        verifying = ", then running its step for real to verify it" if args.verify else ""
+        stage(f"predicting the memory of {choice.name} at batch {choice.batch}{verifying}")
+        memory = predict_memory(
+            # Verifying runs the step for real: the model needs its weights.
+            choice.with_weights() if args.verify else choice.model,
+            spec,
+            batch_size=choice.batch,
+            model_name=choice.name,
+            verify=args.verify,
+        )
         study = None
         if args.fit is not None:
             stage(f"finding the largest batch of {choice.name} that fits {args.fit}")
