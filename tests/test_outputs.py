@@ -249,8 +249,8 @@ def test_a_symbolic_link_that_leads_nowhere_is_named_as_such(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for link in ("loop", "dangling"):
-        with pytest.raises(NinlabError, match="symbolic link that leads nowhere.*--output-dir"):
+        with pytest.raises(NinlabError, match=r"symbolic link that leads nowhere.*--output-dir"):
             output_directory(tmp_path / link)
-        with pytest.raises(NinlabError, match="symbolic link that leads nowhere.*-o$"):
+        with pytest.raises(NinlabError, match=r"symbolic link that leads nowhere.*-o$"):
             output_path(tmp_path / link / "x.png")
     assert not (tmp_path / "nowhere").exists()
