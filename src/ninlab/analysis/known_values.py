@@ -72,15 +72,60 @@ def _on_cpu(value: Any) -> Any:
     return _CPU if isinstance(value, torch.device) else value
 
 
+# Ops whose integer outputs hold only values of their first argument (views, copies): the
+# bounds of an input's drawn values hold for them too.
+_SAME_VALUES = frozenset(
+    {
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::alias",
+        "aten::detach",
+        "aten::t",
+        "aten::transpose",
+        "aten::permute",
+        "aten::select",
+        "aten::slice",
+        "aten::expand",
+        "aten::squeeze",
+        "aten::unsqueeze",
+        "aten::flatten",
+        "aten::_to_copy",
+        "aten::lift_fresh",
+    }
+)
+
+
 class KnownValues:
-    """The real values of the fake tensors whose values are known, kept as each op runs."""
+    """The real values of the fake tensors whose values are known, kept as each op runs, and the
+    bounds of integer ones drawn from a known range (an index batch's `input_range`)."""
 
     def __init__(self) -> None:
         self._values: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._bounds: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def note(self, fake: torch.Tensor, value: torch.Tensor) -> None:
         """`fake`'s values are `value`'s (a real CPU tensor of its shape)."""
         self._values[fake] = value
+
+    def note_bounds(self, fake: torch.Tensor, low: int, high: int) -> None:
+        """`fake`'s values all lie in [low, high] (an integer input drawn from its range)."""
+        self._bounds[fake] = (low, high)
+
+    def bounds(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """The least and the greatest of an integer tensor's values, where they are known."""
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.numel() == 0:
+            return None
+        bounds = self._bounds.get(tensor) if isinstance(tensor, FakeTensor) else None
+        if bounds is not None:
+            return bounds
+        value = self.value(tensor)
+        if value is None:
+            return None
+        with DisableTorchDispatch():
+            return int(value.min()), int(value.max())
 
     def value(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The real values of `tensor` (a fake tensor, or a real one), or None if unknown."""
@@ -103,6 +148,12 @@ class KnownValues:
         outputs, _ = tree_flatten(output)
         fakes = [t for t in outputs if isinstance(t, FakeTensor)]
         writes = _writes(func)
+        if writes and self._bounds:
+            written = {storage_address(t.untyped_storage()) for t in _written(func, args, kwargs)}
+            bounded = list(self._bounds)
+            for fake in [f for f in bounded if storage_address(f.untyped_storage()) in written]:
+                del self._bounds[fake]  # written in place: its values are no longer the drawn ones
+        self._follow_bounds(func, args, fakes)
         if not fakes and not writes:
             return
         followed = sum(t.numel() for t in fakes) <= SIZE_LIMIT and _follows(func)
@@ -124,6 +175,17 @@ class KnownValues:
                 and value.dtype == fake.dtype
             ):
                 self._values[fake] = value
+
+    def _follow_bounds(self, func: Any, args: tuple[Any, ...], fakes: list[torch.Tensor]) -> None:
+        """The bounds of a bounded tensor's views and copies (`_SAME_VALUES`) are its own."""
+        if not fakes or not args or not isinstance(args[0], FakeTensor):
+            return
+        bounds = self._bounds.get(args[0])
+        if bounds is None or op_schema(func).name not in _SAME_VALUES:
+            return
+        for fake in fakes:
+            if not (fake.dtype.is_floating_point or fake.dtype.is_complex):
+                self._bounds[fake] = bounds
 
     def _forget(self, storages: set[int]) -> None:
         """Forget the values of every known tensor on one of `storages` (live, by address)."""

@@ -28,7 +28,8 @@ Two levels are measured, each with a method that shares no code with the predict
   segments the allocator holds from the device (`reserved_peak_bytes`), over the second of two
   steps nothing watches (the live level's two steps under a dispatch mode come after them).
 
-Both peaks include everything alive during the measured step: parameters, buffers, gradients
+Both peaks include everything alive during the measured step: parameters (and those an
+optimizer keeps that a step replaced on the model), buffers, gradients
 (until `zero_grad(set_to_none=True)` frees them, then the new ones), optimizer state, the input
 batch and targets, and all the step allocates; `baseline` itemises what was alive at its start.
 The logits and the loss stay referenced until the step returns, as in d2l's training loop.
@@ -238,7 +239,7 @@ def _baseline(
     survivors: list[torch.UntypedStorage],
 ) -> Baseline:
     seen: set[int] = set()  # a storage shared by two roles (tied weights) counts once, first role
-    parameters = list(model.parameters())
+    parameters = _parameters(model, optimizers)
     counted = Baseline(
         parameters_bytes=_storage_bytes(parameters, seen),
         buffers_bytes=_storage_bytes(_buffers(model), seen),
@@ -688,6 +689,20 @@ def _count_baseline(
         live.count_storage(storage, "baseline")
 
 
+def _parameters(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """The model's parameters, and those its optimizers hold that it no longer does (a step that
+    replaces a parameter: the optimizer keeps the one it was given alive)."""
+    held = {id(p) for p in model.parameters()}
+    kept = [
+        p
+        for optimizer in optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if id(p) not in held
+    ]
+    return [*model.parameters(), *kept]
+
+
 def _buffers(model: nn.Module) -> list[torch.Tensor]:
     """The model's buffers and the tensors its modules hold as plain attributes (the tracer
     counts them as buffers too)."""
@@ -727,8 +742,9 @@ def _baseline_tensors(
     targets: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """The tensors alive when the measured step starts, besides what the first step left."""
-    tensors = [*model.parameters(), *_buffers(model), *inputs]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    parameters = _parameters(model, optimizers)
+    tensors = [*parameters, *_buffers(model), *inputs]
+    tensors += [p.grad for p in parameters if p.grad is not None]
     tensors += optimizer_state(optimizers)
     if targets is not None:
         tensors.append(targets)

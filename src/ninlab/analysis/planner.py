@@ -106,6 +106,8 @@ class BudgetPlan:
     spec: StepSpec
     options: tuple[PlanOption, ...]  # the step as given first
     recommendation: str
+    # the alternatives the step cannot run, by name (or kind), and why: left out of `options`
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def recommended(self) -> PlanOption | None:
@@ -135,15 +137,39 @@ def plan_budget(
     # The step as given first: a model that cannot run says so in its own words, not in those of
     # an alternative's step built here.
     options = [_option(model, "as given", "as given", spec, 1, budget, batch_size)]
+    skipped: list[tuple[str, str]] = []
     for kind in ALTERNATIVE_KINDS:
-        options += [
-            _option(model, name, kind, alternative, micro_batches, budget, batch_size)
-            for name, kind, alternative, micro_batches in kind.alternatives(
-                model, spec, budget, batch_size
-            )
-        ]
-    plan = BudgetPlan(budget, batch_size, spec, tuple(options), "")
+        # An alternative the step cannot run (micro-batches of one sample through batch norm) is
+        # left out of the plan, with the reason, rather than ending it.
+        try:
+            alternatives = kind.alternatives(model, spec, budget, batch_size)
+        except NinlabError as error:
+            skipped.append((kind.kind, str(error)))
+            continue
+        for name, kind_name, alternative, parts in alternatives:
+            option = _planned(model, name, kind_name, alternative, parts, budget, batch_size)
+            if isinstance(option, str):
+                skipped.append((name, option))
+            else:
+                options.append(option)
+    plan = BudgetPlan(budget, batch_size, spec, tuple(options), "", tuple(skipped))
     return dataclasses.replace(plan, recommendation=_recommendation(plan))
+
+
+def _planned(
+    model: nn.Module,
+    name: str,
+    kind: str,
+    spec: StepSpec,
+    micro_batches: int,
+    budget: int,
+    batch_size: int,
+) -> PlanOption | str:
+    """An alternative's `_option`, or why the step cannot run it."""
+    try:
+        return _option(model, name, kind, spec, micro_batches, budget, batch_size)
+    except NinlabError as error:
+        return str(error)
 
 
 def _option(
@@ -240,7 +266,17 @@ def _accumulation(
     micro_batches = 2
     while micro_batches <= min(batch_size, _MOST_MICRO_BATCHES):
         alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
-        if predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes <= budget:
+        try:
+            peak = predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes
+        except NinlabError as error:
+            if micro_batches == 2:
+                smallest = batch_size // 2
+                raise NinlabError(
+                    f"micro-batches of {smallest} sample{'s' * (smallest > 1)}: {error}"
+                ) from None
+            micro_batches //= 2  # the smaller parts cannot run: the most that can
+            break
+        if peak <= budget:
             break
         micro_batches *= 2
     micro_batches = min(micro_batches, batch_size, _MOST_MICRO_BATCHES)
@@ -349,6 +385,14 @@ def _accumulating(micro_batches: int, autocast_dtype: torch.dtype | None) -> Ste
 
 
 def _recommendation(plan: BudgetPlan) -> str:
+    advice = _advice(plan)
+    if not plan.skipped:
+        return advice
+    skipped = "; ".join(f"{name}: {reason}" for name, reason in plan.skipped)
+    return f"{advice} (not planned, the step cannot run them: {skipped})"
+
+
+def _advice(plan: BudgetPlan) -> str:
     given = plan.options[0]
     budget = format_bytes(plan.budget_bytes)
     if given.fits_requested:

@@ -146,7 +146,7 @@ def _predicted(
         raise cannot_run(error, model, spec) from None
     # Tens of thousands of report objects, all freed by reference counts: without the cyclic
     # collector, as the recording runs, they trigger none of its full passes over the process.
-    varies = _varies(step, draws != _python_random_states())
+    varies = _varies(step, draws != _python_random_states()) + _saves(step)
     with collector_off():
         if probe_kernels:
             _measure_unknown_kernels(step)
@@ -180,6 +180,18 @@ def _varies(step: StepRecording, drew: bool) -> tuple[str, ...]:
         f"{subject} draws from Python's random numbers (random or numpy.random): if it branches "
         "on them, its memory differs from step to step, and this prediction is of one draw; "
         "seed them, or predict each branch"
+    )
+    return (note,)
+
+
+def _saves(step: StepRecording) -> tuple[str, ...]:
+    """A note, where the step calls `torch.save`: skipped in the trace (`trace._saves_skipped`)."""
+    if not step.saves_skipped:
+        return ()
+    note = (
+        "the step calls torch.save: not run on fake tensors, which have no bytes to write; a "
+        "save writes the tensors' storages as they are and makes no tensor of the step's device, "
+        "so the figures stand"
     )
     return (note,)
 
@@ -328,11 +340,14 @@ class _Alive:
     def allocator_bytes(self, op: OpRecord, before: int) -> int:
         """What the CPU allocator holds at `op`'s high point, its outputs alive; `before` is the
         live bytes before the op ran."""
+        scalars = op.cpu_scalar_bytes
         if op.cpu_allocations:
             # The kernel's own blocks come and go inside the op: its high point is what was
             # alive before it plus the most it held at once.
-            return max(self.total_bytes, before + peak_above_start_bytes(op.cpu_allocations))
-        return self.total_bytes
+            return scalars + max(
+                self.total_bytes, before + peak_above_start_bytes(op.cpu_allocations)
+            )
+        return scalars + self.total_bytes
 
 
 def _phase_spans(points: Sequence[TimelinePoint]) -> tuple[PhaseSpan, ...]:

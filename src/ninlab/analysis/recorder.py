@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from typing_extensions import Self
 
-from ninlab.analysis.allocator import cpu_kernel_allocations
+from ninlab.analysis.allocator import cpu_kernel_allocations, wrapped_number_bytes
 from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import (
     PRIM_DEVICE,
@@ -772,6 +772,8 @@ class Recorder(TorchDispatchMode):
             self.modules.note_context()
         if func in ANNOTATION_OPS:
             return self.phases.annotation(func, args, lambda: self._dispatch(func, args, kwargs))
+        if func in _INDEXED_ROWS:
+            self._check_indices(func, args)
         try:
             output = self._dispatch(func, args, kwargs)
         except DataDependentOutputException:
@@ -896,6 +898,27 @@ class Recorder(TorchDispatchMode):
             module = self._module_now()[0]
             raise LayerInputTooSmall(module, self.modules.types.get(module, kind), error) from None
 
+    def _check_indices(self, func: Any, args: tuple[Any, ...]) -> None:
+        """Refuse an index op whose indices are known to fall outside the rows it indexes (an
+        embedding given an `input_range` beyond its `num_embeddings`): the real kernel raises
+        "index out of range", the fake one does not look. Indices of unknown values pass."""
+        source, dim, index = _INDEXED_ROWS[func](args)
+        bounds = self.known.bounds(index)
+        if bounds is None:
+            return
+        size = source.shape[dim] if source.dim() else 1
+        low, high = bounds
+        if low >= 0 and high < size:
+            return
+        module = self.modules.current()
+        where = f"layer {module} ({self.modules.types.get(module, '')})" if module else "the model"
+        raise NinlabError(
+            f"{where} indexes {size} rows ({func.name()}) with indices from {low} to {high}: the "
+            "real step fails ('index out of range') on any index outside 0 to "
+            f"{size - 1}; give index inputs an input_range within 0:{size} "
+            f"(--input [NAME=]SIZE:int64:0:{size})"
+        )
+
     def _module_now(self) -> tuple[str, str]:
         node = current_autograd_node()
         if node is None:
@@ -942,11 +965,23 @@ class Recorder(TorchDispatchMode):
                 cpu_allocations=allocations,
                 cpu_unmodelled=unmodelled,
                 cpu_call=KernelCall.of(name, args, outputs, kwargs) if unmodelled else None,
+                cpu_scalar_bytes=wrapped_number_bytes(func, args, kwargs) if on_cpu else 0,
             )
         )
 
     def _meta(self, tensor: torch.Tensor) -> TensorMeta:
         return TensorMeta(tuple(tensor.shape), tensor.dtype, self.ledger.key(tensor))
+
+
+# The ops that pick rows of a tensor by index, and where to find (the tensor indexed, the
+# dimension, the indices) in their arguments.
+_INDEXED_ROWS: dict[Any, Callable[[tuple[Any, ...]], tuple[torch.Tensor, int, torch.Tensor]]] = {
+    aten.embedding.default: lambda args: (args[0], 0, args[1]),
+    aten._embedding_bag.default: lambda args: (args[0], 0, args[1]),
+    aten._embedding_bag_forward_only.default: lambda args: (args[0], 0, args[1]),
+    aten.index_select.default: lambda args: (args[0], args[1], args[2]),
+    aten.gather.default: lambda args: (args[0], args[1], args[2]),
+}
 
 
 def _device_type(tensor: torch.Tensor) -> str:

@@ -78,6 +78,9 @@ class OpRecord:
     # Where `cpu_unmodelled` gives a reason: the call as its kernel sees it, for
     # `ninlab.analysis.kernel_probe` to measure.
     cpu_call: KernelCall | None = None
+    # On CPU, the Python numbers the op took as tensors and their casts, held beside its outputs
+    # at its high point (`allocator.scalars`).
+    cpu_scalar_bytes: int = 0
 
 
 @dataclass

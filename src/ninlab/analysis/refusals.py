@@ -83,6 +83,13 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             "an op autocast casts meets one it leaves in float32, and the real step fails the "
             "same way; cast inside the model so the two agree, or predict it without amp"
         )
+    if spec.input_dtype is not None and _INDEX_OUT_OF_RANGE.search(reason):
+        ranges = ", ".join(f"{low}:{high}" for low, high in spec.input_ranges)
+        return NinlabError(
+            f"the model indexes a table with an input's values outside its rows ({reason}): the "
+            f"index inputs are drawn from input_range {ranges}; give ranges within the tables' "
+            "sizes (num_embeddings: --input [NAME=]SIZE:int64:LOW:HIGH)"
+        )
     if isinstance(error, NOT_TRACEABLE):
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
@@ -137,6 +144,10 @@ def out_of_memory(error: BaseException) -> bool:
 
 # A CPU or CUDA kernel PyTorch lacks for a dtype: '"addmm_impl_cpu_" not implemented for 'Half''.
 _MISSING_KERNEL = re.compile(r"\"(\w+)\" not implemented for '(\w+)'")
+# An index a kernel refuses, as ATen words it (embedding, index_select; embedding_bag; gather).
+_INDEX_OUT_OF_RANGE = re.compile(
+    r"index out of range|not in the valid range|out of bounds for dimension|i < index_size"
+)
 # Two tensors of an op in different dtypes, as ATen words it.
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
 

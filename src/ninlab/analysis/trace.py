@@ -122,6 +122,23 @@ def collector_off() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _saves_skipped(calls: list[object]) -> Iterator[None]:
+    """`torch.save` does nothing while the step is recorded, and each call is noted in `calls`: a
+    fake tensor has no bytes to write (pickling one fails), and a save writes a tensor's storage
+    as it is (a CUDA one through a CPU copy), making no tensor of the step's device."""
+    save = torch.save
+
+    def skipped_save(obj: object, *args: Any, **kwargs: Any) -> None:
+        calls.append(obj)
+
+    torch.save = skipped_save
+    try:
+        yield
+    finally:
+        torch.save = save
+
+
 @dataclass
 class StepRecording:
     recording: Recording
@@ -135,6 +152,7 @@ class StepRecording:
     target_key: int  # -1: no targets (an inference, or a loss that needs none)
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
+    saves_skipped: int = 0  # the step's `torch.save` calls, not run (`_saves_skipped`)
     # The recorder lives as long as its recording: what it holds (the autograd nodes it mapped to
     # modules, with their saved tensors) dies after the recording is read, not as the step
     # returns, when its ledger would record those storages freed after the step's last op.
@@ -247,6 +265,8 @@ def _record_step(
             value = determined_input(tuple(tensor.shape), dtype, value_range, torch.device("cpu"))
             if value is not None:
                 recorder.known.note(tensor, value)
+            elif not (dtype.is_floating_point or dtype.is_complex):
+                recorder.known.note_bounds(tensor, value_range[0], value_range[1] - 1)
         if targets is not None:
             recorder.track(targets, "targets")
         trainable = [t for t in fakes.values() if isinstance(t, nn.Parameter) and t.requires_grad]
@@ -255,12 +275,14 @@ def _record_step(
         optimizers: list[torch.optim.Optimizer] = []
         step_start = 0
         step_inputs = step_arguments(spec, inputs)
+        saves: list[object] = []
         with (
             fake_mode,
             reparametrize_module(model, fakes, tie_weights=True, strict=False),
             contextlib.ExitStack() as swapped,
             recorder,
             recorder.noting_rng_states(),
+            _saves_skipped(saves),
         ):
             for module, module_fakes in zip(captured, captured_fakes):
                 swapped.enter_context(
@@ -333,6 +355,7 @@ def _record_step(
         input_keys=tuple(recorder.storage_key(tensor) for tensor in inputs),
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
+        saves_skipped=len(saves),
         loss=(loss_words if spec.step is None else f"the step {spec.step_name}'s own")
         if trains
         else "",

@@ -33,8 +33,9 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
   norms and pooling backwards given a tensor not contiguous), each call measured.
 `blocks` holds what they share (`KernelAllocation`, channel blocks and their padding).
 
-Not modelled, being a few bytes: scalars an op wraps into tensors (8 bytes, then 4 when cast
-to float: dropout's scale, a mean's divisor, each foreach optimizer op), freed within the op.
+Beside the rules, for every op: `scalars`, the Python numbers an op takes as tensors (8 bytes,
+then 4 when cast to float: Adam's bias corrections, a step count's increment), held at its high
+point.
 
 Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
 pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
@@ -57,5 +58,12 @@ from ninlab.analysis.allocator import (  # noqa: F401
 )
 from ninlab.analysis.allocator.blocks import KernelAllocation, peak_above_start_bytes
 from ninlab.analysis.allocator.registry import KernelBlocks, cpu_kernel_allocations
+from ninlab.analysis.allocator.scalars import wrapped_number_bytes
 
-__all__ = ["KernelAllocation", "KernelBlocks", "cpu_kernel_allocations", "peak_above_start_bytes"]
+__all__ = [
+    "KernelAllocation",
+    "KernelBlocks",
+    "cpu_kernel_allocations",
+    "peak_above_start_bytes",
+    "wrapped_number_bytes",
+]
