@@ -60,6 +60,7 @@ def test_xavier_uniform_initialisation_bounds_the_weights():
         ("nin-d2l-0x1", 1_546_058),
         ("nin-d2l-bn", 1_994_404),
         ("nin-d2l-no-squeeze", 1_961_226),
+        ("nin-28", 426_276),
     ],
 )
 def test_registered_variants(name, parameters):
@@ -130,3 +131,25 @@ def test_a_registry_model_without_weights_is_the_same_network_on_the_meta_device
     small = "nin-d2l-bn"
     shapes = [p.shape for p in resolve_model(small).parameters()]
     assert [p.shape for p in resolve_model(small, weights=False).parameters()] == shapes
+
+
+def test_nin_28_keeps_fashion_mnist_sides_whole_and_ends_in_the_classes():
+    """2x2 pooling halves 28 -> 14 -> 7 -> 3 exactly (3x3/2 would give 13 and 6), and the network
+    is still a NiN: every block a 3x3 conv then two 1x1 convs, global average pooling, no linear."""
+    model = resolve_model("nin-28")
+    sides = []
+    x = torch.zeros(2, 1, 28, 28)
+    for module in model:
+        x = module(x)
+        if isinstance(module, nn.MaxPool2d):
+            sides.append(x.shape[-1])
+    assert sides == [14, 7, 3] and x.shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0]) for c in convs[::3]] == [
+        (32, 3),
+        (96, 3),
+        (256, 3),
+        (10, 3),
+    ]
+    assert all(c.kernel_size == (1, 1) for i, c in enumerate(convs) if i % 3)
+    assert not any(isinstance(m, (nn.Linear, nn.Dropout)) for m in model.modules())
