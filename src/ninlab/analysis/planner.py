@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ninlab.analysis.batch import fit_batch
-from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_recorded
 from ninlab.analysis.step import (
     StepFunction,
     StepSpec,
@@ -36,7 +37,6 @@ from ninlab.analysis.step import (
     step_spec,
     valid_batch_size,
 )
-from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
 from ninlab.units import format_bytes, format_flops, parse_bytes
@@ -53,14 +53,25 @@ __all__ = [
 _OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
 
 
+class Prediction(NamedTuple):
+    """A step predicted at the requested batch, with the FLOPs of the ops it recorded: one trace
+    gives both."""
+
+    report: MemoryReport
+    step_flops: int
+    recomputed_flops: int
+
+
 class Alternative(NamedTuple):
     """A step to plan for: its name in the plan, its kind (`ALTERNATIVE_KINDS`), the step itself,
-    and for accumulation the number of micro-batches."""
+    for accumulation the number of micro-batches, and its prediction at the requested batch where
+    building it already made one (None: the plan makes it)."""
 
     name: str
     kind: str
     spec: StepSpec
     micro_batches: int = 1
+    prediction: Prediction | None = None
 
 
 @dataclass(frozen=True)
@@ -131,43 +142,45 @@ def plan_budget(
     for kind in ALTERNATIVE_KINDS:
         alternatives += kind.alternatives(model, spec, budget_bytes, batch_size)
     options = tuple(
-        _option(model, name, kind, alternative, micro_batches, budget_bytes, batch_size)
-        for name, kind, alternative, micro_batches in alternatives
+        _option(model, alternative, budget_bytes, batch_size) for alternative in alternatives
     )
     plan = BudgetPlan(budget_bytes, batch_size, spec, options, "")
     return BudgetPlan(budget_bytes, batch_size, spec, options, _recommendation(plan))
 
 
-def _option(
-    model: nn.Module,
-    name: str,
-    kind: str,
-    spec: StepSpec,
-    micro_batches: int,
-    budget: int,
-    batch_size: int,
-) -> PlanOption:
-    report = predict_memory(model, spec, batch_size=batch_size)
-    if report.fallback is not None:
+def _predicted(model: nn.Module, spec: StepSpec, batch_size: int) -> Prediction:
+    """The step's exact prediction at `batch_size` and the FLOPs of the ops it recorded (the
+    step as it runs, warm-up excluded), from one trace."""
+    report, step = predict_recorded(model, spec, batch_size=batch_size)
+    if step is None:
+        assert report.fallback is not None
         raise NinlabError(
             f"the budget planner traces each alternative on fake tensors, and the step cannot run "
             f"on them ({report.fallback.reason}); fit its batch alone (fit_batch, an estimate "
             "from real runs)"
         )
+    ops = step.recording.ops[step.step_start :]
+    flops = sum(op.flops for op in ops)
+    recomputed = sum(op.flops for op in ops if op.phase == "recompute")
+    return Prediction(report, flops, recomputed)
+
+
+def _option(model: nn.Module, alternative: Alternative, budget: int, batch_size: int) -> PlanOption:
+    name, kind, spec, micro_batches, prediction = alternative
+    if prediction is None:
+        prediction = _predicted(model, spec, batch_size)
+    report = prediction.report
     peak = report.allocator_peak_bytes
     at_most = False
     if kind == "accumulation":
         largest = batch_size if peak <= budget else 0
     else:
         try:
-            fit = fit_batch(model, spec, budget=budget)
+            fit = fit_batch(model, spec, budget=budget, predicted=(report,))
             largest, at_most = fit.batch_size, fit.lower_bound
         except NinlabError:  # not even batch 1 fits
             largest, at_most = 0, False
-    recording = record_step(model, spec, batch_size)
-    ops = recording.recording.ops[recording.step_start :]
-    flops = sum(op.flops for op in ops)
-    recomputed = sum(op.flops for op in ops if op.phase == "recompute")
+    assert report.allocator is not None
     return PlanOption(
         name,
         kind,
@@ -175,8 +188,8 @@ def _option(
         largest,
         peak,
         peak <= budget,
-        flops,
-        recomputed,
+        prediction.step_flops,
+        prediction.recomputed_flops,
         micro_batches,
         peak_lower_bound=report.allocator.lower_bound,
         largest_at_most=at_most,
@@ -229,18 +242,27 @@ def _accumulation(
     built from the built-in step, so a step function of the user's gets none."""
     if spec.step is not None or batch_size < 2:
         return []
+    tried: dict[int, tuple[StepSpec, Prediction]] = {}
     micro_batches = 2
     while micro_batches <= batch_size:
         alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
-        if predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes <= budget:
+        tried[micro_batches] = alternative, _predicted(model, alternative, batch_size)
+        if tried[micro_batches][1].report.allocator_peak_bytes <= budget:
             break
         micro_batches *= 2
     micro_batches = min(micro_batches, batch_size)
-    alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
+    alternative, prediction = tried.get(micro_batches) or (
+        _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype)),
+        None,
+    )
     size = -(-batch_size // micro_batches)
     return [
         Alternative(
-            f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches
+            f"accumulate {micro_batches} x {size}",
+            "accumulation",
+            alternative,
+            micro_batches,
+            prediction,
         )
     ]
 

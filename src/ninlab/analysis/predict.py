@@ -68,7 +68,7 @@ from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 
-__all__ = ["FALLBACK_LADDER", "predict_memory"]
+__all__ = ["FALLBACK_LADDER", "predict_memory", "predict_recorded"]
 
 # Where a step fake tensors cannot run is measured to estimate a larger batch: each a real run,
 # a few seconds on a small model, whatever the batch. Batch 1 is left out: its peak is the most
@@ -100,6 +100,28 @@ def predict_memory(
     least") of the one they give, every other figure the same; the batch search narrows its
     range with it, since a probe at a large batch costs as much as a real step.
     """
+    return predict_recorded(
+        model,
+        spec,
+        batch_size=batch_size,
+        model_name=model_name,
+        probe_kernels=probe_kernels,
+        **fields,
+    )[0]
+
+
+def predict_recorded(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int | None = None,
+    model_name: str | None = None,
+    probe_kernels: bool = True,
+    **fields: Any,
+) -> tuple[MemoryReport, StepRecording | None]:
+    """`predict_memory`, with the recording it read (None where the step was measured for real
+    instead): for a caller that also reads the step's ops (the budget planner its FLOPs), so that
+    the step is traced once."""
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
@@ -114,7 +136,7 @@ def predict_memory(
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
     except NOT_TRACEABLE as error:
-        return _measured_report(model, spec, batch_size, name, error)
+        return _measured_report(model, spec, batch_size, name, error), None
     except NinlabError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever the step or model raises, as one line naming why
@@ -128,7 +150,7 @@ def predict_memory(
         if probe_kernels:
             _measure_unknown_kernels(step)
         report = _report(traced, step, name)
-    return replace(report, notes=(*report.notes, *varies))
+    return replace(report, notes=(*report.notes, *varies)), step
 
 
 # -- a step that may not be the same every time -----------------------------------------------
