@@ -7,6 +7,7 @@ from torch import nn
 from ninlab.analysis.measure import measure
 from ninlab.analysis.planner import ALTERNATIVE_KINDS, plan_budget
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.trace import record_step
 
 INPUT = (3, 8, 8)
 
@@ -88,3 +89,19 @@ def test_every_kind_of_alternative_is_listed_once_and_ranked_apart() -> None:
         "optimizer",
         "optimizer",
     ]
+
+
+def test_each_options_compute_is_that_of_its_own_recorded_step() -> None:
+    """The plan reads an option's FLOPs from the recording its prediction made: the same as a
+    recording of that step of its own."""
+    batch = 16
+    model = net()
+    plan = plan_budget(
+        model, input_size=INPUT, optimizer="sgd-momentum", budget=1 << 20, batch_size=batch
+    )
+    assert len(plan.options) > 5
+    for option in plan.options:
+        step = record_step(model, option.spec, batch)
+        ops = step.recording.ops[step.step_start :]
+        assert option.step_flops == sum(op.flops for op in ops) > 0
+        assert option.recomputed_flops == sum(op.flops for op in ops if op.phase == "recompute")
