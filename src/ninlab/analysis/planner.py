@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ninlab.analysis.batch import fit_batch
+from ninlab.analysis.batch import BatchFit, fit_batch
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import predict_recorded
 from ninlab.analysis.step import (
@@ -129,10 +129,13 @@ def plan_budget(
     *,
     budget: int | str,
     batch_size: int,
+    given_fit: BatchFit | None = None,
     **fields: Any,
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
-    as given and each alternative, and which one to use for `batch_size`."""
+    as given and each alternative, and which one to use for `batch_size`. `given_fit`: the step
+    as given already fitted into this budget at the allocator level (`study_batch` fits it
+    first), not searched again."""
     spec = step_spec(spec, model=model, **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
@@ -141,8 +144,18 @@ def plan_budget(
     alternatives = [Alternative("as given", "as given", spec)]
     for kind in ALTERNATIVE_KINDS:
         alternatives += kind.alternatives(model, spec, budget_bytes, batch_size)
+    if given_fit is not None and (given_fit.budget_bytes, given_fit.level) != (
+        budget_bytes,
+        "allocator",
+    ):
+        raise NinlabError(
+            f"the plan's budget is {budget_bytes:,} bytes at the allocator level, and the fit it "
+            f"was given is of {given_fit.budget_bytes:,} at the {given_fit.level} level; give "
+            "the fit of this budget, or none"
+        )
     options = tuple(
-        _option(model, alternative, budget_bytes, batch_size) for alternative in alternatives
+        _option(model, alternative, budget_bytes, batch_size, given_fit if index == 0 else None)
+        for index, alternative in enumerate(alternatives)
     )
     plan = BudgetPlan(budget_bytes, batch_size, spec, options, "")
     return BudgetPlan(budget_bytes, batch_size, spec, options, _recommendation(plan))
@@ -165,7 +178,14 @@ def _predicted(model: nn.Module, spec: StepSpec, batch_size: int) -> Prediction:
     return Prediction(report, flops, recomputed)
 
 
-def _option(model: nn.Module, alternative: Alternative, budget: int, batch_size: int) -> PlanOption:
+def _option(
+    model: nn.Module,
+    alternative: Alternative,
+    budget: int,
+    batch_size: int,
+    fit: BatchFit | None = None,
+) -> PlanOption:
+    """`alternative` at the requested batch and its largest; `fit`: its fit, already made."""
     name, kind, spec, micro_batches, prediction = alternative
     if prediction is None:
         prediction = _predicted(model, spec, batch_size)
@@ -174,6 +194,8 @@ def _option(model: nn.Module, alternative: Alternative, budget: int, batch_size:
     at_most = False
     if kind == "accumulation":
         largest = batch_size if peak <= budget else 0
+    elif fit is not None:
+        largest, at_most = fit.batch_size, fit.lower_bound
     else:
         try:
             fit = fit_batch(model, spec, budget=budget, predicted=(report,))
