@@ -6,7 +6,7 @@ torchinfo on the path:
 
     PYTHONPATH=src:/path/to/torchinfo python benchmarks/bench_zoo_speed.py [--quick]
         [--only NAME ...] [--batch 8] [--no-reference] [--fit 2GiB] [--output PATH]
-        [--predictions PATH] [--no-nin]
+        [--predictions PATH] [--no-nin] [--plan BUDGET BATCH]
 
 Each model runs in a fresh process: its first prediction there is cold (it pays the fake-tensor
 machinery's warm-up), and each step kind's first prediction pays what that kind needs once per
@@ -16,7 +16,9 @@ with Adam, under bf16 autocast (SGD momentum), with channels-last input and para
 momentum), and an inference. Beside them, in the same process: torchinfo's `summary` of the model
 at the same batch (a real forward) and one real training step (SGD momentum, float32, after a
 warm-up step); with `--fit`, `fit_batch` into that budget for SGD momentum in float32 and under
-bf16 autocast, after the predictions (the batch planner's cost). Times are wall seconds and this
+bf16 autocast, after the predictions (the batch planner's cost); with `--plan`, the budget
+planner (`plan_budget`, every alternative) for that budget and batch, in float32 and under bf16
+autocast (SGD momentum). Times are wall seconds and this
 process's CPU seconds (the machine may be shared: CPU time is what the work itself cost); the load
 average is recorded at start and end.
 
@@ -24,8 +26,9 @@ Before the models, in a fresh process of its own: d2l's NiN at batch 128 on 1x22
 analysis (`summarize`, the training step's memory and an inference's) cold and warm, beside
 torchinfo's summary of it (the issue's "50x" target), as ratios of CPU and of wall seconds.
 
-`--predictions PATH` writes every prediction's JSON (`ninlab summary`'s memory figures), to compare
-two versions byte for byte: a speed change must move no number.
+`--predictions PATH` writes every prediction's JSON (`ninlab summary`'s memory figures; NiN's
+summary and both its predictions; each plan's), to compare two versions byte for byte: a speed
+change must move no number.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ CORPUS: list[tuple[str, str, str, tuple[int, ...]]] = [
     ("resnet50d", "timm", "resnet50d", (3, 224, 224)),
     ("efficientformer_l1", "timm", "efficientformer_l1", (3, 224, 224)),
 ]
-FITS = ("sgd", "bf16")  # the step kinds whose fit_batch --fit times
+FITS = ("sgd", "bf16")  # the step kinds whose fit_batch --fit times, and plan_budget --plan
 NIN = "nin"  # the child that times NiN against torchinfo
 QUICK = ["resnet50", "efficientnet_b0", "vit_b_16", "densenet121", "swin_t", "deit_tiny"]
 
@@ -102,7 +105,13 @@ def clocked(function: Callable[[], object]) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
-def child(name: str, batch: int, reference: bool, fit_budget: str | None) -> dict[str, Any]:
+def child(
+    name: str,
+    batch: int,
+    reference: bool,
+    fit_budget: str | None,
+    plan: tuple[str, int] | None = None,
+) -> dict[str, Any]:
     """One model in this (fresh) process: every step kind cold then warm, then the references."""
     import torch
 
@@ -137,6 +146,12 @@ def child(name: str, batch: int, reference: bool, fit_budget: str | None) -> dic
         row["fit"] = {
             kind: fit_seconds(model, input_size, fit_budget, KINDS[kind]) for kind in FITS
         }
+    if plan:
+        row["plan"] = {}
+        for kind in FITS:
+            row["plan"][kind], predictions[f"plan {kind}"] = plan_seconds(
+                model, input_size, plan, KINDS[kind]
+            )
     if reference:
         row["torchinfo"] = torchinfo_seconds(model, input_size, batch)
         row["real_step"] = real_step_seconds(model, input_size, batch)
@@ -152,16 +167,21 @@ def nin_child() -> dict[str, Any]:
     from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.summary import summarize
     from ninlab.models import build_nin
+    from ninlab.viz.render import summary_json
+    from ninlab.viz.render_memory import memory_json
 
     model = build_nin()
     size, batch = (1, 224, 224), 128
 
-    def analysis() -> None:
-        summarize(model, input_size=size, batch_size=batch)
-        predict_memory(model, input_size=size, batch_size=batch)
-        predict_memory(model, input_size=size, batch_size=batch, mode="infer")
+    def analysis() -> tuple[Any, ...]:
+        return (
+            summarize(model, input_size=size, batch_size=batch),
+            predict_memory(model, input_size=size, batch_size=batch),
+            predict_memory(model, input_size=size, batch_size=batch, mode="infer"),
+        )
 
-    cold = clocked(analysis)[:2]
+    cold_wall, cold_cpu, answers = clocked(analysis)
+    cold = cold_wall, cold_cpu
     warm = min(clocked(analysis)[:2] for _ in range(REPEATS))
     reference = min(
         clocked(lambda: summary(model, input_size=(batch, *size), verbose=0))[:2]
@@ -179,6 +199,11 @@ def nin_child() -> dict[str, Any]:
         "torchinfo_over_cold": {
             "cpu": round(reference[1] / cold[1], 1),
             "wall": round(reference[0] / cold[0], 1),
+        },
+        "predictions": {
+            "summary": summary_json(answers[0]),  # type: ignore[index]
+            "train": memory_json(answers[1]),  # type: ignore[index]
+            "infer": memory_json(answers[2]),  # type: ignore[index]
         },
     }
 
@@ -201,6 +226,27 @@ def fit_seconds(
         "batch_size": fit.batch_size,  # type: ignore[attr-defined]
         "predictions": fit.predictions,  # type: ignore[attr-defined]
     }
+
+
+def plan_seconds(
+    model: Any, input_size: tuple[int, ...], plan: tuple[str, int], fields: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """`plan_budget` in this process after its predictions, and the plan's JSON."""
+    from ninlab.analysis.planner import plan_budget
+    from ninlab.viz.render_plan import plan_to_dict
+
+    budget, batch = plan
+    try:
+        wall, cpu, result = clocked(
+            lambda: plan_budget(
+                model, input_size=input_size, budget=budget, batch_size=batch, **fields
+            )
+        )
+    except Exception as error:  # noqa: BLE001 - a refusal is a result of the benchmark
+        return {"error": f"{type(error).__name__}: {error}"[:200]}, ""
+    answer = plan_to_dict(result)  # type: ignore[arg-type]
+    seconds = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+    return {**seconds, "options": len(answer["options"])}, json.dumps(answer, default=str)
 
 
 def torchinfo_seconds(model: Any, input_size: tuple[int, ...], batch: int) -> dict[str, float]:
@@ -244,12 +290,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_child(name: str, batch: int, reference: bool, fit_budget: str | None) -> dict[str, Any]:
+def run_child(
+    name: str,
+    batch: int,
+    reference: bool,
+    fit_budget: str | None,
+    plan: tuple[str, int] | None = None,
+) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", name, "--batch", str(batch)]
     if name == NIN:
         command = [sys.executable, __file__, "--child", NIN]
     if fit_budget:
         command += ["--fit", fit_budget]
+    if plan:
+        command += ["--plan", plan[0], str(plan[1])]
     if not reference:
         command.append("--no-reference")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -307,27 +361,39 @@ def main() -> None:
     parser.add_argument(
         "--fit", metavar="BUDGET", help=f"also time fit_batch into BUDGET ({', '.join(FITS)})"
     )
+    parser.add_argument(
+        "--plan",
+        nargs=2,
+        metavar=("BUDGET", "BATCH"),
+        help=f"also time plan_budget into BUDGET at BATCH ({', '.join(FITS)})",
+    )
     parser.add_argument("--no-nin", action="store_true", help="skip NiN against torchinfo")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    plan = (args.plan[0], int(args.plan[1])) if args.plan else None
     if args.child == NIN:
         print(json.dumps(nin_child()))
         return
     if args.child:
-        print(json.dumps(child(args.child, args.batch, not args.no_reference, args.fit)))
+        print(json.dumps(child(args.child, args.batch, not args.no_reference, args.fit, plan)))
         return
     names = [entry[0] for entry in CORPUS]
     names = args.only or (QUICK if args.quick else names)
     info = machine()
     nin = None if args.no_nin else run_child(NIN, args.batch, True, None)
+    nin_predictions = nin.pop("predictions", {}) if nin is not None else {}
     if nin is not None:
         print(f"NiN: {json.dumps(nin)}", flush=True)
     rows = []
     for name in names:
-        rows.append(run_child(name, args.batch, not args.no_reference, args.fit))
+        rows.append(run_child(name, args.batch, not args.no_reference, args.fit, plan))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if "plan" in rows[-1]:
+            print(f"{'':20} plan_budget: {json.dumps(rows[-1]['plan'])}", flush=True)
     info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     predictions = {row["model"]: row.pop("predictions", {}) for row in rows}
+    if nin_predictions:
+        predictions[NIN] = nin_predictions
     print(table(rows))
     result = {
         "what": (

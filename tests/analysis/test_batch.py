@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from ninlab.analysis import kernel_probe
+from ninlab.analysis import batch, kernel_probe
 from ninlab.analysis.batch import _largest_within, _Peaks, fit_batch, memory_vs_batch
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import step_spec
@@ -104,3 +104,25 @@ def test_the_search_on_lower_bounds_answers_what_the_exact_search_answers(
             exact(slow + 1),
         )
         assert fit.trust == exact.trust(slow)
+
+
+@pytest.mark.parametrize("fields", [{}, {"amp": "bf16"}], ids=["float32", "bf16"])
+def test_a_fit_reads_the_reports_it_is_given_where_it_would_predict(
+    nin: nn.Module, fields: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predicted=`: reports the caller already has (the budget planner's at the requested
+    batch) answer for their batch sizes, and the fit is the one made without them."""
+    spec = step_spec(model=nin, input_size=(1, 96, 96), **fields)
+    alone = fit_batch(nin, spec, budget="40MiB")
+    answer = alone.batch_size
+    given = [predict_memory(nin, spec, batch_size=size) for size in (answer, answer + 1)]
+    asked: list[tuple[int, bool]] = []
+
+    def counted(*args: object, **keywords: object) -> object:
+        asked.append((keywords["batch_size"], keywords["probe_kernels"]))  # type: ignore[arg-type]
+        return predict_memory(*args, **keywords)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch, "predict_memory", counted)
+    assert fit_batch(nin, spec, budget="40MiB", predicted=given) == alone
+    assert (answer, True) not in asked and (answer + 1, True) not in asked
+    assert asked  # the search still predicted the other sizes it asks about

@@ -1,12 +1,18 @@
 """The budget planner: each alternative is a real step (predicted == measured), checkpointing's
 compute is the step's plus what it recomputes, and the recommendation fits the requested batch."""
 
+import dataclasses
+
+import pytest
 import torch
 from torch import nn
 
+from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.measure import measure
-from ninlab.analysis.planner import ALTERNATIVE_KINDS, plan_budget
+from ninlab.analysis.planner import ALTERNATIVE_KINDS, BudgetPlan, plan_budget
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.trace import record_step
+from ninlab.errors import NinlabError
 
 INPUT = (3, 8, 8)
 
@@ -88,3 +94,46 @@ def test_every_kind_of_alternative_is_listed_once_and_ranked_apart() -> None:
         "optimizer",
         "optimizer",
     ]
+
+
+def test_each_options_compute_is_that_of_its_own_recorded_step() -> None:
+    """The plan reads an option's FLOPs from the recording its prediction made: the same as a
+    recording of that step of its own."""
+    batch = 16
+    model = net()
+    plan = plan_budget(
+        model, input_size=INPUT, optimizer="sgd-momentum", budget=1 << 20, batch_size=batch
+    )
+    assert len(plan.options) > 5
+    for option in plan.options:
+        step = record_step(model, option.spec, batch)
+        ops = step.recording.ops[step.step_start :]
+        assert option.step_flops == sum(op.flops for op in ops) > 0
+        assert option.recomputed_flops == sum(op.flops for op in ops if op.phase == "recompute")
+
+
+def test_a_plan_given_the_step_s_fit_is_the_plan_that_searches_it() -> None:
+    """`given_fit` (the study fits the step as given first): the plan reads it instead of
+    searching again, and is the plan it would have made; a fit of another budget is refused."""
+    batch = 16
+    model = net()
+    fields = {"input_size": INPUT, "optimizer": "sgd-momentum", "batch_size": batch}
+    budget = predict_memory(model, **fields).allocator_peak_bytes - 1  # type: ignore[arg-type]
+    fit = fit_batch(model, input_size=INPUT, optimizer="sgd-momentum", budget=budget)
+    searched, given = (
+        plan_budget(model, budget=budget, given_fit=known, **fields)  # type: ignore[arg-type]
+        for known in (None, fit)
+    )
+
+    def numbers(plan: BudgetPlan) -> list[tuple[object, ...]]:
+        # every field but the step, whose functions are built anew for each plan
+        return [
+            tuple(getattr(option, f.name) for f in dataclasses.fields(option) if f.name != "spec")
+            for option in plan.options
+        ]
+
+    assert given.options[0].largest_batch == fit.batch_size < batch
+    assert numbers(given) == numbers(searched)
+    assert given.recommendation == searched.recommendation
+    with pytest.raises(NinlabError, match="the fit it was given"):
+        plan_budget(model, budget=budget + 1, given_fit=fit, **fields)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ then estimates, and the answer's `trust` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -123,7 +123,9 @@ class _Peaks:
     fake tensors cannot run, read from one `MeasuredFallback` over the whole ladder. `bound`
     gives a lower bound for less: the prediction without the kernel probe, which at a large
     batch costs as much as a real step (where that prediction has nothing to probe, it is the
-    exact one, and is kept as such)."""
+    exact one, and is kept as such). `predicted`: reports of this step the caller already has,
+    read instead of predicting their batch sizes again, and only where the search asks for them
+    (so it asks what it would ask without them)."""
 
     def __init__(
         self,
@@ -131,11 +133,13 @@ class _Peaks:
         spec: StepSpec,
         level: Level,
         fallback: MeasuredFallback | None = None,
+        predicted: Iterable[MemoryReport] = (),
     ) -> None:
         self.model, self.spec, self.level = model, spec, level
         self.known: dict[int, tuple[int, Trust]] = {}
         self.bounds: dict[int, int] = {}
         self.fallback = fallback
+        self.predicted = {report.batch_size: report for report in predicted}
 
     def __call__(self, batch_size: int) -> int:
         return self._at(batch_size)[0]
@@ -170,6 +174,12 @@ class _Peaks:
         return self.known[batch_size]
 
     def _predict(self, batch_size: int, *, probe_kernels: bool) -> MemoryReport:
+        report = self.predicted.get(batch_size)
+        # Without the probe, a prediction is the probed one where the probe measured nothing.
+        if report is not None and (
+            probe_kernels or report.allocator is None or not report.allocator.measured
+        ):
+            return report
         return predict_memory(
             self.model, self.spec, batch_size=batch_size, probe_kernels=probe_kernels
         )
@@ -225,6 +235,7 @@ def fit_batch(
     budget: int | str,
     level: Level = "allocator",
     max_batch_size: int = 1 << 24,
+    predicted: Iterable[MemoryReport] = (),
     **fields: Any,
 ) -> BatchFit:
     """The largest batch whose predicted peak fits `budget` (bytes, or text such as "8GiB",
@@ -232,12 +243,14 @@ def fit_batch(
     where to look: the result holds the exact peaks at the answer (fits) and the next size (does
     not); for a step fake tensors cannot run, estimates from real runs (`trust` says which).
     `level` "allocator" (the default) fits what the allocator holds, which is what runs out (on
-    CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage alone."""
+    CUDA the reserved segments, `max_memory_reserved`); "live" fits tensor storage alone.
+    `predicted`: reports of this step already made (`predict_memory`, probing kernels), which
+    the search reads where it would predict their batch sizes, instead of predicting again."""
     level = _level(level)
     budget = budget_bytes(budget)
     max_batch_size = valid_batch_size(max_batch_size)
     spec = step_spec(spec, model=valid_model(model), **fields)
-    peak = _Peaks(model, spec, level)
+    peak = _Peaks(model, spec, level, predicted=predicted)
     smallest = _smallest_batch(peak)
     if smallest > max_batch_size:
         raise NinlabError(

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ninlab.analysis.batch import BudgetTooSmall, fit_batch
-from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.batch import BatchFit, BudgetTooSmall, fit_batch
+from ninlab.analysis.memory_report import MemoryReport
+from ninlab.analysis.predict import predict_recorded
 from ninlab.analysis.step import (
     StepFunction,
     StepSpec,
@@ -38,7 +39,6 @@ from ninlab.analysis.step import (
     valid_batch_size,
     valid_model,
 )
-from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
 from ninlab.optimizers import OptimizerSpec
 from ninlab.units import budget_bytes, format_bytes, format_flops
@@ -58,14 +58,25 @@ _OPTIMIZERS = ("sgd", "sgd-momentum", "adam")
 _MOST_MICRO_BATCHES = 1024
 
 
+class Prediction(NamedTuple):
+    """A step predicted at the requested batch, with the FLOPs of the ops it recorded: one trace
+    gives both."""
+
+    report: MemoryReport
+    step_flops: int
+    recomputed_flops: int
+
+
 class Alternative(NamedTuple):
     """A step to plan for: its name in the plan, its kind (`ALTERNATIVE_KINDS`), the step itself,
-    and for accumulation the number of micro-batches."""
+    for accumulation the number of micro-batches, and its prediction at the requested batch where
+    building it already made one (None: the plan makes it)."""
 
     name: str
     kind: str
     spec: StepSpec
     micro_batches: int = 1
+    prediction: Prediction | None = None
 
 
 @dataclass(frozen=True)
@@ -125,18 +136,29 @@ def plan_budget(
     *,
     budget: int | str,
     batch_size: int,
+    given_fit: BatchFit | None = None,
     **fields: Any,
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
-    as given and each alternative, and which one to use for `batch_size`."""
+    as given and each alternative, and which one to use for `batch_size`. `given_fit`: the step
+    as given already fitted into this budget at the allocator level (`study_batch` fits it
+    first), not searched again."""
     spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")
     budget = budget_bytes(budget)
+    if given_fit is not None and (given_fit.budget_bytes, given_fit.level) != (budget, "allocator"):
+        raise NinlabError(
+            f"the plan's budget is {budget:,} bytes at the allocator level, and the fit it was "
+            f"given is of {given_fit.budget_bytes:,} at the {given_fit.level} level; give the fit "
+            "of this budget, or none"
+        )
     # The step as given first: a model that cannot run says so in its own words, not in those of
     # an alternative's step built here.
-    options = [_option(model, "as given", "as given", spec, 1, budget, batch_size)]
+    options = [
+        _option(model, Alternative("as given", "as given", spec), budget, batch_size, given_fit)
+    ]
     skipped: list[tuple[str, str]] = []
     for kind in ALTERNATIVE_KINDS:
         # An alternative the step cannot run (micro-batches of one sample through batch norm) is
@@ -146,10 +168,10 @@ def plan_budget(
         except NinlabError as error:
             skipped.append((kind.kind, str(error)))
             continue
-        for name, kind_name, alternative, parts in alternatives:
-            option = _planned(model, name, kind_name, alternative, parts, budget, batch_size)
+        for alternative in alternatives:
+            option = _planned(model, alternative, budget, batch_size)
             if isinstance(option, str):
-                skipped.append((name, option))
+                skipped.append((alternative.name, option))
             else:
                 options.append(option)
     plan = BudgetPlan(budget, batch_size, spec, tuple(options), "", tuple(skipped))
@@ -157,51 +179,57 @@ def plan_budget(
 
 
 def _planned(
-    model: nn.Module,
-    name: str,
-    kind: str,
-    spec: StepSpec,
-    micro_batches: int,
-    budget: int,
-    batch_size: int,
+    model: nn.Module, alternative: Alternative, budget: int, batch_size: int
 ) -> PlanOption | str:
     """An alternative's `_option`, or why the step cannot run it."""
     try:
-        return _option(model, name, kind, spec, micro_batches, budget, batch_size)
+        return _option(model, alternative, budget, batch_size)
     except NinlabError as error:
         return str(error)
 
 
-def _option(
-    model: nn.Module,
-    name: str,
-    kind: str,
-    spec: StepSpec,
-    micro_batches: int,
-    budget: int,
-    batch_size: int,
-) -> PlanOption:
-    report = predict_memory(model, spec, batch_size=batch_size)
-    if report.fallback is not None:
+def _predicted(model: nn.Module, spec: StepSpec, batch_size: int) -> Prediction:
+    """The step's exact prediction at `batch_size` and the FLOPs of the ops it recorded (the
+    step as it runs, warm-up excluded), from one trace."""
+    report, step = predict_recorded(model, spec, batch_size=batch_size)
+    if step is None:
+        assert report.fallback is not None
         raise NinlabError(
             f"the budget planner traces each alternative on fake tensors, and the step cannot run "
             f"on them ({report.fallback.reason}); fit its batch alone (fit_batch, an estimate "
             "from real runs)"
         )
+    ops = step.recording.ops[step.step_start :]
+    flops = sum(op.flops for op in ops)
+    recomputed = sum(op.flops for op in ops if op.phase == "recompute")
+    return Prediction(report, flops, recomputed)
+
+
+def _option(
+    model: nn.Module,
+    alternative: Alternative,
+    budget: int,
+    batch_size: int,
+    fit: BatchFit | None = None,
+) -> PlanOption:
+    """`alternative` at the requested batch and its largest; `fit`: its fit, already made."""
+    name, kind, spec, micro_batches, prediction = alternative
+    if prediction is None:
+        prediction = _predicted(model, spec, batch_size)
+    report = prediction.report
     peak = report.allocator_peak_bytes
     at_most = False
     if kind == "accumulation":
         largest = batch_size if peak <= budget else 0
+    elif fit is not None:
+        largest, at_most = fit.batch_size, fit.lower_bound
     else:
         try:
-            fit = fit_batch(model, spec, budget=budget)
+            fit = fit_batch(model, spec, budget=budget, predicted=(report,))
             largest, at_most = fit.batch_size, fit.lower_bound
         except BudgetTooSmall:
             largest, at_most = 0, False
-    recording = record_step(model, spec, batch_size)
-    ops = recording.recording.ops[recording.step_start :]
-    flops = sum(op.flops for op in ops)
-    recomputed = sum(op.flops for op in ops if op.phase == "recompute")
+    assert report.allocator is not None
     return PlanOption(
         name,
         kind,
@@ -209,8 +237,8 @@ def _option(
         largest,
         peak,
         peak <= budget,
-        flops,
-        recomputed,
+        prediction.step_flops,
+        prediction.recomputed_flops,
         micro_batches,
         peak_lower_bound=report.allocator.lower_bound,
         largest_at_most=at_most,
@@ -263,11 +291,12 @@ def _accumulation(
     built from the built-in step, so a step function of the user's gets none."""
     if spec.step is not None or batch_size < 2:
         return []
+    tried: dict[int, tuple[StepSpec, Prediction]] = {}
     micro_batches = 2
     while micro_batches <= min(batch_size, _MOST_MICRO_BATCHES):
         alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
         try:
-            peak = predict_memory(model, alternative, batch_size=batch_size).allocator_peak_bytes
+            tried[micro_batches] = alternative, _predicted(model, alternative, batch_size)
         except NinlabError as error:
             if micro_batches == 2:
                 smallest = batch_size // 2
@@ -276,15 +305,22 @@ def _accumulation(
                 ) from None
             micro_batches //= 2  # the smaller parts cannot run: the most that can
             break
-        if peak <= budget:
+        if tried[micro_batches][1].report.allocator_peak_bytes <= budget:
             break
         micro_batches *= 2
     micro_batches = min(micro_batches, batch_size, _MOST_MICRO_BATCHES)
-    alternative = _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype))
+    alternative, prediction = tried.get(micro_batches) or (
+        _with_step(spec, _accumulating(micro_batches, spec.autocast_dtype)),
+        None,
+    )
     size = -(-batch_size // micro_batches)
     return [
         Alternative(
-            f"accumulate {micro_batches} x {size}", "accumulation", alternative, micro_batches
+            f"accumulate {micro_batches} x {size}",
+            "accumulation",
+            alternative,
+            micro_batches,
+            prediction,
         )
     ]
 

@@ -79,7 +79,7 @@ from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 
-__all__ = ["FALLBACK_LADDER", "predict_memory"]
+__all__ = ["FALLBACK_LADDER", "predict_memory", "predict_recorded"]
 
 # Where a step fake tensors cannot run is measured to estimate a larger batch: each a real run,
 # a few seconds on a small model, whatever the batch. Batch 1 is left out: its peak is the most
@@ -115,21 +115,37 @@ def predict_memory(
     figures stay those of `batch_size`. The model then needs its real weights (not meta).
     """
     spec = step_spec(spec, model=valid_model(model), **fields)
-    batch_size = batch_size_of(spec, batch_size)
-    name = model_name or type(model).__name__
-    report = _predicted(model, spec, batch_size, name, probe_kernels)
+    report = predict_recorded(
+        model, spec, batch_size=batch_size, model_name=model_name, probe_kernels=probe_kernels
+    )[0]
     if verify:
-        small = verify_batch_size(batch_size)
+        small = verify_batch_size(report.batch_size)
         at_small = (
-            report if small == batch_size else _predicted(model, spec, small, name, probe_kernels)
+            report
+            if small == report.batch_size
+            else predict_recorded(
+                model, spec, batch_size=small, model_name=model_name, probe_kernels=probe_kernels
+            )[0]
         )
         report = replace(report, verification=verification(model, at_small))
     return report
 
 
-def _predicted(
-    model: nn.Module, spec: StepSpec, batch_size: int, name: str, probe_kernels: bool
-) -> MemoryReport:
+def predict_recorded(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int | None = None,
+    model_name: str | None = None,
+    probe_kernels: bool = True,
+    **fields: Any,
+) -> tuple[MemoryReport, StepRecording | None]:
+    """`predict_memory`, with the recording it read (None where the step was measured for real
+    instead): for a caller that also reads the step's ops (the budget planner its FLOPs), so that
+    the step is traced once."""
+    spec = step_spec(spec, model=valid_model(model), **fields)
+    batch_size = batch_size_of(spec, batch_size)
+    name = model_name or type(model).__name__
     check_trains(model, spec)
     check_traceable(model)
     draws = _python_random_states()
@@ -137,7 +153,7 @@ def _predicted(
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
     except NOT_TRACEABLE as error:
-        return _measured_report(model, spec, batch_size, name, error)
+        return _measured_report(model, spec, batch_size, name, error), None
     except NinlabError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever the step or model raises, as one line naming why
@@ -151,7 +167,7 @@ def _predicted(
         if probe_kernels:
             _measure_unknown_kernels(step)
         report = _report(traced, step, name)
-    return replace(report, notes=(*report.notes, *varies))
+    return replace(report, notes=(*report.notes, *varies)), step
 
 
 # -- a step that may not be the same every time -----------------------------------------------

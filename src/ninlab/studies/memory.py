@@ -70,5 +70,5 @@ def study_batch(
             ),
         )
     elif plan_batch_size is not None:
-        plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size)
+        plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size, given_fit=fit)
     return BatchStudy(fit, scaling, spec.mode, plan, notes)
