@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision_blocks import tiny_efficientnet
 
 from ninlab.analysis.measure import measure
+from ninlab.analysis.memory_report import ALLOCATOR_TOLERANCE
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import record_step
@@ -344,3 +345,107 @@ def test_an_embedding_bag_against_a_real_run(mode: str) -> None:
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
     assert report.live_peak_bytes == {"sum": 7_108, "mean": 7_308, "max": 7_548}[mode]
+
+
+# Normalisations straight on the step's input, whose gradient autograd never asks for: the
+# backward's output_mask leaves grad_input out, which every kernel honours and Python's batch
+# norm decomposition (run on fake tensors) did not. (model, input size, batch)
+_NORMALISED_INPUTS = {
+    "batch-norm-2d": (lambda: nn.BatchNorm2d(3), (3, 4, 4), 2),
+    "batch-norm-2d-in-sequential": (lambda: nn.Sequential(nn.BatchNorm2d(3)), (3, 4, 4), 3),
+    "batch-norm-1d": (lambda: nn.BatchNorm1d(5), (5,), 2),
+    "batch-norm-3d-then-linear": (
+        lambda: nn.Sequential(nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(2 * 3 * 4 * 4, 4)),
+        (2, 3, 4, 4),
+        4,
+    ),
+    "layer-norm": (lambda: nn.LayerNorm(6), (6,), 4),
+    "group-norm": (lambda: nn.GroupNorm(2, 4), (4, 3, 3), 4),
+}
+
+
+# The CPU group norm backward's two (N, C) temporaries (ds, db) are in no allocator rule: the
+# allocator peak is 128 bytes under the real one here; the live peak is exact.
+_GROUP_NORM_WORKSPACE = pytest.mark.xfail(
+    strict=True, reason="group norm backward's (N, C) temporaries not modelled"
+)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[_GROUP_NORM_WORKSPACE] * (name == "group-norm"))
+        for name in _NORMALISED_INPUTS
+    ],
+)
+def test_a_normalisation_on_the_input_against_a_real_run(name: str, optimizer: str) -> None:
+    """`nn.BatchNorm2d(3)` alone on (3, 4, 4) at batch 2 was predicted 1,264 live bytes against
+    880: a grad_input the real backward never makes."""
+    build, input_size, batch = _NORMALISED_INPUTS[name]
+    torch.manual_seed(0)
+    model = build()
+    spec = StepSpec(input_size=input_size, optimizer=optimizer)
+    report = predict_memory(model, spec, batch_size=batch)
+    measured = measure(model, spec, batch_size=batch)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    allocator_off = abs(report.allocator_peak_bytes - measured.allocator_peak_bytes)
+    assert allocator_off <= ALLOCATOR_TOLERANCE * measured.allocator_peak_bytes
+
+
+def test_batch_norm_on_the_input_makes_no_grad_input() -> None:
+    model = nn.BatchNorm2d(3)
+    step = record_step(model, StepSpec(input_size=(3, 4, 4), optimizer="sgd"), 2)
+    (op,) = [op for op in step.recording.ops[step.step_start :] if "batch_norm_backward" in op.op]
+    assert [output.shape for output in op.outputs] == [(3,), (3,)]
+
+
+class _Picked(nn.Module):
+    """A parameter's values picked by an index op; the rest of the step is small."""
+
+    def __init__(self, pick: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 8))
+        self.pick = pick
+        self.register_buffer("rows", torch.tensor([1, 3, 5, 3]))
+        self.register_buffer("cells", torch.randint(0, 10, (4, 8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picked = self.pick(self, self.table)
+        return (x * picked.reshape(-1)[:8]).sum(-1, keepdim=True) + picked.sum()
+
+
+# Index ops and value-selecting reductions on a parameter, by the in-place fill their backward
+# makes unwatched.
+_PICKS: dict[str, tuple[Callable[[Any, torch.Tensor], torch.Tensor], str]] = {
+    "index_select": (lambda m, w: w.index_select(0, m.rows), "index_add_"),
+    "index_select-and-gather": (
+        lambda m, w: w.index_select(0, m.rows) + torch.gather(w, 0, m.cells),
+        "index_add_",
+    ),
+    "indexing": (lambda m, w: w[m.rows], "_index_put_impl_"),
+    "max-along-a-dim": (lambda m, w: w.max(dim=1).values, "scatter_.src"),
+    "topk": (lambda m, w: w.topk(3, dim=1).values, "scatter_.src"),
+    "sort": (lambda m, w: w.sort(dim=1).values, "scatter_.src"),
+    "cummax": (lambda m, w: w.cummax(dim=1).values, "scatter_add_"),
+    "trace": (lambda m, w: w.trace().reshape(1).expand(8), "index_fill_"),
+}
+
+
+@pytest.mark.parametrize("name", list(_PICKS))
+def test_an_index_op_on_a_parameter_against_a_real_run(name: str) -> None:
+    """Their backward fills the zeros it makes in place unwatched, out of place on fake tensors:
+    `index_select` and `gather` on a (10, 8) parameter were predicted 776 live bytes against 616
+    (a parameter-sized tensor more)."""
+    pick, fill = _PICKS[name]
+    torch.manual_seed(0)
+    model = _Picked(pick)
+    spec = StepSpec(input_size=(8,), optimizer="sgd")
+    report = predict_memory(model, spec, batch_size=2)
+    measured = measure(model, spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    allocator_off = abs(report.allocator_peak_bytes - measured.allocator_peak_bytes)
+    assert allocator_off <= ALLOCATOR_TOLERANCE * measured.allocator_peak_bytes
+    step = record_step(model, spec, 2)
+    backward = [op.op for op in step.recording.ops[step.step_start :] if op.phase == "backward"]
+    assert any(op.startswith(f"aten.{fill}") for op in backward)

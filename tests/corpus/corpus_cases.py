@@ -434,6 +434,22 @@ class _MaxNormEmbedding(nn.Embedding):
         return super().forward(ids), None
 
 
+class _PickedRows(nn.Module):
+    """Rows of a parameter picked by index (`index_select`, indexing, `gather`) and a maximum
+    along a dim: backward formulas that fill the zeros they make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(12, 16))
+        self.register_buffer("rows", torch.tensor([1, 4, 7, 4, 9]))
+        self.register_buffer("cells", torch.randint(0, 12, (5, 16)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picked = self.table.index_select(0, self.rows) + self.table[self.rows]
+        picked = picked + torch.gather(self.table, 0, self.cells)
+        return x @ picked.t() + self.table.max(dim=0).values @ picked.t()
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -582,6 +598,14 @@ LAYER_ZOO = (
         extra={"optimizer": two_optimizers},
     ),
     Case("step-ctc-loss", "layer zoo", _PerStep, (10, 16), setups=("sgd",), step=ctc_step),
+    Case(
+        "batch-norm-on-the-input",
+        "layer zoo",
+        lambda: _Pooled(nn.BatchNorm2d(3), 3),
+        _IMAGE,
+        setups=("sgd", "adam", "channels-last"),
+    ),
+    Case("rows-picked-by-index", "layer zoo", _PickedRows, (16,), setups=("sgd", "adam")),
 )
 
 
