@@ -28,6 +28,7 @@ import ninlab
 from ninlab.errors import NinlabError, NinlabWarning
 from ninlab.models import build_nin, parse_variant
 from ninlab.outputs import json_text
+from ninlab.training import train as train_module
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.console import CONSOLE_LOG_NAME
 from ninlab.training.data import FILES, MAX_IDX_BYTES, read_idx
@@ -378,3 +379,56 @@ def test_nan_weights_give_no_prediction_but_one_line(tmp_path, capsys):
         "it has no prediction: its weights are not finite (see the warning above) or overflow on "
         "this image; predict with another checkpoint"
     )
+
+
+# -- a signal during the evaluation or the save --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight(fashion_mnist, tmp_path_factory) -> Path:
+    """The tiny run's directory, trained without a signal."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train_module.train(_TINY, output_dir=run_dir, data=fashion_mnist)
+    return run_dir
+
+
+def _signalling(function, sig: signal.Signals, *, on_call: int):
+    """`function`, which sends `sig` to this process during its `on_call`-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == on_call:
+            os.kill(os.getpid(), sig)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("moment", "sig", "on_call", "saved_at"),
+    [
+        ("save_run", signal.SIGHUP, 1, (1, 1)),  # epoch 1's save: stops after epoch 2's 1st step
+        ("evaluate_model", signal.SIGINT, 1, (1, 1)),  # epoch 1's evaluation: likewise
+        ("evaluate_model", signal.SIGINT, 2, (2, 0)),  # the last evaluation: the run is complete
+        ("save_run", signal.SIGTERM, 2, (2, 0)),  # the last save
+    ],
+)
+def test_a_signal_during_evaluation_or_save_is_exit_130_and_resume_ends_the_same(
+    fashion_mnist, straight, tmp_path, capsys, monkeypatch, moment, sig, on_call, saved_at
+):
+    # A Ctrl-C during the last epoch's evaluation or save was once lost: "trained", exit 0.
+    run_dir = tmp_path / "signalled"
+    argv = _tiny_train_args(run_dir, fashion_mnist.directory)
+    with monkeypatch.context() as patch:
+        patched = _signalling(getattr(train_module, moment), sig, on_call=on_call)
+        patch.setattr(train_module, moment, patched)
+        code, _, err = run(capsys, *argv)
+    assert code == 130 and "Traceback" not in err, err
+    saved = load_checkpoint(run_dir)
+    assert (saved["epoch"], saved["batch"]) == saved_at
+    _assert_run_intact(run_dir)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    ours, theirs = load_checkpoint(run_dir)["model"], load_checkpoint(straight)["model"]
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ninlab.errors import NinlabError
+from ninlab.inputs import regular_file
 from ninlab.outputs import atomic_write
 
 __all__ = [
@@ -154,6 +155,10 @@ MAX_IDX_BYTES = 1 << 30
 _CHUNK_BYTES = 1 << 20
 
 
+# A data file that is not a regular file (a FIFO would be waited on forever).
+_NOT_REGULAR_FIX = "put the IDX file itself there, or remove it so that ninlab downloads it"
+
+
 def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -> np.ndarray:
     """Read an IDX file (gzipped when its name ends in .gz) into a uint8 array of its shape.
 
@@ -165,6 +170,7 @@ def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -
 
 
 def _read_idx(path: Path, *, gzipped: bool, expected: IdxFile | None) -> np.ndarray:
+    regular_file(path, what="data file", fix=_NOT_REGULAR_FIX)
     try:
         with gzip.open(path, "rb") if gzipped else open(path, "rb") as stream:
             header, values = _idx_bytes(path, stream, gzipped=gzipped, expected=expected)
@@ -296,7 +302,7 @@ def _check_named(named: NamedDataDir, *, download: bool) -> None:
 
 def _file_in(directory: Path, name: str) -> Path | None:
     for candidate in (directory / f"{name}.gz", directory / name):
-        if candidate.is_file():
+        if regular_file(candidate, what="data file", fix=_NOT_REGULAR_FIX).is_file():
             return candidate
     return None
 
