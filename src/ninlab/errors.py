@@ -9,8 +9,10 @@ __all__ = ["NinlabError", "NinlabWarning", "one_line", "shorten"]
 
 # An exception quoted in a message is cut here: enough for the cause, short enough for one line.
 _QUOTE_LIMIT = 200
-# A value echoed in a message is cut here: enough to recognise it, and the line stays one line.
-ECHO_LIMIT = 60
+# A value echoed in a message is shown whole up to ECHO_LIMIT characters (any path a person types);
+# beyond, only its start: enough to recognise it, and the line stays one line.
+ECHO_LIMIT = 200
+_ECHO_KEPT = 80
 
 
 class NinlabError(Exception):
@@ -31,8 +33,10 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 3] + "..."
 
 
-def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
-    """`value` as text to echo in a message: whole when it has at most `limit` characters, else
-    its first `limit` and how long it was ("xxxx... (5,000 characters)")."""
+def shorten(value: object) -> str:
+    """`value` as text to echo in a message: whole when it has at most ECHO_LIMIT (200)
+    characters, else its first 80 and how long it was ("xxxx... (5,000 characters)")."""
     text = str(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:_ECHO_KEPT]}... ({len(text):,} characters)"

@@ -415,7 +415,7 @@ def test_a_long_value_is_echoed_shortened(argv):
     # A 5,000-character --model was once repeated in full in the error line.
     code, err = _run([part.replace("{long}", "x" * 5000) for part in argv])
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert len(err) < 500 and "x" * 60 + "... (5,0" in err, err
+    assert len(err) < 500 and "x" * 80 + "... (5,0" in err, err
 
 
 @pytest.mark.parametrize(
@@ -431,5 +431,5 @@ def test_a_long_value_is_echoed_shortened(argv):
 def test_a_file_name_too_long_for_the_system_is_one_line(argv):
     # Once an OSError traceback (ENAMETOOLONG) from the first look at the path.
     code, err = _run([part.replace("{long}", "x" * 5000) for part in argv])
-    assert code == 2 and err.startswith("ninlab: error: file name too long: " + "x" * 60), err
+    assert code == 2 and err.startswith("ninlab: error: file name too long: " + "x" * 80), err
     assert len(err.splitlines()) == 1 and len(err) < 200, err

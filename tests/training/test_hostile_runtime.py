@@ -25,6 +25,7 @@ from cli_run import run
 from PIL import Image
 
 import ninlab
+from ninlab.cli import main
 from ninlab.errors import NinlabError, NinlabWarning
 from ninlab.models import build_nin, parse_variant
 from ninlab.outputs import json_text
@@ -231,7 +232,8 @@ def test_a_huge_sparse_data_file_is_refused_by_its_size_before_reading(tmp_path)
         read_idx(path)
     assert str(refused.value) == (
         f"{path} announces shape (65536, 65536, 256) (1,099,511,627,776 bytes), more than the "
-        f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file"
+        f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file; replace it with Fashion-MNIST's "
+        "file, or delete it so that ninlab downloads it again"
     )
 
 
@@ -386,9 +388,9 @@ def test_nan_weights_give_no_prediction_but_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def straight(fashion_mnist, tmp_path_factory) -> Path:
-    """The tiny run's directory, trained without a signal."""
-    run_dir = tmp_path_factory.mktemp("straight")
-    train_module.train(_TINY, output_dir=run_dir, data=fashion_mnist)
+    """The tiny run's directory, trained by the same command line without a signal."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert main(_tiny_train_args(run_dir, fashion_mnist.directory)) == 0
     return run_dir
 
 
@@ -432,3 +434,31 @@ def test_a_signal_during_evaluation_or_save_is_exit_130_and_resume_ends_the_same
     assert code == 0, err
     ours, theirs = load_checkpoint(run_dir)["model"], load_checkpoint(straight)["model"]
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"garbage", "(Not a gzipped file (b'ga'))"),
+        (gzip.compress(b""), "is not an IDX file of unsigned bytes (bad magic number)"),
+        (gzip.compress(_idx_header((10_000,))[:6]), "is truncated: its header ends early"),
+        (gzip.compress(_idx_header((10_000, 1)) + bytes(10_000)), "holds shape (10000, 1)"),
+        (gzip.compress(_idx_header((10_000,)) + bytes(99)), "is truncated: its header announces"),
+    ],
+    ids=["not-gzip", "empty", "short-header", "wrong-dimensions", "short"],
+)
+def test_a_damaged_data_file_in_the_data_directory_is_one_line_with_the_fix(
+    fashion_mnist, tmp_path, capsys, content, said
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    for spec in FILES.values():
+        (data / f"{spec.name}.gz").symlink_to(fashion_mnist.directory / f"{spec.name}.gz")
+    damaged = data / "t10k-labels-idx1-ubyte.gz"
+    damaged.unlink()
+    damaged.write_bytes(content)
+    code, _, err = run(capsys, *_tiny_train_args(tmp_path / "run", data))
+    last = err.splitlines()[-1]
+    assert code == 2 and err.count("ninlab: error:") == 1 and last.startswith("ninlab: error:")
+    assert said in last and str(damaged) in last, err
+    assert "delete it so that ninlab downloads it again" in last, err

@@ -155,6 +155,8 @@ MAX_IDX_BYTES = 1 << 30
 _CHUNK_BYTES = 1 << 20
 
 
+# The fix for a data file that is not what its name says.
+_REFETCH = "replace it with Fashion-MNIST's file, or delete it so that ninlab downloads it again"
 # A data file that is not a regular file (a FIFO would be waited on forever).
 _NOT_REGULAR_FIX = "put the IDX file itself there, or remove it so that ninlab downloads it"
 
@@ -206,39 +208,45 @@ def _idx_bytes(
     """The header and the values of an open IDX file, read no further than the header says."""
     magic = stream.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != _IDX_UBYTE:
-        raise NinlabError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+        raise NinlabError(
+            f"{path} is not an IDX file of unsigned bytes (bad magic number); {_REFETCH}"
+        )
     header = magic + stream.read(4 * magic[3])
     if len(header) < 4 + 4 * magic[3]:
-        raise NinlabError(f"{path} is truncated: its header ends early")
+        raise NinlabError(f"{path} is truncated: its header ends early; {_REFETCH}")
     shape = _shape(header)
     if expected is not None and shape != expected.shape:
-        raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}")
+        raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}; {_REFETCH}")
     size = math.prod(shape)
     if size > MAX_IDX_BYTES:
         raise NinlabError(
             f"{path} announces shape {shape} ({size:,} bytes), more than the "
-            f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file"
+            f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file; {_REFETCH}"
         )
     if not gzipped:  # the file's size is known before reading it
         on_disk = os.fstat(stream.fileno()).st_size
         if on_disk < len(header) + size:
-            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+            raise NinlabError(
+                f"{path} is truncated: its header announces shape {shape}; {_REFETCH}"
+            )
         if on_disk > len(header) + size:
             raise NinlabError(
                 f"{path} is longer than its header announces (shape {shape}); it is not an "
-                "IDX file, or another file was appended"
+                f"IDX file, or another file was appended; {_REFETCH}"
             )
     values = bytearray(size)
     view, done = memoryview(values), 0
     while done < size:
         count = stream.readinto(view[done : done + _CHUNK_BYTES])  # type: ignore[attr-defined]
         if not count:
-            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+            raise NinlabError(
+                f"{path} is truncated: its header announces shape {shape}; {_REFETCH}"
+            )
         done += count
     if stream.read(1):
         raise NinlabError(
             f"{path} decompresses to more than its header announces (shape {shape}); it is not "
-            "an IDX file, or another file was appended"
+            f"an IDX file, or another file was appended; {_REFETCH}"
         )
     return header, values
 
