@@ -112,11 +112,9 @@ def test_a_run_whose_reader_goes_away_trains_to_the_end_and_says_so_in_its_log(
         run_dir = tmp_path / f"closed-after-{moment}"
         # Long enough (2 x 1,200 images, seconds) that the reader leaves while it trains: a tiny
         # run can say all it has to say into the pipe's buffer before the latest moment.
-        process = _start(
-            [*_tiny_train_args(run_dir, fashion_mnist.directory), "--train-examples", "1200"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        argv = _tiny_train_args(run_dir, fashion_mnist.directory)
+        argv[argv.index("--train-examples") + 1] = "1200"  # given twice, it would be refused
+        process = _start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert process.stdout.readline() == b"go\n"
         process.stdout.readline()  # the data line
         time.sleep(moment)
