@@ -14,7 +14,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, one_line, shorten
+from ninlab.inputs import regular_file
 
 __all__ = ["import_function"]
 
@@ -29,7 +30,12 @@ def import_function(
     """
     module_path, _, attribute = path.partition(":")
     if not module_path or not attribute:
-        raise error(f"name a {what} as package.module:function, not {path!r}")
+        raise error(f"name a {what} as package.module:function, not {shorten(path)!r}")
+    if module_path.endswith(".py"):  # a FIFO would be waited on forever
+        try:
+            regular_file(module_path, what=f"{what} file", fix="name a Python file")
+        except NinlabError as refused:
+            raise error(str(refused)) from None
     try:
         module = _module(module_path)
     except Exception as exception:  # noqa: BLE001 - any import failure is the user's, in one line
@@ -51,7 +57,7 @@ def _module(name: str) -> ModuleType:
     if name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
         if spec is None or spec.loader is None or not os.path.isfile(name):
-            raise FileNotFoundError(f"no file {name}")
+            raise FileNotFoundError(f"no file {shorten(name)}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

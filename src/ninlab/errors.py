@@ -1,13 +1,18 @@
 """The one exception type a user sees: bad input, explained in one line with the fix; its
-warning, for a result that is shown but suspect (the CLI prints it as one line too); and
-`one_line`, how any other exception is quoted inside such a line."""
+warning, for a result that is shown but suspect (the CLI prints it as one line too);
+`one_line`, how any other exception is quoted inside such a line; and `shorten`, how a value the
+user gave is echoed in one (a 5,000-character `--model` is not repeated in full)."""
 
 from __future__ import annotations
 
-__all__ = ["NinlabError", "NinlabWarning", "one_line"]
+__all__ = ["NinlabError", "NinlabWarning", "one_line", "shorten"]
 
 # An exception quoted in a message is cut here: enough for the cause, short enough for one line.
 _QUOTE_LIMIT = 200
+# A value echoed in a message is shown whole up to ECHO_LIMIT characters (any path a person types);
+# beyond, only its start: enough to recognise it, and the line stays one line.
+ECHO_LIMIT = 200
+_ECHO_KEPT = 80
 
 
 class NinlabError(Exception):
@@ -26,3 +31,12 @@ def one_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
     return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 3] + "..."
+
+
+def shorten(value: object) -> str:
+    """`value` as text to echo in a message: whole when it has at most ECHO_LIMIT (200)
+    characters, else its first 80 and how long it was ("xxxx... (5,000 characters)")."""
+    text = str(value)
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:_ECHO_KEPT]}... ({len(text):,} characters)"

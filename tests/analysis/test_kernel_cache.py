@@ -13,6 +13,7 @@ from cli_run import run
 
 from ninlab.analysis import kernel_cache, kernel_probe
 from ninlab.analysis.kernel_probe import KernelCall, measured_allocations
+from ninlab.errors import NinlabWarning
 
 aten = torch.ops.aten
 
@@ -125,3 +126,23 @@ def test_ninlab_cache_clear_empties_it(cache: Path, capsys: pytest.CaptureFixtur
     assert run(capsys, "cache", "clear") == (0, f"removed {cache}\n", "")
     assert not cache.exists()
     assert run(capsys, "cache", "clear") == (0, f"nothing to remove at {cache}\n", "")
+
+
+def test_a_cache_that_cannot_be_written_is_said_once_not_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NINLAB_CACHE_DIR naming a file once cost every process its measurements without a word.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("NINLAB_CACHE_DIR", str(tmp_path / "a-file"))
+    monkeypatch.delenv("NINLAB_NO_CACHE", raising=False)
+    monkeypatch.setattr(kernel_probe, "_MEASURED", {})
+    kernel_cache._warn_not_caching.cache_clear()
+    with pytest.warns(NinlabWarning) as said:
+        first = measured_allocations(_call())
+        monkeypatch.setattr(kernel_probe, "_MEASURED", {})
+        assert measured_allocations(_call()) == first  # measured again, the same blocks
+    assert len(said) == 1
+    assert str(said[0].message).startswith(
+        f"not caching kernel measurements: cannot write {tmp_path / 'a-file' / 'kernel-probe'} "
+        "(Not a directory); predictions are unchanged"
+    )

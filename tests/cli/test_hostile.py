@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import io
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +336,100 @@ def test_an_output_stream_that_is_full_is_one_line(form):
         "ninlab: error: cannot write the output (No space left on device); free space, or send "
         "it elsewhere (> FILE on another disk)\n"
     )
+
+
+@pytest.fixture
+def no_hang():
+    """A test that once hung (reading a FIFO) fails after a minute instead."""
+
+    def hung(signum, frame):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _not_regular(tmp: Path, kind: str) -> Path:
+    if kind == "fifo":
+        os.mkfifo(tmp / "fifo")
+        return tmp / "fifo"
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(tmp / "sock"))  # the file stays after the socket closes
+        server.close()
+        return tmp / "sock"
+    return {"device": Path(os.devnull), "directory": tmp}[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        ("fifo", "is a FIFO (named pipe), not a regular file"),
+        ("socket", "is a socket, not a regular file"),
+        ("device", "is a character device, not a regular file"),
+    ],
+)
+def test_a_file_to_read_that_is_not_a_regular_file_is_refused_before_it_is_opened(
+    files, tmp_path, no_hang, kind, said
+):
+    # `ninlab predict RUN fifo.png` once waited forever for a writer.
+    odd = _not_regular(tmp_path, kind)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "t10k-labels-idx1-ubyte").symlink_to(odd)
+    step = tmp_path / "step.py"
+    step.symlink_to(odd)
+    for argv, what in [
+        (["predict", str(files / "run"), str(odd)], "image"),
+        (["evaluate", str(odd)], "checkpoint"),
+        (["evaluate", str(files / "run"), "--data-dir", str(data), "--no-download"], "data file"),
+        (["summary", *_BASE["summary"], "--step", f"{step}:f"], "step file"),
+    ]:
+        code, err = _run(argv)
+        assert code == 2 and err.startswith(f"ninlab: error: {what} "), (argv, err)
+        assert said in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_a_directory_given_as_an_image_is_named_as_one(files):
+    code, err = _run(["predict", str(files / "run"), str(files / "a-dir")])
+    said = f"image {files / 'a-dir'} is a directory, not a regular file; give a PNG, JPEG or"
+    assert (code, err) == (2, f"ninlab: error: {said} other image file\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["summary", "--model", "{long}"],  # the registry's "unknown model"
+        ["summary", "--model", "nin-d2l:{long}=1"],  # a part of a value
+        ["summary", "--optimizer", "sgd:lr={long}"],
+        ["summary", "--batch", "{long}"],  # argparse's own message
+        ["summary", "--format={long}"],
+        ["compare", "{long}"],
+        ["summary", "--step", "{long}.py:f"],
+    ],
+)
+def test_a_long_value_is_echoed_shortened(argv):
+    # A 5,000-character --model was once repeated in full in the error line.
+    code, err = _run([part.replace("{long}", "x" * 5000) for part in argv])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert len(err) < 500 and "x" * 80 + "... (5,0" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "{long}"],
+        ["predict", "{long}", "a.png"],
+        ["train", "--resume", "{long}"],
+        ["train", "--output-dir", "{long}", "--data-dir", "{long}"],
+        ["plot", "geometry", "-o", "{long}.png"],
+    ],
+)
+def test_a_file_name_too_long_for_the_system_is_one_line(argv):
+    # Once an OSError traceback (ENAMETOOLONG) from the first look at the path.
+    code, err = _run([part.replace("{long}", "x" * 5000) for part in argv])
+    assert code == 2 and err.startswith("ninlab: error: file name too long: " + "x" * 80), err
+    assert len(err.splitlines()) == 1 and len(err) < 200, err

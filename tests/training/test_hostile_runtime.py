@@ -25,9 +25,11 @@ from cli_run import run
 from PIL import Image
 
 import ninlab
+from ninlab.cli import main
 from ninlab.errors import NinlabError, NinlabWarning
 from ninlab.models import build_nin, parse_variant
 from ninlab.outputs import json_text
+from ninlab.training import train as train_module
 from ninlab.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ninlab.training.console import CONSOLE_LOG_NAME
 from ninlab.training.data import FILES, MAX_IDX_BYTES, read_idx
@@ -110,11 +112,9 @@ def test_a_run_whose_reader_goes_away_trains_to_the_end_and_says_so_in_its_log(
         run_dir = tmp_path / f"closed-after-{moment}"
         # Long enough (2 x 1,200 images, seconds) that the reader leaves while it trains: a tiny
         # run can say all it has to say into the pipe's buffer before the latest moment.
-        process = _start(
-            [*_tiny_train_args(run_dir, fashion_mnist.directory), "--train-examples", "1200"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        argv = _tiny_train_args(run_dir, fashion_mnist.directory)
+        argv[argv.index("--train-examples") + 1] = "1200"  # given twice, it would be refused
+        process = _start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert process.stdout.readline() == b"go\n"
         process.stdout.readline()  # the data line
         time.sleep(moment)
@@ -230,7 +230,8 @@ def test_a_huge_sparse_data_file_is_refused_by_its_size_before_reading(tmp_path)
         read_idx(path)
     assert str(refused.value) == (
         f"{path} announces shape (65536, 65536, 256) (1,099,511,627,776 bytes), more than the "
-        f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file"
+        f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file; replace it with Fashion-MNIST's "
+        "file, or delete it so that ninlab downloads it again"
     )
 
 
@@ -378,3 +379,84 @@ def test_nan_weights_give_no_prediction_but_one_line(tmp_path, capsys):
         "it has no prediction: its weights are not finite (see the warning above) or overflow on "
         "this image; predict with another checkpoint"
     )
+
+
+# -- a signal during the evaluation or the save --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight(fashion_mnist, tmp_path_factory) -> Path:
+    """The tiny run's directory, trained by the same command line without a signal."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert main(_tiny_train_args(run_dir, fashion_mnist.directory)) == 0
+    return run_dir
+
+
+def _signalling(function, sig: signal.Signals, *, on_call: int):
+    """`function`, which sends `sig` to this process during its `on_call`-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == on_call:
+            os.kill(os.getpid(), sig)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("moment", "sig", "on_call", "saved_at"),
+    [
+        ("save_run", signal.SIGHUP, 1, (1, 1)),  # epoch 1's save: stops after epoch 2's 1st step
+        ("evaluate_model", signal.SIGINT, 1, (1, 1)),  # epoch 1's evaluation: likewise
+        ("evaluate_model", signal.SIGINT, 2, (2, 0)),  # the last evaluation: the run is complete
+        ("save_run", signal.SIGTERM, 2, (2, 0)),  # the last save
+    ],
+)
+def test_a_signal_during_evaluation_or_save_is_exit_130_and_resume_ends_the_same(
+    fashion_mnist, straight, tmp_path, capsys, monkeypatch, moment, sig, on_call, saved_at
+):
+    # A Ctrl-C during the last epoch's evaluation or save was once lost: "trained", exit 0.
+    run_dir = tmp_path / "signalled"
+    argv = _tiny_train_args(run_dir, fashion_mnist.directory)
+    with monkeypatch.context() as patch:
+        patched = _signalling(getattr(train_module, moment), sig, on_call=on_call)
+        patch.setattr(train_module, moment, patched)
+        code, _, err = run(capsys, *argv)
+    assert code == 130 and "Traceback" not in err, err
+    saved = load_checkpoint(run_dir)
+    assert (saved["epoch"], saved["batch"]) == saved_at
+    _assert_run_intact(run_dir)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    ours, theirs = load_checkpoint(run_dir)["model"], load_checkpoint(straight)["model"]
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"garbage", "(Not a gzipped file (b'ga'))"),
+        (gzip.compress(b""), "is not an IDX file of unsigned bytes (bad magic number)"),
+        (gzip.compress(_idx_header((10_000,))[:6]), "is truncated: its header ends early"),
+        (gzip.compress(_idx_header((10_000, 1)) + bytes(10_000)), "holds shape (10000, 1)"),
+        (gzip.compress(_idx_header((10_000,)) + bytes(99)), "is truncated: its header announces"),
+    ],
+    ids=["not-gzip", "empty", "short-header", "wrong-dimensions", "short"],
+)
+def test_a_damaged_data_file_in_the_data_directory_is_one_line_with_the_fix(
+    fashion_mnist, tmp_path, capsys, content, said
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    for spec in FILES.values():
+        (data / f"{spec.name}.gz").symlink_to(fashion_mnist.directory / f"{spec.name}.gz")
+    damaged = data / "t10k-labels-idx1-ubyte.gz"
+    damaged.unlink()
+    damaged.write_bytes(content)
+    code, _, err = run(capsys, *_tiny_train_args(tmp_path / "run", data))
+    last = err.splitlines()[-1]
+    assert code == 2 and err.count("ninlab: error:") == 1 and last.startswith("ninlab: error:")
+    assert said in last and str(damaged) in last, err
+    assert "delete it so that ninlab downloads it again" in last, err

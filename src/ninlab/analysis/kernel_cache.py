@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from ninlab.analysis.allocator.blocks import KernelAllocation
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, NinlabWarning
 from ninlab.outputs import atomic_write
 
 __all__ = ["cache_directory", "clear_cache", "environment", "load", "store"]
@@ -124,7 +125,8 @@ def load(signature: str, output_bytes: int) -> tuple[KernelAllocation, ...] | No
 
 def store(signature: str, allocations: Sequence[KernelAllocation]) -> None:
     """Keep a measurement for the next process; a cache that cannot be written (a read-only
-    home, a full disk) costs only the time to measure again."""
+    home, a full disk, `NINLAB_CACHE_DIR` naming a file) costs only the time to measure again,
+    and is said once (`_warn_not_caching`)."""
     directory = cache_directory()
     # An argument shown by its address would key an entry no later process could ask for.
     if directory is None or " at 0x" in signature:
@@ -135,5 +137,18 @@ def store(signature: str, allocations: Sequence[KernelAllocation]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_write(_entry_path(directory, key), durable=False, text=True) as handle:
             handle.write(json.dumps(entry))
-    except (OSError, NinlabError):
-        return
+    except (OSError, NinlabError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        _warn_not_caching(directory, reason)
+
+
+@functools.cache
+def _warn_not_caching(directory: Path, reason: str) -> None:
+    # Once per directory, reason and process: every later kernel would fail the same way.
+    warnings.warn(
+        f"not caching kernel measurements: cannot write {directory} ({reason}); predictions are "
+        "unchanged but each process measures again; set NINLAB_CACHE_DIR to a writable directory, "
+        "or NINLAB_NO_CACHE=1",
+        NinlabWarning,
+        stacklevel=2,
+    )

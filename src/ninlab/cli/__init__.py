@@ -13,12 +13,13 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from ninlab.errors import NinlabError, NinlabWarning
+from ninlab.errors import ECHO_LIMIT, NinlabError, NinlabWarning, shorten
 from ninlab.training.interrupt import held_interrupts
 
 # Each module defines `register(subparsers)`, which adds its command(s) and sets `func`.
@@ -63,15 +64,18 @@ class _Parser(argparse.ArgumentParser):
         # No abbreviations: `report --mode infer` would be read as `--model infer`, and a new
         # option would change what an old command line means.
         super().__init__(*args, allow_abbrev=False, **kwargs)  # type: ignore[arg-type]
+        self._given: list[str] | None = None  # the arguments parsed, whose values errors echo
 
     def error(self, message: str) -> None:  # argparse's own usage errors also exit 2, in one line
+        message = shortened(message, sys.argv[1:] if self._given is None else self._given)
         self.exit(2, f"ninlab: error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         if args is not None:  # the command line itself (argparse passes a subcommand its share)
-            self._refuse_conflicts(list(args))
+            self._given = list(args)
+            self._refuse_conflicts(self._given)
         # Refused by the parser that left them over, so the error names the command, not ninlab.
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
             return code
     except NinlabError as error:
-        _say(f"ninlab: error: {error}")
+        _say(f"ninlab: error: {shortened(str(error), sys.argv[1:] if argv is None else argv)}")
         return 2
     except BrokenPipeError:
         # What is still buffered for the closed pipe goes nowhere, so that the interpreter's
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         _say("ninlab: interrupted")
         return 130
     except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:  # any file the command line names
+            name = shortened(str(error.filename), sys.argv[1:] if argv is None else argv)
+            _say(f"ninlab: error: file name too long: {name}; give a shorter path")
+            return 2
         if error.errno not in _STREAM_FULL:
             raise
         # Every file ninlab writes says so itself (a NinlabError); what is left is the output
@@ -159,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             # The command line's own process, now exiting: a Ctrl-C during the interpreter's
             # shutdown (its threads, its atexit handlers) would print a traceback for nothing.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def shortened(message: str, argv: Sequence[str]) -> str:
+    """`message` with each value of the command line `argv` too long to echo in full (a
+    5,000-character --model) cut by `shorten`, wherever the message quotes it, whole or a part
+    of it (a variant's setting in `nin-d2l:KEY=VALUE`, a file in `FILE.py:function`)."""
+    values = {part for arg in argv for part in (arg, *re.split(r"[:=,]", arg))}
+    for value in sorted(values, key=len, reverse=True):  # a value before the parts it holds
+        if len(value) > ECHO_LIMIT:
+            message = message.replace(value, shorten(value))
+    return message
 
 
 # Errors of a stream that cannot take what is written: no space, over quota, too large, I/O.

@@ -124,6 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
                 f"after epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test "
                 f"accuracy {last['test_accuracy']:.4f}; checkpoint {result.checkpoint}"
             )
+    if stop.requested and not result.interrupted:
+        # Asked to stop after the last step (during the final evaluation, save or plot): the
+        # run is complete and saved, and the Ctrl-C still ends the command as one, exit 130.
+        raise KeyboardInterrupt
     return 130 if result.interrupted else 0
 
 

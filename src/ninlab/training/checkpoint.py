@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ninlab.errors import NinlabError, NinlabWarning, one_line
+from ninlab.inputs import regular_file
 from ninlab.outputs import atomic_write, disk_error
 from ninlab.training import distributed
 from ninlab.training.presets import TrainConfig
@@ -109,7 +110,8 @@ def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    if not path.is_file():
+    fix = "give a checkpoint file or a run directory from 'ninlab train'"
+    if not regular_file(path, what="checkpoint", fix=fix).is_file():
         raise NinlabError(
             f"no checkpoint at {path}; give a checkpoint file or a run directory from 'ninlab "
             "train'"

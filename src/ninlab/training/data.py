@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ninlab.errors import NinlabError
+from ninlab.inputs import regular_file
 from ninlab.outputs import atomic_write
 
 __all__ = [
@@ -154,6 +155,12 @@ MAX_IDX_BYTES = 1 << 30
 _CHUNK_BYTES = 1 << 20
 
 
+# The fix for a data file that is not what its name says.
+_REFETCH = "replace it with Fashion-MNIST's file, or delete it so that ninlab downloads it again"
+# A data file that is not a regular file (a FIFO would be waited on forever).
+_NOT_REGULAR_FIX = "put the IDX file itself there, or remove it so that ninlab downloads it"
+
+
 def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -> np.ndarray:
     """Read an IDX file (gzipped when its name ends in .gz) into a uint8 array of its shape.
 
@@ -165,6 +172,7 @@ def read_idx(path: str | os.PathLike[str], *, expected: IdxFile | None = None) -
 
 
 def _read_idx(path: Path, *, gzipped: bool, expected: IdxFile | None) -> np.ndarray:
+    regular_file(path, what="data file", fix=_NOT_REGULAR_FIX)
     try:
         with gzip.open(path, "rb") if gzipped else open(path, "rb") as stream:
             header, values = _idx_bytes(path, stream, gzipped=gzipped, expected=expected)
@@ -200,39 +208,45 @@ def _idx_bytes(
     """The header and the values of an open IDX file, read no further than the header says."""
     magic = stream.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != _IDX_UBYTE:
-        raise NinlabError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+        raise NinlabError(
+            f"{path} is not an IDX file of unsigned bytes (bad magic number); {_REFETCH}"
+        )
     header = magic + stream.read(4 * magic[3])
     if len(header) < 4 + 4 * magic[3]:
-        raise NinlabError(f"{path} is truncated: its header ends early")
+        raise NinlabError(f"{path} is truncated: its header ends early; {_REFETCH}")
     shape = _shape(header)
     if expected is not None and shape != expected.shape:
-        raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}")
+        raise NinlabError(f"{path} holds shape {shape}, expected {expected.shape}; {_REFETCH}")
     size = math.prod(shape)
     if size > MAX_IDX_BYTES:
         raise NinlabError(
             f"{path} announces shape {shape} ({size:,} bytes), more than the "
-            f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file"
+            f"{MAX_IDX_BYTES:,} bytes ninlab reads from an IDX file; {_REFETCH}"
         )
     if not gzipped:  # the file's size is known before reading it
         on_disk = os.fstat(stream.fileno()).st_size
         if on_disk < len(header) + size:
-            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+            raise NinlabError(
+                f"{path} is truncated: its header announces shape {shape}; {_REFETCH}"
+            )
         if on_disk > len(header) + size:
             raise NinlabError(
                 f"{path} is longer than its header announces (shape {shape}); it is not an "
-                "IDX file, or another file was appended"
+                f"IDX file, or another file was appended; {_REFETCH}"
             )
     values = bytearray(size)
     view, done = memoryview(values), 0
     while done < size:
         count = stream.readinto(view[done : done + _CHUNK_BYTES])  # type: ignore[attr-defined]
         if not count:
-            raise NinlabError(f"{path} is truncated: its header announces shape {shape}")
+            raise NinlabError(
+                f"{path} is truncated: its header announces shape {shape}; {_REFETCH}"
+            )
         done += count
     if stream.read(1):
         raise NinlabError(
             f"{path} decompresses to more than its header announces (shape {shape}); it is not "
-            "an IDX file, or another file was appended"
+            f"an IDX file, or another file was appended; {_REFETCH}"
         )
     return header, values
 
@@ -296,7 +310,7 @@ def _check_named(named: NamedDataDir, *, download: bool) -> None:
 
 def _file_in(directory: Path, name: str) -> Path | None:
     for candidate in (directory / f"{name}.gz", directory / name):
-        if candidate.is_file():
+        if regular_file(candidate, what="data file", fix=_NOT_REGULAR_FIX).is_file():
             return candidate
     return None
 

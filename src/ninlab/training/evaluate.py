@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ninlab.errors import NinlabError, one_line
+from ninlab.inputs import regular_file
 from ninlab.models import build_nin, parse_variant
 from ninlab.training import distributed
 from ninlab.training.checkpoint import load_checkpoint, warn_if_not_finite
@@ -229,6 +230,7 @@ def load_image(path: str | os.PathLike[str], *, invert: bool = False) -> torch.T
     brought to Fashion-MNIST's size with PIL's bilinear filter (`resize_like_pil`, the training
     resize); then, in training's steps, resized to the network's input and scaled. `invert` turns
     dark-on-light into light-on-dark."""
+    regular_file(path, what="image", fix="give a PNG, JPEG or other image file")
     try:
         with Image.open(path) as image:
             gray = _gray_bytes(ImageOps.exif_transpose(image), path)
