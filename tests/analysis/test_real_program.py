@@ -364,24 +364,12 @@ _NORMALISED_INPUTS = {
 }
 
 
-# The CPU group norm backward's two (N, C) temporaries (ds, db) are in no allocator rule: the
-# allocator peak is 128 bytes under the real one here; the live peak is exact.
-_GROUP_NORM_WORKSPACE = pytest.mark.xfail(
-    strict=True, reason="group norm backward's (N, C) temporaries not modelled"
-)
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=[_GROUP_NORM_WORKSPACE] * (name == "group-norm"))
-        for name in _NORMALISED_INPUTS
-    ],
-)
+@pytest.mark.parametrize("name", list(_NORMALISED_INPUTS))
 def test_a_normalisation_on_the_input_against_a_real_run(name: str, optimizer: str) -> None:
     """`nn.BatchNorm2d(3)` alone on (3, 4, 4) at batch 2 was predicted 1,264 live bytes against
-    880: a grad_input the real backward never makes."""
+    880: a grad_input the real backward never makes. The group norm backward's (N, C) sums were
+    in no allocator rule (968 allocator bytes against 1,032 at batch 2): it is measured now."""
     build, input_size, batch = _NORMALISED_INPUTS[name]
     torch.manual_seed(0)
     model = build()
@@ -449,3 +437,64 @@ def test_an_index_op_on_a_parameter_against_a_real_run(name: str) -> None:
     step = record_step(model, spec, 2)
     backward = [op.op for op in step.recording.ops[step.step_start :] if op.phase == "backward"]
     assert any(op.startswith(f"aten.{fill}") for op in backward)
+
+
+# Reductions of a parameter, full (a 0-dim result) or along a dim, and the normalisations whose
+# CPU backward keeps per-sample or per-thread sums: (model, input size, batch).
+_REDUCED = {
+    **{
+        name: (lambda pick=pick: _Picked(pick), (8,), 2)
+        for name, pick in {
+            "max": lambda m, w: w.max(),
+            "min": lambda m, w: w.min(),
+            "median": lambda m, w: w.median(),
+            "nanmedian": lambda m, w: w.nanmedian(),
+            "amax": lambda m, w: w.amax(),
+            "amin": lambda m, w: w.amin(),
+            "sum": lambda m, w: w.sum(),
+            "mean": lambda m, w: w.mean(),
+            "norm": lambda m, w: w.norm(),
+            "amax-along-a-dim": lambda m, w: w.amax(1),
+            "kthvalue-along-a-dim": lambda m, w: w.kthvalue(3, dim=1).values,
+        }.items()
+    },
+    "layer-norm-batch-1": (lambda: nn.LayerNorm(6), (6,), 1),
+    "group-norm-batch-2": (lambda: nn.GroupNorm(2, 4), (4, 3, 3), 2),
+}
+
+# A float gradient times a bool or long mask: CPU TensorIterator casts the mask into a float
+# temporary of its size, which no allocator rule counts yet (amax along a dim: 1,016 predicted
+# against 1,336 measured); the full value-selecting reductions' backward (max: 836 against
+# 1,472) and mean's backward (740 against 752) are under as well, causes not yet read.
+_MASK_CAST = pytest.mark.xfail(strict=True, reason="temporaries of the backward not modelled")
+_ALLOCATOR_UNDER = {"max", "min", "median", "nanmedian", "amax", "amin", "mean", "amax-along-a-dim"}
+
+
+def _predicted_and_measured(name: str) -> tuple[Any, Any]:
+    build, input_size, batch = _REDUCED[name]
+    torch.manual_seed(0)
+    model = build()
+    spec = StepSpec(input_size=input_size, optimizer="sgd")
+    return predict_memory(model, spec, batch_size=batch), measure(model, spec, batch_size=batch)
+
+
+@pytest.mark.parametrize("name", list(_REDUCED))
+def test_a_reduction_on_a_parameter_against_a_real_run_live(name: str) -> None:
+    """The backward of `max()`, `min()`, `median()` with no dim builds NaN masks on a tensor
+    subclass that the CPU program does not: `w.max()` of a (10, 8) parameter was predicted 997
+    live bytes against 836."""
+    report, measured = _predicted_and_measured(name)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=[_MASK_CAST] * (name in _ALLOCATOR_UNDER)) for name in _REDUCED],
+)
+def test_a_reduction_on_a_parameter_against_a_real_run_allocator(name: str) -> None:
+    """kthvalue's working copy of its input and the norm backwards' sums are measured by the
+    kernel probe (kthvalue along a dim: 856 allocator bytes against 1,480; a layer norm at
+    batch 1: 192 against 288)."""
+    report, measured = _predicted_and_measured(name)
+    allocator_off = abs(report.allocator_peak_bytes - measured.allocator_peak_bytes)
+    assert allocator_off <= ALLOCATOR_TOLERANCE * measured.allocator_peak_bytes

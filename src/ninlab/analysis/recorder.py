@@ -505,6 +505,20 @@ _ZEROS_MADE_BY = frozenset(
     str(op) for op in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default)
 )
 
+# The backward of a reduction to one selected value (`max()`, `min()`, `median()`, `nanmedian()`
+# with no dim) spreads the gradient evenly over the elements equal to it (FunctionsManual.cpp,
+# `evenly_distribute_backward`). Unwatched on CPU it builds the mask as `input == value` (after
+# reading `value.isnan()`) and fills fresh zeros with it; on a tensor subclass (a fake tensor) or on
+# a GPU it first makes NaN masks of the input and the value and their `logical_and`, held to the
+# end of the formula: two input-sized bool tensors and a byte more at the gradient's high point
+# (`w.max()` of a (10, 8) parameter: 997 live bytes predicted against 836). On CPU those ops are
+# run unrecorded: the rest (`eq`, `logical_or_` in place, `sum`, `div`, the gradient) allocates
+# what the unwatched program does.
+_EVENLY_DISTRIBUTING_NODES = frozenset(
+    {"MaxBackward1", "MinBackward1", "MedianBackward0", "NanmedianBackward0"}
+)
+_NAN_MASK_OPS = frozenset({aten.isnan.default, aten.logical_and.default})
+
 # The in-place twin of each op the unwatched program may run in place where the recorder sees
 # it out of place.
 _IN_PLACE = {aten.add.Tensor: aten.add_.Tensor, **_FILLS_OF_FRESH_ZEROS}
@@ -829,6 +843,8 @@ class Recorder(TorchDispatchMode):
         skip_kernel = traits.returns_self and getattr(args[0], "constant", None) is None
         if self._paused:
             return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
+        if func in _NAN_MASK_OPS and self._makes_gpu_nan_mask(args):
+            return self._fake_outputs.run(func, args, kwargs)
         if (
             func is aten._local_scalar_dense.default
             and self.ledger.key(args[0]) in self._overflow_flags
@@ -898,6 +914,18 @@ class Recorder(TorchDispatchMode):
         if traits.pointwise:
             output = _elementwise_layout(args, output)
         return output
+
+    def _makes_gpu_nan_mask(self, args: tuple[Any, ...]) -> bool:
+        """Whether the op builds a NaN mask of `evenly_distribute_backward` that only a tensor
+        subclass or a GPU step makes (`_EVENLY_DISTRIBUTING_NODES`): in a CPU step, unwatched,
+        the formula makes none."""
+        node = current_autograd_node()
+        return (
+            node is not None
+            and type(node).__name__ in _EVENLY_DISTRIBUTING_NODES
+            and not self.emulate_cuda
+            and _device_type(args[0]) == "cpu"
+        )
 
     def _fills_fresh_zeros(self, args: tuple[Any, ...]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS`) is a backward formula filling the
