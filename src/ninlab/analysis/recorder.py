@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from typing_extensions import Self
 
-from ninlab.analysis.allocator import cpu_kernel_allocations, wrapped_number_bytes
+from ninlab.analysis.allocator import cpu_kernel_allocations, input_cast_bytes
 from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import (
     PRIM_DEVICE,
@@ -1028,7 +1028,7 @@ class Recorder(TorchDispatchMode):
                 cpu_allocations=allocations,
                 cpu_unmodelled=unmodelled,
                 cpu_call=KernelCall.of(name, args, outputs, kwargs) if unmodelled else None,
-                cpu_scalar_bytes=wrapped_number_bytes(func, args, kwargs) if on_cpu else 0,
+                cpu_scalar_bytes=input_cast_bytes(func, args, kwargs, outputs) if on_cpu else 0,
             )
         )
 

@@ -33,7 +33,9 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
   norms and pooling backwards given a tensor not contiguous), each call measured.
 `blocks` holds what they share (`KernelAllocation`, channel blocks and their padding).
 
-Beside the rules, for every op: `scalars`, the Python numbers an op takes as tensors (8 bytes,
+Beside the rules, for every op: `scalars`, the casts TensorIterator makes of inputs whose dtype is
+not the op's common dtype (a bool mask times a float gradient, `sum` of a mask into int64), and
+the Python numbers an op takes as tensors (8 bytes,
 then 4 when cast to float: Adam's bias corrections, a step count's increment), held at its high
 point.
 
@@ -58,12 +60,12 @@ from ninlab.analysis.allocator import (  # noqa: F401
 )
 from ninlab.analysis.allocator.blocks import KernelAllocation, peak_above_start_bytes
 from ninlab.analysis.allocator.registry import KernelBlocks, cpu_kernel_allocations
-from ninlab.analysis.allocator.scalars import wrapped_number_bytes
+from ninlab.analysis.allocator.scalars import input_cast_bytes
 
 __all__ = [
     "KernelAllocation",
     "KernelBlocks",
     "cpu_kernel_allocations",
+    "input_cast_bytes",
     "peak_above_start_bytes",
-    "wrapped_number_bytes",
 ]
