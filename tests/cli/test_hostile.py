@@ -433,3 +433,114 @@ def test_a_file_name_too_long_for_the_system_is_one_line(argv):
     code, err = _run([part.replace("{long}", "x" * 5000) for part in argv])
     assert code == 2 and err.startswith("ninlab: error: file name too long: " + "x" * 80), err
     assert len(err.splitlines()) == 1 and len(err) < 200, err
+
+
+# A value of each train option that passes argparse or not, but never a run: the checks of the
+# options, the recipe and the network all come before the data is loaded (item 1 of the second
+# hostile probe: `--variant bad` used to print the "data: ..." line before its error).
+_BAD_TRAIN_VALUES: dict[str, tuple[str, ...]] = {
+    "preset": ("--preset", "foo"),
+    "variant": ("--variant", "bad"),
+    "image_size": ("--image-size", "20"),
+    "epochs": ("--epochs", "0"),
+    "batch": ("--variant", "nin-d2l-bn", "--batch", "1"),
+    "lr": ("--lr", "0"),
+    "momentum": ("--momentum", "1"),
+    "nesterov": ("--preset", "d2l", "--nesterov"),
+    "weight_decay": ("--weight-decay", "-1"),
+    "schedule": ("--schedule", "foo"),
+    "warmup_epochs": ("--warmup-epochs", "99"),
+    "label_smoothing": ("--label-smoothing", "1"),
+    "translate": ("--translate", "28"),
+    "amp": ("--amp", "fp8"),
+    "seed": ("--seed", "-1"),
+    "train_examples": ("--train-examples", "1"),
+    "test_examples": ("--test-examples", "0"),
+    "device": ("--device", "tpu"),
+    "output_dir": ("--output-dir", "{tmp}/a-file"),
+    "resume": ("--resume", "{tmp}/nothere"),
+    "force_memory": ("--image-size", "5000", "--batch", "4096"),  # the memory check it skips
+    "data_dir": ("--data-dir", ""),
+}
+# Switches with no bad value of their own (any of them, given alone, is a valid run).
+_TRAIN_SWITCHES = {"flip", "flip_tta", "normalize", "channels_last", "compile", "no_download"}
+
+
+def test_every_train_option_has_a_bad_value_here():
+    dests = {a.dest for a in COMMANDS["train"]._actions if a.option_strings and a.dest != "help"}
+    assert dests == set(_BAD_TRAIN_VALUES) | _TRAIN_SWITCHES
+
+
+@pytest.mark.parametrize("dest", sorted(_BAD_TRAIN_VALUES))
+def test_a_bad_train_option_is_one_line_before_any_data_or_output(files, dest, monkeypatch):
+    def loaded(args):
+        raise AssertionError(f"the data was loaded before {dest} was checked")
+
+    monkeypatch.setattr("ninlab.cli.train.load_data", loaded)
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(files / "runs" / dest),
+        *(part.replace("{tmp}", str(files)) for part in _BAD_TRAIN_VALUES[dest]),
+    ]
+    # The value under test replaces the base's --epochs or --output-dir (argparse keeps the last).
+    if argv.count("--epochs") == 2 or argv.count("--output-dir") == 2:
+        option = "--epochs" if argv.count("--epochs") == 2 else "--output-dir"
+        del argv[argv.index(option) : argv.index(option) + 2]
+    if dest == "resume":
+        del argv[argv.index("--output-dir") : argv.index("--output-dir") + 2]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = int(exit.code or 0)
+    assert (code, out.getvalue()) == (2, ""), (argv, err.getvalue())
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("ninlab: error:"), (
+        argv,
+        err.getvalue(),
+    )
+    assert not (files / "runs" / dest).exists()  # nothing written either
+
+
+# Settings that change what a trained network predicts or how its data is read (item 2): a
+# resumed run refuses them changed; evaluate and predict take them from the checkpoint alone.
+_PIPELINE_OPTIONS = (
+    ("--image-size", "32"),
+    ("--normalize",),
+    ("--amp", "bf16"),
+    ("--flip-tta",),
+    ("--variant", "nin-d2l"),
+)
+
+
+@pytest.mark.parametrize("option", _PIPELINE_OPTIONS, ids=lambda option: option[0])
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_a_setting_of_the_checkpoint_is_never_changed_on_the_command_line(files, command, option):
+    run = str(files / "run")
+    argv = {
+        "train": ["train", "--resume", run],
+        "evaluate": ["evaluate", run],
+        "predict": ["predict", run, str(files / "gray8.png")],
+    }[command]
+    code, err = _run([*argv, *option])
+    assert code == 2 and err.count("\n") == 1, err
+    name = option[0].removeprefix("--").replace("-", "_")
+    expected = f"{name}=" if command == "train" else f"unrecognized arguments: {' '.join(option)}"
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_checkpoint_whose_weights_are_not_its_variant_says_the_fix(files, tmp_path, command):
+    state = torch.load(files / "run" / "checkpoint.pt", weights_only=True)
+    state["config"]["variant"] = "nin-d2l-1x1"  # nin-d2l-0x1's weights, labelled as another
+    del state["format"], state["checksum"]
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    rest = [str(files / "gray8.png")] if command == "predict" else ["--data-dir", str(tmp_path)]
+    code, err = _run([command, str(tmp_path), *rest])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "do not fit variant 'nin-d2l-1x1'" in err
+    assert err.rstrip().endswith("train it again with 'ninlab train --variant nin-d2l-1x1'"), err
+    assert "?" not in err

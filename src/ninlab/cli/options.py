@@ -431,8 +431,11 @@ BUDGET = _flag(
 )
 
 # Data options.
-DATA_DIR = _flag(
-    "data-dir", "directory with the four Fashion-MNIST IDX files (.gz or not)", metavar="DIR"
+DATA_DIR = _flag(  # "" (an unset variable) is refused, not read as "not given"
+    "data-dir",
+    "directory with the four Fashion-MNIST IDX files (.gz or not)",
+    type=path_name,
+    metavar="DIR",
 )
 NO_DOWNLOAD = _flag(
     "no-download", "never download; fail if the files are not found", action="store_true"

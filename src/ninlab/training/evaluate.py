@@ -187,8 +187,9 @@ def load_trained_model(
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise NinlabError(
-            f"{path}: the saved weights do not fit variant {config.variant!r} "
-            f"({one_line(error)}); was the checkpoint edited or the registry changed?"
+            f"{path}: the saved weights do not fit variant {config.variant!r} as this ninlab "
+            f"builds it ({one_line(error)}); evaluate it with the ninlab version that trained "
+            f"it, or train it again with 'ninlab train --variant {config.variant}'"
         ) from None
     return TrainedModel(model.to(device).eval(), config, int(state["epoch"]), Path(path))
 

@@ -41,7 +41,7 @@ from ninlab.training.checkpoint import (
     restore_run,
     save_run,
 )
-from ninlab.training.data import FashionMNIST, Split
+from ninlab.training.data import FILES, FashionMNIST, Split
 from ninlab.training.diagnostics import (
     StepClock,
     chance_warning,
@@ -164,10 +164,10 @@ def train(
 ) -> TrainResult:
     """Train `config` on `data`, writing checkpoint.pt, metrics.jsonl/.csv, curves.png and
     config.json to `output_dir`, which the run owns until it ends (`ninlab.training.rundir`).
-    `data` may be a function that loads it: it is called once the directory is owned and checked,
-    so a refused directory costs no loading. With `resume`, continue the checkpoint in
-    `output_dir` exactly. A new run whose predicted peak does not fit in the memory available is
-    refused unless `force_memory`."""
+    `data` may be a function that loads it: it is called once the directory is owned and the
+    configuration and network are checked, so a refused run costs no loading. With `resume`,
+    continue the checkpoint in `output_dir` exactly. A new run whose predicted peak does not fit
+    in the memory available is refused unless `force_memory`."""
     context = distributed.start(device)
     try:
         # Rank 0 owns the directory for all ranks: it alone writes there.
@@ -293,16 +293,14 @@ def _prepare(
 ) -> tuple[_Run, RunProgress, RunCost | None]:
     """The run, where it stands, and (for a new run) its cost to print."""
     config, state = _checked_config(config, output_dir, resume, context)
+    # Every check of the network (it fits the data, the compiler, the memory) comes before the
+    # data is loaded: a refused run downloads and prints nothing.
+    model, cost = _checked_network(
+        config, state, context, data_bytes=None if force_memory else _data_bytes(config, data)
+    )
     if callable(data):  # loaded only now: the directory is this run's and may be trained into
         data = data()
-    # The images a run keeps on its device, beside the step's own peak.
-    data_bytes = sum(
-        split.head(count).images.numel() if count else split.images.numel()
-        for split, count in ((data.train, config.train_examples), (data.test, config.test_examples))
-    )
-    model, optimizer, progress, cost = _build(
-        config, output_dir, state, context, data_bytes=None if force_memory else data_bytes
-    )
+    model, optimizer, progress = _build(model, config, output_dir, state, context)
     net = distributed.wrap(model, context)
     if config.compile:
         net = torch.compile(net)
@@ -368,19 +366,30 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
     return saved
 
 
-def _build(
+def _data_bytes(config: TrainConfig, data: FashionMNIST | Callable[[], FashionMNIST]) -> int:
+    """The bytes of the images a run keeps on its device, beside the step's own peak: of `data`,
+    or before it is loaded, of Fashion-MNIST's splits (which loading verifies)."""
+    if callable(data):
+        shapes = (FILES["train_images"].shape, FILES["test_images"].shape)
+    else:
+        shapes = (tuple(data.train.images.shape), tuple(data.test.images.shape))
+    counts = (config.train_examples, config.test_examples)
+    return sum(
+        min(count or total, total) * math.prod(image)
+        for (total, *image), count in zip(shapes, counts)
+    )
+
+
+def _checked_network(
     config: TrainConfig,
-    output_dir: Path,
     state: dict[str, Any] | None,
     context: distributed.Context,
     *,
     data_bytes: int | None,
-) -> tuple[nn.Module, torch.optim.Optimizer, RunProgress, RunCost | None]:
-    """The network and optimizer on the device, fresh or restored from `state`; writes
-    config.json once the configuration has proved that it builds and fits
+) -> tuple[nn.Module, RunCost | None]:
+    """The network, freshly initialised on the CPU, once it has proved that it builds and fits
     (`ninlab.training.preflight`; the memory only of a new run, and not when `data_bytes`, the
-    data's bytes on the device, is None: forced). A configuration refused here leaves the
-    directory as it was (`owning` removes one it created and nothing was written in)."""
+    data's bytes on the device, is None: forced); and the cost of a new run, to print."""
     torch.manual_seed(config.seed)
     model = build_nin(parse_variant(config.variant))
     check_fits_data(model, config, world_size=context.world_size)
@@ -398,6 +407,19 @@ def _build(
             context.device,
             available=available_memory(context.device),
         )
+    return model, cost
+
+
+def _build(
+    model: nn.Module,
+    config: TrainConfig,
+    output_dir: Path,
+    state: dict[str, Any] | None,
+    context: distributed.Context,
+) -> tuple[nn.Module, torch.optim.Optimizer, RunProgress]:
+    """The checked network and its optimizer on the device, fresh or restored from `state`;
+    writes config.json. A configuration refused before leaves the directory as it was (`owning`
+    removes one it created and nothing was written in)."""
     model = model.to(context.device, memory_format=_config_memory_format(config))
     optimizer = make_optimizer(_optimizer_spec(config), model.parameters())
     # Each rank draws its own dropout masks; rank 0 of a single process keeps the seed's stream.
@@ -406,7 +428,7 @@ def _build(
     if context.is_writer:
         config_text = json_text(dataclasses.asdict(config), indent=2) + "\n"
         write_text_atomically(output_dir / "config.json", config_text, durable=True)
-    return model, optimizer, progress, cost
+    return model, optimizer, progress
 
 
 def _on_device(split: Split, count: int | None, device: torch.device) -> Split:
