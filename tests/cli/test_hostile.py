@@ -544,3 +544,28 @@ def test_a_checkpoint_whose_weights_are_not_its_variant_says_the_fix(files, tmp_
     assert "do not fit variant 'nin-d2l-1x1'" in err
     assert err.rstrip().endswith("train it again with 'ninlab train --variant nin-d2l-1x1'"), err
     assert "?" not in err
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        ["nin-d2l", "nin-d2l:num_1x1=-1"],  # a variant setting its network refuses
+        ["nin-d2l", "nin-d2l"],  # named twice
+        ["nin-d2l", "torch.nn:Identity"],  # a factory cannot be trained
+    ],
+)
+def test_compare_train_refuses_bad_models_before_it_loads_the_data(tmp_path, monkeypatch, specs):
+    def loaded(args):
+        raise AssertionError(f"the data was loaded before {specs} were checked")
+
+    monkeypatch.setattr("ninlab.cli.compare.load_data", loaded)
+    argv = ["compare", *specs, "--train", "--output-dir", str(tmp_path / "runs")]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = int(exit.code or 0)
+    assert (code, out.getvalue()) == (2, ""), err.getvalue()
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("ninlab: error:")
+    assert not (tmp_path / "runs").exists()

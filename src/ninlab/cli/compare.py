@@ -24,7 +24,7 @@ from ninlab.cli.options import (
     spec_from_args,
     training_overrides,
 )
-from ninlab.studies.compare import TrainPlan, compare
+from ninlab.studies.compare import TrainPlan, check_specs, compare
 from ninlab.training.presets import PRESETS, get_preset
 from ninlab.training.progress import RichReporter
 from ninlab.viz.charts import chart_path, compare_chart, save_chart
@@ -76,6 +76,7 @@ def _plan(args: argparse.Namespace) -> TrainPlan:
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         chart_path(args.plot, option="--plot")  # refuse a bad file name before the work
+    check_specs(args.specs, trained=bool(args.train))  # before the data is loaded
     comparison = compare(
         args.specs,
         spec_from_args(args),

@@ -35,6 +35,7 @@ __all__ = [
     "Training",
     "Unit",
     "VariantResult",
+    "check_specs",
     "compare",
 ]
 
@@ -147,19 +148,7 @@ def compare(
     `optimizer`, ...) and its inference at `batch_size`; with `training`, also train each one and
     add its test accuracy and training time."""
     step = step_spec(step, **fields).replace(mode="train")
-    if not specs:
-        raise NinlabError(
-            "name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: "
-            f"{', '.join(sorted(list_configs()))})"
-        )
-    if len(set(specs)) < len(specs):
-        raise NinlabError(f"a model is named twice in {' '.join(specs)}; name each once")
-    if training is not None:
-        for spec in specs:
-            if spec.partition(":")[0] not in list_configs():
-                raise NinlabError(
-                    f"--train trains registry models and their variants only; {spec!r} is a factory"
-                )
+    check_specs(specs, trained=training is not None)
     variants = tuple(_analyse(spec, step, batch_size) for spec in specs)
     if training is not None:
         variants = tuple(
@@ -174,6 +163,26 @@ def compare(
         variants=variants,
         preset=training.preset if training else None,
     )
+
+
+def check_specs(specs: Sequence[str], *, trained: bool) -> None:
+    """Refuse, before any work (the command line calls it before it loads the data), model specs
+    `compare` cannot take: none, one named twice, a factory to train, a registry variant whose
+    settings its network refuses (built on meta: no weights)."""
+    if not specs:
+        raise NinlabError(
+            "name at least one model to compare, e.g. nin-d2l nin-d2l-1x1 (registry: "
+            f"{', '.join(sorted(list_configs()))})"
+        )
+    if len(set(specs)) < len(specs):
+        raise NinlabError(f"a model is named twice in {' '.join(specs)}; name each once")
+    for spec in specs:
+        if spec.partition(":")[0] in list_configs():
+            resolve_model(spec, weights=False)
+        elif trained:
+            raise NinlabError(
+                f"--train trains registry models and their variants only; {spec!r} is a factory"
+            )
 
 
 def _analyse(spec: str, step: StepSpec, batch_size: int) -> VariantResult:
