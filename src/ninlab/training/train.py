@@ -360,8 +360,8 @@ def resumed_config(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig
     if differences:
         raise NinlabError(
             f"the checkpoint was trained with other settings: {', '.join(differences)}; --resume "
-            "continues the saved run, so drop those options or start a new run in another "
-            "--output-dir"
+            "continues the saved run with its own settings: give --resume without a preset or "
+            "training options, or start a new run in another --output-dir"
         )
     return saved
 
