@@ -60,9 +60,8 @@ ALWAYS_PROBED: dict[str, tuple[str, ...]] = {
     ),
     "bilinear product (the kernel's temporaries)": ("aten._trilinear.default",),
     "unfold (an input-sized block the kernel grows into its output)": ("aten.im2col.default",),
-    "group and layer norm backward (the kernel's per-sample and per-thread sums)": (
+    "group norm backward (the kernel's per-sample and per-thread sums)": (
         "aten.native_group_norm_backward.default",
-        "aten.native_layer_norm_backward.default",
     ),
     "selection along a dim (the kernel's working copy of its input)": ("aten.kthvalue.default",),
     "embedding bag backward (the kernel's index temporaries)": (
@@ -74,6 +73,9 @@ ALWAYS_PROBED: dict[str, tuple[str, ...]] = {
 
 # The ops measured where a tensor argument is not contiguous, by what they are.
 PROBED_IN_ANOTHER_LAYOUT: dict[str, tuple[str, ...]] = {
+    # Not its backward: under torch 2.8 a probe of layer norm backward (bf16, ConvNeXt's permuted
+    # input) keeps blocks beyond its outputs, which leaves an exact allocator figure a lower
+    # bound; its per-thread sums on a tiny input (LayerNorm(6) at batch 1) stay unmodelled.
     "layer norm": ("aten.native_layer_norm.default",),
     "group norm": ("aten.native_group_norm.default",),
     "pooling backward": (
