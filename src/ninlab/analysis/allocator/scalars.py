@@ -76,6 +76,7 @@ def _promoted_positions(func: Any) -> tuple[tuple[int, str, bool], ...]:
     )
 
 
+@functools.cache
 def _op_name(func: Any) -> str:
     return op_schema(func).name.split("::")[-1]
 
@@ -142,12 +143,24 @@ def input_cast_bytes(
             return 0
         return source.numel() * output.dtype.itemsize
     inputs = []
+    dtypes = set()
+    numbers = False
     for i, name, _ in _promoted_positions(func):
         value = args[i] if i < len(args) else kwargs.get(name)
-        if isinstance(value, torch.Tensor) or type(value) in _WRAPPED:
+        if isinstance(value, torch.Tensor):
             inputs.append(value)
-    if not any(isinstance(value, torch.Tensor) for value in inputs):
+            dtypes.add(value.dtype)
+        elif type(value) in _WRAPPED:
+            inputs.append(value)
+            numbers = True
+    if not dtypes:
         return 0
+    if not numbers and len(dtypes) == 1:
+        # Most ops: tensors of one dtype, which is the common one, so nothing is cast; unless
+        # integers make a float (true division), which `_common_dtype` computes.
+        (dtype,) = dtypes
+        if dtype.is_floating_point or output is None or not output.dtype.is_floating_point:
+            return 0
     common = _common_dtype(inputs, output)
     if common is None:
         return 0
