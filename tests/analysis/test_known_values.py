@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ninlab.analysis.known_values import KnownValues
 from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.torch_internals import FakeTensorMode
 
 
 class _Branches(nn.Module):
@@ -41,3 +43,37 @@ def test_checks_on_known_values_take_the_real_branch():
         assert report.live_peak_bytes == measured.live_peak_bytes
         peaks.append(report.live_peak_bytes)
     assert peaks[1] > peaks[0]  # the mask with zeros takes the larger path, for real and here
+
+
+def test_a_write_forgets_the_values_on_its_storage_and_no_others():
+    aten = torch.ops.aten
+    with FakeTensorMode() as mode:
+        base, other, moved = torch.zeros(4), torch.zeros(4), torch.zeros(3)
+        view = base[:2]
+    known = KnownValues()
+    for fake in (base, view, other, moved):
+        known.note(fake, torch.full(fake.shape, 7.0))
+    with mode:
+        written = aten.uniform_.default(base)  # random: its values are not followed
+    known.follow(aten.uniform_.default, (base,), {}, written)
+    assert known.value(base) is None and known.value(view) is None
+    assert known.value(other).tolist() == [7.0] * 4
+    with mode:
+        moved_onto_other = aten.set_.source_Storage(moved, other.untyped_storage())
+    known.follow(aten.set_.source_Storage, (moved, other.untyped_storage()), {}, moved_onto_other)
+    # Moved onto `other`'s storage: `moved` and `other` are both forgotten.
+    assert known.value(moved) is None and known.value(other) is None
+
+
+def test_an_op_on_known_values_is_followed_and_one_on_unknown_ones_is_not():
+    aten = torch.ops.aten
+    with FakeTensorMode():
+        known_input, unknown_input = torch.zeros(3, dtype=torch.int64), torch.zeros(3)
+        total = known_input + 2
+        scaled = unknown_input * known_input
+    known = KnownValues()
+    known.note(known_input, torch.arange(3))
+    known.follow(aten.add.Tensor, (known_input, 2), {}, total)
+    known.follow(aten.mul.Tensor, (unknown_input, known_input), {}, scaled)
+    assert known.value(total).tolist() == [2, 3, 4]
+    assert known.value(scaled) is None

@@ -15,6 +15,7 @@ place by an op it does not follow loses its value, with every view of its storag
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -105,11 +106,17 @@ class KnownValues:
 
     def __init__(self) -> None:
         self._values: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # The known tensors by the address of their storage as their value was noted, so that an
+        # op writing a storage forgets its tensors without a look at every known one (Adam's
+        # step counts are known, and each of its in-place ops writes a storage).
+        self._on_storage: dict[int, list[weakref.ref[torch.Tensor]]] = {}
         self._bounds: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def note(self, fake: torch.Tensor, value: torch.Tensor) -> None:
         """`fake`'s values are `value`'s (a real CPU tensor of its shape)."""
         self._values[fake] = value
+        address = storage_address(fake.untyped_storage())
+        self._on_storage.setdefault(address, []).append(weakref.ref(fake))
 
     def note_bounds(self, fake: torch.Tensor, low: int, high: int) -> None:
         """`fake`'s values all lie in [low, high] (an integer input drawn from its range)."""
@@ -165,9 +172,7 @@ class KnownValues:
         real = self._run(func, args, kwargs) if followed else None
         if real is None:
             if writes and self._values:
-                self._forget(
-                    {storage_address(t.untyped_storage()) for t in _written(func, args, kwargs)}
-                )
+                self._forget(_written(func, args, kwargs))
             return
         reals, _ = tree_flatten(real)
         if len(reals) != len(outputs):
@@ -179,7 +184,7 @@ class KnownValues:
                 and value.shape == fake.shape
                 and value.dtype == fake.dtype
             ):
-                self._values[fake] = value
+                self.note(fake, value)
 
     def _follow_bounds(self, func: Any, args: tuple[Any, ...], fakes: list[torch.Tensor]) -> None:
         """The bounds of a bounded tensor's views and copies (`_SAME_VALUES`) are its own."""
@@ -192,10 +197,19 @@ class KnownValues:
             if not (fake.dtype.is_floating_point or fake.dtype.is_complex):
                 self._bounds[fake] = bounds
 
-    def _forget(self, storages: set[int]) -> None:
-        """Forget the values of every known tensor on one of `storages` (live, by address)."""
-        for fake in [f for f in self._values if storage_address(f.untyped_storage()) in storages]:
-            del self._values[fake]
+    def _forget(self, written: list[torch.Tensor]) -> None:
+        """Forget the values of `written` and of every known tensor on one of their storages.
+        A tensor's storage changes only by an op that writes it (`set_`), which forgets it here,
+        so a known tensor is still on the storage it was noted on."""
+        storages = {storage_address(t.untyped_storage()) for t in written}
+        for tensor in written:
+            self._values.pop(tensor, None)
+        for address in storages:
+            for ref in self._on_storage.pop(address, ()):
+                fake = ref()
+                # Not one noted again since, on another storage.
+                if fake is not None and storage_address(fake.untyped_storage()) in storages:
+                    self._values.pop(fake, None)
 
     def _all_known(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether every tensor among an op's arguments has known values: most ops of a step have
