@@ -47,13 +47,23 @@ def _writes(func: Any) -> tuple[tuple[int, str], ...]:
     )
 
 
+def _leaves(value: Any) -> list[Any]:
+    """`tree_flatten(value)`'s leaves, without it for a tensor or a plain tuple or list of them
+    (almost every op's arguments and outputs): each call of it leaves a cycle (a closure calling
+    itself) for the garbage collector, which the recording of every op would pay."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if type(value) in (tuple, list) and all(isinstance(item, torch.Tensor) for item in value):
+        return list(value)
+    return tree_flatten(value)[0]
+
+
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The fake tensors `func` writes in place in this call."""
     written = []
     for i, name in _writes(func):
         argument = args[i] if i < len(args) else kwargs.get(name)
-        flat, _ = tree_flatten(argument)
-        written += [t for t in flat if isinstance(t, FakeTensor)]
+        written += [t for t in _leaves(argument) if isinstance(t, FakeTensor)]
     return written
 
 
@@ -153,7 +163,7 @@ class KnownValues:
     def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """After `func` made `output` (fake): note its outputs' values where its arguments' are
         known, or forget the values of what it wrote in place."""
-        outputs, _ = tree_flatten(output)
+        outputs = _leaves(output)
         fakes = [t for t in outputs if isinstance(t, FakeTensor)]
         writes = _writes(func)
         if writes and self._bounds:
@@ -174,7 +184,7 @@ class KnownValues:
             if writes and self._values:
                 self._forget(_written(func, args, kwargs))
             return
-        reals, _ = tree_flatten(real)
+        reals = _leaves(real)
         if len(reals) != len(outputs):
             return
         for fake, value in zip(outputs, reals):
