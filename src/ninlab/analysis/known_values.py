@@ -34,6 +34,8 @@ from ninlab.analysis.torch_internals import (
 # a batch of 64 sequences of 4,096 tokens, which costs a millisecond.
 SIZE_LIMIT = 1 << 18
 _CPU = torch.device("cpu")
+# What `tree_flatten` takes as leaves among an op's arguments and outputs (None included).
+_LEAVES = (torch.Tensor, type(None), bool, int, float, complex)
 
 
 @functools.cache
@@ -48,12 +50,12 @@ def _writes(func: Any) -> tuple[tuple[int, str], ...]:
 
 
 def _leaves(value: Any) -> list[Any]:
-    """`tree_flatten(value)`'s leaves, without it for a tensor or a plain tuple or list of them
+    """`tree_flatten(value)`'s leaves, without it for a leaf or a plain tuple or list of leaves
     (almost every op's arguments and outputs): each call of it leaves a cycle (a closure calling
     itself) for the garbage collector, which the recording of every op would pay."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, _LEAVES):
         return [value]
-    if type(value) in (tuple, list) and all(isinstance(item, torch.Tensor) for item in value):
+    if type(value) in (tuple, list) and all(isinstance(item, _LEAVES) for item in value):
         return list(value)
     return tree_flatten(value)[0]
 
@@ -198,7 +200,7 @@ class KnownValues:
 
     def _follow_bounds(self, func: Any, args: tuple[Any, ...], fakes: list[torch.Tensor]) -> None:
         """The bounds of a bounded tensor's views and copies (`_SAME_VALUES`) are its own."""
-        if not fakes or not args or not isinstance(args[0], FakeTensor):
+        if not self._bounds or not fakes or not args or not isinstance(args[0], FakeTensor):
             return
         bounds = self._bounds.get(args[0])
         if bounds is None or op_schema(func).name not in _SAME_VALUES:
