@@ -255,11 +255,14 @@ def _masked_outputs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     return tuple(tensor if wanted else None for tensor, wanted in zip(output, mask))
 
 
-def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+def _float32_statistics(
+    func: Any, args: tuple[Any, ...], output: Any, fake_outputs: FakeOutputs
+) -> Any:
     """A normalisation's saved mean and inverse std in float32 when reduced-precision input meets
     float32 weights (autocast), as the real kernels keep them (measured on CPU: batch norm, layer
     norm, group norm; batch norm on CUDA too); the fake kernel would give them the input's
-    dtype, half their bytes."""
+    dtype, half their bytes. The copies are made by `fake_outputs`, which remembers them: through
+    FakeTensorMode, each is a Python decomposition of `_to_copy`, a fifth of a bf16 step."""
     weight_at = _MIXED_PRECISION_STATISTICS.get(func)
     if weight_at is None:
         return output
@@ -271,7 +274,14 @@ def _float32_statistics(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     ):
         return output
     result, mean, inverse_std = output
-    return result, mean.to(torch.float32), inverse_std.to(torch.float32)
+
+    def to_float32(tensor: torch.Tensor) -> torch.Tensor:
+        # As `tensor.to(torch.float32)`, which returns a float32 tensor itself.
+        if tensor.dtype == torch.float32:
+            return tensor
+        return fake_outputs.run(aten._to_copy.default, (tensor,), {"dtype": torch.float32})
+
+    return result, to_float32(mean), to_float32(inverse_std)
 
 
 def _group_norm_grad_input_dtype(func: Any, args: tuple[Any, ...], output: Any) -> Any:
@@ -902,7 +912,7 @@ class Recorder(TorchDispatchMode):
     ) -> Any:
         """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
         output = _masked_outputs(func, args, kwargs, self._fake_outputs.run(func, args, kwargs))
-        output = _float32_statistics(func, args, output)
+        output = _float32_statistics(func, args, output, self._fake_outputs)
         output = _group_norm_grad_input_dtype(func, args, output)
         output = _cpu_batch_norm_grad_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
