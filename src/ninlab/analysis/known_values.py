@@ -122,11 +122,15 @@ class KnownValues:
         # op writing a storage forgets its tensors without a look at every known one (Adam's
         # step counts are known, and each of its in-place ops writes a storage).
         self._on_storage: dict[int, list[weakref.ref[torch.Tensor]]] = {}
+        # The ids of every tensor ever noted: one not among them has no value of its own, known
+        # without the weak lookup in `_values` (most tensors of a step).
+        self._noted: set[int] = set()
         self._bounds: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def note(self, fake: torch.Tensor, value: torch.Tensor) -> None:
         """`fake`'s values are `value`'s (a real CPU tensor of its shape)."""
         self._values[fake] = value
+        self._noted.add(id(fake))
         address = storage_address(fake.untyped_storage())
         self._on_storage.setdefault(address, []).append(weakref.ref(fake))
 
@@ -227,7 +231,14 @@ class KnownValues:
         """Whether every tensor among an op's arguments has known values: most ops of a step have
         one that does not, and this look, far cheaper than `_run`'s flattening, spares them it."""
         tensors = tensors_in(args) + (tensors_in(tuple(kwargs.values())) if kwargs else [])
-        return all(self.value(t) is not None for t in tensors)
+        return all(
+            t.constant is not None if self._never_noted(t) else self.value(t) is not None
+            for t in tensors
+        )
+
+    def _never_noted(self, tensor: torch.Tensor) -> bool:
+        """A fake tensor never noted: its values are its constant's, if it has one."""
+        return isinstance(tensor, FakeTensor) and id(tensor) not in self._noted
 
     def _run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """`func` on the real values of its arguments, or None where one is unknown or the op
