@@ -199,3 +199,43 @@ def test_float32_convolutions_outside_the_measured_kinds_are_measured() -> None:
         assert (blocks.allocations is not None) is ruled
         if ruled:
             assert peak_above_start_bytes(blocks.allocations) == measured
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "mask", [[True, True, True], [True, True, False], [False, False, True], [True, False, False]]
+)
+def test_layer_norm_backward_follows_its_rule(
+    mask: list[bool], dtype: torch.dtype, threads: int
+) -> None:
+    """The per-thread partial sums of the weight's and bias's gradients, at any batch."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, features in ((1, 6), (64, 64), (4096, 192)):
+            x = torch.zeros(rows, features, dtype=dtype)
+            statistic = torch.zeros(rows, 1, dtype=dtype)
+            weight = torch.zeros(features, dtype=dtype)
+            args = [x, x, [features], statistic, statistic, weight, weight, mask]
+            blocks, measured_peak = _peaks("aten.native_layer_norm_backward.default", args)
+            assert blocks.unmodelled == ""
+            assert peak_above_start_bytes(blocks.allocations) == measured_peak
+            sums = threads * 2 * features * dtype.itemsize if mask[1] or mask[2] else 0
+            assert (
+                measured_peak - _output_bytes("aten.native_layer_norm_backward.default", args)
+                == sums
+            )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_layer_norm_backward_of_a_permuted_map_is_measured() -> None:
+    """ConvNeXt's layer norm over channels of a permuted map: the kernel copies it first."""
+    x = torch.zeros(2, 16, 8, 8).permute(0, 2, 3, 1)
+    statistic, weight = torch.zeros(2, 8, 8, 1), torch.zeros(16)
+    args = [x, x, [16], statistic, statistic, weight, weight, [True, True, True]]
+    blocks, measured_peak = _peaks("aten.native_layer_norm_backward.default", args)
+    assert blocks.allocations is None and "not contiguous" in blocks.unmodelled
+    output_bytes = _output_bytes("aten.native_layer_norm_backward.default", args)
+    assert measured_peak > output_bytes + 2 * torch.get_num_threads() * 16 * 4

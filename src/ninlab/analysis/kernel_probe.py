@@ -104,11 +104,17 @@ class KernelCall:
         kwargs: Mapping[str, Any] | None = None,
     ) -> KernelCall:
         """The call of `op` on `args` and keyword-only `kwargs` (fake or real tensors; a flash
-        attention's mask) that returned `outputs`, in the grad mode of now."""
+        attention's mask) that returned `outputs`, in the grad mode of now. An output that is one
+        of its arguments (an in-place op's) was allocated before the call, so it counts no bytes."""
+        arguments = [*args, *(kwargs or {}).values()]
         return KernelCall(
             op,
             _layouts(tuple(args)),
-            sum(_bytes(t) for t in outputs),
+            sum(
+                _bytes(t)
+                for t in outputs
+                if isinstance(t, torch.Tensor) and not any(t is a for a in arguments)
+            ),
             torch.is_grad_enabled(),
             tuple((name, _layouts(value)) for name, value in (kwargs or {}).items()),
         )
@@ -199,6 +205,9 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
     kwargs = {name: _real(value) for name, value in call.kwargs}
+    # A random op (dropout's mask, `randperm`) draws from the generator the user's step draws
+    # from next: the draw is put back, so a prediction changes no random number of theirs.
+    generator_state = torch.random.get_rng_state()
     try:
         # The op as recorded: autocast already chose its dtypes, and no argument asks for a
         # graph (zeros need no gradient), but grad mode is the kernel's to read.
@@ -210,6 +219,8 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
             result = func(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"
+    finally:
+        torch.random.set_rng_state(generator_state)
     outputs = result if isinstance(result, (tuple, list)) else (result,)
     addresses = {
         t.untyped_storage().data_ptr(): index

@@ -228,7 +228,10 @@ def _measure_unknown_kernels(step: StepRecording) -> None:
         if isinstance(measured, str):
             ops[index] = replace(op, cpu_unmodelled=f"{op.cpu_unmodelled}; {measured}")
         else:
-            ops[index] = replace(op, cpu_allocations=measured, cpu_unmodelled="")
+            # The measured call made its input casts too: they are among its blocks.
+            ops[index] = replace(
+                op, cpu_allocations=measured, cpu_unmodelled="", cpu_scalar_bytes=0
+            )
 
 
 def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:

@@ -27,6 +27,7 @@ each such call on its own (`ninlab.analysis.kernel_probe`). The rules, by kernel
 * `batch_norm`: batch norm forward and backward;
 * `embedding`: embedding backward;
 * `attention`: CPU flash attention, and the `_safe_softmax` of attention's math path;
+* `layer_norm`: layer norm's backward (its per-thread sums);
 * `pooling`: max pooling's backward;
 * `rnn`: oneDNN's LSTM layers (their workspace's size; their own blocks are measured);
 * `probed`: kernels with temporaries no rule follows (upsampling, FFT, `_trilinear`, `im2col`;
@@ -53,6 +54,7 @@ from ninlab.analysis.allocator import (  # noqa: F401
     batch_norm,
     convolution,
     embedding,
+    layer_norm,
     matmul,
     pooling,
     probed,

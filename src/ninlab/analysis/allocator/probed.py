@@ -71,11 +71,12 @@ ALWAYS_PROBED: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# The ops measured where a tensor argument is not contiguous, by what they are.
+# The ops measured where a tensor argument is not contiguous, by what they are: given
+# contiguous tensors they allocate only their outputs (the norms and pooling backwards by the
+# kernels' code; the rest found so at every contiguous call of the survey behind
+# `outputs_only.SURVEYED`), given others some copy one first (a softmax along a strided dim, an
+# embedding of expanded indices: the input again, in full).
 PROBED_IN_ANOTHER_LAYOUT: dict[str, tuple[str, ...]] = {
-    # Not its backward: under torch 2.8 a probe of layer norm backward (bf16, ConvNeXt's permuted
-    # input) keeps blocks beyond its outputs, which leaves an exact allocator figure a lower
-    # bound; its per-thread sums on a tiny input (LayerNorm(6) at batch 1) stay unmodelled.
     "layer norm": ("aten.native_layer_norm.default",),
     "group norm": ("aten.native_group_norm.default",),
     "pooling backward": (
@@ -83,6 +84,32 @@ PROBED_IN_ANOTHER_LAYOUT: dict[str, tuple[str, ...]] = {
         "aten._adaptive_avg_pool2d_backward.default",
         "aten.avg_pool2d_backward.default",
         "aten.avg_pool3d_backward.default",
+    ),
+    "pooling": (
+        "aten.avg_pool2d.default",
+        "aten.max_pool2d_with_indices.default",
+        "aten.max_unpool2d.default",
+    ),
+    "softmax": (
+        "aten._softmax.default",
+        "aten._softmax_backward_data.default",
+        "aten._log_softmax.default",
+        "aten._log_softmax_backward_data.default",
+    ),
+    "indexing": (
+        "aten.embedding.default",
+        "aten.index_select.default",
+        "aten.gather.default",
+        "aten.scatter_.src",
+        "aten.scatter_add_.default",
+        "aten.index_add_.default",
+    ),
+    "reduction along a dim": ("aten.max.dim", "aten.linalg_vector_norm.default"),
+    "resampling": (
+        "aten.grid_sampler_2d.default",
+        "aten.col2im.default",
+        "aten.pixel_unshuffle.default",
+        "aten.reflection_pad2d.default",
     ),
 }
 

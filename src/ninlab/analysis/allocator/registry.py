@@ -10,11 +10,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ninlab.analysis.allocator.blocks import KernelAllocation
+from ninlab.analysis.allocator.outputs_only import allocates_only_its_outputs
 from ninlab.analysis.rule_registry import rule_decorator
 
 __all__ = [
     "ALLOCATION_RULES",
     "OUTPUTS_ONLY",
+    "UNKNOWN_KERNEL",
     "AllocationRule",
     "KernelBlocks",
     "allocation_rule",
@@ -33,7 +35,11 @@ class KernelBlocks(NamedTuple):
 
 
 OUTPUTS_ONLY = KernelBlocks(None)
-"""An op that allocates nothing but its outputs, as every op without a rule."""
+"""An op that allocates nothing but its outputs."""
+
+UNKNOWN_KERNEL = KernelBlocks(None, "no rule knows this kernel's blocks (measured on its own)")
+"""An op without a rule that is not known to allocate only its outputs (`outputs_only`): the
+predictor measures each call (`ninlab.analysis.kernel_probe`)."""
 
 AllocationRule = Callable[[Sequence[Any]], KernelBlocks]
 """A rule: the op's positional arguments (real or fake tensors) to its blocks."""
@@ -51,6 +57,10 @@ registered."""
 
 def cpu_kernel_allocations(func_name: str, args: Sequence[Any]) -> KernelBlocks:
     """The blocks `func_name` (as a dispatch mode names it, e.g. "aten.convolution.default")
-    allocates on CPU for these arguments (real or fake tensors), by the op's registered rule."""
+    allocates on CPU for these arguments (real or fake tensors), by the op's registered rule; an op
+    without one allocates only its outputs where that is known (`outputs_only`), else its blocks
+    are unknown and each call is measured."""
     rule = _RULES.get(func_name)
-    return OUTPUTS_ONLY if rule is None else rule(args)
+    if rule is not None:
+        return rule(args)
+    return OUTPUTS_ONLY if allocates_only_its_outputs(func_name) else UNKNOWN_KERNEL

@@ -44,10 +44,11 @@ _WRAPPED: dict[type, torch.dtype] = {
     complex: torch.complex128,
 }
 
-# The ops whose `Scalar` overload wraps its number into a tensor and calls the `Tensor` one.
-_WRAPS_SCALAR = frozenset(
-    {"add", "sub", "mul", "div", "remainder", "fmod", "eq", "ne", "lt", "le", "gt", "ge"}
-)
+# The ops whose `Scalar` overload wraps its number into a tensor and calls the `Tensor` one, and
+# the argument that number is (`rsub(x, 1)` is `sub(1, x)`; `pow(2, x)` wraps its base).
+_ARITHMETIC = ("add", "sub", "rsub", "mul", "div", "remainder", "fmod")
+_COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+_WRAPS_SCALAR = {**dict.fromkeys((*_ARITHMETIC, *_COMPARISONS), "other"), "pow": "self"}
 
 # Arguments a pointwise kernel reads in their own dtype (a bool mask or condition).
 _NOT_PROMOTED = frozenset({"condition", "mask"})
@@ -67,12 +68,14 @@ def _promoted_positions(func: Any) -> tuple[tuple[int, str, bool], ...]:
     schema = op_schema(func)
     if torch.Tag.pointwise not in getattr(func, "tags", ()) or _op_name(func) in _MIXED_INPUTS:
         return ()
-    wraps = schema.overload_name == "Scalar" and _op_name(func).rstrip("_") in _WRAPS_SCALAR
+    wrapped = (
+        _WRAPS_SCALAR.get(_op_name(func).rstrip("_")) if schema.overload_name == "Scalar" else None
+    )
     return tuple(
         (i, argument.name, str(argument.type) == "number")
         for i, argument in enumerate(schema.arguments)
         if argument.name not in _NOT_PROMOTED
-        and (str(argument.type) == "Tensor" or (wraps and argument.name == "other"))
+        and (str(argument.type) == "Tensor" or argument.name == wrapped)
     )
 
 

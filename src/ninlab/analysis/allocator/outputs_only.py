@@ -1,0 +1,113 @@
+"""Which ops no rule names are known to allocate only their outputs on CPU: the closed world.
+
+A kernel the predictor knows nothing about may hold blocks beyond its outputs (a dilated
+convolution's backward took 9x the undilated one's; an upsampling, its input and output copied
+into the layout it works in): printed as exact, such a step was up to 35% under. So an op without
+a rule is taken as allocating only its outputs where that is known, and measured on its own by
+the kernel probe (`ninlab.analysis.kernel_probe`) everywhere else. Known, in three ways:
+
+* by what the op is: one that makes no tensor and changes none (`.item()`, the profiler's
+  annotations), a view (its outputs alias its input: no storage), or an elementwise op
+  (`torch.Tag.pointwise`: one TensorIterator loop over its outputs; the casts of its inputs that
+  loop makes are counted beside it, by `ninlab.analysis.allocator.scalars`);
+* by survey (`SURVEYED`): ops measured by the kernel probe at every call of the test corpus and
+  the layer zoo (`benchmarks/survey_kernels.py`, torch 2.14.1 CPU, 2 threads) and found to
+  allocate their outputs and nothing else beyond what `scalars` counts.
+
+An op outside these is measured at each call, once per machine (the probe's disk cache), and where
+it cannot be measured the figure is a lower bound with the reason: never silently outputs-only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ninlab.analysis.torch_internals import op_schema
+
+__all__ = ["SURVEYED", "allocates_only_its_outputs"]
+
+SURVEYED: frozenset[str] = frozenset(
+    f"aten.{name}"
+    for name in (
+        # copies, joins and padding (TensorIterator loops, any layout)
+        "_to_copy.default",
+        "copy_.default",
+        "cat.default",
+        "stack.default",
+        "constant_pad_nd.default",
+        "tril.default",
+        "triu.default",
+        # factories: the tensor they make and nothing else
+        "empty.memory_format",
+        "empty_like.default",
+        "new_empty_strided.default",
+        "new_zeros.default",
+        "new_ones.default",
+        "zeros.default",
+        "zeros_like.default",
+        "ones.default",
+        "ones_like.default",
+        "full.default",
+        "full_like.default",
+        "arange.default",
+        "arange.start",
+        "arange.start_step",
+        "linspace.default",
+        "scalar_tensor.default",
+        # in place, or an alias the view machinery does not track: no new storage
+        "fill_.Tensor",
+        "bernoulli_.float",
+        "masked_fill_.Scalar",
+        "as_strided_.default",
+        "transpose_.default",
+        "squeeze_.dim",
+        "_unsafe_view.default",
+        "unsafe_split.Tensor",
+        # indexing, backward scatters of slices, losses, activations with no pointwise tag
+        "index.Tensor",
+        "_index_put_impl_.default",
+        "select_backward.default",
+        "slice_backward.default",
+        "nll_loss_forward.default",
+        "nll_loss_backward.default",
+        "all.default",
+        "hardswish.default",
+        "hardswish_.default",
+        "hardswish_backward.default",
+        "hardsigmoid_backward.default",
+        # a sum over dims: 2 of 2,005 calls held 8 bytes more once, not again when rerun
+        "sum.dim_IntList",
+    )
+)
+"""Ops that are neither views nor pointwise, each measured at every call of the survey and found
+to allocate only its outputs (beyond the input casts `scalars` counts), by name. Ops the survey
+found outputs-only only on contiguous tensors are `probed.PROBED_IN_ANOTHER_LAYOUT`'s; those it
+found holding more at some call (a mean's count and its float copy of a bf16 input, `roll`'s
+halves, `repeat`'s index temporaries, a bool `cumsum`'s int64 copy) are measured at every call."""
+
+
+@functools.cache
+def allocates_only_its_outputs(op_name: str) -> bool:
+    """Whether the op `op_name` (as a dispatch mode names it, "aten.cat.default") allocates only
+    its outputs on CPU whatever its arguments, as far as ninlab knows."""
+    if op_name in SURVEYED:
+        return True
+    op = _overload(op_name)
+    if op is None:
+        return False
+    schema = op_schema(op)
+    makes_no_tensor = not schema.is_mutable and not any(
+        "Tensor" in str(result.type) for result in schema.returns
+    )
+    return makes_no_tensor or op.is_view or torch.Tag.pointwise in op.tags
+
+
+def _overload(op_name: str) -> torch._ops.OpOverload | None:
+    namespace, _, rest = op_name.partition(".")
+    name, _, overload = rest.rpartition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError):
+        return None
