@@ -3,11 +3,13 @@
 
 Every op call of the test corpus (`tests/corpus/corpus_cases.py`: the layer zoo, torchvision,
 timm and Hugging Face transformers, each under its setups) and of full-size torchvision models
-(`--zoo`, at batch 8, 224x224) that no rule names and that is neither a view nor pointwise is run
-on its own by the kernel probe (`ninlab.analysis.kernel_probe`), and its blocks beyond its outputs
-compared with what `ninlab.analysis.allocator.scalars` counts beside it (its input casts). An op
-whose every call holds nothing more is a candidate for `SURVEYED`; the others, with their largest
-excess, stay measured at each call. Run by hand (torchvision, timm and transformers importable):
+(`--zoo`, at batch 8, 224x224) that no rule names and that is neither a view nor pointwise, and
+every contiguous call of the ops `probed.PROBED_IN_ANOTHER_LAYOUT` measures only in another
+layout, is run on its own by the kernel probe (`ninlab.analysis.kernel_probe`), and its blocks
+beyond its outputs compared with what `ninlab.analysis.allocator.scalars` counts beside it (its
+input casts). An op whose every call holds nothing more is a candidate for `SURVEYED`; the
+others, with their largest excess, stay measured at each call. Run by hand (torchvision, timm
+and transformers importable):
 
     PYTHONPATH=src python benchmarks/survey_kernels.py [--zoo] [--only NAME ...]
         [--output benchmarks/survey_kernels-cpu.md]
@@ -33,12 +35,21 @@ os.environ["NINLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="ninlab-survey-")
 
 import torch  # noqa: E402
 
+from ninlab.analysis import recorder  # noqa: E402
 from ninlab.analysis.allocator import peak_above_start_bytes  # noqa: E402
-from ninlab.analysis.allocator.registry import UNKNOWN_KERNEL  # noqa: E402
+from ninlab.analysis.allocator.outputs_only import SURVEYED, outputs_only_by_kind  # noqa: E402
+from ninlab.analysis.allocator.probed import PROBED_IN_ANOTHER_LAYOUT  # noqa: E402
+from ninlab.analysis.allocator.registry import (  # noqa: E402
+    OUTPUTS_ONLY,
+    UNKNOWN_KERNEL,
+    KernelBlocks,
+    cpu_kernel_allocations,
+)
 from ninlab.analysis.kernel_probe import measured_allocations  # noqa: E402
 from ninlab.analysis.predict import predict_recorded  # noqa: E402
 from ninlab.errors import NinlabError  # noqa: E402
 
+LAYOUT_PROBED = {op for ops in PROBED_IN_ANOTHER_LAYOUT.values() for op in ops}
 ZOO = ("resnet50", "densenet121", "efficientnet_b0", "vit_b_16", "swin_t", "convnext_tiny")
 ZOO_SETUPS = {
     "sgd": {"optimizer": "sgd-momentum"},
@@ -46,6 +57,22 @@ ZOO_SETUPS = {
     "bf16": {"optimizer": "sgd-momentum", "amp": "bf16"},
     "infer": {"mode": "infer"},
 }
+
+
+SURVEYED_CALL = "surveyed: measured at every call"
+
+
+def every_call_measured(name: str, args: Any) -> KernelBlocks:
+    """The recorder's lookup, with every call the survey vouches for (`SURVEYED`, and the
+    contiguous calls of the ops measured in another layout) measured instead: the survey
+    checks its own list again."""
+    blocks = cpu_kernel_allocations(name, args)
+    if blocks == OUTPUTS_ONLY and not outputs_only_by_kind(name):
+        return KernelBlocks(None, SURVEYED_CALL)
+    return blocks
+
+
+recorder.cpu_kernel_allocations = every_call_measured
 
 
 @dataclass
@@ -67,7 +94,10 @@ def survey(model: Any, fields: dict[str, Any], batch: int, label: str, tally: di
     if step is None:
         return "measured for real (not traceable)"
     for op in step.recording.ops[step.step_start :]:
-        if op.cpu_call is None or op.cpu_unmodelled != UNKNOWN_KERNEL.unmodelled:
+        if op.cpu_call is None or op.cpu_unmodelled not in (
+            UNKNOWN_KERNEL.unmodelled,
+            SURVEYED_CALL,
+        ):
             continue
         entry = tally[op.op]
         entry.calls += 1
@@ -115,18 +145,27 @@ def markdown(tally: dict[str, OpTally], runs: int, seconds: float, machine: str)
     lines = [
         "# Kernels without an allocator rule, measured at every call",
         "",
-        f"{machine}; {runs} steps recorded, every call of an op that has no rule and is neither a",
-        f"view nor pointwise measured on its own by the kernel probe ({seconds:.0f} s). 'beyond':",
-        "calls holding blocks beyond their outputs and the input casts `scalars` counts.",
+        f"{machine}; {runs} steps recorded (`benchmarks/survey_kernels.py --zoo`). Every call of",
+        "an op that has no rule and is neither a view nor pointwise, and every contiguous call of",
+        "the ops measured only in another layout, measured on its own by the kernel probe",
+        f"({seconds:.0f} s). 'beyond': calls holding blocks beyond their outputs and the input",
+        "casts `scalars` counts. 'now': what the predictor does with the op's calls.",
         "",
-        "| op | calls | beyond | most beyond (bytes) | not measured | e.g. |",
-        "|---|---:|---:|---:|---|---|",
+        "| op | now | calls | beyond | most beyond (bytes) | not measured | e.g. |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     for name, entry in sorted(tally.items(), key=lambda item: (-item[1].beyond, item[0])):
         unmeasured = "; ".join(f"{count}: {why}" for why, count in entry.unmeasured.items())
         example = sorted(entry.where)[0]
+        now = (
+            "surveyed"
+            if name in SURVEYED
+            else "measured in another layout"
+            if name in LAYOUT_PROBED
+            else "measured"
+        )
         lines.append(
-            f"| {name} | {entry.calls} | {entry.beyond} | {entry.most_beyond_bytes:,} | "
+            f"| {name} | {now} | {entry.calls} | {entry.beyond} | {entry.most_beyond_bytes:,} | "
             f"{unmeasured} | {example} |"
         )
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from ninlab.analysis.allocator.batch_norm import (
     batch_norm_forward_allocations,
 )
 from ninlab.analysis.allocator.blocks import onednn_channel_block
+from ninlab.analysis.allocator.layer_norm import layer_norm_backward_allocations
 from ninlab.analysis.allocator.onednn_bf16 import (
     bf16_conv_forward_allocations,
     bf16_matmul_allocations,
@@ -227,6 +228,20 @@ def _lstm_layer(backward: bool) -> Callable[[], tuple[tuple[Any, ...], KernelBlo
     return call
 
 
+def _layer_norm_backward() -> tuple[tuple[Any, ...], KernelBlocks]:
+    x, statistic, weight = torch.randn(4, 6), torch.zeros(4, 1), torch.ones(6)
+    args = (x, x, [6], statistic, statistic, weight, weight, [True, True, True])
+    expected = layer_norm_backward_allocations(
+        input_shape=(4, 6),
+        normalized_shape=[6],
+        itemsize=4,
+        parameter_itemsize=4,
+        output_mask=[True, True, True],
+        threads=_threads(),
+    )
+    return args, KernelBlocks(expected)
+
+
 # One call of every registered op, and what its family's own rule gives for it.
 CALLS: dict[str, Callable[[], tuple[tuple[Any, ...], KernelBlocks]]] = {
     "aten.convolution.default": _float32_conv,
@@ -251,6 +266,7 @@ CALLS: dict[str, Callable[[], tuple[tuple[Any, ...], KernelBlocks]]] = {
         ),
     ),
     "aten.max_pool2d_with_indices_backward.default": _max_pool_backward,
+    "aten.native_layer_norm_backward.default": _layer_norm_backward,
     "aten.mkldnn_rnn_layer.default": _lstm_layer(backward=False),
     "aten.mkldnn_rnn_layer_backward.default": _lstm_layer(backward=True),
 }

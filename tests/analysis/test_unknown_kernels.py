@@ -83,7 +83,8 @@ def test_an_lstm_backward_with_a_workspace_of_another_size_is_not_run() -> None:
     args = (x, *weights, hx, hx, out, hy, cy, out, hy, cy, False, LSTM_MODE, 4, 1, True, True)
     backward = "aten.mkldnn_rnn_layer_backward.default"
     for given, runs in ((workspace, True), (workspace[:4096], False)):
-        call = KernelCall.of(backward, (*args, False, [], False, given), [x, *weights, hx, hx])
+        gradients = [torch.empty_like(t) for t in (x, *weights, hx, hx)]
+        call = KernelCall.of(backward, (*args, False, [], False, given), gradients)
         assert isinstance(measured_allocations(call), str) is not runs
 
 

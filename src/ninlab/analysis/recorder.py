@@ -954,8 +954,13 @@ class Recorder(TorchDispatchMode):
         `key` (`StorageLedger.accumulating`)."""
         op = self.recording.ops[-1]
         (total,) = op.outputs
+        # A kernel measured on its own is measured as the in-place one, which makes no output.
+        call = op.cpu_call and dataclasses.replace(op.cpu_call, op=str(in_place), output_bytes=0)
         self.recording.ops[-1] = dataclasses.replace(
-            op, op=str(in_place), outputs=(dataclasses.replace(total, storage_key=key),)
+            op,
+            op=str(in_place),
+            outputs=(dataclasses.replace(total, storage_key=key),),
+            cpu_call=call,
         )
 
     def _check_window_fits(

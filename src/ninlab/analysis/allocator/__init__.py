@@ -40,12 +40,12 @@ the Python numbers an op takes as tensors (8 bytes,
 then 4 when cast to float: Adam's bias corrections, a step count's increment), held at its high
 point.
 
-Ops the dispatch trace already sees completely need no rule: ReLU, ReLU6 (hardtanh), max
-pooling (its int64 indices are an output: under `no_grad` and, once composite ops are run as
-their parts, under `inference_mode` too), dropout (its float32 mask on CPU is an output of
-`bernoulli_`), adaptive average pooling and cross-entropy. Linear layers have a rule that finds
-nothing to add (`matmul`: float32 `addmm`/`mm` copy no matrix BLAS reads as it is) and sends the
-rest to the probe.
+An op no rule names counts as its outputs alone only where that is known (`outputs_only`: a
+view, a pointwise op, one that makes no tensor, or one the kernel survey measured so at every
+call); every other call is measured by the kernel probe, so a kernel nobody wrote a rule for is
+never silently counted as its outputs. Linear layers have a rule that finds nothing to add
+(`matmul`: float32 `addmm`/`mm` copy no matrix BLAS reads as it is) and sends the rest to the
+probe.
 """
 
 # The rule modules register their rules when imported; nothing else imports them.

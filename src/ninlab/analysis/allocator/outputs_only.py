@@ -26,7 +26,7 @@ import torch
 
 from ninlab.analysis.torch_internals import op_schema
 
-__all__ = ["SURVEYED", "allocates_only_its_outputs"]
+__all__ = ["SURVEYED", "allocates_only_its_outputs", "outputs_only_by_kind"]
 
 SURVEYED: frozenset[str] = frozenset(
     f"aten.{name}"
@@ -88,12 +88,16 @@ found holding more at some call (a mean's count and its float copy of a bf16 inp
 halves, `repeat`'s index temporaries, a bool `cumsum`'s int64 copy) are measured at every call."""
 
 
-@functools.cache
 def allocates_only_its_outputs(op_name: str) -> bool:
     """Whether the op `op_name` (as a dispatch mode names it, "aten.cat.default") allocates only
     its outputs on CPU whatever its arguments, as far as ninlab knows."""
-    if op_name in SURVEYED:
-        return True
+    return op_name in SURVEYED or outputs_only_by_kind(op_name)
+
+
+@functools.cache
+def outputs_only_by_kind(op_name: str) -> bool:
+    """Whether the op is of a kind that allocates only its outputs: one that makes no tensor and
+    changes none, a view, or a pointwise op."""
     op = _overload(op_name)
     if op is None:
         return False

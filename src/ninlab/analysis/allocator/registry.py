@@ -1,7 +1,8 @@
 """The allocator rules by op: a rule registers itself for the aten ops it knows with
 `@allocation_rule(...)`, a second rule for the same op is refused, and `cpu_kernel_allocations` is
-the one way to ask for an op call's blocks (one dict lookup for an op no rule names, which is what
-the tracer asks of every op). Imports no rule: the package's `__init__` imports them all."""
+the one way to ask for an op call's blocks (for an op no rule names, one cached answer of
+`outputs_only`: its outputs alone, or unknown and measured). Imports no rule: the package's
+`__init__` imports them all."""
 
 from __future__ import annotations
 
