@@ -25,7 +25,7 @@ from typing import Any, Literal, NoReturn
 from torch import nn
 
 from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
-from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
+from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, trace_step
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError
 from ninlab.units import budget_bytes, format_bytes
@@ -140,6 +140,7 @@ class _Peaks:
         self.bounds: dict[int, int] = {}
         self.fallback = fallback
         self.predicted = {report.batch_size: report for report in predicted}
+        self.traced: dict[int, TracedStep] = {}
 
     def __call__(self, batch_size: int) -> int:
         return self._at(batch_size)[0]
@@ -154,7 +155,8 @@ class _Peaks:
 
     def bound(self, batch_size: int) -> int:
         """At most the peak at `batch_size`: exact where known, else a prediction that runs no
-        kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`."""
+        kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`, and
+        the trace of a bound that is not exact in `traced`, for the exact peak to read."""
         if batch_size not in self.bounds:
             if batch_size in self.known or self.fallback is not None:
                 self.bounds[batch_size] = self(batch_size)
@@ -180,11 +182,19 @@ class _Peaks:
             probe_kernels or report.allocator is None or not report.allocator.measured
         ):
             return report
-        return predict_memory(
-            self.model, self.spec, batch_size=batch_size, probe_kernels=probe_kernels
-        )
+        # The exact peak where a bound was read: the probe on that bound's recording, not a
+        # second trace of the same step (the trace is most of a prediction's cost).
+        traced = self.traced.pop(batch_size, None)
+        if traced is None:
+            traced = trace_step(self.model, self.spec, batch_size=batch_size)
+            if isinstance(traced, MemoryReport):
+                return traced
+            if not probe_kernels:
+                self.traced[batch_size] = traced
+        return traced.report(probe_kernels=probe_kernels)
 
     def _keep(self, batch_size: int, report: MemoryReport) -> tuple[int, Trust]:
+        self.traced.pop(batch_size, None)  # exact: its recording will not be read again
         if report.fallback is None:
             self.known[batch_size] = self._peak(report), self._trust(report)
             return self.known[batch_size]
