@@ -153,6 +153,14 @@ class _Peaks:
         """The exact predictions made (the bounds that were not exact are not counted)."""
         return len(self.known)
 
+    def given(self, above: int) -> tuple[int, int] | None:
+        """The largest batch above `above` of the reports the caller gave, and its peak: where
+        the search's first slope reaches, at no cost."""
+        larger = [size for size in self.predicted if size > above]
+        if not larger:
+            return None
+        return max(larger), self._peak(self.predicted[max(larger)])
+
     def bound(self, batch_size: int) -> int:
         """At most the peak at `batch_size`: exact where known, else a prediction that runs no
         kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`, and
@@ -273,7 +281,9 @@ def fit_batch(
     # bound fits is at least the answer, and the next one's exact peak, at least its bound, is
     # over the budget. Exact predictions then check that candidate, and go below it only where a
     # probed kernel's blocks make the peak (`_exact_below`).
-    candidate = _largest_within(peak.bound, peak.bounds, budget, smallest, max_batch_size)
+    candidate = _largest_within(
+        peak.bound, peak.bounds, budget, smallest, max_batch_size, peak.given(smallest)
+    )
     low = _exact_below(peak, candidate, budget, smallest)
     if low == max_batch_size:
         raise NinlabError(
@@ -309,24 +319,35 @@ def _largest_within(
     budget: int,
     smallest: int,
     max_batch_size: int,
+    start: tuple[int, int] | None = None,
 ) -> int:
     """The largest batch up to `max_batch_size` whose `peak` fits the budget, batch `smallest`
     fitting; `tried`: the batch sizes `peak` has been asked at (a live view, growing as the
-    search asks)."""
+    search asks). `start`: a batch above `smallest` and its peak, already known (it need not be
+    `peak`'s own figure: it only proposes where to look), for the first step's slope."""
 
     def fits(batch_size: int) -> bool:
         return peak(batch_size) <= budget
 
-    # Newton steps on the peak: the slope between a batch and the next is the per-sample cost
-    # where the peak is, so once a guess lands in the answer's linear stretch the next is exact.
-    batch_size = smallest
+    # Secant steps on the peak: the slope between the last two batches asked is the per-sample
+    # cost where the peak is once both lie in one linear stretch, and then the next guess is
+    # exact; each step asks one new batch (and its next, to confirm a guess that fits). The
+    # first slope is from `smallest` to `start`, or to the next batch.
+    previous = start or (smallest + 1, peak(smallest + 1))
+    batch_size, at = smallest, peak(smallest)
     for _ in range(4):
-        slope = peak(batch_size + 1) - peak(batch_size)
-        if slope <= 0:
+        rise, run = previous[1] - at, previous[0] - batch_size
+        if rise * run <= 0:
             break
-        guess = batch_size + (budget - peak(batch_size)) // slope
+        if run < 0:
+            rise, run = -rise, -run
+        guess = batch_size + (budget - at) * run // rise
+        previous = batch_size, at
         batch_size = min(max(guess, smallest), max_batch_size)
-        if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
+        at = peak(batch_size)
+        if batch_size == previous[0]:
+            break
+        if at <= budget and (batch_size == max_batch_size or not fits(batch_size + 1)):
             break
     # Where the steps did not settle (the peak moved to another op), bisect between the largest
     # size known to fit and the smallest known not to (up to the largest searched: the first
