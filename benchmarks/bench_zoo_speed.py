@@ -215,7 +215,8 @@ def fit_seconds(
     model: Any, input_size: tuple[int, ...], budget: str, fields: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     """`fit_batch` in this process after its predictions, with what it found, and the fit's JSON
-    (every field but the count of exact predictions, which a faster search may lower)."""
+    (every field but the count of exact predictions and the peaks found on the way, which depend
+    on the search's path: a faster search may ask fewer)."""
     from ninlab.analysis.batch import fit_batch
 
     try:
@@ -225,6 +226,7 @@ def fit_seconds(
     except Exception as error:  # noqa: BLE001 - a refusal is a result of the benchmark
         return {"error": f"{type(error).__name__}: {error}"[:200]}, ""
     answer = dataclasses.asdict(fit)  # type: ignore[call-overload]
+    answer.pop("known", None)
     seconds = {
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),

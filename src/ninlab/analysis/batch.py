@@ -18,8 +18,8 @@ then estimates, and the answer's `trust` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
 from torch import nn
@@ -86,6 +86,10 @@ class BatchFit:
     # A step fake tensors cannot run: the real runs the peaks were read from, for a later question
     # at other batches (`memory_vs_batch(fallback=...)`) to read without running them again.
     fallback: MeasuredFallback | None = None
+    # The exact peaks at `level` the search found (batch size -> peak and trust), the answer and
+    # the next size among them, for a later question at the same level to read
+    # (`memory_vs_batch(known=...)`); which sizes depends on the search's path.
+    known: Mapping[int, tuple[int, Trust]] = field(default_factory=dict, repr=False, compare=False)
 
 
 def memory_vs_batch(
@@ -96,16 +100,19 @@ def memory_vs_batch(
     check_batch_size: int = 256,
     level: Level = "live",
     fallback: MeasuredFallback | None = None,
+    known: Mapping[int, tuple[int, Trust]] | None = None,
     **fields: Any,
 ) -> BatchScaling:
     """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line).
-    `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`)."""
+    `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`); `known`:
+    exact peaks of this step at `level` already found (`BatchFit.known`), read, not predicted."""
     spec = step_spec(spec, model=model, **fields)
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
     peak = _Peaks(model, spec, _level(level), fallback)
+    peak.known.update(known or {})
     peaks = (peak(first), peak(second))
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
@@ -301,6 +308,7 @@ def fit_batch(
         trust.kind == "at least",
         trust,
         peak.fallback,
+        dict(peak.known),
     )
 
 
