@@ -9,7 +9,13 @@ import pytest
 from torch import nn
 
 from ninlab.analysis import batch, kernel_probe
-from ninlab.analysis.batch import _largest_within, _Peaks, fit_batch, memory_vs_batch
+from ninlab.analysis.batch import (
+    _largest_within,
+    _Peaks,
+    fit_batch,
+    largest_batch,
+    memory_vs_batch,
+)
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import TracedStep, predict_memory, trace_step
 from ninlab.analysis.step import step_spec
@@ -152,3 +158,26 @@ def test_a_fit_traces_each_batch_size_once(nin: nn.Module, monkeypatch: pytest.M
     assert sorted(traced) == sorted(set(traced)) and fit.batch_size + 1 in traced
     exact = [predict_memory(nin, spec, batch_size=b) for b in (fit.batch_size, fit.batch_size + 1)]
     assert (fit.peak_bytes, fit.next_peak_bytes) == tuple(r.allocator_peak_bytes for r in exact)
+
+
+def test_the_largest_batch_alone_is_the_fits_answer_probing_no_other_size(
+    nin: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`largest_batch` (the planner's question) answers what `fit_batch` does, and what its peak
+    is, with no exact prediction the fit does not make; it skips the next size's where the
+    search did not ask it (its lower bound is over the budget already; ResNet-50 under bf16 in
+    2 GiB). Here, NiN's scratchpads exceed a sample's bytes, so the exact search goes below the
+    candidate and asks the next size itself."""
+    spec = step_spec(model=nin, input_size=(1, 96, 96), amp="bf16")
+    fit = fit_batch(nin, spec, budget="40MiB")
+    probed: list[int] = []
+    read = TracedStep.report
+
+    def counted(traced: TracedStep, *, probe_kernels: bool) -> MemoryReport:
+        if probe_kernels:
+            probed.append(traced.step.batch_size)
+        return read(traced, probe_kernels=probe_kernels)
+
+    monkeypatch.setattr(TracedStep, "report", counted)
+    assert largest_batch(nin, spec, budget="40MiB") == (fit.batch_size, fit.trust)
+    assert fit.batch_size in probed and set(probed) <= set(fit.known)

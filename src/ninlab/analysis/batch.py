@@ -35,6 +35,7 @@ __all__ = [
     "BatchScaling",
     "BudgetTooSmall",
     "fit_batch",
+    "largest_batch",
     "memory_vs_batch",
 ]
 
@@ -276,6 +277,44 @@ def fit_batch(
     max_batch_size = valid_batch_size(max_batch_size)
     spec = step_spec(spec, model=valid_model(model), **fields)
     peak = _Peaks(model, spec, level, predicted=predicted)
+    low = _search(peak, budget, max_batch_size)
+    trust = peak.trust(low)
+    return BatchFit(
+        level,
+        budget,
+        low,
+        peak(low),
+        peak(low + 1),
+        peak.predictions,
+        trust.kind == "at least",
+        trust,
+        peak.fallback,
+        dict(peak.known),
+    )
+
+
+def largest_batch(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    budget: int | str,
+    predicted: Iterable[MemoryReport] = (),
+    **fields: Any,
+) -> tuple[int, Trust]:
+    """`fit_batch`'s answer at the allocator level alone, and what the peak there is (`Trust`):
+    without the exact peak at the next size, which the search already knows is over the budget
+    (at least its lower bound is) and which, where kernels are probed, costs a probe of each at
+    that size. For the budget planner, which shows each alternative's answer, not its peaks."""
+    budget = budget_bytes(budget)
+    spec = step_spec(spec, model=valid_model(model), **fields)
+    peak = _Peaks(model, spec, "allocator", predicted=predicted)
+    low = _search(peak, budget, 1 << 24)
+    return low, peak.trust(low)
+
+
+def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
+    """The largest batch up to `max_batch_size` whose exact peak fits `budget`, the next one's
+    known not to (its exact peak, or its lower bound, is over the budget)."""
     smallest = _smallest_batch(peak)
     if smallest > max_batch_size:
         raise NinlabError(
@@ -297,19 +336,7 @@ def fit_batch(
             f"budget {format_bytes(budget)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
-    trust = peak.trust(low)
-    return BatchFit(
-        level,
-        budget,
-        low,
-        peak(low),
-        peak(low + 1),
-        peak.predictions,
-        trust.kind == "at least",
-        trust,
-        peak.fallback,
-        dict(peak.known),
-    )
+    return low
 
 
 def _too_small(peak: _Peaks, budget: int, smallest: int) -> NoReturn:
