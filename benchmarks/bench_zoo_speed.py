@@ -34,6 +34,7 @@ change must move no number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -143,9 +144,11 @@ def child(
         }
         predictions[kind] = memory_json(report)
     if fit_budget:
-        row["fit"] = {
-            kind: fit_seconds(model, input_size, fit_budget, KINDS[kind]) for kind in FITS
-        }
+        row["fit"] = {}
+        for kind in FITS:
+            row["fit"][kind], predictions[f"fit {kind}"] = fit_seconds(
+                model, input_size, fit_budget, KINDS[kind]
+            )
     if plan:
         row["plan"] = {}
         for kind in FITS:
@@ -210,8 +213,10 @@ def nin_child() -> dict[str, Any]:
 
 def fit_seconds(
     model: Any, input_size: tuple[int, ...], budget: str, fields: dict[str, Any]
-) -> dict[str, Any]:
-    """`fit_batch` in this process after its predictions, with what it found."""
+) -> tuple[dict[str, Any], str]:
+    """`fit_batch` in this process after its predictions, with what it found, and the fit's JSON
+    (every field but the count of exact predictions and the peaks found on the way, which depend
+    on the search's path: a faster search may ask fewer)."""
     from ninlab.analysis.batch import fit_batch
 
     try:
@@ -219,13 +224,16 @@ def fit_seconds(
             lambda: fit_batch(model, input_size=input_size, budget=budget, **fields)
         )
     except Exception as error:  # noqa: BLE001 - a refusal is a result of the benchmark
-        return {"error": f"{type(error).__name__}: {error}"[:200]}
-    return {
+        return {"error": f"{type(error).__name__}: {error}"[:200]}, ""
+    answer = dataclasses.asdict(fit)  # type: ignore[call-overload]
+    answer.pop("known", None)
+    seconds = {
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
-        "batch_size": fit.batch_size,  # type: ignore[attr-defined]
-        "predictions": fit.predictions,  # type: ignore[attr-defined]
+        "batch_size": answer["batch_size"],
+        "predictions": answer.pop("predictions"),
     }
+    return seconds, json.dumps(answer, default=str, sort_keys=True)
 
 
 def plan_seconds(

@@ -18,14 +18,14 @@ then estimates, and the answer's `trust` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
 from torch import nn
 
 from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
-from ninlab.analysis.predict import FALLBACK_LADDER, predict_memory
+from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, trace_step
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError
 from ninlab.units import budget_bytes, format_bytes
@@ -35,6 +35,7 @@ __all__ = [
     "BatchScaling",
     "BudgetTooSmall",
     "fit_batch",
+    "largest_batch",
     "memory_vs_batch",
 ]
 
@@ -86,6 +87,10 @@ class BatchFit:
     # A step fake tensors cannot run: the real runs the peaks were read from, for a later question
     # at other batches (`memory_vs_batch(fallback=...)`) to read without running them again.
     fallback: MeasuredFallback | None = None
+    # The exact peaks at `level` the search found (batch size -> peak and trust), the answer and
+    # the next size among them, for a later question at the same level to read
+    # (`memory_vs_batch(known=...)`); which sizes depends on the search's path.
+    known: Mapping[int, tuple[int, Trust]] = field(default_factory=dict, repr=False, compare=False)
 
 
 def memory_vs_batch(
@@ -96,16 +101,19 @@ def memory_vs_batch(
     check_batch_size: int = 256,
     level: Level = "live",
     fallback: MeasuredFallback | None = None,
+    known: Mapping[int, tuple[int, Trust]] | None = None,
     **fields: Any,
 ) -> BatchScaling:
     """The peak (live storage, or what the allocator holds) as fixed + per-sample bytes, from
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line).
-    `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`)."""
+    `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`); `known`:
+    exact peaks of this step at `level` already found (`BatchFit.known`), read, not predicted."""
     spec = step_spec(spec, model=model, **fields)
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
     peak = _Peaks(model, spec, _level(level), fallback)
+    peak.known.update(known or {})
     peaks = (peak(first), peak(second))
     per_sample = (peaks[1] - peaks[0]) / (second - first)
     fixed = peaks[0] - per_sample * first
@@ -140,6 +148,7 @@ class _Peaks:
         self.bounds: dict[int, int] = {}
         self.fallback = fallback
         self.predicted = {report.batch_size: report for report in predicted}
+        self.traced: dict[int, TracedStep] = {}
 
     def __call__(self, batch_size: int) -> int:
         return self._at(batch_size)[0]
@@ -152,9 +161,18 @@ class _Peaks:
         """The exact predictions made (the bounds that were not exact are not counted)."""
         return len(self.known)
 
+    def given(self, above: int) -> tuple[int, int] | None:
+        """The largest batch above `above` of the reports the caller gave, and its peak: where
+        the search's first slope reaches, at no cost."""
+        larger = [size for size in self.predicted if size > above]
+        if not larger:
+            return None
+        return max(larger), self._peak(self.predicted[max(larger)])
+
     def bound(self, batch_size: int) -> int:
         """At most the peak at `batch_size`: exact where known, else a prediction that runs no
-        kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`."""
+        kernel (`predict_memory(probe_kernels=False)`); every size asked is kept in `bounds`, and
+        the trace of a bound that is not exact in `traced`, for the exact peak to read."""
         if batch_size not in self.bounds:
             if batch_size in self.known or self.fallback is not None:
                 self.bounds[batch_size] = self(batch_size)
@@ -180,11 +198,19 @@ class _Peaks:
             probe_kernels or report.allocator is None or not report.allocator.measured
         ):
             return report
-        return predict_memory(
-            self.model, self.spec, batch_size=batch_size, probe_kernels=probe_kernels
-        )
+        # The exact peak where a bound was read: the probe on that bound's recording, not a
+        # second trace of the same step (the trace is most of a prediction's cost).
+        traced = self.traced.pop(batch_size, None)
+        if traced is None:
+            traced = trace_step(self.model, self.spec, batch_size=batch_size)
+            if isinstance(traced, MemoryReport):
+                return traced
+            if not probe_kernels:
+                self.traced[batch_size] = traced
+        return traced.report(probe_kernels=probe_kernels)
 
     def _keep(self, batch_size: int, report: MemoryReport) -> tuple[int, Trust]:
+        self.traced.pop(batch_size, None)  # exact: its recording will not be read again
         if report.fallback is None:
             self.known[batch_size] = self._peak(report), self._trust(report)
             return self.known[batch_size]
@@ -251,6 +277,44 @@ def fit_batch(
     max_batch_size = valid_batch_size(max_batch_size)
     spec = step_spec(spec, model=valid_model(model), **fields)
     peak = _Peaks(model, spec, level, predicted=predicted)
+    low = _search(peak, budget, max_batch_size)
+    trust = peak.trust(low)
+    return BatchFit(
+        level,
+        budget,
+        low,
+        peak(low),
+        peak(low + 1),
+        peak.predictions,
+        trust.kind == "at least",
+        trust,
+        peak.fallback,
+        dict(peak.known),
+    )
+
+
+def largest_batch(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    budget: int | str,
+    predicted: Iterable[MemoryReport] = (),
+    **fields: Any,
+) -> tuple[int, Trust]:
+    """`fit_batch`'s answer at the allocator level alone, and what the peak there is (`Trust`):
+    without the exact peak at the next size, which the search already knows is over the budget
+    (at least its lower bound is) and which, where kernels are probed, costs a probe of each at
+    that size. For the budget planner, which shows each alternative's answer, not its peaks."""
+    budget = budget_bytes(budget)
+    spec = step_spec(spec, model=valid_model(model), **fields)
+    peak = _Peaks(model, spec, "allocator", predicted=predicted)
+    low = _search(peak, budget, 1 << 24)
+    return low, peak.trust(low)
+
+
+def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
+    """The largest batch up to `max_batch_size` whose exact peak fits `budget`, the next one's
+    known not to (its exact peak, or its lower bound, is over the budget)."""
     smallest = _smallest_batch(peak)
     if smallest > max_batch_size:
         raise NinlabError(
@@ -263,25 +327,16 @@ def fit_batch(
     # bound fits is at least the answer, and the next one's exact peak, at least its bound, is
     # over the budget. Exact predictions then check that candidate, and go below it only where a
     # probed kernel's blocks make the peak (`_exact_below`).
-    candidate = _largest_within(peak.bound, peak.bounds, budget, smallest, max_batch_size)
+    candidate = _largest_within(
+        peak.bound, peak.bounds, budget, smallest, max_batch_size, peak.given(smallest)
+    )
     low = _exact_below(peak, candidate, budget, smallest)
     if low == max_batch_size:
         raise NinlabError(
             f"budget {format_bytes(budget)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )
-    trust = peak.trust(low)
-    return BatchFit(
-        level,
-        budget,
-        low,
-        peak(low),
-        peak(low + 1),
-        peak.predictions,
-        trust.kind == "at least",
-        trust,
-        peak.fallback,
-    )
+    return low
 
 
 def _too_small(peak: _Peaks, budget: int, smallest: int) -> NoReturn:
@@ -299,24 +354,35 @@ def _largest_within(
     budget: int,
     smallest: int,
     max_batch_size: int,
+    start: tuple[int, int] | None = None,
 ) -> int:
     """The largest batch up to `max_batch_size` whose `peak` fits the budget, batch `smallest`
     fitting; `tried`: the batch sizes `peak` has been asked at (a live view, growing as the
-    search asks)."""
+    search asks). `start`: a batch above `smallest` and its peak, already known (it need not be
+    `peak`'s own figure: it only proposes where to look), for the first step's slope."""
 
     def fits(batch_size: int) -> bool:
         return peak(batch_size) <= budget
 
-    # Newton steps on the peak: the slope between a batch and the next is the per-sample cost
-    # where the peak is, so once a guess lands in the answer's linear stretch the next is exact.
-    batch_size = smallest
+    # Secant steps on the peak: the slope between the last two batches asked is the per-sample
+    # cost where the peak is once both lie in one linear stretch, and then the next guess is
+    # exact; each step asks one new batch (and its next, to confirm a guess that fits). The
+    # first slope is from `smallest` to `start`, or to the next batch.
+    previous = start or (smallest + 1, peak(smallest + 1))
+    batch_size, at = smallest, peak(smallest)
     for _ in range(4):
-        slope = peak(batch_size + 1) - peak(batch_size)
-        if slope <= 0:
+        rise, run = previous[1] - at, previous[0] - batch_size
+        if rise * run <= 0:
             break
-        guess = batch_size + (budget - peak(batch_size)) // slope
+        if run < 0:
+            rise, run = -rise, -run
+        guess = batch_size + (budget - at) * run // rise
+        previous = batch_size, at
         batch_size = min(max(guess, smallest), max_batch_size)
-        if fits(batch_size) and (batch_size == max_batch_size or not fits(batch_size + 1)):
+        at = peak(batch_size)
+        if batch_size == previous[0]:
+            break
+        if at <= budget and (batch_size == max_batch_size or not fits(batch_size + 1)):
             break
     # Where the steps did not settle (the peak moved to another op), bisect between the largest
     # size known to fit and the smallest known not to (up to the largest searched: the first

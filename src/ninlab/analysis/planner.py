@@ -5,9 +5,9 @@ The alternatives: bf16 autocast; activation checkpointing (`torch.utils.checkpoi
 non-reentrant) of each top-level block that has parameters, and of all of them; gradient
 accumulation in k micro-batches that keeps the requested global batch; SGD, SGD with momentum
 and Adam state. Each is a real step (a `StepSpec` with a step function built here), predicted
-like any other (`ninlab.analysis.batch.fit_batch`); its compute is the FLOPs of its recorded ops
-at the requested batch, as `ninlab.analysis.flops` counts them (forward, backward and the
-recomputation).
+like any other (`ninlab.analysis.batch.largest_batch`: `fit_batch`'s answer, without the peak
+at the next size); its compute is the FLOPs of its recorded ops at the requested batch, as
+`ninlab.analysis.flops` counts them (forward, backward and the recomputation).
 
 The recommendation is the alternative that fits the requested batch with the least compute; on
 a tie, the one that changes the least: accumulation (the same arithmetic, in parts), then bf16
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ninlab.analysis.batch import BatchFit, BudgetTooSmall, fit_batch
+from ninlab.analysis.batch import BatchFit, BudgetTooSmall, largest_batch
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import predict_recorded
 from ninlab.analysis.step import (
@@ -225,8 +225,8 @@ def _option(
         largest, at_most = fit.batch_size, fit.lower_bound
     else:
         try:
-            fit = fit_batch(model, spec, budget=budget, predicted=(report,))
-            largest, at_most = fit.batch_size, fit.lower_bound
+            largest, trust = largest_batch(model, spec, budget=budget, predicted=(report,))
+            at_most = trust.kind == "at least"
         except BudgetTooSmall:
             largest, at_most = 0, False
     assert report.allocator is not None

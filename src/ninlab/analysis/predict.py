@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import groupby, pairwise
 from math import prod
 from typing import Any
@@ -79,7 +79,7 @@ from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, one_line
 from ninlab.units import dtype_name
 
-__all__ = ["FALLBACK_LADDER", "predict_memory", "predict_recorded"]
+__all__ = ["FALLBACK_LADDER", "TracedStep", "predict_memory", "predict_recorded", "trace_step"]
 
 # Where a step fake tensors cannot run is measured to estimate a larger batch: each a real run,
 # a few seconds on a small model, whatever the batch. Batch 1 is left out: its peak is the most
@@ -143,6 +143,46 @@ def predict_recorded(
     """`predict_memory`, with the recording it read (None where the step was measured for real
     instead): for a caller that also reads the step's ops (the budget planner its FLOPs), so that
     the step is traced once."""
+    traced = trace_step(model, spec, batch_size=batch_size, model_name=model_name, **fields)
+    if isinstance(traced, MemoryReport):
+        return traced, None
+    return traced.report(probe_kernels=probe_kernels), traced.step
+
+
+@dataclass(frozen=True)
+class TracedStep:
+    """A step traced on fake tensors, to be read into a report with or without the kernel probe,
+    and again: the batch search reads it without the probe (a lower bound), and where it then
+    needs the exact figure at that batch, probes this recording instead of tracing the step
+    again (a trace at a batch size is the same every time)."""
+
+    model: nn.Module  # as traced: its lazy modules materialized
+    step: StepRecording
+    name: str
+    notes: tuple[str, ...]  # how the step may differ from step to step (`_varies`, `_saves`)
+
+    def report(self, *, probe_kernels: bool) -> MemoryReport:
+        """`predict_memory`'s report of this trace (`probe_kernels` as there); probing measures
+        the unknown calls into the recording itself, so a later report also has them."""
+        # Tens of thousands of report objects, all freed by reference counts: without the cyclic
+        # collector, as the recording runs, they trigger none of its full passes over the process.
+        with collector_off():
+            if probe_kernels:
+                _measure_unknown_kernels(self.step)
+            report = _report(self.model, self.step, self.name)
+        return replace(report, notes=(*report.notes, *self.notes))
+
+
+def trace_step(
+    model: nn.Module,
+    spec: StepSpec | None = None,
+    *,
+    batch_size: int | None = None,
+    model_name: str | None = None,
+    **fields: Any,
+) -> TracedStep | MemoryReport:
+    """The step traced at `batch_size`, not yet read (`TracedStep.report`); for a step fake
+    tensors cannot run, the report of its real runs (`predict_memory`'s fallback) instead."""
     spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = batch_size_of(spec, batch_size)
     name = model_name or type(model).__name__
@@ -153,21 +193,15 @@ def predict_recorded(
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
     except NOT_TRACEABLE as error:
-        return _measured_report(model, spec, batch_size, name, error), None
+        return _measured_report(model, spec, batch_size, name, error)
     except NinlabError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever the step or model raises, as one line naming why
         if spec.step is not None:
             raise step_failed(spec, error, "fake tensors") from None
         raise cannot_run(error, model, spec) from None
-    # Tens of thousands of report objects, all freed by reference counts: without the cyclic
-    # collector, as the recording runs, they trigger none of its full passes over the process.
     varies = _varies(step, draws != _python_random_states()) + _saves(step)
-    with collector_off():
-        if probe_kernels:
-            _measure_unknown_kernels(step)
-        report = _report(traced, step, name)
-    return replace(report, notes=(*report.notes, *varies)), step
+    return TracedStep(traced, step, name, varies)
 
 
 # -- a step that may not be the same every time -----------------------------------------------

@@ -59,6 +59,7 @@ def study_batch(
         check_batch_size=check_batch_size,
         level=fit.level,
         fallback=fit.fallback,
+        known=fit.known,
     )
     plan, notes = None, ()
     if plan_batch_size is not None and fit.trust.kind in ("measured", "estimate"):

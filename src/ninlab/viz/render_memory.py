@@ -303,7 +303,8 @@ def memory_to_dict(report: MemoryReport, *, study: BatchStudy | None = None) -> 
         if scaling
         else None,
         "fit": {
-            **fit.__dict__,
+            # `known`: the search's working figures, which depend on its path, not an answer.
+            **{name: value for name, value in fit.__dict__.items() if name != "known"},
             "trust": _trust_dict(fit.trust),
             "fallback": dict(fit.fallback.__dict__) if fit.fallback else None,
         }
