@@ -40,6 +40,7 @@ from ninlab.analysis.allocator import peak_above_start_bytes  # noqa: E402
 from ninlab.analysis.allocator.outputs_only import SURVEYED, outputs_only_by_kind  # noqa: E402
 from ninlab.analysis.allocator.probed import PROBED_IN_ANOTHER_LAYOUT  # noqa: E402
 from ninlab.analysis.allocator.registry import (  # noqa: E402
+    ALLOCATION_RULES,
     OUTPUTS_ONLY,
     UNKNOWN_KERNEL,
     KernelBlocks,
@@ -149,7 +150,8 @@ def markdown(tally: dict[str, OpTally], runs: int, seconds: float, machine: str)
         "an op that has no rule and is neither a view nor pointwise, and every contiguous call of",
         "the ops measured only in another layout, measured on its own by the kernel probe",
         f"({seconds:.0f} s). 'beyond': calls holding blocks beyond their outputs and the input",
-        "casts `scalars` counts. 'now': what the predictor does with the op's calls.",
+        "casts `scalars` counts. 'now': what the predictor does with the op's calls ('its rule':",
+        "the calls a rule gives as outputs only, checked here too).",
         "",
         "| op | now | calls | beyond | most beyond (bytes) | not measured | e.g. |",
         "|---|---|---:|---:|---:|---|---|",
@@ -162,6 +164,8 @@ def markdown(tally: dict[str, OpTally], runs: int, seconds: float, machine: str)
             if name in SURVEYED
             else "measured in another layout"
             if name in LAYOUT_PROBED
+            else "its rule"
+            if name in ALLOCATION_RULES
             else "measured"
         )
         lines.append(

@@ -239,3 +239,18 @@ def test_layer_norm_backward_of_a_permuted_map_is_measured() -> None:
     assert blocks.allocations is None and "not contiguous" in blocks.unmodelled
     output_bytes = _output_bytes("aten.native_layer_norm_backward.default", args)
     assert measured_peak > output_bytes + 2 * torch.get_num_threads() * 16 * 4
+
+
+def test_a_slow2d_1x1_convolution_of_a_channels_last_input_is_measured() -> None:
+    """XCiT's 1x1 convolution at batch 1 runs on Slow2d as a matrix multiply, which copies a
+    channels-last input first (8,192 bytes beyond its outputs in backward, found by the survey)."""
+    x = torch.randn(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    weight, grad = torch.randn(128, 64, 1, 1), torch.randn(1, 128, 4, 4)
+    args = [grad, x, weight, [128], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True]]
+    blocks, measured_peak = _peaks("aten.convolution_backward.default", args)
+    assert blocks.allocations is None and "not contiguous" in blocks.unmodelled
+    assert measured_peak > _output_bytes("aten.convolution_backward.default", args)
+    contiguous = [grad, x.contiguous(), *args[2:]]
+    blocks, measured_peak = _peaks("aten.convolution_backward.default", contiguous)
+    assert blocks.allocations is None and blocks.unmodelled == ""  # outputs only
+    assert measured_peak == _output_bytes("aten.convolution_backward.default", contiguous)

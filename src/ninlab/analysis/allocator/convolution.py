@@ -39,7 +39,12 @@ def _blocks(conv: ConvCall) -> KernelBlocks:
         return KernelBlocks(None, outside)
     backend = conv.backend
     if backend == "Slow2d" and tuple(conv.weight.shape[2:]) == (1, 1):
-        return OUTPUTS_ONLY  # an unstrided 1x1 convolution as a matrix multiply: no workspace
+        # An unstrided 1x1 convolution as a matrix multiply: no workspace, unless a tensor is
+        # laid out otherwise (XCiT's channels-last input at batch 1: copied, 8,192 bytes).
+        tensors = (conv.input, conv.weight, conv.grad_output)
+        if all(t is None or t.is_contiguous() for t in tensors):
+            return OUTPUTS_ONLY
+        return KernelBlocks(None, "Slow2d 1x1 convolution of a tensor not contiguous")
     if backend != "Mkldnn":
         return KernelBlocks(None, f"convolution on the {backend} backend")
     dtypes = (conv.input.dtype, conv.weight.dtype)
