@@ -235,9 +235,29 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
         output = addresses.get(pointer) if last_at.get(pointer) == position else None
         what = "free" if size < 0 else "workspace (measured)" if output is None else "output"
         allocations.append(KernelAllocation(size, what, output))
-    if sum(a.delta_bytes for a in allocations) != call.output_bytes:
+    # What stays allocated must be the real outputs: those of the recording may differ from
+    # them where a fake kernel does (torch 2.8's layer norm backward gives float32 weights
+    # float32 gradients of a bf16 input; its fake kernel, bf16 ones).
+    given = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+    made = {
+        t.untyped_storage().data_ptr(): _bytes(t)
+        for t in _tensors(outputs)
+        if t.untyped_storage().data_ptr() not in given
+    }
+    if sum(a.delta_bytes for a in allocations) != sum(made.values()):
         return "measured on its own, it kept blocks beyond its outputs"
     return tuple(allocations)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in `value`, through lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return _tensors(list(value.values()))
+    return []
 
 
 # Kernels whose blocks depend on their arguments' values, by the position of the argument that
