@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 budget=args.fit,
                 check_batch_size=choice.batch,
                 plan_batch_size=choice.batch if spec.mode == "train" else None,
+                predicted=(memory,),
             )
     if args.format == "json":
         print(summary_json(summary, memory=memory, study=study))

@@ -5,12 +5,14 @@ report; where they place the line differs, and the caller says which (`check_bat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ninlab.analysis.batch import BatchFit, BatchScaling, fit_batch, memory_vs_batch
+from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.planner import BudgetPlan, plan_budget
 from ninlab.analysis.step import Mode, StepSpec, step_spec
 
@@ -36,6 +38,7 @@ def study_batch(
     budget: int | str,
     check_batch_size: int | None = None,
     plan_batch_size: int | None = None,
+    predicted: Iterable[MemoryReport] = (),
     **fields: Any,
 ) -> BatchStudy:
     """Fit the batch of the step `spec` describes (or its fields) into `budget`, then measure the
@@ -43,9 +46,10 @@ def study_batch(
     the answer and the next size, and is checked there (the summary's words); None draws it for a
     chart, through a quarter and a half of the answer, checked at three quarters, so the points
     spread over the picture. With `plan_batch_size`, also the budget planner's alternatives for
-    that batch (many exact predictions)."""
+    that batch (many exact predictions). `predicted`: reports of this step already made, which
+    the fit reads instead of predicting their batch sizes again (`fit_batch`)."""
     spec = step_spec(spec, model=model, **fields)
-    fit = fit_batch(model, spec, budget=budget, level="allocator")
+    fit = fit_batch(model, spec, budget=budget, level="allocator", predicted=predicted)
     if check_batch_size is None:
         quarter = max(1, fit.batch_size // 4)
         half = max(quarter + 1, fit.batch_size // 2)
