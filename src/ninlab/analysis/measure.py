@@ -72,7 +72,6 @@ from ninlab.analysis.step import (
     valid_model,
 )
 from ninlab.analysis.torch_internals import (
-    DeviceType,
     EventType,
     TorchDispatchMode,
     composite_kernel,
@@ -413,22 +412,32 @@ def _composite_kind(name: str) -> bool | None:
 def _profiled_peak(prof: profile, start_level_bytes: int) -> tuple[int, str, str]:
     """Peak of the CPU allocator's level over the marked step, from the profiler's records.
 
-    `start_level_bytes` is what was allocated before profiling began; nothing allocated then is
-    freed while profiling (the model, input and targets outlive it), so level = start + sum of
-    records so far. Returns (peak bytes, innermost op at the peak, phase at the peak).
+    `start_level_bytes` is what was allocated before profiling began and outlives it (the model,
+    input and targets; the caches a step replaces are left out of it), so level = start + the
+    blocks allocated while profiling, less those of them freed. A free of a block allocated
+    before is not counted: the profiler records one only where its table still holds the size
+    of an earlier session's block at that address, which depends on where the allocator put
+    things (RAFT's inference read 163,840 bytes less one run in a few: the pyramid levels the
+    previous step left, freed twice). Returns (peak bytes, innermost op at the peak, phase at
+    the peak).
     """
     events = list(prof.profiler.kineto_results.events())
     step_start, step_end = _step_span(events)
-    records = sorted(
-        (e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
-        key=lambda e: e.start_ns(),
-    )
+    made: set[int] = set()
     level = peak = start_level_bytes
     peak_time = step_start
-    for record in records:
-        level += record.nbytes()
-        if step_start <= record.start_ns() <= step_end and level > peak:
-            peak, peak_time = level, record.start_ns()
+    for time_ns, pointer, nbytes in allocation_records(
+        prof.profiler.kineto_results.experimental_event_tree()
+    ):
+        if nbytes > 0:
+            made.add(pointer)
+        elif pointer in made:
+            made.discard(pointer)
+        else:
+            continue
+        level += nbytes
+        if step_start <= time_ns <= step_end and level > peak:
+            peak, peak_time = level, time_ns
     return (peak, *_placed(events, peak_time))
 
 

@@ -67,7 +67,6 @@ __all__ = [
     "TESTED_TORCH",
     "BatchNormBase",
     "DataDependentOutputException",
-    "DeviceType",
     "DisableTorchDispatch",
     "DisableTorchFunction",
     "DropoutBase",
@@ -201,8 +200,6 @@ SAVED_FIELD_PREFIX = "_saved_"
 # -- the profiler --------------------------------------------------------------------------------
 # The kinds of the profiler's events, allocations among them; checked on all.
 EventType = _private("torch._C._profiler._EventType")
-# The device of a profiler allocation record (the measurer counts the CPU's); checked on all.
-DeviceType = _private("torch._C._autograd.DeviceType")
 # The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on all.
 record_function_enter = torch.ops.profiler._record_function_enter_new
 # The op closing an annotation, where an optimizer's phase ends; checked on all.
