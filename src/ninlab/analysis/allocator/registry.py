@@ -38,7 +38,7 @@ class KernelBlocks(NamedTuple):
 OUTPUTS_ONLY = KernelBlocks(None)
 """An op that allocates nothing but its outputs."""
 
-UNKNOWN_KERNEL = KernelBlocks(None, "no rule knows this kernel's blocks (measured on its own)")
+UNKNOWN_KERNEL = KernelBlocks(None, "no rule knows this kernel's blocks")
 """An op without a rule that is not known to allocate only its outputs (`outputs_only`): the
 predictor measures each call (`ninlab.analysis.kernel_probe`)."""
 
