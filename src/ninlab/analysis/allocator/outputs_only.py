@@ -4,15 +4,15 @@ A kernel the predictor knows nothing about may hold blocks beyond its outputs (a
 convolution's backward took 9x the undilated one's; an upsampling, its input and output copied
 into the layout it works in): printed as exact, such a step was up to 35% under. So an op without
 a rule is taken as allocating only its outputs where that is known, and measured on its own by
-the kernel probe (`ninlab.analysis.kernel_probe`) everywhere else. Known, in three ways:
+the kernel probe (`ninlab.analysis.kernel_probe`) everywhere else. Known, in two ways:
 
 * by what the op is: one that makes no tensor and changes none (`.item()`, the profiler's
   annotations), a view (its outputs alias its input: no storage), or an elementwise op
   (`torch.Tag.pointwise`: one TensorIterator loop over its outputs; the casts of its inputs that
   loop makes are counted beside it, by `ninlab.analysis.allocator.scalars`);
 * by survey (`SURVEYED`): ops measured by the kernel probe at every call of the test corpus and
-  the layer zoo (`benchmarks/survey_kernels.py`, torch 2.14.1 CPU, 2 threads) and found to
-  allocate their outputs and nothing else beyond what `scalars` counts.
+  of full-size torchvision models (`benchmarks/survey_kernels.py`, torch 2.14.1 CPU, 2 threads)
+  and found to allocate their outputs and nothing else beyond what `scalars` counts.
 
 An op outside these is measured at each call, once per machine (the probe's disk cache), and where
 it cannot be measured the figure is a lower bound with the reason: never silently outputs-only.
@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ninlab.analysis.torch_internals import op_schema
+from ninlab.analysis.torch_internals import OpOverload, op_schema
 
 __all__ = ["SURVEYED", "allocates_only_its_outputs", "outputs_only_by_kind"]
 
@@ -108,7 +108,7 @@ def outputs_only_by_kind(op_name: str) -> bool:
     return makes_no_tensor or op.is_view or torch.Tag.pointwise in op.tags
 
 
-def _overload(op_name: str) -> torch._ops.OpOverload | None:
+def _overload(op_name: str) -> OpOverload | None:
     namespace, _, rest = op_name.partition(".")
     name, _, overload = rest.rpartition(".")
     try:
