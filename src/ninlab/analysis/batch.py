@@ -93,6 +93,10 @@ class BatchFit:
     known: Mapping[int, tuple[int, Trust]] = field(default_factory=dict, repr=False, compare=False)
 
 
+_LARGEST_SEARCHED = 1 << 24
+"""The largest batch a search looks at unless told otherwise (`fit_batch(max_batch_size=)`)."""
+
+
 def memory_vs_batch(
     model: nn.Module,
     spec: StepSpec | None = None,
@@ -260,7 +264,7 @@ def fit_batch(
     *,
     budget: int | str,
     level: Level = "allocator",
-    max_batch_size: int = 1 << 24,
+    max_batch_size: int = _LARGEST_SEARCHED,
     predicted: Iterable[MemoryReport] = (),
     **fields: Any,
 ) -> BatchFit:
@@ -308,7 +312,7 @@ def largest_batch(
     budget = budget_bytes(budget)
     spec = step_spec(spec, model=valid_model(model), **fields)
     peak = _Peaks(model, spec, "allocator", predicted=predicted)
-    low = _search(peak, budget, 1 << 24)
+    low = _search(peak, budget, _LARGEST_SEARCHED)
     return low, peak.trust(low)
 
 

@@ -36,6 +36,7 @@ from torch.profiler import ProfilerActivity
 from ninlab.analysis import kernel_cache
 from ninlab.analysis.allocator.blocks import KernelAllocation
 from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
+from ninlab.analysis.fake_fast_path import tensors_in
 from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.torch_internals import EventType
 from ninlab.units import format_bytes
@@ -238,26 +239,15 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     # What stays allocated must be the real outputs: those of the recording may differ from
     # them where a fake kernel does (torch 2.8's layer norm backward gives float32 weights
     # float32 gradients of a bf16 input; its fake kernel, bf16 ones).
-    given = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+    given = {t.untyped_storage().data_ptr() for t in tensors_in([*args, *kwargs.values()])}
     made = {
         t.untyped_storage().data_ptr(): _bytes(t)
-        for t in _tensors(outputs)
+        for t in tensors_in(outputs)
         if t.untyped_storage().data_ptr() not in given
     }
     if sum(a.delta_bytes for a in allocations) != sum(made.values()):
         return "measured on its own, it kept blocks beyond its outputs"
     return tuple(allocations)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in `value`, through lists, tuples and dicts."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return _tensors(list(value.values()))
-    return []
 
 
 # Kernels whose blocks depend on their arguments' values, by the position of the argument that
