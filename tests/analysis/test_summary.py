@@ -129,6 +129,61 @@ def test_smallest_input_holds_for_real_torch():
         model(torch.zeros(1, 1, 66, 67))
 
 
+def test_a_chain_the_input_passes_alone_is_trusted_without_tracing_below_it(monkeypatch):
+    """NiN's input meets only its windows, ReLUs and dropout: below 67x67 a window's output is
+    empty at every size, so one trace at 67x67 confirms the chain's answer."""
+    import ninlab.analysis.summary as summary_module
+
+    traced = []
+    record = summary_module.record_step
+    monkeypatch.setattr(
+        summary_module,
+        "record_step",
+        lambda model, spec, *args, **kwargs: (
+            traced.append(spec.input_size) or record(model, spec, *args, **kwargs)
+        ),
+    )
+    summary = summarize(build_nin(), input_size=(1, 224, 224), batch_size=2)
+    assert summary.smallest_input_size == (1, 67, 67)
+    assert traced == [(1, 224, 224), (1, 224, 224), (1, 67, 67)]
+
+
+class _ResizedFirst(nn.Module):
+    """Resizes its input before its windows, so any input size runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 5, stride=2)
+
+    def forward(self, x):
+        return self.conv(nn.functional.interpolate(x, size=(32, 32))).mean((2, 3))
+
+
+class _Cropped(nn.Module):
+    """Crops a row and a column between its two windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 5, stride=2)
+        self.second = nn.Conv2d(8, 8, 3, stride=2)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)[..., 1:, 1:])).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("model", "smallest"), [(_ResizedFirst(), (3, 1, 1)), (_Cropped(), (3, 11, 11))]
+)
+def test_a_chain_with_other_ops_on_the_way_is_checked_by_tracing(model, smallest):
+    summary = summarize(model, input_size=(3, 32, 32), batch_size=1, mode="infer")
+    assert summary.smallest_input_size == smallest
+    with torch.no_grad():
+        model(torch.zeros(1, *smallest))
+        if smallest[1] > 1:
+            with pytest.raises(RuntimeError):
+                model(torch.zeros(1, smallest[0], smallest[1] - 1, smallest[2]))
+
+
 def test_too_small_input_names_the_first_empty_layer():
     with pytest.raises(NinlabError) as error:
         summarize(build_nin(), input_size=(1, 60, 60), batch_size=1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+import torch
 from torch import nn
 
 from ninlab.analysis.flops import CONVENTION
@@ -41,6 +42,7 @@ from ninlab.analysis.step import (
     step_spec,
     valid_model,
 )
+from ninlab.analysis.torch_internals import op_named
 from ninlab.analysis.trace import StepRecording, record_step
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
@@ -250,7 +252,7 @@ def summarize(
     one_image = len(spec.input_sizes) == 1 and len(spec.input_sizes[0]) >= 2
     if one_image and _has_windows(forward) and (chain is None or _fits(chain, spec)):
         if chain is not None:
-            smallest = _smallest_from_chain(model, forward_spec, chain)
+            smallest = _smallest_from_chain(model, forward_spec, chain, forward)
         if smallest is None:
             smallest = _smallest_input(model, forward_spec)
     layers = _layers(model, forward, training)
@@ -475,10 +477,10 @@ def _window_chain(step: StepRecording) -> list[OpRecord] | None:
 
 
 def _smallest_from_chain(
-    model: nn.Module, spec: StepSpec, chain: list[OpRecord]
+    model: nn.Module, spec: StepSpec, chain: list[OpRecord], step: StepRecording
 ) -> tuple[int, ...] | None:
     """Invert the chain per axis; trust it only if a trace at that size works and one
-    below fails."""
+    below fails (which the chain's arithmetic alone decides where `_chain_sees_the_input`)."""
     if not chain or not _fits(chain, spec):
         return None
     input_size = spec.input_sizes[0]
@@ -490,12 +492,61 @@ def _smallest_from_chain(
     candidate = (input_size[0], *smallest)
     if not _accepts(model, spec, candidate):
         return None
+    if _chain_sees_the_input(step, chain):
+        return candidate
     for axis in range(spatial):
         if smallest[axis] > 1 and _accepts(
             model, spec, _with_axis(candidate, axis, smallest[axis] - 1)
         ):
             return None
     return candidate
+
+
+# Ops that give their input's shape back whatever that shape is, beside the pointwise ones.
+_SHAPE_KEEPING = frozenset(
+    f"aten.{name}"
+    for name in (
+        "native_batch_norm.default",
+        "_native_batch_norm_legit.default",
+        "_native_batch_norm_legit_no_training.default",
+        "native_layer_norm.default",
+        "native_group_norm.default",
+        "native_dropout.default",
+        "clone.default",
+        "_to_copy.default",
+    )
+)
+
+
+def _chain_sees_the_input(step: StepRecording, chain: list[OpRecord]) -> bool:
+    """Whether every op the input passes through before the chain's last window keeps its
+    spatial sizes at any input size (pointwise, normalisation, dropout, a copy) and each window
+    reads what the window before it wrote: then, below the chain's smallest input, one of the
+    chain's windows has an empty output at every size, so the model refuses it without a trace.
+    Anything else on the way (a pad, a resize, a crop, a reshape) may change the sizes the
+    windows see, and the sizes below are traced."""
+    last = chain[-1].index
+    on_path = set(step.input_keys)
+    for op in _step_ops(step):
+        if op.index > last:
+            break
+        if op.phase != "forward" or not any(t.storage_key in on_path for t in op.inputs):
+            continue
+        if op.window is None and not (op.op in _SHAPE_KEEPING or _pointwise(op.op)):
+            return False
+        on_path.update(t.storage_key for t in op.outputs)
+    spatial = len(step.spec.input_sizes[0]) - 1
+    seen = step.spec.input_sizes[0][1:]
+    for op in chain:
+        if op.inputs[0].shape[-spatial:] != seen:
+            return False
+        seen = op.outputs[0].shape[-spatial:]
+    return True
+
+
+def _pointwise(op_name: str) -> bool:
+    op = op_named(op_name)
+    return op is not None and torch.Tag.pointwise in op.tags
 
 
 def _fits(chain: list[OpRecord], spec: StepSpec) -> bool:

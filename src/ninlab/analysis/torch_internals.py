@@ -87,6 +87,7 @@ __all__ = [
     "make_contiguous_strides_for",
     "meta_table",
     "node_sequence_nr",
+    "op_named",
     "op_schema",
     "record_function_enter",
     "record_function_exit",
@@ -173,6 +174,18 @@ def runs_as_composite_parts(name: str) -> bool:
     temporaries the real step never makes. Checked on all."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     return has_kernel(name, _COMPOSITE) and not any(has_kernel(name, key) for key in _OWN_KERNELS)
+
+
+@functools.cache
+def op_named(name: str) -> OpOverload | None:
+    """The op a recording names "aten.relu.default" (as a dispatch mode names it), or None where
+    this torch has no such op. Checked on all."""
+    namespace, _, rest = name.partition(".")
+    packet, _, overload = rest.rpartition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def composite_kernel(func: OpOverload) -> Callable[..., Any]:

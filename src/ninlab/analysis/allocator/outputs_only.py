@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ninlab.analysis.torch_internals import OpOverload, op_schema
+from ninlab.analysis.torch_internals import op_named, op_schema
 
 __all__ = ["SURVEYED", "allocates_only_its_outputs", "outputs_only_by_kind"]
 
@@ -98,7 +98,7 @@ def allocates_only_its_outputs(op_name: str) -> bool:
 def outputs_only_by_kind(op_name: str) -> bool:
     """Whether the op is of a kind that allocates only its outputs: one that makes no tensor and
     changes none, a view, or a pointwise op."""
-    op = _overload(op_name)
+    op = op_named(op_name)
     if op is None:
         return False
     schema = op_schema(op)
@@ -106,12 +106,3 @@ def outputs_only_by_kind(op_name: str) -> bool:
         "Tensor" in str(result.type) for result in schema.returns
     )
     return makes_no_tensor or op.is_view or torch.Tag.pointwise in op.tags
-
-
-def _overload(op_name: str) -> OpOverload | None:
-    namespace, _, rest = op_name.partition(".")
-    name, _, overload = rest.rpartition(".")
-    try:
-        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-    except (AttributeError, RuntimeError):
-        return None
