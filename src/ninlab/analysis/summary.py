@@ -563,7 +563,7 @@ def _with_axis(size: tuple[int, ...], axis: int, value: int) -> tuple[int, ...]:
 
 def _accepts(model: nn.Module, spec: StepSpec, input_size: tuple[int, ...]) -> bool:
     try:
-        record_step(model, spec.replace(input_size=input_size, mode="infer"), 1)
+        record_step(model, spec.replace(input_size=input_size, mode="infer"), 1, warm_up=False)
     except Exception:  # noqa: BLE001 - whatever the model raises at this size, it does not accept it
         return False
     return True

@@ -161,10 +161,17 @@ class StepRecording:
 
 @collector_off()
 def record_step(
-    model: nn.Module, spec: StepSpec, batch_size: int, *, optimizer_step: bool = True
+    model: nn.Module,
+    spec: StepSpec,
+    batch_size: int,
+    *,
+    optimizer_step: bool = True,
+    warm_up: bool = True,
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it (see `_record_step`); the model
-    is left exactly as it was (`model_kept`), whatever the step did to it or raised."""
+    is left exactly as it was (`model_kept`), whatever the step did to it or raised. Without
+    `warm_up`, an inference is recorded on its first call, not in its steady state: enough to
+    know whether the model runs at a size, at half the cost."""
     valid_model(model)
     check_trains(model, spec)
     captured = captured_modules(spec.step, model) if spec.step is not None else []
@@ -173,7 +180,13 @@ def record_step(
         for module in [model, *captured]:
             kept.enter_context(model_kept(module))
         return _record_step(
-            model, spec, batch_size, captured, tensors, optimizer_step=optimizer_step
+            model,
+            spec,
+            batch_size,
+            captured,
+            tensors,
+            optimizer_step=optimizer_step,
+            warm_up=warm_up,
         )
 
 
@@ -185,6 +198,7 @@ def _record_step(
     captured_places: list[Captured],
     *,
     optimizer_step: bool,
+    warm_up: bool,
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it.
 
@@ -299,9 +313,10 @@ def _record_step(
                 )
                 # The steady state, as for training: what a first call leaves in the model (a
                 # cache a forward keeps in an attribute, LeViT's attention biases) is there.
-                with recorder.warming_up():
-                    infer()
-                _let_go_of_replaced(recorder, model, attribute_fakes)
+                if warm_up:
+                    with recorder.warming_up():
+                        infer()
+                    _let_go_of_replaced(recorder, model, attribute_fakes)
                 infer()
             elif not optimizer_step:
                 _forward_backward(model, step_inputs, targets, spec.autocast_dtype, device)
