@@ -845,6 +845,24 @@ def test_one_thread_small_batch_1x1_conv_is_a_matrix_multiply(
     assert op_allocations(call) == [2 * 96 * 16 * 16 * 4]  # the output, nothing else
 
 
+def test_the_backend_is_asked_again_where_the_settings_it_reads_change(
+    threads: Callable[[int], None],
+) -> None:
+    """`conv_backend` remembers PyTorch's answer per call signature, the thread count and
+    oneDNN's switch among it: the same 1x1 call is Slow2d on one thread or with oneDNN off,
+    Mkldnn on two, whatever was asked before."""
+    args, _ = conv_forward(batch=2, cin=96, cout=96, size=16, kernel=1)
+    for count, backend in ((2, "Mkldnn"), (1, "Slow2d"), (2, "Mkldnn")):
+        threads(count)
+        assert conv_backend(*args) == backend
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert conv_backend(*args) == "Slow2d"
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert conv_backend(*args) == "Mkldnn"
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

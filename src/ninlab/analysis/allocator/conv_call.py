@@ -29,20 +29,55 @@ def conv_backend(
     groups: int,
 ) -> str:
     """The backend PyTorch picks for this convolution ("Mkldnn", "Slow2d", "Cudnn", ...), asked
-    of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors."""
-    backend = select_conv_backend(
-        input,
-        weight,
-        bias,
-        list(stride),
-        list(padding),
-        list(dilation),
+    of PyTorch itself, so it follows its rules (thread count included). Works on fake tensors.
+
+    Asked once per call signature: on fake tensors inside a recording the question dispatches
+    every size and stride it reads, a tenth of a small network's trace. The signature holds all
+    that PyTorch's choice reads: both tensors' layouts and whether they need gradients, the
+    bias, the window, and the settings it consults (threads, grad mode, oneDNN switched on,
+    deterministic algorithms)."""
+    window = (
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
         transposed,
-        list(output_padding),
+        tuple(output_padding),
         groups,
-        None,
     )
-    return str(backend).rsplit(".", 1)[-1]
+    key = (
+        _layout(input),
+        _layout(weight),
+        None if bias is None else _layout(bias),
+        window,
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        torch.backends.mkldnn.enabled,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        if len(_BACKENDS) >= _MOST_REMEMBERED:
+            _BACKENDS.clear()
+        chosen = select_conv_backend(
+            input, weight, bias, *(list(w) if isinstance(w, tuple) else w for w in window), None
+        )
+        backend = _BACKENDS[key] = str(chosen).rsplit(".", 1)[-1]
+    return backend
+
+
+_BACKENDS: dict[tuple[Any, ...], str] = {}
+_MOST_REMEMBERED = 4096  # signatures; a model has a few dozen
+
+
+def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+        tensor.requires_grad,
+        tensor.is_mkldnn,
+    )
 
 
 @dataclass(frozen=True)
