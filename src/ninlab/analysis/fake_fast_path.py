@@ -40,6 +40,7 @@ __all__ = [
     "OpTraits",
     "clear_caches",
     "fake_device",
+    "fake_empty",
     "op_traits",
     "tensors_in",
 ]
@@ -382,11 +383,22 @@ def _make_fakes(mode: FakeTensorMode, described: tuple[Any, ...], container: typ
         if entry is None:
             made.append(None)
             continue
-        shape, stride, dtype, device = entry
-        with DisableTorchDispatch():
-            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-        made.append(FakeTensor(mode, empty, device))
+        made.append(fake_empty(mode, *entry))
     return container(made) if container is not None else made[0]
+
+
+def fake_empty(
+    mode: FakeTensorMode,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> FakeTensor:
+    """A fresh fake tensor of this layout on `device`, made as FakeTensorMode makes one, without
+    dispatching the factory op through it."""
+    with DisableTorchDispatch():
+        empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return FakeTensor(mode, empty, device)
 
 
 def _view_output(output: Any, base: Any) -> tuple[Any, ...] | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ninlab.analysis.fake_fast_path import OffRecord
+from ninlab.analysis.fake_fast_path import OffRecord, fake_empty
 from ninlab.analysis.model_state import (
     Captured,
     attribute_aliases,
@@ -84,8 +84,8 @@ def fake_parameters(
                 dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             )
             if memory_format == torch.contiguous_format:
-                fake = torch.empty_strided(
-                    tuple(tensor.shape), tuple(tensor.stride()), dtype=target_dtype, device=device
+                fake = fake_empty(
+                    fake_mode, tuple(tensor.shape), tensor.stride(), target_dtype, device
                 )
             else:
                 fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
