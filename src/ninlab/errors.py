@@ -35,8 +35,9 @@ def one_line(error: BaseException) -> str:
 
 def shorten(value: object) -> str:
     """`value` as text to echo in a message: whole when it has at most ECHO_LIMIT (200)
-    characters, else its first 80 and how long it was ("xxxx... (5,000 characters)")."""
-    text = str(value)
+    characters, else its first 80 and how long it was ("xxxx... (5,000 characters)"); its
+    line breaks as spaces, so the message stays one line."""
+    text = " ".join(str(value).splitlines())
     if len(text) <= ECHO_LIMIT:
         return text
     return f"{text[:_ECHO_KEPT]}... ({len(text):,} characters)"

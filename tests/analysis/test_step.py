@@ -60,6 +60,17 @@ def test_a_bad_field_is_one_clear_error_when_built(fields: dict, message: str) -
         StepSpec(**fields)
 
 
+def test_an_optimizer_built_already_is_refused_in_one_line_naming_the_factory() -> None:
+    built = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(NinlabError) as refused:
+        StepSpec(optimizer=built)
+    assert str(refused.value) == (
+        "optimizer is a SGD built already; give a function make(model) -> optimizer that builds "
+        "it over the model it is given, e.g. lambda model: torch.optim.SGD(model.parameters(), "
+        "...), or a name such as 'adam'"
+    )
+
+
 def test_replace_checks_again_and_inference_drops_ddp() -> None:
     spec = StepSpec(optimizer="adam", ddp=True)
     assert spec.inference() == StepSpec(mode="infer", optimizer="adam")

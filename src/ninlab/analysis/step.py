@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.nn.parameter import is_lazy
 
 from ninlab.dotted import import_function
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, one_line, shorten
 from ninlab.optimizers import OptimizerSpec, make_optimizer, parse_optimizer
 from ninlab.units import dtype_name
 
@@ -186,10 +186,18 @@ class StepSpec:
         _choice("mode", self.mode, ("train", "infer"))
         if isinstance(self.optimizer, str):
             normalise("optimizer", parse_optimizer(self.optimizer))
+        elif isinstance(self.optimizer, torch.optim.Optimizer):
+            # Built already, it holds the real parameters, not the fakes a prediction swaps in.
+            name = type(self.optimizer).__name__
+            raise NinlabError(
+                f"optimizer is a {name} built already; give a function make(model) -> optimizer "
+                f"that builds it over the model it is given, e.g. lambda model: "
+                f"torch.optim.{name}(model.parameters(), ...), or a name such as 'adam'"
+            )
         elif not isinstance(self.optimizer, OptimizerSpec) and not callable(self.optimizer):
             raise NinlabError(
                 "optimizer must be a name such as 'adam', an OptimizerSpec or a function "
-                f"make(model) -> optimizer, not {self.optimizer!r}"
+                f"make(model) -> optimizer, not {shorten(repr(self.optimizer))}"
             )
         if isinstance(self.dtype, str):
             _choice("dtype", self.dtype, tuple(DTYPES))
