@@ -302,6 +302,15 @@ def test_a_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("junk", [b"junk\n", b"\x80\x02}q\x00", b"PK\x03\x04" + bytes(40), b""])
+def test_bytes_that_are_no_checkpoint_are_refused_in_one_line(tmp_path, junk):
+    """Whatever torch's unpickler raises on them (a stray memo index is a KeyError)."""
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(junk)
+    with pytest.raises(NinlabError, match="is truncated or not a checkpoint"):
+        load_checkpoint(path)
+
+
 def test_invalid_stored_settings_say_they_are_the_checkpoints(tmp_path):
     path = tmp_path / CHECKPOINT_NAME
     state = _small_state()
