@@ -506,6 +506,41 @@ def test_a_products_backward_chooses_by_values_so_the_step_is_an_estimate(
     assert inference.live_trust.exact and inference.allocator_trust.exact
 
 
+class _Pooled1d(nn.Module):
+    """Max pooling over time, first of the input itself (which needs no gradient), then of a
+    convolution's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.pool = nn.MaxPool1d(3, 2, dilation=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.conv(self.pool(x))).mean(-1))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"mode": "infer"},
+        {"mode": "infer", "grad_mode": "inference_mode"},
+        {"mode": "train", "optimizer": "sgd"},
+    ],
+    ids=["no-grad", "inference-mode", "train"],
+)
+def test_max_pool1d_needing_no_gradient_makes_no_indices(fields: dict[str, str]) -> None:
+    """CPU's `max_pool1d` of an input no gradient is wanted for makes its output alone; on fake
+    tensors it runs as `max_pool1d_with_indices` (an inference's live peak was 1.055 of the
+    measured)."""
+    torch.manual_seed(0)
+    model = _Pooled1d()
+    report = predict_memory(model, input_size=(8, 400), batch_size=4, **fields)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
 # Reductions of a parameter, full (a 0-dim result) or along a dim, and the normalisations whose
 # CPU backward keeps per-sample or per-thread sums: (model, input size, batch).
 _REDUCED = {

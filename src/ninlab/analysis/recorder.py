@@ -616,6 +616,23 @@ def _dispatching_call_site() -> tuple[int, ...]:
     return (id(caller), id(caller.f_code), caller.f_lasti)
 
 
+# The files of the wrappers PyTorch puts between a Python call and a dispatch mode.
+_DISPATCH_WRAPPERS = ("torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch.py")
+
+
+def _python_caller() -> Any:
+    """The frame of the Python function whose call dispatched the op now in the recorder's
+    `__torch_dispatch__` (past the wrappers PyTorch puts around it), or None."""
+    entry = Recorder.__dict__["__torch_dispatch__"].__code__
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not entry:
+        frame = frame.f_back
+    frame = frame.f_back if frame is not None else None
+    while frame is not None and any(w in frame.f_code.co_filename for w in _DISPATCH_WRAPPERS):
+        frame = frame.f_back
+    return frame
+
+
 def _window_op(
     window: tuple[str, tuple[AxisParams, ...]], x: torch.Tensor, output: torch.Tensor
 ) -> WindowOp:
@@ -909,7 +926,11 @@ class Recorder(TorchDispatchMode):
         # and must not see the parts again. Not the profiler's annotations, composite under torch
         # 2.8 with no parts: they are recorded as themselves, the ops of their phase (an
         # optimizer's zero_grad has no other).
-        if traits.composite_kernel is not None and func not in ANNOTATION_OPS:
+        if (
+            traits.composite_kernel is not None
+            and func not in ANNOTATION_OPS
+            and not self._pools_without_indices(func, args)
+        ):
             with self, DisableTorchFunction():
                 return traits.composite_kernel(*args, **kwargs)
         # The warm-up runs the same program, so an input too small names its layer there too.
@@ -925,6 +946,10 @@ class Recorder(TorchDispatchMode):
             return output
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
+        if self._max_pool1d_parts_without_indices(func, args):
+            # `max_pool1d`'s own kernel makes no indices (see `_pools_without_indices`): on fake
+            # tensors it runs as its parts, whose indices (viewed, then dropped) take no bytes.
+            self.recording.storages[self.ledger.key(output[1])].nbytes = 0
         if self._counts_wrapped_numbers(traits, args):
             self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
         if func in _LINEAR_PRODUCTS:
@@ -976,6 +1001,33 @@ class Recorder(TorchDispatchMode):
             and type(node).__name__ in _EVENLY_DISTRIBUTING_NODES
             and not self.emulate_cuda
             and _device_type(args[0]) == "cpu"
+        )
+
+    def _pools_without_indices(self, func: Any, args: tuple[Any, ...]) -> bool:
+        """Whether the op is a CPU `max_pool1d` of an input no gradient is wanted for: its own
+        kernel then makes the output alone (ATen's MaxPooling.cpp), where on a tensor subclass it
+        runs as `max_pool1d_with_indices`, int64 indices the real step never makes (an
+        inference's live peak 1.055 of the measured). Recorded as the one op it is."""
+        if func is not aten.max_pool1d.default or self.emulate_cuda:
+            return False
+        x = args[0]
+        return _device_type(x) == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+    def _max_pool1d_parts_without_indices(self, func: Any, args: tuple[Any, ...]) -> bool:
+        """Whether the op is the 2-d pooling `F.max_pool1d` runs as its parts on a tensor subclass
+        (`max_pool1d` dispatched with autograd, under `no_grad` or in a train step on an input
+        that needs no gradient), where `_pools_without_indices` holds: unwatched, the CPU kernel
+        of `max_pool1d` makes the output alone."""
+        if func is not aten.max_pool2d_with_indices.default or self.emulate_cuda:
+            return False
+        x = args[0]
+        if _device_type(x) != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        caller = _python_caller()
+        return (
+            caller is not None
+            and caller.f_code.co_name == "_max_pool1d"
+            and caller.f_code.co_filename == F.__file__
         )
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
