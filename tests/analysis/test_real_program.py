@@ -417,6 +417,7 @@ _PICKS: dict[str, tuple[Callable[[Any, torch.Tensor], torch.Tensor], str]] = {
     "sort": (lambda m, w: w.sort(dim=1).values, "scatter_.src"),
     "cummax": (lambda m, w: w.cummax(dim=1).values, "scatter_add_"),
     "trace": (lambda m, w: w.trace().reshape(1).expand(8), "index_fill_"),
+    "take": (lambda m, w: w.take(m.rows).repeat(2), "put_"),
 }
 
 

@@ -502,13 +502,15 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 # gather's backward (`scatter_add`: a graph net's message passing), index_select's (`index_add`:
 # 1.26 of the real live peak, a parameter's rows picked by index), indexing's (`index_put`),
 # the value-selecting reductions' along a dim (max, min, median, mode, kthvalue, topk, sort:
-# `scatter`), cummax's and cummin's (`scatter_add`), trace's (`index_fill`); measured on 2.13.
+# `scatter`), cummax's and cummin's (`scatter_add`), trace's (`index_fill`); measured on 2.13;
+# take's (`put`, accumulating), found on 2.14.1 (a 16x256 activation's: 15,396 live bytes over).
 _FILLS_OF_FRESH_ZEROS = {
     aten.scatter_add.default: aten.scatter_add_.default,
     aten.scatter.src: aten.scatter_.src,
     aten.index_add.default: aten.index_add_.default,
     aten.index_put.default: aten._index_put_impl_.default,
     aten.index_fill.int_Tensor: aten.index_fill_.int_Tensor,
+    aten.put.default: aten.put_.default,
 }
 # The ops those zeros are made by, as an `OpRecord` names them.
 _ZEROS_MADE_BY = frozenset(
