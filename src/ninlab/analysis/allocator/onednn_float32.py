@@ -119,6 +119,19 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         return None
     if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
         return "oneDNN convolution on tensors neither NCHW nor channels-last"
+    kernel = tuple(conv.weight.shape[2:])
+    if (
+        conv.grad_output is None
+        and groups == 1
+        and kernel == (1, 1)
+        and any(step > 1 for step in conv.window[0])
+    ):
+        # oneDNN's 1x1 kernel may first copy the strided input to unit stride, in a scratchpad
+        # of the input's blocked channels by the output's pixels per thread, plus 128 bytes
+        # (3->16 stride 2 on 64x64 at batch 2: 131,200 bytes, an inference 0.86 of its allocator
+        # peak, FastViT's stem): on a 64x64 map with stride 2 or 4, not with stride 3 nor on
+        # 33x33 (measured, torch 2.14.1, AVX-512), oneDNN's choice.
+        return "NCHW strided 1x1 forward (oneDNN's reduce-to-unit-stride copy, by heuristics)"
     if conv.grad_output is not None and not conv.grad_output.is_contiguous():
         # oneDNN reorders a channels-last gradient of an NCHW convolution (a transformer's
         # reshaped tokens): 64->64 3x3 on 8x8, 360,960 bytes where the NCHW rule gives 328,192.
@@ -134,7 +147,6 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
             "strided backward-data with one input channel "
             "(oneDNN picks its jit or brgemm kernel by heuristics)"
         )
-    kernel = tuple(conv.weight.shape[2:])
     if (
         conv.output_mask[:1] == (True,)
         and strided
