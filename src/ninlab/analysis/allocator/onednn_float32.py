@@ -121,7 +121,7 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         return "oneDNN convolution on tensors neither NCHW nor channels-last"
     kernel = tuple(conv.weight.shape[2:])
     if (
-        conv.grad_output is None
+        (conv.grad_output is None or conv.output_mask[1])
         and groups == 1
         and kernel == (1, 1)
         and any(step > 1 for step in conv.window[0])
@@ -130,8 +130,12 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         # of the input's blocked channels by the output's pixels per thread, plus 128 bytes
         # (3->16 stride 2 on 64x64 at batch 2: 131,200 bytes, an inference 0.86 of its allocator
         # peak, FastViT's stem): on a 64x64 map with stride 2 or 4, not with stride 3 nor on
-        # 33x33 (measured, torch 2.14.1, AVX-512), oneDNN's choice.
-        return "NCHW strided 1x1 forward (oneDNN's reduce-to-unit-stride copy, by heuristics)"
+        # 33x33 (measured, torch 2.14.1, AVX-512), oneDNN's choice; its weight gradient's
+        # scratchpad grows likewise (3->16 stride 2 on 32x32: 54,592 bytes, not 6,272).
+        return (
+            "NCHW strided 1x1 forward or weight gradient (oneDNN's reduce-to-unit-stride copy, "
+            "by heuristics)"
+        )
     if conv.grad_output is not None and not conv.grad_output.is_contiguous():
         # oneDNN reorders a channels-last gradient of an NCHW convolution (a transformer's
         # reshaped tokens): 64->64 3x3 on 8x8, 360,960 bytes where the NCHW rule gives 328,192.
