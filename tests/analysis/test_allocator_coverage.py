@@ -285,6 +285,13 @@ def test_a_strided_1x1_float32_convolution_forward_is_measured() -> None:
     ]
     weight_gradient, measured = _peaks("aten.convolution_backward.default", backward)
     assert weight_gradient.allocations is None and "1x1" in weight_gradient.unmodelled
+    # On 32x32 (on 64x64 the real channels-last kernel crashes the process, torch 2.14.1).
+    small = (torch.randn(2, 16, 16, 16), torch.randn(2, 3, 32, 32), weight)
+    channels_last = [t.contiguous(memory_format=torch.channels_last) for t in small]
+    weight_gradient, measured = _peaks(
+        "aten.convolution_backward.default", [*channels_last, *backward[3:]]
+    )
+    assert weight_gradient.allocations is None and "1x1" in weight_gradient.unmodelled
     unstrided, measured = _peaks(
         "aten.convolution.default", [x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1]
     )

@@ -705,7 +705,7 @@ LAYER_ZOO = (
         "layer zoo",
         lambda: _Pooled(nn.Conv2d(3, 16, 1, stride=2), 16),
         (3, 32, 32),
-        setups=("sgd", "infer"),
+        setups=("sgd", "channels-last", "infer"),
     ),
 )
 
