@@ -701,6 +701,15 @@ LAYER_ZOO = (
     Case("cumulative-product", "layer zoo", _CumulativeProduct, (16,), setups=("sgd",)),
     Case("placeholder-buffer", "layer zoo", _PlaceholderBuffer, (16,), setups=("infer",)),
     Case(
+        "selu-hardswish-channels-last",
+        "layer zoo",
+        lambda: _Pooled(
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.SELU(), nn.Conv2d(8, 8, 3), nn.Hardswish()), 8
+        ),
+        _IMAGE,
+        setups=("channels-last",),
+    ),
+    Case(
         "strided-1x1-stem",
         "layer zoo",
         lambda: _Pooled(nn.Conv2d(3, 16, 1, stride=2), 16),
