@@ -476,28 +476,43 @@ def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
     return torch.empty_like(output, memory_format=torch.contiguous_format)
 
 
-# Elementwise backward kernels without the pointwise tag whose fake kernels lay their output out
-# like another operand than the CPU kernel's TensorIterator does, by the positions of the
-# operands it reads in order (grad_output first): given an NCHW gradient of a channels-last
-# activation the real output is NCHW and the fake one channels-last, and the convolution
-# backward after it copies the gradient where they disagree (SELU after a channels-last
-# convolution: 6,400 allocator bytes under at batch 2, torch 2.14.1).
+# Elementwise kernels (backwards without the pointwise tag, `copysign`) whose fake kernels lay
+# their output out like another operand than the CPU kernel's TensorIterator does, by the
+# positions of the operands it reads in order (mostly grad_output first; none: contiguous):
+# given an NCHW gradient of a channels-last activation the real output is NCHW and the fake one
+# channels-last, and the convolution backward after it copies the gradient where they disagree
+# (SELU after a channels-last convolution: 6,400 allocator bytes under at batch 2, torch 2.14.1;
+# checked on 2.8 and 2.13 too).
 _GRADIENT_FIRST_ELEMENTWISE = {
     aten.elu_backward.default: (0, 5),
     aten.hardswish_backward.default: (0, 1),
     aten.hardsigmoid_backward.default: (0, 1),
     aten.hardtanh_backward.default: (0, 1),
     aten.softplus_backward.default: (0, 1),
+    aten.logit_backward.default: (0, 1),
+    aten.copysign.Tensor: (0, 1),
+    aten.binary_cross_entropy_backward.default: (1, 2, 0),  # the input first
+    # grad_input made contiguous (`zeros_like(input, LEGACY_CONTIGUOUS_MEMORY_FORMAT)`) and filled
+    aten.mse_loss_backward.default: (),
+    aten.smooth_l1_loss_backward.default: (),
+    aten.huber_loss_backward.default: (),
 }
 
 
 def _cpu_elementwise_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """The output of one of `_GRADIENT_FIRST_ELEMENTWISE` in the strides TensorIterator gives it
-    on CPU, from its operands in the kernel's order."""
+    on CPU, from its operands of the output's shape in the kernel's order."""
     positions = _GRADIENT_FIRST_ELEMENTWISE.get(func)
     if positions is None or not isinstance(output, FakeTensor):
         return output
-    strides = tuple(compute_elementwise_output_strides(*(args[i] for i in positions)))
+    if not positions:
+        strides = tuple(make_contiguous_strides_for(output.shape))
+    else:
+        # A gradient reduced to a number (a loss's mean) takes no part in the layout.
+        operands = [args[i] for i in positions if args[i].shape == output.shape]
+        if not operands:
+            return output
+        strides = tuple(compute_elementwise_output_strides(*operands))
     if strides == output.stride():
         return output
     return torch.empty_strided(output.shape, strides, dtype=output.dtype, device=output.device)
