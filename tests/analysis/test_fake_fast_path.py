@@ -95,3 +95,30 @@ def test_clear_caches_forgets_every_output_and_what_each_op_is(monkeypatch):
     clear_caches()
     assert op_traits(torch.ops.aten.relu.default) is not relu
     assert fake_kernels_run() == cold > warm
+
+
+class _ConstantWeight(nn.Module):
+    """A PReLU whose weight the forward makes with `torch.tensor` (a constant) and views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 256)
+
+    def forward(self, x):
+        return nn.functional.prelu(self.linear(x), torch.tensor([0.25])).sum(1)
+
+
+def test_a_view_of_a_constant_is_a_view_of_its_storage():
+    """FakeTensorMode computes an op on constants for real and makes a fake of another storage;
+    a view made so would count its bytes again (4 live bytes over, printed as exact)."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    model = _ConstantWeight()
+    step = record_step(model, StepSpec((16,), mode="infer"), 16)
+    ops = step.recording.ops[step.step_start :]
+    (made,) = [op for op in ops if op.op == "aten.lift_fresh.default"]
+    (viewed,) = [op for op in ops if op.op == "aten.view.default"]
+    assert viewed.outputs[0].storage_key == made.outputs[0].storage_key
+    report = predict_memory(model, input_size=(16,), batch_size=16, mode="infer")
+    assert report.live_peak_bytes == measure(model, report.spec, batch_size=16).live_peak_bytes

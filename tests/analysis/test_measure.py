@@ -220,3 +220,34 @@ def test_issue_figures_at_batch_128(nin: torch.nn.Module) -> None:
     """The figures issue 3 gives for NiN, float32, batch 128, second step, on this CPU."""
     assert measure(nin, nin_train("sgd"), batch_size=128).live_peak_bytes == 1_027_460_920
     assert measure(nin, nin_infer(), batch_size=128).live_peak_bytes == 320_313_240
+
+
+class _Deformable(torch.nn.Module):
+    """torchvision's deformable convolution, a C++ op of another namespace whose kernel makes
+    its columns buffer by an aten op inside it and frees it before it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ops = pytest.importorskip("torchvision.ops")
+        self.offsets = torch.nn.Conv2d(4, 18, 3, padding=1)
+        self.deformable = ops.DeformConv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deformable(x, self.offsets(x)).sum((1, 2, 3))
+
+
+def test_another_librarys_op_is_an_op_its_temporaries_its_workspace() -> None:
+    """The live level takes an op of another namespace (`torchvision::deform_conv2d`) as the op
+    a dispatch mode is handed, as the predictor does: its columns buffer is not a storage."""
+    from ninlab.analysis.predict import predict_memory
+
+    model = _Deformable()
+    spec = StepSpec(input_size=(4, 8, 8), mode="infer")
+    result = measure(model, spec, batch_size=2)
+    parameters = sum(p.numel() for p in model.parameters()) * 4
+    batch = 2 * 4 * 8 * 8 * 4
+    # At the op: the parameters, the input, the offsets (4.5 inputs), the (2, 1) float mask
+    # torchvision makes where none is given, and its output.
+    assert result.live_peak_bytes == parameters + batch + batch * 18 // 4 + 8 + batch
+    assert result.live_peak_op == "torchvision::deform_conv2d"
+    assert predict_memory(model, spec, batch_size=2).live_peak_bytes == result.live_peak_bytes

@@ -79,9 +79,30 @@ class _Rolled(nn.Module):
         return self.linear(x.roll((3, 5), dims=(1, 2)))
 
 
+class _SpectrumMagnitude(nn.Module):
+    """A spectrum's magnitude: `abs` of a complex tensor computes into a complex temporary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(self.linear(x)).abs().sum((1, 2))
+
+
+def test_a_pointwise_op_given_a_complex_tensor_is_not_known() -> None:
+    complex_tensor = torch.zeros(2, dtype=torch.complex64)
+    assert not allocates_only_its_outputs("aten.abs.default", (complex_tensor,))
+    assert not allocates_only_its_outputs("aten.cat.default", ([complex_tensor],))
+    assert allocates_only_its_outputs("aten.view_as_real.default", (complex_tensor,))
+    assert allocates_only_its_outputs("aten.abs.default", (torch.zeros(2),))
+
+
 @pytest.mark.parametrize(
     ("model", "fields"),
     [
+        # was 84,008 against 116,776 measured (0.72), printed as exact
+        (_SpectrumMagnitude, {"mode": "infer"}),
         # was 256,000 against 334,560 measured (0.77), printed as exact
         (_MeanSquare, {"mode": "infer", "amp": "bf16"}),
         (_MeanSquare, {"mode": "train", "amp": "bf16"}),

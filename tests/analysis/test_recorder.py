@@ -10,6 +10,8 @@ from ninlab.analysis.torch_internals import FakeTensorMode
 from ninlab.analysis.trace import record_step
 from ninlab.models import build_nin
 
+aten = torch.ops.aten
+
 
 @pytest.fixture(scope="module")
 def nin():
@@ -109,6 +111,52 @@ def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
         output = op(fake, fake)
         assert recorder._elementwise_layout((fake, fake), output) is output
     assert output.stride() == op(wider, wider).stride()
+
+
+_GRADIENT_FIRST = {
+    "elu_backward": lambda g, x: aten.elu_backward.default(g, 1.67, 1.05, 1.0, False, x),
+    "hardswish_backward": aten.hardswish_backward.default,
+    "hardsigmoid_backward": aten.hardsigmoid_backward.default,
+    "hardtanh_backward": lambda g, x: aten.hardtanh_backward.default(g, x, -1.0, 1.0),
+    "softplus_backward": lambda g, x: aten.softplus_backward.default(g, x, 1.0, 20.0),
+    "logit_backward": lambda g, x: aten.logit_backward.default(g, x.sigmoid(), 1e-6),
+    "copysign": aten.copysign.Tensor,
+}
+
+
+@pytest.mark.parametrize("name", list(_GRADIENT_FIRST))
+def test_an_activations_backward_takes_the_cpu_kernels_layout(name) -> None:
+    """Given an NCHW gradient of a channels-last activation, TensorIterator writes NCHW (it reads
+    grad_output first) where the fake kernel writes channels-last: SELU after a channels-last
+    convolution was 6,400 allocator bytes under (its convolution backward copies the gradient)."""
+    backward = _GRADIENT_FIRST[name]
+    grad = torch.randn(2, 8, 10, 10)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    func = aten.copysign.Tensor if name == "copysign" else getattr(aten, name).default
+    with FakeTensorMode() as mode:
+        fake_grad, fake_x = mode.from_tensor(grad), mode.from_tensor(x)
+        output = backward(fake_grad, fake_x)
+        positions = recorder._GRADIENT_FIRST_ELEMENTWISE[func]
+        args = [fake_grad if i == 0 else None for i in range(max(positions) + 1)]
+        args[positions[1]] = fake_x
+        corrected = recorder._cpu_elementwise_layout(func, tuple(args), output)
+    assert corrected.stride() == backward(grad, x).stride() == (800, 100, 10, 1)
+
+
+@pytest.mark.parametrize(
+    "loss", [aten.mse_loss_backward, aten.smooth_l1_loss_backward, aten.huber_loss_backward]
+)
+def test_a_losss_backward_makes_a_contiguous_grad_input(loss) -> None:
+    """Its kernel makes grad_input contiguous whatever the input's layout; the fake one follows a
+    channels-last input (a mean: the gradient a number)."""
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    args = (torch.tensor(1.0), x, torch.randn(2, 8, 10, 10), 1)
+    if loss is not aten.mse_loss_backward:
+        args = (*args, 1.0)
+    with FakeTensorMode() as mode:
+        fakes = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        corrected = recorder._cpu_elementwise_layout(loss.default, fakes, loss.default(*fakes))
+    assert corrected.stride() == loss.default(*args).stride() == (800, 100, 10, 1)
 
 
 def test_a_composite_op_run_inside_the_recorder_keeps_the_step_phases(nin):

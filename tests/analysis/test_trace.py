@@ -103,9 +103,30 @@ class _ReplacesAPlaceholder(nn.Module):
         return self.pyramid[0].relu()
 
 
+class _ReplacesAPlaceholderBuffer(nn.Module):
+    """Registers a placeholder buffer that its first forward replaces, as ConViT's attention does
+    with `rel_indices` (a (1, 1, 1, 3) zeros until the number of patches is known)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.register_buffer("scales", torch.zeros(1, 3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales.shape[1] != x.shape[1]:
+            self.scales = torch.ones(1, x.shape[1])
+        return self.linear(x * self.scales)
+
+
 @pytest.mark.parametrize(
     ("model", "mode"),
-    [(_CachesInEval, "infer"), (_ReplacesAPlaceholder, "infer"), (_ReplacesAPlaceholder, "train")],
+    [
+        (_CachesInEval, "infer"),
+        (_ReplacesAPlaceholder, "infer"),
+        (_ReplacesAPlaceholder, "train"),
+        (_ReplacesAPlaceholderBuffer, "infer"),  # was 12 B over, as ConViT's inference
+        (_ReplacesAPlaceholderBuffer, "train"),
+    ],
 )
 def test_what_a_first_call_leaves_in_the_model_is_the_steady_states(model, mode):
     """The recorded step is the second, for inference too, as measured: a cache the first made

@@ -450,6 +450,87 @@ class _PickedRows(nn.Module):
         return x @ picked.t() + self.table.max(dim=0).values @ picked.t()
 
 
+class _Deformable(nn.Module):
+    """torchvision's deformable convolution (a C++ op of another library, whose columns buffer is
+    its workspace), its offsets predicted by a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.offsets = nn.Conv2d(8, 18, 3, padding=1)
+        self.deformable = DeformConv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        return self.head(self.deformable(y, self.offsets(y)).mean((2, 3)))
+
+
+class _Conv1dPooled(nn.Module):
+    """A 1-d CNN over time with max pooling, first of its input: CPU's `max_pool1d` makes no
+    indices where no gradient is wanted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool1d(3, 2)
+        self.conv = nn.Conv1d(4, 8, 3)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(F.relu(self.conv(self.pool(x)))).mean(-1))
+
+
+class _Elementwise(nn.Module):
+    """Backward formulas that differ on fake tensors: `torch.maximum`, a clamp between tensors
+    and `take` (in place unwatched), a spectrum's magnitude (`abs` of a complex tensor), a
+    `masked_scatter` (its backward's blocks depend on the mask's values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 64)
+        self.register_buffer("picked", torch.tensor([3, 17, 40, 63]))
+        self.head = nn.Linear(64 + 4 + 64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        bounded = torch.maximum(h, h.flip(1)) + torch.clamp(h, h.flip(1) - 1, h.flip(1) + 1)
+        taken = h.take(self.picked).expand(h.shape[0], 4)
+        magnitude = torch.fft.fft(h).abs()
+        scattered = bounded.masked_scatter(h > 0, magnitude)
+        return self.head(torch.cat([scattered, taken, magnitude], 1))
+
+
+class _CumulativeProduct(nn.Module):
+    """A cumulative product of gates (a stick-breaking attention's): its backward chooses its
+    path by whether the input holds a zero, so the step is an estimate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.linear(x)).cumprod(1))
+
+
+class _PlaceholderBuffer(nn.Module):
+    """A buffer registered as a placeholder that the first forward replaces by its real size,
+    as ConViT's attention does with `rel_indices`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.register_buffer("scales", torch.zeros(1, 3), persistent=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales.shape[1] != x.shape[1]:
+            self.scales = torch.ones(1, x.shape[1])
+        return self.head(F.relu(self.linear(x * self.scales)))
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -606,6 +687,35 @@ LAYER_ZOO = (
         setups=("sgd", "adam", "channels-last"),
     ),
     Case("rows-picked-by-index", "layer zoo", _PickedRows, (16,), setups=("sgd", "adam")),
+    # -- found by the red-team probe (issue 20, second round) --
+    Case(
+        "deformable-conv",
+        "layer zoo",
+        _Deformable,
+        _IMAGE,
+        setups=("sgd", "infer"),
+        needs="torchvision",
+    ),
+    Case("conv1d-max-pool", "layer zoo", _Conv1dPooled, (4, 40), setups=("sgd", "infer")),
+    Case("elementwise-backwards", "layer zoo", _Elementwise, (16,), setups=("sgd", "infer")),
+    Case("cumulative-product", "layer zoo", _CumulativeProduct, (16,), setups=("sgd",)),
+    Case("placeholder-buffer", "layer zoo", _PlaceholderBuffer, (16,), setups=("infer",)),
+    Case(
+        "selu-hardswish-channels-last",
+        "layer zoo",
+        lambda: _Pooled(
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.SELU(), nn.Conv2d(8, 8, 3), nn.Hardswish()), 8
+        ),
+        _IMAGE,
+        setups=("channels-last",),
+    ),
+    Case(
+        "strided-1x1-stem",
+        "layer zoo",
+        lambda: _Pooled(nn.Conv2d(3, 16, 1, stride=2), 16),
+        (3, 32, 32),
+        setups=("sgd", "channels-last", "infer"),
+    ),
 )
 
 
@@ -884,6 +994,33 @@ WIDER = (
                 ("sgd", "infer"),
             ),
             ("maxvit_pico", _timm("maxvit_pico_rw_256", img_size=64), (3, 64, 64), ("sgd",)),
+            (
+                "convit-tiny",
+                _timm_class(
+                    "convit",
+                    "ConVit",
+                    img_size=32,
+                    patch_size=8,
+                    embed_dim=32,
+                    depth=2,
+                    num_heads=2,
+                    local_up_to_layer=1,
+                ),
+                (3, 32, 32),
+                ("infer",),
+            ),
+            (
+                "fastvit-tiny",
+                _timm_class(
+                    "fastvit",
+                    "FastVit",
+                    layers=(1, 1, 1, 1),
+                    embed_dims=(16, 32, 64, 128),
+                    mlp_ratios=(2, 2, 2, 2),
+                ),
+                (3, 64, 64),
+                ("infer",),
+            ),
         )
     ),
 )

@@ -189,6 +189,13 @@ class FakeOutputs:
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = _key(func, args, kwargs)
         if key is None:
+            if (
+                func.is_view
+                and args
+                and type(args[0]) is FakeTensor
+                and args[0].constant is not None
+            ):
+                return _view_of_constant(self._mode, func, args, kwargs)
             if _on_constants(func, args, kwargs):
                 return _run_on_constants(func, args)
             if func is aten.lift_fresh.default and _small_real_tensor(args[0]):
@@ -318,6 +325,26 @@ def _on_constants(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     if any(isinstance(value, (tuple, list)) for value in args) or not tensors:
         return False
     return all(type(t) is FakeTensor and t.constant is not None for t in tensors)
+
+
+def _view_of_constant(
+    mode: FakeTensorMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A view op on a fake tensor holding a constant (`torch.tensor([0.25]).view(1, 1)`): the
+    fake kernel's view of its storage, holding the view of the constant. FakeTensorMode would
+    compute it on the constant and make a fake of another storage, so a view would count its
+    bytes again (`F.prelu` of a weight made by `torch.tensor`: 4 bytes over)."""
+    base = args[0]
+    constant, base.constant = base.constant, None
+    try:
+        output = func(*args, **kwargs)
+    finally:
+        base.constant = constant
+    if type(output) is FakeTensor:
+        with DisableTorchDispatch():
+            output.constant = func(constant, *args[1:], **kwargs)
+        mode.fake_tensor_converter.add_constant_storage_mapping(output)
+    return output
 
 
 def _run_on_constants(func: Any, args: tuple[Any, ...]) -> Any:

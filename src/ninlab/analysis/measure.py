@@ -11,7 +11,8 @@ Two levels are measured, each with a method that shares no code with the predict
   active, PyTorch treats every tensor as a subclass, and autograd's engine sums two gradients of
   one tensor out of place instead of adding into the one it holds (a gradient-sized tensor more
   at every residual add and squeeze-excitation). A block is a tensor storage unless an op a
-  dispatch mode would be handed (one with a kernel of its own; composite ops such as `conv2d`, or
+  dispatch mode would be handed (one with a kernel of its own, aten's or another library's such
+  as `torchvision::deform_conv2d`; composite ops such as `conv2d`, or
   `max_pool2d` under `torch.inference_mode()`, count as their parts, so max pooling's int64
   indices are storages) allocates and frees it before returning: that is its workspace (so is a
   Python number wrapped as a tensor for one op's argument). The
@@ -345,16 +346,18 @@ def _workspace(
 
 
 def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
-    """(start, end, name) of every op a dispatch mode would be handed: the outermost aten ops that
-    have kernels of their own, found below the CompositeImplicitAutograd-only ops that run as
-    their parts and below annotations (autograd's nodes, optimizers' steps, marks)."""
+    """(start, end, name) of every op a dispatch mode would be handed: the outermost dispatcher
+    ops that have kernels of their own, aten's or another library's (`torchvision::deform_conv2d`,
+    whose columns buffer, made by an aten op inside it, is its workspace), found below the
+    CompositeImplicitAutograd-only ops that run as their parts and below annotations (autograd's
+    nodes, optimizers' steps, marks)."""
     spans: list[tuple[int, int, str]] = []
     pending = list(tree)
     while pending:
         event = pending.pop()
         if event.typed[0] != EventType.TorchOp:
             continue
-        if event.name.startswith("aten::") and not _composite_name(event.name):
+        if _composite_name(event.name) is False:
             spans.append((event.start_time_ns, event.end_time_ns, event.name))
         else:
             pending += event.children
@@ -379,24 +382,30 @@ def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:
     return [tuple(block) for block in blocks]  # type: ignore[misc]
 
 
-_COMPOSITE_NAMES: dict[str, bool] = {}
+_COMPOSITE_NAMES: dict[str, bool | None] = {}
 
 
-def _composite_name(profiled: str) -> bool:
-    """Whether the op the profiler names `profiled` ("aten::linear") runs as its parts: every
-    overload of it but `out` ones is CompositeImplicitAutograd-only (the profiler does not say
-    which overload ran)."""
-    known = _COMPOSITE_NAMES.get(profiled)
-    if known is None:
-        packet = getattr(torch.ops.aten, profiled.removeprefix("aten::"), None)
-        names = (
-            []
-            if packet is None
-            else [getattr(packet, o).name() for o in packet.overloads() if "out" not in o]
-        )
+def _composite_name(profiled: str) -> bool | None:
+    """Whether the op the profiler names `profiled` ("aten::linear", "torchvision::roi_align")
+    runs as its parts: every overload of it but `out` ones is CompositeImplicitAutograd-only (the
+    profiler does not say which overload ran); None where the name is no dispatcher op (an
+    annotation, "autograd::engine::evaluate_function: ...")."""
+    if profiled in _COMPOSITE_NAMES:
+        return _COMPOSITE_NAMES[profiled]
+    namespace, _, name = profiled.partition("::")
+    packet = None
+    if namespace.isidentifier() and name.isidentifier():
+        try:
+            packet = getattr(getattr(torch.ops, namespace), name)
+        except (AttributeError, RuntimeError):
+            packet = None
+    known: bool | None = None
+    if packet is not None or namespace == "aten":  # an aten name is an op the profiler saw
+        overloads = packet.overloads() if packet is not None else []
+        names = [getattr(packet, o).name() for o in overloads if "out" not in o]
         kinds = [kind for kind in map(_composite_kind, names) if kind is not None]
         known = bool(kinds) and all(kinds)
-        _COMPOSITE_NAMES[profiled] = known
+    _COMPOSITE_NAMES[profiled] = known
     return known
 
 

@@ -549,7 +549,8 @@ class MemoryReport:
     # (`ninlab.analysis.verify.verified`).
     verification: Verification | None = None
     # Why the recorded program may not be the one that runs: a library's decision by context the
-    # trace could not take as the real run does (`ninlab.analysis.hugging_face.unreproduced`).
+    # trace could not take as the real run does (`ninlab.analysis.hugging_face.unreproduced`), a
+    # backward formula that chooses by values (`ninlab.analysis.recorder.formulas_by_values`).
     unreproduced: tuple[str, ...] = ()
 
     @property

@@ -53,6 +53,7 @@ from ninlab.analysis.torch_internals import (
     FakeTensorMode,
     TorchDispatchMode,
     autograd_sequence_nr,
+    compute_elementwise_output_strides,
     current_autograd_node,
     make_contiguous_strides_for,
     node_sequence_nr,
@@ -64,7 +65,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "formulas_by_values"]
 
 aten = torch.ops.aten
 _NUMBERS = (float, int, bool, complex)
@@ -475,6 +476,48 @@ def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
     return torch.empty_like(output, memory_format=torch.contiguous_format)
 
 
+# Elementwise kernels (backwards without the pointwise tag, `copysign`) whose fake kernels lay
+# their output out like another operand than the CPU kernel's TensorIterator does, by the
+# positions of the operands it reads in order (mostly grad_output first; none: contiguous):
+# given an NCHW gradient of a channels-last activation the real output is NCHW and the fake one
+# channels-last, and the convolution backward after it copies the gradient where they disagree
+# (SELU after a channels-last convolution: 6,400 allocator bytes under at batch 2, torch 2.14.1;
+# checked on 2.8 and 2.13 too).
+_GRADIENT_FIRST_ELEMENTWISE = {
+    aten.elu_backward.default: (0, 5),
+    aten.hardswish_backward.default: (0, 1),
+    aten.hardsigmoid_backward.default: (0, 1),
+    aten.hardtanh_backward.default: (0, 1),
+    aten.softplus_backward.default: (0, 1),
+    aten.logit_backward.default: (0, 1),
+    aten.copysign.Tensor: (0, 1),
+    aten.binary_cross_entropy_backward.default: (1, 2, 0),  # the input first
+    # grad_input made contiguous (`zeros_like(input, LEGACY_CONTIGUOUS_MEMORY_FORMAT)`) and filled
+    aten.mse_loss_backward.default: (),
+    aten.smooth_l1_loss_backward.default: (),
+    aten.huber_loss_backward.default: (),
+}
+
+
+def _cpu_elementwise_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """The output of one of `_GRADIENT_FIRST_ELEMENTWISE` in the strides TensorIterator gives it
+    on CPU, from its operands of the output's shape in the kernel's order."""
+    positions = _GRADIENT_FIRST_ELEMENTWISE.get(func)
+    if positions is None or not isinstance(output, FakeTensor):
+        return output
+    if not positions:
+        strides = tuple(make_contiguous_strides_for(output.shape))
+    else:
+        # A gradient reduced to a number (a loss's mean) takes no part in the layout.
+        operands = [args[i] for i in positions if args[i].shape == output.shape]
+        if not operands:
+            return output
+        strides = tuple(compute_elementwise_output_strides(*operands))
+    if strides == output.stride():
+        return output
+    return torch.empty_strided(output.shape, strides, dtype=output.dtype, device=output.device)
+
+
 def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
     while a backward node runs without grad mode (not create_graph, not a checkpoint's
@@ -502,13 +545,15 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 # gather's backward (`scatter_add`: a graph net's message passing), index_select's (`index_add`:
 # 1.26 of the real live peak, a parameter's rows picked by index), indexing's (`index_put`),
 # the value-selecting reductions' along a dim (max, min, median, mode, kthvalue, topk, sort:
-# `scatter`), cummax's and cummin's (`scatter_add`), trace's (`index_fill`); measured on 2.13.
+# `scatter`), cummax's and cummin's (`scatter_add`), trace's (`index_fill`); measured on 2.13;
+# take's (`put`, accumulating), found on 2.14.1 (a 16x256 activation's: 15,396 live bytes over).
 _FILLS_OF_FRESH_ZEROS = {
     aten.scatter_add.default: aten.scatter_add_.default,
     aten.scatter.src: aten.scatter_.src,
     aten.index_add.default: aten.index_add_.default,
     aten.index_put.default: aten._index_put_impl_.default,
     aten.index_fill.int_Tensor: aten.index_fill_.int_Tensor,
+    aten.put.default: aten.put_.default,
 }
 # The ops those zeros are made by, as an `OpRecord` names them.
 _ZEROS_MADE_BY = frozenset(
@@ -529,9 +574,47 @@ _EVENLY_DISTRIBUTING_NODES = frozenset(
 )
 _NAN_MASK_OPS = frozenset({aten.isnan.default, aten.logical_and.default})
 
+# The masks backward formulas put over a `where` they have just made, unwatched in place and on
+# a tensor subclass out of place: maximum's and minimum's (`at::where(self == other, grad / 2,
+# grad).masked_fill_(self < other, 0)`, derivatives.yaml) and clamp's between tensor bounds
+# (FunctionsManual.cpp), a gradient-sized tensor more (a `torch.maximum` of two 16x256
+# activations: 125,528 bytes predicted against 109,144, torch 2.14.1).
+_MASKS_OF_A_FRESH_WHERE = {aten.masked_fill.Scalar: aten.masked_fill_.Scalar}
+_WHERE_MADE_BY = frozenset({str(aten.where.self)})
+
+# Backward formulas that choose their program by the values of their input, which fake tensors
+# do not have: unwatched, a product's (`prod`, `cumprod`) divides the output by an input with no
+# zero and takes a zero-safe path otherwise; on a tensor subclass it always takes a third,
+# composite-compliant one (FunctionsManual.cpp, ReduceOps.cpp). A step holding one is an estimate
+# (`h.cumprod(1)` of a 16x256 activation: 195,480 live bytes predicted against 121,432 measured).
+_FORMULAS_BY_VALUES = {
+    "ProdBackward0": "prod",
+    "ProdBackward1": "prod",
+    "CumprodBackward0": "cumprod",
+}
+
+
+def formulas_by_values(ops: Sequence[OpRecord]) -> tuple[str, ...]:
+    """Why a recorded backward may not be the real one: for each op of `_FORMULAS_BY_VALUES`
+    differentiated, the reason (empty where none is)."""
+    names = sorted(
+        {
+            _FORMULAS_BY_VALUES[op.autograd_node]
+            for op in ops
+            if op.autograd_node in _FORMULAS_BY_VALUES
+        }
+    )
+    return tuple(
+        f"{name}'s backward takes its path by the values of its input (a zero in it or not), "
+        "which a trace on fake tensors does not have; the traced path is PyTorch's for tensor "
+        "subclasses"
+        for name in names
+    )
+
+
 # The in-place twin of each op the unwatched program may run in place where the recorder sees
 # it out of place.
-_IN_PLACE = {aten.add.Tensor: aten.add_.Tensor, **_FILLS_OF_FRESH_ZEROS}
+_IN_PLACE = {aten.add.Tensor: aten.add_.Tensor, **_FILLS_OF_FRESH_ZEROS, **_MASKS_OF_A_FRESH_WHERE}
 
 # The matrix products `at::linear` makes its output with when it cannot fold the bias into one
 # `addmm` (an input of 3 or more dimensions that is not contiguous: a GRU's transposed sequence).
@@ -576,6 +659,23 @@ def _dispatching_call_site() -> tuple[int, ...]:
     if caller is None:
         return ()
     return (id(caller), id(caller.f_code), caller.f_lasti)
+
+
+# The files of the wrappers PyTorch puts between a Python call and a dispatch mode.
+_DISPATCH_WRAPPERS = ("torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch.py")
+
+
+def _python_caller() -> Any:
+    """The frame of the Python function whose call dispatched the op now in the recorder's
+    `__torch_dispatch__` (past the wrappers PyTorch puts around it), or None."""
+    entry = Recorder.__dict__["__torch_dispatch__"].__code__
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not entry:
+        frame = frame.f_back
+    frame = frame.f_back if frame is not None else None
+    while frame is not None and any(w in frame.f_code.co_filename for w in _DISPATCH_WRAPPERS):
+        frame = frame.f_back
+    return frame
 
 
 def _window_op(
@@ -871,7 +971,11 @@ class Recorder(TorchDispatchMode):
         # and must not see the parts again. Not the profiler's annotations, composite under torch
         # 2.8 with no parts: they are recorded as themselves, the ops of their phase (an
         # optimizer's zero_grad has no other).
-        if traits.composite_kernel is not None and func not in ANNOTATION_OPS:
+        if (
+            traits.composite_kernel is not None
+            and func not in ANNOTATION_OPS
+            and not self._pools_without_indices(func, args)
+        ):
             with self, DisableTorchFunction():
                 return traits.composite_kernel(*args, **kwargs)
         # The warm-up runs the same program, so an input too small names its layer there too.
@@ -887,6 +991,10 @@ class Recorder(TorchDispatchMode):
             return output
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
+        if self._max_pool1d_parts_without_indices(func, args):
+            # `max_pool1d`'s own kernel makes no indices (see `_pools_without_indices`): on fake
+            # tensors it runs as its parts, whose indices (viewed, then dropped) take no bytes.
+            self.recording.storages[self.ledger.key(output[1])].nbytes = 0
         if self._counts_wrapped_numbers(traits, args):
             self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
         if func in _LINEAR_PRODUCTS:
@@ -897,7 +1005,10 @@ class Recorder(TorchDispatchMode):
                 _sums_gradients(args, kwargs)
                 or _adds_linear_bias(args, kwargs, self._product, self.ledger.key)
             )
-        ) or (func in _FILLS_OF_FRESH_ZEROS and self._fills_fresh_zeros(args)):
+        ) or (
+            (func in _FILLS_OF_FRESH_ZEROS and self._fills_fresh(args, _ZEROS_MADE_BY))
+            or (func in _MASKS_OF_A_FRESH_WHERE and self._fills_fresh(args, _WHERE_MADE_BY))
+        ):
             # What the unwatched program makes in place (see each): recorded so.
             self.ledger.accumulating(
                 len(self.recording.ops) - 1,
@@ -917,6 +1028,7 @@ class Recorder(TorchDispatchMode):
         output = _cpu_batch_norm_grad_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
         output = _cpu_grad_input_layout(func, args, output)
+        output = _cpu_elementwise_layout(func, args, output)
         if not self.emulate_cuda:
             output = _cpu_reduced_loss_storage(func, args, output)
             output = _cpu_embedding_bag_storages(func, args, output)
@@ -937,16 +1049,44 @@ class Recorder(TorchDispatchMode):
             and _device_type(args[0]) == "cpu"
         )
 
-    def _fills_fresh_zeros(self, args: tuple[Any, ...]) -> bool:
-        """Whether the op (one of `_FILLS_OF_FRESH_ZEROS`) is a backward formula filling the
-        zeros the same autograd node has just made: unwatched, it fills them in place (the
-        ledger makes it so if the zeros die right after, as a formula's temporary does)."""
+    def _pools_without_indices(self, func: Any, args: tuple[Any, ...]) -> bool:
+        """Whether the op is a CPU `max_pool1d` of an input no gradient is wanted for: its own
+        kernel then makes the output alone (ATen's MaxPooling.cpp), where on a tensor subclass it
+        runs as `max_pool1d_with_indices`, int64 indices the real step never makes (an
+        inference's live peak 1.055 of the measured). Recorded as the one op it is."""
+        if func is not aten.max_pool1d.default or self.emulate_cuda:
+            return False
+        x = args[0]
+        return _device_type(x) == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+    def _max_pool1d_parts_without_indices(self, func: Any, args: tuple[Any, ...]) -> bool:
+        """Whether the op is the 2-d pooling `F.max_pool1d` runs as its parts on a tensor subclass
+        (`max_pool1d` dispatched with autograd, under `no_grad` or in a train step on an input
+        that needs no gradient), where `_pools_without_indices` holds: unwatched, the CPU kernel
+        of `max_pool1d` makes the output alone."""
+        if func is not aten.max_pool2d_with_indices.default or self.emulate_cuda:
+            return False
+        x = args[0]
+        if _device_type(x) != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        caller = _python_caller()
+        return (
+            caller is not None
+            and caller.f_code.co_name == "_max_pool1d"
+            and caller.f_code.co_filename == F.__file__
+        )
+
+    def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
+        """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a
+        backward formula filling the tensor the same autograd node has just made by one of
+        `makers` (zeros, a `where`): unwatched, it fills it in place (the ledger makes it so if
+        the tensor dies right after, as a formula's temporary does)."""
         node = current_autograd_node()
         record = self.recording.storages.get(self.ledger.key(args[0]))
         if node is None or record is None or record.created_at < 0:
             return False
         maker = self.recording.ops[record.created_at]
-        return maker.op in _ZEROS_MADE_BY and maker.autograd_node == type(node).__name__
+        return maker.op in makers and maker.autograd_node == type(node).__name__
 
     def _made_in_place(self, in_place: Any, key: int) -> None:
         """The last op, one the unwatched program makes in place (a sum of gradients, a linear's

@@ -34,6 +34,7 @@ from torch._decomp import (
 )
 from torch._ops import OpOverload  # an aten op's type, in FLOP rules; checked on all
 from torch._prims_common import (
+    compute_elementwise_output_strides,  # TensorIterator's output layout; checked on 2.8, 2.14
     make_contiguous_strides_for,  # an elementwise output's strides; checked on all
     suggest_memory_format,  # the layout a CPU kernel picks (allocator rules); checked on all
 )
@@ -80,6 +81,7 @@ __all__ = [
     "UnsupportedOperatorException",
     "autograd_sequence_nr",
     "composite_kernel",
+    "compute_elementwise_output_strides",
     "current_autograd_node",
     "decomposition_table",
     "default_device_name",

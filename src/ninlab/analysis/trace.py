@@ -284,6 +284,12 @@ def _record_step(
         if targets is not None:
             recorder.track(targets, "targets")
         trainable = [t for t in fakes.values() if isinstance(t, nn.Parameter) and t.requires_grad]
+        # What a warm-up may replace on the model for good: attributes' tensors and buffers (a
+        # replaced parameter lives on in the optimizer, as it does for real).
+        replaceable = [
+            *attribute_fakes,
+            *(t for t in fakes.values() if not isinstance(t, nn.Parameter)),
+        ]
         names = {id(t): name for name, t in fakes.items()}
         gradient_order: list[str] = []
         optimizers: list[torch.optim.Optimizer] = []
@@ -316,7 +322,7 @@ def _record_step(
                 if warm_up:
                     with recorder.warming_up():
                         infer()
-                    _let_go_of_replaced(recorder, model, attribute_fakes)
+                    _let_go_of_replaced(recorder, model, replaceable)
                 infer()
             elif not optimizer_step:
                 _forward_backward(model, step_inputs, targets, spec.autocast_dtype, device)
@@ -327,7 +333,7 @@ def _record_step(
                 with recorder.warming_up():
                     # Held while the recorded step runs, as a loop's `loss = step(...)` holds it.
                     previous = step(model, optimizer, step_inputs, targets)
-                _let_go_of_replaced(recorder, model, attribute_fakes)
+                _let_go_of_replaced(recorder, model, replaceable)
                 _name_survivors(recorder, trainable, optimizers)
                 step_start = len(recorder.recording.ops)
                 # The order in which backward finishes each parameter's gradient (DDP's buckets
@@ -380,10 +386,12 @@ def _record_step(
 def _let_go_of_replaced(
     recorder: Recorder, model: nn.Module, attribute_fakes: list[torch.Tensor]
 ) -> None:
-    """After the warm-up: an attribute's tensor the model no longer holds (a cache the step
-    replaced, RAFT's placeholder pyramid) is dead when the recorded step starts, as it is for
-    real, though `model_kept` still holds the container it was in, to put the real one back."""
+    """After the warm-up: an attribute's tensor or a buffer the model no longer holds (a cache
+    the step replaced, RAFT's placeholder pyramid, ConViT's placeholder `rel_indices` buffer) is
+    dead when the recorded step starts, as it is for real, though `model_kept` (or the
+    reparametrisation) still holds it, to put the real one back."""
     held = {id(found.tensor.untyped_storage()) for found in attribute_tensors(model)}
+    held |= {id(buffer.untyped_storage()) for buffer in model.buffers()}
     for fake in attribute_fakes:
         if id(fake.untyped_storage()) not in held:
             recorder.ledger.let_go(fake)

@@ -119,6 +119,21 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
         return None
     if not all(t.is_contiguous() for t in (conv.input, conv.weight)):
         return "oneDNN convolution on tensors neither NCHW nor channels-last"
+    kernel = tuple(conv.weight.shape[2:])
+    if (
+        conv.grad_output is None
+        and groups == 1
+        and kernel == (1, 1)
+        and any(step > 1 for step in conv.window[0])
+    ):
+        # oneDNN's 1x1 kernel may first copy the strided input to unit stride, in a scratchpad
+        # of the input's blocked channels by the output's pixels per thread, plus 128 bytes
+        # (3->16 stride 2 on 64x64 at batch 2: 131,200 bytes, an inference 0.86 of its allocator
+        # peak, FastViT's stem): on a 64x64 map with stride 2 or 4, not with stride 3 nor on
+        # 33x33 (measured, torch 2.14.1, AVX-512), oneDNN's choice.
+        return "NCHW strided 1x1 forward (oneDNN's reduce-to-unit-stride copy, by heuristics)"
+    if _strided_1x1_weight_gradient_unmeasured(conv, block):
+        return "NCHW strided 1x1 weight gradient of a kind not measured (its scratchpad)"
     if conv.grad_output is not None and not conv.grad_output.is_contiguous():
         # oneDNN reorders a channels-last gradient of an NCHW convolution (a transformer's
         # reshaped tokens): 64->64 3x3 on 8x8, 360,960 bytes where the NCHW rule gives 328,192.
@@ -134,7 +149,6 @@ def _unmodelled_reason(conv: ConvCall) -> str | None:
             "strided backward-data with one input channel "
             "(oneDNN picks its jit or brgemm kernel by heuristics)"
         )
-    kernel = tuple(conv.weight.shape[2:])
     if (
         conv.output_mask[:1] == (True,)
         and strided
@@ -207,7 +221,42 @@ def _channels_last_backward_reason(conv: ConvCall, block: int) -> str | None:
         )
     if conv.output_mask[0] and in_channels < block and kernel != (1, 1):
         return "channels-last backward-data of a first layer (fewer input channels than a block)"
+    if _strided_1x1_weight_gradient_unmeasured(conv, block):
+        return "channels-last strided 1x1 weight gradient of a kind not measured (its scratchpad)"
     return None
+
+
+def _strided_1x1_weight_gradient_unmeasured(conv: ConvCall, block: int) -> bool:
+    """Whether the call is an ungrouped strided 1x1 weight gradient outside the kinds
+    `_weight_gradient_scratchpad_bytes` was measured on (its unit-stride copy alone, from 32
+    input channels): one of a block of input channels or fewer (3->16 on 32x32: 54,592 bytes
+    NCHW, 27,968 channels-last, where the rule gives 6,272; 16->32 on 32x32: 43,264 where it
+    gives 32,896, a batch split's reduction more; torch 2.14.1, 2 threads), or whose batch the
+    cost model splits over threads beside the copy (not seen measured)."""
+    if not (
+        conv.grad_output is not None
+        and conv.output_mask[1]
+        and conv.groups == 1
+        and tuple(conv.weight.shape[2:]) == (1, 1)
+        and any(step > 1 for step in conv.window[0])
+    ):
+        return False
+    batch, in_channels = conv.input.shape[:2]
+    return (
+        in_channels <= block
+        or onednn_weight_gradient_batch_threads(
+            batch=batch,
+            in_channels=in_channels,
+            out_channels=conv.weight.shape[0],
+            input_spatial=conv.input.shape[2:],
+            output_spatial=conv.grad_output.shape[2:],
+            kernel=(1, 1),
+            stride=conv.window[0],
+            threads=torch.get_num_threads(),
+            channels_last=conv.channels_last,
+        )
+        > 1
+    )
 
 
 def _call_allocations(conv: ConvCall) -> tuple[KernelAllocation, ...]:

@@ -64,4 +64,4 @@ def cpu_kernel_allocations(func_name: str, args: Sequence[Any]) -> KernelBlocks:
     rule = _RULES.get(func_name)
     if rule is not None:
         return rule(args)
-    return OUTPUTS_ONLY if allocates_only_its_outputs(func_name) else UNKNOWN_KERNEL
+    return OUTPUTS_ONLY if allocates_only_its_outputs(func_name, args) else UNKNOWN_KERNEL
