@@ -356,8 +356,11 @@ def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any
 def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """oneDNN's LSTM layer as the CPU kernel returns it: under grad mode, the workspace it keeps
     for backward at its real size (`lstm_workspace_bytes`; the fake kernel returns it empty, and
-    a one-layer LSTM classifier's live peak was 0.46 of the real one); in backward, the second
-    bias gradient a clone of the first, not the same tensor."""
+    a one-layer LSTM classifier's live peak was 0.46 of the real one); in backward, every
+    gradient float32, whatever the inputs' dtype (torch 2.8's fake kernel gives a bf16 layer's
+    its inputs' dtype: the live peak of the corpus's `lstm` under bf16 autocast was 0.90 of the
+    real one, the engine's casts of them to bf16 unseen), and the second bias gradient a clone of
+    the first, not the same tensor."""
     if func is aten.mkldnn_rnn_layer.default and torch.is_grad_enabled():
         x, cx = args[0], args[6]
         workspace = lstm_workspace_bytes(
@@ -369,8 +372,13 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
             cell_dtype=cx.dtype,
         )
         return (*output[:3], output[3].new_empty((workspace,)))
-    if func is aten.mkldnn_rnn_layer_backward.default and output[4] is output[3]:
-        return (*output[:4], torch.empty_like(output[3]), *output[5:])
+    if func is aten.mkldnn_rnn_layer_backward.default:
+        output = tuple(
+            grad if grad.dtype == torch.float32 else torch.empty_like(grad, dtype=torch.float32)
+            for grad in output
+        )
+        if output[4] is output[3]:
+            return (*output[:4], torch.empty_like(output[3]), *output[5:])
     return output
 
 
