@@ -525,7 +525,7 @@ _ZEROS_MADE_BY = frozenset(
 
 # The backward of a reduction to one selected value (`max()`, `min()`, `median()`, `nanmedian()`
 # with no dim) spreads the gradient evenly over the elements equal to it (FunctionsManual.cpp,
-# `evenly_distribute_backward`, the same from torch 2.4 to 2.14). Unwatched on CPU it reads
+# `evenly_distribute_backward`; profiled on 2.8, 2.13 and 2.14.1). Unwatched on CPU it reads
 # `value.isnan()`, builds the mask (`input == value`), makes the gradient's zeros, sums the mask
 # (into int64, a copy of the mask 8 bytes an element) and fills the zeros in place
 # (`masked_fill_`): the zeros and the mask's int64 copy are alive together. On a tensor subclass
