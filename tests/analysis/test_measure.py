@@ -9,9 +9,11 @@ import functools
 import pytest
 import torch
 from cnn_zoo import ZOO
+from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ninlab.analysis.measure import Measurement, measure
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, train_step
 from ninlab.cli import main
 from ninlab.errors import NinlabError
@@ -143,6 +145,44 @@ def test_vgg_inference_peak_counts_max_pool_indices_under_inference_mode() -> No
         batch_size=4,
     )
     assert result.live_peak_op == "aten::max_pool2d_with_indices"
+
+
+class _Product(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.weight)
+
+
+class _Unpool(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = F.max_pool2d(self.conv(x), 2, return_indices=True)
+        return F.max_unpool2d(values, indices, 2).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("build", "input_size", "live_bytes"),
+    [(_Product, (64,), 14_080), (_Unpool, (3, 16, 16), 75_072)],
+    ids=["mm", "max_unpool2d"],
+)
+def test_autocasts_casts_are_storages(
+    build: type[torch.nn.Module], input_size: tuple[int, ...], live_bytes: int
+) -> None:
+    """Under autocast an op's arguments are cast inside its profiled call, and where nothing keeps
+    the casts (an inference; `max_unpool2d`'s backward keeps only the indices) they die before it
+    returns: they were taken for its workspace (13,568 live bytes for the `mm` inference, 66,880
+    for the unpooling), though a dispatch mode, and the prediction, sees them as storages."""
+    torch.manual_seed(0)
+    model = build()
+    spec = StepSpec(input_size=input_size, mode="infer", amp="bf16")
+    assert measure(model, spec, batch_size=4).live_peak_bytes == live_bytes
+    assert predict_memory(model, spec, batch_size=4).live_peak_bytes == live_bytes
 
 
 def _profiler_tensor_peak(model: torch.nn.Module, spec: StepSpec, batch_size: int) -> int:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ninlab.analysis import recorder
+from ninlab.analysis.allocator.rnn import LSTM_MODE
 from ninlab.analysis.recording import LayerInputTooSmall
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.torch_internals import FakeTensorMode
@@ -216,6 +217,29 @@ def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
         )
     assert [t.dtype for t in corrected[:2]] == [t.dtype for t in real[:2]]
     assert corrected[0].dtype == torch.bfloat16
+
+
+def test_lstm_backward_gradients_are_float32_as_the_cpu_kernel_makes_them() -> None:
+    """oneDNN's LSTM backward returns float32 gradients for a bf16 layer (autograd's engine then
+    casts them to bf16); torch 2.8's fake kernel gives them the inputs' dtype."""
+    aten = torch.ops.aten
+    x, hx = torch.randn(5, 2, 8, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16)
+    weights = tuple(torch.randn(shape, dtype=torch.bfloat16) for shape in ((16, 8), (16, 4), (16,)))
+    weights = (*weights, weights[2])
+    with torch.enable_grad():
+        out, hy, cy, workspace = aten.mkldnn_rnn_layer(
+            x, *weights, hx, hx, False, [], LSTM_MODE, 4, 1, True, False, False, True
+        )
+    args = (x, *weights, hx, hx, out, hy, cy, out, hy, cy, False, LSTM_MODE, 4, 1, True)
+    args = (*args, True, False, [], False, workspace)
+    backward = aten.mkldnn_rnn_layer_backward.default
+    real = backward(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        corrected = recorder._cpu_lstm_outputs(backward, fake_args, backward(*fake_args))
+    assert [t.dtype for t in corrected] == [t.dtype for t in real] == [torch.float32] * 7
+    assert [t.shape for t in corrected] == [t.shape for t in real]
+    assert corrected[4] is not corrected[3]
 
 
 class _WritesIndexed(torch.nn.Module):

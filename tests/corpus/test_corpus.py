@@ -17,12 +17,7 @@ import pytest
 from corpus_cases import CASES, Case, available, check
 
 # (case, setup) -> the cause, for the engineer who owns it (benchmarks/corpus_tally-cpu.md).
-KNOWN_WRONG: dict[tuple[str, str], str] = {
-    ("max-unpool", "bf16"): (
-        "live 1.039 at max_unpool2d in forward under bf16 autocast (its float32 cast of the "
-        "pooled values), cause not found"
-    ),
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 def _param(case: Case, setup: str) -> object:

@@ -349,19 +349,32 @@ def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
     """(start, end, name) of every op a dispatch mode would be handed: the outermost dispatcher
     ops that have kernels of their own, aten's or another library's (`torchvision::deform_conv2d`,
     whose columns buffer, made by an aten op inside it, is its workspace), found below the
-    CompositeImplicitAutograd-only ops that run as their parts and below annotations (autograd's
-    nodes, optimizers' steps, marks)."""
+    CompositeImplicitAutograd-only ops that run as their parts, below autocast's call of an op
+    (see `_autocast_call`) and below annotations (autograd's nodes, optimizers' steps, marks)."""
     spans: list[tuple[int, int, str]] = []
     pending = list(tree)
     while pending:
         event = pending.pop()
         if event.typed[0] != EventType.TorchOp:
             continue
-        if _composite_name(event.name) is False:
+        if _composite_name(event.name) is False and not _autocast_call(event):
             spans.append((event.start_time_ns, event.end_time_ns, event.name))
         else:
             pending += event.children
     return spans
+
+
+def _autocast_call(event: Any) -> bool:
+    """Whether a profiled op is autocast's call of it: its arguments cast (`aten::to`), then the
+    op called again with autocast excluded (ATen's autocast_mode.h, `WrapFunction_`). Autocast's
+    dispatch key is above a dispatch mode's, so a mode is handed the casts and the second call:
+    the casts are tensor storages, though they die before the first call returns where nothing
+    keeps them (`max_unpool2d`'s float32 copy of its bf16 values; any cast
+    of an inference)."""
+    inner = [child.name for child in event.children if child.typed[0] == EventType.TorchOp]
+    return (
+        bool(inner) and inner[-1] == event.name and all(name == "aten::to" for name in inner[:-1])
+    )
 
 
 def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:

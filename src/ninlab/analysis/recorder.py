@@ -357,8 +357,11 @@ def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any
 def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """oneDNN's LSTM layer as the CPU kernel returns it: under grad mode, the workspace it keeps
     for backward at its real size (`lstm_workspace_bytes`; the fake kernel returns it empty, and
-    a one-layer LSTM classifier's live peak was 0.46 of the real one); in backward, the second
-    bias gradient a clone of the first, not the same tensor."""
+    a one-layer LSTM classifier's live peak was 0.46 of the real one); in backward, every
+    gradient float32, whatever the inputs' dtype (torch 2.8's fake kernel gives a bf16 layer's
+    its inputs' dtype: the live peak of the corpus's `lstm` under bf16 autocast was 0.90 of the
+    real one, the engine's casts of them to bf16 unseen), and the second bias gradient a clone of
+    the first, not the same tensor."""
     if func is aten.mkldnn_rnn_layer.default and torch.is_grad_enabled():
         x, cx = args[0], args[6]
         workspace = lstm_workspace_bytes(
@@ -370,8 +373,13 @@ def _cpu_lstm_outputs(func: Any, args: tuple[Any, ...], output: Any) -> Any:
             cell_dtype=cx.dtype,
         )
         return (*output[:3], output[3].new_empty((workspace,)))
-    if func is aten.mkldnn_rnn_layer_backward.default and output[4] is output[3]:
-        return (*output[:4], torch.empty_like(output[3]), *output[5:])
+    if func is aten.mkldnn_rnn_layer_backward.default:
+        output = tuple(
+            grad if grad.dtype == torch.float32 else torch.empty_like(grad, dtype=torch.float32)
+            for grad in output
+        )
+        if output[4] is output[3]:
+            return (*output[:4], torch.empty_like(output[3]), *output[5:])
     return output
 
 
@@ -562,17 +570,21 @@ _ZEROS_MADE_BY = frozenset(
 
 # The backward of a reduction to one selected value (`max()`, `min()`, `median()`, `nanmedian()`
 # with no dim) spreads the gradient evenly over the elements equal to it (FunctionsManual.cpp,
-# `evenly_distribute_backward`). Unwatched on CPU it builds the mask as `input == value` (after
-# reading `value.isnan()`) and fills fresh zeros with it; on a tensor subclass (a fake tensor) or on
-# a GPU it first makes NaN masks of the input and the value and their `logical_and`, held to the
-# end of the formula: two input-sized bool tensors and a byte more at the gradient's high point
-# (`w.max()` of a (10, 8) parameter: 997 live bytes predicted against 836). On CPU those ops are
-# run unrecorded: the rest (`eq`, `logical_or_` in place, `sum`, `div`, the gradient) allocates
-# what the unwatched program does.
+# `evenly_distribute_backward`; profiled on 2.8, 2.13 and 2.14.1). Unwatched on CPU it reads
+# `value.isnan()`, builds the mask (`input == value`), makes the gradient's zeros, sums the mask
+# (into int64, a copy of the mask 8 bytes an element) and fills the zeros in place
+# (`masked_fill_`): the zeros and the mask's int64 copy are alive together. On a tensor subclass
+# (a fake tensor) or a GPU it makes NaN masks of the input and the value and their `logical_and`,
+# then the mask, its sum, and the gradient last, out of place (`mask * share`): `w.max()` of a
+# (10, 8) parameter was predicted 997 live bytes against 836, then 1,444 allocator bytes against
+# 1,760. On CPU the recorder runs the NaN masks unrecorded and records the unwatched program:
+# the zeros right after the mask, the product as the fill of those zeros. The 1-byte
+# `value.isnan()` it leaves out dies before the zeros are made: no high point is there.
 _EVENLY_DISTRIBUTING_NODES = frozenset(
     {"MaxBackward1", "MinBackward1", "MedianBackward0", "NanmedianBackward0"}
 )
 _NAN_MASK_OPS = frozenset({aten.isnan.default, aten.logical_and.default})
+_SPREADING_OPS = _NAN_MASK_OPS | {aten.eq.Tensor, aten.mul.Tensor}
 
 # The masks backward formulas put over a `where` they have just made, unwatched in place and on
 # a tensor subclass out of place: maximum's and minimum's (`at::where(self == other, grad / 2,
@@ -750,6 +762,9 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # The zeros `evenly_distribute_backward` fills, from its mask to its product (see
+        # `_spread_evenly`).
+        self._spread_zeros: torch.Tensor | None = None
         # Ops given a Python number for a Tensor argument: the autograd sequence number just past
         # the node each made -> the op's index (see `_saved_number`).
         self._wrapped_numbers: dict[int, int] = {}
@@ -953,8 +968,8 @@ class Recorder(TorchDispatchMode):
         skip_kernel = traits.returns_self and getattr(args[0], "constant", None) is None
         if self._paused:
             return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
-        if func in _NAN_MASK_OPS and self._makes_gpu_nan_mask(args):
-            return self._fake_outputs.run(func, args, kwargs)
+        if func in _SPREADING_OPS and self._spreads_evenly_on_cpu(args):
+            return self._spread_evenly(func, args, kwargs)
         if (
             func is aten._local_scalar_dense.default
             and self.ledger.key(args[0]) in self._overflow_flags
@@ -964,6 +979,12 @@ class Recorder(TorchDispatchMode):
             return 0.0
         if func is aten._amp_foreach_non_finite_check_and_unscale_.default:
             self._overflow_flags.add(self.ledger.key(args[1]))
+        return self._run(func, traits, args, kwargs, skip_kernel=skip_kernel)
+
+    def _run(
+        self, func: Any, traits: OpTraits, args: Any, kwargs: dict[str, Any], *, skip_kernel: bool
+    ) -> Any:
+        """Run the op (checked by `_dispatch`) and record it."""
         # Composite ops (conv2d, max_pool2d under inference_mode, ...) run as their parts, as
         # they do for real; recording the parts shows what they allocate (max-pool indices).
         # The C++ composite kernel, not a Python decomposition (`func.decompose` prefers those), so
@@ -1037,10 +1058,9 @@ class Recorder(TorchDispatchMode):
             output = _elementwise_layout(args, output)
         return output
 
-    def _makes_gpu_nan_mask(self, args: tuple[Any, ...]) -> bool:
-        """Whether the op builds a NaN mask of `evenly_distribute_backward` that only a tensor
-        subclass or a GPU step makes (`_EVENLY_DISTRIBUTING_NODES`): in a CPU step, unwatched,
-        the formula makes none."""
+    def _spreads_evenly_on_cpu(self, args: tuple[Any, ...]) -> bool:
+        """Whether the op is one of `evenly_distribute_backward`'s (`_EVENLY_DISTRIBUTING_NODES`)
+        in a CPU step, where, unwatched, the formula takes another path."""
         node = current_autograd_node()
         return (
             node is not None
@@ -1075,6 +1095,29 @@ class Recorder(TorchDispatchMode):
             and caller.f_code.co_name == "_max_pool1d"
             and caller.f_code.co_filename == F.__file__
         )
+
+    def _spread_evenly(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An op of `evenly_distribute_backward` on a tensor subclass, run as the CPU program
+        does its part (`_EVENLY_DISTRIBUTING_NODES`): a NaN mask unrecorded; the mask, then the
+        zeros of the input's size and dtype (`grad.new_zeros(input.sizes(), input.options())`);
+        the product of the mask and the gradient's share as the fill of those zeros."""
+        if func in _NAN_MASK_OPS:
+            return self._fake_outputs.run(func, args, kwargs)
+        if func is aten.eq.Tensor:
+            mask = self._run(func, op_traits(func), args, kwargs, skip_kernel=False)
+            source = args[0]
+            zeros = aten.new_zeros.default
+            self._spread_zeros = self._run(
+                zeros, op_traits(zeros), (source, list(source.shape)), {}, skip_kernel=False
+            )
+            return mask
+        mask, share = args
+        fill = aten.masked_fill_.Tensor
+        filled = self._run(
+            fill, op_traits(fill), (self._spread_zeros, mask, share), {}, skip_kernel=True
+        )
+        self._spread_zeros = None
+        return filled
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a
