@@ -65,7 +65,8 @@ class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
-    `backward_flops` are the ops autograd ran for it in backward. `output_shapes` holds one shape
+    `backward_flops` are the ops autograd ran for it in backward (a checkpoint's
+    recomputation of its forward included). `output_shapes` holds one shape
     per tensor the module returned (a tuple's, dict's or dataclass's, in order). `axes` describes
     the module's convolution or pooling window along each spatial axis, one `AxisWindow` per axis
     (the first such op, if it ran several).
@@ -308,6 +309,11 @@ def _step_ops(step: StepRecording) -> list[OpRecord]:
     return step.recording.ops[step.step_start :]
 
 
+# What autograd runs in backward: its own ops, and a checkpoint's forward run again there (as
+# PyTorch's FlopCounterMode counts a backward, and the machine computes it).
+_BACKWARD_PHASES = ("backward", "recompute")
+
+
 def _layers(
     model: nn.Module, step: StepRecording, training: StepRecording | None
 ) -> tuple[LayerSummary, ...]:
@@ -322,7 +328,7 @@ def _layers(
             if op.window is not None and op.module not in first_window:
                 first_window[op.module] = op
     for op in _step_ops(training) if training is not None else ():
-        if op.phase == "backward":
+        if op.phase in _BACKWARD_PHASES:
             backward_flops[op.module] += op.flops
     fields = _receptive_fields(step)
     rows = []
@@ -388,8 +394,8 @@ def _totals(
     training_step = 0
     if training is not None:
         ops = _step_ops(training)
-        backward = sum(op.flops for op in ops if op.phase == "backward")
-        training_step = sum(op.flops for op in ops if op.phase in ("forward", "backward"))
+        backward = sum(op.flops for op in ops if op.phase in _BACKWARD_PHASES)
+        training_step = sum(op.flops for op in ops if op.phase in ("forward", *_BACKWARD_PHASES))
     storages = step.recording.storages
     buffers = list(model.buffers())
     return SummaryTotals(
