@@ -72,6 +72,36 @@ def test_a_checkpoints_recomputation_is_backward_flops_as_flop_counter_mode_coun
     assert layers["block"].backward_flops == 2 * (2 * 4 * 16 * 32)
 
 
+class _Encoder(torch.nn.Module):
+    """A Transformer encoder layer and a head: without gradients, PyTorch runs it as one fused
+    kernel (`_transformer_encoder_layer_fwd`) that no FLOP rule counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def test_a_training_steps_forward_flops_are_those_of_its_forward_with_gradients():
+    torch.manual_seed(0)
+    model = _Encoder()
+    forward, backward = counted_by_pytorch(model, (10, 32), 3)
+    totals = summarize(model, input_size=(10, 32), batch_size=3, mode="train").totals
+    # The attention's projections, scores and feed-forward, not only the head's 960.
+    assert (totals.forward_flops, totals.backward_flops) == (forward, backward)
+    assert forward == 3 * 2 * 10 * (32 * 96 + 32 * 32 + 2 * 32 * 64) + 960
+    assert totals.training_step_flops == forward + backward
+    # An inference runs the fused kernel, which FlopCounterMode does not count either.
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(3, 10, 32))
+    inference = summarize(model, input_size=(10, 32), batch_size=3, mode="infer").totals
+    assert inference.forward_flops == counter.get_total_flops() == 960
+
+
 def test_conv_flops_counts_groups_through_the_weight_shape():
     # Depthwise 3x3 over 8 channels of 4x4: each output reads 9 inputs of its own channel.
     assert conv_flops((1, 8, 4, 4), (8, 1, 3, 3), (1, 8, 4, 4), transposed=False) == 2 * 8 * 16 * 9
