@@ -516,12 +516,13 @@ def _measure(
     step_inputs = step_arguments(spec, inputs)
     targets: torch.Tensor | None = None
     optimizers: list[torch.optim.Optimizer] = []
+    made: Any = None  # what the optimizer factory returned
     if spec.mode == "train":
         model.train()
         # The loss fits the output (lazy modules get their shapes here).
         targets = builtin_targets(_checked_forward(model, step_inputs, spec), device)
         _release_probe_blocks(device)
-        optimizer = spec.make_optimizers(model)
+        optimizer = made = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
         train = spec.step_function()
 
@@ -574,6 +575,7 @@ def _measure(
         ):
             with first:
                 previous = step()
+            _count_held(first, model, made)
             survivors = first.survivors()
             baseline = _baseline(model, optimizers, inputs, targets, survivors)
             pointers = {
@@ -632,6 +634,7 @@ def _measure(
         live = _LiveStorage(phases)
         with first:
             previous = step()
+        _count_held(first, model, made)
         survivors = first.survivors()
         torch.cuda.synchronize(device)
         baseline = _baseline(model, optimizers, inputs, targets, survivors)
@@ -742,6 +745,19 @@ def _still_held(
     a new one given the freed block)."""
     held = {id(ref()) for ref in now}
     return any(ref() is not None and id(ref()) in held for ref in before)
+
+
+def _count_held(first: _LiveStorage, model: nn.Module, made: Any) -> None:
+    """Count, as alive from the first step, the tensors of the modules an optimizer factory
+    returned beside its optimizers (an EMA copy of the model): the step keeps them whether or
+    not one of its ops reads them (a copy's batch norm statistics, never updated), as the
+    predictor counts them."""
+    values = made if isinstance(made, (tuple, list)) else (made,)
+    own = {id(t) for t in (*model.parameters(), *model.buffers())}
+    for module in (v for v in values if isinstance(v, nn.Module) and v is not model):
+        for tensor in (*module.parameters(), *_buffers(module)):
+            if id(tensor) not in own and tensor.device.type != "meta":
+                first.count(tensor, "held")
 
 
 def _baseline_tensors(
