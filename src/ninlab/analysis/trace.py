@@ -29,6 +29,7 @@ from ninlab.analysis.model_state import (
     Captured,
     attribute_aliases,
     attribute_tensors,
+    captured_containers,
     captured_modules,
     captured_tensors,
     model_kept,
@@ -302,6 +303,7 @@ def _record_step(
             recorder.track(tensor, "buffer")
         for tensor in captured_tensors:
             recorder.track(tensor, "captured")
+        del captured_tensors
         for tensor, dtype, value_range in zip(inputs, spec.input_dtypes, spec.input_ranges):
             recorder.track(tensor, "input")
             value = determined_input(tuple(tensor.shape), dtype, value_range, torch.device("cpu"))
@@ -330,7 +332,11 @@ def _record_step(
                 swapped.enter_context(
                     reparametrize_module(module, module_fakes, tie_weights=True, strict=False)
                 )
-            swapped.enter_context(swapped_in(captured_places, captured_values))
+            containers = captured_containers(spec.step) if spec.step is not None else []
+            swapped.enter_context(swapped_in(captured_places, captured_values, containers))
+            # The user's containers hold the only references: a fake the step drops from its
+            # list (a history it trims) dies then, as the real tensor would.
+            captured_values.clear()
             if not trains:
                 infer = functools.partial(
                     inference_step,
