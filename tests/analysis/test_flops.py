@@ -4,6 +4,7 @@ import pytest
 import torch
 from cnn_zoo import ZOO
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from ninlab.analysis.flops import FLOP_RULES, conv_flops, flop_rule, op_flops
@@ -43,6 +44,62 @@ def test_nin_totals_equal_flop_counter_mode_and_the_hand_count():
     # The first conv needs no input gradient, so backward is a little under twice the forward.
     first_conv = conv_flops((2, 1, 224, 224), (96, 1, 11, 11), (2, 96, 54, 54), transposed=False)
     assert backward == 2 * forward - first_conv
+
+
+class _Checkpointed(torch.nn.Module):
+    """A linear block recomputed in backward (`torch.utils.checkpoint`), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_a_checkpoints_recomputation_is_backward_flops_as_flop_counter_mode_counts_it():
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    forward, backward = counted_by_pytorch(model, (16,), 4)
+    summary = summarize(model, input_size=(16,), batch_size=4)
+    totals = summary.totals
+    # The block's forward, 2 * 4 * 16 * 32 FLOPs, runs again in backward.
+    assert (totals.forward_flops, totals.backward_flops) == (forward, backward) == (5_376, 10_752)
+    assert totals.training_step_flops == forward + backward
+    layers = {layer.name: layer for layer in summary.layers}
+    # Its recomputation and its weight's gradient (the input needs none).
+    assert layers["block"].backward_flops == 2 * (2 * 4 * 16 * 32)
+
+
+class _Encoder(torch.nn.Module):
+    """A Transformer encoder layer and a head: without gradients, PyTorch runs it as one fused
+    kernel (`_transformer_encoder_layer_fwd`) that no FLOP rule counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def test_a_training_steps_forward_flops_are_those_of_its_forward_with_gradients():
+    torch.manual_seed(0)
+    model = _Encoder()
+    forward, backward = counted_by_pytorch(model, (10, 32), 3)
+    totals = summarize(model, input_size=(10, 32), batch_size=3, mode="train").totals
+    # The attention's projections, scores and feed-forward, not only the head's 960.
+    assert (totals.forward_flops, totals.backward_flops) == (forward, backward)
+    assert forward == 3 * 2 * 10 * (32 * 96 + 32 * 32 + 2 * 32 * 64) + 960
+    assert totals.training_step_flops == forward + backward
+    # An inference runs the fused kernel, which FlopCounterMode does not count either.
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(3, 10, 32))
+    inference = summarize(model, input_size=(10, 32), batch_size=3, mode="infer").totals
+    assert inference.forward_flops == counter.get_total_flops() == 960
 
 
 def test_conv_flops_counts_groups_through_the_weight_shape():

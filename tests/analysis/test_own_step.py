@@ -171,6 +171,38 @@ def test_prediction_equals_measurement(case: str) -> None:
         )
 
 
+# A loss history the step appends to and trims, as a logging loop keeps the last few.
+HISTORY: list[torch.Tensor] = []
+
+
+def logged(model: nn.Module, optimizer: Any, inputs: Any, targets: Any) -> Any:
+    optimizer.zero_grad()
+    output = model(inputs)
+    HISTORY.append(output.detach().clone())
+    del HISTORY[:-2]
+    loss = F.cross_entropy(output, targets)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+@pytest.mark.parametrize("held", [0, 2])
+def test_a_history_the_step_keeps_is_left_as_it_was_and_counted_as_held(held: int) -> None:
+    # A prediction left its fake outputs in the list (the next call counted them, or failed);
+    # a measurement did not count what the list held before it, the prediction counted what the
+    # step had dropped from it: mismatches of a batch of logits, larger at each call.
+    HISTORY[:] = [torch.zeros(BATCH, 10) for _ in range(held)]
+    before = list(HISTORY)
+    spec = StepSpec(input_size=INPUT, step=logged, optimizer="adam")
+    for _ in range(2):
+        predicted = predict_memory(net(), spec, batch_size=BATCH)
+        assert len(HISTORY) == held and all(a is b for a, b in zip(HISTORY, before))
+        measured = measure(net(), spec, batch_size=BATCH)
+        assert len(HISTORY) == held and all(a is b for a, b in zip(HISTORY, before))
+        assert predicted.live_trust.exact
+        assert predicted.live_peak_bytes == measured.live_peak_bytes
+
+
 def test_checkpointing_shows_the_recomputation_as_its_own_category() -> None:
     spec = StepSpec(input_size=INPUT, step=checkpointed(reentrant=False), optimizer="sgd")
     report = predict_memory(net(), spec, batch_size=BATCH)

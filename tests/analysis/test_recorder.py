@@ -7,6 +7,7 @@ from ninlab.analysis import recorder
 from ninlab.analysis.allocator.rnn import LSTM_MODE
 from ninlab.analysis.recording import LayerInputTooSmall
 from ninlab.analysis.step import StepSpec
+from ninlab.analysis.summary import summarize
 from ninlab.analysis.torch_internals import FakeTensorMode
 from ninlab.analysis.trace import record_step
 from ninlab.models import build_nin
@@ -240,6 +241,51 @@ def test_lstm_backward_gradients_are_float32_as_the_cpu_kernel_makes_them() -> N
     assert [t.dtype for t in corrected] == [t.dtype for t in real] == [torch.float32] * 7
     assert [t.shape for t in corrected] == [t.shape for t in real]
     assert corrected[4] is not corrected[3]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_fused_attention_returns_weights_only_when_asked(need_weights) -> None:
+    """`nn.MultiheadAttention`'s inference path told not to return its weights returns None for
+    them, where the fake kernel makes an empty tensor (a summary showed a second output, (0,))."""
+    aten = torch.ops.aten
+    attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(3, 10, 32)
+    weights = (attention.in_proj_weight, attention.in_proj_bias)
+    weights += (attention.out_proj.weight, attention.out_proj.bias)
+    args = (x, x, x, 32, 4, *weights, None, need_weights)
+    op = aten._native_multi_head_attention.default
+    with torch.no_grad():
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake_args = tuple(
+                mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args
+            )
+            corrected = recorder._attention_weights_not_wanted(op, fake_args, {}, op(*fake_args))
+    assert corrected[0].shape == real[0].shape
+    if need_weights:
+        assert corrected[1].shape == real[1].shape == (3, 10, 10)
+    else:
+        assert corrected[1] is None and real[1] is None
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_a_summary_shows_the_outputs_an_attention_layer_returns() -> None:
+    model = _SelfAttention().eval()
+    with torch.no_grad():
+        x = torch.randn(3, 10, 32)
+        assert model.attention(x, x, x, need_weights=False)[1] is None
+    summary = summarize(model, input_size=(10, 32), batch_size=3, mode="infer")
+    assert {layer.name: layer.output_shapes for layer in summary.layers}["attention"] == (
+        (3, 10, 32),
+    )
 
 
 class _WritesIndexed(torch.nn.Module):

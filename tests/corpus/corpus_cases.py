@@ -19,6 +19,7 @@ sorts the outcome into one of `OUTCOMES`:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 import traceback
@@ -33,6 +34,7 @@ from torch import nn
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import ALLOCATOR_TOLERANCE
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import train_step
 from ninlab.errors import NinlabError
 
 OUTCOMES = ("exact", "flagged", "refused", "wrong")
@@ -412,6 +414,59 @@ def ctc_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: An
     return loss
 
 
+# The losses a logging loop keeps: module state the step reaches, left by each call as it was.
+LOSS_HISTORY: list[torch.Tensor] = []
+
+
+def logged_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """A step that appends its detached loss to a history list, as a logging loop does."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    LOSS_HISTORY.append(loss.detach())
+    return loss
+
+
+def averaged_model(model: nn.Module) -> tuple[Any, ...]:
+    """SGD, and an exponential moving average of the model (`AveragedModel`, a deep copy)."""
+    ema = torch.optim.swa_utils.get_ema_multi_avg_fn(0.99)
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema)
+    return torch.optim.SGD(model.parameters(), lr=0.1), averaged
+
+
+def averaged_step(model: nn.Module, optimizers: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    optimizer, averaged = optimizers
+    loss = train_step(model, optimizer, inputs, targets)
+    averaged.update_parameters(model)
+    return loss
+
+
+def frozen_copy(model: nn.Module) -> tuple[Any, ...]:
+    """SGD, and a frozen copy of the model moved towards it by hand (its buffers never read)."""
+    return torch.optim.SGD(model.parameters(), lr=0.1), copy.deepcopy(model).requires_grad_(False)
+
+
+def copy_step(model: nn.Module, optimizers: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    optimizer, kept = optimizers
+    loss = train_step(model, optimizer, inputs, targets)
+    with torch.no_grad():
+        for average, parameter in zip(kept.parameters(), model.parameters(), strict=True):
+            average.lerp_(parameter, 0.01)
+    return loss
+
+
+def penalty_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """A gradient penalty on the input: a double backward (`create_graph=True`)."""
+    optimizer.zero_grad()
+    inputs = inputs.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(inputs), targets)
+    (gradient,) = torch.autograd.grad(loss, inputs, create_graph=True)
+    (loss + gradient.pow(2).sum()).backward()
+    optimizer.step()
+    return loss.detach()
+
+
 class _PerStep(nn.Module):
     """A GRU's per-step class scores (N, T, C): what a CTC loss reads."""
 
@@ -679,6 +734,43 @@ LAYER_ZOO = (
         extra={"optimizer": two_optimizers},
     ),
     Case("step-ctc-loss", "layer zoo", _PerStep, (10, 16), setups=("sgd",), step=ctc_step),
+    # Steps, optimizers and their state beyond the setups (issue 20).
+    Case("step-loss-history", "layer zoo", _linear_net, (16,), ("sgd", "adam"), step=logged_step),
+    Case("step-gradient-penalty", "layer zoo", _linear_net, (16,), ("adam",), step=penalty_step),
+    Case(
+        "step-ema-averaged-model",
+        "layer zoo",
+        _linear_net,
+        (16,),
+        setups=("sgd",),
+        step=averaged_step,
+        extra={"optimizer": averaged_model},
+    ),
+    Case(
+        "step-ema-frozen-copy",
+        "layer zoo",
+        lambda: _Pooled(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), 8),
+        _IMAGE,
+        setups=("sgd",),
+        step=copy_step,
+        extra={"optimizer": frozen_copy},
+    ),
+    Case(
+        "optimizer-rmsprop-centered",
+        "layer zoo",
+        _linear_net,
+        (16,),
+        setups=("sgd",),
+        extra={"optimizer": "rmsprop:momentum=0.9,centered=true"},
+    ),
+    Case(
+        "optimizer-adamw-fused",
+        "layer zoo",
+        _linear_net,
+        (16,),
+        setups=("sgd",),
+        extra={"optimizer": "adamw:implementation=fused,weight_decay=0.01"},
+    ),
     Case(
         "batch-norm-on-the-input",
         "layer zoo",

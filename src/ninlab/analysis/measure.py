@@ -52,7 +52,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ninlab.analysis.kernel_probe import allocation_records
 from ninlab.analysis.lazy import copy_model
-from ninlab.analysis.model_state import attribute_tensors, model_kept
+from ninlab.analysis.model_state import (
+    attribute_tensors,
+    captured_containers,
+    captured_tensors,
+    model_kept,
+    swapped_in,
+)
 from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.quiet_profiler import quiet_profile
 from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory
@@ -499,6 +505,13 @@ def _measure(
     require_supported_torch()
     spec = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(spec, batch_size)
+    # What the step writes into the lists and dicts it reaches (a loss history) is undone, as a
+    # prediction undoes it: a call leaves the user's state as it found it.
+    with swapped_in([], [], captured_containers(spec.step) if spec.step is not None else []):
+        return _measured(model, spec, batch_size, seed)
+
+
+def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> Measurement:
     check_traceable(model)
     check_trains(model, spec)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
@@ -538,12 +551,13 @@ def _measure(
     step_inputs = step_arguments(spec, inputs)
     targets: torch.Tensor | None = None
     optimizers: list[torch.optim.Optimizer] = []
+    made: Any = None  # what the optimizer factory returned
     if spec.mode == "train":
         model.train()
         # The loss fits the output (lazy modules get their shapes here).
         targets = builtin_targets(_checked_forward(model, step_inputs, spec), device)
         _release_probe_blocks(device)
-        optimizer = spec.make_optimizers(model)
+        optimizer = made = spec.make_optimizers(model)
         optimizers = optimizers_in(optimizer)
         train = spec.step_function()
 
@@ -596,6 +610,7 @@ def _measure(
         ):
             with first:
                 previous = step()
+            _count_held(first, model, made, spec.step)
             survivors = first.survivors()
             baseline = _baseline(model, optimizers, inputs, targets, survivors)
             pointers = {
@@ -654,6 +669,7 @@ def _measure(
         live = _LiveStorage(phases)
         with first:
             previous = step()
+        _count_held(first, model, made, spec.step)
         survivors = first.survivors()
         torch.cuda.synchronize(device)
         baseline = _baseline(model, optimizers, inputs, targets, survivors)
@@ -764,6 +780,22 @@ def _still_held(
     a new one given the freed block)."""
     held = {id(ref()) for ref in now}
     return any(ref() is not None and id(ref()) in held for ref in before)
+
+
+def _count_held(first: _LiveStorage, model: nn.Module, made: Any, step: Any) -> None:
+    """Count, as alive from the first step, what the step keeps whether or not one of its ops
+    reads it, as the predictor counts it: the tensors of the modules an optimizer factory
+    returned beside its optimizers (an EMA copy of the model, whose batch norm statistics are
+    never updated) and the plain tensors the step function reaches (a loss history it appends
+    to, made before profiling)."""
+    values = made if isinstance(made, (tuple, list)) else (made,)
+    own = {id(t) for t in (*model.parameters(), *model.buffers())}
+    held = [place.value for place in captured_tensors(step, model)] if step is not None else []
+    for module in (v for v in values if isinstance(v, nn.Module) and v is not model):
+        held += [*module.parameters(), *_buffers(module)]
+    for tensor in held:
+        if id(tensor) not in own and tensor.device.type != "meta":
+            first.count(tensor, "held")
 
 
 def _baseline_tensors(

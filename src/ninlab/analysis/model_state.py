@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "ModelState",
     "attribute_aliases",
     "attribute_tensors",
+    "captured_containers",
     "captured_modules",
     "captured_tensors",
     "model_kept",
@@ -219,14 +220,37 @@ def captured_tensors(step: Any, model: nn.Module) -> list[Captured]:
     ]
 
 
+def captured_containers(step: Any) -> list[list[Any] | dict[Any, Any]]:
+    """The lists and dicts a step function reaches from outside the model (a loss history it
+    appends to), each once: what it writes into them is the user's state too."""
+    found: dict[int, list[Any] | dict[Any, Any]] = {}
+    for place in _reachable(step):
+        if isinstance(place.value, (list, dict)):
+            found.setdefault(id(place.value), place.value)
+    return list(found.values())
+
+
 @contextlib.contextmanager
-def swapped_in(places: list[Captured], values: list[Any]) -> Iterator[None]:
-    """`values` in `places` for the body, the originals put back after, whatever it raised."""
+def swapped_in(
+    places: list[Captured],
+    values: list[Any],
+    containers: Sequence[list[Any] | dict[Any, Any]] = (),
+) -> Iterator[None]:
+    """`values` in `places` for the body, the originals put back after, whatever it raised; and
+    `containers` with their contents as they were before it, so that what the body appended (a
+    fake loss kept in a history list) or removed is not left in them."""
+    contents = [(c, c.copy()) for c in containers]
     try:
         for place, value in zip(places, values):
             place.put(value)
         yield
     finally:
+        for container, before in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(before)
+            else:
+                container.update(before)
         for place in places:
             place.put(place.value)
 

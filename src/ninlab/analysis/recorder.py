@@ -256,6 +256,27 @@ def _masked_outputs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     return tuple(tensor if wanted else None for tensor, wanted in zip(output, mask))
 
 
+# `_native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias,
+# proj_weight, proj_bias, mask=None, need_weights=True, ...)`: where its `need_weights` sits.
+_NEED_WEIGHTS_POSITION = 10
+
+
+def _attention_weights_not_wanted(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
+    """The fused inference attention (`nn.MultiheadAttention`'s fast path) told not to return
+    its weights returns None for them (an undefined tensor), as the kernel does; the fake kernel
+    made an empty tensor, shown as an output of shape (0,) the model never returned."""
+    if func is not aten._native_multi_head_attention.default:
+        return output
+    need_weights = (
+        args[_NEED_WEIGHTS_POSITION]
+        if len(args) > _NEED_WEIGHTS_POSITION
+        else kwargs.get("need_weights", True)
+    )
+    return output if need_weights else (output[0], None)
+
+
 def _float32_statistics(
     func: Any, args: tuple[Any, ...], output: Any, fake_outputs: FakeOutputs
 ) -> Any:
@@ -1044,6 +1065,7 @@ class Recorder(TorchDispatchMode):
     ) -> Any:
         """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
         output = _masked_outputs(func, args, kwargs, self._fake_outputs.run(func, args, kwargs))
+        output = _attention_weights_not_wanted(func, args, kwargs, output)
         output = _float32_statistics(func, args, output, self._fake_outputs)
         output = _group_norm_grad_input_dtype(func, args, output)
         output = _cpu_batch_norm_grad_layout(func, args, output)

@@ -73,9 +73,11 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     missing_kernel = _MISSING_KERNEL.search(reason)
     if missing_kernel:
         op, dtype = missing_kernel.groups()
+        # Only the dtypes other than the one the kernel lacks (ATen's names: 'BFloat16', 'Half').
+        others = [name for name in ("float32", "bfloat16") if _ATEN_DTYPE.get(name) != dtype]
         return NinlabError(
             f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
-            "run the model in another dtype (dtype='float32' or 'bfloat16', --dtype)"
+            f"run the model in another dtype (dtype={' or '.join(map(repr, others))}, --dtype)"
         )
     if spec.amp is not None and _DTYPE_MISMATCH.search(reason):
         return NinlabError(
@@ -144,6 +146,8 @@ def out_of_memory(error: BaseException) -> bool:
 
 # A CPU or CUDA kernel PyTorch lacks for a dtype: '"addmm_impl_cpu_" not implemented for 'Half''.
 _MISSING_KERNEL = re.compile(r"\"(\w+)\" not implemented for '(\w+)'")
+# How ATen names the dtypes a missing kernel is suggested instead of.
+_ATEN_DTYPE = {"float32": "Float", "bfloat16": "BFloat16"}
 # An index a kernel refuses, as ATen words it (embedding, index_select; embedding_bag; gather).
 _INDEX_OUT_OF_RANGE = re.compile(
     r"index out of range|not in the valid range|out of bounds for dimension|i < index_size"

@@ -2,9 +2,11 @@
 
 Everything is read from recordings of the real model on fake tensors (see `ninlab.analysis.trace`),
 so it holds for any `nn.Module`: nested blocks, residual additions and functional calls in
-`forward` are seen as the ops they dispatch. Shapes, parameters and forward FLOPs come from one
-forward pass, which needs no loss; backward FLOPs from a training step, whose built-in loss fits
-the output (`ninlab.analysis.step.builtin_loss`) and is named in the result.
+`forward` are seen as the ops they dispatch. Shapes and parameters come from one forward pass,
+which needs no loss; FLOPs from the step summarized: an inference's forward, or a training step,
+whose built-in loss fits the output (`ninlab.analysis.step.builtin_loss`) and is named in the
+result. The two forwards may run different ops: PyTorch's fused inference paths of
+`nn.MultiheadAttention` and `nn.TransformerEncoderLayer` run only without gradients.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class LayerSummary:
     """One module. Containers total their children; `depth` 0 is the model itself.
 
     FLOPs are those of the ops the module ran itself or through its children (`CONVENTION`);
-    `backward_flops` are the ops autograd ran for it in backward. `output_shapes` holds one shape
+    `backward_flops` are the ops autograd ran for it in backward (a checkpoint's
+    recomputation of its forward included). `output_shapes` holds one shape
     per tensor the module returned (a tuple's, dict's or dataclass's, in order). `axes` describes
     the module's convolution or pooling window along each spatial axis, one `AxisWindow` per axis
     (the first such op, if it ran several).
@@ -128,7 +131,7 @@ class SummaryTotals:
     parameter_bytes: int
     buffer_elements: int
     buffer_bytes: int
-    forward_flops: int  # one forward pass of the batch: what inference costs
+    forward_flops: int  # one forward pass of the batch, as the step summarized runs it
     backward_flops: int  # 0 without a training step
     training_step_flops: (
         int  # forward + backward (the optimizer's update is not counted); 0 without one
@@ -308,21 +311,26 @@ def _step_ops(step: StepRecording) -> list[OpRecord]:
     return step.recording.ops[step.step_start :]
 
 
+# What autograd runs in backward: its own ops, and a checkpoint's forward run again there (as
+# PyTorch's FlopCounterMode counts a backward, and the machine computes it).
+_BACKWARD_PHASES = ("backward", "recompute")
+
+
 def _layers(
     model: nn.Module, step: StepRecording, training: StepRecording | None
 ) -> tuple[LayerSummary, ...]:
-    """One row per module: shapes, forward FLOPs and windows from the forward `step`, backward
-    FLOPs from the `training` step (if any)."""
+    """One row per module: shapes and windows from the forward `step`, FLOPs from the `training`
+    step where there is one, else from the forward."""
     forward_flops: dict[str, int] = defaultdict(int)
     backward_flops: dict[str, int] = defaultdict(int)
     first_window: dict[str, OpRecord] = {}
     for op in _step_ops(step):
+        if op.phase == "forward" and op.window is not None and op.module not in first_window:
+            first_window[op.module] = op
+    for op in _step_ops(training if training is not None else step):
         if op.phase == "forward":
             forward_flops[op.module] += op.flops
-            if op.window is not None and op.module not in first_window:
-                first_window[op.module] = op
-    for op in _step_ops(training) if training is not None else ():
-        if op.phase == "backward":
+        elif op.phase in _BACKWARD_PHASES:
             backward_flops[op.module] += op.flops
     fields = _receptive_fields(step)
     rows = []
@@ -383,13 +391,12 @@ def _totals(
     layers: Sequence[LayerSummary],
 ) -> SummaryTotals:
     counts = _parameter_counts(model)
-    forward = sum(op.flops for op in _step_ops(step) if op.phase == "forward")
-    backward = 0
-    training_step = 0
-    if training is not None:
-        ops = _step_ops(training)
-        backward = sum(op.flops for op in ops if op.phase == "backward")
-        training_step = sum(op.flops for op in ops if op.phase in ("forward", "backward"))
+    # A training step's forward is the one its FLOPs count: with gradients, attention takes no
+    # fused inference path (whose kernel neither ninlab nor FlopCounterMode counts).
+    ops = _step_ops(training if training is not None else step)
+    forward = sum(op.flops for op in ops if op.phase == "forward")
+    backward = sum(op.flops for op in ops if op.phase in _BACKWARD_PHASES)
+    training_step = forward + backward if training is not None else 0
     storages = step.recording.storages
     buffers = list(model.buffers())
     return SummaryTotals(

@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ninlab.analysis.fake_fast_path import OffRecord, fake_empty
 from ninlab.analysis.model_state import (
     Captured,
     attribute_aliases,
     attribute_tensors,
+    captured_containers,
     captured_modules,
     captured_tensors,
     model_kept,
@@ -190,6 +192,33 @@ def record_step(
         )
 
 
+class _CopiesIn(TorchFunctionMode):
+    """`copy.deepcopy` of a fake tensor of `fake_mode` (an optimizer factory's EMA copy of the
+    model, `AveragedModel`) makes a fake tensor of that mode, as a real copy is a real tensor:
+    PyTorch's own deep copy of a fake tensor makes it in a mode of its own, which the step's
+    first op mixing the two refuses. A torch-function mode, so only around the factory: while the
+    step runs, one would turn off attention's fused inference paths."""
+
+    def __init__(self, fake_mode: FakeTensorMode) -> None:
+        super().__init__()
+        self.fake_mode = fake_mode
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not torch.Tensor.__deepcopy__:
+            return func(*args, **kwargs)
+        tensor, memo = args
+        if getattr(tensor, "fake_mode", None) is not self.fake_mode:
+            return func(*args, **kwargs)
+        if id(tensor) not in memo:
+            with torch.no_grad():
+                copied = tensor.clone(memory_format=torch.preserve_format)
+            if isinstance(tensor, nn.Parameter):
+                copied = nn.Parameter(copied, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = copied.requires_grad_(tensor.requires_grad)
+        return memo[id(tensor)]
+
+
 def _record_step(
     model: nn.Module,
     spec: StepSpec,
@@ -274,6 +303,7 @@ def _record_step(
             recorder.track(tensor, "buffer")
         for tensor in captured_tensors:
             recorder.track(tensor, "captured")
+        del captured_tensors
         for tensor, dtype, value_range in zip(inputs, spec.input_dtypes, spec.input_ranges):
             recorder.track(tensor, "input")
             value = determined_input(tuple(tensor.shape), dtype, value_range, torch.device("cpu"))
@@ -308,7 +338,11 @@ def _record_step(
                 swapped.enter_context(
                     reparametrize_module(module, module_fakes, tie_weights=True, strict=False)
                 )
-            swapped.enter_context(swapped_in(captured_places, captured_values))
+            containers = captured_containers(spec.step) if spec.step is not None else []
+            swapped.enter_context(swapped_in(captured_places, captured_values, containers))
+            # The user's containers hold the only references: a fake the step drops from its
+            # list (a history it trims) dies then, as the real tensor would.
+            captured_values.clear()
             if not trains:
                 infer = functools.partial(
                     inference_step,
@@ -327,7 +361,8 @@ def _record_step(
             elif not optimizer_step:
                 _forward_backward(model, step_inputs, targets, spec.autocast_dtype, device)
             else:
-                optimizer = spec.make_optimizers(model, device_type=spec.device_type)
+                with _CopiesIn(fake_mode):
+                    optimizer = spec.make_optimizers(model, device_type=spec.device_type)
                 optimizers = optimizers_in(optimizer)
                 step = spec.step_function()
                 with recorder.warming_up():
