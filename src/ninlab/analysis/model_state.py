@@ -239,18 +239,14 @@ def swapped_in(
     """`values` in `places` for the body, the originals put back after, whatever it raised; and
     `containers` with their contents as they were before it, so that what the body appended (a
     fake loss kept in a history list) or removed is not left in them."""
-    contents = [(c, c.copy()) for c in containers]
+    contents = [(container, _contents(container)) for container in containers]
     try:
         for place, value in zip(places, values):
             place.put(value)
         yield
     finally:
         for container, before in contents:
-            container.clear()
-            if isinstance(container, list):
-                container.extend(before)
-            else:
-                container.update(before)
+            _put_back(container, before)
         for place in places:
             place.put(place.value)
 

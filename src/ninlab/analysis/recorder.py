@@ -1096,26 +1096,31 @@ class Recorder(TorchDispatchMode):
         kernel then makes the output alone (ATen's MaxPooling.cpp), where on a tensor subclass it
         runs as `max_pool1d_with_indices`, int64 indices the real step never makes (an
         inference's live peak 1.055 of the measured). Recorded as the one op it is."""
-        if func is not aten.max_pool1d.default or self.emulate_cuda:
-            return False
-        x = args[0]
-        return _device_type(x) == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+        return func is aten.max_pool1d.default and self._on_cpu_without_gradient(args[0])
 
     def _max_pool1d_parts_without_indices(self, func: Any, args: tuple[Any, ...]) -> bool:
         """Whether the op is the 2-d pooling `F.max_pool1d` runs as its parts on a tensor subclass
         (`max_pool1d` dispatched with autograd, under `no_grad` or in a train step on an input
         that needs no gradient), where `_pools_without_indices` holds: unwatched, the CPU kernel
         of `max_pool1d` makes the output alone."""
-        if func is not aten.max_pool2d_with_indices.default or self.emulate_cuda:
-            return False
-        x = args[0]
-        if _device_type(x) != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        if func is not aten.max_pool2d_with_indices.default or not self._on_cpu_without_gradient(
+            args[0]
+        ):
             return False
         caller = _python_caller()
         return (
             caller is not None
             and caller.f_code.co_name == "_max_pool1d"
             and caller.f_code.co_filename == F.__file__
+        )
+
+    def _on_cpu_without_gradient(self, x: torch.Tensor) -> bool:
+        """Whether `x` is a CPU step's tensor no gradient is wanted for (a pooling's input that
+        `max_pool1d`'s own kernel pools without indices)."""
+        return (
+            not self.emulate_cuda
+            and _device_type(x) == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())
         )
 
     def _spread_evenly(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -419,7 +419,7 @@ def _record_step(
 
 
 def _let_go_of_replaced(
-    recorder: Recorder, model: nn.Module, attribute_fakes: list[torch.Tensor]
+    recorder: Recorder, model: nn.Module, replaceable: list[torch.Tensor]
 ) -> None:
     """After the warm-up: an attribute's tensor or a buffer the model no longer holds (a cache
     the step replaced, RAFT's placeholder pyramid, ConViT's placeholder `rel_indices` buffer) is
@@ -427,7 +427,7 @@ def _let_go_of_replaced(
     reparametrisation) still holds it, to put the real one back."""
     held = {id(found.tensor.untyped_storage()) for found in attribute_tensors(model)}
     held |= {id(buffer.untyped_storage()) for buffer in model.buffers()}
-    for fake in attribute_fakes:
+    for fake in replaceable:
         if id(fake.untyped_storage()) not in held:
             recorder.ledger.let_go(fake)
 
