@@ -129,9 +129,9 @@ def test_smallest_input_holds_for_real_torch():
         model(torch.zeros(1, 1, 66, 67))
 
 
-def test_a_chain_the_input_passes_alone_is_trusted_without_tracing_below_it(monkeypatch):
-    """NiN's input meets only its windows, ReLUs and dropout: below 67x67 a window's output is
-    empty at every size, so one trace at 67x67 confirms the chain's answer."""
+@pytest.fixture
+def traced_sizes(monkeypatch):
+    """The input sizes `summarize` traces, in order."""
     import ninlab.analysis.summary as summary_module
 
     traced = []
@@ -143,9 +143,49 @@ def test_a_chain_the_input_passes_alone_is_trusted_without_tracing_below_it(monk
             traced.append(spec.input_size) or record(model, spec, *args, **kwargs)
         ),
     )
+    return traced
+
+
+def test_a_chain_the_input_passes_alone_is_trusted_without_tracing(traced_sizes):
+    """NiN's input meets only its windows, ReLUs and dropout: below 67x67 a window's output is
+    empty at every size; and past its last window only a ReLU and the global average, after
+    which no shape depends on the input's, so 67x67 runs the whole network: no trace at either."""
     summary = summarize(build_nin(), input_size=(1, 224, 224), batch_size=2)
     assert summary.smallest_input_size == (1, 67, 67)
-    assert traced == [(1, 224, 224), (1, 224, 224), (1, 67, 67)]
+    assert traced_sizes == [(1, 224, 224), (1, 224, 224)]
+
+
+class _Flattened(nn.Module):
+    """A window chain, then a Linear of the flattened map: only 3x16x16 runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 7 * 7, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class _UnevenMean(nn.Module):
+    """A mean over the width alone: the height reaches the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean(3, keepdim=True).view(-1, 4 * 14)
+
+
+@pytest.mark.parametrize("model", [_Flattened(), _UnevenMean()])
+def test_sizes_that_reach_past_the_chain_are_checked_by_tracing(model, traced_sizes):
+    """Past the last window the input's sizes reach a reshape: the chain's smallest input is
+    traced, the model refuses it, and the search by tracing gives what really runs."""
+    summary = summarize(model, input_size=(3, 16, 16), batch_size=1, mode="infer")
+    assert (3, 3, 3) in traced_sizes
+    with torch.no_grad():
+        model(torch.zeros(1, *summary.smallest_input_size))
 
 
 class _ResizedFirst(nn.Module):

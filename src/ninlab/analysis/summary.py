@@ -487,7 +487,8 @@ def _smallest_from_chain(
     model: nn.Module, spec: StepSpec, chain: list[OpRecord], step: StepRecording
 ) -> tuple[int, ...] | None:
     """Invert the chain per axis; trust it only if a trace at that size works and one
-    below fails (which the chain's arithmetic alone decides where `_chain_sees_the_input`)."""
+    below fails (which the chain's arithmetic alone decides where `_chain_sees_the_input`, and
+    the first too where the sizes also end in the chain: `_sizes_end_in_the_chain`)."""
     if not chain or not _fits(chain, spec):
         return None
     input_size = spec.input_sizes[0]
@@ -497,9 +498,12 @@ def _smallest_from_chain(
         for a in range(spatial)
     )
     candidate = (input_size[0], *smallest)
-    if not _accepts(model, spec, candidate):
+    sees_the_input = _chain_sees_the_input(step, chain)
+    if not (sees_the_input and _sizes_end_in_the_chain(step, chain)) and not _accepts(
+        model, spec, candidate
+    ):
         return None
-    if _chain_sees_the_input(step, chain):
+    if sees_the_input:
         return candidate
     for axis in range(spatial):
         if smallest[axis] > 1 and _accepts(
@@ -549,6 +553,61 @@ def _chain_sees_the_input(step: StepRecording, chain: list[OpRecord]) -> bool:
             return False
         seen = op.outputs[0].shape[-spatial:]
     return True
+
+
+# Ops whose output's spatial sizes are their own whatever their input's (at least 1): adaptive
+# pooling. (A 1x1 adaptive average is a spatial mean: see `_spatial_mean`.)
+_SIZES_OF_THEIR_OWN = frozenset(
+    f"aten.{name}"
+    for name in (
+        "_adaptive_avg_pool2d.default",
+        "_adaptive_avg_pool3d.default",
+        "adaptive_max_pool2d.default",
+        "adaptive_max_pool3d.default",
+    )
+)
+
+# Reductions that, over every spatial axis and keeping them as 1s, end the input's sizes.
+_REDUCTIONS = frozenset(
+    f"aten.{name}" for name in ("mean.dim", "sum.dim_IntList", "amax.default", "amin.default")
+)
+
+
+def _sizes_end_in_the_chain(step: StepRecording, chain: list[OpRecord]) -> bool:
+    """Whether the input's spatial sizes reach nothing past the chain's last window but ops
+    that take any size: pointwise ones, normalisation, dropout, and the adaptive pooling or
+    spatial mean that ends them (NiN's global average), after which every tensor has the same
+    shape at every input size. Then the chain's smallest input runs the whole network, as far
+    as its ops decide (a check in the model's Python on `x.shape` is not an op, and is not
+    seen here, nor where `_chain_sees_the_input` spares the trace below)."""
+    last = chain[-1].index
+    spatial = len(step.spec.input_sizes[0]) - 1
+    on_path = {t.storage_key for t in chain[-1].outputs}
+    for op in _step_ops(step):
+        if op.index <= last or op.phase != "forward":
+            continue
+        if not any(t.storage_key in on_path for t in op.inputs):
+            continue
+        if op.op in _SIZES_OF_THEIR_OWN or _spatial_mean(op, spatial):
+            continue
+        if op.window is not None or not (op.op in _SHAPE_KEEPING or _pointwise(op.op)):
+            return False
+        on_path.update(t.storage_key for t in op.outputs)
+    return True
+
+
+def _spatial_mean(op: OpRecord, spatial: int) -> bool:
+    """A reduction over every spatial axis, kept as 1s (`x.mean((2, 3), keepdim=True)`), told by
+    its shapes: where each spatial size was above 1, only a reduction over it makes it 1."""
+    if op.op not in _REDUCTIONS or not op.inputs or len(op.outputs) != 1:
+        return False
+    given, made = op.inputs[0].shape, op.outputs[0].shape
+    return (
+        len(given) == len(made) > spatial
+        and given[:-spatial] == made[:-spatial]
+        and all(size > 1 for size in given[-spatial:])
+        and all(size == 1 for size in made[-spatial:])
+    )
 
 
 def _pointwise(op_name: str) -> bool:
