@@ -23,8 +23,10 @@ process's CPU seconds (the machine may be shared: CPU time is what the work itse
 average is recorded at start and end.
 
 Before the models, in a fresh process of its own: d2l's NiN at batch 128 on 1x224x224, its whole
-analysis (`summarize`, the training step's memory and an inference's) cold and warm, beside
-torchinfo's summary of it (the issue's "50x" target), as ratios of CPU and of wall seconds.
+analysis (its summary, the training step's memory and an inference's, as `study_costs` gives
+them, each step traced once) cold and warm, beside the same three answers asked one by one
+(`summarize`, `predict_memory` twice: checked equal) and torchinfo's summary of it (the issue's
+"50x" target), as ratios of CPU and of wall seconds.
 
 `--predictions PATH` writes every prediction's JSON (`ninlab summary`'s memory figures; NiN's
 summary and both its predictions; each plan's), to compare two versions byte for byte: a speed
@@ -170,6 +172,7 @@ def nin_child() -> dict[str, Any]:
     from ninlab.analysis.predict import predict_memory
     from ninlab.analysis.summary import summarize
     from ninlab.models import build_nin
+    from ninlab.studies.costs import study_costs
     from ninlab.viz.render import summary_json
     from ninlab.viz.render_memory import memory_json
 
@@ -177,6 +180,10 @@ def nin_child() -> dict[str, Any]:
     size, batch = (1, 224, 224), 128
 
     def analysis() -> tuple[Any, ...]:
+        costs = study_costs(model, input_size=size, batch_size=batch)
+        return costs.summary, costs.train, costs.infer
+
+    def three_calls() -> tuple[Any, ...]:
         return (
             summarize(model, input_size=size, batch_size=batch),
             predict_memory(model, input_size=size, batch_size=batch),
@@ -186,6 +193,13 @@ def nin_child() -> dict[str, Any]:
     cold_wall, cold_cpu, answers = clocked(analysis)
     cold = cold_wall, cold_cpu
     warm = min(clocked(analysis)[:2] for _ in range(REPEATS))
+    separate = min(clocked(three_calls)[:2] for _ in range(REPEATS))
+    separate_answers = three_calls()
+    if [summary_json(separate_answers[0]), *map(memory_json, separate_answers[1:])] != [
+        summary_json(answers[0]),
+        *map(memory_json, answers[1:]),
+    ]:
+        raise SystemExit("study_costs and the three calls it shares recordings between disagree")
     reference = min(
         clocked(lambda: summary(model, input_size=(batch, *size), verbose=0))[:2]
         for _ in range(REPEATS)
@@ -194,6 +208,7 @@ def nin_child() -> dict[str, Any]:
         "model": "nin-d2l, batch 128, 1x224x224",
         "analysis_cold": {"wall_s": round(cold[0], 3), "cpu_s": round(cold[1], 3)},
         "analysis_warm": {"wall_s": round(warm[0], 3), "cpu_s": round(warm[1], 3)},
+        "three_calls_warm": {"wall_s": round(separate[0], 3), "cpu_s": round(separate[1], 3)},
         "torchinfo": {"wall_s": round(reference[0], 3), "cpu_s": round(reference[1], 3)},
         "torchinfo_over_warm": {
             "cpu": round(reference[1] / warm[1], 1),

@@ -174,3 +174,67 @@ def test_an_optimizer_factorys_deep_copy_of_the_model_is_fake_in_the_steps_mode(
     assert report.live_trust.exact
     # The copy's parameters and its step count are held beside the model's and its gradients.
     assert report.live_peak_bytes == measured.live_peak_bytes == 9_328
+
+
+def test_sharing_recordings_hands_back_the_same_step_of_the_same_model():
+    from ninlab.analysis.trace import sharing_recordings
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    spec = StepSpec(input_size=(1, 8, 8)).for_model(model)
+    with sharing_recordings():
+        first = record_step(model, spec, 2)
+        assert record_step(model, spec, 2) is first
+        assert record_step(model, spec, 3) is not first  # another batch
+        # An inference builds no optimizer: the same under any.
+        inference = record_step(model, spec.inference(), 2)
+        assert record_step(model, spec.replace(optimizer="adam").inference(), 2) is inference
+        assert record_step(model, spec.replace(optimizer="adam"), 2) is not first
+        with sharing_recordings():  # an inner scope shares the outer one's
+            assert record_step(model, spec, 2) is first
+    assert record_step(model, spec, 2) is not first
+
+
+def test_a_summarys_forward_and_backward_are_read_from_a_steady_training_step():
+    """The built-in step's forward and backward ran the same ops in its warm-up: the summary's
+    `optimizer_step=False` recording is that step, whatever its optimizer."""
+    from ninlab.analysis.trace import sharing_recordings
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    spec = StepSpec(input_size=(1, 8, 8), optimizer="adam").for_model(model)
+    with sharing_recordings():
+        full = record_step(model, spec, 2)
+        assert full.steady
+        assert record_step(model, spec.replace(optimizer="sgd"), 2, optimizer_step=False) is full
+        # Another program (autocast) is not the same forward.
+        bf16 = spec.replace(amp="bf16", optimizer="sgd")
+        assert record_step(model, bf16, 2, optimizer_step=False) is not full
+
+
+class _GrowsAHistory(nn.Module):
+    """Keeps every batch's mean in a tensor attribute that grows by a row at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.history = torch.zeros(0, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.history = torch.cat([self.history, x.mean(0, keepdim=True).detach()])
+        return self.linear(x) + self.history.mean(0)
+
+
+def test_a_first_step_unlike_the_next_is_not_steady():
+    """A forward that grows a history runs its ops on other shapes at each call: the summary
+    records its own forward and backward, not the steady step's."""
+    from ninlab.analysis.trace import sharing_recordings
+
+    model = _GrowsAHistory()
+    spec = StepSpec(input_size=(16,)).for_model(model)
+    with sharing_recordings():
+        full = record_step(model, spec, 4)
+        assert not full.steady
+        first = record_step(model, spec, 4, optimizer_step=False)
+    assert first is not full
+    # A placeholder the first call replaces is replaced by the forward that fits the loss to
+    # the output, before the warm-up: the warm-up and the recorded step run alike.
+    assert record_step(_ReplacesAPlaceholderBuffer(), spec, 4).steady

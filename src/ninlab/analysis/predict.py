@@ -21,8 +21,6 @@ sizes (the peak against the batch, the largest batch that fits) in `ninlab.analy
 
 from __future__ import annotations
 
-import random
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import groupby, pairwise
@@ -189,7 +187,6 @@ def trace_step(
     name = model_name or type(model).__name__
     check_trains(model, spec)
     check_traceable(model)
-    draws = _python_random_states()
     try:
         traced = materialized(model, spec)
         step = record_step(traced, spec, batch_size)
@@ -201,30 +198,19 @@ def trace_step(
         if spec.step is not None:
             raise step_failed(spec, error, "fake tensors") from None
         raise cannot_run(error, model, spec) from None
-    varies = _varies(step, draws != _python_random_states()) + _saves(step)
+    varies = _varies(step) + _saves(step)
     return TracedStep(traced, step, name, varies)
 
 
 # -- a step that may not be the same every time -----------------------------------------------
 
 
-def _python_random_states() -> tuple[object, ...]:
-    """Python's and NumPy's global random states (NumPy's only where the process imported it):
-    a step that draws from them may branch on the draw, which fake tensors cannot see."""
-    states: list[object] = [random.getstate()]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        state = numpy.random.get_state()
-        states.append((state[1].tobytes(), *state[2:]))
-    return tuple(states)
-
-
-def _varies(step: StepRecording, drew: bool) -> tuple[str, ...]:
+def _varies(step: StepRecording) -> tuple[str, ...]:
     """A note, where the step drew from Python's (or NumPy's) random numbers. On fake tensors a
     step can branch only on Python values (a branch on a tensor's value needs `.item()`, which
     is measured instead), so a draw is how a traced step can differ from step to step; the
     prediction is of one draw, the recorded step, and says so."""
-    if not drew:
+    if not step.drew_python_random:
         return ()
     subject = "the model" if step.spec.step is None else f"the step {step.spec.step_name}"
     note = (

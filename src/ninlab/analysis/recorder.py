@@ -779,6 +779,9 @@ class Recorder(TorchDispatchMode):
         self.emulate_cuda = emulate_cuda
         self._paused = False
         self._warming_up = False
+        # What each op of a warm-up ran, as (phase, op, output shapes): a recorded step that ran
+        # the same forward and backward was the same there as a first step (`StepRecording.steady`).
+        self.warm_up_ops: list[tuple[str, str, tuple[tuple[int, ...], ...]]] = []
         self._entered = 0  # how many `with` blocks of this recorder are open
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
@@ -1028,8 +1031,11 @@ class Recorder(TorchDispatchMode):
             # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
             # holds) is the CPU kernel's.
             output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
-            for tensor in tensors_in((output,)):
+            made = tensors_in((output,))
+            for tensor in made:
                 self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
+            shapes = tuple(tuple(tensor.shape) for tensor in made)
+            self.warm_up_ops.append((self.phases.current, traits.name, shapes))
             return output
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)

@@ -16,6 +16,8 @@ import contextlib
 import functools
 import gc
 import logging
+import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +64,14 @@ from ninlab.analysis.torch_internals import (
 )
 from ninlab.errors import NinlabError
 
-__all__ = ["StepRecording", "collector_off", "fake_parameters", "record_step"]
+__all__ = [
+    "StepRecording",
+    "collector_off",
+    "fake_parameters",
+    "python_random_states",
+    "record_step",
+    "sharing_recordings",
+]
 
 
 def fake_parameters(
@@ -155,6 +164,12 @@ class StepRecording:
     gradient_order: tuple[str, ...] = ()  # parameter names, as backward accumulated their gradients
     loss: str = ""  # what the training step's loss was (`builtin_loss_words`); "" for an inference
     saves_skipped: int = 0  # the step's `torch.save` calls, not run (`_saves_skipped`)
+    # Whether the step drew from Python's or NumPy's random numbers (see `predict._varies`).
+    drew_python_random: bool = False
+    # A training step whose forward and backward ran the same ops on the same shapes in the
+    # warm-up (a first step) as in the recorded one: its forward and backward are those of any
+    # first step of the same program (what `summarize` counts), not only of a steady one.
+    steady: bool = False
     # The recorder lives as long as its recording: what it holds (the autograd nodes it mapped to
     # modules, with their saved tensors) dies after the recording is read, not as the step
     # returns, when its ledger would record those storages freed after the step's last op.
@@ -176,12 +191,16 @@ def record_step(
     know whether the model runs at a size, at half the cost."""
     valid_model(model)
     check_trains(model, spec)
+    shared = _shared_recording(model, spec, batch_size, optimizer_step, warm_up)
+    if shared is not None:
+        return shared
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
+    draws = python_random_states()
     with contextlib.ExitStack() as kept:
         for module in [model, *captured]:
             kept.enter_context(model_kept(module))
-        return _record_step(
+        step = _record_step(
             model,
             spec,
             batch_size,
@@ -190,6 +209,69 @@ def record_step(
             optimizer_step=optimizer_step,
             warm_up=warm_up,
         )
+    step.drew_python_random = draws != python_random_states()
+    if _SHARED:
+        _SHARED[-1].append((model, batch_size, optimizer_step, warm_up, step))
+    return step
+
+
+# The recordings `sharing_recordings` keeps, one list per open scope, the innermost last:
+# (model, batch size, optimizer step, warm-up, step).
+_SHARED: list[list[tuple[nn.Module, int, bool, bool, StepRecording]]] = []
+
+
+@contextlib.contextmanager
+def sharing_recordings() -> Iterator[None]:
+    """Within, `record_step` hands back a recording it made before, of the same model object at
+    the same batch, rather than record the same step again: several questions about one model
+    (its summary, the memory of its training step and of an inference) then trace each step once.
+    Only around calls between which nothing changes the model (each call leaves it as it was).
+
+    Besides the same step, a summary's forward and backward (`optimizer_step=False`) are read
+    from a full training step of the built-in step on the same input, whatever its optimizer,
+    where that step was `steady`: the same ops as its first step ran."""
+    _SHARED.append(_SHARED[-1] if _SHARED else [])
+    try:
+        yield
+    finally:
+        _SHARED.pop()
+
+
+def _shared_recording(
+    model: nn.Module, spec: StepSpec, batch_size: int, optimizer_step: bool, warm_up: bool
+) -> StepRecording | None:
+    if not _SHARED:
+        return None
+    wanted = spec.for_model(model)
+    for held_model, held_batch, held_optimizer_step, held_warm_up, step in _SHARED[-1]:
+        if held_model is not model or held_batch != batch_size:
+            continue
+        # An inference and a summary's forward and backward build no optimizer: any will do.
+        same_but_optimizer = step.spec.replace(optimizer=wanted.optimizer) == wanted
+        if (held_optimizer_step, held_warm_up) == (optimizer_step, warm_up) and (
+            step.spec == wanted or (wanted.mode == "infer" and same_but_optimizer)
+        ):
+            return step
+        if (
+            wanted.mode == "train"
+            and not optimizer_step
+            and held_optimizer_step
+            and step.steady
+            and same_but_optimizer
+        ):
+            return step
+    return None
+
+
+def python_random_states() -> tuple[object, ...]:
+    """Python's and NumPy's global random states (NumPy's only where the process imported it):
+    a step that draws from them may branch on the draw, which fake tensors cannot see."""
+    states: list[object] = [random.getstate()]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state = numpy.random.get_state()
+        states.append((state[1].tobytes(), *state[2:]))
+    return tuple(states)
 
 
 class _CopiesIn(TorchFunctionMode):
@@ -412,10 +494,27 @@ def _record_step(
         target_key=recorder.storage_key(targets) if targets is not None else -1,
         gradient_order=tuple(gradient_order),
         saves_skipped=len(saves),
+        steady=trains and optimizer_step and _same_first_step(recorder, step_start),
         loss=(loss_words if spec.step is None else f"the step {spec.step_name}'s own")
         if trains
         else "",
     )
+
+
+# The phases a summary counts of a training step (`summary._BACKWARD_PHASES` and the forward).
+_COUNTED_PHASES = ("forward", "backward", "recompute")
+
+
+def _same_first_step(recorder: Recorder, step_start: int) -> bool:
+    """Whether the recorded step's forward and backward ran the ops its warm-up ran, in order,
+    on the same shapes (see `StepRecording.steady`)."""
+    first = [op for op in recorder.warm_up_ops if op[0] in _COUNTED_PHASES]
+    recorded = [
+        (op.phase, op.op, tuple(t.shape for t in op.outputs))
+        for op in recorder.recording.ops[step_start:]
+        if op.phase in _COUNTED_PHASES
+    ]
+    return first == recorded
 
 
 def _let_go_of_replaced(

@@ -18,6 +18,7 @@ from ninlab.cli.options import (
 )
 from ninlab.cli.progress_line import progress_line
 from ninlab.errors import NinlabError
+from ninlab.studies.costs import study_costs
 from ninlab.studies.memory import study_batch
 from ninlab.viz.render import print_summary, summary_csv, summary_json, summary_markdown
 
@@ -67,20 +68,32 @@ def run(args: argparse.Namespace) -> int:
     refuse_unread_optimizer(args, spec)
     quiet = args.format in ("json", "csv")
     with progress_line(f"summarizing {choice.name}", quiet=quiet) as stage:
-        summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
         if args.format == "csv":  # one row per module: the memory section has no place there
+            summary = summarize(choice.model, spec, batch_size=choice.batch, model_name=choice.name)
             print(summary_csv(summary), end="")
             return 0
-        verifying = ", then running its step for real to verify it" if args.verify else ""
-        stage(f"predicting the memory of {choice.name} at batch {choice.batch}{verifying}")
-        memory = predict_memory(
-            # Verifying runs the step for real: the model needs its weights.
-            choice.with_weights() if args.verify else choice.model,
+        # Verifying runs the step for real: the model it predicts needs its weights.
+        costs = study_costs(
+            choice.model,
             spec,
             batch_size=choice.batch,
             model_name=choice.name,
-            verify=args.verify,
+            memory=() if args.verify else (spec.mode,),
         )
+        summary = costs.summary
+        memory = costs.train if spec.mode == "train" else costs.infer
+        if memory is None:
+            stage(
+                f"predicting the memory of {choice.name} at batch {choice.batch}, then running "
+                "its step for real to verify it"
+            )
+            memory = predict_memory(
+                choice.with_weights(),
+                spec,
+                batch_size=choice.batch,
+                model_name=choice.name,
+                verify=True,
+            )
         study = None
         if args.fit is not None:
             stage(f"finding the largest batch of {choice.name} that fits {args.fit}")

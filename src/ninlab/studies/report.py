@@ -10,9 +10,9 @@ from typing import Any
 from torch import nn
 
 from ninlab.analysis.memory_report import MemoryReport
-from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec, step_spec
-from ninlab.analysis.summary import Summary, summarize
+from ninlab.analysis.summary import Summary
+from ninlab.studies.costs import study_costs
 from ninlab.studies.memory import BatchStudy, study_batch
 from ninlab.units import budget_bytes
 
@@ -46,9 +46,11 @@ def study_model(
     name = model_name or type(model).__name__
     spec = step_spec(spec, model=model, **fields).replace(mode="train")
     budget = budget_bytes(budget)
+    costs = study_costs(model, spec, batch_size=batch_size, model_name=name)
+    assert costs.train is not None and costs.infer is not None  # both asked for
     return ModelStudy(
-        summary=summarize(model, spec, batch_size=batch_size, model_name=name),
-        train=predict_memory(model, spec, batch_size=batch_size, model_name=name),
-        infer=predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name),
+        summary=costs.summary,
+        train=costs.train,
+        infer=costs.infer,
         batch=study_batch(model, spec, budget=budget, plan_batch_size=batch_size if plan else None),
     )
