@@ -62,9 +62,7 @@ class _DrawsADropout(nn.Module):
         (_DrawsADropout, (16,), ["train", "infer"]),
     ],
 )
-def test_the_costs_are_the_three_answers_each_step_traced_once(
-    build, input_size, recorded, traces
-):
+def test_the_costs_are_the_three_answers_each_step_traced_once(build, input_size, recorded, traces):
     random.seed(0)
     separate = [
         summary_json(summarize(build(), input_size=input_size, batch_size=2)),
