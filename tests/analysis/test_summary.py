@@ -7,7 +7,7 @@ from cnn_zoo import ZOO
 from torch import nn
 
 from ninlab.analysis.step import StepSpec
-from ninlab.analysis.summary import default_mode, is_bias, summarize
+from ninlab.analysis.summary import default_mode, is_bias, smallest_input_size, summarize
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
@@ -327,3 +327,55 @@ def test_the_mode_given_as_fields_defaults_to_what_the_model_can_do() -> None:
     assert summarize(frozen, input_size=(1, 96, 96), batch_size=1).loss == ""
     with pytest.raises(NinlabError, match="no trainable parameters"):
         summarize(frozen, StepSpec(input_size=(1, 96, 96)), batch_size=1)
+
+
+class _DenseBlocks(nn.Module):
+    """DenseNet's shape in small: a strided stem, layers that concatenate a padded 3x3
+    convolution's output to their input, and unpadded 2x2 average pools between blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.layers = nn.ModuleList(nn.Conv2d(4 + 2 * i, 2, 3, padding=1) for i in range(3))
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Conv2d(10, 10, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.head(self.pool(self.pool(x))).mean((2, 3))
+
+
+class _SkipsItsWindowWhenSmall(nn.Module):
+    """Runs a 7x7 window only on inputs wide enough for it: the windows' guess (7 rows and
+    columns) is above what runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Conv2d(3, 4, 1)
+        self.big = nn.Conv2d(4, 4, 7)
+
+    def forward(self, x):
+        x = torch.cat([x, x], 1)[:, :3]
+        y = self.small(x)
+        return (self.big(y) if y.shape[-1] >= 7 else y).mean((2, 3))
+
+
+def test_the_search_asks_the_windows_guess_first(traced_sizes):
+    """Where the windows form no single chain, each path's chain gives a guess, which the search
+    asks first with the size below it: the input, then 2 traces per axis (13 without)."""
+    model = _DenseBlocks()
+    summary = summarize(model, input_size=(3, 32, 32), batch_size=1, mode="infer")
+    assert len(traced_sizes) == 1 + 5  # the summary's forward, then the search's
+    assert summary.smallest_input_size == (3, 9, 9)  # 9 -> 4 -> 2 -> 1; 8 -> 3 -> 1 -> 0
+    assert summary.smallest_input_size == smallest_input_size(model, input_size=(3, 32, 32))
+
+
+def test_a_wrong_guess_leaves_the_search_where_it_was():
+    """Guessed 7 on both axes; the search finds what it finds without a guess: at width 32 the
+    7x7 window runs and needs 7 rows, and at 7 rows a width of 1 skips it."""
+    model = _SkipsItsWindowWhenSmall()
+    summary = summarize(model, input_size=(3, 32, 32), batch_size=1, mode="infer")
+    assert summary.smallest_input_size == (3, 7, 1)
+    assert summary.smallest_input_size == smallest_input_size(model, input_size=(3, 32, 32))
