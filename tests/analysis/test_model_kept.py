@@ -26,6 +26,7 @@ from ninlab.analysis.planner import plan_budget
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.summary import summarize
 from ninlab.errors import NinlabError
+from ninlab.studies.costs import study_costs
 
 # name: (model factory, StepSpec fields, the input of a real forward)
 CORPUS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[], Any]]] = {
@@ -84,6 +85,7 @@ CALLS: dict[str, Callable[..., Any]] = {
         model, batch_size=2, **{**fields, "mode": "infer", "step": None}
     ),
     "measure": lambda model, fields: measure(model, batch_size=2, **fields),
+    "study_costs": lambda model, fields: study_costs(model, batch_size=2, **fields),
     "fit_batch": lambda model, fields: fit_batch(model, budget="4MiB", max_batch_size=64, **fields),
     "plan_budget": lambda model, fields: plan_budget(model, budget="4MiB", batch_size=2, **fields),
 }
