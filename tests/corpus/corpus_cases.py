@@ -467,6 +467,19 @@ def penalty_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets
     return loss.detach()
 
 
+def reentrant_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """The whole model recomputed by a reentrant checkpoint, whose autograd context keeps a copy
+    of the generator's state: the loss it returns holds it through the next step."""
+    optimizer.zero_grad()
+    outputs = torch.utils.checkpoint.checkpoint(
+        model, inputs.clone().requires_grad_(), use_reentrant=True
+    )
+    loss = F.cross_entropy(outputs, targets)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 class _PerStep(nn.Module):
     """A GRU's per-step class scores (N, T, C): what a CTC loss reads."""
 
@@ -737,6 +750,9 @@ LAYER_ZOO = (
     # Steps, optimizers and their state beyond the setups (issue 20).
     Case("step-loss-history", "layer zoo", _linear_net, (16,), ("sgd", "adam"), step=logged_step),
     Case("step-gradient-penalty", "layer zoo", _linear_net, (16,), ("adam",), step=penalty_step),
+    Case(
+        "step-reentrant-checkpoint", "layer zoo", _linear_net, (16,), ("sgd",), step=reentrant_step
+    ),
     Case(
         "step-ema-averaged-model",
         "layer zoo",
