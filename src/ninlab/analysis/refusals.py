@@ -9,7 +9,9 @@ of these it was and what to do, never the model's raw exception and never an unr
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import traceback
 
 import torch
 from torch import nn
@@ -69,6 +71,11 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model's {', '.join(sparse)} {'has' if len(sparse) == 1 else 'have'} sparse=True: "
             "its gradients are sparse tensors, which a trace on fake tensors cannot account for "
             f"({reason}); predict it with sparse=False (dense gradients), or with mode 'infer'"
+        )
+    if spec.mode == "train" and _raised_by_the_optimizer(error):
+        return NinlabError(
+            f"the optimizer {spec.optimizer_name} fails on this model's parameters ({reason}); "
+            "the real step fails the same way: change its settings, or choose another optimizer"
         )
     missing_kernel = _MISSING_KERNEL.search(reason)
     if missing_kernel:
@@ -154,6 +161,33 @@ _INDEX_OUT_OF_RANGE = re.compile(
 )
 # Two tensors of an op in different dtypes, as ATen words it.
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
+
+
+_TORCH_FOLDER = os.path.dirname(torch.__file__) + os.sep
+_OPTIMIZERS_FOLDER = os.path.dirname(torch.optim.__file__) + os.sep
+_NINLAB_FOLDER = os.path.dirname(os.path.dirname(__file__)) + os.sep
+
+
+def _raised_by_the_optimizer(error: BaseException) -> bool:
+    """Whether `error` was raised in torch's optimizers' own code (a setting the device or the
+    gradients do not allow: capturable on CPU, SparseAdam given dense gradients), not the
+    model's: the innermost frame that is neither ninlab's recorder nor torch's private machinery
+    under it (fake tensors, dispatch) is an optimizer's."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename.startswith(_OPTIMIZERS_FOLDER):
+            return True
+        if not _machinery(frame.filename):
+            return False
+    return False
+
+
+def _machinery(filename: str) -> bool:
+    if filename.startswith(_NINLAB_FOLDER):
+        return True
+    if not filename.startswith(_TORCH_FOLDER):
+        return False
+    parts = filename[len(_TORCH_FOLDER) :].split(os.sep)
+    return any(part.startswith("_") and not part.startswith("__") for part in parts)
 
 
 def _sparse_modules(model: nn.Module) -> list[str]:
