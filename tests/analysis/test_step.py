@@ -71,6 +71,24 @@ def test_an_optimizer_built_already_is_refused_in_one_line_naming_the_factory() 
     )
 
 
+def _with_a_scheduler(model: torch.nn.Module) -> tuple:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_the_built_in_step_given_several_optimizers_names_the_factory(call) -> None:
+    # The built-in step called zero_grad() on the tuple, refused as "the model cannot run a
+    # train step on a batch of 4 inputs (AttributeError: ...); give the input sizes and dtype".
+    with pytest.raises(NinlabError) as refused:
+        call(torch.nn.Linear(4, 3), input_size=(4,), batch_size=2, optimizer=_with_a_scheduler)
+    assert str(refused.value) == (
+        "the optimizer factory _with_a_scheduler returned a tuple (SGD and StepLR), and the "
+        "built-in step takes one optimizer; return one, or give a step function that uses what "
+        "it returns (step=..., --step)"
+    )
+
+
 def test_replace_checks_again_and_inference_drops_ddp() -> None:
     spec = StepSpec(optimizer="adam", ddp=True)
     assert spec.inference() == StepSpec(mode="infer", optimizer="adam")

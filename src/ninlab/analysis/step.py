@@ -332,6 +332,15 @@ class StepSpec:
                 f"the optimizer factory {self.optimizer_name} returned no torch optimizer; return "
                 "one, or a tuple holding them"
             )
+        if self.step is None and not isinstance(built, torch.optim.Optimizer):
+            # The built-in step calls one optimizer's zero_grad() and step(): a tuple met there
+            # failed as an AttributeError blamed on the input sizes.
+            kinds = " and ".join(type(value).__name__ for value in built)
+            raise NinlabError(
+                f"the optimizer factory {self.optimizer_name} returned a {type(built).__name__} "
+                f"({kinds}), and the built-in step takes one optimizer; return one, or give a "
+                "step function that uses what it returns (step=..., --step)"
+            )
         return built
 
     def replace(self, **changes: Any) -> StepSpec:
