@@ -43,6 +43,16 @@ def test_plain_values_become_typed_ones() -> None:
         ({"input_dtype": "complex64"}, "input dtype must be one of"),
         ({"input_range": (5, 5)}, "input range must have low < high"),
         ({"input_range": "0:9"}, "input range must be two whole numbers"),
+        # A pair holding a number that is no whole one is one range, not two inputs' ranges.
+        ({"input_range": (0.5, 2)}, r"input range must be two whole numbers, .* got \(0.5, 2\)"),
+        ({"input_range": ("a", 3)}, "input range must be two whole numbers"),
+        # Values the input's dtype cannot hold (measure raised torch.randint's own error).
+        (
+            {"input_dtype": "int32", "input_range": (0, 2**40)},
+            r"input range 0:1099511627776 does not fit int32 \(-2147483648 to 2147483647\)",
+        ),
+        ({"input_dtype": "long", "input_range": (0, 2**63)}, "does not fit int64"),
+        ({"input_dtype": "long", "input_range": (-(2**64), 0)}, "does not fit int64"),
         ({"mode": "eval"}, "mode must be one of train, infer"),
         ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"optimizer": 3}, "optimizer must be a name"),
@@ -87,6 +97,24 @@ def test_the_built_in_step_given_several_optimizers_names_the_factory(call) -> N
         "built-in step takes one optimizer; return one, or give a step function that uses what "
         "it returns (step=..., --step)"
     )
+
+
+def test_measure_refuses_a_range_its_dtype_cannot_hold_in_one_line() -> None:
+    # It raised torch.randint's RuntimeError ("to - 1 is out of bounds for int").
+    with pytest.raises(NinlabError, match="does not fit int32"):
+        measure(
+            torch.nn.EmbeddingBag(8, 4),
+            input_size=(5,),
+            input_dtype=torch.int32,
+            input_range=(0, 2**40),
+            batch_size=2,
+            mode="infer",
+        )
+
+
+def test_an_example_holding_int64s_largest_value_is_taken() -> None:
+    ids = torch.tensor([[0, 2**63 - 1]])
+    assert StepSpec(input_size=ids).input_range == (0, 2**63 - 1)
 
 
 def test_replace_checks_again_and_inference_drops_ddp() -> None:

@@ -19,6 +19,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from numbers import Number
 from typing import Any, Literal
 
 import torch
@@ -204,6 +205,16 @@ class StepSpec:
             normalise("dtype", DTYPES[self.dtype])
         elif self.dtype is not None and self.dtype not in DTYPES.values():
             raise NinlabError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype}")
+        for dtype, (low, high) in zip(self.input_dtypes, self.input_ranges):
+            # torch.randint refuses values its dtype cannot hold, and a high bound beyond int64
+            # (exclusive as it is): a traceback from measure.
+            if _is_integer(dtype) and dtype is not torch.bool:
+                info = torch.iinfo(dtype)
+                if low < info.min or high - 1 > info.max or high > torch.iinfo(torch.int64).max:
+                    raise NinlabError(
+                        f"input range {low}:{high} does not fit {dtype_name(dtype)} "
+                        f"({info.min} to {info.max}); give a range of values it holds"
+                    )
         if self.amp is not None:
             normalise("amp", _AMP_NAMES.get(self.amp, self.amp))
             _choice("amp", self.amp, tuple(AMP_DTYPES))
@@ -656,10 +667,9 @@ def _input_names(names: Any, count: int) -> tuple[str, ...]:
 
 def _one_per_input(value: Any) -> bool:
     """Whether a dtype or range is given per input (a sequence of them), not one for all (a
-    dtype, its name, or a (low, high) pair of whole numbers)."""
-    return isinstance(value, (tuple, list)) and not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    )
+    dtype, its name, or a (low, high) pair: a pair holding a number that is not whole, (0.5,
+    2), is one range, refused as such, not two inputs' ranges)."""
+    return isinstance(value, (tuple, list)) and not any(isinstance(v, Number) for v in value)
 
 
 def _input_dtype(value: Any) -> torch.dtype | None:
@@ -765,7 +775,9 @@ def _value_range(tensor: torch.Tensor) -> tuple[int, int]:
     indices; the default for any other."""
     countable = _is_integer(tensor.dtype) and tensor.dtype != torch.bool
     if countable and tensor.numel() and tensor.device.type != "meta":
-        return int(tensor.min()), int(tensor.max()) + 1
+        # torch.randint's high bound is an int64 too: an example holding int64's largest value
+        # is drawn up to the one below it.
+        return int(tensor.min()), min(int(tensor.max()) + 1, torch.iinfo(torch.int64).max)
     return _DEFAULT_RANGE
 
 
