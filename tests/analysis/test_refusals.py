@@ -36,3 +36,41 @@ def test_a_model_that_rejects_its_input_is_still_told_about_the_input() -> None:
     model = nn.Linear(8, 4)
     with pytest.raises(NinlabError, match="give the input sizes and dtype its forward expects"):
         predict_memory(model, input_size=(16,), batch_size=2, optimizer="adam")
+
+
+class _Normalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 6)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_batch_norm_given_a_batch_of_one_in_training_names_the_batch(call: Callable) -> None:
+    # Refused as "the model cannot run a train step on a batch of 8 inputs (...); give the input
+    # sizes and dtype its forward expects": the sizes were right, the batch was not.
+    with pytest.raises(NinlabError) as refused:
+        call(_Normalised(), input_size=(8,), batch_size=1)
+    message = str(refused.value)
+    assert message.startswith("a batch norm of the model has one value per channel to normalise")
+    assert message.endswith("use a batch of 2 or more, or mode 'infer'")
+
+
+class _TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.linear(tensors[0] + tensors[1])
+
+
+def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(_TakesAList(), input_size=((8,), (8,)), batch_size=2)
+    assert str(refused.value).startswith(
+        "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
+    )

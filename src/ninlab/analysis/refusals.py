@@ -104,6 +104,12 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
         )
+    if _ONE_VALUE_PER_CHANNEL in reason:
+        return NinlabError(
+            f"a batch norm of the model has one value per channel to normalise in training "
+            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
+            "2 or more, or mode 'infer'"
+        )
     missing = _unfilled_arguments(model, len(spec.input_sizes))
     targets = [name for name in missing if any(word in name.lower() for word in _TARGET_WORDS)]
     if targets and spec.mode == "train":
@@ -135,6 +141,14 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model's forward takes {required} inputs and {len(spec.input_sizes)} were given; "
             "give one input size per argument (--input once per input)"
         )
+    taken = _taken_arguments(model)
+    if taken is not None and not spec.input_names and taken < len(spec.input_sizes):
+        return NinlabError(
+            f"the model's forward takes {taken} input{'s' * (taken != 1)} and "
+            f"{len(spec.input_sizes)} were given, each as an argument of its own; give one input "
+            "size per argument (a forward taking a list or dict of tensors as one argument: "
+            "call it from a forward that takes them one by one)"
+        )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
     dtype = "" if spec.input_dtype is None else f" {input_dtype_words(spec.input_dtypes)}"
@@ -159,6 +173,8 @@ _ATEN_DTYPE = {"float32": "Float", "bfloat16": "BFloat16"}
 _INDEX_OUT_OF_RANGE = re.compile(
     r"index out of range|not in the valid range|out of bounds for dimension|i < index_size"
 )
+# Batch norm in training given one value per channel (a batch of one, nothing else to average).
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # Two tensors of an op in different dtypes, as ATen words it.
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
 
@@ -241,6 +257,18 @@ def _parameters(model: nn.Module) -> list[inspect.Parameter]:
 def _unfilled_arguments(model: nn.Module, given: int) -> list[str]:
     """The forward's positional arguments beyond the `given` inputs."""
     return [p.name for p in _parameters(model)[given:]]
+
+
+def _taken_arguments(model: nn.Module) -> int | None:
+    """How many inputs the forward can take by position; None for any number (`*args`) or a
+    forward without a signature."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        return None
+    return len(_parameters(model))
 
 
 def _required_arguments(model: nn.Module) -> int | None:
