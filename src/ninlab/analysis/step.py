@@ -544,11 +544,23 @@ def load_step(path: str) -> StepFunction:
     )
 
 
+_MIXED_FAKE_MODES = "Mixing fake modes NYI"
+
+
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran. A step
     that used the targets it was handed as a tensor where they were None (the model's output is
     not logits, so no labels fit it) is told to make its own."""
     reason = one_line(error)
+    if _MIXED_FAKE_MODES in reason:
+        # PyTorch deep-copies a fake tensor into a fake mode of its own, which the next op
+        # mixing the two refuses; its message names two objects by address.
+        return NinlabError(
+            f"the step {spec.step_name} deep-copies the model's tensors while it runs "
+            "(copy.deepcopy, AveragedModel), which a trace on fake tensors cannot follow; make "
+            "the copy in an optimizer factory that returns it beside the optimizer "
+            "(optimizer=lambda model: (torch.optim.SGD(...), AveragedModel(model)))"
+        )
     if "NoneType" in reason:
         reason += (
             "; the step was given targets=None: ninlab makes class labels only for logits ((N, C), "
