@@ -40,6 +40,9 @@ def test_plain_values_become_typed_ones() -> None:
         ({"input_size": ()}, "input size must be one sample's sizes"),
         ({"input_size": ((1, 28, 28), (0,))}, "input size must be one sample's sizes"),
         ({"input_size": "1x28x28"}, "input size must be"),
+        # Blamed on the model: "the model cannot run a train step on a batch of ... (TypeError:
+        # randn(): ... Overflow when unpacking long long); give the input sizes ...".
+        ({"input_size": (2**63,)}, r"has a size above 2\*\*63 - 1, more than a tensor's"),
         ({"input_dtype": "complex64"}, "input dtype must be one of"),
         ({"input_range": (5, 5)}, "input range must have low < high"),
         ({"input_range": "0:9"}, "input range must be two whole numbers"),

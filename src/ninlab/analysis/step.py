@@ -641,6 +641,12 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
             "a vector), example tensors, or a list of such sizes or tensors for a model of several "
             f"inputs; got {_words(given)}"
         )
+    if max(sizes) > torch.iinfo(torch.int64).max:
+        # A tensor's sizes are int64: making the batch raised inside the step, blamed on it.
+        raise NinlabError(
+            f"input size {_words(given)} has a size above 2**63 - 1, more than a tensor's "
+            "sizes hold; give one sample's real sizes"
+        )
     return sizes
 
 
