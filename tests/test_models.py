@@ -106,6 +106,20 @@ def test_bad_model_specs_say_what_is_wrong(spec, message):
         resolve_model(spec)
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: resolve_model(42), "a model is named by text .*, not 42"),
+        (lambda: build_nin("nin-d2l"), "build_nin takes a NiNConfig, not 'nin-d2l'"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_one_line(call, message):
+    # They raised AttributeError ('int' object has no attribute 'partition'; 'str' object has
+    # no attribute 'in_channels').
+    with pytest.raises(ModelSpecError, match=message):
+        call()
+
+
 def test_factory_path_builds_any_module():
     model = resolve_model("cnn_zoo:resnet_bn")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ninlab.dotted import import_function
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, one_line, shorten
 
 __all__ = [
     "MAX_CHANNELS",
@@ -159,6 +159,11 @@ def _init_weights(module: nn.Module, init: str) -> None:
 
 def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
     """Build the network a configuration describes (d2l's NiN when called with no argument)."""
+    if config is not None and not isinstance(config, NiNConfig):
+        raise ModelSpecError(
+            f"build_nin takes a NiNConfig, not {shorten(repr(config))}; a name is built by "
+            "resolve_model(name), or give get_config(name)"
+        )
     config = config or get_config("nin-d2l")
     modules: list[nn.Module] = []
     channels = config.in_channels
@@ -348,6 +353,11 @@ def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
     builds a registry model on the meta device: its shapes without its memory, all the
     accountant needs (a factory is called as it is, since it may need its weights).
     """
+    if not isinstance(spec, str):
+        raise ModelSpecError(
+            f"a model is named by text (a registry name, a variant or package.module:function), "
+            f"not {shorten(repr(spec))}; a model built already is used as it is"
+        )
     name = spec.partition(":")[0]
     if name in _REGISTRY:
         config = parse_variant(spec)

@@ -40,9 +40,22 @@ def test_plain_values_become_typed_ones() -> None:
         ({"input_size": ()}, "input size must be one sample's sizes"),
         ({"input_size": ((1, 28, 28), (0,))}, "input size must be one sample's sizes"),
         ({"input_size": "1x28x28"}, "input size must be"),
+        # Blamed on the model: "the model cannot run a train step on a batch of ... (TypeError:
+        # randn(): ... Overflow when unpacking long long); give the input sizes ...".
+        ({"input_size": (2**63,)}, r"has a size above 2\*\*63 - 1, more than a tensor's"),
         ({"input_dtype": "complex64"}, "input dtype must be one of"),
         ({"input_range": (5, 5)}, "input range must have low < high"),
         ({"input_range": "0:9"}, "input range must be two whole numbers"),
+        # A pair holding a number that is no whole one is one range, not two inputs' ranges.
+        ({"input_range": (0.5, 2)}, r"input range must be two whole numbers, .* got \(0.5, 2\)"),
+        ({"input_range": ("a", 3)}, "input range must be two whole numbers"),
+        # Values the input's dtype cannot hold (measure raised torch.randint's own error).
+        (
+            {"input_dtype": "int32", "input_range": (0, 2**40)},
+            r"input range 0:1099511627776 does not fit int32 \(-2147483648 to 2147483647\)",
+        ),
+        ({"input_dtype": "long", "input_range": (0, 2**63)}, "does not fit int64"),
+        ({"input_dtype": "long", "input_range": (-(2**64), 0)}, "does not fit int64"),
         ({"mode": "eval"}, "mode must be one of train, infer"),
         ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"optimizer": 3}, "optimizer must be a name"),
@@ -68,6 +81,68 @@ def test_an_optimizer_built_already_is_refused_in_one_line_naming_the_factory() 
         "optimizer is a SGD built already; give a function make(model) -> optimizer that builds "
         "it over the model it is given, e.g. lambda model: torch.optim.SGD(model.parameters(), "
         "...), or a name such as 'adam'"
+    )
+
+
+def _with_a_scheduler(model: torch.nn.Module) -> tuple:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_the_built_in_step_given_several_optimizers_names_the_factory(call) -> None:
+    # The built-in step called zero_grad() on the tuple, refused as "the model cannot run a
+    # train step on a batch of 4 inputs (AttributeError: ...); give the input sizes and dtype".
+    with pytest.raises(NinlabError) as refused:
+        call(torch.nn.Linear(4, 3), input_size=(4,), batch_size=2, optimizer=_with_a_scheduler)
+    assert str(refused.value) == (
+        "the optimizer factory _with_a_scheduler returned a tuple (SGD and StepLR), and the "
+        "built-in step takes one optimizer; return one, or give a step function that uses what "
+        "it returns (step=..., --step)"
+    )
+
+
+def test_measure_refuses_a_range_its_dtype_cannot_hold_in_one_line() -> None:
+    # It raised torch.randint's RuntimeError ("to - 1 is out of bounds for int").
+    with pytest.raises(NinlabError, match="does not fit int32"):
+        measure(
+            torch.nn.EmbeddingBag(8, 4),
+            input_size=(5,),
+            input_dtype=torch.int32,
+            input_range=(0, 2**40),
+            batch_size=2,
+            mode="infer",
+        )
+
+
+def test_an_example_holding_int64s_largest_value_is_taken() -> None:
+    ids = torch.tensor([[0, 2**63 - 1]])
+    assert StepSpec(input_size=ids).input_range == (0, 2**63 - 1)
+
+
+_AVERAGES: dict[str, torch.optim.swa_utils.AveragedModel] = {}
+
+
+def _averaging_step(model, optimizer, inputs, targets):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    if "ema" not in _AVERAGES:  # made on first use, inside the step
+        _AVERAGES["ema"] = torch.optim.swa_utils.AveragedModel(model)
+    _AVERAGES["ema"].update_parameters(model)
+    return loss
+
+
+def test_a_step_deep_copying_the_model_names_the_copy_and_where_to_make_it() -> None:
+    # It was refused with PyTorch's own words, two objects named by address: "AssertionError:
+    # Mixing fake modes NYI x.fake_mode=<...FakeTensorMode object at 0x7f...> vs self=<...>".
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(torch.nn.Linear(4, 3), input_size=(4,), batch_size=2, step=_averaging_step)
+    assert str(refused.value).startswith(
+        "the step _averaging_step deep-copies the model's tensors while it runs (copy.deepcopy, "
+        "AveragedModel), which a trace on fake tensors cannot follow; make the copy in an "
+        "optimizer factory"
     )
 
 

@@ -29,7 +29,14 @@ from PIL import Image
 
 from ninlab.analysis.step import StepSpec
 from ninlab.cli import build_parser, main
-from ninlab.cli.options import finite_float, input_size, non_negative_int, path_name, positive_int
+from ninlab.cli.options import (
+    finite_float,
+    input_size,
+    non_negative_int,
+    path_name,
+    positive_int,
+    thread_count,
+)
 from ninlab.models import build_nin, parse_variant
 from ninlab.studies.charts import chart_source
 from ninlab.training.checkpoint import save_checkpoint
@@ -75,6 +82,7 @@ _BY_DEST: dict[str, tuple[str, ...]] = {
 }
 _BY_TYPE: dict[object, tuple[str, ...]] = {
     positive_int: ("1", "2", "0", "-1", "1.5", "99999999999999999999"),
+    thread_count: ("1", "2", "0", "1025", "100000"),
     non_negative_int: ("0", "7", "-1", "18446744073709551616"),
     finite_float: ("0.01", "0", "-1", "nan", "inf", "x"),
     input_size: ("1x67x67", "0x67x67", "abc"),

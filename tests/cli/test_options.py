@@ -108,6 +108,9 @@ BAD_VALUES = [
     ("--amp", "fp8", "argument --amp: invalid choice: 'fp8'"),
     ("--device", "foo", "argument --device: invalid choice: 'foo'"),
     ("--threads", "0", "argument --threads: must be at least 1, got 0"),
+    # Far beyond the machine's thread limit the profiler failed to start: a traceback, then a
+    # segmentation fault on exit.
+    ("--threads", "100000", "argument --threads: must be at most 1,024, got 100,000"),
     ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
     ("--test-examples", "0", "argument --test-examples: must be at least 1, got 0"),
     ("--seed", "-1", "argument --seed: must be at least 0, got -1"),

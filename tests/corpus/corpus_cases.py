@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import ALLOCATOR_TOLERANCE
@@ -206,6 +207,13 @@ def item_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: A
 
 def _linear_net() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def _pruned_net() -> nn.Module:
+    """Pruned (`torch.nn.utils.prune`): its `weight` is computed by a forward pre-hook and kept."""
+    model = _linear_net()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    return model
 
 
 # Kinds beyond the first zoo (issue 20: layers, steps and inputs nobody had tried), each built
@@ -465,6 +473,19 @@ def penalty_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets
     (loss + gradient.pow(2).sum()).backward()
     optimizer.step()
     return loss.detach()
+
+
+def reentrant_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
+    """The whole model recomputed by a reentrant checkpoint, whose autograd context keeps a copy
+    of the generator's state: the loss it returns holds it through the next step."""
+    optimizer.zero_grad()
+    outputs = torch.utils.checkpoint.checkpoint(
+        model, inputs.clone().requires_grad_(), use_reentrant=True
+    )
+    loss = F.cross_entropy(outputs, targets)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 class _PerStep(nn.Module):
@@ -737,6 +758,10 @@ LAYER_ZOO = (
     # Steps, optimizers and their state beyond the setups (issue 20).
     Case("step-loss-history", "layer zoo", _linear_net, (16,), ("sgd", "adam"), step=logged_step),
     Case("step-gradient-penalty", "layer zoo", _linear_net, (16,), ("adam",), step=penalty_step),
+    Case("pruned-linear", "layer zoo", _pruned_net, (16,), setups=("sgd", "infer")),
+    Case(
+        "step-reentrant-checkpoint", "layer zoo", _linear_net, (16,), ("sgd",), step=reentrant_step
+    ),
     Case(
         "step-ema-averaged-model",
         "layer zoo",

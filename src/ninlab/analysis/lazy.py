@@ -48,6 +48,15 @@ def copy_model(model: nn.Module, spec: StepSpec, *, to_meta: bool = False) -> nn
     for tensor in [*model.parameters(), *model.buffers()]:
         if to_meta or is_lazy(tensor):
             memo[id(tensor)] = _copy(tensor, torch.device("meta") if to_meta else tensor.device)
+    # A tensor a module computed from its parameters and keeps as an attribute (pruning's and
+    # the old weight_norm's `weight`, remade by their forward pre-hooks) is no graph leaf, which
+    # deepcopy refuses: the copy keeps its value, detached.
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().to(
+                    torch.device("meta") if to_meta else value.device, copy=True
+                )
     copied = copy.deepcopy(model, memo)
     if is_lazy_model(copied):
         # In the parameters' own dtype: a step's dtype is applied to the copy afterwards.

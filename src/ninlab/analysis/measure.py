@@ -39,10 +39,11 @@ The logits and the loss stay referenced until the step returns, as in d2l's trai
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import gc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -608,7 +609,7 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
             collector_off(),
             quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
-            with first:
+            with first, _counting_rng_states(first):
                 previous = step()
             _count_held(first, model, made, spec.step)
             survivors = first.survivors()
@@ -780,6 +781,25 @@ def _still_held(
     a new one given the freed block)."""
     held = {id(ref()) for ref in now}
     return any(ref() is not None and id(ref()) in held for ref in before)
+
+
+@contextlib.contextmanager
+def _counting_rng_states(first: _LiveStorage) -> Iterator[None]:
+    """Count each copy of the CPU generator's state the first step takes: a tensor made by no
+    op, which the dispatch mode never sees. A reentrant checkpoint keeps one (5056 bytes) in its
+    autograd context, which the loss the step returns holds while the measured step runs."""
+    take_state = torch.get_rng_state
+
+    def counted_state() -> torch.Tensor:
+        state = take_state()
+        first.count(state, "get_rng_state")
+        return state
+
+    torch.get_rng_state = counted_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = take_state
 
 
 def _count_held(first: _LiveStorage, model: nn.Module, made: Any, step: Any) -> None:

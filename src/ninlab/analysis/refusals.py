@@ -9,7 +9,9 @@ of these it was and what to do, never the model's raw exception and never an unr
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import traceback
 
 import torch
 from torch import nn
@@ -70,6 +72,11 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             "its gradients are sparse tensors, which a trace on fake tensors cannot account for "
             f"({reason}); predict it with sparse=False (dense gradients), or with mode 'infer'"
         )
+    if spec.mode == "train" and _raised_by_the_optimizer(error):
+        return NinlabError(
+            f"the optimizer {spec.optimizer_name} fails on this model's parameters ({reason}); "
+            "the real step fails the same way: change its settings, or choose another optimizer"
+        )
     missing_kernel = _MISSING_KERNEL.search(reason)
     if missing_kernel:
         op, dtype = missing_kernel.groups()
@@ -96,6 +103,12 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
+        )
+    if _ONE_VALUE_PER_CHANNEL in reason:
+        return NinlabError(
+            f"a batch norm of the model has one value per channel to normalise in training "
+            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
+            "2 or more, or mode 'infer'"
         )
     missing = _unfilled_arguments(model, len(spec.input_sizes))
     targets = [name for name in missing if any(word in name.lower() for word in _TARGET_WORDS)]
@@ -128,6 +141,14 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model's forward takes {required} inputs and {len(spec.input_sizes)} were given; "
             "give one input size per argument (--input once per input)"
         )
+    taken = _taken_arguments(model)
+    if taken is not None and not spec.input_names and taken < len(spec.input_sizes):
+        return NinlabError(
+            f"the model's forward takes {taken} input{'s' * (taken != 1)} and "
+            f"{len(spec.input_sizes)} were given, each as an argument of its own; give one input "
+            "size per argument (a forward taking a list or dict of tensors as one argument: "
+            "call it from a forward that takes them one by one)"
+        )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
     dtype = "" if spec.input_dtype is None else f" {input_dtype_words(spec.input_dtypes)}"
@@ -152,8 +173,37 @@ _ATEN_DTYPE = {"float32": "Float", "bfloat16": "BFloat16"}
 _INDEX_OUT_OF_RANGE = re.compile(
     r"index out of range|not in the valid range|out of bounds for dimension|i < index_size"
 )
+# Batch norm in training given one value per channel (a batch of one, nothing else to average).
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # Two tensors of an op in different dtypes, as ATen words it.
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
+
+
+_TORCH_FOLDER = os.path.dirname(torch.__file__) + os.sep
+_OPTIMIZERS_FOLDER = os.path.dirname(torch.optim.__file__) + os.sep
+_NINLAB_FOLDER = os.path.dirname(os.path.dirname(__file__)) + os.sep
+
+
+def _raised_by_the_optimizer(error: BaseException) -> bool:
+    """Whether `error` was raised in torch's optimizers' own code (a setting the device or the
+    gradients do not allow: capturable on CPU, SparseAdam given dense gradients), not the
+    model's: the innermost frame that is neither ninlab's recorder nor torch's private machinery
+    under it (fake tensors, dispatch) is an optimizer's."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename.startswith(_OPTIMIZERS_FOLDER):
+            return True
+        if not _machinery(frame.filename):
+            return False
+    return False
+
+
+def _machinery(filename: str) -> bool:
+    if filename.startswith(_NINLAB_FOLDER):
+        return True
+    if not filename.startswith(_TORCH_FOLDER):
+        return False
+    parts = filename[len(_TORCH_FOLDER) :].split(os.sep)
+    return any(part.startswith("_") and not part.startswith("__") for part in parts)
 
 
 def _sparse_modules(model: nn.Module) -> list[str]:
@@ -207,6 +257,18 @@ def _parameters(model: nn.Module) -> list[inspect.Parameter]:
 def _unfilled_arguments(model: nn.Module, given: int) -> list[str]:
     """The forward's positional arguments beyond the `given` inputs."""
     return [p.name for p in _parameters(model)[given:]]
+
+
+def _taken_arguments(model: nn.Module) -> int | None:
+    """How many inputs the forward can take by position; None for any number (`*args`) or a
+    forward without a signature."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        return None
+    return len(_parameters(model))
 
 
 def _required_arguments(model: nn.Module) -> int | None:

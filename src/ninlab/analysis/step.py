@@ -19,6 +19,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from numbers import Number
 from typing import Any, Literal
 
 import torch
@@ -204,6 +205,16 @@ class StepSpec:
             normalise("dtype", DTYPES[self.dtype])
         elif self.dtype is not None and self.dtype not in DTYPES.values():
             raise NinlabError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype}")
+        for dtype, (low, high) in zip(self.input_dtypes, self.input_ranges):
+            # torch.randint refuses values its dtype cannot hold, and a high bound beyond int64
+            # (exclusive as it is): a traceback from measure.
+            if _is_integer(dtype) and dtype is not torch.bool:
+                info = torch.iinfo(dtype)
+                if low < info.min or high - 1 > info.max or high > torch.iinfo(torch.int64).max:
+                    raise NinlabError(
+                        f"input range {low}:{high} does not fit {dtype_name(dtype)} "
+                        f"({info.min} to {info.max}); give a range of values it holds"
+                    )
         if self.amp is not None:
             normalise("amp", _AMP_NAMES.get(self.amp, self.amp))
             _choice("amp", self.amp, tuple(AMP_DTYPES))
@@ -331,6 +342,15 @@ class StepSpec:
             raise NinlabError(
                 f"the optimizer factory {self.optimizer_name} returned no torch optimizer; return "
                 "one, or a tuple holding them"
+            )
+        if self.step is None and not isinstance(built, torch.optim.Optimizer):
+            # The built-in step calls one optimizer's zero_grad() and step(): a tuple met there
+            # failed as an AttributeError blamed on the input sizes.
+            kinds = " and ".join(type(value).__name__ for value in built)
+            raise NinlabError(
+                f"the optimizer factory {self.optimizer_name} returned a {type(built).__name__} "
+                f"({kinds}), and the built-in step takes one optimizer; return one, or give a "
+                "step function that uses what it returns (step=..., --step)"
             )
         return built
 
@@ -524,11 +544,23 @@ def load_step(path: str) -> StepFunction:
     )
 
 
+_MIXED_FAKE_MODES = "Mixing fake modes NYI"
+
+
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran. A step
     that used the targets it was handed as a tensor where they were None (the model's output is
     not logits, so no labels fit it) is told to make its own."""
     reason = one_line(error)
+    if _MIXED_FAKE_MODES in reason:
+        # PyTorch deep-copies a fake tensor into a fake mode of its own, which the next op
+        # mixing the two refuses; its message names two objects by address.
+        return NinlabError(
+            f"the step {spec.step_name} deep-copies the model's tensors while it runs "
+            "(copy.deepcopy, AveragedModel), which a trace on fake tensors cannot follow; make "
+            "the copy in an optimizer factory that returns it beside the optimizer "
+            "(optimizer=lambda model: (torch.optim.SGD(...), AveragedModel(model)))"
+        )
     if "NoneType" in reason:
         reason += (
             "; the step was given targets=None: ninlab makes class labels only for logits ((N, C), "
@@ -609,6 +641,12 @@ def _one_size(size: Any, given: Any, *, scalar: bool = False) -> tuple[int, ...]
             "a vector), example tensors, or a list of such sizes or tensors for a model of several "
             f"inputs; got {_words(given)}"
         )
+    if max(sizes) > torch.iinfo(torch.int64).max:
+        # A tensor's sizes are int64: making the batch raised inside the step, blamed on it.
+        raise NinlabError(
+            f"input size {_words(given)} has a size above 2**63 - 1, more than a tensor's "
+            "sizes hold; give one sample's real sizes"
+        )
     return sizes
 
 
@@ -647,10 +685,9 @@ def _input_names(names: Any, count: int) -> tuple[str, ...]:
 
 def _one_per_input(value: Any) -> bool:
     """Whether a dtype or range is given per input (a sequence of them), not one for all (a
-    dtype, its name, or a (low, high) pair of whole numbers)."""
-    return isinstance(value, (tuple, list)) and not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    )
+    dtype, its name, or a (low, high) pair: a pair holding a number that is not whole, (0.5,
+    2), is one range, refused as such, not two inputs' ranges)."""
+    return isinstance(value, (tuple, list)) and not any(isinstance(v, Number) for v in value)
 
 
 def _input_dtype(value: Any) -> torch.dtype | None:
@@ -756,7 +793,9 @@ def _value_range(tensor: torch.Tensor) -> tuple[int, int]:
     indices; the default for any other."""
     countable = _is_integer(tensor.dtype) and tensor.dtype != torch.bool
     if countable and tensor.numel() and tensor.device.type != "meta":
-        return int(tensor.min()), int(tensor.max()) + 1
+        # torch.randint's high bound is an int64 too: an example holding int64's largest value
+        # is drawn up to the one below it.
+        return int(tensor.min()), min(int(tensor.max()) + 1, torch.iinfo(torch.int64).max)
     return _DEFAULT_RANGE
 
 

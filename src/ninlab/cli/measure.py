@@ -18,10 +18,10 @@ from ninlab.cli.options import (
     add_model_options,
     add_step_options,
     model_choice,
-    positive_int,
     refuse_unread_optimizer,
     runs_on_device,
     spec_from_args,
+    thread_count,
 )
 from ninlab.cli.progress_line import progress_line
 from ninlab.errors import NinlabError
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_step_options(parser, mode="both", ddp=False)  # one process: no DDP to measure
     parser.add_argument(
-        "--threads", type=positive_int, metavar="N", help="intra-op threads (default: PyTorch's)"
+        "--threads", type=thread_count, metavar="N", help="intra-op threads (default: PyTorch's)"
     )
     add_format_option(parser, "table", "json")
     runs_on_device(parser)

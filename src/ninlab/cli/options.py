@@ -99,8 +99,19 @@ def _whole(text: str, minimum: int, maximum: int = MAX_COUNT) -> int:
 
 
 def positive_int(text: str) -> int:
-    """Counts: a batch, epochs, threads, a number of examples."""
+    """Counts: a batch, epochs, a number of examples."""
     return _whole(text, 1)
+
+
+# Each intra-op thread is a thread of this process, made when the first parallel op runs: far
+# beyond the machine's limit (`--threads 100000`) the profiler failed to start and the process
+# crashed on exit (a segmentation fault). No CPU has this many cores for one process.
+MAX_THREADS = 1024
+
+
+def thread_count(text: str) -> int:
+    """Intra-op threads: a count, at most `MAX_THREADS`."""
+    return _whole(text, 1, MAX_THREADS)
 
 
 def non_negative_int(text: str) -> int:

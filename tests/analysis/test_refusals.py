@@ -1,0 +1,76 @@
+"""`refusals.cannot_run`: a step that fails is refused in one line naming its real cause."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from ninlab import measure, predict_memory
+from ninlab.errors import NinlabError
+
+# Each fails in the optimizer's own code, on fake tensors and real ones alike.
+_FAILING_OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "capturable on CPU": lambda model: torch.optim.Adam(model.parameters(), capturable=True),
+    "differentiable": lambda model: torch.optim.Adam(model.parameters(), differentiable=True),
+    "SparseAdam, dense gradients": lambda model: torch.optim.SparseAdam(model.parameters()),
+}
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+@pytest.mark.parametrize("kind", _FAILING_OPTIMIZERS)
+def test_an_optimizer_that_fails_is_blamed_not_the_input(kind: str, call: Callable) -> None:
+    # They were refused as "the model cannot run a train step on a batch of 16 inputs (...);
+    # give the input sizes and dtype its forward expects".
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(NinlabError) as refused:
+        call(model, input_size=(16,), batch_size=2, optimizer=_FAILING_OPTIMIZERS[kind])
+    message = str(refused.value)
+    assert message.startswith("the optimizer <lambda> fails on this model's parameters (")
+    assert "input size" not in message and "\n" not in message
+
+
+def test_a_model_that_rejects_its_input_is_still_told_about_the_input() -> None:
+    model = nn.Linear(8, 4)
+    with pytest.raises(NinlabError, match="give the input sizes and dtype its forward expects"):
+        predict_memory(model, input_size=(16,), batch_size=2, optimizer="adam")
+
+
+class _Normalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 6)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_batch_norm_given_a_batch_of_one_in_training_names_the_batch(call: Callable) -> None:
+    # Refused as "the model cannot run a train step on a batch of 8 inputs (...); give the input
+    # sizes and dtype its forward expects": the sizes were right, the batch was not.
+    with pytest.raises(NinlabError) as refused:
+        call(_Normalised(), input_size=(8,), batch_size=1)
+    message = str(refused.value)
+    assert message.startswith("a batch norm of the model has one value per channel to normalise")
+    assert message.endswith("use a batch of 2 or more, or mode 'infer'")
+
+
+class _TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.linear(tensors[0] + tensors[1])
+
+
+def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(_TakesAList(), input_size=((8,), (8,)), batch_size=2)
+    assert str(refused.value).startswith(
+        "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
+    )
