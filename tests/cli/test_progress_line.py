@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cli_run import run
 
-from ninlab.cli import plot, summary
+from ninlab.cli import plot, report, summary
 from ninlab.cli.progress_line import progress_line
 
 _MODULE = """
@@ -115,3 +115,30 @@ def test_plot_shows_a_status_line_while_its_chart_is_computed(
     code, out, _ = run(capsys, "plot", "batch", *_SMALL, "--budget", _BUDGET, "-o", str(chart))
     assert code == 0 and out == f"wrote {chart}\n"
     assert stages.said == ["computing the batch chart of small_models:linear"]
+
+
+def test_report_names_each_part_of_its_study(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    small_models: None,
+) -> None:
+    stages = _Stages()
+    monkeypatch.setattr(report, "progress_line", stages)
+    page = tmp_path / "report.html"
+    code, _, _ = run(capsys, "report", *_SMALL, "--budget", _BUDGET, "-o", str(page))
+    assert code == 0 and page.exists()
+    studying = "studying small_models:linear for the report"
+    assert stages.said == [
+        studying,
+        *(
+            f"{studying}: {part}"
+            for part in (
+                "the summary",
+                "the memory of a training step at batch 2",
+                "the memory of an inference at batch 2",
+                "the largest batch",
+                "the peak's line",
+            )
+        ),
+    ]

@@ -4,6 +4,7 @@ and, when asked for, how to fit the batch (`ninlab.viz.report` draws and writes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,18 +38,29 @@ def study_model(
     budget: int | str = DEFAULT_BUDGET,
     model_name: str | None = None,
     plan: bool = False,
+    progress: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> ModelStudy:
     """Summarize `model`, predict the memory of the training step `spec` describes (or its
     fields, as keywords) and of its inference, and find the largest training batch under
     `budget`. With `plan`, also the budget planner's alternatives for `batch_size`
-    (`ninlab.analysis.planner`: many predictions)."""
+    (`ninlab.analysis.planner`: many predictions). `progress`: told which part the study works
+    on next, for a command to show."""
+    say = progress or (lambda _what: None)
     name = model_name or type(model).__name__
     spec = step_spec(spec, model=model, **fields).replace(mode="train")
     budget = budget_bytes(budget)
-    return ModelStudy(
-        summary=summarize(model, spec, batch_size=batch_size, model_name=name),
-        train=predict_memory(model, spec, batch_size=batch_size, model_name=name),
-        infer=predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name),
-        batch=study_batch(model, spec, budget=budget, plan_batch_size=batch_size if plan else None),
+    say("the summary")
+    summary = summarize(model, spec, batch_size=batch_size, model_name=name)
+    say(f"the memory of a training step at batch {batch_size}")
+    train = predict_memory(model, spec, batch_size=batch_size, model_name=name)
+    say(f"the memory of an inference at batch {batch_size}")
+    infer = predict_memory(model, spec.inference(), batch_size=batch_size, model_name=name)
+    batch = study_batch(
+        model,
+        spec,
+        budget=budget,
+        plan_batch_size=batch_size if plan else None,
+        progress=progress,
     )
+    return ModelStudy(summary, train, infer, batch)
