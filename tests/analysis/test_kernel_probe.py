@@ -144,6 +144,44 @@ def test_a_call_that_cannot_run_on_zeros_says_so() -> None:
     assert measured_allocations(call) == "could not be run on its own (RuntimeError)"
 
 
+def test_calls_measured_in_one_profile_are_measured_as_each_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step's unknown calls run in one profile (its start costs more than a small call), each
+    read from its own span: the blocks of each, and the reason of one that cannot run on zeros,
+    are those it gives in a profile of its own."""
+    args, outputs = _bf16_conv_backward()
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 5, 3, 3)  # 5 input channels for 3: refused
+    forward = (args[1], args[2], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    calls = [
+        KernelCall.of("aten.convolution_backward.default", args, outputs),
+        KernelCall.of(
+            "aten.convolution.default", (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1), []
+        ),
+        KernelCall.of("aten.convolution.default", forward, (aten.convolution.default(*forward),)),
+    ]
+    alone = [kernel_probe._measure([call])[0] for call in calls]
+    assert alone[1] == "could not be run on its own (RuntimeError)"
+    assert [sum(a.delta_bytes for a in blocks) for blocks in (alone[0], alone[2])] == [
+        sum(t.untyped_storage().nbytes() for t in outputs),
+        4 * 48 * 12 * 12 * 2,  # the forward's bf16 output
+    ]
+    profiles = []
+    started = kernel_probe.quiet_profile
+
+    def counted(**options: object) -> object:
+        profiles.append(options)
+        return started(**options)
+
+    monkeypatch.setattr(kernel_probe, "_MEASURED", {})
+    monkeypatch.setattr(kernel_probe, "quiet_profile", counted)
+    monkeypatch.setenv("NINLAB_NO_CACHE", "1")
+    kernel_probe.measure_together(calls)
+    assert len(profiles) == 1
+    assert [measured_allocations(call) for call in calls] == alone
+    assert len(profiles) == 1
+
+
 def test_a_call_whose_blocks_depend_on_its_values_is_not_run_on_zeros() -> None:
     """An EmbeddingBag's backward in max mode keeps the indices that won, all of them on zeros:
     the step stays a lower bound, saying why, where the probe would give another figure."""

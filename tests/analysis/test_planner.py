@@ -7,12 +7,15 @@ import pytest
 import torch
 from torch import nn
 
+from ninlab.analysis import planner
 from ninlab.analysis.batch import fit_batch
 from ninlab.analysis.measure import measure
 from ninlab.analysis.planner import ALTERNATIVE_KINDS, BudgetPlan, plan_budget
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
+from ninlab.optimizers import OptimizerSpec
 
 INPUT = (3, 8, 8)
 
@@ -137,3 +140,41 @@ def test_a_plan_given_the_step_s_fit_is_the_plan_that_searches_it() -> None:
     assert given.recommendation == searched.recommendation
     with pytest.raises(NinlabError, match="the fit it was given"):
         plan_budget(model, budget=budget + 1, given_fit=fit, **fields)  # type: ignore[arg-type]
+
+
+def test_an_alternative_that_is_the_step_as_given_is_not_traced_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "sgd-momentum" is "sgd:momentum=0.9" by another name: the plan gives it the numbers of the
+    step as given, which are that step's own (its fit and prediction), without tracing it."""
+    batch = 16
+    model = net()
+    fields = {"input_size": INPUT, "batch_size": batch}
+    budget = predict_memory(model, optimizer="sgd-momentum", **fields).allocator_peak_bytes - 1  # type: ignore[arg-type]
+    traced = []
+    original = planner.predict_recorded
+
+    def counted(model: nn.Module, spec: StepSpec, **kwargs: object) -> object:
+        traced.append(spec.optimizer)
+        return original(model, spec, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner, "predict_recorded", counted)
+    said: list[str] = []
+    plan = plan_budget(
+        model, optimizer="sgd:momentum=0.9", budget=budget, progress=said.append, **fields
+    )
+    options = {option.name: option for option in plan.options}
+    renamed = options["sgd-momentum"]
+    assert renamed.spec.optimizer == OptimizerSpec("sgd-momentum")
+    assert OptimizerSpec("sgd-momentum") not in traced and OptimizerSpec("adam") in traced
+    fit = fit_batch(model, input_size=INPUT, optimizer="sgd-momentum", budget=budget)
+    assert (renamed.largest_batch, renamed.peak_bytes) == (fit.batch_size, budget + 1)
+    assert renamed.largest_batch < batch and not renamed.fits_requested
+    assert (renamed.step_flops, renamed.recomputed_flops) == (
+        options["as given"].step_flops,
+        0,
+    )
+    # the plan says what it works on next: each kind of alternative, then each by name
+    assert said[0] == "as given"
+    assert [what for what in said if what in options] == list(options)
+    assert {"autocast", "checkpointing", "accumulation", "optimizer"} <= set(said)

@@ -10,7 +10,9 @@ profiler's allocation records (`profile_memory=True`): every block the kernel al
 in order, on this machine, with its outputs found by address. A call is measured once per machine
 and thread count: kept in this process (the same call at the same batch size costs nothing the
 second time) and on disk for the next processes (`ninlab.analysis.kernel_cache`, keyed by the CPU,
-its instruction set, the thread count and torch's build; `ninlab cache clear` empties it).
+its instruction set, the thread count and torch's build; `ninlab cache clear` empties it). A
+step's unknown calls are measured together (`measure_together`): one profile, each call in a
+span of its own.
 
 That allocates the op's own arguments and outputs, one op at a time (a small part of the step the
 prediction is about), and runs its arithmetic once: 0.8 s for the 24 convolution calls of NiN as
@@ -26,12 +28,12 @@ tests/analysis/test_kernel_probe.py checks whole steps built of such calls again
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity
+from torch.profiler import ProfilerActivity, record_function
 
 from ninlab.analysis import kernel_cache
 from ninlab.analysis.allocator.blocks import KernelAllocation
@@ -46,6 +48,7 @@ __all__ = [
     "KernelCall",
     "TensorLayout",
     "allocation_records",
+    "measure_together",
     "measured_allocations",
     "too_large_to_measure",
 ]
@@ -164,25 +167,42 @@ def measured_allocations(call: KernelCall) -> tuple[KernelAllocation, ...] | str
     """Every block `call` allocates and frees on this CPU, in order, its outputs marked
     (`KernelAllocation.output`); or, where it was not measured, why (a lower bound stays)."""
     key = (call, torch.get_num_threads())
-    known = _MEASURED.get(key)
-    if known is None:
-        known = _MEASURED[key] = _stored_or_measured(call)
-    return known
+    if key not in _MEASURED:
+        measure_together([call])
+    return _MEASURED[key]
 
 
-def _stored_or_measured(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
-    """What an earlier process measured on this machine (`ninlab.analysis.kernel_cache`), else
-    measured now and kept for the next one."""
+def measure_together(calls: Iterable[KernelCall]) -> None:
+    """Measure every call of `calls` this process does not know yet, for `measured_allocations`
+    to read: what an earlier process measured on this machine (`ninlab.analysis.kernel_cache`),
+    else measured now, all in one profile, and kept for the next process. One profile, not one a
+    call: a profile's start costs milliseconds (most of them at its first op), more than many a
+    small call itself, and each call's blocks are read from its own span of the profile, as if
+    it ran alone."""
+    threads = torch.get_num_threads()
+    to_run = []
+    for call in dict.fromkeys(calls):
+        if (call, threads) in _MEASURED:
+            continue
+        stored = _stored(call)
+        if stored is None:
+            to_run.append(call)
+        else:
+            _MEASURED[call, threads] = stored
+    if not to_run:
+        return
+    for call, measured in zip(to_run, _measure(to_run), strict=True):
+        _MEASURED[call, threads] = measured
+        if not isinstance(measured, str):
+            kernel_cache.store(repr(call), measured)
+
+
+def _stored(call: KernelCall) -> tuple[KernelAllocation, ...] | str | None:
+    """What an earlier process measured of `call` on this machine, or why it is not run; None:
+    it is to be measured."""
     if _reads_its_values(call):
         return "not run: its blocks depend on the values of its arguments, which zeros would fake"
-    signature = repr(call)
-    stored = kernel_cache.load(signature, call.output_bytes)
-    if stored is not None:
-        return stored
-    measured = _measure(call)
-    if not isinstance(measured, str):
-        kernel_cache.store(signature, measured)
-    return measured
+    return kernel_cache.load(repr(call), call.output_bytes)
 
 
 def too_large_to_measure(calls: Sequence[KernelCall]) -> str:
@@ -195,13 +215,61 @@ def too_large_to_measure(calls: Sequence[KernelCall]) -> str:
     return ""
 
 
-def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
+def _refusal(call: KernelCall) -> str:
+    """Why `call` is not run ("" where it is)."""
     if too_large := too_large_to_measure([call]):
         return too_large
     if call.op == "aten.mkldnn_rnn_layer_backward.default" and not _lstm_workspace_is_the_kernels(
         call.args
     ):
         return "not run: its LSTM workspace is not the size this torch's forward gives"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One call run inside the profile: the name of its span, where its outputs are (address ->
+    index of the output) and the bytes of the outputs it made (not an argument it returned)."""
+
+    span: str
+    outputs: dict[int, int]
+    made_bytes: int
+
+
+def _measure(calls: Sequence[KernelCall]) -> list[tuple[KernelAllocation, ...] | str]:
+    """Each call's blocks, or why it was not measured: every call run in one profile, each in a
+    span of its own, its arguments made and its outputs freed outside it."""
+    results: list[tuple[KernelAllocation, ...] | str] = [_refusal(call) for call in calls]
+    runs: dict[int, _Run | str] = {}
+    if all(results):
+        return results
+    try:
+        # The op as recorded: autocast already chose its dtypes.
+        with (
+            torch.autocast("cpu", enabled=False),
+            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
+            for index, call in enumerate(calls):
+                if not results[index]:
+                    runs[index] = _run(call, f"ninlab kernel probe {index}")
+    except Exception as error:  # noqa: BLE001 - another profiler running
+        return [
+            result or f"could not be run on its own ({type(error).__name__})" for result in results
+        ]
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    records = allocation_records(tree)
+    spans = _spans(tree)
+    for index, run in runs.items():
+        if isinstance(run, str):
+            results[index] = run
+        else:
+            start, end = spans[run.span]
+            results[index] = _blocks(run, [r for r in records if start <= r[0] <= end])
+    return results
+
+
+def _run(call: KernelCall, span: str) -> _Run | str:
+    """`call` run on zeros of its layouts, in a span named `span`; or why it could not be."""
     namespace, name, overload = call.op.split(".")
     func = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     args = [_real(arg) for arg in call.args]
@@ -210,32 +278,15 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
     # from next: the draw is put back, so a prediction changes no random number of theirs.
     generator_state = torch.random.get_rng_state()
     try:
-        # The op as recorded: autocast already chose its dtypes, and no argument asks for a
-        # graph (zeros need no gradient), but grad mode is the kernel's to read.
-        with (
-            torch.set_grad_enabled(call.grad_enabled),
-            torch.autocast("cpu", enabled=False),
-            quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-        ):
+        # No argument asks for a graph (zeros need no gradient), but grad mode is the kernel's to
+        # read.
+        with torch.set_grad_enabled(call.grad_enabled), record_function(span):
             result = func(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
+    except Exception as error:  # noqa: BLE001 - a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"
     finally:
         torch.random.set_rng_state(generator_state)
     outputs = result if isinstance(result, (tuple, list)) else (result,)
-    addresses = {
-        t.untyped_storage().data_ptr(): index
-        for index, t in enumerate(outputs)
-        if isinstance(t, torch.Tensor) and _bytes(t) > 0
-    }
-    records = allocation_records(prof.profiler.kineto_results.experimental_event_tree())
-    # An output is the last block allocated at its address (an earlier one there was workspace).
-    last_at = {pointer: position for position, (_, pointer, size) in enumerate(records) if size > 0}
-    allocations = []
-    for position, (_, pointer, size) in enumerate(records):
-        output = addresses.get(pointer) if last_at.get(pointer) == position else None
-        what = "free" if size < 0 else "workspace (measured)" if output is None else "output"
-        allocations.append(KernelAllocation(size, what, output))
     # What stays allocated must be the real outputs: those of the recording may differ from
     # them where a fake kernel does (torch 2.8's layer norm backward gives float32 weights
     # float32 gradients of a bf16 input; its fake kernel, bf16 ones).
@@ -245,7 +296,38 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
         for t in tensors_in(outputs)
         if t.untyped_storage().data_ptr() not in given
     }
-    if sum(a.delta_bytes for a in allocations) != sum(made.values()):
+    addresses = {
+        t.untyped_storage().data_ptr(): index
+        for index, t in enumerate(outputs)
+        if isinstance(t, torch.Tensor) and _bytes(t) > 0
+    }
+    return _Run(span, addresses, sum(made.values()))
+
+
+def _spans(tree: Sequence[Any]) -> dict[str, tuple[int, int]]:
+    """Each span's (start, end) in ns, by name, in a finished profile's event tree."""
+    spans: dict[str, tuple[int, int]] = {}
+    pending = list(tree)
+    while pending:
+        event = pending.pop()
+        if event.name.startswith("ninlab kernel probe "):
+            spans[event.name] = event.start_time_ns, event.end_time_ns
+        pending += event.children
+    return spans
+
+
+def _blocks(
+    run: _Run, records: Sequence[tuple[int, int, int]]
+) -> tuple[KernelAllocation, ...] | str:
+    """A call's blocks from the allocator records of its span, its outputs found by address."""
+    # An output is the last block allocated at its address (an earlier one there was workspace).
+    last_at = {pointer: position for position, (_, pointer, size) in enumerate(records) if size > 0}
+    allocations = []
+    for position, (_, pointer, size) in enumerate(records):
+        output = run.outputs.get(pointer) if last_at.get(pointer) == position else None
+        what = "free" if size < 0 else "workspace (measured)" if output is None else "output"
+        allocations.append(KernelAllocation(size, what, output))
+    if sum(a.delta_bytes for a in allocations) != run.made_bytes:
         return "measured on its own, it kept blocks beyond its outputs"
     return tuple(allocations)
 

@@ -137,12 +137,16 @@ def plan_budget(
     budget: int | str,
     batch_size: int,
     given_fit: BatchFit | None = None,
+    progress: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
     as given and each alternative, and which one to use for `batch_size`. `given_fit`: the step
     as given already fitted into this budget at the allocator level (`study_batch` fits it
-    first), not searched again."""
+    first), not searched again. `progress`: told what the plan works on next (a kind of
+    alternative, then each alternative by name), for a command to show: a plan is many
+    predictions, seconds to minutes."""
+    say = progress or (lambda _what: None)
     spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = valid_batch_size(batch_size)
     if spec.mode != "train":
@@ -156,11 +160,13 @@ def plan_budget(
         )
     # The step as given first: a model that cannot run says so in its own words, not in those of
     # an alternative's step built here.
+    say("as given")
     options = [
         _option(model, Alternative("as given", "as given", spec), budget, batch_size, given_fit)
     ]
     skipped: list[tuple[str, str]] = []
     for kind in ALTERNATIVE_KINDS:
+        say(kind.kind)
         # An alternative the step cannot run (micro-batches of one sample through batch norm) is
         # left out of the plan, with the reason, rather than ending it.
         try:
@@ -169,7 +175,10 @@ def plan_budget(
             skipped.append((kind.kind, str(error)))
             continue
         for alternative in alternatives:
-            option = _planned(model, alternative, budget, batch_size)
+            say(alternative.name)
+            option = _as_given_renamed(alternative, options[0]) or _planned(
+                model, alternative, budget, batch_size
+            )
             if isinstance(option, str):
                 skipped.append((alternative.name, option))
             else:
@@ -186,6 +195,28 @@ def _planned(
         return _option(model, alternative, budget, batch_size)
     except NinlabError as error:
         return str(error)
+
+
+def _as_given_renamed(alternative: Alternative, given: PlanOption) -> PlanOption | None:
+    """The step as given's option under the alternative's name, where the alternative builds the
+    very same step: another name of the given optimizer ("sgd-momentum" for "sgd:momentum=0.9"),
+    every hyperparameter and the implementation alike. Traced and searched again, it would give
+    every number of the step as given (four traces or more, for nothing)."""
+    mine, theirs = alternative.spec.optimizer, given.spec.optimizer
+    if alternative.kind != "optimizer" or not (
+        isinstance(mine, OptimizerSpec) and isinstance(theirs, OptimizerSpec)
+    ):
+        return None
+    if alternative.spec.replace(optimizer=theirs) != given.spec or _built(mine) != _built(theirs):
+        return None
+    return dataclasses.replace(
+        given, name=alternative.name, kind=alternative.kind, spec=alternative.spec
+    )
+
+
+def _built(optimizer: OptimizerSpec) -> dict[str, Any]:
+    """What the optimizer is built as: its class, every hyperparameter and the implementation."""
+    return {key: value for key, value in optimizer.used().items() if key != "name"}
 
 
 def _predicted(model: nn.Module, spec: StepSpec, batch_size: int) -> Prediction:

@@ -41,7 +41,11 @@ from ninlab.analysis.cuda_allocator import (
     step_events,
 )
 from ninlab.analysis.hugging_face import unreproduced
-from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
+from ninlab.analysis.kernel_probe import (
+    measure_together,
+    measured_allocations,
+    too_large_to_measure,
+)
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import (
@@ -243,6 +247,8 @@ def _measure_unknown_kernels(step: StepRecording) -> None:
         index for index in range(step.step_start, len(ops)) if ops[index].cpu_call is not None
     ]
     too_large = too_large_to_measure([ops[index].cpu_call for index in unknown])
+    if not too_large:
+        measure_together(ops[index].cpu_call for index in unknown)  # in one profile
     for index in unknown:
         op = ops[index]
         measured = too_large or measured_allocations(op.cpu_call)

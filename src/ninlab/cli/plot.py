@@ -13,6 +13,7 @@ from ninlab.cli.options import (
     refuse_unread_optimizer,
     spec_from_args,
 )
+from ninlab.cli.progress_line import progress_line
 from ninlab.errors import NinlabError
 from ninlab.studies.charts import CHART_KINDS, ChartSetting, chart_source
 from ninlab.studies.report import DEFAULT_BUDGET
@@ -42,14 +43,16 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)  # checked for every kind, so a bad step option is never ignored
     refuse_unread_optimizer(args, spec)
     _refuse_unread_settings(args)
-    source = chart_source(
-        args.kind,
-        choice.model,
-        spec,
-        batch_size=choice.batch,
-        budget=DEFAULT_BUDGET if args.budget is None else args.budget,
-        model_name=choice.name,
-    )
+    # The batch chart fits the batch (many predictions: seconds to minutes on a large model).
+    with progress_line(f"computing the {args.kind} chart of {choice.name}"):
+        source = chart_source(
+            args.kind,
+            choice.model,
+            spec,
+            batch_size=choice.batch,
+            budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+            model_name=choice.name,
+        )
     chart = chart_of_kind(args.kind, source, layer=args.layer, model=choice.name)
     print(f"wrote {save_chart(chart, args.output)}")
     return 0

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     report_path(args.output)  # refuse a bad file name before the work
     choice = model_choice(args)
-    with progress_line(f"studying {choice.name} for the report"):
+    with progress_line(f"studying {choice.name} for the report") as stage:
         study = study_model(
             choice.model,
             spec_from_args(args),
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             budget=DEFAULT_BUDGET if args.budget is None else args.budget,
             model_name=choice.name,
             plan=args.plan,
+            progress=lambda part: stage(f"studying {choice.name} for the report: {part}"),
         )
         report = build_report(study, layer=args.layer)
     print(f"wrote {report.save(args.output)}")

@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
             )
         study = None
         if args.fit is not None:
-            stage(f"finding the largest batch of {choice.name} that fits {args.fit}")
             study = study_batch(
                 choice.model,
                 spec,
@@ -104,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 check_batch_size=choice.batch,
                 plan_batch_size=choice.batch if spec.mode == "train" else None,
                 predicted=(memory,),
+                progress=lambda part: stage(f"fitting {choice.name} into {args.fit}: {part}"),
             )
     if args.format == "json":
         print(summary_json(summary, memory=memory, study=study))

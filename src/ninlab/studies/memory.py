@@ -5,7 +5,7 @@ report; where they place the line differs, and the caller says which (`check_bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ def study_batch(
     check_batch_size: int | None = None,
     plan_batch_size: int | None = None,
     predicted: Iterable[MemoryReport] = (),
+    progress: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> BatchStudy:
     """Fit the batch of the step `spec` describes (or its fields) into `budget`, then measure the
@@ -47,8 +48,11 @@ def study_batch(
     chart, through a quarter and a half of the answer, checked at three quarters, so the points
     spread over the picture. With `plan_batch_size`, also the budget planner's alternatives for
     that batch (many exact predictions). `predicted`: reports of this step already made, which
-    the fit reads instead of predicting their batch sizes again (`fit_batch`)."""
+    the fit reads instead of predicting their batch sizes again (`fit_batch`). `progress`: told
+    which part the study works on next (the plan: which alternative), for a command to show."""
+    say = progress or (lambda _what: None)
     spec = step_spec(spec, model=model, **fields)
+    say("the largest batch")
     fit = fit_batch(model, spec, budget=budget, level="allocator", predicted=predicted)
     if check_batch_size is None:
         quarter = max(1, fit.batch_size // 4)
@@ -56,6 +60,7 @@ def study_batch(
         batch_sizes, check_batch_size = (quarter, half), max(half + 1, 3 * fit.batch_size // 4)
     else:
         batch_sizes = (fit.batch_size, fit.batch_size + 1)
+    say("the peak's line")
     scaling = memory_vs_batch(
         model,
         spec,
@@ -75,5 +80,12 @@ def study_batch(
             ),
         )
     elif plan_batch_size is not None:
-        plan = plan_budget(model, spec, budget=budget, batch_size=plan_batch_size, given_fit=fit)
+        plan = plan_budget(
+            model,
+            spec,
+            budget=budget,
+            batch_size=plan_batch_size,
+            given_fit=fit,
+            progress=lambda what: say(f"the budget plan at batch {plan_batch_size}: {what}"),
+        )
     return BatchStudy(fit, scaling, spec.mode, plan, notes)

@@ -4,6 +4,7 @@ and, when asked for, how to fit the batch (`ninlab.viz.report` draws and writes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,20 +38,26 @@ def study_model(
     budget: int | str = DEFAULT_BUDGET,
     model_name: str | None = None,
     plan: bool = False,
+    progress: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> ModelStudy:
     """Summarize `model`, predict the memory of the training step `spec` describes (or its
     fields, as keywords) and of its inference, and find the largest training batch under
     `budget`. With `plan`, also the budget planner's alternatives for `batch_size`
-    (`ninlab.analysis.planner`: many predictions)."""
+    (`ninlab.analysis.planner`: many predictions). `progress`: told which part the study works
+    on next, for a command to show."""
+    say = progress or (lambda _what: None)
     name = model_name or type(model).__name__
     spec = step_spec(spec, model=model, **fields).replace(mode="train")
     budget = budget_bytes(budget)
+    say(f"the summary and the memory of a training step and an inference at batch {batch_size}")
     costs = study_costs(model, spec, batch_size=batch_size, model_name=name)
     assert costs.train is not None and costs.infer is not None  # both asked for
-    return ModelStudy(
-        summary=costs.summary,
-        train=costs.train,
-        infer=costs.infer,
-        batch=study_batch(model, spec, budget=budget, plan_batch_size=batch_size if plan else None),
+    batch = study_batch(
+        model,
+        spec,
+        budget=budget,
+        plan_batch_size=batch_size if plan else None,
+        progress=progress,
     )
+    return ModelStudy(costs.summary, costs.train, costs.infer, batch)
