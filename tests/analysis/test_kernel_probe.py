@@ -64,6 +64,11 @@ def test_a_layout_keys_strides_and_makes_zeros_of_them() -> None:
     assert expanded.nbytes == 8 * 4
     real = expanded.zeros()
     assert real.stride() == (0, 1, 0, 0) and not real.any()
+    # A lazily conjugated tensor is another call: its kernel copies it resolved first.
+    z = torch.zeros(4, 3, dtype=torch.complex64)
+    conjugated = TensorLayout.of(z.conj())
+    assert conjugated != TensorLayout.of(z) and conjugated.zeros().is_conj()
+    assert repr(TensorLayout.of(z)).endswith("dtype=torch.complex64)")
 
 
 def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(

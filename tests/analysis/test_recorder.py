@@ -330,3 +330,32 @@ def test_a_source_dtype_the_cpu_kernel_refuses_is_refused_in_one_line(op) -> Non
         predict_memory(model, input_size=(3,), batch_size=2, amp="bf16", optimizer="sgd")
     # In float32 the same model is predicted.
     assert predict_memory(model, input_size=(3,), batch_size=2, optimizer="sgd").live_peak_bytes
+
+
+class _ConjugateProduct(torch.nn.Module):
+    """A complex product with a lazily conjugated operand (`x * y.conj()`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.view_as_complex(self.linear(x).view(x.shape[0], -1, 2))
+        return torch.view_as_real(z * z.conj()).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("fields", [{"mode": "infer"}, {"optimizer": "sgd", "amp": "bf16"}])
+def test_a_kernel_resolving_a_conjugate_copies_it_inside_itself(fields) -> None:
+    """The copy is the kernel's own block, which a dispatch mode sees as a `clone` of its own:
+    an inference was 51,240 allocator bytes against 67,624 (the conjugate bit lost by the fast
+    path), then 67,624 live against 51,240 (the copy counted as a storage)."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    torch.manual_seed(0)
+    model = _ConjugateProduct()
+    report = predict_memory(model, input_size=(16,), batch_size=16, **fields)
+    measured = measure(model, report.spec, batch_size=16)
+    assert report.allocator_trust.kind == "exact"
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes

@@ -38,7 +38,7 @@ from ninlab.analysis.allocator.blocks import KernelAllocation
 from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import tensors_in
 from ninlab.analysis.quiet_profiler import quiet_profile
-from ninlab.analysis.torch_internals import EventType
+from ninlab.analysis.torch_internals import EventType, neg_view
 from ninlab.units import format_bytes
 
 __all__ = [
@@ -59,15 +59,32 @@ takes 143 MB."""
 
 @dataclass(frozen=True)
 class TensorLayout:
-    """What a kernel sees of a tensor argument: enough to make a real one that takes its path."""
+    """What a kernel sees of a tensor argument: enough to make a real one that takes its path,
+    its conjugate and negative bits included (a kernel given a lazily conjugated tensor, `x *
+    y.conj()`, copies it resolved first: 16,384 bytes for a 16x128 complex64 operand, which
+    zeros without the bit do not take)."""
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    conj: bool = False
+    neg: bool = False
 
     @staticmethod
     def of(tensor: torch.Tensor) -> TensorLayout:
-        return TensorLayout(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        return TensorLayout(
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+            tensor.is_conj(),
+            tensor.is_neg(),
+        )
+
+    def __repr__(self) -> str:
+        # A call's repr keys the kernel cache: the bits are named only where set, so the calls
+        # measured before they were known keep their keys.
+        bits = "".join(f", {name}=True" for name in ("conj", "neg") if getattr(self, name))
+        return f"TensorLayout(shape={self.shape}, stride={self.stride}, dtype={self.dtype}{bits})"
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +98,9 @@ class TensorLayout:
 
     def zeros(self) -> torch.Tensor:
         storage = torch.zeros(self.nbytes // self.dtype.itemsize, dtype=self.dtype)
-        return storage.as_strided(self.shape, self.stride)
+        tensor = storage.as_strided(self.shape, self.stride)
+        tensor = tensor.conj() if self.conj else tensor
+        return neg_view(tensor) if self.neg else tensor
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ninlab.analysis.fake_fast_path import (
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
 from ninlab.analysis.hugging_face import tracing_answered
-from ninlab.analysis.kernel_probe import KernelCall
+from ninlab.analysis.kernel_probe import KernelCall, TensorLayout
 from ninlab.analysis.known_values import KnownValues
 from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
 from ninlab.analysis.phases import ANNOTATION_OPS, StepPhases
@@ -783,6 +783,10 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # The last copy resolving a lazily conjugated tensor, which the op after it may have
+        # made itself (see `_resolves_in_its_kernel`): (call site, op index, storage key, the
+        # layout of the tensor it resolved).
+        self._resolved: tuple[tuple[int, ...], int, int, TensorLayout] | None = None
         # The zeros `evenly_distribute_backward` fills, from its mask to its product (see
         # `_spread_evenly`).
         self._spread_zeros: torch.Tensor | None = None
@@ -1039,6 +1043,15 @@ class Recorder(TorchDispatchMode):
             self.recording.storages[self.ledger.key(output[1])].nbytes = 0
         if self._counts_wrapped_numbers(traits, args):
             self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
+        if self._resolved is not None:
+            self._resolves_in_its_kernel(args, kwargs, output)
+        if func is aten.clone.default and (args[0].is_conj() or args[0].is_neg()):
+            self._resolved = (
+                _dispatching_call_site(),
+                len(self.recording.ops) - 1,
+                self.ledger.key(output),
+                TensorLayout.of(args[0]),  # not the tensor: its storage dies when it would
+            )
         if func in _LINEAR_PRODUCTS:
             self._product = (_dispatching_call_site(), self.ledger.key(output))
         elif (
@@ -1145,6 +1158,35 @@ class Recorder(TorchDispatchMode):
         )
         self._spread_zeros = None
         return filled
+
+    def _resolves_in_its_kernel(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """The op just recorded, given the copy `self._resolved` made of a lazily conjugated
+        (or negated) tensor by the same call, is recorded as its kernel runs unwatched: a kernel
+        given such a tensor (`x * y.conj()`) resolves it into a copy of its own, a block it frees
+        before it returns (a dispatch mode is handed the copy, made by `clone`, as an op of its
+        own: a 16x128 complex64 operand's 16,384 bytes counted live). Measured on its own, the
+        op is given the tensor the copy resolved."""
+        site, index, key, lazy = self._resolved or ((), -1, -1, None)
+        self._resolved = None
+        op = self.recording.ops[-1]
+        if (
+            op.cpu_call is None
+            or site != _dispatching_call_site()
+            or all(self.ledger.key(t) != key for t in tensors_in(args))
+        ):
+            return
+        self.recording.storages[key].nbytes = 0
+        self.recording.ops[index] = dataclasses.replace(
+            self.recording.ops[index], cpu_allocations=(), cpu_unmodelled="", cpu_call=None
+        )
+        given = tuple(
+            lazy if isinstance(a, torch.Tensor) and self.ledger.key(a) == key else a for a in args
+        )
+        self.recording.ops[-1] = dataclasses.replace(
+            op, cpu_call=KernelCall.of(op.op, given, tensors_in((output,)), kwargs)
+        )
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a

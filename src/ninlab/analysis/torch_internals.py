@@ -88,6 +88,7 @@ __all__ = [
     "has_triton",
     "make_contiguous_strides_for",
     "meta_table",
+    "neg_view",
     "node_sequence_nr",
     "op_named",
     "op_schema",
@@ -160,6 +161,8 @@ op_schema: Callable[[OpOverload], Any] = operator.attrgetter("_schema")
 default_device_name: Callable[[], str] = _private("torch._C._get_default_device")
 # The backend a convolution runs on (oneDNN, slow_conv2d...): its workspace; checked on all.
 select_conv_backend = _private("torch._C._select_conv_backend")
+# A tensor with its negative bit set, as a kernel probe's zeros of one are; checked on all.
+neg_view = _private("torch._neg_view")
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _OWN_KERNELS = (
