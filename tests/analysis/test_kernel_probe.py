@@ -192,3 +192,22 @@ def test_a_masked_scatter_backward_is_not_run_on_zeros() -> None:
     measured = measure(model, report.spec, batch_size=16)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure_refuses(mode: str) -> None:
+    """`nn.LocalResponseNorm` of a 2-d map runs `avg_pool3d`, which has no CPU kernel for
+    bfloat16: the step fails for real, and the prediction says so in the same line (it printed
+    the live figure as exact)."""
+    from torch import nn
+
+    from ninlab.errors import NinlabError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(3)).to(torch.bfloat16)
+    fields = {"input_size": (3, 12, 12), "mode": mode, "dtype": "bfloat16"}
+    with pytest.raises(NinlabError) as measured:
+        measure(model, batch_size=2, **fields)
+    with pytest.raises(NinlabError) as predicted:
+        predict_memory(model, batch_size=2, **fields)
+    assert str(predicted.value) == str(measured.value)
+    assert str(predicted.value).startswith("this PyTorch has no cpu kernel avg_pool3d")

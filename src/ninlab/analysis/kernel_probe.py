@@ -44,6 +44,7 @@ from ninlab.units import format_bytes
 __all__ = [
     "PROBE_LIMIT_BYTES",
     "KernelCall",
+    "MissingKernel",
     "TensorLayout",
     "allocation_records",
     "measured_allocations",
@@ -176,6 +177,12 @@ def _real(value: Any) -> Any:
     return value
 
 
+class MissingKernel(Exception):
+    """This PyTorch has no CPU kernel for the call's dtypes (`avg_pool3d` of bfloat16, which
+    `nn.LocalResponseNorm` runs): the real step fails at that op, so no figure of it stands.
+    Raised from the kernel's own `NotImplementedError`."""
+
+
 _MEASURED: dict[tuple[KernelCall, int], tuple[KernelAllocation, ...] | str] = {}
 
 
@@ -237,6 +244,10 @@ def _measure(call: KernelCall) -> tuple[KernelAllocation, ...] | str:
             quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             result = func(*args, **kwargs)
+    except NotImplementedError as error:
+        if "not implemented for '" in str(error):
+            raise MissingKernel(call.op) from error
+        return f"could not be run on its own ({type(error).__name__})"
     except Exception as error:  # noqa: BLE001 - another profiler running, a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"
     finally:

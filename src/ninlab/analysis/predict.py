@@ -43,7 +43,7 @@ from ninlab.analysis.cuda_allocator import (
     step_events,
 )
 from ninlab.analysis.hugging_face import unreproduced
-from ninlab.analysis.kernel_probe import measured_allocations, too_large_to_measure
+from ninlab.analysis.kernel_probe import MissingKernel, measured_allocations, too_large_to_measure
 from ninlab.analysis.lazy import materialized
 from ninlab.analysis.measure import measure
 from ninlab.analysis.memory_report import (
@@ -169,7 +169,11 @@ class TracedStep:
         # collector, as the recording runs, they trigger none of its full passes over the process.
         with collector_off():
             if probe_kernels:
-                _measure_unknown_kernels(self.step)
+                try:
+                    _measure_unknown_kernels(self.step)
+                except MissingKernel as error:
+                    # The real step fails there too: refused as `measure` refuses it.
+                    raise cannot_run(error.__cause__ or error, self.model, self.step.spec) from None
             report = _report(self.model, self.step, self.name)
         return replace(report, notes=(*report.notes, *self.notes))
 
