@@ -359,3 +359,45 @@ def test_a_kernel_resolving_a_conjugate_copies_it_inside_itself(fields) -> None:
     assert report.allocator_trust.kind == "exact"
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+class _Spectrum(torch.nn.Module):
+    """Singular values (or the full decomposition's) of an activation seen as 16 8x32 matrices."""
+
+    def __init__(self, values) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 256)
+        self.values = values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values(self.linear(x).view(x.shape[0], 8, -1)).sum(1)
+
+
+@pytest.mark.parametrize(
+    ("values", "trust"),
+    [
+        (torch.linalg.svdvals, "estimate"),
+        (lambda a: torch.linalg.matrix_norm(a, 2).unsqueeze(1), "estimate"),
+        (lambda a: torch.linalg.svd(a).S, "exact"),  # full matrices: no decomposition's call
+    ],
+    ids=["svdvals", "spectral-norm", "svd"],
+)
+def test_vectors_a_decomposition_computes_only_on_fake_tensors_are_said(values, trust) -> None:
+    """Without gradients, `svdvals` computes no vectors unwatched; on a fake tensor (a subclass)
+    it does, and the dispatch mode cannot tell its call from `svd`'s: an inference was 55,848
+    live bytes against 35,368, printed as exact."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    torch.manual_seed(0)
+    model = _Spectrum(values)
+    report = predict_memory(model, input_size=(16,), batch_size=16, mode="infer")
+    assert report.live_trust.kind == report.allocator_trust.kind == trust
+    if trust == "exact":
+        measured = measure(model, report.spec, batch_size=16)
+        assert report.live_peak_bytes == measured.live_peak_bytes
+    else:
+        assert "svdvals, eigvalsh and eigvals" in report.live_trust.words()
+    # With gradients the vectors are computed for real too: exact.
+    trained = predict_memory(model, input_size=(16,), batch_size=16, optimizer="sgd")
+    assert trained.live_trust.kind == "exact"

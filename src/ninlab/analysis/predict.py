@@ -309,7 +309,11 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
-        unreproduced=unreproduced(model) + formulas_by_values(step.recording.ops),
+        unreproduced=(
+            *unreproduced(model),
+            *formulas_by_values(step.recording.ops),
+            *step.recording.unsure,
+        ),
     )
 
 
