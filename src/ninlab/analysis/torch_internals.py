@@ -83,6 +83,8 @@ __all__ = [
     "composite_kernel",
     "compute_elementwise_output_strides",
     "current_autograd_node",
+    "custom_op_definitions",
+    "custom_op_kernels",
     "decomposition_table",
     "default_device_name",
     "has_triton",
@@ -224,6 +226,15 @@ record_function_enter = torch.ops.profiler._record_function_enter_new
 record_function_exit = torch.ops.profiler._record_function_exit
 # A storage's C++ StorageImpl, one however many views (measurer); checked on all.
 storage_address: Callable[[torch.UntypedStorage], int] = operator.attrgetter("_cdata")
+
+# The Python custom ops (`torch.library.custom_op`) defined in this process, by qualified name;
+# checked on all.
+custom_op_definitions = _private("torch._library.custom_ops.OPDEFS")
+# A custom op's Python kernels by device type, which its dispatcher kernel looks up at each call
+# (the measurer marks them for the profiler); checked on all.
+custom_op_kernels: Callable[[Any], dict[str | None, Callable[..., Any]]] = operator.attrgetter(
+    "_backend_fns"
+)
 
 # -- modules -------------------------------------------------------------------------------------
 # Every dropout layer's base (the forum's rule counts their outputs apart); checked on all.
