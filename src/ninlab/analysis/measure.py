@@ -522,10 +522,11 @@ def _measure(
 def _custom_ops_marked() -> Iterator[None]:
     """Each Python custom op's kernels (`torch.library.custom_op`) marked for the profiler by the
     op's name, for the measurement: a dispatch mode is handed the op whole, so the blocks its
-    Python kernel makes and frees are its workspace, but the profiler records the op at its first
-    call only (torch 2.14.1), so the ops inside it looked like the step's own (an inference
-    measured 84,008 live bytes against the 51,240 a dispatch mode sees). Which kernel runs is
-    unchanged: each is called as it was, inside a `record_function`."""
+    Python kernel makes and frees are its workspace, but once the op has run under another
+    profile (the kernel probe's) the profiler records it no more (torch 2.14.1), so the ops
+    inside it looked like the step's own (an inference measured 84,008 live bytes against the
+    51,240 a dispatch mode sees). Which kernel runs is unchanged: each is called as it was,
+    inside a `record_function`."""
     marked = []
     for name, definition in list(custom_op_definitions.items()):
         kernels = custom_op_kernels(definition)
