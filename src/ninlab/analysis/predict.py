@@ -62,7 +62,7 @@ from ninlab.analysis.memory_report import (
     TimelinePoint,
     layer_label,
 )
-from ninlab.analysis.recorder import formulas_by_values
+from ninlab.analysis.recorder import formulas_by_values, temporaries_kept_out_of_place
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import (
@@ -312,6 +312,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         unreproduced=(
             *unreproduced(model),
             *formulas_by_values(step.recording.ops),
+            *temporaries_kept_out_of_place(step.recording),
             *step.recording.unsure,
         ),
     )

@@ -65,7 +65,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
 
-__all__ = ["Recorder", "formulas_by_values"]
+__all__ = ["Recorder", "formulas_by_values", "temporaries_kept_out_of_place"]
 
 aten = torch.ops.aten
 _NUMBERS = (float, int, bool, complex)
@@ -628,6 +628,22 @@ _MASK_MADE_BY = frozenset(
     for op in (aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.isnan.default)
 )
 
+# Backward formulas that, without grad mode, compute in place on the temporaries they have just
+# made and, on a tensor subclass, out of place: binary cross-entropy with logits
+# (`t.add(1).sub_(target).mul_(input.sigmoid()).sub_(t)` with a `pos_weight`, else
+# `input.sigmoid().sub_(target)`, then `.mul_(grad)` and `.mul_(weight)`, FunctionsManual.cpp;
+# with a `pos_weight`, a 16x256 input's step was 151,128 live bytes predicted against 101,976).
+# Each node, with the ops recorded as their in-place twins where their first argument is a
+# temporary the node made, which dies right after (`StorageLedger.accumulating`); a link of a
+# chain whose temporaries C++ keeps to the end of the expression is not (`t.add(1).sub(target)`):
+# the figures are then estimates (`temporaries_kept_out_of_place`).
+_IN_PLACE_ON_ITS_TEMPORARIES = {
+    "BinaryCrossEntropyWithLogitsBackward0": {
+        aten.sub.Tensor: aten.sub_.Tensor,
+        aten.mul.Tensor: aten.mul_.Tensor,
+    },
+}
+
 # Backward formulas that choose their program by the values of their input, which fake tensors
 # do not have: unwatched, a product's (`prod`, `cumprod`) divides the output by an input with no
 # zero and takes a zero-safe path otherwise; on a tensor subclass it always takes a third,
@@ -672,6 +688,30 @@ def _vectors_unsure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         "without gradients, torch.linalg.svdvals, eigvalsh and eigvals (and matrix_norm and "
         "cond, which run them) compute none unwatched, and a trace cannot tell them from svd, "
         "eigh and eig, which do: the figures count the vectors"
+    )
+
+
+def temporaries_kept_out_of_place(recording: Recording) -> tuple[str, ...]:
+    """Why a recorded backward may hold more than the real one: for each node of
+    `_IN_PLACE_ON_ITS_TEMPORARIES` with an op still out of place on a temporary it made, the
+    reason (empty where none is)."""
+    names = set()
+    for op in recording.ops:
+        twins = _IN_PLACE_ON_ITS_TEMPORARIES.get(op.autograd_node)
+        if twins is None or op.op not in {str(func) for func in twins} or not op.inputs:
+            continue
+        record = recording.storages.get(op.inputs[0].storage_key)
+        made_here = (
+            record is not None
+            and record.created_at >= 0
+            and recording.ops[record.created_at].autograd_node == op.autograd_node
+        )
+        if made_here:
+            names.add(op.autograd_node)
+    return tuple(
+        f"{name} computes in place on its own temporaries unwatched and out of place on fake "
+        "tensors, and not every step of it was followed: the figures count a temporary more"
+        for name in sorted(names)
     )
 
 
@@ -1127,6 +1167,13 @@ class Recorder(TorchDispatchMode):
                 output,
                 functools.partial(self._made_in_place, _IN_PLACE[func]),
             )
+        elif (twin := self._in_place_on_a_temporary(func, args, output)) is not None:
+            self.ledger.accumulating(
+                len(self.recording.ops) - 1,
+                args[0],
+                output,
+                functools.partial(self._made_in_place, twin),
+            )
         elif func in _ANDS_INTO_A_FRESH_MASK and self._fills_fresh(args, _MASK_MADE_BY):
             # The formula holds both masks to its end, so the result is the first's storage
             # (not a storage that continues it, as a sum's: the first does not die here).
@@ -1248,6 +1295,27 @@ class Recorder(TorchDispatchMode):
         self.recording.ops[-1] = dataclasses.replace(
             op, cpu_call=KernelCall.of(op.op, given, tensors_in((output,)), kwargs)
         )
+
+    def _in_place_on_a_temporary(self, func: Any, args: tuple[Any, ...], output: Any) -> Any | None:
+        """The in-place twin the unwatched formula runs for this op (see
+        `_IN_PLACE_ON_ITS_TEMPORARIES`), or None: its first argument a tensor the same node
+        made, of the output's shape and dtype, grad mode off."""
+        node = current_autograd_node()
+        twins = _IN_PLACE_ON_ITS_TEMPORARIES.get(type(node).__name__) if node else None
+        if twins is None or func not in twins or torch.is_grad_enabled():
+            return None
+        first = args[0]
+        if (
+            not isinstance(first, torch.Tensor)
+            or first.shape != output.shape
+            or first.dtype != output.dtype
+        ):
+            return None
+        record = self.recording.storages.get(self.ledger.key(first))
+        if record is None or record.created_at < 0:
+            return None
+        maker = self.recording.ops[record.created_at]
+        return twins[func] if maker.autograd_node == type(node).__name__ else None
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a
