@@ -401,3 +401,38 @@ def test_vectors_a_decomposition_computes_only_on_fake_tensors_are_said(values, 
     # With gradients the vectors are computed for real too: exact.
     trained = predict_memory(model, input_size=(16,), batch_size=16, optimizer="sgd")
     assert trained.live_trust.kind == "exact"
+
+
+class _LogNormalTail(torch.nn.Module):
+    """`log_ndtr` of a linear layer's output: under bf16 autocast a bfloat16 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.log_ndtr(self.linear(x))
+
+
+def test_a_pointwise_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure_refuses() -> None:
+    """A pointwise op is never probed (it allocates its outputs alone), so a CPU kernel missing
+    for bfloat16 (`log_ndtr`'s on torch 2.14.1) went unnoticed: the step the real run refuses
+    was printed as exact. Found by running the op once on 0-d tensors of its dtypes."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+    from ninlab.errors import NinlabError
+
+    model = _LogNormalTail()
+    fields = {"input_size": (16,), "optimizer": "sgd", "amp": "bf16"}
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.special.log_ndtr(torch.zeros(2, dtype=torch.bfloat16))
+    except NotImplementedError:
+        with pytest.raises(NinlabError) as measured:
+            measure(model, batch_size=2, **fields)
+        with pytest.raises(NinlabError) as predicted:
+            predict_memory(model, batch_size=2, **fields)
+        assert str(predicted.value) == str(measured.value)
+        assert str(predicted.value).startswith("this PyTorch has no cpu kernel log_ndtr")
+    else:  # a torch with the kernel: the step is predicted
+        assert predict_memory(model, batch_size=2, **fields).live_trust.kind == "exact"

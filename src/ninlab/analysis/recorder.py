@@ -47,6 +47,7 @@ from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, T
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
+    DisableTorchDispatch,
     DisableTorchFunction,
     DynamicOutputShapeException,
     FakeTensor,
@@ -831,6 +832,53 @@ _SAME_DTYPE_OPERANDS = {
 }
 
 
+# Whether this torch's CPU kernel of a pointwise op exists for the dtypes of a call, found once
+# per (op, dtypes): a pointwise op is never run by the kernel probe (it allocates its outputs
+# alone), so a kernel missing for half precision (`log_ndtr`, `ndtri`, `zeta` of bfloat16 on
+# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact.
+_POINTWISE_KERNELS: dict[tuple[Any, ...], NotImplementedError | None] = {}
+_REDUCED_FLOATS = frozenset({torch.bfloat16, torch.float16})
+
+
+def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise the CPU kernel's own error where it has none for these dtypes (half precision
+    only: every pointwise kernel has float32 and float64), as the real step would."""
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    if not any(t.dtype in _REDUCED_FLOATS for t in tensors):
+        return
+    key = (func, *(value.dtype if isinstance(value, torch.Tensor) else value for value in args))
+    try:
+        missing = _POINTWISE_KERNELS[key]
+    except (KeyError, TypeError):  # TypeError: an argument that is no dict key (a list)
+        missing = _missing_pointwise_kernel(func, args, kwargs)
+        with contextlib.suppress(TypeError):
+            _POINTWISE_KERNELS[key] = missing
+    if missing is not None:
+        raise missing
+
+
+def _missing_pointwise_kernel(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> NotImplementedError | None:
+    """The error of the op run on real 0-d tensors of the call's dtypes, where it says the kernel
+    is missing for a dtype; None otherwise (any other error is the fake kernel's to give)."""
+
+    def small(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.zeros((), dtype=value.dtype)
+        return value
+
+    with DisableTorchDispatch():
+        try:
+            func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
+        except NotImplementedError as error:
+            if "not implemented for '" in str(error):
+                return error
+        except Exception:  # noqa: BLE001 - zeros of no shape may break other rules of the op
+            pass
+    return None
+
+
 def _check_same_dtype(func: Any, args: Any) -> None:
     """Raise as the real kernel would where `func`'s operands differ in dtype."""
     first, second = (args[i] for i in _SAME_DTYPE_OPERANDS[func])
@@ -1127,6 +1175,8 @@ class Recorder(TorchDispatchMode):
             for tensor in tensors_in((output,)):
                 self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
             return output
+        if traits.pointwise and not self.emulate_cuda:
+            _check_pointwise_kernel(func, args, kwargs)
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
         if self._max_pool1d_parts_without_indices(func, args):
