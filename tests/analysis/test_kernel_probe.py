@@ -64,6 +64,11 @@ def test_a_layout_keys_strides_and_makes_zeros_of_them() -> None:
     assert expanded.nbytes == 8 * 4
     real = expanded.zeros()
     assert real.stride() == (0, 1, 0, 0) and not real.any()
+    # A lazily conjugated tensor is another call: its kernel copies it resolved first.
+    z = torch.zeros(4, 3, dtype=torch.complex64)
+    conjugated = TensorLayout.of(z.conj())
+    assert conjugated != TensorLayout.of(z) and conjugated.zeros().is_conj()
+    assert repr(TensorLayout.of(z)).endswith("dtype=torch.complex64)")
 
 
 def test_a_step_with_a_call_too_large_to_run_stays_a_lower_bound(
@@ -225,3 +230,22 @@ def test_a_masked_scatter_backward_is_not_run_on_zeros() -> None:
     measured = measure(model, report.spec, batch_size=16)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure_refuses(mode: str) -> None:
+    """`nn.LocalResponseNorm` of a 2-d map runs `avg_pool3d`, which has no CPU kernel for
+    bfloat16: the step fails for real, and the prediction says so in the same line (it printed
+    the live figure as exact)."""
+    from torch import nn
+
+    from ninlab.errors import NinlabError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(3)).to(torch.bfloat16)
+    fields = {"input_size": (3, 12, 12), "mode": mode, "dtype": "bfloat16"}
+    with pytest.raises(NinlabError) as measured:
+        measure(model, batch_size=2, **fields)
+    with pytest.raises(NinlabError) as predicted:
+        predict_memory(model, batch_size=2, **fields)
+    assert str(predicted.value) == str(measured.value)
+    assert str(predicted.value).startswith("this PyTorch has no cpu kernel avg_pool3d")

@@ -330,3 +330,109 @@ def test_a_source_dtype_the_cpu_kernel_refuses_is_refused_in_one_line(op) -> Non
         predict_memory(model, input_size=(3,), batch_size=2, amp="bf16", optimizer="sgd")
     # In float32 the same model is predicted.
     assert predict_memory(model, input_size=(3,), batch_size=2, optimizer="sgd").live_peak_bytes
+
+
+class _ConjugateProduct(torch.nn.Module):
+    """A complex product with a lazily conjugated operand (`x * y.conj()`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.view_as_complex(self.linear(x).view(x.shape[0], -1, 2))
+        return torch.view_as_real(z * z.conj()).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("fields", [{"mode": "infer"}, {"optimizer": "sgd", "amp": "bf16"}])
+def test_a_kernel_resolving_a_conjugate_copies_it_inside_itself(fields) -> None:
+    """The copy is the kernel's own block, which a dispatch mode sees as a `clone` of its own:
+    an inference was 51,240 allocator bytes against 67,624 (the conjugate bit lost by the fast
+    path), then 67,624 live against 51,240 (the copy counted as a storage)."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    torch.manual_seed(0)
+    model = _ConjugateProduct()
+    report = predict_memory(model, input_size=(16,), batch_size=16, **fields)
+    measured = measure(model, report.spec, batch_size=16)
+    assert report.allocator_trust.kind == "exact"
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+class _Spectrum(torch.nn.Module):
+    """Singular values (or the full decomposition's) of an activation seen as 16 8x32 matrices."""
+
+    def __init__(self, values) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 256)
+        self.values = values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values(self.linear(x).view(x.shape[0], 8, -1)).sum(1)
+
+
+@pytest.mark.parametrize(
+    ("values", "trust"),
+    [
+        (torch.linalg.svdvals, "estimate"),
+        (lambda a: torch.linalg.matrix_norm(a, 2).unsqueeze(1), "estimate"),
+        (lambda a: torch.linalg.svd(a).S, "exact"),  # full matrices: no decomposition's call
+    ],
+    ids=["svdvals", "spectral-norm", "svd"],
+)
+def test_vectors_a_decomposition_computes_only_on_fake_tensors_are_said(values, trust) -> None:
+    """Without gradients, `svdvals` computes no vectors unwatched; on a fake tensor (a subclass)
+    it does, and the dispatch mode cannot tell its call from `svd`'s: an inference was 55,848
+    live bytes against 35,368, printed as exact."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    torch.manual_seed(0)
+    model = _Spectrum(values)
+    report = predict_memory(model, input_size=(16,), batch_size=16, mode="infer")
+    assert report.live_trust.kind == report.allocator_trust.kind == trust
+    if trust == "exact":
+        measured = measure(model, report.spec, batch_size=16)
+        assert report.live_peak_bytes == measured.live_peak_bytes
+    else:
+        assert "svdvals, eigvalsh and eigvals" in report.live_trust.words()
+    # With gradients the vectors are computed for real too: exact.
+    trained = predict_memory(model, input_size=(16,), batch_size=16, optimizer="sgd")
+    assert trained.live_trust.kind == "exact"
+
+
+class _LogNormalTail(torch.nn.Module):
+    """`log_ndtr` of a linear layer's output: under bf16 autocast a bfloat16 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.log_ndtr(self.linear(x))
+
+
+def test_a_pointwise_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure_refuses() -> None:
+    """A pointwise op is never probed (it allocates its outputs alone), so a CPU kernel missing
+    for bfloat16 (`log_ndtr`'s on torch 2.14.1) went unnoticed: the step the real run refuses
+    was printed as exact. Found by running the op once on 0-d tensors of its dtypes."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+    from ninlab.errors import NinlabError
+
+    model = _LogNormalTail()
+    fields = {"input_size": (16,), "optimizer": "sgd", "amp": "bf16"}
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.special.log_ndtr(torch.zeros(2, dtype=torch.bfloat16))
+    except NotImplementedError:
+        with pytest.raises(NinlabError) as measured:
+            measure(model, batch_size=2, **fields)
+        with pytest.raises(NinlabError) as predicted:
+            predict_memory(model, batch_size=2, **fields)
+        assert str(predicted.value) == str(measured.value)
+        assert str(predicted.value).startswith("this PyTorch has no cpu kernel log_ndtr")
+    else:  # a torch with the kernel: the step is predicted
+        assert predict_memory(model, batch_size=2, **fields).live_trust.kind == "exact"

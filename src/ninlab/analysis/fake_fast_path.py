@@ -369,10 +369,17 @@ _PLAIN = (
 )
 
 
+def _lazy_bits(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is lazily conjugated or negated (`conj()`): the bits are no part of a key
+    or of what is remembered, and the next kernel reads them (a CPU kernel given one copies it
+    resolved first, a dispatch mode sees the `clone`), so such a tensor keeps to FakeTensorMode."""
+    return tensor.is_conj() or tensor.is_neg()
+
+
 def _key_part(value: Any) -> Any:
     """A hashable stand-in for an op argument, or None when the argument cannot be keyed."""
     if isinstance(value, FakeTensor):
-        if value.constant is not None:
+        if value.constant is not None or _lazy_bits(value):
             return None
         return (value.shape, value.stride(), value.dtype, value.storage_offset(), value.fake_device)
     if isinstance(value, _PLAIN):
@@ -393,7 +400,12 @@ def _fresh_outputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         if tensor is None:
             described.append(None)
             continue
-        if type(tensor) is not FakeTensor or tensor.constant is not None or tensor.requires_grad:
+        if (
+            type(tensor) is not FakeTensor
+            or tensor.constant is not None
+            or tensor.requires_grad
+            or _lazy_bits(tensor)
+        ):
             return None
         described.append((tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.fake_device))
     if all(entry is None for entry in described):
@@ -437,6 +449,8 @@ def _view_output(output: Any, base: Any) -> tuple[Any, ...] | None:
     ):
         return None
     if output.untyped_storage() is not base.untyped_storage() or output.requires_grad:
+        return None
+    if _lazy_bits(output):
         return None
     return (
         tuple(output.shape),

@@ -40,12 +40,13 @@ from ninlab.analysis.allocator.blocks import KernelAllocation
 from ninlab.analysis.allocator.rnn import lstm_workspace_bytes
 from ninlab.analysis.fake_fast_path import tensors_in
 from ninlab.analysis.quiet_profiler import quiet_profile
-from ninlab.analysis.torch_internals import EventType
+from ninlab.analysis.torch_internals import EventType, neg_view
 from ninlab.units import format_bytes
 
 __all__ = [
     "PROBE_LIMIT_BYTES",
     "KernelCall",
+    "MissingKernel",
     "TensorLayout",
     "allocation_records",
     "measure_together",
@@ -62,15 +63,32 @@ takes 143 MB."""
 
 @dataclass(frozen=True)
 class TensorLayout:
-    """What a kernel sees of a tensor argument: enough to make a real one that takes its path."""
+    """What a kernel sees of a tensor argument: enough to make a real one that takes its path,
+    its conjugate and negative bits included (a kernel given a lazily conjugated tensor, `x *
+    y.conj()`, copies it resolved first: 16,384 bytes for a 16x128 complex64 operand, which
+    zeros without the bit do not take)."""
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    conj: bool = False
+    neg: bool = False
 
     @staticmethod
     def of(tensor: torch.Tensor) -> TensorLayout:
-        return TensorLayout(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        return TensorLayout(
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+            tensor.is_conj(),
+            tensor.is_neg(),
+        )
+
+    def __repr__(self) -> str:
+        # A call's repr keys the kernel cache: the bits are named only where set, so the calls
+        # measured before they were known keep their keys.
+        bits = "".join(f", {name}=True" for name in ("conj", "neg") if getattr(self, name))
+        return f"TensorLayout(shape={self.shape}, stride={self.stride}, dtype={self.dtype}{bits})"
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +102,9 @@ class TensorLayout:
 
     def zeros(self) -> torch.Tensor:
         storage = torch.zeros(self.nbytes // self.dtype.itemsize, dtype=self.dtype)
-        return storage.as_strided(self.shape, self.stride)
+        tensor = storage.as_strided(self.shape, self.stride)
+        tensor = tensor.conj() if self.conj else tensor
+        return neg_view(tensor) if self.neg else tensor
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,12 @@ def _real(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_real(item) for item in value]
     return value
+
+
+class MissingKernel(Exception):
+    """This PyTorch has no CPU kernel for the call's dtypes (`avg_pool3d` of bfloat16, which
+    `nn.LocalResponseNorm` runs): the real step fails at that op, so no figure of it stands.
+    Raised from the kernel's own `NotImplementedError`."""
 
 
 _MEASURED: dict[tuple[KernelCall, int], tuple[KernelAllocation, ...] | str] = {}
@@ -252,6 +278,8 @@ def _measure(calls: Sequence[KernelCall]) -> list[tuple[KernelAllocation, ...] |
             for index, call in enumerate(calls):
                 if not results[index]:
                     runs[index] = _run(call, f"ninlab kernel probe {index}")
+    except MissingKernel:
+        raise  # the step's own failure: no figure of it stands
     except Exception as error:  # noqa: BLE001 - another profiler running
         return [
             result or f"could not be run on its own ({type(error).__name__})" for result in results
@@ -282,6 +310,10 @@ def _run(call: KernelCall, span: str) -> _Run | str:
         # read.
         with torch.set_grad_enabled(call.grad_enabled), record_function(span):
             result = func(*args, **kwargs)
+    except NotImplementedError as error:
+        if "not implemented for '" in str(error):
+            raise MissingKernel(call.op) from error
+        return f"could not be run on its own ({type(error).__name__})"
     except Exception as error:  # noqa: BLE001 - a kernel refusing zeros
         return f"could not be run on its own ({type(error).__name__})"
     finally:

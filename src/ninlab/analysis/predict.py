@@ -42,6 +42,7 @@ from ninlab.analysis.cuda_allocator import (
 )
 from ninlab.analysis.hugging_face import unreproduced
 from ninlab.analysis.kernel_probe import (
+    MissingKernel,
     measure_together,
     measured_allocations,
     too_large_to_measure,
@@ -64,7 +65,7 @@ from ninlab.analysis.memory_report import (
     TimelinePoint,
     layer_label,
 )
-from ninlab.analysis.recorder import formulas_by_values
+from ninlab.analysis.recorder import formulas_by_values, temporaries_kept_out_of_place
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import (
@@ -171,7 +172,11 @@ class TracedStep:
         # collector, as the recording runs, they trigger none of its full passes over the process.
         with collector_off():
             if probe_kernels:
-                _measure_unknown_kernels(self.step)
+                try:
+                    _measure_unknown_kernels(self.step)
+                except MissingKernel as error:
+                    # The real step fails there too: refused as `measure` refuses it.
+                    raise cannot_run(error.__cause__ or error, self.model, self.step.spec) from None
             report = _report(self.model, self.step, self.name)
         return replace(report, notes=(*report.notes, *self.notes))
 
@@ -297,7 +302,12 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
-        unreproduced=unreproduced(model) + formulas_by_values(step.recording.ops),
+        unreproduced=(
+            *unreproduced(model),
+            *formulas_by_values(step.recording.ops),
+            *temporaries_kept_out_of_place(step.recording),
+            *step.recording.unsure,
+        ),
     )
 
 

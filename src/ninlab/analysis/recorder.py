@@ -39,7 +39,7 @@ from ninlab.analysis.fake_fast_path import (
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
 from ninlab.analysis.hugging_face import tracing_answered
-from ninlab.analysis.kernel_probe import KernelCall
+from ninlab.analysis.kernel_probe import KernelCall, TensorLayout
 from ninlab.analysis.known_values import KnownValues
 from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
 from ninlab.analysis.phases import ANNOTATION_OPS, StepPhases
@@ -47,6 +47,7 @@ from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, T
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
+    DisableTorchDispatch,
     DisableTorchFunction,
     DynamicOutputShapeException,
     FakeTensor,
@@ -65,7 +66,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
 
-__all__ = ["Recorder", "formulas_by_values"]
+__all__ = ["Recorder", "formulas_by_values", "temporaries_kept_out_of_place"]
 
 aten = torch.ops.aten
 _NUMBERS = (float, int, bool, complex)
@@ -615,6 +616,35 @@ _SPREADING_OPS = _NAN_MASK_OPS | {aten.eq.Tensor, aten.mul.Tensor}
 _MASKS_OF_A_FRESH_WHERE = {aten.masked_fill.Scalar: aten.masked_fill_.Scalar}
 _WHERE_MADE_BY = frozenset({str(aten.where.self)})
 
+# The masks backward formulas `and` into a mask they have just made, unwatched in place and on
+# a tensor subclass out of place: clamp's between tensor bounds before torch 2.14
+# (`(self >= min).logical_and_(self <= max)`, FunctionsManual.cpp `clamp_backward`; a mask of
+# the input's size more: 129,628 live bytes predicted against 125,532 for a 16x256 activation,
+# torch 2.8 and 2.13), and `evenly_distribute_backward`'s NaN masks on a GPU
+# (`input_isnan.logical_and_(value_isnan)`; on CPU it takes another path, `_spread_evenly`).
+# Both masks are the formula's locals, alive to its end.
+_ANDS_INTO_A_FRESH_MASK = {aten.logical_and.default: aten.logical_and_.default}
+_MASK_MADE_BY = frozenset(
+    str(op)
+    for op in (aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.isnan.default)
+)
+
+# Backward formulas that, without grad mode, compute in place on the temporaries they have just
+# made and, on a tensor subclass, out of place: binary cross-entropy with logits
+# (`t.add(1).sub_(target).mul_(input.sigmoid()).sub_(t)` with a `pos_weight`, else
+# `input.sigmoid().sub_(target)`, then `.mul_(grad)` and `.mul_(weight)`, FunctionsManual.cpp;
+# with a `pos_weight`, a 16x256 input's step was 151,128 live bytes predicted against 101,976).
+# Each node, with the ops recorded as their in-place twins where their first argument is a
+# temporary the node made, which dies right after (`StorageLedger.accumulating`); a link of a
+# chain whose temporaries C++ keeps to the end of the expression is not (`t.add(1).sub(target)`):
+# the figures are then estimates (`temporaries_kept_out_of_place`).
+_IN_PLACE_ON_ITS_TEMPORARIES = {
+    "BinaryCrossEntropyWithLogitsBackward0": {
+        aten.sub.Tensor: aten.sub_.Tensor,
+        aten.mul.Tensor: aten.mul_.Tensor,
+    },
+}
+
 # Backward formulas that choose their program by the values of their input, which fake tensors
 # do not have: unwatched, a product's (`prod`, `cumprod`) divides the output by an input with no
 # zero and takes a zero-safe path otherwise; on a tensor subclass it always takes a third,
@@ -625,6 +655,65 @@ _FORMULAS_BY_VALUES = {
     "ProdBackward1": "prod",
     "CumprodBackward0": "cumprod",
 }
+
+
+# Decompositions asking for vectors only where a gradient may be wanted (BatchLinearAlgebra.cpp,
+# `_may_require_fw_or_bw_grad`), which is always true of a tensor subclass: unwatched and without
+# gradients, `torch.linalg.svdvals` (and `matrix_norm(ord=2)`, `cond`, which run it),
+# `eigvalsh` and `eigvals` compute no vectors, where on fake tensors they do (an inference's
+# `svdvals` of a 16x8x32 activation: 55,848 live bytes predicted against 35,368). What the
+# dispatch mode sees is also what `torch.linalg.svd(A, full_matrices=False)`, `eigh` and `eig`
+# run, which do compute them: the recorder cannot tell which the step called, so it says so.
+# Each op, with the position and default of the arguments that ask for vectors, the values
+# that make the call one a decomposition could have made.
+_VECTORS_FOR_A_SUBCLASS = {
+    aten._linalg_svd.default: ((1, "full_matrices", False), (2, "compute_uv", True)),
+    aten._linalg_eigh.default: ((2, "compute_v", True),),
+    aten.linalg_eig.default: (),
+}
+
+
+def _vectors_unsure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Why the vectors of this call may not be computed unwatched ("" where they are): a call of
+    `_VECTORS_FOR_A_SUBCLASS` made as a decomposition could have made it, on an input no
+    gradient is wanted for."""
+    asks = _VECTORS_FOR_A_SUBCLASS.get(func)
+    if asks is None or (args[0].requires_grad and torch.is_grad_enabled()):
+        return ""
+    for position, name, value in asks:
+        given = args[position] if len(args) > position else kwargs.get(name, value)
+        if given != value:
+            return ""
+    return (
+        f"{func.__name__.split('.')[0].lstrip('_')} computes vectors here on fake tensors; "
+        "without gradients, torch.linalg.svdvals, eigvalsh and eigvals (and matrix_norm and "
+        "cond, which run them) compute none unwatched, and a trace cannot tell them from svd, "
+        "eigh and eig, which do: the figures count the vectors"
+    )
+
+
+def temporaries_kept_out_of_place(recording: Recording) -> tuple[str, ...]:
+    """Why a recorded backward may hold more than the real one: for each node of
+    `_IN_PLACE_ON_ITS_TEMPORARIES` with an op still out of place on a temporary it made, the
+    reason (empty where none is)."""
+    names = set()
+    for op in recording.ops:
+        twins = _IN_PLACE_ON_ITS_TEMPORARIES.get(op.autograd_node)
+        if twins is None or op.op not in {str(func) for func in twins} or not op.inputs:
+            continue
+        record = recording.storages.get(op.inputs[0].storage_key)
+        made_here = (
+            record is not None
+            and record.created_at >= 0
+            and recording.ops[record.created_at].autograd_node == op.autograd_node
+        )
+        if made_here:
+            names.add(op.autograd_node)
+    return tuple(
+        f"{name} computes in place on its own temporaries unwatched and out of place on fake "
+        "tensors, and not every step of it was followed: the figures count a temporary more"
+        for name in sorted(names)
+    )
 
 
 def formulas_by_values(ops: Sequence[OpRecord]) -> tuple[str, ...]:
@@ -647,7 +736,11 @@ def formulas_by_values(ops: Sequence[OpRecord]) -> tuple[str, ...]:
 
 # The in-place twin of each op the unwatched program may run in place where the recorder sees
 # it out of place.
-_IN_PLACE = {aten.add.Tensor: aten.add_.Tensor, **_FILLS_OF_FRESH_ZEROS, **_MASKS_OF_A_FRESH_WHERE}
+_IN_PLACE = {
+    aten.add.Tensor: aten.add_.Tensor,
+    **_FILLS_OF_FRESH_ZEROS,
+    **_MASKS_OF_A_FRESH_WHERE,
+}
 
 # The matrix products `at::linear` makes its output with when it cannot fold the bias into one
 # `addmm` (an input of 3 or more dimensions that is not contiguous: a GRU's transposed sequence).
@@ -739,6 +832,53 @@ _SAME_DTYPE_OPERANDS = {
 }
 
 
+# Whether this torch's CPU kernel of a pointwise op exists for the dtypes of a call, found once
+# per (op, dtypes): a pointwise op is never run by the kernel probe (it allocates its outputs
+# alone), so a kernel missing for half precision (`log_ndtr`, `ndtri`, `zeta` of bfloat16 on
+# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact.
+_POINTWISE_KERNELS: dict[tuple[Any, ...], NotImplementedError | None] = {}
+_REDUCED_FLOATS = frozenset({torch.bfloat16, torch.float16})
+
+
+def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise the CPU kernel's own error where it has none for these dtypes (half precision
+    only: every pointwise kernel has float32 and float64), as the real step would."""
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    if not any(t.dtype in _REDUCED_FLOATS for t in tensors):
+        return
+    key = (func, *(value.dtype if isinstance(value, torch.Tensor) else value for value in args))
+    try:
+        missing = _POINTWISE_KERNELS[key]
+    except (KeyError, TypeError):  # TypeError: an argument that is no dict key (a list)
+        missing = _missing_pointwise_kernel(func, args, kwargs)
+        with contextlib.suppress(TypeError):
+            _POINTWISE_KERNELS[key] = missing
+    if missing is not None:
+        raise missing
+
+
+def _missing_pointwise_kernel(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> NotImplementedError | None:
+    """The error of the op run on real 0-d tensors of the call's dtypes, where it says the kernel
+    is missing for a dtype; None otherwise (any other error is the fake kernel's to give)."""
+
+    def small(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.zeros((), dtype=value.dtype)
+        return value
+
+    with DisableTorchDispatch():
+        try:
+            func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
+        except NotImplementedError as error:
+            if "not implemented for '" in str(error):
+                return error
+        except Exception:  # noqa: BLE001 - zeros of no shape may break other rules of the op
+            pass
+    return None
+
+
 def _check_same_dtype(func: Any, args: Any) -> None:
     """Raise as the real kernel would where `func`'s operands differ in dtype."""
     first, second = (args[i] for i in _SAME_DTYPE_OPERANDS[func])
@@ -786,6 +926,10 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # The last copy resolving a lazily conjugated tensor, which the op after it may have
+        # made itself (see `_resolves_in_its_kernel`): (call site, op index, storage key, the
+        # layout of the tensor it resolved).
+        self._resolved: tuple[tuple[int, ...], int, int, TensorLayout] | None = None
         # The zeros `evenly_distribute_backward` fills, from its mask to its product (see
         # `_spread_evenly`).
         self._spread_zeros: torch.Tensor | None = None
@@ -1037,6 +1181,8 @@ class Recorder(TorchDispatchMode):
             shapes = tuple(tuple(tensor.shape) for tensor in made)
             self.warm_up_ops.append((self.phases.current, traits.name, shapes))
             return output
+        if traits.pointwise and not self.emulate_cuda:
+            _check_pointwise_kernel(func, args, kwargs)
         output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
         self._record(func, traits.name, args, kwargs, output, window)
         if self._max_pool1d_parts_without_indices(func, args):
@@ -1045,6 +1191,19 @@ class Recorder(TorchDispatchMode):
             self.recording.storages[self.ledger.key(output[1])].nbytes = 0
         if self._counts_wrapped_numbers(traits, args):
             self._wrapped_numbers[autograd_sequence_nr()] = len(self.recording.ops) - 1
+        if func in _VECTORS_FOR_A_SUBCLASS:
+            unsure = _vectors_unsure(func, args, kwargs)
+            if unsure and unsure not in self.recording.unsure:
+                self.recording.unsure.append(unsure)
+        if self._resolved is not None:
+            self._resolves_in_its_kernel(args, kwargs, output)
+        if func is aten.clone.default and (args[0].is_conj() or args[0].is_neg()):
+            self._resolved = (
+                _dispatching_call_site(),
+                len(self.recording.ops) - 1,
+                self.ledger.key(output),
+                TensorLayout.of(args[0]),  # not the tensor: its storage dies when it would
+            )
         if func in _LINEAR_PRODUCTS:
             self._product = (_dispatching_call_site(), self.ledger.key(output))
         elif (
@@ -1064,6 +1223,18 @@ class Recorder(TorchDispatchMode):
                 output,
                 functools.partial(self._made_in_place, _IN_PLACE[func]),
             )
+        elif (twin := self._in_place_on_a_temporary(func, args, output)) is not None:
+            self.ledger.accumulating(
+                len(self.recording.ops) - 1,
+                args[0],
+                output,
+                functools.partial(self._made_in_place, twin),
+            )
+        elif func in _ANDS_INTO_A_FRESH_MASK and self._fills_fresh(args, _MASK_MADE_BY):
+            # The formula holds both masks to its end, so the result is the first's storage
+            # (not a storage that continues it, as a sum's: the first does not die here).
+            self.recording.storages[self.ledger.key(output)].nbytes = 0
+            self._made_in_place(_ANDS_INTO_A_FRESH_MASK[func], self.ledger.key(args[0]))
         return output
 
     def _cpu_outputs(
@@ -1151,6 +1322,56 @@ class Recorder(TorchDispatchMode):
         )
         self._spread_zeros = None
         return filled
+
+    def _resolves_in_its_kernel(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """The op just recorded, given the copy `self._resolved` made of a lazily conjugated
+        (or negated) tensor by the same call, is recorded as its kernel runs unwatched: a kernel
+        given such a tensor (`x * y.conj()`) resolves it into a copy of its own, a block it frees
+        before it returns (a dispatch mode is handed the copy, made by `clone`, as an op of its
+        own: a 16x128 complex64 operand's 16,384 bytes counted live). Measured on its own, the
+        op is given the tensor the copy resolved."""
+        site, index, key, lazy = self._resolved or ((), -1, -1, None)
+        self._resolved = None
+        op = self.recording.ops[-1]
+        if (
+            op.cpu_call is None
+            or site != _dispatching_call_site()
+            or all(self.ledger.key(t) != key for t in tensors_in(args))
+        ):
+            return
+        self.recording.storages[key].nbytes = 0
+        self.recording.ops[index] = dataclasses.replace(
+            self.recording.ops[index], cpu_allocations=(), cpu_unmodelled="", cpu_call=None
+        )
+        given = tuple(
+            lazy if isinstance(a, torch.Tensor) and self.ledger.key(a) == key else a for a in args
+        )
+        self.recording.ops[-1] = dataclasses.replace(
+            op, cpu_call=KernelCall.of(op.op, given, tensors_in((output,)), kwargs)
+        )
+
+    def _in_place_on_a_temporary(self, func: Any, args: tuple[Any, ...], output: Any) -> Any | None:
+        """The in-place twin the unwatched formula runs for this op (see
+        `_IN_PLACE_ON_ITS_TEMPORARIES`), or None: its first argument a tensor the same node
+        made, of the output's shape and dtype, grad mode off."""
+        node = current_autograd_node()
+        twins = _IN_PLACE_ON_ITS_TEMPORARIES.get(type(node).__name__) if node else None
+        if twins is None or func not in twins or torch.is_grad_enabled():
+            return None
+        first = args[0]
+        if (
+            not isinstance(first, torch.Tensor)
+            or first.shape != output.shape
+            or first.dtype != output.dtype
+        ):
+            return None
+        record = self.recording.storages.get(self.ledger.key(first))
+        if record is None or record.created_at < 0:
+            return None
+        maker = self.recording.ops[record.created_at]
+        return twins[func] if maker.autograd_node == type(node).__name__ else None
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a

@@ -127,3 +127,6 @@ class Recording:
     )
     # Allocations and frees in the order they happened: ("alloc" | "free", storage key, op index).
     events: list[tuple[str, int, int]] = field(default_factory=list)
+    # Why the program recorded may not be the real one at some op (the recorder's words), once
+    # each: where a composite op chooses its path by whether its input is a tensor subclass.
+    unsure: list[str] = field(default_factory=list)

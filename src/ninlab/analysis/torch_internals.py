@@ -83,11 +83,14 @@ __all__ = [
     "composite_kernel",
     "compute_elementwise_output_strides",
     "current_autograd_node",
+    "custom_op_definitions",
+    "custom_op_kernels",
     "decomposition_table",
     "default_device_name",
     "has_triton",
     "make_contiguous_strides_for",
     "meta_table",
+    "neg_view",
     "node_sequence_nr",
     "op_named",
     "op_schema",
@@ -160,6 +163,8 @@ op_schema: Callable[[OpOverload], Any] = operator.attrgetter("_schema")
 default_device_name: Callable[[], str] = _private("torch._C._get_default_device")
 # The backend a convolution runs on (oneDNN, slow_conv2d...): its workspace; checked on all.
 select_conv_backend = _private("torch._C._select_conv_backend")
+# A tensor with its negative bit set, as a kernel probe's zeros of one are; checked on all.
+neg_view = _private("torch._neg_view")
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _OWN_KERNELS = (
@@ -221,6 +226,15 @@ record_function_enter = torch.ops.profiler._record_function_enter_new
 record_function_exit = torch.ops.profiler._record_function_exit
 # A storage's C++ StorageImpl, one however many views (measurer); checked on all.
 storage_address: Callable[[torch.UntypedStorage], int] = operator.attrgetter("_cdata")
+
+# The Python custom ops (`torch.library.custom_op`) defined in this process, by qualified name;
+# checked on all.
+custom_op_definitions = _private("torch._library.custom_ops.OPDEFS")
+# A custom op's Python kernels by device type, which its dispatcher kernel looks up at each call
+# (the measurer marks them for the profiler); checked on all.
+custom_op_kernels: Callable[[Any], dict[str | None, Callable[..., Any]]] = operator.attrgetter(
+    "_backend_fns"
+)
 
 # -- modules -------------------------------------------------------------------------------------
 # Every dropout layer's base (the forum's rule counts their outputs apart); checked on all.
