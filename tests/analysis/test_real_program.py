@@ -597,6 +597,27 @@ def test_max_pool1d_needing_no_gradient_makes_no_indices(fields: dict[str, str])
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
 
 
+@pytest.mark.parametrize("batch_dims", [(), (3,)], ids=["matrix", "batch-of-matrices"])
+def test_matrix_exp_backward_makes_its_block_matrix_as_the_cpu_program(
+    batch_dims: tuple[int, ...],
+) -> None:
+    """Unwatched, `matrix_exp`'s backward copies its blocks into the zeros of a (2n, 2n)
+    matrix; on a tensor subclass it builds the matrix by `cat`s (an orthogonal
+    parametrization's 16x16 weight: 1,024 live bytes over)."""
+    torch.manual_seed(0)
+    model = _Picked(
+        lambda m, w: (
+            torch.matrix_exp(w[:8].expand(*batch_dims, 8, 8) * 0.1).sum(0)
+            if batch_dims
+            else torch.matrix_exp(w[:8] * 0.1)
+        )
+    )
+    spec = StepSpec(input_size=(8,), optimizer="sgd")
+    report = predict_memory(model, spec, batch_size=2)
+    measured = measure(model, spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+
+
 # Reductions of a parameter, full (a 0-dim result) or along a dim, and the normalisations whose
 # CPU backward keeps per-sample or per-thread sums: (model, input size, batch).
 _REDUCED = {

@@ -607,6 +607,17 @@ _EVENLY_DISTRIBUTING_NODES = frozenset(
 _NAN_MASK_OPS = frozenset({aten.isnan.default, aten.logical_and.default})
 _SPREADING_OPS = _NAN_MASK_OPS | {aten.eq.Tensor, aten.mul.Tensor}
 
+# The backward of `torch.matrix_exp` (FunctionsManual.cpp, `differential_analytic_matrix_function`)
+# takes the exponential of the block matrix [[A^H, grad], [0, A^H]]: unwatched it makes that
+# matrix's zeros and copies the three blocks into them, on a tensor subclass (a fake tensor) it
+# builds it by three `cat`s of the blocks and a `zeros_like` of one, two half-sized tensors
+# and a block more (an orthogonal parametrization's 16x16 weight: 1,024 live bytes over, torch
+# 2.14.1). The recorder runs the blocks' `cat`s and `zeros_like` unrecorded and records the
+# last `cat` (along the rows) as the zeros the CPU program fills: the same storage, copies into
+# it make none.
+_EXP_DIFFERENTIAL_NODES = frozenset({"LinalgMatrixExpBackward0"})
+_EXP_DIFFERENTIAL_OPS = frozenset({aten.cat.default, aten.zeros_like.default})
+
 # The masks backward formulas put over a `where` they have just made, unwatched in place and on
 # a tensor subclass out of place: maximum's and minimum's (`at::where(self == other, grad / 2,
 # grad).masked_fill_(self < other, 0)`, derivatives.yaml) and clamp's between tensor bounds
@@ -625,6 +636,12 @@ _FORMULAS_BY_VALUES = {
     "ProdBackward1": "prod",
     "CumprodBackward0": "cumprod",
 }
+
+
+def _in_node(names: frozenset[str]) -> bool:
+    """Whether the op being dispatched runs inside an autograd node of one of these types."""
+    node = current_autograd_node()
+    return node is not None and type(node).__name__ in names
 
 
 def formulas_by_values(ops: Sequence[OpRecord]) -> tuple[str, ...]:
@@ -991,6 +1008,8 @@ class Recorder(TorchDispatchMode):
             return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
         if func in _SPREADING_OPS and self._spreads_evenly_on_cpu(args):
             return self._spread_evenly(func, args, kwargs)
+        if func in _EXP_DIFFERENTIAL_OPS and _in_node(_EXP_DIFFERENTIAL_NODES):
+            return self._exp_differential(func, args, kwargs)
         if (
             func is aten._local_scalar_dense.default
             and self.ledger.key(args[0]) in self._overflow_flags
@@ -1145,6 +1164,20 @@ class Recorder(TorchDispatchMode):
         )
         self._spread_zeros = None
         return filled
+
+    def _exp_differential(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An op building `matrix_exp`'s backward block matrix on a tensor subclass, run as the
+        unwatched program builds it (`_EXP_DIFFERENTIAL_NODES`): the blocks unrecorded, the last
+        `cat`, along the rows, as the zeros of the whole matrix the blocks are copied into."""
+        if func is aten.cat.default:
+            tensors, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            rank = tensors[0].dim()
+            if dim % rank == rank - 2:
+                rows = [*tensors[0].shape]
+                rows[-2] = sum(t.shape[-2] for t in tensors)
+                zeros = aten.new_zeros.default
+                return self._run(zeros, op_traits(zeros), (tensors[0], rows), {}, skip_kernel=False)
+        return self._fake_outputs.run(func, args, kwargs)
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a
