@@ -201,6 +201,29 @@ def test_a_fold_keeps_the_storage_the_cpu_kernel_leaves_it_on(
         assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
 
 
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        (torch.ops.aten.hann_window.default, (32,)),
+        (torch.ops.aten.hann_window.periodic, (32, False)),
+        (torch.ops.aten.hamming_window.periodic_alpha_beta, (16, True, 0.5, 0.5)),
+        (torch.ops.aten.blackman_window.default, (9,)),
+        (torch.ops.aten.bartlett_window.periodic, (8, True)),
+        (torch.ops.aten.kaiser_window.beta, (12, True, 8.0)),
+        (torch.ops.aten.hann_window.default, (1,)),
+    ],
+)
+def test_a_periodic_window_keeps_the_storage_aten_leaves_it_on(op, args) -> None:
+    """A periodic window is computed one element longer and returned without its last: a view
+    on 132 bytes for `torch.hann_window(32)`, where the fake kernel's has 128 (an STFT front
+    end's live peak was 4 bytes under)."""
+    real = op(*args)
+    with FakeTensorMode():
+        corrected = recorder._periodic_window_storage(op, args, op(*args))
+        assert corrected.shape == real.shape and corrected.stride() == real.stride()
+        assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
+
+
 def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
     """Under autocast a GroupNorm takes bf16 input with float32 statistics; the CPU kernel's
     grad_input is bf16 (its input's dtype), where the fake kernel promotes it to float32."""
