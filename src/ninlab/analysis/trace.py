@@ -32,6 +32,7 @@ from ninlab.analysis.model_state import (
     captured_containers,
     captured_modules,
     captured_tensors,
+    clear_model_caches,
     model_kept,
     swapped_in,
 )
@@ -297,6 +298,9 @@ def _record_step(
             targets = builtin_targets(output, device) if trains else None
             loss_words = builtin_loss_words(output) if trains else ""
             del output
+        # What that forward cached in the model's `lru_cache`s is made again on the record, in
+        # the warm-up, as a real loop's first step makes it.
+        clear_model_caches(model)
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in attribute_fakes:
