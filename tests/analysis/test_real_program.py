@@ -618,6 +618,34 @@ def test_matrix_exp_backward_makes_its_block_matrix_as_the_cpu_program(
     assert report.live_peak_bytes == measured.live_peak_bytes
 
 
+class _SequenceBatchNorm(nn.Module):
+    """A `BatchNorm1d` over a transposed sequence, then a linear layer, as PatchTST's encoder
+    normalises its patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.mix(h).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_batch_norm_of_a_transposed_sequence_against_a_real_run(mode: str) -> None:
+    """CPU batch norm returns a contiguous map for a transposed input, so the linear layer after
+    it reads a transposed tensor and copies it; the fake kernel kept the input's strides (a
+    PatchTST step's live peak 0.93 of the real one)."""
+    torch.manual_seed(0)
+    model = _SequenceBatchNorm()
+    report = predict_memory(model, input_size=(12, 16), batch_size=4, mode=mode)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+
+
 # Reductions of a parameter, full (a 0-dim result) or along a dim, and the normalisations whose
 # CPU backward keeps per-sample or per-thread sums: (model, input size, batch).
 _REDUCED = {

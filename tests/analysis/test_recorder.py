@@ -95,6 +95,63 @@ def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
     assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]
 
 
+def _strided(shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of `shape` whose memory runs in the dims' `order` (outermost first)."""
+    return torch.randn([shape[d] for d in order]).permute(
+        [order.index(d) for d in range(len(shape))]
+    )
+
+
+# (shape, the memory order of the input, of the gradient): a transposed sequence (PatchTST's
+# `BatchNorm1d`), NCHW, channels-last, the last two dims swapped, channels-last 3-d.
+_BATCH_NORM_LAYOUTS = [
+    ((6, 16, 4), (0, 2, 1), (0, 2, 1)),
+    ((6, 16, 4), (0, 2, 1), (0, 1, 2)),
+    ((6, 16, 4), (0, 1, 2), (0, 2, 1)),
+    ((2, 8, 5, 3), (0, 1, 2, 3), (0, 2, 3, 1)),
+    ((2, 8, 5, 3), (0, 2, 3, 1), (0, 1, 2, 3)),
+    ((2, 8, 5, 3), (0, 1, 3, 2), (0, 1, 3, 2)),
+    ((2, 8, 3, 4, 5), (0, 2, 3, 4, 1), (0, 1, 2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "x_order", "grad_order"), _BATCH_NORM_LAYOUTS)
+def test_batch_norm_takes_the_layout_the_cpu_kernel_suggests(
+    shape, x_order, grad_order, training
+) -> None:
+    """CPU batch norm makes its output, and its backward grad_input, in the layout ATen suggests
+    for the input: a `BatchNorm1d` over a transposed sequence returns a contiguous map, where the
+    fake kernel follows the input (PatchTST's encoder: live 0.93 of the real step)."""
+    aten = torch.ops.aten
+    x, grad = _strided(shape, x_order), _strided(shape, grad_order)
+    channels = shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    mean, var = torch.zeros(channels), torch.ones(channels)
+    real = aten.native_batch_norm.default(x, weight, bias, mean, var, training, 0.1, 1e-5)
+    real_grad = aten.native_batch_norm_backward.default(
+        grad, x, weight, mean, var, real[1], real[2], training, 1e-5, [True, True, True]
+    )
+    with FakeTensorMode() as mode:
+        fx, fgrad, fw, fb, fmean, fvar = (
+            mode.from_tensor(t) for t in (x, grad, weight, bias, mean, var)
+        )
+        forward_args = (fx, fw, fb, fmean, fvar, training, 0.1, 1e-5)
+        out = recorder._cpu_batch_norm_layout(
+            aten.native_batch_norm.default,
+            forward_args,
+            aten.native_batch_norm.default(*forward_args),
+        )
+        backward_args = (fgrad, fx, fw, fmean, fvar, out[1], out[2], training, 1e-5, [True] * 3)
+        grad_input = recorder._cpu_batch_norm_layout(
+            aten.native_batch_norm_backward.default,
+            backward_args,
+            aten.native_batch_norm_backward.default(*backward_args),
+        )
+        assert out[0].stride() == real[0].stride()
+        assert grad_input[0].stride() == real_grad[0].stride()
+
+
 @pytest.mark.parametrize("op", [torch.mul, torch.add, torch.maximum])
 def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
     """On a (N, C, 1, 1) map (after global pooling) channels-last strides are contiguous too, and

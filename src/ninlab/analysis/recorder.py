@@ -319,26 +319,36 @@ def _group_norm_grad_input_dtype(func: Any, args: tuple[Any, ...], output: Any) 
     return (output[0].to(x.dtype), *output[1:])
 
 
-def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
-    """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
-    kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
-    grad_output's, and the convolution backward after it would be predicted to copy its
-    grad_output into channels-last (mbconv, MobileNet: 32 KB over at batch 4)."""
-    if func is not aten.native_batch_norm_backward.default or output[0] is None:
+def _cpu_batch_norm_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """CPU batch norm's output, and its backward's grad_input, in the layout ATen suggests for
+    the input (`empty_like(input, input.suggest_memory_format())`): channels-last for a
+    channels-last map, else contiguous. The fake kernels give the output the input's strides
+    and grad_input grad_output's: a `BatchNorm1d` over a transposed sequence (PatchTST's) was
+    predicted to return it transposed, so the linear layer after it copied nothing (live 0.93
+    of the real step); a channels-last input with an NCHW gradient, the convolution backward
+    after it copied its grad_output (mbconv, MobileNet: 32 KB over at batch 4)."""
+    if func is aten.native_batch_norm.default:
+        x = args[0]
+    elif func is aten.native_batch_norm_backward.default:
+        x = args[1]
+    else:
         return output
-    x, grad_input = args[1], output[0]
-    channels_last = (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
-    if (
-        x.device.type != "cpu"
-        or not channels_last
-        or grad_input.is_contiguous(memory_format=torch.channels_last)
-    ):
+    made = output[0]
+    if made is None or x.device.type != "cpu":
         return output
-    return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
+    layout = _suggested_memory_format(x)
+    if made.is_contiguous(memory_format=layout):
+        return output
+    return (torch.empty_like(made, memory_format=layout), *output[1:])
+
+
+def _suggested_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ATen suggests for `x` (`suggest_memory_format`): channels-last where it is
+    laid out so (and is not also contiguous), else contiguous."""
+    for rank, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == rank and x.is_contiguous(memory_format=layout) and not x.is_contiguous():
+            return layout
+    return torch.contiguous_format
 
 
 # Backward kernels whose CPU grad_input layout the fake kernel does not give, by the layout the
@@ -1112,7 +1122,7 @@ class Recorder(TorchDispatchMode):
         output = _attention_weights_not_wanted(func, args, kwargs, output)
         output = _float32_statistics(func, args, output, self._fake_outputs)
         output = _group_norm_grad_input_dtype(func, args, output)
-        output = _cpu_batch_norm_grad_layout(func, args, output)
+        output = _cpu_batch_norm_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
         output = _cpu_grad_input_layout(func, args, output)
         output = _cpu_elementwise_layout(func, args, output)
