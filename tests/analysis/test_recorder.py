@@ -281,6 +281,29 @@ def test_a_periodic_window_keeps_the_storage_aten_leaves_it_on(op, args) -> None
         assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
 
 
+@pytest.mark.parametrize("mask", [[True, False], [False, True], [True, True]])
+@pytest.mark.parametrize("rank", [4, 5])
+def test_a_grid_samplers_backward_makes_grad_grid_whatever_the_mask(mask, rank) -> None:
+    """The grid samplers' backward makes grad_grid even where the mask leaves it out (a grid no
+    gradient is wanted for: a bf16 step's live peak 0.98 of the real one); grad_input only
+    where the mask asks for it."""
+    aten = torch.ops.aten
+    op = (
+        aten.grid_sampler_2d_backward.default
+        if rank == 4
+        else aten.grid_sampler_3d_backward.default
+    )
+    x = torch.randn(2, 4, *[5] * (rank - 2))
+    grid = torch.rand(2, *[3] * (rank - 2), rank - 2) * 2 - 1
+    grad = torch.randn(2, 4, *[3] * (rank - 2))
+    args = (grad, x, grid, 0, 0, False, mask)
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        corrected = recorder._masked_outputs(op, fake_args, {}, op(*fake_args))
+    assert [t is None for t in corrected] == [t is None for t in real]
+
+
 def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:
     """Under autocast a GroupNorm takes bf16 input with float32 statistics; the CPU kernel's
     grad_input is bf16 (its input's dtype), where the fake kernel promotes it to float32."""

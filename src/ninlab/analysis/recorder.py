@@ -241,19 +241,33 @@ def _output_mask_position(func: Any) -> int | None:
     return names.index("output_mask") if "output_mask" in names else None
 
 
+# Backward ops whose kernels make an output their `output_mask` leaves out, by its position: the
+# grid samplers' mask says only whether grad_input is wanted, grad_grid is always made (ATen's
+# GridSampler; measured on 2.8 and 2.14.1: a 2x8x8x2 grid no gradient is wanted for, from
+# `torch.rand`, still gets its 1,024-byte gradient, a bf16 step's live peak 0.98 of the real one).
+_MADE_WHATEVER_THE_MASK = {
+    aten.grid_sampler_2d_backward.default: 1,
+    aten.grid_sampler_3d_backward.default: 1,
+}
+
+
 def _masked_outputs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-    """A backward op's outputs with those its `output_mask` leaves out as None, as every kernel
-    returns them (an undefined tensor); Python's decomposition of batch norm backward, which
-    FakeTensorMode runs, makes grad_input whatever the mask says (measured on 2.13: a
-    BatchNorm2d straight on the step's input, whose gradient autograd never asks for, was
-    predicted a live peak 1.44 of the real one)."""
+    """A backward op's outputs with those its `output_mask` leaves out as None, as the kernels
+    return them (an undefined tensor; `_MADE_WHATEVER_THE_MASK` excepted); Python's
+    decomposition of batch norm backward, which FakeTensorMode runs, makes grad_input whatever
+    the mask says (measured on 2.13: a BatchNorm2d straight on the step's input, whose gradient
+    autograd never asks for, was predicted a live peak 1.44 of the real one)."""
     position = _output_mask_position(func)
     if position is None or not isinstance(output, (tuple, list)):
         return output
     mask = args[position] if position < len(args) else kwargs.get("output_mask")
     if mask is None or len(mask) != len(output) or all(mask):
         return output
-    return tuple(tensor if wanted else None for tensor, wanted in zip(output, mask))
+    made = _MADE_WHATEVER_THE_MASK.get(func)
+    return tuple(
+        tensor if wanted or index == made else None
+        for index, (tensor, wanted) in enumerate(zip(output, mask))
+    )
 
 
 # `_native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias,
