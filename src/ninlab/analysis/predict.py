@@ -62,7 +62,7 @@ from ninlab.analysis.memory_report import (
     TimelinePoint,
     layer_label,
 )
-from ninlab.analysis.recorder import formulas_by_values
+from ninlab.analysis.recorder import unfollowed_formulas
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import (
@@ -305,7 +305,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         # Cross-entropy is what a classifier trains with; anything else is ninlab's stand-in.
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
-        unreproduced=unreproduced(model) + formulas_by_values(step.recording.ops),
+        unreproduced=unreproduced(model) + unfollowed_formulas(step.recording.ops),
     )
 
 
