@@ -4,6 +4,8 @@ Small on purpose; every factory takes no argument."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,3 +126,53 @@ def factory_distillation_step(
     loss.backward()
     optimizer.step()
     return loss
+
+
+_CACHES: list[Any] = []
+
+
+def _cached(function: Callable[..., Any]) -> Callable[..., Any]:
+    """An `lru_cache` behind a wrapper, as transformers' `compile_compatible_method_lru_cache`
+    puts it."""
+    cache = functools.lru_cache(maxsize=4)(function)
+    _CACHES.append(cache)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any) -> Any:
+        return cache(*args)
+
+    return wrapper
+
+
+@functools.lru_cache(maxsize=4)
+def _reversed_positions(n: int) -> torch.Tensor:
+    return torch.arange(n - 1, -1, -1)
+
+
+class CachesInAnLruCache(nn.Module):
+    """Index tensors kept in `functools.lru_cache`s of the model's code, keyed by a size alone
+    (shared by every instance), as Hugging Face's BEiT and DPT keep their relative position
+    index: a cached static method behind a wrapper, and a cached function of its module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    @staticmethod
+    @_cached
+    def shifted(n: int) -> torch.Tensor:
+        return torch.roll(torch.arange(n), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y[:, self.shifted(y.shape[1])] + y[:, _reversed_positions(y.shape[1])]
+
+
+def caches_in_an_lru_cache() -> nn.Module:
+    return CachesInAnLruCache()
+
+
+def clear_lru_caches() -> None:
+    """Empty the caches `CachesInAnLruCache` reads, as a fresh process has them."""
+    for cache in (*_CACHES, _reversed_positions):
+        cache.cache_clear()

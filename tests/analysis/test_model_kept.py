@@ -114,6 +114,45 @@ def test_a_call_leaves_the_model_exactly_as_it_was(kind: str, call: str) -> None
             assert same(expected, model(probe))
 
 
+@pytest.mark.parametrize("forward_first", [False, True], ids=["fresh", "cache-filled"])
+@pytest.mark.parametrize("call", ["summarize", "predict_memory", "predict_memory infer", "measure"])
+def test_an_lru_cache_of_the_models_code_keeps_no_fake_and_gives_none(
+    call: str, forward_first: bool
+) -> None:
+    """An index cached by `functools.lru_cache` in the model's code, keyed by a size alone: a
+    prediction left a fake tensor there, and every later real forward of the class failed (a
+    BEiT from transformers, fresh instances too); a cache filled by a real forward made the
+    prediction, and a measurement after a prediction, fail on a real tensor among fakes."""
+    fields: dict[str, Any] = {"input_size": (8,)}
+    odd_models.clear_lru_caches()
+    torch.manual_seed(0)
+    model = odd_models.caches_in_an_lru_cache()
+    x = torch.randn(2, 8)
+    if forward_first:
+        with torch.no_grad():
+            model(x)
+    CALLS[call](model, fields)
+    with torch.no_grad():
+        after = model(x)
+        fresh = odd_models.caches_in_an_lru_cache()(x)
+        odd_models.clear_lru_caches()
+        assert same(after, model(x))
+        assert type(fresh) is torch.Tensor
+
+
+def test_an_lru_cache_of_the_models_code_is_predicted_as_measured() -> None:
+    """The cached index is made in the first step and held from then on, as a real run holds it."""
+    odd_models.clear_lru_caches()
+    torch.manual_seed(0)
+    model = odd_models.caches_in_an_lru_cache()
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+    report = predict_memory(model, input_size=(8,), batch_size=2)
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
 def test_model_kept_puts_back_what_the_body_did_even_when_it_raises() -> None:
     model = odd_models.plain_tensor_attributes()
     scale, weight = model.scale, model.linear.weight

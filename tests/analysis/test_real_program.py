@@ -607,6 +607,32 @@ def test_a_products_backward_chooses_by_values_so_the_step_is_an_estimate(
     assert inference.live_trust.exact and inference.allocator_trust.exact
 
 
+@pytest.mark.parametrize(
+    ("name", "pick"),
+    [
+        (
+            "householder_product",
+            lambda m, w: torch.linalg.householder_product(w[:8], torch.full((8,), 0.5)),
+        ),
+        ("lu_factor", lambda m, w: torch.linalg.lu_factor(w[:8] + 4 * torch.eye(8))[0]),
+        ("pinv", lambda m, w: torch.linalg.pinv(w)),
+    ],
+)
+def test_a_linear_algebra_backward_the_trace_does_not_follow_is_an_estimate(
+    name: str, pick: Callable[[Any, torch.Tensor], torch.Tensor]
+) -> None:
+    """Their backward runs another program on fake tensors than on CPU tensors (a 16x16
+    weight's `lu_factor`: 1,024 live bytes under, printed as exact): the figures say they are
+    estimates, and why; an inference, which has no backward, stays exact."""
+    torch.manual_seed(0)
+    model = _Picked(pick)
+    report = predict_memory(model, StepSpec(input_size=(8,), optimizer="sgd"), batch_size=2)
+    assert report.live_trust.kind == report.allocator_trust.kind == "estimate"
+    assert f"{name}'s backward on fake tensors" in report.live_trust.words()
+    inference = predict_memory(model, StepSpec(input_size=(8,), mode="infer"), batch_size=2)
+    assert inference.live_trust.exact
+
+
 class _Pooled1d(nn.Module):
     """Max pooling over time, first of the input itself (which needs no gradient), then of a
     convolution's output."""
@@ -640,6 +666,55 @@ def test_max_pool1d_needing_no_gradient_makes_no_indices(fields: dict[str, str])
     measured = measure(model, report.spec, batch_size=4)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+@pytest.mark.parametrize("batch_dims", [(), (3,)], ids=["matrix", "batch-of-matrices"])
+def test_matrix_exp_backward_makes_its_block_matrix_as_the_cpu_program(
+    batch_dims: tuple[int, ...],
+) -> None:
+    """Unwatched, `matrix_exp`'s backward copies its blocks into the zeros of a (2n, 2n)
+    matrix; on a tensor subclass it builds the matrix by `cat`s (an orthogonal
+    parametrization's 16x16 weight: 1,024 live bytes over)."""
+    torch.manual_seed(0)
+    model = _Picked(
+        lambda m, w: (
+            torch.matrix_exp(w[:8].expand(*batch_dims, 8, 8) * 0.1).sum(0)
+            if batch_dims
+            else torch.matrix_exp(w[:8] * 0.1)
+        )
+    )
+    spec = StepSpec(input_size=(8,), optimizer="sgd")
+    report = predict_memory(model, spec, batch_size=2)
+    measured = measure(model, spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+
+
+class _SequenceBatchNorm(nn.Module):
+    """A `BatchNorm1d` over a transposed sequence, then a linear layer, as PatchTST's encoder
+    normalises its patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.mix(h).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_batch_norm_of_a_transposed_sequence_against_a_real_run(mode: str) -> None:
+    """CPU batch norm returns a contiguous map for a transposed input, so the linear layer after
+    it reads a transposed tensor and copies it; the fake kernel kept the input's strides (a
+    PatchTST step's live peak 0.93 of the real one)."""
+    torch.manual_seed(0)
+    model = _SequenceBatchNorm()
+    report = predict_memory(model, input_size=(12, 16), batch_size=4, mode=mode)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.live_peak_bytes == measured.live_peak_bytes
 
 
 # Reductions of a parameter, full (a 0-dim result) or along a dim, and the normalisations whose

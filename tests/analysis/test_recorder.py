@@ -95,6 +95,63 @@ def test_batch_norm_backward_keeps_a_channels_last_input_layout() -> None:
     assert not [a for a in conv_backward.cpu_allocations if "copy of the grad_output" in a.what]
 
 
+def _strided(shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of `shape` whose memory runs in the dims' `order` (outermost first)."""
+    return torch.randn([shape[d] for d in order]).permute(
+        [order.index(d) for d in range(len(shape))]
+    )
+
+
+# (shape, the memory order of the input, of the gradient): a transposed sequence (PatchTST's
+# `BatchNorm1d`), NCHW, channels-last, the last two dims swapped, channels-last 3-d.
+_BATCH_NORM_LAYOUTS = [
+    ((6, 16, 4), (0, 2, 1), (0, 2, 1)),
+    ((6, 16, 4), (0, 2, 1), (0, 1, 2)),
+    ((6, 16, 4), (0, 1, 2), (0, 2, 1)),
+    ((2, 8, 5, 3), (0, 1, 2, 3), (0, 2, 3, 1)),
+    ((2, 8, 5, 3), (0, 2, 3, 1), (0, 1, 2, 3)),
+    ((2, 8, 5, 3), (0, 1, 3, 2), (0, 1, 3, 2)),
+    ((2, 8, 3, 4, 5), (0, 2, 3, 4, 1), (0, 1, 2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "x_order", "grad_order"), _BATCH_NORM_LAYOUTS)
+def test_batch_norm_takes_the_layout_the_cpu_kernel_suggests(
+    shape, x_order, grad_order, training
+) -> None:
+    """CPU batch norm makes its output, and its backward grad_input, in the layout ATen suggests
+    for the input: a `BatchNorm1d` over a transposed sequence returns a contiguous map, where the
+    fake kernel follows the input (PatchTST's encoder: live 0.93 of the real step)."""
+    aten = torch.ops.aten
+    x, grad = _strided(shape, x_order), _strided(shape, grad_order)
+    channels = shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    mean, var = torch.zeros(channels), torch.ones(channels)
+    real = aten.native_batch_norm.default(x, weight, bias, mean, var, training, 0.1, 1e-5)
+    real_grad = aten.native_batch_norm_backward.default(
+        grad, x, weight, mean, var, real[1], real[2], training, 1e-5, [True, True, True]
+    )
+    with FakeTensorMode() as mode:
+        fx, fgrad, fw, fb, fmean, fvar = (
+            mode.from_tensor(t) for t in (x, grad, weight, bias, mean, var)
+        )
+        forward_args = (fx, fw, fb, fmean, fvar, training, 0.1, 1e-5)
+        out = recorder._cpu_batch_norm_layout(
+            aten.native_batch_norm.default,
+            forward_args,
+            aten.native_batch_norm.default(*forward_args),
+        )
+        backward_args = (fgrad, fx, fw, fmean, fvar, out[1], out[2], training, 1e-5, [True] * 3)
+        grad_input = recorder._cpu_batch_norm_layout(
+            aten.native_batch_norm_backward.default,
+            backward_args,
+            aten.native_batch_norm_backward.default(*backward_args),
+        )
+        assert out[0].stride() == real[0].stride()
+        assert grad_input[0].stride() == real_grad[0].stride()
+
+
 @pytest.mark.parametrize("op", [torch.mul, torch.add, torch.maximum])
 def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
     """On a (N, C, 1, 1) map (after global pooling) channels-last strides are contiguous too, and
@@ -199,6 +256,52 @@ def test_a_fold_keeps_the_storage_the_cpu_kernel_leaves_it_on(
         )
         assert corrected.shape == real.shape and corrected.stride() == real.stride()
         assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        (torch.ops.aten.hann_window.default, (32,)),
+        (torch.ops.aten.hann_window.periodic, (32, False)),
+        (torch.ops.aten.hamming_window.periodic_alpha_beta, (16, True, 0.5, 0.5)),
+        (torch.ops.aten.blackman_window.default, (9,)),
+        (torch.ops.aten.bartlett_window.periodic, (8, True)),
+        (torch.ops.aten.kaiser_window.beta, (12, True, 8.0)),
+        (torch.ops.aten.hann_window.default, (1,)),
+    ],
+)
+def test_a_periodic_window_keeps_the_storage_aten_leaves_it_on(op, args) -> None:
+    """A periodic window is computed one element longer and returned without its last: a view
+    on 132 bytes for `torch.hann_window(32)`, where the fake kernel's has 128 (an STFT front
+    end's live peak was 4 bytes under)."""
+    real = op(*args)
+    with FakeTensorMode():
+        corrected = recorder._periodic_window_storage(op, args, op(*args))
+        assert corrected.shape == real.shape and corrected.stride() == real.stride()
+        assert corrected.untyped_storage().nbytes() == real.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("mask", [[True, False], [False, True], [True, True]])
+@pytest.mark.parametrize("rank", [4, 5])
+def test_a_grid_samplers_backward_makes_grad_grid_whatever_the_mask(mask, rank) -> None:
+    """The grid samplers' backward makes grad_grid even where the mask leaves it out (a grid no
+    gradient is wanted for: a bf16 step's live peak 0.98 of the real one); grad_input only
+    where the mask asks for it."""
+    aten = torch.ops.aten
+    op = (
+        aten.grid_sampler_2d_backward.default
+        if rank == 4
+        else aten.grid_sampler_3d_backward.default
+    )
+    x = torch.randn(2, 4, *[5] * (rank - 2))
+    grid = torch.rand(2, *[3] * (rank - 2), rank - 2) * 2 - 1
+    grad = torch.randn(2, 4, *[3] * (rank - 2))
+    args = (grad, x, grid, 0, 0, False, mask)
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        corrected = recorder._masked_outputs(op, fake_args, {}, op(*fake_args))
+    assert [t is None for t in corrected] == [t is None for t in real]
 
 
 def test_group_norm_backward_keeps_a_bf16_input_dtype() -> None:

@@ -607,6 +607,55 @@ class _PlaceholderBuffer(nn.Module):
         return self.head(F.relu(self.linear(x * self.scales)))
 
 
+def _orthogonal() -> nn.Module:
+    """An orthogonal parametrization (`matrix_exp` of a skew-symmetric weight) and a head."""
+    return nn.Sequential(
+        nn.utils.parametrizations.orthogonal(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 5)
+    )
+
+
+class _Spectrogram(nn.Module):
+    """An audio front end: an STFT with a Hann window made in forward, log magnitudes, a
+    convolution over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(17, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        window = torch.hann_window(32, device=wave.device)
+        spectrum = torch.stft(wave, 32, hop_length=8, window=window, return_complex=True)
+        return self.head(F.relu(self.conv(torch.log1p(spectrum.abs()))).mean(-1))
+
+
+class _SequenceBatchNorm(nn.Module):
+    """A `BatchNorm1d` over a transposed sequence, then a linear layer (PatchTST's encoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.embed(h).mean(1))
+
+
+class _FixedGridSample(nn.Module):
+    """A map resampled at random points (a grid no gradient is wanted for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.rand(x.shape[0], 8, 8, 2, device=x.device) * 2 - 1
+        return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -833,6 +882,11 @@ LAYER_ZOO = (
         (3, 32, 32),
         setups=("sgd", "channels-last", "infer"),
     ),
+    # -- found by the model-family probe (issue 20, third round) --
+    Case("orthogonal-parametrization", "layer zoo", _orthogonal, (16,), setups=("sgd", "infer")),
+    Case("stft-hann-window", "layer zoo", _Spectrogram, (256,), setups=("sgd", "infer")),
+    Case("batchnorm-transposed-sequence", "layer zoo", _SequenceBatchNorm, (12, 16), ("infer",)),
+    Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
 )
 
 
@@ -1310,6 +1364,18 @@ def _hugging_face(kind: str) -> Callable[[], nn.Module]:
                 hf.RobertaConfig,
                 {**layers, **width, "num_labels": 5, "max_position_embeddings": 40},
             ),
+            "beit": (
+                hf.BeitForImageClassification,
+                hf.BeitConfig,
+                {
+                    **width,
+                    "num_hidden_layers": 1,
+                    "image_size": 32,
+                    "patch_size": 8,
+                    "num_labels": 5,
+                    "use_relative_position_bias": True,
+                },
+            ),
             "distilbert": (
                 hf.DistilBertForSequenceClassification,
                 hf.DistilBertConfig,
@@ -1400,6 +1466,15 @@ HUGGING_FACE = (
             _ALL_ONES,
             _TOKENS,
         ),
+        needs="transformers",
+    ),
+    # Its relative position index is cached by `lru_cache`, shared by every instance.
+    Case(
+        "beit",
+        "transformers",
+        _hugging_face("beit"),
+        (3, 32, 32),
+        ("sgd", "infer"),
         needs="transformers",
     ),
     _lm("opt"),

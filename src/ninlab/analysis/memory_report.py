@@ -550,7 +550,8 @@ class MemoryReport:
     verification: Verification | None = None
     # Why the recorded program may not be the one that runs: a library's decision by context the
     # trace could not take as the real run does (`ninlab.analysis.hugging_face.unreproduced`), a
-    # backward formula that chooses by values (`ninlab.analysis.recorder.formulas_by_values`).
+    # backward formula that chooses by values or runs otherwise on fake tensors
+    # (`ninlab.analysis.recorder.unfollowed_formulas`).
     unreproduced: tuple[str, ...] = ()
 
     @property

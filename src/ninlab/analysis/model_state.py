@@ -9,6 +9,14 @@ a fake tensor somewhere, and its next forward fails. So every call that runs the
 in a `finally`: every attribute (parameters, buffers, submodules, hooks, train/eval, plain tensor
 attributes, lists and dicts of them), and each tensor's `requires_grad` and `.grad`.
 
+The model's code may also keep tensors where no module holds them: a `functools.lru_cache` on
+a method or function of its classes' modules (Hugging Face's BEiT, DPT, Data2Vec-Vision and
+others cache their relative position index so, keyed by the window size alone, shared by every
+instance). A prediction would leave fakes there, and every later real forward of that class
+fails; a measurement would read a real one cached by an earlier forward into a step of fakes. So
+those caches are emptied as a call starts and as it ends (`clear_model_caches`): a cache, recomputed
+on its next call.
+
 Tensors a module holds as plain attributes (`self.scale = torch.ones(4)`, an STFT window,
 torchvision's detection anchors), not registered as buffers, are part of the model all the same:
 `attribute_tensors` finds them, so the tracer can swap fake copies in for the step (and count
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +45,7 @@ __all__ = [
     "captured_containers",
     "captured_modules",
     "captured_tensors",
+    "clear_model_caches",
     "model_kept",
     "swapped_in",
 ]
@@ -177,10 +187,57 @@ def model_kept(model: nn.Module) -> Iterator[None]:
     """Run the body, then put the model back exactly as it was, whatever the body did or
     raised."""
     state = ModelState.of(model)
+    clear_model_caches(model)
     try:
         yield
     finally:
         state.restore()
+        clear_model_caches(model)
+
+
+def clear_model_caches(model: nn.Module) -> None:
+    """Empty the `functools.lru_cache`s of the model's code (see the module's docstring)."""
+    for cache in _model_caches(model):
+        cache.cache_clear()
+
+
+def _model_caches(model: nn.Module) -> list[Any]:
+    """The `functools.lru_cache`s of the model's code (see the module's docstring): in the
+    namespaces of its modules' classes (a cached static or class method, or a method whose
+    decorator wraps the cache, as transformers' `compile_compatible_method_lru_cache` does) and
+    of the Python modules defining them. PyTorch's own are not the model's."""
+    classes = {cls for module in model.modules() for cls in type(module).__mro__}
+    names = {cls.__module__ for cls in classes if not _torchs(cls.__module__)}
+    namespaces = [vars(cls) for cls in classes if not _torchs(cls.__module__)]
+    namespaces += [vars(sys.modules[name]) for name in names if name in sys.modules]
+    found: dict[int, Any] = {}
+    for namespace in namespaces:
+        for value in list(namespace.values()):
+            for candidate in _cache_candidates(value):
+                if callable(getattr(candidate, "cache_clear", None)) and hasattr(
+                    candidate, "cache_info"
+                ):
+                    found[id(candidate)] = candidate
+    return list(found.values())
+
+
+def _torchs(module_name: str) -> bool:
+    return module_name == "torch" or module_name.startswith("torch.")
+
+
+def _cache_candidates(value: Any) -> list[Any]:
+    """`value`, the function a static or class method holds, and what a function's closure
+    holds (a decorator's wrapped cache)."""
+    function = (
+        getattr(value, "__func__", value)
+        if isinstance(value, (staticmethod, classmethod))
+        else value
+    )
+    candidates = [value, function]
+    for cell in getattr(function, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # a cell not yet filled
+            candidates.append(cell.cell_contents)
+    return candidates
 
 
 def captured_modules(step: Any, model: nn.Module) -> list[nn.Module]:

@@ -65,7 +65,7 @@ from ninlab.analysis.memory_report import (
     TimelinePoint,
     layer_label,
 )
-from ninlab.analysis.recorder import formulas_by_values, temporaries_kept_out_of_place
+from ninlab.analysis.recorder import temporaries_kept_out_of_place, unfollowed_formulas
 from ninlab.analysis.recording import OpRecord, SavedTensor
 from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
 from ninlab.analysis.step import (
@@ -304,7 +304,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         cuda=None if cuda is None else _cuda_memory(cuda),
         unreproduced=(
             *unreproduced(model),
-            *formulas_by_values(step.recording.ops),
+            *unfollowed_formulas(step.recording.ops),
             *temporaries_kept_out_of_place(step.recording),
             *step.recording.unsure,
         ),

@@ -66,7 +66,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.errors import NinlabError
 from ninlab.units import dtype_name
 
-__all__ = ["Recorder", "formulas_by_values", "temporaries_kept_out_of_place"]
+__all__ = ["Recorder", "temporaries_kept_out_of_place", "unfollowed_formulas"]
 
 aten = torch.ops.aten
 _NUMBERS = (float, int, bool, complex)
@@ -242,19 +242,33 @@ def _output_mask_position(func: Any) -> int | None:
     return names.index("output_mask") if "output_mask" in names else None
 
 
+# Backward ops whose kernels make an output their `output_mask` leaves out, by its position: the
+# grid samplers' mask says only whether grad_input is wanted, grad_grid is always made (ATen's
+# GridSampler; measured on 2.8 and 2.14.1: a 2x8x8x2 grid no gradient is wanted for, from
+# `torch.rand`, still gets its 1,024-byte gradient, a bf16 step's live peak 0.98 of the real one).
+_MADE_WHATEVER_THE_MASK = {
+    aten.grid_sampler_2d_backward.default: 1,
+    aten.grid_sampler_3d_backward.default: 1,
+}
+
+
 def _masked_outputs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-    """A backward op's outputs with those its `output_mask` leaves out as None, as every kernel
-    returns them (an undefined tensor); Python's decomposition of batch norm backward, which
-    FakeTensorMode runs, makes grad_input whatever the mask says (measured on 2.13: a
-    BatchNorm2d straight on the step's input, whose gradient autograd never asks for, was
-    predicted a live peak 1.44 of the real one)."""
+    """A backward op's outputs with those its `output_mask` leaves out as None, as the kernels
+    return them (an undefined tensor; `_MADE_WHATEVER_THE_MASK` excepted); Python's
+    decomposition of batch norm backward, which FakeTensorMode runs, makes grad_input whatever
+    the mask says (measured on 2.13: a BatchNorm2d straight on the step's input, whose gradient
+    autograd never asks for, was predicted a live peak 1.44 of the real one)."""
     position = _output_mask_position(func)
     if position is None or not isinstance(output, (tuple, list)):
         return output
     mask = args[position] if position < len(args) else kwargs.get("output_mask")
     if mask is None or len(mask) != len(output) or all(mask):
         return output
-    return tuple(tensor if wanted else None for tensor, wanted in zip(output, mask))
+    made = _MADE_WHATEVER_THE_MASK.get(func)
+    return tuple(
+        tensor if wanted or index == made else None
+        for index, (tensor, wanted) in enumerate(zip(output, mask))
+    )
 
 
 # `_native_multi_head_attention(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias,
@@ -320,26 +334,36 @@ def _group_norm_grad_input_dtype(func: Any, args: tuple[Any, ...], output: Any) 
     return (output[0].to(x.dtype), *output[1:])
 
 
-def _cpu_batch_norm_grad_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
-    """CPU batch norm backward's grad_input in the input's channels-last layout, as the real
-    kernel writes it (measured: channels-last input, NCHW grad_output); the fake kernel gives it
-    grad_output's, and the convolution backward after it would be predicted to copy its
-    grad_output into channels-last (mbconv, MobileNet: 32 KB over at batch 4)."""
-    if func is not aten.native_batch_norm_backward.default or output[0] is None:
+def _cpu_batch_norm_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """CPU batch norm's output, and its backward's grad_input, in the layout ATen suggests for
+    the input (`empty_like(input, input.suggest_memory_format())`): channels-last for a
+    channels-last map, else contiguous. The fake kernels give the output the input's strides
+    and grad_input grad_output's: a `BatchNorm1d` over a transposed sequence (PatchTST's) was
+    predicted to return it transposed, so the linear layer after it copied nothing (live 0.93
+    of the real step); a channels-last input with an NCHW gradient, the convolution backward
+    after it copied its grad_output (mbconv, MobileNet: 32 KB over at batch 4)."""
+    if func is aten.native_batch_norm.default:
+        x = args[0]
+    elif func is aten.native_batch_norm_backward.default:
+        x = args[1]
+    else:
         return output
-    x, grad_input = args[1], output[0]
-    channels_last = (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
-    if (
-        x.device.type != "cpu"
-        or not channels_last
-        or grad_input.is_contiguous(memory_format=torch.channels_last)
-    ):
+    made = output[0]
+    if made is None or x.device.type != "cpu":
         return output
-    return (torch.empty_like(grad_input, memory_format=torch.channels_last), *output[1:])
+    layout = _suggested_memory_format(x)
+    if made.is_contiguous(memory_format=layout):
+        return output
+    return (torch.empty_like(made, memory_format=layout), *output[1:])
+
+
+def _suggested_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ATen suggests for `x` (`suggest_memory_format`): channels-last where it is
+    laid out so (and is not also contiguous), else contiguous."""
+    for rank, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == rank and x.is_contiguous(memory_format=layout) and not x.is_contiguous():
+            return layout
+    return torch.contiguous_format
 
 
 # Backward kernels whose CPU grad_input layout the fake kernel does not give, by the layout the
@@ -470,6 +494,31 @@ def _cpu_output_resized_from_input(func: Any, args: tuple[Any, ...], output: Any
     if elements <= output.numel() or not output.is_contiguous():
         return output
     return output.new_empty((elements,)).resize_(output.shape)
+
+
+# The window functions: periodic (their default), ATen computes a window one element longer and
+# returns all but its last element, a view keeping the whole storage.
+_WINDOWS = frozenset(
+    {
+        aten.hann_window,
+        aten.hamming_window,
+        aten.blackman_window,
+        aten.bartlett_window,
+        aten.kaiser_window,
+    }
+)
+
+
+def _periodic_window_storage(func: Any, args: tuple[Any, ...], output: Any) -> Any:
+    """A periodic window on the storage ATen leaves it on, one element longer than the window
+    (TensorFactories.cpp; measured on 2.8, 2.13 and 2.14.1: `torch.hann_window(32)` keeps 132
+    bytes, the fake kernel's 128; an STFT front end's live peak was 4 bytes under)."""
+    if func.overloadpacket not in _WINDOWS or output.numel() < 2:
+        return output
+    periodic = args[1] if len(args) > 1 else True
+    if not periodic:
+        return output
+    return output.new_empty((output.numel() + 1,))[: output.numel()]
 
 
 def _check_source_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -608,6 +657,17 @@ _EVENLY_DISTRIBUTING_NODES = frozenset(
 _NAN_MASK_OPS = frozenset({aten.isnan.default, aten.logical_and.default})
 _SPREADING_OPS = _NAN_MASK_OPS | {aten.eq.Tensor, aten.mul.Tensor}
 
+# The backward of `torch.matrix_exp` (FunctionsManual.cpp, `differential_analytic_matrix_function`)
+# takes the exponential of the block matrix [[A^H, grad], [0, A^H]]: unwatched it makes that
+# matrix's zeros and copies the three blocks into them, on a tensor subclass (a fake tensor) it
+# builds it by three `cat`s of the blocks and a `zeros_like` of one, two half-sized tensors
+# and a block more (an orthogonal parametrization's 16x16 weight: 1,024 live bytes over, torch
+# 2.14.1). The recorder runs the blocks' `cat`s and `zeros_like` unrecorded and records the
+# last `cat` (along the rows) as the zeros the CPU program fills: the same storage, copies into
+# it make none.
+_EXP_DIFFERENTIAL_NODES = frozenset({"LinalgMatrixExpBackward0"})
+_EXP_DIFFERENTIAL_OPS = frozenset({aten.cat.default, aten.zeros_like.default})
+
 # The masks backward formulas put over a `where` they have just made, unwatched in place and on
 # a tensor subclass out of place: maximum's and minimum's (`at::where(self == other, grad / 2,
 # grad).masked_fill_(self < other, 0)`, derivatives.yaml) and clamp's between tensor bounds
@@ -716,21 +776,39 @@ def temporaries_kept_out_of_place(recording: Recording) -> tuple[str, ...]:
     )
 
 
-def formulas_by_values(ops: Sequence[OpRecord]) -> tuple[str, ...]:
+def _in_node(names: frozenset[str]) -> bool:
+    """Whether the op being dispatched runs inside an autograd node of one of these types."""
+    node = current_autograd_node()
+    return node is not None and type(node).__name__ in names
+
+
+# Backward formulas of linear algebra whose program on fake tensors is not the one the CPU runs
+# (ATen's formulas branch on tensor subclasses for composite compliance, and the recorder
+# follows those branches only where it knows them): found by the model-family probe on 2.14.1,
+# the backward of a 16x16 weight's `householder_product` 68 live bytes under the real step's,
+# `lu_factor`'s 1,024 under, `pinv`'s 1,024 under. A step holding one is an estimate.
+_FORMULAS_UNLIKE_THE_CPUS = {
+    "LinalgHouseholderProductBackward0": "householder_product",
+    "LinalgLuFactorExBackward0": "lu_factor",
+    "LinalgPinvBackward0": "pinv",
+}
+
+
+def unfollowed_formulas(ops: Sequence[OpRecord]) -> tuple[str, ...]:
     """Why a recorded backward may not be the real one: for each op of `_FORMULAS_BY_VALUES`
-    differentiated, the reason (empty where none is)."""
-    names = sorted(
-        {
-            _FORMULAS_BY_VALUES[op.autograd_node]
-            for op in ops
-            if op.autograd_node in _FORMULAS_BY_VALUES
-        }
-    )
+    or `_FORMULAS_UNLIKE_THE_CPUS` differentiated, the reason (empty where none is)."""
+    nodes = {op.autograd_node for op in ops}
+    by_values = sorted({name for node, name in _FORMULAS_BY_VALUES.items() if node in nodes})
+    unlike = sorted({name for node, name in _FORMULAS_UNLIKE_THE_CPUS.items() if node in nodes})
     return tuple(
         f"{name}'s backward takes its path by the values of its input (a zero in it or not), "
         "which a trace on fake tensors does not have; the traced path is PyTorch's for tensor "
         "subclasses"
-        for name in names
+        for name in by_values
+    ) + tuple(
+        f"{name}'s backward on fake tensors takes another program than on CPU tensors (its "
+        "temporaries differ)"
+        for name in unlike
     )
 
 
@@ -1138,6 +1216,8 @@ class Recorder(TorchDispatchMode):
             return args[0] if skip_kernel else self._fake_outputs.run(func, args, kwargs)
         if func in _SPREADING_OPS and self._spreads_evenly_on_cpu(args):
             return self._spread_evenly(func, args, kwargs)
+        if func in _EXP_DIFFERENTIAL_OPS and _in_node(_EXP_DIFFERENTIAL_NODES):
+            return self._exp_differential(func, args, kwargs)
         if (
             func is aten._local_scalar_dense.default
             and self.ledger.key(args[0]) in self._overflow_flags
@@ -1245,10 +1325,11 @@ class Recorder(TorchDispatchMode):
         output = _attention_weights_not_wanted(func, args, kwargs, output)
         output = _float32_statistics(func, args, output, self._fake_outputs)
         output = _group_norm_grad_input_dtype(func, args, output)
-        output = _cpu_batch_norm_grad_layout(func, args, output)
+        output = _cpu_batch_norm_layout(func, args, output)
         output = _cpu_lstm_outputs(func, args, output)
         output = _cpu_grad_input_layout(func, args, output)
         output = _cpu_elementwise_layout(func, args, output)
+        output = _periodic_window_storage(func, args, output)
         if not self.emulate_cuda:
             output = _cpu_reduced_loss_storage(func, args, output)
             output = _cpu_embedding_bag_storages(func, args, output)
@@ -1372,6 +1453,20 @@ class Recorder(TorchDispatchMode):
             return None
         maker = self.recording.ops[record.created_at]
         return twins[func] if maker.autograd_node == type(node).__name__ else None
+
+    def _exp_differential(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An op building `matrix_exp`'s backward block matrix on a tensor subclass, run as the
+        unwatched program builds it (`_EXP_DIFFERENTIAL_NODES`): the blocks unrecorded, the last
+        `cat`, along the rows, as the zeros of the whole matrix the blocks are copied into."""
+        if func is aten.cat.default:
+            tensors, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            rank = tensors[0].dim()
+            if dim % rank == rank - 2:
+                rows = [*tensors[0].shape]
+                rows[-2] = sum(t.shape[-2] for t in tensors)
+                zeros = aten.new_zeros.default
+                return self._run(zeros, op_traits(zeros), (tensors[0], rows), {}, skip_kernel=False)
+        return self._fake_outputs.run(func, args, kwargs)
 
     def _fills_fresh(self, args: tuple[Any, ...], makers: frozenset[str]) -> bool:
         """Whether the op (one of `_FILLS_OF_FRESH_ZEROS` or `_MASKS_OF_A_FRESH_WHERE`) is a

@@ -34,6 +34,7 @@ from ninlab.analysis.model_state import (
     captured_containers,
     captured_modules,
     captured_tensors,
+    clear_model_caches,
     model_kept,
     swapped_in,
 )
@@ -89,12 +90,18 @@ def fake_parameters(
     channels-last when asked, as `model.to(memory_format=torch.channels_last)` would.
     """
     fakes: dict[str, torch.Tensor] = {}
+    bases: dict[int, torch.Tensor] = {}  # a real storage's address -> the fake one over its size
     with fake_mode, OffRecord(fake_mode):
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             target_dtype = (
                 dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             )
-            if memory_format == torch.contiguous_format:
+            base = _storage_base(tensor, target_dtype, device, fake_mode, bases)
+            if memory_format == torch.contiguous_format and base is not None:
+                fake = base.as_strided(
+                    tuple(tensor.shape), tensor.stride(), tensor.storage_offset()
+                )
+            elif memory_format == torch.contiguous_format:
                 fake = fake_empty(
                     fake_mode, tuple(tensor.shape), tensor.stride(), target_dtype, device
                 )
@@ -104,6 +111,32 @@ def fake_parameters(
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             fakes[name] = fake
     return fakes
+
+
+def _storage_base(
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    fake_mode: FakeTensorMode,
+    bases: dict[int, torch.Tensor],
+) -> torch.Tensor | None:
+    """For a parameter or buffer that is a view holding a larger storage than its elements (a
+    periodic window registered as a buffer: 132 bytes for 32 floats), a fake 1-d tensor over a
+    storage of the real one's size, one for all the tensors viewing that storage (`bases`), as
+    the measured copy of the model keeps it; None for any other, and where a cast to another
+    dtype makes a tensor of its own."""
+    if dtype != tensor.dtype or tensor.layout != torch.strided or tensor.is_meta:
+        return None
+    storage = tensor.untyped_storage()
+    extent = 1 + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride()))
+    used = (tensor.storage_offset() + extent) * tensor.element_size() if tensor.numel() else 0
+    if storage.nbytes() <= used:
+        return None
+    key = storage.data_ptr()
+    if key not in bases:
+        elements = storage.nbytes() // tensor.element_size()
+        bases[key] = fake_empty(fake_mode, (elements,), (1,), dtype, device)
+    return bases[key]
 
 
 def _empty(
@@ -379,6 +412,9 @@ def _record_step(
             targets = builtin_targets(output, device) if trains else None
             loss_words = builtin_loss_words(output) if trains else ""
             del output
+        # What that forward cached in the model's `lru_cache`s is made again on the record, in
+        # the warm-up, as a real loop's first step makes it.
+        clear_model_caches(model)
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in attribute_fakes:
