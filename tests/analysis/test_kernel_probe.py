@@ -251,6 +251,7 @@ def test_a_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure_refuses(m
     assert str(predicted.value).startswith("this PyTorch has no cpu kernel avg_pool3d")
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
 def test_a_matrix_exponential_is_not_run_on_zeros(mode: str) -> None:
     """`torch.matrix_exp` keeps as many products as its norm asks for, the fewest on zeros: an
     orthogonal parametrization's step (a 16x16 weight's exponential) was printed as exact at
