@@ -281,3 +281,22 @@ def test_predicted_training_memory_equals_measured(factory, given):
         predicted.live_peak_bytes
         == measure(factory(), batch_size=4, optimizer="adam", **given).live_peak_bytes
     )
+
+
+class _TakesLabelsFailsElsewhere(nn.Module):
+    """Takes `labels=None` as a Hugging Face model does, and trains without them; its forward
+    fails for a reason of its own (Mixtral's experts under float32 on fake tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise RuntimeError("Expected mat_a to be BFloat16 or supported Float16 matrix")
+
+
+def test_an_optional_labels_argument_is_not_blamed_for_an_error_of_another_kind():
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(_TakesLabelsFailsElsewhere(), input_size=(8,), batch_size=2)
+    assert "needs its targets" not in str(refused.value)
+    assert "Expected mat_a to be BFloat16" in str(refused.value)

@@ -110,9 +110,14 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
             "2 or more, or mode 'infer'"
         )
-    missing = _unfilled_arguments(model, len(spec.input_sizes))
-    targets = [name for name in missing if any(word in name.lower() for word in _TARGET_WORDS)]
-    if targets and spec.mode == "train":
+    missing = _parameters(model)[len(spec.input_sizes) :]
+    targets = [p.name for p in missing if any(word in p.name.lower() for word in _TARGET_WORDS)]
+    # Needed where the forward cannot do without them, or its error asks for them: a Hugging
+    # Face model takes `labels=None` and trains without them, failing for reasons of its own.
+    needed = any(
+        p.name in targets and p.default is inspect.Parameter.empty for p in missing
+    ) or any(word in reason.lower() for word in _TARGET_WORDS)
+    if targets and needed and spec.mode == "train":
         return NinlabError(
             f"the model needs its targets to run in training mode (its forward takes "
             f"{', '.join(targets)}; {reason}), and the built-in step gives it inputs only; "
@@ -252,11 +257,6 @@ def _parameters(model: nn.Module) -> list[inspect.Parameter]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p for p in signature.parameters.values() if p.kind in kinds]
-
-
-def _unfilled_arguments(model: nn.Module, given: int) -> list[str]:
-    """The forward's positional arguments beyond the `given` inputs."""
-    return [p.name for p in _parameters(model)[given:]]
 
 
 def _taken_arguments(model: nn.Module) -> int | None:
