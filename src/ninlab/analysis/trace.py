@@ -243,7 +243,7 @@ def record_step(
             warm_up=warm_up,
         )
     step.drew_python_random = draws != python_random_states()
-    if _SHARED:
+    if _SHARED and warm_up:  # a first call alone only asks whether a size runs: none share it
         _SHARED[-1].append((model, batch_size, optimizer_step, warm_up, step))
     return step
 
