@@ -244,13 +244,13 @@ def record_step(
         )
     step.drew_python_random = draws != python_random_states()
     if _SHARED and warm_up:  # a first call alone only asks whether a size runs: none share it
-        _SHARED[-1].append((model, batch_size, optimizer_step, warm_up, step))
+        _SHARED[-1].append((model, batch_size, optimizer_step, step))
     return step
 
 
 # The recordings `sharing_recordings` keeps, one list per open scope, the innermost last:
-# (model, batch size, optimizer step, warm-up, step).
-_SHARED: list[list[tuple[nn.Module, int, bool, bool, StepRecording]]] = []
+# (model, batch size, optimizer step, step), each recorded with a warm-up.
+_SHARED: list[list[tuple[nn.Module, int, bool, StepRecording]]] = []
 
 
 @contextlib.contextmanager
@@ -273,15 +273,15 @@ def sharing_recordings() -> Iterator[None]:
 def _shared_recording(
     model: nn.Module, spec: StepSpec, batch_size: int, optimizer_step: bool, warm_up: bool
 ) -> StepRecording | None:
-    if not _SHARED:
+    if not _SHARED or not warm_up:
         return None
     wanted = spec.for_model(model)
-    for held_model, held_batch, held_optimizer_step, held_warm_up, step in _SHARED[-1]:
+    for held_model, held_batch, held_optimizer_step, step in _SHARED[-1]:
         if held_model is not model or held_batch != batch_size:
             continue
         # An inference and a summary's forward and backward build no optimizer: any will do.
         same_but_optimizer = step.spec.replace(optimizer=wanted.optimizer) == wanted
-        if (held_optimizer_step, held_warm_up) == (optimizer_step, warm_up) and (
+        if held_optimizer_step == optimizer_step and (
             step.spec == wanted or (wanted.mode == "infer" and same_but_optimizer)
         ):
             return step
