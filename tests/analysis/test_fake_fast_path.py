@@ -1,9 +1,10 @@
 """The fast path on fake tensors: remembered outputs, constants, and `clear_caches`."""
 
+import pytest
 import torch
 from torch import nn
 
-from ninlab.analysis.fake_fast_path import clear_caches, op_traits
+from ninlab.analysis.fake_fast_path import FakeOutputs, clear_caches, op_traits
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.torch_internals import FakeTensor, FakeTensorMode
 from ninlab.analysis.trace import record_step
@@ -122,3 +123,76 @@ def test_a_view_of_a_constant_is_a_view_of_its_storage():
     assert viewed.outputs[0].storage_key == made.outputs[0].storage_key
     report = predict_memory(model, input_size=(16,), batch_size=16, mode="infer")
     assert report.live_peak_bytes == measure(model, report.spec, batch_size=16).live_peak_bytes
+
+
+def _has_cpu_grouped_mm() -> bool:
+    try:
+        torch._grouped_mm(
+            torch.ones(4, 4), torch.ones(1, 4, 4), torch.tensor([4], dtype=torch.int32)
+        )
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+_GROUPED_MM_CALLS = {
+    # a mixture of experts' forward: each group of rows times its expert's matrix
+    "rows x experts": lambda dtype: (
+        torch.ones(12, 8, dtype=dtype),
+        torch.ones(3, 8, 16, dtype=dtype),
+    ),
+    # its weight gradient: the rows' contraction cut into groups
+    "transposed rows x rows": lambda dtype: (
+        torch.ones(12, 8, dtype=dtype).t(),
+        torch.ones(12, 16, dtype=dtype),
+    ),
+    # its input gradient: each group times its expert's matrix transposed
+    "rows x experts transposed": lambda dtype: (
+        torch.ones(12, 16, dtype=dtype),
+        torch.ones(3, 8, 16, dtype=dtype).transpose(-2, -1),
+    ),
+}
+
+
+@pytest.mark.skipif(
+    not _has_cpu_grouped_mm(), reason="this torch has no CPU kernel of torch._grouped_mm (< 2.9)"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("call", sorted(_GROUPED_MM_CALLS))
+def test_grouped_mm_outputs_are_the_cpu_kernels(call, dtype):
+    """`_grouped_mm`'s fake kernel is CUDA's and refuses float32, which the CPU kernel multiplies:
+    on CPU the output is made as the CPU kernel makes it, shape, strides and dtype, float32
+    included (a Mixtral in float32 was refused, its input blamed)."""
+    a, b = _GROUPED_MM_CALLS[call](dtype)
+    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+    real = torch._grouped_mm(a, b, offs)
+    with FakeTensorMode() as mode:
+        fake_a, fake_b, fake_offs = (mode.from_tensor(t) for t in (a, b, offs))
+        fake = FakeOutputs(mode).run(
+            torch.ops.aten._grouped_mm.default, (fake_a, fake_b, fake_offs), {}
+        )
+    assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+
+
+@pytest.mark.skipif(
+    not _has_cpu_grouped_mm(), reason="this torch has no CPU kernel of torch._grouped_mm (< 2.9)"
+)
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (torch.ones(12, 8, dtype=torch.float64), torch.ones(3, 8, 16, dtype=torch.float64)),
+        (torch.ones(12, 8), torch.ones(3, 8, 6)),  # rows of 24 bytes
+        (torch.ones(12, 8, dtype=torch.bfloat16), torch.ones(3, 8, 16)),
+    ],
+    ids=["float64", "unaligned", "mixed dtypes"],
+)
+def test_grouped_mm_refuses_what_the_cpu_kernel_refuses(a, b):
+    """What the CPU kernel refuses (float64, rows not whole 16-byte steps, two dtypes), the fake
+    one refuses too, so no step that fails for real is predicted."""
+    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+    with pytest.raises(RuntimeError):
+        torch._grouped_mm(a, b, offs)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError):
+        FakeOutputs(mode).run(
+            torch.ops.aten._grouped_mm.default, tuple(map(mode.from_tensor, (a, b, offs))), {}
+        )

@@ -1354,6 +1354,19 @@ def _hugging_face(kind: str) -> Callable[[], nn.Module]:
                     "use_cache": False,
                 },
             ),
+            # a mixture of experts: its experts multiply through `torch._grouped_mm` on CPU
+            "mixtral": (
+                hf.MixtralForCausalLM,
+                hf.MixtralConfig,
+                {
+                    **layers,
+                    **width,
+                    "num_key_value_heads": 1,
+                    "num_local_experts": 4,
+                    "num_experts_per_tok": 2,
+                    "use_cache": False,
+                },
+            ),
             "qwen2": (
                 hf.Qwen2ForCausalLM,
                 hf.Qwen2Config,
@@ -1481,6 +1494,7 @@ HUGGING_FACE = (
     _lm("gpt-neox"),
     _lm("mistral"),
     _lm("qwen2", mask=(0, 2)),
+    _lm("mixtral"),
 )
 
 CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *WIDER, *TRANSFORMERS, *HUGGING_FACE)

@@ -187,6 +187,8 @@ class FakeOutputs:
         self._parts: OffRecord | None = None
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if func is _GROUPED_MM and (made := _cpu_grouped_mm(args, kwargs)) is not None:
+            return made
         key = _key(func, args, kwargs)
         if key is None:
             if (
@@ -222,6 +224,57 @@ class FakeOutputs:
             if view is not None:
                 self._known[key] = (True, view)
         return output
+
+
+# `torch._grouped_mm` (a mixture of experts' batched expert matmul: Hugging Face's MoE layers
+# call it on CPU from torch 2.9); absent from older torch.
+_GROUPED_MM = getattr(getattr(aten, "_grouped_mm", None), "default", None)
+_GROUPED_MM_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _cpu_grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`_grouped_mm`'s output as the CPU kernel makes it, or None on another device. Its fake
+    kernel is CUDA's: it refuses float32, which the CPU kernel multiplies (a Mixtral in float32 was
+    refused as if its input were wrong). The CPU kernel (measured on torch 2.13 and 2.14.1)
+    takes float32, bfloat16 or float16 operands of one dtype, int32 offsets, no bias and no other
+    output dtype, strides of whole 16-byte steps, and allocates its contiguous output alone: one
+    matrix product per group, `offs` cutting the side that is not a batch of matrices."""
+    if getattr(args[0], "fake_device", args[0].device).type != "cpu":
+        return None
+    named = dict(zip(("mat_a", "mat_b", "offs", "bias", "out_dtype"), args)) | kwargs
+    a, b, offs = named["mat_a"], named["mat_b"], named.get("offs")
+    if a.dtype not in _GROUPED_MM_DTYPES:
+        raise RuntimeError(
+            f"Expected mat_a to be Float32, BFloat16 or Float16 matrix, got {a.dtype}"
+        )
+    if b.dtype != a.dtype:
+        raise RuntimeError(
+            f"_grouped_mm: expected both matrices of one dtype, got {a.dtype} and {b.dtype}"
+        )
+    if named.get("bias") is not None:
+        raise RuntimeError("_grouped_mm: bias not supported on CPU")
+    if named.get("out_dtype") not in (None, a.dtype):
+        raise RuntimeError("Grouped gemm output dtype must match `mat_a` dtype")
+    if offs is not None and offs.dtype != torch.int32:
+        raise RuntimeError("_grouped_mm: offsets have to be int32")
+    for matrix in (a, b):
+        if any(stride != 1 and stride * matrix.element_size() % 16 for stride in matrix.stride()):
+            raise RuntimeError("_grouped_mm: strides should be multiple of 16 bytes")
+    contraction = b.shape[-2 if b.dim() == 3 else 0]
+    if a.shape[-1] != contraction:
+        raise RuntimeError(
+            f"_grouped_mm: contraction sizes differ ({a.shape[-1]} and {contraction})"
+        )
+    groups = offs.shape[0] if offs is not None else a.shape[0]
+    if a.dim() == 2 and b.dim() == 2:  # offs cut the contraction: one product per group
+        shape = (groups, a.shape[0], b.shape[1])
+    elif a.dim() == 2:  # offs cut a's rows, each group's rows times its matrix of b
+        shape = (a.shape[0], b.shape[2])
+    elif b.dim() == 2:  # offs cut b's columns
+        shape = (a.shape[1], b.shape[1])
+    else:  # a batch of matrix products
+        shape = (a.shape[0], a.shape[1], b.shape[2])
+    return a.new_empty(shape)
 
 
 def _python_decomposition(mode: FakeTensorMode, func: Any) -> Callable[..., Any] | None:
