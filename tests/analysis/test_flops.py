@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from ninlab.analysis.flops import FLOP_RULES, conv_flops, flop_rule, op_flops
+from ninlab.analysis.flops import FLOP_RULES, conv_flops, flop_rule, op_flops, uncounted_products
 from ninlab.analysis.summary import summarize
 from ninlab.models import build_nin, resolve_model
 
@@ -248,3 +248,19 @@ def test_a_second_flop_rule_for_an_op_is_refused() -> None:
     with pytest.raises(ValueError, match=r"aten\.relu has a FLOP rule already"):
         flop_rule(aten.relu, aten.relu)(lambda args, outputs: 0)
     assert dict(FLOP_RULES) == before  # nothing registered, relu included
+
+
+def test_products_the_convention_leaves_at_zero_are_named():
+    """Kernels that multiply matrices inside but count 0 FLOPs (as FlopCounterMode counts them on
+    CPU) are named by kind, each once, so a total that leaves them out says so."""
+    names = (
+        "aten.mm.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
+        "aten._grouped_mm.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    )
+    assert uncounted_products(names) == (
+        "fused attention",
+        "grouped matrix products (mixture-of-experts layers)",
+    )
+    assert uncounted_products(["aten.convolution.default"]) == ()

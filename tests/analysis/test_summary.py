@@ -379,3 +379,18 @@ def test_a_wrong_guess_leaves_the_search_where_it_was():
     summary = summarize(model, input_size=(3, 32, 32), batch_size=1, mode="infer")
     assert summary.smallest_input_size == (3, 7, 1)
     assert summary.smallest_input_size == smallest_input_size(model, input_size=(3, 32, 32))
+
+
+def test_a_training_summary_reads_layer_outputs_from_the_training_forward():
+    """The summary's forward runs as an inference, where `nn.TransformerEncoderLayer` takes its
+    fused path and calls none of its linear layers; a training summary shows what its training
+    forward makes: each feed-forward layer's output, batch 3 x 10 tokens x 64 features."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2)
+    summary = summarize(model, input_size=(10, 32), batch_size=3, mode="train")
+    assert layer(summary, "layers.0.linear1").output_shapes == ((3, 10, 64),)
+    assert layer(summary, "layers.1.linear2").output_bytes == 3 * 10 * 32 * 4
+    assert summary.totals.uncounted_products == ()  # with gradients, attention is matmuls
+    inference = summarize(model.eval(), input_size=(10, 32), batch_size=3, mode="infer")
+    assert layer(inference, "layers.0.linear1").output_shapes == ()  # the fused path
+    assert inference.totals.uncounted_products == ("fused attention",)

@@ -8,7 +8,7 @@ FLOPs / 2, and are never reported under the name FLOPs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from math import prod
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from ninlab.analysis.rule_registry import rule_decorator
 from ninlab.analysis.torch_internals import OpOverload
 
-__all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops"]
+__all__ = ["CONVENTION", "FLOP_RULES", "flop_rule", "op_flops", "uncounted_products"]
 
 CONVENTION = (
     "FLOPs = 2 x multiply-accumulates of convolutions and matrix products, as "
@@ -122,3 +122,41 @@ def op_flops(func: OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) 
     """FLOPs of one call of an aten op; 0 for ops that the convention does not count."""
     rule = _RULES.get(func.overloadpacket)
     return rule(args, outputs) if rule else 0
+
+
+# Kernels that multiply matrices inside, which the convention leaves at 0 as FlopCounterMode
+# does on CPU (it has no rule for the CPU attention kernel, the fused inference paths of
+# `nn.MultiheadAttention` and `nn.TransformerEncoderLayer`, or grouped products), by what a
+# reader calls them: a total that leaves them out says so (`uncounted_products`), since a
+# transformer's or a mixture of experts' FLOPs are otherwise silently short of its arithmetic.
+_UNCOUNTED_PRODUCTS = {
+    **dict.fromkeys(
+        (
+            "aten._scaled_dot_product_flash_attention_for_cpu",
+            "aten._scaled_dot_product_flash_attention_for_cpu_backward",
+            "aten._scaled_dot_product_flash_attention",
+            "aten._scaled_dot_product_flash_attention_backward",
+            "aten._scaled_dot_product_efficient_attention",
+            "aten._scaled_dot_product_efficient_attention_backward",
+            "aten._scaled_dot_product_cudnn_attention",
+            "aten._scaled_dot_product_cudnn_attention_backward",
+            "aten._flash_attention_forward",
+            "aten._flash_attention_backward",
+            "aten._efficient_attention_forward",
+            "aten._efficient_attention_backward",
+            "aten._native_multi_head_attention",
+            "aten._transformer_encoder_layer_fwd",
+        ),
+        "fused attention",
+    ),
+    "aten._grouped_mm": "grouped matrix products (mixture-of-experts layers)",
+    "aten._scaled_grouped_mm": "grouped matrix products (mixture-of-experts layers)",
+    "aten._scaled_mm": "float8 matrix products",
+}
+
+
+def uncounted_products(op_names: Iterable[str]) -> tuple[str, ...]:
+    """What the ops named (`OpRecord.op`: "aten._grouped_mm.default") multiply that the
+    convention does not count, each kind once, in the order first met."""
+    kinds = (_UNCOUNTED_PRODUCTS.get(name.rpartition(".")[0]) for name in op_names)
+    return tuple(dict.fromkeys(kind for kind in kinds if kind is not None))

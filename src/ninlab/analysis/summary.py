@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ninlab.analysis.flops import CONVENTION
+from ninlab.analysis.flops import CONVENTION, uncounted_products
 from ninlab.analysis.geometry import (
     INPUT_FIELD,
     AxisWindow,
@@ -139,6 +139,9 @@ class SummaryTotals:
     layer_output_bytes: (
         int  # sum of every leaf module's output: what the forum post calls activations
     )
+    # Matrix products the step ran inside kernels the convention counts as 0 ("fused
+    # attention"): the FLOPs above leave them out, as FlopCounterMode does.
+    uncounted_products: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,8 +322,10 @@ _BACKWARD_PHASES = ("backward", "recompute")
 def _layers(
     model: nn.Module, step: StepRecording, training: StepRecording | None
 ) -> tuple[LayerSummary, ...]:
-    """One row per module: shapes and windows from the forward `step`, FLOPs from the `training`
-    step where there is one, else from the forward."""
+    """One row per module: windows from the forward `step`, outputs and FLOPs from the
+    `training` step where there is one, else from the forward. (The forward runs as an inference,
+    in eval mode: a `nn.TransformerEncoderLayer` there takes its fused path, which calls none of
+    its linear layers, so a training summary read their outputs as nothing.)"""
     forward_flops: dict[str, int] = defaultdict(int)
     backward_flops: dict[str, int] = defaultdict(int)
     first_window: dict[str, OpRecord] = {}
@@ -333,11 +338,12 @@ def _layers(
         elif op.phase in _BACKWARD_PHASES:
             backward_flops[op.module] += op.flops
     fields = _receptive_fields(step)
+    module_outputs = (training if training is not None else step).recording.module_outputs
     rows = []
     for name, module in model.named_modules():
         within = [n for n in forward_flops.keys() | backward_flops.keys() if _inside(n, name)]
         counts = _parameter_counts(module)
-        outputs = step.recording.module_outputs.get(name, ())
+        outputs = module_outputs.get(name, ())
         window_op = first_window.get(name)
         rows.append(
             LayerSummary(
@@ -413,6 +419,7 @@ def _totals(
         backward_flops=backward,
         training_step_flops=training_step,
         layer_output_bytes=sum(layer.output_bytes for layer in layers if layer.is_leaf),
+        uncounted_products=uncounted_products(op.op for op in ops),
     )
 
 

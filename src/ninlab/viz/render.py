@@ -191,6 +191,8 @@ def _total_lines(summary: Summary) -> list[str]:
             f"FLOPs per batch: forward (inference) {format_flops(t.forward_flops)} (no training "
             "step)"
         )
+    if t.uncounted_products:
+        flops += f"; leaves out {' and '.join(t.uncounted_products)}, as FlopCounterMode does"
     lines = [
         (
             f"Parameters: {format_count(t.parameters)} ({format_count(t.weights)} weights + "
