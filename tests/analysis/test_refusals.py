@@ -38,6 +38,30 @@ def test_a_model_that_rejects_its_input_is_still_told_about_the_input() -> None:
         predict_memory(model, input_size=(16,), batch_size=2, optimizer="adam")
 
 
+class _Keywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids).sum(-1) @ torch.ones(3, 3)  # the wrong sizes
+
+
+def test_inputs_given_by_name_are_named_in_the_refusal() -> None:
+    # Was "on a batch of 16 and 16 int64 inputs": sizes without the names they were given by.
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(
+            _Keywords(),
+            input_size={"input_ids": (16,), "mask": (16,)},
+            input_dtype=torch.long,
+            input_range=(0, 10),
+            batch_size=2,
+        )
+    assert str(refused.value).startswith(
+        "the model cannot run a train step on a batch of inputs input_ids=16, mask=16 (int64) ("
+    )
+
+
 class _Normalised(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -155,10 +155,15 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             "call it from a forward that takes them one by one)"
         )
     step = "train step" if spec.mode == "train" else "forward"
-    sizes = " and ".join("x".join(map(str, size)) for size in spec.input_sizes)
-    dtype = "" if spec.input_dtype is None else f" {input_dtype_words(spec.input_dtypes)}"
+    sizes = ["x".join(map(str, size)) for size in spec.input_sizes]
+    dtype = "" if spec.input_dtype is None else input_dtype_words(spec.input_dtypes)
+    if spec.input_names:  # keywords: each size by its name
+        named = ", ".join(f"{name}={size}" for name, size in zip(spec.input_names, sizes))
+        inputs = f"inputs {named}" + (f" ({dtype})" if dtype else "")
+    else:
+        inputs = " and ".join(sizes) + (f" {dtype}" if dtype else "") + " inputs"
     return NinlabError(
-        f"the model cannot run a {step} on a batch of {sizes}{dtype} inputs ({reason}); "
+        f"the model cannot run a {step} on a batch of {inputs} ({reason}); "
         "give the input sizes and dtype its forward expects"
     )
 
