@@ -164,3 +164,19 @@ def kernel_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory)
         del os.environ["NINLAB_CACHE_DIR"]
     else:
         os.environ["NINLAB_CACHE_DIR"] = before
+
+
+def _has_cpu_grouped_mm() -> bool:
+    try:
+        torch._grouped_mm(
+            torch.ones(4, 4), torch.ones(1, 4, 4), torch.tensor([4], dtype=torch.int32)
+        )
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+# A mixture of experts' batched matmul, which Hugging Face's MoE layers call on CPU.
+needs_cpu_grouped_mm = pytest.mark.skipif(
+    not _has_cpu_grouped_mm(), reason="this torch has no CPU kernel of torch._grouped_mm (< 2.9)"
+)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import needs_cpu_grouped_mm
 from torch import nn
 
 from ninlab.analysis.fake_fast_path import FakeOutputs, clear_caches, op_traits
@@ -125,16 +126,6 @@ def test_a_view_of_a_constant_is_a_view_of_its_storage():
     assert report.live_peak_bytes == measure(model, report.spec, batch_size=16).live_peak_bytes
 
 
-def _has_cpu_grouped_mm() -> bool:
-    try:
-        torch._grouped_mm(
-            torch.ones(4, 4), torch.ones(1, 4, 4), torch.tensor([4], dtype=torch.int32)
-        )
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
-    return True
-
-
 _GROUPED_MM_CALLS = {
     # a mixture of experts' forward: each group of rows times its expert's matrix
     "rows x experts": lambda dtype: (
@@ -154,9 +145,7 @@ _GROUPED_MM_CALLS = {
 }
 
 
-@pytest.mark.skipif(
-    not _has_cpu_grouped_mm(), reason="this torch has no CPU kernel of torch._grouped_mm (< 2.9)"
-)
+@needs_cpu_grouped_mm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("call", sorted(_GROUPED_MM_CALLS))
 def test_grouped_mm_outputs_are_the_cpu_kernels(call, dtype):
@@ -174,9 +163,7 @@ def test_grouped_mm_outputs_are_the_cpu_kernels(call, dtype):
     assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
 
 
-@pytest.mark.skipif(
-    not _has_cpu_grouped_mm(), reason="this torch has no CPU kernel of torch._grouped_mm (< 2.9)"
-)
+@needs_cpu_grouped_mm
 @pytest.mark.parametrize(
     ("a", "b"),
     [

@@ -384,9 +384,20 @@ _READS_ITS_VALUES = frozenset(
 )
 
 
+# `_grouped_mm` on CPU multiplies group by group (`mm` into its output's rows), where `offs`
+# (a mixture of experts' routing: how many rows each expert got) says how many rows a group has:
+# zeros make every group empty and run no product. In float32 the products take no blocks; in
+# bfloat16 and float16 each takes a scratch block sized by its group (18,176 bytes more at a
+# tiny expert layer's backward, with 16 rows a group), which routing decides as the step runs.
+_GROUPED_MM_OP = "aten._grouped_mm.default"
+_SCRATCH_PER_GROUP_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
 def _reads_its_values(call: KernelCall) -> bool:
     if call.op in _READS_ITS_VALUES:
         return True
+    if call.op == _GROUPED_MM_OP:
+        return call.args[0].dtype in _SCRATCH_PER_GROUP_DTYPES
     position, values = _VALUE_DEPENDENT.get(call.op, (None, set()))
     return position is not None and len(call.args) > position and call.args[position] in values
 
