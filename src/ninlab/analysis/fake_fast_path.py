@@ -29,6 +29,8 @@ from ninlab.analysis.torch_internals import (
     default_device_name,
     meta_table,
     op_schema,
+    record_function_enter,
+    record_function_exit,
     runs_as_composite_parts,
     torch_decomp_decompositions,
 )
@@ -187,6 +189,12 @@ class FakeOutputs:
         self._parts: OffRecord | None = None
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if func in _ANNOTATIONS:
+            # No tensor in or out, so nothing fake to make: FakeTensorMode would run the same
+            # kernel after checks that cost ten times the kernel (an optimizer's step and
+            # zero_grad open and close one each).
+            with DisableTorchDispatch():
+                return func(*args, **kwargs)
         if func is _GROUPED_MM and (made := _cpu_grouped_mm(args, kwargs)) is not None:
             return made
         key = _key(func, args, kwargs)
@@ -225,6 +233,9 @@ class FakeOutputs:
                 self._known[key] = (True, view)
         return output
 
+
+# A `record_function` annotation opened and closed on its RecordFunction object.
+_ANNOTATIONS = frozenset({record_function_enter.default, record_function_exit._RecordFunction})
 
 # `torch._grouped_mm` (a mixture of experts' batched expert matmul: Hugging Face's MoE layers
 # call it on CPU from torch 2.9); absent from older torch.

@@ -380,6 +380,16 @@ _CPU_GRAD_INPUT_LAYOUT = {
 }
 
 
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides `torch.empty(shape)` gives (a size of 0 steps as 1)."""
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """A backward kernel's grad_input in the layout the CPU kernel writes
     (`_CPU_GRAD_INPUT_LAYOUT`), where the fake kernel gives another: layer norm given a
@@ -388,6 +398,15 @@ def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any
     layout = _CPU_GRAD_INPUT_LAYOUT.get(func)
     grad_input = output[0] if isinstance(output, (tuple, list)) else output
     if layout is None or grad_input is None or _device_type(grad_input) != "cpu":
+        return output
+    # Most calls have the layout already: said without making a fake tensor through
+    # FakeTensorMode's factory path (a fifth of a small model's prediction).
+    contiguous = _contiguous_strides(grad_input.shape)
+    if grad_input.stride() == contiguous and (
+        layout == "contiguous"
+        or (layout == "grad_output" and args[0].stride() == contiguous)
+        or (layout == "input" and suggest_memory_format(args[1]) == torch.contiguous_format)
+    ):
         return output
     if layout == "contiguous":
         wanted = torch.empty_like(grad_input, memory_format=torch.contiguous_format)
