@@ -656,6 +656,18 @@ class _FixedGridSample(nn.Module):
         return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
 
 
+class _QuantilePooled(nn.Module):
+    """Each feature's median over a sequence by `quantile` (a robust pooling), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.quantile(self.embed(x), 0.5, dim=1))
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -887,6 +899,8 @@ LAYER_ZOO = (
     Case("stft-hann-window", "layer zoo", _Spectrogram, (256,), setups=("sgd", "infer")),
     Case("batchnorm-transposed-sequence", "layer zoo", _SequenceBatchNorm, (12, 16), ("infer",)),
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
+    # -- found by the silent-error probe (issue 20, fourth round) --
+    Case("quantile-pooling", "layer zoo", _QuantilePooled, (12, 16), setups=("infer",)),
 )
 
 
