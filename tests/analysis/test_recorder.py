@@ -544,6 +544,47 @@ def test_a_quantile_that_may_select_without_sorting_is_said(quantile, mode) -> N
         assert "quantile (or nanquantile) on CPU tensors" in report.live_trust.words()
 
 
+class _MixedOperands(torch.nn.Module):
+    """Under bf16 autocast a linear layer's bfloat16 output meets a float32 tensor in an op
+    whose CPU kernel refuses two dtypes that its fake kernel promotes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.linear = torch.nn.Linear(16, 8)
+        self.bag = torch.nn.EmbeddingBag(10, 8, mode="sum")
+        self.register_buffer("rows", torch.tensor([1, 2, 3, 4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.kind == "heaviside":  # a step function of the activation, values in float32
+            return h * torch.heaviside(h.detach(), torch.tensor([0.5]))
+        rows, starts = self.rows.repeat(x.shape[0]), torch.arange(0, 4 * x.shape[0], 4)
+        return h + self.bag(rows, starts, per_sample_weights=h[:, :4].reshape(-1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("heaviside", "heaviside is not yet implemented for tensors with different dtypes"),
+        ("embedding-bag", "expected both operands to have the same dtype"),
+    ],
+)
+def test_operands_of_two_dtypes_the_cpu_kernel_refuses_are_refused(kind, reason) -> None:
+    """The fake kernels promote them: both steps were printed as exact where the real step
+    fails (and `measure` refuses it)."""
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+    from ninlab.errors import NinlabError
+
+    model = _MixedOperands(kind)
+    fields = {"input_size": (16,), "optimizer": "sgd", "amp": "bf16"}
+    with pytest.raises(NinlabError):
+        measure(model, batch_size=2, **fields)
+    with pytest.raises(NinlabError, match=reason):
+        predict_memory(model, batch_size=2, **fields)
+
+
 class _LogNormalTail(torch.nn.Module):
     """`log_ndtr` of a linear layer's output: under bf16 autocast a bfloat16 tensor."""
 

@@ -975,7 +975,10 @@ _NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
 
 # Ops whose real kernels refuse two operands of different dtypes ("mat1 and mat2 must have the
 # same dtype"), where the fake kernels promote them: a float64 batch into a float32 layer, or an
-# int8 weight, would be predicted for a step that fails. The operands' positions.
+# int8 weight, would be predicted for a step that fails. The operands' positions (an optional
+# one may be None). Found by running each op on small real and fake tensors of bfloat16 and
+# float32 (torch 2.14.1): an embedding bag's float32 table weighted per sample by a bf16
+# activation under autocast, a cross product, `cdist` and `conv_tbc` of the two.
 _SAME_DTYPE_OPERANDS = {
     aten.mm.default: (0, 1),
     aten.bmm.default: (0, 1),
@@ -985,22 +988,34 @@ _SAME_DTYPE_OPERANDS = {
     aten.baddbmm.default: (1, 2),
     aten.addmv.default: (1, 2),
     aten.convolution.default: (0, 1),
+    aten._embedding_bag.default: (0, 6),
+    aten._embedding_bag_forward_only.default: (0, 6),
+    aten.linalg_cross.default: (0, 1),
+    aten._cdist_forward.default: (0, 1),
+    aten.conv_tbc.default: (0, 1),
 }
 
 
 # Whether this torch's CPU kernel of a pointwise op exists for the dtypes of a call, found once
 # per (op, dtypes): a pointwise op is never run by the kernel probe (it allocates its outputs
 # alone), so a kernel missing for half precision (`log_ndtr`, `ndtri`, `zeta` of bfloat16 on
-# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact.
-_POINTWISE_KERNELS: dict[tuple[Any, ...], NotImplementedError | None] = {}
+# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact; so was
+# one whose kernel refuses operands of two dtypes the fake kernel promotes (`heaviside` of a
+# bf16 activation and float32 values under autocast, `lerp`, `polar`, `complex`).
+_POINTWISE_KERNELS: dict[tuple[Any, ...], Exception | None] = {}
 _REDUCED_FLOATS = frozenset({torch.bfloat16, torch.float16})
+_SEEDED = torch.Tag.nondeterministic_seeded
 
 
 def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise the CPU kernel's own error where it has none for these dtypes (half precision
-    only: every pointwise kernel has float32 and float64), as the real step would."""
+    """Raise the CPU kernel's own error where it has none for these dtypes (half precision,
+    or operands of several: every pointwise kernel has float32 and float64), as the real step
+    would."""
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-    if not any(t.dtype in _REDUCED_FLOATS for t in tensors):
+    dtypes = {t.dtype for t in tensors}
+    mixed = len({d for d in dtypes if d.is_floating_point}) > 1
+    # A random op run on zeros would draw from the user's generator.
+    if not (dtypes & _REDUCED_FLOATS or (mixed and _SEEDED not in func.tags)):
         return
     key = (func, *(value.dtype if isinstance(value, torch.Tensor) else value for value in args))
     try:
@@ -1015,30 +1030,46 @@ def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, 
 
 def _missing_pointwise_kernel(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> NotImplementedError | None:
+) -> Exception | None:
     """The error of the op run on real 0-d tensors of the call's dtypes, where it says the kernel
-    is missing for a dtype; None otherwise (any other error is the fake kernel's to give)."""
+    is missing for a dtype, or where the same call with every floating operand of the first's
+    dtype runs (the kernel refuses the mix); None otherwise (any other error is the fake
+    kernel's to give)."""
 
-    def small(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.zeros((), dtype=value.dtype)
-        return value
+    def run(common: torch.dtype | None) -> Exception | None:
+        def small(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            same = common is not None and value.dtype.is_floating_point
+            return torch.zeros((), dtype=common if same else value.dtype)
 
-    with DisableTorchDispatch():
-        try:
-            func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
-        except NotImplementedError as error:
-            if "not implemented for '" in str(error):
+        with DisableTorchDispatch():
+            try:
+                func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
+            except Exception as error:  # noqa: BLE001 - the kernel's own error, to sort below
                 return error
-        except Exception:  # noqa: BLE001 - zeros of no shape may break other rules of the op
-            pass
+        return None
+
+    error = run(None)
+    if isinstance(error, NotImplementedError) and "not implemented for '" in str(error):
+        return error
+    floats = [
+        value.dtype
+        for value in (*args, *kwargs.values())
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+    ]
+    if error is not None and len(set(floats)) > 1 and run(floats[0]) is None:
+        return error
     return None
 
 
-def _check_same_dtype(func: Any, args: Any) -> None:
+def _check_same_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise as the real kernel would where `func`'s operands differ in dtype."""
-    first, second = (args[i] for i in _SAME_DTYPE_OPERANDS[func])
-    if first.dtype != second.dtype:
+    names = [argument.name for argument in op_schema(func).arguments]
+    first, second = (
+        args[i] if i < len(args) else kwargs.get(names[i]) for i in _SAME_DTYPE_OPERANDS[func]
+    )
+    if isinstance(second, torch.Tensor) and first.dtype != second.dtype:
         raise RuntimeError(
             f"{func.__name__}: expected both operands to have the same dtype, but got "
             f"{first.dtype} and {second.dtype} (the real kernel refuses them)"
@@ -1287,7 +1318,7 @@ class Recorder(TorchDispatchMode):
         if traits.metadata:
             return func(*args, **kwargs)
         if func in _SAME_DTYPE_OPERANDS:
-            _check_same_dtype(func, args)
+            _check_same_dtype(func, args, kwargs)
         if func.overloadpacket in _SOURCE_OF_SELFS_DTYPE:
             _check_source_dtype(func, args, kwargs)
         # An in-place op's output is its first argument, shape and all: the fake kernel would
