@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from steps import reentrant_step
 from torch import nn
 from torch.nn.utils import prune
 
@@ -473,19 +474,6 @@ def penalty_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets
     (loss + gradient.pow(2).sum()).backward()
     optimizer.step()
     return loss.detach()
-
-
-def reentrant_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
-    """The whole model recomputed by a reentrant checkpoint, whose autograd context keeps a copy
-    of the generator's state: the loss it returns holds it through the next step."""
-    optimizer.zero_grad()
-    outputs = torch.utils.checkpoint.checkpoint(
-        model, inputs.clone().requires_grad_(), use_reentrant=True
-    )
-    loss = F.cross_entropy(outputs, targets)
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 class _PerStep(nn.Module):
