@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from ninlab.errors import NinlabError
 from ninlab.models import (
+    Block,
     ModelSpecError,
     NiNConfig,
     build_nin,
@@ -111,12 +113,27 @@ def test_bad_model_specs_say_what_is_wrong(spec, message):
     [
         (lambda: resolve_model(42), "a model is named by text .*, not 42"),
         (lambda: build_nin("nin-d2l"), "build_nin takes a NiNConfig, not 'nin-d2l'"),
+        (lambda: resolve_model("nin-d2l", weights="no"), "weights must be True or False"),
+        (lambda: NiNConfig(layers=()), "layers must be a tuple .* at least one Block, got"),
+        (lambda: NiNConfig(layers=("M",)), "at least one Block, got \\('M',\\)"),
+        (lambda: NiNConfig(layers=[Block(8, 3)]), "layers must be a tuple"),
+        (lambda: NiNConfig(layers=(Block(8, 3), "X")), "unknown layer 'X'"),
+        (lambda: NiNConfig(layers=(Block(8, 3),), num_1x1=1.5), "num_1x1 must be a whole"),
+        (lambda: NiNConfig(layers=(Block(8, 3),), batch_norm="yes"), "batch_norm must be True"),
+        (lambda: NiNConfig(layers=(Block(8, 3),), dropout="0.1"), "dropout must be a number"),
+        (lambda: NiNConfig(layers=(Block(8, 3),), description=3), "description must be a str"),
+        (lambda: Block(8, 0), "kernel_size must be a whole number from 1 to 65,536, got 0"),
+        (lambda: Block(8, 3, stride=1.5), "stride must be a whole number from 1"),
+        (lambda: Block(8, 3, padding=-1), "padding must be a whole number from 0"),
+        (lambda: Block(0, 3), "out_channels must be a whole number from 1 to 1,000,000"),
+        (lambda: Block(8, 3, num_1x1=True), "num_1x1 must be a whole number from 0 to 64"),
     ],
 )
 def test_a_value_of_the_wrong_kind_is_one_line(call, message):
     # They raised AttributeError ('int' object has no attribute 'partition'; 'str' object has
-    # no attribute 'in_channels').
-    with pytest.raises(ModelSpecError, match=message):
+    # no attribute 'in_channels'), or were taken as they came: a NiN of no block (a linear
+    # layer), a stride of 1.5 (1), `batch_norm="yes"` (true), a kernel of 0 (failing mid-forward).
+    with pytest.raises(NinlabError, match=message):
         call()
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ninlab.dotted import import_function
-from ninlab.errors import NinlabError, one_line, shorten
+from ninlab.errors import NinlabError, checked_flag, one_line, shorten
 
 __all__ = [
     "MAX_CHANNELS",
@@ -57,6 +57,26 @@ class Block:
     padding: int = 0
     num_1x1: int | None = None
 
+    def __post_init__(self) -> None:
+        # PyTorch would build a kernel of 0 or a padding of -1 and fail mid-forward, or take a
+        # stride of 1.5 as 1.
+        for name, lowest, highest, optional in (
+            ("out_channels", 1, MAX_CHANNELS, True),
+            ("kernel_size", 1, MAX_KERNEL, False),
+            ("stride", 1, MAX_KERNEL, False),
+            ("padding", 0, MAX_KERNEL, False),
+            ("num_1x1", 0, MAX_NUM_1X1, True),
+        ):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _whole(value) or not lowest <= value <= highest:
+                raise ModelSpecError(
+                    f"a Block's {name} must be a whole number from {lowest} to {highest:,}"
+                    f"{' (or None: the configuration' + chr(39) + 's)' if optional else ''}, "
+                    f"got {shorten(repr(value))}"
+                )
+
 
 Layer = Block | Literal["M", "P", "D"]
 
@@ -79,6 +99,32 @@ class NiNConfig:
     def __post_init__(self) -> None:
         # Checked here, for every configuration, rather than by PyTorch mid-build (a dropout of 2)
         # or never (an init name it would ignore).
+        if not isinstance(self.layers, tuple) or not any(
+            isinstance(layer, Block) for layer in self.layers
+        ):
+            raise ModelSpecError(
+                "layers must be a tuple of Blocks and 'M', 'P' or 'D' holding at least one Block, "
+                f"got {shorten(repr(self.layers))}"
+            )
+        for layer in self.layers:
+            if not isinstance(layer, Block) and layer not in (POOL, POOL_2X2, DROPOUT):
+                raise ModelSpecError(
+                    f"unknown layer {shorten(repr(layer))} in a NiN configuration; use a Block, "
+                    "'M', 'P' or 'D'"
+                )
+        for name in ("num_1x1", "num_classes", "in_channels"):
+            if not _whole(getattr(self, name)):
+                raise ModelSpecError(
+                    f"{name} must be a whole number, got {shorten(repr(getattr(self, name)))}"
+                )
+        if not isinstance(self.batch_norm, bool):
+            raise ModelSpecError(f"batch_norm must be True or False, got {self.batch_norm!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ModelSpecError(f"dropout must be a number, got {shorten(repr(self.dropout))}")
+        if not isinstance(self.description, str):
+            raise ModelSpecError(
+                f"description must be a string, got {shorten(repr(self.description))}"
+            )
         problems = [
             (
                 0 <= self.num_1x1 <= MAX_NUM_1X1,
@@ -113,6 +159,8 @@ class NiNConfig:
 # convolution of d2l's NiN, which the accountant describes without building.
 MAX_NUM_1X1 = 64
 MAX_CHANNELS = 1_000_000
+# A kernel, stride or padding past it spans no image a machine holds (a side of 65,536 pixels).
+MAX_KERNEL = 65_536
 _INITS = ("xavier", "kaiming", "default")
 _POOLS = ("avg", "max")
 
@@ -207,6 +255,11 @@ def build_nin(config: NiNConfig | None = None) -> nn.Sequential:
     net = nn.Sequential(*modules)
     net.apply(lambda m: _init_weights(m, config.init))
     return net
+
+
+def _whole(value: object) -> bool:
+    """Whether `value` is a whole number (an int, not a bool: True is no channel count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _global_pool(kind: str) -> nn.Module:
@@ -358,6 +411,7 @@ def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
             f"a model is named by text (a registry name, a variant or package.module:function), "
             f"not {shorten(repr(spec))}; a model built already is used as it is"
         )
+    checked_flag("weights", weights)
     name = spec.partition(":")[0]
     if name in _REGISTRY:
         config = parse_variant(spec)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ninlab import fit_batch, measure, plan_budget, predict_memory, summarize
+from ninlab.analysis.batch import memory_vs_batch
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError
@@ -604,3 +605,55 @@ def test_batch_norm_over_vectors_is_predicted_at_the_allocator_level(batch_size:
     predicted = predict_memory(model(), batch_size=batch_size, input_size=(8,))
     measured = measure(model(), batch_size=batch_size, input_size=(8,))
     assert predicted.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+# -- typed arguments given the wrong kind ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: measure(m, input_size=(8,), batch_size=2, seed=1.5), "seed must be a whole"),
+        (lambda m: measure(m, input_size=(8,), batch_size=2, seed=-1), "seed must be 0 to"),
+        (
+            lambda m: predict_memory(m, input_size=(8,), batch_size=2, verify="yes"),
+            "verify must be True or False, got 'yes'",
+        ),
+        (
+            lambda m: predict_memory(m, input_size=(8,), batch_size=2, probe_kernels="no"),
+            "probe_kernels must be True or False, got 'no'",
+        ),
+        (
+            lambda m: predict_memory(m, input_size=(8,), batch_size=2, model_name=3),
+            "model_name must be a string, got 3",
+        ),
+        (
+            lambda m: summarize(m, input_size=(8,), batch_size=2, model_name=3),
+            "model_name must be a string, got 3",
+        ),
+        (
+            lambda m: plan_budget(m, input_size=(8,), budget="1MB", batch_size=2, progress=3),
+            "progress must be a function of one string, got 3",
+        ),
+        (
+            lambda m: memory_vs_batch(m, input_size=(8,), batch_sizes=(2,)),
+            r"batch_sizes must be two batch sizes, such as \(64, 128\), got \(2,\)",
+        ),
+    ],
+    ids=[
+        "seed-1.5",
+        "seed-negative",
+        "verify",
+        "probe-kernels",
+        "name",
+        "summary-name",
+        "progress",
+        "batch-sizes",
+    ],
+)
+def test_a_typed_argument_of_the_wrong_kind_is_one_line(call, message) -> None:
+    """Each was taken as it came (a seed of 1.5 truncated, -1 wrapped, `verify="yes"` true, a
+    name of 3 printed) or failed with a traceback (a progress of 3, one batch size)."""
+    model = _mlp()
+    with pytest.raises(NinlabError, match=message):
+        call(model)

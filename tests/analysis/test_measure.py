@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 from cnn_zoo import ZOO
+from steps import reentrant_step
 from torch import nn
 from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -328,24 +329,13 @@ def test_a_factorys_module_is_held_whether_or_not_the_step_reads_it() -> None:
     assert measured.baseline.other_bytes >= 2 * 8 * 4 + 8
 
 
-def _reentrant_step(model: torch.nn.Module, optimizer, inputs, targets):
-    optimizer.zero_grad()
-    outputs = torch.utils.checkpoint.checkpoint(
-        model, inputs.clone().requires_grad_(), use_reentrant=True
-    )
-    loss = F.cross_entropy(outputs, targets)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
 def test_a_generator_state_the_returned_loss_holds_is_alive() -> None:
     # A reentrant checkpoint keeps a copy of the CPU generator's state (5056 bytes, made by no
     # op) in its autograd context, which the first step's returned loss holds through the
     # measured step: the live level left it out (15,200 bytes against the allocator's 20,256).
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
-    spec = StepSpec(input_size=(16,), step=_reentrant_step)
+    spec = StepSpec(input_size=(16,), step=reentrant_step)
     measured = measure(model, spec, batch_size=4)
     assert measured.live_peak_bytes == measured.allocator_peak_bytes == 20_256
     assert measured.live_peak_bytes == predict_memory(model, spec, batch_size=4).live_peak_bytes

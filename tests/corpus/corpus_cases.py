@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from steps import reentrant_step
 from torch import nn
 from torch.nn.utils import prune
 
@@ -475,19 +476,6 @@ def penalty_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets
     return loss.detach()
 
 
-def reentrant_step(model: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: Any) -> Any:
-    """The whole model recomputed by a reentrant checkpoint, whose autograd context keeps a copy
-    of the generator's state: the loss it returns holds it through the next step."""
-    optimizer.zero_grad()
-    outputs = torch.utils.checkpoint.checkpoint(
-        model, inputs.clone().requires_grad_(), use_reentrant=True
-    )
-    loss = F.cross_entropy(outputs, targets)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
 class _PerStep(nn.Module):
     """A GRU's per-step class scores (N, T, C): what a CTC loss reads."""
 
@@ -654,6 +642,18 @@ class _FixedGridSample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = torch.rand(x.shape[0], 8, 8, 2, device=x.device) * 2 - 1
         return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
+
+
+class _QuantilePooled(nn.Module):
+    """Each feature's median over a sequence by `quantile` (a robust pooling), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.quantile(self.embed(x), 0.5, dim=1))
 
 
 _IMAGE = (3, 16, 16)
@@ -887,6 +887,8 @@ LAYER_ZOO = (
     Case("stft-hann-window", "layer zoo", _Spectrogram, (256,), setups=("sgd", "infer")),
     Case("batchnorm-transposed-sequence", "layer zoo", _SequenceBatchNorm, (12, 16), ("infer",)),
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
+    # -- found by the silent-error probe (issue 20, fourth round) --
+    Case("quantile-pooling", "layer zoo", _QuantilePooled, (12, 16), setups=("infer",)),
 )
 
 

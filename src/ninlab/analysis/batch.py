@@ -27,7 +27,7 @@ from torch import nn
 from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, trace_step
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, shorten
 from ninlab.units import budget_bytes, format_bytes
 
 __all__ = [
@@ -113,6 +113,11 @@ def memory_vs_batch(
     `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`); `known`:
     exact peaks of this step at `level` already found (`BatchFit.known`), read, not predicted."""
     spec = step_spec(spec, model=model, **fields)
+    if not isinstance(batch_sizes, (tuple, list)) or len(batch_sizes) != 2:
+        raise NinlabError(
+            "batch_sizes must be two batch sizes, such as (64, 128), got "
+            f"{shorten(repr(batch_sizes))}"
+        )
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")

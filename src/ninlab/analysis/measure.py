@@ -92,11 +92,12 @@ from ninlab.analysis.torch_internals import (
     tree_flatten,
 )
 from ninlab.analysis.trace import collector_off
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, checked_whole, one_line
 
 __all__ = ["Baseline", "Measurement", "measure"]
 
 _STEP_MARK = "ninlab.measured_step"
+_LARGEST_SEED = 2**64 - 1  # what `torch.manual_seed` takes
 _PHASE_MARK = "ninlab.phase."
 
 
@@ -489,6 +490,7 @@ def measure(
     and kept (`model_kept`), so the caller's model is left exactly as it was.
     """
     valid_model(model)
+    seed = checked_whole("seed", seed, 0, _LARGEST_SEED)
     with model_kept(model):
         try:
             return _measure(model, spec, batch_size=batch_size, seed=seed, **fields)
@@ -567,15 +569,7 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
         )
     if device.type not in ("cpu", "cuda"):
         raise NinlabError(f"cannot measure on {device.type!r}; use cpu or cuda")
-    try:
-        if isinstance(seed, bool):
-            raise TypeError("a seed is a whole number")
-        torch.manual_seed(seed)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        raise NinlabError(
-            f"seed must be a whole number PyTorch takes (0 to 2**64 - 1), got {seed!r} "
-            f"({one_line(error)})"
-        ) from None
+    torch.manual_seed(seed)
     try:
         model = copy_model(model, spec)
     except Exception as error:  # noqa: BLE001 - whatever deepcopy meets in the user's model

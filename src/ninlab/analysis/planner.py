@@ -39,7 +39,7 @@ from ninlab.analysis.step import (
     valid_batch_size,
     valid_model,
 )
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, shorten
 from ninlab.optimizers import OptimizerSpec
 from ninlab.units import budget_bytes, format_bytes, format_flops
 
@@ -146,6 +146,10 @@ def plan_budget(
     first), not searched again. `progress`: told what the plan works on next (a kind of
     alternative, then each alternative by name), for a command to show: a plan is many
     predictions, seconds to minutes."""
+    if progress is not None and not callable(progress):
+        raise NinlabError(
+            f"progress must be a function of one string, got {shorten(repr(progress))}"
+        )
     say = progress or (lambda _what: None)
     spec = step_spec(spec, model=valid_model(model), **fields)
     batch_size = valid_batch_size(batch_size)

@@ -80,7 +80,7 @@ from ninlab.analysis.step import (
 from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.analysis.verify import verification, verify_batch_size
-from ninlab.errors import NinlabError, one_line
+from ninlab.errors import NinlabError, checked_flag, checked_name, one_line
 from ninlab.units import dtype_name
 
 __all__ = ["FALLBACK_LADDER", "TracedStep", "predict_memory", "predict_recorded", "trace_step"]
@@ -119,6 +119,9 @@ def predict_memory(
     figures stay those of `batch_size`. The model then needs its real weights (not meta).
     """
     spec = step_spec(spec, model=valid_model(model), **fields)
+    model_name = checked_name("model_name", model_name)
+    probe_kernels = checked_flag("probe_kernels", probe_kernels)
+    verify = checked_flag("verify", verify)
     report = predict_recorded(
         model, spec, batch_size=batch_size, model_name=model_name, probe_kernels=probe_kernels
     )[0]

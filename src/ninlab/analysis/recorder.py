@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -616,14 +616,16 @@ def _cpu_elementwise_layout(func: Any, args: tuple[Any, ...], output: Any) -> An
     return torch.empty_strided(output.shape, strides, dtype=output.dtype, device=output.device)
 
 
-def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any], summed: bool) -> bool:
     """Whether an `add` may be the autograd engine accumulating two gradients of one tensor:
     while a backward node runs without grad mode (not create_graph, not a checkpoint's
-    recomputation), two tensors alike, nothing else; the engine adds in place only into a dense
-    one whose storage it holds alone (`can_accumulate_inplace`): not a view, whose base holds the
-    storage too (a weight's gradient `mm(...).t()`, a bias's `sum(...).view(...)`: a GRU's first
-    sum of each weight's gradients over its time steps is out of place, 7 KB)."""
-    if kwargs or len(args) != 2 or torch.is_grad_enabled() or current_autograd_node() is None:
+    recomputation), where the node may hand the engine a gradient to sum into the first
+    (`summed`: see `_SummingNodes`), two tensors alike, nothing else; the engine adds in place
+    only into a dense one whose storage it holds alone (`can_accumulate_inplace`): not a view,
+    whose base holds the storage too (a weight's gradient `mm(...).t()`, a bias's
+    `sum(...).view(...)`: a GRU's first sum of each weight's gradients over its time steps is
+    out of place, 7 KB)."""
+    if kwargs or len(args) != 2 or torch.is_grad_enabled() or not summed:
         return False
     first, second = args
     return (
@@ -635,6 +637,68 @@ def _sums_gradients(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         and aten.is_non_overlapping_and_dense.default(first)
         and view_base(first) is None
     )
+
+
+class _SummingNodes:
+    """Which backward nodes may hand the engine a gradient to sum, and into what. The engine
+    sums the gradients of an input that several edges reach, after the node delivering the
+    second has run, with that node current, into the gradient already there: made before that
+    node ran, unless the node itself reaches the input twice (`x * x`). Any other `add` of a
+    node is its formula's own, out of place for real too (`pinv`'s `... - ... + ...`,
+    `lu_factor`'s: recorded in place, a step on 16x16 matrices of a 16x256 activation was 0.881
+    of the measured live peak). Read from each backward's graph as it begins; a node of no graph
+    read (the engine's root, a backward not watched) may sum anything."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()  # sequence numbers of the nodes of the graphs read
+        self._summing: set[int] = set()  # those with an edge to an input others reach
+        self._twice: set[int] = set()  # those reaching one input by two edges
+        self._running = (-1, -1)  # the node running: its sequence number, its first op's index
+
+    def read(self, roots: Sequence[torch.Tensor], nodes: Iterable[Any]) -> None:
+        """Reads the graph of `nodes` (every node behind `roots` but AccumulateGrad)."""
+        nodes = list(nodes)
+        edges: dict[tuple[int, int], int] = {}
+        for node in nodes:
+            for child, position in node.next_functions:
+                if child is not None:
+                    slot = _input_slot(child, position)
+                    edges[slot] = edges.get(slot, 0) + 1
+        for root in roots:
+            if isinstance(root, torch.Tensor) and root.grad_fn is not None:
+                slot = _input_slot(root.grad_fn, root.output_nr)
+                edges[slot] = edges.get(slot, 0) + 1
+        for node in nodes:
+            number = node_sequence_nr(node)
+            self._seen.add(number)
+            slots = [_input_slot(child, at) for child, at in node.next_functions if child]
+            if any(edges[slot] > 1 for slot in slots):
+                self._summing.add(number)
+            if len(set(slots)) < len(slots):
+                self._twice.add(number)
+
+    def running(self, node: Any, index: int) -> None:
+        """Op `index` runs in `node`: the first of the node's run, if it is a new one."""
+        number = node_sequence_nr(node)
+        if number != self._running[0]:
+            self._running = (number, index)
+
+    def may_sum_into(self, node: Any, made_at: int) -> bool:
+        """Whether `node`, running, may hand the engine a gradient to sum into a tensor made by
+        op `made_at` (-1: before the recording)."""
+        number = node_sequence_nr(node)
+        if number not in self._seen or number in self._twice:
+            return True
+        return number in self._summing and made_at < self._running[1]
+
+
+def _input_slot(node: Any, position: int) -> tuple[int, int]:
+    """An input of a backward node, as the engine's input buffer holds it: an AccumulateGrad
+    node's by its leaf (its sequence number is the same for all), any other by its own."""
+    variable = getattr(node, "variable", None)
+    if variable is not None:
+        return (-1, id(variable))
+    return (node_sequence_nr(node), position)
 
 
 # The ops a backward formula fills the zeros it has just made with, each by its in-place twin:
@@ -771,6 +835,22 @@ def _vectors_unsure(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     )
 
 
+# Composite ops that take another path on CPU tensors than on a tensor subclass, by a choice the
+# trace cannot make: torch 2.14's `quantile` and `nanquantile` find a few k-th values by a
+# selection over the input, without the `sort` (values and int64 indices of the input's size)
+# they run on a fake tensor, and sort where they ask for many (a 2x256 activation's
+# `torch.quantile(h, 0.3, dim=1)`: 24,764 live bytes predicted against 19,094 measured). Seen
+# as a `sort` of the tensor whose NaNs the same call has just looked for (`isnan`), which only
+# this program does (before 2.14 it sorts first and looks for NaNs in the sorted values).
+_SORT = aten.sort.default
+_NAN_CHECK = aten.isnan.default
+_QUANTILE_UNSURE = (
+    "quantile (or nanquantile) on CPU tensors picks its k-th values by a selection, without "
+    "sorting, where it asks for few, and a trace on fake tensors always sorts: the figures "
+    "count the sort's values and indices"
+)
+
+
 def temporaries_kept_out_of_place(recording: Recording) -> tuple[str, ...]:
     """Why a recorded backward may hold more than the real one: for each node of
     `_IN_PLACE_ON_ITS_TEMPORARIES` with an op still out of place on a temporary it made, the
@@ -804,12 +884,10 @@ def _in_node(names: frozenset[str]) -> bool:
 # Backward formulas of linear algebra whose program on fake tensors is not the one the CPU runs
 # (ATen's formulas branch on tensor subclasses for composite compliance, and the recorder
 # follows those branches only where it knows them): found by the model-family probe on 2.14.1,
-# the backward of a 16x16 weight's `householder_product` 68 live bytes under the real step's,
-# `lu_factor`'s 1,024 under, `pinv`'s 1,024 under. A step holding one is an estimate.
+# the backward of a 16x16 weight's `householder_product` 68 live bytes under the real step's.
+# A step holding one is an estimate.
 _FORMULAS_UNLIKE_THE_CPUS = {
     "LinalgHouseholderProductBackward0": "householder_product",
-    "LinalgLuFactorExBackward0": "lu_factor",
-    "LinalgPinvBackward0": "pinv",
 }
 
 
@@ -916,7 +994,10 @@ _NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
 
 # Ops whose real kernels refuse two operands of different dtypes ("mat1 and mat2 must have the
 # same dtype"), where the fake kernels promote them: a float64 batch into a float32 layer, or an
-# int8 weight, would be predicted for a step that fails. The operands' positions.
+# int8 weight, would be predicted for a step that fails. The operands' positions (an optional
+# one may be None). Found by running each op on small real and fake tensors of bfloat16 and
+# float32 (torch 2.14.1): an embedding bag's float32 table weighted per sample by a bf16
+# activation under autocast, a cross product, `cdist` and `conv_tbc` of the two.
 _SAME_DTYPE_OPERANDS = {
     aten.mm.default: (0, 1),
     aten.bmm.default: (0, 1),
@@ -926,22 +1007,34 @@ _SAME_DTYPE_OPERANDS = {
     aten.baddbmm.default: (1, 2),
     aten.addmv.default: (1, 2),
     aten.convolution.default: (0, 1),
+    aten._embedding_bag.default: (0, 6),
+    aten._embedding_bag_forward_only.default: (0, 6),
+    aten.linalg_cross.default: (0, 1),
+    aten._cdist_forward.default: (0, 1),
+    aten.conv_tbc.default: (0, 1),
 }
 
 
 # Whether this torch's CPU kernel of a pointwise op exists for the dtypes of a call, found once
 # per (op, dtypes): a pointwise op is never run by the kernel probe (it allocates its outputs
 # alone), so a kernel missing for half precision (`log_ndtr`, `ndtri`, `zeta` of bfloat16 on
-# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact.
-_POINTWISE_KERNELS: dict[tuple[Any, ...], NotImplementedError | None] = {}
+# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact; so was
+# one whose kernel refuses operands of two dtypes the fake kernel promotes (`heaviside` of a
+# bf16 activation and float32 values under autocast, `lerp`, `polar`, `complex`).
+_POINTWISE_KERNELS: dict[tuple[Any, ...], Exception | None] = {}
 _REDUCED_FLOATS = frozenset({torch.bfloat16, torch.float16})
+_SEEDED = torch.Tag.nondeterministic_seeded
 
 
 def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise the CPU kernel's own error where it has none for these dtypes (half precision
-    only: every pointwise kernel has float32 and float64), as the real step would."""
+    """Raise the CPU kernel's own error where it has none for these dtypes (half precision,
+    or operands of several: every pointwise kernel has float32 and float64), as the real step
+    would."""
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-    if not any(t.dtype in _REDUCED_FLOATS for t in tensors):
+    dtypes = {t.dtype for t in tensors}
+    mixed = len({d for d in dtypes if d.is_floating_point}) > 1
+    # A random op run on zeros would draw from the user's generator.
+    if not (dtypes & _REDUCED_FLOATS or (mixed and _SEEDED not in func.tags)):
         return
     key = (func, *(value.dtype if isinstance(value, torch.Tensor) else value for value in args))
     try:
@@ -956,30 +1049,46 @@ def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, 
 
 def _missing_pointwise_kernel(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> NotImplementedError | None:
+) -> Exception | None:
     """The error of the op run on real 0-d tensors of the call's dtypes, where it says the kernel
-    is missing for a dtype; None otherwise (any other error is the fake kernel's to give)."""
+    is missing for a dtype, or where the same call with every floating operand of the first's
+    dtype runs (the kernel refuses the mix); None otherwise (any other error is the fake
+    kernel's to give)."""
 
-    def small(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.zeros((), dtype=value.dtype)
-        return value
+    def run(common: torch.dtype | None) -> Exception | None:
+        def small(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            same = common is not None and value.dtype.is_floating_point
+            return torch.zeros((), dtype=common if same else value.dtype)
 
-    with DisableTorchDispatch():
-        try:
-            func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
-        except NotImplementedError as error:
-            if "not implemented for '" in str(error):
+        with DisableTorchDispatch():
+            try:
+                func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
+            except Exception as error:  # noqa: BLE001 - the kernel's own error, to sort below
                 return error
-        except Exception:  # noqa: BLE001 - zeros of no shape may break other rules of the op
-            pass
+        return None
+
+    error = run(None)
+    if isinstance(error, NotImplementedError) and "not implemented for '" in str(error):
+        return error
+    floats = [
+        value.dtype
+        for value in (*args, *kwargs.values())
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+    ]
+    if error is not None and len(set(floats)) > 1 and run(floats[0]) is None:
+        return error
     return None
 
 
-def _check_same_dtype(func: Any, args: Any) -> None:
+def _check_same_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise as the real kernel would where `func`'s operands differ in dtype."""
-    first, second = (args[i] for i in _SAME_DTYPE_OPERANDS[func])
-    if first.dtype != second.dtype:
+    names = [argument.name for argument in op_schema(func).arguments]
+    first, second = (
+        args[i] if i < len(args) else kwargs.get(names[i]) for i in _SAME_DTYPE_OPERANDS[func]
+    )
+    if isinstance(second, torch.Tensor) and first.dtype != second.dtype:
         raise RuntimeError(
             f"{func.__name__}: expected both operands to have the same dtype, but got "
             f"{first.dtype} and {second.dtype} (the real kernel refuses them)"
@@ -1023,6 +1132,10 @@ class Recorder(TorchDispatchMode):
         self._overflow_flags: set[int] = set()  # storage keys of GradScaler's found-inf flags
         # The last matrix product `at::linear` may add its bias to: (call site, storage key).
         self._product: tuple[tuple[int, ...], int] | None = None
+        # The backward nodes that may hand the engine a gradient to sum (`_sums_gradients`).
+        self._summing = _SummingNodes()
+        # The last NaN check a quantile's `sort` may follow: (call site, storage key).
+        self._nan_check: tuple[tuple[int, ...], int] | None = None
         # The last copy resolving a lazily conjugated tensor, which the op after it may have
         # made itself (see `_resolves_in_its_kernel`): (call site, op index, storage key, the
         # layout of the tensor it resolved).
@@ -1082,6 +1195,7 @@ class Recorder(TorchDispatchMode):
         if self._paused or self._warming_up:
             return
         owners, hooked, outside = self.modules.graph(roots)
+        self._summing.read(roots, owners)
         with self.paused():  # unpacking a saved variable dispatches a detach: not part of the step
             harvested = harvest_saved_tensors(
                 owners,
@@ -1223,7 +1337,7 @@ class Recorder(TorchDispatchMode):
         if traits.metadata:
             return func(*args, **kwargs)
         if func in _SAME_DTYPE_OPERANDS:
-            _check_same_dtype(func, args)
+            _check_same_dtype(func, args, kwargs)
         if func.overloadpacket in _SOURCE_OF_SELFS_DTYPE:
             _check_source_dtype(func, args, kwargs)
         # An in-place op's output is its first argument, shape and all: the fake kernel would
@@ -1294,6 +1408,8 @@ class Recorder(TorchDispatchMode):
             unsure = _vectors_unsure(func, args, kwargs)
             if unsure and unsure not in self.recording.unsure:
                 self.recording.unsure.append(unsure)
+        if func in (_NAN_CHECK, _SORT) and not self.emulate_cuda:
+            self._note_quantile(func, args[0])
         if self._resolved is not None:
             self._resolves_in_its_kernel(args, kwargs, output)
         if func is aten.clone.default and (args[0].is_conj() or args[0].is_neg()):
@@ -1308,7 +1424,7 @@ class Recorder(TorchDispatchMode):
         elif (
             func is aten.add.Tensor
             and (
-                _sums_gradients(args, kwargs)
+                _sums_gradients(args, kwargs, self._may_sum_into(args[0]))
                 or _adds_linear_bias(args, kwargs, self._product, self.ledger.key)
             )
         ) or (
@@ -1356,6 +1472,26 @@ class Recorder(TorchDispatchMode):
         if traits.pointwise:
             output = _elementwise_layout(args, output)
         return output
+
+    def _may_sum_into(self, first: Any) -> bool:
+        """Whether the autograd node running may hand the engine a gradient to sum into `first`
+        (see `_SummingNodes`)."""
+        node = current_autograd_node()
+        if node is None or not isinstance(first, torch.Tensor):
+            return False
+        record = self.recording.storages.get(self.ledger.key(first))
+        return self._summing.may_sum_into(node, -1 if record is None else record.created_at)
+
+    def _note_quantile(self, func: Any, x: torch.Tensor) -> None:
+        """Remembers a CPU `isnan` (where it may be a quantile's) and notes a `sort` of the same
+        storage by the same call as one the real CPU program may not run (`_QUANTILE_UNSURE`)."""
+        if _device_type(x) != "cpu":
+            return
+        here = (_dispatching_call_site(), self.ledger.key(x))
+        if func is _NAN_CHECK:
+            self._nan_check = here
+        elif here == self._nan_check and _QUANTILE_UNSURE not in self.recording.unsure:
+            self.recording.unsure.append(_QUANTILE_UNSURE)
 
     def _spreads_evenly_on_cpu(self, args: tuple[Any, ...]) -> bool:
         """Whether the op is one of `evenly_distribute_backward`'s (`_EVENLY_DISTRIBUTING_NODES`)
@@ -1552,6 +1688,7 @@ class Recorder(TorchDispatchMode):
         node = current_autograd_node()
         if node is None:
             return self.modules.current(), ""
+        self._summing.running(node, len(self.recording.ops))
         return self.modules.owner_of_node(node), type(node).__name__
 
     def _record(

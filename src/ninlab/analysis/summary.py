@@ -46,7 +46,7 @@ from ninlab.analysis.step import (
 )
 from ninlab.analysis.torch_internals import op_named
 from ninlab.analysis.trace import StepRecording, record_step
-from ninlab.errors import NinlabError
+from ninlab.errors import NinlabError, checked_name
 from ninlab.units import dtype_name
 
 __all__ = [
@@ -215,6 +215,7 @@ def summarize(
         fields["mode"] = default_mode(model)
     given = step_spec(spec, model=model, **fields)
     batch_size = batch_size_of(given, batch_size)
+    model_name = checked_name("model_name", model_name)
     check_trains(model, given)
     spec = StepSpec(
         input_size=given.input_size,
