@@ -656,6 +656,14 @@ class _FixedGridSample(nn.Module):
         return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
 
 
+def _quantized_lstm() -> nn.Module:
+    """An LSTM classifier dynamically quantized to int8, as deployed: its packed weights are
+    TorchScript objects, handed to `quantized_lstm` as they are."""
+    return torch.ao.quantization.quantize_dynamic(
+        _Recurrent(nn.LSTM), {nn.LSTM, nn.Linear}, dtype=torch.qint8
+    )
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -887,6 +895,8 @@ LAYER_ZOO = (
     Case("stft-hann-window", "layer zoo", _Spectrogram, (256,), setups=("sgd", "infer")),
     Case("batchnorm-transposed-sequence", "layer zoo", _SequenceBatchNorm, (12, 16), ("infer",)),
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
+    # -- found by the red-model probe (issue 20, fourth round) --
+    Case("lstm-quantized-dynamic", "layer zoo", _quantized_lstm, (12, 16), setups=("infer",)),
 )
 
 
@@ -1499,9 +1509,13 @@ def spec_fields(case: Case, setup: str) -> dict[str, Any]:
 
 
 def _state(model: nn.Module) -> tuple[Any, ...]:
-    """What a call must leave as it was: every tensor of the state dict, which need grad, the
-    mode, and the forward hooks."""
-    tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """What a call must leave as it was: every tensor of the state dict (what else it holds, a
+    quantized layer's packed weights, as printed), which need grad, the mode, and the forward
+    hooks."""
+    tensors = {
+        name: value.detach().clone() if isinstance(value, torch.Tensor) else repr(value)
+        for name, value in model.state_dict().items()
+    }
     flags = tuple((name, p.requires_grad) for name, p in model.named_parameters())
     modes = tuple(module.training for module in model.modules())
     return tensors, flags, modes
@@ -1514,6 +1528,10 @@ def _changed(model: nn.Module, before: tuple[Any, ...]) -> str:
         return "its state dict's keys changed"
     for name, tensor in tensors.items():
         old = old_tensors[name]
+        if isinstance(old, str):
+            if tensor != old:
+                return f"{name} changed"
+            continue
         if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
             return f"{name} is now a {type(tensor).__name__}"
         if tensor.shape != old.shape or tensor.dtype != old.dtype or not torch.equal(tensor, old):
