@@ -1364,6 +1364,18 @@ def _hugging_face(kind: str) -> Callable[[], nn.Module]:
                     "use_cache": False,
                 },
             ),
+            "mixtral": (
+                hf.MixtralForCausalLM,
+                hf.MixtralConfig,
+                {
+                    **layers,
+                    **width,
+                    "num_key_value_heads": 1,
+                    "num_local_experts": 4,
+                    "num_experts_per_tok": 2,
+                    "use_cache": False,
+                },
+            ),
             "qwen2": (
                 hf.Qwen2ForCausalLM,
                 hf.Qwen2Config,
@@ -1410,13 +1422,16 @@ _TOKENS = (0, 100)
 _ALL_ONES = (1, 2)  # an attention mask without padding
 
 
-def _lm(kind: str, *, mask: tuple[int, int] = _ALL_ONES) -> Case:
+def _lm(
+    kind: str, *, mask: tuple[int, int] = _ALL_ONES, setups: tuple[str, ...] = OTHER_SETUPS
+) -> Case:
     """A causal LM called with input_ids, attention_mask and labels (its own loss)."""
     return Case(
         kind,
         "transformers",
         _hugging_face(kind),
         {"input_ids": (16,), "attention_mask": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        setups,
         input_dtype=torch.long,
         input_range=(  # type: ignore[arg-type] # one range per input
             _TOKENS,
@@ -1491,6 +1506,8 @@ HUGGING_FACE = (
     _lm("gpt-neox"),
     _lm("mistral"),
     _lm("qwen2", mask=(0, 2)),
+    # Its experts multiply by `F.grouped_mm`, whose fake kernel refused float32.
+    _lm("mixtral", setups=("sgd", "infer")),
 )
 
 CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *WIDER, *TRANSFORMERS, *HUGGING_FACE)

@@ -187,6 +187,8 @@ class FakeOutputs:
         self._parts: OffRecord | None = None
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if func is _GROUPED_MM and (grouped := _cpu_grouped_mm(args, kwargs)) is not None:
+            return grouped
         key = _key(func, args, kwargs)
         if key is None:
             if (
@@ -222,6 +224,61 @@ class FakeOutputs:
             if view is not None:
                 self._known[key] = (True, view)
         return output
+
+
+# Experts' grouped matrix products (`F.grouped_mm`, Hugging Face's MoE layers); None on a torch
+# without it.
+_GROUPED_MM = getattr(getattr(aten, "_grouped_mm", None), "default", None)
+
+
+def _cpu_grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """`_grouped_mm` of float32 or float64 matrices as the CPU kernel makes it (ATen's
+    GroupedMMUtils.h, measured on 2.14.1): a contiguous output of the grouped product's shape;
+    None for another call, which the fake kernel runs. The fake kernel is CUDA's checks, which
+    refuse any dtype but bf16 and fp16 (every Hugging Face MoE model, Mixtral, DeepSeek-V3,
+    gpt-oss, was refused under float32 where the real step runs); kept: the CPU kernel's rule
+    that each matrix's leading stride is a multiple of 16 bytes."""
+    mat_a, mat_b = args[0], args[1]
+    named = dict(zip(("offs", "bias", "out_dtype"), args[2:], strict=False)) | kwargs
+    if (
+        not _CPU_GROUPED_MM
+        or getattr(mat_a, "fake_device", mat_a.device).type != "cpu"
+        or mat_a.dtype not in (torch.float32, torch.float64)
+        or mat_b.dtype != mat_a.dtype
+        or named.get("bias") is not None
+        or named.get("out_dtype") not in (None, mat_a.dtype)
+    ):
+        return None
+    for mat in (mat_a, mat_b):
+        alignment = 16 // mat.element_size()
+        rows, columns = mat.stride()[-2:]
+        if (columns == 1 and rows % alignment) or (rows == 1 and columns % alignment):
+            raise RuntimeError("strides should be multiple of 16 bytes")
+    groups = named.get("offs")
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        shape = [groups.shape[0], mat_a.shape[0], mat_b.shape[1]]
+    elif mat_a.dim() == 2:
+        shape = [mat_a.shape[0], mat_b.shape[-1]]
+    elif mat_b.dim() == 2:
+        shape = [mat_a.shape[1], mat_b.shape[1]]
+    else:
+        shape = [mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1]]
+    return mat_a.new_empty(shape)
+
+
+def _cpu_has_grouped_mm() -> bool:
+    """Whether this torch has a CPU kernel of `_grouped_mm` (2.13 has; 2.8 has CUDA's only)."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        _GROUPED_MM(torch.zeros(4, 4), torch.zeros(1, 4, 4), torch.tensor([4], dtype=torch.int32))
+    except NotImplementedError:
+        return False
+    return True
+
+
+# Asked once, on real tensors: inside a trace, a fake tensor mode is active.
+_CPU_GROUPED_MM = _cpu_has_grouped_mm()
 
 
 def _python_decomposition(mode: FakeTensorMode, func: Any) -> Callable[..., Any] | None:
