@@ -656,6 +656,28 @@ class _FixedGridSample(nn.Module):
         return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
 
 
+class _FlexAttention(nn.Module):
+    """Causal attention by `flex_attention` in eager mode (no `torch.compile`): a higher-order
+    operator, which a trace under a dispatch mode cannot run; refused, naming it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        attended = flex_attention(q, k, v, score_mod=_causal_score)
+        return self.head(attended.transpose(1, 2).reshape(b, n, 32).mean(1))
+
+
+def _causal_score(score: torch.Tensor, b: Any, h: Any, query: Any, key: Any) -> torch.Tensor:
+    return torch.where(query >= key, score, -float("inf"))
+
+
 def _quantized_lstm() -> nn.Module:
     """An LSTM classifier dynamically quantized to int8, as deployed: its packed weights are
     TorchScript objects, handed to `quantized_lstm` as they are."""
@@ -897,6 +919,7 @@ LAYER_ZOO = (
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
     # -- found by the red-model probe (issue 20, fourth round) --
     Case("lstm-quantized-dynamic", "layer zoo", _quantized_lstm, (12, 16), setups=("infer",)),
+    Case("flex-attention-eager", "layer zoo", _FlexAttention, (8, 32), setups=("infer",)),
 )
 
 
