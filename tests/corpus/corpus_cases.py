@@ -1387,6 +1387,25 @@ def _hugging_face(kind: str) -> Callable[[], nn.Module]:
                     "use_cache": False,
                 },
             ),
+            "reformer": (
+                hf.ReformerModelWithLMHead,
+                hf.ReformerConfig,
+                {
+                    "vocab_size": 100,
+                    "hidden_size": 32,
+                    "num_attention_heads": 2,
+                    "attention_head_size": 16,
+                    "feed_forward_size": 64,
+                    "attn_layers": ["local", "lsh"],
+                    "axial_pos_embds": False,
+                    "max_position_embeddings": 32,
+                    "is_decoder": True,
+                    "local_attn_chunk_length": 8,
+                    "lsh_attn_chunk_length": 8,
+                    "num_buckets": 2,
+                    "use_cache": False,
+                },
+            ),
             "mixtral": (
                 hf.MixtralForCausalLM,
                 hf.MixtralConfig,
@@ -1531,6 +1550,17 @@ HUGGING_FACE = (
     _lm("qwen2", mask=(0, 2)),
     # Its experts multiply by `F.grouped_mm`, whose fake kernel refused float32.
     _lm("mixtral", setups=("sgd", "infer")),
+    # Reversible layers: its backward recomputes each and calls backward inside its own.
+    Case(
+        "reformer",
+        "transformers",
+        _hugging_face("reformer"),
+        {"input_ids": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        ("sgd",),
+        input_dtype=torch.long,
+        input_range=(_TOKENS, _TOKENS),  # type: ignore[arg-type] # one range per input
+        needs="transformers",
+    ),
 )
 
 CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *WIDER, *TRANSFORMERS, *HUGGING_FACE)
