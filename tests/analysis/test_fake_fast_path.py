@@ -6,6 +6,8 @@ from conftest import needs_cpu_grouped_mm
 from torch import nn
 
 from ninlab.analysis.fake_fast_path import FakeOutputs, clear_caches, op_traits
+from ninlab.analysis.measure import measure
+from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.torch_internals import FakeTensor, FakeTensorMode
 from ninlab.analysis.trace import record_step
@@ -183,3 +185,35 @@ def test_grouped_mm_refuses_what_the_cpu_kernel_refuses(a, b):
         FakeOutputs(mode).run(
             torch.ops.aten._grouped_mm.default, tuple(map(mode.from_tensor, (a, b, offs))), {}
         )
+
+
+class _Experts(nn.Module):
+    """A mixture of experts' products as Hugging Face's MoE layers make them: the tokens sorted
+    by expert, multiplied by `F.grouped_mm` with each expert's weights (offsets given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(4, 16, 32) * 0.1)
+        self.down = nn.Parameter(torch.randn(4, 32, 16) * 0.1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = x.reshape(-1, 16)
+        ends = torch.arange(1, 5, dtype=torch.int32, device=x.device) * (tokens.shape[0] // 4)
+        hidden = torch.nn.functional.grouped_mm(tokens, self.up, offs=ends)
+        out = torch.nn.functional.grouped_mm(torch.relu(hidden), self.down, offs=ends)
+        return self.head(out.view(x.shape).mean(1))
+
+
+@needs_cpu_grouped_mm
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_experts_grouped_products_in_float32_are_the_cpu_kernels(mode):
+    """The fake kernel of `_grouped_mm` is CUDA's checks, which refuse float32: every Hugging
+    Face MoE model (Mixtral, DeepSeek-V3, gpt-oss) was refused where the real step runs. Its
+    output is made as the CPU kernel makes it, and the step is exact."""
+    model = _Experts()
+    report = predict_memory(model, input_size=(8, 16), mode=mode, batch_size=2)
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.live_trust.exact and report.allocator_trust.exact
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes

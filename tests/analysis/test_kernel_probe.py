@@ -300,3 +300,32 @@ def test_grouped_products_whose_blocks_follow_the_routing_are_a_lower_bound(dtyp
     else:
         assert report.allocator_trust.kind == "at least"
         assert report.allocator_peak_bytes < measured.allocator_peak_bytes
+
+
+class _QuantizedLSTM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(16, 24, batch_first=True)
+        self.head = torch.nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_a_call_holding_a_torchscript_object_keys_the_cache_by_its_identity() -> None:
+    """A dynamically quantized LSTM hands `quantized_lstm` its packed weights as TorchScript
+    objects, whose `==` raises: the second prediction, finding the call measured, raised
+    NotImplementedError. The call is measured once, and both predictions are exact."""
+    torch.manual_seed(0)
+    model = torch.ao.quantization.quantize_dynamic(
+        _QuantizedLSTM(), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8
+    )
+    reports = [
+        predict_memory(model, input_size=(6, 16), mode="infer", batch_size=2) for _ in range(2)
+    ]
+    measured = measure(model, reports[0].spec, batch_size=2)
+    for report in reports:
+        assert report.allocator_trust.exact
+        assert report.live_peak_bytes == measured.live_peak_bytes == 2_496
+        assert report.allocator_peak_bytes == measured.allocator_peak_bytes

@@ -98,3 +98,53 @@ def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
     assert str(refused.value).startswith(
         "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
     )
+
+
+class _FlexAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v).mean((1, 2))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_higher_order_operator_is_named_not_the_input(mode: str) -> None:
+    # Refused as "the model cannot run a forward on a batch of 8x32 inputs (NotImplementedError:
+    # There was no rule registered for HigherOrderOperator flex_attention and mode
+    # <ninlab.analysis.recorder.Recorder object at 0x...>...); give the input sizes and dtype its
+    # forward expects".
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(_FlexAttention(), input_size=(8, 32), batch_size=2, mode=mode)
+    message = str(refused.value)
+    assert message.startswith("the model calls torch's higher-order operator flex_attention, ")
+    assert "input size" not in message and " at 0x" not in message
+
+
+class _ChangesASavedTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 8)
+        self.register_buffer("keys", torch.randn(8, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(x) @ self.keys
+        with torch.no_grad():
+            self.keys[:, : x.shape[0]] = 0  # a queue of keys updated in place, after its use
+        return scores
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_a_saved_tensor_changed_in_place_is_named_not_the_input(call: Callable) -> None:
+    with pytest.raises(NinlabError) as refused:
+        call(_ChangesASavedTensor(), input_size=(16,), batch_size=2)
+    message = str(refused.value)
+    assert message.startswith("the model changes in place a tensor autograd saved for backward (")
+    assert message.endswith("clone the tensor before changing it, or change it after the backward")

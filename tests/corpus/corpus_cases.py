@@ -656,6 +656,36 @@ class _QuantilePooled(nn.Module):
         return self.head(torch.quantile(self.embed(x), 0.5, dim=1))
 
 
+class _FlexAttention(nn.Module):
+    """Causal attention by `flex_attention` in eager mode (no `torch.compile`): a higher-order
+    operator, which a trace under a dispatch mode cannot run; refused, naming it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        attended = flex_attention(q, k, v, score_mod=_causal_score)
+        return self.head(attended.transpose(1, 2).reshape(b, n, 32).mean(1))
+
+
+def _causal_score(score: torch.Tensor, b: Any, h: Any, query: Any, key: Any) -> torch.Tensor:
+    return torch.where(query >= key, score, -float("inf"))
+
+
+def _quantized_lstm() -> nn.Module:
+    """An LSTM classifier dynamically quantized to int8, as deployed: its packed weights are
+    TorchScript objects, handed to `quantized_lstm` as they are."""
+    return torch.ao.quantization.quantize_dynamic(
+        _Recurrent(nn.LSTM), {nn.LSTM, nn.Linear}, dtype=torch.qint8
+    )
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -889,6 +919,9 @@ LAYER_ZOO = (
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
     # -- found by the silent-error probe (issue 20, fourth round) --
     Case("quantile-pooling", "layer zoo", _QuantilePooled, (12, 16), setups=("infer",)),
+    # -- found by the red-model probe (issue 20, fourth round) --
+    Case("lstm-quantized-dynamic", "layer zoo", _quantized_lstm, (12, 16), setups=("infer",)),
+    Case("flex-attention-eager", "layer zoo", _FlexAttention, (8, 32), setups=("infer",)),
 )
 
 
@@ -1356,6 +1389,25 @@ def _hugging_face(kind: str) -> Callable[[], nn.Module]:
                     "use_cache": False,
                 },
             ),
+            "reformer": (
+                hf.ReformerModelWithLMHead,
+                hf.ReformerConfig,
+                {
+                    "vocab_size": 100,
+                    "hidden_size": 32,
+                    "num_attention_heads": 2,
+                    "attention_head_size": 16,
+                    "feed_forward_size": 64,
+                    "attn_layers": ["local", "lsh"],
+                    "axial_pos_embds": False,
+                    "max_position_embeddings": 32,
+                    "is_decoder": True,
+                    "local_attn_chunk_length": 8,
+                    "lsh_attn_chunk_length": 8,
+                    "num_buckets": 2,
+                    "use_cache": False,
+                },
+            ),
             # a mixture of experts: its experts multiply through `torch._grouped_mm` on CPU
             "mixtral": (
                 hf.MixtralForCausalLM,
@@ -1415,13 +1467,16 @@ _TOKENS = (0, 100)
 _ALL_ONES = (1, 2)  # an attention mask without padding
 
 
-def _lm(kind: str, *, mask: tuple[int, int] = _ALL_ONES) -> Case:
+def _lm(
+    kind: str, *, mask: tuple[int, int] = _ALL_ONES, setups: tuple[str, ...] = OTHER_SETUPS
+) -> Case:
     """A causal LM called with input_ids, attention_mask and labels (its own loss)."""
     return Case(
         kind,
         "transformers",
         _hugging_face(kind),
         {"input_ids": (16,), "attention_mask": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        setups,
         input_dtype=torch.long,
         input_range=(  # type: ignore[arg-type] # one range per input
             _TOKENS,
@@ -1496,7 +1551,19 @@ HUGGING_FACE = (
     _lm("gpt-neox"),
     _lm("mistral"),
     _lm("qwen2", mask=(0, 2)),
-    _lm("mixtral"),
+    # Its experts multiply by `F.grouped_mm`, whose fake kernel refused float32.
+    _lm("mixtral", setups=("sgd", "infer")),
+    # Reversible layers: its backward recomputes each and calls backward inside its own.
+    Case(
+        "reformer",
+        "transformers",
+        _hugging_face("reformer"),
+        {"input_ids": (16,), "labels": (16,)},  # type: ignore[arg-type]
+        ("sgd",),
+        input_dtype=torch.long,
+        input_range=(_TOKENS, _TOKENS),  # type: ignore[arg-type] # one range per input
+        needs="transformers",
+    ),
 )
 
 CASES = (*LAYER_ZOO, *TORCHVISION, *TIMM, *WIDER, *TRANSFORMERS, *HUGGING_FACE)
@@ -1515,9 +1582,13 @@ def spec_fields(case: Case, setup: str) -> dict[str, Any]:
 
 
 def _state(model: nn.Module) -> tuple[Any, ...]:
-    """What a call must leave as it was: every tensor of the state dict, which need grad, the
-    mode, and the forward hooks."""
-    tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """What a call must leave as it was: every tensor of the state dict (what else it holds, a
+    quantized layer's packed weights, as printed), which need grad, the mode, and the forward
+    hooks."""
+    tensors = {
+        name: value.detach().clone() if isinstance(value, torch.Tensor) else repr(value)
+        for name, value in model.state_dict().items()
+    }
     flags = tuple((name, p.requires_grad) for name, p in model.named_parameters())
     modes = tuple(module.training for module in model.modules())
     return tensors, flags, modes
@@ -1530,6 +1601,10 @@ def _changed(model: nn.Module, before: tuple[Any, ...]) -> str:
         return "its state dict's keys changed"
     for name, tensor in tensors.items():
         old = old_tensors[name]
+        if isinstance(old, str):
+            if tensor != old:
+                return f"{name} changed"
+            continue
         if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
             return f"{name} is now a {type(tensor).__name__}"
         if tensor.shape != old.shape or tensor.dtype != old.dtype or not torch.equal(tensor, old):

@@ -250,7 +250,7 @@ def _cpu_grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     takes float32, bfloat16 or float16 operands of one dtype, int32 offsets, no bias and no other
     output dtype, strides of whole 16-byte steps, and allocates its contiguous output alone: one
     matrix product per group, `offs` cutting the side that is not a batch of matrices."""
-    if getattr(args[0], "fake_device", args[0].device).type != "cpu":
+    if not _CPU_GROUPED_MM or getattr(args[0], "fake_device", args[0].device).type != "cpu":
         return None
     named = dict(zip(("mat_a", "mat_b", "offs", "bias", "out_dtype"), args)) | kwargs
     a, b, offs = named["mat_a"], named["mat_b"], named.get("offs")
@@ -286,6 +286,22 @@ def _cpu_grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     else:  # a batch of matrix products
         shape = (a.shape[0], a.shape[1], b.shape[2])
     return a.new_empty(shape)
+
+
+def _cpu_has_grouped_mm() -> bool:
+    """Whether this torch has a CPU kernel of `_grouped_mm` (2.13 has; 2.8 has CUDA's only, so
+    there the fake kernel's refusal stands, as the real step's would)."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        _GROUPED_MM(torch.zeros(4, 4), torch.zeros(1, 4, 4), torch.tensor([4], dtype=torch.int32))
+    except NotImplementedError:
+        return False
+    return True
+
+
+# Asked once, on real tensors: inside a trace, a fake tensor mode is active.
+_CPU_GROUPED_MM = _cpu_has_grouped_mm()
 
 
 def _python_decomposition(mode: FakeTensorMode, func: Any) -> Callable[..., Any] | None:

@@ -159,7 +159,29 @@ def _layouts(value: Any) -> Any:
         return TensorLayout.of(value)
     if isinstance(value, (list, tuple)):
         return tuple(_layouts(item) for item in value)
+    if isinstance(value, torch.ScriptObject):
+        return OpaqueArgument(value)
     return value
+
+
+class OpaqueArgument:
+    """An argument passed to the kernel as it is and compared by identity: a TorchScript object
+    (a dynamically quantized LSTM's packed weights, `quantized_lstm`'s argument), whose own `==`
+    raises, so a call holding it could not key the cache of calls measured."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.ScriptObject) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OpaqueArgument) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __repr__(self) -> str:  # its address: a call holding it is never kept on disk
+        return repr(self.value)
 
 
 def _flat_layouts(value: Any) -> list[TensorLayout]:
@@ -177,6 +199,8 @@ def _real(value: Any) -> Any:
         return value.zeros()
     if isinstance(value, tuple):
         return [_real(item) for item in value]
+    if isinstance(value, OpaqueArgument):
+        return value.value
     return value
 
 

@@ -91,10 +91,12 @@ class StepPhases:
     """The phase of an op dispatched now (`current`), for a step run inside `with phases:`.
 
     Entered, it holds global module hooks and wraps `torch.autograd.backward` and
-    `torch.autograd.grad` (what `Tensor.backward` calls). `on_backward` runs as each outermost
-    backward call begins, with the tensors it starts from, while their whole graph still exists
-    (the recorder reads what autograd saved then); `on_change` runs whenever the phase may have
-    changed (the measurer marks phases for the profiler with it)."""
+    `torch.autograd.grad` (what `Tensor.backward` calls). `on_backward` runs as each backward
+    call begins, with the tensors it starts from, while their whole graph still exists (the
+    recorder reads what autograd saved then): an outermost one, and one inside a backward, whose
+    graph was made there (a reversible layer's or a reentrant checkpoint's recomputation);
+    `on_change` runs whenever the phase may have changed (the measurer marks phases for the
+    profiler with it)."""
 
     def __init__(
         self,
@@ -163,8 +165,8 @@ class StepPhases:
     def _backward_began(self, roots: tuple[torch.Tensor, ...]) -> None:
         if not self._backward_depth:
             self.backward_calls += 1
-            if self._on_backward is not None:
-                self._on_backward(roots)
+        if self._on_backward is not None:
+            self._on_backward(roots)
         self._backward_depth += 1
         self._changed()
 

@@ -104,6 +104,21 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
         )
+    higher_order = _HIGHER_ORDER_OP.search(str(error))  # the reason may be cut short
+    if higher_order:
+        # The error names ninlab's own dispatch mode, which is no help to the user.
+        return NinlabError(
+            f"the model calls torch's higher-order operator {higher_order.group(1)}, which a "
+            "trace under ninlab's dispatch mode cannot run (PyTorch has no rule for it there); "
+            "predict a model that computes the same with ordinary ops (for flex_attention: "
+            "F.scaled_dot_product_attention with an attn_mask)"
+        )
+    if spec.mode == "train" and _MODIFIED_IN_PLACE in str(error):
+        return NinlabError(
+            f"the model changes in place a tensor autograd saved for backward ({reason}): the "
+            "real step fails the same way; clone the tensor before changing it, or change it "
+            "after the backward"
+        )
     if _ONE_VALUE_PER_CHANNEL in reason:
         return NinlabError(
             f"a batch norm of the model has one value per channel to normalise in training "
@@ -186,6 +201,11 @@ _INDEX_OUT_OF_RANGE = re.compile(
 # Batch norm in training given one value per channel (a batch of one, nothing else to average).
 _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # Two tensors of an op in different dtypes, as ATen words it.
+# An op like flex_attention that PyTorch runs through a rule per dispatch mode, and has none
+# for ninlab's (its error names the mode's object; torch 2.8 calls it a HOP).
+_HIGHER_ORDER_OP = re.compile(r"no rule registered for (?:HigherOrderOperator|HOP) (\w+)")
+# Autograd's version check: a tensor saved for backward was changed in place after.
+_MODIFIED_IN_PLACE = "has been modified by an inplace operation"
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
 
 
