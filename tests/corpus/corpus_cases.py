@@ -656,6 +656,19 @@ class _FixedGridSample(nn.Module):
         return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
 
 
+class _WhereANumber(nn.Module):
+    """Scores masked by `torch.where` with a Python number, as attention masks are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(x)
+        return self.head(torch.where(scores > 0, scores, -1.0).softmax(-1))
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -887,6 +900,8 @@ LAYER_ZOO = (
     Case("stft-hann-window", "layer zoo", _Spectrogram, (256,), setups=("sgd", "infer")),
     Case("batchnorm-transposed-sequence", "layer zoo", _SequenceBatchNorm, (12, 16), ("infer",)),
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
+    # -- found by the step probe (issue 20, fourth round) --
+    Case("where-a-number", "layer zoo", _WhereANumber, (16,), setups=("sgd", "infer")),
 )
 
 
