@@ -65,7 +65,7 @@ from ninlab.analysis.model_state import (
 )
 from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.quiet_profiler import quiet_profile
-from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory
+from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory, step_refused
 from ninlab.analysis.step import (
     StepInputs,
     StepSpec,
@@ -78,7 +78,6 @@ from ninlab.analysis.step import (
     optimizer_state,
     optimizers_in,
     step_arguments,
-    step_failed,
     step_spec,
     valid_model,
 )
@@ -630,7 +629,9 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
             except Exception as error:  # noqa: BLE001 - the step may raise anything: one line naming it
                 if spec.step is None:
                     raise cannot_run(error, model, spec) from None
-                raise step_failed(spec, error, f"real tensors, batch {batch_size}") from None
+                raise step_refused(
+                    error, model, spec, f"real tensors, batch {batch_size}"
+                ) from None
 
     else:
         model.eval()

@@ -4,6 +4,8 @@ A model a user brings can fail for reasons of its own: it is scripted, it needs 
 training mode, its forward branches on tensor values, or it simply rejects the batch. The tracer
 raises whatever the model raised; `cannot_run` turns that into one `NinlabError` that says which
 of these it was and what to do, never the model's raw exception and never an unrelated hint.
+A user's step function that fails is refused by `step_refused`: the same causes where they lie
+beyond its code (the optimizer, a sparse gradient, a kernel this torch lacks), else its own error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import traceback
 import torch
 from torch import nn
 
-from ninlab.analysis.step import StepSpec, input_dtype_words
+from ninlab.analysis.step import StepSpec, input_dtype_words, step_failed
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -26,7 +28,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
 
-__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable", "out_of_memory"]
+__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable", "out_of_memory", "step_refused"]
 
 # What a model raises on fake tensors when its forward needs tensor values: `if x.sum() > 0`,
 # `.item()`, `nonzero()` (a shape that depends on data), or an op fake tensors do not implement.
@@ -60,13 +62,33 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     """The one line that says why `model` could not run the step `spec` describes."""
     if isinstance(error, NinlabError):
         return error
+    cause = _cause_beyond_the_step(error, model, spec, sparse_named=False)
+    if cause is not None:
+        return cause
+    return _cause_in_the_call(error, model, spec)
+
+
+def step_refused(error: Exception, model: nn.Module, spec: StepSpec, where: str) -> NinlabError:
+    """The one line for a user's step function that raised on `where`: the cause where it lies
+    beyond the step's own code (the optimizer, a sparse gradient, a kernel this torch lacks, the
+    machine's memory), as for the built-in step; else the step's own error (`step_failed`)."""
+    cause = _cause_beyond_the_step(error, model, spec, sparse_named=True)
+    return cause if cause is not None else step_failed(spec, error, where)
+
+
+def _cause_beyond_the_step(
+    error: Exception, model: nn.Module, spec: StepSpec, *, sparse_named: bool
+) -> NinlabError | None:
+    """The cause of `error` in what any step of `model` runs, whoever wrote the step; None where
+    it is not one of them. `sparse_named`: blame a sparse embedding only for an error that says
+    sparse (a user's step may fail for reasons of its own)."""
     reason = one_line(error)
     if out_of_memory(error):
         return NinlabError(
             f"the step ran out of memory on this machine ({reason}); use a smaller batch"
         )
     sparse = _sparse_modules(model)
-    if sparse and spec.mode == "train":
+    if sparse and spec.mode == "train" and (not sparse_named or "sparse" in reason.lower()):
         return NinlabError(
             f"the model's {', '.join(sparse)} {'has' if len(sparse) == 1 else 'have'} sparse=True: "
             "its gradients are sparse tensors, which a trace on fake tensors cannot account for "
@@ -86,6 +108,19 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
             f"run the model in another dtype (dtype={' or '.join(map(repr, others))}, --dtype)"
         )
+    if _ONE_VALUE_PER_CHANNEL in reason:
+        return NinlabError(
+            f"a batch norm of the model has one value per channel to normalise in training "
+            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
+            "2 or more, or mode 'infer'"
+        )
+    return None
+
+
+def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabError:
+    """The cause of `error` in how the built-in step called the model: its inputs, its autocast,
+    its targets; the sizes and dtypes given, where nothing else explains it."""
+    reason = one_line(error)
     if spec.amp is not None and _DTYPE_MISMATCH.search(reason):
         return NinlabError(
             f"the model fails under {spec.amp} autocast with a dtype error of its own ({reason}): "
@@ -103,12 +138,6 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
         return NinlabError(
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
-        )
-    if _ONE_VALUE_PER_CHANNEL in reason:
-        return NinlabError(
-            f"a batch norm of the model has one value per channel to normalise in training "
-            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
-            "2 or more, or mode 'infer'"
         )
     missing = _parameters(model)[len(spec.input_sizes) :]
     targets = [p.name for p in missing if any(word in p.name.lower() for word in _TARGET_WORDS)]
