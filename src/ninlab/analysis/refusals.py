@@ -18,7 +18,7 @@ import traceback
 import torch
 from torch import nn
 
-from ninlab.analysis.step import StepSpec, input_dtype_words, step_failed
+from ninlab.analysis.step import StepSpec, deep_copied_a_fake, input_dtype_words, step_failed
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -72,6 +72,8 @@ def step_refused(error: Exception, model: nn.Module, spec: StepSpec, where: str)
     """The one line for a user's step function that raised on `where`: the cause where it lies
     beyond the step's own code (the optimizer, a sparse gradient, a kernel this torch lacks, the
     machine's memory), as for the built-in step; else the step's own error (`step_failed`)."""
+    if deep_copied_a_fake(error):  # in whatever code the copy's tensors reached first
+        return step_failed(spec, error, where)
     cause = _cause_beyond_the_step(error, model, spec, sparse_named=True)
     return cause if cause is not None else step_failed(spec, error, where)
 

@@ -50,6 +50,7 @@ __all__ = [
     "builtin_targets",
     "call_model",
     "check_trains",
+    "deep_copied_a_fake",
     "determined_input",
     "example_inputs",
     "inference_step",
@@ -547,14 +548,19 @@ def load_step(path: str) -> StepFunction:
 _MIXED_FAKE_MODES = "Mixing fake modes NYI"
 
 
+def deep_copied_a_fake(error: BaseException) -> bool:
+    """Whether `error` is PyTorch refusing a deep copy of a fake tensor made while a step ran:
+    the copy gets a fake mode of its own, which the next op mixing the two refuses (its message
+    names two objects by address)."""
+    return _MIXED_FAKE_MODES in str(error)
+
+
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran. A step
     that used the targets it was handed as a tensor where they were None (the model's output is
     not logits, so no labels fit it) is told to make its own."""
     reason = one_line(error)
-    if _MIXED_FAKE_MODES in reason:
-        # PyTorch deep-copies a fake tensor into a fake mode of its own, which the next op
-        # mixing the two refuses; its message names two objects by address.
+    if deep_copied_a_fake(error):
         return NinlabError(
             f"the step {spec.step_name} deep-copies the model's tensors while it runs "
             "(copy.deepcopy, AveragedModel), which a trace on fake tensors cannot follow; make "
