@@ -112,7 +112,7 @@ def memory_vs_batch(
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line).
     `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`); `known`:
     exact peaks of this step at `level` already found (`BatchFit.known`), read, not predicted."""
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=model, **fields).at_any_batch()
     first, second = (valid_batch_size(b) for b in batch_sizes)
     if first == second:
         raise NinlabError(f"memory vs batch needs two different batch sizes, got {first} twice")
@@ -279,7 +279,7 @@ def fit_batch(
     level = _level(level)
     budget = budget_bytes(budget)
     max_batch_size = valid_batch_size(max_batch_size)
-    spec = step_spec(spec, model=valid_model(model), **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields).at_any_batch()
     peak = _Peaks(model, spec, level, predicted=predicted)
     low = _search(peak, budget, max_batch_size)
     trust = peak.trust(low)
@@ -310,7 +310,7 @@ def largest_batch(
     (at least its lower bound is) and which, where kernels are probed, costs a probe of each at
     that size. For the budget planner, which shows each alternative's answer, not its peaks."""
     budget = budget_bytes(budget)
-    spec = step_spec(spec, model=valid_model(model), **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields).at_any_batch()
     peak = _Peaks(model, spec, "allocator", predicted=predicted)
     low = _search(peak, budget, _LARGEST_SEARCHED)
     return low, peak.trust(low)

@@ -127,7 +127,11 @@ def predict_memory(
             report
             if small == report.batch_size
             else predict_recorded(
-                model, spec, batch_size=small, model_name=model_name, probe_kernels=probe_kernels
+                model,
+                spec.at_any_batch(),
+                batch_size=small,
+                model_name=model_name,
+                probe_kernels=probe_kernels,
             )[0]
         )
         report = replace(report, verification=verification(model, at_small))

@@ -359,6 +359,12 @@ class StepSpec:
         """A copy with some fields changed, checked again."""
         return dataclasses.replace(self, **changes)
 
+    def at_any_batch(self) -> StepSpec:
+        """This step with the example inputs' batch dropped, for a question asked at other
+        batches (the largest that fits, the line through several, a verification at a small
+        one): the examples still give the sizes, dtypes and value ranges of a sample."""
+        return self if self.example_batch is None else self.replace(example_batch=None)
+
     def inference(self) -> StepSpec:
         """The inference of this step's model, input and precision."""
         return self.replace(mode="infer", ddp=None, step=None)
