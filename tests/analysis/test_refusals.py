@@ -140,3 +140,18 @@ def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
     assert str(refused.value).startswith(
         "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
     )
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_an_input_named_as_no_argument_of_the_forward_names_the_arguments(call: Callable) -> None:
+    # Refused as "the model cannot run a train step on a batch of 8 inputs (TypeError: ...
+    # unexpected keyword argument 'x'); give the input sizes and dtype its forward expects".
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(NinlabError) as refused:
+        call(model, input_size={"x": (8,)}, batch_size=2)
+    message = str(refused.value)
+    assert message.startswith("the model's forward takes no argument named x (TypeError: ")
+    assert message.endswith(
+        "its arguments are input: name the inputs as they are, or give them by position "
+        "(input_size without names, --input SIZE)"
+    )

@@ -154,6 +154,14 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"{', '.join(targets)}; {reason}), and the built-in step gives it inputs only; "
             "summarize or predict it with mode 'infer' (--mode infer)"
         )
+    unknown = _unknown_names(model, spec)
+    if unknown:
+        taken = [p.name for p in _keyword_parameters(model)]
+        return NinlabError(
+            f"the model's forward takes no argument named {', '.join(unknown)} ({reason}); its "
+            f"arguments are {', '.join(taken) or 'none by name'}: name the inputs as they are, or "
+            "give them by position (input_size without names, --input SIZE)"
+        )
     keywords = _required_keywords(model, spec)
     if keywords:
         names = [p.name for p in _parameters(model)][: len(spec.input_sizes)] + keywords
@@ -264,6 +272,28 @@ def _required_keywords(model: nn.Module, spec: StepSpec) -> list[str]:
         and p.default is inspect.Parameter.empty
         and p.name not in spec.input_names
     ]
+
+
+def _keyword_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """The forward's arguments that may be given by name."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in signature.parameters.values() if p.kind in kinds]
+
+
+def _unknown_names(model: nn.Module, spec: StepSpec) -> list[str]:
+    """The inputs' names the forward has no argument for (and no `**kwargs` to take them)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return []
+    taken = {p.name for p in _keyword_parameters(model)}
+    return [name for name in spec.input_names if name not in taken]
 
 
 def _batch_inside(model: nn.Module, spec: StepSpec) -> bool:
