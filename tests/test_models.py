@@ -137,6 +137,20 @@ def test_a_path_to_a_model_built_already_is_that_model():
         del layer_zoo.built_already
 
 
+def test_a_factory_that_exits_is_one_line():
+    import layer_zoo
+
+    def exits():
+        raise SystemExit("no GPU here")
+
+    layer_zoo.exits = exits
+    try:
+        with pytest.raises(ModelSpecError, match=r"failed .* \(SystemExit: no GPU here\)$"):
+            resolve_model("layer_zoo:exits")
+    finally:
+        del layer_zoo.exits
+
+
 def test_registry_refuses_duplicates():
     with pytest.raises(ModelSpecError, match="already registered"):
         register_config("nin-d2l", NiNConfig(get_config("nin-d2l").layers))

@@ -375,7 +375,7 @@ def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
         return factory
     try:
         model = factory()
-    except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
         raise ModelSpecError(
             f"factory {spec!r} failed when called with no arguments ({one_line(error)})"
         ) from None
