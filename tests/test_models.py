@@ -142,6 +142,32 @@ def test_factory_path_builds_any_module():
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_a_path_to_a_model_built_already_is_that_model():
+    # It was called as a factory: its forward ran with no input, and the CLI said the factory
+    # "failed when called with no arguments (TypeError: ... missing ... 'x')".
+    import layer_zoo
+
+    layer_zoo.built_already = torch.nn.Linear(3, 2)
+    try:
+        assert resolve_model("layer_zoo:built_already") is layer_zoo.built_already
+    finally:
+        del layer_zoo.built_already
+
+
+def test_a_factory_that_exits_is_one_line():
+    import layer_zoo
+
+    def exits():
+        raise SystemExit("no GPU here")
+
+    layer_zoo.exits = exits
+    try:
+        with pytest.raises(ModelSpecError, match=r"failed .* \(SystemExit: no GPU here\)$"):
+            resolve_model("layer_zoo:exits")
+    finally:
+        del layer_zoo.exits
+
+
 def test_registry_refuses_duplicates():
     with pytest.raises(ModelSpecError, match="already registered"):
         register_config("nin-d2l", NiNConfig(get_config("nin-d2l").layers))

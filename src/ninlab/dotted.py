@@ -38,6 +38,12 @@ def import_function(
             raise error(str(refused)) from None
     try:
         module = _module(module_path)
+    except SystemExit as exit:
+        raise error(
+            f"importing {module_path!r} for {what} {path!r} exited (SystemExit: {exit.code}): "
+            "it runs a program when imported (parses its command line, trains); put that under "
+            "if __name__ == '__main__':"
+        ) from None
     except Exception as exception:  # noqa: BLE001 - any import failure is the user's, in one line
         raise error(
             f"cannot import {module_path!r} for {what} {path!r} ({one_line(exception)}); "

@@ -402,7 +402,8 @@ def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
     """A registry name, a variant (`name:key=value,...`) or a factory
     path `package.module:function`.
 
-    A factory is called with no arguments and must return an `nn.Module`. `weights=False`
+    A factory is called with no arguments and must return an `nn.Module`; a module the path
+    names that is one already (`package.module:model`) is that model. `weights=False`
     builds a registry model on the meta device: its shapes without its memory, all the
     accountant needs (a factory is called as it is, since it may need its weights).
     """
@@ -422,9 +423,13 @@ def resolve_model(spec: str, *, weights: bool = True) -> nn.Module:
     factory = import_function(
         spec, what="model", expects="a function that returns an nn.Module", error=ModelSpecError
     )
+    if isinstance(factory, nn.Module):
+        # A model built at import (`model = Net()` in the module): the model, not a factory;
+        # called, it would run its forward with no input.
+        return factory
     try:
         model = factory()
-    except Exception as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever the user's factory raises, in one line
         raise ModelSpecError(
             f"factory {spec!r} failed when called with no arguments ({one_line(error)})"
         ) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from torch import nn
 
 from ninlab.analysis import batch, kernel_probe
@@ -181,3 +182,14 @@ def test_the_largest_batch_alone_is_the_fits_answer_probing_no_other_size(
     monkeypatch.setattr(TracedStep, "report", counted)
     assert largest_batch(nin, spec, budget="40MiB") == (fit.batch_size, fit.trust)
     assert fit.batch_size in probed and set(probed) <= set(fit.known)
+
+
+def test_example_tensors_give_a_sample_to_questions_at_other_batches() -> None:
+    # Refused as "batch size 1 differs from the example inputs' batch, 3; drop batch_size", a
+    # batch_size nobody gave: the search and the line ask at batches of their own.
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    example = torch.randn(3, 20)
+    fit = fit_batch(model, input_size=example, budget="64KiB")
+    assert fit == fit_batch(model, input_size=(20,), budget="64KiB")
+    scaling = memory_vs_batch(model, input_size=example)
+    assert scaling == memory_vs_batch(model, input_size=(20,))

@@ -296,6 +296,32 @@ def test_another_librarys_op_is_an_op_its_temporaries_its_workspace() -> None:
     assert predict_memory(model, spec, batch_size=2).live_peak_bytes == result.live_peak_bytes
 
 
+class _WhereANumber(nn.Module):
+    """`torch.where` with a Python number for one side: an overload (where.ScalarOther) that
+    runs as its parts, `scalar_tensor` and where.self, under a name that also has a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return torch.where(y > 0, y, 0.5)
+
+
+def test_a_composite_overloads_parts_are_ops_their_outputs_storages() -> None:
+    """The number's 0-d tensor is `scalar_tensor`'s output, read by where.self, a storage as the
+    predictor counts it, not a workspace of the `aten::where` the profiler shows around both."""
+    model = _WhereANumber()
+    spec = StepSpec(input_size=(16,), mode="infer")
+    result = measure(model, spec, batch_size=2)
+    parameters = (16 * 16 + 16) * 4
+    # At where.self: the parameters, the input, the linear's output, the mask, the number (a
+    # float32 0-d tensor) and where's output.
+    assert result.live_peak_bytes == parameters + 2 * 16 * 4 * 3 + 2 * 16 + 4
+    assert predict_memory(model, spec, batch_size=2).live_peak_bytes == result.live_peak_bytes
+
+
 def _with_a_copy(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.nn.Module]:
     """SGD, and a frozen copy of the model that the step moves towards it (an EMA by hand)."""
     copy = copy_module.deepcopy(model).requires_grad_(False)

@@ -178,3 +178,17 @@ def test_an_alternative_that_is_the_step_as_given_is_not_traced_again(
     assert said[0] == "as given"
     assert [what for what in said if what in options] == list(options)
     assert {"autocast", "checkpointing", "accumulation", "optimizer"} <= set(said)
+
+
+def test_a_plan_of_example_tensors_is_for_their_batch() -> None:
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    plan = plan_budget(model, input_size=torch.randn(3, 20), budget="64KiB")
+    sized = plan_budget(model, input_size=(20,), budget="64KiB", batch_size=3)
+    assert plan.batch_size == 3
+    assert (plan.recommendation, plan.skipped) == (sized.recommendation, sized.skipped)
+    # The options differ only in the spec's dtype, which the examples give: float32.
+    assert [dataclasses.replace(o, spec=None) for o in plan.options] == [
+        dataclasses.replace(o, spec=None) for o in sized.options
+    ]
+    with pytest.raises(NinlabError, match="differs from the example inputs' batch, 3"):
+        plan_budget(model, input_size=torch.randn(3, 20), budget="64KiB", batch_size=4)

@@ -32,6 +32,72 @@ def test_an_optimizer_that_fails_is_blamed_not_the_input(kind: str, call: Callab
     assert "input size" not in message and "\n" not in message
 
 
+def _own_step(model: nn.Module, optimizers, inputs: torch.Tensor, targets: torch.Tensor):
+    for optimizer in optimizers if isinstance(optimizers, tuple) else (optimizers,):
+        optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    for optimizer in optimizers if isinstance(optimizers, tuple) else (optimizers,):
+        optimizer.step()
+    return loss
+
+
+class _SparseBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(1))
+
+
+def _sparse_adam_and_adam(model: _SparseBag) -> tuple[torch.optim.Optimizer, ...]:
+    return torch.optim.SparseAdam(model.embedding.parameters()), torch.optim.Adam(
+        model.head.parameters()
+    )
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_a_step_functions_failure_beyond_its_code_names_the_cause(call: Callable) -> None:
+    # A user's step got the raw error: "the step _own_step raised on fake tensors:
+    # AssertionError: If capturable=True, ..." and "NotImplementedError: Cannot access storage
+    # of SparseTensorImpl", where the built-in step named the optimizer and the sparse layer.
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(NinlabError) as refused:
+        call(
+            model,
+            input_size=(16,),
+            batch_size=2,
+            optimizer=_FAILING_OPTIMIZERS["capturable on CPU"],
+            step=_own_step,
+        )
+    assert str(refused.value).startswith("the optimizer <lambda> fails on this model's parameters")
+    # measure predicts first, and refuses it in the same line.
+    with pytest.raises(NinlabError) as refused:
+        call(
+            _SparseBag(),
+            input_size=(6,),
+            input_dtype="long",
+            input_range=(0, 20),
+            batch_size=2,
+            optimizer=_sparse_adam_and_adam,
+            step=_own_step,
+        )
+    assert str(refused.value).startswith("the model's embedding has sparse=True: its gradients")
+
+
+def _divides_by_zero(model: nn.Module, optimizer, inputs: torch.Tensor, targets: torch.Tensor):
+    return 1 / 0
+
+
+def test_a_step_functions_own_error_is_its_own() -> None:
+    with pytest.raises(NinlabError, match=r"^the step _divides_by_zero raised on fake tensors: Z"):
+        predict_memory(
+            _SparseBag(), input_size=(6,), input_dtype="long", batch_size=2, step=_divides_by_zero
+        )
+
+
 def test_a_model_that_rejects_its_input_is_still_told_about_the_input() -> None:
     model = nn.Linear(8, 4)
     with pytest.raises(NinlabError, match="give the input sizes and dtype its forward expects"):
@@ -148,3 +214,18 @@ def test_a_saved_tensor_changed_in_place_is_named_not_the_input(call: Callable) 
     message = str(refused.value)
     assert message.startswith("the model changes in place a tensor autograd saved for backward (")
     assert message.endswith("clone the tensor before changing it, or change it after the backward")
+
+
+@pytest.mark.parametrize("call", [predict_memory, measure])
+def test_an_input_named_as_no_argument_of_the_forward_names_the_arguments(call: Callable) -> None:
+    # Refused as "the model cannot run a train step on a batch of 8 inputs (TypeError: ...
+    # unexpected keyword argument 'x'); give the input sizes and dtype its forward expects".
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(NinlabError) as refused:
+        call(model, input_size={"x": (8,)}, batch_size=2)
+    message = str(refused.value)
+    assert message.startswith("the model's forward takes no argument named x (TypeError: ")
+    assert message.endswith(
+        "its arguments are input: name the inputs as they are, or give them by position "
+        "(input_size without names, --input SIZE)"
+    )

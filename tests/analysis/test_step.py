@@ -213,3 +213,17 @@ def test_channels_last_prediction_equals_measurement(mode: str) -> None:
         assert report.allocator_peak_bytes <= measured.allocator_peak_bytes
     else:
         assert report.allocator_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
+
+
+def test_a_step_at_any_batch_keeps_what_its_examples_say_but_their_batch() -> None:
+    examples = (torch.zeros(3, 5), torch.ones(3, 4, dtype=torch.long) * 6)
+    spec = StepSpec(input_size=examples)
+    assert spec.example_batch == 3
+    anywhere = spec.at_any_batch()
+    assert anywhere.example_batch is None
+    assert (anywhere.input_sizes, anywhere.input_dtypes, anywhere.input_ranges) == (
+        spec.input_sizes,
+        spec.input_dtypes,
+        spec.input_ranges,
+    )
+    assert anywhere.at_any_batch() is anywhere

@@ -186,3 +186,13 @@ def test_a_verification_that_fails_says_by_how_much_and_where() -> None:
     # A lower bound that holds is verified; one above the measurement is not.
     assert Verification(2, 1, 1, 900, 1_000, True, "", "", "", "").verified
     assert not Verification(2, 1, 1, 1_100, 1_000, True, "", "", "", "").verified
+
+
+def test_verify_of_example_tensors_runs_at_its_own_small_batch() -> None:
+    # Refused as "batch size 2 differs from the example inputs' batch, 3; drop batch_size".
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    report = predict_memory(model, input_size=torch.randn(3, 20), verify=True)
+    assert report.batch_size == 3
+    verified = report.verification
+    assert verified is not None and verified.batch_size == VERIFY_BATCH_SIZE
+    assert verified.predicted_live_bytes == verified.measured_live_bytes

@@ -686,6 +686,19 @@ def _quantized_lstm() -> nn.Module:
     )
 
 
+class _WhereANumber(nn.Module):
+    """Scores masked by `torch.where` with a Python number, as attention masks are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(x)
+        return self.head(torch.where(scores > 0, scores, -1.0).softmax(-1))
+
+
 _IMAGE = (3, 16, 16)
 
 
@@ -922,6 +935,8 @@ LAYER_ZOO = (
     # -- found by the red-model probe (issue 20, fourth round) --
     Case("lstm-quantized-dynamic", "layer zoo", _quantized_lstm, (12, 16), setups=("infer",)),
     Case("flex-attention-eager", "layer zoo", _FlexAttention, (8, 32), setups=("infer",)),
+    # -- found by the step probe (issue 20, fourth round) --
+    Case("where-a-number", "layer zoo", _WhereANumber, (16,), setups=("sgd", "infer")),
 )
 
 

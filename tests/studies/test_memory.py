@@ -2,6 +2,7 @@
 figure the accountant's own."""
 
 import pytest
+import torch
 from torch import nn
 
 from ninlab.analysis.batch import fit_batch, memory_vs_batch
@@ -60,3 +61,9 @@ def test_an_answer_of_one_still_spreads_the_line(nin: nn.Module) -> None:
     study = study_batch(nin, SPEC, budget=budget)
     assert study.fit.batch_size == 1
     assert (study.scaling.batch_sizes, study.scaling.check_batch_size) == ((1, 2), 3)
+
+
+def test_example_tensors_are_studied_at_any_batch() -> None:
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    study = study_batch(model, input_size=torch.randn(3, 20), budget="64KiB")
+    assert study == study_batch(model, input_size=(20,), budget="64KiB")

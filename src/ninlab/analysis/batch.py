@@ -112,7 +112,7 @@ def memory_vs_batch(
     exact predictions at two batch sizes, checked at a third (`linear`: it lands on the line).
     `fallback`: a step fake tensors cannot run, already measured (`BatchFit.fallback`); `known`:
     exact peaks of this step at `level` already found (`BatchFit.known`), read, not predicted."""
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=model, **fields).at_any_batch()
     if not isinstance(batch_sizes, (tuple, list)) or len(batch_sizes) != 2:
         raise NinlabError(
             "batch_sizes must be two batch sizes, such as (64, 128), got "
@@ -284,7 +284,7 @@ def fit_batch(
     level = _level(level)
     budget = budget_bytes(budget)
     max_batch_size = valid_batch_size(max_batch_size)
-    spec = step_spec(spec, model=valid_model(model), **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields).at_any_batch()
     peak = _Peaks(model, spec, level, predicted=predicted)
     low = _search(peak, budget, max_batch_size)
     trust = peak.trust(low)
@@ -315,7 +315,7 @@ def largest_batch(
     (at least its lower bound is) and which, where kernels are probed, costs a probe of each at
     that size. For the budget planner, which shows each alternative's answer, not its peaks."""
     budget = budget_bytes(budget)
-    spec = step_spec(spec, model=valid_model(model), **fields)
+    spec = step_spec(spec, model=valid_model(model), **fields).at_any_batch()
     peak = _Peaks(model, spec, "allocator", predicted=predicted)
     low = _search(peak, budget, _LARGEST_SEARCHED)
     return low, peak.trust(low)

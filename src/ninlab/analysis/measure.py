@@ -14,9 +14,11 @@ Two levels are measured, each with a method that shares no code with the predict
   dispatch mode would be handed (one with a kernel of its own, aten's or another library's such
   as `torchvision::deform_conv2d`; composite ops such as `conv2d`, or
   `max_pool2d` under `torch.inference_mode()`, count as their parts, so max pooling's int64
-  indices are storages) allocates and frees it before returning: that is its workspace (so is a
-  Python number wrapped as a tensor for one op's argument). The
-  level starts at the storages alive when the step starts, counted from the tensors themselves.
+  indices are storages, and so does an overload of that kind under a name that also has
+  kernels: `torch.where(mask, x, 0.0)`'s number is `scalar_tensor`'s output) allocates and
+  frees it before returning: that is its workspace (so is a Python number wrapped as a tensor
+  for one op's argument). The level starts at the storages alive when the step starts, counted
+  from the tensors themselves.
   On CUDA, a dispatch mode on the real tensors counts each storage an op returns once (views
   share it) and uncounts it when the storage dies (a weak reference on `untyped_storage()`), with
   the out-of-place sums that brings. The first step is always counted that way: what it leaves
@@ -63,7 +65,7 @@ from ninlab.analysis.model_state import (
 )
 from ninlab.analysis.phases import StepPhases, annotation_phase
 from ninlab.analysis.quiet_profiler import quiet_profile
-from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory
+from ninlab.analysis.refusals import cannot_run, check_traceable, out_of_memory, step_refused
 from ninlab.analysis.step import (
     StepInputs,
     StepSpec,
@@ -76,7 +78,6 @@ from ninlab.analysis.step import (
     optimizer_state,
     optimizers_in,
     step_arguments,
-    step_failed,
     step_spec,
     valid_model,
 )
@@ -368,11 +369,28 @@ def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
         event = pending.pop()
         if event.typed[0] != EventType.TorchOp:
             continue
-        if _composite_name(event.name) is False and not _autocast_call(event):
+        if (
+            _composite_name(event.name) is False
+            and not _autocast_call(event)
+            and not _composite_overload_call(event)
+        ):
             spans.append((event.start_time_ns, event.end_time_ns, event.name))
         else:
             pending += event.children
     return spans
+
+
+def _composite_overload_call(event: Any) -> bool:
+    """Whether a profiled op is a CompositeImplicitAutograd-only overload of a name that also
+    has kernels, running as its parts: it calls an overload of its own name among them
+    (`torch.where(mask, 0.0, x)`, where.ScalarOther, is `scalar_tensor`, then where.self; a
+    dispatch mode is handed the two, so the 0-d tensor is a storage, not where's workspace).
+    The profiler names no overload, and a kernel does not call its own name again."""
+    if not _COMPOSITE_OVERLOADS.get(event.name, False):
+        return False
+    return any(
+        child.typed[0] == EventType.TorchOp and child.name == event.name for child in event.children
+    )
 
 
 def _autocast_call(event: Any) -> bool:
@@ -407,6 +425,9 @@ def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:
 
 
 _COMPOSITE_NAMES: dict[str, bool | None] = {}
+# The names of which some overloads, not all, run as their parts (`where`, `upsample_nearest2d`,
+# `repeat_interleave`), filled in by `_composite_name`.
+_COMPOSITE_OVERLOADS: dict[str, bool] = {}
 
 
 def _composite_name(profiled: str) -> bool | None:
@@ -429,6 +450,7 @@ def _composite_name(profiled: str) -> bool | None:
         names = [getattr(packet, o).name() for o in overloads if "out" not in o]
         kinds = [kind for kind in map(_composite_kind, names) if kind is not None]
         known = bool(kinds) and all(kinds)
+        _COMPOSITE_OVERLOADS[profiled] = any(kinds) and not known
     _COMPOSITE_NAMES[profiled] = known
     return known
 
@@ -601,7 +623,9 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
             except Exception as error:  # noqa: BLE001 - the step may raise anything: one line naming it
                 if spec.step is None:
                     raise cannot_run(error, model, spec) from None
-                raise step_failed(spec, error, f"real tensors, batch {batch_size}") from None
+                raise step_refused(
+                    error, model, spec, f"real tensors, batch {batch_size}"
+                ) from None
 
     else:
         model.eval()

@@ -32,11 +32,11 @@ from ninlab.analysis.predict import predict_recorded
 from ninlab.analysis.step import (
     StepFunction,
     StepSpec,
+    batch_size_of,
     builtin_loss,
     call_model,
     model_arguments,
     step_spec,
-    valid_batch_size,
     valid_model,
 )
 from ninlab.errors import NinlabError, shorten
@@ -135,13 +135,14 @@ def plan_budget(
     spec: StepSpec | None = None,
     *,
     budget: int | str,
-    batch_size: int,
+    batch_size: int | None = None,
     given_fit: BatchFit | None = None,
     progress: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> BudgetPlan:
     """The largest batch that fits `budget` (bytes or "8GiB") at the allocator level, for the step
-    as given and each alternative, and which one to use for `batch_size`. `given_fit`: the step
+    as given and each alternative, and which one to use for `batch_size` (None: the batch of
+    the example tensors given as the input). `given_fit`: the step
     as given already fitted into this budget at the allocator level (`study_batch` fits it
     first), not searched again. `progress`: told what the plan works on next (a kind of
     alternative, then each alternative by name), for a command to show: a plan is many
@@ -152,7 +153,8 @@ def plan_budget(
         )
     say = progress or (lambda _what: None)
     spec = step_spec(spec, model=valid_model(model), **fields)
-    batch_size = valid_batch_size(batch_size)
+    batch_size = batch_size_of(spec, batch_size)
+    spec = spec.at_any_batch()
     if spec.mode != "train":
         raise NinlabError("the budget planner plans a training step; use mode 'train'")
     budget = budget_bytes(budget)

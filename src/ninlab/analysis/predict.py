@@ -67,13 +67,12 @@ from ninlab.analysis.memory_report import (
 )
 from ninlab.analysis.recorder import temporaries_kept_out_of_place, unfollowed_formulas
 from ninlab.analysis.recording import OpRecord, SavedTensor
-from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable
+from ninlab.analysis.refusals import NOT_TRACEABLE, cannot_run, check_traceable, step_refused
 from ninlab.analysis.step import (
     DDPSpec,
     StepSpec,
     batch_size_of,
     check_trains,
-    step_failed,
     step_spec,
     valid_model,
 )
@@ -131,7 +130,11 @@ def predict_memory(
             report
             if small == report.batch_size
             else predict_recorded(
-                model, spec, batch_size=small, model_name=model_name, probe_kernels=probe_kernels
+                model,
+                spec.at_any_batch(),
+                batch_size=small,
+                model_name=model_name,
+                probe_kernels=probe_kernels,
             )[0]
         )
         report = replace(report, verification=verification(model, at_small))
@@ -208,7 +211,7 @@ def trace_step(
         raise
     except Exception as error:  # noqa: BLE001 - whatever the step or model raises, as one line naming why
         if spec.step is not None:
-            raise step_failed(spec, error, "fake tensors") from None
+            raise step_refused(error, model, spec, "fake tensors") from None
         raise cannot_run(error, model, spec) from None
     varies = _varies(step) + _saves(step)
     return TracedStep(traced, step, name, varies)

@@ -4,6 +4,8 @@ A model a user brings can fail for reasons of its own: it is scripted, it needs 
 training mode, its forward branches on tensor values, or it simply rejects the batch. The tracer
 raises whatever the model raised; `cannot_run` turns that into one `NinlabError` that says which
 of these it was and what to do, never the model's raw exception and never an unrelated hint.
+A user's step function that fails is refused by `step_refused`: the same causes where they lie
+beyond its code (the optimizer, a sparse gradient, a kernel this torch lacks), else its own error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import traceback
 import torch
 from torch import nn
 
-from ninlab.analysis.step import StepSpec, input_dtype_words
+from ninlab.analysis.step import StepSpec, deep_copied_a_fake, input_dtype_words, step_failed
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -26,7 +28,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
 
-__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable", "out_of_memory"]
+__all__ = ["NOT_TRACEABLE", "cannot_run", "check_traceable", "out_of_memory", "step_refused"]
 
 # What a model raises on fake tensors when its forward needs tensor values: `if x.sum() > 0`,
 # `.item()`, `nonzero()` (a shape that depends on data), or an op fake tensors do not implement.
@@ -60,13 +62,35 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
     """The one line that says why `model` could not run the step `spec` describes."""
     if isinstance(error, NinlabError):
         return error
+    cause = _cause_beyond_the_step(error, model, spec, sparse_named=False)
+    if cause is not None:
+        return cause
+    return _cause_in_the_call(error, model, spec)
+
+
+def step_refused(error: Exception, model: nn.Module, spec: StepSpec, where: str) -> NinlabError:
+    """The one line for a user's step function that raised on `where`: the cause where it lies
+    beyond the step's own code (the optimizer, a sparse gradient, a kernel this torch lacks, the
+    machine's memory), as for the built-in step; else the step's own error (`step_failed`)."""
+    if deep_copied_a_fake(error):  # in whatever code the copy's tensors reached first
+        return step_failed(spec, error, where)
+    cause = _cause_beyond_the_step(error, model, spec, sparse_named=True)
+    return cause if cause is not None else step_failed(spec, error, where)
+
+
+def _cause_beyond_the_step(
+    error: Exception, model: nn.Module, spec: StepSpec, *, sparse_named: bool
+) -> NinlabError | None:
+    """The cause of `error` in what any step of `model` runs, whoever wrote the step; None where
+    it is not one of them. `sparse_named`: blame a sparse embedding only for an error that says
+    sparse (a user's step may fail for reasons of its own)."""
     reason = one_line(error)
     if out_of_memory(error):
         return NinlabError(
             f"the step ran out of memory on this machine ({reason}); use a smaller batch"
         )
     sparse = _sparse_modules(model)
-    if sparse and spec.mode == "train":
+    if sparse and spec.mode == "train" and (not sparse_named or "sparse" in reason.lower()):
         return NinlabError(
             f"the model's {', '.join(sparse)} {'has' if len(sparse) == 1 else 'have'} sparse=True: "
             "its gradients are sparse tensors, which a trace on fake tensors cannot account for "
@@ -86,6 +110,19 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
             f"run the model in another dtype (dtype={' or '.join(map(repr, others))}, --dtype)"
         )
+    if _ONE_VALUE_PER_CHANNEL in reason:
+        return NinlabError(
+            f"a batch norm of the model has one value per channel to normalise in training "
+            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
+            "2 or more, or mode 'infer'"
+        )
+    return None
+
+
+def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabError:
+    """The cause of `error` in how the built-in step called the model: its inputs, its autocast,
+    its targets; the sizes and dtypes given, where nothing else explains it."""
+    reason = one_line(error)
     if spec.amp is not None and _DTYPE_MISMATCH.search(reason):
         return NinlabError(
             f"the model fails under {spec.amp} autocast with a dtype error of its own ({reason}): "
@@ -119,12 +156,6 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             "real step fails the same way; clone the tensor before changing it, or change it "
             "after the backward"
         )
-    if _ONE_VALUE_PER_CHANNEL in reason:
-        return NinlabError(
-            f"a batch norm of the model has one value per channel to normalise in training "
-            f"({reason}): a batch of one sample with nothing else to average over; use a batch of "
-            "2 or more, or mode 'infer'"
-        )
     missing = _parameters(model)[len(spec.input_sizes) :]
     targets = [p.name for p in missing if any(word in p.name.lower() for word in _TARGET_WORDS)]
     # Needed where the forward cannot do without them, or its error asks for them: a Hugging
@@ -137,6 +168,14 @@ def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabErro
             f"the model needs its targets to run in training mode (its forward takes "
             f"{', '.join(targets)}; {reason}), and the built-in step gives it inputs only; "
             "summarize or predict it with mode 'infer' (--mode infer)"
+        )
+    unknown = _unknown_names(model, spec)
+    if unknown:
+        taken = [p.name for p in _keyword_parameters(model)]
+        return NinlabError(
+            f"the model's forward takes no argument named {', '.join(unknown)} ({reason}); its "
+            f"arguments are {', '.join(taken) or 'none by name'}: name the inputs as they are, or "
+            "give them by position (input_size without names, --input SIZE)"
         )
     keywords = _required_keywords(model, spec)
     if keywords:
@@ -258,6 +297,28 @@ def _required_keywords(model: nn.Module, spec: StepSpec) -> list[str]:
         and p.default is inspect.Parameter.empty
         and p.name not in spec.input_names
     ]
+
+
+def _keyword_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """The forward's arguments that may be given by name."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in signature.parameters.values() if p.kind in kinds]
+
+
+def _unknown_names(model: nn.Module, spec: StepSpec) -> list[str]:
+    """The inputs' names the forward has no argument for (and no `**kwargs` to take them)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return []
+    taken = {p.name for p in _keyword_parameters(model)}
+    return [name for name in spec.input_names if name not in taken]
 
 
 def _batch_inside(model: nn.Module, spec: StepSpec) -> bool:

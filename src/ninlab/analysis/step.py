@@ -50,6 +50,7 @@ __all__ = [
     "builtin_targets",
     "call_model",
     "check_trains",
+    "deep_copied_a_fake",
     "determined_input",
     "example_inputs",
     "inference_step",
@@ -358,6 +359,12 @@ class StepSpec:
         """A copy with some fields changed, checked again."""
         return dataclasses.replace(self, **changes)
 
+    def at_any_batch(self) -> StepSpec:
+        """This step with the example inputs' batch dropped, for a question asked at other
+        batches (the largest that fits, the line through several, a verification at a small
+        one): the examples still give the sizes, dtypes and value ranges of a sample."""
+        return self if self.example_batch is None else self.replace(example_batch=None)
+
     def inference(self) -> StepSpec:
         """The inference of this step's model, input and precision."""
         return self.replace(mode="infer", ddp=None, step=None)
@@ -547,14 +554,19 @@ def load_step(path: str) -> StepFunction:
 _MIXED_FAKE_MODES = "Mixing fake modes NYI"
 
 
+def deep_copied_a_fake(error: BaseException) -> bool:
+    """Whether `error` is PyTorch refusing a deep copy of a fake tensor made while a step ran:
+    the copy gets a fake mode of its own, which the next op mixing the two refuses (its message
+    names two objects by address)."""
+    return _MIXED_FAKE_MODES in str(error)
+
+
 def step_failed(spec: StepSpec, error: BaseException, where: str) -> NinlabError:
     """One line for a user's step function that raised: its own error, and where it ran. A step
     that used the targets it was handed as a tensor where they were None (the model's output is
     not logits, so no labels fit it) is told to make its own."""
     reason = one_line(error)
-    if _MIXED_FAKE_MODES in reason:
-        # PyTorch deep-copies a fake tensor into a fake mode of its own, which the next op
-        # mixing the two refuses; its message names two objects by address.
+    if deep_copied_a_fake(error):
         return NinlabError(
             f"the step {spec.step_name} deep-copies the model's tensors while it runs "
             "(copy.deepcopy, AveragedModel), which a trace on fake tensors cannot follow; make "

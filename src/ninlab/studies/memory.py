@@ -51,7 +51,7 @@ def study_batch(
     the fit reads instead of predicting their batch sizes again (`fit_batch`). `progress`: told
     which part the study works on next (the plan: which alternative), for a command to show."""
     say = progress or (lambda _what: None)
-    spec = step_spec(spec, model=model, **fields)
+    spec = step_spec(spec, model=model, **fields).at_any_batch()
     say("the largest batch")
     fit = fit_batch(model, spec, budget=budget, level="allocator", predicted=predicted)
     if check_batch_size is None:
