@@ -4,9 +4,11 @@ time, and the pitfalls the rules rest on."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
+from cnn_zoo import resnet_bn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,6 +19,8 @@ from ninlab.analysis.allocator import (
 )
 from ninlab.analysis.allocator.conv_call import conv_backend
 from ninlab.analysis.allocator.onednn_float32 import mkldnn_conv_forward_allocations
+from ninlab.analysis.measure import measure
+from ninlab.analysis.predict import predict_memory
 
 aten = torch.ops.aten
 
@@ -915,24 +919,106 @@ def test_channels_last_batch_norm_backward_sums_per_thread(
     assert measured[-2:] == [thread_count * 2 * 24 * 4, -thread_count * 2 * 24 * 4]
 
 
-def test_reduced_precision_batch_norm_backward_is_left_to_measurement() -> None:
-    x = torch.randn(4, 24, 5, 5).bfloat16()
-    args = (
-        x,
-        x,
-        torch.ones(24),
-        None,
-        None,
-        torch.zeros(24),
-        torch.ones(24),
-        True,
-        1e-5,
-        [True, True, True],
+def _reduced_batch_norm_backward(
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    parameters: torch.dtype | None = torch.float32,
+    channels_last: bool = False,
+    grad_channels_last: bool | None = None,
+    training: bool = True,
+    mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[object, ...]:
+    """A batch norm backward's arguments as the forward before it leaves them: a bfloat16 or
+    float16 input, its weight, bias and running statistics float32 (autocast's mixed-type
+    kernel) or of the input's dtype, or absent (None)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
+    if grad_channels_last is not None:
+        memory_format = torch.channels_last if grad_channels_last else torch.contiguous_format
+    grad = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
+    channels = shape[1]
+    weight, bias, mean, var = (
+        (None,) * 4
+        if parameters is None
+        else (
+            torch.rand(channels, dtype=parameters) + 0.5,
+            torch.zeros(channels, dtype=parameters),
+            torch.zeros(channels, dtype=parameters),
+            torch.ones(channels, dtype=parameters),
+        )
     )
-    assert (
-        "batch norm backward"
-        in cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).unmodelled
+    _, saved_mean, saved_invstd = aten.native_batch_norm.default(
+        x, weight, bias, mean, var, training, 0.1, 1e-5
     )
+    saved = (saved_mean, saved_invstd) if training else (None, None)
+    return (grad, x, weight, mean, var, *saved, training, 1e-5, list(mask))
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize(
+    ("shape", "fields"),
+    [
+        ((4, 24, 5, 5), {}),
+        ((4, 24, 5, 5), {"channels_last": True}),
+        ((2, 3, 4, 4), {"channels_last": True, "mask": (True, False, False)}),
+        ((8, 64, 14, 14), {"channels_last": True, "mask": (False, True, True)}),
+        ((3, 16, 9, 7), {"dtype": torch.float16}),
+        ((3, 16, 9, 7), {"dtype": torch.float16, "channels_last": True}),
+        ((5, 32, 6, 6), {"parameters": torch.bfloat16, "channels_last": True}),
+        ((5, 32, 6, 6), {"parameters": torch.bfloat16}),
+        ((4, 24, 5, 5), {"training": False, "channels_last": True}),
+        ((4, 24, 5, 5), {"parameters": None, "mask": (True, False, False)}),
+        ((8, 16), {}),  # vectors: the channels-last branch
+        ((8, 16, 1, 1), {"mask": (True, False, False)}),
+        ((4, 16, 10), {}),
+        ((1, 32, 7, 7), {"channels_last": True}),
+    ],
+)
+def test_reduced_precision_batch_norm_backward_blocks(
+    shape: tuple[int, ...],
+    fields: dict[str, Any],
+    thread_count: int,
+    threads: Callable[[int], None],
+) -> None:
+    """bfloat16 and float16 batch norm backward (what autocast's convolutions hand it) with input
+    and gradient in one layout: the float32 kernel's blocks, weight and bias gradients in the
+    weight's dtype, and in channels-last three float32 per-channel blocks around the per-thread
+    sums, exactly as the profiler records them."""
+    threads(thread_count)
+    args = _reduced_batch_norm_backward(shape, **fields)
+    blocks = cpu_kernel_allocations("aten.native_batch_norm_backward.default", args)
+    assert blocks.unmodelled == ""
+    assert op_allocations(lambda: aten.native_batch_norm_backward.default(*args)) == deltas(
+        blocks.allocations
+    )
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_a_bf16_conv_net_with_batch_norm_is_exact_without_probing_its_backward(
+    memory_format: str,
+) -> None:
+    """Under bf16 autocast every batch norm backward of a residual net (its convolutions hand it
+    bfloat16, its weight float32) is priced by the rule, not probed, and the step's allocator
+    peak is the measured one."""
+    model = resnet_bn()
+    fields = {"input_size": (3, 16, 16), "amp": "bf16", "memory_format": memory_format}
+    report = predict_memory(model, batch_size=4, optimizer="sgd", **fields)
+    assert report.allocator is not None
+    assert not any("batch_norm" in op for op in report.allocator.measured)
+    measured = measure(model, report.spec, batch_size=4)
+    assert report.allocator_trust.exact
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+def test_reduced_precision_batch_norm_backward_in_two_layouts_is_measured() -> None:
+    """An input and a gradient in two layouts take the kernel's mixed-type copies (a float32
+    copy of a channels-last input, 8,192 bytes for this 4,096), measured per call."""
+    args = _reduced_batch_norm_backward((2, 16, 8, 8), channels_last=True, grad_channels_last=False)
+    assert "two layouts" in (
+        cpu_kernel_allocations("aten.native_batch_norm_backward.default", args).unmodelled
+    )
+    assert 8192 in op_allocations(lambda: aten.native_batch_norm_backward.default(*args))
 
 
 @pytest.mark.parametrize("expanded_grad", [False, True])

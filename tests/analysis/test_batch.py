@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from cnn_zoo import resnet_bn
+from corpus.corpus_cases import CASES, SETUPS, spec_fields
 from torch import nn
 
 from ninlab.analysis import batch, kernel_probe
@@ -19,7 +21,7 @@ from ninlab.analysis.batch import (
 )
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import TracedStep, predict_memory, trace_step
-from ninlab.analysis.step import step_spec
+from ninlab.analysis.step import StepSpec, step_spec
 from ninlab.errors import NinlabError
 from ninlab.models import build_nin
 
@@ -193,3 +195,73 @@ def test_example_tensors_give_a_sample_to_questions_at_other_batches() -> None:
     assert fit == fit_batch(model, input_size=(20,), budget="64KiB")
     scaling = memory_vs_batch(model, input_size=example)
     assert scaling == memory_vs_batch(model, input_size=(20,))
+
+
+# Corpus cases whose ops stay the same from batch to batch, the batch a dimension of each
+# recurrent, attention, embedding and convolution op (a conv net with batch norm among them).
+_GUIDED_CASES = ("lstm", "mha-key-padding-mask", "transformer-encoder", "embedding", "resnet_bn")
+
+
+def _corpus_step(name: str, setup: str) -> tuple[nn.Module, StepSpec]:
+    if name == "resnet_bn":
+        model: nn.Module = resnet_bn()
+        return model, step_spec(model=model, input_size=(3, 16, 16), **SETUPS[setup])
+    (case,) = (case for case in CASES if case.name == name)
+    torch.manual_seed(0)
+    model = case.build()
+    return model, step_spec(model=model, **spec_fields(case, setup))
+
+
+# Under bf16 oneDNN's LSTM workspace is laid out in rounded parts (45,056, 57,344 and 151,552
+# bytes at batch 2, 3 and 9: off the line by 20,480), so there the line misses; a guess is only
+# where the search looks, and the search's answer is held below.
+@pytest.mark.parametrize(
+    ("name", "setup"),
+    [
+        (name, setup)
+        for name in _GUIDED_CASES
+        for setup in ("sgd", "bf16")
+        if (name, setup) != ("lstm", "bf16")
+    ],
+)
+def test_the_lines_through_two_batches_give_each_ops_bytes_at_others(name: str, setup: str) -> None:
+    """The search's guesses (`_Peaks.guess`) read each op's bytes at other batches from the lines
+    through two reports: held against real traces at batch 5 and 9, the line through 2 and 3
+    reaches each one's live peak exactly there, and the guess from one report (the
+    planner's, at the batch it asks about) is the batch itself or one above it."""
+    model, spec = _corpus_step(name, setup)
+    peak = _Peaks(model, spec, "live")
+    for size in (2, 3):
+        peak(size)
+    for size in (5, 9):
+        report = predict_memory(model, spec, batch_size=size)
+        assert peak.guess(report.live_peak_bytes, (2, 3)) == size
+        alone = _Peaks(model, spec, "live", predicted=(report,))
+        assert alone.guess(report.live_peak_bytes, (size,)) in (size, size + 1)
+
+
+@pytest.mark.parametrize("setup", ["sgd", "bf16"])
+@pytest.mark.parametrize("name", _GUIDED_CASES)
+def test_the_guided_search_answers_what_the_exact_search_answers(name: str, setup: str) -> None:
+    """Guesses only say where to look: from the planner's report at batch 4 and its unprobed
+    twin, `largest_batch` answers what the search on exact predictions alone answers (the slow
+    one: every size it asks probed), at a budget a byte short of batch 12's peak and at that
+    peak; so does `fit_batch`, which starts from batch 1."""
+    model, spec = _corpus_step(name, setup)
+    traced = trace_step(model, spec, batch_size=4)
+    assert isinstance(traced, TracedStep)
+    unprobed = traced.report(probe_kernels=False)
+    report = traced.report(probe_kernels=True)
+    exact = _Peaks(model, spec, "allocator")
+    for budget in (exact(12) - 1, exact(12)):
+        slow = _largest_within(exact, exact.known, budget, 1, 1 << 24)
+        guided = largest_batch(
+            model, spec, budget=budget, predicted=(report,), unprobed=(unprobed,)
+        )
+        assert guided == (slow, exact.trust(slow))
+        fit = fit_batch(model, spec, budget=budget)
+        assert (fit.batch_size, fit.peak_bytes, fit.next_peak_bytes) == (
+            slow,
+            exact(slow),
+            exact(slow + 1),
+        )

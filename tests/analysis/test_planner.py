@@ -152,13 +152,13 @@ def test_an_alternative_that_is_the_step_as_given_is_not_traced_again(
     fields = {"input_size": INPUT, "batch_size": batch}
     budget = predict_memory(model, optimizer="sgd-momentum", **fields).allocator_peak_bytes - 1  # type: ignore[arg-type]
     traced = []
-    original = planner.predict_recorded
+    original = planner.trace_step
 
     def counted(model: nn.Module, spec: StepSpec, **kwargs: object) -> object:
         traced.append(spec.optimizer)
         return original(model, spec, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(planner, "predict_recorded", counted)
+    monkeypatch.setattr(planner, "trace_step", counted)
     said: list[str] = []
     plan = plan_budget(
         model, optimizer="sgd:momentum=0.9", budget=budget, progress=said.append, **fields

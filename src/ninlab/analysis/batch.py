@@ -24,7 +24,7 @@ from typing import Any, Literal, NoReturn
 
 from torch import nn
 
-from ninlab.analysis.memory_report import EXACT, MeasuredFallback, MemoryReport, Trust
+from ninlab.analysis.memory_report import EXACT, Breakdown, MeasuredFallback, MemoryReport, Trust
 from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, trace_step
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError, shorten
@@ -142,7 +142,8 @@ class _Peaks:
     batch costs as much as a real step (where that prediction has nothing to probe, it is the
     exact one, and is kept as such). `predicted`: reports of this step the caller already has,
     read instead of predicting their batch sizes again, and only where the search asks for them
-    (so it asks what it would ask without them)."""
+    (so it asks what it would ask without them); `unprobed`: the same without the kernel probe
+    (`predict_memory(probe_kernels=False)` of the same trace), read as those sizes' bounds."""
 
     def __init__(
         self,
@@ -151,13 +152,20 @@ class _Peaks:
         level: Level,
         fallback: MeasuredFallback | None = None,
         predicted: Iterable[MemoryReport] = (),
+        unprobed: Iterable[MemoryReport] = (),
     ) -> None:
         self.model, self.spec, self.level = model, spec, level
         self.known: dict[int, tuple[int, Trust]] = {}
         self.bounds: dict[int, int] = {}
         self.fallback = fallback
         self.predicted = {report.batch_size: report for report in predicted}
+        self.unprobed = {report.batch_size: report for report in unprobed}
         self.traced: dict[int, TracedStep] = {}
+        # Every report read, op by op, for the search's guesses (`guess`): the bounds' where
+        # there are both, since the search runs on bounds.
+        self.profiles: dict[int, _Profile] = {}
+        for report in (*self.predicted.values(), *self.unprobed.values()):
+            self._profile(report)
 
     def __call__(self, batch_size: int) -> int:
         return self._at(batch_size)[0]
@@ -193,6 +201,55 @@ class _Peaks:
                     self.bounds[batch_size] = self._peak(report)
         return self.bounds[batch_size]
 
+    def guess(self, budget: int, sizes: tuple[int, ...]) -> int | None:
+        """The largest batch at which every op's peak, read from the reports at `sizes`, stays
+        within `budget`: where the search looks next, only a proposal, checked by predicting there
+        (a batch the step was not traced at may run other ops). Two sizes whose reports ran the
+        same ops: each op's bytes on the line through them, which holds wherever the ops stay the
+        same and their sizes grow in step with the batch. One size: each op's bytes beside the
+        parameters, their gradients, the optimizer's state and the kernels' own blocks grow in
+        proportion to the batch.
+        The peak may be another op at another batch (NiN with Adam: the update at batch 1,
+        backward from batch 3), which a line through two peaks misses. None where the reports
+        do not say (their ops differ, none grows with the batch)."""
+        profiles = [self.profiles.get(size) for size in sizes]
+        if any(profile is None for profile in profiles):
+            return None
+        if len({profile.ops for profile in profiles if profile is not None}) != 1:
+            return None
+        # Each op's line: (a batch, its bytes there, the rise over a run of batches).
+        if len(sizes) == 1:
+            ((size,), (one,)) = sizes, profiles
+            assert one is not None
+            lines = [(0, fixed, total - fixed, size) for fixed, total in zip(one.fixed, one.totals)]
+        else:
+            ((first, second), (low, high)) = sizes, profiles
+            assert low is not None and high is not None
+            lines = [(first, a, b - a, second - first) for a, b in zip(low.totals, high.totals)]
+        limits = [
+            batch + (budget - at) * run // rise for batch, at, rise, run in lines if rise * run > 0
+        ]
+        return min(limits, default=None)
+
+    def _profile(self, report: MemoryReport) -> None:
+        """Keep `report`'s bytes op by op at this level, for `guess`: not where the level's peak
+        is not the top of its timeline (a step measured for real, CUDA's reserved segments)."""
+        if report.timeline is None:
+            return
+        timeline = report.timeline
+        totals = timeline.totals() if self.level == "live" else timeline.allocator_totals()
+        if not totals or max(totals) != self._peak(report):
+            return
+        ops = tuple(point.op for point in timeline.points)
+        # A kernel's own blocks taken as fixed too (oneDNN's copy of a weight), so that the guess
+        # from one report errs high rather than low: a guess one over is settled by the size
+        # below it, one under needs another guess.
+        fixed = tuple(
+            _fixed_bytes(point.alive) + total - point.total_bytes
+            for point, total in zip(timeline.points, totals)
+        )
+        self.profiles[report.batch_size] = _Profile(ops, fixed, totals)
+
     def _at(self, batch_size: int) -> tuple[int, Trust]:
         if batch_size not in self.known:
             if self.fallback is None:
@@ -201,6 +258,8 @@ class _Peaks:
         return self.known[batch_size]
 
     def _predict(self, batch_size: int, *, probe_kernels: bool) -> MemoryReport:
+        if not probe_kernels and batch_size in self.unprobed:
+            return self.unprobed[batch_size]
         report = self.predicted.get(batch_size)
         # Without the probe, a prediction is the probed one where the probe measured nothing.
         if report is not None and (
@@ -216,7 +275,9 @@ class _Peaks:
                 return traced
             if not probe_kernels:
                 self.traced[batch_size] = traced
-        return traced.report(probe_kernels=probe_kernels)
+        report = traced.report(probe_kernels=probe_kernels)
+        self._profile(report)
+        return report
 
     def _keep(self, batch_size: int, report: MemoryReport) -> tuple[int, Trust]:
         self.traced.pop(batch_size, None)  # exact: its recording will not be read again
@@ -237,6 +298,29 @@ class _Peaks:
 
     def _trust(self, report: MemoryReport) -> Trust:
         return report.live_trust if self.level == "live" else report.allocator_trust
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """A report's bytes op by op at one level (`_Peaks.guess`): the ops it ran, the bytes at each
+    that do not grow with the batch (`_fixed_bytes`), and the level's bytes at each."""
+
+    ops: tuple[str, ...]
+    fixed: tuple[int, ...]
+    totals: tuple[int, ...]
+
+
+def _fixed_bytes(alive: Breakdown) -> int:
+    """What a step holds whatever its batch: the parameters, buffers, gradients, the optimizer's
+    state and its update's temporaries, DDP's buckets."""
+    return (
+        alive.parameters_bytes
+        + alive.buffers_bytes
+        + alive.gradients_bytes
+        + alive.optimizer_state_bytes
+        + alive.optimizer_temporaries_bytes
+        + alive.ddp_buckets_bytes
+    )
 
 
 class BudgetTooSmall(NinlabError):
@@ -308,15 +392,18 @@ def largest_batch(
     *,
     budget: int | str,
     predicted: Iterable[MemoryReport] = (),
+    unprobed: Iterable[MemoryReport] = (),
     **fields: Any,
 ) -> tuple[int, Trust]:
     """`fit_batch`'s answer at the allocator level alone, and what the peak there is (`Trust`):
     without the exact peak at the next size, which the search already knows is over the budget
     (at least its lower bound is) and which, where kernels are probed, costs a probe of each at
-    that size. For the budget planner, which shows each alternative's answer, not its peaks."""
+    that size. For the budget planner, which shows each alternative's answer, not its peaks.
+    `unprobed`: reports of `predicted`'s traces read without the kernel probe, the search's
+    lower bounds at their sizes, from which it guesses where to look (`_guided`)."""
     budget = budget_bytes(budget)
     spec = step_spec(spec, model=valid_model(model), **fields).at_any_batch()
-    peak = _Peaks(model, spec, "allocator", predicted=predicted)
+    peak = _Peaks(model, spec, "allocator", predicted=predicted, unprobed=unprobed)
     low = _search(peak, budget, _LARGEST_SEARCHED)
     return low, peak.trust(low)
 
@@ -324,6 +411,9 @@ def largest_batch(
 def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
     """The largest batch up to `max_batch_size` whose exact peak fits `budget`, the next one's
     known not to (its exact peak, or its lower bound, is over the budget)."""
+    guided = _guided(peak, budget, max_batch_size)
+    if guided is not None and peak(guided) <= budget:
+        return guided
     smallest = _smallest_batch(peak)
     if smallest > max_batch_size:
         raise NinlabError(
@@ -336,8 +426,14 @@ def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
     # bound fits is at least the answer, and the next one's exact peak, at least its bound, is
     # over the budget. Exact predictions then check that candidate, and go below it only where a
     # probed kernel's blocks make the peak (`_exact_below`).
-    candidate = _largest_within(
-        peak.bound, peak.bounds, budget, smallest, max_batch_size, peak.given(smallest)
+    candidate = guided or _largest_within(
+        peak.bound,
+        peak.bounds,
+        budget,
+        smallest,
+        max_batch_size,
+        peak.given(smallest),
+        lambda sizes: peak.guess(budget, sizes),
     )
     low = _exact_below(peak, candidate, budget, smallest)
     if low == max_batch_size:
@@ -346,6 +442,32 @@ def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
             "searched; give a smaller budget"
         )
     return low
+
+
+def _guided(peak: _Peaks, budget: int, max_batch_size: int) -> int | None:
+    """The search's candidate found from the largest report the caller gave (the planner's, at
+    the batch it asks about) without predicting at batch 1 or 2: where the ops' bytes read from
+    that report say the budget is reached (`_Peaks.guess`), the bound there fitting and the next
+    size's not; a second guess from the lines through those two, else None (the full search).
+    Batch 1 is not asked: where the peak grows with the batch, no batch below a fitting one is
+    the answer."""
+    if not peak.predicted:
+        return None
+    sizes: tuple[int, ...] = (max(peak.predicted),)
+    for _ in range(2):
+        guess = peak.guess(budget, sizes)
+        if guess is None or not 2 <= guess < max_batch_size:
+            return None
+        # The guess and the size beside it on the budget's side: where one fits and the other
+        # does not, that is the candidate; else the line through the two says where to look.
+        fits = peak.bound(guess) <= budget
+        beside = guess + 1 if fits else guess - 1
+        if beside < 2:
+            return None
+        if (peak.bound(beside) <= budget) != fits:
+            return min(guess, beside)
+        sizes = (min(guess, beside), max(guess, beside))
+    return None
 
 
 def _too_small(peak: _Peaks, budget: int, smallest: int) -> NoReturn:
@@ -364,11 +486,14 @@ def _largest_within(
     smallest: int,
     max_batch_size: int,
     start: tuple[int, int] | None = None,
+    guess: Callable[[tuple[int, int]], int | None] | None = None,
 ) -> int:
     """The largest batch up to `max_batch_size` whose `peak` fits the budget, batch `smallest`
     fitting; `tried`: the batch sizes `peak` has been asked at (a live view, growing as the
     search asks). `start`: a batch above `smallest` and its peak, already known (it need not be
-    `peak`'s own figure: it only proposes where to look), for the first step's slope."""
+    `peak`'s own figure: it only proposes where to look), for the first step's slope. `guess`:
+    where to look next from the last two batches asked, op by op (`_Peaks.guess`), or None
+    (then the secant through their peaks)."""
 
     def fits(batch_size: int) -> bool:
         return peak(batch_size) <= budget
@@ -380,14 +505,17 @@ def _largest_within(
     previous = start or (smallest + 1, peak(smallest + 1))
     batch_size, at = smallest, peak(smallest)
     for _ in range(4):
-        rise, run = previous[1] - at, previous[0] - batch_size
-        if rise * run <= 0:
-            break
-        if run < 0:
-            rise, run = -rise, -run
-        guess = batch_size + (budget - at) * run // rise
+        pair = min(batch_size, previous[0]), max(batch_size, previous[0])
+        proposed = guess(pair) if guess is not None else None
+        if proposed is None:
+            rise, run = previous[1] - at, previous[0] - batch_size
+            if rise * run <= 0:
+                break
+            if run < 0:
+                rise, run = -rise, -run
+            proposed = batch_size + (budget - at) * run // rise
         previous = batch_size, at
-        batch_size = min(max(guess, smallest), max_batch_size)
+        batch_size = min(max(proposed, smallest), max_batch_size)
         at = peak(batch_size)
         if batch_size == previous[0]:
             break

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ninlab.analysis.batch import BatchFit, BudgetTooSmall, largest_batch
 from ninlab.analysis.memory_report import MemoryReport
-from ninlab.analysis.predict import predict_recorded
+from ninlab.analysis.predict import trace_step
 from ninlab.analysis.step import (
     StepFunction,
     StepSpec,
@@ -60,11 +60,13 @@ _MOST_MICRO_BATCHES = 1024
 
 class Prediction(NamedTuple):
     """A step predicted at the requested batch, with the FLOPs of the ops it recorded: one trace
-    gives both."""
+    gives both; `unprobed`: the same trace read without the kernel probe, where the probe measured
+    a kernel (the batch search runs on such bounds, and guesses from them where to look)."""
 
     report: MemoryReport
     step_flops: int
     recomputed_flops: int
+    unprobed: MemoryReport | None = None
 
 
 class Alternative(NamedTuple):
@@ -228,18 +230,23 @@ def _built(optimizer: OptimizerSpec) -> dict[str, Any]:
 def _predicted(model: nn.Module, spec: StepSpec, batch_size: int) -> Prediction:
     """The step's exact prediction at `batch_size` and the FLOPs of the ops it recorded (the
     step as it runs, warm-up excluded), from one trace."""
-    report, step = predict_recorded(model, spec, batch_size=batch_size)
-    if step is None:
-        assert report.fallback is not None
+    traced = trace_step(model, spec, batch_size=batch_size)
+    if isinstance(traced, MemoryReport):
+        assert traced.fallback is not None
         raise NinlabError(
             f"the budget planner traces each alternative on fake tensors, and the step cannot run "
-            f"on them ({report.fallback.reason}); fit its batch alone (fit_batch, an estimate "
+            f"on them ({traced.fallback.reason}); fit its batch alone (fit_batch, an estimate "
             "from real runs)"
         )
+    # Read before the probe measures into the recording: the bound the search would trace for.
+    step = traced.step
+    probed = any(op.cpu_call is not None for op in step.recording.ops[step.step_start :])
+    unprobed = traced.report(probe_kernels=False) if probed else None
+    report = traced.report(probe_kernels=True)
     ops = step.recording.ops[step.step_start :]
     flops = sum(op.flops for op in ops)
     recomputed = sum(op.flops for op in ops if op.phase == "recompute")
-    return Prediction(report, flops, recomputed)
+    return Prediction(report, flops, recomputed, unprobed)
 
 
 def _option(
@@ -262,7 +269,13 @@ def _option(
         largest, at_most = fit.batch_size, fit.lower_bound
     else:
         try:
-            largest, trust = largest_batch(model, spec, budget=budget, predicted=(report,))
+            largest, trust = largest_batch(
+                model,
+                spec,
+                budget=budget,
+                predicted=(report,),
+                unprobed=() if prediction.unprobed is None else (prediction.unprobed,),
+            )
             at_most = trust.kind == "at least"
         except BudgetTooSmall:
             largest, at_most = 0, False

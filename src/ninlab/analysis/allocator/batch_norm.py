@@ -1,6 +1,7 @@
 """CPU batch norm: `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16;
 channels-last adds per-thread sums; other dtypes are measured per call) and
-`aten.native_batch_norm_backward` (float32; reduced precision is measured per call): with
+`aten.native_batch_norm_backward` (float32, and bfloat16 or float16 with input and gradient in
+one layout; the other calls are measured per call): with
 contiguous inputs the CPU kernel allocates grad_input twice (once before it checks contiguity,
 again in the contiguous branch; aten/src/ATen/native/Normalization.cpp,
 batch_norm_backward_cpu_template), so an input-sized block is held through the op."""
@@ -51,14 +52,22 @@ def _forward_blocks(args: Sequence[Any], *, training: bool) -> KernelBlocks:
 
 @allocation_rule("aten.native_batch_norm_backward.default")
 def batch_norm_backward(args: Sequence[Any]) -> KernelBlocks:
-    grad_output, input = args[0], args[1]
-    if input.dtype != torch.float32:
+    grad_output, input, weight = args[0], args[1], args[2]
+    output_mask = tuple(args[9])
+    if input.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return KernelBlocks(None, "batch norm backward in float64 (measured per call)")
+    contiguous = dense_memory_format(input) == dense_memory_format(grad_output) is not None
+    reduced = input.dtype != torch.float32
+    if reduced and not contiguous:
         return KernelBlocks(
             None,
-            "reduced-precision batch norm backward "
-            "(the float32 temporaries of a mixed-type kernel)",
+            "reduced-precision batch norm backward of an input and a gradient in two layouts "
+            "(the float32 copies of a mixed-type kernel; measured per call)",
         )
-    contiguous = dense_memory_format(input) == dense_memory_format(grad_output) is not None
+    if weight is None and reduced and (output_mask[1] or output_mask[2]):
+        return KernelBlocks(
+            None, "reduced-precision batch norm backward of an affine gradient without a weight"
+        )
     # An input of one value per channel and sample, (N, C) or (N, C, 1, 1), takes the kernel's
     # channels-last branch ("NC11 is also channels last"), per-thread sums and all: 128 bytes of
     # them beside a BatchNorm1d(8) on vectors, measured.
@@ -68,7 +77,9 @@ def batch_norm_backward(args: Sequence[Any]) -> KernelBlocks:
         batch_norm_backward_allocations(
             input_shape=tuple(input.shape),
             contiguous=contiguous,
-            output_mask=tuple(args[9]),
+            output_mask=output_mask,
+            itemsize=input.dtype.itemsize,
+            parameter_itemsize=4 if weight is None else weight.dtype.itemsize,
             channels_last=contiguous and channels_last,
             threads=torch.get_num_threads(),
         )
@@ -121,16 +132,23 @@ def batch_norm_backward_allocations(
     contiguous: bool,
     output_mask: Sequence[bool] = (True, True, True),
     itemsize: int = 4,
+    parameter_itemsize: int = 4,
     channels_last: bool = False,
     threads: int = 1,
 ) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm_backward`, float32. With input and grad_output contiguous in
-    the same memory format, grad_input is allocated first, then again in the contiguous branch,
-    and the first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input
-    bytes], then in channels-last per-thread float32 sums, two per channel (16 channels, 2
-    threads: 256 bytes). Otherwise a per-channel sum of grad_output is the only temporary."""
+    """CPU `aten.native_batch_norm_backward`. With input and grad_output contiguous in the same
+    memory format, grad_input is allocated first, then again in the contiguous branch, and the
+    first is freed at the end: measured [input bytes, C*4, C*4, input bytes, -input bytes], then
+    in channels-last per-thread float32 sums, two per channel (16 channels, 2 threads: 256
+    bytes). Otherwise (float32) a per-channel sum of grad_output is the only temporary. A bfloat16
+    or float16 input (`itemsize` 2; the mixed-type kernel autocast runs, its weight float32, or
+    one of the input's dtype, `parameter_itemsize`) takes the same path, its weight's and bias's
+    gradients in the weight's dtype, and in channels-last three float32 per-channel blocks around
+    the sums: measured over layouts, output masks, 1 and 2 threads, training or not,
+    [.., C*4, C*4, C*4, sums, -sums, -C*4, -C*4, -C*4]."""
     input_bytes = prod(input_shape) * itemsize
     channel_bytes = input_shape[1] * 4
+    parameter_bytes = input_shape[1] * parameter_itemsize
     allocations: list[KernelAllocation] = []
     if output_mask[0]:
         if contiguous:
@@ -138,9 +156,9 @@ def batch_norm_backward_allocations(
         else:
             allocations.append(KernelAllocation(input_bytes, "grad_input", output=0))
     if output_mask[1]:
-        allocations.append(KernelAllocation(channel_bytes, "grad_weight", output=1))
+        allocations.append(KernelAllocation(parameter_bytes, "grad_weight", output=1))
     if output_mask[2]:
-        allocations.append(KernelAllocation(channel_bytes, "grad_bias", output=2))
+        allocations.append(KernelAllocation(parameter_bytes, "grad_bias", output=2))
     if contiguous:
         if output_mask[0]:
             allocations += [
@@ -148,8 +166,10 @@ def batch_norm_backward_allocations(
                 KernelAllocation(-input_bytes, "free discarded grad_input"),
             ]
         if channels_last:
-            sums = KernelAllocation(threads * 2 * channel_bytes, "per-thread sums")
-            allocations += [sums, *frees([sums])]
+            sums = [KernelAllocation(threads * 2 * channel_bytes, "per-thread sums")]
+            # A reduced-precision input's kernel holds three float32 per-channel blocks around.
+            around = [KernelAllocation(channel_bytes, "float32 per-channel")] * 3 * (itemsize != 4)
+            allocations += [*around, *sums, *frees(sums), *frees(around)]
     else:
         grad_output_sum = KernelAllocation(channel_bytes, "sum of grad_output")
         allocations += [grad_output_sum, *frees([grad_output_sum])]
