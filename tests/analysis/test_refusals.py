@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ninlab import measure, predict_memory
+from ninlab.analysis.refusals import cannot_run
+from ninlab.analysis.step import step_spec
 from ninlab.errors import NinlabError
 
 # Each fails in the optimizer's own code, on fake tensors and real ones alike.
@@ -124,3 +126,17 @@ def test_a_saved_tensor_changed_in_place_is_named_not_the_input(call: Callable) 
     message = str(refused.value)
     assert message.startswith("the model changes in place a tensor autograd saved for backward (")
     assert message.endswith("clone the tensor before changing it, or change it after the backward")
+
+
+def test_code_torch_compile_fails_to_compile_is_named_not_the_input() -> None:
+    # A compiled submodule whose compilation failed on the fake tensors of one probe's trace
+    # (inductor raising while the real step compiled and ran) was refused as "the model cannot
+    # run a train step on a batch of 16 inputs (BackendCompilerFailed: backend='inductor'
+    # raised:); give the input sizes and dtype its forward expects".
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    failed = BackendCompilerFailed(lambda *_: None, RuntimeError("cannot compile"), None)
+    model = nn.Linear(16, 8)
+    message = str(cannot_run(failed, model, step_spec(model=model, input_size=(16,))))
+    assert message.startswith("the model runs code compiled by torch.compile, which fails ")
+    assert "input size" not in message
