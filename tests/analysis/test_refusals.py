@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ninlab import measure, predict_memory
+from ninlab.analysis.refusals import cannot_run
+from ninlab.analysis.step import step_spec
 from ninlab.errors import NinlabError
 
 # Each fails in the optimizer's own code, on fake tensors and real ones alike.
@@ -229,3 +231,17 @@ def test_an_input_named_as_no_argument_of_the_forward_names_the_arguments(call: 
         "its arguments are input: name the inputs as they are, or give them by position "
         "(input_size without names, --input SIZE)"
     )
+
+
+def test_code_torch_compile_fails_to_compile_is_named_not_the_input() -> None:
+    # A compiled submodule whose compilation failed on the fake tensors of one probe's trace
+    # (inductor raising while the real step compiled and ran) was refused as "the model cannot
+    # run a train step on a batch of 16 inputs (BackendCompilerFailed: backend='inductor'
+    # raised:); give the input sizes and dtype its forward expects".
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    failed = BackendCompilerFailed(lambda *_: None, RuntimeError("cannot compile"), None)
+    model = nn.Linear(16, 8)
+    message = str(cannot_run(failed, model, step_spec(model=model, input_size=(16,))))
+    assert message.startswith("the model runs code compiled by torch.compile, which fails ")
+    assert "input size" not in message

@@ -141,6 +141,12 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
         )
+    if type(error).__module__.startswith("torch._dynamo"):
+        return NinlabError(
+            f"the model runs code compiled by torch.compile, which fails to compile on the fake "
+            f"tensors ninlab traces ({reason}); predict the model without torch.compile: the "
+            "uncompiled program (torch.compile's generated kernels allocate otherwise)"
+        )
     higher_order = _HIGHER_ORDER_OP.search(str(error))  # the reason may be cut short
     if higher_order:
         # The error names ninlab's own dispatch mode, which is no help to the user.
