@@ -17,7 +17,7 @@ from ninlab.cli.options import (
     FORMAT,
     OPTIMIZER,
     Flag,
-    refuse_unread_optimizer,
+    refuse_unread_step_options,
     spec_from_args,
     training_overrides,
 )
@@ -188,7 +188,13 @@ def test_step_options_are_the_step_spec_they_describe():
     # An option the step would never read is refused, not dropped.
     infer = build_parser().parse_args(["summary", "--mode", "infer", "--optimizer", "adam"])
     with pytest.raises(NinlabError, match="--optimizer belongs to a training step"):
-        refuse_unread_optimizer(infer, spec_from_args(infer))
+        refuse_unread_step_options(infer, spec_from_args(infer))
+    # It was dropped: a training step has no inference guard.
+    guarded = build_parser().parse_args(["summary", "--grad-mode", "inference_mode"])
+    with pytest.raises(NinlabError, match="--grad-mode guards an inference, and this is a tra"):
+        refuse_unread_step_options(guarded, spec_from_args(guarded, mode="train"))
+    # measure without --mode runs both steps, and reads it in the inference.
+    refuse_unread_step_options(guarded, spec_from_args(guarded, mode="train"), both_steps=True)
     # Nothing given: StepSpec's own defaults, for the model options' input and dtype.
     assert spec_from_args(build_parser().parse_args(["compare", "nin-d2l"])) == StepSpec()
 

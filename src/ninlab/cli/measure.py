@@ -18,7 +18,7 @@ from ninlab.cli.options import (
     add_model_options,
     add_step_options,
     model_choice,
-    refuse_unread_optimizer,
+    refuse_unread_step_options,
     runs_on_device,
     spec_from_args,
     thread_count,
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     choice = model_choice(args)
     step = spec_from_args(args)
-    refuse_unread_optimizer(args, step)
+    refuse_unread_step_options(args, step, both_steps=not args.mode)
     specs = [step] if args.mode else [step, step.inference()]
     if args.threads is not None:
         torch.set_num_threads(args.threads)

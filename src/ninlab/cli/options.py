@@ -74,7 +74,7 @@ __all__ = [
     "non_negative_int",
     "path_name",
     "positive_int",
-    "refuse_unread_optimizer",
+    "refuse_unread_step_options",
     "runs_on_device",
     "spec_from_args",
     "training_overrides",
@@ -600,13 +600,21 @@ def spec_from_args(args: argparse.Namespace, **fields: Any) -> StepSpec:
     return spec
 
 
-def refuse_unread_optimizer(args: argparse.Namespace, spec: StepSpec) -> None:
-    """In a command whose step is `spec` alone (summary, measure): --optimizer with an inference
-    would be read by nothing."""
+def refuse_unread_step_options(
+    args: argparse.Namespace, spec: StepSpec, *, both_steps: bool = False
+) -> None:
+    """In a command whose step is `spec` alone (summary, measure and plot; measure runs both steps
+    without --mode, `both_steps`): --optimizer with an inference, or --grad-mode with a training
+    step, would be read by nothing."""
     if spec.mode == "infer" and args.optimizer is not None:
         raise NinlabError(
             "--optimizer belongs to a training step, and this is an inference; drop it or "
             "use --mode train"
+        )
+    if spec.mode == "train" and not both_steps and args.grad_mode is not None:
+        raise NinlabError(
+            "--grad-mode guards an inference, and this is a training step; drop it or use "
+            "--mode infer"
         )
 
 

@@ -10,7 +10,7 @@ from ninlab.cli.options import (
     add_output_option,
     add_step_options,
     model_choice,
-    refuse_unread_optimizer,
+    refuse_unread_step_options,
     spec_from_args,
 )
 from ninlab.cli.progress_line import progress_line
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     chart_path(args.output)  # refuse a bad file name before the work
     choice = model_choice(args)
     spec = spec_from_args(args)  # checked for every kind, so a bad step option is never ignored
-    refuse_unread_optimizer(args, spec)
+    refuse_unread_step_options(args, spec)
     _refuse_unread_settings(args)
     # The batch chart fits the batch (many predictions: seconds to minutes on a large model).
     with progress_line(f"computing the {args.kind} chart of {choice.name}"):

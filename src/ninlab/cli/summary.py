@@ -13,7 +13,7 @@ from ninlab.cli.options import (
     add_step_options,
     memory_size,
     model_choice,
-    refuse_unread_optimizer,
+    refuse_unread_step_options,
     spec_from_args,
 )
 from ninlab.cli.progress_line import progress_line
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         )
     choice = model_choice(args)
     spec = spec_from_args(args, mode=args.mode or default_mode(choice.model))
-    refuse_unread_optimizer(args, spec)
+    refuse_unread_step_options(args, spec)
     quiet = args.format in ("json", "csv")
     with progress_line(f"summarizing {choice.name}", quiet=quiet) as stage:
         if args.format == "csv":  # one row per module: the memory section has no place there
