@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from odd_models import caches_in_a_module_dict
 from steps import reentrant_step
 from torch import nn
 from torch.nn.utils import prune
@@ -889,6 +890,7 @@ LAYER_ZOO = (
     Case("grid-sample-fixed-grid", "layer zoo", _FixedGridSample, _IMAGE, setups=("bf16",)),
     # -- found by the silent-error probe (issue 20, fourth round) --
     Case("quantile-pooling", "layer zoo", _QuantilePooled, (12, 16), setups=("infer",)),
+    Case("module-dict-cache", "layer zoo", caches_in_a_module_dict, (8,), setups=("sgd",)),
 )
 
 
