@@ -374,3 +374,28 @@ def test_a_python_custom_ops_temporaries_are_its_workspace(
     measured = measure(model, report.spec, batch_size=16)
     assert measured.live_peak_bytes == report.live_peak_bytes == 51_200
     assert measured.allocator_peak_bytes == report.allocator_peak_bytes
+
+
+class _ZeroedWhereNegative(nn.Module):
+    """A linear layer's output with its negative entries replaced by a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        return torch.where(h > 0, h, 0.0)
+
+
+def test_a_number_a_composite_overload_wraps_as_a_tensor_is_a_storage() -> None:
+    """`torch.where(c, x, 0.0)` is `where.ScalarOther`, which runs as its parts: the number
+    wrapped as a 0-d tensor (`scalar_tensor`), then `where.self`. The profiler names both
+    "aten::where", so the wrapped number was taken for the outer op's workspace: the live level
+    4 bytes under the prediction, which a dispatch mode is handed as an op of its own."""
+    torch.manual_seed(0)
+    model = _ZeroedWhereNegative()
+    report = predict_memory(model, input_size=(16,), batch_size=2, mode="infer")
+    measured = measure(model, report.spec, batch_size=2)
+    assert measured.live_peak_bytes == report.live_peak_bytes
+    assert measured.allocator_peak_bytes == report.allocator_peak_bytes

@@ -368,7 +368,11 @@ def _visible_op_spans(tree: list[Any]) -> list[tuple[int, int, str]]:
         event = pending.pop()
         if event.typed[0] != EventType.TorchOp:
             continue
-        if _composite_name(event.name) is False and not _autocast_call(event):
+        if (
+            _composite_name(event.name) is False
+            and not _autocast_call(event)
+            and not _composite_overload_call(event)
+        ):
             spans.append((event.start_time_ns, event.end_time_ns, event.name))
         else:
             pending += event.children
@@ -406,7 +410,7 @@ def _blocks(tree: list[Any]) -> list[tuple[int | None, int | None, int, int]]:
     return [tuple(block) for block in blocks]  # type: ignore[misc]
 
 
-_COMPOSITE_NAMES: dict[str, bool | None] = {}
+_COMPOSITE_NAMES: dict[str, tuple[bool | None, bool]] = {}
 
 
 def _composite_name(profiled: str) -> bool | None:
@@ -414,6 +418,12 @@ def _composite_name(profiled: str) -> bool | None:
     runs as its parts: every overload of it but `out` ones is CompositeImplicitAutograd-only (the
     profiler does not say which overload ran); None where the name is no dispatcher op (an
     annotation, "autograd::engine::evaluate_function: ...")."""
+    return _overload_kinds(profiled)[0]
+
+
+def _overload_kinds(profiled: str) -> tuple[bool | None, bool]:
+    """`_composite_name` of `profiled`, and whether some overload of it (not `out`) is
+    CompositeImplicitAutograd-only."""
     if profiled in _COMPOSITE_NAMES:
         return _COMPOSITE_NAMES[profiled]
     namespace, _, name = profiled.partition("::")
@@ -423,14 +433,24 @@ def _composite_name(profiled: str) -> bool | None:
             packet = getattr(getattr(torch.ops, namespace), name)
         except (AttributeError, RuntimeError):
             packet = None
-    known: bool | None = None
+    known: tuple[bool | None, bool] = (None, False)
     if packet is not None or namespace == "aten":  # an aten name is an op the profiler saw
         overloads = packet.overloads() if packet is not None else []
         names = [getattr(packet, o).name() for o in overloads if "out" not in o]
         kinds = [kind for kind in map(_composite_kind, names) if kind is not None]
-        known = bool(kinds) and all(kinds)
+        known = (bool(kinds) and all(kinds), any(kinds))
     _COMPOSITE_NAMES[profiled] = known
     return known
+
+
+def _composite_overload_call(event: Any) -> bool:
+    """Whether a profiled op is the CompositeImplicitAutograd overload of a name whose other
+    overloads have kernels, calling one of them last (`torch.where(c, x, 0.0)`: `where.ScalarOther`
+    wraps the number as a tensor, `scalar_tensor`, then calls `where.self`): a dispatch mode is
+    handed its parts, so the wrapped number is a storage, not the outer op's workspace (it was
+    left out of the live level, 4 bytes)."""
+    inner = [child.name for child in event.children if child.typed[0] == EventType.TorchOp]
+    return bool(inner) and inner[-1] == event.name and _overload_kinds(event.name)[1]
 
 
 def _composite_kind(name: str) -> bool | None:
