@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -176,3 +176,53 @@ def clear_lru_caches() -> None:
     """Empty the caches `CachesInAnLruCache` reads, as a fresh process has them."""
     for cache in (*_CACHES, _reversed_positions):
         cache.cache_clear()
+
+
+_TABLES: dict[int, torch.Tensor] = {}
+
+
+class CachesInAModuleDict(nn.Module):
+    """Tensors cached in a dict at the top of the model's module, and in one of its class,
+    keyed by a size alone (shared by every instance): a positional table made on first use."""
+
+    scales: ClassVar[dict[int, torch.Tensor]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n not in _TABLES:
+            _TABLES[n] = torch.arange(n, dtype=x.dtype) / n
+        if n not in CachesInAModuleDict.scales:
+            CachesInAModuleDict.scales[n] = torch.full((n,), 2.0, dtype=x.dtype)
+        return self.linear(x) * _TABLES[n] + CachesInAModuleDict.scales[n]
+
+
+def caches_in_a_module_dict() -> nn.Module:
+    return CachesInAModuleDict()
+
+
+def clear_dict_caches() -> None:
+    """Empty the dicts `CachesInAModuleDict` caches in, as a fresh process has them."""
+    _TABLES.clear()
+    CachesInAModuleDict.scales.clear()
+
+
+class CachesOnFirstUse(nn.Module):
+    """A table made on the first forward and kept in an attribute (a rotary cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.table: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.arange(x.shape[-1], dtype=x.dtype) / x.shape[-1]
+        return self.linear(x) * self.table
+
+
+def caches_on_first_use() -> nn.Module:
+    return CachesOnFirstUse()

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from odd_models import caches_in_a_module_dict
 from steps import reentrant_step
 from torch import nn
 from torch.nn.utils import prune
@@ -937,6 +938,7 @@ LAYER_ZOO = (
     Case("flex-attention-eager", "layer zoo", _FlexAttention, (8, 32), setups=("infer",)),
     # -- found by the step probe (issue 20, fourth round) --
     Case("where-a-number", "layer zoo", _WhereANumber, (16,), setups=("sgd", "infer")),
+    Case("module-dict-cache", "layer zoo", caches_in_a_module_dict, (8,), setups=("sgd",)),
 )
 
 

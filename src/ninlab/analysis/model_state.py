@@ -16,6 +16,9 @@ instance). A prediction would leave fakes there, and every later real forward of
 fails; a measurement would read a real one cached by an earlier forward into a step of fakes. So
 those caches are emptied as a call starts and as it ends (`clear_model_caches`): a cache, recomputed
 on its next call.
+The same code may keep them in a dict or list at the top of its modules or classes
+(`_TABLES[n] = torch.arange(n)`): each is put back as it was when the call ends, and one that holds
+tensors alone, a cache, is emptied while the call runs (`_CodeContainers`).
 
 Tensors a module holds as plain attributes (`self.scale = torch.ones(4)`, an STFT window,
 torchvision's detection anchors), not registered as buffers, are part of the model all the same:
@@ -187,12 +190,57 @@ def model_kept(model: nn.Module) -> Iterator[None]:
     """Run the body, then put the model back exactly as it was, whatever the body did or
     raised."""
     state = ModelState.of(model)
+    containers = _CodeContainers.of(model)
     clear_model_caches(model)
     try:
         yield
     finally:
         state.restore()
+        containers.restore()
         clear_model_caches(model)
+
+
+@dataclass(frozen=True)
+class _CodeContainers:
+    """The dicts and lists the model's code keeps at the top of its modules and classes (the
+    namespaces `clear_model_caches` searches), each with its contents as a call starts: a
+    forward that caches a tensor there (`_TABLES[n] = torch.arange(n)`) would leave a fake in
+    it after a prediction, and every later real forward fails. Those that hold tensors alone, a
+    cache, are emptied for the call (a real tensor an earlier forward cached cannot meet a
+    step of fakes; the step fills it as a first step does), and each is put back as it was
+    after, whatever the call wrote."""
+
+    kept: tuple[tuple[dict[Any, Any] | list[Any], dict[Any, Any] | list[Any]], ...]
+
+    @staticmethod
+    def of(model: nn.Module) -> _CodeContainers:
+        found: dict[int, dict[Any, Any] | list[Any]] = {}
+        for namespace in _model_namespaces(model):
+            for name, value in list(namespace.items()):
+                # Exactly a dict or a list: not a mapping class of the user's own, nor a
+                # module's `__builtins__`.
+                if type(value) in (dict, list) and not name.startswith("__"):
+                    found[id(value)] = value
+        kept = tuple((container, container.copy()) for container in found.values())
+        for container, _ in kept:
+            items = container.values() if isinstance(container, dict) else container
+            if items and all(isinstance(item, torch.Tensor) for item in items):
+                container.clear()
+        return _CodeContainers(kept)
+
+    def restore(self) -> None:
+        for container, contents in self.kept:
+            if isinstance(container, dict) and isinstance(contents, dict):
+                same = container.keys() == contents.keys() and all(
+                    container[key] is value for key, value in contents.items()
+                )
+                if not same:
+                    container.clear()
+                    container.update(contents)
+            elif len(container) != len(contents) or any(
+                now is not then for now, then in zip(container, contents)
+            ):
+                container[:] = contents
 
 
 def clear_model_caches(model: nn.Module) -> None:
@@ -206,12 +254,8 @@ def _model_caches(model: nn.Module) -> list[Any]:
     namespaces of its modules' classes (a cached static or class method, or a method whose
     decorator wraps the cache, as transformers' `compile_compatible_method_lru_cache` does) and
     of the Python modules defining them. PyTorch's own are not the model's."""
-    classes = {cls for module in model.modules() for cls in type(module).__mro__}
-    names = {cls.__module__ for cls in classes if not _torchs(cls.__module__)}
-    namespaces = [vars(cls) for cls in classes if not _torchs(cls.__module__)]
-    namespaces += [vars(sys.modules[name]) for name in names if name in sys.modules]
     found: dict[int, Any] = {}
-    for namespace in namespaces:
+    for namespace in _model_namespaces(model):
         for value in list(namespace.values()):
             for candidate in _cache_candidates(value):
                 if callable(getattr(candidate, "cache_clear", None)) and hasattr(
@@ -219,6 +263,15 @@ def _model_caches(model: nn.Module) -> list[Any]:
                 ):
                     found[id(candidate)] = candidate
     return list(found.values())
+
+
+def _model_namespaces(model: nn.Module) -> list[Any]:
+    """The namespaces of the model's code: its modules' classes and the Python modules defining
+    them, PyTorch's own aside."""
+    classes = {cls for module in model.modules() for cls in type(module).__mro__}
+    names = {cls.__module__ for cls in classes if not _torchs(cls.__module__)}
+    namespaces = [vars(cls) for cls in classes if not _torchs(cls.__module__)]
+    return namespaces + [vars(sys.modules[name]) for name in names if name in sys.modules]
 
 
 def _torchs(module_name: str) -> bool:

@@ -34,7 +34,6 @@ from ninlab.analysis.model_state import (
     captured_containers,
     captured_modules,
     captured_tensors,
-    clear_model_caches,
     model_kept,
     swapped_in,
 )
@@ -405,16 +404,16 @@ def _record_step(
                 model, fakes, args, kwargs, tie_weights=True, strict=False
             )
 
-        with fake_mode, OffRecord(fake_mode):
+        # What that forward caches in the model (an attribute, a dict or an `lru_cache` of its
+        # code) is undone (`model_kept`) and made again on the record, in the warm-up, as a real
+        # loop's first step makes it: kept, a cache made off the record was never counted.
+        with fake_mode, OffRecord(fake_mode), model_kept(model):
             inputs = example_inputs(spec, batch_size, device)
             # The loss fits the output, so its targets (if any) follow a forward's output.
             output = _output_without_grad(forward, inputs) if trains else None
             targets = builtin_targets(output, device) if trains else None
             loss_words = builtin_loss_words(output) if trains else ""
             del output
-        # What that forward cached in the model's `lru_cache`s is made again on the record, in
-        # the warm-up, as a real loop's first step makes it.
-        clear_model_caches(model)
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in attribute_fakes:
