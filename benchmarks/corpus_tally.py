@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+# The cases import the test suite's shared models (`odd_models`, `steps`) as pytest finds them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "corpus"))
 
 from corpus_cases import CASES, OUTCOMES, Outcome, available, check

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ninlab.analysis.torch_internals import (
+    ANNOTATIONS_WITHOUT_TENSORS,
     CONSTANT_NUMEL_LIMIT,
     DisableTorchDispatch,
     FakeTensor,
@@ -29,8 +30,6 @@ from ninlab.analysis.torch_internals import (
     default_device_name,
     meta_table,
     op_schema,
-    record_function_enter,
-    record_function_exit,
     runs_as_composite_parts,
     torch_decomp_decompositions,
 )
@@ -189,7 +188,7 @@ class FakeOutputs:
         self._parts: OffRecord | None = None
 
     def run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if func in _ANNOTATIONS:
+        if func in ANNOTATIONS_WITHOUT_TENSORS:
             # No tensor in or out, so nothing fake to make: FakeTensorMode would run the same
             # kernel after checks that cost ten times the kernel (an optimizer's step and
             # zero_grad open and close one each).
@@ -233,9 +232,6 @@ class FakeOutputs:
                 self._known[key] = (True, view)
         return output
 
-
-# A `record_function` annotation opened and closed on its RecordFunction object.
-_ANNOTATIONS = frozenset({record_function_enter.default, record_function_exit._RecordFunction})
 
 # `torch._grouped_mm` (a mixture of experts' batched expert matmul: Hugging Face's MoE layers
 # call it on CPU from torch 2.9); absent from older torch.

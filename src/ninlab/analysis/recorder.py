@@ -380,16 +380,6 @@ _CPU_GRAD_INPUT_LAYOUT = {
 }
 
 
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """The strides `torch.empty(shape)` gives (a size of 0 steps as 1)."""
-    strides = []
-    step = 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any:
     """A backward kernel's grad_input in the layout the CPU kernel writes
     (`_CPU_GRAD_INPUT_LAYOUT`), where the fake kernel gives another: layer norm given a
@@ -401,7 +391,7 @@ def _cpu_grad_input_layout(func: Any, args: tuple[Any, ...], output: Any) -> Any
         return output
     # Most calls have the layout already: said without making a fake tensor through
     # FakeTensorMode's factory path (a fifth of a small model's prediction).
-    contiguous = _contiguous_strides(grad_input.shape)
+    contiguous = tuple(make_contiguous_strides_for(grad_input.shape))
     if grad_input.stride() == contiguous and (
         layout == "contiguous"
         or (layout == "grad_output" and args[0].stride() == contiguous)

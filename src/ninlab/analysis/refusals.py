@@ -24,6 +24,7 @@ from ninlab.analysis.torch_internals import (
     DynamicOutputShapeException,
     UnsupportedFakeTensorException,
     UnsupportedOperatorException,
+    raised_by_torch_compile,
 )
 from ninlab.analysis.trace import record_step
 from ninlab.errors import NinlabError, one_line
@@ -141,7 +142,7 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"the model's forward depends on tensor values (data-dependent control flow or "
             f"shapes: {reason}), which a trace on fake tensors, shapes without data, cannot follow"
         )
-    if type(error).__module__.startswith("torch._dynamo"):
+    if raised_by_torch_compile(error):
         return NinlabError(
             f"the model runs code compiled by torch.compile, which fails to compile on the fake "
             f"tensors ninlab traces ({reason}); predict the model without torch.compile: the "

@@ -61,6 +61,7 @@ from torch.utils._triton import has_triton  # torch.compile can run on CUDA; che
 from ninlab.errors import NinlabError
 
 __all__ = [
+    "ANNOTATIONS_WITHOUT_TENSORS",
     "CONSTANT_NUMEL_LIMIT",
     "FAKE_TENSOR_LOGGER",
     "OLDEST_TORCH",
@@ -94,6 +95,7 @@ __all__ = [
     "node_sequence_nr",
     "op_named",
     "op_schema",
+    "raised_by_torch_compile",
     "record_function_enter",
     "record_function_exit",
     "reparametrize_module",
@@ -128,6 +130,12 @@ def _private(path: str) -> Any:
     if value is None:
         _MISSING.append(path)
     return value
+
+
+def raised_by_torch_compile(error: BaseException) -> bool:
+    """Whether `error` is one of torch.compile's own (its exceptions live in `torch._dynamo`);
+    checked on 2.13 and 2.14.1 (inductor's BackendCompilerFailed)."""
+    return type(error).__module__.startswith("torch._dynamo")
 
 
 def require_supported_torch() -> None:
@@ -224,6 +232,11 @@ EventType = _private("torch._C._profiler._EventType")
 record_function_enter = torch.ops.profiler._record_function_enter_new
 # The op closing an annotation, where an optimizer's phase ends; checked on all.
 record_function_exit = torch.ops.profiler._record_function_exit
+# The annotation overloads that take and return no tensor, only a RecordFunction object (enter,
+# and exit on that object); checked on all.
+ANNOTATIONS_WITHOUT_TENSORS = frozenset(
+    {record_function_enter.default, record_function_exit._RecordFunction}
+)
 # A storage's C++ StorageImpl, one however many views (measurer); checked on all.
 storage_address: Callable[[torch.UntypedStorage], int] = operator.attrgetter("_cdata")
 
