@@ -525,7 +525,7 @@ def test_a_quantile_that_may_select_without_sorting_is_said(quantile, mode) -> N
     """Torch 2.14's CPU quantile selects a few k-th values without the sort it runs on a fake
     tensor (and sorts where it asks for many): an inference was 24,764 live bytes against
     19,094 (1.30), printed as exact; now an estimate, with why. Before 2.14 it sorts both ways,
-    and is exact."""
+    and is exact (torch 2.8 measures its training step for real)."""
     from ninlab.analysis.measure import measure
     from ninlab.analysis.predict import predict_memory
 
@@ -536,7 +536,10 @@ def test_a_quantile_that_may_select_without_sorting_is_said(quantile, mode) -> N
     sorts = TorchVersion(torch.__version__) < "2.14"  # then the CPU program sorts too
     if sorts:
         measured = measure(model, report.spec, batch_size=2)
-        assert report.live_trust.kind == report.allocator_trust.kind == "exact"
+        # Torch 2.8's quantile backward reads values: its training step is measured for real.
+        trusts = ("exact",) if mode == "infer" else ("exact", "measured")
+        assert report.live_trust.kind == report.allocator_trust.kind
+        assert report.live_trust.kind in trusts
         assert report.live_peak_bytes == measured.live_peak_bytes
         assert report.allocator_peak_bytes == measured.allocator_peak_bytes
     else:
