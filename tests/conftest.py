@@ -7,7 +7,9 @@ missing copy fails the tests that need it; elsewhere they are skipped with the r
 other CPU; `torch_build` tests pin numbers measured with the reference torch build, and are
 skipped under any other torch (CI runs the rest under the oldest and newest supported releases
 too: .ci/torch_matrix). `avx512` tests replay the CPU kernel rules, read off oneDNN's AVX-512
-kernels, against the profiler on the running CPU, and are skipped on a CPU without AVX-512. `cuda`
+kernels, against the profiler on the running CPU, and are skipped on a CPU without AVX-512; `amx`
+tests replay the bfloat16 rules read off oneDNN's AMX kernels, skipped on a CPU without AMX
+(AMD EPYC), where those rules stand down (`no_amx` tests check that they do). `cuda`
 tests need a GPU and are skipped without one; `canary` tests only label PyTorch behaviour that
 ninlab relies on (they always run).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ninlab.analysis.torch_internals import amx_tiles_supported
 from ninlab.errors import NinlabError
 from ninlab.training.data import FashionMNIST, load_fashion_mnist
 
@@ -102,6 +105,13 @@ def avx512_missing(here: Machine) -> str | None:
     )
 
 
+def amx_missing() -> str | None:
+    """Why `amx` tests are skipped here, or None on a CPU with AMX tiles."""
+    if amx_tiles_supported():
+        return None
+    return "the bf16 convolution rules were read off oneDNN's AMX kernels; this CPU has no AMX"
+
+
 def pytest_report_header() -> str:
     reference, here = reference_machine(), this_machine()
     reasons = [machine_mismatch(reference, here), torch_mismatch(reference, here)]
@@ -115,6 +125,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         "machine": machine_mismatch(reference, here),
         "torch_build": torch_mismatch(reference, here),
         "avx512": avx512_missing(here),
+        "amx": amx_missing(),
+        "no_amx": None if amx_missing() else "checks the rules standing down on a CPU without AMX",
         "cuda": None
         if torch.cuda.is_available()
         else f"CUDA-only: needs a CUDA GPU; torch {torch.__version__} sees none here",

@@ -15,6 +15,7 @@ from ninlab.analysis.allocator import (
 )
 from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
+from ninlab.analysis.step import StepSpec
 
 aten = torch.ops.aten
 
@@ -77,7 +78,7 @@ def test_depthwise_forward_is_exact(shape: dict, channels_last: bool, two_thread
     assert cpu_kernel_allocations("aten.convolution.default", forward).allocations is not None
 
 
-@pytest.mark.avx512
+@pytest.mark.amx
 @pytest.mark.parametrize(
     ("shape", "op"),
     [
@@ -110,7 +111,7 @@ def test_lower_bound_rules_hold_every_block_they_name(
     assert peak_above_start_bytes_of(predicted) <= peak_above_start_bytes_of(measured)
 
 
-@pytest.mark.avx512
+@pytest.mark.amx
 def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) -> None:
     """NiN's 11x11 first conv pads its weights (input channels to 16 for backward-data, 32 for
     the weight gradient) and takes a 2 MB scratchpad: the rule counts 3% of the op's peak."""
@@ -119,6 +120,38 @@ def test_nin_first_conv_backward_rule_is_a_loose_lower_bound(two_threads: None) 
     assert reason.startswith("bf16")
     peak = peak_above_start_bytes_of(measured)
     assert 0.03 * peak <= peak_above_start_bytes_of(predicted) <= peak
+
+
+@pytest.mark.no_amx
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_without_amx_ungrouped_rules_stand_down_and_the_probe_measures(
+    channels_last: bool, two_threads: None
+) -> None:
+    """On a CPU without AMX (AMD EPYC's AVX-512 bf16 kernels) the AMX rules named blocks the
+    kernel never took (an 11x11 conv from one channel: a 165,888-byte peak against 110,592
+    measured), so they name none, and a bf16 model of such convolutions is measured call by call:
+    the prediction equals `measure`."""
+    forward, backward = bf16_conv(
+        batch=2, cin=1, cout=96, size=48, kernel=11, stride=4, channels_last=channels_last
+    )
+    for op, args in (
+        ("aten.convolution.default", forward),
+        ("aten.convolution_backward.default", backward),
+    ):
+        allocations, reason = cpu_kernel_allocations(op, args)
+        assert allocations is None and "without AMX" in reason
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 11, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(32, 48, 3)
+    )
+    spec = StepSpec(
+        input_size=(1, 48, 48),
+        amp="bf16",
+        optimizer="sgd",
+        memory_format=("channels_last" if channels_last else "contiguous"),
+    )
+    report, measured = predict_memory(model, spec, batch_size=2), measure(model, spec, batch_size=2)
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.held_peak_bytes == pytest.approx(measured.allocator_peak_bytes, rel=0.01)
 
 
 @pytest.mark.avx512

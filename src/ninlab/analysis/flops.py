@@ -126,7 +126,9 @@ def op_flops(func: OpOverload, args: tuple[Any, ...], outputs: tuple[Any, ...]) 
 
 # Kernels that multiply matrices inside, which the convention leaves at 0 as FlopCounterMode
 # does on CPU (it has no rule for the CPU attention kernel, the fused inference paths of
-# `nn.MultiheadAttention` and `nn.TransformerEncoderLayer`, or grouped products), by what a
+# `nn.MultiheadAttention` and `nn.TransformerEncoderLayer`, grouped products, or the fused RNN
+# kernels: an LSTM runs oneDNN's on some CPUs (AMD EPYC, float32) and its cell's matrix
+# products, counted, on others or in another dtype), by what a
 # reader calls them: a total that leaves them out says so (`uncounted_products`), since a
 # transformer's or a mixture of experts' FLOPs are otherwise silently short of its arithmetic.
 _UNCOUNTED_PRODUCTS = {
@@ -148,6 +150,17 @@ _UNCOUNTED_PRODUCTS = {
             "aten._transformer_encoder_layer_fwd",
         ),
         "fused attention",
+    ),
+    **dict.fromkeys(
+        (
+            "aten.mkldnn_rnn_layer",
+            "aten.mkldnn_rnn_layer_backward",
+            "aten._cudnn_rnn",
+            "aten._cudnn_rnn_backward",
+            "aten.miopen_rnn",
+            "aten.miopen_rnn_backward",
+        ),
+        "recurrent layers (oneDNN's or cuDNN's RNN kernel)",
     ),
     "aten._grouped_mm": "grouped matrix products (mixture-of-experts layers)",
     "aten._scaled_grouped_mm": "grouped matrix products (mixture-of-experts layers)",

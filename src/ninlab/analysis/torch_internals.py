@@ -80,6 +80,7 @@ __all__ = [
     "TorchDispatchMode",
     "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
+    "amx_tiles_supported",
     "autograd_sequence_nr",
     "composite_kernel",
     "compute_elementwise_output_strides",
@@ -173,6 +174,9 @@ default_device_name: Callable[[], str] = _private("torch._C._get_default_device"
 select_conv_backend = _private("torch._C._select_conv_backend")
 # A tensor with its negative bit set, as a kernel probe's zeros of one are; checked on all.
 neg_view = _private("torch._neg_view")
+# Whether this CPU has AMX tiles: the bf16 oneDNN kernels the allocator rules were read off;
+# checked on all.
+amx_tiles_supported: Callable[[], bool] = _private("torch.cpu._is_amx_tile_supported")
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _OWN_KERNELS = (

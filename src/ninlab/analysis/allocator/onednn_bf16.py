@@ -61,6 +61,7 @@ from ninlab.analysis.allocator.blocks import (
 )
 from ninlab.analysis.allocator.conv_call import ConvCall
 from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks
+from ninlab.analysis.torch_internals import amx_tiles_supported
 
 __all__ = [
     "MKLDNN_MATMUL_MIN_SIZE",
@@ -83,6 +84,14 @@ _BRGEMM_SCRATCHPAD = (
     "blocking heuristics)"
 )
 _GROUPED = KernelBlocks(None, "grouped bf16 oneDNN convolution (neither ungrouped nor depthwise)")
+# The ungrouped rules below describe oneDNN's AMX brgconv kernels. A CPU with AVX-512 bf16 but no
+# AMX (AMD EPYC) runs other kernels, which skip some of the copies the rules name (an 11x11 conv
+# from one channel: 110,592 bytes at its peak against the rules' 165,888), so there the rules are
+# not even a lower bound, and each call is measured (the kernel probe) as an unknown kernel's.
+_AMX = amx_tiles_supported()
+_UNGROUPED_WITHOUT_AMX = KernelBlocks(
+    None, "ungrouped bf16 oneDNN convolution on a CPU without AMX (rules read off AMX kernels)"
+)
 
 
 def bf16_conv_blocks(conv: ConvCall) -> KernelBlocks:
@@ -150,6 +159,8 @@ def bf16_conv_forward_allocations(
         )
     if groups > 1:
         return _GROUPED
+    if not _AMX:
+        return _UNGROUPED_WITHOUT_AMX
     weights = KernelAllocation(_bytes(weight_shape), "reordered weights (unpadded: a lower bound)")
     if channels_last:
         output = KernelAllocation(output_bytes, "output", output=0)
@@ -231,6 +242,8 @@ def bf16_conv_backward_allocations(
         )
     if groups > 1:
         return _GROUPED
+    if not _AMX:
+        return _UNGROUPED_WITHOUT_AMX
     input_bytes, output_bytes, weight_bytes = (
         _bytes(input_shape),
         _bytes(grad_output_shape),
