@@ -32,6 +32,7 @@ from torch import nn
 
 from ninlab.analysis.allocator import peak_above_start_bytes
 from ninlab.analysis.categories import CATEGORIES, categorize, saved_reason
+from ninlab.analysis.compiled import compiled_code
 from ninlab.analysis.cuda_allocator import (
     CUDA_CONTEXT_BYTES,
     CUDA_CONTEXT_SOURCE,
@@ -316,6 +317,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
         unreproduced=(
+            *compiled_code(model, spec.step),
             *unreproduced(model),
             *unfollowed_formulas(step.recording.ops),
             *temporaries_kept_out_of_place(step.recording),

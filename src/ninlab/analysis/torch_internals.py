@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,7 @@ __all__ = [
     "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
     "autograd_sequence_nr",
+    "compiled_by_dynamo",
     "composite_kernel",
     "compute_elementwise_output_strides",
     "current_autograd_node",
@@ -108,6 +110,7 @@ __all__ = [
     "torch_decomp_decompositions",
     "tree_flatten",
     "view_base",
+    "wraps_a_module",
 ]
 
 # -- which torch ------------------------------------------------------------------------------
@@ -136,6 +139,32 @@ def raised_by_torch_compile(error: BaseException) -> bool:
     """Whether `error` is one of torch.compile's own (its exceptions live in `torch._dynamo`);
     checked on 2.13 and 2.14.1 (inductor's BackendCompilerFailed)."""
     return type(error).__module__.startswith("torch._dynamo")
+
+
+def compiled_by_dynamo(value: Any) -> bool:
+    """Whether `value` is torch.compile's: its wrapper of a module (`wraps_a_module`), a module
+    whose call was compiled in place (`module.compile()` sets `_compiled_call_impl`), or its
+    wrapper of a function (marked `_torchdynamo_orig_callable`, as is one that
+    `torch.compiler.disable` wraps, which is marked `_torchdynamo_disable` too). Checked on all."""
+    if isinstance(value, nn.Module):
+        return wraps_a_module(value) or getattr(value, "_compiled_call_impl", None) is not None
+    if sys.modules.get("torch._dynamo.eval_frame") is None:
+        return False
+    marks = getattr(value, "__dict__", None)
+    return (
+        callable(value)
+        and isinstance(marks, dict)
+        and "_torchdynamo_orig_callable" in marks
+        and "_torchdynamo_disable" not in marks
+    )
+
+
+def wraps_a_module(module: nn.Module) -> bool:
+    """Whether `module` is torch.compile's wrapper of a module (an `OptimizedModule`, whose
+    `_orig_mod` is the module given). False where torch.compile was never used: dynamo is not
+    imported then, and is not imported here. Checked on all."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def require_supported_torch() -> None:
