@@ -78,6 +78,7 @@ __all__ = [
     "FakeTensor",
     "FakeTensorMode",
     "OpOverload",
+    "TensorMetadata",
     "TorchDispatchMode",
     "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
@@ -110,6 +111,7 @@ __all__ = [
     "torch_decomp_decompositions",
     "tree_flatten",
     "view_base",
+    "vmap_increment_nesting",
     "wraps_a_module",
 ]
 
@@ -257,6 +259,33 @@ SAVED_FIELD_PREFIX = "_saved_"
 # -- the profiler --------------------------------------------------------------------------------
 # The kinds of the profiler's events, allocations among them; checked on all.
 EventType = _private("torch._C._profiler._EventType")
+
+
+class _ModuleGlobal:
+    """A global of a torch module that a caller may replace for a while (`get`, `set`): its
+    module looks it up at each use. Noted as missing, like `_private`'s names, where this torch
+    lacks it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module = importlib.import_module(module)
+        self._name = name
+        if not hasattr(self._module, name):
+            _MISSING.append(f"{module}.{name}")
+
+    def get(self) -> Any:
+        return getattr(self._module, self._name)
+
+    def set(self, value: Any) -> None:
+        setattr(self._module, self._name, value)
+
+
+# How torch.func.vmap enters a vmap level: its `vmap_increment_nesting` calls this global of
+# torch/_functorch/vmap.py (the measurer counts the levels a step enters); checked on all.
+vmap_increment_nesting = _ModuleGlobal("torch._functorch.vmap", "_vmap_increment_nesting")
+# A tensor argument of a profiled op (`record_shapes=True`): its TensorImpl, its storage's address
+# (None: it has none, a functorch wrapper's), layout and sizes, read by the measurer to find a
+# function transform's calls; checked on all.
+TensorMetadata = _private("torch._C._profiler._TensorMetadata")
 # The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on all.
 record_function_enter = torch.ops.profiler._record_function_enter_new
 # The op closing an annotation, where an optimizer's phase ends; checked on all.
