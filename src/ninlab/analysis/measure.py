@@ -18,8 +18,8 @@ Two levels are measured, each with a method that shares no code with the predict
   kernels: `torch.where(mask, x, 0.0)`'s number is `scalar_tensor`'s output) allocates and
   frees it before returning: that is its workspace (so is a Python number wrapped as a tensor
   for one op's argument); under `torch.func.vmap` such an op is one a batching rule calls, not
-  the call at vmap's level around it (`_transform_calls`). The level starts at the storages alive when the step starts, counted
-  from the tensors themselves.
+  the call at vmap's level around it (`_transform_calls`). The level starts at the storages
+  alive when the step starts, counted from the tensors themselves.
   On CUDA, a dispatch mode on the real tensors counts each storage an op returns once (views
   share it) and uncounts it when the storage dies (a weak reference on `untyped_storage()`), with
   the out-of-place sums that brings. The first step is always counted that way: what it leaves
