@@ -811,9 +811,6 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
                         step()
                 finally:
                     marks.close()
-        # Under vmap, the ops a dispatch mode is handed are told from the batching rules around
-        # them by their arguments, which this profile did not record (see `_transform_calls`).
-        transform_calls = _transform_calls(prof, model, step) if vmaps else set()
         # The same tensor, not only the same address: a new cache of the old one's size often
         # takes the block the old one freed (which the records show), and counted from the
         # start as well it was counted twice (128 bytes over in 960, one run in a few).
@@ -832,6 +829,10 @@ def _measured(model: nn.Module, spec: StepSpec, batch_size: int, seed: int) -> M
             for pointer, nbytes in survivor_blocks.items()
             if pointer not in made and pointer not in counted_before
         )
+        # Under vmap, the ops a dispatch mode is handed are told from the batching rules around
+        # them by their arguments, which this profile did not record (see `_transform_calls`):
+        # one more step, once what the measured one left in the model has been read.
+        transform_calls = _transform_calls(prof, model, step) if vmaps else set()
         allocator_bytes, allocator_op, allocator_phase = _profiled_peak(prof, start_level)
         live_bytes, live_op, live_phase = _profiled_live_peak(
             prof, baseline.total_bytes, pointers, transform_calls
