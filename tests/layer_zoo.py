@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "LAYER_ZOO",
+    "VmapEnsemble",
     "attention_net",
     "convnext_ln",
     "deep_mbconv",
@@ -536,3 +537,32 @@ LAYER_ZOO.update(
         "patchify_net": ZooEntry(patchify_net, (3, 64, 64)),
     }
 )
+
+
+class VmapEnsemble(nn.Module):
+    """An ensemble of `members` MLPs (16 -> `hidden` -> 10) run at once: their parameters stacked
+    (`torch.func.stack_module_state`) and one member's module called on each slice under
+    `torch.func.vmap` (`functional_call` on a meta copy of its structure), the mean of their
+    logits out. Under vmap `addmm` of a batched weight is `mm`, `mul` and `add`, three tensors."""
+
+    def __init__(self, members: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        mlps = [
+            nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+            for _ in range(members)
+        ]
+        stacked, _ = torch.func.stack_module_state(mlps)  # type: ignore[arg-type]
+        self.names = list(stacked)
+        self.stacked = nn.ParameterDict(
+            {name.replace(".", "_"): nn.Parameter(value) for name, value in stacked.items()}
+        )
+        # In a tuple, not a submodule: the structure vmap calls, holding no weights of its own.
+        self.structure = (mlps[0].to("meta"),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parameters = {name: self.stacked[name.replace(".", "_")] for name in self.names}
+
+        def member(member_parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.structure[0], member_parameters, (x,))
+
+        return torch.func.vmap(member, in_dims=(0, None))(parameters, x).mean(0)

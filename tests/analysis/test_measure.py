@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 from cnn_zoo import ZOO
+from layer_zoo import VmapEnsemble
 from steps import reentrant_step
 from torch import nn
 from torch.nn import functional as F
@@ -400,3 +401,25 @@ def test_a_python_custom_ops_temporaries_are_its_workspace(
     measured = measure(model, report.spec, batch_size=16)
     assert measured.live_peak_bytes == report.live_peak_bytes == 51_200
     assert measured.allocator_peak_bytes == report.allocator_peak_bytes
+
+
+def test_a_vmap_ensembles_batching_rules_make_storages_not_workspace() -> None:
+    """Under `torch.func.vmap` the profiler nests each op in a same-named call at vmap's level,
+    which a dispatch mode is never handed: it is handed the batching rule's ops, and `addmm` of
+    a batched weight is `bmm`, a `mul` of the bias and an `add`, three tensors alive at once.
+    Taken for the vmap-level call's workspace, they measured 22,688 live bytes, 512 below the
+    truth: the arithmetic, which the allocator's own records confirm at the same op."""
+    members, hidden, batch = 4, 32, 8
+    parameters = members * (hidden * 16 + hidden + 10 * hidden + 10) * 4
+    inputs = batch * 16 * 4
+    products = 2 * members * batch * hidden * 4  # bmm's and add's outputs
+    bias = members * hidden * 4  # the bias times beta
+    truth = parameters + inputs + products + bias
+    model = VmapEnsemble(members, hidden)
+    measured = measure(model, input_size=(16,), batch_size=batch, mode="infer")
+    assert measured.live_peak_bytes == measured.allocator_peak_bytes == truth == 23_200
+    predicted = predict_memory(model, measured.spec, batch_size=batch)
+    assert predicted.live_trust.exact and predicted.live_peak_bytes == truth
+    trained = measure(model, input_size=(16,), batch_size=batch, optimizer="adam")
+    predicted = predict_memory(model, trained.spec, batch_size=batch)
+    assert predicted.live_peak_bytes == trained.live_peak_bytes

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from layer_zoo import VmapEnsemble
 from odd_models import caches_in_a_module_dict
 from steps import reentrant_step
 from torch import nn
@@ -1684,3 +1685,8 @@ def check(case: Case, setup: str) -> Outcome:
     if live.exact and allocator.exact:
         return outcome("exact", ratios)
     return outcome("flagged", f"{ratios}; live {live.kind}, allocator {allocator.kind}")
+
+
+# -- fallback (issue 20): an ensemble run at once under torch.func.vmap ----------------------------
+
+CASES = (*CASES, Case("vmap-ensemble", "layer zoo", VmapEnsemble, (16,)))

@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from cli_run import run
+from torch import nn
+
+from ninlab import predict_memory
+from ninlab.viz.render_memory import memory_lines
 
 
 def test_table_gives_the_peak_the_breakdown_the_reasons_and_the_forum_rule(
@@ -118,3 +123,15 @@ def test_bad_memory_options_are_one_line(
     code, out, err = run(capsys, "summary", "--batch", "2", *argv)
     assert code == 2 and out == ""
     assert message in err and err.count("\n") == 1
+
+
+def test_an_estimate_of_a_traced_step_says_why() -> None:
+    """A prediction flagged an estimate for a reason (here torch.compile'd code, traced as its
+    eager program) prints the reason under the kinds, not the bare word."""
+    model = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 5)))
+    lines = memory_lines(predict_memory(model, input_size=(16,), batch_size=8))
+    assert "What these figures are: live peak estimate, allocator peak estimate" in lines
+    assert any(
+        line.startswith("Estimate, because its code holds torch.compile'd code (the model)")
+        for line in lines
+    )

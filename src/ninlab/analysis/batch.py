@@ -25,7 +25,7 @@ from typing import Any, Literal, NoReturn
 from torch import nn
 
 from ninlab.analysis.memory_report import EXACT, Breakdown, MeasuredFallback, MemoryReport, Trust
-from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, trace_step
+from ninlab.analysis.predict import FALLBACK_LADDER, TracedStep, measured_fallback, trace_step
 from ninlab.analysis.step import StepSpec, step_spec, valid_batch_size, valid_model
 from ninlab.errors import NinlabError, shorten
 from ninlab.units import budget_bytes, format_bytes
@@ -284,12 +284,10 @@ class _Peaks:
         if report.fallback is None:
             self.known[batch_size] = self._peak(report), self._trust(report)
             return self.known[batch_size]
-        if len(report.fallback.batch_sizes) < len(FALLBACK_LADDER):
-            # Measured at this batch alone: measure the ladder once for all the others.
-            beyond = FALLBACK_LADDER[-1] + 1
-            report = self._predict(beyond, probe_kernels=True)
-        self.fallback = report.fallback
-        assert self.fallback is not None
+        # Measured at this batch alone: measure the ladder once for all the others.
+        self.fallback = measured_fallback(
+            self.model, self.spec, FALLBACK_LADDER, report.fallback.reason, report.fallback
+        )
         self.known[batch_size] = self.fallback.at(self.level, batch_size)
         return self.known[batch_size]
 

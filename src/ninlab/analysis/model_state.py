@@ -50,6 +50,8 @@ __all__ = [
     "captured_tensors",
     "clear_model_caches",
     "model_kept",
+    "model_namespaces",
+    "reached_by_step",
     "swapped_in",
 ]
 
@@ -215,7 +217,7 @@ class _CodeContainers:
     @staticmethod
     def of(model: nn.Module) -> _CodeContainers:
         found: dict[int, dict[Any, Any] | list[Any]] = {}
-        for namespace in _model_namespaces(model):
+        for namespace in model_namespaces(model):
             for name, value in list(namespace.items()):
                 # Exactly a dict or a list: not a mapping class of the user's own, nor a
                 # module's `__builtins__`.
@@ -255,7 +257,7 @@ def _model_caches(model: nn.Module) -> list[Any]:
     decorator wraps the cache, as transformers' `compile_compatible_method_lru_cache` does) and
     of the Python modules defining them. PyTorch's own are not the model's."""
     found: dict[int, Any] = {}
-    for namespace in _model_namespaces(model):
+    for namespace in model_namespaces(model):
         for value in list(namespace.values()):
             for candidate in _cache_candidates(value):
                 if callable(getattr(candidate, "cache_clear", None)) and hasattr(
@@ -265,7 +267,7 @@ def _model_caches(model: nn.Module) -> list[Any]:
     return list(found.values())
 
 
-def _model_namespaces(model: nn.Module) -> list[Any]:
+def model_namespaces(model: nn.Module) -> list[Any]:
     """The namespaces of the model's code: its modules' classes and the Python modules defining
     them, PyTorch's own aside."""
     classes = {cls for module in model.modules() for cls in type(module).__mro__}
@@ -365,6 +367,14 @@ def swapped_in(
 # tensors) and items in all (a captured dataset is not walked whole).
 _CONTAINER_DEPTH = 4
 _CONTAINER_ITEMS = 10_000
+
+
+def reached_by_step(step: Any) -> list[Any]:
+    """The values a step function reaches from outside the model (`_reachable`), each once."""
+    found: dict[int, Any] = {}
+    for place in _reachable(step):
+        found.setdefault(id(place.value), place.value)
+    return list(found.values())
 
 
 def _reachable(step: Any) -> list[Captured]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ninlab.analysis.allocator import peak_above_start_bytes
 from ninlab.analysis.categories import CATEGORIES, categorize, saved_reason
+from ninlab.analysis.compiled import compiled_code
 from ninlab.analysis.cuda_allocator import (
     CUDA_CONTEXT_BYTES,
     CUDA_CONTEXT_SOURCE,
@@ -82,10 +83,17 @@ from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, checked_flag, checked_name, one_line
 from ninlab.units import dtype_name
 
-__all__ = ["FALLBACK_LADDER", "TracedStep", "predict_memory", "predict_recorded", "trace_step"]
+__all__ = [
+    "FALLBACK_LADDER",
+    "TracedStep",
+    "measured_fallback",
+    "predict_memory",
+    "predict_recorded",
+    "trace_step",
+]
 
-# Where a step fake tensors cannot run is measured to estimate a larger batch: each a real run,
-# a few seconds on a small model, whatever the batch. Batch 1 is left out: its peak is the most
+# Where a step fake tensors cannot run is measured to estimate the batches a fit or a line asks
+# for: each a real run, a few seconds on a small model. Batch 1 is left out: its peak is the most
 # often elsewhere (in the update, where the parameters' state dominates).
 FALLBACK_LADDER = (2, 4, 8, 16)
 
@@ -309,6 +317,7 @@ def _report(model: nn.Module, step: StepRecording, name: str) -> MemoryReport:
         notes=(f"loss: {step.loss}",) if step.loss and step.target_key < 0 else (),
         cuda=None if cuda is None else _cuda_memory(cuda),
         unreproduced=(
+            *compiled_code(model, spec.step),
             *unreproduced(model),
             *unfollowed_formulas(step.recording.ops),
             *temporaries_kept_out_of_place(step.recording),
@@ -626,8 +635,11 @@ def _measured_report(
     model: nn.Module, spec: StepSpec, batch_size: int, name: str, error: Exception
 ) -> MemoryReport:
     """The model does something fake tensors cannot (a value-dependent branch, a data-dependent
-    shape): measure it for real on this machine, at the batch asked for when it is at most
-    `FALLBACK_LADDER`'s top, else on that ladder, and estimate (`MeasuredFallback.at`)."""
+    shape): measure it for real on this machine at the batch asked for. Not a line through a
+    ladder of smaller batches: where the peak moves to another op as the batch grows (the
+    matrix multiplies' blocks of an MLP from batch 12), such a line missed batch 100 by 12%, and
+    the misses at the ladder's own batches said nothing of it. Other batches (a fit, the line
+    around it) are read from `measured_fallback`'s ladder."""
     reason = one_line(error)
     subject = "the model" if spec.step is None else f"the step {spec.step_name}"
     if spec.device_type == "cuda" and not torch.cuda.is_available():
@@ -647,21 +659,10 @@ def _measured_report(
             "out; predict without DDP and add one copy of the trainable parameters, "
             f"{trainable:,} bytes, per rank"
         )
-    # The batch asked for when it is small; else a geometric ladder, so that the peak's phase is
-    # seen where it settles and the estimate's line goes through batches in that phase.
-    sizes = (batch_size,) if batch_size <= FALLBACK_LADDER[-1] else FALLBACK_LADDER
-    measured = [measure(model, spec, batch_size=size) for size in sizes]
-    fallback = MeasuredFallback(
-        reason,
-        sizes,
-        tuple(m.live_peak_bytes for m in measured),
-        tuple(m.live_peak_phase for m in measured),
-        tuple(m.allocator_peak_bytes for m in measured),
-        tuple(m.allocator_peak_phase for m in measured),
-    )
+    fallback = measured_fallback(model, spec, (batch_size,), reason)
     note = (
         f"{subject} cannot run on fake tensors ({reason}); run for real on this machine at "
-        f"batch {', '.join(map(str, sizes))} instead: no per-tensor breakdown"
+        f"batch {batch_size} instead: no per-tensor breakdown"
     )
     return MemoryReport(
         model=name,
@@ -678,3 +679,35 @@ def _measured_report(
         fallback=fallback,
         notes=(note,),
     )
+
+
+def measured_fallback(
+    model: nn.Module,
+    spec: StepSpec,
+    sizes: tuple[int, ...],
+    reason: str,
+    measured: MeasuredFallback | None = None,
+) -> MeasuredFallback:
+    """The step run for real on this machine at each of `sizes` (a batch `measured` already ran
+    is kept, not run again), for a step fake tensors cannot run (`reason`)."""
+    kept = {}
+    if measured is not None:
+        for i, size in enumerate(measured.batch_sizes):
+            kept[size] = (
+                measured.live_peaks_bytes[i],
+                measured.live_phases[i],
+                measured.allocator_peaks_bytes[i],
+                measured.allocator_phases[i],
+            )
+    sizes = tuple(sorted({*sizes, *kept}))
+    for size in sizes:
+        if size not in kept:
+            run = measure(model, spec, batch_size=size)
+            kept[size] = (
+                run.live_peak_bytes,
+                run.live_peak_phase,
+                run.allocator_peak_bytes,
+                run.allocator_peak_phase,
+            )
+    live, live_phases, allocator, allocator_phases = zip(*(kept[size] for size in sizes))
+    return MeasuredFallback(reason, sizes, live, live_phases, allocator, allocator_phases)

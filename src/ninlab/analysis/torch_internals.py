@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,11 +78,13 @@ __all__ = [
     "FakeTensor",
     "FakeTensorMode",
     "OpOverload",
+    "TensorMetadata",
     "TorchDispatchMode",
     "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
     "amx_tiles_supported",
     "autograd_sequence_nr",
+    "compiled_by_dynamo",
     "composite_kernel",
     "compute_elementwise_output_strides",
     "current_autograd_node",
@@ -109,6 +112,8 @@ __all__ = [
     "torch_decomp_decompositions",
     "tree_flatten",
     "view_base",
+    "vmap_increment_nesting",
+    "wraps_a_module",
 ]
 
 # -- which torch ------------------------------------------------------------------------------
@@ -137,6 +142,32 @@ def raised_by_torch_compile(error: BaseException) -> bool:
     """Whether `error` is one of torch.compile's own (its exceptions live in `torch._dynamo`);
     checked on 2.13 and 2.14.1 (inductor's BackendCompilerFailed)."""
     return type(error).__module__.startswith("torch._dynamo")
+
+
+def compiled_by_dynamo(value: Any) -> bool:
+    """Whether `value` is torch.compile's: its wrapper of a module (`wraps_a_module`), a module
+    whose call was compiled in place (`module.compile()` sets `_compiled_call_impl`), or its
+    wrapper of a function (marked `_torchdynamo_orig_callable`, as is one that
+    `torch.compiler.disable` wraps, which is marked `_torchdynamo_disable` too). Checked on all."""
+    if isinstance(value, nn.Module):
+        return wraps_a_module(value) or getattr(value, "_compiled_call_impl", None) is not None
+    if sys.modules.get("torch._dynamo.eval_frame") is None:
+        return False
+    marks = getattr(value, "__dict__", None)
+    return (
+        callable(value)
+        and isinstance(marks, dict)
+        and "_torchdynamo_orig_callable" in marks
+        and "_torchdynamo_disable" not in marks
+    )
+
+
+def wraps_a_module(module: nn.Module) -> bool:
+    """Whether `module` is torch.compile's wrapper of a module (an `OptimizedModule`, whose
+    `_orig_mod` is the module given). False where torch.compile was never used: dynamo is not
+    imported then, and is not imported here. Checked on all."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def require_supported_torch() -> None:
@@ -232,6 +263,33 @@ SAVED_FIELD_PREFIX = "_saved_"
 # -- the profiler --------------------------------------------------------------------------------
 # The kinds of the profiler's events, allocations among them; checked on all.
 EventType = _private("torch._C._profiler._EventType")
+
+
+class _ModuleGlobal:
+    """A global of a torch module that a caller may replace for a while (`get`, `set`): its
+    module looks it up at each use. Noted as missing, like `_private`'s names, where this torch
+    lacks it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module = importlib.import_module(module)
+        self._name = name
+        if not hasattr(self._module, name):
+            _MISSING.append(f"{module}.{name}")
+
+    def get(self) -> Any:
+        return getattr(self._module, self._name)
+
+    def set(self, value: Any) -> None:
+        setattr(self._module, self._name, value)
+
+
+# How torch.func.vmap enters a vmap level: its `vmap_increment_nesting` calls this global of
+# torch/_functorch/vmap.py (the measurer counts the levels a step enters); checked on all.
+vmap_increment_nesting = _ModuleGlobal("torch._functorch.vmap", "_vmap_increment_nesting")
+# A tensor argument of a profiled op (`record_shapes=True`): its TensorImpl, its storage's address
+# (None: it has none, a functorch wrapper's), layout and sizes, read by the measurer to find a
+# function transform's calls; checked on all.
+TensorMetadata = _private("torch._C._profiler._TensorMetadata")
 # The op opening an annotation: an optimizer's step or zero_grad, its phase; checked on all.
 record_function_enter = torch.ops.profiler._record_function_enter_new
 # The op closing an annotation, where an optimizer's phase ends; checked on all.

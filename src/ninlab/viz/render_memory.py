@@ -90,6 +90,13 @@ def memory_lines(report: MemoryReport, *, study: BatchStudy | None = None) -> li
         f"What these figures are: live peak {report.live_trust.kind}, allocator peak "
         f"{report.allocator_trust.kind}"
     )
+    # Why a traced step is an estimate (compiled code, a formula the trace does not follow);
+    # a lower bound's reasons are its unmodelled kernels, listed above.
+    estimates = (t for t in (report.live_trust, report.allocator_trust) if t.kind == "estimate")
+    why = dict.fromkeys(
+        reason for trust in estimates if not trust.batch_sizes for reason in trust.reasons
+    )
+    lines += [f"Estimate, because {reason}" for reason in why]
     cuda = report.cuda
     if cuda is not None:
         low, high = cuda.process_bytes
