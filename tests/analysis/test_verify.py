@@ -113,7 +113,21 @@ def test_a_step_that_reads_a_value_is_measured_at_the_batch_asked_for(batch_size
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
     for trust in (report.live_trust, report.allocator_trust):
         assert trust.words() == f"measured at batch {batch_size} on this machine"
-    assert report.fallback is not None and report.fallback.batch_sizes == (batch_size,)
+    assert report.fallback is not None and batch_size in report.fallback.batch_sizes
+    # Beyond the ladder, the ladder runs first, to tell whether the batch asked fits the machine.
+    ran = (batch_size,) if batch_size <= FALLBACK_LADDER[-1] else (*FALLBACK_LADDER, batch_size)
+    assert report.fallback.batch_sizes == ran
+
+
+def test_a_step_that_reads_a_value_is_not_run_where_it_would_take_half_the_free_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ninlab.analysis.predict.available_memory", lambda device: 100_000)
+    report = predict_memory(net(), input_size=INPUT, batch_size=100, step=reads_a_value)
+    assert report.fallback is not None and report.fallback.batch_sizes == FALLBACK_LADDER
+    assert report.allocator_trust.kind == report.live_trust.kind == "estimate"
+    assert "its error is unknown" in report.allocator_trust.words()
+    assert any("batch 100 itself was not run" in note for note in report.notes)
 
 
 # -- not the same every time ----------------------------------------------------------------------

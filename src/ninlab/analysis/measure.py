@@ -46,9 +46,11 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,7 +100,7 @@ from ninlab.analysis.torch_internals import (
 from ninlab.analysis.trace import collector_off
 from ninlab.errors import NinlabError, checked_whole, one_line
 
-__all__ = ["Baseline", "Measurement", "measure"]
+__all__ = ["Baseline", "Measurement", "available_memory", "measure"]
 
 _STEP_MARK = "ninlab.measured_step"
 _LARGEST_SEED = 2**64 - 1  # what `torch.manual_seed` takes
@@ -1022,3 +1024,23 @@ def _baseline_tensors(
     if targets is not None:
         tensors.append(targets)
     return tensors
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` now, or None where the system does not say:
+    CUDA's free memory; on the CPU, Linux's MemAvailable (free plus reclaimable caches), else the
+    free physical pages."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -49,7 +49,7 @@ from ninlab.analysis.kernel_probe import (
     too_large_to_measure,
 )
 from ninlab.analysis.lazy import materialized
-from ninlab.analysis.measure import measure
+from ninlab.analysis.measure import available_memory, measure
 from ninlab.analysis.memory_report import (
     LOSS_TYPE,
     AllocatorPeak,
@@ -81,7 +81,7 @@ from ninlab.analysis.torch_internals import DropoutBase
 from ninlab.analysis.trace import StepRecording, collector_off, record_step
 from ninlab.analysis.verify import verification, verify_batch_size
 from ninlab.errors import NinlabError, checked_flag, checked_name, one_line
-from ninlab.units import dtype_name
+from ninlab.units import dtype_name, format_bytes
 
 __all__ = [
     "FALLBACK_LADDER",
@@ -659,11 +659,18 @@ def _measured_report(
             "out; predict without DDP and add one copy of the trainable parameters, "
             f"{trainable:,} bytes, per rank"
         )
-    fallback = measured_fallback(model, spec, (batch_size,), reason)
+    fallback = _fallback_at(model, spec, batch_size, reason)
+    ran = ", ".join(map(str, fallback.batch_sizes))
     note = (
         f"{subject} cannot run on fake tensors ({reason}); run for real on this machine at "
-        f"batch {batch_size} instead: no per-tensor breakdown"
+        f"batch {ran} instead: no per-tensor breakdown"
     )
+    if batch_size not in fallback.batch_sizes:
+        note += (
+            f"; batch {batch_size} itself was not run: by the line through them it takes about "
+            f"{format_bytes(fallback.allocator_at(batch_size))}, more than half of what this "
+            "machine has free (or the machine does not say)"
+        )
     return MemoryReport(
         model=name,
         spec=spec,
@@ -679,6 +686,22 @@ def _measured_report(
         fallback=fallback,
         notes=(note,),
     )
+
+
+def _fallback_at(
+    model: nn.Module, spec: StepSpec, batch_size: int, reason: str
+) -> MeasuredFallback:
+    """Real runs for `_measured_report`: at the batch asked for, when it is within the ladder or
+    when the line through the ladder says it takes at most half the memory available now (a real
+    step of a batch far beyond it could exhaust the machine); else the ladder alone, whose line
+    estimates that batch."""
+    if batch_size <= FALLBACK_LADDER[-1]:
+        return measured_fallback(model, spec, (batch_size,), reason)
+    ladder = measured_fallback(model, spec, FALLBACK_LADDER, reason)
+    available = available_memory(torch.device(spec.device_type))
+    if available is None or ladder.allocator_at(batch_size) > available // 2:
+        return ladder
+    return measured_fallback(model, spec, (batch_size,), reason, ladder)
 
 
 def measured_fallback(

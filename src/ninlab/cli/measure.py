@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from ninlab.analysis.measure import measure
+from ninlab.analysis.measure import available_memory, measure
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
@@ -25,7 +25,6 @@ from ninlab.cli.options import (
 )
 from ninlab.cli.progress_line import progress_line
 from ninlab.errors import NinlabError
-from ninlab.training.preflight import available_memory
 from ninlab.units import format_bytes
 from ninlab.viz.render_measure import measurement_json, measurement_text
 

@@ -5,9 +5,6 @@ compiler to run."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -19,7 +16,7 @@ from ninlab.training.pipeline import batches_per_epoch
 from ninlab.training.presets import TrainConfig
 from ninlab.units import format_bytes
 
-__all__ = ["available_memory", "check_compiler", "check_fits_data", "check_memory"]
+__all__ = ["check_compiler", "check_fits_data", "check_memory"]
 
 _CHANNELS = 1  # Fashion-MNIST is grayscale
 
@@ -51,26 +48,6 @@ def check_fits_data(model: nn.Module, config: TrainConfig, *, world_size: int) -
             f"per step, and batch norm ({config.variant}) needs two or more; use --batch "
             f"{2 * world_size} or more"
         )
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes a new allocation can take on `device` now, or None where the system does not say:
-    CUDA's free memory; on the CPU, Linux's MemAvailable (free plus reclaimable caches), else the
-    free physical pages."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_memory(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ninlab.analysis.measure import available_memory
 from ninlab.analysis.predict import predict_memory
 from ninlab.analysis.step import StepSpec
 from ninlab.analysis.summary import InputTooSmall, summarize
@@ -59,7 +60,6 @@ from ninlab.training.pipeline import (
 )
 from ninlab.training.plots import plot_curves
 from ninlab.training.preflight import (
-    available_memory,
     check_compiler,
     check_fits_data,
     check_memory,
