@@ -147,7 +147,6 @@ def _batch_norm(no_training: bool) -> Callable[[], tuple[tuple[Any, ...], Kernel
         expected = batch_norm_forward_allocations(
             input_shape=(4, 24, 5, 5),
             training=not no_training,
-            running_stats=True,
             threads=_threads(),
         )
         return args, KernelBlocks(expected)
