@@ -293,6 +293,7 @@ PROBED_CALLS: dict[str, tuple[Callable[[], tuple[Any, ...]], str]] = {
         for reason, ops in ALWAYS_PROBED.items()
         for op in ops
     },
+    "aten.all.default": (lambda: (torch.zeros(2, 3),), "not bool"),
     # Given a channels-last map; contiguous, they allocate only their outputs (below).
     **{
         op: (lambda: (_channels_last_map(),), "not contiguous")
