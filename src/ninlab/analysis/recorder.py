@@ -1026,6 +1026,8 @@ _NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
 # one may be None). Found by running each op on small real and fake tensors of bfloat16 and
 # float32 (torch 2.14.1): an embedding bag's float32 table weighted per sample by a bf16
 # activation under autocast, a cross product, `cdist` and `conv_tbc` of the two.
+# (`kernel_dtypes` finds any op's mix of floating dtypes by running it; this table also
+# refuses a float beside an integer operand, an int8 weight, which that check leaves alone.)
 _SAME_DTYPE_OPERANDS = {
     aten.mm.default: (0, 1),
     aten.bmm.default: (0, 1),
