@@ -147,7 +147,6 @@ def _batch_norm(no_training: bool) -> Callable[[], tuple[tuple[Any, ...], Kernel
         expected = batch_norm_forward_allocations(
             input_shape=(4, 24, 5, 5),
             training=not no_training,
-            running_stats=True,
             threads=_threads(),
         )
         return args, KernelBlocks(expected)
@@ -294,6 +293,7 @@ PROBED_CALLS: dict[str, tuple[Callable[[], tuple[Any, ...]], str]] = {
         for reason, ops in ALWAYS_PROBED.items()
         for op in ops
     },
+    "aten.all.default": (lambda: (torch.zeros(2, 3),), "not bool"),
     # Given a channels-last map; contiguous, they allocate only their outputs (below).
     **{
         op: (lambda: (_channels_last_map(),), "not contiguous")

@@ -332,19 +332,22 @@ def test_a_step_regressing_on_zeros_against_a_real_run() -> None:
     assert report.live_peak_bytes == measured.live_peak_bytes == 23_204
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-def test_an_embedding_bag_against_a_real_run(mode: str) -> None:
+def test_an_embedding_bag_against_a_real_run(mode: str, dtype: torch.dtype) -> None:
     """The CPU kernel sizes offset2bag one index over and shrinks it (`resize_` keeps the
     storage), and makes index temporaries it frees: a mean bag's inference live peak was 8 bytes
-    under, its allocator peak 168."""
+    under, its allocator peak 168. A sum by its fast path makes no offset2bag, for bf16 tables
+    too (the fake kernel's copy of the path leaves bf16 out: 104 bytes over)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.EmbeddingBag(100, 16, mode=mode), nn.Linear(16, 5))
+    model = nn.Sequential(nn.EmbeddingBag(100, 16, mode=mode), nn.Linear(16, 5)).to(dtype)
     spec = StepSpec(input_size=(12,), mode="infer", input_dtype=torch.long, input_range=(0, 100))
     report = predict_memory(model, spec, batch_size=2)
     measured = measure(model, spec, batch_size=2)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
-    assert report.live_peak_bytes == {"sum": 7_108, "mean": 7_308, "max": 7_548}[mode]
+    if dtype == torch.float32:
+        assert report.live_peak_bytes == {"sum": 7_108, "mean": 7_308, "max": 7_548}[mode]
 
 
 # Normalisations straight on the step's input, whose gradient autograd never asks for: the

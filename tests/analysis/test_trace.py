@@ -250,17 +250,22 @@ class _ViewBuffers(nn.Module):
         table = torch.randn(2, 40)
         self.register_buffer("low", table[0, :16])
         self.register_buffer("high", table[1, :16])
+        # As parameters, the measured copy's are clones of their own elements.
+        self.frozen_window = nn.Parameter(torch.hann_window(16), requires_grad=False)
+        self.every_other = nn.Parameter(torch.randn(2, 32)[:, ::2])
         self.linear = nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x * self.window) * self.low + self.high
+        x = x * self.window * self.frozen_window + self.every_other.sum(0)
+        return self.linear(x) * self.low + self.high
 
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_a_buffer_viewing_a_larger_storage_is_counted_with_all_of_it(mode: str) -> None:
     """A registered `torch.hann_window(n)` keeps n + 1 elements, and slices of one table keep the
     whole table, once: the fakes had storages of their own elements (an STFT front end's live
-    peak 4 bytes under, printed as exact)."""
+    peak 4 bytes under, printed as exact). A parameter over such a view is cloned by the copy
+    `measure` runs (`Parameter.__deepcopy__`): its whole storage counted, 4 bytes over."""
     torch.manual_seed(0)
     model = _ViewBuffers()
     report = predict_memory(model, input_size=(16,), batch_size=2, mode=mode)

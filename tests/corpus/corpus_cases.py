@@ -1690,3 +1690,90 @@ def check(case: Case, setup: str) -> Outcome:
 # -- fallback (issue 20): an ensemble run at once under torch.func.vmap ----------------------------
 
 CASES = (*CASES, Case("vmap-ensemble", "layer zoo", VmapEnsemble, (16,)))
+
+
+# -- branch dtypes: mixed dtypes and reduced-precision kernels (issue 20) ------------------------
+
+
+class _FullPrecisionNorm(nn.Module):
+    """A bf16 model that layer-norms `x.float()` with its bf16 parameters: the CPU kernel refuses
+    the mix its fake kernel promotes (was predicted as exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 10)
+        self.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(self.linear(x).float(), (32,), self.norm.weight, self.norm.bias)
+        return self.head(h.to(torch.bfloat16))
+
+
+def _bf16_sum_bag() -> nn.Module:
+    # The CPU kernel sums a bf16 bag by its fast path, with no offset2bag (+72 B live before).
+    return nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum"), nn.Linear(8, 10)).to(torch.bfloat16)
+
+
+class _InstanceNormed(nn.Module):
+    """Instance norm without parameters: a training batch norm without running statistics,
+    whose mean and variance sums the rule missed (inference allocator 0.989)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.instance_norm(self.linear(x).view(-1, 4, 2, 4))
+        return self.head(h.flatten(1))
+
+
+class _PickedInHalf(nn.Module):
+    """`take_along_dim` (a gather) in a bf16 model: the CPU kernel gathers through a float32
+    copy, and its backward scatter_adds into one (0.87 to 0.91 of the allocator peak before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 64)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("picked", torch.arange(0, 64, 4))
+        self.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        picked = self.picked.expand(h.shape[0], -1)
+        return self.head(torch.take_along_dim(h, picked, 1))
+
+
+class _FrozenWindowSpectrogram(nn.Module):
+    """An STFT whose Hann window is a frozen parameter: the copy `measure` runs clones it onto
+    a storage of its own 8 elements (predicted 4 B over before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = nn.Parameter(torch.hann_window(8), requires_grad=False)
+        self.head = nn.Linear(5 * 17, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.stft(x, 8, hop_length=2, window=self.window, return_complex=True)
+        return self.head(spectrum.abs().flatten(1))
+
+
+DTYPES = (
+    Case("full-precision-norm", "layer zoo", _FullPrecisionNorm, (16,), setups=("sgd", "infer")),
+    Case(
+        "bf16-sum-bag",
+        "layer zoo",
+        _bf16_sum_bag,
+        (12,),
+        setups=("sgd", "infer"),
+        input_dtype=torch.long,
+        input_range=(0, 50),
+    ),
+    Case("instance-norm", "layer zoo", _InstanceNormed, (16,)),
+    Case("bf16-take-along", "layer zoo", _PickedInHalf, (16,), setups=("sgd", "infer")),
+    Case("frozen-window-stft", "layer zoo", _FrozenWindowSpectrogram, (32,)),
+)
+CASES = (*CASES, *DTYPES)

@@ -39,6 +39,7 @@ from ninlab.analysis.fake_fast_path import (
 from ninlab.analysis.flops import op_flops
 from ninlab.analysis.geometry import AxisParams, EmptyOutputError, axes_from_torch
 from ninlab.analysis.hugging_face import tracing_answered
+from ninlab.analysis.kernel_dtypes import OutputDtypes, check_cpu_kernel_dtypes
 from ninlab.analysis.kernel_probe import KernelCall, TensorLayout
 from ninlab.analysis.known_values import KnownValues
 from ninlab.analysis.ledger import StorageLedger, harvest_saved_tensors
@@ -47,7 +48,6 @@ from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, T
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
-    DisableTorchDispatch,
     DisableTorchFunction,
     DynamicOutputShapeException,
     FakeTensor,
@@ -292,6 +292,23 @@ def _attention_weights_not_wanted(
     return output if need_weights else (output[0], None)
 
 
+def _cpu_output_dtypes(output: Any, dtypes: OutputDtypes, fake_outputs: FakeOutputs) -> Any:
+    """Outputs of a call of mixed dtypes in the dtypes the CPU kernel gives them, run once on
+    small real tensors (`kernel_dtypes`): `huber_loss` of a bf16 input and a float32 target is
+    bfloat16 on CPU and float32 on fake tensors (measured on 2.13). Made by `fake_outputs`,
+    which remembers them."""
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    if dtypes is None or len(dtypes) != len(outputs):
+        return output
+    cast = tuple(
+        fake_outputs.run(aten._to_copy.default, (tensor,), {"dtype": dtype})
+        if isinstance(tensor, torch.Tensor) and dtype is not None and tensor.dtype != dtype
+        else tensor
+        for tensor, dtype in zip(outputs, dtypes)
+    )
+    return cast if isinstance(output, (tuple, list)) else cast[0]
+
+
 def _float32_statistics(
     func: Any, args: tuple[Any, ...], output: Any, fake_outputs: FakeOutputs
 ) -> Any:
@@ -452,12 +469,33 @@ def _cpu_embedding_bag_storages(func: Any, args: tuple[Any, ...], output: Any) -
         return output
     offsets, offset2bag, bag_size = args[2], output[1], output[2]
     include_last_offset = len(args) > 7 and bool(args[7])
-    if offset2bag.numel() > 0:
+    if offset2bag.numel() > 0 and _sums_bags_fast(args, output[0]):
+        offset2bag = offset2bag.new_empty((0,))
+    elif offset2bag.numel() > 0:
         elements = offset2bag.numel()
         offset2bag = offset2bag.new_empty((elements + 1,)).resize_((elements,))
     if include_last_offset and offsets.numel() > bag_size.numel():
         bag_size = bag_size.new_empty((offsets.numel(),)).resize_(bag_size.shape)
     return (output[0], offset2bag, bag_size, *output[3:])
+
+
+def _sums_bags_fast(args: tuple[Any, ...], output: torch.Tensor) -> bool:
+    """Whether the CPU kernel sums the bags by its fast path, which makes no offset2bag: ATen's
+    `is_fast_path` (EmbeddingBag.cpp) takes bfloat16 tables beside float32 and float16 ones,
+    where the fake kernel's copy of it does not (measured on 2.8, 2.13 and 2.14.1: a bf16 sum
+    bag of 8 indices has an empty offset2bag, the fake kernel's 64 bytes; an inference's live
+    peak was 72 bytes over)."""
+    weight, mode = args[0], args[4] if len(args) > 4 else 0
+    weights = args[6] if len(args) > 6 else None  # per_sample_weights
+    padding_idx = args[8] if len(args) > 8 else -1
+    return (
+        mode == 0
+        and weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and weight.stride(1) == 1
+        and output.stride(1) == 1
+        and (padding_idx is None or padding_idx < 0)
+        and (weights is None or weights.stride(0) == 1)
+    )
 
 
 # Losses whose CPU kernels compute the elementwise loss into their output and then resize it to
@@ -988,6 +1026,8 @@ _NESTED_FROM_MASK = aten._nested_tensor_from_mask.default
 # one may be None). Found by running each op on small real and fake tensors of bfloat16 and
 # float32 (torch 2.14.1): an embedding bag's float32 table weighted per sample by a bf16
 # activation under autocast, a cross product, `cdist` and `conv_tbc` of the two.
+# (`kernel_dtypes` finds any op's mix of floating dtypes by running it; this table also
+# refuses a float beside an integer operand, an int8 weight, which that check leaves alone.)
 _SAME_DTYPE_OPERANDS = {
     aten.mm.default: (0, 1),
     aten.bmm.default: (0, 1),
@@ -1003,73 +1043,6 @@ _SAME_DTYPE_OPERANDS = {
     aten._cdist_forward.default: (0, 1),
     aten.conv_tbc.default: (0, 1),
 }
-
-
-# Whether this torch's CPU kernel of a pointwise op exists for the dtypes of a call, found once
-# per (op, dtypes): a pointwise op is never run by the kernel probe (it allocates its outputs
-# alone), so a kernel missing for half precision (`log_ndtr`, `ndtri`, `zeta` of bfloat16 on
-# torch 2.14.1) went unnoticed, and a step the real run refuses was printed as exact; so was
-# one whose kernel refuses operands of two dtypes the fake kernel promotes (`heaviside` of a
-# bf16 activation and float32 values under autocast, `lerp`, `polar`, `complex`).
-_POINTWISE_KERNELS: dict[tuple[Any, ...], Exception | None] = {}
-_REDUCED_FLOATS = frozenset({torch.bfloat16, torch.float16})
-_SEEDED = torch.Tag.nondeterministic_seeded
-
-
-def _check_pointwise_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise the CPU kernel's own error where it has none for these dtypes (half precision,
-    or operands of several: every pointwise kernel has float32 and float64), as the real step
-    would."""
-    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-    dtypes = {t.dtype for t in tensors}
-    mixed = len({d for d in dtypes if d.is_floating_point}) > 1
-    # A random op run on zeros would draw from the user's generator.
-    if not (dtypes & _REDUCED_FLOATS or (mixed and _SEEDED not in func.tags)):
-        return
-    key = (func, *(value.dtype if isinstance(value, torch.Tensor) else value for value in args))
-    try:
-        missing = _POINTWISE_KERNELS[key]
-    except (KeyError, TypeError):  # TypeError: an argument that is no dict key (a list)
-        missing = _missing_pointwise_kernel(func, args, kwargs)
-        with contextlib.suppress(TypeError):
-            _POINTWISE_KERNELS[key] = missing
-    if missing is not None:
-        raise missing
-
-
-def _missing_pointwise_kernel(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Exception | None:
-    """The error of the op run on real 0-d tensors of the call's dtypes, where it says the kernel
-    is missing for a dtype, or where the same call with every floating operand of the first's
-    dtype runs (the kernel refuses the mix); None otherwise (any other error is the fake
-    kernel's to give)."""
-
-    def run(common: torch.dtype | None) -> Exception | None:
-        def small(value: Any) -> Any:
-            if not isinstance(value, torch.Tensor):
-                return value
-            same = common is not None and value.dtype.is_floating_point
-            return torch.zeros((), dtype=common if same else value.dtype)
-
-        with DisableTorchDispatch():
-            try:
-                func(*map(small, args), **{name: small(value) for name, value in kwargs.items()})
-            except Exception as error:  # noqa: BLE001 - the kernel's own error, to sort below
-                return error
-        return None
-
-    error = run(None)
-    if isinstance(error, NotImplementedError) and "not implemented for '" in str(error):
-        return error
-    floats = [
-        value.dtype
-        for value in (*args, *kwargs.values())
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point
-    ]
-    if error is not None and len(set(floats)) > 1 and run(floats[0]) is None:
-        return error
-    return None
 
 
 def _check_same_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -1374,19 +1347,24 @@ class Recorder(TorchDispatchMode):
         window = _window_params(func, args)
         if window is not None:
             self._check_window_fits(window, args[0])
+        dtypes = (
+            None
+            if self.emulate_cuda
+            else check_cpu_kernel_dtypes(func, args, kwargs, pointwise=traits.pointwise)
+        )
         if self._warming_up:
             # Corrected as recorded ops are: what the warm-up leaves alive (the loss a loop
             # holds) is the CPU kernel's.
-            output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
+            output = (
+                args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs, dtypes)
+            )
             made = tensors_in((output,))
             for tensor in made:
                 self.ledger.note(tensor, created_at=-1, phase="warm-up", module="")
             shapes = tuple(tuple(tensor.shape) for tensor in made)
             self.warm_up_ops.append((self.phases.current, traits.name, shapes))
             return output
-        if traits.pointwise and not self.emulate_cuda:
-            _check_pointwise_kernel(func, args, kwargs)
-        output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs)
+        output = args[0] if skip_kernel else self._cpu_outputs(func, traits, args, kwargs, dtypes)
         self._record(func, traits.name, args, kwargs, output, window)
         if self._max_pool1d_parts_without_indices(func, args):
             # `max_pool1d`'s own kernel makes no indices (see `_pools_without_indices`): on fake
@@ -1443,10 +1421,17 @@ class Recorder(TorchDispatchMode):
         return output
 
     def _cpu_outputs(
-        self, func: Any, traits: OpTraits, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        func: Any,
+        traits: OpTraits,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        dtypes: OutputDtypes,
     ) -> Any:
-        """The op's outputs from the fake kernel, corrected where the CPU kernel's differ."""
+        """The op's outputs from the fake kernel, corrected where the CPU kernel's differ
+        (`dtypes`: those the CPU kernel gives a call of mixed dtypes, where known)."""
         output = _masked_outputs(func, args, kwargs, self._fake_outputs.run(func, args, kwargs))
+        output = _cpu_output_dtypes(output, dtypes, self._fake_outputs)
         output = _attention_weights_not_wanted(func, args, kwargs, output)
         output = _float32_statistics(func, args, output, self._fake_outputs)
         output = _group_norm_grad_input_dtype(func, args, output)

@@ -111,6 +111,12 @@ def _cause_beyond_the_step(
             f"this PyTorch has no {spec.device_type} kernel {op} for {dtype} tensors ({reason}); "
             f"run the model in another dtype (dtype={' or '.join(map(repr, others))}, --dtype)"
         )
+    if _MIXED_NORMALISATION in reason:
+        return NinlabError(
+            f"a normalisation of the model has parameters of another dtype than its input "
+            f"({reason}), which the CPU kernel refuses: the real step fails the same way; cast "
+            "the norm's weight and bias to its input's dtype (or the input to theirs)"
+        )
     if _ONE_VALUE_PER_CHANNEL in reason:
         return NinlabError(
             f"a batch norm of the model has one value per channel to normalise in training "
@@ -244,6 +250,9 @@ _ATEN_DTYPE = {"float32": "Float", "bfloat16": "BFloat16"}
 _INDEX_OUT_OF_RANGE = re.compile(
     r"index out of range|not in the valid range|out of bounds for dimension|i < index_size"
 )
+# A layer, group, batch or instance norm's CPU kernel given a float32 input and reduced-precision
+# parameters (ATen's check_mixed_data_type).
+_MIXED_NORMALISATION = "mixed dtype (CPU): expect parameter to have scalar type of"
 # Batch norm in training given one value per channel (a batch of one, nothing else to average).
 _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # Two tensors of an op in different dtypes, as ATen words it.

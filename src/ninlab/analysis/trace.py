@@ -90,26 +90,42 @@ def fake_parameters(
     """
     fakes: dict[str, torch.Tensor] = {}
     bases: dict[int, torch.Tensor] = {}  # a real storage's address -> the fake one over its size
+    # The measured copy's parameters are clones (`Parameter.__deepcopy__`), each on a storage of
+    # its own elements in the strides `clone` keeps (a parameter viewing a periodic window's
+    # longer storage was predicted 4 bytes over); its buffers keep their storages, shared or
+    # longer. (Real tensors: taken before the fake mode is entered.)
+    cloned = {name: _cloned_strides(p) for name, p in model.named_parameters()}
     with fake_mode, OffRecord(fake_mode):
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             target_dtype = (
                 dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             )
-            base = _storage_base(tensor, target_dtype, device, fake_mode, bases)
+            parameter = isinstance(tensor, nn.Parameter)
+            # The measured copy's parameters are clones (`Parameter.__deepcopy__`), each on a
+            # storage of its own elements, in the strides `clone` keeps (a parameter viewing a
+            # periodic window's longer storage was predicted 4 bytes over); its buffers keep
+            # their storages, shared or longer.
+            base = (
+                None if parameter else _storage_base(tensor, target_dtype, device, fake_mode, bases)
+            )
             if memory_format == torch.contiguous_format and base is not None:
                 fake = base.as_strided(
                     tuple(tensor.shape), tensor.stride(), tensor.storage_offset()
                 )
             elif memory_format == torch.contiguous_format:
-                fake = fake_empty(
-                    fake_mode, tuple(tensor.shape), tensor.stride(), target_dtype, device
-                )
+                stride = cloned[name] if parameter else tensor.stride()
+                fake = fake_empty(fake_mode, tuple(tensor.shape), stride, target_dtype, device)
             else:
                 fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
             if isinstance(tensor, nn.Parameter):
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             fakes[name] = fake
     return fakes
+
+
+def _cloned_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides `tensor.clone()` gives (its own where dense, else contiguous)."""
+    return torch.empty_like(tensor, device="meta", memory_format=torch.preserve_format).stride()
 
 
 def _storage_base(

@@ -1,5 +1,5 @@
-"""CPU batch norm: `aten.native_batch_norm` (per-channel temporaries, float32 or bfloat16;
-channels-last adds per-thread sums; other dtypes are measured per call) and
+"""CPU batch norm: `aten.native_batch_norm` (per-channel temporaries, float32, bfloat16 or
+float16; channels-last adds per-thread sums; float64 is measured per call) and
 `aten.native_batch_norm_backward` (float32, and bfloat16 or float16 with input and gradient in
 one layout; the other calls are measured per call): with
 contiguous inputs the CPU kernel allocates grad_input twice (once before it checks contiguity,
@@ -33,17 +33,20 @@ def batch_norm_forward_no_training(args: Sequence[Any]) -> KernelBlocks:
 
 
 def _forward_blocks(args: Sequence[Any], *, training: bool) -> KernelBlocks:
-    input, running_mean = args[0], args[3]
-    if input.dtype not in (torch.float32, torch.bfloat16):
-        return KernelBlocks(
-            None, "batch norm forward other than float32 or bfloat16 (measured per call)"
-        )
+    input = args[0]
+    if input.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return KernelBlocks(None, "batch norm forward in float64 (measured per call)")
+    parameters = [a for a in args[1:5] if isinstance(a, torch.Tensor)]
+    # ATen's mixed-type kernel (a reduced-precision input beside a float32 parameter or running
+    # statistic) keeps its statistics in float32; otherwise they take the input's dtype.
+    mixed = any(p.dtype == torch.float32 for p in parameters)
     return KernelBlocks(
         batch_norm_forward_allocations(
             input_shape=tuple(input.shape),
             training=training,
-            running_stats=running_mean is not None,
             itemsize=input.dtype.itemsize,
+            statistics_itemsize=4 if mixed else input.dtype.itemsize,
+            half=input.dtype == torch.float16,
             channels_last=dense_memory_format(input) == torch.channels_last,
             threads=torch.get_num_threads(),
         )
@@ -90,37 +93,49 @@ def batch_norm_forward_allocations(
     *,
     input_shape: Sequence[int],
     training: bool,
-    running_stats: bool,
     itemsize: int = 4,
+    statistics_itemsize: int = 4,
+    half: bool = False,
     channels_last: bool = False,
     threads: int = 1,
 ) -> tuple[KernelAllocation, ...]:
-    """CPU `aten.native_batch_norm`, float32 or bfloat16: the output, then (training) the saved
-    mean and inverse std, and per-channel float32 temporaries: two for the running-stat update per
-    statistic in training (a channels-last input adds a per-thread float32 sum buffer inside the
-    first), two for the folded scale and shift in evaluation. Measured for 16 channels, 1 and 2
-    threads: training [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64], channels-last with 2
-    threads [out, 64, 64, 64, 64, 128, -128, -64, -64, 64, 64, -64, -64]; evaluation
-    [out, 64, 64, -64, -64], either layout and dtype."""
-    channel_bytes = input_shape[1] * 4  # statistics are float32 whatever the input dtype
+    """CPU `aten.native_batch_norm`: the output, then (training) the saved mean and inverse std
+    in the statistics' dtype (`statistics_itemsize`: float32, or a reduced-precision input's
+    own where no parameter or running statistic is float32), and, with running statistics or
+    without, two per-channel blocks for the batch's mean and variance sums, in the statistics'
+    dtype (float32 for a float16 input, `half`), a channels-last input's per-thread float32
+    sums inside them, then two float32 per-channel blocks; in evaluation two float32 per-channel
+    blocks for the folded scale and shift. Measured for 16 channels, 1 and 2 threads, on torch
+    2.8, 2.13 and 2.14.1, every input and parameter dtype the kernel takes: training
+    [out, 64, 64, 64, 64, -64, -64, 64, 64, -64, -64] (all bf16: [out, 32, 32, 32, 32, -32, -32,
+    64, 64, -64, -64]), channels-last with 2 threads [out, 64, 64, 64, 64, 128, -128, -64, -64,
+    64, 64, -64, -64]; evaluation [out, 64, 64, -64, -64], any layout and dtype. (An instance
+    norm is a training batch norm without running statistics, in inference too: its sums were
+    missed, the allocator level 0.989 of the real one.)"""
+    channels = input_shape[1]
     allocations = [KernelAllocation(prod(input_shape) * itemsize, "output", output=0)]
     if training:
-        allocations += [
-            KernelAllocation(channel_bytes, "saved mean", output=1),
-            KernelAllocation(channel_bytes, "saved inverse std", output=2),
+        statistic_bytes = channels * statistics_itemsize
+        sum_bytes = channels * (4 if half else statistics_itemsize)
+        per_thread = [KernelAllocation(threads * channels * 4, "per-thread sums")]
+        sums = [
+            KernelAllocation(sum_bytes, "batch mean sums"),
+            KernelAllocation(sum_bytes, "batch variance sums"),
         ]
-        if running_stats:
-            for statistic in ("running mean", "running var"):
-                update = KernelAllocation(channel_bytes, f"{statistic} update")
-                sums = [KernelAllocation(threads * channel_bytes, "per-thread sums")]
-                inside = (
-                    [*sums, *frees(sums)] if channels_last and statistic == "running mean" else []
-                )
-                allocations += [update, update, *inside, *frees([update, update])]
+        float32 = [KernelAllocation(channels * 4, "float32 per-channel")] * 2
+        allocations += [
+            KernelAllocation(statistic_bytes, "saved mean", output=1),
+            KernelAllocation(statistic_bytes, "saved inverse std", output=2),
+            *sums,
+            *((*per_thread, *frees(per_thread)) if channels_last else ()),
+            *frees(sums),
+            *float32,
+            *frees(float32),
+        ]
     else:
         folded = [
-            KernelAllocation(channel_bytes, "folded scale"),
-            KernelAllocation(channel_bytes, "folded shift"),
+            KernelAllocation(channels * 4, "folded scale"),
+            KernelAllocation(channels * 4, "folded shift"),
         ]
         allocations += [*folded, *frees(folded)]
     return tuple(allocations)

@@ -74,7 +74,6 @@ SURVEYED: frozenset[str] = frozenset(
         "slice_backward.default",
         "nll_loss_forward.default",
         "nll_loss_backward.default",
-        "all.default",
         "hardswish.default",
         "hardswish_.default",
         "hardswish_backward.default",

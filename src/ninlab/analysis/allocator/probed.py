@@ -19,7 +19,9 @@ and a step whose peak falls inside one was printed as exact while up to 35% unde
   channels-last map, a transposed or broadcast gradient): layer and group norm forward, and
   the pooling backwards of `nn.AdaptiveMaxPool2d`, `nn.AvgPool2d/3d` and
   `nn.AdaptiveAvgPool2d` make a contiguous copy first (a channels-last group norm: its input
-  copied). Given contiguous tensors they allocate only their outputs.
+  copied). Given contiguous tensors they allocate only their outputs; gather, scatter and
+  index_add not in bfloat16 or float16, where they work in a float32 copy;
+* `all` of a tensor that is not bool (its bool copy).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from ninlab.analysis.allocator.registry import OUTPUTS_ONLY, KernelBlocks, allocation_rule
 
-__all__ = ["ALWAYS_PROBED", "PROBED_IN_ANOTHER_LAYOUT"]
+__all__ = ["ALWAYS_PROBED", "PROBED_IN_ANOTHER_LAYOUT", "PROBED_IN_REDUCED_PRECISION"]
 
 _UPSAMPLING = tuple(
     f"aten.{name}.default"
@@ -121,16 +123,47 @@ def _measured(reason: str) -> Any:
     return rule
 
 
-def _measured_in_another_layout(what: str) -> Any:
+# Ops of `PROBED_IN_ANOTHER_LAYOUT` whose CPU kernels, given bfloat16 or float16 values, work
+# in a float32 copy (gather: of its output; scatter, scatter_add, index_add: of `self`), so
+# they are measured then too (on 2.8, 2.13 and 2.14.1: a (4, 32) bf16 scatter_add_ holds 512
+# bytes beside it; a bf16 gather's backward, a scatter_add into zeros, was 0.87 to 0.91 of the
+# real allocator peak, printed as exact). The survey behind the layouts saw float32 calls.
+PROBED_IN_REDUCED_PRECISION = frozenset(
+    {
+        "aten.gather.default",
+        "aten.scatter_.src",
+        "aten.scatter_add_.default",
+        "aten.index_add_.default",
+    }
+)
+_REDUCED = frozenset({torch.bfloat16, torch.float16})
+
+
+def _measured_in_another_layout(what: str, *, reduced_too: bool) -> Any:
     def rule(args: Sequence[Any]) -> KernelBlocks:
-        if all(a.is_contiguous() for a in args if isinstance(a, torch.Tensor)):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if reduced_too and any(t.dtype in _REDUCED for t in tensors):
+            return KernelBlocks(None, f"{what} of bfloat16 or float16 values (a float32 copy)")
+        if all(t.is_contiguous() for t in tensors):
             return OUTPUTS_ONLY
         return KernelBlocks(None, f"{what} of a tensor not contiguous (the kernel's copy)")
 
     return rule
 
 
+@allocation_rule("aten.all.default")
+def _all(args: Sequence[Any]) -> KernelBlocks:
+    # The kernel reduces a bool tensor as it is; any other it first compares with zero into a
+    # bool copy (a (4, 32) float32 tensor: 128 bytes beside the output, on 2.8 to 2.14.1; the
+    # survey saw bool masks alone).
+    if args[0].dtype == torch.bool:
+        return OUTPUTS_ONLY
+    return KernelBlocks(None, "all of a tensor that is not bool (the kernel's bool copy)")
+
+
 for _reason, _ops in ALWAYS_PROBED.items():
     allocation_rule(*_ops)(_measured(_reason))
 for _what, _ops in PROBED_IN_ANOTHER_LAYOUT.items():
-    allocation_rule(*_ops)(_measured_in_another_layout(_what))
+    for _op in _ops:
+        _reduced_too = _op in PROBED_IN_REDUCED_PRECISION
+        allocation_rule(_op)(_measured_in_another_layout(_what, reduced_too=_reduced_too))
