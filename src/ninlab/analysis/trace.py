@@ -459,7 +459,10 @@ def _record_step(
         # of its own (a tenth of a step's trace), unless this model's output on inputs of this
         # layout was fitted before and the step's own forward agrees (`_FirstOutput`).
         fits = _LOSS_FITS.setdefault(model, {}) if trains else {}
-        fit_key = (spec.dtype, *((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+        # By step function too: a step that calls the model on parts of the batch (the planner's
+        # accumulation) fits no loss to its first output, and would stop at it every time.
+        layouts = ((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+        fit_key = (spec.step, spec.dtype, *layouts)
         fit = fits.get(fit_key) if reuse_loss_fit else None
         reused = fit is not None
         fits_anew = False
@@ -689,8 +692,9 @@ class _LossFit:
         return torch.zeros(self.targets_shape, dtype=torch.long, device=device)
 
 
-# By model: the loss's fit to its output, by the layout of the inputs (and the parameters'
-# dtype) it was found on. Only fits that the step's own first forward agreed with are kept.
+# By model: the loss's fit to its output, by the step function, the parameters' dtype and the
+# layout of the inputs it was found on. Only fits the step's own first forward agreed with are
+# kept.
 _LOSS_FITS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _LossFit]] = (
     weakref.WeakKeyDictionary()
 )
