@@ -373,3 +373,18 @@ def test_a_step_that_catches_the_stop_at_its_first_forward_is_traced_anew():
     assert changed.live_peak_bytes == fresh.live_peak_bytes
     assert changed.allocator_peak_bytes == fresh.allocator_peak_bytes
     assert changed.notes == fresh.notes
+
+
+def test_a_kept_loss_fit_does_not_keep_the_model_alive():
+    import weakref
+
+    model = _Switchable()
+
+    def step(model_, optimizer, inputs, targets, held=model):  # a step that holds the model
+        _forgiving_step(model_, optimizer, inputs, targets)
+
+    predict_memory(model, StepSpec((3, 16, 16), optimizer="sgd", step=step), batch_size=2)
+    gone = weakref.ref(model)
+    del model, step
+    gc.collect()
+    assert gone() is None

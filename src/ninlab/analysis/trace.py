@@ -460,9 +460,11 @@ def _record_step(
         # layout was fitted before and the step's own forward agrees (`_FirstOutput`).
         fits = _LOSS_FITS.setdefault(model, {}) if trains else {}
         # By step function too: a step that calls the model on parts of the batch (the planner's
-        # accumulation) fits no loss to its first output, and would stop at it every time.
+        # accumulation) fits no loss to its first output, and would stop at it every time. By
+        # its id, not the function, which may hold the model (a weak key's value must not): an
+        # id reused by another function is checked all the same.
         layouts = ((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
-        fit_key = (spec.step, spec.dtype, *layouts)
+        fit_key = (None if spec.step is None else id(spec.step), spec.dtype, *layouts)
         fit = fits.get(fit_key) if reuse_loss_fit else None
         reused = fit is not None
         fits_anew = False
