@@ -1,6 +1,7 @@
 """Recording a whole step: its phases, what it leaves of the model, the collector."""
 
 import gc
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from ninlab.analysis.measure import measure
 from ninlab.analysis.predict import predict_memory
-from ninlab.analysis.step import StepSpec
+from ninlab.analysis.step import StepSpec, builtin_loss
 from ninlab.analysis.trace import record_step
 from ninlab.models import build_nin
 
@@ -272,3 +273,123 @@ def test_a_buffer_viewing_a_larger_storage_is_counted_with_all_of_it(mode: str) 
     measured = measure(model, report.spec, batch_size=2)
     assert report.live_peak_bytes == measured.live_peak_bytes
     assert report.allocator_peak_bytes == measured.allocator_peak_bytes
+
+
+# Forwards of `_Switchable`, counted outside the model, which a trace puts back as it was.
+_FORWARDS = SimpleNamespace(calls=0)
+
+
+class _Switchable(nn.Module):
+    """Logits, or with `pooled` off the unpooled map (whose loss is the stand-in sum): the same
+    inputs, another fit of the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pooled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _FORWARDS.calls += 1
+        y = self.conv(x)
+        return y.mean((2, 3)) if self.pooled else y
+
+
+def test_the_loss_fit_is_reused_where_the_steps_forward_agrees_and_found_again_where_not():
+    """The loss is fitted to the output by a forward before the step; a second trace of the same
+    model on inputs of the same layout reuses that fit (one forward fewer) where the step's own
+    first forward gives the same fit, and every figure is that of a fresh trace. Where the model
+    changed (another output), the step stops at its first forward and is traced anew."""
+    model = _Switchable()
+    spec = StepSpec((3, 16, 16), optimizer="sgd-momentum")
+    first = predict_memory(model, spec, batch_size=4)
+    calls = _FORWARDS.calls
+    again = predict_memory(model, spec, batch_size=4)
+    assert _FORWARDS.calls - calls == 2  # the warm-up's forward and the step's: no loss-fitting one
+    assert again.live_peak_bytes == first.live_peak_bytes
+    assert again.allocator_peak_bytes == first.allocator_peak_bytes
+    assert again.notes == first.notes == ()  # cross-entropy, the loss a classifier trains with
+
+    model.pooled = False
+    calls = _FORWARDS.calls
+    changed = predict_memory(model, spec, batch_size=4)
+    # The reused fit stopped at the first forward; then the loss-fitting forward and two more.
+    assert _FORWARDS.calls - calls == 4
+    assert changed.notes == ("loss: stand-in sum of outputs — not your loss",)
+    fresh = predict_memory(_unseen_copy(model), spec, batch_size=4)
+    assert changed.live_peak_bytes == fresh.live_peak_bytes
+    assert changed.allocator_peak_bytes == fresh.allocator_peak_bytes
+
+
+def _unseen_copy(model: _Switchable) -> _Switchable:
+    copy = _Switchable()
+    copy.load_state_dict(model.state_dict())
+    copy.pooled = model.pooled
+    return copy
+
+
+class _Drawing(nn.Module):
+    """Draws from Python's random numbers in its forward (a stochastic depth of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import random
+
+        return self.linear(x) * (1.0 if random.random() < 2 else 0.0)
+
+
+def test_a_forward_that_draws_random_numbers_keeps_its_loss_fitting_forward():
+    """Skipping a forward that draws would move every later draw, so the step's: its fit is
+    not reused, and the random state moves as it always did, by three forwards a trace."""
+    import random
+
+    model = _Drawing()
+    spec = StepSpec((8,), optimizer="sgd")
+    for _ in range(2):
+        random.seed(0)
+        predict_memory(model, spec, batch_size=2)
+        after = random.random()
+        random.seed(0)
+        for _ in range(3):
+            random.random()
+        assert after == random.random()
+
+
+def _forgiving_step(model, optimizer, inputs, targets):
+    """A step that calls the model again where its first call raised."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        output = model(inputs)
+    except Exception:  # noqa: BLE001 - what the test is about
+        output = model(inputs)
+    builtin_loss(output, targets).backward()
+    optimizer.step()
+
+
+def test_a_step_that_catches_the_stop_at_its_first_forward_is_traced_anew():
+    model = _Switchable()
+    spec = StepSpec((3, 16, 16), optimizer="sgd", step=_forgiving_step)
+    predict_memory(model, spec, batch_size=4)  # fits the loss to the logits
+    model.pooled = False
+    changed = predict_memory(model, spec, batch_size=4)
+    fresh = predict_memory(_unseen_copy(model), spec, batch_size=4)
+    assert changed.live_peak_bytes == fresh.live_peak_bytes
+    assert changed.allocator_peak_bytes == fresh.allocator_peak_bytes
+    assert changed.notes == fresh.notes
+
+
+def test_a_kept_loss_fit_does_not_keep_the_model_alive():
+    import weakref
+
+    model = _Switchable()
+
+    def step(model_, optimizer, inputs, targets, held=model):  # a step that holds the model
+        _forgiving_step(model_, optimizer, inputs, targets)
+
+    predict_memory(model, StepSpec((3, 16, 16), optimizer="sgd", step=step), batch_size=2)
+    gone = weakref.ref(model)
+    del model, step
+    gc.collect()
+    assert gone() is None

@@ -48,6 +48,7 @@ __all__ = [
     "builtin_loss_kind",
     "builtin_loss_words",
     "builtin_targets",
+    "builtin_targets_shape",
     "call_model",
     "check_trains",
     "deep_copied_a_fake",
@@ -951,12 +952,18 @@ def builtin_targets(output: Any, device: torch.device) -> torch.Tensor | None:
     """What the built-in loss compares the output with: class labels (zeros) for logits, one per
     sample ((N, C) logits) or per position (a `.logits` of (N, ..., C)); None for any other
     output, whose loss needs none."""
+    shape = builtin_targets_shape(output)
+    return None if shape is None else torch.zeros(shape, dtype=torch.long, device=device)
+
+
+def builtin_targets_shape(output: Any) -> tuple[int, ...] | None:
+    """The shape of `builtin_targets(output)`, making no tensor (None: the loss needs none)."""
     kind = builtin_loss_kind(output)
     if kind == "cross_entropy":
-        return torch.zeros((output.shape[0],), dtype=torch.long, device=device)
+        return (output.shape[0],)
     if kind == "output_logits":
         logits = _output_field(output, "logits")
-        return torch.zeros(tuple(logits.shape[:-1]), dtype=torch.long, device=device)  # type: ignore[union-attr]
+        return tuple(logits.shape[:-1])  # type: ignore[union-attr]
     return None
 
 

@@ -18,6 +18,7 @@ import gc
 import logging
 import random
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from ninlab.analysis.step import (
     StepSpec,
     builtin_loss,
     builtin_loss_words,
-    builtin_targets,
+    builtin_targets_shape,
     call_model,
     check_trains,
     determined_input,
@@ -245,10 +246,40 @@ def record_step(
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     draws = python_random_states()
+    restart = _RandomStates()
+    try:
+        step = _kept_record_step(
+            model, spec, batch_size, captured, tensors, optimizer_step, warm_up, reuse=True
+        )
+    except _LossFitChanged:
+        # The output no longer fits the loss as before (the model changed): again, as a first
+        # trace, from the random states the first try started from.
+        restart.restore()
+        step = _kept_record_step(
+            model, spec, batch_size, captured, tensors, optimizer_step, warm_up, reuse=False
+        )
+    step.drew_python_random = draws != python_random_states()
+    if _SHARED and warm_up:  # a first call alone only asks whether a size runs: none share it
+        _SHARED[-1].append((model, batch_size, optimizer_step, step))
+    return step
+
+
+def _kept_record_step(
+    model: nn.Module,
+    spec: StepSpec,
+    batch_size: int,
+    captured: list[nn.Module],
+    tensors: list[Captured],
+    optimizer_step: bool,
+    warm_up: bool,
+    *,
+    reuse: bool,
+) -> StepRecording:
+    """`_record_step`, the model and the modules the step reaches put back as they were after."""
     with contextlib.ExitStack() as kept:
         for module in [model, *captured]:
             kept.enter_context(model_kept(module))
-        step = _record_step(
+        return _record_step(
             model,
             spec,
             batch_size,
@@ -256,11 +287,24 @@ def record_step(
             tensors,
             optimizer_step=optimizer_step,
             warm_up=warm_up,
+            reuse_loss_fit=reuse,
         )
-    step.drew_python_random = draws != python_random_states()
-    if _SHARED and warm_up:  # a first call alone only asks whether a size runs: none share it
-        _SHARED[-1].append((model, batch_size, optimizer_step, step))
-    return step
+
+
+class _RandomStates:
+    """Python's and NumPy's global random states as they are now, to put back (fake tensors'
+    random ops leave torch's generator alone)."""
+
+    def __init__(self) -> None:
+        self.python = random.getstate()
+        numpy = sys.modules.get("numpy")
+        self.numpy = None if numpy is None else (numpy, numpy.random.get_state())
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        if self.numpy is not None:
+            numpy, state = self.numpy
+            numpy.random.set_state(state)
 
 
 # The recordings `sharing_recordings` keeps, one list per open scope, the innermost last:
@@ -358,6 +402,7 @@ def _record_step(
     *,
     optimizer_step: bool,
     warm_up: bool,
+    reuse_loss_fit: bool = False,
 ) -> StepRecording:
     """Run one step of `model` on fake tensors and record it.
 
@@ -375,6 +420,10 @@ def _record_step(
     frozen teacher in its closure), in their own dtype; they count as what the step keeps, as
     they do when the optimizer factory builds such a module; and so are the plain tensors it
     reaches (`captured_places`: class weights in its closure).
+
+    A training step's loss is fitted to the model's output (`_LossFit`), found by a forward
+    before the step; with `reuse_loss_fit`, the fit found for the same model on inputs of the
+    same layout before, checked against the output of the step's first call of the model.
     """
     require_supported_torch()
     spec = spec.for_model(model)
@@ -420,16 +469,35 @@ def _record_step(
                 model, fakes, args, kwargs, tie_weights=True, strict=False
             )
 
-        # What that forward caches in the model (an attribute, a dict or an `lru_cache` of its
-        # code) is undone (`model_kept`) and made again on the record, in the warm-up, as a real
-        # loop's first step makes it: kept, a cache made off the record was never counted.
-        with fake_mode, OffRecord(fake_mode), model_kept(model):
+        with fake_mode, OffRecord(fake_mode):
             inputs = example_inputs(spec, batch_size, device)
-            # The loss fits the output, so its targets (if any) follow a forward's output.
-            output = _output_without_grad(forward, inputs) if trains else None
-            targets = builtin_targets(output, device) if trains else None
-            loss_words = builtin_loss_words(output) if trains else ""
-            del output
+        # The loss fits the output, so its targets (if any) follow a forward's output: a forward
+        # of its own (a tenth of a step's trace), unless this model's output on inputs of this
+        # layout was fitted before and the step's own forward agrees (`_FirstOutput`).
+        fits = _LOSS_FITS.setdefault(model, {}) if trains else {}
+        # By step function too: a step that calls the model on parts of the batch (the planner's
+        # accumulation) fits no loss to its first output, and would stop at it every time. By
+        # its id, not the function, which may hold the model (a weak key's value must not): an
+        # id reused by another function is checked all the same.
+        layouts = ((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+        fit_key = (None if spec.step is None else id(spec.step), spec.dtype, *layouts)
+        fit = fits.get(fit_key) if reuse_loss_fit else None
+        reused = fit is not None
+        fits_anew = False
+        if trains and fit is None:
+            draws = python_random_states()
+            # What that forward caches in the model (an attribute, a dict or an `lru_cache` of
+            # its code) is undone (`model_kept`) and made again on the record, in the warm-up,
+            # as a real loop's first step makes it: kept, a cache made off the record was never
+            # counted.
+            with fake_mode, OffRecord(fake_mode), model_kept(model):
+                fit = _LossFit.of(_output_without_grad(forward, inputs))
+            # Kept only where that forward drew no random number (skipped, it would not draw).
+            fits_anew = draws == python_random_states()
+        with fake_mode, OffRecord(fake_mode):
+            targets = fit.targets(device) if fit is not None else None
+        loss_words = fit.words if fit is not None else ""
+        first_output = _FirstOutput(model, fit, strict=reused, watch=trains)
         for tensor in fakes.values():
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in attribute_fakes:
@@ -466,6 +534,7 @@ def _record_step(
             recorder,
             recorder.noting_rng_states(),
             _saves_skipped(saves),
+            first_output,
         ):
             for module, module_fakes in zip(captured, captured_fakes):
                 swapped.enter_context(
@@ -520,6 +589,12 @@ def _record_step(
     finally:
         model.train(was_training)
         fake_log.setLevel(log_level)
+    if reused and first_output.seen != fit:
+        # Unchecked (the step never called the model), or another fit whose stop the step
+        # caught: not a recording to keep.
+        raise _LossFitChanged
+    if fits_anew and first_output.seen == fit:
+        fits[fit_key] = fit
     if trains and optimizer_step and not recorder.phases.backward_calls:
         raise NinlabError(
             f"the step {spec.step_name} never calls backward(), so it trains nothing; call "
@@ -614,6 +689,66 @@ def _fake_view(tensor: torch.Tensor) -> torch.Tensor:
     )
     view = storage.as_strided(tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
     return view.requires_grad_(tensor.requires_grad)
+
+
+@dataclass(frozen=True)
+class _LossFit:
+    """What the built-in loss makes of a model's output: its targets' shape (None: it takes
+    none) and what it is (`builtin_loss_words`)."""
+
+    targets_shape: tuple[int, ...] | None
+    words: str
+
+    @staticmethod
+    def of(output: Any) -> _LossFit:
+        return _LossFit(builtin_targets_shape(output), builtin_loss_words(output))
+
+    def targets(self, device: torch.device) -> torch.Tensor | None:
+        """`builtin_targets` of such an output."""
+        if self.targets_shape is None:
+            return None
+        return torch.zeros(self.targets_shape, dtype=torch.long, device=device)
+
+
+# By model: the loss's fit to its output, by the step function, the parameters' dtype and the
+# layout of the inputs it was found on. Only fits the step's own first forward agreed with are
+# kept.
+_LOSS_FITS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _LossFit]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _LossFitChanged(Exception):
+    """A reused `_LossFit` does not fit the step's output: the step is traced again, anew."""
+
+
+class _FirstOutput:
+    """While entered (where `watch`: a training step, whose loss is fitted): the loss's fit to
+    the output of the first call of `model` (`seen`). With `strict`, a fit other than `expected`
+    stops the step there (`_LossFitChanged`), before the loss reads targets made for another
+    output."""
+
+    def __init__(
+        self, model: nn.Module, expected: _LossFit | None, *, strict: bool, watch: bool
+    ) -> None:
+        self.model, self.expected, self.strict, self.watch = model, expected, strict, watch
+        self.seen: _LossFit | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> None:
+        if self.watch:
+            self._handle = nn.modules.module.register_module_forward_hook(self._hook)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is not self.model or self.seen is not None:
+            return
+        self.seen = _LossFit.of(output)
+        if self.strict and self.seen != self.expected:
+            raise _LossFitChanged
 
 
 def _output_without_grad(forward: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:
