@@ -34,7 +34,7 @@ def _bf16_conv_backward() -> tuple[tuple, tuple[torch.Tensor, ...]]:
 def test_a_call_is_measured_as_the_profiler_sees_it_with_its_outputs_marked() -> None:
     args, outputs = _bf16_conv_backward()
     _, reason = cpu_kernel_allocations("aten.convolution_backward.default", args)
-    assert "scratchpad" in reason  # no rule knows this kernel's blocks
+    assert "scratchpad" in reason or "without AMX" in reason  # no rule knows all its blocks
     measured = measured_allocations(
         KernelCall.of("aten.convolution_backward.default", args, outputs)
     )
