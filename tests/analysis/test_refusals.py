@@ -166,6 +166,42 @@ def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
     assert str(refused.value).startswith(
         "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
     )
+    assert "(def forward(self, x, y): return model({'x': x, 'y': y}))" in str(refused.value)
+
+
+class _TakesADict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.tabular = nn.Linear(8, 4), nn.Linear(3, 4)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.image(batch["image"]) + self.tabular(batch["tabular"])
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        return self.model({"image": image, "tabular": tabular})
+
+
+def test_a_forward_that_takes_one_dict_is_told_how_to_pass_it() -> None:
+    """A forward reading `batch["image"]` from the one tensor it is given once got the generic
+    hint about input sizes; it is told to wrap the model, and the wrapped one is exact."""
+    for size in ((8,), {"batch": (8,)}):
+        with pytest.raises(NinlabError) as refused:
+            predict_memory(_TakesADict(), input_size=size, batch_size=2)
+        assert str(refused.value).startswith(
+            "the model's forward reads its one argument as a dict or list of tensors "
+            '(batch["image"]: IndexError: too many indices'
+        )
+        assert "return model({'x': x, 'y': y})), with one size per input" in str(refused.value)
+    model = _Wrapped(_TakesADict())
+    report = predict_memory(model, input_size={"image": (8,), "tabular": (3,)}, batch_size=2)
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.live_trust.exact and report.live_peak_bytes == measured.live_peak_bytes
 
 
 class _FlexAttention(nn.Module):
