@@ -1684,3 +1684,66 @@ def check(case: Case, setup: str) -> Outcome:
     if live.exact and allocator.exact:
         return outcome("exact", ratios)
     return outcome("flagged", f"{ratios}; live {live.kind}, allocator {allocator.kind}")
+
+
+# -- redteam: the round's finds ----------------------------------------------------------------
+
+
+class _MaskedConv(nn.Module):
+    """PixelCNN's masked convolutions on a one-channel image (the weight times a fixed mask, a
+    buffer): `weight * mask` is contiguous in both layouts, and the fake kernel kept it
+    channels-last where the CPU kernel's is contiguous (1.59 of the allocator peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 16, 7, padding=3), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+        for conv in (self.first, self.second):
+            mask = torch.ones_like(conv.weight)
+            middle = conv.kernel_size[0] // 2
+            mask[:, :, middle, middle:] = 0
+            mask[:, :, middle + 1 :] = 0
+            conv.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.first, self.second):
+            x = F.relu(F.conv2d(x, conv.weight * conv.mask, conv.bias, padding=conv.padding))
+        return self.head(x).mean((2, 3))
+
+
+class _ActNorm(nn.Module):
+    """Glow's activation norm, initialised from its first batch as a buffer flag records: a read
+    of the model's own buffer, as a BatchNorm with momentum=None reads `num_batches_tracked`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialised", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialised:
+            with torch.no_grad():
+                spread = x.transpose(0, 1).flatten(1).std(dim=1)
+                self.log_scale.copy_(-spread.clamp_min(1e-6).log().view(1, -1, 1, 1))
+                self.initialised.fill_(1)
+        return x * self.log_scale.exp()
+
+
+def _normalised(norm: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), norm(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)
+    )
+
+
+REDTEAM = (
+    Case("pixelcnn-masked-conv", "layer zoo", _MaskedConv, (1, 8, 8), IMAGE_SETUPS),
+    Case(
+        "batchnorm-cumulative-average",
+        "layer zoo",
+        _normalised(lambda: nn.BatchNorm2d(8, momentum=None)),
+        _IMAGE,
+        ("sgd", "channels-last", "infer"),
+    ),
+    Case("actnorm-initialised-flag", "layer zoo", _normalised(lambda: _ActNorm(8)), _IMAGE),
+)
+CASES = (*CASES, *REDTEAM)
