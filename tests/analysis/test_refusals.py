@@ -281,3 +281,40 @@ def test_code_torch_compile_fails_to_compile_is_named_not_the_input() -> None:
     message = str(cannot_run(failed, model, step_spec(model=model, input_size=(16,))))
     assert message.startswith("the model runs code compiled by torch.compile, which fails ")
     assert "input size" not in message
+
+
+class _SparseAdjacency(nn.Module):
+    """A graph convolution over a sparse adjacency matrix, held as a buffer or made in forward."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__()
+        index = torch.tensor([[0, 1, 2, 3, 1], [1, 2, 3, 0, 0]])
+        self.register_buffer("index", index)
+        self.held = held
+        if held:
+            self.register_buffer("adjacency", torch.sparse_coo_tensor(index, torch.ones(5), (4, 4)))
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adjacency = (
+            self.adjacency
+            if self.held
+            else torch.sparse_coo_tensor(self.index, torch.ones(5), (4, 4))
+        )
+        return torch.stack([torch.sparse.mm(adjacency, self.linear(g)) for g in x]).mean(1)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_sparse_tensor_is_refused_in_one_line(held: bool) -> None:
+    """A sparse buffer was predicted "exact" at 4 bytes (its fake copy's one element) and the
+    measurement raised a traceback (it has no storage); one made in forward was blamed on the
+    input sizes. Both are refused, by what they are, for predictions and measurements alike."""
+    model = _SparseAdjacency(held)
+    for call in (predict_memory, measure):
+        with pytest.raises(NinlabError) as refused:
+            call(model, input_size=(4, 8), batch_size=2)
+        words = "holds a sparse tensor (adjacency)" if held else "makes a sparse tensor ("
+        assert f"the model {words}" in str(refused.value)
+        assert str(refused.value).endswith(
+            "use it dense (tensor.to_dense() and an ordinary matmul), which ninlab predicts"
+        )

@@ -57,6 +57,18 @@ def check_traceable(model: nn.Module) -> None:
             "device or process: give the model it wraps (model.module), whose step is each "
             "copy's (ddp=True adds DistributedDataParallel's gradient buckets)"
         )
+    sparse = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.layout != torch.strided
+    ]
+    if sparse:
+        # Its bytes are its indices' and values', which neither the fake copy (counted as one
+        # element) nor the measurement's storage count (it has none) reads.
+        raise NinlabError(
+            f"the model holds a sparse tensor ({', '.join(sparse)}), whose memory ninlab cannot "
+            f"account for yet; {_DENSE_INSTEAD}"
+        )
 
 
 def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabError:
@@ -147,6 +159,11 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"the model runs code compiled by torch.compile, which fails to compile on the fake "
             f"tensors ninlab traces ({reason}); predict the model without torch.compile: the "
             "uncompiled program (torch.compile's generated kernels allocate otherwise)"
+        )
+    if _SPARSE_STORAGE in str(error):
+        return NinlabError(
+            f"the model makes a sparse tensor ({reason}), whose memory ninlab cannot account for "
+            f"yet; {_DENSE_INSTEAD}"
         )
     higher_order = _HIGHER_ORDER_OP.search(str(error))  # the reason may be cut short
     if higher_order:
@@ -256,6 +273,9 @@ _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # An op like flex_attention that PyTorch runs through a rule per dispatch mode, and has none
 # for ninlab's (its error names the mode's object; torch 2.8 calls it a HOP).
 _HIGHER_ORDER_OP = re.compile(r"no rule registered for (?:HigherOrderOperator|HOP) (\w+)")
+# What a sparse tensor's refusal advises, and how its storage's absence shows.
+_DENSE_INSTEAD = "use it dense (tensor.to_dense() and an ordinary matmul), which ninlab predicts"
+_SPARSE_STORAGE = "Cannot access storage of SparseTensorImpl"
 # How to predict a model whose forward takes its tensors in one dict or list.
 _WRAP_CONTAINER = (
     "predict a module whose forward takes them one by one and calls the model with them "
