@@ -130,3 +130,14 @@ def test_momentum_given_to_sgd_is_the_momentum_predicted():
 def test_a_setting_the_optimizer_does_not_take_is_refused(text, message):
     with pytest.raises(NinlabError, match=re.escape(message)):
         parse_optimizer(text)
+
+
+def test_the_apis_error_names_its_argument_and_the_command_lines_its_flag(capsys):
+    """The library's refusal once named --optimizer, a flag a library user never wrote."""
+    from ninlab.cli import main
+
+    with pytest.raises(NinlabError) as refused:
+        predict_memory(nn.Linear(4, 2), input_size=(4,), batch_size=2, optimizer="lion")
+    assert str(refused.value).startswith("optimizer 'lion': unknown optimizer 'lion'; choose")
+    assert main(["summary", "--input", "1x8x8", "--batch", "2", "--optimizer", "lion"]) == 2
+    assert capsys.readouterr().err.startswith("ninlab: error: --optimizer 'lion': unknown")

@@ -178,14 +178,14 @@ def make_optimizer(
     return spec.optimizer_class(list(params), **spec.keywords(), **flags)
 
 
-def parse_optimizer(text: str) -> OptimizerSpec:
+def parse_optimizer(text: str, *, argument: str = "optimizer") -> OptimizerSpec:
     """`adam`, or with settings: `adamw:weight_decay=0.01,implementation=foreach`,
-    `adam:betas=(0.8,0.99),amsgrad=true`; an error names the text, which the command line takes
-    as --optimizer."""
+    `adam:betas=(0.8,0.99),amsgrad=true`; an error names the text and the `argument` it was
+    given as (the API's keyword; the command line's --optimizer)."""
     try:
         return _parse_optimizer(text)
     except NinlabError as error:
-        raise NinlabError(f"--optimizer {text!r}: {error}") from None
+        raise NinlabError(f"{argument} {text!r}: {error}") from None
 
 
 def _parse_optimizer(text: str) -> OptimizerSpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -239,6 +240,7 @@ _ODD_VALUES: dict[str, tuple[Any, ...]] = {
     "device_type": ("cpu", "cuda", "mps", "cuda:7", "CPU", torch.device("cpu")),
     "amp": (None, "bf16", "float32", True),
     "mode": ("train", "infer", "eval", None),
+    "ddp": (None, True, False, "yes", 1),
 }
 _BUDGETS = (0, -1, 1.5, True, None, float("nan"), float("inf"), 10**30, "0", "64KiB", "8 gib")
 
@@ -657,3 +659,25 @@ def test_a_typed_argument_of_the_wrong_kind_is_one_line(call, message) -> None:
     model = _mlp()
     with pytest.raises(NinlabError, match=message):
         call(model)
+
+
+@pytest.mark.parametrize(
+    ("ddp", "message"),
+    [
+        ("yes", "ddp must be True, False, None or a DDPSpec (its bucket size), not 'yes'"),
+        ({"bucket_cap_mb": -1}, "ddp bucket_cap_mb must be a positive number of MiB, not -1"),
+        ({"bucket_cap_mb": "25"}, "ddp bucket_cap_mb must be a positive number of MiB, not '25'"),
+        ({"gradient_as_bucket_view": "no"}, "gradient_as_bucket_view must be True or False"),
+    ],
+)
+def test_odd_ddp_settings_are_refused_in_one_line(ddp: Any, message: str) -> None:
+    """They reached torch's bucket assignment, or an attribute of a string: tracebacks."""
+    from ninlab.analysis.step import DDPSpec
+
+    with pytest.raises(NinlabError, match=re.escape(message)):
+        predict_memory(
+            _mlp(),
+            input_size=(8,),
+            batch_size=2,
+            ddp=DDPSpec(**ddp) if isinstance(ddp, dict) else ddp,
+        )

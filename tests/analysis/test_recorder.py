@@ -153,7 +153,9 @@ def test_batch_norm_takes_the_layout_the_cpu_kernel_suggests(
         assert grad_input[0].stride() == real_grad[0].stride()
 
 
-@pytest.mark.parametrize("op", [torch.mul, torch.add, torch.maximum])
+@pytest.mark.parametrize(
+    "op", [torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.maximum.default]
+)
 def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
     """On a (N, C, 1, 1) map (after global pooling) channels-last strides are contiguous too, and
     TensorIterator then writes a contiguous output where the fake kernel keeps the input's strides;
@@ -163,13 +165,13 @@ def test_elementwise_outputs_take_the_strides_the_cpu_gives(op) -> None:
         fake = mode.from_tensor(real)
         output = op(fake, fake)
         assert output.stride() == (8, 1, 8, 8)  # the fake kernel's strides
-        corrected = recorder._elementwise_layout((fake, fake), output)
+        corrected = recorder._elementwise_layout(op, (fake, fake), {}, output)
     assert corrected.stride() == op(real, real).stride() == (8, 1, 1, 1)
     wider = torch.randn(4, 8, 2, 2).contiguous(memory_format=torch.channels_last)
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(wider)
         output = op(fake, fake)
-        assert recorder._elementwise_layout((fake, fake), output) is output
+        assert recorder._elementwise_layout(op, (fake, fake), {}, output) is output
     assert output.stride() == op(wider, wider).stride()
 
 
@@ -621,3 +623,65 @@ def test_a_pointwise_kernel_this_torch_lacks_for_the_dtype_is_refused_as_measure
         assert str(predicted.value).startswith("this PyTorch has no cpu kernel log_ndtr")
     else:  # a torch with the kernel: the step is predicted
         assert predict_memory(model, batch_size=2, **fields).live_trust.kind == "exact"
+
+
+_AMBIGUOUS_OPS = {
+    "add": lambda x, y: (torch.ops.aten.add.Tensor, (x, y)),
+    "mul by a number": lambda x, y: (torch.ops.aten.mul.Tensor, (x, 2)),
+    "rsub of a number": lambda x, y: (torch.ops.aten.rsub.Scalar, (x, 1)),
+    "where": lambda x, y: (torch.ops.aten.where.self, (x > 0, x, y)),
+    "sigmoid": lambda x, y: (torch.ops.aten.sigmoid.default, (x,)),
+    "hardtanh (relu6)": lambda x, y: (torch.ops.aten.hardtanh.default, (x, 0.0, 6.0)),
+}
+
+
+@pytest.mark.parametrize("op", list(_AMBIGUOUS_OPS))
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 3, 3), (16, 1, 7, 7), (2, 4, 1, 1), (1, 1, 1, 3), (2, 3, 1, 2)]
+)
+def test_elementwise_outputs_take_the_cpu_kernels_strides_where_sizes_of_one_blur_layouts(
+    op, shape
+) -> None:
+    """A channels-last tensor with a size of 1 is contiguous too: TensorIterator gives such
+    operands contiguous output strides where the fake kernel keeps the channels-last ones, but a
+    number operand (`x * 2`) or a kernel that allocates like its input (`hardtanh`) keeps them
+    for real too. A one-channel masked convolution weight (`weight * mask`) once ran the
+    convolution channels-last in the prediction only: 1.59 of the allocator peak."""
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    y = torch.randn(shape)
+    func, args = _AMBIGUOUS_OPS[op](x, y)
+    real = func(*args)
+    with FakeTensorMode() as mode:
+        fakes = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        output = recorder._elementwise_layout(func, fakes, {}, func(*fakes))
+    assert output.stride() == real.stride()
+
+
+class _MaskedConv(torch.nn.Module):
+    """PixelCNN's masked convolution on a one-channel image: the weight times a fixed mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 16, 7, padding=3)
+        mask = torch.ones_like(self.conv.weight)
+        mask[:, :, 3, 3:] = 0
+        mask[:, :, 4:] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.conv.weight * self.mask
+        return torch.nn.functional.conv2d(x, weight, self.conv.bias, padding=3).mean((2, 3))
+
+
+def test_a_masked_one_channel_convolution_is_exact_channels_last() -> None:
+    from ninlab.analysis.measure import measure
+    from ninlab.analysis.predict import predict_memory
+
+    model = _MaskedConv()
+    report = predict_memory(
+        model, input_size=(1, 8, 8), batch_size=2, memory_format="channels_last"
+    )
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.allocator_trust.exact
+    assert report.live_peak_bytes == measured.live_peak_bytes
+    assert report.allocator_peak_bytes == measured.allocator_peak_bytes

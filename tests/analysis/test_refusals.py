@@ -166,6 +166,42 @@ def test_more_inputs_than_the_forward_takes_says_how_many_it_takes() -> None:
     assert str(refused.value).startswith(
         "the model's forward takes 1 input and 2 were given, each as an argument of its own; "
     )
+    assert "(def forward(self, x, y): return model({'x': x, 'y': y}))" in str(refused.value)
+
+
+class _TakesADict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.tabular = nn.Linear(8, 4), nn.Linear(3, 4)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.image(batch["image"]) + self.tabular(batch["tabular"])
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        return self.model({"image": image, "tabular": tabular})
+
+
+def test_a_forward_that_takes_one_dict_is_told_how_to_pass_it() -> None:
+    """A forward reading `batch["image"]` from the one tensor it is given once got the generic
+    hint about input sizes; it is told to wrap the model, and the wrapped one is exact."""
+    for size in ((8,), {"batch": (8,)}):
+        with pytest.raises(NinlabError) as refused:
+            predict_memory(_TakesADict(), input_size=size, batch_size=2)
+        assert str(refused.value).startswith(
+            "the model's forward reads its one argument as a dict or list of tensors "
+            '(batch["image"]: IndexError: too many indices'
+        )
+        assert "return model({'x': x, 'y': y})), with one size per input" in str(refused.value)
+    model = _Wrapped(_TakesADict())
+    report = predict_memory(model, input_size={"image": (8,), "tabular": (3,)}, batch_size=2)
+    measured = measure(model, report.spec, batch_size=2)
+    assert report.live_trust.exact and report.live_peak_bytes == measured.live_peak_bytes
 
 
 class _FlexAttention(nn.Module):
@@ -245,3 +281,40 @@ def test_code_torch_compile_fails_to_compile_is_named_not_the_input() -> None:
     message = str(cannot_run(failed, model, step_spec(model=model, input_size=(16,))))
     assert message.startswith("the model runs code compiled by torch.compile, which fails ")
     assert "input size" not in message
+
+
+class _SparseAdjacency(nn.Module):
+    """A graph convolution over a sparse adjacency matrix, held as a buffer or made in forward."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__()
+        index = torch.tensor([[0, 1, 2, 3, 1], [1, 2, 3, 0, 0]])
+        self.register_buffer("index", index)
+        self.held = held
+        if held:
+            self.register_buffer("adjacency", torch.sparse_coo_tensor(index, torch.ones(5), (4, 4)))
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adjacency = (
+            self.adjacency
+            if self.held
+            else torch.sparse_coo_tensor(self.index, torch.ones(5), (4, 4))
+        )
+        return torch.stack([torch.sparse.mm(adjacency, self.linear(g)) for g in x]).mean(1)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_sparse_tensor_is_refused_in_one_line(held: bool) -> None:
+    """A sparse buffer was predicted "exact" at 4 bytes (its fake copy's one element) and the
+    measurement raised a traceback (it has no storage); one made in forward was blamed on the
+    input sizes. Both are refused, by what they are, for predictions and measurements alike."""
+    model = _SparseAdjacency(held)
+    for call in (predict_memory, measure):
+        with pytest.raises(NinlabError) as refused:
+            call(model, input_size=(4, 8), batch_size=2)
+        words = "holds a sparse tensor (adjacency)" if held else "makes a sparse tensor ("
+        assert f"the model {words}" in str(refused.value)
+        assert str(refused.value).endswith(
+            "use it dense (tensor.to_dense() and an ordinary matmul), which ninlab predicts"
+        )

@@ -577,3 +577,19 @@ def test_compare_train_refuses_bad_models_before_it_loads_the_data(tmp_path, mon
     assert (code, out.getvalue()) == (2, ""), err.getvalue()
     assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("ninlab: error:")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["summary", "--fit", "-1GiB"], "argument --fit: cannot read memory size '-1GiB'"),
+        (["report", "--budget", "-1.5GiB"], "argument --budget: cannot read memory size '-1.5GiB'"),
+        (["summary", "--input", "-1x2"], "argument --input: cannot read input size '-1x2'"),
+        (["summary", "--batch", "2", "--batch", "-3"], "--batch 2 and --batch -3 conflict"),
+    ],
+)
+def test_a_value_that_starts_with_a_dash_gets_its_options_own_refusal(argv, error):
+    """argparse read `--fit -1GiB` as an option with no value ("expected one argument"); the
+    value reaches the option's own check, which says what is wrong with it."""
+    code, err = _run(argv)
+    assert code == 2 and error in err and len(err.splitlines()) == 1

@@ -1604,12 +1604,17 @@ def _state(model: nn.Module) -> tuple[Any, ...]:
     quantized layer's packed weights, as printed), which need grad, the mode, and the forward
     hooks."""
     tensors = {
-        name: value.detach().clone() if isinstance(value, torch.Tensor) else repr(value)
+        # A sparse tensor compared by its dense values (`torch.equal` takes strided ones only).
+        name: _dense(value.detach()).clone() if isinstance(value, torch.Tensor) else repr(value)
         for name, value in model.state_dict().items()
     }
     flags = tuple((name, p.requires_grad) for name, p in model.named_parameters())
     modes = tuple(module.training for module in model.modules())
     return tensors, flags, modes
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.layout == torch.strided else tensor.to_dense()
 
 
 def _changed(model: nn.Module, before: tuple[Any, ...]) -> str:
@@ -1777,3 +1782,82 @@ DTYPES = (
     Case("frozen-window-stft", "layer zoo", _FrozenWindowSpectrogram, (32,)),
 )
 CASES = (*CASES, *DTYPES)
+
+
+# -- redteam: the round's finds ----------------------------------------------------------------
+
+
+class _MaskedConv(nn.Module):
+    """PixelCNN's masked convolutions on a one-channel image (the weight times a fixed mask, a
+    buffer): `weight * mask` is contiguous in both layouts, and the fake kernel kept it
+    channels-last where the CPU kernel's is contiguous (1.59 of the allocator peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 16, 7, padding=3), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+        for conv in (self.first, self.second):
+            mask = torch.ones_like(conv.weight)
+            middle = conv.kernel_size[0] // 2
+            mask[:, :, middle, middle:] = 0
+            mask[:, :, middle + 1 :] = 0
+            conv.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.first, self.second):
+            x = F.relu(F.conv2d(x, conv.weight * conv.mask, conv.bias, padding=conv.padding))
+        return self.head(x).mean((2, 3))
+
+
+class _ActNorm(nn.Module):
+    """Glow's activation norm, initialised from its first batch as a buffer flag records: a read
+    of the model's own buffer, as a BatchNorm with momentum=None reads `num_batches_tracked`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialised", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialised:
+            with torch.no_grad():
+                spread = x.transpose(0, 1).flatten(1).std(dim=1)
+                self.log_scale.copy_(-spread.clamp_min(1e-6).log().view(1, -1, 1, 1))
+                self.initialised.fill_(1)
+        return x * self.log_scale.exp()
+
+
+def _normalised(norm: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), norm(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)
+    )
+
+
+class _SparseGraph(nn.Module):
+    """A graph convolution over a sparse adjacency buffer (refused: its bytes were counted as one
+    element's, and the measurement had no storage to read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        index = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 1, 2], [1, 2, 3, 4, 5, 6, 7, 0, 0, 1]])
+        self.register_buffer("adjacency", torch.sparse_coo_tensor(index, torch.ones(10), (8, 8)))
+        self.first, self.second = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.stack([torch.sparse.mm(self.adjacency, self.first(g)) for g in x])
+        return self.second(F.relu(mixed)).mean(1)
+
+
+REDTEAM = (
+    Case("graph-sparse-adjacency", "layer zoo", _SparseGraph, (8, 16), ("sgd", "infer")),
+    Case("pixelcnn-masked-conv", "layer zoo", _MaskedConv, (1, 8, 8), IMAGE_SETUPS),
+    Case(
+        "batchnorm-cumulative-average",
+        "layer zoo",
+        _normalised(lambda: nn.BatchNorm2d(8, momentum=None)),
+        _IMAGE,
+        ("sgd", "channels-last", "infer"),
+    ),
+    Case("actnorm-initialised-flag", "layer zoo", _normalised(lambda: _ActNorm(8)), _IMAGE),
+)
+CASES = (*CASES, *REDTEAM)

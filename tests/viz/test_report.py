@@ -254,3 +254,19 @@ def test_a_batch_over_the_budget_shows_why_where_rounding_would_hide_it():
         "8.00 GiB: 8,589,935,592 bytes, over the budget's 8,589,934,592"
     )
     assert _over(9 << 30, budget) == "9.00 GiB"
+
+
+def test_cli_report_on_a_model_the_default_budget_does_not_bound(tmp_path, capsys):
+    """A tiny model fits the default 8 GiB at every batch searched: the report once refused it
+    whole ("give a smaller budget"); it is written without its batch section, which says why."""
+    source = tmp_path / "tiny.py"
+    source.write_text("from torch import nn\nmodel = nn.Sequential(nn.Linear(4, 2))\n")
+    path = tmp_path / "tiny.html"
+    argv = ["report", "--model", f"{source}:model", "--input", "4", "--batch", "2", "-o", str(path)]
+    assert main(argv) == 0
+    page = path.read_text(encoding="utf-8")
+    assert (
+        "No batch size to show: budget 8.00 GiB fits even batch 16,777,216, the largest "
+        "searched; give a smaller budget." in page
+    )
+    assert 'id="chart-batch"' not in page and 'id="chart-train-timeline"' in page

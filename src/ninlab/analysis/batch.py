@@ -33,6 +33,7 @@ from ninlab.units import budget_bytes, format_bytes
 __all__ = [
     "BatchFit",
     "BatchScaling",
+    "BudgetTooLarge",
     "BudgetTooSmall",
     "fit_batch",
     "largest_batch",
@@ -325,6 +326,11 @@ class BudgetTooSmall(NinlabError):
     """Not even the smallest batch fits the budget."""
 
 
+class BudgetTooLarge(NinlabError):
+    """Even the largest batch searched fits the budget: the model is too small for it to bound
+    the batch."""
+
+
 def _smallest_batch(peak: _Peaks) -> int:
     """1, or 2 for a step that cannot run on one sample (batch norm over a vector in training:
     "Expected more than 1 value per channel"); batch 1's error where neither runs."""
@@ -435,7 +441,7 @@ def _search(peak: _Peaks, budget: int, max_batch_size: int) -> int:
     )
     low = _exact_below(peak, candidate, budget, smallest)
     if low == max_batch_size:
-        raise NinlabError(
+        raise BudgetTooLarge(
             f"budget {format_bytes(budget)} fits even batch {max_batch_size:,}, the largest "
             "searched; give a smaller budget"
         )

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ninlab.analysis.torch_internals import (
     ANNOTATIONS_WITHOUT_TENSORS,
     CONSTANT_NUMEL_LIMIT,
+    DataDependentOutputException,
     DisableTorchDispatch,
     FakeTensor,
     FakeTensorMode,
@@ -33,6 +34,9 @@ from ninlab.analysis.torch_internals import (
     runs_as_composite_parts,
     torch_decomp_decompositions,
 )
+
+if TYPE_CHECKING:
+    from ninlab.analysis.known_values import KnownValues
 
 __all__ = [
     "PRIM_DEVICE",
@@ -81,11 +85,14 @@ class OffRecord(TorchDispatchMode):
     """Runs ops on fake tensors the quick way the recorder runs them (in-place ops skip the fake
     kernel, outputs made from `FakeOutputs`), recording nothing: for what a step needs made
     before it is recorded (the fake parameters, the input batch, the probe forward that fits the
-    loss), and for the parts of an op that FakeTensorMode decomposes. Entered over `fake_mode`."""
+    loss), and for the parts of an op that FakeTensorMode decomposes. Entered over `fake_mode`.
+    With `known`, a read of values is answered where they are known, as the recorder answers it
+    (`KnownValues`), and what each op makes or writes is followed."""
 
-    def __init__(self, fake_mode: FakeTensorMode) -> None:
+    def __init__(self, fake_mode: FakeTensorMode, known: KnownValues | None = None) -> None:
         super().__init__()
         self._fake_outputs = FakeOutputs(fake_mode)
+        self._known = known
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is PRIM_DEVICE and type(args[0]) is FakeTensor:
@@ -95,8 +102,20 @@ class OffRecord(TorchDispatchMode):
         if traits.metadata:
             return func(*args, **kwargs)
         if traits.returns_self and getattr(args[0], "constant", None) is None:
-            return args[0]
-        return self._fake_outputs.run(func, args, kwargs)
+            output = args[0]
+        elif self._known is None:
+            return self._fake_outputs.run(func, args, kwargs)
+        else:
+            try:
+                output = self._fake_outputs.run(func, args, kwargs)
+            except DataDependentOutputException:
+                answer = self._known.answer(func, args, kwargs)
+                if answer is None:
+                    raise
+                return answer
+        if self._known is not None:
+            self._known.follow(func, args, kwargs, output)
+        return output
 
 
 @dataclass(frozen=True)

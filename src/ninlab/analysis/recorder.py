@@ -48,6 +48,7 @@ from ninlab.analysis.recording import LayerInputTooSmall, OpRecord, Recording, T
 from ninlab.analysis.step import output_tensors
 from ninlab.analysis.torch_internals import (
     DataDependentOutputException,
+    DisableTorchDispatch,
     DisableTorchFunction,
     DynamicOutputShapeException,
     FakeTensor,
@@ -584,22 +585,86 @@ def _check_source_dtype(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         )
 
 
-def _elementwise_layout(args: tuple[Any, ...], output: Any) -> Any:
+def _elementwise_layout(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
     """An elementwise op's output in contiguous strides where TensorIterator's fast setup gives
-    them: every tensor operand of the output's shape and contiguous. Sizes of 1 make a tensor
-    contiguous in both layouts (a (N, C, 1, 1) map after global pooling), and there the fake
-    kernel keeps a channels-last input's strides where the real one does not; the strides decide
-    which layout a later kernel runs in (NiN's dropout feeds a max-pool backward that copies
-    grad_input when they disagree, 884,736 bytes at batch 128 in bf16)."""
-    if not isinstance(output, FakeTensor) or output.dim() < 3 or 1 not in output.shape[2:]:
+    them: every operand of the output's shape and contiguous. Sizes of 1 make a tensor
+    contiguous in both layouts (a (N, C, 1, 1) map after global pooling, a one-channel image or
+    weight), and there the fake kernel keeps a channels-last input's strides where the real one
+    does not; the strides decide which layout a later kernel runs in (NiN's dropout feeds a
+    max-pool backward that copies grad_input when they disagree, 884,736 bytes at batch 128 in
+    bf16; a masked one-channel convolution weight, `weight * mask`, ran the convolution
+    channels-last only in the prediction: 1.59 of the allocator peak). A number in a tensor's
+    place (`x * 2`) is an operand of its own, of no shape, so there is no fast setup and the
+    real output keeps the input's strides too."""
+    if not isinstance(output, FakeTensor) or output.dim() < 2 or 1 not in output.shape:
         return output
     contiguous = make_contiguous_strides_for(output.shape)
     if output.stride() == tuple(contiguous) or not output.is_contiguous():
         return output
-    operands = [a for a in args if isinstance(a, torch.Tensor)]
-    if not all(a.shape == output.shape and a.is_contiguous() for a in operands):
+    operands = [args[i] if i < len(args) else None for i in _tensor_positions(func)]
+    if not all(
+        isinstance(a, torch.Tensor) and a.shape == output.shape and a.is_contiguous()
+        for a in operands
+        if a is not None
+    ):
         return output
-    return torch.empty_like(output, memory_format=torch.contiguous_format)
+    if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+        return output
+    dtypes = tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args)
+    settings = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+    keywords = tuple(sorted(kwargs.items()))
+    try:
+        fast = _takes_fast_setup(func, dtypes, output.dim(), settings, keywords)
+    except TypeError:  # a setting that cannot be a cache key (a list): the fake strides stay
+        return output
+    return torch.empty_like(output, memory_format=torch.contiguous_format) if fast else output
+
+
+@functools.cache
+def _takes_fast_setup(
+    func: Any,
+    dtypes: tuple[torch.dtype | None, ...],
+    rank: int,
+    settings: tuple[Any, ...],
+    keywords: tuple[tuple[str, Any], ...],
+) -> bool:
+    """Whether the CPU kernel gives an output contiguous strides where every operand is
+    contiguous and laid out otherwise (TensorIterator's fast setup), run once on real tensors of
+    `rank` dimensions laid out so; a kernel that allocates its output like its input instead
+    (`hardtanh`'s `empty_like`) keeps their strides. `dtypes`: the tensors' at their positions,
+    None for the other arguments, `settings`; `keywords`: the keyword arguments (no tensors)."""
+    sizes = (1,) + (2,) * (rank - 1)
+    # The size-1 first dimension innermost: contiguous, and not in contiguous strides.
+    strides = (1, *(2 ** (rank - 1 - d) for d in range(1, rank)))
+    with DisableTorchDispatch():
+        probe = [
+            torch.ones(sizes, dtype=dtype).as_strided(sizes, strides) if dtype else setting
+            for dtype, setting in zip(dtypes, settings)
+        ]
+        try:
+            output = func(*probe, **dict(keywords))
+        except Exception:  # noqa: BLE001 - a kernel that refuses the probe: the fake strides stay
+            return False
+    return isinstance(output, torch.Tensor) and output.stride() != strides
+
+
+@functools.cache
+def _tensor_positions(func: Any) -> tuple[int, ...]:
+    """The positions of an op's operands: its tensor arguments (where a number passed is a
+    wrapped one), and a number given as the other side of a binary op (`rsub.Scalar`'s
+    `other`, `where.ScalarOther`'s), which ATen wraps in a tensor too (`wrapped_scalar_tensor`),
+    not a setting such as a slope or a bound."""
+    return tuple(
+        i
+        for i, argument in enumerate(op_schema(func).arguments)
+        if not argument.kwarg_only
+        and (
+            isinstance(argument.type, torch.TensorType)
+            or (argument.name in ("self", "other") and isinstance(argument.type, torch.NumberType))
+        )
+    )
 
 
 # Elementwise kernels (backwards without the pointwise tag, `copysign`) whose fake kernels lay
@@ -1445,7 +1510,7 @@ class Recorder(TorchDispatchMode):
             output = _cpu_embedding_bag_storages(func, args, output)
             output = _cpu_output_resized_from_input(func, args, output)
         if traits.pointwise:
-            output = _elementwise_layout(args, output)
+            output = _elementwise_layout(func, args, kwargs, output)
         return output
 
     def _may_sum_into(self, first: Any) -> bool:

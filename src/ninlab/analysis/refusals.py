@@ -57,6 +57,18 @@ def check_traceable(model: nn.Module) -> None:
             "device or process: give the model it wraps (model.module), whose step is each "
             "copy's (ddp=True adds DistributedDataParallel's gradient buckets)"
         )
+    sparse = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.layout != torch.strided
+    ]
+    if sparse:
+        # Its bytes are its indices' and values', which neither the fake copy (counted as one
+        # element) nor the measurement's storage count (it has none) reads.
+        raise NinlabError(
+            f"the model holds a sparse tensor ({', '.join(sparse)}), whose memory ninlab cannot "
+            f"account for yet; {_DENSE_INSTEAD}"
+        )
 
 
 def cannot_run(error: Exception, model: nn.Module, spec: StepSpec) -> NinlabError:
@@ -154,6 +166,11 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"tensors ninlab traces ({reason}); predict the model without torch.compile: the "
             "uncompiled program (torch.compile's generated kernels allocate otherwise)"
         )
+    if _SPARSE_STORAGE in str(error):
+        return NinlabError(
+            f"the model makes a sparse tensor ({reason}), whose memory ninlab cannot account for "
+            f"yet; {_DENSE_INSTEAD}"
+        )
     higher_order = _HIGHER_ORDER_OP.search(str(error))  # the reason may be cut short
     if higher_order:
         # The error names ninlab's own dispatch mode, which is no help to the user.
@@ -213,13 +230,19 @@ def _cause_in_the_call(error: Exception, model: nn.Module, spec: StepSpec) -> Ni
             f"the model's forward takes {required} inputs and {len(spec.input_sizes)} were given; "
             "give one input size per argument (--input once per input)"
         )
+    read = _container_read(error, model)
+    if read:
+        return NinlabError(
+            f"the model's forward reads its one argument as a dict or list of tensors ({read}: "
+            f"{reason}), and ninlab passes each input as a tensor of its own; {_WRAP_CONTAINER}"
+        )
     taken = _taken_arguments(model)
     if taken is not None and not spec.input_names and taken < len(spec.input_sizes):
         return NinlabError(
             f"the model's forward takes {taken} input{'s' * (taken != 1)} and "
             f"{len(spec.input_sizes)} were given, each as an argument of its own; give one input "
-            "size per argument (a forward taking a list or dict of tensors as one argument: "
-            "call it from a forward that takes them one by one)"
+            "size per argument"
+            + (f"; for one dict or list of tensors, {_WRAP_CONTAINER}" if taken == 1 else "")
         )
     step = "train step" if spec.mode == "train" else "forward"
     sizes = ["x".join(map(str, size)) for size in spec.input_sizes]
@@ -259,6 +282,15 @@ _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 # An op like flex_attention that PyTorch runs through a rule per dispatch mode, and has none
 # for ninlab's (its error names the mode's object; torch 2.8 calls it a HOP).
 _HIGHER_ORDER_OP = re.compile(r"no rule registered for (?:HigherOrderOperator|HOP) (\w+)")
+# What a sparse tensor's refusal advises, and how its storage's absence shows.
+_DENSE_INSTEAD = "use it dense (tensor.to_dense() and an ordinary matmul), which ninlab predicts"
+_SPARSE_STORAGE = "Cannot access storage of SparseTensorImpl"
+# How to predict a model whose forward takes its tensors in one dict or list.
+_WRAP_CONTAINER = (
+    "predict a module whose forward takes them one by one and calls the model with them "
+    "(def forward(self, x, y): return model({'x': x, 'y': y})), with one size per input "
+    "(input_size={'x': (...), 'y': (...)}, --input x=SIZE --input y=SIZE)"
+)
 # Autograd's version check: a tensor saved for backward was changed in place after.
 _MODIFIED_IN_PLACE = "has been modified by an inplace operation"
 _DTYPE_MISMATCH = re.compile(r"must have the same (scalar )?type|expected scalar type|same dtype")
@@ -280,6 +312,25 @@ def _raised_by_the_optimizer(error: BaseException) -> bool:
         if not _machinery(frame.filename):
             return False
     return False
+
+
+def _container_read(error: BaseException, model: nn.Module) -> str:
+    """How a forward that takes one argument failed reading it as a dict (`batch["image"]`,
+    `batch.items()`), read in the line the error was raised in (its innermost frame outside
+    torch's and ninlab's machinery); "" for any other failure. The error itself does not say:
+    a tensor indexed by "x" and by "image" fails in two ways."""
+    parameters = _parameters(model)
+    if len(parameters) != 1 or _taken_arguments(model) != 1:
+        return ""
+    name = re.escape(parameters[0].name)
+    reads = re.compile(
+        rf"\b{name}\s*\[\s*[rbf]?(['\"])[^'\"]*\1\s*\]|\b{name}\.(items|keys|values|get)\(\)?"
+    )
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if not _machinery(frame.filename):
+            read = reads.search(frame.line or "")
+            return read.group(0) if read else ""
+    return ""
 
 
 def _machinery(filename: str) -> bool:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -115,6 +116,21 @@ class DDPSpec:
 
     bucket_cap_mb: float | None = None  # None: DDP's default, 25 MiB, with a 1 MiB first bucket
     gradient_as_bucket_view: bool = False
+
+    def __post_init__(self) -> None:
+        cap = self.bucket_cap_mb
+        if cap is not None and (
+            isinstance(cap, bool)
+            or not isinstance(cap, (int, float))
+            or not math.isfinite(cap)
+            or cap <= 0
+        ):
+            raise NinlabError(f"ddp bucket_cap_mb must be a positive number of MiB, not {cap!r}")
+        if not isinstance(self.gradient_as_bucket_view, bool):
+            raise NinlabError(
+                "ddp gradient_as_bucket_view must be True or False, not "
+                f"{self.gradient_as_bucket_view!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -227,6 +243,10 @@ class StepSpec:
             normalise("ddp", DDPSpec())
         elif self.ddp is False:
             normalise("ddp", None)
+        elif self.ddp is not None and not isinstance(self.ddp, DDPSpec):
+            raise NinlabError(
+                f"ddp must be True, False, None or a DDPSpec (its bucket size), not {self.ddp!r}"
+            )
         if self.ddp is not None and self.mode != "train":
             raise NinlabError(
                 "DDP gradient buckets exist only in training; drop ddp or use mode 'train'"

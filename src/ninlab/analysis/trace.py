@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ninlab.analysis.fake_fast_path import OffRecord, fake_empty
+from ninlab.analysis.known_values import SIZE_LIMIT, KnownValues
 from ninlab.analysis.model_state import (
     Captured,
     attribute_aliases,
@@ -393,6 +394,20 @@ class _CopiesIn(TorchFunctionMode):
         return memo[id(tensor)]
 
 
+def _note_buffer_values(
+    known: KnownValues, model: nn.Module, fakes: dict[str, torch.Tensor]
+) -> None:
+    """The values of the model's small buffers, for the step's reads of them: a batch norm with
+    momentum=None takes `1 / float(num_batches_tracked)` as its factor, a value fake tensors do
+    not have, which the real run reads from the model's own state (as a step count or an
+    "initialised" flag). What the step writes to them is followed (`KnownValues.follow`), or
+    forgets them."""
+    for name, buffer in model.named_buffers():
+        fake = fakes[name]
+        if buffer.layout == torch.strided and not buffer.is_meta and buffer.numel() <= SIZE_LIMIT:
+            known.note(fake, buffer.detach().to("cpu", fake.dtype, copy=True))
+
+
 def _record_step(
     model: nn.Module,
     spec: StepSpec,
@@ -489,8 +504,12 @@ def _record_step(
             # What that forward caches in the model (an attribute, a dict or an `lru_cache` of
             # its code) is undone (`model_kept`) and made again on the record, in the warm-up,
             # as a real loop's first step makes it: kept, a cache made off the record was never
-            # counted.
-            with fake_mode, OffRecord(fake_mode), model_kept(model):
+            # counted. Its reads of the model's buffers are answered from their own known
+            # values, apart from the step's: what this forward writes to them is not the real
+            # step's.
+            probe_known = KnownValues()
+            _note_buffer_values(probe_known, model, fakes)
+            with fake_mode, OffRecord(fake_mode, probe_known), model_kept(model):
                 fit = _LossFit.of(_output_without_grad(forward, inputs))
             # Kept only where that forward drew no random number (skipped, it would not draw).
             fits_anew = draws == python_random_states()
@@ -502,6 +521,7 @@ def _record_step(
             recorder.track(tensor, "parameter" if isinstance(tensor, nn.Parameter) else "buffer")
         for tensor in attribute_fakes:
             recorder.track(tensor, "buffer")
+        _note_buffer_values(recorder.known, model, fakes)
         for tensor in captured_tensors:
             recorder.track(tensor, "captured")
         del captured_tensors

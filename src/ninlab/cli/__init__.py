@@ -59,6 +59,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action(action)
 
 
+# A value that starts like a negative number, with a unit or a sign argparse does not read as
+# one (-1GiB, -1e3, -.5x2).
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         # No abbreviations: `report --mode infer` would be read as `--model infer`, and a new
@@ -74,13 +79,34 @@ class _Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         if args is not None:  # the command line itself (argparse passes a subcommand its share)
-            self._given = list(args)
+            args = self._negative_values_joined(list(args))
+            self._given = args
             self._refuse_conflicts(self._given)
         # Refused by the parser that left them over, so the error names the command, not ninlab.
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
+
+    def _negative_values_joined(self, args: list[str]) -> list[str]:
+        """`--fit -1GiB` as `--fit=-1GiB`: argparse takes a value that starts with a dash and
+        is no plain number for an option ("expected one argument"), so the option's own check,
+        which names what is wrong with the value, would never see it."""
+        joined: list[str] = []
+        index = 0
+        while index < len(args):
+            arg = args[index]
+            action = self._option_string_actions.get(arg)
+            takes_one = action is not None and action.nargs is None
+            if takes_one and index + 1 < len(args) and _NEGATIVE.match(args[index + 1]):
+                joined.append(f"{arg}={args[index + 1]}")
+                index += 2
+            else:
+                if arg == "--":
+                    return joined + args[index:]
+                joined.append(arg)
+                index += 1
+        return joined
 
     def _refuse_conflicts(self, args: list[str]) -> None:
         """An option given twice with two values (`--batch 2 --batch 3`, `--flip --no-flip`)

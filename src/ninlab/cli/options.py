@@ -21,6 +21,7 @@ optimizer's settings, a variant's, a recipe's consistency) are the library's, ma
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -45,7 +46,7 @@ from ninlab.analysis.step import (
 )
 from ninlab.errors import NinlabError
 from ninlab.models import resolve_model
-from ninlab.optimizers import OPTIMIZER_NAMES
+from ninlab.optimizers import OPTIMIZER_NAMES, parse_optimizer
 from ninlab.studies.report import DEFAULT_BUDGET
 from ninlab.training.data import FashionMNIST, load_fashion_mnist, named_data_dir
 from ninlab.training.presets import MAX_COUNT, MAX_SEED, Schedule
@@ -344,6 +345,7 @@ OPTIMIZER = _flag(
     f"the training step's optimizer: {', '.join(OPTIMIZER_NAMES)}, with settings such as "
     "adamw:weight_decay=0.01,implementation=foreach",
     metavar="NAME[:SETTINGS]",
+    type=functools.partial(parse_optimizer, argument="--optimizer"),
 )
 AMP = _flag(
     "amp",

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ninlab.analysis.batch import BudgetTooLarge
 from ninlab.analysis.memory_report import MemoryReport
 from ninlab.analysis.step import StepSpec, batch_size_of, step_spec
 from ninlab.analysis.summary import Summary
@@ -28,7 +29,10 @@ class ModelStudy:
     summary: Summary
     train: MemoryReport
     infer: MemoryReport
-    batch: BatchStudy  # with the planner's alternatives for the batch, when asked for
+    # With the planner's alternatives for the batch, when asked for. None where even the largest
+    # batch searched fits the budget (a small model): `batch_note` says so instead.
+    batch: BatchStudy | None
+    batch_note: str = ""
 
 
 def study_model(
@@ -59,11 +63,15 @@ def study_model(
     say(f"the summary and the memory of a training step and an inference at batch {batch_size}")
     costs = study_costs(model, spec, batch_size=batch_size, model_name=name)
     assert costs.train is not None and costs.infer is not None  # both asked for
-    batch = study_batch(
-        model,
-        spec,
-        budget=budget,
-        plan_batch_size=batch_size if plan else None,
-        progress=progress,
-    )
+    try:
+        batch = study_batch(
+            model,
+            spec,
+            budget=budget,
+            plan_batch_size=batch_size if plan else None,
+            progress=progress,
+        )
+    except BudgetTooLarge as error:
+        # The rest of the report stands without a batch to show.
+        return ModelStudy(costs.summary, costs.train, costs.infer, None, str(error))
     return ModelStudy(costs.summary, costs.train, costs.infer, batch)

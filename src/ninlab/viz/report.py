@@ -57,7 +57,7 @@ class ReportCharts:
     train_timeline: TimelineChart | None
     infer_timeline: TimelineChart | None
     saved: SavedChart | None
-    batch: BatchChart
+    batch: BatchChart | None  # None where the study has no batch (`ModelStudy.batch_note`)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,9 @@ def build_report(study: ModelStudy, *, layer: str | None = None) -> Report:
         train_timeline=timeline_chart(train) if train.timeline else None,
         infer_timeline=timeline_chart(infer) if infer.timeline else None,
         saved=saved_chart(train) if train.timeline else None,
-        batch=batch_chart(batch.scaling, batch.fit, model=summary.model, mode=batch.mode),
+        batch=None
+        if batch is None
+        else batch_chart(batch.scaling, batch.fit, model=summary.model, mode=batch.mode),
     )
     return Report(study, charts)
 
@@ -160,7 +162,7 @@ def _figure(chart: Chart | None, key: str, caption: str) -> str:
 def _glance(report: Report) -> str:
     summary, train, infer = report.study.summary, report.study.train, report.study.infer
     t = summary.totals
-    fit = report.study.batch.fit
+    batch = report.study.batch
     items = [
         (format_count(t.parameters), f"parameters ({format_bytes(t.parameter_bytes)})"),
         (format_flops(t.forward_flops), f"forward FLOPs per batch of {summary.batch_size}"),
@@ -169,11 +171,14 @@ def _glance(report: Report) -> str:
         (format_bytes(infer.live_peak_bytes), f"peak tensor memory, {infer.spec.title}"),
         (_shape(summary.smallest_input_size or ()) or "no window", "smallest valid input"),
         (format_bytes(train.allocator_peak_bytes), f"allocator peak, {train.spec.title}"),
-        (
-            format_count(fit.batch_size),
-            f"largest training batch within {format_bytes(fit.budget_bytes)}",
-        ),
     ]
+    if batch is not None:
+        items.append(
+            (
+                format_count(batch.fit.batch_size),
+                f"largest training batch within {format_bytes(batch.fit.budget_bytes)}",
+            )
+        )
     return (
         '<div class="glance">'
         + "".join(f"<div><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items)
@@ -325,8 +330,11 @@ def _memory_section(report: Report) -> str:
             )
         )
         parts.append(html_table(saved_table(train)))
-    fit, scaling = study.fit, study.scaling
     parts.append("<h3>Batch size</h3>")
+    if study is None:
+        parts.append(f"<p>No batch size to show: {_e(report.study.batch_note)}.</p>")
+        return "".join(parts)
+    fit, scaling = study.fit, study.scaling
     parts.append(
         "<p>Training peak (what the allocator holds) = "
         f"{_e(format_bytes(round(scaling.fixed_bytes)))} + "
