@@ -398,6 +398,13 @@ def test_a_step_whose_call_runs_nothing_is_refused_by_name(kind: str) -> None:
         StepSpec(input_size=(8,), step=ODD_STEPS[kind])
 
 
+def test_a_model_given_as_the_step_is_refused_as_one() -> None:
+    # A module is callable: called as step(model, optimizer, inputs, targets) it raised a
+    # TypeError inside its forward, and the step was blamed for it.
+    with pytest.raises(NinlabError, match=r"not a model \(Sequential\): give it as the model$"):
+        StepSpec(input_size=(8,), step=_mlp())
+
+
 # -- what was silently wrong --------------------------------------------------------------------
 
 

@@ -252,10 +252,15 @@ class StepSpec:
                 "DDP gradient buckets exist only in training; drop ddp or use mode 'train'"
             )
         if self.step is not None:
-            if not callable(self.step):
+            if not callable(self.step) or isinstance(self.step, nn.Module):
+                # A module is callable, and as a step it fails inside the user's code, blamed.
+                given = (
+                    f"a model ({type(self.step).__name__}): give it as the model"
+                    if isinstance(self.step, nn.Module)
+                    else repr(self.step)
+                )
                 raise NinlabError(
-                    "step must be a function step(model, optimizer, inputs, targets), not "
-                    f"{self.step!r}"
+                    f"step must be a function step(model, optimizer, inputs, targets), not {given}"
                 )
             if _not_run_by_a_call(self.step):
                 raise NinlabError(
