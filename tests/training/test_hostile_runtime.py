@@ -82,8 +82,15 @@ def _tiny_train_args(output_dir: Path, data_dir: Path) -> list[str]:
 
 
 def _start(argv: list[str], **streams) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([*_NINLAB, *argv], env=_ENV, **streams)
-    return process
+    # SIGINT's default in the command, as a terminal's shell gives it. A pytest-xdist worker
+    # ignores SIGINT, a program inherits an ignored signal as ignored, and Python started so
+    # installs no KeyboardInterrupt: the Ctrl-C tests' commands ignored it (trained to the end,
+    # exit 0). Set around the start, not in the child (a preexec_fn is unsafe with threads).
+    before = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen([*_NINLAB, *argv], env=_ENV, **streams)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _assert_run_intact(run_dir: Path) -> None:
