@@ -1,6 +1,6 @@
 """Models (and steps) that write to themselves or hold tensors outside their parameters and
 buffers: what a ninlab call must leave exactly as it found (tests/analysis/test_model_kept.py).
-Small on purpose; every factory takes no argument."""
+Small on purpose; every factory takes no argument (`ActNorm`, a layer, its channels)."""
 
 from __future__ import annotations
 
@@ -226,3 +226,21 @@ class CachesOnFirstUse(nn.Module):
 
 def caches_on_first_use() -> nn.Module:
     return CachesOnFirstUse()
+
+
+class ActNorm(nn.Module):
+    """Glow's activation norm, initialised from its first batch as a buffer flag records: a read
+    of the model's own buffer, as a BatchNorm with momentum=None reads `num_batches_tracked`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialised", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialised:
+            with torch.no_grad():
+                spread = x.transpose(0, 1).flatten(1).std(dim=1)
+                self.log_scale.copy_(-spread.clamp_min(1e-6).log().view(1, -1, 1, 1))
+                self.initialised.fill_(1)
+        return x * self.log_scale.exp()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from odd_models import ActNorm
 from torch import nn
 
 from ninlab.analysis.known_values import KnownValues
@@ -79,30 +80,12 @@ def test_an_op_on_known_values_is_followed_and_one_on_unknown_ones_is_not():
     assert known.value(scaled) is None
 
 
-class _ActNorm(nn.Module):
-    """Glow's activation norm: its first forward sets its scale from the batch (a larger path),
-    as a buffer flag records; later ones only apply it."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.register_buffer("initialised", torch.tensor(0, dtype=torch.uint8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialised:
-            with torch.no_grad():
-                spread = x.transpose(0, 1).flatten(1).std(dim=1)
-                self.log_scale.copy_(-spread.clamp_min(1e-6).log().view(1, -1, 1, 1))
-                self.initialised.fill_(1)
-        return x * self.log_scale.exp()
-
-
 def test_reads_of_the_models_buffers_take_the_real_branch():
     """A batch norm with momentum=None (a cumulative average) divides by
     `float(num_batches_tracked)`, and an ActNorm branches on its flag: both read a buffer's value,
     which ninlab once could not (a measured fallback); the values are the model's own, and what
     the step writes to them is followed, so the prediction is exact."""
-    for norm in (nn.BatchNorm2d(8, momentum=None), _ActNorm(8)):
+    for norm in (nn.BatchNorm2d(8, momentum=None), ActNorm(8)):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Flatten(), nn.Linear(8 * 36, 10))
         before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         report = predict_memory(model, input_size=(3, 8, 8), batch_size=4)

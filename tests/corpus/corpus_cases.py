@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from layer_zoo import VmapEnsemble
-from odd_models import caches_in_a_module_dict
+from odd_models import ActNorm, caches_in_a_module_dict
 from steps import reentrant_step
 from torch import nn
 from torch.nn.utils import prune
@@ -1809,24 +1809,6 @@ class _MaskedConv(nn.Module):
         return self.head(x).mean((2, 3))
 
 
-class _ActNorm(nn.Module):
-    """Glow's activation norm, initialised from its first batch as a buffer flag records: a read
-    of the model's own buffer, as a BatchNorm with momentum=None reads `num_batches_tracked`."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.register_buffer("initialised", torch.tensor(0, dtype=torch.uint8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialised:
-            with torch.no_grad():
-                spread = x.transpose(0, 1).flatten(1).std(dim=1)
-                self.log_scale.copy_(-spread.clamp_min(1e-6).log().view(1, -1, 1, 1))
-                self.initialised.fill_(1)
-        return x * self.log_scale.exp()
-
-
 def _normalised(norm: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3), norm(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)
@@ -1858,6 +1840,6 @@ REDTEAM = (
         _IMAGE,
         ("sgd", "channels-last", "infer"),
     ),
-    Case("actnorm-initialised-flag", "layer zoo", _normalised(lambda: _ActNorm(8)), _IMAGE),
+    Case("actnorm-initialised-flag", "layer zoo", _normalised(lambda: ActNorm(8)), _IMAGE),
 )
 CASES = (*CASES, *REDTEAM)
