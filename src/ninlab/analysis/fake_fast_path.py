@@ -103,13 +103,11 @@ class OffRecord(TorchDispatchMode):
             return func(*args, **kwargs)
         if traits.returns_self and getattr(args[0], "constant", None) is None:
             output = args[0]
-        elif self._known is None:
-            return self._fake_outputs.run(func, args, kwargs)
         else:
             try:
                 output = self._fake_outputs.run(func, args, kwargs)
             except DataDependentOutputException:
-                answer = self._known.answer(func, args, kwargs)
+                answer = None if self._known is None else self._known.answer(func, args, kwargs)
                 if answer is None:
                     raise
                 return answer

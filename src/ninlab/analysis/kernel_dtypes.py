@@ -52,10 +52,7 @@ def check_cpu_kernel_dtypes(
     the fake kernel promotes as TensorIterator does), the dtypes the CPU kernel gives its outputs
     (None: not run), which a fake kernel may give otherwise (`huber_loss` of a bf16 input and a
     float32 target is bfloat16 on CPU, float32 on fake tensors)."""
-    floats: set[torch.dtype] = set()
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
-            floats.add(value.dtype)
+    floats = {t.dtype for t in _tensors(args, kwargs) if t.dtype.is_floating_point}
     mixed = len(floats) > 1 and _SEEDED not in func.tags
     if not (mixed or (pointwise and floats & _REDUCED_FLOATS)):
         return None

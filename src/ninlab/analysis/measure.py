@@ -439,7 +439,8 @@ def _transform_calls(
     while pairs:
         ran, traced, above = pairs.pop()
         inputs = traced.typed[1].inputs
-        if ran.name != traced.name:
+        ran_ops, traced_ops = _ops_below(ran), _ops_below(traced)
+        if ran.name != traced.name or len(ran_ops) != len(traced_ops):
             raise NinlabError(
                 "the step under torch.func.vmap ran other ops when run again, so its batching "
                 "rules cannot be told from its kernels; measure a step that runs the same ops "
@@ -447,13 +448,6 @@ def _transform_calls(
             )
         if _transform_call(traced, inputs, above):
             found.add((ran.start_time_ns, ran.end_time_ns, ran.name))
-        ran_ops, traced_ops = _ops_below(ran), _ops_below(traced)
-        if len(ran_ops) != len(traced_ops):
-            raise NinlabError(
-                "the step under torch.func.vmap ran other ops when run again, so its batching "
-                "rules cannot be told from its kernels; measure a step that runs the same ops "
-                "each time"
-            )
         pairs += [(a, b, inputs) for a, b in zip(ran_ops, traced_ops)]
     return found
 

@@ -52,6 +52,7 @@ __all__ = [
     "builtin_targets_shape",
     "call_model",
     "check_trains",
+    "class_labels",
     "deep_copied_a_fake",
     "determined_input",
     "example_inputs",
@@ -977,7 +978,12 @@ def builtin_targets(output: Any, device: torch.device) -> torch.Tensor | None:
     """What the built-in loss compares the output with: class labels (zeros) for logits, one per
     sample ((N, C) logits) or per position (a `.logits` of (N, ..., C)); None for any other
     output, whose loss needs none."""
-    shape = builtin_targets_shape(output)
+    return class_labels(builtin_targets_shape(output), device)
+
+
+def class_labels(shape: tuple[int, ...] | None, device: torch.device) -> torch.Tensor | None:
+    """The built-in loss's targets of `shape` (`builtin_targets_shape`): class labels, zeros;
+    None where it takes none."""
     return None if shape is None else torch.zeros(shape, dtype=torch.long, device=device)
 
 

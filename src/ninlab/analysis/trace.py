@@ -49,6 +49,7 @@ from ninlab.analysis.step import (
     builtin_targets_shape,
     call_model,
     check_trains,
+    class_labels,
     determined_input,
     example_inputs,
     inference_step,
@@ -103,10 +104,6 @@ def fake_parameters(
                 dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             )
             parameter = isinstance(tensor, nn.Parameter)
-            # The measured copy's parameters are clones (`Parameter.__deepcopy__`), each on a
-            # storage of its own elements, in the strides `clone` keeps (a parameter viewing a
-            # periodic window's longer storage was predicted 4 bytes over); its buffers keep
-            # their storages, shared or longer.
             base = (
                 None if parameter else _storage_base(tensor, target_dtype, device, fake_mode, bases)
             )
@@ -119,7 +116,7 @@ def fake_parameters(
                 fake = fake_empty(fake_mode, tuple(tensor.shape), stride, target_dtype, device)
             else:
                 fake = _empty(tuple(tensor.shape), target_dtype, device, memory_format)
-            if isinstance(tensor, nn.Parameter):
+            if parameter:
                 fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
             fakes[name] = fake
     return fakes
@@ -247,7 +244,6 @@ def record_step(
     captured = captured_modules(spec.step, model) if spec.step is not None else []
     tensors = captured_tensors(spec.step, model) if spec.step is not None else []
     draws = python_random_states()
-    restart = _RandomStates()
     try:
         step = _kept_record_step(
             model, spec, batch_size, captured, tensors, optimizer_step, warm_up, reuse=True
@@ -255,7 +251,7 @@ def record_step(
     except _LossFitChanged:
         # The output no longer fits the loss as before (the model changed): again, as a first
         # trace, from the random states the first try started from.
-        restart.restore()
+        _restore_random_states(draws)
         step = _kept_record_step(
             model, spec, batch_size, captured, tensors, optimizer_step, warm_up, reuse=False
         )
@@ -290,22 +286,6 @@ def _kept_record_step(
             warm_up=warm_up,
             reuse_loss_fit=reuse,
         )
-
-
-class _RandomStates:
-    """Python's and NumPy's global random states as they are now, to put back (fake tensors'
-    random ops leave torch's generator alone)."""
-
-    def __init__(self) -> None:
-        self.python = random.getstate()
-        numpy = sys.modules.get("numpy")
-        self.numpy = None if numpy is None else (numpy, numpy.random.get_state())
-
-    def restore(self) -> None:
-        random.setstate(self.python)
-        if self.numpy is not None:
-            numpy, state = self.numpy
-            numpy.random.set_state(state)
 
 
 # The recordings `sharing_recordings` keeps, one list per open scope, the innermost last:
@@ -362,9 +342,19 @@ def python_random_states() -> tuple[object, ...]:
     states: list[object] = [random.getstate()]
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        state = numpy.random.get_state()
-        states.append((state[1].tobytes(), *state[2:]))
+        name, keys, *rest = numpy.random.get_state()
+        states.append((name, keys.tobytes(), *rest))  # bytes: comparable, as the array is not
     return tuple(states)
+
+
+def _restore_random_states(states: tuple[object, ...]) -> None:
+    """Put back the random states `python_random_states` read (fake tensors' random ops leave
+    torch's generator alone)."""
+    random.setstate(states[0])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and len(states) > 1:
+        name, keys, *rest = states[1]  # type: ignore[misc]
+        numpy.random.set_state((name, numpy.frombuffer(keys, dtype=numpy.uint32), *rest))
 
 
 class _CopiesIn(TorchFunctionMode):
@@ -725,9 +715,7 @@ class _LossFit:
 
     def targets(self, device: torch.device) -> torch.Tensor | None:
         """`builtin_targets` of such an output."""
-        if self.targets_shape is None:
-            return None
-        return torch.zeros(self.targets_shape, dtype=torch.long, device=device)
+        return class_labels(self.targets_shape, device)
 
 
 # By model: the loss's fit to its output, by the step function, the parameters' dtype and the
